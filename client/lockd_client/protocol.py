@@ -1,0 +1,268 @@
+"""The lockd wire protocol: the one definition both the daemon and every client use.
+
+Invariant: every byte on a lockd socket is a frame — a 4-byte big-endian length followed by
+that many bytes of one msgpack-encoded message defined here — and a frame whose announced
+length exceeds the receiver's limit is rejected before any of its body is buffered.
+
+Conversation (see docs/protocol.md):
+  1. The client sends `Hello`; the daemon answers `Welcome`, or `Error(code="version")` and closes.
+  2. The client sends requests, each with an `id` it chooses (unique among its pending requests).
+     Every request but `Release` gets exactly one reply carrying its id. `Release` gets none,
+     so a release can be pipelined with the next request; the daemon handles one connection's
+     requests in the order sent.
+  3. The daemon may push `Queued` (a request is waiting, and for whom) and `Lost` (a held lease
+     ended without the client asking) at any time.
+
+Tags are explicit strings, so renaming a class never changes the wire. New fields are added
+with defaults only, so older peers keep decoding newer messages.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from typing import Literal, Union
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+
+#: A request frame larger than this is refused by the daemon without reading its body:
+#: 64 KiB holds an acquire of ~250 maximal names, far beyond any real use.
+MAX_REQUEST_FRAME = 64 * 1024
+#: Replies can be large (`status` of a host with 100k leases), but a client still refuses a
+#: frame no sane daemon would send rather than allocate whatever a corrupted prefix says.
+MAX_REPLY_FRAME = 256 * 1024 * 1024
+
+_PREFIX = struct.Struct(">I")
+PREFIX_SIZE = _PREFIX.size
+
+Mode = Literal["exclusive", "shared"]
+
+# Name N is stored as the file `N.lock`, which must fit a 255-byte file name; the leading
+# letter or digit keeps out `.`/`..`, hidden files and option-like names.
+MAX_NAME_LENGTH = 250
+NAME_RULE = (
+    "a lock name is 1-250 characters from A-Z a-z 0-9 . _ @ + -, "
+    "starting with a letter or digit (so it is a plain file name in the lock directory)"
+)
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,249}", re.ASCII)
+
+
+def name_problem(name: str) -> str | None:
+    """Return why `name` is not a valid lock name, or None when it is."""
+    if _NAME_RE.fullmatch(name):
+        return None
+    return f"invalid lock name {name!r}: {NAME_RULE}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Client → daemon
+
+
+class Hello(msgspec.Struct, tag="hello"):
+    version: int
+    #: Free text shown in `status` next to every lease of this connection.
+    label: str | None = None
+
+
+class Acquire(msgspec.Struct, tag="acquire"):
+    id: int
+    #: All granted together or none; order does not matter.
+    names: list[str]
+    mode: Mode = "exclusive"
+    #: None waits as long as it takes; 0 fails at once with `busy`; otherwise seconds.
+    timeout: float | None = None
+    label: str | None = None
+    #: Tie the lease to this process instead of the connection: it ends when that process
+    #: exits or on `ReleasePid`. Only for the process's own uid (or root).
+    pid: int | None = None
+
+
+class Release(msgspec.Struct, tag="release"):
+    """End the lease (or withdraw the waiting request) made by Acquire `id`. No reply."""
+
+    id: int
+
+
+class ReleasePid(msgspec.Struct, tag="release_pid"):
+    """End the process-tied leases that process `pid` holds on `names`."""
+
+    id: int
+    pid: int
+    names: list[str]
+
+
+class ForceRelease(msgspec.Struct, tag="force_release"):
+    """Break every lease on `name`, whoever holds it; the holders see them lost."""
+
+    id: int
+    name: str
+
+
+class Status(msgspec.Struct, tag="status"):
+    id: int
+    #: Empty: every lock that is held or waited on.
+    names: list[str] = []
+
+
+Request = Union[Hello, Acquire, Release, ReleasePid, ForceRelease, Status]
+
+
+# ---------------------------------------------------------------------------------------------
+# Daemon → client
+
+
+class Holder(msgspec.Struct, omit_defaults=True):
+    """A party holding or awaiting a lock. Identity comes from SO_PEERCRED and /proc."""
+
+    pid: int | None
+    uid: int | None
+    gid: int | None = None
+    command: str = ""
+    label: str | None = None
+    #: Unix time the lease was granted (holders) or requested (waiters).
+    since: float = 0.0
+    mode: Mode = "exclusive"
+    token: int | None = None
+    #: True for a process holding the lock file's flock directly, outside lockd.
+    outside: bool = False
+
+
+class LockInfo(msgspec.Struct):
+    name: str
+    #: The holders' mode; None when only waiters are present.
+    mode: Mode | None
+    holders: list[Holder]
+    #: In queue order.
+    waiters: list[Holder]
+
+
+class Welcome(msgspec.Struct, tag="welcome"):
+    version: int
+    server: str
+    backend: str
+
+
+class Granted(msgspec.Struct, tag="granted"):
+    id: int
+    #: Fencing tokens, one per name in the order the request named them: strictly increasing
+    #: per name over every grant, across daemon restarts.
+    tokens: list[int]
+
+
+class Queued(msgspec.Struct, tag="queued"):
+    """Request `id` waits; `holders` are those it waits for at that moment."""
+
+    id: int
+    holders: list[Holder]
+
+
+class Lost(msgspec.Struct, tag="lost"):
+    """The lease of Acquire `id` ended without the client asking."""
+
+    id: int
+    reason: str
+
+
+class Done(msgspec.Struct, tag="done"):
+    id: int
+    #: How many leases the request ended.
+    released: int = 0
+
+
+class StatusReply(msgspec.Struct, tag="status"):
+    id: int
+    locks: list[LockInfo]
+
+
+class Error(msgspec.Struct, tag="error"):
+    #: None when the error is about the connection rather than one request.
+    id: int | None
+    code: str
+    message: str
+    #: For `busy` and `timeout`: who held the lock.
+    holders: list[Holder] = []
+
+
+Reply = Union[Welcome, Granted, Queued, Lost, Done, StatusReply, Error]
+
+
+class ErrorCode:
+    """Values of `Error.code`. A client maps codes it does not know to its root error type."""
+
+    BUSY = "busy"
+    TIMEOUT = "timeout"
+    INVALID_NAME = "invalid_name"
+    BAD_LOCK_FILE = "bad_lock_file"
+    PERMISSION_DENIED = "permission_denied"
+    NOT_HELD = "not_held"
+    PROTOCOL = "protocol"
+    VERSION = "version"
+    LIMIT = "limit"
+    UNAVAILABLE = "unavailable"
+    SHUTDOWN = "shutdown"
+
+
+# ---------------------------------------------------------------------------------------------
+# Framing
+
+
+class FrameTooLarge(ValueError):
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"frame of {size} bytes exceeds the limit of {limit} bytes")
+        self.size = size
+        self.limit = limit
+
+
+class FrameBuffer:
+    """Reassembles frames from a byte stream. Pure: bytes in, frame bodies out.
+
+    `feed` may be given any slicing of the stream; `frames` yields each complete body once.
+    A length prefix over `limit` raises FrameTooLarge as soon as the prefix is seen.
+    """
+
+    __slots__ = ("_buf", "_limit")
+
+    def __init__(self, limit: int) -> None:
+        self._buf = bytearray()
+        self._limit = limit
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        self._buf += data
+
+    def next_frame(self) -> bytes | None:
+        """Remove and return the next complete frame body, or None if none is complete."""
+        buf = self._buf
+        if len(buf) < PREFIX_SIZE:
+            return None
+        (size,) = _PREFIX.unpack_from(buf)
+        if size > self._limit:
+            raise FrameTooLarge(size, self._limit)
+        end = PREFIX_SIZE + size
+        if len(buf) < end:
+            return None
+        body = bytes(buf[PREFIX_SIZE:end])
+        del buf[:end]
+        return body
+
+    @property
+    def pending(self) -> int:
+        """Bytes received but not yet returned as a frame."""
+        return len(self._buf)
+
+
+def encode_frame(encoder: msgspec.msgpack.Encoder, message: object, out: bytearray) -> None:
+    """Append `message` to `out` as one frame, encoding in place behind its length prefix."""
+    start = len(out)
+    out += b"\0\0\0\0"
+    encoder.encode_into(message, out, start + PREFIX_SIZE)
+    _PREFIX.pack_into(out, start, len(out) - start - PREFIX_SIZE)
+
+
+def request_decoder() -> msgspec.msgpack.Decoder:
+    return msgspec.msgpack.Decoder(Request)
+
+
+def reply_decoder() -> msgspec.msgpack.Decoder:
+    return msgspec.msgpack.Decoder(Reply)

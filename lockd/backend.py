@@ -1,0 +1,59 @@
+"""The interface between the lock table and whatever really holds the locks.
+
+Invariant: a backend holds something for a ticket only between a successful take (`take_now`
+returning tokens, or `take` returning) and the matching `drop`; a take that fails, raises or
+is cancelled leaves nothing held. Whether a backend lock is shared or exclusive is the
+ticket's mode; the table has already made sure that tickets taken together are compatible.
+
+Implementations: `flock_backend.FlockBackend` (one host, files in the lock directory) and
+`etcd_backend.EtcdBackend` (many hosts).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from lockd_client.protocol import Holder
+
+from .table import Ticket
+
+#: Called by a backend when it can no longer vouch for a held ticket (e.g. its etcd lease
+#: expired): the edge ends the lease and tells the client it is lost, with this reason.
+LoseCallback = Callable[[Ticket, str], None]
+
+
+class Blocked(Exception):
+    """The lock is held outside lockd and the ticket does not wait."""
+
+
+class Backend(Protocol):
+    #: Shown to clients in `Welcome.backend`.
+    name: str
+
+    def take_now(self, ticket: Ticket) -> list[int] | None:
+        """Take every name of `ticket` at once, all or none, without waiting.
+
+        Returns one fencing token per name (in `ticket.names` order), or None when that needs
+        waiting: then the edge calls `take`. Raises a `LockdError` (e.g. `BadLockFile`) for a
+        name that can never be taken; nothing is held then.
+        """
+
+    async def take(self, ticket: Ticket) -> list[int]:
+        """Wait until every name of `ticket` can be taken, then take them all; return tokens.
+
+        If `ticket.wait` is false and a name is held elsewhere, raise `Blocked` at once.
+        Cancellation: if this raises Cancelled, nothing is held for the ticket.
+        """
+
+    def drop(self, ticket: Ticket) -> None:
+        """Release whatever is held for `ticket`. Never blocks; a no-op if nothing is held."""
+
+    def outside_holders(self, name: str) -> list[Holder]:
+        """Holders of `name` that lockd's table does not know (other tools, other hosts)."""
+
+    async def run(self, lose: LoseCallback) -> None:
+        """Background duties for as long as the daemon serves (keep-alives, watches).
+
+        Runs in the server's nursery; cancelled at shutdown.
+        """

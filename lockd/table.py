@@ -1,0 +1,384 @@
+"""The lock table: who holds which named lock, who waits, in what order. Pure logic.
+
+Invariants (`LockTable.check` asserts them; the tests call it after every step):
+
+1. Per name, the tickets holding it (TAKING or HELD) are one exclusive ticket or only shared ones.
+2. FIFO per name, no barging: a ticket is granted only when every ticket ahead of it in each of
+   its queues, holding or waiting, is compatible with it (both shared). So a shared request
+   waits behind a waiting exclusive one, and an exclusive one must be first in line.
+3. A multi-name ticket joins all its queues in one step and is granted on all of them in one
+   step. Queue order is therefore one global arrival order, and the oldest waiting ticket is
+   only ever blocked by holders: no deadlock, whatever order clients name their locks in.
+4. At rest (after every public call returns), no waiting ticket is grantable.
+5. The per-name queues and the per-owner index hold exactly the live tickets; no empty entry
+   lingers, so memory follows the live tickets and nothing else.
+
+A grant has two steps. The table decides locally (WAITING → TAKING, effect `Take`); the
+backend then obtains the real lock (an flock, an etcd key) and the edge reports `taken`
+(TAKING → HELD, effect `Granted`). A TAKING ticket already counts as a holder here, so the
+backend is only ever asked for locks the table agrees on. Every `Take` is followed by exactly
+one `Drop` of the same ticket, whatever ends it.
+
+The table owns no clock and does no I/O: callers pass `now` and deadlines as plain numbers
+(any monotonic scale) and carry out the returned effects in order. Every method runs to
+completion without yielding, so under trio it is atomic with no lock of its own.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Hashable, Iterable
+from enum import Enum
+
+
+class State(Enum):
+    WAITING = "waiting"
+    TAKING = "taking"
+    HELD = "held"
+    ENDED = "ended"
+
+
+class Ticket:
+    """One acquire request: queued, then held, then ended. Identity is the object itself."""
+
+    __slots__ = ("owner", "names", "shared", "wait", "deadline", "info", "since", "state", "tokens")
+
+    def __init__(
+        self,
+        owner: Hashable,
+        names: tuple[str, ...],
+        shared: bool,
+        wait: bool,
+        deadline: float | None,
+        info: object,
+        since: float,
+    ) -> None:
+        self.owner = owner
+        self.names = names
+        self.shared = shared
+        self.wait = wait
+        self.deadline = deadline
+        #: Whatever the edge wants shown for this ticket (pid, uid, command...). Opaque here.
+        self.info = info
+        #: `now` at request time; replaced by `now` at grant time.
+        self.since = since
+        self.state = State.WAITING
+        #: One per name, from the backend, once HELD.
+        self.tokens: list[int] | None = None
+
+    @property
+    def holding(self) -> bool:
+        return self.state is State.TAKING or self.state is State.HELD
+
+    def __repr__(self) -> str:
+        mode = "shared" if self.shared else "exclusive"
+        return f"<Ticket {'+'.join(self.names)} {mode} {self.state.value} owner={self.owner!r}>"
+
+
+# --- effects: what the edge must do, in order -------------------------------------------------
+
+
+class Effect:
+    __slots__ = ("ticket",)
+
+    def __init__(self, ticket: Ticket) -> None:
+        self.ticket = ticket
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and _fields(other) == _fields(self)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in _fields(self).items())})"
+
+
+def _fields(effect: Effect) -> dict[str, object]:
+    return {slot: getattr(effect, slot) for cls in type(effect).__mro__ for slot in getattr(cls, "__slots__", ())}
+
+
+class Take(Effect):
+    """Obtain the backend lock on every name of `ticket`, in its mode, then call `taken`.
+
+    If it cannot be had at once and `ticket.wait` is false, call `take_blocked` instead.
+    """
+
+    __slots__ = ()
+
+
+class Drop(Effect):
+    """Give up whatever the backend holds or is still trying to obtain for `ticket`."""
+
+    __slots__ = ()
+
+
+class Granted(Effect):
+    """Tell the ticket's owner it holds the lease, with `ticket.tokens`."""
+
+    __slots__ = ()
+
+
+class Queued(Effect):
+    """Tell the ticket's owner it waits, and for whom (`blockers`: tickets ahead of it)."""
+
+    __slots__ = ("blockers",)
+
+    def __init__(self, ticket: Ticket, blockers: list[Ticket]) -> None:
+        super().__init__(ticket)
+        self.blockers = blockers
+
+
+class Refused(Effect):
+    """Tell the owner its request failed: `reason` is "busy" or "timeout"."""
+
+    __slots__ = ("reason", "blockers")
+
+    def __init__(self, ticket: Ticket, reason: str, blockers: list[Ticket]) -> None:
+        super().__init__(ticket)
+        self.reason = reason
+        self.blockers = blockers
+
+
+class Lost(Effect):
+    """Tell the owner its held lease ended without it asking: `reason` says why."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, ticket: Ticket, reason: str) -> None:
+        super().__init__(ticket)
+        self.reason = reason
+
+
+BUSY = "busy"
+TIMEOUT = "timeout"
+
+
+class LockTable:
+    """Holders and FIFO waiters of named locks, exclusive or shared. See the module docstring."""
+
+    def __init__(self) -> None:
+        # name -> tickets in arrival order (dicts keep insertion order and delete in O(1)).
+        self._queues: dict[str, dict[Ticket, None]] = {}
+        self._owners: dict[Hashable, dict[Ticket, None]] = {}
+        self._deadlines: list[tuple[float, int, Ticket]] = []
+        self._deadline_seq = itertools.count()
+
+    # --- requests -----------------------------------------------------------------------------
+
+    def acquire(
+        self,
+        owner: Hashable,
+        names: Iterable[str],
+        *,
+        shared: bool = False,
+        wait: bool = True,
+        deadline: float | None = None,
+        now: float,
+        info: object = None,
+    ) -> tuple[Ticket, list[Effect]]:
+        """Request every name in `names` together.
+
+        `wait=False` fails at once with Refused("busy") unless the table can grant now;
+        otherwise the ticket waits until granted or until `deadline` passes (`expire`).
+        Duplicate names count once. Names are not validated here: that is the edge's job.
+        """
+        unique = tuple(dict.fromkeys(names))
+        if not unique:
+            raise ValueError("acquire needs at least one name")
+        ticket = Ticket(owner, unique, shared, wait, deadline, info, now)
+        if not wait and not self._grantable(ticket, queued=False):
+            ticket.state = State.ENDED
+            return ticket, [Refused(ticket, BUSY, self._blockers(ticket, queued=False))]
+        for name in unique:
+            self._queues.setdefault(name, {})[ticket] = None
+        self._owners.setdefault(owner, {})[ticket] = None
+        if self._grantable(ticket):
+            return ticket, [self._start_taking(ticket)]
+        if deadline is not None:
+            heapq.heappush(self._deadlines, (deadline, next(self._deadline_seq), ticket))
+        return ticket, [Queued(ticket, self._blockers(ticket))]
+
+    def taken(self, ticket: Ticket, tokens: list[int], *, now: float) -> list[Effect]:
+        """The backend now holds every name of `ticket`: the lease is granted."""
+        if ticket.state is not State.TAKING:
+            return []  # ended while the backend worked; its Drop is already on its way
+        ticket.state = State.HELD
+        ticket.tokens = tokens
+        ticket.since = now
+        return [Granted(ticket)]
+
+    def take_blocked(self, ticket: Ticket) -> list[Effect]:
+        """The backend cannot take the locks at once (held outside lockd).
+
+        A waiting ticket stays TAKING while the edge keeps trying; a no-wait one fails busy.
+        """
+        if ticket.state is not State.TAKING or ticket.wait:
+            return []
+        return [Refused(ticket, BUSY, []), *self._end(ticket)]
+
+    def release(self, ticket: Ticket) -> list[Effect]:
+        """End a lease or withdraw a waiting request, at its owner's wish. Idempotent."""
+        if ticket.state is State.ENDED:
+            return []
+        return self._end(ticket)
+
+    def lose(self, ticket: Ticket, reason: str) -> list[Effect]:
+        """End a held lease against its owner's wish (backend lost it, forced release)."""
+        if ticket.state is State.ENDED:
+            return []
+        effects: list[Effect] = [Lost(ticket, reason)] if ticket.state is State.HELD else []
+        return effects + self._end(ticket)
+
+    def force_release(self, name: str, reason: str) -> tuple[int, list[Effect]]:
+        """Break every held lease on `name`. Returns how many, and the effects."""
+        held = [t for t in self._queues.get(name, ()) if t.state is State.HELD]
+        effects: list[Effect] = []
+        for ticket in held:
+            effects += self.lose(ticket, reason)
+        return len(held), effects
+
+    def drop_owner(self, owner: Hashable) -> list[Effect]:
+        """The owner is gone (connection closed, process exited): end all its tickets."""
+        tickets = list(self._owners.get(owner, ()))
+        # Remove them all before granting, so none of them is granted on its way out.
+        effects = [Drop(t) for t in tickets if t.holding]
+        for ticket in tickets:
+            self._remove(ticket)
+        return effects + self._grant_waiting(dict.fromkeys(n for t in tickets for n in t.names))
+
+    def reassign(self, ticket: Ticket, owner: Hashable) -> None:
+        """Make `owner` the one whose departure ends `ticket` (process-tied leases)."""
+        if ticket.state is State.ENDED or ticket.owner == owner:
+            return
+        self._unindex_owner(ticket)
+        ticket.owner = owner
+        self._owners.setdefault(owner, {})[ticket] = None
+
+    def expire(self, now: float) -> list[Effect]:
+        """Fail every waiting or taking ticket whose deadline is at or before `now`."""
+        effects: list[Effect] = []
+        heap = self._deadlines
+        while heap and heap[0][0] <= now:
+            ticket = heapq.heappop(heap)[2]
+            if ticket.state is State.WAITING or ticket.state is State.TAKING:
+                effects.append(Refused(ticket, TIMEOUT, self._blockers(ticket)))
+                effects += self._end(ticket)
+        return effects
+
+    def next_deadline(self) -> float | None:
+        """The earliest deadline of a ticket still waiting, or None."""
+        heap = self._deadlines
+        while heap and heap[0][2].state not in (State.WAITING, State.TAKING):
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
+
+    # --- queries ------------------------------------------------------------------------------
+
+    def queue(self, name: str) -> list[Ticket]:
+        """Tickets on `name` in arrival order: holders (TAKING/HELD) and waiters mixed."""
+        return list(self._queues.get(name, ()))
+
+    def names(self) -> list[str]:
+        """Every name that is held or waited on."""
+        return list(self._queues)
+
+    def tickets_of(self, owner: Hashable) -> list[Ticket]:
+        return list(self._owners.get(owner, ()))
+
+    def blockers(self, ticket: Ticket) -> list[Ticket]:
+        """The tickets ahead of `ticket` that it is waiting for."""
+        return self._blockers(ticket)
+
+    def __len__(self) -> int:
+        """How many tickets are live."""
+        return sum(len(tickets) for tickets in self._owners.values())
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _conflicts_ahead(self, ticket: Ticket, name: str, queued: bool) -> Iterable[Ticket]:
+        for other in self._queues.get(name, ()):
+            if queued and other is ticket:
+                return
+            if not (ticket.shared and other.shared):
+                yield other
+
+    def _grantable(self, ticket: Ticket, queued: bool = True) -> bool:
+        for name in ticket.names:
+            for _ in self._conflicts_ahead(ticket, name, queued):
+                return False
+        return True
+
+    def _blockers(self, ticket: Ticket, queued: bool = True) -> list[Ticket]:
+        found: dict[Ticket, None] = {}
+        for name in ticket.names:
+            found.update(dict.fromkeys(self._conflicts_ahead(ticket, name, queued)))
+        return list(found)
+
+    def _start_taking(self, ticket: Ticket) -> Take:
+        ticket.state = State.TAKING
+        return Take(ticket)
+
+    def _end(self, ticket: Ticket) -> list[Effect]:
+        effects: list[Effect] = [Drop(ticket)] if ticket.holding else []
+        self._remove(ticket)
+        return effects + self._grant_waiting(ticket.names)
+
+    def _remove(self, ticket: Ticket) -> None:
+        ticket.state = State.ENDED
+        for name in ticket.names:
+            queue = self._queues[name]
+            del queue[ticket]
+            if not queue:
+                del self._queues[name]
+        self._unindex_owner(ticket)
+
+    def _unindex_owner(self, ticket: Ticket) -> None:
+        tickets = self._owners[ticket.owner]
+        del tickets[ticket]
+        if not tickets:
+            del self._owners[ticket.owner]
+
+    def _grant_waiting(self, names: Iterable[str]) -> list[Effect]:
+        """Grant every ticket on `names` that invariant 2 now allows (restores invariant 4).
+
+        Only tickets on these names can have become grantable: a grant never makes another
+        ticket grantable, so one pass in queue order is enough.
+        """
+        effects: list[Effect] = []
+        for name in names:
+            queue = self._queues.get(name)
+            if not queue:
+                continue
+            first = True
+            for ticket in list(queue):
+                if ticket.state is State.WAITING and (first or ticket.shared) and self._grantable(ticket):
+                    effects.append(self._start_taking(ticket))
+                if not ticket.shared:
+                    break  # nothing behind an exclusive ticket can be granted on this name
+                first = False
+        return effects
+
+    def check(self) -> None:
+        """Assert every invariant of the module docstring. For tests; O(tickets × queue)."""
+        live: set[Ticket] = set()
+        for name, queue in self._queues.items():
+            assert queue, f"empty queue for {name!r}"
+            holders = [t for t in queue if t.holding]
+            assert all(t.shared for t in holders) or len(holders) == 1, f"{name!r}: {holders}"
+            for ticket in queue:
+                assert ticket.state is not State.ENDED, ticket
+                assert name in ticket.names, (name, ticket)
+                live.add(ticket)
+        owned: set[Ticket] = set()
+        for owner, tickets in self._owners.items():
+            assert tickets, f"empty owner entry {owner!r}"
+            for ticket in tickets:
+                assert ticket.owner == owner, (owner, ticket)
+                owned.add(ticket)
+        assert live == owned, (live ^ owned)
+        for ticket in live:
+            for name in ticket.names:
+                assert ticket in self._queues[name], (name, ticket)
+            if ticket.holding:
+                assert self._grantable(ticket), f"{ticket} holds against FIFO"
+            else:
+                assert not self._grantable(ticket), f"{ticket} is grantable at rest"
