@@ -1,0 +1,75 @@
+"""Facts about other processes, from the kernel: socket peer credentials and /proc.
+
+Invariant: nothing here raises because a process went away or hides its /proc entries; a
+fact that cannot be read is "" or None.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+#: `status` shows commands on one line each; a longer command line says nothing more useful.
+MAX_COMMAND_LENGTH = 1024
+# UTF-8 needs at most 4 bytes a character, so this many bytes always fill MAX_COMMAND_LENGTH.
+_COMMAND_READ_BYTES = 4 * MAX_COMMAND_LENGTH
+
+_UCRED = struct.Struct("3i")
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process that connected `sock`, as the kernel recorded at connect.
+
+    A socket with no peer gives (0, -1, -1).
+    """
+    pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    return pid, uid, gid
+
+
+def _read(pid: int, entry: str, size: int = -1) -> bytes | None:
+    try:
+        with open(f"/proc/{pid}/{entry}", "rb", buffering=0) as f:
+            return f.read(size)
+    except OSError:
+        return None
+
+
+def command_line(pid: int) -> str:
+    """The arguments of `pid` joined by spaces, at most MAX_COMMAND_LENGTH characters.
+
+    "" when the process is gone, is a kernel thread or zombie (no arguments), or cannot be read.
+    """
+    raw = _read(pid, "cmdline", _COMMAND_READ_BYTES)
+    if not raw:
+        return ""
+    text = raw.rstrip(b"\0").replace(b"\0", b" ").decode("utf-8", "replace")
+    return text[:MAX_COMMAND_LENGTH]
+
+
+def process_uid(pid: int) -> int | None:
+    """The real uid of `pid`, or None if it cannot be read."""
+    raw = _read(pid, "status")
+    if raw is None:
+        return None
+    for line in raw.splitlines():
+        if line.startswith(b"Uid:"):
+            return int(line.split()[1])
+    return None
+
+
+def process_start_time(pid: int) -> int | None:
+    """When `pid` started, in clock ticks since boot (field 22 of /proc/PID/stat), or None.
+
+    With the pid it names one process for the life of the host: a recycled pid has a later
+    start time.
+    """
+    raw = _read(pid, "stat")
+    if raw is None:
+        return None
+    # Field 2 is the command name in parentheses and may itself contain spaces and ')', so
+    # counting starts after the last ')': field 3 is the first one there.
+    fields = raw[raw.rfind(b")") + 1 :].split()
+    try:
+        return int(fields[22 - 3])
+    except (IndexError, ValueError):
+        return None

@@ -1,0 +1,103 @@
+"""procinfo against real processes: this one, children we start, and pids that are gone."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lockd import procinfo
+
+
+def _started(proc: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
+    """`proc` once its new program's arguments are in place (Popen can return just before)."""
+    deadline = time.monotonic() + 10
+    while not procinfo.command_line(proc.pid):
+        assert time.monotonic() < deadline, "the child never showed its arguments"
+        time.sleep(0.001)
+    return proc
+
+
+def _gone_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait(10)
+    return proc.pid
+
+
+@pytest.fixture
+def sleeper() -> Iterator[subprocess.Popen[bytes]]:
+    proc = _started(subprocess.Popen(["sh", "-c", "sleep 30; :", "two words", "é"]))
+    yield proc
+    proc.kill()
+    proc.wait(10)
+
+
+def test_peer_credentials_name_the_connecting_process() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX)
+    with a, b:
+        assert procinfo.peer_credentials(a) == (os.getpid(), os.geteuid(), os.getegid())
+
+
+def test_peer_credentials_of_a_socket_without_peer() -> None:
+    with socket.socket(socket.AF_UNIX) as s:
+        assert procinfo.peer_credentials(s) == (0, -1, -1)
+
+
+def test_command_line_joins_arguments(sleeper: subprocess.Popen[bytes]) -> None:
+    assert procinfo.command_line(sleeper.pid) == "sh -c sleep 30; : two words é"
+
+
+def test_command_line_is_truncated() -> None:
+    proc = _started(subprocess.Popen(["sh", "-c", "sleep 30; :", "x" * 5000]))
+    try:
+        command = procinfo.command_line(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert len(command) == procinfo.MAX_COMMAND_LENGTH
+    assert command.startswith("sh -c sleep 30; : xxx")
+
+
+def test_facts_about_a_gone_process_are_empty() -> None:
+    pid = _gone_pid()
+    assert procinfo.command_line(pid) == ""
+    assert procinfo.process_uid(pid) is None
+    assert procinfo.process_start_time(pid) is None
+
+
+def test_command_line_of_a_kernel_thread_is_empty() -> None:
+    assert procinfo.command_line(2) == ""  # kthreadd
+
+
+def test_process_uid_is_the_real_uid() -> None:
+    assert procinfo.process_uid(os.getpid()) == os.getuid()
+
+
+def test_start_time_survives_a_command_name_with_spaces_and_parentheses(short_tmp: Path) -> None:
+    # The kernel takes the command name from the executable's file name.
+    odd = short_tmp / "a) 1 2 (b"
+    shutil.copy(shutil.which("sleep") or "/bin/sleep", odd)
+    own = procinfo.process_start_time(os.getpid())
+    proc = _started(subprocess.Popen([str(odd), "30"]))
+    try:
+        with open(f"/proc/{proc.pid}/stat", "rb") as f:
+            assert b"(a) 1 2 (b)" in f.read()
+        started = procinfo.process_start_time(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait(10)
+    later = subprocess.Popen(["sleep", "30"])
+    try:
+        after = procinfo.process_start_time(later.pid)
+    finally:
+        later.kill()
+        later.wait(10)
+    assert own is not None and started is not None and after is not None
+    # A parse that miscounted fields would land on small counters (nice, threads) instead.
+    assert own <= started <= after
