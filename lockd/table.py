@@ -191,10 +191,12 @@ class LockTable:
         for name in unique:
             self._queues.setdefault(name, {})[ticket] = None
         self._owners.setdefault(owner, {})[ticket] = None
-        if self._grantable(ticket):
-            return ticket, [self._start_taking(ticket)]
+        # Even a ticket granted at once needs its deadline: it stays TAKING for as long as the
+        # backend finds the lock held outside lockd.
         if deadline is not None:
             heapq.heappush(self._deadlines, (deadline, next(self._deadline_seq), ticket))
+        if self._grantable(ticket):
+            return ticket, [self._start_taking(ticket)]
         return ticket, [Queued(ticket, self._blockers(ticket))]
 
     def taken(self, ticket: Ticket, tokens: list[int], *, now: float) -> list[Effect]:
@@ -265,7 +267,7 @@ class LockTable:
         return effects
 
     def next_deadline(self) -> float | None:
-        """The earliest deadline of a ticket still waiting, or None."""
+        """The earliest deadline of a ticket still WAITING or TAKING, or None."""
         heap = self._deadlines
         while heap and heap[0][2].state not in (State.WAITING, State.TAKING):
             heapq.heappop(heap)
@@ -375,9 +377,12 @@ class LockTable:
                 assert ticket.owner == owner, (owner, ticket)
                 owned.add(ticket)
         assert live == owned, (live ^ owned)
+        timed = {entry[2] for entry in self._deadlines}
         for ticket in live:
             for name in ticket.names:
                 assert ticket in self._queues[name], (name, ticket)
+            if ticket.deadline is not None and ticket.state is not State.HELD:
+                assert ticket in timed, f"{ticket} has a deadline that is never enforced"
             if ticket.holding:
                 assert self._grantable(ticket), f"{ticket} holds against FIFO"
             else:
