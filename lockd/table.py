@@ -11,7 +11,8 @@ Invariants (`LockTable.check` asserts them; the tests call it after every step):
    only ever blocked by holders: no deadlock, whatever order clients name their locks in.
 4. At rest (after every public call returns), no waiting ticket is grantable.
 5. The per-name queues and the per-owner index hold exactly the live tickets; no empty entry
-   lingers, so memory follows the live tickets and nothing else.
+   lingers, so memory follows the live tickets and nothing else. The deadline heap also keeps
+   entries of tickets granted or ended since, but sweeps them before they outnumber the rest.
 
 A grant has two steps. The table decides locally (WAITING → TAKING, effect `Take`); the
 backend then obtains the real lock (an flock, an etcd key) and the edge reports `taken`
@@ -151,6 +152,11 @@ class Lost(Effect):
 BUSY = "busy"
 TIMEOUT = "timeout"
 
+#: The states in which a ticket's deadline still matters.
+_TIMED = (State.WAITING, State.TAKING)
+#: The deadline heap is not swept below this size: a sweep would free next to nothing.
+_MIN_SWEEP = 64
+
 
 class LockTable:
     """Holders and FIFO waiters of named locks, exclusive or shared. See the module docstring."""
@@ -159,8 +165,10 @@ class LockTable:
         # name -> tickets in arrival order (dicts keep insertion order and delete in O(1)).
         self._queues: dict[str, dict[Ticket, None]] = {}
         self._owners: dict[Hashable, dict[Ticket, None]] = {}
+        # Entries of tickets no longer WAITING or TAKING stay until they reach the top or a sweep.
         self._deadlines: list[tuple[float, int, Ticket]] = []
         self._deadline_seq = itertools.count()
+        self._sweep_at = _MIN_SWEEP
 
     # --- requests -----------------------------------------------------------------------------
 
@@ -194,7 +202,7 @@ class LockTable:
         # Even a ticket granted at once needs its deadline: it stays TAKING for as long as the
         # backend finds the lock held outside lockd.
         if deadline is not None:
-            heapq.heappush(self._deadlines, (deadline, next(self._deadline_seq), ticket))
+            self._push_deadline(ticket, deadline)
         if self._grantable(ticket):
             return ticket, [self._start_taking(ticket)]
         return ticket, [Queued(ticket, self._blockers(ticket))]
@@ -261,7 +269,7 @@ class LockTable:
         heap = self._deadlines
         while heap and heap[0][0] <= now:
             ticket = heapq.heappop(heap)[2]
-            if ticket.state is State.WAITING or ticket.state is State.TAKING:
+            if ticket.state in _TIMED:
                 effects.append(Refused(ticket, TIMEOUT, self._blockers(ticket)))
                 effects += self._end(ticket)
         return effects
@@ -269,7 +277,7 @@ class LockTable:
     def next_deadline(self) -> float | None:
         """The earliest deadline of a ticket still WAITING or TAKING, or None."""
         heap = self._deadlines
-        while heap and heap[0][2].state not in (State.WAITING, State.TAKING):
+        while heap and heap[0][2].state not in _TIMED:
             heapq.heappop(heap)
         return heap[0][0] if heap else None
 
@@ -314,6 +322,17 @@ class LockTable:
         for name in ticket.names:
             found.update(dict.fromkeys(self._conflicts_ahead(ticket, name, queued)))
         return list(found)
+
+    def _push_deadline(self, ticket: Ticket, deadline: float) -> None:
+        heap = self._deadlines
+        if len(heap) >= self._sweep_at:
+            # A granted or ended ticket's entry would otherwise keep it (and its `info`, the
+            # client's whole session) alive until its deadline, which may be hours away. Sweeping
+            # when the heap has doubled since the last sweep costs O(1) per push, amortized.
+            heap[:] = [entry for entry in heap if entry[2].state in _TIMED]
+            heapq.heapify(heap)
+            self._sweep_at = max(_MIN_SWEEP, 2 * len(heap))
+        heapq.heappush(heap, (deadline, next(self._deadline_seq), ticket))
 
     def _start_taking(self, ticket: Ticket) -> Take:
         ticket.state = State.TAKING
