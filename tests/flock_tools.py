@@ -1,0 +1,63 @@
+"""Outside flock users for tests: real flock(1) processes on the same files lockd uses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from lockd.table import Ticket
+
+WAIT = 10.0
+
+
+def ticket(*names: str, shared: bool = False, wait: bool = True) -> Ticket:
+    return Ticket("owner", names, shared, wait, None, None, 0.0)
+
+
+def can_flock(path: Path, shared: bool = False) -> bool:
+    """Whether `flock -n` gets `path` right now (in exclusive or shared mode)."""
+    mode = "-s" if shared else "-x"
+    code = subprocess.run(["flock", "-n", mode, str(path), "true"], timeout=WAIT).returncode
+    assert code in (0, 1), f"flock(1) failed with {code}"
+    return code == 0
+
+
+def flock_pids() -> set[int]:
+    """Pids holding a flock anywhere, read from /proc/locks independently of lockd."""
+    with open("/proc/locks") as f:
+        return {int(line.split()[4]) for line in f if line.split()[1] == "FLOCK"}
+
+
+@contextmanager
+def outside_flock(path: Path, shared: bool = False) -> Iterator[subprocess.Popen[bytes]]:
+    """A `flock [-s] PATH sleep 30` process, yielded once it holds the lock; killed after."""
+    mode = ["-s"] if shared else []
+    # Its own session: the sleeping child inherits the locked descriptor, so both must die.
+    proc = subprocess.Popen(["flock", *mode, str(path), "sleep", "30"], start_new_session=True)
+    try:
+        deadline = time.monotonic() + WAIT
+        while proc.pid not in flock_pids():
+            assert proc.poll() is None, f"flock(1) exited with {proc.returncode}"
+            assert time.monotonic() < deadline, "flock(1) never took the lock"
+            time.sleep(0.002)
+        yield proc
+    finally:
+        kill(proc)
+
+
+def kill(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL `proc` and everything in its session, and reap it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(WAIT)
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))

@@ -1,0 +1,343 @@
+"""LockFiles against real files and real flock(1) processes sharing them."""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import socket
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from lockd_client.errors import BadLockFile, LimitExceeded
+from lockd_client.protocol import Holder
+
+from lockd.lockfiles import LockDirError, LockFiles, check_lock_dir, prepare_lock_dir
+
+from .flock_tools import can_flock, open_fds, outside_flock, ticket
+
+
+class Hung(Exception):
+    pass
+
+
+def _hung(signum: int, frame: object) -> None:
+    raise Hung("a lock-file call blocked")
+
+
+@pytest.fixture(autouse=True)
+def bounded() -> Iterator[None]:
+    """Every call here must return without blocking; a hang fails the test instead."""
+    previous = signal.signal(signal.SIGALRM, _hung)
+    signal.setitimer(signal.ITIMER_REAL, 20)
+    yield
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture
+def lock_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "locks"
+    path.mkdir(mode=0o700)
+    return path
+
+
+@pytest.fixture
+def files(lock_dir: Path) -> Iterator[LockFiles]:
+    files = LockFiles(lock_dir)
+    yield files
+    files.close()
+
+
+# --- interplay with outside flock users --------------------------------------------------------
+
+
+def test_exclusive_excludes_outside_flock_until_unlocked(files: LockFiles, lock_dir: Path) -> None:
+    t = ticket("db")
+    assert files.try_lock(t)
+    assert not can_flock(lock_dir / "db.lock")
+    assert not can_flock(lock_dir / "db.lock", shared=True)
+    files.unlock(t)
+    assert can_flock(lock_dir / "db.lock")
+
+
+def test_outside_holder_blocks_and_is_named(files: LockFiles, lock_dir: Path) -> None:
+    path = lock_dir / "db.lock"
+    with outside_flock(path) as proc:
+        assert not files.try_lock(ticket("db"))
+        assert not files.try_lock(ticket("db", shared=True))
+        assert files.outside_holders("db") == [
+            Holder(
+                pid=proc.pid,
+                uid=os.getuid(),
+                command=f"flock {path} sleep 30",
+                mode="exclusive",
+                outside=True,
+            )
+        ]
+    assert files.try_lock(ticket("db"))
+
+
+def test_shared_coexists_with_outside_shared(files: LockFiles, lock_dir: Path) -> None:
+    path = lock_dir / "logs.lock"
+    t = ticket("logs", shared=True)
+    assert files.try_lock(t)
+    assert can_flock(path, shared=True)
+    assert not can_flock(path)
+    with outside_flock(path, shared=True) as proc:
+        assert files.try_lock(ticket("logs", shared=True))
+        [holder] = files.outside_holders("logs")
+        assert (holder.pid, holder.mode) == (proc.pid, "shared")
+
+
+def test_outside_holders_leaves_out_this_process(files: LockFiles) -> None:
+    assert files.try_lock(ticket("db"))
+    assert files.outside_holders("db") == []
+
+
+def test_outside_holders_of_a_missing_file_creates_nothing(files: LockFiles, lock_dir: Path) -> None:
+    assert files.outside_holders("nothing") == []
+    assert not (lock_dir / "nothing.lock").exists()
+
+
+def test_multi_name_rollback_when_a_later_name_is_held_outside(files: LockFiles, lock_dir: Path) -> None:
+    with outside_flock(lock_dir / "b.lock"):
+        assert not files.try_lock(ticket("a", "b", "c"))
+        assert can_flock(lock_dir / "a.lock")
+        assert not (lock_dir / "c.lock").exists()  # never reached
+
+
+def test_shared_rollback_keeps_other_tickets_count(files: LockFiles, lock_dir: Path) -> None:
+    first = ticket("a", shared=True)
+    assert files.try_lock(first)
+    with outside_flock(lock_dir / "b.lock"):
+        assert not files.try_lock(ticket("a", "b", shared=True))
+    assert not can_flock(lock_dir / "a.lock")
+    files.unlock(first)
+    assert can_flock(lock_dir / "a.lock")
+
+
+# --- files that are not lock files --------------------------------------------------------------
+
+
+def test_symlink_is_refused_and_its_target_untouched(files: LockFiles, lock_dir: Path, tmp_path: Path) -> None:
+    target = tmp_path / "precious"
+    target.write_bytes(b"keep me")
+    os.chmod(target, 0o644)
+    (lock_dir / "a.lock").symlink_to(target)
+    (lock_dir / "b.lock").symlink_to(tmp_path / "absent")
+    before = target.stat()
+    for name in ("a", "b"):
+        with pytest.raises(BadLockFile, match=f"{lock_dir / name}.lock is a symbolic link.*remove it"):
+            files.try_lock(ticket(name))
+    after = target.stat()
+    assert target.read_bytes() == b"keep me"
+    assert (after.st_mtime_ns, after.st_mode) == (before.st_mtime_ns, before.st_mode)
+    assert not (tmp_path / "absent").exists()
+    assert can_flock(target)
+
+
+def test_fifo_is_refused_promptly(files: LockFiles, lock_dir: Path) -> None:
+    os.mkfifo(lock_dir / "pipe.lock")
+    with pytest.raises(BadLockFile, match=r"pipe\.lock is a FIFO"):
+        files.try_lock(ticket("pipe"))
+
+
+def test_directory_is_refused(files: LockFiles, lock_dir: Path) -> None:
+    (lock_dir / "dir.lock").mkdir()
+    with pytest.raises(BadLockFile, match=r"dir\.lock is a directory"):
+        files.try_lock(ticket("dir"))
+
+
+def test_socket_is_refused(files: LockFiles, lock_dir: Path) -> None:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(lock_dir / "sock.lock"))
+        with pytest.raises(BadLockFile, match=r"sock\.lock is a socket"):
+            files.try_lock(ticket("sock"))
+
+
+def test_bad_file_rolls_back_earlier_names(files: LockFiles, lock_dir: Path) -> None:
+    (lock_dir / "b.lock").mkdir()
+    with pytest.raises(BadLockFile):
+        files.try_lock(ticket("a", "b"))
+    assert can_flock(lock_dir / "a.lock")
+
+
+def test_out_of_descriptors_is_a_limit_and_holds_nothing(files: LockFiles, lock_dir: Path) -> None:
+    before = open_fds()
+    fds = [int(fd) for fd in os.listdir("/proc/self/fd")]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limit = max(fds) + 5  # room for at least one lock file, far from room for all
+    names = [f"n{i}" for i in range(limit - len(fds) + 5)]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+    try:
+        with pytest.raises(LimitExceeded, match="out of file descriptors"):
+            files.try_lock(ticket(*names))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert open_fds() == before
+    assert can_flock(lock_dir / "n0.lock")
+
+
+# --- bookkeeping --------------------------------------------------------------------------------
+
+
+def test_shared_tickets_share_one_descriptor(files: LockFiles, lock_dir: Path) -> None:
+    before = open_fds()
+    readers = [ticket("logs", shared=True) for _ in range(3)]
+    for t in readers:
+        assert files.try_lock(t)
+    assert open_fds() == before + 1
+    for t in readers[:-1]:
+        files.unlock(t)
+        assert not can_flock(lock_dir / "logs.lock")
+    files.unlock(readers[-1])
+    assert can_flock(lock_dir / "logs.lock")
+    assert open_fds() == before
+
+
+def test_unlock_is_idempotent(files: LockFiles, lock_dir: Path) -> None:
+    first, second = ticket("logs", shared=True), ticket("logs", shared=True)
+    assert files.try_lock(first) and files.try_lock(second)
+    files.unlock(first)
+    files.unlock(first)
+    files.unlock(ticket("logs", shared=True))  # never held
+    assert not can_flock(lock_dir / "logs.lock")
+    files.unlock(second)
+    assert can_flock(lock_dir / "logs.lock")
+
+
+def test_locking_a_held_ticket_again_counts_once(files: LockFiles, lock_dir: Path) -> None:
+    t = ticket("logs", shared=True)
+    assert files.try_lock(t) and files.try_lock(t)
+    files.unlock(t)
+    assert can_flock(lock_dir / "logs.lock")
+
+
+def test_no_descriptor_leaks(files: LockFiles, lock_dir: Path) -> None:
+    os.symlink("/nonexistent", lock_dir / "link.lock")
+    os.mkfifo(lock_dir / "fifo.lock")
+    before = open_fds()
+    with outside_flock(lock_dir / "busy.lock"):
+        for i in range(300):
+            readers = [ticket("r", f"x{i % 7}", shared=True) for _ in range(3)]
+            for t in readers:
+                assert files.try_lock(t)
+            writer = ticket("w", f"y{i % 5}")
+            assert files.try_lock(writer)
+            assert not files.try_lock(ticket(f"z{i % 3}", "busy"))
+            for bad in ("link", "fifo"):
+                with pytest.raises(BadLockFile):
+                    files.try_lock(ticket(f"z{i % 3}", bad))
+            for t in [*readers, writer]:
+                files.unlock(t)
+    assert open_fds() == before
+
+
+def test_lock_files_are_never_unlinked(files: LockFiles, lock_dir: Path) -> None:
+    t = ticket("db", "logs")
+    assert files.try_lock(t)
+    inodes = {p.name: p.stat().st_ino for p in lock_dir.iterdir()}
+    files.unlock(t)
+    assert files.try_lock(t)
+    files.close()
+    assert {p.name: p.stat().st_ino for p in lock_dir.iterdir()} == inodes == {
+        "db.lock": inodes["db.lock"],
+        "logs.lock": inodes["logs.lock"],
+    }
+
+
+def test_new_files_get_the_configured_mode(lock_dir: Path) -> None:
+    old = os.umask(0o022)
+    files = LockFiles(lock_dir, file_mode=0o640)
+    try:
+        assert files.try_lock(ticket("db"))
+    finally:
+        files.close()
+        os.umask(old)
+    st = (lock_dir / "db.lock").stat()
+    assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o640
+    assert st.st_size == 0
+
+
+def test_close_releases_everything(lock_dir: Path) -> None:
+    files = LockFiles(lock_dir)
+    before = open_fds()
+    assert files.try_lock(ticket("a")) and files.try_lock(ticket("b", shared=True))
+    files.close()
+    files.close()
+    assert can_flock(lock_dir / "a.lock") and can_flock(lock_dir / "b.lock")
+    assert open_fds() == before - 1  # the directory too
+
+
+def test_missing_lock_dir_is_a_start_up_error(tmp_path: Path) -> None:
+    with pytest.raises(LockDirError, match=f"{tmp_path / 'nope'}"):
+        LockFiles(tmp_path / "nope")
+
+
+# --- the lock directory -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", [0o700, 0o755, 0o1777, 0o1770])
+def test_check_accepts_safe_directories(tmp_path: Path, mode: int) -> None:
+    path = tmp_path / "locks"
+    path.mkdir()
+    os.chmod(path, mode)
+    check_lock_dir(path)
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o775, 0o757])
+def test_check_refuses_directories_others_can_change(tmp_path: Path, mode: int) -> None:
+    path = tmp_path / "locks"
+    path.mkdir()
+    os.chmod(path, mode)
+    with pytest.raises(LockDirError, match=f"{path} is writable by group or others.*chmod go-w"):
+        check_lock_dir(path)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a directory away")
+def test_check_refuses_a_directory_owned_by_another_user(tmp_path: Path) -> None:
+    path = tmp_path / "locks"
+    path.mkdir(mode=0o755)
+    os.chown(path, 4321, 4321)
+    with pytest.raises(LockDirError, match="owned by uid 4321"):
+        check_lock_dir(path)
+
+
+def test_check_refuses_missing_and_non_directories(tmp_path: Path) -> None:
+    with pytest.raises(LockDirError, match="does not exist"):
+        check_lock_dir(tmp_path / "nope")
+    (tmp_path / "file").touch()
+    with pytest.raises(LockDirError, match="not a directory"):
+        check_lock_dir(tmp_path / "file")
+
+
+def test_prepare_creates_parents_with_exact_modes(tmp_path: Path) -> None:
+    path = tmp_path / "run" / "lock" / "lockd"
+    old = os.umask(0o077)
+    try:
+        prepare_lock_dir(path, 0o1777)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o1777
+    assert stat.S_IMODE((tmp_path / "run").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "run" / "lock").stat().st_mode) == 0o755
+    check_lock_dir(path)
+
+
+def test_prepare_leaves_an_existing_directory_alone(tmp_path: Path) -> None:
+    path = tmp_path / "locks"
+    path.mkdir()
+    os.chmod(path, 0o777)
+    prepare_lock_dir(path, 0o700)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o777
+    with pytest.raises(LockDirError):
+        check_lock_dir(path)
+
+
+def test_prepare_reports_what_it_cannot_create(tmp_path: Path) -> None:
+    (tmp_path / "file").touch()
+    with pytest.raises(LockDirError, match="cannot create the lock directory"):
+        prepare_lock_dir(tmp_path / "file" / "locks", 0o700)
