@@ -1,0 +1,149 @@
+"""Who may lock which names, in which modes, and who may break other users' leases.
+
+Invariants:
+- A decision depends only on the caller's kernel-reported identity (uid and gids, from
+  SO_PEERCRED at connect time), the names, the mode and the rules: never on anything the
+  client says about itself. Checking does no I/O; user and group names are resolved to ids
+  once, when the policy is loaded, and an unknown name fails the load.
+- Rules are tried in the order written, per name; the first rule that matches decides. A name
+  no rule matches is allowed: the policy denies only where the administrator wrote a rule
+  that denies. An acquire is allowed only if every one of its names is.
+- A forced release is allowed to the users listed in `force_release` (default: root) and to
+  anyone whose own uid is the only one holding the lock.
+- Every refusal names the rule that refused, as the administrator wrote it.
+"""
+
+from __future__ import annotations
+
+import grp
+import pwd
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Any, get_args
+
+from lockd_client.errors import PermissionDenied
+from lockd_client.protocol import Mode
+
+from . import config
+from .config import ConfigError
+
+MODES: tuple[str, ...] = get_args(Mode)
+_ADVICE = "the daemon's policy ([policy] in its config file) decides this; ask its administrator"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The outcome of a check. `reason` names the rule (or the absence of one) that decided."""
+
+    allowed: bool
+    reason: str
+
+    def error(self) -> PermissionDenied:
+        """The error a refused client receives."""
+        return PermissionDenied(f"{self.reason}; {_ADVICE}")
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One `[[policy.rules]]` entry, ids resolved. Empty `uids` and `gids` match every user."""
+
+    #: How the rule reads in messages: 'rule 2 (names "backup-*", users [backup])'.
+    text: str
+    #: A shell-style glob (fnmatch), matched case-sensitively against the whole name.
+    pattern: str
+    uids: frozenset[int]
+    gids: frozenset[int]
+    modes: frozenset[str]
+    allow: bool
+
+    def matches(self, uid: int, gids: Collection[int], name: str, mode: str) -> bool:
+        if mode not in self.modes:
+            return False
+        if (self.uids or self.gids) and uid not in self.uids and self.gids.isdisjoint(gids):
+            return False
+        return fnmatchcase(name, self.pattern)
+
+
+class Policy:
+    """An access-control policy: ordered rules plus the force-release list. Immutable."""
+
+    __slots__ = ("rules", "force_uids", "_force_text")
+
+    def __init__(self, rules: Iterable[Rule], force_uids: Mapping[int, str]) -> None:
+        """`force_uids` maps each uid that may force any release to how the config named it."""
+        self.rules = tuple(rules)
+        self.force_uids = frozenset(force_uids)
+        self._force_text = f"force_release [{', '.join(force_uids.values())}]"
+
+    @classmethod
+    def from_config(cls, section: config.Policy) -> Policy:
+        """Build the policy from the config's `[policy]` table, resolving user and group names.
+
+        Reads the user and group databases; raises ConfigError for a name they do not know.
+        """
+        rules = [_load_rule(number, rule) for number, rule in enumerate(section.rules, 1)]
+        where = "policy.force_release"
+        force_uids = {_resolve(user, pwd.getpwnam, "user", where): str(user) for user in section.force_release}
+        return cls(rules, force_uids)
+
+    def check_acquire(self, uid: int, gids: Collection[int], names: Iterable[str], mode: str) -> Decision:
+        """May `uid` (member of `gids`) hold every one of `names` in `mode`?"""
+        deciding: list[str] = []
+        for name in names:
+            rule = self._first_match(uid, gids, name, mode)
+            if rule is None:
+                continue
+            if not rule.allow:
+                return Decision(False, f"{rule.text} denies uid {uid} {mode} on {name}")
+            if rule.text not in deciding:
+                deciding.append(rule.text)
+        if not deciding:
+            return Decision(True, "no policy rule matches")
+        return Decision(True, f"{' and '.join(deciding)} allow{'s' if len(deciding) == 1 else ''} it")
+
+    def check_force(self, uid: int, name: str, holder_uids: Iterable[int]) -> Decision:
+        """May `uid` break every lease on `name`, whose holders run as `holder_uids`?"""
+        others = sorted(set(holder_uids) - {uid})
+        if not others:
+            return Decision(True, f"uid {uid} holds every lease on {name} itself")
+        if uid in self.force_uids:
+            return Decision(True, f"{self._force_text} includes uid {uid}")
+        whose = ", ".join(map(str, others))
+        return Decision(
+            False,
+            f"{self._force_text} does not include uid {uid}, and {name} is held by uid {whose}: "
+            "only those users or the holder's own user may force a release",
+        )
+
+    def _first_match(self, uid: int, gids: Collection[int], name: str, mode: str) -> Rule | None:
+        for rule in self.rules:
+            if rule.matches(uid, gids, name, mode):
+                return rule
+        return None
+
+
+def _load_rule(number: int, rule: config.Rule) -> Rule:
+    where = f"policy.rules[{number - 1}]"
+    parts = [f'names "{rule.names}"']
+    parts += [f"{label} [{', '.join(map(str, values))}]" for label, values in
+              (("users", rule.users), ("groups", rule.groups)) if values]
+    if set(rule.modes) != set(MODES):
+        parts.append(f"modes [{', '.join(rule.modes)}]")
+    return Rule(
+        text=f"rule {number} ({', '.join(parts)})",
+        pattern=rule.names,
+        uids=frozenset(_resolve(u, pwd.getpwnam, "user", f"{where}.users") for u in rule.users),
+        gids=frozenset(_resolve(g, grp.getgrnam, "group", f"{where}.groups") for g in rule.groups),
+        modes=frozenset(rule.modes),
+        allow=rule.allow,
+    )
+
+
+def _resolve(principal: str | int, lookup: Callable[[str], Any], kind: str, where: str) -> int:
+    if isinstance(principal, int):
+        return principal
+    try:
+        return lookup(principal)[2]  # pw_uid / gr_gid
+    except KeyError:
+        raise ConfigError(f"{where}: no {kind} named {principal!r} on this host; create it or fix the name") from None
