@@ -1,0 +1,439 @@
+"""One client connection to lockd as a state machine: requests in, bytes out; bytes in, state.
+
+Invariants:
+- Every request sent has one `Call`, resolved exactly once (a value or an error); a lease is
+  HELD from its Granted until it is released, lost, or the connection closes, and never
+  becomes HELD again.
+- Once the connection is CLOSED (EOF, a connection-level Error, a protocol violation, a
+  failed transport, or `close`), no Call is pending and no lease is HELD: whoever waits on
+  this connection can always tell that its wait is over.
+- A method that refuses a move (bad name, wrong phase, oversized request) raises before
+  changing any state.
+
+No I/O and no clock: the blocking and trio clients read and write the socket, feed what they
+read to `receive_data`, and send the bytes each request method returns.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterable
+from typing import Generic, TypeVar
+
+import msgspec
+
+from . import errors, paths, protocol
+
+T = TypeVar("T")
+
+#: How much a client asks the socket for at once.
+READ_SIZE = 64 * 1024
+
+
+class Phase(enum.Enum):
+    NEW = "new"  # Hello not sent yet
+    GREETING = "greeting"  # Hello sent, Welcome awaited
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class LeaseState(enum.Enum):
+    HELD = "held"
+    LOST = "lost"  # ended without the client asking; `lost_reason` says why
+    RELEASED = "released"  # ended by the client: release, withdraw, or closing the connection
+
+
+class LeaseRecord:
+    """The client's view of one granted lease, keyed by the id of the Acquire that made it."""
+
+    __slots__ = ("id", "names", "tokens", "state", "lost_reason")
+
+    def __init__(self, id: int, names: tuple[str, ...], tokens: list[int]) -> None:
+        self.id = id
+        self.names = names
+        self.tokens = dict(zip(names, tokens))
+        self.state = LeaseState.HELD
+        self.lost_reason: str | None = None
+
+    def lost_error(self) -> errors.LeaseLost:
+        return errors.LeaseLost(
+            f"the lease on {', '.join(self.names)} was lost: {self.lost_reason}; "
+            "whatever it protected may have been changed by someone else since"
+        )
+
+    def __repr__(self) -> str:
+        return f"<LeaseRecord {self.id} {'+'.join(self.names)} {self.state.value}>"
+
+
+class LeaseView:
+    """What both clients' Lease classes show of a lease record."""
+
+    __slots__ = ("_client", "_record")
+
+    def __init__(self, client: object, record: LeaseRecord) -> None:
+        self._client = client
+        self._record = record
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self._record.names
+
+    @property
+    def tokens(self) -> dict[str, int]:
+        """Fencing token per name: strictly increasing per name over every grant."""
+        return self._record.tokens
+
+    @property
+    def token(self) -> int:
+        """The fencing token of the first name."""
+        return self._record.tokens[self._record.names[0]]
+
+    @property
+    def lost_reason(self) -> str | None:
+        """Why the lease was lost; None while it is not."""
+        return self._record.lost_reason
+
+    def __repr__(self) -> str:
+        return f"<lockd {type(self).__name__} {'+'.join(self.names)} {self._record.state.value}>"
+
+
+class Call(Generic[T]):
+    """A request waiting for its one reply.
+
+    `done` turns true exactly once; then `result()` returns the value or raises the error.
+    For an acquire, `queued` collects the holder lists of the daemon's Queued notices until
+    the waiter takes them with `take_queued`.
+    """
+
+    __slots__ = ("id", "request", "queued", "done", "_value", "_error")
+
+    def __init__(self, id: int | None, request: object) -> None:
+        self.id = id
+        self.request = request
+        self.queued: list[list[protocol.Holder]] = []
+        self.done = False
+        self._value: T | None = None
+        self._error: errors.LockdError | None = None
+
+    def result(self) -> T:
+        if not self.done:
+            raise errors.ProtocolError(f"request {self.id} has no reply yet; read until it is done")
+        if self._error is not None:
+            raise self._error
+        return self._value  # type: ignore[return-value]
+
+    def take_queued(self) -> list[list[protocol.Holder]]:
+        taken, self.queued = self.queued, []
+        return taken
+
+    def _resolve(self, value: T) -> None:
+        self._value = value
+        self.done = True
+
+    def _fail(self, error: errors.LockdError) -> None:
+        self._error = error
+        self.done = True
+
+    def __repr__(self) -> str:
+        return f"<Call {self.id} {type(self.request).__name__} {'done' if self.done else 'pending'}>"
+
+
+# What each request expects as its reply, when it is not an Error.
+_REPLY_TYPE: dict[type, type] = {
+    protocol.Acquire: protocol.Granted,
+    protocol.Status: protocol.StatusReply,
+    protocol.ReleasePid: protocol.Done,
+    protocol.ForceRelease: protocol.Done,
+}
+
+EOF_REASON = "the daemon closed the connection"
+
+
+def unavailable(socket_path: str, exc: OSError) -> errors.DaemonUnavailable:
+    """The error for a socket that cannot be connected to."""
+    return errors.DaemonUnavailable(
+        f"cannot connect to lockd at {socket_path}: {exc.strerror or exc}; "
+        f"is lockd running? start it with `lockd`, or set {paths.SOCKET_ENV} to its socket"
+    )
+
+
+class Connection:
+    """The client side of one lockd connection. See the module docstring."""
+
+    def __init__(self) -> None:
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder = protocol.reply_decoder()
+        self._buffer = protocol.FrameBuffer(protocol.MAX_REPLY_FRAME)
+        self.phase = Phase.NEW
+        #: The daemon's Welcome, once received.
+        self.server: protocol.Welcome | None = None
+        #: Why the connection is CLOSED, once it is.
+        self.close_reason: str | None = None
+        self._greeting: Call[protocol.Welcome] | None = None
+        self._calls: dict[int, Call] = {}
+        self._leases: dict[int, LeaseRecord] = {}
+        self._next_id = 1
+
+    @property
+    def closed(self) -> bool:
+        return self.phase is Phase.CLOSED
+
+    @property
+    def leases(self) -> list[LeaseRecord]:
+        """The leases held on this connection, oldest first."""
+        return list(self._leases.values())
+
+    # --- client moves -------------------------------------------------------------------------
+
+    def hello(self, label: str | None = None) -> tuple[Call[protocol.Welcome], bytes]:
+        """Start the handshake; the Call resolves with the daemon's Welcome."""
+        if self.phase is not Phase.NEW:
+            raise errors.ProtocolError("the handshake was already started on this connection")
+        data = self._encode(protocol.Hello(protocol.PROTOCOL_VERSION, label))
+        self.phase = Phase.GREETING
+        self._greeting = Call(None, protocol.Hello)
+        return self._greeting, data
+
+    def acquire(
+        self,
+        names: Iterable[str],
+        *,
+        shared: bool = False,
+        wait: bool = True,
+        timeout: float | None = None,
+        label: str | None = None,
+        pid: int | None = None,
+    ) -> tuple[Call[LeaseRecord], bytes]:
+        """Ask for every name together; the Call resolves with the lease, or fails.
+
+        `wait=False` fails with LockBusy at once if any name is held; `timeout` (seconds)
+        bounds the wait and then fails with LockTimeout. Duplicate names count once.
+        """
+        unique = _checked_names(dict.fromkeys(names))
+        if not unique:
+            raise errors.InvalidName("acquire needs at least one lock name")
+        if not wait:
+            if timeout is not None:
+                raise ValueError("wait=False fails at once; it takes no timeout")
+            timeout = 0
+        mode = "shared" if shared else "exclusive"
+        return self._request(
+            lambda id: protocol.Acquire(id, list(unique), mode, timeout, label, pid)
+        )
+
+    def status(self, names: Iterable[str] = ()) -> tuple[Call[list[protocol.LockInfo]], bytes]:
+        """Ask who holds and awaits `names` (every lock in use when empty)."""
+        checked = _checked_names(names)
+        return self._request(lambda id: protocol.Status(id, list(checked)))
+
+    def release_pid(self, pid: int, names: Iterable[str]) -> tuple[Call[int], bytes]:
+        """End the leases tied to process `pid` on `names`; resolves with how many ended."""
+        checked = _checked_names(names)
+        return self._request(lambda id: protocol.ReleasePid(id, pid, list(checked)))
+
+    def force_release(self, name: str) -> tuple[Call[int], bytes]:
+        """Break every lease on `name`; resolves with how many were broken."""
+        (checked,) = _checked_names([name])
+        return self._request(lambda id: protocol.ForceRelease(id, checked))
+
+    def release(self, lease: LeaseRecord) -> bytes:
+        """End `lease`. Returns the Release to send, or b"" when the lease has already ended
+        or the connection is closed (nothing is left to release then)."""
+        if lease.state is not LeaseState.HELD:
+            return b""
+        if self._leases.get(lease.id) is not lease:
+            raise errors.ProtocolError(f"{lease!r} belongs to another connection")
+        data = self._encode(protocol.Release(lease.id))
+        del self._leases[lease.id]
+        lease.state = LeaseState.RELEASED
+        return data
+
+    def withdraw(self, call: Call) -> bytes:
+        """Stop waiting for `call`: its reply, when it comes, is ignored.
+
+        A waiting acquire is withdrawn from the daemon's queue; one already granted is
+        released. Returns the bytes to send (b"" when there is nothing to undo).
+        """
+        if call.done:
+            if isinstance(call._value, LeaseRecord):
+                return self.release(call._value)
+            return b""
+        if call is self._greeting:
+            self.close()  # a connection without its handshake is of no use
+            return b""
+        if self._calls.get(call.id) is not call:  # type: ignore[arg-type]
+            raise errors.ProtocolError(f"{call!r} belongs to another connection")
+        data = self._encode(protocol.Release(call.id)) if isinstance(call.request, protocol.Acquire) else b""
+        del self._calls[call.id]  # type: ignore[arg-type]
+        call._fail(errors.LockdError(f"request {call.id} was withdrawn"))
+        return data
+
+    def close(self) -> None:
+        """The client closes the connection: its leases end as released, not lost."""
+        if self.closed:
+            return
+        for lease in self._leases.values():
+            lease.state = LeaseState.RELEASED
+        self._leases.clear()
+        reason = "the connection was closed by this client"
+        self._shut(reason, lambda: errors.DaemonUnavailable(reason))
+
+    def abort(self, reason: str) -> None:
+        """The transport failed (`reason` says how): leases are lost, requests fail."""
+        if not self.closed:
+            self._lose_all(reason, lambda: errors.DaemonUnavailable(f"{reason}; connect again"))
+
+    # --- daemon moves -------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Apply bytes read from the socket; b"" means the daemon closed it.
+
+        A protocol violation (garbage, an oversized frame, a reply that cannot be) closes the
+        connection: its leases are lost with a reason naming the violation, and its requests
+        fail with ProtocolError; the caller should then close the socket. Data arriving after
+        the connection closed is discarded.
+        """
+        if self.closed:
+            return
+        if not data:
+            if self.phase is Phase.GREETING:
+                reason = "lockd closed the connection during the handshake; see its log"
+            else:
+                reason = EOF_REASON
+            self._lose_all(reason, lambda: errors.DaemonUnavailable(f"{reason}; connect again"))
+            return
+        self._buffer.feed(data)
+        try:
+            while not self.closed and (body := self._buffer.next_frame()) is not None:
+                self._handle(self._decoder.decode(body))
+        except (protocol.FrameTooLarge, msgspec.DecodeError, _Violation) as exc:
+            reason = f"lockd broke the protocol ({exc})"
+            self._lose_all(reason, lambda: errors.ProtocolError(f"{reason}; connect again"))
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _encode(self, message: object) -> bytes:
+        out = bytearray()
+        protocol.encode_frame(self._encoder, message, out)
+        if len(out) - protocol.PREFIX_SIZE > protocol.MAX_REQUEST_FRAME:
+            raise errors.LimitExceeded(
+                f"a request of {len(out)} bytes exceeds lockd's limit of "
+                f"{protocol.MAX_REQUEST_FRAME}; name fewer locks in one request"
+            )
+        return bytes(out)
+
+    def _request(self, build: Callable[[int], protocol.Request]) -> tuple[Call, bytes]:
+        if self.phase is not Phase.OPEN:
+            if self.closed:
+                raise errors.DaemonUnavailable(
+                    f"the connection to lockd is closed ({self.close_reason}); connect again"
+                )
+            raise errors.ProtocolError("no request may be sent before lockd's Welcome")
+        request = build(self._next_id)
+        data = self._encode(request)
+        call: Call = Call(request.id, request)
+        self._calls[request.id] = call
+        self._next_id += 1
+        return call, data
+
+    def _handle(self, message: protocol.Reply) -> None:
+        if self.phase is Phase.GREETING:
+            self._handle_greeting(message)
+            return
+        if self.phase is Phase.NEW:
+            raise _Violation(f"{_tag(message)} before Hello")
+        if isinstance(message, protocol.Error) and message.id is None:
+            self._lose_all(message.message, lambda: errors.from_reply(message))
+            return
+        if isinstance(message, protocol.Welcome):
+            raise _Violation("a second welcome")
+        if message.id >= self._next_id or message.id < 1:
+            raise _Violation(f"{_tag(message)} for request {message.id}, which was never sent")
+        if isinstance(message, protocol.Lost):
+            self._handle_lost(message)
+            return
+        call = self._calls.get(message.id)
+        if call is None:
+            if message.id in self._leases:
+                raise _Violation(f"{_tag(message)} for request {message.id}, already granted")
+            return  # in flight when the client withdrew or released it: stale, not wrong
+        if isinstance(message, protocol.Queued):
+            if not isinstance(call.request, protocol.Acquire):
+                raise _Violation(f"queued for {_tag(call.request)} request {message.id}")
+            call.queued.append(message.holders)
+            return
+        if isinstance(message, protocol.Error):
+            del self._calls[message.id]
+            call._fail(errors.from_reply(message))
+            return
+        if not isinstance(message, _REPLY_TYPE[type(call.request)]):
+            raise _Violation(f"{_tag(message)} in reply to {_tag(call.request)} request {message.id}")
+        if isinstance(message, protocol.Granted) and len(message.tokens) != len(call.request.names):
+            raise _Violation(f"{len(message.tokens)} tokens for {len(call.request.names)} names")
+        del self._calls[message.id]
+        if isinstance(message, protocol.Granted):
+            lease = LeaseRecord(message.id, tuple(call.request.names), message.tokens)
+            self._leases[lease.id] = lease
+            call._resolve(lease)
+        elif isinstance(message, protocol.StatusReply):
+            call._resolve(message.locks)
+        else:
+            call._resolve(message.released)
+
+    def _handle_greeting(self, message: protocol.Reply) -> None:
+        assert self._greeting is not None
+        if isinstance(message, protocol.Welcome):
+            self.phase = Phase.OPEN
+            self.server = message
+            self._greeting._resolve(message)
+        elif isinstance(message, protocol.Error) and message.id is None:
+            self._lose_all(message.message, lambda: errors.from_reply(message))
+        else:
+            raise _Violation(f"{_tag(message)} instead of welcome")
+
+    def _handle_lost(self, message: protocol.Lost) -> None:
+        if message.id in self._calls:
+            raise _Violation(f"lost for request {message.id}, which was never granted")
+        lease = self._leases.pop(message.id, None)
+        if lease is not None:  # else released before the notice arrived
+            lease.state = LeaseState.LOST
+            lease.lost_reason = message.reason
+
+    def _lose_all(self, reason: str, error: Callable[[], errors.LockdError]) -> None:
+        for lease in self._leases.values():
+            lease.state = LeaseState.LOST
+            lease.lost_reason = reason
+        self._leases.clear()
+        self._shut(reason, error)
+
+    def _shut(self, reason: str, error: Callable[[], errors.LockdError]) -> None:
+        # Each waiter raises its own instance: one exception raised in several places would
+        # pile their tracebacks onto each other.
+        self.phase = Phase.CLOSED
+        self.close_reason = reason
+        pending = [*self._calls.values(), *([self._greeting] if self._greeting else [])]
+        self._calls.clear()
+        for call in pending:
+            if not call.done:
+                call._fail(error())
+
+
+class _Violation(Exception):
+    """The daemon sent something the protocol rules out. Never leaves this module."""
+
+
+def _tag(message: object) -> str:
+    cls = message if isinstance(message, type) else type(message)
+    return cls.__struct_config__.tag  # type: ignore[attr-defined]
+
+
+def _checked_names(names: Iterable[str]) -> tuple[str, ...]:
+    checked = tuple(names)
+    for name in checked:
+        if not isinstance(name, str):
+            raise errors.InvalidName(f"a lock name must be a str, not {type(name).__name__}")
+        problem = protocol.name_problem(name)
+        if problem:
+            raise errors.InvalidName(problem)
+    return checked
+

@@ -1,0 +1,501 @@
+"""The sans-I/O client connection: daemon frames in, requests and state out. No sockets."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from lockd_client import errors, protocol
+from lockd_client._connection import EOF_REASON, Connection, LeaseState, Phase
+
+ENCODER = msgspec.msgpack.Encoder()
+HOLDER = protocol.Holder(pid=42, uid=1000, command="rsync", token=7)
+
+
+def frames(*messages: object) -> bytes:
+    out = bytearray()
+    for message in messages:
+        protocol.encode_frame(ENCODER, message, out)
+    return bytes(out)
+
+
+def decoded(data: bytes) -> list[protocol.Request]:
+    """The requests a daemon would read from `data`; every byte must belong to a frame."""
+    buffer = protocol.FrameBuffer(protocol.MAX_REQUEST_FRAME)
+    buffer.feed(data)
+    decoder = protocol.request_decoder()
+    requests = []
+    while (body := buffer.next_frame()) is not None:
+        requests.append(decoder.decode(body))
+    assert buffer.pending == 0
+    return requests
+
+
+def welcome() -> protocol.Welcome:
+    return protocol.Welcome(version=protocol.PROTOCOL_VERSION, server="lockd 0.1.0", backend="flock")
+
+
+def opened() -> Connection:
+    conn = Connection()
+    conn.hello()
+    conn.receive_data(frames(welcome()))
+    assert conn.phase is Phase.OPEN
+    return conn
+
+
+def granted(conn: Connection, *names: str, tokens: list[int] | None = None):
+    call, _ = conn.acquire(names)
+    conn.receive_data(frames(protocol.Granted(call.id, tokens or list(range(1, len(names) + 1)))))
+    return call.result()
+
+
+def assert_broken(conn: Connection, *, because: str) -> None:
+    assert conn.closed
+    assert conn.close_reason is not None
+    assert conn.close_reason.startswith("lockd broke the protocol")
+    assert because in conn.close_reason
+
+
+# --- handshake --------------------------------------------------------------------------------
+
+
+def test_hello_is_the_first_frame_and_welcome_opens_the_connection():
+    conn = Connection()
+    call, data = conn.hello(label="backup job")
+    assert decoded(data) == [protocol.Hello(protocol.PROTOCOL_VERSION, "backup job")]
+    assert conn.phase is Phase.GREETING and not call.done
+    conn.receive_data(frames(welcome()))
+    assert call.result() == welcome()
+    assert conn.server == welcome()
+    assert conn.phase is Phase.OPEN
+
+
+def test_hello_twice_is_refused_and_changes_nothing():
+    conn = Connection()
+    conn.hello()
+    with pytest.raises(errors.ProtocolError, match="already started"):
+        conn.hello()
+    assert conn.phase is Phase.GREETING
+
+
+def test_requests_before_welcome_are_refused_without_using_an_id():
+    conn = Connection()
+    with pytest.raises(errors.ProtocolError, match="before lockd's Welcome"):
+        conn.acquire(["a"])
+    conn.hello()
+    with pytest.raises(errors.ProtocolError, match="before lockd's Welcome"):
+        conn.status()
+    conn.receive_data(frames(welcome()))
+    call, data = conn.acquire(["a"])
+    assert call.id == 1 and decoded(data)[0].id == 1
+
+
+def test_version_refusal_fails_the_handshake_and_closes():
+    conn = Connection()
+    call, _ = conn.hello()
+    conn.receive_data(frames(protocol.Error(None, protocol.ErrorCode.VERSION, "lockd speaks version 2 only")))
+    with pytest.raises(errors.ProtocolError, match="version 2 only"):
+        call.result()
+    assert conn.closed and conn.server is None
+
+
+def test_eof_during_handshake_fails_it():
+    conn = Connection()
+    call, _ = conn.hello()
+    conn.receive_data(b"")
+    with pytest.raises(errors.DaemonUnavailable, match="during the handshake"):
+        call.result()
+
+
+@pytest.mark.parametrize(
+    "message", [protocol.Granted(1, [1]), protocol.Error(1, "busy", "held"), protocol.Done(1)]
+)
+def test_anything_but_welcome_during_handshake_is_a_violation(message):
+    conn = Connection()
+    call, _ = conn.hello()
+    conn.receive_data(frames(message))
+    assert_broken(conn, because="instead of welcome")
+    with pytest.raises(errors.ProtocolError):
+        call.result()
+
+
+def test_daemon_speaking_before_hello_is_a_violation():
+    conn = Connection()
+    conn.receive_data(frames(welcome()))
+    assert_broken(conn, because="before Hello")
+
+
+def test_second_welcome_is_a_violation():
+    conn = opened()
+    conn.receive_data(frames(welcome()))
+    assert_broken(conn, because="second welcome")
+
+
+# --- requests and ids -------------------------------------------------------------------------
+
+
+def test_acquire_encodes_every_field_and_dedups_names():
+    conn = opened()
+    _, data = conn.acquire(["b", "a", "b"], shared=True, timeout=2.5, label="job", pid=99)
+    assert decoded(data) == [protocol.Acquire(1, ["b", "a"], "shared", 2.5, "job", 99)]
+
+
+def test_no_wait_is_a_zero_timeout_and_takes_no_timeout_of_its_own():
+    conn = opened()
+    _, data = conn.acquire(["a"], wait=False)
+    assert decoded(data)[0].timeout == 0
+    with pytest.raises(ValueError, match="no timeout"):
+        conn.acquire(["a"], wait=False, timeout=1)
+
+
+def test_ids_increase_from_one_and_release_uses_none():
+    conn = opened()
+    lease = granted(conn, "a")
+    assert lease.id == 1
+    assert decoded(conn.release(lease)) == [protocol.Release(1)]
+    ids = [conn.status([])[0].id, conn.release_pid(5, ["a"])[0].id, conn.force_release("a")[0].id]
+    assert ids == [2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    "move",
+    [
+        lambda c: c.acquire(["ok", "../etc/passwd"]),
+        lambda c: c.acquire([]),
+        lambda c: c.acquire([b"bytes"]),
+        lambda c: c.acquire(["x" * 251]),
+        lambda c: c.status(["-rf"]),
+        lambda c: c.release_pid(1, [".hidden"]),
+        lambda c: c.force_release(""),
+    ],
+)
+def test_invalid_names_are_refused_locally_and_change_nothing(move):
+    conn = opened()
+    with pytest.raises(errors.InvalidName):
+        move(conn)
+    assert conn.acquire(["fine"])[0].id == 1
+
+
+def test_an_oversized_request_is_refused_before_sending():
+    conn = opened()
+    names = [f"{i:0>250}" for i in range(300)]
+    with pytest.raises(errors.LimitExceeded, match="fewer locks"):
+        conn.acquire(names)
+    assert conn.acquire(["a"])[0].id == 1
+
+
+def test_requests_encode_and_resolve_their_replies():
+    conn = opened()
+    status, data = conn.status(["a", "b"])
+    assert decoded(data) == [protocol.Status(1, ["a", "b"])]
+    by_pid, data = conn.release_pid(1234, ["a"])
+    assert decoded(data) == [protocol.ReleasePid(2, 1234, ["a"])]
+    forced, data = conn.force_release("a")
+    assert decoded(data) == [protocol.ForceRelease(3, "a")]
+    info = protocol.LockInfo("a", "exclusive", [HOLDER], [])
+    conn.receive_data(frames(protocol.Done(3, 2), protocol.StatusReply(1, [info]), protocol.Done(2, 1)))
+    assert status.result() == [info]
+    assert by_pid.result() == 1
+    assert forced.result() == 2
+
+
+def test_result_before_the_reply_is_an_error():
+    conn = opened()
+    call, _ = conn.status()
+    with pytest.raises(errors.ProtocolError, match="no reply yet"):
+        call.result()
+
+
+# --- routing ----------------------------------------------------------------------------------
+
+
+def test_granted_makes_a_held_lease_with_a_token_per_name():
+    conn = opened()
+    call, _ = conn.acquire(["b", "a"])
+    conn.receive_data(frames(protocol.Granted(call.id, [10, 20])))
+    lease = call.result()
+    assert lease.names == ("b", "a")
+    assert lease.tokens == {"b": 10, "a": 20}
+    assert lease.state is LeaseState.HELD
+    assert conn.leases == [lease]
+
+
+def test_replies_are_routed_by_id_in_any_order():
+    conn = opened()
+    first, _ = conn.acquire(["a"])
+    second, _ = conn.acquire(["b"])
+    conn.receive_data(frames(protocol.Granted(second.id, [5])))
+    assert second.done and not first.done
+    conn.receive_data(frames(protocol.Error(first.id, "busy", "a is held", [HOLDER])))
+    with pytest.raises(errors.LockBusy) as busy:
+        first.result()
+    assert busy.value.holders == [HOLDER]
+    assert second.result().tokens == {"b": 5}
+
+
+@given(cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=12))
+def test_any_slicing_of_the_stream_gives_the_same_outcome(cuts):
+    conn = opened()
+    a, _ = conn.acquire(["a"])
+    s, _ = conn.status()
+    stream = frames(
+        protocol.Queued(a.id, [HOLDER]),
+        protocol.StatusReply(s.id, []),
+        protocol.Granted(a.id, [3]),
+        protocol.Lost(a.id, "forced by root"),
+    )
+    at = 0
+    for cut in sorted({c % len(stream) for c in cuts} | {len(stream)}):
+        if cut > at:  # an empty chunk would mean EOF
+            conn.receive_data(stream[at:cut])
+            at = cut
+    assert a.take_queued() == [[HOLDER]]
+    assert s.result() == []
+    assert a.result().state is LeaseState.LOST
+
+
+def test_queued_notices_collect_until_taken():
+    conn = opened()
+    call, _ = conn.acquire(["a"])
+    other = protocol.Holder(pid=7, uid=0)
+    conn.receive_data(frames(protocol.Queued(call.id, [HOLDER]), protocol.Queued(call.id, [other])))
+    assert not call.done
+    assert call.take_queued() == [[HOLDER], [other]]
+    assert call.take_queued() == []
+
+
+def test_lost_marks_the_lease_with_its_reason_and_leaves_others():
+    conn = opened()
+    a = granted(conn, "a")
+    b = granted(conn, "b")
+    conn.receive_data(frames(protocol.Lost(a.id, "force-released by uid 0")))
+    assert a.state is LeaseState.LOST and a.lost_reason == "force-released by uid 0"
+    assert b.state is LeaseState.HELD
+    assert conn.leases == [b]
+    assert conn.release(a) == b""
+    assert "force-released by uid 0" in str(a.lost_error())
+
+
+@pytest.mark.parametrize(
+    "message, because",
+    [
+        (lambda a, s: protocol.Lost(a, "x"), "never granted"),
+        (lambda a, s: protocol.Queued(s, []), "queued for status"),
+        (lambda a, s: protocol.Done(a), "done in reply to acquire"),
+        (lambda a, s: protocol.Granted(s, [1]), "granted in reply to status"),
+        (lambda a, s: protocol.Granted(a, [1, 2]), "2 tokens for 1 names"),
+        (lambda a, s: protocol.Granted(s + 1, [1]), "never sent"),
+        (lambda a, s: protocol.Done(0), "never sent"),
+    ],
+)
+def test_replies_the_protocol_rules_out_break_the_connection(message, because):
+    conn = opened()
+    held = granted(conn, "held")
+    a, _ = conn.acquire(["a"])
+    s, _ = conn.status()
+    conn.receive_data(frames(message(a.id, s.id)))
+    assert_broken(conn, because=because)
+    for call in (a, s):
+        with pytest.raises(errors.ProtocolError, match="connect again"):
+            call.result()
+    assert held.state is LeaseState.LOST and because in held.lost_reason
+
+
+@pytest.mark.parametrize(
+    "message", [protocol.Granted(1, [9]), protocol.Queued(1, []), protocol.Error(1, "busy", "")]
+)
+def test_more_replies_for_a_granted_lease_break_the_connection(message):
+    conn = opened()
+    granted(conn, "a")
+    conn.receive_data(frames(message))
+    assert_broken(conn, because="already granted")
+
+
+def test_a_violation_discards_the_rest_of_the_data():
+    conn = opened()
+    call, _ = conn.status()
+    conn.receive_data(frames(protocol.Done(99), protocol.StatusReply(call.id, [])))
+    with pytest.raises(errors.ProtocolError):
+        call.result()
+
+
+# --- withdrawing and stale replies ------------------------------------------------------------
+
+
+def test_withdrawing_a_waiting_acquire_sends_release_and_ignores_what_was_in_flight():
+    conn = opened()
+    call, _ = conn.acquire(["a"])
+    assert decoded(conn.withdraw(call)) == [protocol.Release(call.id)]
+    assert call.done
+    conn.receive_data(
+        frames(
+            protocol.Queued(call.id, [HOLDER]),
+            protocol.Granted(call.id, [1]),
+            protocol.Error(call.id, "timeout", "gave up"),
+        )
+    )
+    assert not conn.closed
+    assert conn.leases == []
+    assert conn.withdraw(call) == b""
+
+
+def test_withdrawing_a_granted_acquire_releases_its_lease():
+    conn = opened()
+    call, _ = conn.acquire(["a"])
+    conn.receive_data(frames(protocol.Granted(call.id, [1])))
+    assert decoded(conn.withdraw(call)) == [protocol.Release(call.id)]
+    assert call.result().state is LeaseState.RELEASED
+    assert conn.withdraw(call) == b""
+
+
+def test_withdrawing_a_failed_acquire_or_other_request_sends_nothing():
+    conn = opened()
+    failed, _ = conn.acquire(["a"], wait=False)
+    conn.receive_data(frames(protocol.Error(failed.id, "busy", "held")))
+    assert conn.withdraw(failed) == b""
+    status, _ = conn.status()
+    assert conn.withdraw(status) == b""
+    conn.receive_data(frames(protocol.StatusReply(status.id, [])))
+    assert not conn.closed
+
+
+def test_withdrawing_the_handshake_closes_the_connection():
+    conn = Connection()
+    call, _ = conn.hello()
+    assert conn.withdraw(call) == b""
+    assert conn.closed and call.done
+
+
+def test_lost_for_a_released_lease_is_ignored():
+    conn = opened()
+    lease = granted(conn, "a")
+    conn.release(lease)
+    conn.receive_data(frames(protocol.Lost(lease.id, "the backend lost it")))
+    assert lease.state is LeaseState.RELEASED and not conn.closed
+
+
+def test_release_is_idempotent_and_checks_the_owner():
+    conn = opened()
+    lease = granted(conn, "a")
+    other = opened()
+    with pytest.raises(errors.ProtocolError, match="another connection"):
+        other.release(lease)
+    with pytest.raises(errors.ProtocolError, match="another connection"):
+        other.withdraw(conn.acquire(["b"])[0])
+    assert lease.state is LeaseState.HELD
+    assert decoded(conn.release(lease)) == [protocol.Release(lease.id)]
+    assert conn.release(lease) == b""
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "code, cls",
+    [
+        ("busy", errors.LockBusy),
+        ("timeout", errors.LockTimeout),
+        ("invalid_name", errors.InvalidName),
+        ("bad_lock_file", errors.BadLockFile),
+        ("permission_denied", errors.PermissionDenied),
+        ("not_held", errors.NotHeld),
+        ("protocol", errors.ProtocolError),
+        ("limit", errors.LimitExceeded),
+        ("unavailable", errors.DaemonUnavailable),
+        ("a code from a newer daemon", errors.LockdError),
+    ],
+)
+def test_error_replies_become_their_exception(code, cls):
+    conn = opened()
+    call, _ = conn.acquire(["a"])
+    conn.receive_data(frames(protocol.Error(call.id, code, "what to do next", [HOLDER])))
+    with pytest.raises(cls, match="what to do next") as raised:
+        call.result()
+    assert type(raised.value) is cls
+    if issubclass(cls, errors.LockBusy):
+        assert raised.value.holders == [HOLDER]
+    assert not conn.closed
+
+
+def test_a_connection_error_ends_everything_with_its_message():
+    conn = opened()
+    lease = granted(conn, "a")
+    call, _ = conn.acquire(["b"])
+    conn.receive_data(frames(protocol.Error(None, "shutdown", "lockd is shutting down")))
+    assert lease.state is LeaseState.LOST and lease.lost_reason == "lockd is shutting down"
+    with pytest.raises(errors.DaemonUnavailable, match="shutting down"):
+        call.result()
+    assert conn.closed
+
+
+# --- end of the connection --------------------------------------------------------------------
+
+
+def test_eof_loses_every_lease_and_fails_every_request():
+    conn = opened()
+    leases = [granted(conn, "a"), granted(conn, "b")]
+    call, _ = conn.acquire(["c"])
+    conn.receive_data(b"")
+    assert [(x.state, x.lost_reason) for x in leases] == [(LeaseState.LOST, EOF_REASON)] * 2
+    with pytest.raises(errors.DaemonUnavailable, match="closed the connection"):
+        call.result()
+    assert conn.leases == []
+    assert conn.release(leases[0]) == b""
+    with pytest.raises(errors.DaemonUnavailable, match="connect again"):
+        conn.status()
+
+
+def test_data_after_the_end_is_discarded():
+    conn = opened()
+    conn.receive_data(b"")
+    conn.receive_data(frames(protocol.Lost(1, "x"), welcome()))
+    assert conn.close_reason == EOF_REASON
+
+
+def test_close_releases_leases_rather_than_losing_them():
+    conn = opened()
+    lease = granted(conn, "a")
+    call, _ = conn.status()
+    conn.close()
+    assert lease.state is LeaseState.RELEASED and lease.lost_reason is None
+    with pytest.raises(errors.DaemonUnavailable, match="closed by this client"):
+        call.result()
+    conn.close()
+    assert conn.closed
+
+
+def test_abort_loses_leases_with_the_transport_reason():
+    conn = opened()
+    lease = granted(conn, "a")
+    call, _ = conn.acquire(["b"])
+    conn.abort("reading failed: connection reset")
+    assert lease.lost_reason == "reading failed: connection reset"
+    with pytest.raises(errors.DaemonUnavailable, match="connection reset; connect again"):
+        call.result()
+    conn.abort("again")
+    assert conn.close_reason == "reading failed: connection reset"
+
+
+def test_an_oversized_reply_is_refused_from_its_prefix_alone():
+    conn = opened()
+    lease = granted(conn, "a")
+    conn.receive_data((protocol.MAX_REPLY_FRAME + 1).to_bytes(4, "big"))
+    assert_broken(conn, because="exceeds the limit")
+    assert lease.state is LeaseState.LOST
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"\xc1",  # never used in msgpack
+        msgspec.msgpack.encode({"type": "granted", "id": "one", "tokens": []}),
+        msgspec.msgpack.encode(protocol.Hello(1)),  # a request, not a reply
+        msgspec.msgpack.encode([1, 2, 3]),
+    ],
+)
+def test_garbage_breaks_the_connection(body):
+    conn = opened()
+    conn.receive_data(len(body).to_bytes(4, "big") + body)
+    assert_broken(conn, because="")
