@@ -1,0 +1,661 @@
+"""Unit tests of the sans-I/O lock table, one behaviour at a time.
+
+Every test goes through `CheckedTable`, which runs `LockTable.check()` after every call and
+keeps the Take/Drop ledger: a ticket is taken at most once, dropped only after being taken
+and at most once, and when the test ends (all owners gone) every Take has had its Drop.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import weakref
+from collections.abc import Callable, Hashable, Iterable, Iterator
+from typing import Any
+
+import pytest
+
+from lockd.table import (
+    BUSY,
+    TIMEOUT,
+    Drop,
+    Effect,
+    Granted,
+    LockTable,
+    Lost,
+    Queued,
+    Refused,
+    State,
+    Take,
+    Ticket,
+)
+
+
+class CheckedTable:
+    """A LockTable whose every mutation is followed by `check()` and the Take/Drop ledger."""
+
+    def __init__(self) -> None:
+        self.table = LockTable()
+        self.took: set[Ticket] = set()
+        self.dropped: set[Ticket] = set()
+        self.owners: dict[Hashable, None] = {}
+
+    def _record(self, effects: list[Effect]) -> list[Effect]:
+        for effect in effects:
+            if isinstance(effect, Take):
+                assert effect.ticket not in self.took, f"second Take of {effect.ticket}"
+                self.took.add(effect.ticket)
+            elif isinstance(effect, Drop):
+                assert effect.ticket in self.took, f"Drop of {effect.ticket}, never taken"
+                assert effect.ticket not in self.dropped, f"second Drop of {effect.ticket}"
+                assert effect.ticket.state is State.ENDED, effect.ticket
+                self.dropped.add(effect.ticket)
+            elif isinstance(effect, Granted):
+                assert effect.ticket.state is State.HELD, effect.ticket
+        self.table.check()
+        return effects
+
+    def acquire(
+        self, owner: Hashable, names: Iterable[str], now: float = 0.0, **kwargs: Any
+    ) -> tuple[Ticket, list[Effect]]:
+        self.owners[owner] = None
+        ticket, effects = self.table.acquire(owner, names, now=now, **kwargs)
+        return ticket, self._record(effects)
+
+    def hold(self, owner: Hashable, names: Iterable[str], **kwargs: Any) -> Ticket:
+        """Acquire on free names and have the backend take them at once."""
+        ticket, effects = self.acquire(owner, names, **kwargs)
+        assert effects == [Take(ticket)]
+        assert self.taken(ticket) == [Granted(ticket)]
+        return ticket
+
+    def wait(self, owner: Hashable, names: Iterable[str], **kwargs: Any) -> Ticket:
+        """Acquire names that are not free: the ticket queues."""
+        ticket, effects = self.acquire(owner, names, **kwargs)
+        assert effects == [Queued(ticket, self.table.blockers(ticket))]
+        assert ticket.state is State.WAITING
+        return ticket
+
+    def taken(self, ticket: Ticket, tokens: list[int] | None = None, now: float = 0) -> list[Effect]:
+        tokens = list(range(len(ticket.names))) if tokens is None else tokens
+        return self._record(self.table.taken(ticket, tokens, now=now))
+
+    def take_blocked(self, ticket: Ticket) -> list[Effect]:
+        return self._record(self.table.take_blocked(ticket))
+
+    def release(self, ticket: Ticket) -> list[Effect]:
+        return self._record(self.table.release(ticket))
+
+    def lose(self, ticket: Ticket, reason: str = "gone") -> list[Effect]:
+        return self._record(self.table.lose(ticket, reason))
+
+    def force_release(self, name: str, reason: str = "forced") -> tuple[int, list[Effect]]:
+        count, effects = self.table.force_release(name, reason)
+        return count, self._record(effects)
+
+    def drop_owner(self, owner: Hashable) -> list[Effect]:
+        return self._record(self.table.drop_owner(owner))
+
+    def reassign(self, ticket: Ticket, owner: Hashable) -> None:
+        self.owners[owner] = None
+        self.table.reassign(ticket, owner)
+        self.table.check()
+
+    def expire(self, now: float) -> list[Effect]:
+        return self._record(self.table.expire(now))
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.table, name)  # the queries
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def finish(self) -> None:
+        """Every owner leaves: the table empties and every Take has had exactly one Drop."""
+        for owner in self.owners:
+            self.drop_owner(owner)
+        assert len(self.table) == 0
+        assert self.table.names() == []
+        assert self.took == self.dropped, self.took ^ self.dropped
+
+
+@pytest.fixture
+def table() -> Iterator[CheckedTable]:
+    checked = CheckedTable()
+    yield checked
+    checked.finish()
+
+
+# --- effects -------------------------------------------------------------------------------
+
+
+def test_effects_compare_by_kind_and_fields() -> None:
+    a = Ticket("o", ("x",), False, True, None, None, 0.0)
+    b = Ticket("o", ("x",), False, True, None, None, 0.0)
+    assert Take(a) == Take(a)
+    assert Take(a) != Take(b)  # tickets are compared by identity
+    assert Take(a) != Drop(a)
+    assert Refused(a, BUSY, [b]) == Refused(a, BUSY, [b])
+    assert Refused(a, BUSY, [b]) != Refused(a, TIMEOUT, [b])
+    assert Refused(a, BUSY, [b]) != Refused(a, BUSY, [])
+    assert Lost(a, "x") != Lost(a, "y")
+    assert "blockers=[]" in repr(Queued(a, []))
+
+
+# --- exclusive and shared ------------------------------------------------------------------
+
+
+def test_exclusive_on_a_free_name_is_taken_then_granted(table: CheckedTable) -> None:
+    ticket, effects = table.acquire("a", ["x"], now=1.0, info="pid 7")
+    assert effects == [Take(ticket)]
+    assert ticket.state is State.TAKING and ticket.holding
+    assert (ticket.names, ticket.shared, ticket.info, ticket.since) == (("x",), False, "pid 7", 1.0)
+    assert table.taken(ticket, [42], now=3.0) == [Granted(ticket)]
+    assert ticket.state is State.HELD
+    assert (ticket.tokens, ticket.since) == ([42], 3.0)
+
+
+def test_exclusive_behind_a_holder_queues_and_gets_it_on_release(table: CheckedTable) -> None:
+    a = table.hold("a", ["x"])
+    b, effects = table.acquire("b", ["x"])
+    assert effects == [Queued(b, [a])]
+    assert table.release(a) == [Drop(a), Take(b)]
+    assert b.state is State.TAKING
+
+
+def test_a_taking_ticket_already_counts_as_holder(table: CheckedTable) -> None:
+    a, _ = table.acquire("a", ["x"])
+    b, effects = table.acquire("b", ["x"], shared=True)
+    assert effects == [Queued(b, [a])]
+
+
+def test_shared_tickets_hold_together(table: CheckedTable) -> None:
+    s1 = table.hold("a", ["x"], shared=True)
+    s2, effects = table.acquire("b", ["x"], shared=True)
+    assert effects == [Take(s2)]
+    assert table.queue("x") == [s1, s2]
+
+
+def test_exclusive_waits_for_every_shared_holder(table: CheckedTable) -> None:
+    s1 = table.hold("a", ["x"], shared=True)
+    s2 = table.hold("b", ["x"], shared=True)
+    e, effects = table.acquire("c", ["x"])
+    assert effects == [Queued(e, [s1, s2])]
+    assert table.release(s1) == [Drop(s1)]
+    assert table.blockers(e) == [s2]
+    assert table.release(s2) == [Drop(s2), Take(e)]
+
+
+def test_shared_waits_for_an_exclusive_holder(table: CheckedTable) -> None:
+    e = table.hold("a", ["x"])
+    s, effects = table.acquire("b", ["x"], shared=True)
+    assert effects == [Queued(s, [e])]
+
+
+def test_release_of_an_exclusive_grants_the_shared_run_behind_it(table: CheckedTable) -> None:
+    e1 = table.hold("a", ["x"])
+    s1 = table.wait("b", ["x"], shared=True)
+    s2 = table.wait("c", ["x"], shared=True)
+    e2 = table.wait("d", ["x"])
+    s3 = table.wait("e", ["x"], shared=True)
+    assert table.release(e1) == [Drop(e1), Take(s1), Take(s2)]
+    assert (e2.state, s3.state) == (State.WAITING, State.WAITING)
+    table.release(s1)
+    assert table.release(s2) == [Drop(s2), Take(e2)]
+    assert table.release(e2) == [Drop(e2), Take(s3)]
+
+
+# --- FIFO, no barging ----------------------------------------------------------------------
+
+
+def test_shared_behind_a_waiting_exclusive_waits(table: CheckedTable) -> None:
+    s1 = table.hold("a", ["x"], shared=True)
+    e = table.wait("b", ["x"])
+    s2, effects = table.acquire("c", ["x"], shared=True)
+    assert effects == [Queued(s2, [e])]
+    assert table.release(s1) == [Drop(s1), Take(e)]
+    assert table.release(e) == [Drop(e), Take(s2)]
+
+
+def test_an_exclusive_is_granted_only_at_the_head(table: CheckedTable) -> None:
+    e1 = table.hold("a", ["x"])
+    e2 = table.wait("b", ["x"])
+    e3 = table.wait("c", ["x"])
+    assert table.blockers(e3) == [e1, e2]
+    assert table.release(e1) == [Drop(e1), Take(e2)]
+    assert e3.state is State.WAITING
+    assert table.release(e2) == [Drop(e2), Take(e3)]
+
+
+def test_a_late_comer_waits_behind_a_waiter_even_for_a_free_name(table: CheckedTable) -> None:
+    h = table.hold("a", ["x"])
+    both = table.wait("b", ["x", "y"])
+    late, effects = table.acquire("c", ["y"])
+    assert effects == [Queued(late, [both])]  # y is free, but `both` asked first
+    assert table.release(h) == [Drop(h), Take(both)]
+    assert table.release(both) == [Drop(both), Take(late)]
+
+
+def test_shared_is_granted_past_a_shared_waiter_blocked_elsewhere(table: CheckedTable) -> None:
+    ey = table.hold("a", ["y"])
+    sxy = table.wait("b", ["x", "y"], shared=True)
+    sx, effects = table.acquire("c", ["x"], shared=True)
+    assert effects == [Take(sx)]  # everything ahead of it on x is shared
+    assert table.release(ey) == [Drop(ey), Take(sxy)]
+
+
+# --- many names ----------------------------------------------------------------------------
+
+
+def test_many_names_are_all_or_nothing(table: CheckedTable) -> None:
+    hx = table.hold("a", ["x"])
+    xyz = table.wait("b", ["x", "y", "z"])
+    assert table.queue("y") == [xyz] and table.queue("z") == [xyz]
+    assert xyz.state is State.WAITING
+    assert table.release(hx) == [Drop(hx), Take(xyz)]  # one Take for all three names
+    assert table.taken(xyz, [1, 2, 3]) == [Granted(xyz)]
+    assert xyz.tokens == [1, 2, 3]
+
+
+def test_a_ticket_blocked_on_two_names_lists_each_blocker_once(table: CheckedTable) -> None:
+    hxy = table.hold("a", ["x", "y"])
+    hz = table.hold("b", ["z"])
+    w, effects = table.acquire("c", ["y", "z", "x"])
+    assert effects == [Queued(w, [hxy, hz])]
+
+
+@pytest.mark.parametrize("first, second", [(["x", "y"], ["y", "x"]), (["y", "x"], ["x", "y"])])
+def test_opposite_orders_never_deadlock(
+    table: CheckedTable, first: list[str], second: list[str]
+) -> None:
+    hx = table.hold("hx", ["x"])
+    hy = table.hold("hy", ["y"])
+    p = table.wait("p", first)
+    q = table.wait("q", second)
+    assert table.release(hx) == [Drop(hx)]  # p still lacks y, q is behind p on x
+    assert table.release(hy) == [Drop(hy), Take(p)]
+    assert table.blockers(q) == [p]
+    assert table.release(p) == [Drop(p), Take(q)]
+
+
+def test_duplicate_names_count_once(table: CheckedTable) -> None:
+    ticket, effects = table.acquire("a", ["x", "y", "x", "x"])
+    assert effects == [Take(ticket)]
+    assert ticket.names == ("x", "y")
+    assert table.queue("x") == [ticket]
+    table.taken(ticket, [1, 2])
+    assert table.release(ticket) == [Drop(ticket)]
+    assert table.names() == []
+
+
+def test_names_may_be_any_iterable(table: CheckedTable) -> None:
+    ticket, _ = table.acquire("a", (n for n in "xy"))
+    assert ticket.names == ("x", "y")
+
+
+def test_no_names_is_an_error_and_changes_nothing(table: CheckedTable) -> None:
+    with pytest.raises(ValueError):
+        table.acquire("a", [])
+    assert len(table) == 0 and table.tickets_of("a") == []
+
+
+# --- no-wait -------------------------------------------------------------------------------
+
+
+def test_no_wait_on_a_busy_name_is_refused_with_blockers_and_not_queued(table: CheckedTable) -> None:
+    h = table.hold("a", ["x"])
+    w = table.wait("b", ["x"])
+    nw, effects = table.acquire("c", ["x", "y"], wait=False)
+    assert effects == [Refused(nw, BUSY, [h, w])]
+    assert nw.state is State.ENDED
+    assert table.queue("x") == [h, w]
+    assert "y" not in table.names()
+    assert table.tickets_of("c") == [] and len(table) == 2
+    assert table.release(nw) == []
+
+
+def test_no_wait_shared_obeys_fifo_too(table: CheckedTable) -> None:
+    table.hold("a", ["x"], shared=True)
+    e = table.wait("b", ["x"])
+    nw, effects = table.acquire("c", ["x"], shared=True, wait=False)
+    assert effects == [Refused(nw, BUSY, [e])]
+
+
+def test_no_wait_shared_joins_shared_holders(table: CheckedTable) -> None:
+    table.hold("a", ["x"], shared=True)
+    nw, effects = table.acquire("b", ["x"], shared=True, wait=False)
+    assert effects == [Take(nw)]
+
+
+def test_no_wait_blocked_outside_lockd_is_refused_and_lets_waiters_in(table: CheckedTable) -> None:
+    nw, effects = table.acquire("a", ["x"], wait=False)
+    assert effects == [Take(nw)]
+    w = table.wait("b", ["x"])
+    assert table.take_blocked(nw) == [Refused(nw, BUSY, []), Drop(nw), Take(w)]
+    assert nw.state is State.ENDED
+    assert table.take_blocked(nw) == []
+    assert table.taken(nw) == []
+
+
+def test_a_waiting_ticket_blocked_outside_lockd_stays_taking(table: CheckedTable) -> None:
+    t, _ = table.acquire("a", ["x"])
+    assert table.take_blocked(t) == []
+    assert t.state is State.TAKING
+    b, effects = table.acquire("b", ["x"])
+    assert effects == [Queued(b, [t])]
+    assert table.taken(t) == [Granted(t)]
+
+
+def test_take_blocked_of_a_held_ticket_is_ignored(table: CheckedTable) -> None:
+    t = table.hold("a", ["x"], wait=False)
+    assert table.take_blocked(t) == []
+    assert t.state is State.HELD
+
+
+# --- deadlines -----------------------------------------------------------------------------
+
+
+def test_a_waiting_ticket_times_out_at_its_deadline(table: CheckedTable) -> None:
+    h = table.hold("a", ["x"])
+    w = table.wait("b", ["x"], deadline=5.0)
+    assert table.next_deadline() == 5.0
+    assert table.expire(4.5) == []
+    assert table.expire(5.0) == [Refused(w, TIMEOUT, [h])]  # no Drop: never taken
+    assert w.state is State.ENDED
+    assert table.next_deadline() is None
+    assert table.queue("x") == [h]
+
+
+def test_a_ticket_taking_at_once_times_out_while_blocked_outside(table: CheckedTable) -> None:
+    t, effects = table.acquire("a", ["x"], deadline=5.0)
+    assert effects == [Take(t)]
+    assert table.take_blocked(t) == []
+    assert table.next_deadline() == 5.0
+    assert table.expire(6.0) == [Refused(t, TIMEOUT, []), Drop(t)]
+    assert table.taken(t) == []  # the backend finished just too late: its Drop is on its way
+
+
+def test_a_ticket_granted_after_waiting_can_time_out_while_taking(table: CheckedTable) -> None:
+    h = table.hold("a", ["x"])
+    w = table.wait("b", ["x"], deadline=5.0)
+    assert table.release(h) == [Drop(h), Take(w)]
+    assert table.next_deadline() == 5.0
+    assert table.expire(5.0) == [Refused(w, TIMEOUT, []), Drop(w)]
+
+
+def test_a_held_ticket_ignores_its_deadline(table: CheckedTable) -> None:
+    t, _ = table.acquire("a", ["x"], deadline=5.0)
+    table.taken(t)
+    assert table.next_deadline() is None
+    assert table.expire(100.0) == []
+    assert t.state is State.HELD
+
+
+def test_next_deadline_skips_tickets_no_longer_timed(table: CheckedTable) -> None:
+    h = table.hold("a", ["x"])
+    w1 = table.wait("b", ["x"], deadline=1.0)
+    w2 = table.wait("c", ["x"], deadline=3.0)
+    table.wait("d", ["x"], deadline=2.0)
+    table.release(w1)
+    assert table.next_deadline() == 2.0
+    table.drop_owner("d")
+    assert table.next_deadline() == 3.0
+    table.release(h)
+    table.taken(w2)
+    assert table.next_deadline() is None
+    assert table.expire(10.0) == []
+
+
+def test_expire_fails_tickets_in_deadline_order_then_arrival_order(table: CheckedTable) -> None:
+    h = table.hold("a", ["x"])
+    late = table.wait("b", ["x"], deadline=3.0)
+    tie1 = table.wait("c", ["y", "x"], deadline=2.0)
+    tie2 = table.wait("d", ["x"], deadline=2.0)
+    assert table.expire(3.0) == [
+        Refused(tie1, TIMEOUT, [h, late]),
+        Refused(tie2, TIMEOUT, [h, late]),
+        Refused(late, TIMEOUT, [h]),
+    ]
+    assert table.names() == ["x"]
+
+
+def test_expiry_of_a_waiting_exclusive_lets_the_shared_behind_it_in(table: CheckedTable) -> None:
+    s1 = table.hold("a", ["x"], shared=True)
+    e = table.wait("b", ["x"], deadline=5.0)
+    s2 = table.wait("c", ["x"], shared=True)
+    assert table.expire(5.0) == [Refused(e, TIMEOUT, [s1]), Take(s2)]
+
+
+def test_a_ticket_granted_by_expire_past_its_own_deadline_times_out_too(table: CheckedTable) -> None:
+    """Its deadline passed while it was still TAKING, as far as the table can tell."""
+    h, _ = table.acquire("a", ["x"], deadline=1.0)
+    w = table.wait("b", ["x"], deadline=2.0)
+    assert table.expire(2.0) == [
+        Refused(h, TIMEOUT, []), Drop(h), Take(w), Refused(w, TIMEOUT, []), Drop(w),
+    ]
+
+
+def test_finished_tickets_are_not_kept_alive_by_their_deadlines() -> None:
+    class Info:
+        pass
+
+    table = LockTable()
+    infos = []
+    for _ in range(2000):
+        info = Info()
+        infos.append(weakref.ref(info))
+        ticket, _ = table.acquire("a", ["x"], deadline=1e9, now=0.0, info=info)
+        table.taken(ticket, [1], now=0.0)
+        table.release(ticket)
+    del info, ticket
+    gc.collect()
+    assert sum(ref() is not None for ref in infos) < 200
+    table.check()
+
+
+# --- taken, release ------------------------------------------------------------------------
+
+
+def test_taken_after_the_ticket_ended_is_ignored(table: CheckedTable) -> None:
+    t, _ = table.acquire("a", ["x"])
+    w = table.wait("b", ["x"])
+    assert table.release(t) == [Drop(t), Take(w)]
+    assert table.taken(t) == []
+    assert (t.state, t.tokens) == (State.ENDED, None)
+
+
+def test_taken_twice_grants_once(table: CheckedTable) -> None:
+    t = table.hold("a", ["x"])
+    assert table.taken(t, [9]) == []
+    assert t.tokens == [0]
+
+
+def test_release_is_idempotent(table: CheckedTable) -> None:
+    t = table.hold("a", ["x"])
+    assert table.release(t) == [Drop(t)]
+    assert table.release(t) == []
+    assert len(table) == 0 and table.names() == [] and table.tickets_of("a") == []
+
+
+def test_release_of_a_taking_ticket_drops_it(table: CheckedTable) -> None:
+    t, _ = table.acquire("a", ["x"])
+    assert table.release(t) == [Drop(t)]
+
+
+@pytest.mark.parametrize("end", [CheckedTable.release, CheckedTable.lose])
+def test_ending_a_waiting_exclusive_unblocks_the_shared_behind_it(
+    table: CheckedTable, end: Callable[[CheckedTable, Ticket], list[Effect]]
+) -> None:
+    s1 = table.hold("a", ["x"], shared=True)
+    e = table.wait("b", ["x"])
+    s2 = table.wait("c", ["x"], shared=True)
+    s3 = table.wait("d", ["x"], shared=True)
+    assert end(table, e) == [Take(s2), Take(s3)]  # no Drop, no Lost: e never held anything
+    assert e.state is State.ENDED
+    assert table.queue("x") == [s1, s2, s3]
+
+
+def test_withdrawing_a_multi_name_waiter_unblocks_each_of_its_names(table: CheckedTable) -> None:
+    hx = table.hold("a", ["x"])
+    xy = table.wait("b", ["x", "y"])
+    wy = table.wait("c", ["y"])
+    wx = table.wait("d", ["x"])
+    assert table.release(xy) == [Take(wy)]
+    assert table.release(hx) == [Drop(hx), Take(wx)]
+
+
+# --- owners --------------------------------------------------------------------------------
+
+
+def test_drop_owner_ends_its_held_and_waiting_tickets(table: CheckedTable) -> None:
+    held = table.hold("o", ["x"])
+    other = table.hold("p", ["y"])
+    waiting = table.wait("o", ["y"])
+    next_x = table.wait("p", ["x"])
+    assert table.drop_owner("o") == [Drop(held), Take(next_x)]
+    assert (held.state, waiting.state) == (State.ENDED, State.ENDED)
+    assert table.tickets_of("o") == []
+    assert table.queue("y") == [other]
+
+
+def test_drop_owner_never_takes_for_the_departing_owner(table: CheckedTable) -> None:
+    first = table.hold("o", ["x"])
+    table.wait("o", ["x"])  # would be next once `first` goes
+    third = table.wait("p", ["x"])
+    assert table.drop_owner("o") == [Drop(first), Take(third)]
+
+
+def test_drop_owner_drops_everything_before_taking_anything(table: CheckedTable) -> None:
+    a = table.hold("o", ["x"])
+    b = table.hold("o", ["y"])
+    wx = table.wait("p", ["x"])
+    wy = table.wait("q", ["y"])
+    effects = table.drop_owner("o")
+    assert effects[:2] == [Drop(a), Drop(b)]
+    assert sorted(effects[2:], key=lambda e: e.ticket.names) == [Take(wx), Take(wy)]
+
+
+def test_drop_owner_of_an_unknown_owner_does_nothing(table: CheckedTable) -> None:
+    table.hold("o", ["x"])
+    assert table.drop_owner("nobody") == []
+    assert len(table) == 1
+
+
+# --- lose, force_release -------------------------------------------------------------------
+
+
+def test_lose_a_held_lease_tells_its_owner(table: CheckedTable) -> None:
+    t = table.hold("a", ["x"])
+    w = table.wait("b", ["x"])
+    assert table.lose(t, "etcd lease expired") == [Lost(t, "etcd lease expired"), Drop(t), Take(w)]
+    assert table.lose(t, "again") == []
+
+
+def test_lose_a_taking_ticket_drops_it_without_lost(table: CheckedTable) -> None:
+    t, _ = table.acquire("a", ["x"])
+    assert table.lose(t) == [Drop(t)]
+
+
+def test_force_release_breaks_held_leases_only(table: CheckedTable) -> None:
+    s1 = table.hold("a", ["x"], shared=True)
+    s2 = table.hold("b", ["x", "y"], shared=True)
+    s3, _ = table.acquire("c", ["x"], shared=True)  # TAKING: not broken
+    e = table.wait("d", ["x"])
+    count, effects = table.force_release("x", "by admin")
+    assert count == 2
+    assert effects == [Lost(s1, "by admin"), Drop(s1), Lost(s2, "by admin"), Drop(s2)]
+    assert table.names() == ["x"]  # s2 let go of y too
+    assert table.queue("x") == [s3, e]
+    assert table.release(s3) == [Drop(s3), Take(e)]
+
+
+def test_force_release_of_a_name_nobody_holds(table: CheckedTable) -> None:
+    assert table.force_release("x") == (0, [])
+    w, _ = table.acquire("a", ["x"])
+    assert table.force_release("x") == (0, [])
+    assert w.state is State.TAKING
+
+
+# --- reassign ------------------------------------------------------------------------------
+
+
+def test_reassign_moves_a_ticket_to_another_owner(table: CheckedTable) -> None:
+    t = table.hold("conn", ["x"])
+    kept = table.hold("conn", ["y"])
+    table.reassign(t, "pid 42")
+    assert table.tickets_of("conn") == [kept]
+    assert table.tickets_of("pid 42") == [t]
+    assert t.owner == "pid 42"
+    assert table.drop_owner("conn") == [Drop(kept)]
+    assert t.state is State.HELD
+    assert table.drop_owner("pid 42") == [Drop(t)]
+
+
+def test_reassign_to_the_same_owner_or_of_an_ended_ticket_does_nothing(table: CheckedTable) -> None:
+    t = table.hold("a", ["x"])
+    table.reassign(t, "a")
+    assert table.tickets_of("a") == [t]
+    table.release(t)
+    table.reassign(t, "b")
+    assert t.owner == "a" and table.tickets_of("b") == []
+
+
+# --- queries -------------------------------------------------------------------------------
+
+
+def test_queries_follow_arrival_order(table: CheckedTable) -> None:
+    s = table.hold("a", ["y", "x"], shared=True)
+    e = table.wait("b", ["x"])
+    s2 = table.wait("a", ["x", "z"], shared=True)
+    assert table.queue("x") == [s, e, s2]
+    assert table.queue("nothing") == []
+    assert table.names() == ["y", "x", "z"]
+    assert table.tickets_of("a") == [s, s2]
+    assert table.tickets_of("nobody") == []
+    assert len(table) == 3
+
+
+def test_blockers_are_the_conflicting_tickets_ahead(table: CheckedTable) -> None:
+    s = table.hold("a", ["x"], shared=True)
+    e = table.wait("b", ["x"])
+    s2 = table.wait("c", ["x"], shared=True)
+    e2 = table.wait("d", ["x"])
+    assert table.blockers(s) == []
+    assert table.blockers(e) == [s]
+    assert table.blockers(s2) == [e]  # the shared holder ahead is no obstacle
+    assert table.blockers(e2) == [s, e, s2]
+
+
+# --- exhaustive ----------------------------------------------------------------------------
+
+NAME_SETS = [("x",), ("y",), ("x", "y"), ("y", "x")]
+REQUESTS = [(shared, names) for shared in (False, True) for names in NAME_SETS]
+
+
+def _conflict(a: Ticket, b: Ticket) -> bool:
+    return bool(set(a.names) & set(b.names)) and not (a.shared and b.shared)
+
+
+@pytest.mark.parametrize("release_order", list(itertools.permutations(range(3))))
+def test_every_trio_of_requests_is_granted_in_fifo_order(release_order: tuple[int, ...]) -> None:
+    """Three requests of every mode and name set; whoever holds releases, in every order.
+
+    Every ticket is granted eventually (no deadlock), each exactly once, and a ticket is
+    granted only after every conflicting ticket that arrived before it.
+    """
+    for requests in itertools.product(REQUESTS, repeat=3):
+        table = CheckedTable()
+        tickets = [
+            table.acquire(i, names, shared=shared)[0] for i, (shared, names) in enumerate(requests)
+        ]
+        granted: list[Ticket] = [t for t in tickets if t.state is State.TAKING]
+        while len(table):
+            holder = next(tickets[i] for i in release_order if tickets[i].holding)
+            for effect in table.release(holder):
+                if isinstance(effect, Take):
+                    granted.append(effect.ticket)
+        assert sorted(map(id, granted)) == sorted(map(id, tickets))
+        for i, j in itertools.combinations(range(3), 2):
+            if _conflict(tickets[i], tickets[j]):
+                assert granted.index(tickets[i]) < granted.index(tickets[j]), requests
+        table.finish()
