@@ -1,0 +1,339 @@
+"""lockd's configuration: one typed tree read from a TOML file, then overridden by flags.
+
+Invariant: every `Config` this module returns is valid — each field has its documented type
+and range, and every path is absolute. A file with an unknown key, a wrong type or a bad value
+never becomes a Config: `load_config` raises `ConfigError` naming the file, the line and the
+key. docs/configuration.md documents every field below with its default.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import re
+from argparse import Namespace
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, NamedTuple
+
+import msgspec
+
+from lockd_client import paths, protocol
+from lockd_client.errors import LockdError
+
+#: Where a root daemon reads its configuration; others read it under $XDG_CONFIG_HOME.
+SYSTEM_CONFIG = Path("/etc/lockd/lockd.toml")
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+FileMode = Annotated[int, msgspec.Meta(ge=0, le=0o777)]
+#: A user or group, by name or by numeric id.
+Principal = str | Annotated[int, msgspec.Meta(ge=0)]
+
+
+class ConfigError(LockdError):
+    """The configuration cannot be used; the message names the file, line and key to fix."""
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    """Base of every table: unknown keys are errors, fields are keyword-only and immutable."""
+
+
+class Limits(_Section):
+    max_connections: Positive = 4096
+    max_connections_per_uid: Positive = 1024
+    max_leases_per_connection: Positive = 100_000
+    max_pending_per_connection: Positive = 1024
+    max_waiters_per_name: Positive = 10_000
+    max_frame: Annotated[int, msgspec.Meta(ge=1024)] = protocol.MAX_REQUEST_FRAME
+    handshake_timeout: Seconds = 5.0
+    send_timeout: Seconds = 10.0
+
+
+class Etcd(_Section):
+    endpoints: Annotated[list[str], msgspec.Meta(min_length=1)] = msgspec.field(
+        default_factory=lambda: ["http://127.0.0.1:2379"]
+    )
+    ttl: Seconds = 5.0
+    prefix: Annotated[str, msgspec.Meta(min_length=1)] = "/lockd/"
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    username: str | None = None
+    password: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file must be given together")
+        if (self.username is None) != (self.password is None):
+            raise ValueError("username and password must be given together")
+
+
+class Rule(_Section):
+    """Allows or denies the requests it matches; docs/configuration.md gives the matching."""
+
+    names: Annotated[str, msgspec.Meta(min_length=1)]
+    users: list[Principal] = []
+    groups: list[Principal] = []
+    modes: Annotated[list[protocol.Mode], msgspec.Meta(min_length=1)] = msgspec.field(
+        default_factory=lambda: ["exclusive", "shared"]
+    )
+    allow: bool = True
+
+    def __post_init__(self) -> None:
+        _check_glob(self.names)
+        _check_known(self.users, pwd.getpwnam, "user")
+        _check_known(self.groups, grp.getgrnam, "group")
+
+
+class Policy(_Section):
+    rules: list[Rule] = []
+    #: Who may break others' leases, besides each holder for its own.
+    force_release: list[Principal] = msgspec.field(default_factory=lambda: ["root"])
+
+    def __post_init__(self) -> None:
+        _check_known(self.force_release, pwd.getpwnam, "user")
+
+
+class Config(_Section):
+    #: None until `load_config` fills in the default for the daemon's uid (lockd_client.paths).
+    socket: Path | None = None
+    lock_dir: Path | None = None
+    state_dir: Path | None = None
+    log_level: LogLevel = "info"
+    lock_file_mode: FileMode = 0o600
+    socket_mode: FileMode = 0o660
+    backend: Literal["flock", "etcd"] = "flock"
+    limits: Limits = msgspec.field(default_factory=Limits)
+    etcd: Etcd = msgspec.field(default_factory=Etcd)
+    policy: Policy = msgspec.field(default_factory=Policy)
+
+
+_GLOB = re.compile(r"[A-Za-z0-9._@+\-*?\[\]!]+", re.ASCII)
+
+
+def _check_glob(pattern: str) -> None:
+    # A pattern with a character no lock name has can never match: surely a typo.
+    if not _GLOB.fullmatch(pattern):
+        raise ValueError(
+            f"pattern {pattern!r} can never match a lock name ({protocol.NAME_RULE}); "
+            "use the glob characters * ? [ ] !"
+        )
+
+
+def _check_known(principals: list[Principal], lookup: Callable[[str], object], kind: str) -> None:
+    # A misspelt name in a policy would silently never match: refuse it at load.
+    for principal in principals:
+        if isinstance(principal, str):
+            try:
+                lookup(principal)
+            except KeyError:
+                raise ValueError(f"no {kind} named {principal!r} on this host") from None
+
+
+def _decode_hook(type_: type, value: object) -> object:
+    if type_ is Path:
+        if isinstance(value, (str, Path)) and Path(value).is_absolute():
+            return Path(value)
+        raise ValueError("expected an absolute path")
+    raise NotImplementedError
+
+
+def default_config_path() -> Path:
+    """/etc/lockd/lockd.toml for root; $XDG_CONFIG_HOME/lockd/lockd.toml for others."""
+    if os.geteuid() == 0:
+        return SYSTEM_CONFIG
+    xdg = os.environ.get("XDG_CONFIG_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".config"
+    return base / "lockd" / "lockd.toml"
+
+
+def load_config(path: Path | None, explicit: bool) -> Config:
+    """Read and check the config file at `path` (None: `default_config_path()`).
+
+    A missing file gives the defaults, unless `explicit` (the user named it with --config),
+    when it is an error. Paths left unset are filled in from lockd_client.paths, so the result
+    has no None path. Raises ConfigError.
+    """
+    if path is None:
+        path = default_config_path()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"{path}: no such file; create it or drop --config") from None
+        return _with_default_paths(Config())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    return _with_default_paths(parse_config(text, str(path)))
+
+
+def parse_config(text: str, source: str) -> Config:
+    """Decode TOML `text` into a Config; `source` names it in errors. Raises ConfigError."""
+    try:
+        return msgspec.toml.decode(text, type=Config, dec_hook=_decode_hook)
+    except msgspec.ValidationError as exc:
+        problem, keys = _split_validation_error(str(exc))
+        if keys and str(keys[-1]).endswith("_mode") and problem.startswith("Expected `int`"):
+            problem = "expected a file mode from 0o000 to 0o777"
+        line = locate(text, keys)
+        where = f"{source}:{line}" if line else source
+        key = _dotted(keys) or "(top level)"
+        raise ConfigError(
+            f"{where}: {key}: {problem}; fix it (options are in docs/configuration.md)"
+        ) from None
+    except msgspec.DecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+
+
+def _with_default_paths(config: Config) -> Config:
+    return msgspec.structs.replace(
+        config,
+        socket=config.socket or paths.default_socket(),
+        lock_dir=config.lock_dir or paths.default_lock_dir(),
+        state_dir=config.state_dir or paths.default_state_dir(),
+    )
+
+
+# --- command-line overrides ---------------------------------------------------------------------
+
+_TOP_FIELDS = {f.name: f.type for f in msgspec.structs.fields(Config)}
+
+
+def with_overrides(config: Config, flags: Namespace | Mapping[str, Any]) -> Config:
+    """`config` with each top-level field replaced by the flag of the same name, if given.
+
+    Flags whose value is None, and names that are not Config fields (such as `config`), are
+    ignored; relative paths are taken from the current directory. Raises ConfigError naming
+    the flag when a value has the wrong type.
+    """
+    values = vars(flags) if isinstance(flags, Namespace) else flags
+    changes: dict[str, Any] = {}
+    for name, value in values.items():
+        if value is None or name not in _TOP_FIELDS:
+            continue
+        if isinstance(value, (str, os.PathLike)) and _TOP_FIELDS[name] == Path | None:
+            value = Path(value).absolute()
+        try:
+            changes[name] = msgspec.convert(value, _TOP_FIELDS[name], dec_hook=_decode_hook)
+        except msgspec.ValidationError as exc:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag}: {exc}") from None
+    return msgspec.structs.replace(config, **changes)
+
+
+# --- reload -------------------------------------------------------------------------------------
+
+#: Top-level fields a running daemon can take from a reloaded file; the rest need a restart.
+LIVE_FIELDS = frozenset({"log_level", "limits", "policy"})
+
+
+class Reload(NamedTuple):
+    #: What to run with now: the live fields of the new config, everything else as before.
+    config: Config
+    #: Dotted keys that changed and now apply.
+    applied: list[str]
+    #: Dotted keys that changed but apply only after a restart.
+    needs_restart: list[str]
+
+
+def plan_reload(current: Config, new: Config) -> Reload:
+    """Compare the running config with a freshly loaded one. Pure."""
+    applied: list[str] = []
+    needs_restart: list[str] = []
+    live: dict[str, Any] = {}
+    for name in _TOP_FIELDS:
+        changed = _changed_keys(name, getattr(current, name), getattr(new, name))
+        if not changed:
+            continue
+        if name in LIVE_FIELDS:
+            applied += changed
+            live[name] = getattr(new, name)
+        else:
+            needs_restart += changed
+    return Reload(msgspec.structs.replace(current, **live), applied, needs_restart)
+
+
+def _changed_keys(key: str, old: object, new: object) -> list[str]:
+    # Descend into tables so a log line can say `limits.max_connections`, not just `limits`;
+    # lists (rules, endpoints) are compared whole.
+    if old == new:
+        return []
+    if isinstance(old, msgspec.Struct) and type(old) is type(new):
+        return [
+            changed
+            for field in old.__struct_fields__
+            for changed in _changed_keys(f"{key}.{field}", getattr(old, field), getattr(new, field))
+        ]
+    return [key]
+
+
+# --- finding the line of a key ------------------------------------------------------------------
+
+_AT = re.compile(r"^(?P<problem>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
+_UNKNOWN = re.compile(r"^Object contains unknown field `(?P<field>[^`]*)`$")
+_PATH_PART = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
+
+Key = str | int
+
+
+def _split_validation_error(message: str) -> tuple[str, list[Key]]:
+    """Split msgspec's "problem - at `$.a.b[0]`" into the problem and the path's parts."""
+    match = _AT.match(message)
+    assert match is not None  # the pattern matches any string
+    problem, path = match["problem"], match["path"] or ""
+    keys: list[Key] = [
+        name if name else int(index) for name, index in _PATH_PART.findall(path)
+    ]
+    unknown = _UNKNOWN.match(problem)
+    if unknown:
+        keys.append(unknown["field"])
+        problem = "unknown key"
+    return problem, keys
+
+
+def _dotted(keys: list[Key]) -> str:
+    out = ""
+    for key in keys:
+        out += f"[{key}]" if isinstance(key, int) else (f".{key}" if out else key)
+    return out
+
+
+_HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(?:#.*)?$")
+_ASSIGN = re.compile(r"^\s*((?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*'))*)\s*=")
+
+
+def _split_key(dotted: str) -> list[str]:
+    return [part.strip().strip("\"'") for part in re.findall(r"\"[^\"]*\"|'[^']*'|[^.]+", dotted)]
+
+
+def locate(text: str, keys: list[Key]) -> int | None:
+    """The 1-based line of `text` that defines the deepest known prefix of `keys`, if any.
+
+    `keys` is a path into the decoded document (array-of-tables entries are numbered in order).
+    Good enough for error messages: multi-line strings are not tracked.
+    """
+    best: tuple[int, int] | None = None  # (matched parts, line)
+    table: list[Key] = []
+    array_counts: dict[tuple[str, ...], int] = {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        header = _HEADER.match(line)
+        if header:
+            names = _split_key(header[2])
+            if header[1] == "[[":
+                index = array_counts.get(tuple(names), -1) + 1
+                array_counts[tuple(names)] = index
+                table = [*names, index]
+            else:
+                table = list(names)
+            here: list[Key] = table
+        else:
+            assign = _ASSIGN.match(line)
+            if not assign:
+                continue
+            here = [*table, *_split_key(assign[1])]
+        if keys[: len(here)] == here and (best is None or len(here) > best[0]):
+            best = (len(here), lineno)
+    return best[1] if best else None
