@@ -1,0 +1,196 @@
+"""`python -m bench`: measure lockd against its reference floors in one run.
+
+Invariant: lockd and every floor are measured in the same run, interleaved repetition by
+repetition, so machine drift hits them alike and the ratios hold even when absolute times
+move; the run's raw results, machine info and judged targets are saved together as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from . import report, services, workloads
+from .lockers import make_locker
+from .machine import REPO, loadavg, machine_info
+
+WORKLOADS = ("w1", "w2", "w3", "w4", "w5", "cli")
+DEFAULT_OUT = REPO / "bench" / "results" / "latest.json"
+
+
+@dataclass
+class Config:
+    reps: int
+    w1_cycles: int
+    w2_clients: int
+    w2_seconds: float
+    w3_clients: int
+    w3_seconds: float
+    w4_leases: tuple[int, ...]
+    w5_tries: int
+    cli_runs: int
+    #: The lockd client the targets are judged on: "lockd" (the library) or "lockd-raw".
+    lockd_client: str
+
+
+FULL = dict(reps=3, w1_cycles=20_000, w2_clients=32, w2_seconds=5.0, w3_clients=8, w3_seconds=5.0,
+            w4_leases=(10_000, 100_000), w5_tries=10, cli_runs=20)
+QUICK = dict(reps=1, w1_cycles=2_000, w2_clients=32, w2_seconds=0.5, w3_clients=8, w3_seconds=0.5,
+             w4_leases=(1_000,), w5_tries=2, cli_runs=3)
+
+
+def _library_ready() -> bool:
+    try:
+        import lockd_client
+    except ImportError:
+        return False
+    return hasattr(lockd_client, "connect")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0].split(": ", 1)[1])
+    p.add_argument("--quick", action="store_true", help="a smoke run of a few seconds: tiny counts, no repetition")
+    p.add_argument("--only", default=",".join(WORKLOADS), help=f"comma-separated subset of {','.join(WORKLOADS)}")
+    p.add_argument("--reps", type=int, help="repetitions of W1-W3 (default 3, --quick 1)")
+    p.add_argument("--client", choices=["lockd", "lockd-raw"],
+                   help="lockd client the targets are judged on (default: lockd_client if installed)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file (default: %(default)s)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    only = set(args.only.split(","))
+    if unknown := only - set(WORKLOADS):
+        sys.exit(f"unknown workload(s) {', '.join(sorted(unknown))}; choose from {', '.join(WORKLOADS)}")
+    client = args.client or ("lockd" if _library_ready() else "lockd-raw")
+    cfg = Config(**(QUICK if args.quick else FULL) | ({"reps": args.reps} if args.reps else {}), lockd_client=client)
+    lockd_systems = ["lockd-raw"] + (["lockd"] if client == "lockd" else [])
+
+    results: dict[str, Any] = {
+        "command": " ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])]),
+        "config": asdict(cfg),
+        "machine": machine_info(),
+    }
+    root = services.scratch_root()
+    started = time.monotonic()
+    try:
+        with services.echo(root, "blocking") as echo_blocking, services.echo(root, "trio") as echo_trio, \
+                services.lockd(root, "shared") as daemon:
+            files = str(root / "files")
+            os.mkdir(files)
+            specs = {
+                "flock": {"kind": "flock", "dir": files},
+                "filelock": {"kind": "filelock", "dir": files},
+                "echo-blocking-1rt": {"kind": "echo", "socket": echo_blocking.socket, "round_trips": 1},
+                "echo-blocking-2rt": {"kind": "echo", "socket": echo_blocking.socket, "round_trips": 2},
+                "echo-trio-2rt": {"kind": "echo", "socket": echo_trio.socket, "round_trips": 2},
+                "lockd-raw": {"kind": "lockd-raw", "socket": daemon.socket},
+                "lockd": {"kind": "lockd", "socket": daemon.socket},
+            }
+            servers = {
+                "echo-blocking-1rt": echo_blocking, "echo-blocking-2rt": echo_blocking,
+                "echo-trio-2rt": echo_trio, "lockd-raw": daemon, "lockd": daemon,
+            }
+
+            def probe(system: str):
+                return servers[system].probe if system in servers else None
+
+            if "w1" in only:
+                systems = ["flock", "filelock", "echo-blocking-1rt", "echo-blocking-2rt", "echo-trio-2rt", *lockd_systems]
+                results["w1"] = _repeat(cfg.reps, systems, "W1", lambda s: _w1(specs[s], cfg.w1_cycles, probe(s)))
+            if "w2" in only:
+                systems = ["flock", "echo-blocking-2rt", "echo-trio-2rt", *lockd_systems]
+                results["w2"] = _repeat(cfg.reps, systems, "W2", lambda s: workloads.w2_throughput(
+                    specs[s], cfg.w2_clients, cfg.w2_seconds, probe(s)))
+            if "w3" in only:
+                systems = ["flock", *lockd_systems]
+                results["w3"] = _repeat(cfg.reps, systems, "W3", lambda s: workloads.w3_fairness(
+                    specs[s], cfg.w3_clients, cfg.w3_seconds))
+            if "w5" in only:
+                _progress("W5")
+                results["w5"] = {
+                    "flock": workloads.w5_crash(specs["flock"], cfg.w5_tries, workloads.flock_waiting(files)),
+                    client: workloads.w5_crash(specs[client], cfg.w5_tries, workloads.lockd_waiting(daemon.socket)),
+                }
+            if "cli" in only:
+                _progress("CLI")
+                results["cli"] = workloads.cli_startup(_cli_commands(files), cfg.cli_runs, {**os.environ, "LOCKD_SOCKET": daemon.socket})
+        if "w4" in only:
+            results["w4_client"] = client
+            results["w4"] = {}
+            for leases in cfg.w4_leases:
+                _progress(f"W4 {leases:,}")
+                nofile = leases + 4096 if leases + 1024 > _soft_nofile() else None
+                with services.lockd(root, f"w4-{leases}", nofile=nofile) as d:
+                    locker = make_locker({"kind": client, "socket": d.socket})
+                    try:
+                        results["w4"][str(leases)] = workloads.w4_many(locker, leases, d.probe) | {"daemon_nofile": nofile or _soft_nofile()}
+                    finally:
+                        locker.close()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+    results["machine"]["loadavg_end"] = loadavg()
+    results["seconds"] = time.monotonic() - started
+    results["targets"] = report.targets(results)
+    print()
+    print(report.tables(results))
+    print()
+    print(report.target_table(results["targets"]))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
+    m = results["machine"]
+    print(f"\n{m['cpus']} × {m['cpu']}, Linux {m['kernel']}, Python {m['python']}, commit {m['git_commit']}"
+          f"{' (dirty)' if m['git_dirty'] else ''}; {results['seconds']:.0f} s; saved {args.out}")
+    return 0
+
+
+def _w1(spec: dict[str, Any], cycles: int, server) -> dict[str, Any]:
+    locker = make_locker(spec)
+    try:
+        return workloads.w1_cycles(locker, "w1", cycles, server)
+    finally:
+        locker.close()
+
+
+def _repeat(reps: int, systems: list[str], title: str, measure) -> dict[str, Any]:
+    """Measure every system once per repetition, in turn; keep each run and the medians."""
+    runs: dict[str, list[Any]] = {s: [] for s in systems}
+    for rep in range(reps):
+        for system in systems:
+            _progress(f"{title} {system} ({rep + 1}/{reps})")
+            runs[system].append(measure(system))
+    return {"runs": runs, "median": {s: report.median_of(r) for s, r in runs.items()}}
+
+
+def _cli_commands(files: str) -> dict[str, list[str]]:
+    lockctl = shutil.which("lockctl", path=os.path.dirname(sys.executable))
+    commands = {
+        "python -c pass": [sys.executable, "-c", "pass"],
+        "flock(1)": ["flock", os.path.join(files, "cli.lock"), "true"],
+    }
+    if lockctl:
+        commands["lockctl acquire"] = [lockctl, "acquire", "cli", "--", "true"]
+    return commands
+
+
+def _soft_nofile() -> int:
+    import resource
+
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def _progress(what: str) -> None:
+    print(f"  {what}", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

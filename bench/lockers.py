@@ -1,0 +1,232 @@
+"""The things a benchmark worker can lock with, behind one small interface.
+
+Invariant: every locker does, per `acquire` + `release` cycle, exactly what a real user of
+that mechanism does per cycle — no batching across cycles, no deferred writes — so cycle
+times compare like for like. A locker is used by one thread and is built from a plain-dict
+spec (`make_locker`), so a worker process can be told what to use on its command line.
+
+Specs:
+  {"kind": "flock", "dir": D}        fcntl.flock on D/NAME.lock, file opened once per name
+  {"kind": "filelock", "dir": D}     filelock.FileLock(D/NAME.lock): opens and flocks each time
+  {"kind": "echo", "socket": S, "round_trips": R}
+                                     R request/response round trips per cycle to an echo server
+  {"kind": "lockd-raw", "socket": S} the wire protocol by hand: what the protocol allows
+  {"kind": "lockd", "socket": S}     lockd_client, the library users get
+"""
+
+from __future__ import annotations
+
+import fcntl
+import itertools
+import os
+import socket
+from typing import Any, Protocol
+
+import msgspec
+
+from lockd_client import errors, protocol
+
+
+class Locker(Protocol):
+    def acquire(self, name: str) -> Any:
+        """Block until `name` is held exclusively; return a handle for `release`."""
+
+    def release(self, handle: Any) -> None: ...
+
+    def token(self, handle: Any) -> int | None:
+        """The fencing token of a held handle, where the mechanism has one."""
+
+    def close(self) -> None: ...
+
+
+class FlockLocker:
+    """The kernel floor: one pre-opened file per name, flock(LOCK_EX) / flock(LOCK_UN)."""
+
+    def __init__(self, directory: str) -> None:
+        self._dir = directory
+        self._fds: dict[str, int] = {}
+
+    def acquire(self, name: str) -> int:
+        fd = self._fds.get(name)
+        if fd is None:
+            fd = self._fds[name] = os.open(os.path.join(self._dir, name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return fd
+
+    def release(self, fd: int) -> None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def token(self, fd: int) -> None:
+        return None
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+class FileLockLocker:
+    """The `filelock` package as its users call it: one FileLock object per path."""
+
+    def __init__(self, directory: str) -> None:
+        import filelock
+
+        self._dir = directory
+        self._make = filelock.FileLock
+        self._locks: dict[str, Any] = {}
+
+    def acquire(self, name: str) -> Any:
+        lock = self._locks.get(name)
+        if lock is None:
+            lock = self._locks[name] = self._make(os.path.join(self._dir, name + ".lock"))
+        lock.acquire()
+        return lock
+
+    def release(self, lock: Any) -> None:
+        lock.release()
+
+    def token(self, lock: Any) -> None:
+        return None
+
+    def close(self) -> None:
+        self._locks.clear()
+
+
+class EchoLocker:
+    """A broker's floor: `round_trips` request/response exchanges with an echo server per
+    cycle, split between acquire and release (a naive broker needs two: one each)."""
+
+    #: About the size of a framed Acquire of one short name.
+    PAYLOAD = b"\x00\x00\x00\x1c" + b"\x85" + b"a" * 27
+
+    def __init__(self, path: str, round_trips: int) -> None:
+        if round_trips not in (1, 2):
+            raise ValueError("an echo cycle is one or two round trips")
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.connect(path)
+        self._release_trips = round_trips - 1
+
+    def _round_trip(self) -> None:
+        sock = self._sock
+        sock.sendall(self.PAYLOAD)
+        want = len(self.PAYLOAD)
+        while want:
+            data = sock.recv(want)
+            if not data:
+                raise EOFError("the echo server closed the connection")
+            want -= len(data)
+
+    def acquire(self, name: str) -> None:
+        self._round_trip()
+
+    def release(self, handle: None) -> None:
+        if self._release_trips:
+            self._round_trip()
+
+    def token(self, handle: None) -> None:
+        return None
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+class RawLockdLocker:
+    """lockd over the wire protocol with nothing in between: one round trip per acquire, a
+    release written at once with no reply to wait for, one Encoder/Decoder/buffer reused."""
+
+    def __init__(self, path: str, label: str = "bench") -> None:
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.connect(path)
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder = protocol.reply_decoder()
+        self._frames = protocol.FrameBuffer(protocol.MAX_REPLY_FRAME)
+        self._out = bytearray()
+        self._ids = itertools.count(1)
+        self._send(protocol.Hello(protocol.PROTOCOL_VERSION, label=label))
+        welcome = self._recv()
+        if not isinstance(welcome, protocol.Welcome):
+            raise errors.ProtocolError(f"expected welcome, got {welcome!r}")
+
+    def _send(self, message: object) -> None:
+        out = self._out
+        del out[:]
+        protocol.encode_frame(self._encoder, message, out)
+        self._sock.sendall(out)
+
+    def _recv(self) -> object:
+        frames = self._frames
+        while (body := frames.next_frame()) is None:
+            data = self._sock.recv(65536)
+            if not data:
+                raise errors.DaemonUnavailable("the daemon closed the connection")
+            frames.feed(data)
+        return self._decoder.decode(body)
+
+    def acquire(self, name: str) -> protocol.Granted:
+        rid = next(self._ids)
+        self._send(protocol.Acquire(rid, [name]))
+        while True:
+            reply = self._recv()
+            if isinstance(reply, protocol.Granted) and reply.id == rid:
+                return reply
+            if isinstance(reply, protocol.Error):
+                raise errors.from_reply(reply)
+            if isinstance(reply, protocol.Lost):
+                raise errors.LeaseLost(reply.reason)
+            # Queued: keep waiting.
+
+    def release(self, granted: protocol.Granted) -> None:
+        self._send(protocol.Release(granted.id))
+
+    def waiters(self, name: str) -> int:
+        """How many requests wait for `name`, by the daemon's `status`."""
+        rid = next(self._ids)
+        self._send(protocol.Status(rid, [name]))
+        while True:
+            reply = self._recv()
+            if isinstance(reply, protocol.StatusReply) and reply.id == rid:
+                return sum(len(lock.waiters) for lock in reply.locks)
+            if isinstance(reply, protocol.Error) and reply.id == rid:
+                raise errors.from_reply(reply)
+
+    def token(self, granted: protocol.Granted) -> int:
+        return granted.tokens[0]
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+class LibLockdLocker:
+    """lockd through `lockd_client`'s blocking client."""
+
+    def __init__(self, path: str, label: str = "bench") -> None:
+        import lockd_client
+
+        self._client = lockd_client.connect(path, label=label)
+
+    def acquire(self, name: str) -> Any:
+        return self._client.acquire(name)
+
+    def release(self, lease: Any) -> None:
+        lease.release()
+
+    def token(self, lease: Any) -> int:
+        return lease.token
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def make_locker(spec: dict[str, Any]) -> Locker:
+    kind = spec["kind"]
+    if kind == "flock":
+        return FlockLocker(spec["dir"])
+    if kind == "filelock":
+        return FileLockLocker(spec["dir"])
+    if kind == "echo":
+        return EchoLocker(spec["socket"], spec["round_trips"])
+    if kind == "lockd-raw":
+        return RawLockdLocker(spec["socket"])
+    if kind == "lockd":
+        return LibLockdLocker(spec["socket"])
+    raise ValueError(f"unknown locker kind {kind!r}")

@@ -1,0 +1,171 @@
+"""Turning a run's results into the printed tables, the ratios to the floors and the targets.
+
+Invariant: everything printed is derived from the results dict that is saved as JSON, so
+the table and the file never disagree; a figure a run did not measure shows as `-` and its
+target as `not run`, never as met.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any
+
+#: W1 is compared with the floor of a naive broker (two round trips), W2 with trio serving
+#: the same load, as the issue sets them.
+W1_FLOOR = "echo-blocking-2rt"
+W2_FLOOR = "echo-trio-2rt"
+
+LABELS = {
+    "flock": "flock() on an open fd",
+    "flock(1)": "flock FILE true",
+    "filelock": "filelock package",
+    "echo-blocking-1rt": "echo, blocking, 1 RT",
+    "echo-blocking-2rt": "echo, blocking, 2 RT",
+    "echo-trio-2rt": "echo, trio, 2 RT",
+    "lockd-raw": "lockd, raw protocol",
+    "lockd": "lockd, lockd_client",
+}
+
+
+def median_of(reps: list[Any]) -> Any:
+    """The per-field median of repeated results (numbers: median; flags: all; lists: dropped)."""
+    first = reps[0]
+    if isinstance(first, bool):
+        return all(reps)
+    if isinstance(first, (int, float)):
+        kept = [r for r in reps if not math.isnan(r)]
+        return statistics.median(kept) if kept else math.nan
+    if isinstance(first, dict):
+        return {k: median_of([r[k] for r in reps]) for k, v in first.items() if not isinstance(v, list)}
+    return first
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, float):
+        if abs(value) >= 1000:
+            return f"{value:,.0f}"
+        return f"{value:.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _ratio(value: Any, floor: Any) -> float:
+    try:
+        return value / floor
+    except (TypeError, ZeroDivisionError):
+        return math.nan
+
+
+def _table(title: str, header: list[str], rows: list[list[Any]]) -> str:
+    cells = [header] + [[_fmt(c, 2 if isinstance(c, float) and abs(c) < 10 else 1) for c in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = [title]
+    for n, row in enumerate(cells):
+        lines.append("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        if n == 0:
+            lines.append("  " + "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def tables(results: dict[str, Any]) -> str:
+    cfg = results["config"]
+    out = []
+    if "w1" in results:
+        w1 = results["w1"]["median"]
+        floor = w1.get(W1_FLOOR, {}).get("p50_us")
+        spawn = results.get("cli", {}).get("flock(1)")
+        rows = [
+            [LABELS[s], r["p50_us"], r["p99_us"], r["cycles_per_s"], r.get("server_cpu_us_per_cycle"), _ratio(r["p50_us"], floor)]
+            for s, r in w1.items()
+        ]
+        if spawn:
+            rows.append([LABELS["flock(1)"], spawn["p50_us"], spawn["p99_us"], 1e6 / spawn["p50_us"], None, _ratio(spawn["p50_us"], floor)])
+        out.append(_table(
+            f"W1  one client, one name: {cfg['w1_cycles']:,} cycles, median of {cfg['reps']} runs",
+            ["system", "p50 µs", "p99 µs", "cycles/s", "server CPU µs/cycle", f"p50 / {W1_FLOOR}"], rows,
+        ))
+    if "w2" in results:
+        w2 = results["w2"]["median"]
+        floor = w2.get(W2_FLOOR, {}).get("cycles_per_s")
+        rows = [[LABELS[s], r["cycles_per_s"], r.get("server_cpu_share"), _ratio(r["cycles_per_s"], floor)] for s, r in w2.items()]
+        out.append(_table(
+            f"W2  {cfg['w2_clients']} client processes, one name each, {cfg['w2_seconds']:g} s, median of {cfg['reps']} runs",
+            ["system", "cycles/s", "server CPU share", f"cycles/s / {W2_FLOOR}"], rows,
+        ))
+    if "w3" in results:
+        w3 = results["w3"]["median"]
+        rows = [
+            [LABELS[s], r["grants_per_s"], r["handoff"]["p50_us"], r["handoff"]["p99_us"], r["other_share"],
+             r["fifo_inversions"], r.get("tokens_increase")]
+            for s, r in w3.items()
+        ]
+        out.append(_table(
+            f"W3  {cfg['w3_clients']} client processes on one name, hold 0, {cfg['w3_seconds']:g} s, median of {cfg['reps']} runs",
+            ["system", "grants/s", "handoff p50 µs", "handoff p99 µs", "to another client", "FIFO inversions", "tokens increase"], rows,
+        ))
+    if "w4" in results:
+        rows = [
+            [f"{int(n):,} leases", r["seconds"], r["leases_per_s"], r["rss_before_mib"], r["rss_after_mib"], r["rss_growth_mib"], r["fds_before"], r["fds_after"]]
+            for n, r in results["w4"].items()
+        ]
+        out.append(_table(
+            f"W4  many leases held at once on one connection ({results['w4_client']})",
+            ["leases", "time s", "leases/s", "RSS before MiB", "RSS after MiB", "growth MiB", "fds before", "fds after"], rows,
+        ))
+    if "w5" in results:
+        rows = [[LABELS[s], r["p50_ms"], r["max_ms"], r["tries"]] for s, r in results["w5"].items()]
+        out.append(_table("W5  holder SIGKILLed while a waiter waits: kill → waiter holds", ["system", "p50 ms", "max ms", "tries"], rows))
+    if "cli" in results:
+        cli = results["cli"]
+        bare = cli.get("python -c pass", {}).get("p50_us")
+        rows = [[label, r["p50_us"] / 1000, r["p99_us"] / 1000, _ratio(r["p50_us"], bare)] for label, r in cli.items()]
+        out.append(_table(f"CLI  wall time, {cfg['cli_runs']} runs each, interleaved", ["command", "p50 ms", "p99 ms", "/ python -c pass"], rows))
+    return "\n\n".join(out)
+
+
+def _target(what: str, value: Any, limit: float, at_most: bool) -> dict[str, Any]:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return {"target": what, "value": None, "limit": limit, "status": "not run"}
+    met = value <= limit if at_most else value >= limit
+    return {"target": what, "value": value, "limit": limit, "status": "met" if met else "MISSED"}
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets, judged on the library client where it ran, else the raw one."""
+    client = results["config"]["lockd_client"]
+    w1 = _dig(results, "w1", "median")
+    w2 = _dig(results, "w2", "median")
+    w3 = _dig(results, "w3", "median", client)
+    cli = results.get("cli")
+    ten_k = _dig(results, "w4", "10000")
+    return [
+        _target(f"W1 p50 / {W1_FLOOR} p50", _ratio(_dig(w1, client, "p50_us"), _dig(w1, W1_FLOOR, "p50_us")), 1.0, True),
+        _target(f"W2 cycles/s / {W2_FLOOR} cycles/s", _ratio(_dig(w2, client, "cycles_per_s"), _dig(w2, W2_FLOOR, "cycles_per_s")), 1.0, False),
+        _target("W3 FIFO inversions", _dig(w3, "fifo_inversions"), 0, True),
+        _target("W3 grants/s", _dig(w3, "grants_per_s"), 10_000, False),
+        _target("W3 handoff p50 µs", _dig(w3, "handoff", "p50_us"), 100, True),
+        _target("W4 10k leases: seconds to acquire", _dig(ten_k, "seconds"), 1.0, True),
+        _target("W4 10k leases: daemon RSS growth MiB", _dig(ten_k, "rss_growth_mib"), 20, True),
+        _target("W4 100k leases held (count)", _dig(results, "w4", "100000", "leases"), 100_000, False),
+        _target("W5 kill → waiter holds, p50 ms", _dig(results, "w5", client, "p50_ms"), 10, True),
+        _target("CLI lockctl / python -c pass", _ratio(_dig(cli, "lockctl acquire", "p50_us"), _dig(cli, "python -c pass", "p50_us")), 2.0, True),
+    ]
+
+
+def _dig(d: Any, *keys: str) -> Any:
+    """d[k1][k2]..., or None where a level is missing."""
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return None
+        d = d[k]
+    return d
+
+
+def target_table(rows: list[dict[str, Any]]) -> str:
+    return _table("Targets", ["target", "value", "limit", "status"], [[r["target"], r["value"], r["limit"], r["status"]] for r in rows])

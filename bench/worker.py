@@ -1,0 +1,78 @@
+"""One benchmark client process: `python -m bench.worker SPEC_JSON`.
+
+Invariant: a worker measures only between the start and end instants its parent gives it
+(CLOCK_MONOTONIC, shared by every process on the host), so the workers of one run overlap
+exactly and their timestamps can be merged into one timeline.
+
+Protocol with the parent, one line each way:
+  worker → `ready` once its locker is connected (for `hold`: `held` once the lock is held);
+  parent → `go START_NS END_NS`;
+  worker → one JSON line of results, then exit.
+Workloads:
+  `cycle`  acquire+release `name` back to back; result {"cycles": n}.
+  `grants` the same, recording every grant: request, acquired and release instants and the
+           fencing token; result {"t_req": [...], "t_acq": [...], "t_rel": [...], "token": [...]}.
+  `hold`   acquire `name`, say `held`, and keep it until killed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from .lockers import make_locker
+
+
+def _wait_until(instant_ns: int) -> None:
+    while (left := instant_ns - time.monotonic_ns()) > 0:
+        time.sleep(min(left / 1e9, 0.01))
+
+
+def run_cycles(locker, name: str, start: int, end: int) -> dict[str, int]:
+    acquire, release, now = locker.acquire, locker.release, time.monotonic_ns
+    cycles = 0
+    _wait_until(start)
+    while now() < end:
+        release(acquire(name))
+        cycles += 1
+    return {"cycles": cycles}
+
+
+def run_grants(locker, name: str, start: int, end: int) -> dict[str, list[int | None]]:
+    acquire, release, token, now = locker.acquire, locker.release, locker.token, time.monotonic_ns
+    t_req: list[int] = []
+    t_acq: list[int] = []
+    t_rel: list[int] = []
+    tokens: list[int | None] = []
+    _wait_until(start)
+    while (requested := now()) < end:
+        handle = acquire(name)
+        acquired = now()
+        tokens.append(token(handle))
+        released = now()
+        release(handle)
+        t_req.append(requested)
+        t_acq.append(acquired)
+        t_rel.append(released)
+    return {"t_req": t_req, "t_acq": t_acq, "t_rel": t_rel, "token": tokens}
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    locker = make_locker(spec["locker"])
+    if spec["workload"] == "hold":
+        locker.acquire(spec["name"])
+        print("held", flush=True)
+        sys.stdin.read()
+        return
+    print("ready", flush=True)
+    _, start, end = sys.stdin.readline().split()
+    run = {"cycle": run_cycles, "grants": run_grants}[spec["workload"]]
+    result = run(locker, spec["name"], int(start), int(end))
+    locker.close()
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

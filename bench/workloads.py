@@ -1,0 +1,267 @@
+"""The workloads W1–W5 and the CLI start-up measure, each runnable against lockd and its floors.
+
+Invariant: a workload function measures one system once and returns plain numbers (JSON
+types); it starts and ends every process it creates, and bounds every wait, so a stuck
+system fails the run with an error instead of hanging it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .lockers import Locker, RawLockdLocker, make_locker
+from .machine import REPO, ProcessProbe
+from .stats import latency_summary
+
+#: A worker must be connected within this long, and report within this long after its end.
+WORKER_TIMEOUT = 60.0
+#: Untimed cycles before a timed run, so first-use costs (file creation, caches) stay out.
+WARMUP_CYCLES = 200
+
+
+# --- W1: one client, one name ----------------------------------------------------------------
+
+
+def w1_cycles(locker: Locker, name: str, cycles: int, server: ProcessProbe | None) -> dict[str, Any]:
+    """Time `cycles` acquire+release cycles one by one; with `server`, its CPU per cycle."""
+    acquire, release, clock = locker.acquire, locker.release, time.perf_counter_ns
+    for _ in range(WARMUP_CYCLES):
+        release(acquire(name))
+    samples = [0] * cycles
+    cpu_before = server.cpu_ns() if server else 0
+    started = clock()
+    for i in range(cycles):
+        t = clock()
+        release(acquire(name))
+        samples[i] = clock() - t
+    elapsed = clock() - started
+    result = latency_summary(samples) | {"cycles_per_s": cycles / (elapsed / 1e9)}
+    if server:
+        result["server_cpu_us_per_cycle"] = (server.cpu_ns() - cpu_before) / cycles / 1000
+    return result
+
+
+# --- worker fleets (W2, W3) ------------------------------------------------------------------
+
+
+def _spawn_worker(spec: dict[str, Any]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "bench.worker", json.dumps(spec)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
+    )
+
+
+def _readline(proc: subprocess.Popen[str], deadline: float) -> str:
+    """A line from the worker, or RuntimeError if it has none before `deadline` (monotonic)."""
+    assert proc.stdout is not None
+    box: list[str] = []
+    reader = threading.Thread(target=lambda: box.append(proc.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(max(0.0, deadline - time.monotonic()))
+    if not box or not box[0]:
+        raise RuntimeError(f"benchmark worker {proc.pid} said nothing in time (exit status {proc.poll()})")
+    return box[0]
+
+
+def run_fleet(
+    locker: dict[str, Any], workload: str, names: list[str], seconds: float
+) -> list[dict[str, Any]]:
+    """Run one worker per entry of `names` (each working on that name) for `seconds`, all
+    measuring over the same interval; return their results in `names` order."""
+    workers = [_spawn_worker({"locker": locker, "workload": workload, "name": n}) for n in names]
+    try:
+        deadline = time.monotonic() + WORKER_TIMEOUT
+        for w in workers:
+            if _readline(w, deadline).strip() != "ready":
+                raise RuntimeError(f"benchmark worker {w.pid} failed to start")
+        start = time.monotonic_ns() + 200_000_000
+        end = start + int(seconds * 1e9)
+        for w in workers:
+            assert w.stdin is not None
+            w.stdin.write(f"go {start} {end}\n")
+            w.stdin.flush()
+        deadline = time.monotonic() + 0.2 + seconds + WORKER_TIMEOUT
+        results = [json.loads(_readline(w, deadline)) for w in workers]
+        for w in workers:
+            w.wait(WORKER_TIMEOUT)
+        return results
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+                w.wait(10)
+
+
+def w2_throughput(
+    locker: dict[str, Any], clients: int, seconds: float, server: ProcessProbe | None
+) -> dict[str, Any]:
+    """`clients` processes, one name each, cycling for `seconds`: total cycles/s."""
+    cpu_before = server.cpu_ns() if server else 0
+    results = run_fleet(locker, "cycle", [f"w2-{i}" for i in range(clients)], seconds)
+    total = sum(r["cycles"] for r in results)
+    out: dict[str, Any] = {"cycles_per_s": total / seconds, "clients": clients, "seconds": seconds}
+    if server:
+        # Includes the fleet's connect and hello: a few ms against seconds of load.
+        out["server_cpu_share"] = (server.cpu_ns() - cpu_before) / (seconds * 1e9)
+    return out
+
+
+def w3_fairness(locker: dict[str, Any], clients: int, seconds: float) -> dict[str, Any]:
+    """`clients` processes on one exclusive name, releasing as soon as granted.
+
+    Handoff latency: from the holder's release call to the next holder's acquire returning,
+    over grants that changed hands. `other_share`: grants that went to another client than
+    the previous holder's — with every client always back in line, FIFO makes this ~1.
+    `fifo_inversions`: grants made before a request sent more than `INVERSION_SLACK_US`
+    earlier by another client that was still waiting (client clocks; the slack absorbs a
+    client being descheduled between reading the clock and sending).
+    """
+    results = run_fleet(locker, "grants", ["w3"] * clients, seconds)
+    grants = sorted(
+        (t_acq, t_rel, t_req, token, who)
+        for who, r in enumerate(results)
+        for t_acq, t_rel, t_req, token in zip(r["t_acq"], r["t_rel"], r["t_req"], r["token"])
+    )
+    handoffs = [b[0] - a[1] for a, b in zip(grants, grants[1:]) if a[4] != b[4]]
+    changed = len(handoffs)
+    tokens = [g[3] for g in grants]
+    out: dict[str, Any] = {
+        "grants_per_s": len(grants) / seconds,
+        "grants": len(grants),
+        "other_share": changed / (len(grants) - 1) if len(grants) > 1 else 0.0,
+        "handoff": latency_summary(handoffs),
+        "fifo_inversions": _inversions([g[2] for g in grants], INVERSION_SLACK_US * 1000),
+        "per_client_grants": [len(r["t_acq"]) for r in results],
+    }
+    if None not in tokens:
+        out["tokens_increase"] = all(a < b for a, b in zip(tokens, tokens[1:]))
+    return out
+
+
+INVERSION_SLACK_US = 500
+
+
+def _inversions(requested: list[int], slack_ns: int) -> int:
+    """How many grants (in grant order) came before a grant requested > slack earlier."""
+    count = 0
+    earliest_later = float("inf")
+    for t in reversed(requested):
+        if earliest_later < t - slack_ns:
+            count += 1
+        earliest_later = min(earliest_later, t)
+    return count
+
+
+# --- W4: many leases at once -----------------------------------------------------------------
+
+
+def w4_many(locker: Locker, leases: int, server: ProcessProbe) -> dict[str, Any]:
+    """Hold `leases` distinct names at once on one connection."""
+    rss_before, fds_before = server.rss_kib(), server.fds()
+    started = time.perf_counter()
+    handles = [locker.acquire(f"w4-{i}") for i in range(leases)]
+    elapsed = time.perf_counter() - started
+    rss_after, fds_after = server.rss_kib(), server.fds()
+    assert len(handles) == leases
+    return {
+        "leases": leases,
+        "seconds": elapsed,
+        "leases_per_s": leases / elapsed,
+        "rss_before_mib": rss_before / 1024,
+        "rss_after_mib": rss_after / 1024,
+        "rss_growth_mib": (rss_after - rss_before) / 1024,
+        "fds_before": fds_before,
+        "fds_after": fds_after,
+    }
+
+
+# --- W5: a holder is killed while a waiter waits ---------------------------------------------
+
+
+def w5_crash(
+    locker: dict[str, Any], tries: int, is_waiting: Callable[[str], bool]
+) -> dict[str, Any]:
+    """SIGKILL a holder process while this process waits for its lock: time until held.
+
+    `is_waiting(name)` tells when the waiter's request is queued, so the kill never races
+    the request.
+    """
+    samples = []
+    waiter = make_locker(locker)
+    try:
+        for i in range(tries):
+            name = f"w5-{i}"
+            holder = _spawn_worker({"locker": locker, "workload": "hold", "name": name})
+            try:
+                if _readline(holder, time.monotonic() + WORKER_TIMEOUT).strip() != "held":
+                    raise RuntimeError("W5 holder failed to take its lock")
+                got: list[int] = []
+
+                def wait_for_lock() -> None:
+                    handle = waiter.acquire(name)
+                    got.append(time.monotonic_ns())
+                    waiter.release(handle)
+
+                thread = threading.Thread(target=wait_for_lock, daemon=True)
+                thread.start()
+                deadline = time.monotonic() + 10
+                while not is_waiting(name):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("W5 waiter never queued")
+                    time.sleep(0.002)
+                killed = time.monotonic_ns()
+                os.kill(holder.pid, signal.SIGKILL)
+                thread.join(10)
+                if not got:
+                    raise RuntimeError("W5 waiter did not get the lock within 10 s of the kill")
+                samples.append(got[0] - killed)
+            finally:
+                holder.kill()
+                holder.wait(10)
+    finally:
+        waiter.close()
+    summary = latency_summary(samples)
+    return {"tries": tries, "p50_ms": summary["p50_us"] / 1000, "max_ms": summary["max_us"] / 1000}
+
+
+def lockd_waiting(socket_path: str) -> Callable[[str], bool]:
+    """`is_waiting` for W5 against a daemon: asks its `status` on a separate connection."""
+    observer = RawLockdLocker(socket_path, label="bench-observer")
+    return lambda name: observer.waiters(name) > 0
+
+
+def flock_waiting(lock_dir: str) -> Callable[[str], bool]:
+    """`is_waiting` for W5 against flock: a blocked request on the file's inode in /proc/locks."""
+
+    def waiting(name: str) -> bool:
+        inode = os.stat(os.path.join(lock_dir, name + ".lock")).st_ino
+        return any(
+            "->" in line and line.split()[-3].endswith(f":{inode}")
+            for line in Path("/proc/locks").read_text().splitlines()
+        )
+
+    return waiting
+
+
+# --- CLI -------------------------------------------------------------------------------------
+
+
+def cli_startup(commands: dict[str, list[str]], runs: int, env: dict[str, str]) -> dict[str, Any]:
+    """Wall time of each command from spawn to exit, runs interleaved so drift hits all alike."""
+    samples: dict[str, list[int]] = {label: [] for label in commands}
+    for _ in range(runs):
+        for label, argv in commands.items():
+            t = time.perf_counter_ns()
+            subprocess.run(argv, check=True, timeout=30, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+            samples[label].append(time.perf_counter_ns() - t)
+    return {label: latency_summary(s) for label, s in samples.items()}
+
