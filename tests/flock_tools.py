@@ -19,6 +19,12 @@ def ticket(*names: str, shared: bool = False, wait: bool = True) -> Ticket:
     return Ticket("owner", names, shared, wait, None, None, 0.0)
 
 
+def make_lock_dir(root: Path) -> Path:
+    path = root / "locks"
+    path.mkdir(mode=0o700)
+    return path
+
+
 def can_flock(path: Path, shared: bool = False) -> bool:
     """Whether `flock -n` gets `path` right now (in exclusive or shared mode)."""
     mode = "-s" if shared else "-x"
@@ -51,12 +57,17 @@ def outside_flock(path: Path, shared: bool = False) -> Iterator[subprocess.Popen
 
 
 def kill(proc: subprocess.Popen[bytes]) -> None:
-    """SIGKILL `proc` and everything in its session, and reap it."""
+    """SIGKILL `proc` and everything in its session; return once its lock is gone."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
     proc.wait(WAIT)
+    # The lock lives on in a child holding the inherited descriptor until that child dies too.
+    deadline = time.monotonic() + WAIT
+    while proc.pid in flock_pids():
+        assert time.monotonic() < deadline, "the killed flock(1)'s lock never went away"
+        time.sleep(0.002)
 
 
 def open_fds() -> int:

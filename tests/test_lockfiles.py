@@ -16,7 +16,7 @@ from lockd_client.protocol import Holder
 
 from lockd.lockfiles import LockDirError, LockFiles, check_lock_dir, prepare_lock_dir
 
-from .flock_tools import can_flock, open_fds, outside_flock, ticket
+from .flock_tools import can_flock, make_lock_dir, open_fds, outside_flock, ticket
 
 
 class Hung(Exception):
@@ -39,9 +39,7 @@ def bounded() -> Iterator[None]:
 
 @pytest.fixture
 def lock_dir(tmp_path: Path) -> Path:
-    path = tmp_path / "locks"
-    path.mkdir(mode=0o700)
-    return path
+    return make_lock_dir(tmp_path)
 
 
 @pytest.fixture

@@ -1,0 +1,126 @@
+"""FlockBackend under trio, against real flock(1) processes on the same lock files."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+from lockd_client.errors import DaemonUnavailable
+
+from lockd.backend import Backend, Blocked
+from lockd.flock_backend import FlockBackend
+from lockd.lockfiles import LockFiles
+from lockd.tokens import BLOCK, TokenStore
+
+from .flock_tools import can_flock, kill, make_lock_dir, open_fds, outside_flock, ticket
+
+
+@pytest.fixture
+def lock_dir(tmp_path: Path) -> Path:
+    return make_lock_dir(tmp_path)
+
+
+@pytest.fixture
+def tokens(tmp_path: Path) -> Iterator[TokenStore]:
+    store = TokenStore.open(tmp_path / "state")
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def backend(lock_dir: Path, tokens: TokenStore) -> Iterator[FlockBackend]:
+    files = LockFiles(lock_dir)
+    yield FlockBackend(files, tokens)
+    files.close()
+
+
+def test_it_is_a_backend(backend: FlockBackend) -> None:
+    typed: Backend = backend
+    assert typed.name == "flock"
+
+
+def test_take_now_holds_the_files_and_issues_increasing_tokens(backend: FlockBackend, lock_dir: Path) -> None:
+    first, second = ticket("b", "a"), ticket("c")
+    tokens = backend.take_now(first)
+    assert tokens is not None and tokens[0] < tokens[1]
+    [later] = backend.take_now(second) or []
+    assert later > tokens[1]
+    assert not can_flock(lock_dir / "a.lock") and not can_flock(lock_dir / "b.lock")
+    backend.drop(first)
+    backend.drop(first)
+    assert can_flock(lock_dir / "a.lock") and can_flock(lock_dir / "b.lock")
+
+
+def test_take_now_is_none_while_held_outside(backend: FlockBackend, lock_dir: Path) -> None:
+    with outside_flock(lock_dir / "b.lock") as proc:
+        assert backend.take_now(ticket("a", "b")) is None
+        assert [h.pid for h in backend.outside_holders("b")] == [proc.pid]
+    assert can_flock(lock_dir / "a.lock")
+
+
+def test_a_failed_token_write_releases_the_files(backend: FlockBackend, tokens: TokenStore, tmp_path: Path, lock_dir: Path) -> None:
+    while tokens.next() < BLOCK:
+        pass
+    (tmp_path / "state" / "tokens.tmp").mkdir()  # the next mark cannot be written
+    with pytest.raises(DaemonUnavailable):
+        backend.take_now(ticket("a"))
+    assert can_flock(lock_dir / "a.lock")
+
+
+async def test_take_waits_for_the_outside_holder_and_follows_its_exit(backend: FlockBackend, lock_dir: Path) -> None:
+    t = ticket("a", "b")
+    got: list[list[int]] = []
+
+    async def take() -> None:
+        got.append(await backend.take(t))
+
+    with trio.fail_after(10), outside_flock(lock_dir / "b.lock") as proc:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(take)
+            await trio.sleep(0.1)  # several polls
+            assert not got
+            assert can_flock(lock_dir / "a.lock")  # nothing half-held while waiting
+            kill(proc)
+            with trio.fail_after(2):  # ~one poll interval is expected; this is generous
+                while not got:
+                    await trio.sleep(0.001)
+    assert len(got[0]) == 2
+    assert not can_flock(lock_dir / "a.lock") and not can_flock(lock_dir / "b.lock")
+    backend.drop(t)
+    assert can_flock(lock_dir / "b.lock")
+
+
+async def test_take_without_wait_is_blocked_and_holds_nothing(backend: FlockBackend, lock_dir: Path) -> None:
+    with trio.fail_after(10):
+        with outside_flock(lock_dir / "b.lock"):
+            with pytest.raises(Blocked, match="held by a process outside lockd"):
+                await backend.take(ticket("a", "b", wait=False))
+        assert can_flock(lock_dir / "a.lock") and can_flock(lock_dir / "b.lock")
+
+
+async def test_a_cancelled_take_holds_nothing(backend: FlockBackend, lock_dir: Path) -> None:
+    before = open_fds()
+    with trio.fail_after(10):
+        with outside_flock(lock_dir / "b.lock"):
+            with trio.move_on_after(0.1) as scope:
+                await backend.take(ticket("a", "b"))
+            assert scope.cancelled_caught
+        assert can_flock(lock_dir / "a.lock") and can_flock(lock_dir / "b.lock")
+    assert open_fds() == before
+
+
+async def test_a_take_cancelled_before_it_starts_takes_nothing(backend: FlockBackend, lock_dir: Path) -> None:
+    with trio.fail_after(10):
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await backend.take(ticket("a"))
+        assert scope.cancelled_caught
+        assert can_flock(lock_dir / "a.lock")
+
+
+async def test_run_only_ends_by_cancellation(backend: FlockBackend) -> None:
+    with trio.move_on_after(0.05) as scope:
+        await backend.run(lambda ticket, reason: None)
+    assert scope.cancelled_caught
