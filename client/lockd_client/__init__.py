@@ -1,1 +1,43 @@
-"""Client library for the lockd lock broker."""
+"""Client library for the lockd lock broker.
+
+Invariant: importing this package never imports trio, so command-line tools start fast; the
+trio client is `lockd_client.trio_client`, imported explicitly.
+
+    import lockd_client
+    with lockd_client.connect() as client, client.lock("backup") as lease:
+        ...  # "backup" is held; lease.token fences writes made under it
+"""
+
+from . import protocol
+from .blocking import Client, Lease, connect
+from .errors import (
+    BadLockFile,
+    DaemonUnavailable,
+    InvalidName,
+    LeaseLost,
+    LimitExceeded,
+    LockBusy,
+    LockdError,
+    LockTimeout,
+    NotHeld,
+    PermissionDenied,
+    ProtocolError,
+)
+
+__all__ = [
+    "BadLockFile",
+    "Client",
+    "DaemonUnavailable",
+    "InvalidName",
+    "Lease",
+    "LeaseLost",
+    "LimitExceeded",
+    "LockBusy",
+    "LockTimeout",
+    "LockdError",
+    "NotHeld",
+    "PermissionDenied",
+    "ProtocolError",
+    "connect",
+    "protocol",
+]

@@ -1,0 +1,231 @@
+"""The blocking lockd client: one socket, one thread at a time, standard library only.
+
+Invariant: when a call returns or raises, nothing it asked of the daemon is left behind
+unaccounted for. A request interrupted while waiting (KeyboardInterrupt, an exception from
+`on_queued`) is withdrawn before the exception propagates, so no lock stays queued or granted
+to nobody; a request interrupted in the middle of writing closes the connection instead,
+because a torn frame would corrupt everything after it. This module never imports trio.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from types import TracebackType
+from typing import TypeVar
+
+from . import errors, paths, protocol
+from ._connection import READ_SIZE, Call, Connection, LeaseState, LeaseView, unavailable
+
+T = TypeVar("T")
+
+QueuedCallback = Callable[[list[protocol.Holder]], object]
+
+
+def connect(
+    socket_path: str | os.PathLike[str] | None = None,
+    *,
+    label: str | None = None,
+    timeout: float = 5.0,
+) -> Client:
+    """Connect to lockd and complete the handshake.
+
+    `socket_path` defaults to `paths.default_socket()` (which honours LOCKD_SOCKET). `label`
+    is shown in `status` next to this connection's leases. `timeout` bounds connecting and
+    the handshake only; requests then wait as long as they ask to.
+    Raises DaemonUnavailable if nothing answers at the socket.
+    """
+    path = os.fspath(socket_path if socket_path is not None else paths.default_socket())
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # A child process must not inherit the socket: it would keep this connection, and so
+    # every lease on it, alive after this process closes or dies.
+    assert not sock.get_inheritable()
+    try:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+        except OSError as exc:
+            raise unavailable(path, exc) from exc
+        client = Client(sock, path)
+        client.server = client._run(*client._conn.hello(label))
+        sock.settimeout(None)
+    except BaseException:
+        sock.close()
+        raise
+    return client
+
+
+class Client:
+    """A connection to lockd. Closing it (or leaving its `with` block) ends all its leases.
+
+    Not thread-safe: use one Client per thread.
+    """
+
+    server: protocol.Welcome
+
+    def __init__(self, sock: socket.socket, socket_path: str) -> None:
+        self._sock = sock
+        self._conn = Connection()
+        self.socket_path = socket_path
+
+    def acquire(
+        self,
+        *names: str,
+        shared: bool = False,
+        wait: bool = True,
+        timeout: float | None = None,
+        label: str | None = None,
+        pid: int | None = None,
+        on_queued: QueuedCallback | None = None,
+    ) -> Lease:
+        """Take every lock in `names` together, waiting until all are free.
+
+        `shared` asks for a shared lease. `wait=False` raises LockBusy at once if any name is
+        held; `timeout` (seconds) raises LockTimeout once it passes. Both carry the holders.
+        `label` is shown in `status`; `pid` ties the lease to that process instead of this
+        connection. `on_queued(holders)` is called each time the daemon says the request waits.
+        Invalid names raise InvalidName before anything is sent.
+        If waiting is interrupted by any exception, the request is withdrawn first.
+        """
+        call, data = self._conn.acquire(
+            names, shared=shared, wait=wait, timeout=timeout, label=label, pid=pid
+        )
+        return Lease(self, self._run(call, data, on_queued))
+
+    def lock(self, *names: str, **kwargs) -> Lease:
+        """`acquire` for a `with` block: `with client.lock("x") as lease: ...`."""
+        return self.acquire(*names, **kwargs)
+
+    def status(self, *names: str) -> list[protocol.LockInfo]:
+        """Holders and waiters of `names`, or of every lock in use if none are given."""
+        return self._run(*self._conn.status(names))
+
+    def release_pid(self, pid: int, *names: str) -> int:
+        """End the leases process `pid` holds on `names` (acquired with `pid=`).
+
+        Returns how many ended; raises NotHeld if it holds none of them.
+        """
+        return self._run(*self._conn.release_pid(pid, names))
+
+    def force_release(self, name: str) -> int:
+        """Break every lease on `name`; their holders see them lost. Returns how many."""
+        return self._run(*self._conn.force_release(name))
+
+    def fileno(self) -> int:
+        """The socket, for select/poll: when readable, call `process_events`."""
+        return self._sock.fileno()
+
+    def process_events(self) -> None:
+        """Apply whatever the daemon has sent, without blocking.
+
+        A Lost notice marks its lease lost; the daemon closing the connection marks every
+        lease lost.
+        """
+        while not self._conn.closed and self._read(socket.MSG_DONTWAIT):
+            pass
+
+    def close(self) -> None:
+        """Close the connection; the daemon ends every lease on it. Idempotent."""
+        self._conn.close()
+        self._sock.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<lockd Client {self.socket_path} {self._conn.phase.value}>"
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _run(self, call: Call[T], data: bytes, on_queued: QueuedCallback | None = None) -> T:
+        """Send a request and read until its reply; withdraw it if anything interrupts."""
+        try:
+            self._send(data)
+            while not call.done:
+                self._read()
+                for holders in call.take_queued():
+                    if on_queued is not None:
+                        on_queued(holders)
+            return call.result()
+        except BaseException:
+            self._send_quietly(self._conn.withdraw(call))
+            raise
+
+    def _read(self, flags: int = 0) -> bool:
+        """Read once and apply it. False when MSG_DONTWAIT found nothing to read."""
+        try:
+            data = self._sock.recv(READ_SIZE, flags)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            self._conn.abort(f"reading from lockd at {self.socket_path} failed: {exc}")
+        else:
+            self._conn.receive_data(data)
+        if self._conn.closed:
+            self._sock.close()
+        return True
+
+    def _send(self, data: bytes) -> None:
+        if not data:
+            return
+        try:
+            self._sock.sendall(data)
+        except OSError as exc:
+            self._conn.abort(f"writing to lockd at {self.socket_path} failed: {exc}")
+            self._sock.close()
+            raise errors.DaemonUnavailable(f"{self._conn.close_reason}; connect again") from exc
+        except BaseException:
+            # Interrupted mid-frame: the daemon might read garbage after it, so end it all.
+            self._conn.abort("the connection was closed after an interrupted write")
+            self._sock.close()
+            raise
+
+    def _send_quietly(self, data: bytes) -> None:
+        """Send a release; if the connection is broken, the daemon already ended the lease."""
+        try:
+            self._send(data)
+        except errors.DaemonUnavailable:
+            pass
+
+
+class Lease(LeaseView):
+    """A granted lease. As a context manager it is released on leaving the block.
+
+    If the lease was lost (the daemon went away, or it was force-released), leaving the block
+    raises LeaseLost, unless another exception is already propagating.
+    """
+
+    __slots__ = ()
+    _client: Client
+
+    @property
+    def lost(self) -> bool:
+        """Whether the lease ended without being released. Reads pending events first."""
+        self._client.process_events()
+        return self._record.state is LeaseState.LOST
+
+    def release(self) -> None:
+        """Release the lease without waiting for the daemon. Idempotent.
+
+        The daemon applies it before any later request on this connection. Does nothing if
+        the lease was lost or the connection is closed.
+        """
+        self._client._send_quietly(self._client._conn.release(self._record))
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        lost = self.lost
+        self.release()
+        if lost and exc_type is None:
+            raise self._record.lost_error()

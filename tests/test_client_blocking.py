@@ -1,0 +1,316 @@
+"""The blocking client against a real daemon, real processes and real flock(1)."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+import lockd_client
+from lockd_client import protocol
+
+from .conftest import Daemon
+from .flock_tools import can_flock
+
+WAIT = 10.0
+
+
+def eventually(predicate, timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
+def is_free(daemon: Daemon, name: str) -> bool:
+    """Whether another connection gets `name` at once. It gives it back before returning.
+
+    Releases on other connections are applied in no particular order relative to this one:
+    callers first make a round trip on the releasing connection (any request will do).
+    """
+    with lockd_client.connect(daemon.socket) as other:
+        try:
+            other.acquire(name, wait=False).release()
+        except lockd_client.LockBusy:
+            return False
+        other.status()
+        return True
+
+
+@pytest.fixture
+def client(daemon: Daemon):
+    with lockd_client.connect(daemon.socket, label="test client") as c:
+        yield c
+
+
+# --- connecting -------------------------------------------------------------------------------
+
+
+def test_no_daemon_says_where_it_looked_and_what_to_do(short_tmp):
+    path = str(short_tmp / "nobody.sock")
+    with pytest.raises(lockd_client.DaemonUnavailable) as raised:
+        lockd_client.connect(path)
+    assert path in str(raised.value)
+    assert "LOCKD_SOCKET" in str(raised.value) and "`lockd`" in str(raised.value)
+
+
+def test_the_socket_comes_from_lockd_socket_by_default(daemon, monkeypatch):
+    monkeypatch.setenv("LOCKD_SOCKET", daemon.socket)
+    with lockd_client.connect() as c:
+        assert c.server.backend == "flock"
+        assert c.server.version == protocol.PROTOCOL_VERSION
+
+
+def test_a_silent_daemon_fails_the_handshake_within_the_timeout(short_tmp):
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(str(short_tmp / "mute.sock"))
+        listener.listen()
+        started = time.monotonic()
+        with pytest.raises(lockd_client.DaemonUnavailable, match="timed out"):
+            lockd_client.connect(str(short_tmp / "mute.sock"), timeout=0.2)
+        assert time.monotonic() - started < WAIT
+
+
+def test_the_socket_is_close_on_exec(client):
+    assert not os.get_inheritable(client.fileno())
+
+
+# --- leases -----------------------------------------------------------------------------------
+
+
+def test_a_lease_excludes_other_connections_and_flock_until_released(daemon, client):
+    lock_file = daemon.lock_dir / "job.lock"
+    with client.lock("job") as lease:
+        assert lease.names == ("job",)
+        assert lease.token == lease.tokens["job"] > 0
+        assert not is_free(daemon, "job")
+        assert not can_flock(lock_file)
+        assert not lease.lost
+    client.status()
+    assert is_free(daemon, "job")
+    assert can_flock(lock_file)
+
+
+def test_release_is_applied_before_the_next_request_on_the_connection(client):
+    lease = client.acquire("job")
+    lease.release()
+    lease.release()
+    again = client.acquire("job", wait=False)
+    assert again.token > lease.token
+
+
+def test_shared_leases_coexist_and_exclude_an_exclusive_one(daemon, client):
+    with lockd_client.connect(daemon.socket) as other:
+        mine = client.acquire("db", shared=True)
+        theirs = other.acquire("db", shared=True)
+        with pytest.raises(lockd_client.LockBusy) as busy:
+            with lockd_client.connect(daemon.socket) as third:
+                third.acquire("db", wait=False)
+        assert {h.token for h in busy.value.holders} == {mine.token, theirs.token}
+        assert all(h.mode == "shared" for h in busy.value.holders)
+        assert can_flock(daemon.lock_dir / "db.lock", shared=True)
+        assert not can_flock(daemon.lock_dir / "db.lock")
+
+
+def test_busy_says_who_holds_the_lock(daemon, client):
+    lease = client.acquire("job", label="nightly backup")
+    with lockd_client.connect(daemon.socket) as other:
+        with pytest.raises(lockd_client.LockBusy) as busy:
+            other.acquire("job", wait=False)
+    assert type(busy.value) is lockd_client.LockBusy
+    [holder] = busy.value.holders
+    assert (holder.pid, holder.token, holder.label) == (os.getpid(), lease.token, "nightly backup")
+
+
+def test_a_timeout_gives_up_after_it_passes(daemon, client):
+    client.acquire("job")
+    with lockd_client.connect(daemon.socket) as other:
+        started = time.monotonic()
+        with pytest.raises(lockd_client.LockTimeout) as timed_out:
+            other.acquire("job", timeout=0.3)
+        assert time.monotonic() - started >= 0.25
+        assert timed_out.value.holders[0].pid == os.getpid()
+        assert isinstance(timed_out.value, lockd_client.LockBusy)
+
+
+def test_several_names_are_taken_together_or_not_at_all(daemon, client):
+    with lockd_client.connect(daemon.socket) as other:
+        held_b = other.acquire("b")
+        with pytest.raises(lockd_client.LockBusy):
+            client.acquire("a", "b", wait=False)
+        assert is_free(daemon, "a")
+        held_b.release()
+        lease = client.acquire("b", "a")
+    assert lease.names == ("b", "a") and set(lease.tokens) == {"a", "b"}
+    assert not is_free(daemon, "a") and not is_free(daemon, "b")
+
+
+def test_invalid_names_are_refused_before_anything_is_sent(client):
+    with pytest.raises(lockd_client.InvalidName, match="starting with a letter or digit"):
+        client.acquire("ok", "../escape")
+    assert client.acquire("ok", wait=False).names == ("ok",)
+
+
+def test_status_shows_holders_and_waiters_with_labels(daemon, client):
+    lease = client.acquire("job")
+    seen = []
+
+    def on_queued(holders):
+        seen.append(client.status("job", "idle"))
+        lease.release()
+
+    with lockd_client.connect(daemon.socket, label="waiter") as other:
+        other.acquire("job", on_queued=on_queued)
+    [[info]] = seen
+    assert info.name == "job" and info.mode == "exclusive"
+    assert [(h.label, h.token) for h in info.holders] == [("test client", lease.token)]
+    assert [h.label for h in info.waiters] == ["waiter"]
+    eventually(lambda: client.status() == [])  # once the daemon has seen `other` close
+
+
+def test_on_queued_reports_the_holders_and_the_request_then_waits(daemon, client):
+    lease = client.acquire("job")
+    queued = []
+
+    def on_queued(holders):
+        queued.append(holders)
+        lease.release()
+
+    with lockd_client.connect(daemon.socket) as other:
+        granted = other.acquire("job", on_queued=on_queued)
+        assert [[h.token for h in holders] for holders in queued] == [[lease.token]]
+        assert granted.token > lease.token
+
+
+@pytest.mark.parametrize("interrupt", [RuntimeError("callback failed"), KeyboardInterrupt()])
+def test_an_exception_while_waiting_withdraws_the_request(daemon, client, interrupt):
+    lease = client.acquire("job")
+
+    def on_queued(holders):
+        raise interrupt
+
+    with lockd_client.connect(daemon.socket) as other:
+        with pytest.raises(type(interrupt)):
+            other.acquire("job", on_queued=on_queued)
+        [info] = other.status("job")
+        assert info.waiters == []
+        lease.release()
+        client.status()
+        assert is_free(daemon, "job")
+
+
+def test_ctrl_c_in_a_blocked_acquire_withdraws_it(daemon, client):
+    lease = client.acquire("job")
+    timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT))
+    with lockd_client.connect(daemon.socket) as other:
+        timer.start()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                other.acquire("job", timeout=WAIT)
+        finally:
+            timer.cancel()
+        assert other.status("job")[0].waiters == []
+        lease.release()
+        client.status()
+        assert is_free(daemon, "job")
+
+
+# --- losing leases ----------------------------------------------------------------------------
+
+
+def test_a_forced_release_is_seen_as_lost_with_its_reason(daemon, client):
+    with pytest.raises(lockd_client.LeaseLost, match="forcibly released"):
+        with client.lock("job") as lease:
+            with lockd_client.connect(daemon.socket) as admin:
+                assert admin.force_release("job") == 1
+            eventually(lambda: lease.lost)
+            assert "forcibly released" in lease.lost_reason
+    assert is_free(daemon, "job")
+
+
+def test_the_socket_becomes_readable_when_a_lease_is_lost(daemon, client):
+    lease = client.acquire("job")
+    with lockd_client.connect(daemon.socket) as admin:
+        admin.force_release("job")
+    readable, _, _ = select.select([client], [], [], WAIT)
+    assert readable == [client]
+    client.process_events()
+    assert lease.lost_reason is not None
+
+
+def test_a_killed_daemon_loses_every_lease(daemon, client):
+    with pytest.raises(lockd_client.LeaseLost, match="closed the connection"):
+        with client.lock("a") as a:
+            b = client.acquire("b")
+            daemon.kill()
+            eventually(lambda: a.lost)
+            assert b.lost
+    with pytest.raises(lockd_client.DaemonUnavailable, match="connect again"):
+        client.acquire("c")
+    b.release()
+
+
+def test_an_exception_leaving_the_block_wins_over_the_loss(daemon, client):
+    with pytest.raises(ZeroDivisionError):
+        with client.lock("a"):
+            daemon.kill()
+            1 / 0
+
+
+def test_closing_the_client_ends_its_leases_without_raising(daemon):
+    c = lockd_client.connect(daemon.socket)
+    with c.lock("a") as lease:
+        c.close()
+        assert not lease.lost
+    c.close()
+    eventually(lambda: is_free(daemon, "a"))
+
+
+# --- processes --------------------------------------------------------------------------------
+
+
+def test_a_child_started_while_holding_does_not_keep_the_lease(daemon, client):
+    client.acquire("job")
+    # close_fds=False hands the child every inheritable descriptor: the socket must not be one.
+    child = subprocess.Popen(["sleep", "30"], close_fds=False)
+    try:
+        client.close()
+        eventually(lambda: can_flock(daemon.lock_dir / "job.lock"))
+        assert is_free(daemon, "job")
+        assert child.poll() is None
+    finally:
+        child.kill()
+        child.wait(WAIT)
+
+
+def test_a_lease_tied_to_a_process_outlives_the_connection_until_released(daemon, client):
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        with lockd_client.connect(daemon.socket) as c:
+            c.acquire("job", pid=child.pid)
+        [info] = client.status("job")
+        assert [h.pid for h in info.holders] == [child.pid]
+        assert client.release_pid(child.pid, "job") == 1
+        assert is_free(daemon, "job")
+        with pytest.raises(lockd_client.NotHeld):
+            client.release_pid(child.pid, "job")
+    finally:
+        child.kill()
+        child.wait(WAIT)
+
+
+def test_a_lease_tied_to_a_process_ends_when_it_exits(daemon, client):
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        client.acquire("job", pid=child.pid)
+        assert not is_free(daemon, "job")
+    finally:
+        child.kill()
+        child.wait(WAIT)
+    eventually(lambda: is_free(daemon, "job"))
