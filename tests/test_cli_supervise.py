@@ -1,0 +1,254 @@
+"""Supervision of CMD under a lease (lockd_client._supervise), with real processes.
+
+The daemon is stood in for by one end of a socketpair: the supervisor gets the other end as
+its "connection", and the lease counts as lost once anything (or EOF) arrives on it. That
+lets these tests check the invariant directly: the stand-in sees its end close only after
+CMD's process tree is gone.
+"""
+
+from __future__ import annotations
+
+import os
+import pty
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lockd_client import _supervise
+
+TIMEOUT = 10.0
+
+# Runs _supervise.run in its own process, as lockctl does: argv is FD KILL_AFTER CMD...
+# Exit status: CMD's, or 79 with "LOST <message>" on stderr, or 127 with "OSERROR <errno>".
+HARNESS = """
+import os, socket, sys
+from lockd_client import _supervise, errors
+fd, kill_after, argv = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3:]
+conn = socket.socket(fileno=fd)
+lost = []
+def process_events():
+    try:
+        lost.append(conn.recv(100, socket.MSG_DONTWAIT).decode() or "eof")
+    except BlockingIOError:
+        pass
+try:
+    status = _supervise.run(argv, {**os.environ, "HARNESS": "yes"}, fd, process_events,
+                            lambda: lost[0] if lost else None, kill_after=kill_after)
+except errors.LeaseLost as e:
+    print("LOST", e, file=sys.stderr, flush=True)
+    sys.exit(79)
+except OSError as e:
+    print("OSERROR", e.errno, file=sys.stderr, flush=True)
+    sys.exit(127)
+sys.exit(status)
+"""
+
+
+class Supervised:
+    """A supervisor process running CMD, and the stand-in daemon's end of its connection."""
+
+    def __init__(self, cmd: list[str], *, kill_after: float = 5.0, **popen) -> None:
+        self.daemon_end, theirs = socket.socketpair()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", HARNESS, str(theirs.fileno()), str(kill_after), *cmd],
+            pass_fds=[theirs.fileno()],
+            stderr=subprocess.PIPE,
+            **popen,
+        )
+        theirs.close()
+
+    def wait(self) -> tuple[int, str]:
+        try:
+            _, err = self.proc.communicate(timeout=TIMEOUT)
+        finally:
+            self.daemon_end.close()
+        return self.proc.returncode, err.decode()
+
+    def lose_lease(self) -> None:
+        self.daemon_end.send(b"forced")
+
+    def wait_for_close(self) -> None:
+        """Until the supervisor side of the connection is closed in every process."""
+        self.daemon_end.settimeout(TIMEOUT)
+        assert self.daemon_end.recv(100) == b""
+
+
+def wait_for_file(path: Path) -> str:
+    deadline = time.monotonic() + TIMEOUT
+    while not (path.exists() and path.read_text().endswith("\n")):
+        assert time.monotonic() < deadline, f"{path} never written"
+        time.sleep(0.01)
+    return path.read_text()
+
+
+def alive(pid: int) -> bool:
+    """Running, as opposed to gone or a zombie (a zombie runs no code)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat[stat.rindex(")") + 2] not in "ZX"
+
+
+def wait_pid(pid: int, deadline: float) -> int | None:
+    """The wait status of child `pid`, or None if it is still running at `deadline`."""
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.01)
+
+
+def kill_quietly(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("script", "status"),
+    [("exit 0", 0), ("exit 3", 3), ("kill -KILL $$", 128 + 9), ("kill -TERM $$", 128 + 15)],
+)
+def test_exit_status_is_cmds_own(script: str, status: int) -> None:
+    assert Supervised(["sh", "-c", script]).wait()[0] == status
+
+
+def test_cmd_gets_the_environment_and_inherits_stdout() -> None:
+    run = Supervised(["sh", "-c", 'echo "$HARNESS"'], stdout=subprocess.PIPE)
+    out = run.proc.stdout.read()
+    assert run.wait()[0] == 0
+    assert out == b"yes\n"
+
+
+def test_missing_command_is_an_oserror_and_never_runs() -> None:
+    status, err = Supervised(["/nonexistent/cmd"]).wait()
+    assert (status, err.split()) == (127, ["OSERROR", "2"])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2])
+def test_signals_are_forwarded_and_the_lease_kept_until_cmd_exits(tmp_path: Path, sig: signal.Signals) -> None:
+    got = tmp_path / "got"
+    # CMD notes the signal, then takes a while to finish: the supervisor must wait for it.
+    script = f"trap 'echo {sig.name} > {got}; sleep 0.3; exit 7' {sig.name[3:]}; echo > {got}.ready; while :; do sleep 0.05; done"
+    run = Supervised(["sh", "-c", script])
+    wait_for_file(tmp_path / "got.ready")
+    run.proc.send_signal(sig)
+    assert wait_for_file(got) == f"{sig.name}\n"
+    assert run.proc.poll() is None
+    assert run.wait()[0] == 7
+
+
+def test_lost_lease_terminates_the_whole_group(tmp_path: Path) -> None:
+    script = f"sleep 60 & echo $! > {tmp_path}/gc; wait"
+    run = Supervised(["sh", "-c", script])
+    grandchild = int(wait_for_file(tmp_path / "gc"))
+    run.lose_lease()
+    status, err = run.wait()
+    assert status == 79
+    assert "LOST forced; CMD was terminated" in err
+    assert not alive(grandchild)
+
+
+def test_lost_lease_kills_a_cmd_that_ignores_sigterm(tmp_path: Path) -> None:
+    script = f"trap '' TERM; echo > {tmp_path}/ready; while :; do sleep 0.05; done"
+    run = Supervised(["sh", "-c", script], kill_after=0.3)
+    wait_for_file(tmp_path / "ready")
+    run.lose_lease()
+    assert run.wait()[0] == 79
+
+
+def test_lease_lost_before_cmd_starts_means_cmd_never_runs(tmp_path: Path) -> None:
+    daemon_end, theirs = socket.socketpair()
+    with daemon_end, theirs:
+        daemon_end.send(b"gone already")
+        proc = subprocess.run(
+            [sys.executable, "-c", HARNESS, str(theirs.fileno()), "1", "touch", str(tmp_path / "ran")],
+            pass_fds=[theirs.fileno()],
+            capture_output=True,
+            timeout=TIMEOUT,
+        )
+    assert proc.returncode == 79
+    assert b"CMD was not started" in proc.stderr
+    assert not (tmp_path / "ran").exists()
+
+
+def test_sigkilled_supervisor_terminates_cmd_tree_before_the_connection_closes(tmp_path: Path) -> None:
+    script = f"echo $$ > {tmp_path}/sh; sleep 60 & echo $! > {tmp_path}/gc; wait"
+    run = Supervised(["sh", "-c", script])
+    shell = int(wait_for_file(tmp_path / "sh"))
+    grandchild = int(wait_for_file(tmp_path / "gc"))
+    run.proc.kill()
+    run.wait_for_close()
+    # The guardian let go of the connection: by then nothing of CMD may still run.
+    assert not alive(shell)
+    assert not alive(grandchild)
+    _, err = run.wait()
+    assert "ended without releasing its lease" in err
+
+
+def test_cmd_and_its_daemonised_grandchild_do_not_hold_the_connection(tmp_path: Path) -> None:
+    # setsid: the grandchild leaves CMD's process group, as a daemon does.
+    script = f"setsid sleep 60 > /dev/null 2>&1 < /dev/null & echo $! > {tmp_path}/gc"
+    run = Supervised(["sh", "-c", script])
+    grandchild = int(wait_for_file(tmp_path / "gc"))
+    try:
+        assert run.proc.wait(TIMEOUT) == 0
+        run.wait_for_close()
+        assert alive(grandchild)
+    finally:
+        kill_quietly(grandchild)
+        run.wait()
+
+
+def test_interactive_cmd_reads_the_terminal(tmp_path: Path) -> None:
+    """On a terminal, CMD becomes the foreground job: it can read it instead of stopping."""
+    daemon_end, theirs = socket.socketpair()
+    argv = [sys.executable, "-c", HARNESS, str(theirs.fileno()), "1", "sh", "-c", "read line; echo got:$line"]
+    os.set_inheritable(theirs.fileno(), True)
+    pid, master = pty.fork()
+    if pid == 0:  # the child is a session leader with the pty as its controlling terminal
+        os.execv(sys.executable, argv)
+    theirs.close()
+    output = b""
+    try:
+        os.write(master, b"hello\n")
+        deadline = time.monotonic() + TIMEOUT
+        while b"got:hello" not in output:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([master], [], [], remaining)[0]:
+                break
+            try:
+                output += os.read(master, 1024)
+            except OSError:
+                break  # EIO: the child exited and the terminal closed
+        status = wait_pid(pid, deadline)
+    finally:
+        kill_quietly(pid)  # only matters if it hung
+        os.close(master)
+        daemon_end.close()
+    assert b"got:hello" in output
+    assert status is not None and os.waitstatus_to_exitcode(status) == 0
+
+
+def test_group_alive_ignores_zombies() -> None:
+    child = subprocess.Popen(["sleep", "60"], process_group=0)
+    try:
+        assert _supervise.group_alive(child.pid)
+        child.kill()  # a zombie until reaped below: must already count as gone
+        deadline = time.monotonic() + TIMEOUT
+        while _supervise.group_alive(child.pid):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        child.kill()
+        child.wait(TIMEOUT)
+    assert not _supervise.group_alive(child.pid)
