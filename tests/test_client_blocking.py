@@ -289,28 +289,28 @@ def test_a_child_started_while_holding_does_not_keep_the_lease(daemon, client):
         child.wait(WAIT)
 
 
-def test_a_lease_tied_to_a_process_outlives_the_connection_until_released(daemon, client):
+@pytest.fixture
+def sleeper():
+    """A child process to tie leases to; killed after the test."""
     child = subprocess.Popen(["sleep", "30"])
-    try:
-        with lockd_client.connect(daemon.socket) as c:
-            c.acquire("job", pid=child.pid)
-        [info] = client.status("job")
-        assert [h.pid for h in info.holders] == [child.pid]
-        assert client.release_pid(child.pid, "job") == 1
-        assert is_free(daemon, "job")
-        with pytest.raises(lockd_client.NotHeld):
-            client.release_pid(child.pid, "job")
-    finally:
-        child.kill()
-        child.wait(WAIT)
+    yield child
+    child.kill()
+    child.wait(WAIT)
 
 
-def test_a_lease_tied_to_a_process_ends_when_it_exits(daemon, client):
-    child = subprocess.Popen(["sleep", "30"])
-    try:
-        client.acquire("job", pid=child.pid)
-        assert not is_free(daemon, "job")
-    finally:
-        child.kill()
-        child.wait(WAIT)
+def test_a_lease_tied_to_a_process_outlives_the_connection_until_released(daemon, client, sleeper):
+    with lockd_client.connect(daemon.socket) as c:
+        c.acquire("job", pid=sleeper.pid)
+    [info] = client.status("job")
+    assert [h.pid for h in info.holders] == [sleeper.pid]
+    assert client.release_pid(sleeper.pid, "job") == 1
+    assert is_free(daemon, "job")
+    with pytest.raises(lockd_client.NotHeld):
+        client.release_pid(sleeper.pid, "job")
+
+
+def test_a_lease_tied_to_a_process_ends_when_it_exits(daemon, client, sleeper):
+    client.acquire("job", pid=sleeper.pid)
+    assert not is_free(daemon, "job")
+    sleeper.kill()
     eventually(lambda: is_free(daemon, "job"))
