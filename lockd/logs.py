@@ -1,0 +1,70 @@
+"""Logging for lockd: one plain line per event on stderr, shaped for where stderr goes.
+
+Invariant: `configure_logging` can be called again (a reload changing `log_level`) and leaves
+exactly one lockd handler installed. Under systemd lines carry no timestamp (the journal adds
+its own) but start with a `<N>` syslog priority, which journald turns into the entry's level.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+#: logging level → syslog priority, read by journald from the `<N>` prefix of a line.
+_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3}
+
+
+class _JournalFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        # Every line of a multi-line record (tracebacks) gets the prefix, or journald would
+        # file the continuation lines at the default level.
+        priority = _PRIORITY.get(record.levelno, 2 if record.levelno > logging.ERROR else 7)
+        return "\n".join(f"<{priority}>{line}" for line in super().format(record).splitlines())
+
+
+class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Marks the handler this module installed, so a second call replaces it."""
+
+
+def under_systemd() -> bool:
+    """True when systemd started lockd, or stderr is connected to the journal.
+
+    JOURNAL_STREAM names the device and inode of the journal stream systemd connected; it is
+    only believed when stderr really is that stream (not redirected since).
+    """
+    if os.environ.get("INVOCATION_ID"):
+        return True
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return stream == f"{st.st_dev}:{st.st_ino}"
+
+
+def configure_logging(level: str, under_systemd: bool) -> None:
+    """Send lockd's records at `level` and above (others' at warning and above) to stderr.
+
+    `level` is one of LEVELS (config.LogLevel). Third-party libraries stay at warning so a
+    chatty HTTP client cannot drown lockd's own lines.
+    """
+    root = logging.getLogger()
+    for handler in root.handlers[:]:
+        if isinstance(handler, _Handler):
+            root.removeHandler(handler)
+    handler = _Handler(sys.stderr)
+    if under_systemd:
+        handler.setFormatter(_JournalFormatter("%(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    logging.getLogger("lockd").setLevel(LEVELS[level])
