@@ -1,0 +1,308 @@
+"""The daemon end to end: a real `python -m lockd`, raw protocol clients, real flock(1)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lockd_client import protocol
+from lockd_client.protocol import Acquire, Error, ForceRelease, Granted, Lost, Release, ReleasePid, Status
+
+from .conftest import Daemon
+from .rawclient import RawClient
+
+HOLDER_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from rawclient import RawClient
+from lockd_client import protocol
+c = RawClient({sock!r})
+reply = c.acquire({name!r})
+assert isinstance(reply, protocol.Granted), reply
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def spawn_holder(daemon: Daemon, name: str) -> subprocess.Popen[str]:
+    """A separate process holding `name` through its own connection until killed."""
+    code = HOLDER_SCRIPT.format(tests=str(Path(__file__).parent), sock=daemon.socket, name=name)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def status(daemon: Daemon, *names: str) -> list[protocol.LockInfo]:
+    with RawClient(daemon.socket) as c:
+        reply = c.request(Status(1, list(names)))
+    assert isinstance(reply, protocol.StatusReply), reply
+    return reply.locks
+
+
+def flock_free(path: Path) -> bool:
+    return subprocess.run(["flock", "-n", str(path), "true"], timeout=10).returncode == 0
+
+
+def wait_until(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
+def test_acquire_busy_release(daemon: Daemon) -> None:
+    with RawClient(daemon.socket) as a, RawClient(daemon.socket) as b:
+        granted = a.acquire("site.com")
+        assert isinstance(granted, Granted) and len(granted.tokens) == 1
+        busy = b.acquire("site.com", timeout=0)
+        assert isinstance(busy, Error) and busy.code == "busy"
+        assert busy.holders[0].pid == os.getpid()
+        assert "site.com is busy; held by pid" in busy.message
+        a.send(Release(1))
+        a.request(Status(2))  # handled after the release, which has no reply of its own
+        again = b.acquire("site.com", timeout=0)
+        assert isinstance(again, Granted)
+        assert again.tokens[0] > granted.tokens[0]
+    assert (daemon.lock_dir / "site.com.lock").exists()
+
+
+def test_waiter_granted_soon_after_holder_is_sigkilled(daemon: Daemon) -> None:
+    with spawn_holder(daemon, "db") as holder, RawClient(daemon.socket) as waiter:
+        waiter.send(Acquire(7, ["db"]))
+        assert isinstance(waiter.recv(), protocol.Queued)
+        started = time.monotonic()
+        holder.kill()
+        reply = waiter.recv()
+        elapsed = time.monotonic() - started
+    assert isinstance(reply, Granted) and reply.id == 7
+    assert elapsed < 2.0
+
+
+def test_daemon_sigkill_frees_files_and_tokens_continue(daemon: Daemon) -> None:
+    c = RawClient(daemon.socket)
+    first = c.acquire("a")
+    assert isinstance(first, Granted)
+    assert not flock_free(daemon.lock_dir / "a.lock")
+    daemon.kill()
+    assert flock_free(daemon.lock_dir / "a.lock")
+    c.close()
+    daemon.start()
+    with RawClient(daemon.socket) as c2:
+        second = c2.acquire("a")
+    assert isinstance(second, Granted) and second.tokens[0] > first.tokens[0]
+
+
+def test_flock_holder_outside_lockd_blocks_then_hands_over(daemon: Daemon) -> None:
+    path = daemon.lock_dir / "outside.lock"
+    # Its own session, so killing the group kills `sleep`, which inherited the locked fd.
+    outside = subprocess.Popen(["flock", str(path), "sleep", "60"], start_new_session=True)
+    try:
+        wait_until(lambda: not flock_free(path))
+        with RawClient(daemon.socket) as c:
+            busy = c.acquire("outside", timeout=0)
+            assert isinstance(busy, Error) and busy.code == "busy"
+            assert any(h.outside for h in busy.holders), busy
+            c.send(Acquire(9, ["outside"]))
+            queued = c.recv()
+            assert isinstance(queued, protocol.Queued)
+            infos = status(daemon, "outside")
+            assert any(h.outside for info in infos for h in info.holders)
+            started = time.monotonic()
+            os.killpg(outside.pid, signal.SIGKILL)
+            granted = c.recv()
+            assert isinstance(granted, Granted), granted
+            assert time.monotonic() - started < 2.0
+            assert not flock_free(path)
+    finally:
+        os.killpg(outside.pid, signal.SIGKILL)
+        outside.wait(10)
+
+
+def test_lockd_lease_excludes_flock_users(daemon: Daemon) -> None:
+    path = daemon.lock_dir / "shared-file.lock"
+    with RawClient(daemon.socket) as c:
+        assert isinstance(c.acquire("shared-file"), Granted)
+        assert not flock_free(path)
+        c.send(Release(1))
+        c.request(Status(2))  # handled after the release: the file is free now
+        assert flock_free(path)
+
+
+def test_symlink_at_lock_path_is_refused_and_not_followed(daemon: Daemon, short_tmp: Path) -> None:
+    target = short_tmp / "victim"
+    (daemon.lock_dir / "evil.lock").symlink_to(target)
+    with RawClient(daemon.socket) as c:
+        reply = c.acquire("evil")
+        assert isinstance(reply, Error) and reply.code == "bad_lock_file"
+        assert str(daemon.lock_dir / "evil.lock") in reply.message
+        assert isinstance(c.acquire("fine"), Granted)  # the connection goes on
+    assert not target.exists()
+
+
+@pytest.mark.parametrize("name", ["", "../etc/passwd", "a/b", ".hidden", "-rf", "a\nb", "a\0b", "x" * 251, "é"])
+def test_invalid_names_are_refused_and_create_nothing(daemon: Daemon, name: str) -> None:
+    with RawClient(daemon.socket) as c:
+        reply = c.request(Acquire(1, [name]))
+        assert isinstance(reply, Error) and reply.code == "invalid_name", reply
+        assert "starting with a letter or digit" in reply.message
+    assert list(daemon.lock_dir.iterdir()) == []
+
+
+def daemon_fds(daemon: Daemon) -> int:
+    assert daemon.proc is not None
+    return len(os.listdir(f"/proc/{daemon.proc.pid}/fd"))
+
+
+def test_garbage_and_oversize_frames_cost_nothing_else(daemon: Daemon) -> None:
+    holder = RawClient(daemon.socket)
+    assert isinstance(holder.acquire("precious"), Granted)
+    baseline = daemon_fds(daemon)
+    attacks = [
+        b"\x00\x00\x00\x05hello",                       # not msgpack of any message
+        b"\xff\xff\xff\xff",                             # 4 GiB frame announced
+        (protocol.MAX_REQUEST_FRAME + 1).to_bytes(4, "big") + b"x" * 100,
+        b"GET / HTTP/1.1\r\n\r\n",
+        b"\x00\x00\x00\x10\x81",                         # truncated, then hang up
+    ]
+    for payload in attacks:
+        raw = socket.socket(socket.AF_UNIX)
+        raw.settimeout(10)
+        raw.connect(daemon.socket)
+        raw.sendall(payload)
+        raw.shutdown(socket.SHUT_WR)
+        while raw.recv(65536):
+            pass  # the daemon answers with an error and closes
+        raw.close()
+    with RawClient(daemon.socket) as c:
+        c.send(Status(1))
+        reply = c.recv()
+        garbage = c.request(Acquire(2, ["precious"], timeout=0))
+    assert isinstance(reply, protocol.StatusReply)
+    assert [lock.name for lock in reply.locks] == ["precious"]
+    assert isinstance(garbage, Error) and garbage.code == "busy"
+    wait_until(lambda: daemon_fds(daemon) <= baseline)
+    holder.close()
+
+
+def test_request_before_hello_and_wrong_version_are_refused(daemon: Daemon) -> None:
+    with RawClient(daemon.socket, hello=False) as c:
+        c.send(Status(1))
+        reply = c.recv()
+        assert isinstance(reply, Error) and reply.code == "protocol"
+        with pytest.raises(EOFError):
+            c.recv()
+    with RawClient(daemon.socket, hello=False) as c:
+        c.send(protocol.Hello(99))
+        reply = c.recv()
+        assert isinstance(reply, Error) and reply.code == "version"
+
+
+def test_shared_holders_and_no_writer_starvation(daemon: Daemon) -> None:
+    with RawClient(daemon.socket) as r1, RawClient(daemon.socket) as r2, RawClient(daemon.socket) as w, RawClient(daemon.socket) as r3:
+        assert isinstance(r1.acquire("cfg", mode="shared"), Granted)
+        assert isinstance(r2.acquire("cfg", mode="shared"), Granted)
+        w.send(Acquire(1, ["cfg"]))
+        assert isinstance(w.recv(), protocol.Queued)
+        r3.send(Acquire(1, ["cfg"], mode="shared"))
+        assert isinstance(r3.recv(), protocol.Queued)  # behind the waiting writer
+        r1.send(Release(1))
+        r2.send(Release(1))
+        assert isinstance(w.recv(), Granted)
+        w.send(Release(1))
+        assert isinstance(r3.recv(), Granted)
+
+
+def test_overlapping_sets_in_opposite_orders_do_not_deadlock(daemon: Daemon) -> None:
+    with RawClient(daemon.socket) as c0, RawClient(daemon.socket) as c1, RawClient(daemon.socket) as c2:
+        assert isinstance(c0.acquire("a"), Granted)
+        c1.send(Acquire(1, ["a", "b"]))
+        assert isinstance(c1.recv(), protocol.Queued)  # c1 is in line before c2 asks
+        c2.send(Acquire(1, ["b", "a"]))
+        assert isinstance(c2.recv(), protocol.Queued)
+        c0.send(Release(1))
+        granted = c1.recv()
+        assert isinstance(granted, Granted) and len(granted.tokens) == 2
+        c1.send(Release(1))
+        assert isinstance(c2.recv(), Granted)
+
+
+def test_timeout_names_the_holder(daemon: Daemon) -> None:
+    with RawClient(daemon.socket) as a, RawClient(daemon.socket) as b:
+        assert isinstance(a.acquire("slow"), Granted)
+        reply = b.acquire("slow", timeout=0.2)
+        assert isinstance(reply, Error) and reply.code == "timeout"
+        assert reply.holders and reply.holders[0].pid == os.getpid()
+        assert status(daemon, "slow")[0].waiters == []
+
+
+def test_sigterm_reports_leases_lost_and_exits_cleanly(daemon: Daemon) -> None:
+    with RawClient(daemon.socket) as c:
+        assert isinstance(c.acquire("x"), Granted)
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGTERM)
+        lost = c.recv()
+        assert isinstance(lost, Lost) and lost.id == 1
+        with pytest.raises(EOFError):
+            c.recv()
+    assert daemon.proc.wait(10) == 0
+    assert not os.path.exists(daemon.socket)
+    assert flock_free(daemon.lock_dir / "x.lock")
+
+
+def test_second_daemon_refuses_a_live_socket_and_replaces_a_stale_one(daemon: Daemon, tmp_path: Path) -> None:
+    other = Daemon(tmp_path)
+    other.socket = daemon.socket
+    proc = subprocess.run(other.argv(), capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1
+    assert "already serving" in proc.stderr
+    daemon.kill()  # leaves its socket file behind
+    assert os.path.exists(daemon.socket)
+    daemon.start()
+    with RawClient(daemon.socket) as c:
+        assert isinstance(c.acquire("x"), Granted)
+
+
+def test_process_tied_lease_outlives_connection_and_ends_with_process(daemon: Daemon) -> None:
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        with RawClient(daemon.socket) as c:
+            assert isinstance(c.acquire("job", pid=sleeper.pid), Granted)
+        [info] = status(daemon, "job")
+        assert info.holders[0].pid == sleeper.pid
+        assert "sleep 60" in info.holders[0].command
+        sleeper.kill()
+        sleeper.wait(10)
+        wait_until(lambda: status(daemon, "job") == [])
+    finally:
+        sleeper.kill()
+        sleeper.wait(10)
+
+
+def test_release_pid_and_force_release(daemon: Daemon) -> None:
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        with RawClient(daemon.socket) as c:
+            assert isinstance(c.acquire("one", pid=sleeper.pid), Granted)
+            done = c.request(ReleasePid(5, sleeper.pid, ["one"]))
+            assert isinstance(done, protocol.Done) and done.released == 1
+            missing = c.request(ReleasePid(6, sleeper.pid, ["one"]))
+            assert isinstance(missing, Error) and missing.code == "not_held"
+    finally:
+        sleeper.kill()
+        sleeper.wait(10)
+    with RawClient(daemon.socket) as holder, RawClient(daemon.socket) as admin:
+        assert isinstance(holder.acquire("stuck"), Granted)
+        done = admin.request(ForceRelease(1, "stuck"))
+        assert isinstance(done, protocol.Done) and done.released == 1
+        lost = holder.recv()
+        assert isinstance(lost, Lost) and "forcibly released" in lost.reason
+        assert isinstance(admin.acquire("stuck", timeout=0), Granted)
+    assert "broken" in daemon.log()
