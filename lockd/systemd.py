@@ -48,6 +48,8 @@ def listen_fds() -> list[socket.socket]:
         if int(pid) != os.getpid():
             return []
         n = int(count)
+        if n < 0:
+            raise ValueError
     except ValueError:
         raise ActivationError(
             f"bad socket activation environment LISTEN_PID={pid!r} LISTEN_FDS={count!r}; "
