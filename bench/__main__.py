@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         "config": asdict(cfg),
         "machine": machine_info(),
     }
+    load = results["machine"]["loadavg_start"][0]
+    if load > 0.5:
+        _progress(f"note: load average {load:.1f} before the run; other work on this machine skews every figure")
     root = services.scratch_root()
     started = time.monotonic()
     try:

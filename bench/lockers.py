@@ -20,6 +20,7 @@ import fcntl
 import itertools
 import os
 import socket
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import msgspec
@@ -27,8 +28,15 @@ import msgspec
 from lockd_client import errors, protocol
 
 
+#: Called with no argument when the daemon says a request waits (lockd only).
+OnQueued = Callable[[], object]
+
+
 class Locker(Protocol):
-    def acquire(self, name: str) -> Any:
+    #: Whether `acquire` calls `on_queued`: only then does a request's queue position show.
+    reports_queue: bool
+
+    def acquire(self, name: str, on_queued: OnQueued | None = None) -> Any:
         """Block until `name` is held exclusively; return a handle for `release`."""
 
     def release(self, handle: Any) -> None: ...
@@ -42,11 +50,13 @@ class Locker(Protocol):
 class FlockLocker:
     """The kernel floor: one pre-opened file per name, flock(LOCK_EX) / flock(LOCK_UN)."""
 
+    reports_queue = False
+
     def __init__(self, directory: str) -> None:
         self._dir = directory
         self._fds: dict[str, int] = {}
 
-    def acquire(self, name: str) -> int:
+    def acquire(self, name: str, on_queued: OnQueued | None = None) -> int:
         fd = self._fds.get(name)
         if fd is None:
             fd = self._fds[name] = os.open(os.path.join(self._dir, name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
@@ -68,6 +78,8 @@ class FlockLocker:
 class FileLockLocker:
     """The `filelock` package as its users call it: one FileLock object per path."""
 
+    reports_queue = False
+
     def __init__(self, directory: str) -> None:
         import filelock
 
@@ -75,7 +87,7 @@ class FileLockLocker:
         self._make = filelock.FileLock
         self._locks: dict[str, Any] = {}
 
-    def acquire(self, name: str) -> Any:
+    def acquire(self, name: str, on_queued: OnQueued | None = None) -> Any:
         lock = self._locks.get(name)
         if lock is None:
             lock = self._locks[name] = self._make(os.path.join(self._dir, name + ".lock"))
@@ -96,6 +108,7 @@ class EchoLocker:
     """A broker's floor: `round_trips` request/response exchanges with an echo server per
     cycle, split between acquire and release (a naive broker needs two: one each)."""
 
+    reports_queue = False
     #: About the size of a framed Acquire of one short name.
     PAYLOAD = b"\x00\x00\x00\x1c" + b"\x85" + b"a" * 27
 
@@ -116,7 +129,7 @@ class EchoLocker:
                 raise EOFError("the echo server closed the connection")
             want -= len(data)
 
-    def acquire(self, name: str) -> None:
+    def acquire(self, name: str, on_queued: OnQueued | None = None) -> None:
         self._round_trip()
 
     def release(self, handle: None) -> None:
@@ -133,6 +146,8 @@ class EchoLocker:
 class RawLockdLocker:
     """lockd over the wire protocol with nothing in between: one round trip per acquire, a
     release written at once with no reply to wait for, one Encoder/Decoder/buffer reused."""
+
+    reports_queue = True
 
     def __init__(self, path: str, label: str = "bench") -> None:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -162,7 +177,7 @@ class RawLockdLocker:
             frames.feed(data)
         return self._decoder.decode(body)
 
-    def acquire(self, name: str) -> protocol.Granted:
+    def acquire(self, name: str, on_queued: OnQueued | None = None) -> protocol.Granted:
         rid = next(self._ids)
         self._send(protocol.Acquire(rid, [name]))
         while True:
@@ -173,7 +188,8 @@ class RawLockdLocker:
                 raise errors.from_reply(reply)
             if isinstance(reply, protocol.Lost):
                 raise errors.LeaseLost(reply.reason)
-            # Queued: keep waiting.
+            if isinstance(reply, protocol.Queued) and on_queued is not None:
+                on_queued()
 
     def release(self, granted: protocol.Granted) -> None:
         self._send(protocol.Release(granted.id))
@@ -199,13 +215,17 @@ class RawLockdLocker:
 class LibLockdLocker:
     """lockd through `lockd_client`'s blocking client."""
 
+    reports_queue = True
+
     def __init__(self, path: str, label: str = "bench") -> None:
         import lockd_client
 
         self._client = lockd_client.connect(path, label=label)
 
-    def acquire(self, name: str) -> Any:
-        return self._client.acquire(name)
+    def acquire(self, name: str, on_queued: OnQueued | None = None) -> Any:
+        if on_queued is None:
+            return self._client.acquire(name)
+        return self._client.acquire(name, on_queued=lambda holders: on_queued())
 
     def release(self, lease: Any) -> None:
         lease.release()

@@ -12,8 +12,10 @@ import statistics
 from typing import Any
 
 #: W1 is compared with the floor of a naive broker (two round trips), W2 with trio serving
-#: the same load, as the issue sets them.
+#: the same load, as the issue sets them. The issue does not say which echo server W1's floor
+#: is: the blocking one is the faster, so the stricter, and the table shows both.
 W1_FLOOR = "echo-blocking-2rt"
+W1_TRIO_FLOOR = "echo-trio-2rt"
 W2_FLOOR = "echo-trio-2rt"
 
 LABELS = {
@@ -79,16 +81,19 @@ def tables(results: dict[str, Any]) -> str:
     if "w1" in results:
         w1 = results["w1"]["median"]
         floor = w1.get(W1_FLOOR, {}).get("p50_us")
+        trio_floor = w1.get(W1_TRIO_FLOOR, {}).get("p50_us")
         spawn = results.get("cli", {}).get("flock(1)")
         rows = [
-            [LABELS[s], r["p50_us"], r["p99_us"], r["cycles_per_s"], r.get("server_cpu_us_per_cycle"), _ratio(r["p50_us"], floor)]
+            [LABELS[s], r["p50_us"], r["p99_us"], r["cycles_per_s"], r.get("server_cpu_us_per_cycle"),
+             _ratio(r["p50_us"], floor), _ratio(r["p50_us"], trio_floor)]
             for s, r in w1.items()
         ]
         if spawn:
-            rows.append([LABELS["flock(1)"], spawn["p50_us"], spawn["p99_us"], 1e6 / spawn["p50_us"], None, _ratio(spawn["p50_us"], floor)])
+            rows.append([LABELS["flock(1)"], spawn["p50_us"], spawn["p99_us"], 1e6 / spawn["p50_us"], None,
+                         _ratio(spawn["p50_us"], floor), _ratio(spawn["p50_us"], trio_floor)])
         out.append(_table(
             f"W1  one client, one name: {cfg['w1_cycles']:,} cycles, median of {cfg['reps']} runs",
-            ["system", "p50 µs", "p99 µs", "cycles/s", "server CPU µs/cycle", f"p50 / {W1_FLOOR}"], rows,
+            ["system", "p50 µs", "p99 µs", "cycles/s", "server CPU µs/cycle", f"p50 / {W1_FLOOR}", f"p50 / {W1_TRIO_FLOOR}"], rows,
         ))
     if "w2" in results:
         w2 = results["w2"]["median"]
@@ -146,8 +151,10 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     ten_k = _dig(results, "w4", "10000")
     return [
         _target(f"W1 p50 / {W1_FLOOR} p50", _ratio(_dig(w1, client, "p50_us"), _dig(w1, W1_FLOOR, "p50_us")), 1.0, True),
+        _target(f"W1 p50 / {W1_TRIO_FLOOR} p50", _ratio(_dig(w1, client, "p50_us"), _dig(w1, W1_TRIO_FLOOR, "p50_us")), 1.0, True),
+        _target("W1 p50 / filelock p50", _ratio(_dig(w1, client, "p50_us"), _dig(w1, "filelock", "p50_us")), 1.0, True),
         _target(f"W2 cycles/s / {W2_FLOOR} cycles/s", _ratio(_dig(w2, client, "cycles_per_s"), _dig(w2, W2_FLOOR, "cycles_per_s")), 1.0, False),
-        _target("W3 FIFO inversions", _dig(w3, "fifo_inversions"), 0, True),
+        _target("W3 FIFO inversions, all runs", _total(_dig(results, "w3", "runs", client), "fifo_inversions"), 0, True),
         _target("W3 grants/s", _dig(w3, "grants_per_s"), 10_000, False),
         _target("W3 handoff p50 µs", _dig(w3, "handoff", "p50_us"), 100, True),
         _target("W4 10k leases: seconds to acquire", _dig(ten_k, "seconds"), 1.0, True),
@@ -156,6 +163,13 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         _target("W5 kill → waiter holds, p50 ms", _dig(results, "w5", client, "p50_ms"), 10, True),
         _target("CLI lockctl / python -c pass", _ratio(_dig(cli, "lockctl acquire", "p50_us"), _dig(cli, "python -c pass", "p50_us")), 2.0, True),
     ]
+
+
+def _total(runs: list[dict[str, Any]] | None, key: str) -> Any:
+    """The sum of `key` over runs: a guarantee broken in any run is broken."""
+    if not runs or any(r.get(key) is None for r in runs):
+        return None
+    return sum(r[key] for r in runs)
 
 
 def _dig(d: Any, *keys: str) -> Any:

@@ -10,8 +10,10 @@ Protocol with the parent, one line each way:
   worker → one JSON line of results, then exit.
 Workloads:
   `cycle`  acquire+release `name` back to back; result {"cycles": n}.
-  `grants` the same, recording every grant: request, acquired and release instants and the
-           fencing token; result {"t_req": [...], "t_acq": [...], "t_rel": [...], "token": [...]}.
+  `grants` the same, recording for every grant the instants of the request, of the daemon's
+           `Queued` notice if one came (None otherwise), of the grant and of the release call,
+           and the fencing token: {"t_req": [...], "t_queued": [...], "t_acq": [...],
+           "t_rel": [...], "token": [...], "reports_queue": whether `Queued` is ever seen}.
   `hold`   acquire `name`, say `held`, and keep it until killed.
 """
 
@@ -39,23 +41,44 @@ def run_cycles(locker, name: str, start: int, end: int) -> dict[str, int]:
     return {"cycles": cycles}
 
 
+class _FirstCall:
+    """An `on_queued` callback that keeps the instant of its first call."""
+
+    __slots__ = ("at",)
+
+    def __init__(self) -> None:
+        self.at: int | None = None
+
+    def __call__(self) -> None:
+        if self.at is None:
+            self.at = time.monotonic_ns()
+
+
 def run_grants(locker, name: str, start: int, end: int) -> dict[str, list[int | None]]:
     acquire, release, token, now = locker.acquire, locker.release, locker.token, time.monotonic_ns
     t_req: list[int] = []
+    t_queued: list[int | None] = []
     t_acq: list[int] = []
     t_rel: list[int] = []
     tokens: list[int | None] = []
+    queued = _FirstCall() if locker.reports_queue else None
     _wait_until(start)
     while (requested := now()) < end:
-        handle = acquire(name)
+        handle = acquire(name, queued)
         acquired = now()
         tokens.append(token(handle))
+        t_queued.append(queued.at if queued else None)
         released = now()
         release(handle)
         t_req.append(requested)
         t_acq.append(acquired)
         t_rel.append(released)
-    return {"t_req": t_req, "t_acq": t_acq, "t_rel": t_rel, "token": tokens}
+        if queued:
+            queued.at = None
+    return {
+        "t_req": t_req, "t_queued": t_queued, "t_acq": t_acq, "t_rel": t_rel, "token": tokens,
+        "reports_queue": locker.reports_queue,
+    }
 
 
 def main() -> None:

@@ -72,33 +72,49 @@ def _readline(proc: subprocess.Popen[str], deadline: float) -> str:
     return box[0]
 
 
-def run_fleet(
-    locker: dict[str, Any], workload: str, names: list[str], seconds: float
-) -> list[dict[str, Any]]:
-    """Run one worker per entry of `names` (each working on that name) for `seconds`, all
-    measuring over the same interval; return their results in `names` order."""
-    workers = [_spawn_worker({"locker": locker, "workload": workload, "name": n}) for n in names]
-    try:
-        deadline = time.monotonic() + WORKER_TIMEOUT
-        for w in workers:
-            if _readline(w, deadline).strip() != "ready":
-                raise RuntimeError(f"benchmark worker {w.pid} failed to start")
+class Fleet:
+    """One worker process per entry of `names`, each working on that name; created connected
+    and ready. `run` has them all measure over the same `seconds`; `close` ends them."""
+
+    def __init__(self, locker: dict[str, Any], workload: str, names: list[str], seconds: float) -> None:
+        self.seconds = seconds
+        self.workers = [_spawn_worker({"locker": locker, "workload": workload, "name": n}) for n in names]
+        try:
+            deadline = time.monotonic() + WORKER_TIMEOUT
+            for w in self.workers:
+                if _readline(w, deadline).strip() != "ready":
+                    raise RuntimeError(f"benchmark worker {w.pid} failed to start")
+        except BaseException:
+            self.close()
+            raise
+
+    def run(self) -> list[dict[str, Any]]:
+        """Start all workers 200 ms from now; their results, in `names` order."""
         start = time.monotonic_ns() + 200_000_000
-        end = start + int(seconds * 1e9)
-        for w in workers:
+        end = start + int(self.seconds * 1e9)
+        for w in self.workers:
             assert w.stdin is not None
             w.stdin.write(f"go {start} {end}\n")
             w.stdin.flush()
-        deadline = time.monotonic() + 0.2 + seconds + WORKER_TIMEOUT
-        results = [json.loads(_readline(w, deadline)) for w in workers]
-        for w in workers:
+        deadline = time.monotonic() + 0.2 + self.seconds + WORKER_TIMEOUT
+        results = [json.loads(_readline(w, deadline)) for w in self.workers]
+        for w in self.workers:
             w.wait(WORKER_TIMEOUT)
         return results
-    finally:
-        for w in workers:
+
+    def close(self) -> None:
+        for w in self.workers:
             if w.poll() is None:
                 w.kill()
                 w.wait(10)
+
+
+def run_fleet(locker: dict[str, Any], workload: str, names: list[str], seconds: float) -> list[dict[str, Any]]:
+    fleet = Fleet(locker, workload, names, seconds)
+    try:
+        return fleet.run()
+    finally:
+        fleet.close()
 
 
 def w2_throughput(
@@ -121,25 +137,24 @@ def w3_fairness(locker: dict[str, Any], clients: int, seconds: float) -> dict[st
     Handoff latency: from the holder's release call to the next holder's acquire returning,
     over grants that changed hands. `other_share`: grants that went to another client than
     the previous holder's — with every client always back in line, FIFO makes this ~1.
-    `fifo_inversions`: grants made before a request sent more than `INVERSION_SLACK_US`
-    earlier by another client that was still waiting (client clocks; the slack absorbs a
-    client being descheduled between reading the clock and sending).
+    `fifo_inversions` (lockd only): grants made to a request sent after the daemon had
+    already queued another request that was granted later — proof of barging, with no
+    allowance needed for clocks or scheduling (see `_inversions`).
     """
     results = run_fleet(locker, "grants", ["w3"] * clients, seconds)
     grants = sorted(
-        (t_acq, t_rel, t_req, token, who)
+        (t_acq, t_rel, t_req, t_queued, token, who)
         for who, r in enumerate(results)
-        for t_acq, t_rel, t_req, token in zip(r["t_acq"], r["t_rel"], r["t_req"], r["token"])
+        for t_acq, t_rel, t_req, t_queued, token in zip(r["t_acq"], r["t_rel"], r["t_req"], r["t_queued"], r["token"])
     )
-    handoffs = [b[0] - a[1] for a, b in zip(grants, grants[1:]) if a[4] != b[4]]
-    changed = len(handoffs)
-    tokens = [g[3] for g in grants]
+    handoffs = [b[0] - a[1] for a, b in zip(grants, grants[1:]) if a[5] != b[5]]
+    tokens = [g[4] for g in grants]
     out: dict[str, Any] = {
         "grants_per_s": len(grants) / seconds,
         "grants": len(grants),
-        "other_share": changed / (len(grants) - 1) if len(grants) > 1 else 0.0,
+        "other_share": len(handoffs) / (len(grants) - 1) if len(grants) > 1 else 0.0,
         "handoff": latency_summary(handoffs),
-        "fifo_inversions": _inversions([g[2] for g in grants], INVERSION_SLACK_US * 1000),
+        "fifo_inversions": _inversions(grants) if results[0]["reports_queue"] else None,
         "per_client_grants": [len(r["t_acq"]) for r in results],
     }
     if None not in tokens:
@@ -147,17 +162,20 @@ def w3_fairness(locker: dict[str, Any], clients: int, seconds: float) -> dict[st
     return out
 
 
-INVERSION_SLACK_US = 500
+def _inversions(grants: list[tuple]) -> int:
+    """How many grants (in grant order) went to a request sent after a later-granted request
+    was known to be queued.
 
-
-def _inversions(requested: list[int], slack_ns: int) -> int:
-    """How many grants (in grant order) came before a grant requested > slack earlier."""
+    A request is queued no later than its `Queued` notice arrived, or — granted at once —
+    than its grant returned. A request sent after that instant joined the queue behind it,
+    so granting it first is barging, whatever the scheduling of the processes.
+    """
     count = 0
-    earliest_later = float("inf")
-    for t in reversed(requested):
-        if earliest_later < t - slack_ns:
+    earliest_known_later = float("inf")
+    for t_acq, _, t_req, t_queued, _, _ in reversed(grants):
+        if earliest_known_later < t_req:
             count += 1
-        earliest_later = min(earliest_later, t)
+        earliest_known_later = min(earliest_known_later, t_queued if t_queued is not None else t_acq)
     return count
 
 

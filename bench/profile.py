@@ -1,0 +1,110 @@
+"""`python -m bench.profile`: where lockd's time goes, under one benchmark workload.
+
+Invariant: the profiled processes are the real ones (a `python -m lockd` daemon and
+`bench.worker` clients), sampled from outside by py-spy without pausing them, so the profile
+shows the code paths of a normal run; the raw samples are kept next to the summary.
+
+Writes, under --out: `daemon.txt` and `client.txt` (py-spy's collapsed stacks, one line per
+distinct stack with its sample count, loadable by speedscope or flamegraph.pl), and prints
+for each the functions with the most samples, on CPU in themselves (self) and with callees
+(total). Only samples holding the GIL count, so time blocked in epoll or recv is left out
+and shares are of busy time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from . import services, workloads
+from .machine import REPO
+
+
+def _spy(pid: int, out: Path, rate: int) -> subprocess.Popen[bytes]:
+    py_spy = shutil.which("py-spy")
+    if py_spy is None:
+        sys.exit("py-spy is not installed: run through `uv run --with-requirements bench/requirements.txt`")
+    return subprocess.Popen(
+        [py_spy, "record", "--pid", str(pid), "--format", "raw", "--rate", str(rate),
+         "--nonblocking", "--gil", "--function", "--output", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+
+
+def _stop(spy: subprocess.Popen[bytes]) -> None:
+    spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+    try:
+        spy.wait(30)
+    except subprocess.TimeoutExpired:
+        spy.kill()
+        spy.wait(10)
+
+
+def summarize(collapsed: Path, top: int) -> str:
+    """The `top` functions by self and by total samples in a collapsed-stacks file."""
+    own: Counter[str] = Counter()
+    total: Counter[str] = Counter()
+    samples = 0
+    for line in collapsed.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        n = int(count)
+        frames = stack.split(";")
+        samples += n
+        own[frames[-1]] += n
+        for frame in set(frames):
+            total[frame] += n
+    if not samples:
+        return f"{collapsed.name}: no samples"
+    lines = [f"{collapsed.name}: {samples} busy samples"]
+    for title, counter in (("self", own), ("total", total)):
+        lines.append(f"  by {title}:")
+        lines += [f"    {100 * n / samples:5.1f}%  {frame}" for frame, n in counter.most_common(top)]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.split("\n")[0].split(": ", 1)[1])
+    p.add_argument("--workload", choices=["w1", "w2", "w3"], default="w1",
+                   help="w1: one client cycling on one name; w2: 32 clients, a name each; w3: 8 clients on one name")
+    p.add_argument("--client", choices=["lockd", "lockd-raw"], default="lockd")
+    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--rate", type=int, default=1000, help="samples per second (default %(default)s)")
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "profile")
+    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    clients, same_name = {"w1": (1, True), "w2": (32, False), "w3": (8, True)}[args.workload]
+    names = ["p"] * clients if same_name else [f"p-{i}" for i in range(clients)]
+    root = services.scratch_root()
+    try:
+        with services.lockd(root, "profiled") as daemon:
+            spec = {"kind": args.client, "socket": daemon.socket}
+            spies = [_spy(daemon.probe.pid, args.out / "daemon.txt", args.rate)]
+            # The first client is profiled too: its own process, so py-spy can attach to it.
+            fleet = workloads.Fleet(spec, "cycle", names, args.seconds)
+            try:
+                spies.append(_spy(fleet.workers[0].pid, args.out / "client.txt", args.rate))
+                time.sleep(1.0)  # py-spy attaches before the measured interval starts
+                cycles = sum(r["cycles"] for r in fleet.run())
+            finally:
+                fleet.close()
+                for spy in spies:
+                    _stop(spy)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print(f"{args.workload} through {args.client}: {cycles / args.seconds:,.0f} cycles/s over {args.seconds:g} s "
+          f"with py-spy attached\n")
+    for name in ("daemon.txt", "client.txt"):
+        print(summarize(args.out / name, args.top), end="\n\n")
+    print(f"collapsed stacks in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
