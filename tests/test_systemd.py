@@ -25,7 +25,7 @@ import trio
 import trio.testing
 
 from lockd import logs
-from lockd.systemd import ActivationError, Notifier, listen_fds, watchdog_interval, watchdog_loop
+from lockd.systemd import Notifier, listen_fds, watchdog_interval, watchdog_loop
 from lockd_client import protocol
 
 from .rawclient import RawClient
