@@ -1,0 +1,212 @@
+"""The trio client against a real daemon: tasks sharing a connection, cancellation, loss."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import trio
+import trio.testing
+
+import lockd_client
+from lockd_client import trio_client
+
+from .conftest import Daemon
+from .flock_tools import can_flock
+
+WAIT = 10.0
+
+
+async def is_free(daemon: Daemon, name: str) -> bool:
+    """Whether another connection gets `name` at once; it gives it back before returning.
+
+    Callers make a round trip on the connection that released `name` first, since releases
+    on different connections are applied in no particular order.
+    """
+    async with trio_client.connect(daemon.socket) as other:
+        try:
+            lease = await other.acquire(name, wait=False)
+        except lockd_client.LockBusy:
+            return False
+        await lease.release()
+        await other.status()
+        return True
+
+
+async def test_no_daemon_raises_unavailable(short_tmp):
+    with pytest.raises(lockd_client.DaemonUnavailable, match="is lockd running"):
+        async with trio_client.connect(short_tmp / "nobody.sock"):
+            pass
+
+
+async def test_a_lease_excludes_others_until_its_block_ends(daemon):
+    with trio.fail_after(WAIT):
+        async with trio_client.connect(daemon.socket, label="trio") as c:
+            assert c.server.backend == "flock"
+            async with c.lock("job") as lease:
+                assert lease.token == lease.tokens["job"] > 0
+                assert not await is_free(daemon, "job")
+                assert not await trio.to_thread.run_sync(can_flock, daemon.lock_dir / "job.lock")
+                [info] = await c.status("job")
+                assert [(h.pid, h.label) for h in info.holders] == [(os.getpid(), "trio")]
+            await c.status()
+            assert await is_free(daemon, "job")
+            assert not lease.lost
+
+
+async def test_busy_timeout_and_shared_behave_as_in_the_blocking_client(daemon):
+    with trio.fail_after(WAIT):
+        async with trio_client.connect(daemon.socket) as a, trio_client.connect(daemon.socket) as b:
+            shared = [await a.acquire("db", shared=True), await b.acquire("db", shared=True)]
+            with pytest.raises(lockd_client.LockBusy) as busy:
+                await a.acquire("db", wait=False)
+            assert {h.token for h in busy.value.holders} == {s.token for s in shared}
+            with pytest.raises(lockd_client.LockTimeout):
+                await b.acquire("db", timeout=0.2)
+
+
+async def test_tasks_share_one_connection(daemon):
+    """While one task waits (and reads), others' replies still reach them, in any order."""
+    with trio.fail_after(WAIT):
+        async with trio_client.connect(daemon.socket) as holder, trio_client.connect(daemon.socket) as c:
+            held = await holder.acquire("x")
+            queued = trio.Event()
+            got = {}
+
+            async def take(name, **kwargs):
+                got[name] = await c.acquire(name, **kwargs)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(lambda: take("x", on_queued=lambda holders: queued.set()))
+                await queued.wait()
+                async with trio.open_nursery() as others:
+                    for i in range(10):
+                        others.start_soon(take, f"n{i}")
+                    others.start_soon(c.status)
+                assert "x" not in got
+                assert sorted(got) == sorted(f"n{i}" for i in range(10))
+                [info] = await c.status("x")
+                assert len(info.waiters) == 1
+                await held.release()
+            assert got["x"].token > held.token
+
+
+async def test_cancelling_an_acquire_withdraws_it(daemon):
+    with trio.fail_after(WAIT):
+        async with trio_client.connect(daemon.socket) as holder, trio_client.connect(daemon.socket) as c:
+            held = await holder.acquire("x")
+            with trio.CancelScope() as scope:
+                await c.acquire("x", on_queued=lambda holders: scope.cancel())
+            assert scope.cancelled_caught
+            [info] = await c.status("x")  # same connection: the withdrawal came before this
+            assert info.waiters == []
+            await held.release()
+            await holder.status()
+            assert await is_free(daemon, "x")
+
+
+async def test_cancelling_the_reading_task_hands_reading_to_another(daemon):
+    with trio.fail_after(WAIT):
+        async with trio_client.connect(daemon.socket) as holder, trio_client.connect(daemon.socket) as c:
+            held_x, held_y = await holder.acquire("x"), await holder.acquire("y")
+            y_queued, x_queued, y_gone = trio.Event(), trio.Event(), trio.Event()
+            y_scope = trio.CancelScope()
+            got = []
+
+            async def take_y():
+                # Started first, so this task is the one reading when it is cancelled.
+                with y_scope:
+                    await c.acquire("y", on_queued=lambda h: y_queued.set())
+                y_gone.set()
+
+            async def take_x():
+                got.append(await c.acquire("x", on_queued=lambda h: x_queued.set()))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(take_y)
+                await y_queued.wait()
+                nursery.start_soon(take_x)
+                await x_queued.wait()
+                y_scope.cancel()
+                await y_gone.wait()
+                [y] = await c.status("y")
+                assert y.waiters == []
+                await held_x.release()
+            assert [lease.names for lease in got] == [("x",)]
+            await held_y.release()
+            await holder.status()
+            assert await is_free(daemon, "y")
+
+
+async def test_cancelling_the_block_still_releases_the_lease(daemon):
+    with trio.fail_after(WAIT):
+        async with trio_client.connect(daemon.socket) as c:
+            with trio.CancelScope() as scope:
+                async with c.lock("x"):
+                    scope.cancel()
+                    await trio.sleep_forever()
+            await c.status()
+            assert await is_free(daemon, "x")
+
+
+async def test_wait_lost_returns_the_reason_while_other_tasks_use_the_connection(daemon):
+    with trio.fail_after(WAIT):
+        async with trio_client.connect(daemon.socket) as c, trio_client.connect(daemon.socket) as admin:
+            reasons = []
+            with pytest.raises(lockd_client.LeaseLost, match="forcibly released"):
+                async with c.lock("x") as lease:
+                    async def watch():
+                        reasons.append(await lease.wait_lost())
+
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(watch)
+                        await trio.testing.wait_all_tasks_blocked()
+                        other = await c.acquire("y")  # its reply is read by the watcher
+                        assert not lease.lost
+                        assert await admin.force_release("x") == 1
+            assert lease.lost and "forcibly released" in reasons[0]
+            assert not other.lost
+
+
+async def test_a_killed_daemon_loses_leases_and_fails_waiting_requests(daemon):
+    with trio.fail_after(WAIT):
+        async with trio_client.connect(daemon.socket) as holder, trio_client.connect(daemon.socket) as c:
+            await holder.acquire("x")
+            lease = await c.acquire("y")
+            queued = trio.Event()
+
+            async def wait_for_x():
+                with pytest.raises(lockd_client.DaemonUnavailable, match="connect again"):
+                    await c.acquire("x", on_queued=lambda h: queued.set())
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(wait_for_x)
+                await queued.wait()
+                daemon.kill()
+                assert await lease.wait_lost()
+            with pytest.raises(lockd_client.LeaseLost):
+                async with lease:
+                    pass
+            with pytest.raises(lockd_client.DaemonUnavailable):
+                await c.status()
+
+
+async def test_closing_the_connection_fails_the_requests_waiting_on_it(daemon):
+    with trio.fail_after(WAIT):
+        async with trio_client.connect(daemon.socket) as holder, trio_client.connect(daemon.socket) as c:
+            await holder.acquire("x")
+            lease = await c.acquire("y")
+            queued = trio.Event()
+
+            async def wait_for_x():
+                with pytest.raises(lockd_client.DaemonUnavailable, match="closed by this client"):
+                    await c.acquire("x", on_queued=lambda h: queued.set())
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(wait_for_x)
+                await queued.wait()
+                await c.aclose()
+            async with lease:
+                assert not lease.lost
+            while not await is_free(daemon, "y"):  # once the daemon has seen the close
+                await trio.sleep(0.01)
