@@ -1,0 +1,550 @@
+"""`lockctl`: take lockd locks from the shell, run commands under them, and inspect them.
+
+Invariant: every way lockctl ends is one documented exit status (docs/cli.md): a usage error
+or an invalid name is 64 before the daemon is contacted, and the statuses of lockctl's own
+outcomes (64-79) are never produced for anything but that outcome. CMD's own status passes
+through unchanged.
+
+Start-up must stay fast (lockctl runs in loops of shell scripts): only argparse and the wire
+protocol are imported up front; the client, and everything else, when a command needs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+from . import errors, paths, protocol
+
+# Exit statuses (sysexits.h where one fits; see docs/cli.md).
+EXIT_HELD = 1  # status: a named lock is held; release: a name was not held
+EXIT_USAGE = 64  # EX_USAGE
+EXIT_BAD_LOCK_FILE = 66  # EX_NOINPUT, as flock(1) when it cannot open the file
+EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE
+EXIT_BUSY = 75  # EX_TEMPFAIL; -E replaces it for busy and timeout
+EXIT_PROTOCOL = 76  # EX_PROTOCOL
+EXIT_DENIED = 77  # EX_NOPERM
+#: The lease ended while CMD ran, and CMD was terminated. Outside sysexits (64-78), the
+#: shell's own codes (124-127) and 128+N, so it reads as neither CMD's verdict nor its death.
+EXIT_LOST = 79
+EXIT_NOT_FOUND = 127  # CMD not found, as shells report it
+EXIT_CANNOT_EXECUTE = 126  # CMD found but not executable
+
+DEFAULT_KILL_AFTER = 10.0
+
+
+class UsageError(Exception):
+    """The command line is wrong; the message says how (for an invalid name: the rule)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message}\n{self.format_usage().rstrip()}\ntry: {self.prog} --help")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: seconds must be a finite number >= 0")
+    return value
+
+
+def _integer(low: int, high: int, what: str):
+    """An argparse type: an integer from `low` to `high`, else a usage error naming `what`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+
+    return parse
+
+
+_exit_code = _integer(0, 255, "an exit status (0 to 255)")
+_pid = _integer(1, 2**22, "a process id")  # 2**22: the kernel's largest pid_max
+
+
+ACQUIRE_EPILOG = """\
+examples:
+  lockctl acquire backup -- rsync -a /srv/ /mnt/backup/
+      run rsync holding "backup"; waits while someone else holds it
+  lockctl acquire -n -E 0 cron.hourly -c 'run-parts /etc/cron.hourly'
+      skip quietly (status 0) if the previous run still holds the lock
+  lockctl acquire -s -w 2.5 db.schema -- ./read-report
+      shared with other readers; give up after 2.5 seconds (status 75)
+  lockctl acquire site.com || exit; make deploy; lockctl release site.com
+      a lease for this shell script itself, ended by release or when the script exits
+
+CMD sees LOCKD_TOKEN (fencing token of the first NAME) and LOCKD_TOKENS ("name=token ...").
+Signals sent to lockctl go to CMD; if the lease is lost while CMD runs, CMD is terminated
+and lockctl exits 79. Without CMD, the lease belongs to lockctl's parent (or --pid) and the
+tokens are printed, one line per NAME.
+
+exit status: CMD's own (128+N if it died of signal N); 64 usage or invalid name; 69 lockd
+unreachable; 75 (or -E) busy or timed out; 77 refused; 79 lease lost while CMD ran.
+"""
+
+RELEASE_EPILOG = """\
+examples:
+  lockctl release site.com            end the lease this shell took with `lockctl acquire`
+  lockctl release --pid 4242 a b      end the leases process 4242 holds on a and b
+  lockctl release --force site.com    break whoever holds site.com (root, or the holder's user)
+
+exit status: 0 released; 1 not held; 64 usage; 69 lockd unreachable; 77 refused.
+"""
+
+STATUS_EPILOG = """\
+examples:
+  lockctl status                      every lock held or waited on
+  lockctl status site.com && echo free
+  lockctl status --json | jq '.locks[].holders[].pid'
+
+exit status: 0 (with NAMEs: all free); 1 some NAME is held; 64 usage; 69 lockd unreachable.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--socket",
+        metavar="PATH",
+        help=f"lockd's socket (default: ${paths.SOCKET_ENV}, else {paths.default_socket()})",
+    )
+    parser = _Parser(
+        prog="lockctl",
+        description="Take lockd locks from the shell, run commands under them, and inspect them.",
+        epilog="Run `lockctl COMMAND --help` for examples.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    def command(name: str, epilog: str, **kwargs: str) -> argparse.ArgumentParser:
+        return commands.add_parser(
+            name, parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog, **kwargs
+        )
+
+    acquire = command(
+        "acquire",
+        ACQUIRE_EPILOG,
+        help="take locks, for CMD or for the calling shell",
+        usage="%(prog)s [options] NAME... [-- CMD [ARG...] | -c 'shell command']",
+        description="Take every NAME together. With CMD: run it holding them and release them "
+        "when it exits. Without: tie the lease to the calling process.",
+    )
+    # As in flock(1), the last of -s/-x wins.
+    acquire.set_defaults(shared=False)
+    acquire.add_argument("-s", "--shared", dest="shared", action="store_const", const=True, help="a shared lease")
+    acquire.add_argument(
+        "-x", "--exclusive", dest="shared", action="store_const", const=False, help="an exclusive lease (the default)"
+    )
+    acquire.add_argument("-n", "--no-wait", action="store_true", help="fail at once if any NAME is held")
+    acquire.add_argument(
+        "-w", "--timeout", type=_seconds, metavar="SEC", help="give up after SEC seconds (fractions allowed; 0 is -n)"
+    )
+    acquire.add_argument(
+        "-E",
+        "--conflict-exit-code",
+        type=_exit_code,
+        default=EXIT_BUSY,
+        metavar="N",
+        help=f"exit status when busy or timed out (default {EXIT_BUSY})",
+    )
+    acquire.add_argument("--label", metavar="TEXT", help="shown next to the lease in `lockctl status`")
+    acquire.add_argument(
+        "-c", "--command", dest="shell_command", metavar="'shell command'", help="run the command with sh -c"
+    )
+    acquire.add_argument(
+        "--kill-after",
+        type=_seconds,
+        default=DEFAULT_KILL_AFTER,
+        metavar="SEC",
+        help="if the lease is lost, SIGKILL CMD this long after SIGTERM (default %(default)g)",
+    )
+    acquire.add_argument(
+        "--pid", type=_pid, help="without CMD: tie the lease to this process (default: lockctl's parent)"
+    )
+    acquire.add_argument("-v", "--verbose", action="store_true", help="say what is waited for and done")
+    acquire.add_argument("names", nargs="+", metavar="NAME")
+
+    release = command(
+        "release",
+        RELEASE_EPILOG,
+        help="end process-tied leases, or break a lease with --force",
+        description="End the leases that lockctl's parent (or --pid) took with `lockctl acquire "
+        "NAME` (no CMD). With --force, break every lease on NAME, whoever holds it.",
+    )
+    target = release.add_mutually_exclusive_group()
+    target.add_argument("--pid", type=_pid, help="the process whose leases end (default: lockctl's parent)")
+    target.add_argument("--force", action="store_true", help="break every lease on NAME; its holders see it lost")
+    release.add_argument("names", nargs="+", metavar="NAME")
+
+    status = command(
+        "status",
+        STATUS_EPILOG,
+        help="who holds and who waits for locks",
+        description="Show holders and waiters of every lock in use, or of NAMEs.",
+    )
+    status.add_argument("--json", action="store_true", help="print JSON (schema in docs/cli.md)")
+    status.add_argument("names", nargs="*", metavar="NAME")
+    return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse a lockctl command line; raise UsageError if it is wrong.
+
+    For `acquire`, everything after the first `--` is CMD, verbatim (argparse would otherwise
+    read CMD's own options as lockctl's); `-c TEXT` stands for CMD `sh -c TEXT`.
+    """
+    cmd: list[str] | None = None
+    head = argv
+    # The top level has no options but --help, so the command is always the first word.
+    if argv[:1] == ["acquire"] and "--" in argv:
+        cut = argv.index("--")
+        head, cmd = argv[:cut], argv[cut + 1 :]
+    args = build_parser().parse_args(head)
+    if args.command == "acquire":
+        _check_acquire(args, cmd)
+    for name in args.names:
+        problem = protocol.name_problem(name)
+        if problem is not None:
+            raise UsageError(problem)
+    if args.command == "release" and args.force and len(args.names) != 1:
+        raise UsageError("release --force takes exactly one NAME")
+    return args
+
+
+def _check_acquire(args: argparse.Namespace, cmd: list[str] | None) -> None:
+    if args.shell_command is not None:
+        if cmd is not None:
+            raise UsageError("give either -c 'shell command' or -- CMD, not both")
+        cmd = ["sh", "-c", args.shell_command]
+    if cmd == []:
+        raise UsageError("no CMD after --; to take a lease for the calling shell, leave out --")
+    if cmd is not None and args.pid is not None:
+        raise UsageError("--pid is for a lease without CMD; with CMD, the lease is lockctl's own")
+    # As in flock(1): -w 0 is -n, and -n wins over any -w.
+    if args.timeout == 0:
+        args.no_wait = True
+    if args.no_wait:
+        args.timeout = None
+    args.cmd = cmd
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run lockctl with `argv` (default: sys.argv[1:]); return the exit status."""
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+    except UsageError as e:
+        _say(str(e))
+        return EXIT_USAGE
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    socket_path = args.socket or str(paths.default_socket())
+    try:
+        if args.command == "acquire":
+            return _acquire(args, socket_path)
+        if args.command == "release":
+            return _release(args, socket_path)
+        return _status(args, socket_path)
+    except KeyboardInterrupt:
+        return 128 + 2
+    except errors.LockBusy as e:
+        _say_busy(e, args)
+        return args.conflict_exit_code
+    except errors.LockdError as e:
+        _say(_explain(e, socket_path))
+        return next((code for cls, code in _EXIT_STATUS if isinstance(e, cls)), EXIT_PROTOCOL)
+
+
+# The first class that matches decides; any other LockdError is EXIT_PROTOCOL.
+_EXIT_STATUS: tuple[tuple[type[errors.LockdError], int], ...] = (
+    (errors.DaemonUnavailable, EXIT_UNAVAILABLE),
+    (errors.PermissionDenied, EXIT_DENIED),
+    (errors.InvalidName, EXIT_USAGE),
+    (errors.NotHeld, EXIT_HELD),
+    (errors.LimitExceeded, EXIT_BUSY),
+    (errors.BadLockFile, EXIT_BAD_LOCK_FILE),
+    (errors.LeaseLost, EXIT_LOST),
+)
+
+
+def _explain(e: errors.LockdError, socket_path: str) -> str:
+    text = str(e)
+    if isinstance(e, errors.DaemonUnavailable) and socket_path not in text:
+        return f"{text} (lockd socket: {socket_path})"
+    if isinstance(e, errors.PermissionDenied):
+        return f"refused: {text}"
+    if not any(isinstance(e, cls) for cls, _ in _EXIT_STATUS):
+        return f"{text} (is lockd newer or older than this lockctl?)"
+    return text
+
+
+# --- acquire -------------------------------------------------------------------------------
+
+
+def _acquire(args: argparse.Namespace, socket_path: str) -> int:
+    from .blocking import connect
+
+    waiting = _WaitLine(args.names, verbose=args.verbose)
+    with connect(socket_path) as client:
+        try:
+            lease = client.acquire(
+                *args.names,
+                shared=args.shared,
+                wait=not args.no_wait,
+                timeout=args.timeout,
+                label=args.label,
+                pid=(args.pid or os.getppid()) if args.cmd is None else None,
+                on_queued=waiting.show,
+            )
+        except errors.DaemonUnavailable as e:
+            not_run = "" if args.cmd is None else "; CMD was not started"
+            raise errors.DaemonUnavailable(
+                f"lockd at {socket_path} went away before the lock was granted ({e}){not_run}"
+            ) from None
+        finally:
+            waiting.clear()
+        if args.verbose:
+            _say(f"acquired {_tokens_text(lease.tokens)}")
+        if args.cmd is None:
+            print("\n".join(str(lease.tokens[name]) for name in args.names))
+            return 0
+        return _run_under(args, client, lease)
+
+
+def _run_under(args: argparse.Namespace, client, lease) -> int:
+    from . import _supervise
+
+    env = {**os.environ, "LOCKD_TOKEN": str(lease.token), "LOCKD_TOKENS": _tokens_text(lease.tokens)}
+
+    def lost_reason() -> str | None:
+        return (lease.lost_reason or "the lease ended") if lease.lost else None
+
+    try:
+        status = _supervise.run(
+            args.cmd,
+            env,
+            client.fileno(),
+            client.process_events,
+            lost_reason,
+            kill_after=args.kill_after,
+        )
+    except errors.LeaseLost as e:
+        raise errors.LeaseLost(f"the lease on {', '.join(args.names)} was lost: {e}") from None
+    except OSError as e:
+        _say(f"cannot run {args.cmd[0]!r}: {e.strerror}")
+        return EXIT_NOT_FOUND if isinstance(e, FileNotFoundError) else EXIT_CANNOT_EXECUTE
+    lease.release()
+    if args.verbose:
+        _say(f"CMD exited with status {status}; released {', '.join(args.names)}")
+    return status
+
+
+def _tokens_text(tokens: dict[str, int]) -> str:
+    return " ".join(f"{name}={token}" for name, token in tokens.items())
+
+
+class _WaitLine:
+    """What a waiting acquire shows: one line on a terminal, rewritten as the holders change;
+    nothing elsewhere, unless verbose (then one line per change)."""
+
+    def __init__(self, names: list[str], *, verbose: bool) -> None:
+        self.names = ", ".join(names)
+        self.tty = sys.stderr.isatty()
+        self.verbose = verbose
+        self.shown = False
+
+    def show(self, holders: list[protocol.Holder]) -> None:
+        who = "; ".join(_holder_text(h) for h in holders) or "earlier waiters"
+        text = f"lockctl: waiting for {self.names}: held by {who}"
+        if self.tty:
+            width = _terminal_width()
+            sys.stderr.write(f"\r{text[: width - 1]}\x1b[K")
+            sys.stderr.flush()
+            self.shown = True
+        elif self.verbose:
+            _say(text.removeprefix("lockctl: "))
+
+    def clear(self) -> None:
+        if self.shown:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+            self.shown = False
+
+
+def _terminal_width() -> int:
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns
+    except OSError:
+        return 80
+
+
+def _say_busy(e: errors.LockBusy, args: argparse.Namespace) -> None:
+    names = ", ".join(args.names)
+    if isinstance(e, errors.LockTimeout):
+        _say(f"gave up waiting for {names} after {args.timeout:g}s")
+    else:
+        _say(f"{names}: busy, and -n says not to wait")
+    for holder in e.holders:
+        print(f"  held by {_holder_text(holder)}", file=sys.stderr)
+
+
+def _holder_text(h: protocol.Holder) -> str:
+    """`pid 4242 (make deploy) of alice for 3m05s` — whom a waiter waits for."""
+    who = f"pid {h.pid}" if h.pid is not None else "an unknown process"
+    if h.command:
+        who += f" ({h.command})"
+    if h.uid is not None:
+        who += f" of {_user(h.uid)}"
+    if h.outside:
+        return f"{who}, outside lockd"
+    if h.since:
+        who += f" for {_duration(time.time() - h.since)}"
+    return who
+
+
+# --- release -------------------------------------------------------------------------------
+
+
+def _release(args: argparse.Namespace, socket_path: str) -> int:
+    from .blocking import connect
+
+    with connect(socket_path) as client:
+        if args.force:
+            (name,) = args.names
+            count = client.force_release(name)
+            if count == 0:
+                _say(f"{name} was not held: nothing to break")
+                return EXIT_HELD
+            _say(f"broke {count} lease{'s' if count != 1 else ''} on {name}")
+            return 0
+        client.release_pid(args.pid or os.getppid(), *args.names)
+    return 0
+
+
+# --- status --------------------------------------------------------------------------------
+
+
+def _status(args: argparse.Namespace, socket_path: str) -> int:
+    from .blocking import connect
+
+    with connect(socket_path) as client:
+        locks = [lock for lock in client.status(*args.names) if lock.holders or lock.waiters]
+    if args.json:
+        import msgspec
+
+        sys.stdout.write(msgspec.json.encode(status_document(locks)).decode() + "\n")
+    elif locks:
+        sys.stdout.write(status_table(locks, time.time()))
+    return EXIT_HELD if args.names and any(lock.holders for lock in locks) else 0
+
+
+def status_document(locks: list[protocol.LockInfo]) -> dict:
+    """The `status --json` document (schema in docs/cli.md)."""
+    return {
+        "locks": [
+            {
+                "name": lock.name,
+                "mode": lock.mode,
+                "holders": [
+                    {
+                        "pid": h.pid,
+                        "uid": h.uid,
+                        "command": h.command,
+                        "since": h.since,
+                        "token": h.token,
+                        "label": h.label,
+                        "outside": h.outside,
+                    }
+                    for h in lock.holders
+                ],
+                "waiters": [
+                    {
+                        "pid": w.pid,
+                        "uid": w.uid,
+                        "mode": w.mode,
+                        "since": w.since,
+                        "command": w.command,
+                        "label": w.label,
+                    }
+                    for w in lock.waiters
+                ],
+            }
+            for lock in locks
+        ]
+    }
+
+
+_COLUMNS = ("NAME", "MODE", "PID", "USER", "FOR", "TOKEN", "COMMAND")
+
+
+def status_table(locks: list[protocol.LockInfo], now: float) -> str:
+    """Holders, then waiters in queue order, one row each; the name only on a lock's first row."""
+    rows = []
+    for lock in locks:
+        first = True
+        for role, party in [*(("holder", h) for h in lock.holders), *(("waiter", w) for w in lock.waiters)]:
+            if role == "waiter":
+                mode = f"waits {party.mode}"
+            elif party.outside:
+                mode = f"{party.mode} (outside lockd)"
+            else:
+                mode = party.mode
+            command = party.command + (f" [{party.label}]" if party.label else "")
+            rows.append(
+                (
+                    lock.name if first else "",
+                    mode,
+                    "" if party.pid is None else str(party.pid),
+                    "" if party.uid is None else _user(party.uid),
+                    _duration(now - party.since) if party.since else "",
+                    "" if party.token is None else str(party.token),
+                    command,
+                )
+            )
+            first = False
+    widths = [max(len(row[i]) for row in [_COLUMNS, *rows]) for i in range(len(_COLUMNS) - 1)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in [_COLUMNS, *rows]]
+    return "".join(line.rstrip() + "\n" for line in lines)
+
+
+def _user(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _duration(seconds: float) -> str:
+    """`0.4s`, `42s`, `3m05s`, `2h07m`, `3d04h`: precise enough to tell a stuck holder."""
+    if seconds < 0:
+        seconds = 0.0
+    if seconds < 9.95:  # what rounds to 10.0 reads better as 10s
+        return f"{seconds:.1f}s"
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _say(message: str) -> None:
+    print(f"lockctl: {message}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,366 @@
+"""lockctl against a real daemon: real processes, real signals, real flock(1)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from lockd_client import cli
+
+from .conftest import Daemon
+from .test_cli_supervise import TIMEOUT, alive, wait_for_file
+
+LOCKCTL = [sys.executable, "-m", "lockd_client.cli"]
+LOCKCTL_SH = " ".join(LOCKCTL)  # for command lines run by sh
+
+
+@pytest.fixture(scope="module")
+def lockd() -> Iterator[Daemon]:
+    """One daemon for the tests of this module that leave it running; each uses its own `name`."""
+    root = Path(tempfile.mkdtemp(prefix="lockd-"))
+    shared = Daemon(root)
+    shared.start()
+    yield shared
+    shared.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def name(request: pytest.FixtureRequest) -> str:
+    """A lock name no other test uses."""
+    return re.sub(r"[^A-Za-z0-9._-]", "-", request.node.name)
+
+
+def lockctl(daemon, *args: str, **kwargs) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*LOCKCTL, *args], env=daemon.env, capture_output=True, text=True, timeout=TIMEOUT, **kwargs
+    )
+
+
+def start_lockctl(daemon, *args: str, **kwargs) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*LOCKCTL, *args], env=daemon.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs
+    )
+
+
+def finish(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    """Exit status and stderr of a started lockctl."""
+    _, err = proc.communicate(timeout=TIMEOUT)
+    return proc.returncode, err
+
+
+def status(daemon, *names: str) -> dict[str, dict]:
+    proc = lockctl(daemon, "status", "--json", *names)
+    assert proc.returncode in (0, 1), proc.stderr
+    return {lock["name"]: lock for lock in json.loads(proc.stdout)["locks"]}
+
+
+def eventually(check: Callable[[], object], what: str) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not check():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        time.sleep(0.02)
+
+
+def held(daemon, name: str) -> bool:
+    return bool(status(daemon, name).get(name, {}).get("holders"))
+
+
+def kill_quietly(*procs: subprocess.Popen[str]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=TIMEOUT)
+
+
+# --- acquire -- CMD ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("script", "expected"), [("exit 0", 0), ("exit 3", 3), ("kill -USR1 $$", 128 + 10)])
+def test_exit_status_of_cmd_passes_through(lockd, name: str, script: str, expected: int) -> None:
+    assert lockctl(lockd, "acquire", name, "--", "sh", "-c", script).returncode == expected
+    assert not held(lockd, name)
+
+
+def test_cmd_sees_fencing_tokens_and_the_lock_is_held_while_it_runs(lockd, name: str) -> None:
+    script = f'echo "$LOCKD_TOKEN|$LOCKD_TOKENS"; {LOCKCTL_SH} status --json'
+    first = lockctl(lockd, "acquire", f"{name}.a", f"{name}.b", "-c", script)
+    second = lockctl(lockd, "acquire", f"{name}.a", f"{name}.b", "-c", script)
+    assert first.returncode == second.returncode == 0, first.stderr
+    token_line, status_line = first.stdout.splitlines()
+    token, tokens = token_line.split("|")
+    a, b = (int(pair.split("=")[1]) for pair in tokens.split())
+    assert tokens.startswith(f"{name}.a=") and f" {name}.b=" in tokens and int(token) == a
+    assert int(second.stdout.split("|")[0]) > a
+    holders = {lock["name"]: lock["holders"] for lock in json.loads(status_line)["locks"]}
+    assert [h["token"] for h in holders[f"{name}.a"]] == [a] and [h["token"] for h in holders[f"{name}.b"]] == [b]
+
+
+def test_command_not_found(lockd, name: str) -> None:
+    proc = lockctl(lockd, "acquire", name, "--", "/nonexistent/program")
+    assert proc.returncode == cli.EXIT_NOT_FOUND
+    assert "/nonexistent/program" in proc.stderr
+
+
+def test_signal_is_forwarded_and_the_lease_kept_until_cmd_exits(lockd, name: str, tmp_path: Path) -> None:
+    got = tmp_path / "got"
+    script = f"trap 'echo TERM > {got}; sleep 0.5; exit 7' TERM; echo > {got}.ready; while :; do sleep 0.05; done"
+    proc = start_lockctl(lockd, "acquire", name, "-c", script)
+    try:
+        wait_for_file(tmp_path / "got.ready")
+        proc.send_signal(signal.SIGTERM)
+        wait_for_file(got)
+        assert held(lockd, name)  # CMD is still cleaning up: the lease must not be gone
+        assert finish(proc)[0] == 7
+    finally:
+        kill_quietly(proc)
+    assert not held(lockd, name)
+
+
+def test_sigkill_of_lockctl_terminates_cmd_tree_before_the_lock_is_free(lockd, name: str, tmp_path: Path) -> None:
+    script = f"echo $$ > {tmp_path}/sh; sleep 60 & echo $! > {tmp_path}/gc; wait"
+    proc = start_lockctl(lockd, "acquire", name, "-c", script)
+    try:
+        shell = int(wait_for_file(tmp_path / "sh"))
+        grandchild = int(wait_for_file(tmp_path / "gc"))
+        proc.kill()
+        eventually(lambda: not held(lockd, name), "lock freed")
+        # The moment the lock is free, nothing of CMD may still run.
+        assert not alive(shell)
+        assert not alive(grandchild)
+    finally:
+        kill_quietly(proc)
+
+
+def test_daemon_death_terminates_cmd_with_the_lost_status(daemon, tmp_path: Path) -> None:
+    script = f"sleep 60 & echo $! > {tmp_path}/gc; wait"
+    proc = start_lockctl(daemon, "acquire", "x", "-c", script)
+    try:
+        grandchild = int(wait_for_file(tmp_path / "gc"))
+        daemon.kill()
+        code, err = finish(proc)
+    finally:
+        kill_quietly(proc)
+    assert code == cli.EXIT_LOST == 79
+    assert "lost" in err and "terminated" in err
+    assert not alive(grandchild)
+
+
+def test_forced_release_terminates_the_holders_cmd(lockd, name: str, tmp_path: Path) -> None:
+    proc = start_lockctl(lockd, "acquire", name, "--kill-after", "1", "-c", f"echo > {tmp_path}/ready; sleep 60")
+    try:
+        wait_for_file(tmp_path / "ready")
+        forced = lockctl(lockd, "release", "--force", name)
+        assert forced.returncode == 0, forced.stderr
+        code, err = finish(proc)
+    finally:
+        kill_quietly(proc)
+    assert code == cli.EXIT_LOST
+    assert "lost" in err
+    assert not held(lockd, name)
+
+
+def test_force_release_of_a_free_lock_fails(lockd, name: str) -> None:
+    proc = lockctl(lockd, "release", "--force", f"{name}.free")
+    assert proc.returncode == 1
+    assert "not held" in proc.stderr
+
+
+def test_daemonising_grandchild_does_not_keep_the_lock(lockd, name: str, tmp_path: Path) -> None:
+    script = f"setsid sleep 60 > /dev/null 2>&1 < /dev/null & echo $! > {tmp_path}/gc"
+    proc = lockctl(lockd, "acquire", name, "-c", script)
+    grandchild = int(wait_for_file(tmp_path / "gc"))
+    try:
+        assert proc.returncode == 0, proc.stderr
+        assert alive(grandchild)
+        assert not held(lockd, name)
+    finally:
+        os.kill(grandchild, signal.SIGKILL)
+
+
+# --- busy, timeout, errors -----------------------------------------------------------------
+
+
+@pytest.fixture
+def holder(lockd, name: str, tmp_path: Path):
+    """A lockctl holding `name` exclusively around `sleep 60`, until the test ends."""
+    proc = start_lockctl(lockd, "acquire", name, "-c", f"echo > {tmp_path}/held; exec sleep 60")
+    wait_for_file(tmp_path / "held")
+    yield proc
+    kill_quietly(proc)
+
+
+def test_busy_names_the_holder(lockd, name: str, holder) -> None:
+    proc = lockctl(lockd, "acquire", "-n", name, "--", "true")
+    assert proc.returncode == cli.EXIT_BUSY == 75
+    assert f"pid {holder.pid}" in proc.stderr
+    assert "sleep 60" in proc.stderr  # the holder's command line
+    assert " for " in proc.stderr
+
+
+def test_timeout_names_the_holder(lockd, name: str, holder) -> None:
+    proc = lockctl(lockd, "acquire", "-w", "0.2", name, "--", "true")
+    assert proc.returncode == cli.EXIT_BUSY
+    assert f"gave up waiting for {name} after 0.2s" in proc.stderr
+    assert f"pid {holder.pid}" in proc.stderr
+
+
+@pytest.mark.parametrize("flags", [["-n"], ["-w", "0.1"], ["-w", "0"]])
+def test_conflict_exit_code(lockd, name: str, holder, flags: list[str]) -> None:
+    assert lockctl(lockd, "acquire", *flags, "-E", "3", name, "--", "true").returncode == 3
+
+
+def test_waiter_gets_the_lock_when_the_holder_is_done(lockd, name: str, tmp_path: Path) -> None:
+    first = start_lockctl(lockd, "acquire", name, "-c", f"echo > {tmp_path}/held; sleep 0.3")
+    try:
+        wait_for_file(tmp_path / "held")
+        second = lockctl(lockd, "acquire", "-v", name, "--", "true")
+        assert second.returncode == 0
+        assert f"waiting for {name}" in second.stderr  # -v off a terminal: one line per change
+        assert finish(first)[0] == 0
+    finally:
+        kill_quietly(first)
+
+
+def test_daemon_not_running_names_the_socket(tmp_path: Path) -> None:
+    sock = str(tmp_path / "none.sock")
+    proc = subprocess.run(
+        [*LOCKCTL, "acquire", "--socket", sock, "x", "--", "touch", str(tmp_path / "ran")],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert proc.returncode == cli.EXIT_UNAVAILABLE == 69
+    assert sock in proc.stderr
+    assert not (tmp_path / "ran").exists()
+
+
+def test_daemon_gone_while_waiting_means_69_and_cmd_never_runs(daemon, tmp_path: Path) -> None:
+    holder = start_lockctl(daemon, "acquire", "x", "-c", f"echo > {tmp_path}/held; exec sleep 60")
+    wait_for_file(tmp_path / "held")
+    waiter = start_lockctl(daemon, "acquire", "x", "--", "touch", str(tmp_path / "ran"))
+    try:
+        eventually(lambda: status(daemon, "x")["x"]["waiters"], "waiter queued")
+        daemon.kill()
+        code, err = finish(waiter)
+    finally:
+        kill_quietly(waiter, holder)
+    assert code == cli.EXIT_UNAVAILABLE
+    assert daemon.socket in err
+    assert not (tmp_path / "ran").exists()
+
+
+def test_invalid_name_is_64_without_a_daemon(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [*LOCKCTL, "acquire", "--socket", str(tmp_path / "none.sock"), "../x", "--", "true"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    assert proc.returncode == cli.EXIT_USAGE == 64
+    assert "starting with a letter or digit" in proc.stderr
+
+
+def test_lock_held_by_flock_is_busy_and_shown_as_outside(lockd, name: str, tmp_path: Path) -> None:
+    outside = subprocess.Popen(
+        ["flock", str(lockd.lock_dir / f"{name}.lock"), "-c", f"echo > {tmp_path}/held; exec sleep 60"]
+    )
+    try:
+        wait_for_file(tmp_path / "held")
+        proc = lockctl(lockd, "acquire", "-n", name, "--", "true")
+        assert proc.returncode == cli.EXIT_BUSY
+        assert "outside lockd" in proc.stderr
+        shown = lockctl(lockd, "status", name)
+        assert shown.returncode == 1 and "outside lockd" in shown.stdout
+    finally:
+        outside.kill()
+        outside.wait(TIMEOUT)
+
+
+def test_lease_excludes_flock_on_the_same_file(lockd, name: str, holder) -> None:
+    proc = subprocess.run(["flock", "-n", str(lockd.lock_dir / f"{name}.lock"), "true"], timeout=TIMEOUT)
+    assert proc.returncode == 1
+
+
+# --- process-tied leases -------------------------------------------------------------------
+
+
+def test_process_tied_lease_ends_with_the_shell(lockd, name: str, tmp_path: Path) -> None:
+    script = f"{LOCKCTL_SH} acquire {name} > {tmp_path}/token && echo $$ > {tmp_path}/sh && sleep 0.5"
+    shell = subprocess.Popen(["sh", "-c", script], env=lockd.env)
+    try:
+        shell_pid = int(wait_for_file(tmp_path / "sh"))
+        [tied] = status(lockd, name)[name]["holders"]
+        assert tied["pid"] == shell_pid
+        assert tied["token"] == int(wait_for_file(tmp_path / "token"))
+        assert shell.wait(TIMEOUT) == 0
+        eventually(lambda: not held(lockd, name), "lease ended with its shell")
+    finally:
+        shell.kill()
+        shell.wait(TIMEOUT)
+
+
+def test_release_of_a_process_tied_lease(lockd, name: str) -> None:
+    script = (
+        f"{LOCKCTL_SH} acquire {name} >/dev/null && {LOCKCTL_SH} acquire {name}.a >/dev/null && "
+        f"{LOCKCTL_SH} release {name} && {LOCKCTL_SH} status --json {name} {name}.a"
+    )
+    proc = subprocess.run(["sh", "-c", script], env=lockd.env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 1, proc.stderr  # a is still held
+    assert [lock["name"] for lock in json.loads(proc.stdout)["locks"]] == [f"{name}.a"]
+
+
+def test_release_with_pid_and_of_what_is_not_held(lockd, name: str) -> None:
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        assert lockctl(lockd, "acquire", "--pid", str(sleeper.pid), name).returncode == 0
+        assert status(lockd, name)[name]["holders"][0]["pid"] == sleeper.pid
+        assert lockctl(lockd, "release", "--pid", str(sleeper.pid), name).returncode == 0
+        assert not held(lockd, name)
+        again = lockctl(lockd, "release", "--pid", str(sleeper.pid), name)
+        assert again.returncode == 1
+        assert name in again.stderr
+    finally:
+        sleeper.kill()
+        sleeper.wait(TIMEOUT)
+
+
+# --- status --------------------------------------------------------------------------------
+
+
+def test_status_json_schema(lockd, name: str, holder, tmp_path: Path) -> None:
+    waiter = start_lockctl(lockd, "acquire", "-s", name, "--", "true")
+    try:
+        eventually(lambda: status(lockd, name)[name]["waiters"], "waiter queued")
+        proc = lockctl(lockd, "status", "--json")
+        assert proc.returncode == 0
+        doc = json.loads(proc.stdout)
+        [lock] = doc["locks"]  # only what is held or waited on
+        assert lock["name"] == name and lock["mode"] == "exclusive"
+        [h] = lock["holders"]
+        assert h["pid"] == holder.pid and isinstance(h["uid"], int) and isinstance(h["token"], int)
+        assert "sleep 60" in h["command"] and abs(h["since"] - time.time()) < 60
+        [w] = lock["waiters"]
+        assert w["pid"] == waiter.pid and w["mode"] == "shared" and isinstance(w["uid"], int)
+        assert isinstance(w["since"], float)
+    finally:
+        kill_quietly(waiter)
+
+
+def test_status_exit_code_says_whether_names_are_free(lockd, name: str, holder) -> None:
+    assert lockctl(lockd, "status", f"{name}.free").returncode == 0
+    assert lockctl(lockd, "status", f"{name}.free", name).returncode == 1
+    assert lockctl(lockd, "status", "--json", f"{name}.free").stdout.strip() == '{"locks":[]}'
+    table = lockctl(lockd, "status").stdout.splitlines()
+    assert table[0].split()[:2] == ["NAME", "MODE"] and table[1].split()[:3] == [name, "exclusive", str(holder.pid)]

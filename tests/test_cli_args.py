@@ -1,0 +1,184 @@
+"""lockctl's command line and output formats: pure logic, no daemon."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from lockd_client import cli, protocol
+
+TIMEOUT = 10.0
+
+
+def parse(*argv: str):
+    return cli.parse_args(list(argv))
+
+
+def test_everything_after_the_double_dash_is_cmd_verbatim() -> None:
+    args = parse("acquire", "-n", "a", "b", "--", "ls", "-n", "--", "-x")
+    assert args.names == ["a", "b"]
+    assert args.cmd == ["ls", "-n", "--", "-x"]
+    assert args.no_wait
+
+
+def test_dash_c_runs_through_sh() -> None:
+    assert parse("acquire", "x", "-c", "echo $HOME | wc").cmd == ["sh", "-c", "echo $HOME | wc"]
+
+
+def test_without_cmd_the_lease_is_process_tied() -> None:
+    args = parse("acquire", "x", "--pid", "42")
+    assert (args.cmd, args.pid) == (None, 42)
+
+
+def test_defaults() -> None:
+    args = parse("acquire", "x", "--", "true")
+    assert not args.shared
+    assert not args.no_wait
+    assert args.timeout is None
+    assert args.conflict_exit_code == cli.EXIT_BUSY == 75
+    assert args.kill_after == cli.DEFAULT_KILL_AFTER == 10
+    assert args.socket is None
+    assert args.pid is None
+
+
+@pytest.mark.parametrize(("flags", "shared"), [(["-s"], True), (["-x"], False), (["-s", "-x"], False), (["-x", "--shared"], True)])
+def test_mode_flags_last_one_wins_as_in_flock(flags: list[str], shared: bool) -> None:
+    assert parse("acquire", *flags, "x", "--", "true").shared is shared
+
+
+def test_fractional_timeout() -> None:
+    args = parse("acquire", "-w", "0.25", "x", "--", "true")
+    assert (args.timeout, args.no_wait) == (0.25, False)
+
+
+def test_zero_timeout_means_no_wait() -> None:
+    args = parse("acquire", "--timeout", "0", "x", "--", "true")
+    assert (args.no_wait, args.timeout) == (True, None)
+
+
+def test_no_wait_wins_over_a_timeout() -> None:
+    args = parse("acquire", "-w", "5", "-n", "x", "--", "true")
+    assert (args.no_wait, args.timeout) == (True, None)
+
+
+def test_conflict_exit_code() -> None:
+    assert parse("acquire", "-E", "0", "x", "--", "true").conflict_exit_code == 0
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["acquire", "-w", "-1", "x", "--", "true"],
+        ["acquire", "-w", "soon", "x", "--", "true"],
+        ["acquire", "-w", "nan", "x", "--", "true"],
+        ["acquire", "-w", "inf", "x", "--", "true"],
+        ["acquire", "--kill-after", "-2", "x", "--", "true"],
+        ["acquire", "-E", "256", "x", "--", "true"],
+        ["acquire", "-E", "one", "x", "--", "true"],
+        ["acquire", "x", "--"],
+        ["acquire", "x", "-c", "true", "--", "true"],
+        ["acquire", "--pid", "42", "x", "--", "true"],
+        ["acquire", "--pid", "0", "x"],
+        ["acquire", "--", "true"],
+        ["release", "--force", "a", "b"],
+        ["release", "--force", "--pid", "42", "a"],
+        ["release"],
+        ["frobnicate", "x"],
+        [],
+    ],
+)
+def test_usage_errors(argv: list[str]) -> None:
+    with pytest.raises(cli.UsageError):
+        cli.parse_args(argv)
+
+
+@pytest.mark.parametrize("argv", [["acquire", "{}", "--", "true"], ["acquire", "{}"], ["release", "{}"], ["status", "ok", "{}"]])
+@pytest.mark.parametrize("bad", ["", "../etc", ".hidden", "-n", "a/b", "a b", "x" * 251])
+def test_invalid_names_state_the_rule(argv: list[str], bad: str) -> None:
+    with pytest.raises(cli.UsageError) as info:
+        cli.parse_args([bad if word == "{}" else word for word in argv])
+    if not bad.startswith("-"):  # "-n" is read as an option, and so a usage error of its own
+        assert protocol.NAME_RULE in str(info.value)
+
+
+def test_socket_option_on_every_command() -> None:
+    for argv in (["acquire", "x", "--", "true"], ["release", "x"], ["status"]):
+        assert cli.parse_args([argv[0], "--socket", "/s", *argv[1:]]).socket == "/s"
+
+
+def test_main_reports_usage_errors_with_64_before_contacting_the_daemon(capsys, monkeypatch) -> None:
+    monkeypatch.setenv("LOCKD_SOCKET", "/nonexistent/lockd.sock")
+    assert cli.main(["acquire", "no/slash", "--", "true"]) == 64
+    err = capsys.readouterr().err
+    assert protocol.NAME_RULE in err
+    assert "/nonexistent" not in err
+
+
+@pytest.mark.parametrize("command", ["acquire", "release", "status"])
+def test_help_has_examples(capsys, command: str) -> None:
+    assert cli.main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out
+    assert f"lockctl {command} " in out
+
+
+def test_lockctl_never_imports_trio() -> None:
+    code = (
+        "import sys; from lockd_client import cli; "
+        "status = cli.main(['acquire', 'x', '--', 'true']); "
+        "assert 'trio' not in sys.modules, 'trio imported'; sys.exit(status)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        env={"LOCKD_SOCKET": "/nonexistent/lockd.sock", "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        timeout=TIMEOUT,
+    )
+    assert proc.returncode == cli.EXIT_UNAVAILABLE, proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(-1, "0.0s"), (0.42, "0.4s"), (9.96, "10s"), (42.4, "42s"), (185, "3m05s"), (7620, "2h07m"), (273600, "3d04h")],
+)
+def test_duration(seconds: float, text: str) -> None:
+    assert cli._duration(seconds) == text
+
+
+def holder(**fields) -> protocol.Holder:
+    return protocol.Holder(**{"pid": 10, "uid": 0, "command": "make deploy", "since": 1000.0, "token": 7, **fields})
+
+
+LOCKS = [
+    protocol.LockInfo(
+        name="site.com",
+        mode="exclusive",
+        holders=[holder()],
+        waiters=[holder(pid=11, command="lockctl acquire -s site.com", mode="shared", token=None, since=1090.0)],
+    ),
+    protocol.LockInfo(name="db", mode=None, holders=[], waiters=[holder(pid=12, token=None)]),
+    protocol.LockInfo(name="cron", mode="exclusive", holders=[holder(pid=13, outside=True, token=None, since=0.0)], waiters=[]),
+]
+
+
+def test_status_document_schema() -> None:
+    doc = cli.status_document(LOCKS)
+    site, db, cron = doc["locks"]
+    assert site["name"] == "site.com" and site["mode"] == "exclusive"
+    assert site["holders"] == [
+        {"pid": 10, "uid": 0, "command": "make deploy", "since": 1000.0, "token": 7, "label": None, "outside": False}
+    ]
+    assert [(w["pid"], w["uid"], w["mode"], w["since"]) for w in site["waiters"]] == [(11, 0, "shared", 1090.0)]
+    assert db["mode"] is None and db["holders"] == []
+    assert cron["holders"][0]["outside"] is True
+
+
+def test_status_table_lists_holders_then_waiters_in_order() -> None:
+    lines = cli.status_table(LOCKS, now=1100.0).splitlines()
+    assert lines[0].split() == ["NAME", "MODE", "PID", "USER", "FOR", "TOKEN", "COMMAND"]
+    assert lines[1].split() == ["site.com", "exclusive", "10", "root", "1m40s", "7", "make", "deploy"]
+    assert lines[2].split() == ["waits", "shared", "11", "root", "10s", "lockctl", "acquire", "-s", "site.com"]
+    assert lines[3].split()[:3] == ["db", "waits", "exclusive"]
+    assert "(outside lockd)" in lines[4]
