@@ -33,6 +33,18 @@ async def is_free(daemon: Daemon, name: str) -> bool:
         return True
 
 
+async def start_doomed_acquire(nursery: trio.Nursery, client, name: str, match: str) -> None:
+    """Start a task whose acquire of `name` is queued and must end in DaemonUnavailable."""
+    queued = trio.Event()
+
+    async def doomed():
+        with pytest.raises(lockd_client.DaemonUnavailable, match=match):
+            await client.acquire(name, on_queued=lambda holders: queued.set())
+
+    nursery.start_soon(doomed)
+    await queued.wait()
+
+
 async def test_no_daemon_raises_unavailable(short_tmp):
     with pytest.raises(lockd_client.DaemonUnavailable, match="is lockd running"):
         async with trio_client.connect(short_tmp / "nobody.sock"):
@@ -173,15 +185,8 @@ async def test_a_killed_daemon_loses_leases_and_fails_waiting_requests(daemon):
         async with trio_client.connect(daemon.socket) as holder, trio_client.connect(daemon.socket) as c:
             await holder.acquire("x")
             lease = await c.acquire("y")
-            queued = trio.Event()
-
-            async def wait_for_x():
-                with pytest.raises(lockd_client.DaemonUnavailable, match="connect again"):
-                    await c.acquire("x", on_queued=lambda h: queued.set())
-
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(wait_for_x)
-                await queued.wait()
+                await start_doomed_acquire(nursery, c, "x", match="connect again")
                 daemon.kill()
                 assert await lease.wait_lost()
             with pytest.raises(lockd_client.LeaseLost):
@@ -196,15 +201,8 @@ async def test_closing_the_connection_fails_the_requests_waiting_on_it(daemon):
         async with trio_client.connect(daemon.socket) as holder, trio_client.connect(daemon.socket) as c:
             await holder.acquire("x")
             lease = await c.acquire("y")
-            queued = trio.Event()
-
-            async def wait_for_x():
-                with pytest.raises(lockd_client.DaemonUnavailable, match="closed by this client"):
-                    await c.acquire("x", on_queued=lambda h: queued.set())
-
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(wait_for_x)
-                await queued.wait()
+                await start_doomed_acquire(nursery, c, "x", match="closed by this client")
                 await c.aclose()
             async with lease:
                 assert not lease.lost
