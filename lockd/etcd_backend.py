@@ -1,0 +1,524 @@
+"""The etcd backend: lockd daemons on many hosts sharing their named locks through one etcd.
+
+Invariants:
+- A ticket is granted only while (1) its keys exist in etcd — one per name,
+  `PREFIX/NAME/LEASE/SEQ`, all put in one txn under this daemon's etcd lease, so all share one
+  create revision R, the ticket's fencing token on every name; (2) no conflicting key with a
+  lower create revision exists on any of its names; (3) this host's flock of every name is held.
+- The daemon vouches for its etcd lease only until `S + TTL - TTL/3`, S being when the last
+  confirmed keep-alive was sent: etcd cannot expire the lease before S + TTL. At that deadline
+  every held ticket is reported lost and the lease is never used again.
+- Every key the daemon put belongs to a live ticket or is on its way out: a ticket's end, a
+  take that fails or is cancelled, and any key of the current lease that the watch shows with
+  no live ticket all hand the key to the janitor, which deletes until etcd confirms.
+
+Order is ZooKeeper's recipe on etcd's global revision: a ticket waits for the deletion of the
+nearest conflicting key below R (any key for an exclusive ticket, an exclusive key for a
+shared one), then looks again. Waits never poll etcd: one watch over the prefix mirrors every
+key, and a deletion wakes only the ticket waiting for that key. The oldest ticket waits for
+nobody, so there is no deadlock across hosts, whatever names a request combines.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from collections.abc import Iterable, Sequence
+
+import msgspec
+import trio
+
+from lockd_client.protocol import Holder, Mode
+
+from . import etcd_client
+from .backend import Blocked, LoseCallback
+from .config import Etcd
+from .etcd_client import EtcdClient, EtcdError, EtcdUnreachable, KeyValue, WatchCompacted, WatchResponse
+from .lockfiles import LockFiles
+from .session import Party
+from .table import Ticket
+
+log = logging.getLogger("lockd.etcd")
+
+#: etcd's default --max-txn-ops: the most keys one delete txn carries.
+_MAX_TXN_OPS = 128
+#: A local flock held outside lockd is retried at this interval, doubling up to the maximum.
+_FLOCK_POLL = (0.01, 0.5)
+#: Reconnecting to etcd backs off from the first to the second (seconds).
+_RECONNECT = (0.1, 1.0)
+
+
+class _Record(msgspec.Struct, omit_defaults=True):
+    """The value of a lock key: who asked, for `status` on every host."""
+
+    host: str
+    mode: Mode
+    #: Unix time of the request.
+    since: float
+    pid: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    command: str = ""
+    label: str | None = None
+
+
+_decode_record = msgspec.json.Decoder(_Record).decode
+
+
+class _Key:
+    """A lock key as the mirror knows it."""
+
+    __slots__ = ("key", "name", "revision", "lease", "record", "gone")
+
+    def __init__(self, key: str, name: str, revision: int, lease: int, record: _Record | None) -> None:
+        self.key = key
+        self.name = name
+        self.revision = revision
+        self.lease = lease
+        #: None for a value that is not a lockd record: it then counts as exclusive.
+        self.record = record
+        #: Set when the key is deleted (or the mirror starts over and may not see it go).
+        self.gone = trio.Event()
+
+    @property
+    def shared(self) -> bool:
+        return self.record is not None and self.record.mode == "shared"
+
+    def holder(self) -> Holder:
+        r = self.record or _Record(host="?", mode="exclusive", since=0.0)
+        return Holder(
+            pid=r.pid, uid=r.uid, gid=r.gid, command=r.command,
+            label=f"{r.label} on {r.host}" if r.label else f"on {r.host}",
+            since=r.since, mode=r.mode, token=self.revision,
+        )
+
+
+class Mirror:
+    """Every key under the prefix as of `revision`, fed by one watch. No I/O.
+
+    Keys arrive in revision order and a revision is never split across watch responses, so
+    at `revision` the mirror holds exactly what etcd held then.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        #: 0 until the first `reset`.
+        self.revision = 0
+        self._keys: dict[str, _Key] = {}
+        self._names: dict[str, dict[str, _Key]] = {}
+        self._advanced = trio.Event()
+
+    def reset(self, revision: int, kvs: Iterable[KeyValue]) -> list[_Key]:
+        """Start over from a range read at `revision`; return the keys now present."""
+        for entry in self._keys.values():
+            entry.gone.set()  # their waiters look again, in the new mirror
+        self._keys.clear()
+        self._names.clear()
+        added = [e for kv in kvs if (e := self._add(kv)) is not None]
+        self._advance(revision)
+        return added
+
+    def apply(self, response: WatchResponse) -> list[_Key]:
+        """Apply a watch response; return the keys it created."""
+        added = []
+        for event in response.events:
+            key = event.kv.key.decode()
+            if event.type == "DELETE":
+                self._remove(key)
+            elif key not in self._keys:  # a put over an existing key changes nothing here
+                entry = self._add(event.kv)
+                if entry is not None:
+                    added.append(entry)
+        if response.events:
+            self._advance(response.events[-1].kv.mod_revision)
+        return added
+
+    async def wait_for(self, revision: int) -> None:
+        """Return once the mirror has caught up with `revision`."""
+        while self.revision < revision:
+            await self._advanced.wait()
+
+    def blocker(self, names: Sequence[str], revision: int, shared: bool) -> _Key | None:
+        """The nearest key below `revision` that a request on `names` must outwait, if any."""
+        for name in names:
+            nearest = None
+            for entry in self._names.get(name, {}).values():
+                if entry.revision < revision and not (shared and entry.shared):
+                    if nearest is None or entry.revision > nearest.revision:
+                        nearest = entry
+            if nearest is not None:
+                return nearest
+        return None
+
+    def queue(self, name: str) -> list[_Key]:
+        """The keys on `name` in etcd order (create revision, then key)."""
+        return sorted(self._names.get(name, {}).values(), key=lambda e: (e.revision, e.key))
+
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    def _add(self, kv: KeyValue) -> _Key | None:
+        key = kv.key.decode()
+        name = key[len(self.prefix):].partition("/")[0]
+        if not name:
+            return None
+        try:
+            record: _Record | None = _decode_record(kv.value)
+        except msgspec.DecodeError:
+            record = None
+        entry = _Key(key, name, kv.create_revision, kv.lease, record)
+        self._keys[key] = entry
+        self._names.setdefault(name, {})[key] = entry
+        return entry
+
+    def _remove(self, key: str) -> None:
+        entry = self._keys.pop(key, None)
+        if entry is None:
+            return
+        keys = self._names[entry.name]
+        del keys[key]
+        if not keys:
+            del self._names[entry.name]
+        entry.gone.set()
+
+    def _advance(self, revision: int) -> None:
+        if revision > self.revision:
+            self.revision = revision
+            self._advanced.set()
+            self._advanced = trio.Event()
+
+
+class _Session:
+    """One etcd lease and everything that lives only as long as it does."""
+
+    def __init__(self, lease: int, ttl: int, sent: float, prefix: str) -> None:
+        self.lease = lease
+        self.ttl = ttl
+        #: Until when the lease is vouched for (trio clock).
+        self.deadline = sent + ttl - ttl / 3
+        self.alive = True
+        self.mirror = Mirror(prefix)
+        #: Cancel scopes of the takes running under this lease.
+        self.takes: set[trio.CancelScope] = set()
+        #: Keys to delete, and the janitor's wake-up call.
+        self.doomed: set[str] = set()
+        self.wake = trio.Event()
+
+    def doom(self, keys: Iterable[str]) -> None:
+        if self.alive:  # otherwise the keys go with the lease
+            self.doomed.update(keys)
+            self.wake.set()
+
+
+class _Attempt:
+    """One ticket's keys, from `take` until `drop`."""
+
+    __slots__ = ("ticket", "session", "keys", "held", "ended")
+
+    def __init__(self, ticket: Ticket, session: _Session, keys: dict[str, str]) -> None:
+        self.ticket = ticket
+        self.session = session
+        #: name → key
+        self.keys = keys
+        self.held = False
+        self.ended = False
+
+
+class EtcdBackend:
+    """Named locks shared by every lockd on the same etcd cluster and prefix.
+
+    `take` needs a live etcd lease: until `run` has one (and whenever it has lost it) takes
+    raise `DaemonUnavailable`. See the module docstring for the guarantees.
+    """
+
+    name = "etcd"
+
+    def __init__(
+        self, files: LockFiles, client: EtcdClient, *, host: str, ttl: float = 5.0, prefix: str = "/lockd/"
+    ) -> None:
+        """`ttl` is the etcd lease's, in whole seconds (rounded up; etcd may raise it to its
+        minimum): how long a dead or cut-off daemon's locks outlive it. `host` is shown with
+        this daemon's holders on the other hosts. The backend owns `client` and closes it.
+        """
+        self._files = files
+        self._client = client
+        self._host = host
+        self._ttl = max(1, math.ceil(ttl))
+        self._prefix = prefix.rstrip("/") + "/"
+        #: Bound on every etcd request but the watch.
+        self._timeout = max(1.0, self._ttl / 3)
+        self._session: _Session | None = None
+        self._attempts: dict[Ticket, _Attempt] = {}
+        #: key → ticket, for every key of a live ticket.
+        self._owners: dict[str, Ticket] = {}
+        self._sequence = itertools.count(1)
+        #: Leases given up but maybe not yet expired in etcd: revoked when etcd answers again.
+        self._stale: set[int] = set()
+        self._problem = "no lease yet (lockd is starting)"
+
+    @classmethod
+    def from_config(cls, files: LockFiles, config: Etcd, host: str) -> EtcdBackend:
+        """The backend the `[etcd]` configuration describes. Raises OSError if a TLS file is
+        unusable."""
+        client = EtcdClient(
+            config.endpoints, ca_file=config.ca_file, cert_file=config.cert_file,
+            key_file=config.key_file, username=config.username, password=config.password,
+        )
+        return cls(files, client, host=host, ttl=config.ttl, prefix=config.prefix)
+
+    # --- Backend ------------------------------------------------------------------------------
+
+    def take_now(self, ticket: Ticket) -> list[int] | None:
+        return None  # etcd is across the network
+
+    async def take(self, ticket: Ticket) -> list[int]:
+        """Put the ticket's keys, outwait conflicting older keys, flock; return R per name.
+
+        Raises `Blocked` (no-wait ticket, lock held), `DaemonUnavailable` (no etcd lease, an
+        etcd request failed, or the lease was lost meanwhile), or what `LockFiles.try_lock`
+        raises. On any exception, cancellation included, the keys go to the janitor and the
+        flocks are released.
+        """
+        session = self._session
+        if session is None or not session.alive:
+            raise self._unavailable()
+        keys = {name: f"{self._prefix}{name}/{session.lease:x}/{next(self._sequence)}" for name in ticket.names}
+        attempt = _Attempt(ticket, session, keys)
+        self._attempts[ticket] = attempt
+        self._owners.update(dict.fromkeys(keys.values(), ticket))
+        scope = trio.CancelScope()
+        session.takes.add(scope)
+        try:
+            with scope:
+                return await self._obtain(attempt)
+            # The session ended under the take; unless the caller cancelled it as well.
+            await trio.lowlevel.checkpoint()
+            raise self._unavailable()
+        except BaseException:
+            self._end(attempt)
+            raise
+        finally:
+            session.takes.discard(scope)
+
+    def drop(self, ticket: Ticket) -> None:
+        attempt = self._attempts.get(ticket)
+        if attempt is not None:
+            attempt.ended = True
+            self._end(attempt)
+
+    def outside_holders(self, name: str) -> list[Holder]:
+        """Local processes flocking `name` outside lockd, then holders on other hosts.
+
+        The other hosts' holders come from the watch's mirror (none while etcd is
+        unreachable). A key counts as holding once no older conflicting key is left.
+        """
+        return self._files.outside_holders(name) + [e.holder() for e in self._remote(name, holding=True)]
+
+    def outside_waiters(self, name: str) -> list[Holder]:
+        """Requests for `name` on other hosts that wait behind an older conflicting key."""
+        return [e.holder() for e in self._remote(name, holding=False)]
+
+    def outside_names(self) -> list[str]:
+        """Names that other hosts hold or wait for, as far as the watch has seen."""
+        session = self._session
+        if session is None:
+            return []
+        return [n for n in session.mirror.names() if any(e.key not in self._owners for e in session.mirror.queue(n))]
+
+    async def run(self, lose: LoseCallback) -> None:
+        """Hold an etcd lease for as long as the daemon serves, and a fresh one after a loss.
+
+        When a lease can no longer be vouched for, every ticket held under it is reported to
+        `lose` and takes under it fail. Cancellation (shutdown) revokes the lease, so the
+        other hosts get this daemon's locks at once, and closes the connections to etcd.
+        """
+        try:
+            while True:
+                session = await self._open_session()
+                reason = await self._serve(session, lose)
+                log.warning("%s; lockd reconnects to etcd and serves again once it has a new lease", reason)
+        finally:
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(self._timeout):
+                    session = self._session
+                    if session is not None and session.alive:
+                        try:
+                            await self._client.revoke(session.lease, timeout=self._timeout)
+                        except EtcdError as exc:
+                            log.warning("could not revoke the etcd lease at shutdown: %s", exc)
+                await self._client.aclose()
+
+    # --- takes --------------------------------------------------------------------------------
+
+    async def _obtain(self, attempt: _Attempt) -> list[int]:
+        ticket, session = attempt.ticket, attempt.session
+        party: Party = ticket.info  # type: ignore[assignment]
+        record = _Record(
+            host=self._host, mode="shared" if ticket.shared else "exclusive", since=time.time(),
+            pid=party.pid, uid=party.uid, gid=party.gid, command=party.command, label=party.label,
+        )
+        value = msgspec.json.encode(record)
+        puts = [etcd_client.put(key, value, session.lease) for key in attempt.keys.values()]
+        _, revision = await self._client.txn(puts, timeout=self._timeout)
+        await session.mirror.wait_for(revision)
+        while (blocker := session.mirror.blocker(ticket.names, revision, ticket.shared)) is not None:
+            if not ticket.wait:
+                raise Blocked
+            await blocker.gone.wait()
+        delay = _FLOCK_POLL[0]
+        while not self._files.try_lock(ticket):
+            if not ticket.wait:
+                raise Blocked
+            await trio.sleep(delay)
+            delay = min(2 * delay, _FLOCK_POLL[1])
+        # The keys may have gone with an expired lease while this waited (etcd issue
+        # #11456): grant only if etcd still has every one of them.
+        compare = [etcd_client.created_at(key, revision) for key in attempt.keys.values()]
+        present, _ = await self._client.txn([], compare=compare, timeout=self._timeout)
+        if not present:
+            raise EtcdError(
+                "this request's keys vanished from etcd while it waited (the etcd lease "
+                "expired or someone deleted them); retry the request"
+            )
+        if attempt.ended:
+            self._end(attempt)  # dropped while the last request was under way: let go again
+        else:
+            attempt.held = True
+        return [revision] * len(ticket.names)
+
+    def _end(self, attempt: _Attempt) -> None:
+        """Let go of everything of `attempt`. Idempotent."""
+        if self._attempts.get(attempt.ticket) is attempt:
+            del self._attempts[attempt.ticket]
+        for key in attempt.keys.values():
+            self._owners.pop(key, None)
+        attempt.session.doom(attempt.keys.values())
+        self._files.unlock(attempt.ticket)
+
+    def _unavailable(self) -> EtcdUnreachable:
+        return EtcdUnreachable(
+            f"the etcd backend is unavailable: {self._problem}; lockd reconnects by itself, "
+            "retry later (and check etcd at " + ", ".join(self._client.endpoints) + ")"
+        )
+
+    def _remote(self, name: str, *, holding: bool) -> list[_Key]:
+        """Keys on `name` of no live local ticket, holding or waiting per etcd's order."""
+        session = self._session
+        if session is None:
+            return []
+        found = []
+        exclusive_seen = False
+        for index, entry in enumerate(session.mirror.queue(name)):
+            is_holding = index == 0 or (entry.shared and not exclusive_seen)
+            exclusive_seen = exclusive_seen or not entry.shared
+            if is_holding == holding and entry.key not in self._owners:
+                found.append(entry)
+        return found
+
+    # --- the lease ----------------------------------------------------------------------------
+
+    async def _open_session(self) -> _Session:
+        """Get a lease from etcd, retrying with back-off until one is granted."""
+        delay = _RECONNECT[0]
+        while True:
+            sent = trio.current_time()
+            try:
+                lease, ttl = await self._client.grant(self._ttl, timeout=self._timeout)
+            except EtcdError as exc:
+                if str(exc) != self._problem:
+                    log.warning("etcd is unavailable: %s; retrying", exc)
+                self._problem = str(exc)
+                await trio.sleep(delay)
+                delay = min(2 * delay, _RECONNECT[1])
+                continue
+            log.info("etcd lease %x granted by %s, TTL %d s", lease, self._client.endpoint, ttl)
+            return _Session(lease, ttl, sent, self._prefix)
+
+    async def _serve(self, session: _Session, lose: LoseCallback) -> str:
+        """Serve under `session` until it is lost; then report its held tickets lost."""
+        async with trio.open_nursery() as nursery:
+            self._session = session
+            if self._stale:
+                session.wake.set()
+            nursery.start_soon(self._mirror, session)
+            nursery.start_soon(self._janitor, session)
+            reason = await self._keep_alive(session)
+            session.alive = False
+            self._problem = reason
+            self._stale.add(session.lease)
+            for scope in session.takes:
+                scope.cancel()
+            for attempt in [a for a in self._attempts.values() if a.held and a.session is session]:
+                lose(attempt.ticket, reason)
+            nursery.cancel_scope.cancel()
+        self._session = None
+        return reason
+
+    async def _keep_alive(self, session: _Session) -> str:
+        """Renew the lease every TTL/3; return why it cannot be vouched for any longer."""
+        period = session.ttl / 3
+        next_send = trio.current_time() + period
+        while True:
+            await trio.sleep_until(min(next_send, session.deadline))
+            sent = trio.current_time()
+            if sent >= session.deadline:
+                return f"etcd lease could not be kept alive ({self._problem})"
+            try:
+                with trio.fail_at(session.deadline):
+                    ttl = await self._client.keep_alive(session.lease, timeout=min(period, session.deadline - sent))
+            except trio.TooSlowError:
+                self._problem = f"etcd at {self._client.endpoint} did not confirm a keep-alive in time"
+                continue
+            except EtcdError as exc:
+                self._problem = str(exc)
+                log.warning("etcd keep-alive failed: %s", exc)
+                next_send = sent + period / 4
+                continue
+            if ttl <= 0:
+                return "the etcd lease expired"
+            session.deadline = sent + ttl - ttl / 3
+            next_send = sent + period
+
+    async def _mirror(self, session: _Session) -> None:
+        """Keep `session.mirror` in step with etcd: read the prefix, then watch it."""
+        delay = _RECONNECT[0]
+        while True:
+            try:
+                revision, kvs = await self._client.range_prefix(self._prefix, timeout=self._timeout)
+                self._adopt(session, session.mirror.reset(revision, kvs))
+                delay = _RECONNECT[0]
+                await self._client.watch(
+                    self._prefix, revision + 1,
+                    lambda response: self._adopt(session, session.mirror.apply(response)),
+                    timeout=self._timeout,
+                )
+            except WatchCompacted:
+                continue
+            except EtcdError as exc:
+                log.warning("etcd watch interrupted: %s; reading again", exc)
+                await trio.sleep(delay)
+                delay = min(2 * delay, _RECONNECT[1])
+
+    def _adopt(self, session: _Session, added: list[_Key]) -> None:
+        """Hand keys of this lease that no live ticket owns to the janitor."""
+        session.doom(e.key for e in added if e.lease == session.lease and e.key not in self._owners)
+
+    async def _janitor(self, session: _Session) -> None:
+        """Delete doomed keys and revoke stale leases, retrying until etcd confirms."""
+        while True:
+            await session.wake.wait()
+            session.wake = trio.Event()
+            try:
+                for lease in list(self._stale):
+                    await self._client.revoke(lease, timeout=self._timeout)
+                    self._stale.discard(lease)
+                while session.doomed:
+                    batch = list(itertools.islice(session.doomed, _MAX_TXN_OPS))
+                    await self._client.txn([etcd_client.delete(k) for k in batch], timeout=self._timeout)
+                    session.doomed.difference_update(batch)
+            except EtcdError as exc:
+                log.warning("could not delete released keys from etcd yet: %s", exc)
+                await trio.sleep(_RECONNECT[0])
+                session.wake.set()

@@ -1,0 +1,357 @@
+"""A thin async client for etcd's v3 JSON gateway (`/v3/...`): only the calls lockd needs.
+
+Invariant: a call either returns etcd's decoded answer or raises an `EtcdError` (a
+`DaemonUnavailable`); a request is sent again, to the next endpoint, only when it cannot have
+reached etcd (the connection was never made, or etcd refused the auth token), so a txn is
+applied at most once per call.
+
+Keys are `str` (lockd's keys are ASCII), values `bytes`; the gateway's base64 and
+int64-as-string encodings stay in here.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import httpx
+import msgspec
+import trio
+
+from lockd_client.errors import DaemonUnavailable
+
+# gRPC status codes etcd answers with (google.golang.org/grpc/codes).
+_NOT_FOUND = 5
+_UNAUTHENTICATED = 16
+
+_T = TypeVar("_T")
+
+
+class EtcdError(DaemonUnavailable):
+    """etcd answered, with an error; `status` is its gRPC status code."""
+
+    def __init__(self, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class EtcdUnreachable(EtcdError):
+    """No endpoint answered in time."""
+
+
+class WatchCompacted(EtcdError):
+    """The watch's start revision was compacted away: read the range again and re-watch."""
+
+
+# --- decoded answers (unset proto3 fields are left out of the JSON: defaults here) -----------
+
+
+class KeyValue(msgspec.Struct):
+    key: bytes
+    create_revision: int = 0
+    mod_revision: int = 0
+    value: bytes = b""
+    lease: int = 0
+
+
+class Header(msgspec.Struct):
+    revision: int = 0
+
+
+class _Range(msgspec.Struct):
+    header: Header
+    kvs: list[KeyValue] = []
+
+
+class _Grant(msgspec.Struct):
+    header: Header
+    ID: int = 0
+    TTL: int = 0
+    error: str = ""
+
+
+class _KeepAlive(msgspec.Struct):
+    ID: int = 0
+    TTL: int = 0
+
+
+class _KeepAliveLine(msgspec.Struct):
+    result: _KeepAlive | None = None
+    error: dict[str, Any] | None = None
+
+
+class _Txn(msgspec.Struct):
+    header: Header
+    succeeded: bool = False
+
+
+class _Auth(msgspec.Struct):
+    token: str
+
+
+class Event(msgspec.Struct):
+    kv: KeyValue
+    type: Literal["PUT", "DELETE"] = "PUT"
+
+
+class WatchResponse(msgspec.Struct):
+    header: Header
+    created: bool = False
+    canceled: bool = False
+    cancel_reason: str = ""
+    compact_revision: int = 0
+    events: list[Event] = []
+
+
+class _WatchLine(msgspec.Struct):
+    result: WatchResponse | None = None
+    error: dict[str, Any] | None = None
+
+
+class _Failure(msgspec.Struct):
+    message: str = ""
+    error: str = ""
+    code: int = 0
+
+
+# --- txn operations ---------------------------------------------------------------------------
+
+
+def put(key: str, value: bytes, lease: int) -> dict[str, Any]:
+    return {"request_put": {"key": key.encode(), "value": value, "lease": lease}}
+
+
+def delete(key: str) -> dict[str, Any]:
+    return {"request_delete_range": {"key": key.encode()}}
+
+
+def created_at(key: str, revision: int) -> dict[str, Any]:
+    """Compare: `key` exists and was created at `revision`."""
+    return {"key": key.encode(), "target": "CREATE", "result": "EQUAL", "create_revision": revision}
+
+
+def prefix_end(prefix: str) -> bytes:
+    """The `range_end` that makes a range cover every key starting with `prefix`."""
+    raw = prefix.encode()
+    return raw[:-1] + bytes([raw[-1] + 1])
+
+
+class EtcdClient:
+    """Talks to one etcd cluster through the endpoints given, moving on when one fails.
+
+    Every call takes `timeout` (seconds) for the whole exchange with one endpoint, except
+    `watch`, which waits for events as long as the stream lives. Cancellation abandons the
+    request; whether etcd applied it is then unknown, which callers must allow for.
+    """
+
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        *,
+        ca_file: Path | None = None,
+        cert_file: Path | None = None,
+        key_file: Path | None = None,
+        username: str | None = None,
+        password: str | None = None,
+    ) -> None:
+        """Raises OSError (an `ssl.SSLError` among them) if a TLS file cannot be loaded.
+
+        `ca_file` verifies etcd's certificate (default: the system's CAs); `cert_file` and
+        `key_file` are this client's certificate for etcd's `--client-cert-auth`; `username`
+        and `password` log in when etcd has auth enabled.
+        """
+        if not endpoints:
+            raise ValueError("at least one etcd endpoint is needed")
+        self.endpoints = [e.rstrip("/") for e in endpoints]
+        self._current = 0
+        self._credentials = {"name": username, "password": password or ""} if username else None
+        self._token: str | None = None
+        context = ssl.create_default_context(cafile=ca_file)
+        if cert_file is not None:
+            context.load_cert_chain(cert_file, key_file)
+        self._http = httpx.AsyncClient(verify=context, trust_env=False)
+        self._encoder = msgspec.json.Encoder()
+
+    @property
+    def endpoint(self) -> str:
+        """The endpoint the next call goes to first."""
+        return self.endpoints[self._current]
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # --- leases -------------------------------------------------------------------------------
+
+    async def grant(self, ttl: int, *, timeout: float) -> tuple[int, int]:
+        """Grant a lease of `ttl` seconds; return its id and the TTL etcd actually gave."""
+        answer = await self._call("/v3/lease/grant", {"TTL": ttl}, _Grant, timeout)
+        if answer.error:
+            raise EtcdError(f"etcd at {self.endpoint} refused a lease: {answer.error}")
+        return answer.ID, answer.TTL
+
+    async def keep_alive(self, lease: int, *, timeout: float) -> int:
+        """Renew `lease`; return its TTL, 0 if it has already expired."""
+        line = await self._call("/v3/lease/keepalive", {"ID": lease}, _KeepAliveLine, timeout)
+        if line.result is None:
+            raise EtcdError(f"etcd at {self.endpoint} failed a keep-alive: {line.error}")
+        return line.result.TTL
+
+    async def revoke(self, lease: int, *, timeout: float) -> None:
+        """Revoke `lease`, deleting its keys. A lease already gone is not an error."""
+        try:
+            await self._call("/v3/lease/revoke", {"ID": lease}, msgspec.Raw, timeout)
+        except EtcdError as exc:
+            if exc.status != _NOT_FOUND or isinstance(exc, EtcdUnreachable):
+                raise
+
+    # --- keys ---------------------------------------------------------------------------------
+
+    async def range_prefix(self, prefix: str, *, timeout: float) -> tuple[int, list[KeyValue]]:
+        """Every key under `prefix` (a linearizable read), and the revision read at."""
+        body = {"key": prefix.encode(), "range_end": prefix_end(prefix)}
+        answer = await self._call("/v3/kv/range", body, _Range, timeout)
+        return answer.header.revision, answer.kvs
+
+    async def txn(
+        self, success: list[dict[str, Any]], *, compare: Sequence[dict[str, Any]] = (), timeout: float
+    ) -> tuple[bool, int]:
+        """Run one transaction; return whether its compares held and the revision after it."""
+        body = {"compare": list(compare), "success": success}
+        answer = await self._call("/v3/kv/txn", body, _Txn, timeout)
+        return answer.succeeded, answer.header.revision
+
+    async def watch(
+        self, prefix: str, start_revision: int, on_response: Callable[[WatchResponse], None], *, timeout: float
+    ) -> None:
+        """Stream every change under `prefix` from `start_revision` on into `on_response`.
+
+        Returns only by raising: `WatchCompacted` if `start_revision` is gone, another
+        `EtcdError` when the stream breaks or etcd ends it. `timeout` bounds connecting and
+        sending, not the wait for events. On cancellation the stream is closed; events not yet
+        handed over are dropped.
+        """
+        request = {
+            "create_request": {
+                "key": prefix.encode(),
+                "range_end": prefix_end(prefix),
+                "start_revision": start_revision,
+            }
+        }
+        url = self.endpoint + "/v3/watch"
+        decoder = msgspec.json.Decoder(_WatchLine, strict=False)
+        try:
+            content = self._encoder.encode(request)
+            response = await self._http.send(
+                await self._request(url, content, httpx.Timeout(timeout, read=None)), stream=True
+            )
+            try:
+                if response.status_code != 200:
+                    await response.aread()
+                    raise self._failure(url, response)
+                async for line in response.aiter_lines():
+                    if not line:
+                        continue
+                    decoded = _decode(decoder, url, line)
+                    if decoded.result is None:
+                        raise EtcdError(f"etcd at {url} broke the watch: {decoded.error}")
+                    answer = decoded.result
+                    if answer.compact_revision:
+                        raise WatchCompacted(f"revision {start_revision} is compacted at {url}")
+                    if answer.canceled:
+                        if "Unauthenticated" in answer.cancel_reason:
+                            self._token = None
+                        raise EtcdError(f"etcd at {url} cancelled the watch: {answer.cancel_reason}")
+                    on_response(answer)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await response.aclose()
+        except httpx.HTTPError as exc:
+            raise self._unreachable(url, exc) from exc
+        raise self._unreachable(url, "it closed the watch stream")
+
+    # --- plumbing -----------------------------------------------------------------------------
+
+    async def _call(self, path: str, body: dict[str, Any], answer: type[_T], timeout: float) -> _T:
+        content = self._encoder.encode(body)
+        decoder = msgspec.json.Decoder(answer, strict=False)
+        failure: EtcdError | None = None
+        # One round per endpoint, and one more for a request refused for an expired token.
+        for _ in range(len(self.endpoints) + 1):
+            url = self.endpoint + path
+            try:
+                response = await self._http.send(await self._request(url, content, timeout))
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                # Nothing was sent: the next member can safely take the same request.
+                failure = self._unreachable(url, exc)
+                continue
+            except httpx.HTTPError as exc:
+                raise self._unreachable(url, exc) from exc
+            if response.status_code == 200:
+                return _decode(decoder, url, response.content)
+            failure = self._failure(url, response)
+            if failure.status != _UNAUTHENTICATED:
+                raise failure
+            self._token = None
+        assert failure is not None
+        raise failure
+
+    async def _request(self, url: str, content: bytes, timeout: float | httpx.Timeout) -> httpx.Request:
+        """A POST of `content` to `url`, with the auth token (logging in first if needed)."""
+        headers: dict[str, str] = {}
+        if self._credentials is not None:
+            if self._token is None:
+                login = self.endpoint + "/v3/auth/authenticate"
+                credentials = self._encoder.encode(self._credentials)
+                response = await self._http.send(self._post(login, credentials, {}, timeout))
+                if response.status_code != 200:
+                    raise self._failure(login, response)
+                self._token = _decode(msgspec.json.Decoder(_Auth), login, response.content).token
+            headers["Authorization"] = self._token
+        return self._post(url, content, headers, timeout)
+
+    def _post(
+        self, url: str, content: bytes, headers: dict[str, str], timeout: float | httpx.Timeout
+    ) -> httpx.Request:
+        request = self._http.build_request("POST", url, content=content, headers=headers, timeout=timeout)
+        # httpx sends `content` from an async generator; a request cancelled mid-send would
+        # leave it suspended, and trio warns when it is collected. This body has no generator.
+        request.stream = _Body(content)
+        return request
+
+    def _failure(self, url: str, response: httpx.Response) -> EtcdError:
+        try:
+            failure = msgspec.json.decode(response.content, type=_Failure)
+        except msgspec.DecodeError:
+            failure = _Failure(message=f"HTTP {response.status_code} {response.text[:200]}")
+        message = failure.message or failure.error or f"HTTP {response.status_code}"
+        return EtcdError(f"etcd at {url} answered: {message}", failure.code)
+
+    def _unreachable(self, url: str, cause: Exception | str) -> EtcdUnreachable:
+        """The error for `url` not answering; the next call tries the next endpoint first."""
+        self._current = (self._current + 1) % len(self.endpoints)
+        return EtcdUnreachable(f"etcd at {url} is unreachable: {str(cause) or type(cause).__name__}")
+
+
+class _Body(httpx.AsyncByteStream):
+    """A request body sent in one piece, iterated without an async generator."""
+
+    def __init__(self, content: bytes) -> None:
+        self._content: bytes | None = content
+
+    def __aiter__(self) -> _Body:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._content is None:
+            raise StopAsyncIteration
+        content, self._content = self._content, None
+        return content
+
+
+def _decode(decoder: msgspec.json.Decoder[_T], url: str, data: bytes | str) -> _T:
+    try:
+        return decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise EtcdError(f"etcd at {url} sent an answer lockd cannot read: {exc}") from exc

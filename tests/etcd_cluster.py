@@ -1,0 +1,257 @@
+"""Real etcd processes on loopback for the etcd backend tests: one member or a cluster of
+three, and a relay that cuts one daemon off from etcd like a network partition.
+
+Invariant: every member listens on 127.0.0.1 only, on ports that were free when the cluster
+started, with its data in a private temporary directory; `close()` (the fixtures call it)
+kills every process the cluster started and removes its directories.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+ETCD = shutil.which("etcd")
+
+requires_etcd = pytest.mark.skipif(
+    ETCD is None, reason="the etcd binary is not on PATH: install etcd 3.4+ to run the etcd backend tests"
+)
+
+STARTUP_TIMEOUT = 15.0
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports that are free right now (all held open together, so they differ)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+class Member:
+    """One etcd process. It keeps its data directory across `kill` and `start`."""
+
+    def __init__(self, name: str, root: Path, client_port: int, peer_port: int) -> None:
+        self.name = name
+        self.url = f"http://127.0.0.1:{client_port}"
+        self.peer_url = f"http://127.0.0.1:{peer_port}"
+        self.data_dir = root / name
+        self.log_path = root / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, initial_cluster: str, token: str) -> None:
+        assert ETCD is not None
+        argv = [
+            ETCD,
+            "--name", self.name,
+            "--data-dir", str(self.data_dir),
+            "--listen-client-urls", self.url,
+            "--advertise-client-urls", self.url,
+            "--listen-peer-urls", self.peer_url,
+            "--initial-advertise-peer-urls", self.peer_url,
+            "--initial-cluster", initial_cluster,
+            "--initial-cluster-token", token,
+            "--initial-cluster-state", "new",
+            "--logger", "zap",
+            "--log-level", "warn",
+        ]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL the member and reap it."""
+        if self.running:
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        """SIGSTOP: the process stays, its sockets stay open, it answers nothing."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def cont(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+    def get(self, path: str, timeout: float = 1.0) -> dict:
+        with urllib.request.urlopen(self.url + path, timeout=timeout) as response:
+            return json.load(response)
+
+    def post(self, path: str, body: dict, timeout: float = 1.0) -> dict:
+        request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), method="POST")
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.load(response)
+
+    def healthy(self) -> bool:
+        try:
+            return self.get("/health").get("health") == "true"
+        except OSError:
+            return False
+
+    def is_leader(self) -> bool:
+        status = self.post("/v3/maintenance/status", {})
+        return status.get("leader") == status["header"]["member_id"]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+class EtcdCluster:
+    """`size` members forming one cluster, started by `start()`."""
+
+    def __init__(self, size: int = 1) -> None:
+        base = "/dev/shm" if os.path.isdir("/dev/shm") else None  # fsync on tmpfs is free
+        self.root = Path(tempfile.mkdtemp(prefix="lockd-etcd-", dir=base))
+        ports = free_ports(2 * size)
+        self.members = [Member(f"m{i}", self.root, ports[2 * i], ports[2 * i + 1]) for i in range(size)]
+        self._initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+        self._token = self.root.name
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [m.url for m in self.members]
+
+    def start(self) -> None:
+        for member in self.members:
+            member.start(self._initial, self._token)
+        self.wait_healthy()
+
+    def restart(self, member: Member) -> None:
+        """Start a killed member again on its old data (it rejoins the cluster)."""
+        member.start(self._initial, self._token)
+        self.wait_healthy()
+
+    def wait_healthy(self, timeout: float = STARTUP_TIMEOUT) -> None:
+        """Wait until every running member answers /health with a leader."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for member in self.members:
+                if member.proc is not None and member.proc.poll() is not None and member.proc.returncode != -9:
+                    raise RuntimeError(f"etcd {member.name} exited:\n{member.log()}")
+            if all(m.healthy() for m in self.members if m.running):
+                return
+            time.sleep(0.05)
+        raise RuntimeError("etcd did not become healthy:\n" + "\n".join(m.log() for m in self.members))
+
+    def leader(self) -> Member:
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while time.monotonic() < deadline:
+            for member in self.members:
+                if member.running and member.is_leader():
+                    return member
+            time.sleep(0.05)
+        raise RuntimeError("the etcd cluster has no leader")
+
+    def close(self) -> None:
+        for member in self.members:
+            member.kill()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _cluster(size: int) -> Iterator[EtcdCluster]:
+    cluster = EtcdCluster(size)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture
+def etcd() -> Iterator[EtcdCluster]:
+    """A fresh single-member etcd, for tests that kill or stop it."""
+    yield from _cluster(1)
+
+
+@pytest.fixture(scope="module")
+def shared_etcd() -> Iterator[EtcdCluster]:
+    """One single-member etcd for a whole module; tests keep apart by key prefix."""
+    yield from _cluster(1)
+
+
+@pytest.fixture
+def etcd3() -> Iterator[EtcdCluster]:
+    """A fresh three-member cluster."""
+    yield from _cluster(3)
+
+
+class Relay:
+    """A TCP relay to one etcd member that a test can cut like a network partition.
+
+    `run` it in a nursery (`await nursery.start(relay.run)`), then point a client at `url`.
+    While cut, connections stay open but nothing crosses in either direction, so the client
+    sees silence rather than an error, as behind a real partition.
+    """
+
+    def __init__(self, target_url: str) -> None:
+        self._target = int(target_url.rsplit(":", 1)[1])
+        self.url = ""
+        self.cut = False
+        #: trio times at which a keep-alive request was passed on to etcd.
+        self.keep_alives: list[float] = []
+        self._streams: set[trio.SocketStream] = set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.url = "http://127.0.0.1:%d" % listeners[0].socket.getsockname()[1]
+        task_status.started()
+        await trio.serve_listeners(self._relay, listeners)
+
+    def heal(self) -> None:
+        """Let traffic through again; connections cut so far are closed, as after a timeout."""
+        self.cut = False
+        for stream in list(self._streams):
+            stream.socket.close()
+        self._streams.clear()
+
+    async def _relay(self, client: trio.SocketStream) -> None:
+        try:
+            upstream = await trio.open_tcp_stream("127.0.0.1", self._target)
+        except OSError:
+            await client.aclose()
+            return
+        self._streams.update((client, upstream))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._pipe, client, upstream, True, nursery.cancel_scope)
+            nursery.start_soon(self._pipe, upstream, client, False, nursery.cancel_scope)
+        self._streams.difference_update((client, upstream))
+
+    async def _pipe(
+        self, source: trio.SocketStream, sink: trio.SocketStream, to_etcd: bool, both: trio.CancelScope
+    ) -> None:
+        try:
+            while data := await source.receive_some(65536):
+                if self.cut:
+                    continue
+                if to_etcd and b"/v3/lease/keepalive" in data:
+                    self.keep_alives.append(trio.current_time())
+                await sink.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        both.cancel()
+        with trio.CancelScope(shield=True):
+            await source.aclose()
+            await sink.aclose()

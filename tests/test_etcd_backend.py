@@ -1,0 +1,420 @@
+"""EtcdBackend against a real etcd: several backend instances in one trio run stand for hosts.
+
+Each "host" has its own lock directory and its own etcd lease; they share one etcd and one key
+prefix, exactly as daemons on different machines would.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+from lockd.backend import Blocked
+from lockd import etcd_client
+from lockd.etcd_backend import EtcdBackend
+from lockd.etcd_client import EtcdClient
+from lockd.lockfiles import LockFiles
+from lockd.session import Party
+from lockd.table import Ticket
+from lockd_client.errors import DaemonUnavailable, LockdError
+from tests.etcd_cluster import EtcdCluster, Relay, etcd, etcd3, requires_etcd, shared_etcd  # noqa: F401
+from tests.flock_tools import outside_flock
+
+pytestmark = requires_etcd
+
+TTL = 2  # etcd's minimum with its default election timeout: keeps the loss tests short
+WAIT = 10.0
+
+
+class Host:
+    """One daemon's backend with its own lock directory; `lose` acts as the server would."""
+
+    def __init__(self, name: str, short_tmp: Path, endpoints: list[str], prefix: str) -> None:
+        self.name = name
+        lock_dir = root / name
+        lock_dir.mkdir()
+        self.lock_dir = lock_dir
+        self.files = LockFiles(lock_dir)
+        self.backend = EtcdBackend(self.files, EtcdClient(endpoints), host=name, ttl=TTL, prefix=prefix)
+        #: (ticket, reason, trio time) per loss.
+        self.lost: list[tuple[Ticket, str, float]] = []
+
+    def lose(self, ticket: Ticket, reason: str) -> None:
+        self.lost.append((ticket, reason, trio.current_time()))
+        self.backend.drop(ticket)
+
+    async def take(self, ticket: Ticket) -> list[int]:
+        return await self.backend.take(ticket)
+
+    async def ready(self) -> None:
+        """Return once this host can take locks (its backend holds an etcd lease)."""
+        probe = ticket("ready-" + self.name)
+        while True:
+            try:
+                await self.backend.take(probe)
+            except DaemonUnavailable:
+                await trio.sleep(0.02)
+                continue
+            self.backend.drop(probe)
+            return
+
+
+def ticket(*names: str, shared: bool = False, wait: bool = True, label: str | None = None) -> Ticket:
+    party = Party(None, 0, os.getpid(), os.getuid(), os.getgid(), "backup site.com", label)
+    return Ticket(object(), names, shared, wait, None, party, 0.0)
+
+
+class Pending:
+    """A take running in the background."""
+
+    def __init__(self, host: Host, ticket: Ticket) -> None:
+        self.host = host
+        self.ticket = ticket
+        self.tokens: list[int] | None = None
+        self.error: BaseException | None = None
+        self.done = trio.Event()
+        self.scope = trio.CancelScope()
+        self.at = 0.0
+
+    async def run(self) -> None:
+        with self.scope:
+            try:
+                self.tokens = await self.host.take(self.ticket)
+            except (Blocked, LockdError) as exc:
+                self.error = exc
+        self.at = trio.current_time()
+        self.done.set()
+
+
+def start(nursery: trio.Nursery, host: Host, t: Ticket) -> Pending:
+    pending = Pending(host, t)
+    nursery.start_soon(pending.run)
+    return pending
+
+
+async def still_waiting(pending: Pending, seconds: float = 0.3) -> bool:
+    with trio.move_on_after(seconds):
+        await pending.done.wait()
+    return not pending.done.is_set()
+
+
+@asynccontextmanager
+async def serving(*hosts: Host) -> AsyncIterator[trio.Nursery]:
+    """Run every host's backend; yield a nursery for takes once all of them are ready."""
+    async with trio.open_nursery() as nursery:
+        for host in hosts:
+            nursery.start_soon(host.backend.run, host.lose)
+        for host in hosts:
+            await host.ready()
+        yield nursery
+        nursery.cancel_scope.cancel()
+
+
+async def keys_under(endpoints: list[str], prefix: str) -> list[str]:
+    client = EtcdClient(endpoints)
+    try:
+        _, kvs = await client.range_prefix(prefix, timeout=2)
+    finally:
+        await client.aclose()
+    return [kv.key.decode() for kv in kvs]
+
+
+async def wait_no_keys(endpoints: list[str], prefix: str, name: str) -> None:
+    while any(k.startswith(f"{prefix}{name}/") for k in await keys_under(endpoints, prefix)):
+        await trio.sleep(0.02)
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"/lockd-test/{uuid.uuid4().hex}/"
+
+
+def hosts(count: int, short_tmp: Path, endpoints: list[str], prefix: str) -> list[Host]:
+    return [Host(f"host{i}", short_tmp, endpoints, prefix) for i in range(count)]
+
+
+# --- one etcd, shared by the module's tests -------------------------------------------------------
+
+
+async def test_exclusive_across_hosts_and_next_waiter_freed_quickly(
+    shared_etcd: EtcdCluster, short_tmp: Path, prefix: str
+) -> None:
+    a, b = hosts(2, short_tmp, shared_etcd.endpoints, prefix)
+    with trio.fail_after(WAIT):
+        async with serving(a, b) as nursery:
+            first = ticket("site.com")
+            (token_a,) = await a.take(first)
+            waiting = start(nursery, b, ticket("site.com"))
+            assert await still_waiting(waiting)
+            # B's flock is free: only etcd holds it back. A's holder shows on B as outside.
+            (remote,) = b.backend.outside_holders("site.com")
+            assert (remote.token, remote.label, remote.command) == (token_a, "on host0", "backup site.com")
+            released = trio.current_time()
+            a.backend.drop(first)
+            await waiting.done.wait()
+            assert waiting.error is None
+            assert waiting.tokens is not None and waiting.tokens[0] > token_a
+            # Generous for a loaded machine: a deletion, a watch event, one read.
+            assert waiting.at - released < 0.5
+
+
+async def test_fifo_across_three_hosts(shared_etcd: EtcdCluster, short_tmp: Path, prefix: str) -> None:
+    a, b, c = hosts(3, short_tmp, shared_etcd.endpoints, prefix)
+    with trio.fail_after(WAIT):
+        async with serving(a, b, c) as nursery:
+            held = ticket("x")
+            await a.take(held)
+            second = start(nursery, b, ticket("x"))
+            assert await still_waiting(second, 0.1)
+            third = start(nursery, c, ticket("x"))
+            assert await still_waiting(third, 0.1)
+            assert [h.label for h in a.backend.outside_waiters("x")] == ["on host1", "on host2"]
+            a.backend.drop(held)
+            await second.done.wait()
+            assert await still_waiting(third, 0.2)
+            b.backend.drop(second.ticket)
+            await third.done.wait()
+            assert second.tokens is not None and third.tokens is not None
+            assert second.tokens[0] < third.tokens[0]
+
+
+async def test_shared_holders_together_and_no_barging_past_exclusive(
+    shared_etcd: EtcdCluster, short_tmp: Path, prefix: str
+) -> None:
+    a, b, c = hosts(3, short_tmp, shared_etcd.endpoints, prefix)
+    with trio.fail_after(WAIT):
+        async with serving(a, b, c) as nursery:
+            reader_a, reader_b = ticket("db", shared=True), ticket("db", shared=True)
+            await a.take(reader_a)
+            await b.take(reader_b)
+            writer = start(nursery, c, ticket("db"))
+            assert await still_waiting(writer)
+            late_reader = start(nursery, a, ticket("db", shared=True))
+            assert await still_waiting(late_reader, 0.1)
+            assert sorted(h.mode for h in c.backend.outside_holders("db")) == ["shared", "shared"]
+            a.backend.drop(reader_a)
+            assert await still_waiting(writer, 0.1)
+            b.backend.drop(reader_b)
+            await writer.done.wait()
+            assert await still_waiting(late_reader, 0.1)
+            c.backend.drop(writer.ticket)
+            await late_reader.done.wait()
+            assert late_reader.error is None
+
+
+async def test_tokens_increase_across_hosts_and_match_across_names(
+    shared_etcd: EtcdCluster, short_tmp: Path, prefix: str
+) -> None:
+    a, b = hosts(2, short_tmp, shared_etcd.endpoints, prefix)
+    seen: list[int] = []
+    with trio.fail_after(WAIT):
+        async with serving(a, b):
+            for i in range(6):
+                host = (a, b)[i % 2]
+                t = ticket("n1", "n2")
+                tokens = await host.take(t)
+                assert tokens[0] == tokens[1]
+                seen.append(tokens[0])
+                host.backend.drop(t)
+    assert seen == sorted(set(seen))
+
+
+async def test_multi_name_requests_in_opposite_orders_never_deadlock(
+    shared_etcd: EtcdCluster, short_tmp: Path, prefix: str
+) -> None:
+    a, b = hosts(2, short_tmp, shared_etcd.endpoints, prefix)
+
+    async def worker(host: Host, names: tuple[str, ...]) -> None:
+        for _ in range(15):
+            t = ticket(*names)
+            await host.take(t)
+            await trio.sleep(0)
+            host.backend.drop(t)
+
+    with trio.fail_after(WAIT):
+        async with serving(a, b):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(worker, a, ("p", "q"))
+                nursery.start_soon(worker, b, ("q", "p"))
+
+
+async def test_no_wait_request_is_blocked_and_leaves_no_key(
+    shared_etcd: EtcdCluster, short_tmp: Path, prefix: str
+) -> None:
+    a, b = hosts(2, short_tmp, shared_etcd.endpoints, prefix)
+    with trio.fail_after(WAIT):
+        async with serving(a, b):
+            held = ticket("x")
+            await a.take(held)
+            with pytest.raises(Blocked):
+                await b.take(ticket("x", wait=False))
+            a.backend.drop(held)
+            await wait_no_keys(shared_etcd.endpoints, prefix, "x")
+
+
+async def test_cancelled_take_leaves_no_key(shared_etcd: EtcdCluster, short_tmp: Path, prefix: str) -> None:
+    a, b = hosts(2, short_tmp, shared_etcd.endpoints, prefix)
+    with trio.fail_after(WAIT):
+        async with serving(a, b) as nursery:
+            held = ticket("x")
+            await a.take(held)
+            waiting = start(nursery, b, ticket("x"))
+            assert await still_waiting(waiting)
+            # The edge drops the ticket and cancels its take: both must let go in etcd.
+            b.backend.drop(waiting.ticket)
+            waiting.scope.cancel()
+            # And one cancelled at once, before its txn can even have been answered.
+            hasty = start(nursery, b, ticket("x"))
+            await trio.sleep(0)
+            hasty.scope.cancel()
+            await waiting.done.wait()
+            await hasty.done.wait()
+            a.backend.drop(held)
+            await wait_no_keys(shared_etcd.endpoints, prefix, "x")
+
+
+async def test_local_flock_holder_outside_lockd_holds_back_the_grant(
+    shared_etcd: EtcdCluster, short_tmp: Path, prefix: str
+) -> None:
+    a, b = hosts(2, short_tmp, shared_etcd.endpoints, prefix)
+    with trio.fail_after(WAIT):
+        async with serving(a, b) as nursery:
+            with outside_flock(a.lock_dir / "x.lock") as proc:
+                with pytest.raises(Blocked):
+                    await a.take(ticket("x", wait=False))
+                waiting = start(nursery, a, ticket("x"))
+                assert await still_waiting(waiting)
+                assert [h.pid for h in a.backend.outside_holders("x")] == [proc.pid]
+                # A is first in etcd's order, so B queues behind it.
+                behind = start(nursery, b, ticket("x"))
+                assert await still_waiting(behind, 0.1)
+            await waiting.done.wait()
+            assert waiting.error is None
+            assert await still_waiting(behind, 0.1)
+            a.backend.drop(waiting.ticket)
+            await behind.done.wait()
+
+
+# --- etcd failures ----------------------------------------------------------------------------
+
+
+async def test_etcd_killed_loses_leases_before_ttl_then_service_resumes(
+    etcd: EtcdCluster, short_tmp: Path, prefix: str
+) -> None:
+    (a,) = hosts(1, short_tmp, etcd.endpoints, prefix)
+    (member,) = etcd.members
+    with trio.fail_after(4 * WAIT):
+        async with serving(a):
+            held = ticket("x")
+            (before,) = await a.take(held)
+            member.kill()
+            killed = trio.current_time()
+            while not a.lost:
+                await trio.sleep(0.01)
+            (lost_ticket, reason, lost_at) = a.lost[0]
+            assert lost_ticket is held and "could not be kept alive" in reason
+            # (That it comes early enough is for the partition test, which sees keep-alives.)
+            assert lost_at - killed < TTL
+            with pytest.raises(DaemonUnavailable, match="unavailable"):
+                await a.take(ticket("y"))
+            etcd.restart(member)
+            await a.ready()
+            (after,) = await a.take(ticket("x"))
+            assert after > before
+
+
+async def test_unreachable_at_start_then_serves_once_etcd_appears(short_tmp: Path, prefix: str) -> None:
+    cluster = EtcdCluster(1)
+    try:
+        (a,) = hosts(1, short_tmp, cluster.endpoints, prefix)
+        with trio.fail_after(4 * WAIT):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(a.backend.run, a.lose)
+                await trio.sleep(0.3)
+                with pytest.raises(DaemonUnavailable, match=r"etcd at .* is unreachable"):
+                    await a.take(ticket("x"))
+                await trio.to_thread.run_sync(cluster.start)
+                await a.ready()
+                await a.take(ticket("x"))
+                nursery.cancel_scope.cancel()
+    finally:
+        cluster.close()
+
+
+async def test_shutdown_revokes_the_lease_at_once(etcd: EtcdCluster, short_tmp: Path, prefix: str) -> None:
+    a, b = hosts(2, short_tmp, etcd.endpoints, prefix)
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as outer:
+            outer.start_soon(b.backend.run, b.lose)
+            await b.ready()
+            async with serving(a):
+                await a.take(ticket("x"))
+                waiting = start(outer, b, ticket("x"))
+                assert await still_waiting(waiting)
+                stopped = trio.current_time()
+            await waiting.done.wait()
+            # Well under the TTL: the revoke freed the key, not its expiry.
+            assert waiting.at - stopped < TTL / 2
+            outer.cancel_scope.cancel()
+
+
+async def test_partitioned_daemon_loses_its_leases_before_etcd_expires_them(
+    etcd: EtcdCluster, short_tmp: Path, prefix: str
+) -> None:
+    """A is cut off from a healthy etcd: it must stop believing before B can be granted."""
+    (b,) = hosts(1, short_tmp, etcd.endpoints, prefix)
+    with trio.fail_after(4 * WAIT):
+        async with trio.open_nursery() as outer:
+            relay = Relay(etcd.endpoints[0])
+            await outer.start(relay.run)
+            a = Host("cut-off", short_tmp, [relay.url], prefix)
+            async with serving(a, b) as nursery:
+                held = ticket("x")
+                (before,) = await a.take(held)
+                await b.take(ticket("y"))
+                b_waits = start(nursery, b, ticket("x"))
+                a_waits = start(nursery, a, ticket("y"))
+                assert await still_waiting(b_waits, TTL / 2)  # at least one keep-alive renewed
+                relay.cut = True
+                await b_waits.done.wait()
+                assert b_waits.error is None
+                (lost_ticket, _, lost_at) = a.lost[0]
+                assert lost_ticket is held
+                # etcd cannot expire A's lease before the last keep-alive it got + TTL; A must
+                # give up its leases well before that (the margin is TTL/3; half of it here).
+                last = max(t for t in relay.keep_alives if t < lost_at)
+                assert lost_at < last + TTL - TTL / 6
+                assert b_waits.at > lost_at
+                # A's waiter went down with A's lease: never granted.
+                await a_waits.done.wait()
+                assert isinstance(a_waits.error, DaemonUnavailable) and a_waits.tokens is None
+                relay.heal()
+                await a.ready()
+                b.backend.drop(b_waits.ticket)
+                (after,) = await a.take(ticket("x"))
+                assert after > before
+            outer.cancel_scope.cancel()
+
+
+async def test_keys_of_this_lease_without_a_ticket_are_deleted(
+    shared_etcd: EtcdCluster, short_tmp: Path, prefix: str
+) -> None:
+    (a,) = hosts(1, short_tmp, shared_etcd.endpoints, prefix)
+    client = EtcdClient(shared_etcd.endpoints)
+    with trio.fail_after(WAIT):
+        async with serving(a):
+            await a.take(ticket("x"))
+            _, (mine,) = await client.range_prefix(prefix + "x/", timeout=2)
+            # As a put left behind by a cancelled take would be: this lease, no live ticket.
+            stray = f"{prefix}x/{mine.lease:x}/999"
+            await client.txn([etcd_client.put(stray, b"{}", mine.lease)], timeout=2)
+            while stray in await keys_under(shared_etcd.endpoints, prefix):
+                await trio.sleep(0.02)
+            assert mine.key.decode() in await keys_under(shared_etcd.endpoints, prefix)
+    await client.aclose()

@@ -1,0 +1,121 @@
+"""The etcd backend's mirror of the lock keys: pure bookkeeping, driven by synthetic watch data."""
+
+from __future__ import annotations
+
+import msgspec
+import trio
+import trio.testing
+
+from lockd.etcd_backend import Mirror
+from lockd.etcd_client import Event, Header, KeyValue, WatchResponse
+
+PREFIX = "/lockd/"
+
+
+def kv(name: str, revision: int, mode: str = "exclusive", lease: int = 7, seq: int = 1) -> KeyValue:
+    value = msgspec.json.encode({"host": "h", "mode": mode, "since": 1.5, "pid": revision})
+    key = f"{PREFIX}{name}/{lease:x}/{seq}".encode()
+    return KeyValue(key=key, create_revision=revision, mod_revision=revision, value=value, lease=lease)
+
+
+def puts(*kvs: KeyValue) -> WatchResponse:
+    return WatchResponse(header=Header(revision=kvs[-1].mod_revision), events=[Event(kv=k) for k in kvs])
+
+
+def deletion(entry: KeyValue, revision: int) -> WatchResponse:
+    gone = KeyValue(key=entry.key, mod_revision=revision)
+    return WatchResponse(header=Header(revision=revision), events=[Event(kv=gone, type="DELETE")])
+
+
+def test_exclusive_waits_for_the_nearest_older_key_only() -> None:
+    mirror = Mirror(PREFIX)
+    a, b, c = kv("x", 2, seq=1), kv("x", 3, seq=2), kv("x", 4, seq=3)
+    mirror.reset(4, [a, b, c])
+    assert mirror.blocker(["x"], 4, shared=False).revision == 3
+    assert mirror.blocker(["x"], 3, shared=False).revision == 2
+    assert mirror.blocker(["x"], 2, shared=False) is None
+
+
+def test_shared_waits_only_for_exclusive_keys() -> None:
+    mirror = Mirror(PREFIX)
+    mirror.reset(5, [kv("x", 2, "shared", seq=1), kv("x", 3, "exclusive", seq=2), kv("x", 4, "shared", seq=3)])
+    assert mirror.blocker(["x"], 5, shared=True).revision == 3
+    assert mirror.blocker(["x"], 3, shared=True) is None
+    assert mirror.blocker(["x"], 5, shared=False).revision == 4
+
+
+def test_any_name_of_a_multi_name_request_blocks() -> None:
+    mirror = Mirror(PREFIX)
+    mirror.reset(3, [kv("b", 2)])
+    assert mirror.blocker(["a", "b"], 3, shared=False).name == "b"
+    assert mirror.blocker(["a", "c"], 3, shared=False) is None
+
+
+async def test_deletion_wakes_the_waiter_of_that_key_only() -> None:
+    mirror = Mirror(PREFIX)
+    a, b = kv("x", 2, seq=1), kv("y", 3, seq=2)
+    mirror.reset(3, [a, b])
+    first, second = mirror.blocker(["x"], 9, False), mirror.blocker(["y"], 9, False)
+    mirror.apply(deletion(a, 4))
+    assert first.gone.is_set() and not second.gone.is_set()
+    assert mirror.revision == 4
+    assert mirror.blocker(["x"], 9, False) is None
+    assert mirror.names() == ["y"]
+
+
+async def test_reset_wakes_every_waiter_and_replaces_the_keys() -> None:
+    mirror = Mirror(PREFIX)
+    a = kv("x", 2)
+    mirror.reset(2, [a])
+    old = mirror.blocker(["x"], 9, False)
+    mirror.reset(8, [kv("x", 6)])
+    assert old.gone.is_set()
+    assert mirror.blocker(["x"], 9, False).revision == 6
+    assert mirror.revision == 8
+
+
+def test_apply_reports_new_keys_and_advances() -> None:
+    mirror = Mirror(PREFIX)
+    mirror.reset(1, [])
+    a, b = kv("x", 2, seq=1), kv("x", 2, seq=2, mode="shared")
+    added = mirror.apply(puts(a, b))
+    assert [e.key for e in added] == [a.key.decode(), b.key.decode()]
+    assert mirror.revision == 2
+    # A put over a key already known (etcd `put` to the same key) adds nothing.
+    assert mirror.apply(puts(kv("x", 2, seq=1))) == []
+
+
+def test_queue_is_in_create_revision_order_with_records() -> None:
+    mirror = Mirror(PREFIX)
+    mirror.reset(9, [kv("x", 5, seq=2), kv("x", 3, "shared", seq=1)])
+    queue = mirror.queue("x")
+    assert [e.revision for e in queue] == [3, 5]
+    holder = queue[0].holder()
+    assert (holder.pid, holder.mode, holder.token, holder.since) == (3, "shared", 3, 1.5)
+
+
+def test_a_foreign_value_counts_as_exclusive() -> None:
+    mirror = Mirror(PREFIX)
+    odd = KeyValue(key=f"{PREFIX}x/1".encode(), create_revision=2, mod_revision=2, value=b"not json")
+    mirror.reset(3, [odd])
+    assert mirror.blocker(["x"], 3, shared=True).revision == 2
+
+
+async def test_wait_for_blocks_until_the_watch_reaches_the_revision() -> None:
+    mirror = Mirror(PREFIX)
+    mirror.reset(4, [])
+    reached = []
+
+    async def wait() -> None:
+        await mirror.wait_for(6)
+        reached.append(mirror.revision)
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wait)
+            await trio.testing.wait_all_tasks_blocked()
+            mirror.apply(puts(kv("x", 5)))
+            await trio.testing.wait_all_tasks_blocked()
+            assert reached == []
+            mirror.apply(puts(kv("x", 6, seq=2)))
+    assert reached == [6]
