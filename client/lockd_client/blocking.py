@@ -83,8 +83,9 @@ class Client:
 
         `shared` asks for a shared lease. `wait=False` raises LockBusy at once if any name is
         held; `timeout` (seconds) raises LockTimeout once it passes. Both carry the holders.
-        `label` is shown in `status`; `pid` ties the lease to that process instead of this
-        connection. `on_queued(holders)` is called each time the daemon says the request waits.
+        `label` is shown in `status`. `pid` ties the lease to that process instead of this
+        connection: it then ends only when that process exits or on `release_pid`, not on
+        `Lease.release` or when this connection closes. `on_queued(holders)` is called each time the daemon says the request waits.
         Invalid names raise InvalidName before anything is sent.
         If waiting is interrupted by any exception, the request is withdrawn first.
         """

@@ -80,8 +80,9 @@ class Client:
 
         `shared` asks for a shared lease. `wait=False` raises LockBusy at once if any name is
         held; `timeout` (seconds, counted by the daemon) raises LockTimeout once it passes.
-        `label` is shown in `status`; `pid` ties the lease to that process instead of this
-        connection. `on_queued(holders)` is called, in this task, each time the daemon says
+        `label` is shown in `status`. `pid` ties the lease to that process instead of this
+        connection: it then ends only when that process exits or on `release_pid`, not on
+        `Lease.release` or when this connection closes. `on_queued(holders)` is called, in this task, each time the daemon says
         the request waits. Invalid names raise InvalidName before anything is sent.
 
         Cancellation: if cancelled while waiting (or interrupted by any other exception), the
