@@ -165,6 +165,9 @@ class LockTable:
         # name -> tickets in arrival order (dicts keep insertion order and delete in O(1)).
         self._queues: dict[str, dict[Ticket, None]] = {}
         self._owners: dict[Hashable, dict[Ticket, None]] = {}
+        # Counts of WAITING tickets, kept as they change so limits cost O(1) to check.
+        self._waiting_by_owner: dict[Hashable, int] = {}
+        self._waiting_by_name: dict[str, int] = {}
         # Entries of tickets no longer WAITING or TAKING stay until they reach the top or a sweep.
         self._deadlines: list[tuple[float, int, Ticket]] = []
         self._deadline_seq = itertools.count()
@@ -204,7 +207,9 @@ class LockTable:
         if deadline is not None:
             self._push_deadline(ticket, deadline)
         if self._grantable(ticket):
-            return ticket, [self._start_taking(ticket)]
+            ticket.state = State.TAKING  # never counted as waiting
+            return ticket, [Take(ticket)]
+        self._count_waiting(ticket, 1)
         return ticket, [Queued(ticket, self._blockers(ticket))]
 
     def taken(self, ticket: Ticket, tokens: list[int], *, now: float) -> list[Effect]:
@@ -259,9 +264,14 @@ class LockTable:
         """Make `owner` the one whose departure ends `ticket` (process-tied leases)."""
         if ticket.state is State.ENDED or ticket.owner == owner:
             return
+        waiting = ticket.state is State.WAITING
+        if waiting:
+            self._count_waiting(ticket, -1)
         self._unindex_owner(ticket)
         ticket.owner = owner
         self._owners.setdefault(owner, {})[ticket] = None
+        if waiting:
+            self._count_waiting(ticket, 1)
 
     def expire(self, now: float) -> list[Effect]:
         """Fail every waiting or taking ticket whose deadline is at or before `now`."""
@@ -293,6 +303,14 @@ class LockTable:
 
     def tickets_of(self, owner: Hashable) -> list[Ticket]:
         return list(self._owners.get(owner, ()))
+
+    def waiting_of(self, owner: Hashable) -> int:
+        """How many of `owner`'s tickets wait (not yet granted by the table). O(1)."""
+        return self._waiting_by_owner.get(owner, 0)
+
+    def waiting_on(self, name: str) -> int:
+        """How many tickets wait on `name`. O(1)."""
+        return self._waiting_by_name.get(name, 0)
 
     def blockers(self, ticket: Ticket) -> list[Ticket]:
         """The tickets ahead of `ticket` that it is waiting for."""
@@ -335,8 +353,18 @@ class LockTable:
         heapq.heappush(heap, (deadline, next(self._deadline_seq), ticket))
 
     def _start_taking(self, ticket: Ticket) -> Take:
+        if ticket.state is State.WAITING:
+            self._count_waiting(ticket, -1)
         ticket.state = State.TAKING
         return Take(ticket)
+
+    def _count_waiting(self, ticket: Ticket, delta: int) -> None:
+        for counts, key in ((self._waiting_by_owner, ticket.owner), *((self._waiting_by_name, n) for n in ticket.names)):
+            left = counts.get(key, 0) + delta
+            if left:
+                counts[key] = left
+            else:
+                del counts[key]
 
     def _end(self, ticket: Ticket) -> list[Effect]:
         effects: list[Effect] = [Drop(ticket)] if ticket.holding else []
@@ -344,6 +372,8 @@ class LockTable:
         return effects + self._grant_waiting(ticket.names)
 
     def _remove(self, ticket: Ticket) -> None:
+        if ticket.state is State.WAITING:
+            self._count_waiting(ticket, -1)
         ticket.state = State.ENDED
         for name in ticket.names:
             queue = self._queues[name]
@@ -396,6 +426,15 @@ class LockTable:
                 assert ticket.owner == owner, (owner, ticket)
                 owned.add(ticket)
         assert live == owned, (live ^ owned)
+        by_owner: dict[Hashable, int] = {}
+        by_name: dict[str, int] = {}
+        for ticket in live:
+            if ticket.state is State.WAITING:
+                by_owner[ticket.owner] = by_owner.get(ticket.owner, 0) + 1
+                for name in ticket.names:
+                    by_name[name] = by_name.get(name, 0) + 1
+        assert by_owner == self._waiting_by_owner, (by_owner, self._waiting_by_owner)
+        assert by_name == self._waiting_by_name, (by_name, self._waiting_by_name)
         timed = {entry[2] for entry in self._deadlines}
         for ticket in live:
             for name in ticket.names:
