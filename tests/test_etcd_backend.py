@@ -35,7 +35,7 @@ WAIT = 10.0
 class Host:
     """One daemon's backend with its own lock directory; `lose` acts as the server would."""
 
-    def __init__(self, name: str, short_tmp: Path, endpoints: list[str], prefix: str) -> None:
+    def __init__(self, name: str, root: Path, endpoints: list[str], prefix: str) -> None:
         self.name = name
         lock_dir = root / name
         lock_dir.mkdir()
@@ -135,8 +135,8 @@ def prefix() -> str:
     return f"/lockd-test/{uuid.uuid4().hex}/"
 
 
-def hosts(count: int, short_tmp: Path, endpoints: list[str], prefix: str) -> list[Host]:
-    return [Host(f"host{i}", short_tmp, endpoints, prefix) for i in range(count)]
+def hosts(count: int, root: Path, endpoints: list[str], prefix: str) -> list[Host]:
+    return [Host(f"host{i}", root, endpoints, prefix) for i in range(count)]
 
 
 # --- one etcd, shared by the module's tests -------------------------------------------------------
