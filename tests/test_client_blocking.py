@@ -10,6 +10,7 @@ import subprocess
 import threading
 import time
 
+import msgspec
 import pytest
 
 import lockd_client
@@ -254,6 +255,35 @@ def test_a_killed_daemon_loses_every_lease(daemon, client):
     with pytest.raises(lockd_client.DaemonUnavailable, match="connect again"):
         client.acquire("c")
     b.release()
+    assert select.select([client], [], [], 0)[0] == [client]
+
+
+def test_garbage_from_the_daemon_hangs_up_but_keeps_the_descriptor(short_tmp):
+    path = str(short_tmp / "liar.sock")
+    seen_after_garbage = []
+
+    def lie(listener):
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)  # Hello
+            out = bytearray()
+            protocol.encode_frame(msgspec.msgpack.Encoder(), protocol.Welcome(1, "liar", "none"), out)
+            conn.sendall(out)
+            conn.recv(65536)  # Acquire
+            conn.sendall(b"\0\0\0\1\xc1")
+            seen_after_garbage.append(conn.recv(65536))
+
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(path)
+        listener.listen()
+        liar = threading.Thread(target=lie, args=(listener,))
+        liar.start()
+        with lockd_client.connect(path) as c:
+            with pytest.raises(lockd_client.ProtocolError, match="broke the protocol"):
+                c.acquire("a")
+            liar.join(WAIT)
+            assert seen_after_garbage == [b""]
+            assert select.select([c], [], [], 0)[0] == [c]
 
 
 def test_an_exception_leaving_the_block_wins_over_the_loss(daemon, client):

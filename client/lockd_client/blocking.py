@@ -114,7 +114,11 @@ class Client:
         return self._run(*self._conn.force_release(name))
 
     def fileno(self) -> int:
-        """The socket, for select/poll: when readable, call `process_events`."""
+        """The socket, for select/poll: when readable, call `process_events`.
+
+        It stays open until `close`, even once the connection has ended (it then polls
+        readable for ever), so the number is never reused while a caller watches it.
+        """
         return self._sock.fileno()
 
     def process_events(self) -> None:
@@ -167,7 +171,7 @@ class Client:
         else:
             self._conn.receive_data(data)
         if self._conn.closed:
-            self._sock.close()
+            self._hang_up()
         return True
 
     def _send(self, data: bytes) -> None:
@@ -177,13 +181,21 @@ class Client:
             self._sock.sendall(data)
         except OSError as exc:
             self._conn.abort(f"writing to lockd at {self.socket_path} failed: {exc}")
-            self._sock.close()
+            self._hang_up()
             raise errors.DaemonUnavailable(f"{self._conn.close_reason}; connect again") from exc
         except BaseException:
             # Interrupted mid-frame: the daemon might read garbage after it, so end it all.
             self._conn.abort("the connection was closed after an interrupted write")
-            self._sock.close()
+            self._hang_up()
             raise
+
+    def _hang_up(self) -> None:
+        """End the connection for the daemon, which then ends its leases, but keep the
+        descriptor until `close`: whoever polls `fileno()` must not see it vanish or be reused."""
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already disconnected
 
     def _send_quietly(self, data: bytes) -> None:
         """Send a release; if the connection is broken, the daemon already ended the lease."""
