@@ -178,11 +178,6 @@ class Connection:
     def closed(self) -> bool:
         return self.phase is Phase.CLOSED
 
-    @property
-    def leases(self) -> list[LeaseRecord]:
-        """The leases held on this connection, oldest first."""
-        return list(self._leases.values())
-
     # --- client moves -------------------------------------------------------------------------
 
     def hello(self, label: str | None = None) -> tuple[Call[protocol.Welcome], bytes]:
@@ -290,8 +285,8 @@ class Connection:
 
         A protocol violation (garbage, an oversized frame, a reply that cannot be) closes the
         connection: its leases are lost with a reason naming the violation, and its requests
-        fail with ProtocolError; the caller should then close the socket. Data arriving after
-        the connection closed is discarded.
+        fail with ProtocolError; the caller should then hang up, so the daemon ends the leases
+        too. Data arriving after the connection closed is discarded.
         """
         if self.closed:
             return
