@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import re
 import shutil
 import signal
@@ -19,7 +20,7 @@ import pytest
 from lockd_client import cli
 
 from .conftest import Daemon
-from .test_cli_supervise import TIMEOUT, alive, wait_for_file
+from .test_cli_supervise import TIMEOUT, alive, read_terminal, wait_for_file, wait_pid
 
 LOCKCTL = [sys.executable, "-m", "lockd_client.cli"]
 LOCKCTL_SH = " ".join(LOCKCTL)  # for command lines run by sh
@@ -114,14 +115,18 @@ def test_command_not_found(lockd, name: str) -> None:
 
 
 def test_signal_is_forwarded_and_the_lease_kept_until_cmd_exits(lockd, name: str, tmp_path: Path) -> None:
-    got = tmp_path / "got"
-    script = f"trap 'echo TERM > {got}; sleep 0.5; exit 7' TERM; echo > {got}.ready; while :; do sleep 0.05; done"
+    got, go = tmp_path / "got", tmp_path / "go"
+    # CMD notes the signal, then "cleans up" until the test lets it finish.
+    cleanup = f"echo TERM > {got}; while [ ! -e {go} ]; do sleep 0.02; done; exit 7"
+    script = f"trap '{cleanup}' TERM; echo > {got}.ready; while :; do sleep 0.05; done"
     proc = start_lockctl(lockd, "acquire", name, "-c", script)
     try:
         wait_for_file(tmp_path / "got.ready")
         proc.send_signal(signal.SIGTERM)
         wait_for_file(got)
         assert held(lockd, name)  # CMD is still cleaning up: the lease must not be gone
+        assert proc.poll() is None
+        go.touch()
         assert finish(proc)[0] == 7
     finally:
         kill_quietly(proc)
@@ -189,6 +194,31 @@ def test_daemonising_grandchild_does_not_keep_the_lock(lockd, name: str, tmp_pat
         os.kill(grandchild, signal.SIGKILL)
 
 
+def test_ctrl_z_stops_lockctl_with_cmd_and_fg_continues_both(lockd, name: str) -> None:
+    """Under an interactive shell's job control, lockctl and CMD behave as one job."""
+    pid, master = pty.fork()
+    if pid == 0:
+        os.execvpe("bash", ["bash", "--norc", "--noprofile", "-i"], {**lockd.env, "PS1": "$ "})
+    status = None
+    try:
+        os.write(master, f"{LOCKCTL_SH} acquire {name} -- sh -c 'read l; echo finished:$l'\n".encode())
+        eventually(lambda: held(lockd, name), "CMD running")
+        os.write(master, b"\x1a")  # Ctrl-Z
+        assert b"Stopped" in read_terminal(master, until=b"Stopped")
+        assert held(lockd, name)
+        os.write(master, b"fg\ngo\n")
+        assert b"finished:go" in read_terminal(master, until=b"finished:go")
+        os.write(master, b"echo status=$?; exit\n")
+        assert b"status=0" in read_terminal(master, until=b"status=0")
+        status = wait_pid(pid, time.monotonic() + TIMEOUT)
+    finally:
+        if status is None:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(master)
+    assert not held(lockd, name)
+
+
 # --- busy, timeout, errors -----------------------------------------------------------------
 
 
@@ -221,16 +251,44 @@ def test_conflict_exit_code(lockd, name: str, holder, flags: list[str]) -> None:
     assert lockctl(lockd, "acquire", *flags, "-E", "3", name, "--", "true").returncode == 3
 
 
-def test_waiter_gets_the_lock_when_the_holder_is_done(lockd, name: str, tmp_path: Path) -> None:
-    first = start_lockctl(lockd, "acquire", name, "-c", f"echo > {tmp_path}/held; sleep 0.3")
+def test_waiters_get_the_lock_when_the_holder_is_done_and_only_v_says_so(lockd, name: str, tmp_path: Path) -> None:
+    go = tmp_path / "go"
+    first = start_lockctl(lockd, "acquire", name, "-c", f"echo > {tmp_path}/held; while [ ! -e {go} ]; do sleep 0.02; done")
+    quiet = verbose = None
     try:
         wait_for_file(tmp_path / "held")
-        second = lockctl(lockd, "acquire", "-v", name, "--", "true")
-        assert second.returncode == 0
-        assert f"waiting for {name}" in second.stderr  # -v off a terminal: one line per change
+        quiet = start_lockctl(lockd, "acquire", "-s", name, "--", "true")
+        verbose = start_lockctl(lockd, "acquire", "-s", "-v", name, "--", "true")
+        eventually(lambda: len(status(lockd, name)[name]["waiters"]) == 2, "both waiting")
+        go.touch()
         assert finish(first)[0] == 0
+        assert finish(quiet) == (0, "")  # off a terminal, waiting is silent
+        code, err = finish(verbose)
+        assert code == 0
+        assert f"waiting for {name}: held by pid {first.pid}" in err
     finally:
-        kill_quietly(first)
+        kill_quietly(*(p for p in (first, quiet, verbose) if p is not None))
+
+
+def test_waiting_on_a_terminal_shows_one_updating_line(lockd, name: str, holder) -> None:
+    pid, master = pty.fork()
+    if pid == 0:
+        os.execve(sys.executable, [*LOCKCTL, "acquire", name, "--", "true"], lockd.env)
+    status = None
+    try:
+        line = f"\rlockctl: waiting for {name}: held by pid {holder.pid}".encode()
+        output = read_terminal(master, until=line)
+        holder.kill()  # its lease ends: the waiter gets the lock, runs CMD and exits
+        output += read_terminal(master, until=b"never printed")
+        status = wait_pid(pid, time.monotonic() + TIMEOUT)
+    finally:
+        if status is None:  # it hung
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        os.close(master)
+    assert line in output
+    assert output.endswith(b"\r\x1b[K")  # the line is cleared once the lock is granted
+    assert status is not None and os.waitstatus_to_exitcode(status) == 0
 
 
 def test_daemon_not_running_names_the_socket(tmp_path: Path) -> None:
@@ -297,13 +355,15 @@ def test_lease_excludes_flock_on_the_same_file(lockd, name: str, holder) -> None
 
 
 def test_process_tied_lease_ends_with_the_shell(lockd, name: str, tmp_path: Path) -> None:
-    script = f"{LOCKCTL_SH} acquire {name} > {tmp_path}/token && echo $$ > {tmp_path}/sh && sleep 0.5"
+    go = tmp_path / "go"
+    script = f"{LOCKCTL_SH} acquire {name} > {tmp_path}/token && echo $$ > {tmp_path}/sh && while [ ! -e {go} ]; do sleep 0.02; done"
     shell = subprocess.Popen(["sh", "-c", script], env=lockd.env)
     try:
         shell_pid = int(wait_for_file(tmp_path / "sh"))
         [tied] = status(lockd, name)[name]["holders"]
         assert tied["pid"] == shell_pid
         assert tied["token"] == int(wait_for_file(tmp_path / "token"))
+        go.touch()
         assert shell.wait(TIMEOUT) == 0
         eventually(lambda: not held(lockd, name), "lease ended with its shell")
     finally:

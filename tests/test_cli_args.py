@@ -48,6 +48,18 @@ def test_mode_flags_last_one_wins_as_in_flock(flags: list[str], shared: bool) ->
     assert parse("acquire", *flags, "x", "--", "true").shared is shared
 
 
+def test_flock_spellings_are_accepted() -> None:
+    args = parse("acquire", "-e", "--nonblock", "--wait", "3", "-o", "x", "--", "true")
+    assert (args.shared, args.no_wait) == (False, True)
+    assert parse("acquire", "--nb", "x", "--", "true").no_wait
+    assert parse("acquire", "--wait", "0.5", "x", "--", "true").timeout == 0.5
+
+
+def test_long_options_are_never_abbreviated() -> None:
+    with pytest.raises(cli.UsageError):
+        parse("acquire", "--time", "1", "x", "--", "true")
+
+
 def test_fractional_timeout() -> None:
     args = parse("acquire", "-w", "0.25", "x", "--", "true")
     assert (args.timeout, args.no_wait) == (0.25, False)

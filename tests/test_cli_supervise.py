@@ -27,8 +27,10 @@ TIMEOUT = 10.0
 # Runs _supervise.run in its own process, as lockctl does: argv is FD KILL_AFTER CMD...
 # Exit status: CMD's, or 79 with "LOST <message>" on stderr, or 127 with "OSERROR <errno>".
 HARNESS = """
-import os, socket, sys
+import os, signal, socket, sys
 from lockd_client import _supervise, errors
+if os.environ.get("IGNORE_HUP"):  # as under nohup
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 fd, kill_after, argv = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3:]
 conn = socket.socket(fileno=fd)
 lost = []
@@ -136,15 +138,27 @@ def test_missing_command_is_an_oserror_and_never_runs() -> None:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2])
 def test_signals_are_forwarded_and_the_lease_kept_until_cmd_exits(tmp_path: Path, sig: signal.Signals) -> None:
-    got = tmp_path / "got"
-    # CMD notes the signal, then takes a while to finish: the supervisor must wait for it.
-    script = f"trap 'echo {sig.name} > {got}; sleep 0.3; exit 7' {sig.name[3:]}; echo > {got}.ready; while :; do sleep 0.05; done"
+    got, go = tmp_path / "got", tmp_path / "go"
+    # CMD notes the signal, then finishes only when the test says: the supervisor must wait.
+    cleanup = f"echo {sig.name} > {got}; while [ ! -e {go} ]; do sleep 0.02; done; exit 7"
+    script = f"trap '{cleanup}' {sig.name[3:]}; echo > {got}.ready; while :; do sleep 0.05; done"
     run = Supervised(["sh", "-c", script])
     wait_for_file(tmp_path / "got.ready")
     run.proc.send_signal(sig)
     assert wait_for_file(got) == f"{sig.name}\n"
     assert run.proc.poll() is None
+    go.touch()
     assert run.wait()[0] == 7
+
+
+def test_a_signal_ignored_by_the_caller_stays_ignored(tmp_path: Path) -> None:
+    script = f"echo > {tmp_path}/ready; sleep 0.3; kill -HUP $$; echo alive"
+    run = Supervised(["sh", "-c", script], stdout=subprocess.PIPE, env={**os.environ, "IGNORE_HUP": "1"})
+    wait_for_file(tmp_path / "ready")
+    run.proc.send_signal(signal.SIGHUP)  # neither kills lockctl nor is passed on
+    out = run.proc.stdout.read()
+    assert run.wait()[0] == 0
+    assert out == b"alive\n"
 
 
 def test_lost_lease_terminates_the_whole_group(tmp_path: Path) -> None:
@@ -218,25 +232,31 @@ def test_interactive_cmd_reads_the_terminal(tmp_path: Path) -> None:
     if pid == 0:  # the child is a session leader with the pty as its controlling terminal
         os.execv(sys.executable, argv)
     theirs.close()
-    output = b""
     try:
         os.write(master, b"hello\n")
-        deadline = time.monotonic() + TIMEOUT
-        while b"got:hello" not in output:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([master], [], [], remaining)[0]:
-                break
-            try:
-                output += os.read(master, 1024)
-            except OSError:
-                break  # EIO: the child exited and the terminal closed
-        status = wait_pid(pid, deadline)
+        output = read_terminal(master, until=b"got:hello")
+        status = wait_pid(pid, time.monotonic() + TIMEOUT)
     finally:
         kill_quietly(pid)  # only matters if it hung
         os.close(master)
         daemon_end.close()
     assert b"got:hello" in output
     assert status is not None and os.waitstatus_to_exitcode(status) == 0
+
+
+def read_terminal(master: int, until: bytes) -> bytes:
+    """What appears on the pty `master` until `until` does, the terminal closes, or TIMEOUT."""
+    output = b""
+    deadline = time.monotonic() + TIMEOUT
+    while until not in output:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([master], [], [], remaining)[0]:
+            break
+        try:
+            output += os.read(master, 1024)
+        except OSError:
+            break  # EIO: every process on the terminal has closed it
+    return output
 
 
 def test_group_alive_ignores_zombies() -> None:

@@ -79,7 +79,7 @@ examples:
   lockctl acquire backup -- rsync -a /srv/ /mnt/backup/
       run rsync holding "backup"; waits while someone else holds it
   lockctl acquire -n -E 0 cron.hourly -c 'run-parts /etc/cron.hourly'
-      skip quietly (status 0) if the previous run still holds the lock
+      skip this run (status 0) if the previous one still holds the lock
   lockctl acquire -s -w 2.5 db.schema -- ./read-report
       shared with other readers; give up after 2.5 seconds (status 75)
   lockctl acquire site.com || exit; make deploy; lockctl release site.com
@@ -128,8 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     def command(name: str, epilog: str, **kwargs: str) -> argparse.ArgumentParser:
+        # No abbreviated long options: a script's meaning must not change when one is added.
         return commands.add_parser(
-            name, parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog, **kwargs
+            name,
+            parents=[common],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            epilog=epilog,
+            allow_abbrev=False,
+            **kwargs,
         )
 
     acquire = command(
@@ -140,15 +146,23 @@ def build_parser() -> argparse.ArgumentParser:
         description="Take every NAME together. With CMD: run it holding them and release them "
         "when it exits. Without: tie the lease to the calling process.",
     )
-    # As in flock(1), the last of -s/-x wins.
+    # Every spelling flock(1) accepts, so that a flock line converts by changing the word;
+    # as in flock(1), the last of -s/-x wins.
     acquire.set_defaults(shared=False)
     acquire.add_argument("-s", "--shared", dest="shared", action="store_const", const=True, help="a shared lease")
     acquire.add_argument(
-        "-x", "--exclusive", dest="shared", action="store_const", const=False, help="an exclusive lease (the default)"
+        "-x", "-e", "--exclusive", dest="shared", action="store_const", const=False, help="an exclusive lease (the default)"
     )
-    acquire.add_argument("-n", "--no-wait", action="store_true", help="fail at once if any NAME is held")
     acquire.add_argument(
-        "-w", "--timeout", type=_seconds, metavar="SEC", help="give up after SEC seconds (fractions allowed; 0 is -n)"
+        "-n", "--no-wait", "--nonblock", "--nb", action="store_true", help="fail at once if any NAME is held"
+    )
+    acquire.add_argument(
+        "-w",
+        "--timeout",
+        "--wait",
+        type=_seconds,
+        metavar="SEC",
+        help="give up after SEC seconds (fractions allowed; 0 is -n)",
     )
     acquire.add_argument(
         "-E",
@@ -173,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--pid", type=_pid, help="without CMD: tie the lease to this process (default: lockctl's parent)"
     )
     acquire.add_argument("-v", "--verbose", action="store_true", help="say what is waited for and done")
+    acquire.add_argument(
+        "-o", "--close", action="store_true", help="accepted as in flock(1); CMD never holds the lease in any case"
+    )
     acquire.add_argument("names", nargs="+", metavar="NAME")
 
     release = command(
