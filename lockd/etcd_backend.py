@@ -256,7 +256,7 @@ class EtcdBackend:
         self._sequence = itertools.count(1)
         #: Leases given up but maybe not yet expired in etcd: revoked when etcd answers again.
         self._stale: set[int] = set()
-        self._problem = "no lease yet (lockd is starting)"
+        self._problem = "no etcd lease yet: lockd is still connecting"
 
     @classmethod
     def from_config(cls, files: LockFiles, config: Etcd, host: str) -> EtcdBackend:
@@ -399,9 +399,15 @@ class EtcdBackend:
 
     def _unavailable(self) -> EtcdUnreachable:
         return EtcdUnreachable(
-            f"the etcd backend is unavailable: {self._problem}; lockd reconnects by itself, "
-            "retry later (and check etcd at " + ", ".join(self._client.endpoints) + ")"
+            f"the etcd backend is unavailable ({self._problem}); lockd reconnects by itself: "
+            "retry shortly, and check that etcd is up if this persists"
         )
+
+    def _trouble(self, problem: str) -> None:
+        """Note why etcd does not serve; log it if it is news."""
+        if problem != self._problem:
+            log.warning("etcd: %s", problem)
+        self._problem = problem
 
     def _remote(self, name: str, *, holding: bool) -> list[_Key]:
         """Keys on `name` of no live local ticket, holding or waiting per etcd's order."""
@@ -427,13 +433,12 @@ class EtcdBackend:
             try:
                 lease, ttl = await self._client.grant(self._ttl, timeout=self._timeout)
             except EtcdError as exc:
-                if str(exc) != self._problem:
-                    log.warning("etcd is unavailable: %s; retrying", exc)
-                self._problem = str(exc)
+                self._trouble(str(exc))
                 await trio.sleep(delay)
                 delay = min(2 * delay, _RECONNECT[1])
                 continue
             log.info("etcd lease %x granted by %s, TTL %d s", lease, self._client.endpoint, ttl)
+            self._problem = ""
             return _Session(lease, ttl, sent, self._prefix)
 
     async def _serve(self, session: _Session, lose: LoseCallback) -> str:
@@ -469,11 +474,10 @@ class EtcdBackend:
                 with trio.fail_at(session.deadline):
                     ttl = await self._client.keep_alive(session.lease, timeout=min(period, session.deadline - sent))
             except trio.TooSlowError:
-                self._problem = f"etcd at {self._client.endpoint} did not confirm a keep-alive in time"
+                self._trouble(f"etcd at {self._client.endpoint} did not confirm a keep-alive in time")
                 continue
             except EtcdError as exc:
-                self._problem = str(exc)
-                log.warning("etcd keep-alive failed: %s", exc)
+                self._trouble(f"keep-alive failed: {exc}")
                 next_send = sent + period / 4
                 continue
             if ttl <= 0:
@@ -497,7 +501,7 @@ class EtcdBackend:
             except WatchCompacted:
                 continue
             except EtcdError as exc:
-                log.warning("etcd watch interrupted: %s; reading again", exc)
+                self._trouble(f"watch interrupted: {exc}")
                 await trio.sleep(delay)
                 delay = min(2 * delay, _RECONNECT[1])
 
@@ -519,6 +523,6 @@ class EtcdBackend:
                     await self._client.txn([etcd_client.delete(k) for k in batch], timeout=self._timeout)
                     session.doomed.difference_update(batch)
             except EtcdError as exc:
-                log.warning("could not delete released keys from etcd yet: %s", exc)
+                self._trouble(f"could not delete released keys yet: {exc}")
                 await trio.sleep(_RECONNECT[0])
                 session.wake.set()

@@ -239,37 +239,38 @@ class EtcdClient:
                 "start_revision": start_revision,
             }
         }
-        url = self.endpoint + "/v3/watch"
+        endpoint = self.endpoint
         decoder = msgspec.json.Decoder(_WatchLine, strict=False)
         try:
             content = self._encoder.encode(request)
             response = await self._http.send(
-                await self._request(url, content, httpx.Timeout(timeout, read=None)), stream=True
+                await self._request(endpoint + "/v3/watch", content, httpx.Timeout(timeout, read=None)),
+                stream=True,
             )
             try:
                 if response.status_code != 200:
                     await response.aread()
-                    raise self._failure(url, response)
+                    raise self._failure(endpoint, response)
                 async for line in response.aiter_lines():
                     if not line:
                         continue
-                    decoded = _decode(decoder, url, line)
+                    decoded = _decode(decoder, endpoint, line)
                     if decoded.result is None:
-                        raise EtcdError(f"etcd at {url} broke the watch: {decoded.error}")
+                        raise EtcdError(f"etcd at {endpoint} broke the watch: {decoded.error}")
                     answer = decoded.result
                     if answer.compact_revision:
-                        raise WatchCompacted(f"revision {start_revision} is compacted at {url}")
+                        raise WatchCompacted(f"revision {start_revision} is compacted at {endpoint}")
                     if answer.canceled:
                         if "Unauthenticated" in answer.cancel_reason:
                             self._token = None
-                        raise EtcdError(f"etcd at {url} cancelled the watch: {answer.cancel_reason}")
+                        raise EtcdError(f"etcd at {endpoint} cancelled the watch: {answer.cancel_reason}")
                     on_response(answer)
             finally:
                 with trio.CancelScope(shield=True):
                     await response.aclose()
         except httpx.HTTPError as exc:
-            raise self._unreachable(url, exc) from exc
-        raise self._unreachable(url, "it closed the watch stream")
+            raise self._unreachable(endpoint, exc) from exc
+        raise self._unreachable(endpoint, "it closed the watch stream")
 
     # --- plumbing -----------------------------------------------------------------------------
 
@@ -279,18 +280,18 @@ class EtcdClient:
         failure: EtcdError | None = None
         # One round per endpoint, and one more for a request refused for an expired token.
         for _ in range(len(self.endpoints) + 1):
-            url = self.endpoint + path
+            endpoint = self.endpoint
             try:
-                response = await self._http.send(await self._request(url, content, timeout))
+                response = await self._http.send(await self._request(endpoint + path, content, timeout))
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 # Nothing was sent: the next member can safely take the same request.
-                failure = self._unreachable(url, exc)
+                failure = self._unreachable(endpoint, exc)
                 continue
             except httpx.HTTPError as exc:
-                raise self._unreachable(url, exc) from exc
+                raise self._unreachable(endpoint, exc) from exc
             if response.status_code == 200:
-                return _decode(decoder, url, response.content)
-            failure = self._failure(url, response)
+                return _decode(decoder, endpoint, response.content)
+            failure = self._failure(endpoint, response)
             if failure.status != _UNAUTHENTICATED:
                 raise failure
             self._token = None
@@ -302,12 +303,12 @@ class EtcdClient:
         headers: dict[str, str] = {}
         if self._credentials is not None:
             if self._token is None:
-                login = self.endpoint + "/v3/auth/authenticate"
-                credentials = self._encoder.encode(self._credentials)
-                response = await self._http.send(self._post(login, credentials, {}, timeout))
+                endpoint = self.endpoint
+                login = self._post(endpoint + "/v3/auth/authenticate", self._encoder.encode(self._credentials), {}, timeout)
+                response = await self._http.send(login)
                 if response.status_code != 200:
-                    raise self._failure(login, response)
-                self._token = _decode(msgspec.json.Decoder(_Auth), login, response.content).token
+                    raise self._failure(endpoint, response)
+                self._token = _decode(msgspec.json.Decoder(_Auth), endpoint, response.content).token
             headers["Authorization"] = self._token
         return self._post(url, content, headers, timeout)
 
@@ -320,18 +321,18 @@ class EtcdClient:
         request.stream = _Body(content)
         return request
 
-    def _failure(self, url: str, response: httpx.Response) -> EtcdError:
+    def _failure(self, endpoint: str, response: httpx.Response) -> EtcdError:
         try:
             failure = msgspec.json.decode(response.content, type=_Failure)
         except msgspec.DecodeError:
             failure = _Failure(message=f"HTTP {response.status_code} {response.text[:200]}")
         message = failure.message or failure.error or f"HTTP {response.status_code}"
-        return EtcdError(f"etcd at {url} answered: {message}", failure.code)
+        return EtcdError(f"etcd at {endpoint} answered: {message}", failure.code)
 
-    def _unreachable(self, url: str, cause: Exception | str) -> EtcdUnreachable:
-        """The error for `url` not answering; the next call tries the next endpoint first."""
+    def _unreachable(self, endpoint: str, cause: Exception | str) -> EtcdUnreachable:
+        """The error for `endpoint` not answering; the next call tries the next one first."""
         self._current = (self._current + 1) % len(self.endpoints)
-        return EtcdUnreachable(f"etcd at {url} is unreachable: {str(cause) or type(cause).__name__}")
+        return EtcdUnreachable(f"etcd at {endpoint} is unreachable: {str(cause) or type(cause).__name__}")
 
 
 class _Body(httpx.AsyncByteStream):
@@ -350,8 +351,8 @@ class _Body(httpx.AsyncByteStream):
         return content
 
 
-def _decode(decoder: msgspec.json.Decoder[_T], url: str, data: bytes | str) -> _T:
+def _decode(decoder: msgspec.json.Decoder[_T], endpoint: str, data: bytes | str) -> _T:
     try:
         return decoder.decode(data)
     except msgspec.DecodeError as exc:
-        raise EtcdError(f"etcd at {url} sent an answer lockd cannot read: {exc}") from exc
+        raise EtcdError(f"etcd at {endpoint} sent an answer lockd cannot read: {exc}") from exc
