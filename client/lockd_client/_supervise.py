@@ -94,6 +94,7 @@ class _Supervisor:
         self.is_lost = is_lost
         self.kill_after = kill_after
         self.pid = 0
+        self.reaped = False
         self.tty: int | None = None
         self.guardian = 0
         self.guard_w = -1
@@ -115,13 +116,17 @@ class _Supervisor:
             self._start(argv, env, handled)
             return self._wait(wake_r)
         finally:
+            if self.pid and not self.reaped:
+                # Only after an unexpected error: even then CMD must not outlive the lease.
+                terminate_group(self.pid, self.kill_after)
+                self._reap_blocking()
             if self.guardian:
                 self._dismiss_guardian()
             elif self.guard_w >= 0:
                 os.close(self.guard_w)
             if self.tty is not None:
                 if self.pid and _foreground(self.tty) == self.pid:
-                    os.tcsetpgrp(self.tty, os.getpgrp())
+                    _give_terminal(self.tty, os.getpgrp())
                 os.close(self.tty)
             signal.set_wakeup_fd(saved_wakeup)
             for sig, handler in saved.items():
@@ -169,7 +174,7 @@ class _Supervisor:
         try:
             if lost is None:
                 if self.tty is not None and _foreground(self.tty) == os.getpgrp():
-                    os.tcsetpgrp(self.tty, self.pid)
+                    _give_terminal(self.tty, self.pid)
                 os.write(gate_w, _GATE_OPEN)
         finally:
             os.close(gate_w)
@@ -224,6 +229,7 @@ class _Supervisor:
         if os.WIFSTOPPED(status):
             self._follow_stop()
             return None
+        self.reaped = True
         return _exit_status(status)
 
     def _follow_stop(self) -> None:
@@ -232,12 +238,12 @@ class _Supervisor:
         if self.tty is None:
             return  # no job control: whoever stopped CMD continues it
         if _foreground(self.tty) == self.pid:
-            os.tcsetpgrp(self.tty, os.getpgrp())
+            _give_terminal(self.tty, os.getpgrp())
         if not _stop_self():
             return  # orphaned (no shell to continue us): leave CMD as it is, like no terminal
         # Continued. `fg` gave lockctl the terminal; pass it on. `bg` did not.
         if _foreground(self.tty) == os.getpgrp():
-            os.tcsetpgrp(self.tty, self.pid)
+            _give_terminal(self.tty, self.pid)
         _signal_group(self.pid, signal.SIGCONT)
 
     def _terminate(self, reason: str) -> NoReturn:
@@ -246,10 +252,8 @@ class _Supervisor:
         raise LeaseLost(f"{reason}; CMD was terminated, and its work may be incomplete")
 
     def _reap_blocking(self) -> None:
-        try:
-            os.waitpid(self.pid, 0)
-        except ChildProcessError:
-            pass  # already reaped by `_reap`
+        os.waitpid(self.pid, 0)
+        self.reaped = True
 
     def _dismiss_guardian(self) -> None:
         """Tell the guardian CMD is done (so it leaves the group alone) and wait for it."""
@@ -401,6 +405,13 @@ def _foreground(tty: int) -> int | None:
         return os.tcgetpgrp(tty)
     except OSError:
         return None  # hung up
+
+
+def _give_terminal(tty: int, pgid: int) -> None:
+    try:
+        os.tcsetpgrp(tty, pgid)
+    except OSError:
+        pass  # hung up meanwhile: there is no terminal left to hand over
 
 
 def _read_all(fd: int) -> bytes:

@@ -1,9 +1,8 @@
 """`lockctl`: take lockd locks from the shell, run commands under them, and inspect them.
 
-Invariant: every way lockctl ends is one documented exit status (docs/cli.md): a usage error
-or an invalid name is 64 before the daemon is contacted, and the statuses of lockctl's own
-outcomes (64-79) are never produced for anything but that outcome. CMD's own status passes
-through unchanged.
+Invariant: every way lockctl ends has one documented exit status (docs/cli.md): CMD's own,
+passed through unchanged, or the one status of lockctl's outcome; a usage error or an invalid
+name is 64 before the daemon is contacted.
 
 Start-up must stay fast (lockctl runs in loops of shell scripts): only argparse and the wire
 protocol are imported up front; the client, and everything else, when a command needs it.
