@@ -1,8 +1,9 @@
 """`lockd`: start the lock broker daemon.
 
-Invariant: nothing is served until every directory, the token store and the listeners are in
-place, so a client that connects is served with tokens that continue upward; any start-up
-problem exits with status 1 and one line that says what to fix.
+Invariant: nothing is served until the configuration, every directory, the token store and
+the listeners are in place, so the first client is served with tokens that continue upward;
+any start-up problem exits with status 1 and one line that says what to fix (a bad flag is a
+usage error, status 2, from argparse).
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
-from lockd_client import paths
+import msgspec
 
 from . import __version__
 
@@ -25,13 +27,40 @@ examples:
   lockd                                   per-user daemon with the default paths
   lockd --socket /tmp/l.sock --lock-dir /tmp/locks --state-dir /tmp/state
   LOCKD_SOCKET=/tmp/l.sock lockctl status  talk to that daemon
+  lockd --backend etcd --etcd-endpoints http://10.0.0.1:2379,http://10.0.0.2:2379
 
 defaults (root / others):
+  config     /etc/lockd/lockd.toml   / $XDG_CONFIG_HOME/lockd/lockd.toml (optional)
   socket     /run/lockd/lockd.sock   / $XDG_RUNTIME_DIR/lockd/lockd.sock
   lock dir   /run/lock/lockd         / $XDG_RUNTIME_DIR/lockd/locks
   state dir  /var/lib/lockd          / $XDG_STATE_HOME/lockd
   (without XDG_RUNTIME_DIR: /tmp/lockd-UID, created with mode 0700)
+Flags override the config file. Every option is in docs/configuration.md.
+Signals: SIGTERM/SIGINT end every lease and exit 0; SIGHUP reloads the config file.
 """
+
+#: How often the systemd status line is refreshed (only when something changed).
+STATUS_INTERVAL = 1.0
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def _endpoints(text: str) -> list[str]:
+    urls = [u.strip() for u in text.split(",") if u.strip()]
+    for url in urls:
+        if not url.startswith(("http://", "https://")):
+            raise argparse.ArgumentTypeError(f"{url!r} is not an http:// or https:// URL")
+    if not urls:
+        raise argparse.ArgumentTypeError("expected at least one URL")
+    return urls
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -42,70 +71,187 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--config", type=Path, help="config file (default: see below; a missing default file is fine)")
     parser.add_argument("--socket", help="Unix socket to serve on (default: $LOCKD_SOCKET, else see below)")
-    parser.add_argument("--lock-dir", type=Path, help="directory of the NAME.lock files")
-    parser.add_argument("--state-dir", type=Path, help="directory for durable state (fencing tokens)")
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+    parser.add_argument("--lock-dir", help="directory of the NAME.lock files")
+    parser.add_argument("--state-dir", help="directory for durable state (fencing tokens)")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default: info")
+    parser.add_argument("--backend", choices=["flock", "etcd"], help="where locks live (default: flock)")
+    etcd = parser.add_argument_group("etcd backend")
+    etcd.add_argument("--etcd-endpoints", type=_endpoints, metavar="URL[,URL...]", help="etcd client URLs")
+    etcd.add_argument("--etcd-ttl", type=_positive_float, metavar="SECONDS", help="etcd lease TTL (default: 5)")
+    etcd.add_argument("--etcd-prefix", metavar="PREFIX", help="key prefix in etcd (default: /lockd/)")
     parser.add_argument("--version", action="version", version=f"lockd {__version__}")
     return parser.parse_args(argv)
 
 
-def _private_dir(path: Path) -> None:
-    """Create `path` (mode 0700) if missing. An existing directory is used as it is."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+def load(args: argparse.Namespace):  # -> config.Config
+    """The config file with the flags applied. Raises ConfigError."""
+    from .config import load_config, with_overrides
+
+    conf = with_overrides(load_config(args.config, explicit=args.config is not None), args)
+    etcd = {
+        field: value
+        for field, value in (("endpoints", args.etcd_endpoints), ("ttl", args.etcd_ttl), ("prefix", args.etcd_prefix))
+        if value is not None
+    }
+    if etcd:
+        conf = msgspec.structs.replace(conf, etcd=msgspec.structs.replace(conf.etcd, **etcd))
+    return conf
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="lockd: %(levelname)s: %(message)s", stream=sys.stderr)
+    from .config import ConfigError
+    from .logs import configure_logging, under_systemd
 
-    import trio
-
-    from .flock_backend import FlockBackend
-    from .lockfiles import LockFiles
-    from .server import Limits, Server, bind_unix_listener
-    from .table import LockTable
-    from .tokens import TokenStore
-
-    socket_path = Path(args.socket) if args.socket else paths.default_socket()
-    lock_dir = args.lock_dir or paths.default_lock_dir()
-    state_dir = args.state_dir or paths.default_state_dir()
     try:
-        if not args.socket and not os.environ.get(paths.SOCKET_ENV):
-            _private_dir(socket_path.parent)
-        _private_dir(lock_dir)
-        tokens = TokenStore.open(state_dir)
-        files = LockFiles(lock_dir)
-        listener = bind_unix_listener(str(socket_path), 0o600 if os.geteuid() else 0o660)
-        bound = os.stat(socket_path)
-    except (OSError, ValueError) as exc:
+        conf = load(args)
+    except ConfigError as exc:
+        print(f"lockd: {exc}", file=sys.stderr)
+        return 1
+    journald = under_systemd()
+    configure_logging(conf.log_level, journald)
+
+    from lockd_client import paths
+
+    from .fdlimit import raise_nofile_limit
+    from .lockfiles import LockDirError, LockFiles, check_lock_dir, prepare_lock_dir
+    from .policy import Policy
+    from .server import bind_unix_listener
+    from .systemd import listen_fds
+    from .tokens import TokenStore, TokenStoreError
+
+    raise_nofile_limit()
+    tokens = files = None
+    sockets: list[socket.socket] = []
+    bound: os.stat_result | None = None
+    try:
+        policy = Policy.from_config(conf.policy)
+        prepare_lock_dir(conf.lock_dir, 0o700)
+        check_lock_dir(conf.lock_dir)
+        files = LockFiles(conf.lock_dir, conf.lock_file_mode)
+        if conf.backend == "flock":
+            tokens = TokenStore.open(conf.state_dir)
+        sockets = listen_fds()
+        if not sockets:
+            if conf.socket == paths.default_socket() and not os.environ.get(paths.SOCKET_ENV):
+                # Our own default directory: private to this user unless it already exists.
+                conf.socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            sockets = [bind_unix_listener(str(conf.socket), conf.socket_mode)]
+            bound = os.stat(conf.socket)
+    except (OSError, ValueError, ConfigError, LockDirError, TokenStoreError) as exc:
         log.error("%s", exc)
+        for sock in sockets:
+            sock.close()
+        if files is not None:
+            files.close()
+        if tokens is not None:
+            tokens.close()
         return 1
 
-    backend = FlockBackend(files, tokens)
-    server = Server(LockTable(), backend, Limits())
+    if conf.backend == "etcd":
+        from .etcd_backend import EtcdBackend
 
-    async def run() -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async with trio.open_nursery() as nursery:
-                listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(listener))]
-                await nursery.start(server.serve, listeners)
-                log.info("serving on %s (locks in %s, state in %s)", socket_path, lock_dir, state_dir)
-                async for signum in signals:
-                    log.info("%s: shutting down", signal.Signals(signum).name)
-                    server.stop()
-                    break
+        backend = EtcdBackend.from_config(files, conf.etcd, socket.gethostname())
+    else:
+        from .flock_backend import FlockBackend
+
+        backend = FlockBackend(files, tokens)
 
     try:
-        trio.run(run)
+        import trio
+
+        where = str(conf.socket) if bound is not None else f"{len(sockets)} socket(s) from systemd"
+        trio.run(_serve, args, conf, backend, policy, sockets, where)
     finally:
-        try:
-            if os.stat(socket_path).st_ino == bound.st_ino:
-                os.unlink(socket_path)  # ours; a socket some other daemon bound since is left alone
-        except FileNotFoundError:
-            pass
+        if bound is not None:
+            try:
+                if os.stat(conf.socket).st_ino == bound.st_ino:
+                    os.unlink(conf.socket)  # ours; a socket another daemon bound since stays
+            except FileNotFoundError:
+                pass
         files.close()
+        if tokens is not None:
+            tokens.close()
     return 0
+
+
+async def _serve(args, conf, backend, policy, sockets: list[socket.socket], where: str) -> None:
+    import trio
+
+    from .server import Server
+    from .systemd import Notifier, watchdog_interval, watchdog_loop
+    from .table import LockTable
+
+    server = Server(LockTable(), backend, conf.limits, policy)
+    with Notifier.from_environment() as notifier, trio.open_signal_receiver(
+        signal.SIGTERM, signal.SIGINT, signal.SIGHUP
+    ) as signals:
+        async with trio.open_nursery() as nursery:
+            listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets]
+            await nursery.start(server.serve, listeners)
+            log.info("lockd %s serving on %s (backend %s, locks in %s)", __version__, where, backend.name, conf.lock_dir)
+            notifier.ready(_summary(server))
+            async with trio.open_nursery() as duties:
+                interval = watchdog_interval()
+                if interval is not None:
+                    duties.start_soon(watchdog_loop, notifier, interval)
+                if notifier.enabled:
+                    duties.start_soon(_report_status, notifier, server)
+                async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        notifier.reloading()
+                        conf = _reload(args, conf, server)
+                        notifier.ready(_summary(server))
+                        continue
+                    log.info("%s: ending every lease and shutting down", signal.Signals(signum).name)
+                    notifier.stopping()
+                    server.stop()  # serve() returns once clients were told
+                    break
+                duties.cancel_scope.cancel()
+
+
+def _summary(server) -> str:
+    table = server.table
+    waiting = table.waiting_count()
+    return f"{len(table) - waiting} leases held, {waiting} waiting, {len(server.sessions)} clients"
+
+
+async def _report_status(notifier, server) -> None:
+    import trio
+
+    last = None
+    while True:
+        summary = _summary(server)
+        if summary != last:
+            notifier.status(summary)
+            last = summary
+        await trio.sleep(STATUS_INTERVAL)
+
+
+def _reload(args, current, server):
+    """Apply what a reloaded config file may change live; keep running on any error."""
+    from .config import ConfigError, plan_reload
+    from .logs import configure_logging, under_systemd
+    from .policy import Policy
+
+    try:
+        plan = plan_reload(current, load(args))
+        policy = Policy.from_config(plan.config.policy)
+    except ConfigError as exc:
+        log.error("reload failed, keeping the running configuration: %s", exc)
+        return current
+    configure_logging(plan.config.log_level, under_systemd())
+    server.policy = policy
+    server.limits = plan.config.limits
+    if plan.applied:
+        log.info("reloaded: applied %s", ", ".join(plan.applied))
+    else:
+        log.info("reloaded: nothing changed that applies live")
+    if plan.needs_restart:
+        log.warning("changed but only applied after a restart: %s", ", ".join(plan.needs_restart))
+    return plan.config
 
 
 if __name__ == "__main__":

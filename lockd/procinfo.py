@@ -34,6 +34,9 @@ def _read(pid: int, entry: str, size: int = -1) -> bytes | None:
         return None
 
 
+_UNPRINTABLE = {c: "?" for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)]}
+
+
 def command_line(pid: int) -> str:
     """The arguments of `pid` joined by spaces, at most MAX_COMMAND_LENGTH characters.
 
@@ -43,7 +46,9 @@ def command_line(pid: int) -> str:
     if not raw:
         return ""
     text = raw.rstrip(b"\0").replace(b"\0", b" ").decode("utf-8", "replace")
-    return text[:MAX_COMMAND_LENGTH]
+    # Any process may put newlines or escape sequences in its argv: shown raw they would
+    # forge log lines or rewrite an operator's terminal.
+    return text[:MAX_COMMAND_LENGTH].translate(_UNPRINTABLE)
 
 
 def process_uid(pid: int) -> int | None:
@@ -55,6 +60,18 @@ def process_uid(pid: int) -> int | None:
         if line.startswith(b"Uid:"):
             return int(line.split()[1])
     return None
+
+
+def process_groups(pid: int) -> frozenset[int]:
+    """The supplementary group ids of `pid` (the Groups: line of /proc/PID/status); empty if
+    unreadable. SO_PEERCRED carries only the primary gid, and policies name groups."""
+    raw = _read(pid, "status")
+    if raw is None:
+        return frozenset()
+    for line in raw.splitlines():
+        if line.startswith(b"Groups:"):
+            return frozenset(int(g) for g in line.split()[1:])
+    return frozenset()
 
 
 def process_start_time(pid: int) -> int | None:

@@ -21,7 +21,6 @@ import os
 import socket
 import time
 from collections import deque
-from dataclasses import dataclass
 
 import msgspec
 import trio
@@ -30,34 +29,36 @@ from lockd_client import errors, protocol
 
 from . import __version__, procinfo
 from .backend import Backend, Blocked
+from .config import Limits
+from .policy import Policy
 from .session import Party, ProcessOwner, Session
 from .table import Drop, Effect, Granted, LockTable, Lost, Queued, Refused, State, Take, Ticket
 
 log = logging.getLogger("lockd")
 
 
-@dataclass(slots=True)
-class Limits:
-    """Per-client bounds that keep one client from costing the others anything."""
-
-    max_frame: int = protocol.MAX_REQUEST_FRAME
-    #: Replies a client may leave unread before it is cut off. Generous: a `status` of a busy
-    #: host is one large frame, and it is still appended whole.
-    max_outbox: int = 4 * 1024 * 1024
-    handshake_timeout: float = 5.0
-    send_timeout: float = 10.0
-    #: How long shutdown waits for clients to take their `Lost` events.
-    shutdown_grace: float = 1.0
+#: Replies a client may leave unread before it is cut off. Generous: a `status` of a busy host
+#: is one large frame, and it is still appended whole.
+MAX_OUTBOX = 4 * 1024 * 1024
+#: The kernel's ceiling for pid_max (PID_MAX_LIMIT on 64-bit).
+MAX_PID = 4 * 1024 * 1024
+#: How long a graceful shutdown waits for clients to take their `Lost` events.
+SHUTDOWN_GRACE = 1.0
 
 
 class Server:
     """Serves the lock table over listeners. Call `serve` once."""
 
-    def __init__(self, table: LockTable, backend: Backend, limits: Limits | None = None) -> None:
+    def __init__(
+        self, table: LockTable, backend: Backend, limits: Limits | None = None, policy: Policy | None = None
+    ) -> None:
         self.table = table
         self.backend = backend
+        #: Both may be replaced while serving (configuration reload).
         self.limits = limits or Limits()
+        self.policy = policy or Policy((), {0: "root"})
         self.sessions: set[Session] = set()
+        self._sessions_per_uid: dict[int, int] = {}
         self._session_ids = itertools.count(1)
         self._takes: dict[Ticket, trio.CancelScope] = {}
         self._processes: dict[int, ProcessOwner] = {}
@@ -75,7 +76,7 @@ class Server:
         """Serve until `stop()` is called; `task_status.started()` fires once listeners accept.
 
         After `stop()`: stops accepting, reports every lease lost to its client, gives
-        clients `limits.shutdown_grace` seconds to read that, closes every connection and
+        clients SHUTDOWN_GRACE seconds to read that, closes every connection and
         returns. Cancellation instead stops at once: the leases end with the connections.
         """
         self._wall_offset = time.time() - trio.current_time()
@@ -103,7 +104,7 @@ class Server:
             self._end_process(owner)
         for session in list(self.sessions):
             session.close("the daemon is shutting down")
-        with trio.move_on_after(self.limits.shutdown_grace):
+        with trio.move_on_after(SHUTDOWN_GRACE):
             while self.sessions:
                 await trio.sleep(0.01)
 
@@ -140,10 +141,20 @@ class Server:
             await stream.aclose()
             return
         session = Session(
-            stream, next(self._session_ids), pid, uid, gid, procinfo.command_line(pid),
-            self.limits.max_outbox,
+            stream, next(self._session_ids), pid, uid, gid, procinfo.command_line(pid), MAX_OUTBOX,
         )
+        session.gids = procinfo.process_groups(pid) | {gid}
+        refusal = self._connection_refusal(session)
+        if refusal:
+            log.warning("refusing a connection from uid %d pid %d (%s): %s", uid, pid, session.command, refusal)
+            session.send(protocol.Error(None, protocol.ErrorCode.LIMIT, refusal))
+            session.close(refusal)
+            with trio.move_on_after(1):
+                await session.run_writer(1)
+            await stream.aclose()
+            return
         self.sessions.add(session)
+        self._sessions_per_uid[uid] = self._sessions_per_uid.get(uid, 0) + 1
         log.debug("%r connected: %s", session, session.command)
         try:
             async with trio.open_nursery() as nursery:
@@ -157,11 +168,27 @@ class Server:
                 session.close(session.close_reason or "the client closed the connection")
         finally:
             self.sessions.discard(session)
+            left = self._sessions_per_uid[uid] - 1
+            if left:
+                self._sessions_per_uid[uid] = left
+            else:
+                del self._sessions_per_uid[uid]
             self._end_session(session)
             with trio.CancelScope(shield=True):
                 await stream.aclose()
             if session.close_reason and not session.close_reason.startswith("the client"):
                 log.info("%r disconnected: %s", session, session.close_reason)
+
+    def _connection_refusal(self, session: Session) -> str | None:
+        limits = self.limits
+        if len(self.sessions) >= limits.max_connections:
+            return f"the daemon serves its maximum of {limits.max_connections} connections (limits.max_connections); retry later"
+        if self._sessions_per_uid.get(session.uid, 0) >= limits.max_connections_per_uid:
+            return (
+                f"uid {session.uid} already has {limits.max_connections_per_uid} connections "
+                "(limits.max_connections_per_uid); close some or retry later"
+            )
+        return None
 
     async def _run_writer_then_cancel(self, session: Session, scope: trio.CancelScope) -> None:
         await session.run_writer(self.limits.send_timeout)
@@ -197,7 +224,7 @@ class Server:
             except protocol.FrameTooLarge as exc:
                 self._fail_connection(session, f"{exc}; the connection is closed")
                 return
-            except msgspec.DecodeError as exc:
+            except (msgspec.DecodeError, UnicodeDecodeError) as exc:
                 self._fail_connection(session, f"malformed message ({exc}); the connection is closed")
                 return
 
@@ -256,6 +283,14 @@ class Server:
             timeout = request.timeout
             if timeout is not None and not (timeout >= 0 and math.isfinite(timeout)):
                 raise errors.ProtocolError(f"timeout must be a finite number >= 0, not {timeout}")
+            self._check_acquire_limits(session, names, timeout != 0)
+            decision = self.policy.check_acquire(session.uid, session.gids, names, request.mode)
+            if not decision.allowed:
+                log.warning(
+                    "refused uid %d pid %d (%s) %s on %s: %s", session.uid, session.pid,
+                    session.command, request.mode, "+".join(names), decision.reason,
+                )
+                raise decision.error()
             process = self._process_owner(session, request.pid) if request.pid is not None else None
         except errors.LockdError as exc:
             self._error(session, request.id, exc)
@@ -278,8 +313,31 @@ class Server:
             self._timer.deadline = deadline
         self._apply(effects)
 
+    def _check_acquire_limits(self, session: Session, names: list[str], waits: bool) -> None:
+        limits = self.limits
+        if len(session.tickets) >= limits.max_leases_per_connection:
+            raise errors.LimitExceeded(
+                f"this connection already has {limits.max_leases_per_connection} leases and requests "
+                "(limits.max_leases_per_connection); release some first"
+            )
+        if not waits:
+            return
+        if self.table.waiting_of(session) >= limits.max_pending_per_connection:
+            raise errors.LimitExceeded(
+                f"this connection already has {limits.max_pending_per_connection} waiting requests "
+                "(limits.max_pending_per_connection); wait for some to be granted first"
+            )
+        for name in names:
+            if self.table.waiting_on(name) >= limits.max_waiters_per_name:
+                raise errors.LimitExceeded(
+                    f"{name} already has {limits.max_waiters_per_name} waiters "
+                    "(limits.max_waiters_per_name); retry later"
+                )
+
     def _process_owner(self, session: Session, pid: int) -> ProcessOwner:
         """The owner for leases tied to `pid`, watched from now on. Checks the caller may."""
+        if not 0 < pid <= MAX_PID:
+            raise errors.ProtocolError(f"{pid} is not a process id; a lease can only be tied to a running process")
         owner = self._processes.get(pid)
         if owner is not None and not owner.exited:
             if session.uid not in (0, owner.uid):
@@ -353,11 +411,13 @@ class Server:
         try:
             (name,) = _checked_names([request.name])
             holders = [t for t in self.table.queue(name) if t.state is State.HELD]
-            others = sorted({t.info.uid for t in holders} - {session.uid})
-            if session.uid != 0 and others:
-                raise errors.PermissionDenied(
-                    f"{name} is held by uid {', '.join(map(str, others))}; only root or the holder's own user may force a release"
+            decision = self.policy.check_force(session.uid, name, [t.info.uid for t in holders])
+            if not decision.allowed:
+                log.warning(
+                    "refused uid %d pid %d (%s) a forced release of %s: %s",
+                    session.uid, session.pid, session.command, name, decision.reason,
                 )
+                raise decision.error()
         except errors.LockdError as exc:
             self._error(session, request.id, exc)
             return

@@ -56,7 +56,7 @@ class Session:
     live tickets by request id, and its outbox."""
 
     __slots__ = (
-        "stream", "pid", "uid", "gid", "command", "label", "tickets", "encoder", "_outbox",
+        "stream", "pid", "uid", "gid", "gids", "command", "label", "tickets", "encoder", "_outbox",
         "_wake", "max_outbox", "closed", "close_reason", "ident",
     )
 
@@ -69,6 +69,8 @@ class Session:
         self.pid = pid
         self.uid = uid
         self.gid = gid
+        #: Every group the peer was in at connect time (policies name groups).
+        self.gids: frozenset[int] = frozenset((gid,))
         self.command = command
         self.label: str | None = None
         #: Request id → the ticket of an Acquire that is waiting or held on this connection.

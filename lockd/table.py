@@ -308,6 +308,10 @@ class LockTable:
         """How many of `owner`'s tickets wait (not yet granted by the table). O(1)."""
         return self._waiting_by_owner.get(owner, 0)
 
+    def waiting_count(self) -> int:
+        """How many tickets wait, in all. O(owners)."""
+        return sum(self._waiting_by_owner.values())
+
     def waiting_on(self, name: str) -> int:
         """How many tickets wait on `name`. O(1)."""
         return self._waiting_by_name.get(name, 0)

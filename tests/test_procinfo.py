@@ -101,3 +101,10 @@ def test_start_time_survives_a_command_name_with_spaces_and_parentheses(short_tm
     assert own is not None and started is not None and after is not None
     # A parse that miscounted fields would land on small counters (nice, threads) instead.
     assert own <= started <= after
+
+
+def test_process_groups_match_the_kernel_view_of_this_process() -> None:
+    from lockd.procinfo import process_groups
+
+    assert process_groups(os.getpid()) == frozenset(os.getgroups())
+    assert process_groups(2**22 + 12345) == frozenset()
