@@ -332,7 +332,8 @@ def test_invalid_name_is_64_without_a_daemon(tmp_path: Path) -> None:
 
 def test_lock_held_by_flock_is_busy_and_shown_as_outside(lockd, name: str, tmp_path: Path) -> None:
     outside = subprocess.Popen(
-        ["flock", str(lockd.lock_dir / f"{name}.lock"), "-c", f"echo > {tmp_path}/held; exec sleep 60"]
+        ["flock", str(lockd.lock_dir / f"{name}.lock"), "-c", f"echo > {tmp_path}/held; exec sleep 60"],
+        process_group=0,  # flock(1) forks: its child must go too
     )
     try:
         wait_for_file(tmp_path / "held")
@@ -342,7 +343,7 @@ def test_lock_held_by_flock_is_busy_and_shown_as_outside(lockd, name: str, tmp_p
         shown = lockctl(lockd, "status", name)
         assert shown.returncode == 1 and "outside lockd" in shown.stdout
     finally:
-        outside.kill()
+        os.killpg(outside.pid, signal.SIGKILL)
         outside.wait(TIMEOUT)
 
 
