@@ -319,6 +319,20 @@ def test_daemon_gone_while_waiting_means_69_and_cmd_never_runs(daemon, tmp_path:
     assert not (tmp_path / "ran").exists()
 
 
+def test_refused_by_policy_is_77_and_cmd_never_runs(short_tmp: Path, tmp_path: Path) -> None:
+    config = short_tmp / "lockd.toml"
+    config.write_text('[[policy.rules]]\nnames = "secret*"\nallow = false\n')
+    daemon = Daemon(short_tmp, "--config", str(config))
+    daemon.start()
+    try:
+        proc = lockctl(daemon, "acquire", "secret", "--", "touch", str(tmp_path / "ran"))
+    finally:
+        daemon.kill()
+    assert proc.returncode == cli.EXIT_DENIED == 77
+    assert "refused" in proc.stderr
+    assert not (tmp_path / "ran").exists()
+
+
 def test_invalid_name_is_64_without_a_daemon(tmp_path: Path) -> None:
     proc = subprocess.run(
         [*LOCKCTL, "acquire", "--socket", str(tmp_path / "none.sock"), "../x", "--", "true"],
