@@ -527,10 +527,12 @@ class Server:
     def _granted(self, ticket: Ticket, party: Party) -> None:
         assert ticket.tokens is not None
         if party.process is not None:
-            if party.session is not None:
-                party.session.tickets.pop(party.request_id, None)
+            # From now on the process's exit ends the lease, not the connection's; while the
+            # connection lasts, its Release still ends it too.
             self.table.reassign(ticket, party.process)
             if party.process.exited:
+                if party.session is not None:
+                    party.session.tickets.pop(party.request_id, None)
                 self._apply(self.table.release(ticket))
                 self._send(party, protocol.Error(
                     party.request_id, protocol.ErrorCode.NOT_HELD,

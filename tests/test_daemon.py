@@ -306,3 +306,16 @@ def test_release_pid_and_force_release(daemon: Daemon) -> None:
         assert isinstance(lost, Lost) and "forcibly released" in lost.reason
         assert isinstance(admin.acquire("stuck", timeout=0), Granted)
     assert "broken" in daemon.log()
+
+
+def test_release_by_id_ends_a_process_tied_lease_while_its_connection_lasts(daemon: Daemon) -> None:
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        with RawClient(daemon.socket) as c:
+            assert isinstance(c.acquire("tied", pid=sleeper.pid), Granted)
+            c.send(Release(1))
+            c.request(Status(2))
+        assert status(daemon, "tied") == []
+    finally:
+        sleeper.kill()
+        sleeper.wait(10)

@@ -72,7 +72,8 @@ class BadLockFile(LockdError):
 
 
 class NotHeld(LockdError):
-    """A release named a lease that the given process does not hold."""
+    """A release named a lease that the given process does not hold, or a lease was to be
+    tied to a process that is not running."""
 
     code = protocol.ErrorCode.NOT_HELD
 

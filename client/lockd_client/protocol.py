@@ -146,8 +146,8 @@ class Welcome(msgspec.Struct, tag="welcome"):
 
 class Granted(msgspec.Struct, tag="granted"):
     id: int
-    #: Fencing tokens, one per name in the order the request named them: strictly increasing
-    #: per name over every grant, across daemon restarts.
+    #: Fencing tokens, one per distinct name in the order the request first named them:
+    #: strictly increasing per name over every grant, across daemon restarts.
     tokens: list[int]
 
 
@@ -171,7 +171,7 @@ class Done(msgspec.Struct, tag="done"):
     released: int = 0
 
 
-class StatusReply(msgspec.Struct, tag="status"):
+class StatusReply(msgspec.Struct, tag="status_reply"):
     id: int
     locks: list[LockInfo]
 
