@@ -245,7 +245,9 @@ class Server:
             session.close("unsupported protocol version")
             return False
         session.label = message.label
-        session.send(protocol.Welcome(protocol.PROTOCOL_VERSION, f"lockd {__version__}", self.backend.name))
+        session.send(protocol.Welcome(
+            protocol.PROTOCOL_VERSION, f"lockd {__version__}", self.backend.name, self.limits.max_frame
+        ))
         return True
 
     def _end_session(self, session: Session) -> None:

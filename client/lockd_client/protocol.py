@@ -142,6 +142,9 @@ class Welcome(msgspec.Struct, tag="welcome"):
     version: int
     server: str
     backend: str
+    #: The largest request frame this daemon accepts (its `limits.max_frame`); a larger one
+    #: closes the connection, so clients check before sending.
+    max_frame: int = MAX_REQUEST_FRAME
 
 
 class Granted(msgspec.Struct, tag="granted"):
