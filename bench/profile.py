@@ -29,7 +29,7 @@ from .machine import REPO
 def _spy(pid: int, out: Path, rate: int) -> subprocess.Popen[bytes]:
     py_spy = shutil.which("py-spy")
     if py_spy is None:
-        sys.exit("py-spy is not installed: run through `uv run --with-requirements bench/requirements.txt`")
+        sys.exit("py-spy is not installed: run `bench/run --help` once (it installs bench/requirements.txt), or pip install py-spy")
     return subprocess.Popen(
         [py_spy, "record", "--pid", str(pid), "--format", "raw", "--rate", str(rate),
          "--nonblocking", "--gil", "--function", "--output", str(out)],
@@ -50,6 +50,7 @@ def summarize(collapsed: Path, top: int) -> str:
     """The `top` functions by self and by total samples in a collapsed-stacks file."""
     own: Counter[str] = Counter()
     total: Counter[str] = Counter()
+    packages: Counter[str] = Counter()
     samples = 0
     for line in collapsed.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
@@ -57,15 +58,23 @@ def summarize(collapsed: Path, top: int) -> str:
         frames = stack.split(";")
         samples += n
         own[frames[-1]] += n
+        packages[_package(frames[-1])] += n
         for frame in set(frames):
             total[frame] += n
     if not samples:
         return f"{collapsed.name}: no samples"
     lines = [f"{collapsed.name}: {samples} busy samples"]
-    for title, counter in (("self", own), ("total", total)):
+    for title, counter in (("package, self", packages), ("self", own), ("total", total)):
         lines.append(f"  by {title}:")
         lines += [f"    {100 * n / samples:5.1f}%  {frame}" for frame, n in counter.most_common(top)]
     return "\n".join(lines)
+
+
+def _package(frame: str) -> str:
+    """`trio` for `f (trio/_core/_run.py:12)`: the top-level package (or module) of a frame."""
+    _, _, where = frame.rpartition(" (")
+    where = where.removeprefix("<attrs generated methods ")  # attrs' generated __init__ etc.
+    return where.split("/", 1)[0].split(":", 1)[0].split(".", 1)[0] or "?"
 
 
 def main(argv: list[str] | None = None) -> int:

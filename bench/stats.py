@@ -27,10 +27,11 @@ def median(values: Sequence[float]) -> float:
 
 
 def latency_summary(samples_ns: Sequence[int]) -> dict[str, float]:
-    """p50/p99/max in µs and the count of `samples_ns` (nanoseconds)."""
+    """min/p50/p99/max in µs and the count of `samples_ns` (nanoseconds)."""
     ordered = sorted(samples_ns)
     return {
         "n": len(ordered),
+        "min_us": (ordered[0] / 1000) if ordered else math.nan,
         "p50_us": percentile(ordered, 50) / 1000,
         "p99_us": percentile(ordered, 99) / 1000,
         "max_us": (ordered[-1] / 1000) if ordered else math.nan,
