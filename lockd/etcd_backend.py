@@ -406,7 +406,7 @@ class EtcdBackend:
     def _trouble(self, problem: str) -> None:
         """Note why etcd does not serve; log it if it is news."""
         if problem != self._problem:
-            log.warning("etcd: %s", problem)
+            log.warning("%s", problem)
         self._problem = problem
 
     def _remote(self, name: str, *, holding: bool) -> list[_Key]:
@@ -477,7 +477,7 @@ class EtcdBackend:
                 self._trouble(f"etcd at {self._client.endpoint} did not confirm a keep-alive in time")
                 continue
             except EtcdError as exc:
-                self._trouble(f"keep-alive failed: {exc}")
+                self._trouble(str(exc))
                 next_send = sent + period / 4
                 continue
             if ttl <= 0:
@@ -501,7 +501,7 @@ class EtcdBackend:
             except WatchCompacted:
                 continue
             except EtcdError as exc:
-                self._trouble(f"watch interrupted: {exc}")
+                self._trouble(str(exc))
                 await trio.sleep(delay)
                 delay = min(2 * delay, _RECONNECT[1])
 
@@ -523,6 +523,6 @@ class EtcdBackend:
                     await self._client.txn([etcd_client.delete(k) for k in batch], timeout=self._timeout)
                     session.doomed.difference_update(batch)
             except EtcdError as exc:
-                self._trouble(f"could not delete released keys yet: {exc}")
+                self._trouble(str(exc))
                 await trio.sleep(_RECONNECT[0])
                 session.wake.set()

@@ -17,11 +17,14 @@ import subprocess
 import tempfile
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
+
+from lockd.etcd_client import EtcdClient
 
 ETCD = shutil.which("etcd")
 
@@ -193,9 +196,35 @@ def shared_etcd() -> Iterator[EtcdCluster]:
 
 
 @pytest.fixture
+def prefix() -> str:
+    """A key prefix of the test's own, so tests can share one etcd."""
+    return f"/lockd-test/{uuid.uuid4().hex}/"
+
+
+@pytest.fixture
 def etcd3() -> Iterator[EtcdCluster]:
     """A fresh three-member cluster."""
     yield from _cluster(3)
+
+
+async def keys_under(endpoints: list[str], prefix: str) -> list[str]:
+    """Every key in etcd under `prefix`, read afresh."""
+    client = EtcdClient(endpoints)
+    try:
+        _, kvs = await client.range_prefix(prefix, timeout=2)
+    finally:
+        await client.aclose()
+    return [kv.key.decode() for kv in kvs]
+
+
+async def wait_no_keys(endpoints: list[str], prefix: str) -> None:
+    while await keys_under(endpoints, prefix):
+        await trio.sleep(0.02)
+
+
+async def wait_keys(endpoints: list[str], prefix: str, count: int) -> None:
+    while len(await keys_under(endpoints, prefix)) < count:
+        await trio.sleep(0.02)
 
 
 class Relay:

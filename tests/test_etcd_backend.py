@@ -7,7 +7,6 @@ prefix, exactly as daemons on different machines would.
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -15,15 +14,17 @@ from pathlib import Path
 import pytest
 import trio
 
-from lockd.backend import Blocked
 from lockd import etcd_client
+from lockd.backend import Blocked
 from lockd.etcd_backend import EtcdBackend
 from lockd.etcd_client import EtcdClient
 from lockd.lockfiles import LockFiles
 from lockd.session import Party
 from lockd.table import Ticket
 from lockd_client.errors import DaemonUnavailable, LockdError
-from tests.etcd_cluster import EtcdCluster, Relay, etcd, etcd3, requires_etcd, shared_etcd  # noqa: F401
+from tests.etcd_cluster import (  # noqa: F401 (fixtures)
+    EtcdCluster, Relay, etcd, etcd3, keys_under, prefix, requires_etcd, shared_etcd, wait_no_keys,
+)
 from tests.flock_tools import outside_flock
 
 pytestmark = requires_etcd
@@ -114,25 +115,6 @@ async def serving(*hosts: Host) -> AsyncIterator[trio.Nursery]:
             await host.ready()
         yield nursery
         nursery.cancel_scope.cancel()
-
-
-async def keys_under(endpoints: list[str], prefix: str) -> list[str]:
-    client = EtcdClient(endpoints)
-    try:
-        _, kvs = await client.range_prefix(prefix, timeout=2)
-    finally:
-        await client.aclose()
-    return [kv.key.decode() for kv in kvs]
-
-
-async def wait_no_keys(endpoints: list[str], prefix: str, name: str) -> None:
-    while any(k.startswith(f"{prefix}{name}/") for k in await keys_under(endpoints, prefix)):
-        await trio.sleep(0.02)
-
-
-@pytest.fixture
-def prefix() -> str:
-    return f"/lockd-test/{uuid.uuid4().hex}/"
 
 
 def hosts(count: int, root: Path, endpoints: list[str], prefix: str) -> list[Host]:
@@ -255,7 +237,7 @@ async def test_no_wait_request_is_blocked_and_leaves_no_key(
             with pytest.raises(Blocked):
                 await b.take(ticket("x", wait=False))
             a.backend.drop(held)
-            await wait_no_keys(shared_etcd.endpoints, prefix, "x")
+            await wait_no_keys(shared_etcd.endpoints, prefix + "x/")
 
 
 async def test_cancelled_take_leaves_no_key(shared_etcd: EtcdCluster, short_tmp: Path, prefix: str) -> None:
@@ -276,7 +258,7 @@ async def test_cancelled_take_leaves_no_key(shared_etcd: EtcdCluster, short_tmp:
             await waiting.done.wait()
             await hasty.done.wait()
             a.backend.drop(held)
-            await wait_no_keys(shared_etcd.endpoints, prefix, "x")
+            await wait_no_keys(shared_etcd.endpoints, prefix + "x/")
 
 
 async def test_local_flock_holder_outside_lockd_holds_back_the_grant(

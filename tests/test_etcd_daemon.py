@@ -1,0 +1,205 @@
+"""Two real `lockd --backend etcd` daemons on one etcd, standing for two hosts.
+
+Each daemon has its own socket and lock directory; clients are real processes (lockctl) or
+the trio client in the test process, so timings are measured on one clock.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from lockd_client.errors import DaemonUnavailable
+from lockd_client.trio_client import Client, connect
+from tests.conftest import Daemon
+from tests.etcd_cluster import (  # noqa: F401 (fixtures)
+    EtcdCluster, etcd, prefix, requires_etcd, shared_etcd, wait_keys, wait_no_keys,
+)
+
+pytestmark = requires_etcd
+
+TTL = 2
+WAIT = 10.0
+LOCKCTL = [sys.executable, "-m", "lockd_client.cli"]
+
+
+def etcd_daemon(root: Path, endpoints: list[str], prefix: str) -> Daemon:
+    root.mkdir()
+    return Daemon(
+        root, "--backend", "etcd", "--etcd-endpoints", ",".join(endpoints),
+        "--etcd-ttl", str(TTL), "--etcd-prefix", prefix,
+    )
+
+
+@pytest.fixture
+def two_daemons(shared_etcd: EtcdCluster, short_tmp: Path, prefix: str) -> Iterator[tuple[Daemon, Daemon]]:
+    daemons = (
+        etcd_daemon(short_tmp / "a", shared_etcd.endpoints, prefix),
+        etcd_daemon(short_tmp / "b", shared_etcd.endpoints, prefix),
+    )
+    try:
+        for d in daemons:
+            d.start()
+        yield daemons
+    finally:
+        for d in daemons:
+            if d.proc is not None and d.proc.poll() is None:
+                d.kill()
+
+
+async def until_serving(daemon: Daemon) -> None:
+    """Return once `daemon` grants locks (it has its etcd lease)."""
+    while True:
+        try:
+            async with connect(daemon.socket) as client:
+                await (await client.acquire("ready")).release()
+                return
+        except DaemonUnavailable:
+            await trio.sleep(0.05)
+
+
+def lockctl(daemon: Daemon, *args: str) -> subprocess.Popen[bytes]:
+    """`lockctl ARGS` against `daemon`, its stderr in the daemon's directory."""
+    with open(daemon.root / "lockctl.err", "ab") as err:
+        return subprocess.Popen([*LOCKCTL, *args], env=daemon.env, stdout=subprocess.DEVNULL, stderr=err)
+
+
+def reap(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL lockctl and its children (CMD runs in a process group of its own) and reap it."""
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    pids = [int(p) for p in children.read_text().split()] if children.exists() else []
+    for pid in [proc.pid, *pids]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(WAIT)
+
+
+def command_pid(parent: int, argv0: bytes) -> int | None:
+    """The child of `parent` running `argv0` (lockctl forks CMD and a guardian)."""
+    for child in Path(f"/proc/{parent}/task/{parent}/children").read_text().split():
+        try:
+            if Path(f"/proc/{child}/cmdline").read_bytes().startswith(argv0):
+                return int(child)
+        except FileNotFoundError:
+            continue
+    return None
+
+
+async def holder_pids(client: Client, name: str) -> list[int | None]:
+    return [h.pid for info in await client.status(name) for h in info.holders]
+
+
+async def acquire_at(client: Client, name: str, granted: list[float]) -> None:
+    await client.acquire(name)
+    granted.append(trio.current_time())
+
+
+async def test_killed_client_frees_the_lock_for_a_waiter_on_the_other_host(
+    two_daemons: tuple[Daemon, Daemon], shared_etcd: EtcdCluster, prefix: str
+) -> None:
+    a, b = two_daemons
+    with trio.fail_after(WAIT):
+        await until_serving(a)
+        await until_serving(b)
+    holder = lockctl(a, "acquire", "site.com", "--", "sleep", "60")
+    try:
+        with trio.fail_after(WAIT):
+            async with connect(a.socket) as on_a, connect(b.socket) as on_b:
+                while holder.pid not in await holder_pids(on_a, "site.com"):
+                    await trio.sleep(0.02)
+                # B sees the holder on the other host, with its command line.
+                (info,) = await on_b.status("site.com")
+                (remote,) = info.holders
+                assert (remote.pid, remote.label) == (holder.pid, f"on {socket.gethostname()}")
+                assert "sleep 60" in remote.command
+                granted: list[float] = []
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(acquire_at, on_b, "site.com", granted)
+                    await wait_keys(shared_etcd.endpoints, prefix + "site.com/", 2)
+                    holder.send_signal(signal.SIGKILL)
+                    killed = trio.current_time()
+                assert granted[0] - killed < 0.1
+    finally:
+        reap(holder)
+
+
+async def test_killed_daemon_frees_its_locks_within_the_ttl(
+    two_daemons: tuple[Daemon, Daemon], shared_etcd: EtcdCluster, prefix: str
+) -> None:
+    a, b = two_daemons
+    with trio.fail_after(WAIT):
+        await until_serving(a)
+        await until_serving(b)
+        async with connect(a.socket) as on_a, connect(b.socket) as on_b:
+            await on_a.acquire("site.com")
+            granted: list[float] = []
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(acquire_at, on_b, "site.com", granted)
+                await wait_keys(shared_etcd.endpoints, prefix + "site.com/", 2)
+                a.kill()
+                killed = trio.current_time()
+            # etcd expires a lease up to half a second late; then a watch event, one read.
+            assert granted[0] - killed < TTL + 1.0
+
+
+async def test_lockctl_stops_its_command_when_etcd_goes_away(
+    etcd: EtcdCluster, short_tmp: Path, prefix: str
+) -> None:
+    a = etcd_daemon(short_tmp / "a", etcd.endpoints, prefix)
+    a.start()
+    holder = None
+    try:
+        with trio.fail_after(WAIT):
+            await until_serving(a)
+            holder = lockctl(a, "acquire", "site.com", "--", "sleep", "60")
+            async with connect(a.socket) as on_a:
+                while holder.pid not in await holder_pids(on_a, "site.com"):
+                    await trio.sleep(0.02)
+            while (command := command_pid(holder.pid, b"sleep\0")) is None:
+                await trio.sleep(0.02)
+            etcd.members[0].kill()
+            killed = trio.current_time()
+            status = await trio.to_thread.run_sync(holder.wait)
+            # Lost (79) before the lease could expire in etcd: within 2/3 TTL of the last
+            # keep-alive, which was at most TTL/3 before the kill.
+            assert status == 79, (a.root / "lockctl.err").read_text()
+            assert trio.current_time() - killed < TTL
+            assert not Path(f"/proc/{command}").exists(), "CMD outlived its lease"
+    finally:
+        a.kill()
+        if holder is not None:
+            reap(holder)
+
+
+async def test_starts_without_etcd_and_serves_once_it_appears(short_tmp: Path, prefix: str) -> None:
+    cluster = EtcdCluster(1)
+    a = etcd_daemon(short_tmp / "a", cluster.endpoints, prefix)
+    try:
+        a.start()
+        argv = [*LOCKCTL, "acquire", "x", "--", "true"]
+        with trio.fail_after(WAIT):
+            # Refused at once, and once lockd has tried etcd, saying what it found.
+            while True:
+                refused = await trio.to_thread.run_sync(
+                    lambda: subprocess.run(argv, env=a.env, capture_output=True, timeout=WAIT)
+                )
+                assert refused.returncode == 69, refused.stderr
+                if b"etcd at " in refused.stderr and b" is unreachable" in refused.stderr:
+                    break
+        await trio.to_thread.run_sync(cluster.start)
+        with trio.fail_after(WAIT):
+            await until_serving(a)
+        assert a.proc is not None and a.proc.poll() is None
+    finally:
+        a.kill()
+        cluster.close()
