@@ -6,12 +6,13 @@ the trio client in the test process, so timings are measured on one clock.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -40,7 +41,10 @@ def etcd_daemon(root: Path, endpoints: list[str], prefix: str) -> Daemon:
 
 
 @pytest.fixture
-def two_daemons(shared_etcd: EtcdCluster, short_tmp: Path, prefix: str) -> Iterator[tuple[Daemon, Daemon]]:
+async def two_daemons(
+    shared_etcd: EtcdCluster, short_tmp: Path, prefix: str
+) -> AsyncIterator[tuple[Daemon, Daemon]]:
+    """Two daemons ("hosts") on one etcd and prefix, both serving."""
     daemons = (
         etcd_daemon(short_tmp / "a", shared_etcd.endpoints, prefix),
         etcd_daemon(short_tmp / "b", shared_etcd.endpoints, prefix),
@@ -48,6 +52,9 @@ def two_daemons(shared_etcd: EtcdCluster, short_tmp: Path, prefix: str) -> Itera
     try:
         for d in daemons:
             d.start()
+        with trio.fail_after(WAIT):
+            for d in daemons:
+                await until_serving(d)
         yield daemons
     finally:
         for d in daemons:
@@ -99,18 +106,28 @@ async def holder_pids(client: Client, name: str) -> list[int | None]:
     return [h.pid for info in await client.status(name) for h in info.holders]
 
 
-async def acquire_at(client: Client, name: str, granted: list[float]) -> None:
-    await client.acquire(name)
-    granted.append(trio.current_time())
+async def seconds_to_grant(
+    client: Client, name: str, etcd: EtcdCluster, prefix: str, cause: Callable[[], object]
+) -> float:
+    """Queue an acquire of `name` on `client` behind one holder, call `cause`: time to grant."""
+    granted: list[float] = []
+
+    async def acquire() -> None:
+        await client.acquire(name)
+        granted.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(acquire)
+        await wait_keys(etcd.endpoints, f"{prefix}{name}/", 2)  # the holder's key and ours
+        cause()
+        caused = trio.current_time()
+    return granted[0] - caused
 
 
 async def test_killed_client_frees_the_lock_for_a_waiter_on_the_other_host(
     two_daemons: tuple[Daemon, Daemon], shared_etcd: EtcdCluster, prefix: str
 ) -> None:
     a, b = two_daemons
-    with trio.fail_after(WAIT):
-        await until_serving(a)
-        await until_serving(b)
     holder = lockctl(a, "acquire", "site.com", "--", "sleep", "60")
     try:
         with trio.fail_after(WAIT):
@@ -122,13 +139,8 @@ async def test_killed_client_frees_the_lock_for_a_waiter_on_the_other_host(
                 (remote,) = info.holders
                 assert (remote.pid, remote.label) == (holder.pid, f"on {socket.gethostname()}")
                 assert "sleep 60" in remote.command
-                granted: list[float] = []
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(acquire_at, on_b, "site.com", granted)
-                    await wait_keys(shared_etcd.endpoints, prefix + "site.com/", 2)
-                    holder.send_signal(signal.SIGKILL)
-                    killed = trio.current_time()
-                assert granted[0] - killed < 0.1
+                kill = functools.partial(holder.send_signal, signal.SIGKILL)
+                assert await seconds_to_grant(on_b, "site.com", shared_etcd, prefix, kill) < 0.1
     finally:
         reap(holder)
 
@@ -138,18 +150,10 @@ async def test_killed_daemon_frees_its_locks_within_the_ttl(
 ) -> None:
     a, b = two_daemons
     with trio.fail_after(WAIT):
-        await until_serving(a)
-        await until_serving(b)
         async with connect(a.socket) as on_a, connect(b.socket) as on_b:
             await on_a.acquire("site.com")
-            granted: list[float] = []
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(acquire_at, on_b, "site.com", granted)
-                await wait_keys(shared_etcd.endpoints, prefix + "site.com/", 2)
-                a.kill()
-                killed = trio.current_time()
             # etcd expires a lease up to half a second late; then a watch event, one read.
-            assert granted[0] - killed < TTL + 1.0
+            assert await seconds_to_grant(on_b, "site.com", shared_etcd, prefix, a.kill) < TTL + 1.0
 
 
 async def test_lockctl_stops_its_command_when_etcd_goes_away(
