@@ -43,7 +43,7 @@ class Config:
 
 FULL = dict(reps=3, w1_cycles=20_000, w2_clients=32, w2_seconds=5.0, w3_clients=8, w3_seconds=5.0,
             w4_leases=(10_000, 100_000), w5_tries=10, cli_runs=20)
-QUICK = dict(reps=1, w1_cycles=2_000, w2_clients=32, w2_seconds=0.5, w3_clients=8, w3_seconds=0.5,
+QUICK = dict(reps=1, w1_cycles=2_000, w2_clients=8, w2_seconds=0.5, w3_clients=8, w3_seconds=0.5,
              w4_leases=(1_000,), w5_tries=2, cli_runs=3)
 
 
