@@ -12,7 +12,7 @@ int64-as-string encodings stay in here.
 from __future__ import annotations
 
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -228,9 +228,9 @@ class EtcdClient:
         """Stream every change under `prefix` from `start_revision` on into `on_response`.
 
         Returns only by raising: `WatchCompacted` if `start_revision` is gone, another
-        `EtcdError` when the stream breaks or etcd ends it. `timeout` bounds connecting and
-        sending, not the wait for events. On cancellation the stream is closed; events not yet
-        handed over are dropped.
+        `EtcdError` when the stream breaks or etcd ends it. `timeout` bounds connecting,
+        sending and closing, not the wait for events. However it ends, the stream is closed
+        (shielded from cancellation, within `timeout`); events not yet handed over are dropped.
         """
         request = {
             "create_request": {
@@ -247,30 +247,37 @@ class EtcdClient:
                 await self._request(endpoint + "/v3/watch", content, httpx.Timeout(timeout, read=None)),
                 stream=True,
             )
+            lines = response.aiter_lines()
             try:
                 if response.status_code != 200:
                     await response.aread()
                     raise self._failure(endpoint, response)
-                async for line in response.aiter_lines():
-                    if not line:
-                        continue
-                    decoded = _decode(decoder, endpoint, line)
-                    if decoded.result is None:
-                        raise EtcdError(f"etcd at {endpoint} broke the watch: {decoded.error}")
-                    answer = decoded.result
-                    if answer.compact_revision:
-                        raise WatchCompacted(f"revision {start_revision} is compacted at {endpoint}")
-                    if answer.canceled:
-                        if "Unauthenticated" in answer.cancel_reason:
-                            self._token = None
-                        raise EtcdError(f"etcd at {endpoint} cancelled the watch: {answer.cancel_reason}")
-                    on_response(answer)
+                async for line in lines:
+                    if line:
+                        on_response(self._watch_answer(endpoint, decoder, line, start_revision))
             finally:
-                with trio.CancelScope(shield=True):
+                with trio.CancelScope(shield=True), trio.move_on_after(timeout):
                     await response.aclose()
+                    await _drain(lines)
         except httpx.HTTPError as exc:
             raise self._unreachable(endpoint, exc) from exc
         raise self._unreachable(endpoint, "it closed the watch stream")
+
+    def _watch_answer(
+        self, endpoint: str, decoder: msgspec.json.Decoder[_WatchLine], line: str, start_revision: int
+    ) -> WatchResponse:
+        """One line of a watch stream; raises if it ends the watch."""
+        decoded = _decode(decoder, endpoint, line)
+        if decoded.result is None:
+            raise EtcdError(f"etcd at {endpoint} broke the watch: {decoded.error}")
+        answer = decoded.result
+        if answer.compact_revision:
+            raise WatchCompacted(f"revision {start_revision} is compacted at {endpoint}")
+        if answer.canceled:
+            if "Unauthenticated" in answer.cancel_reason:
+                self._token = None
+            raise EtcdError(f"etcd at {endpoint} cancelled the watch: {answer.cancel_reason}")
+        return answer
 
     # --- plumbing -----------------------------------------------------------------------------
 
@@ -332,7 +339,7 @@ class EtcdClient:
     def _unreachable(self, endpoint: str, cause: Exception | str) -> EtcdUnreachable:
         """The error for `endpoint` not answering; the next call tries the next one first."""
         self._current = (self._current + 1) % len(self.endpoints)
-        return EtcdUnreachable(f"etcd at {endpoint} is unreachable: {str(cause) or type(cause).__name__}")
+        return EtcdUnreachable(f"etcd at {endpoint} is unreachable: {_describe(cause)}")
 
 
 class _Body(httpx.AsyncByteStream):
@@ -349,6 +356,29 @@ class _Body(httpx.AsyncByteStream):
             raise StopAsyncIteration
         content, self._content = self._content, None
         return content
+
+
+async def _drain(lines: AsyncIterator[str]) -> None:
+    """Run a closed response's line iterator to its end.
+
+    Left suspended instead, httpx's chain of async generators would be collected unfinished,
+    which trio reports as a ResourceWarning.
+    """
+    try:
+        async for _ in lines:
+            pass
+    except (httpx.HTTPError, httpx.StreamError):
+        pass
+
+
+def _describe(cause: BaseException | str | None) -> str:
+    """The first message in `cause`'s chain: httpx often wraps the telling one (TLS alerts)."""
+    first = cause
+    while isinstance(cause, BaseException):
+        if str(cause):
+            return str(cause)
+        cause = cause.__cause__ or cause.__context__
+    return cause or type(first).__name__
 
 
 def _decode(decoder: msgspec.json.Decoder[_T], endpoint: str, data: bytes | str) -> _T:

@@ -13,12 +13,13 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -49,16 +50,57 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
+class Certs:
+    """A throw-away CA with a certificate for etcd (127.0.0.1) and one for its clients."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir()
+        self.ca = directory / "ca.crt"
+        self.server_cert, self.server_key = directory / "server.crt", directory / "server.key"
+        self.client_cert, self.client_key = directory / "client.crt", directory / "client.key"
+        ca_key = directory / "ca.key"
+        _openssl("req", "-x509", "-days", "1", *_NEW_KEY, "-keyout", ca_key, "-out", self.ca, "-subj", "/CN=test CA")
+        self._issue(ca_key, "/CN=etcd", self.server_cert, self.server_key,
+                    "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n")
+        # No CommonName: etcd's JSON gateway refuses client certificates that have one.
+        self._issue(ca_key, "/O=lockd", self.client_cert, self.client_key, "extendedKeyUsage=clientAuth\n")
+
+    def _issue(self, ca_key: Path, subject: str, cert: Path, key: Path, extensions: str) -> None:
+        request, ext = cert.with_suffix(".csr"), cert.with_suffix(".ext")
+        ext.write_text(extensions)
+        _openssl("req", *_NEW_KEY, "-keyout", key, "-out", request, "-subj", subject)
+        _openssl("x509", "-req", "-in", request, "-CA", self.ca, "-CAkey", ca_key, "-CAcreateserial",
+                 "-days", "1", "-out", cert, "-extfile", ext)
+
+
+_NEW_KEY = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+
+
+def _openssl(*args: str | Path) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=30)
+
+
 class Member:
     """One etcd process. It keeps its data directory across `kill` and `start`."""
 
-    def __init__(self, name: str, root: Path, client_port: int, peer_port: int) -> None:
+    def __init__(
+        self, name: str, root: Path, client_port: int, peer_port: int, certs: Certs | None, extra: Sequence[str]
+    ) -> None:
         self.name = name
-        self.url = f"http://127.0.0.1:{client_port}"
+        self.url = f"{'https' if certs else 'http'}://127.0.0.1:{client_port}"
         self.peer_url = f"http://127.0.0.1:{peer_port}"
         self.data_dir = root / name
         self.log_path = root / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.flags = list(extra)
+        self._context: ssl.SSLContext | None = None
+        if certs is not None:
+            self.flags += [
+                "--cert-file", str(certs.server_cert), "--key-file", str(certs.server_key),
+                "--trusted-ca-file", str(certs.ca), "--client-cert-auth",
+            ]
+            self._context = ssl.create_default_context(cafile=certs.ca)
+            self._context.load_cert_chain(certs.client_cert, certs.client_key)
 
     def start(self, initial_cluster: str, token: str) -> None:
         assert ETCD is not None
@@ -75,6 +117,7 @@ class Member:
             "--initial-cluster-state", "new",
             "--logger", "zap",
             "--log-level", "warn",
+            *self.flags,
         ]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
@@ -100,12 +143,12 @@ class Member:
         self.proc.send_signal(signal.SIGCONT)
 
     def get(self, path: str, timeout: float = 1.0) -> dict:
-        with urllib.request.urlopen(self.url + path, timeout=timeout) as response:
+        with urllib.request.urlopen(self.url + path, timeout=timeout, context=self._context) as response:
             return json.load(response)
 
     def post(self, path: str, body: dict, timeout: float = 1.0) -> dict:
         request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), method="POST")
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout, context=self._context) as response:
             return json.load(response)
 
     def healthy(self) -> bool:
@@ -123,13 +166,20 @@ class Member:
 
 
 class EtcdCluster:
-    """`size` members forming one cluster, started by `start()`."""
+    """`size` members forming one cluster, started by `start()`.
 
-    def __init__(self, size: int = 1) -> None:
+    With `tls`, clients must use https and present a certificate from `self.certs`; `extra`
+    flags go to every member.
+    """
+
+    def __init__(self, size: int = 1, *, tls: bool = False, extra: Sequence[str] = ()) -> None:
         base = "/dev/shm" if os.path.isdir("/dev/shm") else None  # fsync on tmpfs is free
         self.root = Path(tempfile.mkdtemp(prefix="lockd-etcd-", dir=base))
+        self.certs = Certs(self.root / "certs") if tls else None
         ports = free_ports(2 * size)
-        self.members = [Member(f"m{i}", self.root, ports[2 * i], ports[2 * i + 1]) for i in range(size)]
+        self.members = [
+            Member(f"m{i}", self.root, ports[2 * i], ports[2 * i + 1], self.certs, extra) for i in range(size)
+        ]
         self._initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
         self._token = self.root.name
 
@@ -158,6 +208,23 @@ class EtcdCluster:
                 return
             time.sleep(0.05)
         raise RuntimeError("etcd did not become healthy:\n" + "\n".join(m.log() for m in self.members))
+
+    def etcdctl(self, *args: str) -> None:
+        """Run `etcdctl ARGS` against the cluster (as root, once auth is on)."""
+        argv = ["etcdctl", "--endpoints", ",".join(self.endpoints)]
+        if self.certs is not None:
+            argv += ["--cacert", str(self.certs.ca), "--cert", str(self.certs.client_cert),
+                     "--key", str(self.certs.client_key)]
+        subprocess.run([*argv, *args], check=True, capture_output=True, timeout=30)
+
+    def enable_auth(self, user: str, password: str, prefix: str) -> None:
+        """Turn auth on, with `user` allowed to read and write keys under `prefix` only."""
+        self.etcdctl("user", "add", "root:root-secret")
+        self.etcdctl("user", "add", f"{user}:{password}")
+        self.etcdctl("role", "add", "locker")
+        self.etcdctl("role", "grant-permission", "locker", "--prefix=true", "readwrite", prefix)
+        self.etcdctl("user", "grant-role", user, "locker")
+        self.etcdctl("auth", "enable")
 
     def leader(self) -> Member:
         deadline = time.monotonic() + STARTUP_TIMEOUT
