@@ -233,13 +233,7 @@ def w5_crash(
                 if _readline(holder, time.monotonic() + WORKER_TIMEOUT).strip() != "held":
                     raise RuntimeError("W5 holder failed to take its lock")
                 got: list[int] = []
-
-                def wait_for_lock() -> None:
-                    handle = waiter.acquire(name)
-                    got.append(time.monotonic_ns())
-                    waiter.release(handle)
-
-                thread = threading.Thread(target=wait_for_lock, daemon=True)
+                thread = threading.Thread(target=_note_acquired, args=(waiter, name, got), daemon=True)
                 thread.start()
                 deadline = time.monotonic() + 10
                 while not is_waiting(name):
@@ -259,6 +253,13 @@ def w5_crash(
         waiter.close()
     summary = latency_summary(samples)
     return {"tries": tries, "p50_ms": summary["p50_us"] / 1000, "max_ms": summary["max_us"] / 1000}
+
+
+def _note_acquired(locker: Locker, name: str, got: list[int]) -> None:
+    """Acquire `name`, append the instant it returned to `got`, release."""
+    handle = locker.acquire(name)
+    got.append(time.monotonic_ns())
+    locker.release(handle)
 
 
 def lockd_waiting(socket_path: str) -> Callable[[str], bool]:
