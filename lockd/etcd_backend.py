@@ -30,6 +30,7 @@ from collections.abc import Iterable, Sequence
 import msgspec
 import trio
 
+from lockd_client.errors import LimitExceeded
 from lockd_client.protocol import Holder, Mode
 
 from . import etcd_client
@@ -42,7 +43,8 @@ from .table import Ticket
 
 log = logging.getLogger("lockd.etcd")
 
-#: etcd's default --max-txn-ops: the most keys one delete txn carries.
+#: etcd's default --max-txn-ops: the most names one request may have (its keys are put in
+#: one txn), and the most keys one delete txn carries.
 _MAX_TXN_OPS = 128
 #: A local flock held outside lockd is retried at this interval, doubling up to the maximum.
 _FLOCK_POLL = (0.01, 0.5)
@@ -277,14 +279,20 @@ class EtcdBackend:
         """Put the ticket's keys, outwait conflicting older keys, flock; return R per name.
 
         Raises `Blocked` (no-wait ticket, lock held), `DaemonUnavailable` (no etcd lease, an
-        etcd request failed, or the lease was lost meanwhile), or what `LockFiles.try_lock`
-        raises. On any exception, cancellation included, the keys go to the janitor and the
-        flocks are released.
+        etcd request failed, or the lease was lost meanwhile), `LimitExceeded` (more names than
+        one etcd txn takes), or what `LockFiles.try_lock` raises. On any exception,
+        cancellation included, the keys go to the janitor and the flocks are released.
         """
+        if len(ticket.names) > _MAX_TXN_OPS:
+            raise LimitExceeded(
+                f"the etcd backend takes at most {_MAX_TXN_OPS} names in one request (etcd's "
+                "--max-txn-ops): split the request, or use a name that stands for the group"
+            )
         session = self._session
         if session is None or not session.alive:
             raise self._unavailable()
-        keys = {name: f"{self._prefix}{name}/{session.lease:x}/{next(self._sequence)}" for name in ticket.names}
+        seq = next(self._sequence)
+        keys = {name: f"{self._prefix}{name}/{session.lease:x}/{seq}" for name in ticket.names}
         attempt = _Attempt(ticket, session, keys)
         self._attempts[ticket] = attempt
         self._owners.update(dict.fromkeys(keys.values(), ticket))
@@ -325,7 +333,8 @@ class EtcdBackend:
         session = self._session
         if session is None:
             return []
-        return [n for n in session.mirror.names() if any(e.key not in self._owners for e in session.mirror.queue(n))]
+        mirror = session.mirror
+        return [n for n in mirror.names() if any(e.key not in self._owners for e in mirror.queue(n))]
 
     async def run(self, lose: LoseCallback) -> None:
         """Hold an etcd lease for as long as the daemon serves, and a fresh one after a loss.
@@ -472,7 +481,8 @@ class EtcdBackend:
                 return f"etcd lease could not be kept alive ({self._problem})"
             try:
                 with trio.fail_at(session.deadline):
-                    ttl = await self._client.keep_alive(session.lease, timeout=min(period, session.deadline - sent))
+                    timeout = min(period, session.deadline - sent)
+                    ttl = await self._client.keep_alive(session.lease, timeout=timeout)
             except trio.TooSlowError:
                 self._trouble(f"etcd at {self._client.endpoint} did not confirm a keep-alive in time")
                 continue

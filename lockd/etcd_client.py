@@ -223,7 +223,12 @@ class EtcdClient:
         return answer.succeeded, answer.header.revision
 
     async def watch(
-        self, prefix: str, start_revision: int, on_response: Callable[[WatchResponse], None], *, timeout: float
+        self,
+        prefix: str,
+        start_revision: int,
+        on_response: Callable[[WatchResponse], None],
+        *,
+        timeout: float,
     ) -> None:
         """Stream every change under `prefix` from `start_revision` on into `on_response`.
 
@@ -311,7 +316,8 @@ class EtcdClient:
         if self._credentials is not None:
             if self._token is None:
                 endpoint = self.endpoint
-                login = self._post(endpoint + "/v3/auth/authenticate", self._encoder.encode(self._credentials), {}, timeout)
+                credentials = self._encoder.encode(self._credentials)
+                login = self._post(endpoint + "/v3/auth/authenticate", credentials, {}, timeout)
                 response = await self._http.send(login)
                 if response.status_code != 200:
                     raise self._failure(endpoint, response)

@@ -59,7 +59,8 @@ class Certs:
         self.server_cert, self.server_key = directory / "server.crt", directory / "server.key"
         self.client_cert, self.client_key = directory / "client.crt", directory / "client.key"
         ca_key = directory / "ca.key"
-        _openssl("req", "-x509", "-days", "1", *_NEW_KEY, "-keyout", ca_key, "-out", self.ca, "-subj", "/CN=test CA")
+        _openssl("req", "-x509", "-days", "1", *_NEW_KEY, "-keyout", ca_key, "-out", self.ca,
+                 "-subj", "/CN=test CA")
         self._issue(ca_key, "/CN=etcd", self.server_cert, self.server_key,
                     "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n")
         # No CommonName: etcd's JSON gateway refuses client certificates that have one.
@@ -84,7 +85,13 @@ class Member:
     """One etcd process. It keeps its data directory across `kill` and `start`."""
 
     def __init__(
-        self, name: str, root: Path, client_port: int, peer_port: int, certs: Certs | None, extra: Sequence[str]
+        self,
+        name: str,
+        root: Path,
+        client_port: int,
+        peer_port: int,
+        certs: Certs | None,
+        extra: Sequence[str],
     ) -> None:
         self.name = name
         self.url = f"{'https' if certs else 'http'}://127.0.0.1:{client_port}"
@@ -202,7 +209,8 @@ class EtcdCluster:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for member in self.members:
-                if member.proc is not None and member.proc.poll() is not None and member.proc.returncode != -9:
+                died = member.proc is not None and member.proc.poll() not in (None, -signal.SIGKILL)
+                if died:
                     raise RuntimeError(f"etcd {member.name} exited:\n{member.log()}")
             if all(m.healthy() for m in self.members if m.running):
                 return

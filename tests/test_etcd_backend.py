@@ -7,7 +7,7 @@ prefix, exactly as daemons on different machines would.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from lockd.etcd_client import EtcdClient
 from lockd.lockfiles import LockFiles
 from lockd.session import Party
 from lockd.table import Ticket
-from lockd_client.errors import DaemonUnavailable, LockdError
+from lockd_client.errors import DaemonUnavailable, LimitExceeded, LockdError
 from tests.etcd_cluster import (  # noqa: F401 (fixtures)
     EtcdCluster, Relay, etcd, etcd3, keys_under, prefix, requires_etcd, shared_etcd, wait_no_keys,
 )
@@ -117,17 +117,37 @@ async def serving(*hosts: Host) -> AsyncIterator[trio.Nursery]:
         nursery.cancel_scope.cancel()
 
 
-def hosts(count: int, root: Path, endpoints: list[str], prefix: str) -> list[Host]:
-    return [Host(f"host{i}", root, endpoints, prefix) for i in range(count)]
+Hosts = Callable[..., list[Host]]
+
+
+@pytest.fixture
+def hosts(short_tmp: Path, prefix: str) -> Iterator[Hosts]:
+    """`hosts(endpoints, name...)`: a Host per name, on the test's prefix; closed after."""
+    made: list[Host] = []
+
+    def make(endpoints: list[str], *names: str) -> list[Host]:
+        new = [Host(name, short_tmp, endpoints, prefix) for name in names]
+        made.extend(new)
+        return new
+
+    yield make
+    for host in made:
+        host.files.close()
+
+
+async def test_more_names_than_one_etcd_txn_takes_is_a_limit(hosts: Hosts) -> None:
+    (a,) = hosts(["http://127.0.0.1:9"], "host0")
+    with pytest.raises(LimitExceeded, match="at most 128 names"):
+        await a.take(ticket(*(f"n{i}" for i in range(129))))
 
 
 # --- one etcd, shared by the module's tests -------------------------------------------------------
 
 
 async def test_exclusive_across_hosts_and_next_waiter_freed_quickly(
-    shared_etcd: EtcdCluster, short_tmp: Path, prefix: str
+    shared_etcd: EtcdCluster, hosts: Hosts
 ) -> None:
-    a, b = hosts(2, short_tmp, shared_etcd.endpoints, prefix)
+    a, b = hosts(shared_etcd.endpoints, "host0", "host1")
     with trio.fail_after(WAIT):
         async with serving(a, b) as nursery:
             first = ticket("site.com")
@@ -146,8 +166,8 @@ async def test_exclusive_across_hosts_and_next_waiter_freed_quickly(
             assert waiting.at - released < 0.5
 
 
-async def test_fifo_across_three_hosts(shared_etcd: EtcdCluster, short_tmp: Path, prefix: str) -> None:
-    a, b, c = hosts(3, short_tmp, shared_etcd.endpoints, prefix)
+async def test_fifo_across_three_hosts(shared_etcd: EtcdCluster, hosts: Hosts) -> None:
+    a, b, c = hosts(shared_etcd.endpoints, "host0", "host1", "host2")
     with trio.fail_after(WAIT):
         async with serving(a, b, c) as nursery:
             held = ticket("x")
@@ -167,9 +187,9 @@ async def test_fifo_across_three_hosts(shared_etcd: EtcdCluster, short_tmp: Path
 
 
 async def test_shared_holders_together_and_no_barging_past_exclusive(
-    shared_etcd: EtcdCluster, short_tmp: Path, prefix: str
+    shared_etcd: EtcdCluster, hosts: Hosts
 ) -> None:
-    a, b, c = hosts(3, short_tmp, shared_etcd.endpoints, prefix)
+    a, b, c = hosts(shared_etcd.endpoints, "host0", "host1", "host2")
     with trio.fail_after(WAIT):
         async with serving(a, b, c) as nursery:
             reader_a, reader_b = ticket("db", shared=True), ticket("db", shared=True)
@@ -191,9 +211,9 @@ async def test_shared_holders_together_and_no_barging_past_exclusive(
 
 
 async def test_tokens_increase_across_hosts_and_match_across_names(
-    shared_etcd: EtcdCluster, short_tmp: Path, prefix: str
+    shared_etcd: EtcdCluster, hosts: Hosts
 ) -> None:
-    a, b = hosts(2, short_tmp, shared_etcd.endpoints, prefix)
+    a, b = hosts(shared_etcd.endpoints, "host0", "host1")
     seen: list[int] = []
     with trio.fail_after(WAIT):
         async with serving(a, b):
@@ -208,9 +228,9 @@ async def test_tokens_increase_across_hosts_and_match_across_names(
 
 
 async def test_multi_name_requests_in_opposite_orders_never_deadlock(
-    shared_etcd: EtcdCluster, short_tmp: Path, prefix: str
+    shared_etcd: EtcdCluster, hosts: Hosts
 ) -> None:
-    a, b = hosts(2, short_tmp, shared_etcd.endpoints, prefix)
+    a, b = hosts(shared_etcd.endpoints, "host0", "host1")
 
     async def worker(host: Host, names: tuple[str, ...]) -> None:
         for _ in range(15):
@@ -227,9 +247,9 @@ async def test_multi_name_requests_in_opposite_orders_never_deadlock(
 
 
 async def test_no_wait_request_is_blocked_and_leaves_no_key(
-    shared_etcd: EtcdCluster, short_tmp: Path, prefix: str
+    shared_etcd: EtcdCluster, prefix: str, hosts: Hosts
 ) -> None:
-    a, b = hosts(2, short_tmp, shared_etcd.endpoints, prefix)
+    a, b = hosts(shared_etcd.endpoints, "host0", "host1")
     with trio.fail_after(WAIT):
         async with serving(a, b):
             held = ticket("x")
@@ -240,8 +260,8 @@ async def test_no_wait_request_is_blocked_and_leaves_no_key(
             await wait_no_keys(shared_etcd.endpoints, prefix + "x/")
 
 
-async def test_cancelled_take_leaves_no_key(shared_etcd: EtcdCluster, short_tmp: Path, prefix: str) -> None:
-    a, b = hosts(2, short_tmp, shared_etcd.endpoints, prefix)
+async def test_cancelled_take_leaves_no_key(shared_etcd: EtcdCluster, prefix: str, hosts: Hosts) -> None:
+    a, b = hosts(shared_etcd.endpoints, "host0", "host1")
     with trio.fail_after(WAIT):
         async with serving(a, b) as nursery:
             held = ticket("x")
@@ -262,9 +282,9 @@ async def test_cancelled_take_leaves_no_key(shared_etcd: EtcdCluster, short_tmp:
 
 
 async def test_local_flock_holder_outside_lockd_holds_back_the_grant(
-    shared_etcd: EtcdCluster, short_tmp: Path, prefix: str
+    shared_etcd: EtcdCluster, hosts: Hosts
 ) -> None:
-    a, b = hosts(2, short_tmp, shared_etcd.endpoints, prefix)
+    a, b = hosts(shared_etcd.endpoints, "host0", "host1")
     with trio.fail_after(WAIT):
         async with serving(a, b) as nursery:
             with outside_flock(a.lock_dir / "x.lock") as proc:
@@ -287,9 +307,9 @@ async def test_local_flock_holder_outside_lockd_holds_back_the_grant(
 
 
 async def test_etcd_killed_loses_leases_before_ttl_then_service_resumes(
-    etcd: EtcdCluster, short_tmp: Path, prefix: str
+    etcd: EtcdCluster, hosts: Hosts
 ) -> None:
-    (a,) = hosts(1, short_tmp, etcd.endpoints, prefix)
+    (a,) = hosts(etcd.endpoints, "host0")
     (member,) = etcd.members
     with trio.fail_after(4 * WAIT):
         async with serving(a):
@@ -311,10 +331,10 @@ async def test_etcd_killed_loses_leases_before_ttl_then_service_resumes(
             assert after > before
 
 
-async def test_unreachable_at_start_then_serves_once_etcd_appears(short_tmp: Path, prefix: str) -> None:
+async def test_unreachable_at_start_then_serves_once_etcd_appears(hosts: Hosts) -> None:
     cluster = EtcdCluster(1)
     try:
-        (a,) = hosts(1, short_tmp, cluster.endpoints, prefix)
+        (a,) = hosts(cluster.endpoints, "host0")
         with trio.fail_after(4 * WAIT):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(a.backend.run, a.lose)
@@ -329,8 +349,8 @@ async def test_unreachable_at_start_then_serves_once_etcd_appears(short_tmp: Pat
         cluster.close()
 
 
-async def test_shutdown_revokes_the_lease_at_once(etcd: EtcdCluster, short_tmp: Path, prefix: str) -> None:
-    a, b = hosts(2, short_tmp, etcd.endpoints, prefix)
+async def test_shutdown_revokes_the_lease_at_once(etcd: EtcdCluster, hosts: Hosts) -> None:
+    a, b = hosts(etcd.endpoints, "host0", "host1")
     with trio.fail_after(WAIT):
         async with trio.open_nursery() as outer:
             outer.start_soon(b.backend.run, b.lose)
@@ -347,15 +367,15 @@ async def test_shutdown_revokes_the_lease_at_once(etcd: EtcdCluster, short_tmp: 
 
 
 async def test_partitioned_daemon_loses_its_leases_before_etcd_expires_them(
-    etcd: EtcdCluster, short_tmp: Path, prefix: str
+    etcd: EtcdCluster, hosts: Hosts
 ) -> None:
     """A is cut off from a healthy etcd: it must stop believing before B can be granted."""
-    (b,) = hosts(1, short_tmp, etcd.endpoints, prefix)
+    (b,) = hosts(etcd.endpoints, "host0")
     with trio.fail_after(4 * WAIT):
         async with trio.open_nursery() as outer:
             relay = Relay(etcd.endpoints[0])
             await outer.start(relay.run)
-            a = Host("cut-off", short_tmp, [relay.url], prefix)
+            (a,) = hosts([relay.url], "cut-off")
             async with serving(a, b) as nursery:
                 held = ticket("x")
                 (before,) = await a.take(held)
@@ -385,9 +405,9 @@ async def test_partitioned_daemon_loses_its_leases_before_etcd_expires_them(
 
 
 async def test_keys_of_this_lease_without_a_ticket_are_deleted(
-    shared_etcd: EtcdCluster, short_tmp: Path, prefix: str
+    shared_etcd: EtcdCluster, prefix: str, hosts: Hosts
 ) -> None:
-    (a,) = hosts(1, short_tmp, shared_etcd.endpoints, prefix)
+    (a,) = hosts(shared_etcd.endpoints, "host0")
     client = EtcdClient(shared_etcd.endpoints)
     with trio.fail_after(WAIT):
         async with serving(a):
@@ -448,11 +468,11 @@ async def contend(host: Host, ledger: Ledger, name: str) -> None:
 
 
 async def test_cluster_losing_a_follower_then_the_leader_never_has_two_holders(
-    etcd3: EtcdCluster, short_tmp: Path, prefix: str
+    etcd3: EtcdCluster, short_tmp: Path, hosts: Hosts
 ) -> None:
     m0, m1, m2 = etcd3.members
-    a = Host("a", short_tmp, [m0.url, m1.url, m2.url], prefix)
-    b = Host("b", short_tmp, [m2.url, m1.url, m0.url], prefix)
+    (a,) = hosts([m0.url, m1.url, m2.url], "a")
+    (b,) = hosts([m2.url, m1.url, m0.url], "b")
     ledger = Ledger(short_tmp / "ledger")
 
     async def progress(runs: int) -> None:

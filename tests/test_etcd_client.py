@@ -85,7 +85,9 @@ async def test_permissions_outside_the_prefix_are_refused(secured: EtcdCluster) 
         await client.aclose()
 
 
-async def test_backend_from_config_takes_locks_over_tls_with_auth(secured: EtcdCluster, short_tmp: Path) -> None:
+async def test_backend_from_config_takes_locks_over_tls_with_auth(
+    secured: EtcdCluster, short_tmp: Path
+) -> None:
     assert secured.certs is not None
     config = Etcd(
         endpoints=secured.endpoints, ttl=2, prefix=PREFIX + "backend/",

@@ -38,7 +38,7 @@ def test_exclusive_waits_for_the_nearest_older_key_only() -> None:
 
 def test_shared_waits_only_for_exclusive_keys() -> None:
     mirror = Mirror(PREFIX)
-    mirror.reset(5, [kv("x", 2, "shared", seq=1), kv("x", 3, "exclusive", seq=2), kv("x", 4, "shared", seq=3)])
+    mirror.reset(5, [kv("x", 2, "shared", seq=1), kv("x", 3, seq=2), kv("x", 4, "shared", seq=3)])
     assert mirror.blocker(["x"], 5, shared=True).revision == 3
     assert mirror.blocker(["x"], 3, shared=True) is None
     assert mirror.blocker(["x"], 5, shared=False).revision == 4
