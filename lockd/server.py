@@ -32,7 +32,7 @@ from .backend import Backend, Blocked
 from .config import Limits
 from .policy import Policy
 from .session import Party, ProcessOwner, Session
-from .table import Drop, Effect, Granted, LockTable, Lost, Queued, Refused, State, Take, Ticket
+from .table import Drop, Effect, Granted, LockTable, Lost, Queued, Reason, Refused, State, Take, Ticket
 
 log = logging.getLogger("lockd")
 
@@ -412,7 +412,7 @@ class Server:
     def _force_release(self, session: Session, request: protocol.ForceRelease) -> None:
         try:
             (name,) = _checked_names([request.name])
-            holders = [t for t in self.table.queue(name) if t.state is State.HELD]
+            holders = [t for t in self.table.holders(name) if t.state is State.HELD]
             decision = self.policy.check_force(session.uid, name, [t.info.uid for t in holders])
             if not decision.allowed:
                 log.warning(
@@ -438,9 +438,9 @@ class Server:
             return
         locks = []
         for name in names:
-            queue = self.table.queue(name)
-            holders = [self._holder(t, name) for t in queue if t.state is State.HELD]
-            waiters = [self._holder(t, name) for t in queue if t.state is not State.HELD]
+            taking = [t for t in self.table.holders(name) if t.state is not State.HELD]
+            holders = [self._holder(t, name) for t in self.table.holders(name) if t.state is State.HELD]
+            waiters = [self._holder(t, name) for t in taking + self.table.waiters(name)]
             # Reading /proc/locks costs a scan per name: only where it can matter — a name
             # asked for explicitly, or one whose queue is stuck behind someone.
             if request.names or (waiters and not holders):
@@ -551,7 +551,7 @@ class Server:
         if not holders:
             holders = self._outside(ticket)
         names = "+".join(ticket.names)
-        if effect.reason == "timeout":
+        if effect.reason is Reason.TIMEOUT:
             code, what = protocol.ErrorCode.TIMEOUT, f"{names}: timed out waiting for the lock"
         else:
             code, what = protocol.ErrorCode.BUSY, f"{names} is busy"

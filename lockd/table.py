@@ -43,7 +43,7 @@ class State(Enum):
 class Ticket:
     """One acquire request: queued, then held, then ended. Identity is the object itself."""
 
-    __slots__ = ("owner", "names", "shared", "wait", "deadline", "info", "since", "state", "tokens")
+    __slots__ = ("owner", "names", "shared", "wait", "deadline", "info", "since", "state", "tokens", "seq")
 
     def __init__(
         self,
@@ -67,6 +67,8 @@ class Ticket:
         self.state = State.WAITING
         #: One per name, from the backend, once HELD.
         self.tokens: list[int] | None = None
+        #: Arrival order, set by the table.
+        self.seq = 0
 
     @property
     def holding(self) -> bool:
@@ -119,7 +121,7 @@ class Granted(Effect):
 
 
 class Queued(Effect):
-    """Tell the ticket's owner it waits, and for whom (`blockers`: tickets ahead of it)."""
+    """Tell the ticket's owner it waits, and for whom (`blockers`: the holders in its way)."""
 
     __slots__ = ("blockers",)
 
@@ -129,11 +131,11 @@ class Queued(Effect):
 
 
 class Refused(Effect):
-    """Tell the owner its request failed: `reason` is "busy" or "timeout"."""
+    """Tell the owner its request failed (`reason`); `blockers` are the holders in its way."""
 
     __slots__ = ("reason", "blockers")
 
-    def __init__(self, ticket: Ticket, reason: str, blockers: list[Ticket]) -> None:
+    def __init__(self, ticket: Ticket, reason: Reason, blockers: list[Ticket]) -> None:
         super().__init__(ticket)
         self.reason = reason
         self.blockers = blockers
@@ -149,8 +151,80 @@ class Lost(Effect):
         self.reason = reason
 
 
-BUSY = "busy"
-TIMEOUT = "timeout"
+class Reason(Enum):
+    """Why a request failed (`Refused.reason`)."""
+
+    BUSY = "busy"
+    TIMEOUT = "timeout"
+
+
+class _Line:
+    """One name's queue, kept so that every FIFO question is answered without a scan.
+
+    `holders` (TAKING or HELD) and `waiting` are both in arrival order. Every holder is ahead
+    of every waiting exclusive ticket (a later holder would have been granted against FIFO),
+    so "is anything incompatible ahead of a waiting ticket" only ever needs the holders'
+    modes and the waiting tickets ahead of it — and the counts answer it for a newcomer.
+    """
+
+    __slots__ = ("holders", "waiting", "exclusive_holders", "exclusive_waiting")
+
+    def __init__(self) -> None:
+        self.holders: dict[Ticket, None] = {}
+        self.waiting: dict[Ticket, None] = {}
+        self.exclusive_holders = 0
+        self.exclusive_waiting = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.holders or self.waiting)
+
+    def admits_newcomer(self, shared: bool) -> bool:
+        """Could a ticket joining the back of this line be granted here now?"""
+        if shared:
+            return not (self.exclusive_holders or self.exclusive_waiting)
+        return not (self.holders or self.waiting)
+
+    def admits(self, ticket: Ticket) -> bool:
+        """Could waiting `ticket`, already in this line, be granted here now?"""
+        if not ticket.shared:
+            return not self.holders and next(iter(self.waiting)) is ticket
+        if self.exclusive_holders:
+            return False
+        if not self.exclusive_waiting:
+            return True
+        for other in self.waiting:
+            if other is ticket:
+                return True
+            if not other.shared:
+                return False
+        raise AssertionError(f"{ticket} is not waiting in this line")
+
+    def add_waiting(self, ticket: Ticket) -> None:
+        self.waiting[ticket] = None
+        if not ticket.shared:
+            self.exclusive_waiting += 1
+
+    def add_holder(self, ticket: Ticket) -> None:
+        self.holders[ticket] = None
+        if not ticket.shared:
+            self.exclusive_holders += 1
+
+    def remove(self, ticket: Ticket) -> None:
+        if ticket in self.holders:
+            del self.holders[ticket]
+            if not ticket.shared:
+                self.exclusive_holders -= 1
+        else:
+            del self.waiting[ticket]
+            if not ticket.shared:
+                self.exclusive_waiting -= 1
+
+    def promote(self, ticket: Ticket) -> None:
+        """Move `ticket` from waiting to holding."""
+        del self.waiting[ticket]
+        if not ticket.shared:
+            self.exclusive_waiting -= 1
+        self.add_holder(ticket)
 
 #: The states in which a ticket's deadline still matters.
 _TIMED = (State.WAITING, State.TAKING)
@@ -162,8 +236,8 @@ class LockTable:
     """Holders and FIFO waiters of named locks, exclusive or shared. See the module docstring."""
 
     def __init__(self) -> None:
-        # name -> tickets in arrival order (dicts keep insertion order and delete in O(1)).
-        self._queues: dict[str, dict[Ticket, None]] = {}
+        self._lines: dict[str, _Line] = {}
+        self._arrivals = itertools.count(1)
         self._owners: dict[Hashable, dict[Ticket, None]] = {}
         # Counts of WAITING tickets, kept as they change so limits cost O(1) to check.
         self._waiting_by_owner: dict[Hashable, int] = {}
@@ -196,19 +270,35 @@ class LockTable:
         if not unique:
             raise ValueError("acquire needs at least one name")
         ticket = Ticket(owner, unique, shared, wait, deadline, info, now)
-        if not wait and not self._grantable(ticket, queued=False):
-            ticket.state = State.ENDED
-            return ticket, [Refused(ticket, BUSY, self._blockers(ticket, queued=False))]
+        lines = self._lines
+        grantable = True
         for name in unique:
-            self._queues.setdefault(name, {})[ticket] = None
+            line = lines.get(name)
+            if line is not None and not line.admits_newcomer(shared):
+                grantable = False
+                break
+        if not wait and not grantable:
+            ticket.state = State.ENDED
+            return ticket, [Refused(ticket, Reason.BUSY, self._blockers(ticket))]
+        ticket.seq = next(self._arrivals)
         self._owners.setdefault(owner, {})[ticket] = None
         # Even a ticket granted at once needs its deadline: it stays TAKING for as long as the
-        # backend finds the lock held outside lockd.
+        # backend cannot take the lock (held outside lockd, or by another host).
         if deadline is not None:
             self._push_deadline(ticket, deadline)
-        if self._grantable(ticket):
-            ticket.state = State.TAKING  # never counted as waiting
+        if grantable:
+            for name in unique:
+                line = lines.get(name)
+                if line is None:
+                    line = lines[name] = _Line()
+                line.add_holder(ticket)
+            ticket.state = State.TAKING
             return ticket, [Take(ticket)]
+        for name in unique:
+            line = lines.get(name)
+            if line is None:
+                line = lines[name] = _Line()
+            line.add_waiting(ticket)
         self._count_waiting(ticket, 1)
         return ticket, [Queued(ticket, self._blockers(ticket))]
 
@@ -228,7 +318,7 @@ class LockTable:
         """
         if ticket.state is not State.TAKING or ticket.wait:
             return []
-        return [Refused(ticket, BUSY, []), *self._end(ticket)]
+        return [Refused(ticket, Reason.BUSY, []), *self._end(ticket)]
 
     def release(self, ticket: Ticket) -> list[Effect]:
         """End a lease or withdraw a waiting request, at its owner's wish. Idempotent."""
@@ -245,7 +335,8 @@ class LockTable:
 
     def force_release(self, name: str, reason: str) -> tuple[int, list[Effect]]:
         """Break every held lease on `name`. Returns how many, and the effects."""
-        held = [t for t in self._queues.get(name, ()) if t.state is State.HELD]
+        line = self._lines.get(name)
+        held = [t for t in line.holders if t.state is State.HELD] if line else []
         effects: list[Effect] = []
         for ticket in held:
             effects += self.lose(ticket, reason)
@@ -280,7 +371,7 @@ class LockTable:
         while heap and heap[0][0] <= now:
             ticket = heapq.heappop(heap)[2]
             if ticket.state in _TIMED:
-                effects.append(Refused(ticket, TIMEOUT, self._blockers(ticket)))
+                effects.append(Refused(ticket, Reason.TIMEOUT, self._blockers(ticket)))
                 effects += self._end(ticket)
         return effects
 
@@ -294,12 +385,23 @@ class LockTable:
     # --- queries ------------------------------------------------------------------------------
 
     def queue(self, name: str) -> list[Ticket]:
-        """Tickets on `name` in arrival order: holders (TAKING/HELD) and waiters mixed."""
-        return list(self._queues.get(name, ()))
+        """Everyone on `name`: `holders(name)` then `waiters(name)`."""
+        line = self._lines.get(name)
+        return [*line.holders, *line.waiting] if line else []
+
+    def holders(self, name: str) -> list[Ticket]:
+        """Tickets holding `name` (TAKING or HELD), in the order they were granted."""
+        line = self._lines.get(name)
+        return list(line.holders) if line else []
+
+    def waiters(self, name: str) -> list[Ticket]:
+        """Tickets waiting for `name`, in arrival (= queue) order."""
+        line = self._lines.get(name)
+        return list(line.waiting) if line else []
 
     def names(self) -> list[str]:
         """Every name that is held or waited on."""
-        return list(self._queues)
+        return list(self._lines)
 
     def tickets_of(self, owner: Hashable) -> list[Ticket]:
         return list(self._owners.get(owner, ()))
@@ -317,7 +419,7 @@ class LockTable:
         return self._waiting_by_name.get(name, 0)
 
     def blockers(self, ticket: Ticket) -> list[Ticket]:
-        """The tickets ahead of `ticket` that it is waiting for."""
+        """The holders in `ticket`'s way (it may also wait behind earlier waiters)."""
         return self._blockers(ticket)
 
     def __len__(self) -> int:
@@ -326,24 +428,20 @@ class LockTable:
 
     # --- internals ----------------------------------------------------------------------------
 
-    def _conflicts_ahead(self, ticket: Ticket, name: str, queued: bool) -> Iterable[Ticket]:
-        for other in self._queues.get(name, ()):
-            if queued and other is ticket:
-                return
-            if not (ticket.shared and other.shared):
-                yield other
-
-    def _grantable(self, ticket: Ticket, queued: bool = True) -> bool:
-        for name in ticket.names:
-            for _ in self._conflicts_ahead(ticket, name, queued):
-                return False
-        return True
-
-    def _blockers(self, ticket: Ticket, queued: bool = True) -> list[Ticket]:
+    def _blockers(self, ticket: Ticket) -> list[Ticket]:
         found: dict[Ticket, None] = {}
         for name in ticket.names:
-            found.update(dict.fromkeys(self._conflicts_ahead(ticket, name, queued)))
+            line = self._lines.get(name)
+            if line is not None:
+                for holder in line.holders:
+                    if holder is not ticket and not (ticket.shared and holder.shared):
+                        found[holder] = None
         return list(found)
+
+    def _admitted_elsewhere(self, ticket: Ticket, name: str) -> bool:
+        """Do all of `ticket`'s lines other than `name` admit it?"""
+        lines = self._lines
+        return all(lines[n].admits(ticket) for n in ticket.names if n != name)
 
     def _push_deadline(self, ticket: Ticket, deadline: float) -> None:
         heap = self._deadlines
@@ -357,8 +455,9 @@ class LockTable:
         heapq.heappush(heap, (deadline, next(self._deadline_seq), ticket))
 
     def _start_taking(self, ticket: Ticket) -> Take:
-        if ticket.state is State.WAITING:
-            self._count_waiting(ticket, -1)
+        self._count_waiting(ticket, -1)
+        for name in ticket.names:
+            self._lines[name].promote(ticket)
         ticket.state = State.TAKING
         return Take(ticket)
 
@@ -379,11 +478,12 @@ class LockTable:
         if ticket.state is State.WAITING:
             self._count_waiting(ticket, -1)
         ticket.state = State.ENDED
+        lines = self._lines
         for name in ticket.names:
-            queue = self._queues[name]
-            del queue[ticket]
-            if not queue:
-                del self._queues[name]
+            line = lines[name]
+            line.remove(ticket)
+            if not line:
+                del lines[name]
         self._unindex_owner(ticket)
 
     def _unindex_owner(self, ticket: Ticket) -> None:
@@ -396,30 +496,47 @@ class LockTable:
         """Grant every ticket on `names` that invariant 2 now allows (restores invariant 4).
 
         Only tickets on these names can have become grantable: a grant never makes another
-        ticket grantable, so one pass in queue order is enough.
+        ticket grantable, so one pass per line, in queue order, is enough. Each pass stops at
+        the first waiting exclusive ticket, so it costs the grants it makes plus one.
         """
         effects: list[Effect] = []
+        lines = self._lines
         for name in names:
-            queue = self._queues.get(name)
-            if not queue:
+            line = lines.get(name)
+            if line is None or line.exclusive_holders:
                 continue
-            first = True
-            for ticket in list(queue):
-                if ticket.state is State.WAITING and (first or ticket.shared) and self._grantable(ticket):
-                    effects.append(self._start_taking(ticket))
+            for ticket in list(line.waiting):
+                if ticket.state is not State.WAITING:
+                    continue  # granted through another of its names in this pass
                 if not ticket.shared:
-                    break  # nothing behind an exclusive ticket can be granted on this name
-                first = False
+                    # First in line with nobody holding, or it waits on.
+                    if line.admits(ticket) and self._admitted_elsewhere(ticket, name):
+                        effects.append(self._start_taking(ticket))
+                    break
+                # No exclusive ticket is ahead of this shared one here: only its other lines
+                # can hold it back.
+                if self._admitted_elsewhere(ticket, name):
+                    effects.append(self._start_taking(ticket))
         return effects
 
     def check(self) -> None:
-        """Assert every invariant of the module docstring. For tests; O(tickets × queue)."""
+        """Assert every invariant of the module docstring, by brute force. For tests."""
         live: set[Ticket] = set()
-        for name, queue in self._queues.items():
-            assert queue, f"empty queue for {name!r}"
-            holders = [t for t in queue if t.holding]
+        for name, line in self._lines.items():
+            assert line, f"empty line for {name!r}"
+            holders, waiting = list(line.holders), list(line.waiting)
             assert all(t.shared for t in holders) or len(holders) == 1, f"{name!r}: {holders}"
-            for ticket in queue:
+            assert line.exclusive_holders == sum(not t.shared for t in holders), name
+            assert line.exclusive_waiting == sum(not t.shared for t in waiting), name
+            assert all(t.holding for t in holders) and all(t.state is State.WAITING for t in waiting)
+            assert [t.seq for t in waiting] == sorted(t.seq for t in waiting), f"{name!r} out of order"
+            for ticket in waiting:
+                ahead = [h for h in holders if h.seq < ticket.seq] + [w for w in waiting if w.seq < ticket.seq]
+                if not ticket.shared:
+                    assert all(h.seq < ticket.seq for h in holders), f"{name!r}: a holder barged past {ticket}"
+                # The fast rule agrees with the definition: nothing incompatible ahead.
+                assert line.admits(ticket) == all(ticket.shared and t.shared for t in ahead), (name, ticket)
+            for ticket in holders + waiting:
                 assert ticket.state is not State.ENDED, ticket
                 assert name in ticket.names, (name, ticket)
                 live.add(ticket)
@@ -441,11 +558,9 @@ class LockTable:
         assert by_name == self._waiting_by_name, (by_name, self._waiting_by_name)
         timed = {entry[2] for entry in self._deadlines}
         for ticket in live:
-            for name in ticket.names:
-                assert ticket in self._queues[name], (name, ticket)
+            in_line = [ticket in (self._lines[n].holders if ticket.holding else self._lines[n].waiting) for n in ticket.names]
+            assert all(in_line), ticket
             if ticket.deadline is not None and ticket.state is not State.HELD:
                 assert ticket in timed, f"{ticket} has a deadline that is never enforced"
-            if ticket.holding:
-                assert self._grantable(ticket), f"{ticket} holds against FIFO"
-            else:
-                assert not self._grantable(ticket), f"{ticket} is grantable at rest"
+            if ticket.state is State.WAITING:
+                assert not all(self._lines[n].admits(ticket) for n in ticket.names), f"{ticket} is grantable at rest"

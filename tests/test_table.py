@@ -16,8 +16,7 @@ from typing import Any
 import pytest
 
 from lockd.table import (
-    BUSY,
-    TIMEOUT,
+    Reason,
     Drop,
     Effect,
     Granted,
@@ -135,9 +134,9 @@ def test_effects_compare_by_kind_and_fields() -> None:
     assert Take(a) == Take(a)
     assert Take(a) != Take(b)  # tickets are compared by identity
     assert Take(a) != Drop(a)
-    assert Refused(a, BUSY, [b]) == Refused(a, BUSY, [b])
-    assert Refused(a, BUSY, [b]) != Refused(a, TIMEOUT, [b])
-    assert Refused(a, BUSY, [b]) != Refused(a, BUSY, [])
+    assert Refused(a, Reason.BUSY, [b]) == Refused(a, Reason.BUSY, [b])
+    assert Refused(a, Reason.BUSY, [b]) != Refused(a, Reason.TIMEOUT, [b])
+    assert Refused(a, Reason.BUSY, [b]) != Refused(a, Reason.BUSY, [])
     assert Lost(a, "x") != Lost(a, "y")
     assert "blockers=[]" in repr(Queued(a, []))
 
@@ -212,7 +211,8 @@ def test_shared_behind_a_waiting_exclusive_waits(table: CheckedTable) -> None:
     s1 = table.hold("a", ["x"], shared=True)
     e = table.wait("b", ["x"])
     s2, effects = table.acquire("c", ["x"], shared=True)
-    assert effects == [Queued(s2, [e])]
+    assert effects == [Queued(s2, [])]  # no holder is in its way: the waiting `e` is
+    assert table.waiters("x") == [e, s2]
     assert table.release(s1) == [Drop(s1), Take(e)]
     assert table.release(e) == [Drop(e), Take(s2)]
 
@@ -221,7 +221,8 @@ def test_an_exclusive_is_granted_only_at_the_head(table: CheckedTable) -> None:
     e1 = table.hold("a", ["x"])
     e2 = table.wait("b", ["x"])
     e3 = table.wait("c", ["x"])
-    assert table.blockers(e3) == [e1, e2]
+    assert table.blockers(e3) == [e1]
+    assert table.waiters("x") == [e2, e3]
     assert table.release(e1) == [Drop(e1), Take(e2)]
     assert e3.state is State.WAITING
     assert table.release(e2) == [Drop(e2), Take(e3)]
@@ -231,7 +232,8 @@ def test_a_late_comer_waits_behind_a_waiter_even_for_a_free_name(table: CheckedT
     h = table.hold("a", ["x"])
     both = table.wait("b", ["x", "y"])
     late, effects = table.acquire("c", ["y"])
-    assert effects == [Queued(late, [both])]  # y is free, but `both` asked first
+    assert effects == [Queued(late, [])]  # y is free, but `both` asked first
+    assert table.waiters("y") == [both, late]
     assert table.release(h) == [Drop(h), Take(both)]
     assert table.release(both) == [Drop(both), Take(late)]
 
@@ -306,7 +308,7 @@ def test_no_wait_on_a_busy_name_is_refused_with_blockers_and_not_queued(table: C
     h = table.hold("a", ["x"])
     w = table.wait("b", ["x"])
     nw, effects = table.acquire("c", ["x", "y"], wait=False)
-    assert effects == [Refused(nw, BUSY, [h, w])]
+    assert effects == [Refused(nw, Reason.BUSY, [h])]
     assert nw.state is State.ENDED
     assert table.queue("x") == [h, w]
     assert "y" not in table.names()
@@ -318,7 +320,8 @@ def test_no_wait_shared_obeys_fifo_too(table: CheckedTable) -> None:
     table.hold("a", ["x"], shared=True)
     e = table.wait("b", ["x"])
     nw, effects = table.acquire("c", ["x"], shared=True, wait=False)
-    assert effects == [Refused(nw, BUSY, [e])]
+    assert effects == [Refused(nw, Reason.BUSY, [])]
+    assert table.waiters("x") == [e]
 
 
 def test_no_wait_shared_joins_shared_holders(table: CheckedTable) -> None:
@@ -331,7 +334,7 @@ def test_no_wait_blocked_outside_lockd_is_refused_and_lets_waiters_in(table: Che
     nw, effects = table.acquire("a", ["x"], wait=False)
     assert effects == [Take(nw)]
     w = table.wait("b", ["x"])
-    assert table.take_blocked(nw) == [Refused(nw, BUSY, []), Drop(nw), Take(w)]
+    assert table.take_blocked(nw) == [Refused(nw, Reason.BUSY, []), Drop(nw), Take(w)]
     assert nw.state is State.ENDED
     assert table.take_blocked(nw) == []
     assert table.taken(nw) == []
@@ -360,7 +363,7 @@ def test_a_waiting_ticket_times_out_at_its_deadline(table: CheckedTable) -> None
     w = table.wait("b", ["x"], deadline=5.0)
     assert table.next_deadline() == 5.0
     assert table.expire(4.5) == []
-    assert table.expire(5.0) == [Refused(w, TIMEOUT, [h])]  # no Drop: never taken
+    assert table.expire(5.0) == [Refused(w, Reason.TIMEOUT, [h])]  # no Drop: never taken
     assert w.state is State.ENDED
     assert table.next_deadline() is None
     assert table.queue("x") == [h]
@@ -371,7 +374,7 @@ def test_a_ticket_taking_at_once_times_out_while_blocked_outside(table: CheckedT
     assert effects == [Take(t)]
     assert table.take_blocked(t) == []
     assert table.next_deadline() == 5.0
-    assert table.expire(6.0) == [Refused(t, TIMEOUT, []), Drop(t)]
+    assert table.expire(6.0) == [Refused(t, Reason.TIMEOUT, []), Drop(t)]
     assert table.taken(t) == []  # the backend finished just too late: its Drop is on its way
 
 
@@ -380,7 +383,7 @@ def test_a_ticket_granted_after_waiting_can_time_out_while_taking(table: Checked
     w = table.wait("b", ["x"], deadline=5.0)
     assert table.release(h) == [Drop(h), Take(w)]
     assert table.next_deadline() == 5.0
-    assert table.expire(5.0) == [Refused(w, TIMEOUT, []), Drop(w)]
+    assert table.expire(5.0) == [Refused(w, Reason.TIMEOUT, []), Drop(w)]
 
 
 def test_a_held_ticket_ignores_its_deadline(table: CheckedTable) -> None:
@@ -412,9 +415,9 @@ def test_expire_fails_tickets_in_deadline_order_then_arrival_order(table: Checke
     tie1 = table.wait("c", ["y", "x"], deadline=2.0)
     tie2 = table.wait("d", ["x"], deadline=2.0)
     assert table.expire(3.0) == [
-        Refused(tie1, TIMEOUT, [h, late]),
-        Refused(tie2, TIMEOUT, [h, late]),
-        Refused(late, TIMEOUT, [h]),
+        Refused(tie1, Reason.TIMEOUT, [h]),
+        Refused(tie2, Reason.TIMEOUT, [h]),
+        Refused(late, Reason.TIMEOUT, [h]),
     ]
     assert table.names() == ["x"]
 
@@ -423,7 +426,7 @@ def test_expiry_of_a_waiting_exclusive_lets_the_shared_behind_it_in(table: Check
     s1 = table.hold("a", ["x"], shared=True)
     e = table.wait("b", ["x"], deadline=5.0)
     s2 = table.wait("c", ["x"], shared=True)
-    assert table.expire(5.0) == [Refused(e, TIMEOUT, [s1]), Take(s2)]
+    assert table.expire(5.0) == [Refused(e, Reason.TIMEOUT, [s1]), Take(s2)]
 
 
 def test_a_ticket_granted_by_expire_past_its_own_deadline_times_out_too(table: CheckedTable) -> None:
@@ -431,7 +434,7 @@ def test_a_ticket_granted_by_expire_past_its_own_deadline_times_out_too(table: C
     h, _ = table.acquire("a", ["x"], deadline=1.0)
     w = table.wait("b", ["x"], deadline=2.0)
     assert table.expire(2.0) == [
-        Refused(h, TIMEOUT, []), Drop(h), Take(w), Refused(w, TIMEOUT, []), Drop(w),
+        Refused(h, Reason.TIMEOUT, []), Drop(h), Take(w), Refused(w, Reason.TIMEOUT, []), Drop(w),
     ]
 
 
@@ -615,15 +618,32 @@ def test_queries_follow_arrival_order(table: CheckedTable) -> None:
     assert len(table) == 3
 
 
-def test_blockers_are_the_conflicting_tickets_ahead(table: CheckedTable) -> None:
+def test_blockers_are_the_conflicting_holders(table: CheckedTable) -> None:
     s = table.hold("a", ["x"], shared=True)
     e = table.wait("b", ["x"])
     s2 = table.wait("c", ["x"], shared=True)
     e2 = table.wait("d", ["x"])
     assert table.blockers(s) == []
     assert table.blockers(e) == [s]
-    assert table.blockers(s2) == [e]  # the shared holder ahead is no obstacle
-    assert table.blockers(e2) == [s, e, s2]
+    assert table.blockers(s2) == []  # the shared holder is no obstacle; the waiting e is
+    assert table.blockers(e2) == [s]
+
+
+def test_waiting_counts_follow_waiting_tickets_only(table: CheckedTable) -> None:
+    h = table.hold("a", ["x"])
+    w1 = table.wait("b", ["x", "y"])
+    w2 = table.wait("b", ["y"])
+    table.acquire("c", ["x"], wait=False)  # refused: never waits
+    assert (table.waiting_of("a"), table.waiting_of("b"), table.waiting_of("c")) == (0, 2, 0)
+    assert (table.waiting_on("x"), table.waiting_on("y"), table.waiting_on("z")) == (1, 2, 0)
+    assert table.waiting_count() == 2
+    table.reassign(w2, "pid 9")
+    assert (table.waiting_of("b"), table.waiting_of("pid 9")) == (1, 1)
+    table.release(h)  # w1 is granted: it no longer waits
+    assert (table.waiting_of("b"), table.waiting_on("x"), table.waiting_on("y")) == (0, 0, 1)
+    table.drop_owner("pid 9")
+    assert (table.waiting_count(), table.waiting_on("y")) == (0, 0)
+    assert w1.state is State.TAKING
 
 
 # --- exhaustive ----------------------------------------------------------------------------

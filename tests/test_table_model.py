@@ -1,0 +1,377 @@
+"""Random operations on the lock table, checked against a plain reference model.
+
+The model restates the table's rules as directly as possible: one list of live tickets in
+arrival order, and a ticket may hold once no conflicting ticket is ahead of it. Every effect
+list the table returns must equal the model's, and is then carried out in order against a
+simulated backend, which checks what the real edge relies on: exclusion among the tickets it
+was told to take, FIFO at the moment of each Take, and one Drop per Take.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Hashable, Iterable
+
+from hypothesis import Phase, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from lockd.table import (
+    Reason,
+    Drop,
+    Effect,
+    Granted,
+    LockTable,
+    Lost,
+    Queued,
+    Refused,
+    State,
+    Take,
+    Ticket,
+)
+
+NAMES = ("a", "b", "c")
+OWNERS = (1, 2, 3, 4)
+HOLDING = (State.TAKING, State.HELD)
+#: (owner, names, shared, wait, timeout): repeated names allowed, as clients may send them;
+#: mostly waiting requests, as a no-wait one that is refused changes nothing.
+REQUESTS = st.tuples(
+    st.sampled_from(OWNERS),
+    st.lists(st.sampled_from(NAMES), min_size=1, max_size=3),
+    st.booleans(),
+    st.just(True) | st.booleans(),
+    st.none() | st.integers(0, 4),
+)
+
+
+def conflict(a: Ticket, b: Ticket) -> bool:
+    return not (a.shared and b.shared) and not set(a.names).isdisjoint(b.names)
+
+
+class Model:
+    """What the table should decide, computed by brute force over the live tickets."""
+
+    def __init__(self) -> None:
+        self.live: list[Ticket] = []  # arrival order
+        self.state: dict[Ticket, State] = {}
+        self.arrival: dict[Ticket, int] = {}
+        self.timed: list[Ticket] = []  # live once, with a deadline, not yet expired
+        self._count = itertools.count()
+
+    def blockers(self, ticket: Ticket) -> list[Ticket]:
+        """Conflicting live tickets ahead of `ticket` (all of them if it is not queued),
+        name by name in the ticket's order, each once."""
+        found: dict[Ticket, None] = {}
+        for name in ticket.names:
+            for other in self.live:
+                if other is ticket:
+                    break
+                if name in other.names and conflict(ticket, other):
+                    found[other] = None
+        return list(found)
+
+    def in_the_way(self, ticket: Ticket) -> list[Ticket]:
+        """What effects report: the conflicting holders ahead (waiters ahead are implied)."""
+        return [t for t in self.blockers(ticket) if self.state[t] in HOLDING]
+
+    def acquire(self, ticket: Ticket) -> list[Effect]:
+        self.arrival[ticket] = next(self._count)
+        blockers = self.blockers(ticket)
+        if blockers and not ticket.wait:
+            self.state[ticket] = State.ENDED
+            return [Refused(ticket, Reason.BUSY, self.in_the_way(ticket))]
+        self.live.append(ticket)
+        if ticket.deadline is not None:
+            self.timed.append(ticket)
+        if blockers:
+            self.state[ticket] = State.WAITING
+            return [Queued(ticket, self.in_the_way(ticket))]
+        self.state[ticket] = State.TAKING
+        return [Take(ticket)]
+
+    def grant(self) -> list[Effect]:
+        effects: list[Effect] = []
+        for ticket in self.live:
+            if self.state[ticket] is State.WAITING and not self.blockers(ticket):
+                self.state[ticket] = State.TAKING
+                effects.append(Take(ticket))
+        return effects
+
+    def end(self, ticket: Ticket) -> list[Effect]:
+        effects: list[Effect] = [Drop(ticket)] if self.state[ticket] in HOLDING else []
+        self.live.remove(ticket)
+        self.state[ticket] = State.ENDED
+        return effects + self.grant()
+
+    def taken(self, ticket: Ticket) -> list[Effect]:
+        if self.state[ticket] is not State.TAKING:
+            return []
+        self.state[ticket] = State.HELD
+        return [Granted(ticket)]
+
+    def take_blocked(self, ticket: Ticket) -> list[Effect]:
+        if self.state[ticket] is not State.TAKING or ticket.wait:
+            return []
+        return [Refused(ticket, Reason.BUSY, []), *self.end(ticket)]
+
+    def release(self, ticket: Ticket) -> list[Effect]:
+        return self.end(ticket) if ticket in self.live else []
+
+    def lose(self, ticket: Ticket, reason: str) -> list[Effect]:
+        if ticket not in self.live:
+            return []
+        lost: list[Effect] = [Lost(ticket, reason)] if self.state[ticket] is State.HELD else []
+        return lost + self.end(ticket)
+
+    def drop_owner(self, owner: Hashable) -> list[Effect]:
+        gone = [t for t in self.live if t.owner == owner]
+        effects: list[Effect] = [Drop(t) for t in gone if self.state[t] in HOLDING]
+        for ticket in gone:
+            self.live.remove(ticket)
+            self.state[ticket] = State.ENDED
+        return effects + self.grant()
+
+    def expire(self, now: float) -> list[Effect]:
+        due = [t for t in self.timed if t.deadline <= now]  # type: ignore[operator]
+        self.timed = [t for t in self.timed if t not in due]
+        effects: list[Effect] = []
+        for ticket in sorted(due, key=lambda t: (t.deadline, self.arrival[t])):
+            if self.state[ticket] in (State.WAITING, State.TAKING):
+                effects.append(Refused(ticket, Reason.TIMEOUT, self.in_the_way(ticket)))
+                effects += self.end(ticket)
+        return effects
+
+    def next_deadline(self) -> float | None:
+        timed = [t.deadline for t in self.timed if self.state[t] in (State.WAITING, State.TAKING)]
+        return min(timed) if timed else None  # type: ignore[type-var]
+
+
+class TableMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = LockTable()
+        self.model = Model()
+        self.now = 0.0
+        #: Tickets the backend holds or is taking: from their Take to their Drop.
+        self.backend: set[Ticket] = set()
+        self.took: set[Ticket] = set()
+        self.dropped: set[Ticket] = set()
+
+    # --- carrying out effects -----------------------------------------------------------------
+
+    def _key(self, effect: Effect) -> tuple[object, ...]:
+        arrival = self.model.arrival
+        blockers = tuple(sorted(arrival[t] for t in getattr(effect, "blockers", ())))
+        return type(effect).__name__, arrival[effect.ticket], getattr(effect, "reason", None), blockers
+
+    def _canonical(self, effects: list[Effect]) -> list[tuple[object, ...]]:
+        """Effect keys, with each run of Takes or of Drops in arrival order: the model does
+        not care in which order independent tickets are taken or dropped."""
+        out: list[tuple[object, ...]] = []
+        for kind, run in itertools.groupby(effects, type):
+            keys = [self._key(e) for e in run]
+            out += sorted(keys) if kind in (Take, Drop) else keys
+        return out
+
+    def carry_out(
+        self,
+        actual: list[Effect],
+        expected: list[Effect],
+        before: list[Ticket],
+        ended: Iterable[Ticket] = (),
+    ) -> None:
+        """Compare with the model, then apply `actual` in order to the simulated backend.
+
+        `before`: the live tickets when the call began. `ended`: those of them it ended before
+        its first effect (a release, a departure).
+        """
+        assert self._canonical(actual) == self._canonical(expected), (actual, expected)
+        arrival = self.model.arrival
+        ended = set(ended)
+        for effect in actual:
+            ticket = effect.ticket
+            if isinstance(effect, Take):
+                assert ticket not in self.took, f"taken twice: {ticket}"
+                for other in self.backend:
+                    assert not conflict(ticket, other), f"{ticket} taken while {other} holds"
+                for other in before:
+                    if arrival[other] < arrival[ticket] and conflict(ticket, other):
+                        assert other in ended, f"{ticket} taken ahead of {other}"
+                self.took.add(ticket)
+                self.backend.add(ticket)
+            elif isinstance(effect, Drop):
+                assert ticket in self.backend, f"dropped without a Take, or twice: {ticket}"
+                self.backend.remove(ticket)
+                self.dropped.add(ticket)
+                ended.add(ticket)
+            elif isinstance(effect, (Refused, Lost)):
+                ended.add(ticket)
+
+    # --- rules --------------------------------------------------------------------------------
+
+    def _request(self, owner: int, names: list[str], shared: bool, wait: bool, timeout: int | None) -> None:
+        deadline = None if timeout is None else self.now + timeout
+        before = list(self.model.live)
+        ticket, effects = self.table.acquire(
+            owner, names, shared=shared, wait=wait, deadline=deadline, now=self.now
+        )
+        assert ticket.names == tuple(dict.fromkeys(names))
+        self.carry_out(effects, self.model.acquire(ticket), before)
+
+    @rule(request=REQUESTS)
+    def acquire(self, request: tuple[int, list[str], bool, bool, int | None]) -> None:
+        self._request(*request)
+
+    @rule(requests=st.lists(REQUESTS, min_size=2, max_size=4))
+    def acquire_burst(self, requests: list[tuple[int, list[str], bool, bool, int | None]]) -> None:
+        """Several requests before anything else happens, so that queues grow."""
+        for request in requests:
+            self._request(*request)
+
+    def _pick(self, data: st.DataObject, state: State | None = None) -> Ticket:
+        live = [t for t in self.model.live if state is None or t.state is state]
+        return data.draw(st.sampled_from(live))
+
+    @precondition(lambda self: any(t.state is State.TAKING for t in self.model.live))
+    @rule(data=st.data())
+    def taken(self, data: st.DataObject) -> None:
+        """The backend got the locks of a ticket it was asked for."""
+        ticket = self._pick(data, State.TAKING)
+        tokens = [self.model.arrival[ticket]] * len(ticket.names)
+        before = list(self.model.live)
+        effects = self.table.taken(ticket, tokens, now=self.now)
+        self.carry_out(effects, self.model.taken(ticket), before)
+        assert (ticket.tokens, ticket.since) == (tokens, self.now)
+
+    @precondition(lambda self: any(t.state is State.TAKING for t in self.model.live))
+    @rule(data=st.data())
+    def take_blocked(self, data: st.DataObject) -> None:
+        """The backend found a ticket's locks held outside lockd."""
+        ticket = self._pick(data, State.TAKING)
+        before = list(self.model.live)
+        self.carry_out(self.table.take_blocked(ticket), self.model.take_blocked(ticket), before)
+
+    @precondition(lambda self: self.model.live)
+    @rule(data=st.data())
+    def release(self, data: st.DataObject) -> None:
+        ticket = self._pick(data)
+        before = list(self.model.live)
+        self.carry_out(self.table.release(ticket), self.model.release(ticket), before, [ticket])
+
+    @precondition(lambda self: self.model.live)
+    @rule(data=st.data())
+    def lose(self, data: st.DataObject) -> None:
+        ticket = self._pick(data)
+        before = list(self.model.live)
+        effects = self.table.lose(ticket, "lost")
+        self.carry_out(effects, self.model.lose(ticket, "lost"), before, [ticket])
+
+    @precondition(lambda self: len(self.model.live) < len(self.model.arrival))
+    @rule(data=st.data())
+    def too_late(self, data: st.DataObject) -> None:
+        """Whatever arrives for an ended ticket changes nothing."""
+        ended = [t for t in self.model.arrival if t.state is State.ENDED]
+        ticket = data.draw(st.sampled_from(ended))
+        assert self.table.taken(ticket, [0] * len(ticket.names), now=self.now) == []
+        assert self.table.take_blocked(ticket) == []
+        assert self.table.release(ticket) == []
+        assert self.table.lose(ticket, "late") == []
+        owner = ticket.owner
+        self.table.reassign(ticket, OWNERS[0] if owner != OWNERS[0] else OWNERS[1])
+        assert ticket.owner == owner and ticket.state is State.ENDED
+
+    @rule(name=st.sampled_from(NAMES))
+    def force_release(self, name: str) -> None:
+        before = list(self.model.live)
+        held = [t for t in before if name in t.names and t.state is State.HELD]
+        count, effects = self.table.force_release(name, "forced")
+        assert count == len(held)
+        expected: list[Effect] = []
+        for ticket in held:
+            expected += self.model.lose(ticket, "forced")
+        self.carry_out(effects, expected, before)
+
+    @rule(owner=st.sampled_from(OWNERS))
+    def drop_owner(self, owner: int) -> None:
+        before = list(self.model.live)
+        gone = [t for t in before if t.owner == owner]
+        effects = self.table.drop_owner(owner)
+        assert not any(isinstance(e, Take) and e.ticket in gone for e in effects), effects
+        self.carry_out(effects, self.model.drop_owner(owner), before, gone)
+        assert self.table.tickets_of(owner) == []
+        assert all(t.state is State.ENDED for t in gone)
+
+    @precondition(lambda self: self.model.live)
+    @rule(data=st.data(), owner=st.sampled_from(OWNERS))
+    def reassign(self, data: st.DataObject, owner: int) -> None:
+        ticket = self._pick(data)
+        self.table.reassign(ticket, owner)
+        assert ticket.owner == owner
+
+    @rule(advance=st.integers(0, 3))
+    def expire(self, advance: int) -> None:
+        self.now += advance
+        before = list(self.model.live)
+        self.carry_out(self.table.expire(self.now), self.model.expire(self.now), before)
+
+    # --- invariants ---------------------------------------------------------------------------
+
+    @invariant()
+    def table_checks_itself(self) -> None:
+        self.table.check()
+
+    @invariant()
+    def table_matches_model(self) -> None:
+        model = self.model
+        assert len(self.table) == len(model.live)
+        names = {name for t in model.live for name in t.names}
+        assert set(self.table.names()) == names
+        for name in names:
+            on_name = [t for t in model.live if name in t.names]
+            assert set(self.table.holders(name)) == {t for t in on_name if t.state in HOLDING}
+            assert self.table.waiters(name) == [t for t in on_name if t.state is State.WAITING]
+        for ticket, state in model.state.items():
+            assert ticket.state is state, (ticket, state)
+        waiting = [t for t in model.live if t.state is State.WAITING]
+        assert self.table.waiting_count() == len(waiting)
+        for owner in OWNERS:
+            assert set(self.table.tickets_of(owner)) == {t for t in model.live if t.owner == owner}
+            assert self.table.waiting_of(owner) == sum(t.owner == owner for t in waiting)
+        for name in NAMES:
+            assert self.table.waiting_on(name) == sum(name in t.names for t in waiting)
+        assert self.table.next_deadline() == model.next_deadline()
+
+    @invariant()
+    def holders_exclude_each_other(self) -> None:
+        holding = [t for t in self.model.live if t.state in HOLDING]
+        for a, b in itertools.combinations(holding, 2):
+            assert not conflict(a, b), (a, b)
+        assert set(holding) == self.backend
+
+    @invariant()
+    def every_waiter_is_blocked(self) -> None:
+        for ticket in self.model.live:
+            if ticket.state is State.WAITING:
+                blockers = self.model.blockers(ticket)
+                assert blockers, f"{ticket} waits for nothing"
+                assert set(self.table.blockers(ticket)) == set(self.model.in_the_way(ticket))
+
+    def teardown(self) -> None:
+        """Everyone leaves: the table empties and every Take has had exactly one Drop."""
+        for owner in OWNERS:
+            self.drop_owner(owner)
+        assert len(self.table) == 0 and self.table.names() == []
+        assert self.table.next_deadline() is None
+        assert self.took == self.dropped and not self.backend
+
+
+# A failure is shrunk to a short story and reported alone; the explain phase is left out, as
+# on a long failing run it can take minutes to annotate what the shrunk steps already show.
+TableMachine.TestCase.settings = settings(
+    max_examples=150,
+    stateful_step_count=40,
+    deadline=None,
+    report_multiple_bugs=False,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
+)
+test_lock_table_against_model = TableMachine.TestCase
