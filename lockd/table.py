@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from collections import OrderedDict
 from collections.abc import Hashable, Iterable
 from enum import Enum
 
@@ -171,7 +172,9 @@ class _Line:
 
     def __init__(self) -> None:
         self.holders: dict[Ticket, None] = {}
-        self.waiting: dict[Ticket, None] = {}
+        # Not a dict: a dict deleted from the front keeps the holes until it next grows, so
+        # finding its first entry would cost O(tickets served) and draining a line O(n²).
+        self.waiting: OrderedDict[Ticket, None] = OrderedDict()
         self.exclusive_holders = 0
         self.exclusive_waiting = 0
 
@@ -505,9 +508,15 @@ class LockTable:
             line = lines.get(name)
             if line is None or line.exclusive_holders:
                 continue
-            for ticket in list(line.waiting):
-                if ticket.state is not State.WAITING:
-                    continue  # granted through another of its names in this pass
+            # Granting deletes from `line.waiting`, so iterate over a copy, but only of the
+            # part up to the first exclusive ticket: copying it all would make draining a
+            # long line quadratic.
+            candidates = []
+            for ticket in line.waiting:
+                candidates.append(ticket)
+                if not ticket.shared:
+                    break
+            for ticket in candidates:
                 if not ticket.shared:
                     # First in line with nobody holding, or it waits on.
                     if line.admits(ticket) and self._admitted_elsewhere(ticket, name):
