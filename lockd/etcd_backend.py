@@ -11,6 +11,7 @@ Invariants:
 - Every key the daemon put belongs to a live ticket or is on its way out: a ticket's end, a
   take that fails or is cancelled, and any key of the current lease that the watch shows with
   no live ticket all hand the key to the janitor, which deletes until etcd confirms.
+- A held ticket whose key is deleted by anyone but this daemon is reported lost.
 
 Order is ZooKeeper's recipe on etcd's global revision: a ticket waits for the deletion of the
 nearest conflicting key below R (any key for an exclusive ticket, an exclusive key for a
@@ -26,6 +27,7 @@ import logging
 import math
 import time
 from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import msgspec
 import trio
@@ -97,6 +99,14 @@ class _Key:
         )
 
 
+class Change(NamedTuple):
+    """What a range or watch response changed in the mirror."""
+
+    added: list[_Key]
+    #: Keys deleted.
+    removed: list[str]
+
+
 class Mirror:
     """Every key under the prefix as of `revision`, fed by one watch. No I/O.
 
@@ -112,30 +122,35 @@ class Mirror:
         self._names: dict[str, dict[str, _Key]] = {}
         self._advanced = trio.Event()
 
-    def reset(self, revision: int, kvs: Iterable[KeyValue]) -> list[_Key]:
-        """Start over from a range read at `revision`; return the keys now present."""
-        for entry in self._keys.values():
+    def reset(self, revision: int, kvs: Iterable[KeyValue]) -> Change:
+        """Start over from a range read at `revision`.
+
+        The change lists every key now present as added, and the keys that are gone.
+        """
+        old = self._keys
+        for entry in old.values():
             entry.gone.set()  # their waiters look again, in the new mirror
-        self._keys.clear()
+        self._keys = {}
         self._names.clear()
         added = [e for kv in kvs if (e := self._add(kv)) is not None]
         self._advance(revision)
-        return added
+        return Change(added, [key for key in old if key not in self._keys])
 
-    def apply(self, response: WatchResponse) -> list[_Key]:
-        """Apply a watch response; return the keys it created."""
-        added = []
+    def apply(self, response: WatchResponse) -> Change:
+        """Apply a watch response."""
+        change = Change([], [])
         for event in response.events:
             key = event.kv.key.decode()
             if event.type == "DELETE":
-                self._remove(key)
+                if self._remove(key):
+                    change.removed.append(key)
             elif key not in self._keys:  # a put over an existing key changes nothing here
                 entry = self._add(event.kv)
                 if entry is not None:
-                    added.append(entry)
+                    change.added.append(entry)
         if response.events:
             self._advance(response.events[-1].kv.mod_revision)
-        return added
+        return change
 
     async def wait_for(self, revision: int) -> None:
         """Return once the mirror has caught up with `revision`."""
@@ -175,15 +190,16 @@ class Mirror:
         self._names.setdefault(name, {})[key] = entry
         return entry
 
-    def _remove(self, key: str) -> None:
+    def _remove(self, key: str) -> bool:
         entry = self._keys.pop(key, None)
         if entry is None:
-            return
+            return False
         keys = self._names[entry.name]
         del keys[key]
         if not keys:
             del self._names[entry.name]
         entry.gone.set()
+        return True
 
     def _advance(self, revision: int) -> None:
         if revision > self.revision:
@@ -456,7 +472,7 @@ class EtcdBackend:
             self._session = session
             if self._stale:
                 session.wake.set()
-            nursery.start_soon(self._mirror, session)
+            nursery.start_soon(self._mirror, session, lose)
             nursery.start_soon(self._janitor, session)
             reason = await self._keep_alive(session)
             session.alive = False
@@ -495,17 +511,17 @@ class EtcdBackend:
             session.deadline = sent + ttl - ttl / 3
             next_send = sent + period
 
-    async def _mirror(self, session: _Session) -> None:
+    async def _mirror(self, session: _Session, lose: LoseCallback) -> None:
         """Keep `session.mirror` in step with etcd: read the prefix, then watch it."""
         delay = _RECONNECT[0]
         while True:
             try:
                 revision, kvs = await self._client.range_prefix(self._prefix, timeout=self._timeout)
-                self._adopt(session, session.mirror.reset(revision, kvs))
+                self._follow(session, session.mirror.reset(revision, kvs), lose)
                 delay = _RECONNECT[0]
                 await self._client.watch(
                     self._prefix, revision + 1,
-                    lambda response: self._adopt(session, session.mirror.apply(response)),
+                    lambda response: self._follow(session, session.mirror.apply(response), lose),
                     timeout=self._timeout,
                 )
             except WatchCompacted:
@@ -515,9 +531,15 @@ class EtcdBackend:
                 await trio.sleep(delay)
                 delay = min(2 * delay, _RECONNECT[1])
 
-    def _adopt(self, session: _Session, added: list[_Key]) -> None:
-        """Hand keys of this lease that no live ticket owns to the janitor."""
-        session.doom(e.key for e in added if e.lease == session.lease and e.key not in self._owners)
+    def _follow(self, session: _Session, change: Change, lose: LoseCallback) -> None:
+        """Act on what etcd did: keys of this lease that no live ticket owns go to the janitor;
+        a held ticket whose key someone else deleted is lost."""
+        session.doom(e.key for e in change.added if e.lease == session.lease and e.key not in self._owners)
+        for key in change.removed:
+            ticket = self._owners.get(key)
+            attempt = self._attempts.get(ticket) if ticket is not None else None
+            if attempt is not None and attempt.held:
+                lose(attempt.ticket, "its etcd key was deleted (by hand or by another tool)")
 
     async def _janitor(self, session: _Session) -> None:
         """Delete doomed keys and revoke stale leases, retrying until etcd confirms."""

@@ -99,6 +99,17 @@ def start(nursery: trio.Nursery, host: Host, t: Ticket) -> Pending:
     return pending
 
 
+async def holds_while_other_waits(
+    holder: Host, waiter: Host, nursery: trio.Nursery, name: str = "x"
+) -> tuple[Ticket, Pending]:
+    """`holder` takes `name`; `waiter` then asks for it and is seen waiting."""
+    held = ticket(name)
+    await holder.take(held)
+    waiting = start(nursery, waiter, ticket(name))
+    assert await still_waiting(waiting)
+    return held, waiting
+
+
 async def still_waiting(pending: Pending, seconds: float = 0.3) -> bool:
     with trio.move_on_after(seconds):
         await pending.done.wait()
@@ -264,10 +275,7 @@ async def test_cancelled_take_leaves_no_key(shared_etcd: EtcdCluster, prefix: st
     a, b = hosts(shared_etcd.endpoints, "host0", "host1")
     with trio.fail_after(WAIT):
         async with serving(a, b) as nursery:
-            held = ticket("x")
-            await a.take(held)
-            waiting = start(nursery, b, ticket("x"))
-            assert await still_waiting(waiting)
+            held, waiting = await holds_while_other_waits(a, b, nursery)
             # The edge drops the ticket and cancels its take: both must let go in etcd.
             b.backend.drop(waiting.ticket)
             waiting.scope.cancel()
@@ -301,6 +309,26 @@ async def test_local_flock_holder_outside_lockd_holds_back_the_grant(
             assert await still_waiting(behind, 0.1)
             a.backend.drop(waiting.ticket)
             await behind.done.wait()
+
+
+async def test_a_held_key_deleted_by_hand_loses_the_lease(
+    shared_etcd: EtcdCluster, prefix: str, hosts: Hosts
+) -> None:
+    a, b = hosts(shared_etcd.endpoints, "host0", "host1")
+    client = EtcdClient(shared_etcd.endpoints)
+    try:
+        with trio.fail_after(WAIT):
+            async with serving(a, b) as nursery:
+                held, waiting = await holds_while_other_waits(a, b, nursery)
+                _, kvs = await client.range_prefix(prefix + "x/", timeout=2)
+                oldest = min(kvs, key=lambda kv: kv.create_revision)  # A's, B's waits behind it
+                await client.txn([etcd_client.delete(oldest.key.decode())], timeout=2)
+                await waiting.done.wait()
+                assert [(t, reason) for t, reason, _ in a.lost] == [
+                    (held, "its etcd key was deleted (by hand or by another tool)")
+                ]
+    finally:
+        await client.aclose()
 
 
 # --- etcd failures ----------------------------------------------------------------------------
@@ -356,9 +384,7 @@ async def test_shutdown_revokes_the_lease_at_once(etcd: EtcdCluster, hosts: Host
             outer.start_soon(b.backend.run, b.lose)
             await b.ready()
             async with serving(a):
-                await a.take(ticket("x"))
-                waiting = start(outer, b, ticket("x"))
-                assert await still_waiting(waiting)
+                _, waiting = await holds_while_other_waits(a, b, outer)
                 stopped = trio.current_time()
             await waiting.done.wait()
             # Well under the TTL: the revoke freed the key, not its expiry.

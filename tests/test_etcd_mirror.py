@@ -68,7 +68,8 @@ async def test_reset_wakes_every_waiter_and_replaces_the_keys() -> None:
     a = kv("x", 2)
     mirror.reset(2, [a])
     old = mirror.blocker(["x"], 9, False)
-    mirror.reset(8, [kv("x", 6)])
+    change = mirror.reset(8, [kv("x", 6, seq=2)])
+    assert ([e.revision for e in change.added], change.removed) == ([6], [a.key.decode()])
     assert old.gone.is_set()
     assert mirror.blocker(["x"], 9, False).revision == 6
     assert mirror.revision == 8
@@ -78,11 +79,13 @@ def test_apply_reports_new_keys_and_advances() -> None:
     mirror = Mirror(PREFIX)
     mirror.reset(1, [])
     a, b = kv("x", 2, seq=1), kv("x", 2, seq=2, mode="shared")
-    added = mirror.apply(puts(a, b))
-    assert [e.key for e in added] == [a.key.decode(), b.key.decode()]
+    change = mirror.apply(puts(a, b))
+    assert [e.key for e in change.added] == [a.key.decode(), b.key.decode()]
     assert mirror.revision == 2
     # A put over a key already known (etcd `put` to the same key) adds nothing.
-    assert mirror.apply(puts(kv("x", 2, seq=1))) == []
+    assert mirror.apply(puts(kv("x", 2, seq=1))) == ([], [])
+    assert mirror.apply(deletion(a, 3)).removed == [a.key.decode()]
+    assert mirror.apply(deletion(a, 4)).removed == []  # already gone
 
 
 def test_queue_is_in_create_revision_order_with_records() -> None:
