@@ -407,6 +407,10 @@ class EtcdBackend:
                 "this request's keys vanished from etcd while it waited (the etcd lease "
                 "expired or someone deleted them); retry the request"
             )
+        # The session may have ended while the answer was on its way (its cancellation then
+        # arrives only at the next checkpoint, which a grant never reaches).
+        if not session.alive or trio.current_time() >= session.deadline:
+            raise EtcdUnreachable("the etcd lease could not be kept alive while this request waited; retry it")
         if attempt.ended:
             self._end(attempt)  # dropped while the last request was under way: let go again
         else:
