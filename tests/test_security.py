@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import socket
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,14 +37,18 @@ class Actor:
     result (or raises what it raised); `connect(key, path)` opens that client.
     """
 
-    def __init__(self, uid: int, gid: int) -> None:
+    def __init__(self, uid: int, gid: int, groups: tuple[int, ...] = ()) -> None:
         ours, theirs = socket.socketpair()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child
             code = 1
             try:
-                ours.close()
-                os.setgroups([])
+                # Nothing of the parent's may stay open here: not its connections to the
+                # daemon, nor another actor's end of its pipe (that actor would never see EOF).
+                keep = theirs.fileno()
+                os.closerange(3, keep)
+                os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
+                os.setgroups(list(groups))
                 os.setgid(gid)
                 os.setuid(uid)
                 _serve(theirs)
@@ -99,13 +105,22 @@ def _serve(sock: socket.socket) -> None:  # pragma: no cover - runs in the child
         stream.flush()
 
 
-@pytest.fixture
-def shared_daemon(short_tmp: Path) -> Iterator[Daemon]:
-    """A daemon whose socket any user can reach (the test alone sets the modes)."""
-    short_tmp.chmod(0o711)
-    d = Daemon(short_tmp)
+def start_shared(root: Path, config: str | None = None) -> Daemon:
+    """A running daemon whose socket any user can reach, reading `config` if given."""
+    root.chmod(0o711)
+    args = []
+    if config is not None:
+        (root / "lockd.toml").write_text(config)
+        args = ["--config", str(root / "lockd.toml")]
+    d = Daemon(root, *args)
     d.start()
     os.chmod(d.socket, 0o666)
+    return d
+
+
+@pytest.fixture
+def shared_daemon(short_tmp: Path) -> Iterator[Daemon]:
+    d = start_shared(short_tmp)
     yield d
     if d.proc is not None and d.proc.poll() is None:
         d.kill()
@@ -192,6 +207,102 @@ def test_a_user_may_break_its_own_lease_and_root_anyones(shared_daemon: Daemon, 
     assert isinstance(lost, protocol.Lost) and "uid 0" in lost.reason
     log = shared_daemon.log()
     assert "theirs: lease of pid" in log and f"(uid {NOBODY}) broken" in log
+
+
+# --- policy -----------------------------------------------------------------------------------
+
+POLICY = """
+[policy]
+force_release = ["root", "nobody"]
+
+[[policy.rules]]
+names = "backup-*"
+users = ["backup"]
+
+[[policy.rules]]
+names = "backup-*"
+modes = ["exclusive"]
+allow = false
+
+[[policy.rules]]
+names = "ops-*"
+groups = ["adm"]
+
+[[policy.rules]]
+names = "ops-*"
+allow = false
+"""
+ADM = 4
+
+
+@pytest.fixture
+def policy_daemon(short_tmp: Path) -> Iterator[Daemon]:
+    d = start_shared(short_tmp, POLICY)
+    yield d
+    if d.proc is not None and d.proc.poll() is None:
+        d.kill()
+
+
+def test_policy_refusal_names_the_rule_and_is_logged(policy_daemon: Daemon, nobody: Actor) -> None:
+    nobody.connect("c", policy_daemon.socket)
+    refused = nobody.do("c", "request", Acquire(1, ["web", "backup-db"]))
+    assert isinstance(refused, Error) and refused.code == "permission_denied", refused
+    assert refused.message.startswith('rule 2 (names "backup-*", modes [exclusive]) denies uid 65534 exclusive on backup-db')
+    assert isinstance(nobody.do("c", "request", Acquire(2, ["backup-db"], mode="shared")), Granted)
+    assert isinstance(nobody.do("c", "request", Acquire(3, ["web"])), Granted)  # nothing of 1 was kept
+    assert {info.name for info in status(policy_daemon)} == {"backup-db", "web"}
+    [line] = [l for l in policy_daemon.log().splitlines() if "refused uid 65534" in l]
+    assert f"pid {nobody.pid}" in line and "exclusive on web+backup-db" in line and "rule 2" in line
+    assert line[:4].isdigit()  # when: the line carries its timestamp
+
+
+def test_policy_groups_come_from_the_kernel(policy_daemon: Daemon) -> None:
+    member, outsider = Actor(NOBODY, NOBODY, groups=(ADM,)), Actor(NOBODY, NOBODY)
+    try:
+        member.connect("c", policy_daemon.socket)
+        outsider.connect("c", policy_daemon.socket)
+        assert isinstance(member.do("c", "request", Acquire(1, ["ops-deploy"])), Granted)
+        refused = outsider.do("c", "request", Acquire(1, ["ops-restart"], label="member of adm"))
+        assert isinstance(refused, Error) and refused.code == "permission_denied", refused
+        assert 'rule 4 (names "ops-*") denies uid 65534 exclusive on ops-restart' in refused.message
+    finally:
+        member.close()
+        outsider.close()
+
+
+def test_force_release_list_lets_its_users_break_any_lease(policy_daemon: Daemon, nobody: Actor) -> None:
+    nobody.connect("c", policy_daemon.socket)
+    with RawClient(policy_daemon.socket) as root:
+        assert isinstance(root.acquire("stuck"), Granted)
+        done = nobody.do("c", "request", ForceRelease(1, "stuck"))
+        assert isinstance(done, protocol.Done) and done.released == 1, done
+        lost = root.recv()
+        assert isinstance(lost, protocol.Lost) and f"uid {NOBODY}" in lost.reason
+    assert "stuck: lease of pid" in policy_daemon.log()
+
+
+def test_default_force_release_refusal_is_logged(shared_daemon: Daemon, nobody: Actor) -> None:
+    nobody.connect("c", shared_daemon.socket)
+    with RawClient(shared_daemon.socket) as root:
+        assert isinstance(root.acquire("kept"), Granted)
+        refused = nobody.do("c", "request", ForceRelease(1, "kept"))
+        assert isinstance(refused, Error) and refused.code == "permission_denied"
+        assert "force_release [root] does not include uid 65534" in refused.message
+    assert f"refused uid {NOBODY} pid {nobody.pid}" in shared_daemon.log()
+
+
+def test_policy_reload_applies_to_new_requests(policy_daemon: Daemon, nobody: Actor) -> None:
+    (policy_daemon.root / "lockd.toml").write_text('[[policy.rules]]\nnames = "web"\nallow = false\n')
+    assert policy_daemon.proc is not None
+    policy_daemon.proc.send_signal(signal.SIGHUP)
+    nobody.connect("c", policy_daemon.socket)
+    deadline = time.monotonic() + TIMEOUT
+    while isinstance(reply := nobody.do("c", "request", Acquire(1, ["web"], timeout=0)), Granted):
+        nobody.do("c", "send", Release(1))
+        assert time.monotonic() < deadline, "the reloaded policy never applied"
+        time.sleep(0.05)
+    assert isinstance(reply, Error) and 'rule 1 (names "web")' in reply.message
+    assert isinstance(nobody.do("c", "request", Acquire(2, ["backup-db"])), Granted)  # old rules gone
 
 
 # --- names ------------------------------------------------------------------------------------
