@@ -168,6 +168,7 @@ def test_ids_increase_from_one_and_release_uses_none():
         lambda c: c.acquire(["x" * 251]),
         lambda c: c.status(["-rf"]),
         lambda c: c.release_pid(1, [".hidden"]),
+        lambda c: c.release_pid(1, []),
         lambda c: c.force_release(""),
     ],
 )

@@ -205,8 +205,6 @@ class Connection:
         bounds the wait and then fails with LockTimeout. Duplicate names count once.
         """
         unique = _checked_names(dict.fromkeys(names))
-        if not unique:
-            raise errors.InvalidName("acquire needs at least one lock name")
         if not wait:
             if timeout is not None:
                 raise ValueError("wait=False fails at once; it takes no timeout")
@@ -218,7 +216,9 @@ class Connection:
 
     def status(self, names: Iterable[str] = ()) -> tuple[Call[list[protocol.LockInfo]], bytes]:
         """Ask who holds and awaits `names` (every lock in use when empty)."""
-        checked = _checked_names(names)
+        checked = list(names)
+        if checked:
+            _checked_names(checked)
         return self._request(lambda id: protocol.Status(id, list(checked)))
 
     def release_pid(self, pid: int, names: Iterable[str]) -> tuple[Call[int], bytes]:
@@ -422,13 +422,10 @@ def _tag(message: object) -> str:
     return cls.__struct_config__.tag  # type: ignore[attr-defined]
 
 
-def _checked_names(names: Iterable[str]) -> tuple[str, ...]:
-    checked = tuple(names)
-    for name in checked:
-        if not isinstance(name, str):
-            raise errors.InvalidName(f"a lock name must be a str, not {type(name).__name__}")
-        problem = protocol.name_problem(name)
-        if problem:
-            raise errors.InvalidName(problem)
+def _checked_names(names: Iterable[str]) -> list[str]:
+    checked = list(names)
+    problem = protocol.names_problem(checked)
+    if problem is not None:
+        raise errors.InvalidName(problem)
     return checked
 

@@ -51,9 +51,23 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,249}", re.ASCII)
 
 def name_problem(name: str) -> str | None:
     """Return why `name` is not a valid lock name, or None when it is."""
+    if not isinstance(name, str):
+        return f"a lock name must be a str, not {type(name).__name__}"
     if _NAME_RE.fullmatch(name):
         return None
     return f"invalid lock name {name!r}: {NAME_RULE}"
+
+
+def names_problem(names: list[str]) -> str | None:
+    """Return why `names` cannot be the names of an acquire, release_pid or force_release
+    (none given, or one invalid), or None when they can."""
+    if not names:
+        return "no lock name given: a request must name at least one lock"
+    for name in names:
+        problem = name_problem(name)
+        if problem is not None:
+            return problem
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
