@@ -439,3 +439,19 @@ def test_status_exit_code_says_whether_names_are_free(lockd, name: str, holder) 
     assert lockctl(lockd, "status", "--json", f"{name}.free").stdout.strip() == '{"locks":[]}'
     table = lockctl(lockd, "status").stdout.splitlines()
     assert table[0].split()[:2] == ["NAME", "MODE"] and table[1].split()[:3] == [name, "exclusive", str(holder.pid)]
+
+
+def test_labels_and_commands_reach_the_terminal_inert(lockd, name: str, tmp_path: Path) -> None:
+    hostile = "\x1b]0;owned\x07\x1b[2J\u202eevil"
+    proc = start_lockctl(lockd, "acquire", "--label", hostile, name, "-c", f"echo > {tmp_path}/held; exec sleep 60")
+    try:
+        wait_for_file(tmp_path / "held")
+        busy = lockctl(lockd, "acquire", "-n", name, "--", "true")
+        table = lockctl(lockd, "status", name)
+    finally:
+        kill_quietly(proc)
+    assert busy.returncode == cli.EXIT_BUSY
+    assert "[?]0;owned??[2J?evil]" in busy.stderr  # the holder, with its label made inert
+    assert "[?]0;owned??[2J?evil]" in table.stdout
+    for text in (busy.stderr, table.stdout):
+        assert "\x1b" not in text and "\x07" not in text and "\u202e" not in text

@@ -151,14 +151,6 @@ def test_lockctl_never_imports_trio() -> None:
     assert proc.returncode == cli.EXIT_UNAVAILABLE, proc.stderr
 
 
-@pytest.mark.parametrize(
-    ("seconds", "text"),
-    [(-1, "0.0s"), (0.42, "0.4s"), (9.96, "10s"), (42.4, "42s"), (185, "3m05s"), (7620, "2h07m"), (273600, "3d04h")],
-)
-def test_duration(seconds: float, text: str) -> None:
-    assert cli._duration(seconds) == text
-
-
 def holder(**fields) -> protocol.Holder:
     return protocol.Holder(**{"pid": 10, "uid": 0, "command": "make deploy", "since": 1000.0, "token": 7, **fields})
 

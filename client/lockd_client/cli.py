@@ -16,7 +16,7 @@ import os
 import sys
 import time
 
-from . import errors, paths, protocol
+from . import describe, errors, paths, protocol
 
 # Exit statuses (sysexits.h where one fits; see docs/cli.md).
 EXIT_HELD = 1  # status: a named lock is held; release: a name was not held
@@ -294,7 +294,8 @@ _EXIT_STATUS: tuple[tuple[type[errors.LockdError], int], ...] = (
 
 
 def _explain(e: errors.LockdError, socket_path: str) -> str:
-    text = str(e)
+    # The daemon's messages may quote what other clients chose (labels, command lines).
+    text = describe.sanitize(str(e))
     if isinstance(e, errors.DaemonUnavailable) and socket_path not in text:
         return f"{text} (lockd socket: {socket_path})"
     if isinstance(e, errors.PermissionDenied):
@@ -380,7 +381,8 @@ class _WaitLine:
         self.shown = False
 
     def show(self, holders: list[protocol.Holder]) -> None:
-        who = "; ".join(_holder_text(h) for h in holders) or "earlier waiters"
+        now = time.time()
+        who = "; ".join(describe.holder_text(h, now) for h in holders) or "earlier waiters"
         text = f"lockctl: waiting for {self.names}: held by {who}"
         if self.tty:
             width = _terminal_width()
@@ -410,22 +412,9 @@ def _say_busy(e: errors.LockBusy, args: argparse.Namespace) -> None:
         _say(f"gave up waiting for {names} after {args.timeout:g}s")
     else:
         _say(f"{names}: busy, and -n says not to wait")
+    now = time.time()
     for holder in e.holders:
-        print(f"  held by {_holder_text(holder)}", file=sys.stderr)
-
-
-def _holder_text(h: protocol.Holder) -> str:
-    """`pid 4242 (make deploy) of alice for 3m05s` — whom a waiter waits for."""
-    who = f"pid {h.pid}" if h.pid is not None else "an unknown process"
-    if h.command:
-        who += f" ({h.command})"
-    if h.uid is not None:
-        who += f" of {_user(h.uid)}"
-    if h.outside:
-        return f"{who}, outside lockd"
-    if h.since:
-        who += f" for {_duration(time.time() - h.since)}"
-    return who
+        print(f"  held by {describe.holder_text(holder, now)}", file=sys.stderr)
 
 
 # --- release -------------------------------------------------------------------------------
@@ -521,41 +510,16 @@ def status_table(locks: list[protocol.LockInfo], now: float) -> str:
                     lock.name if first else "",
                     mode,
                     "" if party.pid is None else str(party.pid),
-                    "" if party.uid is None else _user(party.uid),
-                    _duration(now - party.since) if party.since else "",
+                    "" if party.uid is None else describe.user_name(party.uid),
+                    describe.duration(now - party.since) if party.since else "",
                     "" if party.token is None else str(party.token),
-                    command,
+                    describe.sanitize(command),
                 )
             )
             first = False
     widths = [max(len(row[i]) for row in [_COLUMNS, *rows]) for i in range(len(_COLUMNS) - 1)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in [_COLUMNS, *rows]]
     return "".join(line.rstrip() + "\n" for line in lines)
-
-
-def _user(uid: int) -> str:
-    import pwd
-
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
-
-
-def _duration(seconds: float) -> str:
-    """`0.4s`, `42s`, `3m05s`, `2h07m`, `3d04h`: precise enough to tell a stuck holder."""
-    if seconds < 0:
-        seconds = 0.0
-    if seconds < 9.95:  # what rounds to 10.0 reads better as 10s
-        return f"{seconds:.1f}s"
-    s = round(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
 def _say(message: str) -> None:
