@@ -1,0 +1,280 @@
+"""Chaos: client processes acquire, hold briefly and are SIGKILLed at random; outside flock(1)
+users take the same lock files; the daemon itself is SIGKILLed and restarted mid-run.
+
+An independent checker reads an append-only log that every holder writes while it holds a
+lock (lockd clients after their grant, flock(1) probes while they hold the file), and verifies
+mutual exclusion and fencing-token order from it alone. The run lasts LOCKD_CHAOS_SECONDS
+(default 12) and must end with zero violations and zero leases held.
+
+Log lines, each written with one write() to a file opened O_APPEND, so they never tear:
+  ENTER WHO NAME TOKEN X|S DAEMON    WHO holds NAME (TOKEN and DAEMON are "-" for flock(1))
+  EXIT WHO NAME                      WHO is about to release NAME
+  KILL WHO                           WHO is stopped and about to be SIGKILLed
+  DAEMON-KILLED PID                  daemon PID is dead: every lease it granted has ended
+WHO is stopped (SIGSTOP) before its KILL line is written, so nothing of it follows that line.
+A lockd client names in DAEMON the daemon it was granted by (SO_PEERCRED of its socket): an
+ENTER from a daemon already dead is stale, written by a client that had not yet noticed.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lockd import procinfo
+from lockd_client import protocol
+from lockd_client.protocol import Granted, Release, Status
+
+from .conftest import Daemon
+from .rawclient import RawClient
+from .test_fuzz import internal_errors
+
+SECONDS = float(os.environ.get("LOCKD_CHAOS_SECONDS", "12"))
+NAMES = ["c1", "c2", "c3", "c4"]
+WORKERS = 8
+TIMEOUT = 10.0
+
+
+# --- the checker --------------------------------------------------------------------------------
+
+
+@dataclass
+class Verdict:
+    violations: list[str] = field(default_factory=list)
+    counts: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass
+class _Name:
+    #: Who holds it now, and whether shared.
+    inside: dict[str, bool] = field(default_factory=dict)
+    #: A new exclusive grant must exceed every token granted before it; a shared one, every
+    #: exclusive one (and everything granted by a daemon since dead).
+    floor_exclusive: int = 0
+    floor_shared: int = 0
+    tokens: set[int] = field(default_factory=set)
+
+
+def check(lines: list[str]) -> Verdict:
+    """Mutual exclusion and token order, from the log alone (see the module docstring)."""
+    verdict = Verdict()
+    names: dict[str, _Name] = {}
+    dead: set[str] = set()
+    for number, line in enumerate(lines, 1):
+        kind, *fields = line.split()
+        if kind == "ENTER":
+            who, name, token, mode, daemon = fields
+            entry = names.setdefault(name, _Name())
+            shared = mode == "S"
+            if token != "-":
+                _check_token(verdict, number, entry, name, int(token), shared)
+            if daemon in dead:
+                verdict.counts["stale grants"] += 1
+                continue
+            verdict.counts["lockd grants" if token != "-" else "flock holds"] += 1
+            conflicting = sorted(w for w, s in entry.inside.items() if not (s and shared))
+            if conflicting:
+                verdict.violations.append(f"line {number}: {who} took {name} ({mode}) while {', '.join(conflicting)} held it")
+            entry.inside[who] = shared
+        elif kind == "EXIT":
+            who, name = fields
+            names.setdefault(name, _Name()).inside.pop(who, None)
+        elif kind == "KILL":
+            verdict.counts["clients killed"] += 1
+            for entry in names.values():
+                entry.inside.pop(fields[0], None)
+        elif kind == "DAEMON-KILLED":
+            verdict.counts["daemon kills"] += 1
+            dead.add(fields[0])
+            for entry in names.values():
+                entry.inside = {w: s for w, s in entry.inside.items() if w.startswith("flock")}
+                entry.floor_shared = entry.floor_exclusive
+        else:
+            verdict.violations.append(f"line {number}: unexpected {line!r}")
+    return verdict
+
+
+def _check_token(verdict: Verdict, number: int, entry: _Name, name: str, token: int, shared: bool) -> None:
+    floor = entry.floor_shared if shared else entry.floor_exclusive
+    if token in entry.tokens:
+        verdict.violations.append(f"line {number}: token {token} on {name} granted twice")
+    elif token <= floor:
+        verdict.violations.append(f"line {number}: token {token} on {name} after token {floor}")
+    entry.tokens.add(token)
+    entry.floor_exclusive = max(entry.floor_exclusive, token)
+    if not shared:
+        entry.floor_shared = max(entry.floor_shared, token)
+
+
+def test_checker_accepts_correct_histories() -> None:
+    verdict = check([
+        "ENTER w1 a 1 X 100", "EXIT w1 a",
+        "ENTER w2 a 2 S 100", "ENTER w3 a 3 S 100", "EXIT w3 a",
+        "KILL w2",
+        "ENTER flock7 a - X -", "EXIT flock7 a",
+        "ENTER w4 b 1 X 100",
+        "ENTER flock8 c - S -",
+        "DAEMON-KILLED 100",
+        "ENTER w4 a 4 X 100",  # stale: granted by the dead daemon, not yet noticed
+        "ENTER w5 b 2 X 200",
+        "EXIT w4 b",
+        "ENTER w6 c 1 S 200",
+    ])
+    assert verdict.violations == []
+    assert verdict.counts == Counter({"lockd grants": 6, "flock holds": 2, "stale grants": 1,
+                                      "clients killed": 1, "daemon kills": 1})
+
+
+def test_checker_catches_overlaps() -> None:
+    verdict = check([
+        "ENTER w1 a 1 X 100", "ENTER w2 a 2 X 100",
+        "ENTER w3 b 1 S 100", "ENTER flock9 b - X -",
+        "ENTER flock8 c - X -", "DAEMON-KILLED 100", "ENTER w4 c 1 S 200",
+    ])
+    assert verdict.violations == [
+        "line 2: w2 took a (X) while w1 held it",
+        "line 4: flock9 took b (X) while w3 held it",
+        "line 7: w4 took c (S) while flock8 held it",
+    ]
+
+
+def test_checker_catches_tokens_out_of_order() -> None:
+    verdict = check([
+        "ENTER w1 a 5 X 100", "EXIT w1 a",
+        "ENTER w2 a 5 X 100", "EXIT w2 a",
+        "ENTER w3 a 4 S 100", "EXIT w3 a",
+        "ENTER w4 b 7 S 100", "EXIT w4 b", "DAEMON-KILLED 100", "ENTER w5 b 6 S 200",
+    ])
+    assert verdict.violations == [
+        "line 3: token 5 on a granted twice",
+        "line 5: token 4 on a after token 5",
+        "line 10: token 6 on b after token 7",
+    ]
+
+
+# --- the participants ---------------------------------------------------------------------------
+
+
+def _append(fd: int, text: str) -> None:
+    os.write(fd, text.encode())
+
+
+def _worker(socket_path: str, log_fd: int, seed: int) -> None:  # pragma: no cover - a child
+    """Acquire random names, note the holding in the log, hold briefly, release; forever."""
+    rng = random.Random(seed)
+    me = f"w{os.getpid()}"
+    while True:
+        try:
+            client = RawClient(socket_path, timeout=TIMEOUT)
+        except (OSError, EOFError, AssertionError):
+            time.sleep(0.02)  # the daemon is restarting
+            continue
+        daemon = procinfo.peer_credentials(client.sock)[0]
+        try:
+            while True:
+                names = rng.sample(NAMES, rng.choice([1, 1, 1, 2]))
+                mode = "shared" if rng.random() < 0.25 else "exclusive"
+                reply = client.acquire(*names, mode=mode, timeout=rng.choice([None, 1.0, 0]))
+                if not isinstance(reply, Granted):
+                    if not (isinstance(reply, protocol.Error) and reply.code in ("busy", "timeout")):
+                        _append(log_fd, f"UNEXPECTED {me} {reply!r}\n")  # repr() escapes newlines
+                    continue
+                tag = "S" if mode == "shared" else "X"
+                _append(log_fd, "".join(f"ENTER {me} {n} {t} {tag} {daemon}\n" for n, t in zip(names, reply.tokens)))
+                time.sleep(rng.uniform(0, 0.02))
+                _append(log_fd, "".join(f"EXIT {me} {n}\n" for n in names))
+                client.send(Release(reply.id))
+        except (OSError, EOFError):
+            client.close()  # the daemon died under us
+
+
+def _prober(lock_dir: Path, log_path: Path, seed: int) -> None:  # pragma: no cover - a child
+    """Take the lock files with flock(1) now and then, noting each holding; until SIGTERM."""
+    rng = random.Random(seed)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    while not stop:
+        name = rng.choice(NAMES)
+        mode, tag = rng.choice([("-x", "X"), ("-x", "X"), ("-s", "S")])
+        script = (f'echo "ENTER flock$$ {name} - {tag} -" >> {log_path}; sleep 0.01; '
+                  f'echo "EXIT flock$$ {name}" >> {log_path}')
+        subprocess.run(["flock", "-n", mode, str(lock_dir / f"{name}.lock"), "sh", "-c", script], timeout=TIMEOUT)
+        time.sleep(rng.uniform(0.01, 0.05))
+
+
+def _fork(target, *args) -> int:
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            target(*args)
+            code = 0
+        finally:
+            os._exit(code)
+    return pid
+
+
+def _stop_and_kill(pid: int, log_fd: int) -> None:
+    os.kill(pid, signal.SIGSTOP)
+    _, status = os.waitpid(pid, os.WUNTRACED)
+    if not os.WIFSTOPPED(status):  # it died on its own: the log says why
+        _append(log_fd, f"UNEXPECTED w{pid} exited with status {status}\n")
+        return
+    _append(log_fd, f"KILL w{pid}\n")
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+
+def test_chaos(daemon: Daemon) -> None:
+    rng = random.Random(int(os.environ.get("LOCKD_CHAOS_SEED", "1")))
+    log_path = daemon.root / "holders.log"
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    workers = [_fork(_worker, daemon.socket, log_fd, rng.randrange(2**32)) for _ in range(WORKERS)]
+    prober = _fork(_prober, daemon.lock_dir, log_path, rng.randrange(2**32))
+    daemon_kills_at = [SECONDS * f for f in (0.4, 0.75)] if SECONDS < 30 else list(range(10, int(SECONDS), 15))
+    started = time.monotonic()
+    try:
+        while (elapsed := time.monotonic() - started) < SECONDS:
+            time.sleep(rng.uniform(0.05, 0.25))
+            victim = rng.randrange(WORKERS)
+            _stop_and_kill(workers[victim], log_fd)
+            workers[victim] = _fork(_worker, daemon.socket, log_fd, rng.randrange(2**32))
+            if daemon_kills_at and elapsed >= daemon_kills_at[0]:
+                daemon_kills_at.pop(0)
+                assert daemon.proc is not None and daemon.proc.poll() is None, daemon.log()[-3000:]
+                dead = daemon.proc.pid
+                daemon.kill()
+                _append(log_fd, f"DAEMON-KILLED {dead}\n")
+                daemon.start()
+    finally:
+        for pid in workers:
+            _stop_and_kill(pid, log_fd)
+        os.kill(prober, signal.SIGTERM)
+        os.waitpid(prober, 0)
+        os.close(log_fd)
+
+    verdict = check(log_path.read_text().splitlines())
+    counts = verdict.counts
+    print(f"chaos: {SECONDS:g} s, {dict(counts)}, violations: {len(verdict.violations)}")
+    assert verdict.violations == [], "\n".join(verdict.violations[:20])
+    assert counts["daemon kills"] >= 1 and counts["clients killed"] >= 10
+    assert counts["lockd grants"] >= 50 and counts["flock holds"] >= 10
+
+    with RawClient(daemon.socket) as c:
+        deadline = time.monotonic() + TIMEOUT
+        while (reply := c.request(Status(1))).locks:  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, f"leases left held: {reply}"
+            time.sleep(0.05)
+    for name in NAMES:
+        code = subprocess.run(["flock", "-n", str(daemon.lock_dir / f"{name}.lock"), "true"], timeout=TIMEOUT).returncode
+        assert code == 0, f"{name}.lock is still locked"
+    assert internal_errors(daemon) == []
