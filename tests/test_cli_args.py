@@ -55,6 +55,12 @@ def test_flock_spellings_are_accepted() -> None:
     assert parse("acquire", "--wait", "0.5", "x", "--", "true").timeout == 0.5
 
 
+def test_a_label_over_the_protocol_cap_is_a_usage_error() -> None:
+    assert parse("acquire", "--label", "x" * 256, "x").label == "x" * 256
+    with pytest.raises(cli.UsageError, match="--label: a label is at most 256 characters"):
+        parse("acquire", "--label", "x" * 257, "x")
+
+
 def test_long_options_are_never_abbreviated() -> None:
     with pytest.raises(cli.UsageError):
         parse("acquire", "--time", "1", "x", "--", "true")

@@ -179,6 +179,18 @@ def test_invalid_names_are_refused_locally_and_change_nothing(move):
     assert conn.acquire(["fine"])[0].id == 1
 
 
+def test_a_label_over_the_cap_is_refused_before_sending():
+    conn = Connection()
+    with pytest.raises(errors.InvalidArgument, match="at most 256 characters"):
+        conn.hello(label="x" * 257)
+    assert conn.phase is Phase.NEW
+    conn.hello(label="x" * 256)
+    conn.receive_data(frames(welcome()))
+    with pytest.raises(errors.InvalidArgument, match="shorten it"):
+        conn.acquire(["a"], label="x" * 257)
+    assert conn.acquire(["a"], label="x" * 256)[0].id == 1
+
+
 def test_an_oversized_request_is_refused_before_sending():
     conn = opened()
     names = [f"{i:0>250}" for i in range(300)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from lockd_client import protocol
@@ -21,3 +22,24 @@ def test_names_problem_names_the_first_invalid_name_and_the_rule(bad) -> None:
     problem = protocol.names_problem(["fine", bad, "also.bad/"])
     assert problem == protocol.name_problem(bad)
     assert repr(bad) in problem or type(bad).__name__ in problem
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        protocol.Hello(protocol.PROTOCOL_VERSION, label="l" * 257),
+        protocol.Acquire(1, ["a"], label="é" * 257),
+    ],
+)
+def test_a_label_over_the_cap_fails_decoding(request_) -> None:
+    decoder = protocol.request_decoder()
+    with pytest.raises(msgspec.ValidationError, match="length <= 256"):
+        decoder.decode(msgspec.msgpack.encode(request_))
+    request_.label = request_.label[:256]
+    assert decoder.decode(msgspec.msgpack.encode(request_)) == request_
+
+
+def test_label_problem_counts_characters() -> None:
+    assert protocol.label_problem(None) is None
+    assert protocol.label_problem("é" * 256) is None
+    assert "at most 256 characters" in protocol.label_problem("x" * 257)

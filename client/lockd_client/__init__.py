@@ -13,6 +13,7 @@ from .blocking import Client, Lease, connect
 from .errors import (
     BadLockFile,
     DaemonUnavailable,
+    InvalidArgument,
     InvalidName,
     LeaseLost,
     LimitExceeded,
@@ -28,6 +29,7 @@ __all__ = [
     "BadLockFile",
     "Client",
     "DaemonUnavailable",
+    "InvalidArgument",
     "InvalidName",
     "Lease",
     "LeaseLost",

@@ -184,6 +184,7 @@ class Connection:
         """Start the handshake; the Call resolves with the daemon's Welcome."""
         if self.phase is not Phase.NEW:
             raise errors.ProtocolError("the handshake was already started on this connection")
+        _check_label(label)
         data = self._encode(protocol.Hello(protocol.PROTOCOL_VERSION, label))
         self.phase = Phase.GREETING
         self._greeting = Call(None, protocol.Hello)
@@ -205,6 +206,7 @@ class Connection:
         bounds the wait and then fails with LockTimeout. Duplicate names count once.
         """
         unique = _checked_names(dict.fromkeys(names))
+        _check_label(label)
         if not wait:
             if timeout is not None:
                 raise ValueError("wait=False fails at once; it takes no timeout")
@@ -420,6 +422,12 @@ class _Violation(Exception):
 def _tag(message: object) -> str:
     cls = message if isinstance(message, type) else type(message)
     return cls.__struct_config__.tag  # type: ignore[attr-defined]
+
+
+def _check_label(label: str | None) -> None:
+    problem = protocol.label_problem(label)
+    if problem is not None:
+        raise errors.InvalidArgument(problem)
 
 
 def _checked_names(names: Iterable[str]) -> list[str]:

@@ -233,6 +233,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         problem = protocol.name_problem(name)
         if problem is not None:
             raise UsageError(problem)
+    problem = protocol.label_problem(getattr(args, "label", None))
+    if problem is not None:
+        raise UsageError(f"--label: {problem}")
     if args.command == "release" and args.force and len(args.names) != 1:
         raise UsageError("release --force takes exactly one NAME")
     return args
@@ -286,6 +289,7 @@ _EXIT_STATUS: tuple[tuple[type[errors.LockdError], int], ...] = (
     (errors.DaemonUnavailable, EXIT_UNAVAILABLE),
     (errors.PermissionDenied, EXIT_DENIED),
     (errors.InvalidName, EXIT_USAGE),
+    (errors.InvalidArgument, EXIT_USAGE),
     (errors.NotHeld, EXIT_HELD),
     (errors.LimitExceeded, EXIT_BUSY),
     (errors.BadLockFile, EXIT_BAD_LOCK_FILE),

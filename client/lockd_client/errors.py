@@ -65,6 +65,11 @@ class InvalidName(LockdError, ValueError):
     code = protocol.ErrorCode.INVALID_NAME
 
 
+class InvalidArgument(LockdError, ValueError):
+    """A request's argument breaks a limit of the protocol (the message says which and how);
+    nothing was sent."""
+
+
 class BadLockFile(LockdError):
     """The lock file cannot be used: a symlink or non-regular file sits at its path."""
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 import struct
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
 import msgspec
 
@@ -70,6 +70,19 @@ def names_problem(names: list[str]) -> str | None:
     return None
 
 
+#: Labels are a line of text for `status`; the cap keeps what one client makes every reader of
+#: `status` receive small. A longer label fails decoding, which is a protocol violation.
+MAX_LABEL_LENGTH = 256
+Label = Annotated[str, msgspec.Meta(max_length=MAX_LABEL_LENGTH)]
+
+
+def label_problem(label: str | None) -> str | None:
+    """Return why `label` cannot be sent, or None when it can."""
+    if label is not None and len(label) > MAX_LABEL_LENGTH:
+        return f"a label is at most {MAX_LABEL_LENGTH} characters, and this one has {len(label)}; shorten it"
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # Client → daemon
 
@@ -77,7 +90,7 @@ def names_problem(names: list[str]) -> str | None:
 class Hello(msgspec.Struct, tag="hello"):
     version: int
     #: Free text shown in `status` next to every lease of this connection.
-    label: str | None = None
+    label: Label | None = None
 
 
 class Acquire(msgspec.Struct, tag="acquire"):
@@ -87,7 +100,8 @@ class Acquire(msgspec.Struct, tag="acquire"):
     mode: Mode = "exclusive"
     #: None waits as long as it takes; 0 fails at once with `busy`; otherwise seconds.
     timeout: float | None = None
-    label: str | None = None
+    #: Shown in `status` for this lease instead of the connection's label.
+    label: Label | None = None
     #: Tie the lease to this process instead of the connection: it ends when that process
     #: exits or on `ReleasePid`. Only for the process's own uid (or root).
     pid: int | None = None
