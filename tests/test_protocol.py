@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from lockd_client import protocol
+from lockd_client import errors, protocol
 
 
 @pytest.mark.parametrize("names", [["a"], ["a", "b.c", "x@y+z-1_2"], ["9" * 250]])
@@ -43,3 +43,18 @@ def test_label_problem_counts_characters() -> None:
     assert protocol.label_problem(None) is None
     assert protocol.label_problem("é" * 256) is None
     assert "at most 256 characters" in protocol.label_problem("x" * 257)
+
+
+def test_an_oversized_frame_is_a_lockd_protocol_error() -> None:
+    frames = protocol.FrameBuffer(limit=1024)
+    frames.feed((1025).to_bytes(4, "big"))
+    with pytest.raises(errors.ProtocolError, match="1025 bytes exceeds the limit of 1024") as raised:
+        frames.next_frame()
+    assert isinstance(raised.value, protocol.FrameTooLarge) and isinstance(raised.value, errors.LockdError)
+    assert (raised.value.size, raised.value.limit) == (1025, 1024)
+
+
+def test_an_error_reply_maps_to_the_class_that_owns_its_code() -> None:
+    for code, cls in [("protocol", errors.ProtocolError), ("busy", errors.LockBusy), ("shutdown", errors.DaemonUnavailable)]:
+        assert type(errors.from_reply(protocol.Error(1, code, "m"))) is cls
+    assert protocol.ErrorCode is errors.ErrorCode

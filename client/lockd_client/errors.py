@@ -6,13 +6,33 @@ code in `from_reply`; a code this client does not know becomes a plain `LockdErr
 
 from __future__ import annotations
 
-from . import protocol
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .protocol import Error, Holder
+
+
+class ErrorCode:
+    """Values of `Error.code`. A client maps codes it does not know to its root error type."""
+
+    BUSY = "busy"
+    TIMEOUT = "timeout"
+    INVALID_NAME = "invalid_name"
+    BAD_LOCK_FILE = "bad_lock_file"
+    PERMISSION_DENIED = "permission_denied"
+    NOT_HELD = "not_held"
+    PROTOCOL = "protocol"
+    VERSION = "version"
+    LIMIT = "limit"
+    UNAVAILABLE = "unavailable"
+    SHUTDOWN = "shutdown"
 
 
 class LockdError(Exception):
     """Root of every lockd error.
 
-    `code` is the wire code (protocol.ErrorCode) the daemon sends for this error.
+    `code` is the wire code (ErrorCode) the daemon sends for this error; None for an error
+    only a client raises.
     """
 
     code: str | None = None
@@ -21,13 +41,22 @@ class LockdError(Exception):
 class DaemonUnavailable(LockdError):
     """The daemon cannot be reached, went away, or its backend is unavailable."""
 
-    code = protocol.ErrorCode.UNAVAILABLE
+    code = ErrorCode.UNAVAILABLE
 
 
 class ProtocolError(LockdError):
     """A peer sent something the protocol does not allow."""
 
-    code = protocol.ErrorCode.PROTOCOL
+    code = ErrorCode.PROTOCOL
+
+
+class FrameTooLarge(ProtocolError):
+    """A frame's length prefix announced more than the receiver accepts."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"frame of {size} bytes exceeds the limit of {limit} bytes")
+        self.size = size
+        self.limit = limit
 
 
 class LockBusy(LockdError):
@@ -36,9 +65,9 @@ class LockBusy(LockdError):
     `holders` says who held it when the request gave up.
     """
 
-    code = protocol.ErrorCode.BUSY
+    code = ErrorCode.BUSY
 
-    def __init__(self, message: str, holders: list[protocol.Holder] | None = None) -> None:
+    def __init__(self, message: str, holders: list[Holder] | None = None) -> None:
         super().__init__(message)
         self.holders = holders or []
 
@@ -46,7 +75,7 @@ class LockBusy(LockdError):
 class LockTimeout(LockBusy):
     """The lock was still held when the request's timeout passed."""
 
-    code = protocol.ErrorCode.TIMEOUT
+    code = ErrorCode.TIMEOUT
 
 
 class LeaseLost(LockdError):
@@ -56,13 +85,13 @@ class LeaseLost(LockdError):
 class PermissionDenied(LockdError):
     """The daemon's policy refused the request."""
 
-    code = protocol.ErrorCode.PERMISSION_DENIED
+    code = ErrorCode.PERMISSION_DENIED
 
 
 class InvalidName(LockdError, ValueError):
     """A lock name breaks the naming rule (stated in the message)."""
 
-    code = protocol.ErrorCode.INVALID_NAME
+    code = ErrorCode.INVALID_NAME
 
 
 class InvalidArgument(LockdError, ValueError):
@@ -73,36 +102,38 @@ class InvalidArgument(LockdError, ValueError):
 class BadLockFile(LockdError):
     """The lock file cannot be used: a symlink or non-regular file sits at its path."""
 
-    code = protocol.ErrorCode.BAD_LOCK_FILE
+    code = ErrorCode.BAD_LOCK_FILE
 
 
 class NotHeld(LockdError):
     """A release named a lease that the given process does not hold, or a lease was to be
     tied to a process that is not running."""
 
-    code = protocol.ErrorCode.NOT_HELD
+    code = ErrorCode.NOT_HELD
 
 
 class LimitExceeded(LockdError):
     """A daemon limit (connections, leases, waiters) was reached; retry later or raise it."""
 
-    code = protocol.ErrorCode.LIMIT
+    code = ErrorCode.LIMIT
 
 
 def _codes(cls: type[LockdError]) -> dict[str, type[LockdError]]:
-    found = {sub.code: sub for sub in cls.__subclasses__() if sub.code}
+    # Only a class that sets its own code stands for it: FrameTooLarge is a ProtocolError,
+    # but an Error reply with code "protocol" is not about a frame.
+    found = {sub.code: sub for sub in cls.__subclasses__() if sub.code and "code" in vars(sub)}
     for sub in cls.__subclasses__():
         found.update(_codes(sub))
     return found
 
 
 _BY_CODE = _codes(LockdError) | {
-    protocol.ErrorCode.VERSION: ProtocolError,
-    protocol.ErrorCode.SHUTDOWN: DaemonUnavailable,
+    ErrorCode.VERSION: ProtocolError,
+    ErrorCode.SHUTDOWN: DaemonUnavailable,
 }
 
 
-def from_reply(error: protocol.Error) -> LockdError:
+def from_reply(error: Error) -> LockdError:
     """The exception that an `Error` reply stands for."""
     cls = _BY_CODE.get(error.code, LockdError)
     if issubclass(cls, LockBusy):

@@ -25,6 +25,10 @@ from typing import Annotated, Literal, Union
 
 import msgspec
 
+# The codes of `Error` and the framing's error belong to the one exception tree; they are part
+# of the wire all the same, so this module offers them too.
+from .errors import ErrorCode, FrameTooLarge
+
 PROTOCOL_VERSION = 1
 
 #: A request frame larger than this is refused by the daemon without reading its body:
@@ -219,31 +223,8 @@ class Error(msgspec.Struct, tag="error"):
 Reply = Union[Welcome, Granted, Queued, Lost, Done, StatusReply, Error]
 
 
-class ErrorCode:
-    """Values of `Error.code`. A client maps codes it does not know to its root error type."""
-
-    BUSY = "busy"
-    TIMEOUT = "timeout"
-    INVALID_NAME = "invalid_name"
-    BAD_LOCK_FILE = "bad_lock_file"
-    PERMISSION_DENIED = "permission_denied"
-    NOT_HELD = "not_held"
-    PROTOCOL = "protocol"
-    VERSION = "version"
-    LIMIT = "limit"
-    UNAVAILABLE = "unavailable"
-    SHUTDOWN = "shutdown"
-
-
 # ---------------------------------------------------------------------------------------------
 # Framing
-
-
-class FrameTooLarge(ValueError):
-    def __init__(self, size: int, limit: int) -> None:
-        super().__init__(f"frame of {size} bytes exceeds the limit of {limit} bytes")
-        self.size = size
-        self.limit = limit
 
 
 class FrameBuffer:
