@@ -141,8 +141,9 @@ def prefix_end(prefix: str) -> bytes:
 class EtcdClient:
     """Talks to one etcd cluster through the endpoints given, moving on when one fails.
 
-    Every call takes `timeout` (seconds) for the whole exchange with one endpoint, except
-    `watch`, which waits for events as long as the stream lives. Cancellation abandons the
+    Every call's `timeout` (seconds) bounds each step with an endpoint: connecting, sending,
+    waiting for the answer (`watch` waits for events as long as its stream lives); a caller
+    that needs a bound on the whole call sets one around it. Cancellation abandons the
     request; whether etcd applied it is then unknown, which callers must allow for.
     """
 
@@ -203,7 +204,7 @@ class EtcdClient:
         try:
             await self._call("/v3/lease/revoke", {"ID": lease}, msgspec.Raw, timeout)
         except EtcdError as exc:
-            if exc.status != _NOT_FOUND or isinstance(exc, EtcdUnreachable):
+            if exc.status != _NOT_FOUND:
                 raise
 
     # --- keys ---------------------------------------------------------------------------------
