@@ -16,13 +16,13 @@ from typing import Any
 import pytest
 
 from lockd.table import (
-    Reason,
     Drop,
     Effect,
     Granted,
     LockTable,
     Lost,
     Queued,
+    Reason,
     Refused,
     State,
     Take,
@@ -616,6 +616,20 @@ def test_queries_follow_arrival_order(table: CheckedTable) -> None:
     assert table.tickets_of("a") == [s, s2]
     assert table.tickets_of("nobody") == []
     assert len(table) == 3
+
+
+def test_holders_are_in_grant_order_and_waiters_in_arrival_order(table: CheckedTable) -> None:
+    s1 = table.hold("a", ["x"], shared=True)
+    ey = table.hold("b", ["y"])
+    sxy = table.wait("c", ["x", "y"], shared=True)  # held back by y only
+    s3, effects = table.acquire("d", ["x"], shared=True)
+    assert effects == [Take(s3)]
+    assert table.holders("x") == [s1, s3]
+    assert table.waiters("x") == [sxy]
+    assert table.queue("x") == [s1, s3, sxy]
+    assert table.release(ey) == [Drop(ey), Take(sxy)]
+    assert table.holders("x") == [s1, s3, sxy]
+    assert table.holders("nothing") == [] and table.waiters("nothing") == []
 
 
 def test_blockers_are_the_conflicting_holders(table: CheckedTable) -> None:

@@ -17,13 +17,13 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from lockd.table import (
-    Reason,
     Drop,
     Effect,
     Granted,
     LockTable,
     Lost,
     Queued,
+    Reason,
     Refused,
     State,
     Take,
@@ -152,8 +152,8 @@ class TableMachine(RuleBasedStateMachine):
         self.table = LockTable()
         self.model = Model()
         self.now = 0.0
-        #: Tickets the backend holds or is taking: from their Take to their Drop.
-        self.backend: set[Ticket] = set()
+        #: Tickets the backend holds or is taking, from their Take to their Drop, in Take order.
+        self.backend: dict[Ticket, None] = {}
         self.took: set[Ticket] = set()
         self.dropped: set[Ticket] = set()
 
@@ -198,10 +198,10 @@ class TableMachine(RuleBasedStateMachine):
                     if arrival[other] < arrival[ticket] and conflict(ticket, other):
                         assert other in ended, f"{ticket} taken ahead of {other}"
                 self.took.add(ticket)
-                self.backend.add(ticket)
+                self.backend[ticket] = None
             elif isinstance(effect, Drop):
                 assert ticket in self.backend, f"dropped without a Take, or twice: {ticket}"
-                self.backend.remove(ticket)
+                del self.backend[ticket]
                 self.dropped.add(ticket)
                 ended.add(ticket)
             elif isinstance(effect, (Refused, Lost)):
@@ -232,16 +232,20 @@ class TableMachine(RuleBasedStateMachine):
         live = [t for t in self.model.live if state is None or t.state is state]
         return data.draw(st.sampled_from(live))
 
-    @precondition(lambda self: any(t.state is State.TAKING for t in self.model.live))
+    @precondition(lambda self: any(t.holding for t in self.model.live))
     @rule(data=st.data())
     def taken(self, data: st.DataObject) -> None:
-        """The backend got the locks of a ticket it was asked for."""
-        ticket = self._pick(data, State.TAKING)
-        tokens = [self.model.arrival[ticket]] * len(ticket.names)
+        """The backend got the locks of a ticket it was asked for (or says so twice)."""
+        ticket = data.draw(st.sampled_from([t for t in self.model.live if t.holding]))
+        was = ticket.state, ticket.tokens, ticket.since
+        tokens = [self.now] * len(ticket.names)
         before = list(self.model.live)
         effects = self.table.taken(ticket, tokens, now=self.now)
         self.carry_out(effects, self.model.taken(ticket), before)
-        assert (ticket.tokens, ticket.since) == (tokens, self.now)
+        if was[0] is State.TAKING:
+            assert (ticket.tokens, ticket.since) == (tokens, self.now)
+        else:
+            assert (ticket.state, ticket.tokens, ticket.since) == was
 
     @precondition(lambda self: any(t.state is State.TAKING for t in self.model.live))
     @rule(data=st.data())
@@ -328,7 +332,7 @@ class TableMachine(RuleBasedStateMachine):
         assert set(self.table.names()) == names
         for name in names:
             on_name = [t for t in model.live if name in t.names]
-            assert set(self.table.holders(name)) == {t for t in on_name if t.state in HOLDING}
+            assert self.table.holders(name) == [t for t in self.backend if name in t.names]
             assert self.table.waiters(name) == [t for t in on_name if t.state is State.WAITING]
         for ticket, state in model.state.items():
             assert ticket.state is state, (ticket, state)
@@ -346,7 +350,7 @@ class TableMachine(RuleBasedStateMachine):
         holding = [t for t in self.model.live if t.state in HOLDING]
         for a, b in itertools.combinations(holding, 2):
             assert not conflict(a, b), (a, b)
-        assert set(holding) == self.backend
+        assert set(holding) == set(self.backend)
 
     @invariant()
     def every_waiter_is_blocked(self) -> None:
