@@ -3,8 +3,8 @@
 Invariants (`LockTable.check` asserts them; the tests call it after every step):
 
 1. Per name, the tickets holding it (TAKING or HELD) are one exclusive ticket or only shared ones.
-2. FIFO per name, no barging: a ticket is granted only when every ticket ahead of it in each of
-   its queues, holding or waiting, is compatible with it (both shared). So a shared request
+2. FIFO per name, no barging: a ticket is granted only when every ticket that arrived before it
+   on each of its names, holding or waiting, is compatible with it (both shared). So a shared request
    waits behind a waiting exclusive one, and an exclusive one must be first in line.
 3. A multi-name ticket joins all its queues in one step and is granted on all of them in one
    step. Queue order is therefore one global arrival order, and the oldest waiting ticket is
@@ -330,7 +330,11 @@ class LockTable:
         return self._end(ticket)
 
     def lose(self, ticket: Ticket, reason: str) -> list[Effect]:
-        """End a held lease against its owner's wish (backend lost it, forced release)."""
+        """End a lease against its owner's wish (backend lost it, forced release).
+
+        Only a HELD ticket yields `Lost`: one not yet granted ends with no word to its owner,
+        so a caller ending those must answer the pending request itself.
+        """
         if ticket.state is State.ENDED:
             return []
         effects: list[Effect] = [Lost(ticket, reason)] if ticket.state is State.HELD else []
