@@ -199,6 +199,17 @@ def test_an_oversized_request_is_refused_before_sending():
     assert conn.acquire(["a"])[0].id == 1
 
 
+def test_the_request_limit_is_the_one_the_daemon_advertises():
+    conn = Connection()
+    conn.hello()
+    conn.receive_data(frames(protocol.Welcome(protocol.PROTOCOL_VERSION, "lockd", "flock", max_frame=2048)))
+    names = [f"{i:0>250}" for i in range(9)]  # about 2.3 KB: over this daemon's limit only
+    with pytest.raises(errors.LimitExceeded, match="limit of 2048 bytes"):
+        conn.acquire(names)
+    call, data = conn.acquire(names[:7])
+    assert call.id == 1 and len(data) - protocol.PREFIX_SIZE <= 2048
+
+
 def test_requests_encode_and_resolve_their_replies():
     conn = opened()
     status, data = conn.status(["a", "b"])

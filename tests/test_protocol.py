@@ -58,3 +58,31 @@ def test_an_error_reply_maps_to_the_class_that_owns_its_code() -> None:
     for code, cls in [("protocol", errors.ProtocolError), ("busy", errors.LockBusy), ("shutdown", errors.DaemonUnavailable)]:
         assert type(errors.from_reply(protocol.Error(1, code, "m"))) is cls
     assert protocol.ErrorCode is errors.ErrorCode
+
+
+def test_frames_come_out_whole_however_the_stream_is_cut() -> None:
+    stream = bytearray()
+    messages = [protocol.Status(i, ["a"] * i) for i in range(1, 6)]
+    for message in messages:
+        protocol.encode_frame(msgspec.msgpack.Encoder(), message, stream)
+    decoder = protocol.request_decoder()
+    for cut in range(1, len(stream) + 1):
+        frames = protocol.FrameBuffer(protocol.MAX_REQUEST_FRAME)
+        got = []
+        for at in range(0, len(stream), cut):
+            frames.feed(stream[at : at + cut])
+            while (body := frames.next_frame()) is not None:
+                got.append(decoder.decode(body))
+        assert got == messages and frames.pending == 0
+
+
+def test_a_body_kept_past_the_next_feed_is_refused_loudly() -> None:
+    frames = protocol.FrameBuffer(1024)
+    frames.feed(b"\0\0\0\2hi\0\0")
+    kept = frames.next_frame()
+    with pytest.raises(BufferError):
+        frames.feed(b"\0\3you")
+    assert bytes(kept) == b"hi"  # unchanged under its holder
+    del kept
+    frames.feed(b"\0\3you")
+    assert bytes(frames.next_frame()) == b"you"

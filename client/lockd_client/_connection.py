@@ -164,6 +164,8 @@ class Connection:
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = protocol.reply_decoder()
         self._buffer = protocol.FrameBuffer(protocol.MAX_REPLY_FRAME)
+        #: The largest request the daemon takes; its Welcome says, and older daemons take this.
+        self._max_frame = protocol.MAX_REQUEST_FRAME
         self.phase = Phase.NEW
         #: The daemon's Welcome, once received.
         self.server: protocol.Welcome | None = None
@@ -211,27 +213,29 @@ class Connection:
             if timeout is not None:
                 raise ValueError("wait=False fails at once; it takes no timeout")
             timeout = 0
+        self._check_open()
         mode = "shared" if shared else "exclusive"
-        return self._request(
-            lambda id: protocol.Acquire(id, list(unique), mode, timeout, label, pid)
-        )
+        return self._send_request(protocol.Acquire(self._next_id, unique, mode, timeout, label, pid))
 
     def status(self, names: Iterable[str] = ()) -> tuple[Call[list[protocol.LockInfo]], bytes]:
         """Ask who holds and awaits `names` (every lock in use when empty)."""
         checked = list(names)
         if checked:
             _checked_names(checked)
-        return self._request(lambda id: protocol.Status(id, list(checked)))
+        self._check_open()
+        return self._send_request(protocol.Status(self._next_id, checked))
 
     def release_pid(self, pid: int, names: Iterable[str]) -> tuple[Call[int], bytes]:
         """End the leases tied to process `pid` on `names`; resolves with how many ended."""
         checked = _checked_names(names)
-        return self._request(lambda id: protocol.ReleasePid(id, pid, list(checked)))
+        self._check_open()
+        return self._send_request(protocol.ReleasePid(self._next_id, pid, checked))
 
     def force_release(self, name: str) -> tuple[Call[int], bytes]:
         """Break every lease on `name`; resolves with how many were broken."""
-        (checked,) = _checked_names([name])
-        return self._request(lambda id: protocol.ForceRelease(id, checked))
+        _checked_names([name])
+        self._check_open()
+        return self._send_request(protocol.ForceRelease(self._next_id, name))
 
     def release(self, lease: LeaseRecord) -> bytes:
         """End `lease`. Returns the Release to send, or b"" when the lease has already ended
@@ -290,7 +294,7 @@ class Connection:
         fail with ProtocolError; the caller should then hang up, so the daemon ends the leases
         too. Data arriving after the connection closed is discarded.
         """
-        if self.closed:
+        if self.phase is Phase.CLOSED:
             return
         if not data:
             if self.phase is Phase.GREETING:
@@ -299,34 +303,39 @@ class Connection:
                 reason = EOF_REASON
             self._lose_all(reason, lambda: errors.DaemonUnavailable(f"{reason}; connect again"))
             return
-        self._buffer.feed(data)
+        buffer, decode = self._buffer, self._decoder.decode
+        buffer.feed(data)
         try:
-            while not self.closed and (body := self._buffer.next_frame()) is not None:
-                self._handle(self._decoder.decode(body))
+            while (body := buffer.next_frame()) is not None:
+                self._handle(decode(body))
+                if self.phase is Phase.CLOSED:
+                    break
         except (protocol.FrameTooLarge, msgspec.DecodeError, _Violation) as exc:
             reason = f"lockd broke the protocol ({exc})"
             self._lose_all(reason, lambda: errors.ProtocolError(f"{reason}; connect again"))
 
     # --- internals ----------------------------------------------------------------------------
 
-    def _encode(self, message: object) -> bytes:
-        out = bytearray()
-        protocol.encode_frame(self._encoder, message, out)
-        if len(out) - protocol.PREFIX_SIZE > protocol.MAX_REQUEST_FRAME:
+    def _encode(self, message: protocol.Request) -> bytes:
+        data = protocol.frame(self._encoder, message)
+        size = len(data) - protocol.PREFIX_SIZE
+        if size > self._max_frame:
             raise errors.LimitExceeded(
-                f"a request of {len(out)} bytes exceeds lockd's limit of "
-                f"{protocol.MAX_REQUEST_FRAME}; name fewer locks in one request"
+                f"a request of {size} bytes exceeds this lockd's limit of {self._max_frame} "
+                "bytes; name fewer locks in one request"
             )
-        return bytes(out)
+        return data
 
-    def _request(self, build: Callable[[int], protocol.Request]) -> tuple[Call, bytes]:
+    def _check_open(self) -> None:
         if self.phase is not Phase.OPEN:
             if self.closed:
                 raise errors.DaemonUnavailable(
                     f"the connection to lockd is closed ({self.close_reason}); connect again"
                 )
             raise errors.ProtocolError("no request may be sent before lockd's Welcome")
-        request = build(self._next_id)
+
+    def _send_request(self, request: protocol.Request) -> tuple[Call, bytes]:
+        """Encode `request` (numbered `_next_id` by the caller) and await its reply."""
         data = self._encode(request)
         call: Call = Call(request.id, request)
         self._calls[request.id] = call
@@ -334,54 +343,60 @@ class Connection:
         return call, data
 
     def _handle(self, message: protocol.Reply) -> None:
-        if self.phase is Phase.GREETING:
+        if self.phase is not Phase.OPEN:
             self._handle_greeting(message)
             return
-        if self.phase is Phase.NEW:
-            raise _Violation(f"{_tag(message)} before Hello")
-        if isinstance(message, protocol.Error) and message.id is None:
-            self._lose_all(message.message, lambda: errors.from_reply(message))
-            return
-        if isinstance(message, protocol.Welcome):
+        kind = type(message)
+        if kind is protocol.Welcome:
             raise _Violation("a second welcome")
-        if message.id >= self._next_id or message.id < 1:
-            raise _Violation(f"{_tag(message)} for request {message.id}, which was never sent")
-        if isinstance(message, protocol.Lost):
-            self._handle_lost(message)
+        id = message.id  # type: ignore[union-attr]
+        if id is None:  # an Error about the whole connection
+            self._lose_all(message.message, lambda: errors.from_reply(message))  # type: ignore[union-attr]
             return
-        call = self._calls.get(message.id)
+        if not 0 < id < self._next_id:
+            raise _Violation(f"{_tag(message)} for request {id}, which was never sent")
+        if kind is protocol.Lost:
+            self._handle_lost(message)  # type: ignore[arg-type]
+            return
+        call = self._calls.get(id)
         if call is None:
-            if message.id in self._leases:
-                raise _Violation(f"{_tag(message)} for request {message.id}, already granted")
+            if id in self._leases:
+                raise _Violation(f"{_tag(message)} for request {id}, already granted")
             return  # in flight when the client withdrew or released it: stale, not wrong
-        if isinstance(message, protocol.Queued):
-            if not isinstance(call.request, protocol.Acquire):
-                raise _Violation(f"queued for {_tag(call.request)} request {message.id}")
-            call.queued.append(message.holders)
+        request = call.request
+        if kind is protocol.Queued:
+            if type(request) is not protocol.Acquire:
+                raise _Violation(f"queued for {_tag(request)} request {id}")
+            call.queued.append(message.holders)  # type: ignore[union-attr]
             return
-        if isinstance(message, protocol.Error):
-            del self._calls[message.id]
-            call._fail(errors.from_reply(message))
+        if kind is protocol.Error:
+            del self._calls[id]
+            call._fail(errors.from_reply(message))  # type: ignore[arg-type]
             return
-        if not isinstance(message, _REPLY_TYPE[type(call.request)]):
-            raise _Violation(f"{_tag(message)} in reply to {_tag(call.request)} request {message.id}")
-        if isinstance(message, protocol.Granted) and len(message.tokens) != len(call.request.names):
-            raise _Violation(f"{len(message.tokens)} tokens for {len(call.request.names)} names")
-        del self._calls[message.id]
-        if isinstance(message, protocol.Granted):
-            lease = LeaseRecord(message.id, tuple(call.request.names), message.tokens)
-            self._leases[lease.id] = lease
+        if kind is not _REPLY_TYPE[type(request)]:
+            raise _Violation(f"{_tag(message)} in reply to {_tag(request)} request {id}")
+        if kind is protocol.Granted:
+            names = request.names
+            if len(message.tokens) != len(names):  # type: ignore[union-attr]
+                raise _Violation(f"{len(message.tokens)} tokens for {len(names)} names")  # type: ignore[union-attr]
+            del self._calls[id]
+            lease = LeaseRecord(id, tuple(names), message.tokens)  # type: ignore[union-attr]
+            self._leases[id] = lease
             call._resolve(lease)
-        elif isinstance(message, protocol.StatusReply):
-            call._resolve(message.locks)
+            return
+        del self._calls[id]
+        if kind is protocol.StatusReply:
+            call._resolve(message.locks)  # type: ignore[union-attr]
         else:
-            call._resolve(message.released)
+            call._resolve(message.released)  # type: ignore[union-attr]
 
     def _handle_greeting(self, message: protocol.Reply) -> None:
-        assert self._greeting is not None
+        if self._greeting is None:
+            raise _Violation(f"{_tag(message)} before Hello")
         if isinstance(message, protocol.Welcome):
             self.phase = Phase.OPEN
             self.server = message
+            self._max_frame = message.max_frame
             self._greeting._resolve(message)
         elif isinstance(message, protocol.Error) and message.id is None:
             self._lose_all(message.message, lambda: errors.from_reply(message))

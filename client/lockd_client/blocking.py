@@ -68,6 +68,9 @@ class Client:
         self._sock = sock
         self._conn = Connection()
         self.socket_path = socket_path
+        # Reads land in one buffer for the connection's lifetime: no allocation per read.
+        self._inbox = bytearray(READ_SIZE)
+        self._inbox_view = memoryview(self._inbox)
 
     def acquire(
         self,
@@ -152,9 +155,10 @@ class Client:
             self._send(data)
             while not call.done:
                 self._read()
-                for holders in call.take_queued():
-                    if on_queued is not None:
-                        on_queued(holders)
+                if call.queued:
+                    for holders in call.take_queued():
+                        if on_queued is not None:
+                            on_queued(holders)
             return call.result()
         except BaseException:
             self._send_quietly(self._conn.withdraw(call))
@@ -163,13 +167,13 @@ class Client:
     def _read(self, flags: int = 0) -> bool:
         """Read once and apply it. False when MSG_DONTWAIT found nothing to read."""
         try:
-            data = self._sock.recv(READ_SIZE, flags)
+            size = self._sock.recv_into(self._inbox, READ_SIZE, flags)
         except BlockingIOError:
             return False
         except OSError as exc:
             self._conn.abort(f"reading from lockd at {self.socket_path} failed: {exc}")
         else:
-            self._conn.receive_data(data)
+            self._conn.receive_data(self._inbox_view[:size])
         if self._conn.closed:
             self._hang_up()
         return True

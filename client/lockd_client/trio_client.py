@@ -62,6 +62,9 @@ class Client:
         self._conn = Connection()
         self.socket_path = socket_path
         self._send_lock = trio.Lock()
+        # Reads land in one buffer for the connection's lifetime: no allocation per read.
+        self._inbox = bytearray(READ_SIZE)
+        self._inbox_view = memoryview(self._inbox)
         self._reading = False
         # Set (then replaced) each time the reading task has applied what it read.
         self._progress = trio.Event()
@@ -160,11 +163,11 @@ class Client:
             self._reading = True
             try:
                 try:
-                    data = await self._stream.receive_some(READ_SIZE)
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    size = await self._stream.socket.recv_into(self._inbox)
+                except (trio.ClosedResourceError, OSError) as exc:
                     self._conn.abort(f"reading from lockd at {self.socket_path} failed: {exc}")
                 else:
-                    self._conn.receive_data(data)
+                    self._conn.receive_data(self._inbox_view[:size])
                 if self._conn.closed:
                     self._stream.socket.close()
             finally:
