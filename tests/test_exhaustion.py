@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -371,3 +372,64 @@ async def test_short_handshake_timeout(short_tmp: Path, stopper) -> None:
             for mode in ["silent", "prefix", "trickle"]:
                 nursery.start_soon(slowloris, d.socket, mode, cut_off)
     assert len(cut_off) == 3 and max(cut_off) < 0.5 + 3.0
+
+
+def test_process_tied_leases_count_against_the_connection_limit(short_tmp: Path, stopper) -> None:
+    d = configured(short_tmp, "[limits]\nmax_leases_per_connection = 3\n")
+    stopper.append(d)
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        with RawClient(d.socket) as c:
+            replies = [c.request(Acquire(i, [f"tied{i}"], pid=sleeper.pid)) for i in range(1, 6)]
+        assert [type(r).__name__ for r in replies] == ["Granted"] * 3 + ["Error"] * 2, replies
+        assert all(r.code == "limit" for r in replies[3:])
+    finally:
+        sleeper.kill()
+        sleeper.wait(TIMEOUT)
+
+
+PER_UID_UNBUILT = "limits.max_leases_per_uid and limits.max_pending_per_uid are not built yet"
+
+
+def shared_configured(root: Path, toml: str) -> Daemon:
+    root.chmod(0o711)
+    d = configured(root, toml)
+    os.chmod(d.socket, 0o666)
+    return d
+
+
+def served_as_nobody(d: Daemon) -> None:
+    nobody = Actor(NOBODY, NOBODY)
+    try:
+        nobody.connect("c", d.socket)
+        assert isinstance(nobody.do("c", "request", Acquire(1, ["theirs"])), Granted)
+    finally:
+        nobody.close()
+
+
+@pytest.mark.xfail(strict=True, reason=PER_UID_UNBUILT)
+def test_per_uid_lease_limit_leaves_other_users_served(short_tmp: Path, stopper) -> None:
+    d = shared_configured(short_tmp, "[limits]\nmax_leases_per_uid = 4\n")
+    stopper.append(d)
+    with RawClient(d.socket) as a, RawClient(d.socket) as b, RawClient(d.socket) as c:
+        assert isinstance(a.acquire("a1", "a2"), Granted)
+        assert isinstance(b.acquire("b1", "b2"), Granted)
+        over = c.request(Acquire(1, ["c1"]))
+        assert isinstance(over, Error) and over.code == "limit", over
+        assert "limits.max_leases_per_uid" in over.message
+        served_as_nobody(d)
+
+
+@pytest.mark.xfail(strict=True, reason=PER_UID_UNBUILT)
+def test_per_uid_pending_limit_leaves_other_users_served(short_tmp: Path, stopper) -> None:
+    d = shared_configured(short_tmp, "[limits]\nmax_pending_per_uid = 2\n")
+    stopper.append(d)
+    with RawClient(d.socket) as holder, RawClient(d.socket) as a, RawClient(d.socket) as b, RawClient(d.socket) as c:
+        assert isinstance(holder.acquire("held"), Granted)
+        a.send(Acquire(1, ["held"]))
+        b.send(Acquire(1, ["held"]))
+        assert isinstance(a.recv(), protocol.Queued) and isinstance(b.recv(), protocol.Queued)
+        over = c.request(Acquire(1, ["held"]))
+        assert isinstance(over, Error) and over.code == "limit", over
+        assert "limits.max_pending_per_uid" in over.message
+        served_as_nobody(d)

@@ -223,25 +223,33 @@ def daemon_fds(daemon: Daemon) -> int:
     return len(os.listdir(f"/proc/{daemon.proc.pid}/fd"))
 
 
-async def wait_for(predicate, what: str, timeout: float = 10.0) -> None:
+async def wait_for(predicate, what: str, state, timeout: float = 10.0) -> None:
+    """Wait until `predicate()` holds; else fail showing `state()`."""
     with trio.move_on_after(timeout):
         while not predicate():
             await trio.sleep(0.02)
         return
-    raise AssertionError(f"{what}: not reached in {timeout} s")
+    raise AssertionError(f"{what}: not reached in {timeout} s; now {state()}")
 
 
-def no_leases(daemon: Daemon) -> bool:
+def fd_targets(daemon: Daemon) -> list[str]:
+    assert daemon.proc is not None
+    where = f"/proc/{daemon.proc.pid}/fd"
+    return sorted(os.readlink(f"{where}/{fd}") for fd in os.listdir(where))
+
+
+def leases(daemon: Daemon) -> list[protocol.LockInfo]:
     with RawClient(daemon.socket) as c:
         reply = c.request(Status(1))
     assert isinstance(reply, protocol.StatusReply), reply
-    return reply.locks == []
+    return reply.locks
 
 
 async def test_live_daemon_survives_fuzzing_from_many_connections(daemon: Daemon) -> None:
     assert daemon.proc is not None
     pid = daemon.proc.pid
     baseline = daemon_fds(daemon)
+    baseline_targets = fd_targets(daemon)
     counts = dict.fromkeys(["frames", "replies_read", "cut_off", "refused"], 0)
     sleeper = subprocess.Popen(["sleep", "2"])
     with trio.fail_after(60):
@@ -254,8 +262,9 @@ async def test_live_daemon_survives_fuzzing_from_many_connections(daemon: Daemon
         sleeper.wait(10)
 
         assert daemon.proc.poll() is None and daemon.proc.pid == pid
-        await wait_for(lambda: no_leases(daemon), "every fuzzing connection's leases ended")
-        await wait_for(lambda: daemon_fds(daemon) <= baseline, "descriptors back to the baseline")
+        await wait_for(lambda: not leases(daemon), "every fuzzing connection's leases ended", lambda: leases(daemon))
+        await wait_for(lambda: daemon_fds(daemon) <= baseline, f"descriptors back to {baseline_targets}",
+                       lambda: fd_targets(daemon))
     with trio.fail_after(5):
         with RawClient(daemon.socket) as c:
             granted = c.acquire("f1")
