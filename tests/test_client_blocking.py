@@ -129,6 +129,14 @@ def test_busy_says_who_holds_the_lock(daemon, client):
     assert (holder.pid, holder.token, holder.label) == (os.getpid(), lease.token, "nightly backup")
 
 
+def test_no_wait_wins_over_a_timeout_as_in_flock(daemon, client):
+    client.acquire("job")
+    with lockd_client.connect(daemon.socket) as other:
+        with pytest.raises(lockd_client.LockBusy) as busy:
+            other.acquire("job", wait=False, timeout=WAIT)
+    assert type(busy.value) is lockd_client.LockBusy  # refused at once, not timed out
+
+
 def test_a_timeout_gives_up_after_it_passes(daemon, client):
     client.acquire("job")
     with lockd_client.connect(daemon.socket) as other:
@@ -252,7 +260,7 @@ def test_a_killed_daemon_loses_every_lease(daemon, client):
             daemon.kill()
             eventually(lambda: a.lost)
             assert b.lost
-    with pytest.raises(lockd_client.DaemonUnavailable, match="connect again"):
+    with pytest.raises(lockd_client.DaemonUnavailable, match="closed the connection.*make a new one"):
         client.acquire("c")
     b.release()
     assert select.select([client], [], [], 0)[0] == [client]

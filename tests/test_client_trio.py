@@ -186,7 +186,7 @@ async def test_a_killed_daemon_loses_leases_and_fails_waiting_requests(daemon):
             await holder.acquire("x")
             lease = await c.acquire("y")
             async with trio.open_nursery() as nursery:
-                await start_doomed_acquire(nursery, c, "x", match="connect again")
+                await start_doomed_acquire(nursery, c, "x", match="is lockd still running")
                 daemon.kill()
                 assert await lease.wait_lost()
             with pytest.raises(lockd_client.LeaseLost):

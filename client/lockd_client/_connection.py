@@ -149,6 +149,14 @@ _REPLY_TYPE: dict[type, type] = {
 EOF_REASON = "the daemon closed the connection"
 
 
+def went_away(reason: str) -> errors.DaemonUnavailable:
+    """The error for a connection that lockd ended, or that broke under it, for `reason`.
+
+    Its advice reads right both to a program using this library and to a lockctl user.
+    """
+    return errors.DaemonUnavailable(f"{reason}; is lockd still running? If it is, its log says why")
+
+
 def unavailable(socket_path: str, exc: OSError) -> errors.DaemonUnavailable:
     """The error for a socket that cannot be connected to."""
     return errors.DaemonUnavailable(
@@ -204,15 +212,14 @@ class Connection:
     ) -> tuple[Call[LeaseRecord], bytes]:
         """Ask for every name together; the Call resolves with the lease, or fails.
 
-        `wait=False` fails with LockBusy at once if any name is held; `timeout` (seconds)
-        bounds the wait and then fails with LockTimeout. Duplicate names count once.
+        `wait=False` fails with LockBusy at once if any name is held, whatever `timeout`
+        says; otherwise `timeout` (seconds) bounds the wait and then fails with LockTimeout.
+        Duplicate names count once.
         """
         unique = _checked_names(dict.fromkeys(names))
         _check_label(label)
         if not wait:
-            if timeout is not None:
-                raise ValueError("wait=False fails at once; it takes no timeout")
-            timeout = 0
+            timeout = 0  # not waiting wins over any timeout, as -n over -w in flock(1)
         self._check_open()
         mode = "shared" if shared else "exclusive"
         return self._send_request(protocol.Acquire(self._next_id, unique, mode, timeout, label, pid))
@@ -282,7 +289,7 @@ class Connection:
     def abort(self, reason: str) -> None:
         """The transport failed (`reason` says how): leases are lost, requests fail."""
         if not self.closed:
-            self._lose_all(reason, lambda: errors.DaemonUnavailable(f"{reason}; connect again"))
+            self._lose_all(reason, lambda: went_away(reason))
 
     # --- daemon moves -------------------------------------------------------------------------
 
@@ -298,10 +305,10 @@ class Connection:
             return
         if not data:
             if self.phase is Phase.GREETING:
-                reason = "lockd closed the connection during the handshake; see its log"
+                reason = "lockd closed the connection during the handshake"
             else:
                 reason = EOF_REASON
-            self._lose_all(reason, lambda: errors.DaemonUnavailable(f"{reason}; connect again"))
+            self._lose_all(reason, lambda: went_away(reason))
             return
         buffer, decode = self._buffer, self._decoder.decode
         buffer.feed(data)
@@ -312,7 +319,13 @@ class Connection:
                     break
         except (protocol.FrameTooLarge, msgspec.DecodeError, _Violation) as exc:
             reason = f"lockd broke the protocol ({exc})"
-            self._lose_all(reason, lambda: errors.ProtocolError(f"{reason}; connect again"))
+            self._lose_all(
+                reason,
+                lambda: errors.ProtocolError(
+                    f"{reason}; the connection is closed: check that lockd and this client are "
+                    "the same version (lockd's log may say more)"
+                ),
+            )
 
     # --- internals ----------------------------------------------------------------------------
 
@@ -330,7 +343,8 @@ class Connection:
         if self.phase is not Phase.OPEN:
             if self.closed:
                 raise errors.DaemonUnavailable(
-                    f"the connection to lockd is closed ({self.close_reason}); connect again"
+                    f"this connection to lockd is closed ({self.close_reason}); "
+                    "make a new one to send more requests"
                 )
             raise errors.ProtocolError("no request may be sent before lockd's Welcome")
 

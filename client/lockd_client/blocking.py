@@ -16,7 +16,7 @@ from types import TracebackType
 from typing import TypeVar
 
 from . import errors, paths, protocol
-from ._connection import READ_SIZE, Call, Connection, LeaseState, LeaseView, unavailable
+from ._connection import READ_SIZE, Call, Connection, LeaseState, LeaseView, unavailable, went_away
 
 T = TypeVar("T")
 
@@ -186,7 +186,7 @@ class Client:
         except OSError as exc:
             self._conn.abort(f"writing to lockd at {self.socket_path} failed: {exc}")
             self._hang_up()
-            raise errors.DaemonUnavailable(f"{self._conn.close_reason}; connect again") from exc
+            raise went_away(self._conn.close_reason) from exc
         except BaseException:
             # Interrupted mid-frame: the daemon might read garbage after it, so end it all.
             self._conn.abort("the connection was closed after an interrupted write")

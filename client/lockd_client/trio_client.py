@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import trio
 
 from . import errors, paths, protocol
-from ._connection import READ_SIZE, Call, Connection, LeaseState, LeaseView, unavailable
+from ._connection import READ_SIZE, Call, Connection, LeaseState, LeaseView, unavailable, went_away
 
 T = TypeVar("T")
 
@@ -184,7 +184,7 @@ class Client:
                 await self._stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 self._abort(f"writing to lockd at {self.socket_path} failed: {exc}")
-                raise errors.DaemonUnavailable(f"{self._conn.close_reason}; connect again") from exc
+                raise went_away(self._conn.close_reason) from exc
             except BaseException:
                 self._abort("the connection was closed after an interrupted write")
                 raise
