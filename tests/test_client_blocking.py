@@ -347,6 +347,14 @@ def test_a_lease_tied_to_a_process_outlives_the_connection_until_released(daemon
         client.release_pid(sleeper.pid, "job")
 
 
+def test_a_lease_tied_to_a_process_ends_on_release_while_its_connection_lasts(daemon, client, sleeper):
+    lease = client.acquire("job", pid=sleeper.pid)
+    assert not is_free(daemon, "job")
+    lease.release()
+    client.status()
+    assert is_free(daemon, "job")
+
+
 def test_a_lease_tied_to_a_process_ends_when_it_exits(daemon, client, sleeper):
     client.acquire("job", pid=sleeper.pid)
     assert not is_free(daemon, "job")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import pytest
@@ -208,3 +209,39 @@ async def test_closing_the_connection_fails_the_requests_waiting_on_it(daemon):
                 assert not lease.lost
             while not await is_free(daemon, "y"):  # once the daemon has seen the close
                 await trio.sleep(0.01)
+
+
+async def test_connect_can_be_awaited_like_the_blocking_connect_is_called(daemon):
+    with trio.fail_after(WAIT):
+        c = await trio_client.connect(daemon.socket, label="awaited")
+        async with c:
+            lease = await c.acquire("x")
+            assert not await is_free(daemon, "x")
+        with pytest.raises(lockd_client.DaemonUnavailable, match="closed by this client"):
+            await c.status()
+        assert not lease.lost
+        while not await is_free(daemon, "x"):  # once the daemon has seen the close
+            await trio.sleep(0.01)
+
+
+async def test_a_cancelled_handshake_closes_the_socket(short_tmp):
+    path = str(short_tmp / "mute.sock")
+    listener = trio.socket.socket(trio.socket.AF_UNIX)
+    await listener.bind(path)
+    listener.listen()
+    with trio.fail_after(WAIT):
+        with trio.move_on_after(0.3) as scope:
+            await trio_client.connect(path)
+        assert scope.cancelled_caught
+        server_side, _ = await listener.accept()
+        with server_side, listener:
+            received = b""
+            while chunk := await server_side.recv(4096):  # Hello, then EOF: the client hung up
+                received += chunk
+            assert received
+
+
+def test_lock_takes_what_acquire_takes_in_both_clients():
+    for client in (lockd_client.Client, trio_client.Client):
+        lock, acquire = inspect.signature(client.lock), inspect.signature(client.acquire)
+        assert lock.parameters == acquire.parameters

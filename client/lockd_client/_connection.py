@@ -26,6 +26,9 @@ from . import errors, paths, protocol
 
 T = TypeVar("T")
 
+#: Called with the holders each time the daemon says an acquire waits for them.
+QueuedCallback = Callable[[list[protocol.Holder]], object]
+
 #: How much a client asks the socket for at once.
 READ_SIZE = 64 * 1024
 
@@ -93,6 +96,12 @@ class LeaseView:
         """Why the lease was lost; None while it is not."""
         return self._record.lost_reason
 
+    def _raise_if_lost(self, exc_type: type[BaseException] | None) -> None:
+        """At the end of the lease's block: raise LeaseLost if it was lost, unless another
+        exception is already leaving the block (that one says more)."""
+        if exc_type is None and self._record.state is LeaseState.LOST:
+            raise self._record.lost_error()
+
     def __repr__(self) -> str:
         return f"<lockd {type(self).__name__} {'+'.join(self.names)} {self._record.state.value}>"
 
@@ -135,7 +144,8 @@ class Call(Generic[T]):
         self.done = True
 
     def __repr__(self) -> str:
-        return f"<Call {self.id} {type(self.request).__name__} {'done' if self.done else 'pending'}>"
+        state = "done" if self.done else "pending"
+        return f"<Call {self.id} {type(self.request).__name__} {state}>"
 
 
 # What each request expects as its reply, when it is not an Error.
@@ -222,7 +232,8 @@ class Connection:
             timeout = 0  # not waiting wins over any timeout, as -n over -w in flock(1)
         self._check_open()
         mode = "shared" if shared else "exclusive"
-        return self._send_request(protocol.Acquire(self._next_id, unique, mode, timeout, label, pid))
+        request = protocol.Acquire(self._next_id, unique, mode, timeout, label, pid)
+        return self._send_request(request)
 
     def status(self, names: Iterable[str] = ()) -> tuple[Call[list[protocol.LockInfo]], bytes]:
         """Ask who holds and awaits `names` (every lock in use when empty)."""
@@ -271,7 +282,10 @@ class Connection:
             return b""
         if self._calls.get(call.id) is not call:  # type: ignore[arg-type]
             raise errors.ProtocolError(f"{call!r} belongs to another connection")
-        data = self._encode(protocol.Release(call.id)) if isinstance(call.request, protocol.Acquire) else b""
+        if isinstance(call.request, protocol.Acquire):
+            data = self._encode(protocol.Release(call.id))
+        else:
+            data = b""
         del self._calls[call.id]  # type: ignore[arg-type]
         call._fail(errors.LockdError(f"request {call.id} was withdrawn"))
         return data
@@ -357,20 +371,21 @@ class Connection:
         return call, data
 
     def _handle(self, message: protocol.Reply) -> None:
+        # This runs for every reply: the common cases are tested first, and by exact type,
+        # because isinstance on msgspec Structs costs several times as much.
         if self.phase is not Phase.OPEN:
             self._handle_greeting(message)
             return
-        kind = type(message)
-        if kind is protocol.Welcome:
+        if type(message) is protocol.Welcome:
             raise _Violation("a second welcome")
-        id = message.id  # type: ignore[union-attr]
-        if id is None:  # an Error about the whole connection
-            self._lose_all(message.message, lambda: errors.from_reply(message))  # type: ignore[union-attr]
+        if type(message) is protocol.Error and message.id is None:
+            self._lose_all(message.message, lambda: errors.from_reply(message))
             return
+        id = message.id
         if not 0 < id < self._next_id:
             raise _Violation(f"{_tag(message)} for request {id}, which was never sent")
-        if kind is protocol.Lost:
-            self._handle_lost(message)  # type: ignore[arg-type]
+        if type(message) is protocol.Lost:
+            self._handle_lost(message)
             return
         call = self._calls.get(id)
         if call is None:
@@ -378,31 +393,28 @@ class Connection:
                 raise _Violation(f"{_tag(message)} for request {id}, already granted")
             return  # in flight when the client withdrew or released it: stale, not wrong
         request = call.request
-        if kind is protocol.Queued:
+        if type(message) is protocol.Queued:
             if type(request) is not protocol.Acquire:
                 raise _Violation(f"queued for {_tag(request)} request {id}")
-            call.queued.append(message.holders)  # type: ignore[union-attr]
+            call.queued.append(message.holders)
             return
-        if kind is protocol.Error:
+        if type(message) is protocol.Error:
             del self._calls[id]
-            call._fail(errors.from_reply(message))  # type: ignore[arg-type]
+            call._fail(errors.from_reply(message))
             return
-        if kind is not _REPLY_TYPE[type(request)]:
+        if type(message) is not _REPLY_TYPE[type(request)]:
             raise _Violation(f"{_tag(message)} in reply to {_tag(request)} request {id}")
-        if kind is protocol.Granted:
+        if type(message) is protocol.Granted:
             names = request.names
-            if len(message.tokens) != len(names):  # type: ignore[union-attr]
-                raise _Violation(f"{len(message.tokens)} tokens for {len(names)} names")  # type: ignore[union-attr]
+            if len(message.tokens) != len(names):
+                raise _Violation(f"{len(message.tokens)} tokens for {len(names)} names")
             del self._calls[id]
-            lease = LeaseRecord(id, tuple(names), message.tokens)  # type: ignore[union-attr]
+            lease = LeaseRecord(id, tuple(names), message.tokens)
             self._leases[id] = lease
             call._resolve(lease)
             return
         del self._calls[id]
-        if kind is protocol.StatusReply:
-            call._resolve(message.locks)  # type: ignore[union-attr]
-        else:
-            call._resolve(message.released)  # type: ignore[union-attr]
+        call._resolve(message.locks if type(message) is protocol.StatusReply else message.released)
 
     def _handle_greeting(self, message: protocol.Reply) -> None:
         if self._greeting is None:

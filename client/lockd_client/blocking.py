@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable
 from types import TracebackType
 from typing import TypeVar
 
 from . import errors, paths, protocol
-from ._connection import READ_SIZE, Call, Connection, LeaseState, LeaseView, unavailable, went_away
+from ._connection import READ_SIZE, Call, Connection, LeaseState, LeaseView, QueuedCallback
+from ._connection import unavailable, went_away
 
 T = TypeVar("T")
-
-QueuedCallback = Callable[[list[protocol.Holder]], object]
 
 
 def connect(
@@ -85,21 +83,26 @@ class Client:
         """Take every lock in `names` together, waiting until all are free.
 
         `shared` asks for a shared lease. `wait=False` raises LockBusy at once if any name is
-        held; `timeout` (seconds) raises LockTimeout once it passes. Both carry the holders.
-        `label` is shown in `status`. `pid` ties the lease to that process instead of this
-        connection: it then ends only when that process exits or on `release_pid`, not on
-        `Lease.release` or when this connection closes. `on_queued(holders)` is called each time the daemon says the request waits.
-        Invalid names raise InvalidName before anything is sent.
-        If waiting is interrupted by any exception, the request is withdrawn first.
+        held, whatever `timeout` says (as flock(1) -n does with -w); otherwise `timeout`
+        (seconds) raises LockTimeout once it passes. Both errors carry the holders. `label`
+        (at most 256 characters) is shown in `status`.
+
+        `pid` ties the lease to that process instead of this connection: it outlives this
+        connection, and ends when that process exits or on `release_pid`; while this
+        connection lasts, `Lease.release` ends it too.
+
+        `on_queued(holders)` is called each time the daemon says the request waits. Invalid
+        names raise InvalidName, and a label too long InvalidArgument, before anything is
+        sent. If waiting is interrupted by any exception, the request is withdrawn first.
         """
         call, data = self._conn.acquire(
             names, shared=shared, wait=wait, timeout=timeout, label=label, pid=pid
         )
         return Lease(self, self._run(call, data, on_queued))
 
-    def lock(self, *names: str, **kwargs) -> Lease:
-        """`acquire` for a `with` block: `with client.lock("x") as lease: ...`."""
-        return self.acquire(*names, **kwargs)
+    #: `acquire` under the name that reads right in a `with` statement, which releases the
+    #: lease on leaving the block: `with client.lock("site.com") as lease: ...`.
+    lock = acquire
 
     def status(self, *names: str) -> list[protocol.LockInfo]:
         """Holders and waiters of `names`, or of every lock in use if none are given."""
@@ -242,7 +245,6 @@ class Lease(LeaseView):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        lost = self.lost
+        self._client.process_events()  # a loss the daemon has already reported counts
         self.release()
-        if lost and exc_type is None:
-            raise self._record.lost_error()
+        self._raise_if_lost(exc_type)

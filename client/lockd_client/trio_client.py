@@ -13,7 +13,7 @@ Invariants:
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Generator
 from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Any, TypeVar
@@ -21,35 +21,68 @@ from typing import Any, TypeVar
 import trio
 
 from . import errors, paths, protocol
-from ._connection import READ_SIZE, Call, Connection, LeaseState, LeaseView, unavailable, went_away
+from ._connection import READ_SIZE, Call, Connection, LeaseState, LeaseView, QueuedCallback
+from ._connection import unavailable, went_away
 
 T = TypeVar("T")
 
-QueuedCallback = Callable[[list[protocol.Holder]], object]
 
-
-@asynccontextmanager
-async def connect(
+def connect(
     socket_path: str | os.PathLike[str] | None = None, *, label: str | None = None
-) -> AsyncIterator[Client]:
-    """Connect to lockd, complete the handshake, and close the connection on exit.
+) -> Connecting:
+    """Connect to lockd and complete the handshake, as `lockd_client.connect` does.
+
+    Use it as the blocking client's is used: `async with connect() as client:` closes the
+    connection on leaving the block; `client = await connect()` leaves closing to
+    `await client.aclose()` (or `async with client:`). Closing ends every lease on it.
 
     `socket_path` defaults to `paths.default_socket()` (which honours LOCKD_SOCKET). `label`
-    is shown in `status` next to this connection's leases. Raises DaemonUnavailable if
-    nothing answers at the socket. To bound the handshake, use a trio timeout around it.
-    Closing the connection ends every lease on it.
+    (at most 256 characters) is shown in `status` next to this connection's leases. Raises
+    DaemonUnavailable if nothing answers at the socket.
+
+    Unlike the blocking `connect`, this takes no `timeout`: bound connecting and the handshake
+    with a trio timeout around it (`with trio.fail_after(5): ...`). Cancelled there, it closes
+    the socket before the cancellation propagates, leaving nothing behind.
     """
-    path = os.fspath(socket_path if socket_path is not None else paths.default_socket())
-    try:
-        stream = await trio.open_unix_socket(path)
-    except OSError as exc:
-        raise unavailable(path, exc) from exc
-    client = Client(stream, path)
-    try:
-        client.server = await client._run(*client._conn.hello(label))
-        yield client
-    finally:
-        await client.aclose()
+    path = socket_path if socket_path is not None else paths.default_socket()
+    return Connecting(os.fspath(path), label)
+
+
+class Connecting:
+    """What `connect` returns: await it for a Client, or enter it to have the Client closed on
+    leaving the block."""
+
+    __slots__ = ("_path", "_label", "_client")
+
+    def __init__(self, path: str, label: str | None) -> None:
+        self._path = path
+        self._label = label
+        self._client: Client | None = None
+
+    def __await__(self) -> Generator[Any, None, Client]:
+        return self._open().__await__()
+
+    async def __aenter__(self) -> Client:
+        self._client = await self._open()
+        return self._client
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._client is not None
+        await self._client.aclose()
+
+    async def _open(self) -> Client:
+        try:
+            stream = await trio.open_unix_socket(self._path)
+        except OSError as exc:
+            raise unavailable(self._path, exc) from exc
+        client = Client(stream, self._path)
+        try:
+            client.server = await client._run(*client._conn.hello(self._label))
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await client.aclose()
+            raise
+        return client
 
 
 class Client:
@@ -81,12 +114,13 @@ class Client:
     ) -> Lease:
         """Take every lock in `names` together, waiting until all are free.
 
-        `shared` asks for a shared lease. `wait=False` raises LockBusy at once if any name is
-        held; `timeout` (seconds, counted by the daemon) raises LockTimeout once it passes.
-        `label` is shown in `status`. `pid` ties the lease to that process instead of this
-        connection: it then ends only when that process exits or on `release_pid`, not on
-        `Lease.release` or when this connection closes. `on_queued(holders)` is called, in this task, each time the daemon says
-        the request waits. Invalid names raise InvalidName before anything is sent.
+        The arguments mean what they mean to the blocking `Client.acquire`: `shared`; `wait`
+        (False raises LockBusy at once, whatever `timeout` says); `timeout` (seconds, counted
+        by the daemon, then LockTimeout); `label`; `pid`, which ties the lease to that process
+        so that it outlives this connection, while `Lease.release` still ends it as long as
+        this connection lasts. `on_queued(holders)` is called, in this task, each time the
+        daemon says the request waits. Invalid names raise InvalidName, and a label too long
+        InvalidArgument, before anything is sent.
 
         Cancellation: if cancelled while waiting (or interrupted by any other exception), the
         request is withdrawn — a Release is written, shielded from the cancellation — before
@@ -98,9 +132,29 @@ class Client:
         return Lease(self, await self._run(call, data, on_queued))
 
     @asynccontextmanager
-    async def lock(self, *names: str, **kwargs: Any) -> AsyncIterator[Lease]:
-        """`acquire` for an `async with` block, which releases the lease on exit."""
-        async with await self.acquire(*names, **kwargs) as lease:
+    async def lock(
+        self,
+        *names: str,
+        shared: bool = False,
+        wait: bool = True,
+        timeout: float | None = None,
+        label: str | None = None,
+        pid: int | None = None,
+        on_queued: QueuedCallback | None = None,
+    ) -> AsyncIterator[Lease]:
+        """`acquire` for an `async with` block, which releases the lease on leaving it:
+        `async with client.lock("site.com") as lease: ...`. Cancellation: as `acquire`, and
+        the release on leaving is shielded, so a cancelled block still releases the lease."""
+        lease = await self.acquire(
+            *names,
+            shared=shared,
+            wait=wait,
+            timeout=timeout,
+            label=label,
+            pid=pid,
+            on_queued=on_queued,
+        )
+        async with lease:
             yield lease
 
     async def status(self, *names: str) -> list[protocol.LockInfo]:
@@ -130,6 +184,12 @@ class Client:
         self._conn.close()
         self._wake()
         await self._stream.aclose()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
 
     def __repr__(self) -> str:
         return f"<lockd trio Client {self.socket_path} {self._conn.phase.value}>"
@@ -252,7 +312,5 @@ class Lease(LeaseView):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        lost = self.lost
         await self.release()
-        if lost and exc_type is None:
-            raise self._record.lost_error()
+        self._raise_if_lost(exc_type)
