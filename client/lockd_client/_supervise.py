@@ -288,7 +288,9 @@ def _note(signum: int, frame: object) -> None:
     """Signal handler: the wakeup pipe already carries the signal number; nothing else to do."""
 
 
-def _exec_child(argv: Sequence[str], env: Mapping[str, str], gate_r: int, err_w: int, reset: list[int]) -> NoReturn:
+def _exec_child(
+    argv: Sequence[str], env: Mapping[str, str], gate_r: int, err_w: int, reset: list[int]
+) -> NoReturn:
     """In the forked child: join a new process group, wait for the gate, exec CMD."""
     try:
         signal.set_wakeup_fd(-1)

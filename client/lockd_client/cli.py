@@ -124,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Take lockd locks from the shell, run commands under them, and inspect them.",
         epilog="Run `lockctl COMMAND --help` for examples.",
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
 
     def command(name: str, epilog: str, **kwargs: str) -> argparse.ArgumentParser:
         # No abbreviated long options: a script's meaning must not change when one is added.
@@ -148,12 +150,25 @@ def build_parser() -> argparse.ArgumentParser:
     # Every spelling flock(1) accepts, so that a flock line converts by changing the word;
     # as in flock(1), the last of -s/-x wins.
     acquire.set_defaults(shared=False)
-    acquire.add_argument("-s", "--shared", dest="shared", action="store_const", const=True, help="a shared lease")
     acquire.add_argument(
-        "-x", "-e", "--exclusive", dest="shared", action="store_const", const=False, help="an exclusive lease (the default)"
+        "-s", "--shared", dest="shared", action="store_const", const=True, help="a shared lease"
     )
     acquire.add_argument(
-        "-n", "--no-wait", "--nonblock", "--nb", action="store_true", help="fail at once if any NAME is held"
+        "-x",
+        "-e",
+        "--exclusive",
+        dest="shared",
+        action="store_const",
+        const=False,
+        help="an exclusive lease (the default)",
+    )
+    acquire.add_argument(
+        "-n",
+        "--no-wait",
+        "--nonblock",
+        "--nb",
+        action="store_true",
+        help="fail at once if any NAME is held",
     )
     acquire.add_argument(
         "-w",
@@ -171,9 +186,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help=f"exit status when busy or timed out (default {EXIT_BUSY})",
     )
-    acquire.add_argument("--label", metavar="TEXT", help="shown next to the lease in `lockctl status`")
     acquire.add_argument(
-        "-c", "--command", dest="shell_command", metavar="'shell command'", help="run the command with sh -c"
+        "--label",
+        metavar="TEXT",
+        help="shown next to the lease in `lockctl status` (at most 256 characters)",
+    )
+    acquire.add_argument(
+        "-c",
+        "--command",
+        dest="shell_command",
+        metavar="'shell command'",
+        help="run the command with sh -c",
     )
     acquire.add_argument(
         "--kill-after",
@@ -183,11 +206,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="if the lease is lost, SIGKILL CMD this long after SIGTERM (default %(default)g)",
     )
     acquire.add_argument(
-        "--pid", type=_pid, help="without CMD: tie the lease to this process (default: lockctl's parent)"
+        "--pid",
+        type=_pid,
+        help="without CMD: tie the lease to this process (default: lockctl's parent)",
     )
-    acquire.add_argument("-v", "--verbose", action="store_true", help="say what is waited for and done")
     acquire.add_argument(
-        "-o", "--close", action="store_true", help="accepted as in flock(1); CMD never holds the lease in any case"
+        "-v", "--verbose", action="store_true", help="say what is waited for and done"
+    )
+    acquire.add_argument(
+        "-o",
+        "--close",
+        action="store_true",
+        help="accepted as in flock(1); CMD never holds the lease in any case",
     )
     acquire.add_argument("names", nargs="+", metavar="NAME")
 
@@ -199,8 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
         "NAME` (no CMD). With --force, break every lease on NAME, whoever holds it.",
     )
     target = release.add_mutually_exclusive_group()
-    target.add_argument("--pid", type=_pid, help="the process whose leases end (default: lockctl's parent)")
-    target.add_argument("--force", action="store_true", help="break every lease on NAME; its holders see it lost")
+    target.add_argument(
+        "--pid", type=_pid, help="the process whose leases end (default: lockctl's parent)"
+    )
+    target.add_argument(
+        "--force", action="store_true", help="break every lease on NAME; its holders see it lost"
+    )
     release.add_argument("names", nargs="+", metavar="NAME")
 
     status = command(
@@ -345,7 +379,11 @@ def _acquire(args: argparse.Namespace, socket_path: str) -> int:
 def _run_under(args: argparse.Namespace, client, lease) -> int:
     from . import _supervise
 
-    env = {**os.environ, "LOCKD_TOKEN": str(lease.token), "LOCKD_TOKENS": _tokens_text(lease.tokens)}
+    env = {
+        **os.environ,
+        "LOCKD_TOKEN": str(lease.token),
+        "LOCKD_TOKENS": _tokens_text(lease.tokens),
+    }
 
     def lost_reason() -> str | None:
         return (lease.lost_reason or "the lease ended") if lease.lost else None
@@ -501,7 +539,8 @@ def status_table(locks: list[protocol.LockInfo], now: float) -> str:
     rows = []
     for lock in locks:
         first = True
-        for role, party in [*(("holder", h) for h in lock.holders), *(("waiter", w) for w in lock.waiters)]:
+        parties = [*(("holder", h) for h in lock.holders), *(("waiter", w) for w in lock.waiters)]
+        for role, party in parties:
             if role == "waiter":
                 mode = f"waits {party.mode}"
             elif party.outside:
@@ -522,7 +561,10 @@ def status_table(locks: list[protocol.LockInfo], now: float) -> str:
             )
             first = False
     widths = [max(len(row[i]) for row in [_COLUMNS, *rows]) for i in range(len(_COLUMNS) - 1)]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1] for row in [_COLUMNS, *rows]]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1]
+        for row in [_COLUMNS, *rows]
+    ]
     return "".join(line.rstrip() + "\n" for line in lines)
 
 

@@ -83,7 +83,10 @@ Label = Annotated[str, msgspec.Meta(max_length=MAX_LABEL_LENGTH)]
 def label_problem(label: str | None) -> str | None:
     """Return why `label` cannot be sent, or None when it can."""
     if label is not None and len(label) > MAX_LABEL_LENGTH:
-        return f"a label is at most {MAX_LABEL_LENGTH} characters, and this one has {len(label)}; shorten it"
+        return (
+            f"a label is at most {MAX_LABEL_LENGTH} characters, and this one has {len(label)}; "
+            "shorten it"
+        )
     return None
 
 
