@@ -49,6 +49,13 @@ def lockctl(daemon, *args: str, **kwargs) -> subprocess.CompletedProcess[str]:
     )
 
 
+def shell(daemon, script: str) -> subprocess.CompletedProcess[str]:
+    """Run `script` with sh, as a shell script using lockctl would run."""
+    return subprocess.run(
+        ["sh", "-c", script], env=daemon.env, capture_output=True, text=True, timeout=TIMEOUT
+    )
+
+
 def start_lockctl(daemon, *args: str, **kwargs) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [*LOCKCTL, *args], env=daemon.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs
@@ -391,9 +398,19 @@ def test_release_of_a_process_tied_lease(lockd, name: str) -> None:
         f"{LOCKCTL_SH} acquire {name} >/dev/null && {LOCKCTL_SH} acquire {name}.a >/dev/null && "
         f"{LOCKCTL_SH} release {name} && {LOCKCTL_SH} status --json {name} {name}.a"
     )
-    proc = subprocess.run(["sh", "-c", script], env=lockd.env, capture_output=True, text=True, timeout=TIMEOUT)
+    proc = shell(lockd, script)
     assert proc.returncode == 1, proc.stderr  # a is still held
     assert [lock["name"] for lock in json.loads(proc.stdout)["locks"]] == [f"{name}.a"]
+
+
+def test_releasing_one_name_of_a_lease_ends_the_whole_lease(lockd, name: str) -> None:
+    script = (
+        f"{LOCKCTL_SH} acquire {name} {name}.a >/dev/null && {LOCKCTL_SH} release {name} && "
+        f"{LOCKCTL_SH} status --json {name} {name}.a"
+    )
+    proc = shell(lockd, script)
+    assert proc.returncode == 0, proc.stderr  # both free
+    assert json.loads(proc.stdout)["locks"] == []
 
 
 def test_release_with_pid_and_of_what_is_not_held(lockd, name: str) -> None:

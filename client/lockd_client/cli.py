@@ -99,6 +99,9 @@ examples:
   lockctl release --pid 4242 a b      end the leases process 4242 holds on a and b
   lockctl release --force site.com    break whoever holds site.com (root, or the holder's user)
 
+A lease of several names is one lease: after `lockctl acquire x a`, `lockctl release x` ends
+it, and a is free too.
+
 exit status: 0 released; 1 not held; 64 usage; 69 lockd unreachable; 77 refused.
 """
 
@@ -226,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
         RELEASE_EPILOG,
         help="end process-tied leases, or break a lease with --force",
         description="End the leases that lockctl's parent (or --pid) took with `lockctl acquire "
-        "NAME` (no CMD). With --force, break every lease on NAME, whoever holds it.",
+        "NAME` (no CMD), whole: a lease that includes any NAME ends with all its names. With "
+        "--force, break every lease on NAME, whoever holds it.",
     )
     target = release.add_mutually_exclusive_group()
     target.add_argument(
