@@ -29,12 +29,12 @@ def connect(
 ) -> Client:
     """Connect to lockd and complete the handshake.
 
-    `socket_path` defaults to `paths.default_socket()` (which honours LOCKD_SOCKET). `label`
+    `socket_path` defaults to `paths.socket_path()` (which honours LOCKD_SOCKET). `label`
     is shown in `status` next to this connection's leases. `timeout` bounds connecting and
     the handshake only; requests then wait as long as they ask to.
     Raises DaemonUnavailable if nothing answers at the socket.
     """
-    path = os.fspath(socket_path if socket_path is not None else paths.default_socket())
+    path = os.fspath(socket_path) if socket_path is not None else paths.socket_path()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     # A child process must not inherit the socket: it would keep this connection, and so
     # every lease on it, alive after this process closes or dies.

@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import time
+from typing import TextIO
 
 from . import describe, errors, paths, protocol
 
@@ -42,6 +43,19 @@ class UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(f"{message}\n{self.format_usage().rstrip()}\ntry: {self.prog} --help")
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Help as written (examples keep their lines), as wide as the terminal.
+
+    argparse makes a formatter for every argument added; left to itself, each asks shutil for
+    the width, and importing shutil costs lockctl more start-up than all of argparse does.
+    """
+
+    def __init__(self, prog: str) -> None:
+        columns = os.environ.get("COLUMNS", "")  # honoured, as shutil does
+        width = int(columns) if columns.isdigit() else _terminal_width(sys.stdout)
+        super().__init__(prog, width=width - 2)
 
 
 def _seconds(text: str) -> float:
@@ -116,16 +130,17 @@ exit status: 0 (with NAMEs: all free); 1 some NAME is held; 64 usage; 69 lockd u
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = argparse.ArgumentParser(add_help=False, formatter_class=_Formatter)
     common.add_argument(
         "--socket",
         metavar="PATH",
-        help=f"lockd's socket (default: ${paths.SOCKET_ENV}, else {paths.default_socket()})",
+        help=f"lockd's socket (default: ${paths.SOCKET_ENV}, else {paths.socket_path()})",
     )
     parser = _Parser(
         prog="lockctl",
         description="Take lockd locks from the shell, run commands under them, and inspect them.",
         epilog="Run `lockctl COMMAND --help` for examples.",
+        formatter_class=_Formatter,
     )
     commands = parser.add_subparsers(
         dest="command", required=True, metavar="COMMAND", parser_class=_Parser
@@ -136,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         return commands.add_parser(
             name,
             parents=[common],
-            formatter_class=argparse.RawDescriptionHelpFormatter,
+            formatter_class=_Formatter,
             epilog=epilog,
             allow_abbrev=False,
             **kwargs,
@@ -147,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
         ACQUIRE_EPILOG,
         help="take locks, for CMD or for the calling shell",
         usage="%(prog)s [options] NAME... [-- CMD [ARG...] | -c 'shell command']",
-        description="Take every NAME together. With CMD: run it holding them and release them "
+        description="Take every NAME together. With CMD: run it holding them and release them\n"
         "when it exits. Without: tie the lease to the calling process.",
     )
     # Every spelling flock(1) accepts, so that a flock line converts by changing the word;
@@ -228,9 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
         "release",
         RELEASE_EPILOG,
         help="end process-tied leases, or break a lease with --force",
-        description="End the leases that lockctl's parent (or --pid) took with `lockctl acquire "
-        "NAME` (no CMD), whole: a lease that includes any NAME ends with all its names. With "
-        "--force, break every lease on NAME, whoever holds it.",
+        description="End the leases that lockctl's parent (or --pid) took with\n"
+        "`lockctl acquire NAME` (no CMD), whole: a lease that includes any NAME ends with all\n"
+        "its names. With --force, break every lease on NAME, whoever holds it.",
     )
     target = release.add_mutually_exclusive_group()
     target.add_argument(
@@ -305,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except SystemExit as e:  # --help
         return int(e.code or 0)
-    socket_path = args.socket or str(paths.default_socket())
+    socket_path = args.socket or paths.socket_path()
     try:
         if args.command == "acquire":
             return _acquire(args, socket_path)
@@ -431,7 +446,7 @@ class _WaitLine:
         who = "; ".join(describe.holder_text(h, now) for h in holders) or "earlier waiters"
         text = f"lockctl: waiting for {self.names}: held by {who}"
         if self.tty:
-            width = _terminal_width()
+            width = _terminal_width(sys.stderr)
             sys.stderr.write(f"\r{text[: width - 1]}\x1b[K")
             sys.stderr.flush()
             self.shown = True
@@ -445,10 +460,11 @@ class _WaitLine:
             self.shown = False
 
 
-def _terminal_width() -> int:
+def _terminal_width(stream: TextIO) -> int:
+    """The width of the terminal `stream` writes to; 80 when it is not one."""
     try:
-        return os.get_terminal_size(sys.stderr.fileno()).columns
-    except OSError:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError):  # ValueError: the stream is closed
         return 80
 
 

@@ -36,7 +36,7 @@ def connect(
     connection on leaving the block; `client = await connect()` leaves closing to
     `await client.aclose()` (or `async with client:`). Closing ends every lease on it.
 
-    `socket_path` defaults to `paths.default_socket()` (which honours LOCKD_SOCKET). `label`
+    `socket_path` defaults to `paths.socket_path()` (which honours LOCKD_SOCKET). `label`
     (at most 256 characters) is shown in `status` next to this connection's leases. Raises
     DaemonUnavailable if nothing answers at the socket.
 
@@ -44,8 +44,8 @@ def connect(
     with a trio timeout around it (`with trio.fail_after(5): ...`). Cancelled there, it closes
     the socket before the cancellation propagates, leaving nothing behind.
     """
-    path = socket_path if socket_path is not None else paths.default_socket()
-    return Connecting(os.fspath(path), label)
+    path = os.fspath(socket_path) if socket_path is not None else paths.socket_path()
+    return Connecting(path, label)
 
 
 class Connecting:
