@@ -114,13 +114,14 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(conf.log_level, journald)
 
     from lockd_client import paths
+    from lockd_client.errors import LockdError
 
     from .fdlimit import raise_nofile_limit
-    from .lockfiles import LockDirError, LockFiles, check_lock_dir, prepare_lock_dir
+    from .lockfiles import LockFiles, check_lock_dir, prepare_lock_dir
     from .policy import Policy
     from .server import bind_unix_listener
     from .systemd import listen_fds
-    from .tokens import TokenStore, TokenStoreError
+    from .tokens import TokenStore
 
     raise_nofile_limit()
     tokens = files = None
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                 conf.socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             sockets = [bind_unix_listener(str(conf.socket), conf.socket_mode)]
             bound = os.stat(conf.socket)
-    except (OSError, ValueError, ConfigError, LockDirError, TokenStoreError) as exc:
+    except (LockdError, OSError) as exc:
         log.error("%s", exc)
         for sock in sockets:
             sock.close()

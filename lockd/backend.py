@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
+from lockd_client.errors import LockBusy
 from lockd_client.protocol import Holder
 
 from .table import Ticket
@@ -23,7 +24,7 @@ from .table import Ticket
 LoseCallback = Callable[[Ticket, str], None]
 
 
-class Blocked(Exception):
+class Blocked(LockBusy):
     """The lock is held outside lockd and the ticket does not wait."""
 
 

@@ -45,7 +45,7 @@ _KINDS = {
 }
 
 
-class LockDirError(Exception):
+class LockDirError(LockdError):
     """The lock directory is missing, unusable or unsafe; the daemon cannot start with it."""
 
 

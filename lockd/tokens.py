@@ -21,7 +21,7 @@ import os
 import re
 from pathlib import Path
 
-from lockd_client.errors import DaemonUnavailable
+from lockd_client.errors import DaemonUnavailable, LockdError
 
 FILE = "tokens"
 _TEMP = "tokens.tmp"
@@ -33,7 +33,7 @@ BLOCK = 65536
 _MARK = re.compile(rb"[0-9]+\n")
 
 
-class TokenStoreError(Exception):
+class TokenStoreError(LockdError):
     """The token file cannot be read or trusted; the daemon must not start with it."""
 
 
