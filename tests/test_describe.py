@@ -38,7 +38,10 @@ def holder(**fields) -> protocol.Holder:
     [
         ({"command": "make deploy"}, f"pid 4242 (make deploy) of {ME} for 3m05s"),
         ({"command": "rsync", "label": "nightly"}, f"pid 4242 (rsync) [nightly] of {ME} for 3m05s"),
-        ({"command": "flock x.lock sh", "outside": True, "since": 0.0}, f"pid 4242 (flock x.lock sh) of {ME}, outside lockd"),
+        (
+            {"command": "flock x.lock sh", "outside": True, "since": 0.0},
+            f"pid 4242 (flock x.lock sh) of {ME}, outside lockd",
+        ),
         ({"pid": None, "uid": None, "since": 0.0}, "an unknown process"),
         ({"uid": None, "command": "a\x1bb", "label": "\n"}, "pid 4242 (a?b) [?] for 3m05s"),
     ],
@@ -53,7 +56,15 @@ def test_an_unknown_uid_shows_as_its_number() -> None:
 
 @pytest.mark.parametrize(
     ("seconds", "text"),
-    [(-1, "0.0s"), (0.42, "0.4s"), (9.96, "10s"), (42.4, "42s"), (185, "3m05s"), (7620, "2h07m"), (273600, "3d04h")],
+    [
+        (-1, "0.0s"),
+        (0.42, "0.4s"),
+        (9.96, "10s"),
+        (42.4, "42s"),
+        (185, "3m05s"),
+        (7620, "2h07m"),
+        (273600, "3d04h"),
+    ],
 )
 def test_duration(seconds: float, text: str) -> None:
     assert describe.duration(seconds) == text

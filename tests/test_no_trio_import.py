@@ -22,9 +22,12 @@ def test_lockctl_acquire_imports_nothing_it_does_not_need():
     """pathlib and shutil (which argparse would import for the terminal width) cost lockctl
     several milliseconds of start-up each and are needed on none of its paths."""
     check = (
-        "import sys; from lockd_client import cli; status = cli.main(['acquire', 'x', '--', 'true']); "
+        "import sys; from lockd_client import cli; "
+        "status = cli.main(['acquire', 'x', '--', 'true']); "
         "assert status == cli.EXIT_UNAVAILABLE, status; "
         "loaded = {'trio', 'pathlib', 'shutil'} & set(sys.modules); assert not loaded, loaded"
     )
     env = {"LOCKD_SOCKET": "/nonexistent/lockd.sock", "PATH": "/usr/bin:/bin"}
-    subprocess.run([sys.executable, "-c", check], env=env, check=True, timeout=30, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-c", check], env=env, check=True, timeout=30, capture_output=True
+    )

@@ -50,12 +50,18 @@ def test_an_oversized_frame_is_a_lockd_protocol_error() -> None:
     frames.feed((1025).to_bytes(4, "big"))
     with pytest.raises(errors.ProtocolError, match="1025 bytes exceeds the limit of 1024") as raised:
         frames.next_frame()
-    assert isinstance(raised.value, protocol.FrameTooLarge) and isinstance(raised.value, errors.LockdError)
+    assert isinstance(raised.value, protocol.FrameTooLarge)
+    assert isinstance(raised.value, errors.LockdError)
     assert (raised.value.size, raised.value.limit) == (1025, 1024)
 
 
 def test_an_error_reply_maps_to_the_class_that_owns_its_code() -> None:
-    for code, cls in [("protocol", errors.ProtocolError), ("busy", errors.LockBusy), ("shutdown", errors.DaemonUnavailable)]:
+    expected = {
+        "protocol": errors.ProtocolError,
+        "busy": errors.LockBusy,
+        "shutdown": errors.DaemonUnavailable,
+    }
+    for code, cls in expected.items():
         assert type(errors.from_reply(protocol.Error(1, code, "m"))) is cls
     assert protocol.ErrorCode is errors.ErrorCode
 
