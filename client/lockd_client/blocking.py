@@ -30,8 +30,8 @@ def connect(
     """Connect to lockd and complete the handshake.
 
     `socket_path` defaults to `paths.socket_path()` (which honours LOCKD_SOCKET). `label`
-    is shown in `status` next to this connection's leases. `timeout` bounds connecting and
-    the handshake only; requests then wait as long as they ask to.
+    (at most 256 characters) is shown in `status` next to this connection's leases. `timeout`
+    bounds connecting and the handshake only; requests then wait as long as they ask to.
     Raises DaemonUnavailable if nothing answers at the socket.
     """
     path = os.fspath(socket_path) if socket_path is not None else paths.socket_path()

@@ -86,7 +86,8 @@ class Connecting:
 
 
 class Client:
-    """A connection to lockd, shared by any number of tasks."""
+    """A connection to lockd, shared by any number of tasks. Closing it (or leaving its
+    `async with` block) ends all its leases."""
 
     server: protocol.Welcome
 
