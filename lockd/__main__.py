@@ -15,8 +15,7 @@ import signal
 import socket
 import sys
 from pathlib import Path
-
-import msgspec
+from typing import get_args
 
 from . import __version__
 
@@ -43,27 +42,14 @@ Signals: SIGTERM/SIGINT end every lease and exit 0; SIGHUP reloads the config fi
 STATUS_INTERVAL = 1.0
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
-    return value
-
-
-def _endpoints(text: str) -> list[str]:
-    urls = [u.strip() for u in text.split(",") if u.strip()]
-    for url in urls:
-        if not url.startswith(("http://", "https://")):
-            raise argparse.ArgumentTypeError(f"{url!r} is not an http:// or https:// URL")
-    if not urls:
-        raise argparse.ArgumentTypeError("expected at least one URL")
-    return urls
+def _comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The flags, as plain values: `config.with_overrides` checks them like the file's."""
+    from .config import BackendName, LogLevel
+
     parser = argparse.ArgumentParser(
         prog="lockd",
         description="Lock broker for this host: named flock() leases over a Unix socket, "
@@ -75,11 +61,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--socket", help="Unix socket to serve on (default: $LOCKD_SOCKET, else see below)")
     parser.add_argument("--lock-dir", help="directory of the NAME.lock files")
     parser.add_argument("--state-dir", help="directory for durable state (fencing tokens)")
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default: info")
-    parser.add_argument("--backend", choices=["flock", "etcd"], help="where locks live (default: flock)")
+    parser.add_argument("--log-level", choices=get_args(LogLevel), help="default: info")
+    parser.add_argument("--backend", choices=get_args(BackendName), help="where locks live (default: flock)")
     etcd = parser.add_argument_group("etcd backend")
-    etcd.add_argument("--etcd-endpoints", type=_endpoints, metavar="URL[,URL...]", help="etcd client URLs")
-    etcd.add_argument("--etcd-ttl", type=_positive_float, metavar="SECONDS", help="etcd lease TTL (default: 5)")
+    etcd.add_argument("--etcd-endpoints", type=_comma_list, metavar="URL[,URL...]", help="etcd client URLs")
+    etcd.add_argument("--etcd-ttl", type=float, metavar="SECONDS", help="etcd lease TTL (default: 5)")
     etcd.add_argument("--etcd-prefix", metavar="PREFIX", help="key prefix in etcd (default: /lockd/)")
     parser.add_argument("--version", action="version", version=f"lockd {__version__}")
     return parser.parse_args(argv)
@@ -89,15 +75,7 @@ def load(args: argparse.Namespace):  # -> config.Config
     """The config file with the flags applied. Raises ConfigError."""
     from .config import load_config, with_overrides
 
-    conf = with_overrides(load_config(args.config, explicit=args.config is not None), args)
-    etcd = {
-        field: value
-        for field, value in (("endpoints", args.etcd_endpoints), ("ttl", args.etcd_ttl), ("prefix", args.etcd_prefix))
-        if value is not None
-    }
-    if etcd:
-        conf = msgspec.structs.replace(conf, etcd=msgspec.structs.replace(conf.etcd, **etcd))
-    return conf
+    return with_overrides(load_config(args.config, explicit=args.config is not None), args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         files = LockFiles(conf.lock_dir, conf.lock_file_mode)
         if conf.backend == "flock":
             tokens = TokenStore.open(conf.state_dir)
+        backend = _backend(conf, files, tokens)
         sockets = listen_fds()
         if not sockets:
             if conf.socket == paths.default_socket() and not os.environ.get(paths.SOCKET_ENV):
@@ -151,15 +130,6 @@ def main(argv: list[str] | None = None) -> int:
             tokens.close()
         return 1
 
-    if conf.backend == "etcd":
-        from .etcd_backend import EtcdBackend
-
-        backend = EtcdBackend.from_config(files, conf.etcd, socket.gethostname())
-    else:
-        from .flock_backend import FlockBackend
-
-        backend = FlockBackend(files, tokens)
-
     try:
         import trio
 
@@ -176,6 +146,25 @@ def main(argv: list[str] | None = None) -> int:
         if tokens is not None:
             tokens.close()
     return 0
+
+
+def _backend(conf, files, tokens):  # -> backend.Backend
+    """The backend `conf` names, over `files` (and `tokens` for flock). Raises LockdError or
+    OSError (an unreadable TLS file)."""
+    if conf.backend == "flock":
+        from .flock_backend import FlockBackend
+
+        return FlockBackend(files, tokens)
+    from .config import ConfigError
+
+    try:
+        from .etcd_backend import EtcdBackend
+    except ImportError as exc:
+        raise ConfigError(
+            f'backend = "etcd" needs the {exc.name} package, which is not installed: '
+            "install lockd[etcd] (pip install 'lockd[etcd]')"
+        ) from None
+    return EtcdBackend.from_config(files, conf.etcd, socket.gethostname())
 
 
 async def _serve(args, conf, backend, policy, sockets: list[socket.socket], where: str) -> None:

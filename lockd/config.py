@@ -26,8 +26,12 @@ from lockd_client.errors import LockdError
 SYSTEM_CONFIG = Path("/etc/lockd/lockd.toml")
 
 LogLevel = Literal["debug", "info", "warning", "error"]
+BackendName = Literal["flock", "etcd"]
 Positive = Annotated[int, msgspec.Meta(ge=1)]
-Seconds = Annotated[float, msgspec.Meta(gt=0)]
+#: A day bounds every duration: a longer one is surely a typo, and `inf` or `nan` would
+#: overflow a deadline or compare false everywhere.
+Seconds = Annotated[float, msgspec.Meta(gt=0, le=86400)]
+Url = Annotated[str, msgspec.Meta(pattern=r"^https?://[^/]")]
 FileMode = Annotated[int, msgspec.Meta(ge=0, le=0o777)]
 #: A user or group, by name or by numeric id.
 Principal = str | Annotated[int, msgspec.Meta(ge=0)]
@@ -53,7 +57,7 @@ class Limits(_Section):
 
 
 class Etcd(_Section):
-    endpoints: Annotated[list[str], msgspec.Meta(min_length=1)] = msgspec.field(
+    endpoints: Annotated[list[Url], msgspec.Meta(min_length=1)] = msgspec.field(
         default_factory=lambda: ["http://127.0.0.1:2379"]
     )
     ttl: Seconds = 5.0
@@ -105,7 +109,7 @@ class Config(_Section):
     log_level: LogLevel = "info"
     lock_file_mode: FileMode = 0o600
     socket_mode: FileMode = 0o660
-    backend: Literal["flock", "etcd"] = "flock"
+    backend: BackendName = "flock"
     limits: Limits = msgspec.field(default_factory=Limits)
     etcd: Etcd = msgspec.field(default_factory=Etcd)
     policy: Policy = msgspec.field(default_factory=Policy)
@@ -135,7 +139,7 @@ def _check_known(principals: list[Principal], lookup: Callable[[str], object], k
 
 def _decode_hook(type_: type, value: object) -> object:
     if type_ is Path:
-        if isinstance(value, (str, Path)) and Path(value).is_absolute():
+        if isinstance(value, (str, Path)) and Path(value).is_absolute() and "\0" not in str(value):
             return Path(value)
         raise ValueError("expected an absolute path")
     raise NotImplementedError
@@ -176,8 +180,7 @@ def parse_config(text: str, source: str) -> Config:
         return msgspec.toml.decode(text, type=Config, dec_hook=_decode_hook)
     except msgspec.ValidationError as exc:
         problem, keys = _split_validation_error(str(exc))
-        if keys and str(keys[-1]).endswith("_mode") and problem.startswith("Expected `int`"):
-            problem = "expected a file mode from 0o000 to 0o777"
+        problem = _plain_problem(keys, problem)
         line = locate(text, keys)
         where = f"{source}:{line}" if line else source
         key = _dotted(keys) or "(top level)"
@@ -186,6 +189,17 @@ def parse_config(text: str, source: str) -> Config:
         ) from None
     except msgspec.DecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+
+
+def _plain_problem(keys: list[Key], problem: str) -> str:
+    """msgspec's wording, except where it would quote a bound or a regex at the user."""
+    named = [key for key in keys if isinstance(key, str)]
+    last = named[-1] if named else ""
+    if last.endswith("_mode") and problem.startswith("Expected `int`"):
+        return "expected a file mode from 0o000 to 0o777"
+    if last == "endpoints" and "regex" in problem:
+        return "expected an http:// or https:// URL"
+    return problem
 
 
 def _with_default_paths(config: Config) -> Config:
@@ -200,28 +214,44 @@ def _with_default_paths(config: Config) -> Config:
 # --- command-line overrides ---------------------------------------------------------------------
 
 _TOP_FIELDS = {f.name: f.type for f in msgspec.structs.fields(Config)}
+_ETCD_FIELDS = {f.name: f.type for f in msgspec.structs.fields(Etcd)}
+#: Flags that set a field of the `[etcd]` table: `etcd_ttl` sets `etcd.ttl`.
+_ETCD_FLAG = "etcd_"
 
 
 def with_overrides(config: Config, flags: Namespace | Mapping[str, Any]) -> Config:
-    """`config` with each top-level field replaced by the flag of the same name, if given.
+    """`config` with each field replaced by the flag of the same name, if given.
 
-    Flags whose value is None, and names that are not Config fields (such as `config`), are
-    ignored; relative paths are taken from the current directory. Raises ConfigError naming
-    the flag when a value has the wrong type.
+    A flag names a top-level field (`log_level`) or, prefixed `etcd_`, a field of `[etcd]`
+    (`etcd_ttl`). Flags whose value is None, and names that are no field (such as `config`),
+    are ignored; relative paths are taken from the current directory. Each value is checked
+    as strictly as the file's: raises ConfigError naming the flag when it is not valid.
     """
     values = vars(flags) if isinstance(flags, Namespace) else flags
     changes: dict[str, Any] = {}
+    etcd: dict[str, Any] = {}
     for name, value in values.items():
-        if value is None or name not in _TOP_FIELDS:
+        if value is None:
             continue
-        if isinstance(value, (str, os.PathLike)) and _TOP_FIELDS[name] == Path | None:
-            value = Path(value).absolute()
-        try:
-            changes[name] = msgspec.convert(value, _TOP_FIELDS[name], dec_hook=_decode_hook)
-        except msgspec.ValidationError as exc:
-            flag = "--" + name.replace("_", "-")
-            raise ConfigError(f"{flag}: {exc}") from None
+        if name in _TOP_FIELDS:
+            if isinstance(value, (str, os.PathLike)) and _TOP_FIELDS[name] == Path | None:
+                value = Path(value).absolute()
+            changes[name] = _flag_value(name, value, _TOP_FIELDS[name])
+        elif name.startswith(_ETCD_FLAG) and name[len(_ETCD_FLAG):] in _ETCD_FIELDS:
+            field = name[len(_ETCD_FLAG):]
+            etcd[field] = _flag_value(name, value, _ETCD_FIELDS[field])
+    if etcd:
+        changes["etcd"] = msgspec.structs.replace(changes.get("etcd", config.etcd), **etcd)
     return msgspec.structs.replace(config, **changes)
+
+
+def _flag_value(name: str, value: object, type_: object) -> Any:
+    try:
+        return msgspec.convert(value, type_, dec_hook=_decode_hook)
+    except msgspec.ValidationError as exc:
+        problem, _ = _split_validation_error(str(exc))
+        flag = "--" + name.replace("_", "-")
+        raise ConfigError(f"{flag}: {_plain_problem([name.removeprefix(_ETCD_FLAG)], problem)}") from None
 
 
 # --- reload -------------------------------------------------------------------------------------

@@ -289,6 +289,16 @@ def test_bad_flag_value_names_the_flag() -> None:
         with_overrides(Config(), {"log_level": "chatty"})
 
 
+def test_etcd_flags_set_the_etcd_table_and_are_checked_like_the_file() -> None:
+    config = parse_config(FULL, "full.toml")
+    result = with_overrides(config, {"etcd_ttl": 2.5, "etcd_endpoints": ["https://e1:2379"], "etcd_prefix": None})
+    assert result.etcd == msgspec.structs.replace(config.etcd, ttl=2.5, endpoints=["https://e1:2379"])
+    with pytest.raises(ConfigError, match="^--etcd-ttl: "):
+        with_overrides(config, {"etcd_ttl": float("inf")})
+    with pytest.raises(ConfigError, match="^--etcd-endpoints: expected an http:// or https:// URL"):
+        with_overrides(config, {"etcd_endpoints": ["e1:2379"]})
+
+
 def test_reload_applies_live_fields_and_lists_the_rest() -> None:
     current = parse_config(FULL, "old")
     new_text = FULL.replace('log_level = "debug"', 'log_level = "error"')
