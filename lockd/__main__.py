@@ -232,6 +232,10 @@ def _reload(args, current, server):
     except ConfigError as exc:
         log.error("reload failed, keeping the running configuration: %s", exc)
         return current
+    except Exception:
+        # Whatever the file holds, a reload must never cost the running leases.
+        log.exception("reload failed, keeping the running configuration")
+        return current
     configure_logging(plan.config.log_level, under_systemd())
     server.policy = policy
     server.limits = plan.config.limits

@@ -189,6 +189,8 @@ def parse_config(text: str, source: str) -> Config:
         ) from None
     except msgspec.DecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: not valid TOML: arrays or tables nested too deeply") from None
 
 
 def _plain_problem(keys: list[Key], problem: str) -> str:

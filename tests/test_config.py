@@ -201,6 +201,11 @@ def test_broken_toml_names_the_line() -> None:
         parse_config("a = 1\nb = 2\nc = = 3\n", "f.toml")
 
 
+def test_nesting_too_deep_for_the_parser_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="^deep.toml: not valid TOML: .*nested too deeply"):
+        parse_config("a = " + "[" * 100_000 + "]" * 100_000, "deep.toml")
+
+
 def test_locate_finds_the_deepest_defined_key() -> None:
     text = (
         "[limits]\n"

@@ -319,3 +319,21 @@ def test_release_by_id_ends_a_process_tied_lease_while_its_connection_lasts(daem
     finally:
         sleeper.kill()
         sleeper.wait(10)
+
+
+def test_a_reload_of_a_file_nested_too_deeply_keeps_the_daemon_and_its_leases(short_tmp: Path) -> None:
+    config = short_tmp / "lockd.toml"
+    config.write_text('log_level = "debug"\n')
+    d = Daemon(short_tmp, "--config", str(config))
+    d.start()
+    try:
+        with RawClient(d.socket) as c:
+            assert isinstance(c.acquire("kept"), Granted)
+            config.write_text("a = " + "[" * 100_000 + "]" * 100_000 + "\n")
+            assert d.proc is not None
+            d.proc.send_signal(signal.SIGHUP)
+            wait_until(lambda: "reload failed" in d.log())
+            assert "nested too deeply" in d.log() and "Traceback" not in d.log()
+            assert status(d, "kept")[0].holders[0].pid == os.getpid()
+    finally:
+        d.kill()
