@@ -6,6 +6,11 @@ loss). It holds because a token is only issued once a mark at or above it is dur
 and a new store starts above the mark it finds. One counter for all names makes tokens
 strictly increasing per name as well.
 
+A new store also starts no lower than the current time in microseconds since 1970. So tokens
+keep rising even across a lost or replaced state directory (the lock files, and the clients'
+stored tokens, may well outlive it), as long as the clock has not gone back and grants have
+averaged under a million a second since 1970 — the durable mark alone guarantees the rest.
+
 The file `STATE_DIR/tokens` holds the mark as one decimal number and a newline: the highest
 token that may have been issued. It is replaced atomically (write a temporary file, fsync,
 rename over, fsync the directory), so a crash leaves the old mark or the new one, never a torn
@@ -19,6 +24,7 @@ import errno
 import fcntl
 import os
 import re
+import time
 from pathlib import Path
 
 from lockd_client.errors import DaemonUnavailable, LockdError
@@ -51,8 +57,9 @@ class TokenStore:
     def open(cls, state_dir: Path) -> TokenStore:
         """Open the counter in `state_dir` (created with mode 0700 if missing).
 
-        Makes a new mark durable before returning, so the first token is already covered.
-        Raises TokenStoreError when the directory or file cannot be used or the file is damaged.
+        The first token is above both the mark found and the current time in microseconds,
+        and a mark covering it is made durable before returning. Raises TokenStoreError when
+        the directory or file cannot be used or the file is damaged.
         """
         path = state_dir / FILE
         try:
@@ -71,7 +78,7 @@ class TokenStore:
                 ) from None
             raise TokenStoreError(f"cannot lock the state directory {state_dir}: {err.strerror}") from err
         try:
-            store = cls(path, dir_fd, _read_mark(path, dir_fd))
+            store = cls(path, dir_fd, max(_read_mark(path, dir_fd), time.time_ns() // 1000))
             store._write_mark(store._mark + BLOCK)
         except OSError as err:
             os.close(dir_fd)
@@ -146,8 +153,8 @@ def _read_mark(path: Path, dir_fd: int) -> int:
     if not _MARK.fullmatch(data):
         raise TokenStoreError(
             f"{path} is damaged: it must hold one decimal number, the highest fencing token "
-            "issued. Write a number larger than any token issued (the time in microseconds, "
-            "`date +%s%6N`, is, unless more than a million tokens a second were issued since "
-            "1970); lockd will not restart from 1"
+            "issued. Write a number larger than any token issued, or remove the file: lockd "
+            "then starts from the current time in microseconds, which is larger unless the "
+            "clock went back"
         )
     return int(data)

@@ -7,6 +7,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,33 +29,65 @@ def store(state_dir: Path) -> Iterator[TokenStore]:
     store.close()
 
 
-def mark(state_dir: Path) -> bytes:
-    return (state_dir / FILE).read_bytes()
+#: A mark far above the clock (the year 5000 or so, in microseconds): only the file decides.
+FUTURE = 10**17
 
 
-def test_a_new_store_counts_from_one_with_its_block_already_durable(store: TokenStore, state_dir: Path) -> None:
-    assert mark(state_dir) == b"%d\n" % BLOCK
-    assert [store.next() for _ in range(3)] == [1, 2, 3]
+def mark(state_dir: Path) -> int:
+    return int((state_dir / FILE).read_bytes())
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def test_a_new_store_counts_from_the_clock_with_its_block_already_durable(state_dir: Path) -> None:
+    before = now_us()
+    store = TokenStore.open(state_dir)
+    try:
+        first = store.next()
+        assert before < first <= now_us() + 1
+        assert mark(state_dir) == first - 1 + BLOCK
+        assert [store.next() for _ in range(2)] == [first + 1, first + 2]
+    finally:
+        store.close()
     assert stat.S_IMODE(state_dir.stat().st_mode) == 0o700
     assert stat.S_IMODE((state_dir / FILE).stat().st_mode) == 0o600
 
 
 def test_a_reopened_store_continues_above_everything_issued(state_dir: Path) -> None:
+    state_dir.mkdir(parents=True)
+    (state_dir / FILE).write_bytes(b"%d\n" % FUTURE)
     issued = []
     for _ in range(3):
         store = TokenStore.open(state_dir)
         issued += [store.next() for _ in range(5)]
         store.close()
-    assert issued == sorted(set(issued))
-    assert issued[5] == BLOCK + 1 and issued[10] == 2 * BLOCK + 1
+    assert issued[0] == FUTURE + 1 and issued[5] == FUTURE + BLOCK + 1 and issued[10] == FUTURE + 2 * BLOCK + 1
+
+
+def test_tokens_keep_rising_when_the_state_directory_is_lost(state_dir: Path) -> None:
+    store = TokenStore.open(state_dir)
+    # Far fewer than a million a second: the rate up to which the clock floor keeps order.
+    issued = [store.next() for _ in range(3)]
+    store.close()
+    for path in state_dir.iterdir():
+        path.unlink()
+    state_dir.rmdir()
+    store = TokenStore.open(state_dir)
+    try:
+        assert store.next() > issued[-1]
+    finally:
+        store.close()
 
 
 def test_the_mark_moves_only_when_a_block_is_used_up(store: TokenStore, state_dir: Path) -> None:
-    for _ in range(BLOCK):
+    first = store.next()
+    for _ in range(BLOCK - 1):
         store.next()
-    assert mark(state_dir) == b"%d\n" % BLOCK
-    assert store.next() == BLOCK + 1
-    assert mark(state_dir) == b"%d\n" % (2 * BLOCK)
+    assert mark(state_dir) == first - 1 + BLOCK
+    assert store.next() == first + BLOCK
+    assert mark(state_dir) == first - 1 + 2 * BLOCK
 
 
 def test_a_second_store_on_the_same_directory_is_refused(store: TokenStore, state_dir: Path) -> None:
@@ -95,7 +128,7 @@ def test_sigkill_at_any_point_never_lets_a_token_repeat(state_dir: Path, kill_af
     # Whatever it printed before dying was issued too; a torn last line is left out.
     seen += [int(line) for line in proc.stdout.read().split(b"\n")[:-1]]
     proc.stdout.close()
-    assert seen == list(range(1, len(seen) + 1))
+    assert seen == list(range(seen[0], seen[0] + len(seen)))
     store = TokenStore.open(state_dir)
     try:
         assert store.next() > seen[-1]
@@ -105,11 +138,11 @@ def test_sigkill_at_any_point_never_lets_a_token_repeat(state_dir: Path, kill_af
 
 def test_a_temporary_file_left_by_a_crash_is_ignored(state_dir: Path) -> None:
     state_dir.mkdir(parents=True)
-    (state_dir / FILE).write_bytes(b"100\n")
+    (state_dir / FILE).write_bytes(b"%d\n" % FUTURE)
     (state_dir / "tokens.tmp").write_bytes(b"9")
     store = TokenStore.open(state_dir)
     try:
-        assert store.next() == 101
+        assert store.next() == FUTURE + 1
     finally:
         store.close()
 
@@ -118,14 +151,14 @@ def test_a_temporary_file_left_by_a_crash_is_ignored(state_dir: Path) -> None:
 def test_a_damaged_file_stops_start_up_and_is_kept(state_dir: Path, content: bytes) -> None:
     state_dir.mkdir(parents=True)
     (state_dir / FILE).write_bytes(content)
-    with pytest.raises(TokenStoreError, match=f"{state_dir / FILE} is damaged.*will not restart from 1"):
+    with pytest.raises(TokenStoreError, match=f"{state_dir / FILE} is damaged.*or remove the file"):
         TokenStore.open(state_dir)
-    assert mark(state_dir) == content
+    assert (state_dir / FILE).read_bytes() == content
     # The refusal released the directory: once repaired, the store opens.
-    (state_dir / FILE).write_bytes(b"5\n")
+    (state_dir / FILE).write_bytes(b"%d\n" % FUTURE)
     store = TokenStore.open(state_dir)
     try:
-        assert store.next() == 6
+        assert store.next() == FUTURE + 1
     finally:
         store.close()
 
@@ -149,13 +182,14 @@ def test_an_unusable_state_directory_stops_start_up(tmp_path: Path) -> None:
 
 
 def test_a_failed_mark_write_issues_nothing_and_is_retried(store: TokenStore, state_dir: Path) -> None:
-    for _ in range(BLOCK):
+    first = store.next()
+    for _ in range(BLOCK - 1):
         store.next()
     blocker = state_dir / "tokens.tmp"
     os.mkdir(blocker)  # the next mark cannot be written while a directory sits there
     with pytest.raises(DaemonUnavailable, match=f"cannot save its fencing-token mark to {state_dir / FILE}"):
         store.next()
-    assert mark(state_dir) == b"%d\n" % BLOCK
+    assert mark(state_dir) == first - 1 + BLOCK
     os.rmdir(blocker)
-    assert store.next() == BLOCK + 1
-    assert mark(state_dir) == b"%d\n" % (2 * BLOCK)
+    assert store.next() == first + BLOCK
+    assert mark(state_dir) == first - 1 + 2 * BLOCK
