@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     from lockd_client.errors import LockdError
 
     from .fdlimit import raise_nofile_limit
-    from .lockfiles import LockFiles, check_lock_dir, prepare_lock_dir
+    from .lockfiles import LockFiles, prepare_lock_dir
     from .policy import Policy
     from .server import bind_unix_listener
     from .systemd import listen_fds
@@ -108,7 +108,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         policy = Policy.from_config(conf.policy)
         prepare_lock_dir(conf.lock_dir, 0o700)
-        check_lock_dir(conf.lock_dir)
         files = LockFiles(conf.lock_dir, conf.lock_file_mode)
         if conf.backend == "flock":
             tokens = TokenStore.open(conf.state_dir)

@@ -4,8 +4,9 @@ Invariants:
 - A ticket holds the flock of every one of its names, or of none: `try_lock` never waits and
   never keeps part of a ticket, so lockd cannot deadlock with processes that flock these files
   themselves (it never holds one of their files while waiting for another).
-- Every file is opened relative to the lock directory's descriptor, never through a symbolic
-  link, and is used only if it is a regular file. A file is never truncated or unlinked: its
+- Every file is opened relative to the lock directory's descriptor — the one opened (never
+  through a symbolic link) and checked at start — never through a symbolic link, and is used
+  only if it is a regular file. A file is never truncated or unlinked: its
   inode is the lock, shared with every outside `flock` user of the same path.
 - An exclusive ticket has its own open file; all shared tickets on a name share one open file
   and one LOCK_SH, counted. Closing a file is what releases its flock, so nothing is held once
@@ -52,7 +53,7 @@ class LockDirError(LockdError):
 def prepare_lock_dir(path: Path, mode: int) -> None:
     """Create `path` with permissions `mode` (missing parents with 0o755) if it does not exist.
 
-    An existing directory is left as it is; `check_lock_dir` then judges it (and `mode`).
+    An existing directory is left as it is; `LockFiles` then judges it (and `mode`).
     """
     try:
         _make_dir(path, mode)
@@ -72,21 +73,37 @@ def _make_dir(path: Path, mode: int) -> None:
     os.chmod(path, mode)
 
 
-def check_lock_dir(path: Path) -> None:
-    """Raise LockDirError unless `path` is a directory that only trusted users can change.
+def _open_lock_dir(path: Path) -> int:
+    """Open `path` and check it is a directory only trusted users can change; return its fd.
 
     Whoever can rename or replace files in the lock directory can take a lock away from its
     holder (by moving the locked inode aside), so the directory must be owned by root or by
-    the daemon's user, and writable by group or others only with the sticky bit set.
+    the daemon's user, and writable by group or others only with the sticky bit set. The
+    checks are made on the open descriptor, which every lock file is then opened through:
+    the directory that was checked is the one used, whatever happens to `path` later.
     """
     try:
-        st = os.stat(path)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         raise LockDirError(f"the lock directory {path} does not exist: create it or choose another") from None
+    except NotADirectoryError:
+        # O_NOFOLLOW with O_DIRECTORY refuses a symbolic link as "not a directory".
+        if path.is_symlink():
+            raise LockDirError(
+                f"the lock directory {path} is a symbolic link: give the directory it points to"
+            ) from None
+        raise LockDirError(f"the lock directory {path} is not a directory: choose a directory") from None
     except OSError as err:
-        raise LockDirError(f"cannot inspect the lock directory {path}: {err.strerror}") from err
-    if not stat.S_ISDIR(st.st_mode):
-        raise LockDirError(f"the lock directory {path} is not a directory: choose a directory")
+        raise LockDirError(f"cannot open the lock directory {path}: {err.strerror}") from err
+    try:
+        _check_lock_dir(path, os.fstat(fd))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _check_lock_dir(path: Path, st: os.stat_result) -> None:
     if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
         raise LockDirError(
             f"the lock directory {path} is writable by group or others without the sticky bit, "
@@ -116,13 +133,11 @@ class LockFiles:
     """
 
     def __init__(self, lock_dir: Path, file_mode: int = 0o600) -> None:
-        """Open `lock_dir`, which must exist. New lock files get `file_mode` (less the umask)."""
+        """Open `lock_dir`, which must exist and be safe (else LockDirError, which says what
+        to fix). New lock files get `file_mode` (less the umask)."""
         self.lock_dir = lock_dir
         self.file_mode = file_mode
-        try:
-            self._dir_fd = os.open(lock_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError as err:
-            raise LockDirError(f"cannot open the lock directory {lock_dir}: {err.strerror}") from err
+        self._dir_fd = _open_lock_dir(lock_dir)
         self._exclusive: dict[str, int] = {}
         self._shared: dict[str, _Shared] = {}
         self._held: set[Ticket] = set()

@@ -14,7 +14,7 @@ import pytest
 from lockd_client.errors import BadLockFile, LimitExceeded
 from lockd_client.protocol import Holder
 
-from lockd.lockfiles import LockDirError, LockFiles, check_lock_dir, prepare_lock_dir
+from lockd.lockfiles import LockDirError, LockFiles, prepare_lock_dir
 
 from .flock_tools import can_flock, make_lock_dir, open_fds, outside_flock, ticket
 
@@ -278,6 +278,11 @@ def test_missing_lock_dir_is_a_start_up_error(tmp_path: Path) -> None:
 # --- the lock directory -------------------------------------------------------------------------
 
 
+def check_lock_dir(path: Path) -> None:
+    """Open LockFiles on `path` just for its checks."""
+    LockFiles(path).close()
+
+
 @pytest.mark.parametrize("mode", [0o700, 0o755, 0o1777, 0o1770])
 def test_check_accepts_safe_directories(tmp_path: Path, mode: int) -> None:
     path = tmp_path / "locks"
@@ -291,8 +296,10 @@ def test_check_refuses_directories_others_can_change(tmp_path: Path, mode: int) 
     path = tmp_path / "locks"
     path.mkdir()
     os.chmod(path, mode)
+    before = open_fds()
     with pytest.raises(LockDirError, match=f"{path} is writable by group or others.*chmod go-w"):
         check_lock_dir(path)
+    assert open_fds() == before
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a directory away")
@@ -310,6 +317,29 @@ def test_check_refuses_missing_and_non_directories(tmp_path: Path) -> None:
     (tmp_path / "file").touch()
     with pytest.raises(LockDirError, match="not a directory"):
         check_lock_dir(tmp_path / "file")
+
+
+def test_a_symlinked_lock_dir_is_refused(tmp_path: Path) -> None:
+    real = make_lock_dir(tmp_path)
+    (tmp_path / "link").symlink_to(real)
+    with pytest.raises(LockDirError, match="is a symbolic link: give the directory it points to"):
+        check_lock_dir(tmp_path / "link")
+
+
+def test_the_checked_directory_is_the_one_used_even_if_its_path_is_swapped(tmp_path: Path) -> None:
+    checked = make_lock_dir(tmp_path)
+    files = LockFiles(checked)
+    try:
+        # Someone who can write the parent renames the checked directory away and puts an
+        # unsafe one in its place: lock files still go to the directory that was checked.
+        checked.rename(tmp_path / "moved")
+        (tmp_path / "locks").mkdir(mode=0o777)
+        os.chmod(tmp_path / "locks", 0o777)
+        assert files.try_lock(ticket("a"))
+        assert (tmp_path / "moved" / "a.lock").exists()
+        assert not (tmp_path / "locks" / "a.lock").exists()
+    finally:
+        files.close()
 
 
 def test_prepare_creates_parents_with_exact_modes(tmp_path: Path) -> None:
