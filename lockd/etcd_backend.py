@@ -390,12 +390,12 @@ class EtcdBackend:
         await session.mirror.wait_for(revision)
         while (blocker := session.mirror.blocker(ticket.names, revision, ticket.shared)) is not None:
             if not ticket.wait:
-                raise Blocked
+                raise Blocked(f"{blocker.name}: asked for earlier on another host")
             await blocker.gone.wait()
         delay = _FLOCK_POLL[0]
         while not self._files.try_lock(ticket):
             if not ticket.wait:
-                raise Blocked
+                raise Blocked(f"{'+'.join(ticket.names)}: held by a process outside lockd on this host")
             await trio.sleep(delay)
             delay = min(2 * delay, _FLOCK_POLL[1])
         # The keys may have gone with an expired lease while this waited (etcd issue
