@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 import struct
+from array import array
 
 #: `status` shows commands on one line each; a longer command line says nothing more useful.
 MAX_COMMAND_LENGTH = 1024
@@ -15,6 +16,10 @@ MAX_COMMAND_LENGTH = 1024
 _COMMAND_READ_BYTES = 4 * MAX_COMMAND_LENGTH
 
 _UCRED = struct.Struct("3i")
+#: Linux's SO_PEERGROUPS (since 4.13), which the socket module does not name.
+_SO_PEERGROUPS = 59
+#: The most Python's getsockopt reads: 256 groups. A peer in more is read from /proc.
+_PEERGROUPS_BYTES = 1024
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
@@ -24,6 +29,18 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     """
     pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
     return pid, uid, gid
+
+
+def peer_groups(sock: socket.socket, pid: int, gid: int) -> frozenset[int]:
+    """Every group of the process that connected `sock` (`pid`, primary `gid`), as the kernel
+    recorded them at connect (SO_PEERGROUPS): a policy naming groups must see who connected,
+    not what a recycled pid runs now. Falls back to /proc only on a kernel without the option
+    or for a peer in more than 256 groups."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, _PEERGROUPS_BYTES)
+    except OSError:  # ENOPROTOOPT: an older kernel; ERANGE: more groups than fit
+        return process_groups(pid) | {gid}
+    return frozenset(array("I", raw)) | {gid}
 
 
 def _read(pid: int, entry: str, size: int = -1) -> bytes | None:
@@ -63,8 +80,8 @@ def process_uid(pid: int) -> int | None:
 
 
 def process_groups(pid: int) -> frozenset[int]:
-    """The supplementary group ids of `pid` (the Groups: line of /proc/PID/status); empty if
-    unreadable. SO_PEERCRED carries only the primary gid, and policies name groups."""
+    """The supplementary group ids of `pid` now (the Groups: line of /proc/PID/status); empty
+    if unreadable."""
     raw = _read(pid, "status")
     if raw is None:
         return frozenset()

@@ -143,7 +143,7 @@ class Server:
         session = Session(
             stream, next(self._session_ids), pid, uid, gid, procinfo.command_line(pid), MAX_OUTBOX,
         )
-        session.gids = procinfo.process_groups(pid) | {gid}
+        session.gids = procinfo.peer_groups(stream.socket, pid, gid)
         refusal = self._connection_refusal(session)
         if refusal:
             log.warning("refusing a connection from uid %d pid %d (%s): %s", uid, pid, session.command, refusal)

@@ -6,6 +6,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -108,3 +109,35 @@ def test_process_groups_match_the_kernel_view_of_this_process() -> None:
 
     assert process_groups(os.getpid()) == frozenset(os.getgroups())
     assert process_groups(2**22 + 12345) == frozenset()
+
+
+GROUP_CHANGER = """
+import os, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+os.setgroups([])  # after connecting: the connection keeps the groups it was made with
+print("changed", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start a process with other groups")
+def test_peer_groups_are_those_of_the_connect(short_tmp: Path) -> None:
+    path = str(short_tmp / "s")
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(path)
+        listener.listen()
+        listener.settimeout(10)
+        with subprocess.Popen(
+            [sys.executable, "-c", GROUP_CHANGER, path], extra_groups=[4, 27],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        ) as child:
+            try:
+                conn, _ = listener.accept()
+                with conn:
+                    assert child.stdout is not None and child.stdout.readline() == "changed\n"
+                    assert procinfo.process_groups(child.pid) == frozenset()
+                    pid, uid, gid = procinfo.peer_credentials(conn)
+                    assert procinfo.peer_groups(conn, pid, gid) == {4, 27, gid}
+            finally:
+                child.kill()
