@@ -34,14 +34,18 @@ _ADVICE = "the daemon's policy ([policy] in its config file) decides this; ask i
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """The outcome of a check. `reason` names the rule (or the absence of one) that decided."""
+    """The outcome of a forced-release check. `reason` names what decided."""
 
     allowed: bool
     reason: str
 
     def error(self) -> PermissionDenied:
         """The error a refused client receives."""
-        return PermissionDenied(f"{self.reason}; {_ADVICE}")
+        return _denied(self.reason)
+
+
+def _denied(reason: str) -> PermissionDenied:
+    return PermissionDenied(f"{reason}; {_ADVICE}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,20 +91,19 @@ class Policy:
         force_uids = {_resolve(user, pwd.getpwnam, "user", where): str(user) for user in section.force_release}
         return cls(rules, force_uids)
 
-    def check_acquire(self, uid: int, gids: Collection[int], names: Iterable[str], mode: str) -> Decision:
-        """May `uid` (member of `gids`) hold every one of `names` in `mode`?"""
-        deciding: list[str] = []
+    def check_acquire(self, uid: int, gids: Collection[int], names: Iterable[str], mode: str) -> PermissionDenied | None:
+        """None if `uid` (member of `gids`) may hold every one of `names` in `mode`; else the
+        error the client receives, naming the rule that refused the first name it refuses.
+
+        Runs on every acquire, so an allowed one builds nothing.
+        """
+        if not self.rules:
+            return None
         for name in names:
             rule = self._first_match(uid, gids, name, mode)
-            if rule is None:
-                continue
-            if not rule.allow:
-                return Decision(False, f"{rule.text} denies uid {uid} {mode} on {name}")
-            if rule.text not in deciding:
-                deciding.append(rule.text)
-        if not deciding:
-            return Decision(True, "no policy rule matches")
-        return Decision(True, f"{' and '.join(deciding)} allow{'s' if len(deciding) == 1 else ''} it")
+            if rule is not None and not rule.allow:
+                return _denied(f"{rule.text} denies uid {uid} {mode} on {name}")
+        return None
 
     def check_force(self, uid: int, name: str, holder_uids: Iterable[int]) -> Decision:
         """May `uid` break every lease on `name`, whose holders run as `holder_uids`?"""

@@ -286,13 +286,13 @@ class Server:
             if timeout is not None and not (timeout >= 0 and math.isfinite(timeout)):
                 raise errors.ProtocolError(f"timeout must be a finite number >= 0, not {timeout}")
             self._check_acquire_limits(session, names, timeout != 0)
-            decision = self.policy.check_acquire(session.uid, session.gids, names, request.mode)
-            if not decision.allowed:
+            refusal = self.policy.check_acquire(session.uid, session.gids, names, request.mode)
+            if refusal is not None:
                 log.warning(
                     "refused uid %d pid %d (%s) %s on %s: %s", session.uid, session.pid,
-                    session.command, request.mode, "+".join(names), decision.reason,
+                    session.command, request.mode, "+".join(names), refusal,
                 )
-                raise decision.error()
+                raise refusal
             process = self._process_owner(session, request.pid) if request.pid is not None else None
         except errors.LockdError as exc:
             self._error(session, request.id, exc)
