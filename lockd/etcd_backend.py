@@ -22,18 +22,19 @@ nobody, so there is no deadlock across hosts, whatever names a request combines.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import NamedTuple
 
 import msgspec
 import trio
 
 from lockd_client.errors import LimitExceeded
-from lockd_client.protocol import Holder, Mode
+from lockd_client.protocol import Holder, Mode, name_problem
 
 from . import etcd_client
 from .backend import Blocked, LoseCallback
@@ -140,7 +141,7 @@ class Mirror:
         """Apply a watch response."""
         change = Change([], [])
         for event in response.events:
-            key = event.kv.key.decode()
+            key = event.kv.text
             if event.type == "DELETE":
                 if self._remove(key):
                     change.removed.append(key)
@@ -177,9 +178,10 @@ class Mirror:
         return list(self._names)
 
     def _add(self, kv: KeyValue) -> _Key | None:
-        key = kv.key.decode()
+        """Add `kv`, unless its name is one no request can ask for: then nobody waits for it."""
+        key = kv.text
         name = key[len(self.prefix):].partition("/")[0]
-        if not name:
+        if name_problem(name) is not None:
             return None
         try:
             record: _Record | None = _decode_record(kv.value)
@@ -223,6 +225,9 @@ class _Session:
         #: Keys to delete, and the janitor's wake-up call.
         self.doomed: set[str] = set()
         self.wake = trio.Event()
+        #: Why the watch or the janitor died, if one did (set once, with `broken`).
+        self.failure = ""
+        self.broken = trio.Event()
 
     def doom(self, keys: Iterable[str]) -> None:
         if self.alive:  # otherwise the keys go with the lease
@@ -471,13 +476,18 @@ class EtcdBackend:
             return _Session(lease, ttl, sent, self._prefix)
 
     async def _serve(self, session: _Session, lose: LoseCallback) -> str:
-        """Serve under `session` until it is lost; then report its held tickets lost."""
+        """Serve under `session` until it is lost; then report its held tickets lost.
+
+        An exception from the watch or the janitor (etcd's errors are handled in them, so this
+        is a bug, or a foreign key lockd trips over) ends the session as a lost lease would:
+        the daemon then carries on with a fresh lease and mirror, and the log has the traceback.
+        """
         async with trio.open_nursery() as nursery:
             self._session = session
             if self._stale:
                 session.wake.set()
-            nursery.start_soon(self._mirror, session, lose)
-            nursery.start_soon(self._janitor, session)
+            nursery.start_soon(self._guard, session, "watch", functools.partial(self._mirror, session, lose))
+            nursery.start_soon(self._guard, session, "janitor", functools.partial(self._janitor, session))
             reason = await self._keep_alive(session)
             session.alive = False
             self._problem = reason
@@ -490,12 +500,24 @@ class EtcdBackend:
         self._session = None
         return reason
 
+    async def _guard(self, session: _Session, what: str, duty: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await duty()
+        except Exception as exc:
+            log.exception("lockd's etcd %s failed", what)
+            if not session.failure:
+                session.failure = f"lockd's etcd {what} failed ({exc!r}); see lockd's log"
+                session.broken.set()
+
     async def _keep_alive(self, session: _Session) -> str:
-        """Renew the lease every TTL/3; return why it cannot be vouched for any longer."""
+        """Renew the lease every TTL/3; return why it cannot be vouched for any longer, or why
+        the session broke."""
         period = session.ttl / 3
         next_send = trio.current_time() + period
         while True:
-            await trio.sleep_until(min(next_send, session.deadline))
+            with trio.move_on_at(min(next_send, session.deadline)):
+                await session.broken.wait()
+                return session.failure
             sent = trio.current_time()
             if sent >= session.deadline:
                 return f"etcd lease could not be kept alive ({self._problem})"

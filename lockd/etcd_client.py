@@ -5,8 +5,9 @@ Invariant: a call either returns etcd's decoded answer or raises an `EtcdError` 
 reached etcd (the connection was never made, or etcd refused the auth token), so a txn is
 applied at most once per call.
 
-Keys are `str` (lockd's keys are ASCII), values `bytes`; the gateway's base64 and
-int64-as-string encodings stay in here.
+Keys are `str`, values `bytes`; a key's bytes that are not UTF-8 (another tool may write any)
+are carried as surrogate escapes, so every key read can be written back. The gateway's base64
+and int64-as-string encodings stay in here.
 """
 
 from __future__ import annotations
@@ -54,6 +55,11 @@ class KeyValue(msgspec.Struct):
     mod_revision: int = 0
     value: bytes = b""
     lease: int = 0
+
+    @property
+    def text(self) -> str:
+        """The key as the `str` the calls here take."""
+        return self.key.decode("utf-8", "surrogateescape")
 
 
 class Header(msgspec.Struct):
@@ -120,22 +126,26 @@ class _Failure(msgspec.Struct):
 
 
 def put(key: str, value: bytes, lease: int) -> dict[str, Any]:
-    return {"request_put": {"key": key.encode(), "value": value, "lease": lease}}
+    return {"request_put": {"key": _raw(key), "value": value, "lease": lease}}
 
 
 def delete(key: str) -> dict[str, Any]:
-    return {"request_delete_range": {"key": key.encode()}}
+    return {"request_delete_range": {"key": _raw(key)}}
 
 
 def created_at(key: str, revision: int) -> dict[str, Any]:
     """Compare: `key` exists and was created at `revision`."""
-    return {"key": key.encode(), "target": "CREATE", "result": "EQUAL", "create_revision": revision}
+    return {"key": _raw(key), "target": "CREATE", "result": "EQUAL", "create_revision": revision}
 
 
 def prefix_end(prefix: str) -> bytes:
     """The `range_end` that makes a range cover every key starting with `prefix`."""
-    raw = prefix.encode()
+    raw = _raw(prefix)
     return raw[:-1] + bytes([raw[-1] + 1])
+
+
+def _raw(key: str) -> bytes:
+    return key.encode("utf-8", "surrogateescape")
 
 
 class EtcdClient:
@@ -211,7 +221,7 @@ class EtcdClient:
 
     async def range_prefix(self, prefix: str, *, timeout: float) -> tuple[int, list[KeyValue]]:
         """Every key under `prefix` (a linearizable read), and the revision read at."""
-        body = {"key": prefix.encode(), "range_end": prefix_end(prefix)}
+        body = {"key": _raw(prefix), "range_end": prefix_end(prefix)}
         answer = await self._call("/v3/kv/range", body, _Range, timeout)
         return answer.header.revision, answer.kvs
 
@@ -240,7 +250,7 @@ class EtcdClient:
         """
         request = {
             "create_request": {
-                "key": prefix.encode(),
+                "key": _raw(prefix),
                 "range_end": prefix_end(prefix),
                 "start_revision": start_revision,
             }

@@ -8,6 +8,7 @@ kills every process the cluster started and removes its directories.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -158,6 +159,13 @@ class Member:
         with urllib.request.urlopen(request, timeout=timeout, context=self._context) as response:
             return json.load(response)
 
+    def put(self, key: bytes, value: bytes, lease: int = 0) -> None:
+        """Put a key of any bytes, as another tool might, without lockd's client."""
+        self.post("/v3/kv/put", {"key": _b64(key), "value": _b64(value), "lease": str(lease)})
+
+    def delete(self, key: bytes) -> None:
+        self.post("/v3/kv/deleterange", {"key": _b64(key)})
+
     def healthy(self) -> bool:
         try:
             return self.get("/health").get("health") == "true"
@@ -170,6 +178,10 @@ class Member:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
 
 
 class EtcdCluster:
@@ -289,7 +301,7 @@ async def keys_under(endpoints: list[str], prefix: str) -> list[str]:
         _, kvs = await client.range_prefix(prefix, timeout=2)
     finally:
         await client.aclose()
-    return [kv.key.decode() for kv in kvs]
+    return [kv.text for kv in kvs]
 
 
 async def wait_no_keys(endpoints: list[str], prefix: str) -> None:

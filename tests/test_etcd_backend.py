@@ -16,8 +16,8 @@ import trio
 
 from lockd import etcd_client
 from lockd.backend import Blocked
-from lockd.etcd_backend import EtcdBackend
-from lockd.etcd_client import EtcdClient
+from lockd.etcd_backend import Change, EtcdBackend, Mirror
+from lockd.etcd_client import EtcdClient, WatchResponse
 from lockd.lockfiles import LockFiles
 from lockd.session import Party
 from lockd.table import Ticket
@@ -442,10 +442,60 @@ async def test_keys_of_this_lease_without_a_ticket_are_deleted(
             # As a put left behind by a cancelled take would be: this lease, no live ticket.
             stray = f"{prefix}x/{mine.lease:x}/999"
             await client.txn([etcd_client.put(stray, b"{}", mine.lease)], timeout=2)
-            while stray in await keys_under(shared_etcd.endpoints, prefix):
+            # And one whose bytes are not UTF-8, put by another tool under this lease.
+            odd = f"{prefix}x/{mine.lease:x}/".encode() + b"\xff"
+            shared_etcd.members[0].put(odd, b"{}", mine.lease)
+            while len(await keys_under(shared_etcd.endpoints, prefix)) > 1:
                 await trio.sleep(0.02)
-            assert mine.key.decode() in await keys_under(shared_etcd.endpoints, prefix)
+            assert await keys_under(shared_etcd.endpoints, prefix) == [mine.text]
     await client.aclose()
+
+
+async def test_keys_that_are_not_utf8_are_locks_like_any_other_foreign_key(
+    shared_etcd: EtcdCluster, prefix: str, hosts: Hosts
+) -> None:
+    (a,) = hosts(shared_etcd.endpoints, "host0")
+    member = shared_etcd.members[0]
+    on_x = prefix.encode() + b"x/\xff\xfe"
+    with trio.fail_after(WAIT):
+        async with serving(a):
+            member.put(on_x, b"from another tool")
+            # Under a name no request can have: nobody waits for it, status never shows it.
+            member.put(prefix.encode() + b"\xff/1", b"from another tool")
+            with pytest.raises(Blocked):
+                await a.take(ticket("x", wait=False))
+            assert [h.label for h in a.backend.outside_holders("x")] == ["on ?"]
+            assert "x" in a.backend.outside_names()
+            assert all(name.isascii() for name in a.backend.outside_names())
+            member.delete(on_x)
+            await a.take(ticket("x"))
+
+
+async def test_a_failing_watch_ends_the_lease_not_the_daemon(
+    shared_etcd: EtcdCluster, hosts: Hosts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (a,) = hosts(shared_etcd.endpoints, "host0")
+    apply = Mirror.apply
+    failed = []
+
+    def apply_failing_once(mirror: Mirror, response: WatchResponse) -> Change:
+        if not failed:
+            failed.append(response)
+            raise RuntimeError("a bug in the mirror")
+        return apply(mirror, response)
+
+    with trio.fail_after(WAIT):
+        async with serving(a):
+            held = ticket("x")
+            await a.take(held)
+            monkeypatch.setattr(Mirror, "apply", apply_failing_once)
+            with pytest.raises(DaemonUnavailable):
+                await a.take(ticket("y"))  # its put is the watch's next event
+            ((lost, reason, _),) = a.lost
+            assert lost is held
+            assert reason == "lockd's etcd watch failed (RuntimeError('a bug in the mirror')); see lockd's log"
+            await a.ready()
+            await a.take(ticket("y"))
 
 
 # --- a three-member cluster losing members under contention ------------------------------------
