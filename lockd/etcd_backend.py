@@ -124,7 +124,8 @@ class Mirror:
         self._advanced = trio.Event()
 
     def reset(self, revision: int, kvs: Iterable[KeyValue]) -> Change:
-        """Start over from a range read at `revision`.
+        """Start over from a range read at `revision`, which becomes the mirror's even if it is
+        lower (etcd restored from a backup): the mirror never claims a revision it has not seen.
 
         The change lists every key now present as added, and the keys that are gone.
         """
@@ -204,10 +205,11 @@ class Mirror:
         return True
 
     def _advance(self, revision: int) -> None:
+        """Make `revision` the mirror's, waking the waits it may end."""
         if revision > self.revision:
-            self.revision = revision
             self._advanced.set()
             self._advanced = trio.Event()
+        self.revision = revision
 
 
 class _Session:

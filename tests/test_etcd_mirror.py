@@ -75,6 +75,18 @@ async def test_reset_wakes_every_waiter_and_replaces_the_keys() -> None:
     assert mirror.revision == 8
 
 
+async def test_reset_takes_the_revision_read_even_when_it_is_lower() -> None:
+    mirror = Mirror(PREFIX)
+    mirror.reset(1, [])
+    mirror.apply(puts(kv("x", 10)))
+    # etcd restored from an older backup: its revision went back.
+    mirror.reset(5, [kv("y", 4)])
+    assert mirror.revision == 5
+    with trio.move_on_after(0.1) as waiting:
+        await mirror.wait_for(10)  # revision 10 of the new history is still to come
+    assert waiting.cancelled_caught
+
+
 def test_apply_reports_new_keys_and_advances() -> None:
     mirror = Mirror(PREFIX)
     mirror.reset(1, [])
