@@ -22,10 +22,12 @@ nobody, so there is no deadlock across hosts, whatever names a request combines.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import itertools
 import logging
 import math
+import operator
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import NamedTuple
@@ -100,11 +102,15 @@ class _Key:
         )
 
 
+_order = operator.attrgetter("revision", "key")
+_revision = operator.attrgetter("revision")
+
+
 class Change(NamedTuple):
     """What a range or watch response changed in the mirror."""
 
     added: list[_Key]
-    #: Keys deleted.
+    #: Keys deleted (or, after a reset, created anew since).
     removed: list[str]
 
 
@@ -112,7 +118,8 @@ class Mirror:
     """Every key under the prefix as of `revision`, fed by one watch. No I/O.
 
     Keys arrive in revision order and a revision is never split across watch responses, so
-    at `revision` the mirror holds exactly what etcd held then.
+    at `revision` the mirror holds exactly what etcd held then. Each name's keys are kept in
+    etcd order, all of them and the exclusive ones apart, so the nearest blocker is a bisection.
     """
 
     def __init__(self, prefix: str) -> None:
@@ -120,23 +127,40 @@ class Mirror:
         #: 0 until the first `reset`.
         self.revision = 0
         self._keys: dict[str, _Key] = {}
-        self._names: dict[str, dict[str, _Key]] = {}
+        #: name → its keys in etcd order (create revision, then key)
+        self._queues: dict[str, list[_Key]] = {}
+        #: name → its exclusive keys in etcd order
+        self._exclusive: dict[str, list[_Key]] = {}
         self._advanced = trio.Event()
 
     def reset(self, revision: int, kvs: Iterable[KeyValue]) -> Change:
         """Start over from a range read at `revision`, which becomes the mirror's even if it is
         lower (etcd restored from a backup): the mirror never claims a revision it has not seen.
 
-        The change lists every key now present as added, and the keys that are gone.
+        A key still there with the same create revision stays the same entry, so only the
+        waiters of keys that went (deleted, or created anew) look again. The change lists every
+        key now present as added (the watch may have missed its put), and the keys that went.
         """
         old = self._keys
-        for entry in old.values():
-            entry.gone.set()  # their waiters look again, in the new mirror
         self._keys = {}
-        self._names.clear()
-        added = [e for kv in kvs if (e := self._add(kv)) is not None]
+        for kv in kvs:
+            entry = old.get(kv.text)
+            if entry is None or entry.revision != kv.create_revision:
+                entry = self._entry(kv)
+            if entry is not None:
+                self._keys[entry.key] = entry
+        removed = [key for key, entry in old.items() if self._keys.get(key) is not entry]
+        for key in removed:
+            old[key].gone.set()
+        self._queues, self._exclusive = {}, {}
+        for entry in self._keys.values():
+            self._queues.setdefault(entry.name, []).append(entry)
+            if not entry.shared:
+                self._exclusive.setdefault(entry.name, []).append(entry)
+        for queue in itertools.chain(self._queues.values(), self._exclusive.values()):
+            queue.sort(key=_order)
         self._advance(revision)
-        return Change(added, [key for key in old if key not in self._keys])
+        return Change(list(self._keys.values()), removed)
 
     def apply(self, response: WatchResponse) -> Change:
         """Apply a watch response."""
@@ -147,8 +171,9 @@ class Mirror:
                 if self._remove(key):
                     change.removed.append(key)
             elif key not in self._keys:  # a put over an existing key changes nothing here
-                entry = self._add(event.kv)
+                entry = self._entry(event.kv)
                 if entry is not None:
+                    self._insert(entry)
                     change.added.append(entry)
         if response.events:
             self._advance(response.events[-1].kv.mod_revision)
@@ -162,24 +187,23 @@ class Mirror:
     def blocker(self, names: Sequence[str], revision: int, shared: bool) -> _Key | None:
         """The nearest key below `revision` that a request on `names` must outwait, if any."""
         for name in names:
-            nearest = None
-            for entry in self._names.get(name, {}).values():
-                if entry.revision < revision and not (shared and entry.shared):
-                    if nearest is None or entry.revision > nearest.revision:
-                        nearest = entry
-            if nearest is not None:
-                return nearest
+            queue = (self._exclusive if shared else self._queues).get(name)
+            if queue:
+                below = bisect.bisect_left(queue, revision, key=_revision)
+                if below:
+                    return queue[below - 1]
         return None
 
     def queue(self, name: str) -> list[_Key]:
         """The keys on `name` in etcd order (create revision, then key)."""
-        return sorted(self._names.get(name, {}).values(), key=lambda e: (e.revision, e.key))
+        return list(self._queues.get(name, ()))
 
     def names(self) -> list[str]:
-        return list(self._names)
+        return list(self._queues)
 
-    def _add(self, kv: KeyValue) -> _Key | None:
-        """Add `kv`, unless its name is one no request can ask for: then nobody waits for it."""
+    def _entry(self, kv: KeyValue) -> _Key | None:
+        """The entry for `kv`; None if its name is one no request can ask for: then nobody
+        waits for it."""
         key = kv.text
         name = key[len(self.prefix):].partition("/")[0]
         if name_problem(name) is not None:
@@ -188,19 +212,23 @@ class Mirror:
             record: _Record | None = _decode_record(kv.value)
         except msgspec.DecodeError:
             record = None
-        entry = _Key(key, name, kv.create_revision, kv.lease, record)
-        self._keys[key] = entry
-        self._names.setdefault(name, {})[key] = entry
-        return entry
+        return _Key(key, name, kv.create_revision, kv.lease, record)
+
+    def _insert(self, entry: _Key) -> None:
+        self._keys[entry.key] = entry
+        bisect.insort(self._queues.setdefault(entry.name, []), entry, key=_order)
+        if not entry.shared:
+            bisect.insort(self._exclusive.setdefault(entry.name, []), entry, key=_order)
 
     def _remove(self, key: str) -> bool:
         entry = self._keys.pop(key, None)
         if entry is None:
             return False
-        keys = self._names[entry.name]
-        del keys[key]
-        if not keys:
-            del self._names[entry.name]
+        for queues in (self._queues, self._exclusive) if not entry.shared else (self._queues,):
+            queue = queues[entry.name]
+            del queue[bisect.bisect_left(queue, _order(entry), key=_order)]
+            if not queue:
+                del queues[entry.name]
         entry.gone.set()
         return True
 
@@ -540,13 +568,18 @@ class EtcdBackend:
             next_send = sent + period
 
     async def _mirror(self, session: _Session, lose: LoseCallback) -> None:
-        """Keep `session.mirror` in step with etcd: read the prefix, then watch it."""
+        """Keep `session.mirror` in step with etcd: read the prefix, then watch it.
+
+        Only a watch that lasted resets the back-off: one that etcd (or a proxy) ends as soon
+        as it starts must not make every retry a read of the whole prefix at full rate.
+        """
         delay = _RECONNECT[0]
         while True:
+            watching = math.inf
             try:
                 revision, kvs = await self._client.range_prefix(self._prefix, timeout=self._timeout)
                 self._follow(session, session.mirror.reset(revision, kvs), lose)
-                delay = _RECONNECT[0]
+                watching = trio.current_time()
                 await self._client.watch(
                     self._prefix, revision + 1,
                     lambda response: self._follow(session, session.mirror.apply(response), lose),
@@ -556,8 +589,10 @@ class EtcdBackend:
                 continue
             except EtcdError as exc:
                 self._trouble(str(exc))
-                await trio.sleep(delay)
-                delay = min(2 * delay, _RECONNECT[1])
+            if trio.current_time() - watching >= _RECONNECT[1]:
+                delay = _RECONNECT[0]
+            await trio.sleep(delay)
+            delay = min(2 * delay, _RECONNECT[1])
 
     def _follow(self, session: _Session, change: Change, lose: LoseCallback) -> None:
         """Act on what etcd did: keys of this lease that no live ticket owns go to the janitor;

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -319,16 +320,24 @@ class Relay:
 
     `run` it in a nursery (`await nursery.start(relay.run)`), then point a client at `url`.
     While cut, connections stay open but nothing crosses in either direction, so the client
-    sees silence rather than an error, as behind a real partition.
+    sees silence rather than an error, as behind a real partition. `silence_watches` does that
+    to the watch streams open at the time only, as a firewall that drops idle flows would;
+    with `refuse_watches` set, a connection that asks for a watch is closed at once.
     """
 
     def __init__(self, target_url: str) -> None:
         self._target = int(target_url.rsplit(":", 1)[1])
         self.url = ""
         self.cut = False
-        #: trio times at which a keep-alive request was passed on to etcd.
-        self.keep_alives: list[float] = []
-        self._streams: set[trio.SocketStream] = set()
+        self.refuse_watches = False
+        #: (trio time, path) of every request passed on to etcd.
+        self.requests: list[tuple[float, str]] = []
+        self._links: set[_Link] = set()
+
+    @property
+    def keep_alives(self) -> list[float]:
+        """trio times at which a keep-alive request was passed on to etcd."""
+        return [at for at, path in self.requests if path == "/v3/lease/keepalive"]
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -339,9 +348,14 @@ class Relay:
     def heal(self) -> None:
         """Let traffic through again; connections cut so far are closed, as after a timeout."""
         self.cut = False
-        for stream in list(self._streams):
-            stream.socket.close()
-        self._streams.clear()
+        for link in self._links:
+            for stream in link.streams:
+                stream.socket.close()
+        self._links.clear()
+
+    def silence_watches(self) -> None:
+        for link in self._links:
+            link.silent = link.silent or link.watch
 
     async def _relay(self, client: trio.SocketStream) -> None:
         try:
@@ -349,25 +363,43 @@ class Relay:
         except OSError:
             await client.aclose()
             return
-        self._streams.update((client, upstream))
+        link = _Link((client, upstream))
+        self._links.add(link)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._pipe, client, upstream, True, nursery.cancel_scope)
-            nursery.start_soon(self._pipe, upstream, client, False, nursery.cancel_scope)
-        self._streams.difference_update((client, upstream))
+            nursery.start_soon(self._pipe, link, client, upstream, True, nursery.cancel_scope)
+            nursery.start_soon(self._pipe, link, upstream, client, False, nursery.cancel_scope)
+        self._links.discard(link)
 
     async def _pipe(
-        self, source: trio.SocketStream, sink: trio.SocketStream, to_etcd: bool, both: trio.CancelScope
+        self, link: _Link, source: trio.SocketStream, sink: trio.SocketStream, to_etcd: bool,
+        both: trio.CancelScope,
     ) -> None:
         try:
             while data := await source.receive_some(65536):
-                if self.cut:
-                    continue
-                if to_etcd and b"/v3/lease/keepalive" in data:
-                    self.keep_alives.append(trio.current_time())
-                await sink.send_all(data)
+                if to_etcd:
+                    for path in _REQUEST_LINE.findall(data):
+                        self.requests.append((trio.current_time(), path.decode()))
+                        link.watch = link.watch or path == b"/v3/watch"
+                    if link.watch and self.refuse_watches:
+                        break
+                if not (self.cut or link.silent):
+                    await sink.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
         both.cancel()
         with trio.CancelScope(shield=True):
             await source.aclose()
             await sink.aclose()
+
+
+_REQUEST_LINE = re.compile(rb"POST (/v3/[a-z/]+) HTTP/1")
+
+
+class _Link:
+    """One client connection through a Relay."""
+
+    def __init__(self, streams: tuple[trio.SocketStream, trio.SocketStream]) -> None:
+        self.streams = streams
+        #: Whether the client asked for a watch on it, and whether the relay now drops its data.
+        self.watch = False
+        self.silent = False

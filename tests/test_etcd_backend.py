@@ -498,6 +498,24 @@ async def test_a_failing_watch_ends_the_lease_not_the_daemon(
             await a.take(ticket("y"))
 
 
+async def test_a_watch_that_fails_at_once_is_retried_with_back_off(
+    shared_etcd: EtcdCluster, hosts: Hosts
+) -> None:
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as outer:
+            relay = Relay(shared_etcd.endpoints[0])
+            await outer.start(relay.run)
+            relay.refuse_watches = True
+            (a,) = hosts([relay.url], "host0")
+            with trio.move_on_after(2.0):
+                await a.backend.run(a.lose)
+            # Each retry reads the whole prefix. Backing off from 0.1 s to 1 s makes about 5
+            # in 2 s; retrying every 0.1 s, about 20.
+            reads = [at for at, path in relay.requests if path == "/v3/kv/range"]
+            assert 3 <= len(reads) <= 8
+            outer.cancel_scope.cancel()
+
+
 # --- a three-member cluster losing members under contention ------------------------------------
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import msgspec
 import trio
 import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
 
 from lockd.etcd_backend import Mirror
 from lockd.etcd_client import Event, Header, KeyValue, WatchResponse
@@ -63,15 +65,19 @@ async def test_deletion_wakes_the_waiter_of_that_key_only() -> None:
     assert mirror.names() == ["y"]
 
 
-async def test_reset_wakes_every_waiter_and_replaces_the_keys() -> None:
+async def test_reset_wakes_only_the_waiters_of_keys_that_went() -> None:
     mirror = Mirror(PREFIX)
-    a = kv("x", 2)
-    mirror.reset(2, [a])
-    old = mirror.blocker(["x"], 9, False)
-    change = mirror.reset(8, [kv("x", 6, seq=2)])
-    assert ([e.revision for e in change.added], change.removed) == ([6], [a.key.decode()])
-    assert old.gone.is_set()
-    assert mirror.blocker(["x"], 9, False).revision == 6
+    stays, goes, recreated = kv("x", 2, seq=1), kv("x", 3, seq=2), kv("y", 4, seq=3)
+    mirror.reset(4, [stays, goes, recreated])
+    entries = [mirror.blocker([name], 9, False) for name in ("x", "y")] + [mirror.blocker(["x"], 3, False)]
+    # The watch missed the deletion of `goes`, and `recreated` was deleted and put again.
+    again = kv("y", 6, seq=3)
+    change = mirror.reset(8, [stays, again, kv("x", 7, seq=4)])
+    assert sorted(change.removed) == sorted([goes.key.decode(), recreated.key.decode()])
+    assert sorted(e.revision for e in change.added) == [2, 6, 7]
+    assert [e.gone.is_set() for e in entries] == [True, True, False]
+    assert mirror.blocker(["x"], 3, False) is entries[2]
+    assert [e.revision for e in mirror.queue("x")] == [2, 7]
     assert mirror.revision == 8
 
 
@@ -134,3 +140,46 @@ async def test_wait_for_blocks_until_the_watch_reaches_the_revision() -> None:
             assert reached == []
             mirror.apply(puts(kv("x", 6, seq=2)))
     assert reached == [6]
+
+
+_operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("put"), st.sampled_from("abc"), st.booleans()),
+        st.tuples(st.just("delete"), st.integers(0, 50)),
+        st.tuples(st.just("reset")),
+    ),
+    max_size=40,
+)
+
+
+@given(_operations)
+def test_blocker_and_queue_agree_with_a_scan_of_every_key(operations: list[tuple]) -> None:
+    mirror = Mirror(PREFIX)
+    mirror.reset(1, [])
+    present: dict[bytes, KeyValue] = {}
+    revision = 1
+    for operation in operations:
+        if operation[0] == "put":
+            _, name, shared = operation
+            revision += 1
+            # Some puts share a revision, as the keys of one txn do.
+            entry = kv(name, revision - (revision % 3 == 0), "shared" if shared else "exclusive", seq=revision)
+            present[entry.key] = entry
+            mirror.apply(puts(entry))
+        elif operation[0] == "delete" and present:
+            revision += 1
+            mirror.apply(deletion(present.pop(sorted(present)[operation[1] % len(present)]), revision))
+        elif operation[0] == "reset":
+            mirror.reset(revision, list(present.values()))
+        for name in "abc":
+            mine = [k for k in present.values() if k.key.startswith(f"{PREFIX}{name}/".encode())]
+            order = sorted(mine, key=lambda k: (k.create_revision, k.key))
+            assert [e.key for e in mirror.queue(name)] == [k.key.decode() for k in order]
+            for below in range(revision + 2):
+                for shared in (False, True):
+                    older = [
+                        k.create_revision for k in mine
+                        if k.create_revision < below and not (shared and b'"shared"' in k.value)
+                    ]
+                    found = mirror.blocker([name], below, shared)
+                    assert (found and found.revision) == (max(older) if older else None)
