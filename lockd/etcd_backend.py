@@ -252,6 +252,10 @@ class _Session:
         self.mirror = Mirror(prefix)
         #: Cancel scopes of the takes running under this lease.
         self.takes: set[trio.CancelScope] = set()
+        #: The scope of the mirror's current read-and-watch (cancelling it starts over), and
+        #: when the watch last delivered anything.
+        self.watch = trio.CancelScope()
+        self.heard = -math.inf
         #: Keys to delete, and the janitor's wake-up call.
         self.doomed: set[str] = set()
         self.wake = trio.Event()
@@ -422,7 +426,7 @@ class EtcdBackend:
         value = msgspec.json.encode(record)
         puts = [etcd_client.put(key, value, session.lease) for key in attempt.keys.values()]
         _, revision = await self._client.txn(puts, timeout=self._timeout)
-        await session.mirror.wait_for(revision)
+        await self._caught_up(session, revision)
         while (blocker := session.mirror.blocker(ticket.names, revision, ticket.shared)) is not None:
             if not ticket.wait:
                 raise Blocked(f"{blocker.name}: asked for earlier on another host")
@@ -451,6 +455,25 @@ class EtcdBackend:
         else:
             attempt.held = True
         return [revision] * len(ticket.names)
+
+    async def _caught_up(self, session: _Session, revision: int) -> None:
+        """Return once the mirror has seen `revision` (a change this daemon made).
+
+        A watch that does not show it within the timeout is taken for silently broken (a
+        member cut off from the cluster, a firewall that dropped the flow): it is restarted
+        from a fresh read, and EtcdUnreachable is raised.
+        """
+        watch = session.watch
+        with trio.move_on_after(self._timeout):
+            await session.mirror.wait_for(revision)
+            return
+        if not watch.cancel_called:
+            log.warning("the etcd watch did not show revision %d within %g s; reading etcd again", revision, self._timeout)
+            watch.cancel()
+        raise EtcdUnreachable(
+            f"etcd's watch did not show this request's change within {self._timeout:g} s; lockd "
+            "restarted the watch: retry the request"
+        )
 
     def _end(self, attempt: _Attempt) -> None:
         """Let go of everything of `attempt`. Idempotent."""
@@ -518,6 +541,7 @@ class EtcdBackend:
                 session.wake.set()
             nursery.start_soon(self._guard, session, "watch", functools.partial(self._mirror, session, lose))
             nursery.start_soon(self._guard, session, "janitor", functools.partial(self._janitor, session))
+            nursery.start_soon(self._guard, session, "watchdog", functools.partial(self._watchdog, session))
             reason = await self._keep_alive(session)
             session.alive = False
             self._problem = reason
@@ -571,28 +595,54 @@ class EtcdBackend:
         """Keep `session.mirror` in step with etcd: read the prefix, then watch it.
 
         Only a watch that lasted resets the back-off: one that etcd (or a proxy) ends as soon
-        as it starts must not make every retry a read of the whole prefix at full rate.
+        as it starts must not make every retry a read of the whole prefix at full rate. A
+        watch found silent (`session.watch` cancelled) starts over at once.
         """
         delay = _RECONNECT[0]
         while True:
             watching = math.inf
-            try:
-                revision, kvs = await self._client.range_prefix(self._prefix, timeout=self._timeout)
-                self._follow(session, session.mirror.reset(revision, kvs), lose)
-                watching = trio.current_time()
-                await self._client.watch(
-                    self._prefix, revision + 1,
-                    lambda response: self._follow(session, session.mirror.apply(response), lose),
-                    timeout=self._timeout,
-                )
-            except WatchCompacted:
+            with trio.CancelScope() as session.watch:
+                try:
+                    revision, kvs = await self._client.range_prefix(self._prefix, timeout=self._timeout)
+                    self._follow(session, session.mirror.reset(revision, kvs), lose)
+                    watching = trio.current_time()
+                    await self._client.watch(
+                        self._prefix, revision + 1, functools.partial(self._watched, session, lose),
+                        timeout=self._timeout,
+                    )
+                except WatchCompacted:
+                    continue
+                except EtcdError as exc:
+                    self._trouble(str(exc))
+            if session.watch.cancelled_caught:
                 continue
-            except EtcdError as exc:
-                self._trouble(str(exc))
             if trio.current_time() - watching >= _RECONNECT[1]:
                 delay = _RECONNECT[0]
             await trio.sleep(delay)
             delay = min(2 * delay, _RECONNECT[1])
+
+    def _watched(self, session: _Session, lose: LoseCallback, response: WatchResponse) -> None:
+        session.heard = trio.current_time()
+        self._follow(session, session.mirror.apply(response), lose)
+
+    async def _watchdog(self, session: _Session) -> None:
+        """While takes wait on the watch, check that it still delivers.
+
+        etcd sends nothing on a watch with no changes, so silence alone proves nothing: when
+        the watch has been quiet for TTL/3 while takes run, this daemon puts its heartbeat key
+        (`PREFIX.heartbeat/LEASE`, under a name no request can have) and expects to see it.
+        """
+        key = f"{self._prefix}.heartbeat/{session.lease:x}"
+        period = session.ttl / 3
+        while True:
+            await trio.sleep(period)
+            if not session.takes or trio.current_time() - session.heard < period:
+                continue
+            try:
+                _, revision = await self._client.txn([etcd_client.put(key, b"", session.lease)], timeout=self._timeout)
+                await self._caught_up(session, revision)
+            except EtcdError as exc:
+                self._trouble(str(exc))
 
     def _follow(self, session: _Session, change: Change, lose: LoseCallback) -> None:
         """Act on what etcd did: keys of this lease that no live ticket owns go to the janitor;

@@ -21,7 +21,8 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -390,6 +391,16 @@ class Relay:
         with trio.CancelScope(shield=True):
             await source.aclose()
             await sink.aclose()
+
+
+@asynccontextmanager
+async def relay_to(url: str) -> AsyncIterator[Relay]:
+    """A Relay to the etcd member at `url`, running until the block ends."""
+    async with trio.open_nursery() as nursery:
+        relay = Relay(url)
+        await nursery.start(relay.run)
+        yield relay
+        nursery.cancel_scope.cancel()
 
 
 _REQUEST_LINE = re.compile(rb"POST (/v3/[a-z/]+) HTTP/1")

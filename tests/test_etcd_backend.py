@@ -23,7 +23,7 @@ from lockd.session import Party
 from lockd.table import Ticket
 from lockd_client.errors import DaemonUnavailable, LimitExceeded, LockdError
 from tests.etcd_cluster import (  # noqa: F401 (fixtures)
-    EtcdCluster, Relay, etcd, etcd3, keys_under, prefix, requires_etcd, shared_etcd, wait_no_keys,
+    EtcdCluster, etcd, etcd3, keys_under, prefix, relay_to, requires_etcd, shared_etcd, wait_no_keys,
 )
 from tests.flock_tools import outside_flock
 
@@ -398,9 +398,7 @@ async def test_partitioned_daemon_loses_its_leases_before_etcd_expires_them(
     """A is cut off from a healthy etcd: it must stop believing before B can be granted."""
     (b,) = hosts(etcd.endpoints, "host0")
     with trio.fail_after(4 * WAIT):
-        async with trio.open_nursery() as outer:
-            relay = Relay(etcd.endpoints[0])
-            await outer.start(relay.run)
+        async with relay_to(etcd.endpoints[0]) as relay:
             (a,) = hosts([relay.url], "cut-off")
             async with serving(a, b) as nursery:
                 held = ticket("x")
@@ -427,7 +425,6 @@ async def test_partitioned_daemon_loses_its_leases_before_etcd_expires_them(
                 b.backend.drop(b_waits.ticket)
                 (after,) = await a.take(ticket("x"))
                 assert after > before
-            outer.cancel_scope.cancel()
 
 
 async def test_keys_of_this_lease_without_a_ticket_are_deleted(
@@ -498,13 +495,40 @@ async def test_a_failing_watch_ends_the_lease_not_the_daemon(
             await a.take(ticket("y"))
 
 
+async def test_a_watch_gone_silent_is_noticed_and_restarted(shared_etcd: EtcdCluster, hosts: Hosts) -> None:
+    """A's watch stream stops delivering without an error, as behind a firewall that dropped
+    the flow: A must find out by itself, or its waiters wait forever and hold up the fleet."""
+    (b,) = hosts(shared_etcd.endpoints, "host0")
+    with trio.fail_after(WAIT):
+        async with relay_to(shared_etcd.endpoints[0]) as relay:
+            (a,) = hosts([relay.url], "silenced")
+            async with serving(a, b) as nursery:
+                held = ticket("x")
+                await b.take(held)
+                waiting = start(nursery, a, ticket("x"))
+                assert await still_waiting(waiting)
+                relay.silence_watches()
+                b.backend.drop(held)
+                await waiting.done.wait()
+                assert waiting.error is None
+                # A take needs the watch to show its own keys: answered, not left hanging.
+                relay.silence_watches()
+                quick = start(nursery, a, ticket("y", wait=False))
+                await quick.done.wait()
+                assert quick.tokens is not None or isinstance(quick.error, DaemonUnavailable)
+                # And B, behind A's key, is granted once A lets go.
+                behind = start(nursery, b, ticket("x"))
+                assert await still_waiting(behind, 0.1)
+                a.backend.drop(waiting.ticket)
+                await behind.done.wait()
+                assert behind.error is None
+
+
 async def test_a_watch_that_fails_at_once_is_retried_with_back_off(
     shared_etcd: EtcdCluster, hosts: Hosts
 ) -> None:
     with trio.fail_after(WAIT):
-        async with trio.open_nursery() as outer:
-            relay = Relay(shared_etcd.endpoints[0])
-            await outer.start(relay.run)
+        async with relay_to(shared_etcd.endpoints[0]) as relay:
             relay.refuse_watches = True
             (a,) = hosts([relay.url], "host0")
             with trio.move_on_after(2.0):
@@ -513,7 +537,6 @@ async def test_a_watch_that_fails_at_once_is_retried_with_back_off(
             # in 2 s; retrying every 0.1 s, about 20.
             reads = [at for at, path in relay.requests if path == "/v3/kv/range"]
             assert 3 <= len(reads) <= 8
-            outer.cancel_scope.cancel()
 
 
 # --- a three-member cluster losing members under contention ------------------------------------
