@@ -151,10 +151,12 @@ def _raw(key: str) -> bytes:
 class EtcdClient:
     """Talks to one etcd cluster through the endpoints given, moving on when one fails.
 
-    Every call's `timeout` (seconds) bounds each step with an endpoint: connecting, sending,
-    waiting for the answer (`watch` waits for events as long as its stream lives); a caller
-    that needs a bound on the whole call sets one around it. Cancellation abandons the
-    request; whether etcd applied it is then unknown, which callers must allow for.
+    Every call's `timeout` (seconds) bounds each attempt with an endpoint, from connecting to
+    the whole answer (`watch`: connecting and sending only; it waits for events as long as
+    its stream lives). An endpoint that lets the time pass, or fails, is skipped by the next
+    call: a member that stopped answering with its connections still open costs one attempt,
+    not every call. Cancellation abandons the request; whether etcd applied it is then
+    unknown, which callers must allow for.
     """
 
     def __init__(
@@ -302,16 +304,22 @@ class EtcdClient:
         decoder = msgspec.json.Decoder(answer, strict=False)
         failure: EtcdError | None = None
         # One round per endpoint, and one more for a request refused for an expired token.
+        # Connecting gets half the time, so that a member that does not answer SYNs leaves
+        # time to try the next one within the same attempt bound.
+        steps = httpx.Timeout(timeout, connect=timeout / 2)
         for _ in range(len(self.endpoints) + 1):
             endpoint = self.endpoint
-            try:
-                response = await self._http.send(await self._request(endpoint + path, content, timeout))
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                # Nothing was sent: the next member can safely take the same request.
-                failure = self._unreachable(endpoint, exc)
-                continue
-            except httpx.HTTPError as exc:
-                raise self._unreachable(endpoint, exc) from exc
+            with trio.move_on_after(timeout) as attempt:
+                try:
+                    response = await self._http.send(await self._request(endpoint + path, content, steps))
+                except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                    # Nothing was sent: the next member can safely take the same request.
+                    failure = self._unreachable(endpoint, exc)
+                    continue
+                except httpx.HTTPError as exc:
+                    raise self._unreachable(endpoint, exc) from exc
+            if attempt.cancelled_caught:
+                raise self._unreachable(endpoint, f"no answer within {timeout:.2g} s")
             if response.status_code == 200:
                 return _decode(decoder, endpoint, response.content)
             failure = self._failure(endpoint, response)
@@ -354,8 +362,13 @@ class EtcdClient:
         return EtcdError(f"etcd at {endpoint} answered: {message}", failure.code)
 
     def _unreachable(self, endpoint: str, cause: Exception | str) -> EtcdUnreachable:
-        """The error for `endpoint` not answering; the next call tries the next one first."""
-        self._current = (self._current + 1) % len(self.endpoints)
+        """The error for `endpoint` not answering; the next call tries the next one first.
+
+        Calls that fail on the same endpoint together move past it once, not once each (which
+        could bring them back to it).
+        """
+        if self.endpoint == endpoint:
+            self._current = (self._current + 1) % len(self.endpoints)
         return EtcdUnreachable(f"etcd at {endpoint} is unreachable: {_describe(cause)}")
 
 

@@ -584,6 +584,24 @@ async def contend(host: Host, ledger: Ledger, name: str) -> None:
         host.backend.drop(t)
 
 
+async def test_a_frozen_member_costs_no_lease_while_the_others_serve(etcd3: EtcdCluster, hosts: Hosts) -> None:
+    leader = await trio.to_thread.run_sync(etcd3.leader)
+    frozen = next(m for m in etcd3.members if m is not leader)
+    (a,) = hosts([frozen.url, *(m.url for m in etcd3.members if m is not frozen)], "host0")
+    with trio.fail_after(WAIT):
+        async with serving(a):
+            await a.take(ticket("x"))
+            # Its connections stay open and it answers nothing, so each renewal that goes to
+            # it can only time out: the next attempt must go elsewhere, within the deadline.
+            frozen.stop()
+            try:
+                await trio.sleep(1.5 * TTL)
+                assert a.lost == []
+                await a.ready()
+            finally:
+                frozen.cont()
+
+
 async def test_cluster_losing_a_follower_then_the_leader_never_has_two_holders(
     etcd3: EtcdCluster, short_tmp: Path, hosts: Hosts
 ) -> None:

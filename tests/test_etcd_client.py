@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
 
 import pytest
@@ -123,6 +123,32 @@ async def test_an_endpoint_that_refuses_connections_is_skipped(shared_etcd: Etcd
             assert client.endpoint == shared_etcd.endpoints[0]
     finally:
         await client.aclose()
+
+
+async def test_calls_that_time_out_together_on_a_silent_endpoint_all_move_past_it(
+    shared_etcd: EtcdCluster,
+) -> None:
+    """A member that accepts connections and answers nothing (frozen, or behind a firewall
+    that drops packets): each call gives up within its timeout and the next goes elsewhere."""
+    silent = trio.socket.socket()
+    await silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    client = EtcdClient([f"http://127.0.0.1:{silent.getsockname()[1]}", *shared_etcd.endpoints])
+    try:
+        with trio.fail_after(WAIT):
+            async with trio.open_nursery() as nursery:
+                for _ in range(2):
+                    nursery.start_soon(expect_unreachable, client.txn([], timeout=0.3))
+            assert client.endpoint == shared_etcd.endpoints[0]
+            await client.txn([], timeout=2)
+    finally:
+        await client.aclose()
+        silent.close()
+
+
+async def expect_unreachable(call: Awaitable[object]) -> None:
+    with pytest.raises(EtcdUnreachable, match="no answer within 0.3 s"):
+        await call
 
 
 async def test_watch_from_a_compacted_revision_says_so(shared_etcd: EtcdCluster, prefix: str) -> None:
