@@ -248,8 +248,7 @@ class _Session:
     def __init__(self, lease: int, ttl: int, sent: float, prefix: str) -> None:
         self.lease = lease
         self.ttl = ttl
-        #: Until when the lease is vouched for (trio clock).
-        self.deadline = sent + ttl - ttl / 3
+        self.confirmed(sent, ttl)
         self.alive = True
         self.mirror = Mirror(prefix)
         #: Cancel scopes of the takes running under this lease.
@@ -264,6 +263,13 @@ class _Session:
         #: Why the watch or the janitor died, if one did (set once, with `broken`).
         self.failure = ""
         self.broken = trio.Event()
+
+    def confirmed(self, sent: float, ttl: int) -> None:
+        """etcd granted or renewed the lease, for `ttl` seconds, on a request sent at `sent`."""
+        #: When the request that last confirmed the lease was sent, and until when the lease
+        #: is vouched for (trio clock).
+        self.sent = sent
+        self.deadline = sent + ttl - ttl / 3
 
     def doom(self, keys: Iterable[str]) -> None:
         if self.alive:  # otherwise the keys go with the lease
@@ -526,9 +532,17 @@ class EtcdBackend:
                 await trio.sleep(delay)
                 delay = min(2 * delay, _RECONNECT[1])
                 continue
+            session = _Session(lease, ttl, sent, self._prefix)
+            if trio.current_time() >= session.deadline:
+                self._stale.add(lease)
+                self._trouble(
+                    f"etcd took {trio.current_time() - sent:.1f} s to grant a lease, more than 2/3 of "
+                    f"its TTL ({ttl} s): lockd cannot vouch for it, and asks again"
+                )
+                continue
             log.info("etcd lease %x granted by %s, TTL %d s", lease, self._client.endpoint, ttl)
             self._problem = ""
-            return _Session(lease, ttl, sent, self._prefix)
+            return session
 
     async def _serve(self, session: _Session, lose: LoseCallback) -> str:
         """Serve under `session` until it is lost; then report its held tickets lost.
@@ -574,25 +588,28 @@ class EtcdBackend:
         by a silent firewall) costs one attempt, and the next goes to the next endpoint.
         """
         period = session.ttl / 4
-        next_send = trio.current_time() + period
+        # From when the grant was sent: a grant answered late is renewed at once.
+        next_send = session.sent + period
+        failure = "no renewal was answered in time"
         while True:
             with trio.move_on_at(min(next_send, session.deadline)):
                 await session.broken.wait()
                 return session.failure
             sent = trio.current_time()
             if sent >= session.deadline:
-                return f"etcd lease could not be kept alive ({self._problem})"
+                return f"etcd lease could not be kept alive ({failure})"
             left = session.deadline - sent
             attempt = min(left, max(left / 3, _MIN_ATTEMPT))
             try:
                 ttl = await self._client.keep_alive(session.lease, timeout=attempt)
             except EtcdError as exc:
-                self._trouble(str(exc))
+                failure = str(exc)
+                self._trouble(failure)
                 next_send = sent + attempt  # at once after a timeout, not at once after a refusal
                 continue
             if ttl <= 0:
                 return "the etcd lease expired"
-            session.deadline = sent + ttl - ttl / 3
+            session.confirmed(sent, ttl)
             next_send = sent + period
 
     async def _mirror(self, session: _Session, lose: LoseCallback) -> None:

@@ -36,13 +36,15 @@ WAIT = 10.0
 class Host:
     """One daemon's backend with its own lock directory; `lose` acts as the server would."""
 
-    def __init__(self, name: str, root: Path, endpoints: list[str], prefix: str) -> None:
+    def __init__(
+        self, name: str, root: Path, endpoints: list[str], prefix: str, client: type[EtcdClient] = EtcdClient
+    ) -> None:
         self.name = name
         lock_dir = root / name
         lock_dir.mkdir()
         self.lock_dir = lock_dir
         self.files = LockFiles(lock_dir)
-        self.backend = EtcdBackend(self.files, EtcdClient(endpoints), host=name, ttl=TTL, prefix=prefix)
+        self.backend = EtcdBackend(self.files, client(endpoints), host=name, ttl=TTL, prefix=prefix)
         #: (ticket, reason, trio time) per loss.
         self.lost: list[tuple[Ticket, str, float]] = []
 
@@ -133,11 +135,12 @@ Hosts = Callable[..., list[Host]]
 
 @pytest.fixture
 def hosts(short_tmp: Path, prefix: str) -> Iterator[Hosts]:
-    """`hosts(endpoints, name...)`: a Host per name, on the test's prefix; closed after."""
+    """`hosts(endpoints, name..., client=EtcdClient)`: a Host per name, on the test's prefix;
+    closed after."""
     made: list[Host] = []
 
-    def make(endpoints: list[str], *names: str) -> list[Host]:
-        new = [Host(name, short_tmp, endpoints, prefix) for name in names]
+    def make(endpoints: list[str], *names: str, client: type[EtcdClient] = EtcdClient) -> list[Host]:
+        new = [Host(name, short_tmp, endpoints, prefix, client) for name in names]
         made.extend(new)
         return new
 
@@ -582,6 +585,24 @@ async def contend(host: Host, ledger: Ledger, name: str) -> None:
             ledger.write(host.name, token, step)
             await trio.sleep(0.005)
         host.backend.drop(t)
+
+
+class SlowGrants(EtcdClient):
+    """Leases are granted at once, and the answer comes a second later (TTL/3 would be 0.67 s)."""
+
+    async def grant(self, ttl: int, *, timeout: float) -> tuple[int, int]:
+        granted = await super().grant(ttl, timeout=timeout)
+        await trio.sleep(1.0)
+        return granted
+
+
+async def test_a_lease_granted_slowly_is_renewed_in_time(shared_etcd: EtcdCluster, hosts: Hosts) -> None:
+    (a,) = hosts(shared_etcd.endpoints, "host0", client=SlowGrants)
+    with trio.fail_after(WAIT):
+        async with serving(a):
+            await a.take(ticket("x"))
+            await trio.sleep(TTL)
+            assert a.lost == []
 
 
 async def test_a_frozen_member_costs_no_lease_while_the_others_serve(etcd3: EtcdCluster, hosts: Hosts) -> None:
