@@ -55,6 +55,10 @@ _MAX_TXN_OPS = 128
 _FLOCK_POLL = (0.01, 0.5)
 #: Reconnecting to etcd backs off from the first to the second (seconds).
 _RECONNECT = (0.1, 1.0)
+#: The most takes talking to etcd at once, well below the client's `CONNECTIONS`: the rest
+#: stay free for the watch, the janitor and reads, and no take waits for a connection against
+#: its timeout. More at once does not get more takes through etcd per second.
+_TAKES_AT_ONCE = 16
 #: The least time a renewal attempt is given (seconds), however close the deadline.
 _MIN_ATTEMPT = 0.01
 
@@ -322,6 +326,7 @@ class EtcdBackend:
         #: Leases given up but maybe not yet expired in etcd: revoked when etcd answers again.
         self._stale: set[int] = set()
         self._problem = "no etcd lease yet: lockd is still connecting"
+        self._take_slots = trio.CapacityLimiter(_TAKES_AT_ONCE)
 
     @classmethod
     def from_config(cls, files: LockFiles, config: Etcd, host: str) -> EtcdBackend:
@@ -433,7 +438,8 @@ class EtcdBackend:
         )
         value = msgspec.json.encode(record)
         puts = [etcd_client.put(key, value, session.lease) for key in attempt.keys.values()]
-        _, revision = await self._client.txn(puts, timeout=self._timeout)
+        async with self._take_slots:
+            _, revision = await self._client.txn(puts, timeout=self._timeout)
         await self._caught_up(session, revision)
         while (blocker := session.mirror.blocker(ticket.names, revision, ticket.shared)) is not None:
             if not ticket.wait:
@@ -448,7 +454,8 @@ class EtcdBackend:
         # The keys may have gone with an expired lease while this waited (etcd issue
         # #11456): grant only if etcd still has every one of them.
         compare = [etcd_client.created_at(key, revision) for key in attempt.keys.values()]
-        present, _ = await self._client.txn([], compare=compare, timeout=self._timeout)
+        async with self._take_slots:
+            present, _ = await self._client.txn([], compare=compare, timeout=self._timeout)
         if not present:
             raise EtcdError(
                 "this request's keys vanished from etcd while it waited (the etcd lease "

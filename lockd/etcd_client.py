@@ -29,6 +29,10 @@ _UNAUTHENTICATED = 16
 
 _T = TypeVar("_T")
 
+#: Connections to etcd per pool. A request holds one until answered, the watch one for its
+#: life; a request that finds none waits, and the wait counts against its timeout.
+CONNECTIONS = 100
+
 
 class EtcdError(DaemonUnavailable):
     """etcd answered, with an error; `status` is its gRPC status code."""
@@ -184,7 +188,11 @@ class EtcdClient:
         context = ssl.create_default_context(cafile=ca_file)
         if cert_file is not None:
             context.load_cert_chain(cert_file, key_file)
-        self._http = httpx.AsyncClient(verify=context, trust_env=False)
+        limits = httpx.Limits(max_connections=CONNECTIONS)
+        self._http = httpx.AsyncClient(verify=context, trust_env=False, limits=limits)
+        # Lease calls have connections of their own: a renewal that waited behind a burst of
+        # other requests would lose every lock of the daemon.
+        self._leases = httpx.AsyncClient(verify=context, trust_env=False)
         self._encoder = msgspec.json.Encoder()
 
     @property
@@ -194,6 +202,7 @@ class EtcdClient:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+        await self._leases.aclose()
 
     # --- leases -------------------------------------------------------------------------------
 
@@ -262,7 +271,7 @@ class EtcdClient:
         try:
             content = self._encoder.encode(request)
             response = await self._http.send(
-                await self._request(endpoint + "/v3/watch", content, httpx.Timeout(timeout, read=None)),
+                await self._request(self._http, endpoint + "/v3/watch", content, httpx.Timeout(timeout, read=None)),
                 stream=True,
             )
             lines = response.aiter_lines()
@@ -307,11 +316,12 @@ class EtcdClient:
         # Connecting gets half the time, so that a member that does not answer SYNs leaves
         # time to try the next one within the same attempt bound.
         steps = httpx.Timeout(timeout, connect=timeout / 2)
+        http = self._leases if path.startswith("/v3/lease/") else self._http
         for _ in range(len(self.endpoints) + 1):
             endpoint = self.endpoint
             with trio.move_on_after(timeout) as attempt:
                 try:
-                    response = await self._http.send(await self._request(endpoint + path, content, steps))
+                    response = await http.send(await self._request(http, endpoint + path, content, steps))
                 except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                     # Nothing was sent: the next member can safely take the same request.
                     failure = self._unreachable(endpoint, exc)
@@ -329,15 +339,18 @@ class EtcdClient:
         assert failure is not None
         raise failure
 
-    async def _request(self, url: str, content: bytes, timeout: float | httpx.Timeout) -> httpx.Request:
-        """A POST of `content` to `url`, with the auth token (logging in first if needed)."""
+    async def _request(
+        self, http: httpx.AsyncClient, url: str, content: bytes, timeout: float | httpx.Timeout
+    ) -> httpx.Request:
+        """A POST of `content` to `url`, with the auth token (logging in first, through `http`,
+        if needed)."""
         headers: dict[str, str] = {}
         if self._credentials is not None:
             if self._token is None:
                 endpoint = self.endpoint
                 credentials = self._encoder.encode(self._credentials)
                 login = self._post(endpoint + "/v3/auth/authenticate", credentials, {}, timeout)
-                response = await self._http.send(login)
+                response = await http.send(login)
                 if response.status_code != 200:
                     raise self._failure(endpoint, response)
                 self._token = _decode(msgspec.json.Decoder(_Auth), endpoint, response.content).token

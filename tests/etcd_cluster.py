@@ -323,7 +323,9 @@ class Relay:
     While cut, connections stay open but nothing crosses in either direction, so the client
     sees silence rather than an error, as behind a real partition. `silence_watches` does that
     to the watch streams open at the time only, as a firewall that drops idle flows would;
-    with `refuse_watches` set, a connection that asks for a watch is closed at once.
+    with `refuse_watches` set, a connection that asks for a watch is closed at once. `delays`
+    holds what is sent to etcd for that many seconds when it contains the pattern given (a
+    path, a txn operation) before passing it on.
     """
 
     def __init__(self, target_url: str) -> None:
@@ -331,6 +333,7 @@ class Relay:
         self.url = ""
         self.cut = False
         self.refuse_watches = False
+        self.delays: dict[bytes, float] = {}
         #: (trio time, path) of every request passed on to etcd.
         self.requests: list[tuple[float, str]] = []
         self._links: set[_Link] = set()
@@ -366,10 +369,15 @@ class Relay:
             return
         link = _Link((client, upstream))
         self._links.add(link)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._pipe, link, client, upstream, True, nursery.cancel_scope)
-            nursery.start_soon(self._pipe, link, upstream, client, False, nursery.cancel_scope)
-        self._links.discard(link)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pipe, link, client, upstream, True, nursery.cancel_scope)
+                nursery.start_soon(self._pipe, link, upstream, client, False, nursery.cancel_scope)
+        finally:
+            self._links.discard(link)
+            with trio.CancelScope(shield=True):
+                for stream in link.streams:
+                    await stream.aclose()
 
     async def _pipe(
         self, link: _Link, source: trio.SocketStream, sink: trio.SocketStream, to_etcd: bool,
@@ -383,14 +391,12 @@ class Relay:
                         link.watch = link.watch or path == b"/v3/watch"
                     if link.watch and self.refuse_watches:
                         break
+                    await trio.sleep(sum(t for pattern, t in self.delays.items() if pattern in data))
                 if not (self.cut or link.silent):
                     await sink.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
         both.cancel()
-        with trio.CancelScope(shield=True):
-            await source.aclose()
-            await sink.aclose()
 
 
 @asynccontextmanager

@@ -587,6 +587,30 @@ async def contend(host: Host, ledger: Ledger, name: str) -> None:
         host.backend.drop(t)
 
 
+async def test_a_burst_of_slow_takes_does_not_hold_up_releases(
+    shared_etcd: EtcdCluster, hosts: Hosts
+) -> None:
+    (b,) = hosts(shared_etcd.endpoints, "host0")
+    with trio.fail_after(WAIT):
+        async with relay_to(shared_etcd.endpoints[0]) as relay:
+            (a,) = hosts([relay.url], "busy")
+            async with serving(a, b) as nursery:
+                held, waiting = await holds_while_other_waits(a, b, nursery)
+                # etcd takes its time over every put: a burst of takes fills more connections
+                # than the client has. Deleting the released key must not queue behind them.
+                relay.delays[b"request_put"] = 0.9
+                burst = [start(nursery, a, ticket(f"n{i}")) for i in range(etcd_client.CONNECTIONS)]
+                await trio.sleep(0.2)
+                released = trio.current_time()
+                a.backend.drop(held)
+                await waiting.done.wait()
+                # Queued behind the burst, it would wait for the first puts' answers: 0.7 s.
+                assert waiting.at - released < 0.4
+                assert a.lost == []
+                for pending in burst:
+                    pending.scope.cancel()
+
+
 class SlowGrants(EtcdClient):
     """Leases are granted at once, and the answer comes a second later (TTL/3 would be 0.67 s)."""
 

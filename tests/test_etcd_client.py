@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Iterator
 from pathlib import Path
 
@@ -15,7 +16,9 @@ from lockd.etcd_client import EtcdClient, EtcdError, EtcdUnreachable, WatchCompa
 from lockd.lockfiles import LockFiles
 from lockd.session import Party
 from lockd.table import Ticket
-from tests.etcd_cluster import EtcdCluster, free_ports, prefix, requires_etcd, shared_etcd  # noqa: F401
+from tests.etcd_cluster import (  # noqa: F401 (fixtures)
+    EtcdCluster, free_ports, prefix, relay_to, requires_etcd, shared_etcd,
+)
 
 pytestmark = requires_etcd
 
@@ -149,6 +152,24 @@ async def test_calls_that_time_out_together_on_a_silent_endpoint_all_move_past_i
 async def expect_unreachable(call: Awaitable[object]) -> None:
     with pytest.raises(EtcdUnreachable, match="no answer within 0.3 s"):
         await call
+
+
+async def test_lease_calls_do_not_wait_behind_a_burst_of_other_calls(shared_etcd: EtcdCluster) -> None:
+    async with relay_to(shared_etcd.endpoints[0]) as relay:
+        client = EtcdClient([relay.url])
+        try:
+            with trio.fail_after(WAIT):
+                lease, _ = await client.grant(5, timeout=2)
+                relay.delays[b"/v3/kv/txn"] = 2.0
+                async with trio.open_nursery() as nursery:
+                    for _ in range(etcd_client.CONNECTIONS + 10):
+                        nursery.start_soon(functools.partial(client.txn, [], timeout=WAIT))
+                    await trio.sleep(0.2)  # every connection of the pool taken, some txns waiting
+                    assert await client.keep_alive(lease, timeout=1.0) > 0
+                    nursery.cancel_scope.cancel()
+                await client.revoke(lease, timeout=2)
+        finally:
+            await client.aclose()
 
 
 async def test_watch_from_a_compacted_revision_says_so(shared_etcd: EtcdCluster, prefix: str) -> None:
