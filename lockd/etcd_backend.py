@@ -443,7 +443,7 @@ class EtcdBackend:
         await self._caught_up(session, revision)
         while (blocker := session.mirror.blocker(ticket.names, revision, ticket.shared)) is not None:
             if not ticket.wait:
-                raise Blocked(f"{blocker.name}: asked for earlier on another host")
+                await self._outwait_leftover(session, blocker)
             await blocker.gone.wait()
         delay = _FLOCK_POLL[0]
         while not self._files.try_lock(ticket):
@@ -470,6 +470,16 @@ class EtcdBackend:
         else:
             attempt.held = True
         return [revision] * len(ticket.names)
+
+    async def _outwait_leftover(self, session: _Session, blocker: _Key) -> None:
+        """Raise Blocked for a no-wait request, unless `blocker` is a key of a ticket of this
+        daemon that has just ended (its deletion is on its way): that one is waited for, up to
+        the request timeout."""
+        if blocker.lease == session.lease and blocker.key not in self._owners:
+            with trio.move_on_after(self._timeout):
+                await blocker.gone.wait()
+                return
+        raise Blocked(f"{blocker.name}: asked for earlier on another host")
 
     async def _caught_up(self, session: _Session, revision: int) -> None:
         """Return once the mirror has seen `revision` (a change this daemon made).

@@ -274,6 +274,23 @@ async def test_no_wait_request_is_blocked_and_leaves_no_key(
             await wait_no_keys(shared_etcd.endpoints, prefix + "x/")
 
 
+async def test_no_wait_request_right_after_a_release_on_the_same_host_is_granted(
+    shared_etcd: EtcdCluster, hosts: Hosts
+) -> None:
+    """The released key may still be on its way out of etcd: it is not someone else's."""
+    (a,) = hosts(shared_etcd.endpoints, "host0")
+    with trio.fail_after(WAIT):
+        async with serving(a) as nursery:
+            for _ in range(30):
+                released = ticket("x")
+                await a.take(released)
+                a.backend.drop(released)
+                again = start(nursery, a, ticket("x", wait=False))
+                await again.done.wait()
+                assert again.error is None
+                a.backend.drop(again.ticket)
+
+
 async def test_cancelled_take_leaves_no_key(shared_etcd: EtcdCluster, prefix: str, hosts: Hosts) -> None:
     a, b = hosts(shared_etcd.endpoints, "host0", "host1")
     with trio.fail_after(WAIT):
