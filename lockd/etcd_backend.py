@@ -693,19 +693,58 @@ class EtcdBackend:
                 lose(attempt.ticket, "its etcd key was deleted (by hand or by another tool)")
 
     async def _janitor(self, session: _Session) -> None:
-        """Delete doomed keys and revoke stale leases, retrying until etcd confirms."""
+        """Delete doomed keys and revoke stale leases, retrying with back-off until etcd
+        confirms; neither waits for the other."""
+        delay = _RECONNECT[0]
         while True:
             await session.wake.wait()
             session.wake = trio.Event()
+            revoked = await self._revoke_stale()
+            if await self._delete_doomed(session) and revoked:
+                delay = _RECONNECT[0]
+                continue
+            await trio.sleep(delay)
+            delay = min(2 * delay, _RECONNECT[1])
+            session.wake.set()
+
+    async def _revoke_stale(self) -> bool:
+        """Revoke the leases given up; return whether none is left."""
+        done = True
+        for lease in list(self._stale):
             try:
-                for lease in list(self._stale):
-                    await self._client.revoke(lease, timeout=self._timeout)
-                    self._stale.discard(lease)
-                while session.doomed:
-                    batch = list(itertools.islice(session.doomed, _MAX_TXN_OPS))
-                    await self._client.txn([etcd_client.delete(k) for k in batch], timeout=self._timeout)
-                    session.doomed.difference_update(batch)
-            except EtcdError as exc:
+                await self._client.revoke(lease, timeout=self._timeout)
+            except EtcdUnreachable as exc:
                 self._trouble(str(exc))
-                await trio.sleep(_RECONNECT[0])
-                session.wake.set()
+                return False
+            except EtcdError as exc:
+                self._trouble(f"etcd refuses to revoke lease {lease:x}: {exc}")
+                done = False
+                continue
+            self._stale.discard(lease)
+        return done
+
+    async def _delete_doomed(self, session: _Session) -> bool:
+        """Delete the doomed keys, many per txn; return whether none is left.
+
+        A txn etcd refuses is split in halves, down to single keys, so that neither a key etcd
+        will not delete nor a cluster with a lower --max-txn-ops holds up the other keys.
+        """
+        keys = list(session.doomed)
+        batches = [keys[i:i + _MAX_TXN_OPS] for i in range(0, len(keys), _MAX_TXN_OPS)]
+        done = True
+        while batches:
+            batch = batches.pop()
+            try:
+                await self._client.txn([etcd_client.delete(k) for k in batch], timeout=self._timeout)
+            except EtcdUnreachable as exc:
+                self._trouble(str(exc))
+                return False
+            except EtcdError as exc:
+                if len(batch) > 1:
+                    batches += [batch[len(batch) // 2:], batch[:len(batch) // 2]]
+                else:
+                    self._trouble(f"etcd refuses to delete {batch[0]!r}: {exc}")
+                    done = False
+                continue
+            session.doomed.difference_update(batch)
+        return done

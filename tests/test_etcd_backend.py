@@ -351,6 +351,25 @@ async def test_a_held_key_deleted_by_hand_loses_the_lease(
         await client.aclose()
 
 
+async def test_releases_go_through_when_etcd_takes_fewer_operations_per_txn(
+    prefix: str, hosts: Hosts
+) -> None:
+    cluster = EtcdCluster(1, extra=["--max-txn-ops", "4"])
+    try:
+        await trio.to_thread.run_sync(cluster.start)
+        (a,) = hosts(cluster.endpoints, "host0")
+        with trio.fail_after(WAIT):
+            async with serving(a):
+                held = [ticket(f"n{i}") for i in range(10)]
+                for t in held:
+                    await a.take(t)
+                for t in held:  # at once: one batch of deletions, too large for this etcd
+                    a.backend.drop(t)
+                await wait_no_keys(cluster.endpoints, prefix + "n")
+    finally:
+        cluster.close()
+
+
 # --- etcd failures ----------------------------------------------------------------------------
 
 
