@@ -80,6 +80,13 @@ class _Record(msgspec.Struct, omit_defaults=True):
 _decode_record = msgspec.json.Decoder(_Record).decode
 
 
+def _vanished() -> EtcdError:
+    return EtcdError(
+        "this request's keys vanished from etcd while it waited (the etcd lease expired or "
+        "someone deleted them); retry the request"
+    )
+
+
 class _Key:
     """A lock key as the mirror knows it."""
 
@@ -284,7 +291,7 @@ class _Session:
 class _Attempt:
     """One ticket's keys, from `take` until `drop`."""
 
-    __slots__ = ("ticket", "session", "keys", "held", "ended")
+    __slots__ = ("ticket", "session", "keys", "held", "ended", "scope", "vanished")
 
     def __init__(self, ticket: Ticket, session: _Session, keys: dict[str, str]) -> None:
         self.ticket = ticket
@@ -293,6 +300,10 @@ class _Attempt:
         self.keys = keys
         self.held = False
         self.ended = False
+        #: The take's scope, cancelled if a key of the take is deleted by someone else
+        #: (`vanished`) or the session ends.
+        self.scope = trio.CancelScope()
+        self.vanished = False
 
 
 class EtcdBackend:
@@ -364,19 +375,19 @@ class EtcdBackend:
         attempt = _Attempt(ticket, session, keys)
         self._attempts[ticket] = attempt
         self._owners.update(dict.fromkeys(keys.values(), ticket))
-        scope = trio.CancelScope()
-        session.takes.add(scope)
+        session.takes.add(attempt.scope)
         try:
-            with scope:
+            with attempt.scope:
                 return await self._obtain(attempt)
-            # The session ended under the take; unless the caller cancelled it as well.
+            # The session ended under the take, or its keys were deleted; unless the caller
+            # cancelled it as well.
             await trio.lowlevel.checkpoint()
-            raise self._unavailable()
+            raise _vanished() if attempt.vanished else self._unavailable()
         except BaseException:
             self._end(attempt)
             raise
         finally:
-            session.takes.discard(scope)
+            session.takes.discard(attempt.scope)
 
     def drop(self, ticket: Ticket) -> None:
         attempt = self._attempts.get(ticket)
@@ -408,8 +419,9 @@ class EtcdBackend:
         """Hold an etcd lease for as long as the daemon serves, and a fresh one after a loss.
 
         When a lease can no longer be vouched for, every ticket held under it is reported to
-        `lose` and takes under it fail. Cancellation (shutdown) revokes the lease, so the
-        other hosts get this daemon's locks at once, and closes the connections to etcd.
+        `lose` and takes under it fail. Cancellation (shutdown) revokes the lease, and any
+        earlier one not revoked yet, so the other hosts get this daemon's locks at once, and
+        closes the connections to etcd.
         """
         try:
             while True:
@@ -419,12 +431,16 @@ class EtcdBackend:
         finally:
             with trio.CancelScope(shield=True):
                 with trio.move_on_after(self._timeout):
+                    # The leases given up but not yet revoked hold keys too.
+                    leases = sorted(self._stale)
                     session = self._session
                     if session is not None and session.alive:
+                        leases.insert(0, session.lease)
+                    for lease in leases:
                         try:
-                            await self._client.revoke(session.lease, timeout=self._timeout)
+                            await self._client.revoke(lease, timeout=self._timeout)
                         except EtcdError as exc:
-                            log.warning("could not revoke the etcd lease at shutdown: %s", exc)
+                            log.warning("could not revoke etcd lease %x at shutdown: %s", lease, exc)
                 await self._client.aclose()
 
     # --- takes --------------------------------------------------------------------------------
@@ -457,10 +473,7 @@ class EtcdBackend:
         async with self._take_slots:
             present, _ = await self._client.txn([], compare=compare, timeout=self._timeout)
         if not present:
-            raise EtcdError(
-                "this request's keys vanished from etcd while it waited (the etcd lease "
-                "expired or someone deleted them); retry the request"
-            )
+            raise _vanished()
         # The session may have ended while the answer was on its way (its cancellation then
         # arrives only at the next checkpoint, which a grant never reaches).
         if not session.alive or trio.current_time() >= session.deadline:
@@ -684,13 +697,19 @@ class EtcdBackend:
 
     def _follow(self, session: _Session, change: Change, lose: LoseCallback) -> None:
         """Act on what etcd did: keys of this lease that no live ticket owns go to the janitor;
-        a held ticket whose key someone else deleted is lost."""
+        a held ticket whose key someone else deleted is lost, and a take whose key someone else
+        deleted fails (it no longer has a place in the queue)."""
         session.doom(e.key for e in change.added if e.lease == session.lease and e.key not in self._owners)
         for key in change.removed:
             ticket = self._owners.get(key)
             attempt = self._attempts.get(ticket) if ticket is not None else None
-            if attempt is not None and attempt.held:
+            if attempt is None:
+                continue
+            if attempt.held:
                 lose(attempt.ticket, "its etcd key was deleted (by hand or by another tool)")
+            else:
+                attempt.vanished = True
+                attempt.scope.cancel()
 
     async def _janitor(self, session: _Session) -> None:
         """Delete doomed keys and revoke stale leases, retrying with back-off until etcd

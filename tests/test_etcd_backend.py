@@ -370,6 +370,26 @@ async def test_releases_go_through_when_etcd_takes_fewer_operations_per_txn(
         cluster.close()
 
 
+async def test_a_waiting_key_deleted_by_hand_fails_its_request_at_once(
+    shared_etcd: EtcdCluster, prefix: str, hosts: Hosts
+) -> None:
+    a, b = hosts(shared_etcd.endpoints, "host0", "host1")
+    client = EtcdClient(shared_etcd.endpoints)
+    try:
+        with trio.fail_after(WAIT):
+            async with serving(a, b) as nursery:
+                _, waiting = await holds_while_other_waits(a, b, nursery)
+                _, kvs = await client.range_prefix(prefix + "x/", timeout=2)
+                newest = max(kvs, key=lambda kv: kv.create_revision)  # B's, behind A's
+                await client.txn([etcd_client.delete(newest.text)], timeout=2)
+                await waiting.done.wait()  # while A still holds x
+                assert isinstance(waiting.error, DaemonUnavailable), waiting.error
+                assert "vanished" in str(waiting.error)
+                assert a.lost == []
+    finally:
+        await client.aclose()
+
+
 # --- etcd failures ----------------------------------------------------------------------------
 
 
