@@ -22,11 +22,11 @@ import errno
 import fcntl
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from lockd_client.errors import BadLockFile, DaemonUnavailable, LimitExceeded, LockdError
-from lockd_client.protocol import Holder
+from lockd_client.protocol import Holder, Mode
 
 from . import procinfo
 from .table import Ticket
@@ -185,42 +185,59 @@ class LockFiles:
             self._unlock_names(ticket.names, ticket.shared)
 
     def outside_holders(self, name: str) -> list[Holder]:
-        """The processes other than this one holding the flock of `name`'s file, from /proc/locks.
+        """`outside_holders_of([name])` for one name: [] when nobody outside holds it."""
+        return self.outside_holders_of([name]).get(name, [])
 
-        [] when the file does not exist (it is never created here) or cannot be inspected.
-        A holder in another pid namespace shows with pid and uid None.
+    def outside_holders_of(self, names: Iterable[str]) -> dict[str, list[Holder]]:
+        """The processes other than this one holding the flock of each of `names`' files, by
+        name; a name nobody outside holds is left out.
+
+        Reads /proc/locks once however many names are asked about: the kernel builds it anew
+        on every read, at a cost that grows with every flock on the host. A file that does
+        not exist is left out (it is never created here). A holder in another pid namespace
+        shows with pid and uid None.
         """
+        by_key: dict[tuple[int, int, int], list[str]] = {}
+        for name in dict.fromkeys(names):
+            try:
+                st = os.stat(name + SUFFIX, dir_fd=self._dir_fd, follow_symlinks=False)
+            except OSError:
+                continue
+            # /proc/locks names the file as MAJOR:MINOR:INODE, the device numbers in hex.
+            by_key.setdefault((os.major(st.st_dev), os.minor(st.st_dev), st.st_ino), []).append(name)
+        if not by_key:
+            return {}
         try:
-            st = os.stat(name + SUFFIX, dir_fd=self._dir_fd, follow_symlinks=False)
             with open("/proc/locks", "rb") as f:
                 table = f.read()
         except OSError:
-            return []
-        # /proc/locks names the file as MAJOR:MINOR:INODE, the device numbers in hex.
-        wanted = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+            return {}
         me = os.getpid()
-        holders: dict[int | None, Holder] = {}
+        found: dict[str, dict[int | None, Holder]] = {}
         for line in table.splitlines():
             # "N: FLOCK ADVISORY WRITE PID MAJ:MIN:INO 0 EOF"; waiters read "N: -> FLOCK ...".
             fields = line.split()
             if len(fields) < 6 or fields[1] != b"FLOCK":
                 continue
             major, minor, inode = fields[5].split(b":")
-            if (int(major, 16), int(minor, 16), int(inode)) != wanted:
-                continue
+            wanted = by_key.get((int(major, 16), int(minor, 16), int(inode)))
             number = int(fields[4])
+            if wanted is None or number == me:
+                continue
             # 0: the holder lives in a pid namespace this one cannot see into.
             pid = number if number > 0 else None
-            if number == me or pid in holders:
-                continue
-            holders[pid] = Holder(
-                pid=pid,
-                uid=procinfo.process_uid(pid) if pid else None,
-                command=procinfo.command_line(pid) if pid else "",
-                mode="exclusive" if fields[3] == b"WRITE" else "shared",
-                outside=True,
-            )
-        return list(holders.values())
+            mode: Mode = "exclusive" if fields[3] == b"WRITE" else "shared"
+            for name in wanted:
+                holders = found.setdefault(name, {})
+                if pid not in holders:
+                    holders[pid] = Holder(
+                        pid=pid,
+                        uid=procinfo.process_uid(pid) if pid else None,
+                        command=procinfo.command_line(pid) if pid else "",
+                        mode=mode,
+                        outside=True,
+                    )
+        return {name: list(holders.values()) for name, holders in found.items()}
 
     # --- internals ----------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ import pytest
 from lockd_client.errors import BadLockFile, LimitExceeded
 from lockd_client.protocol import Holder
 
+from lockd import lockfiles
 from lockd.lockfiles import LockDirError, LockFiles, prepare_lock_dir
 
 from .flock_tools import can_flock, make_lock_dir, open_fds, outside_flock, ticket
@@ -88,6 +89,25 @@ def test_shared_coexists_with_outside_shared(files: LockFiles, lock_dir: Path) -
         assert files.try_lock(ticket("logs", shared=True))
         [holder] = files.outside_holders("logs")
         assert (holder.pid, holder.mode) == (proc.pid, "shared")
+
+
+def test_outside_holders_of_many_names_read_proc_locks_once(
+    files: LockFiles, lock_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reads: list[str] = []
+
+    def counting_open(path, *args, **kwargs):
+        reads.append(str(path))
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr(lockfiles, "open", counting_open, raising=False)
+    (lock_dir / "free.lock").touch()
+    with outside_flock(lock_dir / "a.lock") as a, outside_flock(lock_dir / "b.lock", shared=True) as b:
+        found = files.outside_holders_of(["a", "b", "free", "missing", "a"] * 1000)
+    assert {name: [(h.pid, h.mode) for h in holders] for name, holders in found.items()} == {
+        "a": [(a.pid, "exclusive")], "b": [(b.pid, "shared")],
+    }
+    assert reads == ["/proc/locks"]
 
 
 def test_outside_holders_leaves_out_this_process(files: LockFiles) -> None:
