@@ -5,14 +5,16 @@ successful take carries fresh tokens from the one durable counter; a take that f
 or is cancelled holds nothing (see lockd.backend).
 
 Within lockd the table decides who may hold what, so a take only ever waits for processes
-that flock the same files directly. The kernel does not announce when they let go, so a
-waiting take retries every `poll_interval`; this polling happens only while an outside
-process holds a file.
+that flock the same files directly. The kernel does not announce when they let go, so `run`
+retries every waiting take: one pass for all of them, trying each set of names in each mode
+once (the rest of a set's tickets follow only when it succeeds), every POLL_MIN seconds,
+backing off to POLL_MAX while nothing comes free. Nothing polls while no take waits.
 """
 
 from __future__ import annotations
 
 import trio
+from lockd_client.errors import LockdError
 from lockd_client.protocol import Holder
 
 from .backend import Blocked, LoseCallback
@@ -20,21 +22,36 @@ from .lockfiles import LockFiles
 from .table import Ticket
 from .tokens import TokenStore
 
+#: The first retry comes this soon after a take finds a file held outside lockd...
+POLL_MIN = 0.01
+#: ...and retries slow down to this while it stays held, so a grant still follows the outside
+#: holder's exit well within 100 ms, at a few system calls per waiting set of names.
+POLL_MAX = 0.05
+_BACKOFF = 1.5
+
+
+class _Waiter:
+    """A take waiting for `run`: it sets `tokens` or `error`, then `done`."""
+
+    __slots__ = ("done", "tokens", "error")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.tokens: list[int] | None = None
+        self.error: LockdError | None = None
+
 
 class FlockBackend:
     """`lockd.backend.Backend` over LockFiles and a TokenStore, both owned by the caller."""
 
     name = "flock"
 
-    def __init__(self, files: LockFiles, tokens: TokenStore, poll_interval: float = 0.01) -> None:
-        """`poll_interval`: seconds between retries while an outside process holds a file.
-
-        10 ms keeps a grant well under 100 ms after the outside holder lets go, at a cost of
-        a few system calls per retry.
-        """
+    def __init__(self, files: LockFiles, tokens: TokenStore) -> None:
         self._files = files
         self._tokens = tokens
-        self._poll_interval = poll_interval
+        #: Takes waiting for an outside holder, in arrival order.
+        self._waiting: dict[Ticket, _Waiter] = {}
+        self._wake = trio.Event()
 
     def take_now(self, ticket: Ticket) -> list[int] | None:
         if not self._files.try_lock(ticket):
@@ -46,28 +63,76 @@ class FlockBackend:
             raise
 
     async def take(self, ticket: Ticket) -> list[int]:
-        """Retry `take_now` every poll interval until it succeeds; return its tokens.
+        """Take the files now, or wait for `run` to take them once the outside holder lets go.
 
         Raises Blocked at once if `ticket.wait` is false and the files are held outside lockd.
-        Cancellation: only the sleeps between attempts are cancellable and nothing is held
-        during them, so a cancelled take holds nothing.
+        Needs `run` running to ever finish waiting. Cancellation: the take stops waiting, and
+        whatever `run` took for it meanwhile is let go, so a cancelled take holds nothing.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
-        while True:
-            tokens = self.take_now(ticket)
-            if tokens is not None:
-                await trio.lowlevel.cancel_shielded_checkpoint()
-                return tokens
-            if not ticket.wait:
-                raise Blocked(f"{', '.join(ticket.names)}: held by a process outside lockd")
-            await trio.sleep(self._poll_interval)
+        tokens = self.take_now(ticket)
+        if tokens is not None:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return tokens
+        if not ticket.wait:
+            raise Blocked(f"{', '.join(ticket.names)}: held by a process outside lockd")
+        waiter = self._waiting[ticket] = _Waiter()
+        self._wake.set()
+        try:
+            await waiter.done.wait()
+        except BaseException:
+            if self._waiting.pop(ticket, None) is None and waiter.tokens is not None:
+                self._files.unlock(ticket)  # taken by `run` just as this take was cancelled
+            raise
+        if waiter.error is not None:
+            raise waiter.error
+        assert waiter.tokens is not None
+        return waiter.tokens
 
     def drop(self, ticket: Ticket) -> None:
+        self._waiting.pop(ticket, None)
         self._files.unlock(ticket)
 
     def outside_holders(self, name: str) -> list[Holder]:
         return self._files.outside_holders(name)
 
+    def outside_holders_of(self, names: list[str]) -> dict[str, list[Holder]]:
+        """`outside_holders` of several names at the cost of one: names held by nobody
+        outside are left out."""
+        return self._files.outside_holders_of(names)
+
     async def run(self, lose: LoseCallback) -> None:
-        """Nothing to watch: an flock lasts as long as its descriptor. Returns only by cancellation."""
-        await trio.sleep_forever()
+        """Retry the waiting takes (see the module docstring) until cancelled.
+
+        An flock lasts as long as its descriptor, so nothing is ever lost: `lose` is unused.
+        """
+        interval = POLL_MIN
+        while True:
+            if not self._waiting:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                interval = POLL_MIN
+            await trio.sleep(interval)
+            interval = POLL_MIN if self._retry() else min(interval * _BACKOFF, POLL_MAX)
+
+    def _retry(self) -> bool:
+        """Try every waiting take once per set of names and mode; True if any succeeded."""
+        busy: set[tuple[tuple[str, ...], bool]] = set()
+        progress = False
+        for ticket, waiter in list(self._waiting.items()):
+            key = (ticket.names, ticket.shared)
+            if key in busy:
+                continue
+            try:
+                tokens = self.take_now(ticket)
+            except LockdError as exc:
+                waiter.error = exc
+            else:
+                if tokens is None:
+                    busy.add(key)
+                    continue
+                waiter.tokens = tokens
+                progress = True
+            del self._waiting[ticket]
+            waiter.done.set()
+        return progress

@@ -12,6 +12,7 @@ from lockd_client.errors import DaemonUnavailable
 from lockd.backend import Backend, Blocked
 from lockd.flock_backend import FlockBackend
 from lockd.lockfiles import LockFiles
+from lockd.table import Ticket
 from lockd.tokens import BLOCK, TokenStore
 
 from .flock_tools import can_flock, kill, make_lock_dir, open_fds, outside_flock, ticket
@@ -34,6 +35,10 @@ def backend(lock_dir: Path, tokens: TokenStore) -> Iterator[FlockBackend]:
     files = LockFiles(lock_dir)
     yield FlockBackend(files, tokens)
     files.close()
+
+
+def no_loss(ticket: Ticket, reason: str) -> None:
+    raise AssertionError(f"the flock backend lost {ticket}: {reason}")
 
 
 def test_it_is_a_backend(backend: FlockBackend) -> None:
@@ -78,6 +83,7 @@ async def test_take_waits_for_the_outside_holder_and_follows_its_exit(backend: F
 
     with trio.fail_after(10), outside_flock(lock_dir / "b.lock") as proc:
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(backend.run, no_loss)
             nursery.start_soon(take)
             await trio.sleep(0.1)  # several polls
             assert not got
@@ -86,10 +92,48 @@ async def test_take_waits_for_the_outside_holder_and_follows_its_exit(backend: F
             with trio.fail_after(2):  # ~one poll interval is expected; this is generous
                 while not got:
                     await trio.sleep(0.001)
+            nursery.cancel_scope.cancel()
     assert len(got[0]) == 2
     assert not can_flock(lock_dir / "a.lock") and not can_flock(lock_dir / "b.lock")
     backend.drop(t)
     assert can_flock(lock_dir / "b.lock")
+
+
+async def test_many_takes_waiting_on_one_name_cost_one_attempt_per_retry(
+    backend: FlockBackend, lock_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    attempts = 0
+    try_lock = LockFiles.try_lock
+
+    def counted(files: LockFiles, t: Ticket) -> bool:
+        nonlocal attempts
+        attempts += 1
+        return try_lock(files, t)
+
+    monkeypatch.setattr(LockFiles, "try_lock", counted)
+    readers = [ticket("a", shared=True) for _ in range(200)]
+    granted: list[Ticket] = []
+
+    async def take(t: Ticket) -> None:
+        await backend.take(t)
+        granted.append(t)
+
+    with trio.fail_after(10), outside_flock(lock_dir / "a.lock") as proc:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(backend.run, no_loss)
+            for t in readers:
+                nursery.start_soon(take, t)
+            await trio.sleep(0.5)
+            # Each take tried once on its own; then retries of the one name, a few per 0.1 s.
+            assert not granted and attempts < len(readers) + 30, attempts
+            kill(proc)
+            while len(granted) < len(readers):
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    assert not can_flock(lock_dir / "a.lock", shared=False)
+    for t in readers:
+        backend.drop(t)
+    assert can_flock(lock_dir / "a.lock")
 
 
 async def test_take_without_wait_is_blocked_and_holds_nothing(backend: FlockBackend, lock_dir: Path) -> None:
@@ -122,5 +166,5 @@ async def test_a_take_cancelled_before_it_starts_takes_nothing(backend: FlockBac
 
 async def test_run_only_ends_by_cancellation(backend: FlockBackend) -> None:
     with trio.move_on_after(0.05) as scope:
-        await backend.run(lambda ticket, reason: None)
+        await backend.run(no_loss)
     assert scope.cancelled_caught
