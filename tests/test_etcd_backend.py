@@ -331,8 +331,9 @@ async def test_local_flock_holder_outside_lockd_holds_back_the_grant(
             await behind.done.wait()
 
 
-async def test_a_held_key_deleted_by_hand_loses_the_lease(
-    shared_etcd: EtcdCluster, prefix: str, hosts: Hosts
+@pytest.mark.parametrize("deleted", ["held", "waiting"])
+async def test_a_key_deleted_by_hand_ends_the_lease_or_request_it_was_for(
+    deleted: str, shared_etcd: EtcdCluster, prefix: str, hosts: Hosts
 ) -> None:
     a, b = hosts(shared_etcd.endpoints, "host0", "host1")
     client = EtcdClient(shared_etcd.endpoints)
@@ -341,12 +342,17 @@ async def test_a_held_key_deleted_by_hand_loses_the_lease(
             async with serving(a, b) as nursery:
                 held, waiting = await holds_while_other_waits(a, b, nursery)
                 _, kvs = await client.range_prefix(prefix + "x/", timeout=2)
-                oldest = min(kvs, key=lambda kv: kv.create_revision)  # A's, B's waits behind it
-                await client.txn([etcd_client.delete(oldest.key.decode())], timeout=2)
+                mine, theirs = sorted(kvs, key=lambda kv: kv.create_revision)  # A's, then B's
+                shared_etcd.members[0].delete((mine if deleted == "held" else theirs).key)
                 await waiting.done.wait()
-                assert [(t, reason) for t, reason, _ in a.lost] == [
-                    (held, "its etcd key was deleted (by hand or by another tool)")
-                ]
+        if deleted == "held":  # lost, and B granted
+            assert [(t, reason) for t, reason, _ in a.lost] == [
+                (held, "its etcd key was deleted (by hand or by another tool)")
+            ]
+            assert waiting.error is None
+        else:  # failed while A still holds: it no longer has a place in the queue
+            assert isinstance(waiting.error, DaemonUnavailable) and "vanished" in str(waiting.error)
+            assert a.lost == []
     finally:
         await client.aclose()
 
@@ -368,26 +374,6 @@ async def test_releases_go_through_when_etcd_takes_fewer_operations_per_txn(
                 await wait_no_keys(cluster.endpoints, prefix + "n")
     finally:
         cluster.close()
-
-
-async def test_a_waiting_key_deleted_by_hand_fails_its_request_at_once(
-    shared_etcd: EtcdCluster, prefix: str, hosts: Hosts
-) -> None:
-    a, b = hosts(shared_etcd.endpoints, "host0", "host1")
-    client = EtcdClient(shared_etcd.endpoints)
-    try:
-        with trio.fail_after(WAIT):
-            async with serving(a, b) as nursery:
-                _, waiting = await holds_while_other_waits(a, b, nursery)
-                _, kvs = await client.range_prefix(prefix + "x/", timeout=2)
-                newest = max(kvs, key=lambda kv: kv.create_revision)  # B's, behind A's
-                await client.txn([etcd_client.delete(newest.text)], timeout=2)
-                await waiting.done.wait()  # while A still holds x
-                assert isinstance(waiting.error, DaemonUnavailable), waiting.error
-                assert "vanished" in str(waiting.error)
-                assert a.lost == []
-    finally:
-        await client.aclose()
 
 
 # --- etcd failures ----------------------------------------------------------------------------
