@@ -11,7 +11,10 @@ Invariants:
 - Every key the daemon put belongs to a live ticket or is on its way out: a ticket's end, a
   take that fails or is cancelled, and any key of the current lease that the watch shows with
   no live ticket all hand the key to the janitor, which deletes until etcd confirms.
-- A held ticket whose key is deleted by anyone but this daemon is reported lost.
+- A held ticket whose key is deleted by anyone but this daemon is reported lost; a waiting
+  one fails.
+- The mirror is trusted for a take only once it shows the take's own put: a watch that does
+  not within the request timeout is started over from a fresh read, and the take fails.
 
 Order is ZooKeeper's recipe on etcd's global revision: a ticket waits for the deletion of the
 nearest conflicting key below R (any key for an exclusive ticket, an exclusive key for a
@@ -358,8 +361,9 @@ class EtcdBackend:
         """Put the ticket's keys, outwait conflicting older keys, flock; return R per name.
 
         Raises `Blocked` (no-wait ticket, lock held), `DaemonUnavailable` (no etcd lease, an
-        etcd request failed, or the lease was lost meanwhile), `LimitExceeded` (more names than
-        one etcd txn takes), or what `LockFiles.try_lock` raises. On any exception,
+        etcd request failed, the watch did not show the ticket's keys in time, someone deleted
+        them, or the lease was lost meanwhile), `LimitExceeded` (more names than one etcd txn
+        takes), or what `LockFiles.try_lock` raises. On any exception,
         cancellation included, the keys go to the janitor and the flocks are released.
         """
         if len(ticket.names) > _MAX_TXN_OPS:
@@ -488,11 +492,12 @@ class EtcdBackend:
         """Raise Blocked for a no-wait request, unless `blocker` is a key of a ticket of this
         daemon that has just ended (its deletion is on its way): that one is waited for, up to
         the request timeout."""
-        if blocker.lease == session.lease and blocker.key not in self._owners:
-            with trio.move_on_after(self._timeout):
-                await blocker.gone.wait()
-                return
-        raise Blocked(f"{blocker.name}: asked for earlier on another host")
+        if blocker.lease != session.lease or blocker.key in self._owners:
+            raise Blocked(f"{blocker.name}: held or asked for earlier")
+        with trio.move_on_after(self._timeout):
+            await blocker.gone.wait()
+            return
+        raise Blocked(f"{blocker.name}: released here, but etcd has not deleted its key yet")
 
     async def _caught_up(self, session: _Session, revision: int) -> None:
         """Return once the mirror has seen `revision` (a change this daemon made).
@@ -506,11 +511,14 @@ class EtcdBackend:
             await session.mirror.wait_for(revision)
             return
         if not watch.cancel_called:
-            log.warning("the etcd watch did not show revision %d within %g s; reading etcd again", revision, self._timeout)
+            log.warning(
+                "the etcd watch did not show revision %d within %.2g s; reading etcd again",
+                revision, self._timeout,
+            )
             watch.cancel()
         raise EtcdUnreachable(
-            f"etcd's watch did not show this request's change within {self._timeout:g} s; lockd "
-            "restarted the watch: retry the request"
+            f"etcd's watch did not show this request's change within {self._timeout:.2g} s; "
+            "lockd restarted the watch: retry the request"
         )
 
     def _end(self, attempt: _Attempt) -> None:
