@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     from .fdlimit import raise_nofile_limit
     from .lockfiles import LockFiles, prepare_lock_dir
     from .policy import Policy
-    from .server import bind_unix_listener
+    from .listen import bind_unix_listener
     from .systemd import listen_fds
     from .tokens import TokenStore
 
@@ -178,8 +178,7 @@ async def _serve(args, conf, backend, policy, sockets: list[socket.socket], wher
         signal.SIGTERM, signal.SIGINT, signal.SIGHUP
     ) as signals:
         async with trio.open_nursery() as nursery:
-            listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets]
-            await nursery.start(server.serve, listeners)
+            await nursery.start(server.serve, sockets)
             log.info("lockd %s serving on %s (backend %s, locks in %s)", __version__, where, backend.name, conf.lock_dir)
             notifier.ready(_summary(server))
             async with trio.open_nursery() as duties:

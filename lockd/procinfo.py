@@ -10,6 +10,8 @@ import socket
 import struct
 from array import array
 
+from lockd_client.describe import sanitize
+
 #: `status` shows commands on one line each; a longer command line says nothing more useful.
 MAX_COMMAND_LENGTH = 1024
 # UTF-8 needs at most 4 bytes a character, so this many bytes always fill MAX_COMMAND_LENGTH.
@@ -51,9 +53,6 @@ def _read(pid: int, entry: str, size: int = -1) -> bytes | None:
         return None
 
 
-_UNPRINTABLE = {c: "?" for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)]}
-
-
 def command_line(pid: int) -> str:
     """The arguments of `pid` joined by spaces, at most MAX_COMMAND_LENGTH characters.
 
@@ -65,7 +64,7 @@ def command_line(pid: int) -> str:
     text = raw.rstrip(b"\0").replace(b"\0", b" ").decode("utf-8", "replace")
     # Any process may put newlines or escape sequences in its argv: shown raw they would
     # forge log lines or rewrite an operator's terminal.
-    return text[:MAX_COMMAND_LENGTH].translate(_UNPRINTABLE)
+    return sanitize(text[:MAX_COMMAND_LENGTH])
 
 
 def process_uid(pid: int) -> int | None:

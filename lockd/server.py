@@ -1,258 +1,203 @@
-"""The trio shell around the lock table: listeners, one task pair per connection, timers,
-process watches, shutdown.
+"""The lock service: requests from sessions go to the lock table, and the table's effects go
+out to the backend and the sessions.
 
-Invariant: every change to the table happens in a synchronous call that applies all of the
-table's effects before returning (`_apply`), so the table, the sessions and the backend agree
-at every await point. The only awaits are on sockets, pidfds, timers and slow backend takes,
-and each of those re-enters through `_apply`.
-
-Resource handling: a connection's tickets end when its reader sees EOF, an error, or its
-session is closed (slow reader, protocol violation); a process-tied lease ends when its pidfd
-becomes readable. On shutdown every lease is reported lost before connections close.
+Invariants:
+- Every change to the table is carried out by `_apply` before the change's caller returns:
+  effects join one queue and are carried out strictly in order, including those that
+  carrying them out causes (a client cut off while a reply is sent to it ends its tickets on
+  the spot). So each Take is carried out before its Drop, and the table, the sessions, the
+  process owners and the backend agree at every await point.
+- A ticket that ends is forgotten by its session and its process (`_forget`) as it ends, so
+  its request id is free again and no limit counts it.
+- No exception of a background task (timer, slow take, process watch, a backend's report) or
+  of one effect stops the others: a bug costs at most the ticket it concerns.
+- Once `stop()` is called nothing more is granted and no connection is served: held leases
+  are reported lost, every client is told `shutdown`, and every connection closes.
 """
 
 from __future__ import annotations
 
-import errno
 import itertools
 import logging
 import math
-import os
 import socket
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
-import msgspec
 import trio
 
 from lockd_client import errors, protocol
+from lockd_client.describe import holder_text
 
-from . import __version__, procinfo
+from . import __version__, admission, listen, procinfo
 from .backend import Backend, Blocked
 from .config import Limits
 from .policy import Policy
-from .session import Party, ProcessOwner, Session
+from .processes import ProcessOwner, Processes
+from .session import Party, Session, party, shown_label
 from .table import Drop, Effect, Granted, LockTable, Lost, Queued, Reason, Refused, State, Take, Ticket
 
 log = logging.getLogger("lockd")
 
-
-#: Replies a client may leave unread before it is cut off. Generous: a `status` of a busy host
-#: is one large frame, and it is still appended whole.
-MAX_OUTBOX = 4 * 1024 * 1024
-#: The kernel's ceiling for pid_max (PID_MAX_LIMIT on 64-bit).
-MAX_PID = 4 * 1024 * 1024
-#: How long a graceful shutdown waits for clients to take their `Lost` events.
+#: How long a graceful shutdown waits for clients to take their `Lost` events and hang up.
 SHUTDOWN_GRACE = 1.0
+SHUTDOWN_MESSAGE = "lockd is shutting down; reconnect when it is back"
+
+OutsideHolders = Callable[[list[str]], dict[str, list[protocol.Holder]]]
 
 
 class Server:
     """Serves the lock table over listeners. Call `serve` once."""
 
-    def __init__(
-        self, table: LockTable, backend: Backend, limits: Limits | None = None, policy: Policy | None = None
-    ) -> None:
+    def __init__(self, table: LockTable, backend: Backend, limits: Limits, policy: Policy) -> None:
         self.table = table
         self.backend = backend
         #: Both may be replaced while serving (configuration reload).
-        self.limits = limits or Limits()
-        self.policy = policy or Policy((), {0: "root"})
+        self.limits = limits
+        self.policy = policy
         self.sessions: set[Session] = set()
         self._sessions_per_uid: dict[int, int] = {}
         self._session_ids = itertools.count(1)
+        #: Tickets the backend is taking in a task of their own, each with the scope that stops it.
         self._takes: dict[Ticket, trio.CancelScope] = {}
-        self._processes: dict[int, ProcessOwner] = {}
+        self._processes = Processes(self._process_exited)
+        self._outside: OutsideHolders = _outside_holders_of(backend)
+        self._effects: deque[Effect] = deque()
+        self._applying = False
         self._nursery: trio.Nursery | None = None
         self._timer: trio.CancelScope | None = None
-        self._stopping = trio.Event()
+        self._stop = trio.Event()
+        self._stopping = False
+        self._all_gone = trio.Event()
         #: time.time() - trio.current_time(), fixed when serving starts.
         self._wall_offset = 0.0
 
     # --- lifecycle ----------------------------------------------------------------------------
 
-    async def serve(
-        self, listeners: list[trio.SocketListener], *, task_status=trio.TASK_STATUS_IGNORED
-    ) -> None:
-        """Serve until `stop()` is called; `task_status.started()` fires once listeners accept.
+    async def serve(self, listeners: list[socket.socket], *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Serve on `listeners` (listening AF_UNIX sockets) until `stop()` is called;
+        `task_status.started()` fires once they accept.
 
-        After `stop()`: stops accepting, reports every lease lost to its client, gives
-        clients SHUTDOWN_GRACE seconds to read that, closes every connection and
-        returns. Cancellation instead stops at once: the leases end with the connections.
+        After `stop()`: closes the listeners, grants nothing more, reports every lease lost,
+        tells every client the daemon is shutting down, gives them SHUTDOWN_GRACE seconds to
+        read that and hang up, closes every connection and returns. Cancellation instead
+        stops at once: the leases end with the connections.
         """
         self._wall_offset = time.time() - trio.current_time()
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            nursery.start_soon(self._run_timer)
-            nursery.start_soon(self._run_backend)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._run_timer)
+                nursery.start_soon(self.backend.run, self._backend_lost)
+                for listener in listeners:
+                    nursery.start_soon(self._accept_loop, listener)
+                task_status.started()
+                await self._stop.wait()
+                await self._shut_down(listeners)
+                nursery.cancel_scope.cancel()
+        finally:
             for listener in listeners:
-                nursery.start_soon(self._accept_loop, listener)
-            task_status.started()
-            await self._stopping.wait()
-            await self._shut_down(listeners)
-            nursery.cancel_scope.cancel()
+                if listener.fileno() != -1:
+                    listen.close(listener)
 
     def stop(self) -> None:
         """Begin a graceful shutdown; `serve` returns once it is done."""
-        self._stopping.set()
+        self._stop.set()
 
-    async def _shut_down(self, listeners: list[trio.SocketListener]) -> None:
+    async def _shut_down(self, listeners: list[socket.socket]) -> None:
+        self._stopping = True
         for listener in listeners:
-            await listener.aclose()
-        for ticket in [t for s in self.sessions for t in s.tickets.values()]:
-            self._apply(self.table.lose(ticket, "the daemon is shutting down"))
-        for owner in list(self._processes.values()):
-            self._end_process(owner)
+            listen.close(listener)
+        reason = "the daemon is shutting down"
+        for owner in [*self.sessions, *self._processes.owners()]:
+            for ticket in self.table.tickets_of(owner):
+                if ticket.state is State.HELD:
+                    # What this grants is never taken (see `_take`) and ends below.
+                    self._apply(self.table.lose(ticket, reason))
+        goodbye = protocol.Error(None, protocol.ErrorCode.SHUTDOWN, SHUTDOWN_MESSAGE)
         for session in list(self.sessions):
-            session.close("the daemon is shutting down")
-        with trio.move_on_after(SHUTDOWN_GRACE):
-            while self.sessions:
-                await trio.sleep(0.01)
-
-    async def _run_backend(self) -> None:
-        await self.backend.run(self._backend_lost)
+            session.send(goodbye)
+            session.close(reason)
+        if self.sessions:
+            with trio.move_on_after(SHUTDOWN_GRACE):
+                await self._all_gone.wait()
 
     def _backend_lost(self, ticket: Ticket, reason: str) -> None:
-        self._apply(self.table.lose(ticket, reason))
+        with _contained(f"ending the lost lease {ticket}"):
+            self._apply(self.table.lose(ticket, reason))
 
-    async def _accept_loop(self, listener: trio.SocketListener) -> None:
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        assert self._nursery is not None
         while True:
             try:
-                stream = await listener.accept()
+                sock = await listen.accept(listener)
             except trio.ClosedResourceError:
                 return  # shutting down
             except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    # Out of fds: new clients wait in the backlog until leases end; serving
-                    # the connected ones goes on.
-                    log.warning("cannot accept a connection: %s; retrying in 100 ms", exc.strerror)
-                    await trio.sleep(0.1)
-                    continue
-                raise
-            assert self._nursery is not None
-            self._nursery.start_soon(self._handle_connection, stream)
+                # Out of descriptors (EMFILE...) or a client that gave up (ECONNABORTED): new
+                # clients wait in the backlog; serving the connected ones goes on.
+                log.warning("cannot accept a connection: %s; retrying in 100 ms", exc.strerror)
+                await trio.sleep(0.1)
+                continue
+            self._nursery.start_soon(self._serve_connection, sock)
 
-    # --- one connection -----------------------------------------------------------------------
+    # --- sessions -----------------------------------------------------------------------------
 
-    async def _handle_connection(self, stream: trio.SocketStream) -> None:
+    async def _serve_connection(self, sock: socket.socket) -> None:
         try:
-            pid, uid, gid = procinfo.peer_credentials(stream.socket)
+            pid, uid, gid = procinfo.peer_credentials(sock)
         except OSError as exc:
             log.warning("dropping a connection whose peer credentials are unreadable: %s", exc)
-            await stream.aclose()
+            sock.close()
             return
         session = Session(
-            stream, next(self._session_ids), pid, uid, gid, procinfo.command_line(pid), MAX_OUTBOX,
+            sock, next(self._session_ids), pid, uid, gid, procinfo.peer_groups(sock, pid, gid),
+            procinfo.command_line(pid), self._end_session,
         )
-        session.gids = procinfo.peer_groups(stream.socket, pid, gid)
-        refusal = self._connection_refusal(session)
-        if refusal:
+        if self._stopping:
+            session.send(protocol.Error(None, protocol.ErrorCode.SHUTDOWN, SHUTDOWN_MESSAGE))
+            session.close("the daemon is shutting down")
+        elif refusal := admission.connection_refusal(
+            self.limits, len(self.sessions), self._sessions_per_uid.get(uid, 0), uid
+        ):
             log.warning("refusing a connection from uid %d pid %d (%s): %s", uid, pid, session.command, refusal)
             session.send(protocol.Error(None, protocol.ErrorCode.LIMIT, refusal))
             session.close(refusal)
-            with trio.move_on_after(1):
-                await session.run_writer(1)
-            await stream.aclose()
-            return
-        self.sessions.add(session)
-        self._sessions_per_uid[uid] = self._sessions_per_uid.get(uid, 0) + 1
-        log.debug("%r connected: %s", session, session.command)
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._run_writer_then_cancel, session, nursery.cancel_scope)
-                try:
-                    await self._read(session)
-                except Exception:
-                    # A bug must cost one connection, never the daemon and everyone's leases.
-                    log.exception("internal error serving %r; closing its connection", session)
-                    session.close("internal error")
-                session.close(session.close_reason or "the client closed the connection")
-        finally:
-            self.sessions.discard(session)
-            left = self._sessions_per_uid[uid] - 1
-            if left:
-                self._sessions_per_uid[uid] = left
-            else:
-                del self._sessions_per_uid[uid]
-            self._end_session(session)
-            with trio.CancelScope(shield=True):
-                await stream.aclose()
-            if session.close_reason and not session.close_reason.startswith("the client"):
-                log.info("%r disconnected: %s", session, session.close_reason)
-
-    def _connection_refusal(self, session: Session) -> str | None:
-        limits = self.limits
-        if len(self.sessions) >= limits.max_connections:
-            return f"the daemon serves its maximum of {limits.max_connections} connections (limits.max_connections); retry later"
-        if self._sessions_per_uid.get(session.uid, 0) >= limits.max_connections_per_uid:
-            return (
-                f"uid {session.uid} already has {limits.max_connections_per_uid} connections "
-                "(limits.max_connections_per_uid); close some or retry later"
-            )
-        return None
-
-    async def _run_writer_then_cancel(self, session: Session, scope: trio.CancelScope) -> None:
-        await session.run_writer(self.limits.send_timeout)
-        # The writer ends only once the session is closed: stop reading from it too.
-        scope.cancel()
-
-    async def _read(self, session: Session) -> None:
-        frames = protocol.FrameBuffer(self.limits.max_frame)
-        decoder = protocol.request_decoder()
-        greeted = False
-        handshake_deadline = trio.current_time() + self.limits.handshake_timeout
-        while not session.closed:
-            try:
-                with trio.fail_at(math.inf if greeted else handshake_deadline):
-                    data = await session.stream.receive_some(65536)
-            except trio.TooSlowError:
-                session.close(f"no handshake within {self.limits.handshake_timeout:g} s")
-                return
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return
-            if not data:
-                return
-            frames.feed(data)
-            try:
-                while (body := frames.next_frame()) is not None:
-                    message = decoder.decode(body)
-                    if greeted:
-                        self._dispatch(session, message)
-                    else:
-                        greeted = self._greet(session, message)
-                    if session.closed:
-                        return
-            except protocol.FrameTooLarge as exc:
-                self._fail_connection(session, f"{exc}; the connection is closed")
-                return
-            except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-                self._fail_connection(session, f"malformed message ({exc}); the connection is closed")
-                return
-
-    def _fail_connection(self, session: Session, message: str) -> None:
-        session.send(protocol.Error(None, protocol.ErrorCode.PROTOCOL, message))
-        session.close(message)
-
-    def _greet(self, session: Session, message: object) -> bool:
-        if not isinstance(message, protocol.Hello):
-            self._fail_connection(session, "the first message must be hello")
-            return False
-        if message.version != protocol.PROTOCOL_VERSION:
-            session.send(protocol.Error(
-                None, protocol.ErrorCode.VERSION,
-                f"protocol version {message.version} is not supported; this daemon speaks "
-                f"{protocol.PROTOCOL_VERSION} (upgrade lockd_client or lockd to match)",
-            ))
-            session.close("unsupported protocol version")
-            return False
-        session.label = message.label
-        session.send(protocol.Welcome(
+        else:
+            self.sessions.add(session)
+            self._sessions_per_uid[uid] = self._sessions_per_uid.get(uid, 0) + 1
+            log.debug("%r connected: %s", session, session.command)
+        welcome = protocol.Welcome(
             protocol.PROTOCOL_VERSION, f"lockd {__version__}", self.backend.name, self.limits.max_frame
-        ))
-        return True
+        )
+        try:
+            await session.serve(welcome, self._dispatch, self.limits)
+        finally:
+            if session in self.sessions:
+                self._left(session)
+
+    def _left(self, session: Session) -> None:
+        self.sessions.remove(session)
+        left = self._sessions_per_uid[session.uid] - 1
+        if left:
+            self._sessions_per_uid[session.uid] = left
+        else:
+            del self._sessions_per_uid[session.uid]
+        if self._stopping and not self.sessions:
+            self._all_gone.set()
 
     def _end_session(self, session: Session) -> None:
-        session.tickets.clear()
-        self._apply(self.table.drop_owner(session))
+        """The session closed: end its tickets now (its process-tied leases live on)."""
+        reason = session.close_reason or ""
+        if session in self.sessions and not self._stopping and not reason.startswith("the client"):
+            log.info("%r cut off: %s", session, reason)
+        with _contained(f"ending the tickets of {session!r}"):
+            for ticket in self.table.tickets_of(session):
+                self._forget(ticket)
+            session.tickets.clear()
+            self._apply(self.table.drop_owner(session))
 
     # --- requests -----------------------------------------------------------------------------
 
@@ -260,9 +205,7 @@ class Server:
         if isinstance(message, protocol.Acquire):
             self._acquire(session, message)
         elif isinstance(message, protocol.Release):
-            ticket = session.tickets.pop(message.id, None)
-            if ticket is not None:
-                self._apply(self.table.release(ticket))
+            self._release(session, message.id)
         elif isinstance(message, protocol.Status):
             self._status(session, message)
         elif isinstance(message, protocol.ReleasePid):
@@ -270,7 +213,7 @@ class Server:
         elif isinstance(message, protocol.ForceRelease):
             self._force_release(session, message)
         else:
-            self._fail_connection(session, f"unexpected {type(message).__name__} message")
+            session.fail(f"unexpected {type(message).__name__} message")
 
     def _error(self, session: Session, request_id: int, exc: errors.LockdError) -> None:
         code = exc.code or protocol.ErrorCode.PROTOCOL
@@ -285,118 +228,66 @@ class Server:
             timeout = request.timeout
             if timeout is not None and not (timeout >= 0 and math.isfinite(timeout)):
                 raise errors.ProtocolError(f"timeout must be a finite number >= 0, not {timeout}")
-            self._check_acquire_limits(session, names, timeout != 0)
-            refusal = self.policy.check_acquire(session.uid, session.gids, names, request.mode)
-            if refusal is not None:
+            refusal = admission.acquire_refusal(
+                self.limits, names, waits=timeout != 0, requests=len(session.tickets),
+                pending=self.table.waiting_of(session) + session.taking, waiting_on=self.table.waiting_on,
+            ) or self.policy.check_acquire(session.uid, session.gids, names, request.mode)
+            if isinstance(refusal, errors.PermissionDenied):
                 log.warning(
                     "refused uid %d pid %d (%s) %s on %s: %s", session.uid, session.pid,
                     session.command, request.mode, "+".join(names), refusal,
                 )
+            if refusal is not None:
                 raise refusal
-            process = self._process_owner(session, request.pid) if request.pid is not None else None
+            process = self._processes.owner(session.uid, request.pid) if request.pid is not None else None
         except errors.LockdError as exc:
             self._error(session, request.id, exc)
             return
-        now = trio.current_time()
+        label = session.label if request.label is None else shown_label(request.label)
         if process is not None:
-            party = Party(session, request.id, process.pid, process.uid, None,
-                          procinfo.command_line(process.pid), request.label or session.label, process)
+            info = Party(session, request.id, process.pid, process.uid, None,
+                         procinfo.command_line(process.pid), label, process)
         else:
-            party = Party(session, request.id, session.pid, session.uid, session.gid,
-                          session.command, request.label or session.label)
+            info = Party(session, request.id, session.pid, session.uid, session.gid, session.command, label)
+        now = trio.current_time()
         deadline = now + timeout if timeout else None
         ticket, effects = self.table.acquire(
             session, names, shared=request.mode == "shared", wait=timeout != 0,
-            deadline=deadline, now=now, info=party,
+            deadline=deadline, now=now, info=info,
         )
-        if ticket.state is not State.ENDED:
+        if ticket.state is not State.ENDED:  # else refused at once: `_refused` discards the process
             session.tickets[request.id] = ticket
+            if process is not None:
+                assert self._nursery is not None
+                self._processes.attach(process, ticket, self._nursery)
         if deadline is not None and self._timer is not None and deadline < self._timer.deadline:
             self._timer.deadline = deadline
         self._apply(effects)
 
-    def _check_acquire_limits(self, session: Session, names: list[str], waits: bool) -> None:
-        limits = self.limits
-        if len(session.tickets) >= limits.max_leases_per_connection:
-            raise errors.LimitExceeded(
-                f"this connection already has {limits.max_leases_per_connection} leases and requests "
-                "(limits.max_leases_per_connection); release some first"
-            )
-        if not waits:
-            return
-        if self.table.waiting_of(session) >= limits.max_pending_per_connection:
-            raise errors.LimitExceeded(
-                f"this connection already has {limits.max_pending_per_connection} waiting requests "
-                "(limits.max_pending_per_connection); wait for some to be granted first"
-            )
-        for name in names:
-            if self.table.waiting_on(name) >= limits.max_waiters_per_name:
-                raise errors.LimitExceeded(
-                    f"{name} already has {limits.max_waiters_per_name} waiters "
-                    "(limits.max_waiters_per_name); retry later"
-                )
-
-    def _process_owner(self, session: Session, pid: int) -> ProcessOwner:
-        """The owner for leases tied to `pid`, watched from now on. Checks the caller may."""
-        if not 0 < pid <= MAX_PID:
-            raise errors.ProtocolError(f"{pid} is not a process id; a lease can only be tied to a running process")
-        owner = self._processes.get(pid)
-        if owner is not None and not owner.exited:
-            if session.uid not in (0, owner.uid):
-                raise errors.PermissionDenied(f"process {pid} belongs to uid {owner.uid}; only that user or root may tie leases to it")
-            return owner
-        try:
-            pidfd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            raise errors.NotHeld(f"process {pid} does not exist; a lease can only be tied to a running process") from None
-        except OSError as exc:
-            raise errors.LimitExceeded(f"cannot watch process {pid}: {exc.strerror}") from None
-        uid = procinfo.process_uid(pid)
-        if uid is None or session.uid not in (0, uid):
-            os.close(pidfd)
-            raise errors.PermissionDenied(
-                f"process {pid} belongs to uid {uid}, you are uid {session.uid}; "
-                "only that user or root may tie leases to it"
-            )
-        owner = ProcessOwner(pid, uid, pidfd)
-        self._processes[pid] = owner
-        assert self._nursery is not None
-        self._nursery.start_soon(self._watch_process, owner)
-        return owner
-
-    async def _watch_process(self, owner: ProcessOwner) -> None:
-        """End the process's leases when it exits. Shutdown ends them itself and closes the pidfd."""
-        try:
-            await trio.lowlevel.wait_readable(owner.pidfd)
-        except trio.ClosedResourceError:
-            return  # already ended by shutdown
-        if not owner.exited:
-            self._end_process(owner)
-
-    def _end_process(self, owner: ProcessOwner) -> None:
-        owner.exited = True
-        if self._processes.get(owner.pid) is owner:
-            del self._processes[owner.pid]
-        tickets = self.table.tickets_of(owner)
-        if tickets:
-            log.info("process %d exited: ending its %d lease(s)", owner.pid, len(tickets))
-        self._apply(self.table.drop_owner(owner))
-        trio.lowlevel.notify_closing(owner.pidfd)
-        os.close(owner.pidfd)
+    def _release(self, session: Session, request_id: int) -> None:
+        ticket = session.tickets.get(request_id)
+        if ticket is not None:
+            self._forget(ticket)
+            self._apply(self.table.release(ticket))
 
     def _release_pid(self, session: Session, request: protocol.ReleasePid) -> None:
         try:
-            names = _checked_names(request.names)
-            owner = self._processes.get(request.pid)
+            wanted = set(_checked_names(request.names))
+            owner = self._processes.find(request.pid)
             if owner is not None and session.uid not in (0, owner.uid):
                 raise errors.PermissionDenied(
                     f"the leases of process {request.pid} belong to uid {owner.uid}; only that user or root may release them"
                 )
             held = self.table.tickets_of(owner) if owner is not None else []
-            wanted = set(names)
-            released = [t for t in held if wanted & set(t.names)]
-            missing = wanted - {n for t in released for n in t.names}
+            released = [t for t in held if not wanted.isdisjoint(t.names)]
+            missing = wanted.difference(*(t.names for t in released))
             for ticket in released:
+                holder = party(ticket)
+                self._forget(ticket)
+                if holder.session is not session:
+                    holder.session.send(protocol.Lost(
+                        holder.request_id, f"released by uid {session.uid} (pid {session.pid}: {session.command})",
+                    ))
                 self._apply(self.table.release(ticket))
             if missing:
                 raise errors.NotHeld(
@@ -413,7 +304,7 @@ class Server:
         try:
             (name,) = _checked_names([request.name])
             holders = [t for t in self.table.holders(name) if t.state is State.HELD]
-            decision = self.policy.check_force(session.uid, name, [t.info.uid for t in holders])
+            decision = self.policy.check_force(session.uid, name, [party(t).uid for t in holders])
             if not decision.allowed:
                 log.warning(
                     "refused uid %d pid %d (%s) a forced release of %s: %s",
@@ -426,7 +317,8 @@ class Server:
         reason = f"forcibly released by uid {session.uid} (pid {session.pid}: {session.command})"
         count, effects = self.table.force_release(name, reason)
         for ticket in holders:
-            log.warning("%s: lease of pid %s (uid %s) broken, %s", name, ticket.info.pid, ticket.info.uid, reason)
+            holder = party(ticket)
+            log.warning("%s: lease of pid %s (uid %s) broken, %s", name, holder.pid, holder.uid, reason)
         self._apply(effects)
         session.send(protocol.Done(request.id, count))
 
@@ -436,136 +328,201 @@ class Server:
         except errors.LockdError as exc:
             self._error(session, request.id, exc)
             return
-        locks = []
+        rows = []
         for name in names:
-            taking = [t for t in self.table.holders(name) if t.state is not State.HELD]
-            holders = [self._holder(t, name) for t in self.table.holders(name) if t.state is State.HELD]
-            waiters = [self._holder(t, name) for t in taking + self.table.waiters(name)]
-            # Reading /proc/locks costs a scan per name: only where it can matter — a name
-            # asked for explicitly, or one whose queue is stuck behind someone.
-            if request.names or (waiters and not holders):
-                holders += self.backend.outside_holders(name)
-            if holders or waiters:
-                mode = holders[0].mode if holders else None
-                locks.append(protocol.LockInfo(name, mode, holders, waiters))
+            holding = self.table.holders(name)
+            held = [t for t in holding if t.state is State.HELD]
+            waiting = [t for t in holding if t.state is not State.HELD] + self.table.waiters(name)
+            rows.append((name, held, waiting))
+        # Outside holders are looked for in one read of the host's lock list, and only where
+        # they can matter: names asked for explicitly, and queues stuck behind nobody in lockd.
+        outside = self._outside([name for name, held, waiting in rows if request.names or (waiting and not held)])
+        locks = []
+        for name, held, waiting in rows:
+            holders = [self._holder(t, name) for t in held] + outside.get(name, [])
+            if holders or waiting:
+                locks.append(protocol.LockInfo(
+                    name, holders[0].mode if holders else None, holders, [self._holder(t, name) for t in waiting],
+                ))
         session.send(protocol.StatusReply(request.id, locks))
 
     def _holder(self, ticket: Ticket, name: str) -> protocol.Holder:
-        party: Party = ticket.info  # type: ignore[assignment]
+        who = party(ticket)
         token = ticket.tokens[ticket.names.index(name)] if ticket.tokens else None
         return protocol.Holder(
-            pid=party.pid, uid=party.uid, gid=party.gid, command=party.command, label=party.label,
+            pid=who.pid, uid=who.uid, gid=who.gid, command=who.command, label=who.label,
             since=ticket.since + self._wall_offset, mode="shared" if ticket.shared else "exclusive",
             token=token,
         )
 
+    def _in_way(self, ticket: Ticket, blockers: Iterable[Ticket]) -> list[protocol.Holder]:
+        """The holders among `blockers` of the names `ticket` wants."""
+        return [self._holder(t, n) for t in blockers if t.holding for n in t.names if n in ticket.names]
+
+    def _outside_of(self, ticket: Ticket) -> list[protocol.Holder]:
+        """Whoever holds the names `ticket` wants outside lockd, found in one look."""
+        return [holder for found in self._outside(list(ticket.names)).values() for holder in found]
+
+    # --- process-tied leases ------------------------------------------------------------------
+
+    def _process_exited(self, owner: ProcessOwner) -> None:
+        """End every ticket tied to the process: a lease is lost, a request fails."""
+        tickets = list(owner.tickets)
+        held = [t for t in tickets if t.state is State.HELD]
+        if held:
+            log.info("process %d exited: ending its %d lease(s)", owner.pid, len(held))
+        for ticket in tickets:
+            who = party(ticket)
+            self._forget(ticket)
+            if ticket.state is State.HELD:
+                who.session.send(protocol.Lost(who.request_id, f"process {owner.pid} exited"))
+            else:
+                who.session.send(protocol.Error(
+                    who.request_id, protocol.ErrorCode.NOT_HELD,
+                    f"process {owner.pid} exited before the lock was granted",
+                ))
+            self._apply(self.table.release(ticket))
+
+    def _forget(self, ticket: Ticket) -> None:
+        """`ticket` is ending: its request id and its tie to a process end with it."""
+        who = party(ticket)
+        tickets = who.session.tickets
+        if tickets.get(who.request_id) is ticket:
+            del tickets[who.request_id]
+        if who.process is not None:
+            self._processes.detach(who.process, ticket)
+
     # --- effects ------------------------------------------------------------------------------
 
     def _apply(self, effects: list[Effect]) -> None:
-        """Carry out the table's effects in order, and those that carrying them out causes."""
-        pending = deque(effects)
-        while pending:
-            effect = pending.popleft()
-            ticket = effect.ticket
-            party: Party = ticket.info  # type: ignore[assignment]
-            if isinstance(effect, Take):
-                pending.extend(self._take(ticket, party))
-            elif isinstance(effect, Granted):
-                self._granted(ticket, party)
-            elif isinstance(effect, Drop):
-                scope = self._takes.pop(ticket, None)
-                if scope is not None:
-                    scope.cancel()
-                self.backend.drop(ticket)
-            elif isinstance(effect, Queued):
-                holders = [self._holder(t, n) for t in effect.blockers for n in t.names if n in ticket.names and t.holding]
-                self._send(party, protocol.Queued(party.request_id, holders))
-            elif isinstance(effect, Refused):
-                self._refused(ticket, party, effect)
-            elif isinstance(effect, Lost):
-                self._lost(ticket, party, effect.reason)
+        """Carry out `effects` after those already queued, and those they cause, in order."""
+        queue = self._effects
+        queue.extend(effects)
+        if self._applying:
+            return  # an outer call is carrying out the queue
+        self._applying = True
+        try:
+            while queue:
+                effect = queue.popleft()
+                try:
+                    self._carry_out(effect)
+                except Exception:
+                    log.exception("internal error carrying out %r; ending that request", effect)
+                    self._end_in_error(effect.ticket)
+        finally:
+            self._applying = False
 
-    def _take(self, ticket: Ticket, party: Party) -> list[Effect]:
+    def _end_in_error(self, ticket: Ticket) -> None:
+        """End `ticket` after a bug: a lease is lost, a request fails."""
+        if ticket.state is State.ENDED:
+            return
+        who = party(ticket)
+        self._forget(ticket)
+        problem = "internal error in lockd (it is logged); retry"
+        if ticket.state is State.HELD:
+            who.session.send(protocol.Lost(who.request_id, problem))
+        else:
+            who.session.send(protocol.Error(who.request_id, protocol.ErrorCode.UNAVAILABLE, problem))
+        self._effects.extend(self.table.release(ticket))
+
+    def _carry_out(self, effect: Effect) -> None:
+        ticket = effect.ticket
+        who = party(ticket)
+        if isinstance(effect, Take):
+            self._take(ticket, who)
+        elif isinstance(effect, Granted):
+            self._granted(ticket, who)
+        elif isinstance(effect, Drop):
+            scope = self._end_take(ticket)
+            if scope is not None:
+                scope.cancel()
+            self.backend.drop(ticket)
+        elif isinstance(effect, Queued):
+            who.session.send(protocol.Queued(who.request_id, self._in_way(ticket, effect.blockers)))
+        elif isinstance(effect, Refused):
+            self._refused(ticket, who, effect)
+        elif isinstance(effect, Lost):
+            self._lost(ticket, who, effect.reason)
+
+    def _take(self, ticket: Ticket, who: Party) -> None:
+        if self._stopping:
+            return  # the table's Drop still follows; nothing is held for it
         try:
             tokens = self.backend.take_now(ticket)
         except errors.LockdError as exc:
-            return self._take_failed(ticket, party, exc)
+            self._take_failed(ticket, who, exc)
+            return
         if tokens is not None:
-            return self.table.taken(ticket, tokens, now=trio.current_time())
+            self._apply(self.table.taken(ticket, tokens, now=trio.current_time()))
+            return
         if ticket.wait:
-            self._send(party, protocol.Queued(party.request_id, self._outside(ticket)))
+            who.session.send(protocol.Queued(who.request_id, self._outside_of(ticket)))
         scope = trio.CancelScope()
         self._takes[ticket] = scope
+        who.session.taking += 1
         assert self._nursery is not None
-        self._nursery.start_soon(self._take_slowly, ticket, party, scope)
-        return []
+        self._nursery.start_soon(self._take_slowly, ticket, who, scope)
 
-    async def _take_slowly(self, ticket: Ticket, party: Party, scope: trio.CancelScope) -> None:
+    def _end_take(self, ticket: Ticket) -> trio.CancelScope | None:
+        scope = self._takes.pop(ticket, None)
+        if scope is not None:
+            party(ticket).session.taking -= 1
+        return scope
+
+    async def _take_slowly(self, ticket: Ticket, who: Party, scope: trio.CancelScope) -> None:
         """Wait for the backend (a lock held outside lockd, a remote host). Cancelled by Drop."""
+        failure: Exception | None = None
         with scope:
             try:
                 tokens = await self.backend.take(ticket)
-            except Blocked:
-                self._takes.pop(ticket, None)
+            except Exception as exc:
+                failure = exc
+        if scope.cancelled_caught:
+            return  # dropped: the Drop has done the rest
+        with _contained(f"ending the take of {ticket}"):
+            self._end_take(ticket)
+            if failure is None:
+                self._apply(self.table.taken(ticket, tokens, now=trio.current_time()))
+            elif isinstance(failure, Blocked):
                 self._apply(self.table.take_blocked(ticket))
-                return
-            except errors.LockdError as exc:
-                self._takes.pop(ticket, None)
-                self._apply(self._take_failed(ticket, party, exc))
-                return
-            self._takes.pop(ticket, None)
-            self._apply(self.table.taken(ticket, tokens, now=trio.current_time()))
+            elif isinstance(failure, errors.LockdError):
+                self._take_failed(ticket, who, failure)
+            else:
+                log.error("internal error taking %s", ticket, exc_info=failure)
+                self._take_failed(ticket, who, errors.DaemonUnavailable(
+                    "internal error in lockd while taking the lock (it is logged); retry"
+                ))
 
-    def _take_failed(self, ticket: Ticket, party: Party, exc: errors.LockdError) -> list[Effect]:
-        log.warning("cannot take %s for pid %s: %s", "+".join(ticket.names), party.pid, exc)
-        if party.session is not None:
-            party.session.tickets.pop(party.request_id, None)
-        self._send(party, protocol.Error(party.request_id, exc.code or protocol.ErrorCode.PROTOCOL, str(exc)))
-        return self.table.release(ticket)
+    def _take_failed(self, ticket: Ticket, who: Party, exc: errors.LockdError) -> None:
+        log.warning("cannot take %s for pid %s: %s", "+".join(ticket.names), who.pid, exc)
+        self._forget(ticket)
+        who.session.send(protocol.Error(who.request_id, exc.code or protocol.ErrorCode.PROTOCOL, str(exc)))
+        self._apply(self.table.release(ticket))
 
-    def _outside(self, ticket: Ticket) -> list[protocol.Holder]:
-        return [h for name in ticket.names for h in self.backend.outside_holders(name)]
-
-    def _granted(self, ticket: Ticket, party: Party) -> None:
+    def _granted(self, ticket: Ticket, who: Party) -> None:
         assert ticket.tokens is not None
-        if party.process is not None:
+        if who.process is not None:
             # From now on the process's exit ends the lease, not the connection's; while the
             # connection lasts, its Release still ends it too.
-            self.table.reassign(ticket, party.process)
-            if party.process.exited:
-                if party.session is not None:
-                    party.session.tickets.pop(party.request_id, None)
-                self._apply(self.table.release(ticket))
-                self._send(party, protocol.Error(
-                    party.request_id, protocol.ErrorCode.NOT_HELD,
-                    f"process {party.pid} exited before the lock was granted",
-                ))
-                return
-        log.debug("granted %s to pid %s, token %s", "+".join(ticket.names), party.pid, ticket.tokens)
-        self._send(party, protocol.Granted(party.request_id, ticket.tokens))
+            self.table.reassign(ticket, who.process)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("granted %s to pid %s, token %s", "+".join(ticket.names), who.pid, ticket.tokens)
+        who.session.send(protocol.Granted(who.request_id, ticket.tokens))
 
-    def _refused(self, ticket: Ticket, party: Party, effect: Refused) -> None:
-        if party.session is not None:
-            party.session.tickets.pop(party.request_id, None)
-        holders = [self._holder(t, n) for t in effect.blockers for n in t.names if n in ticket.names and t.holding]
-        if not holders:
-            holders = self._outside(ticket)
+    def _refused(self, ticket: Ticket, who: Party, effect: Refused) -> None:
+        self._forget(ticket)
+        holders = self._in_way(ticket, effect.blockers) or self._outside_of(ticket)
         names = "+".join(ticket.names)
         if effect.reason is Reason.TIMEOUT:
             code, what = protocol.ErrorCode.TIMEOUT, f"{names}: timed out waiting for the lock"
         else:
             code, what = protocol.ErrorCode.BUSY, f"{names} is busy"
-        self._send(party, protocol.Error(party.request_id, code, f"{what}{_held_by(holders, self._wall_offset)}", holders))
+        who.session.send(protocol.Error(who.request_id, code, f"{what}{_held_by(holders)}", holders))
 
-    def _lost(self, ticket: Ticket, party: Party, reason: str) -> None:
-        log.warning("lease on %s of pid %s lost: %s", "+".join(ticket.names), party.pid, reason)
-        if party.session is not None:
-            party.session.tickets.pop(party.request_id, None)
-        self._send(party, protocol.Lost(party.request_id, reason))
-
-    def _send(self, party: Party, message: object) -> None:
-        if party.session is not None:
-            party.session.send(message)
+    def _lost(self, ticket: Ticket, who: Party, reason: str) -> None:
+        log.warning("lease on %s of pid %s lost: %s", "+".join(ticket.names), who.pid, reason)
+        self._forget(ticket)
+        who.session.send(protocol.Lost(who.request_id, reason))
 
     # --- time ---------------------------------------------------------------------------------
 
@@ -576,68 +533,40 @@ class Server:
             with trio.CancelScope(deadline=math.inf if deadline is None else deadline) as scope:
                 self._timer = scope
                 await trio.sleep_forever()
-            self._apply(self.table.expire(trio.current_time()))
+            with _contained("expiring requests"):
+                self._apply(self.table.expire(trio.current_time()))
+
+
+@contextmanager
+def _contained(doing: str) -> Iterator[None]:
+    """Log an exception raised while `doing` and carry on: for background work, whose
+    exceptions would otherwise end the daemon and everyone's leases."""
+    try:
+        yield
+    except Exception:
+        log.exception("internal error %s; carrying on", doing)
+
+
+def _outside_holders_of(backend: Backend) -> OutsideHolders:
+    """The backend's `outside_holders_of` (one look for many names) where it has one, else
+    `outside_holders` name by name."""
+    batch: OutsideHolders | None = getattr(backend, "outside_holders_of", None)
+    if batch is not None:
+        return batch
+    return lambda names: {name: found for name in names if (found := backend.outside_holders(name))}
 
 
 def _checked_names(names: list[str]) -> list[str]:
-    if not names:
-        raise errors.ProtocolError("a request must name at least one lock")
-    for name in names:
-        problem = protocol.name_problem(name)
-        if problem:
-            raise errors.InvalidName(problem)
-    return names
+    """`names` without repeats, each valid; else raises ProtocolError (none) or InvalidName."""
+    unique = list(dict.fromkeys(names))
+    problem = protocol.names_problem(unique)
+    if problem is not None:
+        raise (errors.InvalidName if unique else errors.ProtocolError)(problem)
+    return unique
 
 
-def _held_by(holders: list[protocol.Holder], wall_offset: float) -> str:
+def _held_by(holders: list[protocol.Holder]) -> str:
     if not holders:
         return ""
     now = time.time()
-    parts = []
-    for h in holders:
-        who = f"pid {h.pid}" if h.pid is not None else "an unknown process"
-        if h.command:
-            who += f" ({h.command})"
-        if h.outside:
-            who += " outside lockd"
-        elif h.since:
-            who += f" for {now - h.since:.1f} s"
-        parts.append(who)
-    return "; held by " + ", ".join(parts)
-
-
-def bind_unix_listener(path: str, mode: int, backlog: int = 1024) -> socket.socket:
-    """Bind a listening AF_UNIX socket at `path` with `mode`, replacing only a stale socket.
-
-    A live daemon answering at `path` is an error; a socket file nobody answers on is stale
-    and replaced. Anything else at the path (a regular file, a directory) is left alone and
-    is an error. The mode is set through the umask at bind time, so the socket is never
-    reachable with a wider mode, even for an instant.
-    """
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    else:
-        import stat
-
-        if not stat.S_ISSOCK(st.st_mode):
-            raise OSError(errno.EEXIST, f"{path} exists and is not a socket; move it away or choose another --socket")
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            try:
-                probe.connect(path)
-            except ConnectionRefusedError:
-                os.unlink(path)  # stale: its daemon is gone
-            else:
-                raise OSError(errno.EADDRINUSE, f"another lockd is already serving on {path}; stop it first or choose another --socket")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o777 & ~mode)
-    try:
-        sock.bind(path)
-    except BaseException:
-        sock.close()
-        raise
-    finally:
-        os.umask(old_umask)
-    sock.listen(backlog)
-    return sock
+    return "; held by " + ", ".join(holder_text(holder, now) for holder in holders)

@@ -1,32 +1,57 @@
-"""One client connection as the daemon sees it: who is on the other end, what it asked for,
-and what is waiting to be sent to it.
+"""One client connection: who is on the other end, what it asked for, and its socket I/O —
+the handshake, reading and decoding requests, and writing replies.
 
-Invariant: everything the daemon sends to a client goes through `Session.send`, which only
-appends to a bounded outbox and never awaits; the session's own writer task is the one place
-that writes to its socket. So no client, however slow, can block the daemon or another
-client, and a client that lets more than `max_outbox` bytes pile up is cut off.
+Invariants:
+- Everything the daemon sends to a client goes through `Session.send`, which never awaits: it
+  writes at once what the socket takes and leaves the rest, in order, to the session's writer
+  task, the only other place that writes to the socket. A client that lets more than
+  `max_outbox` bytes pile up is cut off. So no client, however slow, can block the daemon or
+  another client.
+- `close` calls `on_close` synchronously, exactly once: the daemon ends the session's leases
+  there, before anything else happens, so a cut-off client never holds a lease while its
+  goodbye is still being written. A closed session hands no more requests to the daemon.
+- The reader yields to the scheduler at least every FAIR_TURNS reads or requests, so a client
+  that floods its connection cannot starve the others.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+import math
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import msgspec
 import trio
 
 from lockd_client import protocol
+from lockd_client.describe import sanitize
 
+from .config import Limits
+from .processes import ProcessOwner
 from .table import Ticket
 
 log = logging.getLogger("lockd")
 
+#: Replies a client may leave unread before it is cut off. Generous: a `status` of a busy host
+#: is one large frame, and it is still appended whole.
+MAX_OUTBOX = 4 * 1024 * 1024
+#: Reads and requests the reader handles before it lets other tasks run.
+FAIR_TURNS = 16
+#: After its goodbye is written, how long a cut-off client has to hang up before the daemon
+#: closes: until then what it still sends is read and dropped, so closing does not reset the
+#: connection and destroy the goodbye before the client reads it.
+LINGER = 1.0
+_RECV_SIZE = 65536
+
 
 @dataclass(slots=True)
 class Party:
-    """Who a ticket is for: shown in `status` and in busy messages. The table keeps it opaque."""
+    """Who a ticket is for: what the server puts in `Ticket.info` (read it back with `party`),
+    shown in `status` and in busy messages."""
 
-    session: Session | None
+    session: Session
     request_id: int
     pid: int | None
     uid: int | None
@@ -37,95 +62,264 @@ class Party:
     process: ProcessOwner | None = None
 
 
-@dataclass(eq=False, slots=True)
-class ProcessOwner:
-    """The table owner of process-tied leases: they end when `pid` exits (watched by pidfd)."""
-
-    pid: int
-    uid: int
-    pidfd: int
-    exited: bool = False
-
-
-class SessionClosed(Exception):
-    pass
+class _Malformed(Exception):
+    """The peer broke the framing or sent bytes no request decodes from."""
 
 
 class Session:
-    """A connected client: its identity (from SO_PEERCRED, never from what it says), its
-    live tickets by request id, and its outbox."""
+    """A connected client: its identity (from the kernel at connect, never from what it says),
+    its live tickets by request id, and its socket."""
 
     __slots__ = (
-        "stream", "pid", "uid", "gid", "gids", "command", "label", "tickets", "encoder", "_outbox",
-        "_wake", "max_outbox", "closed", "close_reason", "ident",
+        "sock", "ident", "pid", "uid", "gid", "gids", "command", "label", "tickets", "taking",
+        "closed", "close_reason", "_on_close", "_encoder", "_outbox", "_wake", "_eof",
     )
 
     def __init__(
-        self, stream: trio.SocketStream, ident: int, pid: int, uid: int, gid: int, command: str,
-        max_outbox: int,
+        self, sock: socket.socket, ident: int, pid: int, uid: int, gid: int, gids: frozenset[int],
+        command: str, on_close: Callable[[Session], None],
     ) -> None:
-        self.stream = stream
+        """`sock` must be non-blocking; the session closes it when `serve` returns."""
+        self.sock = sock
         self.ident = ident
         self.pid = pid
         self.uid = uid
         self.gid = gid
         #: Every group the peer was in at connect time (policies name groups).
-        self.gids: frozenset[int] = frozenset((gid,))
+        self.gids = gids
         self.command = command
         self.label: str | None = None
         #: Request id → the ticket of an Acquire that is waiting or held on this connection.
         self.tickets: dict[int, Ticket] = {}
-        self.encoder = msgspec.msgpack.Encoder()
-        self._outbox = bytearray()
-        self._wake = trio.Event()
-        self.max_outbox = max_outbox
+        #: How many of those the backend is still taking (not yet granted: they count as waiting).
+        self.taking = 0
         self.closed = False
         self.close_reason: str | None = None
+        self._on_close = on_close
+        self._encoder = msgspec.msgpack.Encoder()
+        self._outbox = bytearray()
+        self._wake = trio.Event()
+        self._eof = False
 
     def __repr__(self) -> str:
         return f"<Session #{self.ident} pid={self.pid} uid={self.uid}>"
 
-    def send(self, message: object) -> None:
-        """Queue `message` for this client. Never blocks.
+    # --- sending ------------------------------------------------------------------------------
 
-        A client that has left more than `max_outbox` bytes unread is disconnected: its
-        writer stops and its leases end like any closed connection's.
+    def send(self, message: object) -> None:
+        """Send `message` to this client, or queue it behind what the socket has not taken yet.
+        Never blocks; does nothing once the session is closed.
+
+        A client that has left more than MAX_OUTBOX bytes unread is cut off.
         """
         if self.closed:
             return
-        if len(self._outbox) > self.max_outbox:
-            self.close(f"it left more than {self.max_outbox} bytes of replies unread")
+        outbox = self._outbox
+        if outbox:
+            # The writer is waiting for the client to read: queue behind what it holds.
+            if len(outbox) > MAX_OUTBOX:
+                self.close(f"it left more than {MAX_OUTBOX} bytes of replies unread")
+                return
+            protocol.encode_frame(self._encoder, message, outbox)
             return
-        protocol.encode_frame(self.encoder, message, self._outbox)
-        self._wake.set()
-
-    def close(self, reason: str) -> None:
-        """Stop serving this client; its tasks notice and end, its leases end with them."""
-        if not self.closed:
-            self.closed = True
-            self.close_reason = reason
+        protocol.encode_frame(self._encoder, message, outbox)
+        try:
+            sent = self.sock.send(outbox)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            outbox.clear()
+            self.close("the connection broke")
+            return
+        del outbox[:sent]
+        if outbox:
             self._wake.set()
 
-    async def run_writer(self, send_timeout: float) -> None:
-        """Write the outbox to the socket until the session closes.
+    def fail(self, message: str) -> None:
+        """Tell the client it broke the protocol, and cut it off."""
+        self.send(protocol.Error(None, protocol.ErrorCode.PROTOCOL, message))
+        self.close(message)
 
-        A client that does not take a pending write within `send_timeout` seconds is closed.
-        Returns (without raising) when the session closes or the peer goes away; whatever is
-        still queued when the session closes is flushed first, so a goodbye `Error` arrives.
+    def close(self, reason: str) -> None:
+        """Stop serving this client: `on_close` ends its leases now; the writer flushes what is
+        queued and `serve` then returns."""
+        if self.closed:
+            return
+        self.closed = True
+        self.close_reason = reason
+        self._wake.set()
+        self._on_close(self)
+
+    # --- serving ------------------------------------------------------------------------------
+
+    async def serve(
+        self, welcome: protocol.Welcome, handle: Callable[[Session, object], None], limits: Limits
+    ) -> None:
+        """Serve the connection until either side ends it, then close the socket.
+
+        The client must say Hello by `limits.handshake_timeout`; it is answered `welcome`. Then
+        each request is decoded and given to `handle`, in order. A session closed before
+        `serve` (a refused connection) only flushes its goodbye. The session is closed when
+        this returns, however it returns. Cancellation: stops at once and closes the socket
+        without flushing.
         """
-        while True:
-            await self._wake.wait()
-            self._wake = trio.Event()
-            while self._outbox:
-                data, self._outbox = self._outbox, bytearray()
-                with trio.move_on_after(send_timeout) as scope:
-                    try:
-                        await self.stream.send_all(data)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        self.close("the connection broke")
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._write_then_cancel, limits.send_timeout, nursery.cancel_scope)
+                if not self.closed:
+                    await self._converse(welcome, handle, limits)
+                self.close(self.close_reason or "the client closed the connection")
+            if not self._eof:
+                await self._linger()
+        finally:
+            self.close("the daemon stopped serving it")
+            trio.lowlevel.notify_closing(self.sock)
+            self.sock.close()
+
+    async def _converse(
+        self, welcome: protocol.Welcome, handle: Callable[[Session, object], None], limits: Limits
+    ) -> None:
+        frames = protocol.FrameBuffer(limits.max_frame)
+        decoder = protocol.request_decoder()
+        sock = self.sock
+        try:
+            # One deadline for the whole handshake, however the hello trickles in.
+            with trio.move_on_after(limits.handshake_timeout):
+                while (hello := _next_message(frames, decoder)) is None:
+                    data = self._recv_now()
+                    if data is None:
+                        await trio.lowlevel.wait_readable(sock)
+                    elif data:
+                        frames.feed(data)
+                    else:
                         return
-                if scope.cancelled_caught:
-                    self.close(f"it did not read its replies for {send_timeout:g} s")
-                    return
-            if self.closed:
+            if hello is None:
+                self.fail(f"no handshake within {limits.handshake_timeout:g} s")
                 return
+            self._greet(hello, welcome)
+            turns = 0
+            while not self.closed:
+                message = _next_message(frames, decoder)
+                if message is not None:
+                    handle(self, message)
+                else:
+                    data = self._recv_now()
+                    if data is None:
+                        turns = 0
+                        await trio.lowlevel.wait_readable(sock)
+                        continue
+                    if not data:
+                        return
+                    frames.feed(data)
+                turns += 1
+                if turns >= FAIR_TURNS:
+                    turns = 0
+                    await trio.lowlevel.checkpoint()
+        except _Malformed as exc:
+            self.fail(f"{exc}; the connection is closed")
+        except Exception:
+            # A bug must cost one connection, never the daemon and everyone's leases.
+            log.exception("internal error serving %r; closing its connection", self)
+            self.send(protocol.Error(
+                None, protocol.ErrorCode.UNAVAILABLE, "internal error in lockd (it is logged); reconnect",
+            ))
+            self.close("internal error")
+
+    def _greet(self, message: object, welcome: protocol.Welcome) -> None:
+        if not isinstance(message, protocol.Hello):
+            self.fail("the first message must be hello")
+        elif message.version != protocol.PROTOCOL_VERSION:
+            self.send(protocol.Error(
+                None, protocol.ErrorCode.VERSION,
+                f"protocol version {message.version} is not supported; this daemon speaks "
+                f"{protocol.PROTOCOL_VERSION} (upgrade lockd_client or lockd to match)",
+            ))
+            self.close("unsupported protocol version")
+        else:
+            self.label = shown_label(message.label)
+            self.send(welcome)
+
+    def _recv_now(self) -> bytes | None:
+        """What the socket holds now; None if nothing yet, b"" once the peer hung up."""
+        try:
+            data = self.sock.recv(_RECV_SIZE)
+        except BlockingIOError:
+            return None
+        except OSError:
+            data = b""  # reset by the peer: as good as hung up
+        if not data:
+            self._eof = True
+        return data
+
+    async def _write_then_cancel(self, send_timeout: float, scope: trio.CancelScope) -> None:
+        await self._write(send_timeout)
+        # The writer ends only once the session is closed: stop reading from it too.
+        scope.cancel()
+
+    async def _write(self, send_timeout: float) -> None:
+        """Write what `send` left in the outbox until the session closes and it is flushed.
+
+        A client that takes nothing of a pending write for `send_timeout` seconds is cut off.
+        """
+        sock = self.sock
+        outbox = self._outbox
+        with trio.CancelScope() as timer:
+            while True:
+                if not outbox:
+                    if self.closed:
+                        return
+                    await self._wake.wait()
+                    self._wake = trio.Event()
+                    continue
+                timer.deadline = trio.current_time() + send_timeout
+                await trio.lowlevel.wait_writable(sock)
+                timer.deadline = math.inf
+                try:
+                    sent = sock.send(outbox)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    outbox.clear()
+                    self.close("the connection broke")
+                    return
+                del outbox[:sent]
+        outbox.clear()
+        self.close(f"it did not read its replies for {send_timeout:g} s")
+
+    async def _linger(self) -> None:
+        """Half-close, then drop what the client still sends until it hangs up or LINGER
+        passes (see LINGER)."""
+        sock = self.sock
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            return
+        with trio.move_on_after(LINGER):
+            while (data := self._recv_now()) != b"":
+                if data is None:
+                    await trio.lowlevel.wait_readable(sock)
+
+
+def _next_message(frames: protocol.FrameBuffer, decoder: msgspec.msgpack.Decoder) -> object | None:
+    """The next complete request in `frames`, decoded; None if none is complete yet."""
+    try:
+        body = frames.next_frame()
+        return None if body is None else decoder.decode(body)
+    except protocol.FrameTooLarge as exc:
+        raise _Malformed(str(exc)) from None
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        # RecursionError: nesting deeper than the decoder's stack, in a field it skips.
+        raise _Malformed(f"malformed message ({type(exc).__name__}: {exc})") from None
+
+
+def shown_label(text: str | None) -> str | None:
+    """A client's label as lockd keeps and shows it: inert (see `describe.sanitize`); the
+    protocol already caps its length."""
+    return None if text is None else sanitize(text)
+
+
+def party(ticket: Ticket) -> Party:
+    """The Party the server put in `ticket.info`."""
+    info = ticket.info
+    assert isinstance(info, Party)
+    return info

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from lockd_client import protocol
@@ -17,6 +18,9 @@ from lockd_client.protocol import Acquire, Error, ForceRelease, Granted, Lost, R
 
 from .conftest import Daemon
 from .rawclient import RawClient
+
+#: What "promptly" means on a loaded 2-core CI box: far above a normal round trip (~1 ms).
+PROMPT = 2.0
 
 HOLDER_SCRIPT = """
 import sys
@@ -250,6 +254,9 @@ def test_sigterm_reports_leases_lost_and_exits_cleanly(daemon: Daemon) -> None:
         daemon.proc.send_signal(signal.SIGTERM)
         lost = c.recv()
         assert isinstance(lost, Lost) and lost.id == 1
+        goodbye = c.recv()
+        assert isinstance(goodbye, Error) and (goodbye.id, goodbye.code) == (None, "shutdown"), goodbye
+        assert "reconnect" in goodbye.message
         with pytest.raises(EOFError):
             c.recv()
     assert daemon.proc.wait(10) == 0
@@ -337,3 +344,128 @@ def test_a_reload_of_a_file_nested_too_deeply_keeps_the_daemon_and_its_leases(sh
             assert status(d, "kept")[0].holders[0].pid == os.getpid()
     finally:
         d.kill()
+
+
+# --- costs a request cannot run up ---------------------------------------------------------------
+
+
+def test_a_status_naming_one_lock_over_and_over_reads_the_host_lock_list_once(daemon: Daemon) -> None:
+    # Every flock on the host lengthens /proc/locks, which the kernel rebuilds on each read.
+    names = [f"n{i}" for i in range(2000)]
+    with RawClient(daemon.socket) as holder, RawClient(daemon.socket, timeout=PROMPT) as c:
+        assert isinstance(holder.acquire(*names), Granted)
+        started = time.monotonic()
+        reply = c.request(Status(1, ["n7"] * 16_000))
+        assert time.monotonic() - started < PROMPT
+    assert isinstance(reply, protocol.StatusReply) and [info.name for info in reply.locks] == ["n7"]
+
+
+# --- shutdown ------------------------------------------------------------------------------------
+
+
+def test_shutdown_grants_nothing_and_tells_every_client_why(daemon: Daemon) -> None:
+    with RawClient(daemon.socket) as holder, RawClient(daemon.socket) as waiter:
+        assert isinstance(holder.acquire("x"), Granted)
+        waiter.send(Acquire(1, ["x"]))
+        assert isinstance(waiter.recv(), protocol.Queued)
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGTERM)
+        lost = holder.recv()
+        assert isinstance(lost, Lost) and lost.id == 1
+        # The waiter is never granted what the holder lost: it only learns the daemon is going.
+        for c in (holder, waiter):
+            goodbye = c.recv()
+            assert isinstance(goodbye, Error) and (goodbye.id, goodbye.code) == (None, "shutdown"), goodbye
+        # Nobody new is served while the others are told: the daemon no longer listens.
+        with socket.socket(socket.AF_UNIX) as late, pytest.raises(ConnectionRefusedError):
+            late.connect(daemon.socket)
+    assert daemon.proc.wait(10) == 0
+
+
+# --- process-tied leases -------------------------------------------------------------------------
+
+
+def test_a_process_tied_lease_that_ends_frees_its_request_id(daemon: Daemon) -> None:
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        with RawClient(daemon.socket) as c:
+            assert isinstance(c.request(Acquire(1, ["job"], pid=sleeper.pid)), Granted)
+            assert isinstance(c.request(Acquire(2, ["job2"], pid=sleeper.pid)), Granted)
+            done = c.request(ReleasePid(3, sleeper.pid, ["job2"]))
+            assert isinstance(done, protocol.Done) and done.released == 1
+            assert isinstance(c.request(Acquire(2, ["again"])), Granted)  # id 2 is free again
+            sleeper.kill()
+            sleeper.wait(10)
+            lost = c.recv()
+            assert isinstance(lost, Lost) and lost.id == 1 and f"process {sleeper.pid} exited" in lost.reason
+            assert isinstance(c.request(Acquire(1, ["job"])), Granted)  # and so is id 1
+    finally:
+        sleeper.kill()
+        sleeper.wait(10)
+
+
+THREAD_SCRIPT = """
+import threading
+done = threading.Event()
+threading.Thread(target=lambda: (print(threading.get_native_id(), flush=True), done.wait())).start()
+input()
+done.set()
+"""
+
+
+def test_a_thread_id_is_not_a_process(daemon: Daemon) -> None:
+    with subprocess.Popen([sys.executable, "-c", THREAD_SCRIPT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stdout is not None
+            tid = int(proc.stdout.readline())
+            with RawClient(daemon.socket) as c:
+                reply = c.request(Acquire(1, ["job"], pid=tid))
+            assert isinstance(reply, Error) and reply.code == "not_held", reply
+            assert "thread" in reply.message
+        finally:
+            proc.kill()
+
+
+def pidfds(daemon: Daemon) -> int:
+    """How many processes the daemon watches: its pidfds."""
+    assert daemon.proc is not None
+    where = f"/proc/{daemon.proc.pid}/fd"
+    return sum(os.readlink(f"{where}/{fd}") == "anon_inode:[pidfd]" for fd in os.listdir(where))
+
+
+def test_a_process_no_lease_is_tied_to_any_more_is_not_watched(daemon: Daemon) -> None:
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        with RawClient(daemon.socket) as c, RawClient(daemon.socket) as other:
+            assert isinstance(c.request(Acquire(1, ["job"], pid=sleeper.pid)), Granted)
+            assert pidfds(daemon) == 1
+            c.send(Release(1))
+            c.request(Status(2))
+            assert pidfds(daemon) == 0
+            assert isinstance(other.acquire("job"), Granted)
+            busy = c.request(Acquire(3, ["job"], pid=sleeper.pid, timeout=0))
+            assert isinstance(busy, Error) and busy.code == "busy"
+            assert pidfds(daemon) == 0
+            c.send(Acquire(4, ["job"], pid=sleeper.pid))
+            assert isinstance(c.recv(), protocol.Queued)
+            assert pidfds(daemon) == 1
+            c.send(Release(4))  # withdrawn while waiting
+            c.request(Status(5))
+            assert pidfds(daemon) == 0
+    finally:
+        sleeper.kill()
+        sleeper.wait(10)
+
+
+# --- malformed input -----------------------------------------------------------------------------
+
+
+def test_nesting_deeper_than_the_decoder_goes_is_malformed(daemon: Daemon) -> None:
+    encode = msgspec.msgpack.encode
+    # An unknown field is skipped, however deeply it nests.
+    body = b"\x83" + encode("type") + encode("status") + encode("id") + b"\x01" + encode("junk") + b"\x91" * 50_000 + b"\x01"
+    with RawClient(daemon.socket) as c:
+        c.sock.sendall(len(body).to_bytes(4, "big") + body)
+        reply = c.recv()
+        assert isinstance(reply, Error) and reply.code == "protocol" and "malformed" in reply.message, reply
+    assert "Traceback" not in daemon.log()

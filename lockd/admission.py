@@ -1,0 +1,65 @@
+"""Admission: whether a new connection or a new acquire stays within `[limits]`.
+
+Invariant: these are pure decisions — counts and limits in, a refusal or None out, no I/O and
+no state — and every refusal names the limit it hit (its config key) and what to do next.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from lockd_client.errors import LimitExceeded
+
+from .config import Limits
+
+
+def connection_refusal(limits: Limits, connections: int, of_uid: int, uid: int) -> str | None:
+    """Why a new connection of `uid` is refused, given `connections` open in all and `of_uid`
+    of them from that uid; None to admit it."""
+    if connections >= limits.max_connections:
+        return (
+            f"the daemon serves its maximum of {limits.max_connections} connections "
+            "(limits.max_connections); retry later"
+        )
+    if of_uid >= limits.max_connections_per_uid:
+        return (
+            f"uid {uid} already has {limits.max_connections_per_uid} connections "
+            "(limits.max_connections_per_uid); close some or retry later"
+        )
+    return None
+
+
+def acquire_refusal(
+    limits: Limits,
+    names: Iterable[str],
+    *,
+    waits: bool,
+    requests: int,
+    pending: int,
+    waiting_on: Callable[[str], int],
+) -> LimitExceeded | None:
+    """The error refusing an acquire of `names` from a connection that has `requests` leases
+    and requests and `pending` of them not yet granted; None to admit it.
+
+    An acquire that cannot wait (`waits` false) is never refused for the waiting limits: it
+    is answered at once either way. `waiting_on(name)` counts the requests waiting on a name.
+    """
+    if requests >= limits.max_leases_per_connection:
+        return LimitExceeded(
+            f"this connection already has {limits.max_leases_per_connection} leases and requests "
+            "(limits.max_leases_per_connection); release some first"
+        )
+    if not waits:
+        return None
+    if pending >= limits.max_pending_per_connection:
+        return LimitExceeded(
+            f"this connection already has {limits.max_pending_per_connection} waiting requests "
+            "(limits.max_pending_per_connection); wait for some to be granted first"
+        )
+    for name in names:
+        if waiting_on(name) >= limits.max_waiters_per_name:
+            return LimitExceeded(
+                f"{name} already has {limits.max_waiters_per_name} waiters "
+                "(limits.max_waiters_per_name); retry later"
+            )
+    return None

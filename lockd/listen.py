@@ -1,0 +1,78 @@
+"""The listening sockets: binding lockd's own, and accepting on it or on systemd's.
+
+Invariant: a socket is only ever bound where nothing else lives (a stale socket file
+excepted), with its final mode from the first instant; and accepting never blocks the event
+loop — every socket here is non-blocking, and a task waits for readiness through trio.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+
+import trio
+
+#: Connections the kernel queues while lockd is busy or out of descriptors.
+BACKLOG = 1024
+
+
+def bind_unix_listener(path: str, mode: int) -> socket.socket:
+    """Bind a listening AF_UNIX socket at `path` with `mode`, replacing only a stale socket.
+
+    A live daemon answering at `path` is an error; a socket file nobody answers on is stale
+    and replaced. Anything else at the path (a regular file, a directory) is left alone and
+    is an error. The mode is set through the umask at bind time, so the socket is never
+    reachable with a wider mode, even for an instant.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise OSError(errno.EEXIST, f"{path} exists and is not a socket; move it away or choose another --socket")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(path)
+            except ConnectionRefusedError:
+                os.unlink(path)  # stale: its daemon is gone
+            else:
+                raise OSError(errno.EADDRINUSE, f"another lockd is already serving on {path}; stop it first or choose another --socket")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o777 & ~mode)
+    try:
+        sock.bind(path)
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        os.umask(old_umask)
+    sock.listen(BACKLOG)
+    return sock
+
+
+async def accept(listener: socket.socket) -> socket.socket:
+    """The next connection on `listener`, as a non-blocking socket.
+
+    Raises what accept(2) raises (EMFILE when out of descriptors...), and ClosedResourceError
+    once `close` was called on the listener. Cancellation: nothing is accepted.
+    """
+    listener.setblocking(False)
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(listener)
+            continue
+        conn.setblocking(False)
+        # A burst of connections must not keep the accepting task from yielding.
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        return conn
+
+
+def close(listener: socket.socket) -> None:
+    """Stop listening: a task in `accept` gets ClosedResourceError."""
+    trio.lowlevel.notify_closing(listener)
+    listener.close()

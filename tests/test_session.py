@@ -1,0 +1,140 @@
+"""Session on a real socket pair under trio: the handshake, fair reading, and sending that never
+blocks, with the daemon's side played by plain functions."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+
+import msgspec
+import pytest
+import trio
+
+from lockd.config import Limits
+from lockd.session import FAIR_TURNS, MAX_OUTBOX, Session
+from lockd_client import protocol
+
+WELCOME = protocol.Welcome(protocol.PROTOCOL_VERSION, "lockd test", "flock")
+
+
+def frames(*messages: object) -> bytes:
+    out = bytearray()
+    encoder = msgspec.msgpack.Encoder()
+    for message in messages:
+        protocol.encode_frame(encoder, message, out)
+    return bytes(out)
+
+
+def replies(data: bytes) -> list[object]:
+    buffer = protocol.FrameBuffer(protocol.MAX_REPLY_FRAME)
+    buffer.feed(data)
+    decoder = protocol.reply_decoder()
+    found = []
+    while (body := buffer.next_frame()) is not None:
+        found.append(decoder.decode(body))
+    return found
+
+
+def read_all(sock: socket.socket) -> bytes:
+    sock.settimeout(10)
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    yield ours, theirs
+    ours.close()
+    theirs.close()
+
+
+def make_session(sock: socket.socket, closed: list[str] | None = None) -> Session:
+    def on_close(session: Session) -> None:
+        if closed is not None:
+            closed.append(session.close_reason or "")
+
+    return Session(sock, 1, os.getpid(), os.getuid(), os.getgid(), frozenset(), "test", on_close)
+
+
+async def test_a_flooding_client_lets_other_tasks_run(pair: tuple[socket.socket, socket.socket]) -> None:
+    ours, theirs = pair
+    theirs.sendall(frames(protocol.Hello(protocol.PROTOCOL_VERSION), *[protocol.Release(i) for i in range(1000)]))
+    theirs.shutdown(socket.SHUT_WR)  # everything is there to read at once, then EOF
+    ticks = 0
+    seen: list[int] = []
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await trio.lowlevel.checkpoint()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ticker)
+            await make_session(ours).serve(WELCOME, lambda session, message: seen.append(ticks), Limits())
+            nursery.cancel_scope.cancel()
+    assert len(seen) == 1000
+    # trio runs the tasks of one scheduling batch in any order: the other task may come just
+    # before or just after the reader's next turn, so within two turns.
+    window = 2 * FAIR_TURNS
+    assert all(seen[i + window] > seen[i] for i in range(len(seen) - window)), seen
+
+
+async def test_labels_are_made_inert(pair: tuple[socket.socket, socket.socket]) -> None:
+    ours, theirs = pair
+    hostile = "\x1b[2J\nforged \u202e" + "x" * (protocol.MAX_LABEL_LENGTH - 13)
+    theirs.sendall(frames(protocol.Hello(protocol.PROTOCOL_VERSION, label=hostile)))
+    theirs.shutdown(socket.SHUT_WR)
+    session = make_session(ours)
+    with trio.fail_after(10):
+        await session.serve(WELCOME, lambda session, message: None, Limits())
+    assert session.label == "?[2J?forged ?" + "x" * (protocol.MAX_LABEL_LENGTH - 13)
+    assert replies(read_all(theirs)) == [WELCOME]
+
+
+async def test_send_never_blocks_keeps_order_and_cuts_off_a_client_that_reads_nothing(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    ours, theirs = pair
+    closed: list[str] = []
+    session = make_session(ours, closed)
+    big = protocol.Error(None, "x", "y" * 60_000)
+    sent = 0
+    while not session.closed:
+        session.send(protocol.Done(sent, 0))
+        session.send(big)
+        sent += 1
+    # Cut off in the very call that overflowed, its leases ended (on_close) right then.
+    assert closed == [f"it left more than {MAX_OUTBOX} bytes of replies unread"]
+    assert MAX_OUTBOX // 60_000 < sent < 2 * MAX_OUTBOX // 60_000 + 1_000
+    # What was queued still goes out, in order, once the client reads.
+    theirs.shutdown(socket.SHUT_WR)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session.serve, WELCOME, lambda session, message: None, Limits())
+            received = await trio.to_thread.run_sync(read_all, theirs)
+    done = [r.id for r in replies(received) if isinstance(r, protocol.Done)]
+    assert done == list(range(len(done))) and len(done) >= sent - 1
+
+
+async def test_a_session_closed_before_serving_flushes_its_goodbye_and_hangs_up(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    ours, theirs = pair
+    theirs.sendall(frames(protocol.Hello(protocol.PROTOCOL_VERSION)))  # unread: must not reset
+    session = make_session(ours)
+    refusal = protocol.Error(None, protocol.ErrorCode.LIMIT, "too many")
+    session.send(refusal)
+    session.close("too many")
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session.serve, WELCOME, lambda session, message: None, Limits())
+            received = await trio.to_thread.run_sync(read_all, theirs)
+            theirs.close()
+    assert replies(received) == [refusal]
