@@ -40,6 +40,10 @@ Signals: SIGTERM/SIGINT end every lease and exit 0; SIGHUP reloads the config fi
 
 #: How often the systemd status line is refreshed (only when something changed).
 STATUS_INTERVAL = 1.0
+#: The signals lockd acts on. They are held back from the start until the event loop listens
+#: for them: the socket accepts before that, and a SIGHUP sent as soon as it does (a reload
+#: right after start) must reload, not kill the daemon with every lease.
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def _comma_list(text: str) -> list[str]:
@@ -80,6 +84,7 @@ def load(args: argparse.Namespace):  # -> config.Config
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
     from .config import ConfigError
     from .logs import configure_logging, under_systemd
 
@@ -174,9 +179,8 @@ async def _serve(args, conf, backend, policy, sockets: list[socket.socket], wher
     from .table import LockTable
 
     server = Server(LockTable(), backend, conf.limits, policy)
-    with Notifier.from_environment() as notifier, trio.open_signal_receiver(
-        signal.SIGTERM, signal.SIGINT, signal.SIGHUP
-    ) as signals:
+    with Notifier.from_environment() as notifier, trio.open_signal_receiver(*SIGNALS) as signals:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve, sockets)
             log.info("lockd %s serving on %s (backend %s, locks in %s)", __version__, where, backend.name, conf.lock_dir)

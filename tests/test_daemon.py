@@ -55,11 +55,11 @@ def flock_free(path: Path) -> bool:
     return subprocess.run(["flock", "-n", str(path), "true"], timeout=10).returncode == 0
 
 
-def wait_until(predicate, timeout: float = 10.0) -> None:
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.01) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
+        time.sleep(interval)
 
 
 def test_acquire_busy_release(daemon: Daemon) -> None:
@@ -326,6 +326,23 @@ def test_release_by_id_ends_a_process_tied_lease_while_its_connection_lasts(daem
     finally:
         sleeper.kill()
         sleeper.wait(10)
+
+
+def test_a_reload_as_soon_as_the_socket_exists_is_a_reload(short_tmp: Path) -> None:
+    d = Daemon(short_tmp)
+    d.lock_dir.mkdir()
+    with open(d.log_path, "wb") as log:
+        d.proc = subprocess.Popen(d.argv(), stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+    try:
+        # The socket is bound, and connectable, a while before the event loop runs.
+        wait_until(lambda: os.path.exists(d.socket), timeout=10.0, interval=0.0005)
+        d.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "reloaded" in d.log())
+        assert d.proc.poll() is None
+        with RawClient(d.socket) as c:
+            assert isinstance(c.acquire("x"), Granted)
+    finally:
+        d.kill()
 
 
 def test_a_reload_of_a_file_nested_too_deeply_keeps_the_daemon_and_its_leases(short_tmp: Path) -> None:
