@@ -76,14 +76,14 @@ async def until_serving(daemon: Daemon) -> None:
 def lockctl(daemon: Daemon, *args: str) -> subprocess.Popen[bytes]:
     """`lockctl ARGS` against `daemon`, its stderr in the daemon's directory."""
     with open(daemon.root / "lockctl.err", "ab") as err:
-        return subprocess.Popen([*LOCKCTL, *args], env=daemon.env, stdout=subprocess.DEVNULL, stderr=err)
+        return subprocess.Popen(
+            [*LOCKCTL, *args], env=daemon.env, stdout=subprocess.DEVNULL, stderr=err
+        )
 
 
 def reap(proc: subprocess.Popen[bytes]) -> None:
-    """SIGKILL lockctl and its children (CMD runs in a process group of its own) and reap it."""
-    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
-    pids = [int(p) for p in children.read_text().split()] if children.exists() else []
-    for pid in [proc.pid, *pids]:
+    """SIGKILL lockctl and every process under it (CMD, its guardian) and reap lockctl."""
+    for pid in [proc.pid, *descendants(proc.pid)]:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -91,12 +91,22 @@ def reap(proc: subprocess.Popen[bytes]) -> None:
     proc.wait(WAIT)
 
 
+def descendants(parent: int) -> list[int]:
+    """The processes under `parent`, parents before their children (lockctl forks CMD and a
+    guardian; which one is CMD's parent is lockctl's business)."""
+    try:
+        children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    except FileNotFoundError:
+        return []
+    return [pid for child in map(int, children) for pid in [child, *descendants(child)]]
+
+
 def command_pid(parent: int, argv0: bytes) -> int | None:
-    """The child of `parent` running `argv0` (lockctl forks CMD and a guardian)."""
-    for child in Path(f"/proc/{parent}/task/{parent}/children").read_text().split():
+    """The process under `parent` running `argv0`."""
+    for pid in descendants(parent):
         try:
-            if Path(f"/proc/{child}/cmdline").read_bytes().startswith(argv0):
-                return int(child)
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(argv0):
+                return pid
         except FileNotFoundError:
             continue
     return None
