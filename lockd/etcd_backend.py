@@ -44,7 +44,9 @@ from lockd_client.protocol import Holder, Mode, name_problem
 from . import etcd_client
 from .backend import Blocked, LoseCallback
 from .config import Etcd
-from .etcd_client import EtcdClient, EtcdError, EtcdUnreachable, KeyValue, WatchCompacted, WatchResponse
+from .etcd_client import (
+    EtcdClient, EtcdError, EtcdUnreachable, KeyValue, WatchCompacted, WatchResponse,
+)
 from .lockfiles import LockFiles
 from .session import Party
 from .table import Ticket
@@ -95,7 +97,9 @@ class _Key:
 
     __slots__ = ("key", "name", "revision", "lease", "record", "gone")
 
-    def __init__(self, key: str, name: str, revision: int, lease: int, record: _Record | None) -> None:
+    def __init__(
+        self, key: str, name: str, revision: int, lease: int, record: _Record | None
+    ) -> None:
         self.key = key
         self.name = name
         self.revision = revision
@@ -319,7 +323,8 @@ class EtcdBackend:
     name = "etcd"
 
     def __init__(
-        self, files: LockFiles, client: EtcdClient, *, host: str, ttl: float = 5.0, prefix: str = "/lockd/"
+        self, files: LockFiles, client: EtcdClient, *, host: str, ttl: float = 5.0,
+        prefix: str = "/lockd/",
     ) -> None:
         """`ttl` is the etcd lease's, in whole seconds (rounded up; etcd may raise it to its
         minimum): how long a dead or cut-off daemon's locks outlive it. `host` is shown with
@@ -405,7 +410,8 @@ class EtcdBackend:
         The other hosts' holders come from the watch's mirror (none while etcd is
         unreachable). A key counts as holding once no older conflicting key is left.
         """
-        return self._files.outside_holders(name) + [e.holder() for e in self._remote(name, holding=True)]
+        remote = [e.holder() for e in self._remote(name, holding=True)]
+        return self._files.outside_holders(name) + remote
 
     def outside_waiters(self, name: str) -> list[Holder]:
         """Requests for `name` on other hosts that wait behind an older conflicting key."""
@@ -417,7 +423,9 @@ class EtcdBackend:
         if session is None:
             return []
         mirror = session.mirror
-        return [n for n in mirror.names() if any(e.key not in self._owners for e in mirror.queue(n))]
+        return [
+            n for n in mirror.names() if any(e.key not in self._owners for e in mirror.queue(n))
+        ]
 
     async def run(self, lose: LoseCallback) -> None:
         """Hold an etcd lease for as long as the daemon serves, and a fresh one after a loss.
@@ -431,7 +439,9 @@ class EtcdBackend:
             while True:
                 session = await self._open_session()
                 reason = await self._serve(session, lose)
-                log.warning("%s; lockd reconnects to etcd and serves again once it has a new lease", reason)
+                log.warning(
+                    "%s; lockd reconnects to etcd and serves again once it has a new lease", reason
+                )
         finally:
             with trio.CancelScope(shield=True):
                 with trio.move_on_after(self._timeout):
@@ -444,7 +454,9 @@ class EtcdBackend:
                         try:
                             await self._client.revoke(lease, timeout=self._timeout)
                         except EtcdError as exc:
-                            log.warning("could not revoke etcd lease %x at shutdown: %s", lease, exc)
+                            log.warning(
+                                "could not revoke etcd lease %x at shutdown: %s", lease, exc
+                            )
                 await self._client.aclose()
 
     # --- takes --------------------------------------------------------------------------------
@@ -461,14 +473,16 @@ class EtcdBackend:
         async with self._take_slots:
             _, revision = await self._client.txn(puts, timeout=self._timeout)
         await self._caught_up(session, revision)
-        while (blocker := session.mirror.blocker(ticket.names, revision, ticket.shared)) is not None:
+        mirror = session.mirror
+        while (blocker := mirror.blocker(ticket.names, revision, ticket.shared)) is not None:
             if not ticket.wait:
                 await self._outwait_leftover(session, blocker)
             await blocker.gone.wait()
         delay = _FLOCK_POLL[0]
         while not self._files.try_lock(ticket):
             if not ticket.wait:
-                raise Blocked(f"{'+'.join(ticket.names)}: held by a process outside lockd on this host")
+                names = "+".join(ticket.names)
+                raise Blocked(f"{names}: held by a process outside lockd on this host")
             await trio.sleep(delay)
             delay = min(2 * delay, _FLOCK_POLL[1])
         # The keys may have gone with an expired lease while this waited (etcd issue
@@ -481,7 +495,9 @@ class EtcdBackend:
         # The session may have ended while the answer was on its way (its cancellation then
         # arrives only at the next checkpoint, which a grant never reaches).
         if not session.alive or trio.current_time() >= session.deadline:
-            raise EtcdUnreachable("the etcd lease could not be kept alive while this request waited; retry it")
+            raise EtcdUnreachable(
+                "the etcd lease could not be kept alive while this request waited; retry it"
+            )
         if attempt.ended:
             self._end(attempt)  # dropped while the last request was under way: let go again
         else:
@@ -574,8 +590,8 @@ class EtcdBackend:
             if trio.current_time() >= session.deadline:
                 self._stale.add(lease)
                 self._trouble(
-                    f"etcd took {trio.current_time() - sent:.1f} s to grant a lease, more than 2/3 of "
-                    f"its TTL ({ttl} s): lockd cannot vouch for it, and asks again"
+                    f"etcd took {trio.current_time() - sent:.1f} s to grant a lease, more than "
+                    f"2/3 of its TTL ({ttl} s): lockd cannot vouch for it, and asks again"
                 )
                 continue
             log.info("etcd lease %x granted by %s, TTL %d s", lease, self._client.endpoint, ttl)
@@ -593,9 +609,12 @@ class EtcdBackend:
             self._session = session
             if self._stale:
                 session.wake.set()
-            nursery.start_soon(self._guard, session, "watch", functools.partial(self._mirror, session, lose))
-            nursery.start_soon(self._guard, session, "janitor", functools.partial(self._janitor, session))
-            nursery.start_soon(self._guard, session, "watchdog", functools.partial(self._watchdog, session))
+            for what, duty in [
+                ("watch", functools.partial(self._mirror, session, lose)),
+                ("janitor", functools.partial(self._janitor, session)),
+                ("watchdog", functools.partial(self._watchdog, session)),
+            ]:
+                nursery.start_soon(self._guard, session, what, duty)
             reason = await self._keep_alive(session)
             session.alive = False
             self._problem = reason
@@ -608,7 +627,9 @@ class EtcdBackend:
         self._session = None
         return reason
 
-    async def _guard(self, session: _Session, what: str, duty: Callable[[], Awaitable[None]]) -> None:
+    async def _guard(
+        self, session: _Session, what: str, duty: Callable[[], Awaitable[None]]
+    ) -> None:
         try:
             await duty()
         except Exception as exc:
@@ -662,7 +683,9 @@ class EtcdBackend:
             watching = math.inf
             with trio.CancelScope() as session.watch:
                 try:
-                    revision, kvs = await self._client.range_prefix(self._prefix, timeout=self._timeout)
+                    revision, kvs = await self._client.range_prefix(
+                        self._prefix, timeout=self._timeout
+                    )
                     self._follow(session, session.mirror.reset(revision, kvs), lose)
                     watching = trio.current_time()
                     await self._client.watch(
@@ -698,7 +721,8 @@ class EtcdBackend:
             if not session.takes or trio.current_time() - session.heard < period:
                 continue
             try:
-                _, revision = await self._client.txn([etcd_client.put(key, b"", session.lease)], timeout=self._timeout)
+                heartbeat = etcd_client.put(key, b"", session.lease)
+                _, revision = await self._client.txn([heartbeat], timeout=self._timeout)
                 await self._caught_up(session, revision)
             except EtcdError as exc:
                 self._trouble(str(exc))
@@ -707,7 +731,9 @@ class EtcdBackend:
         """Act on what etcd did: keys of this lease that no live ticket owns go to the janitor;
         a held ticket whose key someone else deleted is lost, and a take whose key someone else
         deleted fails (it no longer has a place in the queue)."""
-        session.doom(e.key for e in change.added if e.lease == session.lease and e.key not in self._owners)
+        session.doom(
+            e.key for e in change.added if e.lease == session.lease and e.key not in self._owners
+        )
         for key in change.removed:
             ticket = self._owners.get(key)
             attempt = self._attempts.get(ticket) if ticket is not None else None
@@ -762,7 +788,8 @@ class EtcdBackend:
         while batches:
             batch = batches.pop()
             try:
-                await self._client.txn([etcd_client.delete(k) for k in batch], timeout=self._timeout)
+                deletes = [etcd_client.delete(key) for key in batch]
+                await self._client.txn(deletes, timeout=self._timeout)
             except EtcdUnreachable as exc:
                 self._trouble(str(exc))
                 return False

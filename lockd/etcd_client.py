@@ -237,7 +237,8 @@ class EtcdClient:
         return answer.header.revision, answer.kvs
 
     async def txn(
-        self, success: list[dict[str, Any]], *, compare: Sequence[dict[str, Any]] = (), timeout: float
+        self, success: list[dict[str, Any]], *, compare: Sequence[dict[str, Any]] = (),
+        timeout: float,
     ) -> tuple[bool, int]:
         """Run one transaction; return whether its compares held and the revision after it."""
         body = {"compare": list(compare), "success": success}
@@ -270,8 +271,9 @@ class EtcdClient:
         decoder = msgspec.json.Decoder(_WatchLine, strict=False)
         try:
             content = self._encoder.encode(request)
+            steps = httpx.Timeout(timeout, read=None)
             response = await self._http.send(
-                await self._request(self._http, endpoint + "/v3/watch", content, httpx.Timeout(timeout, read=None)),
+                await self._request(self._http, endpoint + "/v3/watch", content, steps),
                 stream=True,
             )
             lines = response.aiter_lines()
@@ -291,7 +293,8 @@ class EtcdClient:
         raise self._unreachable(endpoint, "it closed the watch stream")
 
     def _watch_answer(
-        self, endpoint: str, decoder: msgspec.json.Decoder[_WatchLine], line: str, start_revision: int
+        self, endpoint: str, decoder: msgspec.json.Decoder[_WatchLine], line: str,
+        start_revision: int,
     ) -> WatchResponse:
         """One line of a watch stream; raises if it ends the watch."""
         decoded = _decode(decoder, endpoint, line)
@@ -321,7 +324,8 @@ class EtcdClient:
             endpoint = self.endpoint
             with trio.move_on_after(timeout) as attempt:
                 try:
-                    response = await http.send(await self._request(http, endpoint + path, content, steps))
+                    request = await self._request(http, endpoint + path, content, steps)
+                    response = await http.send(request)
                 except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                     # Nothing was sent: the next member can safely take the same request.
                     failure = self._unreachable(endpoint, exc)
@@ -360,7 +364,9 @@ class EtcdClient:
     def _post(
         self, url: str, content: bytes, headers: dict[str, str], timeout: float | httpx.Timeout
     ) -> httpx.Request:
-        request = self._http.build_request("POST", url, content=content, headers=headers, timeout=timeout)
+        request = self._http.build_request(
+            "POST", url, content=content, headers=headers, timeout=timeout
+        )
         # httpx sends `content` from an async generator; a request cancelled mid-send would
         # leave it suspended, and trio warns when it is collected. This body has no generator.
         request.stream = _Body(content)

@@ -33,7 +33,8 @@ from lockd.etcd_client import EtcdClient
 ETCD = shutil.which("etcd")
 
 requires_etcd = pytest.mark.skipif(
-    ETCD is None, reason="the etcd binary is not on PATH: install etcd 3.4+ to run the etcd backend tests"
+    ETCD is None,
+    reason="the etcd binary is not on PATH: install etcd 3.4+ to run the etcd backend tests",
 )
 
 STARTUP_TIMEOUT = 15.0
@@ -67,14 +68,16 @@ class Certs:
         self._issue(ca_key, "/CN=etcd", self.server_cert, self.server_key,
                     "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n")
         # No CommonName: etcd's JSON gateway refuses client certificates that have one.
-        self._issue(ca_key, "/O=lockd", self.client_cert, self.client_key, "extendedKeyUsage=clientAuth\n")
+        self._issue(
+            ca_key, "/O=lockd", self.client_cert, self.client_key, "extendedKeyUsage=clientAuth\n"
+        )
 
     def _issue(self, ca_key: Path, subject: str, cert: Path, key: Path, extensions: str) -> None:
         request, ext = cert.with_suffix(".csr"), cert.with_suffix(".ext")
         ext.write_text(extensions)
         _openssl("req", *_NEW_KEY, "-keyout", key, "-out", request, "-subj", subject)
-        _openssl("x509", "-req", "-in", request, "-CA", self.ca, "-CAkey", ca_key, "-CAcreateserial",
-                 "-days", "1", "-out", cert, "-extfile", ext)
+        _openssl("x509", "-req", "-in", request, "-CA", self.ca, "-CAkey", ca_key,
+                 "-CAcreateserial", "-days", "1", "-out", cert, "-extfile", ext)
 
 
 _NEW_KEY = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
@@ -153,11 +156,15 @@ class Member:
         self.proc.send_signal(signal.SIGCONT)
 
     def get(self, path: str, timeout: float = 1.0) -> dict:
-        with urllib.request.urlopen(self.url + path, timeout=timeout, context=self._context) as response:
+        with urllib.request.urlopen(
+            self.url + path, timeout=timeout, context=self._context
+        ) as response:
             return json.load(response)
 
     def post(self, path: str, body: dict, timeout: float = 1.0) -> dict:
-        request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), method="POST")
+        request = urllib.request.Request(
+            self.url + path, data=json.dumps(body).encode(), method="POST"
+        )
         with urllib.request.urlopen(request, timeout=timeout, context=self._context) as response:
             return json.load(response)
 
@@ -199,7 +206,8 @@ class EtcdCluster:
         self.certs = Certs(self.root / "certs") if tls else None
         ports = free_ports(2 * size)
         self.members = [
-            Member(f"m{i}", self.root, ports[2 * i], ports[2 * i + 1], self.certs, extra) for i in range(size)
+            Member(f"m{i}", self.root, ports[2 * i], ports[2 * i + 1], self.certs, extra)
+            for i in range(size)
         ]
         self._initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
         self._token = self.root.name
@@ -229,7 +237,8 @@ class EtcdCluster:
             if all(m.healthy() for m in self.members if m.running):
                 return
             time.sleep(0.05)
-        raise RuntimeError("etcd did not become healthy:\n" + "\n".join(m.log() for m in self.members))
+        logs = "\n".join(m.log() for m in self.members)
+        raise RuntimeError(f"etcd did not become healthy:\n{logs}")
 
     def etcdctl(self, *args: str) -> None:
         """Run `etcdctl ARGS` against the cluster (as root, once auth is on)."""
@@ -391,7 +400,7 @@ class Relay:
                         link.watch = link.watch or path == b"/v3/watch"
                     if link.watch and self.refuse_watches:
                         break
-                    await trio.sleep(sum(t for pattern, t in self.delays.items() if pattern in data))
+                    await trio.sleep(sum(t for p, t in self.delays.items() if p in data))
                 if not (self.cut or link.silent):
                     await sink.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):

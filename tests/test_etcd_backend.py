@@ -23,7 +23,8 @@ from lockd.session import Party
 from lockd.table import Ticket
 from lockd_client.errors import DaemonUnavailable, LimitExceeded, LockdError
 from tests.etcd_cluster import (  # noqa: F401 (fixtures)
-    EtcdCluster, etcd, etcd3, keys_under, prefix, relay_to, requires_etcd, shared_etcd, wait_no_keys,
+    EtcdCluster, etcd, etcd3, keys_under, prefix, relay_to, requires_etcd, shared_etcd,
+    wait_no_keys,
 )
 from tests.flock_tools import outside_flock
 
@@ -37,7 +38,8 @@ class Host:
     """One daemon's backend with its own lock directory; `lose` acts as the server would."""
 
     def __init__(
-        self, name: str, root: Path, endpoints: list[str], prefix: str, client: type[EtcdClient] = EtcdClient
+        self, name: str, root: Path, endpoints: list[str], prefix: str,
+        client: type[EtcdClient] = EtcdClient,
     ) -> None:
         self.name = name
         lock_dir = root / name
@@ -68,7 +70,9 @@ class Host:
             return
 
 
-def ticket(*names: str, shared: bool = False, wait: bool = True, label: str | None = None) -> Ticket:
+def ticket(
+    *names: str, shared: bool = False, wait: bool = True, label: str | None = None
+) -> Ticket:
     party = Party(None, 0, os.getpid(), os.getuid(), os.getgid(), "backup site.com", label)
     return Ticket(object(), names, shared, wait, None, party, 0.0)
 
@@ -139,7 +143,9 @@ def hosts(short_tmp: Path, prefix: str) -> Iterator[Hosts]:
     closed after."""
     made: list[Host] = []
 
-    def make(endpoints: list[str], *names: str, client: type[EtcdClient] = EtcdClient) -> list[Host]:
+    def make(
+        endpoints: list[str], *names: str, client: type[EtcdClient] = EtcdClient
+    ) -> list[Host]:
         new = [Host(name, short_tmp, endpoints, prefix, client) for name in names]
         made.extend(new)
         return new
@@ -170,7 +176,9 @@ async def test_exclusive_across_hosts_and_next_waiter_freed_quickly(
             assert await still_waiting(waiting)
             # B's flock is free: only etcd holds it back. A's holder shows on B as outside.
             (remote,) = b.backend.outside_holders("site.com")
-            assert (remote.token, remote.label, remote.command) == (token_a, "on host0", "backup site.com")
+            assert (remote.token, remote.label, remote.command) == (
+                token_a, "on host0", "backup site.com"
+            )
             released = trio.current_time()
             a.backend.drop(first)
             await waiting.done.wait()
@@ -291,7 +299,9 @@ async def test_no_wait_request_right_after_a_release_on_the_same_host_is_granted
                 a.backend.drop(again.ticket)
 
 
-async def test_cancelled_take_leaves_no_key(shared_etcd: EtcdCluster, prefix: str, hosts: Hosts) -> None:
+async def test_cancelled_take_leaves_no_key(
+    shared_etcd: EtcdCluster, prefix: str, hosts: Hosts
+) -> None:
     a, b = hosts(shared_etcd.endpoints, "host0", "host1")
     with trio.fail_after(WAIT):
         async with serving(a, b) as nursery:
@@ -535,12 +545,16 @@ async def test_a_failing_watch_ends_the_lease_not_the_daemon(
                 await a.take(ticket("y"))  # its put is the watch's next event
             ((lost, reason, _),) = a.lost
             assert lost is held
-            assert reason == "lockd's etcd watch failed (RuntimeError('a bug in the mirror')); see lockd's log"
+            assert reason == (
+                "lockd's etcd watch failed (RuntimeError('a bug in the mirror')); see lockd's log"
+            )
             await a.ready()
             await a.take(ticket("y"))
 
 
-async def test_a_watch_gone_silent_is_noticed_and_restarted(shared_etcd: EtcdCluster, hosts: Hosts) -> None:
+async def test_a_watch_gone_silent_is_noticed_and_restarted(
+    shared_etcd: EtcdCluster, hosts: Hosts
+) -> None:
     """A's watch stream stops delivering without an error, as behind a firewall that dropped
     the flow: A must find out by itself, or its waiters wait forever and hold up the fleet."""
     (b,) = hosts(shared_etcd.endpoints, "host0")
@@ -662,16 +676,21 @@ class SlowGrants(EtcdClient):
         return granted
 
 
-async def test_a_lease_granted_slowly_is_renewed_in_time(shared_etcd: EtcdCluster, hosts: Hosts) -> None:
+async def test_a_lease_granted_slowly_is_renewed_in_time(
+    shared_etcd: EtcdCluster, hosts: Hosts
+) -> None:
     (a,) = hosts(shared_etcd.endpoints, "host0", client=SlowGrants)
     with trio.fail_after(WAIT):
         async with serving(a):
             await a.take(ticket("x"))
-            await trio.sleep(TTL / 2)  # past where its deadline was, 2/3 TTL after the grant was sent
+            # Past where its deadline would be, 2/3 TTL after the grant was sent.
+            await trio.sleep(TTL / 2)
             assert a.lost == []
 
 
-async def test_a_frozen_member_costs_no_lease_while_the_others_serve(etcd3: EtcdCluster, hosts: Hosts) -> None:
+async def test_a_frozen_member_costs_no_lease_while_the_others_serve(
+    etcd3: EtcdCluster, hosts: Hosts
+) -> None:
     leader = await trio.to_thread.run_sync(etcd3.leader)
     frozen = next(m for m in etcd3.members if m is not leader)
     (a,) = hosts([frozen.url, *(m.url for m in etcd3.members if m is not frozen)], "host0")

@@ -94,7 +94,8 @@ async def test_backend_from_config_takes_locks_over_tls_with_auth(
     assert secured.certs is not None
     config = Etcd(
         endpoints=secured.endpoints, ttl=2, prefix=PREFIX + "backend/",
-        ca_file=secured.certs.ca, cert_file=secured.certs.client_cert, key_file=secured.certs.client_key,
+        ca_file=secured.certs.ca, cert_file=secured.certs.client_cert,
+        key_file=secured.certs.client_key,
         username=USER, password=PASSWORD,
     )
     files = LockFiles(short_tmp)
@@ -106,7 +107,8 @@ async def test_backend_from_config_takes_locks_over_tls_with_auth(
                 nursery.start_soon(backend.run, lambda ticket, reason: None)
                 while True:
                     try:
-                        (token,) = await backend.take(Ticket("o", ("x",), False, True, None, party, 0.0))
+                        ticket = Ticket("o", ("x",), False, True, None, party, 0.0)
+                        (token,) = await backend.take(ticket)
                         break
                     except EtcdError:
                         await trio.sleep(0.05)
@@ -154,7 +156,9 @@ async def expect_unreachable(call: Awaitable[object]) -> None:
         await call
 
 
-async def test_lease_calls_do_not_wait_behind_a_burst_of_other_calls(shared_etcd: EtcdCluster) -> None:
+async def test_lease_calls_do_not_wait_behind_a_burst_of_other_calls(
+    shared_etcd: EtcdCluster,
+) -> None:
     async with relay_to(shared_etcd.endpoints[0]) as relay:
         client = EtcdClient([relay.url])
         try:
@@ -172,7 +176,9 @@ async def test_lease_calls_do_not_wait_behind_a_burst_of_other_calls(shared_etcd
             await client.aclose()
 
 
-async def test_watch_from_a_compacted_revision_says_so(shared_etcd: EtcdCluster, prefix: str) -> None:
+async def test_watch_from_a_compacted_revision_says_so(
+    shared_etcd: EtcdCluster, prefix: str
+) -> None:
     client = EtcdClient(shared_etcd.endpoints)
     try:
         with trio.fail_after(WAIT):
@@ -185,7 +191,9 @@ async def test_watch_from_a_compacted_revision_says_so(shared_etcd: EtcdCluster,
         await client.aclose()
 
 
-async def test_watch_streams_puts_and_deletes_in_order(shared_etcd: EtcdCluster, prefix: str) -> None:
+async def test_watch_streams_puts_and_deletes_in_order(
+    shared_etcd: EtcdCluster, prefix: str
+) -> None:
     client = EtcdClient(shared_etcd.endpoints)
     seen: list[tuple[str, str, int]] = []
 
@@ -199,7 +207,8 @@ async def test_watch_streams_puts_and_deletes_in_order(shared_etcd: EtcdCluster,
                 nursery.start_soon(lambda: client.watch(prefix, start + 1, collect, timeout=2))
                 _, put_at = await client.txn([etcd_client.put(prefix + "a", b"1", 0)], timeout=2)
                 _, deleted_at = await client.txn([etcd_client.delete(prefix + "a")], timeout=2)
-                await client.txn([etcd_client.put(prefix.rstrip("/") + "-other", b"1", 0)], timeout=2)
+                beside = etcd_client.put(prefix.rstrip("/") + "-other", b"1", 0)
+                await client.txn([beside], timeout=2)
                 while len(seen) < 2:
                     await trio.sleep(0.01)
                 nursery.cancel_scope.cancel()

@@ -17,11 +17,14 @@ PREFIX = "/lockd/"
 def kv(name: str, revision: int, mode: str = "exclusive", lease: int = 7, seq: int = 1) -> KeyValue:
     value = msgspec.json.encode({"host": "h", "mode": mode, "since": 1.5, "pid": revision})
     key = f"{PREFIX}{name}/{lease:x}/{seq}".encode()
-    return KeyValue(key=key, create_revision=revision, mod_revision=revision, value=value, lease=lease)
+    return KeyValue(
+        key=key, create_revision=revision, mod_revision=revision, value=value, lease=lease
+    )
 
 
 def puts(*kvs: KeyValue) -> WatchResponse:
-    return WatchResponse(header=Header(revision=kvs[-1].mod_revision), events=[Event(kv=k) for k in kvs])
+    events = [Event(kv=k) for k in kvs]
+    return WatchResponse(header=Header(revision=kvs[-1].mod_revision), events=events)
 
 
 def deletion(entry: KeyValue, revision: int) -> WatchResponse:
@@ -69,7 +72,8 @@ async def test_reset_wakes_only_the_waiters_of_keys_that_went() -> None:
     mirror = Mirror(PREFIX)
     stays, goes, recreated = kv("x", 2, seq=1), kv("x", 3, seq=2), kv("y", 4, seq=3)
     mirror.reset(4, [stays, goes, recreated])
-    entries = [mirror.blocker([name], 9, False) for name in ("x", "y")] + [mirror.blocker(["x"], 3, False)]
+    entries = [mirror.blocker(["x"], 9, False), mirror.blocker(["y"], 9, False)]
+    entries.append(mirror.blocker(["x"], 3, False))
     # The watch missed the deletion of `goes`, and `recreated` was deleted and put again.
     again = kv("y", 6, seq=3)
     change = mirror.reset(8, [stays, again, kv("x", 7, seq=4)])
@@ -117,7 +121,9 @@ def test_queue_is_in_create_revision_order_with_records() -> None:
 
 def test_a_foreign_value_counts_as_exclusive() -> None:
     mirror = Mirror(PREFIX)
-    odd = KeyValue(key=f"{PREFIX}x/1".encode(), create_revision=2, mod_revision=2, value=b"not json")
+    odd = KeyValue(
+        key=f"{PREFIX}x/1".encode(), create_revision=2, mod_revision=2, value=b"not json"
+    )
     mirror.reset(3, [odd])
     assert mirror.blocker(["x"], 3, shared=True).revision == 2
 
@@ -163,12 +169,14 @@ def test_blocker_and_queue_agree_with_a_scan_of_every_key(operations: list[tuple
             _, name, shared = operation
             revision += 1
             # Some puts share a revision, as the keys of one txn do.
-            entry = kv(name, revision - (revision % 3 == 0), "shared" if shared else "exclusive", seq=revision)
+            created = revision - (revision % 3 == 0)
+            entry = kv(name, created, "shared" if shared else "exclusive", seq=revision)
             present[entry.key] = entry
             mirror.apply(puts(entry))
         elif operation[0] == "delete" and present:
             revision += 1
-            mirror.apply(deletion(present.pop(sorted(present)[operation[1] % len(present)]), revision))
+            gone = present.pop(sorted(present)[operation[1] % len(present)])
+            mirror.apply(deletion(gone, revision))
         elif operation[0] == "reset":
             mirror.reset(revision, list(present.values()))
         for name in "abc":
