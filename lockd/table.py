@@ -229,6 +229,10 @@ class _Line:
             self.exclusive_waiting -= 1
         self.add_holder(ticket)
 
+def _arrival(ticket: Ticket) -> int:
+    return ticket.seq
+
+
 #: The states in which a ticket's deadline still matters.
 _TIMED = (State.WAITING, State.TAKING)
 #: The deadline heap is not swept below this size: a sweep would free next to nothing.
@@ -343,7 +347,7 @@ class LockTable:
     def force_release(self, name: str, reason: str) -> tuple[int, list[Effect]]:
         """Break every held lease on `name`. Returns how many, and the effects."""
         line = self._lines.get(name)
-        held = [t for t in line.holders if t.state is State.HELD] if line else []
+        held = sorted((t for t in line.holders if t.state is State.HELD), key=_arrival) if line else []
         effects: list[Effect] = []
         for ticket in held:
             effects += self.lose(ticket, reason)
