@@ -6,7 +6,7 @@ no state — and every refusal names the limit it hit (its config key) and what 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection
 
 from lockd_client.errors import LimitExceeded
 
@@ -31,23 +31,33 @@ def connection_refusal(limits: Limits, connections: int, of_uid: int, uid: int) 
 
 def acquire_refusal(
     limits: Limits,
-    names: Iterable[str],
+    names: Collection[str],
     *,
     waits: bool,
     requests: int,
     pending: int,
     waiting_on: Callable[[str], int],
+    uid_requests: Callable[[], int],
+    uid_pending: Callable[[], int],
 ) -> LimitExceeded | None:
-    """The error refusing an acquire of `names` from a connection that has `requests` leases
-    and requests and `pending` of them not yet granted; None to admit it.
+    """The error refusing an acquire of `names` from a connection whose leases and requests
+    cover `requests` names, `pending` of the requests not yet granted; None to admit it.
 
     An acquire that cannot wait (`waits` false) is never refused for the waiting limits: it
-    is answered at once either way. `waiting_on(name)` counts the requests waiting on a name.
+    is answered at once either way. `waiting_on(name)` counts the requests waiting on a name;
+    `uid_requests()` and `uid_pending()` count over every connection of the caller's uid, and
+    are only called once the per-connection limits pass.
     """
-    if requests >= limits.max_leases_per_connection:
+    adding = len(set(names))
+    if requests + adding > limits.max_leases_per_connection:
         return LimitExceeded(
-            f"this connection already has {limits.max_leases_per_connection} leases and requests "
+            f"this connection's leases and requests already cover {limits.max_leases_per_connection} names "
             "(limits.max_leases_per_connection); release some first"
+        )
+    if uid_requests() + adding > limits.max_leases_per_uid:
+        return LimitExceeded(
+            f"your user's leases and requests already cover {limits.max_leases_per_uid} names over all "
+            "its connections (limits.max_leases_per_uid); release some first"
         )
     if not waits:
         return None
@@ -55,6 +65,11 @@ def acquire_refusal(
         return LimitExceeded(
             f"this connection already has {limits.max_pending_per_connection} waiting requests "
             "(limits.max_pending_per_connection); wait for some to be granted first"
+        )
+    if uid_pending() >= limits.max_pending_per_uid:
+        return LimitExceeded(
+            f"your user already has {limits.max_pending_per_uid} waiting requests over all its "
+            "connections (limits.max_pending_per_uid); wait for some to be granted first"
         )
     for name in names:
         if waiting_on(name) >= limits.max_waiters_per_name:

@@ -50,6 +50,10 @@ class Limits(_Section):
     max_connections_per_uid: Positive = 1024
     max_leases_per_connection: Positive = 100_000
     max_pending_per_connection: Positive = 1024
+    #: Over all connections of one uid: a user cannot exhaust the daemon's memory by opening
+    #: many connections each within its own limits.
+    max_leases_per_uid: Positive = 200_000
+    max_pending_per_uid: Positive = 10_000
     max_waiters_per_name: Positive = 10_000
     max_frame: Annotated[int, msgspec.Meta(ge=1024)] = protocol.MAX_REQUEST_FRAME
     handshake_timeout: Seconds = 5.0

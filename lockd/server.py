@@ -58,7 +58,8 @@ class Server:
         self.limits = limits
         self.policy = policy
         self.sessions: set[Session] = set()
-        self._sessions_per_uid: dict[int, int] = {}
+        #: uid → its sessions, for the per-uid limits.
+        self._uid_sessions: dict[int, set[Session]] = {}
         self._session_ids = itertools.count(1)
         #: Tickets the backend is taking in a task of their own, each with the scope that stops it.
         self._takes: dict[Ticket, trio.CancelScope] = {}
@@ -160,14 +161,14 @@ class Server:
             session.send(protocol.Error(None, protocol.ErrorCode.SHUTDOWN, SHUTDOWN_MESSAGE))
             session.close("the daemon is shutting down")
         elif refusal := admission.connection_refusal(
-            self.limits, len(self.sessions), self._sessions_per_uid.get(uid, 0), uid
+            self.limits, len(self.sessions), len(self._uid_sessions.get(uid, ())), uid
         ):
             log.warning("refusing a connection from uid %d pid %d (%s): %s", uid, pid, session.command, refusal)
             session.send(protocol.Error(None, protocol.ErrorCode.LIMIT, refusal))
             session.close(refusal)
         else:
             self.sessions.add(session)
-            self._sessions_per_uid[uid] = self._sessions_per_uid.get(uid, 0) + 1
+            self._uid_sessions.setdefault(uid, set()).add(session)
             log.debug("%r connected: %s", session, session.command)
         welcome = protocol.Welcome(
             protocol.PROTOCOL_VERSION, f"lockd {__version__}", self.backend.name, self.limits.max_frame
@@ -180,11 +181,10 @@ class Server:
 
     def _left(self, session: Session) -> None:
         self.sessions.remove(session)
-        left = self._sessions_per_uid[session.uid] - 1
-        if left:
-            self._sessions_per_uid[session.uid] = left
-        else:
-            del self._sessions_per_uid[session.uid]
+        of_uid = self._uid_sessions[session.uid]
+        of_uid.remove(session)
+        if not of_uid:
+            del self._uid_sessions[session.uid]
         if self._stopping and not self.sessions:
             self._all_gone.set()
 
@@ -196,7 +196,7 @@ class Server:
         with _contained(f"ending the tickets of {session!r}"):
             for ticket in self.table.tickets_of(session):
                 self._forget(ticket)
-            session.tickets.clear()
+            session.forget_all()
             self._apply(self.table.drop_owner(session))
 
     # --- requests -----------------------------------------------------------------------------
@@ -229,8 +229,10 @@ class Server:
             if timeout is not None and not (timeout >= 0 and math.isfinite(timeout)):
                 raise errors.ProtocolError(f"timeout must be a finite number >= 0, not {timeout}")
             refusal = admission.acquire_refusal(
-                self.limits, names, waits=timeout != 0, requests=len(session.tickets),
-                pending=self.table.waiting_of(session) + session.taking, waiting_on=self.table.waiting_on,
+                self.limits, names, waits=timeout != 0, requests=session.names,
+                pending=self._pending(session), waiting_on=self.table.waiting_on,
+                uid_requests=lambda: sum(s.names for s in self._uid_sessions.get(session.uid, ())),
+                uid_pending=lambda: sum(map(self._pending, self._uid_sessions.get(session.uid, ()))),
             ) or self.policy.check_acquire(session.uid, session.gids, names, request.mode)
             if isinstance(refusal, errors.PermissionDenied):
                 log.warning(
@@ -256,7 +258,7 @@ class Server:
             deadline=deadline, now=now, info=info,
         )
         if ticket.state is not State.ENDED:  # else refused at once: `_refused` discards the process
-            session.tickets[request.id] = ticket
+            session.remember(request.id, ticket)
             if process is not None:
                 assert self._nursery is not None
                 self._processes.attach(process, ticket, self._nursery)
@@ -383,12 +385,15 @@ class Server:
                 ))
             self._apply(self.table.release(ticket))
 
+    def _pending(self, session: Session) -> int:
+        """Requests of `session` not granted yet: waiting in the table or being taken."""
+        return self.table.waiting_of(session) + session.taking
+
     def _forget(self, ticket: Ticket) -> None:
         """`ticket` is ending: its request id and its tie to a process end with it."""
         who = party(ticket)
-        tickets = who.session.tickets
-        if tickets.get(who.request_id) is ticket:
-            del tickets[who.request_id]
+        if who.session.tickets.get(who.request_id) is ticket:
+            who.session.forget(who.request_id)
         if who.process is not None:
             self._processes.detach(who.process, ticket)
 

@@ -71,7 +71,7 @@ class Session:
     its live tickets by request id, and its socket."""
 
     __slots__ = (
-        "sock", "ident", "pid", "uid", "gid", "gids", "command", "label", "tickets", "taking",
+        "sock", "ident", "pid", "uid", "gid", "gids", "command", "label", "tickets", "names", "taking",
         "closed", "close_reason", "_on_close", "_encoder", "_outbox", "_wake", "_eof",
     )
 
@@ -91,6 +91,8 @@ class Session:
         self.label: str | None = None
         #: Request id → the ticket of an Acquire that is waiting or held on this connection.
         self.tickets: dict[int, Ticket] = {}
+        #: How many names those tickets cover: what the lease limits count.
+        self.names = 0
         #: How many of those the backend is still taking (not yet granted: they count as waiting).
         self.taking = 0
         self.closed = False
@@ -100,6 +102,17 @@ class Session:
         self._outbox = bytearray()
         self._wake = trio.Event()
         self._eof = False
+
+    def remember(self, request_id: int, ticket: Ticket) -> None:
+        self.tickets[request_id] = ticket
+        self.names += len(ticket.names)
+
+    def forget(self, request_id: int) -> None:
+        self.names -= len(self.tickets.pop(request_id).names)
+
+    def forget_all(self) -> None:
+        self.tickets.clear()
+        self.names = 0
 
     def __repr__(self) -> str:
         return f"<Session #{self.ident} pid={self.pid} uid={self.uid}>"

@@ -12,7 +12,7 @@ from lockd_client.errors import LimitExceeded
 
 LIMITS = Limits(
     max_connections=10, max_connections_per_uid=4, max_leases_per_connection=5,
-    max_pending_per_connection=3, max_waiters_per_name=2,
+    max_pending_per_connection=3, max_waiters_per_name=2, max_leases_per_uid=8, max_pending_per_uid=6,
 )
 
 
@@ -34,8 +34,14 @@ def test_a_connection_under_the_limits_is_admitted() -> None:
     assert "uid 1000 already has 4" in (connection_refusal(LIMITS, 0, 4, 1000) or "")
 
 
-def refusal(requests: int = 0, pending: int = 0, waits: bool = True, waiting=no_waiters, names=("a",)) -> str | None:
-    error = acquire_refusal(LIMITS, names, waits=waits, requests=requests, pending=pending, waiting_on=waiting)
+def refusal(
+    requests: int = 0, pending: int = 0, waits: bool = True, waiting=no_waiters, names=("a",),
+    uid_requests: int = 0, uid_pending: int = 0,
+) -> str | None:
+    error = acquire_refusal(
+        LIMITS, names, waits=waits, requests=requests, pending=pending, waiting_on=waiting,
+        uid_requests=lambda: max(requests, uid_requests), uid_pending=lambda: max(pending, uid_pending),
+    )
     assert error is None or isinstance(error, LimitExceeded)
     return None if error is None else str(error)
 
@@ -44,7 +50,7 @@ def test_leases_and_requests_of_a_connection_are_capped_whether_or_not_they_wait
     assert refusal(requests=4) is None
     for waits in (True, False):
         message = refusal(requests=5, waits=waits)
-        assert message is not None and "already has 5 leases and requests" in message
+        assert message is not None and "already cover 5 names" in message
         assert "(limits.max_leases_per_connection); release some first" in message
 
 
@@ -67,3 +73,19 @@ def test_waiters_per_name_are_capped_on_each_name() -> None:
 def test_admitted_exactly_when_every_count_is_under_its_limit(requests: int, pending: int, waits: bool, on_name: int) -> None:
     admitted = refusal(requests=requests, pending=pending, waits=waits, waiting=lambda n: on_name) is None
     assert admitted == (requests < 5 and (not waits or (pending < 3 and on_name < 2)))
+
+
+def test_a_users_connections_together_are_capped_too() -> None:
+    assert refusal(requests=1, uid_requests=7) is None
+    message = refusal(requests=1, uid_requests=7, names=("a", "b"), waits=False)
+    assert message is not None and "(limits.max_leases_per_uid); release some first" in message
+    assert refusal(pending=1, uid_pending=5) is None
+    message = refusal(pending=1, uid_pending=6)
+    assert message is not None and "(limits.max_pending_per_uid)" in message
+    assert refusal(pending=1, uid_pending=6, waits=False) is None
+
+
+def test_a_request_is_counted_by_its_names() -> None:
+    assert refusal(requests=3, names=("a", "b")) is None
+    message = refusal(requests=3, names=("a", "b", "c"))
+    assert message is not None and "(limits.max_leases_per_connection)" in message

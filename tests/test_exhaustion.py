@@ -417,9 +417,6 @@ def test_process_tied_leases_count_against_the_connection_limit(short_tmp: Path,
         sleeper.wait(TIMEOUT)
 
 
-PER_UID_UNBUILT = "limits.max_leases_per_uid and limits.max_pending_per_uid are not built yet"
-
-
 def shared_configured(root: Path, toml: str) -> Daemon:
     root.chmod(0o711)
     d = configured(root, toml)
@@ -436,7 +433,6 @@ def served_as_nobody(d: Daemon) -> None:
         nobody.close()
 
 
-@pytest.mark.xfail(strict=True, reason=PER_UID_UNBUILT)
 def test_per_uid_lease_limit_leaves_other_users_served(short_tmp: Path, stopper) -> None:
     d = shared_configured(short_tmp, "[limits]\nmax_leases_per_uid = 4\n")
     stopper.append(d)
@@ -449,7 +445,6 @@ def test_per_uid_lease_limit_leaves_other_users_served(short_tmp: Path, stopper)
         served_as_nobody(d)
 
 
-@pytest.mark.xfail(strict=True, reason=PER_UID_UNBUILT)
 def test_per_uid_pending_limit_leaves_other_users_served(short_tmp: Path, stopper) -> None:
     d = shared_configured(short_tmp, "[limits]\nmax_pending_per_uid = 2\n")
     stopper.append(d)
