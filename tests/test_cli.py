@@ -155,6 +155,19 @@ def test_sigkill_of_lockctl_terminates_cmd_tree_before_the_lock_is_free(lockd, n
         kill_quietly(proc)
 
 
+def test_sigkill_of_lockctls_whole_job_terminates_cmd_tree_before_the_lock_is_free(lockd, name: str, tmp_path: Path) -> None:
+    """As `kill -9 %1` or `timeout -k` do: the guardian is not part of the job."""
+    script = f"echo $$ > {tmp_path}/sh; trap 'sleep 0.5; exit' TERM; while :; do sleep 0.05; done"
+    proc = start_lockctl(lockd, "acquire", name, "-c", script, process_group=0)
+    try:
+        shell = int(wait_for_file(tmp_path / "sh"))
+        os.killpg(proc.pid, signal.SIGKILL)
+        eventually(lambda: not held(lockd, name), "lock freed")
+        assert not alive(shell)  # it took a while to clean up, with the lock still held
+    finally:
+        kill_quietly(proc)
+
+
 def test_daemon_death_terminates_cmd_with_the_lost_status(daemon, tmp_path: Path) -> None:
     script = f"sleep 60 & echo $! > {tmp_path}/gc; wait"
     proc = start_lockctl(daemon, "acquire", "x", "-c", script)

@@ -25,7 +25,8 @@ from lockd_client import _supervise
 TIMEOUT = 10.0
 
 # Runs _supervise.run in its own process, as lockctl does: argv is FD KILL_AFTER CMD...
-# Exit status: CMD's, or 79 with "LOST <message>" on stderr, or 127 with "OSERROR <errno>".
+# Exit status: CMD's, or 79 with "LOST <message>" on stderr, or 127 with "OSERROR <errno>"
+# (CMD could not be executed); any other error is a traceback and status 1.
 HARNESS = """
 import os, signal, socket, sys
 from lockd_client import _supervise, errors
@@ -40,15 +41,15 @@ def process_events():
     except BlockingIOError:
         pass
 try:
-    status = _supervise.run(argv, {**os.environ, "HARNESS": "yes"}, fd, process_events,
-                            lambda: lost[0] if lost else None, kill_after=kill_after)
+    ended = _supervise.run(argv, {**os.environ, "HARNESS": "yes"}, fd, process_events,
+                           lambda: lost[0] if lost else None, kill_after=kill_after)
 except errors.LeaseLost as e:
     print("LOST", e, file=sys.stderr, flush=True)
     sys.exit(79)
-except OSError as e:
+except _supervise.ExecError as e:
     print("OSERROR", e.errno, file=sys.stderr, flush=True)
     sys.exit(127)
-sys.exit(status)
+sys.exit(ended.status)
 """
 
 
@@ -207,6 +208,109 @@ def test_sigkilled_supervisor_terminates_cmd_tree_before_the_connection_closes(t
     assert not alive(grandchild)
     _, err = run.wait()
     assert "ended without releasing its lease" in err
+
+
+def test_sigkill_of_the_supervisors_whole_process_group_spares_the_guardian(tmp_path: Path) -> None:
+    """What kills a job (kill -9 %1, timeout(1) killing its group) must not reach the guardian."""
+    script = f"echo $$ > {tmp_path}/sh; sleep 60 & echo $! > {tmp_path}/gc; wait"
+    run = Supervised(["sh", "-c", script], process_group=0)
+    shell = int(wait_for_file(tmp_path / "sh"))
+    grandchild = int(wait_for_file(tmp_path / "gc"))
+    os.killpg(run.proc.pid, signal.SIGKILL)
+    run.wait_for_close()
+    assert not alive(shell)
+    assert not alive(grandchild)
+    run.wait()
+
+
+def test_the_guardian_is_named_apart_from_lockctl(tmp_path: Path) -> None:
+    """So that `pkill lockctl` or `pkill -f 'lockctl acquire'` cannot kill it by accident."""
+    run = Supervised(["sh", "-c", f"echo $$ > {tmp_path}/sh; exec sleep 60"])
+    try:
+        guardian = parent_of(int(wait_for_file(tmp_path / "sh")))
+        assert guardian != run.proc.pid
+        assert Path(f"/proc/{guardian}/comm").read_text() == "lockd-guardian\n"
+        assert Path(f"/proc/{guardian}/cmdline").read_bytes().rstrip(b"\0") == b"lockd-guardian"
+        assert os.getpgid(guardian) not in (os.getpgid(run.proc.pid), os.getpgid(os.getpid()))
+    finally:
+        run.lose_lease()
+        run.wait()
+
+
+def test_lost_lease_terminates_processes_that_left_cmds_group_and_session(tmp_path: Path) -> None:
+    # setsid: its own session and group, as timeout(1), sudo and `set -m` shells do; the
+    # subshell exits at once, so the second one is orphaned too (a double fork).
+    script = (
+        f"setsid sleep 60 & echo $! > {tmp_path}/own; "
+        f"(setsid sleep 60 & echo $! > {tmp_path}/orphan); wait"
+    )
+    run = Supervised(["sh", "-c", script], kill_after=1)
+    escaped = [int(wait_for_file(tmp_path / "own")), int(wait_for_file(tmp_path / "orphan"))]
+    run.lose_lease()
+    run.wait_for_close()
+    assert [pid for pid in escaped if alive(pid)] == []
+    status, err = run.wait()
+    assert status == 79
+    assert "CMD was terminated" in err
+
+
+def test_a_cmd_that_may_not_be_signalled_is_waited_for(tmp_path: Path) -> None:
+    """CMD runs as another user (as through sudo): no signal reaches it, and the lease is held
+    until it has exited by itself."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to run CMD as another user")
+    as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    daemon_end, theirs = socket.socketpair()
+    # Without CAP_KILL, root may signal only its own processes, as any other user.
+    proc = subprocess.Popen(
+        ["setpriv", "--bounding-set=-kill", "--inh-caps=-kill",
+         sys.executable, "-c", HARNESS, str(theirs.fileno()), "0.2",
+         *as_nobody, "sh", "-c", "echo $$; sleep 1.5"],
+        pass_fds=[theirs.fileno()],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    theirs.close()
+    with daemon_end:
+        cmd = int(proc.stdout.readline())
+        daemon_end.send(b"forced")
+        daemon_end.settimeout(TIMEOUT)
+        assert daemon_end.recv(100) == b""
+        assert not alive(cmd)
+    _, err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 79, err
+    assert b"not allowed to signal process" in err
+
+
+# CMD's main thread exits while another runs on, ignoring SIGTERM: /proc shows the process
+# as a zombie, yet it runs.
+MAIN_THREAD_EXITS = """
+import ctypes, os, signal, sys, threading, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+threading.Thread(target=lambda: time.sleep(60)).start()
+with open(sys.argv[1], "w") as f:
+    f.write(f"{os.getpid()}\\n")
+ctypes.CDLL(None).syscall(60, 0)  # exit(2), which ends the calling thread only
+"""
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the syscall number is x86_64's")
+def test_a_process_whose_main_thread_exited_is_killed_before_the_lease_goes(tmp_path: Path) -> None:
+    run = Supervised([sys.executable, "-c", MAIN_THREAD_EXITS, str(tmp_path / "pid")], kill_after=0.3)
+    cmd = int(wait_for_file(tmp_path / "pid"))
+    deadline = time.monotonic() + TIMEOUT
+    while Path(f"/proc/{cmd}/stat").read_text().split(") ")[1][0] != "Z":
+        assert time.monotonic() < deadline, "the main thread never exited"
+        time.sleep(0.01)
+    run.lose_lease()
+    run.wait_for_close()
+    assert not Path(f"/proc/{cmd}").exists()  # reaped: every thread is gone
+    assert run.wait()[0] == 79
+
+
+def parent_of(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2 :].split()[1])
 
 
 def test_cmd_and_its_daemonised_grandchild_do_not_hold_the_connection(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ protocol are imported up front; the client, and everything else, when a command 
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
 import sys
@@ -99,9 +100,9 @@ examples:
       a lease for this shell script itself, ended by release or when the script exits
 
 CMD sees LOCKD_TOKEN (fencing token of the first NAME) and LOCKD_TOKENS ("name=token ...").
-Signals sent to lockctl go to CMD; if the lease is lost while CMD runs, CMD is terminated
-and lockctl exits 79. Without CMD, the lease belongs to lockctl's parent (or --pid) and the
-tokens are printed, one line per NAME.
+Signals sent to lockctl go to CMD; if the lease is lost while CMD runs, CMD and every process
+it started are terminated and lockctl exits 79. Without CMD, the lease belongs to lockctl's
+parent (or --pid) and the tokens are printed, one line per NAME.
 
 exit status: CMD's own (128+N if it died of signal N); 64 usage or invalid name; 69 lockd
 unreachable; 75 (or -E) busy or timed out; 77 refused; 79 lease lost while CMD ran.
@@ -403,12 +404,13 @@ def _run_under(args: argparse.Namespace, client, lease) -> int:
         "LOCKD_TOKEN": str(lease.token),
         "LOCKD_TOKENS": _tokens_text(lease.tokens),
     }
+    names = ", ".join(args.names)
 
     def lost_reason() -> str | None:
         return (lease.lost_reason or "the lease ended") if lease.lost else None
 
     try:
-        status = _supervise.run(
+        ended = _supervise.run(
             args.cmd,
             env,
             client.fileno(),
@@ -417,14 +419,14 @@ def _run_under(args: argparse.Namespace, client, lease) -> int:
             kill_after=args.kill_after,
         )
     except errors.LeaseLost as e:
-        raise errors.LeaseLost(f"the lease on {', '.join(args.names)} was lost: {e}") from None
-    except OSError as e:
+        raise errors.LeaseLost(f"the lease on {names} was lost: {e}") from None
+    except _supervise.ExecError as e:
         _say(f"cannot run {args.cmd[0]!r}: {e.strerror}")
-        return EXIT_NOT_FOUND if isinstance(e, FileNotFoundError) else EXIT_CANNOT_EXECUTE
+        return EXIT_NOT_FOUND if e.errno == errno.ENOENT else EXIT_CANNOT_EXECUTE
     lease.release()
     if args.verbose:
-        _say(f"CMD exited with status {status}; released {', '.join(args.names)}")
-    return status
+        _say(f"CMD exited with status {ended.status}; released {names}")
+    return ended.status
 
 
 def _tokens_text(tokens: dict[str, int]) -> str:
