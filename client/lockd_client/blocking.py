@@ -197,12 +197,19 @@ class Client:
             raise
 
     def _hang_up(self) -> None:
-        """End the connection for the daemon, which then ends its leases, but keep the
-        descriptor until `close`: whoever polls `fileno()` must not see it vanish or be reused."""
+        """Let go of this process's handle on the connection, but keep the descriptor number
+        until `close`: whoever polls `fileno()` must not see it vanish or be reused.
+
+        The daemon sees the connection end, and ends its leases, once no process holds it.
+        A socket shutdown would end it at once for every process holding a copy, and lockctl
+        relies on a copy kept by another process to hold the lease until the command it runs
+        under it is gone. The descriptor then refers to /dev/null, which polls readable.
+        """
+        null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass  # already disconnected
+            os.dup2(null, self._sock.fileno(), inheritable=False)
+        finally:
+            os.close(null)
 
     def _send_quietly(self, data: bytes) -> None:
         """Send a release; if the connection is broken, the daemon already ended the lease."""

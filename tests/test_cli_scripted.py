@@ -1,0 +1,121 @@
+"""lockctl against a stand-in daemon that says what each test scripts: what no real daemon
+does on purpose (a broken frame, a lease ended right after its grant), at the moment a test
+needs it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import subprocess
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from lockd_client import cli, protocol
+
+from .test_cli import LOCKCTL
+from .test_cli_supervise import TIMEOUT, alive, wait_for_file
+
+
+class Peer:
+    """One accepted lockctl connection, spoken to frame by frame."""
+
+    def __init__(self, conn: socket.socket) -> None:
+        conn.settimeout(TIMEOUT)
+        self.conn = conn
+        self.encoder = msgspec.msgpack.Encoder()
+        self.decoder = protocol.request_decoder()
+        self.frames = protocol.FrameBuffer(protocol.MAX_REQUEST_FRAME)
+        pid, _uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        self.pid = pid
+
+    def send(self, *messages: object) -> None:
+        """All in one write, so that lockctl reads them together."""
+        out = bytearray()
+        for message in messages:
+            protocol.encode_frame(self.encoder, message, out)
+        self.conn.sendall(out)
+
+    def recv(self) -> object:
+        """The next request; EOFError once lockctl has closed the connection."""
+        while (body := self.frames.next_frame()) is None:
+            data = self.conn.recv(65536)
+            if not data:
+                raise EOFError
+            self.frames.feed(data)
+        return self.decoder.decode(body)
+
+    def greet(self) -> None:
+        assert isinstance(self.recv(), protocol.Hello)
+        self.send(protocol.Welcome(protocol.PROTOCOL_VERSION, "scripted", "none"))
+
+    def wait_for_close(self) -> list[object]:
+        """Requests received until lockctl's side of the connection is closed everywhere."""
+        received = []
+        while True:
+            try:
+                received.append(self.recv())
+            except EOFError:
+                return received
+
+
+@pytest.fixture
+def scripted(short_tmp: Path):
+    """The stand-in daemon's socket; `accept()` returns the next connection as a Peer."""
+    path = str(short_tmp / "scripted.sock")
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(path)
+        listener.listen()
+        listener.settimeout(TIMEOUT)
+
+        peers: list[Peer] = []
+
+        class Daemon:
+            socket = path
+            env = {**os.environ, "LOCKD_SOCKET": path}
+
+            @staticmethod
+            def accept() -> Peer:
+                peers.append(Peer(listener.accept()[0]))
+                return peers[-1]
+
+        yield Daemon
+        for peer in peers:
+            peer.conn.close()
+
+
+def start(daemon, *args: str, **kwargs) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*LOCKCTL, *args], env=daemon.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs
+    )
+
+
+def grant(peer: Peer, *more: object) -> protocol.Acquire:
+    """Answer the handshake and grant the acquire that follows, sending `more` right after."""
+    peer.greet()
+    request = peer.recv()
+    assert isinstance(request, protocol.Acquire)
+    peer.send(protocol.Granted(request.id, [7] * len(request.names)), *(m(request) for m in more))
+    return request
+
+
+def test_a_protocol_violation_keeps_the_lease_until_cmd_is_gone(scripted, tmp_path: Path) -> None:
+    """lockctl gives up on a connection it cannot trust, but the daemon must not see it end
+    (and free the lock) before CMD, which takes a while to clean up, has exited."""
+    script = f"trap 'sleep 1; exit 3' TERM; echo $$ > {tmp_path}/cmd; while :; do sleep 0.05; done"
+    proc = start(scripted, "acquire", "x", "-c", script)
+    try:
+        peer = scripted.accept()
+        grant(peer)
+        cmd = int(wait_for_file(tmp_path / "cmd"))
+        peer.conn.sendall(b"\0\0\0\1\xc1")  # a frame no msgpack decoder accepts
+        peer.wait_for_close()
+        assert not alive(cmd)
+        _, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        proc.kill()
+        proc.wait(TIMEOUT)
+    assert proc.returncode == cli.EXIT_LOST, err
+    assert "broke the protocol" in err and "CMD was terminated" in err
