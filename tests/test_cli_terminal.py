@@ -52,6 +52,39 @@ def terminal(lockd) -> Iterator[Terminal]:
     term.close()
 
 
+# --- Ctrl-C --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("run", ["{}", "bash -c '{}'"], ids=["interactive", "script"])
+def test_ctrl_c_stops_the_loop_running_lockctl(lockd, name: str, terminal: Terminal, tmp_path: Path, run: str) -> None:
+    """A shell stops a loop only for a command that died of SIGINT: lockctl must die of it
+    like CMD, not exit 130, whether it runs at the prompt or in a script."""
+    loop = (
+        f"for i in 1 2; do {LOCKCTL_SH} acquire {name} -c \"echo > {tmp_path}/ready; sleep 5\"; "
+        "echo next$((i*100)); done"
+    )
+    terminal.type(run.format(loop) + "; echo after$((40+2))\n")
+    wait_for_file(tmp_path / "ready")
+    terminal.type("\x03")
+    terminal.type("echo mark$((1+1))\n")
+    shown = terminal.expect("mark2")
+    assert "next100" not in shown and "after42" not in shown
+    assert not held(lockd, name)
+
+
+def test_ctrl_c_while_waiting_stops_the_loop(lockd, name: str, terminal: Terminal, tmp_path: Path) -> None:
+    holder = start_lockctl(lockd, "acquire", name, "-c", f"echo > {tmp_path}/held; exec sleep 60")
+    try:
+        wait_for_file(tmp_path / "held")
+        terminal.type(f"for i in 1 2; do {LOCKCTL_SH} acquire {name} -- true; echo next$((i*100)); done\n")
+        eventually(lambda: status(lockd, name)[name]["waiters"], "waiting")
+        terminal.type("\x03")
+        terminal.type("echo mark$((1+1))\n")
+        assert "next100" not in terminal.expect("mark2")
+    finally:
+        kill_quietly(holder)
+
+
 # --- the terminal is CMD's, unless others in lockctl's job need it -----------------------
 
 

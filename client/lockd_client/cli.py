@@ -14,6 +14,7 @@ import argparse
 import errno
 import math
 import os
+import signal
 import sys
 import time
 from typing import TextIO
@@ -104,8 +105,9 @@ Signals sent to lockctl go to CMD; if the lease is lost while CMD runs, CMD and 
 it started are terminated and lockctl exits 79. Without CMD, the lease belongs to lockctl's
 parent (or --pid) and the tokens are printed, one line per NAME.
 
-exit status: CMD's own (128+N if it died of signal N); 64 usage or invalid name; 69 lockd
-unreachable; 75 (or -E) busy or timed out; 77 refused; 79 lease lost while CMD ran.
+exit status: CMD's own (128+N if it died of signal N; of SIGINT or SIGQUIT, lockctl dies of
+it too); 64 usage or invalid name; 69 lockd unreachable; 75 (or -E) busy or timed out;
+77 refused; 79 lease lost while CMD ran.
 """
 
 RELEASE_EPILOG = """\
@@ -313,7 +315,12 @@ def _check_acquire(args: argparse.Namespace, cmd: list[str] | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run lockctl with `argv` (default: sys.argv[1:]); return the exit status."""
+    """Run lockctl with `argv` (default: sys.argv[1:]); return the exit status.
+
+    Interrupted by SIGINT, or with CMD killed by SIGINT or SIGQUIT, lockctl cleans up and
+    then kills itself with that signal instead of returning, so that the shell running it
+    stops its loop or script as it would for CMD run directly.
+    """
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
     except UsageError as e:
@@ -329,7 +336,9 @@ def main(argv: list[str] | None = None) -> int:
             return _release(args, socket_path)
         return _status(args, socket_path)
     except KeyboardInterrupt:
-        return 128 + 2
+        return _die_of(signal.SIGINT, group=False)
+    except _Interrupted as e:
+        return _die_of(e.signum, group=e.group)
     except errors.LockBusy as e:
         _say_busy(e, args)
         return args.conflict_exit_code
@@ -361,6 +370,39 @@ def _explain(e: errors.LockdError, socket_path: str) -> str:
     if not any(isinstance(e, cls) for cls, _ in _EXIT_STATUS):
         return f"{text} (is lockd newer or older than this lockctl?)"
     return text
+
+
+class _Interrupted(Exception):
+    """CMD died of SIGINT or SIGQUIT: lockctl is to die of it too, once it has cleaned up."""
+
+    def __init__(self, signum: int, *, group: bool) -> None:
+        super().__init__(signum)
+        self.signum = signum
+        #: CMD had the terminal, so the keyboard's signal reached CMD's group alone: lockctl
+        #: sends it to its own group (the shell script running it), as the terminal would.
+        self.group = group
+
+
+def _die_of(signum: int, *, group: bool) -> int:
+    """Kill lockctl with `signum` (a shell stops a loop or script only for a command that
+    died of SIGINT, not for one that exited 130); returns 128+N if it somehow survives."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass  # nobody reads it any more: dying matters, not the output
+    if signum == signal.SIGQUIT:
+        import resource
+
+        # SIGQUIT dumps core by default; lockctl's core would tell nobody anything.
+        resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
+    signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
+    if group:
+        os.killpg(os.getpgrp(), signum)
+    else:
+        os.kill(os.getpid(), signum)
+    return 128 + signum
 
 
 # --- acquire -------------------------------------------------------------------------------
@@ -426,6 +468,8 @@ def _run_under(args: argparse.Namespace, client, lease) -> int:
     lease.release()
     if args.verbose:
         _say(f"CMD exited with status {ended.status}; released {names}")
+    if ended.signal in (signal.SIGINT, signal.SIGQUIT):
+        raise _Interrupted(ended.signal, group=ended.foreground)
     return ended.status
 
 
