@@ -5,6 +5,7 @@ needs it."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -15,8 +16,8 @@ import pytest
 
 from lockd_client import cli, protocol
 
-from .test_cli import LOCKCTL
-from .test_cli_supervise import TIMEOUT, alive, wait_for_file
+from .test_cli import LOCKCTL, LOCKCTL_SH, eventually
+from .test_cli_supervise import TIMEOUT, alive, parent_of, wait_for_file
 
 
 class Peer:
@@ -119,3 +120,28 @@ def test_a_protocol_violation_keeps_the_lease_until_cmd_is_gone(scripted, tmp_pa
         proc.wait(TIMEOUT)
     assert proc.returncode == cli.EXIT_LOST, err
     assert "broke the protocol" in err and "CMD was terminated" in err
+
+
+def test_a_lease_is_not_tied_to_whoever_inherits_lockctl_from_its_dead_parent(scripted) -> None:
+    """The shell that ran lockctl exits while lockctl connects: lockctl is re-parented to
+    init or a subreaper, neither of which ever exits, so a lease tied to it would stay."""
+    shell = subprocess.Popen(
+        ["sh", "-c", f"{LOCKCTL_SH} acquire x; echo never"],
+        env=scripted.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    peer = scripted.accept()  # lockctl waits for the welcome now: its parent dies
+    try:
+        shell.kill()
+        shell.wait(TIMEOUT)
+        eventually(lambda: parent_of(peer.pid) != shell.pid, "lockctl re-parented")
+        peer.greet()
+        assert peer.wait_for_close() == []  # no acquire, for a wrong process or any other
+        _, err = shell.communicate(timeout=TIMEOUT)  # lockctl writes to the dead shell's stderr
+    finally:
+        if alive(peer.pid):
+            os.kill(peer.pid, signal.SIGKILL)
+        shell.communicate(timeout=TIMEOUT)
+    assert "is gone" in err and "--pid" in err

@@ -106,8 +106,8 @@ it started are terminated and lockctl exits 79. Without CMD, the lease belongs t
 parent (or --pid) and the tokens are printed, one line per NAME.
 
 exit status: CMD's own (128+N if it died of signal N; of SIGINT or SIGQUIT, lockctl dies of
-it too); 64 usage or invalid name; 69 lockd unreachable; 75 (or -E) busy or timed out;
-77 refused; 79 lease lost while CMD ran.
+it too); 1 no process to tie the lease to; 64 usage or invalid name; 69 lockd unreachable;
+75 (or -E) busy or timed out; 77 refused; 79 lease lost while CMD ran.
 """
 
 RELEASE_EPILOG = """\
@@ -321,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     then kills itself with that signal instead of returning, so that the shell running it
     stops its loop or script as it would for CMD run directly.
     """
+    # Read first: by the time the daemon is asked, the parent may have exited (see _tie_to).
+    parent = os.getppid()
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
     except UsageError as e:
@@ -331,9 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     socket_path = args.socket or paths.socket_path()
     try:
         if args.command == "acquire":
-            return _acquire(args, socket_path)
+            return _acquire(args, socket_path, parent)
         if args.command == "release":
-            return _release(args, socket_path)
+            return _release(args, socket_path, parent)
         return _status(args, socket_path)
     except KeyboardInterrupt:
         return _die_of(signal.SIGINT, group=False)
@@ -408,7 +410,7 @@ def _die_of(signum: int, *, group: bool) -> int:
 # --- acquire -------------------------------------------------------------------------------
 
 
-def _acquire(args: argparse.Namespace, socket_path: str) -> int:
+def _acquire(args: argparse.Namespace, socket_path: str, parent: int) -> int:
     from .blocking import connect
 
     waiting = _WaitLine(args.names, verbose=args.verbose)
@@ -420,7 +422,7 @@ def _acquire(args: argparse.Namespace, socket_path: str) -> int:
                 wait=not args.no_wait,
                 timeout=args.timeout,
                 label=args.label,
-                pid=(args.pid or os.getppid()) if args.cmd is None else None,
+                pid=_tie_to(args.pid, parent) if args.cmd is None else None,
                 on_queued=waiting.show,
             )
         except errors.DaemonUnavailable as e:
@@ -436,6 +438,24 @@ def _acquire(args: argparse.Namespace, socket_path: str) -> int:
             print("\n".join(str(lease.tokens[name]) for name in args.names))
             return 0
         return _run_under(args, client, lease)
+
+
+def _tie_to(pid: int | None, parent: int) -> int:
+    """The process a lease without CMD is tied to: `pid`, else lockctl's parent, if that is
+    still the process that ran lockctl.
+
+    A parent that exited before the lease was asked for hands lockctl to init or to a
+    subreaper, which never exits: a lease tied to it would be held for ever.
+    """
+    if pid is not None:
+        return pid
+    if parent == 1 or os.getppid() != parent:
+        raise errors.NotHeld(
+            f"lockctl's parent process (pid {parent}) is gone or is init, so there is no process "
+            "to tie the lease to; run lockctl from the shell that is to hold the lease, or give "
+            "--pid PID"
+        )
+    return parent
 
 
 def _run_under(args: argparse.Namespace, client, lease) -> int:
@@ -528,7 +548,7 @@ def _say_busy(e: errors.LockBusy, args: argparse.Namespace) -> None:
 # --- release -------------------------------------------------------------------------------
 
 
-def _release(args: argparse.Namespace, socket_path: str) -> int:
+def _release(args: argparse.Namespace, socket_path: str, parent: int) -> int:
     from .blocking import connect
 
     with connect(socket_path) as client:
@@ -540,7 +560,7 @@ def _release(args: argparse.Namespace, socket_path: str) -> int:
                 return EXIT_HELD
             _say(f"broke {count} lease{'s' if count != 1 else ''} on {name}")
             return 0
-        client.release_pid(args.pid or os.getppid(), *args.names)
+        client.release_pid(args.pid or parent, *args.names)
     return 0
 
 
