@@ -122,6 +122,43 @@ def test_a_protocol_violation_keeps_the_lease_until_cmd_is_gone(scripted, tmp_pa
     assert "broke the protocol" in err and "CMD was terminated" in err
 
 
+def lost(request: protocol.Acquire) -> protocol.Lost:
+    return protocol.Lost(request.id, "forcibly released by uid 0")
+
+
+def test_a_lease_broken_before_cmd_starts_is_busy_and_cmd_never_runs(scripted, tmp_path: Path) -> None:
+    proc = start(scripted, "acquire", "x", "--", "touch", str(tmp_path / "ran"))
+    try:
+        peer = scripted.accept()
+        grant(peer, lost)
+        status = peer.recv()  # lockctl asks who holds it now, to say so
+        assert isinstance(status, protocol.Status)
+        holder = protocol.Holder(pid=4242, uid=0, command="the breaker", since=1.0, token=8)
+        peer.send(protocol.StatusReply(status.id, [protocol.LockInfo("x", "exclusive", [holder], [])]))
+        _, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        proc.kill()
+        proc.wait(TIMEOUT)
+    assert proc.returncode == cli.EXIT_BUSY, err
+    assert "CMD was not started" in err and "pid 4242 (the breaker)" in err
+    assert not (tmp_path / "ran").exists()
+
+
+def test_a_daemon_gone_before_cmd_starts_is_unavailable_and_cmd_never_runs(scripted, tmp_path: Path) -> None:
+    proc = start(scripted, "acquire", "x", "--", "touch", str(tmp_path / "ran"))
+    try:
+        peer = scripted.accept()
+        grant(peer)
+        peer.conn.close()
+        _, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        proc.kill()
+        proc.wait(TIMEOUT)
+    assert proc.returncode == cli.EXIT_UNAVAILABLE, err
+    assert "CMD was not started" in err
+    assert not (tmp_path / "ran").exists()
+
+
 def test_a_lease_is_not_tied_to_whoever_inherits_lockctl_from_its_dead_parent(scripted) -> None:
     """The shell that ran lockctl exits while lockctl connects: lockctl is re-parented to
     init or a subreaper, neither of which ever exits, so a lease tied to it would stay."""

@@ -480,6 +480,18 @@ def _run_under(args: argparse.Namespace, client, lease) -> int:
             lost_reason,
             kill_after=args.kill_after,
         )
+    except _supervise.NotStarted as e:
+        # As if the lease had never been granted: the daemon went away (69), or someone
+        # broke the lease and may hold the lock now (75).
+        try:
+            locks = client.status(*args.names)
+        except errors.DaemonUnavailable:
+            raise errors.DaemonUnavailable(f"the lease on {names} ended: {e}") from None
+        _say(f"the lease on {names} was broken right after it was granted: {e}")
+        now = time.time()
+        for holder in (holder for lock in locks for holder in lock.holders):
+            print(f"  held by {describe.holder_text(holder, now)}", file=sys.stderr)
+        return EXIT_BUSY
     except errors.LeaseLost as e:
         raise errors.LeaseLost(f"the lease on {names} was lost: {e}") from None
     except _supervise.ExecError as e:
