@@ -266,6 +266,19 @@ def test_timeout_names_the_holder(lockd, name: str, holder) -> None:
     assert f"pid {holder.pid}" in proc.stderr
 
 
+def test_busy_though_free_names_the_earlier_requests(lockd, name: str, holder) -> None:
+    """Nobody holds `.a`, but a request for `.a` and the held name came first: it goes first."""
+    first = start_lockctl(lockd, "acquire", f"{name}.a", name, "--", "true")
+    try:
+        eventually(lambda: status(lockd, f"{name}.a").get(f"{name}.a"), "first request queued")
+        proc = lockctl(lockd, "acquire", "-n", f"{name}.a", "--", "true")
+    finally:
+        kill_quietly(first)
+    assert proc.returncode == cli.EXIT_BUSY
+    assert f"nobody holds {name}.a, but earlier requests wait for it first" in proc.stderr
+    assert f"waiting: pid {first.pid} " in proc.stderr
+
+
 @pytest.mark.parametrize("flags", [["-n"], ["-w", "0.1"], ["-w", "0"]])
 def test_conflict_exit_code(lockd, name: str, holder, flags: list[str]) -> None:
     assert lockctl(lockd, "acquire", *flags, "-E", "3", name, "--", "true").returncode == 3

@@ -341,9 +341,6 @@ def main(argv: list[str] | None = None) -> int:
         return _die_of(signal.SIGINT, group=False)
     except _Interrupted as e:
         return _die_of(e.signum, group=e.group)
-    except errors.LockBusy as e:
-        _say_busy(e, args)
-        return args.conflict_exit_code
     except errors.LockdError as e:
         _say(_explain(e, socket_path))
         return next((code for cls, code in _EXIT_STATUS if isinstance(e, cls)), EXIT_PROTOCOL)
@@ -430,6 +427,10 @@ def _acquire(args: argparse.Namespace, socket_path: str, parent: int) -> int:
             raise errors.DaemonUnavailable(
                 f"lockd at {socket_path} went away before the lock was granted ({e}){not_run}"
             ) from None
+        except errors.LockBusy as e:
+            waiting.clear()
+            _say_busy(e, args, client)
+            return args.conflict_exit_code
         finally:
             waiting.clear()
         if args.verbose:
@@ -546,7 +547,7 @@ def _terminal_width(stream: TextIO) -> int:
         return 80
 
 
-def _say_busy(e: errors.LockBusy, args: argparse.Namespace) -> None:
+def _say_busy(e: errors.LockBusy, args: argparse.Namespace, client) -> None:
     names = ", ".join(args.names)
     if isinstance(e, errors.LockTimeout):
         _say(f"gave up waiting for {names} after {args.timeout:g}s")
@@ -555,6 +556,20 @@ def _say_busy(e: errors.LockBusy, args: argparse.Namespace) -> None:
     now = time.time()
     for holder in e.holders:
         print(f"  held by {describe.holder_text(holder, now)}", file=sys.stderr)
+    if e.holders:
+        return
+    # Free, but requests that came first wait (for these names and others, all or none): the
+    # queue is first come, first served.
+    try:
+        locks = client.status(*args.names)
+    except errors.LockdError:
+        return  # the message above stands on its own
+    print(f"  nobody holds {names}, but earlier requests wait for it first:", file=sys.stderr)
+    seen = set()
+    for waiter in (waiter for lock in locks for waiter in lock.waiters):
+        if (waiter.pid, waiter.since) not in seen:  # one request waiting for several names
+            seen.add((waiter.pid, waiter.since))
+            print(f"  waiting: {describe.holder_text(waiter, now)}", file=sys.stderr)
 
 
 # --- release -------------------------------------------------------------------------------
