@@ -185,6 +185,12 @@ def test_status_document_schema() -> None:
     assert cron["holders"][0]["outside"] is True
 
 
+def test_status_document_gives_no_time_for_a_holder_outside_lockd() -> None:
+    """Nobody knows when a flock(1) holder took the lock: null, not the epoch."""
+    cron = cli.status_document(LOCKS)["locks"][2]
+    assert cron["holders"][0]["since"] is None
+
+
 def test_status_table_lists_holders_then_waiters_in_order() -> None:
     lines = cli.status_table(LOCKS, now=1100.0).splitlines()
     assert lines[0].split() == ["NAME", "MODE", "PID", "USER", "FOR", "TOKEN", "COMMAND"]

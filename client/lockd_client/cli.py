@@ -620,7 +620,7 @@ def status_document(locks: list[protocol.LockInfo]) -> dict:
                         "pid": h.pid,
                         "uid": h.uid,
                         "command": h.command,
-                        "since": h.since,
+                        "since": h.since or None,  # unknown for outside holders
                         "token": h.token,
                         "label": h.label,
                         "outside": h.outside,
