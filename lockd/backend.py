@@ -23,6 +23,10 @@ from .table import Ticket
 #: expired): the edge ends the lease and tells the client it is lost, with this reason.
 LoseCallback = Callable[[Ticket, str], None]
 
+#: Called by a backend's `take` when the ticket must wait for holders the table does not know
+#: (a process flocking the file, a request on another host): the edge tells the client who.
+BlockedCallback = Callable[[list[Holder]], None]
+
 
 class Blocked(LockBusy):
     """The lock is held outside lockd and the ticket does not wait."""
@@ -40,18 +44,28 @@ class Backend(Protocol):
         name that can never be taken; nothing is held then.
         """
 
-    async def take(self, ticket: Ticket) -> list[int]:
+    async def take(self, ticket: Ticket, blocked: BlockedCallback) -> list[int]:
         """Wait until every name of `ticket` can be taken, then take them all; return tokens.
 
         If `ticket.wait` is false and a name is held elsewhere, raise `Blocked` at once.
+        Before waiting for holders outside the table, call `blocked` with them (again when
+        they change); a take that does not wait for anyone never calls it.
         Cancellation: if this raises Cancelled, nothing is held for the ticket.
         """
 
     def drop(self, ticket: Ticket) -> None:
         """Release whatever is held for `ticket`. Never blocks; a no-op if nothing is held."""
 
-    def outside_holders(self, name: str) -> list[Holder]:
-        """Holders of `name` that lockd's table does not know (other tools, other hosts)."""
+    def outside_holders_of(self, names: list[str]) -> dict[str, list[Holder]]:
+        """Holders of `names` that lockd's table does not know (other tools, other hosts), in
+        one look; a name nobody outside holds is left out."""
+
+    def outside_waiters_of(self, names: list[str]) -> dict[str, list[Holder]]:
+        """Requests for `names` queued outside this daemon (other hosts), in queue order."""
+
+    def outside_names(self) -> list[str]:
+        """Names held or awaited outside this daemon that the backend knows of without asking
+        anyone (another host's locks); not the ones only a look at the host would find."""
 
     async def run(self, lose: LoseCallback) -> None:
         """Background duties for as long as the daemon serves (keep-alives, watches).

@@ -42,7 +42,7 @@ from lockd_client.errors import LimitExceeded
 from lockd_client.protocol import Holder, Mode, name_problem
 
 from . import etcd_client
-from .backend import Blocked, LoseCallback
+from .backend import BlockedCallback, Blocked, LoseCallback
 from .config import Etcd
 from .etcd_client import (
     EtcdClient, EtcdError, EtcdUnreachable, KeyValue, WatchCompacted, WatchResponse,
@@ -362,7 +362,7 @@ class EtcdBackend:
     def take_now(self, ticket: Ticket) -> list[int] | None:
         return None  # etcd is across the network
 
-    async def take(self, ticket: Ticket) -> list[int]:
+    async def take(self, ticket: Ticket, blocked: BlockedCallback) -> list[int]:
         """Put the ticket's keys, outwait conflicting older keys, flock; return R per name.
 
         Raises `Blocked` (no-wait ticket, lock held), `DaemonUnavailable` (no etcd lease, an
@@ -387,7 +387,7 @@ class EtcdBackend:
         session.takes.add(attempt.scope)
         try:
             with attempt.scope:
-                return await self._obtain(attempt)
+                return await self._obtain(attempt, blocked)
             # The session ended under the take, or its keys were deleted; unless the caller
             # cancelled it as well.
             await trio.lowlevel.checkpoint()
@@ -404,18 +404,27 @@ class EtcdBackend:
             attempt.ended = True
             self._end(attempt)
 
-    def outside_holders(self, name: str) -> list[Holder]:
-        """Local processes flocking `name` outside lockd, then holders on other hosts.
+    def outside_holders_of(self, names: list[str]) -> dict[str, list[Holder]]:
+        """Local processes flocking each name outside lockd, then holders on other hosts.
 
         The other hosts' holders come from the watch's mirror (none while etcd is
         unreachable). A key counts as holding once no older conflicting key is left.
         """
-        remote = [e.holder() for e in self._remote(name, holding=True)]
-        return self._files.outside_holders(name) + remote
+        found = self._files.outside_holders_of(names)
+        for name in names:
+            remote = [e.holder() for e in self._remote(name, holding=True)]
+            if remote:
+                found[name] = found.get(name, []) + remote
+        return found
 
-    def outside_waiters(self, name: str) -> list[Holder]:
-        """Requests for `name` on other hosts that wait behind an older conflicting key."""
-        return [e.holder() for e in self._remote(name, holding=False)]
+    def outside_waiters_of(self, names: list[str]) -> dict[str, list[Holder]]:
+        """Requests on other hosts that wait behind an older conflicting key, per name."""
+        found = {}
+        for name in names:
+            waiting = [e.holder() for e in self._remote(name, holding=False)]
+            if waiting:
+                found[name] = waiting
+        return found
 
     def outside_names(self) -> list[str]:
         """Names that other hosts hold or wait for, as far as the watch has seen."""
@@ -461,7 +470,7 @@ class EtcdBackend:
 
     # --- takes --------------------------------------------------------------------------------
 
-    async def _obtain(self, attempt: _Attempt) -> list[int]:
+    async def _obtain(self, attempt: _Attempt, blocked: BlockedCallback) -> list[int]:
         ticket, session = attempt.ticket, attempt.session
         party: Party = ticket.info  # type: ignore[assignment]
         record = _Record(
@@ -477,12 +486,17 @@ class EtcdBackend:
         while (blocker := mirror.blocker(ticket.names, revision, ticket.shared)) is not None:
             if not ticket.wait:
                 await self._outwait_leftover(session, blocker)
+            else:
+                blocked([blocker.holder()])
             await blocker.gone.wait()
         delay = _FLOCK_POLL[0]
         while not self._files.try_lock(ticket):
             if not ticket.wait:
                 names = "+".join(ticket.names)
                 raise Blocked(f"{names}: held by a process outside lockd on this host")
+            if delay == _FLOCK_POLL[0]:
+                local = self._files.outside_holders_of(list(ticket.names))
+                blocked([holder for name in ticket.names for holder in local.get(name, ())])
             await trio.sleep(delay)
             delay = min(2 * delay, _FLOCK_POLL[1])
         # The keys may have gone with an expired lease while this waited (etcd issue

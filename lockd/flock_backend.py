@@ -17,7 +17,7 @@ import trio
 from lockd_client.errors import LockdError
 from lockd_client.protocol import Holder
 
-from .backend import Blocked, LoseCallback
+from .backend import BlockedCallback, Blocked, LoseCallback
 from .lockfiles import LockFiles
 from .table import Ticket
 from .tokens import TokenStore
@@ -62,7 +62,7 @@ class FlockBackend:
             self._files.unlock(ticket)
             raise
 
-    async def take(self, ticket: Ticket) -> list[int]:
+    async def take(self, ticket: Ticket, blocked: BlockedCallback) -> list[int]:
         """Take the files now, or wait for `run` to take them once the outside holder lets go.
 
         Raises Blocked at once if `ticket.wait` is false and the files are held outside lockd.
@@ -76,6 +76,8 @@ class FlockBackend:
             return tokens
         if not ticket.wait:
             raise Blocked(f"{', '.join(ticket.names)}: held by a process outside lockd")
+        found = self._files.outside_holders_of(list(ticket.names))
+        blocked([holder for name in ticket.names for holder in found.get(name, ())])
         waiter = self._waiting[ticket] = _Waiter()
         self._wake.set()
         try:
@@ -93,13 +95,14 @@ class FlockBackend:
         self._waiting.pop(ticket, None)
         self._files.unlock(ticket)
 
-    def outside_holders(self, name: str) -> list[Holder]:
-        return self._files.outside_holders(name)
-
     def outside_holders_of(self, names: list[str]) -> dict[str, list[Holder]]:
-        """`outside_holders` of several names at the cost of one: names held by nobody
-        outside are left out."""
         return self._files.outside_holders_of(names)
+
+    def outside_waiters_of(self, names: list[str]) -> dict[str, list[Holder]]:
+        return {}  # processes blocked in flock(2) on a lock file are not reported
+
+    def outside_names(self) -> list[str]:
+        return []
 
     async def run(self, lose: LoseCallback) -> None:
         """Retry the waiting takes (see the module docstring) until cancelled.

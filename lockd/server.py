@@ -25,6 +25,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from functools import partial
 
 import trio
 
@@ -45,7 +46,6 @@ log = logging.getLogger("lockd")
 SHUTDOWN_GRACE = 1.0
 SHUTDOWN_MESSAGE = "lockd is shutting down; reconnect when it is back"
 
-OutsideHolders = Callable[[list[str]], dict[str, list[protocol.Holder]]]
 
 
 class Server:
@@ -64,7 +64,6 @@ class Server:
         #: Tickets the backend is taking in a task of their own, each with the scope that stops it.
         self._takes: dict[Ticket, trio.CancelScope] = {}
         self._processes = Processes(self._process_exited)
-        self._outside: OutsideHolders = _outside_holders_of(backend)
         self._effects: deque[Effect] = deque()
         self._applying = False
         self._nursery: trio.Nursery | None = None
@@ -326,7 +325,10 @@ class Server:
 
     def _status(self, session: Session, request: protocol.Status) -> None:
         try:
-            names = _checked_names(request.names) if request.names else self.table.names()
+            if request.names:
+                names = _checked_names(request.names)
+            else:
+                names = list(dict.fromkeys([*self.table.names(), *self.backend.outside_names()]))
         except errors.LockdError as exc:
             self._error(session, request.id, exc)
             return
@@ -338,14 +340,18 @@ class Server:
             rows.append((name, held, waiting))
         # Outside holders are looked for in one read of the host's lock list, and only where
         # they can matter: names asked for explicitly, and queues stuck behind nobody in lockd.
-        outside = self._outside([name for name, held, waiting in rows if request.names or (waiting and not held)])
+        # Names no lockd client holds may be held elsewhere: by another host (the backend knows
+        # those), or by a process flocking the file (only a look at the host tells).
+        outside = self.backend.outside_holders_of(
+            [name for name, held, waiting in rows if request.names or not held]
+        )
+        outside_waiting = self.backend.outside_waiters_of(names)
         locks = []
         for name, held, waiting in rows:
             holders = [self._holder(t, name) for t in held] + outside.get(name, [])
-            if holders or waiting:
-                locks.append(protocol.LockInfo(
-                    name, holders[0].mode if holders else None, holders, [self._holder(t, name) for t in waiting],
-                ))
+            waiters = [self._holder(t, name) for t in waiting] + outside_waiting.get(name, [])
+            if holders or waiters:
+                locks.append(protocol.LockInfo(name, holders[0].mode if holders else None, holders, waiters))
         session.send(protocol.StatusReply(request.id, locks))
 
     def _holder(self, ticket: Ticket, name: str) -> protocol.Holder:
@@ -363,7 +369,8 @@ class Server:
 
     def _outside_of(self, ticket: Ticket) -> list[protocol.Holder]:
         """Whoever holds the names `ticket` wants outside lockd, found in one look."""
-        return [holder for found in self._outside(list(ticket.names)).values() for holder in found]
+        found = self.backend.outside_holders_of(list(ticket.names))
+        return [holder for name in ticket.names for holder in found.get(name, ())]
 
     # --- process-tied leases ------------------------------------------------------------------
 
@@ -460,13 +467,15 @@ class Server:
         if tokens is not None:
             self._apply(self.table.taken(ticket, tokens, now=trio.current_time()))
             return
-        if ticket.wait:
-            who.session.send(protocol.Queued(who.request_id, self._outside_of(ticket)))
         scope = trio.CancelScope()
         self._takes[ticket] = scope
         who.session.taking += 1
         assert self._nursery is not None
         self._nursery.start_soon(self._take_slowly, ticket, who, scope)
+
+    def _blocked(self, who: Party, holders: list[protocol.Holder]) -> None:
+        """The backend waits for `holders`, outside the table: tell the client."""
+        who.session.send(protocol.Queued(who.request_id, holders))
 
     def _end_take(self, ticket: Ticket) -> trio.CancelScope | None:
         scope = self._takes.pop(ticket, None)
@@ -479,7 +488,7 @@ class Server:
         failure: Exception | None = None
         with scope:
             try:
-                tokens = await self.backend.take(ticket)
+                tokens = await self.backend.take(ticket, partial(self._blocked, who))
             except Exception as exc:
                 failure = exc
         if scope.cancelled_caught:
@@ -550,15 +559,6 @@ def _contained(doing: str) -> Iterator[None]:
         yield
     except Exception:
         log.exception("internal error %s; carrying on", doing)
-
-
-def _outside_holders_of(backend: Backend) -> OutsideHolders:
-    """The backend's `outside_holders_of` (one look for many names) where it has one, else
-    `outside_holders` name by name."""
-    batch: OutsideHolders | None = getattr(backend, "outside_holders_of", None)
-    if batch is not None:
-        return batch
-    return lambda names: {name: found for name in names if (found := backend.outside_holders(name))}
 
 
 def _checked_names(names: list[str]) -> list[str]:

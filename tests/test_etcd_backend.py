@@ -34,6 +34,10 @@ TTL = 2  # etcd's minimum with its default election timeout: keeps the loss test
 WAIT = 10.0
 
 
+def ignore_blocked(holders: list) -> None:
+    """Tests that do not care whom a take waits for."""
+
+
 class Host:
     """One daemon's backend with its own lock directory; `lose` acts as the server would."""
 
@@ -55,14 +59,14 @@ class Host:
         self.backend.drop(ticket)
 
     async def take(self, ticket: Ticket) -> list[int]:
-        return await self.backend.take(ticket)
+        return await self.backend.take(ticket, ignore_blocked)
 
     async def ready(self) -> None:
         """Return once this host can take locks (its backend holds an etcd lease)."""
         probe = ticket("ready-" + self.name)
         while True:
             try:
-                await self.backend.take(probe)
+                await self.backend.take(probe, ignore_blocked)
             except DaemonUnavailable:
                 await trio.sleep(0.02)
                 continue
@@ -175,7 +179,7 @@ async def test_exclusive_across_hosts_and_next_waiter_freed_quickly(
             waiting = start(nursery, b, ticket("site.com"))
             assert await still_waiting(waiting)
             # B's flock is free: only etcd holds it back. A's holder shows on B as outside.
-            (remote,) = b.backend.outside_holders("site.com")
+            (remote,) = b.backend.outside_holders_of(["site.com"]).get("site.com", [])
             assert (remote.token, remote.label, remote.command) == (
                 token_a, "on host0", "backup site.com"
             )
@@ -198,7 +202,7 @@ async def test_fifo_across_three_hosts(shared_etcd: EtcdCluster, hosts: Hosts) -
             assert await still_waiting(second, 0.1)
             third = start(nursery, c, ticket("x"))
             assert await still_waiting(third, 0.1)
-            assert [h.label for h in a.backend.outside_waiters("x")] == ["on host1", "on host2"]
+            assert [h.label for h in a.backend.outside_waiters_of(["x"]).get("x", [])] == ["on host1", "on host2"]
             a.backend.drop(held)
             await second.done.wait()
             assert await still_waiting(third, 0.2)
@@ -221,7 +225,7 @@ async def test_shared_holders_together_and_no_barging_past_exclusive(
             assert await still_waiting(writer)
             late_reader = start(nursery, a, ticket("db", shared=True))
             assert await still_waiting(late_reader, 0.1)
-            assert sorted(h.mode for h in c.backend.outside_holders("db")) == ["shared", "shared"]
+            assert sorted(h.mode for h in c.backend.outside_holders_of(["db"]).get("db", [])) == ["shared", "shared"]
             a.backend.drop(reader_a)
             assert await still_waiting(writer, 0.1)
             b.backend.drop(reader_b)
@@ -330,7 +334,7 @@ async def test_local_flock_holder_outside_lockd_holds_back_the_grant(
                     await a.take(ticket("x", wait=False))
                 waiting = start(nursery, a, ticket("x"))
                 assert await still_waiting(waiting)
-                assert [h.pid for h in a.backend.outside_holders("x")] == [proc.pid]
+                assert [h.pid for h in a.backend.outside_holders_of(["x"]).get("x", [])] == [proc.pid]
                 # A is first in etcd's order, so B queues behind it.
                 behind = start(nursery, b, ticket("x"))
                 assert await still_waiting(behind, 0.1)
@@ -516,7 +520,7 @@ async def test_keys_that_are_not_utf8_are_locks_like_any_other_foreign_key(
             member.put(prefix.encode() + b"\xff/1", b"from another tool")
             with pytest.raises(Blocked):
                 await a.take(ticket("x", wait=False))
-            assert [h.label for h in a.backend.outside_holders("x")] == ["on ?"]
+            assert [h.label for h in a.backend.outside_holders_of(["x"]).get("x", [])] == ["on ?"]
             assert "x" in a.backend.outside_names()
             assert all(name.isascii() for name in a.backend.outside_names())
             member.delete(on_x)

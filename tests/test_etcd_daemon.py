@@ -217,3 +217,26 @@ async def test_starts_without_etcd_and_serves_once_it_appears(short_tmp: Path, p
     finally:
         a.kill()
         cluster.close()
+
+
+async def test_queue_events_and_status_reach_across_hosts(
+    two_daemons: tuple[Daemon, Daemon], shared_etcd: EtcdCluster, prefix: str
+) -> None:
+    a, b = two_daemons
+    with trio.fail_after(WAIT):
+        async with connect(a.socket) as on_a, connect(b.socket) as on_b, connect(b.socket) as waiter:
+            told: list[list[object]] = []
+            lease = await on_a.acquire("only-on-a", on_queued=told.append)
+            assert told == []  # free: nobody to wait for, so no Queued event
+            # B lists a lock that only A's clients hold, without being asked for it by name.
+            assert "only-on-a" in [info.name for info in await on_b.status()]
+            waited: list[list[object]] = []
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(functools.partial(waiter.acquire, "only-on-a", on_queued=waited.append))
+                while not waited:
+                    await trio.sleep(0.02)
+                (holder,) = waited[0]
+                assert holder.pid == os.getpid()  # B's waiter is told who holds it on A
+                while not [i for i in await on_a.status("only-on-a") if i.waiters]:
+                    await trio.sleep(0.02)  # and A's status shows B's waiter
+                await lease.release()

@@ -18,6 +18,10 @@ from lockd.tokens import BLOCK, TokenStore
 from .flock_tools import can_flock, kill, make_lock_dir, open_fds, outside_flock, ticket
 
 
+def ignore_blocked(holders: list) -> None:
+    """Tests that do not care whom a take waits for."""
+
+
 @pytest.fixture
 def lock_dir(tmp_path: Path) -> Path:
     return make_lock_dir(tmp_path)
@@ -61,7 +65,7 @@ def test_take_now_holds_the_files_and_issues_increasing_tokens(backend: FlockBac
 def test_take_now_is_none_while_held_outside(backend: FlockBackend, lock_dir: Path) -> None:
     with outside_flock(lock_dir / "b.lock") as proc:
         assert backend.take_now(ticket("a", "b")) is None
-        assert [h.pid for h in backend.outside_holders("b")] == [proc.pid]
+        assert [h.pid for h in backend.outside_holders_of(["b"]).get("b", [])] == [proc.pid]
     assert can_flock(lock_dir / "a.lock")
 
 
@@ -79,7 +83,7 @@ async def test_take_waits_for_the_outside_holder_and_follows_its_exit(backend: F
     got: list[list[int]] = []
 
     async def take() -> None:
-        got.append(await backend.take(t))
+        got.append(await backend.take(t, ignore_blocked))
 
     with trio.fail_after(10), outside_flock(lock_dir / "b.lock") as proc:
         async with trio.open_nursery() as nursery:
@@ -115,7 +119,7 @@ async def test_many_takes_waiting_on_one_name_cost_one_attempt_per_retry(
     granted: list[Ticket] = []
 
     async def take(t: Ticket) -> None:
-        await backend.take(t)
+        await backend.take(t, ignore_blocked)
         granted.append(t)
 
     with trio.fail_after(10), outside_flock(lock_dir / "a.lock") as proc:
@@ -140,7 +144,7 @@ async def test_take_without_wait_is_blocked_and_holds_nothing(backend: FlockBack
     with trio.fail_after(10):
         with outside_flock(lock_dir / "b.lock"):
             with pytest.raises(Blocked, match="held by a process outside lockd"):
-                await backend.take(ticket("a", "b", wait=False))
+                await backend.take(ticket("a", "b", wait=False), ignore_blocked)
         assert can_flock(lock_dir / "a.lock") and can_flock(lock_dir / "b.lock")
 
 
@@ -149,7 +153,7 @@ async def test_a_cancelled_take_holds_nothing(backend: FlockBackend, lock_dir: P
     with trio.fail_after(10):
         with outside_flock(lock_dir / "b.lock"):
             with trio.move_on_after(0.1) as scope:
-                await backend.take(ticket("a", "b"))
+                await backend.take(ticket("a", "b"), ignore_blocked)
             assert scope.cancelled_caught
         assert can_flock(lock_dir / "a.lock") and can_flock(lock_dir / "b.lock")
     assert open_fds() == before
@@ -159,7 +163,7 @@ async def test_a_take_cancelled_before_it_starts_takes_nothing(backend: FlockBac
     with trio.fail_after(10):
         with trio.CancelScope() as scope:
             scope.cancel()
-            await backend.take(ticket("a"))
+            await backend.take(ticket("a"), ignore_blocked)
         assert scope.cancelled_caught
         assert can_flock(lock_dir / "a.lock")
 
@@ -168,3 +172,16 @@ async def test_run_only_ends_by_cancellation(backend: FlockBackend) -> None:
     with trio.move_on_after(0.05) as scope:
         await backend.run(no_loss)
     assert scope.cancelled_caught
+
+
+async def test_a_waiting_take_says_whom_it_waits_for_and_a_free_one_says_nothing(
+    backend: FlockBackend, lock_dir: Path
+) -> None:
+    told: list[list[int | None]] = []
+    with trio.fail_after(10):
+        await backend.take(ticket("free"), lambda holders: told.append([h.pid for h in holders]))
+        assert told == []
+        with outside_flock(lock_dir / "b.lock") as proc:
+            with trio.move_on_after(0.1):
+                await backend.take(ticket("a", "b"), lambda holders: told.append([h.pid for h in holders]))
+        assert told == [[proc.pid]]

@@ -11,6 +11,7 @@ import msgspec
 import pytest
 import trio
 
+from lockd.backend import BlockedCallback
 from lockd.config import Limits
 from lockd.flock_backend import FlockBackend
 from lockd.listen import bind_unix_listener
@@ -36,7 +37,7 @@ class BuggyBackend(FlockBackend):
             return None  # as if held outside: the take goes on in a task of its own
         return super().take_now(ticket)
 
-    async def take(self, ticket: Ticket) -> list[int]:
+    async def take(self, ticket: Ticket, blocked: BlockedCallback) -> list[int]:
         await trio.sleep(0.01)
         raise RuntimeError("a bug in take")
 
