@@ -116,9 +116,8 @@ class _Key:
     def holder(self) -> Holder:
         r = self.record or _Record(host="?", mode="exclusive", since=0.0)
         return Holder(
-            pid=r.pid, uid=r.uid, gid=r.gid, command=r.command,
-            label=f"{r.label} on {r.host}" if r.label else f"on {r.host}",
-            since=r.since, mode=r.mode, token=self.revision,
+            pid=r.pid, uid=r.uid, gid=r.gid, command=r.command, label=r.label,
+            since=r.since, mode=r.mode, token=self.revision, host=r.host,
         )
 
 

@@ -178,11 +178,20 @@ def test_status_document_schema() -> None:
     site, db, cron = doc["locks"]
     assert site["name"] == "site.com" and site["mode"] == "exclusive"
     assert site["holders"] == [
-        {"pid": 10, "uid": 0, "command": "make deploy", "since": 1000.0, "token": 7, "label": None, "outside": False}
+        {
+            "pid": 10, "uid": 0, "command": "make deploy", "since": 1000.0, "token": 7, "label": None,
+            "outside": False, "host": None,
+        }
     ]
     assert [(w["pid"], w["uid"], w["mode"], w["since"]) for w in site["waiters"]] == [(11, 0, "shared", 1090.0)]
     assert db["mode"] is None and db["holders"] == []
     assert cron["holders"][0]["outside"] is True
+
+
+def test_a_party_on_another_host_says_which() -> None:
+    remote = protocol.LockInfo(name="site.com", mode="exclusive", holders=[holder(pid=10, host="web2")], waiters=[])
+    assert cli.status_document([remote])["locks"][0]["holders"][0]["host"] == "web2"
+    assert "10@web2" in cli.status_table([remote], now=1000.0)
 
 
 def test_status_document_gives_no_time_for_a_holder_outside_lockd() -> None:

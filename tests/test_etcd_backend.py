@@ -180,8 +180,8 @@ async def test_exclusive_across_hosts_and_next_waiter_freed_quickly(
             assert await still_waiting(waiting)
             # B's flock is free: only etcd holds it back. A's holder shows on B as outside.
             (remote,) = b.backend.outside_holders_of(["site.com"]).get("site.com", [])
-            assert (remote.token, remote.label, remote.command) == (
-                token_a, "on host0", "backup site.com"
+            assert (remote.token, remote.host, remote.command) == (
+                token_a, "host0", "backup site.com"
             )
             released = trio.current_time()
             a.backend.drop(first)
@@ -202,7 +202,7 @@ async def test_fifo_across_three_hosts(shared_etcd: EtcdCluster, hosts: Hosts) -
             assert await still_waiting(second, 0.1)
             third = start(nursery, c, ticket("x"))
             assert await still_waiting(third, 0.1)
-            assert [h.label for h in a.backend.outside_waiters_of(["x"]).get("x", [])] == ["on host1", "on host2"]
+            assert [h.host for h in a.backend.outside_waiters_of(["x"]).get("x", [])] == ["host1", "host2"]
             a.backend.drop(held)
             await second.done.wait()
             assert await still_waiting(third, 0.2)
@@ -520,7 +520,7 @@ async def test_keys_that_are_not_utf8_are_locks_like_any_other_foreign_key(
             member.put(prefix.encode() + b"\xff/1", b"from another tool")
             with pytest.raises(Blocked):
                 await a.take(ticket("x", wait=False))
-            assert [h.label for h in a.backend.outside_holders_of(["x"]).get("x", [])] == ["on ?"]
+            assert [h.host for h in a.backend.outside_holders_of(["x"]).get("x", [])] == ["?"]
             assert "x" in a.backend.outside_names()
             assert all(name.isascii() for name in a.backend.outside_names())
             member.delete(on_x)

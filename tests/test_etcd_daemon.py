@@ -147,7 +147,7 @@ async def test_killed_client_frees_the_lock_for_a_waiter_on_the_other_host(
                 # B sees the holder on the other host, with its command line.
                 (info,) = await on_b.status("site.com")
                 (remote,) = info.holders
-                assert (remote.pid, remote.label) == (holder.pid, f"on {socket.gethostname()}")
+                assert (remote.pid, remote.host) == (holder.pid, socket.gethostname())
                 assert "sleep 60" in remote.command
                 kill = functools.partial(holder.send_signal, signal.SIGKILL)
                 assert await seconds_to_grant(on_b, "site.com", shared_etcd, prefix, kill) < 0.1

@@ -624,6 +624,7 @@ def status_document(locks: list[protocol.LockInfo]) -> dict:
                         "token": h.token,
                         "label": h.label,
                         "outside": h.outside,
+                        "host": h.host,
                     }
                     for h in lock.holders
                 ],
@@ -635,6 +636,7 @@ def status_document(locks: list[protocol.LockInfo]) -> dict:
                         "since": w.since,
                         "command": w.command,
                         "label": w.label,
+                        "host": w.host,
                     }
                     for w in lock.waiters
                 ],
@@ -665,7 +667,7 @@ def status_table(locks: list[protocol.LockInfo], now: float) -> str:
                 (
                     lock.name if first else "",
                     mode,
-                    "" if party.pid is None else str(party.pid),
+                    ("" if party.pid is None else str(party.pid)) + (f"@{describe.sanitize(party.host)}" if party.host else ""),
                     "" if party.uid is None else describe.user_name(party.uid),
                     describe.duration(now - party.since) if party.since else "",
                     "" if party.token is None else str(party.token),

@@ -51,6 +51,8 @@ def holder_text(holder: Holder, now: float) -> str:
         who += f" [{sanitize(holder.label)}]"
     if holder.uid is not None:
         who += f" of {user_name(holder.uid)}"
+    if holder.host:
+        who += f" on {sanitize(holder.host)}"
     if holder.outside:
         return f"{who}, outside lockd"
     if holder.since:

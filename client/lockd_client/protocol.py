@@ -162,6 +162,8 @@ class Holder(msgspec.Struct, omit_defaults=True):
     token: int | None = None
     #: True for a process holding the lock file's flock directly, outside lockd.
     outside: bool = False
+    #: The host the party is on, when that is another host (the etcd backend); None: this one.
+    host: str | None = None
 
 
 class LockInfo(msgspec.Struct):
