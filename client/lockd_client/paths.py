@@ -1,7 +1,8 @@
 """Where lockd lives on a host by default. Shared by the daemon and every client.
 
-Invariant: with the same environment and uid, the daemon and its clients compute the same
-socket path; `LOCKD_SOCKET` overrides it for both.
+Invariant: with the same environment and uid, a client finds the daemon that user would start
+(`LOCKD_SOCKET` overrides it for both), and only when that daemon's socket is absent falls
+back to the host's system daemon; so a user never has to be told where the system one is.
 
 The rules are written once, on strings. The clients use `socket_path`; the Path forms are for
 the daemon, and import pathlib only when called, which keeps it out of lockctl's start-up.
@@ -17,6 +18,8 @@ if TYPE_CHECKING:
 
 SOCKET_ENV = "LOCKD_SOCKET"
 SOCKET_NAME = "lockd.sock"
+#: Where the system service (run as root, or socket-activated) listens.
+SYSTEM_SOCKET = "/run/lockd/lockd.sock"
 
 
 def _runtime_dir() -> str:
@@ -28,9 +31,18 @@ def _runtime_dir() -> str:
     return f"/tmp/lockd-{os.geteuid()}"
 
 
-def socket_path() -> str:
-    """`LOCKD_SOCKET` if set, else the socket in `runtime_dir()`."""
+def _own_socket() -> str:
     return os.environ.get(SOCKET_ENV) or os.path.join(_runtime_dir(), SOCKET_NAME)
+
+
+def socket_path() -> str:
+    """Where a client finds lockd: `LOCKD_SOCKET` if set; else this user's own daemon's socket
+    if it exists; else the system daemon's (SYSTEM_SOCKET) if that exists; else this user's
+    own (so that an error names the socket a `lockd` of this user would create)."""
+    own = _own_socket()
+    if SOCKET_ENV in os.environ or os.path.exists(own) or not os.path.exists(SYSTEM_SOCKET):
+        return own
+    return SYSTEM_SOCKET
 
 
 def runtime_dir() -> Path:
@@ -44,10 +56,11 @@ def runtime_dir() -> Path:
 
 
 def default_socket() -> Path:
-    """`socket_path()` as a Path."""
+    """The socket a daemon of this user binds by default: `LOCKD_SOCKET`, else the one in
+    `runtime_dir()`."""
     from pathlib import Path
 
-    return Path(socket_path())
+    return Path(_own_socket())
 
 
 def default_lock_dir() -> Path:
