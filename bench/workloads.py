@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -289,8 +290,28 @@ def cli_startup(commands: dict[str, list[str]], runs: int, env: dict[str, str]) 
     samples: dict[str, list[int]] = {label: [] for label in commands}
     for _ in range(runs):
         for label, argv in commands.items():
-            t = time.perf_counter_ns()
-            subprocess.run(argv, check=True, timeout=30, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-            samples[label].append(time.perf_counter_ns() - t)
+            samples[label].append(_time_command(argv, env))
     return {label: latency_summary(s) for label, s in samples.items()}
 
+
+def _time_command(argv: list[str], env: dict[str, str], timeout: float = 30.0) -> int:
+    """ns from spawning `argv` to its exit, which it must make with status 0.
+
+    The exit is seen through a pidfd the moment it happens: `Popen.wait(timeout)` polls at
+    doubling intervals (0.5, 1, 2 … ms), which would round every figure up to the next step.
+    """
+    started = time.perf_counter_ns()
+    proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    pidfd = os.pidfd_open(proc.pid)
+    try:
+        exited = select.select([pidfd], [], [], timeout)[0]
+        elapsed = time.perf_counter_ns() - started
+    finally:
+        os.close(pidfd)
+    if not exited:
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"{' '.join(argv)} did not exit within {timeout:g} s")
+    if proc.wait() != 0:
+        raise subprocess.CalledProcessError(proc.returncode, argv)
+    return elapsed
