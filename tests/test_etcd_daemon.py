@@ -155,15 +155,39 @@ async def test_killed_client_frees_the_lock_for_a_waiter_on_the_other_host(
         reap(holder)
 
 
-async def test_killed_daemon_frees_its_locks_within_the_ttl(
+async def test_killed_daemon_frees_its_locks_within_the_ttl_after_its_commands_stopped(
     two_daemons: tuple[Daemon, Daemon], shared_etcd: EtcdCluster, prefix: str
 ) -> None:
     a, b = two_daemons
-    with trio.fail_after(WAIT):
-        async with connect(a.socket) as on_a, connect(b.socket) as on_b:
-            await on_a.acquire("site.com")
-            # etcd expires a lease up to half a second late; then a watch event, one read.
-            assert await seconds_to_grant(on_b, "site.com", shared_etcd, prefix, a.kill) < TTL + 1.0
+    holder = lockctl(a, "acquire", "site.com", "--", "sleep", "60")
+    try:
+        with trio.fail_after(WAIT):
+            async with connect(a.socket) as on_a:
+                while holder.pid not in await holder_pids(on_a, "site.com"):
+                    await trio.sleep(0.02)
+            exited: list[float] = []
+
+            async def watch_holder() -> None:
+                while holder.poll() is None:
+                    await trio.sleep(0.005)
+                exited.append(trio.current_time())
+
+            killed: list[float] = []
+
+            def kill_a() -> None:
+                killed.append(trio.current_time())
+                a.kill()
+
+            async with connect(b.socket) as on_b, trio.open_nursery() as nursery:
+                nursery.start_soon(watch_holder)
+                # etcd expires a lease up to half a second late; then a watch event, one read.
+                delay = await seconds_to_grant(on_b, "site.com", shared_etcd, prefix, kill_a)
+            assert delay < TTL + 1.0
+            # lockctl saw its daemon go, stopped its CMD and exited before B could be granted.
+            assert holder.returncode == 79
+            assert exited[0] < killed[0] + delay
+    finally:
+        reap(holder)
 
 
 async def test_lockctl_stops_its_command_when_etcd_goes_away(
