@@ -12,6 +12,7 @@ import json
 import os
 import resource
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -20,10 +21,15 @@ from typing import Any
 
 from . import report, services, workloads
 from .lockers import make_locker
-from .machine import REPO, loadavg, machine_info
+from .machine import REPO, EtcdProbe, loadavg, machine_info
 
 WORKLOADS = ("w1", "w2", "w3", "w4", "w5", "cli")
+#: Sections run only when asked for (`--etcd`, or named in `--only`).
+EXTRA = ("etcd",)
 DEFAULT_OUT = REPO / "bench" / "results" / "latest.json"
+#: The etcd lease TTL of the lock API's clients in the etcd section: lockd's default --etcd-ttl,
+#: so both sides give up a dead holder's lock on the same terms.
+ETCD_TTL = 5
 
 
 @dataclass
@@ -37,14 +43,20 @@ class Config:
     w4_leases: tuple[int, ...]
     w5_tries: int
     cli_runs: int
+    #: The etcd section's W1 cycles, W5 tries (a try of etcd's lock API lasts up to a TTL) and CLI runs.
+    etcd_w1_cycles: int
+    etcd_w5_tries: int
+    etcd_cli_runs: int
     #: The lockd client the targets are judged on: "lockd" (the library) or "lockd-raw".
     lockd_client: str
 
 
 FULL = dict(reps=3, w1_cycles=20_000, w2_clients=32, w2_seconds=5.0, w3_clients=8, w3_seconds=5.0,
-            w4_leases=(10_000, 100_000), w5_tries=10, cli_runs=20)
+            w4_leases=(10_000, 100_000), w5_tries=10, cli_runs=20,
+            etcd_w1_cycles=2_000, etcd_w5_tries=3, etcd_cli_runs=10)
 QUICK = dict(reps=1, w1_cycles=2_000, w2_clients=8, w2_seconds=0.5, w3_clients=8, w3_seconds=0.5,
-             w4_leases=(1_000,), w5_tries=2, cli_runs=3)
+             w4_leases=(1_000,), w5_tries=2, cli_runs=3,
+             etcd_w1_cycles=200, etcd_w5_tries=1, etcd_cli_runs=2)
 
 
 def _library_ready() -> bool:
@@ -58,7 +70,11 @@ def _library_ready() -> bool:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0].split(": ", 1)[1])
     p.add_argument("--quick", action="store_true", help="a smoke run of a few seconds: tiny counts, no repetition")
-    p.add_argument("--only", default=",".join(WORKLOADS), help=f"comma-separated subset of {','.join(WORKLOADS)}")
+    p.add_argument("--only", default=",".join(WORKLOADS),
+                   help=f"comma-separated subset of {','.join(WORKLOADS + EXTRA)} (default: %(default)s)")
+    p.add_argument("--etcd", action="store_true",
+                   help="also run the etcd section: W1, W3, W5 and CLI through lockd on a fresh one-member "
+                        "etcd, against etcd's own lock API (needs the etcd binary; adds about 2 minutes)")
     p.add_argument("--reps", type=int, help="repetitions of W1-W3 (default 3, --quick 1)")
     p.add_argument("--client", choices=["lockd", "lockd-raw"],
                    help="lockd client the targets are judged on (default: lockd_client if installed)")
@@ -68,9 +84,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    only = set(args.only.split(","))
-    if unknown := only - set(WORKLOADS):
-        sys.exit(f"unknown workload(s) {', '.join(sorted(unknown))}; choose from {', '.join(WORKLOADS)}")
+    only = set(args.only.split(",")) | ({"etcd"} if args.etcd else set())
+    if unknown := only - set(WORKLOADS + EXTRA):
+        sys.exit(f"unknown workload(s) {', '.join(sorted(unknown))}; choose from {', '.join(WORKLOADS + EXTRA)}")
     client = args.client or ("lockd" if _library_ready() else "lockd-raw")
     cfg = Config(**(QUICK if args.quick else FULL) | ({"reps": args.reps} if args.reps else {}), lockd_client=client)
     lockd_systems = ["lockd-raw"] + (["lockd"] if client == "lockd" else [])
@@ -134,14 +150,17 @@ def main(argv: list[str] | None = None) -> int:
                 _progress(f"W4 {leases:,}")
                 # A daemon needs a descriptor per lease; it raises its soft limit to the hard
                 # one itself, and the hard one can only be raised with CAP_SYS_RESOURCE.
-                nofile = _raisable_nofile(leases + 1024)
+                nofile, refused = _raisable_nofile(leases + 1024)
                 with services.lockd(root, f"w4-{leases}", nofile=nofile) as d:
                     locker = make_locker({"kind": client, "socket": d.socket})
                     try:
                         results["w4"][str(leases)] = workloads.w4_many(locker, leases, d.probe) | {
-                            "daemon_nofile_hard": nofile or resource.getrlimit(resource.RLIMIT_NOFILE)[1]}
+                            "daemon_nofile_hard": nofile or resource.getrlimit(resource.RLIMIT_NOFILE)[1],
+                            "nofile_refused": refused}
                     finally:
                         locker.close()
+        if "etcd" in only:
+            results["etcd"] = _etcd_section(cfg, root, client)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -160,12 +179,52 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _w1(spec: dict[str, Any], cycles: int, server) -> dict[str, Any]:
+def _w1(spec: dict[str, Any], cycles: int, server, etcd=None) -> dict[str, Any]:
     locker = make_locker(spec)
     try:
-        return workloads.w1_cycles(locker, "w1", cycles, server)
+        return workloads.w1_cycles(locker, "w1", cycles, server, etcd)
     finally:
         locker.close()
+
+
+def _etcd_section(cfg: Config, root: Path, client: str) -> dict[str, Any]:
+    """W1, W3, W5 and the CLI through lockd on the etcd backend and through etcd's own lock
+    API, against one fresh etcd member, interleaved as in the main section."""
+    out: dict[str, Any] = {"ttl": ETCD_TTL}
+    with services.etcd(root) as etcd, services.lockd(root, "on-etcd", etcd=etcd.url) as daemon:
+        out["etcd_version"] = _etcd_version()
+        metrics = EtcdProbe(etcd.url, etcd.probe.pid)
+        lockd_spec = {"kind": client, "socket": daemon.socket}
+        specs = {
+            "etcd-kv": {"kind": "etcd-kv", "url": etcd.url, "ttl": ETCD_TTL},
+            "etcd-lock": {"kind": "etcd-lock", "url": etcd.url, "ttl": ETCD_TTL},
+            "lockd-etcd": lockd_spec,
+        }
+        out["w1"] = _repeat(cfg.reps, list(specs), "etcd W1", lambda s: _w1(
+            specs[s], cfg.etcd_w1_cycles, daemon.probe if s == "lockd-etcd" else None, metrics))
+        out["w3"] = _repeat(cfg.reps, ["etcd-lock", "lockd-etcd"], "etcd W3", lambda s: workloads.w3_fairness(
+            specs[s], cfg.w3_clients, cfg.w3_seconds))
+        _progress("etcd W5")
+        out["w5"] = {
+            "etcd-lock": workloads.w5_crash(specs["etcd-lock"], cfg.etcd_w5_tries, workloads.etcd_lock_waiting(etcd.url)),
+            "lockd-etcd": workloads.w5_crash(lockd_spec, cfg.w5_tries, workloads.lockd_waiting(daemon.socket)),
+        }
+        _progress("etcd CLI")
+        lockctl = shutil.which("lockctl", path=os.path.dirname(sys.executable))
+        commands = {
+            "python -c pass": [sys.executable, "-c", "pass"],
+            "etcdctl lock": [shutil.which("etcdctl") or "etcdctl", "--endpoints", etcd.url, "lock", "cli", "true"],
+        }
+        if lockctl:
+            commands["lockctl acquire"] = [lockctl, "acquire", "cli", "--", "true"]
+        out["cli"] = workloads.cli_startup(commands, cfg.etcd_cli_runs, {**os.environ, "LOCKD_SOCKET": daemon.socket})
+    return out
+
+
+def _etcd_version() -> str | None:
+    proc = subprocess.run([services.ETCD or "etcd", "--version"], capture_output=True, text=True, timeout=10)
+    first = proc.stdout.splitlines()[0] if proc.stdout else ""
+    return first.rpartition(" ")[2] or None
 
 
 def _repeat(reps: int, systems: list[str], title: str, measure) -> dict[str, Any]:
@@ -192,17 +251,19 @@ def _cli_commands(files: str) -> dict[str, list[str]]:
     return commands
 
 
-def _raisable_nofile(wanted: int) -> int | None:
-    """`wanted` if the daemon's hard fd limit must and can be raised to it, else None."""
+def _raisable_nofile(wanted: int) -> tuple[int | None, str | None]:
+    """(`wanted`, None) if the daemon's hard fd limit must and can be raised to it; else
+    (None, why not) when it cannot, (None, None) when it need not."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or hard >= wanted:
-        return None
+        return None, None
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, wanted))
-    except (ValueError, OSError):
-        return None  # not permitted here: the run records the limit the daemon had
+    except (ValueError, OSError) as exc:
+        # Raising a hard limit takes CAP_SYS_RESOURCE, which root in a container may lack.
+        return None, f"raising the hard fd limit from {hard:,} to {wanted:,} was refused ({exc})"
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    return wanted
+    return wanted, None
 
 
 def _progress(what: str) -> None:

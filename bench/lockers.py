@@ -12,14 +12,25 @@ Specs:
                                      R request/response round trips per cycle to an echo server
   {"kind": "lockd-raw", "socket": S} the wire protocol by hand: what the protocol allows
   {"kind": "lockd", "socket": S}     lockd_client, the library users get
+  {"kind": "etcd-lock", "url": U, "ttl": T}
+                                     etcd's own lock API (v3lock, through its JSON gateway)
+                                     under an etcd lease of T seconds, kept alive
+  {"kind": "etcd-kv", "url": U, "ttl": T}
+                                     not a lock: one put and one delete per cycle, the two
+                                     etcd writes any lock kept in etcd needs at least
 """
 
 from __future__ import annotations
 
+import base64
 import fcntl
+import http.client
 import itertools
+import json
 import os
 import socket
+import threading
+import urllib.parse
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -237,6 +248,96 @@ class LibLockdLocker:
         self._client.close()
 
 
+class EtcdGateway:
+    """One persistent HTTP/1.1 connection to etcd's v3 JSON gateway, as a client would keep."""
+
+    def __init__(self, url: str) -> None:
+        where = urllib.parse.urlsplit(url)
+        self._conn = http.client.HTTPConnection(where.hostname, where.port)
+
+    def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        self._conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        answer = self._conn.getresponse()
+        data = answer.read()
+        if answer.status != 200:
+            raise RuntimeError(f"etcd answered {path} with {answer.status}: {data[:200]!r}")
+        return json.loads(data)
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def b64(text: str) -> str:
+    """The gateway's encoding of keys and values."""
+    return base64.b64encode(text.encode()).decode()
+
+
+class _EtcdLease:
+    """An etcd lease kept alive on a connection of its own every TTL/3, as etcd's clients do,
+    until `close` revokes it; a process killed meanwhile leaves it to expire after TTL."""
+
+    def __init__(self, url: str, ttl: int) -> None:
+        self._gateway = EtcdGateway(url)
+        self.id = self._gateway.call("/v3/lease/grant", {"TTL": ttl})["ID"]
+        self._closed = threading.Event()
+        self._renewer = threading.Thread(target=self._renew, args=(ttl / 3,), daemon=True)
+        self._renewer.start()
+
+    def _renew(self, interval: float) -> None:
+        while not self._closed.wait(interval):
+            self._gateway.call("/v3/lease/keepalive", {"ID": self.id})
+
+    def close(self) -> None:
+        self._closed.set()
+        self._renewer.join()
+        self._gateway.call("/v3/lease/revoke", {"ID": self.id})
+        self._gateway.close()
+
+
+class _EtcdLocker:
+    """A client of etcd's JSON gateway with a lease of its own, as a program using etcd keeps."""
+
+    reports_queue = False
+
+    def __init__(self, url: str, ttl: int) -> None:
+        self._lease = _EtcdLease(url, ttl)
+        self._gateway = EtcdGateway(url)
+
+    def token(self, key: str) -> None:
+        return None
+
+    def close(self) -> None:
+        self._gateway.close()
+        self._lease.close()
+
+
+class EtcdLockLocker(_EtcdLocker):
+    """etcd's own lock API, driven directly: `/v3/lock/lock` blocks until the name's key is the
+    oldest (FIFO by create revision) and returns it; `/v3/lock/unlock` deletes it."""
+
+    PREFIX = "bench-lock/"
+
+    def acquire(self, name: str, on_queued: OnQueued | None = None) -> str:
+        return self._gateway.call("/v3/lock/lock", {"name": b64(self.PREFIX + name), "lease": self._lease.id})["key"]
+
+    def release(self, key: str) -> None:
+        self._gateway.call("/v3/lock/unlock", {"key": key})
+
+
+class EtcdKvLocker(_EtcdLocker):
+    """The etcd floor: put a key under a lease, delete it; no check that anyone else holds it."""
+
+    PREFIX = "bench-kv/"
+
+    def acquire(self, name: str, on_queued: OnQueued | None = None) -> str:
+        key = b64(self.PREFIX + name)
+        self._gateway.call("/v3/kv/put", {"key": key, "value": "", "lease": self._lease.id})
+        return key
+
+    def release(self, key: str) -> None:
+        self._gateway.call("/v3/kv/deleterange", {"key": key})
+
+
 def make_locker(spec: dict[str, Any]) -> Locker:
     kind = spec["kind"]
     if kind == "flock":
@@ -249,4 +350,8 @@ def make_locker(spec: dict[str, Any]) -> Locker:
         return RawLockdLocker(spec["socket"])
     if kind == "lockd":
         return LibLockdLocker(spec["socket"])
+    if kind == "etcd-lock":
+        return EtcdLockLocker(spec["url"], spec["ttl"])
+    if kind == "etcd-kv":
+        return EtcdKvLocker(spec["url"], spec["ttl"])
     raise ValueError(f"unknown locker kind {kind!r}")

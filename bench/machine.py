@@ -10,8 +10,11 @@ import datetime
 import importlib.metadata
 import os
 import platform
+import re
 import subprocess
 import sys
+import urllib.request
+from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -91,3 +94,30 @@ class ProcessProbe:
 
     def fds(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+
+class EtcdProbe:
+    """What an etcd member has done so far, from its Prometheus `/metrics`: requests served by
+    gRPC method (the JSON gateway's calls and v3lock's included), raft proposals committed
+    (every write), and its process's CPU."""
+
+    #: `grpc_server_handled_total{...grpc_method="Txn"...} 12`: unary calls answered.
+    _HANDLED = re.compile(r'^grpc_server_handled_total\{([^}]*)\} (\S+)$', re.M)
+    _PROPOSALS = re.compile(r"^etcd_server_proposals_committed_total (\S+)$", re.M)
+
+    def __init__(self, url: str, pid: int) -> None:
+        self.url = url
+        self.process = ProcessProbe(pid)
+
+    def counters(self) -> Counter[str]:
+        """Unary requests answered so far by method, and `proposals` committed."""
+        with urllib.request.urlopen(self.url + "/metrics", timeout=5) as answer:
+            text = answer.read().decode()
+        counts: Counter[str] = Counter()
+        for labels, value in self._HANDLED.findall(text):
+            fields = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+            if fields.get("grpc_type") == "unary":
+                counts[fields["grpc_method"]] += int(float(value))
+        proposals = self._PROPOSALS.search(text)
+        counts["proposals"] = int(float(proposals.group(1))) if proposals else 0
+        return counts

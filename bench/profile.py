@@ -14,6 +14,7 @@ and shares are of busy time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import signal
 import subprocess
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workload", choices=["w1", "w2", "w3"], default="w1",
                    help="w1: one client cycling on one name; w2: 32 clients, a name each; w3: 8 clients on one name")
     p.add_argument("--client", choices=["lockd", "lockd-raw"], default="lockd")
+    p.add_argument("--etcd", action="store_true", help="the daemon on the etcd backend, on a fresh one-member etcd")
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--rate", type=int, default=1000, help="samples per second (default %(default)s)")
     p.add_argument("--top", type=int, default=25)
@@ -92,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     names = ["p"] * clients if same_name else [f"p-{i}" for i in range(clients)]
     root = services.scratch_root()
     try:
-        with services.lockd(root, "profiled") as daemon:
+        with contextlib.ExitStack() as stack:
+            etcd = stack.enter_context(services.etcd(root)).url if args.etcd else None
+            daemon = stack.enter_context(services.lockd(root, "profiled", etcd=etcd))
             spec = {"kind": args.client, "socket": daemon.socket}
             spies = [_spy(daemon.probe.pid, args.out / "daemon.txt", args.rate)]
             # The first client is profiled too: its own process, so py-spy can attach to it.
@@ -107,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
                     _stop(spy)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    print(f"{args.workload} through {args.client}: {cycles / args.seconds:,.0f} cycles/s over {args.seconds:g} s "
+    backend = " on etcd" if args.etcd else ""
+    print(f"{args.workload} through {args.client}{backend}: {cycles / args.seconds:,.0f} cycles/s over {args.seconds:g} s "
           f"with py-spy attached\n")
     for name in ("daemon.txt", "client.txt"):
         print(summarize(args.out / name, args.top), end="\n\n")

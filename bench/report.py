@@ -27,11 +27,17 @@ LABELS = {
     "echo-trio-2rt": "echo, trio, 2 RT",
     "lockd-raw": "lockd, raw protocol",
     "lockd": "lockd, lockd_client",
+    "etcd-kv": "etcd put + delete (no lock)",
+    "etcd-lock": "etcd lock API",
+    "lockd-etcd": "lockd on etcd",
 }
+#: What lockd on etcd is compared with: etcd's lock API driven directly, in the same run.
+ETCD_FLOOR = "etcd-lock"
 
 
 def median_of(reps: list[Any]) -> Any:
-    """The per-field median of repeated results (numbers: median; flags: all; lists: dropped)."""
+    """The per-field median of repeated results (numbers: median; flags: all; lists, and
+    fields some repetitions lack, dropped)."""
     first = reps[0]
     if isinstance(first, bool):
         return all(reps)
@@ -39,7 +45,8 @@ def median_of(reps: list[Any]) -> Any:
         kept = [r for r in reps if not math.isnan(r)]
         return statistics.median(kept) if kept else math.nan
     if isinstance(first, dict):
-        return {k: median_of([r[k] for r in reps]) for k, v in first.items() if not isinstance(v, list)}
+        return {k: median_of([r[k] for r in reps]) for k, v in first.items()
+                if not isinstance(v, list) and all(k in r for r in reps)}
     return first
 
 
@@ -125,21 +132,61 @@ def tables(results: dict[str, Any]) -> str:
             ["asked", "held", "time s", "leases/s", "RSS before MiB", "RSS after MiB", "growth MiB", "fds after", "fd limit"], rows,
         ))
         out += [f"  {int(n):,}: stopped by {r['error']}" for n, r in results["w4"].items() if r["error"]]
+        out += [f"  {int(n):,}: {r['nofile_refused']}" for n, r in results["w4"].items() if r.get("nofile_refused")]
     if "w5" in results:
         rows = [[LABELS[s], r["p50_ms"], r["max_ms"], r["tries"]] for s, r in results["w5"].items()]
         out.append(_table("W5  holder SIGKILLed while a waiter waits: kill → waiter holds", ["system", "p50 ms", "max ms", "tries"], rows))
     if "cli" in results:
-        cli = results["cli"]
-        bare = cli.get("python -c pass", {}).get("p50_us")
-        bare_min = cli.get("python -c pass", {}).get("min_us")
-        rows = [
-            [label, r["p50_us"] / 1000, r["min_us"] / 1000, r["p99_us"] / 1000, _ratio(r["p50_us"], bare), _ratio(r["min_us"], bare_min)]
-            for label, r in cli.items()
-        ]
-        out.append(_table(
-            f"CLI  wall time from spawn to exit, {cfg['cli_runs']} runs each, interleaved",
-            ["command", "p50 ms", "min ms", "p99 ms", "p50 / python -c pass", "min / python -c pass"], rows,
-        ))
+        out.append(_cli_table(f"CLI  wall time from spawn to exit, {cfg['cli_runs']} runs each, interleaved", results["cli"]))
+    if "etcd" in results:
+        out.append(_etcd_tables(results["etcd"], cfg))
+    return "\n\n".join(out)
+
+
+def _cli_table(title: str, cli: dict[str, Any]) -> str:
+    bare = cli.get("python -c pass", {}).get("p50_us")
+    bare_min = cli.get("python -c pass", {}).get("min_us")
+    rows = [
+        [label, r["p50_us"] / 1000, r["min_us"] / 1000, r["p99_us"] / 1000, _ratio(r["p50_us"], bare), _ratio(r["min_us"], bare_min)]
+        for label, r in cli.items()
+    ]
+    return _table(title, ["command", "p50 ms", "min ms", "p99 ms", "p50 / python -c pass", "min / python -c pass"], rows)
+
+
+def _etcd_tables(etcd: dict[str, Any], cfg: dict[str, Any]) -> str:
+    """lockd on the etcd backend next to etcd's own lock API, with ratios to the latter."""
+    out = [f"etcd section: one etcd {etcd.get('etcd_version') or ''} member on loopback (data on tmpfs), lease TTL {etcd['ttl']} s"]
+    w1 = etcd["w1"]["median"]
+    floor = w1.get(ETCD_FLOOR, {})
+    rows = [
+        [LABELS[s], r["p50_us"], r["p99_us"], r["cycles_per_s"], r.get("etcd_requests_total_per_cycle"),
+         r.get("etcd_writes_per_cycle"), r.get("etcd_cpu_us_per_cycle"), r.get("server_cpu_us_per_cycle"),
+         _ratio(r["p50_us"], floor.get("p50_us"))]
+        for s, r in w1.items()
+    ]
+    requests = [f"  {LABELS[s]}: etcd requests per cycle " + ", ".join(f"{m} {n:.2f}" for m, n in r["etcd_requests_per_cycle"].items())
+                for s, r in w1.items() if r.get("etcd_requests_per_cycle")]
+    out.append("\n".join([_table(
+        f"etcd W1  one client, one name: {cfg['etcd_w1_cycles']:,} cycles, median of {cfg['reps']} runs",
+        ["system", "p50 µs", "p99 µs", "cycles/s", "etcd requests/cycle", "etcd writes/cycle",
+         "etcd CPU µs/cycle", "lockd CPU µs/cycle", f"p50 / {ETCD_FLOOR}"], rows,
+    ), *requests]))
+    w3 = etcd["w3"]["median"]
+    floor = w3.get(ETCD_FLOOR, {})
+    rows = [
+        [LABELS[s], r["grants_per_s"], r["handoff"]["p50_us"], r["handoff"]["p99_us"], r["other_share"],
+         r["fifo_inversions"], r.get("tokens_increase"), _ratio(r["grants_per_s"], floor.get("grants_per_s")),
+         _ratio(r["handoff"]["p50_us"], _dig(floor, "handoff", "p50_us"))]
+        for s, r in w3.items()
+    ]
+    out.append(_table(
+        f"etcd W3  {cfg['w3_clients']} client processes on one name, hold 0, {cfg['w3_seconds']:g} s, median of {cfg['reps']} runs",
+        ["system", "grants/s", "handoff p50 µs", "handoff p99 µs", "to another client", "FIFO inversions",
+         "tokens increase", f"grants/s / {ETCD_FLOOR}", f"handoff p50 / {ETCD_FLOOR}"], rows,
+    ))
+    rows = [[LABELS[s], r["p50_ms"], r["max_ms"], r["tries"]] for s, r in etcd["w5"].items()]
+    out.append(_table("etcd W5  holder SIGKILLed while a waiter waits: kill → waiter holds", ["system", "p50 ms", "max ms", "tries"], rows))
+    out.append(_cli_table(f"etcd CLI  wall time from spawn to exit, {cfg['etcd_cli_runs']} runs each, interleaved", etcd["cli"]))
     return "\n\n".join(out)
 
 
@@ -172,6 +219,15 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         _target("W4 100k leases held (count)", _dig(results, "w4", "100000", "held"), 100_000, False),
         _target("W5 kill → waiter holds, p50 ms", _dig(results, "w5", client, "p50_ms"), 10, True),
         _target("CLI lockctl / python -c pass", _ratio(_dig(cli, "lockctl acquire", "p50_us"), _dig(cli, "python -c pass", "p50_us")), 2.0, True),
+    ] + (_etcd_targets(results["etcd"]) if "etcd" in results else [])
+
+
+def _etcd_targets(etcd: dict[str, Any]) -> list[dict[str, Any]]:
+    """The guarantees that must hold on the etcd backend too: strict FIFO, and a crashed
+    holder's lock passed on within W5's limit."""
+    return [
+        _target("etcd: W3 FIFO inversions, all runs", _total(_dig(etcd, "w3", "runs", "lockd-etcd"), "fifo_inversions"), 0, True),
+        _target("etcd: W5 kill → waiter holds, p50 ms", _dig(etcd, "w5", "lockd-etcd", "p50_ms"), 10, True),
     ]
 
 

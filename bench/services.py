@@ -1,4 +1,4 @@
-"""The server processes a benchmark run talks to: lockd daemons and echo servers.
+"""The server processes a benchmark run talks to: lockd daemons, echo servers and etcd.
 
 Invariant: every server is started by a `Service` context manager and is gone (SIGTERM,
 then SIGKILL after a grace period) when the block exits, whatever happened inside it, so a
@@ -7,13 +7,16 @@ failed or interrupted run leaves no process behind.
 
 from __future__ import annotations
 
+import json
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 from .machine import REPO, ProcessProbe
@@ -31,7 +34,7 @@ def _connectable(path: str) -> bool:
 
 
 class Service:
-    """A server process listening on a Unix socket, with a probe for its costs."""
+    """A server process, ready once its Unix socket `socket` accepts, with a probe for its costs."""
 
     def __init__(self, argv: list[str], socket_path: str, log_path: Path, nofile: int | None = None) -> None:
         self.argv = argv
@@ -39,6 +42,9 @@ class Service:
         self.log_path = log_path
         self.nofile = nofile
         self.proc: subprocess.Popen[bytes] | None = None
+
+    def ready(self) -> bool:
+        return _connectable(self.socket)
 
     def _limits(self) -> None:
         # Runs in the child between fork and exec: only the server gets the higher limit.
@@ -52,7 +58,7 @@ class Service:
                 preexec_fn=self._limits if self.nofile else None,
             )
         deadline = time.monotonic() + START_TIMEOUT
-        while not _connectable(self.socket):
+        while not self.ready():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"{' '.join(self.argv)} did not start:\n{self.log_path.read_text(errors='replace')}")
@@ -78,9 +84,10 @@ class Service:
         self.stop()
 
 
-def lockd(root: Path, tag: str, nofile: int | None = None) -> Service:
+def lockd(root: Path, tag: str, nofile: int | None = None, etcd: str | None = None) -> Service:
     """A daemon with its own socket, lock dir and state dir under `root`; logs warnings only,
-    as a production daemon would."""
+    as a production daemon would. With `etcd` (a client URL), on the etcd backend, with the
+    default TTL and keys under a prefix of its own."""
     base = root / tag
     base.mkdir()
     (base / "locks").mkdir(mode=0o700)
@@ -89,6 +96,8 @@ def lockd(root: Path, tag: str, nofile: int | None = None) -> Service:
         sys.executable, "-m", "lockd", "--socket", sock, "--lock-dir", str(base / "locks"),
         "--state-dir", str(base / "state"), "--log-level", "warning",
     ]
+    if etcd is not None:
+        argv += ["--backend", "etcd", "--etcd-endpoints", etcd, "--etcd-prefix", f"/lockd-bench/{tag}/"]
     return Service(argv, sock, base / "lockd.log", nofile)
 
 
@@ -96,6 +105,53 @@ def echo(root: Path, kind: str) -> Service:
     sock = str(root / f"echo-{kind}.sock")
     argv = [sys.executable, "-m", "bench.echo", kind, sock]
     return Service(argv, sock, root / f"echo-{kind}.log")
+
+
+class EtcdService(Service):
+    """A single-member etcd serving clients on `url`; ready once it reports itself healthy."""
+
+    def __init__(self, argv: list[str], url: str, log_path: Path) -> None:
+        super().__init__(argv, "", log_path)
+        self.url = url
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=1) as answer:
+                return json.load(answer).get("health") == "true"
+        except (OSError, ValueError):
+            return False
+
+
+ETCD = shutil.which("etcd")
+
+
+def etcd(root: Path) -> EtcdService:
+    """A fresh one-member etcd on loopback ports that were free a moment ago, its data under
+    `root`: on tmpfs, so its fsyncs cost nothing and the figures compare round trips, not disks."""
+    if ETCD is None:
+        raise RuntimeError("the etcd section needs the etcd binary on PATH (etcd 3.4 or later)")
+    client, peer = _free_ports(2)
+    url, peer_url = f"http://127.0.0.1:{client}", f"http://127.0.0.1:{peer}"
+    argv = [
+        ETCD, "--name", "bench", "--data-dir", str(root / "etcd-data"),
+        "--listen-client-urls", url, "--advertise-client-urls", url,
+        "--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url,
+        "--initial-cluster", f"bench={peer_url}", "--initial-cluster-state", "new",
+        "--logger", "zap", "--log-level", "warn",
+    ]
+    return EtcdService(argv, url, root / "etcd.log")
+
+
+def _free_ports(count: int) -> list[int]:
+    """Loopback ports free right now, all different (held open together while chosen)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def scratch_root() -> Path:

@@ -15,31 +15,40 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from lockd_client.errors import LockdError
 
-from .lockers import Locker, RawLockdLocker, make_locker
-from .machine import REPO, ProcessProbe
+from .lockers import EtcdGateway, EtcdLockLocker, Locker, RawLockdLocker, b64, make_locker
+from .machine import REPO, EtcdProbe, ProcessProbe
 from .stats import latency_summary
 
 #: A worker must be connected within this long, and report within this long after its end.
 WORKER_TIMEOUT = 60.0
 #: Untimed cycles before a timed run, so first-use costs (file creation, caches) stay out.
 WARMUP_CYCLES = 200
+#: How long W5 waits for the waiter to hold the lock after the kill: above any lease TTL it meets.
+W5_TIMEOUT = 30.0
 
 
 # --- W1: one client, one name ----------------------------------------------------------------
 
 
-def w1_cycles(locker: Locker, name: str, cycles: int, server: ProcessProbe | None) -> dict[str, Any]:
-    """Time `cycles` acquire+release cycles one by one; with `server`, its CPU per cycle."""
+def w1_cycles(
+    locker: Locker, name: str, cycles: int, server: ProcessProbe | None, etcd: EtcdProbe | None = None
+) -> dict[str, Any]:
+    """Time `cycles` acquire+release cycles one by one; with `server`, its CPU per cycle; with
+    `etcd`, etcd's CPU, requests (by method) and writes per cycle."""
     acquire, release, clock = locker.acquire, locker.release, time.perf_counter_ns
     for _ in range(WARMUP_CYCLES):
         release(acquire(name))
     samples = [0] * cycles
+    # Read before the server's CPU, so the metrics request's own cost stays out of it.
+    etcd_before = etcd.counters() if etcd else Counter()
+    etcd_cpu_before = etcd.process.cpu_ns() if etcd else 0
     cpu_before = server.cpu_ns() if server else 0
     started = clock()
     for i in range(cycles):
@@ -50,6 +59,13 @@ def w1_cycles(locker: Locker, name: str, cycles: int, server: ProcessProbe | Non
     result = latency_summary(samples) | {"cycles_per_s": cycles / (elapsed / 1e9)}
     if server:
         result["server_cpu_us_per_cycle"] = (server.cpu_ns() - cpu_before) / cycles / 1000
+    if etcd:
+        result["etcd_cpu_us_per_cycle"] = (etcd.process.cpu_ns() - etcd_cpu_before) / cycles / 1000
+        done = etcd.counters()
+        done.subtract(etcd_before)
+        result["etcd_writes_per_cycle"] = done.pop("proposals") / cycles
+        result["etcd_requests_per_cycle"] = {m: n / cycles for m, n in sorted(done.items()) if n}
+        result["etcd_requests_total_per_cycle"] = sum(done.values()) / cycles
     return result
 
 
@@ -243,9 +259,9 @@ def w5_crash(
                     time.sleep(0.002)
                 killed = time.monotonic_ns()
                 os.kill(holder.pid, signal.SIGKILL)
-                thread.join(10)
+                thread.join(W5_TIMEOUT)
                 if not got:
-                    raise RuntimeError("W5 waiter did not get the lock within 10 s of the kill")
+                    raise RuntimeError(f"W5 waiter did not get the lock within {W5_TIMEOUT:g} s of the kill")
                 samples.append(got[0] - killed)
             finally:
                 holder.kill()
@@ -278,6 +294,20 @@ def flock_waiting(lock_dir: str) -> Callable[[str], bool]:
             "->" in line and line.split()[-3].endswith(f":{inode}")
             for line in Path("/proc/locks").read_text().splitlines()
         )
+
+    return waiting
+
+
+def etcd_lock_waiting(url: str) -> Callable[[str], bool]:
+    """`is_waiting` for W5 against etcd's lock API: a second key under the name's prefix (the
+    holder's and the waiter's), read on a connection of its own."""
+    gateway = EtcdGateway(url)
+
+    def waiting(name: str) -> bool:
+        prefix = EtcdLockLocker.PREFIX + name + "/"
+        end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        answer = gateway.call("/v3/kv/range", {"key": b64(prefix), "range_end": b64(end), "count_only": True})
+        return int(answer.get("count", 0)) >= 2
 
     return waiting
 
