@@ -349,6 +349,23 @@ def test_daemon_gone_while_waiting_means_69_and_cmd_never_runs(daemon, tmp_path:
         kill_quietly(waiter, holder)
     assert code == cli.EXIT_UNAVAILABLE
     assert daemon.socket in err
+    assert "went away before the lock was granted" in err
+    assert not (tmp_path / "ran").exists()
+
+
+def test_a_live_daemon_whose_backend_is_down_is_69_with_its_own_message(short_tmp: Path, tmp_path: Path) -> None:
+    # Port 1: nothing listens there, so every etcd request fails at once.
+    daemon = Daemon(short_tmp, "--backend", "etcd", "--etcd-endpoints", "http://127.0.0.1:1")
+    daemon.start()
+    try:
+        proc = lockctl(daemon, "acquire", "a", "b", "--", "touch", str(tmp_path / "ran"))
+        assert daemon.proc is not None and daemon.proc.poll() is None  # still there
+    finally:
+        daemon.kill()
+    assert proc.returncode == cli.EXIT_UNAVAILABLE
+    assert "went away" not in proc.stderr
+    assert "lockd cannot grant a, b now: " in proc.stderr
+    assert "etcd" in proc.stderr and "CMD was not started" in proc.stderr
     assert not (tmp_path / "ran").exists()
 
 

@@ -425,7 +425,7 @@ def test_release_is_idempotent_and_checks_the_owner():
         ("not_held", errors.NotHeld),
         ("protocol", errors.ProtocolError),
         ("limit", errors.LimitExceeded),
-        ("unavailable", errors.DaemonUnavailable),
+        ("unavailable", errors.BackendUnavailable),
         ("a code from a newer daemon", errors.LockdError),
     ],
 )
@@ -463,6 +463,7 @@ def test_eof_loses_every_lease_and_fails_every_request():
     assert [(x.state, x.lost_reason) for x in leases] == [(LeaseState.LOST, EOF_REASON)] * 2
     with pytest.raises(errors.DaemonUnavailable) as raised:
         call.result()
+    assert type(raised.value) is errors.DaemonUnavailable  # gone, not a backend failure
     # The advice fits a program and a lockctl user alike: no "connect again".
     assert str(raised.value) == f"{EOF_REASON}; is lockd still running? If it is, its log says why"
     assert conn.release(leases[0]) == b""

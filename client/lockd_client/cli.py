@@ -422,10 +422,15 @@ def _acquire(args: argparse.Namespace, socket_path: str, parent: int) -> int:
                 pid=_tie_to(args.pid, parent) if args.cmd is None else None,
                 on_queued=waiting.show,
             )
+        except errors.BackendUnavailable as e:
+            # The daemon is still there: its own message says what failed.
+            raise errors.BackendUnavailable(
+                f"lockd cannot grant {waiting.names} now: {e}{_not_run(args)}"
+            ) from None
         except errors.DaemonUnavailable as e:
-            not_run = "" if args.cmd is None else "; CMD was not started"
             raise errors.DaemonUnavailable(
-                f"lockd at {socket_path} went away before the lock was granted ({e}){not_run}"
+                f"lockd at {socket_path} went away before the lock was granted ({e})"
+                f"{_not_run(args)}"
             ) from None
         except errors.LockBusy as e:
             waiting.clear()
@@ -439,6 +444,10 @@ def _acquire(args: argparse.Namespace, socket_path: str, parent: int) -> int:
             print("\n".join(str(lease.tokens[name]) for name in args.names))
             return 0
         return _run_under(args, client, lease)
+
+
+def _not_run(args: argparse.Namespace) -> str:
+    return "" if args.cmd is None else "; CMD was not started"
 
 
 def _tie_to(pid: int | None, parent: int) -> int:

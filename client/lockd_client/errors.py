@@ -39,9 +39,17 @@ class LockdError(Exception):
 
 
 class DaemonUnavailable(LockdError):
-    """The daemon cannot be reached, went away, or its backend is unavailable."""
+    """The daemon cannot be reached, or the connection to it ended (it went away, or is
+    shutting down). An `unavailable` reply from a daemon that is still there is the subclass
+    BackendUnavailable."""
 
     code = ErrorCode.UNAVAILABLE
+
+
+class BackendUnavailable(DaemonUnavailable):
+    """The daemon answered, but cannot serve the request now: its backend (etcd, the lock
+    directory's filesystem) failed, or it hit an internal error. The message says which;
+    the daemon's log says more. Retrying later may succeed."""
 
 
 class ProtocolError(LockdError):
@@ -127,7 +135,9 @@ def _codes(cls: type[LockdError]) -> dict[str, type[LockdError]]:
     return found
 
 
+# BackendUnavailable shares its parent's code: whoever sends "unavailable" is still there.
 _BY_CODE = _codes(LockdError) | {
+    ErrorCode.UNAVAILABLE: BackendUnavailable,
     ErrorCode.VERSION: ProtocolError,
     ErrorCode.SHUTDOWN: DaemonUnavailable,
 }
