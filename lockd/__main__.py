@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import sys
 from pathlib import Path
 from typing import get_args
@@ -82,6 +83,29 @@ def load(args: argparse.Namespace):  # -> config.Config
     return with_overrides(load_config(args.config, explicit=args.config is not None), args)
 
 
+def _own_runtime_dir(path: Path) -> None:
+    """Create the default runtime directory, or check the one that is there.
+
+    Root's (/run/lockd) is 0755: who may connect is the socket's mode. Another user's is
+    private (0700) and must be theirs: a /tmp/lockd-UID that someone else made first would let
+    them replace the socket clients connect to.
+    """
+    from lockd_client.errors import LockdError
+
+    root = os.geteuid() == 0
+    try:
+        os.mkdir(path, 0o755 if root else 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or (not root and (st.st_uid != os.geteuid() or st.st_mode & 0o077)):
+        raise LockdError(
+            f"{path} must be a directory of uid {os.geteuid()} that only it can use (mode 0700), "
+            f"but it is owned by uid {st.st_uid} with mode {stat.S_IMODE(st.st_mode):o}; remove it, "
+            "or choose other places with --socket, --lock-dir and LOCKD_SOCKET"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
@@ -112,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     bound: os.stat_result | None = None
     try:
         policy = Policy.from_config(conf.policy)
+        if conf.socket == paths.default_socket() and not os.environ.get(paths.SOCKET_ENV):
+            _own_runtime_dir(conf.socket.parent)
         prepare_lock_dir(conf.lock_dir, 0o700)
         files = LockFiles(conf.lock_dir, conf.lock_file_mode)
         if conf.backend == "flock":
@@ -119,9 +145,6 @@ def main(argv: list[str] | None = None) -> int:
         backend = _backend(conf, files, tokens)
         sockets = listen_fds()
         if not sockets:
-            if conf.socket == paths.default_socket() and not os.environ.get(paths.SOCKET_ENV):
-                # Our own default directory: private to this user unless it already exists.
-                conf.socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             sockets = [bind_unix_listener(str(conf.socket), conf.socket_mode)]
             bound = os.stat(conf.socket)
     except (LockdError, OSError) as exc:

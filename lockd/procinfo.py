@@ -88,21 +88,3 @@ def process_groups(pid: int) -> frozenset[int]:
         if line.startswith(b"Groups:"):
             return frozenset(int(g) for g in line.split()[1:])
     return frozenset()
-
-
-def process_start_time(pid: int) -> int | None:
-    """When `pid` started, in clock ticks since boot (field 22 of /proc/PID/stat), or None.
-
-    With the pid it names one process for the life of the host: a recycled pid has a later
-    start time.
-    """
-    raw = _read(pid, "stat")
-    if raw is None:
-        return None
-    # Field 2 is the command name in parentheses and may itself contain spaces and ')', so
-    # counting starts after the last ')': field 3 is the first one there.
-    fields = raw[raw.rfind(b")") + 1 :].split()
-    try:
-        return int(fields[22 - 3])
-    except (IndexError, ValueError):
-        return None

@@ -23,7 +23,7 @@ import math
 import socket
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from functools import partial
 
@@ -236,7 +236,7 @@ class Server:
             if isinstance(refusal, errors.PermissionDenied):
                 log.warning(
                     "refused uid %d pid %d (%s) %s on %s: %s", session.uid, session.pid,
-                    session.command, request.mode, "+".join(names), refusal,
+                    session.command, request.mode, ", ".join(names), refusal,
                 )
             if refusal is not None:
                 raise refusal
@@ -508,7 +508,7 @@ class Server:
                 ))
 
     def _take_failed(self, ticket: Ticket, who: Party, exc: errors.LockdError) -> None:
-        log.warning("cannot take %s for pid %s: %s", "+".join(ticket.names), who.pid, exc)
+        log.warning("cannot take %s for pid %s: %s", ", ".join(ticket.names), who.pid, exc)
         self._forget(ticket)
         who.session.send(protocol.Error(who.request_id, exc.code or protocol.ErrorCode.PROTOCOL, str(exc)))
         self._apply(self.table.release(ticket))
@@ -520,13 +520,13 @@ class Server:
             # connection lasts, its Release still ends it too.
             self.table.reassign(ticket, who.process)
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("granted %s to pid %s, token %s", "+".join(ticket.names), who.pid, ticket.tokens)
+            log.debug("granted %s to pid %s, token %s", ", ".join(ticket.names), who.pid, ticket.tokens)
         who.session.send(protocol.Granted(who.request_id, ticket.tokens))
 
     def _refused(self, ticket: Ticket, who: Party, effect: Refused) -> None:
         self._forget(ticket)
         holders = self._in_way(ticket, effect.blockers) or self._outside_of(ticket)
-        names = "+".join(ticket.names)
+        names = ", ".join(ticket.names)
         if effect.reason is Reason.TIMEOUT:
             code, what = protocol.ErrorCode.TIMEOUT, f"{names}: timed out waiting for the lock"
         else:
@@ -534,7 +534,7 @@ class Server:
         who.session.send(protocol.Error(who.request_id, code, f"{what}{_held_by(holders)}", holders))
 
     def _lost(self, ticket: Ticket, who: Party, reason: str) -> None:
-        log.warning("lease on %s of pid %s lost: %s", "+".join(ticket.names), who.pid, reason)
+        log.warning("lease on %s of pid %s lost: %s", ", ".join(ticket.names), who.pid, reason)
         self._forget(ticket)
         who.session.send(protocol.Lost(who.request_id, reason))
 
@@ -562,11 +562,11 @@ def _contained(doing: str) -> Iterator[None]:
 
 
 def _checked_names(names: list[str]) -> list[str]:
-    """`names` without repeats, each valid; else raises ProtocolError (none) or InvalidName."""
+    """`names` without repeats, each valid; else raises InvalidName (as the client does)."""
     unique = list(dict.fromkeys(names))
     problem = protocol.names_problem(unique)
     if problem is not None:
-        raise (errors.InvalidName if unique else errors.ProtocolError)(problem)
+        raise errors.InvalidName(problem)
     return unique
 
 

@@ -3,8 +3,11 @@ never a traceback, and nothing left listening."""
 
 from __future__ import annotations
 
+import os
+import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -59,3 +62,44 @@ def test_an_unreadable_tls_file_stops_start_up(short_tmp: Path) -> None:
 def test_the_etcd_backend_without_its_package_says_what_to_install(short_tmp: Path) -> None:
     proc = start(short_tmp, "--backend", "etcd", prelude="import sys; sys.modules['httpx'] = None")
     refused(proc, "httpx", "lockd[etcd]")
+
+
+NOBODY = 65534
+
+
+def as_nobody_with_default_paths(base: Path) -> subprocess.Popen[str]:
+    """`lockd` with every path defaulted, as uid nobody whose XDG dirs live under `base`."""
+    env = {
+        "PATH": "/usr/bin:/bin", "HOME": str(base), "XDG_RUNTIME_DIR": str(base / "run"),
+        "XDG_STATE_HOME": str(base / "state"), "XDG_CONFIG_HOME": str(base / "config"),
+    }
+    return subprocess.Popen(
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", sys.executable, "-m", "lockd"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the daemon as another user")
+def test_a_private_runtime_dir_someone_else_made_is_refused_and_ours_is_made_private(short_tmp: Path) -> None:
+    short_tmp.chmod(0o755)
+    for shared in ("run", "state"):
+        (short_tmp / shared).mkdir()
+        (short_tmp / shared).chmod(0o1777)
+    (short_tmp / "run" / "lockd").mkdir(mode=0o755)  # made first, by root: not nobody's
+    proc = as_nobody_with_default_paths(short_tmp)
+    _, err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 1 and "Traceback" not in err
+    assert "must be a directory of uid 65534" in err and "mode 0700" in err
+    (short_tmp / "run" / "lockd").rmdir()
+    proc = as_nobody_with_default_paths(short_tmp)
+    try:
+        sock = short_tmp / "run" / "lockd" / "lockd.sock"
+        deadline = time.monotonic() + TIMEOUT
+        while not sock.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+            time.sleep(0.02)
+        st = (short_tmp / "run" / "lockd").stat()
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (NOBODY, 0o700)
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=TIMEOUT)

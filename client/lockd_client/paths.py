@@ -45,19 +45,9 @@ def socket_path() -> str:
     return SYSTEM_SOCKET
 
 
-def runtime_dir() -> Path:
-    """The directory holding the socket (and, for a per-user daemon, the lock files).
-
-    Root: /run/lockd. Others: $XDG_RUNTIME_DIR/lockd, else a private /tmp/lockd-UID.
-    """
-    from pathlib import Path
-
-    return Path(_runtime_dir())
-
-
 def default_socket() -> Path:
-    """The socket a daemon of this user binds by default: `LOCKD_SOCKET`, else the one in
-    `runtime_dir()`."""
+    """The socket a daemon of this user binds by default: `LOCKD_SOCKET`, else the one in its
+    runtime directory (root: /run/lockd; others: $XDG_RUNTIME_DIR/lockd, else /tmp/lockd-UID)."""
     from pathlib import Path
 
     return Path(_own_socket())

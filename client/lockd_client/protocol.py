@@ -47,10 +47,10 @@ Mode = Literal["exclusive", "shared"]
 # letter or digit keeps out `.`/`..`, hidden files and option-like names.
 MAX_NAME_LENGTH = 250
 NAME_RULE = (
-    "a lock name is 1-250 characters from A-Z a-z 0-9 . _ @ + -, "
+    f"a lock name is 1-{MAX_NAME_LENGTH} characters from A-Z a-z 0-9 . _ @ + -, "
     "starting with a letter or digit (so it is a plain file name in the lock directory)"
 )
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,249}", re.ASCII)
+_NAME_RE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._@+-]{{0,{MAX_NAME_LENGTH - 1}}}", re.ASCII)
 
 
 def name_problem(name: str) -> str | None:
