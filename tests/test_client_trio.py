@@ -181,6 +181,32 @@ async def test_wait_lost_returns_the_reason_while_other_tasks_use_the_connection
             assert not other.lost
 
 
+async def force_release_and_wait_for_the_notice(daemon: Daemon, client, name: str) -> None:
+    """Break `name` from another connection, and return once the Lost notice is in `client`'s
+    socket, unread."""
+    async with trio_client.connect(daemon.socket) as other:
+        assert await other.force_release(name) == 1
+    await trio.lowlevel.wait_readable(client._stream.socket)
+
+
+async def test_a_loss_already_reported_raises_on_leaving_the_block(daemon):
+    with trio.fail_after(WAIT):
+        async with trio_client.connect(daemon.socket) as c:
+            with pytest.raises(lockd_client.LeaseLost, match="forcibly released"):
+                async with c.lock("job"):
+                    await force_release_and_wait_for_the_notice(daemon, c, "job")
+
+
+async def test_lost_reads_a_loss_already_reported(daemon):
+    with trio.fail_after(WAIT):
+        async with trio_client.connect(daemon.socket) as c:
+            lease = await c.acquire("job")
+            assert not lease.lost
+            await force_release_and_wait_for_the_notice(daemon, c, "job")
+            assert lease.lost and "forcibly released" in lease.lost_reason
+            await c.status()  # the connection still serves requests
+
+
 async def test_a_killed_daemon_loses_leases_and_fails_waiting_requests(daemon):
     with trio.fail_after(WAIT):
         async with trio_client.connect(daemon.socket) as holder, trio_client.connect(daemon.socket) as c:

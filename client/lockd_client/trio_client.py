@@ -3,7 +3,9 @@
 Invariants:
 - At most one task reads the socket at a time. It applies what it read to the connection's
   state and wakes every other waiting task, which then looks at its own request or lease.
-  Reading happens only in tasks that wait for something: there is no background task.
+  Reading happens only in tasks that wait for something, and, without waiting, when no
+  task is reading and a lease's block ends or its `lost` is asked: there is no background
+  task.
 - A frame is never torn. Requests are written only if not already cancelled; one interrupted
   mid-write closes the connection (the daemon then ends every lease on it). Releases and
   withdrawals are written shielded from cancellation, so a lease is released even when its
@@ -226,14 +228,39 @@ class Client:
                 try:
                     size = await self._stream.socket.recv_into(self._inbox)
                 except (trio.ClosedResourceError, OSError) as exc:
-                    self._conn.abort(f"reading from lockd at {self.socket_path} failed: {exc}")
+                    self._apply_read(exc)
                 else:
-                    self._conn.receive_data(self._inbox_view[:size])
-                if self._conn.closed:
-                    self._stream.socket.close()
+                    self._apply_read(size)
             finally:
                 self._reading = False
                 self._wake()
+
+    def _read_pending(self) -> None:
+        """Apply what the daemon has already sent, without waiting and without a checkpoint.
+
+        Does nothing while a task is reading: that task applies it, and a second reader
+        could take half of what it expects.
+        """
+        while not self._reading and not self._conn.closed:
+            try:
+                # The socket is non-blocking (trio made it so): this takes what is there.
+                size = os.readv(self._stream.socket.fileno(), [self._inbox])
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._apply_read(exc)
+            else:
+                self._apply_read(size)
+            self._wake()
+
+    def _apply_read(self, result: int | Exception) -> None:
+        """Apply one read: the byte count it put in the inbox, or how it failed."""
+        if isinstance(result, Exception):
+            self._conn.abort(f"reading from lockd at {self.socket_path} failed: {result}")
+        else:
+            self._conn.receive_data(self._inbox_view[:result])
+        if self._conn.closed:
+            self._stream.socket.close()
 
     async def _send(self, data: bytes) -> None:
         if not data:
@@ -281,7 +308,9 @@ class Lease(LeaseView):
 
     @property
     def lost(self) -> bool:
-        """Whether the lease is known lost: as of the last read by any task on its connection."""
+        """Whether the lease ended without being released. Reads pending events first, unless
+        another task is reading the connection (then: as of that task's last read)."""
+        self._client._read_pending()
         return self._record.state is LeaseState.LOST
 
     async def release(self) -> None:
@@ -313,5 +342,6 @@ class Lease(LeaseView):
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self._client._read_pending()  # a loss the daemon has already reported counts
         await self.release()
         self._raise_if_lost(exc_type)
