@@ -16,8 +16,9 @@ import trio
 
 from lockd import etcd_client
 from lockd.backend import Blocked
-from lockd.etcd_backend import Change, EtcdBackend, Mirror
+from lockd.etcd_backend import EtcdBackend
 from lockd.etcd_client import EtcdClient, WatchResponse
+from lockd.etcd_mirror import Change, Mirror
 from lockd.lockfiles import LockFiles
 from lockd.session import Party
 from lockd.table import Ticket

@@ -1,4 +1,4 @@
-"""The etcd backend's mirror of the lock keys: pure bookkeeping, driven by synthetic watch data."""
+"""The mirror of etcd's lock keys: pure bookkeeping, driven by synthetic watch data."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lockd.etcd_backend import Mirror
 from lockd.etcd_client import Event, Header, KeyValue, WatchResponse
+from lockd.etcd_mirror import Mirror
 
 PREFIX = "/lockd/"
 
