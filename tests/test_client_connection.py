@@ -452,6 +452,14 @@ def test_a_connection_error_ends_everything_with_its_message():
     assert conn.closed
 
 
+def test_names_of_a_lease_are_listed_with_commas_since_a_name_may_contain_plus():
+    conn = opened()
+    lease = granted(conn, "a+b", "c")
+    assert "a+b, c" in repr(lease)
+    conn.receive_data(frames(protocol.Lost(lease.id, "forcibly released")))
+    assert str(lease.lost_error()).startswith("the lease on a+b, c was lost: forcibly released")
+
+
 # --- end of the connection --------------------------------------------------------------------
 
 

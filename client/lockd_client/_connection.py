@@ -65,7 +65,7 @@ class LeaseRecord:
         )
 
     def __repr__(self) -> str:
-        return f"<LeaseRecord {self.id} {'+'.join(self.names)} {self.state.value}>"
+        return f"<LeaseRecord {self.id} {', '.join(self.names)} {self.state.value}>"
 
 
 class LeaseView:
@@ -103,7 +103,7 @@ class LeaseView:
             raise self._record.lost_error()
 
     def __repr__(self) -> str:
-        return f"<lockd {type(self).__name__} {'+'.join(self.names)} {self._record.state.value}>"
+        return f"<lockd {type(self).__name__} {', '.join(self.names)} {self._record.state.value}>"
 
 
 class Call(Generic[T]):
