@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from lockd_client import _supervise
+from lockd_client import _proctree
 
 TIMEOUT = 10.0
 
@@ -366,13 +366,13 @@ def read_terminal(master: int, until: bytes) -> bytes:
 def test_group_alive_ignores_zombies() -> None:
     child = subprocess.Popen(["sleep", "60"], process_group=0)
     try:
-        assert _supervise.group_alive(child.pid)
+        assert _proctree.group_alive(child.pid)
         child.kill()  # a zombie until reaped below: must already count as gone
         deadline = time.monotonic() + TIMEOUT
-        while _supervise.group_alive(child.pid):
+        while _proctree.group_alive(child.pid):
             assert time.monotonic() < deadline
             time.sleep(0.01)
     finally:
         child.kill()
         child.wait(TIMEOUT)
-    assert not _supervise.group_alive(child.pid)
+    assert not _proctree.group_alive(child.pid)

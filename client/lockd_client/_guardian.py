@@ -1,0 +1,244 @@
+"""What runs in lockctl's forked guardian process, and the messages lockctl and it exchange.
+
+Invariant: once forked, the guardian never lets go of the daemon connection while anything
+of CMD's tree runs, unless lockctl said DONE: on TERMINATE, or on EOF from lockctl (it died),
+it terminates the tree and only then exits. CMD itself never runs before lockctl writes
+GATE_OPEN to its gate. Both sides speak only through the constants below.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+from collections.abc import Mapping, Sequence
+from typing import NoReturn
+
+from . import _proctree
+
+#: Signals sent to lockctl that it passes on to CMD's process group. A signal to lockctl
+#: stands for a signal to the job, as a terminal sends Ctrl-C to a whole foreground group.
+FORWARDED = (
+    signal.SIGINT,
+    signal.SIGTERM,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
+_JOB_CONTROL = (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
+#: Every disposition lockctl or the guardian changes: CMD gets each back as lockctl's caller
+#: left it (a signal ignored under nohup stays ignored).
+TOUCHED = (*FORWARDED, *_JOB_CONTROL, signal.SIGCONT, signal.SIGCHLD)
+# Python ignores these at start-up for its own sake; a program it starts expects the defaults.
+_PYTHON_IGNORES = (signal.SIGPIPE, signal.SIGXFSZ)
+
+#: The guardian's name and command line, as ps and pkill see them.
+NAME = b"lockd-guardian"
+
+# lockctl -> guardian, one byte.
+#: CMD exited and the lease is released: leave what it left running alone, and exit.
+DONE = b"d"
+#: Terminate CMD's tree, report TREE_GONE once it is empty, and exit.
+TERMINATE = b"t"
+# lockctl -> CMD, one byte on the gate; EOF instead means CMD must not run.
+GATE_OPEN = b"g"
+# guardian -> lockctl, one line each: the kind, then a space and a decimal number for all
+# but TREE_GONE.
+#: CMD's pid (and process group), once forked.
+CMD_PID = b"pid"
+#: CMD stopped, and the signal that stopped it.
+CMD_STOPPED = b"stop"
+#: CMD exited, and its wait status.
+CMD_EXITED = b"exit"
+#: CMD could not be forked, and the errno.
+FORK_FAILED = b"error"
+#: The tree lockctl said TERMINATE about is empty.
+TREE_GONE = b"gone"
+
+_PR_SET_NAME = 15
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def run(
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    lockctl: int,
+    conn_fd: int,
+    gate_r: int,
+    err_w: int,
+    orders: int,
+    reports: int,
+    kill_after: float,
+    ignored: set[int],
+) -> NoReturn:
+    """In the forked guardian: fork CMD, then hold the connection until lockctl is done or
+    dead, reaping everything that falls to it meanwhile."""
+    try:
+        os.setpgid(0, 0)
+        signal.set_wakeup_fd(-1)
+        # The guardian outlives lockctl only to clean up: nothing aimed at the job may stop
+        # it early. (Signals are still blocked: none arrives before this.)
+        for sig in (*FORWARDED, *_JOB_CONTROL):
+            signal.signal(sig, signal.SIG_IGN)
+        prctl(PR_SET_CHILD_SUBREAPER, 1)
+        try:
+            cmd = os.fork()
+        except OSError as e:
+            _report(reports, FORK_FAILED, e.errno)
+            raise
+        if cmd == 0:
+            _exec_child(argv, env, gate_r, err_w, ignored, (conn_fd, orders, reports))
+        try:
+            os.setpgid(cmd, cmd)  # the child does it too: whichever runs first
+        except OSError:
+            pass  # it did already and may have exec'd, or died
+        _report(reports, CMD_PID, cmd)
+        _rename(NAME)
+        # Keep stderr for the messages; any other inherited descriptor (lockctl's stdout may
+        # be a pipe someone reads to EOF) must not be held open by the guardian.
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, 0)
+        os.dup2(null, 1)
+        _close_all_but(conn_fd, orders, reports)
+        _guard(lockctl, cmd, orders, reports, kill_after)
+    finally:
+        os._exit(0)
+
+
+def _guard(lockctl: int, cmd: int, orders: int, reports: int, kill_after: float) -> None:
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    signal.signal(signal.SIGCHLD, note)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    poller = select.poll()
+    poller.register(orders, select.POLLIN)
+    poller.register(wake_r, select.POLLIN)
+    while True:
+        # Reaped before the first wait too: CMD may have exited before the handler was set.
+        cmd = _reap_children(cmd, reports)
+        ready = dict(poller.poll())
+        if wake_r in ready:
+            read_all(wake_r)
+        if orders in ready:
+            break
+    order = os.read(orders, 1)
+    if order == DONE:
+        return
+    if not order:
+        _proctree.warn(
+            f"lockctl: lockctl (pid {lockctl}) ended without releasing its lease; "
+            "terminating CMD and every process it started before the lease goes"
+        )
+    _proctree.terminate_tree(cmd, kill_after)
+    if order == TERMINATE:
+        _report(reports, TREE_GONE)
+
+
+def _reap_children(cmd: int, reports: int) -> int:
+    """Reap every child that has ended, reporting CMD's stops and exit; CMD's pid while it
+    runs, else 0 (its pid may be reused by anything that falls to the guardian later)."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG | os.WUNTRACED)
+        except ChildProcessError:
+            return cmd
+        if pid == 0:
+            return cmd
+        if pid != cmd or not cmd:
+            continue
+        if os.WIFSTOPPED(status):
+            _report(reports, CMD_STOPPED, os.WSTOPSIG(status))
+        else:
+            _report(reports, CMD_EXITED, status)
+            cmd = 0
+
+
+def _report(fd: int, kind: bytes, value: int | None = None) -> None:
+    line = kind if value is None else kind + b" %d" % value
+    try:
+        os.write(fd, line + b"\n")
+    except BrokenPipeError:
+        pass  # lockctl is gone: its EOF says so to the guardian's loop
+
+
+def _exec_child(
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    gate_r: int,
+    err_w: int,
+    ignored: set[int],
+    guardians: tuple[int, ...],
+) -> NoReturn:
+    """In the forked child: join a new process group, wait for the gate, exec CMD."""
+    try:
+        os.setpgid(0, 0)
+        # Close-on-exec, all of them; but while CMD waits at the gate, a copy here would hide
+        # the guardian's death from lockctl. (Descriptors lockctl's caller passed on stay.)
+        for fd in guardians:
+            os.close(fd)
+        for sig in TOUCHED:
+            signal.signal(sig, signal.SIG_IGN if sig in ignored else signal.SIG_DFL)
+        for sig in _PYTHON_IGNORES:
+            signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        if os.read(gate_r, 1) == GATE_OPEN:
+            os.execvpe(argv[0], list(argv), dict(env))
+    except OSError as e:
+        os.write(err_w, str(e.errno).encode())
+    finally:
+        os._exit(127)
+
+
+def _close_all_but(*keep: int) -> None:
+    low = 3
+    for fd in sorted(keep):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+
+
+def prctl(option: int, value: int | bytes) -> None:
+    # ctypes costs lockctl ~2 ms to import: only `acquire -- CMD` pays for it.
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    arg = ctypes.c_char_p(value) if isinstance(value, bytes) else ctypes.c_ulong(value)
+    if libc.prctl(option, arg, 0, 0, 0) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"prctl({option}): {os.strerror(errno)}")
+
+
+def _rename(title: bytes) -> None:
+    """Set the calling process's name and command line (as ps and pkill see them) to `title`.
+
+    The command line is the argument area at the top of the process's stack; it is
+    overwritten in place, as setproctitle(3) does, and padded with NULs so that the kernel
+    shows no trace of the old one.
+    """
+    import ctypes
+
+    prctl(_PR_SET_NAME, title)
+    fields = _proctree.stat_fields("self")
+    start, end = int(fields[45]), int(fields[46])  # arg_start and arg_end, fields 48 and 49
+    if 0 < start < end:
+        size = end - start
+        ctypes.memmove(start, title[: size - 1].ljust(size, b"\0"), size)
+
+
+def note(signum: int, frame: object) -> None:
+    """Signal handler: the wakeup pipe already carries the signal number; nothing else to do."""
+
+
+def read_all(fd: int) -> bytes:
+    """Everything readable from `fd` until EOF (blocking pipe) or until empty (non-blocking)."""
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
