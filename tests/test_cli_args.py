@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -140,6 +141,19 @@ def test_help_has_examples(capsys, command: str) -> None:
     out = capsys.readouterr().out
     assert "examples:" in out
     assert f"lockctl {command} " in out
+
+
+@pytest.mark.parametrize(
+    ("epilog", "statuses"),
+    [
+        (cli.ACQUIRE_EPILOG, {1, 64, 66, 69, 75, 76, 77, 79, 126, 127}),
+        (cli.RELEASE_EPILOG, {0, 1, 64, 69, 75, 76, 77}),
+        (cli.STATUS_EPILOG, {0, 1, 64, 69, 75, 76}),
+    ],
+)
+def test_help_lists_every_exit_status_of_its_command(epilog: str, statuses: set[int]) -> None:
+    listed = epilog.split("exit status:", 1)[1]
+    assert {int(n) for n in re.findall(r"(?<![+\w])(\d+) ", listed)} == statuses
 
 
 def test_lockctl_never_imports_trio() -> None:

@@ -22,7 +22,9 @@ from typing import TextIO
 from . import describe, errors, paths, protocol
 
 # Exit statuses (sysexits.h where one fits; see docs/cli.md).
-EXIT_HELD = 1  # status: a named lock is held; release: a name was not held
+#: lockctl's "no", as grep's 1: status: some NAME is held; release: nothing to release;
+#: acquire without CMD: no process to tie the lease to. Nothing failed; the answer is no.
+EXIT_NO = 1
 EXIT_USAGE = 64  # EX_USAGE
 EXIT_BAD_LOCK_FILE = 66  # EX_NOINPUT, as flock(1) when it cannot open the file
 EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE
@@ -106,8 +108,10 @@ it started are terminated and lockctl exits 79. Without CMD, the lease belongs t
 parent (or --pid) and the tokens are printed, one line per NAME.
 
 exit status: CMD's own (128+N if it died of signal N; of SIGINT or SIGQUIT, lockctl dies of
-it too); 1 no process to tie the lease to; 64 usage or invalid name; 69 lockd unreachable;
-75 (or -E) busy or timed out; 77 refused; 79 lease lost while CMD ran.
+it too); 1 (no CMD) no process to tie the lease to; 64 usage or invalid name; 66 lock file
+unusable; 69 lockd unreachable, gone, or its backend down; 75 busy or timed out (-E N: N
+instead), or a lockd limit reached; 76 lockd version mismatch; 77 refused; 79 lease lost
+while CMD ran; 126 CMD cannot be executed; 127 CMD not found.
 """
 
 RELEASE_EPILOG = """\
@@ -119,7 +123,8 @@ examples:
 A lease of several names is one lease: after `lockctl acquire x a`, `lockctl release x` ends
 it, and a is free too.
 
-exit status: 0 released; 1 not held; 64 usage; 69 lockd unreachable; 77 refused.
+exit status: 0 released; 1 not held (nothing to release or break); 64 usage; 69 lockd
+unreachable; 75 a lockd limit reached; 76 lockd version mismatch; 77 refused.
 """
 
 STATUS_EPILOG = """\
@@ -128,7 +133,8 @@ examples:
   lockctl status site.com && echo free
   lockctl status --json | jq '.locks[].holders[].pid'
 
-exit status: 0 (with NAMEs: all free); 1 some NAME is held; 64 usage; 69 lockd unreachable.
+exit status: 0 (with NAMEs: all free); 1 some NAME is held; 64 usage; 69 lockd unreachable;
+75 a lockd limit reached; 76 lockd version mismatch.
 """
 
 
@@ -142,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="lockctl",
         description="Take lockd locks from the shell, run commands under them, and inspect them.",
-        epilog="Run `lockctl COMMAND --help` for examples.",
+        epilog="Run `lockctl COMMAND --help` for examples and exit statuses. Status 1 is\n"
+        "lockctl's \"no\" (a NAME is held, nothing to release): an answer, not a failure.",
         formatter_class=_Formatter,
     )
     commands = parser.add_subparsers(
@@ -352,7 +359,7 @@ _EXIT_STATUS: tuple[tuple[type[errors.LockdError], int], ...] = (
     (errors.PermissionDenied, EXIT_DENIED),
     (errors.InvalidName, EXIT_USAGE),
     (errors.InvalidArgument, EXIT_USAGE),
-    (errors.NotHeld, EXIT_HELD),
+    (errors.NotHeld, EXIT_NO),
     (errors.LimitExceeded, EXIT_BUSY),
     (errors.BadLockFile, EXIT_BAD_LOCK_FILE),
     (errors.LeaseLost, EXIT_LOST),
@@ -593,7 +600,7 @@ def _release(args: argparse.Namespace, socket_path: str, parent: int) -> int:
             count = client.force_release(name)
             if count == 0:
                 _say(f"{name} was not held: nothing to break")
-                return EXIT_HELD
+                return EXIT_NO
             _say(f"broke {count} lease{'s' if count != 1 else ''} on {name}")
             return 0
         client.release_pid(args.pid or parent, *args.names)
@@ -614,7 +621,7 @@ def _status(args: argparse.Namespace, socket_path: str) -> int:
         sys.stdout.write(msgspec.json.encode(status_document(locks)).decode() + "\n")
     elif locks:
         sys.stdout.write(status_table(locks, time.time()))
-    return EXIT_HELD if args.names and any(lock.holders for lock in locks) else 0
+    return EXIT_NO if args.names and any(lock.holders for lock in locks) else 0
 
 
 def status_document(locks: list[protocol.LockInfo]) -> dict:
