@@ -12,6 +12,7 @@ from . import protocol
 from .blocking import Client, Lease, connect
 from .errors import (
     BadLockFile,
+    BackendUnavailable,
     DaemonUnavailable,
     InvalidArgument,
     InvalidName,
@@ -28,6 +29,7 @@ from .errors import (
 __all__ = [
     "BadLockFile",
     "Client",
+    "BackendUnavailable",
     "DaemonUnavailable",
     "InvalidArgument",
     "InvalidName",
