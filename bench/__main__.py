@@ -21,7 +21,7 @@ from typing import Any
 
 from . import report, services, workloads
 from .lockers import make_locker
-from .machine import REPO, EtcdProbe, loadavg, machine_info
+from .machine import REPO, EtcdProbe, OthersMeter, loadavg, machine_info
 
 WORKLOADS = ("w1", "w2", "w3", "w4", "w5", "cli")
 #: Sections run only when asked for (`--etcd`, or named in `--only`).
@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         _progress(f"note: load average {load:.1f} before the run; other work on this machine skews every figure")
     root = services.scratch_root()
     started = time.monotonic()
+    whole_run = OthersMeter(services.running)
     try:
         with services.echo(root, "blocking") as echo_blocking, services.echo(root, "trio") as echo_trio, \
                 services.lockd(root, "shared") as daemon:
@@ -165,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(root, ignore_errors=True)
 
     results["machine"]["loadavg_end"] = loadavg()
+    results["machine"]["others_cpu_share"] = whole_run.share()
     results["seconds"] = time.monotonic() - started
     results["targets"] = report.targets(results)
     print()
@@ -228,12 +230,16 @@ def _etcd_version() -> str | None:
 
 
 def _repeat(reps: int, systems: list[str], title: str, measure) -> dict[str, Any]:
-    """Measure every system once per repetition, in turn; keep each run and the medians."""
+    """Measure every system once per repetition, in turn; keep each run, with the share of the
+    CPUs other work took meanwhile, and the medians."""
     runs: dict[str, list[Any]] = {s: [] for s in systems}
     for rep in range(reps):
         for system in systems:
-            _progress(f"{title} {system} ({rep + 1}/{reps})")
-            runs[system].append(measure(system))
+            meter = OthersMeter(services.running)
+            result = measure(system)
+            result["others_cpu_share"] = meter.share()
+            runs[system].append(result)
+            _progress(f"{title} {system} ({rep + 1}/{reps}); other work took {report.pct(result['others_cpu_share'])} of the CPUs")
     return {"runs": runs, "median": {s: report.median_of(r) for s, r in runs.items()}}
 
 

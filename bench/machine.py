@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
+import math
 import os
 import platform
 import re
 import subprocess
 import sys
+import time
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -70,6 +73,9 @@ def machine_info() -> dict[str, object]:
     }
 
 
+_TICK_NS = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+
+
 class ProcessProbe:
     """Reads the CPU time, resident memory and open fds of one running process."""
 
@@ -77,14 +83,12 @@ class ProcessProbe:
         self.pid = pid
 
     def cpu_ns(self) -> int:
-        """CPU time used so far by all its threads, in ns (scheduler accounting, not ticks)."""
-        total = 0
-        for task in os.listdir(f"/proc/{self.pid}/task"):
-            try:
-                total += int(Path(f"/proc/{self.pid}/task/{task}/schedstat").read_text().split()[0])
-            except (FileNotFoundError, ProcessLookupError):
-                pass  # a thread that ended between listing and reading
-        return total
+        """CPU time used so far by all its threads, those that have ended included, in ns (of
+        clock-tick resolution: measure over a second or more)."""
+        # The fields after the command, which may hold spaces and parentheses.
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rpartition(")")[2].split()
+        utime, stime = int(fields[11]), int(fields[12])
+        return (utime + stime) * _TICK_NS
 
     def rss_kib(self) -> int:
         for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
@@ -94,6 +98,48 @@ class ProcessProbe:
 
     def fds(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+
+def _busy_ticks() -> int:
+    """Clock ticks all CPUs spent busy since boot, the hypervisor's steal included."""
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (
+        int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+    )
+    return user + nice + system + irq + softirq + steal
+
+
+class OthersMeter:
+    """How much of the machine's CPUs other work took from the moment it is made: busy time
+    (/proc/stat) less this process's, its reaped children's and its live `servers`' CPU time.
+
+    A measure is only as good as its share of the CPUs: on a shared machine this says how
+    much of them was taken while it ran. Clock ticks make it coarse (10 ms), so it is meant
+    for intervals of a second or more.
+    """
+
+    def __init__(self, servers: Callable[[], list[ProcessProbe]]) -> None:
+        self._servers = servers
+        self._tick = 1 / os.sysconf("SC_CLK_TCK")
+        self._start = self._sample()
+
+    def _sample(self) -> tuple[float, float, float]:
+        times = os.times()
+        ours = times.user + times.system + times.children_user + times.children_system
+        ours += sum(probe.cpu_ns() for probe in self._servers()) / 1e9
+        return time.monotonic(), _busy_ticks() * self._tick, ours
+
+    #: Below this many seconds a clock tick more or less would swing the share by 1/100 or more.
+    SHORTEST = 1.0
+
+    def share(self) -> float:
+        """Other work's CPU time since the start, as a share of all CPUs' time (0 to 1); NaN
+        if less than SHORTEST seconds have passed."""
+        then, busy_then, ours_then = self._start
+        now, busy, ours = self._sample()
+        if now - then < self.SHORTEST:
+            return math.nan
+        others = (busy - busy_then) - (ours - ours_then)
+        return max(0.0, others / ((now - then) * (os.cpu_count() or 1)))
 
 
 class EtcdProbe:

@@ -31,6 +31,8 @@ LABELS = {
     "etcd-lock": "etcd lock API",
     "lockd-etcd": "lockd on etcd",
 }
+#: The column of the share of the CPUs that work outside the run took while a row was measured.
+OTHERS = "other work"
 #: What lockd on etcd is compared with: etcd's lock API driven directly, in the same run.
 ETCD_FLOOR = "etcd-lock"
 
@@ -64,6 +66,11 @@ def _fmt(value: Any, digits: int = 1) -> str:
     return str(value)
 
 
+def pct(share: float | None) -> str:
+    """A share as a percentage; `-` where it was not measured."""
+    return "-" if share is None or math.isnan(share) else f"{share:.0%}"
+
+
 def _ratio(value: Any, floor: Any) -> float:
     try:
         return value / floor
@@ -92,34 +99,35 @@ def tables(results: dict[str, Any]) -> str:
         spawn = results.get("cli", {}).get("flock(1)")
         rows = [
             [LABELS[s], r["p50_us"], r["p99_us"], r["cycles_per_s"], r.get("server_cpu_us_per_cycle"),
-             _ratio(r["p50_us"], floor), _ratio(r["p50_us"], trio_floor)]
+             _ratio(r["p50_us"], floor), _ratio(r["p50_us"], trio_floor), pct(r.get("others_cpu_share"))]
             for s, r in w1.items()
         ]
         if spawn:
             rows.append([LABELS["flock(1)"], spawn["p50_us"], spawn["p99_us"], 1e6 / spawn["p50_us"], None,
-                         _ratio(spawn["p50_us"], floor), _ratio(spawn["p50_us"], trio_floor)])
+                         _ratio(spawn["p50_us"], floor), _ratio(spawn["p50_us"], trio_floor), None])
         out.append(_table(
             f"W1  one client, one name: {cfg['w1_cycles']:,} cycles, median of {cfg['reps']} runs",
-            ["system", "p50 µs", "p99 µs", "cycles/s", "server CPU µs/cycle", f"p50 / {W1_FLOOR}", f"p50 / {W1_TRIO_FLOOR}"], rows,
+            ["system", "p50 µs", "p99 µs", "cycles/s", "server CPU µs/cycle", f"p50 / {W1_FLOOR}", f"p50 / {W1_TRIO_FLOOR}", OTHERS], rows,
         ))
     if "w2" in results:
         w2 = results["w2"]["median"]
         floor = w2.get(W2_FLOOR, {}).get("cycles_per_s")
-        rows = [[LABELS[s], r["cycles_per_s"], r.get("server_cpu_share"), _ratio(r["cycles_per_s"], floor)] for s, r in w2.items()]
+        rows = [[LABELS[s], r["cycles_per_s"], r.get("server_cpu_share"), _ratio(r["cycles_per_s"], floor), pct(r.get("others_cpu_share"))]
+                for s, r in w2.items()]
         out.append(_table(
             f"W2  {cfg['w2_clients']} client processes, one name each, {cfg['w2_seconds']:g} s, median of {cfg['reps']} runs",
-            ["system", "cycles/s", "server CPU share", f"cycles/s / {W2_FLOOR}"], rows,
+            ["system", "cycles/s", "server CPU share", f"cycles/s / {W2_FLOOR}", OTHERS], rows,
         ))
     if "w3" in results:
         w3 = results["w3"]["median"]
         rows = [
             [LABELS[s], r["grants_per_s"], r["handoff"]["p50_us"], r["handoff"]["p99_us"], r["other_share"],
-             r["fifo_inversions"], r.get("tokens_increase")]
+             r["fifo_inversions"], r.get("tokens_increase"), pct(r.get("others_cpu_share"))]
             for s, r in w3.items()
         ]
         out.append(_table(
             f"W3  {cfg['w3_clients']} client processes on one name, hold 0, {cfg['w3_seconds']:g} s, median of {cfg['reps']} runs",
-            ["system", "grants/s", "handoff p50 µs", "handoff p99 µs", "to another client", "FIFO inversions", "tokens increase"], rows,
+            ["system", "grants/s", "handoff p50 µs", "handoff p99 µs", "to another client", "FIFO inversions", "tokens increase", OTHERS], rows,
         ))
     if "w4" in results:
         rows = [
@@ -161,7 +169,7 @@ def _etcd_tables(etcd: dict[str, Any], cfg: dict[str, Any]) -> str:
     rows = [
         [LABELS[s], r["p50_us"], r["p99_us"], r["cycles_per_s"], r.get("etcd_requests_total_per_cycle"),
          r.get("etcd_writes_per_cycle"), r.get("etcd_cpu_us_per_cycle"), r.get("server_cpu_us_per_cycle"),
-         _ratio(r["p50_us"], floor.get("p50_us"))]
+         _ratio(r["p50_us"], floor.get("p50_us")), pct(r.get("others_cpu_share"))]
         for s, r in w1.items()
     ]
     requests = [f"  {LABELS[s]}: etcd requests per cycle " + ", ".join(f"{m} {n:.2f}" for m, n in r["etcd_requests_per_cycle"].items())
@@ -169,20 +177,20 @@ def _etcd_tables(etcd: dict[str, Any], cfg: dict[str, Any]) -> str:
     out.append("\n".join([_table(
         f"etcd W1  one client, one name: {cfg['etcd_w1_cycles']:,} cycles, median of {cfg['reps']} runs",
         ["system", "p50 µs", "p99 µs", "cycles/s", "etcd requests/cycle", "etcd writes/cycle",
-         "etcd CPU µs/cycle", "lockd CPU µs/cycle", f"p50 / {ETCD_FLOOR}"], rows,
+         "etcd CPU µs/cycle", "lockd CPU µs/cycle", f"p50 / {ETCD_FLOOR}", OTHERS], rows,
     ), *requests]))
     w3 = etcd["w3"]["median"]
     floor = w3.get(ETCD_FLOOR, {})
     rows = [
         [LABELS[s], r["grants_per_s"], r["handoff"]["p50_us"], r["handoff"]["p99_us"], r["other_share"],
          r["fifo_inversions"], r.get("tokens_increase"), _ratio(r["grants_per_s"], floor.get("grants_per_s")),
-         _ratio(r["handoff"]["p50_us"], _dig(floor, "handoff", "p50_us"))]
+         _ratio(r["handoff"]["p50_us"], _dig(floor, "handoff", "p50_us")), pct(r.get("others_cpu_share"))]
         for s, r in w3.items()
     ]
     out.append(_table(
         f"etcd W3  {cfg['w3_clients']} client processes on one name, hold 0, {cfg['w3_seconds']:g} s, median of {cfg['reps']} runs",
         ["system", "grants/s", "handoff p50 µs", "handoff p99 µs", "to another client", "FIFO inversions",
-         "tokens increase", f"grants/s / {ETCD_FLOOR}", f"handoff p50 / {ETCD_FLOOR}"], rows,
+         "tokens increase", f"grants/s / {ETCD_FLOOR}", f"handoff p50 / {ETCD_FLOOR}", OTHERS], rows,
     ))
     rows = [[LABELS[s], r["p50_ms"], r["max_ms"], r["tries"]] for s, r in etcd["w5"].items()]
     out.append(_table("etcd W5  holder SIGKILLed while a waiter waits: kill → waiter holds", ["system", "p50 ms", "max ms", "tries"], rows))

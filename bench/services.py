@@ -24,6 +24,16 @@ from .machine import REPO, ProcessProbe
 START_TIMEOUT = 15.0
 
 
+#: Services started and not stopped yet: the servers whose CPU time is the run's own.
+_running: set[Service] = set()
+
+
+def running() -> list[ProcessProbe]:
+    """Probes of every server this run has started and not stopped (reaped ones count among
+    the run's children)."""
+    return [s.probe for s in _running if s.proc is not None and s.proc.poll() is None]
+
+
 def _connectable(path: str) -> bool:
     with socket.socket(socket.AF_UNIX) as probe:
         try:
@@ -57,6 +67,7 @@ class Service:
                 self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=REPO,
                 preexec_fn=self._limits if self.nofile else None,
             )
+        _running.add(self)
         deadline = time.monotonic() + START_TIMEOUT
         while not self.ready():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -71,6 +82,7 @@ class Service:
         return ProcessProbe(self.proc.pid)
 
     def stop(self) -> None:
+        _running.discard(self)
         if self.proc is None or self.proc.poll() is not None:
             return
         self.proc.send_signal(signal.SIGTERM)
