@@ -110,7 +110,10 @@ class Processes:
         uid = procinfo.process_uid(pid)
         # The pid may have been recycled between pidfd_open and reading /proc: the pidfd
         # still watches the old process, which then has exited (its pidfd is readable).
-        if uid is None or select.select([pidfd], [], [], 0)[0]:
+        # poll, not select: select refuses descriptors >= 1024, which a busy daemon has.
+        ready = select.poll()
+        ready.register(pidfd, select.POLLIN)
+        if uid is None or ready.poll(0):
             os.close(pidfd)
             raise errors.NotHeld(f"process {pid} does not exist; a lease can only be tied to a running process")
         owner = self._owners[pid] = ProcessOwner(pid, uid, pidfd)

@@ -60,6 +60,10 @@ class Server:
         self.sessions: set[Session] = set()
         #: uid → its sessions, for the per-uid limits.
         self._uid_sessions: dict[int, set[Session]] = {}
+        #: uid → how many names the live tickets asked for by its connections cover, counted
+        #: from request to end: a process-tied lease still counts once its connection is gone.
+        self._uid_names: dict[int, int] = {}
+        self._counted: set[Ticket] = set()
         self._session_ids = itertools.count(1)
         #: Tickets the backend is taking in a task of their own, each with the scope that stops it.
         self._takes: dict[Ticket, trio.CancelScope] = {}
@@ -115,7 +119,8 @@ class Server:
             for ticket in self.table.tickets_of(owner):
                 if ticket.state is State.HELD:
                     # What this grants is never taken (see `_take`) and ends below.
-                    self._apply(self.table.lose(ticket, reason))
+                    with _contained(f"reporting {ticket} lost at shutdown"):
+                        self._apply(self.table.lose(ticket, reason))
         goodbye = protocol.Error(None, protocol.ErrorCode.SHUTDOWN, SHUTDOWN_MESSAGE)
         for session in list(self.sessions):
             session.send(goodbye)
@@ -126,7 +131,10 @@ class Server:
 
     def _backend_lost(self, ticket: Ticket, reason: str) -> None:
         with _contained(f"ending the lost lease {ticket}"):
-            self._apply(self.table.lose(ticket, reason))
+            if ticket.state is State.HELD:
+                self._apply(self.table.lose(ticket, reason))
+            elif ticket.state is not State.ENDED:  # not granted yet: the request fails
+                self._take_failed(ticket, party(ticket), errors.DaemonUnavailable(reason))
 
     async def _accept_loop(self, listener: socket.socket) -> None:
         assert self._nursery is not None
@@ -230,7 +238,7 @@ class Server:
             refusal = admission.acquire_refusal(
                 self.limits, names, waits=timeout != 0, requests=session.names,
                 pending=self._pending(session), waiting_on=self.table.waiting_on,
-                uid_requests=lambda: sum(s.names for s in self._uid_sessions.get(session.uid, ())),
+                uid_requests=lambda: self._uid_names.get(session.uid, 0),
                 uid_pending=lambda: sum(map(self._pending, self._uid_sessions.get(session.uid, ()))),
             ) or self.policy.check_acquire(session.uid, session.gids, names, request.mode)
             if isinstance(refusal, errors.PermissionDenied):
@@ -258,6 +266,8 @@ class Server:
         )
         if ticket.state is not State.ENDED:  # else refused at once: `_refused` discards the process
             session.remember(request.id, ticket)
+            self._counted.add(ticket)
+            self._uid_names[session.uid] = self._uid_names.get(session.uid, 0) + len(ticket.names)
             if process is not None:
                 assert self._nursery is not None
                 self._processes.attach(process, ticket, self._nursery)
@@ -390,7 +400,8 @@ class Server:
                     who.request_id, protocol.ErrorCode.NOT_HELD,
                     f"process {owner.pid} exited before the lock was granted",
                 ))
-            self._apply(self.table.release(ticket))
+        # All at once: one of them waiting behind another must not be granted on its way out.
+        self._apply(self.table.end(tickets))
 
     def _pending(self, session: Session) -> int:
         """Requests of `session` not granted yet: waiting in the table or being taken."""
@@ -401,6 +412,13 @@ class Server:
         who = party(ticket)
         if who.session.tickets.get(who.request_id) is ticket:
             who.session.forget(who.request_id)
+        if ticket in self._counted:
+            self._counted.remove(ticket)
+            left = self._uid_names[who.session.uid] - len(ticket.names)
+            if left:
+                self._uid_names[who.session.uid] = left
+            else:
+                del self._uid_names[who.session.uid]
         if who.process is not None:
             self._processes.detach(who.process, ticket)
 
@@ -420,7 +438,8 @@ class Server:
                     self._carry_out(effect)
                 except Exception:
                     log.exception("internal error carrying out %r; ending that request", effect)
-                    self._end_in_error(effect.ticket)
+                    with _contained(f"ending {effect.ticket} after an internal error"):
+                        self._end_in_error(effect.ticket)
         finally:
             self._applying = False
 
@@ -457,8 +476,10 @@ class Server:
             self._lost(ticket, who, effect.reason)
 
     def _take(self, ticket: Ticket, who: Party) -> None:
-        if self._stopping:
-            return  # the table's Drop still follows; nothing is held for it
+        if self._stopping or ticket.state is not State.TAKING:
+            # Shutting down, or ended while this Take waited in the queue: its Drop follows,
+            # and nothing is held for it.
+            return
         try:
             tokens = self.backend.take_now(ticket)
         except errors.LockdError as exc:
@@ -473,9 +494,12 @@ class Server:
         assert self._nursery is not None
         self._nursery.start_soon(self._take_slowly, ticket, who, scope)
 
-    def _blocked(self, who: Party, holders: list[protocol.Holder]) -> None:
-        """The backend waits for `holders`, outside the table: tell the client."""
-        who.session.send(protocol.Queued(who.request_id, holders))
+    def _blocked(self, ticket: Ticket, holders: list[protocol.Holder]) -> None:
+        """The backend waits for `holders`, outside the table: tell the client, unless the
+        request ended meanwhile (its cancellation reaches the take only at its next await)."""
+        if ticket in self._takes:
+            who = party(ticket)
+            who.session.send(protocol.Queued(who.request_id, holders))
 
     def _end_take(self, ticket: Ticket) -> trio.CancelScope | None:
         scope = self._takes.pop(ticket, None)
@@ -488,13 +512,12 @@ class Server:
         failure: Exception | None = None
         with scope:
             try:
-                tokens = await self.backend.take(ticket, partial(self._blocked, who))
+                tokens = await self.backend.take(ticket, partial(self._blocked, ticket))
             except Exception as exc:
                 failure = exc
-        if scope.cancelled_caught:
-            return  # dropped: the Drop has done the rest
+        if scope.cancelled_caught or self._end_take(ticket) is None:
+            return  # dropped (maybe just as the take ended): the Drop has done the rest
         with _contained(f"ending the take of {ticket}"):
-            self._end_take(ticket)
             if failure is None:
                 self._apply(self.table.taken(ticket, tokens, now=trio.current_time()))
             elif isinstance(failure, Blocked):

@@ -355,8 +355,15 @@ class LockTable:
 
     def drop_owner(self, owner: Hashable) -> list[Effect]:
         """The owner is gone (connection closed, process exited): end all its tickets."""
-        tickets = list(self._owners.get(owner, ()))
-        # Remove them all before granting, so none of them is granted on its way out.
+        return self.end(list(self._owners.get(owner, ())))
+
+    def end(self, tickets: list[Ticket]) -> list[Effect]:
+        """End every ticket in `tickets` at once, silently (like `release`).
+
+        They are all removed before anything is granted, so none of them is granted on its
+        way out (one of them waiting behind another would be).
+        """
+        tickets = [t for t in dict.fromkeys(tickets) if t.state is not State.ENDED]
         effects = [Drop(t) for t in tickets if t.holding]
         for ticket in tickets:
             self._remove(ticket)

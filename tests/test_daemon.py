@@ -486,3 +486,38 @@ def test_nesting_deeper_than_the_decoder_goes_is_malformed(daemon: Daemon) -> No
         reply = c.recv()
         assert isinstance(reply, Error) and reply.code == "protocol" and "malformed" in reply.message, reply
     assert "Traceback" not in daemon.log()
+
+
+def test_a_process_tied_lease_works_on_a_daemon_with_over_a_thousand_files_open(daemon: Daemon) -> None:
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        with RawClient(daemon.socket) as c:
+            for n in range(1100):  # one lock file each, so the daemon's next fds are past 1024
+                c.send(Acquire(n + 1, [f"many{n}"]))
+            for _ in range(1100):
+                assert isinstance(c.recv(), Granted)
+            assert daemon_fds(daemon) > 1024
+            tied = c.request(Acquire(5000, ["tied"], pid=sleeper.pid))
+            assert isinstance(tied, Granted), tied
+            assert isinstance(c.request(Status(5001, ["many0"])), protocol.StatusReply)  # still served
+    finally:
+        sleeper.kill()
+        sleeper.wait(10)
+
+
+def test_a_process_that_exits_holding_and_waiting_is_never_granted_on_its_way_out(daemon: Daemon) -> None:
+    for _ in range(5):  # which of its tickets ends first was once left to set order
+        sleeper = subprocess.Popen(["sleep", "60"])
+        try:
+            with RawClient(daemon.socket) as holder, RawClient(daemon.socket) as waiter:
+                assert isinstance(holder.acquire("x", pid=sleeper.pid), Granted)
+                waiter.send(Acquire(1, ["x"], pid=sleeper.pid))
+                assert isinstance(waiter.recv(), protocol.Queued)
+                sleeper.kill()
+                lost = holder.recv()
+                assert isinstance(lost, Lost), lost
+                failed = waiter.recv()
+                assert isinstance(failed, Error) and failed.code == "not_held", failed
+        finally:
+            sleeper.kill()
+            sleeper.wait(10)

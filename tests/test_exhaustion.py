@@ -457,3 +457,29 @@ def test_per_uid_pending_limit_leaves_other_users_served(short_tmp: Path, stoppe
         assert isinstance(over, Error) and over.code == "limit", over
         assert "limits.max_pending_per_uid" in over.message
         served_as_nobody(d)
+
+
+def test_process_tied_leases_count_against_their_user_after_the_connection_closes(
+    short_tmp: Path, stopper
+) -> None:
+    d = configured(short_tmp, "[limits]\nmax_leases_per_uid = 3\n")
+    stopper.append(d)
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        with RawClient(d.socket) as first:
+            assert isinstance(first.acquire("t1", "t2", "t3", pid=sleeper.pid), Granted)
+        with RawClient(d.socket) as second:  # the first connection is gone; its leases are not
+            over = second.request(Acquire(1, ["t4"], pid=sleeper.pid))
+            assert isinstance(over, Error) and "limits.max_leases_per_uid" in over.message, over
+        sleeper.kill()
+        sleeper.wait(TIMEOUT)
+        deadline = time.monotonic() + TIMEOUT
+        while True:  # once the process is gone, so are its leases and their count
+            with RawClient(d.socket) as third:
+                if isinstance(third.acquire("t4"), Granted):
+                    break
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    finally:
+        sleeper.kill()
+        sleeper.wait(TIMEOUT)

@@ -252,7 +252,7 @@ def test_policy_refusal_names_the_rule_and_is_logged(policy_daemon: Daemon, nobo
     assert isinstance(nobody.do("c", "request", Acquire(3, ["web"])), Granted)  # nothing of 1 was kept
     assert {info.name for info in status(policy_daemon)} == {"backup-db", "web"}
     [line] = [l for l in policy_daemon.log().splitlines() if "refused uid 65534" in l]
-    assert f"pid {nobody.pid}" in line and "exclusive on web+backup-db" in line and "rule 2" in line
+    assert f"pid {nobody.pid}" in line and "exclusive on web, backup-db" in line and "rule 2" in line
     assert line[:4].isdigit()  # when: the line carries its timestamp
 
 
