@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             if "w3" in only:
                 systems = ["flock", *lockd_systems]
                 results["w3"] = _repeat(cfg.reps, systems, "W3", lambda s: workloads.w3_fairness(
-                    specs[s], cfg.w3_clients, cfg.w3_seconds))
+                    specs[s], cfg.w3_clients, cfg.w3_seconds, probe(s)))
             if "w5" in only:
                 _progress("W5")
                 results["w5"] = {
@@ -205,7 +205,7 @@ def _etcd_section(cfg: Config, root: Path, client: str) -> dict[str, Any]:
         out["w1"] = _repeat(cfg.reps, list(specs), "etcd W1", lambda s: _w1(
             specs[s], cfg.etcd_w1_cycles, daemon.probe if s == "lockd-etcd" else None, metrics))
         out["w3"] = _repeat(cfg.reps, ["etcd-lock", "lockd-etcd"], "etcd W3", lambda s: workloads.w3_fairness(
-            specs[s], cfg.w3_clients, cfg.w3_seconds))
+            specs[s], cfg.w3_clients, cfg.w3_seconds, daemon.probe if s == "lockd-etcd" else None))
         _progress("etcd W5")
         out["w5"] = {
             "etcd-lock": workloads.w5_crash(specs["etcd-lock"], cfg.etcd_w5_tries, workloads.etcd_lock_waiting(etcd.url)),

@@ -27,13 +27,13 @@ from . import services, workloads
 from .machine import REPO
 
 
-def _spy(pid: int, out: Path, rate: int) -> subprocess.Popen[bytes]:
+def _spy(pid: int, out: Path, rate: int, lines: bool) -> subprocess.Popen[bytes]:
     py_spy = shutil.which("py-spy")
     if py_spy is None:
         sys.exit("py-spy is not installed: run `bench/run --help` once (it installs bench/requirements.txt), or pip install py-spy")
     return subprocess.Popen(
         [py_spy, "record", "--pid", str(pid), "--format", "raw", "--rate", str(rate),
-         "--nonblocking", "--gil", "--function", "--output", str(out)],
+         "--nonblocking", "--gil", *([] if lines else ["--function"]), "--output", str(out)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
 
@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--rate", type=int, default=1000, help="samples per second (default %(default)s)")
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--lines", action="store_true", help="attribute samples to source lines, not to whole functions")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "profile")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -98,11 +99,11 @@ def main(argv: list[str] | None = None) -> int:
             etcd = stack.enter_context(services.etcd(root)).url if args.etcd else None
             daemon = stack.enter_context(services.lockd(root, "profiled", etcd=etcd))
             spec = {"kind": args.client, "socket": daemon.socket}
-            spies = [_spy(daemon.probe.pid, args.out / "daemon.txt", args.rate)]
+            spies = [_spy(daemon.probe.pid, args.out / "daemon.txt", args.rate, args.lines)]
             # The first client is profiled too: its own process, so py-spy can attach to it.
             fleet = workloads.Fleet(spec, "cycle", names, args.seconds)
             try:
-                spies.append(_spy(fleet.workers[0].pid, args.out / "client.txt", args.rate))
+                spies.append(_spy(fleet.workers[0].pid, args.out / "client.txt", args.rate, args.lines))
                 time.sleep(1.0)  # py-spy attaches before the measured interval starts
                 cycles = sum(r["cycles"] for r in fleet.run())
             finally:

@@ -112,22 +112,25 @@ def tables(results: dict[str, Any]) -> str:
     if "w2" in results:
         w2 = results["w2"]["median"]
         floor = w2.get(W2_FLOOR, {}).get("cycles_per_s")
-        rows = [[LABELS[s], r["cycles_per_s"], r.get("server_cpu_share"), _ratio(r["cycles_per_s"], floor), pct(r.get("others_cpu_share"))]
+        rows = [[LABELS[s], r["cycles_per_s"], r.get("server_cpu_share"), r.get("server_cpu_us_per_cycle"),
+                 r.get("client_cpu_us_per_cycle"), _ratio(r["cycles_per_s"], floor), pct(r.get("others_cpu_share"))]
                 for s, r in w2.items()]
         out.append(_table(
             f"W2  {cfg['w2_clients']} client processes, one name each, {cfg['w2_seconds']:g} s, median of {cfg['reps']} runs",
-            ["system", "cycles/s", "server CPU share", f"cycles/s / {W2_FLOOR}", OTHERS], rows,
+            ["system", "cycles/s", "server CPU share", "server CPU µs/cycle", "clients CPU µs/cycle", f"cycles/s / {W2_FLOOR}", OTHERS], rows,
         ))
     if "w3" in results:
         w3 = results["w3"]["median"]
         rows = [
             [LABELS[s], r["grants_per_s"], r["handoff"]["p50_us"], r["handoff"]["p99_us"], r["other_share"],
-             r["fifo_inversions"], r.get("tokens_increase"), pct(r.get("others_cpu_share"))]
+             r["fifo_inversions"], r.get("tokens_increase"), r.get("server_cpu_us_per_grant"), r.get("client_cpu_us_per_grant"),
+             pct(r.get("others_cpu_share"))]
             for s, r in w3.items()
         ]
         out.append(_table(
             f"W3  {cfg['w3_clients']} client processes on one name, hold 0, {cfg['w3_seconds']:g} s, median of {cfg['reps']} runs",
-            ["system", "grants/s", "handoff p50 µs", "handoff p99 µs", "to another client", "FIFO inversions", "tokens increase", OTHERS], rows,
+            ["system", "grants/s", "handoff p50 µs", "handoff p99 µs", "to another client", "FIFO inversions", "tokens increase",
+             "server CPU µs/grant", "clients CPU µs/grant", OTHERS], rows,
         ))
     if "w4" in results:
         rows = [

@@ -4,6 +4,8 @@ Invariant: a worker measures only between the start and end instants its parent 
 (CLOCK_MONOTONIC, shared by every process on the host), so the workers of one run overlap
 exactly and their timestamps can be merged into one timeline.
 
+Every result also holds `cpu_ns`, the worker's CPU time over the measured interval.
+
 Protocol with the parent, one line each way:
   worker → `ready` once its locker is connected (for `hold`: `held` once the lock is held);
   parent → `go START_NS END_NS`;
@@ -92,7 +94,10 @@ def main() -> None:
     print("ready", flush=True)
     _, start, end = sys.stdin.readline().split()
     run = {"cycle": run_cycles, "grants": run_grants}[spec["workload"]]
+    cpu = time.process_time_ns()
     result = run(locker, spec["name"], int(start), int(end))
+    # Includes the wait for `start` (sleeps: next to no CPU).
+    result["cpu_ns"] = time.process_time_ns() - cpu
     locker.close()
     print(json.dumps(result), flush=True)
 

@@ -128,29 +128,42 @@ class Fleet:
                 w.wait(10)
 
 
-def run_fleet(locker: dict[str, Any], workload: str, names: list[str], seconds: float) -> list[dict[str, Any]]:
+def run_fleet(
+    locker: dict[str, Any], workload: str, names: list[str], seconds: float, server: ProcessProbe | None
+) -> tuple[list[dict[str, Any]], int | None]:
+    """The workers' results, and the server's CPU time (ns) over the measured interval (None
+    without `server`): from just before the start signal, so connecting stays out of it."""
     fleet = Fleet(locker, workload, names, seconds)
     try:
-        return fleet.run()
+        cpu_before = server.cpu_ns() if server else 0
+        results = fleet.run()
+        return results, (server.cpu_ns() - cpu_before if server else None)
     finally:
         fleet.close()
+
+
+def _cpu_figures(results: list[dict[str, Any]], server_ns: int | None, count: int, per: str) -> dict[str, Any]:
+    """CPU time per cycle or grant (`per`) of the clients together and of the server."""
+    out = {f"client_cpu_us_per_{per}": sum(r["cpu_ns"] for r in results) / max(count, 1) / 1000}
+    if server_ns is not None:
+        out[f"server_cpu_us_per_{per}"] = server_ns / max(count, 1) / 1000
+    return out
 
 
 def w2_throughput(
     locker: dict[str, Any], clients: int, seconds: float, server: ProcessProbe | None
 ) -> dict[str, Any]:
     """`clients` processes, one name each, cycling for `seconds`: total cycles/s."""
-    cpu_before = server.cpu_ns() if server else 0
-    results = run_fleet(locker, "cycle", [f"w2-{i}" for i in range(clients)], seconds)
+    results, server_ns = run_fleet(locker, "cycle", [f"w2-{i}" for i in range(clients)], seconds, server)
     total = sum(r["cycles"] for r in results)
     out: dict[str, Any] = {"cycles_per_s": total / seconds, "clients": clients, "seconds": seconds}
-    if server:
-        # Includes the fleet's connect and hello: a few ms against seconds of load.
-        out["server_cpu_share"] = (server.cpu_ns() - cpu_before) / (seconds * 1e9)
+    out |= _cpu_figures(results, server_ns, total, "cycle")
+    if server_ns is not None:
+        out["server_cpu_share"] = server_ns / (seconds * 1e9)
     return out
 
 
-def w3_fairness(locker: dict[str, Any], clients: int, seconds: float) -> dict[str, Any]:
+def w3_fairness(locker: dict[str, Any], clients: int, seconds: float, server: ProcessProbe | None = None) -> dict[str, Any]:
     """`clients` processes on one exclusive name, releasing as soon as granted.
 
     Handoff latency: from the holder's release call to the next holder's acquire returning,
@@ -160,7 +173,7 @@ def w3_fairness(locker: dict[str, Any], clients: int, seconds: float) -> dict[st
     already queued another request that was granted later — proof of barging, with no
     allowance needed for clocks or scheduling (see `_inversions`).
     """
-    results = run_fleet(locker, "grants", ["w3"] * clients, seconds)
+    results, server_ns = run_fleet(locker, "grants", ["w3"] * clients, seconds, server)
     grants = sorted(
         (t_acq, t_rel, t_req, t_queued, token, who)
         for who, r in enumerate(results)
@@ -176,6 +189,7 @@ def w3_fairness(locker: dict[str, Any], clients: int, seconds: float) -> dict[st
         "fifo_inversions": _inversions(grants) if results[0]["reports_queue"] else None,
         "per_client_grants": [len(r["t_acq"]) for r in results],
     }
+    out |= _cpu_figures(results, server_ns, len(grants), "grant")
     if None not in tokens:
         out["tokens_increase"] = all(a < b for a, b in zip(tokens, tokens[1:]))
     return out
