@@ -138,12 +138,12 @@ def tables(results: dict[str, Any]) -> str:
              r["rss_growth_mib"], r["fds_after"], r["daemon_nofile_hard"]]
             for n, r in results["w4"].items()
         ]
-        out.append(_table(
+        notes = [f"  {int(n):,}: stopped by {r['error']}" for n, r in results["w4"].items() if r["error"]]
+        notes += [f"  {int(n):,}: {r['nofile_refused']}" for n, r in results["w4"].items() if r.get("nofile_refused")]
+        out.append("\n".join([_table(
             f"W4  many leases held at once on one connection ({results['w4_client']})",
             ["asked", "held", "time s", "leases/s", "RSS before MiB", "RSS after MiB", "growth MiB", "fds after", "fd limit"], rows,
-        ))
-        out += [f"  {int(n):,}: stopped by {r['error']}" for n, r in results["w4"].items() if r["error"]]
-        out += [f"  {int(n):,}: {r['nofile_refused']}" for n, r in results["w4"].items() if r.get("nofile_refused")]
+        ), *notes]))
     if "w5" in results:
         rows = [[LABELS[s], r["p50_ms"], r["max_ms"], r["tries"]] for s, r in results["w5"].items()]
         out.append(_table("W5  holder SIGKILLed while a waiter waits: kill → waiter holds", ["system", "p50 ms", "max ms", "tries"], rows))
