@@ -74,7 +74,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"comma-separated subset of {','.join(WORKLOADS + EXTRA)} (default: %(default)s)")
     p.add_argument("--etcd", action="store_true",
                    help="also run the etcd section: W1, W3, W5 and CLI through lockd on a fresh one-member "
-                        "etcd, against etcd's own lock API (needs the etcd binary; adds about 2 minutes)")
+                        "etcd, against etcd's own lock API (needs the etcd binary; adds about 1.5 minutes)")
     p.add_argument("--reps", type=int, help="repetitions of W1-W3 (default 3, --quick 1)")
     p.add_argument("--client", choices=["lockd", "lockd-raw"],
                    help="lockd client the targets are judged on (default: lockd_client if installed)")
@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     only = set(args.only.split(",")) | ({"etcd"} if args.etcd else set())
     if unknown := only - set(WORKLOADS + EXTRA):
         sys.exit(f"unknown workload(s) {', '.join(sorted(unknown))}; choose from {', '.join(WORKLOADS + EXTRA)}")
+    if "etcd" in only and services.ETCD is None:
+        sys.exit("the etcd section needs the etcd binary (3.4 or later) on PATH: install it, or run without --etcd")
     client = args.client or ("lockd" if _library_ready() else "lockd-raw")
     cfg = Config(**(QUICK if args.quick else FULL) | ({"reps": args.reps} if args.reps else {}), lockd_client=client)
     lockd_systems = ["lockd-raw"] + (["lockd"] if client == "lockd" else [])
