@@ -603,51 +603,6 @@ async def test_a_watch_that_fails_at_once_is_retried_with_back_off(
             assert 3 <= len(reads) <= 8
 
 
-# --- a three-member cluster losing members under contention ------------------------------------
-
-
-class Ledger:
-    """An append-only log written only while holding; checked for overlaps afterwards."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-
-    def write(self, who: str, token: int, step: int) -> None:
-        os.write(self._fd, f"{who} {token} {step}\n".encode())
-
-    def close(self) -> None:
-        os.close(self._fd)
-
-    def runs(self) -> list[tuple[str, int]]:
-        """(holder, token) per stretch of consecutive lines; fails on interleaved holders."""
-        runs: list[tuple[str, int]] = []
-        for line in self.path.read_text().splitlines():
-            who, token, _ = line.split()
-            run = (who, int(token))
-            if not runs or runs[-1] != run:
-                assert run not in runs, f"{run} wrote again after {runs[-1]} had written: overlap"
-                runs.append(run)
-        return runs
-
-
-async def contend(host: Host, ledger: Ledger, name: str) -> None:
-    """Take `name` over and over; while believing it holds, write to the ledger."""
-    while True:
-        t = ticket(name)
-        try:
-            (token,) = await host.take(t)
-        except DaemonUnavailable:
-            await trio.sleep(0.05)
-            continue
-        for step in range(3):
-            if any(lost is t for lost, _, _ in host.lost):
-                break  # told the lease is gone: stop at once, as lockctl stops its command
-            ledger.write(host.name, token, step)
-            await trio.sleep(0.005)
-        host.backend.drop(t)
-
-
 async def test_a_burst_of_slow_takes_does_not_hold_up_releases(
     shared_etcd: EtcdCluster, hosts: Hosts
 ) -> None:
@@ -711,39 +666,3 @@ async def test_a_frozen_member_costs_no_lease_while_the_others_serve(
                 await a.ready()
             finally:
                 frozen.cont()
-
-
-async def test_cluster_losing_a_follower_then_the_leader_never_has_two_holders(
-    etcd3: EtcdCluster, short_tmp: Path, hosts: Hosts
-) -> None:
-    m0, m1, m2 = etcd3.members
-    (a,) = hosts([m0.url, m1.url, m2.url], "a")
-    (b,) = hosts([m2.url, m1.url, m0.url], "b")
-    ledger = Ledger(short_tmp / "ledger")
-
-    async def progress(runs: int) -> None:
-        """Wait until the ledger shows `runs` more holders than now."""
-        target = len(ledger.runs()) + runs
-        while len(ledger.runs()) < target:
-            await trio.sleep(0.05)
-
-    try:
-        with trio.fail_after(6 * WAIT):
-            async with serving(a, b) as nursery:
-                nursery.start_soon(contend, a, ledger, "site.com")
-                nursery.start_soon(contend, b, ledger, "site.com")
-                await progress(10)
-                leader = await trio.to_thread.run_sync(etcd3.leader)
-                follower = next(m for m in etcd3.members if m is not leader)
-                follower.kill()
-                await progress(10)
-                await trio.to_thread.run_sync(etcd3.restart, follower)
-                (await trio.to_thread.run_sync(etcd3.leader)).kill()
-                await progress(10)
-                nursery.cancel_scope.cancel()
-        runs = ledger.runs()
-    finally:
-        ledger.close()
-    tokens = [token for _, token in runs]
-    assert tokens == sorted(set(tokens)), "a token went backwards"
-    assert {who for who, _ in runs} == {"a", "b"}

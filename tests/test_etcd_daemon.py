@@ -22,7 +22,7 @@ from lockd_client.errors import DaemonUnavailable
 from lockd_client.trio_client import Client, connect
 from tests.conftest import Daemon
 from tests.etcd_cluster import (  # noqa: F401 (fixtures)
-    EtcdCluster, etcd, prefix, requires_etcd, shared_etcd, wait_keys, wait_no_keys,
+    EtcdCluster, etcd, etcd3, prefix, requires_etcd, shared_etcd, wait_keys, wait_no_keys,
 )
 
 pytestmark = requires_etcd
@@ -264,3 +264,77 @@ async def test_queue_events_and_status_reach_across_hosts(
                 while not [i for i in await on_a.status("only-on-a") if i.waiters]:
                     await trio.sleep(0.02)  # and A's status shows B's waiter
                 await lease.release()
+
+
+# Three lines per hold, a few ms apart: a second holder at the same time would interleave.
+HOLD = 'for step in 1 2 3; do echo "$HOST $LOCKD_TOKEN" >> "$LEDGER"; sleep 0.005; done'
+
+
+def holds(ledger: Path) -> list[tuple[str, int]]:
+    """(host, token) per stretch of consecutive ledger lines written under one grant."""
+    runs: list[tuple[str, int]] = []
+    for line in ledger.read_text().splitlines():
+        host, token = line.split()
+        if not runs or runs[-1] != (host, int(token)):
+            runs.append((host, int(token)))
+    return runs
+
+
+async def test_cluster_losing_a_follower_then_the_leader_never_has_two_holders(
+    etcd3: EtcdCluster, short_tmp: Path, prefix: str
+) -> None:
+    m0, m1, m2 = etcd3.members
+    daemons = (
+        etcd_daemon(short_tmp / "a", [m0.url, m1.url, m2.url], prefix),
+        etcd_daemon(short_tmp / "b", [m2.url, m1.url, m0.url], prefix),
+    )
+    ledger = short_tmp / "ledger"
+    ledger.touch()
+    statuses: list[int] = []
+
+    async def contend(daemon: Daemon) -> None:
+        """lockctl runs HOLD under the lock, again and again, whatever etcd is going through."""
+        env = {**daemon.env, "HOST": daemon.root.name, "LEDGER": str(ledger)}
+        while True:
+            with open(daemon.root / "lockctl.err", "ab") as err:
+                done = await trio.run_process(
+                    [*LOCKCTL, "acquire", "site.com", "-c", HOLD],
+                    env=env, check=False, stdout=subprocess.DEVNULL, stderr=err,
+                )
+            statuses.append(done.returncode)
+            if done.returncode:
+                await trio.sleep(0.05)  # 69 while etcd has no quorum, 79 if a lease was lost
+
+    async def progress(count: int) -> None:
+        target = len(holds(ledger)) + count
+        while len(holds(ledger)) < target:
+            await trio.sleep(0.05)
+
+    try:
+        for daemon in daemons:
+            daemon.start()
+        with trio.fail_after(6 * WAIT):
+            for daemon in daemons:
+                await until_serving(daemon)
+            async with trio.open_nursery() as nursery:
+                for daemon in daemons:
+                    nursery.start_soon(contend, daemon)
+                await progress(10)
+                leader = await trio.to_thread.run_sync(etcd3.leader)
+                follower = next(m for m in etcd3.members if m is not leader)
+                follower.kill()
+                await progress(10)
+                await trio.to_thread.run_sync(etcd3.restart, follower)
+                (await trio.to_thread.run_sync(etcd3.leader)).kill()
+                await progress(10)
+                nursery.cancel_scope.cancel()
+    finally:
+        for daemon in daemons:
+            if daemon.proc is not None and daemon.proc.poll() is None:
+                daemon.kill()
+    runs = holds(ledger)
+    tokens = [token for _, token in runs]
+    # A token seen again after another one means two commands wrote at once.
+    assert tokens == sorted(set(tokens)), f"overlap or a token going backwards: {runs}"
+    assert {host for host, _ in runs} == {"a", "b"}
+    assert set(statuses) <= {0, 69, 79}, statuses
