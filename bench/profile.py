@@ -28,7 +28,9 @@ from .machine import REPO
 
 
 def _spy(pid: int, out: Path, rate: int, lines: bool) -> subprocess.Popen[bytes]:
-    py_spy = shutil.which("py-spy")
+    # The environment's own scripts first: `.venv/bin/python -m bench.profile` without the
+    # venv activated is how the docs run it.
+    py_spy = shutil.which("py-spy", path=Path(sys.executable).parent) or shutil.which("py-spy")
     if py_spy is None:
         sys.exit("py-spy is not installed: run `bench/run --help` once (it installs bench/requirements.txt), or pip install py-spy")
     return subprocess.Popen(
