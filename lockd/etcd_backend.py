@@ -294,7 +294,9 @@ class EtcdBackend:
             _, revision = await self._client.txn(puts, timeout=self._timeout)
         await self._caught_up(session, revision)
         mirror = session.mirror
+        waited = False
         while (blocker := mirror.blocker(ticket.names, revision, ticket.shared)) is not None:
+            waited = True
             if not ticket.wait:
                 await self._outwait_leftover(session, blocker)
             else:
@@ -302,6 +304,7 @@ class EtcdBackend:
             await blocker.gone.wait()
         delay = _FLOCK_POLL[0]
         while not self._files.try_lock(ticket):
+            waited = True
             if not ticket.wait:
                 names = "+".join(ticket.names)
                 raise Blocked(f"{names}: held by a process outside lockd on this host")
@@ -310,13 +313,16 @@ class EtcdBackend:
                 blocked([holder for name in ticket.names for holder in local.get(name, ())])
             await trio.sleep(delay)
             delay = min(2 * delay, _FLOCK_POLL[1])
-        # The keys may have gone with an expired lease while this waited (etcd issue
-        # #11456): grant only if etcd still has every one of them.
-        compare = [etcd_client.created_at(key, revision) for key in attempt.keys.values()]
-        async with self._take_slots:
-            present, _ = await self._client.txn([], compare=compare, timeout=self._timeout)
-        if not present:
-            raise _vanished()
+        if waited:
+            # The keys may have gone with an expired lease while this waited (etcd issue
+            # #11456): grant only if etcd still has every one of them. A take that did not
+            # wait needs no such round trip: its keys were just seen in the watch, and the
+            # session check below vouches for its lease.
+            compare = [etcd_client.created_at(key, revision) for key in attempt.keys.values()]
+            async with self._take_slots:
+                present, _ = await self._client.txn([], compare=compare, timeout=self._timeout)
+            if not present:
+                raise _vanished()
         # The session may have ended while the answer was on its way (its cancellation then
         # arrives only at the next checkpoint, which a grant never reaches).
         if not session.alive or trio.current_time() >= session.deadline:

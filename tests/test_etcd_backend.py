@@ -372,6 +372,39 @@ async def test_a_key_deleted_by_hand_ends_the_lease_or_request_it_was_for(
         await client.aclose()
 
 
+async def test_a_waiter_is_not_granted_if_its_keys_went_unnoticed_while_it_waited(
+    shared_etcd: EtcdCluster, prefix: str, hosts: Hosts
+) -> None:
+    """The re-check on wake-up (the etcd issue #11456 class): a waiting request whose keys
+    went while the daemon did not notice is not granted when its turn comes."""
+    a, b = hosts(shared_etcd.endpoints, "host0", "host1")
+    follow = b.backend._follow
+
+    def unnoticing(session, change: Change, lose) -> None:
+        """B's mirror drops its own keys as they go, and B does not act on it."""
+        ignored = [key for key in change.removed if key in b.backend._owners]
+        follow(session, change._replace(removed=[k for k in change.removed if k not in ignored]), lose)
+
+    b.backend._follow = unnoticing  # type: ignore[method-assign]
+    client = EtcdClient(shared_etcd.endpoints)
+    try:
+        with trio.fail_after(WAIT):
+            async with serving(a, b) as nursery:
+                held, waiting = await holds_while_other_waits(a, b, nursery)
+                _, kvs = await client.range_prefix(prefix + "x/", timeout=2)
+                theirs = max(kvs, key=lambda kv: kv.create_revision)  # B's, queued after A's
+                shared_etcd.members[0].delete(theirs.key)
+                mirror = b.backend._session.mirror  # type: ignore[union-attr]
+                while theirs.text in [e.key for e in mirror.queue("x")]:
+                    await trio.sleep(0.01)
+                assert not waiting.done.is_set()
+                a.backend.drop(held)
+                await waiting.done.wait()
+    finally:
+        await client.aclose()
+    assert isinstance(waiting.error, DaemonUnavailable) and "vanished" in str(waiting.error)
+
+
 async def test_releases_go_through_when_etcd_takes_fewer_operations_per_txn(
     prefix: str, hosts: Hosts
 ) -> None:
