@@ -238,7 +238,7 @@ class Server:
             refusal = admission.acquire_refusal(
                 self.limits, names, waits=timeout != 0, requests=session.names,
                 pending=self._pending(session), waiting_on=self.table.waiting_on,
-                uid_requests=lambda: self._uid_names.get(session.uid, 0),
+                uid_requests=self._uid_names.get(session.uid, 0),
                 uid_pending=lambda: sum(map(self._pending, self._uid_sessions.get(session.uid, ()))),
             ) or self.policy.check_acquire(session.uid, session.gids, names, request.mode)
             if isinstance(refusal, errors.PermissionDenied):
