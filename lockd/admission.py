@@ -37,7 +37,7 @@ def acquire_refusal(
     requests: int,
     pending: int,
     waiting_on: Callable[[str], int],
-    uid_requests: Callable[[], int],
+    uid_requests: int,
     uid_pending: Callable[[], int],
 ) -> LimitExceeded | None:
     """The error refusing an acquire of `names` from a connection whose leases and requests
@@ -45,8 +45,10 @@ def acquire_refusal(
 
     An acquire that cannot wait (`waits` false) is never refused for the waiting limits: it
     is answered at once either way. `waiting_on(name)` counts the requests waiting on a name;
-    `uid_requests()` and `uid_pending()` count over every connection of the caller's uid, and
-    are only called once the per-connection limits pass.
+    `uid_requests` and `uid_pending()` count over every connection of the caller's uid.
+    `uid_pending()` costs a pass over those connections, so it is called only when it could
+    reach its limit: every pending request covers at least one name, so it is at most
+    `uid_requests`.
     """
     adding = len(set(names))
     if requests + adding > limits.max_leases_per_connection:
@@ -54,7 +56,7 @@ def acquire_refusal(
             f"this connection's leases and requests already cover {limits.max_leases_per_connection} names "
             "(limits.max_leases_per_connection); release some first"
         )
-    if uid_requests() + adding > limits.max_leases_per_uid:
+    if uid_requests + adding > limits.max_leases_per_uid:
         return LimitExceeded(
             f"your user's leases and requests already cover {limits.max_leases_per_uid} names over all "
             "its connections (limits.max_leases_per_uid); release some first"
@@ -66,7 +68,7 @@ def acquire_refusal(
             f"this connection already has {limits.max_pending_per_connection} waiting requests "
             "(limits.max_pending_per_connection); wait for some to be granted first"
         )
-    if uid_pending() >= limits.max_pending_per_uid:
+    if uid_requests >= limits.max_pending_per_uid and uid_pending() >= limits.max_pending_per_uid:
         return LimitExceeded(
             f"your user already has {limits.max_pending_per_uid} waiting requests over all its "
             "connections (limits.max_pending_per_uid); wait for some to be granted first"

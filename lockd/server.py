@@ -38,7 +38,7 @@ from .config import Limits
 from .policy import Policy
 from .processes import ProcessOwner, Processes
 from .session import Party, Session, party, shown_label
-from .table import Drop, Effect, Granted, LockTable, Lost, Queued, Reason, Refused, State, Take, Ticket
+from .table import ENDED, HELD, TAKING, Drop, Effect, Granted, LockTable, Lost, Queued, Reason, Refused, Take, Ticket
 
 log = logging.getLogger("lockd")
 
@@ -117,7 +117,7 @@ class Server:
         reason = "the daemon is shutting down"
         for owner in [*self.sessions, *self._processes.owners()]:
             for ticket in self.table.tickets_of(owner):
-                if ticket.state is State.HELD:
+                if ticket.state is HELD:
                     # What this grants is never taken (see `_take`) and ends below.
                     with _contained(f"reporting {ticket} lost at shutdown"):
                         self._apply(self.table.lose(ticket, reason))
@@ -131,9 +131,9 @@ class Server:
 
     def _backend_lost(self, ticket: Ticket, reason: str) -> None:
         with _contained(f"ending the lost lease {ticket}"):
-            if ticket.state is State.HELD:
+            if ticket.state is HELD:
                 self._apply(self.table.lose(ticket, reason))
-            elif ticket.state is not State.ENDED:  # not granted yet: the request fails
+            elif ticket.state is not ENDED:  # not granted yet: the request fails
                 self._take_failed(ticket, party(ticket), errors.DaemonUnavailable(reason))
 
     async def _accept_loop(self, listener: socket.socket) -> None:
@@ -238,7 +238,7 @@ class Server:
             refusal = admission.acquire_refusal(
                 self.limits, names, waits=timeout != 0, requests=session.names,
                 pending=self._pending(session), waiting_on=self.table.waiting_on,
-                uid_requests=lambda: self._uid_names.get(session.uid, 0),
+                uid_requests=self._uid_names.get(session.uid, 0),
                 uid_pending=lambda: sum(map(self._pending, self._uid_sessions.get(session.uid, ()))),
             ) or self.policy.check_acquire(session.uid, session.gids, names, request.mode)
             if isinstance(refusal, errors.PermissionDenied):
@@ -264,7 +264,7 @@ class Server:
             session, names, shared=request.mode == "shared", wait=timeout != 0,
             deadline=deadline, now=now, info=info,
         )
-        if ticket.state is not State.ENDED:  # else refused at once: `_refused` discards the process
+        if ticket.state is not ENDED:  # else refused at once: `_refused` discards the process
             session.remember(request.id, ticket)
             self._counted.add(ticket)
             self._uid_names[session.uid] = self._uid_names.get(session.uid, 0) + len(ticket.names)
@@ -314,7 +314,7 @@ class Server:
     def _force_release(self, session: Session, request: protocol.ForceRelease) -> None:
         try:
             (name,) = _checked_names([request.name])
-            holders = [t for t in self.table.holders(name) if t.state is State.HELD]
+            holders = [t for t in self.table.holders(name) if t.state is HELD]
             decision = self.policy.check_force(session.uid, name, [party(t).uid for t in holders])
             if not decision.allowed:
                 log.warning(
@@ -345,8 +345,8 @@ class Server:
         rows = []
         for name in names:
             holding = self.table.holders(name)
-            held = [t for t in holding if t.state is State.HELD]
-            waiting = [t for t in holding if t.state is not State.HELD] + self.table.waiters(name)
+            held = [t for t in holding if t.state is HELD]
+            waiting = [t for t in holding if t.state is not HELD] + self.table.waiters(name)
             rows.append((name, held, waiting))
         # Outside holders are looked for in one read of the host's lock list, and only where
         # they can matter: names asked for explicitly, and queues stuck behind nobody in lockd.
@@ -387,13 +387,13 @@ class Server:
     def _process_exited(self, owner: ProcessOwner) -> None:
         """End every ticket tied to the process: a lease is lost, a request fails."""
         tickets = list(owner.tickets)
-        held = [t for t in tickets if t.state is State.HELD]
+        held = [t for t in tickets if t.state is HELD]
         if held:
             log.info("process %d exited: ending its %d lease(s)", owner.pid, len(held))
         for ticket in tickets:
             who = party(ticket)
             self._forget(ticket)
-            if ticket.state is State.HELD:
+            if ticket.state is HELD:
                 who.session.send(protocol.Lost(who.request_id, f"process {owner.pid} exited"))
             else:
                 who.session.send(protocol.Error(
@@ -445,12 +445,12 @@ class Server:
 
     def _end_in_error(self, ticket: Ticket) -> None:
         """End `ticket` after a bug: a lease is lost, a request fails."""
-        if ticket.state is State.ENDED:
+        if ticket.state is ENDED:
             return
         who = party(ticket)
         self._forget(ticket)
         problem = "internal error in lockd (it is logged); retry"
-        if ticket.state is State.HELD:
+        if ticket.state is HELD:
             who.session.send(protocol.Lost(who.request_id, problem))
         else:
             who.session.send(protocol.Error(who.request_id, protocol.ErrorCode.UNAVAILABLE, problem))
@@ -476,7 +476,7 @@ class Server:
             self._lost(ticket, who, effect.reason)
 
     def _take(self, ticket: Ticket, who: Party) -> None:
-        if self._stopping or ticket.state is not State.TAKING:
+        if self._stopping or ticket.state is not TAKING:
             # Shutting down, or ended while this Take waited in the queue: its Drop follows,
             # and nothing is held for it.
             return

@@ -41,6 +41,12 @@ class State(Enum):
     ENDED = "ended"
 
 
+# The daemon spells the states with these: on Python 3.11 every `State.X` goes through
+# EnumType.__getattr__, over ten times the cost of a global, and a lock cycle tests the state
+# a dozen times.
+WAITING, TAKING, HELD, ENDED = State
+
+
 class Ticket:
     """One acquire request: queued, then held, then ended. Identity is the object itself."""
 
@@ -65,7 +71,7 @@ class Ticket:
         self.info = info
         #: `now` at request time; replaced by `now` at grant time.
         self.since = since
-        self.state = State.WAITING
+        self.state = WAITING
         #: One per name, from the backend, once HELD.
         self.tokens: list[int] | None = None
         #: Arrival order, set by the table.
@@ -73,7 +79,7 @@ class Ticket:
 
     @property
     def holding(self) -> bool:
-        return self.state is State.TAKING or self.state is State.HELD
+        return self.state is TAKING or self.state is HELD
 
     def __repr__(self) -> str:
         mode = "shared" if self.shared else "exclusive"
@@ -229,12 +235,22 @@ class _Line:
             self.exclusive_waiting -= 1
         self.add_holder(ticket)
 
+
+def _count(counts: dict, key: Hashable, delta: int) -> None:
+    """Add `delta` to `counts[key]`, leaving no entry at zero (invariant 5)."""
+    left = counts.get(key, 0) + delta
+    if left:
+        counts[key] = left
+    else:
+        del counts[key]
+
+
 def _arrival(ticket: Ticket) -> int:
     return ticket.seq
 
 
 #: The states in which a ticket's deadline still matters.
-_TIMED = (State.WAITING, State.TAKING)
+_TIMED = (WAITING, TAKING)
 #: The deadline heap is not swept below this size: a sweep would free next to nothing.
 _MIN_SWEEP = 64
 
@@ -285,7 +301,7 @@ class LockTable:
                 grantable = False
                 break
         if not wait and not grantable:
-            ticket.state = State.ENDED
+            ticket.state = ENDED
             return ticket, [Refused(ticket, Reason.BUSY, self._blockers(ticket))]
         ticket.seq = next(self._arrivals)
         self._owners.setdefault(owner, {})[ticket] = None
@@ -299,7 +315,7 @@ class LockTable:
                 if line is None:
                     line = lines[name] = _Line()
                 line.add_holder(ticket)
-            ticket.state = State.TAKING
+            ticket.state = TAKING
             return ticket, [Take(ticket)]
         for name in unique:
             line = lines.get(name)
@@ -311,9 +327,9 @@ class LockTable:
 
     def taken(self, ticket: Ticket, tokens: list[int], *, now: float) -> list[Effect]:
         """The backend now holds every name of `ticket`: the lease is granted."""
-        if ticket.state is not State.TAKING:
+        if ticket.state is not TAKING:
             return []  # ended while the backend worked; its Drop is already on its way
-        ticket.state = State.HELD
+        ticket.state = HELD
         ticket.tokens = tokens
         ticket.since = now
         return [Granted(ticket)]
@@ -323,13 +339,13 @@ class LockTable:
 
         A waiting ticket stays TAKING while the edge keeps trying; a no-wait one fails busy.
         """
-        if ticket.state is not State.TAKING or ticket.wait:
+        if ticket.state is not TAKING or ticket.wait:
             return []
         return [Refused(ticket, Reason.BUSY, []), *self._end(ticket)]
 
     def release(self, ticket: Ticket) -> list[Effect]:
         """End a lease or withdraw a waiting request, at its owner's wish. Idempotent."""
-        if ticket.state is State.ENDED:
+        if ticket.state is ENDED:
             return []
         return self._end(ticket)
 
@@ -339,15 +355,15 @@ class LockTable:
         Only a HELD ticket yields `Lost`: one not yet granted ends with no word to its owner,
         so a caller ending those must answer the pending request itself.
         """
-        if ticket.state is State.ENDED:
+        if ticket.state is ENDED:
             return []
-        effects: list[Effect] = [Lost(ticket, reason)] if ticket.state is State.HELD else []
+        effects: list[Effect] = [Lost(ticket, reason)] if ticket.state is HELD else []
         return effects + self._end(ticket)
 
     def force_release(self, name: str, reason: str) -> tuple[int, list[Effect]]:
         """Break every held lease on `name`. Returns how many, and the effects."""
         line = self._lines.get(name)
-        held = sorted((t for t in line.holders if t.state is State.HELD), key=_arrival) if line else []
+        held = sorted((t for t in line.holders if t.state is HELD), key=_arrival) if line else []
         effects: list[Effect] = []
         for ticket in held:
             effects += self.lose(ticket, reason)
@@ -363,7 +379,7 @@ class LockTable:
         They are all removed before anything is granted, so none of them is granted on its
         way out (one of them waiting behind another would be).
         """
-        tickets = [t for t in dict.fromkeys(tickets) if t.state is not State.ENDED]
+        tickets = [t for t in dict.fromkeys(tickets) if t.state is not ENDED]
         effects = [Drop(t) for t in tickets if t.holding]
         for ticket in tickets:
             self._remove(ticket)
@@ -371,9 +387,9 @@ class LockTable:
 
     def reassign(self, ticket: Ticket, owner: Hashable) -> None:
         """Make `owner` the one whose departure ends `ticket` (process-tied leases)."""
-        if ticket.state is State.ENDED or ticket.owner == owner:
+        if ticket.state is ENDED or ticket.owner == owner:
             return
-        waiting = ticket.state is State.WAITING
+        waiting = ticket.state is WAITING
         if waiting:
             self._count_waiting(ticket, -1)
         self._unindex_owner(ticket)
@@ -476,16 +492,14 @@ class LockTable:
         self._count_waiting(ticket, -1)
         for name in ticket.names:
             self._lines[name].promote(ticket)
-        ticket.state = State.TAKING
+        ticket.state = TAKING
         return Take(ticket)
 
     def _count_waiting(self, ticket: Ticket, delta: int) -> None:
-        for counts, key in ((self._waiting_by_owner, ticket.owner), *((self._waiting_by_name, n) for n in ticket.names)):
-            left = counts.get(key, 0) + delta
-            if left:
-                counts[key] = left
-            else:
-                del counts[key]
+        _count(self._waiting_by_owner, ticket.owner, delta)
+        by_name = self._waiting_by_name
+        for name in ticket.names:
+            _count(by_name, name, delta)
 
     def _end(self, ticket: Ticket) -> list[Effect]:
         effects: list[Effect] = [Drop(ticket)] if ticket.holding else []
@@ -493,9 +507,9 @@ class LockTable:
         return effects + self._grant_waiting(ticket.names)
 
     def _remove(self, ticket: Ticket) -> None:
-        if ticket.state is State.WAITING:
+        if ticket.state is WAITING:
             self._count_waiting(ticket, -1)
-        ticket.state = State.ENDED
+        ticket.state = ENDED
         lines = self._lines
         for name in ticket.names:
             line = lines[name]
@@ -552,7 +566,7 @@ class LockTable:
             assert all(t.shared for t in holders) or len(holders) == 1, f"{name!r}: {holders}"
             assert line.exclusive_holders == sum(not t.shared for t in holders), name
             assert line.exclusive_waiting == sum(not t.shared for t in waiting), name
-            assert all(t.holding for t in holders) and all(t.state is State.WAITING for t in waiting)
+            assert all(t.holding for t in holders) and all(t.state is WAITING for t in waiting)
             assert [t.seq for t in waiting] == sorted(t.seq for t in waiting), f"{name!r} out of order"
             for ticket in waiting:
                 ahead = [h for h in holders if h.seq < ticket.seq] + [w for w in waiting if w.seq < ticket.seq]
@@ -561,7 +575,7 @@ class LockTable:
                 # The fast rule agrees with the definition: nothing incompatible ahead.
                 assert line.admits(ticket) == all(ticket.shared and t.shared for t in ahead), (name, ticket)
             for ticket in holders + waiting:
-                assert ticket.state is not State.ENDED, ticket
+                assert ticket.state is not ENDED, ticket
                 assert name in ticket.names, (name, ticket)
                 live.add(ticket)
         owned: set[Ticket] = set()
@@ -574,7 +588,7 @@ class LockTable:
         by_owner: dict[Hashable, int] = {}
         by_name: dict[str, int] = {}
         for ticket in live:
-            if ticket.state is State.WAITING:
+            if ticket.state is WAITING:
                 by_owner[ticket.owner] = by_owner.get(ticket.owner, 0) + 1
                 for name in ticket.names:
                     by_name[name] = by_name.get(name, 0) + 1
@@ -584,7 +598,7 @@ class LockTable:
         for ticket in live:
             in_line = [ticket in (self._lines[n].holders if ticket.holding else self._lines[n].waiting) for n in ticket.names]
             assert all(in_line), ticket
-            if ticket.deadline is not None and ticket.state is not State.HELD:
+            if ticket.deadline is not None and ticket.state is not HELD:
                 assert ticket in timed, f"{ticket} has a deadline that is never enforced"
-            if ticket.state is State.WAITING:
+            if ticket.state is WAITING:
                 assert not all(self._lines[n].admits(ticket) for n in ticket.names), f"{ticket} is grantable at rest"

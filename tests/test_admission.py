@@ -40,7 +40,8 @@ def refusal(
 ) -> str | None:
     error = acquire_refusal(
         LIMITS, names, waits=waits, requests=requests, pending=pending, waiting_on=waiting,
-        uid_requests=lambda: max(requests, uid_requests), uid_pending=lambda: max(pending, uid_pending),
+        # As in the daemon, the uid's requests include its pending ones, each of at least one name.
+        uid_requests=max(requests, uid_requests, uid_pending), uid_pending=lambda: max(pending, uid_pending),
     )
     assert error is None or isinstance(error, LimitExceeded)
     return None if error is None else str(error)
