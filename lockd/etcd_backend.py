@@ -294,9 +294,11 @@ class EtcdBackend:
             _, revision = await self._client.txn(puts, timeout=self._timeout)
         await self._caught_up(session, revision)
         mirror = session.mirror
-        waited = False
+        # Past the put, the mirror shows every key of the request, unless they went before it
+        # saw them (a watch restarted over their deletion, or put and delete in one batch).
+        unsure = not all(mirror.holds(key, revision) for key in attempt.keys.values())
         while (blocker := mirror.blocker(ticket.names, revision, ticket.shared)) is not None:
-            waited = True
+            unsure = True
             if not ticket.wait:
                 await self._outwait_leftover(session, blocker)
             else:
@@ -304,7 +306,7 @@ class EtcdBackend:
             await blocker.gone.wait()
         delay = _FLOCK_POLL[0]
         while not self._files.try_lock(ticket):
-            waited = True
+            unsure = True
             if not ticket.wait:
                 names = "+".join(ticket.names)
                 raise Blocked(f"{names}: held by a process outside lockd on this host")
@@ -313,16 +315,20 @@ class EtcdBackend:
                 blocked([holder for name in ticket.names for holder in local.get(name, ())])
             await trio.sleep(delay)
             delay = min(2 * delay, _FLOCK_POLL[1])
-        if waited:
+        if unsure:
             # The keys may have gone with an expired lease while this waited (etcd issue
-            # #11456): grant only if etcd still has every one of them. A take that did not
-            # wait needs no such round trip: its keys were just seen in the watch, and the
-            # session check below vouches for its lease.
+            # #11456), or unseen as above: grant only if etcd still has every one of them. A
+            # take the mirror vouches for, which did not wait, needs no such round trip: a
+            # deletion from now on reaches `_follow` and ends the lease.
             compare = [etcd_client.created_at(key, revision) for key in attempt.keys.values()]
             async with self._take_slots:
                 present, _ = await self._client.txn([], compare=compare, timeout=self._timeout)
             if not present:
                 raise _vanished()
+        if attempt.vanished:
+            # `_follow` saw the keys go after the last await: its cancellation of the scope
+            # arrives only at the next checkpoint, which a grant never reaches.
+            raise _vanished()
         # The session may have ended while the answer was on its way (its cancellation then
         # arrives only at the next checkpoint, which a grant never reaches).
         if not session.alive or trio.current_time() >= session.deadline:

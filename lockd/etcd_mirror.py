@@ -162,6 +162,11 @@ class Mirror:
                     return queue[below - 1]
         return None
 
+    def holds(self, key: str, revision: int) -> bool:
+        """Whether `key` is in the mirror as created at `revision`."""
+        entry = self._keys.get(key)
+        return entry is not None and entry.revision == revision
+
     def queue(self, name: str) -> list[Key]:
         """The keys on `name` in etcd order (create revision, then key)."""
         return list(self._queues.get(name, ()))

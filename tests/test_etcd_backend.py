@@ -405,6 +405,52 @@ async def test_a_waiter_is_not_granted_if_its_keys_went_unnoticed_while_it_waite
     assert isinstance(waiting.error, DaemonUnavailable) and "vanished" in str(waiting.error)
 
 
+@pytest.mark.parametrize("watch", ["restarted", "running"])
+async def test_keys_deleted_right_after_their_put_are_never_granted_unreported(
+    watch: str, shared_etcd: EtcdCluster, hosts: Hosts
+) -> None:
+    """A request's keys deleted before the daemon's watch showed them (a watch restarted over
+    their deletion; or put and delete reaching it together) never make a silent grant: the
+    request fails, or is granted and then reported lost."""
+    a, b = hosts(shared_etcd.endpoints, "host0", "host1")
+    client = b.backend._client
+    txn, range_prefix = client.txn, client.range_prefix
+    deleted = trio.Event()
+
+    async def put_then_lose(success, *, compare=(), timeout):
+        puts = [op["request_put"]["key"] for op in success if "request_put" in op]
+        if not any(b"/x/" in key for key in puts):
+            return await txn(success, compare=compare, timeout=timeout)
+        if watch == "restarted":
+            b.backend._session.watch.cancel()  # type: ignore[union-attr]
+        answer = await txn(success, compare=compare, timeout=timeout)
+        for key in puts:
+            shared_etcd.members[0].delete(key)
+        deleted.set()
+        return answer
+
+    async def read_after_the_deletion(prefix, *, timeout):
+        await deleted.wait()
+        return await range_prefix(prefix, timeout=timeout)
+
+    client.txn = put_then_lose  # type: ignore[method-assign]
+    with trio.fail_after(WAIT):
+        async with serving(a, b):
+            # The watch, restarted, reads etcd only once the keys are gone: it never sees them.
+            client.range_prefix = read_after_the_deletion  # type: ignore[method-assign]
+            taken = ticket("x")
+            try:
+                await b.take(taken)
+            except DaemonUnavailable as exc:
+                assert "vanished" in str(exc)
+            else:  # the mirror had seen the keys: their deletion must end the lease
+                with trio.move_on_after(1):
+                    while not b.lost:
+                        await trio.sleep(0.01)
+                assert [t for t, _, _ in b.lost] == [taken], "granted, keys gone, not lost"
+            await a.take(ticket("x"))  # the lock is free for the other host
+
+
 async def test_releases_go_through_when_etcd_takes_fewer_operations_per_txn(
     prefix: str, hosts: Hosts
 ) -> None:
