@@ -270,7 +270,8 @@ class Connection:
             return b""
         if self._leases.get(lease.id) is not lease:
             raise errors.ProtocolError(f"{lease!r} belongs to another connection")
-        data = self._encode(protocol.Release(lease.id))
+        # A Release is a few bytes whatever the lease: no limit to check it against.
+        data = protocol.frame(self._encoder, protocol.Release(lease.id))
         del self._leases[lease.id]
         lease.state = LeaseState.RELEASED
         return data
