@@ -10,6 +10,7 @@ because a torn frame would corrupt everything after it. This module never import
 from __future__ import annotations
 
 import os
+import select
 import socket
 from types import TracebackType
 from typing import TypeVar
@@ -69,6 +70,8 @@ class Client:
         # Reads land in one buffer for the connection's lifetime: no allocation per read.
         self._inbox = bytearray(READ_SIZE)
         self._inbox_view = memoryview(self._inbox)
+        self._readable = select.poll()
+        self._readable.register(sock, select.POLLIN)
 
     def acquire(
         self,
@@ -170,6 +173,12 @@ class Client:
     def _read(self, flags: int = 0) -> bool:
         """Read once and apply it. False when MSG_DONTWAIT found nothing to read."""
         try:
+            if not flags and self._sock.gettimeout() is None:
+                # Wait in poll(), not in recv(): a reader blocked in recv() on a Unix socket
+                # is woken for nothing each time the daemon reads a request of ours (the
+                # kernel's write-space wakeup is not filtered for it), at a cost in CPU to
+                # both processes. The handshake has a timeout, which recv() applies itself.
+                self._readable.poll()
             size = self._sock.recv_into(self._inbox, READ_SIZE, flags)
         except BlockingIOError:
             return False
