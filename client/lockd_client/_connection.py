@@ -47,24 +47,16 @@ class LeaseState(enum.Enum):
 
 
 class LeaseRecord:
-    """The client's view of one granted lease, keyed by the id of the Acquire that made it.
+    """The client's view of one granted lease, keyed by the id of the Acquire that made it."""
 
-    `token_list` is the Granted's, one token per name in the order of `names`; the mapping
-    `tokens` is built only when asked for, as most leases are released without a look at it.
-    """
-
-    __slots__ = ("id", "names", "token_list", "state", "lost_reason")
+    __slots__ = ("id", "names", "tokens", "state", "lost_reason")
 
     def __init__(self, id: int, names: tuple[str, ...], tokens: list[int]) -> None:
         self.id = id
         self.names = names
-        self.token_list = tokens
+        self.tokens = dict(zip(names, tokens))
         self.state = LeaseState.HELD
         self.lost_reason: str | None = None
-
-    @property
-    def tokens(self) -> dict[str, int]:
-        return dict(zip(self.names, self.token_list))
 
     def lost_error(self) -> errors.LeaseLost:
         return errors.LeaseLost(
@@ -97,7 +89,7 @@ class LeaseView:
     @property
     def token(self) -> int:
         """The fencing token of the first name."""
-        return self._record.token_list[0]
+        return self._record.tokens[self._record.names[0]]
 
     @property
     def lost_reason(self) -> str | None:
@@ -270,8 +262,7 @@ class Connection:
             return b""
         if self._leases.get(lease.id) is not lease:
             raise errors.ProtocolError(f"{lease!r} belongs to another connection")
-        # A Release is a few bytes whatever the lease: no limit to check it against.
-        data = protocol.frame(self._encoder, protocol.Release(lease.id))
+        data = self._encode(protocol.Release(lease.id))
         del self._leases[lease.id]
         lease.state = LeaseState.RELEASED
         return data
@@ -385,16 +376,15 @@ class Connection:
         if self.phase is not Phase.OPEN:
             self._handle_greeting(message)
             return
-        kind = type(message)
-        if kind is protocol.Welcome:
+        if type(message) is protocol.Welcome:
             raise _Violation("a second welcome")
-        if kind is protocol.Error and message.id is None:
+        if type(message) is protocol.Error and message.id is None:
             self._lose_all(message.message, lambda: errors.from_reply(message))
             return
         id = message.id
         if not 0 < id < self._next_id:
             raise _Violation(f"{_tag(message)} for request {id}, which was never sent")
-        if kind is protocol.Lost:
+        if type(message) is protocol.Lost:
             self._handle_lost(message)
             return
         call = self._calls.get(id)
@@ -403,18 +393,18 @@ class Connection:
                 raise _Violation(f"{_tag(message)} for request {id}, already granted")
             return  # in flight when the client withdrew or released it: stale, not wrong
         request = call.request
-        if kind is protocol.Queued:
+        if type(message) is protocol.Queued:
             if type(request) is not protocol.Acquire:
                 raise _Violation(f"queued for {_tag(request)} request {id}")
             call.queued.append(message.holders)
             return
-        if kind is protocol.Error:
+        if type(message) is protocol.Error:
             del self._calls[id]
             call._fail(errors.from_reply(message))
             return
-        if kind is not _REPLY_TYPE[type(request)]:
+        if type(message) is not _REPLY_TYPE[type(request)]:
             raise _Violation(f"{_tag(message)} in reply to {_tag(request)} request {id}")
-        if kind is protocol.Granted:
+        if type(message) is protocol.Granted:
             names = request.names
             if len(message.tokens) != len(names):
                 raise _Violation(f"{len(message.tokens)} tokens for {len(names)} names")
@@ -424,7 +414,7 @@ class Connection:
             call._resolve(lease)
             return
         del self._calls[id]
-        call._resolve(message.locks if kind is protocol.StatusReply else message.released)
+        call._resolve(message.locks if type(message) is protocol.StatusReply else message.released)
 
     def _handle_greeting(self, message: protocol.Reply) -> None:
         if self._greeting is None:
