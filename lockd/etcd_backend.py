@@ -66,7 +66,7 @@ _MIN_ATTEMPT = 0.01
 
 def _vanished() -> EtcdError:
     return EtcdError(
-        "this request's keys vanished from etcd while it waited (the etcd lease expired or "
+        "this request's keys vanished from etcd before it was granted (the etcd lease expired or "
         "someone deleted them); retry the request"
     )
 
@@ -294,11 +294,14 @@ class EtcdBackend:
             _, revision = await self._client.txn(puts, timeout=self._timeout)
         await self._caught_up(session, revision)
         mirror = session.mirror
-        # Past the put, the mirror shows every key of the request, unless they went before it
-        # saw them (a watch restarted over their deletion, or put and delete in one batch).
-        unsure = not all(mirror.holds(key, revision) for key in attempt.keys.values())
+        # At or past the put's revision the mirror holds exactly what etcd held then: a key
+        # missing is gone, even if its deletion never reached `_follow` (a watch restarted
+        # over it, or put and delete in one batch).
+        if not all(mirror.holds(key, revision) for key in attempt.keys.values()):
+            raise _vanished()
+        waited = False
         while (blocker := mirror.blocker(ticket.names, revision, ticket.shared)) is not None:
-            unsure = True
+            waited = True
             if not ticket.wait:
                 await self._outwait_leftover(session, blocker)
             else:
@@ -306,7 +309,7 @@ class EtcdBackend:
             await blocker.gone.wait()
         delay = _FLOCK_POLL[0]
         while not self._files.try_lock(ticket):
-            unsure = True
+            waited = True
             if not ticket.wait:
                 names = "+".join(ticket.names)
                 raise Blocked(f"{names}: held by a process outside lockd on this host")
@@ -315,11 +318,12 @@ class EtcdBackend:
                 blocked([holder for name in ticket.names for holder in local.get(name, ())])
             await trio.sleep(delay)
             delay = min(2 * delay, _FLOCK_POLL[1])
-        if unsure:
-            # The keys may have gone with an expired lease while this waited (etcd issue
-            # #11456), or unseen as above: grant only if etcd still has every one of them. A
-            # take the mirror vouches for, which did not wait, needs no such round trip: a
-            # deletion from now on reaches `_follow` and ends the lease.
+        if waited:
+            # While this waited, the mirror may have gone stale (a watch stalled silently is
+            # noticed only within TTL/3 + 1 s), so its keys may have gone unseen, with an
+            # expired lease (the etcd issue #11456 class) or by hand: grant only if etcd still
+            # has every one of them. A take that did not wait needs no such round trip: its
+            # keys were just in the mirror, and a deletion from now on reaches `_follow`.
             compare = [etcd_client.created_at(key, revision) for key in attempt.keys.values()]
             async with self._take_slots:
                 present, _ = await self._client.txn([], compare=compare, timeout=self._timeout)

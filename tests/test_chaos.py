@@ -10,8 +10,8 @@ Log lines, each written with one write() to a file opened O_APPEND, so they neve
   ENTER WHO NAME TOKEN X|S DAEMON    WHO holds NAME (TOKEN and DAEMON are "-" for flock(1))
   EXIT WHO NAME                      WHO is about to release NAME
   KILL WHO                           WHO is stopped and about to be SIGKILLed
-  DAEMON-KILLED PID                  daemon PID is about to be SIGKILLed: every lease it
-                                     granted counts as ended from here
+  DAEMON-KILLED PID                  daemon PID is stopped and about to be SIGKILLed: every
+                                     lease it granted counts as ended from here
 WHO is stopped (SIGSTOP) before its KILL line is written, so nothing of it follows that line.
 A lockd client names in DAEMON the daemon it was granted by (SO_PEERCRED of its socket): an
 ENTER from a daemon already dead is stale, written by a client that had not yet noticed.
@@ -252,8 +252,11 @@ def test_chaos(daemon: Daemon) -> None:
             if daemon_kills_at and elapsed >= daemon_kills_at[0]:
                 daemon_kills_at.pop(0)
                 assert daemon.proc is not None and daemon.proc.poll() is None, daemon.log()[-3000:]
-                # Logged first: its flocks are free the moment it dies, and a flock(1) probe
-                # may log its holding before this process could log the death.
+                # Stopped, then logged, then killed: its flocks are free the moment it dies, and
+                # a flock(1) probe may log its holding before this process could log the death;
+                # stopped, it grants nothing after the line either.
+                os.kill(daemon.proc.pid, signal.SIGSTOP)
+                os.waitpid(daemon.proc.pid, os.WUNTRACED)
                 _append(log_fd, f"DAEMON-KILLED {daemon.proc.pid}\n")
                 daemon.kill()
                 daemon.start()
