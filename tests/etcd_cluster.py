@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from lockd.etcd_client import EtcdClient
+from lockd.etcd_client import EtcdClient, KeyValue
 
 ETCD = shutil.which("etcd")
 
@@ -305,14 +305,19 @@ def etcd3() -> Iterator[EtcdCluster]:
     yield from _cluster(3)
 
 
-async def keys_under(endpoints: list[str], prefix: str) -> list[str]:
-    """Every key in etcd under `prefix`, read afresh."""
+async def entries_under(endpoints: list[str], prefix: str) -> list[KeyValue]:
+    """Every key in etcd under `prefix`, read afresh, oldest first (etcd's queue order)."""
     client = EtcdClient(endpoints)
     try:
         _, kvs = await client.range_prefix(prefix, timeout=2)
     finally:
         await client.aclose()
-    return [kv.text for kv in kvs]
+    return sorted(kvs, key=lambda kv: kv.create_revision)
+
+
+async def keys_under(endpoints: list[str], prefix: str) -> list[str]:
+    """Every key in etcd under `prefix`, read afresh."""
+    return [kv.text for kv in await entries_under(endpoints, prefix)]
 
 
 async def wait_no_keys(endpoints: list[str], prefix: str) -> None:

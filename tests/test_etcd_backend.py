@@ -24,8 +24,8 @@ from lockd.session import Party
 from lockd.table import Ticket
 from lockd_client.errors import DaemonUnavailable, LimitExceeded, LockdError
 from tests.etcd_cluster import (  # noqa: F401 (fixtures)
-    EtcdCluster, etcd, etcd3, keys_under, prefix, relay_to, requires_etcd, shared_etcd,
-    wait_no_keys,
+    EtcdCluster, entries_under, etcd, etcd3, keys_under, prefix, relay_to, requires_etcd,
+    shared_etcd, wait_no_keys,
 )
 from tests.flock_tools import outside_flock
 
@@ -351,25 +351,20 @@ async def test_a_key_deleted_by_hand_ends_the_lease_or_request_it_was_for(
     deleted: str, shared_etcd: EtcdCluster, prefix: str, hosts: Hosts
 ) -> None:
     a, b = hosts(shared_etcd.endpoints, "host0", "host1")
-    client = EtcdClient(shared_etcd.endpoints)
-    try:
-        with trio.fail_after(WAIT):
-            async with serving(a, b) as nursery:
-                held, waiting = await holds_while_other_waits(a, b, nursery)
-                _, kvs = await client.range_prefix(prefix + "x/", timeout=2)
-                mine, theirs = sorted(kvs, key=lambda kv: kv.create_revision)  # A's, then B's
-                shared_etcd.members[0].delete((mine if deleted == "held" else theirs).key)
-                await waiting.done.wait()
-        if deleted == "held":  # lost, and B granted
-            assert [(t, reason) for t, reason, _ in a.lost] == [
-                (held, "its etcd key was deleted (by hand or by another tool)")
-            ]
-            assert waiting.error is None
-        else:  # failed while A still holds: it no longer has a place in the queue
-            assert isinstance(waiting.error, DaemonUnavailable) and "vanished" in str(waiting.error)
-            assert a.lost == []
-    finally:
-        await client.aclose()
+    with trio.fail_after(WAIT):
+        async with serving(a, b) as nursery:
+            held, waiting = await holds_while_other_waits(a, b, nursery)
+            mine, theirs = await entries_under(shared_etcd.endpoints, prefix + "x/")
+            shared_etcd.members[0].delete((mine if deleted == "held" else theirs).key)
+            await waiting.done.wait()
+    if deleted == "held":  # lost, and B granted
+        assert [(t, reason) for t, reason, _ in a.lost] == [
+            (held, "its etcd key was deleted (by hand or by another tool)")
+        ]
+        assert waiting.error is None
+    else:  # failed while A still holds: it no longer has a place in the queue
+        assert isinstance(waiting.error, DaemonUnavailable) and "vanished" in str(waiting.error)
+        assert a.lost == []
 
 
 async def test_a_waiter_is_not_granted_if_its_keys_went_unnoticed_while_it_waited(
@@ -386,22 +381,17 @@ async def test_a_waiter_is_not_granted_if_its_keys_went_unnoticed_while_it_waite
         follow(session, change._replace(removed=[k for k in change.removed if k not in ignored]), lose)
 
     b.backend._follow = unnoticing  # type: ignore[method-assign]
-    client = EtcdClient(shared_etcd.endpoints)
-    try:
-        with trio.fail_after(WAIT):
-            async with serving(a, b) as nursery:
-                held, waiting = await holds_while_other_waits(a, b, nursery)
-                _, kvs = await client.range_prefix(prefix + "x/", timeout=2)
-                theirs = max(kvs, key=lambda kv: kv.create_revision)  # B's, queued after A's
-                shared_etcd.members[0].delete(theirs.key)
-                mirror = b.backend._session.mirror  # type: ignore[union-attr]
-                while theirs.text in [e.key for e in mirror.queue("x")]:
-                    await trio.sleep(0.01)
-                assert not waiting.done.is_set()
-                a.backend.drop(held)
-                await waiting.done.wait()
-    finally:
-        await client.aclose()
+    with trio.fail_after(WAIT):
+        async with serving(a, b) as nursery:
+            held, waiting = await holds_while_other_waits(a, b, nursery)
+            _, theirs = await entries_under(shared_etcd.endpoints, prefix + "x/")  # A's, B's
+            shared_etcd.members[0].delete(theirs.key)
+            mirror = b.backend._session.mirror  # type: ignore[union-attr]
+            while theirs.text in [e.key for e in mirror.queue("x")]:
+                await trio.sleep(0.01)
+            assert not waiting.done.is_set()
+            a.backend.drop(held)
+            await waiting.done.wait()
     assert isinstance(waiting.error, DaemonUnavailable) and "vanished" in str(waiting.error)
 
 
