@@ -395,6 +395,34 @@ async def test_a_waiter_is_not_granted_if_its_keys_went_unnoticed_while_it_waite
     assert isinstance(waiting.error, DaemonUnavailable) and "vanished" in str(waiting.error)
 
 
+async def test_keys_seen_going_while_the_last_check_answers_fail_the_grant(
+    shared_etcd: EtcdCluster, prefix: str, hosts: Hosts
+) -> None:
+    """etcd answers the check after waiting that the keys are there; before the request
+    resumes, the watch shows them deleted. `_follow`'s cancellation would only arrive at a
+    checkpoint the grant never reaches: the request must fail all the same."""
+    a, b = hosts(shared_etcd.endpoints, "host0", "host1")
+    txn = b.backend._client.txn
+
+    async def answer_then_lose(success, *, compare=(), timeout):
+        answer = await txn(success, compare=compare, timeout=timeout)
+        if compare and not success:  # the check of a request that waited
+            keys = [k for k, t in b.backend._owners.items() if t is waiting.ticket]
+            for key in keys:
+                shared_etcd.members[0].delete(key.encode())
+            b.backend._follow(b.backend._session, Change([], keys), b.lose)  # as the watch would
+        return answer
+
+    with trio.fail_after(WAIT):
+        async with serving(a, b) as nursery:
+            held, waiting = await holds_while_other_waits(a, b, nursery)
+            b.backend._client.txn = answer_then_lose  # type: ignore[method-assign]
+            a.backend.drop(held)
+            await waiting.done.wait()
+    assert isinstance(waiting.error, DaemonUnavailable) and "vanished" in str(waiting.error)
+    assert b.lost == []
+
+
 @pytest.mark.parametrize("watch", ["restarted", "running"])
 async def test_keys_deleted_right_after_their_put_are_never_granted_unreported(
     watch: str, shared_etcd: EtcdCluster, hosts: Hosts
