@@ -38,7 +38,9 @@ from .config import Limits
 from .policy import Policy
 from .processes import ProcessOwner, Processes
 from .session import Party, Session, party, shown_label
-from .table import ENDED, HELD, TAKING, Drop, Effect, Granted, LockTable, Lost, Queued, Reason, Refused, Take, Ticket
+from .table import (
+    ENDED, HELD, TAKING, Drop, Effect, Granted, LockTable, Lost, Queued, Reason, Refused, Take, Ticket,
+)
 
 log = logging.getLogger("lockd")
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import pty
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
