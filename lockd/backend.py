@@ -56,9 +56,13 @@ class Backend(Protocol):
     def drop(self, ticket: Ticket) -> None:
         """Release whatever is held for `ticket`. Never blocks; a no-op if nothing is held."""
 
-    def outside_holders_of(self, names: list[str]) -> dict[str, list[Holder]]:
+    async def outside_holders_of(self, names: list[str]) -> dict[str, list[Holder]]:
         """Holders of `names` that lockd's table does not know (other tools, other hosts), in
-        one look; a name nobody outside holds is left out."""
+        one look; a name nobody outside holds is left out.
+
+        The look may take milliseconds (the host's lock list); the event loop serves everyone
+        else meanwhile. Cancellation: raises Cancelled once the look has finished.
+        """
 
     def outside_waiters_of(self, names: list[str]) -> dict[str, list[Holder]]:
         """Requests for `names` queued outside this daemon (other hosts), in queue order."""

@@ -157,6 +157,8 @@ class EtcdBackend:
         self._stale: set[int] = set()
         self._problem = "no etcd lease yet: lockd is still connecting"
         self._take_slots = trio.CapacityLimiter(_TAKES_AT_ONCE)
+        #: Looks at the host's lock list, one at a time, in a worker thread.
+        self._lookups = trio.CapacityLimiter(1)
 
     @classmethod
     def from_config(cls, files: LockFiles, config: Etcd, host: str) -> EtcdBackend:
@@ -215,18 +217,21 @@ class EtcdBackend:
             attempt.ended = True
             self._end(attempt)
 
-    def outside_holders_of(self, names: list[str]) -> dict[str, list[Holder]]:
+    async def outside_holders_of(self, names: list[str]) -> dict[str, list[Holder]]:
         """Local processes flocking each name outside lockd, then holders on other hosts.
 
         The other hosts' holders come from the watch's mirror (none while etcd is
         unreachable). A key counts as holding once no older conflicting key is left.
         """
-        found = self._files.outside_holders_of(names)
+        found = await self._local_holders_of(names)
         for name in names:
             remote = [e.holder() for e in self._remote(name, holding=True)]
             if remote:
                 found[name] = found.get(name, []) + remote
         return found
+
+    async def _local_holders_of(self, names: list[str]) -> dict[str, list[Holder]]:
+        return await trio.to_thread.run_sync(self._files.outside_holders_of, names, limiter=self._lookups)
 
     def outside_waiters_of(self, names: list[str]) -> dict[str, list[Holder]]:
         """Requests on other hosts that wait behind an older conflicting key, per name."""
@@ -314,7 +319,7 @@ class EtcdBackend:
                 names = "+".join(ticket.names)
                 raise Blocked(f"{names}: held by a process outside lockd on this host")
             if delay == _FLOCK_POLL[0]:
-                local = self._files.outside_holders_of(list(ticket.names))
+                local = await self._local_holders_of(list(ticket.names))
                 blocked([holder for name in ticket.names for holder in local.get(name, ())])
             await trio.sleep(delay)
             delay = min(2 * delay, _FLOCK_POLL[1])

@@ -52,6 +52,8 @@ class FlockBackend:
         #: Takes waiting for an outside holder, in arrival order.
         self._waiting: dict[Ticket, _Waiter] = {}
         self._wake = trio.Event()
+        #: Looks at the host's lock list, one at a time, in a worker thread.
+        self._lookups = trio.CapacityLimiter(1)
 
     def take_now(self, ticket: Ticket) -> list[int] | None:
         if not self._files.try_lock(ticket):
@@ -76,7 +78,7 @@ class FlockBackend:
             return tokens
         if not ticket.wait:
             raise Blocked(f"{', '.join(ticket.names)}: held by a process outside lockd")
-        found = self._files.outside_holders_of(list(ticket.names))
+        found = await self.outside_holders_of(list(ticket.names))
         blocked([holder for name in ticket.names for holder in found.get(name, ())])
         waiter = self._waiting[ticket] = _Waiter()
         self._wake.set()
@@ -95,8 +97,8 @@ class FlockBackend:
         self._waiting.pop(ticket, None)
         self._files.unlock(ticket)
 
-    def outside_holders_of(self, names: list[str]) -> dict[str, list[Holder]]:
-        return self._files.outside_holders_of(names)
+    async def outside_holders_of(self, names: list[str]) -> dict[str, list[Holder]]:
+        return await trio.to_thread.run_sync(self._files.outside_holders_of, names, limiter=self._lookups)
 
     def outside_waiters_of(self, names: list[str]) -> dict[str, list[Holder]]:
         return {}  # processes blocked in flock(2) on a lock file are not reported

@@ -193,9 +193,11 @@ class LockFiles:
         name; a name nobody outside holds is left out.
 
         Reads /proc/locks once however many names are asked about: the kernel builds it anew
-        on every read, at a cost that grows with every flock on the host. A file that does
-        not exist is left out (it is never created here). A holder in another pid namespace
-        shows with pid and uid None.
+        on every read, at a cost that grows with every flock on the host, and first waits for
+        an RCU grace period (milliseconds, unless it was read moments before), so a caller
+        with an event loop runs this in a worker thread. A file that does not exist is left
+        out (it is never created here). A holder in another pid namespace shows with pid and
+        uid None.
         """
         by_key: dict[tuple[int, int, int], list[str]] = {}
         for name in dict.fromkeys(names):

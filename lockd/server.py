@@ -23,7 +23,7 @@ import math
 import socket
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Iterable, Iterator
 from contextlib import contextmanager
 from functools import partial
 
@@ -210,19 +210,20 @@ class Server:
 
     # --- requests -----------------------------------------------------------------------------
 
-    def _dispatch(self, session: Session, message: object) -> None:
+    def _dispatch(self, session: Session, message: object) -> Awaitable[None] | None:
         if isinstance(message, protocol.Acquire):
             self._acquire(session, message)
         elif isinstance(message, protocol.Release):
             self._release(session, message.id)
         elif isinstance(message, protocol.Status):
-            self._status(session, message)
+            return self._status(session, message)
         elif isinstance(message, protocol.ReleasePid):
             self._release_pid(session, message)
         elif isinstance(message, protocol.ForceRelease):
             self._force_release(session, message)
         else:
             session.fail(f"unexpected {type(message).__name__} message")
+        return None
 
     def _error(self, session: Session, request_id: int, exc: errors.LockdError) -> None:
         code = exc.code or protocol.ErrorCode.PROTOCOL
@@ -335,7 +336,16 @@ class Server:
         self._apply(effects)
         session.send(protocol.Done(request.id, count))
 
-    def _status(self, session: Session, request: protocol.Status) -> None:
+    async def _status(self, session: Session, request: protocol.Status) -> None:
+        """Answer with the holders and waiters of the names asked for (or of every name).
+
+        Outside holders are looked for first, in one look at the host's locks, and only where
+        they can matter: names asked for explicitly, and queues stuck behind nobody in lockd.
+        Names no lockd client holds may be held elsewhere: by another host (the backend knows
+        those), or by a process flocking the file (only a look at the host tells). The table is
+        read after the look, so what lockd itself holds is shown as it is when answered.
+        Cancellation: nothing is sent.
+        """
         try:
             if request.names:
                 names = _checked_names(request.names)
@@ -344,27 +354,23 @@ class Server:
         except errors.LockdError as exc:
             self._error(session, request.id, exc)
             return
-        rows = []
+        outside = await self.backend.outside_holders_of(
+            [name for name in names if request.names or not self._held(name)]
+        )
+        outside_waiting = self.backend.outside_waiters_of(names)
+        locks = []
         for name in names:
             holding = self.table.holders(name)
             held = [t for t in holding if t.state is HELD]
             waiting = [t for t in holding if t.state is not HELD] + self.table.waiters(name)
-            rows.append((name, held, waiting))
-        # Outside holders are looked for in one read of the host's lock list, and only where
-        # they can matter: names asked for explicitly, and queues stuck behind nobody in lockd.
-        # Names no lockd client holds may be held elsewhere: by another host (the backend knows
-        # those), or by a process flocking the file (only a look at the host tells).
-        outside = self.backend.outside_holders_of(
-            [name for name, held, waiting in rows if request.names or not held]
-        )
-        outside_waiting = self.backend.outside_waiters_of(names)
-        locks = []
-        for name, held, waiting in rows:
             holders = [self._holder(t, name) for t in held] + outside.get(name, [])
             waiters = [self._holder(t, name) for t in waiting] + outside_waiting.get(name, [])
             if holders or waiters:
                 locks.append(protocol.LockInfo(name, holders[0].mode if holders else None, holders, waiters))
         session.send(protocol.StatusReply(request.id, locks))
+
+    def _held(self, name: str) -> bool:
+        return any(t.state is HELD for t in self.table.holders(name))
 
     def _holder(self, ticket: Ticket, name: str) -> protocol.Holder:
         who = party(ticket)
@@ -378,11 +384,6 @@ class Server:
     def _in_way(self, ticket: Ticket, blockers: Iterable[Ticket]) -> list[protocol.Holder]:
         """The holders among `blockers` of the names `ticket` wants."""
         return [self._holder(t, n) for t in blockers if t.holding for n in t.names if n in ticket.names]
-
-    def _outside_of(self, ticket: Ticket) -> list[protocol.Holder]:
-        """Whoever holds the names `ticket` wants outside lockd, found in one look."""
-        found = self.backend.outside_holders_of(list(ticket.names))
-        return [holder for name in ticket.names for holder in found.get(name, ())]
 
     # --- process-tied leases ------------------------------------------------------------------
 
@@ -501,6 +502,7 @@ class Server:
         request ended meanwhile (its cancellation reaches the take only at its next await)."""
         if ticket in self._takes:
             who = party(ticket)
+            who.outside = holders
             who.session.send(protocol.Queued(who.request_id, holders))
 
     def _end_take(self, ticket: Ticket) -> trio.CancelScope | None:
@@ -515,6 +517,10 @@ class Server:
         with scope:
             try:
                 tokens = await self.backend.take(ticket, partial(self._blocked, ticket))
+            except Blocked as exc:
+                failure = exc
+                # Looked for now, while the request still counts as pending: the refusal names them.
+                who.outside = await self._look_outside(ticket)
             except Exception as exc:
                 failure = exc
         if scope.cancelled_caught or self._end_take(ticket) is None:
@@ -531,6 +537,16 @@ class Server:
                 self._take_failed(ticket, who, errors.DaemonUnavailable(
                     "internal error in lockd while taking the lock (it is logged); retry"
                 ))
+
+    async def _look_outside(self, ticket: Ticket) -> list[protocol.Holder]:
+        """Whoever holds the names `ticket` wants outside lockd, found in one look; [] if the
+        look fails, since it only serves to name them."""
+        try:
+            found = await self.backend.outside_holders_of(list(ticket.names))
+        except Exception:
+            log.exception("internal error looking for the holders of %s; carrying on", ", ".join(ticket.names))
+            return []
+        return [holder for name in ticket.names for holder in found.get(name, ())]
 
     def _take_failed(self, ticket: Ticket, who: Party, exc: errors.LockdError) -> None:
         log.warning("cannot take %s for pid %s: %s", ", ".join(ticket.names), who.pid, exc)
@@ -550,7 +566,7 @@ class Server:
 
     def _refused(self, ticket: Ticket, who: Party, effect: Refused) -> None:
         self._forget(ticket)
-        holders = self._in_way(ticket, effect.blockers) or self._outside_of(ticket)
+        holders = self._in_way(ticket, effect.blockers) or list(who.outside)
         names = ", ".join(ticket.names)
         if effect.reason is Reason.TIMEOUT:
             code, what = protocol.ErrorCode.TIMEOUT, f"{names}: timed out waiting for the lock"

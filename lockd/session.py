@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import msgspec
@@ -46,6 +46,10 @@ LINGER = 1.0
 _RECV_SIZE = 65536
 
 
+#: Handles one request; returns an awaitable if the handling has to wait for something.
+Handler = Callable[["Session", object], Awaitable[None] | None]
+
+
 @dataclass(slots=True)
 class Party:
     """Who a ticket is for: what the server puts in `Ticket.info` (read it back with `party`),
@@ -60,6 +64,9 @@ class Party:
     label: str | None
     #: Set for a lease tied to a process rather than to the connection.
     process: ProcessOwner | None = None
+    #: Who holds the names outside lockd, as the backend last found while taking them: named
+    #: when the request times out or is refused, without a fresh look at the host's locks.
+    outside: Sequence[protocol.Holder] = ()
 
 
 class _Malformed(Exception):
@@ -166,12 +173,14 @@ class Session:
     # --- serving ------------------------------------------------------------------------------
 
     async def serve(
-        self, welcome: protocol.Welcome, handle: Callable[[Session, object], None], limits: Limits
+        self, welcome: protocol.Welcome, handle: Handler, limits: Limits
     ) -> None:
         """Serve the connection until either side ends it, then close the socket.
 
         The client must say Hello by `limits.handshake_timeout`; it is answered `welcome`. Then
-        each request is decoded and given to `handle`, in order. A session closed before
+        each request is decoded and given to `handle`, in order: a request whose handling has
+        to wait (it returns an awaitable) holds back this client's later requests, nobody
+        else's. A session closed before
         `serve` (a refused connection) only flushes its goodbye. The session is closed when
         this returns, however it returns. Cancellation: stops at once and closes the socket
         without flushing.
@@ -190,7 +199,7 @@ class Session:
             self.sock.close()
 
     async def _converse(
-        self, welcome: protocol.Welcome, handle: Callable[[Session, object], None], limits: Limits
+        self, welcome: protocol.Welcome, handle: Handler, limits: Limits
     ) -> None:
         frames = protocol.FrameBuffer(limits.max_frame)
         decoder = protocol.request_decoder()
@@ -214,7 +223,9 @@ class Session:
             while not self.closed:
                 message = _next_message(frames, decoder)
                 if message is not None:
-                    handle(self, message)
+                    unfinished = handle(self, message)
+                    if unfinished is not None:
+                        await unfinished
                 else:
                     data = self._recv_now()
                     if data is None:

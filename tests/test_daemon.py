@@ -114,6 +114,9 @@ def test_flock_holder_outside_lockd_blocks_then_hands_over(daemon: Daemon) -> No
             busy = c.acquire("outside", timeout=0)
             assert isinstance(busy, Error) and busy.code == "busy"
             assert any(h.outside for h in busy.holders), busy
+            timed_out = c.acquire("outside", timeout=0.1)
+            assert isinstance(timed_out, Error) and timed_out.code == "timeout"
+            assert [h.pid for h in timed_out.holders if h.outside] == [h.pid for h in busy.holders], timed_out
             c.send(Acquire(9, ["outside"]))
             queued = c.recv()
             assert isinstance(queued, protocol.Queued)

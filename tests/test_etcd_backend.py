@@ -180,7 +180,7 @@ async def test_exclusive_across_hosts_and_next_waiter_freed_quickly(
             waiting = start(nursery, b, ticket("site.com"))
             assert await still_waiting(waiting)
             # B's flock is free: only etcd holds it back. A's holder shows on B as outside.
-            (remote,) = b.backend.outside_holders_of(["site.com"]).get("site.com", [])
+            (remote,) = (await b.backend.outside_holders_of(["site.com"])).get("site.com", [])
             assert (remote.token, remote.host, remote.command) == (
                 token_a, "host0", "backup site.com"
             )
@@ -226,7 +226,7 @@ async def test_shared_holders_together_and_no_barging_past_exclusive(
             assert await still_waiting(writer)
             late_reader = start(nursery, a, ticket("db", shared=True))
             assert await still_waiting(late_reader, 0.1)
-            assert sorted(h.mode for h in c.backend.outside_holders_of(["db"]).get("db", [])) == ["shared", "shared"]
+            assert sorted(h.mode for h in (await c.backend.outside_holders_of(["db"])).get("db", [])) == ["shared", "shared"]
             a.backend.drop(reader_a)
             assert await still_waiting(writer, 0.1)
             b.backend.drop(reader_b)
@@ -335,7 +335,7 @@ async def test_local_flock_holder_outside_lockd_holds_back_the_grant(
                     await a.take(ticket("x", wait=False))
                 waiting = start(nursery, a, ticket("x"))
                 assert await still_waiting(waiting)
-                assert [h.pid for h in a.backend.outside_holders_of(["x"]).get("x", [])] == [proc.pid]
+                assert [h.pid for h in (await a.backend.outside_holders_of(["x"])).get("x", [])] == [proc.pid]
                 # A is first in etcd's order, so B queues behind it.
                 behind = start(nursery, b, ticket("x"))
                 assert await still_waiting(behind, 0.1)
@@ -618,7 +618,7 @@ async def test_keys_that_are_not_utf8_are_locks_like_any_other_foreign_key(
             member.put(prefix.encode() + b"\xff/1", b"from another tool")
             with pytest.raises(Blocked):
                 await a.take(ticket("x", wait=False))
-            assert [h.host for h in a.backend.outside_holders_of(["x"]).get("x", [])] == ["?"]
+            assert [h.host for h in (await a.backend.outside_holders_of(["x"])).get("x", [])] == ["?"]
             assert "x" in a.backend.outside_names()
             assert all(name.isascii() for name in a.backend.outside_names())
             member.delete(on_x)

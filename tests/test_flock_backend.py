@@ -62,10 +62,10 @@ def test_take_now_holds_the_files_and_issues_increasing_tokens(backend: FlockBac
     assert can_flock(lock_dir / "a.lock") and can_flock(lock_dir / "b.lock")
 
 
-def test_take_now_is_none_while_held_outside(backend: FlockBackend, lock_dir: Path) -> None:
+async def test_take_now_is_none_while_held_outside(backend: FlockBackend, lock_dir: Path) -> None:
     with outside_flock(lock_dir / "b.lock") as proc:
         assert backend.take_now(ticket("a", "b")) is None
-        assert [h.pid for h in backend.outside_holders_of(["b"]).get("b", [])] == [proc.pid]
+        assert [h.pid for h in (await backend.outside_holders_of(["b"])).get("b", [])] == [proc.pid]
     assert can_flock(lock_dir / "a.lock")
 
 

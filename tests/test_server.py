@@ -4,6 +4,7 @@ bug: whatever a bug breaks, it costs the request it concerns, never the daemon."
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -103,3 +104,33 @@ async def test_a_bug_taking_a_lock_fails_that_request_only(backend: BuggyBackend
             status = await client.final(protocol.Status(3))
             assert isinstance(status, protocol.StatusReply) and [i.name for i in status.locks] == ["fine"]
     assert "internal error" in caplog.text and "a bug in take" in caplog.text
+
+
+async def test_a_slow_look_at_the_hosts_locks_holds_up_only_the_client_that_asked(
+    backend: BuggyBackend, short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Reading /proc/locks waits for an RCU grace period: milliseconds, here made as long as the
+    # test likes. Were it read on the event loop, no other client could be served meanwhile.
+    looking, let_go = threading.Event(), threading.Event()
+    let_go_in_time: list[bool] = []
+    real = LockFiles.outside_holders_of
+
+    def slow_look(files: LockFiles, names: list[str]) -> dict[str, list[protocol.Holder]]:
+        looking.set()
+        let_go_in_time.append(let_go.wait(TIMEOUT / 4))
+        return real(files, names)
+
+    monkeypatch.setattr(LockFiles, "outside_holders_of", slow_look)
+    with trio.fail_after(TIMEOUT):
+        async with serving(backend, short_tmp) as asker:
+            await asker.send(protocol.Status(1, ["x"]))
+            await trio.to_thread.run_sync(looking.wait, TIMEOUT)
+            other = Client(await trio.open_unix_socket(str(short_tmp / "s")))
+            async with other.stream:
+                await other.send(protocol.Hello(protocol.PROTOCOL_VERSION))
+                assert isinstance(await other.recv(), protocol.Welcome)
+                assert isinstance(await other.final(protocol.Acquire(1, ["x"])), protocol.Granted)
+                let_go.set()
+                reply = await asker.recv()
+                assert isinstance(reply, protocol.StatusReply) and [i.name for i in reply.locks] == ["x"]
+    assert let_go_in_time == [True]
