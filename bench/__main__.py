@@ -78,6 +78,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, help="repetitions of W1-W3 (default 3, --quick 1)")
     p.add_argument("--client", choices=["lockd", "lockd-raw"],
                    help="lockd client the targets are judged on (default: lockd_client if installed)")
+    p.add_argument("--cli-python", default=sys.executable,
+                   help="the interpreter whose lockctl and imports the CLI measure times (default: this one; bench/run "
+                        "passes one with the client alone installed, as users get it)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file (default: %(default)s)")
     return p.parse_args(argv)
 
@@ -146,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
             if "cli" in only:
                 _progress("CLI")
                 _compile_client()
-                results["cli"] = workloads.cli_startup(_cli_commands(files), cfg.cli_runs, {**os.environ, "LOCKD_SOCKET": daemon.socket})
+                results["cli"] = workloads.cli_startup(
+                    _cli_commands(args.cli_python, files), cfg.cli_runs, {**os.environ, "LOCKD_SOCKET": daemon.socket})
+                results["cli_python"] = args.cli_python
         if "w4" in only:
             results["w4_client"] = client
             results["w4"] = {}
@@ -155,16 +160,18 @@ def main(argv: list[str] | None = None) -> int:
                 # A daemon needs a descriptor per lease; it raises its soft limit to the hard
                 # one itself, and the hard one can only be raised with CAP_SYS_RESOURCE.
                 nofile, refused = _raisable_nofile(leases + 1024)
+                limit = {"daemon_nofile_hard": nofile or resource.getrlimit(resource.RLIMIT_NOFILE)[1], "nofile_refused": refused}
                 with services.lockd(root, f"w4-{leases}", nofile=nofile) as d:
                     locker = make_locker({"kind": client, "socket": d.socket})
                     try:
-                        results["w4"][str(leases)] = workloads.w4_many(locker, leases, d.probe) | {
-                            "daemon_nofile_hard": nofile or resource.getrlimit(resource.RLIMIT_NOFILE)[1],
-                            "nofile_refused": refused}
+                        results["w4"][str(leases)] = workloads.w4_many(locker, leases, d.probe) | limit
                     finally:
                         locker.close()
+                if client == "lockd":
+                    with services.lockd(root, f"w4-{leases}-pipelined", nofile=nofile) as d:
+                        results.setdefault("w4_pipelined", {})[str(leases)] = workloads.w4_pipelined(d.socket, leases, d.probe) | limit
         if "etcd" in only:
-            results["etcd"] = _etcd_section(cfg, root, client)
+            results["etcd"] = _etcd_section(cfg, root, client, args.cli_python)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -192,7 +199,7 @@ def _w1(spec: dict[str, Any], cycles: int, server, etcd=None) -> dict[str, Any]:
         locker.close()
 
 
-def _etcd_section(cfg: Config, root: Path, client: str) -> dict[str, Any]:
+def _etcd_section(cfg: Config, root: Path, client: str, cli_python: str) -> dict[str, Any]:
     """W1, W3, W5 and the CLI through lockd on the etcd backend and through etcd's own lock
     API, against one fresh etcd member, interleaved as in the main section."""
     out: dict[str, Any] = {"ttl": ETCD_TTL}
@@ -216,9 +223,9 @@ def _etcd_section(cfg: Config, root: Path, client: str) -> dict[str, Any]:
         }
         _progress("etcd CLI")
         _compile_client()
-        lockctl = shutil.which("lockctl", path=os.path.dirname(sys.executable))
+        lockctl = shutil.which("lockctl", path=os.path.dirname(cli_python))
         commands = {
-            "python -c pass": [sys.executable, "-c", "pass"],
+            "python -c pass": [cli_python, "-c", "pass"],
             "etcdctl lock": [shutil.which("etcdctl") or "etcdctl", "--endpoints", etcd.url, "lock", "cli", "true"],
         }
         if lockctl:
@@ -258,13 +265,13 @@ def _compile_client() -> None:
     compileall.compile_dir(os.path.dirname(lockd_client.__file__), quiet=1)
 
 
-def _cli_commands(files: str) -> dict[str, list[str]]:
-    lockctl = shutil.which("lockctl", path=os.path.dirname(sys.executable))
+def _cli_commands(python: str, files: str) -> dict[str, list[str]]:
+    lockctl = shutil.which("lockctl", path=os.path.dirname(python))
     # The imports split lockctl's start-up: the interpreter, msgspec, the rest of the client.
     commands = {
-        "python -c pass": [sys.executable, "-c", "pass"],
-        "import msgspec": [sys.executable, "-c", "import msgspec"],
-        "import lockd_client.cli": [sys.executable, "-c", "import lockd_client.cli"],
+        "python -c pass": [python, "-c", "pass"],
+        "import msgspec": [python, "-c", "import msgspec"],
+        "import lockd_client.cli": [python, "-c", "import lockd_client.cli"],
         "flock(1)": ["flock", os.path.join(files, "cli.lock"), "true"],
     }
     if lockctl:

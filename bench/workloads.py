@@ -215,9 +215,14 @@ def _inversions(grants: list[tuple]) -> int:
 # --- W4: many leases at once -----------------------------------------------------------------
 
 
+#: W4 pipelined: requests the trio client keeps in flight on its one connection.
+W4_IN_FLIGHT = 16
+
+
 def w4_many(locker: Locker, leases: int, server: ProcessProbe) -> dict[str, Any]:
-    """Hold `leases` distinct names at once on one connection, or as many as the daemon
-    grants before refusing one: then `held` says how many and `error` how it refused."""
+    """Hold `leases` distinct names at once on one connection, acquired one after the other,
+    or as many as the daemon grants before refusing one: then `held` says how many and
+    `error` how it refused."""
     rss_before, fds_before = server.rss_kib(), server.fds()
     handles = []
     error = None
@@ -228,13 +233,49 @@ def w4_many(locker: Locker, leases: int, server: ProcessProbe) -> dict[str, Any]
     except LockdError as exc:
         error = f"{type(exc).__name__}: {exc}"
     elapsed = time.perf_counter() - started
+    return _w4_figures(leases, len(handles), error, elapsed, server, rss_before, fds_before)
+
+
+def w4_pipelined(socket_path: str, leases: int, server: ProcessProbe) -> dict[str, Any]:
+    """`w4_many` through the trio client: W4_IN_FLIGHT tasks share one connection, so that
+    many acquires are in flight at once, as a program taking many leases would do it."""
+    import trio
+
+    from lockd_client import trio_client
+
+    async def run() -> dict[str, Any]:
+        async with trio_client.connect(socket_path, label="bench") as client:
+            rss_before, fds_before = server.rss_kib(), server.fds()
+            held: list[trio_client.Lease] = []
+            errors: list[str] = []
+
+            async def acquire_every(first: int) -> None:
+                for i in range(first, leases, W4_IN_FLIGHT):
+                    held.append(await client.acquire(f"w4-{i}"))
+
+            started = time.perf_counter()
+            try:
+                async with trio.open_nursery() as nursery:
+                    for first in range(W4_IN_FLIGHT):
+                        nursery.start_soon(acquire_every, first)
+            except* LockdError as refused:
+                errors += [f"{type(exc).__name__}: {exc}" for exc in refused.exceptions]
+            elapsed = time.perf_counter() - started
+            return _w4_figures(leases, len(held), errors[0] if errors else None, elapsed, server, rss_before, fds_before)
+
+    return trio.run(run)
+
+
+def _w4_figures(
+    leases: int, held: int, error: str | None, elapsed: float, server: ProcessProbe, rss_before: int, fds_before: int
+) -> dict[str, Any]:
     rss_after, fds_after = server.rss_kib(), server.fds()
     return {
         "leases": leases,
-        "held": len(handles),
+        "held": held,
         "error": error,
         "seconds": elapsed,
-        "leases_per_s": len(handles) / elapsed,
+        "leases_per_s": held / elapsed,
         "rss_before_mib": rss_before / 1024,
         "rss_after_mib": rss_after / 1024,
         "rss_growth_mib": (rss_after - rss_before) / 1024,
