@@ -47,9 +47,9 @@ class Backend(Protocol):
     async def take(self, ticket: Ticket, blocked: BlockedCallback) -> list[int]:
         """Wait until every name of `ticket` can be taken, then take them all; return tokens.
 
-        If `ticket.wait` is false and a name is held elsewhere, raise `Blocked` at once.
-        Before waiting for holders outside the table, call `blocked` with them (again when
-        they change); a take that does not wait for anyone never calls it.
+        If `ticket.wait` is false and a name is held elsewhere, raise `Blocked` at once. When
+        waiting for holders outside the table, call `blocked` with them as soon as they are
+        known (again when it learns of others); a take that does not wait never calls it.
         Cancellation: if this raises Cancelled, nothing is held for the ticket.
         """
 
@@ -60,8 +60,8 @@ class Backend(Protocol):
         """Holders of `names` that lockd's table does not know (other tools, other hosts), in
         one look; a name nobody outside holds is left out.
 
-        The look may take milliseconds (the host's lock list); the event loop serves everyone
-        else meanwhile. Cancellation: raises Cancelled once the look has finished.
+        A look may take milliseconds; it must not block the event loop meanwhile.
+        Cancellation: may finish a look under way before raising Cancelled.
         """
 
     def outside_waiters_of(self, names: list[str]) -> dict[str, list[Holder]]:

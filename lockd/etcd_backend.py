@@ -43,6 +43,7 @@ from .backend import BlockedCallback, Blocked, LoseCallback
 from .config import Etcd
 from .etcd_client import EtcdClient, EtcdError, EtcdUnreachable, WatchCompacted, WatchResponse
 from .etcd_mirror import Change, Key, Mirror, Record
+from .hostlocks import HostLocks
 from .lockfiles import LockFiles
 from .session import Party
 from .table import Ticket
@@ -157,8 +158,7 @@ class EtcdBackend:
         self._stale: set[int] = set()
         self._problem = "no etcd lease yet: lockd is still connecting"
         self._take_slots = trio.CapacityLimiter(_TAKES_AT_ONCE)
-        #: Looks at the host's lock list, one at a time, in a worker thread.
-        self._lookups = trio.CapacityLimiter(1)
+        self._host_locks = HostLocks(files)
 
     @classmethod
     def from_config(cls, files: LockFiles, config: Etcd, host: str) -> EtcdBackend:
@@ -223,15 +223,12 @@ class EtcdBackend:
         The other hosts' holders come from the watch's mirror (none while etcd is
         unreachable). A key counts as holding once no older conflicting key is left.
         """
-        found = await self._local_holders_of(names)
+        found = await self._host_locks.holders_of(names)
         for name in names:
             remote = [e.holder() for e in self._remote(name, holding=True)]
             if remote:
                 found[name] = found.get(name, []) + remote
         return found
-
-    async def _local_holders_of(self, names: list[str]) -> dict[str, list[Holder]]:
-        return await trio.to_thread.run_sync(self._files.outside_holders_of, names, limiter=self._lookups)
 
     def outside_waiters_of(self, names: list[str]) -> dict[str, list[Holder]]:
         """Requests on other hosts that wait behind an older conflicting key, per name."""
@@ -319,8 +316,7 @@ class EtcdBackend:
                 names = "+".join(ticket.names)
                 raise Blocked(f"{names}: held by a process outside lockd on this host")
             if delay == _FLOCK_POLL[0]:
-                local = await self._local_holders_of(list(ticket.names))
-                blocked([holder for name in ticket.names for holder in local.get(name, ())])
+                blocked(await self._host_locks.holding_any(list(ticket.names)))
             await trio.sleep(delay)
             delay = min(2 * delay, _FLOCK_POLL[1])
         if waited:

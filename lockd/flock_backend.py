@@ -18,6 +18,7 @@ from lockd_client.errors import LockdError
 from lockd_client.protocol import Holder
 
 from .backend import BlockedCallback, Blocked, LoseCallback
+from .hostlocks import HostLocks
 from .lockfiles import LockFiles
 from .table import Ticket
 from .tokens import TokenStore
@@ -52,8 +53,7 @@ class FlockBackend:
         #: Takes waiting for an outside holder, in arrival order.
         self._waiting: dict[Ticket, _Waiter] = {}
         self._wake = trio.Event()
-        #: Looks at the host's lock list, one at a time, in a worker thread.
-        self._lookups = trio.CapacityLimiter(1)
+        self._host_locks = HostLocks(files)
 
     def take_now(self, ticket: Ticket) -> list[int] | None:
         if not self._files.try_lock(ticket):
@@ -78,11 +78,13 @@ class FlockBackend:
             return tokens
         if not ticket.wait:
             raise Blocked(f"{', '.join(ticket.names)}: held by a process outside lockd")
-        found = await self.outside_holders_of(list(ticket.names))
-        blocked([holder for name in ticket.names for holder in found.get(name, ())])
         waiter = self._waiting[ticket] = _Waiter()
         self._wake.set()
         try:
+            # Waiting from now on: `run` may take the files while the look waits its turn.
+            holders = await self._host_locks.holding_any(list(ticket.names))
+            if not waiter.done.is_set():
+                blocked(holders)
             await waiter.done.wait()
         except BaseException:
             if self._waiting.pop(ticket, None) is None and waiter.tokens is not None:
@@ -98,7 +100,7 @@ class FlockBackend:
         self._files.unlock(ticket)
 
     async def outside_holders_of(self, names: list[str]) -> dict[str, list[Holder]]:
-        return await trio.to_thread.run_sync(self._files.outside_holders_of, names, limiter=self._lookups)
+        return await self._host_locks.holders_of(names)
 
     def outside_waiters_of(self, names: list[str]) -> dict[str, list[Holder]]:
         return {}  # processes blocked in flock(2) on a lock file are not reported

@@ -211,6 +211,8 @@ class Server:
     # --- requests -----------------------------------------------------------------------------
 
     def _dispatch(self, session: Session, message: object) -> Awaitable[None] | None:
+        """Handle one request (a `session.Handler`): the awaitable returned for a request that
+        has to wait must be awaited, or that request is never answered."""
         if isinstance(message, protocol.Acquire):
             self._acquire(session, message)
         elif isinstance(message, protocol.Release):
@@ -343,8 +345,9 @@ class Server:
         they can matter: names asked for explicitly, and queues stuck behind nobody in lockd.
         Names no lockd client holds may be held elsewhere: by another host (the backend knows
         those), or by a process flocking the file (only a look at the host tells). The table is
-        read after the look, so what lockd itself holds is shown as it is when answered.
-        Cancellation: nothing is sent.
+        read after the look, so what lockd itself holds is shown as it is when answered (a
+        name lockd let go of during the look was not looked for, and an outside holder of a
+        name lockd has taken exclusively since has let go). Cancellation: nothing is sent.
         """
         try:
             if request.names:
@@ -363,7 +366,10 @@ class Server:
             holding = self.table.holders(name)
             held = [t for t in holding if t.state is HELD]
             waiting = [t for t in holding if t.state is not HELD] + self.table.waiters(name)
-            holders = [self._holder(t, name) for t in held] + outside.get(name, [])
+            holders = [self._holder(t, name) for t in held]
+            if not any(not t.shared for t in held):
+                # (An outside holder seen by the look has let go if lockd now holds it alone.)
+                holders += outside.get(name, [])
             waiters = [self._holder(t, name) for t in waiting] + outside_waiting.get(name, [])
             if holders or waiters:
                 locks.append(protocol.LockInfo(name, holders[0].mode if holders else None, holders, waiters))
@@ -502,7 +508,6 @@ class Server:
         request ended meanwhile (its cancellation reaches the take only at its next await)."""
         if ticket in self._takes:
             who = party(ticket)
-            who.outside = holders
             who.session.send(protocol.Queued(who.request_id, holders))
 
     def _end_take(self, ticket: Ticket) -> trio.CancelScope | None:
@@ -517,10 +522,6 @@ class Server:
         with scope:
             try:
                 tokens = await self.backend.take(ticket, partial(self._blocked, ticket))
-            except Blocked as exc:
-                failure = exc
-                # Looked for now, while the request still counts as pending: the refusal names them.
-                who.outside = await self._look_outside(ticket)
             except Exception as exc:
                 failure = exc
         if scope.cancelled_caught or self._end_take(ticket) is None:
@@ -537,16 +538,6 @@ class Server:
                 self._take_failed(ticket, who, errors.DaemonUnavailable(
                     "internal error in lockd while taking the lock (it is logged); retry"
                 ))
-
-    async def _look_outside(self, ticket: Ticket) -> list[protocol.Holder]:
-        """Whoever holds the names `ticket` wants outside lockd, found in one look; [] if the
-        look fails, since it only serves to name them."""
-        try:
-            found = await self.backend.outside_holders_of(list(ticket.names))
-        except Exception:
-            log.exception("internal error looking for the holders of %s; carrying on", ", ".join(ticket.names))
-            return []
-        return [holder for name in ticket.names for holder in found.get(name, ())]
 
     def _take_failed(self, ticket: Ticket, who: Party, exc: errors.LockdError) -> None:
         log.warning("cannot take %s for pid %s: %s", ", ".join(ticket.names), who.pid, exc)
@@ -566,13 +557,26 @@ class Server:
 
     def _refused(self, ticket: Ticket, who: Party, effect: Refused) -> None:
         self._forget(ticket)
-        holders = self._in_way(ticket, effect.blockers) or list(who.outside)
-        names = ", ".join(ticket.names)
-        if effect.reason is Reason.TIMEOUT:
-            code, what = protocol.ErrorCode.TIMEOUT, f"{names}: timed out waiting for the lock"
+        holders = self._in_way(ticket, effect.blockers)
+        if holders:
+            _send_refusal(ticket, who, effect.reason, holders)
         else:
-            code, what = protocol.ErrorCode.BUSY, f"{names} is busy"
-        who.session.send(protocol.Error(who.request_id, code, f"{what}{_held_by(holders)}", holders))
+            # Held outside the table: the reply names whoever holds it now, found by a look at
+            # the host that must not stall the event loop. The ticket has ended already, and
+            # a look waits for two reads of the host's locks at most, so these tasks are no
+            # more than the requests refused within a few milliseconds.
+            assert self._nursery is not None
+            self._nursery.start_soon(self._refuse_naming_outside, ticket, who, effect.reason)
+
+    async def _refuse_naming_outside(self, ticket: Ticket, who: Party, reason: Reason) -> None:
+        """Send a refusal naming the holders outside lockd ([] if the look fails: it only
+        serves to name them)."""
+        try:
+            found = await self.backend.outside_holders_of(list(ticket.names))
+        except Exception:
+            log.exception("internal error looking for the holders of %s; carrying on", ", ".join(ticket.names))
+            found = {}
+        _send_refusal(ticket, who, reason, [holder for name in ticket.names for holder in found.get(name, ())])
 
     def _lost(self, ticket: Ticket, who: Party, reason: str) -> None:
         log.warning("lease on %s of pid %s lost: %s", ", ".join(ticket.names), who.pid, reason)
@@ -609,6 +613,15 @@ def _checked_names(names: list[str]) -> list[str]:
     if problem is not None:
         raise errors.InvalidName(problem)
     return unique
+
+
+def _send_refusal(ticket: Ticket, who: Party, reason: Reason, holders: list[protocol.Holder]) -> None:
+    names = ", ".join(ticket.names)
+    if reason is Reason.TIMEOUT:
+        code, what = protocol.ErrorCode.TIMEOUT, f"{names}: timed out waiting for the lock"
+    else:
+        code, what = protocol.ErrorCode.BUSY, f"{names} is busy"
+    who.session.send(protocol.Error(who.request_id, code, f"{what}{_held_by(holders)}", holders))
 
 
 def _held_by(holders: list[protocol.Holder]) -> str:

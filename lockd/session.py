@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import msgspec
@@ -46,7 +46,9 @@ LINGER = 1.0
 _RECV_SIZE = 65536
 
 
-#: Handles one request; returns an awaitable if the handling has to wait for something.
+#: Handles one request. Most requests are handled at once, so a handler is a plain function
+#: (a coroutine per request would cost every request a task step); one that has to wait
+#: returns an awaitable, which the session awaits before reading this client's next request.
 Handler = Callable[["Session", object], Awaitable[None] | None]
 
 
@@ -64,9 +66,6 @@ class Party:
     label: str | None
     #: Set for a lease tied to a process rather than to the connection.
     process: ProcessOwner | None = None
-    #: Who holds the names outside lockd, as the backend last found while taking them: named
-    #: when the request times out or is refused, without a fresh look at the host's locks.
-    outside: Sequence[protocol.Holder] = ()
 
 
 class _Malformed(Exception):
@@ -172,18 +171,15 @@ class Session:
 
     # --- serving ------------------------------------------------------------------------------
 
-    async def serve(
-        self, welcome: protocol.Welcome, handle: Handler, limits: Limits
-    ) -> None:
+    async def serve(self, welcome: protocol.Welcome, handle: Handler, limits: Limits) -> None:
         """Serve the connection until either side ends it, then close the socket.
 
         The client must say Hello by `limits.handshake_timeout`; it is answered `welcome`. Then
         each request is decoded and given to `handle`, in order: a request whose handling has
-        to wait (it returns an awaitable) holds back this client's later requests, nobody
-        else's. A session closed before
-        `serve` (a refused connection) only flushes its goodbye. The session is closed when
-        this returns, however it returns. Cancellation: stops at once and closes the socket
-        without flushing.
+        to wait holds back this client's later requests, nobody else's. A session closed
+        before `serve` (a refused connection) only flushes its goodbye. The session is closed
+        when this returns, however it returns. Cancellation: stops at once and closes the
+        socket without flushing.
         """
         try:
             async with trio.open_nursery() as nursery:

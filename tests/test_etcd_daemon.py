@@ -13,12 +13,14 @@ import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 import trio
 
-from lockd_client.errors import DaemonUnavailable
+from lockd_client.errors import DaemonUnavailable, LockTimeout
+from lockd_client.protocol import Holder
 from lockd_client.trio_client import Client, connect
 from tests.conftest import Daemon
 from tests.etcd_cluster import (  # noqa: F401 (fixtures)
@@ -43,12 +45,18 @@ def etcd_daemon(root: Path, endpoints: list[str], prefix: str) -> Daemon:
 @pytest.fixture
 async def two_daemons(
     shared_etcd: EtcdCluster, short_tmp: Path, prefix: str
-) -> AsyncIterator[tuple[Daemon, Daemon]]:
+) -> AsyncIterator[tuple[Daemon, ...]]:
     """Two daemons ("hosts") on one etcd and prefix, both serving."""
-    daemons = (
-        etcd_daemon(short_tmp / "a", shared_etcd.endpoints, prefix),
-        etcd_daemon(short_tmp / "b", shared_etcd.endpoints, prefix),
-    )
+    async with serving_hosts(shared_etcd, short_tmp, prefix, "ab") as daemons:
+        yield daemons
+
+
+@asynccontextmanager
+async def serving_hosts(
+    etcd: EtcdCluster, root: Path, prefix: str, hosts: str
+) -> AsyncIterator[tuple[Daemon, ...]]:
+    """A daemon per letter of `hosts` on one etcd and prefix, all serving; killed after."""
+    daemons = tuple(etcd_daemon(root / host, etcd.endpoints, prefix) for host in hosts)
     try:
         for d in daemons:
             d.start()
@@ -264,6 +272,29 @@ async def test_queue_events_and_status_reach_across_hosts(
                 while not [i for i in await on_a.status("only-on-a") if i.waiters]:
                     await trio.sleep(0.02)  # and A's status shows B's waiter
                 await lease.release()
+
+
+async def test_a_timeout_names_the_holder_not_a_request_waiting_ahead(
+    shared_etcd: EtcdCluster, short_tmp: Path, prefix: str
+) -> None:
+    async with serving_hosts(shared_etcd, short_tmp, prefix, "abc") as (a, b, c):
+        with trio.fail_after(WAIT):
+            async with connect(a.socket, label="holder") as on_a, connect(b.socket, label="waiter") as on_b, \
+                    connect(c.socket, label="late") as on_c:
+                await on_a.acquire("x")
+                async with trio.open_nursery() as nursery:
+                    waiting: list[object] = []
+                    nursery.start_soon(functools.partial(on_b.acquire, "x", on_queued=waiting.append))
+                    while not waiting:
+                        await trio.sleep(0.02)
+                    told: list[list[Holder]] = []
+                    with pytest.raises(LockTimeout) as timed_out:
+                        await on_c.acquire("x", timeout=0.5, on_queued=told.append)
+                    nursery.cancel_scope.cancel()
+    # C waits behind the nearest request ahead of it, B's, and was told so; but the lock was
+    # A's all along, and that is who the timeout names.
+    assert [h.label for h in told[0]] == ["waiter"]
+    assert [h.label for h in timed_out.value.holders] == ["holder"]
 
 
 # Three lines per hold, a few ms apart: a second holder at the same time would interleave.

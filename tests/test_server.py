@@ -1,16 +1,19 @@
-"""The Server in this process, over a real socket and real lock files, with a backend that has a
-bug: whatever a bug breaks, it costs the request it concerns, never the daemon."""
+"""The Server in this process, over a real socket and real lock files: whatever a bug in the
+backend breaks, it costs the request it concerns, never the daemon; and a request that has to
+wait (a slow look at the host's locks) holds up only the client that asked."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+import os
 import threading
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import msgspec
 import pytest
 import trio
+import trio.testing
 
 from lockd.backend import BlockedCallback
 from lockd.config import Limits
@@ -23,7 +26,7 @@ from lockd.table import LockTable, Ticket
 from lockd.tokens import TokenStore
 from lockd_client import protocol
 
-from .flock_tools import make_lock_dir
+from .flock_tools import kill, make_lock_dir, outside_flock
 
 TIMEOUT = 10.0
 
@@ -39,13 +42,20 @@ class BuggyBackend(FlockBackend):
         return super().take_now(ticket)
 
     async def take(self, ticket: Ticket, blocked: BlockedCallback) -> list[int]:
+        if ticket.names[0] != "bug-later":
+            return await super().take(ticket, blocked)
         await trio.sleep(0.01)
         raise RuntimeError("a bug in take")
 
 
 @pytest.fixture
-def backend(tmp_path: Path) -> Iterator[BuggyBackend]:
-    files = LockFiles(make_lock_dir(tmp_path))
+def lock_dir(tmp_path: Path) -> Path:
+    return make_lock_dir(tmp_path)
+
+
+@pytest.fixture
+def backend(lock_dir: Path, tmp_path: Path) -> Iterator[BuggyBackend]:
+    files = LockFiles(lock_dir)
     tokens = TokenStore.open(tmp_path / "state")
     yield BuggyBackend(files, tokens)
     files.close()
@@ -106,31 +116,129 @@ async def test_a_bug_taking_a_lock_fails_that_request_only(backend: BuggyBackend
     assert "internal error" in caplog.text and "a bug in take" in caplog.text
 
 
+REAL_LOOK = LockFiles.outside_holders_of
+
+
+class SlowLook:
+    """Reading /proc/locks waits for an RCU grace period: milliseconds, here as long as the
+    test likes. Were it read on the event loop, no other client could be served meanwhile."""
+
+    def __init__(self) -> None:
+        #: Read before waiting to be let go, not after: the look is then older than its answer.
+        self.read_first = False
+        self.looking = threading.Event()
+        self.let_go = threading.Event()
+        #: For each look, whether the test let it go (False: it gave up waiting).
+        self.let_go_in_time: list[bool] = []
+
+    def outside_holders_of(self, files: LockFiles, names: list[str]) -> dict[str, list[protocol.Holder]]:
+        found = REAL_LOOK(files, names) if self.read_first else None
+        self.looking.set()
+        self.let_go_in_time.append(self.let_go.wait(TIMEOUT / 4))
+        return found if found is not None else REAL_LOOK(files, names)
+
+    async def started(self) -> None:
+        assert await trio.to_thread.run_sync(self.looking.wait, TIMEOUT)
+
+
+@pytest.fixture
+def slow_look(monkeypatch: pytest.MonkeyPatch) -> Iterator[SlowLook]:
+    look = SlowLook()
+    monkeypatch.setattr(LockFiles, "outside_holders_of", lambda files, names: look.outside_holders_of(files, names))
+    yield look
+    look.let_go.set()
+
+
+async def connected(path: Path) -> Client:
+    client = Client(await trio.open_unix_socket(str(path)))
+    await client.send(protocol.Hello(protocol.PROTOCOL_VERSION))
+    assert isinstance(await client.recv(), protocol.Welcome)
+    return client
+
+
 async def test_a_slow_look_at_the_hosts_locks_holds_up_only_the_client_that_asked(
-    backend: BuggyBackend, short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+    backend: BuggyBackend, short_tmp: Path, slow_look: SlowLook
 ) -> None:
-    # Reading /proc/locks waits for an RCU grace period: milliseconds, here made as long as the
-    # test likes. Were it read on the event loop, no other client could be served meanwhile.
-    looking, let_go = threading.Event(), threading.Event()
-    let_go_in_time: list[bool] = []
-    real = LockFiles.outside_holders_of
-
-    def slow_look(files: LockFiles, names: list[str]) -> dict[str, list[protocol.Holder]]:
-        looking.set()
-        let_go_in_time.append(let_go.wait(TIMEOUT / 4))
-        return real(files, names)
-
-    monkeypatch.setattr(LockFiles, "outside_holders_of", slow_look)
     with trio.fail_after(TIMEOUT):
         async with serving(backend, short_tmp) as asker:
             await asker.send(protocol.Status(1, ["x"]))
-            await trio.to_thread.run_sync(looking.wait, TIMEOUT)
-            other = Client(await trio.open_unix_socket(str(short_tmp / "s")))
+            await slow_look.started()
+            other = await connected(short_tmp / "s")
             async with other.stream:
-                await other.send(protocol.Hello(protocol.PROTOCOL_VERSION))
-                assert isinstance(await other.recv(), protocol.Welcome)
                 assert isinstance(await other.final(protocol.Acquire(1, ["x"])), protocol.Granted)
-                let_go.set()
+                assert slow_look.let_go_in_time == []  # served while the look went on
+                slow_look.let_go.set()
                 reply = await asker.recv()
+                # The table is read after the look: the lease granted meanwhile is shown.
                 assert isinstance(reply, protocol.StatusReply) and [i.name for i in reply.locks] == ["x"]
-    assert let_go_in_time == [True]
+    assert slow_look.let_go_in_time == [True]
+
+
+async def test_requests_sent_after_a_status_are_answered_after_it(
+    backend: BuggyBackend, short_tmp: Path, slow_look: SlowLook
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        async with serving(backend, short_tmp) as asker:
+            await asker.send(protocol.Status(1, ["x"]))
+            await asker.send(protocol.Acquire(2, ["x"]))
+            await slow_look.started()
+            slow_look.let_go.set()
+            status, granted = await asker.recv(), await asker.recv()
+            assert isinstance(status, protocol.StatusReply) and status.locks == []
+            assert isinstance(granted, protocol.Granted) and granted.id == 2
+
+
+async def test_a_timeout_names_the_outside_holder_found_after_it(
+    backend: BuggyBackend, lock_dir: Path, short_tmp: Path, slow_look: SlowLook
+) -> None:
+    with outside_flock(lock_dir / "x.lock") as proc, trio.fail_after(TIMEOUT):
+        async with serving(backend, short_tmp) as client:
+            await client.send(protocol.Acquire(1, ["x"], timeout=0.1))
+            await slow_look.started()  # the take's own look, to tell the client whom it waits for
+            await trio.sleep(0.3)  # the request times out meanwhile
+            slow_look.let_go.set()
+            while isinstance(reply := await client.recv(), protocol.Queued):
+                pass
+    assert isinstance(reply, protocol.Error) and reply.code == "timeout"
+    assert [h.pid for h in reply.holders] == [proc.pid]
+
+
+async def test_a_request_refused_while_its_holders_are_looked_for_holds_nothing_meanwhile(
+    backend: BuggyBackend, lock_dir: Path, short_tmp: Path, slow_look: SlowLook
+) -> None:
+    with outside_flock(lock_dir / "x.lock") as proc, trio.fail_after(TIMEOUT):
+        async with serving(backend, short_tmp) as first:
+            await first.send(protocol.Acquire(1, ["x"], timeout=0))
+            await slow_look.started()  # looking for whom to name in its refusal
+            second = await connected(short_tmp / "s")
+            async with second.stream:
+                await second.send(protocol.Acquire(1, ["x"], timeout=0))
+                await trio.testing.wait_all_tasks_blocked()
+                slow_look.let_go.set()
+                replies = [await first.recv(), await second.recv()]
+    # The second is refused because of the process outside lockd, not because of the first.
+    assert [(r.code, [h.pid for h in r.holders]) for r in replies] == [("busy", [proc.pid])] * 2
+
+
+async def test_status_leaves_out_an_outside_holder_that_let_go_to_lockd_during_the_look(
+    backend: BuggyBackend, lock_dir: Path, short_tmp: Path, slow_look: SlowLook
+) -> None:
+    slow_look.read_first = True
+    with outside_flock(lock_dir / "x.lock") as proc, trio.fail_after(TIMEOUT):
+        async with serving(backend, short_tmp) as waiter:
+            await waiter.send(protocol.Acquire(1, ["x"]))
+            await slow_look.started()  # the take's look, to name the holder in Queued
+            slow_look.let_go.set()
+            assert isinstance(await waiter.recv(), protocol.Queued)
+            slow_look.let_go.clear()
+            slow_look.looking.clear()
+            asker = await connected(short_tmp / "s")
+            async with asker.stream:
+                await asker.send(protocol.Status(1, ["x"]))
+                await slow_look.started()  # the outside holder is seen, then lets go
+                await trio.to_thread.run_sync(kill, proc)
+                assert isinstance(await waiter.recv(), protocol.Granted)
+                slow_look.let_go.set()
+                status = await asker.recv()
+    assert isinstance(status, protocol.StatusReply)
+    assert [(h.pid, h.outside) for info in status.locks for h in info.holders] == [(os.getpid(), False)]

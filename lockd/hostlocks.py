@@ -1,0 +1,62 @@
+"""Who holds lock files outside lockd, found without stalling the event loop.
+
+Invariants:
+- The host's lock list is read in a worker thread, one read at a time, never on the event
+  loop: the kernel makes every reader of /proc/locks take the host-wide file_rwsem for
+  writing, which first waits for an RCU grace period (milliseconds, unless it was read
+  moments before), so reads at once would gain nothing and tie up worker threads.
+- Every answer comes from a read that started after it was asked for, and one read answers
+  everyone who asked while the previous one ran: however many clients ask, reads follow one
+  another back to back at worst, and nobody waits for more than two of them.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from lockd_client.protocol import Holder
+
+from .lockfiles import LockFiles
+
+
+class _Read:
+    """The next read: the names asked of it, then what it found."""
+
+    __slots__ = ("names", "found")
+
+    def __init__(self) -> None:
+        self.names: dict[str, None] = {}
+        self.found: dict[str, list[Holder]] | None = None
+
+
+class HostLocks:
+    """Outside holders of lock files in one directory (see the module docstring)."""
+
+    def __init__(self, files: LockFiles) -> None:
+        self._files = files
+        self._next = _Read()
+        self._reading = trio.Lock()
+
+    async def holders_of(self, names: list[str]) -> dict[str, list[Holder]]:
+        """`LockFiles.outside_holders_of(names)`, from a read that starts after this call.
+
+        Cancellation: a read under way is finished first (it takes milliseconds), then
+        Cancelled is raised; the others waiting for that read still get its answer.
+        """
+        read = self._next
+        read.names.update(dict.fromkeys(names))
+        async with self._reading:
+            if read.found is None:
+                # Whoever gets here first reads for everyone who asked so far; later askers
+                # wait for the read after this one.
+                self._next = _Read()
+                read.found = await trio.to_thread.run_sync(self._files.outside_holders_of, list(read.names))
+        # A thread is not interrupted: a reader cancelled meanwhile learns of it only here.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        found = read.found
+        return {name: found[name] for name in names if name in found}
+
+    async def holding_any(self, names: list[str]) -> list[Holder]:
+        """`holders_of(names)` as one list, in the order of `names`."""
+        found = await self.holders_of(names)
+        return [holder for name in names for holder in found.get(name, ())]
