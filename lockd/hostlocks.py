@@ -50,7 +50,9 @@ class HostLocks:
                 # Whoever gets here first reads for everyone who asked so far; later askers
                 # wait for the read after this one.
                 self._next = _Read()
-                read.found = await trio.to_thread.run_sync(self._files.outside_holders_of, list(read.names))
+                # Shielded: once the read is this one's, it happens, for everyone who asked.
+                with trio.CancelScope(shield=True):
+                    read.found = await trio.to_thread.run_sync(self._files.outside_holders_of, list(read.names))
         # A thread is not interrupted: a reader cancelled meanwhile learns of it only here.
         await trio.lowlevel.checkpoint_if_cancelled()
         found = read.found

@@ -235,7 +235,7 @@ class Server:
     def _acquire(self, session: Session, request: protocol.Acquire) -> None:
         try:
             names = _checked_names(request.names)
-            if request.id in session.tickets:
+            if request.id in session.tickets or request.id in session.refusing:
                 raise errors.ProtocolError(f"request id {request.id} is already in use on this connection")
             timeout = request.timeout
             if timeout is not None and not (timeout >= 0 and math.isfinite(timeout)):
@@ -285,6 +285,8 @@ class Server:
         if ticket is not None:
             self._forget(ticket)
             self._apply(self.table.release(ticket))
+        else:
+            session.refusing.discard(request_id)  # withdrawn: its refusal is not sent
 
     def _release_pid(self, session: Session, request: protocol.ReleasePid) -> None:
         try:
@@ -346,8 +348,8 @@ class Server:
         Names no lockd client holds may be held elsewhere: by another host (the backend knows
         those), or by a process flocking the file (only a look at the host tells). The table is
         read after the look, so what lockd itself holds is shown as it is when answered (a
-        name lockd let go of during the look was not looked for, and an outside holder of a
-        name lockd has taken exclusively since has let go). Cancellation: nothing is sent.
+        name lockd let go of during the look was not looked for, and an outside holder that
+        conflicts with lockd's holders has let go since). Cancellation: nothing is sent.
         """
         try:
             if request.names:
@@ -367,9 +369,10 @@ class Server:
             held = [t for t in holding if t.state is HELD]
             waiting = [t for t in holding if t.state is not HELD] + self.table.waiters(name)
             holders = [self._holder(t, name) for t in held]
-            if not any(not t.shared for t in held):
-                # (An outside holder seen by the look has let go if lockd now holds it alone.)
-                holders += outside.get(name, [])
+            # An outside holder seen by the look that conflicts with what lockd holds now has
+            # let go since.
+            exclusive = held and not held[0].shared
+            holders += [h for h in outside.get(name, []) if not (exclusive or held and h.mode == "exclusive")]
             waiters = [self._holder(t, name) for t in waiting] + outside_waiting.get(name, [])
             if holders or waiters:
                 locks.append(protocol.LockInfo(name, holders[0].mode if holders else None, holders, waiters))
@@ -566,17 +569,20 @@ class Server:
             # a look waits for two reads of the host's locks at most, so these tasks are no
             # more than the requests refused within a few milliseconds.
             assert self._nursery is not None
+            who.session.refusing.add(who.request_id)
             self._nursery.start_soon(self._refuse_naming_outside, ticket, who, effect.reason)
 
     async def _refuse_naming_outside(self, ticket: Ticket, who: Party, reason: Reason) -> None:
         """Send a refusal naming the holders outside lockd ([] if the look fails: it only
-        serves to name them)."""
+        serves to name them), unless the client withdrew the request meanwhile."""
         try:
             found = await self.backend.outside_holders_of(list(ticket.names))
         except Exception:
             log.exception("internal error looking for the holders of %s; carrying on", ", ".join(ticket.names))
             found = {}
-        _send_refusal(ticket, who, reason, [holder for name in ticket.names for holder in found.get(name, ())])
+        if who.request_id in who.session.refusing:
+            who.session.refusing.remove(who.request_id)
+            _send_refusal(ticket, who, reason, [holder for name in ticket.names for holder in found.get(name, ())])
 
     def _lost(self, ticket: Ticket, who: Party, reason: str) -> None:
         log.warning("lease on %s of pid %s lost: %s", ", ".join(ticket.names), who.pid, reason)

@@ -77,7 +77,7 @@ class Session:
     its live tickets by request id, and its socket."""
 
     __slots__ = (
-        "sock", "ident", "pid", "uid", "gid", "gids", "command", "label", "tickets", "names", "taking",
+        "sock", "ident", "pid", "uid", "gid", "gids", "command", "label", "tickets", "names", "taking", "refusing",
         "closed", "close_reason", "_on_close", "_encoder", "_outbox", "_wake", "_eof",
     )
 
@@ -101,6 +101,8 @@ class Session:
         self.names = 0
         #: How many of those the backend is still taking (not yet granted: they count as waiting).
         self.taking = 0
+        #: Ids of ended requests whose refusal is still to be sent: not yet free for reuse.
+        self.refusing: set[int] = set()
         self.closed = False
         self.close_reason: str | None = None
         self._on_close = on_close

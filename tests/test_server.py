@@ -220,13 +220,14 @@ async def test_a_request_refused_while_its_holders_are_looked_for_holds_nothing_
     assert [(r.code, [h.pid for h in r.holders]) for r in replies] == [("busy", [proc.pid])] * 2
 
 
+@pytest.mark.parametrize("mode", ["exclusive", "shared"])
 async def test_status_leaves_out_an_outside_holder_that_let_go_to_lockd_during_the_look(
-    backend: BuggyBackend, lock_dir: Path, short_tmp: Path, slow_look: SlowLook
+    backend: BuggyBackend, lock_dir: Path, short_tmp: Path, slow_look: SlowLook, mode: protocol.Mode
 ) -> None:
     slow_look.read_first = True
     with outside_flock(lock_dir / "x.lock") as proc, trio.fail_after(TIMEOUT):
         async with serving(backend, short_tmp) as waiter:
-            await waiter.send(protocol.Acquire(1, ["x"]))
+            await waiter.send(protocol.Acquire(1, ["x"], mode=mode))
             await slow_look.started()  # the take's look, to name the holder in Queued
             slow_look.let_go.set()
             assert isinstance(await waiter.recv(), protocol.Queued)
@@ -241,4 +242,21 @@ async def test_status_leaves_out_an_outside_holder_that_let_go_to_lockd_during_t
                 slow_look.let_go.set()
                 status = await asker.recv()
     assert isinstance(status, protocol.StatusReply)
-    assert [(h.pid, h.outside) for info in status.locks for h in info.holders] == [(os.getpid(), False)]
+    assert [(h.pid, h.mode, h.outside) for info in status.locks for h in info.holders] == [(os.getpid(), mode, False)]
+
+
+async def test_the_id_of_a_request_whose_refusal_is_on_its_way_stays_in_use_until_withdrawn(
+    backend: BuggyBackend, lock_dir: Path, short_tmp: Path, slow_look: SlowLook
+) -> None:
+    with outside_flock(lock_dir / "x.lock"), trio.fail_after(TIMEOUT):
+        async with serving(backend, short_tmp) as client:
+            await client.send(protocol.Acquire(1, ["x"], timeout=0))
+            await slow_look.started()  # looking for whom to name in the refusal
+            reused = await client.final(protocol.Acquire(1, ["y"]))
+            assert isinstance(reused, protocol.Error) and reused.code == "protocol", reused
+            await client.send(protocol.Release(1))  # withdrawn: its refusal is not sent
+            granted = await client.final(protocol.Acquire(1, ["y"]))
+            assert isinstance(granted, protocol.Granted) and granted.id == 1
+            slow_look.let_go.set()
+            # A refusal would be read first: the look for this status comes after its own.
+            assert isinstance(await client.final(protocol.Status(2, ["y"])), protocol.StatusReply)
