@@ -11,7 +11,7 @@ Implementations: `flock_backend.FlockBackend` (one host, files in the lock direc
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from lockd_client.errors import LockBusy
@@ -49,7 +49,8 @@ class Backend(Protocol):
 
         If `ticket.wait` is false and a name is held elsewhere, raise `Blocked` at once. When
         waiting for holders outside the table, call `blocked` with them as soon as they are
-        known (again when it learns of others); a take that does not wait never calls it.
+        known (again when the backend learns of others); a take that does not wait never
+        calls it.
         Cancellation: if this raises Cancelled, nothing is held for the ticket.
         """
 
@@ -60,8 +61,9 @@ class Backend(Protocol):
         """Holders of `names` that lockd's table does not know (other tools, other hosts), in
         one look; a name nobody outside holds is left out.
 
-        A look may take milliseconds; it must not block the event loop meanwhile.
-        Cancellation: may finish a look under way before raising Cancelled.
+        The look starts after the call (refusals rely on it to name current holders). It may
+        take milliseconds; it must not block the event loop meanwhile. Cancellation: may
+        finish a look under way before raising Cancelled.
         """
 
     def outside_waiters_of(self, names: list[str]) -> dict[str, list[Holder]]:
@@ -76,3 +78,8 @@ class Backend(Protocol):
 
         Runs in the server's nursery; cancelled at shutdown.
         """
+
+
+def holders_in_order(found: dict[str, list[Holder]], names: Iterable[str]) -> list[Holder]:
+    """The holders in `found` (as `outside_holders_of` returns them) as one list, by `names`."""
+    return [holder for name in names for holder in found.get(name, ())]

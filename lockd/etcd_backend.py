@@ -39,7 +39,7 @@ from lockd_client.errors import LimitExceeded
 from lockd_client.protocol import Holder
 
 from . import etcd_client
-from .backend import BlockedCallback, Blocked, LoseCallback
+from .backend import BlockedCallback, Blocked, LoseCallback, holders_in_order
 from .config import Etcd
 from .etcd_client import EtcdClient, EtcdError, EtcdUnreachable, WatchCompacted, WatchResponse
 from .etcd_mirror import Change, Key, Mirror, Record
@@ -316,7 +316,7 @@ class EtcdBackend:
                 names = "+".join(ticket.names)
                 raise Blocked(f"{names}: held by a process outside lockd on this host")
             if delay == _FLOCK_POLL[0]:
-                blocked(await self._host_locks.holding_any(list(ticket.names)))
+                blocked(holders_in_order(await self._host_locks.holders_of(list(ticket.names)), ticket.names))
             await trio.sleep(delay)
             delay = min(2 * delay, _FLOCK_POLL[1])
         if waited:

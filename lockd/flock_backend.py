@@ -17,7 +17,7 @@ import trio
 from lockd_client.errors import LockdError
 from lockd_client.protocol import Holder
 
-from .backend import BlockedCallback, Blocked, LoseCallback
+from .backend import BlockedCallback, Blocked, LoseCallback, holders_in_order
 from .hostlocks import HostLocks
 from .lockfiles import LockFiles
 from .table import Ticket
@@ -82,7 +82,7 @@ class FlockBackend:
         self._wake.set()
         try:
             # Waiting from now on: `run` may take the files while the look waits its turn.
-            holders = await self._host_locks.holding_any(list(ticket.names))
+            holders = holders_in_order(await self._host_locks.holders_of(list(ticket.names)), ticket.names)
             if not waiter.done.is_set():
                 blocked(holders)
             await waiter.done.wait()

@@ -7,7 +7,8 @@ Invariants:
   moments before), so reads at once would gain nothing and tie up worker threads.
 - Every answer comes from a read that started after it was asked for, and one read answers
   everyone who asked while the previous one ran: however many clients ask, reads follow one
-  another back to back at worst, and nobody waits for more than two of them.
+  another back to back at worst, and nobody waits for more than two of them unless a read
+  fails (its reader gets the error; the others who asked read again).
 """
 
 from __future__ import annotations
@@ -57,8 +58,3 @@ class HostLocks:
         await trio.lowlevel.checkpoint_if_cancelled()
         found = read.found
         return {name: found[name] for name in names if name in found}
-
-    async def holding_any(self, names: list[str]) -> list[Holder]:
-        """`holders_of(names)` as one list, in the order of `names`."""
-        found = await self.holders_of(names)
-        return [holder for name in names for holder in found.get(name, ())]

@@ -8,7 +8,8 @@ Invariants:
   the spot). So each Take is carried out before its Drop, and the table, the sessions, the
   process owners and the backend agree at every await point.
 - A ticket that ends is forgotten by its session and its process (`_forget`) as it ends, so
-  its request id is free again and no limit counts it.
+  no limit counts it and its request id is free again, unless its refusal is still to be
+  sent: then the session keeps the id reserved until it is.
 - No exception of a background task (timer, slow take, process watch, a backend's report) or
   of one effect stops the others: a bug costs at most the ticket it concerns.
 - Once `stop()` is called nothing more is granted and no connection is served: held leases
@@ -33,7 +34,7 @@ from lockd_client import errors, protocol
 from lockd_client.describe import holder_text
 
 from . import __version__, admission, listen, procinfo
-from .backend import Backend, Blocked
+from .backend import Backend, Blocked, holders_in_order
 from .config import Limits
 from .policy import Policy
 from .processes import ProcessOwner, Processes
@@ -235,7 +236,7 @@ class Server:
     def _acquire(self, session: Session, request: protocol.Acquire) -> None:
         try:
             names = _checked_names(request.names)
-            if request.id in session.tickets or request.id in session.refusing:
+            if session.in_use(request.id):
                 raise errors.ProtocolError(f"request id {request.id} is already in use on this connection")
             timeout = request.timeout
             if timeout is not None and not (timeout >= 0 and math.isfinite(timeout)):
@@ -286,7 +287,7 @@ class Server:
             self._forget(ticket)
             self._apply(self.table.release(ticket))
         else:
-            session.refusing.discard(request_id)  # withdrawn: its refusal is not sent
+            session.unreserve(request_id)  # withdrawn: its refusal is not sent
 
     def _release_pid(self, session: Session, request: protocol.ReleasePid) -> None:
         try:
@@ -347,9 +348,10 @@ class Server:
         they can matter: names asked for explicitly, and queues stuck behind nobody in lockd.
         Names no lockd client holds may be held elsewhere: by another host (the backend knows
         those), or by a process flocking the file (only a look at the host tells). The table is
-        read after the look, so what lockd itself holds is shown as it is when answered (a
+        read after the look, so what lockd itself holds is shown as it is when answered: a
         name lockd let go of during the look was not looked for, and an outside holder that
-        conflicts with lockd's holders has let go since). Cancellation: nothing is sent.
+        conflicts with lockd's holders has let go since, so it is left out. Cancellation:
+        nothing is sent.
         """
         try:
             if request.names:
@@ -369,10 +371,10 @@ class Server:
             held = [t for t in holding if t.state is HELD]
             waiting = [t for t in holding if t.state is not HELD] + self.table.waiters(name)
             holders = [self._holder(t, name) for t in held]
-            # An outside holder seen by the look that conflicts with what lockd holds now has
-            # let go since.
-            exclusive = held and not held[0].shared
-            holders += [h for h in outside.get(name, []) if not (exclusive or held and h.mode == "exclusive")]
+            if not held:
+                holders += outside.get(name, [])
+            elif held[0].shared:
+                holders += [h for h in outside.get(name, []) if h.mode == "shared"]
             waiters = [self._holder(t, name) for t in waiting] + outside_waiting.get(name, [])
             if holders or waiters:
                 locks.append(protocol.LockInfo(name, holders[0].mode if holders else None, holders, waiters))
@@ -564,12 +566,12 @@ class Server:
         if holders:
             _send_refusal(ticket, who, effect.reason, holders)
         else:
-            # Held outside the table: the reply names whoever holds it now, found by a look at
-            # the host that must not stall the event loop. The ticket has ended already, and
-            # a look waits for two reads of the host's locks at most, so these tasks are no
-            # more than the requests refused within a few milliseconds.
+            # Held outside the table: the reply names whoever holds it now, found by a look
+            # that starts after the refusal and does not stall the event loop. The ticket has
+            # ended already; a look takes milliseconds, so these tasks are no more than the
+            # requests refused within that time.
             assert self._nursery is not None
-            who.session.refusing.add(who.request_id)
+            who.session.reserve(who.request_id)
             self._nursery.start_soon(self._refuse_naming_outside, ticket, who, effect.reason)
 
     async def _refuse_naming_outside(self, ticket: Ticket, who: Party, reason: Reason) -> None:
@@ -580,9 +582,8 @@ class Server:
         except Exception:
             log.exception("internal error looking for the holders of %s; carrying on", ", ".join(ticket.names))
             found = {}
-        if who.request_id in who.session.refusing:
-            who.session.refusing.remove(who.request_id)
-            _send_refusal(ticket, who, reason, [holder for name in ticket.names for holder in found.get(name, ())])
+        if who.session.unreserve(who.request_id):
+            _send_refusal(ticket, who, reason, holders_in_order(found, ticket.names))
 
     def _lost(self, ticket: Ticket, who: Party, reason: str) -> None:
         log.warning("lease on %s of pid %s lost: %s", ", ".join(ticket.names), who.pid, reason)
@@ -622,6 +623,7 @@ def _checked_names(names: list[str]) -> list[str]:
 
 
 def _send_refusal(ticket: Ticket, who: Party, reason: Reason, holders: list[protocol.Holder]) -> None:
+    """Tell `who` its request for `ticket` is refused (busy or timed out), naming `holders`."""
     names = ", ".join(ticket.names)
     if reason is Reason.TIMEOUT:
         code, what = protocol.ErrorCode.TIMEOUT, f"{names}: timed out waiting for the lock"

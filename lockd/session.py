@@ -47,7 +47,7 @@ _RECV_SIZE = 65536
 
 
 #: Handles one request. Most requests are handled at once, so a handler is a plain function
-#: (a coroutine per request would cost every request a task step); one that has to wait
+#: (a coroutine would cost every request a coroutine and an await); one that has to wait
 #: returns an awaitable, which the session awaits before reading this client's next request.
 Handler = Callable[["Session", object], Awaitable[None] | None]
 
@@ -74,10 +74,11 @@ class _Malformed(Exception):
 
 class Session:
     """A connected client: its identity (from the kernel at connect, never from what it says),
-    its live tickets by request id, and its socket."""
+    its live tickets by request id, the ids of ended requests whose refusal is still to be
+    sent, and its socket."""
 
     __slots__ = (
-        "sock", "ident", "pid", "uid", "gid", "gids", "command", "label", "tickets", "names", "taking", "refusing",
+        "sock", "ident", "pid", "uid", "gid", "gids", "command", "label", "tickets", "names", "taking", "_refusing",
         "closed", "close_reason", "_on_close", "_encoder", "_outbox", "_wake", "_eof",
     )
 
@@ -101,8 +102,7 @@ class Session:
         self.names = 0
         #: How many of those the backend is still taking (not yet granted: they count as waiting).
         self.taking = 0
-        #: Ids of ended requests whose refusal is still to be sent: not yet free for reuse.
-        self.refusing: set[int] = set()
+        self._refusing: set[int] = set()
         self.closed = False
         self.close_reason: str | None = None
         self._on_close = on_close
@@ -121,6 +121,22 @@ class Session:
     def forget_all(self) -> None:
         self.tickets.clear()
         self.names = 0
+        self._refusing.clear()
+
+    def in_use(self, request_id: int) -> bool:
+        """Whether `request_id` belongs to a live ticket or to a refusal still to be sent."""
+        return request_id in self.tickets or request_id in self._refusing
+
+    def reserve(self, request_id: int) -> None:
+        """Keep the id of an ended request in use until its refusal is sent (`unreserve`)."""
+        self._refusing.add(request_id)
+
+    def unreserve(self, request_id: int) -> bool:
+        """Free a reserved id; False if it was not reserved (withdrawn, or the session closed)."""
+        if request_id not in self._refusing:
+            return False
+        self._refusing.remove(request_id)
+        return True
 
     def __repr__(self) -> str:
         return f"<Session #{self.ident} pid={self.pid} uid={self.uid}>"

@@ -12,7 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -47,15 +47,15 @@ async def two_daemons(
     shared_etcd: EtcdCluster, short_tmp: Path, prefix: str
 ) -> AsyncIterator[tuple[Daemon, ...]]:
     """Two daemons ("hosts") on one etcd and prefix, both serving."""
-    async with serving_hosts(shared_etcd, short_tmp, prefix, "ab") as daemons:
+    async with serving_hosts(shared_etcd, short_tmp, prefix, ["a", "b"]) as daemons:
         yield daemons
 
 
 @asynccontextmanager
 async def serving_hosts(
-    etcd: EtcdCluster, root: Path, prefix: str, hosts: str
+    etcd: EtcdCluster, root: Path, prefix: str, hosts: Sequence[str]
 ) -> AsyncIterator[tuple[Daemon, ...]]:
-    """A daemon per letter of `hosts` on one etcd and prefix, all serving; killed after."""
+    """A daemon per host name in `hosts` on one etcd and prefix, all serving; killed after."""
     daemons = tuple(etcd_daemon(root / host, etcd.endpoints, prefix) for host in hosts)
     try:
         for d in daemons:
@@ -277,7 +277,7 @@ async def test_queue_events_and_status_reach_across_hosts(
 async def test_a_timeout_names_the_holder_not_a_request_waiting_ahead(
     shared_etcd: EtcdCluster, short_tmp: Path, prefix: str
 ) -> None:
-    async with serving_hosts(shared_etcd, short_tmp, prefix, "abc") as (a, b, c):
+    async with serving_hosts(shared_etcd, short_tmp, prefix, ["a", "b", "c"]) as (a, b, c):
         with trio.fail_after(WAIT):
             async with connect(a.socket, label="holder") as on_a, connect(b.socket, label="waiter") as on_b, \
                     connect(c.socket, label="late") as on_c:

@@ -43,16 +43,27 @@ class HeldOpenReads:
         assert await trio.to_thread.run_sync(self.started.acquire, True, TIMEOUT)
 
 
+@pytest.fixture
+def files() -> HeldOpenReads:
+    return HeldOpenReads()
+
+
+@pytest.fixture
+def host(files: HeldOpenReads) -> HostLocks:
+    return HostLocks(files)  # type: ignore[arg-type]
+
+
 async def queue_up(nursery: trio.Nursery, ask: Callable[[str], Awaitable[None]], *names: str) -> None:
-    """Ask for each of `names` in a task of its own, each one waiting its turn before the next."""
+    """Ask for each of `names` in a task of its own, starting each only once the previous one
+    is blocked, so that they queue in this order."""
     for name in names:
         nursery.start_soon(ask, name)
         await trio.testing.wait_all_tasks_blocked()
 
 
-async def test_one_read_answers_everyone_who_asked_while_the_previous_one_ran() -> None:
-    files = HeldOpenReads()
-    host = HostLocks(files)  # type: ignore[arg-type]
+async def test_one_read_answers_everyone_who_asked_while_the_previous_one_ran(
+    files: HeldOpenReads, host: HostLocks
+) -> None:
     answers: dict[str, list[Holder]] = {}
 
     async def ask(*names: str) -> None:
@@ -74,9 +85,9 @@ async def test_one_read_answers_everyone_who_asked_while_the_previous_one_ran() 
     }
 
 
-async def test_an_answer_comes_from_a_read_that_started_after_the_question() -> None:
-    files = HeldOpenReads()
-    host = HostLocks(files)  # type: ignore[arg-type]
+async def test_an_answer_comes_from_a_read_that_started_after_the_question(
+    files: HeldOpenReads, host: HostLocks
+) -> None:
     with trio.fail_after(TIMEOUT):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(host.holders_of, ["1"])
@@ -96,9 +107,9 @@ async def test_an_answer_comes_from_a_read_that_started_after_the_question() -> 
     assert files.reads == [["1"], ["1"]]
 
 
-async def test_a_failed_read_fails_its_reader_and_the_others_read_again() -> None:
-    files = HeldOpenReads()
-    host = HostLocks(files)  # type: ignore[arg-type]
+async def test_a_failed_read_fails_its_reader_and_the_others_read_again(
+    files: HeldOpenReads, host: HostLocks
+) -> None:
     results: list[object] = []
 
     async def ask(name: str) -> None:
@@ -123,9 +134,9 @@ async def test_a_failed_read_fails_its_reader_and_the_others_read_again() -> Non
 
 
 @pytest.mark.parametrize("while_reading", [False, True])
-async def test_a_cancelled_asker_leaves_the_others_their_answer(while_reading: bool) -> None:
-    files = HeldOpenReads()
-    host = HostLocks(files)  # type: ignore[arg-type]
+async def test_a_cancelled_asker_leaves_the_others_their_answer(
+    files: HeldOpenReads, host: HostLocks, while_reading: bool
+) -> None:
     answered: list[str] = []
     scopes: dict[str, trio.CancelScope] = {}
 
