@@ -57,4 +57,5 @@ class HostLocks:
         # A thread is not interrupted: a reader cancelled meanwhile learns of it only here.
         await trio.lowlevel.checkpoint_if_cancelled()
         found = read.found
+        assert found is not None  # read above, by this task or by the one that asked first
         return {name: found[name] for name in names if name in found}
