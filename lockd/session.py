@@ -12,6 +12,8 @@ Invariants:
   goodbye is still being written. A closed session hands no more requests to the daemon.
 - The reader yields to the scheduler at least every FAIR_TURNS reads or requests, so a client
   that floods its connection cannot starve the others.
+- A connection's requests are handled in the order sent: one whose handling has to wait (a
+  status looking at the host's locks) holds back that connection's later requests only.
 """
 
 from __future__ import annotations
