@@ -18,7 +18,9 @@ A grant has two steps. The table decides locally (WAITING → TAKING, effect `Ta
 backend then obtains the real lock (an flock, an etcd key) and the edge reports `taken`
 (TAKING → HELD, effect `Granted`). A TAKING ticket already counts as a holder here, so the
 backend is only ever asked for locks the table agrees on. Every `Take` is followed by exactly
-one `Drop` of the same ticket, whatever ends it.
+one `Drop` of the same ticket, whatever ends it; the Drop says how it ended (`Ending`), since
+a holder may still be at work under a lease the table no longer counts: only one its owner
+released may be let go of at once.
 
 The table owns no clock and does no I/O: callers pass `now` and deadlines as plain numbers
 (any monotonic scale) and carry out the returned effects in order. Every method runs to
@@ -115,10 +117,28 @@ class Take(Effect):
     __slots__ = ()
 
 
-class Drop(Effect):
-    """Give up whatever the backend holds or is still trying to obtain for `ticket`."""
+class Ending(Enum):
+    """How a ticket that held (or was being taken) ended: what its `Drop` may do."""
 
-    __slots__ = ()
+    #: Its owner let go (or it was never granted): nobody works under it any more.
+    RELEASED = "released"
+    #: Its owner went away, or the daemon stopped serving it, without letting go: whatever
+    #: the owner handed its work keeps the lock until that work ends.
+    ABANDONED = "abandoned"
+    #: Broken against its owner's will (a forced release): the owner was told and is
+    #: stopping its work, which keeps the lock until it has stopped.
+    BROKEN = "broken"
+
+
+class Drop(Effect):
+    """Give up whatever the backend holds or is still trying to obtain for `ticket`, as
+    `ending` allows."""
+
+    __slots__ = ("ending",)
+
+    def __init__(self, ticket: Ticket, ending: Ending = Ending.RELEASED) -> None:
+        super().__init__(ticket)
+        self.ending = ending
 
 
 class Granted(Effect):
@@ -349,8 +369,9 @@ class LockTable:
             return []
         return self._end(ticket)
 
-    def lose(self, ticket: Ticket, reason: str) -> list[Effect]:
-        """End a lease against its owner's wish (backend lost it, forced release).
+    def lose(self, ticket: Ticket, reason: str, ending: Ending = Ending.ABANDONED) -> list[Effect]:
+        """End a lease against its owner's wish (the backend lost it, the daemon stops, a
+        forced release: `ending`).
 
         Only a HELD ticket yields `Lost`: one not yet granted ends with no word to its owner,
         so a caller ending those must answer the pending request itself.
@@ -358,7 +379,7 @@ class LockTable:
         if ticket.state is ENDED:
             return []
         effects: list[Effect] = [Lost(ticket, reason)] if ticket.state is HELD else []
-        return effects + self._end(ticket)
+        return effects + self._end(ticket, ending)
 
     def force_release(self, name: str, reason: str) -> tuple[int, list[Effect]]:
         """Break every held lease on `name`. Returns how many, and the effects."""
@@ -366,7 +387,7 @@ class LockTable:
         held = sorted((t for t in line.holders if t.state is HELD), key=_arrival) if line else []
         effects: list[Effect] = []
         for ticket in held:
-            effects += self.lose(ticket, reason)
+            effects += self.lose(ticket, reason, Ending.BROKEN)
         return len(held), effects
 
     def drop_owner(self, owner: Hashable) -> list[Effect]:
@@ -374,13 +395,13 @@ class LockTable:
         return self.end(list(self._owners.get(owner, ())))
 
     def end(self, tickets: list[Ticket]) -> list[Effect]:
-        """End every ticket in `tickets` at once, silently (like `release`).
+        """End every ticket in `tickets` at once, silently, as abandoned by their owner.
 
         They are all removed before anything is granted, so none of them is granted on its
         way out (one of them waiting behind another would be).
         """
         tickets = [t for t in dict.fromkeys(tickets) if t.state is not ENDED]
-        effects = [Drop(t) for t in tickets if t.holding]
+        effects: list[Effect] = [Drop(t, Ending.ABANDONED) for t in tickets if t.holding]
         for ticket in tickets:
             self._remove(ticket)
         return effects + self._grant_waiting(dict.fromkeys(n for t in tickets for n in t.names))
@@ -501,8 +522,8 @@ class LockTable:
         for name in ticket.names:
             _count(by_name, name, delta)
 
-    def _end(self, ticket: Ticket) -> list[Effect]:
-        effects: list[Effect] = [Drop(ticket)] if ticket.holding else []
+    def _end(self, ticket: Ticket, ending: Ending = Ending.RELEASED) -> list[Effect]:
+        effects: list[Effect] = [Drop(ticket, ending)] if ticket.holding else []
         self._remove(ticket)
         return effects + self._grant_waiting(ticket.names)
 

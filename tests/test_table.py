@@ -18,6 +18,7 @@ import pytest
 from lockd.table import (
     Drop,
     Effect,
+    Ending,
     Granted,
     LockTable,
     Lost,
@@ -134,6 +135,7 @@ def test_effects_compare_by_kind_and_fields() -> None:
     assert Take(a) == Take(a)
     assert Take(a) != Take(b)  # tickets are compared by identity
     assert Take(a) != Drop(a)
+    assert Drop(a) == Drop(a, Ending.RELEASED) != Drop(a, Ending.ABANDONED)
     assert Refused(a, Reason.BUSY, [b]) == Refused(a, Reason.BUSY, [b])
     assert Refused(a, Reason.BUSY, [b]) != Refused(a, Reason.TIMEOUT, [b])
     assert Refused(a, Reason.BUSY, [b]) != Refused(a, Reason.BUSY, [])
@@ -515,7 +517,7 @@ def test_drop_owner_ends_its_held_and_waiting_tickets(table: CheckedTable) -> No
     other = table.hold("p", ["y"])
     waiting = table.wait("o", ["y"])
     next_x = table.wait("p", ["x"])
-    assert table.drop_owner("o") == [Drop(held), Take(next_x)]
+    assert table.drop_owner("o") == [Drop(held, Ending.ABANDONED), Take(next_x)]
     assert (held.state, waiting.state) == (State.ENDED, State.ENDED)
     assert table.tickets_of("o") == []
     assert table.queue("y") == [other]
@@ -525,7 +527,7 @@ def test_drop_owner_never_takes_for_the_departing_owner(table: CheckedTable) -> 
     first = table.hold("o", ["x"])
     table.wait("o", ["x"])  # would be next once `first` goes
     third = table.wait("p", ["x"])
-    assert table.drop_owner("o") == [Drop(first), Take(third)]
+    assert table.drop_owner("o") == [Drop(first, Ending.ABANDONED), Take(third)]
 
 
 def test_drop_owner_drops_everything_before_taking_anything(table: CheckedTable) -> None:
@@ -534,7 +536,7 @@ def test_drop_owner_drops_everything_before_taking_anything(table: CheckedTable)
     wx = table.wait("p", ["x"])
     wy = table.wait("q", ["y"])
     effects = table.drop_owner("o")
-    assert effects[:2] == [Drop(a), Drop(b)]
+    assert effects[:2] == [Drop(a, Ending.ABANDONED), Drop(b, Ending.ABANDONED)]
     assert sorted(effects[2:], key=lambda e: e.ticket.names) == [Take(wx), Take(wy)]
 
 
@@ -550,13 +552,15 @@ def test_drop_owner_of_an_unknown_owner_does_nothing(table: CheckedTable) -> Non
 def test_lose_a_held_lease_tells_its_owner(table: CheckedTable) -> None:
     t = table.hold("a", ["x"])
     w = table.wait("b", ["x"])
-    assert table.lose(t, "etcd lease expired") == [Lost(t, "etcd lease expired"), Drop(t), Take(w)]
+    assert table.lose(t, "etcd lease expired") == [
+        Lost(t, "etcd lease expired"), Drop(t, Ending.ABANDONED), Take(w),
+    ]
     assert table.lose(t, "again") == []
 
 
 def test_lose_a_taking_ticket_drops_it_without_lost(table: CheckedTable) -> None:
     t, _ = table.acquire("a", ["x"])
-    assert table.lose(t) == [Drop(t)]
+    assert table.lose(t) == [Drop(t, Ending.ABANDONED)]
 
 
 def test_force_release_breaks_held_leases_only(table: CheckedTable) -> None:
@@ -566,7 +570,9 @@ def test_force_release_breaks_held_leases_only(table: CheckedTable) -> None:
     e = table.wait("d", ["x"])
     count, effects = table.force_release("x", "by admin")
     assert count == 2
-    assert effects == [Lost(s1, "by admin"), Drop(s1), Lost(s2, "by admin"), Drop(s2)]
+    assert effects == [
+        Lost(s1, "by admin"), Drop(s1, Ending.BROKEN), Lost(s2, "by admin"), Drop(s2, Ending.BROKEN),
+    ]
     assert table.names() == ["x"]  # s2 let go of y too
     assert table.queue("x") == [s3, e]
     assert table.release(s3) == [Drop(s3), Take(e)]
@@ -589,9 +595,9 @@ def test_reassign_moves_a_ticket_to_another_owner(table: CheckedTable) -> None:
     assert table.tickets_of("conn") == [kept]
     assert table.tickets_of("pid 42") == [t]
     assert t.owner == "pid 42"
-    assert table.drop_owner("conn") == [Drop(kept)]
+    assert table.drop_owner("conn") == [Drop(kept, Ending.ABANDONED)]
     assert t.state is State.HELD
-    assert table.drop_owner("pid 42") == [Drop(t)]
+    assert table.drop_owner("pid 42") == [Drop(t, Ending.ABANDONED)]
 
 
 def test_reassign_to_the_same_owner_or_of_an_ended_ticket_does_nothing(table: CheckedTable) -> None:
