@@ -4,6 +4,9 @@ Invariant: a backend holds something for a ticket only between a successful take
 returning tokens, or `take` returning) and the matching `drop`; a take that fails, raises or
 is cancelled leaves nothing held. Whether a backend lock is shared or exclusive is the
 ticket's mode; the table has already made sure that tickets taken together are compatible.
+A held ticket's local locks are lock-file descriptors (`descriptors`) that the edge hands to
+the holder: `drop` releases them for every copy only when told the holder let go (`unlock`),
+and otherwise leaves them held for as long as the holder keeps its copies.
 
 Implementations: `flock_backend.FlockBackend` (one host, files in the lock directory) and
 `etcd_backend.EtcdBackend` (many hosts).
@@ -35,6 +38,14 @@ class Blocked(LockBusy):
 class Backend(Protocol):
     #: Shown to clients in `Welcome.backend`.
     name: str
+    #: Whether a granted lease stays exclusive without the daemon, for as long as its holder
+    #: keeps its copies of the lock-file descriptors (so the daemon stopping must not make a
+    #: holder stop its work).
+    leases_outlive_daemon: bool
+    #: The least time, in seconds, between a holder being told its lease is lost (or seeing
+    #: the daemon go, if leases do not outlive it) and the backend letting another party have
+    #: the lock; None if the backend sets no such bound. A holder must stop its work by then.
+    loss_notice: float | None
 
     def take_now(self, ticket: Ticket) -> list[int] | None:
         """Take every name of `ticket` at once, all or none, without waiting.
@@ -54,8 +65,15 @@ class Backend(Protocol):
         Cancellation: if this raises Cancelled, nothing is held for the ticket.
         """
 
-    def drop(self, ticket: Ticket) -> None:
-        """Release whatever is held for `ticket`. Never blocks; a no-op if nothing is held."""
+    def descriptors(self, ticket: Ticket) -> list[int]:
+        """The lock-file descriptors held for `ticket`, one per name, to hand to its holder
+        ([] if none). They stay the backend's: the edge sends copies and never closes them."""
+
+    def drop(self, ticket: Ticket, *, unlock: bool) -> None:
+        """Give up what is held or being taken for `ticket`. With `unlock` (its holder let go,
+        or it was never handed out), the locks are released for every copy of their
+        descriptors; without, only the backend's own hold ends. Never blocks; a no-op if
+        nothing is held."""
 
     async def outside_holders_of(self, names: list[str]) -> dict[str, list[Holder]]:
         """Holders of `names` that lockd's table does not know (other tools, other hosts), in

@@ -133,6 +133,9 @@ class EtcdBackend:
     """
 
     name = "etcd"
+    #: The etcd key, not the local flock, is what other hosts respect, and it ends with the
+    #: daemon's etcd lease.
+    leases_outlive_daemon = False
 
     def __init__(
         self, files: LockFiles, client: EtcdClient, *, host: str, ttl: float = 5.0,
@@ -211,11 +214,20 @@ class EtcdBackend:
         finally:
             session.takes.discard(attempt.scope)
 
-    def drop(self, ticket: Ticket) -> None:
+    @property
+    def loss_notice(self) -> float:
+        """A holder hears that its lease is lost, or sees the daemon go, at least TTL/3
+        before etcd can let another host have the lock (see docs/etcd.md)."""
+        return self._ttl / 3
+
+    def descriptors(self, ticket: Ticket) -> list[int]:
+        return self._files.descriptors(ticket)
+
+    def drop(self, ticket: Ticket, *, unlock: bool) -> None:
         attempt = self._attempts.get(ticket)
         if attempt is not None:
             attempt.ended = True
-            self._end(attempt)
+            self._end(attempt, unlock=unlock)
 
     async def outside_holders_of(self, names: list[str]) -> dict[str, list[Holder]]:
         """Local processes flocking each name outside lockd, then holders on other hosts.
@@ -379,14 +391,18 @@ class EtcdBackend:
             "lockd restarted the watch: retry the request"
         )
 
-    def _end(self, attempt: _Attempt) -> None:
-        """Let go of everything of `attempt`. Idempotent."""
+    def _end(self, attempt: _Attempt, *, unlock: bool = True) -> None:
+        """Let go of everything of `attempt`; its local flocks only as `Backend.drop` says.
+        Idempotent."""
         if self._attempts.get(attempt.ticket) is attempt:
             del self._attempts[attempt.ticket]
         for key in attempt.keys.values():
             self._owners.pop(key, None)
         attempt.session.doom(attempt.keys.values())
-        self._files.unlock(attempt.ticket)
+        if unlock:
+            self._files.unlock(attempt.ticket)
+        else:
+            self._files.abandon(attempt.ticket)
 
     def _unavailable(self) -> EtcdUnreachable:
         return EtcdUnreachable(

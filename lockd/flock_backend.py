@@ -23,8 +23,10 @@ from .lockfiles import LockFiles
 from .table import Ticket
 from .tokens import TokenStore
 
-#: The first retry comes this soon after a take finds a file held outside lockd...
-POLL_MIN = 0.01
+#: The first retry comes this soon after a take finds a file held outside lockd (often a
+#: holder that is exiting: the kernel closes its connection before its copy of the lock
+#: file's descriptor, and the daemon may see the one before the other is done)...
+POLL_MIN = 0.001
 #: ...and retries slow down to this while it stays held, so a grant still follows the outside
 #: holder's exit well within 100 ms, at a few system calls per waiting set of names.
 POLL_MAX = 0.05
@@ -46,6 +48,9 @@ class FlockBackend:
     """`lockd.backend.Backend` over LockFiles and a TokenStore, both owned by the caller."""
 
     name = "flock"
+    #: The holder's copy of the lock file's descriptor keeps the flock (see lockd.lockfiles).
+    leases_outlive_daemon = True
+    loss_notice = None
 
     def __init__(self, files: LockFiles, tokens: TokenStore) -> None:
         self._files = files
@@ -95,9 +100,15 @@ class FlockBackend:
         assert waiter.tokens is not None
         return waiter.tokens
 
-    def drop(self, ticket: Ticket) -> None:
+    def descriptors(self, ticket: Ticket) -> list[int]:
+        return self._files.descriptors(ticket)
+
+    def drop(self, ticket: Ticket, *, unlock: bool) -> None:
         self._waiting.pop(ticket, None)
-        self._files.unlock(ticket)
+        if unlock:
+            self._files.unlock(ticket)
+        else:
+            self._files.abandon(ticket)
 
     async def outside_holders_of(self, names: list[str]) -> dict[str, list[Holder]]:
         return await self._host_locks.holders_of(names)

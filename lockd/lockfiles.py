@@ -8,9 +8,13 @@ Invariants:
   through a symbolic link) and checked at start — never through a symbolic link, and is used
   only if it is a regular file. A file is never truncated or unlinked: its
   inode is the lock, shared with every outside `flock` user of the same path.
-- An exclusive ticket has its own open file; all shared tickets on a name share one open file
-  and one LOCK_SH, counted. Closing a file is what releases its flock, so nothing is held once
-  its count reaches zero, and `close()` releases everything.
+- Every held ticket has an open file description of its own per name, opened read-only,
+  holding LOCK_EX or LOCK_SH. The flock belongs to that description, not to this process:
+  whoever the daemon hands a copy of the descriptor to (SCM_RIGHTS) keeps the lock for as
+  long as any copy is open. So `unlock` (the holder let go) releases the flock explicitly,
+  for every copy at once, while `abandon` and `close()` only close the daemon's own copy and
+  leave the lock to the copies outside, if any: the daemon going away never frees a lock
+  that work elsewhere still holds.
 
 The table only asks for locks that are compatible among lockd's own tickets; the kernel then
 arbitrates against everyone else.
@@ -22,7 +26,7 @@ import errno
 import fcntl
 import os
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 
 from lockd_client.errors import BadLockFile, DaemonUnavailable, LimitExceeded, LockdError
@@ -33,9 +37,10 @@ from .table import Ticket
 
 SUFFIX = ".lock"
 
-# O_NONBLOCK: opening a FIFO or device someone planted at the path must not hang the daemon
-# (Linux opens a FIFO for read and write at once, but only O_NONBLOCK promises it).
-_OPEN_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+# Read-only: a holder gets a copy of the descriptor, and must be able to do no more with it
+# than flock(2) and read an empty file. O_NONBLOCK: opening a FIFO or device someone planted
+# at the path must not hang the daemon.
+_OPEN_FLAGS = os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 _KINDS = {
     stat.S_IFDIR: "a directory",
@@ -118,14 +123,6 @@ def _check_lock_dir(path: Path, st: os.stat_result) -> None:
         )
 
 
-class _Shared:
-    __slots__ = ("fd", "users")
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.users = 1
-
-
 class LockFiles:
     """The flocks lockd holds in one lock directory. See the module docstring.
 
@@ -138,18 +135,16 @@ class LockFiles:
         self.lock_dir = lock_dir
         self.file_mode = file_mode
         self._dir_fd = _open_lock_dir(lock_dir)
-        self._exclusive: dict[str, int] = {}
-        self._shared: dict[str, _Shared] = {}
-        self._held: set[Ticket] = set()
+        #: Held ticket → one descriptor per name, in `ticket.names` order.
+        self._held: dict[Ticket, list[int]] = {}
 
     def close(self) -> None:
-        """Release every flock and close the directory. Idempotent."""
-        fds = [*self._exclusive.values(), *(s.fd for s in self._shared.values())]
-        self._exclusive.clear()
-        self._shared.clear()
+        """Close every descriptor, leaving each lock to the copies handed out (see the module
+        docstring), and the directory. Idempotent."""
+        held = list(self._held.values())
         self._held.clear()
-        for fd in fds:
-            os.close(fd)
+        for fds in held:
+            _close_all(fds)
         if self._dir_fd >= 0:
             os.close(self._dir_fd)
             self._dir_fd = -1
@@ -164,25 +159,41 @@ class LockFiles:
         """
         if ticket in self._held:
             return True
-        shared = ticket.shared
-        done: list[str] = []
+        operation = (fcntl.LOCK_SH if ticket.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB
+        fds: list[int] = []
         try:
             for name in ticket.names:
-                if not (self._lock_shared(name) if shared else self._lock_exclusive(name)):
-                    self._unlock_names(done, shared)
+                fd = self._open(name)
+                fds.append(fd)
+                if not self._flock(fd, operation, name):
+                    _close_all(fds)
                     return False
-                done.append(name)
         except BaseException:
-            self._unlock_names(done, shared)
+            _close_all(fds)
             raise
-        self._held.add(ticket)
+        self._held[ticket] = fds
         return True
 
+    def descriptors(self, ticket: Ticket) -> list[int]:
+        """The descriptors holding `ticket`'s flocks, one per name in `ticket.names` order,
+        to hand to its holder; [] if it holds none. They stay the daemon's: never close them."""
+        return self._held.get(ticket, [])
+
     def unlock(self, ticket: Ticket) -> None:
-        """Release whatever `ticket` holds. Idempotent; never blocks."""
-        if ticket in self._held:
-            self._held.remove(ticket)
-            self._unlock_names(ticket.names, ticket.shared)
+        """Release `ticket`'s flocks, for every copy of their descriptors, and close the
+        daemon's. Idempotent; never blocks."""
+        fds = self._held.pop(ticket, None)
+        if fds is not None:
+            for fd in fds:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            _close_all(fds)
+
+    def abandon(self, ticket: Ticket) -> None:
+        """Close the daemon's descriptors of `ticket`: its flocks last while a copy handed out
+        is open. Idempotent; never blocks."""
+        fds = self._held.pop(ticket, None)
+        if fds is not None:
+            _close_all(fds)
 
     def outside_holders(self, name: str) -> list[Holder]:
         """`outside_holders_of([name])` for one name: [] when nobody outside holds it."""
@@ -215,63 +226,39 @@ class LockFiles:
         except OSError:
             return {}
         me = os.getpid()
-        found: dict[str, dict[int | None, Holder]] = {}
+        taken: list[tuple[tuple[int, int, int], int | None, Mode]] = []
         for line in table.splitlines():
             # "N: FLOCK ADVISORY WRITE PID MAJ:MIN:INO 0 EOF"; waiters read "N: -> FLOCK ...".
             fields = line.split()
             if len(fields) < 6 or fields[1] != b"FLOCK":
                 continue
             major, minor, inode = fields[5].split(b":")
-            wanted = by_key.get((int(major, 16), int(minor, 16), int(inode)))
+            key = (int(major, 16), int(minor, 16), int(inode))
             number = int(fields[4])
-            if wanted is None or number == me:
+            if key not in by_key or number == me:
                 continue
             # 0: the holder lives in a pid namespace this one cannot see into.
-            pid = number if number > 0 else None
-            mode: Mode = "exclusive" if fields[3] == b"WRITE" else "shared"
-            for name in wanted:
-                holders = found.setdefault(name, {})
-                if pid not in holders:
-                    holders[pid] = Holder(
-                        pid=pid,
-                        uid=procinfo.process_uid(pid) if pid else None,
-                        command=procinfo.command_line(pid) if pid else "",
-                        mode=mode,
-                        outside=True,
-                    )
-        return {name: list(holders.values()) for name, holders in found.items()}
+            taken.append((key, number if number > 0 else None, "exclusive" if fields[3] == b"WRITE" else "shared"))
+        # A lock whose taker is gone was handed on with its descriptor (a lease granted
+        # before lockd restarted): its holders are whoever has that descriptor now.
+        gone = {key for key, pid, _ in taken if pid is not None and procinfo.process_uid(pid) is None}
+        heirs = procinfo.flock_holders(gone) if gone else {}
+        found: dict[str, dict[int | None, Holder]] = {}
+        for key, taker, mode in taken:
+            for pid in heirs.get(key, [taker]) if key in gone else [taker]:
+                for name in by_key[key]:
+                    holders = found.setdefault(name, {})
+                    if pid not in holders and pid != me:
+                        holders[pid] = Holder(
+                            pid=pid,
+                            uid=procinfo.process_uid(pid) if pid else None,
+                            command=procinfo.command_line(pid) if pid else "",
+                            mode=mode,
+                            outside=True,
+                        )
+        return {name: list(holders.values()) for name, holders in found.items() if holders}
 
     # --- internals ----------------------------------------------------------------------------
-
-    def _lock_exclusive(self, name: str) -> bool:
-        fd = self._open(name)
-        if not self._flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, name):
-            return False
-        self._exclusive[name] = fd
-        return True
-
-    def _lock_shared(self, name: str) -> bool:
-        entry = self._shared.get(name)
-        if entry is not None:
-            entry.users += 1
-            return True
-        fd = self._open(name)
-        if not self._flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, name):
-            return False
-        self._shared[name] = _Shared(fd)
-        return True
-
-    def _unlock_names(self, names: Sequence[str], shared: bool) -> None:
-        for name in names:
-            if shared:
-                entry = self._shared[name]
-                entry.users -= 1
-                if entry.users:
-                    continue
-                del self._shared[name]
-                os.close(entry.fd)
-            else:
-                os.close(self._exclusive.pop(name))
 
     def _open(self, name: str) -> int:
         """Open `name`'s lock file, creating it; only a regular file is returned."""
@@ -295,15 +282,13 @@ class LockFiles:
         return fd
 
     def _flock(self, fd: int, operation: int, name: str) -> bool:
-        """Apply `operation` to `fd`: True if taken; else `fd` is closed, and False if busy."""
+        """Apply `operation` to `fd`: True if taken, False if busy."""
         try:
             fcntl.flock(fd, operation)
             return True
         except BlockingIOError:
-            os.close(fd)
             return False
         except OSError as err:
-            os.close(fd)
             raise self._error(name, err) from err
 
     def _error(self, name: str, err: OSError) -> LockdError:
@@ -333,3 +318,8 @@ class LockFiles:
             f"cannot open {path} ({err.strerror}): give the daemon's user read and write access "
             "to it, or remove it"
         )
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)

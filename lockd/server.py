@@ -12,8 +12,13 @@ Invariants:
   sent: then the session keeps the id reserved until it is.
 - No exception of a background task (timer, slow take, process watch, a backend's report) or
   of one effect stops the others: a bug costs at most the ticket it concerns.
-- Once `stop()` is called nothing more is granted and no connection is served: held leases
-  are reported lost, every client is told `shutdown`, and every connection closes.
+- Once `stop()` is called nothing more is granted and no connection is served: every client
+  is told `shutdown`, and every connection closes. Held leases are reported lost only where
+  the backend's leases do not outlive the daemon; elsewhere their holders keep the locks
+  through their copies of the lock-file descriptors, and their work goes on.
+- A lease's locks are released for every copy of their descriptors only when its holder let
+  go (`Ending.RELEASED`). A lease broken by force stays locked until its holder lets go (a
+  Release of it, or hanging up) or `limits.break_grace` passes, whichever comes first.
 """
 
 from __future__ import annotations
@@ -40,7 +45,8 @@ from .policy import Policy
 from .processes import ProcessOwner, Processes
 from .session import Party, Session, party, shown_label
 from .table import (
-    ENDED, HELD, TAKING, Drop, Effect, Granted, LockTable, Lost, Queued, Reason, Refused, Take, Ticket,
+    ENDED, HELD, TAKING, Drop, Effect, Ending, Granted, LockTable, Lost, Queued, Reason, Refused, Take,
+    Ticket,
 )
 
 log = logging.getLogger("lockd")
@@ -71,6 +77,9 @@ class Server:
         #: Tickets the backend is taking in a task of their own, each with the scope that stops it.
         self._takes: dict[Ticket, trio.CancelScope] = {}
         self._processes = Processes(self._process_exited)
+        #: (holder's session, request id) → a lease broken by force, with the event its holder
+        #: letting go sets.
+        self._broken: dict[tuple[Session, int], tuple[Ticket, trio.Event]] = {}
         self._effects: deque[Effect] = deque()
         self._applying = False
         self._nursery: trio.Nursery | None = None
@@ -87,10 +96,11 @@ class Server:
         """Serve on `listeners` (listening AF_UNIX sockets) until `stop()` is called;
         `task_status.started()` fires once they accept.
 
-        After `stop()`: closes the listeners, grants nothing more, reports every lease lost,
-        tells every client the daemon is shutting down, gives them SHUTDOWN_GRACE seconds to
-        read that and hang up, closes every connection and returns. Cancellation instead
-        stops at once: the leases end with the connections.
+        After `stop()`: closes the listeners, grants nothing more, reports every lease lost
+        unless the backend's leases outlive the daemon, tells every client the daemon is
+        shutting down, gives them SHUTDOWN_GRACE seconds to read that and hang up, closes every
+        connection and returns. Cancellation instead stops at once. Either way no lock that a
+        holder still has is released: the holders' copies keep them.
         """
         self._wall_offset = time.time() - trio.current_time()
         try:
@@ -118,12 +128,13 @@ class Server:
         for listener in listeners:
             listen.close(listener)
         reason = "the daemon is shutting down"
-        for owner in [*self.sessions, *self._processes.owners()]:
-            for ticket in self.table.tickets_of(owner):
-                if ticket.state is HELD:
-                    # What this grants is never taken (see `_take`) and ends below.
-                    with _contained(f"reporting {ticket} lost at shutdown"):
-                        self._apply(self.table.lose(ticket, reason))
+        if not self.backend.leases_outlive_daemon:
+            for owner in [*self.sessions, *self._processes.owners()]:
+                for ticket in self.table.tickets_of(owner):
+                    if ticket.state is HELD:
+                        # What this grants is never taken (see `_take`) and ends below.
+                        with _contained(f"reporting {ticket} lost at shutdown"):
+                            self._apply(self.table.lose(ticket, reason))
         goodbye = protocol.Error(None, protocol.ErrorCode.SHUTDOWN, SHUTDOWN_MESSAGE)
         for session in list(self.sessions):
             session.send(goodbye)
@@ -180,8 +191,11 @@ class Server:
             self.sessions.add(session)
             self._uid_sessions.setdefault(uid, set()).add(session)
             log.debug("%r connected: %s", session, session.command)
+        notice = self.backend.loss_notice
         welcome = protocol.Welcome(
-            protocol.PROTOCOL_VERSION, f"lockd {__version__}", self.backend.name, self.limits.max_frame
+            protocol.PROTOCOL_VERSION, f"lockd {__version__}", self.backend.name, self.limits.max_frame,
+            leases_outlive_daemon=self.backend.leases_outlive_daemon,
+            stop_within=self.limits.break_grace if notice is None else min(notice, self.limits.break_grace),
         )
         try:
             await session.serve(welcome, self._dispatch, self.limits)
@@ -208,6 +222,9 @@ class Server:
                 self._forget(ticket)
             session.forget_all()
             self._apply(self.table.drop_owner(session))
+            for key, (_, let_go) in self._broken.items():
+                if key[0] is session:
+                    let_go.set()
 
     # --- requests -----------------------------------------------------------------------------
 
@@ -286,6 +303,8 @@ class Server:
         if ticket is not None:
             self._forget(ticket)
             self._apply(self.table.release(ticket))
+        elif (broken := self._broken.get((session, request_id))) is not None:
+            broken[1].set()  # the holder has stopped its work and let go
         else:
             session.unreserve(request_id)  # withdrawn: its refusal is not sent
 
@@ -468,7 +487,8 @@ class Server:
             who.session.send(protocol.Lost(who.request_id, problem))
         else:
             who.session.send(protocol.Error(who.request_id, protocol.ErrorCode.UNAVAILABLE, problem))
-        self._effects.extend(self.table.release(ticket))
+        # Lost, not released: the holder may still be at work, and keeps the lock till it stops.
+        self._effects.extend(effect for effect in self.table.lose(ticket, problem) if not isinstance(effect, Lost))
 
     def _carry_out(self, effect: Effect) -> None:
         ticket = effect.ticket
@@ -481,7 +501,10 @@ class Server:
             scope = self._end_take(ticket)
             if scope is not None:
                 scope.cancel()
-            self.backend.drop(ticket)
+            if effect.ending is Ending.BROKEN and not who.session.closed:
+                self._await_letting_go(ticket, who)
+            else:
+                self.backend.drop(ticket, unlock=effect.ending is not Ending.ABANDONED)
         elif isinstance(effect, Queued):
             who.session.send(protocol.Queued(who.request_id, self._in_way(ticket, effect.blockers)))
         elif isinstance(effect, Refused):
@@ -558,7 +581,33 @@ class Server:
             self.table.reassign(ticket, who.process)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("granted %s to pid %s, token %s", ", ".join(ticket.names), who.pid, ticket.tokens)
-        who.session.send(protocol.Granted(who.request_id, ticket.tokens))
+        fds = self.backend.descriptors(ticket)
+        who.session.send(protocol.Granted(who.request_id, ticket.tokens, len(fds)), fds)
+
+    def _await_letting_go(self, ticket: Ticket, who: Party) -> None:
+        """`ticket` was broken by force: release its locks once its holder has stopped its
+        work and let go, or once `limits.break_grace` has passed."""
+        let_go = trio.Event()
+        self._broken[who.session, who.request_id] = (ticket, let_go)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._release_broken, ticket, who, let_go, self.limits.break_grace)
+
+    async def _release_broken(self, ticket: Ticket, who: Party, let_go: trio.Event, grace: float) -> None:
+        """Cancellation (the daemon stopping) leaves the locks to the holder's copies."""
+        unlock = False
+        try:
+            with trio.move_on_after(grace):
+                await let_go.wait()
+            if not let_go.is_set():
+                log.warning(
+                    "%s: the broken lease of pid %s was not let go within %g s (limits.break_grace); "
+                    "releasing its locks", ", ".join(ticket.names), who.pid, grace,
+                )
+            unlock = True
+        finally:
+            del self._broken[who.session, who.request_id]
+            with _contained(f"letting go of the broken lease {ticket}"):
+                self.backend.drop(ticket, unlock=unlock)
 
     def _refused(self, ticket: Ticket, who: Party, effect: Refused) -> None:
         self._forget(ticket)

@@ -7,6 +7,9 @@ Invariants:
   task, the only other place that writes to the socket. A client that lets more than
   `max_outbox` bytes pile up is cut off. So no client, however slow, can block the daemon or
   another client.
+- Descriptors sent with a message (SCM_RIGHTS) go with its first byte. Those left waiting in
+  the outbox are the session's own duplicates, closed once sent or when the session ends, so
+  they always refer to the files they were sent for.
 - `close` calls `on_close` synchronously, exactly once: the daemon ends the session's leases
   there, before anything else happens, so a cut-off client never holds a lease while its
   goodbye is still being written. A closed session hands no more requests to the daemon.
@@ -18,10 +21,13 @@ Invariants:
 
 from __future__ import annotations
 
+import array
 import logging
 import math
+import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import msgspec
@@ -46,6 +52,8 @@ FAIR_TURNS = 16
 #: connection and destroy the goodbye before the client reads it.
 LINGER = 1.0
 _RECV_SIZE = 65536
+#: The kernel's limit of descriptors in one SCM_RIGHTS message (SCM_MAX_FD).
+MAX_FDS_PER_SEND = 253
 
 
 #: Handles one request. Most requests are handled at once, so a handler is a plain function
@@ -81,7 +89,7 @@ class Session:
 
     __slots__ = (
         "sock", "ident", "pid", "uid", "gid", "gids", "command", "label", "tickets", "names", "taking", "_refusing",
-        "closed", "close_reason", "_on_close", "_encoder", "_outbox", "_wake", "_eof",
+        "closed", "close_reason", "_on_close", "_encoder", "_outbox", "_attached", "_wake", "_eof",
     )
 
     def __init__(
@@ -110,6 +118,8 @@ class Session:
         self._on_close = on_close
         self._encoder = msgspec.msgpack.Encoder()
         self._outbox = bytearray()
+        #: [offset in the outbox, descriptors to send with the byte there], in outbox order.
+        self._attached: deque[tuple[int, list[int]]] = deque()
         self._wake = trio.Event()
         self._eof = False
 
@@ -145,9 +155,10 @@ class Session:
 
     # --- sending ------------------------------------------------------------------------------
 
-    def send(self, message: object) -> None:
-        """Send `message` to this client, or queue it behind what the socket has not taken yet.
-        Never blocks; does nothing once the session is closed.
+    def send(self, message: object, fds: Sequence[int] = ()) -> None:
+        """Send `message` to this client, with copies of the descriptors `fds`, or queue it
+        behind what the socket has not taken yet. Never blocks; does nothing once the session
+        is closed. The caller keeps `fds`: they may be closed as soon as this returns.
 
         A client that has left more than MAX_OUTBOX bytes unread is cut off.
         """
@@ -159,20 +170,63 @@ class Session:
             if len(outbox) > MAX_OUTBOX:
                 self.close(f"it left more than {MAX_OUTBOX} bytes of replies unread")
                 return
+            start = len(outbox)
             protocol.encode_frame(self._encoder, message, outbox)
+            if fds:
+                self._attach(start, fds)
             return
         protocol.encode_frame(self._encoder, message, outbox)
+        if len(fds) > MAX_FDS_PER_SEND:
+            self._attach(0, fds)
+            fds = ()
         try:
-            sent = self.sock.send(outbox)
+            if self._attached:
+                self._flush()
+            else:
+                # The common case, without duplicates: the descriptors go now or not at all.
+                sent = self.sock.sendmsg([outbox], [_rights(fds)]) if fds else self.sock.send(outbox)
+                del outbox[:sent]
         except BlockingIOError:
-            sent = 0
+            if fds:
+                self._attach(0, fds)
         except OSError:
-            outbox.clear()
+            self._clear()
             self.close("the connection broke")
             return
-        del outbox[:sent]
         if outbox:
             self._wake.set()
+
+    def _attach(self, offset: int, fds: Sequence[int]) -> None:
+        """Queue duplicates of `fds` to go with the outbox's byte at `offset` and those after
+        it, MAX_FDS_PER_SEND to a byte."""
+        dups = [os.dup(fd) for fd in fds]
+        for i in range(0, len(dups), MAX_FDS_PER_SEND):
+            self._attached.append((offset + i // MAX_FDS_PER_SEND, dups[i : i + MAX_FDS_PER_SEND]))
+
+    def _flush(self) -> None:
+        """Write what the socket takes now, each queued descriptor with its byte. Raises
+        BlockingIOError once the socket is full, OSError if it broke."""
+        outbox, attached = self._outbox, self._attached
+        while outbox:
+            if attached and attached[0][0] == 0:
+                fds = attached[0][1]
+                end = attached[1][0] if len(attached) > 1 else len(outbox)
+                sent = self.sock.sendmsg([outbox[:end] if end < len(outbox) else outbox], [_rights(fds)])
+                attached.popleft()
+                _close_all(fds)
+            else:
+                end = attached[0][0] if attached else len(outbox)
+                sent = self.sock.send(outbox[:end] if end < len(outbox) else outbox)
+            del outbox[:sent]
+            if attached and sent:
+                for i, (offset, fds) in enumerate(attached):
+                    attached[i] = (offset - sent, fds)
+
+    def _clear(self) -> None:
+        """Drop what was left to send."""
+        self._outbox.clear()
+        while self._attached:
+            _close_all(self._attached.popleft()[1])
 
     def fail(self, message: str) -> None:
         """Tell the client it broke the protocol, and cut it off."""
@@ -303,28 +357,30 @@ class Session:
         """
         sock = self.sock
         outbox = self._outbox
-        with trio.CancelScope() as timer:
-            while True:
-                if not outbox:
-                    if self.closed:
+        try:
+            with trio.CancelScope() as timer:
+                while True:
+                    if not outbox:
+                        if self.closed:
+                            return
+                        await self._wake.wait()
+                        self._wake = trio.Event()
+                        continue
+                    timer.deadline = trio.current_time() + send_timeout
+                    await trio.lowlevel.wait_writable(sock)
+                    timer.deadline = math.inf
+                    try:
+                        self._flush()
+                    except BlockingIOError:
+                        continue
+                    except OSError:
+                        self._clear()
+                        self.close("the connection broke")
                         return
-                    await self._wake.wait()
-                    self._wake = trio.Event()
-                    continue
-                timer.deadline = trio.current_time() + send_timeout
-                await trio.lowlevel.wait_writable(sock)
-                timer.deadline = math.inf
-                try:
-                    sent = sock.send(outbox)
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    outbox.clear()
-                    self.close("the connection broke")
-                    return
-                del outbox[:sent]
-        outbox.clear()
-        self.close(f"it did not read its replies for {send_timeout:g} s")
+            self._clear()
+            self.close(f"it did not read its replies for {send_timeout:g} s")
+        finally:
+            self._clear()
 
     async def _linger(self) -> None:
         """Half-close, then drop what the client still sends until it hangs up or LINGER
@@ -363,3 +419,12 @@ def party(ticket: Ticket) -> Party:
     info = ticket.info
     assert isinstance(info, Party)
     return info
+
+
+def _rights(fds: Sequence[int]) -> tuple[int, int, bytes]:
+    return (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)

@@ -13,6 +13,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
+import lockd_client
 from lockd_client import protocol
 from lockd_client.protocol import Acquire, Error, ForceRelease, Granted, Lost, Release, ReleasePid, Status
 
@@ -250,21 +251,24 @@ def test_timeout_names_the_holder(daemon: Daemon) -> None:
         assert status(daemon, "slow")[0].waiters == []
 
 
-def test_sigterm_reports_leases_lost_and_exits_cleanly(daemon: Daemon) -> None:
-    with RawClient(daemon.socket) as c:
-        assert isinstance(c.acquire("x"), Granted)
+def test_sigterm_tells_every_client_and_leaves_the_locks_to_their_holders(daemon: Daemon) -> None:
+    with RawClient(daemon.socket) as c, lockd_client.connect(daemon.socket) as library:
+        assert isinstance(c.acquire("x"), Granted)  # receives no descriptor: holds nothing itself
+        lease = library.acquire("y")
         assert daemon.proc is not None
         daemon.proc.send_signal(signal.SIGTERM)
-        lost = c.recv()
-        assert isinstance(lost, Lost) and lost.id == 1
         goodbye = c.recv()
         assert isinstance(goodbye, Error) and (goodbye.id, goodbye.code) == (None, "shutdown"), goodbye
         assert "reconnect" in goodbye.message
         with pytest.raises(EOFError):
             c.recv()
-    assert daemon.proc.wait(10) == 0
-    assert not os.path.exists(daemon.socket)
-    assert flock_free(daemon.lock_dir / "x.lock")
+        assert daemon.proc.wait(10) == 0
+        assert not os.path.exists(daemon.socket)
+        assert flock_free(daemon.lock_dir / "x.lock")
+        assert not flock_free(daemon.lock_dir / "y.lock")  # its holder's descriptor keeps it
+        assert not lease.lost and lease.detached
+        lease.release()
+        assert flock_free(daemon.lock_dir / "y.lock")
 
 
 def test_second_daemon_refuses_a_live_socket_and_replaces_a_stale_one(daemon: Daemon, tmp_path: Path) -> None:
@@ -314,7 +318,11 @@ def test_release_pid_and_force_release(daemon: Daemon) -> None:
         assert isinstance(done, protocol.Done) and done.released == 1
         lost = holder.recv()
         assert isinstance(lost, Lost) and "forcibly released" in lost.reason
-        assert isinstance(admin.acquire("stuck", timeout=0), Granted)
+        # Locked until the holder says it stopped its work and let go (or break_grace passes).
+        busy = admin.acquire("stuck", timeout=0)
+        assert isinstance(busy, Error) and busy.code == "busy"
+        holder.send(Release(lost.id))
+        assert isinstance(admin.acquire("stuck", timeout=5), Granted)
     assert "broken" in daemon.log()
 
 
@@ -390,9 +398,7 @@ def test_shutdown_grants_nothing_and_tells_every_client_why(daemon: Daemon) -> N
         assert isinstance(waiter.recv(), protocol.Queued)
         assert daemon.proc is not None
         daemon.proc.send_signal(signal.SIGTERM)
-        lost = holder.recv()
-        assert isinstance(lost, Lost) and lost.id == 1
-        # The waiter is never granted what the holder lost: it only learns the daemon is going.
+        # The waiter is never granted what the holder had: it only learns the daemon is going.
         for c in (holder, waiter):
             goodbye = c.recv()
             assert isinstance(goodbye, Error) and (goodbye.id, goodbye.code) == (None, "shutdown"), goodbye

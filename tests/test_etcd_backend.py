@@ -57,7 +57,7 @@ class Host:
 
     def lose(self, ticket: Ticket, reason: str) -> None:
         self.lost.append((ticket, reason, trio.current_time()))
-        self.backend.drop(ticket)
+        self.backend.drop(ticket, unlock=True)
 
     async def take(self, ticket: Ticket) -> list[int]:
         return await self.backend.take(ticket, ignore_blocked)
@@ -71,7 +71,7 @@ class Host:
             except DaemonUnavailable:
                 await trio.sleep(0.02)
                 continue
-            self.backend.drop(probe)
+            self.backend.drop(probe, unlock=True)
             return
 
 
@@ -185,7 +185,7 @@ async def test_exclusive_across_hosts_and_next_waiter_freed_quickly(
                 token_a, "host0", "backup site.com"
             )
             released = trio.current_time()
-            a.backend.drop(first)
+            a.backend.drop(first, unlock=True)
             await waiting.done.wait()
             assert waiting.error is None
             assert waiting.tokens is not None and waiting.tokens[0] > token_a
@@ -204,10 +204,10 @@ async def test_fifo_across_three_hosts(shared_etcd: EtcdCluster, hosts: Hosts) -
             third = start(nursery, c, ticket("x"))
             assert await still_waiting(third, 0.1)
             assert [h.host for h in a.backend.outside_waiters_of(["x"]).get("x", [])] == ["host1", "host2"]
-            a.backend.drop(held)
+            a.backend.drop(held, unlock=True)
             await second.done.wait()
             assert await still_waiting(third, 0.2)
-            b.backend.drop(second.ticket)
+            b.backend.drop(second.ticket, unlock=True)
             await third.done.wait()
             assert second.tokens is not None and third.tokens is not None
             assert second.tokens[0] < third.tokens[0]
@@ -227,12 +227,12 @@ async def test_shared_holders_together_and_no_barging_past_exclusive(
             late_reader = start(nursery, a, ticket("db", shared=True))
             assert await still_waiting(late_reader, 0.1)
             assert sorted(h.mode for h in (await c.backend.outside_holders_of(["db"])).get("db", [])) == ["shared", "shared"]
-            a.backend.drop(reader_a)
+            a.backend.drop(reader_a, unlock=True)
             assert await still_waiting(writer, 0.1)
-            b.backend.drop(reader_b)
+            b.backend.drop(reader_b, unlock=True)
             await writer.done.wait()
             assert await still_waiting(late_reader, 0.1)
-            c.backend.drop(writer.ticket)
+            c.backend.drop(writer.ticket, unlock=True)
             await late_reader.done.wait()
             assert late_reader.error is None
 
@@ -250,7 +250,7 @@ async def test_tokens_increase_across_hosts_and_match_across_names(
                 tokens = await host.take(t)
                 assert tokens[0] == tokens[1]
                 seen.append(tokens[0])
-                host.backend.drop(t)
+                host.backend.drop(t, unlock=True)
     assert seen == sorted(set(seen))
 
 
@@ -264,7 +264,7 @@ async def test_multi_name_requests_in_opposite_orders_never_deadlock(
             t = ticket(*names)
             await host.take(t)
             await trio.sleep(0)
-            host.backend.drop(t)
+            host.backend.drop(t, unlock=True)
 
     with trio.fail_after(WAIT):
         async with serving(a, b):
@@ -283,7 +283,7 @@ async def test_no_wait_request_is_blocked_and_leaves_no_key(
             await a.take(held)
             with pytest.raises(Blocked):
                 await b.take(ticket("x", wait=False))
-            a.backend.drop(held)
+            a.backend.drop(held, unlock=True)
             await wait_no_keys(shared_etcd.endpoints, prefix + "x/")
 
 
@@ -297,11 +297,11 @@ async def test_no_wait_request_right_after_a_release_on_the_same_host_is_granted
             for _ in range(30):
                 released = ticket("x")
                 await a.take(released)
-                a.backend.drop(released)
+                a.backend.drop(released, unlock=True)
                 again = start(nursery, a, ticket("x", wait=False))
                 await again.done.wait()
                 assert again.error is None
-                a.backend.drop(again.ticket)
+                a.backend.drop(again.ticket, unlock=True)
 
 
 async def test_cancelled_take_leaves_no_key(
@@ -312,7 +312,7 @@ async def test_cancelled_take_leaves_no_key(
         async with serving(a, b) as nursery:
             held, waiting = await holds_while_other_waits(a, b, nursery)
             # The edge drops the ticket and cancels its take: both must let go in etcd.
-            b.backend.drop(waiting.ticket)
+            b.backend.drop(waiting.ticket, unlock=True)
             waiting.scope.cancel()
             # And one cancelled at once, before its txn can even have been answered.
             hasty = start(nursery, b, ticket("x"))
@@ -320,7 +320,7 @@ async def test_cancelled_take_leaves_no_key(
             hasty.scope.cancel()
             await waiting.done.wait()
             await hasty.done.wait()
-            a.backend.drop(held)
+            a.backend.drop(held, unlock=True)
             await wait_no_keys(shared_etcd.endpoints, prefix + "x/")
 
 
@@ -342,7 +342,7 @@ async def test_local_flock_holder_outside_lockd_holds_back_the_grant(
             await waiting.done.wait()
             assert waiting.error is None
             assert await still_waiting(behind, 0.1)
-            a.backend.drop(waiting.ticket)
+            a.backend.drop(waiting.ticket, unlock=True)
             await behind.done.wait()
 
 
@@ -390,7 +390,7 @@ async def test_a_waiter_is_not_granted_if_its_keys_went_unnoticed_while_it_waite
             while theirs.text in [e.key for e in mirror.queue("x")]:
                 await trio.sleep(0.01)
             assert not waiting.done.is_set()
-            a.backend.drop(held)
+            a.backend.drop(held, unlock=True)
             await waiting.done.wait()
     assert isinstance(waiting.error, DaemonUnavailable) and "vanished" in str(waiting.error)
 
@@ -417,7 +417,7 @@ async def test_keys_seen_going_while_the_last_check_answers_fail_the_grant(
         async with serving(a, b) as nursery:
             held, waiting = await holds_while_other_waits(a, b, nursery)
             b.backend._client.txn = answer_then_lose  # type: ignore[method-assign]
-            a.backend.drop(held)
+            a.backend.drop(held, unlock=True)
             await waiting.done.wait()
     assert isinstance(waiting.error, DaemonUnavailable) and "vanished" in str(waiting.error)
     assert b.lost == []
@@ -482,7 +482,7 @@ async def test_releases_go_through_when_etcd_takes_fewer_operations_per_txn(
                 for t in held:
                     await a.take(t)
                 for t in held:  # at once: one batch of deletions, too large for this etcd
-                    a.backend.drop(t)
+                    a.backend.drop(t, unlock=True)
                 await wait_no_keys(cluster.endpoints, prefix + "n")
     finally:
         cluster.close()
@@ -579,7 +579,7 @@ async def test_partitioned_daemon_loses_its_leases_before_etcd_expires_them(
                 assert isinstance(a_waits.error, DaemonUnavailable) and a_waits.tokens is None
                 relay.heal()
                 await a.ready()
-                b.backend.drop(b_waits.ticket)
+                b.backend.drop(b_waits.ticket, unlock=True)
                 (after,) = await a.take(ticket("x"))
                 assert after > before
 
@@ -669,7 +669,7 @@ async def test_a_watch_gone_silent_is_noticed_and_restarted(
                 waiting = start(nursery, a, ticket("x"))
                 assert await still_waiting(waiting)
                 relay.silence_watches()
-                b.backend.drop(held)
+                b.backend.drop(held, unlock=True)
                 await waiting.done.wait()
                 assert waiting.error is None
                 # A take needs the watch to show its own keys: answered, not left hanging.
@@ -680,7 +680,7 @@ async def test_a_watch_gone_silent_is_noticed_and_restarted(
                 # And B, behind A's key, is granted once A lets go.
                 behind = start(nursery, b, ticket("x"))
                 assert await still_waiting(behind, 0.1)
-                a.backend.drop(waiting.ticket)
+                a.backend.drop(waiting.ticket, unlock=True)
                 await behind.done.wait()
                 assert behind.error is None
 
@@ -715,7 +715,7 @@ async def test_a_burst_of_slow_takes_does_not_hold_up_releases(
                 burst = [start(nursery, a, ticket(f"n{i}")) for i in range(etcd_client.CONNECTIONS)]
                 await trio.sleep(0.2)
                 released = trio.current_time()
-                a.backend.drop(held)
+                a.backend.drop(held, unlock=True)
                 await waiting.done.wait()
                 # Queued behind the burst, it would wait for the first puts' answers: 0.7 s.
                 assert waiting.at - released < 0.4

@@ -57,8 +57,8 @@ def test_take_now_holds_the_files_and_issues_increasing_tokens(backend: FlockBac
     [later] = backend.take_now(second) or []
     assert later > tokens[1]
     assert not can_flock(lock_dir / "a.lock") and not can_flock(lock_dir / "b.lock")
-    backend.drop(first)
-    backend.drop(first)
+    backend.drop(first, unlock=True)
+    backend.drop(first, unlock=True)
     assert can_flock(lock_dir / "a.lock") and can_flock(lock_dir / "b.lock")
 
 
@@ -99,7 +99,7 @@ async def test_take_waits_for_the_outside_holder_and_follows_its_exit(backend: F
             nursery.cancel_scope.cancel()
     assert len(got[0]) == 2
     assert not can_flock(lock_dir / "a.lock") and not can_flock(lock_dir / "b.lock")
-    backend.drop(t)
+    backend.drop(t, unlock=True)
     assert can_flock(lock_dir / "b.lock")
 
 
@@ -136,7 +136,7 @@ async def test_many_takes_waiting_on_one_name_cost_one_attempt_per_retry(
             nursery.cancel_scope.cancel()
     assert not can_flock(lock_dir / "a.lock", shared=False)
     for t in readers:
-        backend.drop(t)
+        backend.drop(t, unlock=True)
     assert can_flock(lock_dir / "a.lock")
 
 

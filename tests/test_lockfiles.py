@@ -202,18 +202,47 @@ def test_out_of_descriptors_is_a_limit_and_holds_nothing(files: LockFiles, lock_
 # --- bookkeeping --------------------------------------------------------------------------------
 
 
-def test_shared_tickets_share_one_descriptor(files: LockFiles, lock_dir: Path) -> None:
+def test_each_shared_ticket_has_a_descriptor_of_its_own(files: LockFiles, lock_dir: Path) -> None:
     before = open_fds()
     readers = [ticket("logs", shared=True) for _ in range(3)]
     for t in readers:
         assert files.try_lock(t)
-    assert open_fds() == before + 1
+    assert open_fds() == before + 3
+    assert len({fd for t in readers for fd in files.descriptors(t)}) == 3
     for t in readers[:-1]:
         files.unlock(t)
         assert not can_flock(lock_dir / "logs.lock")
     files.unlock(readers[-1])
     assert can_flock(lock_dir / "logs.lock")
     assert open_fds() == before
+
+
+def test_a_copy_of_the_descriptor_keeps_the_lock_until_unlock(files: LockFiles, lock_dir: Path) -> None:
+    kept, released = ticket("a"), ticket("b")
+    assert files.try_lock(kept) and files.try_lock(released)
+    copies = [os.dup(fd) for t in (kept, released) for fd in files.descriptors(t)]
+    try:
+        files.abandon(kept)  # the daemon lets go of its own; the holder's copy keeps the lock
+        files.unlock(released)  # the holder let go: released for every copy
+        assert files.descriptors(kept) == files.descriptors(released) == []
+        assert not can_flock(lock_dir / "a.lock")
+        assert can_flock(lock_dir / "b.lock")
+        files.close()
+        assert not can_flock(lock_dir / "a.lock")
+    finally:
+        for fd in copies:
+            os.close(fd)
+    assert can_flock(lock_dir / "a.lock")
+
+
+def test_descriptors_are_read_only(files: LockFiles, lock_dir: Path) -> None:
+    t = ticket("a")
+    assert files.try_lock(t)
+    (fd,) = files.descriptors(t)
+    assert os.get_inheritable(fd) is False
+    with pytest.raises(OSError):
+        os.write(fd, b"x")
+    files.unlock(t)
 
 
 def test_unlock_is_idempotent(files: LockFiles, lock_dir: Path) -> None:

@@ -182,6 +182,15 @@ class Welcome(msgspec.Struct, tag="welcome"):
     #: The largest request frame this daemon accepts (its `limits.max_frame`); a larger one
     #: closes the connection, so clients check before sending.
     max_frame: int = MAX_REQUEST_FRAME
+    #: True when a granted lease stays safe without the daemon: the lock-file descriptors
+    #: sent with `Granted` keep it for as long as the client holds them, so a client that sees
+    #: the daemon go keeps its leases and its work goes on. False: the daemon going away
+    #: ends every lease (the etcd backend: other hosts may take the locks once it is gone).
+    leases_outlive_daemon: bool = False
+    #: Seconds a holder has to stop its work once told its lease is lost (or, when leases do
+    #: not outlive the daemon, once the connection ends) before the lock may go to someone
+    #: else; None when the daemon sets no bound.
+    stop_within: float | None = None
 
 
 class Granted(msgspec.Struct, tag="granted"):
@@ -189,6 +198,12 @@ class Granted(msgspec.Struct, tag="granted"):
     #: Fencing tokens, one per distinct name in the order the request first named them:
     #: strictly increasing per name over every grant, across daemon restarts.
     tokens: list[int]
+    #: How many lock-file descriptors (SCM_RIGHTS) come with this message, one per name in
+    #: the same order, each a read-only descriptor whose flock is the lease's. They are
+    #: attached to the message's first byte (over 253 names: 253 to each of its first bytes),
+    #: so a client that queues the descriptors it receives, in order, has them all by the
+    #: time the message is complete.
+    descriptors: int = 0
 
 
 class Queued(msgspec.Struct, tag="queued"):
