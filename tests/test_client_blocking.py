@@ -253,17 +253,75 @@ def test_the_socket_becomes_readable_when_a_lease_is_lost(daemon, client):
     assert lease.lost_reason is not None
 
 
-def test_a_killed_daemon_loses_every_lease(daemon, client):
-    with pytest.raises(lockd_client.LeaseLost, match="closed the connection"):
-        with client.lock("a") as a:
-            b = client.acquire("b")
-            daemon.kill()
-            eventually(lambda: a.lost)
-            assert b.lost
-    with pytest.raises(lockd_client.DaemonUnavailable, match="closed the connection.*make a new one"):
-        client.acquire("c")
+def test_a_killed_daemon_leaves_the_leases_held_by_their_descriptors(daemon, client):
+    a_file, b_file = daemon.lock_dir / "a.lock", daemon.lock_dir / "b.lock"
+    with client.lock("a") as a:
+        b = client.acquire("b")
+        daemon.kill()
+        eventually(lambda: (client.process_events(), a.detached)[1])
+        assert b.detached and not a.lost and not b.lost
+        assert not can_flock(a_file) and not can_flock(b_file)
+        with pytest.raises(lockd_client.DaemonUnavailable, match="closed the connection.*make a new one"):
+            client.acquire("c")
+    assert can_flock(a_file) and not can_flock(b_file)
     b.release()
+    assert can_flock(b_file)
     assert select.select([client], [], [], 0)[0] == [client]
+
+
+def test_a_restarted_daemon_sees_a_detached_lease_as_held_until_it_is_released(daemon, client):
+    lease = client.acquire("a")
+    daemon.restart()
+    with lockd_client.connect(daemon.socket) as other:
+        with pytest.raises(lockd_client.LockBusy) as busy:
+            other.acquire("a", wait=False)
+        assert [h.pid for h in busy.value.holders] == [os.getpid()]
+        (lock,) = other.status("a")
+        assert [(h.pid, h.outside) for h in lock.holders] == [(os.getpid(), True)]
+        lease.release()
+        other.acquire("a", wait=False).release()
+
+
+def test_a_release_unlocks_the_file_even_before_the_daemon_reads_it(daemon, client):
+    lease = client.acquire("a")
+    daemon.proc.send_signal(signal.SIGSTOP)
+    try:
+        assert not can_flock(daemon.lock_dir / "a.lock")
+        lease.release()
+        assert can_flock(daemon.lock_dir / "a.lock")
+    finally:
+        daemon.proc.send_signal(signal.SIGCONT)
+
+
+def test_the_descriptor_is_read_only_and_close_on_exec(daemon, client):
+    lease = client.acquire("a")
+    (fd,) = lease._record.fds
+    assert os.get_inheritable(fd) is False
+    assert os.readlink(f"/proc/self/fd/{fd}") == str(daemon.lock_dir / "a.lock")
+    with pytest.raises(OSError):
+        os.write(fd, b"x")
+    lease.release()
+
+
+def test_a_forked_child_holds_none_of_the_leases(daemon, client):
+    lease = client.acquire("a")
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        try:
+            os.close(r)
+            held = [f for f in os.listdir("/proc/self/fd") if os.path.realpath(f"/proc/self/fd/{f}").endswith("a.lock")]
+            os.write(w, b"lost" if lease.lost and not held else b"kept")
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as reader:
+        assert reader.read() == b"lost"
+    os.waitpid(child, 0)
+    assert not lease.lost
+    assert not can_flock(daemon.lock_dir / "a.lock")
+    lease.release()
+    assert can_flock(daemon.lock_dir / "a.lock")
 
 
 def test_garbage_from_the_daemon_hangs_up_but_keeps_the_descriptor(short_tmp):

@@ -295,7 +295,10 @@ def test_lost_marks_the_lease_with_its_reason_and_leaves_others():
     conn.receive_data(frames(protocol.Lost(a.id, "force-released by uid 0")))
     assert a.state is LeaseState.LOST and a.lost_reason == "force-released by uid 0"
     assert b.state is LeaseState.HELD
+    # Releasing a lost lease tells the daemon, once, that it was let go of.
+    assert conn.release(a) == frames(protocol.Release(a.id))
     assert conn.release(a) == b""
+    assert a.state is LeaseState.LOST
     assert "force-released by uid 0" in str(a.lost_error())
 
 
@@ -306,7 +309,7 @@ def test_lost_marks_the_lease_with_its_reason_and_leaves_others():
         (lambda a, s: protocol.Queued(s, []), "queued for status"),
         (lambda a, s: protocol.Done(a), "done in reply to acquire"),
         (lambda a, s: protocol.Granted(s, [1]), "granted in reply to status"),
-        (lambda a, s: protocol.Granted(a, [1, 2]), "2 tokens for 1 names"),
+        (lambda a, s: protocol.Granted(a, [1, 2]), "2 tokens and 0 descriptors for 1 names"),
         (lambda a, s: protocol.Granted(s + 1, [1]), "never sent"),
         (lambda a, s: protocol.Done(0), "never sent"),
     ],

@@ -207,7 +207,7 @@ async def test_lost_reads_a_loss_already_reported(daemon):
             await c.status()  # the connection still serves requests
 
 
-async def test_a_killed_daemon_loses_leases_and_fails_waiting_requests(daemon):
+async def test_a_killed_daemon_fails_waiting_requests_and_leaves_leases_held(daemon):
     with trio.fail_after(WAIT):
         async with trio_client.connect(daemon.socket) as holder, trio_client.connect(daemon.socket) as c:
             await holder.acquire("x")
@@ -215,10 +215,11 @@ async def test_a_killed_daemon_loses_leases_and_fails_waiting_requests(daemon):
             async with trio.open_nursery() as nursery:
                 await start_doomed_acquire(nursery, c, "x", match="is lockd still running")
                 daemon.kill()
-                assert await lease.wait_lost()
-            with pytest.raises(lockd_client.LeaseLost):
-                async with lease:
-                    pass
+            assert lease.detached and not lease.lost
+            assert not await trio.to_thread.run_sync(can_flock, daemon.lock_dir / "y.lock")
+            async with lease:
+                pass
+            assert await trio.to_thread.run_sync(can_flock, daemon.lock_dir / "y.lock")
             with pytest.raises(lockd_client.DaemonUnavailable):
                 await c.status()
 

@@ -5,18 +5,26 @@ Invariants:
   HELD from its Granted until it is released, lost, or the connection closes, and never
   becomes HELD again.
 - Once the connection is CLOSED (EOF, a connection-level Error, a protocol violation, a
-  failed transport, or `close`), no Call is pending and no lease is HELD: whoever waits on
-  this connection can always tell that its wait is over.
+  failed transport, or `close`), no Call is pending, and the only leases still HELD are
+  `detached` ones: the daemon said its leases outlive it, and the lease's lock-file
+  descriptors keep it, until the client releases it. Whoever waits on this connection can
+  always tell that its wait is over.
+- Every lock-file descriptor received belongs to exactly one lease record (`fds`), or is
+  handed back by `stray_fds` for the caller to close: none is ever forgotten.
 - A method that refuses a move (bad name, wrong phase, oversized request) raises before
   changing any state.
 
 No I/O and no clock: the blocking and trio clients read and write the socket, feed what they
-read to `receive_data`, and send the bytes each request method returns.
+read (and the descriptors that came with it) to `receive_data`, send the bytes each request
+method returns, and unlock or close the descriptors of the leases that end
+(`lockd_client._lockfds`).
 """
 
 from __future__ import annotations
 
 import enum
+import weakref
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Generic, TypeVar
 
@@ -49,14 +57,28 @@ class LeaseState(enum.Enum):
 class LeaseRecord:
     """The client's view of one granted lease, keyed by the id of the Acquire that made it."""
 
-    __slots__ = ("id", "names", "tokens", "state", "lost_reason")
+    __slots__ = (
+        "id", "names", "tokens", "state", "lost_reason", "fds", "pid", "detached", "acknowledged", "__weakref__",
+    )
 
-    def __init__(self, id: int, names: tuple[str, ...], tokens: list[int]) -> None:
+    def __init__(
+        self, id: int, names: tuple[str, ...], tokens: list[int], fds: list[int], pid: int | None
+    ) -> None:
         self.id = id
         self.names = names
         self.tokens = dict(zip(names, tokens))
         self.state = LeaseState.HELD
         self.lost_reason: str | None = None
+        #: The lock-file descriptors that came with the grant, one per name; open until the
+        #: client lets go of the lease (whatever its state), then [].
+        self.fds = fds
+        #: The process the lease is tied to, if it was acquired with `pid=`.
+        self.pid = pid
+        #: The connection ended, but the daemon said its leases outlive it: the descriptors
+        #: still hold the locks, and the lease is HELD until released.
+        self.detached = False
+        #: Whether the daemon was told this lost lease was let go of (see `Connection.release`).
+        self.acknowledged = False
 
     def lost_error(self) -> errors.LeaseLost:
         return errors.LeaseLost(
@@ -95,6 +117,13 @@ class LeaseView:
     def lost_reason(self) -> str | None:
         """Why the lease was lost; None while it is not."""
         return self._record.lost_reason
+
+    @property
+    def detached(self) -> bool:
+        """Whether the daemon has gone while the lease is held. The lease is still safe: the
+        lock-file descriptors this process holds keep the locks (only the flock backend's
+        leases outlive the daemon; others are lost with it), until it is released."""
+        return self._record.detached
 
     def _raise_if_lost(self, exc_type: type[BaseException] | None) -> None:
         """At the end of the lease's block: raise LeaseLost if it was lost, unless another
@@ -193,6 +222,17 @@ class Connection:
         self._calls: dict[int, Call] = {}
         self._leases: dict[int, LeaseRecord] = {}
         self._next_id = 1
+        #: Descriptors received and not yet claimed by their Granted.
+        self._fds: deque[int] = deque()
+        #: Descriptors nobody will use, for the caller to close.
+        self._stray: list[int] = []
+        #: Every lease record made here: those lost or released may still hold descriptors.
+        self._records: weakref.WeakSet[LeaseRecord] = weakref.WeakSet()
+        #: Whether leases tied to a process (`pid=`) keep their descriptors. By default they
+        #: do not: this client does not live as long as that process, and its copies would
+        #: hold the lock after it; the daemon's copy and its watch on the process keep the
+        #: lease. lockctl's keeper, which lives exactly as long as that process, keeps them.
+        self.keep_tied_descriptors = False
 
     @property
     def closed(self) -> bool:
@@ -256,16 +296,36 @@ class Connection:
         return self._send_request(protocol.ForceRelease(self._next_id, name))
 
     def release(self, lease: LeaseRecord) -> bytes:
-        """End `lease`. Returns the Release to send, or b"" when the lease has already ended
-        or the connection is closed (nothing is left to release then)."""
+        """End `lease`; the caller then lets go of its descriptors (`lease.fds`). Returns the
+        Release to send, or b"" when there is nothing to tell the daemon.
+
+        A lost lease is acknowledged the same way, once: the daemon holds a lease broken by
+        force until its holder says it let go, which then frees the lock at once.
+        """
+        if lease.state is LeaseState.LOST:
+            if lease.acknowledged or self.phase is not Phase.OPEN:
+                return b""
+            lease.acknowledged = True
+            return self._encode(protocol.Release(lease.id))
         if lease.state is not LeaseState.HELD:
             return b""
         if self._leases.get(lease.id) is not lease:
             raise errors.ProtocolError(f"{lease!r} belongs to another connection")
-        data = self._encode(protocol.Release(lease.id))
+        data = b"" if lease.detached else self._encode(protocol.Release(lease.id))
         del self._leases[lease.id]
         lease.state = LeaseState.RELEASED
         return data
+
+    def stray_fds(self) -> list[int]:
+        """Take the descriptors received that no lease claims (a grant that came after its
+        request was withdrawn, or left over when the connection closed): close them."""
+        if self.closed and self._fds:
+            self._stray += self._fds
+            self._fds.clear()
+        if not self._stray:
+            return []
+        stray, self._stray = self._stray, []
+        return stray
 
     def withdraw(self, call: Call) -> bytes:
         """Stop waiting for `call`: its reply, when it comes, is ignored.
@@ -290,15 +350,34 @@ class Connection:
         call._fail(errors.LockdError(f"request {call.id} was withdrawn"))
         return data
 
-    def close(self) -> None:
-        """The client closes the connection: its leases end as released, not lost."""
-        if self.closed:
-            return
-        for lease in self._leases.values():
+    def forget_after_fork(self) -> list[int]:
+        """In a child forked from the process using this connection: its leases are lost to
+        this process (the parent still holds them) and the connection is closed. Returns
+        every descriptor the child has copies of, to close without unlocking."""
+        reason = "this process is a fork of the one holding the lease"
+        fds = self.stray_fds()
+        for record in list(self._records):
+            fds += record.fds
+            record.fds = []
+            if record.state is LeaseState.HELD:
+                record.state = LeaseState.LOST
+                record.lost_reason = reason
+        self._leases.clear()
+        if not self.closed:
+            self._shut(reason, lambda: errors.DaemonUnavailable(f"{reason}: connect anew"))
+        return fds + self.stray_fds()
+
+    def close(self) -> list[LeaseRecord]:
+        """The client closes the connection: its leases (detached ones too) end as released,
+        not lost. Returns them: the caller lets go of their descriptors."""
+        ended = list(self._leases.values())
+        for lease in ended:
             lease.state = LeaseState.RELEASED
         self._leases.clear()
-        reason = "the connection was closed by this client"
-        self._shut(reason, lambda: errors.DaemonUnavailable(reason))
+        if not self.closed:
+            reason = "the connection was closed by this client"
+            self._shut(reason, lambda: errors.DaemonUnavailable(reason))
+        return ended
 
     def abort(self, reason: str) -> None:
         """The transport failed (`reason` says how): leases are lost, requests fail."""
@@ -307,8 +386,9 @@ class Connection:
 
     # --- daemon moves -------------------------------------------------------------------------
 
-    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Apply bytes read from the socket; b"" means the daemon closed it.
+    def receive_data(self, data: bytes | bytearray | memoryview, fds: Iterable[int] = ()) -> None:
+        """Apply bytes read from the socket, and the descriptors that came with them (they
+        are the connection's from now on); b"" means the daemon closed it.
 
         A protocol violation (garbage, an oversized frame, a reply that cannot be) closes the
         connection: its leases are lost with a reason naming the violation, and its requests
@@ -316,7 +396,9 @@ class Connection:
         too. Data arriving after the connection closed is discarded.
         """
         if self.phase is Phase.CLOSED:
+            self._stray.extend(fds)
             return
+        self._fds.extend(fds)
         if not data:
             if self.phase is Phase.GREETING:
                 reason = "lockd closed the connection during the handshake"
@@ -391,6 +473,8 @@ class Connection:
         if call is None:
             if id in self._leases:
                 raise _Violation(f"{_tag(message)} for request {id}, already granted")
+            if type(message) is protocol.Granted:
+                self._stray += self._claim_fds(message.descriptors)
             return  # in flight when the client withdrew or released it: stale, not wrong
         request = call.request
         if type(message) is protocol.Queued:
@@ -406,10 +490,17 @@ class Connection:
             raise _Violation(f"{_tag(message)} in reply to {_tag(request)} request {id}")
         if type(message) is protocol.Granted:
             names = request.names
-            if len(message.tokens) != len(names):
-                raise _Violation(f"{len(message.tokens)} tokens for {len(names)} names")
+            if len(message.tokens) != len(names) or message.descriptors not in (0, len(names)):
+                raise _Violation(
+                    f"{len(message.tokens)} tokens and {message.descriptors} descriptors for {len(names)} names"
+                )
             del self._calls[id]
-            lease = LeaseRecord(id, tuple(names), message.tokens)
+            fds = self._claim_fds(message.descriptors)
+            if request.pid is not None and not self.keep_tied_descriptors:
+                self._stray += fds
+                fds = []
+            lease = LeaseRecord(id, tuple(names), message.tokens, fds, request.pid)
+            self._records.add(lease)
             self._leases[id] = lease
             call._resolve(lease)
             return
@@ -437,11 +528,20 @@ class Connection:
             lease.state = LeaseState.LOST
             lease.lost_reason = message.reason
 
+    def _claim_fds(self, count: int) -> list[int]:
+        if count > len(self._fds):
+            raise _Violation(f"a grant with {count} descriptors, of which {len(self._fds)} came")
+        return [self._fds.popleft() for _ in range(count)]
+
     def _lose_all(self, reason: str, error: Callable[[], errors.LockdError]) -> None:
-        for lease in self._leases.values():
-            lease.state = LeaseState.LOST
-            lease.lost_reason = reason
-        self._leases.clear()
+        outlive = self.server is not None and self.server.leases_outlive_daemon
+        for id, lease in list(self._leases.items()):
+            if outlive and lease.fds:
+                lease.detached = True
+            else:
+                lease.state = LeaseState.LOST
+                lease.lost_reason = reason
+                del self._leases[id]
         self._shut(reason, error)
 
     def _shut(self, reason: str, error: Callable[[], errors.LockdError]) -> None:

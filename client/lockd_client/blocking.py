@@ -15,7 +15,7 @@ import socket
 from types import TracebackType
 from typing import TypeVar
 
-from . import errors, paths, protocol
+from . import _lockfds, errors, paths, protocol
 from ._connection import READ_SIZE, Call, Connection, LeaseState, LeaseView, QueuedCallback
 from ._connection import unavailable, went_away
 
@@ -72,6 +72,7 @@ class Client:
         self._inbox_view = memoryview(self._inbox)
         self._readable = select.poll()
         self._readable.register(sock, select.POLLIN)
+        _lockfds.register(self)
 
     def acquire(
         self,
@@ -140,9 +141,16 @@ class Client:
             pass
 
     def close(self) -> None:
-        """Close the connection; the daemon ends every lease on it. Idempotent."""
-        self._conn.close()
+        """Close the connection and release every lease on it. Idempotent."""
+        for lease in self._conn.close():
+            _lockfds.let_go(lease)
+        _lockfds.close_all(self._conn.stray_fds())
         self._sock.close()
+
+    def _forget_after_fork(self) -> None:
+        _lockfds.close_all(self._conn.forget_after_fork())
+        if self._sock.fileno() >= 0:
+            _lockfds.hang_up(self._sock.fileno())
 
     def __enter__(self) -> Client:
         return self
@@ -179,15 +187,16 @@ class Client:
                 # kernel's write-space wakeup is not filtered for it), at a cost in CPU to
                 # both processes. The handshake has a timeout, which recv() applies itself.
                 self._readable.poll()
-            size = self._sock.recv_into(self._inbox, READ_SIZE, flags)
+            size, fds = _lockfds.recv_into(self._sock, self._inbox, flags)
         except BlockingIOError:
             return False
         except OSError as exc:
             self._conn.abort(f"reading from lockd at {self.socket_path} failed: {exc}")
         else:
-            self._conn.receive_data(self._inbox_view[:size])
+            self._conn.receive_data(self._inbox_view[:size], fds)
         if self._conn.closed:
             self._hang_up()
+        _lockfds.close_all(self._conn.stray_fds())
         return True
 
     def _send(self, data: bytes) -> None:
@@ -209,16 +218,12 @@ class Client:
         """Let go of this process's handle on the connection, but keep the descriptor number
         until `close`: whoever polls `fileno()` must not see it vanish or be reused.
 
-        The daemon sees the connection end, and ends its leases, once no process holds it.
-        A socket shutdown would end it at once for every process holding a copy, and lockctl
-        relies on a copy kept by another process to hold the lease until the command it runs
-        under it is gone. The descriptor then refers to /dev/null, which polls readable.
+        The daemon sees the connection end once no process holds it. A socket shutdown would
+        end it at once for every process holding a copy, and lockctl relies on a copy kept by
+        another process to hold the lease until the command it runs under it is gone. The
+        descriptor then refers to /dev/null, which polls readable.
         """
-        null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.dup2(null, self._sock.fileno(), inheritable=False)
-        finally:
-            os.close(null)
+        _lockfds.hang_up(self._sock.fileno())
 
     def _send_quietly(self, data: bytes) -> None:
         """Send a release; if the connection is broken, the daemon already ended the lease."""
@@ -245,12 +250,16 @@ class Lease(LeaseView):
         return self._record.state is LeaseState.LOST
 
     def release(self) -> None:
-        """Release the lease without waiting for the daemon. Idempotent.
+        """Release the lease without waiting for the daemon, unlocking its lock files.
+        Idempotent.
 
-        The daemon applies it before any later request on this connection. Does nothing if
-        the lease was lost or the connection is closed.
+        The daemon applies it before any later request on this connection. A lost lease is
+        let go of too (the daemon may be waiting for that to give the lock to the next).
         """
-        self._client._send_quietly(self._client._conn.release(self._record))
+        try:
+            self._client._send_quietly(self._client._conn.release(self._record))
+        finally:
+            _lockfds.let_go(self._record)
 
     def __enter__(self) -> Lease:
         return self

@@ -15,6 +15,7 @@ Invariants:
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import AsyncIterator, Callable, Generator
 from contextlib import asynccontextmanager
 from types import TracebackType
@@ -22,7 +23,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from . import errors, paths, protocol
+from . import _lockfds, errors, paths, protocol
 from ._connection import READ_SIZE, Call, Connection, LeaseState, LeaseView, QueuedCallback
 from ._connection import unavailable, went_away
 
@@ -73,11 +74,18 @@ class Connecting:
         await self._client.aclose()
 
     async def _open(self) -> Client:
+        # The client reads the stdlib socket under trio's: see Client._raw.
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            stream = await trio.open_unix_socket(self._path)
+            sock = trio.socket.from_stdlib_socket(raw)
+            await sock.connect(self._path)
         except OSError as exc:
+            raw.close()
             raise unavailable(self._path, exc) from exc
-        client = Client(stream, self._path)
+        except BaseException:
+            raw.close()
+            raise
+        client = Client(trio.SocketStream(sock), raw, self._path)
         try:
             client.server = await client._run(*client._conn.hello(self._label))
         except BaseException:
@@ -93,8 +101,12 @@ class Client:
 
     server: protocol.Welcome
 
-    def __init__(self, stream: trio.SocketStream, socket_path: str) -> None:
+    def __init__(self, stream: trio.SocketStream, raw: socket.socket, socket_path: str) -> None:
         self._stream = stream
+        #: The stdlib socket that `stream` wraps (closed with it). Reads need the descriptors
+        #: that come with the bytes, with and without waiting, and trio's socket has no
+        #: recvmsg that does not wait: reads wait for trio, then take what is there from this.
+        self._raw = raw
         self._conn = Connection()
         self.socket_path = socket_path
         self._send_lock = trio.Lock()
@@ -104,6 +116,7 @@ class Client:
         self._reading = False
         # Set (then replaced) each time the reading task has applied what it read.
         self._progress = trio.Event()
+        _lockfds.register(self)
 
     async def acquire(
         self,
@@ -179,14 +192,25 @@ class Client:
         return await self._run(*self._conn.force_release(name))
 
     async def aclose(self) -> None:
-        """Close the connection; the daemon ends every lease on it. Idempotent.
+        """Close the connection and release every lease on it. Idempotent.
 
         Tasks waiting on this connection raise DaemonUnavailable. The socket is closed even if
         this is cancelled.
         """
-        self._conn.close()
+        for lease in self._conn.close():
+            _lockfds.let_go(lease)
         self._wake()
+        self._close_socket()
         await self._stream.aclose()
+
+    def _close_socket(self) -> None:
+        _lockfds.close_all(self._conn.stray_fds())
+        self._stream.socket.close()
+
+    def _forget_after_fork(self) -> None:
+        _lockfds.close_all(self._conn.forget_after_fork())
+        if self._raw.fileno() >= 0:
+            _lockfds.hang_up(self._raw.fileno())
 
     async def __aenter__(self) -> Client:
         return self
@@ -226,11 +250,14 @@ class Client:
             self._reading = True
             try:
                 try:
-                    size = await self._stream.socket.recv_into(self._inbox)
+                    await trio.lowlevel.wait_readable(self._raw)
+                    read = _lockfds.recv_into(self._raw, self._inbox, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    continue
                 except (trio.ClosedResourceError, OSError) as exc:
                     self._apply_read(exc)
                 else:
-                    self._apply_read(size)
+                    self._apply_read(read)
             finally:
                 self._reading = False
                 self._wake()
@@ -243,24 +270,26 @@ class Client:
         """
         while not self._reading and not self._conn.closed:
             try:
-                # The socket is non-blocking (trio made it so): this takes what is there.
-                size = os.readv(self._stream.socket.fileno(), [self._inbox])
+                read = _lockfds.recv_into(self._raw, self._inbox, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 return
             except OSError as exc:
                 self._apply_read(exc)
             else:
-                self._apply_read(size)
+                self._apply_read(read)
             self._wake()
 
-    def _apply_read(self, result: int | Exception) -> None:
-        """Apply one read: the byte count it put in the inbox, or how it failed."""
+    def _apply_read(self, result: tuple[int, list[int]] | Exception) -> None:
+        """Apply one read: the byte count it put in the inbox and the descriptors that came
+        with it, or how it failed."""
         if isinstance(result, Exception):
             self._conn.abort(f"reading from lockd at {self.socket_path} failed: {result}")
         else:
-            self._conn.receive_data(self._inbox_view[:result])
+            size, fds = result
+            self._conn.receive_data(self._inbox_view[:size], fds)
         if self._conn.closed:
-            self._stream.socket.close()
+            self._close_socket()
+        _lockfds.close_all(self._conn.stray_fds())
 
     async def _send(self, data: bytes) -> None:
         if not data:
@@ -288,7 +317,7 @@ class Client:
 
     def _abort(self, reason: str) -> None:
         self._conn.abort(reason)
-        self._stream.socket.close()
+        self._close_socket()
         self._wake()
 
     def _wake(self) -> None:
@@ -314,18 +343,24 @@ class Lease(LeaseView):
         return self._record.state is LeaseState.LOST
 
     async def release(self) -> None:
-        """Release the lease without waiting for the daemon. Idempotent.
+        """Release the lease without waiting for the daemon, unlocking its lock files.
+        Idempotent.
 
         The daemon applies it before any later request on this connection. Shielded from
-        cancellation. Does nothing if the lease was lost or the connection is closed.
+        cancellation. A lost lease is let go of too (the daemon may be waiting for that to
+        give the lock to the next).
         """
-        await self._client._send_shielded(self._client._conn.release(self._record))
+        try:
+            await self._client._send_shielded(self._client._conn.release(self._record))
+        finally:
+            _lockfds.let_go(self._record)
 
     async def wait_lost(self) -> str:
         """Read the connection until this lease is lost; return the reason.
 
         Runs in the calling task (other tasks' replies it reads are handed to them). If the
-        lease is released instead, it is never lost: this then sleeps until cancelled.
+        lease is released instead, or held on detached from a daemon that went away (see
+        `detached`), it is never lost: this then sleeps until cancelled.
         """
         await self._client._read_until(lambda: self._record.state is not LeaseState.HELD)
         if self._record.state is LeaseState.LOST:

@@ -1,0 +1,131 @@
+"""The lock-file descriptors that come with a grant: receiving them, letting go of them, and
+keeping them out of forked children.
+
+Invariants:
+- A descriptor received is close-on-exec from the moment it exists (MSG_CMSG_CLOEXEC): no
+  program this process runs ever holds a lease.
+- Letting go of a lease the client holds unlocks its files (LOCK_UN, which frees the lock for
+  every copy of the descriptor, the daemon's included) before closing them; a lease tied to
+  another process (`pid=`) is only closed, since that process's life, not this client's, is
+  the lease's.
+- A child forked from a process holding leases holds none of them: after the fork, the
+  child closes its copies of every registered owner's descriptors and of its daemon
+  connections, without unlocking anything, unless the fork is made under `kept_in_child`
+  (lockctl's guardian and keeper, which exist to hold them).
+"""
+
+from __future__ import annotations
+
+import array
+import fcntl
+import os
+import socket
+import weakref
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Protocol
+
+#: Room for the most descriptors the kernel passes in one message (SCM_MAX_FD).
+_ANCILLARY_SIZE = socket.CMSG_SPACE(253 * array.array("i").itemsize)
+
+
+class DescriptorsLost(OSError):
+    """The kernel dropped descriptors sent with a message (this process is out of them)."""
+
+
+def recv_into(sock: socket.socket, buffer: bytearray, flags: int = 0) -> tuple[int, list[int]]:
+    """Read from `sock` into `buffer`, as `sock.recvmsg_into` with `flags`: the byte count
+    and the descriptors that came with the bytes (close-on-exec). Raises DescriptorsLost,
+    having closed the ones that did come, if the kernel dropped some."""
+    size, ancdata, msg_flags, _ = sock.recvmsg_into((buffer,), _ANCILLARY_SIZE, flags | socket.MSG_CMSG_CLOEXEC)
+    return size, (_received(ancdata, msg_flags) if ancdata else [])
+
+
+def _received(ancdata: list[tuple[int, int, bytes]], msg_flags: int) -> list[int]:
+    fds = array.array("i")
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    if msg_flags & socket.MSG_CTRUNC:
+        close_all(fds)
+        raise DescriptorsLost(
+            "lock-file descriptors lockd sent were dropped by the kernel: this process is out "
+            "of file descriptors (raise its limit with ulimit -n)"
+        )
+    return list(fds)
+
+
+class _Record(Protocol):
+    fds: list[int]
+    pid: int | None
+
+
+def let_go(lease: _Record) -> None:
+    """Unlock (unless tied to another process) and close `lease`'s descriptors. Idempotent."""
+    fds, lease.fds = lease.fds, []
+    if lease.pid is None:
+        unlock(fds)
+    close_all(fds)
+
+
+def unlock(fds: Iterable[int]) -> None:
+    """Release the flocks of `fds`, for every copy of them (the daemon's too)."""
+    for fd in fds:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def close_all(fds: Iterable[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+# --- forks ------------------------------------------------------------------------------------
+
+
+class _Owner(Protocol):
+    def _forget_after_fork(self) -> None:
+        """In a forked child: drop this process's copies, unlocking nothing."""
+
+
+_owners: weakref.WeakSet[_Owner] = weakref.WeakSet()
+_keep_in_child = False
+
+
+def register(owner: _Owner) -> None:
+    """Have `owner` forget its descriptors in every child forked from now on."""
+    _owners.add(owner)
+
+
+@contextmanager
+def kept_in_child() -> Iterator[None]:
+    """A fork made inside this block keeps every lease and connection in the child."""
+    global _keep_in_child
+    _keep_in_child = True
+    try:
+        yield
+    finally:
+        _keep_in_child = False
+
+
+def _after_fork_in_child() -> None:
+    global _keep_in_child
+    if _keep_in_child:
+        # The child keeps the descriptors as they are, and whatever it forks is on its own.
+        _keep_in_child = False
+    else:
+        for owner in list(_owners):
+            owner._forget_after_fork()
+    _owners.clear()
+
+
+def hang_up(fd: int) -> None:
+    """Make `fd` refer to /dev/null: this process no longer holds what it referred to, yet
+    the number stays taken, so whoever polls it sees it readable rather than reused."""
+    null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.dup2(null, fd, inheritable=False)
+    finally:
+        os.close(null)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
