@@ -168,20 +168,6 @@ def test_sigkill_of_lockctls_whole_job_terminates_cmd_tree_before_the_lock_is_fr
         kill_quietly(proc)
 
 
-def test_daemon_death_terminates_cmd_with_the_lost_status(daemon, tmp_path: Path) -> None:
-    script = f"sleep 60 & echo $! > {tmp_path}/gc; wait"
-    proc = start_lockctl(daemon, "acquire", "x", "-c", script)
-    try:
-        grandchild = int(wait_for_file(tmp_path / "gc"))
-        daemon.kill()
-        code, err = finish(proc)
-    finally:
-        kill_quietly(proc)
-    assert code == cli.EXIT_LOST == 79
-    assert "lost" in err and "terminated" in err
-    assert not alive(grandchild)
-
-
 def test_forced_release_terminates_the_holders_cmd(lockd, name: str, tmp_path: Path) -> None:
     proc = start_lockctl(lockd, "acquire", name, "--kill-after", "1", "-c", f"echo > {tmp_path}/ready; sleep 60")
     try:

@@ -41,8 +41,8 @@ def process_events():
     except BlockingIOError:
         pass
 try:
-    ended = _supervise.run(argv, {**os.environ, "HARNESS": "yes"}, fd, process_events,
-                           lambda: lost[0] if lost else None, kill_after=kill_after)
+    ended = _supervise.run(argv, {**os.environ, "HARNESS": "yes"}, fd, [], process_events,
+                           lambda: lost[0] if lost else None, lambda: False, kill_after=kill_after)
 except errors.LeaseLost as e:
     print("LOST", e, file=sys.stderr, flush=True)
     sys.exit(79)

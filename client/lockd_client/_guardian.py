@@ -1,7 +1,8 @@
 """What runs in lockctl's forked guardian process, and the messages lockctl and it exchange.
 
-Invariant: once forked, the guardian never lets go of the daemon connection while anything
-of CMD's tree runs, unless lockctl said DONE: on TERMINATE, or on EOF from lockctl (it died),
+Invariant: once forked, the guardian never lets go of the daemon connection, nor of the
+lease's lock-file descriptors (whose flocks outlive the daemon), while anything of CMD's tree
+runs, unless lockctl said DONE: on TERMINATE, or on EOF from lockctl (it died),
 it terminates the tree and only then exits. CMD itself never runs before lockctl writes
 GATE_OPEN to its gate. Both sides speak only through the constants below.
 """
@@ -65,6 +66,7 @@ def run(
     env: Mapping[str, str],
     lockctl: int,
     conn_fd: int,
+    lease_fds: Sequence[int],
     gate_r: int,
     err_w: int,
     orders: int,
@@ -72,8 +74,8 @@ def run(
     kill_after: float,
     ignored: set[int],
 ) -> NoReturn:
-    """In the forked guardian: fork CMD, then hold the connection until lockctl is done or
-    dead, reaping everything that falls to it meanwhile."""
+    """In the forked guardian: fork CMD, then hold the connection and the lease's lock-file
+    descriptors until lockctl is done or dead, reaping everything that falls to it meanwhile."""
     try:
         os.setpgid(0, 0)
         signal.set_wakeup_fd(-1)
@@ -88,19 +90,19 @@ def run(
             _report(reports, FORK_FAILED, e.errno)
             raise
         if cmd == 0:
-            _exec_child(argv, env, gate_r, err_w, ignored, (conn_fd, orders, reports))
+            _exec_child(argv, env, gate_r, err_w, ignored, (conn_fd, orders, reports, *lease_fds))
         try:
             os.setpgid(cmd, cmd)  # the child does it too: whichever runs first
         except OSError:
             pass  # it did already and may have exec'd, or died
         _report(reports, CMD_PID, cmd)
-        _rename(NAME)
+        rename(NAME)
         # Keep stderr for the messages; any other inherited descriptor (lockctl's stdout may
         # be a pipe someone reads to EOF) must not be held open by the guardian.
         null = os.open(os.devnull, os.O_RDWR)
         os.dup2(null, 0)
         os.dup2(null, 1)
-        _close_all_but(conn_fd, orders, reports)
+        close_all_but(conn_fd, orders, reports, *lease_fds)
         _guard(lockctl, cmd, orders, reports, kill_after)
     finally:
         os._exit(0)
@@ -190,7 +192,7 @@ def _exec_child(
         os._exit(127)
 
 
-def _close_all_but(*keep: int) -> None:
+def close_all_but(*keep: int) -> None:
     low = 3
     for fd in sorted(keep):
         os.closerange(low, fd)
@@ -209,7 +211,7 @@ def prctl(option: int, value: int | bytes) -> None:
         raise OSError(errno, f"prctl({option}): {os.strerror(errno)}")
 
 
-def _rename(title: bytes) -> None:
+def rename(title: bytes) -> None:
     """Set the calling process's name and command line (as ps and pkill see them) to `title`.
 
     The command line is the argument area at the top of the process's stack; it is

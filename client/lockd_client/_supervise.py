@@ -1,11 +1,13 @@
 """Running a command under a lease, for `lockctl acquire NAME -- CMD`.
 
-Invariant: no process that CMD started runs while the daemon could consider the lease free,
-unless CMD exited by itself first. The daemon connection is held by lockctl and by a guardian
-process; the guardian is CMD's parent and a child subreaper, so every process CMD starts stays
-in the guardian's tree however it detaches (own process group, own session, double fork).
-Whoever gives up the lease first (lockctl seeing it lost, the guardian seeing lockctl die)
-kills that whole tree and waits until it is empty before it lets go of the connection. Only
+Invariant: no process that CMD started runs while the lock could be free, unless CMD exited
+by itself first. The daemon connection and the lease's lock-file descriptors (whose flocks
+outlive the daemon) are held by lockctl and by a guardian process; the guardian is CMD's
+parent and a child subreaper, so every process CMD starts stays in the guardian's tree however
+it detaches (own process group, own session, double fork). Whoever gives up the lease first
+(lockctl seeing it lost, the guardian seeing lockctl die) kills that whole tree and waits
+until it is empty before it lets go of the connection and the descriptors. The daemon going
+away is not a loss where its leases outlive it: CMD goes on under the kernel's lock. Only
 when CMD exits by itself are the background processes it left behind let go of with the
 lease: the lock does not wait for them.
 
@@ -55,7 +57,7 @@ import signal
 from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple, NoReturn
 
-from . import _guardian, _proctree, _terminal
+from . import _guardian, _lockfds, _proctree, _terminal
 from .errors import LeaseLost, LockdError
 
 
@@ -82,34 +84,43 @@ def run(
     argv: Sequence[str],
     env: Mapping[str, str],
     conn_fd: int,
+    lease_fds: Sequence[int],
     process_events: Callable[[], None],
     is_lost: Callable[[], str | None],
+    is_detached: Callable[[], bool],
     *,
     kill_after: float,
 ) -> Exit:
     """Run `argv` while the lease is held; return how it ended, once it has exited.
 
-    `conn_fd` is the daemon connection; when it is readable `process_events()` is called and
-    then `is_lost()` says whether the lease ended (it returns the reason, or None). A lost
-    lease terminates CMD's whole process tree (SIGTERM, then SIGKILL after `kill_after`
+    `conn_fd` is the daemon connection and `lease_fds` the lease's lock-file descriptors,
+    which the guardian holds too; when the connection is readable `process_events()` is
+    called, then `is_lost()` says whether the lease ended (it returns the reason, or None)
+    and `is_detached()` whether the daemon went away leaving the lease to the descriptors. A
+    lost lease terminates CMD's whole process tree (SIGTERM, then SIGKILL after `kill_after`
     seconds) and raises LeaseLost once nothing of it is left; NotStarted (a LeaseLost) if CMD
-    had not been started yet. Raises ExecError if `argv` cannot be executed. The caller
-    releases the lease after a normal return.
+    had not been started yet. A detached lease is said so once on stderr, and CMD goes on.
+    Raises ExecError if `argv` cannot be executed. The caller releases the lease after a
+    normal return.
     """
-    return _Supervisor(conn_fd, process_events, is_lost, kill_after).run(argv, env)
+    return _Supervisor(conn_fd, lease_fds, process_events, is_lost, is_detached, kill_after).run(argv, env)
 
 
 class _Supervisor:
     def __init__(
         self,
         conn_fd: int,
+        lease_fds: Sequence[int],
         process_events: Callable[[], None],
         is_lost: Callable[[], str | None],
+        is_detached: Callable[[], bool],
         kill_after: float,
     ) -> None:
         self.conn_fd = conn_fd
+        self.lease_fds = lease_fds
         self.process_events = process_events
         self.is_lost = is_lost
+        self.is_detached = is_detached
         self.kill_after = kill_after
         self.pid = 0  # CMD's, and its process group's, once the guardian has reported it
         self.started = False  # the gate is open: CMD may have run
@@ -176,10 +187,11 @@ class _Supervisor:
         # handlers (which would write to lockctl's wakeup pipe); it unblocks them itself.
         signal.pthread_sigmask(signal.SIG_BLOCK, handled)
         try:
-            self.guardian = os.fork()
+            with _lockfds.kept_in_child():
+                self.guardian = os.fork()
             if self.guardian == 0:
-                _guardian.run(argv, env, lockctl, self.conn_fd, gate_r, err_w, orders,
-                              reports, self.kill_after, ignored)
+                _guardian.run(argv, env, lockctl, self.conn_fd, self.lease_fds, gate_r, err_w,
+                              orders, reports, self.kill_after, ignored)
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
             for fd in (gate_r, err_w, orders, reports):
@@ -201,6 +213,12 @@ class _Supervisor:
                 reason = self._lost_reason(ready[self.conn_fd])
                 if reason is not None:
                     self._terminate(reason)
+                if self.is_detached():
+                    poller.unregister(self.conn_fd)
+                    _proctree.warn(
+                        "lockctl: lockd went away; CMD goes on, and the lock stays held until it "
+                        "exits (this lockctl and its guardian hold the lock file)"
+                    )
             if self.err_r in ready:
                 data = os.read(self.err_r, 64)
                 if data:
@@ -272,7 +290,7 @@ class _Supervisor:
         except LockdError as e:
             return self.is_lost() or f"connection to lockd failed: {e}"
         reason = self.is_lost()
-        if reason is None and events & (select.POLLHUP | select.POLLERR):
+        if reason is None and not self.is_detached() and events & (select.POLLHUP | select.POLLERR):
             # The client saw nothing yet the socket is dead: without this the loop would spin.
             return "connection to lockd closed"
         return reason

@@ -229,9 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     acquire.add_argument(
         "--kill-after",
         type=_seconds,
-        default=DEFAULT_KILL_AFTER,
         metavar="SEC",
-        help="if the lease is lost, SIGKILL CMD this long after SIGTERM (default %(default)g)",
+        help=f"if the lease is lost, SIGKILL CMD this long after SIGTERM (default {DEFAULT_KILL_AFTER:g}, "
+        "less if lockd needs the lock back sooner)",
     )
     acquire.add_argument(
         "--pid",
@@ -348,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
         return _die_of(signal.SIGINT, group=False)
     except _Interrupted as e:
         return _die_of(e.signum, group=e.group)
+    except UsageError as e:
+        _say(str(e))
+        return EXIT_USAGE
     except errors.LockdError as e:
         _say(_explain(e, socket_path))
         return next((code for cls, code in _EXIT_STATUS if isinstance(e, cls)), EXIT_PROTOCOL)
@@ -419,6 +422,13 @@ def _acquire(args: argparse.Namespace, socket_path: str, parent: int) -> int:
 
     waiting = _WaitLine(args.names, verbose=args.verbose)
     with connect(socket_path) as client:
+        if args.cmd is not None:
+            args.kill_after = _kill_after(args.kill_after, client.server.stop_within)
+            tied_to = None
+        else:
+            tied_to = _tie_to(args.pid, parent)
+            # The keeper holds the lease's descriptors for as long as that process lives.
+            client._conn.keep_tied_descriptors = True
         try:
             lease = client.acquire(
                 *args.names,
@@ -426,7 +436,7 @@ def _acquire(args: argparse.Namespace, socket_path: str, parent: int) -> int:
                 wait=not args.no_wait,
                 timeout=args.timeout,
                 label=args.label,
-                pid=_tie_to(args.pid, parent) if args.cmd is None else None,
+                pid=tied_to,
                 on_queued=waiting.show,
             )
         except errors.BackendUnavailable as e:
@@ -448,9 +458,41 @@ def _acquire(args: argparse.Namespace, socket_path: str, parent: int) -> int:
         if args.verbose:
             _say(f"acquired {_tokens_text(lease.tokens)}")
         if args.cmd is None:
+            assert tied_to is not None
+            _keep(client, lease, tied_to)
             print("\n".join(str(lease.tokens[name]) for name in args.names))
             return 0
         return _run_under(args, client, lease)
+
+
+def _kill_after(asked: float | None, stop_within: float | None) -> float:
+    """The --kill-after to use: what was asked (else the default), if it lets CMD's tree be
+    gone before lockd may give the lock to someone else after a loss (`stop_within`)."""
+    if stop_within is None:
+        return DEFAULT_KILL_AFTER if asked is None else asked
+    # Room for the SIGKILL to take effect and the tree to be seen gone.
+    most = stop_within - min(1.0, stop_within / 4)
+    if asked is None:
+        return min(DEFAULT_KILL_AFTER, most)
+    if asked > most:
+        raise UsageError(
+            f"--kill-after {asked:g} is too long for this lockd: after a lost lease it may give the "
+            f"lock to someone else {stop_within:g} s later, so CMD must be gone by then; give at "
+            f"most --kill-after {most:g}"
+        )
+    return asked
+
+
+def _keep(client, lease, pid: int) -> None:
+    """Start the process that holds the lease's descriptors for as long as `pid` lives."""
+    from . import _keeper
+
+    try:
+        _keeper.start(client, lease, pid)
+    except ProcessLookupError:
+        raise errors.NotHeld(f"process {pid} exited before its lease was granted") from None
+    except OSError as e:
+        raise errors.LimitExceeded(f"cannot start the process that keeps the lease: {e.strerror}") from None
 
 
 def _not_run(args: argparse.Namespace) -> str:
@@ -493,8 +535,10 @@ def _run_under(args: argparse.Namespace, client, lease) -> int:
             args.cmd,
             env,
             client.fileno(),
+            lease._record.fds,
             client.process_events,
             lost_reason,
+            lambda: lease.detached,
             kill_after=args.kill_after,
         )
     except _supervise.NotStarted as e:
@@ -594,16 +638,25 @@ def _say_busy(e: errors.LockBusy, args: argparse.Namespace, client) -> None:
 def _release(args: argparse.Namespace, socket_path: str, parent: int) -> int:
     from .blocking import connect
 
-    with connect(socket_path) as client:
-        if args.force:
+    if args.force:
+        with connect(socket_path) as client:
             (name,) = args.names
             count = client.force_release(name)
-            if count == 0:
-                _say(f"{name} was not held: nothing to break")
-                return EXIT_NO
-            _say(f"broke {count} lease{'s' if count != 1 else ''} on {name}")
-            return 0
-        client.release_pid(args.pid or parent, *args.names)
+        if count == 0:
+            _say(f"{name} was not held: nothing to break")
+            return EXIT_NO
+        _say(f"broke {count} lease{'s' if count != 1 else ''} on {name}")
+        return 0
+    pid = args.pid or parent
+    try:
+        with connect(socket_path) as client:
+            client.release_pid(pid, *args.names)
+    except (errors.NotHeld, errors.DaemonUnavailable):
+        # A lockd restarted since the lease was taken does not know it: its keeper holds it.
+        from . import _keeper
+
+        if not _keeper.release(pid, args.names):
+            raise
     return 0
 
 

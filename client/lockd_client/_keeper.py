@@ -1,0 +1,130 @@
+"""The keeper of a process-tied lease (`lockctl acquire NAME` without CMD).
+
+Invariant: from the moment lockctl prints the lease's tokens until the process it is tied to
+exits or the lease is released, a process holds the lease's lock-file descriptors — the
+keeper — whatever happens to lockd meanwhile. The daemon holds its own copy and watches the
+process too, so the lock is free only once both have let go: the keeper never lets go early
+unless told to (a Lost from the daemon: a release or a forced release; or SIGTERM from
+`lockctl release` when the daemon no longer knows the lease).
+
+The keeper is a fork of lockctl, in a session of its own (the caller's job control and a
+closing terminal do not reach it) and with /dev/null for stdin, stdout and stderr (a caller
+reading lockctl's output to EOF, as `$(lockctl acquire NAME)` does, is not held up). It is
+named `lockd-keeper PID` in ps, PID being the process it keeps the lease for, which is how
+`lockctl release` finds it when the daemon restarted in between.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+from typing import TYPE_CHECKING, NoReturn
+
+from . import _guardian, _lockfds
+
+if TYPE_CHECKING:
+    from .blocking import Client, Lease
+
+#: The keeper's name (comm) as ps and /proc show it.
+NAME = b"lockd-keeper"
+#: How long `release` waits for a keeper it told to let go (it exits at once).
+_RELEASE_WAIT = 5.0
+
+
+def start(client: Client, lease: Lease, target: int) -> None:
+    """Fork the keeper of `lease`, tied to process `target`, made on `client` with the
+    lease's descriptors kept (`Connection.keep_tied_descriptors`); return in lockctl once it
+    runs. Raises OSError (lockctl then fails, and the lease ends with its connection) if
+    `target` cannot be watched or the fork fails.
+    """
+    pidfd = os.pidfd_open(target)
+    try:
+        with _lockfds.kept_in_child():
+            keeper = os.fork()
+        if keeper == 0:
+            _keep(client, lease, pidfd, target)
+    finally:
+        os.close(pidfd)
+    # Reaped at once: the keeper forks again and exits, which leaves the real keeper a
+    # child of init rather than of lockctl's caller, which never reaps what it did not start.
+    os.waitpid(keeper, 0)
+
+
+def _keep(client: Client, lease: Lease, pidfd: int, target: int) -> NoReturn:
+    try:
+        os.setsid()
+        if os.fork():
+            os._exit(0)
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU):
+            signal.signal(sig, signal.SIG_IGN)
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        conn_fd = client.fileno()
+        _guardian.close_all_but(conn_fd, pidfd, *lease._record.fds)
+        _guardian.rename(NAME + b" %d" % target)
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGTERM, _guardian.note)
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        poller = select.poll()
+        for fd in (conn_fd, pidfd, wake_r):
+            poller.register(fd, select.POLLIN)
+        while True:
+            ready = dict(poller.poll())
+            if pidfd in ready:
+                return  # the process is gone, and with it the reason to hold the lease
+            if wake_r in ready:
+                # `lockctl release` after lockd restarted: the new daemon never knew this lease.
+                _lockfds.unlock(lease._record.fds)
+                return
+            if conn_fd in ready:
+                client.process_events()
+                if lease.lost:
+                    lease.release()  # says it was let go: a broken lease is then freed at once
+                    return
+                if lease.detached:
+                    poller.unregister(conn_fd)  # lockd is gone; the descriptors keep the lease
+    finally:
+        os._exit(0)
+
+
+def release(target: int, names: list[str]) -> bool:
+    """End the lease that a keeper holds for process `target` on any of `names` (for a lockd
+    that no longer knows it): SIGTERM every such keeper of this user (of anyone's, for root),
+    and wait until they are gone. False if there is none."""
+    files = {f"{name}.lock" for name in names}
+    me = os.getuid()
+    keepers = []
+    for pid in _keepers_of(target):
+        try:
+            if me not in (0, os.stat(f"/proc/{pid}").st_uid):
+                continue
+            held = {os.path.basename(os.readlink(f"/proc/{pid}/fd/{fd}")) for fd in os.listdir(f"/proc/{pid}/fd")}
+            if held & files:
+                keepers.append(os.pidfd_open(pid))
+                signal.pidfd_send_signal(keepers[-1], signal.SIGTERM)
+        except OSError:
+            continue  # gone meanwhile, or not ours to look at
+    for pidfd in keepers:
+        select.select([pidfd], [], [], _RELEASE_WAIT)
+        os.close(pidfd)
+    return bool(keepers)
+
+
+def _keepers_of(target: int) -> list[int]:
+    """The pids of the keepers of leases tied to `target`, by their names in /proc."""
+    title = NAME + b" %d" % target
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if f.read(len(title) + 2).rstrip(b"\0") == title:
+                    found.append(int(entry))
+        except OSError:
+            continue
+    return found
