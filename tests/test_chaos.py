@@ -1,5 +1,6 @@
-"""Chaos: client processes acquire, hold briefly and are SIGKILLed at random; outside flock(1)
-users take the same lock files; the daemon itself is SIGKILLed and restarted mid-run.
+"""Chaos: client processes acquire, hold briefly and are SIGKILLed at random; lockctl runs
+commands under leases; outside flock(1) users take the same lock files; the daemon itself is
+SIGKILLed or SIGTERMed, and restarted, mid-run.
 
 An independent checker reads an append-only log that every holder writes while it holds a
 lock (lockd clients after their grant, flock(1) probes while they hold the file), and verifies
@@ -10,11 +11,17 @@ Log lines, each written with one write() to a file opened O_APPEND, so they neve
   ENTER WHO NAME TOKEN X|S DAEMON    WHO holds NAME (TOKEN and DAEMON are "-" for flock(1))
   EXIT WHO NAME                      WHO is about to release NAME
   KILL WHO                           WHO is stopped and about to be SIGKILLed
-  DAEMON-KILLED PID                  daemon PID is stopped and about to be SIGKILLed: every
-                                     lease it granted counts as ended from here
+  DAEMON-KILLED PID                  daemon PID is about to die (stopped, then SIGKILLed; or
+                                     about to be SIGTERMed): every lease it granted to a raw
+                                     client counts as ended from here
+  TERM WHO                           lockctl's CMD WHO was told to stop (never should be)
+  LOCKCTL STATUS                     a lockctl run ended with STATUS
 WHO is stopped (SIGSTOP) before its KILL line is written, so nothing of it follows that line.
-A lockd client names in DAEMON the daemon it was granted by (SO_PEERCRED of its socket): an
-ENTER from a daemon already dead is stale, written by a client that had not yet noticed.
+A raw lockd client names in DAEMON the daemon it was granted by (SO_PEERCRED of its socket):
+an ENTER from a daemon already dead is stale, written by a client that had not yet noticed.
+Raw clients read no lock-file descriptors, so their leases last only as long as the daemon;
+a CMD run by lockctl (WHO "cmdPID", DAEMON "kernel") holds its lock through lockctl's
+descriptors whatever happens to the daemon, and counts as holding until its EXIT.
 """
 
 from __future__ import annotations
@@ -34,12 +41,17 @@ from lockd_client.protocol import Granted, Release, Status
 
 from .conftest import Daemon
 from .rawclient import RawClient
+from .test_cli import LOCKCTL
 from .test_fuzz import internal_errors
 
 SECONDS = float(os.environ.get("LOCKD_CHAOS_SECONDS", "12"))
 NAMES = ["c1", "c2", "c3", "c4"]
 WORKERS = 8
+LOCKCTL_WORKERS = 3
 TIMEOUT = 10.0
+#: A lockctl run ends with CMD's status (0), 75 (timed out waiting), or 69 (lockd went away
+#: while it waited or connected); 79 would mean CMD was stopped for a lost lease.
+LOCKCTL_OK = {"0", "69", "75"}
 
 
 # --- the checker --------------------------------------------------------------------------------
@@ -94,8 +106,15 @@ def check(lines: list[str]) -> Verdict:
             verdict.counts["daemon kills"] += 1
             dead.add(fields[0])
             for entry in names.values():
-                entry.inside = {w: s for w, s in entry.inside.items() if w.startswith("flock")}
+                entry.inside = {w: s for w, s in entry.inside.items() if w.startswith(("flock", "cmd"))}
                 entry.floor_shared = entry.floor_exclusive
+                verdict.counts["commands running on through a daemon's death"] += sum(w.startswith("cmd") for w in entry.inside)
+        elif kind == "TERM":
+            verdict.violations.append(f"line {number}: {fields[0]} was told to stop its work")
+        elif kind == "LOCKCTL":
+            verdict.counts["lockctl runs"] += 1
+            if fields[0] not in LOCKCTL_OK:
+                verdict.violations.append(f"line {number}: lockctl exited {fields[0]}")
         else:
             verdict.violations.append(f"line {number}: unexpected {line!r}")
     return verdict
@@ -121,15 +140,19 @@ def test_checker_accepts_correct_histories() -> None:
         "ENTER flock7 a - X -", "EXIT flock7 a",
         "ENTER w4 b 1 X 100",
         "ENTER flock8 c - S -",
+        "ENTER cmd9 d 1 X kernel",
         "DAEMON-KILLED 100",
         "ENTER w4 a 4 X 100",  # stale: granted by the dead daemon, not yet noticed
         "ENTER w5 b 2 X 200",
         "EXIT w4 b",
         "ENTER w6 c 1 S 200",
+        "EXIT cmd9 d", "LOCKCTL 0",
+        "ENTER w7 d 2 X 200",
     ])
     assert verdict.violations == []
-    assert verdict.counts == Counter({"lockd grants": 6, "flock holds": 2, "stale grants": 1,
-                                      "clients killed": 1, "daemon kills": 1})
+    assert verdict.counts == Counter({"lockd grants": 8, "flock holds": 2, "stale grants": 1,
+                                      "clients killed": 1, "daemon kills": 1, "lockctl runs": 1,
+                                      "commands running on through a daemon's death": 1})
 
 
 def test_checker_catches_overlaps() -> None:
@@ -137,11 +160,16 @@ def test_checker_catches_overlaps() -> None:
         "ENTER w1 a 1 X 100", "ENTER w2 a 2 X 100",
         "ENTER w3 b 1 S 100", "ENTER flock9 b - X -",
         "ENTER flock8 c - X -", "DAEMON-KILLED 100", "ENTER w4 c 1 S 200",
+        "ENTER cmd5 d 1 X kernel", "DAEMON-KILLED 200", "ENTER w6 d 2 X 300",
+        "TERM cmd5", "LOCKCTL 79",
     ])
     assert verdict.violations == [
         "line 2: w2 took a (X) while w1 held it",
         "line 4: flock9 took b (X) while w3 held it",
         "line 7: w4 took c (S) while flock8 held it",
+        "line 10: w6 took d (X) while cmd5 held it",
+        "line 11: cmd5 was told to stop its work",
+        "line 12: lockctl exited 79",
     ]
 
 
@@ -183,6 +211,8 @@ def _worker(socket_path: str, log_fd: int, seed: int) -> None:  # pragma: no cov
                 mode = "shared" if rng.random() < 0.25 else "exclusive"
                 reply = client.acquire(*names, mode=mode, timeout=rng.choice([None, 1.0, 0]))
                 if not isinstance(reply, Granted):
+                    if isinstance(reply, protocol.Error) and reply.code == "shutdown":
+                        raise EOFError  # the daemon is stopping: connect to the next one
                     if not (isinstance(reply, protocol.Error) and reply.code in ("busy", "timeout")):
                         _append(log_fd, f"UNEXPECTED {me} {reply!r}\n")  # repr() escapes newlines
                     continue
@@ -207,6 +237,30 @@ def _prober(lock_dir: Path, log_path: Path, seed: int) -> None:  # pragma: no co
                   f'echo "EXIT flock$$ {name}" >> {log_path}')
         subprocess.run(["flock", "-n", mode, str(lock_dir / f"{name}.lock"), "sh", "-c", script], timeout=TIMEOUT)
         time.sleep(rng.uniform(0.01, 0.05))
+
+
+def _lockctl_worker(socket_path: str, log_path: Path, seed: int) -> None:  # pragma: no cover - a child
+    """Run commands under leases with lockctl, each noting its holding, until SIGTERM. A CMD
+    that is told to stop notes it, and takes a while to clean up, as real work does."""
+    rng = random.Random(seed)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    env = {**os.environ, "LOCKD_SOCKET": socket_path}
+    while not stop:
+        name = rng.choice(NAMES)
+        shared = rng.random() < 0.25
+        log = str(log_path)
+        script = (
+            f'echo "ENTER cmd$$ {name} $LOCKD_TOKEN {"S" if shared else "X"} kernel" >> {log}; '
+            f"trap 'echo \"TERM cmd$$\" >> {log}; sleep 0.3; echo \"EXIT cmd$$ {name}\" >> {log}; exit 0' TERM; "
+            f'sleep {rng.uniform(0, 0.3):.3f}; echo "EXIT cmd$$ {name}" >> {log}'
+        )
+        run = subprocess.run(
+            [*LOCKCTL, "acquire", *(["-s"] if shared else []), "-w", "2", name, "-c", script],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=TIMEOUT,
+        )
+        with open(log_path, "a") as f:
+            f.write(f"LOCKCTL {run.returncode}\n")
 
 
 def _fork(target, *args) -> int:
@@ -241,7 +295,8 @@ def test_chaos(daemon: Daemon) -> None:
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     workers = [_fork(_worker, daemon.socket, log_fd, rng.randrange(2**32)) for _ in range(WORKERS)]
     prober = _fork(_prober, daemon.lock_dir, log_path, rng.randrange(2**32))
-    daemon_kills_at = [SECONDS * f for f in (0.4, 0.75)] if SECONDS < 30 else list(range(10, int(SECONDS), 15))
+    runners = [_fork(_lockctl_worker, daemon.socket, log_path, rng.randrange(2**32)) for _ in range(LOCKCTL_WORKERS)]
+    daemon_kills_at = [SECONDS * f for f in (0.3, 0.55, 0.8)] if SECONDS < 30 else list(range(10, int(SECONDS), 15))
     started = time.monotonic()
     try:
         while (elapsed := time.monotonic() - started) < SECONDS:
@@ -252,19 +307,26 @@ def test_chaos(daemon: Daemon) -> None:
             if daemon_kills_at and elapsed >= daemon_kills_at[0]:
                 daemon_kills_at.pop(0)
                 assert daemon.proc is not None and daemon.proc.poll() is None, daemon.log()[-3000:]
-                # Stopped, then logged, then killed: its flocks are free the moment it dies, and
-                # a flock(1) probe may log its holding before this process could log the death;
-                # stopped, it grants nothing after the line either.
-                os.kill(daemon.proc.pid, signal.SIGSTOP)
-                os.waitpid(daemon.proc.pid, os.WUNTRACED)
-                _append(log_fd, f"DAEMON-KILLED {daemon.proc.pid}\n")
-                daemon.kill()
+                if len(daemon_kills_at) % 2:
+                    # Stopped, then logged, then killed: the flocks only it holds are free the
+                    # moment it dies, and a flock(1) probe may log its holding before this
+                    # process could log the death; stopped, it grants nothing after the line.
+                    os.kill(daemon.proc.pid, signal.SIGSTOP)
+                    os.waitpid(daemon.proc.pid, os.WUNTRACED)
+                    _append(log_fd, f"DAEMON-KILLED {daemon.proc.pid}\n")
+                    daemon.kill()
+                else:
+                    # A graceful stop: what it grants between the line and its exit is stale.
+                    _append(log_fd, f"DAEMON-KILLED {daemon.proc.pid}\n")
+                    assert daemon.stop() == 0
                 daemon.start()
     finally:
         for pid in workers:
             _stop_and_kill(pid, log_fd)
-        os.kill(prober, signal.SIGTERM)
-        os.waitpid(prober, 0)
+        for pid in [prober, *runners]:
+            os.kill(pid, signal.SIGTERM)
+        for pid in [prober, *runners]:
+            os.waitpid(pid, 0)
         os.close(log_fd)
 
     verdict = check(log_path.read_text().splitlines())
@@ -272,7 +334,8 @@ def test_chaos(daemon: Daemon) -> None:
     print(f"chaos: {SECONDS:g} s, {dict(counts)}, violations: {len(verdict.violations)}")
     assert verdict.violations == [], "\n".join(verdict.violations[:20])
     assert counts["daemon kills"] >= 1 and counts["clients killed"] >= 10
-    assert counts["lockd grants"] >= 50 and counts["flock holds"] >= 10
+    assert counts["lockd grants"] >= 50 and counts["flock holds"] >= 10 and counts["lockctl runs"] >= 10
+    assert counts["commands running on through a daemon's death"] >= (1 if SECONDS >= 60 else 0)
 
     with RawClient(daemon.socket) as c:
         deadline = time.monotonic() + TIMEOUT
