@@ -46,7 +46,7 @@ from .etcd_mirror import Change, Key, Mirror, Record
 from .hostlocks import HostLocks
 from .lockfiles import LockFiles
 from .session import Party
-from .table import Ticket
+from .table import HELD, Ticket
 
 log = logging.getLogger("lockd.etcd")
 
@@ -265,9 +265,11 @@ class EtcdBackend:
         """Hold an etcd lease for as long as the daemon serves, and a fresh one after a loss.
 
         When a lease can no longer be vouched for, every ticket held under it is reported to
-        `lose` and takes under it fail. Cancellation (shutdown) revokes the lease, and any
-        earlier one not revoked yet, so the other hosts get this daemon's locks at once, and
-        closes the connections to etcd.
+        `lose` and takes under it fail. Cancellation (shutdown) revokes any earlier lease not
+        revoked yet, and the lease itself unless a ticket was granted under it: so the other
+        hosts get this daemon's locks at once, except those whose holders were just told
+        their leases are lost, which are left to expire with the lease (`ttl`), by which time
+        the holders have stopped their work. It closes the connections to etcd.
         """
         try:
             while True:
@@ -282,7 +284,13 @@ class EtcdBackend:
                     # The leases given up but not yet revoked hold keys too.
                     leases = sorted(self._stale)
                     session = self._session
-                    if session is not None and session.alive:
+                    held = sum(a.session is session and a.ticket.state is HELD for a in self._attempts.values())
+                    if held:
+                        log.info(
+                            "leaving etcd lease %x to expire: %d lease(s) held under it end once "
+                            "their holders have stopped", session.lease if session else 0, held,
+                        )
+                    elif session is not None and session.alive:
                         leases.insert(0, session.lease)
                     for lease in leases:
                         try:

@@ -504,7 +504,7 @@ class Server:
             if effect.ending is Ending.BROKEN and not who.session.closed:
                 self._await_letting_go(ticket, who)
             else:
-                self.backend.drop(ticket, unlock=effect.ending is not Ending.ABANDONED)
+                self._drop(ticket, unlock=effect.ending is not Ending.ABANDONED)
         elif isinstance(effect, Queued):
             who.session.send(protocol.Queued(who.request_id, self._in_way(ticket, effect.blockers)))
         elif isinstance(effect, Refused):
@@ -607,7 +607,14 @@ class Server:
         finally:
             del self._broken[who.session, who.request_id]
             with _contained(f"letting go of the broken lease {ticket}"):
-                self.backend.drop(ticket, unlock=unlock)
+                self._drop(ticket, unlock=unlock)
+
+    def _drop(self, ticket: Ticket, *, unlock: bool) -> None:
+        # Once the daemon stops, what the backend holds is left to the backend's own shutdown:
+        # holders told their leases are lost must have stopped their work before the locks
+        # can go to anyone else (an etcd lease is left to expire rather than revoked).
+        if not self._stopping:
+            self.backend.drop(ticket, unlock=unlock)
 
     def _refused(self, ticket: Ticket, who: Party, effect: Refused) -> None:
         self._forget(ticket)

@@ -21,7 +21,7 @@ from lockd.etcd_client import EtcdClient, WatchResponse
 from lockd.etcd_mirror import Change, Mirror
 from lockd.lockfiles import LockFiles
 from lockd.session import Party
-from lockd.table import Ticket
+from lockd.table import State, Ticket
 from lockd_client.errors import DaemonUnavailable, LimitExceeded, LockdError
 from tests.etcd_cluster import (  # noqa: F401 (fixtures)
     EtcdCluster, entries_under, etcd, etcd3, keys_under, prefix, relay_to, requires_etcd,
@@ -546,6 +546,22 @@ async def test_shutdown_revokes_the_lease_at_once(etcd: EtcdCluster, hosts: Host
             await waiting.done.wait()
             # Well under the TTL: the revoke freed the key, not its expiry.
             assert waiting.at - stopped < TTL / 2
+            outer.cancel_scope.cancel()
+
+
+async def test_shutdown_leaves_a_lease_with_granted_tickets_to_expire(etcd: EtcdCluster, hosts: Hosts) -> None:
+    """Holders told at shutdown that their leases are lost get the TTL to stop their work."""
+    a, b = hosts(etcd.endpoints, "host0", "host1")
+    with trio.fail_after(WAIT + 2 * TTL):
+        async with trio.open_nursery() as outer:
+            outer.start_soon(b.backend.run, b.lose)
+            await b.ready()
+            async with serving(a):
+                held, waiting = await holds_while_other_waits(a, b, outer)
+                held.state = State.HELD  # as the table marks a granted ticket
+                stopped = trio.current_time()
+            await waiting.done.wait()
+            assert waiting.at - stopped > TTL / 2
             outer.cancel_scope.cancel()
 
 

@@ -227,6 +227,30 @@ async def test_lockctl_stops_its_command_when_etcd_goes_away(
             reap(holder)
 
 
+async def test_lockctl_keeps_its_kill_after_within_a_third_of_the_ttl(
+    etcd: EtcdCluster, short_tmp: Path, prefix: str
+) -> None:
+    a = etcd_daemon(short_tmp / "a", etcd.endpoints, prefix)
+    a.start()
+    try:
+        with trio.fail_after(WAIT):
+            await until_serving(a)
+
+            def run(*args: str) -> subprocess.CompletedProcess[str]:
+                return subprocess.run(
+                    [sys.executable, "-m", "lockd_client.cli", *args], env=a.env, capture_output=True,
+                    text=True, timeout=WAIT,
+                )
+
+            refused = await trio.to_thread.run_sync(run, "acquire", "--kill-after", "1", "x", "--", "true")
+            assert refused.returncode == 64, refused.stderr
+            assert f"{TTL / 3:g} s later" in refused.stderr
+            done = await trio.to_thread.run_sync(run, "acquire", "x", "--", "true")  # the default shrinks
+            assert done.returncode == 0, done.stderr
+    finally:
+        a.kill()
+
+
 async def test_starts_without_etcd_and_serves_once_it_appears(short_tmp: Path, prefix: str) -> None:
     cluster = EtcdCluster(1)
     a = etcd_daemon(short_tmp / "a", cluster.endpoints, prefix)
