@@ -224,6 +224,28 @@ async def test_a_killed_daemon_fails_waiting_requests_and_leaves_leases_held(dae
                 await c.status()
 
 
+async def test_a_forked_child_holds_neither_the_lease_nor_the_connection(daemon):
+    with trio.fail_after(WAIT):
+        async with trio_client.connect(daemon.socket) as c:
+            lease = await c.acquire("y")
+            r, w = os.pipe()
+            child = os.fork()
+            if child == 0:  # pragma: no cover - runs in the child
+                try:
+                    kept = [f for f in os.listdir("/proc/self/fd") if os.path.realpath(f"/proc/self/fd/{f}").endswith("y.lock")]
+                    hung_up = os.readlink(f"/proc/self/fd/{c._raw.fileno()}") == "/dev/null"
+                    os.write(w, b"lost" if lease.lost and hung_up and not kept else b"kept")
+                finally:
+                    os._exit(0)
+            os.close(w)
+            assert await trio.to_thread.run_sync(os.read, r, 10) == b"lost"
+            os.close(r)
+            os.waitpid(child, 0)
+            assert not lease.lost
+            assert await c.status("y")  # the connection is still ours
+            assert not await trio.to_thread.run_sync(can_flock, daemon.lock_dir / "y.lock")
+
+
 async def test_closing_the_connection_fails_the_requests_waiting_on_it(daemon):
     with trio.fail_after(WAIT):
         async with trio_client.connect(daemon.socket) as holder, trio_client.connect(daemon.socket) as c:
