@@ -137,12 +137,19 @@ class LockFiles:
         self._dir_fd = _open_lock_dir(lock_dir)
         #: Held ticket → one descriptor per name, in `ticket.names` order.
         self._held: dict[Ticket, list[int]] = {}
+        #: Held ticket → the file and mode of each of those descriptors, and how many held
+        #: tickets hold each file in each mode: what the daemon itself holds, as the host's
+        #: list of locks names it. Changed only here, on the event loop; read by copying.
+        self._files_of: dict[Ticket, list[tuple[procinfo.FileKey, Mode]]] = {}
+        self._files: dict[tuple[procinfo.FileKey, Mode], int] = {}
 
     def close(self) -> None:
         """Close every descriptor, leaving each lock to the copies handed out (see the module
         docstring), and the directory. Idempotent."""
         held = list(self._held.values())
         self._held.clear()
+        self._files_of.clear()
+        self._files.clear()
         for fds in held:
             _close_all(fds)
         if self._dir_fd >= 0:
@@ -160,18 +167,24 @@ class LockFiles:
         if ticket in self._held:
             return True
         operation = (fcntl.LOCK_SH if ticket.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB
+        mode: Mode = "shared" if ticket.shared else "exclusive"
         fds: list[int] = []
+        files: list[tuple[procinfo.FileKey, Mode]] = []
         try:
             for name in ticket.names:
-                fd = self._open(name)
+                fd, key = self._open(name)
                 fds.append(fd)
                 if not self._flock(fd, operation, name):
                     _close_all(fds)
                     return False
+                files.append((key, mode))
         except BaseException:
             _close_all(fds)
             raise
         self._held[ticket] = fds
+        self._files_of[ticket] = files
+        for file in files:
+            self._files[file] = self._files.get(file, 0) + 1
         return True
 
     def descriptors(self, ticket: Ticket) -> list[int]:
@@ -182,7 +195,7 @@ class LockFiles:
     def unlock(self, ticket: Ticket) -> None:
         """Release `ticket`'s flocks, for every copy of their descriptors, and close the
         daemon's. Idempotent; never blocks."""
-        fds = self._held.pop(ticket, None)
+        fds = self._let_go(ticket)
         if fds is not None:
             for fd in fds:
                 fcntl.flock(fd, fcntl.LOCK_UN)
@@ -191,9 +204,26 @@ class LockFiles:
     def abandon(self, ticket: Ticket) -> None:
         """Close the daemon's descriptors of `ticket`: its flocks last while a copy handed out
         is open. Idempotent; never blocks."""
-        fds = self._held.pop(ticket, None)
+        fds = self._let_go(ticket)
         if fds is not None:
             _close_all(fds)
+
+    def _let_go(self, ticket: Ticket) -> list[int] | None:
+        """Forget `ticket`'s descriptors (the caller closes them); None if it holds none."""
+        fds = self._held.pop(ticket, None)
+        if fds is not None:
+            for file in self._files_of.pop(ticket):
+                left = self._files[file] - 1
+                if left:
+                    self._files[file] = left
+                else:
+                    del self._files[file]
+        return fds
+
+    def _held_files(self) -> dict[tuple[procinfo.FileKey, Mode], int]:
+        """A copy of `_files`, taken without letting the event loop's thread run meanwhile
+        (a dict's copy holds the GIL): safe from the thread that reads the host's locks."""
+        return self._files.copy()
 
     def outside_holders(self, name: str) -> list[Holder]:
         """`outside_holders_of([name])` for one name: [] when nobody outside holds it."""
@@ -226,26 +256,28 @@ class LockFiles:
         except OSError:
             return {}
         me = os.getpid()
-        taken: list[tuple[tuple[int, int, int], int | None, Mode]] = []
+        mine = self._held_files()
+        taken: list[tuple[procinfo.FileKey, int | None, Mode]] = []
         for line in table.splitlines():
-            # "N: FLOCK ADVISORY WRITE PID MAJ:MIN:INO 0 EOF"; waiters read "N: -> FLOCK ...".
-            fields = line.split()
-            if len(fields) < 6 or fields[1] != b"FLOCK":
+            entry = procinfo.held_flock(line)
+            if entry is None or entry[0] not in by_key:
                 continue
-            major, minor, inode = fields[5].split(b":")
-            key = (int(major, 16), int(minor, 16), int(inode))
-            number = int(fields[4])
-            if key not in by_key or number == me:
-                continue
+            key, number, exclusive = entry
+            mode: Mode = "exclusive" if exclusive else "shared"
+            if number == me and (key, mode) in mine:
+                continue  # lockd's own lease: the table knows it
             # 0: the holder lives in a pid namespace this one cannot see into.
-            taken.append((key, number if number > 0 else None, "exclusive" if fields[3] == b"WRITE" else "shared"))
-        # A lock whose taker is gone was handed on with its descriptor (a lease granted
-        # before lockd restarted): its holders are whoever has that descriptor now.
-        gone = {key for key, pid, _ in taken if pid is not None and procinfo.process_uid(pid) is None}
-        heirs = procinfo.flock_holders(gone) if gone else {}
+            taken.append((key, number if number > 0 else None, mode))
+        # A lock whose taker is gone, or is this daemon that no longer holds it, was handed on
+        # with its descriptor (a lease granted before lockd restarted, or whose client lockd
+        # cut off): its holders are whoever has that descriptor now, None if none is found.
+        handed_on = {
+            key for key, pid, _ in taken if pid == me or (pid is not None and procinfo.process_uid(pid) is None)
+        }
+        heirs = procinfo.flock_holders(handed_on, SUFFIX) if handed_on else {}
         found: dict[str, dict[int | None, Holder]] = {}
         for key, taker, mode in taken:
-            for pid in heirs.get(key, [taker]) if key in gone else [taker]:
+            for pid in heirs.get(key, [None]) if key in handed_on else [taker]:
                 for name in by_key[key]:
                     holders = found.setdefault(name, {})
                     if pid not in holders and pid != me:
@@ -260,26 +292,27 @@ class LockFiles:
 
     # --- internals ----------------------------------------------------------------------------
 
-    def _open(self, name: str) -> int:
-        """Open `name`'s lock file, creating it; only a regular file is returned."""
+    def _open(self, name: str) -> tuple[int, procinfo.FileKey]:
+        """Open `name`'s lock file, creating it; only a regular file is returned, with the
+        file as the kernel's lock lists name it."""
         filename = name + SUFFIX
         try:
             fd = os.open(filename, _OPEN_FLAGS, self.file_mode, dir_fd=self._dir_fd)
         except OSError as err:
             raise self._error(name, err) from err
         try:
-            mode = os.fstat(fd).st_mode
+            st = os.fstat(fd)
         except OSError as err:
             os.close(fd)
             raise self._error(name, err) from err
-        if not stat.S_ISREG(mode):
+        if not stat.S_ISREG(st.st_mode):
             os.close(fd)
-            kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+            kind = _KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
             raise BadLockFile(
                 f"{self.lock_dir / filename} is {kind}; lockd only locks regular files in its "
                 "lock directory: remove it"
             )
-        return fd
+        return fd, (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
 
     def _flock(self, fd: int, operation: int, name: str) -> bool:
         """Apply `operation` to `fd`: True if taken, False if busy."""
@@ -315,7 +348,7 @@ class LockFiles:
         if code == errno.ENXIO:
             return BadLockFile(f"{path} is a socket or device; lockd only locks regular files: remove it")
         return BadLockFile(
-            f"cannot open {path} ({err.strerror}): give the daemon's user read and write access "
+            f"cannot open {path} ({err.strerror}): give the daemon's user read access "
             "to it, or remove it"
         )
 

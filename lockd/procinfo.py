@@ -91,17 +91,32 @@ def process_groups(pid: int) -> frozenset[int]:
     return frozenset()
 
 
-def flock_holders(files: set[tuple[int, int, int]]) -> dict[tuple[int, int, int], list[int]]:
-    """The processes holding an flock on each of `files` (MAJOR, MINOR, INODE) through a
-    descriptor of their own, found by looking at every process's descriptors: pid order.
+#: A file, as the kernel's lock lists name it: (MAJOR, MINOR, INODE).
+FileKey = tuple[int, int, int]
+
+
+def held_flock(line: bytes) -> tuple[FileKey, int, bool] | None:
+    """(file, pid, exclusive) of a line of /proc/locks, or of a `lock:` line of an fdinfo,
+    that is a held flock; None for anything else (a waiter, a POSIX lock, a blank line)."""
+    # "N: FLOCK ADVISORY WRITE PID MAJ:MIN:INO 0 EOF"; waiters read "N: -> FLOCK ...".
+    fields = line.removeprefix(b"lock:").split()
+    if len(fields) < 6 or fields[1] != b"FLOCK":
+        return None
+    major, minor, inode = fields[5].split(b":")
+    return (int(major, 16), int(minor, 16), int(inode)), int(fields[4]), fields[3] == b"WRITE"
+
+
+def flock_holders(files: set[FileKey], suffix: str) -> dict[FileKey, list[int]]:
+    """The processes holding an flock on each of `files` through a descriptor of their own,
+    by pid order; only descriptors whose path ends with `suffix` are looked at.
 
     /proc/locks names the process that took a lock, which is not who holds it once the
-    descriptor was passed on and its taker exited (a lease lockd granted before it
-    restarted). This look costs a stat per descriptor on the host: use it only for those.
-    A process whose descriptors cannot be read (another user's, to a daemon not run as
-    root) is not found.
+    descriptor was passed on (a lease lockd granted). This look reads every process's list
+    of descriptors, without touching any file (a readlink each, and the fdinfo of those that
+    end with `suffix`): use it only where /proc/locks cannot tell. Descriptors this process
+    may not look at (another user's, unless it may ptrace them) are not found.
     """
-    found: dict[tuple[int, int, int], list[int]] = {}
+    found: dict[FileKey, list[int]] = {}
     try:
         pids = sorted(int(entry) for entry in os.listdir("/proc") if entry.isdigit())
     except OSError:
@@ -113,19 +128,12 @@ def flock_holders(files: set[tuple[int, int, int]]) -> dict[tuple[int, int, int]
             continue
         for fd in fds:
             try:
-                st = os.stat(f"/proc/{pid}/fd/{fd}")
+                if not os.readlink(f"/proc/{pid}/fd/{fd}").endswith(suffix):
+                    continue
             except OSError:
                 continue
-            key = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
-            if key in files and pid not in found.get(key, ()) and _holds_flock(pid, fd):
-                found.setdefault(key, []).append(pid)
+            for line in (_read(pid, f"fdinfo/{fd}") or b"").splitlines():
+                entry = held_flock(line) if line.startswith(b"lock:") else None
+                if entry is not None and entry[0] in files and pid not in found.get(entry[0], ()):
+                    found.setdefault(entry[0], []).append(pid)
     return found
-
-
-def _holds_flock(pid: int, fd: str) -> bool:
-    """Whether descriptor `fd` of `pid` refers to an open file description holding an flock
-    (its fdinfo lists the locks that description holds)."""
-    raw = _read(pid, f"fdinfo/{fd}")
-    return raw is not None and any(
-        line.startswith(b"lock:") and b"FLOCK" in line for line in raw.splitlines()
-    )

@@ -16,9 +16,9 @@ Invariants:
   is told `shutdown`, and every connection closes. Held leases are reported lost only where
   the backend's leases do not outlive the daemon; elsewhere their holders keep the locks
   through their copies of the lock-file descriptors, and their work goes on.
-- A lease's locks are released for every copy of their descriptors only when its holder let
-  go (`Ending.RELEASED`). A lease broken by force stays locked until its holder lets go (a
-  Release of it, or hanging up) or `limits.break_grace` passes, whichever comes first.
+- A lease's locks are released for every copy of their descriptors only when it was released
+  (by its holder, or by `release_pid`), or broken by force and then let go or overdue (see
+  lockd.table); when its holder goes away, only the daemon's own copies are closed.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ from .policy import Policy
 from .processes import ProcessOwner, Processes
 from .session import Party, Session, party, shown_label
 from .table import (
-    ENDED, HELD, TAKING, Drop, Effect, Ending, Granted, LockTable, Lost, Queued, Reason, Refused, Take,
-    Ticket,
+    BREAKING, ENDED, HELD, TAKING, Drop, Effect, Ending, Granted, LockTable, Lost, Queued, Reason, Refused,
+    Take, Ticket,
 )
 
 log = logging.getLogger("lockd")
@@ -54,6 +54,8 @@ log = logging.getLogger("lockd")
 #: How long a graceful shutdown waits for clients to take their `Lost` events and hang up.
 SHUTDOWN_GRACE = 1.0
 SHUTDOWN_MESSAGE = "lockd is shutting down; reconnect when it is back"
+#: The states `status` shows as holding: a broken lease holds until its owner has let go.
+_SHOWN_HELD = (HELD, BREAKING)
 
 
 
@@ -77,9 +79,6 @@ class Server:
         #: Tickets the backend is taking in a task of their own, each with the scope that stops it.
         self._takes: dict[Ticket, trio.CancelScope] = {}
         self._processes = Processes(self._process_exited)
-        #: (holder's session, request id) → a lease broken by force, with the event its holder
-        #: letting go sets.
-        self._broken: dict[tuple[Session, int], tuple[Ticket, trio.Event]] = {}
         self._effects: deque[Effect] = deque()
         self._applying = False
         self._nursery: trio.Nursery | None = None
@@ -191,11 +190,13 @@ class Server:
             self.sessions.add(session)
             self._uid_sessions.setdefault(uid, set()).add(session)
             log.debug("%r connected: %s", session, session.command)
+        # What this client is promised now holds for it even if a reload shortens the grace.
+        session.break_grace = self.limits.break_grace
         notice = self.backend.loss_notice
         welcome = protocol.Welcome(
             protocol.PROTOCOL_VERSION, f"lockd {__version__}", self.backend.name, self.limits.max_frame,
             leases_outlive_daemon=self.backend.leases_outlive_daemon,
-            stop_within=self.limits.break_grace if notice is None else min(notice, self.limits.break_grace),
+            stop_within=session.break_grace if notice is None else min(notice, session.break_grace),
         )
         try:
             await session.serve(welcome, self._dispatch, self.limits)
@@ -222,9 +223,6 @@ class Server:
                 self._forget(ticket)
             session.forget_all()
             self._apply(self.table.drop_owner(session))
-            for key, (_, let_go) in self._broken.items():
-                if key[0] is session:
-                    let_go.set()
 
     # --- requests -----------------------------------------------------------------------------
 
@@ -294,8 +292,8 @@ class Server:
             if process is not None:
                 assert self._nursery is not None
                 self._processes.attach(process, ticket, self._nursery)
-        if deadline is not None and self._timer is not None and deadline < self._timer.deadline:
-            self._timer.deadline = deadline
+        if deadline is not None:
+            self._wake_timer(deadline)
         self._apply(effects)
 
     def _release(self, session: Session, request_id: int) -> None:
@@ -303,8 +301,6 @@ class Server:
         if ticket is not None:
             self._forget(ticket)
             self._apply(self.table.release(ticket))
-        elif (broken := self._broken.get((session, request_id))) is not None:
-            broken[1].set()  # the holder has stopped its work and let go
         else:
             session.unreserve(request_id)  # withdrawn: its refusal is not sent
 
@@ -322,7 +318,7 @@ class Server:
             for ticket in released:
                 holder = party(ticket)
                 self._forget(ticket)
-                if holder.session is not session:
+                if holder.session is not session and ticket.state is HELD:
                     holder.session.send(protocol.Lost(
                         holder.request_id, f"released by uid {session.uid} (pid {session.pid}: {session.command})",
                     ))
@@ -341,7 +337,7 @@ class Server:
     def _force_release(self, session: Session, request: protocol.ForceRelease) -> None:
         try:
             (name,) = _checked_names([request.name])
-            holders = [t for t in self.table.holders(name) if t.state is HELD]
+            holders = [t for t in self.table.holders(name) if t.state in _SHOWN_HELD]
             decision = self.policy.check_force(session.uid, name, [party(t).uid for t in holders])
             if not decision.allowed:
                 log.warning(
@@ -353,7 +349,10 @@ class Server:
             self._error(session, request.id, exc)
             return
         reason = f"forcibly released by uid {session.uid} (pid {session.pid}: {session.command})"
-        count, effects = self.table.force_release(name, reason)
+        grace = max([self.limits.break_grace, *(party(t).session.break_grace for t in holders)])
+        grace_until = trio.current_time() + grace
+        count, effects = self.table.force_release(name, reason, grace_until=grace_until)
+        self._wake_timer(grace_until)
         for ticket in holders:
             holder = party(ticket)
             log.warning("%s: lease of pid %s (uid %s) broken, %s", name, holder.pid, holder.uid, reason)
@@ -387,8 +386,8 @@ class Server:
         locks = []
         for name in names:
             holding = self.table.holders(name)
-            held = [t for t in holding if t.state is HELD]
-            waiting = [t for t in holding if t.state is not HELD] + self.table.waiters(name)
+            held = [t for t in holding if t.state in _SHOWN_HELD]
+            waiting = [t for t in holding if t.state is TAKING] + self.table.waiters(name)
             holders = [self._holder(t, name) for t in held]
             if not held:
                 holders += outside.get(name, [])
@@ -400,7 +399,7 @@ class Server:
         session.send(protocol.StatusReply(request.id, locks))
 
     def _held(self, name: str) -> bool:
-        return any(t.state is HELD for t in self.table.holders(name))
+        return any(t.state in _SHOWN_HELD for t in self.table.holders(name))
 
     def _holder(self, ticket: Ticket, name: str) -> protocol.Holder:
         who = party(ticket)
@@ -428,7 +427,7 @@ class Server:
             self._forget(ticket)
             if ticket.state is HELD:
                 who.session.send(protocol.Lost(who.request_id, f"process {owner.pid} exited"))
-            else:
+            elif ticket.state is not BREAKING:  # a broken one was told already
                 who.session.send(protocol.Error(
                     who.request_id, protocol.ErrorCode.NOT_HELD,
                     f"process {owner.pid} exited before the lock was granted",
@@ -485,10 +484,10 @@ class Server:
         problem = "internal error in lockd (it is logged); retry"
         if ticket.state is HELD:
             who.session.send(protocol.Lost(who.request_id, problem))
-        else:
+        elif ticket.state is not BREAKING:
             who.session.send(protocol.Error(who.request_id, protocol.ErrorCode.UNAVAILABLE, problem))
-        # Lost, not released: the holder may still be at work, and keeps the lock till it stops.
-        self._effects.extend(effect for effect in self.table.lose(ticket, problem) if not isinstance(effect, Lost))
+        # Not released: the holder may still be at work, and keeps the lock till it stops.
+        self._effects.extend(self.table.end([ticket]))
 
     def _carry_out(self, effect: Effect) -> None:
         ticket = effect.ticket
@@ -498,13 +497,16 @@ class Server:
         elif isinstance(effect, Granted):
             self._granted(ticket, who)
         elif isinstance(effect, Drop):
+            self._forget(ticket)
             scope = self._end_take(ticket)
             if scope is not None:
                 scope.cancel()
-            if effect.ending is Ending.BROKEN and not who.session.closed:
-                self._await_letting_go(ticket, who)
-            else:
-                self._drop(ticket, unlock=effect.ending is not Ending.ABANDONED)
+            if effect.ending is Ending.OVERDUE:
+                log.warning(
+                    "%s: the broken lease of pid %s was not let go within limits.break_grace; "
+                    "releasing its locks under it", ", ".join(ticket.names), who.pid,
+                )
+            self._drop(ticket, unlock=effect.ending is not Ending.ABANDONED)
         elif isinstance(effect, Queued):
             who.session.send(protocol.Queued(who.request_id, self._in_way(ticket, effect.blockers)))
         elif isinstance(effect, Refused):
@@ -584,31 +586,6 @@ class Server:
         fds = self.backend.descriptors(ticket)
         who.session.send(protocol.Granted(who.request_id, ticket.tokens, len(fds)), fds)
 
-    def _await_letting_go(self, ticket: Ticket, who: Party) -> None:
-        """`ticket` was broken by force: release its locks once its holder has stopped its
-        work and let go, or once `limits.break_grace` has passed."""
-        let_go = trio.Event()
-        self._broken[who.session, who.request_id] = (ticket, let_go)
-        assert self._nursery is not None
-        self._nursery.start_soon(self._release_broken, ticket, who, let_go, self.limits.break_grace)
-
-    async def _release_broken(self, ticket: Ticket, who: Party, let_go: trio.Event, grace: float) -> None:
-        """Cancellation (the daemon stopping) leaves the locks to the holder's copies."""
-        unlock = False
-        try:
-            with trio.move_on_after(grace):
-                await let_go.wait()
-            if not let_go.is_set():
-                log.warning(
-                    "%s: the broken lease of pid %s was not let go within %g s (limits.break_grace); "
-                    "releasing its locks", ", ".join(ticket.names), who.pid, grace,
-                )
-            unlock = True
-        finally:
-            del self._broken[who.session, who.request_id]
-            with _contained(f"letting go of the broken lease {ticket}"):
-                self._drop(ticket, unlock=unlock)
-
     def _drop(self, ticket: Ticket, *, unlock: bool) -> None:
         # Once the daemon stops, what the backend holds is left to the backend's own shutdown:
         # holders told their leases are lost must have stopped their work before the locks
@@ -642,11 +619,16 @@ class Server:
             _send_refusal(ticket, who, reason, holders_in_order(found, ticket.names))
 
     def _lost(self, ticket: Ticket, who: Party, reason: str) -> None:
+        # Its Drop forgets it: a broken lease is still the client's until it lets go.
         log.warning("lease on %s of pid %s lost: %s", ", ".join(ticket.names), who.pid, reason)
-        self._forget(ticket)
         who.session.send(protocol.Lost(who.request_id, reason))
 
     # --- time ---------------------------------------------------------------------------------
+
+    def _wake_timer(self, deadline: float) -> None:
+        """A deadline was added to the table: have the timer wake for it if it is the next."""
+        if self._timer is not None and deadline < self._timer.deadline:
+            self._timer.deadline = deadline
 
     async def _run_timer(self) -> None:
         """Expire waiting requests at their deadlines. `_acquire` pulls the deadline in."""

@@ -52,8 +52,6 @@ FAIR_TURNS = 16
 #: connection and destroy the goodbye before the client reads it.
 LINGER = 1.0
 _RECV_SIZE = 65536
-#: The kernel's limit of descriptors in one SCM_RIGHTS message (SCM_MAX_FD).
-MAX_FDS_PER_SEND = 253
 
 
 #: Handles one request. Most requests are handled at once, so a handler is a plain function
@@ -89,6 +87,7 @@ class Session:
 
     __slots__ = (
         "sock", "ident", "pid", "uid", "gid", "gids", "command", "label", "tickets", "names", "taking", "_refusing",
+        "break_grace",
         "closed", "close_reason", "_on_close", "_encoder", "_outbox", "_attached", "_wake", "_eof",
     )
 
@@ -112,6 +111,9 @@ class Session:
         self.names = 0
         #: How many of those the backend is still taking (not yet granted: they count as waiting).
         self.taking = 0
+        #: The `limits.break_grace` this client was told at connect time: a lease of its broken
+        #: by force is given at least that long, whatever a reload says since.
+        self.break_grace = 0.0
         self._refusing: set[int] = set()
         self.closed = False
         self.close_reason: str | None = None
@@ -170,15 +172,15 @@ class Session:
             if len(outbox) > MAX_OUTBOX:
                 self.close(f"it left more than {MAX_OUTBOX} bytes of replies unread")
                 return
-            start = len(outbox)
+            if fds and not self._attach(len(outbox), fds):
+                return
             protocol.encode_frame(self._encoder, message, outbox)
-            if fds:
-                self._attach(start, fds)
             return
-        protocol.encode_frame(self._encoder, message, outbox)
-        if len(fds) > MAX_FDS_PER_SEND:
-            self._attach(0, fds)
+        if len(fds) > protocol.MAX_FDS_PER_MESSAGE:
+            if not self._attach(0, fds):
+                return
             fds = ()
+        protocol.encode_frame(self._encoder, message, outbox)
         try:
             if self._attached:
                 self._flush()
@@ -187,8 +189,8 @@ class Session:
                 sent = self.sock.sendmsg([outbox], [_rights(fds)]) if fds else self.sock.send(outbox)
                 del outbox[:sent]
         except BlockingIOError:
-            if fds:
-                self._attach(0, fds)
+            if fds and not self._attach(0, fds):
+                return
         except OSError:
             self._clear()
             self.close("the connection broke")
@@ -196,12 +198,23 @@ class Session:
         if outbox:
             self._wake.set()
 
-    def _attach(self, offset: int, fds: Sequence[int]) -> None:
+    def _attach(self, offset: int, fds: Sequence[int]) -> bool:
         """Queue duplicates of `fds` to go with the outbox's byte at `offset` and those after
-        it, MAX_FDS_PER_SEND to a byte."""
-        dups = [os.dup(fd) for fd in fds]
-        for i in range(0, len(dups), MAX_FDS_PER_SEND):
-            self._attached.append((offset + i // MAX_FDS_PER_SEND, dups[i : i + MAX_FDS_PER_SEND]))
+        it, MAX_FDS_PER_MESSAGE to a byte. Out of descriptors, cut the client off (a grant
+        without its descriptors would be a broken promise): False."""
+        dups: list[int] = []
+        try:
+            for fd in fds:
+                dups.append(os.dup(fd))
+        except OSError as exc:
+            _close_all(dups)
+            self._clear()
+            self.close(f"its lock-file descriptors could not be queued: {exc.strerror}")
+            return False
+        step = protocol.MAX_FDS_PER_MESSAGE
+        for i in range(0, len(dups), step):
+            self._attached.append((offset + i // step, dups[i : i + step]))
+        return True
 
     def _flush(self) -> None:
         """Write what the socket takes now, each queued descriptor with its byte. Raises

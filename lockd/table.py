@@ -19,8 +19,14 @@ backend then obtains the real lock (an flock, an etcd key) and the edge reports 
 (TAKING → HELD, effect `Granted`). A TAKING ticket already counts as a holder here, so the
 backend is only ever asked for locks the table agrees on. Every `Take` is followed by exactly
 one `Drop` of the same ticket, whatever ends it; the Drop says how it ended (`Ending`), since
-a holder may still be at work under a lease the table no longer counts: only one its owner
-released may be let go of at once.
+the owner's work may outlive a lease the owner did not release: only a released one is let go
+of for everyone at once.
+
+A forced release does not end a lease: it tells the owner (`Lost`) and moves it HELD →
+BREAKING, still a holder, until the owner says it has stopped its work (`release`), goes
+away (`drop_owner`, `end`: then what it handed its work keeps the lock until that work ends),
+or its grace passes (`expire`). So nobody is granted a lock while the work of a broken holder
+still cleans up, and nobody waits for it for ever.
 
 The table owns no clock and does no I/O: callers pass `now` and deadlines as plain numbers
 (any monotonic scale) and carry out the returned effects in order. Every method runs to
@@ -40,13 +46,14 @@ class State(Enum):
     WAITING = "waiting"
     TAKING = "taking"
     HELD = "held"
+    BREAKING = "breaking"
     ENDED = "ended"
 
 
 # The daemon spells the states with these: on Python 3.11 every `State.X` goes through
 # EnumType.__getattr__, over ten times the cost of a global, and a lock cycle tests the state
 # a dozen times (3.12 made that lookup cheap: drop these once 3.11 is no longer supported).
-WAITING, TAKING, HELD, ENDED = State.WAITING, State.TAKING, State.HELD, State.ENDED
+WAITING, TAKING, HELD, BREAKING, ENDED = State.WAITING, State.TAKING, State.HELD, State.BREAKING, State.ENDED
 
 
 class Ticket:
@@ -81,7 +88,7 @@ class Ticket:
 
     @property
     def holding(self) -> bool:
-        return self.state is TAKING or self.state is HELD
+        return self.state is TAKING or self.state is HELD or self.state is BREAKING
 
     def __repr__(self) -> str:
         mode = "shared" if self.shared else "exclusive"
@@ -120,14 +127,14 @@ class Take(Effect):
 class Ending(Enum):
     """How a ticket that held (or was being taken) ended: what its `Drop` may do."""
 
-    #: Its owner let go (or it was never granted): nobody works under it any more.
+    #: Its owner let go, or it was never granted: nobody works under it, so the lock may be
+    #: released for everyone at once.
     RELEASED = "released"
     #: Its owner went away, or the daemon stopped serving it, without letting go: whatever
     #: the owner handed its work keeps the lock until that work ends.
     ABANDONED = "abandoned"
-    #: Broken against its owner's will (a forced release): the owner was told and is
-    #: stopping its work, which keeps the lock until it has stopped.
-    BROKEN = "broken"
+    #: Broken by force, and its owner did not let go within the grace: released under it.
+    OVERDUE = "overdue"
 
 
 class Drop(Effect):
@@ -136,7 +143,7 @@ class Drop(Effect):
 
     __slots__ = ("ending",)
 
-    def __init__(self, ticket: Ticket, ending: Ending = Ending.RELEASED) -> None:
+    def __init__(self, ticket: Ticket, ending: Ending) -> None:
         super().__init__(ticket)
         self.ending = ending
 
@@ -270,7 +277,14 @@ def _arrival(ticket: Ticket) -> int:
 
 
 #: The states in which a ticket's deadline still matters.
-_TIMED = (WAITING, TAKING)
+_TIMED = (WAITING, TAKING, BREAKING)
+
+
+def _due(entry: tuple[float, int, Ticket]) -> bool:
+    """Whether a deadline heap entry still counts: its ticket is in a timed state and still
+    has this deadline (a broken lease's grace replaced its request's deadline)."""
+    ticket = entry[2]
+    return ticket.state in _TIMED and ticket.deadline == entry[0]
 #: The deadline heap is not swept below this size: a sweep would free next to nothing.
 _MIN_SWEEP = 64
 
@@ -361,13 +375,14 @@ class LockTable:
         """
         if ticket.state is not TAKING or ticket.wait:
             return []
-        return [Refused(ticket, Reason.BUSY, []), *self._end(ticket)]
+        return [Refused(ticket, Reason.BUSY, []), *self._end(ticket, Ending.RELEASED)]
 
     def release(self, ticket: Ticket) -> list[Effect]:
-        """End a lease or withdraw a waiting request, at its owner's wish. Idempotent."""
+        """End a lease or withdraw a waiting request, at its owner's wish (for a broken lease:
+        its owner has stopped its work). Idempotent."""
         if ticket.state is ENDED:
             return []
-        return self._end(ticket)
+        return self._end(ticket, Ending.RELEASED)
 
     def lose(self, ticket: Ticket, reason: str, ending: Ending = Ending.ABANDONED) -> list[Effect]:
         """End a lease against its owner's wish (the backend lost it, the daemon stops, a
@@ -381,21 +396,31 @@ class LockTable:
         effects: list[Effect] = [Lost(ticket, reason)] if ticket.state is HELD else []
         return effects + self._end(ticket, ending)
 
-    def force_release(self, name: str, reason: str) -> tuple[int, list[Effect]]:
-        """Break every held lease on `name`. Returns how many, and the effects."""
+    def force_release(self, name: str, reason: str, *, grace_until: float) -> tuple[int, list[Effect]]:
+        """Break every held lease on `name`: each owner is told (`Lost`) and has until
+        `grace_until` to stop its work and let go (see the module docstring). A lease already
+        broken is ended at once: asked twice, the caller will not wait. Returns how many
+        leases were broken, and the effects."""
         line = self._lines.get(name)
-        held = sorted((t for t in line.holders if t.state is HELD), key=_arrival) if line else []
+        broken = sorted((t for t in line.holders if t.state is HELD or t.state is BREAKING), key=_arrival) if line else []
         effects: list[Effect] = []
-        for ticket in held:
-            effects += self.lose(ticket, reason, Ending.BROKEN)
-        return len(held), effects
+        for ticket in broken:
+            if ticket.state is BREAKING:
+                effects += self._end(ticket, Ending.RELEASED)
+            else:
+                ticket.state = BREAKING
+                ticket.deadline = grace_until
+                self._push_deadline(ticket, grace_until)
+                effects.append(Lost(ticket, reason))
+        return len(broken), effects
 
     def drop_owner(self, owner: Hashable) -> list[Effect]:
         """The owner is gone (connection closed, process exited): end all its tickets."""
         return self.end(list(self._owners.get(owner, ())))
 
     def end(self, tickets: list[Ticket]) -> list[Effect]:
-        """End every ticket in `tickets` at once, silently, as abandoned by their owner.
+        """End every ticket in `tickets` at once, silently, as abandoned by their owner (a
+        broken one too: its owner may have been cut off before it heard, and works on).
 
         They are all removed before anything is granted, so none of them is granted on its
         way out (one of them waiting behind another would be).
@@ -420,20 +445,26 @@ class LockTable:
             self._count_waiting(ticket, 1)
 
     def expire(self, now: float) -> list[Effect]:
-        """Fail every waiting or taking ticket whose deadline is at or before `now`."""
+        """Fail every waiting or taking ticket whose deadline is at or before `now`, and end
+        every broken one whose grace has passed."""
         effects: list[Effect] = []
         heap = self._deadlines
         while heap and heap[0][0] <= now:
-            ticket = heapq.heappop(heap)[2]
-            if ticket.state in _TIMED:
+            entry = heapq.heappop(heap)
+            ticket = entry[2]
+            if not _due(entry):
+                continue
+            if ticket.state is BREAKING:
+                effects += self._end(ticket, Ending.OVERDUE)
+            else:
                 effects.append(Refused(ticket, Reason.TIMEOUT, self._blockers(ticket)))
-                effects += self._end(ticket)
+                effects += self._end(ticket, Ending.RELEASED)
         return effects
 
     def next_deadline(self) -> float | None:
-        """The earliest deadline of a ticket still WAITING or TAKING, or None."""
+        """The earliest deadline of a ticket still WAITING, TAKING or BREAKING, or None."""
         heap = self._deadlines
-        while heap and heap[0][2].state not in _TIMED:
+        while heap and not _due(heap[0]):
             heapq.heappop(heap)
         return heap[0][0] if heap else None
 
@@ -504,7 +535,7 @@ class LockTable:
             # A granted or ended ticket's entry would otherwise keep it (and its `info`, the
             # client's whole session) alive until its deadline, which may be hours away. Sweeping
             # when the heap has doubled since the last sweep costs O(1) per push, amortized.
-            heap[:] = [entry for entry in heap if entry[2].state in _TIMED]
+            heap[:] = [entry for entry in heap if _due(entry)]
             heapq.heapify(heap)
             self._sweep_at = max(_MIN_SWEEP, 2 * len(heap))
         heapq.heappush(heap, (deadline, next(self._deadline_seq), ticket))
@@ -522,7 +553,7 @@ class LockTable:
         for name in ticket.names:
             _count(by_name, name, delta)
 
-    def _end(self, ticket: Ticket, ending: Ending = Ending.RELEASED) -> list[Effect]:
+    def _end(self, ticket: Ticket, ending: Ending) -> list[Effect]:
         effects: list[Effect] = [Drop(ticket, ending)] if ticket.holding else []
         self._remove(ticket)
         return effects + self._grant_waiting(ticket.names)
@@ -615,7 +646,7 @@ class LockTable:
                     by_name[name] = by_name.get(name, 0) + 1
         assert by_owner == self._waiting_by_owner, (by_owner, self._waiting_by_owner)
         assert by_name == self._waiting_by_name, (by_name, self._waiting_by_name)
-        timed = {entry[2] for entry in self._deadlines}
+        timed = {entry[2] for entry in self._deadlines if entry[0] == entry[2].deadline}
         for ticket in live:
             in_line = [ticket in (self._lines[n].holders if ticket.holding else self._lines[n].waiting) for n in ticket.names]
             assert all(in_line), ticket

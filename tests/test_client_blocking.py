@@ -282,6 +282,17 @@ def test_a_restarted_daemon_sees_a_detached_lease_as_held_until_it_is_released(d
         other.acquire("a", wait=False).release()
 
 
+def test_a_client_lockd_cut_off_is_named_as_the_holder_while_it_keeps_the_lock(daemon, client):
+    lease = client.acquire("a")
+    client._sock.sendall(b"\0\0\0\2\xc1\xc1")  # garbage: lockd hangs up on it
+    eventually(lambda: (client.process_events(), lease.detached)[1])
+    with lockd_client.connect(daemon.socket) as other:
+        (lock,) = other.status("a")
+        assert [(h.pid, h.outside) for h in lock.holders] == [(os.getpid(), True)]
+        lease.release()
+        other.acquire("a", wait=False).release()
+
+
 def test_a_release_unlocks_the_file_even_before_the_daemon_reads_it(daemon, client):
     lease = client.acquire("a")
     daemon.proc.send_signal(signal.SIGSTOP)

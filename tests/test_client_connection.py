@@ -534,3 +534,92 @@ def test_garbage_breaks_the_connection(body):
     conn = opened()
     conn.receive_data(len(body).to_bytes(4, "big") + body)
     assert_broken(conn, because="")
+
+
+# --- lock-file descriptors --------------------------------------------------------------------
+# The connection only counts descriptors as numbers: these are made up, never opened.
+
+
+def outliving() -> Connection:
+    conn = Connection()
+    conn.hello()
+    conn.receive_data(frames(protocol.Welcome(protocol.PROTOCOL_VERSION, "lockd", "flock", leases_outlive_daemon=True)))
+    return conn
+
+
+def test_each_grant_claims_its_descriptors_in_the_order_they_came():
+    conn = outliving()
+    a, _ = conn.acquire(["a", "b"])
+    c, _ = conn.acquire(["c"])
+    # Descriptors come with the first byte of their grant, so possibly before its last byte.
+    data = frames(protocol.Granted(a.id, [1, 2], 2), protocol.Granted(c.id, [3], 1))
+    conn.receive_data(data[:5], [101, 102])
+    conn.receive_data(data[5:], [103])
+    assert a.result().fds == [101, 102] and c.result().fds == [103]
+    assert conn.stray_fds() == []
+
+
+def test_a_grant_whose_descriptors_did_not_come_breaks_the_connection_and_fails_the_call():
+    conn = outliving()
+    call, _ = conn.acquire(["a"])
+    conn.receive_data(frames(protocol.Granted(call.id, [1], 1)))
+    assert_broken(conn, because="1 descriptors, of which 0 came")
+    with pytest.raises(errors.ProtocolError):
+        call.result()
+
+
+def test_descriptors_of_a_grant_nobody_waits_for_are_handed_back_to_close():
+    conn = outliving()
+    call, _ = conn.acquire(["a"])
+    conn.withdraw(call)
+    conn.receive_data(frames(protocol.Granted(call.id, [1], 1)), [101])
+    assert conn.stray_fds() == [101]
+    assert conn.stray_fds() == []
+
+
+def test_a_lease_tied_to_a_process_keeps_its_descriptors_only_when_asked():
+    conn = outliving()
+    call, _ = conn.acquire(["a"], pid=42)
+    conn.receive_data(frames(protocol.Granted(call.id, [1], 1)), [101])
+    assert call.result().fds == [] and conn.stray_fds() == [101]
+    conn.keep_tied_descriptors = True
+    call, _ = conn.acquire(["b"], pid=42)
+    conn.receive_data(frames(protocol.Granted(call.id, [2], 1)), [102])
+    assert call.result().fds == [102] and conn.stray_fds() == []
+
+
+@pytest.mark.parametrize("outlive", [True, False])
+def test_a_lease_with_descriptors_outlives_the_daemon_only_where_it_says_so(outlive: bool):
+    conn = outliving() if outlive else opened()
+    call, _ = conn.acquire(["a"])
+    conn.receive_data(frames(protocol.Granted(call.id, [1], 1)), [101])
+    lease = call.result()
+    bare = granted(conn, "b")  # no descriptor: nothing of it outlives the connection
+    conn.receive_data(b"")
+    assert bare.state is LeaseState.LOST
+    if outlive:
+        assert lease.state is LeaseState.HELD and lease.detached
+        assert conn.release(lease) == b""  # nobody to tell; the caller unlocks its descriptors
+        assert lease.state is LeaseState.RELEASED
+    else:
+        assert lease.state is LeaseState.LOST and not lease.detached
+    assert lease.fds == [101]  # the caller's to let go of, whatever happened
+
+
+def test_closing_hands_back_every_lease_that_still_has_descriptors_lost_ones_too():
+    conn = outliving()
+    held, lost = conn.acquire(["a"])[0], conn.acquire(["b"])[0]
+    conn.receive_data(frames(protocol.Granted(held.id, [1], 1), protocol.Granted(lost.id, [2], 1)), [101, 102])
+    conn.receive_data(frames(protocol.Lost(lost.id, "forced")))
+    ended = conn.close()
+    assert sorted(r.fds[0] for r in ended) == [101, 102]
+    assert held.result().state is LeaseState.RELEASED and lost.result().state is LeaseState.LOST
+
+
+def test_a_forked_child_forgets_every_descriptor_and_lease():
+    conn = outliving()
+    call, _ = conn.acquire(["a"])
+    conn.receive_data(frames(protocol.Granted(call.id, [1], 1)), [101, 999])  # 999: for a grant to come
+    lease = call.result()
+    assert sorted(conn.forget_after_fork()) == [101, 999]
+    assert lease.state is LeaseState.LOST and lease.fds == [] and conn.closed

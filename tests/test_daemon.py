@@ -326,6 +326,21 @@ def test_release_pid_and_force_release(daemon: Daemon) -> None:
     assert "broken" in daemon.log()
 
 
+def test_a_broken_leases_id_stays_in_use_until_its_holder_lets_go(daemon: Daemon) -> None:
+    with RawClient(daemon.socket) as holder, RawClient(daemon.socket) as admin:
+        assert isinstance(holder.acquire("x"), Granted)
+        assert isinstance(admin.request(ForceRelease(1, "x")), protocol.Done)
+        lost = holder.recv()
+        assert isinstance(lost, Lost)
+        reused = holder.request(Acquire(lost.id, ["y"]))
+        assert isinstance(reused, Error) and "already in use" in reused.message
+        (lock,) = admin.request(Status(2, ["x"])).locks  # type: ignore[union-attr]
+        assert [h.pid for h in lock.holders] == [os.getpid()]  # still holding while it stops
+        holder.send(Release(lost.id))
+        assert isinstance(holder.request(Acquire(lost.id, ["y"])), Granted)
+        assert isinstance(admin.acquire("x", timeout=5), Granted)
+
+
 def test_release_by_id_ends_a_process_tied_lease_while_its_connection_lasts(daemon: Daemon) -> None:
     sleeper = subprocess.Popen(["sleep", "60"])
     try:

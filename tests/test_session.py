@@ -138,3 +138,76 @@ async def test_a_session_closed_before_serving_flushes_its_goodbye_and_hangs_up(
             received = await trio.to_thread.run_sync(read_all, theirs)
             theirs.close()
     assert replies(received) == [refusal]
+
+
+def read_with_descriptors(sock: socket.socket) -> list[tuple[object, list[str]]]:
+    """Read until EOF with the reference client's receiving code; every Granted paired with
+    the files of the descriptors it claims (in order), others with []."""
+    from lockd_client import _lockfds
+
+    sock.settimeout(10)
+    data, fds = bytearray(), []
+    buffer = bytearray(65536)
+    while True:
+        size, got = _lockfds.recv_into(sock, buffer)
+        fds += got
+        if not size:
+            break
+        data += buffer[:size]
+    out = []
+    for message in replies(bytes(data)):
+        claimed = fds[: getattr(message, "descriptors", 0)]
+        del fds[: len(claimed)]
+        out.append((message, [os.readlink(f"/proc/self/fd/{fd}") for fd in claimed]))
+        _lockfds.close_all(claimed)
+    assert fds == [], "descriptors no message claimed"
+    return out
+
+
+@pytest.mark.parametrize("count", [1, 2, 300])
+async def test_descriptors_go_with_their_message_however_the_socket_takes_it(
+    pair: tuple[socket.socket, socket.socket], tmp_path, count: int
+) -> None:
+    ours, theirs = pair
+    files = [os.open(tmp_path / f"f{i}", os.O_RDONLY | os.O_CREAT) for i in range(count + 1)]
+    session = make_session(ours)
+    filler = protocol.Error(None, "x", "y" * 60_000)
+    before = len(os.listdir("/proc/self/fd"))
+    # Fill the socket so that later grants wait in the outbox, with duplicates of their files.
+    session.send(protocol.Granted(1, [1] * count, count), files[:count])
+    while not session._outbox:
+        session.send(filler)
+    session.send(protocol.Granted(2, [2], 1), files[count:])
+    session.send(protocol.Done(3))
+    for fd in files:
+        os.close(fd)  # the caller's to close at once: the queued ones are the session's own
+    theirs.shutdown(socket.SHUT_WR)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session.serve, WELCOME, lambda session, message: None, Limits())
+            received = await trio.to_thread.run_sync(read_with_descriptors, theirs)
+    grants = [(m.id, paths) for m, paths in received if isinstance(m, protocol.Granted)]
+    assert grants == [(1, [str(tmp_path / f"f{i}") for i in range(count)]), (2, [str(tmp_path / f"f{count}")])]
+    assert isinstance(received[-1][0], protocol.Done)
+    assert len(os.listdir("/proc/self/fd")) <= before - len(files)  # no duplicate left behind
+
+
+async def test_queued_descriptors_are_closed_when_the_client_is_cut_off(
+    pair: tuple[socket.socket, socket.socket], tmp_path
+) -> None:
+    ours, _ = pair
+    closed: list[str] = []
+    session = make_session(ours, closed)
+    fd = os.open(tmp_path / "f", os.O_RDONLY | os.O_CREAT)
+    before = len(os.listdir("/proc/self/fd"))
+    filler = protocol.Error(None, "x", "y" * 60_000)
+    while not session._outbox:
+        session.send(filler)
+    session.send(protocol.Granted(1, [1], 1), [fd])
+    assert len(os.listdir("/proc/self/fd")) == before + 1
+    while not session.closed:
+        session.send(filler)
+    with trio.fail_after(10):  # the goodbye is never read: given up after send_timeout
+        await session.serve(WELCOME, lambda session, message: None, Limits(send_timeout=0.2))
+    os.close(fd)
+    assert len(os.listdir("/proc/self/fd")) == before - 2  # fd, and the socket serve closed

@@ -89,8 +89,8 @@ class CheckedTable:
     def lose(self, ticket: Ticket, reason: str = "gone") -> list[Effect]:
         return self._record(self.table.lose(ticket, reason))
 
-    def force_release(self, name: str, reason: str = "forced") -> tuple[int, list[Effect]]:
-        count, effects = self.table.force_release(name, reason)
+    def force_release(self, name: str, reason: str = "forced", *, grace_until: float) -> tuple[int, list[Effect]]:
+        count, effects = self.table.force_release(name, reason, grace_until=grace_until)
         return count, self._record(effects)
 
     def drop_owner(self, owner: Hashable) -> list[Effect]:
@@ -134,8 +134,8 @@ def test_effects_compare_by_kind_and_fields() -> None:
     b = Ticket("o", ("x",), False, True, None, None, 0.0)
     assert Take(a) == Take(a)
     assert Take(a) != Take(b)  # tickets are compared by identity
-    assert Take(a) != Drop(a)
-    assert Drop(a) == Drop(a, Ending.RELEASED) != Drop(a, Ending.ABANDONED)
+    assert Take(a) != Drop(a, Ending.RELEASED)
+    assert Drop(a, Ending.RELEASED) != Drop(a, Ending.ABANDONED)
     assert Refused(a, Reason.BUSY, [b]) == Refused(a, Reason.BUSY, [b])
     assert Refused(a, Reason.BUSY, [b]) != Refused(a, Reason.TIMEOUT, [b])
     assert Refused(a, Reason.BUSY, [b]) != Refused(a, Reason.BUSY, [])
@@ -160,7 +160,7 @@ def test_exclusive_behind_a_holder_queues_and_gets_it_on_release(table: CheckedT
     a = table.hold("a", ["x"])
     b, effects = table.acquire("b", ["x"])
     assert effects == [Queued(b, [a])]
-    assert table.release(a) == [Drop(a), Take(b)]
+    assert table.release(a) == [Drop(a, Ending.RELEASED), Take(b)]
     assert b.state is State.TAKING
 
 
@@ -182,9 +182,9 @@ def test_exclusive_waits_for_every_shared_holder(table: CheckedTable) -> None:
     s2 = table.hold("b", ["x"], shared=True)
     e, effects = table.acquire("c", ["x"])
     assert effects == [Queued(e, [s1, s2])]
-    assert table.release(s1) == [Drop(s1)]
+    assert table.release(s1) == [Drop(s1, Ending.RELEASED)]
     assert table.blockers(e) == [s2]
-    assert table.release(s2) == [Drop(s2), Take(e)]
+    assert table.release(s2) == [Drop(s2, Ending.RELEASED), Take(e)]
 
 
 def test_shared_waits_for_an_exclusive_holder(table: CheckedTable) -> None:
@@ -199,11 +199,11 @@ def test_release_of_an_exclusive_grants_the_shared_run_behind_it(table: CheckedT
     s2 = table.wait("c", ["x"], shared=True)
     e2 = table.wait("d", ["x"])
     s3 = table.wait("e", ["x"], shared=True)
-    assert table.release(e1) == [Drop(e1), Take(s1), Take(s2)]
+    assert table.release(e1) == [Drop(e1, Ending.RELEASED), Take(s1), Take(s2)]
     assert (e2.state, s3.state) == (State.WAITING, State.WAITING)
     table.release(s1)
-    assert table.release(s2) == [Drop(s2), Take(e2)]
-    assert table.release(e2) == [Drop(e2), Take(s3)]
+    assert table.release(s2) == [Drop(s2, Ending.RELEASED), Take(e2)]
+    assert table.release(e2) == [Drop(e2, Ending.RELEASED), Take(s3)]
 
 
 # --- FIFO, no barging ----------------------------------------------------------------------
@@ -215,8 +215,8 @@ def test_shared_behind_a_waiting_exclusive_waits(table: CheckedTable) -> None:
     s2, effects = table.acquire("c", ["x"], shared=True)
     assert effects == [Queued(s2, [])]  # no holder is in its way: the waiting `e` is
     assert table.waiters("x") == [e, s2]
-    assert table.release(s1) == [Drop(s1), Take(e)]
-    assert table.release(e) == [Drop(e), Take(s2)]
+    assert table.release(s1) == [Drop(s1, Ending.RELEASED), Take(e)]
+    assert table.release(e) == [Drop(e, Ending.RELEASED), Take(s2)]
 
 
 def test_an_exclusive_is_granted_only_at_the_head(table: CheckedTable) -> None:
@@ -225,9 +225,9 @@ def test_an_exclusive_is_granted_only_at_the_head(table: CheckedTable) -> None:
     e3 = table.wait("c", ["x"])
     assert table.blockers(e3) == [e1]
     assert table.waiters("x") == [e2, e3]
-    assert table.release(e1) == [Drop(e1), Take(e2)]
+    assert table.release(e1) == [Drop(e1, Ending.RELEASED), Take(e2)]
     assert e3.state is State.WAITING
-    assert table.release(e2) == [Drop(e2), Take(e3)]
+    assert table.release(e2) == [Drop(e2, Ending.RELEASED), Take(e3)]
 
 
 def test_a_late_comer_waits_behind_a_waiter_even_for_a_free_name(table: CheckedTable) -> None:
@@ -236,8 +236,8 @@ def test_a_late_comer_waits_behind_a_waiter_even_for_a_free_name(table: CheckedT
     late, effects = table.acquire("c", ["y"])
     assert effects == [Queued(late, [])]  # y is free, but `both` asked first
     assert table.waiters("y") == [both, late]
-    assert table.release(h) == [Drop(h), Take(both)]
-    assert table.release(both) == [Drop(both), Take(late)]
+    assert table.release(h) == [Drop(h, Ending.RELEASED), Take(both)]
+    assert table.release(both) == [Drop(both, Ending.RELEASED), Take(late)]
 
 
 def test_shared_is_granted_past_a_shared_waiter_blocked_elsewhere(table: CheckedTable) -> None:
@@ -245,7 +245,7 @@ def test_shared_is_granted_past_a_shared_waiter_blocked_elsewhere(table: Checked
     sxy = table.wait("b", ["x", "y"], shared=True)
     sx, effects = table.acquire("c", ["x"], shared=True)
     assert effects == [Take(sx)]  # everything ahead of it on x is shared
-    assert table.release(ey) == [Drop(ey), Take(sxy)]
+    assert table.release(ey) == [Drop(ey, Ending.RELEASED), Take(sxy)]
 
 
 # --- many names ----------------------------------------------------------------------------
@@ -256,7 +256,7 @@ def test_many_names_are_all_or_nothing(table: CheckedTable) -> None:
     xyz = table.wait("b", ["x", "y", "z"])
     assert table.queue("y") == [xyz] and table.queue("z") == [xyz]
     assert xyz.state is State.WAITING
-    assert table.release(hx) == [Drop(hx), Take(xyz)]  # one Take for all three names
+    assert table.release(hx) == [Drop(hx, Ending.RELEASED), Take(xyz)]  # one Take for all three names
     assert table.taken(xyz, [1, 2, 3]) == [Granted(xyz)]
     assert xyz.tokens == [1, 2, 3]
 
@@ -276,10 +276,10 @@ def test_opposite_orders_never_deadlock(
     hy = table.hold("hy", ["y"])
     p = table.wait("p", first)
     q = table.wait("q", second)
-    assert table.release(hx) == [Drop(hx)]  # p still lacks y, q is behind p on x
-    assert table.release(hy) == [Drop(hy), Take(p)]
+    assert table.release(hx) == [Drop(hx, Ending.RELEASED)]  # p still lacks y, q is behind p on x
+    assert table.release(hy) == [Drop(hy, Ending.RELEASED), Take(p)]
     assert table.blockers(q) == [p]
-    assert table.release(p) == [Drop(p), Take(q)]
+    assert table.release(p) == [Drop(p, Ending.RELEASED), Take(q)]
 
 
 def test_duplicate_names_count_once(table: CheckedTable) -> None:
@@ -288,7 +288,7 @@ def test_duplicate_names_count_once(table: CheckedTable) -> None:
     assert ticket.names == ("x", "y")
     assert table.queue("x") == [ticket]
     table.taken(ticket, [1, 2])
-    assert table.release(ticket) == [Drop(ticket)]
+    assert table.release(ticket) == [Drop(ticket, Ending.RELEASED)]
     assert table.names() == []
 
 
@@ -336,7 +336,7 @@ def test_no_wait_blocked_outside_lockd_is_refused_and_lets_waiters_in(table: Che
     nw, effects = table.acquire("a", ["x"], wait=False)
     assert effects == [Take(nw)]
     w = table.wait("b", ["x"])
-    assert table.take_blocked(nw) == [Refused(nw, Reason.BUSY, []), Drop(nw), Take(w)]
+    assert table.take_blocked(nw) == [Refused(nw, Reason.BUSY, []), Drop(nw, Ending.RELEASED), Take(w)]
     assert nw.state is State.ENDED
     assert table.take_blocked(nw) == []
     assert table.taken(nw) == []
@@ -376,16 +376,16 @@ def test_a_ticket_taking_at_once_times_out_while_blocked_outside(table: CheckedT
     assert effects == [Take(t)]
     assert table.take_blocked(t) == []
     assert table.next_deadline() == 5.0
-    assert table.expire(6.0) == [Refused(t, Reason.TIMEOUT, []), Drop(t)]
+    assert table.expire(6.0) == [Refused(t, Reason.TIMEOUT, []), Drop(t, Ending.RELEASED)]
     assert table.taken(t) == []  # the backend finished just too late: its Drop is on its way
 
 
 def test_a_ticket_granted_after_waiting_can_time_out_while_taking(table: CheckedTable) -> None:
     h = table.hold("a", ["x"])
     w = table.wait("b", ["x"], deadline=5.0)
-    assert table.release(h) == [Drop(h), Take(w)]
+    assert table.release(h) == [Drop(h, Ending.RELEASED), Take(w)]
     assert table.next_deadline() == 5.0
-    assert table.expire(5.0) == [Refused(w, Reason.TIMEOUT, []), Drop(w)]
+    assert table.expire(5.0) == [Refused(w, Reason.TIMEOUT, []), Drop(w, Ending.RELEASED)]
 
 
 def test_a_held_ticket_ignores_its_deadline(table: CheckedTable) -> None:
@@ -436,7 +436,7 @@ def test_a_ticket_granted_by_expire_past_its_own_deadline_times_out_too(table: C
     h, _ = table.acquire("a", ["x"], deadline=1.0)
     w = table.wait("b", ["x"], deadline=2.0)
     assert table.expire(2.0) == [
-        Refused(h, Reason.TIMEOUT, []), Drop(h), Take(w), Refused(w, Reason.TIMEOUT, []), Drop(w),
+        Refused(h, Reason.TIMEOUT, []), Drop(h, Ending.RELEASED), Take(w), Refused(w, Reason.TIMEOUT, []), Drop(w, Ending.RELEASED),
     ]
 
 
@@ -464,7 +464,7 @@ def test_finished_tickets_are_not_kept_alive_by_their_deadlines() -> None:
 def test_taken_after_the_ticket_ended_is_ignored(table: CheckedTable) -> None:
     t, _ = table.acquire("a", ["x"])
     w = table.wait("b", ["x"])
-    assert table.release(t) == [Drop(t), Take(w)]
+    assert table.release(t) == [Drop(t, Ending.RELEASED), Take(w)]
     assert table.taken(t) == []
     assert (t.state, t.tokens) == (State.ENDED, None)
 
@@ -477,14 +477,14 @@ def test_taken_twice_grants_once(table: CheckedTable) -> None:
 
 def test_release_is_idempotent(table: CheckedTable) -> None:
     t = table.hold("a", ["x"])
-    assert table.release(t) == [Drop(t)]
+    assert table.release(t) == [Drop(t, Ending.RELEASED)]
     assert table.release(t) == []
     assert len(table) == 0 and table.names() == [] and table.tickets_of("a") == []
 
 
 def test_release_of_a_taking_ticket_drops_it(table: CheckedTable) -> None:
     t, _ = table.acquire("a", ["x"])
-    assert table.release(t) == [Drop(t)]
+    assert table.release(t) == [Drop(t, Ending.RELEASED)]
 
 
 @pytest.mark.parametrize("end", [CheckedTable.release, CheckedTable.lose])
@@ -506,7 +506,7 @@ def test_withdrawing_a_multi_name_waiter_unblocks_each_of_its_names(table: Check
     wy = table.wait("c", ["y"])
     wx = table.wait("d", ["x"])
     assert table.release(xy) == [Take(wy)]
-    assert table.release(hx) == [Drop(hx), Take(wx)]
+    assert table.release(hx) == [Drop(hx, Ending.RELEASED), Take(wx)]
 
 
 # --- owners --------------------------------------------------------------------------------
@@ -568,20 +568,39 @@ def test_force_release_breaks_held_leases_only(table: CheckedTable) -> None:
     s2 = table.hold("b", ["x", "y"], shared=True)
     s3, _ = table.acquire("c", ["x"], shared=True)  # TAKING: not broken
     e = table.wait("d", ["x"])
-    count, effects = table.force_release("x", "by admin")
+    count, effects = table.force_release("x", "by admin", grace_until=30.0)
     assert count == 2
-    assert effects == [
-        Lost(s1, "by admin"), Drop(s1, Ending.BROKEN), Lost(s2, "by admin"), Drop(s2, Ending.BROKEN),
-    ]
-    assert table.names() == ["x"]  # s2 let go of y too
-    assert table.queue("x") == [s3, e]
-    assert table.release(s3) == [Drop(s3), Take(e)]
+    assert effects == [Lost(s1, "by admin"), Lost(s2, "by admin")]
+    # Broken, not ended: they hold x (and y) until their owners have stopped their work.
+    assert (s1.state, s2.state) == (State.BREAKING, State.BREAKING)
+    assert table.queue("x") == [s1, s2, s3, e]
+    assert table.holders("y") == [s2]
+    assert table.release(s1) == [Drop(s1, Ending.RELEASED)]
+    assert table.drop_owner("b") == [Drop(s2, Ending.ABANDONED)]  # it may have been cut off, and work on
+    assert table.release(s3) == [Drop(s3, Ending.RELEASED), Take(e)]
+
+
+def test_a_broken_lease_is_released_under_its_owner_once_its_grace_passes(table: CheckedTable) -> None:
+    h = table.hold("a", ["x"])
+    w = table.wait("b", ["x"], deadline=100.0)
+    table.force_release("x", "by admin", grace_until=30.0)
+    assert table.next_deadline() == 30.0
+    assert table.expire(29.9) == []
+    assert table.expire(30.0) == [Drop(h, Ending.OVERDUE), Take(w)]
+    assert table.next_deadline() == 100.0  # w's own deadline still counts while it is taken
+
+
+def test_forcing_a_release_twice_does_not_wait_for_the_owner(table: CheckedTable) -> None:
+    h = table.hold("a", ["x"])
+    w = table.wait("b", ["x"])
+    assert table.force_release("x", "once", grace_until=30.0) == (1, [Lost(h, "once")])
+    assert table.force_release("x", "twice", grace_until=60.0) == (1, [Drop(h, Ending.RELEASED), Take(w)])
 
 
 def test_force_release_of_a_name_nobody_holds(table: CheckedTable) -> None:
-    assert table.force_release("x") == (0, [])
+    assert table.force_release("x", grace_until=1.0) == (0, [])
     w, _ = table.acquire("a", ["x"])
-    assert table.force_release("x") == (0, [])
+    assert table.force_release("x", grace_until=1.0) == (0, [])
     assert w.state is State.TAKING
 
 
@@ -633,7 +652,7 @@ def test_holders_are_in_grant_order_and_waiters_in_arrival_order(table: CheckedT
     assert table.holders("x") == [s1, s3]
     assert table.waiters("x") == [sxy]
     assert table.queue("x") == [s1, s3, sxy]
-    assert table.release(ey) == [Drop(ey), Take(sxy)]
+    assert table.release(ey) == [Drop(ey, Ending.RELEASED), Take(sxy)]
     assert table.holders("x") == [s1, s3, sxy]
     assert table.holders("nothing") == [] and table.waiters("nothing") == []
 

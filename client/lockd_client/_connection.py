@@ -30,7 +30,7 @@ from typing import Generic, TypeVar
 
 import msgspec
 
-from . import errors, paths, protocol
+from . import _lockfds, errors, paths, protocol
 
 T = TypeVar("T")
 
@@ -98,6 +98,7 @@ class LeaseView:
     def __init__(self, client: object, record: LeaseRecord) -> None:
         self._client = client
         self._record = record
+        _lockfds.close_when_forgotten(record)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -335,7 +336,12 @@ class Connection:
         """
         if call.done:
             if isinstance(call._value, LeaseRecord):
-                return self.release(call._value)
+                # Released: the daemon unlocks on reading it; this client's copies only close.
+                lease = call._value
+                data = self.release(lease)
+                self._stray += lease.fds
+                lease.fds.clear()
+                return data
             return b""
         if call is self._greeting:
             self.close()  # a connection without its handshake is of no use
@@ -358,7 +364,7 @@ class Connection:
         fds = self.stray_fds()
         for record in list(self._records):
             fds += record.fds
-            record.fds = []
+            record.fds.clear()
             if record.state is LeaseState.HELD:
                 record.state = LeaseState.LOST
                 record.lost_reason = reason
@@ -369,11 +375,12 @@ class Connection:
 
     def close(self) -> list[LeaseRecord]:
         """The client closes the connection: its leases (detached ones too) end as released,
-        not lost. Returns them: the caller lets go of their descriptors."""
-        ended = list(self._leases.values())
-        for lease in ended:
+        not lost. Returns every lease that still has descriptors, lost ones included: the
+        caller lets go of them."""
+        for lease in self._leases.values():
             lease.state = LeaseState.RELEASED
         self._leases.clear()
+        ended = [record for record in self._records if record.fds]
         if not self.closed:
             reason = "the connection was closed by this client"
             self._shut(reason, lambda: errors.DaemonUnavailable(reason))
@@ -494,8 +501,8 @@ class Connection:
                 raise _Violation(
                     f"{len(message.tokens)} tokens and {message.descriptors} descriptors for {len(names)} names"
                 )
+            fds = self._claim_fds(message.descriptors)  # before the call is gone: it may fail
             del self._calls[id]
-            fds = self._claim_fds(message.descriptors)
             if request.pid is not None and not self.keep_tied_descriptors:
                 self._stray += fds
                 fds = []

@@ -3,15 +3,18 @@
 Invariant: from the moment lockctl prints the lease's tokens until the process it is tied to
 exits or the lease is released, a process holds the lease's lock-file descriptors — the
 keeper — whatever happens to lockd meanwhile. The daemon holds its own copy and watches the
-process too, so the lock is free only once both have let go: the keeper never lets go early
-unless told to (a Lost from the daemon: a release or a forced release; or SIGTERM from
-`lockctl release` when the daemon no longer knows the lease).
+process too, so the lock is free only once both have let go. The keeper lets go when the
+process exits, when the daemon says the lease ended (a release, a forced release), or when it
+is killed: then its copies close, which frees the lock only if the daemon has none (it
+restarted since), which is how `lockctl release` ends a lease the daemon no longer knows. It
+never unlocks: that is the daemon's to do on a release.
 
 The keeper is a fork of lockctl, in a session of its own (the caller's job control and a
 closing terminal do not reach it) and with /dev/null for stdin, stdout and stderr (a caller
 reading lockctl's output to EOF, as `$(lockctl acquire NAME)` does, is not held up). It is
 named `lockd-keeper PID` in ps, PID being the process it keeps the lease for, which is how
-`lockctl release` finds it when the daemon restarted in between.
+`lockctl release` finds it when the daemon restarted in between. It ignores the signals of
+a terminal and job control, not SIGTERM.
 """
 
 from __future__ import annotations
@@ -40,8 +43,7 @@ def start(client: Client, lease: Lease, target: int) -> None:
     """
     pidfd = os.pidfd_open(target)
     try:
-        with _lockfds.kept_in_child():
-            keeper = os.fork()
+        keeper = _lockfds.fork_keeping()
         if keeper == 0:
             _keep(client, lease, pidfd, target)
     finally:
@@ -65,21 +67,15 @@ def _keep(client: Client, lease: Lease, pidfd: int, target: int) -> NoReturn:
         conn_fd = client.fileno()
         _guardian.close_all_but(conn_fd, pidfd, *lease._record.fds)
         _guardian.rename(NAME + b" %d" % target)
-        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-        signal.signal(signal.SIGTERM, _guardian.note)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
         poller = select.poll()
-        for fd in (conn_fd, pidfd, wake_r):
+        for fd in (conn_fd, pidfd):
             poller.register(fd, select.POLLIN)
         while True:
             ready = dict(poller.poll())
             if pidfd in ready:
                 return  # the process is gone, and with it the reason to hold the lease
-            if wake_r in ready:
-                # `lockctl release` after lockd restarted: the new daemon never knew this lease.
-                _lockfds.unlock(lease._record.fds)
-                return
             if conn_fd in ready:
                 client.process_events()
                 if lease.lost:
@@ -92,22 +88,27 @@ def _keep(client: Client, lease: Lease, pidfd: int, target: int) -> NoReturn:
 
 
 def release(target: int, names: list[str]) -> bool:
-    """End the lease that a keeper holds for process `target` on any of `names` (for a lockd
-    that no longer knows it): SIGTERM every such keeper of this user (of anyone's, for root),
-    and wait until they are gone. False if there is none."""
+    """End the lease that a keeper holds for process `target` on any of `names`, for a lockd
+    that no longer knows it (see the module docstring): SIGTERM every such keeper of this
+    user (of anyone's, for root), and wait until they are gone. False if there is none."""
     files = {f"{name}.lock" for name in names}
     me = os.getuid()
     keepers = []
     for pid in _keepers_of(target):
         try:
-            if me not in (0, os.stat(f"/proc/{pid}").st_uid):
-                continue
-            held = {os.path.basename(os.readlink(f"/proc/{pid}/fd/{fd}")) for fd in os.listdir(f"/proc/{pid}/fd")}
-            if held & files:
-                keepers.append(os.pidfd_open(pid))
-                signal.pidfd_send_signal(keepers[-1], signal.SIGTERM)
+            # Looked at through a pidfd opened first, so a pid reused meanwhile is not signalled.
+            pidfd = os.pidfd_open(pid)
         except OSError:
-            continue  # gone meanwhile, or not ours to look at
+            continue  # gone meanwhile
+        try:
+            held = {os.path.basename(os.readlink(f"/proc/{pid}/fd/{fd}")) for fd in os.listdir(f"/proc/{pid}/fd")}
+            if me in (0, os.stat(f"/proc/{pid}").st_uid) and _is_keeper(pid, target) and held & files:
+                signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+                keepers.append(pidfd)
+                continue
+        except OSError:
+            pass  # gone meanwhile, or not ours to look at
+        os.close(pidfd)
     for pidfd in keepers:
         select.select([pidfd], [], [], _RELEASE_WAIT)
         os.close(pidfd)
@@ -116,15 +117,13 @@ def release(target: int, names: list[str]) -> bool:
 
 def _keepers_of(target: int) -> list[int]:
     """The pids of the keepers of leases tied to `target`, by their names in /proc."""
+    return [int(entry) for entry in os.listdir("/proc") if entry.isdigit() and _is_keeper(int(entry), target)]
+
+
+def _is_keeper(pid: int, target: int) -> bool:
     title = NAME + b" %d" % target
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if f.read(len(title) + 2).rstrip(b"\0") == title:
-                    found.append(int(entry))
-        except OSError:
-            continue
-    return found
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read(len(title) + 2).rstrip(b"\0") == title
+    except OSError:
+        return False

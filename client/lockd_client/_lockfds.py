@@ -10,8 +10,8 @@ Invariants:
   the lease's.
 - A child forked from a process holding leases holds none of them: after the fork, the
   child closes its copies of every registered owner's descriptors and of its daemon
-  connections, without unlocking anything, unless the fork is made under `kept_in_child`
-  (lockctl's guardian and keeper, which exist to hold them).
+  connections, without unlocking anything, unless it was forked by `fork_keeping` (lockctl's
+  guardian and keeper, which exist to hold them).
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ import fcntl
 import os
 import socket
 import weakref
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from typing import Protocol
 
-#: Room for the most descriptors the kernel passes in one message (SCM_MAX_FD).
-_ANCILLARY_SIZE = socket.CMSG_SPACE(253 * array.array("i").itemsize)
+from .protocol import MAX_FDS_PER_MESSAGE
+
+_ANCILLARY_SIZE = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
 
 
 class DescriptorsLost(OSError):
@@ -38,7 +38,8 @@ def recv_into(sock: socket.socket, buffer: bytearray, flags: int = 0) -> tuple[i
     and the descriptors that came with the bytes (close-on-exec). Raises DescriptorsLost,
     having closed the ones that did come, if the kernel dropped some."""
     size, ancdata, msg_flags, _ = sock.recvmsg_into((buffer,), _ANCILLARY_SIZE, flags | socket.MSG_CMSG_CLOEXEC)
-    return size, (_received(ancdata, msg_flags) if ancdata else [])
+    # Truncated with nothing to show for it: the kernel could install none of them.
+    return size, (_received(ancdata, msg_flags) if ancdata or msg_flags & socket.MSG_CTRUNC else [])
 
 
 def _received(ancdata: list[tuple[int, int, bytes]], msg_flags: int) -> list[int]:
@@ -62,21 +63,23 @@ class _Record(Protocol):
 
 def let_go(lease: _Record) -> None:
     """Unlock (unless tied to another process) and close `lease`'s descriptors. Idempotent."""
-    fds, lease.fds = lease.fds, []
+    fds = lease.fds[:]
+    lease.fds.clear()  # in place: `close_when_forgotten` holds the same list
     if lease.pid is None:
-        unlock(fds)
+        for fd in fds:
+            fcntl.flock(fd, fcntl.LOCK_UN)  # for every copy, the daemon's too
     close_all(fds)
-
-
-def unlock(fds: Iterable[int]) -> None:
-    """Release the flocks of `fds`, for every copy of them (the daemon's too)."""
-    for fd in fds:
-        fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 def close_all(fds: Iterable[int]) -> None:
     for fd in fds:
         os.close(fd)
+
+
+def close_when_forgotten(lease: _Record) -> None:
+    """Close `lease`'s descriptors (unlocking nothing) if it is garbage-collected before it
+    was let go of: a lease a program dropped must not keep its lock for the process's life."""
+    weakref.finalize(lease, close_all, lease.fds)
 
 
 # --- forks ------------------------------------------------------------------------------------
@@ -96,13 +99,13 @@ def register(owner: _Owner) -> None:
     _owners.add(owner)
 
 
-@contextmanager
-def kept_in_child() -> Iterator[None]:
-    """A fork made inside this block keeps every lease and connection in the child."""
+def fork_keeping() -> int:
+    """`os.fork()`, but the child keeps every lease's descriptors and every connection (as
+    raw descriptors: it forgets the objects, and whatever it forks holds nothing)."""
     global _keep_in_child
     _keep_in_child = True
     try:
-        yield
+        return os.fork()
     finally:
         _keep_in_child = False
 

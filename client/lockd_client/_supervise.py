@@ -187,8 +187,7 @@ class _Supervisor:
         # handlers (which would write to lockctl's wakeup pipe); it unblocks them itself.
         signal.pthread_sigmask(signal.SIG_BLOCK, handled)
         try:
-            with _lockfds.kept_in_child():
-                self.guardian = os.fork()
+            self.guardian = _lockfds.fork_keeping()
             if self.guardian == 0:
                 _guardian.run(argv, env, lockctl, self.conn_fd, self.lease_fds, gate_r, err_w,
                               orders, reports, self.kill_after, ignored)

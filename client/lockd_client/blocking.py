@@ -176,6 +176,7 @@ class Client:
             return call.result()
         except BaseException:
             self._send_quietly(self._conn.withdraw(call))
+            _lockfds.close_all(self._conn.stray_fds())
             raise
 
     def _read(self, flags: int = 0) -> bool:

@@ -489,9 +489,10 @@ def _keep(client, lease, pid: int) -> None:
 
     try:
         _keeper.start(client, lease, pid)
-    except ProcessLookupError:
-        raise errors.NotHeld(f"process {pid} exited before its lease was granted") from None
     except OSError as e:
+        lease.release()  # tied to the process, it would outlive this failure
+        if isinstance(e, ProcessLookupError):
+            raise errors.NotHeld(f"process {pid} exited before its lease was granted") from None
         raise errors.LimitExceeded(f"cannot start the process that keeps the lease: {e.strerror}") from None
 
 

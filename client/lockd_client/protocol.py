@@ -193,6 +193,10 @@ class Welcome(msgspec.Struct, tag="welcome"):
     stop_within: float | None = None
 
 
+#: The most descriptors one SCM_RIGHTS message carries (the kernel's SCM_MAX_FD).
+MAX_FDS_PER_MESSAGE = 253
+
+
 class Granted(msgspec.Struct, tag="granted"):
     id: int
     #: Fencing tokens, one per distinct name in the order the request first named them:

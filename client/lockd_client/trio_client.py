@@ -235,6 +235,7 @@ class Client:
             return call.result()
         except BaseException:
             await self._send_shielded(self._conn.withdraw(call))
+            _lockfds.close_all(self._conn.stray_fds())
             raise
 
     async def _read_until(self, done: Callable[[], bool]) -> None:
