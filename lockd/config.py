@@ -334,7 +334,14 @@ def _dotted(keys: list[Key]) -> str:
     out = ""
     for key in keys:
         out += f"[{key}]" if isinstance(key, int) else (f".{key}" if out else key)
+    if keys[:2] == ["policy", "rules"] and len(keys) > 2 and isinstance(keys[2], int):
+        out += f" ({rule_ordinal(keys[2])})"
     return out
+
+
+def rule_ordinal(index: int) -> str:
+    """How users see `policy.rules[index]`: refusals count rules from 1, as people do."""
+    return f"rule {index + 1}"
 
 
 _HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(?:#.*)?$")
