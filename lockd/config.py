@@ -209,9 +209,13 @@ def _plain_problem(keys: list[Key], problem: str) -> str:
 
 
 def _with_default_paths(config: Config) -> Config:
+    try:
+        socket = config.socket or paths.default_socket()
+    except LockdError as exc:  # a relative LOCKD_SOCKET
+        raise ConfigError(str(exc)) from None
     return msgspec.structs.replace(
         config,
-        socket=config.socket or paths.default_socket(),
+        socket=socket,
         lock_dir=config.lock_dir or paths.default_lock_dir(),
         state_dir=config.state_dir or paths.default_state_dir(),
     )
