@@ -19,7 +19,7 @@ import sys
 import time
 from typing import TextIO
 
-from . import describe, errors, paths, protocol
+from . import __version__, describe, errors, paths, protocol
 
 # Exit statuses (sysexits.h where one fits; see docs/cli.md).
 #: lockctl's "no", as grep's 1: status: some NAME is held; release: nothing to release;
@@ -138,13 +138,21 @@ exit status: 0 (with NAMEs: all free); 1 some NAME is held; 64 usage; 69 lockd u
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False, formatter_class=_Formatter)
-    common.add_argument(
-        "--socket",
-        metavar="PATH",
-        help=f"lockd's socket (default: ${paths.SOCKET_ENV}, else {paths.socket_path()})",
-    )
+#: What each command is for, as `lockctl --help` lists it.
+COMMANDS = {
+    "acquire": "take locks, for CMD or for the calling shell",
+    "release": "end process-tied leases, or break a lease with --force",
+    "status": "who holds and who waits for locks",
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """lockctl's parser: every command's, or with `command` only that one's.
+
+    Building a command's parser costs start-up, so a command line names the one it needs;
+    `lockctl --help`, a line with no known command, and the man page and completion
+    generators (`share/generate`) get them all.
+    """
     parser = _Parser(
         prog="lockctl",
         description="Take lockd locks from the shell, run commands under them, and inspect them.",
@@ -152,28 +160,41 @@ def build_parser() -> argparse.ArgumentParser:
         "lockctl's \"no\" (a NAME is held, nothing to release): an answer, not a failure.",
         formatter_class=_Formatter,
     )
+    parser.add_argument("--version", action="version", version=f"lockctl {__version__}")
     commands = parser.add_subparsers(
         dest="command", required=True, metavar="COMMAND", parser_class=_Parser
     )
+    for name, add in _COMMAND_PARSERS.items():
+        if command is None or command == name:
+            # No abbreviated long options: a script's meaning must not change when one is added.
+            sub = commands.add_parser(
+                name, help=COMMANDS[name], formatter_class=_Formatter, allow_abbrev=False
+            )
+            sub.add_argument(
+                "--socket",
+                type=_socket_path,
+                metavar="PATH",
+                help=f"lockd's socket, an absolute path (default: ${paths.SOCKET_ENV}, else the "
+                "user's own daemon's socket if it exists, else the system daemon's, "
+                f"{paths.SYSTEM_SOCKET})",
+            )
+            add(sub)
+    return parser
 
-    def command(name: str, epilog: str, **kwargs: str) -> argparse.ArgumentParser:
-        # No abbreviated long options: a script's meaning must not change when one is added.
-        return commands.add_parser(
-            name,
-            parents=[common],
-            formatter_class=_Formatter,
-            epilog=epilog,
-            allow_abbrev=False,
-            **kwargs,
-        )
 
-    acquire = command(
-        "acquire",
-        ACQUIRE_EPILOG,
-        help="take locks, for CMD or for the calling shell",
-        usage="%(prog)s [options] NAME... [-- CMD [ARG...] | -c 'shell command']",
-        description="Take every NAME together. With CMD: run it holding them and release them\n"
-        "when it exits. Without: tie the lease to the calling process.",
+def _socket_path(text: str) -> str:
+    problem = paths.socket_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
+def _add_acquire(acquire: argparse.ArgumentParser) -> None:
+    acquire.usage = "%(prog)s [options] NAME... [-- CMD [ARG...] | -c 'shell command']"
+    acquire.epilog = ACQUIRE_EPILOG
+    acquire.description = (
+        "Take every NAME together. With CMD: run it holding them and release them\n"
+        "when it exits. Without: tie the lease to the calling process."
     )
     # Every spelling flock(1) accepts, so that a flock line converts by changing the word;
     # as in flock(1), the last of -s/-x wins.
@@ -249,13 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     acquire.add_argument("names", nargs="+", metavar="NAME")
 
-    release = command(
-        "release",
-        RELEASE_EPILOG,
-        help="end process-tied leases, or break a lease with --force",
-        description="End the leases that lockctl's parent (or --pid) took with\n"
+
+def _add_release(release: argparse.ArgumentParser) -> None:
+    release.epilog = RELEASE_EPILOG
+    release.description = (
+        "End the leases that lockctl's parent (or --pid) took with\n"
         "`lockctl acquire NAME` (no CMD), whole: a lease that includes any NAME ends with all\n"
-        "its names. With --force, break every lease on NAME, whoever holds it.",
+        "its names. With --force, break every lease on NAME, whoever holds it."
     )
     target = release.add_mutually_exclusive_group()
     target.add_argument(
@@ -266,15 +287,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     release.add_argument("names", nargs="+", metavar="NAME")
 
-    status = command(
-        "status",
-        STATUS_EPILOG,
-        help="who holds and who waits for locks",
-        description="Show holders and waiters of every lock in use, or of NAMEs.",
-    )
+
+def _add_status(status: argparse.ArgumentParser) -> None:
+    status.epilog = STATUS_EPILOG
+    status.description = "Show holders and waiters of every lock in use, or of NAMEs."
     status.add_argument("--json", action="store_true", help="print JSON (schema in docs/cli.md)")
     status.add_argument("names", nargs="*", metavar="NAME")
-    return parser
+
+
+_COMMAND_PARSERS = {"acquire": _add_acquire, "release": _add_release, "status": _add_status}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -285,11 +306,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     """
     cmd: list[str] | None = None
     head = argv
-    # The top level has no options but --help, so the command is always the first word.
-    if argv[:1] == ["acquire"] and "--" in argv:
+    # The top level has no options but --help and --version, so the command is always the
+    # first word; without a known one, the parser of every command says what is wrong.
+    command = argv[0] if argv and argv[0] in COMMANDS else None
+    if command == "acquire" and "--" in argv:
         cut = argv.index("--")
         head, cmd = argv[:cut], argv[cut + 1 :]
-    args = build_parser().parse_args(head)
+    args = build_parser(command).parse_args(head)
     if args.command == "acquire":
         _check_acquire(args, cmd)
     for name in args.names:
@@ -337,7 +360,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except SystemExit as e:  # --help
         return int(e.code or 0)
-    socket_path = args.socket or paths.socket_path()
+    try:
+        socket_path = args.socket or paths.socket_path()
+    except errors.InvalidArgument as e:
+        _say(str(e))
+        return EXIT_USAGE
     try:
         if args.command == "acquire":
             return _acquire(args, socket_path, parent)
