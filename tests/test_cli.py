@@ -279,6 +279,29 @@ def test_busy_though_free_names_the_earlier_requests(lockd, name: str, holder) -
     assert f"waiting: pid {first.pid} " in proc.stderr
 
 
+def test_busy_behind_a_waiting_writer_names_the_shared_holders_and_the_writer(lockd, name: str, tmp_path: Path) -> None:
+    """Two readers hold, a writer waits for them: a reader that may not wait is refused, and
+    is told who holds and that the writer goes first."""
+    readers = [start_lockctl(lockd, "acquire", "-s", name, "-c", f"echo > {tmp_path}/r{i}; exec sleep 60")
+               for i in range(2)]
+    writer = None
+    try:
+        for i in range(2):
+            wait_for_file(tmp_path / f"r{i}")
+        writer = start_lockctl(lockd, "acquire", name, "--", "true")
+        eventually(lambda: status(lockd, name)[name]["waiters"], "the writer queued")
+        proc = lockctl(lockd, "acquire", "-s", "-n", name, "--", "true")
+    finally:
+        kill_quietly(*readers, *([writer] if writer else []))
+    assert proc.returncode == cli.EXIT_BUSY
+    lines = proc.stderr.splitlines()
+    assert lines[0] == f"lockctl: {name}: busy, and -n says not to wait"
+    assert all(any(line.startswith(f"  held by pid {r.pid} ") for line in lines[1:3]) for r in readers), lines
+    assert lines[3] == f"  they would share {name}, but earlier requests wait for it first:"
+    assert lines[4].startswith(f"  waiting: pid {writer.pid} ") and lines[4].endswith("(exclusive)")
+    assert "nobody holds" not in proc.stderr
+
+
 @pytest.mark.parametrize("flags", [["-n"], ["-w", "0.1"], ["-w", "0"]])
 def test_conflict_exit_code(lockd, name: str, holder, flags: list[str]) -> None:
     assert lockctl(lockd, "acquire", *flags, "-E", "3", name, "--", "true").returncode == 3

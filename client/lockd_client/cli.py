@@ -599,20 +599,25 @@ def _say_busy(e: errors.LockBusy, args: argparse.Namespace, client) -> None:
     now = time.time()
     for holder in e.holders:
         print(f"  held by {describe.holder_text(holder, now)}", file=sys.stderr)
-    if e.holders:
-        return
-    # Free, but requests that came first wait (for these names and others, all or none): the
+    if any(not (args.shared and holder.mode == "shared") for holder in e.holders):
+        return  # a holder this request cannot share with: that says why
+    # Free, or held only by holders it could share with, but requests that came first wait
+    # (for these names and others, all or none; or an exclusive one, for those holders): the
     # queue is first come, first served.
     try:
         locks = client.status(*args.names)
     except errors.LockdError:
         return  # the message above stands on its own
-    print(f"  nobody holds {names}, but earlier requests wait for it first:", file=sys.stderr)
+    if e.holders:
+        lead = f"they would share {names}, but earlier requests wait for it first"
+    else:
+        lead = f"nobody holds {names}, but earlier requests wait for it first"
+    print(f"  {lead}:", file=sys.stderr)
     seen = set()
     for waiter in (waiter for lock in locks for waiter in lock.waiters):
         if (waiter.pid, waiter.since) not in seen:  # one request waiting for several names
             seen.add((waiter.pid, waiter.since))
-            print(f"  waiting: {describe.holder_text(waiter, now)}", file=sys.stderr)
+            print(f"  waiting: {describe.holder_text(waiter, now)} ({waiter.mode})", file=sys.stderr)
 
 
 # --- release -------------------------------------------------------------------------------
