@@ -22,11 +22,11 @@ import errno
 import fcntl
 import os
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from lockd_client.errors import BadLockFile, DaemonUnavailable, LimitExceeded, LockdError
-from lockd_client.protocol import Holder, Mode
+from lockd_client.protocol import Holder, Mode, name_problem
 
 from . import procinfo
 from .table import Ticket
@@ -118,6 +118,23 @@ def _check_lock_dir(path: Path, st: os.stat_result) -> None:
         )
 
 
+#: Who flocks one file, as /proc/locks tells: (pid, mode) each.
+_Flocks = list[tuple["int | None", Mode]]
+
+
+def _add_holder(found: dict[str, dict[int | None, Holder]], name: str, pid: int | None, mode: Mode) -> None:
+    """Add process `pid` to the outside holders of `name` in `found`, once."""
+    holders = found.setdefault(name, {})
+    if pid not in holders:
+        holders[pid] = Holder(
+            pid=pid,
+            uid=procinfo.process_uid(pid) if pid else None,
+            command=procinfo.command_line(pid) if pid else "",
+            mode=mode,
+            outside=True,
+        )
+
+
 class _Shared:
     __slots__ = ("fd", "users")
 
@@ -188,16 +205,19 @@ class LockFiles:
         """`outside_holders_of([name])` for one name: [] when nobody outside holds it."""
         return self.outside_holders_of([name]).get(name, [])
 
-    def outside_holders_of(self, names: Iterable[str]) -> dict[str, list[Holder]]:
+    def outside_holders_of(self, names: Iterable[str], every_file: bool = False) -> dict[str, list[Holder]]:
         """The processes other than this one holding the flock of each of `names`' files, by
-        name; a name nobody outside holds is left out.
+        name; a name nobody outside holds is left out. With `every_file`, also those of every
+        other lock file in the directory that is held.
 
         Reads /proc/locks once however many names are asked about: the kernel builds it anew
         on every read, at a cost that grows with every flock on the host, and first waits for
         an RCU grace period (milliseconds, unless it was read moments before), so a caller
-        with an event loop runs this in a worker thread. A file that does not exist is left
-        out (it is never created here). A holder in another pid namespace shows with pid and
-        uid None.
+        with an event loop runs this in a worker thread. `every_file` adds one scan of the
+        directory, only when the read shows flocks on its filesystem that `names` do not
+        account for; the directory entries' inode numbers tell which files they are, without
+        a stat each. A file that does not exist is left out (it is never created here). A
+        holder in another pid namespace shows with pid and uid None.
         """
         by_key: dict[tuple[int, int, int], list[str]] = {}
         for name in dict.fromkeys(names):
@@ -207,7 +227,7 @@ class LockFiles:
                 continue
             # /proc/locks names the file as MAJOR:MINOR:INODE, the device numbers in hex.
             by_key.setdefault((os.major(st.st_dev), os.minor(st.st_dev), st.st_ino), []).append(name)
-        if not by_key:
+        if not by_key and not every_file:
             return {}
         try:
             with open("/proc/locks", "rb") as f:
@@ -215,31 +235,43 @@ class LockFiles:
         except OSError:
             return {}
         me = os.getpid()
+        device = os.fstat(self._dir_fd).st_dev
+        here = (os.major(device), os.minor(device))
         found: dict[str, dict[int | None, Holder]] = {}
+        #: Flocks on the directory's filesystem that no name asked for accounts for, by inode.
+        unnamed: dict[int, _Flocks] = {}
         for line in table.splitlines():
             # "N: FLOCK ADVISORY WRITE PID MAJ:MIN:INO 0 EOF"; waiters read "N: -> FLOCK ...".
             fields = line.split()
             if len(fields) < 6 or fields[1] != b"FLOCK":
                 continue
             major, minor, inode = fields[5].split(b":")
-            wanted = by_key.get((int(major, 16), int(minor, 16), int(inode)))
+            key = (int(major, 16), int(minor, 16), int(inode))
             number = int(fields[4])
-            if wanted is None or number == me:
+            if number == me:
                 continue
             # 0: the holder lives in a pid namespace this one cannot see into.
             pid = number if number > 0 else None
             mode: Mode = "exclusive" if fields[3] == b"WRITE" else "shared"
-            for name in wanted:
-                holders = found.setdefault(name, {})
-                if pid not in holders:
-                    holders[pid] = Holder(
-                        pid=pid,
-                        uid=procinfo.process_uid(pid) if pid else None,
-                        command=procinfo.command_line(pid) if pid else "",
-                        mode=mode,
-                        outside=True,
-                    )
+            wanted = by_key.get(key)
+            if wanted is not None:
+                for name in wanted:
+                    _add_holder(found, name, pid, mode)
+            elif every_file and key[:2] == here:
+                unnamed.setdefault(key[2], []).append((pid, mode))
+        if unnamed:
+            for name, holders in self._names_of(unnamed):
+                for pid, mode in holders:
+                    _add_holder(found, name, pid, mode)
         return {name: list(holders.values()) for name, holders in found.items()}
+
+    def _names_of(self, inodes: dict[int, _Flocks]) -> Iterator[tuple[str, _Flocks]]:
+        """The lock names whose files have these inode numbers, with what `inodes` maps them to."""
+        with os.scandir(self._dir_fd) as entries:
+            for entry in entries:
+                name = entry.name.removesuffix(SUFFIX)
+                if entry.inode() in inodes and name != entry.name and name_problem(name) is None:
+                    yield name, inodes[entry.inode()]
 
     # --- internals ----------------------------------------------------------------------------
 

@@ -516,6 +516,35 @@ def test_status_json_schema(lockd, name: str, holder, tmp_path: Path) -> None:
         kill_quietly(waiter)
 
 
+def test_status_says_when_nothing_is_held(daemon) -> None:
+    proc = lockctl(daemon, "status")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "no lock is held or waited on\n", "")
+    proc = lockctl(daemon, "status", "a", "b", "a")
+    assert (proc.returncode, proc.stdout) == (0, "free: a, b\n")
+    assert lockctl(daemon, "status", "--json").stdout == '{"locks":[]}\n'
+
+
+def test_plain_status_shows_lock_files_held_outside_lockd(lockd, name: str, tmp_path: Path) -> None:
+    """Nobody asked lockd for `name`: only the host's lock list knows a process flocks its file."""
+    outside = subprocess.Popen(
+        ["flock", "-s", str(lockd.lock_dir / f"{name}.lock"), "-c", f"echo > {tmp_path}/held; exec sleep 60"],
+        process_group=0,
+    )
+    try:
+        wait_for_file(tmp_path / "held")
+        (lockd.lock_dir / f"{name}.other.lock").touch()  # a lock file nobody holds is not shown
+        shown = lockctl(lockd, "status")
+        assert shown.returncode == 0
+        [row] = [line for line in shown.stdout.splitlines() if line.startswith(f"{name} ")]
+        assert row.split()[:4] == [name, "shared", "(outside", "lockd)"]
+        assert f"{name}.other" not in shown.stdout
+        [lock] = [lock for lock in json.loads(lockctl(lockd, "status", "--json").stdout)["locks"] if lock["name"] == name]
+        assert lock["holders"][0]["outside"] and lock["holders"][0]["command"].startswith("flock -s ")
+    finally:
+        os.killpg(outside.pid, signal.SIGKILL)
+        outside.wait(TIMEOUT)
+
+
 def test_status_exit_code_says_whether_names_are_free(lockd, name: str, holder) -> None:
     assert lockctl(lockd, "status", f"{name}.free").returncode == 0
     assert lockctl(lockd, "status", f"{name}.free", name).returncode == 1

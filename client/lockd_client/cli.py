@@ -129,8 +129,9 @@ unreachable; 75 a lockd limit reached; 76 lockd version mismatch; 77 refused.
 
 STATUS_EPILOG = """\
 examples:
-  lockctl status                      every lock held or waited on
-  lockctl status site.com && echo free
+  lockctl status                      every lock held or waited on, and every lock file
+                                      held outside lockd
+  lockctl status site.com            its holders and waiters, or "free: site.com"; status 1 if held
   lockctl status --json | jq '.locks[].holders[].pid'
 
 exit status: 0 (with NAMEs: all free); 1 some NAME is held; 64 usage; 69 lockd unreachable;
@@ -651,8 +652,16 @@ def _status(args: argparse.Namespace, socket_path: str) -> int:
         import msgspec
 
         sys.stdout.write(msgspec.json.encode(status_document(locks)).decode() + "\n")
-    elif locks:
-        sys.stdout.write(status_table(locks, time.time()))
+    else:
+        if locks:
+            sys.stdout.write(status_table(locks, time.time()))
+        # Said, not left blank: an empty answer reads like a hung or broken lockctl.
+        shown = {lock.name for lock in locks}
+        free = [name for name in dict.fromkeys(args.names) if name not in shown]
+        if free:
+            print(f"free: {', '.join(free)}")
+        elif not locks:
+            print("no lock is held or waited on")
     return EXIT_NO if args.names and any(lock.holders for lock in locks) else 0
 
 
