@@ -5,7 +5,8 @@ passed through unchanged, or the one status of lockctl's outcome; a usage error 
 name is 64 before the daemon is contacted.
 
 Start-up must stay fast (lockctl runs in loops of shell scripts): only argparse and the wire
-protocol are imported up front; the client, and everything else, when a command needs it.
+protocol are imported up front; the client, and everything else, when a command needs it;
+only the parser of the command given is built; and `run` skips the interpreter's teardown.
 """
 
 from __future__ import annotations
@@ -744,5 +745,21 @@ def _say(message: str) -> None:
     print(f"lockctl: {message}", file=sys.stderr)
 
 
+def run() -> None:
+    """The `lockctl` command: `main()`, then exit at once with its status.
+
+    Once lockctl's output is flushed, the interpreter's teardown (freeing every module's
+    objects one by one) does nothing the kernel does not do at exit, and would cost lockctl
+    about 5 ms of the 40 that a run takes.
+    """
+    status = main()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        sys.exit(status)  # the interpreter reports an output it could not write, as ever
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
