@@ -53,7 +53,7 @@ def _comma_list(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """lockd's command line; `parse_args` and the man page generator (share/generate) read it."""
+    """lockd's command line; `parse_args` and the man page generator (tools/share.py) read it."""
     from .config import BackendName, LogLevel
 
     parser = argparse.ArgumentParser(

@@ -153,7 +153,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     Building a command's parser costs start-up, so a command line names the one it needs;
     `lockctl --help`, a line with no known command, and the man page and completion
-    generators (`share/generate`) get them all.
+    generators (tools/share.py) get them all.
     """
     parser = _Parser(
         prog="lockctl",
