@@ -212,7 +212,7 @@ def _check(args: argparse.Namespace, conf) -> int:
     if conf.backend == "etcd":
         _etcd_backend_class()
     path = args.config or default_config_path()
-    source = str(path) if path.exists() else f"no config file at {path}: the defaults"
+    source = str(path) if path.exists() else f"the defaults (no {path})"
     print(
         f"lockd: {source}: configuration OK (backend {conf.backend}, socket {conf.socket}, "
         f"{len(conf.policy.rules)} policy rule{'' if len(conf.policy.rules) == 1 else 's'})"
