@@ -132,7 +132,8 @@ STATUS_EPILOG = """\
 examples:
   lockctl status                      every lock held or waited on, and every lock file
                                       held outside lockd
-  lockctl status site.com            its holders and waiters, or "free: site.com"; status 1 if held
+  lockctl status site.com             its holders and waiters, or "free: site.com";
+                                      status 1 if it is held
   lockctl status --json | jq '.locks[].holders[].pid'
 
 exit status: 0 (with NAMEs: all free); 1 some NAME is held; 64 usage; 69 lockd unreachable;
