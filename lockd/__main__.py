@@ -208,9 +208,18 @@ def _check(args: argparse.Namespace, conf) -> int:
     from .config import default_config_path
     from .policy import Policy
 
+    from .config import ConfigError
+
     Policy.from_config(conf.policy)
     if conf.backend == "etcd":
         _etcd_backend_class()
+        for key in ("ca_file", "cert_file", "key_file"):
+            path = getattr(conf.etcd, key)
+            try:
+                if path is not None:
+                    path.open("rb").close()
+            except OSError as exc:
+                raise ConfigError(f"etcd.{key}: cannot read {path}: {exc.strerror}") from None
     path = args.config or default_config_path()
     source = str(path) if path.exists() else f"the defaults (no {path})"
     print(
@@ -221,6 +230,7 @@ def _check(args: argparse.Namespace, conf) -> int:
 
 
 def _etcd_backend_class():
+    """The etcd backend's class; ConfigError if a package it needs is not installed."""
     from .config import ConfigError
 
     try:

@@ -151,3 +151,6 @@ def test_check_config_names_the_problem_and_fails(short_tmp: Path) -> None:
                            "this host; fix it (options are in docs/configuration.md)\n")
     assert check_config("--check-config", str(short_tmp / "missing.toml"), cwd=short_tmp).returncode == 1
     assert check_config("--check-config", "--etcd-ttl", "0", cwd=short_tmp).returncode == 1
+    config.write_text(f'backend = "etcd"\n[etcd]\nca_file = "{short_tmp}/missing.pem"\n')
+    proc = check_config("--check-config", str(config), cwd=short_tmp)
+    assert proc.returncode == 1 and f"etcd.ca_file: cannot read {short_tmp}/missing.pem" in proc.stderr
