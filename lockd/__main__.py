@@ -3,7 +3,8 @@
 Invariant: nothing is served until the configuration, every directory, the token store and
 the listeners are in place, so the first client is served with tokens that continue upward;
 any start-up problem exits with status 1 and one line that says what to fix (a bad flag is a
-usage error, status 2, from argparse).
+usage error, status 2, from argparse). `--check-config` runs the same checks of the file and
+the flags and exits the same way, with one line saying OK in place of serving.
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ def _comma_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """The flags, as plain values: `config.with_overrides` checks them like the file's."""
+def build_parser() -> argparse.ArgumentParser:
+    """lockd's command line; `parse_args` and the man page generator (tools/share.py) read it."""
     from .config import BackendName, LogLevel
 
     parser = argparse.ArgumentParser(
@@ -62,10 +63,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", type=Path, help="config file (default: see below; a missing default file is fine)")
-    parser.add_argument("--socket", help="Unix socket to serve on (default: $LOCKD_SOCKET, else see below)")
-    parser.add_argument("--lock-dir", help="directory of the NAME.lock files")
-    parser.add_argument("--state-dir", help="directory for durable state (fencing tokens)")
+    parser.add_argument("--config", type=Path, metavar="FILE", help="config file (default: see below; a missing default file is fine)")
+    parser.add_argument(
+        "--check-config", nargs="?", const=True, type=Path, metavar="FILE",
+        help="check the config file (FILE, else --config's or the default one) and the flags, "
+        "say whether they are OK, and exit: 0 if they are, 1 if not",
+    )
+    parser.add_argument("--socket", type=_socket_path, metavar="PATH", help="Unix socket to serve on, an absolute path (default: $LOCKD_SOCKET, else see below)")
+    parser.add_argument("--lock-dir", metavar="DIR", help="directory of the NAME.lock files")
+    parser.add_argument("--state-dir", metavar="DIR", help="directory for durable state (fencing tokens)")
     parser.add_argument("--log-level", choices=get_args(LogLevel), help="default: info")
     parser.add_argument("--backend", choices=get_args(BackendName), help="where locks live (default: flock)")
     etcd = parser.add_argument_group("etcd backend")
@@ -73,7 +79,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     etcd.add_argument("--etcd-ttl", type=float, metavar="SECONDS", help="etcd lease TTL (default: 5)")
     etcd.add_argument("--etcd-prefix", metavar="PREFIX", help="key prefix in etcd (default: /lockd/)")
     parser.add_argument("--version", action="version", version=f"lockd {__version__}")
-    return parser.parse_args(argv)
+    return parser
+
+
+def _socket_path(text: str) -> str:
+    from lockd_client.paths import socket_problem
+
+    problem = socket_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The flags, as plain values: `config.with_overrides` checks them like the file's."""
+    args = build_parser().parse_args(argv)
+    if isinstance(args.check_config, Path):
+        if args.config is not None and args.config != args.check_config:
+            build_parser().error("--check-config FILE and --config FILE name different files; give one")
+        args.config = args.check_config
+    return args
 
 
 def load(args: argparse.Namespace):  # -> config.Config
@@ -114,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         conf = load(args)
+        if args.check_config:
+            return _check(args, conf)
     except ConfigError as exc:
         print(f"lockd: {exc}", file=sys.stderr)
         return 1
@@ -175,13 +202,35 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _backend(conf, files, tokens):  # -> backend.Backend
-    """The backend `conf` names, over `files` (and `tokens` for flock). Raises LockdError or
-    OSError (an unreadable TLS file)."""
-    if conf.backend == "flock":
-        from .flock_backend import FlockBackend
+def _check(args: argparse.Namespace, conf) -> int:
+    """`--check-config`: what start-up would make of the configuration, short of touching the
+    directories, the socket or etcd. Raises ConfigError for a problem."""
+    from .config import default_config_path
+    from .policy import Policy
 
-        return FlockBackend(files, tokens)
+    from .config import ConfigError
+
+    Policy.from_config(conf.policy)
+    if conf.backend == "etcd":
+        _etcd_backend_class()
+        for key in ("ca_file", "cert_file", "key_file"):
+            path = getattr(conf.etcd, key)
+            try:
+                if path is not None:
+                    path.open("rb").close()
+            except OSError as exc:
+                raise ConfigError(f"etcd.{key}: cannot read {path}: {exc.strerror}") from None
+    path = args.config or default_config_path()
+    source = str(path) if path.exists() else f"the defaults (no {path})"
+    print(
+        f"lockd: {source}: configuration OK (backend {conf.backend}, socket {conf.socket}, "
+        f"{len(conf.policy.rules)} policy rule{'' if len(conf.policy.rules) == 1 else 's'})"
+    )
+    return 0
+
+
+def _etcd_backend_class():
+    """The etcd backend's class; ConfigError if a package it needs is not installed."""
     from .config import ConfigError
 
     try:
@@ -191,7 +240,17 @@ def _backend(conf, files, tokens):  # -> backend.Backend
             f'backend = "etcd" needs the {exc.name} package, which is not installed: '
             "install lockd[etcd] (pip install 'lockd[etcd]')"
         ) from None
-    return EtcdBackend.from_config(files, conf.etcd, socket.gethostname())
+    return EtcdBackend
+
+
+def _backend(conf, files, tokens):  # -> backend.Backend
+    """The backend `conf` names, over `files` (and `tokens` for flock). Raises LockdError or
+    OSError (an unreadable TLS file)."""
+    if conf.backend == "flock":
+        from .flock_backend import FlockBackend
+
+        return FlockBackend(files, tokens)
+    return _etcd_backend_class().from_config(files, conf.etcd, socket.gethostname())
 
 
 async def _serve(args, conf, backend, policy, sockets: list[socket.socket], where: str) -> None:

@@ -75,9 +75,10 @@ class Backend(Protocol):
         descriptors; without, only the backend's own hold ends. Never blocks; a no-op if
         nothing is held."""
 
-    async def outside_holders_of(self, names: list[str]) -> dict[str, list[Holder]]:
+    async def outside_holders_of(self, names: list[str], *, every_file: bool = False) -> dict[str, list[Holder]]:
         """Holders of `names` that lockd's table does not know (other tools, other hosts), in
-        one look; a name nobody outside holds is left out.
+        one look; a name nobody outside holds is left out. With `every_file`, also every
+        other lock file in the lock directory that a process on this host holds.
 
         The look starts after the call (refusals rely on it to name current holders). It may
         take milliseconds; it must not block the event loop meanwhile. Cancellation: may

@@ -212,9 +212,13 @@ def _plain_problem(keys: list[Key], problem: str) -> str:
 
 
 def _with_default_paths(config: Config) -> Config:
+    try:
+        socket = config.socket or paths.default_socket()
+    except LockdError as exc:  # a relative LOCKD_SOCKET
+        raise ConfigError(str(exc)) from None
     return msgspec.structs.replace(
         config,
-        socket=config.socket or paths.default_socket(),
+        socket=socket,
         lock_dir=config.lock_dir or paths.default_lock_dir(),
         state_dir=config.state_dir or paths.default_state_dir(),
     )
@@ -337,7 +341,14 @@ def _dotted(keys: list[Key]) -> str:
     out = ""
     for key in keys:
         out += f"[{key}]" if isinstance(key, int) else (f".{key}" if out else key)
+    if keys[:2] == ["policy", "rules"] and len(keys) > 2 and isinstance(keys[2], int):
+        out += f" ({rule_ordinal(keys[2])})"
     return out
+
+
+def rule_ordinal(index: int) -> str:
+    """How users see `policy.rules[index]`: refusals count rules from 1, as people do."""
+    return f"rule {index + 1}"
 
 
 _HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(?:#.*)?$")

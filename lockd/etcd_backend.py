@@ -229,13 +229,13 @@ class EtcdBackend:
             attempt.ended = True
             self._end(attempt, unlock=unlock)
 
-    async def outside_holders_of(self, names: list[str]) -> dict[str, list[Holder]]:
+    async def outside_holders_of(self, names: list[str], *, every_file: bool = False) -> dict[str, list[Holder]]:
         """Local processes flocking each name outside lockd, then holders on other hosts.
 
         The other hosts' holders come from the watch's mirror (none while etcd is
         unreachable). A key counts as holding once no older conflicting key is left.
         """
-        found = await self._host_locks.holders_of(names)
+        found = await self._host_locks.holders_of(names, every_file=every_file)
         for name in names:
             remote = [e.holder() for e in self._remote(name, holding=True)]
             if remote:

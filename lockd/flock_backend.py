@@ -110,8 +110,8 @@ class FlockBackend:
         else:
             self._files.abandon(ticket)
 
-    async def outside_holders_of(self, names: list[str]) -> dict[str, list[Holder]]:
-        return await self._host_locks.holders_of(names)
+    async def outside_holders_of(self, names: list[str], *, every_file: bool = False) -> dict[str, list[Holder]]:
+        return await self._host_locks.holders_of(names, every_file=every_file)
 
     def outside_waiters_of(self, names: list[str]) -> dict[str, list[Holder]]:
         return {}  # processes blocked in flock(2) on a lock file are not reported

@@ -23,10 +23,12 @@ from .lockfiles import LockFiles
 class _Read:
     """The next read: the names asked of it, then what it found."""
 
-    __slots__ = ("names", "found")
+    __slots__ = ("names", "every_file", "found")
 
     def __init__(self) -> None:
         self.names: dict[str, None] = {}
+        #: Someone asked for every lock file held (see `LockFiles.outside_holders_of`).
+        self.every_file = False
         self.found: dict[str, list[Holder]] | None = None
 
 
@@ -38,14 +40,16 @@ class HostLocks:
         self._next = _Read()
         self._reading = trio.Lock()
 
-    async def holders_of(self, names: list[str]) -> dict[str, list[Holder]]:
-        """`LockFiles.outside_holders_of(names)`, from a read that starts after this call.
+    async def holders_of(self, names: list[str], *, every_file: bool = False) -> dict[str, list[Holder]]:
+        """`LockFiles.outside_holders_of(names, every_file)`, from a read that starts after
+        this call.
 
         Cancellation: a read under way is finished first (it takes milliseconds), then
         Cancelled is raised; the others waiting for that read still get its answer.
         """
         read = self._next
         read.names.update(dict.fromkeys(names))
+        read.every_file |= every_file
         async with self._reading:
             if read.found is None:
                 # Whoever gets here first reads for everyone who asked so far; later askers
@@ -53,9 +57,13 @@ class HostLocks:
                 self._next = _Read()
                 # Shielded: once the read is this one's, it happens, for everyone who asked.
                 with trio.CancelScope(shield=True):
-                    read.found = await trio.to_thread.run_sync(self._files.outside_holders_of, list(read.names))
+                    read.found = await trio.to_thread.run_sync(
+                        self._files.outside_holders_of, list(read.names), read.every_file
+                    )
         # A thread is not interrupted: a reader cancelled meanwhile learns of it only here.
         await trio.lowlevel.checkpoint_if_cancelled()
         found = read.found
         assert found is not None  # read above, by this task or by the one that asked first
+        if every_file:
+            return found
         return {name: found[name] for name in names if name in found}

@@ -26,11 +26,11 @@ import errno
 import fcntl
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from lockd_client.errors import BadLockFile, DaemonUnavailable, LimitExceeded, LockdError
-from lockd_client.protocol import Holder, Mode
+from lockd_client.protocol import Holder, Mode, name_problem
 
 from . import procinfo
 from .table import Ticket
@@ -120,6 +120,19 @@ def _check_lock_dir(path: Path, st: os.stat_result) -> None:
         raise LockDirError(
             f"the lock directory {path} is owned by uid {st.st_uid}, who could replace its lock "
             f"files: use a directory owned by root or by the daemon's user (uid {euid})"
+        )
+
+
+def _add_holder(found: dict[str, dict[int | None, Holder]], name: str, pid: int | None, mode: Mode) -> None:
+    """Add process `pid` to the outside holders of `name` in `found`, once."""
+    holders = found.setdefault(name, {})
+    if pid not in holders:
+        holders[pid] = Holder(
+            pid=pid,
+            uid=procinfo.process_uid(pid) if pid else None,
+            command=procinfo.command_line(pid) if pid else "",
+            mode=mode,
+            outside=True,
         )
 
 
@@ -229,16 +242,19 @@ class LockFiles:
         """`outside_holders_of([name])` for one name: [] when nobody outside holds it."""
         return self.outside_holders_of([name]).get(name, [])
 
-    def outside_holders_of(self, names: Iterable[str]) -> dict[str, list[Holder]]:
+    def outside_holders_of(self, names: Iterable[str], every_file: bool = False) -> dict[str, list[Holder]]:
         """The processes other than this one holding the flock of each of `names`' files, by
-        name; a name nobody outside holds is left out.
+        name; a name nobody outside holds is left out. With `every_file`, also those of every
+        other lock file in the directory that is held.
 
         Reads /proc/locks once however many names are asked about: the kernel builds it anew
         on every read, at a cost that grows with every flock on the host, and first waits for
         an RCU grace period (milliseconds, unless it was read moments before), so a caller
-        with an event loop runs this in a worker thread. A file that does not exist is left
-        out (it is never created here). A holder in another pid namespace shows with pid and
-        uid None.
+        with an event loop runs this in a worker thread. `every_file` adds one scan of the
+        directory, only when the read shows flocks on its filesystem that `names` do not
+        account for; the directory entries' inode numbers tell which files they are, without
+        a stat each. A file that does not exist is left out (it is never created here). A
+        holder in another pid namespace shows with pid and uid None.
         """
         by_key: dict[tuple[int, int, int], list[str]] = {}
         for name in dict.fromkeys(names):
@@ -248,7 +264,7 @@ class LockFiles:
                 continue
             # /proc/locks names the file as MAJOR:MINOR:INODE, the device numbers in hex.
             by_key.setdefault((os.major(st.st_dev), os.minor(st.st_dev), st.st_ino), []).append(name)
-        if not by_key:
+        if not by_key and not every_file:
             return {}
         try:
             with open("/proc/locks", "rb") as f:
@@ -257,17 +273,28 @@ class LockFiles:
             return {}
         me = os.getpid()
         mine = self._held_files()
+        device = os.fstat(self._dir_fd).st_dev
+        here = (os.major(device), os.minor(device))
         taken: list[tuple[procinfo.FileKey, int | None, Mode]] = []
         for line in table.splitlines():
             entry = procinfo.held_flock(line)
-            if entry is None or entry[0] not in by_key:
+            if entry is None:
                 continue
             key, number, exclusive = entry
+            if key not in by_key and not (every_file and key[:2] == here):
+                continue
             mode: Mode = "exclusive" if exclusive else "shared"
             if number == me and (key, mode) in mine:
                 continue  # lockd's own lease: the table knows it
             # 0: the holder lives in a pid namespace this one cannot see into.
             taken.append((key, number if number > 0 else None, mode))
+        # Flocks on the directory's filesystem that no name asked for accounts for: which lock
+        # files they are, by the inode numbers of the directory's entries.
+        unnamed = {key[2] for key, _, _ in taken if key not in by_key}
+        if unnamed:
+            for name, inode in self._names_of(unnamed):
+                by_key.setdefault((*here, inode), []).append(name)
+            taken = [entry for entry in taken if entry[0] in by_key]
         # A lock whose taker is gone, or is this daemon that no longer holds it, was handed on
         # with its descriptor (a lease granted before lockd restarted, or whose client lockd
         # cut off): its holders are whoever has that descriptor now, None if none is found.
@@ -278,17 +305,18 @@ class LockFiles:
         found: dict[str, dict[int | None, Holder]] = {}
         for key, taker, mode in taken:
             for pid in heirs.get(key, [None]) if key in handed_on else [taker]:
-                for name in by_key[key]:
-                    holders = found.setdefault(name, {})
-                    if pid not in holders and pid != me:
-                        holders[pid] = Holder(
-                            pid=pid,
-                            uid=procinfo.process_uid(pid) if pid else None,
-                            command=procinfo.command_line(pid) if pid else "",
-                            mode=mode,
-                            outside=True,
-                        )
-        return {name: list(holders.values()) for name, holders in found.items() if holders}
+                if pid != me:
+                    for name in by_key.get(key, ()):
+                        _add_holder(found, name, pid, mode)
+        return {name: list(holders.values()) for name, holders in found.items()}
+
+    def _names_of(self, inodes: set[int]) -> Iterator[tuple[str, int]]:
+        """The lock names whose files have these inode numbers, with their inode numbers."""
+        with os.scandir(self._dir_fd) as entries:
+            for entry in entries:
+                name = entry.name.removesuffix(SUFFIX)
+                if entry.inode() in inodes and name != entry.name and name_problem(name) is None:
+                    yield name, entry.inode()
 
     # --- internals ----------------------------------------------------------------------------
 

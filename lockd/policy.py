@@ -10,7 +10,8 @@ Invariants:
   that denies. An acquire is allowed only if every one of its names is.
 - A forced release is allowed to the users listed in `force_release` (default: root) and to
   anyone whose own uid is the only one holding the lock.
-- Every refusal names the rule that refused, as the administrator wrote it.
+- Every refusal names the rule that refused, as the administrator wrote it, counting rules
+  from 1 as config errors do (`policy.rules[1] (rule 2)`).
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ class Policy:
 
         Reads the user and group databases; raises ConfigError for a name they do not know.
         """
-        rules = [_load_rule(number, rule) for number, rule in enumerate(section.rules, 1)]
+        rules = [_load_rule(index, rule) for index, rule in enumerate(section.rules)]
         where = "policy.force_release"
         force_uids = {_resolve(user, pwd.getpwnam, "user", where): str(user) for user in section.force_release}
         return cls(rules, force_uids)
@@ -126,15 +127,16 @@ class Policy:
         return None
 
 
-def _load_rule(number: int, rule: config.Rule) -> Rule:
-    where = f"policy.rules[{number - 1}]"
+def _load_rule(index: int, rule: config.Rule) -> Rule:
+    ordinal = config.rule_ordinal(index)
+    where = f"policy.rules[{index}] ({ordinal})"
     parts = [f'names "{rule.names}"']
     parts += [f"{label} [{', '.join(map(str, values))}]" for label, values in
               (("users", rule.users), ("groups", rule.groups)) if values]
     if set(rule.modes) != set(MODES):
         parts.append(f"modes [{', '.join(rule.modes)}]")
     return Rule(
-        text=f"rule {number} ({', '.join(parts)})",
+        text=f"{ordinal} ({', '.join(parts)})",
         pattern=rule.names,
         uids=frozenset(_resolve(u, pwd.getpwnam, "user", f"{where}.users") for u in rule.users),
         gids=frozenset(_resolve(g, grp.getgrnam, "group", f"{where}.groups") for g in rule.groups),

@@ -362,14 +362,14 @@ class Server:
     async def _status(self, session: Session, request: protocol.Status) -> None:
         """Answer with the holders and waiters of the names asked for (or of every name).
 
-        Outside holders are looked for first, in one look at the host's locks, and only where
-        they can matter: names asked for explicitly, and queues stuck behind nobody in lockd.
-        Names no lockd client holds may be held elsewhere: by another host (the backend knows
-        those), or by a process flocking the file (only a look at the host tells). The table is
-        read after the look, so what lockd itself holds is shown as it is when answered: a
-        name lockd let go of during the look was not looked for, and an outside holder that
-        conflicts with lockd's holders has let go since, so it is left out. Cancellation:
-        nothing is sent.
+        Outside holders are looked for first, in one look at the host's locks: of the names
+        asked for; for a status of everything, of the names lockd does not hold and of every
+        other lock file. Names no lockd client holds may be held elsewhere: by another host
+        (the backend knows those), or by a process flocking the file (only a look at the host
+        tells). The table is read after the look, so what lockd itself holds is shown as it is
+        when answered: a name lockd let go of during the look was not looked for, and an
+        outside holder that conflicts with lockd's holders has let go since, so it is left
+        out. Cancellation: nothing is sent.
         """
         try:
             if request.names:
@@ -380,8 +380,10 @@ class Server:
             self._error(session, request.id, exc)
             return
         outside = await self.backend.outside_holders_of(
-            [name for name in names if request.names or not self._held(name)]
+            [name for name in names if request.names or not self._held(name)],
+            every_file=not request.names,
         )
+        names += [name for name in outside if name not in names]
         outside_waiting = self.backend.outside_waiters_of(names)
         locks = []
         for name in names:

@@ -155,7 +155,8 @@ class Granted(Effect):
 
 
 class Queued(Effect):
-    """Tell the ticket's owner it waits, and for whom (`blockers`: the holders in its way)."""
+    """Tell the ticket's owner it waits, and for whom (`blockers`: the holders in its way, as
+    `LockTable.blockers` gives them)."""
 
     __slots__ = ("blockers",)
 
@@ -505,7 +506,9 @@ class LockTable:
         return self._waiting_by_name.get(name, 0)
 
     def blockers(self, ticket: Ticket) -> list[Ticket]:
-        """The holders in `ticket`'s way (it may also wait behind earlier waiters)."""
+        """The holders in `ticket`'s way: on each of its names, those it cannot share with,
+        and all of them where it waits behind an exclusive request (which waits for them).
+        It may also wait behind earlier waiters for names nobody holds."""
         return self._blockers(ticket)
 
     def __len__(self) -> int:
@@ -519,10 +522,20 @@ class LockTable:
         for name in ticket.names:
             line = self._lines.get(name)
             if line is not None:
+                # Behind a waiting exclusive ticket, a shared one waits for every holder too:
+                # they all go before that ticket, and it goes before this one.
+                behind = ticket.shared and self._behind_exclusive(line, ticket)
                 for holder in line.holders:
-                    if holder is not ticket and not (ticket.shared and holder.shared):
+                    if holder is not ticket and (behind or not (ticket.shared and holder.shared)):
                         found[holder] = None
         return list(found)
+
+    @staticmethod
+    def _behind_exclusive(line: _Line, ticket: Ticket) -> bool:
+        """Does an exclusive ticket wait ahead of shared `ticket` (waiting, or a newcomer)?"""
+        if not line.exclusive_waiting or ticket.holding:
+            return False
+        return ticket not in line.waiting or not line.admits(ticket)
 
     def _admitted_elsewhere(self, ticket: Ticket, name: str) -> bool:
         """Do all of `ticket`'s lines other than `name` admit it?"""

@@ -265,6 +265,29 @@ def test_busy_though_free_names_the_earlier_requests(lockd, name: str, holder) -
     assert f"waiting: pid {first.pid} " in proc.stderr
 
 
+def test_busy_behind_a_waiting_writer_names_the_shared_holders_and_the_writer(lockd, name: str, tmp_path: Path) -> None:
+    """Two readers hold, a writer waits for them: a reader that may not wait is refused, and
+    is told who holds and that the writer goes first."""
+    readers = [start_lockctl(lockd, "acquire", "-s", name, "-c", f"echo > {tmp_path}/r{i}; exec sleep 60")
+               for i in range(2)]
+    writer = None
+    try:
+        for i in range(2):
+            wait_for_file(tmp_path / f"r{i}")
+        writer = start_lockctl(lockd, "acquire", name, "--", "true")
+        eventually(lambda: status(lockd, name)[name]["waiters"], "the writer queued")
+        proc = lockctl(lockd, "acquire", "-s", "-n", name, "--", "true")
+    finally:
+        kill_quietly(*readers, *([writer] if writer else []))
+    assert proc.returncode == cli.EXIT_BUSY
+    lines = proc.stderr.splitlines()
+    assert lines[0] == f"lockctl: {name}: busy, and -n says not to wait"
+    assert all(any(line.startswith(f"  held by pid {r.pid} ") for line in lines[1:3]) for r in readers), lines
+    assert lines[3] == f"  they would share {name}, but earlier requests wait for it first:"
+    assert lines[4].startswith(f"  waiting: pid {writer.pid} ") and lines[4].endswith("(exclusive)")
+    assert "nobody holds" not in proc.stderr
+
+
 @pytest.mark.parametrize("flags", [["-n"], ["-w", "0.1"], ["-w", "0"]])
 def test_conflict_exit_code(lockd, name: str, holder, flags: list[str]) -> None:
     assert lockctl(lockd, "acquire", *flags, "-E", "3", name, "--", "true").returncode == 3
@@ -477,6 +500,35 @@ def test_status_json_schema(lockd, name: str, holder, tmp_path: Path) -> None:
         assert isinstance(w["since"], float)
     finally:
         kill_quietly(waiter)
+
+
+def test_status_says_when_nothing_is_held(daemon) -> None:
+    proc = lockctl(daemon, "status")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "no lock is held or waited on\n", "")
+    proc = lockctl(daemon, "status", "a", "b", "a")
+    assert (proc.returncode, proc.stdout) == (0, "free: a, b\n")
+    assert lockctl(daemon, "status", "--json").stdout == '{"locks":[]}\n'
+
+
+def test_plain_status_shows_lock_files_held_outside_lockd(lockd, name: str, tmp_path: Path) -> None:
+    """Nobody asked lockd for `name`: only the host's lock list knows a process flocks its file."""
+    outside = subprocess.Popen(
+        ["flock", "-s", str(lockd.lock_dir / f"{name}.lock"), "-c", f"echo > {tmp_path}/held; exec sleep 60"],
+        process_group=0,
+    )
+    try:
+        wait_for_file(tmp_path / "held")
+        (lockd.lock_dir / f"{name}.other.lock").touch()  # a lock file nobody holds is not shown
+        shown = lockctl(lockd, "status")
+        assert shown.returncode == 0
+        [row] = [line for line in shown.stdout.splitlines() if line.startswith(f"{name} ")]
+        assert row.split()[:4] == [name, "shared", "(outside", "lockd)"]
+        assert f"{name}.other" not in shown.stdout
+        [lock] = [lock for lock in json.loads(lockctl(lockd, "status", "--json").stdout)["locks"] if lock["name"] == name]
+        assert lock["holders"][0]["outside"] and lock["holders"][0]["command"].startswith("flock -s ")
+    finally:
+        os.killpg(outside.pid, signal.SIGKILL)
+        outside.wait(TIMEOUT)
 
 
 def test_status_exit_code_says_whether_names_are_free(lockd, name: str, holder) -> None:

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+import lockd_client
 from lockd_client import cli, protocol
 
 TIMEOUT = 10.0
@@ -125,6 +126,36 @@ def test_invalid_names_state_the_rule(argv: list[str], bad: str) -> None:
 def test_socket_option_on_every_command() -> None:
     for argv in (["acquire", "x", "--", "true"], ["release", "x"], ["status"]):
         assert cli.parse_args([argv[0], "--socket", "/s", *argv[1:]]).socket == "/s"
+
+
+@pytest.mark.parametrize("argv", [["acquire", "x", "--", "true"], ["release", "x"], ["status"]])
+def test_a_relative_socket_is_a_usage_error(capsys, argv: list[str]) -> None:
+    assert cli.main([argv[0], "--socket", "lockd.sock", *argv[1:]]) == cli.EXIT_USAGE
+    assert "--socket: the socket must be an absolute path, not 'lockd.sock'" in capsys.readouterr().err
+
+
+def test_a_relative_lockd_socket_in_the_environment_is_a_usage_error(capsys, monkeypatch) -> None:
+    monkeypatch.setenv("LOCKD_SOCKET", "run/lockd.sock")
+    assert cli.main(["status"]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "LOCKD_SOCKET: the socket must be an absolute path, not 'run/lockd.sock'" in err
+    # --socket is what is used, so a broken LOCKD_SOCKET does not matter then.
+    assert cli.main(["status", "--socket", "/nonexistent/lockd.sock"]) == cli.EXIT_UNAVAILABLE
+
+
+def test_version(capsys) -> None:
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out == f"lockctl {lockd_client.__version__}\n"
+
+
+def test_top_level_help_lists_every_command_though_a_command_line_builds_only_its_own(capsys) -> None:
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command, summary in cli.COMMANDS.items():
+        assert re.search(rf"^ +{command} +{re.escape(summary)}$", out, re.M), out
+    assert "--version" in out
+    only = cli.build_parser("status")._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    assert list(only) == ["status"]
 
 
 def test_main_reports_usage_errors_with_64_before_contacting_the_daemon(capsys, monkeypatch) -> None:

@@ -30,7 +30,7 @@ class HeldOpenReads:
         self.finish = threading.Semaphore(0)
         self.fail_next = False
 
-    def outside_holders_of(self, names: list[str]) -> dict[str, list[Holder]]:
+    def outside_holders_of(self, names: list[str], every_file: bool = False) -> dict[str, list[Holder]]:
         self.reads.append(sorted(names))
         self.started.release()
         assert self.finish.acquire(timeout=TIMEOUT)

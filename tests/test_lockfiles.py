@@ -110,6 +110,30 @@ def test_outside_holders_of_many_names_read_proc_locks_once(
     assert reads == ["/proc/locks"]
 
 
+def test_every_file_finds_the_held_lock_files_no_name_was_asked_for(
+    files: LockFiles, lock_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scans: list[object] = []
+    real_scandir = os.scandir
+    monkeypatch.setattr(lockfiles.os, "scandir", lambda fd: scans.append(fd) or real_scandir(fd))
+    assert files.outside_holders_of([], every_file=True) == {}
+    for free in ("free.lock", "not-a-lock", "-bad.lock"):
+        (lock_dir / free).touch()
+    assert files.try_lock(ticket("mine"))  # lockd's own: never outside
+    with outside_flock(lock_dir / "a.lock") as a, outside_flock(lock_dir / "-bad.lock"), \
+            outside_flock(lock_dir / "not-a-lock"), outside_flock(lock_dir / "b.lock", shared=True) as b:
+        scans.clear()
+        assert files.outside_holders_of(["b"]).keys() == {"b"}
+        assert scans == []  # names alone: no scan of the directory
+        found = files.outside_holders_of(["b"], every_file=True)
+        # The scan reads the directory through its descriptor: a second one sees it all again.
+        assert files.outside_holders_of([], every_file=True).keys() == {"a", "b"}
+    assert {name: [(h.pid, h.mode) for h in holders] for name, holders in found.items()} == {
+        "a": [(a.pid, "exclusive")], "b": [(b.pid, "shared")],
+    }
+    assert len(scans) == 2
+
+
 def test_outside_holders_leaves_out_this_process(files: LockFiles) -> None:
     assert files.try_lock(ticket("db"))
     assert files.outside_holders("db") == []

@@ -19,13 +19,14 @@ def test_importing_does_not_import_trio(module):
 
 
 def test_lockctl_acquire_imports_nothing_it_does_not_need():
-    """pathlib and shutil (which argparse would import for the terminal width) cost lockctl
-    several milliseconds of start-up each and are needed on none of its paths."""
+    """pathlib and shutil (which argparse would import for the terminal width), and the
+    socket module's Python layer (enums of every constant), cost lockctl milliseconds of
+    start-up each and are needed on none of its paths."""
     check = (
         "import sys; from lockd_client import cli; "
         "status = cli.main(['acquire', 'x', '--', 'true']); "
         "assert status == cli.EXIT_UNAVAILABLE, status; "
-        "loaded = {'trio', 'pathlib', 'shutil'} & set(sys.modules); assert not loaded, loaded"
+        "loaded = {'trio', 'pathlib', 'shutil', 'socket'} & set(sys.modules); assert not loaded, loaded"
     )
     env = {"LOCKD_SOCKET": "/nonexistent/lockd.sock", "PATH": "/usr/bin:/bin"}
     subprocess.run(

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from lockd_client import paths
+from lockd_client.errors import InvalidArgument
 
 
 @pytest.fixture
@@ -35,3 +36,13 @@ def test_lockd_socket_overrides_everything(user: Path, monkeypatch: pytest.Monke
     monkeypatch.setenv(paths.SOCKET_ENV, str(user / "chosen.sock"))
     assert paths.socket_path() == str(user / "chosen.sock")
     assert paths.default_socket() == user / "chosen.sock"
+
+
+def test_a_relative_lockd_socket_is_refused_by_clients_and_daemons(user: Path, monkeypatch) -> None:
+    monkeypatch.setenv(paths.SOCKET_ENV, "lockd.sock")
+    with pytest.raises(InvalidArgument, match="LOCKD_SOCKET: the socket must be an absolute path"):
+        paths.socket_path()
+    with pytest.raises(InvalidArgument, match="LOCKD_SOCKET"):
+        paths.default_socket()
+    monkeypatch.setenv(paths.SOCKET_ENV, str(user / "l.sock"))
+    assert paths.socket_path() == str(user / "l.sock")

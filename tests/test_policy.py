@@ -282,3 +282,12 @@ def test_force_is_allowed_exactly_to_listed_users_or_the_sole_holder(force, uid,
     p = Policy((), {u: str(u) for u in force})
     decision = p.check_force(uid, "x", holders)
     assert decision.allowed == (uid in force or set(holders) <= {uid})
+
+
+def test_config_errors_and_refusals_count_rules_alike() -> None:
+    """The second [[policy.rules]] is "rule 2" in a refusal and in a config error alike."""
+    second = "[[policy.rules]]\nnames = 'a'\n[[policy.rules]]\nnames = 'b'\nallow = false\n"
+    loaded = Policy.from_config(parse_config(second, "f.toml").policy)
+    assert refusal(loaded, NOBODY, set(), ["b"], "exclusive").startswith('rule 2 (names "b")')
+    with pytest.raises(ConfigError, match=r"^f\.toml:3: policy\.rules\[1\] \(rule 2\): "):
+        parse_config(second + "users = ['no-such-user-x']\n", "f.toml")

@@ -131,11 +131,11 @@ class SlowLook:
         #: For each look, whether the test let it go (False: it gave up waiting).
         self.let_go_in_time: list[bool] = []
 
-    def outside_holders_of(self, files: LockFiles, names: list[str]) -> dict[str, list[protocol.Holder]]:
-        found = REAL_LOOK(files, names) if self.read_first else None
+    def outside_holders_of(self, files: LockFiles, names: list[str], every_file: bool) -> dict[str, list[protocol.Holder]]:
+        found = REAL_LOOK(files, names, every_file) if self.read_first else None
         self.looking.set()
         self.let_go_in_time.append(self.let_go.wait(TIMEOUT / 4))
-        return found if found is not None else REAL_LOOK(files, names)
+        return found if found is not None else REAL_LOOK(files, names, every_file)
 
     async def started(self) -> None:
         assert await trio.to_thread.run_sync(self.looking.wait, TIMEOUT)
@@ -144,7 +144,7 @@ class SlowLook:
 @pytest.fixture
 def slow_look(monkeypatch: pytest.MonkeyPatch) -> Iterator[SlowLook]:
     look = SlowLook()
-    monkeypatch.setattr(LockFiles, "outside_holders_of", lambda files, names: look.outside_holders_of(files, names))
+    monkeypatch.setattr(LockFiles, "outside_holders_of", lambda files, names, every_file=False: look.outside_holders_of(files, names, every_file))
     yield look
     look.let_go.set()
 

@@ -103,3 +103,54 @@ def test_a_private_runtime_dir_someone_else_made_is_refused_and_ours_is_made_pri
     finally:
         proc.terminate()
         proc.communicate(timeout=TIMEOUT)
+
+
+def test_a_relative_socket_is_a_usage_error(short_tmp: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "lockd", "--socket", "lockd.sock"], cwd=short_tmp,
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 2, proc
+    assert "--socket: the socket must be an absolute path, not 'lockd.sock'" in proc.stderr
+    assert not (short_tmp / "lockd.sock").exists()
+    env = {**os.environ, "LOCKD_SOCKET": "lockd.sock"}
+    proc = subprocess.run([sys.executable, "-m", "lockd", "--lock-dir", str(short_tmp / "locks"),
+                           "--state-dir", str(short_tmp / "state")], cwd=short_tmp, env=env,
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    refused(proc, "LOCKD_SOCKET: the socket must be an absolute path, not 'lockd.sock'")
+
+
+def check_config(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "lockd", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=TIMEOUT)
+
+
+def test_check_config_says_ok_and_serves_nothing(short_tmp: Path) -> None:
+    config = short_tmp / "lockd.toml"
+    config.write_text('backend = "flock"\n[[policy.rules]]\nnames = "backup-*"\nusers = ["root"]\n')
+    sock = short_tmp / "lockd.sock"
+    proc = check_config("--check-config", str(config), "--socket", str(sock), cwd=short_tmp)
+    assert proc.returncode == 0, proc
+    assert proc.stdout == f"lockd: {config}: configuration OK (backend flock, socket {sock}, 1 policy rule)\n"
+    assert not sock.exists() and list(short_tmp.iterdir()) == [config]
+    # The same with --config FILE, and with the default file missing (the defaults apply).
+    assert check_config("--config", str(config), "--check-config", cwd=short_tmp).returncode == 0
+    env_home = {"XDG_CONFIG_HOME": str(short_tmp / "nothing")}
+    proc = subprocess.run([sys.executable, "-m", "lockd", "--check-config"], capture_output=True, text=True,
+                          timeout=TIMEOUT, env={**os.environ, **env_home})
+    missing = Path("/etc/lockd/lockd.toml") if os.geteuid() == 0 else short_tmp / "nothing" / "lockd" / "lockd.toml"
+    if missing.exists():
+        return  # this host has a config file of its own: the check above read it
+    assert proc.returncode == 0 and proc.stdout.startswith(f"lockd: the defaults (no {missing}): configuration OK (")
+
+
+def test_check_config_names_the_problem_and_fails(short_tmp: Path) -> None:
+    config = short_tmp / "lockd.toml"
+    config.write_text('[[policy.rules]]\nnames = "a"\n[[policy.rules]]\nnames = "b"\nusers = ["no-such-user-x"]\n')
+    proc = check_config("--check-config", str(config), cwd=short_tmp)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr == (f"lockd: {config}:3: policy.rules[1] (rule 2): no user named 'no-such-user-x' on "
+                           "this host; fix it (options are in docs/configuration.md)\n")
+    assert check_config("--check-config", str(short_tmp / "missing.toml"), cwd=short_tmp).returncode == 1
+    assert check_config("--check-config", "--etcd-ttl", "0", cwd=short_tmp).returncode == 1
+    config.write_text(f'backend = "etcd"\n[etcd]\nca_file = "{short_tmp}/missing.pem"\n')
+    proc = check_config("--check-config", str(config), cwd=short_tmp)
+    assert proc.returncode == 1 and f"etcd.ca_file: cannot read {short_tmp}/missing.pem" in proc.stderr

@@ -213,7 +213,8 @@ def test_shared_behind_a_waiting_exclusive_waits(table: CheckedTable) -> None:
     s1 = table.hold("a", ["x"], shared=True)
     e = table.wait("b", ["x"])
     s2, effects = table.acquire("c", ["x"], shared=True)
-    assert effects == [Queued(s2, [])]  # no holder is in its way: the waiting `e` is
+    # `s1` could share with it, but the waiting `e` is in its way, and `e` waits for `s1`.
+    assert effects == [Queued(s2, [s1])]
     assert table.waiters("x") == [e, s2]
     assert table.release(s1) == [Drop(s1, Ending.RELEASED), Take(e)]
     assert table.release(e) == [Drop(e, Ending.RELEASED), Take(s2)]
@@ -319,10 +320,10 @@ def test_no_wait_on_a_busy_name_is_refused_with_blockers_and_not_queued(table: C
 
 
 def test_no_wait_shared_obeys_fifo_too(table: CheckedTable) -> None:
-    table.hold("a", ["x"], shared=True)
+    s = table.hold("a", ["x"], shared=True)
     e = table.wait("b", ["x"])
     nw, effects = table.acquire("c", ["x"], shared=True, wait=False)
-    assert effects == [Refused(nw, Reason.BUSY, [])]
+    assert effects == [Refused(nw, Reason.BUSY, [s])]  # the holder the waiting `e` waits for
     assert table.waiters("x") == [e]
 
 
@@ -657,14 +658,14 @@ def test_holders_are_in_grant_order_and_waiters_in_arrival_order(table: CheckedT
     assert table.holders("nothing") == [] and table.waiters("nothing") == []
 
 
-def test_blockers_are_the_conflicting_holders(table: CheckedTable) -> None:
+def test_blockers_are_the_holders_in_the_way(table: CheckedTable) -> None:
     s = table.hold("a", ["x"], shared=True)
     e = table.wait("b", ["x"])
     s2 = table.wait("c", ["x"], shared=True)
     e2 = table.wait("d", ["x"])
     assert table.blockers(s) == []
     assert table.blockers(e) == [s]
-    assert table.blockers(s2) == []  # the shared holder is no obstacle; the waiting e is
+    assert table.blockers(s2) == [s]  # s2 could share with s, but waits for e, which waits for s
     assert table.blockers(e2) == [s]
 
 
@@ -718,3 +719,15 @@ def test_every_trio_of_requests_is_granted_in_fifo_order(release_order: tuple[in
             if _conflict(tickets[i], tickets[j]):
                 assert granted.index(tickets[i]) < granted.index(tickets[j]), requests
         table.finish()
+
+
+def test_a_shared_request_behind_a_writer_names_every_holder_the_writer_waits_for(table: CheckedTable) -> None:
+    s1 = table.hold("a", ["x"], shared=True)
+    s2 = table.hold("b", ["x", "y"], shared=True)
+    table.wait("c", ["x"])
+    late = table.wait("d", ["y", "x"], shared=True)
+    assert table.blockers(late) == [s1, s2]  # on x, where the writer waits; y admits it
+    nw, effects = table.acquire("e", ["x"], shared=True, wait=False)
+    assert effects == [Refused(nw, Reason.BUSY, [s1, s2])]
+    free, effects = table.acquire("f", ["y"], shared=True)  # nothing exclusive waits on y
+    assert effects == [Take(free)] and table.blockers(free) == []

@@ -74,8 +74,21 @@ class Model:
         return list(found)
 
     def in_the_way(self, ticket: Ticket) -> list[Ticket]:
-        """What effects report: the conflicting holders ahead (waiters ahead are implied)."""
-        return [t for t in self.blockers(ticket) if self.state[t] in HOLDING]
+        """What effects report: name by name, the conflicting holders ahead, or every holder
+        ahead where a conflicting waiter is ahead too (it waits for them all)."""
+        found: dict[Ticket, None] = {}
+        for name in ticket.names:
+            ahead = []
+            for other in self.live:
+                if other is ticket:
+                    break
+                if name in other.names:
+                    ahead.append(other)
+            behind = any(self.state[t] is State.WAITING and conflict(ticket, t) for t in ahead)
+            for other in ahead:
+                if self.state[other] in HOLDING and (behind or conflict(ticket, other)):
+                    found[other] = None
+        return list(found)
 
     def acquire(self, ticket: Ticket) -> list[Effect]:
         self.arrival[ticket] = next(self._count)

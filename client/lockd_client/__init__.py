@@ -8,6 +8,8 @@ trio client is `lockd_client.trio_client`, imported explicitly.
         ...  # "backup" is held; lease.token fences writes made under it
 """
 
+__version__ = "0.1.0"
+
 from . import protocol
 from .blocking import Client, Lease, connect
 from .errors import (
@@ -44,4 +46,5 @@ __all__ = [
     "ProtocolError",
     "connect",
     "protocol",
+    "__version__",
 ]

@@ -19,6 +19,7 @@ a terminal and job control, not SIGTERM.
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import signal
@@ -38,22 +39,27 @@ _RELEASE_WAIT = 5.0
 def start(client: Client, lease: Lease, target: int) -> None:
     """Fork the keeper of `lease`, tied to process `target`, made on `client` with the
     lease's descriptors kept (`Connection.keep_tied_descriptors`); return in lockctl once it
-    runs. Raises OSError (lockctl then fails, and the lease ends with its connection) if
-    `target` cannot be watched or the fork fails.
+    runs, under its name (so `release` finds it from then on). Raises OSError if `target`
+    cannot be watched or the keeper cannot start.
     """
     pidfd = os.pidfd_open(target)
+    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
     try:
         keeper = _lockfds.fork_keeping()
         if keeper == 0:
-            _keep(client, lease, pidfd, target)
+            _keep(client, lease, pidfd, target, ready_w)
+        os.close(ready_w)
+        # Reaped at once: the keeper forks again and exits, which leaves the real keeper a child
+        # of init rather than of lockctl's caller, which never reaps what it did not start.
+        os.waitpid(keeper, 0)
+        if os.read(ready_r, 1) != b"k":
+            raise OSError(errno.ECHILD, "the keeper process exited as it started")
     finally:
         os.close(pidfd)
-    # Reaped at once: the keeper forks again and exits, which leaves the real keeper a
-    # child of init rather than of lockctl's caller, which never reaps what it did not start.
-    os.waitpid(keeper, 0)
+        os.close(ready_r)
 
 
-def _keep(client: Client, lease: Lease, pidfd: int, target: int) -> NoReturn:
+def _keep(client: Client, lease: Lease, pidfd: int, target: int, ready: int) -> NoReturn:
     try:
         os.setsid()
         if os.fork():
@@ -65,8 +71,10 @@ def _keep(client: Client, lease: Lease, pidfd: int, target: int) -> NoReturn:
         for fd in (0, 1, 2):
             os.dup2(null, fd)
         conn_fd = client.fileno()
-        _guardian.close_all_but(conn_fd, pidfd, *lease._record.fds)
+        _guardian.close_all_but(conn_fd, pidfd, ready, *lease._record.fds)
         _guardian.rename(NAME + b" %d" % target)
+        os.write(ready, b"k")
+        os.close(ready)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
         poller = select.poll()

@@ -16,17 +16,17 @@ Invariants:
 
 from __future__ import annotations
 
-import array
-import fcntl
 import os
-import socket
+import _socket as socket  # the C type: see blocking.py
 import weakref
 from collections.abc import Iterable
 from typing import Protocol
 
 from .protocol import MAX_FDS_PER_MESSAGE
 
-_ANCILLARY_SIZE = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
+#: A descriptor is a C int in SCM_RIGHTS data: 4 bytes on Linux.
+_FD_SIZE = 4
+_ANCILLARY_SIZE = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * _FD_SIZE)
 
 
 class DescriptorsLost(OSError):
@@ -43,17 +43,17 @@ def recv_into(sock: socket.socket, buffer: bytearray, flags: int = 0) -> tuple[i
 
 
 def _received(ancdata: list[tuple[int, int, bytes]], msg_flags: int) -> list[int]:
-    fds = array.array("i")
+    fds: list[int] = []
     for level, kind, data in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+            fds += memoryview(data)[: len(data) - len(data) % _FD_SIZE].cast("i").tolist()
     if msg_flags & socket.MSG_CTRUNC:
         close_all(fds)
         raise DescriptorsLost(
             "lock-file descriptors lockd sent were dropped by the kernel: this process is out "
             "of file descriptors (raise its limit with ulimit -n)"
         )
-    return list(fds)
+    return fds
 
 
 class _Record(Protocol):
@@ -65,7 +65,9 @@ def let_go(lease: _Record) -> None:
     """Unlock (unless tied to another process) and close `lease`'s descriptors. Idempotent."""
     fds = lease.fds[:]
     lease.fds.clear()  # in place: `close_when_forgotten` holds the same list
-    if lease.pid is None:
+    if lease.pid is None and fds:
+        import fcntl  # only now: lockctl's start-up does without it
+
         for fd in fds:
             fcntl.flock(fd, fcntl.LOCK_UN)  # for every copy, the daemon's too
     close_all(fds)

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import os
 import select
-import socket
+
+# The socket type itself: the `socket` module's Python layer (enums of every constant, made
+# at import) would cost lockctl about 2 ms of start-up for nothing this client uses.
+import _socket as socket
 from types import TracebackType
 from typing import TypeVar
 
@@ -39,7 +42,7 @@ def connect(
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     # A child process must not inherit the socket: it would keep this connection, and so
     # every lease on it, alive after this process closes or dies.
-    assert not sock.get_inheritable()
+    assert not os.get_inheritable(sock.fileno())
     try:
         sock.settimeout(timeout)
         try:
