@@ -13,6 +13,7 @@ from .blocking import Client, Lease, connect
 from .errors import (
     BadLockFile,
     BackendUnavailable,
+    DaemonBusy,
     DaemonUnavailable,
     InvalidArgument,
     InvalidName,
@@ -30,6 +31,7 @@ __all__ = [
     "BadLockFile",
     "Client",
     "BackendUnavailable",
+    "DaemonBusy",
     "DaemonUnavailable",
     "InvalidArgument",
     "InvalidName",
