@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import resource
+import select
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -23,10 +25,11 @@ import trio
 
 import lockd_client
 from lockd.listen import somaxconn
-from lockd_client import trio_client
+from lockd_client import cli, trio_client
 
 from .conftest import Daemon
 from .rawclient import RawClient
+from .test_cli import LOCKCTL, finish, lockctl, start_lockctl
 from .test_cli_supervise import TIMEOUT
 
 #: The test daemons' listen_backlog: the kernel queues BACKLOG + 1 connections.
@@ -108,6 +111,94 @@ def queue_is_full(path: str) -> bool:
         except BlockingIOError:
             return True
     return False
+
+
+def next_line(proc: subprocess.Popen[str]) -> str:
+    """The next line lockctl writes to stderr; fails if none comes within TIMEOUT."""
+    assert proc.stderr is not None
+    ready, _, _ = select.select([proc.stderr], [], [], TIMEOUT)
+    assert ready, "lockctl said nothing"
+    return proc.stderr.readline()
+
+
+# --- lockctl ----------------------------------------------------------------------------------
+
+
+def test_lockctl_waits_for_a_stopped_daemon_with_a_full_queue_and_runs_cmd_once_it_resumes(
+    small_queue: Daemon, tmp_path: Path
+) -> None:
+    ran = tmp_path / "ran"
+    with stopped(small_queue, full=True):
+        proc = start_lockctl(small_queue, "acquire", "x", "--", "touch", str(ran))
+        try:
+            notice = next_line(proc)  # after about a second
+            assert notice == (
+                f"lockctl: lockd at {small_queue.socket} is busy; waiting for it to take this connection\n"
+            )
+            assert proc.poll() is None and not ran.exists()
+        except BaseException:
+            proc.kill()
+            raise
+    code, err = finish(proc)
+    assert code == 0, err
+    assert ran.exists()
+
+
+def test_lockctl_gives_up_on_a_full_queue_at_its_deadline_with_the_busy_status(
+    small_queue: Daemon, tmp_path: Path
+) -> None:
+    ran = tmp_path / "ran"
+    with stopped(small_queue, full=True):
+        proc = lockctl(small_queue, "acquire", "-w", "1.5", "x", "--", "touch", str(ran))
+        chosen = lockctl(small_queue, "acquire", "-w", "0.2", "-E", "3", "x", "--", "touch", str(ran))
+    assert proc.returncode == cli.EXIT_BUSY == 75, proc.stderr
+    notice, error = proc.stderr.splitlines()
+    assert notice.endswith("is busy; waiting for it to take this connection (for at most 1.5s)")
+    assert error == (
+        f"lockctl: lockd at {small_queue.socket} is busy: its queue of connections waiting to be "
+        "accepted stayed full for 1.5 s (too many clients at once, or lockd is stopped); retry "
+        "later, or allow a longer wait; CMD was not started"
+    )
+    assert chosen.returncode == 3, chosen.stderr
+    assert "stayed full for 0.2 s" in chosen.stderr and "is lockd running" not in chosen.stderr
+    assert not ran.exists()
+
+
+def test_lockctl_gives_up_on_a_stopped_daemon_that_never_answers(small_queue: Daemon, tmp_path: Path) -> None:
+    with stopped(small_queue, full=False):
+        proc = lockctl(small_queue, "acquire", "-w", "0.5", "x", "--", "touch", str(tmp_path / "ran"))
+    assert proc.returncode == cli.EXIT_BUSY, proc.stderr
+    assert f"lockd at {small_queue.socket} did not answer within 0.5 s" in proc.stderr
+    assert not (tmp_path / "ran").exists()
+
+
+def test_lockctl_status_waits_for_a_busy_daemon_within_its_bound(small_queue: Daemon) -> None:
+    with stopped(small_queue, full=True):
+        proc = start_lockctl(small_queue, "status", "x")
+        try:
+            notice = next_line(proc)
+        except BaseException:
+            proc.kill()
+            raise
+    code, err = finish(proc)
+    assert code == 0, err
+    assert notice.endswith(f"waiting for it to take this connection (for at most {cli.BUSY_WAIT:g}s)\n")
+
+
+@pytest.mark.parametrize("bound", [False, True], ids=["no socket", "nobody listening"])
+def test_only_a_missing_socket_or_a_refused_connection_asks_whether_lockd_runs(
+    short_tmp: Path, bound: bool
+) -> None:
+    path = str(short_tmp / "lockd.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        if bound:
+            sock.bind(path)  # never listening: connecting is refused
+        proc = subprocess.run(
+            [*LOCKCTL, "status", "--socket", path], capture_output=True, text=True, timeout=TIMEOUT
+        )
+    assert proc.returncode == cli.EXIT_UNAVAILABLE, proc.stderr
+    assert ("Connection refused" if bound else "No such file") in proc.stderr
+    assert "is lockd running?" in proc.stderr
 
 
 # --- the blocking client ----------------------------------------------------------------------
