@@ -149,14 +149,14 @@ def test_lockctl_gives_up_on_a_full_queue_at_its_deadline_with_the_busy_status(
 ) -> None:
     ran = tmp_path / "ran"
     with stopped(small_queue, full=True):
-        proc = lockctl(small_queue, "acquire", "-w", "1.5", "x", "--", "touch", str(ran))
+        proc = lockctl(small_queue, "acquire", "-w", "2.5", "x", "--", "touch", str(ran))
         chosen = lockctl(small_queue, "acquire", "-w", "0.2", "-E", "3", "x", "--", "touch", str(ran))
     assert proc.returncode == cli.EXIT_BUSY == 75, proc.stderr
     notice, error = proc.stderr.splitlines()
-    assert notice.endswith("is busy; waiting for it to take this connection (for at most 1.5s)")
+    assert notice.endswith("is busy; waiting for it to take this connection (for at most 2.5s)")
     assert error == (
         f"lockctl: lockd at {small_queue.socket} is busy: its queue of connections waiting to be "
-        "accepted stayed full for 1.5 s (too many clients at once, or lockd is stopped); retry "
+        "accepted stayed full for 2.5 s (too many clients at once, or lockd is stopped); retry "
         "later, or allow a longer wait; CMD was not started"
     )
     assert chosen.returncode == 3, chosen.stderr
@@ -291,3 +291,19 @@ def test_the_daemon_queues_as_many_connections_as_the_host_allows(daemon: Daemon
             stop.resume()
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_listen_backlog_the_kernel_cuts_down_is_warned_about(short_tmp: Path) -> None:
+    config = short_tmp / "lockd.toml"
+    config.write_text(f"listen_backlog = {somaxconn() + 1}\n")
+    d = Daemon(short_tmp, "--config", str(config))
+    d.start()
+    try:
+        # Logged just after the socket listens, so perhaps after start() has seen it listen.
+        warning = f"the kernel queues at most net.core.somaxconn = {somaxconn()} connections"
+        deadline = time.monotonic() + TIMEOUT
+        while warning not in d.log():
+            assert time.monotonic() < deadline, d.log()
+            time.sleep(0.01)
+    finally:
+        d.kill()
