@@ -8,6 +8,7 @@ move; the run's raw results, machine info and judged targets are saved together 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -23,7 +24,7 @@ from . import report, services, workloads
 from .lockers import make_locker
 from .machine import REPO, EtcdProbe, OthersMeter, loadavg, machine_info
 
-WORKLOADS = ("w1", "w2", "w3", "w4", "w5", "cli")
+WORKLOADS = ("w1", "w2", "w3", "w4", "w5", "w7", "flood", "cli")
 #: Sections run only when asked for (`--etcd`, or named in `--only`).
 EXTRA = ("etcd",)
 DEFAULT_OUT = REPO / "bench" / "results" / "latest.json"
@@ -43,6 +44,15 @@ class Config:
     w4_leases: tuple[int, ...]
     w5_tries: int
     cli_runs: int
+    #: W7: clients bursting at once, from this many processes, against a daemon queueing
+    #: this many connections (and one queueing as many as the host allows).
+    w7_clients: int
+    w7_processes: int
+    w7_backlog: int
+    #: The flood: bad connections, from this many processes, and the idle cycles measured first.
+    flood_connections: int
+    flood_processes: int
+    flood_idle_cycles: int
     #: The etcd section's W1 cycles, W5 tries (a try of etcd's lock API lasts up to a TTL) and CLI runs.
     etcd_w1_cycles: int
     etcd_w5_tries: int
@@ -53,9 +63,13 @@ class Config:
 
 FULL = dict(reps=3, w1_cycles=20_000, w2_clients=32, w2_seconds=5.0, w3_clients=8, w3_seconds=5.0,
             w4_leases=(10_000, 100_000), w5_tries=10, cli_runs=20,
+            w7_clients=2_000, w7_processes=16, w7_backlog=128,
+            flood_connections=100_000, flood_processes=2, flood_idle_cycles=5_000,
             etcd_w1_cycles=2_000, etcd_w5_tries=3, etcd_cli_runs=10)
 QUICK = dict(reps=1, w1_cycles=2_000, w2_clients=8, w2_seconds=0.5, w3_clients=8, w3_seconds=0.5,
              w4_leases=(1_000,), w5_tries=2, cli_runs=3,
+             w7_clients=200, w7_processes=4, w7_backlog=16,
+             flood_connections=5_000, flood_processes=1, flood_idle_cycles=1_000,
              etcd_w1_cycles=200, etcd_w5_tries=1, etcd_cli_runs=2)
 
 
@@ -146,6 +160,14 @@ def main(argv: list[str] | None = None) -> int:
                     "flock": workloads.w5_crash(specs["flock"], cfg.w5_tries, workloads.flock_waiting(files)),
                     client: workloads.w5_crash(specs[client], cfg.w5_tries, workloads.lockd_waiting(daemon.socket)),
                 }
+            if "w7" in only:
+                results["w7"] = _repeat(cfg.reps, ["filelock", "lockd-small-queue", "lockd"], "W7",
+                                        lambda s: _w7(s, cfg, root, files, client))
+                results["w7_backlog"] = cfg.w7_backlog
+            if "flood" in only:
+                _progress("flood")
+                with services.lockd(root, "flood", log_level="info") as d:
+                    results["flood"] = workloads.flood(d, cfg.flood_connections, cfg.flood_processes, cfg.flood_idle_cycles)
             if "cli" in only:
                 _progress("CLI")
                 _compile_client()
@@ -197,6 +219,22 @@ def _w1(spec: dict[str, Any], cycles: int, server, etcd=None) -> dict[str, Any]:
         return workloads.w1_cycles(locker, "w1", cycles, server, etcd)
     finally:
         locker.close()
+
+
+_w7_daemons = itertools.count(1)
+
+
+def _w7(system: str, cfg: Config, root: Path, files: str, client: str) -> dict[str, Any]:
+    """One W7 burst against `system`: filelock, or a fresh daemon queueing `cfg.w7_backlog`
+    connections (lockd-small-queue) or as many as the host allows (lockd). Either daemon
+    admits every client of the burst, which all come from this uid."""
+    if system == "filelock":
+        return workloads.w7_burst({"kind": "filelock", "dir": files}, cfg.w7_clients, cfg.w7_processes, None)
+    config = f"[limits]\nmax_connections_per_uid = {max(cfg.w7_clients, 1024)}\n"
+    if system == "lockd-small-queue":
+        config = f"listen_backlog = {cfg.w7_backlog}\n" + config
+    with services.lockd(root, f"w7-{next(_w7_daemons)}", config=config) as d:
+        return workloads.w7_burst({"kind": client, "socket": d.socket}, cfg.w7_clients, cfg.w7_processes, d.probe)
 
 
 def _etcd_section(cfg: Config, root: Path, client: str, cli_python: str) -> dict[str, Any]:

@@ -224,14 +224,15 @@ class RawLockdLocker:
 
 
 class LibLockdLocker:
-    """lockd through `lockd_client`'s blocking client."""
+    """lockd through `lockd_client`'s blocking client, waiting for a busy daemon as long as
+    it takes, as `lockctl acquire` does."""
 
     reports_queue = True
 
     def __init__(self, path: str, label: str = "bench") -> None:
         import lockd_client
 
-        self._client = lockd_client.connect(path, label=label)
+        self._client = lockd_client.connect(path, label=label, timeout=None)
 
     def acquire(self, name: str, on_queued: OnQueued | None = None) -> Any:
         if on_queued is None:

@@ -153,6 +153,34 @@ def tables(results: dict[str, Any]) -> str:
     if "w5" in results:
         rows = [[LABELS[s], r["p50_ms"], r["max_ms"], r["tries"]] for s, r in results["w5"].items()]
         out.append(_table("W5  holder SIGKILLed while a waiter waits: kill → waiter holds", ["system", "p50 ms", "max ms", "tries"], rows))
+    if "w7" in results:
+        w7 = results["w7"]["median"]
+        backlog = results.get("w7_backlog")
+        names = {"lockd-small-queue": f"lockd, a queue of {backlog}", "lockd": "lockd, a queue of somaxconn"}
+        floor = w7.get("filelock", {}).get("last_holds_s")
+        rows = [
+            [names.get(s, LABELS.get(s, s)), r["held"], r["clients"], r["last_holds_s"], _ratio(r["last_holds_s"], floor),
+             r["holds"]["p50_us"] / 1e6, *([r["connected"]["max_us"] / 1e6, r["waited_over_1s_to_connect"]] if s in names else [None, None]),
+             r.get("server_cpu_s"), r.get("rss_before_mib"), r.get("rss_after_mib"), r.get("fds_before"), r.get("fds_after"),
+             pct(r.get("others_cpu_share"))]
+            for s, r in w7.items()
+        ]
+        errors = [f"  {names.get(s, s)}: {e}" for s, runs in results["w7"]["runs"].items() for r in runs for e in r["errors"]]
+        out.append("\n".join([_table(
+            f"W7  a burst: {cfg['w7_clients']:,} clients from {cfg['w7_processes']} processes at once on one name, median of {cfg['reps']} runs",
+            ["system", "held", "clients", "last holds s", "/ filelock", "p50 holds s", "slowest connect s", "connect > 1 s",
+             "daemon CPU s", "RSS before MiB", "RSS after MiB", "fds before", "fds after", OTHERS], rows,
+        ), *errors]))
+    if "flood" in results:
+        f = results["flood"]
+        rows = [[label, r["p50_us"], r["p99_us"], r["max_us"], r["n"], _ratio(r["p99_us"], f["idle"]["p99_us"])]
+                for label, r in (("idle", f["idle"]), ("during the flood", f["during"]))]
+        out.append("\n".join([_table(
+            f"flood  {f['connections']:,} bad connections from {f['flooders']} processes while one client cycles",
+            ["client cycles", "p50 µs", "p99 µs", "max µs", "cycles", "p99 / idle p99"], rows,
+        ), f"  flood: {f['seconds']:.1f} s, {f['connections_per_s']:,.0f} connections/s, daemon CPU "
+           f"{f['server_cpu_us_per_connection']:.0f} µs per connection; log lines added: {f['log_lines']:,} "
+           f"(loglimit's bound for that time: {f['log_line_bound']:,})"]))
     if "cli" in results:
         out.append(_cli_table(f"CLI  wall time from spawn to exit, {cfg['cli_runs']} runs each, interleaved", results["cli"]))
     if "etcd" in results:
@@ -240,6 +268,11 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         _target("W4 10k leases: daemon RSS growth MiB", _dig(ten_k, "rss_growth_mib"), 20, True),
         _target("W4 100k leases held (count)", _dig(results, "w4", "100000", "held"), 100_000, False),
         _target("W5 kill → waiter holds, p50 ms", _dig(results, "w5", client, "p50_ms"), 10, True),
+        _target("W7 clients that held, every run, small queue", _least(_dig(results, "w7", "runs", "lockd-small-queue"), "held"),
+                results["config"]["w7_clients"], False),
+        _target("flood: client p99 / idle p99", _dig(results, "flood", "p99_ratio"), 10, True),
+        _target("flood: log lines added / loglimit's bound", _ratio(_dig(results, "flood", "log_lines"),
+                                                                    _dig(results, "flood", "log_line_bound")), 1.0, True),
         _target("CLI lockctl / python -c pass", _ratio(_dig(cli, "lockctl acquire", "p50_us"), _dig(cli, "python -c pass", "p50_us")), 2.0, True),
         # The wire is msgspec's (one definition of the protocol), so msgspec's import is the floor.
         _target("CLI lockctl / import msgspec", _ratio(_dig(cli, "lockctl acquire", "p50_us"), _dig(cli, "import msgspec", "p50_us")), 1.4, True),
@@ -260,6 +293,13 @@ def _total(runs: list[dict[str, Any]] | None, key: str) -> Any:
     if not runs or any(r.get(key) is None for r in runs):
         return None
     return sum(r[key] for r in runs)
+
+
+def _least(runs: list[dict[str, Any]] | None, key: str) -> Any:
+    """The smallest `key` over runs: a guarantee broken in any run is broken."""
+    if not runs:
+        return None
+    return min(r[key] for r in runs)
 
 
 def _dig(d: Any, *keys: str) -> Any:

@@ -96,17 +96,22 @@ class Service:
         self.stop()
 
 
-def lockd(root: Path, tag: str, nofile: int | None = None, etcd: str | None = None) -> Service:
-    """A daemon with its own socket, lock dir and state dir under `root`; logs warnings only,
-    as a production daemon would. With `etcd` (a client URL), on the etcd backend, with the
+def lockd(
+    root: Path, tag: str, nofile: int | None = None, etcd: str | None = None, config: str = "",
+    log_level: str = "warning",
+) -> Service:
+    """A daemon with its own socket, lock dir and state dir under `root`, reading `config`
+    (TOML) as its config file; logs warnings only, as a production daemon would, unless
+    `log_level` says otherwise. With `etcd` (a client URL), on the etcd backend, with the
     default TTL and keys under a prefix of its own."""
     base = root / tag
     base.mkdir()
     (base / "locks").mkdir(mode=0o700)
+    (base / "lockd.toml").write_text(config)
     sock = str(base / "lockd.sock")
     argv = [
-        sys.executable, "-m", "lockd", "--socket", sock, "--lock-dir", str(base / "locks"),
-        "--state-dir", str(base / "state"), "--log-level", "warning",
+        sys.executable, "-m", "lockd", "--config", str(base / "lockd.toml"), "--socket", sock,
+        "--lock-dir", str(base / "locks"), "--state-dir", str(base / "state"), "--log-level", log_level,
     ]
     if etcd is not None:
         argv += ["--backend", "etcd", "--etcd-endpoints", etcd, "--etcd-prefix", f"/lockd-bench/{tag}/"]

@@ -17,12 +17,21 @@ Workloads:
            and the fencing token: {"t_req": [...], "t_queued": [...], "t_acq": [...],
            "t_rel": [...], "token": [...], "reports_queue": whether `Queued` is ever seen}.
   `hold`   acquire `name`, say `held`, and keep it until killed.
+  `burst`  `clients` threads, each with a locker of its own (for lockd: a connection of its
+           own, made at START), acquire `name` once, release it and close:
+           {"start": START, "connected": [...], "held": [...], "errors": [...]}, the instants
+           each client was connected and held the lock (None where it failed, and why in
+           `errors`).
+  `flood`  no locker: from START, `count` connections to lockd at `socket` that each send a
+           frame lockd must refuse and hang up, one after the other; result {"seconds": s}.
 """
 
 from __future__ import annotations
 
 import json
+import socket
 import sys
+import threading
 import time
 
 from .lockers import make_locker
@@ -83,8 +92,71 @@ def run_grants(locker, name: str, start: int, end: int) -> dict[str, list[int | 
     }
 
 
+def run_burst(spec: dict) -> dict[str, list]:
+    """Start the `burst` clients, say `ready`, and once told to go, let them loose."""
+    count = spec["clients"]
+    connected: list[int | None] = [None] * count
+    held: list[int | None] = [None] * count
+    errors: list[str] = []
+    go = threading.Event()
+    start = 0
+
+    def client(i: int) -> None:
+        go.wait()
+        _wait_until(start)
+        try:
+            locker = make_locker(spec["locker"])
+        except Exception as exc:
+            errors.append(f"{type(exc).__name__}: {exc}")
+            return
+        try:
+            connected[i] = time.monotonic_ns()
+            handle = locker.acquire(spec["name"])
+            held[i] = time.monotonic_ns()
+            locker.release(handle)
+        except Exception as exc:
+            errors.append(f"{type(exc).__name__}: {exc}")
+        finally:
+            locker.close()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    print("ready", flush=True)
+    start = int(sys.stdin.readline().split()[1])
+    go.set()
+    for thread in threads:
+        thread.join()
+    return {"start": start, "connected": connected, "held": held, "errors": errors}
+
+
+#: Frames lockd must refuse: a length prefix of 4 GiB; a one-byte body that is not msgpack.
+BAD_FRAMES = (b"\xff\xff\xff\xff", b"\x00\x00\x00\x01\xc1")
+
+
+def run_flood(path: str, count: int, start: int) -> dict[str, float]:
+    _wait_until(start)
+    began = time.monotonic()
+    for i in range(count):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as bad:
+            bad.connect(path)  # blocking: waits in the kernel while lockd's queue is full
+            bad.sendall(BAD_FRAMES[i % 2])
+    return {"seconds": time.monotonic() - began}
+
+
 def main() -> None:
     spec = json.loads(sys.argv[1])
+    if spec["workload"] == "burst":
+        cpu = time.process_time_ns()
+        result = run_burst(spec)
+        result["cpu_ns"] = time.process_time_ns() - cpu
+        print(json.dumps(result), flush=True)
+        return
+    if spec["workload"] == "flood":
+        print("ready", flush=True)
+        _, start, _ = sys.stdin.readline().split()
+        print(json.dumps(run_flood(spec["socket"], spec["count"], int(start))), flush=True)
+        return
     locker = make_locker(spec["locker"])
     if spec["workload"] == "hold":
         locker.acquire(spec["name"])

@@ -1,4 +1,5 @@
-"""The workloads W1–W5 and the CLI start-up measure, each runnable against lockd and its floors.
+"""The workloads W1–W5, W7, the flood and the CLI start-up measure, each runnable against
+lockd and its floors.
 
 Invariant: a workload function measures one system once and returns plain numbers (JSON
 types); it starts and ends every process it creates, and bounds every wait, so a stuck
@@ -8,6 +9,7 @@ system fails the run with an error instead of hanging it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import select
 import signal
@@ -20,10 +22,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lockd import loglimit
 from lockd_client.errors import LockdError
 
 from .lockers import EtcdGateway, EtcdLockLocker, Locker, RawLockdLocker, b64, make_locker
 from .machine import REPO, EtcdProbe, ProcessProbe
+from .services import Service
 from .stats import latency_summary
 
 #: A worker must be connected within this long, and report within this long after its end.
@@ -95,9 +99,9 @@ class Fleet:
     """One worker process per entry of `names`, each working on that name; created connected
     and ready. `run` has them all measure over the same `seconds`; `close` ends them."""
 
-    def __init__(self, locker: dict[str, Any], workload: str, names: list[str], seconds: float) -> None:
+    def __init__(self, locker: dict[str, Any], workload: str, names: list[str], seconds: float, **spec: Any) -> None:
         self.seconds = seconds
-        self.workers = [_spawn_worker({"locker": locker, "workload": workload, "name": n}) for n in names]
+        self.workers = [_spawn_worker({"locker": locker, "workload": workload, "name": n, **spec}) for n in names]
         try:
             deadline = time.monotonic() + WORKER_TIMEOUT
             for w in self.workers:
@@ -129,11 +133,13 @@ class Fleet:
 
 
 def run_fleet(
-    locker: dict[str, Any], workload: str, names: list[str], seconds: float, server: ProcessProbe | None
+    locker: dict[str, Any], workload: str, names: list[str], seconds: float, server: ProcessProbe | None,
+    **spec: Any,
 ) -> tuple[list[dict[str, Any]], int | None]:
     """The workers' results, and the server's CPU time (ns) over the measured interval (None
-    without `server`): from just before the start signal, so connecting stays out of it."""
-    fleet = Fleet(locker, workload, names, seconds)
+    without `server`): from just before the start signal, so connecting stays out of it.
+    `spec` goes to every worker."""
+    fleet = Fleet(locker, workload, names, seconds, **spec)
     try:
         cpu_before = server.cpu_ns() if server else 0
         results = fleet.run()
@@ -282,6 +288,132 @@ def _w4_figures(
         "fds_before": fds_before,
         "fds_after": fds_after,
     }
+
+
+# --- W7: a burst of clients at once ----------------------------------------------------------
+
+
+#: How long a W7 burst may take before the run fails: far beyond any figure it gives.
+W7_BUDGET = 120.0
+
+
+def w7_burst(locker: dict[str, Any], clients: int, processes: int, server: ProcessProbe | None) -> dict[str, Any]:
+    """`clients` clients, `processes` processes with as many threads each, that all connect
+    (for lockd) and acquire one name at the same instant and release it at once: how many
+    held it, and when; with `server` (a fresh daemon), its RSS and fds once all are gone."""
+    if server is not None:
+        rss_before, fds_before = server.rss_kib(), server.fds()
+    results, server_ns = run_fleet(
+        locker, "burst", ["w7"] * processes, W7_BUDGET, server, clients=clients // processes
+    )
+    start = results[0]["start"]
+    connected = [t - start for r in results for t in r["connected"] if t is not None]
+    held = [t - start for r in results for t in r["held"] if t is not None]
+    out: dict[str, Any] = {
+        "clients": clients // processes * processes,
+        "processes": processes,
+        "held": len(held),
+        "errors": sorted({e for r in results for e in r["errors"]}),
+        "last_holds_s": max(held, default=math.nan) / 1e9,
+        "connected": latency_summary(connected),
+        "holds": latency_summary(held),
+        "waited_over_1s_to_connect": sum(t > 1e9 for t in connected),
+    }
+    if server is not None:
+        deadline = time.monotonic() + WORKER_TIMEOUT
+        while server.fds() > fds_before and time.monotonic() < deadline:
+            time.sleep(0.05)  # the daemon has yet to see some clients hang up
+        out |= {
+            "server_cpu_s": server_ns / 1e9,
+            "rss_before_mib": rss_before / 1024,
+            "rss_after_mib": server.rss_kib() / 1024,
+            "fds_before": fds_before,
+            "fds_after": server.fds(),
+        }
+    return out
+
+
+# --- flood: bad connections while a client cycles ----------------------------------------------
+
+
+def flood(daemon: Service, connections: int, flooders: int, idle_cycles: int) -> dict[str, Any]:
+    """`connections` bad connections from `flooders` processes, each cut off by `daemon`
+    (logging at info), while one client cycles acquire+release on one name: its latency
+    then against `idle_cycles` cycles before, and the lines the flood added to the daemon's
+    log (counted after stopping the daemon, which logs the last summaries on the way out)."""
+    server = daemon.probe
+    locker = make_locker({"kind": "lockd", "socket": daemon.socket})
+    try:
+        idle = w1_cycles(locker, "flood", idle_cycles, server)
+        fds_idle = server.fds()
+        lines_before = _lines(daemon.log_path)
+        workers = [
+            _spawn_worker({"workload": "flood", "socket": daemon.socket, "count": connections // flooders})
+            for _ in range(flooders)
+        ]
+        try:
+            deadline = time.monotonic() + WORKER_TIMEOUT
+            for w in workers:
+                if _readline(w, deadline).strip() != "ready":
+                    raise RuntimeError(f"flood worker {w.pid} failed to start")
+            start = time.monotonic_ns() + 200_000_000
+            for w in workers:
+                assert w.stdin is not None
+                w.stdin.write(f"go {start} {start}\n")
+                w.stdin.flush()
+            cpu_before = server.cpu_ns()
+            _wait_until_ns(start)
+            samples = _cycle_while(locker, "flood", lambda: any(w.poll() is None for w in workers))
+            ended = [json.loads(_readline(w, time.monotonic() + WORKER_TIMEOUT)) for w in workers]
+        finally:
+            for w in workers:
+                if w.poll() is None:
+                    w.kill()
+                w.wait(10)
+        deadline = time.monotonic() + WORKER_TIMEOUT
+        while server.fds() > fds_idle and time.monotonic() < deadline:
+            time.sleep(0.05)  # the daemon has yet to cut off the last of them
+        server_ns = server.cpu_ns() - cpu_before
+    finally:
+        locker.close()
+    daemon.stop()
+    seconds = max(e["seconds"] for e in ended)
+    during = latency_summary(samples)
+    return {
+        "connections": connections // flooders * flooders,
+        "flooders": flooders,
+        "seconds": seconds,
+        "connections_per_s": connections / seconds,
+        "server_cpu_us_per_connection": server_ns / 1000 / connections,
+        "idle": idle,
+        "during": during,
+        "p99_ratio": during["p99_us"] / idle["p99_us"],
+        "log_lines": _lines(daemon.log_path) - lines_before,
+        # loglimit's bound for the one kind a cut-off is, over the windows the flood touched,
+        # and the line saying the daemon stops.
+        "log_line_bound": (loglimit.LINES + 1) * (math.ceil(seconds / loglimit.WINDOW) + 2) + 1,
+    }
+
+
+def _cycle_while(locker: Locker, name: str, going: Callable[[], bool]) -> list[int]:
+    """Time acquire+release cycles one by one while `going()` (asked every 100 cycles)."""
+    acquire, release, clock = locker.acquire, locker.release, time.perf_counter_ns
+    samples: list[int] = []
+    while going():
+        for _ in range(100):
+            t = clock()
+            release(acquire(name))
+            samples.append(clock() - t)
+    return samples
+
+
+def _wait_until_ns(instant: int) -> None:
+    while (left := instant - time.monotonic_ns()) > 0:
+        time.sleep(left / 1e9)
+
+
+def _lines(path: Path) -> int:
+    return path.read_bytes().count(b"\n")
 
 
 # --- W5: a holder is killed while a waiter waits ---------------------------------------------

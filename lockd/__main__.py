@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     from .fdlimit import raise_nofile_limit
     from .lockfiles import LockFiles, prepare_lock_dir
     from .policy import Policy
-    from .listen import bind_unix_listener
+    from .listen import bind_unix_listener, somaxconn
     from .systemd import listen_fds
     from .tokens import TokenStore
 
@@ -172,8 +172,13 @@ def main(argv: list[str] | None = None) -> int:
         backend = _backend(conf, files, tokens)
         sockets = listen_fds()
         if not sockets:
-            sockets = [bind_unix_listener(str(conf.socket), conf.socket_mode)]
+            sockets = [bind_unix_listener(str(conf.socket), conf.socket_mode, conf.listen_backlog)]
             bound = os.stat(conf.socket)
+            if conf.listen_backlog is not None and conf.listen_backlog > (cap := somaxconn()):
+                log.warning(
+                    "listen_backlog = %d, but the kernel queues at most net.core.somaxconn = %d "
+                    "connections; raise that sysctl to get more", conf.listen_backlog, cap,
+                )
     except (LockdError, OSError) as exc:
         log.error("%s", exc)
         for sock in sockets:

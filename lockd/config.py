@@ -33,6 +33,8 @@ Positive = Annotated[int, msgspec.Meta(ge=1)]
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=86400)]
 Url = Annotated[str, msgspec.Meta(pattern=r"^https?://[^/]")]
 FileMode = Annotated[int, msgspec.Meta(ge=0, le=0o777)]
+#: listen(2) takes a C int.
+Backlog = Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)]
 #: A user or group, by name or by numeric id.
 Principal = str | Annotated[int, msgspec.Meta(ge=0)]
 
@@ -116,6 +118,8 @@ class Config(_Section):
     log_level: LogLevel = "info"
     lock_file_mode: FileMode = 0o600
     socket_mode: FileMode = 0o660
+    #: None: the host's net.core.somaxconn (listen.somaxconn), read when the socket is bound.
+    listen_backlog: Backlog | None = None
     backend: BackendName = "flock"
     limits: Limits = msgspec.field(default_factory=Limits)
     etcd: Etcd = msgspec.field(default_factory=Etcd)

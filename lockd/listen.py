@@ -14,12 +14,27 @@ import stat
 
 import trio
 
-#: Connections the kernel queues while lockd is busy or out of descriptors.
-BACKLOG = 1024
+#: The host's cap on every listen backlog (net.core.somaxconn): listen(2) cuts a larger one
+#: down to it without a word, so this is the longest queue lockd can ask for.
+SOMAXCONN = "/proc/sys/net/core/somaxconn"
 
 
-def bind_unix_listener(path: str, mode: int) -> socket.socket:
+def somaxconn() -> int:
+    """The longest listen queue this host allows (see SOMAXCONN); Python's SOMAXCONN constant
+    if it cannot be read."""
+    try:
+        with open(SOMAXCONN, "rb") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return socket.SOMAXCONN
+
+
+def bind_unix_listener(path: str, mode: int, backlog: int | None = None) -> socket.socket:
     """Bind a listening AF_UNIX socket at `path` with `mode`, replacing only a stale socket.
+
+    The kernel queues up to `backlog` connections that lockd has not accepted yet (default:
+    as many as the host allows, `somaxconn()`): a burst of clients, or a daemon briefly
+    stopped, waits there. Past it, clients find the queue full (EAGAIN) and retry.
 
     A live daemon answering at `path` is an error; a socket file nobody answers on is stale
     and replaced. Anything else at the path (a regular file, a directory) is left alone and
@@ -49,7 +64,7 @@ def bind_unix_listener(path: str, mode: int) -> socket.socket:
         raise
     finally:
         os.umask(old_umask)
-    sock.listen(BACKLOG)
+    sock.listen(somaxconn() if backlog is None else backlog)
     return sock
 
 

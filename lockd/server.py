@@ -19,6 +19,9 @@ Invariants:
 - A lease's locks are released for every copy of their descriptors only when it was released
   (by its holder, or by `release_pid`), or broken by force and then let go or overdue (see
   lockd.table); when its holder goes away, only the daemon's own copies are closed.
+- No client can make the log grow without bound: what clients do wrong (connections cut off
+  or refused, requests refused by policy) is logged through `_log_noise`, within the budget
+  of `loglimit`, and what is over it is summed up once its window ends, or at the end.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from lockd_client.describe import holder_text
 from . import __version__, admission, listen, procinfo
 from .backend import Backend, Blocked, holders_in_order
 from .config import Limits
+from .loglimit import Kind, LogLimiter, Summary
 from .policy import Policy
 from .processes import ProcessOwner, Processes
 from .session import Party, Session, party, shown_label
@@ -56,6 +60,13 @@ SHUTDOWN_GRACE = 1.0
 SHUTDOWN_MESSAGE = "lockd is shutting down; reconnect when it is back"
 #: The states `status` shows as holding: a broken lease holds until its owner has let go.
 _SHOWN_HELD = (HELD, BREAKING)
+#: What clients do wrong, logged within bounds (see loglimit).
+CUT_OFF = Kind(logging.INFO, "cut off {count} more connections")
+REFUSED_CONNECTION = Kind(logging.WARNING, "refused {count} more connections")
+UNREADABLE_PEER = Kind(
+    logging.WARNING, "dropped {count} more connections whose peer credentials were unreadable"
+)
+REFUSED_REQUEST = Kind(logging.WARNING, "refused {count} more requests by policy")
 
 
 
@@ -88,6 +99,9 @@ class Server:
         self._all_gone = trio.Event()
         #: time.time() - trio.current_time(), fixed when serving starts.
         self._wall_offset = 0.0
+        self._noise = LogLimiter()
+        #: Wakes `_summarise_noise` when the next summary is due.
+        self._noise_timer: trio.CancelScope | None = None
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -106,6 +120,7 @@ class Server:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._run_timer)
+                nursery.start_soon(self._summarise_noise)
                 nursery.start_soon(self.backend.run, self._backend_lost)
                 for listener in listeners:
                     nursery.start_soon(self._accept_loop, listener)
@@ -117,6 +132,7 @@ class Server:
             for listener in listeners:
                 if listener.fileno() != -1:
                     listen.close(listener)
+            self._log_summaries(self._noise.flush())
 
     def stop(self) -> None:
         """Begin a graceful shutdown; `serve` returns once it is done."""
@@ -170,7 +186,10 @@ class Server:
         try:
             pid, uid, gid = procinfo.peer_credentials(sock)
         except OSError as exc:
-            log.warning("dropping a connection whose peer credentials are unreadable: %s", exc)
+            self._log_noise(
+                UNREADABLE_PEER, None, str(exc),
+                "dropping a connection whose peer credentials are unreadable: %s", exc,
+            )
             sock.close()
             return
         session = Session(
@@ -183,7 +202,10 @@ class Server:
         elif refusal := admission.connection_refusal(
             self.limits, len(self.sessions), len(self._uid_sessions.get(uid, ())), uid
         ):
-            log.warning("refusing a connection from uid %d pid %d (%s): %s", uid, pid, session.command, refusal)
+            self._log_noise(
+                REFUSED_CONNECTION, uid, refusal,
+                "refusing a connection from uid %d pid %d (%s): %s", uid, pid, session.command, refusal,
+            )
             session.send(protocol.Error(None, protocol.ErrorCode.LIMIT, refusal))
             session.close(refusal)
         else:
@@ -217,7 +239,7 @@ class Server:
         """The session closed: end its tickets now (its process-tied leases live on)."""
         reason = session.close_reason or ""
         if session in self.sessions and not self._stopping and not reason.startswith("the client"):
-            log.info("%r cut off: %s", session, reason)
+            self._log_noise(CUT_OFF, session.uid, reason, "%r cut off: %s", session, reason)
         with _contained(f"ending the tickets of {session!r}"):
             for ticket in self.table.tickets_of(session):
                 self._forget(ticket)
@@ -263,7 +285,8 @@ class Server:
                 uid_pending=lambda: sum(map(self._pending, self._uid_sessions.get(session.uid, ()))),
             ) or self.policy.check_acquire(session.uid, session.gids, names, request.mode)
             if isinstance(refusal, errors.PermissionDenied):
-                log.warning(
+                self._log_noise(
+                    REFUSED_REQUEST, session.uid, str(refusal),
                     "refused uid %d pid %d (%s) %s on %s: %s", session.uid, session.pid,
                     session.command, request.mode, ", ".join(names), refusal,
                 )
@@ -340,7 +363,8 @@ class Server:
             holders = [t for t in self.table.holders(name) if t.state in _SHOWN_HELD]
             decision = self.policy.check_force(session.uid, name, [party(t).uid for t in holders])
             if not decision.allowed:
-                log.warning(
+                self._log_noise(
+                    REFUSED_REQUEST, session.uid, decision.reason,
                     "refused uid %d pid %d (%s) a forced release of %s: %s",
                     session.uid, session.pid, session.command, name, decision.reason,
                 )
@@ -624,6 +648,33 @@ class Server:
         # Its Drop forgets it: a broken lease is still the client's until it lets go.
         log.warning("lease on %s of pid %s lost: %s", ", ".join(ticket.names), who.pid, reason)
         who.session.send(protocol.Lost(who.request_id, reason))
+
+    # --- logging what clients do wrong ---------------------------------------------------------
+
+    def _log_noise(self, kind: Kind, uid: int | None, reason: str, message: str, *args: object) -> None:
+        """Log `message` about what a client did, unless lines of that kind are over their
+        budget: then the event is counted for a summary (see loglimit)."""
+        if self._noise.admit(kind, trio.current_time(), uid, reason):
+            log.log(kind.level, message, *args)
+        elif self._noise_timer is not None:
+            due = self._noise.next_summary()
+            if due is not None and due < self._noise_timer.deadline:
+                self._noise_timer.deadline = due
+
+    async def _summarise_noise(self) -> None:
+        """Log each summary of what clients did as its window ends. `_log_noise` pulls the
+        deadline in."""
+        while True:
+            due = self._noise.next_summary()
+            with trio.CancelScope(deadline=math.inf if due is None else due) as scope:
+                self._noise_timer = scope
+                await trio.sleep_forever()
+            self._log_summaries(self._noise.summaries(trio.current_time()))
+
+    def _log_summaries(self, summaries: list[Summary]) -> None:
+        with _contained("logging what clients did"):
+            for summary in summaries:
+                log.log(summary.kind.level, "%s", summary.text())
 
     # --- time ---------------------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ state_dir = "/srv/lockd/state"
 log_level = "debug"
 lock_file_mode = 0o640
 socket_mode = 0o600
+listen_backlog = 512
 backend = "etcd"
 
 [limits]
@@ -75,6 +76,7 @@ def test_every_option_parses_into_its_typed_field() -> None:
     config = parse_config(FULL, "full.toml")
     assert config.socket == Path("/srv/lockd/lockd.sock")
     assert config.lock_file_mode == 0o640
+    assert config.listen_backlog == 512
     assert config.backend == "etcd"
     assert config.limits.send_timeout == 2.0
     assert config.limits.max_frame == 4096

@@ -15,6 +15,7 @@ from .blocking import Client, Lease, connect
 from .errors import (
     BadLockFile,
     BackendUnavailable,
+    DaemonBusy,
     DaemonUnavailable,
     InvalidArgument,
     InvalidName,
@@ -32,6 +33,7 @@ __all__ = [
     "BadLockFile",
     "Client",
     "BackendUnavailable",
+    "DaemonBusy",
     "DaemonUnavailable",
     "InvalidArgument",
     "InvalidName",

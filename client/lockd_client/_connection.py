@@ -198,11 +198,20 @@ def went_away(reason: str) -> errors.DaemonUnavailable:
 
 
 def unavailable(socket_path: str, exc: OSError) -> errors.DaemonUnavailable:
-    """The error for a socket that cannot be connected to."""
-    return errors.DaemonUnavailable(
-        f"cannot connect to lockd at {socket_path}: {exc.strerror or exc}; "
-        f"is lockd running? start it with `lockd`, or set {paths.SOCKET_ENV} to its socket"
-    )
+    """The error for a socket that cannot be connected to, for a reason other than a full
+    queue (that is DaemonBusy: lockd is there). Only a missing socket, or one nobody listens
+    on, suggests that lockd is not running."""
+    problem = f"cannot connect to lockd at {socket_path}: {exc.strerror or exc}"
+    if isinstance(exc, (FileNotFoundError, ConnectionRefusedError)):
+        advice = f"is lockd running? start it with `lockd`, or set {paths.SOCKET_ENV} to its socket"
+    elif isinstance(exc, PermissionError):
+        advice = (
+            "this user may not use that socket: ask for access "
+            "(the system service admits root and the lockd group)"
+        )
+    else:
+        return errors.DaemonUnavailable(problem)
+    return errors.DaemonUnavailable(f"{problem}; {advice}")
 
 
 class Connection:

@@ -20,7 +20,8 @@ from typing import TypeVar
 
 from . import _lockfds, errors, paths, protocol
 from ._connection import READ_SIZE, Call, Connection, LeaseState, LeaseView, QueuedCallback
-from ._connection import unavailable, went_away
+from ._connection import went_away
+from ._dial import BusyCallback, Patience
 
 T = TypeVar("T")
 
@@ -29,29 +30,36 @@ def connect(
     socket_path: str | os.PathLike[str] | None = None,
     *,
     label: str | None = None,
-    timeout: float = 5.0,
+    timeout: float | None = 5.0,
+    on_busy: BusyCallback | None = None,
 ) -> Client:
     """Connect to lockd and complete the handshake.
 
     `socket_path` defaults to `paths.socket_path()` (which honours LOCKD_SOCKET). `label`
     (at most 256 characters) is shown in `status` next to this connection's leases. `timeout`
-    bounds connecting and the handshake only; requests then wait as long as they ask to.
-    Raises DaemonUnavailable if nothing answers at the socket.
+    bounds connecting and the handshake only (None: no bound); requests then wait as long as
+    they ask to.
+
+    A busy daemon is waited for: while its queue of connections waiting to be accepted is
+    full, connecting is retried, backing off, and once in that queue the connection waits
+    for the handshake's answer, until `timeout` has passed; then DaemonBusy is raised.
+    `on_busy()` is called once if that wait lasts a second. Raises DaemonUnavailable if
+    nothing listens at the socket.
     """
     path = os.fspath(socket_path) if socket_path is not None else paths.socket_path()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    patience = Patience(path, timeout, on_busy)
+    sock = patience.connect()
     # A child process must not inherit the socket: it would keep this connection, and so
     # every lease on it, alive after this process closes or dies.
     assert not os.get_inheritable(sock.fileno())
     try:
-        sock.settimeout(timeout)
-        try:
-            sock.connect(path)
-        except OSError as exc:
-            raise unavailable(path, exc) from exc
         client = Client(sock, path)
-        client.server = client._run(*client._conn.hello(label))
-        sock.settimeout(None)
+        call, data = client._conn.hello(label)
+        client._send(data)
+        while not call.done:
+            patience.wait_readable(sock)
+            client._read()
+        client.server = call.result()
     except BaseException:
         sock.close()
         raise
@@ -185,11 +193,11 @@ class Client:
     def _read(self, flags: int = 0) -> bool:
         """Read once and apply it. False when MSG_DONTWAIT found nothing to read."""
         try:
-            if not flags and self._sock.gettimeout() is None:
+            if not flags:
                 # Wait in poll(), not in recv(): a reader blocked in recv() on a Unix socket
                 # is woken for nothing each time the daemon reads a request of ours (the
                 # kernel's write-space wakeup is not filtered for it), at a cost in CPU to
-                # both processes. The handshake has a timeout, which recv() applies itself.
+                # both processes.
                 self._readable.poll()
             size, fds = _lockfds.recv_into(self._sock, self._inbox, flags)
         except BlockingIOError:

@@ -39,6 +39,12 @@ EXIT_NOT_FOUND = 127  # CMD not found, as shells report it
 EXIT_CANNOT_EXECUTE = 126  # CMD found but not executable
 
 DEFAULT_KILL_AFTER = 10.0
+#: How long `status`, `release` and `acquire -n` wait for a busy lockd to take their
+#: connection: through a burst, and through a restart (systemd restarts a hung lockd after
+#: its 30 s watchdog, and connections waiting in the socket's queue are kept), yet short
+#: enough that a script hears that something is wrong. `acquire` waits as long as -w says,
+#: or as long as it takes.
+BUSY_WAIT = 60.0
 
 
 class UsageError(Exception):
@@ -110,9 +116,9 @@ parent (or --pid) and the tokens are printed, one line per NAME.
 
 exit status: CMD's own (128+N if it died of signal N; of SIGINT or SIGQUIT, lockctl dies of
 it too); 1 (no CMD) no process to tie the lease to; 64 usage or invalid name; 66 lock file
-unusable; 69 lockd unreachable, gone, or its backend down; 75 busy or timed out (-E N: N
-instead), or a lockd limit reached; 76 lockd version mismatch; 77 refused; 79 lease lost
-while CMD ran; 126 CMD cannot be executed; 127 CMD not found.
+unusable; 69 lockd unreachable, gone, or its backend down; 75 busy or timed out, lockd
+included (-E N: N instead), or a lockd limit reached; 76 lockd version mismatch; 77 refused;
+79 lease lost while CMD ran; 126 CMD cannot be executed; 127 CMD not found.
 """
 
 RELEASE_EPILOG = """\
@@ -125,7 +131,8 @@ A lease of several names is one lease: after `lockctl acquire x a`, `lockctl rel
 it, and a is free too.
 
 exit status: 0 released; 1 not held (nothing to release or break); 64 usage; 69 lockd
-unreachable; 75 a lockd limit reached; 76 lockd version mismatch; 77 refused.
+unreachable; 75 lockd busy for a minute, or a lockd limit reached; 76 lockd version mismatch;
+77 refused.
 """
 
 STATUS_EPILOG = """\
@@ -137,7 +144,7 @@ examples:
   lockctl status --json | jq '.locks[].holders[].pid'
 
 exit status: 0 (with NAMEs: all free); 1 some NAME is held; 64 usage; 69 lockd unreachable;
-75 a lockd limit reached; 76 lockd version mismatch.
+75 lockd busy for a minute, or a lockd limit reached; 76 lockd version mismatch.
 """
 
 
@@ -228,7 +235,7 @@ def _add_acquire(acquire: argparse.ArgumentParser) -> None:
         "--wait",
         type=_seconds,
         metavar="SEC",
-        help="give up after SEC seconds (fractions allowed; 0 is -n)",
+        help="give up after SEC seconds, a busy lockd included (fractions allowed; 0 is -n)",
     )
     acquire.add_argument(
         "-E",
@@ -388,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
 
 # The first class that matches decides; any other LockdError is EXIT_PROTOCOL.
 _EXIT_STATUS: tuple[tuple[type[errors.LockdError], int], ...] = (
+    (errors.DaemonBusy, EXIT_BUSY),
     (errors.DaemonUnavailable, EXIT_UNAVAILABLE),
     (errors.PermissionDenied, EXIT_DENIED),
     (errors.InvalidName, EXIT_USAGE),
@@ -444,14 +452,31 @@ def _die_of(signum: int, *, group: bool) -> int:
     return 128 + signum
 
 
+def _connect(socket_path: str, bound: float | None):  # -> blocking.Client
+    """A connection to lockd, waiting up to `bound` seconds (None: as long as it takes) for a
+    busy lockd to take it. After a second of that, stderr says so, wherever it goes: a cron
+    job's mail should say why the job started late."""
+    from .blocking import connect
+
+    notice = f"lockd at {socket_path} is busy; waiting for it to take this connection"
+    if bound is not None:
+        notice += f" (for at most {bound:g}s)"
+    return connect(socket_path, timeout=bound, on_busy=lambda: _say(notice))
+
+
 # --- acquire -------------------------------------------------------------------------------
 
 
 def _acquire(args: argparse.Namespace, socket_path: str, parent: int) -> int:
-    from .blocking import connect
-
+    # -w bounds the whole wait: for a busy lockd to take the connection, then for the lock.
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
     waiting = _WaitLine(args.names, verbose=args.verbose)
-    with connect(socket_path) as client:
+    try:
+        client = _connect(socket_path, BUSY_WAIT if args.no_wait else args.timeout)
+    except errors.DaemonBusy as e:
+        _say(f"{_explain(e, socket_path)}{_not_run(args)}")
+        return args.conflict_exit_code
+    with client:
         if args.cmd is not None:
             args.kill_after = _kill_after(args.kill_after, client.server.stop_within)
             tied_to = None
@@ -464,7 +489,7 @@ def _acquire(args: argparse.Namespace, socket_path: str, parent: int) -> int:
                 *args.names,
                 shared=args.shared,
                 wait=not args.no_wait,
-                timeout=args.timeout,
+                timeout=None if deadline is None else max(0.0, deadline - time.monotonic()),
                 label=args.label,
                 pid=tied_to,
                 on_queued=waiting.show,
@@ -640,7 +665,7 @@ def _terminal_width(stream: TextIO) -> int:
 
 def _say_busy(e: errors.LockBusy, args: argparse.Namespace, client) -> None:
     names = ", ".join(args.names)
-    if isinstance(e, errors.LockTimeout):
+    if args.timeout is not None:  # a LockTimeout, or a LockBusy if lockd took all of -w
         _say(f"gave up waiting for {names} after {args.timeout:g}s")
     else:
         _say(f"{names}: busy, and -n says not to wait")
@@ -672,10 +697,8 @@ def _say_busy(e: errors.LockBusy, args: argparse.Namespace, client) -> None:
 
 
 def _release(args: argparse.Namespace, socket_path: str, parent: int) -> int:
-    from .blocking import connect
-
     if args.force:
-        with connect(socket_path) as client:
+        with _connect(socket_path, BUSY_WAIT) as client:
             (name,) = args.names
             count = client.force_release(name)
         if count == 0:
@@ -685,8 +708,10 @@ def _release(args: argparse.Namespace, socket_path: str, parent: int) -> int:
         return 0
     pid = args.pid or parent
     try:
-        with connect(socket_path) as client:
+        with _connect(socket_path, BUSY_WAIT) as client:
             client.release_pid(pid, *args.names)
+    except errors.DaemonBusy:
+        raise  # lockd is there, and holds the lease: its keeper going would not end it
     except (errors.NotHeld, errors.DaemonUnavailable):
         # A lockd restarted since the lease was taken does not know it: its keeper holds it.
         from . import _keeper
@@ -700,9 +725,7 @@ def _release(args: argparse.Namespace, socket_path: str, parent: int) -> int:
 
 
 def _status(args: argparse.Namespace, socket_path: str) -> int:
-    from .blocking import connect
-
-    with connect(socket_path) as client:
+    with _connect(socket_path, BUSY_WAIT) as client:
         locks = [lock for lock in client.status(*args.names) if lock.holders or lock.waiters]
     if args.json:
         import msgspec

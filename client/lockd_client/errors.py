@@ -52,6 +52,14 @@ class BackendUnavailable(DaemonUnavailable):
     the daemon's log says more. Retrying later may succeed."""
 
 
+class DaemonBusy(DaemonUnavailable):
+    """The daemon is there but did not take the connection in time: its queue of connections
+    waiting to be accepted stayed full, or it left the handshake unanswered (too many clients
+    at once, or the daemon is stopped). Retrying later, or waiting longer, may succeed."""
+
+    code = None  # only a client raises it
+
+
 class ProtocolError(LockdError):
     """A peer sent something the protocol does not allow."""
 

@@ -311,9 +311,18 @@ def encode_frame(encoder: msgspec.msgpack.Encoder, message: object, out: bytearr
     _PREFIX.pack_into(out, start, len(out) - start - PREFIX_SIZE)
 
 
+# msgspec works out how to decode a struct type the first time a Decoder needs it, and
+# publishes that before it is complete: a thread making a Decoder meanwhile can decode with
+# it half done and crash (msgspec 0.22, GIL or not). So each decoder is made once, here,
+# while importing holds every other thread off; msgspec's decoders are thread-safe, so every
+# connection shares them.
+_REQUEST_DECODER = msgspec.msgpack.Decoder(Request)
+_REPLY_DECODER = msgspec.msgpack.Decoder(Reply)
+
+
 def request_decoder() -> msgspec.msgpack.Decoder:
-    return msgspec.msgpack.Decoder(Request)
+    return _REQUEST_DECODER
 
 
 def reply_decoder() -> msgspec.msgpack.Decoder:
-    return msgspec.msgpack.Decoder(Reply)
+    return _REPLY_DECODER

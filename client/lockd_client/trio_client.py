@@ -23,9 +23,9 @@ from typing import Any, TypeVar
 
 import trio
 
-from . import _lockfds, errors, paths, protocol
+from . import _dial, _lockfds, errors, paths, protocol
 from ._connection import READ_SIZE, Call, Connection, LeaseState, LeaseView, QueuedCallback
-from ._connection import unavailable, went_away
+from ._connection import went_away
 
 T = TypeVar("T")
 
@@ -41,7 +41,9 @@ def connect(
 
     `socket_path` defaults to `paths.socket_path()` (which honours LOCKD_SOCKET). `label`
     (at most 256 characters) is shown in `status` next to this connection's leases. Raises
-    DaemonUnavailable if nothing answers at the socket.
+    DaemonUnavailable if nothing listens at the socket. A busy daemon is waited for: while
+    its queue of connections waiting to be accepted is full, connecting is retried, backing
+    off, and once in that queue the connection waits for the handshake's answer.
 
     Unlike the blocking `connect`, this takes no `timeout`: bound connecting and the handshake
     with a trio timeout around it (`with trio.fail_after(5): ...`). Cancelled there, it closes
@@ -75,17 +77,8 @@ class Connecting:
 
     async def _open(self) -> Client:
         # The client reads the stdlib socket under trio's: see Client._raw.
-        raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock = trio.socket.from_stdlib_socket(raw)
-            await sock.connect(self._path)
-        except OSError as exc:
-            raw.close()
-            raise unavailable(self._path, exc) from exc
-        except BaseException:
-            raw.close()
-            raise
-        client = Client(trio.SocketStream(sock), raw, self._path)
+        raw = await _connected_socket(self._path)
+        client = Client(trio.SocketStream(trio.socket.from_stdlib_socket(raw)), raw, self._path)
         try:
             client.server = await client._run(*client._conn.hello(self._label))
         except BaseException:
@@ -93,6 +86,24 @@ class Connecting:
                 await client.aclose()
             raise
         return client
+
+
+async def _connected_socket(path: str) -> socket.socket:
+    """A socket connected to lockd at `path` once its queue has room (see `_dial`).
+
+    Not trio's own connect: it takes the EAGAIN of a full queue for a connection under way,
+    and hands back a socket that is not connected.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        waits = _dial.pauses()
+        while not _dial.attempt(sock, path):
+            await trio.sleep(next(waits))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 class Client:
