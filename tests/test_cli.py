@@ -445,6 +445,14 @@ def test_process_tied_lease_ends_with_the_shell(lockd, name: str, tmp_path: Path
         shell.wait(TIMEOUT)
 
 
+def test_release_as_the_last_command_of_a_shell_that_execs_it(lockd, name: str) -> None:
+    """bash runs the last command of `-c` by exec: that lockctl is the shell holding the lease."""
+    script = f"{LOCKCTL_SH} acquire {name} >/dev/null && echo $$ && exec {LOCKCTL_SH} release {name}"
+    proc = subprocess.run(["bash", "-c", script], env=lockd.env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr
+    assert not held(lockd, name)
+
+
 def test_release_of_a_process_tied_lease(lockd, name: str) -> None:
     script = (
         f"{LOCKCTL_SH} acquire {name} >/dev/null && {LOCKCTL_SH} acquire {name}.a >/dev/null && "

@@ -706,17 +706,25 @@ def _release(args: argparse.Namespace, socket_path: str, parent: int) -> int:
             return EXIT_NO
         _say(f"broke {count} lease{'s' if count != 1 else ''} on {name}")
         return 0
-    pid = args.pid or parent
+    # A shell runs its last command by exec (`bash -c 'lockctl acquire x && work && lockctl
+    # release x'`): that lockctl is the shell that took the lease, with the shell's parent.
+    pids = [args.pid] if args.pid else [parent, os.getpid()]
     try:
         with _connect(socket_path, BUSY_WAIT) as client:
-            client.release_pid(pid, *args.names)
+            for pid in pids:
+                try:
+                    client.release_pid(pid, *args.names)
+                    return 0
+                except errors.NotHeld:
+                    if pid == pids[-1]:
+                        raise
     except errors.DaemonBusy:
         raise  # lockd is there, and holds the lease: its keeper going would not end it
     except (errors.NotHeld, errors.DaemonUnavailable):
         # A lockd restarted since the lease was taken does not know it: its keeper holds it.
         from . import _keeper
 
-        if not _keeper.release(pid, args.names):
+        if not any(_keeper.release(pid, args.names) for pid in pids):
             raise
     return 0
 
