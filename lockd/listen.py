@@ -49,10 +49,15 @@ def bind_unix_listener(path: str, mode: int, backlog: int | None = None) -> sock
         if not stat.S_ISSOCK(st.st_mode):
             raise OSError(errno.EEXIST, f"{path} exists and is not a socket; move it away or choose another --socket")
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            # Not blocking: a live daemon whose queue is full (busy, or stopped) would hold a
+            # blocking connect for as long as it stays so; EAGAIN says it is there.
+            probe.setblocking(False)
             try:
                 probe.connect(path)
             except ConnectionRefusedError:
                 os.unlink(path)  # stale: its daemon is gone
+            except BlockingIOError:
+                raise OSError(errno.EADDRINUSE, f"another lockd is serving on {path} (busy); stop it first or choose another --socket") from None
             else:
                 raise OSError(errno.EADDRINUSE, f"another lockd is already serving on {path}; stop it first or choose another --socket")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -19,9 +19,11 @@ Invariants:
 - A lease's locks are released for every copy of their descriptors only when it was released
   (by its holder, or by `release_pid`), or broken by force and then let go or overdue (see
   lockd.table); when its holder goes away, only the daemon's own copies are closed.
-- No client can make the log grow without bound: what clients do wrong (connections cut off
-  or refused, requests refused by policy) is logged through `_log_noise`, within the budget
-  of `loglimit`, and what is over it is summed up once its window ends, or at the end.
+- What clients do wrong (connections cut off or refused, requests refused by policy) is
+  logged through `_log_noise`, within the budget of `loglimit`, and what is over it is summed
+  up once its window ends, or at the end; what a client sent is quoted short and inert. (Lines
+  about work done, a forced release or a failing backend, are not limited: a client can only
+  cause them by using lockd as it may.)
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import math
 import socket
 import time
 from collections import deque
-from collections.abc import Awaitable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from functools import partial
 
@@ -132,7 +134,7 @@ class Server:
             for listener in listeners:
                 if listener.fileno() != -1:
                     listen.close(listener)
-            self._log_summaries(self._noise.flush())
+            self._log_summaries(self._noise.flush)
 
     def stop(self) -> None:
         """Begin a graceful shutdown; `serve` returns once it is done."""
@@ -354,7 +356,7 @@ class Server:
         except errors.LockdError as exc:
             self._error(session, request.id, exc)
             return
-        log.info("%r released %d lease(s) of process %d", session, len(released), request.pid)
+        log.debug("%r released %d lease(s) of process %d", session, len(released), request.pid)
         session.send(protocol.Done(request.id, len(released)))
 
     def _force_release(self, session: Session, request: protocol.ForceRelease) -> None:
@@ -669,11 +671,11 @@ class Server:
             with trio.CancelScope(deadline=math.inf if due is None else due) as scope:
                 self._noise_timer = scope
                 await trio.sleep_forever()
-            self._log_summaries(self._noise.summaries(trio.current_time()))
+            self._log_summaries(lambda: self._noise.summaries(trio.current_time()))
 
-    def _log_summaries(self, summaries: list[Summary]) -> None:
+    def _log_summaries(self, summaries: Callable[[], list[Summary]]) -> None:
         with _contained("logging what clients did"):
-            for summary in summaries:
+            for summary in summaries():
                 log.log(summary.kind.level, "%s", summary.text())
 
     # --- time ---------------------------------------------------------------------------------

@@ -52,6 +52,8 @@ FAIR_TURNS = 16
 #: connection and destroy the goodbye before the client reads it.
 LINGER = 1.0
 _RECV_SIZE = 65536
+#: How much of what a client sent a protocol error quotes, in its reply and in the log.
+_MAX_QUOTED = 120
 
 
 #: Handles one request. Most requests are handled at once, so a handler is a plain function
@@ -417,8 +419,12 @@ def _next_message(frames: protocol.FrameBuffer, decoder: msgspec.msgpack.Decoder
     except protocol.FrameTooLarge as exc:
         raise _Malformed(str(exc)) from None
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
-        # RecursionError: nesting deeper than the decoder's stack, in a field it skips.
-        raise _Malformed(f"malformed message ({type(exc).__name__}: {exc})") from None
+        # RecursionError: nesting deeper than the decoder's stack, in a field it skips. The
+        # error quotes what the client sent: it goes into a log line, so inert and short.
+        quoted = sanitize(str(exc))
+        if len(quoted) > _MAX_QUOTED:
+            quoted = quoted[:_MAX_QUOTED] + "…"
+        raise _Malformed(f"malformed message ({type(exc).__name__}: {quoted})") from None
 
 
 def shown_label(text: str | None) -> str | None:

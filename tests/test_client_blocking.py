@@ -293,15 +293,16 @@ def test_a_client_lockd_cut_off_is_named_as_the_holder_while_it_keeps_the_lock(d
         other.acquire("a", wait=False).release()
 
 
-def test_a_release_unlocks_the_file_even_before_the_daemon_reads_it(daemon, client):
+def test_a_release_frees_the_file_once_the_daemon_reads_it(daemon, client):
     lease = client.acquire("a")
     daemon.proc.send_signal(signal.SIGSTOP)
     try:
-        assert not can_flock(daemon.lock_dir / "a.lock")
         lease.release()
-        assert can_flock(daemon.lock_dir / "a.lock")
+        assert lease._record.fds == []  # this process let go of its copy...
+        assert not can_flock(daemon.lock_dir / "a.lock")  # ...and the daemon's holds until it reads
     finally:
         daemon.proc.send_signal(signal.SIGCONT)
+    eventually(lambda: can_flock(daemon.lock_dir / "a.lock"))
 
 
 def test_the_descriptor_is_read_only_and_close_on_exec(daemon, client):

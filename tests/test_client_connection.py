@@ -612,7 +612,8 @@ def test_closing_hands_back_every_lease_that_still_has_descriptors_lost_ones_too
     conn.receive_data(frames(protocol.Granted(held.id, [1], 1), protocol.Granted(lost.id, [2], 1)), [101, 102])
     conn.receive_data(frames(protocol.Lost(lost.id, "forced")))
     ended = conn.close()
-    assert sorted(r.fds[0] for r in ended) == [101, 102]
+    assert sorted(fd for r in ended for fd in conn.let_go(r)) == [101, 102]
+    assert conn.let_go(ended[0]) == []
     assert held.result().state is LeaseState.RELEASED and lost.result().state is LeaseState.LOST
 
 
@@ -621,5 +622,5 @@ def test_a_forked_child_forgets_every_descriptor_and_lease():
     call, _ = conn.acquire(["a"])
     conn.receive_data(frames(protocol.Granted(call.id, [1], 1)), [101, 999])  # 999: for a grant to come
     lease = call.result()
-    assert sorted(conn.forget_after_fork()) == [101, 999]
+    assert sorted(conn.abandon("forked")) == [101, 999]
     assert lease.state is LeaseState.LOST and lease.fds == [] and conn.closed

@@ -9,8 +9,9 @@ Invariants:
   `detached` ones: the daemon said its leases outlive it, and the lease's lock-file
   descriptors keep it, until the client releases it. Whoever waits on this connection can
   always tell that its wait is over.
-- Every lock-file descriptor received belongs to exactly one lease record (`fds`), or is
-  handed back by `stray_fds` for the caller to close: none is ever forgotten.
+- Every lock-file descriptor received belongs to exactly one lease record (`fds`) until the
+  caller takes it with `let_go`, or is handed back by `stray_fds` for the caller to close:
+  none is ever forgotten.
 - A method that refuses a move (bad name, wrong phase, oversized request) raises before
   changing any state.
 
@@ -23,14 +24,13 @@ method returns, and unlock or close the descriptors of the leases that end
 from __future__ import annotations
 
 import enum
-import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Generic, TypeVar
 
 import msgspec
 
-from . import _lockfds, errors, paths, protocol
+from . import errors, paths, protocol
 
 T = TypeVar("T")
 
@@ -98,7 +98,6 @@ class LeaseView:
     def __init__(self, client: object, record: LeaseRecord) -> None:
         self._client = client
         self._record = record
-        _lockfds.close_when_forgotten(record)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -236,8 +235,9 @@ class Connection:
         self._fds: deque[int] = deque()
         #: Descriptors nobody will use, for the caller to close.
         self._stray: list[int] = []
-        #: Every lease record made here: those lost or released may still hold descriptors.
-        self._records: weakref.WeakSet[LeaseRecord] = weakref.WeakSet()
+        #: Lease id → every lease record made here that still has descriptors (lost and
+        #: released ones too, until the caller lets go of them).
+        self._holding: dict[int, LeaseRecord] = {}
         #: Whether leases tied to a process (`pid=`) keep their descriptors. By default they
         #: do not: this client does not live as long as that process, and its copies would
         #: hold the lock after it; the daemon's copy and its watch on the process keep the
@@ -326,6 +326,13 @@ class Connection:
         lease.state = LeaseState.RELEASED
         return data
 
+    def let_go(self, lease: LeaseRecord) -> list[int]:
+        """Take `lease`'s descriptors, for the caller to close (and unlock, when the lease is
+        `detached`: no daemon will). Idempotent: [] the second time."""
+        fds, lease.fds = lease.fds, []
+        self._holding.pop(lease.id, None)
+        return fds
+
     def stray_fds(self) -> list[int]:
         """Take the descriptors received that no lease claims (a grant that came after its
         request was withdrawn, or left over when the connection closed): close them."""
@@ -348,8 +355,7 @@ class Connection:
                 # Released: the daemon unlocks on reading it; this client's copies only close.
                 lease = call._value
                 data = self.release(lease)
-                self._stray += lease.fds
-                lease.fds.clear()
+                self._stray += self.let_go(lease)
                 return data
             return b""
         if call is self._greeting:
@@ -365,15 +371,14 @@ class Connection:
         call._fail(errors.LockdError(f"request {call.id} was withdrawn"))
         return data
 
-    def forget_after_fork(self) -> list[int]:
-        """In a child forked from the process using this connection: its leases are lost to
-        this process (the parent still holds them) and the connection is closed. Returns
-        every descriptor the child has copies of, to close without unlocking."""
-        reason = "this process is a fork of the one holding the lease"
+    def abandon(self, reason: str) -> list[int]:
+        """This process lets go of everything at once, telling the daemon nothing (a child
+        forked from the process using the connection; a client collected unclosed): its
+        leases are lost to it for `reason`, and the connection is closed. Returns every
+        descriptor it has, to close without unlocking (other copies may be at work)."""
         fds = self.stray_fds()
-        for record in list(self._records):
-            fds += record.fds
-            record.fds.clear()
+        for record in list(self._holding.values()):
+            fds += self.let_go(record)
             if record.state is LeaseState.HELD:
                 record.state = LeaseState.LOST
                 record.lost_reason = reason
@@ -389,7 +394,7 @@ class Connection:
         for lease in self._leases.values():
             lease.state = LeaseState.RELEASED
         self._leases.clear()
-        ended = [record for record in self._records if record.fds]
+        ended = list(self._holding.values())
         if not self.closed:
             reason = "the connection was closed by this client"
             self._shut(reason, lambda: errors.DaemonUnavailable(reason))
@@ -516,7 +521,8 @@ class Connection:
                 self._stray += fds
                 fds = []
             lease = LeaseRecord(id, tuple(names), message.tokens, fds, request.pid)
-            self._records.add(lease)
+            if fds:
+                self._holding[id] = lease
             self._leases[id] = lease
             call._resolve(lease)
             return

@@ -4,10 +4,10 @@ keeping them out of forked children.
 Invariants:
 - A descriptor received is close-on-exec from the moment it exists (MSG_CMSG_CLOEXEC): no
   program this process runs ever holds a lease.
-- Letting go of a lease the client holds unlocks its files (LOCK_UN, which frees the lock for
-  every copy of the descriptor, the daemon's included) before closing them; a lease tied to
-  another process (`pid=`) is only closed, since that process's life, not this client's, is
-  the lease's.
+- Letting go of a lease closes its descriptors; a lease `detached` from a daemon that went
+  away is unlocked first (LOCK_UN, for every copy, lockctl's guardian's too), since no daemon
+  will do it. Otherwise the daemon unlocks on the Release, and a copy closing frees nothing
+  it still holds.
 - A child forked from a process holding leases holds none of them: after the fork, the
   child closes its copies of every registered owner's descriptors and of its daemon
   connections, without unlocking anything, unless it was forked by `fork_keeping` (lockctl's
@@ -20,9 +20,12 @@ import os
 import _socket as socket  # the C type: see blocking.py
 import weakref
 from collections.abc import Iterable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from .protocol import MAX_FDS_PER_MESSAGE
+
+if TYPE_CHECKING:
+    from ._connection import Connection
 
 #: A descriptor is a C int in SCM_RIGHTS data: 4 bytes on Linux.
 _FD_SIZE = 4
@@ -56,20 +59,13 @@ def _received(ancdata: list[tuple[int, int, bytes]], msg_flags: int) -> list[int
     return fds
 
 
-class _Record(Protocol):
-    fds: list[int]
-    pid: int | None
-
-
-def let_go(lease: _Record) -> None:
-    """Unlock (unless tied to another process) and close `lease`'s descriptors. Idempotent."""
-    fds = lease.fds[:]
-    lease.fds.clear()  # in place: `close_when_forgotten` holds the same list
-    if lease.pid is None and fds:
+def let_go(fds: list[int], *, unlock: bool) -> None:
+    """Close `fds` (what `Connection.let_go` handed over), unlocking them first if asked."""
+    if unlock and fds:
         import fcntl  # only now: lockctl's start-up does without it
 
         for fd in fds:
-            fcntl.flock(fd, fcntl.LOCK_UN)  # for every copy, the daemon's too
+            fcntl.flock(fd, fcntl.LOCK_UN)
     close_all(fds)
 
 
@@ -78,10 +74,15 @@ def close_all(fds: Iterable[int]) -> None:
         os.close(fd)
 
 
-def close_when_forgotten(lease: _Record) -> None:
-    """Close `lease`'s descriptors (unlocking nothing) if it is garbage-collected before it
-    was let go of: a lease a program dropped must not keep its lock for the process's life."""
-    weakref.finalize(lease, close_all, lease.fds)
+def close_when_collected(owner: object, conn: Connection) -> None:
+    """Close the descriptors `conn` holds (unlocking nothing) when `owner`, the client that
+    wraps it, is garbage-collected unclosed: a dropped client must not keep its locks for the
+    life of the process."""
+    weakref.finalize(owner, _close_holding, conn)
+
+
+def _close_holding(conn: Connection) -> None:
+    close_all(conn.abandon("the client was collected without being closed"))
 
 
 # --- forks ------------------------------------------------------------------------------------

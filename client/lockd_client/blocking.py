@@ -84,6 +84,7 @@ class Client:
         self._readable = select.poll()
         self._readable.register(sock, select.POLLIN)
         _lockfds.register(self)
+        _lockfds.close_when_collected(self, self._conn)
 
     def acquire(
         self,
@@ -154,12 +155,12 @@ class Client:
     def close(self) -> None:
         """Close the connection and release every lease on it. Idempotent."""
         for lease in self._conn.close():
-            _lockfds.let_go(lease)
+            _lockfds.let_go(self._conn.let_go(lease), unlock=lease.detached)
         _lockfds.close_all(self._conn.stray_fds())
         self._sock.close()
 
     def _forget_after_fork(self) -> None:
-        _lockfds.close_all(self._conn.forget_after_fork())
+        _lockfds.close_all(self._conn.abandon("this process is a fork of the one holding the lease"))
         if self._sock.fileno() >= 0:
             _lockfds.hang_up(self._sock.fileno())
 
@@ -271,7 +272,8 @@ class Lease(LeaseView):
         try:
             self._client._send_quietly(self._client._conn.release(self._record))
         finally:
-            _lockfds.let_go(self._record)
+            conn = self._client._conn
+            _lockfds.let_go(conn.let_go(self._record), unlock=self._record.detached)
 
     def __enter__(self) -> Lease:
         return self

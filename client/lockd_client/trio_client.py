@@ -128,6 +128,7 @@ class Client:
         # Set (then replaced) each time the reading task has applied what it read.
         self._progress = trio.Event()
         _lockfds.register(self)
+        _lockfds.close_when_collected(self, self._conn)
 
     async def acquire(
         self,
@@ -209,7 +210,7 @@ class Client:
         this is cancelled.
         """
         for lease in self._conn.close():
-            _lockfds.let_go(lease)
+            _lockfds.let_go(self._conn.let_go(lease), unlock=lease.detached)
         self._wake()
         self._close_socket()
         await self._stream.aclose()
@@ -219,7 +220,7 @@ class Client:
         self._stream.socket.close()
 
     def _forget_after_fork(self) -> None:
-        _lockfds.close_all(self._conn.forget_after_fork())
+        _lockfds.close_all(self._conn.abandon("this process is a fork of the one holding the lease"))
         if self._raw.fileno() >= 0:
             _lockfds.hang_up(self._raw.fileno())
 
@@ -365,7 +366,8 @@ class Lease(LeaseView):
         try:
             await self._client._send_shielded(self._client._conn.release(self._record))
         finally:
-            _lockfds.let_go(self._record)
+            conn = self._client._conn
+            _lockfds.let_go(conn.let_go(self._record), unlock=self._record.detached)
 
     async def wait_lost(self) -> str:
         """Read the connection until this lease is lost; return the reason.
