@@ -439,8 +439,14 @@ class Server:
         )
 
     def _in_way(self, ticket: Ticket, blockers: Iterable[Ticket]) -> list[protocol.Holder]:
-        """The holders among `blockers` of the names `ticket` wants."""
-        return [self._holder(t, n) for t in blockers if t.holding for n in t.names if n in ticket.names]
+        """The holders among `blockers` of the names `ticket` wants, each once."""
+        holders = {}
+        for blocker in blockers:
+            if blocker.holding:
+                name = next((n for n in blocker.names if n in ticket.names), None)
+                if name is not None:
+                    holders[blocker] = self._holder(blocker, name)
+        return list(holders.values())
 
     # --- process-tied leases ------------------------------------------------------------------
 

@@ -655,11 +655,11 @@ class _WaitLine:
             self.shown = False
 
 
-def _terminal_width(stream: TextIO) -> int:
+def _terminal_width(stream: TextIO | None) -> int:
     """The width of the terminal `stream` writes to; 80 when it is not one."""
     try:
-        return os.get_terminal_size(stream.fileno()).columns
-    except (OSError, ValueError):  # ValueError: the stream is closed
+        return os.get_terminal_size(stream.fileno()).columns  # type: ignore[union-attr]
+    except (OSError, ValueError, AttributeError):  # closed; None: started without it
         return 80
 
 
@@ -840,8 +840,9 @@ def run() -> None:
     """
     status = main()
     try:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:  # None: lockctl was started with that descriptor closed
+                stream.flush()
     except (OSError, ValueError):
         sys.exit(status)  # the interpreter reports an output it could not write, as ever
     os._exit(status)
