@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     bound: os.stat_result | None = None
     try:
         policy = Policy.from_config(conf.policy)
-        if conf.socket == paths.default_socket() and not os.environ.get(paths.SOCKET_ENV):
+        if not os.environ.get(paths.SOCKET_ENV) and conf.socket == paths.default_socket():
             _own_runtime_dir(conf.socket.parent)
         prepare_lock_dir(conf.lock_dir, 0o700)
         files = LockFiles(conf.lock_dir, conf.lock_file_mode)
