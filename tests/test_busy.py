@@ -307,3 +307,47 @@ def test_a_listen_backlog_the_kernel_cuts_down_is_warned_about(short_tmp: Path) 
             time.sleep(0.01)
     finally:
         d.kill()
+
+
+@pytest.fixture
+def two_per_user(short_tmp: Path) -> Iterator[Daemon]:
+    """A daemon that serves at most two connections of one user."""
+    config = short_tmp / "lockd.toml"
+    config.write_text("[limits]\nmax_connections_per_uid = 2\n")
+    d = Daemon(short_tmp, "--config", str(config))
+    d.start()
+    yield d
+    if d.proc is not None and d.proc.poll() is None:
+        d.kill()
+
+
+def test_a_burst_beyond_the_connection_limits_waits_rather_than_skipping_jobs(
+    two_per_user: Daemon, tmp_path: Path
+) -> None:
+    ran = tmp_path / "ran"
+    with RawClient(two_per_user.socket) as first, RawClient(two_per_user.socket) as second:
+        proc = start_lockctl(two_per_user, "acquire", "x", "--", "touch", str(ran))
+        try:
+            assert "is busy; waiting" in next_line(proc)  # turned away, retrying
+            assert proc.poll() is None and not ran.exists()
+        except BaseException:
+            proc.kill()
+            raise
+        first.close()
+        code, err = finish(proc)
+    assert code == 0, err
+    assert ran.exists()
+
+
+def test_the_clients_give_up_on_the_connection_limits_at_their_deadline(two_per_user: Daemon) -> None:
+    with RawClient(two_per_user.socket), RawClient(two_per_user.socket):
+        with pytest.raises(lockd_client.DaemonBusy, match="max_connections_per_uid.*still did after"):
+            lockd_client.connect(two_per_user.socket, timeout=0.3)
+
+        async def cancelled() -> None:
+            with trio.move_on_after(0.3) as scope:
+                await trio_client.connect(two_per_user.socket)
+            assert scope.cancelled_caught
+
+        trio.run(cancelled)
+    lockd_client.connect(two_per_user.socket, timeout=1).close()

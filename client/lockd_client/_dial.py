@@ -4,9 +4,11 @@ Invariants:
 - Only a busy daemon is waited for. A non-blocking connect(2) to a Unix socket fails with
   EAGAIN exactly when a daemon listens there but its queue of connections not yet accepted
   is full (a burst of clients, or a daemon stopped or starting): that is retried, backing
-  off, and so is a connection in that queue whose handshake is not answered yet, until the
-  caller's deadline; then DaemonBusy. Every other failure raises DaemonUnavailable at once,
-  and only a missing socket or a refused connection says that lockd may not be running.
+  off, and so is a connection in that queue whose handshake is not answered yet, and one
+  the daemon turned away for its connection limits (`limit` before its welcome: a burst
+  larger than them), until the caller's deadline; then DaemonBusy. Every other failure
+  raises DaemonUnavailable at once, and only a missing socket or a refused connection says
+  that lockd may not be running.
 - Retrying never spins: pauses grow from FIRST_PAUSE to LONGEST_PAUSE, each shortened by a
   random share so that a crowd that found the queue full does not come back in step.
 - A blocking caller that waits is told once, after BUSY_NOTICE seconds, so that a person
@@ -83,6 +85,7 @@ class Patience:
         self._started = time.monotonic()
         self._deadline = None if timeout is None else self._started + timeout
         self._on_busy = on_busy
+        self._refusal: errors.LimitExceeded | None = None
 
     def connect(self) -> socket.socket:
         """A socket connected to the daemon (in blocking mode), once its queue has room.
@@ -101,6 +104,14 @@ class Patience:
             raise
         return sock
 
+    def pause(self, seconds: float, refusal: errors.LimitExceeded) -> None:
+        """Wait `seconds` before connecting again after the daemon turned the connection
+        away (`refusal`, which DaemonBusy quotes from now on). Raises DaemonBusy at the
+        deadline."""
+        self._refusal = refusal
+        left = self._left(queued=True)
+        time.sleep(seconds if left is None else min(seconds, left))
+
     def wait_readable(self, sock: socket.socket) -> None:
         """Wait until the daemon has sent something on `sock` (its answer to the handshake).
         Raises DaemonBusy at the deadline."""
@@ -117,6 +128,11 @@ class Patience:
         now = time.monotonic()
         waited = now - self._started
         if self._deadline is not None and now >= self._deadline:
+            if self._refusal is not None:
+                raise errors.DaemonBusy(
+                    f"lockd at {self.path} turned the connection away ({self._refusal}), and still "
+                    f"did after {self._deadline - self._started:g} s"
+                )
             raise busy(self.path, self._deadline - self._started, queued=queued)
         if self._on_busy is not None and waited >= BUSY_NOTICE:
             self._on_busy()

@@ -21,7 +21,7 @@ from typing import TypeVar
 from . import _lockfds, errors, paths, protocol
 from ._connection import READ_SIZE, Call, Connection, LeaseState, LeaseView, QueuedCallback
 from ._connection import went_away
-from ._dial import BusyCallback, Patience
+from ._dial import BusyCallback, Patience, pauses
 
 T = TypeVar("T")
 
@@ -48,22 +48,27 @@ def connect(
     """
     path = os.fspath(socket_path) if socket_path is not None else paths.socket_path()
     patience = Patience(path, timeout, on_busy)
-    sock = patience.connect()
-    # A child process must not inherit the socket: it would keep this connection, and so
-    # every lease on it, alive after this process closes or dies.
-    assert not os.get_inheritable(sock.fileno())
-    try:
-        client = Client(sock, path)
-        call, data = client._conn.hello(label)
-        client._send(data)
-        while not call.done:
-            patience.wait_readable(sock)
-            client._read()
-        client.server = call.result()
-    except BaseException:
-        sock.close()
-        raise
-    return client
+    waits = pauses()
+    while True:
+        sock = patience.connect()
+        # A child process must not inherit the socket: it would keep this connection, and so
+        # every lease on it, alive after this process closes or dies.
+        assert not os.get_inheritable(sock.fileno())
+        try:
+            client = Client(sock, path)
+            call, data = client._conn.hello(label)
+            client._send(data)
+            while not call.done:
+                patience.wait_readable(sock)
+                client._read()
+            client.server = call.result()
+            return client
+        except errors.LimitExceeded as refusal:
+            sock.close()
+            patience.pause(next(waits), refusal)  # turned away for its limits: as busy
+        except BaseException:
+            sock.close()
+            raise
 
 
 class Client:
