@@ -22,6 +22,8 @@ def test_one_version_everywhere() -> None:
     assert f"lockd-client=={client['version']}" in daemon["dependencies"]
 
 
-def test_installing_lockd_as_a_tool_puts_lockctl_on_path_too() -> None:
+def test_every_command_belongs_to_one_distribution() -> None:
+    """Two wheels owning one file: uninstalling one would remove the other's."""
     daemon, client = project(ROOT / "pyproject.toml"), project(ROOT / "client" / "pyproject.toml")
-    assert daemon["scripts"]["lockctl"] == client["scripts"]["lockctl"] == "lockd_client.cli:run"
+    assert daemon["scripts"] == {"lockd": "lockd.__main__:main"}
+    assert client["scripts"] == {"lockctl": "lockd_client.cli:run"}
