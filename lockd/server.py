@@ -295,6 +295,8 @@ class Server:
             if refusal is not None:
                 raise refusal
             process = self._processes.owner(session.uid, request.pid) if request.pid is not None else None
+            if process is not None:
+                _refuse_a_second_lease(process, names)
         except errors.LockdError as exc:
             self._error(session, request.id, exc)
             return
@@ -710,6 +712,20 @@ def _contained(doing: str) -> Iterator[None]:
         yield
     except Exception:
         log.exception("internal error %s; carrying on", doing)
+
+
+def _refuse_a_second_lease(process: ProcessOwner, names: list[str]) -> None:
+    """Raise WouldDeadlock if `process` already has a lease (or a request) on any of `names`:
+    it would wait for itself, since the first ends only when it exits or releases it, and it
+    waits for the lockctl asking for the second."""
+    mine = sorted({name for ticket in process.tickets for name in ticket.names}.intersection(names))
+    if mine:
+        taken = ", ".join(mine)
+        raise errors.WouldDeadlock(
+            f"process {process.pid} already holds {taken} (or waits for it): a second lease on "
+            f"it would wait for the first, which ends only when that process releases it or "
+            f"exits; release it first (lockctl release {mine[0]}), or keep the one lease"
+        )
 
 
 def _checked_names(names: list[str]) -> list[str]:

@@ -561,3 +561,22 @@ def test_labels_and_commands_reach_the_terminal_inert(lockd, name: str, tmp_path
     assert "[?]0;owned??[2J?evil]" in table.stdout
     for text in (busy.stderr, table.stdout):
         assert "\x1b" not in text and "\x07" not in text and "\u202e" not in text
+
+
+# --- a lock held for the very process asking -------------------------------------------------
+
+
+def test_a_cmd_taking_the_lock_its_lockctl_holds_is_refused_at_once(lockd, name: str) -> None:
+    inner = f"{LOCKCTL_SH} acquire {name} -- true"
+    proc = lockctl(lockd, "acquire", name, "-c", inner)
+    assert proc.returncode == cli.EXIT_DEADLOCK == 80, proc.stderr
+    assert "held by the lockctl that runs this command" in proc.stderr
+    other = f"{LOCKCTL_SH} acquire {name}.other -- true"  # another name is fine
+    assert lockctl(lockd, "acquire", name, "-c", other).returncode == 0
+
+
+def test_a_script_taking_its_own_lease_twice_is_refused_at_once(lockd, name: str) -> None:
+    script = f"{LOCKCTL_SH} acquire {name} >/dev/null && {LOCKCTL_SH} acquire -w 5 {name}; echo $?"
+    proc = shell(lockd, script)
+    assert proc.stdout.split() == ["80"], proc.stderr
+    assert "already holds" in proc.stderr and "lockctl release" in proc.stderr

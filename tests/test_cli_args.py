@@ -177,7 +177,7 @@ def test_help_has_examples(capsys, command: str) -> None:
 @pytest.mark.parametrize(
     ("epilog", "statuses"),
     [
-        (cli.ACQUIRE_EPILOG, {1, 64, 66, 69, 75, 76, 77, 79, 126, 127}),
+        (cli.ACQUIRE_EPILOG, {1, 64, 66, 69, 75, 76, 77, 79, 80, 126, 127}),
         (cli.RELEASE_EPILOG, {0, 1, 64, 69, 75, 76, 77}),
         (cli.STATUS_EPILOG, {0, 1, 64, 69, 75, 76}),
     ],

@@ -27,6 +27,7 @@ from .errors import (
     NotHeld,
     PermissionDenied,
     ProtocolError,
+    WouldDeadlock,
 )
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "NotHeld",
     "PermissionDenied",
     "ProtocolError",
+    "WouldDeadlock",
     "connect",
     "protocol",
     "__version__",

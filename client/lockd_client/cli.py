@@ -35,6 +35,9 @@ EXIT_DENIED = 77  # EX_NOPERM
 #: The lease ended while CMD ran, and CMD was terminated. Outside sysexits (64-78), the
 #: shell's own codes (124-127) and 128+N, so it reads as neither CMD's verdict nor its death.
 EXIT_LOST = 79
+#: The lock is held for the very process asking (or the lockctl running it): waiting would
+#: never end. Next to 79, for the same reasons.
+EXIT_DEADLOCK = 80
 EXIT_NOT_FOUND = 127  # CMD not found, as shells report it
 EXIT_CANNOT_EXECUTE = 126  # CMD found but not executable
 
@@ -118,7 +121,9 @@ exit status: CMD's own (128+N if it died of signal N; of SIGINT or SIGQUIT, lock
 it too); 1 (no CMD) no process to tie the lease to; 64 usage or invalid name; 66 lock file
 unusable; 69 lockd unreachable, gone, or its backend down; 75 busy or timed out, lockd
 included (-E N: N instead), or a lockd limit reached; 76 lockd version mismatch; 77 refused;
-79 lease lost while CMD ran; 126 CMD cannot be executed; 127 CMD not found.
+79 lease lost while CMD ran; 80 NAME is held for this very process (a CMD taking a lock its
+lockctl holds, a script taking its own lease twice): waiting would never end; 126 CMD cannot
+be executed; 127 CMD not found.
 """
 
 RELEASE_EPILOG = """\
@@ -404,6 +409,7 @@ _EXIT_STATUS: tuple[tuple[type[errors.LockdError], int], ...] = (
     (errors.LimitExceeded, EXIT_BUSY),
     (errors.BadLockFile, EXIT_BAD_LOCK_FILE),
     (errors.LeaseLost, EXIT_LOST),
+    (errors.WouldDeadlock, EXIT_DEADLOCK),
 )
 
 
@@ -468,6 +474,7 @@ def _connect(socket_path: str, bound: float | None):  # -> blocking.Client
 
 
 def _acquire(args: argparse.Namespace, socket_path: str, parent: int) -> int:
+    _refuse_what_encloses_this(args.names)
     # -w bounds the whole wait: for a busy lockd to take the connection, then for the lock.
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     waiting = _WaitLine(args.names, verbose=args.verbose)
@@ -549,6 +556,19 @@ def _keep(client, lease, pid: int) -> None:
         if isinstance(e, ProcessLookupError):
             raise errors.NotHeld(f"process {pid} exited before its lease was granted") from None
         raise errors.LimitExceeded(f"cannot start the process that keeps the lease: {e.strerror}") from None
+
+
+def _refuse_what_encloses_this(names: list[str]) -> None:
+    """Raise WouldDeadlock for a name that the lockctl running this process holds (it told
+    its CMD so in LOCKD_TOKENS): that lease ends only once its CMD, and so this, has ended."""
+    held = {item.partition("=")[0] for item in os.environ.get("LOCKD_TOKENS", "").split()}
+    enclosing = [name for name in names if name in held]
+    if enclosing:
+        raise errors.WouldDeadlock(
+            f"{', '.join(enclosing)} is held by the lockctl that runs this command (LOCKD_TOKENS "
+            "says so), until the command ends: waiting for it here would never end; leave it "
+            "out, the command already holds it"
+        )
 
 
 def _not_run(args: argparse.Namespace) -> str:

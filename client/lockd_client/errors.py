@@ -26,6 +26,7 @@ class ErrorCode:
     LIMIT = "limit"
     UNAVAILABLE = "unavailable"
     SHUTDOWN = "shutdown"
+    WOULD_DEADLOCK = "would_deadlock"
 
 
 class LockdError(Exception):
@@ -126,6 +127,13 @@ class NotHeld(LockdError):
     tied to a process that is not running."""
 
     code = ErrorCode.NOT_HELD
+
+
+class WouldDeadlock(LockdError):
+    """The request would wait for a lease that cannot end before the requester stops waiting:
+    the lease of the very process it is for, or of the lockctl running the requester."""
+
+    code = ErrorCode.WOULD_DEADLOCK
 
 
 class LimitExceeded(LockdError):
