@@ -580,3 +580,37 @@ def test_a_script_taking_its_own_lease_twice_is_refused_at_once(lockd, name: str
     proc = shell(lockd, script)
     assert proc.stdout.split() == ["80"], proc.stderr
     assert "already holds" in proc.stderr and "lockctl release" in proc.stderr
+
+
+def test_a_lease_taken_through_a_launcher_is_tied_to_the_launchers_caller(lockd, name: str, tmp_path: Path) -> None:
+    """`timeout 60 lockctl acquire x` (like `uv run lockctl …`): the launcher exits with lockctl."""
+    go = tmp_path / "go"
+    script = (
+        f"timeout 60 {LOCKCTL_SH} acquire {name} >/dev/null && echo $$ > {tmp_path}/sh && "
+        f"while [ ! -e {go} ]; do sleep 0.02; done && timeout 60 {LOCKCTL_SH} release {name}"
+    )
+    shell = subprocess.Popen(["sh", "-c", script], env=lockd.env, stderr=subprocess.PIPE, text=True)
+    try:
+        shell_pid = int(wait_for_file(tmp_path / "sh"))
+        time.sleep(0.2)  # the launcher has exited by now
+        [tied] = status(lockd, name)[name]["holders"]
+        assert tied["pid"] == shell_pid
+        go.touch()
+        _, err = shell.communicate(timeout=TIMEOUT)
+        assert shell.returncode == 0, err
+        assert not held(lockd, name)
+    finally:
+        kill_quietly(shell)
+
+
+@pytest.mark.skipif(shutil.which("php") is None, reason="php-cli is not installed (.ci/run installs it)")
+def test_the_php_recipe_holds_a_lease_for_the_php_process_and_excludes_flock_both_ways(lockd, name: str) -> None:
+    recipe = Path(__file__).parent / "data" / "lock-recipe.php"
+    lock_file = lockd.lock_dir / f"{name}.lock"
+    proc = subprocess.run(
+        ["php", str(recipe), LOCKCTL_SH, name, str(lock_file)],
+        env=lockd.env, capture_output=True, text=True, timeout=TIMEOUT,
+    )
+    assert proc.stdout.splitlines() == [
+        "acquire 0", "while held: held", "release 0", "after release: free", "lockctl while PHP flocks: 75",
+    ], proc.stderr

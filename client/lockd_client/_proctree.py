@@ -66,7 +66,7 @@ def _signal_all(pgid: int, sig: int, refused: set[int]) -> None:
         if pid not in refused:
             refused.add(pid)
             warn(
-                f"lockctl: not allowed to signal process {pid} ({_command(pid)}): "
+                f"lockctl: not allowed to signal process {pid} ({command_name(pid)}): "
                 "the lock stays held until it exits"
             )
 
@@ -157,7 +157,8 @@ def signal_group(pgid: int, sig: int) -> bool:
     return True
 
 
-def _command(pid: int) -> str:
+def command_name(pid: int) -> str:
+    """The name of process `pid` (its comm, as ps shows it); "gone" if it has none."""
     try:
         with open(f"/proc/{pid}/comm", "rb") as f:
             return f.read().strip().decode(errors="replace")

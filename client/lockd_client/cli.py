@@ -575,9 +575,22 @@ def _not_run(args: argparse.Namespace) -> str:
     return "" if args.cmd is None else "; CMD was not started"
 
 
+#: Programs that run a command as their child and exit when it does (`uv run lockctl`,
+#: `timeout 60 lockctl`, `sudo -u backup lockctl`): a lease tied to one of them would end
+#: as soon as lockctl has printed its tokens. Programs that exec the command (env, nice,
+#: nohup) leave no process behind to skip. A shell is one only when it runs nothing but
+#: lockctl (`sh -c 'lockctl acquire x'`, as PHP's exec() and Python's shell=True do).
+LAUNCHERS = frozenset({
+    "uv", "uvx", "pipx", "poetry", "pdm", "hatch", "timeout", "time", "sudo", "doas", "su",
+    "runuser",
+})
+_SHELLS = frozenset({"sh", "dash", "bash", "zsh", "ksh", "mksh", "busybox"})
+
+
 def _tie_to(pid: int | None, parent: int) -> int:
     """The process a lease without CMD is tied to: `pid`, else lockctl's parent, if that is
-    still the process that ran lockctl.
+    still the process that ran lockctl, or the first of its ancestors that is not a launcher
+    (LAUNCHERS) that would exit with lockctl.
 
     A parent that exited before the lease was asked for hands lockctl to init or to a
     subreaper, which never exits: a lease tied to it would be held for ever.
@@ -590,7 +603,49 @@ def _tie_to(pid: int | None, parent: int) -> int:
             "to tie the lease to; run lockctl from the shell that is to hold the lease, or give "
             "--pid PID"
         )
-    return parent
+    tied = _beyond_launchers(parent)
+    if tied <= 1:
+        raise errors.NotHeld(
+            f"lockctl was run through a launcher (pid {parent}) whose caller is gone or is init, "
+            "so there is no process to tie the lease to; give --pid PID"
+        )
+    return tied
+
+
+def _beyond_launchers(pid: int) -> int:
+    """`pid`, or if it is a launcher (LAUNCHERS), the first of its ancestors that is not;
+    1 if none is left."""
+    from . import _proctree
+
+    while pid > 1 and (_proctree.command_name(pid) in LAUNCHERS or _runs_one_command(pid)):
+        try:
+            pid = int(_proctree.stat_fields(pid)[1])  # its parent (field 4)
+        except (OSError, IndexError, ValueError):
+            return 1
+    return pid
+
+
+def _runs_one_command(pid: int) -> bool:
+    """Whether `pid` is a shell run as `sh -c STRING` whose STRING is one simple command (no
+    list, pipe, background or subshell): it exits when that command does."""
+    from . import _proctree
+
+    if _proctree.command_name(pid) not in _SHELLS:
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return False
+    if len(argv) < 3 or argv[1] != b"-c" or b"\n" in argv[2]:
+        return False
+    import shlex
+
+    try:
+        words = list(shlex.shlex(argv[2].decode(errors="replace"), posix=True, punctuation_chars=True))
+    except ValueError:  # unbalanced quotes: not something to guess about
+        return False
+    return not any(word and all(c in "();<>|&" for c in word) and not word.startswith(("<", ">")) for word in words)
 
 
 def _run_under(args: argparse.Namespace, client, lease) -> int:
@@ -728,7 +783,7 @@ def _release(args: argparse.Namespace, socket_path: str, parent: int) -> int:
         return 0
     # A shell runs its last command by exec (`bash -c 'lockctl acquire x && work && lockctl
     # release x'`): that lockctl is the shell that took the lease, with the shell's parent.
-    pids = [args.pid] if args.pid else [parent, os.getpid()]
+    pids = [args.pid] if args.pid else [_beyond_launchers(parent), os.getpid()]
     try:
         with _connect(socket_path, BUSY_WAIT) as client:
             for pid in pids:
