@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import select
 import signal
@@ -291,6 +292,16 @@ def test_a_client_lockd_cut_off_is_named_as_the_holder_while_it_keeps_the_lock(d
         assert [(h.pid, h.outside) for h in lock.holders] == [(os.getpid(), True)]
         lease.release()
         other.acquire("a", wait=False).release()
+
+
+@pytest.mark.filterwarnings("ignore::ResourceWarning", "ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_client_collected_unclosed_lets_go_of_its_locks(daemon):  # Python warns of the socket
+    def forget() -> None:
+        lockd_client.connect(daemon.socket).acquire("a")  # neither released nor closed
+
+    forget()
+    gc.collect()
+    eventually(lambda: can_flock(daemon.lock_dir / "a.lock"))
 
 
 def test_a_release_frees_the_file_once_the_daemon_reads_it(daemon, client):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import select
-import signal
+import _signal as signal  # the C module: signal's enums cost lockctl ~2 ms at start
 from collections.abc import Mapping, Sequence
 from typing import NoReturn
 

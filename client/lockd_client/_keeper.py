@@ -22,7 +22,7 @@ from __future__ import annotations
 import errno
 import os
 import select
-import signal
+import _signal as signal  # the C module: signal's enums cost lockctl ~2 ms at start
 from typing import TYPE_CHECKING, NoReturn
 
 from . import _guardian, _lockfds

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import os
 import _socket as socket  # the C type: see blocking.py
-import weakref
-from collections.abc import Iterable
+import _weakref  # the C module: weakref's Python layer would lengthen lockctl's start-up
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Protocol
 
 from .protocol import MAX_FDS_PER_MESSAGE
@@ -74,18 +74,7 @@ def close_all(fds: Iterable[int]) -> None:
         os.close(fd)
 
 
-def close_when_collected(owner: object, conn: Connection) -> None:
-    """Close the descriptors `conn` holds (unlocking nothing) when `owner`, the client that
-    wraps it, is garbage-collected unclosed: a dropped client must not keep its locks for the
-    life of the process."""
-    weakref.finalize(owner, _close_holding, conn)
-
-
-def _close_holding(conn: Connection) -> None:
-    close_all(conn.abandon("the client was collected without being closed"))
-
-
-# --- forks ------------------------------------------------------------------------------------
+# --- clients: collected unclosed, or forked ------------------------------------------------
 
 
 class _Owner(Protocol):
@@ -93,13 +82,25 @@ class _Owner(Protocol):
         """In a forked child: drop this process's copies, unlocking nothing."""
 
 
-_owners: weakref.WeakSet[_Owner] = weakref.WeakSet()
+#: id of a weak reference → the reference, to every client registered and not collected.
+_owners: dict[int, _weakref.ReferenceType[_Owner]] = {}
 _keep_in_child = False
 
 
-def register(owner: _Owner) -> None:
-    """Have `owner` forget its descriptors in every child forked from now on."""
-    _owners.add(owner)
+def register(owner: _Owner, conn: Connection) -> None:
+    """Have `owner`, a client wrapping `conn`, forget its descriptors in every child forked
+    from now on; and have them closed (unlocking nothing) if `owner` is garbage-collected
+    unclosed: a dropped client must not keep its locks for the life of the process."""
+    ref = _weakref.ref(owner, _collected(conn))
+    _owners[id(ref)] = ref
+
+
+def _collected(conn: Connection) -> Callable[[_weakref.ReferenceType[_Owner]], None]:
+    def collected(ref: _weakref.ReferenceType[_Owner]) -> None:
+        _owners.pop(id(ref), None)
+        close_all(conn.abandon("the client was collected without being closed"))
+
+    return collected
 
 
 def fork_keeping() -> int:
@@ -119,8 +120,10 @@ def _after_fork_in_child() -> None:
         # The child keeps the descriptors as they are, and whatever it forks is on its own.
         _keep_in_child = False
     else:
-        for owner in list(_owners):
-            owner._forget_after_fork()
+        for ref in list(_owners.values()):
+            owner = ref()
+            if owner is not None:
+                owner._forget_after_fork()
     _owners.clear()
 
 

@@ -10,7 +10,7 @@ process may start or exit between two looks.
 from __future__ import annotations
 
 import os
-import signal
+import _signal as signal  # the C module: signal's enums cost lockctl ~2 ms at start
 import time
 
 #: How often a tree being terminated is re-examined; after the SIGKILL, ever less often, up

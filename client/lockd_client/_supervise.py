@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import os
 import select
-import signal
+import _signal as signal  # the C module: signal's enums cost lockctl ~2 ms at start
 from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple, NoReturn
 
@@ -138,7 +138,7 @@ class _Supervisor:
     def run(self, argv: Sequence[str], env: Mapping[str, str]) -> Exit:
         # Whoever made the connection, CMD must not inherit it (see the module docstring).
         os.set_inheritable(self.conn_fd, False)
-        ignored = {s for s in _guardian.TOUCHED if signal.getsignal(s) is signal.SIG_IGN}
+        ignored = {s for s in _guardian.TOUCHED if signal.getsignal(s) == signal.SIG_IGN}
         handled = [s for s in (*_guardian.FORWARDED, signal.SIGTSTP) if s not in ignored]
         handled.append(signal.SIGCONT)
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)

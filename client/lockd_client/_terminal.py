@@ -9,7 +9,7 @@ foreground group, and handing it over then does nothing.
 from __future__ import annotations
 
 import os
-import signal
+import _signal as signal  # the C module: signal's enums cost lockctl ~2 ms at start
 
 from . import _proctree
 

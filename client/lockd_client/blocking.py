@@ -88,8 +88,7 @@ class Client:
         self._inbox_view = memoryview(self._inbox)
         self._readable = select.poll()
         self._readable.register(sock, select.POLLIN)
-        _lockfds.register(self)
-        _lockfds.close_when_collected(self, self._conn)
+        _lockfds.register(self, self._conn)
 
     def acquire(
         self,

@@ -313,15 +313,15 @@ def encode_frame(encoder: msgspec.msgpack.Encoder, message: object, out: bytearr
 
 # msgspec works out how to decode a struct type the first time a Decoder needs it, and
 # publishes that before it is complete: a thread making a Decoder meanwhile can decode with
-# it half done and crash (msgspec 0.22, GIL or not). So each decoder is made once, here,
-# while importing holds every other thread off; msgspec's decoders are thread-safe, so every
-# connection shares them.
-_REQUEST_DECODER = msgspec.msgpack.Decoder(Request)
+# it half done and crash (msgspec 0.22, GIL or not). So the reply decoder, which clients make
+# in any thread, is made once, here, while importing holds every other thread off, and
+# shared (msgspec's decoders are thread-safe). Requests are decoded by the daemon alone, in
+# one thread: their decoder is made when asked for, which spares every client its cost.
 _REPLY_DECODER = msgspec.msgpack.Decoder(Reply)
 
 
 def request_decoder() -> msgspec.msgpack.Decoder:
-    return _REQUEST_DECODER
+    return msgspec.msgpack.Decoder(Request)
 
 
 def reply_decoder() -> msgspec.msgpack.Decoder:

@@ -132,8 +132,7 @@ class Client:
         self._reading = False
         # Set (then replaced) each time the reading task has applied what it read.
         self._progress = trio.Event()
-        _lockfds.register(self)
-        _lockfds.close_when_collected(self, self._conn)
+        _lockfds.register(self, self._conn)
 
     async def acquire(
         self,
