@@ -295,7 +295,7 @@ class Server:
             if refusal is not None:
                 raise refusal
             process = self._processes.owner(session.uid, request.pid) if request.pid is not None else None
-            if process is not None:
+            if process is not None and timeout is None:
                 _refuse_a_second_lease(process, names)
         except errors.LockdError as exc:
             self._error(session, request.id, exc)
@@ -715,16 +715,18 @@ def _contained(doing: str) -> Iterator[None]:
 
 
 def _refuse_a_second_lease(process: ProcessOwner, names: list[str]) -> None:
-    """Raise WouldDeadlock if `process` already has a lease (or a request) on any of `names`:
-    it would wait for itself, since the first ends only when it exits or releases it, and it
-    waits for the lockctl asking for the second."""
-    mine = sorted({name for ticket in process.tickets for name in ticket.names}.intersection(names))
+    """Raise WouldDeadlock if `process` already holds any of `names`, for a request that
+    would wait for it without a bound: it would wait for itself, since the first lease ends
+    only when the process releases it or exits, and the process waits for the lockctl asking
+    for the second. (Shared on shared is refused too: a writer queued between them would
+    make it the same wait.)"""
+    mine = sorted({name for ticket in process.tickets if ticket.holding for name in ticket.names}.intersection(names))
     if mine:
         taken = ", ".join(mine)
         raise errors.WouldDeadlock(
-            f"process {process.pid} already holds {taken} (or waits for it): a second lease on "
-            f"it would wait for the first, which ends only when that process releases it or "
-            f"exits; release it first (lockctl release {mine[0]}), or keep the one lease"
+            f"process {process.pid} already holds {taken}: a second lease on it would wait for "
+            f"the first, which ends only when that process releases it or exits; release it "
+            f"first (lockctl release {mine[0]}), or keep the one lease"
         )
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -252,3 +254,28 @@ def test_status_table_lists_holders_then_waiters_in_order() -> None:
     assert lines[2].split() == ["waits", "shared", "11", "root", "10s", "lockctl", "acquire", "-s", "site.com"]
     assert lines[3].split()[:3] == ["db", "waits", "exclusive"]
     assert "(outside lockd)" in lines[4]
+
+
+@pytest.mark.parametrize(
+    ("shell", "script", "only_lockctl"),
+    [
+        ("sh", "read x lockctl", True),  # stands for `lockctl acquire x`: one command, then done
+        ("bash", "read x /usr/bin/lockctl 2>/dev/null", True),
+        ("sh", "read x lockctl; read y", False),  # the shell goes on: it is the holder
+        ("sh", "read x lockctl && read y", False),
+        ("sh", "read x lockctl#1", False),  # what a comment might hide is not guessed at
+        ("sh", "read x $(echo lockctl)", False),
+        ("sh", "eval read x lockctl", False),
+        ("sh", "read x", False),  # not lockctl's
+    ],
+)
+def test_a_shell_running_only_lockctl_is_a_launcher(shell: str, script: str, only_lockctl: bool) -> None:
+    with subprocess.Popen([shell, "-c", script], stdin=subprocess.PIPE) as proc:
+        try:
+            deadline = time.monotonic() + 5
+            while b"-c" not in Path(f"/proc/{proc.pid}/cmdline").read_bytes():  # exec'd by now
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            assert cli._runs_one_command(proc.pid) is only_lockctl
+        finally:
+            proc.kill()

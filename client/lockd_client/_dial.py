@@ -33,6 +33,10 @@ FIRST_PAUSE = 0.001
 LONGEST_PAUSE = 0.1
 #: How long a wait lasts before `on_busy` is called.
 BUSY_NOTICE = 1.0
+#: How long a caller with no deadline keeps connecting again while the daemon turns it away
+#: for its connection limits: a burst passes within it, while a user whose own connections
+#: stay open (one per thread, keepers) is told so rather than left waiting for ever.
+LIMIT_WAIT = 60.0
 
 #: Called once when connecting has waited BUSY_NOTICE seconds for a busy daemon.
 BusyCallback = Callable[[], object]
@@ -109,6 +113,8 @@ class Patience:
         away (`refusal`, which DaemonBusy quotes from now on). Raises DaemonBusy at the
         deadline."""
         self._refusal = refusal
+        if self._deadline is None:
+            self._deadline = self._started + LIMIT_WAIT
         left = self._left(queued=True)
         time.sleep(seconds if left is None else min(seconds, left))
 

@@ -474,7 +474,6 @@ def _connect(socket_path: str, bound: float | None):  # -> blocking.Client
 
 
 def _acquire(args: argparse.Namespace, socket_path: str, parent: int) -> int:
-    _refuse_what_encloses_this(args.names)
     # -w bounds the whole wait: for a busy lockd to take the connection, then for the lock.
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     waiting = _WaitLine(args.names, verbose=args.verbose)
@@ -484,6 +483,8 @@ def _acquire(args: argparse.Namespace, socket_path: str, parent: int) -> int:
         _say(f"{_explain(e, socket_path)}{_not_run(args)}")
         return args.conflict_exit_code
     with client:
+        if not args.no_wait:
+            _refuse_what_encloses_this(client, args.names)
         if args.cmd is not None:
             args.kill_after = _kill_after(args.kill_after, client.server.stop_within)
             tied_to = None
@@ -558,11 +559,17 @@ def _keep(client, lease, pid: int) -> None:
         raise errors.LimitExceeded(f"cannot start the process that keeps the lease: {e.strerror}") from None
 
 
-def _refuse_what_encloses_this(names: list[str]) -> None:
+def _refuse_what_encloses_this(client, names: list[str]) -> None:
     """Raise WouldDeadlock for a name that the lockctl running this process holds (it told
-    its CMD so in LOCKD_TOKENS): that lease ends only once its CMD, and so this, has ended."""
-    held = {item.partition("=")[0] for item in os.environ.get("LOCKD_TOKENS", "").split()}
-    enclosing = [name for name in names if name in held]
+    its CMD so in LOCKD_TOKENS, and the daemon still shows that lease with that token): that
+    lease ends only once its CMD, and so this, has ended. A token in an environment that
+    outlived its lease (a server started from CMD) is no reason to refuse."""
+    tokens = dict(item.partition("=")[::2] for item in os.environ.get("LOCKD_TOKENS", "").split())
+    asked = [name for name in names if name in tokens]
+    if not asked:
+        return
+    live = {(lock.name, str(h.token)) for lock in client.status(*asked) for h in lock.holders}
+    enclosing = [name for name in asked if (name, tokens[name]) in live]
     if enclosing:
         raise errors.WouldDeadlock(
             f"{', '.join(enclosing)} is held by the lockctl that runs this command (LOCKD_TOKENS "
@@ -622,6 +629,8 @@ def _beyond_launchers(pid: int) -> int:
             pid = int(_proctree.stat_fields(pid)[1])  # its parent (field 4)
         except (OSError, IndexError, ValueError):
             return 1
+        if _proctree.command_name(pid) == "systemd":
+            return 1  # a service manager (a subreaper, pid 1 of a container): it never exits
     return pid
 
 
@@ -637,15 +646,26 @@ def _runs_one_command(pid: int) -> bool:
             argv = f.read().split(b"\0")
     except OSError:
         return False
-    if len(argv) < 3 or argv[1] != b"-c" or b"\n" in argv[2]:
+    if len(argv) < 3 or not argv[1].startswith(b"-") or b"c" not in argv[1] or argv[1].startswith(b"--"):
+        return False
+    script = argv[2].decode(errors="replace")
+    # Anything that may run more than the one command: not something to guess about.
+    if any(sign in script for sign in ("\n", "#", "`", "$(", "<(", ">(")):
         return False
     import shlex
 
+    lexer = shlex.shlex(script, posix=True, punctuation_chars=True)
+    lexer.commenters = ""
     try:
-        words = list(shlex.shlex(argv[2].decode(errors="replace"), posix=True, punctuation_chars=True))
-    except ValueError:  # unbalanced quotes: not something to guess about
+        words = list(lexer)
+    except ValueError:  # unbalanced quotes
         return False
-    return not any(word and all(c in "();<>|&" for c in word) and not word.startswith(("<", ">")) for word in words)
+    operators = [w for w in words if w and all(c in "();<>|&" for c in w) and not w.startswith(("<", ">"))]
+    # One simple command, and lockctl's (not `. job.sh`, `eval …`, or a script of its own).
+    return (
+        not operators and words[:1] not in ([], ["."], ["source"], ["eval"])
+        and any(os.path.basename(w) == "lockctl" or w == "lockd_client.cli" for w in words)
+    )
 
 
 def _run_under(args: argparse.Namespace, client, lease) -> int:
@@ -783,7 +803,7 @@ def _release(args: argparse.Namespace, socket_path: str, parent: int) -> int:
         return 0
     # A shell runs its last command by exec (`bash -c 'lockctl acquire x && work && lockctl
     # release x'`): that lockctl is the shell that took the lease, with the shell's parent.
-    pids = [args.pid] if args.pid else [_beyond_launchers(parent), os.getpid()]
+    pids = [args.pid] if args.pid else list(dict.fromkeys([parent, _beyond_launchers(parent), os.getpid()]))
     try:
         with _connect(socket_path, BUSY_WAIT) as client:
             for pid in pids:

@@ -76,21 +76,16 @@ class Connecting:
         await self._client.aclose()
 
     async def _open(self) -> Client:
-        waits = _dial.pauses()
-        while True:
-            # The client reads the stdlib socket under trio's: see Client._raw.
-            raw = await _connected_socket(self._path)
-            client = Client(trio.SocketStream(trio.socket.from_stdlib_socket(raw)), raw, self._path)
-            try:
-                client.server = await client._run(*client._conn.hello(self._label))
-                return client
-            except errors.LimitExceeded:
+        # The client reads the stdlib socket under trio's: see Client._raw.
+        raw = await _connected_socket(self._path)
+        client = Client(trio.SocketStream(trio.socket.from_stdlib_socket(raw)), raw, self._path)
+        try:
+            client.server = await client._run(*client._conn.hello(self._label))
+        except BaseException:
+            with trio.CancelScope(shield=True):
                 await client.aclose()
-                await trio.sleep(next(waits))  # turned away for its limits: as busy (see _dial)
-            except BaseException:
-                with trio.CancelScope(shield=True):
-                    await client.aclose()
-                raise
+            raise
+        return client
 
 
 async def _connected_socket(path: str) -> socket.socket:
