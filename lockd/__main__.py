@@ -105,7 +105,8 @@ def load(args: argparse.Namespace):  # -> config.Config
     """The config file with the flags applied. Raises ConfigError."""
     from .config import load_config, with_overrides
 
-    return with_overrides(load_config(args.config, explicit=args.config is not None), args)
+    flag_socket = Path(args.socket).absolute() if args.socket else None
+    return with_overrides(load_config(args.config, explicit=args.config is not None, socket=flag_socket), args)
 
 
 def _own_runtime_dir(path: Path) -> None:

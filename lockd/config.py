@@ -165,11 +165,12 @@ def default_config_path() -> Path:
     return base / "lockd" / "lockd.toml"
 
 
-def load_config(path: Path | None, explicit: bool) -> Config:
+def load_config(path: Path | None, explicit: bool, socket: Path | None = None) -> Config:
     """Read and check the config file at `path` (None: `default_config_path()`).
 
     A missing file gives the defaults, unless `explicit` (the user named it with --config),
-    when it is an error. Paths left unset are filled in from lockd_client.paths, so the result
+    when it is an error. Paths left unset are filled in from lockd_client.paths, the socket
+    from `socket` first (the flag's, which then spares reading LOCKD_SOCKET), so the result
     has no None path. Raises ConfigError.
     """
     if path is None:
@@ -179,10 +180,10 @@ def load_config(path: Path | None, explicit: bool) -> Config:
     except FileNotFoundError:
         if explicit:
             raise ConfigError(f"{path}: no such file; create it or drop --config") from None
-        return _with_default_paths(Config())
+        return _with_default_paths(Config(), socket)
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
-    return _with_default_paths(parse_config(text, str(path)))
+    return _with_default_paths(parse_config(text, str(path)), socket)
 
 
 def parse_config(text: str, source: str) -> Config:
@@ -215,9 +216,9 @@ def _plain_problem(keys: list[Key], problem: str) -> str:
     return problem
 
 
-def _with_default_paths(config: Config) -> Config:
+def _with_default_paths(config: Config, flag_socket: Path | None) -> Config:
     try:
-        socket = config.socket or paths.default_socket()
+        socket = flag_socket or config.socket or paths.default_socket()
     except LockdError as exc:  # a relative LOCKD_SOCKET
         raise ConfigError(str(exc)) from None
     return msgspec.structs.replace(

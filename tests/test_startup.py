@@ -116,6 +116,11 @@ def test_a_relative_socket_is_a_usage_error(short_tmp: Path) -> None:
                            "--state-dir", str(short_tmp / "state")], cwd=short_tmp, env=env,
                           capture_output=True, text=True, timeout=TIMEOUT)
     refused(proc, "LOCKD_SOCKET: the socket must be an absolute path, not 'lockd.sock'")
+    # --socket says where: LOCKD_SOCKET is not read, and its being relative does not matter.
+    proc = subprocess.run([sys.executable, "-m", "lockd", "--check-config", "--socket", str(short_tmp / "s"),
+                           "--lock-dir", str(short_tmp / "locks"), "--state-dir", str(short_tmp / "state")],
+                          cwd=short_tmp, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr
 
 
 def check_config(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
