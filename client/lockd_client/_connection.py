@@ -120,9 +120,10 @@ class LeaseView:
 
     @property
     def detached(self) -> bool:
-        """Whether the daemon has gone while the lease is held. The lease is still safe: the
-        lock-file descriptors this process holds keep the locks (only the flock backend's
-        leases outlive the daemon; others are lost with it), until it is released."""
+        """Whether the connection to lockd ended (the daemon went away, or either side hung
+        up on the other) while the lease is held. The lease is still safe: the lock-file
+        descriptors this process holds keep the locks (only the flock backend's leases
+        outlive the daemon; others are lost with it), until it is released."""
         return self._record.detached
 
     def _raise_if_lost(self, exc_type: type[BaseException] | None) -> None:

@@ -150,8 +150,9 @@ class Client:
     def process_events(self) -> None:
         """Apply whatever the daemon has sent, without blocking.
 
-        A Lost notice marks its lease lost; the daemon closing the connection marks every
-        lease lost.
+        A Lost notice marks its lease lost. When the connection ends, a lease whose lock-file
+        descriptors this process holds stays held, `detached`, where the daemon said its
+        leases outlive it; every other lease is marked lost.
         """
         while not self._conn.closed and self._read(socket.MSG_DONTWAIT):
             pass
