@@ -1,12 +1,12 @@
 """The interface between the lock table and whatever really holds the locks.
 
-Invariant: a backend holds something for a ticket only between a successful take (`take_now`
+Invariant: a backend holds something for a claim only between a successful take (`take_now`
 returning tokens, or `take` returning) and the matching `drop`; a take that fails, raises or
-is cancelled leaves nothing held. Whether a backend lock is shared or exclusive is the
-ticket's mode; the table has already made sure that tickets taken together are compatible.
-A held ticket's local locks are lock-file descriptors (`descriptors`) that the edge hands to
-the holder: `drop` releases them for every copy only when told the holder let go (`unlock`),
-and otherwise leaves them held for as long as the holder keeps its copies.
+is cancelled leaves nothing held. A backend sees a request only as its `Claim`, immutable and
+equal only to itself: never the lock table's tickets, sessions or parties. A held claim's
+local locks are lock-file descriptors (`descriptors`) that the edge hands to the holder:
+`drop` releases them for every copy only when told the holder let go (`unlock`), and
+otherwise leaves them held for as long as the holder keeps its copies.
 
 Implementations: `flock_backend.FlockBackend` (one host, files in the lock directory) and
 `etcd_backend.EtcdBackend` (many hosts).
@@ -15,24 +15,44 @@ Implementations: `flock_backend.FlockBackend` (one host, files in the lock direc
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Protocol
 
 from lockd_client.errors import LockBusy
 from lockd_client.protocol import Holder
 
-from .table import Ticket
 
-#: Called by a backend when it can no longer vouch for a held ticket (e.g. its etcd lease
+@dataclass(frozen=True, slots=True, eq=False)
+class Claim:
+    """One request as a backend sees it: the names, the mode, whether it waits, who asks."""
+
+    names: tuple[str, ...]
+    shared: bool
+    #: Whether a take waits for holders outside lockd's table; if not, it raises `Blocked`.
+    wait: bool
+    #: Who asks, as other hosts are shown the holder (etcd).
+    pid: int | None
+    uid: int | None
+    gid: int | None
+    command: str
+    label: str | None
+
+    @property
+    def mode(self) -> str:
+        return "shared" if self.shared else "exclusive"
+
+
+#: Called by a backend when it can no longer vouch for a held claim (e.g. its etcd lease
 #: expired): the edge ends the lease and tells the client it is lost, with this reason.
-LoseCallback = Callable[[Ticket, str], None]
+LoseCallback = Callable[[Claim, str], None]
 
-#: Called by a backend's `take` when the ticket must wait for holders the table does not know
+#: Called by a backend's `take` when the claim must wait for holders the table does not know
 #: (a process flocking the file, a request on another host): the edge tells the client who.
 BlockedCallback = Callable[[list[Holder]], None]
 
 
 class Blocked(LockBusy):
-    """The lock is held outside lockd and the ticket does not wait."""
+    """The lock is held outside lockd and the claim does not wait."""
 
 
 class Backend(Protocol):
@@ -47,30 +67,30 @@ class Backend(Protocol):
     #: the lock; None if the backend sets no such bound. A holder must stop its work by then.
     loss_notice: float | None
 
-    def take_now(self, ticket: Ticket) -> list[int] | None:
-        """Take every name of `ticket` at once, all or none, without waiting.
+    def take_now(self, claim: Claim) -> list[int] | None:
+        """Take every name of `claim` at once, all or none, without waiting.
 
-        Returns one fencing token per name (in `ticket.names` order), or None when that needs
+        Returns one fencing token per name (in `claim.names` order), or None when that needs
         waiting: then the edge calls `take`. Raises a `LockdError` (e.g. `BadLockFile`) for a
         name that can never be taken; nothing is held then.
         """
 
-    async def take(self, ticket: Ticket, blocked: BlockedCallback) -> list[int]:
-        """Wait until every name of `ticket` can be taken, then take them all; return tokens.
+    async def take(self, claim: Claim, blocked: BlockedCallback) -> list[int]:
+        """Wait until every name of `claim` can be taken, then take them all; return tokens.
 
-        If `ticket.wait` is false and a name is held elsewhere, raise `Blocked` at once. When
+        If `claim.wait` is false and a name is held elsewhere, raise `Blocked` at once. When
         waiting for holders outside the table, call `blocked` with them as soon as they are
         known (again when the backend learns of others); a take that does not wait never
         calls it.
-        Cancellation: if this raises Cancelled, nothing is held for the ticket.
+        Cancellation: if this raises Cancelled, nothing is held for the claim.
         """
 
-    def descriptors(self, ticket: Ticket) -> list[int]:
-        """The lock-file descriptors held for `ticket`, one per name, to hand to its holder
+    def descriptors(self, claim: Claim) -> list[int]:
+        """The lock-file descriptors held for `claim`, one per name, to hand to its holder
         ([] if none). They stay the backend's: the edge sends copies and never closes them."""
 
-    def drop(self, ticket: Ticket, *, unlock: bool) -> None:
-        """Give up what is held or being taken for `ticket`. With `unlock` (its holder let go,
+    def drop(self, claim: Claim, *, unlock: bool) -> None:
+        """Give up what is held or being taken for `claim`. With `unlock` (its holder let go,
         or it was never handed out), the locks are released for every copy of their
         descriptors; without, only the backend's own hold ends. Never blocks; a no-op if
         nothing is held."""

@@ -1,25 +1,25 @@
 """The etcd backend: lockd daemons on many hosts sharing their named locks through one etcd.
 
 Invariants:
-- A ticket is granted only while (1) its keys exist in etcd — one per name,
+- A claim is granted only while (1) its keys exist in etcd — one per name,
   `PREFIX/NAME/LEASE/SEQ`, all put in one txn under this daemon's etcd lease, so all share one
-  create revision R, the ticket's fencing token on every name; (2) no conflicting key with a
+  create revision R, the claim's fencing token on every name; (2) no conflicting key with a
   lower create revision exists on any of its names; (3) this host's flock of every name is held.
 - The daemon vouches for its etcd lease only until `S + TTL - TTL/3`, S being when the last
   confirmed keep-alive was sent: etcd cannot expire the lease before S + TTL. At that deadline
-  every held ticket is reported lost and the lease is never used again.
-- Every key the daemon put belongs to a live ticket or is on its way out: a ticket's end, a
+  every held claim is reported lost and the lease is never used again.
+- Every key the daemon put belongs to a live claim or is on its way out: a claim's end, a
   take that fails or is cancelled, and any key of the current lease that the watch shows with
-  no live ticket all hand the key to the janitor, which deletes until etcd confirms.
-- A held ticket whose key is deleted by anyone but this daemon is reported lost; a waiting
+  no live claim all hand the key to the janitor, which deletes until etcd confirms.
+- A held claim whose key is deleted by anyone but this daemon is reported lost; a waiting
   one fails.
 - The mirror is trusted for a take only once it shows the take's own put: a watch that does
   not within the request timeout is started over from a fresh read, and the take fails.
 
-Order is ZooKeeper's recipe on etcd's global revision: a ticket waits for the deletion of the
-nearest conflicting key below R (any key for an exclusive ticket, an exclusive key for a
+Order is ZooKeeper's recipe on etcd's global revision: a claim waits for the deletion of the
+nearest conflicting key below R (any key for an exclusive claim, an exclusive key for a
 shared one), then looks again. Waits never poll etcd: one watch over the prefix mirrors every
-key, and a deletion wakes only the ticket waiting for that key. The oldest ticket waits for
+key, and a deletion wakes only the claim waiting for that key. The oldest claim waits for
 nobody, so there is no deadlock across hosts, whatever names a request combines.
 """
 
@@ -39,14 +39,12 @@ from lockd_client.errors import LimitExceeded
 from lockd_client.protocol import Holder
 
 from . import etcd_client
-from .backend import BlockedCallback, Blocked, LoseCallback, holders_in_order
+from .backend import Blocked, BlockedCallback, Claim, LoseCallback, holders_in_order
 from .config import Etcd
 from .etcd_client import EtcdClient, EtcdError, EtcdUnreachable, WatchCompacted, WatchResponse
 from .etcd_mirror import Change, Key, Mirror, Record
 from .hostlocks import HostLocks
 from .lockfiles import LockFiles
-from .session import Party
-from .table import HELD, Ticket
 
 log = logging.getLogger("lockd.etcd")
 
@@ -108,12 +106,12 @@ class _Session:
 
 
 class _Attempt:
-    """One ticket's keys, from `take` until `drop`."""
+    """One claim's keys, from `take` until `drop`."""
 
-    __slots__ = ("ticket", "session", "keys", "held", "ended", "scope", "vanished")
+    __slots__ = ("claim", "session", "keys", "held", "ended", "scope", "vanished")
 
-    def __init__(self, ticket: Ticket, session: _Session, keys: dict[str, str]) -> None:
-        self.ticket = ticket
+    def __init__(self, claim: Claim, session: _Session, keys: dict[str, str]) -> None:
+        self.claim = claim
         self.session = session
         #: name → key
         self.keys = keys
@@ -153,9 +151,9 @@ class EtcdBackend:
         #: Bound on every etcd request but the watch.
         self._timeout = max(1.0, self._ttl / 3)
         self._session: _Session | None = None
-        self._attempts: dict[Ticket, _Attempt] = {}
-        #: key → ticket, for every key of a live ticket.
-        self._owners: dict[str, Ticket] = {}
+        self._attempts: dict[Claim, _Attempt] = {}
+        #: key → claim, for every key of a live claim.
+        self._owners: dict[str, Claim] = {}
         self._sequence = itertools.count(1)
         #: Leases given up but maybe not yet expired in etcd: revoked when etcd answers again.
         self._stale: set[int] = set()
@@ -175,19 +173,19 @@ class EtcdBackend:
 
     # --- Backend ------------------------------------------------------------------------------
 
-    def take_now(self, ticket: Ticket) -> list[int] | None:
+    def take_now(self, claim: Claim) -> list[int] | None:
         return None  # etcd is across the network
 
-    async def take(self, ticket: Ticket, blocked: BlockedCallback) -> list[int]:
-        """Put the ticket's keys, outwait conflicting older keys, flock; return R per name.
+    async def take(self, claim: Claim, blocked: BlockedCallback) -> list[int]:
+        """Put the claim's keys, outwait conflicting older keys, flock; return R per name.
 
-        Raises `Blocked` (no-wait ticket, lock held), `DaemonUnavailable` (no etcd lease, an
-        etcd request failed, the watch did not show the ticket's keys in time, someone deleted
+        Raises `Blocked` (no-wait claim, lock held), `DaemonUnavailable` (no etcd lease, an
+        etcd request failed, the watch did not show the claim's keys in time, someone deleted
         them, or the lease was lost meanwhile), `LimitExceeded` (more names than one etcd txn
         takes), or what `LockFiles.try_lock` raises. On any exception,
         cancellation included, the keys go to the janitor and the flocks are released.
         """
-        if len(ticket.names) > _MAX_TXN_OPS:
+        if len(claim.names) > _MAX_TXN_OPS:
             raise LimitExceeded(
                 f"the etcd backend takes at most {_MAX_TXN_OPS} names in one request (etcd's "
                 "--max-txn-ops): split the request, or use a name that stands for the group"
@@ -196,10 +194,10 @@ class EtcdBackend:
         if session is None or not session.alive:
             raise self._unavailable()
         seq = next(self._sequence)
-        keys = {name: f"{self._prefix}{name}/{session.lease:x}/{seq}" for name in ticket.names}
-        attempt = _Attempt(ticket, session, keys)
-        self._attempts[ticket] = attempt
-        self._owners.update(dict.fromkeys(keys.values(), ticket))
+        keys = {name: f"{self._prefix}{name}/{session.lease:x}/{seq}" for name in claim.names}
+        attempt = _Attempt(claim, session, keys)
+        self._attempts[claim] = attempt
+        self._owners.update(dict.fromkeys(keys.values(), claim))
         session.takes.add(attempt.scope)
         try:
             with attempt.scope:
@@ -220,11 +218,11 @@ class EtcdBackend:
         before etcd can let another host have the lock (see docs/etcd.md)."""
         return self._ttl / 3
 
-    def descriptors(self, ticket: Ticket) -> list[int]:
-        return self._files.descriptors(ticket)
+    def descriptors(self, claim: Claim) -> list[int]:
+        return self._files.descriptors(claim)
 
-    def drop(self, ticket: Ticket, *, unlock: bool) -> None:
-        attempt = self._attempts.get(ticket)
+    def drop(self, claim: Claim, *, unlock: bool) -> None:
+        attempt = self._attempts.get(claim)
         if attempt is not None:
             attempt.ended = True
             self._end(attempt, unlock=unlock)
@@ -264,9 +262,9 @@ class EtcdBackend:
     async def run(self, lose: LoseCallback) -> None:
         """Hold an etcd lease for as long as the daemon serves, and a fresh one after a loss.
 
-        When a lease can no longer be vouched for, every ticket held under it is reported to
+        When a lease can no longer be vouched for, every claim held under it is reported to
         `lose` and takes under it fail. Cancellation (shutdown) revokes any earlier lease not
-        revoked yet, and the lease itself unless a ticket was granted under it: so the other
+        revoked yet, and the lease itself unless a claim was granted under it: so the other
         hosts get this daemon's locks at once, except those whose holders were just told
         their leases are lost, which are left to expire with the lease (`ttl`), by which time
         the holders have stopped their work. It closes the connections to etcd.
@@ -284,7 +282,7 @@ class EtcdBackend:
                     # The leases given up but not yet revoked hold keys too.
                     leases = sorted(self._stale)
                     session = self._session
-                    held = sum(a.session is session and a.ticket.state is HELD for a in self._attempts.values())
+                    held = sum(a.session is session and a.held for a in self._attempts.values())
                     if held:
                         log.info(
                             "leaving etcd lease %x to expire: %d lease(s) held under it end once "
@@ -304,11 +302,10 @@ class EtcdBackend:
     # --- takes --------------------------------------------------------------------------------
 
     async def _obtain(self, attempt: _Attempt, blocked: BlockedCallback) -> list[int]:
-        ticket, session = attempt.ticket, attempt.session
-        party: Party = ticket.info  # type: ignore[assignment]
+        claim, session = attempt.claim, attempt.session
         record = Record(
-            host=self._host, mode="shared" if ticket.shared else "exclusive", since=time.time(),
-            pid=party.pid, uid=party.uid, gid=party.gid, command=party.command, label=party.label,
+            host=self._host, mode="shared" if claim.shared else "exclusive", since=time.time(),
+            pid=claim.pid, uid=claim.uid, gid=claim.gid, command=claim.command, label=claim.label,
         )
         value = msgspec.json.encode(record)
         puts = [etcd_client.put(key, value, session.lease) for key in attempt.keys.values()]
@@ -322,21 +319,21 @@ class EtcdBackend:
         if not all(mirror.holds(key, revision) for key in attempt.keys.values()):
             raise _vanished()
         waited = False
-        while (blocker := mirror.blocker(ticket.names, revision, ticket.shared)) is not None:
+        while (blocker := mirror.blocker(claim.names, revision, claim.shared)) is not None:
             waited = True
-            if not ticket.wait:
+            if not claim.wait:
                 await self._outwait_leftover(session, blocker)
             else:
                 blocked([blocker.holder()])
             await blocker.gone.wait()
         delay = _FLOCK_POLL[0]
-        while not self._files.try_lock(ticket):
+        while not self._files.try_lock(claim):
             waited = True
-            if not ticket.wait:
-                names = "+".join(ticket.names)
+            if not claim.wait:
+                names = "+".join(claim.names)
                 raise Blocked(f"{names}: held by a process outside lockd on this host")
             if delay == _FLOCK_POLL[0]:
-                blocked(holders_in_order(await self._host_locks.holders_of(list(ticket.names)), ticket.names))
+                blocked(holders_in_order(await self._host_locks.holders_of(list(claim.names)), claim.names))
             await trio.sleep(delay)
             delay = min(2 * delay, _FLOCK_POLL[1])
         if waited:
@@ -364,10 +361,10 @@ class EtcdBackend:
             self._end(attempt)  # dropped while the last request was under way: let go again
         else:
             attempt.held = True
-        return [revision] * len(ticket.names)
+        return [revision] * len(claim.names)
 
     async def _outwait_leftover(self, session: _Session, blocker: Key) -> None:
-        """Raise Blocked for a no-wait request, unless `blocker` is a key of a ticket of this
+        """Raise Blocked for a no-wait request, unless `blocker` is a key of a claim of this
         daemon that has just ended (its deletion is on its way): that one is waited for, up to
         the request timeout."""
         if blocker.lease != session.lease or blocker.key in self._owners:
@@ -402,15 +399,15 @@ class EtcdBackend:
     def _end(self, attempt: _Attempt, *, unlock: bool = True) -> None:
         """Let go of everything of `attempt`; its local flocks only as `Backend.drop` says.
         Idempotent."""
-        if self._attempts.get(attempt.ticket) is attempt:
-            del self._attempts[attempt.ticket]
+        if self._attempts.get(attempt.claim) is attempt:
+            del self._attempts[attempt.claim]
         for key in attempt.keys.values():
             self._owners.pop(key, None)
         attempt.session.doom(attempt.keys.values())
         if unlock:
-            self._files.unlock(attempt.ticket)
+            self._files.unlock(attempt.claim)
         else:
-            self._files.abandon(attempt.ticket)
+            self._files.abandon(attempt.claim)
 
     def _unavailable(self) -> EtcdUnreachable:
         return EtcdUnreachable(
@@ -425,7 +422,7 @@ class EtcdBackend:
         self._problem = problem
 
     def _remote(self, name: str, *, holding: bool) -> list[Key]:
-        """Keys on `name` of no live local ticket, holding or waiting per etcd's order."""
+        """Keys on `name` of no live local claim, holding or waiting per etcd's order."""
         session = self._session
         if session is None:
             return []
@@ -465,7 +462,7 @@ class EtcdBackend:
             return session
 
     async def _serve(self, session: _Session, lose: LoseCallback) -> str:
-        """Serve under `session` until it is lost; then report its held tickets lost.
+        """Serve under `session` until it is lost; then report its held claims lost.
 
         An exception from the watch or the janitor (etcd's errors are handled in them, so this
         is a bug, or a foreign key lockd trips over) ends the session as a lost lease would:
@@ -488,7 +485,7 @@ class EtcdBackend:
             for scope in session.takes:
                 scope.cancel()
             for attempt in [a for a in self._attempts.values() if a.held and a.session is session]:
-                lose(attempt.ticket, reason)
+                lose(attempt.claim, reason)
             nursery.cancel_scope.cancel()
         self._session = None
         return reason
@@ -594,19 +591,19 @@ class EtcdBackend:
                 self._trouble(str(exc))
 
     def _follow(self, session: _Session, change: Change, lose: LoseCallback) -> None:
-        """Act on what etcd did: keys of this lease that no live ticket owns go to the janitor;
-        a held ticket whose key someone else deleted is lost, and a take whose key someone else
+        """Act on what etcd did: keys of this lease that no live claim owns go to the janitor;
+        a held claim whose key someone else deleted is lost, and a take whose key someone else
         deleted fails (it no longer has a place in the queue)."""
         session.doom(
             e.key for e in change.added if e.lease == session.lease and e.key not in self._owners
         )
         for key in change.removed:
-            ticket = self._owners.get(key)
-            attempt = self._attempts.get(ticket) if ticket is not None else None
+            claim = self._owners.get(key)
+            attempt = self._attempts.get(claim) if claim is not None else None
             if attempt is None:
                 continue
             if attempt.held:
-                lose(attempt.ticket, "its etcd key was deleted (by hand or by another tool)")
+                lose(attempt.claim, "its etcd key was deleted (by hand or by another tool)")
             else:
                 attempt.vanished = True
                 attempt.scope.cancel()

@@ -1,14 +1,14 @@
-"""The lock files: real flock() locks on `<lock dir>/NAME.lock`, taken for lockd tickets.
+"""The lock files: real flock() locks on `<lock dir>/NAME.lock`, taken for lockd claims.
 
 Invariants:
-- A ticket holds the flock of every one of its names, or of none: `try_lock` never waits and
-  never keeps part of a ticket, so lockd cannot deadlock with processes that flock these files
+- A claim holds the flock of every one of its names, or of none: `try_lock` never waits and
+  never keeps part of a claim, so lockd cannot deadlock with processes that flock these files
   themselves (it never holds one of their files while waiting for another).
 - Every file is opened relative to the lock directory's descriptor — the one opened (never
   through a symbolic link) and checked at start — never through a symbolic link, and is used
   only if it is a regular file. A file is never truncated or unlinked: its
   inode is the lock, shared with every outside `flock` user of the same path.
-- Every held ticket has an open file description of its own per name, opened read-only,
+- Every held claim has an open file description of its own per name, opened read-only,
   holding LOCK_EX or LOCK_SH. The flock belongs to that description, not to this process:
   whoever the daemon hands a copy of the descriptor to (SCM_RIGHTS) keeps the lock for as
   long as any copy is open. So `unlock` (the holder let go) releases the flock explicitly,
@@ -16,7 +16,7 @@ Invariants:
   leave the lock to the copies outside, if any: the daemon going away never frees a lock
   that work elsewhere still holds.
 
-The table only asks for locks that are compatible among lockd's own tickets; the kernel then
+The table only asks for locks that are compatible among lockd's own claims; the kernel then
 arbitrates against everyone else.
 """
 
@@ -33,7 +33,7 @@ from lockd_client.errors import BadLockFile, DaemonUnavailable, LimitExceeded, L
 from lockd_client.protocol import Holder, Mode, name_problem
 
 from . import procinfo
-from .table import Ticket
+from .backend import Claim
 
 SUFFIX = ".lock"
 
@@ -148,12 +148,12 @@ class LockFiles:
         self.lock_dir = lock_dir
         self.file_mode = file_mode
         self._dir_fd = _open_lock_dir(lock_dir)
-        #: Held ticket → one descriptor per name, in `ticket.names` order.
-        self._held: dict[Ticket, list[int]] = {}
-        #: Held ticket → the file and mode of each of those descriptors, and how many held
-        #: tickets hold each file in each mode: what the daemon itself holds, as the host's
+        #: Held claim → one descriptor per name, in `claim.names` order.
+        self._held: dict[Claim, list[int]] = {}
+        #: Held claim → the file and mode of each of those descriptors, and how many held
+        #: claims hold each file in each mode: what the daemon itself holds, as the host's
         #: list of locks names it. Changed only here, on the event loop; read by copying.
-        self._files_of: dict[Ticket, list[tuple[procinfo.FileKey, Mode]]] = {}
+        self._files_of: dict[Claim, list[tuple[procinfo.FileKey, Mode]]] = {}
         self._files: dict[tuple[procinfo.FileKey, Mode], int] = {}
 
     def close(self) -> None:
@@ -169,22 +169,22 @@ class LockFiles:
             os.close(self._dir_fd)
             self._dir_fd = -1
 
-    def try_lock(self, ticket: Ticket) -> bool:
-        """Flock every name of `ticket` in its mode, or none of them; True if it now holds all.
+    def try_lock(self, claim: Claim) -> bool:
+        """Flock every name of `claim` in its mode, or none of them; True if it now holds all.
 
         False when a name is held outside lockd. Raises BadLockFile for a path that is not a
         regular file (or cannot be opened), LimitExceeded when out of descriptors or kernel
         lock records, DaemonUnavailable when the lock directory's filesystem fails; nothing of
-        `ticket` is held after False or an exception. A ticket already held stays held: True.
+        `claim` is held after False or an exception. A claim already held stays held: True.
         """
-        if ticket in self._held:
+        if claim in self._held:
             return True
-        operation = (fcntl.LOCK_SH if ticket.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB
-        mode: Mode = "shared" if ticket.shared else "exclusive"
+        operation = (fcntl.LOCK_SH if claim.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB
+        mode: Mode = "shared" if claim.shared else "exclusive"
         fds: list[int] = []
         files: list[tuple[procinfo.FileKey, Mode]] = []
         try:
-            for name in ticket.names:
+            for name in claim.names:
                 fd, key = self._open(name)
                 fds.append(fd)
                 if not self._flock(fd, operation, name):
@@ -194,38 +194,38 @@ class LockFiles:
         except BaseException:
             _close_all(fds)
             raise
-        self._held[ticket] = fds
-        self._files_of[ticket] = files
+        self._held[claim] = fds
+        self._files_of[claim] = files
         for file in files:
             self._files[file] = self._files.get(file, 0) + 1
         return True
 
-    def descriptors(self, ticket: Ticket) -> list[int]:
-        """The descriptors holding `ticket`'s flocks, one per name in `ticket.names` order,
+    def descriptors(self, claim: Claim) -> list[int]:
+        """The descriptors holding `claim`'s flocks, one per name in `claim.names` order,
         to hand to its holder; [] if it holds none. They stay the daemon's: never close them."""
-        return self._held.get(ticket, [])
+        return self._held.get(claim, [])
 
-    def unlock(self, ticket: Ticket) -> None:
-        """Release `ticket`'s flocks, for every copy of their descriptors, and close the
+    def unlock(self, claim: Claim) -> None:
+        """Release `claim`'s flocks, for every copy of their descriptors, and close the
         daemon's. Idempotent; never blocks."""
-        fds = self._let_go(ticket)
+        fds = self._let_go(claim)
         if fds is not None:
             for fd in fds:
                 fcntl.flock(fd, fcntl.LOCK_UN)
             _close_all(fds)
 
-    def abandon(self, ticket: Ticket) -> None:
-        """Close the daemon's descriptors of `ticket`: its flocks last while a copy handed out
+    def abandon(self, claim: Claim) -> None:
+        """Close the daemon's descriptors of `claim`: its flocks last while a copy handed out
         is open. Idempotent; never blocks."""
-        fds = self._let_go(ticket)
+        fds = self._let_go(claim)
         if fds is not None:
             _close_all(fds)
 
-    def _let_go(self, ticket: Ticket) -> list[int] | None:
-        """Forget `ticket`'s descriptors (the caller closes them); None if it holds none."""
-        fds = self._held.pop(ticket, None)
+    def _let_go(self, claim: Claim) -> list[int] | None:
+        """Forget `claim`'s descriptors (the caller closes them); None if it holds none."""
+        fds = self._held.pop(claim, None)
         if fds is not None:
-            for file in self._files_of.pop(ticket):
+            for file in self._files_of.pop(claim):
                 left = self._files[file] - 1
                 if left:
                     self._files[file] = left

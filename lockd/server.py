@@ -44,7 +44,7 @@ from lockd_client import errors, protocol
 from lockd_client.describe import holder_text
 
 from . import __version__, admission, listen, procinfo
-from .backend import Backend, Blocked, holders_in_order
+from .backend import Backend, Blocked, Claim, holders_in_order
 from .config import Limits
 from .loglimit import Kind, LogLimiter, Summary
 from .policy import Policy
@@ -91,6 +91,8 @@ class Server:
         self._session_ids = itertools.count(1)
         #: Tickets the backend is taking in a task of their own, each with the scope that stops it.
         self._takes: dict[Ticket, trio.CancelScope] = {}
+        #: The tickets the backend was asked to take, by their claim, until their Drop.
+        self._claimed: dict[Claim, Ticket] = {}
         self._processes = Processes(self._process_exited)
         self._effects: deque[Effect] = deque()
         self._applying = False
@@ -160,7 +162,10 @@ class Server:
             with trio.move_on_after(SHUTDOWN_GRACE):
                 await self._all_gone.wait()
 
-    def _backend_lost(self, ticket: Ticket, reason: str) -> None:
+    def _backend_lost(self, claim: Claim, reason: str) -> None:
+        ticket = self._claimed.get(claim)
+        if ticket is None:
+            return  # dropped meanwhile
         with _contained(f"ending the lost lease {ticket}"):
             if ticket.state is HELD:
                 self._apply(self.table.lose(ticket, reason))
@@ -301,15 +306,17 @@ class Server:
             self._error(session, request.id, exc)
             return
         label = session.label if request.label is None else shown_label(request.label)
+        shared, wait = request.mode == "shared", timeout != 0
         if process is not None:
-            info = Party(session, request.id, process.pid, process.uid, None,
-                         procinfo.command_line(process.pid), label, process)
+            claim = Claim(tuple(names), shared, wait, process.pid, process.uid, None,
+                          procinfo.command_line(process.pid), label)
         else:
-            info = Party(session, request.id, session.pid, session.uid, session.gid, session.command, label)
+            claim = Claim(tuple(names), shared, wait, session.pid, session.uid, session.gid, session.command, label)
+        info = Party(session, request.id, claim, process)
         now = trio.current_time()
         deadline = now + timeout if timeout else None
         ticket, effects = self.table.acquire(
-            session, names, shared=request.mode == "shared", wait=timeout != 0,
+            session, names, shared=shared, wait=wait,
             deadline=deadline, now=now, info=info,
         )
         if ticket.state is not ENDED:  # else refused at once: `_refused` discards the process
@@ -365,7 +372,7 @@ class Server:
         try:
             (name,) = _checked_names([request.name])
             holders = [t for t in self.table.holders(name) if t.state in _SHOWN_HELD]
-            decision = self.policy.check_force(session.uid, name, [party(t).uid for t in holders])
+            decision = self.policy.check_force(session.uid, name, [party(t).claim.uid for t in holders])
             if not decision.allowed:
                 self._log_noise(
                     REFUSED_REQUEST, session.uid, decision.reason,
@@ -383,7 +390,7 @@ class Server:
         self._wake_timer(grace_until)
         for ticket in holders:
             holder = party(ticket)
-            log.warning("%s: lease of pid %s (uid %s) broken, %s", name, holder.pid, holder.uid, reason)
+            log.warning("%s: lease of pid %s (uid %s) broken, %s", name, holder.claim.pid, holder.claim.uid, reason)
         self._apply(effects)
         session.send(protocol.Done(request.id, count))
 
@@ -432,7 +439,7 @@ class Server:
         return any(t.state in _SHOWN_HELD for t in self.table.holders(name))
 
     def _holder(self, ticket: Ticket, name: str) -> protocol.Holder:
-        who = party(ticket)
+        who = party(ticket).claim
         token = ticket.tokens[ticket.names.index(name)] if ticket.tokens else None
         return protocol.Holder(
             pid=who.pid, uid=who.uid, gid=who.gid, command=who.command, label=who.label,
@@ -540,9 +547,9 @@ class Server:
             if effect.ending is Ending.OVERDUE:
                 log.warning(
                     "%s: the broken lease of pid %s was not let go within limits.break_grace; "
-                    "releasing its locks under it", ", ".join(ticket.names), who.pid,
+                    "releasing its locks under it", ", ".join(ticket.names), who.claim.pid,
                 )
-            self._drop(ticket, unlock=effect.ending is not Ending.ABANDONED)
+            self._drop(ticket, who.claim, unlock=effect.ending is not Ending.ABANDONED)
         elif isinstance(effect, Queued):
             who.session.send(protocol.Queued(who.request_id, self._in_way(ticket, effect.blockers)))
         elif isinstance(effect, Refused):
@@ -555,8 +562,9 @@ class Server:
             # Shutting down, or ended while this Take waited in the queue: its Drop follows,
             # and nothing is held for it.
             return
+        self._claimed[who.claim] = ticket
         try:
-            tokens = self.backend.take_now(ticket)
+            tokens = self.backend.take_now(who.claim)
         except errors.LockdError as exc:
             self._take_failed(ticket, who, exc)
             return
@@ -587,7 +595,7 @@ class Server:
         failure: Exception | None = None
         with scope:
             try:
-                tokens = await self.backend.take(ticket, partial(self._blocked, ticket))
+                tokens = await self.backend.take(who.claim, partial(self._blocked, ticket))
             except Exception as exc:
                 failure = exc
         if scope.cancelled_caught or self._end_take(ticket) is None:
@@ -606,7 +614,7 @@ class Server:
                 ))
 
     def _take_failed(self, ticket: Ticket, who: Party, exc: errors.LockdError) -> None:
-        log.warning("cannot take %s for pid %s: %s", ", ".join(ticket.names), who.pid, exc)
+        log.warning("cannot take %s for pid %s: %s", ", ".join(ticket.names), who.claim.pid, exc)
         self._forget(ticket)
         who.session.send(protocol.Error(who.request_id, exc.code or protocol.ErrorCode.PROTOCOL, str(exc)))
         self._apply(self.table.release(ticket))
@@ -618,16 +626,17 @@ class Server:
             # connection lasts, its Release still ends it too.
             self.table.reassign(ticket, who.process)
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("granted %s to pid %s, token %s", ", ".join(ticket.names), who.pid, ticket.tokens)
-        fds = self.backend.descriptors(ticket)
+            log.debug("granted %s to pid %s, token %s", ", ".join(ticket.names), who.claim.pid, ticket.tokens)
+        fds = self.backend.descriptors(who.claim)
         who.session.send(protocol.Granted(who.request_id, ticket.tokens, len(fds)), fds)
 
-    def _drop(self, ticket: Ticket, *, unlock: bool) -> None:
+    def _drop(self, ticket: Ticket, claim: Claim, *, unlock: bool) -> None:
+        self._claimed.pop(claim, None)
         # Once the daemon stops, what the backend holds is left to the backend's own shutdown:
         # holders told their leases are lost must have stopped their work before the locks
         # can go to anyone else (an etcd lease is left to expire rather than revoked).
         if not self._stopping:
-            self.backend.drop(ticket, unlock=unlock)
+            self.backend.drop(claim, unlock=unlock)
 
     def _refused(self, ticket: Ticket, who: Party, effect: Refused) -> None:
         self._forget(ticket)
@@ -656,7 +665,7 @@ class Server:
 
     def _lost(self, ticket: Ticket, who: Party, reason: str) -> None:
         # Its Drop forgets it: a broken lease is still the client's until it lets go.
-        log.warning("lease on %s of pid %s lost: %s", ", ".join(ticket.names), who.pid, reason)
+        log.warning("lease on %s of pid %s lost: %s", ", ".join(ticket.names), who.claim.pid, reason)
         who.session.send(protocol.Lost(who.request_id, reason))
 
     # --- logging what clients do wrong ---------------------------------------------------------

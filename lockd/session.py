@@ -36,6 +36,7 @@ import trio
 from lockd_client import protocol
 from lockd_client.describe import sanitize
 
+from .backend import Claim
 from .config import Limits
 from .processes import ProcessOwner
 from .table import Ticket
@@ -69,11 +70,8 @@ class Party:
 
     session: Session
     request_id: int
-    pid: int | None
-    uid: int | None
-    gid: int | None
-    command: str
-    label: str | None
+    #: What the backend is asked to take, and who for.
+    claim: Claim
     #: Set for a lease tied to a process rather than to the connection.
     process: ProcessOwner | None = None
 

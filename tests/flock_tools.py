@@ -10,13 +10,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from lockd.table import Ticket
+from lockd.backend import Claim
 
 WAIT = 10.0
 
 
-def ticket(*names: str, shared: bool = False, wait: bool = True) -> Ticket:
-    return Ticket("owner", names, shared, wait, None, None, 0.0)
+def claim(*names: str, shared: bool = False, wait: bool = True) -> Claim:
+    return Claim(names, shared, wait, os.getpid(), os.getuid(), os.getgid(), "test", None)
 
 
 def make_lock_dir(root: Path) -> Path:

@@ -20,8 +20,7 @@ from lockd.etcd_backend import EtcdBackend
 from lockd.etcd_client import EtcdClient, WatchResponse
 from lockd.etcd_mirror import Change, Mirror
 from lockd.lockfiles import LockFiles
-from lockd.session import Party
-from lockd.table import State, Ticket
+from lockd.backend import Claim
 from lockd_client.errors import DaemonUnavailable, LimitExceeded, LockdError
 from tests.etcd_cluster import (  # noqa: F401 (fixtures)
     EtcdCluster, entries_under, etcd, etcd3, keys_under, prefix, relay_to, requires_etcd,
@@ -53,13 +52,13 @@ class Host:
         self.files = LockFiles(lock_dir)
         self.backend = EtcdBackend(self.files, client(endpoints), host=name, ttl=TTL, prefix=prefix)
         #: (ticket, reason, trio time) per loss.
-        self.lost: list[tuple[Ticket, str, float]] = []
+        self.lost: list[tuple[Claim, str, float]] = []
 
-    def lose(self, ticket: Ticket, reason: str) -> None:
+    def lose(self, ticket: Claim, reason: str) -> None:
         self.lost.append((ticket, reason, trio.current_time()))
         self.backend.drop(ticket, unlock=True)
 
-    async def take(self, ticket: Ticket) -> list[int]:
+    async def take(self, ticket: Claim) -> list[int]:
         return await self.backend.take(ticket, ignore_blocked)
 
     async def ready(self) -> None:
@@ -77,15 +76,14 @@ class Host:
 
 def ticket(
     *names: str, shared: bool = False, wait: bool = True, label: str | None = None
-) -> Ticket:
-    party = Party(None, 0, os.getpid(), os.getuid(), os.getgid(), "backup site.com", label)
-    return Ticket(object(), names, shared, wait, None, party, 0.0)
+) -> Claim:
+    return Claim(names, shared, wait, os.getpid(), os.getuid(), os.getgid(), "backup site.com", label)
 
 
 class Pending:
     """A take running in the background."""
 
-    def __init__(self, host: Host, ticket: Ticket) -> None:
+    def __init__(self, host: Host, ticket: Claim) -> None:
         self.host = host
         self.ticket = ticket
         self.tokens: list[int] | None = None
@@ -104,7 +102,7 @@ class Pending:
         self.done.set()
 
 
-def start(nursery: trio.Nursery, host: Host, t: Ticket) -> Pending:
+def start(nursery: trio.Nursery, host: Host, t: Claim) -> Pending:
     pending = Pending(host, t)
     nursery.start_soon(pending.run)
     return pending
@@ -112,7 +110,7 @@ def start(nursery: trio.Nursery, host: Host, t: Ticket) -> Pending:
 
 async def holds_while_other_waits(
     holder: Host, waiter: Host, nursery: trio.Nursery, name: str = "x"
-) -> tuple[Ticket, Pending]:
+) -> tuple[Claim, Pending]:
     """`holder` takes `name`; `waiter` then asks for it and is seen waiting."""
     held = ticket(name)
     await holder.take(held)
@@ -534,19 +532,23 @@ async def test_unreachable_at_start_then_serves_once_etcd_appears(hosts: Hosts) 
         cluster.close()
 
 
-async def test_shutdown_revokes_the_lease_at_once(etcd: EtcdCluster, hosts: Hosts) -> None:
-    a, b = hosts(etcd.endpoints, "host0", "host1")
+async def test_shutdown_with_nothing_granted_revokes_the_lease_at_once(etcd: EtcdCluster, hosts: Hosts) -> None:
+    """A daemon stopping while its requests only wait leaves no key behind to expire."""
+    a, b, c = hosts(etcd.endpoints, "host0", "host1", "host2")
     with trio.fail_after(WAIT):
-        async with trio.open_nursery() as outer:
-            outer.start_soon(b.backend.run, b.lose)
-            await b.ready()
-            async with serving(a):
-                _, waiting = await holds_while_other_waits(a, b, outer)
-                stopped = trio.current_time()
-            await waiting.done.wait()
-            # Well under the TTL: the revoke freed the key, not its expiry.
-            assert waiting.at - stopped < TTL / 2
-            outer.cancel_scope.cancel()
+        async with serving(b, c) as outer:
+            held = ticket("x")
+            await b.take(held)
+            async with serving(a) as takes:
+                waiting_on_a = start(takes, a, ticket("x"))
+                assert await still_waiting(waiting_on_a)
+            stopped = trio.current_time()
+            later = start(outer, c, ticket("x"))
+            assert await still_waiting(later, 0.1)
+            b.backend.drop(held, unlock=True)
+            await later.done.wait()
+            # Well under the TTL: the revoke freed a's older key, not its expiry.
+            assert later.tokens is not None and later.at - stopped < TTL / 2
 
 
 async def test_shutdown_leaves_a_lease_with_granted_tickets_to_expire(etcd: EtcdCluster, hosts: Hosts) -> None:
@@ -558,7 +560,6 @@ async def test_shutdown_leaves_a_lease_with_granted_tickets_to_expire(etcd: Etcd
             await b.ready()
             async with serving(a):
                 held, waiting = await holds_while_other_waits(a, b, outer)
-                held.state = State.HELD  # as the table marks a granted ticket
                 stopped = trio.current_time()
             await waiting.done.wait()
             assert waiting.at - stopped > TTL / 2

@@ -14,8 +14,7 @@ from lockd.config import Etcd
 from lockd.etcd_backend import EtcdBackend
 from lockd.etcd_client import EtcdClient, EtcdError, EtcdUnreachable, WatchCompacted, WatchResponse
 from lockd.lockfiles import LockFiles
-from lockd.session import Party
-from lockd.table import Ticket
+from lockd.backend import Claim
 from tests.etcd_cluster import (  # noqa: F401 (fixtures)
     EtcdCluster, free_ports, prefix, relay_to, requires_etcd, shared_etcd,
 )
@@ -104,14 +103,13 @@ async def test_backend_from_config_takes_locks_over_tls_with_auth(
     )
     files = LockFiles(short_tmp)
     backend = EtcdBackend.from_config(files, config, "web1")
-    party = Party(None, 0, 1, 0, 0, "cmd", None)
     try:
         with trio.fail_after(WAIT):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(backend.run, lambda ticket, reason: None)
                 while True:
                     try:
-                        ticket = Ticket("o", ("x",), False, True, None, party, 0.0)
+                        ticket = Claim(("x",), False, True, 1, 0, 0, "cmd", None)
                         (token,) = await backend.take(ticket, ignore_blocked)
                         break
                     except EtcdError:

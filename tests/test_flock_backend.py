@@ -12,10 +12,10 @@ from lockd_client.errors import DaemonUnavailable
 from lockd.backend import Backend, Blocked
 from lockd.flock_backend import FlockBackend
 from lockd.lockfiles import LockFiles
-from lockd.table import Ticket
+from lockd.backend import Claim
 from lockd.tokens import BLOCK, TokenStore
 
-from .flock_tools import can_flock, kill, make_lock_dir, open_fds, outside_flock, ticket
+from .flock_tools import can_flock, kill, make_lock_dir, open_fds, outside_flock, claim
 
 
 def ignore_blocked(holders: list) -> None:
@@ -41,7 +41,7 @@ def backend(lock_dir: Path, tokens: TokenStore) -> Iterator[FlockBackend]:
     files.close()
 
 
-def no_loss(ticket: Ticket, reason: str) -> None:
+def no_loss(ticket: Claim, reason: str) -> None:
     raise AssertionError(f"the flock backend lost {ticket}: {reason}")
 
 
@@ -51,7 +51,7 @@ def test_it_is_a_backend(backend: FlockBackend) -> None:
 
 
 def test_take_now_holds_the_files_and_issues_increasing_tokens(backend: FlockBackend, lock_dir: Path) -> None:
-    first, second = ticket("b", "a"), ticket("c")
+    first, second = claim("b", "a"), claim("c")
     tokens = backend.take_now(first)
     assert tokens is not None and tokens[0] < tokens[1]
     [later] = backend.take_now(second) or []
@@ -64,7 +64,7 @@ def test_take_now_holds_the_files_and_issues_increasing_tokens(backend: FlockBac
 
 async def test_take_now_is_none_while_held_outside(backend: FlockBackend, lock_dir: Path) -> None:
     with outside_flock(lock_dir / "b.lock") as proc:
-        assert backend.take_now(ticket("a", "b")) is None
+        assert backend.take_now(claim("a", "b")) is None
         assert [h.pid for h in (await backend.outside_holders_of(["b"])).get("b", [])] == [proc.pid]
     assert can_flock(lock_dir / "a.lock")
 
@@ -74,12 +74,12 @@ def test_a_failed_token_write_releases_the_files(backend: FlockBackend, tokens: 
         tokens.next()
     (tmp_path / "state" / "tokens.tmp").mkdir()  # the next mark cannot be written
     with pytest.raises(DaemonUnavailable):
-        backend.take_now(ticket("a"))
+        backend.take_now(claim("a"))
     assert can_flock(lock_dir / "a.lock")
 
 
 async def test_take_waits_for_the_outside_holder_and_follows_its_exit(backend: FlockBackend, lock_dir: Path) -> None:
-    t = ticket("a", "b")
+    t = claim("a", "b")
     got: list[list[int]] = []
 
     async def take() -> None:
@@ -109,16 +109,16 @@ async def test_many_takes_waiting_on_one_name_cost_one_attempt_per_retry(
     attempts = 0
     try_lock = LockFiles.try_lock
 
-    def counted(files: LockFiles, t: Ticket) -> bool:
+    def counted(files: LockFiles, t: Claim) -> bool:
         nonlocal attempts
         attempts += 1
         return try_lock(files, t)
 
     monkeypatch.setattr(LockFiles, "try_lock", counted)
-    readers = [ticket("a", shared=True) for _ in range(200)]
-    granted: list[Ticket] = []
+    readers = [claim("a", shared=True) for _ in range(200)]
+    granted: list[Claim] = []
 
-    async def take(t: Ticket) -> None:
+    async def take(t: Claim) -> None:
         await backend.take(t, ignore_blocked)
         granted.append(t)
 
@@ -144,7 +144,7 @@ async def test_take_without_wait_is_blocked_and_holds_nothing(backend: FlockBack
     with trio.fail_after(10):
         with outside_flock(lock_dir / "b.lock"):
             with pytest.raises(Blocked, match="held by a process outside lockd"):
-                await backend.take(ticket("a", "b", wait=False), ignore_blocked)
+                await backend.take(claim("a", "b", wait=False), ignore_blocked)
         assert can_flock(lock_dir / "a.lock") and can_flock(lock_dir / "b.lock")
 
 
@@ -153,7 +153,7 @@ async def test_a_cancelled_take_holds_nothing(backend: FlockBackend, lock_dir: P
     with trio.fail_after(10):
         with outside_flock(lock_dir / "b.lock"):
             with trio.move_on_after(0.1) as scope:
-                await backend.take(ticket("a", "b"), ignore_blocked)
+                await backend.take(claim("a", "b"), ignore_blocked)
             assert scope.cancelled_caught
         assert can_flock(lock_dir / "a.lock") and can_flock(lock_dir / "b.lock")
     assert open_fds() == before
@@ -163,7 +163,7 @@ async def test_a_take_cancelled_before_it_starts_takes_nothing(backend: FlockBac
     with trio.fail_after(10):
         with trio.CancelScope() as scope:
             scope.cancel()
-            await backend.take(ticket("a"), ignore_blocked)
+            await backend.take(claim("a"), ignore_blocked)
         assert scope.cancelled_caught
         assert can_flock(lock_dir / "a.lock")
 
@@ -179,9 +179,9 @@ async def test_a_waiting_take_says_whom_it_waits_for_and_a_free_one_says_nothing
 ) -> None:
     told: list[list[int | None]] = []
     with trio.fail_after(10):
-        await backend.take(ticket("free"), lambda holders: told.append([h.pid for h in holders]))
+        await backend.take(claim("free"), lambda holders: told.append([h.pid for h in holders]))
         assert told == []
         with outside_flock(lock_dir / "b.lock") as proc:
             with trio.move_on_after(0.1):
-                await backend.take(ticket("a", "b"), lambda holders: told.append([h.pid for h in holders]))
+                await backend.take(claim("a", "b"), lambda holders: told.append([h.pid for h in holders]))
         assert told == [[proc.pid]]

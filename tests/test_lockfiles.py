@@ -17,7 +17,7 @@ from lockd_client.protocol import Holder
 from lockd import lockfiles
 from lockd.lockfiles import LockDirError, LockFiles, prepare_lock_dir
 
-from .flock_tools import can_flock, make_lock_dir, open_fds, outside_flock, ticket
+from .flock_tools import can_flock, make_lock_dir, open_fds, outside_flock, claim
 
 
 class Hung(Exception):
@@ -54,7 +54,7 @@ def files(lock_dir: Path) -> Iterator[LockFiles]:
 
 
 def test_exclusive_excludes_outside_flock_until_unlocked(files: LockFiles, lock_dir: Path) -> None:
-    t = ticket("db")
+    t = claim("db")
     assert files.try_lock(t)
     assert not can_flock(lock_dir / "db.lock")
     assert not can_flock(lock_dir / "db.lock", shared=True)
@@ -65,8 +65,8 @@ def test_exclusive_excludes_outside_flock_until_unlocked(files: LockFiles, lock_
 def test_outside_holder_blocks_and_is_named(files: LockFiles, lock_dir: Path) -> None:
     path = lock_dir / "db.lock"
     with outside_flock(path) as proc:
-        assert not files.try_lock(ticket("db"))
-        assert not files.try_lock(ticket("db", shared=True))
+        assert not files.try_lock(claim("db"))
+        assert not files.try_lock(claim("db", shared=True))
         assert files.outside_holders("db") == [
             Holder(
                 pid=proc.pid,
@@ -76,17 +76,17 @@ def test_outside_holder_blocks_and_is_named(files: LockFiles, lock_dir: Path) ->
                 outside=True,
             )
         ]
-    assert files.try_lock(ticket("db"))
+    assert files.try_lock(claim("db"))
 
 
 def test_shared_coexists_with_outside_shared(files: LockFiles, lock_dir: Path) -> None:
     path = lock_dir / "logs.lock"
-    t = ticket("logs", shared=True)
+    t = claim("logs", shared=True)
     assert files.try_lock(t)
     assert can_flock(path, shared=True)
     assert not can_flock(path)
     with outside_flock(path, shared=True) as proc:
-        assert files.try_lock(ticket("logs", shared=True))
+        assert files.try_lock(claim("logs", shared=True))
         [holder] = files.outside_holders("logs")
         assert (holder.pid, holder.mode) == (proc.pid, "shared")
 
@@ -119,7 +119,7 @@ def test_every_file_finds_the_held_lock_files_no_name_was_asked_for(
     assert files.outside_holders_of([], every_file=True) == {}
     for free in ("free.lock", "not-a-lock", "-bad.lock"):
         (lock_dir / free).touch()
-    assert files.try_lock(ticket("mine"))  # lockd's own: never outside
+    assert files.try_lock(claim("mine"))  # lockd's own: never outside
     with outside_flock(lock_dir / "a.lock") as a, outside_flock(lock_dir / "-bad.lock"), \
             outside_flock(lock_dir / "not-a-lock"), outside_flock(lock_dir / "b.lock", shared=True) as b:
         scans.clear()
@@ -135,7 +135,7 @@ def test_every_file_finds_the_held_lock_files_no_name_was_asked_for(
 
 
 def test_outside_holders_leaves_out_this_process(files: LockFiles) -> None:
-    assert files.try_lock(ticket("db"))
+    assert files.try_lock(claim("db"))
     assert files.outside_holders("db") == []
 
 
@@ -146,16 +146,16 @@ def test_outside_holders_of_a_missing_file_creates_nothing(files: LockFiles, loc
 
 def test_multi_name_rollback_when_a_later_name_is_held_outside(files: LockFiles, lock_dir: Path) -> None:
     with outside_flock(lock_dir / "b.lock"):
-        assert not files.try_lock(ticket("a", "b", "c"))
+        assert not files.try_lock(claim("a", "b", "c"))
         assert can_flock(lock_dir / "a.lock")
         assert not (lock_dir / "c.lock").exists()  # never reached
 
 
 def test_shared_rollback_keeps_other_tickets_count(files: LockFiles, lock_dir: Path) -> None:
-    first = ticket("a", shared=True)
+    first = claim("a", shared=True)
     assert files.try_lock(first)
     with outside_flock(lock_dir / "b.lock"):
-        assert not files.try_lock(ticket("a", "b", shared=True))
+        assert not files.try_lock(claim("a", "b", shared=True))
     assert not can_flock(lock_dir / "a.lock")
     files.unlock(first)
     assert can_flock(lock_dir / "a.lock")
@@ -173,7 +173,7 @@ def test_symlink_is_refused_and_its_target_untouched(files: LockFiles, lock_dir:
     before = target.stat()
     for name in ("a", "b"):
         with pytest.raises(BadLockFile, match=f"{lock_dir / name}.lock is a symbolic link.*remove it"):
-            files.try_lock(ticket(name))
+            files.try_lock(claim(name))
     after = target.stat()
     assert target.read_bytes() == b"keep me"
     assert (after.st_mtime_ns, after.st_mode) == (before.st_mtime_ns, before.st_mode)
@@ -184,26 +184,26 @@ def test_symlink_is_refused_and_its_target_untouched(files: LockFiles, lock_dir:
 def test_fifo_is_refused_promptly(files: LockFiles, lock_dir: Path) -> None:
     os.mkfifo(lock_dir / "pipe.lock")
     with pytest.raises(BadLockFile, match=r"pipe\.lock is a FIFO"):
-        files.try_lock(ticket("pipe"))
+        files.try_lock(claim("pipe"))
 
 
 def test_directory_is_refused(files: LockFiles, lock_dir: Path) -> None:
     (lock_dir / "dir.lock").mkdir()
     with pytest.raises(BadLockFile, match=r"dir\.lock is a directory"):
-        files.try_lock(ticket("dir"))
+        files.try_lock(claim("dir"))
 
 
 def test_socket_is_refused(files: LockFiles, lock_dir: Path) -> None:
     with socket.socket(socket.AF_UNIX) as s:
         s.bind(str(lock_dir / "sock.lock"))
         with pytest.raises(BadLockFile, match=r"sock\.lock is a socket"):
-            files.try_lock(ticket("sock"))
+            files.try_lock(claim("sock"))
 
 
 def test_bad_file_rolls_back_earlier_names(files: LockFiles, lock_dir: Path) -> None:
     (lock_dir / "b.lock").mkdir()
     with pytest.raises(BadLockFile):
-        files.try_lock(ticket("a", "b"))
+        files.try_lock(claim("a", "b"))
     assert can_flock(lock_dir / "a.lock")
 
 
@@ -216,7 +216,7 @@ def test_out_of_descriptors_is_a_limit_and_holds_nothing(files: LockFiles, lock_
     resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
     try:
         with pytest.raises(LimitExceeded, match="out of file descriptors"):
-            files.try_lock(ticket(*names))
+            files.try_lock(claim(*names))
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert open_fds() == before
@@ -228,7 +228,7 @@ def test_out_of_descriptors_is_a_limit_and_holds_nothing(files: LockFiles, lock_
 
 def test_each_shared_ticket_has_a_descriptor_of_its_own(files: LockFiles, lock_dir: Path) -> None:
     before = open_fds()
-    readers = [ticket("logs", shared=True) for _ in range(3)]
+    readers = [claim("logs", shared=True) for _ in range(3)]
     for t in readers:
         assert files.try_lock(t)
     assert open_fds() == before + 3
@@ -242,7 +242,7 @@ def test_each_shared_ticket_has_a_descriptor_of_its_own(files: LockFiles, lock_d
 
 
 def test_a_copy_of_the_descriptor_keeps_the_lock_until_unlock(files: LockFiles, lock_dir: Path) -> None:
-    kept, released = ticket("a"), ticket("b")
+    kept, released = claim("a"), claim("b")
     assert files.try_lock(kept) and files.try_lock(released)
     copies = [os.dup(fd) for t in (kept, released) for fd in files.descriptors(t)]
     try:
@@ -260,7 +260,7 @@ def test_a_copy_of_the_descriptor_keeps_the_lock_until_unlock(files: LockFiles, 
 
 
 def test_descriptors_are_read_only(files: LockFiles, lock_dir: Path) -> None:
-    t = ticket("a")
+    t = claim("a")
     assert files.try_lock(t)
     (fd,) = files.descriptors(t)
     assert os.get_inheritable(fd) is False
@@ -270,18 +270,18 @@ def test_descriptors_are_read_only(files: LockFiles, lock_dir: Path) -> None:
 
 
 def test_unlock_is_idempotent(files: LockFiles, lock_dir: Path) -> None:
-    first, second = ticket("logs", shared=True), ticket("logs", shared=True)
+    first, second = claim("logs", shared=True), claim("logs", shared=True)
     assert files.try_lock(first) and files.try_lock(second)
     files.unlock(first)
     files.unlock(first)
-    files.unlock(ticket("logs", shared=True))  # never held
+    files.unlock(claim("logs", shared=True))  # never held
     assert not can_flock(lock_dir / "logs.lock")
     files.unlock(second)
     assert can_flock(lock_dir / "logs.lock")
 
 
 def test_locking_a_held_ticket_again_counts_once(files: LockFiles, lock_dir: Path) -> None:
-    t = ticket("logs", shared=True)
+    t = claim("logs", shared=True)
     assert files.try_lock(t) and files.try_lock(t)
     files.unlock(t)
     assert can_flock(lock_dir / "logs.lock")
@@ -293,22 +293,22 @@ def test_no_descriptor_leaks(files: LockFiles, lock_dir: Path) -> None:
     before = open_fds()
     with outside_flock(lock_dir / "busy.lock"):
         for i in range(300):
-            readers = [ticket("r", f"x{i % 7}", shared=True) for _ in range(3)]
+            readers = [claim("r", f"x{i % 7}", shared=True) for _ in range(3)]
             for t in readers:
                 assert files.try_lock(t)
-            writer = ticket("w", f"y{i % 5}")
+            writer = claim("w", f"y{i % 5}")
             assert files.try_lock(writer)
-            assert not files.try_lock(ticket(f"z{i % 3}", "busy"))
+            assert not files.try_lock(claim(f"z{i % 3}", "busy"))
             for bad in ("link", "fifo"):
                 with pytest.raises(BadLockFile):
-                    files.try_lock(ticket(f"z{i % 3}", bad))
+                    files.try_lock(claim(f"z{i % 3}", bad))
             for t in [*readers, writer]:
                 files.unlock(t)
     assert open_fds() == before
 
 
 def test_lock_files_are_never_unlinked(files: LockFiles, lock_dir: Path) -> None:
-    t = ticket("db", "logs")
+    t = claim("db", "logs")
     assert files.try_lock(t)
     inodes = {p.name: p.stat().st_ino for p in lock_dir.iterdir()}
     files.unlock(t)
@@ -324,7 +324,7 @@ def test_new_files_get_the_configured_mode(lock_dir: Path) -> None:
     old = os.umask(0o022)
     files = LockFiles(lock_dir, file_mode=0o640)
     try:
-        assert files.try_lock(ticket("db"))
+        assert files.try_lock(claim("db"))
     finally:
         files.close()
         os.umask(old)
@@ -336,7 +336,7 @@ def test_new_files_get_the_configured_mode(lock_dir: Path) -> None:
 def test_close_releases_everything(lock_dir: Path) -> None:
     files = LockFiles(lock_dir)
     before = open_fds()
-    assert files.try_lock(ticket("a")) and files.try_lock(ticket("b", shared=True))
+    assert files.try_lock(claim("a")) and files.try_lock(claim("b", shared=True))
     files.close()
     files.close()
     assert can_flock(lock_dir / "a.lock") and can_flock(lock_dir / "b.lock")
@@ -408,7 +408,7 @@ def test_the_checked_directory_is_the_one_used_even_if_its_path_is_swapped(tmp_p
         checked.rename(tmp_path / "moved")
         (tmp_path / "locks").mkdir(mode=0o777)
         os.chmod(tmp_path / "locks", 0o777)
-        assert files.try_lock(ticket("a"))
+        assert files.try_lock(claim("a"))
         assert (tmp_path / "moved" / "a.lock").exists()
         assert not (tmp_path / "locks" / "a.lock").exists()
     finally:

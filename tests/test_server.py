@@ -22,7 +22,8 @@ from lockd.listen import bind_unix_listener
 from lockd.lockfiles import LockFiles
 from lockd.policy import Policy
 from lockd.server import Server
-from lockd.table import LockTable, Ticket
+from lockd.backend import Claim
+from lockd.table import LockTable
 from lockd.tokens import TokenStore
 from lockd_client import protocol
 
@@ -34,14 +35,14 @@ TIMEOUT = 10.0
 class BuggyBackend(FlockBackend):
     """The flock backend, except that names starting with "bug" hit a bug somewhere."""
 
-    def take_now(self, ticket: Ticket) -> list[int] | None:
+    def take_now(self, ticket: Claim) -> list[int] | None:
         if ticket.names[0] == "bug-now":
             raise RuntimeError("a bug in take_now")
         if ticket.names[0] == "bug-later":
             return None  # as if held outside: the take goes on in a task of its own
         return super().take_now(ticket)
 
-    async def take(self, ticket: Ticket, blocked: BlockedCallback) -> list[int]:
+    async def take(self, ticket: Claim, blocked: BlockedCallback) -> list[int]:
         if ticket.names[0] != "bug-later":
             return await super().take(ticket, blocked)
         await trio.sleep(0.01)
