@@ -152,9 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     from lockd_client.errors import LockdError
 
     from .fdlimit import raise_nofile_limit
+    from .listen import bind_unix_listener, somaxconn
     from .lockfiles import LockFiles, prepare_lock_dir
     from .policy import Policy
-    from .listen import bind_unix_listener, somaxconn
     from .systemd import listen_fds
     from .tokens import TokenStore
 
@@ -211,10 +211,8 @@ def main(argv: list[str] | None = None) -> int:
 def _check(args: argparse.Namespace, conf) -> int:
     """`--check-config`: what start-up would make of the configuration, short of touching the
     directories, the socket or etcd. Raises ConfigError for a problem."""
-    from .config import default_config_path
+    from .config import ConfigError, default_config_path
     from .policy import Policy
-
-    from .config import ConfigError
 
     Policy.from_config(conf.policy)
     if conf.backend == "etcd":
@@ -293,9 +291,9 @@ async def _serve(args, conf, backend, policy, sockets: list[socket.socket], wher
 
 
 def _summary(server) -> str:
-    table = server.table
-    waiting = table.waiting_count()
-    return f"{len(table) - waiting} leases held, {waiting} waiting, {len(server.sessions)} clients"
+    service = server.service
+    waiting = service.table.waiting_count()
+    return f"{len(service.table) - waiting} leases held, {waiting} waiting, {len(service.clients)} clients"
 
 
 async def _report_status(notifier, server) -> None:
@@ -327,8 +325,8 @@ def _reload(args, current, server):
         log.exception("reload failed, keeping the running configuration")
         return current
     configure_logging(plan.config.log_level, under_systemd())
-    server.policy = policy
-    server.limits = plan.config.limits
+    server.service.policy = policy
+    server.service.limits = plan.config.limits
     if plan.applied:
         log.info("reloaded: applied %s", ", ".join(plan.applied))
     else:

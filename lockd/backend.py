@@ -31,8 +31,9 @@ class Claim:
     #: Whether a take waits for holders outside lockd's table; if not, it raises `Blocked`.
     wait: bool
     #: Who asks, as other hosts are shown the holder (etcd).
-    pid: int | None
-    uid: int | None
+    pid: int
+    uid: int
+    #: None for a process-tied claim: what the process's group is was never asked.
     gid: int | None
     command: str
     label: str | None

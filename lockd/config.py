@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
 
 import msgspec
-
 from lockd_client import paths, protocol
 from lockd_client.errors import LockdError
 

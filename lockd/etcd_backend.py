@@ -34,7 +34,6 @@ from collections.abc import Awaitable, Callable, Iterable
 
 import msgspec
 import trio
-
 from lockd_client.errors import LimitExceeded
 from lockd_client.protocol import Holder
 

@@ -20,7 +20,6 @@ from typing import Any, Literal, TypeVar
 import httpx
 import msgspec
 import trio
-
 from lockd_client.errors import DaemonUnavailable
 
 # gRPC status codes etcd answers with (google.golang.org/grpc/codes).

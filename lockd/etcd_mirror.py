@@ -18,7 +18,6 @@ from typing import NamedTuple
 
 import msgspec
 import trio
-
 from lockd_client.protocol import Holder, Mode, name_problem
 
 from .etcd_client import KeyValue, WatchResponse

@@ -14,7 +14,6 @@ Invariants:
 from __future__ import annotations
 
 import trio
-
 from lockd_client.protocol import Holder
 
 from .lockfiles import LockFiles

@@ -2,14 +2,15 @@
 
 Invariants:
 - At most one open `ProcessOwner` per pid. An owner is open (its pidfd open, its watch
-  running) exactly while some live ticket is tied to it: `attach` when a ticket is made,
-  `detach` when it ends, and the last `detach` closes it. An owner no ticket ever used is
+  running) exactly while some live ticket is tied to it: `attach` when a ticket is made (the
+  first asks for the watch, which `watch` then runs), `detach` when it ends, and the last
+  `detach` closes it. An owner no ticket ever used is
   closed by `discard`. So a process whose leases all ended costs nothing more.
 - The pidfd is opened before the process's uid is read, and the process is checked to be
   still running afterwards, so the uid checked is that of the process the pidfd watches,
   even if its pid is recycled meanwhile.
-- `on_exit` is called once per owner whose process exits while it is open, from the watch
-  task; never after `close`.
+- `on_exit` is called once per owner whose process exits while it is open, from its `watch`;
+  never after the owner is closed.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import select
 from collections.abc import Callable
 
 import trio
-
 from lockd_client import errors
 
 from . import procinfo
@@ -36,11 +36,13 @@ MAX_PID = 4 * 1024 * 1024
 class ProcessOwner:
     """The table owner of the leases tied to process `pid` (of user `uid`)."""
 
-    __slots__ = ("pid", "uid", "pidfd", "tickets", "closed")
+    __slots__ = ("pid", "uid", "command", "pidfd", "tickets", "closed")
 
-    def __init__(self, pid: int, uid: int, pidfd: int) -> None:
+    def __init__(self, pid: int, uid: int, command: str, pidfd: int) -> None:
         self.pid = pid
         self.uid = uid
+        #: As it was when the first lease was tied to the process.
+        self.command = command
         self.pidfd = pidfd
         #: Live tickets tied to this process: waiting ones (still owned by their connection)
         #: and granted ones (owned by this owner in the table).
@@ -52,7 +54,7 @@ class ProcessOwner:
 
 
 class Processes:
-    """The open ProcessOwners, by pid. Watches run in the nursery given to `attach`."""
+    """The open ProcessOwners, by pid."""
 
     def __init__(self, on_exit: Callable[[ProcessOwner], None]) -> None:
         self._owners: dict[int, ProcessOwner] = {}
@@ -79,11 +81,11 @@ class Processes:
             )
         return owner
 
-    def attach(self, owner: ProcessOwner, ticket: Ticket, nursery: trio.Nursery) -> None:
-        """Tie `ticket` to `owner`; the first ticket starts the watch."""
-        if not owner.tickets:
-            nursery.start_soon(self._watch, owner)
+    def attach(self, owner: ProcessOwner, ticket: Ticket) -> bool:
+        """Tie `ticket` to `owner`. True for the first ticket: the caller must run `watch`."""
+        first = not owner.tickets
         owner.tickets.add(ticket)
+        return first
 
     def detach(self, owner: ProcessOwner, ticket: Ticket) -> None:
         """`ticket` ended; the owner closes once no ticket is tied to it."""
@@ -116,7 +118,7 @@ class Processes:
         if uid is None or ready.poll(0):
             os.close(pidfd)
             raise errors.NotHeld(f"process {pid} does not exist; a lease can only be tied to a running process")
-        owner = self._owners[pid] = ProcessOwner(pid, uid, pidfd)
+        owner = self._owners[pid] = ProcessOwner(pid, uid, procinfo.command_line(pid), pidfd)
         return owner
 
     def _close(self, owner: ProcessOwner) -> None:
@@ -126,8 +128,9 @@ class Processes:
         trio.lowlevel.notify_closing(owner.pidfd)
         os.close(owner.pidfd)
 
-    async def _watch(self, owner: ProcessOwner) -> None:
-        """Call `on_exit` when the process exits, unless the owner is closed first."""
+    async def watch(self, owner: ProcessOwner) -> None:
+        """Call `on_exit` when the process exits, unless the owner is closed first; return
+        then. Cancellation: stops watching, calls nothing."""
         if owner.closed:
             return  # closed before this task ran: its pidfd number may belong to another file
         try:

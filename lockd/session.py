@@ -28,18 +28,13 @@ import os
 import socket
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 
 import msgspec
 import trio
-
 from lockd_client import protocol
 from lockd_client.describe import sanitize
 
-from .backend import Claim
 from .config import Limits
-from .processes import ProcessOwner
-from .table import Ticket
 
 log = logging.getLogger("lockd")
 
@@ -63,58 +58,25 @@ _MAX_QUOTED = 120
 Handler = Callable[["Session", object], Awaitable[None] | None]
 
 
-@dataclass(slots=True)
-class Party:
-    """Who a ticket is for: what the server puts in `Ticket.info` (read it back with `party`),
-    shown in `status` and in busy messages."""
-
-    session: Session
-    request_id: int
-    #: What the backend is asked to take, and who for.
-    claim: Claim
-    #: Set for a lease tied to a process rather than to the connection.
-    process: ProcessOwner | None = None
-
-
 class _Malformed(Exception):
     """The peer broke the framing or sent bytes no request decodes from."""
 
 
 class Session:
-    """A connected client: its identity (from the kernel at connect, never from what it says),
-    its live tickets by request id, the ids of ended requests whose refusal is still to be
-    sent, and its socket."""
+    """A connected client's socket: the handshake, reading requests, writing replies. What
+    the client is and has asked for is the service's (lockd.service.Client)."""
 
     __slots__ = (
-        "sock", "ident", "pid", "uid", "gid", "gids", "command", "label", "tickets", "names", "taking", "_refusing",
-        "break_grace",
-        "closed", "close_reason", "_on_close", "_encoder", "_outbox", "_attached", "_wake", "_eof",
+        "sock", "ident", "label", "closed", "close_reason", "_on_close", "_encoder", "_outbox", "_attached",
+        "_wake", "_eof",
     )
 
-    def __init__(
-        self, sock: socket.socket, ident: int, pid: int, uid: int, gid: int, gids: frozenset[int],
-        command: str, on_close: Callable[[Session], None],
-    ) -> None:
+    def __init__(self, sock: socket.socket, ident: int, on_close: Callable[[Session], None]) -> None:
         """`sock` must be non-blocking; the session closes it when `serve` returns."""
         self.sock = sock
         self.ident = ident
-        self.pid = pid
-        self.uid = uid
-        self.gid = gid
-        #: Every group the peer was in at connect time (policies name groups).
-        self.gids = gids
-        self.command = command
+        #: From the client's hello.
         self.label: str | None = None
-        #: Request id → the ticket of an Acquire that is waiting or held on this connection.
-        self.tickets: dict[int, Ticket] = {}
-        #: How many names those tickets cover: what the lease limits count.
-        self.names = 0
-        #: How many of those the backend is still taking (not yet granted: they count as waiting).
-        self.taking = 0
-        #: The `limits.break_grace` this client was told at connect time: a lease of its broken
-        #: by force is given at least that long, whatever a reload says since.
-        self.break_grace = 0.0
-        self._refusing: set[int] = set()
         self.closed = False
         self.close_reason: str | None = None
         self._on_close = on_close
@@ -125,35 +87,8 @@ class Session:
         self._wake = trio.Event()
         self._eof = False
 
-    def remember(self, request_id: int, ticket: Ticket) -> None:
-        self.tickets[request_id] = ticket
-        self.names += len(ticket.names)
-
-    def forget(self, request_id: int) -> None:
-        self.names -= len(self.tickets.pop(request_id).names)
-
-    def forget_all(self) -> None:
-        self.tickets.clear()
-        self.names = 0
-        self._refusing.clear()
-
-    def in_use(self, request_id: int) -> bool:
-        """Whether `request_id` belongs to a live ticket or to a refusal still to be sent."""
-        return request_id in self.tickets or request_id in self._refusing
-
-    def reserve(self, request_id: int) -> None:
-        """Keep the id of an ended request in use until its refusal is sent (`unreserve`)."""
-        self._refusing.add(request_id)
-
-    def unreserve(self, request_id: int) -> bool:
-        """Free a reserved id; False if it was not reserved (withdrawn, or the session closed)."""
-        if request_id not in self._refusing:
-            return False
-        self._refusing.remove(request_id)
-        return True
-
     def __repr__(self) -> str:
-        return f"<Session #{self.ident} pid={self.pid} uid={self.uid}>"
+        return f"<Session #{self.ident}>"
 
     # --- sending ------------------------------------------------------------------------------
 
@@ -429,13 +364,6 @@ def shown_label(text: str | None) -> str | None:
     """A client's label as lockd keeps and shows it: inert (see `describe.sanitize`); the
     protocol already caps its length."""
     return None if text is None else sanitize(text)
-
-
-def party(ticket: Ticket) -> Party:
-    """The Party the server put in `ticket.info`."""
-    info = ticket.info
-    assert isinstance(info, Party)
-    return info
 
 
 def _rights(fds: Sequence[int]) -> tuple[int, int, bytes]:

@@ -17,7 +17,6 @@ import stat
 import time
 
 import trio
-
 from lockd_client.errors import LockdError
 
 log = logging.getLogger(__name__)

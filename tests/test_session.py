@@ -58,7 +58,7 @@ def make_session(sock: socket.socket, closed: list[str] | None = None) -> Sessio
         if closed is not None:
             closed.append(session.close_reason or "")
 
-    return Session(sock, 1, os.getpid(), os.getuid(), os.getgid(), frozenset(), "test", on_close)
+    return Session(sock, 1, on_close)
 
 
 async def test_a_flooding_client_lets_other_tasks_run(pair: tuple[socket.socket, socket.socket]) -> None:

@@ -1,0 +1,723 @@
+"""The lock service: one place decides. Requests, connections and backend reports come in;
+replies go out to the clients, and I/O orders go out to the shell that does the I/O.
+
+Invariants:
+- Every ticket that ends goes through `_end_ticket`, exactly once, before any reply about it
+  is sent: its request id, the limits' counts (per connection, per uid, pending takes) and
+  its tie to a process all end there and nowhere else. A request id whose refusal is still
+  to be sent stays reserved on its client until it is sent or the client withdraws it.
+- Every change to the table is carried out by `_apply` before the input that caused it
+  returns: effects join one queue and are carried out strictly in order, including those
+  that carrying them out causes (a client cut off while a reply is sent to it ends its
+  tickets on the spot). So each Take is carried out before its Drop, and the table, the
+  clients and the process owners agree whenever the service is not running.
+- The service does no I/O of its own: what it sends clients and every other I/O it needs
+  are `orders`, one queue, which the shell carries out in order and answers by calling back
+  (`taken`, `take_failed`, `refuse_naming`, ...). So a reply never overtakes the I/O it
+  reports (a release's Done follows its unlock). It reads time only from its clock.
+- No exception of one effect stops the others: a bug costs at most the ticket it concerns.
+- Once `stop()` is called nothing more is taken or released: every client is told the daemon
+  is shutting down and is closed; held leases are reported lost only where the backend's
+  leases do not outlive the daemon (elsewhere their holders keep the locks through their
+  copies of the lock-file descriptors). What the backend holds is left to its own shutdown.
+- A lease's locks are released for every copy of their descriptors (`Release(unlock=True)`)
+  only when it was released (by its holder, or by `release_pid`), or broken by force and then
+  let go or overdue (see lockd.table); when its holder goes away, only the daemon's own
+  copies are closed.
+- What clients do wrong (connections refused or cut off, requests refused by policy) is
+  logged within the budget of `loglimit`; lines about work done are not limited.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Final
+
+from lockd_client import errors, protocol
+from lockd_client.describe import holder_text, sanitize
+
+from . import admission
+from .backend import Claim
+from .config import Limits
+from .loglimit import Kind, LogLimiter, Summary
+from .orders import (
+    Close,
+    Grant,
+    NameOutsideHolders,
+    Order,
+    Peer,
+    Release,
+    Send,
+    StartTake,
+    StopTake,
+    SummariseAt,
+    WakeAt,
+    Watch,
+)
+from .policy import Policy
+from .processes import Processes, ProcessOwner
+from .table import (
+    BREAKING,
+    ENDED,
+    HELD,
+    TAKING,
+    Drop,
+    Effect,
+    Ending,
+    Granted,
+    LockTable,
+    Lost,
+    Queued,
+    Reason,
+    Refused,
+    Take,
+    Ticket,
+)
+
+log = logging.getLogger("lockd")
+
+SHUTDOWN_MESSAGE: Final = "lockd is shutting down; reconnect when it is back"
+#: The states `status` shows as holding: a broken lease holds until its owner has let go.
+_SHOWN_HELD: Final = (HELD, BREAKING)
+#: What clients do wrong, logged within bounds (see loglimit).
+CUT_OFF: Final = Kind(logging.INFO, "cut off {count} more connections")
+REFUSED_CONNECTION: Final = Kind(logging.WARNING, "refused {count} more connections")
+UNREADABLE_PEER: Final = Kind(
+    logging.WARNING, "dropped {count} more connections whose peer credentials were unreadable"
+)
+REFUSED_REQUEST: Final = Kind(logging.WARNING, "refused {count} more requests by policy")
+
+
+class Client:
+    """A connection's identity (from the kernel, never from what it says) and what it has
+    asked for: its live tickets by request id, and the counts the limits read."""
+
+    __slots__ = ("peer", "pid", "uid", "gid", "gids", "command", "break_grace", "tickets",
+                 "names", "taking", "refusing")
+
+    def __init__(
+        self, peer: Peer, pid: int, uid: int, gid: int, gids: frozenset[int], command: str, break_grace: float
+    ) -> None:
+        self.peer = peer
+        self.pid = pid
+        self.uid = uid
+        self.gid = gid
+        #: Every group the peer was in at connect time (policies name groups).
+        self.gids = gids
+        self.command = command
+        #: The `limits.break_grace` this client was told at connect time: a lease of its broken
+        #: by force is given at least that long, whatever a reload says since.
+        self.break_grace = break_grace
+        #: Request id → the ticket of an Acquire that is waiting or held on this connection.
+        self.tickets: dict[int, Ticket] = {}
+        #: How many names those tickets cover: what the lease limits count.
+        self.names = 0
+        #: How many of those the backend is taking in a task of its own (they count as waiting).
+        self.taking = 0
+        #: Ids of ended requests whose refusal is still to be sent.
+        self.refusing: set[int] = set()
+
+    def __repr__(self) -> str:
+        return f"<Client pid={self.pid} uid={self.uid} {self.peer!r}>"
+
+
+@dataclass(slots=True)
+class Party:
+    """Who a ticket is for: what the service puts in `Ticket.info`."""
+
+    client: Client
+    request_id: int
+    #: What the backend is asked to take, and who for.
+    claim: Claim
+    #: Set for a lease tied to a process rather than to the connection.
+    process: ProcessOwner | None = None
+
+
+def party(ticket: Ticket) -> Party:
+    info = ticket.info
+    assert isinstance(info, Party)
+    return info
+
+
+@dataclass(slots=True)
+class StatusLook:
+    """What a status must look for outside lockd before `status_reply`: `names` asked for
+    (or all those lockd knows of), `look_for` those of them to look up."""
+
+    names: list[str]
+    look_for: list[str]
+    every_file: bool
+
+    def shown(self, outside: dict[str, list[protocol.Holder]]) -> list[str]:
+        """The names a status shows, given what the look found `outside`."""
+        return self.names + [name for name in outside if name not in self.names]
+
+
+class LockService:
+    """The decisions of the daemon over one lock table. See the module docstring."""
+
+    def __init__(
+        self, table: LockTable, processes: Processes, limits: Limits, policy: Policy, *,
+        leases_outlive_daemon: bool, clock: Callable[[], float],
+    ) -> None:
+        """`clock` tells the time on the table's scale (monotonic seconds)."""
+        self.table = table
+        self._clock = clock
+        #: Unix time minus `clock()`, for the times clients are shown (set by the shell).
+        self.wall_offset = 0.0
+        self.processes = processes
+        #: Both may be replaced while serving (configuration reload).
+        self.limits = limits
+        self.policy = policy
+        self.leases_outlive_daemon = leases_outlive_daemon
+        self.clients: dict[Peer, Client] = {}
+        #: uid → how many of its connections are served, for the per-uid limit.
+        self._uid_clients: dict[int, int] = {}
+        #: uid → how many names the live tickets asked for by its connections cover, counted
+        #: from request to end: a process-tied lease still counts once its connection is gone.
+        self._uid_names: dict[int, int] = {}
+        #: Tickets handed to the backend (from Take to Drop), by their claim, for its reports.
+        self._claimed: dict[Claim, Ticket] = {}
+        #: Those the backend has not answered for yet (counted in `Client.taking`).
+        self._taking: set[Ticket] = set()
+        self.orders: deque[Order] = deque()
+        self._effects: deque[Effect] = deque()
+        self._applying = False
+        self.stopping = False
+        self._noise = LogLimiter()
+
+    # --- connections --------------------------------------------------------------------------
+
+    def connect(
+        self, peer: Peer, pid: int, uid: int, gid: int, gids: frozenset[int], command: str,
+    ) -> Client | None:
+        """A client connected: its Client, or None if it is refused (it is told why and closed)."""
+        if self.stopping:
+            self._send(peer, protocol.Error(None, protocol.ErrorCode.SHUTDOWN, SHUTDOWN_MESSAGE))
+            self._close(peer, "the daemon is shutting down")
+            return None
+        refusal = admission.connection_refusal(
+            self.limits, len(self.clients), self._uid_clients.get(uid, 0), uid
+        )
+        if refusal is not None:
+            self.log_noise(
+                REFUSED_CONNECTION, uid, refusal,
+                "refusing a connection from uid %d pid %d (%s): %s", uid, pid, command, refusal,
+            )
+            self._send(peer, protocol.Error(None, protocol.ErrorCode.LIMIT, refusal))
+            self._close(peer, refusal)
+            return None
+        client = self.clients[peer] = Client(peer, pid, uid, gid, gids, command, self.limits.break_grace)
+        self._uid_clients[uid] = self._uid_clients.get(uid, 0) + 1
+        log.debug("%r connected: %s", peer, command)
+        return client
+
+    def disconnected(self, peer: Peer, reason: str) -> None:
+        """`peer`'s connection ended: end its tickets now (its process-tied leases live on)."""
+        client = self.clients.pop(peer, None)
+        if client is None:
+            return
+        left = self._uid_clients[client.uid] - 1
+        if left:
+            self._uid_clients[client.uid] = left
+        else:
+            del self._uid_clients[client.uid]
+        if not self.stopping and not reason.startswith("the client"):
+            self.log_noise(CUT_OFF, client.uid, reason, "%r cut off: %s", peer, reason)
+        with contained(f"ending the tickets of {client!r}"):
+            for ticket in self.table.tickets_of(client):
+                self._end_ticket(ticket)
+            client.refusing.clear()
+            self._apply(self.table.drop_owner(client))
+
+    # --- requests -----------------------------------------------------------------------------
+
+    def acquire(self, client: Client, request: protocol.Acquire) -> None:
+        try:
+            names = checked_names(request.names)
+            if request.id in client.tickets or request.id in client.refusing:
+                raise errors.ProtocolError(f"request id {request.id} is already in use on this connection")
+            timeout = request.timeout
+            if timeout is not None and not (timeout >= 0 and math.isfinite(timeout)):
+                raise errors.ProtocolError(f"timeout must be a finite number >= 0, not {timeout}")
+            refusal = admission.acquire_refusal(
+                self.limits, names, waits=timeout != 0, requests=client.names,
+                pending=self._pending(client), waiting_on=self.table.waiting_on,
+                uid_requests=self._uid_names.get(client.uid, 0),
+                uid_pending=lambda: sum(self._pending(c) for c in self.clients.values() if c.uid == client.uid),
+            ) or self.policy.check_acquire(client.uid, client.gids, names, request.mode)
+            if isinstance(refusal, errors.PermissionDenied):
+                self.log_noise(
+                    REFUSED_REQUEST, client.uid, str(refusal),
+                    "refused uid %d pid %d (%s) %s on %s: %s", client.uid, client.pid,
+                    client.command, request.mode, ", ".join(names), refusal,
+                )
+            if refusal is not None:
+                raise refusal
+            process = self.processes.owner(client.uid, request.pid) if request.pid is not None else None
+            if process is not None and timeout is None:
+                _refuse_a_second_lease(process, names)
+        except errors.LockdError as exc:
+            self._send_error(client, request.id, exc)
+            return
+        label = client.peer.label if request.label is None else sanitize(request.label)
+        shared, wait = request.mode == "shared", timeout != 0
+        if process is not None:
+            claim = Claim(tuple(names), shared, wait, process.pid, process.uid, None, process.command, label)
+        else:
+            claim = Claim(tuple(names), shared, wait, client.pid, client.uid, client.gid, client.command, label)
+        now = self._clock()
+        deadline = now + timeout if timeout else None
+        ticket, effects = self.table.acquire(
+            client, names, shared=shared, wait=wait, deadline=deadline, now=now,
+            info=Party(client, request.id, claim, process),
+        )
+        if ticket.state is not ENDED:  # else refused at once
+            client.tickets[request.id] = ticket
+            client.names += len(ticket.names)
+            self._uid_names[client.uid] = self._uid_names.get(client.uid, 0) + len(ticket.names)
+            if process is not None and self.processes.attach(process, ticket):
+                self.orders.append(Watch(process))
+        elif process is not None:
+            self.processes.discard(process)
+        if deadline is not None:
+            self.orders.append(WakeAt(deadline))
+        self._apply(effects)
+
+    def release(self, client: Client, request_id: int) -> None:
+        ticket = client.tickets.get(request_id)
+        if ticket is not None:
+            self._end_ticket(ticket)
+            self._apply(self.table.release(ticket))
+        else:
+            client.refusing.discard(request_id)  # withdrawn: its refusal is not sent
+
+    def release_pid(self, client: Client, request: protocol.ReleasePid) -> None:
+        try:
+            wanted = set(checked_names(request.names))
+            owner = self.processes.find(request.pid)
+            if owner is not None and client.uid not in (0, owner.uid):
+                raise errors.PermissionDenied(
+                    f"the leases of process {request.pid} belong to uid {owner.uid}; only that user or root may "
+                    "release them"
+                )
+            held = self.table.tickets_of(owner) if owner is not None else []
+            released = [t for t in held if not wanted.isdisjoint(t.names)]
+            missing = wanted.difference(*(t.names for t in released))
+            for ticket in released:
+                holder = party(ticket)
+                was_held = ticket.state is HELD
+                self._end_ticket(ticket)
+                if holder.client is not client and was_held:
+                    self._send(holder.client.peer, protocol.Lost(
+                        holder.request_id, f"released by uid {client.uid} (pid {client.pid}: {client.command})",
+                    ))
+                self._apply(self.table.release(ticket))
+            if missing:
+                raise errors.NotHeld(
+                    f"process {request.pid} holds no lease on {', '.join(sorted(missing))}"
+                    + (f" (released {len(released)} other)" if released else "")
+                )
+        except errors.LockdError as exc:
+            self._send_error(client, request.id, exc)
+            return
+        log.debug("%r released %d lease(s) of process %d", client, len(released), request.pid)
+        self._send(client.peer, protocol.Done(request.id, len(released)))
+
+    def force_release(self, client: Client, request: protocol.ForceRelease) -> None:
+        try:
+            (name,) = checked_names([request.name])
+            holders = [t for t in self.table.holders(name) if t.state in _SHOWN_HELD]
+            decision = self.policy.check_force(client.uid, name, [party(t).claim.uid for t in holders])
+            if not decision.allowed:
+                self.log_noise(
+                    REFUSED_REQUEST, client.uid, decision.reason,
+                    "refused uid %d pid %d (%s) a forced release of %s: %s",
+                    client.uid, client.pid, client.command, name, decision.reason,
+                )
+                raise decision.error()
+        except errors.LockdError as exc:
+            self._send_error(client, request.id, exc)
+            return
+        reason = f"forcibly released by uid {client.uid} (pid {client.pid}: {client.command})"
+        grace = max([self.limits.break_grace, *(party(t).client.break_grace for t in holders)])
+        grace_until = self._clock() + grace
+        count, effects = self.table.force_release(name, reason, grace_until=grace_until)
+        self.orders.append(WakeAt(grace_until))
+        for ticket in holders:
+            holder = party(ticket).claim
+            log.warning("%s: lease of pid %s (uid %s) broken, %s", name, holder.pid, holder.uid, reason)
+        self._apply(effects)
+        self._send(client.peer, protocol.Done(request.id, count))
+
+    def status_look(self, client: Client, request: protocol.Status, outside_names: list[str]) -> StatusLook | None:
+        """What to look for outside lockd to answer `request` (None: refused, answered).
+
+        For the names asked for, all of them; for a status of everything (the names lockd
+        knows, and `outside_names` the backend knows), those lockd does not hold, and every
+        other lock file of the host."""
+        if request.names:
+            try:
+                names = checked_names(request.names)
+            except errors.LockdError as exc:
+                self._send_error(client, request.id, exc)
+                return None
+            return StatusLook(names, names, every_file=False)
+        names = list(dict.fromkeys([*self.table.names(), *outside_names]))
+        return StatusLook(names, [name for name in names if not self._held(name)], every_file=True)
+
+    def status_reply(
+        self, client: Client, request_id: int, look: StatusLook, outside: dict[str, list[protocol.Holder]],
+        outside_waiting: dict[str, list[protocol.Holder]],
+    ) -> None:
+        """Answer a status with the table as it is now and what the look found outside.
+
+        The table is read after the look, so what lockd itself holds is shown as it is when
+        answered: a name lockd let go of during the look was not looked for, and an outside
+        holder that conflicts with lockd's holders has let go since, so it is left out.
+        """
+        locks = []
+        for name in look.shown(outside):
+            holding = self.table.holders(name)
+            held = [t for t in holding if t.state in _SHOWN_HELD]
+            waiting = [t for t in holding if t.state is TAKING] + self.table.waiters(name)
+            holders = [self._holder(t, name) for t in held]
+            if not held:
+                holders += outside.get(name, [])
+            elif held[0].shared:
+                holders += [h for h in outside.get(name, []) if h.mode == "shared"]
+            waiters = [self._holder(t, name) for t in waiting] + outside_waiting.get(name, [])
+            if holders or waiters:
+                locks.append(protocol.LockInfo(name, holders[0].mode if holders else None, holders, waiters))
+        self._send(client.peer, protocol.StatusReply(request_id, locks))
+
+    def _held(self, name: str) -> bool:
+        return any(t.state in _SHOWN_HELD for t in self.table.holders(name))
+
+    # --- reports from the shell -----------------------------------------------------------------
+
+    def taken(self, ticket: Ticket, tokens: list[int]) -> None:
+        """The backend took `ticket`'s claim."""
+        if ticket not in self._taking:
+            return
+        self._take_ended(ticket)
+        self._apply(self.table.taken(ticket, tokens, now=self._clock()))
+
+    def take_blocked(self, ticket: Ticket) -> None:
+        """The backend found the names held elsewhere, and the ticket does not wait."""
+        if ticket not in self._taking:
+            return
+        self._take_ended(ticket)
+        self._apply(self.table.take_blocked(ticket))
+
+    def take_failed(self, ticket: Ticket, exc: errors.LockdError) -> None:
+        """The backend could not take `ticket`'s claim: the request fails with `exc`."""
+        if ticket.state is ENDED:
+            return
+        who = party(ticket)
+        log.warning("cannot take %s for pid %s: %s", ", ".join(ticket.names), who.claim.pid, exc)
+        if ticket in self._taking:
+            self._take_ended(ticket)
+        self._end_ticket(ticket)
+        self._send_error(who.client, who.request_id, exc)
+        self._apply(self.table.release(ticket))
+
+    def take_waits(self, ticket: Ticket, holders: list[protocol.Holder]) -> None:
+        """The backend waits for `holders`, outside the table: tell the client."""
+        if ticket in self._taking:
+            who = party(ticket)
+            self._send(who.client.peer, protocol.Queued(who.request_id, holders))
+
+    def lost(self, claim: Claim, reason: str) -> None:
+        """The backend can no longer vouch for `claim`: a lease is lost, a request fails."""
+        ticket = self._claimed.get(claim)
+        if ticket is None:
+            return  # dropped meanwhile
+        with contained(f"ending the lost lease {ticket}"):
+            if ticket.state is HELD:
+                self._apply(self.table.lose(ticket, reason))
+            elif ticket.state is not ENDED:
+                self.take_failed(ticket, errors.DaemonUnavailable(reason))
+
+    def refuse_naming(self, ticket: Ticket, reason: Reason, holders: list[protocol.Holder]) -> None:
+        """Send the refusal of `ticket` naming `holders` (found outside lockd), unless the
+        client withdrew the request or went away meanwhile."""
+        who = party(ticket)
+        if who.request_id in who.client.refusing:
+            who.client.refusing.remove(who.request_id)
+            self._send_refusal(ticket, who, reason, holders)
+
+    def process_exited(self, owner: ProcessOwner) -> None:
+        """End every ticket tied to the process: a lease is lost, a request fails."""
+        tickets = list(owner.tickets)
+        held = [t for t in tickets if t.state is HELD]
+        if held:
+            log.info("process %d exited: ending its %d lease(s)", owner.pid, len(held))
+        for ticket in tickets:
+            who = party(ticket)
+            state = ticket.state
+            self._end_ticket(ticket)
+            if state is HELD:
+                self._send(who.client.peer, protocol.Lost(who.request_id, f"process {owner.pid} exited"))
+            elif state is not BREAKING:  # a broken one was told already
+                self._send(who.client.peer, protocol.Error(
+                    who.request_id, protocol.ErrorCode.NOT_HELD,
+                    f"process {owner.pid} exited before the lock was granted",
+                ))
+        # All at once: one of them waiting behind another must not be granted on its way out.
+        self._apply(self.table.end(tickets))
+
+    def expire(self) -> None:
+        """Refuse the requests whose deadline passed, and end overdue broken leases."""
+        with contained("expiring requests"):
+            self._apply(self.table.expire(self._clock()))
+
+    def stop(self) -> None:
+        """Grant and release nothing more; report held leases lost where the backend's leases
+        do not outlive the daemon; tell every client the daemon is going, and close it."""
+        self.stopping = True
+        reason = "the daemon is shutting down"
+        if not self.leases_outlive_daemon:
+            for owner in [*self.clients.values(), *self.processes.owners()]:
+                for ticket in self.table.tickets_of(owner):
+                    if ticket.state is HELD:
+                        with contained(f"reporting {ticket} lost at shutdown"):
+                            self._apply(self.table.lose(ticket, reason))
+        goodbye = protocol.Error(None, protocol.ErrorCode.SHUTDOWN, SHUTDOWN_MESSAGE)
+        for client in list(self.clients.values()):
+            self._send(client.peer, goodbye)
+            self._close(client.peer, reason)
+
+    # --- logging what clients do wrong ---------------------------------------------------------
+
+    def log_noise(self, kind: Kind, uid: int | None, reason: str, message: str, *args: object) -> None:
+        """Log `message` about what a client did, unless lines of that kind are over their
+        budget: then the event is counted for a summary (see loglimit)."""
+        if self._noise.admit(kind, self._clock(), uid, reason):
+            log.log(kind.level, message, *args)
+        else:
+            due = self._noise.next_summary()
+            if due is not None:
+                self.orders.append(SummariseAt(due))
+
+    def log_summaries(self, *, every: bool = False) -> float | None:
+        """Log the summaries due now (all of them, due or not, with `every`); return when the
+        next one is due."""
+        with contained("logging what clients did"):
+            summaries: list[Summary] = self._noise.flush() if every else self._noise.summaries(self._clock())
+            for summary in summaries:
+                log.log(summary.kind.level, "%s", summary.text())
+        return self._noise.next_summary()
+
+    # --- what clients are told ----------------------------------------------------------------
+
+    def _holder(self, ticket: Ticket, name: str) -> protocol.Holder:
+        who = party(ticket).claim
+        token = ticket.tokens[ticket.names.index(name)] if ticket.tokens else None
+        return protocol.Holder(
+            pid=who.pid, uid=who.uid, gid=who.gid, command=who.command, label=who.label,
+            since=ticket.since + self.wall_offset, mode=who.mode, token=token,
+        )
+
+    def _in_way(self, ticket: Ticket, blockers: Iterable[Ticket]) -> list[protocol.Holder]:
+        """The holders among `blockers` of the names `ticket` wants, each once."""
+        holders = {}
+        for blocker in blockers:
+            if blocker.holding:
+                name = next((n for n in blocker.names if n in ticket.names), None)
+                if name is not None:
+                    holders[blocker] = self._holder(blocker, name)
+        return list(holders.values())
+
+    def _send_refusal(self, ticket: Ticket, who: Party, reason: Reason, holders: list[protocol.Holder]) -> None:
+        """Tell `who` its request for `ticket` is refused (busy or timed out), naming `holders`."""
+        names = ", ".join(ticket.names)
+        if reason is Reason.TIMEOUT:
+            code, what = protocol.ErrorCode.TIMEOUT, f"{names}: timed out waiting for the lock"
+        else:
+            code, what = protocol.ErrorCode.BUSY, f"{names} is busy"
+        held_by = ""
+        if holders:
+            now = self._clock() + self.wall_offset
+            held_by = "; held by " + ", ".join(holder_text(holder, now) for holder in holders)
+        self._send(who.client.peer, protocol.Error(who.request_id, code, f"{what}{held_by}", holders))
+
+    def _send(self, peer: Peer, message: object) -> None:
+        self.orders.append(Send(peer, message))
+
+    def _send_error(self, client: Client, request_id: int, exc: errors.LockdError) -> None:
+        code = exc.code or protocol.ErrorCode.PROTOCOL
+        holders = exc.holders if isinstance(exc, errors.LockBusy) else []
+        self._send(client.peer, protocol.Error(request_id, code, str(exc), holders))
+
+    def _close(self, peer: Peer, reason: str) -> None:
+        self.orders.append(Close(peer, reason))
+
+    # --- the one place tickets end --------------------------------------------------------------
+
+    def _end_ticket(self, ticket: Ticket) -> None:
+        """`ticket` is ending: its request id, its counts and its tie to a process end with it."""
+        who = party(ticket)
+        client = who.client
+        if client.tickets.get(who.request_id) is ticket:
+            del client.tickets[who.request_id]
+            client.names -= len(ticket.names)
+            left = self._uid_names[client.uid] - len(ticket.names)
+            if left:
+                self._uid_names[client.uid] = left
+            else:
+                del self._uid_names[client.uid]
+        if who.process is not None:
+            self.processes.detach(who.process, ticket)
+
+    def _pending(self, client: Client) -> int:
+        """Requests of `client` not granted yet: waiting in the table or being taken."""
+        return self.table.waiting_of(client) + client.taking
+
+    def _take_ended(self, ticket: Ticket) -> None:
+        self._taking.remove(ticket)
+        party(ticket).client.taking -= 1
+
+    # --- effects ------------------------------------------------------------------------------
+
+    def _apply(self, effects: list[Effect]) -> None:
+        """Carry out `effects` after those already queued, and those they cause, in order."""
+        queue = self._effects
+        queue.extend(effects)
+        if self._applying:
+            return  # an outer call is carrying out the queue
+        self._applying = True
+        try:
+            while queue:
+                effect = queue.popleft()
+                try:
+                    self._carry_out(effect)
+                except Exception:
+                    log.exception("internal error carrying out %r; ending that request", effect)
+                    with contained(f"ending {effect.ticket} after an internal error"):
+                        self._end_in_error(effect.ticket)
+        finally:
+            self._applying = False
+
+    def _carry_out(self, effect: Effect) -> None:
+        ticket = effect.ticket
+        who = party(ticket)
+        if isinstance(effect, Take):
+            if not self.stopping:
+                self._claimed[who.claim] = ticket
+                self._taking.add(ticket)
+                who.client.taking += 1
+                self.orders.append(StartTake(ticket, who.claim))
+        elif isinstance(effect, Granted):
+            self._granted(ticket, who)
+        elif isinstance(effect, Drop):
+            self._end_ticket(ticket)
+            self._drop(ticket, who, effect.ending)
+        elif isinstance(effect, Queued):
+            self._send(who.client.peer, protocol.Queued(who.request_id, self._in_way(ticket, effect.blockers)))
+        elif isinstance(effect, Refused):
+            self._refused(ticket, who, effect)
+        elif isinstance(effect, Lost):
+            # Its Drop ends it: a broken lease is still the client's until it lets go.
+            log.warning("lease on %s of pid %s lost: %s", ", ".join(ticket.names), who.claim.pid, effect.reason)
+            self._send(who.client.peer, protocol.Lost(who.request_id, effect.reason))
+
+    def _granted(self, ticket: Ticket, who: Party) -> None:
+        assert ticket.tokens is not None
+        if who.process is not None:
+            # From now on the process's exit ends the lease, not the connection's; while the
+            # connection lasts, its Release still ends it too.
+            self.table.reassign(ticket, who.process)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("granted %s to pid %s, token %s", ", ".join(ticket.names), who.claim.pid, ticket.tokens)
+        self.orders.append(Grant(ticket, who.client.peer, who.request_id, ticket.tokens, who.claim))
+
+    def _drop(self, ticket: Ticket, who: Party, ending: Ending) -> None:
+        if self._claimed.pop(who.claim, None) is None:
+            return  # never handed to the backend
+        if ticket in self._taking:
+            self._take_ended(ticket)
+            self.orders.append(StopTake(ticket))
+        if ending is Ending.OVERDUE:
+            log.warning(
+                "%s: the broken lease of pid %s was not let go within limits.break_grace; "
+                "releasing its locks under it", ", ".join(ticket.names), who.claim.pid,
+            )
+        # Once the daemon stops, what the backend holds is left to the backend's own shutdown:
+        # holders told their leases are lost must have stopped their work before the locks
+        # can go to anyone else (an etcd lease is left to expire rather than revoked).
+        if not self.stopping:
+            self.orders.append(Release(who.claim, unlock=ending is not Ending.ABANDONED))
+
+    def _refused(self, ticket: Ticket, who: Party, effect: Refused) -> None:
+        self._end_ticket(ticket)
+        holders = self._in_way(ticket, effect.blockers)
+        if holders:
+            self._send_refusal(ticket, who, effect.reason, holders)
+        else:
+            # Held outside the table: the reply names whoever holds it now, found by a look
+            # that starts after the refusal. Its id stays in use until the reply is sent.
+            who.client.refusing.add(who.request_id)
+            self.orders.append(NameOutsideHolders(ticket, effect.reason))
+
+    def failed(self, ticket: Ticket) -> None:
+        """Carrying out an order for `ticket` hit a bug: a lease is lost, a request fails."""
+        with contained(f"ending {ticket} after an internal error"):
+            self._end_in_error(ticket)
+            self._apply([])
+
+    def _end_in_error(self, ticket: Ticket) -> None:
+        """End `ticket` after a bug: a lease is lost, a request fails."""
+        if ticket.state is ENDED:
+            return
+        who = party(ticket)
+        state = ticket.state
+        self._end_ticket(ticket)
+        problem = "internal error in lockd (it is logged); retry"
+        if state is HELD:
+            self._send(who.client.peer, protocol.Lost(who.request_id, problem))
+        elif state is not BREAKING:
+            self._send(who.client.peer, protocol.Error(who.request_id, protocol.ErrorCode.UNAVAILABLE, problem))
+        # Not released: the holder may still be at work, and keeps the lock till it stops.
+        self._effects.extend(self.table.end([ticket]))
+
+
+@contextmanager
+def contained(doing: str) -> Iterator[None]:
+    """Log an exception raised while `doing` and carry on: a bug must cost the request it
+    concerns, never the daemon and everyone's leases."""
+    try:
+        yield
+    except Exception:
+        log.exception("internal error %s; carrying on", doing)
+
+
+def checked_names(names: list[str]) -> list[str]:
+    """`names` without repeats, each valid; else raises InvalidName (as the client does)."""
+    unique = list(dict.fromkeys(names))
+    problem = protocol.names_problem(unique)
+    if problem is not None:
+        raise errors.InvalidName(problem)
+    return unique
+
+
+def _refuse_a_second_lease(process: ProcessOwner, names: list[str]) -> None:
+    """Raise WouldDeadlock if `process` already holds any of `names`, for a request that
+    would wait for it without a bound: it would wait for itself, since the first lease ends
+    only when the process releases it or exits, and the process waits for the lockctl asking
+    for the second. (Shared on shared is refused too: a writer queued between them would
+    make it the same wait.)"""
+    mine = sorted({name for ticket in process.tickets if ticket.holding for name in ticket.names}.intersection(names))
+    if mine:
+        taken = ", ".join(mine)
+        raise errors.WouldDeadlock(
+            f"process {process.pid} already holds {taken}: a second lease on it would wait for "
+            f"the first, which ends only when that process releases it or exits; release it "
+            f"first (lockctl release {mine[0]}), or keep the one lease"
+        )
+

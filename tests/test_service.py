@@ -1,0 +1,378 @@
+"""Unit tests of the lock service, the daemon's synchronous core: requests and reports in,
+orders out, without sockets, tasks or a backend.
+
+`Harness` plays the shell: it feeds inputs, collects the orders in order, and answers a
+StartTake as the test says (at once, later, or never). Every test ends by checking that the
+service's counts agree with its table (`consistent`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+from lockd_client import errors, protocol
+
+from lockd.backend import Claim
+from lockd.config import Limits
+from lockd.orders import Close, Grant, NameOutsideHolders, Order, Release, Send, StartTake, StopTake, WakeAt, Watch
+from lockd.policy import Policy
+from lockd.processes import Processes, ProcessOwner
+from lockd.service import Client, LockService
+from lockd.table import LockTable, Reason, State
+
+
+class FakePeer:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.label: str | None = None
+
+    def send(self, message: object, fds: object = ()) -> None:
+        raise AssertionError("the service never sends itself")
+
+    def close(self, reason: str) -> None:
+        raise AssertionError("the service never closes itself")
+
+    def __repr__(self) -> str:
+        return f"<FakePeer {self.name}>"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Harness:
+    """A LockService with a clock the test moves, and the shell's side played by the test."""
+
+    def __init__(self, *, leases_outlive_daemon: bool = True, limits: Limits | None = None, grant: bool = True) -> None:
+        self.clock = Clock()
+        self.exited: list[ProcessOwner] = []
+        self.service = LockService(
+            LockTable(), Processes(self.exited.append), limits or Limits(), Policy((), {0: "root"}),
+            leases_outlive_daemon=leases_outlive_daemon, clock=self.clock,
+        )
+        #: Whether a StartTake is answered `taken` at once, as the flock backend does when the
+        #: file is free; otherwise it is left to the test (a take waiting outside lockd).
+        self.grant = grant
+        self.tokens = iter(range(1, 1_000_000))
+        self.taking: list[StartTake] = []
+        self.peers: dict[str, FakePeer] = {}
+
+    def connect(self, name: str, uid: int = 1000) -> Client:
+        peer = self.peers[name] = FakePeer(name)
+        client = self.service.connect(peer, 4000 + len(self.peers), uid, uid, frozenset({uid}), f"cmd {name}")
+        assert client is not None
+        assert self.orders() == []
+        return client
+
+    def orders(self) -> list[Order]:
+        """The orders the service left, in order, carrying out the takes as the shell would."""
+        done: list[Order] = []
+        queue = self.service.orders
+        while queue:
+            order = queue.popleft()
+            done.append(order)
+            if isinstance(order, StartTake) and order.ticket.state is State.TAKING:
+                if self.grant:
+                    self.service.taken(order.ticket, [next(self.tokens) for _ in order.claim.names])
+                else:
+                    self.taking.append(order)
+        return done
+
+    def acquire(self, client: Client, request_id: int, *names: str, **fields: object) -> list[Order]:
+        self.service.acquire(client, protocol.Acquire(request_id, list(names), **fields))  # type: ignore[arg-type]
+        return self.orders()
+
+    def consistent(self) -> None:
+        """The service's counts agree with its table."""
+        service = self.service
+        service.table.check()
+        for client in service.clients.values():
+            live = {id: t for id, t in client.tickets.items() if t.state is not State.ENDED}
+            assert live == client.tickets, client
+            assert client.names == sum(len(t.names) for t in client.tickets.values())
+
+
+def sent(orders: list[Order], peer: object | None = None) -> list[object]:
+    return [o.message for o in orders if isinstance(o, Send) and (peer is None or o.peer is peer)]
+
+
+def kinds(orders: list[Order]) -> list[str]:
+    return [type(o).__name__ if not isinstance(o, Send) else type(o.message).__name__ for o in orders]
+
+
+@pytest.fixture
+def h() -> Iterator[Harness]:
+    harness = Harness()
+    yield harness
+    harness.consistent()
+
+
+def test_a_free_lock_is_taken_then_granted_with_its_tokens(h: Harness) -> None:
+    a = h.connect("a")
+    orders = h.acquire(a, 1, "x", "y")
+    assert kinds(orders) == ["StartTake", "Grant"]
+    grant = orders[1]
+    assert isinstance(grant, Grant) and (grant.peer, grant.request_id, grant.tokens) == (a.peer, 1, [1, 2])
+    assert grant.claim.names == ("x", "y") and grant.claim.pid == a.pid and not grant.claim.shared
+    assert a.names == 2
+
+
+def test_a_release_unlocks_for_every_copy_and_hands_the_lock_to_the_next_in_line(h: Harness) -> None:
+    a, b = h.connect("a"), h.connect("b")
+    h.acquire(a, 1, "x")
+    queued = h.acquire(b, 1, "x")
+    assert kinds(queued) == ["Queued"]
+    (message,) = sent(queued, b.peer)
+    assert isinstance(message, protocol.Queued) and [w.pid for w in message.holders] == [a.pid]
+    h.service.release(a, 1)
+    orders = h.orders()
+    assert kinds(orders) == ["Release", "StartTake", "Grant"]
+    release = orders[0]
+    assert isinstance(release, Release) and release.unlock
+    assert a.names == 0 and b.names == 1
+
+
+def test_a_client_that_goes_away_leaves_its_lock_to_its_descriptors(h: Harness) -> None:
+    a = h.connect("a")
+    h.acquire(a, 1, "x")
+    h.service.disconnected(a.peer, "the client closed the connection")
+    (release,) = h.orders()
+    assert isinstance(release, Release) and not release.unlock
+    assert a.peer not in h.service.clients and len(h.service.table) == 0
+
+
+def test_a_no_wait_request_on_a_held_lock_is_refused_naming_the_holder(h: Harness) -> None:
+    a, b = h.connect("a"), h.connect("b")
+    h.acquire(a, 1, "x")
+    (refusal,) = sent(h.acquire(b, 7, "x", timeout=0))
+    assert isinstance(refusal, protocol.Error) and (refusal.id, refusal.code) == (7, "busy")
+    assert f"pid {a.pid}" in refusal.message and refusal.holders[0].pid == a.pid
+    assert b.tickets == {} and b.names == 0
+
+
+def test_a_request_id_in_use_is_a_protocol_error_and_changes_nothing(h: Harness) -> None:
+    a = h.connect("a")
+    h.acquire(a, 1, "x")
+    (error,) = sent(h.acquire(a, 1, "y"))
+    assert isinstance(error, protocol.Error) and error.code == "protocol" and "already in use" in error.message
+    assert list(a.tickets) == [1] and h.service.table.holders("y") == []
+
+
+def test_a_request_beyond_the_connections_lease_limit_is_refused(h: Harness) -> None:
+    h.service.limits = Limits(max_leases_per_connection=2)
+    a = h.connect("a")
+    h.acquire(a, 1, "x", "y")
+    (error,) = sent(h.acquire(a, 2, "z"))
+    assert isinstance(error, protocol.Error) and error.code == "limit"
+    h.service.release(a, 1)
+    h.orders()
+    assert kinds(h.acquire(a, 3, "z")) == ["StartTake", "Grant"]
+
+
+def test_a_request_times_out_at_its_deadline_by_the_clock_given(h: Harness) -> None:
+    a, b = h.connect("a"), h.connect("b")
+    h.acquire(a, 1, "x")
+    orders = h.acquire(b, 2, "x", timeout=5.0)
+    assert WakeAt(105.0) in orders
+    h.clock.now = 104.9
+    h.service.expire()
+    assert h.orders() == []
+    h.clock.now = 105.0
+    h.service.expire()
+    (error,) = sent(h.orders(), b.peer)
+    assert isinstance(error, protocol.Error) and (error.id, error.code) == (2, "timeout")
+
+
+def test_a_take_waiting_outside_lockd_is_stopped_when_its_client_withdraws(h: Harness) -> None:
+    h.grant = False
+    a = h.connect("a")
+    assert kinds(h.acquire(a, 1, "x")) == ["StartTake"]
+    (take,) = h.taking
+    h.service.take_waits(take.ticket, [protocol.Holder(pid=9, uid=0)])
+    (queued,) = sent(h.orders())
+    assert isinstance(queued, protocol.Queued) and queued.holders[0].pid == 9
+    h.service.release(a, 1)
+    orders = h.orders()
+    assert kinds(orders) == ["StopTake", "Release"]
+    assert isinstance(orders[0], StopTake) and orders[0].ticket is take.ticket
+    # A late answer from the cancelled take changes nothing.
+    h.service.taken(take.ticket, [5])
+    assert h.orders() == [] and a.taking == 0
+
+
+def test_a_take_blocked_outside_is_refused_naming_who_holds_it_once_looked_up(h: Harness) -> None:
+    h.grant = False
+    a = h.connect("a")
+    h.acquire(a, 3, "x", timeout=0)
+    (take,) = h.taking
+    h.service.take_blocked(take.ticket)
+    look, release = h.orders()
+    assert isinstance(look, NameOutsideHolders) and look.reason is Reason.BUSY
+    assert isinstance(release, Release)  # nothing is held: the backend's drop does nothing
+    # While the look runs the id stays in use: a new request with it is a protocol error.
+    (error,) = sent(h.acquire(a, 3, "y"))
+    assert isinstance(error, protocol.Error) and error.code == "protocol"
+    h.service.refuse_naming(look.ticket, look.reason, [protocol.Holder(pid=77, uid=0, command="flock x.lock")])
+    (refusal,) = sent(h.orders())
+    assert isinstance(refusal, protocol.Error) and refusal.code == "busy" and "pid 77" in refusal.message
+    assert kinds(h.acquire(a, 3, "y")) == ["StartTake"]
+
+
+def test_a_withdrawn_refusal_is_never_sent(h: Harness) -> None:
+    h.grant = False
+    a = h.connect("a")
+    h.acquire(a, 3, "x", timeout=0)
+    h.service.take_blocked(h.taking[0].ticket)
+    look, _ = h.orders()
+    assert isinstance(look, NameOutsideHolders)
+    h.service.release(a, 3)
+    assert h.orders() == []
+    h.service.refuse_naming(look.ticket, look.reason, [])
+    assert h.orders() == []
+
+
+def test_a_failed_take_fails_that_request_only(h: Harness) -> None:
+    h.grant = False
+    a = h.connect("a")
+    h.acquire(a, 1, "x")
+    h.acquire(a, 2, "y")
+    first, second = h.taking
+    h.service.take_failed(first.ticket, errors.BadLockFile("x.lock is a directory"))
+    orders = h.orders()
+    assert kinds(orders) == ["Error", "Release"]
+    assert list(a.tickets) == [2] and a.taking == 1
+    h.service.taken(second.ticket, [4])
+    assert kinds(h.orders()) == ["Grant"]
+
+
+def test_a_lease_the_backend_cannot_vouch_for_is_lost(h: Harness) -> None:
+    a = h.connect("a")
+    grant = h.acquire(a, 1, "x")[1]
+    assert isinstance(grant, Grant)
+    h.service.lost(grant.claim, "the etcd lease expired")
+    orders = h.orders()
+    (lost,) = sent(orders)
+    assert isinstance(lost, protocol.Lost) and lost.reason == "the etcd lease expired"
+    assert a.tickets == {}
+    h.service.lost(grant.claim, "again")  # a report about a claim already ended is ignored
+    assert h.orders() == []
+
+
+async def test_release_pid_unlocks_before_it_answers(h: Harness) -> None:
+    a, admin = h.connect("a", uid=os.getuid()), h.connect("admin", uid=0)
+    ours = os.getpid()
+    h.service.acquire(a, protocol.Acquire(1, ["x"], pid=ours))
+    orders = h.orders()
+    assert kinds(orders) == ["Watch", "StartTake", "Grant"]
+    watch = orders[0]
+    assert isinstance(watch, Watch) and watch.owner.pid == ours
+    h.service.release_pid(admin, protocol.ReleasePid(5, ours, ["x"]))
+    orders = h.orders()
+    # The holder hears first, then the lock goes, then the caller is told: never before it went.
+    assert kinds(orders) == ["Lost", "Release", "Done"]
+    assert isinstance(orders[1], Release) and orders[1].unlock
+    assert h.service.processes.find(ours) is None  # nothing tied to it any more: not watched
+
+
+def test_a_forced_release_breaks_the_lease_until_its_holder_lets_go(h: Harness) -> None:
+    a, b, admin = h.connect("a"), h.connect("b"), h.connect("admin", uid=0)
+    h.acquire(a, 1, "x")
+    h.acquire(b, 1, "x")
+    h.service.force_release(admin, protocol.ForceRelease(9, "x"))
+    orders = h.orders()
+    assert kinds(orders) == ["WakeAt", "Lost", "Done"]
+    assert orders[0] == WakeAt(100.0 + Limits().break_grace)
+    # Broken, not ended: b still waits until a says it has stopped.
+    assert h.service.table.waiters("x")[0].owner is b
+    h.service.release(a, 1)
+    assert kinds(h.orders()) == ["Release", "StartTake", "Grant"]
+
+
+def test_a_broken_lease_not_let_go_within_the_grace_is_released_under_its_holder(h: Harness) -> None:
+    a, admin = h.connect("a"), h.connect("admin", uid=0)
+    h.acquire(a, 1, "x")
+    h.service.force_release(admin, protocol.ForceRelease(9, "x"))
+    h.orders()
+    h.clock.now += Limits().break_grace
+    h.service.expire()
+    (release,) = h.orders()
+    assert isinstance(release, Release) and release.unlock
+
+
+def test_stop_reports_leases_lost_only_where_they_do_not_outlive_the_daemon() -> None:
+    for outlive in (True, False):
+        h = Harness(leases_outlive_daemon=outlive)
+        a = h.connect("a")
+        h.acquire(a, 1, "x")
+        h.service.stop()
+        orders = h.orders()
+        assert kinds(orders) == (["Error", "Close"] if outlive else ["Lost", "Error", "Close"])
+        assert isinstance(orders[-1], Close) and orders[-1].peer is a.peer
+        # Once stopping, nothing is released: the backend's own shutdown decides.
+        h.service.disconnected(a.peer, "the daemon stopped serving it")
+        assert h.orders() == []
+        b = FakePeer("b")
+        assert h.service.connect(b, 1, 1, 1, frozenset(), "late") is None
+        assert kinds(h.orders()) == ["Error", "Close"]
+
+
+def test_a_connection_over_the_limit_is_told_why_and_closed() -> None:
+    h = Harness(limits=Limits(max_connections_per_uid=1))
+    h.connect("a")
+    late = FakePeer("late")
+    assert h.service.connect(late, 1, 1000, 1000, frozenset(), "again") is None
+    error, close = h.orders()
+    assert isinstance(error, Send) and isinstance(error.message, protocol.Error)
+    assert error.message.code == "limit" and "max_connections_per_uid" in error.message.message
+    assert isinstance(close, Close) and close.peer is late
+
+
+def test_a_status_shows_holders_and_waiters_with_what_is_held_outside(h: Harness) -> None:
+    a, b = h.connect("a"), h.connect("b")
+    a.peer.label = "nightly"  # type: ignore[misc]
+    h.acquire(a, 1, "x", mode="shared")
+    h.acquire(b, 1, "x")
+    look = h.service.status_look(b, protocol.Status(2, []), ["remote"])
+    assert look is not None and look.names == ["x", "remote"] and look.look_for == ["remote"] and look.every_file
+    outside = {"remote": [protocol.Holder(pid=5, uid=0, mode="exclusive")], "y": [protocol.Holder(pid=6, uid=0)]}
+    h.service.status_reply(b, 2, look, outside, {})
+    (reply,) = sent(h.orders())
+    assert isinstance(reply, protocol.StatusReply)
+    shown = {lock.name: lock for lock in reply.locks}
+    assert list(shown) == ["x", "remote", "y"]
+    x = shown["x"]
+    assert (x.mode, [(w.pid, w.label) for w in x.holders], [w.pid for w in x.waiters]) == (
+        "shared", [(a.pid, "nightly")], [b.pid],
+    )
+    assert x.holders[0].since == pytest.approx(100.0 + h.service.wall_offset)
+
+
+def test_a_claim_is_immutable_and_equal_only_to_itself() -> None:
+    one = Claim(("x",), False, True, 1, 0, 0, "cmd", None)
+    two = Claim(("x",), False, True, 1, 0, 0, "cmd", None)
+    assert one != two and len({one, two}) == 2
+    with pytest.raises(AttributeError):
+        one.names = ("y",)  # type: ignore[misc]
+
+
+async def test_tickets_of_a_process_end_with_it(h: Harness) -> None:
+    a = h.connect("a", uid=os.getuid())
+    ours = os.getpid()
+    h.service.acquire(a, protocol.Acquire(1, ["x"], pid=ours))
+    h.orders()
+    h.service.acquire(a, protocol.Acquire(2, ["x"], pid=ours, timeout=5.0))  # waits behind the first
+    h.orders()
+    owner = h.service.processes.find(ours)
+    assert owner is not None and len(owner.tickets) == 2
+    h.service.process_exited(owner)
+    orders = h.orders()
+    # The lease is lost, the waiting request fails, and only then is anything released (not
+    # granted to the waiter on its way out).
+    assert sorted(kinds(orders)[:2]) == ["Error", "Lost"] and kinds(orders)[2:] == ["Release"]
+    assert a.tickets == {} and a.names == 0
