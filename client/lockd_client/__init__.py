@@ -13,8 +13,8 @@ __version__ = "0.1.0"
 from . import protocol
 from .blocking import Client, Lease, connect
 from .errors import (
-    BadLockFile,
     BackendUnavailable,
+    BadLockFile,
     DaemonBusy,
     DaemonUnavailable,
     InvalidArgument,

@@ -66,7 +66,7 @@ class LeaseRecord:
     ) -> None:
         self.id = id
         self.names = names
-        self.tokens = dict(zip(names, tokens))
+        self.tokens = dict(zip(names, tokens, strict=True))
         self.state = LeaseState.HELD
         self.lost_reason: str | None = None
         #: The lock-file descriptors that came with the grant, one per name; open until the

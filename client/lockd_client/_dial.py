@@ -21,8 +21,8 @@ keep a deadline nor tell anyone it waits.
 
 from __future__ import annotations
 
-import select
 import _socket as socket  # the C type: see blocking.py
+import select
 import time
 from collections.abc import Callable, Iterator
 

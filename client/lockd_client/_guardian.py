@@ -9,9 +9,9 @@ GATE_OPEN to its gate. Both sides speak only through the constants below.
 
 from __future__ import annotations
 
+import _signal as signal  # the C module: signal's enums cost lockctl ~2 ms at start
 import os
 import select
-import _signal as signal  # the C module: signal's enums cost lockctl ~2 ms at start
 from collections.abc import Mapping, Sequence
 from typing import NoReturn
 

@@ -19,10 +19,10 @@ a terminal and job control, not SIGTERM.
 
 from __future__ import annotations
 
+import _signal as signal  # the C module: signal's enums cost lockctl ~2 ms at start
 import errno
 import os
 import select
-import _signal as signal  # the C module: signal's enums cost lockctl ~2 ms at start
 from typing import TYPE_CHECKING, NoReturn
 
 from . import _guardian, _lockfds

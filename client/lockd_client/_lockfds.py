@@ -16,9 +16,9 @@ Invariants:
 
 from __future__ import annotations
 
-import os
 import _socket as socket  # the C type: see blocking.py
 import _weakref  # the C module: weakref's Python layer would lengthen lockctl's start-up
+import os
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Protocol
 

@@ -9,8 +9,8 @@ process may start or exit between two looks.
 
 from __future__ import annotations
 
-import os
 import _signal as signal  # the C module: signal's enums cost lockctl ~2 ms at start
+import os
 import time
 
 #: How often a tree being terminated is re-examined; after the SIGKILL, ever less often, up

@@ -51,9 +51,9 @@ Why the pieces are shaped this way:
 
 from __future__ import annotations
 
+import _signal as signal  # the C module: signal's enums cost lockctl ~2 ms at start
 import os
 import select
-import _signal as signal  # the C module: signal's enums cost lockctl ~2 ms at start
 from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple, NoReturn
 

@@ -8,8 +8,8 @@ foreground group, and handing it over then does nothing.
 
 from __future__ import annotations
 
-import os
 import _signal as signal  # the C module: signal's enums cost lockctl ~2 ms at start
+import os
 
 from . import _proctree
 

@@ -9,18 +9,16 @@ because a torn frame would corrupt everything after it. This module never import
 
 from __future__ import annotations
 
-import os
-import select
-
 # The socket type itself: the `socket` module's Python layer (enums of every constant, made
 # at import) would cost lockctl about 2 ms of start-up for nothing this client uses.
 import _socket as socket
+import os
+import select
 from types import TracebackType
 from typing import TypeVar
 
 from . import _lockfds, errors, paths, protocol
-from ._connection import READ_SIZE, Call, Connection, LeaseState, LeaseView, QueuedCallback
-from ._connection import went_away
+from ._connection import READ_SIZE, Call, Connection, LeaseState, LeaseView, QueuedCallback, went_away
 from ._dial import BusyCallback, Patience, pauses
 
 T = TypeVar("T")

@@ -11,11 +11,11 @@ only the parser of the command given is built; and `run` skips the interpreter's
 
 from __future__ import annotations
 
+import _signal as signal  # the C module: signal's enums cost lockctl ~2 ms at start
 import argparse
 import errno
 import math
 import os
-import _signal as signal  # the C module: signal's enums cost lockctl ~2 ms at start
 import sys
 import time
 from typing import TextIO
@@ -906,7 +906,8 @@ def status_table(locks: list[protocol.LockInfo], now: float) -> str:
                 (
                     lock.name if first else "",
                     mode,
-                    ("" if party.pid is None else str(party.pid)) + (f"@{describe.sanitize(party.host)}" if party.host else ""),
+                    ("" if party.pid is None else str(party.pid))
+                    + (f"@{describe.sanitize(party.host)}" if party.host else ""),
                     "" if party.uid is None else describe.user_name(party.uid),
                     describe.duration(now - party.since) if party.since else "",
                     "" if party.token is None else str(party.token),
@@ -916,7 +917,8 @@ def status_table(locks: list[protocol.LockInfo], now: float) -> str:
             first = False
     widths = [max(len(row[i]) for row in [_COLUMNS, *rows]) for i in range(len(_COLUMNS) - 1)]
     lines = [
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1]
+        # The last column is not padded: `widths` stops short of it.
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[-1]
         for row in [_COLUMNS, *rows]
     ]
     return "".join(line.rstrip() + "\n" for line in lines)

@@ -26,8 +26,9 @@ from typing import Annotated, Literal, Union
 import msgspec
 
 # The codes of `Error` and the framing's error belong to the one exception tree; they are part
-# of the wire all the same, so this module offers them too.
-from .errors import ErrorCode, FrameTooLarge
+# of the wire all the same, so this module offers them too (the `as` says: re-exported).
+from .errors import ErrorCode as ErrorCode
+from .errors import FrameTooLarge as FrameTooLarge
 
 PROTOCOL_VERSION = 1
 

@@ -24,8 +24,7 @@ from typing import Any, TypeVar
 import trio
 
 from . import _dial, _lockfds, errors, paths, protocol
-from ._connection import READ_SIZE, Call, Connection, LeaseState, LeaseView, QueuedCallback
-from ._connection import went_away
+from ._connection import READ_SIZE, Call, Connection, LeaseState, LeaseView, QueuedCallback, went_away
 
 T = TypeVar("T")
 
@@ -98,7 +97,8 @@ async def _connected_socket(path: str) -> socket.socket:
     try:
         sock.setblocking(False)
         waits = _dial.pauses()
-        while not _dial.attempt(sock, path):
+        # Polling, backing off, is the only way: nothing signals that a full queue has room.
+        while not _dial.attempt(sock, path):  # noqa: ASYNC110
             await trio.sleep(next(waits))
     except BaseException:
         sock.close()
@@ -134,7 +134,9 @@ class Client:
         *names: str,
         shared: bool = False,
         wait: bool = True,
-        timeout: float | None = None,
+        # Sent to the daemon, which counts it and answers LockTimeout with the holders: not a
+        # bound on this call that trio's own timeouts could replace.
+        timeout: float | None = None,  # noqa: ASYNC109
         label: str | None = None,
         pid: int | None = None,
         on_queued: QueuedCallback | None = None,
@@ -164,7 +166,7 @@ class Client:
         *names: str,
         shared: bool = False,
         wait: bool = True,
-        timeout: float | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 (as `acquire`'s: the daemon's to count)
         label: str | None = None,
         pid: int | None = None,
         on_queued: QueuedCallback | None = None,
