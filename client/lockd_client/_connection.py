@@ -156,7 +156,7 @@ class Call(Generic[T]):
 
     def result(self) -> T:
         if not self.done:
-            raise errors.ProtocolError(f"request {self.id} has no reply yet; read until it is done")
+            raise errors.LocalProtocolError(f"request {self.id} has no reply yet; read until it is done")
         if self._error is not None:
             raise self._error
         return self._value  # type: ignore[return-value]
@@ -254,7 +254,7 @@ class Connection:
     def hello(self, label: str | None = None) -> tuple[Call[protocol.Welcome], bytes]:
         """Start the handshake; the Call resolves with the daemon's Welcome."""
         if self.phase is not Phase.NEW:
-            raise errors.ProtocolError("the handshake was already started on this connection")
+            raise errors.LocalProtocolError("the handshake was already started on this connection")
         _check_label(label)
         data = self._encode(protocol.Hello(protocol.PROTOCOL_VERSION, label))
         self.phase = Phase.GREETING
@@ -321,7 +321,7 @@ class Connection:
         if lease.state is not LeaseState.HELD:
             return b""
         if self._leases.get(lease.id) is not lease:
-            raise errors.ProtocolError(f"{lease!r} belongs to another connection")
+            raise errors.LocalProtocolError(f"{lease!r} belongs to another connection")
         data = b"" if lease.detached else self._encode(protocol.Release(lease.id))
         del self._leases[lease.id]
         lease.state = LeaseState.RELEASED
@@ -363,7 +363,7 @@ class Connection:
             self.close()  # a connection without its handshake is of no use
             return b""
         if self._calls.get(call.id) is not call:  # type: ignore[arg-type]
-            raise errors.ProtocolError(f"{call!r} belongs to another connection")
+            raise errors.LocalProtocolError(f"{call!r} belongs to another connection")
         if isinstance(call.request, protocol.Acquire):
             data = self._encode(protocol.Release(call.id))
         else:
@@ -414,8 +414,8 @@ class Connection:
 
         A protocol violation (garbage, an oversized frame, a reply that cannot be) closes the
         connection: its leases are lost with a reason naming the violation, and its requests
-        fail with ProtocolError; the caller should then hang up, so the daemon ends the leases
-        too. Data arriving after the connection closed is discarded.
+        fail with RemoteProtocolError; the caller should then hang up, so the daemon ends the
+        leases too. Data arriving after the connection closed is discarded.
         """
         if self.phase is Phase.CLOSED:
             self._stray.extend(fds)
@@ -439,7 +439,7 @@ class Connection:
             reason = f"lockd broke the protocol ({exc})"
             self._lose_all(
                 reason,
-                lambda: errors.ProtocolError(
+                lambda: errors.RemoteProtocolError(
                     f"{reason}; the connection is closed: check that lockd and this client are "
                     "the same version (lockd's log may say more)"
                 ),
@@ -464,7 +464,7 @@ class Connection:
                     f"this connection to lockd is closed ({self.close_reason}); "
                     "make a new one to send more requests"
                 )
-            raise errors.ProtocolError("no request may be sent before lockd's Welcome")
+            raise errors.LocalProtocolError("no request may be sent before lockd's Welcome")
 
     def _send_request(self, request: protocol.Request) -> tuple[Call, bytes]:
         """Encode `request` (numbered `_next_id` by the caller) and await its reply."""
