@@ -9,13 +9,17 @@ GATE_OPEN to its gate. Both sides speak only through the constants below.
 
 from __future__ import annotations
 
-import _signal as signal  # the C module: signal's enums cost lockctl ~2 ms at start
 import os
 import select
 from collections.abc import Mapping, Sequence
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from . import _proctree
+
+if TYPE_CHECKING:
+    import signal  # typeshed describes the C module only as part of this, its Python layer
+else:
+    import _signal as signal  # the C module: signal's enums cost lockctl ~2 ms at start
 
 #: Signals sent to lockctl that it passes on to CMD's process group. A signal to lockctl
 #: stands for a signal to the job, as a terminal sends Ctrl-C to a whole foreground group.

@@ -9,9 +9,14 @@ process may start or exit between two looks.
 
 from __future__ import annotations
 
-import _signal as signal  # the C module: signal's enums cost lockctl ~2 ms at start
 import os
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import signal  # typeshed describes the C module only as part of this, its Python layer
+else:
+    import _signal as signal  # the C module: signal's enums cost lockctl ~2 ms at start
 
 #: How often a tree being terminated is re-examined; after the SIGKILL, ever less often, up
 #: to _POLL_MAX, since what is left may be waited for a long time (see the module docstring).

@@ -51,14 +51,18 @@ Why the pieces are shaped this way:
 
 from __future__ import annotations
 
-import _signal as signal  # the C module: signal's enums cost lockctl ~2 ms at start
 import os
 import select
 from collections.abc import Callable, Mapping, Sequence
-from typing import NamedTuple, NoReturn
+from typing import TYPE_CHECKING, NamedTuple, NoReturn
 
 from . import _guardian, _lockfds, _proctree, _terminal
 from .errors import LeaseLost, LockdError
+
+if TYPE_CHECKING:
+    import signal  # typeshed describes the C module only as part of this, its Python layer
+else:
+    import _signal as signal  # the C module: signal's enums cost lockctl ~2 ms at start
 
 
 class Exit(NamedTuple):
@@ -138,8 +142,8 @@ class _Supervisor:
     def run(self, argv: Sequence[str], env: Mapping[str, str]) -> Exit:
         # Whoever made the connection, CMD must not inherit it (see the module docstring).
         os.set_inheritable(self.conn_fd, False)
-        ignored = {s for s in _guardian.TOUCHED if signal.getsignal(s) == signal.SIG_IGN}
-        handled = [s for s in (*_guardian.FORWARDED, signal.SIGTSTP) if s not in ignored]
+        ignored: set[int] = {s for s in _guardian.TOUCHED if signal.getsignal(s) == signal.SIG_IGN}
+        handled: list[int] = [s for s in (*_guardian.FORWARDED, signal.SIGTSTP) if s not in ignored]
         handled.append(signal.SIGCONT)
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         saved = {s: signal.signal(s, _guardian.note) for s in handled}

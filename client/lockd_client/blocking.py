@@ -221,9 +221,9 @@ class Client:
         try:
             self._sock.sendall(data)
         except OSError as exc:
-            self._conn.abort(f"writing to lockd at {self.socket_path} failed: {exc}")
+            reason = self._conn.abort(f"writing to lockd at {self.socket_path} failed: {exc}")
             self._hang_up()
-            raise went_away(self._conn.close_reason) from exc
+            raise went_away(reason) from exc
         except BaseException:
             # Interrupted mid-frame: the daemon might read garbage after it, so end it all.
             self._conn.abort("the connection was closed after an interrupted write")

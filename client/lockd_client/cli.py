@@ -11,16 +11,56 @@ only the parser of the command given is built; and `run` skips the interpreter's
 
 from __future__ import annotations
 
-import _signal as signal  # the C module: signal's enums cost lockctl ~2 ms at start
 import argparse
 import errno
 import math
 import os
 import sys
 import time
-from typing import TextIO
+from typing import TYPE_CHECKING, NoReturn, TextIO
 
 from . import __version__, describe, errors, paths, protocol
+
+# What is only for the type checker stays out of lockctl's start-up, the status document's
+# TypedDicts included (at run time it is a plain dict).
+if TYPE_CHECKING:
+    import signal  # typeshed describes the C module only as part of this, its Python layer
+    from collections.abc import Callable
+    from typing import TypedDict
+
+    from .blocking import Client, Lease
+
+    class HolderDocument(TypedDict):
+        pid: int | None
+        uid: int | None
+        command: str
+        since: float | None
+        token: int | None
+        label: str | None
+        outside: bool
+        host: str | None
+
+    class WaiterDocument(TypedDict):
+        pid: int | None
+        uid: int | None
+        mode: protocol.Mode
+        since: float
+        command: str
+        label: str | None
+        host: str | None
+
+    class LockDocument(TypedDict):
+        name: str
+        mode: protocol.Mode | None
+        holders: list[HolderDocument]
+        waiters: list[WaiterDocument]
+
+    class StatusDocument(TypedDict):
+        """`status --json`: its schema is in docs/cli.md."""
+
+        locks: list[LockDocument]
+else:
+    import _signal as signal  # the C module: signal's enums cost lockctl ~2 ms at start
 
 # Exit statuses (sysexits.h where one fits; see docs/cli.md).
 #: lockctl's "no", as grep's 1: status: some NAME is held; release: nothing to release;
@@ -55,7 +95,7 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message}\n{self.format_usage().rstrip()}\ntry: {self.prog} --help")
 
 
@@ -82,7 +122,7 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _integer(low: int, high: int, what: str):
+def _integer(low: int, high: int, what: str) -> Callable[[str], int]:
     """An argparse type: an integer from `low` to `high`, else a usage error naming `what`."""
 
     def parse(text: str) -> int:
@@ -313,7 +353,35 @@ def _add_status(status: argparse.ArgumentParser) -> None:
 _COMMAND_PARSERS = {"acquire": _add_acquire, "release": _add_release, "status": _add_status}
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+class Args(argparse.Namespace):
+    """A parsed lockctl command line. Only the fields of its `command` (and `socket`, `names`)
+    are set: argparse sets every one its parser has, and a default here would hide the
+    parser's own."""
+
+    command: str
+    socket: str | None
+    names: list[str]
+    # acquire
+    shared: bool
+    no_wait: bool
+    timeout: float | None
+    conflict_exit_code: int
+    label: str | None
+    shell_command: str | None
+    kill_after: float | None
+    verbose: bool
+    close: bool
+    #: CMD and its arguments (from `-- CMD` or `-c`); None without CMD. Set by parse_args.
+    cmd: list[str] | None
+    # acquire and release
+    pid: int | None
+    # release
+    force: bool
+    # status
+    json: bool
+
+
+def parse_args(argv: list[str]) -> Args:
     """Parse a lockctl command line; raise UsageError if it is wrong.
 
     For `acquire`, everything after the first `--` is CMD, verbatim (argparse would otherwise
@@ -327,7 +395,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if command == "acquire" and "--" in argv:
         cut = argv.index("--")
         head, cmd = argv[:cut], argv[cut + 1 :]
-    args = build_parser(command).parse_args(head)
+    args = build_parser(command).parse_args(head, namespace=Args())
     if args.command == "acquire":
         _check_acquire(args, cmd)
     for name in args.names:
@@ -342,7 +410,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def _check_acquire(args: argparse.Namespace, cmd: list[str] | None) -> None:
+def _check_acquire(args: Args, cmd: list[str] | None) -> None:
     if args.shell_command is not None:
         if cmd is not None:
             raise UsageError("give either -c 'shell command' or -- CMD, not both")
@@ -458,7 +526,7 @@ def _die_of(signum: int, *, group: bool) -> int:
     return 128 + signum
 
 
-def _connect(socket_path: str, bound: float | None):  # -> blocking.Client
+def _connect(socket_path: str, bound: float | None) -> Client:
     """A connection to lockd, waiting up to `bound` seconds (None: as long as it takes) for a
     busy lockd to take it. After a second of that, stderr says so, wherever it goes: a cron
     job's mail should say why the job started late."""
@@ -473,7 +541,7 @@ def _connect(socket_path: str, bound: float | None):  # -> blocking.Client
 # --- acquire -------------------------------------------------------------------------------
 
 
-def _acquire(args: argparse.Namespace, socket_path: str, parent: int) -> int:
+def _acquire(args: Args, socket_path: str, parent: int) -> int:
     # -w bounds the whole wait: for a busy lockd to take the connection, then for the lock.
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     waiting = _WaitLine(args.names, verbose=args.verbose)
@@ -486,7 +554,7 @@ def _acquire(args: argparse.Namespace, socket_path: str, parent: int) -> int:
         if not args.no_wait:
             _refuse_what_encloses_this(client, args.names)
         if args.cmd is not None:
-            args.kill_after = _kill_after(args.kill_after, client.server.stop_within)
+            kill_after = _kill_after(args.kill_after, client.server.stop_within)
             tied_to = None
         else:
             tied_to = _tie_to(args.pid, parent)
@@ -525,7 +593,7 @@ def _acquire(args: argparse.Namespace, socket_path: str, parent: int) -> int:
             _keep(client, lease, tied_to)
             print("\n".join(str(lease.tokens[name]) for name in args.names))
             return 0
-        return _run_under(args, client, lease)
+        return _run_under(args, args.cmd, client, lease, kill_after)
 
 
 def _kill_after(asked: float | None, stop_within: float | None) -> float:
@@ -546,7 +614,7 @@ def _kill_after(asked: float | None, stop_within: float | None) -> float:
     return asked
 
 
-def _keep(client, lease, pid: int) -> None:
+def _keep(client: Client, lease: Lease, pid: int) -> None:
     """Start the process that holds the lease's descriptors for as long as `pid` lives."""
     from . import _keeper
 
@@ -559,7 +627,7 @@ def _keep(client, lease, pid: int) -> None:
         raise errors.LimitExceeded(f"cannot start the process that keeps the lease: {e.strerror}") from None
 
 
-def _refuse_what_encloses_this(client, names: list[str]) -> None:
+def _refuse_what_encloses_this(client: Client, names: list[str]) -> None:
     """Raise WouldDeadlock for a name that the lockctl running this process holds (it told
     its CMD so in LOCKD_TOKENS, and the daemon still shows that lease with that token): that
     lease ends only once its CMD, and so this, has ended. A token in an environment that
@@ -578,7 +646,7 @@ def _refuse_what_encloses_this(client, names: list[str]) -> None:
         )
 
 
-def _not_run(args: argparse.Namespace) -> str:
+def _not_run(args: Args) -> str:
     return "" if args.cmd is None else "; CMD was not started"
 
 
@@ -668,7 +736,7 @@ def _runs_one_command(pid: int) -> bool:
     )
 
 
-def _run_under(args: argparse.Namespace, client, lease) -> int:
+def _run_under(args: Args, cmd: list[str], client: Client, lease: Lease, kill_after: float) -> int:
     from . import _supervise
 
     env = {
@@ -683,14 +751,14 @@ def _run_under(args: argparse.Namespace, client, lease) -> int:
 
     try:
         ended = _supervise.run(
-            args.cmd,
+            cmd,
             env,
             client.fileno(),
             lease._record.fds,
             client.process_events,
             lost_reason,
             lambda: lease.detached,
-            kill_after=args.kill_after,
+            kill_after=kill_after,
         )
     except _supervise.NotStarted as e:
         # As if the lease had never been granted: the daemon went away (69), or someone
@@ -707,7 +775,7 @@ def _run_under(args: argparse.Namespace, client, lease) -> int:
     except errors.LeaseLost as e:
         raise errors.LeaseLost(f"the lease on {names} was lost: {e}") from None
     except _supervise.ExecError as e:
-        _say(f"cannot run {args.cmd[0]!r}: {e.strerror}")
+        _say(f"cannot run {cmd[0]!r}: {e.strerror}")
         return EXIT_NOT_FOUND if e.errno == errno.ENOENT else EXIT_CANNOT_EXECUTE
     lease.release()
     if args.verbose:
@@ -752,13 +820,15 @@ class _WaitLine:
 
 def _terminal_width(stream: TextIO | None) -> int:
     """The width of the terminal `stream` writes to; 80 when it is not one."""
+    if stream is None:  # started without it
+        return 80
     try:
-        return os.get_terminal_size(stream.fileno()).columns  # type: ignore[union-attr]
-    except (OSError, ValueError, AttributeError):  # closed; None: started without it
+        return os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError, AttributeError):  # not a terminal, closed, or no descriptor
         return 80
 
 
-def _say_busy(e: errors.LockBusy, args: argparse.Namespace, client) -> None:
+def _say_busy(e: errors.LockBusy, args: Args, client: Client) -> None:
     names = ", ".join(args.names)
     if args.timeout is not None:  # a LockTimeout, or a LockBusy if lockd took all of -w
         _say(f"gave up waiting for {names} after {args.timeout:g}s")
@@ -791,7 +861,7 @@ def _say_busy(e: errors.LockBusy, args: argparse.Namespace, client) -> None:
 # --- release -------------------------------------------------------------------------------
 
 
-def _release(args: argparse.Namespace, socket_path: str, parent: int) -> int:
+def _release(args: Args, socket_path: str, parent: int) -> int:
     if args.force:
         with _connect(socket_path, BUSY_WAIT) as client:
             (name,) = args.names
@@ -827,7 +897,7 @@ def _release(args: argparse.Namespace, socket_path: str, parent: int) -> int:
 # --- status --------------------------------------------------------------------------------
 
 
-def _status(args: argparse.Namespace, socket_path: str) -> int:
+def _status(args: Args, socket_path: str) -> int:
     with _connect(socket_path, BUSY_WAIT) as client:
         locks = [lock for lock in client.status(*args.names) if lock.holders or lock.waiters]
     if args.json:
@@ -847,7 +917,7 @@ def _status(args: argparse.Namespace, socket_path: str) -> int:
     return EXIT_NO if args.names and any(lock.holders for lock in locks) else 0
 
 
-def status_document(locks: list[protocol.LockInfo]) -> dict:
+def status_document(locks: list[protocol.LockInfo]) -> StatusDocument:
     """The `status --json` document (schema in docs/cli.md)."""
     return {
         "locks": [

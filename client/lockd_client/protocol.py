@@ -14,14 +14,16 @@ Conversation (see docs/protocol.md):
      ended without the client asking) at any time.
 
 Tags are explicit strings, so renaming a class never changes the wire. New fields are added
-with defaults only, so older peers keep decoding newer messages.
+with defaults only, so older peers keep decoding newer messages. No message class is
+subclassed (each is `final`): a message's exact type says what it is, which is how both
+ends dispatch on it, fast, and how a type checker follows them.
 """
 
 from __future__ import annotations
 
 import re
 import struct
-from typing import Annotated, Literal, Union
+from typing import Annotated, Final, Literal, Union, final
 
 import msgspec
 
@@ -95,12 +97,14 @@ def label_problem(label: str | None) -> str | None:
 # Client → daemon
 
 
+@final
 class Hello(msgspec.Struct, tag="hello"):
     version: int
     #: Free text shown in `status` next to every lease of this connection.
     label: Label | None = None
 
 
+@final
 class Acquire(msgspec.Struct, tag="acquire"):
     id: int
     #: All granted together or none; order does not matter.
@@ -115,12 +119,14 @@ class Acquire(msgspec.Struct, tag="acquire"):
     pid: int | None = None
 
 
+@final
 class Release(msgspec.Struct, tag="release"):
     """End the lease (or withdraw the waiting request) made by Acquire `id`. No reply."""
 
     id: int
 
 
+@final
 class ReleasePid(msgspec.Struct, tag="release_pid"):
     """End the process-tied leases that process `pid` holds on `names`."""
 
@@ -129,6 +135,7 @@ class ReleasePid(msgspec.Struct, tag="release_pid"):
     names: list[str]
 
 
+@final
 class ForceRelease(msgspec.Struct, tag="force_release"):
     """Break every lease on `name`, whoever holds it; the holders see them lost."""
 
@@ -136,6 +143,7 @@ class ForceRelease(msgspec.Struct, tag="force_release"):
     name: str
 
 
+@final
 class Status(msgspec.Struct, tag="status"):
     id: int
     #: Empty: every lock that is held or waited on.
@@ -149,6 +157,7 @@ Request = Union[Hello, Acquire, Release, ReleasePid, ForceRelease, Status]
 # Daemon → client
 
 
+@final
 class Holder(msgspec.Struct, omit_defaults=True):
     """A party holding or awaiting a lock. Identity comes from SO_PEERCRED and /proc."""
 
@@ -167,6 +176,7 @@ class Holder(msgspec.Struct, omit_defaults=True):
     host: str | None = None
 
 
+@final
 class LockInfo(msgspec.Struct):
     name: str
     #: The holders' mode; None when only waiters are present.
@@ -176,6 +186,7 @@ class LockInfo(msgspec.Struct):
     waiters: list[Holder]
 
 
+@final
 class Welcome(msgspec.Struct, tag="welcome"):
     version: int
     server: str
@@ -198,6 +209,7 @@ class Welcome(msgspec.Struct, tag="welcome"):
 MAX_FDS_PER_MESSAGE = 253
 
 
+@final
 class Granted(msgspec.Struct, tag="granted"):
     id: int
     #: Fencing tokens, one per distinct name in the order the request first named them:
@@ -211,6 +223,7 @@ class Granted(msgspec.Struct, tag="granted"):
     descriptors: int = 0
 
 
+@final
 class Queued(msgspec.Struct, tag="queued"):
     """Request `id` waits; `holders` are those it waits for at that moment."""
 
@@ -218,6 +231,7 @@ class Queued(msgspec.Struct, tag="queued"):
     holders: list[Holder]
 
 
+@final
 class Lost(msgspec.Struct, tag="lost"):
     """The lease of Acquire `id` ended without the client asking."""
 
@@ -225,17 +239,20 @@ class Lost(msgspec.Struct, tag="lost"):
     reason: str
 
 
+@final
 class Done(msgspec.Struct, tag="done"):
     id: int
     #: How many leases the request ended.
     released: int = 0
 
 
+@final
 class StatusReply(msgspec.Struct, tag="status_reply"):
     id: int
     locks: list[LockInfo]
 
 
+@final
 class Error(msgspec.Struct, tag="error"):
     #: None when the error is about the connection rather than one request.
     id: int | None
@@ -318,12 +335,12 @@ def encode_frame(encoder: msgspec.msgpack.Encoder, message: object, out: bytearr
 # in any thread, is made once, here, while importing holds every other thread off, and
 # shared (msgspec's decoders are thread-safe). Requests are decoded by the daemon alone, in
 # one thread: their decoder is made when asked for, which spares every client its cost.
-_REPLY_DECODER = msgspec.msgpack.Decoder(Reply)
+_REPLY_DECODER: Final[msgspec.msgpack.Decoder[Reply]] = msgspec.msgpack.Decoder(Reply)
 
 
-def request_decoder() -> msgspec.msgpack.Decoder:
+def request_decoder() -> msgspec.msgpack.Decoder[Request]:
     return msgspec.msgpack.Decoder(Request)
 
 
-def reply_decoder() -> msgspec.msgpack.Decoder:
+def reply_decoder() -> msgspec.msgpack.Decoder[Reply]:
     return _REPLY_DECODER

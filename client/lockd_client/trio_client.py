@@ -314,8 +314,8 @@ class Client:
             try:
                 await self._stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                self._abort(f"writing to lockd at {self.socket_path} failed: {exc}")
-                raise went_away(self._conn.close_reason) from exc
+                reason = self._abort(f"writing to lockd at {self.socket_path} failed: {exc}")
+                raise went_away(reason) from exc
             except BaseException:
                 self._abort("the connection was closed after an interrupted write")
                 raise
@@ -329,10 +329,13 @@ class Client:
             except errors.DaemonUnavailable:
                 pass
 
-    def _abort(self, reason: str) -> None:
-        self._conn.abort(reason)
+    def _abort(self, reason: str) -> str:
+        """`Connection.abort`, then close the socket and wake every waiting task; returns
+        why the connection is closed."""
+        reason = self._conn.abort(reason)
         self._close_socket()
         self._wake()
+        return reason
 
     def _wake(self) -> None:
         self._progress.set()
