@@ -26,7 +26,7 @@ from __future__ import annotations
 import enum
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any, Generic, TypeAlias, TypeVar, overload
+from typing import Any, Final, Generic, TypeAlias, TypeVar, overload
 
 import msgspec
 
@@ -40,8 +40,9 @@ NumberedRequest: TypeAlias = "protocol.Acquire | protocol.Status | protocol.Rele
 #: Called with the holders each time the daemon says an acquire waits for them.
 QueuedCallback = Callable[[list[protocol.Holder]], object]
 
-#: How much a client asks the socket for at once.
-READ_SIZE = 64 * 1024
+#: How much a client asks the socket for at once: the size of the buffer each client keeps
+#: for its lifetime. 64 KiB takes a burst of replies in one read, at little cost per client.
+READ_SIZE: Final = 64 * 1024
 
 
 class Phase(enum.Enum):
@@ -182,7 +183,9 @@ class Call(Generic[T]):
         return f"<Call {self.id} {type(self.request).__name__} {state}>"
 
 
-EOF_REASON = "the daemon closed the connection"
+#: Why the connection is closed when the daemon ended it after the handshake (the leases lost
+#: with it say so too).
+EOF_REASON: Final = "the daemon closed the connection"
 
 
 def went_away(reason: str) -> errors.DaemonUnavailable:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import errno
 import os
 import select
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Final, NoReturn
 
 from . import _guardian, _lockfds
 
@@ -34,9 +34,9 @@ else:
     import _signal as signal  # the C module: signal's enums cost lockctl ~2 ms at start
 
 #: The keeper's name (comm) as ps and /proc show it.
-NAME = b"lockd-keeper"
+NAME: Final = b"lockd-keeper"
 #: How long `release` waits for a keeper it told to let go (it exits at once).
-_RELEASE_WAIT = 5.0
+_RELEASE_WAIT: Final = 5.0
 
 
 def start(client: Client, lease: Lease, target: int) -> None:

@@ -17,7 +17,7 @@ import math
 import os
 import sys
 import time
-from typing import TYPE_CHECKING, NoReturn, TextIO
+from typing import TYPE_CHECKING, Final, NoReturn, TextIO
 
 from . import __version__, describe, errors, paths, protocol
 
@@ -65,29 +65,32 @@ else:
 # Exit statuses (sysexits.h where one fits; see docs/cli.md).
 #: lockctl's "no", as grep's 1: status: some NAME is held; release: nothing to release;
 #: acquire without CMD: no process to tie the lease to. Nothing failed; the answer is no.
-EXIT_NO = 1
-EXIT_USAGE = 64  # EX_USAGE
-EXIT_BAD_LOCK_FILE = 66  # EX_NOINPUT, as flock(1) when it cannot open the file
-EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE
-EXIT_BUSY = 75  # EX_TEMPFAIL; -E replaces it for busy and timeout
-EXIT_PROTOCOL = 76  # EX_PROTOCOL
-EXIT_DENIED = 77  # EX_NOPERM
+EXIT_NO: Final = 1
+EXIT_USAGE: Final = 64  # EX_USAGE
+EXIT_BAD_LOCK_FILE: Final = 66  # EX_NOINPUT, as flock(1) when it cannot open the file
+EXIT_UNAVAILABLE: Final = 69  # EX_UNAVAILABLE
+EXIT_BUSY: Final = 75  # EX_TEMPFAIL; -E replaces it for busy and timeout
+EXIT_PROTOCOL: Final = 76  # EX_PROTOCOL
+EXIT_DENIED: Final = 77  # EX_NOPERM
 #: The lease ended while CMD ran, and CMD was terminated. Outside sysexits (64-78), the
 #: shell's own codes (124-127) and 128+N, so it reads as neither CMD's verdict nor its death.
-EXIT_LOST = 79
+EXIT_LOST: Final = 79
 #: The lock is held for the very process asking (or the lockctl running it): waiting would
 #: never end. Next to 79, for the same reasons.
-EXIT_DEADLOCK = 80
-EXIT_NOT_FOUND = 127  # CMD not found, as shells report it
-EXIT_CANNOT_EXECUTE = 126  # CMD found but not executable
+EXIT_DEADLOCK: Final = 80
+EXIT_NOT_FOUND: Final = 127  # CMD not found, as shells report it
+EXIT_CANNOT_EXECUTE: Final = 126  # CMD found but not executable
 
-DEFAULT_KILL_AFTER = 10.0
+#: --kill-after's default, seconds from SIGTERM to SIGKILL for CMD's tree once the lease is
+#: lost: time for a program to stop cleanly, yet not long for a lock held by one that ignores
+#: SIGTERM. A lockd whose leases go to others sooner (`stop_within`) shortens it.
+DEFAULT_KILL_AFTER: Final = 10.0
 #: How long `status`, `release` and `acquire -n` wait for a busy lockd to take their
 #: connection: through a burst, and through a restart (systemd restarts a hung lockd after
 #: its 30 s watchdog, and connections waiting in the socket's queue are kept), yet short
 #: enough that a script hears that something is wrong. `acquire` waits as long as -w says,
 #: or as long as it takes.
-BUSY_WAIT = 60.0
+BUSY_WAIT: Final = 60.0
 
 
 class UsageError(Exception):
@@ -137,11 +140,13 @@ def _integer(low: int, high: int, what: str) -> Callable[[str], int]:
     return parse
 
 
-_exit_code = _integer(0, 255, "an exit status (0 to 255)")
-_pid = _integer(1, 2**22, "a process id")  # 2**22: the kernel's largest pid_max
+#: The argparse types of -E (what an exit status can be) and --pid.
+_exit_code: Final = _integer(0, 255, "an exit status (0 to 255)")
+_pid: Final = _integer(1, 2**22, "a process id")  # 2**22: the kernel's largest pid_max
 
 
-ACQUIRE_EPILOG = """\
+# Each command's --help ends with its examples and exit statuses (the man page shows them too).
+ACQUIRE_EPILOG: Final = """\
 examples:
   lockctl acquire backup -- rsync -a /srv/ /mnt/backup/
       run rsync holding "backup"; waits while someone else holds it
@@ -166,7 +171,7 @@ lockctl holds, a script taking its own lease twice): waiting would never end; 12
 be executed; 127 CMD not found.
 """
 
-RELEASE_EPILOG = """\
+RELEASE_EPILOG: Final = """\
 examples:
   lockctl release site.com            end the lease this shell took with `lockctl acquire`
   lockctl release --pid 4242 a b      end the leases process 4242 holds on a and b
@@ -180,7 +185,7 @@ unreachable; 75 lockd busy for a minute, or a lockd limit reached; 76 lockd vers
 77 refused.
 """
 
-STATUS_EPILOG = """\
+STATUS_EPILOG: Final = """\
 examples:
   lockctl status                      every lock held or waited on, and every lock file
                                       held outside lockd
@@ -194,7 +199,7 @@ exit status: 0 (with NAMEs: all free); 1 some NAME is held; 64 usage; 69 lockd u
 
 
 #: What each command is for, as `lockctl --help` lists it.
-COMMANDS = {
+COMMANDS: Final = {
     "acquire": "take locks, for CMD or for the calling shell",
     "release": "end process-tied leases, or break a lease with --force",
     "status": "who holds and who waits for locks",
@@ -350,7 +355,8 @@ def _add_status(status: argparse.ArgumentParser) -> None:
     status.add_argument("names", nargs="*", metavar="NAME")
 
 
-_COMMAND_PARSERS = {"acquire": _add_acquire, "release": _add_release, "status": _add_status}
+#: What adds each command's arguments to its parser: only the command given is built.
+_COMMAND_PARSERS: Final = {"acquire": _add_acquire, "release": _add_release, "status": _add_status}
 
 
 class Args(argparse.Namespace):
@@ -467,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # The first class that matches decides; any other LockdError is EXIT_PROTOCOL.
-_EXIT_STATUS: tuple[tuple[type[errors.LockdError], int], ...] = (
+_EXIT_STATUS: Final[tuple[tuple[type[errors.LockdError], int], ...]] = (
     (errors.DaemonBusy, EXIT_BUSY),
     (errors.DaemonUnavailable, EXIT_UNAVAILABLE),
     (errors.PermissionDenied, EXIT_DENIED),
@@ -655,11 +661,12 @@ def _not_run(args: Args) -> str:
 #: as soon as lockctl has printed its tokens. Programs that exec the command (env, nice,
 #: nohup) leave no process behind to skip. A shell is one only when it runs nothing but
 #: lockctl (`sh -c 'lockctl acquire x'`, as PHP's exec() and Python's shell=True do).
-LAUNCHERS = frozenset({
+LAUNCHERS: Final = frozenset({
     "uv", "uvx", "pipx", "poetry", "pdm", "hatch", "timeout", "time", "sudo", "doas", "su",
     "runuser",
 })
-_SHELLS = frozenset({"sh", "dash", "bash", "zsh", "ksh", "mksh", "busybox"})
+#: Shells, which are launchers only when they run nothing but lockctl (see LAUNCHERS).
+_SHELLS: Final = frozenset({"sh", "dash", "bash", "zsh", "ksh", "mksh", "busybox"})
 
 
 def _tie_to(pid: int | None, parent: int) -> int:
@@ -955,7 +962,8 @@ def status_document(locks: list[protocol.LockInfo]) -> StatusDocument:
     }
 
 
-_COLUMNS = ("NAME", "MODE", "PID", "USER", "FOR", "TOKEN", "COMMAND")
+#: The header of `status_table`, one per column of its rows.
+_COLUMNS: Final = ("NAME", "MODE", "PID", "USER", "FOR", "TOKEN", "COMMAND")
 
 
 def status_table(locks: list[protocol.LockInfo], now: float) -> str:

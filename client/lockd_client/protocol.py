@@ -32,28 +32,31 @@ import msgspec
 from .errors import ErrorCode as ErrorCode
 from .errors import FrameTooLarge as FrameTooLarge
 
-PROTOCOL_VERSION = 1
+#: The version `Hello` says this side speaks; a daemon refuses any other (`version`). Changed
+#: only for a change older peers could not decode: new fields come with defaults instead.
+PROTOCOL_VERSION: Final = 1
 
 #: A request frame larger than this is refused by the daemon without reading its body:
 #: 64 KiB holds an acquire of ~250 maximal names, far beyond any real use.
-MAX_REQUEST_FRAME = 64 * 1024
+MAX_REQUEST_FRAME: Final = 64 * 1024
 #: Replies can be large (`status` of a host with 100k leases), but a client still refuses a
 #: frame no sane daemon would send rather than allocate whatever a corrupted prefix says.
-MAX_REPLY_FRAME = 256 * 1024 * 1024
+MAX_REPLY_FRAME: Final = 256 * 1024 * 1024
 
-_PREFIX = struct.Struct(">I")
-PREFIX_SIZE = _PREFIX.size
+#: A frame's length prefix: 4 bytes, unsigned, big-endian (docs/protocol.md).
+_PREFIX: Final = struct.Struct(">I")
+PREFIX_SIZE: Final = _PREFIX.size
 
 Mode = Literal["exclusive", "shared"]
 
 # Name N is stored as the file `N.lock`, which must fit a 255-byte file name; the leading
 # letter or digit keeps out `.`/`..`, hidden files and option-like names.
-MAX_NAME_LENGTH = 250
-NAME_RULE = (
+MAX_NAME_LENGTH: Final = 250
+NAME_RULE: Final = (
     f"a lock name is 1-{MAX_NAME_LENGTH} characters from A-Z a-z 0-9 . _ @ + -, "
     "starting with a letter or digit (so it is a plain file name in the lock directory)"
 )
-_NAME_RE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._@+-]{{0,{MAX_NAME_LENGTH - 1}}}", re.ASCII)
+_NAME_RE: Final = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._@+-]{{0,{MAX_NAME_LENGTH - 1}}}", re.ASCII)
 
 
 def name_problem(name: str) -> str | None:
@@ -79,7 +82,7 @@ def names_problem(names: list[str]) -> str | None:
 
 #: Labels are a line of text for `status`; the cap keeps what one client makes every reader of
 #: `status` receive small. A longer label fails decoding, which is a protocol violation.
-MAX_LABEL_LENGTH = 256
+MAX_LABEL_LENGTH: Final = 256
 Label = Annotated[str, msgspec.Meta(max_length=MAX_LABEL_LENGTH)]
 
 
@@ -206,7 +209,7 @@ class Welcome(msgspec.Struct, tag="welcome"):
 
 
 #: The most descriptors one SCM_RIGHTS message carries (the kernel's SCM_MAX_FD).
-MAX_FDS_PER_MESSAGE = 253
+MAX_FDS_PER_MESSAGE: Final = 253
 
 
 @final
