@@ -196,7 +196,7 @@ def went_away(reason: str) -> errors.DaemonUnavailable:
     return errors.DaemonUnavailable(f"{reason}; is lockd still running? If it is, its log says why")
 
 
-def unavailable(socket_path: str, exc: OSError) -> errors.DaemonUnavailable:
+def cannot_connect(socket_path: str, exc: OSError) -> errors.DaemonUnavailable:
     """The error for a socket that cannot be connected to, for a reason other than a full
     queue (that is DaemonBusy: lockd is there). Only a missing socket, or one nobody listens
     on, suggests that lockd is not running."""
@@ -235,7 +235,7 @@ class Connection:
         self._leases: dict[int, LeaseRecord] = {}
         self._next_id = 1
         #: Descriptors received and not yet claimed by their Granted.
-        self._fds: deque[int] = deque()
+        self._unclaimed_fds: deque[int] = deque()
         #: Descriptors nobody will use, for the caller to close.
         self._stray: list[int] = []
         #: Lease id → every lease record made here that still has descriptors (lost and
@@ -340,9 +340,9 @@ class Connection:
     def stray_fds(self) -> list[int]:
         """Take the descriptors received that no lease claims (a grant that came after its
         request was withdrawn, or left over when the connection closed): close them."""
-        if self.closed and self._fds:
-            self._stray += self._fds
-            self._fds.clear()
+        if self.closed and self._unclaimed_fds:
+            self._stray += self._unclaimed_fds
+            self._unclaimed_fds.clear()
         if not self._stray:
             return []
         stray, self._stray = self._stray, []
@@ -427,7 +427,7 @@ class Connection:
         if self.phase is Phase.CLOSED:
             self._stray.extend(fds)
             return
-        self._fds.extend(fds)
+        self._unclaimed_fds.extend(fds)
         if not data:
             if self.phase is Phase.GREETING:
                 reason = "lockd closed the connection during the handshake"
@@ -574,9 +574,9 @@ class Connection:
             lease.lost_reason = message.reason
 
     def _claim_fds(self, count: int) -> list[int]:
-        if count > len(self._fds):
-            raise _Violation(f"a grant with {count} descriptors, of which {len(self._fds)} came")
-        return [self._fds.popleft() for _ in range(count)]
+        if count > len(self._unclaimed_fds):
+            raise _Violation(f"a grant with {count} descriptors, of which {len(self._unclaimed_fds)} came")
+        return [self._unclaimed_fds.popleft() for _ in range(count)]
 
     def _lose_all(self, reason: str, error: Callable[[], errors.LockdError]) -> None:
         outlive = self.server is not None and self.server.leases_outlive_daemon

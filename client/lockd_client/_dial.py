@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from typing import Final
 
 from . import errors
-from ._connection import unavailable
+from ._connection import cannot_connect
 
 #: The first pause: a daemon draining a burst makes room in its queue within a millisecond.
 FIRST_PAUSE: Final = 0.001
@@ -54,7 +54,7 @@ def attempt(sock: socket.socket, path: str) -> bool:
     except BlockingIOError:  # EAGAIN: the only way a Unix socket says its queue is full
         return False
     except OSError as exc:
-        raise unavailable(path, exc) from exc
+        raise cannot_connect(path, exc) from exc
     return True
 
 

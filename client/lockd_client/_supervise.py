@@ -128,7 +128,7 @@ class _Supervisor:
         self.kill_after = kill_after
         self.pid = 0  # CMD's, and its process group's, once the guardian has reported it
         self.started = False  # the gate is open: CMD may have run
-        self.status: int | None = None  # CMD's wait status once it has exited
+        self.wait_status: int | None = None  # CMD's wait status once it has exited
         self.exec_errno = b""
         self.guardian = 0
         self.finished = False  # the guardian was told done or terminate, or died
@@ -137,7 +137,7 @@ class _Supervisor:
         self.tty: int | None = None
         self.may_hand_over = False
         self.handed = False  # CMD's group is the terminal's foreground group, by our doing
-        self.early: list[int] = []  # signals to pass on once CMD is known
+        self.early_signals: list[int] = []  # signals to pass on once CMD is known
 
     def run(self, argv: Sequence[str], env: Mapping[str, str]) -> Exit:
         # Whoever made the connection, CMD must not inherit it (see the module docstring).
@@ -208,7 +208,7 @@ class _Supervisor:
         poller = select.poll()
         for fd in (self.conn_fd, self.from_guardian, self.err_r, wake_r):
             poller.register(fd, select.POLLIN)
-        while self.status is None:
+        while self.wait_status is None:
             ready = dict(poller.poll())
             # The connection is read first: if the lease ended in the same instant that CMD
             # exited, the run cannot be vouched for and is reported as lost.
@@ -240,7 +240,7 @@ class _Supervisor:
         if self.exec_errno:
             code = int(self.exec_errno)
             raise ExecError(code, os.strerror(code))
-        status = self.status
+        status = self.wait_status
         died_of = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
         return Exit(_exit_status(status), died_of, self.handed)
 
@@ -257,9 +257,9 @@ class _Supervisor:
             elif kind == _guardian.CMD_STOPPED:
                 self._follow_stop(int(value))
             elif kind == _guardian.CMD_EXITED:
-                self.status = int(value)
+                self.wait_status = int(value)
             elif kind == _guardian.FORK_FAILED:
-                self.status = 127 << 8
+                self.wait_status = 127 << 8
                 self.exec_errno = value
 
     def _open_gate(self, pid: int) -> None:
@@ -273,7 +273,7 @@ class _Supervisor:
         os.close(self.gate_w)
         self.gate_w = -1
         self.started = True
-        for sig in self.early:
+        for sig in self.early_signals:
             _proctree.signal_group(self.pid, sig)
 
     def _on_signal(self, sig: int) -> None:
@@ -285,7 +285,7 @@ class _Supervisor:
             if self.started:
                 _proctree.signal_group(self.pid, sig)
             else:
-                self.early.append(sig)
+                self.early_signals.append(sig)
 
     def _lost_reason(self, events: int) -> str | None:
         try:

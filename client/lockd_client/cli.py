@@ -596,7 +596,7 @@ def _acquire(args: Args, socket_path: str, parent: int) -> int:
             _say(f"acquired {_tokens_text(lease.tokens)}")
         if args.cmd is None:
             assert tied_to is not None
-            _keep(client, lease, tied_to)
+            _start_keeper(client, lease, tied_to)
             print("\n".join(str(lease.tokens[name]) for name in args.names))
             return 0
         return _run_under(args, args.cmd, client, lease, kill_after)
@@ -620,7 +620,7 @@ def _kill_after(asked: float | None, stop_within: float | None) -> float:
     return asked
 
 
-def _keep(client: Client, lease: Lease, pid: int) -> None:
+def _start_keeper(client: Client, lease: Lease, pid: int) -> None:
     """Start the process that holds the lease's descriptors for as long as `pid` lives."""
     from . import _keeper
 
