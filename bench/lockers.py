@@ -170,8 +170,10 @@ class RawLockdLocker:
         self._ids = itertools.count(1)
         self._send(protocol.Hello(protocol.PROTOCOL_VERSION, label=label))
         welcome = self._recv()
+        if isinstance(welcome, protocol.Error):
+            raise errors.from_reply(welcome)
         if not isinstance(welcome, protocol.Welcome):
-            raise errors.ProtocolError(f"expected welcome, got {welcome!r}")
+            raise errors.RemoteProtocolError(f"expected welcome, got {welcome!r}")
 
     def _send(self, message: object) -> None:
         out = self._out

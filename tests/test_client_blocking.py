@@ -368,7 +368,7 @@ def test_garbage_from_the_daemon_hangs_up_but_keeps_the_descriptor(short_tmp):
         liar = threading.Thread(target=lie, args=(listener,))
         liar.start()
         with lockd_client.connect(path) as c:
-            with pytest.raises(lockd_client.ProtocolError, match="broke the protocol"):
+            with pytest.raises(lockd_client.RemoteProtocolError, match="broke the protocol"):
                 c.acquire("a")
             liar.join(WAIT)
             assert seen_after_garbage == [b""]

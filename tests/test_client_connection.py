@@ -75,17 +75,17 @@ def test_hello_is_the_first_frame_and_welcome_opens_the_connection():
 def test_hello_twice_is_refused_and_changes_nothing():
     conn = Connection()
     conn.hello()
-    with pytest.raises(errors.ProtocolError, match="already started"):
+    with pytest.raises(errors.LocalProtocolError, match="already started"):
         conn.hello()
     assert conn.phase is Phase.GREETING
 
 
 def test_requests_before_welcome_are_refused_without_using_an_id():
     conn = Connection()
-    with pytest.raises(errors.ProtocolError, match="before lockd's Welcome"):
+    with pytest.raises(errors.LocalProtocolError, match="before lockd's Welcome"):
         conn.acquire(["a"])
     conn.hello()
-    with pytest.raises(errors.ProtocolError, match="before lockd's Welcome"):
+    with pytest.raises(errors.LocalProtocolError, match="before lockd's Welcome"):
         conn.status()
     conn.receive_data(frames(welcome()))
     call, data = conn.acquire(["a"])
@@ -117,7 +117,7 @@ def test_anything_but_welcome_during_handshake_is_a_violation(message):
     call, _ = conn.hello()
     conn.receive_data(frames(message))
     assert_broken(conn, because="instead of welcome")
-    with pytest.raises(errors.ProtocolError):
+    with pytest.raises(errors.RemoteProtocolError):
         call.result()
 
 
@@ -227,7 +227,7 @@ def test_requests_encode_and_resolve_their_replies():
 def test_result_before_the_reply_is_an_error():
     conn = opened()
     call, _ = conn.status()
-    with pytest.raises(errors.ProtocolError, match="no reply yet"):
+    with pytest.raises(errors.LocalProtocolError, match="no reply yet"):
         call.result()
 
 
@@ -322,7 +322,7 @@ def test_replies_the_protocol_rules_out_break_the_connection(message, because):
     conn.receive_data(frames(message(a.id, s.id)))
     assert_broken(conn, because=because)
     for call in (a, s):
-        with pytest.raises(errors.ProtocolError, match="check that lockd and this client are the same version"):
+        with pytest.raises(errors.RemoteProtocolError, match="check that lockd and this client are the same version"):
             call.result()
     assert held.state is LeaseState.LOST and because in held.lost_reason
 
@@ -341,7 +341,7 @@ def test_a_violation_discards_the_rest_of_the_data():
     conn = opened()
     call, _ = conn.status()
     conn.receive_data(frames(protocol.Done(99), protocol.StatusReply(call.id, [])))
-    with pytest.raises(errors.ProtocolError):
+    with pytest.raises(errors.RemoteProtocolError):
         call.result()
 
 
@@ -405,9 +405,9 @@ def test_release_is_idempotent_and_checks_the_owner():
     conn = opened()
     lease = granted(conn, "a")
     other = opened()
-    with pytest.raises(errors.ProtocolError, match="another connection"):
+    with pytest.raises(errors.LocalProtocolError, match="another connection"):
         other.release(lease)
-    with pytest.raises(errors.ProtocolError, match="another connection"):
+    with pytest.raises(errors.LocalProtocolError, match="another connection"):
         other.withdraw(conn.acquire(["b"])[0])
     assert lease.state is LeaseState.HELD
     assert decoded(conn.release(lease)) == [protocol.Release(lease.id)]
@@ -426,7 +426,8 @@ def test_release_is_idempotent_and_checks_the_owner():
         ("bad_lock_file", errors.BadLockFile),
         ("permission_denied", errors.PermissionDenied),
         ("not_held", errors.NotHeld),
-        ("protocol", errors.ProtocolError),
+        ("protocol", errors.LocalProtocolError),
+        ("version", errors.ProtocolError),
         ("limit", errors.LimitExceeded),
         ("unavailable", errors.BackendUnavailable),
         ("a code from a newer daemon", errors.LockdError),
@@ -564,7 +565,7 @@ def test_a_grant_whose_descriptors_did_not_come_breaks_the_connection_and_fails_
     call, _ = conn.acquire(["a"])
     conn.receive_data(frames(protocol.Granted(call.id, [1], 1)))
     assert_broken(conn, because="1 descriptors, of which 0 came")
-    with pytest.raises(errors.ProtocolError):
+    with pytest.raises(errors.RemoteProtocolError):
         call.result()
 
 

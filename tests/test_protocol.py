@@ -54,19 +54,29 @@ def test_an_oversized_frame_is_a_lockd_protocol_error() -> None:
     with pytest.raises(errors.ProtocolError, match="1025 bytes exceeds the limit of 1024") as raised:
         frames.next_frame()
     assert isinstance(raised.value, protocol.FrameTooLarge)
-    assert isinstance(raised.value, errors.LockdError)
+    assert isinstance(raised.value, errors.RemoteProtocolError)
     assert (raised.value.size, raised.value.limit) == (1025, 1024)
 
 
-def test_an_error_reply_maps_to_the_class_that_owns_its_code() -> None:
-    expected = {
-        "protocol": errors.ProtocolError,
-        "busy": errors.LockBusy,
-        "shutdown": errors.DaemonUnavailable,
-    }
-    for code, cls in expected.items():
+def test_every_error_code_becomes_exactly_one_class_and_back() -> None:
+    codes = {value for name, value in vars(errors.ErrorCode).items() if not name.startswith("_")}
+    table = errors._ERROR_BY_CODE
+    assert set(table) == codes
+    back = {cls: code for code, cls in table.items()}
+    assert len(back) == len(table), "a class stands for two codes"
+    for cls, code in back.items():
         assert type(errors.from_reply(protocol.Error(1, code, "m"))) is cls
     assert protocol.ErrorCode is errors.ErrorCode
+
+
+def test_what_the_daemon_raises_the_client_catches_with_the_same_class() -> None:
+    """A class's own `code` is sent when the daemon raises it; the client raises that class or
+    a subclass of it for the code."""
+    classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.LockdError)]
+    sent = [cls for cls in classes if cls.code is not None]
+    assert errors.ProtocolError in sent and errors.DaemonUnavailable in sent
+    for cls in sent:
+        assert issubclass(errors._ERROR_BY_CODE[cls.code], cls), cls
 
 
 def test_frames_come_out_whole_however_the_stream_is_cut() -> None:

@@ -13,20 +13,22 @@ __version__ = "0.1.0"
 from . import protocol
 from .blocking import Client, Lease, connect
 from .errors import (
-    BadLockFile,
     BackendUnavailable,
+    BadLockFile,
     DaemonBusy,
     DaemonUnavailable,
     InvalidArgument,
     InvalidName,
     LeaseLost,
     LimitExceeded,
+    LocalProtocolError,
     LockBusy,
     LockdError,
     LockTimeout,
     NotHeld,
     PermissionDenied,
     ProtocolError,
+    RemoteProtocolError,
     WouldDeadlock,
 )
 
@@ -41,12 +43,14 @@ __all__ = [
     "Lease",
     "LeaseLost",
     "LimitExceeded",
+    "LocalProtocolError",
     "LockBusy",
     "LockTimeout",
     "LockdError",
     "NotHeld",
     "PermissionDenied",
     "ProtocolError",
+    "RemoteProtocolError",
     "WouldDeadlock",
     "connect",
     "protocol",

@@ -26,7 +26,7 @@ from __future__ import annotations
 import enum
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Generic, TypeVar
+from typing import Any, Final, Generic, TypeAlias, TypeVar, overload
 
 import msgspec
 
@@ -34,11 +34,15 @@ from . import errors, paths, protocol
 
 T = TypeVar("T")
 
+#: The requests that carry an id and get a reply: each is a Call.
+NumberedRequest: TypeAlias = "protocol.Acquire | protocol.Status | protocol.ReleasePid | protocol.ForceRelease"
+
 #: Called with the holders each time the daemon says an acquire waits for them.
 QueuedCallback = Callable[[list[protocol.Holder]], object]
 
-#: How much a client asks the socket for at once.
-READ_SIZE = 64 * 1024
+#: How much a client asks the socket for at once: the size of the buffer each client keeps
+#: for its lifetime. 64 KiB takes a burst of replies in one read, at little cost per client.
+READ_SIZE: Final = 64 * 1024
 
 
 class Phase(enum.Enum):
@@ -66,7 +70,7 @@ class LeaseRecord:
     ) -> None:
         self.id = id
         self.names = names
-        self.tokens = dict(zip(names, tokens))
+        self.tokens = dict(zip(names, tokens, strict=True))
         self.state = LeaseState.HELD
         self.lost_reason: str | None = None
         #: The lock-file descriptors that came with the grant, one per name; open until the
@@ -146,7 +150,7 @@ class Call(Generic[T]):
 
     __slots__ = ("id", "request", "queued", "done", "_value", "_error")
 
-    def __init__(self, id: int | None, request: object) -> None:
+    def __init__(self, id: int | None, request: protocol.Hello | NumberedRequest) -> None:
         self.id = id
         self.request = request
         self.queued: list[list[protocol.Holder]] = []
@@ -156,9 +160,10 @@ class Call(Generic[T]):
 
     def result(self) -> T:
         if not self.done:
-            raise errors.ProtocolError(f"request {self.id} has no reply yet; read until it is done")
+            raise errors.LocalProtocolError(f"request {self.id} has no reply yet; read until it is done")
         if self._error is not None:
             raise self._error
+        # `_value` is None only until `_resolve` sets it, which it has: done, and no error.
         return self._value  # type: ignore[return-value]
 
     def take_queued(self) -> list[list[protocol.Holder]]:
@@ -178,15 +183,9 @@ class Call(Generic[T]):
         return f"<Call {self.id} {type(self.request).__name__} {state}>"
 
 
-# What each request expects as its reply, when it is not an Error.
-_REPLY_TYPE: dict[type, type] = {
-    protocol.Acquire: protocol.Granted,
-    protocol.Status: protocol.StatusReply,
-    protocol.ReleasePid: protocol.Done,
-    protocol.ForceRelease: protocol.Done,
-}
-
-EOF_REASON = "the daemon closed the connection"
+#: Why the connection is closed when the daemon ended it after the handshake (the leases lost
+#: with it say so too).
+EOF_REASON: Final = "the daemon closed the connection"
 
 
 def went_away(reason: str) -> errors.DaemonUnavailable:
@@ -197,7 +196,7 @@ def went_away(reason: str) -> errors.DaemonUnavailable:
     return errors.DaemonUnavailable(f"{reason}; is lockd still running? If it is, its log says why")
 
 
-def unavailable(socket_path: str, exc: OSError) -> errors.DaemonUnavailable:
+def cannot_connect(socket_path: str, exc: OSError) -> errors.DaemonUnavailable:
     """The error for a socket that cannot be connected to, for a reason other than a full
     queue (that is DaemonBusy: lockd is there). Only a missing socket, or one nobody listens
     on, suggests that lockd is not running."""
@@ -229,11 +228,14 @@ class Connection:
         #: Why the connection is CLOSED, once it is.
         self.close_reason: str | None = None
         self._greeting: Call[protocol.Welcome] | None = None
-        self._calls: dict[int, Call] = {}
+        #: Request id → its call. Calls of every kind share it, so it cannot say each one's
+        #: value type; `_send_request` does, and `_handle` resolves a call only with the reply
+        #: its request gets.
+        self._calls: dict[int, Call[Any]] = {}
         self._leases: dict[int, LeaseRecord] = {}
         self._next_id = 1
         #: Descriptors received and not yet claimed by their Granted.
-        self._fds: deque[int] = deque()
+        self._unclaimed_fds: deque[int] = deque()
         #: Descriptors nobody will use, for the caller to close.
         self._stray: list[int] = []
         #: Lease id → every lease record made here that still has descriptors (lost and
@@ -254,11 +256,12 @@ class Connection:
     def hello(self, label: str | None = None) -> tuple[Call[protocol.Welcome], bytes]:
         """Start the handshake; the Call resolves with the daemon's Welcome."""
         if self.phase is not Phase.NEW:
-            raise errors.ProtocolError("the handshake was already started on this connection")
+            raise errors.LocalProtocolError("the handshake was already started on this connection")
         _check_label(label)
-        data = self._encode(protocol.Hello(protocol.PROTOCOL_VERSION, label))
+        hello = protocol.Hello(protocol.PROTOCOL_VERSION, label)
+        data = self._encode(hello)
         self.phase = Phase.GREETING
-        self._greeting = Call(None, protocol.Hello)
+        self._greeting = Call(None, hello)
         return self._greeting, data
 
     def acquire(
@@ -282,7 +285,7 @@ class Connection:
         if not wait:
             timeout = 0  # not waiting wins over any timeout, as -n over -w in flock(1)
         self._check_open()
-        mode = "shared" if shared else "exclusive"
+        mode: protocol.Mode = "shared" if shared else "exclusive"
         request = protocol.Acquire(self._next_id, unique, mode, timeout, label, pid)
         return self._send_request(request)
 
@@ -321,7 +324,7 @@ class Connection:
         if lease.state is not LeaseState.HELD:
             return b""
         if self._leases.get(lease.id) is not lease:
-            raise errors.ProtocolError(f"{lease!r} belongs to another connection")
+            raise errors.LocalProtocolError(f"{lease!r} belongs to another connection")
         data = b"" if lease.detached else self._encode(protocol.Release(lease.id))
         del self._leases[lease.id]
         lease.state = LeaseState.RELEASED
@@ -337,15 +340,15 @@ class Connection:
     def stray_fds(self) -> list[int]:
         """Take the descriptors received that no lease claims (a grant that came after its
         request was withdrawn, or left over when the connection closed): close them."""
-        if self.closed and self._fds:
-            self._stray += self._fds
-            self._fds.clear()
+        if self.closed and self._unclaimed_fds:
+            self._stray += self._unclaimed_fds
+            self._unclaimed_fds.clear()
         if not self._stray:
             return []
         stray, self._stray = self._stray, []
         return stray
 
-    def withdraw(self, call: Call) -> bytes:
+    def withdraw(self, call: Call[T]) -> bytes:
         """Stop waiting for `call`: its reply, when it comes, is ignored.
 
         A waiting acquire is withdrawn from the daemon's queue; one already granted is
@@ -362,13 +365,14 @@ class Connection:
         if call is self._greeting:
             self.close()  # a connection without its handshake is of no use
             return b""
-        if self._calls.get(call.id) is not call:  # type: ignore[arg-type]
-            raise errors.ProtocolError(f"{call!r} belongs to another connection")
+        id = call.id
+        if id is None or self._calls.get(id) is not call:
+            raise errors.LocalProtocolError(f"{call!r} belongs to another connection")
         if isinstance(call.request, protocol.Acquire):
-            data = self._encode(protocol.Release(call.id))
+            data = self._encode(protocol.Release(id))
         else:
             data = b""
-        del self._calls[call.id]  # type: ignore[arg-type]
+        del self._calls[id]
         call._fail(errors.LockdError(f"request {call.id} was withdrawn"))
         return data
 
@@ -401,10 +405,13 @@ class Connection:
             self._shut(reason, lambda: errors.DaemonUnavailable(reason))
         return ended
 
-    def abort(self, reason: str) -> None:
-        """The transport failed (`reason` says how): leases are lost, requests fail."""
-        if not self.closed:
-            self._lose_all(reason, lambda: went_away(reason))
+    def abort(self, reason: str) -> str:
+        """The transport failed (`reason` says how): leases are lost, requests fail. Returns
+        why the connection is closed: `reason`, unless it was closed already."""
+        if self.closed and self.close_reason is not None:
+            return self.close_reason
+        self._lose_all(reason, lambda: went_away(reason))
+        return reason
 
     # --- daemon moves -------------------------------------------------------------------------
 
@@ -414,13 +421,13 @@ class Connection:
 
         A protocol violation (garbage, an oversized frame, a reply that cannot be) closes the
         connection: its leases are lost with a reason naming the violation, and its requests
-        fail with ProtocolError; the caller should then hang up, so the daemon ends the leases
-        too. Data arriving after the connection closed is discarded.
+        fail with RemoteProtocolError; the caller should then hang up, so the daemon ends the
+        leases too. Data arriving after the connection closed is discarded.
         """
         if self.phase is Phase.CLOSED:
             self._stray.extend(fds)
             return
-        self._fds.extend(fds)
+        self._unclaimed_fds.extend(fds)
         if not data:
             if self.phase is Phase.GREETING:
                 reason = "lockd closed the connection during the handshake"
@@ -433,13 +440,13 @@ class Connection:
         try:
             while (body := buffer.next_frame()) is not None:
                 self._handle(decode(body))
-                if self.phase is Phase.CLOSED:
+                if self.closed:
                     break
         except (protocol.FrameTooLarge, msgspec.DecodeError, _Violation) as exc:
             reason = f"lockd broke the protocol ({exc})"
             self._lose_all(
                 reason,
-                lambda: errors.ProtocolError(
+                lambda: errors.RemoteProtocolError(
                     f"{reason}; the connection is closed: check that lockd and this client are "
                     "the same version (lockd's log may say more)"
                 ),
@@ -464,12 +471,20 @@ class Connection:
                     f"this connection to lockd is closed ({self.close_reason}); "
                     "make a new one to send more requests"
                 )
-            raise errors.ProtocolError("no request may be sent before lockd's Welcome")
+            raise errors.LocalProtocolError("no request may be sent before lockd's Welcome")
 
-    def _send_request(self, request: protocol.Request) -> tuple[Call, bytes]:
+    # What each request resolves with, as `_handle` resolves it.
+    @overload
+    def _send_request(self, request: protocol.Acquire) -> tuple[Call[LeaseRecord], bytes]: ...
+    @overload
+    def _send_request(self, request: protocol.Status) -> tuple[Call[list[protocol.LockInfo]], bytes]: ...
+    @overload
+    def _send_request(self, request: protocol.ReleasePid | protocol.ForceRelease) -> tuple[Call[int], bytes]: ...
+
+    def _send_request(self, request: NumberedRequest) -> tuple[Call[Any], bytes]:
         """Encode `request` (numbered `_next_id` by the caller) and await its reply."""
         data = self._encode(request)
-        call: Call = Call(request.id, request)
+        call: Call[Any] = Call(request.id, request)
         self._calls[request.id] = call
         self._next_id += 1
         return call, data
@@ -486,7 +501,7 @@ class Connection:
             self._lose_all(message.message, lambda: errors.from_reply(message))
             return
         id = message.id
-        if not 0 < id < self._next_id:
+        if id is None or not 0 < id < self._next_id:
             raise _Violation(f"{_tag(message)} for request {id}, which was never sent")
         if type(message) is protocol.Lost:
             self._handle_lost(message)
@@ -508,27 +523,34 @@ class Connection:
             del self._calls[id]
             call._fail(errors.from_reply(message))
             return
-        if type(message) is not _REPLY_TYPE[type(request)]:
-            raise _Violation(f"{_tag(message)} in reply to {_tag(request)} request {id}")
-        if type(message) is protocol.Granted:
-            names = request.names
-            if len(message.tokens) != len(names) or message.descriptors not in (0, len(names)):
-                raise _Violation(
-                    f"{len(message.tokens)} tokens and {message.descriptors} descriptors for {len(names)} names"
-                )
-            fds = self._claim_fds(message.descriptors)  # before the call is gone: it may fail
+        # Otherwise the reply must be the one kind its request gets.
+        if type(message) is protocol.Granted and type(request) is protocol.Acquire:
+            self._grant(call, request, message)
+        elif type(message) is protocol.StatusReply and type(request) is protocol.Status:
             del self._calls[id]
-            if request.pid is not None and not self.keep_tied_descriptors:
-                self._stray += fds
-                fds = []
-            lease = LeaseRecord(id, tuple(names), message.tokens, fds, request.pid)
-            if fds:
-                self._holding[id] = lease
-            self._leases[id] = lease
-            call._resolve(lease)
-            return
-        del self._calls[id]
-        call._resolve(message.locks if type(message) is protocol.StatusReply else message.released)
+            call._resolve(message.locks)
+        elif type(message) is protocol.Done and type(request) in (protocol.ReleasePid, protocol.ForceRelease):
+            del self._calls[id]
+            call._resolve(message.released)
+        else:
+            raise _Violation(f"{_tag(message)} in reply to {_tag(request)} request {id}")
+
+    def _grant(self, call: Call[LeaseRecord], request: protocol.Acquire, message: protocol.Granted) -> None:
+        names = request.names
+        if len(message.tokens) != len(names) or message.descriptors not in (0, len(names)):
+            raise _Violation(
+                f"{len(message.tokens)} tokens and {message.descriptors} descriptors for {len(names)} names"
+            )
+        fds = self._claim_fds(message.descriptors)  # before the call is gone: it may fail
+        del self._calls[request.id]
+        if request.pid is not None and not self.keep_tied_descriptors:
+            self._stray += fds
+            fds = []
+        lease = LeaseRecord(request.id, tuple(names), message.tokens, fds, request.pid)
+        if fds:
+            self._holding[request.id] = lease
+        self._leases[request.id] = lease
+        call._resolve(lease)
 
     def _handle_greeting(self, message: protocol.Reply) -> None:
         if self._greeting is None:
@@ -552,9 +574,9 @@ class Connection:
             lease.lost_reason = message.reason
 
     def _claim_fds(self, count: int) -> list[int]:
-        if count > len(self._fds):
-            raise _Violation(f"a grant with {count} descriptors, of which {len(self._fds)} came")
-        return [self._fds.popleft() for _ in range(count)]
+        if count > len(self._unclaimed_fds):
+            raise _Violation(f"a grant with {count} descriptors, of which {len(self._unclaimed_fds)} came")
+        return [self._unclaimed_fds.popleft() for _ in range(count)]
 
     def _lose_all(self, reason: str, error: Callable[[], errors.LockdError]) -> None:
         outlive = self.server is not None and self.server.leases_outlive_daemon
@@ -583,9 +605,8 @@ class _Violation(Exception):
     """The daemon sent something the protocol rules out. Never leaves this module."""
 
 
-def _tag(message: object) -> str:
-    cls = message if isinstance(message, type) else type(message)
-    return cls.__struct_config__.tag  # type: ignore[attr-defined]
+def _tag(message: msgspec.Struct) -> str:
+    return str(message.__struct_config__.tag)
 
 
 def _check_label(label: str | None) -> None:

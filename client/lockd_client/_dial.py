@@ -21,22 +21,26 @@ keep a deadline nor tell anyone it waits.
 
 from __future__ import annotations
 
-import select
 import _socket as socket  # the C type: see blocking.py
+import select
 import time
 from collections.abc import Callable, Iterator
+from typing import Final
 
 from . import errors
-from ._connection import unavailable
+from ._connection import cannot_connect
 
-FIRST_PAUSE = 0.001
-LONGEST_PAUSE = 0.1
+#: The first pause: a daemon draining a burst makes room in its queue within a millisecond.
+FIRST_PAUSE: Final = 0.001
+#: The longest pause: a client that waits for a busy daemon is never more than this late
+#: once there is room, and a crowd of them retrying costs the host little.
+LONGEST_PAUSE: Final = 0.1
 #: How long a wait lasts before `on_busy` is called.
-BUSY_NOTICE = 1.0
+BUSY_NOTICE: Final = 1.0
 #: How long a caller with no deadline keeps connecting again while the daemon turns it away
 #: for its connection limits: a burst passes within it, while a user whose own connections
 #: stay open (one per thread, keepers) is told so rather than left waiting for ever.
-LIMIT_WAIT = 60.0
+LIMIT_WAIT: Final = 60.0
 
 #: Called once when connecting has waited BUSY_NOTICE seconds for a busy daemon.
 BusyCallback = Callable[[], object]
@@ -50,7 +54,7 @@ def attempt(sock: socket.socket, path: str) -> bool:
     except BlockingIOError:  # EAGAIN: the only way a Unix socket says its queue is full
         return False
     except OSError as exc:
-        raise unavailable(path, exc) from exc
+        raise cannot_connect(path, exc) from exc
     return True
 
 

@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import os
 import select
-import _signal as signal  # the C module: signal's enums cost lockctl ~2 ms at start
 from collections.abc import Mapping, Sequence
-from typing import NoReturn
+from typing import TYPE_CHECKING, Final, NoReturn
 
 from . import _proctree
 
+if TYPE_CHECKING:
+    import signal  # typeshed describes the C module only as part of this, its Python layer
+else:
+    import _signal as signal  # the C module: signal's enums cost lockctl ~2 ms at start
+
 #: Signals sent to lockctl that it passes on to CMD's process group. A signal to lockctl
 #: stands for a signal to the job, as a terminal sends Ctrl-C to a whole foreground group.
-FORWARDED = (
+FORWARDED: Final = (
     signal.SIGINT,
     signal.SIGTERM,
     signal.SIGHUP,
@@ -27,38 +31,41 @@ FORWARDED = (
     signal.SIGUSR1,
     signal.SIGUSR2,
 )
-_JOB_CONTROL = (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
+#: The signals of job control, which the guardian ignores (it is not part of the job) and
+#: lockctl relays to CMD by stopping and continuing it.
+_JOB_CONTROL: Final = (signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
 #: Every disposition lockctl or the guardian changes: CMD gets each back as lockctl's caller
 #: left it (a signal ignored under nohup stays ignored).
-TOUCHED = (*FORWARDED, *_JOB_CONTROL, signal.SIGCONT, signal.SIGCHLD)
+TOUCHED: Final = (*FORWARDED, *_JOB_CONTROL, signal.SIGCONT, signal.SIGCHLD)
 # Python ignores these at start-up for its own sake; a program it starts expects the defaults.
-_PYTHON_IGNORES = (signal.SIGPIPE, signal.SIGXFSZ)
+_PYTHON_IGNORES: Final = (signal.SIGPIPE, signal.SIGXFSZ)
 
 #: The guardian's name and command line, as ps and pkill see them.
-NAME = b"lockd-guardian"
+NAME: Final = b"lockd-guardian"
 
 # lockctl -> guardian, one byte.
 #: CMD exited and the lease is released: leave what it left running alone, and exit.
-DONE = b"d"
+DONE: Final = b"d"
 #: Terminate CMD's tree, report TREE_GONE once it is empty, and exit.
-TERMINATE = b"t"
+TERMINATE: Final = b"t"
 # lockctl -> CMD, one byte on the gate; EOF instead means CMD must not run.
-GATE_OPEN = b"g"
+GATE_OPEN: Final = b"g"
 # guardian -> lockctl, one line each: the kind, then a space and a decimal number for all
 # but TREE_GONE.
 #: CMD's pid (and process group), once forked.
-CMD_PID = b"pid"
+CMD_PID: Final = b"pid"
 #: CMD stopped, and the signal that stopped it.
-CMD_STOPPED = b"stop"
+CMD_STOPPED: Final = b"stop"
 #: CMD exited, and its wait status.
-CMD_EXITED = b"exit"
+CMD_EXITED: Final = b"exit"
 #: CMD could not be forked, and the errno.
-FORK_FAILED = b"error"
+FORK_FAILED: Final = b"error"
 #: The tree lockctl said TERMINATE about is empty.
-TREE_GONE = b"gone"
+TREE_GONE: Final = b"gone"
 
-_PR_SET_NAME = 15
-PR_SET_CHILD_SUBREAPER = 36
+# prctl(2) options, from <linux/prctl.h>: neither os nor ctypes names them.
+_PR_SET_NAME: Final = 15
+PR_SET_CHILD_SUBREAPER: Final = 36
 
 
 def run(

@@ -22,18 +22,21 @@ from __future__ import annotations
 import errno
 import os
 import select
-import _signal as signal  # the C module: signal's enums cost lockctl ~2 ms at start
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Final, NoReturn
 
 from . import _guardian, _lockfds
 
 if TYPE_CHECKING:
+    import signal  # typeshed describes the C module only as part of this, its Python layer
+
     from .blocking import Client, Lease
+else:
+    import _signal as signal  # the C module: signal's enums cost lockctl ~2 ms at start
 
 #: The keeper's name (comm) as ps and /proc show it.
-NAME = b"lockd-keeper"
+NAME: Final = b"lockd-keeper"
 #: How long `release` waits for a keeper it told to let go (it exits at once).
-_RELEASE_WAIT = 5.0
+_RELEASE_WAIT: Final = 5.0
 
 
 def start(client: Client, lease: Lease, target: int) -> None:
@@ -81,14 +84,14 @@ def _keep(client: Client, lease: Lease, pidfd: int, target: int, ready: int) -> 
         for fd in (conn_fd, pidfd):
             poller.register(fd, select.POLLIN)
         while True:
-            ready = dict(poller.poll())
-            if pidfd in ready:
-                return  # the process is gone, and with it the reason to hold the lease
-            if conn_fd in ready:
+            events = dict(poller.poll())
+            if pidfd in events:
+                break  # the process is gone, and with it the reason to hold the lease
+            if conn_fd in events:
                 client.process_events()
                 if lease.lost:
                     lease.release()  # says it was let go: a broken lease is then freed at once
-                    return
+                    break
                 if lease.detached:
                     poller.unregister(conn_fd)  # lockd is gone; the descriptors keep the lease
     finally:

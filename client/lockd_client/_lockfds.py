@@ -16,11 +16,11 @@ Invariants:
 
 from __future__ import annotations
 
-import os
 import _socket as socket  # the C type: see blocking.py
 import _weakref  # the C module: weakref's Python layer would lengthen lockctl's start-up
+import os
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from .protocol import MAX_FDS_PER_MESSAGE
 
@@ -28,8 +28,10 @@ if TYPE_CHECKING:
     from ._connection import Connection
 
 #: A descriptor is a C int in SCM_RIGHTS data: 4 bytes on Linux.
-_FD_SIZE = 4
-_ANCILLARY_SIZE = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * _FD_SIZE)
+_FD_SIZE: Final = 4
+#: Room for as many descriptors as one message can carry: with less, the kernel would close
+#: the ones that do not fit, and the lease would not hold them.
+_ANCILLARY_SIZE: Final = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * _FD_SIZE)
 
 
 class DescriptorsLost(OSError):

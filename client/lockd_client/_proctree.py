@@ -10,13 +10,19 @@ process may start or exit between two looks.
 from __future__ import annotations
 
 import os
-import _signal as signal  # the C module: signal's enums cost lockctl ~2 ms at start
 import time
+from typing import TYPE_CHECKING, Final
 
-#: How often a tree being terminated is re-examined; after the SIGKILL, ever less often, up
-#: to _POLL_MAX, since what is left may be waited for a long time (see the module docstring).
-_POLL = 0.02
-_POLL_MAX = 0.5
+if TYPE_CHECKING:
+    import signal  # typeshed describes the C module only as part of this, its Python layer
+else:
+    import _signal as signal  # the C module: signal's enums cost lockctl ~2 ms at start
+
+#: How often a tree being terminated is re-examined: often enough that a tree that ends at
+#: SIGTERM is seen gone at once; after the SIGKILL, ever less often, up to _POLL_MAX, since
+#: what is left may be waited for a long time (see the module docstring).
+_POLL: Final = 0.02
+_POLL_MAX: Final = 0.5
 
 
 def stat_fields(pid: int | str) -> list[bytes]:

@@ -53,12 +53,16 @@ from __future__ import annotations
 
 import os
 import select
-import _signal as signal  # the C module: signal's enums cost lockctl ~2 ms at start
 from collections.abc import Callable, Mapping, Sequence
-from typing import NamedTuple, NoReturn
+from typing import TYPE_CHECKING, NamedTuple, NoReturn
 
 from . import _guardian, _lockfds, _proctree, _terminal
 from .errors import LeaseLost, LockdError
+
+if TYPE_CHECKING:
+    import signal  # typeshed describes the C module only as part of this, its Python layer
+else:
+    import _signal as signal  # the C module: signal's enums cost lockctl ~2 ms at start
 
 
 class Exit(NamedTuple):
@@ -124,7 +128,7 @@ class _Supervisor:
         self.kill_after = kill_after
         self.pid = 0  # CMD's, and its process group's, once the guardian has reported it
         self.started = False  # the gate is open: CMD may have run
-        self.status: int | None = None  # CMD's wait status once it has exited
+        self.wait_status: int | None = None  # CMD's wait status once it has exited
         self.exec_errno = b""
         self.guardian = 0
         self.finished = False  # the guardian was told done or terminate, or died
@@ -133,13 +137,13 @@ class _Supervisor:
         self.tty: int | None = None
         self.may_hand_over = False
         self.handed = False  # CMD's group is the terminal's foreground group, by our doing
-        self.early: list[int] = []  # signals to pass on once CMD is known
+        self.early_signals: list[int] = []  # signals to pass on once CMD is known
 
     def run(self, argv: Sequence[str], env: Mapping[str, str]) -> Exit:
         # Whoever made the connection, CMD must not inherit it (see the module docstring).
         os.set_inheritable(self.conn_fd, False)
-        ignored = {s for s in _guardian.TOUCHED if signal.getsignal(s) == signal.SIG_IGN}
-        handled = [s for s in (*_guardian.FORWARDED, signal.SIGTSTP) if s not in ignored]
+        ignored: set[int] = {s for s in _guardian.TOUCHED if signal.getsignal(s) == signal.SIG_IGN}
+        handled: list[int] = [s for s in (*_guardian.FORWARDED, signal.SIGTSTP) if s not in ignored]
         handled.append(signal.SIGCONT)
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         saved = {s: signal.signal(s, _guardian.note) for s in handled}
@@ -204,7 +208,7 @@ class _Supervisor:
         poller = select.poll()
         for fd in (self.conn_fd, self.from_guardian, self.err_r, wake_r):
             poller.register(fd, select.POLLIN)
-        while self.status is None:
+        while self.wait_status is None:
             ready = dict(poller.poll())
             # The connection is read first: if the lease ended in the same instant that CMD
             # exited, the run cannot be vouched for and is reported as lost.
@@ -236,7 +240,7 @@ class _Supervisor:
         if self.exec_errno:
             code = int(self.exec_errno)
             raise ExecError(code, os.strerror(code))
-        status = self.status
+        status = self.wait_status
         died_of = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
         return Exit(_exit_status(status), died_of, self.handed)
 
@@ -253,9 +257,9 @@ class _Supervisor:
             elif kind == _guardian.CMD_STOPPED:
                 self._follow_stop(int(value))
             elif kind == _guardian.CMD_EXITED:
-                self.status = int(value)
+                self.wait_status = int(value)
             elif kind == _guardian.FORK_FAILED:
-                self.status = 127 << 8
+                self.wait_status = 127 << 8
                 self.exec_errno = value
 
     def _open_gate(self, pid: int) -> None:
@@ -269,7 +273,7 @@ class _Supervisor:
         os.close(self.gate_w)
         self.gate_w = -1
         self.started = True
-        for sig in self.early:
+        for sig in self.early_signals:
             _proctree.signal_group(self.pid, sig)
 
     def _on_signal(self, sig: int) -> None:
@@ -281,7 +285,7 @@ class _Supervisor:
             if self.started:
                 _proctree.signal_group(self.pid, sig)
             else:
-                self.early.append(sig)
+                self.early_signals.append(sig)
 
     def _lost_reason(self, events: int) -> str | None:
         try:

@@ -9,9 +9,14 @@ foreground group, and handing it over then does nothing.
 from __future__ import annotations
 
 import os
-import _signal as signal  # the C module: signal's enums cost lockctl ~2 ms at start
+from typing import TYPE_CHECKING
 
 from . import _proctree
+
+if TYPE_CHECKING:
+    import signal  # typeshed describes the C module only as part of this, its Python layer
+else:
+    import _signal as signal  # the C module: signal's enums cost lockctl ~2 ms at start
 
 
 def controlling_tty() -> int | None:
@@ -32,7 +37,10 @@ def foreground(tty: int | None) -> int | None:
         return None  # hung up
 
 
-def give_terminal(tty: int, pgid: int) -> None:
+def give_terminal(tty: int | None, pgid: int) -> None:
+    """Make `pgid` the terminal's foreground process group; nothing without a terminal."""
+    if tty is None:
+        return
     try:
         os.tcsetpgrp(tty, pgid)
     except OSError:

@@ -9,18 +9,16 @@ because a torn frame would corrupt everything after it. This module never import
 
 from __future__ import annotations
 
-import os
-import select
-
 # The socket type itself: the `socket` module's Python layer (enums of every constant, made
 # at import) would cost lockctl about 2 ms of start-up for nothing this client uses.
 import _socket as socket
+import os
+import select
 from types import TracebackType
 from typing import TypeVar
 
 from . import _lockfds, errors, paths, protocol
-from ._connection import READ_SIZE, Call, Connection, LeaseState, LeaseView, QueuedCallback
-from ._connection import went_away
+from ._connection import READ_SIZE, Call, Connection, LeaseState, LeaseView, QueuedCallback, went_away
 from ._dial import BusyCallback, Patience, pauses
 
 T = TypeVar("T")
@@ -223,9 +221,9 @@ class Client:
         try:
             self._sock.sendall(data)
         except OSError as exc:
-            self._conn.abort(f"writing to lockd at {self.socket_path} failed: {exc}")
+            reason = self._conn.abort(f"writing to lockd at {self.socket_path} failed: {exc}")
             self._hang_up()
-            raise went_away(self._conn.close_reason) from exc
+            raise went_away(reason) from exc
         except BaseException:
             # Interrupted mid-frame: the daemon might read garbage after it, so end it all.
             self._conn.abort("the connection was closed after an interrupted write")

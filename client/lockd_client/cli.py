@@ -15,39 +15,82 @@ import argparse
 import errno
 import math
 import os
-import _signal as signal  # the C module: signal's enums cost lockctl ~2 ms at start
 import sys
 import time
-from typing import TextIO
+from typing import TYPE_CHECKING, Final, NoReturn, TextIO
 
 from . import __version__, describe, errors, paths, protocol
+
+# What is only for the type checker stays out of lockctl's start-up, the status document's
+# TypedDicts included (at run time it is a plain dict).
+if TYPE_CHECKING:
+    import signal  # typeshed describes the C module only as part of this, its Python layer
+    from collections.abc import Callable
+    from typing import TypedDict
+
+    from .blocking import Client, Lease
+
+    class HolderDocument(TypedDict):
+        pid: int | None
+        uid: int | None
+        command: str
+        since: float | None
+        token: int | None
+        label: str | None
+        outside: bool
+        host: str | None
+
+    class WaiterDocument(TypedDict):
+        pid: int | None
+        uid: int | None
+        mode: protocol.Mode
+        since: float
+        command: str
+        label: str | None
+        host: str | None
+
+    class LockDocument(TypedDict):
+        name: str
+        mode: protocol.Mode | None
+        holders: list[HolderDocument]
+        waiters: list[WaiterDocument]
+
+    class StatusDocument(TypedDict):
+        """`status --json`: its schema is in docs/cli.md."""
+
+        locks: list[LockDocument]
+else:
+    import _signal as signal  # the C module: signal's enums cost lockctl ~2 ms at start
 
 # Exit statuses (sysexits.h where one fits; see docs/cli.md).
 #: lockctl's "no", as grep's 1: status: some NAME is held; release: nothing to release;
 #: acquire without CMD: no process to tie the lease to. Nothing failed; the answer is no.
-EXIT_NO = 1
-EXIT_USAGE = 64  # EX_USAGE
-EXIT_BAD_LOCK_FILE = 66  # EX_NOINPUT, as flock(1) when it cannot open the file
-EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE
-EXIT_BUSY = 75  # EX_TEMPFAIL; -E replaces it for busy and timeout
-EXIT_PROTOCOL = 76  # EX_PROTOCOL
-EXIT_DENIED = 77  # EX_NOPERM
+EXIT_NO: Final = 1
+EXIT_USAGE: Final = 64  # EX_USAGE
+EXIT_BAD_LOCK_FILE: Final = 66  # EX_NOINPUT, as flock(1) when it cannot open the file
+EXIT_UNAVAILABLE: Final = 69  # EX_UNAVAILABLE
+EXIT_BUSY: Final = 75  # EX_TEMPFAIL; -E replaces it for busy and timeout
+EXIT_PROTOCOL: Final = 76  # EX_PROTOCOL
+EXIT_DENIED: Final = 77  # EX_NOPERM
 #: The lease ended while CMD ran, and CMD was terminated. Outside sysexits (64-78), the
 #: shell's own codes (124-127) and 128+N, so it reads as neither CMD's verdict nor its death.
-EXIT_LOST = 79
+EXIT_LOST: Final = 79
 #: The lock is held for the very process asking (or the lockctl running it): waiting would
 #: never end. Next to 79, for the same reasons.
-EXIT_DEADLOCK = 80
-EXIT_NOT_FOUND = 127  # CMD not found, as shells report it
-EXIT_CANNOT_EXECUTE = 126  # CMD found but not executable
+EXIT_DEADLOCK: Final = 80
+EXIT_NOT_FOUND: Final = 127  # CMD not found, as shells report it
+EXIT_CANNOT_EXECUTE: Final = 126  # CMD found but not executable
 
-DEFAULT_KILL_AFTER = 10.0
+#: --kill-after's default, seconds from SIGTERM to SIGKILL for CMD's tree once the lease is
+#: lost: time for a program to stop cleanly, yet not long for a lock held by one that ignores
+#: SIGTERM. A lockd whose leases go to others sooner (`stop_within`) shortens it.
+DEFAULT_KILL_AFTER: Final = 10.0
 #: How long `status`, `release` and `acquire -n` wait for a busy lockd to take their
 #: connection: through a burst, and through a restart (systemd restarts a hung lockd after
 #: its 30 s watchdog, and connections waiting in the socket's queue are kept), yet short
 #: enough that a script hears that something is wrong. `acquire` waits as long as -w says,
 #: or as long as it takes.
-BUSY_WAIT = 60.0
+BUSY_WAIT: Final = 60.0
 
 
 class UsageError(Exception):
@@ -55,7 +98,7 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message}\n{self.format_usage().rstrip()}\ntry: {self.prog} --help")
 
 
@@ -82,7 +125,7 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _integer(low: int, high: int, what: str):
+def _integer(low: int, high: int, what: str) -> Callable[[str], int]:
     """An argparse type: an integer from `low` to `high`, else a usage error naming `what`."""
 
     def parse(text: str) -> int:
@@ -97,11 +140,13 @@ def _integer(low: int, high: int, what: str):
     return parse
 
 
-_exit_code = _integer(0, 255, "an exit status (0 to 255)")
-_pid = _integer(1, 2**22, "a process id")  # 2**22: the kernel's largest pid_max
+#: The argparse types of -E (what an exit status can be) and --pid.
+_exit_code: Final = _integer(0, 255, "an exit status (0 to 255)")
+_pid: Final = _integer(1, 2**22, "a process id")  # 2**22: the kernel's largest pid_max
 
 
-ACQUIRE_EPILOG = """\
+# Each command's --help ends with its examples and exit statuses (the man page shows them too).
+ACQUIRE_EPILOG: Final = """\
 examples:
   lockctl acquire backup -- rsync -a /srv/ /mnt/backup/
       run rsync holding "backup"; waits while someone else holds it
@@ -126,7 +171,7 @@ lockctl holds, a script taking its own lease twice): waiting would never end; 12
 be executed; 127 CMD not found.
 """
 
-RELEASE_EPILOG = """\
+RELEASE_EPILOG: Final = """\
 examples:
   lockctl release site.com            end the lease this shell took with `lockctl acquire`
   lockctl release --pid 4242 a b      end the leases process 4242 holds on a and b
@@ -140,7 +185,7 @@ unreachable; 75 lockd busy for a minute, or a lockd limit reached; 76 lockd vers
 77 refused.
 """
 
-STATUS_EPILOG = """\
+STATUS_EPILOG: Final = """\
 examples:
   lockctl status                      every lock held or waited on, and every lock file
                                       held outside lockd
@@ -154,7 +199,7 @@ exit status: 0 (with NAMEs: all free); 1 some NAME is held; 64 usage; 69 lockd u
 
 
 #: What each command is for, as `lockctl --help` lists it.
-COMMANDS = {
+COMMANDS: Final = {
     "acquire": "take locks, for CMD or for the calling shell",
     "release": "end process-tied leases, or break a lease with --force",
     "status": "who holds and who waits for locks",
@@ -310,10 +355,39 @@ def _add_status(status: argparse.ArgumentParser) -> None:
     status.add_argument("names", nargs="*", metavar="NAME")
 
 
-_COMMAND_PARSERS = {"acquire": _add_acquire, "release": _add_release, "status": _add_status}
+#: What adds each command's arguments to its parser: only the command given is built.
+_COMMAND_PARSERS: Final = {"acquire": _add_acquire, "release": _add_release, "status": _add_status}
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
+class Args(argparse.Namespace):
+    """A parsed lockctl command line. Only the fields of its `command` (and `socket`, `names`)
+    are set: argparse sets every one its parser has, and a default here would hide the
+    parser's own."""
+
+    command: str
+    socket: str | None
+    names: list[str]
+    # acquire
+    shared: bool
+    no_wait: bool
+    timeout: float | None
+    conflict_exit_code: int
+    label: str | None
+    shell_command: str | None
+    kill_after: float | None
+    verbose: bool
+    close: bool
+    #: CMD and its arguments (from `-- CMD` or `-c`); None without CMD. Set by parse_args.
+    cmd: list[str] | None
+    # acquire and release
+    pid: int | None
+    # release
+    force: bool
+    # status
+    json: bool
+
+
+def parse_args(argv: list[str]) -> Args:
     """Parse a lockctl command line; raise UsageError if it is wrong.
 
     For `acquire`, everything after the first `--` is CMD, verbatim (argparse would otherwise
@@ -327,7 +401,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if command == "acquire" and "--" in argv:
         cut = argv.index("--")
         head, cmd = argv[:cut], argv[cut + 1 :]
-    args = build_parser(command).parse_args(head)
+    args = build_parser(command).parse_args(head, namespace=Args())
     if args.command == "acquire":
         _check_acquire(args, cmd)
     for name in args.names:
@@ -342,7 +416,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def _check_acquire(args: argparse.Namespace, cmd: list[str] | None) -> None:
+def _check_acquire(args: Args, cmd: list[str] | None) -> None:
     if args.shell_command is not None:
         if cmd is not None:
             raise UsageError("give either -c 'shell command' or -- CMD, not both")
@@ -399,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # The first class that matches decides; any other LockdError is EXIT_PROTOCOL.
-_EXIT_STATUS: tuple[tuple[type[errors.LockdError], int], ...] = (
+_EXIT_STATUS: Final[tuple[tuple[type[errors.LockdError], int], ...]] = (
     (errors.DaemonBusy, EXIT_BUSY),
     (errors.DaemonUnavailable, EXIT_UNAVAILABLE),
     (errors.PermissionDenied, EXIT_DENIED),
@@ -458,7 +532,7 @@ def _die_of(signum: int, *, group: bool) -> int:
     return 128 + signum
 
 
-def _connect(socket_path: str, bound: float | None):  # -> blocking.Client
+def _connect(socket_path: str, bound: float | None) -> Client:
     """A connection to lockd, waiting up to `bound` seconds (None: as long as it takes) for a
     busy lockd to take it. After a second of that, stderr says so, wherever it goes: a cron
     job's mail should say why the job started late."""
@@ -473,7 +547,7 @@ def _connect(socket_path: str, bound: float | None):  # -> blocking.Client
 # --- acquire -------------------------------------------------------------------------------
 
 
-def _acquire(args: argparse.Namespace, socket_path: str, parent: int) -> int:
+def _acquire(args: Args, socket_path: str, parent: int) -> int:
     # -w bounds the whole wait: for a busy lockd to take the connection, then for the lock.
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     waiting = _WaitLine(args.names, verbose=args.verbose)
@@ -486,7 +560,7 @@ def _acquire(args: argparse.Namespace, socket_path: str, parent: int) -> int:
         if not args.no_wait:
             _refuse_what_encloses_this(client, args.names)
         if args.cmd is not None:
-            args.kill_after = _kill_after(args.kill_after, client.server.stop_within)
+            kill_after = _kill_after(args.kill_after, client.server.stop_within)
             tied_to = None
         else:
             tied_to = _tie_to(args.pid, parent)
@@ -522,10 +596,10 @@ def _acquire(args: argparse.Namespace, socket_path: str, parent: int) -> int:
             _say(f"acquired {_tokens_text(lease.tokens)}")
         if args.cmd is None:
             assert tied_to is not None
-            _keep(client, lease, tied_to)
+            _start_keeper(client, lease, tied_to)
             print("\n".join(str(lease.tokens[name]) for name in args.names))
             return 0
-        return _run_under(args, client, lease)
+        return _run_under(args, args.cmd, client, lease, kill_after)
 
 
 def _kill_after(asked: float | None, stop_within: float | None) -> float:
@@ -546,7 +620,7 @@ def _kill_after(asked: float | None, stop_within: float | None) -> float:
     return asked
 
 
-def _keep(client, lease, pid: int) -> None:
+def _start_keeper(client: Client, lease: Lease, pid: int) -> None:
     """Start the process that holds the lease's descriptors for as long as `pid` lives."""
     from . import _keeper
 
@@ -559,7 +633,7 @@ def _keep(client, lease, pid: int) -> None:
         raise errors.LimitExceeded(f"cannot start the process that keeps the lease: {e.strerror}") from None
 
 
-def _refuse_what_encloses_this(client, names: list[str]) -> None:
+def _refuse_what_encloses_this(client: Client, names: list[str]) -> None:
     """Raise WouldDeadlock for a name that the lockctl running this process holds (it told
     its CMD so in LOCKD_TOKENS, and the daemon still shows that lease with that token): that
     lease ends only once its CMD, and so this, has ended. A token in an environment that
@@ -578,7 +652,7 @@ def _refuse_what_encloses_this(client, names: list[str]) -> None:
         )
 
 
-def _not_run(args: argparse.Namespace) -> str:
+def _not_run(args: Args) -> str:
     return "" if args.cmd is None else "; CMD was not started"
 
 
@@ -587,11 +661,12 @@ def _not_run(args: argparse.Namespace) -> str:
 #: as soon as lockctl has printed its tokens. Programs that exec the command (env, nice,
 #: nohup) leave no process behind to skip. A shell is one only when it runs nothing but
 #: lockctl (`sh -c 'lockctl acquire x'`, as PHP's exec() and Python's shell=True do).
-LAUNCHERS = frozenset({
+LAUNCHERS: Final = frozenset({
     "uv", "uvx", "pipx", "poetry", "pdm", "hatch", "timeout", "time", "sudo", "doas", "su",
     "runuser",
 })
-_SHELLS = frozenset({"sh", "dash", "bash", "zsh", "ksh", "mksh", "busybox"})
+#: Shells, which are launchers only when they run nothing but lockctl (see LAUNCHERS).
+_SHELLS: Final = frozenset({"sh", "dash", "bash", "zsh", "ksh", "mksh", "busybox"})
 
 
 def _tie_to(pid: int | None, parent: int) -> int:
@@ -668,7 +743,7 @@ def _runs_one_command(pid: int) -> bool:
     )
 
 
-def _run_under(args: argparse.Namespace, client, lease) -> int:
+def _run_under(args: Args, cmd: list[str], client: Client, lease: Lease, kill_after: float) -> int:
     from . import _supervise
 
     env = {
@@ -683,14 +758,14 @@ def _run_under(args: argparse.Namespace, client, lease) -> int:
 
     try:
         ended = _supervise.run(
-            args.cmd,
+            cmd,
             env,
             client.fileno(),
             lease._record.fds,
             client.process_events,
             lost_reason,
             lambda: lease.detached,
-            kill_after=args.kill_after,
+            kill_after=kill_after,
         )
     except _supervise.NotStarted as e:
         # As if the lease had never been granted: the daemon went away (69), or someone
@@ -707,7 +782,7 @@ def _run_under(args: argparse.Namespace, client, lease) -> int:
     except errors.LeaseLost as e:
         raise errors.LeaseLost(f"the lease on {names} was lost: {e}") from None
     except _supervise.ExecError as e:
-        _say(f"cannot run {args.cmd[0]!r}: {e.strerror}")
+        _say(f"cannot run {cmd[0]!r}: {e.strerror}")
         return EXIT_NOT_FOUND if e.errno == errno.ENOENT else EXIT_CANNOT_EXECUTE
     lease.release()
     if args.verbose:
@@ -752,13 +827,15 @@ class _WaitLine:
 
 def _terminal_width(stream: TextIO | None) -> int:
     """The width of the terminal `stream` writes to; 80 when it is not one."""
+    if stream is None:  # started without it
+        return 80
     try:
-        return os.get_terminal_size(stream.fileno()).columns  # type: ignore[union-attr]
-    except (OSError, ValueError, AttributeError):  # closed; None: started without it
+        return os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError, AttributeError):  # not a terminal, closed, or no descriptor
         return 80
 
 
-def _say_busy(e: errors.LockBusy, args: argparse.Namespace, client) -> None:
+def _say_busy(e: errors.LockBusy, args: Args, client: Client) -> None:
     names = ", ".join(args.names)
     if args.timeout is not None:  # a LockTimeout, or a LockBusy if lockd took all of -w
         _say(f"gave up waiting for {names} after {args.timeout:g}s")
@@ -791,7 +868,7 @@ def _say_busy(e: errors.LockBusy, args: argparse.Namespace, client) -> None:
 # --- release -------------------------------------------------------------------------------
 
 
-def _release(args: argparse.Namespace, socket_path: str, parent: int) -> int:
+def _release(args: Args, socket_path: str, parent: int) -> int:
     if args.force:
         with _connect(socket_path, BUSY_WAIT) as client:
             (name,) = args.names
@@ -827,7 +904,7 @@ def _release(args: argparse.Namespace, socket_path: str, parent: int) -> int:
 # --- status --------------------------------------------------------------------------------
 
 
-def _status(args: argparse.Namespace, socket_path: str) -> int:
+def _status(args: Args, socket_path: str) -> int:
     with _connect(socket_path, BUSY_WAIT) as client:
         locks = [lock for lock in client.status(*args.names) if lock.holders or lock.waiters]
     if args.json:
@@ -847,7 +924,7 @@ def _status(args: argparse.Namespace, socket_path: str) -> int:
     return EXIT_NO if args.names and any(lock.holders for lock in locks) else 0
 
 
-def status_document(locks: list[protocol.LockInfo]) -> dict:
+def status_document(locks: list[protocol.LockInfo]) -> StatusDocument:
     """The `status --json` document (schema in docs/cli.md)."""
     return {
         "locks": [
@@ -885,7 +962,8 @@ def status_document(locks: list[protocol.LockInfo]) -> dict:
     }
 
 
-_COLUMNS = ("NAME", "MODE", "PID", "USER", "FOR", "TOKEN", "COMMAND")
+#: The header of `status_table`, one per column of its rows.
+_COLUMNS: Final = ("NAME", "MODE", "PID", "USER", "FOR", "TOKEN", "COMMAND")
 
 
 def status_table(locks: list[protocol.LockInfo], now: float) -> str:
@@ -906,7 +984,8 @@ def status_table(locks: list[protocol.LockInfo], now: float) -> str:
                 (
                     lock.name if first else "",
                     mode,
-                    ("" if party.pid is None else str(party.pid)) + (f"@{describe.sanitize(party.host)}" if party.host else ""),
+                    ("" if party.pid is None else str(party.pid))
+                    + (f"@{describe.sanitize(party.host)}" if party.host else ""),
                     "" if party.uid is None else describe.user_name(party.uid),
                     describe.duration(now - party.since) if party.since else "",
                     "" if party.token is None else str(party.token),
@@ -916,7 +995,8 @@ def status_table(locks: list[protocol.LockInfo], now: float) -> str:
             first = False
     widths = [max(len(row[i]) for row in [_COLUMNS, *rows]) for i in range(len(_COLUMNS) - 1)]
     lines = [
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1]
+        # The last column is not padded: `widths` stops short of it.
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[-1]
         for row in [_COLUMNS, *rows]
     ]
     return "".join(line.rstrip() + "\n" for line in lines)

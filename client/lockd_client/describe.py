@@ -9,14 +9,14 @@ write to a log as it is.
 from __future__ import annotations
 
 import pwd
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
     from .protocol import Holder
 
 # C0, DEL and C1 controls (ESC starts every escape sequence, so without it a sequence is inert
 # text), and the Unicode marks that reorder, hide or break lines of the text around them.
-_UNSAFE = {
+_UNSAFE: Final = {
     c: "?"
     for c in [
         *range(0x20),

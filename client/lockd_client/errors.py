@@ -1,32 +1,52 @@
 """The lockd exception tree: every error a client can see is a `LockdError`.
 
-Invariant: an `Error` reply from the daemon becomes exactly one exception here, chosen by its
-code in `from_reply`; a code this client does not know becomes a plain `LockdError`.
+Invariant: an `Error` reply from the daemon becomes exactly one exception here, the class that
+`_ERROR_BY_CODE` writes out for its code; a code this client does not know becomes a plain
+`LockdError`. A class's own `code` is what the daemon sends when it raises that class, and the
+client raises that class (or one of its subclasses) for it: one `except` clause catches it at
+both ends.
+
+Protocol errors are of two kinds, as in h11; `ProtocolError` is the base of both:
+- `LocalProtocolError`: this client is at fault. Raised when the caller misuses the API (a
+  second handshake, a request before lockd's welcome, a lease or request of another
+  connection, a result asked for before its reply came), and for an `Error` with code
+  `protocol`: the daemon rejected what this client sent as breaking the protocol.
+- `RemoteProtocolError`: the daemon is at fault. Raised when the daemon sends what the
+  protocol rules out (bytes that do not decode, a frame over the limit, which is
+  `FrameTooLarge`, a reply for a request never sent or of the wrong kind, a second welcome);
+  the connection is then closed.
+- `ProtocolError` itself is raised for an `Error` with code `version`: the two sides speak
+  different versions of the protocol, and neither broke it.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar, Final
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from .protocol import Error, Holder
 
 
 class ErrorCode:
-    """Values of `Error.code`. A client maps codes it does not know to its root error type."""
+    """Values of `Error.code`. A client maps codes it does not know to its root error type.
 
-    BUSY = "busy"
-    TIMEOUT = "timeout"
-    INVALID_NAME = "invalid_name"
-    BAD_LOCK_FILE = "bad_lock_file"
-    PERMISSION_DENIED = "permission_denied"
-    NOT_HELD = "not_held"
-    PROTOCOL = "protocol"
-    VERSION = "version"
-    LIMIT = "limit"
-    UNAVAILABLE = "unavailable"
-    SHUTDOWN = "shutdown"
-    WOULD_DEADLOCK = "would_deadlock"
+    They are wire values: never changed, only added to (with a class in `_ERROR_BY_CODE`).
+    """
+
+    BUSY: Final = "busy"
+    TIMEOUT: Final = "timeout"
+    INVALID_NAME: Final = "invalid_name"
+    BAD_LOCK_FILE: Final = "bad_lock_file"
+    PERMISSION_DENIED: Final = "permission_denied"
+    NOT_HELD: Final = "not_held"
+    PROTOCOL: Final = "protocol"
+    VERSION: Final = "version"
+    LIMIT: Final = "limit"
+    UNAVAILABLE: Final = "unavailable"
+    SHUTDOWN: Final = "shutdown"
+    WOULD_DEADLOCK: Final = "would_deadlock"
 
 
 class LockdError(Exception):
@@ -36,7 +56,7 @@ class LockdError(Exception):
     only a client raises.
     """
 
-    code: str | None = None
+    code: ClassVar[str | None] = None
 
 
 class DaemonUnavailable(LockdError):
@@ -44,7 +64,8 @@ class DaemonUnavailable(LockdError):
     shutting down). An `unavailable` reply from a daemon that is still there is the subclass
     BackendUnavailable."""
 
-    code = ErrorCode.UNAVAILABLE
+    # Typed as the root's: a subclass (DaemonBusy) is only a client's.
+    code: ClassVar[str | None] = ErrorCode.UNAVAILABLE
 
 
 class BackendUnavailable(DaemonUnavailable):
@@ -62,13 +83,33 @@ class DaemonBusy(DaemonUnavailable):
 
 
 class ProtocolError(LockdError):
-    """A peer sent something the protocol does not allow."""
+    """The protocol was broken (LocalProtocolError: by this client or its caller;
+    RemoteProtocolError: by the daemon), or the two sides speak different versions of it
+    (this class itself: an `Error` with code `version`).
 
-    code = ErrorCode.PROTOCOL
+    The daemon raises it for a request that breaks the protocol; this client raises that as
+    LocalProtocolError."""
+
+    # Typed as the root's: a subclass (RemoteProtocolError) is only a client's.
+    code: ClassVar[str | None] = ErrorCode.PROTOCOL
 
 
-class FrameTooLarge(ProtocolError):
-    """A frame's length prefix announced more than the receiver accepts."""
+class LocalProtocolError(ProtocolError):
+    """This side broke the protocol: the caller used the client in a way it does not allow
+    (the message says how; nothing was sent), or the daemon rejected what this client sent
+    (an `Error` with code `protocol`; with `id` nil, the connection is closed)."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The daemon sent something the protocol rules out; the connection is closed, and its
+    leases are lost (or detached, where the daemon said they outlive it)."""
+
+    code = None  # the daemon never sends a code that blames itself: only a client raises it
+
+
+class FrameTooLarge(RemoteProtocolError):
+    """A frame's length prefix announced more than the receiver accepts: the peer broke the
+    protocol. (The daemon answers one from a client with an `Error` of code `protocol`.)"""
 
     def __init__(self, size: int, limit: int) -> None:
         super().__init__(f"frame of {size} bytes exceeds the limit of {limit} bytes")
@@ -142,26 +183,30 @@ class LimitExceeded(LockdError):
     code = ErrorCode.LIMIT
 
 
-def _codes(cls: type[LockdError]) -> dict[str, type[LockdError]]:
-    # Only a class that sets its own code stands for it: FrameTooLarge is a ProtocolError,
-    # but an Error reply with code "protocol" is not about a frame.
-    found = {sub.code: sub for sub in cls.__subclasses__() if sub.code and "code" in vars(sub)}
-    for sub in cls.__subclasses__():
-        found.update(_codes(sub))
-    return found
-
-
-# BackendUnavailable shares its parent's code: whoever sends "unavailable" is still there.
-_BY_CODE = _codes(LockdError) | {
-    ErrorCode.UNAVAILABLE: BackendUnavailable,
+#: What each `Error.code` becomes in a client, one class per code and each class for one code,
+#: written out so that no class's place in the tree decides what a code means.
+_ERROR_BY_CODE: Final[Mapping[str, type[LockdError]]] = {
+    ErrorCode.BUSY: LockBusy,
+    ErrorCode.TIMEOUT: LockTimeout,
+    ErrorCode.INVALID_NAME: InvalidName,
+    ErrorCode.BAD_LOCK_FILE: BadLockFile,
+    ErrorCode.PERMISSION_DENIED: PermissionDenied,
+    ErrorCode.NOT_HELD: NotHeld,
+    # The daemon says that what this client sent broke the protocol.
+    ErrorCode.PROTOCOL: LocalProtocolError,
+    # Neither side broke the protocol: they speak different versions of it.
     ErrorCode.VERSION: ProtocolError,
+    ErrorCode.LIMIT: LimitExceeded,
+    # Whoever sends `unavailable` is still there: what failed is behind it.
+    ErrorCode.UNAVAILABLE: BackendUnavailable,
     ErrorCode.SHUTDOWN: DaemonUnavailable,
+    ErrorCode.WOULD_DEADLOCK: WouldDeadlock,
 }
 
 
 def from_reply(error: Error) -> LockdError:
     """The exception that an `Error` reply stands for."""
-    cls = _BY_CODE.get(error.code, LockdError)
+    cls = _ERROR_BY_CODE.get(error.code, LockdError)
     if issubclass(cls, LockBusy):
         return cls(error.message, error.holders)
     return cls(error.message)

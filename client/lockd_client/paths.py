@@ -13,17 +13,19 @@ the daemon, and import pathlib only when called, which keeps it out of lockctl's
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from .errors import InvalidArgument
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-SOCKET_ENV = "LOCKD_SOCKET"
-SOCKET_NAME = "lockd.sock"
+#: The environment variable that names the socket, for the daemon and every client alike.
+SOCKET_ENV: Final = "LOCKD_SOCKET"
+#: The socket's file name in a runtime directory.
+SOCKET_NAME: Final = "lockd.sock"
 #: Where the system service (run as root, or socket-activated) listens.
-SYSTEM_SOCKET = "/run/lockd/lockd.sock"
+SYSTEM_SOCKET: Final = "/run/lockd/lockd.sock"
 
 
 def _runtime_dir() -> str:

@@ -24,8 +24,7 @@ from typing import Any, TypeVar
 import trio
 
 from . import _dial, _lockfds, errors, paths, protocol
-from ._connection import READ_SIZE, Call, Connection, LeaseState, LeaseView, QueuedCallback
-from ._connection import went_away
+from ._connection import READ_SIZE, Call, Connection, LeaseState, LeaseView, QueuedCallback, went_away
 
 T = TypeVar("T")
 
@@ -98,7 +97,8 @@ async def _connected_socket(path: str) -> socket.socket:
     try:
         sock.setblocking(False)
         waits = _dial.pauses()
-        while not _dial.attempt(sock, path):
+        # Polling, backing off, is the only way: nothing signals that a full queue has room.
+        while not _dial.attempt(sock, path):  # noqa: ASYNC110
             await trio.sleep(next(waits))
     except BaseException:
         sock.close()
@@ -134,7 +134,9 @@ class Client:
         *names: str,
         shared: bool = False,
         wait: bool = True,
-        timeout: float | None = None,
+        # Sent to the daemon, which counts it and answers LockTimeout with the holders: not a
+        # bound on this call that trio's own timeouts could replace.
+        timeout: float | None = None,  # noqa: ASYNC109
         label: str | None = None,
         pid: int | None = None,
         on_queued: QueuedCallback | None = None,
@@ -164,7 +166,7 @@ class Client:
         *names: str,
         shared: bool = False,
         wait: bool = True,
-        timeout: float | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 (as `acquire`'s: the daemon's to count)
         label: str | None = None,
         pid: int | None = None,
         on_queued: QueuedCallback | None = None,
@@ -312,8 +314,8 @@ class Client:
             try:
                 await self._stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                self._abort(f"writing to lockd at {self.socket_path} failed: {exc}")
-                raise went_away(self._conn.close_reason) from exc
+                reason = self._abort(f"writing to lockd at {self.socket_path} failed: {exc}")
+                raise went_away(reason) from exc
             except BaseException:
                 self._abort("the connection was closed after an interrupted write")
                 raise
@@ -327,10 +329,13 @@ class Client:
             except errors.DaemonUnavailable:
                 pass
 
-    def _abort(self, reason: str) -> None:
-        self._conn.abort(reason)
+    def _abort(self, reason: str) -> str:
+        """`Connection.abort`, then close the socket and wake every waiting task; returns
+        why the connection is closed."""
+        reason = self._conn.abort(reason)
         self._close_socket()
         self._wake()
+        return reason
 
     def _wake(self) -> None:
         self._progress.set()
