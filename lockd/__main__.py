@@ -17,9 +17,19 @@ import socket
 import stat
 import sys
 from pathlib import Path
-from typing import get_args
+from typing import TYPE_CHECKING, get_args
 
 from . import __version__
+
+if TYPE_CHECKING:  # imported where used: `lockd --version` and --help must start fast
+    from .backend import Backend
+    from .config import Config
+    from .etcd_backend import EtcdBackend
+    from .lockfiles import LockFiles
+    from .policy import Policy
+    from .server import Server
+    from .systemd import Notifier
+    from .tokens import TokenStore
 
 log = logging.getLogger("lockd")
 
@@ -63,13 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", type=Path, metavar="FILE", help="config file (default: see below; a missing default file is fine)")
+    parser.add_argument(
+        "--config", type=Path, metavar="FILE",
+        help="config file (default: see below; a missing default file is fine)",
+    )
     parser.add_argument(
         "--check-config", nargs="?", const=True, type=Path, metavar="FILE",
         help="check the config file (FILE, else --config's or the default one) and the flags, "
         "say whether they are OK, and exit: 0 if they are, 1 if not",
     )
-    parser.add_argument("--socket", type=_socket_path, metavar="PATH", help="Unix socket to serve on, an absolute path (default: $LOCKD_SOCKET, else see below)")
+    parser.add_argument(
+        "--socket", type=_socket_path, metavar="PATH",
+        help="Unix socket to serve on, an absolute path (default: $LOCKD_SOCKET, else see below)",
+    )
     parser.add_argument("--lock-dir", metavar="DIR", help="directory of the NAME.lock files")
     parser.add_argument("--state-dir", metavar="DIR", help="directory for durable state (fencing tokens)")
     parser.add_argument("--log-level", choices=get_args(LogLevel), help="default: info")
@@ -101,7 +117,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def load(args: argparse.Namespace):  # -> config.Config
+def load(args: argparse.Namespace) -> Config:
     """The config file with the flags applied. Raises ConfigError."""
     from .config import load_config, with_overrides
 
@@ -159,22 +175,24 @@ def main(argv: list[str] | None = None) -> int:
     from .tokens import TokenStore
 
     raise_nofile_limit()
+    sock_path, lock_dir, state_dir = conf.socket, conf.lock_dir, conf.state_dir
+    assert sock_path and lock_dir and state_dir, "load() fills in the default paths"
     tokens = files = None
     sockets: list[socket.socket] = []
     bound: os.stat_result | None = None
     try:
         policy = Policy.from_config(conf.policy)
         if not os.environ.get(paths.SOCKET_ENV) and conf.socket == paths.default_socket():
-            _own_runtime_dir(conf.socket.parent)
-        prepare_lock_dir(conf.lock_dir, 0o700)
-        files = LockFiles(conf.lock_dir, conf.lock_file_mode)
+            _own_runtime_dir(sock_path.parent)
+        prepare_lock_dir(lock_dir, 0o700)
+        files = LockFiles(lock_dir, conf.lock_file_mode)
         if conf.backend == "flock":
-            tokens = TokenStore.open(conf.state_dir)
+            tokens = TokenStore.open(state_dir)
         backend = _backend(conf, files, tokens)
         sockets = listen_fds()
         if not sockets:
-            sockets = [bind_unix_listener(str(conf.socket), conf.socket_mode, conf.listen_backlog)]
-            bound = os.stat(conf.socket)
+            sockets = [bind_unix_listener(str(sock_path), conf.socket_mode, conf.listen_backlog)]
+            bound = os.stat(sock_path)
             if conf.listen_backlog is not None and conf.listen_backlog > (cap := somaxconn()):
                 log.warning(
                     "listen_backlog = %d, but the kernel queues at most net.core.somaxconn = %d "
@@ -198,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if bound is not None:
             try:
-                if os.stat(conf.socket).st_ino == bound.st_ino:
-                    os.unlink(conf.socket)  # ours; a socket another daemon bound since stays
+                if os.stat(sock_path).st_ino == bound.st_ino:
+                    os.unlink(sock_path)  # ours; a socket another daemon bound since stays
             except FileNotFoundError:
                 pass
         files.close()
@@ -208,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _check(args: argparse.Namespace, conf) -> int:
+def _check(args: argparse.Namespace, conf: Config) -> int:
     """`--check-config`: what start-up would make of the configuration, short of touching the
     directories, the socket or etcd. Raises ConfigError for a problem."""
     from .config import ConfigError, default_config_path
@@ -233,7 +251,7 @@ def _check(args: argparse.Namespace, conf) -> int:
     return 0
 
 
-def _etcd_backend_class():
+def _etcd_backend_class() -> type[EtcdBackend]:
     """The etcd backend's class; ConfigError if a package it needs is not installed."""
     from .config import ConfigError
 
@@ -247,17 +265,21 @@ def _etcd_backend_class():
     return EtcdBackend
 
 
-def _backend(conf, files, tokens):  # -> backend.Backend
+def _backend(conf: Config, files: LockFiles, tokens: TokenStore | None) -> Backend:
     """The backend `conf` names, over `files` (and `tokens` for flock). Raises LockdError or
     OSError (an unreadable TLS file)."""
     if conf.backend == "flock":
         from .flock_backend import FlockBackend
 
+        assert tokens is not None
         return FlockBackend(files, tokens)
     return _etcd_backend_class().from_config(files, conf.etcd, socket.gethostname())
 
 
-async def _serve(args, conf, backend, policy, sockets: list[socket.socket], where: str) -> None:
+async def _serve(
+    args: argparse.Namespace, conf: Config, backend: Backend, policy: Policy, sockets: list[socket.socket],
+    where: str,
+) -> None:
     import trio
 
     from .server import Server
@@ -269,7 +291,9 @@ async def _serve(args, conf, backend, policy, sockets: list[socket.socket], wher
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve, sockets)
-            log.info("lockd %s serving on %s (backend %s, locks in %s)", __version__, where, backend.name, conf.lock_dir)
+            log.info(
+                "lockd %s serving on %s (backend %s, locks in %s)", __version__, where, backend.name, conf.lock_dir
+            )
             notifier.ready(_summary(server))
             async with trio.open_nursery() as duties:
                 interval = watchdog_interval()
@@ -290,13 +314,13 @@ async def _serve(args, conf, backend, policy, sockets: list[socket.socket], wher
                 duties.cancel_scope.cancel()
 
 
-def _summary(server) -> str:
+def _summary(server: Server) -> str:
     service = server.service
     waiting = service.table.waiting_count()
     return f"{len(service.table) - waiting} leases held, {waiting} waiting, {len(service.clients)} clients"
 
 
-async def _report_status(notifier, server) -> None:
+async def _report_status(notifier: Notifier, server: Server) -> None:
     import trio
 
     last = None
@@ -308,7 +332,7 @@ async def _report_status(notifier, server) -> None:
         await trio.sleep(STATUS_INTERVAL)
 
 
-def _reload(args, current, server):
+def _reload(args: argparse.Namespace, current: Config, server: Server) -> Config:
     """Apply what a reloaded config file may change live; keep running on any error."""
     from .config import ConfigError, plan_reload
     from .logs import configure_logging, under_systemd

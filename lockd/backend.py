@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from lockd_client.errors import LockBusy
-from lockd_client.protocol import Holder
+from lockd_client.protocol import Holder, Mode
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -39,7 +39,7 @@ class Claim:
     label: str | None
 
     @property
-    def mode(self) -> str:
+    def mode(self) -> Mode:
         return "shared" if self.shared else "exclusive"
 
 
@@ -57,16 +57,22 @@ class Blocked(LockBusy):
 
 
 class Backend(Protocol):
-    #: Shown to clients in `Welcome.backend`.
-    name: str
-    #: Whether a granted lease stays exclusive without the daemon, for as long as its holder
-    #: keeps its copies of the lock-file descriptors (so the daemon stopping must not make a
-    #: holder stop its work).
-    leases_outlive_daemon: bool
-    #: The least time, in seconds, between a holder being told its lease is lost (or seeing
-    #: the daemon go, if leases do not outlive it) and the backend letting another party have
-    #: the lock; None if the backend sets no such bound. A holder must stop its work by then.
-    loss_notice: float | None
+    @property
+    def name(self) -> str:
+        """Shown to clients in `Welcome.backend`."""
+
+    @property
+    def leases_outlive_daemon(self) -> bool:
+        """Whether a granted lease stays exclusive without the daemon, for as long as its
+        holder keeps its copies of the lock-file descriptors (so the daemon stopping must not
+        make a holder stop its work)."""
+
+    @property
+    def loss_notice(self) -> float | None:
+        """The least time, in seconds, between a holder being told its lease is lost (or
+        seeing the daemon go, if leases do not outlive it) and the backend letting another
+        party have the lock; None if the backend sets no such bound. A holder must stop its
+        work by then."""
 
     def take_now(self, claim: Claim) -> list[int] | None:
         """Take every name of `claim` at once, all or none, without waiting.

@@ -46,7 +46,7 @@ class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=
     """Base of every table: unknown keys are errors, fields are keyword-only and immutable."""
 
 
-class Limits(_Section):
+class Limits(_Section, frozen=True):
     max_connections: Positive = 4096
     max_connections_per_uid: Positive = 1024
     max_leases_per_connection: Positive = 100_000
@@ -64,7 +64,7 @@ class Limits(_Section):
     break_grace: Seconds = 30.0
 
 
-class Etcd(_Section):
+class Etcd(_Section, frozen=True):
     endpoints: Annotated[list[Url], msgspec.Meta(min_length=1)] = msgspec.field(
         default_factory=lambda: ["http://127.0.0.1:2379"]
     )
@@ -83,7 +83,7 @@ class Etcd(_Section):
             raise ValueError("username and password must be given together")
 
 
-class Rule(_Section):
+class Rule(_Section, frozen=True):
     """Allows or denies the requests it matches; docs/configuration.md gives the matching."""
 
     names: Annotated[str, msgspec.Meta(min_length=1)]
@@ -100,7 +100,7 @@ class Rule(_Section):
         _check_known(self.groups, grp.getgrnam, "group")
 
 
-class Policy(_Section):
+class Policy(_Section, frozen=True):
     rules: list[Rule] = []
     #: Who may break others' leases, besides each holder for its own.
     force_release: list[Principal] = msgspec.field(default_factory=lambda: ["root"])
@@ -109,7 +109,7 @@ class Policy(_Section):
         _check_known(self.force_release, pwd.getpwnam, "user")
 
 
-class Config(_Section):
+class Config(_Section, frozen=True):
     #: None until `load_config` fills in the default for the daemon's uid (lockd_client.paths).
     socket: Path | None = None
     lock_dir: Path | None = None
@@ -356,7 +356,8 @@ def rule_ordinal(index: int) -> str:
 
 
 _HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(?:#.*)?$")
-_ASSIGN = re.compile(r"^\s*((?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*'))*)\s*=")
+_KEY_PART = r"""(?:[A-Za-z0-9_-]+|"[^"]*"|'[^']*')"""
+_ASSIGN = re.compile(rf"^\s*({_KEY_PART}(?:\s*\.\s*{_KEY_PART})*)\s*=")
 
 
 def _split_key(dotted: str) -> list[str]:

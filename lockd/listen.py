@@ -57,9 +57,15 @@ def bind_unix_listener(path: str, mode: int, backlog: int | None = None) -> sock
             except ConnectionRefusedError:
                 os.unlink(path)  # stale: its daemon is gone
             except BlockingIOError:
-                raise OSError(errno.EADDRINUSE, f"another lockd is serving on {path} (busy); stop it first or choose another --socket") from None
+                raise OSError(
+                    errno.EADDRINUSE,
+                    f"another lockd is serving on {path} (busy); stop it first or choose another --socket",
+                ) from None
             else:
-                raise OSError(errno.EADDRINUSE, f"another lockd is already serving on {path}; stop it first or choose another --socket")
+                raise OSError(
+                    errno.EADDRINUSE,
+                    f"another lockd is already serving on {path}; stop it first or choose another --socket",
+                )
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o777 & ~mode)
     try:

@@ -49,8 +49,8 @@ class Summary:
     window: float
     count: int
     #: uid (None: unknown) → events; reason → events.
-    uids: Counter
-    reasons: Counter
+    uids: Counter[object]
+    reasons: Counter[object]
 
     def text(self) -> str:
         uids = _most(self.uids, lambda uid: "unknown uid" if uid is None else f"uid {uid}")
@@ -67,10 +67,10 @@ class _Window:
     def __init__(self, index: int) -> None:
         self.index = index
         self.lines = 0
-        self.lines_of: Counter = Counter()
+        self.lines_of: Counter[int | None] = Counter()
         self.count = 0
-        self.uids: Counter = Counter()
-        self.reasons: Counter = Counter()
+        self.uids: Counter[object] = Counter()
+        self.reasons: Counter[object] = Counter()
 
 
 class LogLimiter:
@@ -135,11 +135,11 @@ class LogLimiter:
         return (window.index + 1) * self.window
 
 
-def _tally(counts: Counter, key: object) -> None:
+def _tally(counts: Counter[object], key: object) -> None:
     counts[key if key in counts or len(counts) < KEPT else _OTHERS] += 1
 
 
-def _most(counts: Counter, name: Callable[[object], str]) -> str:
+def _most(counts: Counter[object], name: Callable[[object], str]) -> str:
     """The SHOWN most frequent keys with their counts, then the rest summed up."""
     ranked = sorted(counts.items(), key=lambda item: (item[0] is _OTHERS, -item[1]))
     shown = [f"{name(key)} ({n:,})" for key, n in ranked[:SHOWN] if key is not _OTHERS]

@@ -92,7 +92,9 @@ class Policy:
         force_uids = {_resolve(user, pwd.getpwnam, "user", where): str(user) for user in section.force_release}
         return cls(rules, force_uids)
 
-    def check_acquire(self, uid: int, gids: Collection[int], names: Iterable[str], mode: str) -> PermissionDenied | None:
+    def check_acquire(
+        self, uid: int, gids: Collection[int], names: Iterable[str], mode: str
+    ) -> PermissionDenied | None:
         """None if `uid` (member of `gids`) may hold every one of `names` in `mode`; else the
         error the client receives, naming the rule that refused the first name it refuses.
 
@@ -149,6 +151,7 @@ def _resolve(principal: str | int, lookup: Callable[[str], Any], kind: str, wher
     if isinstance(principal, int):
         return principal
     try:
-        return lookup(principal)[2]  # pw_uid / gr_gid
+        number: int = lookup(principal)[2]  # pw_uid / gr_gid
+        return number
     except KeyError:
         raise ConfigError(f"{where}: no {kind} named {principal!r} on this host; create it or fix the name") from None

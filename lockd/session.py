@@ -344,7 +344,9 @@ class Session:
                     await trio.lowlevel.wait_readable(sock)
 
 
-def _next_message(frames: protocol.FrameBuffer, decoder: msgspec.msgpack.Decoder) -> object | None:
+def _next_message(
+    frames: protocol.FrameBuffer, decoder: msgspec.msgpack.Decoder[protocol.Request]
+) -> object | None:
     """The next complete request in `frames`, decoded; None if none is complete yet."""
     try:
         body = frames.next_frame()

@@ -40,6 +40,9 @@ import itertools
 from collections import OrderedDict
 from collections.abc import Hashable, Iterable
 from enum import Enum
+from typing import TypeVar
+
+_K = TypeVar("_K", bound=Hashable)
 
 
 class State(Enum):
@@ -264,7 +267,7 @@ class _Line:
         self.add_holder(ticket)
 
 
-def _count(counts: dict, key: Hashable, delta: int) -> None:
+def _count(counts: dict[_K, int], key: _K, delta: int) -> None:
     """Add `delta` to `counts[key]`, leaving no entry at zero (invariant 5)."""
     left = counts.get(key, 0) + delta
     if left:
@@ -403,7 +406,8 @@ class LockTable:
         broken is ended at once: asked twice, the caller will not wait. Returns how many
         leases were broken, and the effects."""
         line = self._lines.get(name)
-        broken = sorted((t for t in line.holders if t.state is HELD or t.state is BREAKING), key=_arrival) if line else []
+        holders = line.holders if line else []
+        broken = sorted((t for t in holders if t.state is HELD or t.state is BREAKING), key=_arrival)
         effects: list[Effect] = []
         for ticket in broken:
             if ticket.state is BREAKING:
@@ -661,7 +665,9 @@ class LockTable:
         assert by_name == self._waiting_by_name, (by_name, self._waiting_by_name)
         timed = {entry[2] for entry in self._deadlines if entry[0] == entry[2].deadline}
         for ticket in live:
-            in_line = [ticket in (self._lines[n].holders if ticket.holding else self._lines[n].waiting) for n in ticket.names]
+            in_line = [
+                ticket in (self._lines[n].holders if ticket.holding else self._lines[n].waiting) for n in ticket.names
+            ]
             assert all(in_line), ticket
             if ticket.deadline is not None and ticket.state is not HELD:
                 assert ticket in timed, f"{ticket} has a deadline that is never enforced"
