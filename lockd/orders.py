@@ -23,6 +23,8 @@ class Peer(Hashable, Protocol):
 
     #: From the client's hello: shown for its requests that carry no label of their own.
     label: str | None
+    #: Once closed, nothing sent reaches the client.
+    closed: bool
 
     def send(self, message: object, fds: Sequence[int] = ()) -> None:
         """Send `message` (with copies of `fds`) or queue it; never blocks."""

@@ -132,6 +132,8 @@ class Server:
             except trio.ClosedResourceError:
                 return  # shutting down
             except OSError as exc:
+                if listener.fileno() == -1:
+                    return  # closed by stop() between two accepts
                 if exc.errno not in _ACCEPT_RETRIED:
                     raise
                 log.warning("cannot accept a connection: %s; retrying in 100 ms", exc.strerror)
@@ -173,8 +175,10 @@ class Server:
                 self._all_gone.set()
 
     def _disconnected(self, session: Session) -> None:
-        self.service.disconnected(session, session.close_reason or "")
-        self._carry_out()
+        try:
+            self.service.disconnected(session, session.close_reason or "")
+        finally:
+            self._carry_out()
 
     def _dispatch(self, session: Session, message: object) -> Awaitable[None] | None:
         """Handle one request (a `session.Handler`): the awaitable returned for a request that
@@ -244,6 +248,10 @@ class Server:
         elif isinstance(order, Grant):
             fds = self.backend.descriptors(order.claim)
             order.peer.send(protocol.Granted(order.request_id, order.tokens, len(fds)), fds)
+            if order.peer.closed:
+                # Never heard of, so never handed on: a lease tied to a process would
+                # otherwise outlive the connection that asked for it, held for nobody.
+                self.service.failed(order.ticket)
         elif isinstance(order, Release):
             self.backend.drop(order.claim, unlock=order.unlock)
         elif isinstance(order, StopTake):
@@ -264,6 +272,8 @@ class Server:
                 self._summary_timer.deadline = order.deadline
 
     def _take(self, ticket: Ticket, claim: Claim) -> None:
+        if not self.service.taking(ticket):
+            return  # ended while the order waited: its StopTake and Release follow
         try:
             tokens = self.backend.take_now(claim)
         except errors.LockdError as exc:
@@ -317,18 +327,25 @@ class Server:
         except Exception:
             log.exception("internal error looking for the holders of %s; carrying on", ", ".join(names))
             found = {}
-        self.service.refuse_naming(order.ticket, order.reason, holders_in_order(found, names))
-        self._carry_out()
+        try:
+            with contained(f"refusing {order.ticket}"):
+                self.service.refuse_naming(order.ticket, order.reason, holders_in_order(found, names))
+        finally:
+            self._carry_out()
 
     # --- reports from the backend and the process watches ------------------------------------
 
     def _backend_lost(self, claim: Claim, reason: str) -> None:
-        self.service.lost(claim, reason)
-        self._carry_out()
+        try:
+            self.service.lost(claim, reason)
+        finally:
+            self._carry_out()
 
     def _process_exited(self, owner: ProcessOwner) -> None:
-        self.service.process_exited(owner)
-        self._carry_out()
+        try:
+            self.service.process_exited(owner)
+        finally:
+            self._carry_out()
 
     # --- time ---------------------------------------------------------------------------------
 

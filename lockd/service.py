@@ -421,11 +421,13 @@ class LockService:
             return
         who = party(ticket)
         log.warning("cannot take %s for pid %s: %s", ", ".join(ticket.names), who.claim.pid, exc)
-        if ticket in self._taking:
-            self._take_ended(ticket)
         self._end_ticket(ticket)
         self._send_error(who.client, who.request_id, exc)
         self._apply(self.table.release(ticket))
+
+    def taking(self, ticket: Ticket) -> bool:
+        """Whether the backend is still to take `ticket` (a StartTake for it is not obsolete)."""
+        return ticket in self._taking
 
     def take_waits(self, ticket: Ticket, holders: list[protocol.Holder]) -> None:
         """The backend waits for `holders`, outside the table: tell the client."""
@@ -441,6 +443,11 @@ class LockService:
         with contained(f"ending the lost lease {ticket}"):
             if ticket.state is HELD:
                 self._apply(self.table.lose(ticket, reason))
+            elif ticket.state is BREAKING:
+                # Its holder was told it is lost when it was broken, and may still be at
+                # work: the lease ends, but what the holder has keeps the lock.
+                self._end_ticket(ticket)
+                self._apply(self.table.end([ticket]))
             elif ticket.state is not ENDED:
                 self.take_failed(ticket, errors.DaemonUnavailable(reason))
 

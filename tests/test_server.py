@@ -5,6 +5,7 @@ wait (a slow look at the host's locks) holds up only the client that asked."""
 from __future__ import annotations
 
 import os
+import socket
 import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -14,18 +15,18 @@ import msgspec
 import pytest
 import trio
 import trio.testing
+from lockd_client import protocol
 
-from lockd.backend import BlockedCallback
+from lockd import listen
+from lockd.backend import BlockedCallback, Claim
 from lockd.config import Limits
 from lockd.flock_backend import FlockBackend
 from lockd.listen import bind_unix_listener
 from lockd.lockfiles import LockFiles
 from lockd.policy import Policy
 from lockd.server import Server
-from lockd.backend import Claim
 from lockd.table import LockTable
 from lockd.tokens import TokenStore
-from lockd_client import protocol
 
 from .flock_tools import kill, make_lock_dir, outside_flock
 
@@ -261,3 +262,36 @@ async def test_the_id_of_a_request_whose_refusal_is_on_its_way_stays_in_use_unti
             slow_look.let_go.set()
             # A refusal would be read first: the look for this status comes after its own.
             assert isinstance(await client.final(protocol.Status(2, ["y"])), protocol.StatusReply)
+
+
+async def test_stop_between_two_accepts_is_a_clean_shutdown(
+    backend: BuggyBackend, short_tmp: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """stop() closes a listener while its accept loop is between two accepts: the next
+    accept meets a closed socket (EBADF), which ends the loop, not the daemon."""
+    real_accept, real_close = listen.accept, listen.close
+    closed = trio.Event()
+    calls = 0
+
+    async def accept(listener: socket.socket) -> socket.socket:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            await closed.wait()  # as if still in the checkpoint after the first connection
+        return await real_accept(listener)
+
+    def close(listener: socket.socket) -> None:
+        real_close(listener)
+        closed.set()
+
+    monkeypatch.setattr(listen, "accept", accept)
+    monkeypatch.setattr(listen, "close", close)
+    path = str(short_tmp / "s")
+    server = Server(LockTable(), backend, Limits(), Policy((), {0: "root"}))
+    with trio.fail_after(TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve, [bind_unix_listener(path, 0o600)])
+            stream = await trio.open_unix_socket(path)
+            await trio.testing.wait_all_tasks_blocked()
+            server.stop()
+        await stream.aclose()

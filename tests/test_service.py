@@ -245,7 +245,7 @@ def test_a_failed_take_fails_that_request_only(h: Harness) -> None:
     first, second = h.taking
     h.service.take_failed(first.ticket, errors.BadLockFile("x.lock is a directory"))
     orders = h.orders()
-    assert kinds(orders) == ["Error", "Release"]
+    assert kinds(orders) == ["Error", "StopTake", "Release"]
     assert list(a.tickets) == [2] and a.taking == 1
     h.service.taken(second.ticket, [4])
     assert kinds(h.orders()) == ["Grant"]
@@ -376,3 +376,51 @@ async def test_tickets_of_a_process_end_with_it(h: Harness) -> None:
     # granted to the waiter on its way out).
     assert sorted(kinds(orders)[:2]) == ["Error", "Lost"] and kinds(orders)[2:] == ["Release"]
     assert a.tickets == {} and a.names == 0
+
+
+def test_a_take_for_a_request_withdrawn_before_it_started_is_obsolete(h: Harness) -> None:
+    h.grant = False
+    a = h.connect("a")
+    h.service.acquire(a, protocol.Acquire(1, ["x"]))
+    h.service.release(a, 1)
+    start, stop, release = h.service.orders
+    assert isinstance(start, StartTake) and not h.service.taking(start.ticket)
+    assert isinstance(stop, StopTake) and isinstance(release, Release)
+
+
+def test_a_claim_lost_while_it_is_being_taken_stops_the_take(h: Harness) -> None:
+    h.grant = False
+    a = h.connect("a")
+    h.acquire(a, 1, "x")
+    (take,) = h.taking
+    h.service.lost(take.claim, "the etcd lease expired")
+    orders = h.orders()
+    assert kinds(orders) == ["Error", "StopTake", "Release"]
+    (error,) = sent(orders)
+    assert isinstance(error, protocol.Error) and error.code == "unavailable"
+
+
+def test_a_broken_lease_the_backend_loses_ends_without_unlocking_under_its_holder(h: Harness) -> None:
+    a, admin = h.connect("a"), h.connect("admin", uid=0)
+    grant = h.acquire(a, 1, "x")[1]
+    assert isinstance(grant, Grant)
+    h.service.force_release(admin, protocol.ForceRelease(9, "x"))
+    h.orders()
+    h.service.lost(grant.claim, "the etcd lease expired")
+    (release,) = h.orders()  # told when it was broken: nothing more is sent
+    assert isinstance(release, Release) and not release.unlock
+    assert a.tickets == {}
+
+
+async def test_a_process_tied_grant_that_reached_nobody_ends(h: Harness) -> None:
+    """The shell reports a Grant whose connection closed as it went out: the lease, tied to a
+    process that never got its descriptors, must not live on until that process exits."""
+    a = h.connect("a", uid=os.getuid())
+    h.service.acquire(a, protocol.Acquire(1, ["x"], pid=os.getpid()))
+    grant = h.orders()[-1]
+    assert isinstance(grant, Grant)
+    h.service.failed(grant.ticket)
+    orders = h.orders()
+    assert kinds(orders) == ["Lost", "Release"]
+    assert isinstance(orders[1], Release) and not orders[1].unlock
+    assert grant.ticket.state is State.ENDED and h.service.processes.find(os.getpid()) is None
