@@ -9,11 +9,12 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from .waiting import wait_until
 
 STARTUP_TIMEOUT = 10.0
 
@@ -50,17 +51,19 @@ class Daemon:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         log.close()
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"lockd exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                with socket.socket(socket.AF_UNIX) as probe:
-                    probe.connect(self.socket)
-                return
-            except OSError:
-                time.sleep(0.01)
-        raise RuntimeError(f"lockd did not listen on {self.socket}:\n{self.log()}")
+        wait_until(self.listening, f"lockd listening on {self.socket}", STARTUP_TIMEOUT, show=self.log)
+
+    def listening(self) -> bool:
+        """Whether the daemon accepts connections; raises RuntimeError if it has exited."""
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"lockd exited with {self.proc.returncode}:\n{self.log()}")
+        try:
+            with socket.socket(socket.AF_UNIX) as probe:
+                probe.connect(self.socket)
+        except OSError:
+            return False
+        return True
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -18,7 +18,6 @@ import socket
 import ssl
 import subprocess
 import tempfile
-import time
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -29,6 +28,7 @@ import pytest
 import trio
 
 from lockd.etcd_client import EtcdClient, KeyValue
+from tests.waiting import wait_until, wait_until_async
 
 ETCD = shutil.which("etcd")
 
@@ -226,19 +226,19 @@ class EtcdCluster:
         member.start(self._initial, self._token)
         self.wait_healthy()
 
-    def wait_healthy(self, timeout: float = STARTUP_TIMEOUT) -> None:
+    def wait_healthy(self) -> None:
         """Wait until every running member answers /health with a leader."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for member in self.members:
-                died = member.proc is not None and member.proc.poll() not in (None, -signal.SIGKILL)
-                if died:
-                    raise RuntimeError(f"etcd {member.name} exited:\n{member.log()}")
-            if all(m.healthy() for m in self.members if m.running):
-                return
-            time.sleep(0.05)
-        logs = "\n".join(m.log() for m in self.members)
-        raise RuntimeError(f"etcd did not become healthy:\n{logs}")
+        wait_until(self._healthy, "every running etcd member healthy", STARTUP_TIMEOUT, interval=0.05, show=self._logs)
+
+    def _healthy(self) -> bool:
+        for member in self.members:
+            died = member.proc is not None and member.proc.poll() not in (None, -signal.SIGKILL)
+            if died:
+                raise RuntimeError(f"etcd {member.name} exited:\n{member.log()}")
+        return all(m.healthy() for m in self.members if m.running)
+
+    def _logs(self) -> str:
+        return "\n".join(m.log() for m in self.members)
 
     def etcdctl(self, *args: str) -> None:
         """Run `etcdctl ARGS` against the cluster (as root, once auth is on)."""
@@ -258,13 +258,10 @@ class EtcdCluster:
         self.etcdctl("auth", "enable")
 
     def leader(self) -> Member:
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while time.monotonic() < deadline:
-            for member in self.members:
-                if member.running and member.is_leader():
-                    return member
-            time.sleep(0.05)
-        raise RuntimeError("the etcd cluster has no leader")
+        def current() -> Member | None:
+            return next((m for m in self.members if m.running and m.is_leader()), None)
+
+        return wait_until(current, "the etcd cluster has a leader", STARTUP_TIMEOUT, interval=0.05)
 
     def close(self) -> None:
         for member in self.members:
@@ -321,13 +318,17 @@ async def keys_under(endpoints: list[str], prefix: str) -> list[str]:
 
 
 async def wait_no_keys(endpoints: list[str], prefix: str) -> None:
-    while await keys_under(endpoints, prefix):
-        await trio.sleep(0.02)
+    async def none_left() -> bool:
+        return not await keys_under(endpoints, prefix)
+
+    await wait_until_async(none_left, f"no keys left under {prefix}", interval=0.02)
 
 
 async def wait_keys(endpoints: list[str], prefix: str, count: int) -> None:
-    while len(await keys_under(endpoints, prefix)) < count:
-        await trio.sleep(0.02)
+    async def enough() -> bool:
+        return len(await keys_under(endpoints, prefix)) >= count
+
+    await wait_until_async(enough, f"{count} keys under {prefix}", interval=0.02)
 
 
 class Relay:

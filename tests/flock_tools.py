@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from lockd.backend import Claim
+
+from .waiting import wait_until
 
 WAIT = 10.0
 
@@ -46,11 +47,12 @@ def outside_flock(path: Path, shared: bool = False) -> Iterator[subprocess.Popen
     # Its own session: the sleeping child inherits the locked descriptor, so both must die.
     proc = subprocess.Popen(["flock", *mode, str(path), "sleep", "30"], start_new_session=True)
     try:
-        deadline = time.monotonic() + WAIT
-        while proc.pid not in flock_pids():
+
+        def holding() -> bool:
             assert proc.poll() is None, f"flock(1) exited with {proc.returncode}"
-            assert time.monotonic() < deadline, "flock(1) never took the lock"
-            time.sleep(0.002)
+            return proc.pid in flock_pids()
+
+        wait_until(holding, "flock(1) took the lock", interval=0.002)
         yield proc
     finally:
         kill(proc)
@@ -64,10 +66,7 @@ def kill(proc: subprocess.Popen[bytes]) -> None:
         pass
     proc.wait(WAIT)
     # The lock lives on in a child holding the inherited descriptor until that child dies too.
-    deadline = time.monotonic() + WAIT
-    while proc.pid in flock_pids():
-        assert time.monotonic() < deadline, "the killed flock(1)'s lock never went away"
-        time.sleep(0.002)
+    wait_until(lambda: proc.pid not in flock_pids(), "the killed flock(1)'s lock went away", interval=0.002)
 
 
 def open_fds() -> int:

@@ -31,6 +31,7 @@ from .conftest import Daemon
 from .rawclient import RawClient
 from .test_cli import LOCKCTL, finish, lockctl, start_lockctl
 from .test_cli_supervise import TIMEOUT
+from .waiting import wait_until
 
 #: The test daemons' listen_backlog: the kernel queues BACKLOG + 1 connections.
 BACKLOG = 4
@@ -60,10 +61,8 @@ class Stopped:
         # probe of the fixture may still be in it).
         RawClient(self.path, timeout=TIMEOUT).close()
         os.kill(self.pid, signal.SIGSTOP)
-        deadline = time.monotonic() + TIMEOUT
-        while _state(self.pid) != "T":  # a stopping daemon could still accept
-            assert time.monotonic() < deadline, "the daemon never stopped"
-            time.sleep(0.01)
+        # A stopping daemon could still accept.
+        wait_until(lambda: _state(self.pid) == "T", "the daemon stopped")
 
     def fill(self) -> int:
         """Connect until the queue is full; how many connections it took."""
@@ -220,11 +219,12 @@ def test_the_blocking_client_waits_for_room_in_the_queue_and_says_so_once(small_
     with stopped(small_queue, full=True):
         thread = threading.Thread(target=use)
         thread.start()
-        deadline = time.monotonic() + TIMEOUT
-        while not told:
-            assert time.monotonic() < deadline, "on_busy was never called"
+
+        def busy_told() -> bool:
             assert not outcome, outcome
-            time.sleep(0.01)
+            return bool(told)
+
+        wait_until(busy_told, "on_busy called")
     thread.join(TIMEOUT)
     [token] = outcome
     assert isinstance(token, int), token
@@ -301,10 +301,7 @@ def test_a_listen_backlog_the_kernel_cuts_down_is_warned_about(short_tmp: Path) 
     try:
         # Logged just after the socket listens, so perhaps after start() has seen it listen.
         warning = f"the kernel queues at most net.core.somaxconn = {somaxconn()} connections"
-        deadline = time.monotonic() + TIMEOUT
-        while warning not in d.log():
-            assert time.monotonic() < deadline, d.log()
-            time.sleep(0.01)
+        wait_until(lambda: warning in d.log(), "the warning logged", show=d.log)
     finally:
         d.kill()
 
@@ -325,7 +322,7 @@ def test_a_burst_beyond_the_connection_limits_waits_rather_than_skipping_jobs(
     two_per_user: Daemon, tmp_path: Path
 ) -> None:
     ran = tmp_path / "ran"
-    with RawClient(two_per_user.socket) as first, RawClient(two_per_user.socket) as second:
+    with RawClient(two_per_user.socket) as first, RawClient(two_per_user.socket):
         proc = start_lockctl(two_per_user, "acquire", "x", "--", "touch", str(ran))
         try:
             assert "is busy; waiting" in next_line(proc)  # turned away, retrying

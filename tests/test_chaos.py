@@ -43,6 +43,7 @@ from .conftest import Daemon
 from .rawclient import RawClient
 from .test_cli import LOCKCTL
 from .test_fuzz import internal_errors
+from .waiting import wait_until
 
 SECONDS = float(os.environ.get("LOCKD_CHAOS_SECONDS", "12"))
 NAMES = ["c1", "c2", "c3", "c4"]
@@ -338,10 +339,13 @@ def test_chaos(daemon: Daemon) -> None:
     assert counts["commands running on through a daemon's death"] >= (1 if SECONDS >= 60 else 0)
 
     with RawClient(daemon.socket) as c:
-        deadline = time.monotonic() + TIMEOUT
-        while (reply := c.request(Status(1))).locks:  # type: ignore[union-attr]
-            assert time.monotonic() < deadline, f"leases left held: {reply}"
-            time.sleep(0.05)
+
+        def leases() -> list[protocol.LockInfo]:
+            reply = c.request(Status(1))
+            assert isinstance(reply, protocol.StatusReply), reply
+            return reply.locks
+
+        wait_until(lambda: not leases(), "every lease ended", interval=0.05, show=leases)
     for name in NAMES:
         code = subprocess.run(["flock", "-n", str(daemon.lock_dir / f"{name}.lock"), "true"], timeout=TIMEOUT).returncode
         assert code == 0, f"{name}.lock is still locked"

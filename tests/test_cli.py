@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +21,7 @@ from lockd_client import cli
 
 from .conftest import Daemon
 from .test_cli_supervise import TIMEOUT, alive, read_terminal, wait_for_file, wait_pid
+from .waiting import wait_until
 
 LOCKCTL = [sys.executable, "-m", "lockd_client.cli"]
 LOCKCTL_SH = " ".join(LOCKCTL)  # for command lines run by sh
@@ -72,13 +73,6 @@ def status(daemon, *names: str) -> dict[str, dict]:
     proc = lockctl(daemon, "status", "--json", *names)
     assert proc.returncode in (0, 1), proc.stderr
     return {lock["name"]: lock for lock in json.loads(proc.stdout)["locks"]}
-
-
-def eventually(check: Callable[[], object], what: str) -> None:
-    deadline = time.monotonic() + TIMEOUT
-    while not check():
-        assert time.monotonic() < deadline, f"never happened: {what}"
-        time.sleep(0.02)
 
 
 def held(daemon, name: str) -> bool:
@@ -147,7 +141,7 @@ def test_sigkill_of_lockctl_terminates_cmd_tree_before_the_lock_is_free(lockd, n
         shell = int(wait_for_file(tmp_path / "sh"))
         grandchild = int(wait_for_file(tmp_path / "gc"))
         proc.kill()
-        eventually(lambda: not held(lockd, name), "lock freed")
+        wait_until(lambda: not held(lockd, name), "lock freed")
         # The moment the lock is free, nothing of CMD may still run.
         assert not alive(shell)
         assert not alive(grandchild)
@@ -162,7 +156,7 @@ def test_sigkill_of_lockctls_whole_job_terminates_cmd_tree_before_the_lock_is_fr
     try:
         shell = int(wait_for_file(tmp_path / "sh"))
         os.killpg(proc.pid, signal.SIGKILL)
-        eventually(lambda: not held(lockd, name), "lock freed")
+        wait_until(lambda: not held(lockd, name), "lock freed")
         assert not alive(shell)  # it took a while to clean up, with the lock still held
     finally:
         kill_quietly(proc)
@@ -208,7 +202,7 @@ def test_ctrl_z_stops_lockctl_with_cmd_and_fg_continues_both(lockd, name: str) -
     status = None
     try:
         os.write(master, f"{LOCKCTL_SH} acquire {name} -- sh -c 'read l; echo finished:$l'\n".encode())
-        eventually(lambda: held(lockd, name), "CMD running")
+        wait_until(lambda: held(lockd, name), "CMD running")
         os.write(master, b"\x1a")  # Ctrl-Z
         assert b"Stopped" in read_terminal(master, until=b"Stopped")
         assert held(lockd, name)
@@ -216,7 +210,7 @@ def test_ctrl_z_stops_lockctl_with_cmd_and_fg_continues_both(lockd, name: str) -
         assert b"finished:go" in read_terminal(master, until=b"finished:go")
         os.write(master, b"echo status=$?; exit\n")
         assert b"status=0" in read_terminal(master, until=b"status=0")
-        status = wait_pid(pid, time.monotonic() + TIMEOUT)
+        status = wait_pid(pid)
     finally:
         if status is None:
             os.kill(pid, signal.SIGKILL)
@@ -256,7 +250,7 @@ def test_busy_though_free_names_the_earlier_requests(lockd, name: str, holder) -
     """Nobody holds `.a`, but a request for `.a` and the held name came first: it goes first."""
     first = start_lockctl(lockd, "acquire", f"{name}.a", name, "--", "true")
     try:
-        eventually(lambda: status(lockd, f"{name}.a").get(f"{name}.a"), "first request queued")
+        wait_until(lambda: status(lockd, f"{name}.a").get(f"{name}.a"), "first request queued")
         proc = lockctl(lockd, "acquire", "-n", f"{name}.a", "--", "true")
     finally:
         kill_quietly(first)
@@ -275,7 +269,7 @@ def test_busy_behind_a_waiting_writer_names_the_shared_holders_and_the_writer(lo
         for i in range(2):
             wait_for_file(tmp_path / f"r{i}")
         writer = start_lockctl(lockd, "acquire", name, "--", "true")
-        eventually(lambda: status(lockd, name)[name]["waiters"], "the writer queued")
+        wait_until(lambda: status(lockd, name)[name]["waiters"], "the writer queued")
         proc = lockctl(lockd, "acquire", "-s", "-n", name, "--", "true")
     finally:
         kill_quietly(*readers, *([writer] if writer else []))
@@ -301,7 +295,7 @@ def test_waiters_get_the_lock_when_the_holder_is_done_and_only_v_says_so(lockd, 
         wait_for_file(tmp_path / "held")
         quiet = start_lockctl(lockd, "acquire", "-s", name, "--", "true")
         verbose = start_lockctl(lockd, "acquire", "-s", "-v", name, "--", "true")
-        eventually(lambda: len(status(lockd, name)[name]["waiters"]) == 2, "both waiting")
+        wait_until(lambda: len(status(lockd, name)[name]["waiters"]) == 2, "both waiting")
         go.touch()
         assert finish(first)[0] == 0
         assert finish(quiet) == (0, "")  # off a terminal, waiting is silent
@@ -322,7 +316,7 @@ def test_waiting_on_a_terminal_shows_one_updating_line(lockd, name: str, holder)
         output = read_terminal(master, until=line)
         holder.kill()  # its lease ends: the waiter gets the lock, runs CMD and exits
         output += read_terminal(master, until=b"never printed")
-        status = wait_pid(pid, time.monotonic() + TIMEOUT)
+        status = wait_pid(pid)
     finally:
         if status is None:  # it hung
             os.kill(pid, signal.SIGKILL)
@@ -351,7 +345,7 @@ def test_daemon_gone_while_waiting_means_69_and_cmd_never_runs(daemon, tmp_path:
     wait_for_file(tmp_path / "held")
     waiter = start_lockctl(daemon, "acquire", "x", "--", "touch", str(tmp_path / "ran"))
     try:
-        eventually(lambda: status(daemon, "x")["x"]["waiters"], "waiter queued")
+        wait_until(lambda: status(daemon, "x")["x"]["waiters"], "waiter queued")
         daemon.kill()
         code, err = finish(waiter)
     finally:
@@ -439,7 +433,7 @@ def test_process_tied_lease_ends_with_the_shell(lockd, name: str, tmp_path: Path
         assert tied["token"] == int(wait_for_file(tmp_path / "token"))
         go.touch()
         assert shell.wait(TIMEOUT) == 0
-        eventually(lambda: not held(lockd, name), "lease ended with its shell")
+        wait_until(lambda: not held(lockd, name), "lease ended with its shell")
     finally:
         shell.kill()
         shell.wait(TIMEOUT)
@@ -494,7 +488,7 @@ def test_release_with_pid_and_of_what_is_not_held(lockd, name: str) -> None:
 def test_status_json_schema(lockd, name: str, holder, tmp_path: Path) -> None:
     waiter = start_lockctl(lockd, "acquire", "-s", name, "--", "true")
     try:
-        eventually(lambda: status(lockd, name)[name]["waiters"], "waiter queued")
+        wait_until(lambda: status(lockd, name)[name]["waiters"], "waiter queued")
         proc = lockctl(lockd, "status", "--json")
         assert proc.returncode == 0
         doc = json.loads(proc.stdout)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 import lockd_client
 from lockd_client import cli, protocol
+
+from .waiting import wait_until
 
 TIMEOUT = 10.0
 
@@ -272,10 +273,7 @@ def test_status_table_lists_holders_then_waiters_in_order() -> None:
 def test_a_shell_running_only_lockctl_is_a_launcher(shell: str, script: str, only_lockctl: bool) -> None:
     with subprocess.Popen([shell, "-c", script], stdin=subprocess.PIPE) as proc:
         try:
-            deadline = time.monotonic() + 5
-            while b"-c" not in Path(f"/proc/{proc.pid}/cmdline").read_bytes():  # exec'd by now
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
+            wait_until(lambda: b"-c" in Path(f"/proc/{proc.pid}/cmdline").read_bytes(), "the shell exec'd", 5)
             assert cli._runs_one_command(proc.pid) is only_lockctl
         finally:
             proc.kill()

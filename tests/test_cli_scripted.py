@@ -16,8 +16,9 @@ import pytest
 
 from lockd_client import cli, protocol
 
-from .test_cli import LOCKCTL, LOCKCTL_SH, eventually
+from .test_cli import LOCKCTL, LOCKCTL_SH
 from .test_cli_supervise import TIMEOUT, alive, parent_of, wait_for_file
+from .waiting import wait_until
 
 
 class Peer:
@@ -173,7 +174,7 @@ def test_a_lease_is_not_tied_to_whoever_inherits_lockctl_from_its_dead_parent(sc
     try:
         shell.kill()
         shell.wait(TIMEOUT)
-        eventually(lambda: parent_of(peer.pid) != shell.pid, "lockctl re-parented")
+        wait_until(lambda: parent_of(peer.pid) != shell.pid, "lockctl re-parented")
         peer.greet()
         assert peer.wait_for_close() == []  # no acquire, for a wrong process or any other
         _, err = shell.communicate(timeout=TIMEOUT)  # lockctl writes to the dead shell's stderr

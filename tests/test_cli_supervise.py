@@ -22,6 +22,8 @@ import pytest
 
 from lockd_client import _proctree
 
+from .waiting import wait_until
+
 TIMEOUT = 10.0
 
 # Runs _supervise.run in its own process, as lockctl does: argv is FD KILL_AFTER CMD...
@@ -83,11 +85,13 @@ class Supervised:
 
 
 def wait_for_file(path: Path) -> str:
-    deadline = time.monotonic() + TIMEOUT
-    while not (path.exists() and path.read_text().endswith("\n")):
-        assert time.monotonic() < deadline, f"{path} never written"
-        time.sleep(0.01)
-    return path.read_text()
+    """What `path` holds once it is written: it exists and ends with a newline."""
+
+    def written() -> str | None:
+        text = path.read_text() if path.exists() else ""
+        return text if text.endswith("\n") else None
+
+    return wait_until(written, f"{path} written")
 
 
 def alive(pid: int) -> bool:
@@ -99,15 +103,14 @@ def alive(pid: int) -> bool:
     return stat[stat.rindex(")") + 2] not in "ZX"
 
 
-def wait_pid(pid: int, deadline: float) -> int | None:
-    """The wait status of child `pid`, or None if it is still running at `deadline`."""
-    while True:
+def wait_pid(pid: int) -> int:
+    """The wait status of child `pid`, once it has exited."""
+
+    def reaped() -> tuple[int, int] | None:
         done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return status
-        if time.monotonic() >= deadline:
-            return None
-        time.sleep(0.01)
+        return (done, status) if done else None
+
+    return wait_until(reaped, f"child {pid} exited")[1]
 
 
 def kill_quietly(pid: int) -> None:
@@ -298,10 +301,8 @@ ctypes.CDLL(None).syscall(60, 0)  # exit(2), which ends the calling thread only
 def test_a_process_whose_main_thread_exited_is_killed_before_the_lease_goes(tmp_path: Path) -> None:
     run = Supervised([sys.executable, "-c", MAIN_THREAD_EXITS, str(tmp_path / "pid")], kill_after=0.3)
     cmd = int(wait_for_file(tmp_path / "pid"))
-    deadline = time.monotonic() + TIMEOUT
-    while Path(f"/proc/{cmd}/stat").read_text().split(") ")[1][0] != "Z":
-        assert time.monotonic() < deadline, "the main thread never exited"
-        time.sleep(0.01)
+    # Its main thread has exited once /proc shows it as a zombie.
+    wait_until(lambda: Path(f"/proc/{cmd}/stat").read_text().split(") ")[1][0] == "Z", "a zombie")
     run.lose_lease()
     run.wait_for_close()
     assert not Path(f"/proc/{cmd}").exists()  # reaped: every thread is gone
@@ -339,7 +340,7 @@ def test_interactive_cmd_reads_the_terminal(tmp_path: Path) -> None:
     try:
         os.write(master, b"hello\n")
         output = read_terminal(master, until=b"got:hello")
-        status = wait_pid(pid, time.monotonic() + TIMEOUT)
+        status = wait_pid(pid)
     finally:
         kill_quietly(pid)  # only matters if it hung
         os.close(master)
@@ -368,10 +369,7 @@ def test_group_alive_ignores_zombies() -> None:
     try:
         assert _proctree.group_alive(child.pid)
         child.kill()  # a zombie until reaped below: must already count as gone
-        deadline = time.monotonic() + TIMEOUT
-        while _proctree.group_alive(child.pid):
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        wait_until(lambda: not _proctree.group_alive(child.pid), "the group counted as gone")
     finally:
         child.kill()
         child.wait(TIMEOUT)

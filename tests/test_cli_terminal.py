@@ -6,14 +6,14 @@ from __future__ import annotations
 import os
 import pty
 import signal
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from .test_cli import LOCKCTL_SH, eventually, finish, held, kill_quietly, lockctl, lockd, name, start_lockctl, status
-from .test_cli_supervise import TIMEOUT, read_terminal, wait_for_file, wait_pid
+from .test_cli import LOCKCTL_SH, finish, held, kill_quietly, lockctl, lockd, name, start_lockctl, status
+from .test_cli_supervise import read_terminal, wait_for_file, wait_pid
+from .waiting import wait_until
 
 __all__ = ["lockd", "name"]  # fixtures, shared with test_cli
 
@@ -40,7 +40,7 @@ class Terminal:
 
     def close(self) -> None:
         os.kill(self.pid, signal.SIGKILL)
-        wait_pid(self.pid, time.monotonic() + TIMEOUT)
+        wait_pid(self.pid)
         os.close(self.master)
 
 
@@ -76,7 +76,7 @@ def test_ctrl_c_while_waiting_stops_the_loop(lockd, name: str, terminal: Termina
     try:
         wait_for_file(tmp_path / "held")
         terminal.type(f"for i in 1 2; do {LOCKCTL_SH} acquire {name} -- true; echo next$((i*100)); done\n")
-        eventually(lambda: status(lockd, name)[name]["waiters"], "waiting")
+        wait_until(lambda: status(lockd, name)[name]["waiters"], "waiting")
         terminal.type("\x03")
         terminal.type("echo mark$((1+1))\n")
         assert "next100" not in terminal.expect("mark2")
@@ -104,7 +104,7 @@ def test_a_pipeline_after_lockctl_keeps_the_terminal(lockd, name: str, terminal:
 def test_ctrl_z_in_a_script_stops_the_whole_job_at_once(lockd, name: str, terminal: Terminal) -> None:
     script = f"{LOCKCTL_SH} acquire {name} -- sh -c 'read l; echo finished:\\$l'; echo script-end"
     terminal.type(f'bash -c "{script}"\n')
-    eventually(lambda: held(lockd, name), "CMD running")
+    wait_until(lambda: held(lockd, name), "CMD running")
     terminal.type("\x1a")  # Ctrl-Z, once
     terminal.expect("Stopped")
     assert held(lockd, name)
@@ -153,9 +153,9 @@ def test_sigtstp_and_sigcont_to_lockctl_reach_cmd(lockd, name: str, tmp_path: Pa
     try:
         cmd = int(wait_for_file(tmp_path / "cmd"))
         proc.send_signal(signal.SIGTSTP)
-        eventually(lambda: state(cmd) == "T" and state(proc.pid) == "T", "both stopped")
+        wait_until(lambda: state(cmd) == "T" and state(proc.pid) == "T", "both stopped")
         proc.send_signal(signal.SIGCONT)
-        eventually(lambda: state(cmd) != "T" and state(proc.pid) != "T", "both continued")
+        wait_until(lambda: state(cmd) != "T" and state(proc.pid) != "T", "both continued")
         proc.terminate()
         assert finish(proc)[0] == 128 + signal.SIGTERM
     finally:

@@ -19,15 +19,9 @@ from lockd_client import protocol
 
 from .conftest import Daemon
 from .flock_tools import can_flock
+from .waiting import wait_until
 
 WAIT = 10.0
-
-
-def eventually(predicate, timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
 
 
 def is_free(daemon: Daemon, name: str) -> bool:
@@ -181,7 +175,7 @@ def test_status_shows_holders_and_waiters_with_labels(daemon, client):
     assert info.name == "job" and info.mode == "exclusive"
     assert [(h.label, h.token) for h in info.holders] == [("test client", lease.token)]
     assert [h.label for h in info.waiters] == ["waiter"]
-    eventually(lambda: client.status() == [])  # once the daemon has seen `other` close
+    wait_until(lambda: client.status() == [], "the daemon saw `other` close")
 
 
 def test_on_queued_reports_the_holders_and_the_request_then_waits(daemon, client):
@@ -239,7 +233,7 @@ def test_a_forced_release_is_seen_as_lost_with_its_reason(daemon, client):
         with client.lock("job") as lease:
             with lockd_client.connect(daemon.socket) as admin:
                 assert admin.force_release("job") == 1
-            eventually(lambda: lease.lost)
+            wait_until(lambda: lease.lost, "the lease reported lost")
             assert "forcibly released" in lease.lost_reason
     assert is_free(daemon, "job")
 
@@ -259,7 +253,7 @@ def test_a_killed_daemon_leaves_the_leases_held_by_their_descriptors(daemon, cli
     with client.lock("a") as a:
         b = client.acquire("b")
         daemon.kill()
-        eventually(lambda: (client.process_events(), a.detached)[1])
+        wait_until(lambda: (client.process_events(), a.detached)[1], "the lease detached")
         assert b.detached and not a.lost and not b.lost
         assert not can_flock(a_file) and not can_flock(b_file)
         with pytest.raises(lockd_client.DaemonUnavailable, match="closed the connection.*make a new one"):
@@ -286,7 +280,7 @@ def test_a_restarted_daemon_sees_a_detached_lease_as_held_until_it_is_released(d
 def test_a_client_lockd_cut_off_is_named_as_the_holder_while_it_keeps_the_lock(daemon, client):
     lease = client.acquire("a")
     client._sock.sendall(b"\0\0\0\2\xc1\xc1")  # garbage: lockd hangs up on it
-    eventually(lambda: (client.process_events(), lease.detached)[1])
+    wait_until(lambda: (client.process_events(), lease.detached)[1], "the lease detached")
     with lockd_client.connect(daemon.socket) as other:
         (lock,) = other.status("a")
         assert [(h.pid, h.outside) for h in lock.holders] == [(os.getpid(), True)]
@@ -301,7 +295,7 @@ def test_a_client_collected_unclosed_lets_go_of_its_locks(daemon):  # Python war
 
     forget()
     gc.collect()
-    eventually(lambda: can_flock(daemon.lock_dir / "a.lock"))
+    wait_until(lambda: can_flock(daemon.lock_dir / "a.lock"), "the lock freed")
 
 
 def test_a_release_frees_the_file_once_the_daemon_reads_it(daemon, client):
@@ -313,7 +307,7 @@ def test_a_release_frees_the_file_once_the_daemon_reads_it(daemon, client):
         assert not can_flock(daemon.lock_dir / "a.lock")  # ...and the daemon's holds until it reads
     finally:
         daemon.proc.send_signal(signal.SIGCONT)
-    eventually(lambda: can_flock(daemon.lock_dir / "a.lock"))
+    wait_until(lambda: can_flock(daemon.lock_dir / "a.lock"), "the lock freed once the daemon read")
 
 
 def test_the_descriptor_is_read_only_and_close_on_exec(daemon, client):
@@ -388,7 +382,7 @@ def test_closing_the_client_ends_its_leases_without_raising(daemon):
         c.close()
         assert not lease.lost
     c.close()
-    eventually(lambda: is_free(daemon, "a"))
+    wait_until(lambda: is_free(daemon, "a"), "the lease ended with its connection")
 
 
 # --- processes --------------------------------------------------------------------------------
@@ -400,7 +394,7 @@ def test_a_child_started_while_holding_does_not_keep_the_lease(daemon, client):
     child = subprocess.Popen(["sleep", "30"], close_fds=False)
     try:
         client.close()
-        eventually(lambda: can_flock(daemon.lock_dir / "job.lock"))
+        wait_until(lambda: can_flock(daemon.lock_dir / "job.lock"), "the lock freed")
         assert is_free(daemon, "job")
         assert child.poll() is None
     finally:
@@ -440,4 +434,4 @@ def test_a_lease_tied_to_a_process_ends_when_it_exits(daemon, client, sleeper):
     client.acquire("job", pid=sleeper.pid)
     assert not is_free(daemon, "job")
     sleeper.kill()
-    eventually(lambda: is_free(daemon, "job"))
+    wait_until(lambda: is_free(daemon, "job"), "the lease ended with its process")

@@ -14,6 +14,7 @@ from lockd_client import trio_client
 
 from .conftest import Daemon
 from .flock_tools import can_flock
+from .waiting import wait_until_async
 
 WAIT = 10.0
 
@@ -224,6 +225,17 @@ async def test_a_killed_daemon_fails_waiting_requests_and_leaves_leases_held(dae
                 await c.status()
 
 
+def holds_a_copy_of(lock_file: str) -> bool:
+    """Whether this process has a descriptor of a file named `lock_file` open."""
+    fds = os.listdir("/proc/self/fd")
+    return any(os.path.realpath(f"/proc/self/fd/{fd}").endswith(lock_file) for fd in fds)
+
+
+def hung_up(fd: int) -> bool:
+    """Whether descriptor `fd` has been pointed at /dev/null, as a forked child's socket is."""
+    return os.readlink(f"/proc/self/fd/{fd}") == "/dev/null"
+
+
 async def test_a_forked_child_holds_neither_the_lease_nor_the_connection(daemon):
     with trio.fail_after(WAIT):
         async with trio_client.connect(daemon.socket) as c:
@@ -232,15 +244,14 @@ async def test_a_forked_child_holds_neither_the_lease_nor_the_connection(daemon)
             child = os.fork()
             if child == 0:  # pragma: no cover - runs in the child
                 try:
-                    kept = [f for f in os.listdir("/proc/self/fd") if os.path.realpath(f"/proc/self/fd/{f}").endswith("y.lock")]
-                    hung_up = os.readlink(f"/proc/self/fd/{c._raw.fileno()}") == "/dev/null"
-                    os.write(w, b"lost" if lease.lost and hung_up and not kept else b"kept")
+                    let_go = lease.lost and not holds_a_copy_of("y.lock") and hung_up(c._raw.fileno())
+                    os.write(w, b"lost" if let_go else b"kept")
                 finally:
                     os._exit(0)
             os.close(w)
             assert await trio.to_thread.run_sync(os.read, r, 10) == b"lost"
             os.close(r)
-            os.waitpid(child, 0)
+            await trio.to_thread.run_sync(os.waitpid, child, 0)
             assert not lease.lost
             assert await c.status("y")  # the connection is still ours
             assert not await trio.to_thread.run_sync(can_flock, daemon.lock_dir / "y.lock")
@@ -256,8 +267,7 @@ async def test_closing_the_connection_fails_the_requests_waiting_on_it(daemon):
                 await c.aclose()
             async with lease:
                 assert not lease.lost
-            while not await is_free(daemon, "y"):  # once the daemon has seen the close
-                await trio.sleep(0.01)
+            await wait_until_async(lambda: is_free(daemon, "y"), "the daemon saw the close")
 
 
 async def test_connect_can_be_awaited_like_the_blocking_connect_is_called(daemon):
@@ -269,8 +279,7 @@ async def test_connect_can_be_awaited_like_the_blocking_connect_is_called(daemon
         with pytest.raises(lockd_client.DaemonUnavailable, match="closed by this client"):
             await c.status()
         assert not lease.lost
-        while not await is_free(daemon, "x"):  # once the daemon has seen the close
-            await trio.sleep(0.01)
+        await wait_until_async(lambda: is_free(daemon, "x"), "the daemon saw the close")
 
 
 async def test_a_cancelled_handshake_closes_the_socket(short_tmp):

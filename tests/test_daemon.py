@@ -19,6 +19,7 @@ from lockd_client.protocol import Acquire, Error, ForceRelease, Granted, Lost, R
 
 from .conftest import Daemon
 from .rawclient import RawClient
+from .waiting import wait_until
 
 #: What "promptly" means on a loaded 2-core CI box: far above a normal round trip (~1 ms).
 PROMPT = 2.0
@@ -54,13 +55,6 @@ def status(daemon: Daemon, *names: str) -> list[protocol.LockInfo]:
 
 def flock_free(path: Path) -> bool:
     return subprocess.run(["flock", "-n", str(path), "true"], timeout=10).returncode == 0
-
-
-def wait_until(predicate, timeout: float = 10.0, interval: float = 0.01) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(interval)
 
 
 def test_acquire_busy_release(daemon: Daemon) -> None:
@@ -110,7 +104,7 @@ def test_flock_holder_outside_lockd_blocks_then_hands_over(daemon: Daemon) -> No
     # Its own session, so killing the group kills `sleep`, which inherited the locked fd.
     outside = subprocess.Popen(["flock", str(path), "sleep", "60"], start_new_session=True)
     try:
-        wait_until(lambda: not flock_free(path))
+        wait_until(lambda: not flock_free(path), "flock(1) took the lock")
         with RawClient(daemon.socket) as c:
             busy = c.acquire("outside", timeout=0)
             assert isinstance(busy, Error) and busy.code == "busy"
@@ -196,7 +190,7 @@ def test_garbage_and_oversize_frames_cost_nothing_else(daemon: Daemon) -> None:
     assert isinstance(reply, protocol.StatusReply)
     assert [lock.name for lock in reply.locks] == ["precious"]
     assert isinstance(garbage, Error) and garbage.code == "busy"
-    wait_until(lambda: daemon_fds(daemon) <= baseline)
+    wait_until(lambda: daemon_fds(daemon) <= baseline, "descriptors back to the baseline")
     holder.close()
 
 
@@ -294,7 +288,7 @@ def test_process_tied_lease_outlives_connection_and_ends_with_process(daemon: Da
         assert "sleep 60" in info.holders[0].command
         sleeper.kill()
         sleeper.wait(10)
-        wait_until(lambda: status(daemon, "job") == [])
+        wait_until(lambda: status(daemon, "job") == [], "the lease ended with its process")
     finally:
         sleeper.kill()
         sleeper.wait(10)
@@ -361,9 +355,9 @@ def test_a_reload_as_soon_as_the_socket_exists_is_a_reload(short_tmp: Path) -> N
         d.proc = subprocess.Popen(d.argv(), stdout=log, stderr=log, stdin=subprocess.DEVNULL)
     try:
         # The socket is bound, and connectable, a while before the event loop runs.
-        wait_until(lambda: os.path.exists(d.socket), timeout=10.0, interval=0.0005)
+        wait_until(lambda: os.path.exists(d.socket), "the socket bound", interval=0.0005)
         d.proc.send_signal(signal.SIGHUP)
-        wait_until(lambda: "reloaded" in d.log())
+        wait_until(lambda: "reloaded" in d.log(), "the reload logged", show=d.log)
         assert d.proc.poll() is None
         with RawClient(d.socket) as c:
             assert isinstance(c.acquire("x"), Granted)
@@ -382,7 +376,7 @@ def test_a_reload_of_a_file_nested_too_deeply_keeps_the_daemon_and_its_leases(sh
             config.write_text("a = " + "[" * 100_000 + "]" * 100_000 + "\n")
             assert d.proc is not None
             d.proc.send_signal(signal.SIGHUP)
-            wait_until(lambda: "reload failed" in d.log())
+            wait_until(lambda: "reload failed" in d.log(), "the failed reload logged", show=d.log)
             assert "nested too deeply" in d.log() and "Traceback" not in d.log()
             assert status(d, "kept")[0].holders[0].pid == os.getpid()
     finally:

@@ -27,6 +27,7 @@ from tests.etcd_cluster import (  # noqa: F401 (fixtures)
     shared_etcd, wait_no_keys,
 )
 from tests.flock_tools import outside_flock
+from tests.waiting import wait_until_async
 
 pytestmark = requires_etcd
 
@@ -53,9 +54,11 @@ class Host:
         self.backend = EtcdBackend(self.files, client(endpoints), host=name, ttl=TTL, prefix=prefix)
         #: (ticket, reason, trio time) per loss.
         self.lost: list[tuple[Claim, str, float]] = []
+        self.first_loss = trio.Event()
 
     def lose(self, ticket: Claim, reason: str) -> None:
         self.lost.append((ticket, reason, trio.current_time()))
+        self.first_loss.set()
         self.backend.drop(ticket, unlock=True)
 
     async def take(self, ticket: Claim) -> list[int]:
@@ -63,15 +66,16 @@ class Host:
 
     async def ready(self) -> None:
         """Return once this host can take locks (its backend holds an etcd lease)."""
+        await wait_until_async(self.takes_locks, f"{self.name} taking locks", interval=0.02)
+
+    async def takes_locks(self) -> bool:
         probe = ticket("ready-" + self.name)
-        while True:
-            try:
-                await self.backend.take(probe, ignore_blocked)
-            except DaemonUnavailable:
-                await trio.sleep(0.02)
-                continue
-            self.backend.drop(probe, unlock=True)
-            return
+        try:
+            await self.backend.take(probe, ignore_blocked)
+        except DaemonUnavailable:
+            return False
+        self.backend.drop(probe, unlock=True)
+        return True
 
 
 def ticket(
@@ -261,7 +265,7 @@ async def test_multi_name_requests_in_opposite_orders_never_deadlock(
         for _ in range(15):
             t = ticket(*names)
             await host.take(t)
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
             host.backend.drop(t, unlock=True)
 
     with trio.fail_after(WAIT):
@@ -314,7 +318,7 @@ async def test_cancelled_take_leaves_no_key(
             waiting.scope.cancel()
             # And one cancelled at once, before its txn can even have been answered.
             hasty = start(nursery, b, ticket("x"))
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
             hasty.scope.cancel()
             await waiting.done.wait()
             await hasty.done.wait()
@@ -385,8 +389,7 @@ async def test_a_waiter_is_not_granted_if_its_keys_went_unnoticed_while_it_waite
             _, theirs = await entries_under(shared_etcd.endpoints, prefix + "x/")  # A's, B's
             shared_etcd.members[0].delete(theirs.key)
             mirror = b.backend._session.mirror  # type: ignore[union-attr]
-            while theirs.text in [e.key for e in mirror.queue("x")]:
-                await trio.sleep(0.01)
+            await wait_until_async(lambda: theirs.text not in [e.key for e in mirror.queue("x")], "B's key gone")
             assert not waiting.done.is_set()
             a.backend.drop(held, unlock=True)
             await waiting.done.wait()
@@ -461,8 +464,7 @@ async def test_keys_deleted_right_after_their_put_are_never_granted_unreported(
                 assert "vanished" in str(exc)
             else:  # the mirror had seen the keys: their deletion must end the lease
                 with trio.move_on_after(1):
-                    while not b.lost:
-                        await trio.sleep(0.01)
+                    await b.first_loss.wait()
                 assert [t for t, _, _ in b.lost] == [taken], "granted, keys gone, not lost"
             await a.take(ticket("x"))  # the lock is free for the other host
 
@@ -500,8 +502,7 @@ async def test_etcd_killed_loses_leases_before_ttl_then_service_resumes(
             (before,) = await a.take(held)
             member.kill()
             killed = trio.current_time()
-            while not a.lost:
-                await trio.sleep(0.01)
+            await a.first_loss.wait()
             (lost_ticket, reason, lost_at) = a.lost[0]
             assert lost_ticket is held and "could not be kept alive" in reason
             # (That it comes early enough is for the partition test, which sees keep-alives.)
@@ -616,8 +617,11 @@ async def test_keys_of_this_lease_without_a_ticket_are_deleted(
             # And one whose bytes are not UTF-8, put by another tool under this lease.
             odd = f"{prefix}x/{mine.lease:x}/".encode() + b"\xff"
             shared_etcd.members[0].put(odd, b"{}", mine.lease)
-            while len(await keys_under(shared_etcd.endpoints, prefix)) > 1:
-                await trio.sleep(0.02)
+
+            async def strays_gone() -> bool:
+                return len(await keys_under(shared_etcd.endpoints, prefix)) <= 1
+
+            await wait_until_async(strays_gone, "the stray keys deleted", interval=0.02)
             assert await keys_under(shared_etcd.endpoints, prefix) == [mine.text]
     await client.aclose()
 

@@ -198,9 +198,12 @@ async def test_watch_streams_puts_and_deletes_in_order(
 ) -> None:
     client = EtcdClient(shared_etcd.endpoints)
     seen: list[tuple[str, str, int]] = []
+    both = trio.Event()
 
     def collect(response: WatchResponse) -> None:
         seen.extend((e.type, e.kv.key.decode(), e.kv.mod_revision) for e in response.events)
+        if len(seen) >= 2:
+            both.set()
 
     try:
         with trio.fail_after(WAIT):
@@ -211,8 +214,7 @@ async def test_watch_streams_puts_and_deletes_in_order(
                 _, deleted_at = await client.txn([etcd_client.delete(prefix + "a")], timeout=2)
                 beside = etcd_client.put(prefix.rstrip("/") + "-other", b"1", 0)
                 await client.txn([beside], timeout=2)
-                while len(seen) < 2:
-                    await trio.sleep(0.01)
+                await both.wait()
                 nursery.cancel_scope.cancel()
         assert seen == [("PUT", prefix + "a", put_at), ("DELETE", prefix + "a", deleted_at)]
     finally:

@@ -26,6 +26,7 @@ from tests.conftest import Daemon
 from tests.etcd_cluster import (  # noqa: F401 (fixtures)
     EtcdCluster, etcd, etcd3, prefix, requires_etcd, shared_etcd, wait_keys, wait_no_keys,
 )
+from tests.waiting import wait_until_async
 
 pytestmark = requires_etcd
 
@@ -72,13 +73,32 @@ async def serving_hosts(
 
 async def until_serving(daemon: Daemon) -> None:
     """Return once `daemon` grants locks (it has its etcd lease)."""
-    while True:
+
+    async def serving() -> bool:
         try:
             async with connect(daemon.socket) as client:
                 await (await client.acquire("ready")).release()
-                return
         except DaemonUnavailable:
-            await trio.sleep(0.05)
+            return False
+        return True
+
+    await wait_until_async(serving, f"lockd in {daemon.root} serving", interval=0.05)
+
+
+class Queued:
+    """An `on_queued` callback that keeps what it is told; `first` waits for its first call."""
+
+    def __init__(self) -> None:
+        self.told: list[list[Holder]] = []
+        self.called = trio.Event()
+
+    def __call__(self, holders: list[Holder]) -> None:
+        self.told.append(holders)
+        self.called.set()
+
+    async def first(self) -> list[Holder]:
+        await self.called.wait()
+        return self.told[0]
 
 
 def lockctl(daemon: Daemon, *args: str) -> subprocess.Popen[bytes]:
@@ -120,8 +140,13 @@ def command_pid(parent: int, argv0: bytes) -> int | None:
     return None
 
 
-async def holder_pids(client: Client, name: str) -> list[int | None]:
-    return [h.pid for info in await client.status(name) for h in info.holders]
+async def until_holding(client: Client, name: str, pid: int) -> None:
+    """Return once `client`'s daemon shows process `pid` holding `name`."""
+
+    async def holding() -> bool:
+        return pid in [h.pid for info in await client.status(name) for h in info.holders]
+
+    await wait_until_async(holding, f"pid {pid} holding {name}", interval=0.02)
 
 
 async def seconds_to_grant(
@@ -150,8 +175,7 @@ async def test_killed_client_frees_the_lock_for_a_waiter_on_the_other_host(
     try:
         with trio.fail_after(WAIT):
             async with connect(a.socket) as on_a, connect(b.socket) as on_b:
-                while holder.pid not in await holder_pids(on_a, "site.com"):
-                    await trio.sleep(0.02)
+                await until_holding(on_a, "site.com", holder.pid)
                 # B sees the holder on the other host, with its command line.
                 (info,) = await on_b.status("site.com")
                 (remote,) = info.holders
@@ -172,13 +196,11 @@ async def test_killed_daemon_frees_its_locks_within_the_ttl_after_its_commands_s
     try:
         with trio.fail_after(WAIT):
             async with connect(a.socket) as on_a:
-                while holder.pid not in await holder_pids(on_a, "site.com"):
-                    await trio.sleep(0.02)
+                await until_holding(on_a, "site.com", holder.pid)
             exited: list[float] = []
 
             async def watch_holder() -> None:
-                while holder.poll() is None:
-                    await trio.sleep(0.005)
+                await trio.to_thread.run_sync(holder.wait, abandon_on_cancel=True)
                 exited.append(trio.current_time())
 
             killed: list[float] = []
@@ -210,18 +232,16 @@ async def test_lockctl_stops_its_command_when_etcd_goes_away(
             await until_serving(a)
             holder = lockctl(a, "acquire", "site.com", "--", "sleep", "60")
             async with connect(a.socket) as on_a:
-                while holder.pid not in await holder_pids(on_a, "site.com"):
-                    await trio.sleep(0.02)
-            while (command := command_pid(holder.pid, b"sleep\0")) is None:
-                await trio.sleep(0.02)
+                await until_holding(on_a, "site.com", holder.pid)
+            command = await wait_until_async(lambda: command_pid(holder.pid, b"sleep\0"), "CMD started", interval=0.02)
             etcd.members[0].kill()
             killed = trio.current_time()
             status = await trio.to_thread.run_sync(holder.wait)
             # Lost (79) before the lease could expire in etcd: within 2/3 TTL of the last
             # keep-alive, which was at most TTL/3 before the kill.
-            assert status == 79, (a.root / "lockctl.err").read_text()
+            assert status == 79, await trio.Path(a.root / "lockctl.err").read_text()
             assert trio.current_time() - killed < TTL
-            assert not Path(f"/proc/{command}").exists(), "CMD outlived its lease"
+            assert not await trio.Path(f"/proc/{command}").exists(), "CMD outlived its lease"
     finally:
         a.kill()
         if holder is not None:
@@ -259,14 +279,16 @@ async def test_starts_without_etcd_and_serves_once_it_appears(short_tmp: Path, p
         a.start()
         argv = [*LOCKCTL, "acquire", "x", "--", "true"]
         with trio.fail_after(WAIT):
-            # Refused at once, and once lockd has tried etcd, saying what it found.
-            while True:
+
+            async def refused_saying_why() -> bool:
                 refused = await trio.to_thread.run_sync(
                     lambda: subprocess.run(argv, env=a.env, capture_output=True, timeout=WAIT)
                 )
                 assert refused.returncode == 69, refused.stderr
-                if b"etcd at " in refused.stderr and b" is unreachable" in refused.stderr:
-                    break
+                return b"etcd at " in refused.stderr and b" is unreachable" in refused.stderr
+
+            # Refused at once, and once lockd has tried etcd, saying what it found.
+            await wait_until_async(refused_saying_why, "lockctl told that etcd is unreachable")
         await trio.to_thread.run_sync(cluster.start)
         with trio.fail_after(WAIT):
             await until_serving(a)
@@ -287,15 +309,16 @@ async def test_queue_events_and_status_reach_across_hosts(
             assert told == []  # free: nobody to wait for, so no Queued event
             # B lists a lock that only A's clients hold, without being asked for it by name.
             assert "only-on-a" in [info.name for info in await on_b.status()]
-            waited: list[list[object]] = []
+            waited = Queued()
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(functools.partial(waiter.acquire, "only-on-a", on_queued=waited.append))
-                while not waited:
-                    await trio.sleep(0.02)
-                (holder,) = waited[0]
+                nursery.start_soon(functools.partial(waiter.acquire, "only-on-a", on_queued=waited))
+                (holder,) = await waited.first()
                 assert holder.pid == os.getpid()  # B's waiter is told who holds it on A
-                while not [i for i in await on_a.status("only-on-a") if i.waiters]:
-                    await trio.sleep(0.02)  # and A's status shows B's waiter
+
+                async def a_shows_a_waiter() -> bool:
+                    return any(info.waiters for info in await on_a.status("only-on-a"))
+
+                await wait_until_async(a_shows_a_waiter, "A's status showing B's waiter", interval=0.02)
                 await lease.release()
 
 
@@ -308,10 +331,9 @@ async def test_a_timeout_names_the_holder_not_a_request_waiting_ahead(
                     connect(c.socket, label="late") as on_c:
                 await on_a.acquire("x")
                 async with trio.open_nursery() as nursery:
-                    waiting: list[object] = []
-                    nursery.start_soon(functools.partial(on_b.acquire, "x", on_queued=waiting.append))
-                    while not waiting:
-                        await trio.sleep(0.02)
+                    waiting = Queued()
+                    nursery.start_soon(functools.partial(on_b.acquire, "x", on_queued=waiting))
+                    await waiting.first()
                     told: list[list[Holder]] = []
                     with pytest.raises(LockTimeout) as timed_out:
                         await on_c.acquire("x", timeout=0.5, on_queued=told.append)
@@ -351,20 +373,19 @@ async def test_cluster_losing_a_follower_then_the_leader_never_has_two_holders(
     async def contend(daemon: Daemon) -> None:
         """lockctl runs HOLD under the lock, again and again, whatever etcd is going through."""
         env = {**daemon.env, "HOST": daemon.root.name, "LEDGER": str(ledger)}
-        while True:
-            with open(daemon.root / "lockctl.err", "ab") as err:
+        async with await trio.open_file(daemon.root / "lockctl.err", "ab") as err:
+            while True:
                 done = await trio.run_process(
                     [*LOCKCTL, "acquire", "site.com", "-c", HOLD],
-                    env=env, check=False, stdout=subprocess.DEVNULL, stderr=err,
+                    env=env, check=False, stdout=subprocess.DEVNULL, stderr=err.wrapped,
                 )
-            statuses.append(done.returncode)
-            if done.returncode:
-                await trio.sleep(0.05)  # 69 while etcd has no quorum, 79 if a lease was lost
+                statuses.append(done.returncode)
+                if done.returncode:
+                    await trio.sleep(0.05)  # 69 while etcd has no quorum, 79 if a lease was lost
 
     async def progress(count: int) -> None:
         target = len(holds(ledger)) + count
-        while len(holds(ledger)) < target:
-            await trio.sleep(0.05)
+        await wait_until_async(lambda: len(holds(ledger)) >= target, f"{count} more holds", interval=0.05)
 
     try:
         for daemon in daemons:

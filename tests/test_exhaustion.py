@@ -25,6 +25,7 @@ from .flock_tools import outside_flock
 from .rawclient import RawClient
 from .test_fuzz import daemon_fds, internal_errors
 from .test_security import NOBODY, Actor
+from .waiting import wait_until
 
 TIMEOUT = 10.0
 #: What "promptly" means on a loaded 2-core CI box: far above a normal round trip (~1 ms).
@@ -59,8 +60,8 @@ def refused_hello(path: str, *, say_hello: bool = True) -> Error:
 def admitted(path: str) -> RawClient:
     """A client welcomed by a daemon at its connection limit once earlier connections (the
     start-up probe) are gone."""
-    deadline = time.monotonic() + TIMEOUT
-    while True:
+
+    def welcomed() -> RawClient | None:
         c = RawClient(path, hello=False)
         try:
             c.send(Hello(protocol.PROTOCOL_VERSION, label="test"))
@@ -69,8 +70,9 @@ def admitted(path: str) -> RawClient:
         except (EOFError, OSError):
             pass  # refused: the error may be lost to a reset (see the xfail test below)
         c.close()
-        assert time.monotonic() < deadline, "never admitted"
-        time.sleep(0.02)
+        return None
+
+    return wait_until(welcomed, "admitted", interval=0.02)
 
 
 def served_promptly(daemon: Daemon, name: str = "probe") -> None:
@@ -83,13 +85,6 @@ def served_promptly(daemon: Daemon, name: str = "probe") -> None:
         reply = c.request(Status(2, [name]))
         assert isinstance(reply, protocol.StatusReply) and reply.locks == [], reply
     assert time.monotonic() - started < PROMPT
-
-
-def wait_until(predicate, what: str, timeout: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"{what}: not reached in {timeout} s"
-        time.sleep(0.02)
 
 
 def rss_kib(daemon: Daemon) -> int:
@@ -473,13 +468,13 @@ def test_process_tied_leases_count_against_their_user_after_the_connection_close
             assert isinstance(over, Error) and "limits.max_leases_per_uid" in over.message, over
         sleeper.kill()
         sleeper.wait(TIMEOUT)
-        deadline = time.monotonic() + TIMEOUT
-        while True:  # once the process is gone, so are its leases and their count
+
+        def granted() -> bool:
             with RawClient(d.socket) as third:
-                if isinstance(third.acquire("t4"), Granted):
-                    break
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+                return isinstance(third.acquire("t4"), Granted)
+
+        # Once the process is gone, so are its leases and their count.
+        wait_until(granted, "the process's leases no longer counted", interval=0.02)
     finally:
         sleeper.kill()
         sleeper.wait(TIMEOUT)

@@ -81,9 +81,11 @@ def test_a_failed_token_write_releases_the_files(backend: FlockBackend, tokens: 
 async def test_take_waits_for_the_outside_holder_and_follows_its_exit(backend: FlockBackend, lock_dir: Path) -> None:
     t = claim("a", "b")
     got: list[list[int]] = []
+    taken = trio.Event()
 
     async def take() -> None:
         got.append(await backend.take(t, ignore_blocked))
+        taken.set()
 
     with trio.fail_after(10), outside_flock(lock_dir / "b.lock") as proc:
         async with trio.open_nursery() as nursery:
@@ -94,8 +96,7 @@ async def test_take_waits_for_the_outside_holder_and_follows_its_exit(backend: F
             assert can_flock(lock_dir / "a.lock")  # nothing half-held while waiting
             kill(proc)
             with trio.fail_after(2):  # ~one poll interval is expected; this is generous
-                while not got:
-                    await trio.sleep(0.001)
+                await taken.wait()
             nursery.cancel_scope.cancel()
     assert len(got[0]) == 2
     assert not can_flock(lock_dir / "a.lock") and not can_flock(lock_dir / "b.lock")
@@ -117,10 +118,13 @@ async def test_many_takes_waiting_on_one_name_cost_one_attempt_per_retry(
     monkeypatch.setattr(LockFiles, "try_lock", counted)
     readers = [claim("a", shared=True) for _ in range(200)]
     granted: list[Claim] = []
+    all_granted = trio.Event()
 
     async def take(t: Claim) -> None:
         await backend.take(t, ignore_blocked)
         granted.append(t)
+        if len(granted) == len(readers):
+            all_granted.set()
 
     with trio.fail_after(10), outside_flock(lock_dir / "a.lock") as proc:
         async with trio.open_nursery() as nursery:
@@ -131,8 +135,7 @@ async def test_many_takes_waiting_on_one_name_cost_one_attempt_per_retry(
             # Each take tried once on its own; then retries of the one name, a few per 0.1 s.
             assert not granted and attempts < len(readers) + 30, attempts
             kill(proc)
-            while len(granted) < len(readers):
-                await trio.sleep(0.01)
+            await all_granted.wait()
             nursery.cancel_scope.cancel()
     assert not can_flock(lock_dir / "a.lock", shared=False)
     for t in readers:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import subprocess
 
 import msgspec
 import pytest
@@ -25,6 +24,7 @@ from lockd_client.protocol import (
 
 from .conftest import Daemon
 from .rawclient import RawClient
+from .waiting import wait_until_async
 
 # --- the decoders and framing ---------------------------------------------------------------
 
@@ -210,7 +210,7 @@ async def fuzz_connection(path: str, rng: random.Random, sleeper: int, counts: d
                 await stream.send_all(out[:cut])
                 del out[:cut]
                 if rng.random() < 0.1:
-                    await trio.sleep(0)
+                    await trio.lowlevel.checkpoint()
             with trio.move_on_after(rng.choice([0.0, 0.2, 0.5])):
                 while await stream.receive_some(65536):
                     counts["replies_read"] += 1
@@ -221,15 +221,6 @@ async def fuzz_connection(path: str, rng: random.Random, sleeper: int, counts: d
 def daemon_fds(daemon: Daemon) -> int:
     assert daemon.proc is not None
     return len(os.listdir(f"/proc/{daemon.proc.pid}/fd"))
-
-
-async def wait_for(predicate, what: str, state, timeout: float = 10.0) -> None:
-    """Wait until `predicate()` holds; else fail showing `state()`."""
-    with trio.move_on_after(timeout):
-        while not predicate():
-            await trio.sleep(0.02)
-        return
-    raise AssertionError(f"{what}: not reached in {timeout} s; now {state()}")
 
 
 def fd_targets(daemon: Daemon) -> list[str]:
@@ -251,7 +242,7 @@ async def test_live_daemon_survives_fuzzing_from_many_connections(daemon: Daemon
     baseline = daemon_fds(daemon)
     baseline_targets = fd_targets(daemon)
     counts = dict.fromkeys(["frames", "replies_read", "cut_off", "refused"], 0)
-    sleeper = subprocess.Popen(["sleep", "2"])
+    sleeper = await trio.lowlevel.open_process(["sleep", "2"])
     with trio.fail_after(60):
         for wave in range(2):
             async with trio.open_nursery() as nursery:
@@ -259,19 +250,23 @@ async def test_live_daemon_survives_fuzzing_from_many_connections(daemon: Daemon
                     rng = random.Random(wave * 1000 + n)
                     nursery.start_soon(fuzz_connection, daemon.socket, rng, sleeper.pid, counts)
         print(f"fuzz: {counts['frames']} frames over {2 * CONNECTIONS} connections; {counts}")
-        sleeper.wait(10)
+        await sleeper.wait()
 
         assert daemon.proc.poll() is None and daemon.proc.pid == pid
-        await wait_for(lambda: not leases(daemon), "every fuzzing connection's leases ended", lambda: leases(daemon))
-        await wait_for(lambda: daemon_fds(daemon) <= baseline, f"descriptors back to {baseline_targets}",
-                       lambda: fd_targets(daemon))
-    with trio.fail_after(5):
-        with RawClient(daemon.socket) as c:
-            granted = c.acquire("f1")
-            assert isinstance(granted, protocol.Granted), granted
-            c.send(Release(1))
-            reply = c.request(Status(2))
-        assert isinstance(reply, protocol.StatusReply) and reply.locks == []
+        await wait_until_async(
+            lambda: not leases(daemon), "every fuzzing connection's leases ended", interval=0.02,
+            show=lambda: leases(daemon),
+        )
+        await wait_until_async(
+            lambda: daemon_fds(daemon) <= baseline, f"descriptors back to {baseline_targets}", interval=0.02,
+            show=lambda: fd_targets(daemon),
+        )
+    with RawClient(daemon.socket, timeout=5) as c:
+        granted = c.acquire("f1")
+        assert isinstance(granted, protocol.Granted), granted
+        c.send(Release(1))
+        reply = c.request(Status(2))
+    assert isinstance(reply, protocol.StatusReply) and reply.locks == []
     assert counts["refused"] == 0
     problems = internal_errors(daemon)
     assert not problems, "the daemon logged internal errors:\n" + "\n".join(problems)
@@ -286,7 +281,7 @@ def internal_errors(daemon: Daemon) -> list[str]:
             end = i + 1
             while end < len(lines) and lines[end].startswith(" "):
                 end += 1
-            frames = [l for l in lines[i:end] if l.strip().startswith("File ")]
+            frames = [frame for frame in lines[i:end] if frame.strip().startswith("File ")]
             function = frames[-1].rsplit(" in ", 1)[-1] if frames else "?"
             error = lines[end].split(":")[0] if end < len(lines) else "?"
             found[f"{error} in {function}"] = None

@@ -23,6 +23,7 @@ from lockd_client import _keeper, cli
 from .conftest import Daemon
 from .test_cli import LOCKCTL, LOCKCTL_SH, finish, kill_quietly, lockctl, start_lockctl, status
 from .test_cli_supervise import TIMEOUT, alive, wait_for_file
+from .waiting import wait_until
 
 #: A CMD that takes a while to clean up when told to stop, as backups and restores do.
 SLOW_CLEANUP = "trap 'echo term >> {ledger}; sleep 1; echo end >> {ledger}; exit 7' TERM; echo start >> {ledger}; {rest}"
@@ -68,13 +69,6 @@ def assert_no_overlap(ledger: Path) -> None:
             assert running == 0, f"the lock was free while work ran: {lines(ledger)[: i + 1]}"
 
 
-def wait_for(predicate, what: str) -> None:
-    deadline = time.monotonic() + TIMEOUT
-    while not predicate():
-        assert time.monotonic() < deadline, f"never happened: {what}"
-        time.sleep(0.01)
-
-
 @pytest.fixture
 def ledger(tmp_path: Path) -> Path:
     return tmp_path / "ledger"
@@ -90,7 +84,7 @@ def test_cmd_runs_on_under_the_lock_when_lockd_stops(daemon: Daemon, ledger: Pat
     cmd = slow_cmd(ledger, f"while [ ! -e {done} ]; do sleep 0.05; done; echo end >> {ledger}")
     proc = start_lockctl(daemon, "acquire", "y", "-c", cmd)
     try:
-        wait_for(lambda: "start" in lines(ledger), "CMD started")
+        wait_until(lambda: "start" in lines(ledger), "CMD started")
         with Prober(daemon.lock_dir / "y.lock", ledger):
             if how == "SIGKILL":
                 daemon.kill()
@@ -102,7 +96,7 @@ def test_cmd_runs_on_under_the_lock_when_lockd_stops(daemon: Daemon, ledger: Pat
             assert "term" not in lines(ledger)
             done.touch()
             code, err = finish(proc)
-            wait_for(lambda: "probe" in lines(ledger), "the lock freed once CMD exited")
+            wait_until(lambda: "probe" in lines(ledger), "the lock freed once CMD exited")
     finally:
         kill_quietly(proc)
     assert code == 0
@@ -116,7 +110,7 @@ def test_a_restarted_lockd_sees_the_running_cmd_as_the_holder(daemon: Daemon, le
     first = start_lockctl(daemon, "acquire", "y", "-c", cmd)
     second = None
     try:
-        wait_for(lambda: "start" in lines(ledger), "first CMD started")
+        wait_until(lambda: "start" in lines(ledger), "first CMD started")
         daemon.restart()
         busy = lockctl(daemon, "acquire", "-n", "y", "--", "true")
         assert busy.returncode == cli.EXIT_BUSY
@@ -139,9 +133,9 @@ def test_a_forced_release_hands_the_lock_on_only_once_the_holders_cmd_is_gone(da
     holder = start_lockctl(daemon, "acquire", "y", "-c", slow_cmd(ledger))
     waiter = None
     try:
-        wait_for(lambda: "start" in lines(ledger), "holder's CMD started")
+        wait_until(lambda: "start" in lines(ledger), "holder's CMD started")
         waiter = start_lockctl(daemon, "acquire", "y", "-c", f"echo start >> {ledger}; echo end >> {ledger}")
-        wait_for(lambda: status(daemon, "y")["y"]["waiters"], "waiter queued")
+        wait_until(lambda: status(daemon, "y")["y"]["waiters"], "waiter queued")
         with Prober(daemon.lock_dir / "y.lock", ledger):
             forced = lockctl(daemon, "release", "--force", "y")
             assert forced.returncode == 0, forced.stderr
@@ -162,7 +156,7 @@ def test_a_holder_that_never_lets_go_loses_the_lock_after_the_break_grace(short_
         stderr=subprocess.PIPE, text=True,
     )
     try:
-        wait_for(lambda: status(daemon, "y").get("y", {}).get("holders"), "held")
+        wait_until(lambda: status(daemon, "y").get("y", {}).get("holders"), "held")
         holder.send_signal(signal.SIGSTOP)  # it cannot stop its CMD: a stuck holder
         started = time.monotonic()
         assert lockctl(daemon, "release", "--force", "y").returncode == 0
@@ -199,7 +193,7 @@ def script_shell(daemon: Daemon, tmp_path: Path) -> Iterator[tuple[subprocess.Po
     )
     shell = subprocess.Popen(["sh", "-c", script], env=daemon.env)
     try:
-        wait_for(lambda: "start" in lines(tmp_path / "ledger"), "script started its work")
+        wait_until(lambda: "start" in lines(tmp_path / "ledger"), "script started its work")
         yield shell, go
     finally:
         shell.kill()
@@ -216,7 +210,7 @@ def test_a_process_tied_lease_survives_a_restart_and_ends_with_its_process(daemo
         assert "lockd-keeper" in busy.stderr
         go.touch()
         assert shell.wait(TIMEOUT) == 0
-        wait_for(lambda: "probe" in lines(ledger), "the lock freed once the script exited")
+        wait_until(lambda: "probe" in lines(ledger), "the lock freed once the script exited")
     assert_no_overlap(ledger)
 
 
@@ -225,12 +219,12 @@ def test_a_keeper_killed_while_lockd_runs_leaves_the_lease_to_lockd(daemon, scri
     [keeper] = _keeper._keepers_of(shell.pid)
     with Prober(daemon.lock_dir / "y.lock", ledger):
         os.kill(keeper, signal.SIGTERM)
-        wait_for(lambda: not alive(keeper), "the keeper gone")
+        wait_until(lambda: not alive(keeper), "the keeper gone")
         time.sleep(0.3)
         assert status(daemon, "y")["y"]["holders"][0]["pid"] == shell.pid
         go.touch()
         assert shell.wait(TIMEOUT) == 0
-        wait_for(lambda: "probe" in lines(ledger), "the lock freed once the script exited")
+        wait_until(lambda: "probe" in lines(ledger), "the lock freed once the script exited")
     assert_no_overlap(ledger)
 
 
@@ -263,12 +257,12 @@ def test_the_keeper_does_not_hold_up_a_caller_reading_lockctls_output(daemon: Da
 def test_sigkill_of_lockctl_after_lockd_died_still_ends_cmd_before_the_lock_is_free(daemon, ledger) -> None:
     proc = start_lockctl(daemon, "acquire", "y", "--kill-after", "5", "-c", slow_cmd(ledger))
     try:
-        wait_for(lambda: "start" in lines(ledger), "CMD started")
+        wait_until(lambda: "start" in lines(ledger), "CMD started")
         daemon.kill()
         time.sleep(0.3)
         with Prober(daemon.lock_dir / "y.lock", ledger):
             proc.kill()  # the guardian terminates CMD, which cleans up for a second
-            wait_for(lambda: "probe" in lines(ledger), "the lock freed once CMD was gone")
+            wait_until(lambda: "probe" in lines(ledger), "the lock freed once CMD was gone")
     finally:
         kill_quietly(proc)
     assert lines(ledger)[:3] == ["start", "term", "end"]
@@ -277,10 +271,10 @@ def test_sigkill_of_lockctl_after_lockd_died_still_ends_cmd_before_the_lock_is_f
 
 def test_a_waiting_lockctl_whose_lockd_dies_never_runs_cmd(daemon: Daemon, tmp_path: Path, ledger) -> None:
     holder = start_lockctl(daemon, "acquire", "y", "-c", slow_cmd(ledger))
-    wait_for(lambda: "start" in lines(ledger), "holder's CMD started")
+    wait_until(lambda: "start" in lines(ledger), "holder's CMD started")
     waiter = start_lockctl(daemon, "acquire", "y", "--", "touch", str(tmp_path / "ran"))
     try:
-        wait_for(lambda: status(daemon, "y")["y"]["waiters"], "waiter queued")
+        wait_until(lambda: status(daemon, "y")["y"]["waiters"], "waiter queued")
         daemon.proc.send_signal(signal.SIGTERM)
         code, err = finish(waiter)
         assert code == cli.EXIT_UNAVAILABLE, err

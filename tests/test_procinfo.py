@@ -6,7 +6,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,13 +13,12 @@ import pytest
 
 from lockd import procinfo
 
+from .waiting import wait_until
+
 
 def _started(proc: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
     """`proc` once its new program's arguments are in place (Popen can return just before)."""
-    deadline = time.monotonic() + 10
-    while not procinfo.command_line(proc.pid):
-        assert time.monotonic() < deadline, "the child never showed its arguments"
-        time.sleep(0.001)
+    wait_until(lambda: procinfo.command_line(proc.pid), "the child showed its arguments", interval=0.001)
     return proc
 
 

@@ -13,7 +13,6 @@ import socket
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from lockd_client.protocol import Acquire, Error, ForceRelease, Granted, Release
 from .conftest import Daemon
 from .rawclient import RawClient
 from .test_fuzz import internal_errors
+from .waiting import wait_until
 
 NOBODY = 65534
 TIMEOUT = 10.0
@@ -296,11 +296,15 @@ def test_policy_reload_applies_to_new_requests(policy_daemon: Daemon, nobody: Ac
     assert policy_daemon.proc is not None
     policy_daemon.proc.send_signal(signal.SIGHUP)
     nobody.connect("c", policy_daemon.socket)
-    deadline = time.monotonic() + TIMEOUT
-    while isinstance(reply := nobody.do("c", "request", Acquire(1, ["web"], timeout=0)), Granted):
-        nobody.do("c", "send", Release(1))
-        assert time.monotonic() < deadline, "the reloaded policy never applied"
-        time.sleep(0.05)
+
+    def refused() -> object:
+        reply = nobody.do("c", "request", Acquire(1, ["web"], timeout=0))
+        if isinstance(reply, Granted):
+            nobody.do("c", "send", Release(1))
+            return None
+        return reply
+
+    reply = wait_until(refused, "the reloaded policy applied", interval=0.05)
     assert isinstance(reply, Error) and 'rule 1 (names "web")' in reply.message
     assert isinstance(nobody.do("c", "request", Acquire(2, ["backup-db"])), Granted)  # old rules gone
 

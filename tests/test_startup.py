@@ -7,12 +7,12 @@ import os
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from .conftest import Daemon
+from .waiting import wait_until
 
 TIMEOUT = 30.0
 
@@ -94,10 +94,12 @@ def test_a_private_runtime_dir_someone_else_made_is_refused_and_ours_is_made_pri
     proc = as_nobody_with_default_paths(short_tmp)
     try:
         sock = short_tmp / "run" / "lockd" / "lockd.sock"
-        deadline = time.monotonic() + TIMEOUT
-        while not sock.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
-            time.sleep(0.02)
+
+        def bound() -> bool:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            return sock.exists()
+
+        wait_until(bound, "the socket bound", TIMEOUT, interval=0.02)
         st = (short_tmp / "run" / "lockd").stat()
         assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (NOBODY, 0o700)
     finally:

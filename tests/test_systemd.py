@@ -29,6 +29,7 @@ from lockd.systemd import Notifier, listen_fds, watchdog_interval, watchdog_loop
 from lockd_client import protocol
 
 from .rawclient import RawClient
+from .waiting import wait_until
 
 TIMEOUT = 10.0
 REPO = Path(__file__).resolve().parent.parent
@@ -83,11 +84,11 @@ def activate(short_tmp: Path, code: str, *listen: str, extra: tuple[str, ...] = 
 
 
 def wait_for_path(path: Path, proc: subprocess.Popen) -> None:  # type: ignore[type-arg]
-    deadline = time.monotonic() + TIMEOUT
-    while not path.exists():
+    def there() -> bool:
         assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.01)
+        return path.exists()
+
+    wait_until(there, f"{path} appeared")
 
 
 def test_inherited_sockets_are_returned_in_order_and_made_cloexec(short_tmp: Path) -> None:
