@@ -1,19 +1,22 @@
-"""Shared fixtures: real lockd daemons on temporary sockets."""
+"""Shared fixtures: real lockd daemons on temporary sockets, and real etcd clusters."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from .etcd_cluster import EtcdCluster
 from .waiting import wait_until
 
 STARTUP_TIMEOUT = 10.0
@@ -101,3 +104,56 @@ def daemon(short_tmp: Path) -> Iterator[Daemon]:
     yield d
     if d.proc is not None and d.proc.poll() is None:
         d.kill()
+
+
+@pytest.fixture(scope="module")
+def lockd() -> Iterator[Daemon]:
+    """One daemon for the tests of a module that leave it running; each uses its own `name`."""
+    root = Path(tempfile.mkdtemp(prefix="lockd-"))
+    shared = Daemon(root)
+    shared.start()
+    yield shared
+    shared.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def name(request: pytest.FixtureRequest) -> str:
+    """A lock name no other test uses."""
+    return re.sub(r"[^A-Za-z0-9._-]", "-", request.node.name)
+
+
+# --- etcd (tests/etcd_cluster.py) -------------------------------------------------------------
+
+
+def _cluster(size: int) -> Iterator[EtcdCluster]:
+    cluster = EtcdCluster(size)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture
+def etcd() -> Iterator[EtcdCluster]:
+    """A fresh single-member etcd, for tests that kill or stop it."""
+    yield from _cluster(1)
+
+
+@pytest.fixture(scope="module")
+def shared_etcd() -> Iterator[EtcdCluster]:
+    """One single-member etcd for a whole module; tests keep apart by key prefix."""
+    yield from _cluster(1)
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A key prefix of the test's own, so tests can share one etcd."""
+    return f"/lockd-test/{uuid.uuid4().hex}/"
+
+
+@pytest.fixture
+def etcd3() -> Iterator[EtcdCluster]:
+    """A fresh three-member cluster."""
+    yield from _cluster(3)

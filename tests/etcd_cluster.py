@@ -3,7 +3,8 @@ three, and a relay that cuts one daemon off from etcd like a network partition.
 
 Invariant: every member listens on 127.0.0.1 only, on ports that were free when the cluster
 started, with its data in a private temporary directory; `close()` (the fixtures call it)
-kills every process the cluster started and removes its directories.
+kills every process the cluster started and removes its directories. The fixtures that
+start clusters are in conftest.py.
 """
 
 from __future__ import annotations
@@ -19,8 +20,7 @@ import ssl
 import subprocess
 import tempfile
 import urllib.request
-import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -267,39 +267,6 @@ class EtcdCluster:
         for member in self.members:
             member.kill()
         shutil.rmtree(self.root, ignore_errors=True)
-
-
-def _cluster(size: int) -> Iterator[EtcdCluster]:
-    cluster = EtcdCluster(size)
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.close()
-
-
-@pytest.fixture
-def etcd() -> Iterator[EtcdCluster]:
-    """A fresh single-member etcd, for tests that kill or stop it."""
-    yield from _cluster(1)
-
-
-@pytest.fixture(scope="module")
-def shared_etcd() -> Iterator[EtcdCluster]:
-    """One single-member etcd for a whole module; tests keep apart by key prefix."""
-    yield from _cluster(1)
-
-
-@pytest.fixture
-def prefix() -> str:
-    """A key prefix of the test's own, so tests can share one etcd."""
-    return f"/lockd-test/{uuid.uuid4().hex}/"
-
-
-@pytest.fixture
-def etcd3() -> Iterator[EtcdCluster]:
-    """A fresh three-member cluster."""
-    yield from _cluster(3)
 
 
 async def entries_under(endpoints: list[str], prefix: str) -> list[KeyValue]:

@@ -5,14 +5,11 @@ from __future__ import annotations
 import json
 import os
 import pty
-import re
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,23 +22,6 @@ from .waiting import wait_until
 
 LOCKCTL = [sys.executable, "-m", "lockd_client.cli"]
 LOCKCTL_SH = " ".join(LOCKCTL)  # for command lines run by sh
-
-
-@pytest.fixture(scope="module")
-def lockd() -> Iterator[Daemon]:
-    """One daemon for the tests of this module that leave it running; each uses its own `name`."""
-    root = Path(tempfile.mkdtemp(prefix="lockd-"))
-    shared = Daemon(root)
-    shared.start()
-    yield shared
-    shared.stop()
-    shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture
-def name(request: pytest.FixtureRequest) -> str:
-    """A lock name no other test uses."""
-    return re.sub(r"[^A-Za-z0-9._-]", "-", request.node.name)
 
 
 def lockctl(daemon, *args: str, **kwargs) -> subprocess.CompletedProcess[str]:

@@ -11,11 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from .test_cli import LOCKCTL_SH, finish, held, kill_quietly, lockctl, lockd, name, start_lockctl, status
+from .test_cli import LOCKCTL_SH, finish, held, kill_quietly, lockctl, start_lockctl, status
 from .test_cli_supervise import read_terminal, wait_for_file, wait_pid
 from .waiting import wait_until
-
-__all__ = ["lockd", "name"]  # fixtures, shared with test_cli
 
 
 class Terminal:

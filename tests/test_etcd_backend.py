@@ -22,10 +22,7 @@ from lockd.etcd_mirror import Change, Mirror
 from lockd.lockfiles import LockFiles
 from lockd.backend import Claim
 from lockd_client.errors import DaemonUnavailable, LimitExceeded, LockdError
-from tests.etcd_cluster import (  # noqa: F401 (fixtures)
-    EtcdCluster, entries_under, etcd, etcd3, keys_under, prefix, relay_to, requires_etcd,
-    shared_etcd, wait_no_keys,
-)
+from tests.etcd_cluster import EtcdCluster, entries_under, keys_under, relay_to, requires_etcd, wait_no_keys
 from tests.flock_tools import outside_flock
 from tests.waiting import wait_until_async
 

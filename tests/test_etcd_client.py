@@ -15,9 +15,7 @@ from lockd.etcd_backend import EtcdBackend
 from lockd.etcd_client import EtcdClient, EtcdError, EtcdUnreachable, WatchCompacted, WatchResponse
 from lockd.lockfiles import LockFiles
 from lockd.backend import Claim
-from tests.etcd_cluster import (  # noqa: F401 (fixtures)
-    EtcdCluster, free_ports, prefix, relay_to, requires_etcd, shared_etcd,
-)
+from tests.etcd_cluster import EtcdCluster, free_ports, relay_to, requires_etcd
 
 pytestmark = requires_etcd
 

@@ -23,9 +23,7 @@ from lockd_client.errors import DaemonUnavailable, LockTimeout
 from lockd_client.protocol import Holder
 from lockd_client.trio_client import Client, connect
 from tests.conftest import Daemon
-from tests.etcd_cluster import (  # noqa: F401 (fixtures)
-    EtcdCluster, etcd, etcd3, prefix, requires_etcd, shared_etcd, wait_keys, wait_no_keys,
-)
+from tests.etcd_cluster import EtcdCluster, requires_etcd, wait_keys
 from tests.waiting import wait_until_async
 
 pytestmark = requires_etcd
