@@ -71,3 +71,15 @@ def kill(proc: subprocess.Popen[bytes]) -> None:
 
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
+
+
+def descriptors_of(path: Path) -> list[int]:
+    """This process's open descriptors of the file `path`."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == str(path):
+                found.append(int(fd))
+        except FileNotFoundError:
+            pass  # the descriptor listdir read through, closed since
+    return found

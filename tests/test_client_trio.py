@@ -13,7 +13,7 @@ import lockd_client
 from lockd_client import trio_client
 
 from .conftest import Daemon
-from .flock_tools import can_flock
+from .flock_tools import can_flock, descriptors_of
 from .waiting import wait_until_async
 
 WAIT = 10.0
@@ -225,12 +225,6 @@ async def test_a_killed_daemon_fails_waiting_requests_and_leaves_leases_held(dae
                 await c.status()
 
 
-def holds_a_copy_of(lock_file: str) -> bool:
-    """Whether this process has a descriptor of a file named `lock_file` open."""
-    fds = os.listdir("/proc/self/fd")
-    return any(os.path.realpath(f"/proc/self/fd/{fd}").endswith(lock_file) for fd in fds)
-
-
 def hung_up(fd: int) -> bool:
     """Whether descriptor `fd` has been pointed at /dev/null, as a forked child's socket is."""
     return os.readlink(f"/proc/self/fd/{fd}") == "/dev/null"
@@ -244,7 +238,8 @@ async def test_a_forked_child_holds_neither_the_lease_nor_the_connection(daemon)
             child = os.fork()
             if child == 0:  # pragma: no cover - runs in the child
                 try:
-                    let_go = lease.lost and not holds_a_copy_of("y.lock") and hung_up(c._raw.fileno())
+                    kept = descriptors_of(daemon.lock_dir / "y.lock")
+                    let_go = lease.lost and not kept and hung_up(c._raw.fileno())
                     os.write(w, b"lost" if let_go else b"kept")
                 finally:
                     os._exit(0)
