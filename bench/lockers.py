@@ -38,7 +38,6 @@ import msgspec
 
 from lockd_client import errors, protocol
 
-
 #: Called with no argument when the daemon says a request waits (lockd only).
 OnQueued = Callable[[], object]
 

@@ -28,7 +28,8 @@ import pytest
 import trio
 
 from lockd.etcd_client import EtcdClient, KeyValue
-from tests.waiting import wait_until, wait_until_async
+
+from .waiting import wait_until, wait_until_async
 
 ETCD = shutil.which("etcd")
 

@@ -22,9 +22,10 @@ from lockd.etcd_mirror import Change, Mirror
 from lockd.lockfiles import LockFiles
 from lockd.backend import Claim
 from lockd_client.errors import DaemonUnavailable, LimitExceeded, LockdError
-from tests.etcd_cluster import EtcdCluster, entries_under, keys_under, relay_to, requires_etcd, wait_no_keys
-from tests.flock_tools import outside_flock
-from tests.waiting import wait_until_async
+
+from .etcd_cluster import EtcdCluster, entries_under, keys_under, relay_to, requires_etcd, wait_no_keys
+from .flock_tools import outside_flock
+from .waiting import wait_until_async
 
 pytestmark = requires_etcd
 

@@ -15,7 +15,8 @@ from lockd.etcd_backend import EtcdBackend
 from lockd.etcd_client import EtcdClient, EtcdError, EtcdUnreachable, WatchCompacted, WatchResponse
 from lockd.lockfiles import LockFiles
 from lockd.backend import Claim
-from tests.etcd_cluster import EtcdCluster, free_ports, relay_to, requires_etcd
+
+from .etcd_cluster import EtcdCluster, free_ports, relay_to, requires_etcd
 
 pytestmark = requires_etcd
 

@@ -22,9 +22,10 @@ import trio
 from lockd_client.errors import DaemonUnavailable, LockTimeout
 from lockd_client.protocol import Holder
 from lockd_client.trio_client import Client, connect
-from tests.conftest import Daemon
-from tests.etcd_cluster import EtcdCluster, requires_etcd, wait_keys
-from tests.waiting import wait_until_async
+
+from .conftest import Daemon
+from .etcd_cluster import EtcdCluster, requires_etcd, wait_keys
+from .waiting import wait_until_async
 
 pytestmark = requires_etcd
 

@@ -18,9 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lockd_client import protocol
-from lockd_client.protocol import (
-    Acquire, ForceRelease, FrameBuffer, FrameTooLarge, Hello, Release, ReleasePid, Status,
-)
+from lockd_client.protocol import Acquire, ForceRelease, FrameBuffer, FrameTooLarge, Hello, Release, ReleasePid, Status
 
 from .conftest import Daemon
 from .rawclient import RawClient
