@@ -17,6 +17,7 @@ import pytest
 from lockd_client import cli
 
 from .conftest import Daemon
+from .flock_tools import can_flock
 from .test_cli_supervise import TIMEOUT, alive, read_terminal, wait_for_file, wait_pid
 from .waiting import wait_until
 
@@ -395,8 +396,7 @@ def test_lock_held_by_flock_is_busy_and_shown_as_outside(lockd, name: str, tmp_p
 
 
 def test_lease_excludes_flock_on_the_same_file(lockd, name: str, holder) -> None:
-    proc = subprocess.run(["flock", "-n", str(lockd.lock_dir / f"{name}.lock"), "true"], timeout=TIMEOUT)
-    assert proc.returncode == 1
+    assert not can_flock(lockd.lock_dir / f"{name}.lock")
 
 
 # --- process-tied leases -------------------------------------------------------------------

@@ -18,6 +18,7 @@ from lockd_client import protocol
 from lockd_client.protocol import Acquire, Error, ForceRelease, Granted, Lost, Release, ReleasePid, Status
 
 from .conftest import Daemon
+from .flock_tools import can_flock
 from .rawclient import RawClient
 from .waiting import wait_until
 
@@ -53,10 +54,6 @@ def status(daemon: Daemon, *names: str) -> list[protocol.LockInfo]:
     return reply.locks
 
 
-def flock_free(path: Path) -> bool:
-    return subprocess.run(["flock", "-n", str(path), "true"], timeout=10).returncode == 0
-
-
 def test_acquire_busy_release(daemon: Daemon) -> None:
     with RawClient(daemon.socket) as a, RawClient(daemon.socket) as b:
         granted = a.acquire("site.com")
@@ -89,9 +86,9 @@ def test_daemon_sigkill_frees_files_and_tokens_continue(daemon: Daemon) -> None:
     c = RawClient(daemon.socket)
     first = c.acquire("a")
     assert isinstance(first, Granted)
-    assert not flock_free(daemon.lock_dir / "a.lock")
+    assert not can_flock(daemon.lock_dir / "a.lock")
     daemon.kill()
-    assert flock_free(daemon.lock_dir / "a.lock")
+    assert can_flock(daemon.lock_dir / "a.lock")
     c.close()
     daemon.start()
     with RawClient(daemon.socket) as c2:
@@ -104,7 +101,7 @@ def test_flock_holder_outside_lockd_blocks_then_hands_over(daemon: Daemon) -> No
     # Its own session, so killing the group kills `sleep`, which inherited the locked fd.
     outside = subprocess.Popen(["flock", str(path), "sleep", "60"], start_new_session=True)
     try:
-        wait_until(lambda: not flock_free(path), "flock(1) took the lock")
+        wait_until(lambda: not can_flock(path), "flock(1) took the lock")
         with RawClient(daemon.socket) as c:
             busy = c.acquire("outside", timeout=0)
             assert isinstance(busy, Error) and busy.code == "busy"
@@ -122,7 +119,7 @@ def test_flock_holder_outside_lockd_blocks_then_hands_over(daemon: Daemon) -> No
             granted = c.recv()
             assert isinstance(granted, Granted), granted
             assert time.monotonic() - started < 2.0
-            assert not flock_free(path)
+            assert not can_flock(path)
     finally:
         os.killpg(outside.pid, signal.SIGKILL)
         outside.wait(10)
@@ -132,10 +129,10 @@ def test_lockd_lease_excludes_flock_users(daemon: Daemon) -> None:
     path = daemon.lock_dir / "shared-file.lock"
     with RawClient(daemon.socket) as c:
         assert isinstance(c.acquire("shared-file"), Granted)
-        assert not flock_free(path)
+        assert not can_flock(path)
         c.send(Release(1))
         c.request(Status(2))  # handled after the release: the file is free now
-        assert flock_free(path)
+        assert can_flock(path)
 
 
 def test_symlink_at_lock_path_is_refused_and_not_followed(daemon: Daemon, short_tmp: Path) -> None:
@@ -258,11 +255,11 @@ def test_sigterm_tells_every_client_and_leaves_the_locks_to_their_holders(daemon
             c.recv()
         assert daemon.proc.wait(10) == 0
         assert not os.path.exists(daemon.socket)
-        assert flock_free(daemon.lock_dir / "x.lock")
-        assert not flock_free(daemon.lock_dir / "y.lock")  # its holder's descriptor keeps it
+        assert can_flock(daemon.lock_dir / "x.lock")
+        assert not can_flock(daemon.lock_dir / "y.lock")  # its holder's descriptor keeps it
         assert not lease.lost and lease.detached
         lease.release()
-        assert flock_free(daemon.lock_dir / "y.lock")
+        assert can_flock(daemon.lock_dir / "y.lock")
 
 
 def test_second_daemon_refuses_a_live_socket_and_replaces_a_stale_one(daemon: Daemon, tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from lockd_client import protocol
 from lockd_client.protocol import Acquire, Error, ForceRelease, Granted, Release, ReleasePid, Status
 
 from .conftest import Daemon
+from .flock_tools import can_flock
 from .rawclient import RawClient
 from .test_fuzz import internal_errors
 from .waiting import wait_until
@@ -140,10 +141,6 @@ def status(daemon: Daemon, *names: str) -> list[protocol.LockInfo]:
     return reply.locks
 
 
-def flock_free(path: Path) -> bool:
-    return subprocess.run(["flock", "-n", str(path), "true"], timeout=TIMEOUT).returncode == 0
-
-
 # --- identity and other users' leases ----------------------------------------------------------
 
 
@@ -180,8 +177,8 @@ def test_another_user_cannot_release_or_break_a_lease(shared_daemon: Daemon, nob
 
             held = {info.name: info.holders[0].uid for info in status(shared_daemon, "precious", "tied")}
             assert held == {"precious": 0, "tied": 0}
-            assert not flock_free(shared_daemon.lock_dir / "precious.lock")
-            assert not flock_free(shared_daemon.lock_dir / "tied.lock")
+            assert not can_flock(shared_daemon.lock_dir / "precious.lock")
+            assert not can_flock(shared_daemon.lock_dir / "tied.lock")
             assert status(shared_daemon, "hijack") == []
             # The owner was told nothing was lost: its next reply is the one it asks for.
             assert isinstance(owner.request(Status(9, ["precious"])), protocol.StatusReply)
@@ -355,7 +352,7 @@ def test_planted_symlink_is_not_followed_in_any_mode(daemon: Daemon, short_tmp: 
             assert "symbolic link" in reply.message
         together = c.acquire("good", "evil", mode=mode)
         assert isinstance(together, Error) and together.code == "bad_lock_file"
-    assert flock_free(daemon.lock_dir / "good.lock")  # all or nothing: good was not kept
+    assert can_flock(daemon.lock_dir / "good.lock")  # all or nothing: good was not kept
     assert status(daemon) == []
     after = victim.stat()
     assert victim.read_text() == "keep me"
