@@ -71,7 +71,9 @@ def test_waiters_per_name_are_capped_on_each_name() -> None:
 
 
 @given(st.integers(0, 10), st.integers(0, 10), st.booleans(), st.integers(0, 5))
-def test_admitted_exactly_when_every_count_is_under_its_limit(requests: int, pending: int, waits: bool, on_name: int) -> None:
+def test_admitted_exactly_when_every_count_is_under_its_limit(
+    requests: int, pending: int, waits: bool, on_name: int
+) -> None:
     admitted = refusal(requests=requests, pending=pending, waits=waits, waiting=lambda n: on_name) is None
     assert admitted == (requests < 5 and (not waits or (pending < 3 and on_name < 2)))
 

@@ -95,7 +95,8 @@ def check(lines: list[str]) -> Verdict:
             verdict.counts["lockd grants" if token != "-" else "flock holds"] += 1
             conflicting = sorted(w for w, s in entry.inside.items() if not (s and shared))
             if conflicting:
-                verdict.violations.append(f"line {number}: {who} took {name} ({mode}) while {', '.join(conflicting)} held it")
+                holders = ", ".join(conflicting)
+                verdict.violations.append(f"line {number}: {who} took {name} ({mode}) while {holders} held it")
             entry.inside[who] = shared
         elif kind == "EXIT":
             who, name = fields
@@ -110,7 +111,8 @@ def check(lines: list[str]) -> Verdict:
             for entry in names.values():
                 entry.inside = {w: s for w, s in entry.inside.items() if w.startswith(("flock", "cmd"))}
                 entry.floor_shared = entry.floor_exclusive
-                verdict.counts["commands running on through a daemon's death"] += sum(w.startswith("cmd") for w in entry.inside)
+                running_on = sum(w.startswith("cmd") for w in entry.inside)
+                verdict.counts["commands running on through a daemon's death"] += running_on
         elif kind == "TERM":
             verdict.violations.append(f"line {number}: {fields[0]} was told to stop its work")
         elif kind == "LOCKCTL":
@@ -219,7 +221,8 @@ def _worker(socket_path: str, log_fd: int, seed: int) -> None:  # pragma: no cov
                         _append(log_fd, f"UNEXPECTED {me} {reply!r}\n")  # repr() escapes newlines
                     continue
                 tag = "S" if mode == "shared" else "X"
-                _append(log_fd, "".join(f"ENTER {me} {n} {t} {tag} {daemon}\n" for n, t in zip(names, reply.tokens)))
+                granted = zip(names, reply.tokens, strict=True)
+                _append(log_fd, "".join(f"ENTER {me} {n} {t} {tag} {daemon}\n" for n, t in granted))
                 time.sleep(rng.uniform(0, 0.02))
                 _append(log_fd, "".join(f"EXIT {me} {n}\n" for n in names))
                 client.send(Release(reply.id))

@@ -130,7 +130,9 @@ def test_sigkill_of_lockctl_terminates_cmd_tree_before_the_lock_is_free(lockd, n
         kill_quietly(proc)
 
 
-def test_sigkill_of_lockctls_whole_job_terminates_cmd_tree_before_the_lock_is_free(lockd, name: str, tmp_path: Path) -> None:
+def test_sigkill_of_lockctls_whole_job_terminates_cmd_tree_before_the_lock_is_free(
+    lockd, name: str, tmp_path: Path
+) -> None:
     """As `kill -9 %1` or `timeout -k` do: the guardian is not part of the job."""
     script = f"echo $$ > {tmp_path}/sh; trap 'sleep 0.5; exit' TERM; while :; do sleep 0.05; done"
     proc = start_lockctl(lockd, "acquire", name, "-c", script, process_group=0)
@@ -270,7 +272,8 @@ def test_conflict_exit_code(lockd, name: str, holder, flags: list[str]) -> None:
 
 def test_waiters_get_the_lock_when_the_holder_is_done_and_only_v_says_so(lockd, name: str, tmp_path: Path) -> None:
     go = tmp_path / "go"
-    first = start_lockctl(lockd, "acquire", name, "-c", f"echo > {tmp_path}/held; while [ ! -e {go} ]; do sleep 0.02; done")
+    until_go = f"while [ ! -e {go} ]; do sleep 0.02; done"
+    first = start_lockctl(lockd, "acquire", name, "-c", f"echo > {tmp_path}/held; {until_go}")
     quiet = verbose = None
     try:
         wait_for_file(tmp_path / "held")
@@ -404,7 +407,10 @@ def test_lease_excludes_flock_on_the_same_file(lockd, name: str, holder) -> None
 
 def test_process_tied_lease_ends_with_the_shell(lockd, name: str, tmp_path: Path) -> None:
     go = tmp_path / "go"
-    script = f"{LOCKCTL_SH} acquire {name} > {tmp_path}/token && echo $$ > {tmp_path}/sh && while [ ! -e {go} ]; do sleep 0.02; done"
+    script = (
+        f"{LOCKCTL_SH} acquire {name} > {tmp_path}/token && echo $$ > {tmp_path}/sh && "
+        f"while [ ! -e {go} ]; do sleep 0.02; done"
+    )
     shell = subprocess.Popen(["sh", "-c", script], env=lockd.env)
     try:
         shell_pid = int(wait_for_file(tmp_path / "sh"))
@@ -506,7 +512,8 @@ def test_plain_status_shows_lock_files_held_outside_lockd(lockd, name: str, tmp_
         [row] = [line for line in shown.stdout.splitlines() if line.startswith(f"{name} ")]
         assert row.split()[:4] == [name, "shared", "(outside", "lockd)"]
         assert f"{name}.other" not in shown.stdout
-        [lock] = [lock for lock in json.loads(lockctl(lockd, "status", "--json").stdout)["locks"] if lock["name"] == name]
+        locks = json.loads(lockctl(lockd, "status", "--json").stdout)["locks"]
+        [lock] = [lock for lock in locks if lock["name"] == name]
         assert lock["holders"][0]["outside"] and lock["holders"][0]["command"].startswith("flock -s ")
     finally:
         os.killpg(outside.pid, signal.SIGKILL)

@@ -48,7 +48,9 @@ def test_defaults() -> None:
     assert args.pid is None
 
 
-@pytest.mark.parametrize(("flags", "shared"), [(["-s"], True), (["-x"], False), (["-s", "-x"], False), (["-x", "--shared"], True)])
+@pytest.mark.parametrize(
+    ("flags", "shared"), [(["-s"], True), (["-x"], False), (["-s", "-x"], False), (["-x", "--shared"], True)]
+)
 def test_mode_flags_last_one_wins_as_in_flock(flags: list[str], shared: bool) -> None:
     assert parse("acquire", *flags, "x", "--", "true").shared is shared
 
@@ -117,7 +119,9 @@ def test_usage_errors(argv: list[str]) -> None:
         cli.parse_args(argv)
 
 
-@pytest.mark.parametrize("argv", [["acquire", "{}", "--", "true"], ["acquire", "{}"], ["release", "{}"], ["status", "ok", "{}"]])
+@pytest.mark.parametrize(
+    "argv", [["acquire", "{}", "--", "true"], ["acquire", "{}"], ["release", "{}"], ["status", "ok", "{}"]]
+)
 @pytest.mark.parametrize("bad", ["", "../etc", ".hidden", "-n", "a/b", "a b", "x" * 251])
 def test_invalid_names_state_the_rule(argv: list[str], bad: str) -> None:
     with pytest.raises(cli.UsageError) as info:
@@ -217,7 +221,9 @@ LOCKS = [
         waiters=[holder(pid=11, command="lockctl acquire -s site.com", mode="shared", token=None, since=1090.0)],
     ),
     protocol.LockInfo(name="db", mode=None, holders=[], waiters=[holder(pid=12, token=None)]),
-    protocol.LockInfo(name="cron", mode="exclusive", holders=[holder(pid=13, outside=True, token=None, since=0.0)], waiters=[]),
+    protocol.LockInfo(
+        name="cron", mode="exclusive", holders=[holder(pid=13, outside=True, token=None, since=0.0)], waiters=[]
+    ),
 ]
 
 

@@ -140,7 +140,9 @@ def test_missing_command_is_an_oserror_and_never_runs() -> None:
     assert (status, err.split()) == (127, ["OSERROR", "2"])
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2])
+@pytest.mark.parametrize(
+    "sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2]
+)
 def test_signals_are_forwarded_and_the_lease_kept_until_cmd_exits(tmp_path: Path, sig: signal.Signals) -> None:
     got, go = tmp_path / "got", tmp_path / "go"
     # CMD notes the signal, then finishes only when the test says: the supervisor must wait.

@@ -112,7 +112,9 @@ def test_ctrl_z_in_a_script_stops_the_whole_job_at_once(lockd, name: str, termin
     terminal.expect("script-end")
 
 
-def test_fg_of_a_background_lockctl_gives_cmd_the_terminal(lockd, name: str, terminal: Terminal, tmp_path: Path) -> None:
+def test_fg_of_a_background_lockctl_gives_cmd_the_terminal(
+    lockd, name: str, terminal: Terminal, tmp_path: Path
+) -> None:
     """CMD reads the terminal only after `fg`: it must find it its own, not stop."""
     terminal.type(
         f"{LOCKCTL_SH} acquire {name} -- sh -c 'echo > {tmp_path}/ready; sleep 1; read l; echo finished:$l' &\n"

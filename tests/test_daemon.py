@@ -205,7 +205,12 @@ def test_request_before_hello_and_wrong_version_are_refused(daemon: Daemon) -> N
 
 
 def test_shared_holders_and_no_writer_starvation(daemon: Daemon) -> None:
-    with RawClient(daemon.socket) as r1, RawClient(daemon.socket) as r2, RawClient(daemon.socket) as w, RawClient(daemon.socket) as r3:
+    with (
+        RawClient(daemon.socket) as r1,
+        RawClient(daemon.socket) as r2,
+        RawClient(daemon.socket) as w,
+        RawClient(daemon.socket) as r3,
+    ):
         assert isinstance(r1.acquire("cfg", mode="shared"), Granted)
         assert isinstance(r2.acquire("cfg", mode="shared"), Granted)
         w.send(Acquire(1, ["cfg"]))
@@ -446,7 +451,9 @@ done.set()
 
 
 def test_a_thread_id_is_not_a_process(daemon: Daemon) -> None:
-    with subprocess.Popen([sys.executable, "-c", THREAD_SCRIPT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as proc:
+    with subprocess.Popen(
+        [sys.executable, "-c", THREAD_SCRIPT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    ) as proc:
         try:
             assert proc.stdout is not None
             tid = int(proc.stdout.readline())
@@ -495,7 +502,10 @@ def test_a_process_no_lease_is_tied_to_any_more_is_not_watched(daemon: Daemon) -
 def test_nesting_deeper_than_the_decoder_goes_is_malformed(daemon: Daemon) -> None:
     encode = msgspec.msgpack.encode
     # An unknown field is skipped, however deeply it nests.
-    body = b"\x83" + encode("type") + encode("status") + encode("id") + b"\x01" + encode("junk") + b"\x91" * 50_000 + b"\x01"
+    body = (
+        b"\x83" + encode("type") + encode("status") + encode("id") + b"\x01"
+        + encode("junk") + b"\x91" * 50_000 + b"\x01"
+    )
     with RawClient(daemon.socket) as c:
         c.sock.sendall(len(body).to_bytes(4, "big") + body)
         reply = c.recv()

@@ -226,7 +226,8 @@ async def test_shared_holders_together_and_no_barging_past_exclusive(
             assert await still_waiting(writer)
             late_reader = start(nursery, a, ticket("db", shared=True))
             assert await still_waiting(late_reader, 0.1)
-            assert sorted(h.mode for h in (await c.backend.outside_holders_of(["db"])).get("db", [])) == ["shared", "shared"]
+            seen_by_c = (await c.backend.outside_holders_of(["db"])).get("db", [])
+            assert sorted(h.mode for h in seen_by_c) == ["shared", "shared"]
             a.backend.drop(reader_a, unlock=True)
             assert await still_waiting(writer, 0.1)
             b.backend.drop(reader_b, unlock=True)

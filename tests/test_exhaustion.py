@@ -282,7 +282,7 @@ def test_running_out_of_descriptors_gives_clear_errors_and_recovers(short_tmp: P
     assert isinstance(unwatched, Error) and unwatched.code == "limit", unwatched
     assert "raise its open-file limit (LimitNOFILE=)" in unwatched.message
     reply = client.request(Status(50))
-    assert isinstance(reply, protocol.StatusReply) and [l.name for l in reply.locks] == ["first"]
+    assert isinstance(reply, protocol.StatusReply) and [info.name for info in reply.locks] == ["first"]
 
     for s in fillers[:5]:
         s.close()

@@ -69,7 +69,9 @@ async def test_take_now_is_none_while_held_outside(backend: FlockBackend, lock_d
     assert can_flock(lock_dir / "a.lock")
 
 
-def test_a_failed_token_write_releases_the_files(backend: FlockBackend, tokens: TokenStore, tmp_path: Path, lock_dir: Path) -> None:
+def test_a_failed_token_write_releases_the_files(
+    backend: FlockBackend, tokens: TokenStore, tmp_path: Path, lock_dir: Path
+) -> None:
     for _ in range(BLOCK):  # use up the block the store opened with
         tokens.next()
     (tmp_path / "state" / "tokens.tmp").mkdir()  # the next mark cannot be written

@@ -63,7 +63,8 @@ def test_a_flood_of_bad_connections_adds_a_bounded_number_of_log_lines(short_tmp
             daemon.kill()
     added = daemon.log().splitlines()[before:]
     one_by_one = [line for line in added if " cut off: " in line]
-    counted = [int(m[1].replace(",", "")) for line in added if (m := re.search(r"cut off ([\d,]+) more connections", line))]
+    summaries = [re.search(r"cut off ([\d,]+) more connections", line) for line in added]
+    counted = [int(m[1].replace(",", "")) for m in summaries if m]
     assert len(one_by_one) + sum(counted) == FLOOD
     windows = elapsed / WINDOW + 2  # the flood's, each begun or ended
     stopping = 5  # the lines of a daemon shutting down

@@ -26,7 +26,9 @@ from .test_cli_supervise import TIMEOUT, alive, wait_for_file
 from .waiting import wait_until
 
 #: A CMD that takes a while to clean up when told to stop, as backups and restores do.
-SLOW_CLEANUP = "trap 'echo term >> {ledger}; sleep 1; echo end >> {ledger}; exit 7' TERM; echo start >> {ledger}; {rest}"
+SLOW_CLEANUP = (
+    "trap 'echo term >> {ledger}; sleep 1; echo end >> {ledger}; exit 7' TERM; echo start >> {ledger}; {rest}"
+)
 
 
 class Prober:

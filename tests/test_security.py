@@ -244,11 +244,13 @@ def test_policy_refusal_names_the_rule_and_is_logged(policy_daemon: Daemon, nobo
     nobody.connect("c", policy_daemon.socket)
     refused = nobody.do("c", "request", Acquire(1, ["web", "backup-db"]))
     assert isinstance(refused, Error) and refused.code == "permission_denied", refused
-    assert refused.message.startswith('rule 2 (names "backup-*", modes [exclusive]) denies uid 65534 exclusive on backup-db')
+    assert refused.message.startswith(
+        'rule 2 (names "backup-*", modes [exclusive]) denies uid 65534 exclusive on backup-db'
+    )
     assert isinstance(nobody.do("c", "request", Acquire(2, ["backup-db"], mode="shared")), Granted)
     assert isinstance(nobody.do("c", "request", Acquire(3, ["web"])), Granted)  # nothing of 1 was kept
     assert {info.name for info in status(policy_daemon)} == {"backup-db", "web"}
-    [line] = [l for l in policy_daemon.log().splitlines() if "refused uid 65534" in l]
+    [line] = [entry for entry in policy_daemon.log().splitlines() if "refused uid 65534" in entry]
     assert f"pid {nobody.pid}" in line and "exclusive on web, backup-db" in line and "rule 2" in line
     assert line[:4].isdigit()  # when: the line carries its timestamp
 
@@ -358,7 +360,8 @@ def test_planted_symlink_is_not_followed_in_any_mode(daemon: Daemon, short_tmp: 
     assert victim.read_text() == "keep me"
     assert (after.st_mode, after.st_uid, after.st_mtime_ns) == (before.st_mode, before.st_uid, before.st_mtime_ns)
     assert not (short_tmp / "created-through-link").exists()
-    assert sorted(p.name for p in short_tmp.iterdir() if not p.name.startswith("lockd.")) == ["locks", "state", "victim"]
+    left = sorted(p.name for p in short_tmp.iterdir() if not p.name.startswith("lockd."))
+    assert left == ["locks", "state", "victim"]
 
 
 def test_planted_fifo_and_directory_are_refused_without_hanging(daemon: Daemon) -> None:

@@ -106,7 +106,9 @@ async def serving(backend: BuggyBackend, short_tmp: Path) -> AsyncIterator[Clien
 
 
 @pytest.mark.parametrize("name", ["bug-now", "bug-later"])
-async def test_a_bug_taking_a_lock_fails_that_request_only(backend: BuggyBackend, short_tmp: Path, name: str, caplog) -> None:
+async def test_a_bug_taking_a_lock_fails_that_request_only(
+    backend: BuggyBackend, short_tmp: Path, name: str, caplog
+) -> None:
     with trio.fail_after(TIMEOUT):
         async with serving(backend, short_tmp) as client:
             failed = await client.final(protocol.Acquire(1, [name]))
@@ -133,7 +135,9 @@ class SlowLook:
         #: For each look, whether the test let it go (False: it gave up waiting).
         self.let_go_in_time: list[bool] = []
 
-    def outside_holders_of(self, files: LockFiles, names: list[str], every_file: bool) -> dict[str, list[protocol.Holder]]:
+    def outside_holders_of(
+        self, files: LockFiles, names: list[str], every_file: bool
+    ) -> dict[str, list[protocol.Holder]]:
         found = REAL_LOOK(files, names, every_file) if self.read_first else None
         self.looking.set()
         self.let_go_in_time.append(self.let_go.wait(TIMEOUT / 4))
@@ -146,7 +150,11 @@ class SlowLook:
 @pytest.fixture
 def slow_look(monkeypatch: pytest.MonkeyPatch) -> Iterator[SlowLook]:
     look = SlowLook()
-    monkeypatch.setattr(LockFiles, "outside_holders_of", lambda files, names, every_file=False: look.outside_holders_of(files, names, every_file))
+    monkeypatch.setattr(
+        LockFiles,
+        "outside_holders_of",
+        lambda files, names, every_file=False: look.outside_holders_of(files, names, every_file),
+    )
     yield look
     look.let_go.set()
 

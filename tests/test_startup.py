@@ -44,7 +44,9 @@ def test_a_duration_that_is_not_a_finite_positive_number_stops_start_up(short_tm
 
 def test_flags_are_checked_like_the_file(short_tmp: Path) -> None:
     refused(start(short_tmp, "--etcd-ttl", "inf"), "--etcd-ttl")
-    refused(start(short_tmp, "--etcd-endpoints", "10.0.0.1:2379"), "--etcd-endpoints: expected an http:// or https:// URL")
+    refused(
+        start(short_tmp, "--etcd-endpoints", "10.0.0.1:2379"), "--etcd-endpoints: expected an http:// or https:// URL"
+    )
 
 
 def test_an_endpoint_that_is_no_url_stops_start_up(short_tmp: Path) -> None:

@@ -437,7 +437,8 @@ def test_a_ticket_granted_by_expire_past_its_own_deadline_times_out_too(table: C
     h, _ = table.acquire("a", ["x"], deadline=1.0)
     w = table.wait("b", ["x"], deadline=2.0)
     assert table.expire(2.0) == [
-        Refused(h, Reason.TIMEOUT, []), Drop(h, Ending.RELEASED), Take(w), Refused(w, Reason.TIMEOUT, []), Drop(w, Ending.RELEASED),
+        Refused(h, Reason.TIMEOUT, []), Drop(h, Ending.RELEASED),
+        Take(w), Refused(w, Reason.TIMEOUT, []), Drop(w, Ending.RELEASED),
     ]
 
 

@@ -294,7 +294,8 @@ def _zsh_arguments(parser: argparse.ArgumentParser, indent: str, flags: str, ext
     for action in _positionals(parser):
         specs.append(f"'{'*' if action.nargs in ('*', '+') else ''}:{_metavar(action)}: '")
     specs += extra
-    return [f"{indent}_arguments {flags} \\", *(f"{indent}    {spec} \\" for spec in specs[:-1]), f"{indent}    {specs[-1]}"]
+    continued = [f"{indent}    {spec} \\" for spec in specs[:-1]]
+    return [f"{indent}_arguments {flags} \\", *continued, f"{indent}    {specs[-1]}"]
 
 
 def zsh_completion(program: Program) -> str:
