@@ -144,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
                 return servers[system].probe if system in servers else None
 
             if "w1" in only:
-                systems = ["flock", "filelock", "echo-blocking-1rt", "echo-blocking-2rt", "echo-trio-2rt", *lockd_systems]
+                systems = [
+                    "flock", "filelock", "echo-blocking-1rt", "echo-blocking-2rt", "echo-trio-2rt", *lockd_systems
+                ]
                 results["w1"] = _repeat(cfg.reps, systems, "W1", lambda s: _w1(specs[s], cfg.w1_cycles, probe(s)))
             if "w2" in only:
                 systems = ["flock", "echo-blocking-2rt", "echo-trio-2rt", *lockd_systems]
@@ -167,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
             if "flood" in only:
                 _progress("flood")
                 with services.lockd(root, "flood", log_level="info") as d:
-                    results["flood"] = workloads.flood(d, cfg.flood_connections, cfg.flood_processes, cfg.flood_idle_cycles)
+                    results["flood"] = workloads.flood(
+                        d, cfg.flood_connections, cfg.flood_processes, cfg.flood_idle_cycles
+                    )
             if "cli" in only:
                 _progress("CLI")
                 _compile_client()
@@ -182,7 +186,10 @@ def main(argv: list[str] | None = None) -> int:
                 # A daemon needs a descriptor per lease; it raises its soft limit to the hard
                 # one itself, and the hard one can only be raised with CAP_SYS_RESOURCE.
                 nofile, refused = _raisable_nofile(leases + 1024)
-                limit = {"daemon_nofile_hard": nofile or resource.getrlimit(resource.RLIMIT_NOFILE)[1], "nofile_refused": refused}
+                limit = {
+                    "daemon_nofile_hard": nofile or resource.getrlimit(resource.RLIMIT_NOFILE)[1],
+                    "nofile_refused": refused,
+                }
                 with services.lockd(root, f"w4-{leases}", nofile=nofile) as d:
                     locker = make_locker({"kind": client, "socket": d.socket})
                     try:
@@ -191,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                         locker.close()
                 if client == "lockd":
                     with services.lockd(root, f"w4-{leases}-pipelined", nofile=nofile) as d:
-                        results.setdefault("w4_pipelined", {})[str(leases)] = workloads.w4_pipelined(d.socket, leases, d.probe) | limit
+                        pipelined = workloads.w4_pipelined(d.socket, leases, d.probe) | limit
+                        results.setdefault("w4_pipelined", {})[str(leases)] = pipelined
         if "etcd" in only:
             results["etcd"] = _etcd_section(cfg, root, client, args.cli_python)
     finally:
@@ -256,7 +264,9 @@ def _etcd_section(cfg: Config, root: Path, client: str, cli_python: str) -> dict
             specs[s], cfg.w3_clients, cfg.w3_seconds, daemon.probe if s == "lockd-etcd" else None))
         _progress("etcd W5")
         out["w5"] = {
-            "etcd-lock": workloads.w5_crash(specs["etcd-lock"], cfg.etcd_w5_tries, workloads.etcd_lock_waiting(etcd.url)),
+            "etcd-lock": workloads.w5_crash(
+                specs["etcd-lock"], cfg.etcd_w5_tries, workloads.etcd_lock_waiting(etcd.url)
+            ),
             "lockd-etcd": workloads.w5_crash(lockd_spec, cfg.w5_tries, workloads.lockd_waiting(daemon.socket)),
         }
         _progress("etcd CLI")
@@ -288,7 +298,8 @@ def _repeat(reps: int, systems: list[str], title: str, measure) -> dict[str, Any
             result = measure(system)
             result["others_cpu_share"] = meter.share()
             runs[system].append(result)
-            _progress(f"{title} {system} ({rep + 1}/{reps}); other work took {report.pct(result['others_cpu_share'])} of the CPUs")
+            others = report.pct(result["others_cpu_share"])
+            _progress(f"{title} {system} ({rep + 1}/{reps}); other work took {others} of the CPUs")
     return {"runs": runs, "median": {s: report.median_of(r) for s, r in runs.items()}}
 
 

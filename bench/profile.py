@@ -32,7 +32,10 @@ def _spy(pid: int, out: Path, rate: int, lines: bool) -> subprocess.Popen[bytes]
     # venv activated is how the docs run it.
     py_spy = shutil.which("py-spy", path=Path(sys.executable).parent) or shutil.which("py-spy")
     if py_spy is None:
-        sys.exit("py-spy is not installed: run `bench/run --help` once (it installs bench/requirements.txt), or pip install py-spy")
+        sys.exit(
+            "py-spy is not installed: run `bench/run --help` once (it installs bench/requirements.txt), "
+            "or pip install py-spy"
+        )
     return subprocess.Popen(
         [py_spy, "record", "--pid", str(pid), "--format", "raw", "--rate", str(rate),
          "--nonblocking", "--gil", *([] if lines else ["--function"]), "--output", str(out)],
@@ -115,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     backend = " on etcd" if args.etcd else ""
-    print(f"{args.workload} through {args.client}{backend}: {cycles / args.seconds:,.0f} cycles/s over {args.seconds:g} s "
-          f"with py-spy attached\n")
+    print(f"{args.workload} through {args.client}{backend}: {cycles / args.seconds:,.0f} cycles/s "
+          f"over {args.seconds:g} s with py-spy attached\n")
     for name in ("daemon.txt", "client.txt"):
         print(summarize(args.out / name, args.top), end="\n\n")
     print(f"collapsed stacks in {args.out}")

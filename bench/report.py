@@ -85,7 +85,8 @@ def _table(title: str, header: list[str], rows: list[list[Any]]) -> str:
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     lines = [title]
     for n, row in enumerate(cells):
-        lines.append("  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        aligned = (c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+        lines.append("  " + "  ".join(aligned))
         if n == 0:
             lines.append("  " + "  ".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -109,7 +110,8 @@ def tables(results: dict[str, Any]) -> str:
                          _ratio(spawn["p50_us"], floor), _ratio(spawn["p50_us"], trio_floor), None])
         out.append(_table(
             f"W1  one client, one name: {cfg['w1_cycles']:,} cycles, median of {cfg['reps']} runs",
-            ["system", "p50 µs", "p99 µs", "cycles/s", "server CPU µs/cycle", f"p50 / {W1_FLOOR}", f"p50 / {W1_TRIO_FLOOR}", OTHERS], rows,
+            ["system", "p50 µs", "p99 µs", "cycles/s", "server CPU µs/cycle", f"p50 / {W1_FLOOR}",
+             f"p50 / {W1_TRIO_FLOOR}", OTHERS], rows,
         ))
     if "w2" in results:
         w2 = results["w2"]["median"]
@@ -118,21 +120,24 @@ def tables(results: dict[str, Any]) -> str:
                  r.get("client_cpu_us_per_cycle"), _ratio(r["cycles_per_s"], floor), pct(r.get("others_cpu_share"))]
                 for s, r in w2.items()]
         out.append(_table(
-            f"W2  {cfg['w2_clients']} client processes, one name each, {cfg['w2_seconds']:g} s, median of {cfg['reps']} runs",
-            ["system", "cycles/s", "server CPU share", "server CPU µs/cycle", "clients CPU µs/cycle", f"cycles/s / {W2_FLOOR}", OTHERS], rows,
+            f"W2  {cfg['w2_clients']} client processes, one name each, {cfg['w2_seconds']:g} s, "
+            f"median of {cfg['reps']} runs",
+            ["system", "cycles/s", "server CPU share", "server CPU µs/cycle", "clients CPU µs/cycle",
+             f"cycles/s / {W2_FLOOR}", OTHERS], rows,
         ))
     if "w3" in results:
         w3 = results["w3"]["median"]
         rows = [
             [LABELS[s], r["grants_per_s"], r["handoff"]["p50_us"], r["handoff"]["p99_us"], r["other_share"],
-             r["fifo_inversions"], r.get("tokens_increase"), r.get("server_cpu_us_per_grant"), r.get("client_cpu_us_per_grant"),
-             pct(r.get("others_cpu_share"))]
+             r["fifo_inversions"], r.get("tokens_increase"), r.get("server_cpu_us_per_grant"),
+             r.get("client_cpu_us_per_grant"), pct(r.get("others_cpu_share"))]
             for s, r in w3.items()
         ]
         out.append(_table(
-            f"W3  {cfg['w3_clients']} client processes on one name, hold 0, {cfg['w3_seconds']:g} s, median of {cfg['reps']} runs",
-            ["system", "grants/s", "handoff p50 µs", "handoff p99 µs", "to another client", "FIFO inversions", "tokens increase",
-             "server CPU µs/grant", "clients CPU µs/grant", OTHERS], rows,
+            f"W3  {cfg['w3_clients']} client processes on one name, hold 0, {cfg['w3_seconds']:g} s, "
+            f"median of {cfg['reps']} runs",
+            ["system", "grants/s", "handoff p50 µs", "handoff p99 µs", "to another client", "FIFO inversions",
+             "tokens increase", "server CPU µs/grant", "clients CPU µs/grant", OTHERS], rows,
         ))
     if "w4" in results:
         ways = [(f"{results['w4_client']}, one at a time", results["w4"])]
@@ -143,33 +148,43 @@ def tables(results: dict[str, Any]) -> str:
              r["rss_growth_mib"], r["fds_after"], r["daemon_nofile_hard"]]
             for way, runs in ways for n, r in runs.items()
         ]
-        notes = [f"  {int(n):,} ({way}): stopped by {r['error']}" for way, runs in ways for n, r in runs.items() if r["error"]]
-        notes += [f"  {int(n):,}: {r['nofile_refused']}" for n, r in results["w4"].items() if r.get("nofile_refused")]
+        notes = [
+            f"  {int(n):,} ({way}): stopped by {r['error']}"
+            for way, runs in ways for n, r in runs.items() if r["error"]
+        ]
+        notes += [
+            f"  {int(n):,}: {r['nofile_refused']}" for n, r in results["w4"].items() if r.get("nofile_refused")
+        ]
         out.append("\n".join([_table(
             "W4  many leases held at once on one connection",
-            ["acquired", "asked", "held", "time s", "leases/s", "RSS before MiB", "RSS after MiB", "growth MiB", "fds after",
-             "fd limit"], rows,
+            ["acquired", "asked", "held", "time s", "leases/s", "RSS before MiB", "RSS after MiB", "growth MiB",
+             "fds after", "fd limit"], rows,
         ), *notes]))
     if "w5" in results:
         rows = [[LABELS[s], r["p50_ms"], r["max_ms"], r["tries"]] for s, r in results["w5"].items()]
-        out.append(_table("W5  holder SIGKILLed while a waiter waits: kill → waiter holds", ["system", "p50 ms", "max ms", "tries"], rows))
+        out.append(_w5_table("W5", rows))
     if "w7" in results:
         w7 = results["w7"]["median"]
         backlog = results.get("w7_backlog")
         names = {"lockd-small-queue": f"lockd, a queue of {backlog}", "lockd": "lockd, a queue of somaxconn"}
         floor = w7.get("filelock", {}).get("last_holds_s")
         rows = [
-            [names.get(s, LABELS.get(s, s)), r["held"], r["clients"], r["last_holds_s"], _ratio(r["last_holds_s"], floor),
-             r["holds"]["p50_us"] / 1e6, *([r["connected"]["max_us"] / 1e6, r["waited_over_1s_to_connect"]] if s in names else [None, None]),
-             r.get("server_cpu_s"), r.get("rss_before_mib"), r.get("rss_after_mib"), r.get("fds_before"), r.get("fds_after"),
-             pct(r.get("others_cpu_share"))]
+            [names.get(s, LABELS.get(s, s)), r["held"], r["clients"], r["last_holds_s"],
+             _ratio(r["last_holds_s"], floor), r["holds"]["p50_us"] / 1e6,
+             *([r["connected"]["max_us"] / 1e6, r["waited_over_1s_to_connect"]] if s in names else [None, None]),
+             r.get("server_cpu_s"), r.get("rss_before_mib"), r.get("rss_after_mib"), r.get("fds_before"),
+             r.get("fds_after"), pct(r.get("others_cpu_share"))]
             for s, r in w7.items()
         ]
-        errors = [f"  {names.get(s, s)}: {e}" for s, runs in results["w7"]["runs"].items() for r in runs for e in r["errors"]]
+        errors = [
+            f"  {names.get(s, s)}: {e}" for s, runs in results["w7"]["runs"].items() for r in runs for e in r["errors"]
+        ]
         out.append("\n".join([_table(
-            f"W7  a burst: {cfg['w7_clients']:,} clients from {cfg['w7_processes']} processes at once on one name, median of {cfg['reps']} runs",
-            ["system", "held", "clients", "last holds s", "/ filelock", "p50 holds s", "slowest connect s", "connect > 1 s",
-             "daemon CPU s", "RSS before MiB", "RSS after MiB", "fds before", "fds after", OTHERS], rows,
+            f"W7  a burst: {cfg['w7_clients']:,} clients from {cfg['w7_processes']} processes at once on one name, "
+            f"median of {cfg['reps']} runs",
+            ["system", "held", "clients", "last holds s", "/ filelock", "p50 holds s", "slowest connect s",
+             "connect > 1 s", "daemon CPU s", "RSS before MiB", "RSS after MiB", "fds before", "fds after", OTHERS],
+            rows,
         ), *errors]))
     if "flood" in results:
         f = results["flood"]
@@ -182,19 +197,25 @@ def tables(results: dict[str, Any]) -> str:
            f"{f['server_cpu_us_per_connection']:.0f} µs per connection; log lines added: {f['log_lines']:,} "
            f"(loglimit's bound for that time: {f['log_line_bound']:,})"]))
     if "cli" in results:
-        out.append(_cli_table(f"CLI  wall time from spawn to exit, {cfg['cli_runs']} runs each, interleaved", results["cli"]))
+        out.append(_cli_table("CLI", cfg["cli_runs"], results["cli"]))
     if "etcd" in results:
         out.append(_etcd_tables(results["etcd"], cfg))
     return "\n\n".join(out)
 
 
-def _cli_table(title: str, cli: dict[str, Any]) -> str:
+def _w5_table(section: str, rows: list[list[Any]]) -> str:
+    title = f"{section}  holder SIGKILLed while a waiter waits: kill → waiter holds"
+    return _table(title, ["system", "p50 ms", "max ms", "tries"], rows)
+
+
+def _cli_table(section: str, runs: int, cli: dict[str, Any]) -> str:
+    title = f"{section}  wall time from spawn to exit, {runs} runs each, interleaved"
     bare = cli.get("python -c pass", {}).get("p50_us")
     bare_min = cli.get("python -c pass", {}).get("min_us")
     floor = cli.get("import msgspec", {}).get("p50_us")
     rows = [
-        [label, r["p50_us"] / 1000, r["min_us"] / 1000, r["p99_us"] / 1000, _ratio(r["p50_us"], bare), _ratio(r["min_us"], bare_min),
-         _ratio(r["p50_us"], floor)]
+        [label, r["p50_us"] / 1000, r["min_us"] / 1000, r["p99_us"] / 1000, _ratio(r["p50_us"], bare),
+         _ratio(r["min_us"], bare_min), _ratio(r["p50_us"], floor)]
         for label, r in cli.items()
     ]
     return _table(title, ["command", "p50 ms", "min ms", "p99 ms", "p50 / python -c pass", "min / python -c pass",
@@ -203,7 +224,8 @@ def _cli_table(title: str, cli: dict[str, Any]) -> str:
 
 def _etcd_tables(etcd: dict[str, Any], cfg: dict[str, Any]) -> str:
     """lockd on the etcd backend next to etcd's own lock API, with ratios to the latter."""
-    out = [f"etcd section: one etcd {etcd.get('etcd_version') or ''} member on loopback (data on tmpfs), lease TTL {etcd['ttl']} s"]
+    version = etcd.get("etcd_version") or ""
+    out = [f"etcd section: one etcd {version} member on loopback (data on tmpfs), lease TTL {etcd['ttl']} s"]
     w1 = etcd["w1"]["median"]
     floor = w1.get(ETCD_FLOOR, {})
     rows = [
@@ -212,8 +234,10 @@ def _etcd_tables(etcd: dict[str, Any], cfg: dict[str, Any]) -> str:
          _ratio(r["p50_us"], floor.get("p50_us")), pct(r.get("others_cpu_share"))]
         for s, r in w1.items()
     ]
-    requests = [f"  {LABELS[s]}: etcd requests per cycle " + ", ".join(f"{m} {n:.2f}" for m, n in r["etcd_requests_per_cycle"].items())
-                for s, r in w1.items() if r.get("etcd_requests_per_cycle")]
+    requests = [
+        f"  {LABELS[s]}: etcd requests per cycle " + ", ".join(f"{m} {n:.2f}" for m, n in per_cycle.items())
+        for s, r in w1.items() if (per_cycle := r.get("etcd_requests_per_cycle"))
+    ]
     out.append("\n".join([_table(
         f"etcd W1  one client, one name: {cfg['etcd_w1_cycles']:,} cycles, median of {cfg['reps']} runs",
         ["system", "p50 µs", "p99 µs", "cycles/s", "etcd requests/cycle", "etcd writes/cycle",
@@ -228,13 +252,14 @@ def _etcd_tables(etcd: dict[str, Any], cfg: dict[str, Any]) -> str:
         for s, r in w3.items()
     ]
     out.append(_table(
-        f"etcd W3  {cfg['w3_clients']} client processes on one name, hold 0, {cfg['w3_seconds']:g} s, median of {cfg['reps']} runs",
+        f"etcd W3  {cfg['w3_clients']} client processes on one name, hold 0, {cfg['w3_seconds']:g} s, "
+        f"median of {cfg['reps']} runs",
         ["system", "grants/s", "handoff p50 µs", "handoff p99 µs", "to another client", "FIFO inversions",
          "tokens increase", f"grants/s / {ETCD_FLOOR}", f"handoff p50 / {ETCD_FLOOR}", OTHERS], rows,
     ))
     rows = [[LABELS[s], r["p50_ms"], r["max_ms"], r["tries"]] for s, r in etcd["w5"].items()]
-    out.append(_table("etcd W5  holder SIGKILLed while a waiter waits: kill → waiter holds", ["system", "p50 ms", "max ms", "tries"], rows))
-    out.append(_cli_table(f"etcd CLI  wall time from spawn to exit, {cfg['etcd_cli_runs']} runs each, interleaved", etcd["cli"]))
+    out.append(_w5_table("etcd W5", rows))
+    out.append(_cli_table("etcd CLI", cfg["etcd_cli_runs"], etcd["cli"]))
     return "\n\n".join(out)
 
 
@@ -253,12 +278,19 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     w3 = _dig(results, "w3", "median", client)
     cli = results.get("cli")
     ten_k = _dig(results, "w4", "10000")
+
+    def against(table: Any, floor: str, key: str) -> Any:
+        """The client's `key` in `table` over the `floor` system's."""
+        return _ratio(_dig(table, client, key), _dig(table, floor, key))
+
     return [
-        _target(f"W1 p50 / {W1_FLOOR} p50", _ratio(_dig(w1, client, "p50_us"), _dig(w1, W1_FLOOR, "p50_us")), 1.0, True),
-        _target(f"W1 p50 / {W1_TRIO_FLOOR} p50", _ratio(_dig(w1, client, "p50_us"), _dig(w1, W1_TRIO_FLOOR, "p50_us")), 1.0, True),
-        _target("W1 p50 / filelock p50", _ratio(_dig(w1, client, "p50_us"), _dig(w1, "filelock", "p50_us")), 1.0, True),
-        _target(f"W2 cycles/s / {W2_FLOOR} cycles/s", _ratio(_dig(w2, client, "cycles_per_s"), _dig(w2, W2_FLOOR, "cycles_per_s")), 1.0, False),
-        _target("W3 FIFO inversions, all runs", _total(_dig(results, "w3", "runs", client), "fifo_inversions"), 0, True),
+        _target(f"W1 p50 / {W1_FLOOR} p50", against(w1, W1_FLOOR, "p50_us"), 1.0, True),
+        _target(f"W1 p50 / {W1_TRIO_FLOOR} p50", against(w1, W1_TRIO_FLOOR, "p50_us"), 1.0, True),
+        _target("W1 p50 / filelock p50", against(w1, "filelock", "p50_us"), 1.0, True),
+        _target(f"W2 cycles/s / {W2_FLOOR} cycles/s", against(w2, W2_FLOOR, "cycles_per_s"), 1.0, False),
+        _target(
+            "W3 FIFO inversions, all runs", _total(_dig(results, "w3", "runs", client), "fifo_inversions"), 0, True
+        ),
         _target("W3 grants/s", _dig(w3, "grants_per_s"), 10_000, False),
         _target("W3 handoff p50 µs", _dig(w3, "handoff", "p50_us"), 100, True),
         _target("W4 10k leases held (count)", _dig(ten_k, "held"), 10_000, False),
@@ -268,14 +300,17 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         _target("W4 10k leases: daemon RSS growth MiB", _dig(ten_k, "rss_growth_mib"), 20, True),
         _target("W4 100k leases held (count)", _dig(results, "w4", "100000", "held"), 100_000, False),
         _target("W5 kill → waiter holds, p50 ms", _dig(results, "w5", client, "p50_ms"), 10, True),
-        _target("W7 clients that held, every run, small queue", _least(_dig(results, "w7", "runs", "lockd-small-queue"), "held"),
+        _target("W7 clients that held, every run, small queue",
+                _least(_dig(results, "w7", "runs", "lockd-small-queue"), "held"),
                 results["config"]["w7_clients"], False),
         _target("flood: client p99 / idle p99", _dig(results, "flood", "p99_ratio"), 10, True),
-        _target("flood: log lines added / loglimit's bound", _ratio(_dig(results, "flood", "log_lines"),
-                                                                    _dig(results, "flood", "log_line_bound")), 1.0, True),
-        _target("CLI lockctl / python -c pass", _ratio(_dig(cli, "lockctl acquire", "p50_us"), _dig(cli, "python -c pass", "p50_us")), 2.0, True),
+        _target("flood: log lines added / loglimit's bound",
+                _ratio(_dig(results, "flood", "log_lines"), _dig(results, "flood", "log_line_bound")), 1.0, True),
+        _target("CLI lockctl / python -c pass",
+                _ratio(_dig(cli, "lockctl acquire", "p50_us"), _dig(cli, "python -c pass", "p50_us")), 2.0, True),
         # The wire is msgspec's (one definition of the protocol), so msgspec's import is the floor.
-        _target("CLI lockctl / import msgspec", _ratio(_dig(cli, "lockctl acquire", "p50_us"), _dig(cli, "import msgspec", "p50_us")), 1.4, True),
+        _target("CLI lockctl / import msgspec",
+                _ratio(_dig(cli, "lockctl acquire", "p50_us"), _dig(cli, "import msgspec", "p50_us")), 1.4, True),
     ] + (_etcd_targets(results["etcd"]) if "etcd" in results else [])
 
 
@@ -283,7 +318,8 @@ def _etcd_targets(etcd: dict[str, Any]) -> list[dict[str, Any]]:
     """The guarantees that must hold on the etcd backend too: strict FIFO, and a crashed
     holder's lock passed on within W5's limit."""
     return [
-        _target("etcd: W3 FIFO inversions, all runs", _total(_dig(etcd, "w3", "runs", "lockd-etcd"), "fifo_inversions"), 0, True),
+        _target("etcd: W3 FIFO inversions, all runs",
+                _total(_dig(etcd, "w3", "runs", "lockd-etcd"), "fifo_inversions"), 0, True),
         _target("etcd: W5 kill → waiter holds, p50 ms", _dig(etcd, "w5", "lockd-etcd", "p50_ms"), 10, True),
     ]
 
@@ -312,4 +348,5 @@ def _dig(d: Any, *keys: str) -> Any:
 
 
 def target_table(rows: list[dict[str, Any]]) -> str:
-    return _table("Targets", ["target", "value", "limit", "status"], [[r["target"], r["value"], r["limit"], r["status"]] for r in rows])
+    cells = [[r["target"], r["value"], r["limit"], r["status"]] for r in rows]
+    return _table("Targets", ["target", "value", "limit", "status"], cells)

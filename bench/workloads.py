@@ -8,6 +8,7 @@ system fails the run with an error instead of hanging it.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -169,7 +170,9 @@ def w2_throughput(
     return out
 
 
-def w3_fairness(locker: dict[str, Any], clients: int, seconds: float, server: ProcessProbe | None = None) -> dict[str, Any]:
+def w3_fairness(
+    locker: dict[str, Any], clients: int, seconds: float, server: ProcessProbe | None = None
+) -> dict[str, Any]:
     """`clients` processes on one exclusive name, releasing as soon as granted.
 
     Handoff latency: from the holder's release call to the next holder's acquire returning,
@@ -183,9 +186,11 @@ def w3_fairness(locker: dict[str, Any], clients: int, seconds: float, server: Pr
     grants = sorted(
         (t_acq, t_rel, t_req, t_queued, token, who)
         for who, r in enumerate(results)
-        for t_acq, t_rel, t_req, t_queued, token in zip(r["t_acq"], r["t_rel"], r["t_req"], r["t_queued"], r["token"])
+        for t_acq, t_rel, t_req, t_queued, token in zip(
+            r["t_acq"], r["t_rel"], r["t_req"], r["t_queued"], r["token"], strict=True
+        )
     )
-    handoffs = [b[0] - a[1] for a, b in zip(grants, grants[1:]) if a[5] != b[5]]
+    handoffs = [b[0] - a[1] for a, b in itertools.pairwise(grants) if a[5] != b[5]]
     tokens = [g[4] for g in grants]
     out: dict[str, Any] = {
         "grants_per_s": len(grants) / seconds,
@@ -197,7 +202,7 @@ def w3_fairness(locker: dict[str, Any], clients: int, seconds: float, server: Pr
     }
     out |= _cpu_figures(results, server_ns, len(grants), "grant")
     if None not in tokens:
-        out["tokens_increase"] = all(a < b for a, b in zip(tokens, tokens[1:]))
+        out["tokens_increase"] = all(a < b for a, b in itertools.pairwise(tokens))
     return out
 
 
@@ -267,7 +272,8 @@ def w4_pipelined(socket_path: str, leases: int, server: ProcessProbe) -> dict[st
             except* LockdError as refused:
                 errors += [f"{type(exc).__name__}: {exc}" for exc in refused.exceptions]
             elapsed = time.perf_counter() - started
-            return _w4_figures(leases, len(held), errors[0] if errors else None, elapsed, server, rss_before, fds_before)
+            first_error = errors[0] if errors else None
+            return _w4_figures(leases, len(held), first_error, elapsed, server, rss_before, fds_before)
 
     return trio.run(run)
 
