@@ -15,12 +15,11 @@ import pytest
 import trio
 
 from lockd import etcd_client
-from lockd.backend import Blocked
+from lockd.backend import Blocked, Claim
 from lockd.etcd_backend import EtcdBackend
 from lockd.etcd_client import EtcdClient, WatchResponse
 from lockd.etcd_mirror import Change, Mirror
 from lockd.lockfiles import LockFiles
-from lockd.backend import Claim
 from lockd_client.errors import DaemonUnavailable, LimitExceeded, LockdError
 
 from .etcd_cluster import EtcdCluster, entries_under, keys_under, relay_to, requires_etcd, wait_no_keys

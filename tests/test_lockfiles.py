@@ -17,7 +17,7 @@ from lockd.lockfiles import LockDirError, LockFiles, prepare_lock_dir
 from lockd_client.errors import BadLockFile, LimitExceeded
 from lockd_client.protocol import Holder
 
-from .flock_tools import can_flock, make_lock_dir, open_fds, outside_flock, claim
+from .flock_tools import can_flock, claim, make_lock_dir, open_fds, outside_flock
 
 
 class Hung(Exception):
