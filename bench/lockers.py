@@ -35,7 +35,6 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import msgspec
-
 from lockd_client import errors, protocol
 
 #: Called with no argument when the daemon says a request waits (lockd only).

@@ -23,8 +23,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lockd import loglimit
 from lockd_client.errors import LockdError
+
+from lockd import loglimit
 
 from .lockers import EtcdGateway, EtcdLockLocker, Locker, RawLockdLocker, b64, make_locker
 from .machine import REPO, EtcdProbe, ProcessProbe
@@ -251,7 +252,6 @@ def w4_pipelined(socket_path: str, leases: int, server: ProcessProbe) -> dict[st
     """`w4_many` through the trio client: W4_IN_FLIGHT tasks share one connection, so that
     many acquires are in flight at once, as a program taking many leases would do it."""
     import trio
-
     from lockd_client import trio_client
 
     async def run() -> dict[str, Any]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import socket
 
 import msgspec
-
 from lockd_client import protocol
 
 

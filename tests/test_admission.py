@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from lockd_client.errors import LimitExceeded
 
 from lockd.admission import acquire_refusal, connection_refusal
 from lockd.config import Limits
-from lockd_client.errors import LimitExceeded
 
 LIMITS = Limits(
     max_connections=10, max_connections_per_uid=4, max_leases_per_connection=5,

@@ -20,12 +20,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import lockd_client
 import pytest
 import trio
-
-import lockd_client
-from lockd.listen import somaxconn
 from lockd_client import cli, trio_client
+
+from lockd.listen import somaxconn
 
 from .conftest import Daemon
 from .rawclient import RawClient

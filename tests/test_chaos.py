@@ -35,9 +35,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lockd import procinfo
 from lockd_client import protocol
 from lockd_client.protocol import Granted, Release, Status
+
+from lockd import procinfo
 
 from .conftest import Daemon
 from .flock_tools import can_flock

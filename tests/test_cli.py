@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from lockd_client import cli
 
 from .conftest import Daemon

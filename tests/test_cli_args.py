@@ -7,9 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import lockd_client
+import pytest
 from lockd_client import cli, protocol
 
 from .waiting import wait_until

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import msgspec
 import pytest
-
 from lockd_client import cli, protocol
 
 from .test_cli import LOCKCTL, LOCKCTL_SH

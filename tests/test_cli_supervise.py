@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from lockd_client import _proctree
 
 from .waiting import wait_until

@@ -11,10 +11,9 @@ import subprocess
 import threading
 import time
 
+import lockd_client
 import msgspec
 import pytest
-
-import lockd_client
 from lockd_client import protocol
 
 from .conftest import Daemon

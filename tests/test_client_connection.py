@@ -6,7 +6,6 @@ import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
 from lockd_client import errors, protocol
 from lockd_client._connection import EOF_REASON, Connection, LeaseState, Phase
 

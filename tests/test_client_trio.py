@@ -5,11 +5,10 @@ from __future__ import annotations
 import inspect
 import os
 
+import lockd_client
 import pytest
 import trio
 import trio.testing
-
-import lockd_client
 from lockd_client import trio_client
 
 from .conftest import Daemon

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
+from lockd_client import paths
 
 from lockd.config import (
     Config,
@@ -24,7 +25,6 @@ from lockd.config import (
     plan_reload,
     with_overrides,
 )
-from lockd_client import paths
 
 FULL = """\
 socket = "/srv/lockd/lockd.sock"

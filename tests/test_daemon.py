@@ -10,10 +10,9 @@ import sys
 import time
 from pathlib import Path
 
+import lockd_client
 import msgspec
 import pytest
-
-import lockd_client
 from lockd_client import protocol
 from lockd_client.protocol import Acquire, Error, ForceRelease, Granted, Lost, Release, ReleasePid, Status
 

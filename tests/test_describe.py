@@ -6,7 +6,6 @@ import os
 import pwd
 
 import pytest
-
 from lockd_client import describe, protocol
 
 ME = pwd.getpwuid(os.getuid()).pw_name

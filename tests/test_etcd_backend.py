@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from lockd_client.errors import DaemonUnavailable, LimitExceeded, LockdError
 
 from lockd import etcd_client
 from lockd.backend import Blocked, Claim
@@ -20,7 +21,6 @@ from lockd.etcd_backend import EtcdBackend
 from lockd.etcd_client import EtcdClient, WatchResponse
 from lockd.etcd_mirror import Change, Mirror
 from lockd.lockfiles import LockFiles
-from lockd_client.errors import DaemonUnavailable, LimitExceeded, LockdError
 
 from .etcd_cluster import EtcdCluster, entries_under, keys_under, relay_to, requires_etcd, wait_no_keys
 from .flock_tools import outside_flock

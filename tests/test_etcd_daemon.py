@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import trio
-
 from lockd_client.errors import DaemonUnavailable, LockTimeout
 from lockd_client.protocol import Holder
 from lockd_client.trio_client import Client, connect

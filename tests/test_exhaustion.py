@@ -16,7 +16,6 @@ from pathlib import Path
 import msgspec
 import pytest
 import trio
-
 from lockd_client import protocol
 from lockd_client.protocol import Acquire, Error, Granted, Hello, Release, Status
 

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import lockd_client
+
 from lockd.loglimit import LINES, WINDOW
 
 from .conftest import Daemon

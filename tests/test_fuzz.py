@@ -16,7 +16,6 @@ import pytest
 import trio
 from hypothesis import given
 from hypothesis import strategies as st
-
 from lockd_client import protocol
 from lockd_client.protocol import Acquire, ForceRelease, FrameBuffer, FrameTooLarge, Hello, Release, ReleasePid, Status
 

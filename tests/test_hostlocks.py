@@ -9,9 +9,9 @@ from collections.abc import Awaitable, Callable
 import pytest
 import trio
 import trio.testing
+from lockd_client.protocol import Holder
 
 from lockd.hostlocks import HostLocks
-from lockd_client.protocol import Holder
 
 TIMEOUT = 10.0
 

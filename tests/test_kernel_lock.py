@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from lockd_client import _keeper, cli
 
 from .conftest import Daemon

@@ -11,11 +11,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from lockd_client.errors import BadLockFile, LimitExceeded
+from lockd_client.protocol import Holder
 
 from lockd import lockfiles
 from lockd.lockfiles import LockDirError, LockFiles, prepare_lock_dir
-from lockd_client.errors import BadLockFile, LimitExceeded
-from lockd_client.protocol import Holder
 
 from .flock_tools import can_flock, claim, make_lock_dir, open_fds, outside_flock
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
-import lockd
 import lockd_client
+
+import lockd
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from lockd_client import paths
 from lockd_client.errors import InvalidArgument
 

@@ -11,11 +11,11 @@ import itertools
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from lockd_client import errors, protocol
 
 from lockd import config
 from lockd.config import ConfigError, parse_config
 from lockd.policy import MODES, Decision, Policy
-from lockd_client import errors, protocol
 
 ROOT, DAEMON, BACKUP, NOBODY = 0, 1, 34, 65534
 ADM, NOGROUP = 4, 65534

@@ -7,7 +7,6 @@ import sys
 
 import msgspec
 import pytest
-
 from lockd_client import errors, protocol
 
 

@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from lockd_client import protocol
 from lockd_client.protocol import Acquire, Error, ForceRelease, Granted, Release, ReleasePid, Status
 

@@ -12,6 +12,7 @@ import os
 from collections.abc import Iterator
 
 import pytest
+from lockd_client import errors, protocol
 
 from lockd.backend import Claim
 from lockd.config import Limits
@@ -20,7 +21,6 @@ from lockd.policy import Policy
 from lockd.processes import Processes, ProcessOwner
 from lockd.service import Client, LockService
 from lockd.table import LockTable, Reason, State
-from lockd_client import errors, protocol
 
 
 class FakePeer:

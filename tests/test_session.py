@@ -10,10 +10,10 @@ from collections.abc import Iterator
 import msgspec
 import pytest
 import trio
+from lockd_client import protocol
 
 from lockd.config import Limits
 from lockd.session import FAIR_TURNS, MAX_OUTBOX, Session
-from lockd_client import protocol
 
 WELCOME = protocol.Welcome(protocol.PROTOCOL_VERSION, "lockd test", "flock")
 

@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
+from lockd_client import protocol
 
 from lockd import logs
 from lockd.systemd import Notifier, listen_fds, watchdog_interval, watchdog_loop
-from lockd_client import protocol
 
 from .flock_tools import can_flock
 from .rawclient import RawClient

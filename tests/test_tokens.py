@@ -12,9 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from lockd_client.errors import DaemonUnavailable
 
 from lockd.tokens import BLOCK, FILE, TokenStore, TokenStoreError
-from lockd_client.errors import DaemonUnavailable
 
 
 @pytest.fixture

@@ -16,9 +16,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from lockd_client import paths, protocol
 
 from lockd import config
-from lockd_client import paths, protocol
 
 from .conftest import Daemon
 from .rawclient import RawClient

@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 
 import msgspec
-
 from lockd_client import protocol
 
 PINNED = Path(__file__).parent / "data" / "wire-schema.json"

@@ -35,8 +35,9 @@ class Program:
 
 
 def programs() -> list[Program]:
-    from lockd.__main__ import build_parser as lockd_parser
     from lockd_client import cli, paths
+
+    from lockd.__main__ import build_parser as lockd_parser
 
     return [
         Program(
