@@ -315,9 +315,8 @@ async def _serve(
 
 
 def _summary(server: Server) -> str:
-    service = server.service
-    waiting = service.table.waiting_count()
-    return f"{len(service.table) - waiting} leases held, {waiting} waiting, {len(service.clients)} clients"
+    held, waiting, clients = server.service.counts()
+    return f"{held} leases held, {waiting} waiting, {clients} clients"
 
 
 async def _report_status(notifier: Notifier, server: Server) -> None:
@@ -349,8 +348,7 @@ def _reload(args: argparse.Namespace, current: Config, server: Server) -> Config
         log.exception("reload failed, keeping the running configuration")
         return current
     configure_logging(plan.config.log_level, under_systemd())
-    server.service.policy = policy
-    server.service.limits = plan.config.limits
+    server.service.reconfigure(plan.config.limits, policy)
     if plan.applied:
         log.info("reloaded: applied %s", ", ".join(plan.applied))
     else:

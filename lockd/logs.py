@@ -1,8 +1,9 @@
 """Logging for lockd: one plain line per event on stderr, shaped for where stderr goes.
 
-Invariant: `configure_logging` can be called again (a reload changing `log_level`) and leaves
-exactly one lockd handler installed. Under systemd lines carry no timestamp (the journal adds
-its own) but start with a `<N>` syslog priority, which journald turns into the entry's level.
+Invariants: `configure_logging` can be called again (a reload changing `log_level`) and
+leaves exactly one lockd handler installed. Under systemd lines carry no timestamp (the
+journal adds its own) but start with a `<N>` syslog priority, which journald turns into the
+entry's level. `contained` logs a bug and lets the daemon carry on.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 LEVELS = {
     "debug": logging.DEBUG,
@@ -68,3 +71,13 @@ def configure_logging(level: str, under_systemd: bool) -> None:
     root.addHandler(handler)
     root.setLevel(logging.WARNING)
     logging.getLogger("lockd").setLevel(LEVELS[level])
+
+
+@contextmanager
+def contained(doing: str) -> Iterator[None]:
+    """Log an exception raised while `doing` and carry on: a bug must cost the request it
+    concerns, never the daemon and everyone's leases."""
+    try:
+        yield
+    except Exception:
+        logging.getLogger("lockd").exception("internal error %s; carrying on", doing)

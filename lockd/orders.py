@@ -1,9 +1,11 @@
-"""The I/O orders of the lock service (lockd.service), which the shell (lockd.server) carries
-out in the order given, answering by calling the service back where an order says so.
+"""The orders of the lock service (lockd.service): the I/O it needs done, which the shell
+(lockd.server) carries out in the order given, answering where an order says so by calling
+the service back.
 
-Invariant: an order is plain data, about I/O only: every decision was made by the service
-before the order was given; the shell may find an order obsolete (a take for a ticket that has
-ended meanwhile) and skip it, but never decides anything else.
+Invariant: an order is plain data about I/O, and every decision was made before it was
+given. The shell may find an order obsolete (a take whose request ended meanwhile: the
+service says so) and skip it, but decides nothing else. Orders name a request by its `Claim`,
+as the backend does: never by the table's ticket.
 """
 
 from __future__ import annotations
@@ -14,12 +16,11 @@ from typing import Protocol
 
 from .backend import Claim
 from .processes import ProcessOwner
-from .table import Reason, Ticket
+from .table import Reason
 
 
 class Peer(Hashable, Protocol):
-    """A connected client as the service sees it (the session, in the daemon): what `Send`
-    and `Close` are for."""
+    """A connected client, as orders address it (the session, in the daemon)."""
 
     #: From the client's hello: shown for its requests that carry no label of their own.
     label: str | None
@@ -27,16 +28,17 @@ class Peer(Hashable, Protocol):
     closed: bool
 
     def send(self, message: object, fds: Sequence[int] = ()) -> None:
-        """Send `message` (with copies of `fds`) or queue it; never blocks."""
+        """Send `message` (with copies of `fds`) or queue it; never blocks. A peer that
+        cannot take it may close on the spot: then the service hears `disconnected`."""
 
     def close(self, reason: str) -> None:
-        """Stop serving this peer once what is queued is sent."""
+        """Stop serving this peer once what is queued is sent; the service hears
+        `disconnected`."""
 
 
 @dataclass(slots=True)
 class Send:
-    """Send `message` to `peer`, or queue it; never blocks. A peer that cannot take it may be
-    cut off: then `disconnected` is called back at once."""
+    """Send `message` to `peer`."""
 
     peer: Peer
     message: object
@@ -44,7 +46,7 @@ class Send:
 
 @dataclass(slots=True)
 class Close:
-    """Stop serving `peer` once what is queued for it is sent; call back `disconnected`."""
+    """Stop serving `peer` once what is queued for it is sent."""
 
     peer: Peer
     reason: str
@@ -52,19 +54,18 @@ class Close:
 
 @dataclass(slots=True)
 class StartTake:
-    """Have the backend take `claim`; answer `taken`, `take_blocked` or `take_failed`. Skip it
-    if `ticket` is no longer TAKING by then: its Release follows."""
+    """Have the backend take `claim`, unless the service no longer is (`taking`); answer
+    `taken`, `take_blocked`, `take_waits` while it waits outside lockd, or `take_failed`."""
 
-    ticket: Ticket
     claim: Claim
 
 
 @dataclass(slots=True)
 class StopTake:
-    """Cancel the backend's take of `ticket` if one runs in a task of its own; it must not
+    """Cancel the backend's take of `claim` if it runs in a task of its own: it must not
     answer any more."""
 
-    ticket: Ticket
+    claim: Claim
 
 
 @dataclass(slots=True)
@@ -77,10 +78,10 @@ class Release:
 
 @dataclass(slots=True)
 class Grant:
-    """Tell `peer` its request `request_id` (for `ticket`) is granted with `tokens`, and send
-    it the backend's lock-file descriptors of `claim`."""
+    """Tell `peer` its request `request_id` is granted with `tokens`, and send it the
+    backend's lock-file descriptors of `claim`; answer `grant_undelivered` if the peer
+    closed as it went out."""
 
-    ticket: Ticket
     peer: Peer
     request_id: int
     tokens: list[int]
@@ -88,32 +89,35 @@ class Grant:
 
 
 @dataclass(slots=True)
-class NameOutsideHolders:
-    """Look up who outside lockd holds `ticket`'s names, then call `refuse_naming`."""
+class LookForHolders:
+    """Look up who outside lockd holds `names`, for the refusal of `peer`'s request
+    `request_id` (`reason`); answer `holders_found`."""
 
-    ticket: Ticket
+    peer: Peer
+    request_id: int
+    names: tuple[str, ...]
     reason: Reason
 
 
 @dataclass(slots=True)
 class Watch:
-    """Watch `owner`'s process; call `process_exited` when it exits."""
+    """Watch `owner`'s process; answer `process_exited` when it exits."""
+
+    owner: ProcessOwner
+
+
+@dataclass(slots=True)
+class Unwatch:
+    """Stop watching `owner`'s process, and close its pidfd."""
 
     owner: ProcessOwner
 
 
 @dataclass(slots=True)
 class WakeAt:
-    """Call `expire` at `deadline` (or earlier) unless an earlier wake is set."""
+    """Call `wake` by `deadline` (a time of the service's clock) at the latest."""
 
     deadline: float
 
 
-@dataclass(slots=True)
-class SummariseAt:
-    """Call `log_summaries` at `deadline` (or earlier)."""
-
-    deadline: float
-
-
-Order = Send | Close | StartTake | StopTake | Release | Grant | NameOutsideHolders | Watch | WakeAt | SummariseAt
+Order = Send | Close | StartTake | StopTake | Release | Grant | LookForHolders | Watch | Unwatch | WakeAt

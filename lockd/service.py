@@ -1,21 +1,24 @@
-"""The lock service: one place decides. Requests, connections and backend reports come in;
-replies go out to the clients, and I/O orders go out to the shell that does the I/O.
+"""The lock service: one place decides. Connections, requests and the reports of the backend
+and the process watches come in; what the daemon must do goes out as one ordered queue of
+orders (lockd.orders), carried out by the shell (lockd.server).
 
 Invariants:
-- Every ticket that ends goes through `_end_ticket`, exactly once, before any reply about it
-  is sent: its request id, the limits' counts (per connection, per uid, pending takes) and
-  its tie to a process all end there and nowhere else. A request id whose refusal is still
-  to be sent stays reserved on its client until it is sent or the client withdraws it.
+- Every ticket that ends, however it ends, ends through the table's one `Ended` effect, and
+  only there does the service let go of its records of it: its request id, the limits' counts
+  (per connection, per uid) and its tie to a process. A request id whose refusal is still to
+  be sent stays reserved on its connection until it is sent or the client withdraws it.
 - Every change to the table is carried out by `_apply` before the input that caused it
   returns: effects join one queue and are carried out strictly in order, including those
-  that carrying them out causes (a client cut off while a reply is sent to it ends its
-  tickets on the spot). So each Take is carried out before its Drop, and the table, the
-  clients and the process owners agree whenever the service is not running.
-- The service does no I/O of its own: what it sends clients and every other I/O it needs
-  are `orders`, one queue, which the shell carries out in order and answers by calling back
-  (`taken`, `take_failed`, `refuse_naming`, ...). So a reply never overtakes the I/O it
-  reports (a release's Done follows its unlock). It reads time only from its clock.
-- No exception of one effect stops the others: a bug costs at most the ticket it concerns.
+  that carrying them out causes. So the table, the connections and the process owners agree
+  whenever the service is not running.
+- The service does no I/O and reads no clock of its own: everything it sends and every other
+  I/O it needs is an order, and orders are carried out in the order given, so a reply never
+  overtakes the I/O it reports (a release's Done follows its unlock). Opening a process's
+  pidfd (`Processes`) and the clock are given to it.
+- The backend sees a request only as its `Claim`, and so does the shell: every report about a
+  take names the claim, and a report about a claim that has ended changes nothing.
+- No exception while carrying out one effect stops the others: a bug costs at most the ticket
+  it concerns.
 - Once `stop()` is called nothing more is taken or released: every client is told the daemon
   is shutting down and is closed; held leases are reported lost only where the backend's
   leases do not outlive the daemon (elsewhere their holders keep the locks through their
@@ -33,29 +36,29 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Final
 
 from lockd_client import errors, protocol
 from lockd_client.describe import holder_text, sanitize
 
-from . import admission
+from . import __version__, admission
 from .backend import Claim
 from .config import Limits
-from .loglimit import Kind, LogLimiter, Summary
+from .loglimit import Kind, LogLimiter
+from .logs import contained
 from .orders import (
     Close,
     Grant,
-    NameOutsideHolders,
+    LookForHolders,
     Order,
     Peer,
     Release,
     Send,
     StartTake,
     StopTake,
-    SummariseAt,
+    Unwatch,
     WakeAt,
     Watch,
 )
@@ -68,6 +71,7 @@ from .table import (
     TAKING,
     Drop,
     Effect,
+    Ended,
     Ending,
     Granted,
     LockTable,
@@ -97,8 +101,8 @@ class Client:
     """A connection's identity (from the kernel, never from what it says) and what it has
     asked for: its live tickets by request id, and the counts the limits read."""
 
-    __slots__ = ("peer", "pid", "uid", "gid", "gids", "command", "break_grace", "tickets",
-                 "names", "taking", "refusing")
+    __slots__ = ("peer", "pid", "uid", "gid", "gids", "command", "break_grace", "tickets", "names", "taking",
+                 "refusing")
 
     def __init__(
         self, peer: Peer, pid: int, uid: int, gid: int, gids: frozenset[int], command: str, break_grace: float
@@ -117,7 +121,7 @@ class Client:
         self.tickets: dict[int, Ticket] = {}
         #: How many names those tickets cover: what the lease limits count.
         self.names = 0
-        #: How many of those the backend is taking in a task of its own (they count as waiting).
+        #: How many of those the backend is taking (not granted yet: they count as waiting).
         self.taking = 0
         #: Ids of ended requests whose refusal is still to be sent.
         self.refusing: set[int] = set()
@@ -149,6 +153,7 @@ class StatusLook:
     """What a status must look for outside lockd before `status_reply`: `names` asked for
     (or all those lockd knows of), `look_for` those of them to look up."""
 
+    request_id: int
     names: list[str]
     look_for: list[str]
     every_file: bool
@@ -163,27 +168,33 @@ class LockService:
 
     def __init__(
         self, table: LockTable, processes: Processes, limits: Limits, policy: Policy, *,
-        leases_outlive_daemon: bool, clock: Callable[[], float],
+        backend: str, leases_outlive_daemon: bool, loss_notice: float | None,
+        known_outside: Callable[[], list[str]], clock: Callable[[], float], wall_offset: float,
     ) -> None:
-        """`clock` tells the time on the table's scale (monotonic seconds)."""
+        """`backend`, `leases_outlive_daemon`, `loss_notice` and `known_outside` (its
+        `outside_names`) describe the backend, as its `lockd.backend.Backend` attributes do;
+        `clock` tells the time on the table's scale (monotonic seconds), and `wall_offset`
+        is Unix time minus `clock()`, for the times clients are shown."""
         self.table = table
-        self._clock = clock
-        #: Unix time minus `clock()`, for the times clients are shown (set by the shell).
-        self.wall_offset = 0.0
         self.processes = processes
-        #: Both may be replaced while serving (configuration reload).
+        #: Both may be replaced while serving (`reconfigure`).
         self.limits = limits
         self.policy = policy
-        self.leases_outlive_daemon = leases_outlive_daemon
+        self._backend = backend
+        self._leases_outlive_daemon = leases_outlive_daemon
+        self._loss_notice = loss_notice
+        self._known_outside = known_outside
+        self._clock = clock
+        self._wall_offset = wall_offset
         self.clients: dict[Peer, Client] = {}
         #: uid → how many of its connections are served, for the per-uid limit.
         self._uid_clients: dict[int, int] = {}
         #: uid → how many names the live tickets asked for by its connections cover, counted
         #: from request to end: a process-tied lease still counts once its connection is gone.
         self._uid_names: dict[int, int] = {}
-        #: Tickets handed to the backend (from Take to Drop), by their claim, for its reports.
+        #: Tickets handed to the backend, by their claim, from their Take to their Drop.
         self._claimed: dict[Claim, Ticket] = {}
-        #: Those the backend has not answered for yet (counted in `Client.taking`).
+        #: Of those, the ones the backend is still taking (each counted in `Client.taking`).
         self._taking: set[Ticket] = set()
         self.orders: deque[Order] = deque()
         self._effects: deque[Effect] = deque()
@@ -195,17 +206,16 @@ class LockService:
 
     def connect(
         self, peer: Peer, pid: int, uid: int, gid: int, gids: frozenset[int], command: str,
-    ) -> Client | None:
-        """A client connected: its Client, or None if it is refused (it is told why and closed)."""
+    ) -> protocol.Welcome | None:
+        """A client connected: what to answer its hello, or None if it is refused (then it is
+        told why and closed)."""
         if self.stopping:
             self._send(peer, protocol.Error(None, protocol.ErrorCode.SHUTDOWN, SHUTDOWN_MESSAGE))
             self._close(peer, "the daemon is shutting down")
             return None
-        refusal = admission.connection_refusal(
-            self.limits, len(self.clients), self._uid_clients.get(uid, 0), uid
-        )
+        refusal = admission.connection_refusal(self.limits, len(self.clients), self._uid_clients.get(uid, 0), uid)
         if refusal is not None:
-            self.log_noise(
+            self._log_noise(
                 REFUSED_CONNECTION, uid, refusal,
                 "refusing a connection from uid %d pid %d (%s): %s", uid, pid, command, refusal,
             )
@@ -215,10 +225,23 @@ class LockService:
         client = self.clients[peer] = Client(peer, pid, uid, gid, gids, command, self.limits.break_grace)
         self._uid_clients[uid] = self._uid_clients.get(uid, 0) + 1
         log.debug("%r connected: %s", peer, command)
-        return client
+        # What this client is promised holds for it even if a reload shortens the grace.
+        notice = self._loss_notice
+        return protocol.Welcome(
+            protocol.PROTOCOL_VERSION, f"lockd {__version__}", self._backend, self.limits.max_frame,
+            leases_outlive_daemon=self._leases_outlive_daemon,
+            stop_within=client.break_grace if notice is None else min(notice, client.break_grace),
+        )
+
+    def unreadable_peer(self, problem: str) -> None:
+        """A connection came whose peer credentials could not be read: it is dropped."""
+        self._log_noise(
+            UNREADABLE_PEER, None, problem, "dropping a connection whose peer credentials are unreadable: %s", problem,
+        )
 
     def disconnected(self, peer: Peer, reason: str) -> None:
-        """`peer`'s connection ended: end its tickets now (its process-tied leases live on)."""
+        """`peer`'s connection ended (`reason`: the session's): end its tickets now (its
+        process-tied leases live on)."""
         client = self.clients.pop(peer, None)
         if client is None:
             return
@@ -228,16 +251,39 @@ class LockService:
         else:
             del self._uid_clients[client.uid]
         if not self.stopping and not reason.startswith("the client"):
-            self.log_noise(CUT_OFF, client.uid, reason, "%r cut off: %s", peer, reason)
+            self._log_noise(CUT_OFF, client.uid, reason, "%r cut off: %s", peer, reason)
+        client.refusing.clear()
         with contained(f"ending the tickets of {client!r}"):
-            for ticket in self.table.tickets_of(client):
-                self._end_ticket(ticket)
-            client.refusing.clear()
             self._apply(self.table.drop_owner(client))
 
     # --- requests -----------------------------------------------------------------------------
 
-    def acquire(self, client: Client, request: protocol.Acquire) -> None:
+    def request(self, peer: Peer, message: object) -> StatusLook | None:
+        """Handle one request of a connected client. For a status, what to look for outside
+        lockd before `status_reply` answers it; else None: it is answered (in `orders`)."""
+        client = self.clients.get(peer)
+        if client is None:
+            return None  # refused or ended: nothing it asks is served
+        if isinstance(message, protocol.Acquire):
+            self._acquire(client, message)
+        elif isinstance(message, protocol.Release):
+            self._release(client, message.id)
+        elif isinstance(message, protocol.Status):
+            return self._status_look(client, message)
+        elif isinstance(message, protocol.ReleasePid):
+            self._release_pid(client, message)
+        elif isinstance(message, protocol.ForceRelease):
+            self._force_release(client, message)
+        else:
+            problem = f"unexpected {type(message).__name__} message"
+            self._send(peer, protocol.Error(None, protocol.ErrorCode.PROTOCOL, problem))
+            self._close(peer, problem)
+        return None
+
+    def _acquire(self, client: Client, request: protocol.Acquire) -> None:
+        """Queue a request for the names, or refuse it (limits, policy, a second lease of a
+        process on the same name)."""
+        process: ProcessOwner | None = None
         try:
             names = checked_names(request.names)
             if request.id in client.tickets or request.id in client.refusing:
@@ -252,52 +298,58 @@ class LockService:
                 uid_pending=lambda: sum(self._pending(c) for c in self.clients.values() if c.uid == client.uid),
             ) or self.policy.check_acquire(client.uid, client.gids, names, request.mode)
             if isinstance(refusal, errors.PermissionDenied):
-                self.log_noise(
+                self._log_noise(
                     REFUSED_REQUEST, client.uid, str(refusal),
                     "refused uid %d pid %d (%s) %s on %s: %s", client.uid, client.pid,
                     client.command, request.mode, ", ".join(names), refusal,
                 )
             if refusal is not None:
                 raise refusal
-            process = self.processes.owner(client.uid, request.pid) if request.pid is not None else None
-            if process is not None and timeout is None:
-                _refuse_a_second_lease(process, names)
+            if request.pid is not None:
+                process = self.processes.get(request.pid)
+                if client.uid not in (0, process.uid):
+                    raise errors.PermissionDenied(
+                        f"process {process.pid} belongs to uid {process.uid}, you are uid {client.uid}; "
+                        "only that user or root may tie leases to it"
+                    )
+                if timeout is None:
+                    self._refuse_a_second_lease(process, names)
         except errors.LockdError as exc:
+            if process is not None and self.processes.discard(process):
+                self.orders.append(Unwatch(process))
             self._send_error(client, request.id, exc)
             return
         label = client.peer.label if request.label is None else sanitize(request.label)
-        shared, wait = request.mode == "shared", timeout != 0
-        if process is not None:
-            claim = Claim(tuple(names), shared, wait, process.pid, process.uid, None, process.command, label)
-        else:
-            claim = Claim(tuple(names), shared, wait, client.pid, client.uid, client.gid, client.command, label)
+        who = process or client
+        claim = Claim(
+            names=tuple(names), shared=request.mode == "shared", wait=timeout != 0, pid=who.pid, uid=who.uid,
+            gid=None if process is not None else client.gid, command=who.command, label=label,
+        )
         now = self._clock()
         deadline = now + timeout if timeout else None
         ticket, effects = self.table.acquire(
-            client, names, shared=shared, wait=wait, deadline=deadline, now=now,
+            client, names, shared=claim.shared, wait=claim.wait, deadline=deadline, now=now,
             info=Party(client, request.id, claim, process),
         )
-        if ticket.state is not ENDED:  # else refused at once
-            client.tickets[request.id] = ticket
-            client.names += len(ticket.names)
-            self._uid_names[client.uid] = self._uid_names.get(client.uid, 0) + len(ticket.names)
-            if process is not None and self.processes.attach(process, ticket):
-                self.orders.append(Watch(process))
-        elif process is not None:
-            self.processes.discard(process)
+        client.tickets[request.id] = ticket
+        client.names += len(ticket.names)
+        self._uid_names[client.uid] = self._uid_names.get(client.uid, 0) + len(ticket.names)
+        if process is not None and self.processes.attach(process, ticket):
+            self.orders.append(Watch(process))
         if deadline is not None:
             self.orders.append(WakeAt(deadline))
         self._apply(effects)
 
-    def release(self, client: Client, request_id: int) -> None:
+    def _release(self, client: Client, request_id: int) -> None:
+        """End a lease or withdraw a request, at its client's wish."""
         ticket = client.tickets.get(request_id)
         if ticket is not None:
-            self._end_ticket(ticket)
             self._apply(self.table.release(ticket))
         else:
             client.refusing.discard(request_id)  # withdrawn: its refusal is not sent
 
-    def release_pid(self, client: Client, request: protocol.ReleasePid) -> None:
+    def _release_pid(self, client: Client, request: protocol.ReleasePid) -> None:
+        """Release the leases a process holds on some names (lockctl release)."""
         try:
             wanted = set(checked_names(request.names))
             owner = self.processes.find(request.pid)
@@ -311,9 +363,7 @@ class LockService:
             missing = wanted.difference(*(t.names for t in released))
             for ticket in released:
                 holder = party(ticket)
-                was_held = ticket.state is HELD
-                self._end_ticket(ticket)
-                if holder.client is not client and was_held:
+                if holder.client is not client and ticket.state is HELD:
                     self._send(holder.client.peer, protocol.Lost(
                         holder.request_id, f"released by uid {client.uid} (pid {client.pid}: {client.command})",
                     ))
@@ -329,13 +379,15 @@ class LockService:
         log.debug("%r released %d lease(s) of process %d", client, len(released), request.pid)
         self._send(client.peer, protocol.Done(request.id, len(released)))
 
-    def force_release(self, client: Client, request: protocol.ForceRelease) -> None:
+    def _force_release(self, client: Client, request: protocol.ForceRelease) -> None:
+        """Break every lease on a name, as policy allows: its holders are told, and have the
+        longest grace any of them was promised to let go (see lockd.table)."""
         try:
             (name,) = checked_names([request.name])
             holders = [t for t in self.table.holders(name) if t.state in _SHOWN_HELD]
             decision = self.policy.check_force(client.uid, name, [party(t).claim.uid for t in holders])
             if not decision.allowed:
-                self.log_noise(
+                self._log_noise(
                     REFUSED_REQUEST, client.uid, decision.reason,
                     "refused uid %d pid %d (%s) a forced release of %s: %s",
                     client.uid, client.pid, client.command, name, decision.reason,
@@ -355,32 +407,35 @@ class LockService:
         self._apply(effects)
         self._send(client.peer, protocol.Done(request.id, count))
 
-    def status_look(self, client: Client, request: protocol.Status, outside_names: list[str]) -> StatusLook | None:
+    def _status_look(self, client: Client, request: protocol.Status) -> StatusLook | None:
         """What to look for outside lockd to answer `request` (None: refused, answered).
 
         For the names asked for, all of them; for a status of everything (the names lockd
-        knows, and `outside_names` the backend knows), those lockd does not hold, and every
-        other lock file of the host."""
+        knows, the backend's own included), those lockd does not hold, and every other lock
+        file of the host."""
         if request.names:
             try:
                 names = checked_names(request.names)
             except errors.LockdError as exc:
                 self._send_error(client, request.id, exc)
                 return None
-            return StatusLook(names, names, every_file=False)
-        names = list(dict.fromkeys([*self.table.names(), *outside_names]))
-        return StatusLook(names, [name for name in names if not self._held(name)], every_file=True)
+            return StatusLook(request.id, names, names, every_file=False)
+        names = list(dict.fromkeys([*self.table.names(), *self._known_outside()]))
+        return StatusLook(request.id, names, [name for name in names if not self._held(name)], every_file=True)
 
     def status_reply(
-        self, client: Client, request_id: int, look: StatusLook, outside: dict[str, list[protocol.Holder]],
+        self, peer: Peer, look: StatusLook, outside: dict[str, list[protocol.Holder]],
         outside_waiting: dict[str, list[protocol.Holder]],
     ) -> None:
-        """Answer a status with the table as it is now and what the look found outside.
+        """Answer a status with the table as it is now and what the look found outside
+        (nothing if the client has gone meanwhile).
 
         The table is read after the look, so what lockd itself holds is shown as it is when
         answered: a name lockd let go of during the look was not looked for, and an outside
         holder that conflicts with lockd's holders has let go since, so it is left out.
         """
+        if peer not in self.clients:
+            return
         locks = []
         for name in look.shown(outside):
             holding = self.table.holders(name)
@@ -394,46 +449,49 @@ class LockService:
             waiters = [self._holder(t, name) for t in waiting] + outside_waiting.get(name, [])
             if holders or waiters:
                 locks.append(protocol.LockInfo(name, holders[0].mode if holders else None, holders, waiters))
-        self._send(client.peer, protocol.StatusReply(request_id, locks))
+        self._send(peer, protocol.StatusReply(look.request_id, locks))
 
     def _held(self, name: str) -> bool:
         return any(t.state in _SHOWN_HELD for t in self.table.holders(name))
 
-    # --- reports from the shell -----------------------------------------------------------------
+    # --- reports about takes, from the shell ---------------------------------------------------
 
-    def taken(self, ticket: Ticket, tokens: list[int]) -> None:
-        """The backend took `ticket`'s claim."""
-        if ticket not in self._taking:
-            return
-        self._take_ended(ticket)
-        self._apply(self.table.taken(ticket, tokens, now=self._clock()))
+    def taking(self, claim: Claim) -> bool:
+        """Whether the backend is still to take `claim` (a StartTake for it is not obsolete)."""
+        ticket = self._claimed.get(claim)
+        return ticket is not None and ticket in self._taking
 
-    def take_blocked(self, ticket: Ticket) -> None:
-        """The backend found the names held elsewhere, and the ticket does not wait."""
-        if ticket not in self._taking:
-            return
-        self._take_ended(ticket)
-        self._apply(self.table.take_blocked(ticket))
+    def taken(self, claim: Claim, tokens: list[int]) -> None:
+        """The backend took `claim`."""
+        ticket = self._claimed.get(claim)
+        if ticket is not None and ticket in self._taking:
+            self._take_ended(ticket)
+            self._apply(self.table.taken(ticket, tokens, now=self._clock()))
 
-    def take_failed(self, ticket: Ticket, exc: errors.LockdError) -> None:
-        """The backend could not take `ticket`'s claim: the request fails with `exc`."""
-        if ticket.state is ENDED:
-            return
-        who = party(ticket)
-        log.warning("cannot take %s for pid %s: %s", ", ".join(ticket.names), who.claim.pid, exc)
-        self._end_ticket(ticket)
-        self._send_error(who.client, who.request_id, exc)
-        self._apply(self.table.release(ticket))
+    def take_blocked(self, claim: Claim) -> None:
+        """The backend found the names held elsewhere, and the claim does not wait."""
+        ticket = self._claimed.get(claim)
+        if ticket is not None and ticket in self._taking:
+            self._take_ended(ticket)
+            self._apply(self.table.take_blocked(ticket))
 
-    def taking(self, ticket: Ticket) -> bool:
-        """Whether the backend is still to take `ticket` (a StartTake for it is not obsolete)."""
-        return ticket in self._taking
-
-    def take_waits(self, ticket: Ticket, holders: list[protocol.Holder]) -> None:
+    def take_waits(self, claim: Claim, holders: list[protocol.Holder]) -> None:
         """The backend waits for `holders`, outside the table: tell the client."""
-        if ticket in self._taking:
+        ticket = self._claimed.get(claim)
+        if ticket is not None and ticket in self._taking:
             who = party(ticket)
             self._send(who.client.peer, protocol.Queued(who.request_id, holders))
+
+    def take_failed(self, claim: Claim, exc: Exception) -> None:
+        """The backend could not take `claim` (a LockdError says why; anything else is a bug):
+        the request fails."""
+        ticket = self._claimed.get(claim)
+        if ticket is None or ticket.state is ENDED:
+            return
+        if not isinstance(exc, errors.LockdError):
+            log.error("internal error taking %s", ticket, exc_info=exc)
+            exc = errors.DaemonUnavailable("internal error in lockd while taking the lock (it is logged); retry")
+        self._fail(ticket, exc)
 
     def lost(self, claim: Claim, reason: str) -> None:
         """The backend can no longer vouch for `claim`: a lease is lost, a request fails."""
@@ -446,32 +504,53 @@ class LockService:
             elif ticket.state is BREAKING:
                 # Its holder was told it is lost when it was broken, and may still be at
                 # work: the lease ends, but what the holder has keeps the lock.
-                self._end_ticket(ticket)
                 self._apply(self.table.end([ticket]))
             elif ticket.state is not ENDED:
-                self.take_failed(ticket, errors.DaemonUnavailable(reason))
+                self._fail(ticket, errors.DaemonUnavailable(reason))
 
-    def refuse_naming(self, ticket: Ticket, reason: Reason, holders: list[protocol.Holder]) -> None:
-        """Send the refusal of `ticket` naming `holders` (found outside lockd), unless the
-        client withdrew the request or went away meanwhile."""
+    def _fail(self, ticket: Ticket, exc: errors.LockdError) -> None:
         who = party(ticket)
-        if who.request_id in who.client.refusing:
-            who.client.refusing.remove(who.request_id)
-            self._send_refusal(ticket, who, reason, holders)
+        log.warning("cannot take %s for pid %s: %s", ", ".join(ticket.names), who.claim.pid, exc)
+        self._send_error(who.client, who.request_id, exc)
+        self._apply(self.table.release(ticket))
+
+    # --- other reports from the shell -----------------------------------------------------------
+
+    def holders_found(self, look: LookForHolders, holders: list[protocol.Holder]) -> None:
+        """Send the refusal `look` was for, naming `holders` (found outside lockd), unless the
+        client withdrew the request or went away meanwhile."""
+        client = self.clients.get(look.peer)
+        if client is not None and look.request_id in client.refusing:
+            client.refusing.remove(look.request_id)
+            self._send_refusal(client, look.request_id, look.names, look.reason, holders)
+
+    def grant_undelivered(self, claim: Claim) -> None:
+        """The connection of a Grant closed as it went out. Never heard of, so never handed
+        on: a lease tied to a process would otherwise outlive the connection that asked for
+        it, held for nobody."""
+        ticket = self._claimed.get(claim)
+        if ticket is not None:
+            self._end_in_error(ticket)
+
+    def order_failed(self, order: Order) -> None:
+        """Carrying out `order` hit a bug: a lease it was for is lost, a request fails."""
+        claim = order.claim if isinstance(order, (StartTake, Grant)) else None
+        ticket = self._claimed.get(claim) if claim is not None else None
+        if ticket is not None:
+            self._end_in_error(ticket)
 
     def process_exited(self, owner: ProcessOwner) -> None:
         """End every ticket tied to the process: a lease is lost, a request fails."""
+        self.processes.exited(owner)
         tickets = list(owner.tickets)
         held = [t for t in tickets if t.state is HELD]
         if held:
             log.info("process %d exited: ending its %d lease(s)", owner.pid, len(held))
         for ticket in tickets:
             who = party(ticket)
-            state = ticket.state
-            self._end_ticket(ticket)
-            if state is HELD:
+            if ticket.state is HELD:
                 self._send(who.client.peer, protocol.Lost(who.request_id, f"process {owner.pid} exited"))
-            elif state is not BREAKING:  # a broken one was told already
+            elif ticket.state is not BREAKING:  # a broken one was told already
                 self._send(who.client.peer, protocol.Error(
                     who.request_id, protocol.ErrorCode.NOT_HELD,
                     f"process {owner.pid} exited before the lock was granted",
@@ -479,17 +558,45 @@ class LockService:
         # All at once: one of them waiting behind another must not be granted on its way out.
         self._apply(self.table.end(tickets))
 
-    def expire(self) -> None:
-        """Refuse the requests whose deadline passed, and end overdue broken leases."""
+    # --- time, configuration, shutdown ---------------------------------------------------------
+
+    def next_wake(self) -> float:
+        """When `wake` is next due (math.inf: not until some input says otherwise)."""
+        times = [t for t in (self.table.next_deadline(), self._noise.next_summary()) if t is not None]
+        return min(times, default=math.inf)
+
+    def wake(self) -> None:
+        """Refuse the requests whose deadline passed, end overdue broken leases, and log the
+        summaries of what clients did that are due."""
+        now = self._clock()
         with contained("expiring requests"):
-            self._apply(self.table.expire(self._clock()))
+            self._apply(self.table.expire(now))
+        with contained("logging what clients did"):
+            for summary in self._noise.summaries(now):
+                log.log(summary.kind.level, "%s", summary.text())
+
+    def log_every_summary(self) -> None:
+        """Log every summary of what clients did, due or not: the daemon is going."""
+        with contained("logging what clients did"):
+            for summary in self._noise.flush():
+                log.log(summary.kind.level, "%s", summary.text())
+
+    def reconfigure(self, limits: Limits, policy: Policy) -> None:
+        """Apply a reloaded configuration; what connected clients were promised stays."""
+        self.limits = limits
+        self.policy = policy
+
+    def counts(self) -> tuple[int, int, int]:
+        """How many leases are held, requests wait, and clients are connected."""
+        waiting = self.table.waiting_count()
+        return len(self.table) - waiting, waiting, len(self.clients)
 
     def stop(self) -> None:
         """Grant and release nothing more; report held leases lost where the backend's leases
         do not outlive the daemon; tell every client the daemon is going, and close it."""
         self.stopping = True
         reason = "the daemon is shutting down"
-        if not self.leases_outlive_daemon:
+        if not self._leases_outlive_daemon:
             for owner in [*self.clients.values(), *self.processes.owners()]:
                 for ticket in self.table.tickets_of(owner):
                     if ticket.state is HELD:
@@ -499,96 +606,6 @@ class LockService:
         for client in list(self.clients.values()):
             self._send(client.peer, goodbye)
             self._close(client.peer, reason)
-
-    # --- logging what clients do wrong ---------------------------------------------------------
-
-    def log_noise(self, kind: Kind, uid: int | None, reason: str, message: str, *args: object) -> None:
-        """Log `message` about what a client did, unless lines of that kind are over their
-        budget: then the event is counted for a summary (see loglimit)."""
-        if self._noise.admit(kind, self._clock(), uid, reason):
-            log.log(kind.level, message, *args)
-        else:
-            due = self._noise.next_summary()
-            if due is not None:
-                self.orders.append(SummariseAt(due))
-
-    def log_summaries(self, *, every: bool = False) -> float | None:
-        """Log the summaries due now (all of them, due or not, with `every`); return when the
-        next one is due."""
-        with contained("logging what clients did"):
-            summaries: list[Summary] = self._noise.flush() if every else self._noise.summaries(self._clock())
-            for summary in summaries:
-                log.log(summary.kind.level, "%s", summary.text())
-        return self._noise.next_summary()
-
-    # --- what clients are told ----------------------------------------------------------------
-
-    def _holder(self, ticket: Ticket, name: str) -> protocol.Holder:
-        who = party(ticket).claim
-        token = ticket.tokens[ticket.names.index(name)] if ticket.tokens else None
-        return protocol.Holder(
-            pid=who.pid, uid=who.uid, gid=who.gid, command=who.command, label=who.label,
-            since=ticket.since + self.wall_offset, mode=who.mode, token=token,
-        )
-
-    def _in_way(self, ticket: Ticket, blockers: Iterable[Ticket]) -> list[protocol.Holder]:
-        """The holders among `blockers` of the names `ticket` wants, each once."""
-        holders = {}
-        for blocker in blockers:
-            if blocker.holding:
-                name = next((n for n in blocker.names if n in ticket.names), None)
-                if name is not None:
-                    holders[blocker] = self._holder(blocker, name)
-        return list(holders.values())
-
-    def _send_refusal(self, ticket: Ticket, who: Party, reason: Reason, holders: list[protocol.Holder]) -> None:
-        """Tell `who` its request for `ticket` is refused (busy or timed out), naming `holders`."""
-        names = ", ".join(ticket.names)
-        if reason is Reason.TIMEOUT:
-            code, what = protocol.ErrorCode.TIMEOUT, f"{names}: timed out waiting for the lock"
-        else:
-            code, what = protocol.ErrorCode.BUSY, f"{names} is busy"
-        held_by = ""
-        if holders:
-            now = self._clock() + self.wall_offset
-            held_by = "; held by " + ", ".join(holder_text(holder, now) for holder in holders)
-        self._send(who.client.peer, protocol.Error(who.request_id, code, f"{what}{held_by}", holders))
-
-    def _send(self, peer: Peer, message: object) -> None:
-        self.orders.append(Send(peer, message))
-
-    def _send_error(self, client: Client, request_id: int, exc: errors.LockdError) -> None:
-        code = exc.code or protocol.ErrorCode.PROTOCOL
-        holders = exc.holders if isinstance(exc, errors.LockBusy) else []
-        self._send(client.peer, protocol.Error(request_id, code, str(exc), holders))
-
-    def _close(self, peer: Peer, reason: str) -> None:
-        self.orders.append(Close(peer, reason))
-
-    # --- the one place tickets end --------------------------------------------------------------
-
-    def _end_ticket(self, ticket: Ticket) -> None:
-        """`ticket` is ending: its request id, its counts and its tie to a process end with it."""
-        who = party(ticket)
-        client = who.client
-        if client.tickets.get(who.request_id) is ticket:
-            del client.tickets[who.request_id]
-            client.names -= len(ticket.names)
-            left = self._uid_names[client.uid] - len(ticket.names)
-            if left:
-                self._uid_names[client.uid] = left
-            else:
-                del self._uid_names[client.uid]
-        if who.process is not None:
-            self.processes.detach(who.process, ticket)
-
-    def _pending(self, client: Client) -> int:
-        """Requests of `client` not granted yet: waiting in the table or being taken."""
-        return self.table.waiting_of(client) + client.taking
-
-    def _take_ended(self, ticket: Ticket) -> None:
-        self._taking.remove(ticket)
-        party(ticket).client.taking -= 1
 
     # --- effects ------------------------------------------------------------------------------
 
@@ -619,12 +636,13 @@ class LockService:
                 self._claimed[who.claim] = ticket
                 self._taking.add(ticket)
                 who.client.taking += 1
-                self.orders.append(StartTake(ticket, who.claim))
+                self.orders.append(StartTake(who.claim))
         elif isinstance(effect, Granted):
             self._granted(ticket, who)
         elif isinstance(effect, Drop):
-            self._end_ticket(ticket)
             self._drop(ticket, who, effect.ending)
+        elif isinstance(effect, Ended):
+            self._ended(ticket, who)
         elif isinstance(effect, Queued):
             self._send(who.client.peer, protocol.Queued(who.request_id, self._in_way(ticket, effect.blockers)))
         elif isinstance(effect, Refused):
@@ -642,14 +660,14 @@ class LockService:
             self.table.reassign(ticket, who.process)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("granted %s to pid %s, token %s", ", ".join(ticket.names), who.claim.pid, ticket.tokens)
-        self.orders.append(Grant(ticket, who.client.peer, who.request_id, ticket.tokens, who.claim))
+        self.orders.append(Grant(who.client.peer, who.request_id, ticket.tokens, who.claim))
 
     def _drop(self, ticket: Ticket, who: Party, ending: Ending) -> None:
         if self._claimed.pop(who.claim, None) is None:
             return  # never handed to the backend
         if ticket in self._taking:
             self._take_ended(ticket)
-            self.orders.append(StopTake(ticket))
+            self.orders.append(StopTake(who.claim))
         if ending is Ending.OVERDUE:
             log.warning(
                 "%s: the broken lease of pid %s was not let go within limits.break_grace; "
@@ -661,47 +679,121 @@ class LockService:
         if not self.stopping:
             self.orders.append(Release(who.claim, unlock=ending is not Ending.ABANDONED))
 
+    def _ended(self, ticket: Ticket, who: Party) -> None:
+        """The one place a ticket's records end: its request id, its counts, its process tie."""
+        client = who.client
+        if client.tickets.get(who.request_id) is ticket:
+            del client.tickets[who.request_id]
+        client.names -= len(ticket.names)
+        left = self._uid_names[client.uid] - len(ticket.names)
+        if left:
+            self._uid_names[client.uid] = left
+        else:
+            del self._uid_names[client.uid]
+        if who.process is not None and self.processes.detach(who.process, ticket):
+            self.orders.append(Unwatch(who.process))
+
     def _refused(self, ticket: Ticket, who: Party, effect: Refused) -> None:
-        self._end_ticket(ticket)
         holders = self._in_way(ticket, effect.blockers)
         if holders:
-            self._send_refusal(ticket, who, effect.reason, holders)
+            self._send_refusal(who.client, who.request_id, ticket.names, effect.reason, holders)
         else:
             # Held outside the table: the reply names whoever holds it now, found by a look
             # that starts after the refusal. Its id stays in use until the reply is sent.
             who.client.refusing.add(who.request_id)
-            self.orders.append(NameOutsideHolders(ticket, effect.reason))
-
-    def failed(self, ticket: Ticket) -> None:
-        """Carrying out an order for `ticket` hit a bug: a lease is lost, a request fails."""
-        with contained(f"ending {ticket} after an internal error"):
-            self._end_in_error(ticket)
-            self._apply([])
+            self.orders.append(LookForHolders(who.client.peer, who.request_id, ticket.names, effect.reason))
 
     def _end_in_error(self, ticket: Ticket) -> None:
         """End `ticket` after a bug: a lease is lost, a request fails."""
         if ticket.state is ENDED:
             return
         who = party(ticket)
-        state = ticket.state
-        self._end_ticket(ticket)
         problem = "internal error in lockd (it is logged); retry"
-        if state is HELD:
+        if ticket.state is HELD:
             self._send(who.client.peer, protocol.Lost(who.request_id, problem))
-        elif state is not BREAKING:
+        elif ticket.state is not BREAKING:
             self._send(who.client.peer, protocol.Error(who.request_id, protocol.ErrorCode.UNAVAILABLE, problem))
         # Not released: the holder may still be at work, and keeps the lock till it stops.
-        self._effects.extend(self.table.end([ticket]))
+        self._apply(self.table.end([ticket]))
 
+    def _pending(self, client: Client) -> int:
+        """Requests of `client` not granted yet: waiting in the table or being taken."""
+        return self.table.waiting_of(client) + client.taking
 
-@contextmanager
-def contained(doing: str) -> Iterator[None]:
-    """Log an exception raised while `doing` and carry on: a bug must cost the request it
-    concerns, never the daemon and everyone's leases."""
-    try:
-        yield
-    except Exception:
-        log.exception("internal error %s; carrying on", doing)
+    def _take_ended(self, ticket: Ticket) -> None:
+        self._taking.remove(ticket)
+        party(ticket).client.taking -= 1
+
+    def _refuse_a_second_lease(self, process: ProcessOwner, names: list[str]) -> None:
+        """Raise WouldDeadlock if `process` already holds any of `names`, for a request that
+        would wait for it without a bound: it would wait for itself, since the first lease
+        ends only when the process releases it or exits, and the process waits for the
+        lockctl asking for the second. (Shared on shared is refused too: a writer queued
+        between them would make it the same wait.)"""
+        holding = {name for ticket in process.tickets if ticket.holding for name in ticket.names}
+        mine = sorted(holding.intersection(names))
+        if mine:
+            raise errors.WouldDeadlock(
+                f"process {process.pid} already holds {', '.join(mine)}: a second lease on it would wait "
+                f"for the first, which ends only when that process releases it or exits; release it "
+                f"first (lockctl release {mine[0]}), or keep the one lease"
+            )
+
+    # --- what clients are told ----------------------------------------------------------------
+
+    def _send(self, peer: Peer, message: object) -> None:
+        self.orders.append(Send(peer, message))
+
+    def _close(self, peer: Peer, reason: str) -> None:
+        self.orders.append(Close(peer, reason))
+
+    def _send_error(self, client: Client, request_id: int, exc: errors.LockdError) -> None:
+        code = exc.code or protocol.ErrorCode.PROTOCOL
+        holders = exc.holders if isinstance(exc, errors.LockBusy) else []
+        self._send(client.peer, protocol.Error(request_id, code, str(exc), holders))
+
+    def _holder(self, ticket: Ticket, name: str) -> protocol.Holder:
+        who = party(ticket).claim
+        token = ticket.tokens[ticket.names.index(name)] if ticket.tokens else None
+        return protocol.Holder(
+            pid=who.pid, uid=who.uid, gid=who.gid, command=who.command, label=who.label,
+            since=ticket.since + self._wall_offset, mode=who.mode, token=token,
+        )
+
+    def _in_way(self, ticket: Ticket, blockers: Iterable[Ticket]) -> list[protocol.Holder]:
+        """The holders among `blockers` of the names `ticket` wants, each once."""
+        holders = {}
+        for blocker in blockers:
+            if blocker.holding:
+                name = next((n for n in blocker.names if n in ticket.names), None)
+                if name is not None:
+                    holders[blocker] = self._holder(blocker, name)
+        return list(holders.values())
+
+    def _send_refusal(
+        self, client: Client, request_id: int, names: tuple[str, ...], reason: Reason, holders: list[protocol.Holder]
+    ) -> None:
+        """Tell `client` its request is refused (busy or timed out), naming `holders`."""
+        shown = ", ".join(names)
+        if reason is Reason.TIMEOUT:
+            code, what = protocol.ErrorCode.TIMEOUT, f"{shown}: timed out waiting for the lock"
+        else:
+            code, what = protocol.ErrorCode.BUSY, f"{shown} is busy"
+        held_by = ""
+        if holders:
+            now = self._clock() + self._wall_offset
+            held_by = "; held by " + ", ".join(holder_text(holder, now) for holder in holders)
+        self._send(client.peer, protocol.Error(request_id, code, f"{what}{held_by}", holders))
+
+    def _log_noise(self, kind: Kind, uid: int | None, reason: str, message: str, *args: object) -> None:
+        """Log `message` about what a client did, unless lines of that kind are over their
+        budget: then the event is counted for a summary (see loglimit)."""
+        if self._noise.admit(kind, self._clock(), uid, reason):
+            log.log(kind.level, message, *args)
+        else:
+            due = self._noise.next_summary()
+            if due is not None:
+                self.orders.append(WakeAt(due))
 
 
 def checked_names(names: list[str]) -> list[str]:
@@ -711,20 +803,4 @@ def checked_names(names: list[str]) -> list[str]:
     if problem is not None:
         raise errors.InvalidName(problem)
     return unique
-
-
-def _refuse_a_second_lease(process: ProcessOwner, names: list[str]) -> None:
-    """Raise WouldDeadlock if `process` already holds any of `names`, for a request that
-    would wait for it without a bound: it would wait for itself, since the first lease ends
-    only when the process releases it or exits, and the process waits for the lockctl asking
-    for the second. (Shared on shared is refused too: a writer queued between them would
-    make it the same wait.)"""
-    mine = sorted({name for ticket in process.tickets if ticket.holding for name in ticket.names}.intersection(names))
-    if mine:
-        taken = ", ".join(mine)
-        raise errors.WouldDeadlock(
-            f"process {process.pid} already holds {taken}: a second lease on it would wait for "
-            f"the first, which ends only when that process releases it or exits; release it "
-            f"first (lockctl release {mine[0]}), or keep the one lease"
-        )
 

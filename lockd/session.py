@@ -1,5 +1,5 @@
-"""One client connection: who is on the other end, what it asked for, and its socket I/O —
-the handshake, reading and decoding requests, and writing replies.
+"""One client connection's socket I/O: the handshake, reading and decoding requests, and
+writing replies. Who the client is and what it asked for are the service's (lockd.service).
 
 Invariants:
 - Everything the daemon sends to a client goes through `Session.send`, which never awaits: it
@@ -193,10 +193,11 @@ class Session:
 
     # --- serving ------------------------------------------------------------------------------
 
-    async def serve(self, welcome: protocol.Welcome, handle: Handler, limits: Limits) -> None:
+    async def serve(self, welcome: protocol.Welcome | None, handle: Handler, limits: Limits) -> None:
         """Serve the connection until either side ends it, then close the socket.
 
-        The client must say Hello by `limits.handshake_timeout`; it is answered `welcome`. Then
+        The client must say Hello by `limits.handshake_timeout`; it is answered `welcome`
+        (None only for a session closed already, refused as it connected). Then
         each request is decoded and given to `handle`, in order: a request whose handling has
         to wait holds back this client's later requests, nobody else's. A session closed
         before `serve` (a refused connection) only flushes its goodbye. The session is closed
@@ -206,7 +207,7 @@ class Session:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._write_then_cancel, limits.send_timeout, nursery.cancel_scope)
-                if not self.closed:
+                if welcome is not None and not self.closed:
                     await self._converse(welcome, handle, limits)
                 self.close(self.close_reason or "the client closed the connection")
             if not self._eof:

@@ -20,7 +20,9 @@ backend then obtains the real lock (an flock, an etcd key) and the edge reports 
 backend is only ever asked for locks the table agrees on. Every `Take` is followed by exactly
 one `Drop` of the same ticket, whatever ends it; the Drop says how it ended (`Ending`), since
 the owner's work may outlive a lease the owner did not release: only a released one is let go
-of for everyone at once.
+of for everyone at once. And every ticket, granted or not, ends with exactly one `Ended`,
+after whatever else its end causes for it (Refused, Lost, Drop): the one place the edge lets
+go of its own records of the ticket.
 
 A forced release does not end a lease: it tells the owner (`Lost`) and moves it HELD →
 BREAKING, still a holder, until the owner says it has stopped its work (`release`), goes
@@ -149,6 +151,12 @@ class Drop(Effect):
     def __init__(self, ticket: Ticket, ending: Ending) -> None:
         super().__init__(ticket)
         self.ending = ending
+
+
+class Ended(Effect):
+    """`ticket` has ended (it is ENDED): forget whatever is kept for it outside the table."""
+
+    __slots__ = ()
 
 
 class Granted(Effect):
@@ -340,7 +348,7 @@ class LockTable:
                 break
         if not wait and not grantable:
             ticket.state = ENDED
-            return ticket, [Refused(ticket, Reason.BUSY, self._blockers(ticket))]
+            return ticket, [Refused(ticket, Reason.BUSY, self._blockers(ticket)), Ended(ticket)]
         ticket.seq = next(self._arrivals)
         self._owners.setdefault(owner, {})[ticket] = None
         # Even a ticket granted at once needs its deadline: it stays TAKING for as long as the
@@ -432,6 +440,7 @@ class LockTable:
         """
         tickets = [t for t in dict.fromkeys(tickets) if t.state is not ENDED]
         effects: list[Effect] = [Drop(t, Ending.ABANDONED) for t in tickets if t.holding]
+        effects += [Ended(t) for t in tickets]
         for ticket in tickets:
             self._remove(ticket)
         return effects + self._grant_waiting(dict.fromkeys(n for t in tickets for n in t.names))
@@ -571,7 +580,7 @@ class LockTable:
             _count(by_name, name, delta)
 
     def _end(self, ticket: Ticket, ending: Ending) -> list[Effect]:
-        effects: list[Effect] = [Drop(ticket, ending)] if ticket.holding else []
+        effects: list[Effect] = [Drop(ticket, ending), Ended(ticket)] if ticket.holding else [Ended(ticket)]
         self._remove(ticket)
         return effects + self._grant_waiting(ticket.names)
 

@@ -8,7 +8,6 @@ service's counts agree with its table (`consistent`).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
@@ -16,17 +15,23 @@ from lockd_client import errors, protocol
 
 from lockd.backend import Claim
 from lockd.config import Limits
-from lockd.orders import Close, Grant, NameOutsideHolders, Order, Release, Send, StartTake, StopTake, WakeAt, Watch
+from lockd.orders import Close, Grant, LookForHolders, Order, Release, Send, StartTake, StopTake, WakeAt, Watch
 from lockd.policy import Policy
 from lockd.processes import Processes, ProcessOwner
 from lockd.service import Client, LockService
 from lockd.table import LockTable, Reason, State
+
+WALL_OFFSET = 1_000_000.0
+#: The processes that exist, with their uids.
+PID = 4242
+PROCESS_UID = {PID: 1000, 1: 0}
 
 
 class FakePeer:
     def __init__(self, name: str) -> None:
         self.name = name
         self.label: str | None = None
+        self.closed = False
 
     def send(self, message: object, fds: object = ()) -> None:
         raise AssertionError("the service never sends itself")
@@ -51,10 +56,12 @@ class Harness:
 
     def __init__(self, *, leases_outlive_daemon: bool = True, limits: Limits | None = None, grant: bool = True) -> None:
         self.clock = Clock()
-        self.exited: list[ProcessOwner] = []
+        #: What the backend knows is held on other hosts.
+        self.outside_names: list[str] = []
         self.service = LockService(
-            LockTable(), Processes(self.exited.append), limits or Limits(), Policy((), {0: "root"}),
-            leases_outlive_daemon=leases_outlive_daemon, clock=self.clock,
+            LockTable(), Processes(self.open_process), limits or Limits(), Policy((), {0: "root"}),
+            backend="flock", leases_outlive_daemon=leases_outlive_daemon, loss_notice=None,
+            known_outside=lambda: self.outside_names, clock=self.clock, wall_offset=WALL_OFFSET,
         )
         #: Whether a StartTake is answered `taken` at once, as the flock backend does when the
         #: file is free; otherwise it is left to the test (a take waiting outside lockd).
@@ -63,12 +70,19 @@ class Harness:
         self.taking: list[StartTake] = []
         self.peers: dict[str, FakePeer] = {}
 
+    @staticmethod
+    def open_process(pid: int) -> ProcessOwner:
+        """Processes from PROCESS_UID exist, of that user; no others do."""
+        if pid not in PROCESS_UID:
+            raise errors.NotHeld(f"process {pid} does not exist")
+        return ProcessOwner(pid, PROCESS_UID[pid], f"process {pid}", -1)
+
     def connect(self, name: str, uid: int = 1000) -> Client:
         peer = self.peers[name] = FakePeer(name)
-        client = self.service.connect(peer, 4000 + len(self.peers), uid, uid, frozenset({uid}), f"cmd {name}")
-        assert client is not None
+        welcome = self.service.connect(peer, 4000 + len(self.peers), uid, uid, frozenset({uid}), f"cmd {name}")
+        assert isinstance(welcome, protocol.Welcome) and welcome.backend == "flock"
         assert self.orders() == []
-        return client
+        return self.service.clients[peer]
 
     def orders(self) -> list[Order]:
         """The orders the service left, in order, carrying out the takes as the shell would."""
@@ -77,15 +91,18 @@ class Harness:
         while queue:
             order = queue.popleft()
             done.append(order)
-            if isinstance(order, StartTake) and order.ticket.state is State.TAKING:
+            if isinstance(order, StartTake) and self.service.taking(order.claim):
                 if self.grant:
-                    self.service.taken(order.ticket, [next(self.tokens) for _ in order.claim.names])
+                    self.service.taken(order.claim, [next(self.tokens) for _ in order.claim.names])
                 else:
                     self.taking.append(order)
         return done
 
     def acquire(self, client: Client, request_id: int, *names: str, **fields: object) -> list[Order]:
-        self.service.acquire(client, protocol.Acquire(request_id, list(names), **fields))  # type: ignore[arg-type]
+        return self.request(client, protocol.Acquire(request_id, list(names), **fields))  # type: ignore[arg-type]
+
+    def request(self, client: Client, message: object) -> list[Order]:
+        assert self.service.request(client.peer, message) is None
         return self.orders()
 
     def consistent(self) -> None:
@@ -130,7 +147,7 @@ def test_a_release_unlocks_for_every_copy_and_hands_the_lock_to_the_next_in_line
     assert kinds(queued) == ["Queued"]
     (message,) = sent(queued, b.peer)
     assert isinstance(message, protocol.Queued) and [w.pid for w in message.holders] == [a.pid]
-    h.service.release(a, 1)
+    h.service.request(a.peer, protocol.Release(1))
     orders = h.orders()
     assert kinds(orders) == ["Release", "StartTake", "Grant"]
     release = orders[0]
@@ -170,7 +187,7 @@ def test_a_request_beyond_the_connections_lease_limit_is_refused(h: Harness) -> 
     h.acquire(a, 1, "x", "y")
     (error,) = sent(h.acquire(a, 2, "z"))
     assert isinstance(error, protocol.Error) and error.code == "limit"
-    h.service.release(a, 1)
+    h.service.request(a.peer, protocol.Release(1))
     h.orders()
     assert kinds(h.acquire(a, 3, "z")) == ["StartTake", "Grant"]
 
@@ -181,10 +198,10 @@ def test_a_request_times_out_at_its_deadline_by_the_clock_given(h: Harness) -> N
     orders = h.acquire(b, 2, "x", timeout=5.0)
     assert WakeAt(105.0) in orders
     h.clock.now = 104.9
-    h.service.expire()
+    h.service.wake()
     assert h.orders() == []
     h.clock.now = 105.0
-    h.service.expire()
+    h.service.wake()
     (error,) = sent(h.orders(), b.peer)
     assert isinstance(error, protocol.Error) and (error.id, error.code) == (2, "timeout")
 
@@ -194,15 +211,15 @@ def test_a_take_waiting_outside_lockd_is_stopped_when_its_client_withdraws(h: Ha
     a = h.connect("a")
     assert kinds(h.acquire(a, 1, "x")) == ["StartTake"]
     (take,) = h.taking
-    h.service.take_waits(take.ticket, [protocol.Holder(pid=9, uid=0)])
+    h.service.take_waits(take.claim, [protocol.Holder(pid=9, uid=0)])
     (queued,) = sent(h.orders())
     assert isinstance(queued, protocol.Queued) and queued.holders[0].pid == 9
-    h.service.release(a, 1)
+    h.service.request(a.peer, protocol.Release(1))
     orders = h.orders()
     assert kinds(orders) == ["StopTake", "Release"]
-    assert isinstance(orders[0], StopTake) and orders[0].ticket is take.ticket
+    assert isinstance(orders[0], StopTake) and orders[0].claim is take.claim
     # A late answer from the cancelled take changes nothing.
-    h.service.taken(take.ticket, [5])
+    h.service.taken(take.claim, [5])
     assert h.orders() == [] and a.taking == 0
 
 
@@ -211,14 +228,14 @@ def test_a_take_blocked_outside_is_refused_naming_who_holds_it_once_looked_up(h:
     a = h.connect("a")
     h.acquire(a, 3, "x", timeout=0)
     (take,) = h.taking
-    h.service.take_blocked(take.ticket)
+    h.service.take_blocked(take.claim)
     look, release = h.orders()
-    assert isinstance(look, NameOutsideHolders) and look.reason is Reason.BUSY
+    assert isinstance(look, LookForHolders) and look.reason is Reason.BUSY
     assert isinstance(release, Release)  # nothing is held: the backend's drop does nothing
     # While the look runs the id stays in use: a new request with it is a protocol error.
     (error,) = sent(h.acquire(a, 3, "y"))
     assert isinstance(error, protocol.Error) and error.code == "protocol"
-    h.service.refuse_naming(look.ticket, look.reason, [protocol.Holder(pid=77, uid=0, command="flock x.lock")])
+    h.service.holders_found(look, [protocol.Holder(pid=77, uid=0, command="flock x.lock")])
     (refusal,) = sent(h.orders())
     assert isinstance(refusal, protocol.Error) and refusal.code == "busy" and "pid 77" in refusal.message
     assert kinds(h.acquire(a, 3, "y")) == ["StartTake"]
@@ -228,12 +245,12 @@ def test_a_withdrawn_refusal_is_never_sent(h: Harness) -> None:
     h.grant = False
     a = h.connect("a")
     h.acquire(a, 3, "x", timeout=0)
-    h.service.take_blocked(h.taking[0].ticket)
+    h.service.take_blocked(h.taking[0].claim)
     look, _ = h.orders()
-    assert isinstance(look, NameOutsideHolders)
-    h.service.release(a, 3)
+    assert isinstance(look, LookForHolders)
+    h.service.request(a.peer, protocol.Release(3))
     assert h.orders() == []
-    h.service.refuse_naming(look.ticket, look.reason, [])
+    h.service.holders_found(look, [])
     assert h.orders() == []
 
 
@@ -243,11 +260,11 @@ def test_a_failed_take_fails_that_request_only(h: Harness) -> None:
     h.acquire(a, 1, "x")
     h.acquire(a, 2, "y")
     first, second = h.taking
-    h.service.take_failed(first.ticket, errors.BadLockFile("x.lock is a directory"))
+    h.service.take_failed(first.claim, errors.BadLockFile("x.lock is a directory"))
     orders = h.orders()
     assert kinds(orders) == ["Error", "StopTake", "Release"]
     assert list(a.tickets) == [2] and a.taking == 1
-    h.service.taken(second.ticket, [4])
+    h.service.taken(second.claim, [4])
     assert kinds(h.orders()) == ["Grant"]
 
 
@@ -264,18 +281,18 @@ def test_a_lease_the_backend_cannot_vouch_for_is_lost(h: Harness) -> None:
     assert h.orders() == []
 
 
-async def test_release_pid_unlocks_before_it_answers(h: Harness) -> None:
-    a, admin = h.connect("a", uid=os.getuid()), h.connect("admin", uid=0)
-    ours = os.getpid()
-    h.service.acquire(a, protocol.Acquire(1, ["x"], pid=ours))
+def test_release_pid_unlocks_before_it_answers(h: Harness) -> None:
+    a, admin = h.connect("a", uid=PROCESS_UID[PID]), h.connect("admin", uid=0)
+    ours = PID
+    h.service.request(a.peer, protocol.Acquire(1, ["x"], pid=ours))
     orders = h.orders()
     assert kinds(orders) == ["Watch", "StartTake", "Grant"]
     watch = orders[0]
     assert isinstance(watch, Watch) and watch.owner.pid == ours
-    h.service.release_pid(admin, protocol.ReleasePid(5, ours, ["x"]))
+    h.service.request(admin.peer, protocol.ReleasePid(5, ours, ["x"]))
     orders = h.orders()
     # The holder hears first, then the lock goes, then the caller is told: never before it went.
-    assert kinds(orders) == ["Lost", "Release", "Done"]
+    assert kinds(orders) == ["Lost", "Release", "Unwatch", "Done"]
     assert isinstance(orders[1], Release) and orders[1].unlock
     assert h.service.processes.find(ours) is None  # nothing tied to it any more: not watched
 
@@ -284,23 +301,23 @@ def test_a_forced_release_breaks_the_lease_until_its_holder_lets_go(h: Harness) 
     a, b, admin = h.connect("a"), h.connect("b"), h.connect("admin", uid=0)
     h.acquire(a, 1, "x")
     h.acquire(b, 1, "x")
-    h.service.force_release(admin, protocol.ForceRelease(9, "x"))
+    h.service.request(admin.peer, protocol.ForceRelease(9, "x"))
     orders = h.orders()
     assert kinds(orders) == ["WakeAt", "Lost", "Done"]
     assert orders[0] == WakeAt(100.0 + Limits().break_grace)
     # Broken, not ended: b still waits until a says it has stopped.
     assert h.service.table.waiters("x")[0].owner is b
-    h.service.release(a, 1)
+    h.service.request(a.peer, protocol.Release(1))
     assert kinds(h.orders()) == ["Release", "StartTake", "Grant"]
 
 
 def test_a_broken_lease_not_let_go_within_the_grace_is_released_under_its_holder(h: Harness) -> None:
     a, admin = h.connect("a"), h.connect("admin", uid=0)
     h.acquire(a, 1, "x")
-    h.service.force_release(admin, protocol.ForceRelease(9, "x"))
+    h.service.request(admin.peer, protocol.ForceRelease(9, "x"))
     h.orders()
     h.clock.now += Limits().break_grace
-    h.service.expire()
+    h.service.wake()
     (release,) = h.orders()
     assert isinstance(release, Release) and release.unlock
 
@@ -338,19 +355,35 @@ def test_a_status_shows_holders_and_waiters_with_what_is_held_outside(h: Harness
     a.peer.label = "nightly"  # type: ignore[misc]
     h.acquire(a, 1, "x", mode="shared")
     h.acquire(b, 1, "x")
-    look = h.service.status_look(b, protocol.Status(2, []), ["remote"])
+    h.outside_names = ["remote"]
+    look = h.service.request(b.peer, protocol.Status(2, []))
     assert look is not None and look.names == ["x", "remote"] and look.look_for == ["remote"] and look.every_file
-    outside = {"remote": [protocol.Holder(pid=5, uid=0, mode="exclusive")], "y": [protocol.Holder(pid=6, uid=0)]}
-    h.service.status_reply(b, 2, look, outside, {})
+    # What the look finds: another host's holder, a process flocking a file, and one
+    # conflicting with lockd's shared holders of x, which must have let go since.
+    outside = {
+        "remote": [protocol.Holder(pid=5, uid=0, mode="exclusive")], "y": [protocol.Holder(pid=6, uid=0)],
+        "x": [protocol.Holder(pid=7, uid=0, mode="exclusive"), protocol.Holder(pid=8, uid=0, mode="shared")],
+    }
+    h.service.status_reply(b.peer, look, outside, {"remote": [protocol.Holder(pid=9, uid=0)]})
     (reply,) = sent(h.orders())
     assert isinstance(reply, protocol.StatusReply)
     shown = {lock.name: lock for lock in reply.locks}
     assert list(shown) == ["x", "remote", "y"]
     x = shown["x"]
     assert (x.mode, [(w.pid, w.label) for w in x.holders], [w.pid for w in x.waiters]) == (
-        "shared", [(a.pid, "nightly")], [b.pid],
+        "shared", [(a.pid, "nightly"), (8, None)], [b.pid],
     )
-    assert x.holders[0].since == pytest.approx(100.0 + h.service.wall_offset)
+    assert x.holders[0].since == pytest.approx(100.0 + WALL_OFFSET)
+    assert [w.pid for w in shown["remote"].waiters] == [9]
+
+
+def test_a_status_for_a_client_gone_during_the_look_is_not_sent(h: Harness) -> None:
+    a = h.connect("a")
+    look = h.service.request(a.peer, protocol.Status(2, ["x"]))
+    assert look is not None and look.look_for == ["x"] and not look.every_file
+    h.service.disconnected(a.peer, "the client closed the connection")
+    h.service.status_reply(a.peer, look, {}, {})
+    assert h.orders() == []
 
 
 def test_a_claim_is_immutable_and_equal_only_to_itself() -> None:
@@ -361,12 +394,12 @@ def test_a_claim_is_immutable_and_equal_only_to_itself() -> None:
         one.names = ("y",)  # type: ignore[misc]
 
 
-async def test_tickets_of_a_process_end_with_it(h: Harness) -> None:
-    a = h.connect("a", uid=os.getuid())
-    ours = os.getpid()
-    h.service.acquire(a, protocol.Acquire(1, ["x"], pid=ours))
+def test_tickets_of_a_process_end_with_it(h: Harness) -> None:
+    a = h.connect("a", uid=PROCESS_UID[PID])
+    ours = PID
+    h.service.request(a.peer, protocol.Acquire(1, ["x"], pid=ours))
     h.orders()
-    h.service.acquire(a, protocol.Acquire(2, ["x"], pid=ours, timeout=5.0))  # waits behind the first
+    h.service.request(a.peer, protocol.Acquire(2, ["x"], pid=ours, timeout=5.0))  # waits behind the first
     h.orders()
     owner = h.service.processes.find(ours)
     assert owner is not None and len(owner.tickets) == 2
@@ -374,17 +407,17 @@ async def test_tickets_of_a_process_end_with_it(h: Harness) -> None:
     orders = h.orders()
     # The lease is lost, the waiting request fails, and only then is anything released (not
     # granted to the waiter on its way out).
-    assert sorted(kinds(orders)[:2]) == ["Error", "Lost"] and kinds(orders)[2:] == ["Release"]
+    assert sorted(kinds(orders)[:2]) == ["Error", "Lost"] and kinds(orders)[2:] == ["Release", "Unwatch"]
     assert a.tickets == {} and a.names == 0
 
 
 def test_a_take_for_a_request_withdrawn_before_it_started_is_obsolete(h: Harness) -> None:
     h.grant = False
     a = h.connect("a")
-    h.service.acquire(a, protocol.Acquire(1, ["x"]))
-    h.service.release(a, 1)
+    h.service.request(a.peer, protocol.Acquire(1, ["x"]))
+    h.service.request(a.peer, protocol.Release(1))
     start, stop, release = h.service.orders
-    assert isinstance(start, StartTake) and not h.service.taking(start.ticket)
+    assert isinstance(start, StartTake) and not h.service.taking(start.claim)
     assert isinstance(stop, StopTake) and isinstance(release, Release)
 
 
@@ -404,7 +437,7 @@ def test_a_broken_lease_the_backend_loses_ends_without_unlocking_under_its_holde
     a, admin = h.connect("a"), h.connect("admin", uid=0)
     grant = h.acquire(a, 1, "x")[1]
     assert isinstance(grant, Grant)
-    h.service.force_release(admin, protocol.ForceRelease(9, "x"))
+    h.service.request(admin.peer, protocol.ForceRelease(9, "x"))
     h.orders()
     h.service.lost(grant.claim, "the etcd lease expired")
     (release,) = h.orders()  # told when it was broken: nothing more is sent
@@ -412,15 +445,15 @@ def test_a_broken_lease_the_backend_loses_ends_without_unlocking_under_its_holde
     assert a.tickets == {}
 
 
-async def test_a_process_tied_grant_that_reached_nobody_ends(h: Harness) -> None:
+def test_a_process_tied_grant_that_reached_nobody_ends(h: Harness) -> None:
     """The shell reports a Grant whose connection closed as it went out: the lease, tied to a
     process that never got its descriptors, must not live on until that process exits."""
-    a = h.connect("a", uid=os.getuid())
-    h.service.acquire(a, protocol.Acquire(1, ["x"], pid=os.getpid()))
+    a = h.connect("a", uid=PROCESS_UID[PID])
+    h.service.request(a.peer, protocol.Acquire(1, ["x"], pid=PID))
     grant = h.orders()[-1]
     assert isinstance(grant, Grant)
-    h.service.failed(grant.ticket)
+    h.service.grant_undelivered(grant.claim)
     orders = h.orders()
-    assert kinds(orders) == ["Lost", "Release"]
+    assert kinds(orders) == ["Lost", "Release", "Unwatch"]
     assert isinstance(orders[1], Release) and not orders[1].unlock
-    assert grant.ticket.state is State.ENDED and h.service.processes.find(os.getpid()) is None
+    assert a.tickets == {} and h.service.processes.find(PID) is None

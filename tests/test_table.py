@@ -2,7 +2,9 @@
 
 Every test goes through `CheckedTable`, which runs `LockTable.check()` after every call and
 keeps the Take/Drop ledger: a ticket is taken at most once, dropped only after being taken
-and at most once, and when the test ends (all owners gone) every Take has had its Drop.
+and at most once, and when the test ends (all owners gone) every Take has had its Drop. It
+also checks that every ticket ends with exactly one `Ended`, last of its effects, and leaves
+those out of what the tests see.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pytest
 from lockd.table import (
     Drop,
     Effect,
+    Ended,
     Ending,
     Granted,
     LockTable,
@@ -38,9 +41,18 @@ class CheckedTable:
         self.table = LockTable()
         self.took: set[Ticket] = set()
         self.dropped: set[Ticket] = set()
+        self.acquired: set[Ticket] = set()
+        self.ended: set[Ticket] = set()
         self.owners: dict[Hashable, None] = {}
 
     def _record(self, effects: list[Effect]) -> list[Effect]:
+        for i, effect in enumerate(effects):
+            if isinstance(effect, Ended):
+                assert effect.ticket.state is State.ENDED, effect.ticket
+                assert effect.ticket not in self.ended, f"second Ended of {effect.ticket}"
+                later = [e for e in effects[i + 1 :] if e.ticket is effect.ticket]
+                assert not later, f"{later} after the Ended of {effect.ticket}"
+                self.ended.add(effect.ticket)
         for effect in effects:
             if isinstance(effect, Take):
                 assert effect.ticket not in self.took, f"second Take of {effect.ticket}"
@@ -53,13 +65,14 @@ class CheckedTable:
             elif isinstance(effect, Granted):
                 assert effect.ticket.state is State.HELD, effect.ticket
         self.table.check()
-        return effects
+        return [effect for effect in effects if not isinstance(effect, Ended)]
 
     def acquire(
         self, owner: Hashable, names: Iterable[str], now: float = 0.0, **kwargs: Any
     ) -> tuple[Ticket, list[Effect]]:
         self.owners[owner] = None
         ticket, effects = self.table.acquire(owner, names, now=now, **kwargs)
+        self.acquired.add(ticket)
         return ticket, self._record(effects)
 
     def hold(self, owner: Hashable, names: Iterable[str], **kwargs: Any) -> Ticket:
@@ -96,6 +109,9 @@ class CheckedTable:
     def drop_owner(self, owner: Hashable) -> list[Effect]:
         return self._record(self.table.drop_owner(owner))
 
+    def end(self, tickets: list[Ticket]) -> list[Effect]:
+        return self._record(self.table.end(tickets))
+
     def reassign(self, ticket: Ticket, owner: Hashable) -> None:
         self.owners[owner] = None
         self.table.reassign(ticket, owner)
@@ -111,12 +127,14 @@ class CheckedTable:
         return len(self.table)
 
     def finish(self) -> None:
-        """Every owner leaves: the table empties and every Take has had exactly one Drop."""
+        """Every owner leaves: the table empties, every Take has had exactly one Drop and every
+        ticket its Ended."""
         for owner in self.owners:
             self.drop_owner(owner)
         assert len(self.table) == 0
         assert self.table.names() == []
         assert self.took == self.dropped, self.took ^ self.dropped
+        assert self.acquired == self.ended, self.acquired ^ self.ended
 
 
 @pytest.fixture

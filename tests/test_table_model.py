@@ -19,6 +19,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from lockd.table import (
     Drop,
     Effect,
+    Ended,
     Ending,
     Granted,
     LockTable,
@@ -186,6 +187,8 @@ class TableMachine(RuleBasedStateMachine):
         self.backend: dict[Ticket, None] = {}
         self.took: set[Ticket] = set()
         self.dropped: set[Ticket] = set()
+        #: Tickets whose Ended came: exactly those the model has ended.
+        self.ended: set[Ticket] = set()
 
     # --- carrying out effects -----------------------------------------------------------------
 
@@ -218,7 +221,14 @@ class TableMachine(RuleBasedStateMachine):
         `before`: the live tickets when the call began. `ended`: those of them it ended before
         its first effect (a release, a departure).
         """
+        for effect in actual:
+            if isinstance(effect, Ended):
+                assert effect.ticket.state is State.ENDED, effect.ticket
+                assert effect.ticket not in self.ended, f"second Ended of {effect.ticket}"
+                self.ended.add(effect.ticket)
+        actual = [effect for effect in actual if not isinstance(effect, Ended)]
         assert self._canonical(actual) == self._canonical(expected), (actual, expected)
+        assert self.ended == {t for t, state in self.model.state.items() if state is State.ENDED}
         arrival = self.model.arrival
         ended = set(ended)
         for effect in actual:
