@@ -17,7 +17,7 @@ import socket
 import stat
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, get_args
+from typing import TYPE_CHECKING, Final, get_args
 
 from . import __version__
 
@@ -51,11 +51,11 @@ Signals: SIGTERM/SIGINT end every lease and exit 0; SIGHUP reloads the config fi
 """
 
 #: How often the systemd status line is refreshed (only when something changed).
-STATUS_INTERVAL = 1.0
+STATUS_INTERVAL: Final = 1.0
 #: The signals lockd acts on. They are held back from the start until the event loop listens
 #: for them: the socket accepts before that, and a SIGHUP sent as soon as it does (a reload
 #: right after start) must reload, not kill the daemon with every lease.
-SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def _comma_list(text: str) -> list[str]:

@@ -15,14 +15,14 @@ import re
 from argparse import Namespace
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, NamedTuple
+from typing import Annotated, Any, Final, Literal, NamedTuple
 
 import msgspec
 from lockd_client import paths, protocol
 from lockd_client.errors import LockdError
 
 #: Where a root daemon reads its configuration; others read it under $XDG_CONFIG_HOME.
-SYSTEM_CONFIG = Path("/etc/lockd/lockd.toml")
+SYSTEM_CONFIG: Final = Path("/etc/lockd/lockd.toml")
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 BackendName = Literal["flock", "etcd"]
@@ -233,7 +233,7 @@ def _with_default_paths(config: Config, flag_socket: Path | None) -> Config:
 _TOP_FIELDS = {f.name: f.type for f in msgspec.structs.fields(Config)}
 _ETCD_FIELDS = {f.name: f.type for f in msgspec.structs.fields(Etcd)}
 #: Flags that set a field of the `[etcd]` table: `etcd_ttl` sets `etcd.ttl`.
-_ETCD_FLAG = "etcd_"
+_ETCD_FLAG: Final = "etcd_"
 
 
 def with_overrides(config: Config, flags: Namespace | Mapping[str, Any]) -> Config:
@@ -274,7 +274,7 @@ def _flag_value(name: str, value: object, type_: object) -> Any:
 # --- reload -------------------------------------------------------------------------------------
 
 #: Top-level fields a running daemon can take from a reloaded file; the rest need a restart.
-LIVE_FIELDS = frozenset({"log_level", "limits", "policy"})
+LIVE_FIELDS: Final = frozenset({"log_level", "limits", "policy"})
 
 
 class Reload(NamedTuple):

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import resource
 from pathlib import Path
+from typing import Final
 
-_NR_OPEN = Path("/proc/sys/fs/nr_open")
+_NR_OPEN: Final = Path("/proc/sys/fs/nr_open")
 
 
 def raise_nofile_limit() -> int:

@@ -11,12 +11,13 @@ import errno
 import os
 import socket
 import stat
+from typing import Final
 
 import trio
 
 #: The host's cap on every listen backlog (net.core.somaxconn): listen(2) cuts a larger one
 #: down to it without a word, so this is the longest queue lockd can ask for.
-SOMAXCONN = "/proc/sys/net/core/somaxconn"
+SOMAXCONN: Final = "/proc/sys/net/core/somaxconn"
 
 
 def somaxconn() -> int:

@@ -28,6 +28,7 @@ import os
 import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Final
 
 from lockd_client.errors import BadLockFile, DaemonUnavailable, LimitExceeded, LockdError
 from lockd_client.protocol import Holder, Mode, name_problem
@@ -35,12 +36,12 @@ from lockd_client.protocol import Holder, Mode, name_problem
 from . import procinfo
 from .backend import Claim
 
-SUFFIX = ".lock"
+SUFFIX: Final = ".lock"
 
 # Read-only: a holder gets a copy of the descriptor, and must be able to do no more with it
 # than flock(2) and read an empty file. O_NONBLOCK: opening a FIFO or device someone planted
 # at the path must not hang the daemon.
-_OPEN_FLAGS = os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+_OPEN_FLAGS: Final = os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 _KINDS = {
     stat.S_IFDIR: "a directory",

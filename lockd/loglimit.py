@@ -17,17 +17,20 @@ import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Final
 
-WINDOW = 10.0
-LINES = 20
-PER_UID = 5
+#: Per kind of fault, at most LINES lines per WINDOW seconds, PER_UID of them for any one uid:
+#: enough to see who does what, too few for one user to flood the journal or hide others.
+WINDOW: Final = 10.0
+LINES: Final = 20
+PER_UID: Final = 5
 #: Distinct uids, and distinct reasons, counted apart in one window; the rest as "others".
-KEPT = 50
+KEPT: Final = 50
 #: Shown in a summary, the most frequent first; the rest are summed up as "others".
-SHOWN = 5
+SHOWN: Final = 5
 
 #: Stands for the uids or reasons beyond KEPT.
-_OTHERS = object()
+_OTHERS: Final = object()
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import pwd
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import Any, get_args
+from typing import Any, Final, get_args
 
 from lockd_client.errors import PermissionDenied
 from lockd_client.protocol import Mode
@@ -30,7 +30,7 @@ from . import config
 from .config import ConfigError
 
 MODES: tuple[str, ...] = get_args(Mode)
-_ADVICE = "the daemon's policy ([policy] in its config file) decides this; ask its administrator"
+_ADVICE: Final = "the daemon's policy ([policy] in its config file) decides this; ask its administrator"
 
 
 @dataclass(frozen=True, slots=True)

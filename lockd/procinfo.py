@@ -10,19 +10,20 @@ import os
 import socket
 import struct
 from array import array
+from typing import Final
 
 from lockd_client.describe import sanitize
 
 #: `status` shows commands on one line each; a longer command line says nothing more useful.
-MAX_COMMAND_LENGTH = 1024
+MAX_COMMAND_LENGTH: Final = 1024
 # UTF-8 needs at most 4 bytes a character, so this many bytes always fill MAX_COMMAND_LENGTH.
 _COMMAND_READ_BYTES = 4 * MAX_COMMAND_LENGTH
 
-_UCRED = struct.Struct("3i")
+_UCRED: Final = struct.Struct("3i")
 #: Linux's SO_PEERGROUPS (since 4.13), which the socket module does not name.
-_SO_PEERGROUPS = 59
+_SO_PEERGROUPS: Final = 59
 #: The most Python's getsockopt reads: 256 groups. A peer in more is read from /proc.
-_PEERGROUPS_BYTES = 1024
+_PEERGROUPS_BYTES: Final = 1024
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:

@@ -28,6 +28,7 @@ import os
 import socket
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Final
 
 import msgspec
 import trio
@@ -40,16 +41,16 @@ log = logging.getLogger("lockd")
 
 #: Replies a client may leave unread before it is cut off. Generous: a `status` of a busy host
 #: is one large frame, and it is still appended whole.
-MAX_OUTBOX = 4 * 1024 * 1024
+MAX_OUTBOX: Final = 4 * 1024 * 1024
 #: Reads and requests the reader handles before it lets other tasks run.
-FAIR_TURNS = 16
+FAIR_TURNS: Final = 16
 #: After its goodbye is written, how long a cut-off client has to hang up before the daemon
 #: closes: until then what it still sends is read and dropped, so closing does not reset the
 #: connection and destroy the goodbye before the client reads it.
-LINGER = 1.0
-_RECV_SIZE = 65536
+LINGER: Final = 1.0
+_RECV_SIZE: Final = 65536
 #: How much of what a client sent a protocol error quotes, in its reply and in the log.
-_MAX_QUOTED = 120
+_MAX_QUOTED: Final = 120
 
 
 #: Handles one request. Most requests are handled at once, so a handler is a plain function

@@ -15,6 +15,7 @@ import os
 import socket
 import stat
 import time
+from typing import Final
 
 import trio
 from lockd_client.errors import LockdError
@@ -22,7 +23,7 @@ from lockd_client.errors import LockdError
 log = logging.getLogger(__name__)
 
 #: systemd passes sockets as descriptors 3, 4, ... (SD_LISTEN_FDS_START).
-LISTEN_FDS_START = 3
+LISTEN_FDS_START: Final = 3
 
 
 class ActivationError(LockdError):

@@ -26,15 +26,16 @@ import os
 import re
 import time
 from pathlib import Path
+from typing import Final
 
 from lockd_client.errors import DaemonUnavailable, LockdError
 
-FILE = "tokens"
-_TEMP = "tokens.tmp"
+FILE: Final = "tokens"
+_TEMP: Final = "tokens.tmp"
 #: Tokens reserved per write of the mark. A restart skips what is left of the block, which
 #: costs nothing (only order matters), while a daemon granting 20,000 leases a second writes
 #: the mark (one fsync) every few seconds instead of on every grant.
-BLOCK = 65536
+BLOCK: Final = 65536
 
 _MARK = re.compile(rb"[0-9]+\n")
 
