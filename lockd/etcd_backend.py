@@ -20,7 +20,9 @@ Order is ZooKeeper's recipe on etcd's global revision: a claim waits for the del
 nearest conflicting key below R (any key for an exclusive claim, an exclusive key for a
 shared one), then looks again. Waits never poll etcd: one watch over the prefix mirrors every
 key, and a deletion wakes only the claim waiting for that key. The oldest claim waits for
-nobody, so there is no deadlock across hosts, whatever names a request combines.
+nobody, so there is no deadlock across hosts, whatever names a request combines. Once etcd's
+order lets a claim through, a process holding its lock file outside lockd is waited for as
+lockd.filewaits does for every backend.
 """
 
 from __future__ import annotations
@@ -34,15 +36,15 @@ from collections.abc import Awaitable, Callable, Iterable
 
 import msgspec
 import trio
-
 from lockd_client.errors import LimitExceeded
 from lockd_client.protocol import Holder
 
 from . import etcd_client
-from .backend import Blocked, BlockedCallback, Claim, LoseCallback, holders_in_order
+from .backend import Blocked, BlockedCallback, Claim, LoseCallback
 from .config import Etcd
 from .etcd_client import EtcdClient, EtcdError, EtcdUnreachable, WatchCompacted, WatchResponse
 from .etcd_mirror import Change, Key, Mirror, Record
+from .filewaits import FileWaits
 from .hostlocks import HostLocks
 from .lockfiles import LockFiles
 
@@ -51,8 +53,6 @@ log = logging.getLogger("lockd.etcd")
 #: etcd's default --max-txn-ops: the most names one request may have (its keys are put in
 #: one txn), and the most keys one delete txn carries.
 _MAX_TXN_OPS = 128
-#: A local flock held outside lockd is retried at this interval, doubling up to the maximum.
-_FLOCK_POLL = (0.01, 0.5)
 #: Reconnecting to etcd backs off from the first to the second (seconds).
 _RECONNECT = (0.1, 1.0)
 #: The most takes talking to etcd at once, well below the client's `CONNECTIONS`: the rest
@@ -160,6 +160,7 @@ class EtcdBackend:
         self._problem = "no etcd lease yet: lockd is still connecting"
         self._take_slots = trio.CapacityLimiter(_TAKES_AT_ONCE)
         self._host_locks = HostLocks(files)
+        self._file_waits = FileWaits(files, self._host_locks)
 
     @classmethod
     def from_config(cls, files: LockFiles, config: Etcd, host: str) -> EtcdBackend:
@@ -270,26 +271,28 @@ class EtcdBackend:
         the holders have stopped their work. It closes the connections to etcd.
         """
         try:
-            while True:
-                session = await self._open_session()
-                reason = await self._serve(session, lose)
-                log.warning(
-                    "%s; lockd reconnects to etcd and serves again once it has a new lease", reason
-                )
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._file_waits.run)
+                while True:
+                    session = await self._open_session()
+                    reason = await self._serve(session, lose)
+                    log.warning(
+                        "%s; lockd reconnects to etcd and serves again once it has a new lease", reason
+                    )
         finally:
             with trio.CancelScope(shield=True):
                 with trio.move_on_after(self._timeout):
                     # The leases given up but not yet revoked hold keys too.
                     leases = sorted(self._stale)
-                    session = self._session
-                    held = sum(a.session is session and a.held for a in self._attempts.values())
+                    last = self._session
+                    held = sum(a.session is last and a.held for a in self._attempts.values())
                     if held:
                         log.info(
                             "leaving etcd lease %x to expire: %d lease(s) held under it end once "
-                            "their holders have stopped", session.lease if session else 0, held,
+                            "their holders have stopped", last.lease if last else 0, held,
                         )
-                    elif session is not None and session.alive:
-                        leases.insert(0, session.lease)
+                    elif last is not None and last.alive:
+                        leases.insert(0, last.lease)
                     for lease in leases:
                         try:
                             await self._client.revoke(lease, timeout=self._timeout)
@@ -326,16 +329,12 @@ class EtcdBackend:
             else:
                 blocked([blocker.holder()])
             await blocker.gone.wait()
-        delay = _FLOCK_POLL[0]
-        while not self._files.try_lock(claim):
+        if not self._files.try_lock(claim):
             waited = True
             if not claim.wait:
                 names = "+".join(claim.names)
                 raise Blocked(f"{names}: held by a process outside lockd on this host")
-            if delay == _FLOCK_POLL[0]:
-                blocked(holders_in_order(await self._host_locks.holders_of(list(claim.names)), claim.names))
-            await trio.sleep(delay)
-            delay = min(2 * delay, _FLOCK_POLL[1])
+            await self._file_waits.wait(claim, blocked)
         if waited:
             # While this waited, the mirror may have gone stale (a watch stalled silently is
             # noticed only within TTL/3 + 1 s), so its keys may have gone unseen, with an
@@ -401,6 +400,7 @@ class EtcdBackend:
         Idempotent."""
         if self._attempts.get(attempt.claim) is attempt:
             del self._attempts[attempt.claim]
+        self._file_waits.withdraw(attempt.claim)
         for key in attempt.keys.values():
             self._owners.pop(key, None)
         attempt.session.doom(attempt.keys.values())
