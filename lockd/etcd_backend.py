@@ -20,8 +20,13 @@ Order is ZooKeeper's recipe on etcd's global revision: a claim waits for the del
 nearest conflicting key below R (any key for an exclusive claim, an exclusive key for a
 shared one), then looks again. Waits never poll etcd: one watch over the prefix mirrors every
 key, and a deletion wakes only the claim waiting for that key. The oldest claim waits for
-nobody, so there is no deadlock across hosts, whatever names a request combines. Once etcd's
-order lets a claim through, a process holding its lock file outside lockd is waited for as
+nobody, so there is no deadlock across hosts, whatever names a request combines.
+
+etcd's order is the only one (`orders_requests`): the lock table hands every request over on
+arrival, and a claim's keys go into etcd at once, whatever this daemon holds or awaits, so
+this daemon's own earlier claims are outwaited like any other host's, and no-wait claims are
+refused, by their keys' place in etcd alone. The local flock is taken only once etcd's order
+lets the claim through; a process holding the file outside lockd is waited for as
 lockd.filewaits does for every backend.
 """
 
@@ -108,13 +113,15 @@ class _Session:
 class _Attempt:
     """One claim's keys, from `take` until `drop`."""
 
-    __slots__ = ("claim", "session", "keys", "held", "ended", "scope", "vanished")
+    __slots__ = ("claim", "session", "keys", "revision", "held", "ended", "scope", "vanished")
 
     def __init__(self, claim: Claim, session: _Session, keys: dict[str, str]) -> None:
         self.claim = claim
         self.session = session
         #: name → key
         self.keys = keys
+        #: The keys' create revision, once etcd has answered their put.
+        self.revision: int | None = None
         self.held = False
         self.ended = False
         #: The take's scope, cancelled if a key of the take is deleted by someone else
@@ -131,6 +138,8 @@ class EtcdBackend:
     """
 
     name = "etcd"
+    #: etcd's revision order is the one queue of every host (see the module docstring).
+    orders_requests = True
     #: The etcd key, not the local flock, is what other hosts respect, and it ends with the
     #: daemon's etcd lease.
     leases_outlive_daemon = False
@@ -180,11 +189,13 @@ class EtcdBackend:
     async def take(self, claim: Claim, blocked: BlockedCallback) -> list[int]:
         """Put the claim's keys, outwait conflicting older keys, flock; return R per name.
 
-        Raises `Blocked` (no-wait claim, lock held), `DaemonUnavailable` (no etcd lease, an
-        etcd request failed, the watch did not show the claim's keys in time, someone deleted
-        them, or the lease was lost meanwhile), `LimitExceeded` (more names than one etcd txn
-        takes), or what `LockFiles.try_lock` raises. On any exception,
-        cancellation included, the keys go to the janitor and the flocks are released.
+        The older keys are every host's, this daemon's included. Raises `Blocked` (no-wait
+        claim behind an older conflicting key, or a file held outside lockd),
+        `DaemonUnavailable` (no etcd lease, an etcd request failed, the watch did not show
+        the claim's keys in time, someone deleted them, or the lease was lost meanwhile),
+        `LimitExceeded` (more names than one etcd txn takes), or what `LockFiles.try_lock`
+        raises. On any exception, cancellation included (the edge cancels a take at its
+        request's deadline), the keys go to the janitor and the flocks are released.
         """
         if len(claim.names) > _MAX_TXN_OPS:
             raise LimitExceeded(
@@ -228,14 +239,21 @@ class EtcdBackend:
             attempt.ended = True
             self._end(attempt, unlock=unlock)
 
+    def place_of(self, claim: Claim) -> int | None:
+        """The revision of the claim's keys (its token once granted), once etcd answered their put."""
+        attempt = self._attempts.get(claim)
+        return attempt.revision if attempt is not None else None
+
     async def outside_holders_of(self, names: list[str], *, every_file: bool = False) -> dict[str, list[Holder]]:
-        """Local processes flocking each name outside lockd, then holders on other hosts.
+        """Local processes flocking each name outside lockd, then holders on other hosts (of
+        every name, with `every_file`).
 
         The other hosts' holders come from the watch's mirror (none while etcd is
         unreachable). A key counts as holding once no older conflicting key is left.
         """
         found = await self._host_locks.holders_of(names, every_file=every_file)
-        for name in names:
+        # Read after the look: the mirror is as of now.
+        for name in dict.fromkeys([*names, *(self.outside_names() if every_file else ())]):
             remote = [e.holder() for e in self._remote(name, holding=True)]
             if remote:
                 found[name] = found.get(name, []) + remote
@@ -314,6 +332,7 @@ class EtcdBackend:
         puts = [etcd_client.put(key, value, session.lease) for key in attempt.keys.values()]
         async with self._take_slots:
             _, revision = await self._client.txn(puts, timeout=self._timeout)
+        attempt.revision = revision
         await self._caught_up(session, revision)
         mirror = session.mirror
         # At or past the put's revision the mirror holds exactly what etcd held then: a key
@@ -327,8 +346,10 @@ class EtcdBackend:
             if not claim.wait:
                 await self._outwait_leftover(session, blocker)
             else:
-                blocked([blocker.holder()])
+                blocked([self._party(blocker)])
             await blocker.gone.wait()
+        # etcd lets the claim through: any holder of a lock file now is outside lockd (or
+        # work that outlives a lease of this daemon whose holder went away).
         if not self._files.try_lock(claim):
             waited = True
             if not claim.wait:
@@ -420,6 +441,12 @@ class EtcdBackend:
         if problem != self._problem:
             log.warning("%s", problem)
         self._problem = problem
+
+    def _party(self, key: Key) -> Holder:
+        """Who asked for `key`, as clients are shown it: a claim of this daemon's is on this
+        host (no `host`), whatever host name its record gives."""
+        holder = key.holder()
+        return msgspec.structs.replace(holder, host=None) if key.key in self._owners else holder
 
     def _remote(self, name: str, *, holding: bool) -> list[Key]:
         """Keys on `name` of no live local claim, holding or waiting per etcd's order."""

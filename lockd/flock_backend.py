@@ -4,9 +4,9 @@ Invariant: a claim holds its flocks exactly from a successful take to its drop, 
 successful take carries fresh tokens from the one durable counter; a take that fails, raises
 or is cancelled holds nothing (see lockd.backend).
 
-Within lockd the table decides who may hold what, so a take only ever waits for processes
-that flock the same files directly: the wait follows lockd.filewaits, whose `run` is this
-backend's.
+Within lockd the table decides who may hold what, and in what order (`orders_requests` is
+false), so a take only ever waits for processes that flock the same files directly: the wait
+follows lockd.filewaits, whose `run` is this backend's.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ class FlockBackend:
     """`lockd.backend.Backend` over LockFiles and a TokenStore, both owned by the caller."""
 
     name = "flock"
+    orders_requests = False
     #: The holder's copy of the lock file's descriptor keeps the flock (see lockd.lockfiles).
     leases_outlive_daemon = True
     loss_notice = None
@@ -72,6 +73,9 @@ class FlockBackend:
 
     def outside_waiters_of(self, names: list[str]) -> dict[str, list[Holder]]:
         return {}  # processes blocked in flock(2) on a lock file are not reported
+
+    def place_of(self, claim: Claim) -> int | None:
+        return None  # the table orders requests
 
     def outside_names(self) -> list[str]:
         return []

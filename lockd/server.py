@@ -399,12 +399,14 @@ class Server:
 
         Outside holders are looked for first, in one look at the host's locks: of the names
         asked for; for a status of everything, of the names lockd does not hold and of every
-        other lock file. Names no lockd client holds may be held elsewhere: by another host
-        (the backend knows those), or by a process flocking the file (only a look at the host
-        tells). The table is read after the look, so what lockd itself holds is shown as it is
-        when answered: a name lockd let go of during the look was not looked for, and an
-        outside holder that conflicts with lockd's holders has let go since, so it is left
-        out. Cancellation: nothing is sent.
+        other lock file (and every name another host holds, from a backend shared by hosts).
+        Names no lockd client holds may be held elsewhere: by another host (the backend knows
+        those), or by a process flocking the file (only a look at the host tells). The table
+        is read after the look, so what lockd itself holds is shown as it is when answered: a
+        name lockd let go of during the look was not looked for, and an outside holder that
+        conflicts with lockd's holders has let go since, so it is left out. Where the backend
+        orders requests, holders and waiters are listed in its order. Cancellation: nothing is
+        sent.
         """
         try:
             if request.names:
@@ -431,6 +433,10 @@ class Server:
             elif held[0].shared:
                 holders += [h for h in outside.get(name, []) if h.mode == "shared"]
             waiters = [self._holder(t, name) for t in waiting] + outside_waiting.get(name, [])
+            if self.backend.orders_requests:
+                # One queue for every host: the backend's (tokens and places sort in it).
+                holders.sort(key=_place)
+                waiters.sort(key=_place)
             if holders or waiters:
                 locks.append(protocol.LockInfo(name, holders[0].mode if holders else None, holders, waiters))
         session.send(protocol.StatusReply(request.id, locks))
@@ -440,7 +446,8 @@ class Server:
 
     def _holder(self, ticket: Ticket, name: str) -> protocol.Holder:
         who = party(ticket).claim
-        token = ticket.tokens[ticket.names.index(name)] if ticket.tokens else None
+        # Not granted yet: its place in a backend's queue, shown as other hosts' waiters are.
+        token = ticket.tokens[ticket.names.index(name)] if ticket.tokens else self.backend.place_of(who)
         return protocol.Holder(
             pid=who.pid, uid=who.uid, gid=who.gid, command=who.command, label=who.label,
             since=ticket.since + self._wall_offset, mode="shared" if ticket.shared else "exclusive",
@@ -479,7 +486,10 @@ class Server:
         self._apply(self.table.end(tickets))
 
     def _pending(self, session: Session) -> int:
-        """Requests of `session` not granted yet: waiting in the table or being taken."""
+        """Requests of `session` not granted yet: waiting in the table or being taken (where
+        the backend orders requests, the table counts those as waiting already)."""
+        if self.table.ordered_by_backend:
+            return self.table.waiting_of(session)
         return self.table.waiting_of(session) + session.taking
 
     def _forget(self, ticket: Ticket) -> None:
@@ -641,27 +651,30 @@ class Server:
     def _refused(self, ticket: Ticket, who: Party, effect: Refused) -> None:
         self._forget(ticket)
         holders = self._in_way(ticket, effect.blockers)
-        if holders:
+        if holders and not self.backend.orders_requests:
             _send_refusal(ticket, who, effect.reason, holders)
         else:
-            # Held outside the table: the reply names whoever holds it now, found by a look
-            # that starts after the refusal and does not stall the event loop. The ticket has
+            # Held outside the table (where the backend orders requests, maybe on other hosts
+            # as well as here): the reply names whoever holds it now, found by a look that
+            # starts after the refusal and does not stall the event loop. The ticket has
             # ended already; a look takes milliseconds, so these tasks are no more than the
             # requests refused within that time.
             assert self._nursery is not None
             who.session.reserve(who.request_id)
-            self._nursery.start_soon(self._refuse_naming_outside, ticket, who, effect.reason)
+            self._nursery.start_soon(self._refuse_naming_outside, ticket, who, effect.reason, holders)
 
-    async def _refuse_naming_outside(self, ticket: Ticket, who: Party, reason: Reason) -> None:
-        """Send a refusal naming the holders outside lockd ([] if the look fails: it only
-        serves to name them), unless the client withdrew the request meanwhile."""
+    async def _refuse_naming_outside(
+        self, ticket: Ticket, who: Party, reason: Reason, holders: list[protocol.Holder]
+    ) -> None:
+        """Send a refusal naming `holders` and the holders outside lockd ([] if the look
+        fails: it only serves to name them), unless the client withdrew the request meanwhile."""
         try:
             found = await self.backend.outside_holders_of(list(ticket.names))
         except Exception:
             log.exception("internal error looking for the holders of %s; carrying on", ", ".join(ticket.names))
             found = {}
         if who.session.unreserve(who.request_id):
-            _send_refusal(ticket, who, reason, holders_in_order(found, ticket.names))
+            _send_refusal(ticket, who, reason, holders + holders_in_order(found, ticket.names))
 
     def _lost(self, ticket: Ticket, who: Party, reason: str) -> None:
         # Its Drop forgets it: a broken lease is still the client's until it lets go.
@@ -756,6 +769,12 @@ def _send_refusal(ticket: Ticket, who: Party, reason: Reason, holders: list[prot
     else:
         code, what = protocol.ErrorCode.BUSY, f"{names} is busy"
     who.session.send(protocol.Error(who.request_id, code, f"{what}{_held_by(holders)}", holders))
+
+
+def _place(holder: protocol.Holder) -> tuple[bool, int]:
+    """Where `holder` stands in a backend's queue (its token, or its place while it waits);
+    parties outside the queue (processes flocking a lock file) after it, in their order."""
+    return holder.token is None, holder.token or 0
 
 
 def _held_by(holders: list[protocol.Holder]) -> str:

@@ -551,8 +551,9 @@ class LockTable:
         """The holders in `ticket`'s way: on each of its names, those it cannot share with,
         and all of them where it waits behind an exclusive request (which waits for them).
         It may also wait behind earlier waiters for names nobody holds. Where the backend
-        orders requests, only the granted tickets (HELD, BREAKING) it cannot share with: the
-        backend knows the rest of its queue."""
+        orders requests, the holders are the granted tickets (HELD, BREAKING), and the table
+        does not know the backend's queue: a shared ticket still waiting is taken to wait
+        behind an exclusive request (else the backend would have granted it), so all of them."""
         return self._blockers(ticket)
 
     def __len__(self) -> int:
@@ -570,7 +571,10 @@ class LockTable:
             if line is not None:
                 # Behind a waiting exclusive ticket, a shared one waits for every holder too:
                 # they all go before that ticket, and it goes before this one.
-                behind = ticket.shared and self._behind_exclusive(line, ticket)
+                if self.ordered_by_backend:
+                    behind = ticket.shared and ticket.state is waits
+                else:
+                    behind = ticket.shared and self._behind_exclusive(line, ticket)
                 for holder in line.holders:
                     if holder is not ticket and holder.state is not waits and (
                         behind or not (ticket.shared and holder.shared)

@@ -740,9 +740,10 @@ def test_where_the_backend_orders_the_holders_in_the_way_are_the_granted_ones(or
     s = ordered.hold("a", ["x"], shared=True)
     e, _ = ordered.acquire("b", ["x"])
     s2, _ = ordered.acquire("c", ["x"], shared=True)
-    # The table does not know where e stands in the backend's queue: only holders are named.
-    assert (ordered.blockers(e), ordered.blockers(s2)) == ([s], [])
-    nw, _ = ordered.acquire("d", ["x"], wait=False)
+    # The table does not know the backend's queue: only holders are named, and a shared
+    # request that still waits must wait behind an exclusive one, so for every holder.
+    assert (ordered.blockers(e), ordered.blockers(s2), ordered.blockers(s)) == ([s], [s], [])
+    nw, _ = ordered.acquire("d", ["x"], shared=True, wait=False)
     assert ordered.take_blocked(nw) == [Refused(nw, Reason.BUSY, [s]), Drop(nw, Ending.RELEASED)]
     assert ordered.take_blocked(e) == []  # a waiting one stays in the backend's queue
     assert e.state is State.TAKING

@@ -84,13 +84,15 @@ class Model:
     def in_the_way(self, ticket: Ticket) -> list[Ticket]:
         """What effects report: name by name, the conflicting holders ahead, or every holder
         ahead where a conflicting waiter is ahead too (it waits for them all). Where the
-        backend orders requests: the granted tickets it conflicts with, wherever they arrived."""
+        backend orders requests: the granted tickets on its names, wherever they arrived
+        (one still waiting waits behind an exclusive request, so for all of them)."""
         found: dict[Ticket, None] = {}
         if self.ordered:
+            waiting = self.state[ticket] is State.TAKING
             for name in ticket.names:
                 for other in self.live:
                     granted = self.state[other] in (State.HELD, State.BREAKING)
-                    if granted and name in other.names and conflict(ticket, other):
+                    if granted and name in other.names and (waiting or conflict(ticket, other)):
                         found[other] = None
             return list(found)
         for name in ticket.names:
