@@ -47,7 +47,7 @@ from lockd_client.protocol import Holder
 from . import etcd_client
 from .backend import Blocked, BlockedCallback, Claim, LoseCallback
 from .config import Etcd
-from .etcd_client import EtcdClient, EtcdError, EtcdUnreachable, WatchCompacted, WatchResponse
+from .etcd_client import EtcdApi, EtcdClient, EtcdError, EtcdUnreachable, WatchCompacted, WatchResponse
 from .etcd_mirror import Change, Key, Mirror, Record
 from .filewaits import FileWaits
 from .hostlocks import HostLocks
@@ -145,7 +145,7 @@ class EtcdBackend:
     leases_outlive_daemon = False
 
     def __init__(
-        self, files: LockFiles, client: EtcdClient, *, host: str, ttl: float = 5.0,
+        self, files: LockFiles, client: EtcdApi, *, host: str, ttl: float = 5.0,
         prefix: str = "/lockd/",
     ) -> None:
         """`ttl` is the etcd lease's, in whole seconds (rounded up; etcd may raise it to its
