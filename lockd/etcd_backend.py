@@ -7,7 +7,9 @@ Invariants:
   lower create revision exists on any of its names; (3) this host's flock of every name is held.
 - The daemon vouches for its etcd lease only until `S + TTL - TTL/3`, S being when the last
   confirmed keep-alive was sent: etcd cannot expire the lease before S + TTL. At that deadline
-  every held claim is reported lost and the lease is never used again.
+  every held claim is reported lost and the lease is never used again; it is revoked only if
+  no claim was held under it, so a holder told of a loss has TTL/3 before another host can
+  have its lock.
 - Every key the daemon put belongs to a live claim or is on its way out: a claim's end, a
   take that fails or is cancelled, and any key of the current lease that the watch shows with
   no live claim all hand the key to the janitor, which deletes until etcd confirms.
@@ -164,7 +166,8 @@ class EtcdBackend:
         #: key → claim, for every key of a live claim.
         self._owners: dict[str, Claim] = {}
         self._sequence = itertools.count(1)
-        #: Leases given up but maybe not yet expired in etcd: revoked when etcd answers again.
+        #: Leases given up with no claim held under them, maybe not yet expired in etcd: revoked
+        #: when etcd answers again.
         self._stale: set[int] = set()
         self._problem = "no etcd lease yet: lockd is still connecting"
         self._take_slots = trio.CapacityLimiter(_TAKES_AT_ONCE)
@@ -508,10 +511,14 @@ class EtcdBackend:
             reason = await self._keep_alive(session)
             session.alive = False
             self._problem = reason
-            self._stale.add(session.lease)
+            held = [a for a in self._attempts.values() if a.held and a.session is session]
+            if not held:
+                # Revoked once etcd answers, to free its keys at once. One with holders is left
+                # to expire instead: they are told now, and etcd's TTL is their time to stop.
+                self._stale.add(session.lease)
             for scope in session.takes:
                 scope.cancel()
-            for attempt in [a for a in self._attempts.values() if a.held and a.session is session]:
+            for attempt in held:
                 lose(attempt.claim, reason)
             nursery.cancel_scope.cancel()
         self._session = None

@@ -787,3 +787,21 @@ async def test_a_frozen_member_costs_no_lease_while_the_others_serve(
                 await a.ready()
             finally:
                 frozen.cont()
+
+
+async def test_a_lease_lost_for_want_of_renewals_is_left_to_expire_not_revoked(
+    shared_etcd: EtcdCluster, hosts: Hosts
+) -> None:
+    """Its holders were just told: etcd's TTL is their time to stop, even if etcd answers again."""
+    a, b = hosts(shared_etcd.endpoints, "host0", "host1")
+    with trio.fail_after(WAIT):
+        async with serving(a, b) as nursery:
+            held, waiting = await holds_while_other_waits(a, b, nursery)
+            a.etcd.fail("keep_alive", 10**6)
+            while not a.lost:
+                await trio.sleep(0.01)
+            lost_at = a.lost[0][2]
+            a.etcd.fail("keep_alive", 0)  # etcd answers again: a new lease, the old one stale
+            await waiting.done.wait()
+            assert waiting.error is None
+            assert waiting.at - lost_at >= TTL / 3
