@@ -286,7 +286,7 @@ async def _serve(
     from .systemd import Notifier, watchdog_interval, watchdog_loop
     from .table import LockTable
 
-    server = Server(LockTable(), backend, conf.limits, policy)
+    server = Server(LockTable(ordered_by_backend=backend.orders_requests), backend, conf.limits, policy)
     with Notifier.from_environment() as notifier, trio.open_signal_receiver(*SIGNALS) as signals:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
         async with trio.open_nursery() as nursery:

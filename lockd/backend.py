@@ -8,6 +8,22 @@ local locks are lock-file descriptors (`descriptors`) that the edge hands to the
 `drop` releases them for every copy only when told the holder let go (`unlock`), and
 otherwise leaves them held for as long as the holder keeps its copies.
 
+Who decides what: the lock table (lockd.table) keeps this daemon's requests, their owners,
+deadlines and forced releases; whoever sees every competing request orders them all
+(`orders_requests`):
+
+- A backend whose locks are this host's alone (flock) leaves the order to the table: it is
+  asked only for locks the table grants, and waits only for holders outside lockd (processes
+  that flock the lock files themselves).
+- A backend shared with other hosts (etcd) orders every request itself, in its one global
+  queue (etcd's revision order): the table hands it each request on arrival, whatever this
+  host holds or awaits, and the backend alone decides when it is granted, that a no-wait one
+  is refused (`Blocked`), and whom it waits for. The table still ends a request at its
+  deadline, and the backend then withdraws it from the queue (the take is cancelled).
+
+Either way, the wait for a lock file that a process holds outside lockd follows one policy
+(lockd.filewaits).
+
 Implementations: `flock_backend.FlockBackend` (one host, files in the lock directory) and
 `etcd_backend.EtcdBackend` (many hosts).
 """
@@ -56,10 +72,20 @@ class Blocked(LockBusy):
     """The lock is held outside lockd and the claim does not wait."""
 
 
-class Backend(Protocol):
+class BackendView(Protocol):
+    """What the lock service reads of a backend: facts, and what it knows without asking
+    anyone. Never blocks, never does I/O."""
+
     @property
     def name(self) -> str:
         """Shown to clients in `Welcome.backend`."""
+
+    @property
+    def orders_requests(self) -> bool:
+        """Whether the backend orders requests itself, across everyone who shares its locks
+        (see the module docstring): the lock table then hands it every request on arrival
+        (`LockTable(ordered_by_backend=True)`), and `take` waits for this daemon's own earlier
+        requests and holders too."""
 
     @property
     def leases_outlive_daemon(self) -> bool:
@@ -74,6 +100,20 @@ class Backend(Protocol):
         party have the lock; None if the backend sets no such bound. A holder must stop its
         work by then."""
 
+    def place_of(self, claim: Claim) -> int | None:
+        """Where `claim` stands in the queue of a backend that orders requests, as a number
+        that sorts with the tokens of the others in it, holders and waiters (etcd: the revision
+        of its keys, its token once granted); None if the backend does not order requests or
+        has not queued the claim yet."""
+
+    def outside_names(self) -> list[str]:
+        """Names held or awaited outside this daemon that the backend knows of without asking
+        anyone (another host's locks); not the ones only a look at the host would find."""
+
+
+class Backend(BackendView, Protocol):
+    """A backend as the shell drives it: takes, drops, looks at the host, background duties."""
+
     def take_now(self, claim: Claim) -> list[int] | None:
         """Take every name of `claim` at once, all or none, without waiting.
 
@@ -85,11 +125,13 @@ class Backend(Protocol):
     async def take(self, claim: Claim, blocked: BlockedCallback) -> list[int]:
         """Wait until every name of `claim` can be taken, then take them all; return tokens.
 
-        If `claim.wait` is false and a name is held elsewhere, raise `Blocked` at once. When
-        waiting for holders outside the table, call `blocked` with them as soon as they are
-        known (again when the backend learns of others); a take that does not wait never
-        calls it.
-        Cancellation: if this raises Cancelled, nothing is held for the claim.
+        If `claim.wait` is false and a name is held elsewhere (or, for a backend that orders
+        requests, by anyone or anything ahead in its queue), raise `Blocked` at once. When
+        waiting for holders outside the table (or for whoever is ahead in its queue), call
+        `blocked` with them as soon as they are known (again when the backend learns of
+        others); a take that does not wait never calls it.
+        Cancellation: if this raises Cancelled, nothing is held for the claim (and a backend
+        that orders requests has withdrawn it from its queue, or is about to).
         """
 
     def descriptors(self, claim: Claim) -> list[int]:
@@ -105,7 +147,8 @@ class Backend(Protocol):
     async def outside_holders_of(self, names: list[str], *, every_file: bool = False) -> dict[str, list[Holder]]:
         """Holders of `names` that lockd's table does not know (other tools, other hosts), in
         one look; a name nobody outside holds is left out. With `every_file`, also every
-        other lock file in the lock directory that a process on this host holds.
+        other lock file in the lock directory that a process on this host holds, and every
+        name another host holds.
 
         The look starts after the call (refusals rely on it to name current holders). It may
         take milliseconds; it must not block the event loop meanwhile. Cancellation: may
@@ -114,10 +157,6 @@ class Backend(Protocol):
 
     def outside_waiters_of(self, names: list[str]) -> dict[str, list[Holder]]:
         """Requests for `names` queued outside this daemon (other hosts), in queue order."""
-
-    def outside_names(self) -> list[str]:
-        """Names held or awaited outside this daemon that the backend knows of without asking
-        anyone (another host's locks); not the ones only a look at the host would find."""
 
     async def run(self, lose: LoseCallback) -> None:
         """Background duties for as long as the daemon serves (keep-alives, watches).

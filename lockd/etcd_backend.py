@@ -7,7 +7,9 @@ Invariants:
   lower create revision exists on any of its names; (3) this host's flock of every name is held.
 - The daemon vouches for its etcd lease only until `S + TTL - TTL/3`, S being when the last
   confirmed keep-alive was sent: etcd cannot expire the lease before S + TTL. At that deadline
-  every held claim is reported lost and the lease is never used again.
+  every held claim is reported lost and the lease is never used again; it is revoked only if
+  no claim was held under it, so a holder told of a loss has TTL/3 before another host can
+  have its lock.
 - Every key the daemon put belongs to a live claim or is on its way out: a claim's end, a
   take that fails or is cancelled, and any key of the current lease that the watch shows with
   no live claim all hand the key to the janitor, which deletes until etcd confirms.
@@ -21,6 +23,13 @@ nearest conflicting key below R (any key for an exclusive claim, an exclusive ke
 shared one), then looks again. Waits never poll etcd: one watch over the prefix mirrors every
 key, and a deletion wakes only the claim waiting for that key. The oldest claim waits for
 nobody, so there is no deadlock across hosts, whatever names a request combines.
+
+etcd's order is the only one (`orders_requests`): the lock table hands every request over on
+arrival, and a claim's keys go into etcd at once, whatever this daemon holds or awaits, so
+this daemon's own earlier claims are outwaited like any other host's, and no-wait claims are
+refused, by their keys' place in etcd alone. The local flock is taken only once etcd's order
+lets the claim through; a process holding the file outside lockd is waited for as
+lockd.filewaits does for every backend.
 """
 
 from __future__ import annotations
@@ -38,10 +47,11 @@ from lockd_client.errors import LimitExceeded
 from lockd_client.protocol import Holder
 
 from . import etcd_client
-from .backend import Blocked, BlockedCallback, Claim, LoseCallback, holders_in_order
+from .backend import Blocked, BlockedCallback, Claim, LoseCallback
 from .config import Etcd
-from .etcd_client import EtcdClient, EtcdError, EtcdUnreachable, WatchCompacted, WatchResponse
+from .etcd_client import EtcdApi, EtcdClient, EtcdError, EtcdUnreachable, WatchCompacted, WatchResponse
 from .etcd_mirror import Change, Key, Mirror, Record
+from .filewaits import FileWaits
 from .hostlocks import HostLocks
 from .lockfiles import LockFiles
 
@@ -50,8 +60,6 @@ log = logging.getLogger("lockd.etcd")
 #: etcd's default --max-txn-ops: the most names one request may have (its keys are put in
 #: one txn), and the most keys one delete txn carries.
 _MAX_TXN_OPS = 128
-#: A local flock held outside lockd is retried at this interval, doubling up to the maximum.
-_FLOCK_POLL = (0.01, 0.5)
 #: Reconnecting to etcd backs off from the first to the second (seconds).
 _RECONNECT = (0.1, 1.0)
 #: The most takes talking to etcd at once, well below the client's `CONNECTIONS`: the rest
@@ -107,13 +115,15 @@ class _Session:
 class _Attempt:
     """One claim's keys, from `take` until `drop`."""
 
-    __slots__ = ("claim", "session", "keys", "held", "ended", "scope", "vanished")
+    __slots__ = ("claim", "session", "keys", "revision", "held", "ended", "scope", "vanished")
 
     def __init__(self, claim: Claim, session: _Session, keys: dict[str, str]) -> None:
         self.claim = claim
         self.session = session
         #: name → key
         self.keys = keys
+        #: The keys' create revision, once etcd has answered their put.
+        self.revision: int | None = None
         self.held = False
         self.ended = False
         #: The take's scope, cancelled if a key of the take is deleted by someone else
@@ -130,12 +140,14 @@ class EtcdBackend:
     """
 
     name = "etcd"
+    #: etcd's revision order is the one queue of every host (see the module docstring).
+    orders_requests = True
     #: The etcd key, not the local flock, is what other hosts respect, and it ends with the
     #: daemon's etcd lease.
     leases_outlive_daemon = False
 
     def __init__(
-        self, files: LockFiles, client: EtcdClient, *, host: str, ttl: float = 5.0,
+        self, files: LockFiles, client: EtcdApi, *, host: str, ttl: float = 5.0,
         prefix: str = "/lockd/",
     ) -> None:
         """`ttl` is the etcd lease's, in whole seconds (rounded up; etcd may raise it to its
@@ -154,11 +166,13 @@ class EtcdBackend:
         #: key → claim, for every key of a live claim.
         self._owners: dict[str, Claim] = {}
         self._sequence = itertools.count(1)
-        #: Leases given up but maybe not yet expired in etcd: revoked when etcd answers again.
+        #: Leases given up with no claim held under them, maybe not yet expired in etcd: revoked
+        #: when etcd answers again.
         self._stale: set[int] = set()
         self._problem = "no etcd lease yet: lockd is still connecting"
         self._take_slots = trio.CapacityLimiter(_TAKES_AT_ONCE)
         self._host_locks = HostLocks(files)
+        self._file_waits = FileWaits(files, self._host_locks)
 
     @classmethod
     def from_config(cls, files: LockFiles, config: Etcd, host: str) -> EtcdBackend:
@@ -178,11 +192,13 @@ class EtcdBackend:
     async def take(self, claim: Claim, blocked: BlockedCallback) -> list[int]:
         """Put the claim's keys, outwait conflicting older keys, flock; return R per name.
 
-        Raises `Blocked` (no-wait claim, lock held), `DaemonUnavailable` (no etcd lease, an
-        etcd request failed, the watch did not show the claim's keys in time, someone deleted
-        them, or the lease was lost meanwhile), `LimitExceeded` (more names than one etcd txn
-        takes), or what `LockFiles.try_lock` raises. On any exception,
-        cancellation included, the keys go to the janitor and the flocks are released.
+        The older keys are every host's, this daemon's included. Raises `Blocked` (no-wait
+        claim behind an older conflicting key, or a file held outside lockd),
+        `DaemonUnavailable` (no etcd lease, an etcd request failed, the watch did not show
+        the claim's keys in time, someone deleted them, or the lease was lost meanwhile),
+        `LimitExceeded` (more names than one etcd txn takes), or what `LockFiles.try_lock`
+        raises. On any exception, cancellation included (the edge cancels a take at its
+        request's deadline), the keys go to the janitor and the flocks are released.
         """
         if len(claim.names) > _MAX_TXN_OPS:
             raise LimitExceeded(
@@ -226,14 +242,21 @@ class EtcdBackend:
             attempt.ended = True
             self._end(attempt, unlock=unlock)
 
+    def place_of(self, claim: Claim) -> int | None:
+        """The revision of the claim's keys (its token once granted), once etcd answered their put."""
+        attempt = self._attempts.get(claim)
+        return attempt.revision if attempt is not None else None
+
     async def outside_holders_of(self, names: list[str], *, every_file: bool = False) -> dict[str, list[Holder]]:
-        """Local processes flocking each name outside lockd, then holders on other hosts.
+        """Local processes flocking each name outside lockd, then holders on other hosts (of
+        every name, with `every_file`).
 
         The other hosts' holders come from the watch's mirror (none while etcd is
         unreachable). A key counts as holding once no older conflicting key is left.
         """
         found = await self._host_locks.holders_of(names, every_file=every_file)
-        for name in names:
+        # Read after the look: the mirror is as of now.
+        for name in dict.fromkeys([*names, *(self.outside_names() if every_file else ())]):
             remote = [e.holder() for e in self._remote(name, holding=True)]
             if remote:
                 found[name] = found.get(name, []) + remote
@@ -269,26 +292,28 @@ class EtcdBackend:
         the holders have stopped their work. It closes the connections to etcd.
         """
         try:
-            while True:
-                session = await self._open_session()
-                reason = await self._serve(session, lose)
-                log.warning(
-                    "%s; lockd reconnects to etcd and serves again once it has a new lease", reason
-                )
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._file_waits.run)
+                while True:
+                    session = await self._open_session()
+                    reason = await self._serve(session, lose)
+                    log.warning(
+                        "%s; lockd reconnects to etcd and serves again once it has a new lease", reason
+                    )
         finally:
             with trio.CancelScope(shield=True):
                 with trio.move_on_after(self._timeout):
                     # The leases given up but not yet revoked hold keys too.
                     leases = sorted(self._stale)
-                    session = self._session
-                    held = sum(a.session is session and a.held for a in self._attempts.values())
+                    last = self._session
+                    held = sum(a.session is last and a.held for a in self._attempts.values())
                     if held:
                         log.info(
                             "leaving etcd lease %x to expire: %d lease(s) held under it end once "
-                            "their holders have stopped", session.lease if session else 0, held,
+                            "their holders have stopped", last.lease if last else 0, held,
                         )
-                    elif session is not None and session.alive:
-                        leases.insert(0, session.lease)
+                    elif last is not None and last.alive:
+                        leases.insert(0, last.lease)
                     for lease in leases:
                         try:
                             await self._client.revoke(lease, timeout=self._timeout)
@@ -310,6 +335,7 @@ class EtcdBackend:
         puts = [etcd_client.put(key, value, session.lease) for key in attempt.keys.values()]
         async with self._take_slots:
             _, revision = await self._client.txn(puts, timeout=self._timeout)
+        attempt.revision = revision
         await self._caught_up(session, revision)
         mirror = session.mirror
         # At or past the put's revision the mirror holds exactly what etcd held then: a key
@@ -323,18 +349,16 @@ class EtcdBackend:
             if not claim.wait:
                 await self._outwait_leftover(session, blocker)
             else:
-                blocked([blocker.holder()])
+                blocked([self._party(blocker)])
             await blocker.gone.wait()
-        delay = _FLOCK_POLL[0]
-        while not self._files.try_lock(claim):
+        # etcd lets the claim through: any holder of a lock file now is outside lockd (or
+        # work that outlives a lease of this daemon whose holder went away).
+        if not self._files.try_lock(claim):
             waited = True
             if not claim.wait:
                 names = "+".join(claim.names)
                 raise Blocked(f"{names}: held by a process outside lockd on this host")
-            if delay == _FLOCK_POLL[0]:
-                blocked(holders_in_order(await self._host_locks.holders_of(list(claim.names)), claim.names))
-            await trio.sleep(delay)
-            delay = min(2 * delay, _FLOCK_POLL[1])
+            await self._file_waits.wait(claim, blocked)
         if waited:
             # While this waited, the mirror may have gone stale (a watch stalled silently is
             # noticed only within TTL/3 + 1 s), so its keys may have gone unseen, with an
@@ -400,6 +424,7 @@ class EtcdBackend:
         Idempotent."""
         if self._attempts.get(attempt.claim) is attempt:
             del self._attempts[attempt.claim]
+        self._file_waits.withdraw(attempt.claim)
         for key in attempt.keys.values():
             self._owners.pop(key, None)
         attempt.session.doom(attempt.keys.values())
@@ -419,6 +444,12 @@ class EtcdBackend:
         if problem != self._problem:
             log.warning("%s", problem)
         self._problem = problem
+
+    def _party(self, key: Key) -> Holder:
+        """Who asked for `key`, as clients are shown it: a claim of this daemon's is on this
+        host (no `host`), whatever host name its record gives."""
+        holder = key.holder()
+        return msgspec.structs.replace(holder, host=None) if key.key in self._owners else holder
 
     def _remote(self, name: str, *, holding: bool) -> list[Key]:
         """Keys on `name` of no live local claim, holding or waiting per etcd's order."""
@@ -480,10 +511,14 @@ class EtcdBackend:
             reason = await self._keep_alive(session)
             session.alive = False
             self._problem = reason
-            self._stale.add(session.lease)
+            held = [a for a in self._attempts.values() if a.held and a.session is session]
+            if not held:
+                # Revoked once etcd answers, to free its keys at once. One with holders is left
+                # to expire instead: they are told now, and etcd's TTL is their time to stop.
+                self._stale.add(session.lease)
             for scope in session.takes:
                 scope.cancel()
-            for attempt in [a for a in self._attempts.values() if a.held and a.session is session]:
+            for attempt in held:
                 lose(attempt.claim, reason)
             nursery.cancel_scope.cancel()
         self._session = None

@@ -13,9 +13,9 @@ and int64-as-string encodings stay in here.
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import httpx
 import msgspec
@@ -149,6 +149,34 @@ def prefix_end(prefix: str) -> bytes:
 
 def _raw(key: str) -> bytes:
     return key.encode("utf-8", "surrogateescape")
+
+
+class EtcdApi(Protocol):
+    """What the etcd backend asks of a client: `EtcdClient`'s calls, as documented there
+    (tests put a double that injects faults in its place)."""
+
+    @property
+    def endpoint(self) -> str: ...
+
+    def aclose(self) -> Awaitable[None]: ...
+
+    def grant(self, ttl: int, *, timeout: float) -> Awaitable[tuple[int, int]]: ...
+
+    def keep_alive(self, lease: int, *, timeout: float) -> Awaitable[int]: ...
+
+    def revoke(self, lease: int, *, timeout: float) -> Awaitable[None]: ...
+
+    def range_prefix(self, prefix: str, *, timeout: float) -> Awaitable[tuple[int, list[KeyValue]]]: ...
+
+    def txn(
+        self, success: list[dict[str, Any]], *, compare: Sequence[dict[str, Any]] = (),
+        timeout: float,
+    ) -> Awaitable[tuple[bool, int]]: ...
+
+    def watch(
+        self, prefix: str, start_revision: int, on_response: Callable[[WatchResponse], None], *,
+        timeout: float,
+    ) -> Awaitable[None]: ...
 
 
 class EtcdClient:

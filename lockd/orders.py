@@ -14,6 +14,8 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from lockd_client.protocol import Holder
+
 from .backend import Claim
 from .processes import ProcessOwner
 from .table import Reason
@@ -91,12 +93,13 @@ class Grant:
 @dataclass(slots=True)
 class LookForHolders:
     """Look up who outside lockd holds `names`, for the refusal of `peer`'s request
-    `request_id` (`reason`); answer `holders_found`."""
+    `request_id` (`reason`), which names `known` first; answer `holders_found`."""
 
     peer: Peer
     request_id: int
     names: tuple[str, ...]
     reason: Reason
+    known: list[Holder]
 
 
 @dataclass(slots=True)

@@ -68,10 +68,8 @@ class Server:
     def __init__(self, table: LockTable, backend: Backend, limits: Limits, policy: Policy) -> None:
         self.backend = backend
         self.service = LockService(
-            table, Processes(pidfds.open_process), limits, policy,
-            backend=backend.name, leases_outlive_daemon=backend.leases_outlive_daemon,
-            loss_notice=backend.loss_notice, known_outside=backend.outside_names, clock=trio.current_time,
-            wall_offset=time.time() - trio.current_time(),
+            table, Processes(pidfds.open_process), limits, policy, backend,
+            clock=trio.current_time, wall_offset=time.time() - trio.current_time(),
         )
         self._session_ids = itertools.count(1)
         #: The backend's takes running in tasks of their own, each with the scope that stops it.

@@ -44,7 +44,7 @@ from lockd_client import errors, protocol
 from lockd_client.describe import holder_text, sanitize
 
 from . import __version__, admission
-from .backend import Claim
+from .backend import BackendView, Claim
 from .config import Limits
 from .loglimit import Kind, LogLimiter
 from .logs import contained
@@ -167,23 +167,19 @@ class LockService:
     """The decisions of the daemon over one lock table. See the module docstring."""
 
     def __init__(
-        self, table: LockTable, processes: Processes, limits: Limits, policy: Policy, *,
-        backend: str, leases_outlive_daemon: bool, loss_notice: float | None,
-        known_outside: Callable[[], list[str]], clock: Callable[[], float], wall_offset: float,
+        self, table: LockTable, processes: Processes, limits: Limits, policy: Policy, backend: BackendView, *,
+        clock: Callable[[], float], wall_offset: float,
     ) -> None:
-        """`backend`, `leases_outlive_daemon`, `loss_notice` and `known_outside` (its
-        `outside_names`) describe the backend, as its `lockd.backend.Backend` attributes do;
-        `clock` tells the time on the table's scale (monotonic seconds), and `wall_offset`
-        is Unix time minus `clock()`, for the times clients are shown."""
+        """`table` must order requests itself exactly when `backend` does not. `clock` tells
+        the time on the table's scale (monotonic seconds), and `wall_offset` is Unix time
+        minus `clock()`, for the times clients are shown."""
+        assert table.ordered_by_backend == backend.orders_requests
         self.table = table
         self.processes = processes
         #: Both may be replaced while serving (`reconfigure`).
         self.limits = limits
         self.policy = policy
         self._backend = backend
-        self._leases_outlive_daemon = leases_outlive_daemon
-        self._loss_notice = loss_notice
-        self._known_outside = known_outside
         self._clock = clock
         self._wall_offset = wall_offset
         self.clients: dict[Peer, Client] = {}
@@ -226,10 +222,10 @@ class LockService:
         self._uid_clients[uid] = self._uid_clients.get(uid, 0) + 1
         log.debug("%r connected: %s", peer, command)
         # What this client is promised holds for it even if a reload shortens the grace.
-        notice = self._loss_notice
+        notice = self._backend.loss_notice
         return protocol.Welcome(
-            protocol.PROTOCOL_VERSION, f"lockd {__version__}", self._backend, self.limits.max_frame,
-            leases_outlive_daemon=self._leases_outlive_daemon,
+            protocol.PROTOCOL_VERSION, f"lockd {__version__}", self._backend.name, self.limits.max_frame,
+            leases_outlive_daemon=self._backend.leases_outlive_daemon,
             stop_within=client.break_grace if notice is None else min(notice, client.break_grace),
         )
 
@@ -420,7 +416,7 @@ class LockService:
                 self._send_error(client, request.id, exc)
                 return None
             return StatusLook(request.id, names, names, every_file=False)
-        names = list(dict.fromkeys([*self.table.names(), *self._known_outside()]))
+        names = list(dict.fromkeys([*self.table.names(), *self._backend.outside_names()]))
         return StatusLook(request.id, names, [name for name in names if not self._held(name)], every_file=True)
 
     def status_reply(
@@ -432,7 +428,9 @@ class LockService:
 
         The table is read after the look, so what lockd itself holds is shown as it is when
         answered: a name lockd let go of during the look was not looked for, and an outside
-        holder that conflicts with lockd's holders has let go since, so it is left out.
+        holder that conflicts with lockd's holders has let go since, so it is left out. Where
+        the backend orders requests, holders and waiters are listed in its order, every
+        host's together.
         """
         if peer not in self.clients:
             return
@@ -447,6 +445,9 @@ class LockService:
             elif held[0].shared:
                 holders += [h for h in outside.get(name, []) if h.mode == "shared"]
             waiters = [self._holder(t, name) for t in waiting] + outside_waiting.get(name, [])
+            if self._backend.orders_requests:
+                holders.sort(key=_place)
+                waiters.sort(key=_place)
             if holders or waiters:
                 locks.append(protocol.LockInfo(name, holders[0].mode if holders else None, holders, waiters))
         self._send(peer, protocol.StatusReply(look.request_id, locks))
@@ -517,12 +518,12 @@ class LockService:
     # --- other reports from the shell -----------------------------------------------------------
 
     def holders_found(self, look: LookForHolders, holders: list[protocol.Holder]) -> None:
-        """Send the refusal `look` was for, naming `holders` (found outside lockd), unless the
-        client withdrew the request or went away meanwhile."""
+        """Send the refusal `look` was for, naming the holders it knew and `holders` (found
+        outside lockd), unless the client withdrew the request or went away meanwhile."""
         client = self.clients.get(look.peer)
         if client is not None and look.request_id in client.refusing:
             client.refusing.remove(look.request_id)
-            self._send_refusal(client, look.request_id, look.names, look.reason, holders)
+            self._send_refusal(client, look.request_id, look.names, look.reason, look.known + holders)
 
     def grant_undelivered(self, claim: Claim) -> None:
         """The connection of a Grant closed as it went out. Never heard of, so never handed
@@ -596,7 +597,7 @@ class LockService:
         do not outlive the daemon; tell every client the daemon is going, and close it."""
         self.stopping = True
         reason = "the daemon is shutting down"
-        if not self._leases_outlive_daemon:
+        if not self._backend.leases_outlive_daemon:
             for owner in [*self.clients.values(), *self.processes.owners()]:
                 for ticket in self.table.tickets_of(owner):
                     if ticket.state is HELD:
@@ -695,13 +696,14 @@ class LockService:
 
     def _refused(self, ticket: Ticket, who: Party, effect: Refused) -> None:
         holders = self._in_way(ticket, effect.blockers)
-        if holders:
+        if holders and not self._backend.orders_requests:
             self._send_refusal(who.client, who.request_id, ticket.names, effect.reason, holders)
         else:
-            # Held outside the table: the reply names whoever holds it now, found by a look
-            # that starts after the refusal. Its id stays in use until the reply is sent.
+            # Held outside the table (where the backend orders requests, maybe on other hosts
+            # as well as here): the reply names whoever holds it now, found by a look that
+            # starts after the refusal. Its id stays in use until the reply is sent.
             who.client.refusing.add(who.request_id)
-            self.orders.append(LookForHolders(who.client.peer, who.request_id, ticket.names, effect.reason))
+            self.orders.append(LookForHolders(who.client.peer, who.request_id, ticket.names, effect.reason, holders))
 
     def _end_in_error(self, ticket: Ticket) -> None:
         """End `ticket` after a bug: a lease is lost, a request fails."""
@@ -717,7 +719,10 @@ class LockService:
         self._apply(self.table.end([ticket]))
 
     def _pending(self, client: Client) -> int:
-        """Requests of `client` not granted yet: waiting in the table or being taken."""
+        """Requests of `client` not granted yet: waiting in the table or being taken (where
+        the backend orders requests, the table counts those as waiting already)."""
+        if self.table.ordered_by_backend:
+            return self.table.waiting_of(client)
         return self.table.waiting_of(client) + client.taking
 
     def _take_ended(self, ticket: Ticket) -> None:
@@ -754,7 +759,8 @@ class LockService:
 
     def _holder(self, ticket: Ticket, name: str) -> protocol.Holder:
         who = party(ticket).claim
-        token = ticket.tokens[ticket.names.index(name)] if ticket.tokens else None
+        # Not granted yet: its place in a backend's queue, shown as other hosts' waiters are.
+        token = ticket.tokens[ticket.names.index(name)] if ticket.tokens else self._backend.place_of(who)
         return protocol.Holder(
             pid=who.pid, uid=who.uid, gid=who.gid, command=who.command, label=who.label,
             since=ticket.since + self._wall_offset, mode=who.mode, token=token,
@@ -794,6 +800,12 @@ class LockService:
             due = self._noise.next_summary()
             if due is not None:
                 self.orders.append(WakeAt(due))
+
+
+def _place(holder: protocol.Holder) -> tuple[bool, int]:
+    """Where `holder` stands in a backend's queue (its token, or its place while it waits);
+    parties outside the queue (processes flocking a lock file) after it, in their order."""
+    return holder.token is None, holder.token or 0
 
 
 def checked_names(names: list[str]) -> list[str]:

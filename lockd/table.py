@@ -1,6 +1,22 @@
 """The lock table: who holds which named lock, who waits, in what order. Pure logic.
 
-Invariants (`LockTable.check` asserts them; the tests call it after every step):
+Who orders the requests depends on the backend, and the table has a mode for each:
+
+- **The table orders them** (the flock backend; `LockTable()`): the backend's locks are
+  this host's alone, so the table's arrival order is the only order. Invariants 1-4 below
+  are the table's, and the backend is only ever asked for locks the table agrees on.
+- **The backend orders them** (the etcd backend; `LockTable(ordered_by_backend=True)`):
+  requests on other hosts compete for the same locks, and only the backend sees them all
+  (etcd's revision order is the one global queue). The table then grants, refuses and
+  orders nothing on its own view: every ticket goes to the backend the moment it arrives
+  (TAKING, effect `Take`), the backend decides when it holds (`taken`) or that a no-wait
+  request is refused (`take_blocked`), and invariants 1-4 are the backend's to keep, across
+  hosts. What stays the table's is the rest: owners, deadlines (a TAKING ticket waits in the
+  backend's queue and times out there), forced releases, departures, tokens, and the
+  accounting of invariant 5. A ticket counts as waiting from its arrival until `taken`.
+
+Invariants (`LockTable.check` asserts those of the table's mode; the tests call it after
+every step):
 
 1. Per name, the tickets holding it (TAKING or HELD) are one exclusive ticket or only shared ones.
 2. FIFO per name, no barging: a ticket is granted only when every ticket that arrived before it
@@ -13,11 +29,14 @@ Invariants (`LockTable.check` asserts them; the tests call it after every step):
 5. The per-name queues and the per-owner index hold exactly the live tickets; no empty entry
    lingers, so memory follows the live tickets and nothing else. The deadline heap also keeps
    entries of tickets granted or ended since, but sweeps them before they outnumber the rest.
+6. Where the backend orders requests: no ticket is ever WAITING; every live ticket stands
+   among the holders of each of its lines, in arrival order, from arrival to end.
 
-A grant has two steps. The table decides locally (WAITING → TAKING, effect `Take`); the
-backend then obtains the real lock (an flock, an etcd key) and the edge reports `taken`
-(TAKING → HELD, effect `Granted`). A TAKING ticket already counts as a holder here, so the
-backend is only ever asked for locks the table agrees on. Every `Take` is followed by exactly
+A grant has two steps. The table lets the ticket through (WAITING → TAKING, effect `Take`:
+at once where the backend orders requests); the backend then obtains the real lock (an
+flock, an etcd key) and the edge reports `taken` (TAKING → HELD, effect `Granted`). Where the
+table orders requests, a TAKING ticket already counts as a holder here, so the backend is only
+ever asked for locks the table agrees on. Every `Take` is followed by exactly
 one `Drop` of the same ticket, whatever ends it; the Drop says how it ended (`Ending`), since
 the owner's work may outlive a lease the owner did not release: only a released one is let go
 of for everyone at once. And every ticket, granted or not, ends with exactly one `Ended`,
@@ -304,11 +323,16 @@ _MIN_SWEEP = 64
 class LockTable:
     """Holders and FIFO waiters of named locks, exclusive or shared. See the module docstring."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, ordered_by_backend: bool = False) -> None:
+        """`ordered_by_backend`: the backend orders requests (it says so in
+        `Backend.orders_requests`), and the table leaves every decision of order to it."""
+        self.ordered_by_backend = ordered_by_backend
+        #: The state of a ticket that waits for its turn, and is counted as waiting.
+        self._queued = TAKING if ordered_by_backend else WAITING
         self._lines: dict[str, _Line] = {}
         self._arrivals = itertools.count(1)
         self._owners: dict[Hashable, dict[Ticket, None]] = {}
-        # Counts of WAITING tickets, kept as they change so limits cost O(1) to check.
+        # Counts of waiting tickets (`_queued`), kept as they change so limits cost O(1) to check.
         self._waiting_by_owner: dict[Hashable, int] = {}
         self._waiting_by_name: dict[str, int] = {}
         # Entries of tickets no longer WAITING or TAKING stay until they reach the top or a sweep.
@@ -333,6 +357,8 @@ class LockTable:
 
         `wait=False` fails at once with Refused("busy") unless the table can grant now;
         otherwise the ticket waits until granted or until `deadline` passes (`expire`).
+        Where the backend orders requests, the ticket goes to it at once whatever the table
+        holds (`Take`), and the backend refuses a no-wait one (`take_blocked`).
         Duplicate names count once. Names are not validated here: that is the edge's job.
         """
         unique = tuple(dict.fromkeys(names))
@@ -341,11 +367,12 @@ class LockTable:
         ticket = Ticket(owner, unique, shared, wait, deadline, info, now)
         lines = self._lines
         grantable = True
-        for name in unique:
-            line = lines.get(name)
-            if line is not None and not line.admits_newcomer(shared):
-                grantable = False
-                break
+        if not self.ordered_by_backend:
+            for name in unique:
+                line = lines.get(name)
+                if line is not None and not line.admits_newcomer(shared):
+                    grantable = False
+                    break
         if not wait and not grantable:
             ticket.state = ENDED
             return ticket, [Refused(ticket, Reason.BUSY, self._blockers(ticket)), Ended(ticket)]
@@ -362,6 +389,8 @@ class LockTable:
                     line = lines[name] = _Line()
                 line.add_holder(ticket)
             ticket.state = TAKING
+            if self.ordered_by_backend:
+                self._count_waiting(ticket, 1)  # in the backend's queue until `taken`
             return ticket, [Take(ticket)]
         for name in unique:
             line = lines.get(name)
@@ -375,19 +404,22 @@ class LockTable:
         """The backend now holds every name of `ticket`: the lease is granted."""
         if ticket.state is not TAKING:
             return []  # ended while the backend worked; its Drop is already on its way
+        if self.ordered_by_backend:
+            self._count_waiting(ticket, -1)
         ticket.state = HELD
         ticket.tokens = tokens
         ticket.since = now
         return [Granted(ticket)]
 
     def take_blocked(self, ticket: Ticket) -> list[Effect]:
-        """The backend cannot take the locks at once (held outside lockd).
+        """The backend cannot take the locks at once (held outside lockd's table, or, where
+        the backend orders requests, by anyone ahead in its queue).
 
         A waiting ticket stays TAKING while the edge keeps trying; a no-wait one fails busy.
         """
         if ticket.state is not TAKING or ticket.wait:
             return []
-        return [Refused(ticket, Reason.BUSY, []), *self._end(ticket, Ending.RELEASED)]
+        return [Refused(ticket, Reason.BUSY, self._blockers(ticket)), *self._end(ticket, Ending.RELEASED)]
 
     def release(self, ticket: Ticket) -> list[Effect]:
         """End a lease or withdraw a waiting request, at its owner's wish (for a broken lease:
@@ -414,8 +446,8 @@ class LockTable:
         broken is ended at once: asked twice, the caller will not wait. Returns how many
         leases were broken, and the effects."""
         line = self._lines.get(name)
-        holders = line.holders if line else []
-        broken = sorted((t for t in holders if t.state is HELD or t.state is BREAKING), key=_arrival)
+        held = (t for t in line.holders if t.state is HELD or t.state is BREAKING) if line else ()
+        broken = sorted(held, key=_arrival)
         effects: list[Effect] = []
         for ticket in broken:
             if ticket.state is BREAKING:
@@ -449,7 +481,7 @@ class LockTable:
         """Make `owner` the one whose departure ends `ticket` (process-tied leases)."""
         if ticket.state is ENDED or ticket.owner == owner:
             return
-        waiting = ticket.state is WAITING
+        waiting = ticket.state is self._queued
         if waiting:
             self._count_waiting(ticket, -1)
         self._unindex_owner(ticket)
@@ -490,12 +522,15 @@ class LockTable:
         return [*line.holders, *line.waiting] if line else []
 
     def holders(self, name: str) -> list[Ticket]:
-        """Tickets holding `name` (TAKING or HELD), in the order they were granted."""
+        """Tickets holding `name` (TAKING, HELD or BREAKING), in the order they were let
+        through; where the backend orders requests, every ticket on `name` in arrival order,
+        the TAKING ones still waiting in the backend's queue."""
         line = self._lines.get(name)
         return list(line.holders) if line else []
 
     def waiters(self, name: str) -> list[Ticket]:
-        """Tickets waiting for `name`, in arrival (= queue) order."""
+        """Tickets waiting in the table for `name`, in arrival (= queue) order; none where the
+        backend orders requests."""
         line = self._lines.get(name)
         return list(line.waiting) if line else []
 
@@ -507,21 +542,26 @@ class LockTable:
         return list(self._owners.get(owner, ()))
 
     def waiting_of(self, owner: Hashable) -> int:
-        """How many of `owner`'s tickets wait (not yet granted by the table). O(1)."""
+        """How many of `owner`'s tickets wait for their turn: not yet let through by the
+        table (WAITING), or, where the backend orders requests, not yet granted by it
+        (TAKING). O(1)."""
         return self._waiting_by_owner.get(owner, 0)
 
     def waiting_count(self) -> int:
-        """How many tickets wait, in all. O(owners)."""
+        """How many tickets wait for their turn (as `waiting_of` counts them), in all. O(owners)."""
         return sum(self._waiting_by_owner.values())
 
     def waiting_on(self, name: str) -> int:
-        """How many tickets wait on `name`. O(1)."""
+        """How many tickets wait for their turn (as `waiting_of` counts them) on `name`. O(1)."""
         return self._waiting_by_name.get(name, 0)
 
     def blockers(self, ticket: Ticket) -> list[Ticket]:
         """The holders in `ticket`'s way: on each of its names, those it cannot share with,
         and all of them where it waits behind an exclusive request (which waits for them).
-        It may also wait behind earlier waiters for names nobody holds."""
+        It may also wait behind earlier waiters for names nobody holds. Where the backend
+        orders requests, the holders are the granted tickets (HELD, BREAKING), and the table
+        does not know the backend's queue: a shared ticket still waiting is taken to wait
+        behind an exclusive request (else the backend would have granted it), so all of them."""
         return self._blockers(ticket)
 
     def __len__(self) -> int:
@@ -532,14 +572,21 @@ class LockTable:
 
     def _blockers(self, ticket: Ticket) -> list[Ticket]:
         found: dict[Ticket, None] = {}
+        # Where the backend orders requests, a TAKING ticket is one more request in its queue.
+        waits = self._queued
         for name in ticket.names:
             line = self._lines.get(name)
             if line is not None:
                 # Behind a waiting exclusive ticket, a shared one waits for every holder too:
                 # they all go before that ticket, and it goes before this one.
-                behind = ticket.shared and self._behind_exclusive(line, ticket)
+                if self.ordered_by_backend:
+                    behind = ticket.shared and ticket.state is waits
+                else:
+                    behind = ticket.shared and self._behind_exclusive(line, ticket)
                 for holder in line.holders:
-                    if holder is not ticket and (behind or not (ticket.shared and holder.shared)):
+                    if holder is not ticket and holder.state is not waits and (
+                        behind or not (ticket.shared and holder.shared)
+                    ):
                         found[holder] = None
         return list(found)
 
@@ -585,7 +632,7 @@ class LockTable:
         return effects + self._grant_waiting(ticket.names)
 
     def _remove(self, ticket: Ticket) -> None:
-        if ticket.state is WAITING:
+        if ticket.state is self._queued:
             self._count_waiting(ticket, -1)
         ticket.state = ENDED
         lines = self._lines
@@ -636,16 +683,23 @@ class LockTable:
         return effects
 
     def check(self) -> None:
-        """Assert every invariant of the module docstring, by brute force. For tests."""
+        """Assert every invariant of the module docstring that the table's mode makes the
+        table's, by brute force. For tests."""
+        ordered = self.ordered_by_backend
         live: set[Ticket] = set()
         for name, line in self._lines.items():
             assert line, f"empty line for {name!r}"
             holders, waiting = list(line.holders), list(line.waiting)
-            assert all(t.shared for t in holders) or len(holders) == 1, f"{name!r}: {holders}"
             assert line.exclusive_holders == sum(not t.shared for t in holders), name
             assert line.exclusive_waiting == sum(not t.shared for t in waiting), name
             assert all(t.holding for t in holders) and all(t.state is WAITING for t in waiting)
             assert [t.seq for t in waiting] == sorted(t.seq for t in waiting), f"{name!r} out of order"
+            if ordered:
+                # 6: the backend orders; the table only keeps every ticket in arrival order.
+                assert not waiting, f"{name!r}: {waiting} wait in the table"
+                assert [t.seq for t in holders] == sorted(t.seq for t in holders), f"{name!r} out of order"
+            else:
+                assert all(t.shared for t in holders) or len(holders) == 1, f"{name!r}: {holders}"
             for ticket in waiting:
                 ahead = [h for h in holders if h.seq < ticket.seq] + [w for w in waiting if w.seq < ticket.seq]
                 if not ticket.shared:
@@ -666,7 +720,7 @@ class LockTable:
         by_owner: dict[Hashable, int] = {}
         by_name: dict[str, int] = {}
         for ticket in live:
-            if ticket.state is WAITING:
+            if ticket.state is self._queued:
                 by_owner[ticket.owner] = by_owner.get(ticket.owner, 0) + 1
                 for name in ticket.names:
                     by_name[name] = by_name.get(name, 0) + 1
@@ -674,10 +728,8 @@ class LockTable:
         assert by_name == self._waiting_by_name, (by_name, self._waiting_by_name)
         timed = {entry[2] for entry in self._deadlines if entry[0] == entry[2].deadline}
         for ticket in live:
-            in_line = [
-                ticket in (self._lines[n].holders if ticket.holding else self._lines[n].waiting) for n in ticket.names
-            ]
-            assert all(in_line), ticket
+            lines = [self._lines[n] for n in ticket.names]
+            assert all(ticket in (line.holders if ticket.holding else line.waiting) for line in lines), ticket
             if ticket.deadline is not None and ticket.state is not HELD:
                 assert ticket in timed, f"{ticket} has a deadline that is never enforced"
             if ticket.state is WAITING:

@@ -40,6 +40,7 @@ from lockd_client.protocol import Granted, Release, Status
 
 from lockd import procinfo
 
+from .children import fork, stop_and_kill
 from .conftest import Daemon
 from .flock_tools import can_flock
 from .rawclient import RawClient
@@ -269,27 +270,8 @@ def _lockctl_worker(socket_path: str, log_path: Path, seed: int) -> None:  # pra
             f.write(f"LOCKCTL {run.returncode}\n")
 
 
-def _fork(target, *args) -> int:
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 1
-        try:
-            target(*args)
-            code = 0
-        finally:
-            os._exit(code)
-    return pid
-
-
 def _stop_and_kill(pid: int, log_fd: int) -> None:
-    os.kill(pid, signal.SIGSTOP)
-    _, status = os.waitpid(pid, os.WUNTRACED)
-    if not os.WIFSTOPPED(status):  # it died on its own: the log says why
-        _append(log_fd, f"UNEXPECTED w{pid} exited with status {status}\n")
-        return
-    _append(log_fd, f"KILL w{pid}\n")
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
+    stop_and_kill(pid, lambda line: _append(log_fd, f"{line}\n"), f"w{pid}")
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -299,9 +281,9 @@ def test_chaos(daemon: Daemon) -> None:
     rng = random.Random(int(os.environ.get("LOCKD_CHAOS_SEED", "1")))
     log_path = daemon.root / "holders.log"
     log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    workers = [_fork(_worker, daemon.socket, log_fd, rng.randrange(2**32)) for _ in range(WORKERS)]
-    prober = _fork(_prober, daemon.lock_dir, log_path, rng.randrange(2**32))
-    runners = [_fork(_lockctl_worker, daemon.socket, log_path, rng.randrange(2**32)) for _ in range(LOCKCTL_WORKERS)]
+    workers = [fork(_worker, daemon.socket, log_fd, rng.randrange(2**32)) for _ in range(WORKERS)]
+    prober = fork(_prober, daemon.lock_dir, log_path, rng.randrange(2**32))
+    runners = [fork(_lockctl_worker, daemon.socket, log_path, rng.randrange(2**32)) for _ in range(LOCKCTL_WORKERS)]
     daemon_kills_at = [SECONDS * f for f in (0.3, 0.55, 0.8)] if SECONDS < 30 else list(range(10, int(SECONDS), 15))
     started = time.monotonic()
     try:
@@ -309,7 +291,7 @@ def test_chaos(daemon: Daemon) -> None:
             time.sleep(rng.uniform(0.05, 0.25))
             victim = rng.randrange(WORKERS)
             _stop_and_kill(workers[victim], log_fd)
-            workers[victim] = _fork(_worker, daemon.socket, log_fd, rng.randrange(2**32))
+            workers[victim] = fork(_worker, daemon.socket, log_fd, rng.randrange(2**32))
             if daemon_kills_at and elapsed >= daemon_kills_at[0]:
                 daemon_kills_at.pop(0)
                 assert daemon.proc is not None and daemon.proc.poll() is None, daemon.log()[-3000:]

@@ -483,6 +483,7 @@ def test_a_process_no_lease_is_tied_to_any_more_is_not_watched(daemon: Daemon) -
             assert isinstance(other.acquire("job"), Granted)
             busy = c.request(Acquire(3, ["job"], pid=sleeper.pid, timeout=0))
             assert isinstance(busy, Error) and busy.code == "busy"
+            c.request(Status(6))  # the pidfd is closed just after the refusal is sent
             assert pidfds(daemon) == 0
             c.send(Acquire(4, ["job"], pid=sleeper.pid))
             assert isinstance(c.recv(), protocol.Queued)

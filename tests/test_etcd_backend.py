@@ -1,7 +1,8 @@
 """EtcdBackend against a real etcd: several backend instances in one trio run stand for hosts.
 
 Each "host" has its own lock directory and its own etcd lease; they share one etcd and one key
-prefix, exactly as daemons on different machines would.
+prefix, exactly as daemons on different machines would. Each talks to etcd through a
+`FaultyEtcd`, which passes everything on until a test injects a fault into it.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from lockd_client.errors import DaemonUnavailable, LimitExceeded, LockdError
 from lockd import etcd_client
 from lockd.backend import Blocked, Claim
 from lockd.etcd_backend import EtcdBackend
-from lockd.etcd_client import EtcdClient, WatchResponse
-from lockd.etcd_mirror import Change, Mirror
+from lockd.etcd_client import EtcdClient
 from lockd.lockfiles import LockFiles
 
 from .etcd_cluster import EtcdCluster, entries_under, keys_under, relay_to, requires_etcd, wait_no_keys
+from .etcd_faults import Call, FaultyEtcd
 from .flock_tools import outside_flock
 from .waiting import wait_until_async
 
@@ -39,16 +40,14 @@ def ignore_blocked(holders: list) -> None:
 class Host:
     """One daemon's backend with its own lock directory; `lose` acts as the server would."""
 
-    def __init__(
-        self, name: str, root: Path, endpoints: list[str], prefix: str,
-        client: type[EtcdClient] = EtcdClient,
-    ) -> None:
+    def __init__(self, name: str, root: Path, endpoints: list[str], prefix: str) -> None:
         self.name = name
         lock_dir = root / name
         lock_dir.mkdir()
         self.lock_dir = lock_dir
         self.files = LockFiles(lock_dir)
-        self.backend = EtcdBackend(self.files, client(endpoints), host=name, ttl=TTL, prefix=prefix)
+        self.etcd = FaultyEtcd(endpoints)
+        self.backend = EtcdBackend(self.files, self.etcd, host=name, ttl=TTL, prefix=prefix)
         #: (ticket, reason, trio time) per loss.
         self.lost: list[tuple[Claim, str, float]] = []
         self.first_loss = trio.Event()
@@ -143,14 +142,11 @@ Hosts = Callable[..., list[Host]]
 
 @pytest.fixture
 def hosts(short_tmp: Path, prefix: str) -> Iterator[Hosts]:
-    """`hosts(endpoints, name..., client=EtcdClient)`: a Host per name, on the test's prefix;
-    closed after."""
+    """`hosts(endpoints, name...)`: a Host per name, on the test's prefix; closed after."""
     made: list[Host] = []
 
-    def make(
-        endpoints: list[str], *names: str, client: type[EtcdClient] = EtcdClient
-    ) -> list[Host]:
-        new = [Host(name, short_tmp, endpoints, prefix, client) for name in names]
+    def make(endpoints: list[str], *names: str) -> list[Host]:
+        new = [Host(name, short_tmp, endpoints, prefix) for name in names]
         made.extend(new)
         return new
 
@@ -373,21 +369,14 @@ async def test_a_waiter_is_not_granted_if_its_keys_went_unnoticed_while_it_waite
     """The re-check on wake-up (the etcd issue #11456 class): a waiting request whose keys
     went while the daemon did not notice is not granted when its turn comes."""
     a, b = hosts(shared_etcd.endpoints, "host0", "host1")
-    follow = b.backend._follow
-
-    def unnoticing(session, change: Change, lose) -> None:
-        """B's mirror drops its own keys as they go, and B does not act on it."""
-        ignored = [key for key in change.removed if key in b.backend._owners]
-        follow(session, change._replace(removed=[k for k in change.removed if k not in ignored]), lose)
-
-    b.backend._follow = unnoticing  # type: ignore[method-assign]
     with trio.fail_after(WAIT):
         async with serving(a, b) as nursery:
             held, waiting = await holds_while_other_waits(a, b, nursery)
             _, theirs = await entries_under(shared_etcd.endpoints, prefix + "x/")  # A's, B's
+            # B's watch leaves the deletion of B's key out: B never hears of it.
+            b.etcd.drop_events(lambda e: e.type == "DELETE" and e.kv.key == theirs.key)
             shared_etcd.members[0].delete(theirs.key)
-            mirror = b.backend._session.mirror  # type: ignore[union-attr]
-            await wait_until_async(lambda: theirs.text not in [e.key for e in mirror.queue("x")], "B's key gone")
+            await b.etcd.delivered(lambda e: e.kv.key == theirs.key, dropped=True)
             assert not waiting.done.is_set()
             a.backend.drop(held, unlock=True)
             await waiting.done.wait()
@@ -395,27 +384,24 @@ async def test_a_waiter_is_not_granted_if_its_keys_went_unnoticed_while_it_waite
 
 
 async def test_keys_seen_going_while_the_last_check_answers_fail_the_grant(
-    shared_etcd: EtcdCluster, prefix: str, hosts: Hosts
+    shared_etcd: EtcdCluster, hosts: Hosts
 ) -> None:
     """etcd answers the check after waiting that the keys are there; before the request
-    resumes, the watch shows them deleted. `_follow`'s cancellation would only arrive at a
-    checkpoint the grant never reaches: the request must fail all the same."""
+    resumes, the watch shows them deleted. The watch's cancellation of the take would only
+    arrive at a checkpoint the grant never reaches: the request must fail all the same."""
     a, b = hosts(shared_etcd.endpoints, "host0", "host1")
-    txn = b.backend._client.txn
 
-    async def answer_then_lose(success, *, compare=(), timeout):
-        answer = await txn(success, compare=compare, timeout=timeout)
-        if compare and not success:  # the check of a request that waited
-            keys = [k for k, t in b.backend._owners.items() if t is waiting.ticket]
-            for key in keys:
-                shared_etcd.members[0].delete(key.encode())
-            b.backend._follow(b.backend._session, Change([], keys), b.lose)  # as the watch would
-        return answer
+    async def lose_them_meanwhile(call: Call) -> None:
+        if call.compared and not call.args["success"]:  # the check of a request that waited
+            for key in call.compared:
+                shared_etcd.members[0].delete(key)
+            for key in call.compared:
+                await b.etcd.delivered(lambda e, key=key: e.type == "DELETE" and e.kv.key == key)
 
     with trio.fail_after(WAIT):
         async with serving(a, b) as nursery:
             held, waiting = await holds_while_other_waits(a, b, nursery)
-            b.backend._client.txn = answer_then_lose  # type: ignore[method-assign]
+            b.etcd.after("txn", lose_them_meanwhile)
             a.backend.drop(held, unlock=True)
             await waiting.done.wait()
     assert isinstance(waiting.error, DaemonUnavailable) and "vanished" in str(waiting.error)
@@ -430,31 +416,28 @@ async def test_keys_deleted_right_after_their_put_are_never_granted_unreported(
     their deletion; or put and delete reaching it together) never make a silent grant: the
     request fails, or is granted and then reported lost."""
     a, b = hosts(shared_etcd.endpoints, "host0", "host1")
-    client = b.backend._client
-    txn, range_prefix = client.txn, client.range_prefix
     deleted = trio.Event()
 
-    async def put_then_lose(success, *, compare=(), timeout):
-        puts = [op["request_put"]["key"] for op in success if "request_put" in op]
-        if not any(b"/x/" in key for key in puts):
-            return await txn(success, compare=compare, timeout=timeout)
-        if watch == "restarted":
-            b.backend._session.watch.cancel()  # type: ignore[union-attr]
-        answer = await txn(success, compare=compare, timeout=timeout)
-        for key in puts:
-            shared_etcd.members[0].delete(key)
-        deleted.set()
-        return answer
+    async def break_the_watch(call: Call) -> None:
+        if any(b"/x/" in key for key in call.puts):
+            b.etcd.break_watches(etcd_client.EtcdUnreachable("the watch broke, as a connection may"))
 
-    async def read_after_the_deletion(prefix, *, timeout):
+    async def delete_them(call: Call) -> None:
+        if any(b"/x/" in key for key in call.puts):
+            for key in call.puts:
+                shared_etcd.members[0].delete(key)
+            deleted.set()
+
+    async def read_after_the_deletion(call: Call) -> None:
         await deleted.wait()
-        return await range_prefix(prefix, timeout=timeout)
 
-    client.txn = put_then_lose  # type: ignore[method-assign]
     with trio.fail_after(WAIT):
         async with serving(a, b):
-            # The watch, restarted, reads etcd only once the keys are gone: it never sees them.
-            client.range_prefix = read_after_the_deletion  # type: ignore[method-assign]
+            if watch == "restarted":
+                # The watch, restarted, reads etcd only once the keys are gone: never sees them.
+                b.etcd.before("txn", break_the_watch)
+                b.etcd.before("range_prefix", read_after_the_deletion)
+            b.etcd.after("txn", delete_them)
             taken = ticket("x")
             try:
                 await b.take(taken)
@@ -644,30 +627,20 @@ async def test_keys_that_are_not_utf8_are_locks_like_any_other_foreign_key(
             await a.take(ticket("x"))
 
 
-async def test_a_failing_watch_ends_the_lease_not_the_daemon(
-    shared_etcd: EtcdCluster, hosts: Hosts, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_a_failing_watch_ends_the_lease_not_the_daemon(shared_etcd: EtcdCluster, hosts: Hosts) -> None:
+    """Errors from etcd are handled in the watch; anything else is a bug, which costs the
+    lease (the daemon can no longer trust its mirror), not the daemon."""
     (a,) = hosts(shared_etcd.endpoints, "host0")
-    apply = Mirror.apply
-    failed = []
-
-    def apply_failing_once(mirror: Mirror, response: WatchResponse) -> Change:
-        if not failed:
-            failed.append(response)
-            raise RuntimeError("a bug in the mirror")
-        return apply(mirror, response)
-
     with trio.fail_after(WAIT):
         async with serving(a):
             held = ticket("x")
             await a.take(held)
-            monkeypatch.setattr(Mirror, "apply", apply_failing_once)
-            with pytest.raises(DaemonUnavailable):
-                await a.take(ticket("y"))  # its put is the watch's next event
+            a.etcd.break_watches(RuntimeError("a bug in the watch"))
+            await wait_until_async(lambda: a.lost, "a lease lost")
             ((lost, reason, _),) = a.lost
             assert lost is held
             assert reason == (
-                "lockd's etcd watch failed (RuntimeError('a bug in the mirror')); see lockd's log"
+                "lockd's etcd watch failed (RuntimeError('a bug in the watch')); see lockd's log"
             )
             await a.ready()
             await a.take(ticket("y"))
@@ -743,19 +716,54 @@ async def test_a_burst_of_slow_takes_does_not_hold_up_releases(
                     pending.scope.cancel()
 
 
-class SlowGrants(EtcdClient):
-    """Leases are granted at once, and the answer comes a second later (TTL/3 would be 0.67 s)."""
+async def test_a_put_whose_answer_is_lost_fails_the_request_and_leaves_no_key(
+    shared_etcd: EtcdCluster, prefix: str, hosts: Hosts
+) -> None:
+    """etcd applied the put, the daemon never heard: the key has no claim, and must go."""
+    a, b = hosts(shared_etcd.endpoints, "host0", "host1")
+    with trio.fail_after(WAIT):
+        async with serving(a, b):
+            a.etcd.fail("txn", applied=True)
+            with pytest.raises(DaemonUnavailable, match="fault injected"):
+                await a.take(ticket("x"))
+            await wait_no_keys(shared_etcd.endpoints, prefix + "x/")
+            await b.take(ticket("x", wait=False))
 
-    async def grant(self, ttl: int, *, timeout: float) -> tuple[int, int]:
-        granted = await super().grant(ttl, timeout=timeout)
-        await trio.sleep(1.0)
-        return granted
+
+async def test_keep_alives_failing_short_of_the_deadline_cost_no_lease(
+    shared_etcd: EtcdCluster, hosts: Hosts
+) -> None:
+    (a,) = hosts(shared_etcd.endpoints, "host0")
+    with trio.fail_after(WAIT):
+        async with serving(a):
+            await a.take(ticket("x"))
+            a.etcd.fail("keep_alive", 3)  # each attempt is retried at once, the next on time
+            await trio.sleep(TTL)
+            assert a.lost == []
+            renewals = [at for at, call in a.etcd.calls if call.name == "keep_alive"]
+            assert len(renewals) >= 5
+
+
+async def test_deletions_etcd_fails_are_retried_until_done(
+    shared_etcd: EtcdCluster, hosts: Hosts
+) -> None:
+    a, b = hosts(shared_etcd.endpoints, "host0", "host1")
+    with trio.fail_after(WAIT):
+        async with serving(a, b) as nursery:
+            held, waiting = await holds_while_other_waits(a, b, nursery)
+            a.etcd.fail("txn", 3)  # the janitor's deletion of the released key
+            a.backend.drop(held, unlock=True)
+            await waiting.done.wait()
+            assert waiting.error is None
+            assert [c.name for _, c in a.etcd.calls].count("txn") >= 4
 
 
 async def test_a_lease_granted_slowly_is_renewed_in_time(
     shared_etcd: EtcdCluster, hosts: Hosts
 ) -> None:
-    (a,) = hosts(shared_etcd.endpoints, "host0", client=SlowGrants)
+    (a,) = hosts(shared_etcd.endpoints, "host0")
+    # Leases are granted at once, and the answer comes a second later (TTL/3 would be 0.67 s).
+    a.etcd.answer_late("grant", 1.0)
     with trio.fail_after(WAIT):
         async with serving(a):
             await a.take(ticket("x"))
@@ -782,3 +790,20 @@ async def test_a_frozen_member_costs_no_lease_while_the_others_serve(
                 await a.ready()
             finally:
                 frozen.cont()
+
+
+async def test_a_lease_lost_for_want_of_renewals_is_left_to_expire_not_revoked(
+    shared_etcd: EtcdCluster, hosts: Hosts
+) -> None:
+    """Its holders were just told: etcd's TTL is their time to stop, even if etcd answers again."""
+    a, b = hosts(shared_etcd.endpoints, "host0", "host1")
+    with trio.fail_after(WAIT):
+        async with serving(a, b) as nursery:
+            held, waiting = await holds_while_other_waits(a, b, nursery)
+            a.etcd.fail("keep_alive", 10**6)
+            await wait_until_async(lambda: a.lost, "a lease lost")
+            lost_at = a.lost[0][2]
+            a.etcd.fail("keep_alive", 0)  # etcd answers again: a new lease, the old one stale
+            await waiting.done.wait()
+            assert waiting.error is None
+            assert waiting.at - lost_at >= TTL / 3

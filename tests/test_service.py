@@ -43,6 +43,25 @@ class FakePeer:
         return f"<FakePeer {self.name}>"
 
 
+class FakeBackend:
+    """The facts of a backend like flock's, which leaves the order of requests to the table."""
+
+    name = "flock"
+    orders_requests = False
+    loss_notice = None
+
+    def __init__(self, leases_outlive_daemon: bool) -> None:
+        self.leases_outlive_daemon = leases_outlive_daemon
+        #: What the backend knows is held on other hosts.
+        self.known_outside: list[str] = []
+
+    def place_of(self, claim: Claim) -> int | None:
+        return None
+
+    def outside_names(self) -> list[str]:
+        return self.known_outside
+
+
 class Clock:
     def __init__(self) -> None:
         self.now = 100.0
@@ -56,12 +75,10 @@ class Harness:
 
     def __init__(self, *, leases_outlive_daemon: bool = True, limits: Limits | None = None, grant: bool = True) -> None:
         self.clock = Clock()
-        #: What the backend knows is held on other hosts.
-        self.outside_names: list[str] = []
+        self.backend = FakeBackend(leases_outlive_daemon)
         self.service = LockService(
-            LockTable(), Processes(self.open_process), limits or Limits(), Policy((), {0: "root"}),
-            backend="flock", leases_outlive_daemon=leases_outlive_daemon, loss_notice=None,
-            known_outside=lambda: self.outside_names, clock=self.clock, wall_offset=WALL_OFFSET,
+            LockTable(), Processes(self.open_process), limits or Limits(), Policy((), {0: "root"}), self.backend,
+            clock=self.clock, wall_offset=WALL_OFFSET,
         )
         #: Whether a StartTake is answered `taken` at once, as the flock backend does when the
         #: file is free; otherwise it is left to the test (a take waiting outside lockd).
@@ -355,7 +372,7 @@ def test_a_status_shows_holders_and_waiters_with_what_is_held_outside(h: Harness
     a.peer.label = "nightly"  # type: ignore[misc]
     h.acquire(a, 1, "x", mode="shared")
     h.acquire(b, 1, "x")
-    h.outside_names = ["remote"]
+    h.backend.known_outside = ["remote"]
     look = h.service.request(b.peer, protocol.Status(2, []))
     assert look is not None and look.names == ["x", "remote"] and look.look_for == ["remote"] and look.every_file
     # What the look finds: another host's holder, a process flocking a file, and one

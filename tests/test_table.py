@@ -37,8 +37,8 @@ from lockd.table import (
 class CheckedTable:
     """A LockTable whose every mutation is followed by `check()` and the Take/Drop ledger."""
 
-    def __init__(self) -> None:
-        self.table = LockTable()
+    def __init__(self, *, ordered_by_backend: bool = False) -> None:
+        self.table = LockTable(ordered_by_backend=ordered_by_backend)
         self.took: set[Ticket] = set()
         self.dropped: set[Ticket] = set()
         self.acquired: set[Ticket] = set()
@@ -703,6 +703,87 @@ def test_waiting_counts_follow_waiting_tickets_only(table: CheckedTable) -> None
     table.drop_owner("pid 9")
     assert (table.waiting_count(), table.waiting_on("y")) == (0, 0)
     assert w1.state is State.TAKING
+
+
+# --- where the backend orders requests -----------------------------------------------------
+
+
+@pytest.fixture
+def ordered() -> Iterator[CheckedTable]:
+    checked = CheckedTable(ordered_by_backend=True)
+    yield checked
+    checked.finish()
+
+
+def test_where_the_backend_orders_every_request_goes_to_it_at_once(ordered: CheckedTable) -> None:
+    """Whatever this host holds or awaits: another host's request may be ahead of them all."""
+    held = ordered.hold("a", ["x"])
+    requests = [
+        ordered.acquire("b", ["x"]),  # exclusive behind an exclusive holder
+        ordered.acquire("c", ["x"], shared=True),  # shared behind them
+        ordered.acquire("d", ["y", "x"]),  # several names, one of them held
+        ordered.acquire("e", ["x"], wait=False),  # no-wait: the backend refuses it, not the table
+    ]
+    assert [effects for _, effects in requests] == [[Take(t)] for t, _ in requests]
+    tickets = [t for t, _ in requests]
+    assert all(t.state is State.TAKING for t in tickets)
+    assert ordered.holders("x") == [held, *tickets] and ordered.waiters("x") == []
+
+
+def test_where_the_backend_orders_it_grants_in_its_own_order(ordered: CheckedTable) -> None:
+    first, _ = ordered.acquire("a", ["x"])
+    second, _ = ordered.acquire("b", ["x"])
+    # etcd recorded the second one first (its put was answered first): it is granted first.
+    assert ordered.taken(second, [7]) == [Granted(second)]
+    assert ordered.release(second) == [Drop(second, Ending.RELEASED)]  # grants nothing itself
+    assert first.state is State.TAKING
+    assert ordered.taken(first, [9]) == [Granted(first)]
+
+
+def test_where_the_backend_orders_requests_wait_until_granted(ordered: CheckedTable) -> None:
+    h = ordered.hold("a", ["x"])
+    w1, _ = ordered.acquire("b", ["x", "y"])
+    w2, _ = ordered.acquire("b", ["y"])
+    assert (ordered.waiting_of("a"), ordered.waiting_of("b")) == (0, 2)
+    assert (ordered.waiting_on("x"), ordered.waiting_on("y"), ordered.waiting_count()) == (1, 2, 2)
+    ordered.reassign(w2, "pid 9")
+    assert (ordered.waiting_of("b"), ordered.waiting_of("pid 9")) == (1, 1)
+    ordered.release(h)
+    ordered.taken(w1)
+    assert (ordered.waiting_of("b"), ordered.waiting_on("x"), ordered.waiting_on("y")) == (0, 0, 1)
+    ordered.drop_owner("pid 9")
+    assert ordered.waiting_count() == 0
+
+
+def test_where_the_backend_orders_the_holders_in_the_way_are_the_granted_ones(ordered: CheckedTable) -> None:
+    s = ordered.hold("a", ["x"], shared=True)
+    e, _ = ordered.acquire("b", ["x"])
+    s2, _ = ordered.acquire("c", ["x"], shared=True)
+    # The table does not know the backend's queue: only holders are named, and a shared
+    # request that still waits must wait behind an exclusive one, so for every holder.
+    assert (ordered.blockers(e), ordered.blockers(s2), ordered.blockers(s)) == ([s], [s], [])
+    nw, _ = ordered.acquire("d", ["x"], shared=True, wait=False)
+    assert ordered.take_blocked(nw) == [Refused(nw, Reason.BUSY, [s]), Drop(nw, Ending.RELEASED)]
+    assert ordered.take_blocked(e) == []  # a waiting one stays in the backend's queue
+    assert e.state is State.TAKING
+
+
+def test_where_the_backend_orders_a_request_times_out_in_its_queue(ordered: CheckedTable) -> None:
+    h = ordered.hold("a", ["x"])
+    w, _ = ordered.acquire("b", ["x"], deadline=5.0)
+    assert ordered.next_deadline() == 5.0
+    assert ordered.expire(5.0) == [Refused(w, Reason.TIMEOUT, [h]), Drop(w, Ending.RELEASED)]
+    assert ordered.taken(w) == []  # the backend finished just too late: its Drop is on its way
+    assert ordered.waiting_count() == 0
+
+
+def test_where_the_backend_orders_a_forced_release_and_departures_work_as_ever(ordered: CheckedTable) -> None:
+    h = ordered.hold("a", ["x"])
+    w, _ = ordered.acquire("b", ["x"])
+    assert ordered.force_release("x", "by admin", grace_until=30.0) == (1, [Lost(h, "by admin")])
+    assert (h.state, w.state) == (State.BREAKING, State.TAKING)
+    assert ordered.expire(30.0) == [Drop(h, Ending.OVERDUE)]
+    assert ordered.drop_owner("b") == [Drop(w, Ending.ABANDONED)]
 
 
 # --- exhaustive ----------------------------------------------------------------------------

@@ -5,6 +5,10 @@ arrival order, and a ticket may hold once no conflicting ticket is ahead of it. 
 list the table returns must equal the model's, and is then carried out in order against a
 simulated backend, which checks what the real edge relies on: exclusion among the tickets it
 was told to take, FIFO at the moment of each Take, and one Drop per Take.
+
+Where the backend orders requests (`OrderedTableMachine`), every ticket is taken on arrival,
+and the simulated backend grants them in any order that keeps its holders exclusive (etcd's
+order need not be this host's arrival order): the table must follow, deciding nothing itself.
 """
 
 from __future__ import annotations
@@ -55,7 +59,11 @@ def conflict(a: Ticket, b: Ticket) -> bool:
 class Model:
     """What the table should decide, computed by brute force over the live tickets."""
 
-    def __init__(self) -> None:
+    def __init__(self, ordered: bool) -> None:
+        #: The backend orders requests: the table lets every ticket through on arrival.
+        self.ordered = ordered
+        #: The state of a ticket waiting for its turn.
+        self.queued = State.TAKING if ordered else State.WAITING
         self.live: list[Ticket] = []  # arrival order
         self.state: dict[Ticket, State] = {}
         self.arrival: dict[Ticket, int] = {}
@@ -76,8 +84,18 @@ class Model:
 
     def in_the_way(self, ticket: Ticket) -> list[Ticket]:
         """What effects report: name by name, the conflicting holders ahead, or every holder
-        ahead where a conflicting waiter is ahead too (it waits for them all)."""
+        ahead where a conflicting waiter is ahead too (it waits for them all). Where the
+        backend orders requests: the granted tickets on its names, wherever they arrived
+        (one still waiting waits behind an exclusive request, so for all of them)."""
         found: dict[Ticket, None] = {}
+        if self.ordered:
+            waiting = self.state[ticket] is State.TAKING
+            for name in ticket.names:
+                for other in self.live:
+                    granted = self.state[other] in (State.HELD, State.BREAKING)
+                    if granted and name in other.names and (waiting or conflict(ticket, other)):
+                        found[other] = None
+            return list(found)
         for name in ticket.names:
             ahead = []
             for other in self.live:
@@ -93,7 +111,7 @@ class Model:
 
     def acquire(self, ticket: Ticket) -> list[Effect]:
         self.arrival[ticket] = next(self._count)
-        blockers = self.blockers(ticket)
+        blockers = [] if self.ordered else self.blockers(ticket)
         if blockers and not ticket.wait:
             self.state[ticket] = State.ENDED
             return [Refused(ticket, Reason.BUSY, self.in_the_way(ticket))]
@@ -108,6 +126,8 @@ class Model:
 
     def grant(self) -> list[Effect]:
         effects: list[Effect] = []
+        if self.ordered:
+            return effects  # the backend's to decide
         for ticket in self.live:
             if self.state[ticket] is State.WAITING and not self.blockers(ticket):
                 self.state[ticket] = State.TAKING
@@ -129,7 +149,7 @@ class Model:
     def take_blocked(self, ticket: Ticket) -> list[Effect]:
         if self.state[ticket] is not State.TAKING or ticket.wait:
             return []
-        return [Refused(ticket, Reason.BUSY, []), *self.end(ticket)]
+        return [Refused(ticket, Reason.BUSY, self.in_the_way(ticket)), *self.end(ticket)]
 
     def release(self, ticket: Ticket) -> list[Effect]:
         return self.end(ticket) if ticket in self.live else []
@@ -178,10 +198,13 @@ class Model:
 
 
 class TableMachine(RuleBasedStateMachine):
+    #: Whether the backend orders requests (see the module docstring).
+    ORDERED = False
+
     def __init__(self) -> None:
         super().__init__()
-        self.table = LockTable()
-        self.model = Model()
+        self.table = LockTable(ordered_by_backend=self.ORDERED)
+        self.model = Model(self.ORDERED)
         self.now = 0.0
         #: Tickets the backend holds or is taking, from their Take to their Drop, in Take order.
         self.backend: dict[Ticket, None] = {}
@@ -235,9 +258,9 @@ class TableMachine(RuleBasedStateMachine):
             ticket = effect.ticket
             if isinstance(effect, Take):
                 assert ticket not in self.took, f"taken twice: {ticket}"
-                for other in self.backend:
+                for other in [] if self.ORDERED else self.backend:
                     assert not conflict(ticket, other), f"{ticket} taken while {other} holds"
-                for other in before:
+                for other in [] if self.ORDERED else before:
                     if arrival[other] < arrival[ticket] and conflict(ticket, other):
                         assert other in ended, f"{ticket} taken ahead of {other}"
                 self.took.add(ticket)
@@ -275,11 +298,20 @@ class TableMachine(RuleBasedStateMachine):
         live = [t for t in self.model.live if state is None or t.state is state]
         return data.draw(st.sampled_from(live))
 
-    @precondition(lambda self: any(t.holding for t in self.model.live))
+    def _grantable(self) -> list[Ticket]:
+        """The tickets the backend may say it holds: where it orders requests, those no
+        granted ticket conflicts with, in whatever order; the same one again is a no-op."""
+        granted = [t for t in self.model.live if t.state in (State.HELD, State.BREAKING)]
+        return [
+            t for t in self.model.live
+            if t.holding and not (self.ORDERED and t.state is State.TAKING and any(conflict(t, g) for g in granted))
+        ]
+
+    @precondition(lambda self: self._grantable())
     @rule(data=st.data())
     def taken(self, data: st.DataObject) -> None:
         """The backend got the locks of a ticket it was asked for (or says so twice)."""
-        ticket = data.draw(st.sampled_from([t for t in self.model.live if t.holding]))
+        ticket = data.draw(st.sampled_from(self._grantable()))
         was = ticket.state, ticket.tokens, ticket.since
         tokens = [self.now] * len(ticket.names)
         before = list(self.model.live)
@@ -376,7 +408,7 @@ class TableMachine(RuleBasedStateMachine):
             assert self.table.waiters(name) == [t for t in on_name if t.state is State.WAITING]
         for ticket, state in model.state.items():
             assert ticket.state is state, (ticket, state)
-        waiting = [t for t in model.live if t.state is State.WAITING]
+        waiting = [t for t in model.live if t.state is model.queued]
         assert self.table.waiting_count() == len(waiting)
         for owner in OWNERS:
             assert set(self.table.tickets_of(owner)) == {t for t in model.live if t.owner == owner}
@@ -388,16 +420,19 @@ class TableMachine(RuleBasedStateMachine):
     @invariant()
     def holders_exclude_each_other(self) -> None:
         holding = [t for t in self.model.live if t.state in HOLDING]
-        for a, b in itertools.combinations(holding, 2):
+        # Where the backend orders requests, a TAKING ticket only waits in its queue.
+        granted = [t for t in holding if not (self.ORDERED and t.state is State.TAKING)]
+        for a, b in itertools.combinations(granted, 2):
             assert not conflict(a, b), (a, b)
         assert set(holding) == set(self.backend)
 
     @invariant()
     def every_waiter_is_blocked(self) -> None:
+        """In the table, by the tickets ahead of it; where the backend orders requests, the
+        table names only the granted tickets in the way (the backend may know of more)."""
         for ticket in self.model.live:
-            if ticket.state is State.WAITING:
-                blockers = self.model.blockers(ticket)
-                assert blockers, f"{ticket} waits for nothing"
+            if ticket.state is self.model.queued:
+                assert self.ORDERED or self.model.blockers(ticket), f"{ticket} waits for nothing"
                 assert set(self.table.blockers(ticket)) == set(self.model.in_the_way(ticket))
 
     def teardown(self) -> None:
@@ -419,3 +454,11 @@ TableMachine.TestCase.settings = settings(
     phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
 )
 test_lock_table_against_model = TableMachine.TestCase
+
+
+class OrderedTableMachine(TableMachine):
+    ORDERED = True
+
+
+OrderedTableMachine.TestCase.settings = TableMachine.TestCase.settings
+test_lock_table_ordered_by_the_backend_against_model = OrderedTableMachine.TestCase
