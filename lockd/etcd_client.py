@@ -22,8 +22,8 @@ import msgspec
 import trio
 from lockd_client.errors import DaemonUnavailable
 
-from .etcd_http import Origin
-from .etcd_pool import Failed, NotSent, Pool
+from .etcd_http import Failed, NotSent, Origin
+from .etcd_pool import Pool
 
 # gRPC status codes etcd answers with (google.golang.org/grpc/codes).
 _NOT_FOUND = 5

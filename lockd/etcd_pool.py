@@ -17,8 +17,6 @@ import trio
 
 from .etcd_http import Connection, Failed, NotSent, Origin
 
-__all__ = ["Failed", "NotSent", "Pool", "Stream"]
-
 
 class Pool:
     """Connections to any of the endpoints, at most `limit` open."""
@@ -114,11 +112,14 @@ class Pool:
                     return connection
                 await self._discard(connection)
                 break  # the others to it are older, as likely to be closed: connect afresh
-        if self._open >= self._limit:
-            # Every other connection in use holds a slot, as this caller does: one is idle.
-            await self._discard(self._idle.pop(0))
+        # Every other connection in use holds a slot, as this caller does: at the limit, one
+        # is idle. The count is settled before the first await, so that callers meanwhile
+        # see it right.
+        oldest = self._idle.pop(0) if self._open >= self._limit else None
         self._open += 1
         try:
+            if oldest is not None:
+                await self._discard(oldest)
             with trio.move_on_after(connect_timeout):
                 return await Connection.open(origin, self._context)
         except BaseException:
@@ -128,7 +129,7 @@ class Pool:
         raise NotSent(f"no connection within {connect_timeout:.2g} s")
 
     async def _discard(self, connection: Connection) -> None:
-        self._open -= 1
+        self._open -= 1  # before the await: see `_take`
         await connection.aclose()
 
     async def _end_stream(self, connection: Connection) -> None:
