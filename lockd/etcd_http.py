@@ -1,21 +1,20 @@
-"""HTTP/1.1 over trio streams, just as much as etcd's JSON gateway needs: POST requests with a
-JSON body, answers framed by Content-Length or chunked, kept-alive connections in a bounded pool.
+"""HTTP/1.1 over trio, just as much as etcd's JSON gateway needs: POST requests with a JSON
+body, answers framed by Content-Length, chunked, or by the end of the connection.
 
 Invariants:
 - `NotSent` is raised only when no byte of the request can have reached the server: the
-  connection could not be made (refused, unreachable, timed out, TLS handshake failed). Once
-  sending has begun, every failure is `Failed`, since the server may have acted on the request.
-- A connection carries one exchange at a time. It goes back to the pool only after a whole,
-  well-formed answer that leaves it open; on any error, a malformed answer or cancellation it
-  is closed. An idle connection the server has closed (or that has unread bytes) is closed
-  when next taken, before anything is sent on it.
-- A pool never has more than `limit` connections open; an exchange (or stream) holds one from
-  taking it until the answer is read, and waits for one while all are in use.
+  connection could not be made (refused, unreachable, TLS handshake failed). Once sending has
+  begun, every failure is `Failed`, since the server may have acted on the request.
+- A connection carries one exchange at a time, and is `reusable` only once an answer's
+  framing leaves it fit for the next. Parsing is strict and fails closed: an answer it does
+  not understand raises `Failed`.
 
-Written for this one peer rather than taken from an HTTP library: httpx costs lockd about
-700 µs of CPU per etcd request and h11 alone about 200, against about 100 for this module
-(docs/performance.md). It parses strictly and fails closed: an answer it does not understand
-fails the exchange and closes the connection.
+Cancelled mid-exchange, or after `Failed`, a connection is in no known state: its owner
+closes it (`etcd_pool` does).
+
+Written for this one peer rather than taken from an HTTP library: per etcd request, httpx
+cost lockd about 700 µs of CPU and a client on h11 about 200, against about 100 for this
+module (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -97,7 +96,9 @@ class Connection:
             raise NotSent(f"cannot connect: {_describe(exc)}") from exc
         fd = tcp.socket.fileno()
         if not origin.tls:
-            return cls(origin, _Plain(socket.socket(fileno=tcp.socket.detach())), fd)
+            sock = socket.socket(fileno=tcp.socket.detach())
+            sock.setblocking(False)  # as trio left the descriptor; the object must know it too
+            return cls(origin, _Plain(sock), fd)
         stream = trio.SSLStream(tcp, context, server_hostname=origin.host, https_compatible=True)
         try:
             await stream.do_handshake()
