@@ -126,7 +126,7 @@ class Connection:
         """Read an answer's status line and headers, skipping interim (1xx) answers; return
         its status. The body is then read with `part`."""
         while True:
-            status, length, chunked, keep = _parse_head(await self._head())
+            status, length, chunked, keep = _parse_head(await self._until(b"\r\n\r\n", "headers"))
             if not 100 <= status < 200:
                 break
         self._chunked = chunked
@@ -183,13 +183,13 @@ class Connection:
             raise Failed("the server closed the connection before its answer was complete")
 
     async def _chunk(self) -> bytes | None:
-        size_line = await self._line()
+        size_line = await self._until(b"\r\n", "line")
         size_text = size_line.split(b";", 1)[0].strip()
         if not size_text or size_text.strip(b"0123456789abcdefABCDEF"):
             raise Failed(f"bad chunk size {size_line[:40]!r}")
         size = int(size_text, 16)
         if size == 0:
-            while await self._line():  # trailers, up to the empty line
+            while await self._until(b"\r\n", "line"):  # trailers, up to the empty line
                 pass
             return None
         while len(self._buffer) < size + 2:
@@ -200,27 +200,17 @@ class Connection:
         del self._buffer[:size + 2]
         return data
 
-    async def _head(self) -> bytes:
+    async def _until(self, mark: bytes, what: str) -> bytes:
+        """The buffered bytes up to `mark`, reading until it comes; `mark` is dropped."""
         searched = 0
-        while (end := self._buffer.find(b"\r\n\r\n", searched)) < 0:
+        while (end := self._buffer.find(mark, searched)) < 0:
             if len(self._buffer) > _HEAD_LIMIT:
-                raise Failed(f"no end of headers in the first {_HEAD_LIMIT} bytes")
-            searched = max(0, len(self._buffer) - 3)
+                raise Failed(f"no end of {what} in the first {_HEAD_LIMIT} bytes")
+            searched = max(0, len(self._buffer) - len(mark) + 1)
             await self._need()
-        head = bytes(self._buffer[:end])
-        del self._buffer[:end + 4]
-        return head
-
-    async def _line(self) -> bytes:
-        searched = 0
-        while (end := self._buffer.find(b"\r\n", searched)) < 0:
-            if len(self._buffer) > _HEAD_LIMIT:
-                raise Failed(f"no end of line in the first {_HEAD_LIMIT} bytes")
-            searched = max(0, len(self._buffer) - 1)
-            await self._need()
-        line = bytes(self._buffer[:end])
-        del self._buffer[:end + 2]
-        return line
+        found = bytes(self._buffer[:end])
+        del self._buffer[:end + len(mark)]
+        return found
 
 
 class _Plain(trio.abc.AsyncResource):

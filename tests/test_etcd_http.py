@@ -194,6 +194,7 @@ async def test_an_auth_token_that_could_end_its_header_line_is_refused() -> None
         (b"HTTP/1.1 200 OK\r\nno colon\r\n\r\n", "malformed header line"),
         (b"HTTP/1.1 200 OK\r\n folded: 1\r\n\r\n", "malformed header line"),
         (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{}", "closed the connection before"),
+        (b"HTTP/1.1 200 OK\r\nX: " + b"x" * 70_000, "no end of headers in the first 65536 bytes"),
     ],
 )
 async def test_a_malformed_answer_fails_the_call_and_its_connection_is_dropped(
