@@ -315,9 +315,12 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _etcd_targets(etcd: dict[str, Any]) -> list[dict[str, Any]]:
-    """The guarantees that must hold on the etcd backend too: strict FIFO, and a crashed
-    holder's lock passed on within W5's limit."""
+    """The guarantees that must hold on the etcd backend too (strict FIFO, a crashed holder's
+    lock passed on within W5's limit), and a W1 cycle within 1.3× etcd's own lock API's."""
+    w1 = _dig(etcd, "w1", "median")
     return [
+        _target(f"etcd: W1 p50 / {LABELS[ETCD_FLOOR]} p50",
+                _ratio(_dig(w1, "lockd-etcd", "p50_us"), _dig(w1, ETCD_FLOOR, "p50_us")), 1.3, True),
         _target("etcd: W3 FIFO inversions, all runs",
                 _total(_dig(etcd, "w3", "runs", "lockd-etcd"), "fifo_inversions"), 0, True),
         _target("etcd: W5 kill → waiter holds, p50 ms", _dig(etcd, "w5", "lockd-etcd", "p50_ms"), 10, True),

@@ -24,7 +24,6 @@ from . import __version__
 if TYPE_CHECKING:  # imported where used: `lockd --version` and --help must start fast
     from .backend import Backend
     from .config import Config
-    from .etcd_backend import EtcdBackend
     from .lockfiles import LockFiles
     from .policy import Policy
     from .server import Server
@@ -234,7 +233,6 @@ def _check(args: argparse.Namespace, conf: Config) -> int:
 
     Policy.from_config(conf.policy)
     if conf.backend == "etcd":
-        _etcd_backend_class()
         for key in ("ca_file", "cert_file", "key_file"):
             path = getattr(conf.etcd, key)
             try:
@@ -251,20 +249,6 @@ def _check(args: argparse.Namespace, conf: Config) -> int:
     return 0
 
 
-def _etcd_backend_class() -> type[EtcdBackend]:
-    """The etcd backend's class; ConfigError if a package it needs is not installed."""
-    from .config import ConfigError
-
-    try:
-        from .etcd_backend import EtcdBackend
-    except ImportError as exc:
-        raise ConfigError(
-            f'backend = "etcd" needs the {exc.name} package, which is not installed: '
-            "install lockd[etcd] (pip install 'lockd[etcd]')"
-        ) from None
-    return EtcdBackend
-
-
 def _backend(conf: Config, files: LockFiles, tokens: TokenStore | None) -> Backend:
     """The backend `conf` names, over `files` (and `tokens` for flock). Raises LockdError or
     OSError (an unreadable TLS file)."""
@@ -273,7 +257,9 @@ def _backend(conf: Config, files: LockFiles, tokens: TokenStore | None) -> Backe
 
         assert tokens is not None
         return FlockBackend(files, tokens)
-    return _etcd_backend_class().from_config(files, conf.etcd, socket.gethostname())
+    from .etcd_backend import EtcdBackend
+
+    return EtcdBackend.from_config(files, conf.etcd, socket.gethostname())
 
 
 async def _serve(

@@ -7,20 +7,23 @@ applied at most once per call.
 
 Keys are `str`, values `bytes`; a key's bytes that are not UTF-8 (another tool may write any)
 are carried as surrogate escapes, so every key read can be written back. The gateway's base64
-and int64-as-string encodings stay in here.
+and int64-as-string encodings stay in here; HTTP and the connections are `etcd_http`'s and
+`etcd_pool`'s.
 """
 
 from __future__ import annotations
 
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
-import httpx
 import msgspec
 import trio
 from lockd_client.errors import DaemonUnavailable
+
+from .etcd_http import Failed, NotSent, Origin
+from .etcd_pool import Pool
 
 # gRPC status codes etcd answers with (google.golang.org/grpc/codes).
 _NOT_FOUND = 5
@@ -200,7 +203,8 @@ class EtcdClient:
         username: str | None = None,
         password: str | None = None,
     ) -> None:
-        """Raises OSError (an `ssl.SSLError` among them) if a TLS file cannot be loaded.
+        """Raises OSError (an `ssl.SSLError` among them) if a TLS file cannot be loaded,
+        ValueError if an endpoint is not an http:// or https:// URL.
 
         `ca_file` verifies etcd's certificate (default: the system's CAs); `cert_file` and
         `key_file` are this client's certificate for etcd's `--client-cert-auth`; `username`
@@ -209,18 +213,20 @@ class EtcdClient:
         if not endpoints:
             raise ValueError("at least one etcd endpoint is needed")
         self.endpoints = [e.rstrip("/") for e in endpoints]
+        self._origins = [Origin(e) for e in self.endpoints]
         self._current = 0
         self._credentials = {"name": username, "password": password or ""} if username else None
         self._token: str | None = None
         context = ssl.create_default_context(cafile=ca_file)
         if cert_file is not None:
             context.load_cert_chain(cert_file, key_file)
-        limits = httpx.Limits(max_connections=CONNECTIONS)
-        self._http = httpx.AsyncClient(verify=context, trust_env=False, limits=limits)
+        context.set_alpn_protocols(["http/1.1"])
+        self._pool = Pool(context, CONNECTIONS)
         # Lease calls have connections of their own: a renewal that waited behind a burst of
         # other requests would lose every lock of the daemon.
-        self._leases = httpx.AsyncClient(verify=context, trust_env=False)
+        self._leases = Pool(context, CONNECTIONS)
         self._encoder = msgspec.json.Encoder()
+        self._decoders: dict[type, msgspec.json.Decoder[Any]] = {}
 
     @property
     def endpoint(self) -> str:
@@ -228,7 +234,7 @@ class EtcdClient:
         return self.endpoints[self._current]
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        await self._pool.aclose()
         await self._leases.aclose()
 
     # --- leases -------------------------------------------------------------------------------
@@ -294,33 +300,34 @@ class EtcdClient:
                 "start_revision": start_revision,
             }
         }
-        endpoint = self.endpoint
-        decoder = msgspec.json.Decoder(_WatchLine, strict=False)
+        origin = self._origins[self._current]
+        endpoint = origin.url
+        decoder = self._decoder(_WatchLine)
+        content = self._encoder.encode(request)
         try:
-            content = self._encoder.encode(request)
-            steps = httpx.Timeout(timeout, read=None)
-            response = await self._http.send(
-                await self._request(self._http, endpoint + "/v3/watch", content, steps),
-                stream=True,
-            )
-            lines = response.aiter_lines()
-            try:
-                if response.status_code != 200:
-                    await response.aread()
-                    raise self._failure(endpoint, response)
-                async for line in lines:
-                    if line:
-                        on_response(self._watch_answer(endpoint, decoder, line, start_revision))
-            finally:
-                with trio.CancelScope(shield=True), trio.move_on_after(timeout):
-                    await response.aclose()
-                    await _drain(lines)
-        except httpx.HTTPError as exc:
+            with trio.move_on_after(timeout) as logging_in:
+                token = await self._token_for(self._pool, origin, timeout)
+            if logging_in.cancelled_caught:
+                raise self._unreachable(endpoint, f"no answer to logging in within {timeout:.2g} s")
+            stream = await self._pool.stream(origin, origin.request("/v3/watch", content, token), timeout)
+        except (NotSent, Failed) as exc:
             raise self._unreachable(endpoint, exc) from exc
+        try:
+            status = await stream.status()
+            if status != 200:
+                raise self._failure(endpoint, status, await stream.rest())
+            while (line := await stream.line()) is not None:
+                if line:
+                    on_response(self._watch_answer(endpoint, decoder, line, start_revision))
+        except Failed as exc:
+            raise self._unreachable(endpoint, exc) from exc
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(timeout):
+                await stream.aclose()
         raise self._unreachable(endpoint, "it closed the watch stream")
 
     def _watch_answer(
-        self, endpoint: str, decoder: msgspec.json.Decoder[_WatchLine], line: str,
+        self, endpoint: str, decoder: msgspec.json.Decoder[_WatchLine], line: bytes,
         start_revision: int,
     ) -> WatchResponse:
         """One line of a watch stream; raises if it ends the watch."""
@@ -338,73 +345,67 @@ class EtcdClient:
 
     # --- plumbing -----------------------------------------------------------------------------
 
-    async def _call(self, path: str, body: dict[str, Any], answer: type[_T], timeout: float) -> _T:
+    async def _call(self, path: str, body: dict[str, Any], answer: type[_T], limit: float) -> _T:
         content = self._encoder.encode(body)
-        decoder = msgspec.json.Decoder(answer, strict=False)
         failure: EtcdError | None = None
+        pool = self._leases if path.startswith("/v3/lease/") else self._pool
         # One round per endpoint, and one more for a request refused for an expired token.
         # Connecting gets half the time, so that a member that does not answer SYNs leaves
         # time to try the next one within the same attempt bound.
-        steps = httpx.Timeout(timeout, connect=timeout / 2)
-        http = self._leases if path.startswith("/v3/lease/") else self._http
         for _ in range(len(self.endpoints) + 1):
-            endpoint = self.endpoint
-            with trio.move_on_after(timeout) as attempt:
+            origin = self._origins[self._current]
+            endpoint = origin.url
+            with trio.move_on_after(limit) as attempt:
                 try:
-                    request = await self._request(http, endpoint + path, content, steps)
-                    response = await http.send(request)
-                except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                    token = await self._token_for(pool, origin, limit / 2)
+                    request = origin.request(path, content, token)
+                    status, data = await pool.exchange(origin, request, limit / 2)
+                except NotSent as exc:
                     # Nothing was sent: the next member can safely take the same request.
                     failure = self._unreachable(endpoint, exc)
                     continue
-                except httpx.HTTPError as exc:
+                except Failed as exc:
                     raise self._unreachable(endpoint, exc) from exc
             if attempt.cancelled_caught:
-                raise self._unreachable(endpoint, f"no answer within {timeout:.2g} s")
-            if response.status_code == 200:
-                return _decode(decoder, endpoint, response.content)
-            failure = self._failure(endpoint, response)
+                raise self._unreachable(endpoint, f"no answer within {limit:.2g} s")
+            if status == 200:
+                return _decode(self._decoder(answer), endpoint, data)
+            failure = self._failure(endpoint, status, data)
             if failure.status != _UNAUTHENTICATED:
                 raise failure
             self._token = None
         assert failure is not None
         raise failure
 
-    async def _request(
-        self, http: httpx.AsyncClient, url: str, content: bytes, timeout: float | httpx.Timeout
-    ) -> httpx.Request:
-        """A POST of `content` to `url`, with the auth token (logging in first, through `http`,
-        if needed)."""
-        headers: dict[str, str] = {}
-        if self._credentials is not None:
-            if self._token is None:
-                endpoint = self.endpoint
-                credentials = self._encoder.encode(self._credentials)
-                login = self._post(endpoint + "/v3/auth/authenticate", credentials, {}, timeout)
-                response = await http.send(login)
-                if response.status_code != 200:
-                    raise self._failure(endpoint, response)
-                self._token = _decode(msgspec.json.Decoder(_Auth), endpoint, response.content).token
-            headers["Authorization"] = self._token
-        return self._post(url, content, headers, timeout)
+    async def _token_for(self, pool: Pool, origin: Origin, connect_timeout: float) -> str | None:
+        """The auth token to send, logging in through `pool` first if there is none yet;
+        None without credentials. Raises `NotSent`, `Failed`, or EtcdError if etcd refuses."""
+        if self._credentials is None or self._token is not None:
+            return self._token
+        credentials = self._encoder.encode(self._credentials)
+        login = origin.request("/v3/auth/authenticate", credentials, None)
+        status, data = await pool.exchange(origin, login, connect_timeout)
+        if status != 200:
+            raise self._failure(origin.url, status, data)
+        token = _decode(self._decoder(_Auth), origin.url, data).token
+        # It goes into a header line: a token that could end the line is no token.
+        if not (token.isascii() and token.isprintable()):
+            raise EtcdError(f"etcd at {origin.url} sent an auth token lockd cannot send back")
+        self._token = token
+        return token
 
-    def _post(
-        self, url: str, content: bytes, headers: dict[str, str], timeout: float | httpx.Timeout
-    ) -> httpx.Request:
-        request = self._http.build_request(
-            "POST", url, content=content, headers=headers, timeout=timeout
-        )
-        # httpx sends `content` from an async generator; a request cancelled mid-send would
-        # leave it suspended, and trio warns when it is collected. This body has no generator.
-        request.stream = _Body(content)
-        return request
+    def _decoder(self, answer: type[_T]) -> msgspec.json.Decoder[_T]:
+        decoder = self._decoders.get(answer)
+        if decoder is None:
+            decoder = self._decoders[answer] = msgspec.json.Decoder(answer, strict=False)
+        return decoder
 
-    def _failure(self, endpoint: str, response: httpx.Response) -> EtcdError:
+    def _failure(self, endpoint: str, status: int, data: bytes) -> EtcdError:
         try:
-            failure = msgspec.json.decode(response.content, type=_Failure)
+            failure = msgspec.json.decode(data, type=_Failure)
         except msgspec.DecodeError:
-            failure = _Failure(message=f"HTTP {response.status_code} {response.text[:200]}")
-        message = failure.message or failure.error or f"HTTP {response.status_code}"
+            failure = _Failure(message=f"HTTP {status} {data[:200].decode(errors='replace')}")
+        message = failure.message or failure.error or f"HTTP {status}"
         return EtcdError(f"etcd at {endpoint} answered: {message}", failure.code)
 
     def _unreachable(self, endpoint: str, cause: Exception | str) -> EtcdUnreachable:
@@ -415,49 +416,10 @@ class EtcdClient:
         """
         if self.endpoint == endpoint:
             self._current = (self._current + 1) % len(self.endpoints)
-        return EtcdUnreachable(f"etcd at {endpoint} is unreachable: {_describe(cause)}")
+        return EtcdUnreachable(f"etcd at {endpoint} is unreachable: {cause}")
 
 
-class _Body(httpx.AsyncByteStream):
-    """A request body sent in one piece, iterated without an async generator."""
-
-    def __init__(self, content: bytes) -> None:
-        self._content: bytes | None = content
-
-    def __aiter__(self) -> _Body:
-        return self
-
-    async def __anext__(self) -> bytes:
-        if self._content is None:
-            raise StopAsyncIteration
-        content, self._content = self._content, None
-        return content
-
-
-async def _drain(lines: AsyncIterator[str]) -> None:
-    """Run a closed response's line iterator to its end.
-
-    Left suspended instead, httpx's chain of async generators would be collected unfinished,
-    which trio reports as a ResourceWarning.
-    """
-    try:
-        async for _ in lines:
-            pass
-    except (httpx.HTTPError, httpx.StreamError):
-        pass
-
-
-def _describe(cause: BaseException | str | None) -> str:
-    """The first message in `cause`'s chain: httpx often wraps the telling one (TLS alerts)."""
-    first = cause
-    while isinstance(cause, BaseException):
-        if str(cause):
-            return str(cause)
-        cause = cause.__cause__ or cause.__context__
-    return cause or type(first).__name__
-
-
-def _decode(decoder: msgspec.json.Decoder[_T], endpoint: str, data: bytes | str) -> _T:
+def _decode(decoder: msgspec.json.Decoder[_T], endpoint: str, data: bytes) -> _T:
     try:
         return decoder.decode(data)
     except msgspec.DecodeError as exc:
