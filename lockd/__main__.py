@@ -24,11 +24,11 @@ from . import __version__
 if TYPE_CHECKING:  # imported where used: `lockd --version` and --help must start fast
     from .backend import Backend
     from .config import Config
+    from .flock.tokens import TokenStore
     from .lockfiles import LockFiles
     from .policy import Policy
     from .server import Server
     from .systemd import Notifier
-    from .tokens import TokenStore
 
 log = logging.getLogger("lockd")
 
@@ -167,11 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     from lockd_client.errors import LockdError
 
     from .fdlimit import raise_nofile_limit
+    from .flock.tokens import TokenStore
     from .listen import bind_unix_listener, somaxconn
     from .lockfiles import LockFiles, prepare_lock_dir
     from .policy import Policy
     from .systemd import listen_fds
-    from .tokens import TokenStore
 
     raise_nofile_limit()
     sock_path, lock_dir, state_dir = conf.socket, conf.lock_dir, conf.state_dir
@@ -253,11 +253,11 @@ def _backend(conf: Config, files: LockFiles, tokens: TokenStore | None) -> Backe
     """The backend `conf` names, over `files` (and `tokens` for flock). Raises LockdError or
     OSError (an unreadable TLS file)."""
     if conf.backend == "flock":
-        from .flock_backend import FlockBackend
+        from .flock.backend import FlockBackend
 
         assert tokens is not None
         return FlockBackend(files, tokens)
-    from .etcd_backend import EtcdBackend
+    from .etcd.backend import EtcdBackend
 
     return EtcdBackend.from_config(files, conf.etcd, socket.gethostname())
 

@@ -24,8 +24,8 @@ deadlines and forced releases; whoever sees every competing request orders them 
 Either way, the wait for a lock file that a process holds outside lockd follows one policy
 (lockd.filewaits).
 
-Implementations: `flock_backend.FlockBackend` (one host, files in the lock directory) and
-`etcd_backend.EtcdBackend` (many hosts).
+Implementations: `flock.backend.FlockBackend` (one host, files in the lock directory) and
+`etcd.backend.EtcdBackend` (many hosts).
 """
 
 from __future__ import annotations

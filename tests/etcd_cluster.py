@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from lockd.etcd_client import EtcdClient, KeyValue
+from lockd.etcd.client import EtcdClient, KeyValue
 
 from .waiting import wait_until, wait_until_async
 

@@ -29,7 +29,7 @@ from typing import Any
 import msgspec
 import trio
 
-from lockd.etcd_client import EtcdClient, EtcdUnreachable, Event, KeyValue, WatchResponse
+from lockd.etcd.client import EtcdClient, EtcdUnreachable, Event, KeyValue, WatchResponse
 
 Hook = Callable[["Call"], Awaitable[None]]
 
@@ -63,7 +63,7 @@ class _Stream:
 
 
 class FaultyEtcd:
-    """`lockd.etcd_client.EtcdApi` over a real client, with faults (see the module docstring)."""
+    """`lockd.etcd.client.EtcdApi` over a real client, with faults (see the module docstring)."""
 
     def __init__(self, endpoints: Sequence[str]) -> None:
         self.real = EtcdClient(endpoints)

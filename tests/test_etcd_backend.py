@@ -16,10 +16,10 @@ import pytest
 import trio
 from lockd_client.errors import DaemonUnavailable, LimitExceeded, LockdError
 
-from lockd import etcd_client
 from lockd.backend import Blocked, Claim
-from lockd.etcd_backend import EtcdBackend
-from lockd.etcd_client import EtcdClient
+from lockd.etcd import client as etcd_client
+from lockd.etcd.backend import EtcdBackend
+from lockd.etcd.client import EtcdClient
 from lockd.lockfiles import LockFiles
 
 from .etcd_cluster import EtcdCluster, entries_under, keys_under, relay_to, requires_etcd, wait_no_keys

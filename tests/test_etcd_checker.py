@@ -61,7 +61,7 @@ import trio
 from lockd_client import protocol
 
 from lockd import procinfo
-from lockd.etcd_client import EtcdClient, EtcdError, KeyValue, WatchResponse
+from lockd.etcd.client import EtcdClient, EtcdError, KeyValue, WatchResponse
 
 from .children import fork, stop_and_kill
 from .conftest import Daemon

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import trio
 
-from lockd import etcd_client
 from lockd.backend import Claim
 from lockd.config import Etcd
-from lockd.etcd_backend import EtcdBackend
-from lockd.etcd_client import EtcdClient, EtcdError, EtcdUnreachable, WatchCompacted, WatchResponse
+from lockd.etcd import client as etcd_client
+from lockd.etcd.backend import EtcdBackend
+from lockd.etcd.client import EtcdClient, EtcdError, EtcdUnreachable, WatchCompacted, WatchResponse
 from lockd.lockfiles import LockFiles
 
 from .etcd_cluster import EtcdCluster, free_ports, relay_to, requires_etcd

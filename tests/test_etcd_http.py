@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from lockd import etcd_client
-from lockd.etcd_client import EtcdClient, EtcdError, EtcdUnreachable, WatchResponse
-from lockd.etcd_http import Origin
-from lockd.etcd_pool import Pool
+from lockd.etcd import client as etcd_client
+from lockd.etcd.client import EtcdClient, EtcdError, EtcdUnreachable, WatchResponse
+from lockd.etcd.http import Origin
+from lockd.etcd.pool import Pool
 from tests.etcd_cluster import Certs, free_ports
 from tests.scripted_http import (
     HANG_UP,

@@ -8,8 +8,8 @@ import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lockd.etcd_client import Event, Header, KeyValue, WatchResponse
-from lockd.etcd_mirror import Mirror
+from lockd.etcd.client import Event, Header, KeyValue, WatchResponse
+from lockd.etcd.mirror import Mirror
 
 PREFIX = "/lockd/"
 

@@ -10,9 +10,9 @@ import trio
 from lockd_client.errors import DaemonUnavailable
 
 from lockd.backend import Backend, Blocked, Claim
-from lockd.flock_backend import FlockBackend
+from lockd.flock.backend import FlockBackend
+from lockd.flock.tokens import BLOCK, TokenStore
 from lockd.lockfiles import LockFiles
-from lockd.tokens import BLOCK, TokenStore
 
 from .flock_tools import can_flock, claim, kill, make_lock_dir, open_fds, outside_flock
 

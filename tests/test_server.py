@@ -20,13 +20,13 @@ from lockd_client import protocol
 from lockd import listen
 from lockd.backend import BlockedCallback, Claim
 from lockd.config import Limits
-from lockd.flock_backend import FlockBackend
+from lockd.flock.backend import FlockBackend
+from lockd.flock.tokens import TokenStore
 from lockd.listen import bind_unix_listener
 from lockd.lockfiles import LockFiles
 from lockd.policy import Policy
 from lockd.server import Server
 from lockd.table import LockTable
-from lockd.tokens import TokenStore
 
 from .flock_tools import kill, make_lock_dir, outside_flock
 

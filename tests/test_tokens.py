@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from lockd_client.errors import DaemonUnavailable
 
-from lockd.tokens import BLOCK, FILE, TokenStore, TokenStoreError
+from lockd.flock.tokens import BLOCK, FILE, TokenStore, TokenStoreError
 
 
 @pytest.fixture
@@ -106,7 +106,7 @@ WRITER = """
 import sys
 import threading
 from pathlib import Path
-from lockd.tokens import TokenStore
+from lockd.flock.tokens import TokenStore
 store = TokenStore.open(Path(sys.argv[1]))
 while True:
     print(store.next(), flush=True)

@@ -4,9 +4,9 @@ Invariants:
 - At most `limit` connections are open at once, idle ones included. An exchange holds one
   from taking it until its answer is read, a stream until it is closed; while every one is
   in use, the next waits its turn (first come, first served).
-- A connection is reused only as `etcd_http` allows (a whole answer that left it open, and
+- A connection is reused only as `etcd.http` allows (a whole answer that left it open, and
   not found closed by the server when taken again); any other ends closed.
-- `NotSent` means nothing of the request reached the server, as in `etcd_http`.
+- `NotSent` means nothing of the request reached the server, as in `etcd.http`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import ssl
 
 import trio
 
-from .etcd_http import Connection, Failed, NotSent, Origin
+from .http import Connection, Failed, NotSent, Origin
 
 
 class Pool:

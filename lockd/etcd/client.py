@@ -7,8 +7,8 @@ applied at most once per call.
 
 Keys are `str`, values `bytes`; a key's bytes that are not UTF-8 (another tool may write any)
 are carried as surrogate escapes, so every key read can be written back. The gateway's base64
-and int64-as-string encodings stay in here; HTTP and the connections are `etcd_http`'s and
-`etcd_pool`'s.
+and int64-as-string encodings stay in here; HTTP and the connections are `etcd.http`'s and
+`etcd.pool`'s.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import msgspec
 import trio
 from lockd_client.errors import DaemonUnavailable
 
-from .etcd_http import Failed, NotSent, Origin
-from .etcd_pool import Pool
+from .http import Failed, NotSent, Origin
+from .pool import Pool
 
 # gRPC status codes etcd answers with (google.golang.org/grpc/codes).
 _NOT_FOUND = 5

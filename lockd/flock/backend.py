@@ -14,10 +14,10 @@ from __future__ import annotations
 import trio
 from lockd_client.protocol import Holder
 
-from .backend import Blocked, BlockedCallback, Claim, LoseCallback
-from .filewaits import FileWaits
-from .hostlocks import HostLocks
-from .lockfiles import LockFiles
+from ..backend import Blocked, BlockedCallback, Claim, LoseCallback
+from ..filewaits import FileWaits
+from ..hostlocks import HostLocks
+from ..lockfiles import LockFiles
 from .tokens import TokenStore
 
 

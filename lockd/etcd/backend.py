@@ -46,14 +46,14 @@ import trio
 from lockd_client.errors import LimitExceeded
 from lockd_client.protocol import Holder
 
-from . import etcd_client
-from .backend import Blocked, BlockedCallback, Claim, LoseCallback
-from .config import Etcd
-from .etcd_client import EtcdApi, EtcdClient, EtcdError, EtcdUnreachable, WatchCompacted, WatchResponse
-from .etcd_mirror import Change, Key, Mirror, Record
-from .filewaits import FileWaits
-from .hostlocks import HostLocks
-from .lockfiles import LockFiles
+from ..backend import Blocked, BlockedCallback, Claim, LoseCallback
+from ..config import Etcd
+from ..filewaits import FileWaits
+from ..hostlocks import HostLocks
+from ..lockfiles import LockFiles
+from . import client as etcd_client
+from .client import EtcdApi, EtcdClient, EtcdError, EtcdUnreachable, WatchCompacted, WatchResponse
+from .mirror import Change, Key, Mirror, Record
 
 log = logging.getLogger("lockd.etcd")
 

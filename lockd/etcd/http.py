@@ -10,7 +10,7 @@ Invariants:
   not understand raises `Failed`.
 
 Cancelled mid-exchange, or after `Failed`, a connection is in no known state: its owner
-closes it (`etcd_pool` does).
+closes it (`etcd.pool` does).
 
 Written for this one peer rather than taken from an HTTP library: per etcd request, httpx
 cost lockd about 700 µs of CPU and a client on h11 about 200, against about 100 for this

@@ -20,7 +20,7 @@ import msgspec
 import trio
 from lockd_client.protocol import Holder, Mode, name_problem
 
-from .etcd_client import KeyValue, WatchResponse
+from .client import KeyValue, WatchResponse
 
 
 class Record(msgspec.Struct, omit_defaults=True):
