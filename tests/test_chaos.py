@@ -72,9 +72,15 @@ class _Name:
     #: Who holds it now, and whether shared.
     inside: dict[str, bool] = field(default_factory=dict)
     #: A new exclusive grant must exceed every token granted before it; a shared one, every
-    #: exclusive one (and everything granted by a daemon since dead).
+    #: exclusive one. The log has conflicting grants in the order they were made (a holder
+    #: logs its ENTER before it lets go), but shared holders log in any order.
     floor_exclusive: int = 0
     floor_shared: int = 0
+    #: Every token logged before the last daemon's death: a grant by a daemon started since
+    #: must exceed them all. A grant logged after the death may still be the dead daemon's,
+    #: made before it died and logged late: a stale one, or a CMD's (its lockctl holds on
+    #: through the lock files' descriptors), so those are held to the floors above only.
+    floor_restart: int = 0
     tokens: set[int] = field(default_factory=set)
 
 
@@ -90,7 +96,8 @@ def check(lines: list[str]) -> Verdict:
             entry = names.setdefault(name, _Name())
             shared = mode == "S"
             if token != "-":
-                _check_token(verdict, number, entry, name, int(token), shared)
+                restarted = daemon not in dead and daemon != "kernel"
+                _check_token(verdict, number, entry, name, int(token), shared, restarted)
             if daemon in dead:
                 verdict.counts["stale grants"] += 1
                 continue
@@ -112,7 +119,7 @@ def check(lines: list[str]) -> Verdict:
             dead.add(fields[0])
             for entry in names.values():
                 entry.inside = {w: s for w, s in entry.inside.items() if w.startswith(("flock", "cmd"))}
-                entry.floor_shared = entry.floor_exclusive
+                entry.floor_restart = entry.floor_exclusive
                 running_on = sum(w.startswith("cmd") for w in entry.inside)
                 verdict.counts["commands running on through a daemon's death"] += running_on
         elif kind == "TERM":
@@ -126,8 +133,13 @@ def check(lines: list[str]) -> Verdict:
     return verdict
 
 
-def _check_token(verdict: Verdict, number: int, entry: _Name, name: str, token: int, shared: bool) -> None:
+def _check_token(
+    verdict: Verdict, number: int, entry: _Name, name: str, token: int, shared: bool, restarted: bool,
+) -> None:
+    """`restarted`: the grant is surely by a daemon started after every death logged so far."""
     floor = entry.floor_shared if shared else entry.floor_exclusive
+    if restarted:
+        floor = max(floor, entry.floor_restart)
     if token in entry.tokens:
         verdict.violations.append(f"line {number}: token {token} on {name} granted twice")
     elif token <= floor:
@@ -159,6 +171,19 @@ def test_checker_accepts_correct_histories() -> None:
     assert verdict.counts == Counter({"lockd grants": 8, "flock holds": 2, "stale grants": 1,
                                       "clients killed": 1, "daemon kills": 1, "lockctl runs": 1,
                                       "commands running on through a daemon's death": 1})
+
+
+def test_checker_accepts_shared_grants_logged_after_their_daemon_died() -> None:
+    verdict = check([
+        "ENTER w1 a 3 S 100", "EXIT w1 a",
+        "ENTER w2 b 4 S 100",
+        "DAEMON-KILLED 100",
+        "ENTER cmd3 a 1 S kernel",  # its lockctl had a (shared) before w1 did
+        "ENTER w4 b 2 S 100",  # stale: granted b (shared) before w2 was
+        "ENTER w5 a 5 S 200", "EXIT cmd3 a", "LOCKCTL 0", "EXIT w5 a",
+        "ENTER w6 a 6 X 200",
+    ])
+    assert verdict.violations == []
 
 
 def test_checker_catches_overlaps() -> None:
