@@ -31,16 +31,16 @@ Implementations: `flock.backend.FlockBackend` (one host, files in the lock direc
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Protocol
 
+import msgspec
 from lockd_client.errors import LockBusy
 from lockd_client.protocol import Holder, Mode
 
 
-@dataclass(frozen=True, slots=True, eq=False)
-class Claim:
-    """One request as a backend sees it: the names, the mode, whether it waits, who asks."""
+class Claim(msgspec.Struct, frozen=True, eq=False, kw_only=True):
+    """One request as a backend sees it: the names, the mode, whether it waits, who asks.
+    Immutable, and equal only to itself: a backend keys what it holds for it by it."""
 
     names: tuple[str, ...]
     shared: bool

@@ -17,7 +17,10 @@ WAIT = 10.0
 
 
 def claim(*names: str, shared: bool = False, wait: bool = True) -> Claim:
-    return Claim(names, shared, wait, os.getpid(), os.getuid(), os.getgid(), "test", None)
+    return Claim(
+        names=names, shared=shared, wait=wait, pid=os.getpid(), uid=os.getuid(), gid=os.getgid(), command="test",
+        label=None,
+    )
 
 
 def make_lock_dir(root: Path) -> Path:

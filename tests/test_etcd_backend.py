@@ -77,7 +77,10 @@ class Host:
 def ticket(
     *names: str, shared: bool = False, wait: bool = True, label: str | None = None
 ) -> Claim:
-    return Claim(names, shared, wait, os.getpid(), os.getuid(), os.getgid(), "backup site.com", label)
+    return Claim(
+        names=names, shared=shared, wait=wait, pid=os.getpid(), uid=os.getuid(), gid=os.getgid(),
+        command="backup site.com", label=label,
+    )
 
 
 class Pending:

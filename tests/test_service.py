@@ -404,8 +404,8 @@ def test_a_status_for_a_client_gone_during_the_look_is_not_sent(h: Harness) -> N
 
 
 def test_a_claim_is_immutable_and_equal_only_to_itself() -> None:
-    one = Claim(("x",), False, True, 1, 0, 0, "cmd", None)
-    two = Claim(("x",), False, True, 1, 0, 0, "cmd", None)
+    one = Claim(names=("x",), shared=False, wait=True, pid=1, uid=0, gid=0, command="cmd", label=None)
+    two = Claim(names=("x",), shared=False, wait=True, pid=1, uid=0, gid=0, command="cmd", label=None)
     assert one != two and len({one, two}) == 2
     with pytest.raises(AttributeError):
         one.names = ("y",)  # type: ignore[misc]
