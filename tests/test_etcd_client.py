@@ -108,7 +108,9 @@ async def test_backend_from_config_takes_locks_over_tls_with_auth(
                 nursery.start_soon(backend.run, lambda ticket, reason: None)
                 while True:
                     try:
-                        ticket = Claim(names=("x",), shared=False, wait=True, pid=1, uid=0, gid=0, command="cmd", label=None)
+                        ticket = Claim(
+                            names=("x",), shared=False, wait=True, pid=1, uid=0, gid=0, command="cmd", label=None
+                        )
                         (token,) = await backend.take(ticket, ignore_blocked)
                         break
                     except EtcdError:
