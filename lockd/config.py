@@ -100,7 +100,9 @@ class Rule(_Section, frozen=True):
         _check_known(self.groups, grp.getgrnam, "group")
 
 
-class Policy(_Section, frozen=True):
+class PolicySection(_Section, frozen=True):
+    """The `[policy]` section as written; lockd.policy.Policy is what it decides."""
+
     rules: list[Rule] = []
     #: Who may break others' leases, besides each holder for its own.
     force_release: list[Principal] = msgspec.field(default_factory=lambda: ["root"])
@@ -122,7 +124,7 @@ class Config(_Section, frozen=True):
     backend: BackendName = "flock"
     limits: Limits = msgspec.field(default_factory=Limits)
     etcd: Etcd = msgspec.field(default_factory=Etcd)
-    policy: Policy = msgspec.field(default_factory=Policy)
+    policy: PolicySection = msgspec.field(default_factory=PolicySection)
 
 
 _GLOB = re.compile(r"[A-Za-z0-9._@+\-*?\[\]!]+", re.ASCII)

@@ -82,7 +82,7 @@ class Policy:
         self._force_text = f"force_release [{', '.join(force_uids.values())}]"
 
     @classmethod
-    def from_config(cls, section: config.Policy) -> Policy:
+    def from_config(cls, section: config.PolicySection) -> Policy:
         """Build the policy from the config's `[policy]` table, resolving user and group names.
 
         Reads the user and group databases; raises ConfigError for a name they do not know.

@@ -16,7 +16,7 @@ from lockd.config import (
     ConfigError,
     Etcd,
     Limits,
-    Policy,
+    PolicySection,
     Rule,
     default_config_path,
     load_config,
@@ -111,7 +111,7 @@ def _options() -> dict[str, object]:
     tables = {
         "limits": ("limits.", Limits),
         "etcd": ("etcd.", Etcd),
-        "policy": ("policy.", Policy),
+        "policy": ("policy.", PolicySection),
         "policy.rules": ("policy.rules[].", Rule),
     }
     found: dict[str, object] = {}

@@ -22,7 +22,7 @@ ADM, NOGROUP = 4, 65534
 
 
 def policy(*rules: dict, **section: object) -> Policy:
-    return Policy.from_config(config.Policy(rules=[config.Rule(**rule) for rule in rules], **section))
+    return Policy.from_config(config.PolicySection(rules=[config.Rule(**rule) for rule in rules], **section))
 
 
 def allowed(p: Policy, uid: int, name: str, mode: str = "exclusive", gids: tuple[int, ...] = ()) -> bool:
