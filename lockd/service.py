@@ -10,7 +10,8 @@ Invariants:
 - Every change to the table is carried out by `_apply` before the input that caused it
   returns: effects join one queue and are carried out strictly in order, including those
   that carrying them out causes. So the table, the connections and the process owners agree
-  whenever the service is not running.
+  whenever the service is not running (`LockService.check` asserts how; the tests call it
+  after every step).
 - The service does no I/O and reads no clock of its own: everything it sends and every other
   I/O it needs is an order, and orders are carried out in the order given, so a reply never
   overtakes the I/O it reports (a release's Done follows its unlock). Opening a process's
@@ -800,6 +801,78 @@ class LockService:
             due = self._noise.next_summary()
             if due is not None:
                 self.orders.append(WakeAt(due))
+
+    # --- for tests ----------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Assert, by brute force, that the service's records agree with its table. For tests,
+        between inputs (never while serving). The invariants:
+
+        1. Nothing is left half done: no effect waits to be carried out.
+        2. `_uid_clients` counts the connected clients of each uid, with no entry at zero.
+        3. Every client that is connected or has a live ticket (a process-tied lease outlives
+           its connection) keeps exactly its live tickets in `tickets`, each under its own
+           request id; `names` counts their names, `taking` those of them in `_taking`.
+        4. `_uid_names` sums, per uid, the names of the live tickets its clients asked for
+           (process-tied leases of clients gone included), with no entry at zero.
+        5. `_claimed` holds the live tickets handed to the backend, each under its own claim,
+           all of them holding (TAKING, HELD or BREAKING), and until `stop()` every holding
+           ticket (once stopping, nothing more is handed over). `_taking` is those of them
+           the backend is still taking: TAKING ones.
+        6. A ticket's owner in the table is its client, or once granted (HELD, BREAKING) the
+           process it is tied to.
+        7. The open process owners are found by their pid, and each is tied to exactly the
+           live tickets that name it, at least one.
+        8. A request id whose refusal is still to be sent is none of its client's live
+           tickets' ids, and a client gone has no refusal to send.
+        9. The table's own invariants (`LockTable.check`).
+        """
+        assert not self._effects and not self._applying, self._effects
+        uid_clients: dict[int, int] = {}
+        for peer, client in self.clients.items():
+            assert client.peer is peer, (peer, client)
+            uid_clients[client.uid] = uid_clients.get(client.uid, 0) + 1
+        assert self._uid_clients == uid_clients, (self._uid_clients, uid_clients)
+
+        live = {ticket for name in self.table.names() for ticket in self.table.queue(name)}
+        known: dict[Client, dict[int, Ticket]] = {client: {} for client in self.clients.values()}
+        uid_names: dict[int, int] = {}
+        tied: dict[ProcessOwner, set[Ticket]] = {}
+        for ticket in live:
+            who = party(ticket)
+            known.setdefault(who.client, {})[who.request_id] = ticket
+            uid_names[who.client.uid] = uid_names.get(who.client.uid, 0) + len(ticket.names)
+            granted = ticket.state is HELD or ticket.state is BREAKING
+            owner = who.process if who.process is not None and granted else who.client
+            assert ticket.owner is owner, f"{ticket} is owned by {ticket.owner!r}, not {owner!r}"
+            if who.process is not None:
+                tied.setdefault(who.process, set()).add(ticket)
+        assert self._uid_names == uid_names, (self._uid_names, uid_names)
+
+        for client, mine in known.items():
+            assert client.tickets == mine, (client, client.tickets, mine)
+            assert client.names == sum(len(t.names) for t in mine.values()), client
+            assert client.taking == sum(t in self._taking for t in mine.values()), client
+            assert client.refusing.isdisjoint(mine), (client, client.refusing)
+            if self.clients.get(client.peer) is not client:
+                assert not client.refusing, f"{client} is gone, refusing {client.refusing}"
+
+        for claim, ticket in self._claimed.items():
+            assert ticket in live and ticket.holding, ticket
+            assert party(ticket).claim is claim, (claim, ticket)
+        if not self.stopping:
+            holding = {ticket for ticket in live if ticket.holding}
+            assert set(self._claimed.values()) == holding, holding.symmetric_difference(self._claimed.values())
+        for ticket in self._taking:
+            assert ticket.state is TAKING and self._claimed.get(party(ticket).claim) is ticket, ticket
+
+        owners = self.processes.owners()
+        for owner in owners:
+            assert self.processes.find(owner.pid) is owner and not owner.closed, owner
+            assert owner.tickets and owner.tickets == tied.get(owner, set()), (owner, owner.tickets)
+        assert set(tied) <= set(owners), set(tied).difference(owners)
+
+        self.table.check()
 
 
 def _place(holder: protocol.Holder) -> tuple[bool, int]:

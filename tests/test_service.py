@@ -2,8 +2,8 @@
 orders out, without sockets, tasks or a backend.
 
 `Harness` plays the shell: it feeds inputs, collects the orders in order, and answers a
-StartTake as the test says (at once, later, or never). Every test ends by checking that the
-service's counts agree with its table (`consistent`).
+StartTake as the test says (at once, later, or never). Each time it has collected the
+orders, and when the test ends, it checks the service's invariants (`LockService.check`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from lockd.orders import Close, Grant, LookForHolders, Order, Release, Send, Sta
 from lockd.policy import Policy
 from lockd.processes import Processes, ProcessOwner
 from lockd.service import Client, LockService
-from lockd.table import LockTable, Reason, State
+from lockd.table import LockTable, Reason
 
 WALL_OFFSET = 1_000_000.0
 #: The processes that exist, with their uids.
@@ -113,6 +113,7 @@ class Harness:
                     self.service.taken(order.claim, [next(self.tokens) for _ in order.claim.names])
                 else:
                     self.taking.append(order)
+        self.service.check()
         return done
 
     def acquire(self, client: Client, request_id: int, *names: str, **fields: object) -> list[Order]:
@@ -121,15 +122,6 @@ class Harness:
     def request(self, client: Client, message: object) -> list[Order]:
         assert self.service.request(client.peer, message) is None
         return self.orders()
-
-    def consistent(self) -> None:
-        """The service's counts agree with its table."""
-        service = self.service
-        service.table.check()
-        for client in service.clients.values():
-            live = {id: t for id, t in client.tickets.items() if t.state is not State.ENDED}
-            assert live == client.tickets, client
-            assert client.names == sum(len(t.names) for t in client.tickets.values())
 
 
 def sent(orders: list[Order], peer: object | None = None) -> list[object]:
@@ -144,7 +136,7 @@ def kinds(orders: list[Order]) -> list[str]:
 def h() -> Iterator[Harness]:
     harness = Harness()
     yield harness
-    harness.consistent()
+    harness.service.check()
 
 
 def test_a_free_lock_is_taken_then_granted_with_its_tokens(h: Harness) -> None:
