@@ -1,4 +1,5 @@
-"""The blocking client and lockctl must start without importing trio (it costs ~100 ms)."""
+"""The blocking client and lockctl must start without importing trio (it costs ~100 ms), and
+the daemon's decisions must not depend on it (they are tested, and reasoned about, without it)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,13 @@ def test_importing_does_not_import_trio(module):
     check = f"import sys, {module}; assert 'trio' not in sys.modules, sorted(sys.modules)"
     subprocess.run([sys.executable, "-c", check], check=True, timeout=30)
 
+
+@pytest.mark.parametrize("module", ["lockd.service", "lockd.orders", "lockd.processes", "lockd.table"])
+def test_the_daemons_core_does_not_import_trio(module):
+    """The service and what it is built on are I/O-free: only the shell (lockd.server) runs
+    them under trio. A fresh interpreter, since this one has trio loaded already."""
+    check = f"import sys, {module}; assert 'trio' not in sys.modules, sorted(sys.modules)"
+    subprocess.run([sys.executable, "-c", check], check=True, timeout=30)
 
 
 def test_lockctl_acquire_imports_nothing_it_does_not_need():
