@@ -19,7 +19,7 @@ from lockd.orders import Close, Grant, LookForHolders, Order, Release, Send, Sta
 from lockd.policy import Policy
 from lockd.processes import Processes, ProcessOwner
 from lockd.service import Client, LockService
-from lockd.table import LockTable, Reason
+from lockd.table import LockTable, Reason, State
 
 WALL_OFFSET = 1_000_000.0
 #: The processes that exist, with their uids.
@@ -466,3 +466,97 @@ def test_a_process_tied_grant_that_reached_nobody_ends(h: Harness) -> None:
     assert kinds(orders) == ["Lost", "Release", "Unwatch"]
     assert isinstance(orders[1], Release) and not orders[1].unlock
     assert a.tickets == {} and h.service.processes.find(PID) is None
+
+
+def test_the_per_uid_lease_limit_counts_only_live_leases(h: Harness) -> None:
+    """Names a uid's connections asked for stop counting once those requests end."""
+    h.service.limits = Limits(max_leases_per_uid=2)
+    a, b = h.connect("a"), h.connect("b")
+    h.acquire(a, 1, "x", "y")
+    (error,) = sent(h.acquire(b, 1, "z"))
+    assert isinstance(error, protocol.Error) and error.code == "limit" and "max_leases_per_uid" in error.message
+    h.request(a, protocol.Release(1))
+    assert kinds(h.acquire(b, 2, "z")) == ["StartTake", "Grant"]
+
+
+def test_a_broken_lease_keeps_the_grace_its_client_was_promised_when_a_reload_shortens_it(h: Harness) -> None:
+    a = h.connect("a")  # promised Limits().break_grace
+    h.service.reconfigure(Limits(break_grace=5.0), h.service.policy)
+    admin = h.connect("admin", uid=0)
+    h.acquire(a, 1, "x")
+    h.request(admin, protocol.ForceRelease(9, "x"))
+    promised = Limits().break_grace
+    assert promised > 5.0
+    h.clock.now = 100.0 + 5.0
+    h.service.wake()
+    assert h.orders() == []  # still a's to let go of
+    h.clock.now = 100.0 + promised
+    h.service.wake()
+    (release,) = h.orders()
+    assert isinstance(release, Release) and release.unlock
+
+
+def test_release_pid_of_another_users_process_is_refused(h: Harness) -> None:
+    a, other = h.connect("a", uid=PROCESS_UID[PID]), h.connect("other", uid=PROCESS_UID[PID] + 1)
+    h.request(a, protocol.Acquire(1, ["x"], pid=PID))
+    orders = h.request(other, protocol.ReleasePid(5, PID, ["x"]))
+    (error,) = sent(orders)
+    assert isinstance(error, protocol.Error) and (error.id, error.code) == (5, "permission_denied")
+    assert kinds(orders) == ["Error"]  # nothing released
+    assert [t.state for t in h.service.table.holders("x")] == [State.HELD]
+
+
+def test_a_second_lease_of_a_process_on_a_name_it_holds_is_refused_unless_its_wait_is_bounded(h: Harness) -> None:
+    """It would wait for the first, which ends only when that same process lets go."""
+    a = h.connect("a", uid=PROCESS_UID[PID])
+    h.request(a, protocol.Acquire(1, ["x"], pid=PID))
+    (error,) = sent(h.request(a, protocol.Acquire(2, ["y", "x"], pid=PID)))
+    assert isinstance(error, protocol.Error) and (error.id, error.code) == (2, "would_deadlock")
+    assert list(a.tickets) == [1] and h.service.table.waiters("x") == []
+    # A bounded wait ends by itself: it may queue.
+    assert kinds(h.request(a, protocol.Acquire(3, ["x"], pid=PID, timeout=5.0))) == ["WakeAt", "Queued"]
+
+
+def test_a_connection_gone_during_a_look_keeps_no_refusal_while_its_process_lease_lives(h: Harness) -> None:
+    """Its process-tied lease keeps the client known after the connection is gone: what it
+    had to refuse must not live on with it."""
+    a = h.connect("a", uid=PROCESS_UID[PID])
+    h.request(a, protocol.Acquire(1, ["x"], pid=PID))
+    h.grant = False
+    h.acquire(a, 2, "y", timeout=0)
+    h.service.take_blocked(h.taking[0].claim)
+    look, _ = h.orders()
+    assert isinstance(look, LookForHolders) and a.refusing == {2}
+    h.service.disconnected(a.peer, "the client closed the connection")
+    assert h.orders() == [] and a.refusing == set()
+    assert list(a.tickets) == [1]  # the lease on x lives on, tied to the process
+    h.service.holders_found(look, [])
+    assert h.orders() == []
+
+
+def test_a_late_word_that_a_take_waits_is_not_sent_once_it_is_granted(h: Harness) -> None:
+    """The backend's callback may report a wait that is already over: the client, granted
+    already, must not hear that it waits."""
+    h.grant = False
+    a = h.connect("a")
+    h.acquire(a, 1, "x")
+    (take,) = h.taking
+    h.service.taken(take.claim, [3])
+    assert kinds(h.orders()) == ["Grant"]
+    h.service.take_waits(take.claim, [protocol.Holder(pid=9, uid=0)])
+    assert h.orders() == []
+
+
+def test_a_status_leaves_out_outside_holders_that_conflict_with_an_exclusive_lease(h: Harness) -> None:
+    """While lockd holds a name exclusively, any outside holder of it seen by the look has let
+    go since, shared or not."""
+    a = h.connect("a")
+    h.acquire(a, 1, "x")
+    look = h.service.request(a.peer, protocol.Status(2, ["x"]))
+    assert look is not None
+    outside = {"x": [protocol.Holder(pid=7, uid=0, mode="exclusive"), protocol.Holder(pid=8, uid=0, mode="shared")]}
+    h.service.status_reply(a.peer, look, outside, {})
+    (reply,) = sent(h.orders())
+    assert isinstance(reply, protocol.StatusReply)
+    (x,) = reply.locks
+    assert (x.mode, [w.pid for w in x.holders]) == ("exclusive", [a.pid])
