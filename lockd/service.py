@@ -124,8 +124,9 @@ class Client:
         self.names = 0
         #: How many of those the backend is taking (not granted yet: they count as waiting).
         self.taking = 0
-        #: Ids of ended requests whose refusal is still to be sent.
-        self.refusing: set[int] = set()
+        #: Ids of ended requests whose refusal is still to be sent → the look it waits for (a
+        #: withdrawn request's id may be used again while its look still runs).
+        self.refusing: dict[int, LookForHolders] = {}
 
     def __repr__(self) -> str:
         return f"<Client pid={self.pid} uid={self.uid} {self.peer!r}>"
@@ -343,7 +344,7 @@ class LockService:
         if ticket is not None:
             self._apply(self.table.release(ticket))
         else:
-            client.refusing.discard(request_id)  # withdrawn: its refusal is not sent
+            client.refusing.pop(request_id, None)  # withdrawn: its refusal is not sent
 
     def _release_pid(self, client: Client, request: protocol.ReleasePid) -> None:
         """Release the leases a process holds on some names (lockctl release)."""
@@ -522,8 +523,8 @@ class LockService:
         """Send the refusal `look` was for, naming the holders it knew and `holders` (found
         outside lockd), unless the client withdrew the request or went away meanwhile."""
         client = self.clients.get(look.peer)
-        if client is not None and look.request_id in client.refusing:
-            client.refusing.remove(look.request_id)
+        if client is not None and client.refusing.get(look.request_id) is look:
+            del client.refusing[look.request_id]
             self._send_refusal(client, look.request_id, look.names, look.reason, look.known + holders)
 
     def grant_undelivered(self, claim: Claim) -> None:
@@ -703,8 +704,10 @@ class LockService:
             # Held outside the table (where the backend orders requests, maybe on other hosts
             # as well as here): the reply names whoever holds it now, found by a look that
             # starts after the refusal. Its id stays in use until the reply is sent.
-            who.client.refusing.add(who.request_id)
-            self.orders.append(LookForHolders(who.client.peer, who.request_id, ticket.names, effect.reason, holders))
+            look = who.client.refusing[who.request_id] = LookForHolders(
+                who.client.peer, who.request_id, ticket.names, effect.reason, holders,
+            )
+            self.orders.append(look)
 
     def _end_in_error(self, ticket: Ticket) -> None:
         """End `ticket` after a bug: a lease is lost, a request fails."""
@@ -853,7 +856,7 @@ class LockService:
             assert client.tickets == mine, (client, client.tickets, mine)
             assert client.names == sum(len(t.names) for t in mine.values()), client
             assert client.taking == sum(t in self._taking for t in mine.values()), client
-            assert client.refusing.isdisjoint(mine), (client, client.refusing)
+            assert client.refusing.keys().isdisjoint(mine), (client, client.refusing)
             if self.clients.get(client.peer) is not client:
                 assert not client.refusing, f"{client} is gone, refusing {client.refusing}"
 

@@ -263,6 +263,28 @@ def test_a_withdrawn_refusal_is_never_sent(h: Harness) -> None:
     assert h.orders() == []
 
 
+def test_a_withdrawn_refusal_is_not_sent_for_a_later_request_with_its_id(h: Harness) -> None:
+    """A client may use an id again once it withdrew the request: the look for the old
+    request's refusal, still running, must not answer the new one."""
+    h.grant = False
+    a = h.connect("a")
+    h.acquire(a, 3, "x", timeout=0)
+    h.service.take_blocked(h.taking[0].claim)
+    first, _ = h.orders()
+    h.request(a, protocol.Release(3))
+    h.acquire(a, 3, "y", timeout=2.0)
+    h.clock.now += 2.0
+    h.service.wake()
+    (second,) = [o for o in h.orders() if isinstance(o, LookForHolders)]
+    assert isinstance(first, LookForHolders) and second.names == ("y",)
+    h.service.holders_found(first, [protocol.Holder(pid=77, uid=0)])
+    assert h.orders() == []
+    h.service.holders_found(second, [protocol.Holder(pid=78, uid=0)])
+    (refusal,) = sent(h.orders())
+    assert isinstance(refusal, protocol.Error) and (refusal.id, refusal.code) == (3, "timeout")
+    assert refusal.message.startswith("y: timed out") and refusal.holders[0].pid == 78
+
+
 def test_a_failed_take_fails_that_request_only(h: Harness) -> None:
     h.grant = False
     a = h.connect("a")
@@ -526,9 +548,9 @@ def test_a_connection_gone_during_a_look_keeps_no_refusal_while_its_process_leas
     h.acquire(a, 2, "y", timeout=0)
     h.service.take_blocked(h.taking[0].claim)
     look, _ = h.orders()
-    assert isinstance(look, LookForHolders) and a.refusing == {2}
+    assert isinstance(look, LookForHolders) and list(a.refusing) == [2]
     h.service.disconnected(a.peer, "the client closed the connection")
-    assert h.orders() == [] and a.refusing == set()
+    assert h.orders() == [] and not a.refusing
     assert list(a.tickets) == [1]  # the lease on x lives on, tied to the process
     h.service.holders_found(look, [])
     assert h.orders() == []
