@@ -12,7 +12,9 @@ Invariants:
   have its lock.
 - Every key the daemon put belongs to a live claim or is on its way out: a claim's end, a
   take that fails or is cancelled, and any key of the current lease that the watch shows with
-  no live claim all hand the key to the janitor, which deletes until etcd confirms.
+  no live claim all hand the key to the janitor, which deletes until etcd confirms. A take's
+  put may take doomed keys of its names from the janitor and delete them in the same txn;
+  if that txn fails, they go back.
 - A held claim whose key is deleted by anyone but this daemon is reported lost; a waiting
   one fails.
 - The mirror is trusted for a take only once it shows the take's own put: a watch that does
@@ -331,13 +333,7 @@ class EtcdBackend:
             host=self._host, mode="shared" if claim.shared else "exclusive", since=time.time(),
             pid=claim.pid, uid=claim.uid, gid=claim.gid, command=claim.command, label=claim.label,
         )
-        value = msgspec.json.encode(record)
-        puts = [etcd_client.put(key, value, session.lease) for key in attempt.keys.values()]
-        await self._slot()
-        try:
-            _, revision = await self._client.txn(puts, timeout=self._timeout)
-        finally:
-            self._take_slots.release()
+        revision = await self._put(attempt, msgspec.json.encode(record))
         attempt.revision = revision
         await self._caught_up(session, revision)
         mirror = session.mirror
@@ -400,6 +396,36 @@ class EtcdBackend:
             self._take_slots.acquire_nowait()
         except trio.WouldBlock:
             await self._take_slots.acquire()
+
+    async def _put(self, attempt: _Attempt, value: bytes) -> int:
+        """Put the keys of `attempt` in one txn; return their create revision R.
+
+        The txn also deletes this daemon's doomed keys on the same names, taken from the
+        janitor: a client that lets go of a lock and asks for it again at once must not queue
+        behind its own released key, which a put that overtook the janitor's delete would
+        (waiting for the watch to show the delete, then checking etcd again). If the txn fails
+        or is cancelled, whether it deleted them is unknown: they go back to the janitor, as
+        do those beyond what one txn may carry.
+        """
+        session, names = attempt.session, attempt.claim.names
+        puts = [etcd_client.put(key, value, session.lease) for key in attempt.keys.values()]
+        await self._slot()
+        try:
+            leftovers = [key for key in session.doomed if self._name_of(key) in names]
+            leftovers = leftovers[:_MAX_TXN_OPS - len(puts)]
+            session.doomed.difference_update(leftovers)
+            deletes = [etcd_client.delete(key) for key in leftovers]
+            try:
+                _, revision = await self._client.txn(deletes + puts, timeout=self._timeout)
+            except BaseException:
+                session.doom(leftovers)
+                raise
+        finally:
+            self._take_slots.release()
+        return revision
+
+    def _name_of(self, key: str) -> str:
+        return key[len(self._prefix):].partition("/")[0]
 
     async def _outwait_leftover(self, session: _Session, blocker: Key) -> None:
         """Raise Blocked for a no-wait request, unless `blocker` is a key of a claim of this
