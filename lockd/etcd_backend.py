@@ -689,6 +689,10 @@ class EtcdBackend:
         delay = _RECONNECT[0]
         while True:
             await session.wake.wait()
+            # One scheduling round first: a take started along with the release that doomed
+            # a key (a client letting go and asking again at once) then deletes it in its own
+            # put, one etcd write where there would be two, each waiting for the other.
+            await trio.lowlevel.checkpoint()
             session.wake = trio.Event()
             revoked = await self._revoke_stale()
             if await self._delete_doomed(session) and revoked:
