@@ -405,7 +405,9 @@ class EtcdBackend:
         behind its own released key, which a put that overtook the janitor's delete would
         (waiting for the watch to show the delete, then checking etcd again). If the txn fails
         or is cancelled, whether it deleted them is unknown: they go back to the janitor, as
-        do those beyond what one txn may carry.
+        do those beyond what one txn may carry. If etcd refuses it (a key it will not delete,
+        a cluster with a lower --max-txn-ops: the janitor copes with both), it applied none
+        of it, and the keys are put alone.
         """
         session, names = attempt.session, attempt.claim.names
         puts = [etcd_client.put(key, value, session.lease) for key in attempt.keys.values()]
@@ -417,9 +419,12 @@ class EtcdBackend:
             deletes = [etcd_client.delete(key) for key in leftovers]
             try:
                 _, revision = await self._client.txn(deletes + puts, timeout=self._timeout)
-            except BaseException:
+            except BaseException as exc:
                 session.doom(leftovers)
-                raise
+                refused = isinstance(exc, EtcdError) and not isinstance(exc, EtcdUnreachable)
+                if not (refused and leftovers):
+                    raise
+                _, revision = await self._client.txn(puts, timeout=self._timeout)
         finally:
             self._take_slots.release()
         return revision
