@@ -12,7 +12,9 @@ Invariants:
   have its lock.
 - Every key the daemon put belongs to a live claim or is on its way out: a claim's end, a
   take that fails or is cancelled, and any key of the current lease that the watch shows with
-  no live claim all hand the key to the janitor, which deletes until etcd confirms.
+  no live claim all hand the key to the janitor, which deletes until etcd confirms. A take's
+  put may take doomed keys of its names from the janitor and delete them in the same txn;
+  if that txn fails, they go back.
 - A held claim whose key is deleted by anyone but this daemon is reported lost; a waiting
   one fails.
 - The mirror is trusted for a take only once it shows the take's own put: a watch that does
@@ -331,10 +333,7 @@ class EtcdBackend:
             host=self._host, mode="shared" if claim.shared else "exclusive", since=time.time(),
             pid=claim.pid, uid=claim.uid, gid=claim.gid, command=claim.command, label=claim.label,
         )
-        value = msgspec.json.encode(record)
-        puts = [etcd_client.put(key, value, session.lease) for key in attempt.keys.values()]
-        async with self._take_slots:
-            _, revision = await self._client.txn(puts, timeout=self._timeout)
+        revision = await self._put(attempt, msgspec.json.encode(record))
         attempt.revision = revision
         await self._caught_up(session, revision)
         mirror = session.mirror
@@ -366,8 +365,11 @@ class EtcdBackend:
             # has every one of them. A take that did not wait needs no such round trip: its
             # keys were just in the mirror, and a deletion from now on reaches `_follow`.
             compare = [etcd_client.created_at(key, revision) for key in attempt.keys.values()]
-            async with self._take_slots:
+            await self._slot()
+            try:
                 present, _ = await self._client.txn([], compare=compare, timeout=self._timeout)
+            finally:
+                self._take_slots.release()
             if not present:
                 raise _vanished()
         if attempt.vanished:
@@ -385,6 +387,50 @@ class EtcdBackend:
         else:
             attempt.held = True
         return [revision] * len(claim.names)
+
+    async def _slot(self) -> None:
+        """Take one of the `_TAKES_AT_ONCE` slots; the caller releases it. A free one is taken
+        at once: `async with` the limiter would cost a scheduling round before every put, on
+        the path of every take. Cancellation while waiting for one takes none."""
+        try:
+            self._take_slots.acquire_nowait()
+        except trio.WouldBlock:
+            await self._take_slots.acquire()
+
+    async def _put(self, attempt: _Attempt, value: bytes) -> int:
+        """Put the keys of `attempt` in one txn; return their create revision R.
+
+        The txn also deletes this daemon's doomed keys on the same names, taken from the
+        janitor: a client that lets go of a lock and asks for it again at once must not queue
+        behind its own released key, which a put that overtook the janitor's delete would
+        (waiting for the watch to show the delete, then checking etcd again). If the txn fails
+        or is cancelled, whether it deleted them is unknown: they go back to the janitor, as
+        do those beyond what one txn may carry. If etcd refuses it (a key it will not delete,
+        a cluster with a lower --max-txn-ops: the janitor copes with both), it applied none
+        of it, and the keys are put alone.
+        """
+        session, names = attempt.session, attempt.claim.names
+        puts = [etcd_client.put(key, value, session.lease) for key in attempt.keys.values()]
+        await self._slot()
+        try:
+            leftovers = [key for key in session.doomed if self._name_of(key) in names]
+            leftovers = leftovers[:_MAX_TXN_OPS - len(puts)]
+            session.doomed.difference_update(leftovers)
+            deletes = [etcd_client.delete(key) for key in leftovers]
+            try:
+                _, revision = await self._client.txn(deletes + puts, timeout=self._timeout)
+            except BaseException as exc:
+                session.doom(leftovers)
+                refused = isinstance(exc, EtcdError) and not isinstance(exc, EtcdUnreachable)
+                if not (refused and leftovers):
+                    raise
+                _, revision = await self._client.txn(puts, timeout=self._timeout)
+        finally:
+            self._take_slots.release()
+        return revision
+
+    def _name_of(self, key: str) -> str:
+        return key[len(self._prefix):].partition("/")[0]
 
     async def _outwait_leftover(self, session: _Session, blocker: Key) -> None:
         """Raise Blocked for a no-wait request, unless `blocker` is a key of a claim of this
@@ -648,6 +694,10 @@ class EtcdBackend:
         delay = _RECONNECT[0]
         while True:
             await session.wake.wait()
+            # One scheduling round first: a take started along with the release that doomed
+            # a key (a client letting go and asking again at once) then deletes it in its own
+            # put, one etcd write where there would be two, each waiting for the other.
+            await trio.lowlevel.checkpoint()
             session.wake = trio.Event()
             revoked = await self._revoke_stale()
             if await self._delete_doomed(session) and revoked:
