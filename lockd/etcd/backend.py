@@ -485,7 +485,7 @@ class EtcdBackend:
             "retry shortly, and check that etcd is up if this persists"
         )
 
-    def _trouble(self, problem: str) -> None:
+    def _note_problem(self, problem: str) -> None:
         """Note why etcd does not serve; log it if it is news."""
         if problem != self._problem:
             log.warning("%s", problem)
@@ -521,14 +521,14 @@ class EtcdBackend:
             try:
                 lease, ttl = await self._client.grant(self._ttl, timeout=self._timeout)
             except EtcdError as exc:
-                self._trouble(str(exc))
+                self._note_problem(str(exc))
                 await trio.sleep(delay)
                 delay = min(2 * delay, _RECONNECT[1])
                 continue
             session = _Session(lease, ttl, sent, self._prefix)
             if trio.current_time() >= session.deadline:
                 self._stale.add(lease)
-                self._trouble(
+                self._note_problem(
                     f"etcd took {trio.current_time() - sent:.1f} s to grant a lease, more than "
                     f"2/3 of its TTL ({ttl} s): lockd cannot vouch for it, and asks again"
                 )
@@ -606,7 +606,7 @@ class EtcdBackend:
                 ttl = await self._client.keep_alive(session.lease, timeout=attempt)
             except EtcdError as exc:
                 failure = str(exc)
-                self._trouble(failure)
+                self._note_problem(failure)
                 next_send = sent + attempt  # at once after a timeout, not at once after a refusal
                 continue
             if ttl <= 0:
@@ -638,7 +638,7 @@ class EtcdBackend:
                 except WatchCompacted:
                     continue
                 except EtcdError as exc:
-                    self._trouble(str(exc))
+                    self._note_problem(str(exc))
             if session.watch.cancelled_caught:
                 continue
             if trio.current_time() - watching >= _RECONNECT[1]:
@@ -668,7 +668,7 @@ class EtcdBackend:
                 _, revision = await self._client.txn([heartbeat], timeout=self._timeout)
                 await self._caught_up(session, revision)
             except EtcdError as exc:
-                self._trouble(str(exc))
+                self._note_problem(str(exc))
 
     def _follow(self, session: _Session, change: Change, lose: LoseCallback) -> None:
         """Act on what etcd did: keys of this lease that no live claim owns go to the janitor;
@@ -714,10 +714,10 @@ class EtcdBackend:
             try:
                 await self._client.revoke(lease, timeout=self._timeout)
             except EtcdUnreachable as exc:
-                self._trouble(str(exc))
+                self._note_problem(str(exc))
                 return False
             except EtcdError as exc:
-                self._trouble(f"etcd refuses to revoke lease {lease:x}: {exc}")
+                self._note_problem(f"etcd refuses to revoke lease {lease:x}: {exc}")
                 done = False
                 continue
             self._stale.discard(lease)
@@ -738,13 +738,13 @@ class EtcdBackend:
                 deletes = [etcd_client.delete(key) for key in batch]
                 await self._client.txn(deletes, timeout=self._timeout)
             except EtcdUnreachable as exc:
-                self._trouble(str(exc))
+                self._note_problem(str(exc))
                 return False
             except EtcdError as exc:
                 if len(batch) > 1:
                     batches += [batch[len(batch) // 2:], batch[:len(batch) // 2]]
                 else:
-                    self._trouble(f"etcd refuses to delete {batch[0]!r}: {exc}")
+                    self._note_problem(f"etcd refuses to delete {batch[0]!r}: {exc}")
                     done = False
                 continue
             session.doomed.difference_update(batch)
