@@ -328,3 +328,108 @@ async def test_tls_connections_are_verified_and_kept_alive(tmp_path: Path) -> No
         finally:
             await client.aclose()
     assert (len(untrusted.requests), len(trusted.requests), trusted.connections) == (0, 3, 1)
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        b'{"error":"etcdserver: revision of auth store is old","code":3}',
+        b'{"error":"etcdserver: user name is empty","code":3}',
+    ],
+    ids=["old-auth-revision", "empty-user-name"],
+)
+async def test_a_token_from_before_an_auth_change_is_replaced(refusal: bytes) -> None:
+    """etcd refuses such a token with InvalidArgument, not Unauthenticated: the client logs
+    in anew and sends the request again, once; a refusal logging in does not cure fails."""
+    tokens = iter(["first", "second", "third"])
+
+    def script(request: Request) -> Reply:
+        if request.path == "/v3/auth/authenticate":
+            return answer(b'{"header":{},"token":"%s"}' % next(tokens).encode())
+        if request.headers.get("Authorization") in ("first", "third"):
+            return answer(refusal, "400 Bad Request")
+        return TXN_OK
+
+    async with scripted_server(script) as server:
+        client = EtcdClient([server.url], username="u", password="p")
+        try:
+            with trio.fail_after(WAIT):
+                assert await txn(client) == (True, 7)
+                client._token = "third"
+                with pytest.raises(EtcdError, match="etcdserver: "):
+                    await txn(client)
+        finally:
+            await client.aclose()
+    paths = [(r.path, r.headers.get("Authorization")) for r in server.requests]
+    assert paths == [
+        ("/v3/auth/authenticate", None), ("/v3/kv/txn", "first"),
+        ("/v3/auth/authenticate", None), ("/v3/kv/txn", "second"),
+        ("/v3/kv/txn", "third"), ("/v3/auth/authenticate", None), ("/v3/kv/txn", "third"),
+    ]
+
+
+async def test_an_invalid_argument_that_is_not_about_the_token_is_not_sent_again() -> None:
+    refusal = answer(b'{"error":"etcdserver: too many operations in txn request","code":3}', "400 Bad Request")
+
+    def script(request: Request) -> Reply:
+        if request.path == "/v3/auth/authenticate":
+            return answer(b'{"header":{},"token":"t"}')
+        return refusal
+
+    async with scripted_server(script) as server:
+        client = EtcdClient([server.url], username="u", password="p")
+        try:
+            with trio.fail_after(WAIT), pytest.raises(EtcdError, match="too many operations"):
+                await txn(client)
+        finally:
+            await client.aclose()
+    assert [r.path for r in server.requests] == ["/v3/auth/authenticate", "/v3/kv/txn"]
+
+
+async def test_calls_without_a_token_share_one_login_and_keep_the_newer_token() -> None:
+    """Calls that start together log in once; a refusal of the old token that arrives after
+    another call has logged in anew does not throw the new token away."""
+    tokens = iter(["first", "second", "third"])
+
+    def script(request: Request) -> Reply:
+        if request.path == "/v3/auth/authenticate":
+            return answer(b'{"header":{},"token":"%s"}' % next(tokens).encode())
+        if request.headers.get("Authorization") == "first":
+            return answer(b'{"error":"invalid auth token","code":16}', "401 Unauthorized")
+        return TXN_OK
+
+    async with scripted_server(script) as server:
+        client = EtcdClient([server.url], username="u", password="p")
+        try:
+            with trio.fail_after(WAIT):
+                async with trio.open_nursery() as nursery:
+                    for _ in range(5):
+                        nursery.start_soon(txn, client)
+        finally:
+            await client.aclose()
+    logins = [r for r in server.requests if r.path == "/v3/auth/authenticate"]
+    assert len(logins) == 2
+    assert [r.headers.get("Authorization") for r in server.requests if r.path == "/v3/kv/txn"] == (
+        ["first"] * 5 + ["second"] * 5
+    )
+
+
+async def test_a_watch_cancelled_for_an_old_token_drops_it() -> None:
+    cancelled = (
+        b'{"result":{"header":{"revision":"1"},"canceled":true,'
+        b'"cancel_reason":"etcdserver: revision of auth store is old"}}\n'
+    )
+
+    def script(request: Request) -> Reply:
+        if request.path == "/v3/auth/authenticate":
+            return answer(b'{"header":{},"token":"t"}')
+        return chunked(cancelled)
+
+    async with scripted_server(script) as server:
+        client = EtcdClient([server.url], username="u", password="p")
+        try:
+            with trio.fail_after(WAIT), pytest.raises(EtcdError, match="cancelled the watch"):
+                await client.watch("/p/", 1, lambda response: None, timeout=2)
+            assert client._token is None
+        finally:
+            await client.aclose()

@@ -26,8 +26,14 @@ from .http import Failed, NotSent, Origin
 from .pool import Pool
 
 # gRPC status codes etcd answers with (google.golang.org/grpc/codes).
+_INVALID_ARGUMENT = 3
 _NOT_FOUND = 5
 _UNAUTHENTICATED = 16
+
+#: What etcd says, with InvalidArgument, when it refuses a request at the auth check for its
+#: token rather than for the request: a JWT token issued before an auth change, a token that
+#: names no user. Logging in anew is the cure, as for Unauthenticated.
+_TOKEN_REFUSALS = ("etcdserver: revision of auth store is old", "etcdserver: user name is empty")
 
 _T = TypeVar("_T")
 
@@ -42,6 +48,14 @@ class EtcdError(DaemonUnavailable):
     def __init__(self, message: str, status: int = 0) -> None:
         super().__init__(message)
         self.status = status
+
+
+def _refused_for_token(status: int, message: str) -> bool:
+    """Whether etcd refused a request at its auth check, for the token it carried: it applied
+    none of it, and it may be sent again once logged in anew."""
+    if status == _UNAUTHENTICATED:
+        return True
+    return status == _INVALID_ARGUMENT and any(reason in message for reason in _TOKEN_REFUSALS)
 
 
 class EtcdUnreachable(EtcdError):
@@ -217,6 +231,8 @@ class EtcdClient:
         self._current = 0
         self._credentials = {"name": username, "password": password or ""} if username else None
         self._token: str | None = None
+        #: Held while logging in: calls that find no token wait for one login, not one each.
+        self._login = trio.Lock()
         context = ssl.create_default_context(cafile=ca_file)
         if cert_file is not None:
             context.load_cert_chain(cert_file, key_file)
@@ -318,7 +334,7 @@ class EtcdClient:
                 raise self._failure(endpoint, status, await stream.rest())
             while (line := await stream.line()) is not None:
                 if line:
-                    on_response(self._watch_answer(endpoint, decoder, line, start_revision))
+                    on_response(self._watch_answer(endpoint, decoder, line, start_revision, token))
         except Failed as exc:
             raise self._unreachable(endpoint, exc) from exc
         finally:
@@ -328,9 +344,9 @@ class EtcdClient:
 
     def _watch_answer(
         self, endpoint: str, decoder: msgspec.json.Decoder[_WatchLine], line: bytes,
-        start_revision: int,
+        start_revision: int, token: str | None,
     ) -> WatchResponse:
-        """One line of a watch stream; raises if it ends the watch."""
+        """One line of a watch stream (sent with `token`); raises if it ends the watch."""
         decoded = _decode(decoder, endpoint, line)
         if decoded.result is None:
             raise EtcdError(f"etcd at {endpoint} broke the watch: {decoded.error}")
@@ -338,8 +354,9 @@ class EtcdClient:
         if answer.compact_revision:
             raise WatchCompacted(f"revision {start_revision} is compacted at {endpoint}")
         if answer.canceled:
-            if "Unauthenticated" in answer.cancel_reason:
-                self._token = None
+            reason = answer.cancel_reason
+            if "Unauthenticated" in reason or any(r in reason for r in _TOKEN_REFUSALS):
+                self._forget(token)
             raise EtcdError(f"etcd at {endpoint} cancelled the watch: {answer.cancel_reason}")
         return answer
 
@@ -349,9 +366,12 @@ class EtcdClient:
         content = self._encoder.encode(body)
         failure: EtcdError | None = None
         pool = self._leases if path.startswith("/v3/lease/") else self._pool
-        # One round per endpoint, and one more for a request refused for an expired token.
+        # One round per endpoint, and one more for a request refused for its token (expired,
+        # or issued before an auth change): only once, lest a refusal that logging in does
+        # not cure send it round and round.
         # Connecting gets half the time, so that a member that does not answer SYNs leaves
         # time to try the next one within the same attempt bound.
+        logged_in_anew = False
         for _ in range(len(self.endpoints) + 1):
             origin = self._origins[self._current]
             endpoint = origin.url
@@ -371,17 +391,29 @@ class EtcdClient:
             if status == 200:
                 return _decode(self._decoder(answer), endpoint, data)
             failure = self._failure(endpoint, status, data)
-            if failure.status != _UNAUTHENTICATED:
+            if logged_in_anew or not _refused_for_token(failure.status, str(failure)):
                 raise failure
-            self._token = None
+            logged_in_anew = True
+            self._forget(token)
         assert failure is not None
         raise failure
 
     async def _token_for(self, pool: Pool, origin: Origin, connect_timeout: float) -> str | None:
         """The auth token to send, logging in through `pool` first if there is none yet;
-        None without credentials. Raises `NotSent`, `Failed`, or EtcdError if etcd refuses."""
+        None without credentials. Raises `NotSent`, `Failed`, or EtcdError if etcd refuses.
+
+        One call logs in at a time; those that found no token meanwhile take the one it got
+        (etcd checks each password with bcrypt: a login per call would load it for nothing).
+        """
         if self._credentials is None or self._token is not None:
             return self._token
+        async with self._login:
+            if self._token is not None:
+                return self._token
+            return await self._log_in(pool, origin, connect_timeout)
+
+    async def _log_in(self, pool: Pool, origin: Origin, connect_timeout: float) -> str:
+        assert self._credentials is not None
         credentials = self._encoder.encode(self._credentials)
         login = origin.request("/v3/auth/authenticate", credentials, None)
         status, data = await pool.exchange(origin, login, connect_timeout)
@@ -393,6 +425,12 @@ class EtcdClient:
             raise EtcdError(f"etcd at {origin.url} sent an auth token lockd cannot send back")
         self._token = token
         return token
+
+    def _forget(self, token: str | None) -> None:
+        """Drop `token`, which etcd refused, unless another call has already replaced it: a
+        late refusal of the old one must not throw away the new one."""
+        if self._token == token:
+            self._token = None
 
     def _decoder(self, answer: type[_T]) -> msgspec.json.Decoder[_T]:
         decoder = self._decoders.get(answer)
