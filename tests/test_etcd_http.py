@@ -433,3 +433,34 @@ async def test_a_watch_cancelled_for_an_old_token_drops_it() -> None:
             assert client._token is None
         finally:
             await client.aclose()
+
+
+async def test_waiting_for_a_free_connection_does_not_count_against_the_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A call queued behind another for the only connection is sent once it is free, however
+    long it waited: it was never sent, so it was not lost, and the member is not skipped."""
+    monkeypatch.setattr(etcd_client, "CONNECTIONS", 1)
+    replies = iter([SILENT, TXN_OK])
+    async with scripted_server(lambda request: next(replies)) as server:
+        client = EtcdClient([server.url])
+        outcomes: list[object] = []
+
+        async def first() -> None:
+            with pytest.raises(EtcdUnreachable, match="no answer within 0.6 s"):
+                await txn(client, within=0.6)
+            outcomes.append("first timed out")
+
+        async def second() -> None:
+            await server.until_open(1)
+            outcomes.append(await txn(client, within=0.3))
+
+        try:
+            with trio.fail_after(WAIT):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(first)
+                    nursery.start_soon(second)
+        finally:
+            await client.aclose()
+    assert outcomes == ["first timed out", (True, 7)]
+    assert len(server.requests) == 2

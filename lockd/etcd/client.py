@@ -38,7 +38,8 @@ _TOKEN_REFUSALS = ("etcdserver: revision of auth store is old", "etcdserver: use
 _T = TypeVar("_T")
 
 #: Connections to etcd per pool. A request holds one until answered, the watch one for its
-#: life; a request that finds none waits, and the wait counts against its timeout.
+#: life; a request that finds none waits, and its timeout counts only once it has one (a
+#: request that timed out waiting was never sent; the caller's own deadline bounds the wait).
 CONNECTIONS = 100
 
 
@@ -200,8 +201,9 @@ class EtcdClient:
     """Talks to one etcd cluster through the endpoints given, moving on when one fails.
 
     Every call's `timeout` (seconds) bounds each attempt with an endpoint, from connecting to
-    the whole answer (`watch`: connecting and sending only; it waits for events as long as
-    its stream lives). An endpoint that lets the time pass, or fails, is skipped by the next
+    the whole answer, not the wait for a free connection before it (`watch`: waiting for a
+    connection, connecting and sending only; it waits for events as long as its stream
+    lives). An endpoint that lets the time pass, or fails, is skipped by the next
     call: a member that stopped answering with its connections still open costs one attempt,
     not every call. Cancellation abandons the request; whether etcd applied it is then
     unknown, which callers must allow for.
@@ -322,7 +324,11 @@ class EtcdClient:
         content = self._encoder.encode(request)
         try:
             with trio.move_on_after(timeout) as logging_in:
-                token = await self._token_for(self._pool, origin, timeout)
+                await self._pool.hold()
+                try:
+                    token = await self._token_for(self._pool, origin, timeout)
+                finally:
+                    self._pool.release()
             if logging_in.cancelled_caught:
                 raise self._unreachable(endpoint, f"no answer to logging in within {timeout:.2g} s")
             stream = await self._pool.stream(origin, origin.request("/v3/watch", content, token), timeout)
@@ -375,17 +381,23 @@ class EtcdClient:
         for _ in range(len(self.endpoints) + 1):
             origin = self._origins[self._current]
             endpoint = origin.url
-            with trio.move_on_after(limit) as attempt:
-                try:
-                    token = await self._token_for(pool, origin, limit / 2)
-                    request = origin.request(path, content, token)
-                    status, data = await pool.exchange(origin, request, limit / 2)
-                except NotSent as exc:
-                    # Nothing was sent: the next member can safely take the same request.
-                    failure = self._unreachable(endpoint, exc)
-                    continue
-                except Failed as exc:
-                    raise self._unreachable(endpoint, exc) from exc
+            # The place in the pool is waited for outside the attempt's bound: a request that
+            # never left was not lost by the member, and must not count against it.
+            await pool.hold()
+            try:
+                with trio.move_on_after(limit) as attempt:
+                    try:
+                        token = await self._token_for(pool, origin, limit / 2)
+                        request = origin.request(path, content, token)
+                        status, data = await pool.exchange(origin, request, limit / 2, held=True)
+                    except NotSent as exc:
+                        # Nothing was sent: the next member can safely take the same request.
+                        failure = self._unreachable(endpoint, exc)
+                        continue
+                    except Failed as exc:
+                        raise self._unreachable(endpoint, exc) from exc
+            finally:
+                pool.release()
             if attempt.cancelled_caught:
                 raise self._unreachable(endpoint, f"no answer within {limit:.2g} s")
             if status == 200:
@@ -400,7 +412,9 @@ class EtcdClient:
 
     async def _token_for(self, pool: Pool, origin: Origin, connect_timeout: float) -> str | None:
         """The auth token to send, logging in through `pool` first if there is none yet;
-        None without credentials. Raises `NotSent`, `Failed`, or EtcdError if etcd refuses.
+        None without credentials. The caller holds a place in `pool` (taken before the lock on
+        logging in, so that the one logging in never waits for a place another waiter holds).
+        Raises `NotSent`, `Failed`, or EtcdError if etcd refuses.
 
         One call logs in at a time; those that found no token meanwhile take the one it got
         (etcd checks each password with bcrypt: a login per call would load it for nothing).
@@ -416,7 +430,7 @@ class EtcdClient:
         assert self._credentials is not None
         credentials = self._encoder.encode(self._credentials)
         login = origin.request("/v3/auth/authenticate", credentials, None)
-        status, data = await pool.exchange(origin, login, connect_timeout)
+        status, data = await pool.exchange(origin, login, connect_timeout, held=True)
         if status != 200:
             raise self._failure(origin.url, status, data)
         token = _decode(self._decoder(_Auth), origin.url, data).token

@@ -30,14 +30,28 @@ class Pool:
         self._open = 0
         self._closed = False
 
-    async def exchange(self, origin: Origin, request: bytes, connect_timeout: float) -> tuple[int, bytes]:
+    async def hold(self) -> None:
+        """Take a place in the pool, waiting for one while all are in use, for `exchange(...,
+        held=True)`; the caller gives it back with `release`. Cancellation while waiting takes
+        none."""
+        await self._slot()
+
+    def release(self) -> None:
+        """Give back a place taken with `hold`."""
+        self._slots.release()
+
+    async def exchange(
+        self, origin: Origin, request: bytes, connect_timeout: float, *, held: bool = False,
+    ) -> tuple[int, bytes]:
         """Send `request` (whole HTTP bytes) to `origin`; return the answer's status and body.
+        It waits for a place in the pool first, unless the caller `held` one already.
 
         Raises `NotSent` if no connection could be made within `connect_timeout`, `Failed`
         after. Cancellation closes the connection: whether the server acted on the request is
         then unknown.
         """
-        await self._slot()
+        if not held:
+            await self._slot()
         try:
             connection = await self._take(origin, connect_timeout)
             try:
@@ -52,7 +66,8 @@ class Pool:
                 await self._discard(connection)
             return answer
         finally:
-            self._slots.release()
+            if not held:
+                self._slots.release()
 
     async def stream(self, origin: Origin, request: bytes, send_timeout: float) -> Stream:
         """Send `request` on a connection of its own within `send_timeout` (waiting for a free one,
