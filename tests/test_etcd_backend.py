@@ -838,3 +838,42 @@ async def test_a_lease_lost_for_want_of_renewals_is_left_to_expire_not_revoked(
             await waiting.done.wait()
             assert waiting.error is None
             assert waiting.at - lost_at >= TTL / 3
+
+
+@pytest.mark.parametrize(
+    ("status", "refused"), [(3, True), (7, True), (9, True), (14, False), (0, False)],
+    ids=["invalid-argument", "permission-denied", "failed-precondition", "timed-out", "unreadable"],
+)
+async def test_a_put_with_deletions_is_sent_alone_again_only_if_etcd_refused_it(
+    shared_etcd: EtcdCluster, prefix: str, hosts: Hosts, status: int, refused: bool
+) -> None:
+    """A refusal applied none of the txn: the keys are put alone. Other failures (etcd's
+    "request timed out", an answer that cannot be read) may come after etcd applied it: the
+    take fails rather than put the keys again."""
+    (a,) = hosts(shared_etcd.endpoints, "host0")
+    failed: list[Call] = []
+
+    async def fail_the_put_with_deletions(call: Call) -> None:
+        ops = call.args.get("success", ())
+        if not failed and call.puts and any("request_delete_range" in op for op in ops):
+            failed.append(call)
+            raise etcd_client.EtcdError("etcd at x answered: injected", status)
+
+    with trio.fail_after(WAIT):
+        async with serving(a):
+            released = ticket("x")
+            await a.take(released)
+            a.etcd.before("txn", fail_the_put_with_deletions)
+            a.backend.drop(released, unlock=True)
+            again = ticket("x")
+            if refused:
+                await a.take(again)
+                a.backend.drop(again, unlock=True)
+            else:
+                with pytest.raises(DaemonUnavailable, match="injected"):
+                    await a.take(again)
+            a.etcd.before("txn", None)
+            await wait_no_keys(shared_etcd.endpoints, prefix + "x/")
+    assert failed
+    after = [call for _, call in a.etcd.calls if call.name == "txn" and call.puts][-1]
+    assert (after is not failed[0]) == refused

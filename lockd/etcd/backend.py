@@ -62,6 +62,10 @@ log = logging.getLogger("lockd.etcd")
 #: etcd's default --max-txn-ops: the most names one request may have (its keys are put in
 #: one txn), and the most keys one delete txn carries.
 _MAX_TXN_OPS = 128
+#: gRPC codes with which etcd refuses a txn before applying any of it: InvalidArgument (too
+#: many operations, a key twice), PermissionDenied, FailedPrecondition. Its other errors
+#: ("request timed out": Unavailable) may come after it applied the txn.
+_REFUSED = frozenset({3, 7, 9})
 #: Reconnecting to etcd backs off from the first to the second (seconds).
 _RECONNECT = (0.1, 1.0)
 #: The most takes talking to etcd at once, well below the client's `CONNECTIONS`: the rest
@@ -405,9 +409,11 @@ class EtcdBackend:
         behind its own released key, which a put that overtook the janitor's delete would
         (waiting for the watch to show the delete, then checking etcd again). If the txn fails
         or is cancelled, whether it deleted them is unknown: they go back to the janitor, as
-        do those beyond what one txn may carry. If etcd refuses it (a key it will not delete,
-        a cluster with a lower --max-txn-ops: the janitor copes with both), it applied none
-        of it, and the keys are put alone.
+        do those beyond what one txn may carry. If etcd definitely refused it (InvalidArgument,
+        PermissionDenied or FailedPrecondition: a key it will not delete, a cluster with a
+        lower --max-txn-ops; the janitor copes with both), it applied none of it, and the keys
+        are put alone. Any other failure (etcd's "request timed out", an answer lockd cannot
+        read, no answer) may have come after etcd applied it: the take fails.
         """
         session, names = attempt.session, attempt.claim.names
         puts = [etcd_client.put(key, value, session.lease) for key in attempt.keys.values()]
@@ -421,7 +427,10 @@ class EtcdBackend:
                 _, revision = await self._client.txn(deletes + puts, timeout=self._timeout)
             except BaseException as exc:
                 session.doom(leftovers)
-                refused = isinstance(exc, EtcdError) and not isinstance(exc, EtcdUnreachable)
+                refused = (
+                    isinstance(exc, EtcdError) and not isinstance(exc, EtcdUnreachable)
+                    and exc.status in _REFUSED
+                )
                 if not (refused and leftovers):
                     raise
                 _, revision = await self._client.txn(puts, timeout=self._timeout)
