@@ -147,7 +147,10 @@ def test_signals_are_forwarded_and_the_lease_kept_until_cmd_exits(tmp_path: Path
     # CMD notes the signal, then finishes only when the test says: the supervisor must wait.
     cleanup = f"echo {sig.name} > {got}; while [ ! -e {go} ]; do sleep 0.02; done; exit 7"
     script = f"trap '{cleanup}' {sig.name[3:]}; echo > {got}.ready; while :; do sleep 0.05; done"
-    run = Supervised(["sh", "-c", script])
+    # A shell cannot trap a signal ignored when it started, and a test run in the background
+    # (`.ci/run &`) inherits SIGINT and SIGQUIT ignored: CMD must start with `sig` at its
+    # default, as it does under an interactive caller.
+    run = Supervised(["sh", "-c", script], preexec_fn=lambda: signal.signal(sig, signal.SIG_DFL))
     wait_for_file(tmp_path / "got.ready")
     run.proc.send_signal(sig)
     assert wait_for_file(got) == f"{sig.name}\n"
