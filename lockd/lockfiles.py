@@ -180,14 +180,14 @@ class LockFiles:
         """
         if claim in self._held:
             return True
-        operation = (fcntl.LOCK_SH if claim.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB
-        mode: Mode = "shared" if claim.shared else "exclusive"
         fds: list[int] = []
         files: list[tuple[procinfo.FileKey, Mode]] = []
         try:
             for name in claim.names:
                 fd, key = self._open(name)
                 fds.append(fd)
+                mode = claim.mode_on(name)
+                operation = (fcntl.LOCK_SH if mode == "shared" else fcntl.LOCK_EX) | fcntl.LOCK_NB
                 if not self._flock(fd, operation, name):
                     _close_all(fds)
                     return False

@@ -18,10 +18,16 @@ Who orders the requests depends on the backend, and the table has a mode for eac
 Invariants (`LockTable.check` asserts those of the table's mode; the tests call it after
 every step):
 
-1. Per name, the tickets holding it (TAKING or HELD) are one exclusive ticket or only shared ones.
+1. Per name, the tickets holding it (TAKING or HELD) are one exclusive ticket or only shared
+   ones; on a counting semaphore of N slots, at most N tickets, each holding one slot. A name is
+   a lock or a semaphore of one N for as long as anyone holds or awaits it: a request that
+   says otherwise is refused at once (`Reason.MISMATCH`), in either of the table's modes.
 2. FIFO per name, no barging: a ticket is granted only when every ticket that arrived before it
    on each of its names, holding or waiting, is compatible with it (both shared). So a shared request
-   waits behind a waiting exclusive one, and an exclusive one must be first in line.
+   waits behind a waiting exclusive one, and an exclusive one must be first in line. On a
+   semaphore, a ticket is granted only when fewer than N tickets that arrived before it hold or
+   await the name: a later ticket may be granted while an earlier one waits for another of its
+   names, but only into a slot that the earlier one will not need.
 3. A multi-name ticket joins all its queues in one step and is granted on all of them in one
    step. Queue order is therefore one global arrival order, and the oldest waiting ticket is
    only ever blocked by holders: no deadlock, whatever order clients name their locks in.
@@ -83,7 +89,9 @@ WAITING, TAKING, HELD, BREAKING, ENDED = State.WAITING, State.TAKING, State.HELD
 class Ticket:
     """One acquire request: queued, then held, then ended. Identity is the object itself."""
 
-    __slots__ = ("owner", "names", "shared", "wait", "deadline", "info", "since", "state", "tokens", "seq")
+    __slots__ = (
+        "owner", "names", "shared", "slots", "wait", "deadline", "info", "since", "state", "tokens", "seq",
+    )
 
     def __init__(
         self,
@@ -94,10 +102,14 @@ class Ticket:
         deadline: float | None,
         info: object,
         since: float,
+        slots: dict[str, int] | None = None,
     ) -> None:
         self.owner = owner
         self.names = names
+        #: The mode on the names that are locks.
         self.shared = shared
+        #: The names that are semaphores, with their slots (None: none is).
+        self.slots = slots
         self.wait = wait
         self.deadline = deadline
         #: Whatever the edge wants shown for this ticket (pid, uid, command...). Opaque here.
@@ -116,6 +128,8 @@ class Ticket:
 
     def __repr__(self) -> str:
         mode = "shared" if self.shared else "exclusive"
+        if self.slots:
+            mode += f" slots={self.slots}"
         return f"<Ticket {'+'.join(self.names)} {mode} {self.state.value} owner={self.owner!r}>"
 
 
@@ -221,6 +235,9 @@ class Reason(Enum):
 
     BUSY = "busy"
     TIMEOUT = "timeout"
+    #: A name is a semaphore of another number of slots than the ticket says, or a lock
+    #: where it says semaphore (or the reverse): `LockTable.slots_of` tells what it is.
+    MISMATCH = "mismatch"
 
 
 class _Line:
@@ -233,6 +250,9 @@ class _Line:
     """
 
     __slots__ = ("holders", "waiting", "exclusive_holders", "exclusive_waiting")
+
+    #: A lock; a semaphore's line (`_SlotLine`) has its number of slots.
+    slots: int | None = None
 
     def __init__(self) -> None:
         self.holders: dict[Ticket, None] = {}
@@ -294,6 +314,50 @@ class _Line:
         self.add_holder(ticket)
 
 
+class _SlotLine(_Line):
+    """One counting semaphore's queue: every ticket on it takes one slot, whatever its mode
+    on its other names, so the exclusive counts stay 0. A ticket's place in the line (the
+    holders, then the waiting tickets ahead of it) is what decides: below `slots`, admitted."""
+
+    __slots__ = ("slots",)
+
+    def __init__(self, slots: int) -> None:
+        super().__init__()
+        self.slots = slots
+
+    def admits_newcomer(self, shared: bool) -> bool:
+        return len(self.holders) + len(self.waiting) < self.slots
+
+    def admits(self, ticket: Ticket) -> bool:
+        free = self.slots - len(self.holders)
+        for place, other in enumerate(self.waiting):
+            if place >= free:
+                return False
+            if other is ticket:
+                return True
+        raise AssertionError(f"{ticket} is not waiting in this line")
+
+    def first_admitted(self) -> list[Ticket]:
+        """The waiting tickets that hold a place below `slots`, in queue order."""
+        return list(itertools.islice(self.waiting, max(0, self.slots - len(self.holders))))
+
+    def add_waiting(self, ticket: Ticket) -> None:
+        self.waiting[ticket] = None
+
+    def add_holder(self, ticket: Ticket) -> None:
+        self.holders[ticket] = None
+
+    def remove(self, ticket: Ticket) -> None:
+        if ticket in self.holders:
+            del self.holders[ticket]
+        else:
+            del self.waiting[ticket]
+
+    def promote(self, ticket: Ticket) -> None:
+        del self.waiting[ticket]
+        self.holders[ticket] = None
+
+
 def _count(counts: dict[_K, int], key: _K, delta: int) -> None:
     """Add `delta` to `counts[key]`, leaving no entry at zero (invariant 5)."""
     left = counts.get(key, 0) + delta
@@ -339,6 +403,9 @@ class LockTable:
         self._deadlines: list[tuple[float, int, Ticket]] = []
         self._deadline_seq = itertools.count()
         self._sweep_at = _MIN_SWEEP
+        #: How many lines are semaphores: while none is, a request without slots skips the
+        #: check that it agrees with the lines it joins.
+        self._slot_lines = 0
 
     # --- requests -----------------------------------------------------------------------------
 
@@ -352,8 +419,10 @@ class LockTable:
         deadline: float | None = None,
         now: float,
         info: object = None,
+        slots: dict[str, int] | None = None,
     ) -> tuple[Ticket, list[Effect]]:
-        """Request every name in `names` together.
+        """Request every name in `names` together: one slot of each name in `slots` (a
+        counting semaphore of that many slots), the others in the mode `shared` says.
 
         `wait=False` fails at once with Refused("busy") unless the table can grant now;
         otherwise the ticket waits until granted or until `deadline` passes (`expire`).
@@ -364,8 +433,14 @@ class LockTable:
         unique = tuple(dict.fromkeys(names))
         if not unique:
             raise ValueError("acquire needs at least one name")
-        ticket = Ticket(owner, unique, shared, wait, deadline, info, now)
+        ticket = Ticket(owner, unique, shared, wait, deadline, info, now, slots or None)
         lines = self._lines
+        if slots or self._slot_lines:
+            for name in unique:
+                line = lines.get(name)
+                if line is not None and line.slots != (slots.get(name) if slots else None):
+                    ticket.state = ENDED
+                    return ticket, [Refused(ticket, Reason.MISMATCH, list(line.holders)), Ended(ticket)]
         grantable = True
         if not self.ordered_by_backend:
             for name in unique:
@@ -386,7 +461,7 @@ class LockTable:
             for name in unique:
                 line = lines.get(name)
                 if line is None:
-                    line = lines[name] = _Line()
+                    line = lines[name] = self._new_line(ticket, name)
                 line.add_holder(ticket)
             ticket.state = TAKING
             if self.ordered_by_backend:
@@ -395,7 +470,7 @@ class LockTable:
         for name in unique:
             line = lines.get(name)
             if line is None:
-                line = lines[name] = _Line()
+                line = lines[name] = self._new_line(ticket, name)
             line.add_waiting(ticket)
         self._count_waiting(ticket, 1)
         return ticket, [Queued(ticket, self._blockers(ticket))]
@@ -534,6 +609,11 @@ class LockTable:
         line = self._lines.get(name)
         return list(line.waiting) if line else []
 
+    def slots_of(self, name: str) -> int | None:
+        """The slots of `name` if it is a semaphore someone holds or awaits; else None."""
+        line = self._lines.get(name)
+        return line.slots if line is not None else None
+
     def names(self) -> list[str]:
         """Every name that is held or waited on."""
         return list(self._lines)
@@ -578,8 +658,11 @@ class LockTable:
             line = self._lines.get(name)
             if line is not None:
                 # Behind a waiting exclusive ticket, a shared one waits for every holder too:
-                # they all go before that ticket, and it goes before this one.
-                if self.ordered_by_backend:
+                # they all go before that ticket, and it goes before this one. On a semaphore,
+                # every holder is in the way: any of them letting go frees a slot.
+                if line.slots is not None:
+                    behind = True
+                elif self.ordered_by_backend:
                     behind = ticket.shared and ticket.state is waits
                 else:
                     behind = ticket.shared and self._behind_exclusive(line, ticket)
@@ -601,6 +684,13 @@ class LockTable:
         """Do all of `ticket`'s lines other than `name` admit it?"""
         lines = self._lines
         return all(lines[n].admits(ticket) for n in ticket.names if n != name)
+
+    def _new_line(self, ticket: Ticket, name: str) -> _Line:
+        slots = ticket.slots.get(name) if ticket.slots else None
+        if slots is None:
+            return _Line()
+        self._slot_lines += 1
+        return _SlotLine(slots)
 
     def _push_deadline(self, ticket: Ticket, deadline: float) -> None:
         heap = self._deadlines
@@ -641,6 +731,8 @@ class LockTable:
             line.remove(ticket)
             if not line:
                 del lines[name]
+                if line.slots is not None:
+                    self._slot_lines -= 1
         self._unindex_owner(ticket)
 
     def _unindex_owner(self, ticket: Ticket) -> None:
@@ -661,6 +753,13 @@ class LockTable:
         for name in names:
             line = lines.get(name)
             if line is None or line.exclusive_holders:
+                continue
+            if isinstance(line, _SlotLine):
+                # A grant keeps every other ticket's place: the admitted ones are the first
+                # `slots - holders`, before and after.
+                for ticket in line.first_admitted():
+                    if self._admitted_elsewhere(ticket, name):
+                        effects.append(self._start_taking(ticket))
                 continue
             # Granting deletes from `line.waiting`, so iterate over a copy, but only of the
             # part up to the first exclusive ticket: copying it all would make draining a
@@ -694,13 +793,17 @@ class LockTable:
             assert line.exclusive_waiting == sum(not t.shared for t in waiting), name
             assert all(t.holding for t in holders) and all(t.state is WAITING for t in waiting)
             assert [t.seq for t in waiting] == sorted(t.seq for t in waiting), f"{name!r} out of order"
-            if ordered:
+            for ticket in holders + waiting:
+                assert (ticket.slots or {}).get(name) == line.slots, f"{name!r}: {ticket} disagrees on its slots"
+            if line.slots is not None:
+                self._check_slot_line(name, line, holders, waiting)
+            elif ordered:
                 # 6: the backend orders; the table only keeps every ticket in arrival order.
                 assert not waiting, f"{name!r}: {waiting} wait in the table"
                 assert [t.seq for t in holders] == sorted(t.seq for t in holders), f"{name!r} out of order"
             else:
                 assert all(t.shared for t in holders) or len(holders) == 1, f"{name!r}: {holders}"
-            for ticket in waiting:
+            for ticket in waiting if line.slots is None else ():
                 ahead = [h for h in holders if h.seq < ticket.seq] + [w for w in waiting if w.seq < ticket.seq]
                 if not ticket.shared:
                     assert all(h.seq < ticket.seq for h in holders), f"{name!r}: a holder barged past {ticket}"
@@ -717,6 +820,7 @@ class LockTable:
                 assert ticket.owner == owner, (owner, ticket)
                 owned.add(ticket)
         assert live == owned, (live ^ owned)
+        assert self._slot_lines == sum(line.slots is not None for line in self._lines.values())
         by_owner: dict[Hashable, int] = {}
         by_name: dict[str, int] = {}
         for ticket in live:
@@ -734,3 +838,15 @@ class LockTable:
                 assert ticket in timed, f"{ticket} has a deadline that is never enforced"
             if ticket.state is WAITING:
                 assert not all(self._lines[n].admits(ticket) for n in ticket.names), f"{ticket} is grantable at rest"
+
+    def _check_slot_line(self, name: str, line: _Line, holders: list[Ticket], waiting: list[Ticket]) -> None:
+        assert line.slots is not None and not line.exclusive_holders and not line.exclusive_waiting
+        if self.ordered_by_backend:
+            assert not waiting, f"{name!r}: {waiting} wait in the table"
+            return
+        assert len(holders) <= line.slots, f"{name!r}: {len(holders)} holders of {line.slots} slots"
+        for place, ticket in enumerate(waiting):
+            assert line.admits(ticket) == (len(holders) + place < line.slots), (name, ticket)
+            # No barging: a later holder only ever took a slot this ticket will not need.
+            if any(h.seq > ticket.seq for h in holders):
+                assert line.admits(ticket), f"{name!r}: a holder barged past {ticket}"

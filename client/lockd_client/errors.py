@@ -47,6 +47,7 @@ class ErrorCode:
     UNAVAILABLE: Final = "unavailable"
     SHUTDOWN: Final = "shutdown"
     WOULD_DEADLOCK: Final = "would_deadlock"
+    SLOTS_MISMATCH: Final = "slots_mismatch"
 
 
 class LockdError(Exception):
@@ -177,6 +178,13 @@ class WouldDeadlock(LockdError):
     code = ErrorCode.WOULD_DEADLOCK
 
 
+class SlotsMismatch(LockdError):
+    """The request and the name's current holders or waiters disagree on what the name is: a
+    semaphore of N slots (each says its N) or a plain lock. Every user of a name must agree."""
+
+    code = ErrorCode.SLOTS_MISMATCH
+
+
 class LimitExceeded(LockdError):
     """A daemon limit (connections, leases, waiters) was reached; retry later or raise it."""
 
@@ -201,6 +209,7 @@ _ERROR_BY_CODE: Final[Mapping[str, type[LockdError]]] = {
     ErrorCode.UNAVAILABLE: BackendUnavailable,
     ErrorCode.SHUTDOWN: DaemonUnavailable,
     ErrorCode.WOULD_DEADLOCK: WouldDeadlock,
+    ErrorCode.SLOTS_MISMATCH: SlotsMismatch,
 }
 
 

@@ -59,6 +59,12 @@ NAME_RULE: Final = (
 _NAME_RE: Final = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._@+-]{{0,{MAX_NAME_LENGTH - 1}}}", re.ASCII)
 
 
+#: The most slots a semaphore may have: a semaphore bounds concurrent work (backups, builds,
+#: migrations), and the table's FIFO checks scan up to N queue entries.
+MAX_SLOTS: Final = 1000
+Slots = Annotated[int, msgspec.Meta(ge=1, le=MAX_SLOTS)]
+
+
 def name_problem(name: str) -> str | None:
     """Return why `name` is not a valid lock name, or None when it is."""
     if not isinstance(name, str):
@@ -120,6 +126,11 @@ class Acquire(msgspec.Struct, tag="acquire"):
     #: Tie the lease to this process instead of the connection: it ends when that process
     #: exits or on `ReleasePid`. Only for the process's own uid (or root).
     pid: int | None = None
+    #: The names (among `names`) that are counting semaphores, each with its number of slots:
+    #: the request takes one slot of each, and `mode` applies to the other names only. Every
+    #: request on a name must agree with its holders and waiters on this (`slots_mismatch`).
+    #: Only for a daemon whose Welcome says `semaphores`.
+    slots: dict[str, Slots] = {}
 
 
 @final
@@ -187,6 +198,8 @@ class LockInfo(msgspec.Struct):
     holders: list[Holder]
     #: In queue order.
     waiters: list[Holder]
+    #: The number of slots of a semaphore (its holders are shown as `shared`); None for a lock.
+    slots: int | None = None
 
 
 @final
@@ -206,6 +219,9 @@ class Welcome(msgspec.Struct, tag="welcome"):
     #: not outlive the daemon, once the connection ends) before the lock may go to someone
     #: else; None when the daemon sets no bound.
     stop_within: float | None = None
+    #: True when the daemon serves counting semaphores (`Acquire.slots`); an older daemon
+    #: would ignore the field and grant a plain lock, so clients check this first.
+    semaphores: bool = False
 
 
 #: The most descriptors one SCM_RIGHTS message carries (the kernel's SCM_MAX_FD).
