@@ -251,8 +251,10 @@ class _Line:
 
     __slots__ = ("holders", "waiting", "exclusive_holders", "exclusive_waiting")
 
-    #: A lock; a semaphore's line (`_SlotLine`) has its number of slots.
-    slots: int | None = None
+    @property
+    def slots(self) -> int | None:
+        """None: a lock. A semaphore's line (`_SlotLine`) has its number of slots."""
+        return None
 
     def __init__(self) -> None:
         self.holders: dict[Ticket, None] = {}
@@ -319,17 +321,21 @@ class _SlotLine(_Line):
     on its other names, so the exclusive counts stay 0. A ticket's place in the line (the
     holders, then the waiting tickets ahead of it) is what decides: below `slots`, admitted."""
 
-    __slots__ = ("slots",)
+    __slots__ = ("size",)
 
-    def __init__(self, slots: int) -> None:
+    def __init__(self, size: int) -> None:
         super().__init__()
-        self.slots = slots
+        self.size = size
+
+    @property
+    def slots(self) -> int:
+        return self.size
 
     def admits_newcomer(self, shared: bool) -> bool:
-        return len(self.holders) + len(self.waiting) < self.slots
+        return len(self.holders) + len(self.waiting) < self.size
 
     def admits(self, ticket: Ticket) -> bool:
-        free = self.slots - len(self.holders)
+        free = self.size - len(self.holders)
         for place, other in enumerate(self.waiting):
             if place >= free:
                 return False
@@ -339,7 +345,7 @@ class _SlotLine(_Line):
 
     def first_admitted(self) -> list[Ticket]:
         """The waiting tickets that hold a place below `slots`, in queue order."""
-        return list(itertools.islice(self.waiting, max(0, self.slots - len(self.holders))))
+        return list(itertools.islice(self.waiting, max(0, self.size - len(self.holders))))
 
     def add_waiting(self, ticket: Ticket) -> None:
         self.waiting[ticket] = None
@@ -731,7 +737,7 @@ class LockTable:
             line.remove(ticket)
             if not line:
                 del lines[name]
-                if line.slots is not None:
+                if type(line) is _SlotLine:
                     self._slot_lines -= 1
         self._unindex_owner(ticket)
 
