@@ -83,14 +83,18 @@ class Etcd(_Section, frozen=True):
             raise ValueError("username and password must be given together")
 
 
+#: What a policy rule applies to: the lock modes, and taking a slot of a semaphore.
+RuleMode = Literal["exclusive", "shared", "semaphore"]
+
+
 class Rule(_Section, frozen=True):
     """Allows or denies the requests it matches; docs/configuration.md gives the matching."""
 
     names: Annotated[str, msgspec.Meta(min_length=1)]
     users: list[Principal] = []
     groups: list[Principal] = []
-    modes: Annotated[list[protocol.Mode], msgspec.Meta(min_length=1)] = msgspec.field(
-        default_factory=lambda: ["exclusive", "shared"]
+    modes: Annotated[list[RuleMode], msgspec.Meta(min_length=1)] = msgspec.field(
+        default_factory=lambda: ["exclusive", "shared", "semaphore"]
     )
     allow: bool = True
 

@@ -24,12 +24,11 @@ from fnmatch import fnmatchcase
 from typing import Any, Final, get_args
 
 from lockd_client.errors import PermissionDenied
-from lockd_client.protocol import Mode
 
 from . import config
 from .config import ConfigError
 
-MODES: tuple[str, ...] = get_args(Mode)
+MODES: tuple[str, ...] = get_args(config.RuleMode)
 _ADVICE: Final = "the daemon's policy ([policy] in its config file) decides this; ask its administrator"
 
 
@@ -93,19 +92,21 @@ class Policy:
         return cls(rules, force_uids)
 
     def check_acquire(
-        self, uid: int, gids: Collection[int], names: Iterable[str], mode: str
+        self, uid: int, gids: Collection[int], names: Iterable[str], mode: str, slots: Collection[str] = ()
     ) -> PermissionDenied | None:
-        """None if `uid` (member of `gids`) may hold every one of `names` in `mode`; else the
-        error the client receives, naming the rule that refused the first name it refuses.
+        """None if `uid` (member of `gids`) may hold every one of `names`, a slot of those in
+        `slots` (mode `semaphore`) and the others in `mode`; else the error the client
+        receives, naming the rule that refused the first name it refuses.
 
         Runs on every acquire, so an allowed one builds nothing.
         """
         if not self.rules:
             return None
         for name in names:
-            rule = self._first_match(uid, gids, name, mode)
+            used = "semaphore" if name in slots else mode
+            rule = self._first_match(uid, gids, name, used)
             if rule is not None and not rule.allow:
-                return _denied(f"{rule.text} denies uid {uid} {mode} on {name}")
+                return _denied(f"{rule.text} denies uid {uid} {used} on {name}")
         return None
 
     def check_force(self, uid: int, name: str, holder_uids: Iterable[int]) -> Decision:

@@ -229,6 +229,7 @@ class LockService:
             protocol.PROTOCOL_VERSION, f"lockd {__version__}", self._backend.name, self.limits.max_frame,
             leases_outlive_daemon=self._backend.leases_outlive_daemon,
             stop_within=client.break_grace if notice is None else min(notice, client.break_grace),
+            semaphores=True,
         )
 
     def unreadable_peer(self, problem: str) -> None:
@@ -289,12 +290,16 @@ class LockService:
             timeout = request.timeout
             if timeout is not None and not (timeout >= 0 and math.isfinite(timeout)):
                 raise errors.ProtocolError(f"timeout must be a finite number >= 0, not {timeout}")
+            slots = request.slots
+            if slots and not slots.keys() <= set(names):
+                stray = ", ".join(sorted(slots.keys() - set(names)))
+                raise errors.ProtocolError(f"slots are given for {stray}, which the request does not name")
             refusal = admission.acquire_refusal(
                 self.limits, names, waits=timeout != 0, requests=client.names,
                 pending=self._pending(client), waiting_on=self.table.waiting_on,
                 uid_requests=self._uid_names.get(client.uid, 0),
                 uid_pending=lambda: sum(self._pending(c) for c in self.clients.values() if c.uid == client.uid),
-            ) or self.policy.check_acquire(client.uid, client.gids, names, request.mode)
+            ) or self.policy.check_acquire(client.uid, client.gids, names, request.mode, slots)
             if isinstance(refusal, errors.PermissionDenied):
                 self._log_noise(
                     REFUSED_REQUEST, client.uid, str(refusal),
@@ -321,13 +326,13 @@ class LockService:
         who = process or client
         claim = Claim(
             names=tuple(names), shared=request.mode == "shared", wait=timeout != 0, pid=who.pid, uid=who.uid,
-            gid=None if process is not None else client.gid, command=who.command, label=label,
+            gid=None if process is not None else client.gid, command=who.command, label=label, slots=slots,
         )
         now = self._clock()
         deadline = now + timeout if timeout else None
         ticket, effects = self.table.acquire(
             client, names, shared=claim.shared, wait=claim.wait, deadline=deadline, now=now,
-            info=Party(client, request.id, claim, process),
+            info=Party(client, request.id, claim, process), slots=slots,
         )
         client.tickets[request.id] = ticket
         client.names += len(ticket.names)
@@ -444,14 +449,15 @@ class LockService:
             holders = [self._holder(t, name) for t in held]
             if not held:
                 holders += outside.get(name, [])
-            elif held[0].shared:
+            elif party(held[0]).claim.shared_on(name):
                 holders += [h for h in outside.get(name, []) if h.mode == "shared"]
             waiters = [self._holder(t, name) for t in waiting] + outside_waiting.get(name, [])
             if self._backend.orders_requests:
                 holders.sort(key=_place)
                 waiters.sort(key=_place)
             if holders or waiters:
-                locks.append(protocol.LockInfo(name, holders[0].mode if holders else None, holders, waiters))
+                mode = holders[0].mode if holders else None
+                locks.append(protocol.LockInfo(name, mode, holders, waiters, self.table.slots_of(name)))
         self._send(peer, protocol.StatusReply(look.request_id, locks))
 
     def _held(self, name: str) -> bool:
@@ -698,7 +704,9 @@ class LockService:
 
     def _refused(self, ticket: Ticket, who: Party, effect: Refused) -> None:
         holders = self._in_way(ticket, effect.blockers)
-        if holders and not self._backend.orders_requests:
+        if effect.reason is Reason.MISMATCH:
+            self._send_error(who.client, who.request_id, self._mismatch(ticket, holders))
+        elif holders and not self._backend.orders_requests:
             self._send_refusal(who.client, who.request_id, ticket.names, effect.reason, holders)
         else:
             # Held outside the table (where the backend orders requests, maybe on other hosts
@@ -708,6 +716,22 @@ class LockService:
                 who.client.peer, who.request_id, ticket.names, effect.reason, holders,
             )
             self.orders.append(look)
+
+    def _mismatch(self, ticket: Ticket, holders: list[protocol.Holder]) -> errors.SlotsMismatch:
+        """The refusal of `ticket`, which disagrees with a name's holders or waiters on what
+        the name is, naming both."""
+        wanted = ticket.slots or {}
+        name = next(n for n in ticket.names if self.table.queue(n) and self.table.slots_of(n) != wanted.get(n))
+        have, want = self.table.slots_of(name), wanted.get(name)
+        now = self._clock() + self._wall_offset
+        users = (
+            "held by " + ", ".join(holder_text(holder, now) for holder in holders) if holders
+            else f"awaited by {len(self.table.queue(name))} request(s)"
+        )
+        return errors.SlotsMismatch(
+            f"{name} is {_kind(have)} ({users}), and this request asked for {_kind(want)}: every user of a "
+            f"name must give the same --slots (or none, for a lock); use the name's count, or another name"
+        )
 
     def _end_in_error(self, ticket: Ticket) -> None:
         """End `ticket` after a bug: a lease is lost, a request fails."""
@@ -767,7 +791,7 @@ class LockService:
         token = ticket.tokens[ticket.names.index(name)] if ticket.tokens else self._backend.place_of(who)
         return protocol.Holder(
             pid=who.pid, uid=who.uid, gid=who.gid, command=who.command, label=who.label,
-            since=ticket.since + self._wall_offset, mode=who.mode, token=token,
+            since=ticket.since + self._wall_offset, mode=who.mode_on(name), token=token,
         )
 
     def _in_way(self, ticket: Ticket, blockers: Iterable[Ticket]) -> list[protocol.Holder]:
@@ -876,6 +900,10 @@ class LockService:
         assert set(tied) <= set(owners), set(tied).difference(owners)
 
         self.table.check()
+
+
+def _kind(slots: int | None) -> str:
+    return "a plain lock" if slots is None else f"a semaphore of {slots} slot{'s' if slots > 1 else ''}"
 
 
 def _place(holder: protocol.Holder) -> tuple[bool, int]:

@@ -84,7 +84,7 @@ def test_every_option_parses_into_its_typed_field() -> None:
     assert config.etcd.key_file == Path("/etc/lockd/client.key")
     first, second = config.policy.rules
     assert (first.names, first.users, first.modes) == ("backup-*", ["root", 0], ["exclusive"])
-    assert (second.users, second.modes, second.allow) == ([], ["exclusive", "shared"], False)
+    assert (second.users, second.modes, second.allow) == ([], ["exclusive", "shared", "semaphore"], False)
     assert config.policy.force_release == ["root", 1000]
 
 

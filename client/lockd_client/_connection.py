@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final, Generic, TypeAlias, TypeVar, overload
 
 import msgspec
@@ -273,20 +273,27 @@ class Connection:
         timeout: float | None = None,
         label: str | None = None,
         pid: int | None = None,
+        slots: int | Mapping[str, int] | None = None,
     ) -> tuple[Call[LeaseRecord], bytes]:
         """Ask for every name together; the Call resolves with the lease, or fails.
 
         `wait=False` fails with LockBusy at once if any name is held, whatever `timeout`
         says; otherwise `timeout` (seconds) bounds the wait and then fails with LockTimeout.
-        Duplicate names count once.
+        `slots` makes every name (an int) or the names it maps (to their counts) counting
+        semaphores, of which the lease takes one slot each. Duplicate names count once.
         """
         unique = _checked_names(dict.fromkeys(names))
         _check_label(label)
+        semaphores = _checked_slots(slots, unique)
         if not wait:
             timeout = 0  # not waiting wins over any timeout, as -n over -w in flock(1)
         self._check_open()
+        if semaphores and self.server is not None and not self.server.semaphores:
+            raise errors.ProtocolError(
+                f"this lockd ({self.server.server}) does not serve semaphores (slots); upgrade it"
+            )
         mode: protocol.Mode = "shared" if shared else "exclusive"
-        request = protocol.Acquire(self._next_id, unique, mode, timeout, label, pid)
+        request = protocol.Acquire(self._next_id, unique, mode, timeout, label, pid, semaphores)
         return self._send_request(request)
 
     def status(self, names: Iterable[str] = ()) -> tuple[Call[list[protocol.LockInfo]], bytes]:
@@ -613,6 +620,21 @@ def _check_label(label: str | None) -> None:
     problem = protocol.label_problem(label)
     if problem is not None:
         raise errors.InvalidArgument(problem)
+
+
+def _checked_slots(slots: int | Mapping[str, int] | None, names: list[str]) -> dict[str, int]:
+    """`slots` as `Acquire.slots` has it: every semaphore name of `names` with its count."""
+    if slots is None:
+        return {}
+    counts = dict(slots) if isinstance(slots, Mapping) else dict.fromkeys(names, slots)
+    for name, count in counts.items():
+        if name not in names:
+            raise errors.InvalidArgument(f"slots are given for {name}, which the request does not name")
+        if type(count) is not int or not 1 <= count <= protocol.MAX_SLOTS:
+            raise errors.InvalidArgument(
+                f"the slots of {name} must be a whole number from 1 to {protocol.MAX_SLOTS}, not {count!r}"
+            )
+    return counts
 
 
 def _checked_names(names: Iterable[str]) -> list[str]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import _socket as socket
 import os
 import select
+from collections.abc import Mapping
 from types import TracebackType
 from typing import TypeVar
 
@@ -96,14 +97,19 @@ class Client:
         timeout: float | None = None,
         label: str | None = None,
         pid: int | None = None,
+        slots: int | Mapping[str, int] | None = None,
         on_queued: QueuedCallback | None = None,
     ) -> Lease:
         """Take every lock in `names` together, waiting until all are free.
 
-        `shared` asks for a shared lease. `wait=False` raises LockBusy at once if any name is
-        held, whatever `timeout` says (as flock(1) -n does with -w); otherwise `timeout`
-        (seconds) raises LockTimeout once it passes. Both errors carry the holders. `label`
-        (at most 256 characters) is shown in `status`.
+        `shared` asks for a shared lease. `slots=N` makes the names counting semaphores of N
+        slots, at most N holders at once, and the lease takes one slot of each; a mapping
+        `{name: N}` does so for the names it maps only, and `shared` is then for the others.
+        Every user of a name must give the same N (or none): else SlotsMismatch.
+        `wait=False` raises LockBusy at once if any name is held, whatever `timeout` says (as
+        flock(1) -n does with -w); otherwise `timeout` (seconds) raises LockTimeout once it
+        passes. Both errors carry the holders. `label` (at most 256 characters) is shown in
+        `status`.
 
         `pid` ties the lease to that process instead of this connection: it outlives this
         connection, and ends when that process exits or on `release_pid`; while this
@@ -114,7 +120,7 @@ class Client:
         sent. If waiting is interrupted by any exception, the request is withdrawn first.
         """
         call, data = self._conn.acquire(
-            names, shared=shared, wait=wait, timeout=timeout, label=label, pid=pid
+            names, shared=shared, wait=wait, timeout=timeout, label=label, pid=pid, slots=slots
         )
         return Lease(self, self._run(call, data, on_queued))
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import AsyncIterator, Callable, Generator
+from collections.abc import AsyncIterator, Callable, Generator, Mapping
 from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Any, TypeVar
@@ -139,11 +139,13 @@ class Client:
         timeout: float | None = None,  # noqa: ASYNC109
         label: str | None = None,
         pid: int | None = None,
+        slots: int | Mapping[str, int] | None = None,
         on_queued: QueuedCallback | None = None,
     ) -> Lease:
         """Take every lock in `names` together, waiting until all are free.
 
-        The arguments mean what they mean to the blocking `Client.acquire`: `shared`; `wait`
+        The arguments mean what they mean to the blocking `Client.acquire`: `shared`;
+        `slots` (counting semaphores); `wait`
         (False raises LockBusy at once, whatever `timeout` says); `timeout` (seconds, counted
         by the daemon, then LockTimeout); `label`; `pid`, which ties the lease to that process
         so that it outlives this connection, while `Lease.release` still ends it as long as
@@ -156,7 +158,7 @@ class Client:
         the exception propagates, so no lease is left behind, granted or queued.
         """
         call, data = self._conn.acquire(
-            names, shared=shared, wait=wait, timeout=timeout, label=label, pid=pid
+            names, shared=shared, wait=wait, timeout=timeout, label=label, pid=pid, slots=slots
         )
         return Lease(self, await self._run(call, data, on_queued))
 
@@ -169,6 +171,7 @@ class Client:
         timeout: float | None = None,  # noqa: ASYNC109 (as `acquire`'s: the daemon's to count)
         label: str | None = None,
         pid: int | None = None,
+        slots: int | Mapping[str, int] | None = None,
         on_queued: QueuedCallback | None = None,
     ) -> AsyncIterator[Lease]:
         """`acquire` for an `async with` block, which releases the lease on leaving it:
@@ -181,6 +184,7 @@ class Client:
             timeout=timeout,
             label=label,
             pid=pid,
+            slots=slots,
             on_queued=on_queued,
         )
         async with lease:
