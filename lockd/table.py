@@ -665,8 +665,11 @@ class LockTable:
             if line is not None:
                 # Behind a waiting exclusive ticket, a shared one waits for every holder too:
                 # they all go before that ticket, and it goes before this one. On a semaphore,
-                # every holder is in the way: any of them letting go frees a slot.
+                # every holder is in the way of a ticket that has no slot there yet (any of
+                # them letting go frees one), and none is in the way of one that has.
                 if line.slots is not None:
+                    if not self._lacks_slot(line, ticket):
+                        continue
                     behind = True
                 elif self.ordered_by_backend:
                     behind = ticket.shared and ticket.state is waits
@@ -678,6 +681,15 @@ class LockTable:
                     ):
                         found[holder] = None
         return list(found)
+
+    def _lacks_slot(self, line: _Line, ticket: Ticket) -> bool:
+        """Does `ticket` wait for a slot of semaphore `line` (waiting, or a newcomer)? Where
+        the backend orders requests, the table does not know its queue: while it waits at all."""
+        if self.ordered_by_backend:
+            return ticket.state is self._queued
+        if ticket.holding:
+            return False
+        return not (line.admits(ticket) if ticket in line.waiting else line.admits_newcomer(ticket.shared))
 
     @staticmethod
     def _behind_exclusive(line: _Line, ticket: Ticket) -> bool:
@@ -795,8 +807,9 @@ class LockTable:
         for name, line in self._lines.items():
             assert line, f"empty line for {name!r}"
             holders, waiting = list(line.holders), list(line.waiting)
-            assert line.exclusive_holders == sum(not t.shared for t in holders), name
-            assert line.exclusive_waiting == sum(not t.shared for t in waiting), name
+            if line.slots is None:  # a semaphore's are 0 (`_check_slot_line`): a slot has no mode
+                assert line.exclusive_holders == sum(not t.shared for t in holders), name
+                assert line.exclusive_waiting == sum(not t.shared for t in waiting), name
             assert all(t.holding for t in holders) and all(t.state is WAITING for t in waiting)
             assert [t.seq for t in waiting] == sorted(t.seq for t in waiting), f"{name!r} out of order"
             for ticket in holders + waiting:

@@ -831,3 +831,345 @@ def test_a_shared_request_behind_a_writer_names_every_holder_the_writer_waits_fo
     assert effects == [Refused(nw, Reason.BUSY, [s1, s2])]
     free, effects = table.acquire("f", ["y"], shared=True)  # nothing exclusive waits on y
     assert effects == [Take(free)] and table.blockers(free) == []
+
+
+# --- counting semaphores -------------------------------------------------------------------
+
+
+def _sem(n: int, name: str = "s") -> dict[str, int]:
+    return {name: n}
+
+
+def test_a_semaphore_admits_up_to_its_slots_then_queues(table: CheckedTable) -> None:
+    a = table.hold("a", ["s"], slots=_sem(2))
+    b = table.hold("b", ["s"], slots=_sem(2))
+    c, effects = table.acquire("c", ["s"], slots=_sem(2))
+    assert effects == [Queued(c, [a, b])]
+    assert table.blockers(c) == [a, b]
+    assert table.holders("s") == [a, b] and table.waiters("s") == [c]
+    assert table.slots_of("s") == 2
+    assert table.release(a) == [Drop(a, Ending.RELEASED), Take(c)]
+    assert table.holders("s") == [b, c]
+
+
+def test_a_semaphore_of_one_slot_excludes_like_a_lock(table: CheckedTable) -> None:
+    a = table.hold("a", ["s"], slots=_sem(1))
+    b = table.wait("b", ["s"], slots=_sem(1))
+    assert table.blockers(b) == [a]
+    assert table.release(a) == [Drop(a, Ending.RELEASED), Take(b)]
+
+
+def test_the_mode_of_a_semaphore_ticket_does_not_matter_on_the_semaphore(table: CheckedTable) -> None:
+    """A slot is a slot: shared or exclusive only speaks for a ticket's lock names."""
+    e = table.hold("a", ["s"], slots=_sem(2))
+    s = table.hold("b", ["s"], shared=True, slots=_sem(2))
+    e2 = table.wait("c", ["s"], shared=True, slots=_sem(2))
+    assert table.blockers(e2) == [e, s]
+    assert table.release(s) == [Drop(s, Ending.RELEASED), Take(e2)]
+
+
+def test_semaphore_waiters_are_granted_in_arrival_order_as_slots_free(table: CheckedTable) -> None:
+    h1 = table.hold("h1", ["s"], slots=_sem(2))
+    h2 = table.hold("h2", ["s"], slots=_sem(2))
+    w = [table.wait(f"w{i}", ["s"], slots=_sem(2)) for i in range(4)]
+    assert table.waiters("s") == w
+    assert table.release(h2) == [Drop(h2, Ending.RELEASED), Take(w[0])]
+    assert (w[1].state, w[2].state, w[3].state) == (State.WAITING,) * 3
+    assert table.release(w[0]) == [Drop(w[0], Ending.RELEASED), Take(w[1])]
+    assert table.release(h1) == [Drop(h1, Ending.RELEASED), Take(w[2])]
+    assert len(table.holders("s")) == 2
+    assert table.release(w[1]) == [Drop(w[1], Ending.RELEASED), Take(w[3])]
+
+
+def test_releasing_several_slots_at_once_grants_that_many_waiters_in_order(table: CheckedTable) -> None:
+    held = [table.hold("o", ["s"], slots=_sem(3)) for _ in range(3)]
+    w = [table.wait(f"w{i}", ["s"], slots=_sem(3)) for i in range(4)]
+    effects = table.drop_owner("o")
+    assert effects == [*(Drop(t, Ending.ABANDONED) for t in held), Take(w[0]), Take(w[1]), Take(w[2])]
+    assert w[3].state is State.WAITING and table.blockers(w[3]) == w[:3]
+
+
+def test_a_later_ticket_may_take_a_slot_an_earlier_waiter_does_not_need(table: CheckedTable) -> None:
+    """`both` waits for the lock x only: a later ticket may take the spare slot, and `both`
+    is granted as soon as x frees, into the slot it was always owed."""
+    h = table.hold("h", ["s"], slots=_sem(3))
+    ex = table.hold("ex", ["x"])
+    both = table.wait("both", ["s", "x"], slots=_sem(3))
+    assert table.blockers(both) == [ex]  # s has a slot for it: only x is in its way
+    late, effects = table.acquire("late", ["s"], slots=_sem(3))
+    assert effects == [Take(late)]  # h, both: 2 < 3 ahead of it
+    assert table.holders("s") == [h, late] and table.waiters("s") == [both]
+    full, effects = table.acquire("full", ["s"], slots=_sem(3))
+    assert effects == [Queued(full, [h, late])]  # h, both, late: 3 ahead of it
+    assert table.release(ex) == [Drop(ex, Ending.RELEASED), Take(both)]
+    assert len(table.holders("s")) == 3 and full.state is State.WAITING
+    assert table.release(late) == [Drop(late, Ending.RELEASED), Take(full)]
+
+
+def test_a_later_ticket_never_takes_the_slot_an_earlier_waiter_needs(table: CheckedTable) -> None:
+    h = table.hold("h", ["s"], slots=_sem(2))
+    ex = table.hold("ex", ["x"])
+    both = table.wait("both", ["s", "x"], slots=_sem(2))
+    late, effects = table.acquire("late", ["s"], slots=_sem(2))
+    assert effects == [Queued(late, [h])]  # a slot is free, but it is the one `both` will take
+    nw, effects = table.acquire("nw", ["s"], slots=_sem(2), wait=False)
+    assert effects == [Refused(nw, Reason.BUSY, [h])]
+    assert table.release(ex) == [Drop(ex, Ending.RELEASED), Take(both)]
+    assert late.state is State.WAITING
+    assert table.release(h) == [Drop(h, Ending.RELEASED), Take(late)]
+
+
+def test_a_waiter_blocked_by_a_slot_and_a_lock_is_granted_once_both_free(table: CheckedTable) -> None:
+    h = table.hold("h", ["s"], slots=_sem(1))
+    ex = table.hold("ex", ["x"])
+    both = table.wait("both", ["x", "s"], slots=_sem(1))
+    assert table.blockers(both) == [ex, h]
+    assert table.release(h) == [Drop(h, Ending.RELEASED)]  # s is free for it now, x is not
+    assert table.blockers(both) == [ex]
+    assert table.release(ex) == [Drop(ex, Ending.RELEASED), Take(both)]
+
+
+def test_one_ticket_may_mix_semaphores_and_locks(table: CheckedTable) -> None:
+    """`shared` is the mode on the lock names; every semaphore name takes one slot."""
+    r1 = table.hold("r1", ["s", "x"], shared=True, slots=_sem(2))
+    r2 = table.hold("r2", ["x", "s"], shared=True, slots=_sem(2))
+    w, effects = table.acquire("w", ["x"])
+    assert effects == [Queued(w, [r1, r2])]
+    r3, effects = table.acquire("r3", ["s", "y"], shared=True, slots=_sem(2))
+    assert effects == [Queued(r3, [r1, r2])]  # y is free, s is full
+    two, effects = table.acquire("two", ["s", "t"], slots={"s": 2, "t": 1})
+    assert effects == [Queued(two, [r1, r2])]
+    assert (table.slots_of("s"), table.slots_of("t"), table.slots_of("x"), table.slots_of("y")) == (2, 1, None, None)
+    assert table.release(r1) == [Drop(r1, Ending.RELEASED), Take(r3)]
+    assert table.release(r2) == [Drop(r2, Ending.RELEASED), Take(w), Take(two)]
+    assert repr(two) == "<Ticket s+t exclusive slots={'s': 2, 't': 1} taking owner='two'>"
+
+
+def test_slots_of_follows_whoever_holds_or_awaits_the_name(table: CheckedTable) -> None:
+    assert table.slots_of("s") is None
+    h = table.hold("h", ["s"], slots=_sem(2))
+    lock = table.hold("l", ["x"])
+    assert (table.slots_of("s"), table.slots_of("x")) == (2, None)
+    table.release(h)
+    table.release(lock)
+    assert table.slots_of("s") is None and table.names() == []
+
+
+# --- semaphores: mismatches ----------------------------------------------------------------
+
+#: (what the name is, what the request says): lock vs semaphore both ways, N vs M both ways.
+MISMATCHES = [(None, 2), (2, None), (2, 3), (3, 2), (1, None), (None, 1)]
+
+
+def _request(
+    table: CheckedTable, owner: str, names: list[str], slots: int | None, **kwargs: Any
+) -> tuple[Ticket, list[Effect]]:
+    return table.acquire(owner, names, slots=None if slots is None else {"s": slots}, **kwargs)
+
+
+def _snapshot(table: CheckedTable) -> tuple[object, ...]:
+    names = table.names()
+    return (
+        names, [table.holders(n) for n in names], [table.waiters(n) for n in names],
+        [table.slots_of(n) for n in names], len(table), table.waiting_count(), table.next_deadline(),
+    )
+
+
+@pytest.mark.parametrize("have, want", MISMATCHES)
+@pytest.mark.parametrize("wait", [True, False])
+def test_a_request_that_disagrees_with_the_holders_is_refused_at_once(
+    table: CheckedTable, have: int | None, want: int | None, wait: bool
+) -> None:
+    held = [table.hold(f"h{i}", ["s"], slots=None if have is None else {"s": have}) for i in range(have or 1)]
+    w = table.wait("w", ["s"], slots=None if have is None else {"s": have})  # full: w waits
+    before = _snapshot(table)
+    bad, effects = _request(table, "bad", ["x", "s"], want, wait=wait, deadline=9.0)
+    # Mismatch comes first, even for a no-wait request that would be busy anyway.
+    assert effects == [Refused(bad, Reason.MISMATCH, held)]
+    assert bad.state is State.ENDED
+    assert _snapshot(table) == before  # x not even taken
+    assert table.tickets_of("bad") == [] and table.release(bad) == []
+    assert table.release(held[0]) == [Drop(held[0], Ending.RELEASED), Take(w)]
+
+
+@pytest.mark.parametrize("have, want", MISMATCHES)
+def test_a_request_that_disagrees_with_the_waiters_alone_is_refused_too(
+    table: CheckedTable, have: int | None, want: int | None
+) -> None:
+    ex = table.hold("ex", ["x"])
+    w, _ = _request(table, "w", ["x", "s"], have)  # nobody holds s: it only waits there
+    assert table.holders("s") == [] and table.waiters("s") == [w]
+    before = _snapshot(table)
+    bad, effects = _request(table, "bad", ["s"], want)
+    assert effects == [Refused(bad, Reason.MISMATCH, [])]
+    assert _snapshot(table) == before
+    assert table.release(ex) == [Drop(ex, Ending.RELEASED), Take(w)]
+
+
+@pytest.mark.parametrize("have, want", MISMATCHES)
+def test_once_everyone_left_a_name_may_be_anything(table: CheckedTable, have: int | None, want: int | None) -> None:
+    h, _ = _request(table, "h", ["s"], have)
+    w, _ = _request(table, "w", ["s"], have)
+    table.release(h)
+    table.release(w)  # taking, or waiting behind h until h left
+    assert table.names() == []
+    new, effects = _request(table, "new", ["s"], want)
+    assert effects == [Take(new)]
+    assert table.slots_of("s") == want
+    again, effects = _request(table, "again", ["s"], have)
+    assert effects == [Refused(again, Reason.MISMATCH, [new])]
+
+
+def test_the_first_disagreeing_name_is_the_one_reported(table: CheckedTable) -> None:
+    hs = table.hold("hs", ["s"], slots=_sem(2))
+    ht = table.hold("ht", ["t"], slots=_sem(3, "t"))
+    bad, effects = table.acquire("bad", ["u", "t", "s"], slots={"s": 2, "t": 2})
+    assert effects == [Refused(bad, Reason.MISMATCH, [ht])]  # s agrees; t does not
+    ok, effects = table.acquire("ok", ["u", "t", "s"], slots={"s": 2, "t": 3})
+    assert effects == [Take(ok)]
+    assert table.queue("s") == [hs, ok]
+    lock, effects = table.acquire("lock", ["u"])  # u is a lock for `ok`: a lock request agrees
+    assert effects == [Queued(lock, [ok])]
+
+
+def test_slots_for_a_name_the_request_does_not_make_changes_nothing(table: CheckedTable) -> None:
+    """The edge refuses such a request; here, the slots of a name not asked for are moot."""
+    lock = table.hold("l", ["x"])
+    t, effects = table.acquire("t", ["x"], slots={"s": 2})
+    assert effects == [Queued(t, [lock])]
+    assert table.names() == ["x"] and table.slots_of("x") is None
+
+
+# --- semaphores: no-wait, deadlines, forced releases, departures ---------------------------
+
+
+def test_no_wait_on_a_full_semaphore_is_refused_busy_with_its_holders(table: CheckedTable) -> None:
+    a = table.hold("a", ["s"], slots=_sem(2))
+    nw, effects = table.acquire("nw", ["s"], slots=_sem(2), wait=False)
+    assert effects == [Take(nw)]  # one slot was free
+    table.taken(nw)
+    full, effects = table.acquire("full", ["s", "y"], slots=_sem(2), wait=False)
+    assert effects == [Refused(full, Reason.BUSY, [a, nw])]
+    assert table.queue("s") == [a, nw] and "y" not in table.names()
+
+
+def test_no_wait_into_a_free_slot_blocked_outside_names_no_holder_in_its_way(table: CheckedTable) -> None:
+    """The table had a slot for it: the other slot holders are not what blocks it (the
+    edge then looks for whoever holds the lock file outside lockd)."""
+    a = table.hold("a", ["s"], slots=_sem(2))
+    nw, effects = table.acquire("nw", ["s"], slots=_sem(2), wait=False)
+    assert effects == [Take(nw)]
+    assert table.blockers(nw) == []
+    assert table.take_blocked(nw) == [Refused(nw, Reason.BUSY, []), Drop(nw, Ending.RELEASED)]
+    assert table.queue("s") == [a]
+
+
+def test_a_timed_out_semaphore_waiter_frees_its_place(table: CheckedTable) -> None:
+    h = table.hold("h", ["s"], slots=_sem(2))
+    ex = table.hold("ex", ["x"])
+    both = table.wait("both", ["s", "x"], slots=_sem(2), deadline=5.0)
+    late = table.wait("late", ["s"], slots=_sem(2), deadline=9.0)
+    assert table.next_deadline() == 5.0
+    assert table.expire(4.0) == []
+    # Its place was the free slot: the waiter behind it gets it at once.
+    assert table.expire(5.0) == [Refused(both, Reason.TIMEOUT, [ex]), Take(late)]
+    assert table.holders("s") == [h, late] and table.holders("x") == [ex]
+    assert table.next_deadline() == 9.0  # late is still taking
+
+
+def test_a_timed_out_waiter_on_a_full_semaphore_names_its_holders(table: CheckedTable) -> None:
+    h = table.hold("h", ["s"], slots=_sem(1))
+    w1 = table.wait("w1", ["s"], slots=_sem(1), deadline=5.0)
+    w2 = table.wait("w2", ["s"], slots=_sem(1))
+    assert table.expire(5.0) == [Refused(w1, Reason.TIMEOUT, [h])]
+    assert table.waiters("s") == [w2]
+    assert table.release(h) == [Drop(h, Ending.RELEASED), Take(w2)]
+
+
+def test_force_release_breaks_every_holder_of_a_semaphore(table: CheckedTable) -> None:
+    a = table.hold("a", ["s"], slots=_sem(3))
+    b = table.hold("b", ["s", "x"], slots=_sem(3))
+    c, _ = table.acquire("c", ["s"], slots=_sem(3))  # TAKING: not broken
+    w = table.wait("w", ["s"], slots=_sem(3))
+    count, effects = table.force_release("s", "by admin", grace_until=30.0)
+    assert count == 2
+    assert effects == [Lost(a, "by admin"), Lost(b, "by admin")]
+    assert (a.state, b.state, c.state, w.state) == (State.BREAKING, State.BREAKING, State.TAKING, State.WAITING)
+    # Broken holders keep their slots until they let go.
+    assert table.holders("s") == [a, b, c] and table.blockers(w) == [a, b, c]
+    assert table.release(a) == [Drop(a, Ending.RELEASED), Take(w)]
+    table.taken(c)
+    count, effects = table.force_release("s", "again", grace_until=60.0)
+    assert count == 2
+    assert effects == [Drop(b, Ending.RELEASED), Lost(c, "again")]  # w is still taking
+    assert table.expire(60.0) == [Drop(c, Ending.OVERDUE)]
+
+
+def test_drop_owner_frees_its_slots_at_once(table: CheckedTable) -> None:
+    mine = [table.hold("o", ["s"], slots=_sem(2)), table.hold("o", ["s"], slots=_sem(2))]
+    mine_waiting = table.wait("o", ["s"], slots=_sem(2))
+    w1 = table.wait("p", ["s"], slots=_sem(2))
+    w2 = table.wait("q", ["s"], slots=_sem(2))
+    w3 = table.wait("r", ["s"], slots=_sem(2))
+    assert table.drop_owner("o") == [
+        Drop(mine[0], Ending.ABANDONED), Drop(mine[1], Ending.ABANDONED), Take(w1), Take(w2),
+    ]
+    assert mine_waiting.state is State.ENDED and w3.state is State.WAITING
+
+
+def test_waiting_counts_of_a_semaphore(table: CheckedTable) -> None:
+    table.hold("a", ["s"], slots=_sem(1))
+    table.wait("b", ["s", "x"], slots=_sem(1))
+    table.wait("b", ["s"], slots=_sem(1))
+    assert (table.waiting_of("b"), table.waiting_on("s"), table.waiting_on("x"), table.waiting_count()) == (2, 2, 1, 2)
+    table.drop_owner("a")
+    assert (table.waiting_of("b"), table.waiting_on("s"), table.waiting_on("x")) == (1, 1, 0)
+
+
+# --- semaphores where the backend orders requests ------------------------------------------
+
+
+def test_where_the_backend_orders_every_semaphore_request_goes_to_it_at_once(ordered: CheckedTable) -> None:
+    a = ordered.hold("a", ["s"], slots=_sem(1))
+    requests = [
+        ordered.acquire("b", ["s"], slots=_sem(1)),
+        ordered.acquire("c", ["s", "x"], slots=_sem(1)),
+        ordered.acquire("d", ["s"], slots=_sem(1), wait=False),
+    ]
+    assert [effects for _, effects in requests] == [[Take(t)] for t, _ in requests]
+    b, c, d = (t for t, _ in requests)
+    assert ordered.holders("s") == [a, b, c, d] and ordered.waiters("s") == []
+    assert ordered.slots_of("s") == 1
+    # The holders in the way of one still in the backend's queue are the granted ones.
+    assert (ordered.blockers(b), ordered.blockers(c), ordered.blockers(a)) == ([a], [a], [])
+    assert ordered.take_blocked(d) == [Refused(d, Reason.BUSY, [a]), Drop(d, Ending.RELEASED)]
+    assert ordered.release(a) == [Drop(a, Ending.RELEASED)]  # grants nothing itself
+    assert ordered.taken(c) == [Granted(c)]  # the backend's order, not this host's
+    assert ordered.blockers(b) == [c]
+
+
+def test_where_the_backend_orders_a_mismatch_is_still_refused(ordered: CheckedTable) -> None:
+    a = ordered.hold("a", ["s"], slots=_sem(2))
+    q, _ = ordered.acquire("q", ["t"], slots=_sem(2, "t"))  # only in the backend's queue
+    before = _snapshot(ordered)
+    disagreeing: list[tuple[str, list[str], dict[str, int] | None]] = [
+        ("b", ["s"], None), ("c", ["s"], {"s": 3}), ("d", ["x", "t"], {"t": 1}), ("e", ["t"], None),
+    ]
+    for owner, names, slots in disagreeing:
+        bad, effects = ordered.acquire(owner, names, slots=slots)
+        assert effects == [Refused(bad, Reason.MISMATCH, [a] if "s" in names else [q])]
+        assert bad.state is State.ENDED
+    assert _snapshot(ordered) == before
+    ordered.release(a)
+    ordered.release(q)
+    new, effects = ordered.acquire("new", ["s"])
+    assert effects == [Take(new)] and ordered.slots_of("s") is None
+
+
+def test_where_the_backend_orders_semaphore_deadlines_and_forced_releases_work_as_ever(ordered: CheckedTable) -> None:
+    h = ordered.hold("a", ["s"], slots=_sem(1))
+    w, _ = ordered.acquire("b", ["s"], slots=_sem(1), deadline=5.0)
+    assert ordered.force_release("s", "by admin", grace_until=30.0) == (1, [Lost(h, "by admin")])
+    assert ordered.expire(5.0) == [Refused(w, Reason.TIMEOUT, [h]), Drop(w, Ending.RELEASED)]
+    assert ordered.drop_owner("a") == [Drop(h, Ending.ABANDONED)]
+    assert ordered.names() == []

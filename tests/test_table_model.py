@@ -1,14 +1,21 @@
 """Random operations on the lock table, checked against a plain reference model.
 
 The model restates the table's rules as directly as possible: one list of live tickets in
-arrival order, and a ticket may hold once no conflicting ticket is ahead of it. Every effect
-list the table returns must equal the model's, and is then carried out in order against a
-simulated backend, which checks what the real edge relies on: exclusion among the tickets it
-was told to take, FIFO at the moment of each Take, and one Drop per Take.
+arrival order, and a ticket may hold once, on each of its names, no conflicting ticket is
+ahead of it on a lock, and fewer than N tickets are ahead of it on a semaphore of N slots.
+Every effect list the table returns must equal the model's, and is then carried out in order
+against a simulated backend, which checks what the real edge relies on: exclusion among the
+tickets it was told to take (at most N on a semaphore), FIFO at the moment of each Take, and
+one Drop per Take.
+
+Each run picks what each name is (a lock, or a semaphore of 1-3 slots) and whether requests
+keep to it: in a mixed run some requests say otherwise, and must be refused as mismatches
+while anyone holds or awaits the name.
 
 Where the backend orders requests (`OrderedTableMachine`), every ticket is taken on arrival,
-and the simulated backend grants them in any order that keeps its holders exclusive (etcd's
-order need not be this host's arrival order): the table must follow, deciding nothing itself.
+and the simulated backend grants them in any order that keeps its holders exclusive, and at
+most N on a semaphore of N slots (etcd's order need not be this host's arrival order): the
+table must follow, deciding nothing itself.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from collections.abc import Hashable, Iterable
 
 from hypothesis import Phase, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from lockd.table import (
     Drop,
@@ -41,19 +48,20 @@ OWNERS = (1, 2, 3, 4)
 HOLDING = (State.TAKING, State.HELD, State.BREAKING)
 #: How long a broken lease's owner has to let go, in the machine's time steps.
 GRACE = 2.5  # never equal to a request's deadline (whole steps): the order of two at once is not pinned
-#: (owner, names, shared, wait, timeout): repeated names allowed, as clients may send them;
-#: mostly waiting requests, as a no-wait one that is refused changes nothing.
+#: What a name is: a lock (None) or a semaphore of that many slots.
+KINDS = st.none() | st.integers(1, 3)
+#: (owner, names, shared, wait, timeout, odd): repeated names allowed, as clients may send
+#: them; mostly waiting requests, as a no-wait one that is refused changes nothing. `odd`: in
+#: a mixed run, what this request says some names are, whatever the run picked for them.
 REQUESTS = st.tuples(
     st.sampled_from(OWNERS),
     st.lists(st.sampled_from(NAMES), min_size=1, max_size=3),
     st.booleans(),
     st.just(True) | st.booleans(),
     st.none() | st.integers(0, 4),
+    st.dictionaries(st.sampled_from(NAMES), KINDS, max_size=2),
 )
-
-
-def conflict(a: Ticket, b: Ticket) -> bool:
-    return not (a.shared and b.shared) and not set(a.names).isdisjoint(b.names)
+Request = tuple[int, list[str], bool, bool, int | None, dict[str, int | None]]
 
 
 class Model:
@@ -67,58 +75,116 @@ class Model:
         self.live: list[Ticket] = []  # arrival order
         self.state: dict[Ticket, State] = {}
         self.arrival: dict[Ticket, int] = {}
+        #: The slots each request asked for, by name (the names it asked a slot of).
+        self.slots: dict[Ticket, dict[str, int]] = {}
         self.timed: list[Ticket] = []  # live once, with a deadline, not yet expired
         self._count = itertools.count()
 
-    def blockers(self, ticket: Ticket) -> list[Ticket]:
-        """Conflicting live tickets ahead of `ticket` (all of them if it is not queued),
-        name by name in the ticket's order, each once."""
-        found: dict[Ticket, None] = {}
+    # --- the rules, from their definitions ----------------------------------------------------
+
+    def kind(self, ticket: Ticket, name: str) -> int | None:
+        """What `ticket` says `name` is: a semaphore of that many slots, or a lock (None)."""
+        return self.slots[ticket].get(name)
+
+    def on(self, name: str) -> list[Ticket]:
+        """The live tickets on `name`, in arrival order."""
+        return [t for t in self.live if name in t.names]
+
+    def slots_of(self, name: str) -> int | None:
+        """What `name` is while anyone holds or awaits it (they all agree), else None."""
+        kinds = {self.kind(t, name) for t in self.on(name)}
+        assert len(kinds) <= 1, f"{name!r} is {kinds} at once"
+        return kinds.pop() if kinds else None
+
+    def mismatch(self, ticket: Ticket) -> str | None:
+        """The first of `ticket`'s names that someone holds or awaits as something else."""
         for name in ticket.names:
-            for other in self.live:
-                if other is ticket:
-                    break
-                if name in other.names and conflict(ticket, other):
-                    found[other] = None
-        return list(found)
+            if any(self.kind(t, name) != self.kind(ticket, name) for t in self.on(name)):
+                return name
+        return None
+
+    def conflict(self, a: Ticket, b: Ticket, name: str) -> bool:
+        """On lock `name`, which both are on: they cannot both hold it."""
+        return not (a.shared and b.shared)
+
+    def ahead(self, ticket: Ticket, name: str) -> list[Ticket]:
+        """The live tickets on `name` that arrived before `ticket` (all of them, for a newcomer)."""
+        return [t for t in self.on(name) if self.arrival[t] < self.arrival[ticket]]
+
+    def admitted(self, ticket: Ticket, name: str) -> bool:
+        """Invariant 2 on one name: nothing incompatible ahead on a lock; fewer than N
+        tickets ahead, holding or waiting, on a semaphore of N slots."""
+        slots = self.kind(ticket, name)
+        ahead = self.ahead(ticket, name)
+        if slots is None:
+            return not any(self.conflict(ticket, t, name) for t in ahead)
+        return len(ahead) < slots
+
+    def held_back(self, ticket: Ticket) -> bool:
+        return not all(self.admitted(ticket, name) for name in ticket.names)
 
     def in_the_way(self, ticket: Ticket) -> list[Ticket]:
-        """What effects report: name by name, the conflicting holders ahead, or every holder
-        ahead where a conflicting waiter is ahead too (it waits for them all). Where the
-        backend orders requests: the granted tickets on its names, wherever they arrived
-        (one still waiting waits behind an exclusive request, so for all of them)."""
+        """What effects report: name by name, on a lock, the conflicting holders ahead, or
+        every holder ahead where a conflicting waiter is ahead too (it waits for them all); on
+        a semaphore, every holder where it has no slot yet (any of them leaving frees one).
+        Where the backend orders requests: the granted tickets on its names, wherever they
+        arrived, that conflict with it on a lock, and all of them while it still waits (one
+        still waiting waits behind an exclusive request, or for a slot, so for all of them)."""
         found: dict[Ticket, None] = {}
         if self.ordered:
             waiting = self.state[ticket] is State.TAKING
             for name in ticket.names:
-                for other in self.live:
+                lock = self.kind(ticket, name) is None
+                for other in self.on(name):
                     granted = self.state[other] in (State.HELD, State.BREAKING)
-                    if granted and name in other.names and (waiting or conflict(ticket, other)):
+                    if granted and other is not ticket and (waiting or (lock and self.conflict(ticket, other, name))):
                         found[other] = None
             return list(found)
         for name in ticket.names:
-            ahead = []
-            for other in self.live:
-                if other is ticket:
-                    break
-                if name in other.names:
-                    ahead.append(other)
-            behind = any(self.state[t] is State.WAITING and conflict(ticket, t) for t in ahead)
+            ahead = self.ahead(ticket, name)
+            if self.kind(ticket, name) is not None:
+                if self.state[ticket] not in HOLDING and not self.admitted(ticket, name):
+                    found.update((t, None) for t in self.on(name) if self.state[t] in HOLDING)
+                continue
+            behind = any(self.state[t] is State.WAITING and self.conflict(ticket, t, name) for t in ahead)
             for other in ahead:
-                if self.state[other] in HOLDING and (behind or conflict(ticket, other)):
+                if self.state[other] in HOLDING and (behind or self.conflict(ticket, other, name)):
                     found[other] = None
         return list(found)
 
-    def acquire(self, ticket: Ticket) -> list[Effect]:
+    def holders_fit(self, tickets: Iterable[Ticket]) -> bool:
+        """May `tickets` all hold at once: no two conflict on a lock, at most N on a semaphore?"""
+        tickets = list(tickets)
+        for name in {n for t in tickets for n in t.names}:
+            on = [t for t in tickets if name in t.names]
+            slots = self.kind(on[0], name)
+            if slots is not None:
+                if len(on) > slots:
+                    return False
+            elif any(self.conflict(a, b, name) for a, b in itertools.combinations(on, 2)):
+                return False
+        return True
+
+    # --- the table's calls --------------------------------------------------------------------
+
+    def acquire(self, ticket: Ticket, slots: dict[str, int]) -> list[Effect]:
         self.arrival[ticket] = next(self._count)
-        blockers = [] if self.ordered else self.blockers(ticket)
-        if blockers and not ticket.wait:
+        self.slots[ticket] = {name: n for name, n in slots.items() if name in ticket.names}
+        self.state[ticket] = State.WAITING  # a newcomer, until decided
+        wrong = self.mismatch(ticket)
+        if wrong is not None:
             self.state[ticket] = State.ENDED
-            return [Refused(ticket, Reason.BUSY, self.in_the_way(ticket))]
+            holders = [t for t in self.on(wrong) if self.state[t] in HOLDING]
+            return [Refused(ticket, Reason.MISMATCH, holders)]
+        held_back = not self.ordered and self.held_back(ticket)
+        if held_back and not ticket.wait:
+            blockers = self.in_the_way(ticket)
+            self.state[ticket] = State.ENDED
+            return [Refused(ticket, Reason.BUSY, blockers)]
         self.live.append(ticket)
         if ticket.deadline is not None:
             self.timed.append(ticket)
-        if blockers:
+        if held_back:
             self.state[ticket] = State.WAITING
             return [Queued(ticket, self.in_the_way(ticket))]
         self.state[ticket] = State.TAKING
@@ -129,7 +195,7 @@ class Model:
         if self.ordered:
             return effects  # the backend's to decide
         for ticket in self.live:
-            if self.state[ticket] is State.WAITING and not self.blockers(ticket):
+            if self.state[ticket] is State.WAITING and not self.held_back(ticket):
                 self.state[ticket] = State.TAKING
                 effects.append(Take(ticket))
         return effects
@@ -212,6 +278,15 @@ class TableMachine(RuleBasedStateMachine):
         self.dropped: set[Ticket] = set()
         #: Tickets whose Ended came: exactly those the model has ended.
         self.ended: set[Ticket] = set()
+        #: What each name is in this run (see `pick_kinds`).
+        self.kinds: dict[str, int | None] = dict.fromkeys(NAMES)
+        self.mixed = False
+
+    @initialize(kinds=st.fixed_dictionaries({name: KINDS for name in NAMES}), mixed=st.booleans())
+    def pick_kinds(self, kinds: dict[str, int | None], mixed: bool) -> None:
+        """What each name is: requests keep to it, but in a mixed run some say otherwise."""
+        self.kinds = kinds
+        self.mixed = mixed
 
     # --- carrying out effects -----------------------------------------------------------------
 
@@ -252,17 +327,25 @@ class TableMachine(RuleBasedStateMachine):
         actual = [effect for effect in actual if not isinstance(effect, Ended)]
         assert self._canonical(actual) == self._canonical(expected), (actual, expected)
         assert self.ended == {t for t, state in self.model.state.items() if state is State.ENDED}
-        arrival = self.model.arrival
+        model = self.model
+        arrival = model.arrival
         ended = set(ended)
         for effect in actual:
             ticket = effect.ticket
             if isinstance(effect, Take):
                 assert ticket not in self.took, f"taken twice: {ticket}"
-                for other in [] if self.ORDERED else self.backend:
-                    assert not conflict(ticket, other), f"{ticket} taken while {other} holds"
-                for other in [] if self.ORDERED else before:
-                    if arrival[other] < arrival[ticket] and conflict(ticket, other):
-                        assert other in ended, f"{ticket} taken ahead of {other}"
+                if not self.ORDERED:
+                    assert model.holders_fit([*self.backend, ticket]), f"{ticket} taken while {list(self.backend)} hold"
+                    for name in ticket.names:
+                        ahead = [
+                            t for t in before if name in t.names and arrival[t] < arrival[ticket] and t not in ended
+                        ]
+                        slots = model.kind(ticket, name)
+                        if slots is None:
+                            for other in ahead:
+                                assert not model.conflict(ticket, other, name), f"{ticket} taken ahead of {other}"
+                        else:
+                            assert len(ahead) < slots, f"{ticket} taken on {name!r} with {ahead} ahead"
                 self.took.add(ticket)
                 self.backend[ticket] = None
             elif isinstance(effect, Drop):
@@ -275,21 +358,25 @@ class TableMachine(RuleBasedStateMachine):
 
     # --- rules --------------------------------------------------------------------------------
 
-    def _request(self, owner: int, names: list[str], shared: bool, wait: bool, timeout: int | None) -> None:
+    def _request(
+        self, owner: int, names: list[str], shared: bool, wait: bool, timeout: int | None, odd: dict[str, int | None]
+    ) -> None:
         deadline = None if timeout is None else self.now + timeout
+        kinds = {**self.kinds, **odd} if self.mixed else self.kinds
+        slots = {name: n for name in names if (n := kinds[name]) is not None}
         before = list(self.model.live)
         ticket, effects = self.table.acquire(
-            owner, names, shared=shared, wait=wait, deadline=deadline, now=self.now
+            owner, names, shared=shared, wait=wait, deadline=deadline, now=self.now, slots=slots
         )
         assert ticket.names == tuple(dict.fromkeys(names))
-        self.carry_out(effects, self.model.acquire(ticket), before)
+        self.carry_out(effects, self.model.acquire(ticket, slots), before)
 
     @rule(request=REQUESTS)
-    def acquire(self, request: tuple[int, list[str], bool, bool, int | None]) -> None:
+    def acquire(self, request: Request) -> None:
         self._request(*request)
 
     @rule(requests=st.lists(REQUESTS, min_size=2, max_size=4))
-    def acquire_burst(self, requests: list[tuple[int, list[str], bool, bool, int | None]]) -> None:
+    def acquire_burst(self, requests: list[Request]) -> None:
         """Several requests before anything else happens, so that queues grow."""
         for request in requests:
             self._request(*request)
@@ -299,12 +386,14 @@ class TableMachine(RuleBasedStateMachine):
         return data.draw(st.sampled_from(live))
 
     def _grantable(self) -> list[Ticket]:
-        """The tickets the backend may say it holds: where it orders requests, those no
-        granted ticket conflicts with, in whatever order; the same one again is a no-op."""
+        """The tickets the backend may say it holds: where it orders requests, those that
+        fit with the granted ones (no conflict, a free slot), in whatever order; the same one
+        again is a no-op."""
         granted = [t for t in self.model.live if t.state in (State.HELD, State.BREAKING)]
+        fits = self.model.holders_fit
         return [
             t for t in self.model.live
-            if t.holding and not (self.ORDERED and t.state is State.TAKING and any(conflict(t, g) for g in granted))
+            if t.holding and not (self.ORDERED and t.state is State.TAKING and not fits([*granted, t]))
         ]
 
     @precondition(lambda self: self._grantable())
@@ -415,24 +504,40 @@ class TableMachine(RuleBasedStateMachine):
             assert self.table.waiting_of(owner) == sum(t.owner == owner for t in waiting)
         for name in NAMES:
             assert self.table.waiting_on(name) == sum(name in t.names for t in waiting)
+            assert self.table.slots_of(name) == model.slots_of(name)
         assert self.table.next_deadline() == model.next_deadline()
 
     @invariant()
     def holders_exclude_each_other(self) -> None:
+        """No two holders conflict on a lock; at most N hold a semaphore of N slots."""
         holding = [t for t in self.model.live if t.state in HOLDING]
         # Where the backend orders requests, a TAKING ticket only waits in its queue.
         granted = [t for t in holding if not (self.ORDERED and t.state is State.TAKING)]
-        for a, b in itertools.combinations(granted, 2):
-            assert not conflict(a, b), (a, b)
+        assert self.model.holders_fit(granted), granted
+        for name in NAMES:
+            slots = self.model.slots_of(name)
+            assert slots is None or sum(name in t.names for t in granted) <= slots, name
         assert set(holding) == set(self.backend)
 
     @invariant()
+    def no_holder_barged(self) -> None:
+        """Where the table orders requests, every holder is admitted on each of its names by
+        the tickets still ahead of it: none holds a place an earlier ticket needs (tickets
+        ahead only ever leave, so it holds for as long as it was true at the grant)."""
+        if self.ORDERED:
+            return
+        for ticket in self.model.live:
+            if ticket.state in HOLDING:
+                assert not self.model.held_back(ticket), f"{ticket} holds past an earlier ticket"
+
+    @invariant()
     def every_waiter_is_blocked(self) -> None:
-        """In the table, by the tickets ahead of it; where the backend orders requests, the
-        table names only the granted tickets in the way (the backend may know of more)."""
+        """In the table, by the tickets ahead of it (no waiting ticket grantable at rest);
+        where the backend orders requests, the table names only the granted tickets in the way
+        (the backend may know of more)."""
         for ticket in self.model.live:
             if ticket.state is self.model.queued:
-                assert self.ORDERED or self.model.blockers(ticket), f"{ticket} waits for nothing"
+                assert self.ORDERED or self.model.held_back(ticket), f"{ticket} waits for nothing"
                 assert set(self.table.blockers(ticket)) == set(self.model.in_the_way(ticket))
 
     def teardown(self) -> None:
@@ -442,6 +547,7 @@ class TableMachine(RuleBasedStateMachine):
         assert len(self.table) == 0 and self.table.names() == []
         assert self.table.next_deadline() is None
         assert self.took == self.dropped and not self.backend
+        assert self.ended == set(self.model.arrival), "a ticket never had its Ended"
 
 
 # A failure is shrunk to a short story and reported alone; the explain phase is left out, as
