@@ -53,21 +53,17 @@ class Claim(msgspec.Struct, frozen=True, eq=False, kw_only=True):
     gid: int | None
     command: str
     label: str | None
-    #: The names that are counting semaphores, with their slots; `shared` is for the others.
-    #: A backend takes one slot of each: on the lock file, a shared lock (so an outside
-    #: exclusive `flock` excludes every slot, and any slot held excludes it).
+    #: The names that are counting semaphores, with their slots (every user of a name agrees
+    #: on them); `shared` is for the others. The claim takes one slot of each.
     slots: dict[str, int] = {}
 
-    @property
-    def mode(self) -> Mode:
-        return "shared" if self.shared else "exclusive"
-
     def shared_on(self, name: str) -> bool:
-        """Whether the lock file of `name` is locked shared for this claim."""
+        """Whether `name` is taken shared: as a shared lock, or a slot of a semaphore, which
+        others take alongside."""
         return self.shared or name in self.slots
 
     def mode_on(self, name: str) -> Mode:
-        return "shared" if self.shared or name in self.slots else "exclusive"
+        return "shared" if self.shared_on(name) else "exclusive"
 
 
 #: Called by a backend when it can no longer vouch for a held claim (e.g. its etcd lease

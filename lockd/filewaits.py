@@ -94,10 +94,10 @@ class FileWaits:
 
     def _retry(self) -> bool:
         """Try every waiting claim once per set of names and mode; True if any was taken."""
-        busy: set[tuple[tuple[str, ...], bool, tuple[str, ...]]] = set()
+        busy: set[tuple[tuple[str, ...], tuple[bool, ...]]] = set()
         progress = False
         for claim, waiter in list(self._waiting.items()):
-            key = (claim.names, claim.shared, tuple(claim.slots))
+            key = (claim.names, tuple(map(claim.shared_on, claim.names)))
             if key in busy:
                 continue
             try:

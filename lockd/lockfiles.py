@@ -187,6 +187,8 @@ class LockFiles:
                 fd, key = self._open(name)
                 fds.append(fd)
                 mode = claim.mode_on(name)
+                # A slot of a semaphore is a shared flock: an outside exclusive `flock` waits
+                # for every slot to be free, and holds every slot off while it runs.
                 operation = (fcntl.LOCK_SH if mode == "shared" else fcntl.LOCK_EX) | fcntl.LOCK_NB
                 if not self._flock(fd, operation, name):
                     _close_all(fds)

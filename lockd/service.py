@@ -306,9 +306,9 @@ class LockService:
             if timeout is not None and not (timeout >= 0 and math.isfinite(timeout)):
                 raise errors.ProtocolError(f"timeout must be a finite number >= 0, not {timeout}")
             slots = request.slots
-            if slots and not slots.keys() <= set(names):
-                stray = ", ".join(sorted(slots.keys() - set(names)))
-                raise errors.ProtocolError(f"slots are given for {stray}, which the request does not name")
+            problem = protocol.slots_problem(names, slots)
+            if problem is not None:
+                raise errors.ProtocolError(problem)
             refusal = admission.acquire_refusal(
                 self.limits, names, waits=timeout != 0, requests=client.names,
                 pending=self._pending(client), waiting_on=self.table.waiting_on,
@@ -772,7 +772,7 @@ class LockService:
 
     def _refused(self, ticket: Ticket, who: Party, effect: Refused) -> None:
         holders = self._in_way(ticket, effect.blockers)
-        refusal = self._mismatch(ticket, holders) if effect.reason is Reason.MISMATCH else None
+        refusal = self._mismatch(ticket, effect, holders) if effect.reason is Reason.MISMATCH else None
         self._record(ticket, "refused", reason=refusal.code if refusal is not None else effect.reason.value)
         if refusal is not None:
             self._send_error(who.client, who.request_id, refusal)
@@ -787,20 +787,17 @@ class LockService:
             )
             self.orders.append(look)
 
-    def _mismatch(self, ticket: Ticket, holders: list[protocol.Holder]) -> errors.SlotsMismatch:
-        """The refusal of `ticket`, which disagrees with a name's holders or waiters on what
-        the name is, naming both."""
-        wanted = ticket.slots or {}
-        name = next(n for n in ticket.names if self.table.queue(n) and self.table.slots_of(n) != wanted.get(n))
-        have, want = self.table.slots_of(name), wanted.get(name)
-        now = self._clock() + self._wall_offset
-        users = (
-            "held by " + ", ".join(holder_text(holder, now) for holder in holders) if holders
-            else f"awaited by {len(self.table.queue(name))} request(s)"
-        )
+    def _mismatch(self, ticket: Ticket, effect: Refused, holders: list[protocol.Holder]) -> errors.SlotsMismatch:
+        """The refusal of `ticket`, which disagrees with the holders or waiters of
+        `effect.name` on what that name is, naming both."""
+        name = effect.name
+        assert name is not None
+        users = self._held_by(holders) or f"; awaited by {len(self.table.waiters(name)) or 'other'} request(s)"
         return errors.SlotsMismatch(
-            f"{name} is {_kind(have)} ({users}), and this request asked for {_kind(want)}: every user of a "
-            f"name must give the same --slots (or none, for a lock); use the name's count, or another name"
+            f"{name} is {_kind(self.table.slots_of(name))}, and this request asked for "
+            f"{_kind(ticket.slots_on(name))}: every user of a name must give the same number of slots (none "
+            f"for a plain lock); use the name's, or another name{users}",
+            holders,
         )
 
     def _end_in_error(self, ticket: Ticket) -> None:
@@ -852,7 +849,7 @@ class LockService:
 
     def _send_error(self, client: Client, request_id: int, exc: errors.LockdError) -> None:
         code = exc.code or protocol.ErrorCode.PROTOCOL
-        holders = exc.holders if isinstance(exc, errors.LockBusy) else []
+        holders = exc.holders if isinstance(exc, (errors.LockBusy, errors.SlotsMismatch)) else []
         self._send(client.peer, protocol.Error(request_id, code, str(exc), holders))
 
     def _holder(self, ticket: Ticket, name: str) -> protocol.Holder:
@@ -883,11 +880,14 @@ class LockService:
             code, what = protocol.ErrorCode.TIMEOUT, f"{shown}: timed out waiting for the lock"
         else:
             code, what = protocol.ErrorCode.BUSY, f"{shown} is busy"
-        held_by = ""
-        if holders:
-            now = self._clock() + self._wall_offset
-            held_by = "; held by " + ", ".join(holder_text(holder, now) for holder in holders)
-        self._send(client.peer, protocol.Error(request_id, code, f"{what}{held_by}", holders))
+        self._send(client.peer, protocol.Error(request_id, code, f"{what}{self._held_by(holders)}", holders))
+
+    def _held_by(self, holders: list[protocol.Holder]) -> str:
+        """The end of a refusal's message naming `holders` ("; held by ..."), or "" for none."""
+        if not holders:
+            return ""
+        now = self._clock() + self._wall_offset
+        return "; held by " + ", ".join(holder_text(holder, now) for holder in holders)
 
     def _log_noise(self, kind: Kind, uid: int | None, reason: str, message: str, *args: object) -> None:
         """Log `message` about what a client did, unless lines of that kind are over their

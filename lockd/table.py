@@ -126,6 +126,10 @@ class Ticket:
     def holding(self) -> bool:
         return self.state is TAKING or self.state is HELD or self.state is BREAKING
 
+    def slots_on(self, name: str) -> int | None:
+        """The slots of `name` if this ticket takes it as a semaphore; None for a lock."""
+        return self.slots.get(name) if self.slots else None
+
     def __repr__(self) -> str:
         mode = "shared" if self.shared else "exclusive"
         if self.slots:
@@ -210,14 +214,17 @@ class Queued(Effect):
 
 
 class Refused(Effect):
-    """Tell the owner its request failed (`reason`); `blockers` are the holders in its way."""
+    """Tell the owner its request failed (`reason`); `blockers` are the holders in its way.
+    For `Reason.MISMATCH`, `name` is the first of its names it disagrees on, and
+    `LockTable.slots_of(name)` what that name is."""
 
-    __slots__ = ("reason", "blockers")
+    __slots__ = ("reason", "blockers", "name")
 
-    def __init__(self, ticket: Ticket, reason: Reason, blockers: list[Ticket]) -> None:
+    def __init__(self, ticket: Ticket, reason: Reason, blockers: list[Ticket], name: str | None = None) -> None:
         super().__init__(ticket)
         self.reason = reason
         self.blockers = blockers
+        self.name = name
 
 
 class Lost(Effect):
@@ -236,36 +243,47 @@ class Reason(Enum):
     BUSY = "busy"
     TIMEOUT = "timeout"
     #: A name is a semaphore of another number of slots than the ticket says, or a lock
-    #: where it says semaphore (or the reverse): `LockTable.slots_of` tells what it is.
+    #: where it says semaphore (or the reverse).
     MISMATCH = "mismatch"
 
 
-class _Line:
-    """One name's queue, kept so that every FIFO question is answered without a scan.
+class _Queue:
+    """One name's queue: `holders` (TAKING, HELD or BREAKING) and `waiting`, both in arrival
+    order. What may be granted depends on what the name is: a lock (`_Line`) or a counting
+    semaphore (`_SlotLine`)."""
 
-    `holders` (TAKING or HELD) and `waiting` are both in arrival order. Every holder is ahead
-    of every waiting exclusive ticket (a later holder would have been granted against FIFO),
-    so "is anything incompatible ahead of a waiting ticket" only ever needs the holders'
-    modes and the waiting tickets ahead of it — and the counts answer it for a newcomer.
-    """
+    __slots__ = ("holders", "waiting")
 
-    __slots__ = ("holders", "waiting", "exclusive_holders", "exclusive_waiting")
-
-    @property
-    def slots(self) -> int | None:
-        """None: a lock. A semaphore's line (`_SlotLine`) has its number of slots."""
-        return None
+    #: None for a lock; a semaphore's number of slots.
+    slots: int | None
 
     def __init__(self) -> None:
         self.holders: dict[Ticket, None] = {}
         # Not a dict: a dict deleted from the front keeps the holes until it next grows, so
         # finding its first entry would cost O(tickets served) and draining a line O(n²).
         self.waiting: OrderedDict[Ticket, None] = OrderedDict()
-        self.exclusive_holders = 0
-        self.exclusive_waiting = 0
 
     def __bool__(self) -> bool:
         return bool(self.holders or self.waiting)
+
+
+class _Line(_Queue):
+    """A lock's queue, kept so that every FIFO question is answered without a scan.
+
+    Every holder is ahead of every waiting exclusive ticket (a later holder would have been
+    granted against FIFO), so "is anything incompatible ahead of a waiting ticket" only ever
+    needs the holders' modes and the waiting tickets ahead of it — and the counts answer it
+    for a newcomer.
+    """
+
+    __slots__ = ("exclusive_holders", "exclusive_waiting")
+
+    slots = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.exclusive_holders = 0
+        self.exclusive_waiting = 0
 
     def admits_newcomer(self, shared: bool) -> bool:
         """Could a ticket joining the back of this line be granted here now?"""
@@ -287,6 +305,21 @@ class _Line:
             if not other.shared:
                 return False
         raise AssertionError(f"{ticket} is not waiting in this line")
+
+    def admitted(self) -> list[Ticket]:
+        """The waiting tickets this line admits, in queue order: those ahead of the first
+        waiting exclusive one, or that one alone if it is first and nobody holds. Costs the
+        tickets it returns plus one."""
+        if self.exclusive_holders:
+            return []
+        admitted: list[Ticket] = []
+        for ticket in self.waiting:
+            if not ticket.shared:
+                if not admitted and not self.holders:
+                    admitted.append(ticket)
+                break
+            admitted.append(ticket)
+        return admitted
 
     def add_waiting(self, ticket: Ticket) -> None:
         self.waiting[ticket] = None
@@ -316,26 +349,24 @@ class _Line:
         self.add_holder(ticket)
 
 
-class _SlotLine(_Line):
-    """One counting semaphore's queue: every ticket on it takes one slot, whatever its mode
-    on its other names, so the exclusive counts stay 0. A ticket's place in the line (the
-    holders, then the waiting tickets ahead of it) is what decides: below `slots`, admitted."""
+class _SlotLine(_Queue):
+    """A counting semaphore's queue. Every ticket on it takes one slot, whatever its mode on
+    its other names; its place in the line (the holders, then the waiting tickets ahead of
+    it) decides: below `slots`, admitted. A grant keeps every other ticket's place."""
 
-    __slots__ = ("size",)
+    __slots__ = ("slots",)
 
-    def __init__(self, size: int) -> None:
+    slots: int
+
+    def __init__(self, slots: int) -> None:
         super().__init__()
-        self.size = size
-
-    @property
-    def slots(self) -> int:
-        return self.size
+        self.slots = slots
 
     def admits_newcomer(self, shared: bool) -> bool:
-        return len(self.holders) + len(self.waiting) < self.size
+        return len(self.holders) + len(self.waiting) < self.slots
 
     def admits(self, ticket: Ticket) -> bool:
-        free = self.size - len(self.holders)
+        free = self.slots - len(self.holders)
         for place, other in enumerate(self.waiting):
             if place >= free:
                 return False
@@ -343,9 +374,9 @@ class _SlotLine(_Line):
                 return True
         raise AssertionError(f"{ticket} is not waiting in this line")
 
-    def first_admitted(self) -> list[Ticket]:
+    def admitted(self) -> list[Ticket]:
         """The waiting tickets that hold a place below `slots`, in queue order."""
-        return list(itertools.islice(self.waiting, max(0, self.size - len(self.holders))))
+        return list(itertools.islice(self.waiting, max(0, self.slots - len(self.holders))))
 
     def add_waiting(self, ticket: Ticket) -> None:
         self.waiting[ticket] = None
@@ -399,7 +430,7 @@ class LockTable:
         self.ordered_by_backend = ordered_by_backend
         #: The state of a ticket that waits for its turn, and is counted as waiting.
         self._queued = TAKING if ordered_by_backend else WAITING
-        self._lines: dict[str, _Line] = {}
+        self._lines: dict[str, _Line | _SlotLine] = {}
         self._arrivals = itertools.count(1)
         self._owners: dict[Hashable, dict[Ticket, None]] = {}
         # Counts of waiting tickets (`_queued`), kept as they change so limits cost O(1) to check.
@@ -409,9 +440,6 @@ class LockTable:
         self._deadlines: list[tuple[float, int, Ticket]] = []
         self._deadline_seq = itertools.count()
         self._sweep_at = _MIN_SWEEP
-        #: How many lines are semaphores: while none is, a request without slots skips the
-        #: check that it agrees with the lines it joins.
-        self._slot_lines = 0
 
     # --- requests -----------------------------------------------------------------------------
 
@@ -441,19 +469,16 @@ class LockTable:
             raise ValueError("acquire needs at least one name")
         ticket = Ticket(owner, unique, shared, wait, deadline, info, now, slots or None)
         lines = self._lines
-        if slots or self._slot_lines:
-            for name in unique:
-                line = lines.get(name)
-                if line is not None and line.slots != (slots.get(name) if slots else None):
-                    ticket.state = ENDED
-                    return ticket, [Refused(ticket, Reason.MISMATCH, list(line.holders)), Ended(ticket)]
         grantable = True
-        if not self.ordered_by_backend:
-            for name in unique:
-                line = lines.get(name)
-                if line is not None and not line.admits_newcomer(shared):
+        ordered = self.ordered_by_backend
+        for name in unique:
+            line = lines.get(name)
+            if line is not None:
+                if line.slots != ticket.slots_on(name):
+                    ticket.state = ENDED
+                    return ticket, [Refused(ticket, Reason.MISMATCH, list(line.holders), name), Ended(ticket)]
+                if grantable and not ordered and not line.admits_newcomer(shared):
                     grantable = False
-                    break
         if not wait and not grantable:
             ticket.state = ENDED
             return ticket, [Refused(ticket, Reason.BUSY, self._blockers(ticket)), Ended(ticket)]
@@ -667,7 +692,7 @@ class LockTable:
                 # they all go before that ticket, and it goes before this one. On a semaphore,
                 # every holder is in the way of a ticket that has no slot there yet (any of
                 # them letting go frees one), and none is in the way of one that has.
-                if line.slots is not None:
+                if isinstance(line, _SlotLine):
                     if not self._lacks_slot(line, ticket):
                         continue
                     behind = True
@@ -682,7 +707,7 @@ class LockTable:
                         found[holder] = None
         return list(found)
 
-    def _lacks_slot(self, line: _Line, ticket: Ticket) -> bool:
+    def _lacks_slot(self, line: _SlotLine, ticket: Ticket) -> bool:
         """Does `ticket` wait for a slot of semaphore `line` (waiting, or a newcomer)? Where
         the backend orders requests, the table does not know its queue: while it waits at all."""
         if self.ordered_by_backend:
@@ -703,12 +728,10 @@ class LockTable:
         lines = self._lines
         return all(lines[n].admits(ticket) for n in ticket.names if n != name)
 
-    def _new_line(self, ticket: Ticket, name: str) -> _Line:
-        slots = ticket.slots.get(name) if ticket.slots else None
-        if slots is None:
-            return _Line()
-        self._slot_lines += 1
-        return _SlotLine(slots)
+    @staticmethod
+    def _new_line(ticket: Ticket, name: str) -> _Line | _SlotLine:
+        slots = ticket.slots_on(name)
+        return _Line() if slots is None else _SlotLine(slots)
 
     def _push_deadline(self, ticket: Ticket, deadline: float) -> None:
         heap = self._deadlines
@@ -749,8 +772,6 @@ class LockTable:
             line.remove(ticket)
             if not line:
                 del lines[name]
-                if type(line) is _SlotLine:
-                    self._slot_lines -= 1
         self._unindex_owner(ticket)
 
     def _unindex_owner(self, ticket: Ticket) -> None:
@@ -763,40 +784,18 @@ class LockTable:
         """Grant every ticket on `names` that invariant 2 now allows (restores invariant 4).
 
         Only tickets on these names can have become grantable: a grant never makes another
-        ticket grantable, so one pass per line, in queue order, is enough. Each pass stops at
-        the first waiting exclusive ticket, so it costs the grants it makes plus one.
+        ticket grantable, nor keeps one a line admits from being admitted there, so one pass
+        per line over the tickets it admits (`admitted`, in queue order) is enough; each is
+        granted if its other lines admit it too.
         """
         effects: list[Effect] = []
         lines = self._lines
         for name in names:
             line = lines.get(name)
-            if line is None or line.exclusive_holders:
-                continue
-            if isinstance(line, _SlotLine):
-                # A grant keeps every other ticket's place: the admitted ones are the first
-                # `slots - holders`, before and after.
-                for ticket in line.first_admitted():
+            if line is not None:
+                for ticket in line.admitted():
                     if self._admitted_elsewhere(ticket, name):
                         effects.append(self._start_taking(ticket))
-                continue
-            # Granting deletes from `line.waiting`, so iterate over a copy, but only of the
-            # part up to the first exclusive ticket: copying it all would make draining a
-            # long line quadratic.
-            candidates = []
-            for ticket in line.waiting:
-                candidates.append(ticket)
-                if not ticket.shared:
-                    break
-            for ticket in candidates:
-                if not ticket.shared:
-                    # First in line with nobody holding, or it waits on.
-                    if line.admits(ticket) and self._admitted_elsewhere(ticket, name):
-                        effects.append(self._start_taking(ticket))
-                    break
-                # No exclusive ticket is ahead of this shared one here: only its other lines
-                # can hold it back.
-                if self._admitted_elsewhere(ticket, name):
-                    effects.append(self._start_taking(ticket))
         return effects
 
     def check(self) -> None:
@@ -807,31 +806,30 @@ class LockTable:
         for name, line in self._lines.items():
             assert line, f"empty line for {name!r}"
             holders, waiting = list(line.holders), list(line.waiting)
-            if line.slots is None:  # a semaphore's are 0 (`_check_slot_line`): a slot has no mode
-                assert line.exclusive_holders == sum(not t.shared for t in holders), name
-                assert line.exclusive_waiting == sum(not t.shared for t in waiting), name
             assert all(t.holding for t in holders) and all(t.state is WAITING for t in waiting)
             assert [t.seq for t in waiting] == sorted(t.seq for t in waiting), f"{name!r} out of order"
             for ticket in holders + waiting:
-                assert (ticket.slots or {}).get(name) == line.slots, f"{name!r}: {ticket} disagrees on its slots"
-            if line.slots is not None:
+                assert ticket.slots_on(name) == line.slots, f"{name!r}: {ticket} disagrees on its slots"
+                assert ticket.state is not ENDED, ticket
+                assert name in ticket.names, (name, ticket)
+                live.add(ticket)
+            if isinstance(line, _SlotLine):
                 self._check_slot_line(name, line, holders, waiting)
-            elif ordered:
+                continue
+            assert line.exclusive_holders == sum(not t.shared for t in holders), name
+            assert line.exclusive_waiting == sum(not t.shared for t in waiting), name
+            if ordered:
                 # 6: the backend orders; the table only keeps every ticket in arrival order.
                 assert not waiting, f"{name!r}: {waiting} wait in the table"
                 assert [t.seq for t in holders] == sorted(t.seq for t in holders), f"{name!r} out of order"
             else:
                 assert all(t.shared for t in holders) or len(holders) == 1, f"{name!r}: {holders}"
-            for ticket in waiting if line.slots is None else ():
+            for ticket in waiting:
                 ahead = [h for h in holders if h.seq < ticket.seq] + [w for w in waiting if w.seq < ticket.seq]
                 if not ticket.shared:
                     assert all(h.seq < ticket.seq for h in holders), f"{name!r}: a holder barged past {ticket}"
                 # The fast rule agrees with the definition: nothing incompatible ahead.
                 assert line.admits(ticket) == all(ticket.shared and t.shared for t in ahead), (name, ticket)
-            for ticket in holders + waiting:
-                assert ticket.state is not ENDED, ticket
-                assert name in ticket.names, (name, ticket)
-                live.add(ticket)
         owned: set[Ticket] = set()
         for owner, tickets in self._owners.items():
             assert tickets, f"empty owner entry {owner!r}"
@@ -839,7 +837,6 @@ class LockTable:
                 assert ticket.owner == owner, (owner, ticket)
                 owned.add(ticket)
         assert live == owned, (live ^ owned)
-        assert self._slot_lines == sum(line.slots is not None for line in self._lines.values())
         by_owner: dict[Hashable, int] = {}
         by_name: dict[str, int] = {}
         for ticket in live:
@@ -858,8 +855,7 @@ class LockTable:
             if ticket.state is WAITING:
                 assert not all(self._lines[n].admits(ticket) for n in ticket.names), f"{ticket} is grantable at rest"
 
-    def _check_slot_line(self, name: str, line: _Line, holders: list[Ticket], waiting: list[Ticket]) -> None:
-        assert line.slots is not None and not line.exclusive_holders and not line.exclusive_waiting
+    def _check_slot_line(self, name: str, line: _SlotLine, holders: list[Ticket], waiting: list[Ticket]) -> None:
         if self.ordered_by_backend:
             assert not waiting, f"{name!r}: {waiting} wait in the table"
             return

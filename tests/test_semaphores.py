@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import lockd_client
 import pytest
 from lockd_client import errors, protocol
@@ -33,14 +35,15 @@ def test_at_most_n_holders_then_the_next_in_line(lockd: Daemon, name: str) -> No
 def test_a_name_is_one_kind_while_in_use(lockd: Daemon, name: str) -> None:
     with lockd_client.connect(lockd.socket) as a, lockd_client.connect(lockd.socket) as b:
         lease = a.acquire(name, slots=3)
-        three = rf"{name} is a semaphore of 3 slots "
-        with pytest.raises(errors.SlotsMismatch, match=three + "(.*)asked for a semaphore of 4"):
+        three = rf"{name} is a semaphore of 3 slots, and this request asked for "
+        with pytest.raises(errors.SlotsMismatch, match=three + "a semaphore of 4 slots") as mismatch:
             b.acquire(name, slots=4)
-        with pytest.raises(errors.SlotsMismatch, match=three + "(.*)asked for a plain lock"):
+        assert [holder.pid for holder in mismatch.value.holders] == [os.getpid()]
+        with pytest.raises(errors.SlotsMismatch, match=three + "a plain lock"):
             b.acquire(name)
         lease.release()
         lock = a.acquire(name)
-        with pytest.raises(errors.SlotsMismatch, match=rf"{name} is a plain lock .*held by pid"):
+        with pytest.raises(errors.SlotsMismatch, match=rf"{name} is a plain lock, .*; held by pid"):
             b.acquire(name, slots=1, timeout=5)
         lock.release()
         a.acquire(name, slots=4).release()  # nobody left on it: any kind again (in order after the release)
@@ -66,6 +69,8 @@ def test_the_client_checks_slots_before_sending(lockd: Daemon, name: str) -> Non
                 client.acquire(name, slots=slots)  # type: ignore[arg-type]
         with pytest.raises(errors.InvalidArgument, match="does not name"):
             client.acquire(name, slots={"other": 2})
+        with pytest.raises(errors.InvalidArgument, match="a slot has no mode"):
+            client.acquire(name, slots=2, shared=True)
         assert client.status(name) == []
 
 

@@ -985,7 +985,7 @@ def test_a_request_that_disagrees_with_the_holders_is_refused_at_once(
     before = _snapshot(table)
     bad, effects = _request(table, "bad", ["x", "s"], want, wait=wait, deadline=9.0)
     # Mismatch comes first, even for a no-wait request that would be busy anyway.
-    assert effects == [Refused(bad, Reason.MISMATCH, held)]
+    assert effects == [Refused(bad, Reason.MISMATCH, held, "s")]
     assert bad.state is State.ENDED
     assert _snapshot(table) == before  # x not even taken
     assert table.tickets_of("bad") == [] and table.release(bad) == []
@@ -1001,7 +1001,7 @@ def test_a_request_that_disagrees_with_the_waiters_alone_is_refused_too(
     assert table.holders("s") == [] and table.waiters("s") == [w]
     before = _snapshot(table)
     bad, effects = _request(table, "bad", ["s"], want)
-    assert effects == [Refused(bad, Reason.MISMATCH, [])]
+    assert effects == [Refused(bad, Reason.MISMATCH, [], "s")]
     assert _snapshot(table) == before
     assert table.release(ex) == [Drop(ex, Ending.RELEASED), Take(w)]
 
@@ -1017,14 +1017,14 @@ def test_once_everyone_left_a_name_may_be_anything(table: CheckedTable, have: in
     assert effects == [Take(new)]
     assert table.slots_of("s") == want
     again, effects = _request(table, "again", ["s"], have)
-    assert effects == [Refused(again, Reason.MISMATCH, [new])]
+    assert effects == [Refused(again, Reason.MISMATCH, [new], "s")]
 
 
 def test_the_first_disagreeing_name_is_the_one_reported(table: CheckedTable) -> None:
     hs = table.hold("hs", ["s"], slots=_sem(2))
     ht = table.hold("ht", ["t"], slots=_sem(3, "t"))
     bad, effects = table.acquire("bad", ["u", "t", "s"], slots={"s": 2, "t": 2})
-    assert effects == [Refused(bad, Reason.MISMATCH, [ht])]  # s agrees; t does not
+    assert effects == [Refused(bad, Reason.MISMATCH, [ht], "t")]  # s agrees; t does not
     ok, effects = table.acquire("ok", ["u", "t", "s"], slots={"s": 2, "t": 3})
     assert effects == [Take(ok)]
     assert table.queue("s") == [hs, ok]
@@ -1157,7 +1157,8 @@ def test_where_the_backend_orders_a_mismatch_is_still_refused(ordered: CheckedTa
     ]
     for owner, names, slots in disagreeing:
         bad, effects = ordered.acquire(owner, names, slots=slots)
-        assert effects == [Refused(bad, Reason.MISMATCH, [a] if "s" in names else [q])]
+        expected = ([a], "s") if "s" in names else ([q], "t")
+        assert effects == [Refused(bad, Reason.MISMATCH, *expected)]
         assert bad.state is State.ENDED
     assert _snapshot(ordered) == before
     ordered.release(a)

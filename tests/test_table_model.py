@@ -175,7 +175,7 @@ class Model:
         if wrong is not None:
             self.state[ticket] = State.ENDED
             holders = [t for t in self.on(wrong) if self.state[t] in HOLDING]
-            return [Refused(ticket, Reason.MISMATCH, holders)]
+            return [Refused(ticket, Reason.MISMATCH, holders, wrong)]
         held_back = not self.ordered and self.held_back(ticket)
         if held_back and not ticket.wait:
             blockers = self.in_the_way(ticket)

@@ -284,7 +284,7 @@ class Connection:
         """
         unique = _checked_names(dict.fromkeys(names))
         _check_label(label)
-        semaphores = _checked_slots(slots, unique)
+        semaphores = _checked_slots(slots, unique, shared)
         if not wait:
             timeout = 0  # not waiting wins over any timeout, as -n over -w in flock(1)
         self._check_open()
@@ -622,18 +622,19 @@ def _check_label(label: str | None) -> None:
         raise errors.InvalidArgument(problem)
 
 
-def _checked_slots(slots: int | Mapping[str, int] | None, names: list[str]) -> dict[str, int]:
+def _checked_slots(slots: int | Mapping[str, int] | None, names: list[str], shared: bool) -> dict[str, int]:
     """`slots` as `Acquire.slots` has it: every semaphore name of `names` with its count."""
     if slots is None:
         return {}
     counts = dict(slots) if isinstance(slots, Mapping) else dict.fromkeys(names, slots)
-    for name, count in counts.items():
-        if name not in names:
-            raise errors.InvalidArgument(f"slots are given for {name}, which the request does not name")
-        if type(count) is not int or not 1 <= count <= protocol.MAX_SLOTS:
-            raise errors.InvalidArgument(
-                f"the slots of {name} must be a whole number from 1 to {protocol.MAX_SLOTS}, not {count!r}"
-            )
+    problem = protocol.slots_problem(names, counts)
+    if problem is not None:
+        raise errors.InvalidArgument(problem)
+    if shared and len(counts) == len(names):
+        raise errors.InvalidArgument(
+            "shared applies to the names that are locks, and every name here is a semaphore: a slot has no "
+            "mode; leave shared out"
+        )
     return counts
 
 

@@ -180,9 +180,14 @@ class WouldDeadlock(LockdError):
 
 class SlotsMismatch(LockdError):
     """The request and the name's current holders or waiters disagree on what the name is: a
-    semaphore of N slots (each says its N) or a plain lock. Every user of a name must agree."""
+    semaphore of N slots (each says its N) or a plain lock. Every user of a name must agree.
+    `holders` are the name's holders."""
 
     code = ErrorCode.SLOTS_MISMATCH
+
+    def __init__(self, message: str, holders: list[Holder] | None = None) -> None:
+        super().__init__(message)
+        self.holders = holders or []
 
 
 class LimitExceeded(LockdError):
@@ -216,6 +221,6 @@ _ERROR_BY_CODE: Final[Mapping[str, type[LockdError]]] = {
 def from_reply(error: Error) -> LockdError:
     """The exception that an `Error` reply stands for."""
     cls = _ERROR_BY_CODE.get(error.code, LockdError)
-    if issubclass(cls, LockBusy):
+    if issubclass(cls, (LockBusy, SlotsMismatch)):
         return cls(error.message, error.holders)
     return cls(error.message)

@@ -100,6 +100,17 @@ def names_problem(names: list[str]) -> str | None:
     return None
 
 
+def slots_problem(names: list[str], slots: dict[str, int]) -> str | None:
+    """Return why `slots` cannot be the semaphores of an acquire of `names` (a count out of
+    range, or a name the acquire does not name), or None when they can."""
+    for name, count in slots.items():
+        if name not in names:
+            return f"slots are given for {name}, which the request does not name"
+        if type(count) is not int or not 1 <= count <= MAX_SLOTS:
+            return f"the slots of {name} must be a whole number from 1 to {MAX_SLOTS}, not {count!r}"
+    return None
+
+
 #: Labels are a line of text for `status`; the cap keeps what one client makes every reader of
 #: `status` receive small. A longer label fails decoding, which is a protocol violation.
 MAX_LABEL_LENGTH: Final = 256
@@ -328,7 +339,7 @@ class Error(msgspec.Struct, tag="error"):
     id: int | None
     code: str
     message: str
-    #: For `busy` and `timeout`: who held the lock.
+    #: For `busy`, `timeout` and `slots_mismatch`: who held the lock.
     holders: list[Holder] = []
 
 
