@@ -64,7 +64,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Hashable, Iterable
 from enum import Enum
 from typing import TypeVar
@@ -581,7 +581,7 @@ class LockTable:
         effects += [Ended(t) for t in tickets]
         for ticket in tickets:
             self._remove(ticket)
-        return effects + self._grant_waiting(dict.fromkeys(n for t in tickets for n in t.names))
+        return effects + self._grant_waiting(Counter(n for t in tickets for n in t.names))
 
     def reassign(self, ticket: Ticket, owner: Hashable) -> None:
         """Make `owner` the one whose departure ends `ticket` (process-tied leases)."""
@@ -760,7 +760,7 @@ class LockTable:
     def _end(self, ticket: Ticket, ending: Ending) -> list[Effect]:
         effects: list[Effect] = [Drop(ticket, ending), Ended(ticket)] if ticket.holding else [Ended(ticket)]
         self._remove(ticket)
-        return effects + self._grant_waiting(ticket.names)
+        return effects + self._grant_waiting(Counter(ticket.names))
 
     def _remove(self, ticket: Ticket) -> None:
         if ticket.state is self._queued:
@@ -780,20 +780,27 @@ class LockTable:
         if not tickets:
             del self._owners[ticket.owner]
 
-    def _grant_waiting(self, names: Iterable[str]) -> list[Effect]:
-        """Grant every ticket on `names` that invariant 2 now allows (restores invariant 4).
+    def _grant_waiting(self, left: Counter[str]) -> list[Effect]:
+        """Grant every ticket that invariant 2 allows now that `left[name]` tickets have left
+        each line (restores invariant 4).
 
         Only tickets on these names can have become grantable: a grant never makes another
         ticket grantable, nor keeps one a line admits from being admitted there, so one pass
         per line over the tickets it admits (`admitted`, in queue order) is enough; each is
-        granted if its other lines admit it too.
+        granted if its other lines admit it too. On a semaphore, the tickets it admitted
+        before still wait for another line, whose own pass grants them: only the last ones,
+        which may have just moved up into the free places (one per ticket gone), are tried,
+        so a pass costs what it frees, not the number of slots.
         """
         effects: list[Effect] = []
         lines = self._lines
-        for name in names:
+        for name, gone in left.items():
             line = lines.get(name)
             if line is not None:
-                for ticket in line.admitted():
+                admitted = line.admitted()
+                if line.slots is not None:
+                    admitted = admitted[-gone:]
+                for ticket in admitted:
                     if self._admitted_elsewhere(ticket, name):
                         effects.append(self._start_taking(ticket))
         return effects
