@@ -9,7 +9,12 @@ Invariants:
   only if it is a regular file. A file is never truncated or unlinked: its
   inode is the lock, shared with every outside `flock` user of the same path.
 - Every held claim has an open file description of its own per name, opened read-only,
-  holding LOCK_EX or LOCK_SH. The flock belongs to that description, not to this process:
+  holding LOCK_EX or LOCK_SH; for each name it takes as a semaphore of N slots, a LOCK_SH on
+  `NAME.lock` and a LOCK_EX on one of its N slot files, `NAME#K.lock` for K in 0..N-1 (`#`
+  is in no lock name, so no lock's file is ever a slot file). So the kernel, not only the
+  table, bounds a semaphore's holders: a slot whose work outlives its lease (a holder gone,
+  a daemon restarted) stays taken until that work ends. The flock belongs to that
+  description, not to this process:
   whoever the daemon hands a copy of the descriptor to (SCM_RIGHTS) keeps the lock for as
   long as any copy is open. So `unlock` (the holder let go) releases the flock explicitly,
   for every copy at once, while `abandon` and `close()` only close the daemon's own copy and
@@ -31,12 +36,14 @@ from pathlib import Path
 from typing import Final
 
 from lockd_client.errors import BadLockFile, DaemonUnavailable, LimitExceeded, LockdError
-from lockd_client.protocol import Holder, Mode, name_problem
+from lockd_client.protocol import MAX_SLOTS, Holder, Mode, name_problem
 
 from . import procinfo
 from .backend import Claim
 
 SUFFIX: Final = ".lock"
+#: Between a semaphore's name and the number of one of its slot files: `NAME#K.lock`.
+SLOT_MARK: Final = "#"
 
 # Read-only: a holder gets a copy of the descriptor, and must be able to do no more with it
 # than flock(2) and read an empty file. O_NONBLOCK: opening a FIFO or device someone planted
@@ -149,8 +156,12 @@ class LockFiles:
         self.lock_dir = lock_dir
         self.file_mode = file_mode
         self._dir_fd = _open_lock_dir(lock_dir)
-        #: Held claim → one descriptor per name, in `claim.names` order.
+        #: Held claim → one descriptor per name, in `claim.names` order, then one per slot it
+        #: holds, in the same order.
         self._held: dict[Claim, list[int]] = {}
+        #: Name → the numbers of its slot files held for claims, and each held claim's slots.
+        self._slots_taken: dict[str, set[int]] = {}
+        self._slots_of: dict[Claim, list[tuple[str, int]]] = {}
         #: Held claim → the file and mode of each of those descriptors, and how many held
         #: claims hold each file in each mode: what the daemon itself holds, as the host's
         #: list of locks names it. Changed only here, on the event loop; read by copying.
@@ -164,6 +175,8 @@ class LockFiles:
         self._held.clear()
         self._files_of.clear()
         self._files.clear()
+        self._slots_taken.clear()
+        self._slots_of.clear()
         for fds in held:
             _close_all(fds)
         if self._dir_fd >= 0:
@@ -182,18 +195,28 @@ class LockFiles:
             return True
         fds: list[int] = []
         files: list[tuple[procinfo.FileKey, Mode]] = []
+        slots: list[tuple[str, int]] = []
         try:
             for name in claim.names:
-                fd, key = self._open(name)
+                fd, key = self._open(name + SUFFIX)
                 fds.append(fd)
                 mode = claim.mode_on(name)
-                # A slot of a semaphore is a shared flock: an outside exclusive `flock` waits
-                # for every slot to be free, and holds every slot off while it runs.
+                # A slot of a semaphore is a shared flock here: an outside exclusive `flock`
+                # waits for every slot to be free, and holds every slot off while it runs.
                 operation = (fcntl.LOCK_SH if mode == "shared" else fcntl.LOCK_EX) | fcntl.LOCK_NB
-                if not self._flock(fd, operation, name):
+                if not self._flock(fd, operation, name + SUFFIX):
                     _close_all(fds)
                     return False
                 files.append((key, mode))
+            for name, count in claim.slots.items():
+                slot = self._take_slot(name, count)
+                if slot is None:
+                    _close_all(fds)
+                    return False
+                fd, key, number = slot
+                fds.append(fd)
+                files.append((key, "exclusive"))
+                slots.append((name, number))
         except BaseException:
             _close_all(fds)
             raise
@@ -201,11 +224,34 @@ class LockFiles:
         self._files_of[claim] = files
         for file in files:
             self._files[file] = self._files.get(file, 0) + 1
+        if slots:
+            self._slots_of[claim] = slots
+            for name, number in slots:
+                self._slots_taken.setdefault(name, set()).add(number)
         return True
 
+    def _take_slot(self, name: str, count: int) -> tuple[int, procinfo.FileKey, int] | None:
+        """Flock one of `name`'s `count` slot files that no claim holds, exclusive: its
+        descriptor, file and number; None if each is held (by work a lease left behind)."""
+        taken = self._slots_taken.get(name, ())
+        for number in range(count):
+            if number in taken:
+                continue
+            filename = f"{name}{SLOT_MARK}{number}{SUFFIX}"
+            fd, key = self._open(filename)
+            try:
+                if self._flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, filename):
+                    return fd, key, number
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+        return None
+
     def descriptors(self, claim: Claim) -> list[int]:
-        """The descriptors holding `claim`'s flocks, one per name in `claim.names` order,
-        to hand to its holder; [] if it holds none. They stay the daemon's: never close them."""
+        """The descriptors holding `claim`'s flocks, one per name in `claim.names` order, then
+        one per slot in `claim.slots` order, to hand to its holder; [] if it holds none. They
+        stay the daemon's: never close them."""
         return self._held.get(claim, [])
 
     def unlock(self, claim: Claim) -> None:
@@ -234,6 +280,11 @@ class LockFiles:
                     self._files[file] = left
                 else:
                     del self._files[file]
+            for name, number in self._slots_of.pop(claim, ()):
+                taken = self._slots_taken[name]
+                taken.discard(number)
+                if not taken:
+                    del self._slots_taken[name]
         return fds
 
     def _held_files(self) -> dict[tuple[procinfo.FileKey, Mode], int]:
@@ -260,13 +311,19 @@ class LockFiles:
         holder in another pid namespace shows with pid and uid None.
         """
         by_key: dict[tuple[int, int, int], list[str]] = {}
+        #: The slot files among them: whoever holds one holds a slot, shown as shared.
+        slot_keys: set[tuple[int, int, int]] = set()
         for name in dict.fromkeys(names):
-            try:
-                st = os.stat(name + SUFFIX, dir_fd=self._dir_fd, follow_symlinks=False)
-            except OSError:
-                continue
-            # /proc/locks names the file as MAJOR:MINOR:INODE, the device numbers in hex.
-            by_key.setdefault((os.major(st.st_dev), os.minor(st.st_dev), st.st_ino), []).append(name)
+            for filename in self._files_named(name):
+                try:
+                    st = os.stat(filename, dir_fd=self._dir_fd, follow_symlinks=False)
+                except OSError:
+                    break  # slot files are made in order: the first missing ends them
+                # /proc/locks names the file as MAJOR:MINOR:INODE, the device numbers in hex.
+                key = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+                by_key.setdefault(key, []).append(name)
+                if not filename.startswith(name + SUFFIX):
+                    slot_keys.add(key)
         if not by_key and not every_file:
             return {}
         try:
@@ -275,6 +332,8 @@ class LockFiles:
         except OSError:
             return {}
         me = os.getpid()
+        # Each flock the daemon took is one line of /proc/locks; as many of its lines on a
+        # file as its claims hold there are theirs, and any more were handed on.
         mine = self._held_files()
         device = os.fstat(self._dir_fd).st_dev
         here = (os.major(device), os.minor(device))
@@ -287,7 +346,8 @@ class LockFiles:
             if key not in by_key and not (every_file and key[:2] == here):
                 continue
             mode: Mode = "exclusive" if exclusive else "shared"
-            if number == me and (key, mode) in mine:
+            if number == me and mine.get((key, mode), 0) > 0:
+                mine[(key, mode)] -= 1
                 continue  # lockd's own lease: the table knows it
             # 0: the holder lives in a pid namespace this one cannot see into.
             taken.append((key, number if number > 0 else None, mode))
@@ -295,8 +355,10 @@ class LockFiles:
         # files they are, by the inode numbers of the directory's entries.
         unnamed = {key[2] for key, _, _ in taken if key not in by_key}
         if unnamed:
-            for name, inode in self._names_of(unnamed):
+            for name, inode, slot in self._names_of(unnamed):
                 by_key.setdefault((*here, inode), []).append(name)
+                if slot:
+                    slot_keys.add((*here, inode))
             taken = [entry for entry in taken if entry[0] in by_key]
         # A lock whose taker is gone, or is this daemon that no longer holds it, was handed on
         # with its descriptor (a lease granted before lockd restarted, or whose client lockd
@@ -310,32 +372,43 @@ class LockFiles:
             for pid in heirs.get(key, [None]) if key in handed_on else [taker]:
                 if pid != me:
                     for name in by_key.get(key, ()):
-                        _add_holder(found, name, pid, mode)
+                        _add_holder(found, name, pid, "shared" if key in slot_keys else mode)
         return {name: list(holders.values()) for name, holders in found.items()}
 
-    def _names_of(self, inodes: set[int]) -> Iterator[tuple[str, int]]:
-        """The lock names whose files have these inode numbers, with their inode numbers."""
+    @staticmethod
+    def _files_named(name: str) -> Iterator[str]:
+        """`name`'s lock file, then its slot files in order (the caller stops at a missing one)."""
+        yield name + SUFFIX
+        for number in range(MAX_SLOTS):
+            yield f"{name}{SLOT_MARK}{number}{SUFFIX}"
+
+    def _names_of(self, inodes: set[int]) -> Iterator[tuple[str, int, bool]]:
+        """The lock names whose files (lock files or slot files) have these inode numbers,
+        with their inode numbers and whether it is a slot file."""
         with os.scandir(self._dir_fd) as entries:
             for entry in entries:
-                name = entry.name.removesuffix(SUFFIX)
-                if entry.inode() in inodes and name != entry.name and name_problem(name) is None:
-                    yield name, entry.inode()
+                stem = entry.name.removesuffix(SUFFIX)
+                name, mark, number = stem.rpartition(SLOT_MARK)
+                slot = bool(mark) and number.isdecimal()
+                if not slot:
+                    name = stem
+                if entry.inode() in inodes and stem != entry.name and name_problem(name) is None:
+                    yield name, entry.inode(), slot
 
     # --- internals ----------------------------------------------------------------------------
 
-    def _open(self, name: str) -> tuple[int, procinfo.FileKey]:
-        """Open `name`'s lock file, creating it; only a regular file is returned, with the
-        file as the kernel's lock lists name it."""
-        filename = name + SUFFIX
+    def _open(self, filename: str) -> tuple[int, procinfo.FileKey]:
+        """Open `filename`, a lock or slot file, creating it; only a regular file is
+        returned, with the file as the kernel's lock lists name it."""
         try:
             fd = os.open(filename, _OPEN_FLAGS, self.file_mode, dir_fd=self._dir_fd)
         except OSError as err:
-            raise self._error(name, err) from err
+            raise self._error(filename, err) from err
         try:
             st = os.fstat(fd)
         except OSError as err:
             os.close(fd)
-            raise self._error(name, err) from err
+            raise self._error(filename, err) from err
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             kind = _KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
@@ -345,18 +418,18 @@ class LockFiles:
             )
         return fd, (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
 
-    def _flock(self, fd: int, operation: int, name: str) -> bool:
-        """Apply `operation` to `fd`: True if taken, False if busy."""
+    def _flock(self, fd: int, operation: int, filename: str) -> bool:
+        """Apply `operation` to `fd`, open on `filename`: True if taken, False if busy."""
         try:
             fcntl.flock(fd, operation)
             return True
         except BlockingIOError:
             return False
         except OSError as err:
-            raise self._error(name, err) from err
+            raise self._error(filename, err) from err
 
-    def _error(self, name: str, err: OSError) -> LockdError:
-        path = self.lock_dir / (name + SUFFIX)
+    def _error(self, filename: str, err: OSError) -> LockdError:
+        path = self.lock_dir / filename
         code = err.errno
         if code in (errno.EMFILE, errno.ENFILE):
             return LimitExceeded(

@@ -16,10 +16,10 @@ from .waiting import wait_until
 WAIT = 10.0
 
 
-def claim(*names: str, shared: bool = False, wait: bool = True) -> Claim:
+def claim(*names: str, shared: bool = False, wait: bool = True, slots: dict[str, int] | None = None) -> Claim:
     return Claim(
         names=names, shared=shared, wait=wait, pid=os.getpid(), uid=os.getuid(), gid=os.getgid(), command="test",
-        label=None,
+        label=None, slots=slots or {},
     )
 
 

@@ -7,6 +7,7 @@ import resource
 import signal
 import socket
 import stat
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -257,6 +258,57 @@ def test_a_copy_of_the_descriptor_keeps_the_lock_until_unlock(files: LockFiles, 
         for fd in copies:
             os.close(fd)
     assert can_flock(lock_dir / "a.lock")
+
+
+def test_a_slot_is_a_shared_lock_and_one_exclusive_slot_file(files: LockFiles, lock_dir: Path) -> None:
+    first, second, third = (claim("s", slots={"s": 2}) for _ in range(3))
+    assert files.try_lock(first) and files.try_lock(second)
+    assert len(files.descriptors(first)) == 2  # the lock file's, then the slot file's
+    assert not files.try_lock(third)  # both slot files are held
+    assert not can_flock(lock_dir / "s.lock") and can_flock(lock_dir / "s.lock", shared=True)
+    assert not can_flock(lock_dir / "s#0.lock", shared=True) and not can_flock(lock_dir / "s#1.lock", shared=True)
+    files.unlock(first)
+    assert files.try_lock(third) and not can_flock(lock_dir / "s#0.lock", shared=True)
+    with outside_flock(lock_dir / "s.lock", shared=True):
+        assert files.outside_holders("s") != []  # shown, but holds no slot: files.try_lock decides
+    for held in (second, third):
+        files.unlock(held)
+    assert can_flock(lock_dir / "s.lock")
+    assert sorted(os.listdir(lock_dir)) == ["s#0.lock", "s#1.lock", "s.lock"]
+
+
+def test_a_slot_whose_work_outlives_its_lease_stays_taken(files: LockFiles, lock_dir: Path) -> None:
+    held = claim("s", slots={"s": 1})
+    assert files.try_lock(held)
+    # The work goes on with copies of the descriptors; its lease is abandoned (its client
+    # died), and then the daemon itself starts anew.
+    work = subprocess.Popen(["sleep", "30"], pass_fds=files.descriptors(held), start_new_session=True)
+    try:
+        files.abandon(held)
+        assert not files.try_lock(claim("s", slots={"s": 1}))
+        restarted = LockFiles(lock_dir)
+        try:
+            assert not restarted.try_lock(claim("s", slots={"s": 1}))
+            assert [h.pid for h in restarted.outside_holders("s")] == [work.pid]
+        finally:
+            restarted.close()
+    finally:
+        work.kill()
+        work.wait()
+    assert files.try_lock(claim("s", slots={"s": 1}))
+
+
+def test_every_file_names_the_semaphore_of_a_held_slot_file(files: LockFiles, lock_dir: Path) -> None:
+    held = claim("s", slots={"s": 3})
+    assert files.try_lock(held)
+    work = subprocess.Popen(["sleep", "30"], pass_fds=files.descriptors(held), start_new_session=True)
+    try:
+        files.abandon(held)
+        found = files.outside_holders_of([], every_file=True)
+        assert [(h.pid, h.mode) for h in found["s"]] == [(work.pid, "shared")]
+    finally:
+        work.kill()
+        work.wait()
 
 
 def test_descriptors_are_read_only(files: LockFiles, lock_dir: Path) -> None:

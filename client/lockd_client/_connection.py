@@ -73,8 +73,9 @@ class LeaseRecord:
         self.tokens = dict(zip(names, tokens, strict=True))
         self.state = LeaseState.HELD
         self.lost_reason: str | None = None
-        #: The lock-file descriptors that came with the grant, one per name; open until the
-        #: client lets go of the lease (whatever its state), then [].
+        #: The lock-file descriptors that came with the grant, one per name, then one per
+        #: semaphore slot; open until the client lets go of the lease (whatever its state),
+        #: then [].
         self.fds = fds
         #: The process the lease is tied to, if it was acquired with `pid=`.
         self.pid = pid
@@ -544,7 +545,8 @@ class Connection:
 
     def _grant(self, call: Call[LeaseRecord], request: protocol.Acquire, message: protocol.Granted) -> None:
         names = request.names
-        if len(message.tokens) != len(names) or message.descriptors not in (0, len(names)):
+        # One per name, then one per slot of a semaphore (its slot file).
+        if len(message.tokens) != len(names) or message.descriptors not in (0, len(names) + len(request.slots)):
             raise _Violation(
                 f"{len(message.tokens)} tokens and {message.descriptors} descriptors for {len(names)} names"
             )
