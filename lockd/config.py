@@ -110,9 +110,12 @@ class PolicySection(_Section, frozen=True):
     rules: list[Rule] = []
     #: Who may break others' leases, besides each holder for its own.
     force_release: list[Principal] = msgspec.field(default_factory=lambda: ["root"])
+    #: Who may read every user's lease events (history, subscriptions), besides their own.
+    read_events: list[Principal] = msgspec.field(default_factory=lambda: ["root"])
 
     def __post_init__(self) -> None:
         _check_known(self.force_release, pwd.getpwnam, "user")
+        _check_known(self.read_events, pwd.getpwnam, "user")
 
 
 class Config(_Section, frozen=True):

@@ -14,7 +14,7 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from lockd_client.protocol import Holder
+from lockd_client.protocol import Holder, LeaseEvent
 
 from .backend import Claim
 from .processes import ProcessOwner
@@ -123,4 +123,11 @@ class WakeAt:
     deadline: float
 
 
-Order = Send | Close | StartTake | StopTake | Release | Grant | LookForHolders | Watch | Unwatch | WakeAt
+@dataclass(slots=True)
+class Record:
+    """`event` happened: keep it in the history, tell subscribers, count it."""
+
+    event: LeaseEvent
+
+
+Order = Send | Close | StartTake | StopTake | Release | Grant | LookForHolders | Watch | Unwatch | WakeAt | Record

@@ -10,6 +10,8 @@ Invariants:
   that denies. An acquire is allowed only if every one of its names is.
 - A forced release is allowed to the users listed in `force_release` (default: root) and to
   anyone whose own uid is the only one holding the lock.
+- Every user may read the lease events (history, subscriptions) of their own uid; the users
+  listed in `read_events` (default: root) may read everyone's.
 - Every refusal names the rule that refused, as the administrator wrote it, counting rules
   from 1 as config errors do (`policy.rules[1] (rule 2)`).
 """
@@ -62,7 +64,9 @@ class Rule:
     allow: bool
 
     def matches(self, uid: int, gids: Collection[int], name: str, mode: str) -> bool:
-        if mode not in self.modes:
+        # A slot keeps plain-lock users and outside exclusive flocks out as an exclusive
+        # lease does (and one slot of one is a mutex): a rule about `exclusive` covers it.
+        if mode not in self.modes and not (mode == "semaphore" and "exclusive" in self.modes):
             return False
         if (self.uids or self.gids) and uid not in self.uids and self.gids.isdisjoint(gids):
             return False
@@ -72,13 +76,17 @@ class Rule:
 class Policy:
     """An access-control policy: ordered rules plus the force-release list. Immutable."""
 
-    __slots__ = ("rules", "force_uids", "_force_text")
+    __slots__ = ("rules", "force_uids", "_force_text", "event_reader_uids")
 
-    def __init__(self, rules: Iterable[Rule], force_uids: Mapping[int, str]) -> None:
-        """`force_uids` maps each uid that may force any release to how the config named it."""
+    def __init__(
+        self, rules: Iterable[Rule], force_uids: Mapping[int, str], event_reader_uids: Iterable[int] = (0,)
+    ) -> None:
+        """`force_uids` maps each uid that may force any release to how the config named it;
+        `event_reader_uids` may read every user's lease events."""
         self.rules = tuple(rules)
         self.force_uids = frozenset(force_uids)
         self._force_text = f"force_release [{', '.join(force_uids.values())}]"
+        self.event_reader_uids = frozenset(event_reader_uids)
 
     @classmethod
     def from_config(cls, section: config.PolicySection) -> Policy:
@@ -89,13 +97,14 @@ class Policy:
         rules = [_load_rule(index, rule) for index, rule in enumerate(section.rules)]
         where = "policy.force_release"
         force_uids = {_resolve(user, pwd.getpwnam, "user", where): str(user) for user in section.force_release}
-        return cls(rules, force_uids)
+        readers = [_resolve(user, pwd.getpwnam, "user", "policy.read_events") for user in section.read_events]
+        return cls(rules, force_uids, readers)
 
     def check_acquire(
-        self, uid: int, gids: Collection[int], names: Iterable[str], mode: str, slots: Collection[str] = ()
+        self, uid: int, gids: Collection[int], names: Iterable[str], mode: str, semaphores: Collection[str] = ()
     ) -> PermissionDenied | None:
         """None if `uid` (member of `gids`) may hold every one of `names`, a slot of those in
-        `slots` (mode `semaphore`) and the others in `mode`; else the error the client
+        `semaphores` (mode `semaphore`) and the others in `mode`; else the error the client
         receives, naming the rule that refused the first name it refuses.
 
         Runs on every acquire, so an allowed one builds nothing.
@@ -103,11 +112,15 @@ class Policy:
         if not self.rules:
             return None
         for name in names:
-            used = "semaphore" if name in slots else mode
+            used = "semaphore" if name in semaphores else mode
             rule = self._first_match(uid, gids, name, used)
             if rule is not None and not rule.allow:
                 return _denied(f"{rule.text} denies uid {uid} {used} on {name}")
         return None
+
+    def events_visible_to(self, uid: int) -> int | None:
+        """Whose lease events `uid` may read: None for everyone's, else the uid itself."""
+        return None if uid in self.event_reader_uids else uid
 
     def check_force(self, uid: int, name: str, holder_uids: Iterable[int]) -> Decision:
         """May `uid` break every lease on `name`, whose holders run as `holder_uids`?"""

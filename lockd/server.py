@@ -21,7 +21,7 @@ import itertools
 import logging
 import socket
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Final
 
@@ -37,6 +37,7 @@ from .orders import (
     Grant,
     LookForHolders,
     Order,
+    Record,
     Release,
     Send,
     StartTake,
@@ -65,8 +66,14 @@ _ACCEPT_RETRIED: Final = frozenset({
 class Server:
     """Serves a lock table over listeners. Call `serve` once."""
 
-    def __init__(self, table: LockTable, backend: Backend, limits: Limits, policy: Policy) -> None:
+    def __init__(
+        self, table: LockTable, backend: Backend, limits: Limits, policy: Policy,
+        observers: Sequence[Callable[[protocol.LeaseEvent], None]] = (),
+    ) -> None:
+        """`observers` are told every lease event (`Record`), in order; each must return at
+        once and never raise (the history's writer queues, the metrics count)."""
         self.backend = backend
+        self._observers = tuple(observers)
         self.service = LockService(
             table, Processes(pidfds.open_process), limits, policy, backend,
             clock=trio.current_time, wall_offset=time.time() - trio.current_time(),
@@ -233,6 +240,9 @@ class Server:
             self._nursery.start_soon(self._watch, order.owner)
         elif isinstance(order, Unwatch):
             pidfds.close(order.owner)
+        elif isinstance(order, Record):
+            for observe in self._observers:
+                observe(order.event)
         elif isinstance(order, WakeAt):
             if self._timer is not None and order.deadline < self._timer.deadline:
                 self._timer.deadline = order.deadline

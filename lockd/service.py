@@ -30,6 +30,10 @@ Invariants:
   copies are closed.
 - What clients do wrong (connections refused or cut off, requests refused by policy) is
   logged within the budget of `loglimit`; lines about work done are not limited.
+- Every lease and every refused request yields its events (`Record`), one per name: a
+  refused request `refused`; a lease `granted`, maybe `broken`, and exactly one end,
+  `released` or `lost`, given where its ticket ends (`Ended`). A request withdrawn before
+  its grant yields none.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ from .orders import (
     LookForHolders,
     Order,
     Peer,
+    Record,
     Release,
     Send,
     StartTake,
@@ -89,6 +94,8 @@ log = logging.getLogger("lockd")
 SHUTDOWN_MESSAGE: Final = "lockd is shutting down; reconnect when it is back"
 #: The states `status` shows as holding: a broken lease holds until its owner has let go.
 _SHOWN_HELD: Final = (HELD, BREAKING)
+#: What this daemon offers beyond the first version of the protocol (Welcome.features).
+_FEATURES: Final = (protocol.Feature.SEMAPHORES,)
 #: What clients do wrong, logged within bounds (see loglimit).
 CUT_OFF: Final = Kind(logging.INFO, "cut off {count} more connections")
 REFUSED_CONNECTION: Final = Kind(logging.WARNING, "refused {count} more connections")
@@ -142,6 +149,14 @@ class Party:
     claim: Claim
     #: Set for a lease tied to a process rather than to the connection.
     process: ProcessOwner | None = None
+    #: When it was asked for, on the service's clock.
+    requested: float = 0.0
+    #: How its lease ended, where that is not what its Drop says: lost, and why.
+    lost: str | None = None
+    #: How the table let go of it (`Drop`), once it has.
+    ending: Ending | None = None
+    #: The exit status of its work, as its client reported on release.
+    exit_status: int | None = None
 
 
 def party(ticket: Ticket) -> Party:
@@ -229,7 +244,7 @@ class LockService:
             protocol.PROTOCOL_VERSION, f"lockd {__version__}", self._backend.name, self.limits.max_frame,
             leases_outlive_daemon=self._backend.leases_outlive_daemon,
             stop_within=client.break_grace if notice is None else min(notice, client.break_grace),
-            semaphores=True,
+            features=list(_FEATURES),
         )
 
     def unreadable_peer(self, problem: str) -> None:
@@ -266,7 +281,7 @@ class LockService:
         if isinstance(message, protocol.Acquire):
             self._acquire(client, message)
         elif isinstance(message, protocol.Release):
-            self._release(client, message.id)
+            self._release(client, message.id, message.exit_status)
         elif isinstance(message, protocol.Status):
             return self._status_look(client, message)
         elif isinstance(message, protocol.ReleasePid):
@@ -321,6 +336,8 @@ class LockService:
             if process is not None and self.processes.discard(process):
                 self.orders.append(Unwatch(process))
             self._send_error(client, request.id, exc)
+            if not isinstance(exc, (errors.ProtocolError, errors.InvalidName)):
+                self._record_refusal(client, request, exc)
             return
         label = client.peer.label if request.label is None else sanitize(request.label)
         who = process or client
@@ -332,7 +349,7 @@ class LockService:
         deadline = now + timeout if timeout else None
         ticket, effects = self.table.acquire(
             client, names, shared=claim.shared, wait=claim.wait, deadline=deadline, now=now,
-            info=Party(client, request.id, claim, process), slots=slots,
+            info=Party(client, request.id, claim, process, now), slots=slots,
         )
         client.tickets[request.id] = ticket
         client.names += len(ticket.names)
@@ -343,10 +360,11 @@ class LockService:
             self.orders.append(WakeAt(deadline))
         self._apply(effects)
 
-    def _release(self, client: Client, request_id: int) -> None:
+    def _release(self, client: Client, request_id: int, exit_status: int | None) -> None:
         """End a lease or withdraw a request, at its client's wish."""
         ticket = client.tickets.get(request_id)
         if ticket is not None:
+            party(ticket).exit_status = exit_status
             self._apply(self.table.release(ticket))
         else:
             client.refusing.pop(request_id, None)  # withdrawn: its refusal is not sent
@@ -521,6 +539,7 @@ class LockService:
         who = party(ticket)
         log.warning("cannot take %s for pid %s: %s", ", ".join(ticket.names), who.claim.pid, exc)
         self._send_error(who.client, who.request_id, exc)
+        self._record(ticket, "refused", reason=_code(exc))
         self._apply(self.table.release(ticket))
 
     # --- other reports from the shell -----------------------------------------------------------
@@ -660,6 +679,10 @@ class LockService:
             # Its Drop ends it: a broken lease is still the client's until it lets go.
             log.warning("lease on %s of pid %s lost: %s", ", ".join(ticket.names), who.claim.pid, effect.reason)
             self._send(who.client.peer, protocol.Lost(who.request_id, effect.reason))
+            if ticket.state is BREAKING:
+                self._record(ticket, "broken", reason=effect.reason)
+            else:
+                who.lost = effect.reason
 
     def _granted(self, ticket: Ticket, who: Party) -> None:
         assert ticket.tokens is not None
@@ -670,8 +693,10 @@ class LockService:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("granted %s to pid %s, token %s", ", ".join(ticket.names), who.claim.pid, ticket.tokens)
         self.orders.append(Grant(who.client.peer, who.request_id, ticket.tokens, who.claim))
+        self._record(ticket, "granted")
 
     def _drop(self, ticket: Ticket, who: Party, ending: Ending) -> None:
+        who.ending = ending
         if self._claimed.pop(who.claim, None) is None:
             return  # never handed to the backend
         if ticket in self._taking:
@@ -701,11 +726,56 @@ class LockService:
             del self._uid_names[client.uid]
         if who.process is not None and self.processes.detach(who.process, ticket):
             self.orders.append(Unwatch(who.process))
+        if ticket.tokens is not None:
+            self._record_end(ticket, who)
+
+    def _record_end(self, ticket: Ticket, who: Party) -> None:
+        """Record how the lease of `ticket`, which has ended, ended."""
+        if who.lost is not None:
+            self._record(ticket, "lost", reason=who.lost)
+        elif who.ending is Ending.OVERDUE:
+            self._record(ticket, "lost", reason="broken, and not let go within limits.break_grace")
+        elif who.ending is Ending.ABANDONED:
+            gone = "its process exited" if who.process is not None else "its client went away"
+            self._record(ticket, "released", reason=f"{gone} without releasing it")
+        else:
+            self._record(ticket, "released", exit_status=who.exit_status)
+
+    def _record(
+        self, ticket: Ticket, kind: protocol.EventKind, *, reason: str | None = None, exit_status: int | None = None
+    ) -> None:
+        """Record `kind` for each name of `ticket` (see the module docstring)."""
+        who = party(ticket)
+        claim = who.claim
+        now = self._clock()
+        granted = ticket.tokens is not None
+        waited = (ticket.since if granted else now) - who.requested if kind in ("granted", "refused") else None
+        held = now - ticket.since if granted and kind != "granted" else None
+        for index, name in enumerate(ticket.names):
+            self.orders.append(Record(protocol.LeaseEvent(
+                now + self._wall_offset, kind, name, claim.mode_on(name), claim.slots.get(name),
+                ticket.tokens[index] if ticket.tokens else None, claim.pid, claim.uid, None, claim.command,
+                claim.label, waited, held, reason, exit_status,
+            )))
+
+    def _record_refusal(self, client: Client, request: protocol.Acquire, exc: errors.LockdError) -> None:
+        """Record the refusal of `request` before it became a ticket (limits, policy...)."""
+        reason = _code(exc)
+        now = self._clock() + self._wall_offset
+        label = client.peer.label if request.label is None else sanitize(request.label)
+        for name in dict.fromkeys(request.names):
+            mode = "shared" if name in request.slots else request.mode
+            self.orders.append(Record(protocol.LeaseEvent(
+                now, "refused", name, mode, request.slots.get(name), None, client.pid, client.uid, None,
+                client.command, label, 0.0, None, reason,
+            )))
 
     def _refused(self, ticket: Ticket, who: Party, effect: Refused) -> None:
         holders = self._in_way(ticket, effect.blockers)
-        if effect.reason is Reason.MISMATCH:
-            self._send_error(who.client, who.request_id, self._mismatch(ticket, holders))
+        refusal = self._mismatch(ticket, holders) if effect.reason is Reason.MISMATCH else None
+        self._record(ticket, "refused", reason=refusal.code if refusal is not None else effect.reason.value)
+        if refusal is not None:
+            self._send_error(who.client, who.request_id, refusal)
         elif holders and not self._backend.orders_requests:
             self._send_refusal(who.client, who.request_id, ticket.names, effect.reason, holders)
         else:
@@ -900,6 +970,11 @@ class LockService:
         assert set(tied) <= set(owners), set(tied).difference(owners)
 
         self.table.check()
+
+
+def _code(exc: errors.LockdError) -> str:
+    """What a refusal's event gives as its reason: the error's wire code."""
+    return exc.code or protocol.ErrorCode.PROTOCOL
 
 
 def _kind(slots: int | None) -> str:

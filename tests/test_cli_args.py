@@ -92,6 +92,48 @@ def test_conflict_exit_code() -> None:
 
 
 @pytest.mark.parametrize(
+    ("argv", "slots", "shared"),
+    [
+        (["x", "--", "true"], {}, False),
+        (["--slots", "3", "a", "b", "--", "true"], {"a": 3, "b": 3}, False),
+        (["--slots=1000", "a", "a"], {"a": 1000}, False),
+        (["--slots", "3", "--slots", "3", "a"], {"a": 3}, False),
+        (["-s", "--slots", "a=2", "a", "b", "-c", "true"], {"a": 2}, True),
+        (["--slots", "a=2", "--slots", "b=5", "a", "b", "c"], {"a": 2, "b": 5}, False),
+        (["--slots", "a=2", "--slots", "a=2", "a", "b"], {"a": 2}, False),
+    ],
+)
+def test_slots_make_every_name_or_the_names_given_semaphores(
+    argv: list[str], slots: dict[str, int], shared: bool
+) -> None:
+    args = parse("acquire", *argv)
+    assert (args.slots, args.shared) == (slots, shared)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--slots", "0", "a"], "argument --slots: '0' is not a number of slots (1 to 1000)"),
+        (["--slots", "1001", "a"], "'1001' is not a number of slots (1 to 1000)"),
+        (["--slots", "-3", "a"], "'-3' is not a number of slots (1 to 1000)"),
+        (["--slots", "three", "a"], "'three' is neither a number of slots (1 to 1000) nor NAME=N"),
+        (["--slots", "a=", "a"], "'a=': '' is not a number of slots"),
+        (["--slots", "a=2.5", "a"], "'a=2.5': '2.5' is not a number of slots"),
+        (["--slots", "=2", "a"], "'=2': give NAME=N, or N alone for every NAME"),
+        (["--slots", "b=2", "a", "--", "true"], "--slots b=2: b is not among the NAMEs (a); name it as well"),
+        (["--slots", "3", "--slots", "a=2", "a", "b"], "give either --slots N (every NAME is a semaphore) or"),
+        (["--slots", "3", "--slots", "4", "a"], "--slots is given 2 different counts for every NAME; give one"),
+        (["--slots", "a=2", "--slots", "a=3", "a"], "--slots gives a two counts, 2 and 3; give one"),
+        (["-s", "--slots", "3", "a", "b"], "every NAME here is a semaphore: a slot has no mode; leave out --shared"),
+        (["--slots", "a=3", "--shared", "a"], "a slot has no mode"),
+    ],
+)
+def test_slots_usage_errors_say_what_to_do(argv: list[str], message: str) -> None:
+    with pytest.raises(cli.UsageError, match=re.escape(message)):
+        parse("acquire", *argv)
+
+
+@pytest.mark.parametrize(
     "argv",
     [
         ["acquire", "-w", "-1", "x", "--", "true"],
@@ -183,7 +225,7 @@ def test_help_has_examples(capsys, command: str) -> None:
 @pytest.mark.parametrize(
     ("epilog", "statuses"),
     [
-        (cli.ACQUIRE_EPILOG, {1, 64, 66, 69, 75, 76, 77, 79, 80, 126, 127}),
+        (cli.ACQUIRE_EPILOG, {1, 64, 66, 69, 75, 76, 77, 79, 80, 81, 126, 127}),
         (cli.RELEASE_EPILOG, {0, 1, 64, 69, 75, 76, 77}),
         (cli.STATUS_EPILOG, {0, 1, 64, 69, 75, 76}),
     ],
@@ -223,13 +265,21 @@ LOCKS = [
     protocol.LockInfo(
         name="cron", mode="exclusive", holders=[holder(pid=13, outside=True, token=None, since=0.0)], waiters=[]
     ),
+    protocol.LockInfo(
+        name="backups",
+        mode="shared",
+        holders=[holder(pid=14, mode="shared", token=8), holder(pid=15, mode="shared", token=9),
+                 holder(pid=16, mode="shared", outside=True, token=None, since=0.0)],
+        waiters=[holder(pid=17, mode="shared", token=None, since=1095.0)],
+        slots=3,
+    ),
 ]
 
 
 def test_status_document_schema() -> None:
     doc = cli.status_document(LOCKS)
-    site, db, cron = doc["locks"]
-    assert site["name"] == "site.com" and site["mode"] == "exclusive"
+    site, db, cron, backups = doc["locks"]
+    assert site["name"] == "site.com" and site["mode"] == "exclusive" and site["slots"] is None
     assert site["holders"] == [
         {
             "pid": 10, "uid": 0, "command": "make deploy", "since": 1000.0, "token": 7, "label": None,
@@ -239,6 +289,7 @@ def test_status_document_schema() -> None:
     assert [(w["pid"], w["uid"], w["mode"], w["since"]) for w in site["waiters"]] == [(11, 0, "shared", 1090.0)]
     assert db["mode"] is None and db["holders"] == []
     assert cron["holders"][0]["outside"] is True
+    assert (backups["slots"], backups["mode"], len(backups["holders"])) == (3, "shared", 3)
 
 
 def test_a_party_on_another_host_says_which() -> None:
@@ -260,6 +311,15 @@ def test_status_table_lists_holders_then_waiters_in_order() -> None:
     assert lines[2].split() == ["waits", "shared", "11", "root", "10s", "lockctl", "acquire", "-s", "site.com"]
     assert lines[3].split()[:3] == ["db", "waits", "exclusive"]
     assert "(outside lockd)" in lines[4]
+
+
+def test_status_table_gives_a_semaphores_slots_in_use_and_its_holders_slots() -> None:
+    """The outside shared flock is listed, as a flock, and takes none of the slots."""
+    lines = cli.status_table(LOCKS, now=1100.0).splitlines()[5:]
+    assert lines[0].split()[:6] == ["backups", "2/3", "slots", "slot", "14", "root"]
+    assert lines[1].split()[:2] == ["slot", "15"]
+    assert lines[2].split()[:4] == ["shared", "(outside", "lockd)", "16"]
+    assert lines[3].split()[:4] == ["waits", "slot", "17", "root"]
 
 
 @pytest.mark.parametrize(

@@ -182,3 +182,19 @@ def test_a_lease_is_not_tied_to_whoever_inherits_lockctl_from_its_dead_parent(sc
             os.kill(peer.pid, signal.SIGKILL)
         shell.communicate(timeout=TIMEOUT)
     assert "is gone" in err and "--pid" in err
+
+
+def test_slots_are_never_sent_to_a_daemon_that_would_grant_a_lock_instead(scripted, tmp_path: Path) -> None:
+    """A daemon older than semaphores ignores `slots` and would grant a plain lock."""
+    proc = start(scripted, "acquire", "--slots", "3", "x", "--", "touch", str(tmp_path / "ran"))
+    try:
+        peer = scripted.accept()
+        peer.greet()  # a Welcome without `semaphores`
+        assert peer.wait_for_close() == []
+        _, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        proc.kill()
+        proc.wait(TIMEOUT)
+    assert proc.returncode == cli.EXIT_PROTOCOL, err
+    assert "does not serve semaphores" in err and "upgrade it" in err
+    assert not (tmp_path / "ran").exists()

@@ -26,6 +26,9 @@ def policy(*rules: dict, **section: object) -> Policy:
 
 
 def allowed(p: Policy, uid: int, name: str, mode: str = "exclusive", gids: tuple[int, ...] = ()) -> bool:
+    """Whether `uid` may take `name` in `mode`: a lock mode, or `semaphore` for a slot."""
+    if mode == "semaphore":
+        return p.check_acquire(uid, set(gids), [name], "shared", {name}) is None
     return p.check_acquire(uid, set(gids), [name], mode) is None
 
 
@@ -130,7 +133,7 @@ RESTRICTIONS = [
     ({"users": ["backup"], "groups": ["adm"]}, lambda uid, gids: uid == BACKUP or ADM in gids),
     ({"users": ["root", "nobody"]}, lambda uid, gids: uid in (ROOT, NOBODY)),
 ]
-MODE_LISTS = [None, ["exclusive"], ["shared"], ["exclusive", "shared"]]
+MODE_LISTS = [None, ["exclusive"], ["shared"], ["exclusive", "shared"], ["semaphore"], ["shared", "semaphore"]]
 
 
 @pytest.mark.parametrize(("restriction", "applies_to"), RESTRICTIONS)
@@ -140,8 +143,10 @@ def test_rule_applies_exactly_to_listed_users_groups_and_modes(restriction, appl
     if modes is not None:
         rule["modes"] = modes
     p = policy(rule)
-    for (uid, gids), mode in itertools.product(WHO, ["exclusive", "shared"]):
-        applies = applies_to(uid, set(gids)) and (modes is None or mode in modes)
+    for (uid, gids), mode in itertools.product(WHO, MODES):
+        # A slot keeps others out as an exclusive lease does: rules about exclusive cover it.
+        covered = modes is None or mode in modes or (mode == "semaphore" and "exclusive" in modes)
+        applies = applies_to(uid, set(gids)) and covered
         assert allowed(p, uid, "db1", mode, gids) is not applies, (uid, gids, mode)
         assert allowed(p, uid, "other", mode, gids), "a rule never applies to a name it does not match"
 
@@ -195,6 +200,12 @@ def test_group_restricted_socket_policy_example() -> None:
 
 
 # --- force release ----------------------------------------------------------------------------
+
+
+def test_each_user_reads_their_own_events_and_read_events_everyones() -> None:
+    assert [DEFAULT.events_visible_to(uid) for uid in (ROOT, BACKUP)] == [None, BACKUP]
+    p = policy(read_events=["backup"])
+    assert [p.events_visible_to(uid) for uid in (ROOT, BACKUP, NOBODY)] == [ROOT, None, NOBODY]
 
 
 def test_force_release_list_replaces_the_default() -> None:

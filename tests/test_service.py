@@ -15,7 +15,7 @@ from lockd_client import errors, protocol
 
 from lockd.backend import Claim
 from lockd.config import Limits
-from lockd.orders import Close, Grant, LookForHolders, Order, Release, Send, StartTake, StopTake, WakeAt, Watch
+from lockd.orders import Close, Grant, LookForHolders, Order, Record, Release, Send, StartTake, StopTake, WakeAt, Watch
 from lockd.policy import Policy
 from lockd.processes import Processes, ProcessOwner
 from lockd.service import Client, LockService
@@ -86,6 +86,8 @@ class Harness:
         self.tokens = iter(range(1, 1_000_000))
         self.taking: list[StartTake] = []
         self.peers: dict[str, FakePeer] = {}
+        #: The events recorded, in order: kept apart from the other orders.
+        self.events: list[protocol.LeaseEvent] = []
 
     @staticmethod
     def open_process(pid: int) -> ProcessOwner:
@@ -107,6 +109,9 @@ class Harness:
         queue = self.service.orders
         while queue:
             order = queue.popleft()
+            if isinstance(order, Record):
+                self.events.append(order.event)
+                continue
             done.append(order)
             if isinstance(order, StartTake) and self.service.taking(order.claim):
                 if self.grant:

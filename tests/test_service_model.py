@@ -61,6 +61,7 @@ from lockd.orders import (
     Grant,
     LookForHolders,
     Order,
+    Record,
     Release,
     Send,
     StartTake,
@@ -237,6 +238,8 @@ class ServiceMachine(RuleBasedStateMachine):
         #: Token → the claim granted with it, and when.
         self.tokens_granted: dict[int, tuple[Claim, float]] = {}
         self.released: dict[Claim, bool] = {}
+        #: The events recorded, in order.
+        self.recorded: list[protocol.LeaseEvent] = []
         #: Claim broken by force → when its grace ends.
         self.broken: dict[Claim, float] = {}
         # Process owners, as opened and watched.
@@ -274,6 +277,8 @@ class ServiceMachine(RuleBasedStateMachine):
             self.grant(order)
         elif isinstance(order, StartTake):
             self.start_take(order.claim)
+        elif isinstance(order, Record):
+            self.recorded.append(order.event)
         elif isinstance(order, StopTake):
             claim = order.claim
             assert claim in self.started and claim not in self.stopped_takes, f"StopTake of {claim}"
@@ -777,6 +782,23 @@ class ServiceMachine(RuleBasedStateMachine):
     @invariant()
     def service_checks_itself(self) -> None:
         self.service.check()
+
+    @invariant()
+    def every_lease_tells_its_story(self) -> None:
+        """Per token: granted, then maybe broken, then at most one end; nothing after it."""
+        story: dict[int, list[str]] = {}
+        for event in self.recorded:
+            if event.token is not None:
+                story.setdefault(event.token, []).append(event.event)
+            else:
+                assert event.event == "refused", event
+        assert story.keys() == self.tokens_granted.keys()
+        for token, kinds in story.items():
+            ends = [kind for kind in kinds if kind in ("released", "lost")]
+            assert kinds[0] == "granted" and len(ends) <= 1, (token, kinds)
+            assert set(kinds[1 : len(kinds) - len(ends)]) <= {"broken"}, (token, kinds)
+            # A lease the backend was told to let go of has ended.
+            assert ends or self.tokens_granted[token][0] not in self.released, (token, kinds)
 
     @invariant()
     def serves_exactly_the_open_connections(self) -> None:

@@ -43,7 +43,7 @@ def test_man_shows_every_command_and_option() -> None:
                           env={"MANWIDTH": "100", "PATH": "/usr/bin:/bin", "MAN_KEEP_FORMATTING": ""}).stdout
     for command in ("acquire", "release", "status"):
         assert f"lockctl {command}" in text
-    for option in ("--conflict-exit-code N", "--kill-after SEC", "--json", "--force", "--version"):
+    for option in ("--conflict-exit-code N", "--kill-after SEC", "--slots N|NAME=N", "--json", "--force", "--version"):
         assert option in text
     assert "exit status:" in text and "LOCKD_SOCKET" in text
 
@@ -66,6 +66,7 @@ def test_bash_completes_lockctl() -> None:
     assert complete(lockctl, "lockctl", "status", "--") == ["--help", "--json", "--socket"]
     assert complete(lockctl, "lockctl", "release", "x", "--fo") == ["--force"]
     assert complete(lockctl, "lockctl", "acquire", "--label", "") == []  # free text
+    assert complete(lockctl, "lockctl", "acquire", "--slots", "") == []  # a count, or NAME=N
     # After --, a command line of its own: its first word is a command.
     assert "true" in complete(lockctl, "lockctl", "acquire", "x", "--", "tru")
 

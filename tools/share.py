@@ -275,6 +275,8 @@ def _zsh_spec(parser: argparse.ArgumentParser, action: argparse.Action) -> str:
     head = f"'({' '.join(flags)})'" + ("{" + ",".join(flags) + "}" if len(flags) > 1 else f"'{flags[0]}'")
     if action.help and isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
         head = "'(- *)'" + ("{" + ",".join(flags) + "}" if len(flags) > 1 else f"'{flags[0]}'")
+    elif isinstance(action, argparse._AppendAction):  # repeatable: offered again after use
+        head = "'*'" + ("{" + ",".join(flags) + "}" if len(flags) > 1 else f"'{flags[0]}'")
     spec = f"'[{_zsh_quote(help_text)}]"
     if _takes_value(action):
         if action.choices is not None:

@@ -288,7 +288,7 @@ class Connection:
         if not wait:
             timeout = 0  # not waiting wins over any timeout, as -n over -w in flock(1)
         self._check_open()
-        if semaphores and self.server is not None and not self.server.semaphores:
+        if semaphores and self.server is not None and protocol.Feature.SEMAPHORES not in self.server.features:
             raise errors.ProtocolError(
                 f"this lockd ({self.server.server}) does not serve semaphores (slots); upgrade it"
             )

@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     class LockDocument(TypedDict):
         name: str
         mode: protocol.Mode | None
+        slots: int | None
         holders: list[HolderDocument]
         waiters: list[WaiterDocument]
 
@@ -78,6 +79,9 @@ EXIT_LOST: Final = 79
 #: The lock is held for the very process asking (or the lockctl running it): waiting would
 #: never end. Next to 79, for the same reasons.
 EXIT_DEADLOCK: Final = 80
+#: A NAME is in use as a semaphore of another count, or as a lock where this asks for a slot
+#: (or the other way round): every user of a name must agree on what it is. Next to 80.
+EXIT_MISMATCH: Final = 81
 EXIT_NOT_FOUND: Final = 127  # CMD not found, as shells report it
 EXIT_CANNOT_EXECUTE: Final = 126  # CMD found but not executable
 
@@ -143,6 +147,24 @@ def _integer(low: int, high: int, what: str) -> Callable[[str], int]:
 #: The argparse types of -E (what an exit status can be) and --pid.
 _exit_code: Final = _integer(0, 255, "an exit status (0 to 255)")
 _pid: Final = _integer(1, 2**22, "a process id")  # 2**22: the kernel's largest pid_max
+_count: Final = _integer(1, protocol.MAX_SLOTS, f"a number of slots (1 to {protocol.MAX_SLOTS})")
+
+
+def _slots(text: str) -> tuple[str | None, int]:
+    """The argparse type of --slots: `N` (every NAME: None, N) or `NAME=N`."""
+    name, equals, count = text.rpartition("=")
+    if equals and not name:
+        raise argparse.ArgumentTypeError(f"{text!r}: give NAME=N, or N alone for every NAME")
+    if not equals and not count.lstrip("+-").isdigit():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a number of slots (1 to {protocol.MAX_SLOTS}) nor NAME=N"
+        )
+    try:
+        return (name or None), _count(count)
+    except argparse.ArgumentTypeError as e:
+        if equals:
+            raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+        raise
 
 
 # Each command's --help ends with its examples and exit statuses (the man page shows them too).
@@ -150,12 +172,18 @@ ACQUIRE_EPILOG: Final = """\
 examples:
   lockctl acquire backup -- rsync -a /srv/ /mnt/backup/
       run rsync holding "backup"; waits while someone else holds it
+  lockctl acquire --slots 3 backups -- ./backup.sh
+      at most 3 backups at once: a slot of the 3-slot semaphore "backups"
   lockctl acquire -n -E 0 cron.hourly -c 'run-parts /etc/cron.hourly'
       skip this run (status 0) if the previous one still holds the lock
   lockctl acquire -s -w 2.5 db.schema -- ./read-report
       shared with other readers; give up after 2.5 seconds (status 75)
   lockctl acquire site.com || exit; make deploy; lockctl release site.com
       a lease for this shell script itself, ended by release or when the script exits
+
+--slots N makes every NAME a counting semaphore of N slots, at most N holders at once;
+--slots NAME=N (repeatable) makes that NAME one, and -s/-x say the mode of the other NAMEs.
+Everyone using a NAME must give the same N (or no --slots, for a lock): else status 81.
 
 CMD sees LOCKD_TOKEN (fencing token of the first NAME) and LOCKD_TOKENS ("name=token ...").
 Signals sent to lockctl go to CMD; if the lease is lost while CMD runs, CMD and every process
@@ -167,8 +195,9 @@ it too); 1 (no CMD) no process to tie the lease to; 64 usage or invalid name; 66
 unusable; 69 lockd unreachable, gone, or its backend down; 75 busy or timed out, lockd
 included (-E N: N instead), or a lockd limit reached; 76 lockd version mismatch; 77 refused;
 79 lease lost while CMD ran; 80 NAME is held for this very process (a CMD taking a lock its
-lockctl holds, a script taking its own lease twice): waiting would never end; 126 CMD cannot
-be executed; 127 CMD not found.
+lockctl holds, a script taking its own lease twice): waiting would never end; 81 NAME is in
+use as a semaphore of another N, or as a lock where --slots asks for a semaphore (or the other
+way round); 126 CMD cannot be executed; 127 CMD not found.
 """
 
 RELEASE_EPILOG: Final = """\
@@ -178,7 +207,8 @@ examples:
   lockctl release --force site.com    break whoever holds site.com (root, or the holder's user)
 
 A lease of several names is one lease: after `lockctl acquire x a`, `lockctl release x` ends
-it, and a is free too.
+it, and a is free too. A slot of a semaphore (acquire --slots) is released the same way, and
+--force breaks every slot's holder.
 
 exit status: 0 released; 1 not held (nothing to release or break); 64 usage; 69 lockd
 unreachable; 75 lockd busy for a minute, or a lockd limit reached; 76 lockd version mismatch;
@@ -192,6 +222,8 @@ examples:
   lockctl status site.com             its holders and waiters, or "free: site.com";
                                       status 1 if it is held
   lockctl status --json | jq '.locks[].holders[].pid'
+
+A semaphore's first row shows its slots in use (backups 2/3 slots); its holders' MODE is slot.
 
 exit status: 0 (with NAMEs: all free); 1 some NAME is held; 64 usage; 69 lockd unreachable;
 75 lockd busy for a minute, or a lockd limit reached; 76 lockd version mismatch.
@@ -270,6 +302,15 @@ def _add_acquire(acquire: argparse.ArgumentParser) -> None:
         action="store_const",
         const=False,
         help="an exclusive lease (the default)",
+    )
+    acquire.add_argument(
+        "--slots",
+        dest="given_slots",
+        action="append",
+        type=_slots,
+        metavar="N|NAME=N",
+        help=f"N: every NAME is a counting semaphore of N slots (1 to {protocol.MAX_SLOTS}), and the "
+        "lease takes one slot of each; NAME=N: that NAME only (repeatable)",
     )
     acquire.add_argument(
         "-n",
@@ -379,6 +420,10 @@ class Args(argparse.Namespace):
     close: bool
     #: CMD and its arguments (from `-- CMD` or `-c`); None without CMD. Set by parse_args.
     cmd: list[str] | None
+    #: Each --slots as given: (None, N) for every NAME, (NAME, N) for one; None without any.
+    given_slots: list[tuple[str | None, int]] | None
+    #: The NAMEs that are semaphores, with their counts ({}: none). Set by parse_args.
+    slots: dict[str, int]
     # acquire and release
     pid: int | None
     # release
@@ -402,12 +447,12 @@ def parse_args(argv: list[str]) -> Args:
         cut = argv.index("--")
         head, cmd = argv[:cut], argv[cut + 1 :]
     args = build_parser(command).parse_args(head, namespace=Args())
-    if args.command == "acquire":
-        _check_acquire(args, cmd)
     for name in args.names:
         problem = protocol.name_problem(name)
         if problem is not None:
             raise UsageError(problem)
+    if args.command == "acquire":
+        _check_acquire(args, cmd)
     problem = protocol.label_problem(getattr(args, "label", None))
     if problem is not None:
         raise UsageError(f"--label: {problem}")
@@ -431,6 +476,37 @@ def _check_acquire(args: Args, cmd: list[str] | None) -> None:
     if args.no_wait:
         args.timeout = None
     args.cmd = cmd
+    args.slots = _semaphores(args.given_slots or [], args.names)
+    if args.shared and args.slots.keys() >= set(args.names):
+        raise UsageError(
+            "--shared is for locks, and every NAME here is a semaphore: a slot has no mode; leave "
+            "out --shared, or name the locks to share as well"
+        )
+
+
+def _semaphores(given: list[tuple[str | None, int]], names: list[str]) -> dict[str, int]:
+    """The NAMEs that --slots makes semaphores, with their counts."""
+    every = {count for name, count in given if name is None}
+    each = [(name, count) for name, count in given if name is not None]
+    if every and each:
+        raise UsageError(
+            "give either --slots N (every NAME is a semaphore) or --slots NAME=N (that NAME is), "
+            "not both; to give one NAME another count, give every semaphore as NAME=N"
+        )
+    if len(every) > 1:
+        raise UsageError(f"--slots is given {len(every)} different counts for every NAME; give one")
+    if every:
+        return dict.fromkeys(names, every.pop())
+    slots: dict[str, int] = {}
+    for name, count in each:
+        if name not in names:
+            raise UsageError(
+                f"--slots {name}={count}: {name} is not among the NAMEs ({', '.join(names)}); "
+                "name it as well, or fix the spelling"
+            )
+        if slots.setdefault(name, count) != count:
+            raise UsageError(f"--slots gives {name} two counts, {slots[name]} and {count}; give one")
+    return slots
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -484,6 +560,7 @@ _EXIT_STATUS: Final[tuple[tuple[type[errors.LockdError], int], ...]] = (
     (errors.BadLockFile, EXIT_BAD_LOCK_FILE),
     (errors.LeaseLost, EXIT_LOST),
     (errors.WouldDeadlock, EXIT_DEADLOCK),
+    (errors.SlotsMismatch, EXIT_MISMATCH),
 )
 
 
@@ -550,7 +627,7 @@ def _connect(socket_path: str, bound: float | None) -> Client:
 def _acquire(args: Args, socket_path: str, parent: int) -> int:
     # -w bounds the whole wait: for a busy lockd to take the connection, then for the lock.
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
-    waiting = _WaitLine(args.names, verbose=args.verbose)
+    waiting = _WaitLine(_wanted(args), verbose=args.verbose)
     try:
         client = _connect(socket_path, BUSY_WAIT if args.no_wait else args.timeout)
     except errors.DaemonBusy as e:
@@ -558,7 +635,8 @@ def _acquire(args: Args, socket_path: str, parent: int) -> int:
         return args.conflict_exit_code
     with client:
         if not args.no_wait:
-            _refuse_what_encloses_this(client, args.names)
+            # A slot of a semaphore of more slots can still come free: others hold the rest.
+            _refuse_what_encloses_this(client, [n for n in args.names if args.slots.get(n, 1) == 1])
         if args.cmd is not None:
             kill_after = _kill_after(args.kill_after, client.server.stop_within)
             tied_to = None
@@ -574,12 +652,13 @@ def _acquire(args: Args, socket_path: str, parent: int) -> int:
                 timeout=None if deadline is None else max(0.0, deadline - time.monotonic()),
                 label=args.label,
                 pid=tied_to,
+                slots=args.slots,
                 on_queued=waiting.show,
             )
         except errors.BackendUnavailable as e:
             # The daemon is still there: its own message says what failed.
             raise errors.BackendUnavailable(
-                f"lockd cannot grant {waiting.names} now: {e}{_not_run(args)}"
+                f"lockd cannot grant {waiting.wanted} now: {e}{_not_run(args)}"
             ) from None
         except errors.DaemonUnavailable as e:
             raise errors.DaemonUnavailable(
@@ -800,8 +879,8 @@ class _WaitLine:
     """What a waiting acquire shows: one line on a terminal, rewritten as the holders change;
     nothing elsewhere, unless verbose (then one line per change)."""
 
-    def __init__(self, names: list[str], *, verbose: bool) -> None:
-        self.names = ", ".join(names)
+    def __init__(self, wanted: str, *, verbose: bool) -> None:
+        self.wanted = wanted
         self.tty = sys.stderr.isatty()
         self.verbose = verbose
         self.shown = False
@@ -809,7 +888,7 @@ class _WaitLine:
     def show(self, holders: list[protocol.Holder]) -> None:
         now = time.time()
         who = "; ".join(describe.holder_text(h, now) for h in holders) or "earlier waiters"
-        text = f"lockctl: waiting for {self.names}: held by {who}"
+        text = f"lockctl: waiting for {self.wanted}: held by {who}"
         if self.tty:
             width = _terminal_width(sys.stderr)
             sys.stderr.write(f"\r{text[: width - 1]}\x1b[K")
@@ -836,33 +915,52 @@ def _terminal_width(stream: TextIO | None) -> int:
 
 
 def _say_busy(e: errors.LockBusy, args: Args, client: Client) -> None:
-    names = ", ".join(args.names)
+    wanted = _wanted(args)
     if args.timeout is not None:  # a LockTimeout, or a LockBusy if lockd took all of -w
-        _say(f"gave up waiting for {names} after {args.timeout:g}s")
+        _say(f"gave up waiting for {wanted} after {args.timeout:g}s")
     else:
-        _say(f"{names}: busy, and -n says not to wait")
+        _say(f"{wanted}: busy, and -n says not to wait")
     now = time.time()
     for holder in e.holders:
         print(f"  held by {describe.holder_text(holder, now)}", file=sys.stderr)
-    if any(not (args.shared and holder.mode == "shared") for holder in e.holders):
+    if not args.slots and any(not (args.shared and holder.mode == "shared") for holder in e.holders):
         return  # a holder this request cannot share with: that says why
-    # Free, or held only by holders it could share with, but requests that came first wait
-    # (for these names and others, all or none; or an exclusive one, for those holders): the
-    # queue is first come, first served.
+    # Free, or held only by holders it could share with (or with a slot to spare), but requests
+    # that came first wait (for these names and others, all or none; or an exclusive one, for
+    # those holders): the queue is first come, first served.
     try:
         locks = client.status(*args.names)
     except errors.LockdError:
         return  # the message above stands on its own
-    if e.holders:
-        lead = f"they would share {names}, but earlier requests wait for it first"
+    if any(not _has_room(lock, args) for lock in locks):
+        return  # every slot of a semaphore is taken, or a lock's holder cannot share: as said
+    if args.slots and e.holders:
+        lead = f"a slot is free, but earlier requests wait for {', '.join(args.names)} first"
+    elif e.holders:
+        lead = f"they would share {wanted}, but earlier requests wait for it first"
     else:
-        lead = f"nobody holds {names}, but earlier requests wait for it first"
+        lead = f"nobody holds {wanted}, but earlier requests wait for it first"
     print(f"  {lead}:", file=sys.stderr)
     seen = set()
-    for waiter in (waiter for lock in locks for waiter in lock.waiters):
-        if (waiter.pid, waiter.since) not in seen:  # one request waiting for several names
-            seen.add((waiter.pid, waiter.since))
-            print(f"  waiting: {describe.holder_text(waiter, now)} ({waiter.mode})", file=sys.stderr)
+    for lock in locks:
+        for waiter in lock.waiters:
+            if (waiter.pid, waiter.since) not in seen:  # one request waiting for several names
+                seen.add((waiter.pid, waiter.since))
+                print(f"  waiting: {describe.holder_text(waiter, now)} ({_mode_text(lock, waiter)})", file=sys.stderr)
+
+
+def _has_room(lock: protocol.LockInfo, args: Args) -> bool:
+    """Whether `lock`'s holders alone would let this request have it: a slot is free, or they
+    could all share it with this request."""
+    if lock.slots is not None:
+        return _slots_used(lock) < lock.slots
+    shared = args.shared and lock.name not in args.slots
+    return all(shared and holder.mode == "shared" for holder in lock.holders)
+
+
+def _wanted(args: Args) -> str:
+    """What the request asks for, for people: `site.com, a slot of backups`."""
+    return ", ".join(f"a slot of {name}" if name in args.slots else name for name in args.names)
 
 
 # --- release -------------------------------------------------------------------------------
@@ -931,6 +1029,7 @@ def status_document(locks: list[protocol.LockInfo]) -> StatusDocument:
             {
                 "name": lock.name,
                 "mode": lock.mode,
+                "slots": lock.slots,
                 "holders": [
                     {
                         "pid": h.pid,
@@ -967,22 +1066,24 @@ _COLUMNS: Final = ("NAME", "MODE", "PID", "USER", "FOR", "TOKEN", "COMMAND")
 
 
 def status_table(locks: list[protocol.LockInfo], now: float) -> str:
-    """Holders, then waiters in queue order, one row each; the name only on a lock's first row."""
+    """Holders, then waiters in queue order, one row each; the name only on a lock's first row,
+    with a semaphore's slots in use (`backups 2/3 slots`)."""
     rows = []
     for lock in locks:
         first = True
         parties = [*(("holder", h) for h in lock.holders), *(("waiter", w) for w in lock.waiters)]
         for role, party in parties:
             if role == "waiter":
-                mode = f"waits {party.mode}"
+                mode = f"waits {_mode_text(lock, party)}"
             elif party.outside:
                 mode = f"{party.mode} (outside lockd)"
             else:
-                mode = party.mode
+                mode = _mode_text(lock, party)
             command = party.command + (f" [{party.label}]" if party.label else "")
+            name = lock.name if lock.slots is None else f"{lock.name} {_slots_used(lock)}/{lock.slots} slots"
             rows.append(
                 (
-                    lock.name if first else "",
+                    name if first else "",
                     mode,
                     ("" if party.pid is None else str(party.pid))
                     + (f"@{describe.sanitize(party.host)}" if party.host else ""),
@@ -1000,6 +1101,17 @@ def status_table(locks: list[protocol.LockInfo], now: float) -> str:
         for row in [_COLUMNS, *rows]
     ]
     return "".join(line.rstrip() + "\n" for line in lines)
+
+
+def _slots_used(lock: protocol.LockInfo) -> int:
+    """How many of semaphore `lock`'s slots are taken: a process flocking its lock file shared
+    from outside lockd takes none."""
+    return sum(not holder.outside for holder in lock.holders)
+
+
+def _mode_text(lock: protocol.LockInfo, party: protocol.Holder) -> str:
+    """`party`'s mode on `lock` for people: `slot` for a semaphore's, which has no mode."""
+    return "slot" if lock.slots is not None and not party.outside else party.mode
 
 
 def _say(message: str) -> None:

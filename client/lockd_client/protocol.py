@@ -49,6 +49,20 @@ PREFIX_SIZE: Final = _PREFIX.size
 
 Mode = Literal["exclusive", "shared"]
 
+
+class Feature:
+    """Values of `Welcome.features`. Wire values: never changed, only added to."""
+
+    #: `Acquire.slots`: counting semaphores.
+    SEMAPHORES: Final = "semaphores"
+    #: `History`: the lease events the daemon recorded.
+    HISTORY: Final = "history"
+    #: `Subscribe`: lease events as they happen.
+    EVENTS: Final = "events"
+    #: `Metrics`: the daemon's metrics in the Prometheus text format.
+    METRICS: Final = "metrics"
+
+
 # Name N is stored as the file `N.lock`, which must fit a 255-byte file name; the leading
 # letter or digit keeps out `.`/`..`, hidden files and option-like names.
 MAX_NAME_LENGTH: Final = 250
@@ -129,15 +143,19 @@ class Acquire(msgspec.Struct, tag="acquire"):
     #: The names (among `names`) that are counting semaphores, each with its number of slots:
     #: the request takes one slot of each, and `mode` applies to the other names only. Every
     #: request on a name must agree with its holders and waiters on this (`slots_mismatch`).
-    #: Only for a daemon whose Welcome says `semaphores`.
+    #: Only for a daemon whose Welcome lists the feature `semaphores`.
     slots: dict[str, Slots] = {}
 
 
 @final
 class Release(msgspec.Struct, tag="release"):
-    """End the lease (or withdraw the waiting request) made by Acquire `id`. No reply."""
+    """End the lease (or withdraw the waiting request, or end the subscription) made by
+    request `id`. No reply."""
 
     id: int
+    #: The exit status of the work the lease protected (lockctl's CMD), for the history:
+    #: 128+N for a death by signal N; None when there was no such work or it is unknown.
+    exit_status: int | None = None
 
 
 @final
@@ -164,7 +182,38 @@ class Status(msgspec.Struct, tag="status"):
     names: list[str] = []
 
 
-Request = Union[Hello, Acquire, Release, ReleasePid, ForceRelease, Status]
+@final
+class History(msgspec.Struct, tag="history"):
+    """The recorded lease events on `names` (every name when empty) from `since` to `until`
+    (Unix times; None: no bound), at most the latest `limit`, oldest first. Each user
+    sees the events the daemon's policy lets them read. Answered by `HistoryReply`."""
+
+    id: int
+    names: list[str] = []
+    since: float | None = None
+    until: float | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 1000
+
+
+@final
+class Subscribe(msgspec.Struct, tag="subscribe"):
+    """Send every lease event on `names` (every name when empty) that this user may read,
+    as it happens (`Event`), until `Release(id)`. Answered by `Done` once subscribed. A
+    subscriber that does not read its events fast enough is dropped: an `Error` with the
+    subscription's id (code `limit`) is its last message."""
+
+    id: int
+    names: list[str] = []
+
+
+@final
+class Metrics(msgspec.Struct, tag="metrics"):
+    """The daemon's metrics, in the Prometheus text exposition format (`MetricsReply`)."""
+
+    id: int
+
+
+Request = Union[Hello, Acquire, Release, ReleasePid, ForceRelease, Status, History, Subscribe, Metrics]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,9 +268,11 @@ class Welcome(msgspec.Struct, tag="welcome"):
     #: not outlive the daemon, once the connection ends) before the lock may go to someone
     #: else; None when the daemon sets no bound.
     stop_within: float | None = None
-    #: True when the daemon serves counting semaphores (`Acquire.slots`); an older daemon
-    #: would ignore the field and grant a plain lock, so clients check this first.
-    semaphores: bool = False
+    #: What this daemon serves beyond the first version of the protocol (`Feature`). A
+    #: client checks before using one: an older daemon ignores a field it does not know
+    #: (it would grant a plain lock for `Acquire.slots`) and closes the connection on a
+    #: request it does not know.
+    features: list[str] = []
 
 
 #: The most descriptors one SCM_RIGHTS message carries (the kernel's SCM_MAX_FD).
@@ -281,7 +332,67 @@ class Error(msgspec.Struct, tag="error"):
     holders: list[Holder] = []
 
 
-Reply = Union[Welcome, Granted, Queued, Lost, Done, StatusReply, Error]
+EventKind = Literal["granted", "released", "lost", "broken", "refused"]
+
+
+@final
+class LeaseEvent(msgspec.Struct):
+    """Something that happened to a lease or a request, on one of its names.
+
+    `granted`: the lease began. `released`: it ended as its holder asked, or its client went
+    away without asking (`reason` says so; the work it handed a lock-file descriptor may hold
+    the lock on). `lost`: it ended against its holder's wish (`reason`). `broken`: a forced
+    release broke it (`reason` says by whom); its end follows as `released` or `lost`.
+    `refused`: a request failed (`reason`: busy, timeout, policy, limits, slots).
+    """
+
+    #: Unix time.
+    time: float
+    event: EventKind
+    name: str
+    mode: Mode
+    #: The semaphore's slots; None for a lock.
+    slots: int | None = None
+    #: The lease's fencing token on `name`; None for a refused request.
+    token: int | None = None
+    pid: int | None = None
+    uid: int | None = None
+    #: The user name of `uid`, where the daemon knows it.
+    user: str | None = None
+    command: str = ""
+    label: str | None = None
+    #: Seconds from the request to its grant (or refusal).
+    waited: float | None = None
+    #: Seconds from the grant to this event, for the events that end or break a lease.
+    held: float | None = None
+    reason: str | None = None
+    #: On `released`: the exit status the client reported for the work (lockctl's CMD).
+    exit_status: int | None = None
+
+
+@final
+class HistoryReply(msgspec.Struct, tag="history_reply"):
+    id: int
+    #: Oldest first.
+    events: list[LeaseEvent]
+
+
+@final
+class Event(msgspec.Struct, tag="event"):
+    """A lease event for the subscription `id` (`Subscribe`)."""
+
+    id: int
+    event: LeaseEvent
+
+
+@final
+class MetricsReply(msgspec.Struct, tag="metrics_reply"):
+    id: int
+    #: The Prometheus text exposition format, version 0.0.4.
+    text: str
+
+
+Reply = Union[Welcome, Granted, Queued, Lost, Done, StatusReply, Error, HistoryReply, Event, MetricsReply]
 
 
 # ---------------------------------------------------------------------------------------------
