@@ -1,5 +1,5 @@
-"""Counting semaphores through a real daemon, the client library and real processes: at most
-N holders, FIFO, refusals, a killed holder's slot, flock(1) on the same file, force.
+"""Counting semaphores through a real daemon, the client library and real lockctl processes:
+at most N holders, FIFO, refusals, a killed holder's slot, flock(1) on the same file, force.
 
 The real-process tests judge from what the processes themselves log (CLOCK_MONOTONIC, one
 O_APPEND write a line) and from the daemon's status, never from how long something took.
@@ -22,7 +22,7 @@ from lockd_client import errors, protocol
 from .conftest import Daemon
 from .flock_tools import can_flock, outside_flock
 from .rawclient import RawClient
-from .test_cli import lockctl
+from .test_cli import LOCKCTL, LOCKCTL_SH, lockctl
 from .waiting import wait_until
 
 WAIT = 10.0
@@ -112,23 +112,14 @@ note(f"START {who} {os.environ['LOCKD_TOKEN']}")
 sys.stdin.read()
 note(f"END {who}")
 """
-#: A contender: take one slot of NAME, then run CMD under it, as `lockctl acquire --slots N
-#: NAME -- CMD` does (CMD sees the token in LOCKD_TOKEN), and release when CMD exits.
-CONTENDER = """
-import os, subprocess, sys, lockd_client
-socket_path, name, slots, *cmd = sys.argv[1:]
-with lockd_client.connect(socket_path) as client, client.acquire(name, slots=int(slots)) as lease:
-    sys.exit(subprocess.run(cmd, env={**os.environ, "LOCKD_TOKEN": str(lease.token)}).returncode)
-"""
 
 
 def start_contender(lockd: Daemon, name: str, who: str, log: Path) -> subprocess.Popen[bytes]:
-    """A contender for one slot of `name` in a session of its own (so it dies whole), whose
-    work holds its slot until the test closes its stdin."""
-    work = [sys.executable, "-c", WORK, who, str(log)]
+    """`lockctl acquire --slots 3 NAME -- WORK` in a session of its own (so it dies whole),
+    whose work holds its slot until the test closes lockctl's stdin, which WORK shares."""
     return subprocess.Popen(
-        [sys.executable, "-c", CONTENDER, lockd.socket, name, str(SLOTS), *work],
-        stdin=subprocess.PIPE, start_new_session=True,
+        [*LOCKCTL, "acquire", "--slots", str(SLOTS), name, "--", sys.executable, "-c", WORK, who, str(log)],
+        env=lockd.env, stdin=subprocess.PIPE, start_new_session=True,
     )
 
 
@@ -264,27 +255,28 @@ def test_an_outside_exclusive_flock_makes_a_slot_wait_until_it_exits(lockd: Daem
         lease.release()
 
 
-def test_a_process_tied_slot_ends_with_its_process(lockd: Daemon, name: str) -> None:
-    sleeper = subprocess.Popen(["sleep", "60"])
+def test_a_process_tied_slot_ends_when_its_process_is_killed(lockd: Daemon, name: str, tmp_path: Path) -> None:
+    """`lockctl acquire --slots` without CMD ties the slot to the shell that ran it."""
+    script = f"{LOCKCTL_SH} acquire --slots 2 {name} > {tmp_path}/token && echo $$ > {tmp_path}/sh && exec sleep 60"
+    shell = subprocess.Popen(["sh", "-c", script], env=lockd.env)
     try:
-        with lockd_client.connect(lockd.socket) as tier:
-            tier.acquire(name, slots=2, pid=sleeper.pid)
-        # The connection that took it is gone; the slot stays the sleeper's.
+        wait_until(lambda: (tmp_path / "sh").exists() and (tmp_path / "sh").read_text(), "the shell holds a slot")
+        shell_pid = int((tmp_path / "sh").read_text())
         with lockd_client.connect(lockd.socket) as a, lockd_client.connect(lockd.socket) as b:
             (info,) = a.status(name)
-            assert [h.pid for h in info.holders] == [sleeper.pid] and info.slots == 2, info
+            assert [(h.pid, h.token) for h in info.holders] == [(shell_pid, int((tmp_path / "token").read_text()))]
             other = a.acquire(name, slots=2, wait=False)
             with pytest.raises(errors.LockBusy):
                 b.acquire(name, slots=2, wait=False)
-            sleeper.kill()
-            sleeper.wait(WAIT)
+            shell.kill()
+            shell.wait(WAIT)
             wait_until(lambda: [h.pid for h in a.status(name)[0].holders] == [os.getpid()],
                        "the slot ended with its process")
             b.acquire(name, slots=2, wait=False).release()
             other.release()
     finally:
-        sleeper.kill()
-        sleeper.wait(WAIT)
+        shell.kill()
+        shell.wait(WAIT)
 
 
 def test_force_release_breaks_every_slot(lockd: Daemon, name: str) -> None:
