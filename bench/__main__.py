@@ -24,7 +24,7 @@ from . import report, services, workloads
 from .lockers import make_locker
 from .machine import REPO, EtcdProbe, OthersMeter, loadavg, machine_info
 
-WORKLOADS = ("w1", "w2", "w3", "w4", "w5", "w7", "flood", "cli")
+WORKLOADS = ("w1", "w2", "w3", "w3s", "w4", "w5", "w7", "flood", "cli")
 #: Sections run only when asked for (`--etcd`, or named in `--only`).
 EXTRA = ("etcd",)
 DEFAULT_OUT = REPO / "bench" / "results" / "latest.json"
@@ -41,6 +41,9 @@ class Config:
     w2_seconds: float
     w3_clients: int
     w3_seconds: float
+    #: W3 on a semaphore (w3s): clients, and the semaphore's slots; a lock is its reference.
+    w3s_clients: int
+    w3s_slots: int
     w4_leases: tuple[int, ...]
     w5_tries: int
     cli_runs: int
@@ -62,11 +65,13 @@ class Config:
 
 
 FULL = dict(reps=3, w1_cycles=20_000, w2_clients=32, w2_seconds=5.0, w3_clients=8, w3_seconds=5.0,
+            w3s_clients=16, w3s_slots=4,
             w4_leases=(10_000, 100_000), w5_tries=10, cli_runs=20,
             w7_clients=2_000, w7_processes=16, w7_backlog=128,
             flood_connections=100_000, flood_processes=2, flood_idle_cycles=5_000,
             etcd_w1_cycles=2_000, etcd_w5_tries=3, etcd_cli_runs=10)
 QUICK = dict(reps=1, w1_cycles=2_000, w2_clients=8, w2_seconds=0.5, w3_clients=8, w3_seconds=0.5,
+             w3s_clients=16, w3s_slots=4,
              w4_leases=(1_000,), w5_tries=2, cli_runs=3,
              w7_clients=200, w7_processes=4, w7_backlog=16,
              flood_connections=5_000, flood_processes=1, flood_idle_cycles=1_000,
@@ -156,6 +161,16 @@ def main(argv: list[str] | None = None) -> int:
                 systems = ["flock", *lockd_systems]
                 results["w3"] = _repeat(cfg.reps, systems, "W3", lambda s: workloads.w3_fairness(
                     specs[s], cfg.w3_clients, cfg.w3_seconds, probe(s)))
+            if "w3s" in only:
+                # Each client's semaphore interleaved with its lock, the reference, under the same load.
+                systems = [f"{c}{kind}" for c in lockd_systems for kind in ("", report.SLOTS_SUFFIX)]
+
+                def w3s(system: str) -> dict[str, Any]:
+                    base = system.removesuffix(report.SLOTS_SUFFIX)
+                    slots = {"slots": cfg.w3s_slots} if system != base else {}
+                    return workloads.w3_slots(specs[base] | slots, cfg.w3s_clients, cfg.w3_seconds, probe(base))
+
+                results["w3s"] = _repeat(cfg.reps, systems, "W3 semaphore", w3s)
             if "w5" in only:
                 _progress("W5")
                 results["w5"] = {

@@ -12,6 +12,7 @@ Specs:
                                      R request/response round trips per cycle to an echo server
   {"kind": "lockd-raw", "socket": S} the wire protocol by hand: what the protocol allows
   {"kind": "lockd", "socket": S}     lockd_client, the library users get
+      either with "slots": N         a slot of each name, a counting semaphore of N slots
   {"kind": "etcd-lock", "url": U, "ttl": T}
                                      etcd's own lock API (v3lock, through its JSON gateway)
                                      under an etcd lease of T seconds, kept alive
@@ -46,7 +47,8 @@ class Locker(Protocol):
     reports_queue: bool
 
     def acquire(self, name: str, on_queued: OnQueued | None = None) -> Any:
-        """Block until `name` is held exclusively; return a handle for `release`."""
+        """Block until `name` is held exclusively (or a slot of it, for lockd with slots);
+        return a handle for `release`."""
 
     def release(self, handle: Any) -> None: ...
 
@@ -158,7 +160,8 @@ class RawLockdLocker:
 
     reports_queue = True
 
-    def __init__(self, path: str, label: str = "bench") -> None:
+    def __init__(self, path: str, label: str = "bench", slots: int | None = None) -> None:
+        self._slots = slots
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.connect(path)
         self._encoder = msgspec.msgpack.Encoder()
@@ -190,7 +193,7 @@ class RawLockdLocker:
 
     def acquire(self, name: str, on_queued: OnQueued | None = None) -> protocol.Granted:
         rid = next(self._ids)
-        self._send(protocol.Acquire(rid, [name]))
+        self._send(protocol.Acquire(rid, [name], slots={name: self._slots} if self._slots else {}))
         while True:
             reply = self._recv()
             if isinstance(reply, protocol.Granted) and reply.id == rid:
@@ -229,15 +232,16 @@ class LibLockdLocker:
 
     reports_queue = True
 
-    def __init__(self, path: str, label: str = "bench") -> None:
+    def __init__(self, path: str, label: str = "bench", slots: int | None = None) -> None:
         import lockd_client
 
         self._client = lockd_client.connect(path, label=label, timeout=None)
+        self._slots = slots
 
     def acquire(self, name: str, on_queued: OnQueued | None = None) -> Any:
         if on_queued is None:
-            return self._client.acquire(name)
-        return self._client.acquire(name, on_queued=lambda holders: on_queued())
+            return self._client.acquire(name, slots=self._slots)
+        return self._client.acquire(name, slots=self._slots, on_queued=lambda holders: on_queued())
 
     def release(self, lease: Any) -> None:
         lease.release()
@@ -348,9 +352,9 @@ def make_locker(spec: dict[str, Any]) -> Locker:
     if kind == "echo":
         return EchoLocker(spec["socket"], spec["round_trips"])
     if kind == "lockd-raw":
-        return RawLockdLocker(spec["socket"])
+        return RawLockdLocker(spec["socket"], slots=spec.get("slots"))
     if kind == "lockd":
-        return LibLockdLocker(spec["socket"])
+        return LibLockdLocker(spec["socket"], slots=spec.get("slots"))
     if kind == "etcd-lock":
         return EtcdLockLocker(spec["url"], spec["ttl"])
     if kind == "etcd-kv":

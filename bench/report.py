@@ -33,6 +33,9 @@ LABELS = {
     "etcd-lock": "etcd lock API",
     "lockd-etcd": "lockd on etcd",
 }
+#: W3 on a semaphore: a system's key with this suffix is that system taking slots of a
+#: semaphore; without it, the same system on a lock under the same load, its reference.
+SLOTS_SUFFIX = "-slots"
 #: The column of the share of the CPUs that work outside the run took while a row was measured.
 OTHERS = "other work"
 #: What lockd on etcd is compared with: etcd's lock API driven directly, in the same run.
@@ -139,6 +142,8 @@ def tables(results: dict[str, Any]) -> str:
             ["system", "grants/s", "handoff p50 µs", "handoff p99 µs", "to another client", "FIFO inversions",
              "tokens increase", "server CPU µs/grant", "clients CPU µs/grant", OTHERS], rows,
         ))
+    if "w3s" in results:
+        out.append(_w3s_table(results["w3s"]["median"], cfg))
     if "w4" in results:
         ways = [(f"{results['w4_client']}, one at a time", results["w4"])]
         if "w4_pipelined" in results:
@@ -201,6 +206,28 @@ def tables(results: dict[str, Any]) -> str:
     if "etcd" in results:
         out.append(_etcd_tables(results["etcd"], cfg))
     return "\n\n".join(out)
+
+
+def _w3s_table(w3s: dict[str, Any], cfg: dict[str, Any]) -> str:
+    """Each system on the semaphore next to itself on a lock, with the ratios of the two."""
+    rows = []
+    for system, r in w3s.items():
+        base = system.removesuffix(SLOTS_SUFFIX)
+        lock = w3s.get(base, {})
+        kind = f"{cfg['w3s_slots']} slots" if system != base else "lock"
+        rows.append([
+            f"{LABELS[base]}, {kind}", r["grants_per_s"], r["handoff"]["p50_us"], r["handoff"]["p99_us"],
+            r["waited_share"], r["fifo_inversions"], r["most_holders"],
+            _ratio(r["grants_per_s"], lock.get("grants_per_s")),
+            _ratio(r["handoff"]["p50_us"], _dig(lock, "handoff", "p50_us")),
+            r.get("server_cpu_us_per_grant"), pct(r.get("others_cpu_share")),
+        ])
+    return _table(
+        f"W3 on a semaphore  {cfg['w3s_clients']} client processes on one name, a semaphore of "
+        f"{cfg['w3s_slots']} slots or a lock, hold 0, {cfg['w3_seconds']:g} s, median of {cfg['reps']} runs",
+        ["system", "grants/s", "handoff p50 µs", "handoff p99 µs", "waited", "FIFO inversions", "most holders",
+         "grants/s / lock", "handoff p50 / lock", "server CPU µs/grant", OTHERS], rows,
+    )
 
 
 def _w5_table(section: str, rows: list[list[Any]]) -> str:
@@ -293,6 +320,11 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         ),
         _target("W3 grants/s", _dig(w3, "grants_per_s"), 10_000, False),
         _target("W3 handoff p50 µs", _dig(w3, "handoff", "p50_us"), 100, True),
+        _target("W3 on a semaphore: FIFO inversions, all runs",
+                _total(_dig(results, "w3s", "runs", client + SLOTS_SUFFIX), "fifo_inversions"), 0, True),
+        _target("W3 on a semaphore: most holders at once, all runs",
+                _most(_dig(results, "w3s", "runs", client + SLOTS_SUFFIX), "most_holders"),
+                results["config"]["w3s_slots"], True),
         _target("W4 10k leases held (count)", _dig(ten_k, "held"), 10_000, False),
         _target("W4 10k leases: seconds to acquire, one at a time", _dig(ten_k, "seconds"), 1.0, True),
         _target(f"W4 10k leases: seconds to acquire, {W4_IN_FLIGHT} in flight",
@@ -339,6 +371,13 @@ def _least(runs: list[dict[str, Any]] | None, key: str) -> Any:
     if not runs:
         return None
     return min(r[key] for r in runs)
+
+
+def _most(runs: list[dict[str, Any]] | None, key: str) -> Any:
+    """The largest `key` over runs: a bound broken in any run is broken."""
+    if not runs:
+        return None
+    return max(r[key] for r in runs)
 
 
 def _dig(d: Any, *keys: str) -> Any:

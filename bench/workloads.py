@@ -1,5 +1,5 @@
-"""The workloads W1–W5, W7, the flood and the CLI start-up measure, each runnable against
-lockd and its floors.
+"""The workloads W1–W5 (W3 also on a counting semaphore), W7, the flood and the CLI
+start-up measure, each runnable against lockd and its floors.
 
 Invariant: a workload function measures one system once and returns plain numbers (JSON
 types); it starts and ends every process it creates, and bounds every wait, so a stuck
@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -222,6 +222,58 @@ def _inversions(grants: list[tuple]) -> int:
             count += 1
         earliest_known_later = min(earliest_known_later, t_queued if t_queued is not None else t_acq)
     return count
+
+
+def w3_slots(
+    locker: dict[str, Any], clients: int, seconds: float, server: ProcessProbe | None = None
+) -> dict[str, Any]:
+    """W3 on a counting semaphore (`locker` with "slots": N), or without slots on a lock as
+    its reference, measured alike so the two compare: `clients` processes on one name,
+    releasing as soon as granted.
+
+    Grants are taken in the daemon's order, their tokens'. Handoff latency: for each grant
+    that waited, from the release call that freed its slot to the acquire returning. Slots
+    are interchangeable, so in time order each grant takes the slot of the oldest release no
+    grant has followed yet, or one never used. `most_holders`: the most clients between
+    acquire returning and their release call at one instant, which the daemon bounds by N.
+    `fifo_inversions` as in `w3_fairness`.
+    """
+    results, server_ns = run_fleet(locker, "grants", ["w3s"] * clients, seconds, server)
+    grants = sorted(
+        ((t_acq, t_rel, t_req, t_queued, token, who)
+         for who, r in enumerate(results)
+         for t_acq, t_rel, t_req, t_queued, token in zip(
+             r["t_acq"], r["t_rel"], r["t_req"], r["t_queued"], r["token"], strict=True
+         )),
+        key=lambda grant: grant[4],
+    )
+    # At one instant a release goes before a grant: it may be the one that let the grant in.
+    events = sorted([(g[1], 0, None) for g in grants] + [(g[0], 1, g[3]) for g in grants])
+    freed: deque[int] = deque()
+    handoffs = []
+    holders = most_holders = 0
+    for at, is_grant, queued in events:
+        if not is_grant:
+            freed.append(at)
+            holders -= 1
+            continue
+        holders += 1
+        most_holders = max(most_holders, holders)
+        if freed:
+            released = freed.popleft()
+            if queued is not None:
+                handoffs.append(at - released)
+    out: dict[str, Any] = {
+        "grants_per_s": len(grants) / seconds,
+        "grants": len(grants),
+        "waited_share": sum(g[3] is not None for g in grants) / max(len(grants), 1),
+        "handoff": latency_summary(handoffs),
+        "fifo_inversions": _inversions(grants),
+        "most_holders": most_holders,
+        "tokens_unique": len({g[4] for g in grants}) == len(grants),
+        "per_client_grants": [len(r["t_acq"]) for r in results],
+    }
+    return out | _cpu_figures(results, server_ns, len(grants), "grant")
 
 
 # --- W4: many leases at once -----------------------------------------------------------------

@@ -1,14 +1,17 @@
 """Chaos: client processes acquire, hold briefly and are SIGKILLed at random; lockctl runs
 commands under leases; outside flock(1) users take the same lock files; the daemon itself is
-SIGKILLed or SIGTERMed, and restarted, mid-run.
+SIGKILLed or SIGTERMed, and restarted, mid-run. Some names are locks, others counting
+semaphores, each always asked for with the same number of slots.
 
 An independent checker reads an append-only log that every holder writes while it holds a
-lock (lockd clients after their grant, flock(1) probes while they hold the file), and verifies
-mutual exclusion and fencing-token order from it alone. The run lasts LOCKD_CHAOS_SECONDS
+lock or a slot (lockd clients after their grant, flock(1) probes while they hold the file),
+and verifies mutual exclusion, at most N holders of a semaphore of N slots, and fencing-token
+order from it alone. The run lasts LOCKD_CHAOS_SECONDS
 (default 12) and must end with zero violations and zero leases held.
 
 Log lines, each written with one write() to a file opened O_APPEND, so they never tear:
-  ENTER WHO NAME TOKEN X|S DAEMON    WHO holds NAME (TOKEN and DAEMON are "-" for flock(1))
+  ENTER WHO NAME TOKEN X|S|N DAEMON  WHO holds NAME exclusive, shared, or one slot of its N
+                                     (TOKEN and DAEMON are "-" for flock(1))
   EXIT WHO NAME                      WHO is about to release NAME
   KILL WHO                           WHO is stopped and about to be SIGKILLed
   DAEMON-KILLED PID                  daemon PID is about to die (stopped, then SIGKILLed; or
@@ -50,6 +53,8 @@ from .waiting import wait_until
 
 SECONDS = float(os.environ.get("LOCKD_CHAOS_SECONDS", "12"))
 NAMES = ["c1", "c2", "c3", "c4"]
+#: The names used as counting semaphores, with their slots.
+SEMAPHORES = {"s2": 2, "s3": 3}
 WORKERS = 8
 LOCKCTL_WORKERS = 3
 TIMEOUT = 10.0
@@ -69,8 +74,8 @@ class Verdict:
 
 @dataclass
 class _Name:
-    #: Who holds it now, and whether shared.
-    inside: dict[str, bool] = field(default_factory=dict)
+    #: Who holds it now, and how: X, S, or the slots of the semaphore it holds a slot of.
+    inside: dict[str, str] = field(default_factory=dict)
     #: A new exclusive grant must exceed every token granted before it; a shared one, every
     #: exclusive one. The log has conflicting grants in the order they were made (a holder
     #: logs its ENTER before it lets go), but shared holders log in any order.
@@ -84,8 +89,19 @@ class _Name:
     tokens: set[int] = field(default_factory=set)
 
 
+def _together(mode: str, other: str) -> bool:
+    """Whether holders in `mode` and `other` may hold a name at once (as far as the two go: a
+    semaphore's count of holders is checked apart). A slot is a shared flock on the file."""
+    if "X" in (mode, other):
+        return False
+    if mode.isdigit() and other.isdigit():
+        return mode == other
+    return True
+
+
 def check(lines: list[str]) -> Verdict:
-    """Mutual exclusion and token order, from the log alone (see the module docstring)."""
+    """Mutual exclusion, at most N holders of a semaphore of N slots, and token order, from
+    the log alone (see the module docstring)."""
     verdict = Verdict()
     names: dict[str, _Name] = {}
     dead: set[str] = set()
@@ -94,7 +110,7 @@ def check(lines: list[str]) -> Verdict:
         if kind == "ENTER":
             who, name, token, mode, daemon = fields
             entry = names.setdefault(name, _Name())
-            shared = mode == "S"
+            shared = mode != "X"  # a slot's token orders as a shared grant's
             if token != "-":
                 restarted = daemon not in dead and daemon != "kernel"
                 _check_token(verdict, number, entry, name, int(token), shared, restarted)
@@ -102,11 +118,18 @@ def check(lines: list[str]) -> Verdict:
                 verdict.counts["stale grants"] += 1
                 continue
             verdict.counts["lockd grants" if token != "-" else "flock holds"] += 1
-            conflicting = sorted(w for w, s in entry.inside.items() if not (s and shared))
+            conflicting = sorted(w for w, m in entry.inside.items() if not _together(mode, m))
             if conflicting:
                 holders = ", ".join(conflicting)
                 verdict.violations.append(f"line {number}: {who} took {name} ({mode}) while {holders} held it")
-            entry.inside[who] = shared
+            entry.inside[who] = mode
+            if mode.isdigit():
+                verdict.counts["slots taken"] += 1
+                slots = sum(m.isdigit() for m in entry.inside.values())
+                if slots > int(mode):
+                    verdict.violations.append(f"line {number}: {who} is holder {slots} of {name}'s {mode} slots")
+                most = f"most holders of {name} ({mode} slots)"
+                verdict.counts[most] = max(verdict.counts[most], slots)
         elif kind == "EXIT":
             who, name = fields
             names.setdefault(name, _Name()).inside.pop(who, None)
@@ -118,7 +141,7 @@ def check(lines: list[str]) -> Verdict:
             verdict.counts["daemon kills"] += 1
             dead.add(fields[0])
             for entry in names.values():
-                entry.inside = {w: s for w, s in entry.inside.items() if w.startswith(("flock", "cmd"))}
+                entry.inside = {w: m for w, m in entry.inside.items() if w.startswith(("flock", "cmd"))}
                 entry.floor_restart = entry.floor_exclusive
                 running_on = sum(w.startswith("cmd") for w in entry.inside)
                 verdict.counts["commands running on through a daemon's death"] += running_on
@@ -204,6 +227,30 @@ def test_checker_catches_overlaps() -> None:
     ]
 
 
+def test_checker_accepts_up_to_n_holders_of_a_semaphore() -> None:
+    verdict = check([
+        "ENTER w1 s 1 3 100", "ENTER w2 s 2 3 100", "ENTER flock9 s - S -", "ENTER w3 s 3 3 100",
+        "EXIT w1 s", "EXIT flock9 s", "KILL w2", "ENTER w4 s 5 3 100", "ENTER w5 s 4 3 100",
+        "EXIT w3 s", "EXIT w4 s", "EXIT w5 s", "ENTER flock8 s - X -",
+    ])
+    assert verdict.violations == []
+    assert verdict.counts["most holders of s (3 slots)"] == 3
+
+
+def test_checker_catches_semaphore_overruns() -> None:
+    verdict = check([
+        "ENTER w1 s 1 2 100", "ENTER w2 s 2 2 100", "ENTER w3 s 3 2 100", "ENTER flock9 s - X -",
+        "ENTER w4 t 1 2 100", "ENTER w5 t 2 3 100",
+        "ENTER w6 u 1 X 100", "ENTER w7 u 2 2 100",
+    ])
+    assert verdict.violations == [
+        "line 3: w3 is holder 3 of s's 2 slots",
+        "line 4: flock9 took s (X) while w1, w2, w3 held it",
+        "line 6: w5 took t (3) while w4 held it",
+        "line 8: w7 took u (2) while w6 held it",
+    ]
+
+
 def test_checker_catches_tokens_out_of_order() -> None:
     verdict = check([
         "ENTER w1 a 5 X 100", "EXIT w1 a",
@@ -238,9 +285,10 @@ def _worker(socket_path: str, log_fd: int, seed: int) -> None:  # pragma: no cov
         daemon = procinfo.peer_credentials(client.sock)[0]
         try:
             while True:
-                names = rng.sample(NAMES, rng.choice([1, 1, 1, 2]))
+                names = rng.sample(NAMES + list(SEMAPHORES), rng.choice([1, 1, 1, 2]))
                 mode = "shared" if rng.random() < 0.25 else "exclusive"
-                reply = client.acquire(*names, mode=mode, timeout=rng.choice([None, 1.0, 0]))
+                slots = {n: SEMAPHORES[n] for n in names if n in SEMAPHORES}
+                reply = client.acquire(*names, mode=mode, timeout=rng.choice([None, 1.0, 0]), slots=slots)
                 if not isinstance(reply, Granted):
                     if isinstance(reply, protocol.Error) and reply.code == "shutdown":
                         raise EOFError  # the daemon is stopping: connect to the next one
@@ -249,7 +297,7 @@ def _worker(socket_path: str, log_fd: int, seed: int) -> None:  # pragma: no cov
                     continue
                 tag = "S" if mode == "shared" else "X"
                 granted = zip(names, reply.tokens, strict=True)
-                _append(log_fd, "".join(f"ENTER {me} {n} {t} {tag} {daemon}\n" for n, t in granted))
+                _append(log_fd, "".join(f"ENTER {me} {n} {t} {slots.get(n, tag)} {daemon}\n" for n, t in granted))
                 time.sleep(rng.uniform(0, 0.02))
                 _append(log_fd, "".join(f"EXIT {me} {n}\n" for n in names))
                 client.send(Release(reply.id))
@@ -263,7 +311,7 @@ def _prober(lock_dir: Path, log_path: Path, seed: int) -> None:  # pragma: no co
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
     while not stop:
-        name = rng.choice(NAMES)
+        name = rng.choice(NAMES + list(SEMAPHORES))
         mode, tag = rng.choice([("-x", "X"), ("-x", "X"), ("-s", "S")])
         script = (f'echo "ENTER flock$$ {name} - {tag} -" >> {log_path}; sleep 0.01; '
                   f'echo "EXIT flock$$ {name}" >> {log_path}')
@@ -279,16 +327,18 @@ def _lockctl_worker(socket_path: str, log_path: Path, seed: int) -> None:  # pra
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
     env = {**os.environ, "LOCKD_SOCKET": socket_path}
     while not stop:
-        name = rng.choice(NAMES)
-        shared = rng.random() < 0.25
+        name = rng.choice(NAMES + list(SEMAPHORES))
+        slots = SEMAPHORES.get(name)
+        shared = slots is None and rng.random() < 0.25
+        how = ["--slots", str(slots)] if slots else ["-s"] if shared else []
         log = str(log_path)
         script = (
-            f'echo "ENTER cmd$$ {name} $LOCKD_TOKEN {"S" if shared else "X"} kernel" >> {log}; '
+            f'echo "ENTER cmd$$ {name} $LOCKD_TOKEN {slots or ("S" if shared else "X")} kernel" >> {log}; '
             f"trap 'echo \"TERM cmd$$\" >> {log}; sleep 0.3; echo \"EXIT cmd$$ {name}\" >> {log}; exit 0' TERM; "
             f'sleep {rng.uniform(0, 0.3):.3f}; echo "EXIT cmd$$ {name}" >> {log}'
         )
         run = subprocess.run(
-            [*LOCKCTL, "acquire", *(["-s"] if shared else []), "-w", "2", name, "-c", script],
+            [*LOCKCTL, "acquire", *how, "-w", "2", name, "-c", script],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=TIMEOUT,
         )
         with open(log_path, "a") as f:
@@ -349,6 +399,8 @@ def test_chaos(daemon: Daemon) -> None:
     assert counts["daemon kills"] >= 1 and counts["clients killed"] >= 10
     assert counts["lockd grants"] >= 50 and counts["flock holds"] >= 10 and counts["lockctl runs"] >= 10
     assert counts["commands running on through a daemon's death"] >= (1 if SECONDS >= 60 else 0)
+    for name, slots in SEMAPHORES.items():  # the semaphores were shared, not taken in turn
+        assert counts[f"most holders of {name} ({slots} slots)"] >= 2, counts
 
     with RawClient(daemon.socket) as c:
 
@@ -358,6 +410,6 @@ def test_chaos(daemon: Daemon) -> None:
             return reply.locks
 
         wait_until(lambda: not leases(), "every lease ended", interval=0.05, show=leases)
-    for name in NAMES:
+    for name in NAMES + list(SEMAPHORES):
         assert can_flock(daemon.lock_dir / f"{name}.lock"), f"{name}.lock is still locked"
     assert internal_errors(daemon) == []

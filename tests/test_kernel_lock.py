@@ -283,3 +283,44 @@ def test_a_waiting_lockctl_whose_lockd_dies_never_runs_cmd(daemon: Daemon, tmp_p
     finally:
         kill_quietly(holder, waiter)
     assert not (tmp_path / "ran").exists()
+
+
+# --- semaphores: each slot is a shared flock that follows its work the same way -----------------
+
+
+def start_slot_holders(daemon: Daemon, ledger: Path, done: Path, count: int) -> list[subprocess.Popen[str]]:
+    """`count` lockctls each running work under a slot of y, a semaphore of `count` slots,
+    until `done` exists; returned once every work has started."""
+    cmd = slow_cmd(ledger, f"while [ ! -e {done} ]; do sleep 0.05; done; echo end >> {ledger}")
+    holders = [start_lockctl(daemon, "acquire", "--slots", str(count), "y", "-c", cmd) for _ in range(count)]
+    wait_until(lambda: lines(ledger).count("start") == count, "every slot's work started")
+    return holders
+
+
+def test_the_slots_run_on_under_the_kernel_lock_when_lockd_is_killed(daemon: Daemon, ledger: Path) -> None:
+    done = ledger.parent / "done"
+    holders = start_slot_holders(daemon, ledger, done, 2)
+    try:
+        with Prober(daemon.lock_dir / "y.lock", ledger):
+            daemon.kill()
+            time.sleep(0.5)
+            assert [h.poll() for h in holders] == [None, None], "a lockctl ended with the daemon"
+            done.touch()
+            codes = [finish(h)[0] for h in holders]
+            wait_until(lambda: "probe" in lines(ledger), "the file free once every slot's work exited")
+    finally:
+        kill_quietly(*holders)
+    assert codes == [0, 0] and "term" not in lines(ledger)
+    assert_no_overlap(ledger)
+
+
+def test_a_restarted_lockd_counts_the_slots_running_work_holds(daemon: Daemon, ledger: Path) -> None:
+    done = ledger.parent / "done"
+    holders = start_slot_holders(daemon, ledger, done, 2)
+    try:
+        daemon.restart()
+        third = lockctl(daemon, "acquire", "--slots", "2", "-n", "y", "--", "true")
+    finally:
+        done.touch()
+        kill_quietly(*holders)
+    assert third.returncode == cli.EXIT_BUSY, "a third slot of 2 granted while both slots' work ran"

@@ -2,14 +2,16 @@
 process watches rely on.
 
 The machine plays the shell (lockd.server) and everything around the service: clients that
-connect, ask, release and hang up or stop reading; a backend that takes a claim at once or
-later, finds it blocked, fails, makes it wait or loses it; processes that exit; a clock that
-moves; a reload that changes the break grace; a stop. It carries out the orders in order as
-the shell does: a Close ends the connection there and then (the service hears
-`disconnected`), a message to a client that stopped reading cuts it off, and a Grant whose
-connection closed is reported undelivered. The backend either leaves the order of requests
-to the table (flock), or orders them itself (etcd): then it grants each claim in the order
-it was handed over, once no earlier claim it conflicts with is still held or waiting.
+connect, ask (for locks, slots of counting semaphores, or both; now and then for a name as
+another kind than its users take it), release and hang up or stop reading; a backend that
+takes a claim at once or later, finds it blocked, fails, makes it wait or loses it;
+processes that exit; a clock that moves; a reload that changes the break grace; a stop. It
+carries out the orders in order as the shell does: a Close ends the connection there and
+then (the service hears `disconnected`), a message to a client that stopped reading cuts it
+off, and a Grant whose connection closed is reported undelivered. The backend either leaves
+the order of requests to the table (flock), or orders them itself (etcd): then it grants
+each claim in the order it was handed over, once it can be held with every earlier claim
+still held or waiting (on a semaphore of N slots: once fewer than N of them are on it).
 
 Checked after every step, or as each order is carried out:
 - `LockService.check()`;
@@ -17,16 +19,20 @@ Checked after every step, or as each order is carried out:
   answer, Granted (then at most one Lost) or an Error; a release_pid, force_release or
   status gets exactly one reply; nothing more about a request once its client let go of it.
   A refusal is about its own request: it names its names, and only a request that does not
-  wait is busy, only one with a timeout times out. While the connection lasts, a request not
-  finally answered is still live in the service, and so is a lease whose holder was not told
-  it is lost: nothing ends unannounced. A request is not left waiting past its deadline, and
-  once every lease is let go every request has had its final answer. An id is free again
-  once its request is over for the client;
+  wait is busy, only one with a timeout times out. A request that disagrees with a name's
+  holders or waiters on what the name is (a lock, or a semaphore of N slots) is refused at
+  once (slots_mismatch, saying what it asked for), and no other is. While the connection
+  lasts, a request not finally answered is still live in the service, and so is a lease
+  whose holder was not told it is lost: nothing ends unannounced. A request is not left
+  waiting past its deadline, and once every lease is let go every request has had its final
+  answer. An id is free again once its request is over for the client;
 - per claim: one StartTake, then at most one StopTake, one Grant and one Release, none after
   its Release, no Release while the backend still takes it; none of StartTake and Release
   once stopped; every claim taken is released exactly once by the end (unless stopped);
-- mutual exclusion among claims granted and not released (shared with shared), and where
-  the table orders requests, among claims from their StartTake to their Release;
+- mutual exclusion among claims granted and not released (shared with shared; on a
+  semaphore of N slots, at most N claims, all taking it as N slots), and where the table
+  orders requests, among claims from their StartTake to their Release; a status shows no
+  more of lockd's holders than a semaphore's slots;
 - no Grant is ordered for a connection after the service heard it close;
 - a release_pid is answered only after the Release of every lease it released, and only
   root or the process's own user may release its leases;
@@ -40,7 +46,7 @@ Checked after every step, or as each order is carried out:
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from hypothesis import Phase, settings
@@ -81,11 +87,15 @@ MISSING_PID = 999
 #: Break graces a reload may set: the clock moves in whole steps and deadlines fall on them,
 #: so a grace never ends at the same time as a request's deadline.
 GRACES = (2.5, 6.5)
+#: How clients mostly use the names: z as a semaphore of 2 slots, x and y as locks. Requests
+#: also ask for other counts or kinds, which the service refuses while a name is in use.
+SEMAPHORES = {"z": 2}
 ACQUIRES: dict[str, st.SearchStrategy[Any]] = {
     "names": st.lists(st.sampled_from(NAMES), min_size=1, max_size=3),
     "shared": st.booleans(),
     "timeout": st.none() | st.just(0) | st.integers(1, 4),
     "pid": st.sampled_from([None, None, None, *PROCESSES, MISSING_PID]),
+    "slots": st.just(SEMAPHORES) | st.dictionaries(st.sampled_from(NAMES), st.integers(1, 3), max_size=2),
 }
 #: What a look may find outside lockd on a name: nothing, or holders compatible among
 #: themselves (real flocks), maybe in conflict with lockd's holders, which then let go since.
@@ -96,6 +106,9 @@ OUTSIDE = st.dictionaries(
         [protocol.Holder(pid=502, uid=0, mode="shared"), protocol.Holder(pid=503, uid=0, mode="shared")],
     ]),
 )
+#: Refusals of a request before it reaches the table: a limit; a process not the client's
+#: to tie leases to, or none.
+BEFORE_THE_TABLE = ("limit", "permission_denied", "not_held")
 WALL_OFFSET = 1_000_000.0
 #: Where a request is, as its client sees it.
 WAITING, GRANTED, LOST, FAILED, WITHDRAWN, RELEASED = "waiting", "granted", "lost", "failed", "withdrawn", "released"
@@ -118,6 +131,8 @@ class Request:
     state: str
     #: An acquire's names (each once) and timeout, and its deadline on the service's clock.
     names: tuple[str, ...] = ()
+    #: The names it asked a slot of, with their counts.
+    slots: dict[str, int] = field(default_factory=dict)
     timeout: int | None = None
     deadline: float | None = None
 
@@ -154,8 +169,20 @@ def peer_of(order: Send | Close | Grant) -> FakePeer:
     return order.peer
 
 
-def compatible(one: Claim, other: Claim) -> bool:
-    return (one.shared and other.shared) or set(one.names).isdisjoint(other.names)
+def conflict(claim: Claim, others: list[Claim]) -> str | None:
+    """Why `claim` may not be held with all of `others`, or None: on a semaphore name, every
+    holder takes a slot of the same count and there are no more holders than slots; on a
+    lock name, holders are one exclusive claim or only shared ones."""
+    for name in claim.names:
+        users = [other for other in others if other is not claim and name in other.names]
+        slots = claim.slots.get(name)
+        if any(other.slots.get(name) != slots for other in users):
+            return f"{claim} and {users} disagree on what {name} is"
+        if slots is not None and len(users) >= slots:
+            return f"{claim} would be one of {len(users) + 1} holders of {name}'s {slots} slots: {users}"
+        if slots is None and users and not (claim.shared and all(other.shared for other in users)):
+            return f"{claim} conflicts with {users} on {name}"
+    return None
 
 
 @dataclass
@@ -284,9 +311,8 @@ class ServiceMachine(RuleBasedStateMachine):
         assert not self.stopped, f"StartTake of {claim} after stop()"
         assert claim not in self.started, f"second StartTake of {claim}"
         if not self.ordered:  # the table let it through: nothing it conflicts with is held
-            for other in self.started:
-                if other not in self.released:
-                    assert compatible(claim, other), f"{claim} taken while {other} is not released"
+            problem = conflict(claim, [other for other in self.started if other not in self.released])
+            assert problem is None, f"taken while not released: {problem}"
         self.started[claim] = None
         if self.service.taking(claim):
             self.takes.append(claim)
@@ -298,15 +324,13 @@ class ServiceMachine(RuleBasedStateMachine):
 
     def its_turn(self, claim: Claim) -> bool:
         """Whether the backend can take `claim` now: always, where the table orders requests;
-        else once no claim handed over before it, and not released, conflicts with it."""
+        else once it can be held with every claim handed over before it and not released
+        (on a semaphore: once fewer than its slots are ahead of it)."""
         if not self.ordered:
             return True
-        for other in self.started:
-            if other is claim:
-                return True
-            if other not in self.released and not compatible(claim, other):
-                return False
-        raise AssertionError(f"{claim} was never handed over")
+        assert claim in self.started, f"{claim} was never handed over"
+        ahead = list(itertools.takewhile(lambda other: other is not claim, self.started))
+        return conflict(claim, [other for other in ahead if other not in self.released]) is None
 
     def answer_take(self, claim: Claim, answer: str) -> None:
         """The backend's take of `claim` ends (`answer`), or reports that it waits."""
@@ -328,8 +352,8 @@ class ServiceMachine(RuleBasedStateMachine):
         )
         assert claim in self.started and claim not in self.released, f"Grant of {claim} outside its take"
         assert claim not in self.granted and claim not in self.stopped_takes, f"Grant of {claim}"
-        for other in self.holding():
-            assert compatible(claim, other), f"{claim} granted while {other} is held"
+        problem = conflict(claim, self.holding())
+        assert problem is None, f"granted while held: {problem}"
         self.granted[claim] = peer
         for token in order.tokens:
             self.tokens_granted[token] = (claim, self.clock.now)
@@ -366,6 +390,11 @@ class ServiceMachine(RuleBasedStateMachine):
                     assert request.timeout == 0 and message.message.startswith(f"{shown} is busy"), message
                 elif message.code == "timeout":
                     assert request.timeout and message.message.startswith(f"{shown}: timed out"), message
+                elif message.code == "slots_mismatch":
+                    (name,) = [n for n in request.names if message.message.startswith(f"{n} is ")]
+                    slots = request.slots.get(name)
+                    asked = "a plain lock" if slots is None else f"a semaphore of {slots} slot"
+                    assert f"this request asked for {asked}" in message.message, message
             elif isinstance(message, protocol.Lost):
                 assert state == GRANTED, (peer, message, state)
                 request.state = LOST
@@ -397,11 +426,13 @@ class ServiceMachine(RuleBasedStateMachine):
             modes = {holder.mode for holder in lock.holders}
             assert modes == {"shared"} or len(lock.holders) <= 1, lock
             assert lock.mode == (lock.holders[0].mode if lock.holders else None), lock
-            for holder in lock.holders:
-                if holder.token is not None:
-                    claim, since = self.tokens_granted[holder.token]
-                    assert claim not in self.released and lock.name in claim.names, (lock, claim)
-                    assert holder.since == since + WALL_OFFSET and holder.pid == claim.pid, (holder, since)
+            own = [holder for holder in lock.holders if holder.token is not None]
+            assert lock.slots is None or len(own) <= lock.slots, lock
+            for holder in own:
+                claim, since = self.tokens_granted[holder.token]
+                assert claim not in self.released and lock.name in claim.names, (lock, claim)
+                assert holder.since == since + WALL_OFFSET and holder.pid == claim.pid, (holder, since)
+                assert claim.slots.get(lock.name) == lock.slots, (lock, claim)
 
     # --- helpers ------------------------------------------------------------------------------
 
@@ -456,12 +487,13 @@ class ServiceMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.peers)
     @rule(
         data=st.data(), reuse=st.booleans(), names=ACQUIRES["names"], shared=ACQUIRES["shared"],
-        timeout=ACQUIRES["timeout"], pid=ACQUIRES["pid"],
+        timeout=ACQUIRES["timeout"], pid=ACQUIRES["pid"], slots=ACQUIRES["slots"],
     )
     def acquire(
         self, data: st.DataObject, reuse: bool, names: list[str], shared: bool, timeout: int | None, pid: int | None,
+        slots: dict[str, int],
     ) -> None:
-        self._acquire(data, reuse, names, shared, timeout, pid)
+        self._acquire(data, reuse, names, shared, timeout, pid, slots)
 
     @precondition(lambda self: self.peers)
     @rule(data=st.data(), requests=st.lists(st.fixed_dictionaries(ACQUIRES), min_size=2, max_size=4))
@@ -473,6 +505,7 @@ class ServiceMachine(RuleBasedStateMachine):
 
     def _acquire(
         self, data: st.DataObject, reuse: bool, names: list[str], shared: bool, timeout: int | None, pid: int | None,
+        slots: dict[str, int],
     ) -> None:
         peer = self.pick_peer(data)
         over = sorted(i for i, r in peer.requests.items() if r.kind == "acquire" and r.state in OVER)
@@ -485,16 +518,21 @@ class ServiceMachine(RuleBasedStateMachine):
         else:
             request_id = next(peer.ids)
         deadline = self.clock.now + timeout if timeout else None
-        peer.requests[request_id] = Request("acquire", WAITING, tuple(dict.fromkeys(names)), timeout, deadline)
+        slots = {name: count for name, count in slots.items() if name in names}
+        peer.requests[request_id] = Request("acquire", WAITING, tuple(dict.fromkeys(names)), slots, timeout, deadline)
         # A process may not wait without a bound for a lease on a name it holds: it would
         # wait for itself.
         deadlock = pid in PROCESSES and timeout is None and peer.uid in (0, PROCESSES[pid]) and any(
             claim.pid == pid and not set(claim.names).isdisjoint(names)
             for claim in self.started if claim not in self.released
         )
+        # What a name is while anyone holds or awaits it, by the table, whose check() holds
+        # every ticket on a name to agree with it: a request that disagrees is refused.
+        table = self.service.table
+        mismatch = any(table.queue(n) and table.slots_of(n) != slots.get(n) for n in names)
         mode = "shared" if shared else "exclusive"
         message = protocol.Acquire(
-            request_id, names, mode=mode, timeout=None if timeout is None else float(timeout), pid=pid,
+            request_id, names, mode=mode, timeout=None if timeout is None else float(timeout), pid=pid, slots=slots,
         )
         assert self.service.request(peer, message) is None
         orders = self.run()
@@ -507,6 +545,10 @@ class ServiceMachine(RuleBasedStateMachine):
             assert refused and refused[0] in ("would_deadlock", "limit"), (refused, orders)
         else:
             assert "would_deadlock" not in refused, orders
+        if mismatch and not deadlock:  # refused at once, unless refused before the table
+            assert refused and refused[0] in ("slots_mismatch", *BEFORE_THE_TABLE), (refused, orders)
+        else:
+            assert "slots_mismatch" not in refused, orders
 
     @precondition(lambda self: any(self.in_use(peer) for peer in self.peers.values() if not peer.deaf))
     @rule(data=st.data())
