@@ -154,11 +154,11 @@ def main(argv: list[str] | None = None) -> int:
                 ]
                 results["w1"] = _repeat(cfg.reps, systems, "W1", lambda s: _w1(specs[s], cfg.w1_cycles, probe(s)))
             if "w2" in only:
-                systems = ["flock", "echo-blocking-2rt", "echo-trio-2rt", *lockd_systems]
+                systems = ["flock", "filelock", "echo-blocking-2rt", "echo-trio-2rt", *lockd_systems]
                 results["w2"] = _repeat(cfg.reps, systems, "W2", lambda s: workloads.w2_throughput(
                     specs[s], cfg.w2_clients, cfg.w2_seconds, probe(s)))
             if "w3" in only:
-                systems = ["flock", *lockd_systems]
+                systems = ["flock", "filelock", *lockd_systems]
                 results["w3"] = _repeat(cfg.reps, systems, "W3", lambda s: workloads.w3_fairness(
                     specs[s], cfg.w3_clients, cfg.w3_seconds, probe(s)))
             if "w3s" in only:

@@ -62,7 +62,7 @@ class LeaseRecord:
     """The client's view of one granted lease, keyed by the id of the Acquire that made it."""
 
     __slots__ = (
-        "id", "names", "tokens", "state", "lost_reason", "fds", "pid", "detached", "acknowledged", "__weakref__",
+        "id", "names", "_tokens", "state", "lost_reason", "fds", "pid", "detached", "acknowledged", "__weakref__",
     )
 
     def __init__(
@@ -70,7 +70,9 @@ class LeaseRecord:
     ) -> None:
         self.id = id
         self.names = names
-        self.tokens = dict(zip(names, tokens, strict=True))
+        #: One per name, in `names` order (the grant was checked to carry exactly that many).
+        #: Kept as they came: most leases never ask for them by name.
+        self._tokens = tokens
         self.state = LeaseState.HELD
         self.lost_reason: str | None = None
         #: The lock-file descriptors that came with the grant, one per name, then one per
@@ -84,6 +86,14 @@ class LeaseRecord:
         self.detached = False
         #: Whether the daemon was told this lost lease was let go of (see `Connection.release`).
         self.acknowledged = False
+
+    @property
+    def tokens(self) -> dict[str, int]:
+        return dict(zip(self.names, self._tokens, strict=True))
+
+    @property
+    def token(self) -> int:
+        return self._tokens[0]
 
     def lost_error(self) -> errors.LeaseLost:
         return errors.LeaseLost(
@@ -116,7 +126,7 @@ class LeaseView:
     @property
     def token(self) -> int:
         """The fencing token of the first name."""
-        return self._record.tokens[self._record.names[0]]
+        return self._record.token
 
     @property
     def lost_reason(self) -> str | None:
@@ -284,11 +294,13 @@ class Connection:
         semaphores, of which the lease takes one slot each. Duplicate names count once.
         """
         unique = _checked_names(dict.fromkeys(names))
-        _check_label(label)
-        semaphores = _checked_slots(slots, unique, shared)
+        if label is not None:
+            _check_label(label)
+        semaphores = _checked_slots(slots, unique, shared) if slots is not None else {}
         if not wait:
             timeout = 0  # not waiting wins over any timeout, as -n over -w in flock(1)
-        self._check_open()
+        if self.phase is not Phase.OPEN:
+            self._check_open()
         if semaphores and self.server is not None and protocol.Feature.SEMAPHORES not in self.server.features:
             raise errors.ProtocolError(
                 f"this lockd ({self.server.server}) does not serve semaphores (slots); upgrade it"
@@ -435,7 +447,8 @@ class Connection:
         if self.phase is Phase.CLOSED:
             self._stray.extend(fds)
             return
-        self._unclaimed_fds.extend(fds)
+        if fds:
+            self._unclaimed_fds.extend(fds)
         if not data:
             if self.phase is Phase.GREETING:
                 reason = "lockd closed the connection during the handshake"
@@ -522,6 +535,9 @@ class Connection:
                 self._stray += self._claim_fds(message.descriptors)
             return  # in flight when the client withdrew or released it: stale, not wrong
         request = call.request
+        if type(message) is protocol.Granted and type(request) is protocol.Acquire:
+            self._grant(call, request, message)
+            return
         if type(message) is protocol.Queued:
             if type(request) is not protocol.Acquire:
                 raise _Violation(f"queued for {_tag(request)} request {id}")
@@ -532,9 +548,7 @@ class Connection:
             call._fail(errors.from_reply(message))
             return
         # Otherwise the reply must be the one kind its request gets.
-        if type(message) is protocol.Granted and type(request) is protocol.Acquire:
-            self._grant(call, request, message)
-        elif type(message) is protocol.StatusReply and type(request) is protocol.Status:
+        if type(message) is protocol.StatusReply and type(request) is protocol.Status:
             del self._calls[id]
             call._resolve(message.locks)
         elif type(message) is protocol.Done and type(request) in (protocol.ReleasePid, protocol.ForceRelease):
@@ -545,12 +559,11 @@ class Connection:
 
     def _grant(self, call: Call[LeaseRecord], request: protocol.Acquire, message: protocol.Granted) -> None:
         names = request.names
+        count = message.descriptors
         # One per name, then one per slot of a semaphore (its slot file).
-        if len(message.tokens) != len(names) or message.descriptors not in (0, len(names) + len(request.slots)):
-            raise _Violation(
-                f"{len(message.tokens)} tokens and {message.descriptors} descriptors for {len(names)} names"
-            )
-        fds = self._claim_fds(message.descriptors)  # before the call is gone: it may fail
+        if len(message.tokens) != len(names) or (count and count != len(names) + len(request.slots)):
+            raise _Violation(f"{len(message.tokens)} tokens and {count} descriptors for {len(names)} names")
+        fds = self._claim_fds(count)  # before the call is gone: it may fail
         del self._calls[request.id]
         if request.pid is not None and not self.keep_tied_descriptors:
             self._stray += fds
@@ -583,9 +596,12 @@ class Connection:
             lease.lost_reason = message.reason
 
     def _claim_fds(self, count: int) -> list[int]:
-        if count > len(self._unclaimed_fds):
-            raise _Violation(f"a grant with {count} descriptors, of which {len(self._unclaimed_fds)} came")
-        return [self._unclaimed_fds.popleft() for _ in range(count)]
+        unclaimed = self._unclaimed_fds
+        if count > len(unclaimed):
+            raise _Violation(f"a grant with {count} descriptors, of which {len(unclaimed)} came")
+        if count == 1:
+            return [unclaimed.popleft()]
+        return [unclaimed.popleft() for _ in range(count)]
 
     def _lose_all(self, reason: str, error: Callable[[], errors.LockdError]) -> None:
         outlive = self.server is not None and self.server.leases_outlive_daemon
@@ -624,10 +640,8 @@ def _check_label(label: str | None) -> None:
         raise errors.InvalidArgument(problem)
 
 
-def _checked_slots(slots: int | Mapping[str, int] | None, names: list[str], shared: bool) -> dict[str, int]:
+def _checked_slots(slots: int | Mapping[str, int], names: list[str], shared: bool) -> dict[str, int]:
     """`slots` as `Acquire.slots` has it: every semaphore name of `names` with its count."""
-    if slots is None:
-        return {}
     counts = dict(slots) if isinstance(slots, Mapping) else dict.fromkeys(names, slots)
     problem = protocol.slots_problem(names, counts)
     if problem is not None:

@@ -17,7 +17,8 @@ Invariants:
 from __future__ import annotations
 
 import _socket as socket  # the C type: see blocking.py
-import _weakref  # the C module: weakref's Python layer would lengthen lockctl's start-up
+import _weakref
+import array  # the C module: weakref's Python layer would lengthen lockctl's start-up
 import os
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Final, Protocol
@@ -48,10 +49,11 @@ def recv_into(sock: socket.socket, buffer: bytearray, flags: int = 0) -> tuple[i
 
 
 def _received(ancdata: list[tuple[int, int, bytes]], msg_flags: int) -> list[int]:
-    fds: list[int] = []
+    received = array.array("i")
     for level, kind, data in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds += memoryview(data)[: len(data) - len(data) % _FD_SIZE].cast("i").tolist()
+            received.frombytes(data[: len(data) - len(data) % _FD_SIZE])
+    fds = received.tolist()
     if msg_flags & socket.MSG_CTRUNC:
         close_all(fds)
         raise DescriptorsLost(

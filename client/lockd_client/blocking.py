@@ -218,7 +218,8 @@ class Client:
             self._conn.receive_data(self._inbox_view[:size], fds)
         if self._conn.closed:
             self._hang_up()
-        _lockfds.close_all(self._conn.stray_fds())
+        if stray := self._conn.stray_fds():
+            _lockfds.close_all(stray)
         return True
 
     def _send(self, data: bytes) -> None:
@@ -278,11 +279,15 @@ class Lease(LeaseView):
         The daemon applies it before any later request on this connection. A lost lease is
         let go of too (the daemon may be waiting for that to give the lock to the next).
         """
+        client, record = self._client, self._record
+        conn = client._conn
         try:
-            self._client._send_quietly(self._client._conn.release(self._record))
+            data = conn.release(record)
+            if data:
+                client._send_quietly(data)
         finally:
-            conn = self._client._conn
-            _lockfds.let_go(conn.let_go(self._record), unlock=self._record.detached)
+            if record.fds:
+                _lockfds.let_go(conn.let_go(record), unlock=record.detached)
 
     def __enter__(self) -> Lease:
         return self

@@ -93,10 +93,13 @@ def names_problem(names: list[str]) -> str | None:
     (none given, or one invalid), or None when they can."""
     if not names:
         return "no lock name given: a request must name at least one lock"
+    fullmatch = _NAME_RE.fullmatch
     for name in names:
-        problem = name_problem(name)
-        if problem is not None:
-            return problem
+        # Checked on every request: the valid case without a call per name.
+        if type(name) is not str or not fullmatch(name):
+            problem = name_problem(name)
+            if problem is not None:
+                return problem
     return None
 
 

@@ -125,8 +125,10 @@ class Client:
         self._inbox = bytearray(READ_SIZE)
         self._inbox_view = memoryview(self._inbox)
         self._reading = False
-        # Set (then replaced) each time the reading task has applied what it read.
+        # Set (then replaced) each time the reading task has applied what it read, if any
+        # task waits for it (`_watching` counts them).
         self._progress = trio.Event()
+        self._watching = 0
         _lockfds.register(self, self._conn)
 
     async def acquire(
@@ -263,7 +265,11 @@ class Client:
         """
         while not done() and not self._conn.closed:
             if self._reading:
-                await self._progress.wait()
+                self._watching += 1
+                try:
+                    await self._progress.wait()
+                finally:
+                    self._watching -= 1
                 continue
             self._reading = True
             try:
@@ -312,17 +318,35 @@ class Client:
     async def _send(self, data: bytes) -> None:
         if not data:
             return
-        async with self._send_lock:
-            # Cancelled here, nothing is written; past this point a cancel may tear the frame.
-            await trio.lowlevel.checkpoint_if_cancelled()
+        lock = self._send_lock
+        # Cancelled here, nothing is written; past the lock a cancel may tear the frame.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if lock.locked():
+            await lock.acquire()
             try:
-                await self._stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                reason = self._abort(f"writing to lockd at {self.socket_path} failed: {exc}")
-                raise went_away(reason) from exc
+                await trio.lowlevel.checkpoint_if_cancelled()  # cancelled while waiting for it
             except BaseException:
-                self._abort("the connection was closed after an interrupted write")
+                lock.release()
                 raise
+        else:
+            lock.acquire_nowait()
+        try:
+            # What the socket takes at once goes without a trip through the scheduler: a
+            # request is a few dozen bytes, and the socket nearly always has room.
+            try:
+                data = data[self._raw.send(data):]
+            except OSError:
+                pass  # full (EAGAIN), or broken: the stream's write below waits, or says so
+            if data:
+                await self._stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            reason = self._abort(f"writing to lockd at {self.socket_path} failed: {exc}")
+            raise went_away(reason) from exc
+        except BaseException:
+            self._abort("the connection was closed after an interrupted write")
+            raise
+        finally:
+            lock.release()
 
     async def _send_shielded(self, data: bytes) -> None:
         """Write a release or withdrawal whatever the cancellation; if the connection is
@@ -342,8 +366,9 @@ class Client:
         return reason
 
     def _wake(self) -> None:
-        self._progress.set()
-        self._progress = trio.Event()
+        if self._watching:
+            self._progress.set()
+            self._progress = trio.Event()
 
 
 class Lease(LeaseView):
