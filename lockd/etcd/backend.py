@@ -41,11 +41,12 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 
 import msgspec
 import trio
-from lockd_client.errors import LimitExceeded
+from lockd_client.describe import holder_text
+from lockd_client.errors import LimitExceeded, SlotsMismatch
 from lockd_client.protocol import Holder
 
 from ..backend import Blocked, BlockedCallback, Claim, LoseCallback
@@ -55,7 +56,7 @@ from ..hostlocks import HostLocks
 from ..lockfiles import LockFiles
 from . import client as etcd_client
 from .client import EtcdApi, EtcdClient, EtcdError, EtcdUnreachable, WatchCompacted, WatchResponse
-from .mirror import Change, Key, Mirror, Record
+from .mirror import Blocker, Change, Key, Mirror, Record
 
 log = logging.getLogger("lockd.etcd")
 
@@ -74,6 +75,23 @@ _RECONNECT = (0.1, 1.0)
 _TAKES_AT_ONCE = 16
 #: The least time a renewal attempt is given (seconds), however close the deadline.
 _MIN_ATTEMPT = 0.01
+
+
+def _holding(queue: Iterable[Key]) -> Iterator[tuple[Key, bool]]:
+    """Each key of a name's `queue` (in etcd order) with whether it holds: a semaphore's first
+    N keys, a lock's first key and the shared keys before the first exclusive one."""
+    exclusive_seen = False
+    for index, key in enumerate(queue):
+        slots = key.slots
+        if slots is not None:
+            yield key, index < slots
+        else:
+            yield key, index == 0 or (key.shared and not exclusive_seen)
+            exclusive_seen = exclusive_seen or not key.shared
+
+
+def _kind(slots: int | None) -> str:
+    return "a plain lock" if slots is None else f"a semaphore of {slots} slot{'s' if slots > 1 else ''}"
 
 
 def _vanished() -> EtcdError:
@@ -287,6 +305,13 @@ class EtcdBackend:
             n for n in mirror.names() if any(e.key not in self._owners for e in mirror.queue(n))
         ]
 
+    def outside_slots(self, name: str) -> int | None:
+        """The slots of `name` as its oldest key in etcd says, whichever host put it: the
+        semaphore's, or None for a lock (or a name without keys, as far as the watch has seen)."""
+        session = self._session
+        oldest = session.mirror.oldest(name) if session is not None else None
+        return oldest.slots if oldest is not None else None
+
     async def run(self, lose: LoseCallback) -> None:
         """Hold an etcd lease for as long as the daemon serves, and a fresh one after a loss.
 
@@ -333,11 +358,15 @@ class EtcdBackend:
 
     async def _obtain(self, attempt: _Attempt, blocked: BlockedCallback) -> list[int]:
         claim, session = attempt.claim, attempt.session
-        record = Record(
-            host=self._host, mode="shared" if claim.shared else "exclusive", since=time.time(),
-            pid=claim.pid, uid=claim.uid, gid=claim.gid, command=claim.command, label=claim.label,
-        )
-        revision = await self._put(attempt, msgspec.json.encode(record))
+        since = time.time()
+        values = {
+            key: msgspec.json.encode(Record(
+                host=self._host, mode=claim.mode_on(name), since=since, pid=claim.pid, uid=claim.uid,
+                gid=claim.gid, command=claim.command, label=claim.label, slots=claim.slots.get(name),
+            ))
+            for name, key in attempt.keys.items()
+        }
+        revision = await self._put(attempt, values)
         attempt.revision = revision
         await self._caught_up(session, revision)
         mirror = session.mirror
@@ -346,14 +375,20 @@ class EtcdBackend:
         # over it, or put and delete in one batch).
         if not all(mirror.holds(key, revision) for key in attempt.keys.values()):
             raise _vanished()
+        # Once is enough: older keys only ever go, so none that disagrees can turn up later.
+        disagreeing = mirror.mismatch(claim.names, revision, claim.slots)
+        if disagreeing is not None:
+            raise self._mismatch(mirror, claim, revision, disagreeing)
         waited = False
-        while (blocker := mirror.blocker(claim.names, revision, claim.shared)) is not None:
+        shown: list[Key] = []
+        while (blocker := mirror.blocker(claim.names, revision, claim.shared, claim.slots)) is not None:
             waited = True
             if not claim.wait:
-                await self._outwait_leftover(session, blocker)
-            else:
-                blocked([self._party(blocker)])
-            await blocker.gone.wait()
+                await self._outwait_leftover(session, claim, revision, blocker)
+            elif blocker.keys != shown:
+                shown = blocker.keys
+                blocked([self._party(key) for key in shown])
+            await blocker.moved.wait()
         # etcd lets the claim through: any holder of a lock file now is outside lockd (or
         # work that outlives a lease of this daemon whose holder went away).
         if not self._files.try_lock(claim):
@@ -401,8 +436,9 @@ class EtcdBackend:
         except trio.WouldBlock:
             await self._take_slots.acquire()
 
-    async def _put(self, attempt: _Attempt, value: bytes) -> int:
-        """Put the keys of `attempt` in one txn; return their create revision R.
+    async def _put(self, attempt: _Attempt, values: dict[str, bytes]) -> int:
+        """Put the keys of `attempt` in one txn, each with its value in `values`; return their
+        create revision R.
 
         The txn also deletes this daemon's doomed keys on the same names, taken from the
         janitor: a client that lets go of a lock and asks for it again at once must not queue
@@ -416,7 +452,7 @@ class EtcdBackend:
         read, no answer) may have come after etcd applied it: the take fails.
         """
         session, names = attempt.session, attempt.claim.names
-        puts = [etcd_client.put(key, value, session.lease) for key in attempt.keys.values()]
+        puts = [etcd_client.put(key, values[key], session.lease) for key in attempt.keys.values()]
         await self._slot()
         try:
             leftovers = [key for key in session.doomed if self._name_of(key) in names]
@@ -441,16 +477,22 @@ class EtcdBackend:
     def _name_of(self, key: str) -> str:
         return key[len(self._prefix):].partition("/")[0]
 
-    async def _outwait_leftover(self, session: _Session, blocker: Key) -> None:
-        """Raise Blocked for a no-wait request, unless `blocker` is a key of a claim of this
-        daemon that has just ended (its deletion is on its way): that one is waited for, up to
-        the request timeout."""
-        if blocker.lease != session.lease or blocker.key in self._owners:
-            raise Blocked(f"{blocker.name}: held or asked for earlier")
+    async def _outwait_leftover(
+        self, session: _Session, claim: Claim, revision: int, blocker: Blocker
+    ) -> None:
+        """Raise Blocked for a no-wait request, unless only keys of claims of this daemon that
+        have just ended (their deletion is on its way) keep it from its lock or slot: those
+        are waited for, up to the request timeout."""
+        name, slots = blocker.name, claim.slots.get(blocker.name)
+        # For a lock, the one key in the way; for a semaphore, every older key takes a place.
+        ahead = blocker.keys if slots is None else session.mirror.ahead(name, revision)
+        live = [key for key in ahead if key.lease != session.lease or key.key in self._owners]
+        if len(live) >= (slots or 1):
+            raise Blocked(f"{name}: held or asked for earlier")
         with trio.move_on_after(self._timeout):
-            await blocker.gone.wait()
+            await blocker.moved.wait()
             return
-        raise Blocked(f"{blocker.name}: released here, but etcd has not deleted its key yet")
+        raise Blocked(f"{name}: released here, but etcd has not deleted its key yet")
 
     async def _caught_up(self, session: _Session, revision: int) -> None:
         """Return once the mirror has seen `revision` (a change this daemon made).
@@ -511,14 +553,27 @@ class EtcdBackend:
         session = self._session
         if session is None:
             return []
-        found = []
-        exclusive_seen = False
-        for index, entry in enumerate(session.mirror.queue(name)):
-            is_holding = index == 0 or (entry.shared and not exclusive_seen)
-            exclusive_seen = exclusive_seen or not entry.shared
-            if is_holding == holding and entry.key not in self._owners:
-                found.append(entry)
-        return found
+        return [
+            key for key, is_holding in _holding(session.mirror.queue(name))
+            if is_holding == holding and key.key not in self._owners
+        ]
+
+    def _mismatch(self, mirror: Mirror, claim: Claim, revision: int, disagreeing: Key) -> SlotsMismatch:
+        """The refusal of `claim`, whose keys went in at `revision` behind `disagreeing`, an
+        older key that says otherwise what the name is; worded as the lock table's own."""
+        name, have, want = disagreeing.name, disagreeing.slots, claim.slots.get(disagreeing.name)
+        holders = [
+            key for key, is_holding in _holding(mirror.ahead(name, revision))
+            if is_holding and key.slots == have
+        ]
+        now = time.time()
+        users = ", ".join(holder_text(self._party(key), now) for key in (holders or [disagreeing]))
+        users = f"held by {users}" if holders else f"awaited by {users}"
+        return SlotsMismatch(
+            f"{name} is {_kind(have)} ({users}), and this request asked for {_kind(want)}: every "
+            "user of a name must give the same --slots (or none, for a lock), on every host; "
+            "use the name's count, or another name"
+        )
 
     # --- the lease ----------------------------------------------------------------------------
 
