@@ -4,7 +4,11 @@ Invariants:
 - A claim is granted only while (1) its keys exist in etcd — one per name,
   `PREFIX/NAME/LEASE/SEQ`, all put in one txn under this daemon's etcd lease, so all share one
   create revision R, the claim's fencing token on every name; (2) no conflicting key with a
-  lower create revision exists on any of its names; (3) this host's flock of every name is held.
+  lower create revision exists on any of its names, and on a semaphore of N slots fewer than
+  N keys with a lower one; (3) this host's flock of every name is held.
+- A claim is never granted behind an older key that says otherwise what one of its names is
+  (a semaphore of other N, a lock for a semaphore, or the reverse): it is refused with
+  `SlotsMismatch` once its keys are in the mirror, before it waits.
 - The daemon vouches for its etcd lease only until `S + TTL - TTL/3`, S being when the last
   confirmed keep-alive was sent: etcd cannot expire the lease before S + TTL. At that deadline
   every held claim is reported lost and the lease is never used again; it is revoked only if
@@ -22,8 +26,9 @@ Invariants:
 
 Order is ZooKeeper's recipe on etcd's global revision: a claim waits for the deletion of the
 nearest conflicting key below R (any key for an exclusive claim, an exclusive key for a
-shared one), then looks again. Waits never poll etcd: one watch over the prefix mirrors every
-key, and a deletion wakes only the claim waiting for that key. The oldest claim waits for
+shared one), then looks again; for a slot, for the deletion of any key on the name while N
+keys below R remain. Waits never poll etcd: one watch over the prefix mirrors every key, and
+a deletion wakes only the claim waiting for that key (and the slot waiters of its name). The oldest claim waits for
 nobody, so there is no deadlock across hosts, whatever names a request combines.
 
 etcd's order is the only one (`orders_requests`): the lock table hands every request over on
