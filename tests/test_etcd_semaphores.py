@@ -3,6 +3,7 @@ N slots of a name, in etcd's revision order, and refuse a request that disagrees
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import subprocess
@@ -94,10 +95,11 @@ async def test_a_request_disagreeing_with_another_host_on_the_name_is_refused(ho
         message = str(refused.error)
         (holder,) = (await hosts.status(2, name))[0].holders
         assert holder.uid is not None
-        assert message.startswith(f"{name} is {kind} (held by pid {holder.pid} "), message
-        assert f" [{label}] of {user_name(holder.uid)} on {HOST} for " in message
         asked = "a plain lock" if slots is None else f"a semaphore of {slots} slots"
-        assert f"), and this request asked for {asked}: every user of a name must give the same" in message
+        assert message.startswith(f"{name} is {kind}, and this request asked for {asked}: every user "), message
+        assert f"; held by pid {holder.pid} (" in message
+        assert re.search(rf" \[{label}\] of {re.escape(user_name(holder.uid))} on {re.escape(HOST)} for \S+$", message)
+        assert [h.label for h in refused.error.holders] == [label]
     assert await hosts.keys() == 2  # the refused requests left etcd's queue
     await hosts.hold(2, "agreeing", "x", slots=3)
 

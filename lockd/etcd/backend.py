@@ -565,19 +565,20 @@ class EtcdBackend:
 
     def _mismatch(self, mirror: Mirror, claim: Claim, revision: int, disagreeing: Key) -> SlotsMismatch:
         """The refusal of `claim`, whose keys went in at `revision` behind `disagreeing`, an
-        older key that says otherwise what the name is; worded as the lock table's own."""
+        older key that says otherwise what the name is: worded as the service words a mismatch
+        on this host, naming who holds the name that way on every host (or, if nobody holds it
+        yet, who awaits it)."""
         name, have, want = disagreeing.name, disagreeing.slots, claim.slots.get(disagreeing.name)
-        holders = [
-            key for key, is_holding in _holding(mirror.ahead(name, revision))
-            if is_holding and key.slots == have
-        ]
+        ahead = [(self._party(key), is_holding) for key, is_holding in _holding(mirror.ahead(name, revision))
+                 if key.slots == have]
+        holders = [party for party, is_holding in ahead if is_holding]
         now = time.time()
-        users = ", ".join(holder_text(self._party(key), now) for key in (holders or [disagreeing]))
-        users = f"held by {users}" if holders else f"awaited by {users}"
+        users = ", ".join(holder_text(party, now) for party in holders or [party for party, _ in ahead])
         return SlotsMismatch(
-            f"{name} is {_kind(have)} ({users}), and this request asked for {_kind(want)}: every "
-            "user of a name must give the same --slots (or none, for a lock), on every host; "
-            "use the name's count, or another name"
+            f"{name} is {_kind(have)}, and this request asked for {_kind(want)}: every user of a name must give "
+            f"the same number of slots (none for a plain lock), on every host; use the name's, or another name; "
+            f"{'held' if holders else 'awaited'} by {users}",
+            holders,
         )
 
     # --- the lease ----------------------------------------------------------------------------
