@@ -117,6 +117,10 @@ class BackendView(Protocol):
         """Names held or awaited outside this daemon that the backend knows of without asking
         anyone (another host's locks); not the ones only a look at the host would find."""
 
+    def outside_slots(self, name: str) -> int | None:
+        """The slots of `name` where another host uses it as a semaphore, as far as the
+        backend knows without asking anyone; None for a lock, or where it knows of no use."""
+
 
 class Backend(BackendView, Protocol):
     """A backend as the shell drives it: takes, drops, looks at the host, background duties."""

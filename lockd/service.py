@@ -475,7 +475,8 @@ class LockService:
                 waiters.sort(key=_place)
             if holders or waiters:
                 mode = holders[0].mode if holders else None
-                locks.append(protocol.LockInfo(name, mode, holders, waiters, self.table.slots_of(name)))
+                slots = self.table.slots_of(name) or self._backend.outside_slots(name)
+                locks.append(protocol.LockInfo(name, mode, holders, waiters, slots))
         self._send(peer, protocol.StatusReply(look.request_id, locks))
 
     def _held(self, name: str) -> bool:

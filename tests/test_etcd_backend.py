@@ -75,11 +75,12 @@ class Host:
 
 
 def ticket(
-    *names: str, shared: bool = False, wait: bool = True, label: str | None = None
+    *names: str, shared: bool = False, wait: bool = True, label: str | None = None,
+    slots: dict[str, int] | None = None,
 ) -> Claim:
     return Claim(
         names=names, shared=shared, wait=wait, pid=os.getpid(), uid=os.getuid(), gid=os.getgid(),
-        command="backup site.com", label=label,
+        command="backup site.com", label=label, slots=slots or {},
     )
 
 
@@ -300,6 +301,28 @@ async def test_no_wait_request_right_after_a_release_on_the_same_host_is_granted
                 again = start(nursery, a, ticket("x", wait=False))
                 await again.done.wait()
                 assert again.error is None
+                a.backend.drop(again.ticket, unlock=True)
+
+
+async def test_no_wait_slot_right_after_a_release_on_the_same_host_is_granted(
+    shared_etcd: EtcdCluster, hosts: Hosts
+) -> None:
+    """With the other slot held on another host, a released slot's key on its way out of
+    etcd does not count: a no-wait request for a slot is granted, and one more is refused."""
+    a, b = hosts(shared_etcd.endpoints, "host0", "host1")
+    slots = {"s": 2}
+    with trio.fail_after(WAIT):
+        async with serving(a, b) as nursery:
+            await b.take(ticket("s", slots=slots))
+            for _ in range(30):
+                released = ticket("s", slots=slots)
+                await a.take(released)
+                a.backend.drop(released, unlock=True)
+                again = start(nursery, a, ticket("s", wait=False, slots=slots))
+                await again.done.wait()
+                assert again.error is None
+                with pytest.raises(Blocked):
+                    await a.take(ticket("s", wait=False, slots=slots))
                 a.backend.drop(again.ticket, unlock=True)
 
 

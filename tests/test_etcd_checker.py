@@ -2,17 +2,21 @@
 
 Three `lockd --backend etcd` daemons share one etcd (one member, or three that are killed and
 restarted in turn). Client processes connect to any of them and send random mixes of
-exclusive and shared, one- and two-name, waiting, no-wait and timed requests; they are
+exclusive and shared, one- and two-name, waiting, no-wait and timed requests, some names of
+which are counting semaphores (`SLOTS`: every request agrees on their N); they are
 SIGKILLed at random, and so are the daemons (or stopped with SIGTERM), which come back. Every
 participant appends what it sees to one log, and a watcher process appends every change etcd
 makes under the prefix. The history is then checked, as Jepsen checks a lock workload:
 
-- mutual exclusion per name: a grant while a conflicting holder still holds is a violation;
+- mutual exclusion per name: a grant while a conflicting holder still holds is a violation,
+  and so is a grant of a semaphore's slot while its N slots are held;
 - tokens: each grant's token is its request's etcd revision; on a name, an exclusive grant's
-  token exceeds every earlier grant's, a shared grant's every earlier exclusive grant's;
+  token exceeds every earlier grant's, a shared grant's (or a slot's) every earlier exclusive
+  grant's, and no token is granted twice;
 - etcd's order: at a revision read just after a grant, no conflicting key older than the
-  grant's is left (nobody older was still waiting, or holding); and a request told it is
-  queued before another was sent is older in etcd than that one (it queued globally, at once);
+  grant's is left (nobody older was still waiting, or holding), and on a semaphore fewer than
+  N older keys; and a request told it is queued before another was sent is older in etcd than
+  that one (it queued globally, at once);
 - no lease outlives its key: a holder acts only while its key exists (it starts before etcd
   deletes the key, and stops, EXIT, LOST or KILL, before too), and a holder told its lease is
   lost hears it at least the daemon's promised notice (TTL/3, less scheduling slack) before
@@ -73,7 +77,9 @@ from .test_fuzz import internal_errors
 pytestmark = requires_etcd
 
 SECONDS = float(os.environ.get("LOCKD_CHECKER_SECONDS", "5"))
-NAMES = ["c1", "c2", "c3", "c4"]
+NAMES = ["c1", "c2", "c3", "c4", "s2", "s3"]
+#: The names that are counting semaphores, with their slots.
+SLOTS = {"s2": 2, "s3": 3}
 CLIENTS = 9
 #: What a client may be told in this run: held (busy), timed out, etcd or its daemon going
 #: away (unavailable, shutdown).
@@ -110,8 +116,10 @@ class Verdict:
     counts: Counter[str] = field(default_factory=Counter)
 
 
-def _conflict(a: _Request, b: _Request) -> bool:
-    return not (a.shared and b.shared) and not set(a.names).isdisjoint(b.names)
+def _conflict(name: str, a: _Request, b: _Request) -> bool:
+    """Whether `a` and `b` exclude each other on `name` (slots of a semaphore are counted
+    instead)."""
+    return name not in SLOTS and not (a.shared and b.shared)
 
 
 def check(lines: list[str]) -> Verdict:
@@ -160,6 +168,8 @@ def _requests(lines: list[str], verdict: Verdict) -> tuple[dict[str, _Request], 
             request.seen_at = None if fields[2] == "-" else int(fields[2])
             counts["grants"] += 1
             counts["grants checked against etcd's order" if request.seen_at else "grants unchecked (etcd down)"] += 1
+            if not SLOTS.keys().isdisjoint(request.names):
+                counts["grants of slots"] += 1
             if request.revision is not None and request.token != request.revision:
                 verdict.violations.append(
                     f"line {number}: {request.label} granted token {request.token}, its keys are at {request.revision}"
@@ -189,6 +199,9 @@ def _check_etcd_order(requests: dict[str, _Request], verdict: Verdict) -> None:
     """
     for name in NAMES:
         on_name = sorted((r for r in requests.values() if name in r.names and r.revision is not None), key=_revision)
+        if name in SLOTS:
+            _check_slots_order(name, on_name, verdict)
+            continue
         # An exclusive grant must outwait every older key; a shared one, the exclusive ones.
         for for_shared in (False, True):
             keys = [r for r in on_name if not (for_shared and r.shared)]
@@ -209,6 +222,19 @@ def _check_etcd_order(requests: dict[str, _Request], verdict: Verdict) -> None:
                     )
 
 
+def _check_slots_order(name: str, on_name: list[_Request], verdict: Verdict) -> None:
+    """At the revision read after a grant of a slot, fewer than N older keys are left."""
+    for place, granted in enumerate(on_name):
+        if granted.seen_at is None:
+            continue
+        left = [older for older in on_name[:place] if _gone(older) > granted.seen_at]
+        if len(left) >= SLOTS[name]:
+            verdict.violations.append(
+                f"{granted.label} (revision {granted.revision}) granted a slot of {name} while "
+                f"{', '.join(r.label for r in left)} were still in etcd at revision {granted.seen_at}"
+            )
+
+
 def _gone(request: _Request) -> float:
     """The revision at which the first of `request`'s keys was deleted (infinity: never)."""
     return min(request.deleted, default=INFINITY)
@@ -226,7 +252,7 @@ def _check_queue_on_arrival(lines: list[str], requests: dict[str, _Request], ver
             if request.queued == number and request.revision is not None:
                 for name in request.names:
                     for for_shared in (False, True):
-                        if for_shared and request.shared:
+                        if for_shared and request.shared and name not in SLOTS:
                             continue
                         current = newest.get((name, for_shared))
                         if current is None or _revision(current) < request.revision:
@@ -261,15 +287,23 @@ def _check_holding(lines: list[str], requests: dict[str, _Request], owner: dict[
             if request.label in gone:
                 verdict.violations.append(f"line {number}: {request.label} acted on after etcd deleted its keys")
             for name in request.names:
-                others = ", ".join(r.label for r in inside[name].values() if _conflict(r, request))
+                others = ", ".join(r.label for r in inside[name].values() if _conflict(name, r, request))
                 if others:
                     verdict.violations.append(
                         f"line {number}: {request.label} took {name} ({_mode(request)}) while {others} held it"
                     )
+                # Slots held, and those whose holders may still be at work after being told
+                # they were lost.
+                taken = [*inside[name].values(), *(r for t, r in losses[name] if now - t < NOTICE)]
+                if name in SLOTS and len(taken) >= SLOTS[name]:
+                    verdict.violations.append(
+                        f"line {number}: {request.label} took a slot of {name} while "
+                        f"{', '.join(r.label for r in taken)} held its {SLOTS[name]}"
+                    )
                 inside[name][request.label] = request
                 _check_token(verdict, number, request, name, floors[name], tokens[name])
                 for lost_at, lost in losses[name]:
-                    if _conflict(lost, request) and now - lost_at < NOTICE:
+                    if _conflict(name, lost, request) and now - lost_at < NOTICE:
                         verdict.violations.append(
                             f"line {number}: {request.label} granted {name} {now - lost_at:.3f} s after {lost.label} "
                             f"was told its lease was lost (less than the notice, {NOTICE:.2f} s)"
@@ -307,14 +341,15 @@ def _stop_holding(request: _Request, inside: dict[str, dict[str, _Request]], hol
 def _check_token(verdict: Verdict, number: int, request: _Request, name: str, floor: list[int], seen: set[int]) -> None:
     token = request.token
     assert token is not None
-    least = floor[1] if request.shared else floor[0]
+    shared = request.shared or name in SLOTS
+    least = floor[1] if shared else floor[0]
     if token in seen:
         verdict.violations.append(f"line {number}: token {token} on {name} granted twice")
     elif token <= least:
         verdict.violations.append(f"line {number}: token {token} on {name} ({_mode(request)}) after token {least}")
     seen.add(token)
     floor[0] = max(floor[0], token)
-    if not request.shared:
+    if not shared:
         floor[1] = max(floor[1], token)
 
 
@@ -372,6 +407,27 @@ def test_checker_catches_grants_out_of_etcd_order_and_overlaps() -> None:
         "line 6: a1 took c1 (exclusive) while b1 held it",
         "line 6: token 10 on c1 (exclusive) after token 11",
     ]
+
+
+def test_checker_counts_the_slots_of_a_semaphore() -> None:
+    verdict = check(_history(
+        "SEND a a1 100 X - s2", "PUT 10 /p/s2/1/1 a1", "ENTER a1 10 10",
+        "SEND b b1 200 X - s2,c1", "PUT 11 /p/s2/2/1 b1", "PUT 11 /p/c1/2/1 b1", "ENTER b1 11 11",
+        "SEND c c1 300 X - s2", "PUT 12 /p/s2/3/1 c1", "QUEUED c1",
+        "EXIT b1", "DEL 13 /p/s2/2/1", "DEL 13 /p/c1/2/1", "ENTER c1 12 13",  # b1's slot
+        "SEND d d1 400 X - s2", "PUT 14 /p/s2/4/1 d1", "ENTER d1 14 14",  # a third holder
+    ))
+    assert verdict.violations == [
+        "d1 (revision 14) granted a slot of s2 while a1, c1 were still in etcd at revision 14",
+        "line 17: d1 took a slot of s2 while a1, c1 held its 2",
+    ]
+    verdict = check([
+        "0.0 SEND a a1 100 X - s2", "0.1 PUT 10 /p/s2/1/1 a1", "0.2 ENTER a1 10 10",
+        "0.3 SEND b b1 200 X - s2", "0.4 PUT 11 /p/s2/2/1 b1", "0.5 ENTER b1 11 11",
+        "1.0 LOST a1 told", "1.01 DEL 12 /p/s2/1/1",  # its key went with the notice
+        "1.1 SEND c c1 300 X - s2", "1.11 PUT 13 /p/s2/3/1 c1", "1.12 ENTER c1 13 13",
+    ])
+    assert verdict.violations == ["line 11: c1 took a slot of s2 while b1, a1 held its 2"]
 
 
 def test_checker_catches_leases_that_outlive_their_keys_or_their_notice() -> None:
@@ -438,7 +494,8 @@ def _client(  # pragma: no cover - a child
                 tag, waits = "S" if shared else "X", "-" if timeout is None else timeout
                 _append(log_fd, f"SEND {me} {request} {daemon} {tag} {waits} {','.join(names)}")
                 mode: protocol.Mode = "shared" if shared else "exclusive"
-                client.send(protocol.Acquire(sequence, names, mode, timeout, label=request))
+                slots = {name: SLOTS[name] for name in names if name in SLOTS}
+                client.send(protocol.Acquire(sequence, names, mode, timeout, label=request, slots=slots))
                 waiting = request
                 while isinstance(reply := _recv(client, log_fd, request), protocol.Queued):
                     pass
@@ -651,6 +708,7 @@ def test_checker_run(cluster: EtcdCluster, short_tmp: Path) -> None:
     assert counts["grants"] >= 20 and counts["clients killed"] >= 10, figures
     assert counts["daemon killed"] + counts["daemon stopped"] >= 1, figures
     assert counts["refused busy"] >= 1 and counts["queued"] >= 5, figures
+    assert counts["grants of slots"] >= 5, figures
     if len(cluster.members) > 1:
         assert counts["member killed"] >= 1, figures
     assert [error for d in daemons for error in internal_errors(d)] == []

@@ -61,6 +61,9 @@ class FakeBackend:
     def outside_names(self) -> list[str]:
         return self.known_outside
 
+    def outside_slots(self, name: str) -> int | None:
+        return None
+
 
 class Clock:
     def __init__(self) -> None:

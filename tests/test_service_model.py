@@ -203,6 +203,9 @@ class FakeBackend:
     def outside_names(self) -> list[str]:
         return []
 
+    def outside_slots(self, name: str) -> int | None:
+        return None
+
 
 class ServiceMachine(RuleBasedStateMachine):
     @initialize(ordered=st.booleans(), outlive=st.booleans(), prompt=st.booleans(), grace=st.sampled_from(GRACES))

@@ -4,7 +4,11 @@ Invariants:
 - A claim is granted only while (1) its keys exist in etcd — one per name,
   `PREFIX/NAME/LEASE/SEQ`, all put in one txn under this daemon's etcd lease, so all share one
   create revision R, the claim's fencing token on every name; (2) no conflicting key with a
-  lower create revision exists on any of its names; (3) this host's flock of every name is held.
+  lower create revision exists on any of its names, and on a semaphore of N slots fewer than
+  N keys with a lower one; (3) this host's flock of every name is held.
+- A claim is never granted behind an older key that says otherwise what one of its names is
+  (a semaphore of other N, a lock for a semaphore, or the reverse): it is refused with
+  `SlotsMismatch` once its keys are in the mirror, before it waits.
 - The daemon vouches for its etcd lease only until `S + TTL - TTL/3`, S being when the last
   confirmed keep-alive was sent: etcd cannot expire the lease before S + TTL. At that deadline
   every held claim is reported lost and the lease is never used again; it is revoked only if
@@ -22,8 +26,9 @@ Invariants:
 
 Order is ZooKeeper's recipe on etcd's global revision: a claim waits for the deletion of the
 nearest conflicting key below R (any key for an exclusive claim, an exclusive key for a
-shared one), then looks again. Waits never poll etcd: one watch over the prefix mirrors every
-key, and a deletion wakes only the claim waiting for that key. The oldest claim waits for
+shared one), then looks again; for a slot, for the deletion of any key on the name while N
+keys below R remain. Waits never poll etcd: one watch over the prefix mirrors every key, and
+a deletion wakes only the claim waiting for that key (and the slot waiters of its name). The oldest claim waits for
 nobody, so there is no deadlock across hosts, whatever names a request combines.
 
 etcd's order is the only one (`orders_requests`): the lock table hands every request over on
@@ -41,11 +46,12 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 
 import msgspec
 import trio
-from lockd_client.errors import LimitExceeded
+from lockd_client.describe import holder_text
+from lockd_client.errors import LimitExceeded, SlotsMismatch
 from lockd_client.protocol import Holder
 
 from ..backend import Blocked, BlockedCallback, Claim, LoseCallback
@@ -55,7 +61,7 @@ from ..hostlocks import HostLocks
 from ..lockfiles import LockFiles
 from . import client as etcd_client
 from .client import EtcdApi, EtcdClient, EtcdError, EtcdUnreachable, WatchCompacted, WatchResponse
-from .mirror import Change, Key, Mirror, Record
+from .mirror import Blocker, Change, Key, Mirror, Record
 
 log = logging.getLogger("lockd.etcd")
 
@@ -74,6 +80,23 @@ _RECONNECT = (0.1, 1.0)
 _TAKES_AT_ONCE = 16
 #: The least time a renewal attempt is given (seconds), however close the deadline.
 _MIN_ATTEMPT = 0.01
+
+
+def _holding(queue: Iterable[Key]) -> Iterator[tuple[Key, bool]]:
+    """Each key of a name's `queue` (in etcd order) with whether it holds: a semaphore's first
+    N keys, a lock's first key and the shared keys before the first exclusive one."""
+    exclusive_seen = False
+    for index, key in enumerate(queue):
+        slots = key.slots
+        if slots is not None:
+            yield key, index < slots
+        else:
+            yield key, index == 0 or (key.shared and not exclusive_seen)
+            exclusive_seen = exclusive_seen or not key.shared
+
+
+def _kind(slots: int | None) -> str:
+    return "a plain lock" if slots is None else f"a semaphore of {slots} slot{'s' if slots > 1 else ''}"
 
 
 def _vanished() -> EtcdError:
@@ -287,6 +310,13 @@ class EtcdBackend:
             n for n in mirror.names() if any(e.key not in self._owners for e in mirror.queue(n))
         ]
 
+    def outside_slots(self, name: str) -> int | None:
+        """The slots of `name` as its oldest key in etcd says, whichever host put it: the
+        semaphore's, or None for a lock (or a name without keys, as far as the watch has seen)."""
+        session = self._session
+        oldest = session.mirror.oldest(name) if session is not None else None
+        return oldest.slots if oldest is not None else None
+
     async def run(self, lose: LoseCallback) -> None:
         """Hold an etcd lease for as long as the daemon serves, and a fresh one after a loss.
 
@@ -333,11 +363,15 @@ class EtcdBackend:
 
     async def _obtain(self, attempt: _Attempt, blocked: BlockedCallback) -> list[int]:
         claim, session = attempt.claim, attempt.session
-        record = Record(
-            host=self._host, mode="shared" if claim.shared else "exclusive", since=time.time(),
-            pid=claim.pid, uid=claim.uid, gid=claim.gid, command=claim.command, label=claim.label,
-        )
-        revision = await self._put(attempt, msgspec.json.encode(record))
+        since = time.time()
+        values = {
+            key: msgspec.json.encode(Record(
+                host=self._host, mode=claim.mode_on(name), since=since, pid=claim.pid, uid=claim.uid,
+                gid=claim.gid, command=claim.command, label=claim.label, slots=claim.slots.get(name),
+            ))
+            for name, key in attempt.keys.items()
+        }
+        revision = await self._put(attempt, values)
         attempt.revision = revision
         await self._caught_up(session, revision)
         mirror = session.mirror
@@ -346,14 +380,20 @@ class EtcdBackend:
         # over it, or put and delete in one batch).
         if not all(mirror.holds(key, revision) for key in attempt.keys.values()):
             raise _vanished()
+        # Once is enough: older keys only ever go, so none that disagrees can turn up later.
+        disagreeing = mirror.mismatch(claim.names, revision, claim.slots)
+        if disagreeing is not None:
+            raise self._mismatch(mirror, claim, revision, disagreeing)
         waited = False
-        while (blocker := mirror.blocker(claim.names, revision, claim.shared)) is not None:
+        shown: list[Key] = []
+        while (blocker := mirror.blocker(claim.names, revision, claim.shared, claim.slots)) is not None:
             waited = True
             if not claim.wait:
-                await self._outwait_leftover(session, blocker)
-            else:
-                blocked([self._party(blocker)])
-            await blocker.gone.wait()
+                await self._outwait_leftover(session, claim, revision, blocker)
+            elif blocker.keys != shown:
+                shown = blocker.keys
+                blocked([self._party(key) for key in shown])
+            await blocker.moved.wait()
         # etcd lets the claim through: any holder of a lock file now is outside lockd (or
         # work that outlives a lease of this daemon whose holder went away).
         if not self._files.try_lock(claim):
@@ -401,8 +441,9 @@ class EtcdBackend:
         except trio.WouldBlock:
             await self._take_slots.acquire()
 
-    async def _put(self, attempt: _Attempt, value: bytes) -> int:
-        """Put the keys of `attempt` in one txn; return their create revision R.
+    async def _put(self, attempt: _Attempt, values: dict[str, bytes]) -> int:
+        """Put the keys of `attempt` in one txn, each with its value in `values`; return their
+        create revision R.
 
         The txn also deletes this daemon's doomed keys on the same names, taken from the
         janitor: a client that lets go of a lock and asks for it again at once must not queue
@@ -416,7 +457,7 @@ class EtcdBackend:
         read, no answer) may have come after etcd applied it: the take fails.
         """
         session, names = attempt.session, attempt.claim.names
-        puts = [etcd_client.put(key, value, session.lease) for key in attempt.keys.values()]
+        puts = [etcd_client.put(key, values[key], session.lease) for key in attempt.keys.values()]
         await self._slot()
         try:
             leftovers = [key for key in session.doomed if self._name_of(key) in names]
@@ -441,16 +482,22 @@ class EtcdBackend:
     def _name_of(self, key: str) -> str:
         return key[len(self._prefix):].partition("/")[0]
 
-    async def _outwait_leftover(self, session: _Session, blocker: Key) -> None:
-        """Raise Blocked for a no-wait request, unless `blocker` is a key of a claim of this
-        daemon that has just ended (its deletion is on its way): that one is waited for, up to
-        the request timeout."""
-        if blocker.lease != session.lease or blocker.key in self._owners:
-            raise Blocked(f"{blocker.name}: held or asked for earlier")
+    async def _outwait_leftover(
+        self, session: _Session, claim: Claim, revision: int, blocker: Blocker
+    ) -> None:
+        """Raise Blocked for a no-wait request, unless only keys of claims of this daemon that
+        have just ended (their deletion is on its way) keep it from its lock or slot: those
+        are waited for, up to the request timeout."""
+        name, slots = blocker.name, claim.slots.get(blocker.name)
+        # For a lock, the one key in the way; for a semaphore, every older key takes a place.
+        ahead = blocker.keys if slots is None else session.mirror.ahead(name, revision)
+        live = [key for key in ahead if key.lease != session.lease or key.key in self._owners]
+        if len(live) >= (slots or 1):
+            raise Blocked(f"{name}: held or asked for earlier")
         with trio.move_on_after(self._timeout):
-            await blocker.gone.wait()
+            await blocker.moved.wait()
             return
-        raise Blocked(f"{blocker.name}: released here, but etcd has not deleted its key yet")
+        raise Blocked(f"{name}: released here, but etcd has not deleted its key yet")
 
     async def _caught_up(self, session: _Session, revision: int) -> None:
         """Return once the mirror has seen `revision` (a change this daemon made).
@@ -511,14 +558,28 @@ class EtcdBackend:
         session = self._session
         if session is None:
             return []
-        found = []
-        exclusive_seen = False
-        for index, entry in enumerate(session.mirror.queue(name)):
-            is_holding = index == 0 or (entry.shared and not exclusive_seen)
-            exclusive_seen = exclusive_seen or not entry.shared
-            if is_holding == holding and entry.key not in self._owners:
-                found.append(entry)
-        return found
+        return [
+            key for key, is_holding in _holding(session.mirror.queue(name))
+            if is_holding == holding and key.key not in self._owners
+        ]
+
+    def _mismatch(self, mirror: Mirror, claim: Claim, revision: int, disagreeing: Key) -> SlotsMismatch:
+        """The refusal of `claim`, whose keys went in at `revision` behind `disagreeing`, an
+        older key that says otherwise what the name is: worded as the service words a mismatch
+        on this host, naming who holds the name that way on every host (or, if nobody holds it
+        yet, who awaits it)."""
+        name, have, want = disagreeing.name, disagreeing.slots, claim.slots.get(disagreeing.name)
+        ahead = [(self._party(key), is_holding) for key, is_holding in _holding(mirror.ahead(name, revision))
+                 if key.slots == have]
+        holders = [party for party, is_holding in ahead if is_holding]
+        now = time.time()
+        users = ", ".join(holder_text(party, now) for party in holders or [party for party, _ in ahead])
+        return SlotsMismatch(
+            f"{name} is {_kind(have)}, and this request asked for {_kind(want)}: every user of a name must give "
+            f"the same number of slots (none for a plain lock), on every host; use the name's, or another name; "
+            f"{'held' if holders else 'awaited'} by {users}",
+            holders,
+        )
 
     # --- the lease ----------------------------------------------------------------------------
 

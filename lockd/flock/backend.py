@@ -80,6 +80,9 @@ class FlockBackend:
     def outside_names(self) -> list[str]:
         return []
 
+    def outside_slots(self, name: str) -> int | None:
+        return None  # a process flocking a lock file says nothing of slots
+
     async def run(self, lose: LoseCallback) -> None:
         """Retry the takes waiting for outside holders (lockd.filewaits) until cancelled.
 
