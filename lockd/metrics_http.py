@@ -23,7 +23,6 @@ from collections.abc import Callable
 from typing import Final
 
 import trio
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from .config import ListenAddress
 from .listen import bind_unix_listener
@@ -42,6 +41,9 @@ ACCEPT_RETRY: Final = 0.1
 #: The Unix socket's mode: every local user may read the metrics, as with `lockctl metrics`.
 UNIX_MODE: Final = 0o666
 _BACKLOG: Final = 64
+#: The text format lockd.metrics writes: every name in it is a classic one, so the format of
+#: 0.0.4, which every scraper and node_exporter's textfile collector read.
+CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 
 #: The status lines this responder sends.
 _REASONS: Final = {
@@ -148,7 +150,7 @@ def _respond(head: bytes, render: Callable[[], bytes]) -> bytes:
     except Exception:
         log.exception("internal error rendering the metrics")
         return _response(500, "internal error in lockd (it is logged)\n")
-    return _response(200, body, content_type=CONTENT_TYPE_LATEST, head_only=method == b"HEAD")
+    return _response(200, body, content_type=CONTENT_TYPE, head_only=method == b"HEAD")
 
 
 def _response(
