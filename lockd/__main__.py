@@ -191,6 +191,15 @@ def main(argv: list[str] | None = None) -> int:
         if conf.backend == "flock":
             tokens = TokenStore.open(state_dir)
         backend = _backend(conf, files, tokens)
+        # Before lockd's own socket: once that accepts, the metrics listener is there too.
+        if conf.metrics.listen is not None:
+            from .config import listen_address
+            from .metrics_http import bind
+
+            address = listen_address(conf.metrics.listen)
+            metrics_sock = bind(address)
+            if address.path is not None:
+                metrics_bound = address.path, os.stat(address.path)
         sockets = listen_fds()
         if not sockets:
             sockets = [bind_unix_listener(str(sock_path), conf.socket_mode, conf.listen_backlog)]
@@ -200,18 +209,12 @@ def main(argv: list[str] | None = None) -> int:
                     "listen_backlog = %d, but the kernel queues at most net.core.somaxconn = %d "
                     "connections; raise that sysctl to get more", conf.listen_backlog, cap,
                 )
-        if conf.metrics.listen is not None:
-            from .config import listen_address
-            from .metrics_http import bind
-
-            address = listen_address(conf.metrics.listen)
-            metrics_sock = bind(address)
-            if address.path is not None:
-                metrics_bound = address.path, os.stat(address.path)
     except (LockdError, OSError) as exc:
         log.error("%s", exc)
         for sock in sockets:
             sock.close()
+        if metrics_sock is not None:
+            metrics_sock.close()
         if files is not None:
             files.close()
         if tokens is not None:

@@ -4,9 +4,10 @@ docs/metrics.md lists every metric.
 
 Invariants:
 - Serving pays only for counting lease events: `Metrics.observe` does a few dict and integer
-  operations and at most one bisect per event, and nothing on the hot path knows of the
-  exposition format. Every gauge (leases held, waiters, the oldest lease and waiter,
-  connections, the history writer, the etcd session) is read from its owner at render time.
+  operations and a bisect per histogram an event feeds (one; two for a name with series of
+  its own), and nothing on the hot path knows of the exposition format. Every gauge (leases
+  held, waiters, the oldest lease and waiter, connections, the history writer, the etcd
+  session) is read from its owner at render time.
 - A lock name is a label value only where it matches one of the configured globs
   (`[metrics] names`); with none configured no series names a lock, so the number of series
   stays the same whatever names clients use. Per-name counts are kept for matching names

@@ -44,13 +44,16 @@ def free_port() -> int:
 
 
 def open_to(listen: str) -> socket.socket:
-    if listen.startswith("unix:"):
-        sock = socket.socket(socket.AF_UNIX)
-        sock.connect(listen.removeprefix("unix:"))
-    else:
+    if not listen.startswith("unix:"):
         host, _, port = listen.rpartition(":")
-        sock = socket.create_connection((host, int(port)))
-    sock.settimeout(TIMEOUT)
+        return socket.create_connection((host, int(port)), timeout=TIMEOUT)
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.settimeout(TIMEOUT)
+        sock.connect(listen.removeprefix("unix:"))
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 
@@ -136,6 +139,20 @@ def test_counters_and_gauges_match_what_clients_did(tcp_daemon: tuple[Daemon, st
     assert {dict(labels).get("name") for _, labels in got} - {None} == {"db1"}
     assert got["lockd_name_grants_total", (("mode", "exclusive"), ("name", "db1"))] == 4
     assert got["lockd_name_refusals_total", (("name", "db1"), ("reason", "timeout"))] == 1
+
+
+def test_a_listener_that_cannot_bind_stops_the_start_saying_why(short_tmp: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        (short_tmp / "lockd.toml").write_text(f'[metrics]\nlisten = "127.0.0.1:{port}"\n')
+        daemon = Daemon(short_tmp, "--config", str(short_tmp / "lockd.toml"))
+        daemon.lock_dir.mkdir()
+        done = subprocess.run(daemon.argv(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 1
+    assert f"metrics.listen: cannot listen on 127.0.0.1:{port}: Address already in use" in done.stderr
+    assert not Path(daemon.socket).exists()
 
 
 def test_bad_requests_get_an_error_or_are_cut_off_and_the_lock_service_goes_on(
