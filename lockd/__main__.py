@@ -179,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     tokens = files = None
     sockets: list[socket.socket] = []
     bound: os.stat_result | None = None
+    metrics_sock: socket.socket | None = None
+    #: The metrics listener's Unix socket, and what was bound there.
+    metrics_bound: tuple[Path, os.stat_result] | None = None
     try:
         policy = Policy.from_config(conf.policy)
         if not os.environ.get(paths.SOCKET_ENV) and conf.socket == paths.default_socket():
@@ -188,6 +191,15 @@ def main(argv: list[str] | None = None) -> int:
         if conf.backend == "flock":
             tokens = TokenStore.open(state_dir)
         backend = _backend(conf, files, tokens)
+        # Before lockd's own socket: once that accepts, the metrics listener is there too.
+        if conf.metrics.listen is not None:
+            from .config import listen_address
+            from .metrics_http import bind
+
+            address = listen_address(conf.metrics.listen)
+            metrics_sock = bind(address)
+            if address.path is not None:
+                metrics_bound = address.path, os.stat(address.path)
         sockets = listen_fds()
         if not sockets:
             sockets = [bind_unix_listener(str(sock_path), conf.socket_mode, conf.listen_backlog)]
@@ -201,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         for sock in sockets:
             sock.close()
+        if metrics_sock is not None:
+            metrics_sock.close()
         if files is not None:
             files.close()
         if tokens is not None:
@@ -211,18 +225,26 @@ def main(argv: list[str] | None = None) -> int:
         import trio
 
         where = str(conf.socket) if bound is not None else f"{len(sockets)} socket(s) from systemd"
-        trio.run(_serve, args, conf, backend, policy, sockets, where)
+        trio.run(_serve, args, conf, backend, policy, sockets, where, metrics_sock)
     finally:
         if bound is not None:
-            try:
-                if os.stat(sock_path).st_ino == bound.st_ino:
-                    os.unlink(sock_path)  # ours; a socket another daemon bound since stays
-            except FileNotFoundError:
-                pass
+            _unlink_if_ours(sock_path, bound)
+        if metrics_bound is not None:
+            _unlink_if_ours(*metrics_bound)
         files.close()
         if tokens is not None:
             tokens.close()
     return 0
+
+
+def _unlink_if_ours(path: Path, bound: os.stat_result) -> None:
+    """Remove the socket this daemon bound at `path` (`bound`); one another daemon bound
+    there since stays."""
+    try:
+        if os.stat(path).st_ino == bound.st_ino:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _check(args: argparse.Namespace, conf: Config) -> int:
@@ -264,15 +286,25 @@ def _backend(conf: Config, files: LockFiles, tokens: TokenStore | None) -> Backe
 
 async def _serve(
     args: argparse.Namespace, conf: Config, backend: Backend, policy: Policy, sockets: list[socket.socket],
-    where: str,
+    where: str, metrics_sock: socket.socket | None,
 ) -> None:
     import trio
 
+    from .metrics import Metrics
     from .server import Server
     from .systemd import Notifier, watchdog_interval, watchdog_loop
     from .table import LockTable
 
-    server = Server(LockTable(ordered_by_backend=backend.orders_requests), backend, conf.limits, policy)
+    etcd = None
+    if conf.backend == "etcd":
+        from .etcd.backend import EtcdBackend
+
+        assert isinstance(backend, EtcdBackend)
+        etcd = backend
+    metrics = Metrics(conf.metrics.names, etcd=etcd)
+    server = Server(
+        LockTable(ordered_by_backend=backend.orders_requests), backend, conf.limits, policy, metrics=metrics,
+    )
     with Notifier.from_environment() as notifier, trio.open_signal_receiver(*SIGNALS) as signals:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
         async with trio.open_nursery() as nursery:
@@ -287,6 +319,11 @@ async def _serve(
                     duties.start_soon(watchdog_loop, notifier, interval)
                 if notifier.enabled:
                     duties.start_soon(_report_status, notifier, server)
+                if metrics_sock is not None:
+                    from .metrics_http import serve as serve_metrics
+
+                    duties.start_soon(serve_metrics, metrics_sock, server.render_metrics)
+                    log.info("serving metrics on %s", conf.metrics.listen)
                 async for signum in signals:
                     if signum == signal.SIGHUP:
                         notifier.reloading()

@@ -118,6 +118,49 @@ class PolicySection(_Section, frozen=True):
         _check_known(self.read_events, pwd.getpwnam, "user")
 
 
+class ListenAddress(NamedTuple):
+    """Where the metrics listener binds: a Unix socket's `path`, else TCP `host` and `port`."""
+
+    path: Path | None
+    host: str = ""
+    port: int = 0
+
+
+def listen_address(text: str) -> ListenAddress:
+    """`[metrics] listen` as written, `HOST:PORT`, `[IPV6]:PORT` or `unix:/PATH`, parsed;
+    raises ValueError saying what is wrong."""
+    if text.startswith("unix:"):
+        path = text.removeprefix("unix:")
+        problem = paths.socket_problem(path)
+        if problem is not None:
+            raise ValueError(problem)
+        return ListenAddress(Path(path))
+    host, colon, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not colon or not host or not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError(
+            f"{text!r} is not an address to listen on: expected HOST:PORT (127.0.0.1:9750, "
+            "[::1]:9750) or unix:/PATH"
+        )
+    return ListenAddress(None, host, int(port))
+
+
+class MetricsSection(_Section, frozen=True):
+    """The `[metrics]` section: lockd.metrics and its listener, lockd.metrics_http."""
+
+    #: None: no listener (`lockctl metrics` still answers).
+    listen: str | None = None
+    #: Globs of the lock names that get series of their own.
+    names: list[str] = []
+
+    def __post_init__(self) -> None:
+        for pattern in self.names:
+            _check_glob(pattern)
+        if self.listen is not None:
+            listen_address(self.listen)
+
+
 class Config(_Section, frozen=True):
     #: None until `load_config` fills in the default for the daemon's uid (lockd_client.paths).
     socket: Path | None = None
@@ -132,6 +175,7 @@ class Config(_Section, frozen=True):
     limits: Limits = msgspec.field(default_factory=Limits)
     etcd: Etcd = msgspec.field(default_factory=Etcd)
     policy: PolicySection = msgspec.field(default_factory=PolicySection)
+    metrics: MetricsSection = msgspec.field(default_factory=MetricsSection)
 
 
 _GLOB = re.compile(r"[A-Za-z0-9._@+\-*?\[\]!]+", re.ASCII)

@@ -30,7 +30,7 @@ def somaxconn() -> int:
         return socket.SOMAXCONN
 
 
-def bind_unix_listener(path: str, mode: int, backlog: int | None = None) -> socket.socket:
+def bind_unix_listener(path: str, mode: int, backlog: int | None = None, option: str = "--socket") -> socket.socket:
     """Bind a listening AF_UNIX socket at `path` with `mode`, replacing only a stale socket.
 
     The kernel queues up to `backlog` connections that lockd has not accepted yet (default:
@@ -39,8 +39,8 @@ def bind_unix_listener(path: str, mode: int, backlog: int | None = None) -> sock
 
     A live daemon answering at `path` is an error; a socket file nobody answers on is stale
     and replaced. Anything else at the path (a regular file, a directory) is left alone and
-    is an error. The mode is set through the umask at bind time, so the socket is never
-    reachable with a wider mode, even for an instant.
+    is an error (naming `option`, what chose the path). The mode is set through the umask at
+    bind time, so the socket is never reachable with a wider mode, even for an instant.
     """
     try:
         st = os.lstat(path)
@@ -48,7 +48,7 @@ def bind_unix_listener(path: str, mode: int, backlog: int | None = None) -> sock
         pass
     else:
         if not stat.S_ISSOCK(st.st_mode):
-            raise OSError(errno.EEXIST, f"{path} exists and is not a socket; move it away or choose another --socket")
+            raise OSError(errno.EEXIST, f"{path} exists and is not a socket; move it away or choose another {option}")
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
             # Not blocking: a live daemon whose queue is full (busy, or stopped) would hold a
             # blocking connect for as long as it stays so; EAGAIN says it is there.
@@ -60,12 +60,12 @@ def bind_unix_listener(path: str, mode: int, backlog: int | None = None) -> sock
             except BlockingIOError:
                 raise OSError(
                     errno.EADDRINUSE,
-                    f"another lockd is serving on {path} (busy); stop it first or choose another --socket",
+                    f"another lockd is serving on {path} (busy); stop it first or choose another {option}",
                 ) from None
             else:
                 raise OSError(
                     errno.EADDRINUSE,
-                    f"another lockd is already serving on {path}; stop it first or choose another --socket",
+                    f"another lockd is already serving on {path}; stop it first or choose another {option}",
                 )
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o777 & ~mode)

@@ -130,4 +130,15 @@ class Record:
     event: LeaseEvent
 
 
-Order = Send | Close | StartTake | StopTake | Release | Grant | LookForHolders | Watch | Unwatch | WakeAt | Record
+@dataclass(slots=True)
+class SendMetrics:
+    """Send `peer` the daemon's metrics, in answer to its request `request_id`."""
+
+    peer: Peer
+    request_id: int
+
+
+Order = (
+    Send | Close | StartTake | StopTake | Release | Grant | LookForHolders | Watch | Unwatch | WakeAt | Record
+    | SendMetrics
+)

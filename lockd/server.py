@@ -32,6 +32,7 @@ from . import listen, pidfds, procinfo
 from .backend import Backend, Blocked, Claim, holders_in_order
 from .config import Limits
 from .logs import contained
+from .metrics import Metrics
 from .orders import (
     Close,
     Grant,
@@ -40,6 +41,7 @@ from .orders import (
     Record,
     Release,
     Send,
+    SendMetrics,
     StartTake,
     StopTake,
     Unwatch,
@@ -68,12 +70,14 @@ class Server:
 
     def __init__(
         self, table: LockTable, backend: Backend, limits: Limits, policy: Policy,
-        observers: Sequence[Callable[[protocol.LeaseEvent], None]] = (),
+        observers: Sequence[Callable[[protocol.LeaseEvent], None]] = (), metrics: Metrics | None = None,
     ) -> None:
         """`observers` are told every lease event (`Record`), in order; each must return at
-        once and never raise (the history's writer queues, the metrics count)."""
+        once and never raise (the history's writer queues). `metrics` (default: with no
+        per-name series and no other sources) counts them too, and answers `Metrics`."""
         self.backend = backend
-        self._observers = tuple(observers)
+        self.metrics = Metrics() if metrics is None else metrics
+        self._observers = (self.metrics.observe, *observers)
         self.service = LockService(
             table, Processes(pidfds.open_process), limits, policy, backend,
             clock=trio.current_time, wall_offset=time.time() - trio.current_time(),
@@ -243,9 +247,26 @@ class Server:
         elif isinstance(order, Record):
             for observe in self._observers:
                 observe(order.event)
+        elif isinstance(order, SendMetrics):
+            self._send_metrics(order)
         elif isinstance(order, WakeAt):
             if self._timer is not None and order.deadline < self._timer.deadline:
                 self._timer.deadline = order.deadline
+
+    def render_metrics(self) -> bytes:
+        """The daemon's metrics, in the Prometheus text format (see lockd.metrics)."""
+        return self.metrics.render(self.service.table, len(self.service.clients), trio.current_time())
+
+    def _send_metrics(self, order: SendMetrics) -> None:
+        try:
+            text = self.render_metrics().decode()
+        except Exception:
+            log.exception("internal error rendering the metrics")
+            order.peer.send(protocol.Error(
+                order.request_id, protocol.ErrorCode.UNAVAILABLE, "internal error in lockd (it is logged); retry",
+            ))
+            return
+        order.peer.send(protocol.MetricsReply(order.request_id, text))
 
     def _take(self, claim: Claim) -> None:
         if not self.service.taking(claim):

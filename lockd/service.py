@@ -62,6 +62,7 @@ from .orders import (
     Record,
     Release,
     Send,
+    SendMetrics,
     StartTake,
     StopTake,
     Unwatch,
@@ -92,10 +93,14 @@ from .table import (
 log = logging.getLogger("lockd")
 
 SHUTDOWN_MESSAGE: Final = "lockd is shutting down; reconnect when it is back"
+#: The reasons the service gives for a lost lease (the metrics count them apart from the
+#: backend's own).
+LOST_OVERDUE: Final = "broken, and not let go within limits.break_grace"
+LOST_SHUTDOWN: Final = "the daemon is shutting down"
 #: The states `status` shows as holding: a broken lease holds until its owner has let go.
 _SHOWN_HELD: Final = (HELD, BREAKING)
 #: What this daemon offers beyond the first version of the protocol (Welcome.features).
-_FEATURES: Final = (protocol.Feature.SEMAPHORES,)
+_FEATURES: Final = (protocol.Feature.SEMAPHORES, protocol.Feature.METRICS)
 #: What clients do wrong, logged within bounds (see loglimit).
 CUT_OFF: Final = Kind(logging.INFO, "cut off {count} more connections")
 REFUSED_CONNECTION: Final = Kind(logging.WARNING, "refused {count} more connections")
@@ -288,6 +293,9 @@ class LockService:
             self._release_pid(client, message)
         elif isinstance(message, protocol.ForceRelease):
             self._force_release(client, message)
+        elif isinstance(message, protocol.Metrics):
+            # Anyone may read them: counts, and only the names the administrator chose.
+            self.orders.append(SendMetrics(peer, message.id))
         else:
             problem = f"unexpected {type(message).__name__} message"
             self._send(peer, protocol.Error(None, protocol.ErrorCode.PROTOCOL, problem))
@@ -624,7 +632,7 @@ class LockService:
         """Grant and release nothing more; report held leases lost where the backend's leases
         do not outlive the daemon; tell every client the daemon is going, and close it."""
         self.stopping = True
-        reason = "the daemon is shutting down"
+        reason = LOST_SHUTDOWN
         if not self._backend.leases_outlive_daemon:
             for owner in [*self.clients.values(), *self.processes.owners()]:
                 for ticket in self.table.tickets_of(owner):
@@ -735,7 +743,7 @@ class LockService:
         if who.lost is not None:
             self._record(ticket, "lost", reason=who.lost)
         elif who.ending is Ending.OVERDUE:
-            self._record(ticket, "lost", reason="broken, and not let go within limits.break_grace")
+            self._record(ticket, "lost", reason=LOST_OVERDUE)
         elif who.ending is Ending.ABANDONED:
             gone = "its process exited" if who.process is not None else "its client went away"
             self._record(ticket, "released", reason=f"{gone} without releasing it")

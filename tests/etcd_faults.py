@@ -22,7 +22,7 @@ differs. Call names are the client's method names ("grant", "keep_alive", "revok
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +30,7 @@ import msgspec
 import trio
 
 from lockd.etcd.client import EtcdClient, EtcdUnreachable, Event, KeyValue, WatchResponse
+from lockd.histogram import Histogram
 
 Hook = Callable[["Call"], Awaitable[None]]
 
@@ -132,6 +133,10 @@ class FaultyEtcd:
     @property
     def endpoint(self) -> str:
         return self.real.endpoint
+
+    @property
+    def request_seconds(self) -> Mapping[str, Histogram]:
+        return self.real.request_seconds
 
     async def aclose(self) -> None:
         await self.real.aclose()

@@ -624,3 +624,31 @@ def test_a_forked_child_forgets_every_descriptor_and_lease():
     lease = call.result()
     assert sorted(conn.abandon("forked")) == [101, 999]
     assert lease.state is LeaseState.LOST and lease.fds == [] and conn.closed
+
+
+# --- metrics ------------------------------------------------------------------------------------
+
+
+def test_metrics_resolve_with_the_text_of_their_reply() -> None:
+    conn = Connection()
+    conn.hello()
+    conn.receive_data(frames(msgspec.structs.replace(welcome(), features=[protocol.Feature.METRICS])))
+    call, data = conn.metrics()
+    assert decoded(data) == [protocol.Metrics(call.id)]
+    conn.receive_data(frames(protocol.MetricsReply(call.id, "lockd_connections 1.0\n")))
+    assert call.result() == "lockd_connections 1.0\n"
+
+
+def test_metrics_from_a_daemon_that_does_not_serve_them_fail_before_anything_is_sent() -> None:
+    conn = opened()  # its welcome lists no features, as an older daemon's
+    with pytest.raises(errors.ProtocolError, match="does not serve metrics; upgrade it"):
+        conn.metrics()
+    call, _ = conn.status()
+    assert call.id == 1, "no request id was used"
+
+
+def test_a_metrics_reply_to_another_request_breaks_the_protocol() -> None:
+    conn = opened()
+    call, _ = conn.status()
+    conn.receive_data(frames(protocol.MetricsReply(call.id, "")))
+    assert_broken(conn, because="metrics_reply in reply to status")

@@ -16,6 +16,7 @@ from lockd.config import (
     ConfigError,
     Etcd,
     Limits,
+    MetricsSection,
     PolicySection,
     Rule,
     default_config_path,
@@ -113,6 +114,7 @@ def _options() -> dict[str, object]:
         "etcd": ("etcd.", Etcd),
         "policy": ("policy.", PolicySection),
         "policy.rules": ("policy.rules[].", Rule),
+        "metrics": ("metrics.", MetricsSection),
     }
     found: dict[str, object] = {}
 

@@ -35,7 +35,9 @@ from . import errors, paths, protocol
 T = TypeVar("T")
 
 #: The requests that carry an id and get a reply: each is a Call.
-NumberedRequest: TypeAlias = "protocol.Acquire | protocol.Status | protocol.ReleasePid | protocol.ForceRelease"
+NumberedRequest: TypeAlias = (
+    "protocol.Acquire | protocol.Status | protocol.ReleasePid | protocol.ForceRelease | protocol.Metrics"
+)
 
 #: Called with the holders each time the daemon says an acquire waits for them.
 QueuedCallback = Callable[[list[protocol.Holder]], object]
@@ -317,6 +319,13 @@ class Connection:
         self._check_open()
         return self._send_request(protocol.Status(self._next_id, checked))
 
+    def metrics(self) -> tuple[Call[str], bytes]:
+        """Ask for the daemon's metrics; resolves with them in the Prometheus text format."""
+        self._check_open()
+        if self.server is not None and protocol.Feature.METRICS not in self.server.features:
+            raise errors.ProtocolError(f"this lockd ({self.server.server}) does not serve metrics; upgrade it")
+        return self._send_request(protocol.Metrics(self._next_id))
+
     def release_pid(self, pid: int, names: Iterable[str]) -> tuple[Call[int], bytes]:
         """End the leases tied to process `pid` on `names`; resolves with how many ended."""
         checked = _checked_names(names)
@@ -501,6 +510,8 @@ class Connection:
     def _send_request(self, request: protocol.Status) -> tuple[Call[list[protocol.LockInfo]], bytes]: ...
     @overload
     def _send_request(self, request: protocol.ReleasePid | protocol.ForceRelease) -> tuple[Call[int], bytes]: ...
+    @overload
+    def _send_request(self, request: protocol.Metrics) -> tuple[Call[str], bytes]: ...
 
     def _send_request(self, request: NumberedRequest) -> tuple[Call[Any], bytes]:
         """Encode `request` (numbered `_next_id` by the caller) and await its reply."""
@@ -554,6 +565,9 @@ class Connection:
         elif type(message) is protocol.Done and type(request) in (protocol.ReleasePid, protocol.ForceRelease):
             del self._calls[id]
             call._resolve(message.released)
+        elif type(message) is protocol.MetricsReply and type(request) is protocol.Metrics:
+            del self._calls[id]
+            call._resolve(message.text)
         else:
             raise _Violation(f"{_tag(message)} in reply to {_tag(request)} request {id}")
 

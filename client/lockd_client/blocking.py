@@ -132,6 +132,11 @@ class Client:
         """Holders and waiters of `names`, or of every lock in use if none are given."""
         return self._run(*self._conn.status(names))
 
+    def metrics(self) -> str:
+        """The daemon's metrics, in the Prometheus text format (docs/metrics.md). Raises
+        ProtocolError, sending nothing, if the daemon is too old to serve them."""
+        return self._run(*self._conn.metrics())
+
     def release_pid(self, pid: int, *names: str) -> int:
         """End the leases process `pid` holds on `names` (acquired with `pid=`).
 

@@ -229,12 +229,25 @@ exit status: 0 (with NAMEs: all free); 1 some NAME is held; 64 usage; 69 lockd u
 75 lockd busy for a minute, or a lockd limit reached; 76 lockd version mismatch.
 """
 
+METRICS_EPILOG: Final = """\
+examples:
+  lockctl metrics                     the daemon's metrics (docs/metrics.md)
+  lockctl metrics > /var/lib/node_exporter/lockd.prom.tmp &&
+    mv /var/lib/node_exporter/lockd.prom.tmp /var/lib/node_exporter/lockd.prom
+                                      for node_exporter's textfile collector: the file
+                                      is replaced whole, never read half written
+
+exit status: 0; 64 usage; 69 lockd unreachable; 75 lockd busy for a minute, or a lockd
+limit reached; 76 lockd version mismatch (a lockd too old to serve metrics).
+"""
+
 
 #: What each command is for, as `lockctl --help` lists it.
 COMMANDS: Final = {
     "acquire": "take locks, for CMD or for the calling shell",
     "release": "end process-tied leases, or break a lease with --force",
     "status": "who holds and who waits for locks",
+    "metrics": "the daemon's metrics, in the Prometheus text format",
 }
 
 
@@ -396,8 +409,16 @@ def _add_status(status: argparse.ArgumentParser) -> None:
     status.add_argument("names", nargs="*", metavar="NAME")
 
 
+def _add_metrics(metrics: argparse.ArgumentParser) -> None:
+    metrics.epilog = METRICS_EPILOG
+    metrics.description = "Print the daemon's metrics in the Prometheus text exposition format."
+    metrics.set_defaults(names=[])
+
+
 #: What adds each command's arguments to its parser: only the command given is built.
-_COMMAND_PARSERS: Final = {"acquire": _add_acquire, "release": _add_release, "status": _add_status}
+_COMMAND_PARSERS: Final = {
+    "acquire": _add_acquire, "release": _add_release, "status": _add_status, "metrics": _add_metrics,
+}
 
 
 class Args(argparse.Namespace):
@@ -535,6 +556,8 @@ def main(argv: list[str] | None = None) -> int:
             return _acquire(args, socket_path, parent)
         if args.command == "release":
             return _release(args, socket_path, parent)
+        if args.command == "metrics":
+            return _metrics(socket_path)
         return _status(args, socket_path)
     except KeyboardInterrupt:
         return _die_of(signal.SIGINT, group=False)
@@ -996,6 +1019,16 @@ def _release(args: Args, socket_path: str, parent: int) -> int:
 
         if not any(_keeper.release(pid, args.names) for pid in pids):
             raise
+    return 0
+
+
+# --- metrics -------------------------------------------------------------------------------
+
+
+def _metrics(socket_path: str) -> int:
+    with _connect(socket_path, BUSY_WAIT) as client:
+        text = client.metrics()
+    sys.stdout.write(text)
     return 0
 
 

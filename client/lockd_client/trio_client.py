@@ -199,6 +199,14 @@ class Client:
         """
         return await self._run(*self._conn.status(names))
 
+    async def metrics(self) -> str:
+        """The daemon's metrics, in the Prometheus text format (docs/metrics.md). Raises
+        ProtocolError, sending nothing, if the daemon is too old to serve them.
+
+        Cancellation: the reply, when it comes, is ignored.
+        """
+        return await self._run(*self._conn.metrics())
+
     async def release_pid(self, pid: int, *names: str) -> int:
         """End the leases process `pid` holds on `names` (acquired with `pid=`).
 

@@ -46,7 +46,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 
 import msgspec
 import trio
@@ -57,6 +57,7 @@ from lockd_client.protocol import Holder
 from ..backend import Blocked, BlockedCallback, Claim, LoseCallback
 from ..config import Etcd
 from ..filewaits import FileWaits
+from ..histogram import Histogram
 from ..hostlocks import HostLocks
 from ..lockfiles import LockFiles
 from . import client as etcd_client
@@ -212,6 +213,20 @@ class EtcdBackend:
             key_file=config.key_file, username=config.username, password=config.password,
         )
         return cls(files, client, host=host, ttl=config.ttl, prefix=config.prefix)
+
+    @property
+    def request_seconds(self) -> Mapping[str, Histogram]:
+        """How long each kind of etcd call took (the client's), for the metrics."""
+        return self._client.request_seconds
+
+    def lease_state(self) -> tuple[bool, float | None]:
+        """Whether this daemon holds an etcd lease it vouches for, and how many seconds ago the
+        keep-alive that last confirmed it was sent (None: no lease yet). For the metrics."""
+        session = self._session
+        if session is None:
+            return False, None
+        now = trio.current_time()
+        return session.alive and now < session.deadline, now - session.sent
 
     # --- Backend ------------------------------------------------------------------------------
 

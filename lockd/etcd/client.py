@@ -14,7 +14,7 @@ and int64-as-string encodings stay in here; HTTP and the connections are `etcd.h
 from __future__ import annotations
 
 import ssl
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -22,6 +22,7 @@ import msgspec
 import trio
 from lockd_client.errors import DaemonUnavailable
 
+from ..histogram import Histogram
 from .http import Failed, NotSent, Origin
 from .pool import Pool
 
@@ -41,6 +42,8 @@ _T = TypeVar("_T")
 #: life; a request that finds none waits, and its timeout counts only once it has one (a
 #: request that timed out waiting was never sent; the caller's own deadline bounds the wait).
 CONNECTIONS = 100
+#: Upper bounds (seconds) of the buckets of the calls' times (`EtcdClient.request_seconds`).
+REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class EtcdError(DaemonUnavailable):
@@ -176,6 +179,9 @@ class EtcdApi(Protocol):
     @property
     def endpoint(self) -> str: ...
 
+    @property
+    def request_seconds(self) -> Mapping[str, Histogram]: ...
+
     def aclose(self) -> Awaitable[None]: ...
 
     def grant(self, ttl: int, *, timeout: float) -> Awaitable[tuple[int, int]]: ...
@@ -245,6 +251,9 @@ class EtcdClient:
         self._leases = Pool(context, CONNECTIONS)
         self._encoder = msgspec.json.Encoder()
         self._decoders: dict[type, msgspec.json.Decoder[Any]] = {}
+        #: API path (`kv/txn`) → how long its calls took, from the call to its answer or
+        #: failure (retries on other endpoints included): for the metrics.
+        self.request_seconds: dict[str, Histogram] = {}
 
     @property
     def endpoint(self) -> str:
@@ -369,6 +378,17 @@ class EtcdClient:
     # --- plumbing -----------------------------------------------------------------------------
 
     async def _call(self, path: str, body: dict[str, Any], answer: type[_T], limit: float) -> _T:
+        started = trio.current_time()
+        try:
+            return await self._exchange(path, body, answer, limit)
+        finally:
+            call = path.removeprefix("/v3/")
+            seen = self.request_seconds.get(call)
+            if seen is None:
+                seen = self.request_seconds[call] = Histogram(REQUEST_BUCKETS)
+            seen.observe(trio.current_time() - started)
+
+    async def _exchange(self, path: str, body: dict[str, Any], answer: type[_T], limit: float) -> _T:
         content = self._encoder.encode(body)
         failure: EtcdError | None = None
         pool = self._leases if path.startswith("/v3/lease/") else self._pool

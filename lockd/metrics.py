@@ -1,0 +1,335 @@
+"""The daemon's metrics: counted as plain numbers while serving, put in the Prometheus text
+format only when someone reads them (`lockctl metrics`, the listener of lockd.metrics_http).
+docs/metrics.md lists every metric.
+
+Invariants:
+- Serving pays only for counting lease events: `Metrics.observe` does a few dict and integer
+  operations and a bisect per histogram an event feeds (one; two for a name with series of
+  its own), and nothing on the hot path knows of the exposition format. Every gauge (leases
+  held, waiters, the oldest lease and waiter, connections, the history writer, the etcd
+  session) is read from its owner at render time.
+- A lock name is a label value only where it matches one of the configured globs
+  (`[metrics] names`); with none configured no series names a lock, so the number of series
+  stays the same whatever names clients use. Per-name counts are kept for matching names
+  only.
+- Rendering reads what it shows and changes nothing.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Final, Protocol
+
+from lockd_client import protocol
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import CollectorRegistry
+
+from .histogram import Histogram
+from .service import LOST_OVERDUE, LOST_SHUTDOWN
+from .table import TAKING, WAITING, LockTable
+
+#: Upper bounds (seconds) of the wait- and hold-time buckets: a lock is waited for or held for
+#: anything from a millisecond (a cron job's guard) to a day (a long backup).
+SECONDS_BUCKETS: Final = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    300.0, 900.0, 1800.0, 3600.0, 7200.0, 21600.0, 86400.0,
+)
+#: How many names `Metrics` remembers not to match its globs.
+_UNMATCHED_KEPT: Final = 4096
+#: The modes a lease holds a name in; a semaphore's slot is its own mode here.
+MODES: Final = ("exclusive", "shared", "semaphore")
+#: How a lease ended when it was `released`: as its holder asked, or with its holder gone.
+RELEASE_REASONS: Final = ("requested", "abandoned")
+#: Why a lease was `lost` (see `loss_reason`).
+LOSS_REASONS: Final = ("overdue", "shutdown", "backend")
+#: The refusals counted from the start (others, such as `unavailable`, appear once they
+#: happen): an alert on a rate needs its series before the first refusal.
+REFUSAL_REASONS: Final = (
+    protocol.ErrorCode.BUSY, protocol.ErrorCode.TIMEOUT, protocol.ErrorCode.PERMISSION_DENIED,
+    protocol.ErrorCode.LIMIT,
+)
+
+
+class HistoryStats(Protocol):
+    """What the metrics read of the history's writer (lockd.history)."""
+
+    @property
+    def backlog(self) -> int:
+        """Events queued and not yet written."""
+
+    @property
+    def dropped(self) -> int:
+        """Events never written (the queue was full, or the disk failed), since the start."""
+
+
+class EtcdStats(Protocol):
+    """What the metrics read of the etcd backend."""
+
+    def lease_state(self) -> tuple[bool, float | None]:
+        """Whether the daemon holds an etcd lease it vouches for, and how many seconds ago
+        the keep-alive that last confirmed it was sent (None: no lease yet)."""
+
+    @property
+    def request_seconds(self) -> Mapping[str, Histogram]:
+        """The time each kind of etcd request took, answered or not, by its API path."""
+
+
+def loss_reason(reason: str | None) -> str:
+    """A `lost` event's reason as a label value: one of LOSS_REASONS."""
+    if reason == LOST_OVERDUE:
+        return "overdue"
+    if reason == LOST_SHUTDOWN:
+        return "shutdown"
+    return "backend"
+
+
+class _Counts:
+    """What the events of some leases add up to: all of them, or those on one name."""
+
+    __slots__ = ("grants", "releases", "losses", "refusals", "breaks", "wait", "hold")
+
+    def __init__(self) -> None:
+        self.grants = dict.fromkeys(MODES, 0)
+        self.releases = dict.fromkeys(RELEASE_REASONS, 0)
+        self.losses = dict.fromkeys(LOSS_REASONS, 0)
+        self.refusals: dict[str, int] = dict.fromkeys(REFUSAL_REASONS, 0)
+        self.breaks = 0
+        self.wait = Histogram(SECONDS_BUCKETS)
+        self.hold = Histogram(SECONDS_BUCKETS)
+
+    def count(self, event: protocol.LeaseEvent) -> None:
+        kind = event.event
+        if kind == "granted":
+            self.grants["semaphore" if event.slots is not None else event.mode] += 1
+            if event.waited is not None:
+                self.wait.observe(event.waited)
+        elif kind == "released" or kind == "lost":
+            if kind == "released":
+                self.releases["requested" if event.reason is None else "abandoned"] += 1
+            else:
+                self.losses[loss_reason(event.reason)] += 1
+            if event.held is not None:
+                self.hold.observe(event.held)
+        elif kind == "refused":
+            reason = event.reason or "unknown"
+            self.refusals[reason] = self.refusals.get(reason, 0) + 1
+        else:
+            self.breaks += 1
+
+
+@dataclass(slots=True)
+class _Census:
+    """Who holds and awaits some names now: (lease, name) pairs by mode, and since when the
+    longest held and longest waiting of them have been so (the table's clock)."""
+
+    held: dict[str, int] = field(default_factory=lambda: dict.fromkeys(MODES, 0))
+    waiting: dict[str, int] = field(default_factory=lambda: dict.fromkeys(MODES, 0))
+    held_since: float | None = None
+    waiting_since: float | None = None
+
+
+class Metrics:
+    """The daemon's metrics: `observe` is a `Server` observer; `render` writes them out."""
+
+    def __init__(
+        self, names: Sequence[str] = (), *, history: HistoryStats | None = None, etcd: EtcdStats | None = None,
+    ) -> None:
+        """`names`: globs (fnmatch, case-sensitive) of the names that get series of their
+        own. `history` and `etcd`, where the daemon has them, are read at render time."""
+        self._matches = _matcher(names)
+        self._history = history
+        self._etcd = etcd
+        self._all = _Counts()
+        #: name → its counts, for the names that match `names` and had an event.
+        self._named: dict[str, _Counts] = {}
+        #: Names found not to match lately: a dict lookup costs a fifth of a glob's match.
+        #: Emptied when full, so that names made up per job cannot grow it without bound.
+        self._unmatched: dict[str, None] = {}
+
+    def observe(self, event: protocol.LeaseEvent) -> None:
+        """Count `event`. Returns at once and never raises (a `Server` observer)."""
+        self._all.count(event)
+        if self._matches is None:
+            return
+        name = event.name
+        named = self._named.get(name)
+        if named is None:
+            if name in self._unmatched:
+                return
+            if not self._matches(name):
+                if len(self._unmatched) >= _UNMATCHED_KEPT:
+                    self._unmatched.clear()
+                self._unmatched[name] = None
+                return
+            named = self._named[name] = _Counts()
+        named.count(event)
+
+    def render(self, table: LockTable, connections: int, now: float) -> bytes:
+        """The metrics in the Prometheus text format (version 0.0.4), with the gauges read
+        from `table` (at `now`, on its clock), `connections` and the sources given."""
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Collector(self, table, connections, now))
+        return generate_latest(registry)
+
+    def collect(self, table: LockTable, connections: int, now: float) -> Iterator[Metric]:
+        everyone, named = self._census(table)
+        yield from _counters("lockd", [], [([], self._all)])
+        yield from _gauges("lockd", [], [([], everyone)], now)
+        yield _gauge("lockd_connections", "Client connections served now.", connections)
+        names = sorted(self._named.keys() | named.keys())
+        if names:
+            counts = [([name], self._named.get(name) or _Counts()) for name in names]
+            yield from _counters("lockd_name", ["name"], counts)
+            yield from _gauges("lockd_name", ["name"], [([name], named.get(name) or _Census()) for name in names], now)
+        if self._history is not None:
+            yield _gauge(
+                "lockd_history_backlog", "Lease events waiting to be written to the history.",
+                self._history.backlog,
+            )
+            yield CounterMetricFamily(
+                "lockd_history_dropped", "Lease events the history never recorded (queue full, disk failing).",
+                self._history.dropped,
+            )
+        if self._etcd is not None:
+            yield from _etcd_metrics(self._etcd)
+
+    def _census(self, table: LockTable) -> tuple[_Census, dict[str, _Census]]:
+        """Who holds and awaits every name now, and each name that gets series of its own.
+        Costs a visit of every (lease, name) pair in the table."""
+        everyone = _Census()
+        named: dict[str, _Census] = {}
+        # Where the backend orders requests, a ticket it is still taking waits in its queue.
+        queued = TAKING if table.ordered_by_backend else WAITING
+        for name in table.names():
+            censuses = [everyone]
+            if self._matches is not None and self._matches(name):
+                censuses.append(named.setdefault(name, _Census()))
+            semaphore = table.slots_of(name) is not None
+            for ticket in table.queue(name):
+                mode = "semaphore" if semaphore else "shared" if ticket.shared else "exclusive"
+                since = ticket.since
+                for census in censuses:
+                    if ticket.state is queued:
+                        census.waiting[mode] += 1
+                        if census.waiting_since is None or since < census.waiting_since:
+                            census.waiting_since = since
+                    else:
+                        census.held[mode] += 1
+                        if census.held_since is None or since < census.held_since:
+                            census.held_since = since
+        return everyone, named
+
+
+class _Collector:
+    """One render's view of the metrics, for `prometheus_client` (a `Collector`)."""
+
+    def __init__(self, metrics: Metrics, table: LockTable, connections: int, now: float) -> None:
+        self._metrics = metrics
+        self._table = table
+        self._connections = connections
+        self._now = now
+
+    def collect(self) -> Iterable[Metric]:
+        return self._metrics.collect(self._table, self._connections, self._now)
+
+
+def _matcher(patterns: Sequence[str]) -> Callable[[str], bool] | None:
+    """One test of a name against every glob (as `fnmatchcase` would); None for no globs."""
+    if not patterns:
+        return None
+    pattern = re.compile("|".join(fnmatch.translate(glob) for glob in patterns))
+    return lambda name: pattern.match(name) is not None
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value)
+
+
+#: The counters of a `_Counts`: (name suffix, help, label, the counts it reads).
+_COUNTERS: Final[list[tuple[str, str, str | None, Callable[[_Counts], Mapping[str, int] | int]]]] = [
+    ("grants", "Leases granted, per name they hold, by mode.", "mode", lambda c: c.grants),
+    ("releases", "Leases ended as their holder asked (requested) or with their holder gone "
+     "(abandoned), per name.", "reason", lambda c: c.releases),
+    ("losses", "Leases lost, per name: broken and not let go in time (overdue), the daemon "
+     "stopping (shutdown), or the backend (backend).", "reason", lambda c: c.losses),
+    ("refusals", "Requests refused, per name, by the error code (busy, timeout, permission_denied, "
+     "limit, ...).", "reason", lambda c: c.refusals),
+    ("breaks", "Leases broken by a forced release, per name.", None, lambda c: c.breaks),
+]
+#: The histograms of a `_Counts`.
+_HISTOGRAMS: Final[list[tuple[str, str, Callable[[_Counts], Histogram]]]] = [
+    ("wait_seconds", "Seconds from request to grant, per name granted.", lambda c: c.wait),
+    ("hold_seconds", "Seconds from grant to end, per name of the leases that ended.", lambda c: c.hold),
+]
+
+
+def _counters(prefix: str, labels: list[str], rows: list[tuple[list[str], _Counts]]) -> Iterator[Metric]:
+    """The counters and histograms of each row's counts, its label values first."""
+    for suffix, documentation, label, read in _COUNTERS:
+        family = CounterMetricFamily(
+            f"{prefix}_{suffix}", documentation, labels=labels if label is None else [*labels, label],
+        )
+        for values, counts in rows:
+            value = read(counts)
+            if isinstance(value, int):
+                family.add_metric(values, value)
+            else:
+                for key, count in value.items():
+                    family.add_metric([*values, key], count)
+        yield family
+    for suffix, documentation, histogram in _HISTOGRAMS:
+        histograms = HistogramMetricFamily(f"{prefix}_{suffix}", documentation, labels=labels)
+        for values, counts in rows:
+            seen = histogram(counts)
+            histograms.add_metric(values, seen.cumulative(), seen.total)
+        yield histograms
+
+
+def _gauges(prefix: str, labels: list[str], rows: list[tuple[list[str], _Census]], now: float) -> Iterator[Metric]:
+    """The gauges of each row's census, its label values first."""
+    held = GaugeMetricFamily(
+        f"{prefix}_leases_held", "Leases held now, per name they hold, by mode.", labels=[*labels, "mode"],
+    )
+    waiting = GaugeMetricFamily(
+        f"{prefix}_waiters", "Requests waiting now, per name they wait for, by mode.", labels=[*labels, "mode"],
+    )
+    oldest_held = GaugeMetricFamily(
+        f"{prefix}_lease_oldest_held_seconds", "Seconds the longest-held lease has been held (0: none is).",
+        labels=labels,
+    )
+    oldest_waiting = GaugeMetricFamily(
+        f"{prefix}_waiter_oldest_waiting_seconds",
+        "Seconds the longest-waiting request has been waiting (0: none is).", labels=labels,
+    )
+    for values, census in rows:
+        for mode in MODES:
+            held.add_metric([*values, mode], census.held[mode])
+            waiting.add_metric([*values, mode], census.waiting[mode])
+        oldest_held.add_metric(values, _age(census.held_since, now))
+        oldest_waiting.add_metric(values, _age(census.waiting_since, now))
+    yield from (held, waiting, oldest_held, oldest_waiting)
+
+
+def _age(since: float | None, now: float) -> float:
+    return 0.0 if since is None else max(0.0, now - since)
+
+
+def _etcd_metrics(etcd: EtcdStats) -> Iterator[Metric]:
+    alive, age = etcd.lease_state()
+    yield _gauge("lockd_etcd_lease_alive", "1 while the daemon holds an etcd lease it vouches for, else 0.", alive)
+    if age is not None:
+        yield _gauge(
+            "lockd_etcd_keepalive_age_seconds",
+            "Seconds since the keep-alive that last confirmed the etcd lease was sent.", age,
+        )
+    family = HistogramMetricFamily(
+        "lockd_etcd_request_seconds", "Seconds each etcd request took, answered or not, by API call.",
+        labels=["call"],
+    )
+    for call, seen in sorted(etcd.request_seconds.items()):
+        family.add_metric([call], seen.cumulative(), seen.total)
+    yield family

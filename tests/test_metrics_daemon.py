@@ -1,0 +1,241 @@
+"""The metrics of a real daemon: over its HTTP listener (TCP and Unix socket) and `lockctl
+metrics`, counting what clients really did; the example dashboard and alert rules against
+what it really exposes."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from lockd_client import errors
+from lockd_client.blocking import connect
+from prometheus_client.parser import text_string_to_metric_families
+
+from lockd import metrics_http
+
+from .conftest import Daemon
+from .test_cli import LOCKCTL, lockctl
+from .waiting import wait_until
+
+DOCS = Path(__file__).parent.parent / "docs"
+TIMEOUT = 30.0
+
+
+def start(root: Path, listen: str, names: list[str]) -> Daemon:
+    config = root / "lockd.toml"
+    config.write_text(f"[metrics]\nlisten = {json.dumps(listen)}\nnames = {json.dumps(names)}\n")
+    daemon = Daemon(root, "--config", str(config))
+    daemon.start()
+    return daemon
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def open_to(listen: str) -> socket.socket:
+    if not listen.startswith("unix:"):
+        host, _, port = listen.rpartition(":")
+        return socket.create_connection((host, int(port)), timeout=TIMEOUT)
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.settimeout(TIMEOUT)
+        sock.connect(listen.removeprefix("unix:"))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def exchange(listen: str, request: bytes) -> tuple[str, bytes]:
+    """Send `request` raw; the status line and the body of the answer, read to its end."""
+    with open_to(listen) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return head.split(b"\r\n", 1)[0].decode(), body
+
+
+def scrape(listen: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """(sample name, sorted labels) → value, from GET /metrics."""
+    status, body = exchange(listen, b"GET /metrics HTTP/1.1\r\nHost: lockd\r\n\r\n")
+    assert status == "HTTP/1.1 200 OK"
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+    }
+
+
+@pytest.fixture
+def tcp_daemon(short_tmp: Path) -> Iterator[tuple[Daemon, str]]:
+    listen = f"127.0.0.1:{free_port()}"
+    daemon = start(short_tmp, listen, ["db*"])
+    yield daemon, listen
+    daemon.kill()
+
+
+@pytest.fixture(scope="module")
+def unix_daemon() -> Iterator[tuple[Daemon, str]]:
+    root = Path(tempfile.mkdtemp(prefix="lockd-"))
+    listen = f"unix:{root}/metrics.sock"
+    daemon = start(root, listen, ["db*"])
+    yield daemon, listen
+    daemon.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_counters_and_gauges_match_what_clients_did(tcp_daemon: tuple[Daemon, str]) -> None:
+    daemon, listen = tcp_daemon
+    with connect(daemon.socket) as client, connect(daemon.socket) as other:
+        for _ in range(3):
+            client.acquire("db1").release()
+        client.acquire("other", shared=True).release()
+        holding = client.acquire("db1")
+        with pytest.raises(errors.LockBusy):
+            other.acquire("db1", wait=False)
+        with pytest.raises(errors.LockTimeout):
+            other.acquire("db1", timeout=0.05)
+        waiter = subprocess.Popen([*LOCKCTL, "acquire", "-s", "db1", "--", "true"], env=daemon.env)
+        try:
+            got = wait_until(
+                lambda: (m := scrape(listen))[("lockd_waiters", (("mode", "shared"),))] == 1 and m,
+                "the waiter counted", show=daemon.log,
+            )
+            assert got["lockd_leases_held", (("mode", "exclusive"),)] == 1
+            assert got["lockd_name_leases_held", (("mode", "exclusive"), ("name", "db1"))] == 1
+            assert got["lockd_name_waiters", (("mode", "shared"), ("name", "db1"))] == 1
+            assert got["lockd_lease_oldest_held_seconds", ()] > 0
+            assert got["lockd_waiter_oldest_waiting_seconds", ()] > 0
+            assert got["lockd_connections", ()] == 3
+        finally:
+            holding.release()
+            assert waiter.wait(TIMEOUT) == 0
+    got = wait_until(
+        lambda: (m := scrape(listen))[("lockd_connections", ())] == 0 and m, "the clients gone", show=daemon.log,
+    )
+    assert got["lockd_grants_total", (("mode", "exclusive"),)] == 4
+    assert got["lockd_grants_total", (("mode", "shared"),)] == 2
+    assert got["lockd_releases_total", (("reason", "requested"),)] == 6
+    assert got["lockd_refusals_total", (("reason", "busy"),)] == 1
+    assert got["lockd_refusals_total", (("reason", "timeout"),)] == 1
+    assert got["lockd_wait_seconds_count", ()] == 6
+    assert got["lockd_hold_seconds_count", ()] == 6
+    assert got["lockd_leases_held", (("mode", "exclusive"),)] == 0
+    assert got["lockd_lease_oldest_held_seconds", ()] == 0
+    # Only db1, which matches the configured glob db*, has series of its own.
+    assert {dict(labels).get("name") for _, labels in got} - {None} == {"db1"}
+    assert got["lockd_name_grants_total", (("mode", "exclusive"), ("name", "db1"))] == 4
+    assert got["lockd_name_refusals_total", (("name", "db1"), ("reason", "timeout"))] == 1
+
+
+def test_a_listener_that_cannot_bind_stops_the_start_saying_why(short_tmp: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        (short_tmp / "lockd.toml").write_text(f'[metrics]\nlisten = "127.0.0.1:{port}"\n')
+        daemon = Daemon(short_tmp, "--config", str(short_tmp / "lockd.toml"))
+        daemon.lock_dir.mkdir()
+        done = subprocess.run(daemon.argv(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 1
+    assert f"metrics.listen: cannot listen on 127.0.0.1:{port}: Address already in use" in done.stderr
+    assert not Path(daemon.socket).exists()
+
+
+def test_bad_requests_get_an_error_or_are_cut_off_and_the_lock_service_goes_on(
+    unix_daemon: tuple[Daemon, str], name: str
+) -> None:
+    daemon, listen = unix_daemon
+    assert exchange(listen, b"\x16\x03\x01garbage\r\n\r\n")[0] == "HTTP/1.1 400 Bad Request"
+    assert exchange(listen, b"DELETE /metrics HTTP/1.1\r\n\r\n")[0] == "HTTP/1.1 405 Method Not Allowed"
+    assert exchange(listen, b"GET /admin HTTP/1.1\r\n\r\n")[0] == "HTTP/1.1 404 Not Found"
+    with open_to(listen) as huge:
+        try:
+            huge.sendall(b"GET /metrics HTTP/1.1\r\nX-Long: " + b"x" * 1_000_000)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # cut off before all of it was sent
+        assert huge.recv(100).startswith(b"HTTP/1.1 431 ")
+    # Slow clients, as many as are served at once and more, holding their connections silent.
+    silent = [open_to(listen) for _ in range(metrics_http.MAX_CLIENTS + 2)]
+    try:
+        silent[0].sendall(b"GET /met")
+        with connect(daemon.socket) as client:
+            client.acquire(name).release()
+        assert lockctl(daemon, "acquire", name, "--", "true").returncode == 0
+    finally:
+        for sock in silent:
+            sock.close()
+    assert wait_until(lambda: scrape(listen), "a scrape once the slow clients went", show=daemon.log)
+
+
+def test_lockctl_metrics_prints_the_same_families_as_the_listener(unix_daemon: tuple[Daemon, str]) -> None:
+    daemon, listen = unix_daemon
+    done = lockctl(daemon, "metrics")
+    assert (done.returncode, done.stderr) == (0, "")
+    printed = {family.name for family in text_string_to_metric_families(done.stdout)}
+    _, body = exchange(listen, b"GET /metrics HTTP/1.1\r\n\r\n")
+    assert printed == {family.name for family in text_string_to_metric_families(body.decode())}
+    assert {"lockd_grants", "lockd_wait_seconds", "lockd_leases_held", "lockd_connections"} <= printed
+
+
+# --- the dashboard and the alert rules --------------------------------------------------------
+
+#: A metric's name in a PromQL expression: lockd's all start so.
+METRIC = re.compile(r"\blockd_[a-z_]+\b")
+
+
+def exposed(listen: str, daemon: Daemon) -> set[str]:
+    """The sample names a daemon exposes, with a lease held on a name that has series of
+    its own (so that they all have samples)."""
+    with connect(daemon.socket) as client, client.acquire("db-dashboard"):
+        return {sample_name for sample_name, _ in scrape(listen)}
+
+
+def test_the_dashboard_is_a_grafana_dashboard_of_metrics_the_daemon_exposes(
+    unix_daemon: tuple[Daemon, str]
+) -> None:
+    dashboard = json.loads((DOCS / "grafana-dashboard.json").read_text())
+    assert dashboard["title"] and isinstance(dashboard["schemaVersion"], int)
+    assert dashboard["panels"]
+    exprs = []
+    for panel in dashboard["panels"]:
+        assert panel["title"] and panel["type"] and set(panel["gridPos"]) == {"h", "w", "x", "y"}
+        assert panel["targets"], panel["title"]
+        assert len({target["refId"] for target in panel["targets"]}) == len(panel["targets"])
+        exprs += [target["expr"] for target in panel["targets"]]
+    used = {name for expr in exprs for name in METRIC.findall(expr)}
+    for expr in exprs:
+        assert METRIC.search(expr), expr
+    assert used <= exposed(unix_daemon[1], unix_daemon[0])
+    # What the issue asks the dashboard to show.
+    for wanted in ("lockd_leases_held", "lockd_waiters", "lockd_grants_total", "lockd_refusals_total",
+                   "lockd_wait_seconds_bucket", "lockd_hold_seconds_bucket"):
+        assert wanted in used
+    assert any("histogram_quantile" in expr for expr in exprs)
+
+
+def test_the_alert_rules_are_a_rule_group_of_metrics_the_daemon_exposes(unix_daemon: tuple[Daemon, str]) -> None:
+    rules = yaml.safe_load((DOCS / "alerts.yml").read_text())
+    (group,) = rules["groups"]
+    assert group["name"] and len(group["rules"]) == 2
+    for rule in group["rules"]:
+        assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"}
+        assert re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", rule["alert"])
+        assert re.fullmatch(r"\d+[smh]", rule["for"])
+        assert rule["annotations"]["summary"]
+    used = {name for rule in group["rules"] for name in METRIC.findall(rule["expr"])}
+    assert used == {"lockd_name_lease_oldest_held_seconds", "lockd_waiter_oldest_waiting_seconds"}
+    assert used <= exposed(unix_daemon[1], unix_daemon[0])
