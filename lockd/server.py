@@ -37,6 +37,7 @@ from .orders import (
     Grant,
     LookForHolders,
     Order,
+    Publish,
     Record,
     Release,
     Send,
@@ -243,6 +244,11 @@ class Server:
         elif isinstance(order, Record):
             for observe in self._observers:
                 observe(order.event)
+        elif isinstance(order, Publish):
+            if self.service.subscribed(order.peer, order.subscription_id) and not order.peer.offer(
+                protocol.Event(order.subscription_id, order.event)
+            ):
+                self.service.subscriber_lagging(order.peer, order.subscription_id)
         elif isinstance(order, WakeAt):
             if self._timer is not None and order.deadline < self._timer.deadline:
                 self._timer.deadline = order.deadline
