@@ -182,3 +182,17 @@ def test_a_lease_is_not_tied_to_whoever_inherits_lockctl_from_its_dead_parent(sc
             os.kill(peer.pid, signal.SIGKILL)
         shell.communicate(timeout=TIMEOUT)
     assert "is gone" in err and "--pid" in err
+
+
+def test_watch_on_a_daemon_too_old_for_events_says_so_and_sends_nothing(scripted) -> None:
+    proc = start(scripted, "watch", "x")
+    try:
+        peer = scripted.accept()
+        peer.greet()  # a Welcome without the events feature
+        assert peer.wait_for_close() == []
+        _, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        proc.kill()
+        proc.wait(TIMEOUT)
+    assert proc.returncode == cli.EXIT_PROTOCOL, err
+    assert "this lockd (scripted) does not send lease events; upgrade it" in err
