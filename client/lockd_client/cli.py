@@ -91,7 +91,7 @@ DEFAULT_KILL_AFTER: Final = 10.0
 #: enough that a script hears that something is wrong. `acquire` waits as long as -w says,
 #: or as long as it takes.
 BUSY_WAIT: Final = 60.0
-#: `status --watch`: seconds between redraws, as watch(1)'s default, and the least, as its.
+#: `status --watch`: seconds between drawings when not given, and the fewest; watch(1)'s.
 DEFAULT_WATCH_INTERVAL: Final = 2.0
 MIN_WATCH_INTERVAL: Final = 0.1
 
@@ -476,8 +476,8 @@ def parse_args(argv: list[str]) -> Args:
 
 
 def _watch_interval_given(argv: list[str]) -> list[str]:
-    """`argv` with `status --watch` followed by a NAME rather than SEC made `--watch` alone
-    (argparse would take the NAME for SEC): a lock name may be a number, but a word is not
+    """`argv` with the SEC of `status --watch` made explicit when a NAME follows `--watch`
+    (argparse would take that NAME for SEC): a lock name may be a number, but a word is never
     an interval."""
     at = argv.index("--watch")
     following = argv[at + 1 : at + 2]
