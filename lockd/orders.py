@@ -37,6 +37,10 @@ class Peer(Hashable, Protocol):
         """Stop serving this peer once what is queued is sent; the service hears
         `disconnected`."""
 
+    def offer(self, message: object) -> bool:
+        """Send `message` unless the peer has left so much unread that it would be better
+        dropped (a lagging subscriber): then send nothing and return False. Never blocks."""
+
 
 @dataclass(slots=True)
 class Send:
@@ -138,7 +142,17 @@ class SendMetrics:
     request_id: int
 
 
+@dataclass(slots=True)
+class Publish:
+    """Offer `event` to `peer`'s subscription `subscription_id` unless it has ended since
+    (`LockService.subscribed`); answer `subscriber_lagging` if the peer cannot take it."""
+
+    peer: Peer
+    subscription_id: int
+    event: LeaseEvent
+
+
 Order = (
     Send | Close | StartTake | StopTake | Release | Grant | LookForHolders | Watch | Unwatch | WakeAt | Record
-    | SendMetrics
+    | SendMetrics | Publish
 )

@@ -38,6 +38,7 @@ from .orders import (
     Grant,
     LookForHolders,
     Order,
+    Publish,
     Record,
     Release,
     Send,
@@ -249,6 +250,11 @@ class Server:
                 observe(order.event)
         elif isinstance(order, SendMetrics):
             self._send_metrics(order)
+        elif isinstance(order, Publish):
+            if self.service.subscribed(order.peer, order.subscription_id) and not order.peer.offer(
+                protocol.Event(order.subscription_id, order.event)
+            ):
+                self.service.subscriber_lagging(order.peer, order.subscription_id)
         elif isinstance(order, WakeAt):
             if self._timer is not None and order.deadline < self._timer.deadline:
                 self._timer.deadline = order.deadline

@@ -34,6 +34,10 @@ Invariants:
   refused request `refused`; a lease `granted`, maybe `broken`, and exactly one end,
   `released` or `lost`, given where its ticket ends (`Ended`). A request withdrawn before
   its grant yields none.
+- Every event goes to each subscription that asked for its name and whose user may read it
+  (`Policy.events_visible_to`), in order, until the subscription ends: its client releases
+  it or goes away, or lags (it cannot take an event): then an `Error` of code `limit` is
+  the last message about it.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ from .orders import (
     LookForHolders,
     Order,
     Peer,
+    Publish,
     Record,
     Release,
     Send,
@@ -100,7 +105,10 @@ LOST_SHUTDOWN: Final = "the daemon is shutting down"
 #: The states `status` shows as holding: a broken lease holds until its owner has let go.
 _SHOWN_HELD: Final = (HELD, BREAKING)
 #: What this daemon offers beyond the first version of the protocol (Welcome.features).
-_FEATURES: Final = (protocol.Feature.SEMAPHORES, protocol.Feature.METRICS)
+_FEATURES: Final = (protocol.Feature.SEMAPHORES, protocol.Feature.EVENTS, protocol.Feature.METRICS)
+#: Subscriptions one connection may hold: one can name any number of locks, so more than a
+#: few is a client bug, and each costs every event a look.
+MAX_SUBSCRIPTIONS: Final = 16
 #: What clients do wrong, logged within bounds (see loglimit).
 CUT_OFF: Final = Kind(logging.INFO, "cut off {count} more connections")
 REFUSED_CONNECTION: Final = Kind(logging.WARNING, "refused {count} more connections")
@@ -115,7 +123,7 @@ class Client:
     asked for: its live tickets by request id, and the counts the limits read."""
 
     __slots__ = ("peer", "pid", "uid", "gid", "gids", "command", "break_grace", "tickets", "names", "taking",
-                 "refusing")
+                 "refusing", "subscriptions")
 
     def __init__(
         self, peer: Peer, pid: int, uid: int, gid: int, gids: frozenset[int], command: str, break_grace: float
@@ -139,9 +147,28 @@ class Client:
         #: Ids of ended requests whose refusal is still to be sent → the look it waits for (a
         #: withdrawn request's id may be used again while its look still runs).
         self.refusing: dict[int, LookForHolders] = {}
+        #: Request id → a subscription of this connection to lease events.
+        self.subscriptions: dict[int, Subscription] = {}
 
     def __repr__(self) -> str:
         return f"<Client pid={self.pid} uid={self.uid} {self.peer!r}>"
+
+    def uses(self, request_id: int) -> bool:
+        """Whether `request_id` names something of this connection's that has not ended."""
+        return request_id in self.tickets or request_id in self.refusing or request_id in self.subscriptions
+
+
+@dataclass(frozen=True, slots=True)
+class Subscription:
+    """What lease events a subscription receives."""
+
+    #: None: every name's.
+    names: frozenset[str] | None
+    #: Whose events (`Policy.events_visible_to`): None, everyone's.
+    uid: int | None
+
+    def wants(self, event: protocol.LeaseEvent) -> bool:
+        return (self.names is None or event.name in self.names) and (self.uid is None or self.uid == event.uid)
 
 
 @dataclass(slots=True)
@@ -219,6 +246,8 @@ class LockService:
         self._applying = False
         self.stopping = False
         self._noise = LogLimiter()
+        #: The clients with a subscription to lease events.
+        self._subscribers: dict[Client, None] = {}
 
     # --- connections --------------------------------------------------------------------------
 
@@ -272,6 +301,8 @@ class LockService:
         if not self.stopping and not reason.startswith("the client"):
             self._log_noise(CUT_OFF, client.uid, reason, "%r cut off: %s", peer, reason)
         client.refusing.clear()
+        client.subscriptions.clear()
+        self._subscribers.pop(client, None)
         with contained(f"ending the tickets of {client!r}"):
             self._apply(self.table.drop_owner(client))
 
@@ -296,6 +327,8 @@ class LockService:
         elif isinstance(message, protocol.Metrics):
             # Anyone may read them: counts, and only the names the administrator chose.
             self.orders.append(SendMetrics(peer, message.id))
+        elif isinstance(message, protocol.Subscribe):
+            self._subscribe(client, message)
         else:
             problem = f"unexpected {type(message).__name__} message"
             self._send(peer, protocol.Error(None, protocol.ErrorCode.PROTOCOL, problem))
@@ -308,7 +341,7 @@ class LockService:
         process: ProcessOwner | None = None
         try:
             names = checked_names(request.names)
-            if request.id in client.tickets or request.id in client.refusing:
+            if client.uses(request.id):
                 raise errors.ProtocolError(f"request id {request.id} is already in use on this connection")
             timeout = request.timeout
             if timeout is not None and not (timeout >= 0 and math.isfinite(timeout)):
@@ -374,8 +407,50 @@ class LockService:
         if ticket is not None:
             party(ticket).exit_status = exit_status
             self._apply(self.table.release(ticket))
+        elif client.subscriptions.pop(request_id, None) is not None:
+            if not client.subscriptions:
+                del self._subscribers[client]
         else:
             client.refusing.pop(request_id, None)  # withdrawn: its refusal is not sent
+
+    def _subscribe(self, client: Client, request: protocol.Subscribe) -> None:
+        """Send `client` the lease events it asks for and may read, until it releases
+        `request.id`."""
+        try:
+            names = frozenset(checked_names(request.names)) if request.names else None
+            if client.uses(request.id):
+                raise errors.ProtocolError(f"request id {request.id} is already in use on this connection")
+            if len(client.subscriptions) >= MAX_SUBSCRIPTIONS:
+                raise errors.LimitExceeded(
+                    f"this connection has {MAX_SUBSCRIPTIONS} subscriptions already; one subscription can "
+                    "name many locks, or none for all of them"
+                )
+        except errors.LockdError as exc:
+            self._send_error(client, request.id, exc)
+            return
+        client.subscriptions[request.id] = Subscription(names, self.policy.events_visible_to(client.uid))
+        self._subscribers[client] = None
+        self._send(client.peer, protocol.Done(request.id))
+
+    def subscribed(self, peer: Peer, subscription_id: int) -> bool:
+        """Whether `peer`'s subscription `subscription_id` still receives events."""
+        client = self.clients.get(peer)
+        return client is not None and subscription_id in client.subscriptions
+
+    def subscriber_lagging(self, peer: Peer, subscription_id: int) -> None:
+        """`peer` cannot take the next event of its subscription: end the subscription, so
+        that a slow reader costs the daemon nothing more, and tell it so."""
+        client = self.clients.get(peer)
+        if client is None or client.subscriptions.pop(subscription_id, None) is None:
+            return
+        if not client.subscriptions:
+            del self._subscribers[client]
+        log.info("%r: subscription %d dropped: it did not read its events in time", client, subscription_id)
+        self._send(peer, protocol.Error(
+            subscription_id, protocol.ErrorCode.LIMIT,
+            "dropped: events came faster than this connection read them; subscribe again, and read "
+            "them as they come (the history has the ones missed)",
+        ))
 
     def _release_pid(self, client: Client, request: protocol.ReleasePid) -> None:
         """Release the leases a process holds on some names (lockctl release)."""
@@ -761,11 +836,11 @@ class LockService:
         waited = (ticket.since if granted else now) - who.requested if kind in ("granted", "refused") else None
         held = now - ticket.since if granted and kind != "granted" else None
         for index, name in enumerate(ticket.names):
-            self.orders.append(Record(protocol.LeaseEvent(
+            self._happened(protocol.LeaseEvent(
                 now + self._wall_offset, kind, name, claim.mode_on(name), claim.slots.get(name),
                 ticket.tokens[index] if ticket.tokens else None, claim.pid, claim.uid, None, claim.command,
                 claim.label, waited, held, reason, exit_status,
-            )))
+            ))
 
     def _record_refusal(self, client: Client, request: protocol.Acquire, exc: errors.LockdError) -> None:
         """Record the refusal of `request` before it became a ticket (limits, policy...)."""
@@ -774,10 +849,18 @@ class LockService:
         label = client.peer.label if request.label is None else sanitize(request.label)
         for name in dict.fromkeys(request.names):
             mode = "shared" if name in request.slots else request.mode
-            self.orders.append(Record(protocol.LeaseEvent(
+            self._happened(protocol.LeaseEvent(
                 now, "refused", name, mode, request.slots.get(name), None, client.pid, client.uid, None,
                 client.command, label, 0.0, None, reason,
-            )))
+            ))
+
+    def _happened(self, event: protocol.LeaseEvent) -> None:
+        """Record `event`, and publish it to every subscription that wants it."""
+        self.orders.append(Record(event))
+        for client in self._subscribers:
+            for subscription_id, subscription in client.subscriptions.items():
+                if subscription.wants(event):
+                    self.orders.append(Publish(client.peer, subscription_id, event))
 
     def _refused(self, ticket: Ticket, who: Party, effect: Refused) -> None:
         holders = self._in_way(ticket, effect.blockers)
@@ -931,7 +1014,9 @@ class LockService:
            live tickets that name it, at least one.
         8. A request id whose refusal is still to be sent is none of its client's live
            tickets' ids, and a client gone has no refusal to send.
-        9. The table's own invariants (`LockTable.check`).
+        9. `_subscribers` is the connected clients with a subscription, whose ids are none of
+           their tickets' or refusals' ids.
+        10. The table's own invariants (`LockTable.check`).
         """
         assert not self._effects and not self._applying, self._effects
         uid_clients: dict[int, int] = {}
@@ -960,8 +1045,14 @@ class LockService:
             assert client.names == sum(len(t.names) for t in mine.values()), client
             assert client.taking == sum(t in self._taking for t in mine.values()), client
             assert client.refusing.keys().isdisjoint(mine), (client, client.refusing)
+            assert client.subscriptions.keys().isdisjoint(mine) and client.subscriptions.keys().isdisjoint(
+                client.refusing
+            ), client
             if self.clients.get(client.peer) is not client:
                 assert not client.refusing, f"{client} is gone, refusing {client.refusing}"
+                assert not client.subscriptions, f"{client} is gone, subscribed {client.subscriptions}"
+        subscribers = {client for client in self.clients.values() if client.subscriptions}
+        assert set(self._subscribers) == subscribers, subscribers.symmetric_difference(self._subscribers)
 
         for claim, ticket in self._claimed.items():
             assert ticket in live and ticket.holding, ticket

@@ -42,6 +42,10 @@ log = logging.getLogger("lockd")
 #: Replies a client may leave unread before it is cut off. Generous: a `status` of a busy host
 #: is one large frame, and it is still appended whole.
 MAX_OUTBOX: Final = 4 * 1024 * 1024
+#: Unread bytes past which a lease event is not sent but its subscription dropped: far below
+#: MAX_OUTBOX, so a subscriber that cannot keep up loses its subscription, never its
+#: connection and the leases on it.
+MAX_OFFERED: Final = 256 * 1024
 #: Reads and requests the reader handles before it lets other tasks run.
 FAIR_TURNS: Final = 16
 #: After its goodbye is written, how long a cut-off client has to hang up before the daemon
@@ -92,6 +96,13 @@ class Session:
         return f"<Session #{self.ident}>"
 
     # --- sending ------------------------------------------------------------------------------
+
+    def offer(self, message: object) -> bool:
+        """Send `message` unless more than MAX_OFFERED bytes wait unread (then False)."""
+        if len(self._outbox) > MAX_OFFERED:
+            return False
+        self.send(message)
+        return True
 
     def send(self, message: object, fds: Sequence[int] = ()) -> None:
         """Send `message` to this client, with copies of the descriptors `fds`, or queue it

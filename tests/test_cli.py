@@ -176,13 +176,35 @@ def test_daemonising_grandchild_does_not_keep_the_lock(lockd, name: str, tmp_pat
         os.kill(grandchild, signal.SIGKILL)
 
 
+class OnTerminal:
+    """`program` run with `argv` and `env` on a new pseudo-terminal, as its session leader;
+    `master` is the terminal's other end. Killed on leaving the block unless `wait`ed for."""
+
+    def __init__(self, program: str, argv: list[str], env: dict[str, str]) -> None:
+        self.pid, self.master = pty.fork()
+        if self.pid == 0:
+            os.execvpe(program, argv, env)
+        self.status: int | None = None
+
+    def wait(self) -> int:
+        """Its wait status, once it has exited."""
+        self.status = wait_pid(self.pid)
+        return self.status
+
+    def __enter__(self) -> OnTerminal:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.status is None:  # it hung, or the test failed
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+        os.close(self.master)
+
+
 def test_ctrl_z_stops_lockctl_with_cmd_and_fg_continues_both(lockd, name: str) -> None:
     """Under an interactive shell's job control, lockctl and CMD behave as one job."""
-    pid, master = pty.fork()
-    if pid == 0:
-        os.execvpe("bash", ["bash", "--norc", "--noprofile", "-i"], {**lockd.env, "PS1": "$ "})
-    status = None
-    try:
+    with OnTerminal("bash", ["bash", "--norc", "--noprofile", "-i"], {**lockd.env, "PS1": "$ "}) as bash:
+        master = bash.master
         os.write(master, f"{LOCKCTL_SH} acquire {name} -- sh -c 'read l; echo finished:$l'\n".encode())
         wait_until(lambda: held(lockd, name), "CMD running")
         os.write(master, b"\x1a")  # Ctrl-Z
@@ -192,12 +214,7 @@ def test_ctrl_z_stops_lockctl_with_cmd_and_fg_continues_both(lockd, name: str) -
         assert b"finished:go" in read_terminal(master, until=b"finished:go")
         os.write(master, b"echo status=$?; exit\n")
         assert b"status=0" in read_terminal(master, until=b"status=0")
-        status = wait_pid(pid)
-    finally:
-        if status is None:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-        os.close(master)
+        bash.wait()
     assert not held(lockd, name)
 
 
@@ -290,24 +307,15 @@ def test_waiters_get_the_lock_when_the_holder_is_done_and_only_v_says_so(lockd, 
 
 
 def test_waiting_on_a_terminal_shows_one_updating_line(lockd, name: str, holder) -> None:
-    pid, master = pty.fork()
-    if pid == 0:
-        os.execve(sys.executable, [*LOCKCTL, "acquire", name, "--", "true"], lockd.env)
-    status = None
-    try:
+    with OnTerminal(sys.executable, [*LOCKCTL, "acquire", name, "--", "true"], lockd.env) as waiter:
         line = f"\rlockctl: waiting for {name}: held by pid {holder.pid}".encode()
-        output = read_terminal(master, until=line)
+        output = read_terminal(waiter.master, until=line)
         holder.kill()  # its lease ends: the waiter gets the lock, runs CMD and exits
-        output += read_terminal(master, until=b"never printed")
-        status = wait_pid(pid)
-    finally:
-        if status is None:  # it hung
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-        os.close(master)
+        output += read_terminal(waiter.master, until=b"never printed")
+        status = waiter.wait()
     assert line in output
     assert output.endswith(b"\r\x1b[K")  # the line is cleared once the lock is granted
-    assert status is not None and os.waitstatus_to_exitcode(status) == 0
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 def test_daemon_not_running_names_the_socket(tmp_path: Path) -> None:

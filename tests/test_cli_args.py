@@ -87,6 +87,23 @@ def test_no_wait_wins_over_a_timeout() -> None:
     assert (args.no_wait, args.timeout) == (True, None)
 
 
+@pytest.mark.parametrize(
+    ("argv", "interval", "names"),
+    [
+        (["--watch"], cli.DEFAULT_WATCH_INTERVAL, []),
+        (["--watch", "0.5", "a"], 0.5, ["a"]),
+        (["--watch=5", "a"], 5.0, ["a"]),
+        # A word after --watch is a NAME, not SEC; a number is SEC, though it could be a name.
+        (["--watch", "site.com", "db"], cli.DEFAULT_WATCH_INTERVAL, ["site.com", "db"]),
+        (["a", "--watch", "3"], 3.0, ["a"]),
+        ([], None, []),
+    ],
+)
+def test_status_watch_takes_an_optional_interval(argv: list[str], interval: float | None, names: list[str]) -> None:
+    args = parse("status", *argv)
+    assert (args.watch, args.names) == (interval, names)
+
+
 def test_conflict_exit_code() -> None:
     assert parse("acquire", "-E", "0", "x", "--", "true").conflict_exit_code == 0
 
@@ -151,6 +168,11 @@ def test_slots_usage_errors_say_what_to_do(argv: list[str], message: str) -> Non
         ["release", "--force", "a", "b"],
         ["release", "--force", "--pid", "42", "a"],
         ["release"],
+        ["status", "--watch", "--json"],
+        ["status", "--watch", "0.05"],
+        ["status", "--watch", "-1"],
+        ["status", "--watch=soon"],
+        ["watch", "--pid", "42"],
         ["frobnicate", "x"],
         [],
     ],
@@ -161,7 +183,11 @@ def test_usage_errors(argv: list[str]) -> None:
 
 
 @pytest.mark.parametrize(
-    "argv", [["acquire", "{}", "--", "true"], ["acquire", "{}"], ["release", "{}"], ["status", "ok", "{}"]]
+    "argv",
+    [
+        ["acquire", "{}", "--", "true"], ["acquire", "{}"], ["release", "{}"], ["status", "ok", "{}"],
+        ["watch", "ok", "{}"], ["status", "--watch", "{}"],
+    ],
 )
 @pytest.mark.parametrize("bad", ["", "../etc", ".hidden", "-n", "a/b", "a b", "x" * 251])
 def test_invalid_names_state_the_rule(argv: list[str], bad: str) -> None:
@@ -172,11 +198,11 @@ def test_invalid_names_state_the_rule(argv: list[str], bad: str) -> None:
 
 
 def test_socket_option_on_every_command() -> None:
-    for argv in (["acquire", "x", "--", "true"], ["release", "x"], ["status"]):
+    for argv in (["acquire", "x", "--", "true"], ["release", "x"], ["status"], ["watch"]):
         assert cli.parse_args([argv[0], "--socket", "/s", *argv[1:]]).socket == "/s"
 
 
-@pytest.mark.parametrize("argv", [["acquire", "x", "--", "true"], ["release", "x"], ["status"]])
+@pytest.mark.parametrize("argv", [["acquire", "x", "--", "true"], ["release", "x"], ["status"], ["watch"]])
 def test_a_relative_socket_is_a_usage_error(capsys, argv: list[str]) -> None:
     assert cli.main([argv[0], "--socket", "lockd.sock", *argv[1:]]) == cli.EXIT_USAGE
     assert "--socket: the socket must be an absolute path, not 'lockd.sock'" in capsys.readouterr().err
@@ -214,7 +240,7 @@ def test_main_reports_usage_errors_with_64_before_contacting_the_daemon(capsys, 
     assert "/nonexistent" not in err
 
 
-@pytest.mark.parametrize("command", ["acquire", "release", "status"])
+@pytest.mark.parametrize("command", ["acquire", "release", "status", "watch"])
 def test_help_has_examples(capsys, command: str) -> None:
     assert cli.main([command, "--help"]) == 0
     out = capsys.readouterr().out
@@ -228,6 +254,7 @@ def test_help_has_examples(capsys, command: str) -> None:
         (cli.ACQUIRE_EPILOG, {1, 64, 66, 69, 75, 76, 77, 79, 80, 81, 126, 127}),
         (cli.RELEASE_EPILOG, {0, 1, 64, 69, 75, 76, 77}),
         (cli.STATUS_EPILOG, {0, 1, 64, 69, 75, 76}),
+        (cli.WATCH_EPILOG, {64, 69, 75, 76}),
     ],
 )
 def test_help_lists_every_exit_status_of_its_command(epilog: str, statuses: set[int]) -> None:

@@ -198,3 +198,17 @@ def test_slots_are_never_sent_to_a_daemon_that_would_grant_a_lock_instead(script
     assert proc.returncode == cli.EXIT_PROTOCOL, err
     assert "does not serve semaphores" in err and "upgrade it" in err
     assert not (tmp_path / "ran").exists()
+
+
+def test_watch_on_a_daemon_too_old_for_events_says_so_and_sends_nothing(scripted) -> None:
+    proc = start(scripted, "watch", "x")
+    try:
+        peer = scripted.accept()
+        peer.greet()  # a Welcome without the events feature
+        assert peer.wait_for_close() == []
+        _, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        proc.kill()
+        proc.wait(TIMEOUT)
+    assert proc.returncode == cli.EXIT_PROTOCOL, err
+    assert "this lockd (scripted) does not send lease events; upgrade it" in err

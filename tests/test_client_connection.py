@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from lockd_client import errors, protocol
-from lockd_client._connection import EOF_REASON, Connection, LeaseState, Phase
+from lockd_client._connection import EOF_REASON, MAX_UNREAD_EVENTS, Connection, LeaseState, Phase
 
 ENCODER = msgspec.msgpack.Encoder()
 HOLDER = protocol.Holder(pid=42, uid=1000, command="rsync", token=7)
@@ -36,10 +36,12 @@ def welcome() -> protocol.Welcome:
     return protocol.Welcome(version=protocol.PROTOCOL_VERSION, server="lockd 0.1.0", backend="flock")
 
 
-def opened() -> Connection:
+def opened(features: list[str] | None = None) -> Connection:
     conn = Connection()
     conn.hello()
-    conn.receive_data(frames(welcome()))
+    if features is None:
+        features = [protocol.Feature.EVENTS]
+    conn.receive_data(frames(protocol.Welcome(protocol.PROTOCOL_VERSION, "lockd 0.1.0", "flock", features=features)))
     assert conn.phase is Phase.OPEN
     return conn
 
@@ -652,3 +654,134 @@ def test_a_metrics_reply_to_another_request_breaks_the_protocol() -> None:
     call, _ = conn.status()
     conn.receive_data(frames(protocol.MetricsReply(call.id, "")))
     assert_broken(conn, because="metrics_reply in reply to status")
+# --- subscriptions ----------------------------------------------------------------------------
+
+
+def lease_event(name: str, kind: protocol.EventKind = "granted") -> protocol.LeaseEvent:
+    return protocol.LeaseEvent(1000.0, kind, name, "exclusive", token=7, pid=42, uid=1000)
+
+
+def subscribed(conn: Connection, *names: str):
+    subscription, _ = conn.subscribe(names)
+    conn.receive_data(frames(protocol.Done(subscription.id)))
+    assert subscription.started
+    return subscription
+
+
+def test_a_subscription_starts_with_done_and_queues_its_events_in_order():
+    conn = opened()
+    lease = granted(conn, "mine")
+    subscription, data = conn.subscribe(["a", "b", "a"])
+    assert decoded(data) == [protocol.Subscribe(subscription.id, ["a", "b"])]
+    assert not subscription.started
+    conn.receive_data(frames(protocol.Done(subscription.id)))
+    events = [lease_event("a"), lease_event("b", "released"), lease_event("a", "refused")]
+    conn.receive_data(frames(*(protocol.Event(subscription.id, e) for e in events), protocol.Lost(lease.id, "x")))
+    assert list(subscription.events) == events
+    assert not subscription.ended and lease.state is LeaseState.LOST  # and the rest goes on
+
+
+def test_unsubscribing_sends_release_once_and_ignores_what_was_in_flight():
+    conn = opened()
+    subscription = subscribed(conn)
+    conn.receive_data(frames(protocol.Event(subscription.id, lease_event("a"))))
+    assert decoded(conn.unsubscribe(subscription)) == [protocol.Release(subscription.id)]
+    assert subscription.ended and subscription.error is None
+    assert conn.unsubscribe(subscription) == b""
+    conn.receive_data(frames(
+        protocol.Event(subscription.id, lease_event("b")), protocol.Error(subscription.id, "limit", "dropped")
+    ))
+    assert not conn.closed
+    assert [event.name for event in subscription.events] == ["a"]  # still readable
+    assert subscription.error is None
+
+
+def test_unsubscribing_before_done_withdraws_it():
+    conn = opened()
+    subscription, _ = conn.subscribe([])
+    assert decoded(conn.unsubscribe(subscription)) == [protocol.Release(subscription.id)]
+    conn.receive_data(frames(protocol.Done(subscription.id)))
+    assert not conn.closed and not subscription.started
+
+
+def test_an_older_daemon_is_told_apart_before_anything_is_sent():
+    conn = opened(features=[protocol.Feature.SEMAPHORES])
+    with pytest.raises(errors.ProtocolError, match=r"lockd \(lockd 0.1.0\) does not send lease events; upgrade it"):
+        conn.subscribe(["a"])
+    call, _ = conn.status()
+    assert call.id == 1
+
+
+def test_invalid_names_are_refused_before_anything_is_sent():
+    conn = opened()
+    with pytest.raises(errors.InvalidName):
+        conn.subscribe(["ok", "../etc"])
+    assert conn.status()[0].id == 1
+
+
+@pytest.mark.parametrize(
+    ("code", "cls"), [("limit", errors.LimitExceeded), ("invalid_name", errors.InvalidName)]
+)
+def test_an_error_ends_the_subscription_after_its_events(code, cls):
+    conn = opened()
+    subscription = subscribed(conn, "a")
+    event, error = protocol.Event(subscription.id, lease_event("a")), protocol.Error(subscription.id, code, "why")
+    conn.receive_data(frames(event, error))
+    assert subscription.ended and isinstance(subscription.error, cls) and "why" in str(subscription.error)
+    assert [event.name for event in subscription.events] == ["a"]
+    assert conn.unsubscribe(subscription) == b""  # the daemon sends nothing more for it
+    assert not conn.closed
+
+
+def test_the_end_of_the_connection_ends_every_subscription():
+    conn = opened()
+    first, second = subscribed(conn, "a"), subscribed(conn, "b")
+    conn.receive_data(b"")
+    for subscription in (first, second):
+        assert isinstance(subscription.error, errors.DaemonUnavailable)
+        assert EOF_REASON in str(subscription.error)
+    assert first.error is not second.error
+    assert conn.unsubscribe(first) == b""
+
+
+def test_events_nobody_reads_end_the_subscription_here_as_the_daemon_would():
+    conn = opened()
+    subscription = subscribed(conn)
+    flood = [protocol.Event(subscription.id, lease_event(f"n{i}")) for i in range(MAX_UNREAD_EVENTS + 5)]
+    conn.receive_data(frames(*flood))
+    assert isinstance(subscription.error, errors.LimitExceeded)
+    assert len(subscription.events) == MAX_UNREAD_EVENTS
+    assert subscription.events[-1].name == f"n{MAX_UNREAD_EVENTS - 1}"
+    # The daemon is told, and what it sent meanwhile is dropped.
+    assert decoded(conn.unsubscribe(subscription)) == [protocol.Release(subscription.id)]
+    assert not conn.closed
+
+
+@pytest.mark.parametrize(
+    ("message", "because"),
+    [
+        (lambda s: protocol.Event(s, lease_event("a")), "event for subscription 1, not yet started"),
+        (lambda s: protocol.Granted(s, [1]), "granted for subscription 1, not yet started"),
+        (lambda s: protocol.StatusReply(s, []), "status_reply for subscription 1, not yet started"),
+    ],
+)
+def test_what_a_subscription_cannot_get_breaks_the_connection(message, because):
+    conn = opened()
+    subscription, _ = conn.subscribe([])
+    conn.receive_data(frames(message(subscription.id)))
+    assert_broken(conn, because=because)
+    assert isinstance(subscription.error, errors.RemoteProtocolError)
+
+
+def test_a_second_done_breaks_the_connection():
+    conn = opened()
+    subscription = subscribed(conn)
+    conn.receive_data(frames(protocol.Done(subscription.id)))
+    assert_broken(conn, because="done for subscription 1, started")
+
+
+def test_an_event_for_a_request_breaks_the_connection():
+    conn = opened()
+    call, _ = conn.status()
+    conn.receive_data(frames(protocol.Event(call.id, lease_event("a"))))
+    assert_broken(conn, because="event in reply to status")

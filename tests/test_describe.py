@@ -67,3 +67,37 @@ def test_an_unknown_uid_shows_as_its_number() -> None:
 )
 def test_duration(seconds: float, text: str) -> None:
     assert describe.duration(seconds) == text
+
+
+def lease_event(**fields) -> protocol.LeaseEvent:
+    return protocol.LeaseEvent(**{
+        "time": 1000.0, "event": "granted", "name": "site.com", "mode": "exclusive", "token": 17, "pid": 4242,
+        "uid": 1000, "user": "alice", "command": "./backup.sh", **fields,
+    })
+
+
+@pytest.mark.parametrize(
+    ("fields", "text"),
+    [
+        ({"waited": 3.14}, "granted   site.com  exclusive  token 17  pid 4242 (./backup.sh) of alice  waited 3.1s"),
+        (
+            {"event": "released", "held": 7620.0, "exit_status": 3, "label": "nightly"},
+            "released  site.com  exclusive  token 17  pid 4242 (./backup.sh) [nightly] of alice  held 2h07m  exit 3",
+        ),
+        (
+            {"event": "refused", "token": None, "mode": "shared", "slots": 3, "waited": 2.5, "reason": "timeout"},
+            "refused   site.com  3 slots  pid 4242 (./backup.sh) of alice  waited 2.5s  timeout",
+        ),
+        (
+            {"event": "lost", "held": 1.0, "reason": "broken by pid 1 (\x1b[2Jx)", "user": None},
+            "lost      site.com  exclusive  token 17  pid 4242 (./backup.sh) of 1000  held 1.0s  "
+            "broken by pid 1 (?[2Jx)",
+        ),
+        (
+            {"pid": None, "uid": None, "user": None, "command": ""},
+            "granted   site.com  exclusive  token 17  an unknown process",
+        ),
+    ],
+)
+def test_event_text(fields: dict, text: str) -> None:
+    assert describe.event_text(lease_event(**fields)) == text

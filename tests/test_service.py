@@ -15,10 +15,23 @@ from lockd_client import errors, protocol
 
 from lockd.backend import Claim
 from lockd.config import Limits
-from lockd.orders import Close, Grant, LookForHolders, Order, Record, Release, Send, StartTake, StopTake, WakeAt, Watch
+from lockd.orders import (
+    Close,
+    Grant,
+    LookForHolders,
+    Order,
+    Publish,
+    Record,
+    Release,
+    Send,
+    StartTake,
+    StopTake,
+    WakeAt,
+    Watch,
+)
 from lockd.policy import Policy
 from lockd.processes import Processes, ProcessOwner
-from lockd.service import Client, LockService
+from lockd.service import MAX_SUBSCRIPTIONS, Client, LockService
 from lockd.table import LockTable, Reason, State
 
 WALL_OFFSET = 1_000_000.0
@@ -38,6 +51,9 @@ class FakePeer:
 
     def close(self, reason: str) -> None:
         raise AssertionError("the service never closes itself")
+
+    def offer(self, message: object) -> bool:
+        raise AssertionError("the service never sends itself")
 
     def __repr__(self) -> str:
         return f"<FakePeer {self.name}>"
@@ -582,3 +598,80 @@ def test_a_status_leaves_out_outside_holders_that_conflict_with_an_exclusive_lea
     assert isinstance(reply, protocol.StatusReply)
     (x,) = reply.locks
     assert (x.mode, [w.pid for w in x.holders]) == ("exclusive", [a.pid])
+
+
+# --- subscriptions to lease events --------------------------------------------------------------
+
+
+def published(orders: list[Order], peer: object) -> list[tuple[int, str, str]]:
+    """(subscription, event, name) of each event published to `peer`, in order."""
+    return [
+        (o.subscription_id, o.event.event, o.event.name) for o in orders if isinstance(o, Publish) and o.peer is peer
+    ]
+
+
+def test_a_subscription_gets_the_events_it_asks_for_in_order(h: Harness) -> None:
+    watcher, a = h.connect("watcher"), h.connect("a")
+    assert sent(h.request(watcher, protocol.Subscribe(7, ["x"]))) == [protocol.Done(7)]
+    assert sent(h.request(watcher, protocol.Subscribe(8))) == [protocol.Done(8)]
+    orders = h.acquire(a, 1, "x", "y") + h.request(a, protocol.Release(1, exit_status=3))
+    assert published(orders, watcher.peer) == [
+        (7, "granted", "x"), (8, "granted", "x"), (8, "granted", "y"),
+        (7, "released", "x"), (8, "released", "x"), (8, "released", "y"),
+    ]
+    released = [o.event for o in orders if isinstance(o, Publish) and o.event.event == "released"]
+    assert {e.exit_status for e in released} == {3} and all(e.held == 0.0 for e in released)
+
+
+def test_a_user_sees_only_their_own_events_unless_the_policy_lets_them_read_all(h: Harness) -> None:
+    mine, root, other = h.connect("mine", uid=1000), h.connect("root", uid=0), h.connect("other", uid=2000)
+    for watcher in (mine, root):
+        h.request(watcher, protocol.Subscribe(9))
+    orders = h.acquire(mine, 1, "x") + h.acquire(other, 1, "y")
+    assert published(orders, mine.peer) == [(9, "granted", "x")]
+    assert published(orders, root.peer) == [(9, "granted", "x"), (9, "granted", "y")]
+
+
+def test_release_and_disconnect_end_a_subscription(h: Harness) -> None:
+    watcher, a = h.connect("watcher"), h.connect("a")
+    h.request(watcher, protocol.Subscribe(1))
+    assert h.request(watcher, protocol.Release(1)) == []  # no reply, as for a lease
+    assert not h.service.subscribed(watcher.peer, 1)
+    assert published(h.acquire(a, 1, "x"), watcher.peer) == []
+    h.request(watcher, protocol.Subscribe(2))
+    h.service.disconnected(watcher.peer, "the client hung up")
+    assert published(h.request(a, protocol.Release(1)), watcher.peer) == []
+
+
+def test_a_lagging_subscriber_is_dropped_with_a_notice_and_keeps_its_lease(h: Harness) -> None:
+    watcher, a = h.connect("watcher"), h.connect("a")
+    h.acquire(watcher, 1, "held")
+    h.request(watcher, protocol.Subscribe(2))
+    h.acquire(a, 1, "x")
+    h.service.subscriber_lagging(watcher.peer, 2)
+    (notice,) = sent(h.orders(), watcher.peer)
+    assert isinstance(notice, protocol.Error) and (notice.id, notice.code) == (2, protocol.ErrorCode.LIMIT)
+    assert "subscribe again" in notice.message
+    assert not h.service.subscribed(watcher.peer, 2) and watcher.tickets[1].state is State.HELD
+    h.service.subscriber_lagging(watcher.peer, 2)  # a late report about it changes nothing
+    assert published(h.request(a, protocol.Release(1)), watcher.peer) == [] and h.orders() == []
+
+
+def test_a_subscription_id_is_a_request_id_like_any_other(h: Harness) -> None:
+    watcher = h.connect("watcher")
+    h.acquire(watcher, 1, "x")
+    (error,) = sent(h.request(watcher, protocol.Subscribe(1)))
+    assert isinstance(error, protocol.Error) and error.code == protocol.ErrorCode.PROTOCOL
+    h.request(watcher, protocol.Subscribe(2))
+    (error,) = sent(h.acquire(watcher, 2, "y"))
+    assert isinstance(error, protocol.Error) and error.code == protocol.ErrorCode.PROTOCOL
+    (error,) = sent(h.request(watcher, protocol.Subscribe(3, ["../etc"])))
+    assert isinstance(error, protocol.Error) and error.code == protocol.ErrorCode.INVALID_NAME
+
+
+def test_subscriptions_per_connection_are_bounded(h: Harness) -> None:
+    watcher = h.connect("watcher")
+    for request_id in range(MAX_SUBSCRIPTIONS):
+        h.request(watcher, protocol.Subscribe(request_id))
+    (error,) = sent(h.request(watcher, protocol.Subscribe(MAX_SUBSCRIPTIONS)))
+    assert isinstance(error, protocol.Error) and error.code == protocol.ErrorCode.LIMIT

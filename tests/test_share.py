@@ -61,9 +61,12 @@ def complete(script: Path, *words: str) -> list[str]:
 
 def test_bash_completes_lockctl() -> None:
     lockctl = BASH["lockctl"]
-    assert complete(lockctl, "lockctl", "") == ["--help", "--version", "-h", "acquire", "metrics", "release", "status"]
+    assert complete(lockctl, "lockctl", "") == [
+        "--help", "--version", "-h", "acquire", "metrics", "release", "status", "watch",
+    ]
     assert complete(lockctl, "lockctl", "acquire", "--no") == ["--no-wait", "--nonblock"]
-    assert complete(lockctl, "lockctl", "status", "--") == ["--help", "--json", "--socket"]
+    assert complete(lockctl, "lockctl", "status", "--") == ["--help", "--json", "--socket", "--watch"]
+    assert complete(lockctl, "lockctl", "watch", "--") == ["--help", "--json", "--socket"]
     assert complete(lockctl, "lockctl", "release", "x", "--fo") == ["--force"]
     assert complete(lockctl, "lockctl", "acquire", "--label", "") == []  # free text
     assert complete(lockctl, "lockctl", "acquire", "--slots", "") == []  # a count, or NAME=N

@@ -11,7 +11,7 @@ trio client is `lockd_client.trio_client`, imported explicitly.
 __version__ = "0.1.0"
 
 from . import protocol
-from .blocking import Client, Lease, connect
+from .blocking import Client, Events, Lease, connect
 from .errors import (
     BackendUnavailable,
     BadLockFile,
@@ -38,6 +38,7 @@ __all__ = [
     "BackendUnavailable",
     "DaemonBusy",
     "DaemonUnavailable",
+    "Events",
     "InvalidArgument",
     "InvalidName",
     "Lease",

@@ -12,6 +12,9 @@ Invariants:
 - Every lock-file descriptor received belongs to exactly one lease record (`fds`) until the
   caller takes it with `let_go`, or is handed back by `stray_fds` for the caller to close:
   none is ever forgotten.
+- A subscription receives the events the daemon sends for it, in order, from its Done until
+  it ends, exactly once: its client releases it, the daemon ends it with an Error (one that
+  lags is dropped), or the connection closes. Its unread events stay readable after the end.
 - A method that refuses a move (bad name, wrong phase, oversized request) raises before
   changing any state.
 
@@ -41,6 +44,11 @@ NumberedRequest: TypeAlias = (
 
 #: Called with the holders each time the daemon says an acquire waits for them.
 QueuedCallback = Callable[[list[protocol.Holder]], object]
+
+#: Events a subscription may hold unread before it ends with LimitExceeded, as the daemon
+#: drops a subscriber whose socket is not read (about 256 KiB of them): a client whose other
+#: requests keep the socket read must not pile up events for a reader that never comes.
+MAX_UNREAD_EVENTS: Final = 2048
 
 #: How much a client asks the socket for at once: the size of the buffer each client keeps
 #: for its lifetime. 64 KiB takes a burst of replies in one read, at little cost per client.
@@ -196,6 +204,37 @@ class Call(Generic[T]):
         return f"<Call {self.id} {type(self.request).__name__} {state}>"
 
 
+class Subscription:
+    """A subscription to lease events (`Connection.subscribe`), keyed by its request id.
+
+    `started` turns true with the daemon's Done; `events` queues what arrives until the
+    reader takes it; `ended` turns true exactly once, with `error` None when the client ended
+    it and the exception otherwise (LimitExceeded when it lagged, DaemonUnavailable when the
+    connection ended).
+    """
+
+    __slots__ = ("id", "names", "events", "started", "ended", "error", "_subscribed")
+
+    def __init__(self, id: int, names: tuple[str, ...]) -> None:
+        self.id = id
+        self.names = names
+        self.events: deque[protocol.LeaseEvent] = deque()
+        self.started = False
+        self.ended = False
+        self.error: errors.LockdError | None = None
+        #: Whether the daemon still sends events for it, until told by a Release.
+        self._subscribed = True
+
+    def _end(self, error: errors.LockdError | None) -> None:
+        if not self.ended:
+            self.ended = True
+            self.error = error
+
+    def __repr__(self) -> str:
+        state = "ended" if self.ended else "started" if self.started else "pending"
+        return f"<Subscription {self.id} {', '.join(self.names) or 'every lock'} {state}>"
+
+
 #: Why the connection is closed when the daemon ended it after the handshake (the leases lost
 #: with it say so too).
 EOF_REASON: Final = "the daemon closed the connection"
@@ -246,6 +285,8 @@ class Connection:
         #: its request gets.
         self._calls: dict[int, Call[Any]] = {}
         self._leases: dict[int, LeaseRecord] = {}
+        #: Request id → a subscription the daemon may still send events for.
+        self._subscriptions: dict[int, Subscription] = {}
         self._next_id = 1
         #: Descriptors received and not yet claimed by their Granted.
         self._unclaimed_fds: deque[int] = deque()
@@ -337,6 +378,36 @@ class Connection:
         _checked_names([name])
         self._check_open()
         return self._send_request(protocol.ForceRelease(self._next_id, name))
+
+    def subscribe(self, names: Iterable[str] = ()) -> tuple[Subscription, bytes]:
+        """Ask for the lease events on `names` (every lock when empty) that this user may
+        read, as they happen; the subscription starts with the daemon's Done, and lasts until
+        `unsubscribe`, its Error, or the connection's end."""
+        unique = list(dict.fromkeys(names))
+        if unique:
+            _checked_names(unique)
+        self._check_open()
+        if self.server is not None and protocol.Feature.EVENTS not in self.server.features:
+            raise errors.ProtocolError(
+                f"this lockd ({self.server.server}) does not send lease events; upgrade it"
+            )
+        data = self._encode(protocol.Subscribe(self._next_id, unique))
+        subscription = Subscription(self._next_id, tuple(unique))
+        self._subscriptions[subscription.id] = subscription
+        self._next_id += 1
+        return subscription, data
+
+    def unsubscribe(self, subscription: Subscription) -> bytes:
+        """End `subscription` (its unread events stay readable); returns the Release to send,
+        b"" when the daemon sends it nothing more anyway. Idempotent."""
+        subscription._end(None)
+        if not subscription._subscribed:
+            return b""
+        if self._subscriptions.get(subscription.id) is not subscription:
+            raise errors.LocalProtocolError(f"{subscription!r} belongs to another connection")
+        subscription._subscribed = False
+        del self._subscriptions[subscription.id]
+        return self._encode(protocol.Release(subscription.id))
 
     def release(self, lease: LeaseRecord) -> bytes:
         """End `lease`; the caller then lets go of its descriptors (`lease.fds`). Returns the
@@ -540,6 +611,10 @@ class Connection:
             return
         call = self._calls.get(id)
         if call is None:
+            subscription = self._subscriptions.get(id)
+            if subscription is not None:
+                self._handle_subscription(subscription, message)
+                return
             if id in self._leases:
                 raise _Violation(f"{_tag(message)} for request {id}, already granted")
             if type(message) is protocol.Granted:
@@ -587,6 +662,28 @@ class Connection:
             self._holding[request.id] = lease
         self._leases[request.id] = lease
         call._resolve(lease)
+
+    def _handle_subscription(self, subscription: Subscription, message: protocol.Reply) -> None:
+        if type(message) is protocol.Event and subscription.started:
+            if subscription.ended:
+                return  # ended here for lagging: the daemon has not heard so yet
+            if len(subscription.events) >= MAX_UNREAD_EVENTS:
+                subscription._end(errors.LimitExceeded(
+                    f"{MAX_UNREAD_EVENTS} lease events came that were not read: the subscription "
+                    "ended; subscribe again, and read the events as they come"
+                ))
+                return
+            subscription.events.append(message.event)
+        elif type(message) is protocol.Done and not subscription.started:
+            subscription.started = True
+        elif type(message) is protocol.Error:
+            # The daemon refused it or dropped it: it sends nothing more for it.
+            subscription._subscribed = False
+            del self._subscriptions[subscription.id]
+            subscription._end(errors.from_reply(message))
+        else:
+            state = "started" if subscription.started else "not yet started"
+            raise _Violation(f"{_tag(message)} for subscription {subscription.id}, {state}")
 
     def _handle_greeting(self, message: protocol.Reply) -> None:
         if self._greeting is None:
@@ -638,6 +735,10 @@ class Connection:
         for call in pending:
             if not call.done:
                 call._fail(error())
+        for subscription in self._subscriptions.values():
+            subscription._subscribed = False
+            subscription._end(error())
+        self._subscriptions.clear()
 
 
 class _Violation(Exception):

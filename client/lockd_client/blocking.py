@@ -14,12 +14,21 @@ from __future__ import annotations
 import _socket as socket
 import os
 import select
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from types import TracebackType
 from typing import TypeVar
 
 from . import _lockfds, errors, paths, protocol
-from ._connection import READ_SIZE, Call, Connection, LeaseState, LeaseView, QueuedCallback, went_away
+from ._connection import (
+    READ_SIZE,
+    Call,
+    Connection,
+    LeaseState,
+    LeaseView,
+    QueuedCallback,
+    Subscription,
+    went_away,
+)
 from ._dial import BusyCallback, Patience, pauses
 
 T = TypeVar("T")
@@ -148,6 +157,38 @@ class Client:
         """Break every lease on `name`; their holders see them lost. Returns how many."""
         return self._run(*self._conn.force_release(name))
 
+    def events(self, *names: str) -> Events:
+        """Subscribe to the lease events on `names` (every lock if none are given) that this
+        user may read (lockd's policy: by default their own, and root everyone's).
+
+        Returns once lockd has confirmed: every event from then on comes, in order, from the
+        iterator returned. Leaving its `with` block (or `close()`) ends the subscription::
+
+            with client.events("site.com") as events:
+                for event in events:
+                    print(event.event, event.name, event.pid)
+
+        Waiting for the next event reads the connection, so replies and notices for this
+        client's other requests and leases are applied meanwhile. The iteration ends with an
+        exception when the subscription does: LimitExceeded if lockd dropped it because its
+        events were not read as fast as they came (subscribe again; `history` has the ones
+        missed), DaemonUnavailable if the connection ended. `event.user` is None: lockd sends
+        `uid`. Raises ProtocolError if this lockd does not send events, InvalidName for a bad
+        name, and LimitExceeded when this connection has too many subscriptions.
+        """
+        subscription, data = self._conn.subscribe(names)
+        events = Events(self, subscription)
+        try:
+            self._send(data)
+            while not (subscription.started or subscription.ended):
+                self._read()
+        except BaseException:
+            events.close()
+            raise
+        if subscription.error is not None:
+            raise subscription.error
+        return events
+
     def fileno(self) -> int:
         """The socket, for select/poll: when readable, call `process_events`.
 
@@ -259,6 +300,43 @@ class Client:
             self._send(data)
         except errors.DaemonUnavailable:
             pass
+
+
+class Events(Iterator[protocol.LeaseEvent]):
+    """A subscription to lease events (`Client.events`): an iterator of `LeaseEvent`s, and a
+    context manager that ends the subscription on leaving its block."""
+
+    __slots__ = ("_client", "_subscription")
+
+    def __init__(self, client: Client, subscription: Subscription) -> None:
+        self._client = client
+        self._subscription = subscription
+
+    def __next__(self) -> protocol.LeaseEvent:
+        """The next event, waiting for it. Once the subscription has ended, the events that
+        came before its end, then StopIteration if `close` ended it, else its error."""
+        subscription = self._subscription
+        while not subscription.events and not subscription.ended:
+            self._client._read()
+        if subscription.events:
+            return subscription.events.popleft()
+        self.close()  # ended here for lagging: lockd is yet to hear it
+        if subscription.error is not None:
+            raise subscription.error
+        raise StopIteration
+
+    def close(self) -> None:
+        """End the subscription, without waiting for lockd. Idempotent."""
+        self._client._send_quietly(self._client._conn.unsubscribe(self._subscription))
+
+    def __enter__(self) -> Events:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<lockd Events {', '.join(self._subscription.names) or 'every lock'}>"
 
 
 class Lease(LeaseView):

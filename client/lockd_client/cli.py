@@ -95,6 +95,9 @@ DEFAULT_KILL_AFTER: Final = 10.0
 #: enough that a script hears that something is wrong. `acquire` waits as long as -w says,
 #: or as long as it takes.
 BUSY_WAIT: Final = 60.0
+#: `status --watch`: seconds between drawings when not given, and the fewest; watch(1)'s.
+DEFAULT_WATCH_INTERVAL: Final = 2.0
+MIN_WATCH_INTERVAL: Final = 0.1
 
 
 class UsageError(Exception):
@@ -222,11 +225,31 @@ examples:
   lockctl status site.com             its holders and waiters, or "free: site.com";
                                       status 1 if it is held
   lockctl status --json | jq '.locks[].holders[].pid'
+  lockctl status --watch              the table redrawn every 2 seconds until Ctrl-C
+  lockctl status --watch 0.5 site.com
 
 A semaphore's first row shows its slots in use (backups 2/3 slots); its holders' MODE is slot.
 
-exit status: 0 (with NAMEs: all free); 1 some NAME is held; 64 usage; 69 lockd unreachable;
-75 lockd busy for a minute, or a lockd limit reached; 76 lockd version mismatch.
+exit status: 0 (with NAMEs: all free); 1 some NAME is held; 64 usage (--watch: also when
+stdout is not a terminal, or with --json); 69 lockd unreachable or gone; 75 lockd busy for a
+minute, or a lockd limit reached; 76 lockd version mismatch. --watch runs until interrupted.
+"""
+
+WATCH_EPILOG: Final = """\
+examples:
+  lockctl watch                       every lease event this user may see, as it happens
+  lockctl watch site.com db           only those on site.com and db
+  lockctl watch --json | jq -c 'select(.event == "refused")'
+  lockctl watch --json backup | jq -r 'select(.event == "released") | "\\(.held) \\(.exit_status)"'
+
+One line per event: local time, event (granted, released, lost, broken, refused), name, mode
+or slots, token, who (pid, command, label, user), time waited or held, CMD's exit status,
+and the reason. lockd sends each user the events of their own leases, and root everyone's,
+unless its policy says otherwise. Runs until interrupted (Ctrl-C).
+
+exit status: 64 usage or invalid name; 69 lockd unreachable or gone; 75 lockd dropped the
+watch because its output was not read as fast as events came, lockd busy for a minute, or
+a lockd limit reached; 76 lockd version mismatch (too old to send events).
 """
 
 METRICS_EPILOG: Final = """\
@@ -247,6 +270,7 @@ COMMANDS: Final = {
     "acquire": "take locks, for CMD or for the calling shell",
     "release": "end process-tied leases, or break a lease with --force",
     "status": "who holds and who waits for locks",
+    "watch": "print lease events as they happen",
     "metrics": "the daemon's metrics, in the Prometheus text format",
 }
 
@@ -406,6 +430,15 @@ def _add_status(status: argparse.ArgumentParser) -> None:
     status.epilog = STATUS_EPILOG
     status.description = "Show holders and waiters of every lock in use, or of NAMEs."
     status.add_argument("--json", action="store_true", help="print JSON (schema in docs/cli.md)")
+    status.add_argument(
+        "--watch",
+        nargs="?",
+        const=DEFAULT_WATCH_INTERVAL,
+        type=_interval,
+        metavar="SEC",
+        help=f"on a terminal, redraw the table every SEC seconds (default {DEFAULT_WATCH_INTERVAL:g}, "
+        f"at least {MIN_WATCH_INTERVAL:g}) until interrupted",
+    )
     status.add_argument("names", nargs="*", metavar="NAME")
 
 
@@ -413,11 +446,26 @@ def _add_metrics(metrics: argparse.ArgumentParser) -> None:
     metrics.epilog = METRICS_EPILOG
     metrics.description = "Print the daemon's metrics in the Prometheus text exposition format."
     metrics.set_defaults(names=[])
+def _interval(text: str) -> float:
+    value = _seconds(text)
+    if value < MIN_WATCH_INTERVAL:
+        raise argparse.ArgumentTypeError(f"{text!r}: the interval must be at least {MIN_WATCH_INTERVAL:g} seconds")
+    return value
+
+
+def _add_watch(watch: argparse.ArgumentParser) -> None:
+    watch.epilog = WATCH_EPILOG
+    watch.description = "Print lease events on NAMEs (every lock if none are given) as they happen."
+    watch.add_argument(
+        "--json", action="store_true", help="one JSON object per event and line (schema in docs/cli.md)"
+    )
+    watch.add_argument("names", nargs="*", metavar="NAME")
 
 
 #: What adds each command's arguments to its parser: only the command given is built.
 _COMMAND_PARSERS: Final = {
-    "acquire": _add_acquire, "release": _add_release, "status": _add_status, "metrics": _add_metrics,
+    "acquire": _add_acquire, "release": _add_release, "status": _add_status, "watch": _add_watch,
+    "metrics": _add_metrics,
 }
 
 
@@ -449,8 +497,10 @@ class Args(argparse.Namespace):
     pid: int | None
     # release
     force: bool
-    # status
+    # status and watch
     json: bool
+    # status
+    watch: float | None
 
 
 def parse_args(argv: list[str]) -> Args:
@@ -467,6 +517,8 @@ def parse_args(argv: list[str]) -> Args:
     if command == "acquire" and "--" in argv:
         cut = argv.index("--")
         head, cmd = argv[:cut], argv[cut + 1 :]
+    if command == "status" and "--watch" in argv:
+        head = _watch_interval_given(argv)
     args = build_parser(command).parse_args(head, namespace=Args())
     for name in args.names:
         problem = protocol.name_problem(name)
@@ -479,7 +531,25 @@ def parse_args(argv: list[str]) -> Args:
         raise UsageError(f"--label: {problem}")
     if args.command == "release" and args.force and len(args.names) != 1:
         raise UsageError("release --force takes exactly one NAME")
+    if args.command == "status" and args.watch is not None and args.json:
+        raise UsageError(
+            "--watch redraws a table for people; a script runs `lockctl status --json` as often as it needs"
+        )
     return args
+
+
+def _watch_interval_given(argv: list[str]) -> list[str]:
+    """`argv` with the SEC of `status --watch` made explicit when a NAME follows `--watch`
+    (argparse would take that NAME for SEC): a lock name may be a number, but a word is never
+    an interval."""
+    at = argv.index("--watch")
+    following = argv[at + 1 : at + 2]
+    if following and not following[0].startswith("-"):
+        try:
+            float(following[0])
+        except ValueError:
+            return [*argv[:at], f"--watch={DEFAULT_WATCH_INTERVAL:g}", *argv[at + 1 :]]
+    return argv
 
 
 def _check_acquire(args: Args, cmd: list[str] | None) -> None:
@@ -558,6 +628,10 @@ def main(argv: list[str] | None = None) -> int:
             return _release(args, socket_path, parent)
         if args.command == "metrics":
             return _metrics(socket_path)
+        if args.command == "watch":
+            return _watch(args, socket_path)
+        if args.watch is not None:
+            return _status_watch(args, socket_path)
         return _status(args, socket_path)
     except KeyboardInterrupt:
         return _die_of(signal.SIGINT, group=False)
@@ -600,7 +674,8 @@ def _explain(e: errors.LockdError, socket_path: str) -> str:
 
 
 class _Interrupted(Exception):
-    """CMD died of SIGINT or SIGQUIT: lockctl is to die of it too, once it has cleaned up."""
+    """lockctl is to die of signal `signum` once it has cleaned up: CMD died of SIGINT or
+    SIGQUIT, or the reader of `watch`'s output went away (SIGPIPE, as for any filter)."""
 
     def __init__(self, signum: int, *, group: bool) -> None:
         super().__init__(signum)
@@ -1037,22 +1112,59 @@ def _metrics(socket_path: str) -> int:
 
 def _status(args: Args, socket_path: str) -> int:
     with _connect(socket_path, BUSY_WAIT) as client:
-        locks = [lock for lock in client.status(*args.names) if lock.holders or lock.waiters]
+        locks = _in_use(client, args.names)
     if args.json:
         import msgspec
 
         sys.stdout.write(msgspec.json.encode(status_document(locks)).decode() + "\n")
     else:
-        if locks:
-            sys.stdout.write(status_table(locks, time.time()))
-        # Said, not left blank: an empty answer reads like a hung or broken lockctl.
-        shown = {lock.name for lock in locks}
-        free = [name for name in dict.fromkeys(args.names) if name not in shown]
-        if free:
-            print(f"free: {', '.join(free)}")
-        elif not locks:
-            print("no lock is held or waited on")
+        sys.stdout.write(_status_text(locks, args.names, time.time()))
     return EXIT_NO if args.names and any(lock.holders for lock in locks) else 0
+
+
+def _in_use(client: Client, names: list[str]) -> list[protocol.LockInfo]:
+    return [lock for lock in client.status(*names) if lock.holders or lock.waiters]
+
+
+def _status_text(locks: list[protocol.LockInfo], names: list[str], now: float) -> str:
+    """The status table, and which NAMEs are free; never nothing."""
+    text = status_table(locks, now) if locks else ""
+    # Said, not left blank: an empty answer reads like a hung or broken lockctl.
+    shown = {lock.name for lock in locks}
+    free = [name for name in dict.fromkeys(names) if name not in shown]
+    if free:
+        text += f"free: {', '.join(free)}\n"
+    elif not locks:
+        text += "no lock is held or waited on\n"
+    return text
+
+
+def _status_watch(args: Args, socket_path: str) -> int:
+    """Redraw the status table on the terminal every `args.watch` seconds until interrupted."""
+    if not sys.stdout.isatty():
+        raise UsageError(
+            "--watch redraws the table on a terminal, and stdout is not one; "
+            "a script runs `lockctl status --json` as often as it needs"
+        )
+    interval = args.watch
+    assert interval is not None
+    heading = " ".join(["Every", f"{interval:g}s:", "lockctl status", *args.names])
+    with _connect(socket_path, BUSY_WAIT) as client:
+        while True:
+            locks = _in_use(client, args.names)
+            now = time.time()
+            size = os.get_terminal_size(sys.stdout.fileno())
+            columns, rows = size.columns or 80, size.lines or 24  # 0: a terminal that does not say
+            clock = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
+            room = max(0, columns - len(clock) - 2)  # the time in the top right, as watch(1)
+            header = f"{heading[:room].ljust(room)}  {clock}"
+            lines = [header, "", *_status_text(locks, args.names, now).splitlines()]
+            # Home, then each line over the last drawing's, erasing what is left of it: no
+            # blank flash between drawings. The bottom line stays free for the cursor.
+            screen = "".join(f"{line[:columns]}\x1b[K\n" for line in lines[: max(1, rows - 1)])
+            sys.stdout.write(f"\x1b[H{screen}\x1b[J")
+            sys.stdout.flush()
+            time.sleep(interval)
 
 
 def status_document(locks: list[protocol.LockInfo]) -> StatusDocument:
@@ -1145,6 +1257,49 @@ def _slots_used(lock: protocol.LockInfo) -> int:
 def _mode_text(lock: protocol.LockInfo, party: protocol.Holder) -> str:
     """`party`'s mode on `lock` for people: `slot` for a semaphore's, which has no mode."""
     return "slot" if lock.slots is not None and not party.outside else party.mode
+# --- watch ---------------------------------------------------------------------------------
+
+
+def _watch(args: Args, socket_path: str) -> int:
+    """Print lease events as they come until interrupted, each line flushed at once."""
+    import pwd
+
+    import msgspec
+
+    encode = msgspec.json.Encoder().encode
+    users: dict[int, str | None] = {}
+
+    def user_of(uid: int) -> str | None:
+        if uid not in users:
+            try:
+                users[uid] = pwd.getpwuid(uid).pw_name
+            except KeyError:
+                users[uid] = None
+        return users[uid]
+
+    with _connect(socket_path, BUSY_WAIT) as client, client.events(*args.names) as events:
+        if sys.stderr.isatty():
+            _say(f"watching lease events on {', '.join(args.names) or 'every lock'}; Ctrl-C to stop")
+        try:
+            while True:  # until interrupted: a subscription ends only with an error
+                event = next(events)
+                if event.user is None and event.uid is not None:
+                    event.user = user_of(event.uid)  # lockd sends the uid alone
+                if args.json:
+                    line = encode(event).decode()
+                else:
+                    clock = time.strftime("%H:%M:%S", time.localtime(event.time))
+                    line = f"{clock}.{int(event.time * 1000) % 1000:03d}  {describe.event_text(event)}"
+                sys.stdout.write(line + "\n")
+                sys.stdout.flush()  # for a pipe, as each event happens
+        except BrokenPipeError:
+            raise _Interrupted(signal.SIGPIPE, group=False) from None
+        except errors.LimitExceeded:
+            _say(
+                "lockd stopped sending events to this watch: they came faster than its output was read; "
+                "start it again, and read its output as it comes (`lockctl history` has the events missed)"
+            )
+            return EXIT_BUSY
 
 
 def _say(message: str) -> None:

@@ -12,7 +12,7 @@ import pwd
 from typing import TYPE_CHECKING, Final
 
 if TYPE_CHECKING:
-    from .protocol import Holder
+    from .protocol import Holder, LeaseEvent
 
 # C0, DEL and C1 controls (ESC starts every escape sequence, so without it a sequence is inert
 # text), and the Unicode marks that reorder, hide or break lines of the text around them.
@@ -44,13 +44,7 @@ def holder_text(holder: Holder, now: float) -> str:
     outside lockd` for a process holding the lock file itself; `an unknown process` when the
     daemon could not tell.
     """
-    who = "an unknown process" if holder.pid is None else f"pid {holder.pid}"
-    if holder.command:
-        who += f" ({sanitize(holder.command)})"
-    if holder.label:
-        who += f" [{sanitize(holder.label)}]"
-    if holder.uid is not None:
-        who += f" of {user_name(holder.uid)}"
+    who = party_text(holder.pid, holder.command, holder.label, None if holder.uid is None else user_name(holder.uid))
     if holder.host:
         who += f" on {sanitize(holder.host)}"
     if holder.outside:
@@ -58,6 +52,46 @@ def holder_text(holder: Holder, now: float) -> str:
     if holder.since:
         who += f" for {duration(now - holder.since)}"
     return who
+
+
+def party_text(pid: int | None, command: str, label: str | None, user: str | None) -> str:
+    """`pid 4242 (make deploy) [nightly] of alice`: a process, as far as it is known."""
+    who = "an unknown process" if pid is None else f"pid {pid}"
+    if command:
+        who += f" ({sanitize(command)})"
+    if label:
+        who += f" [{sanitize(label)}]"
+    if user is not None:
+        who += f" of {sanitize(user)}"
+    return who
+
+
+def event_text(event: LeaseEvent) -> str:
+    """A lease event in one line, without its time: what, which lock, how, who, and what
+    came of it::
+
+        granted   site.com  exclusive  token 1733821650412377  pid 4242 (./backup.sh) of alice  waited 3.1s
+        released  site.com  exclusive  token 1733821650412377  pid 4242 (./backup.sh) of alice  held 2h07m  exit 0
+        refused   db  3 slots  pid 4300 (./restore) of bob  waited 2.5s  timeout
+
+    The user is `event.user`, else the number `event.uid`; the caller fills in `user` (the
+    daemon leaves it out of the events it sends).
+    """
+    how = event.mode if event.slots is None else f"{event.slots} slots"
+    parts = [event.event.ljust(8), event.name, how]
+    if event.token is not None:
+        parts.append(f"token {event.token}")
+    user = event.user if event.user is not None or event.uid is None else str(event.uid)
+    parts.append(party_text(event.pid, event.command, event.label, user))
+    if event.waited is not None:
+        parts.append(f"waited {duration(event.waited)}")
+    if event.held is not None:
+        parts.append(f"held {duration(event.held)}")
+    if event.exit_status is not None:
+        parts.append(f"exit {event.exit_status}")
+    if event.reason:
+        parts.append(sanitize(event.reason))
+    return "  ".join(parts)
 
 
 def user_name(uid: int) -> str:

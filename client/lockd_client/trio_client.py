@@ -24,7 +24,16 @@ from typing import Any, TypeVar
 import trio
 
 from . import _dial, _lockfds, errors, paths, protocol
-from ._connection import READ_SIZE, Call, Connection, LeaseState, LeaseView, QueuedCallback, went_away
+from ._connection import (
+    READ_SIZE,
+    Call,
+    Connection,
+    LeaseState,
+    LeaseView,
+    QueuedCallback,
+    Subscription,
+    went_away,
+)
 
 T = TypeVar("T")
 
@@ -218,6 +227,28 @@ class Client:
         """Break every lease on `name`; their holders see them lost. Returns how many."""
         return await self._run(*self._conn.force_release(name))
 
+    def events(self, *names: str) -> Subscribing:
+        """Subscribe to the lease events on `names` (every lock if none are given) that this
+        user may read, as the blocking `Client.events` does; here with `async for`::
+
+            async with client.events("site.com") as events:
+                async for event in events:
+                    print(event.event, event.name, event.pid)
+
+        Entering the block (or awaiting, `events = await client.events(...)`, then
+        `await events.aclose()`) returns once lockd has confirmed: every event from then on
+        comes, in order. Waiting for the next event reads the connection for every task using
+        it. The iteration ends with LimitExceeded if lockd dropped the subscription because its
+        events were not read as fast as they came (subscribe again; `history` has the ones
+        missed), DaemonUnavailable if the connection ended.
+
+        Cancellation: cancelling a task waiting for the next event loses no event; leaving the
+        block by cancellation (or any exception) ends the subscription with a Release written
+        shielded from the cancellation. Cancelled while subscribing, the subscription is
+        withdrawn the same way before the cancellation propagates.
+        """
+        return Subscribing(self, names)
+
     async def aclose(self) -> None:
         """Close the connection and release every lease on it. Idempotent.
 
@@ -377,6 +408,80 @@ class Client:
         if self._watching:
             self._progress.set()
             self._progress = trio.Event()
+
+
+class Subscribing:
+    """What `Client.events` returns: await it for an `Events`, or enter it to have the
+    subscription ended on leaving the block."""
+
+    __slots__ = ("_client", "_names", "_events")
+
+    def __init__(self, client: Client, names: tuple[str, ...]) -> None:
+        self._client = client
+        self._names = names
+        self._events: Events | None = None
+
+    def __await__(self) -> Generator[Any, None, Events]:
+        return self._subscribe().__await__()
+
+    async def __aenter__(self) -> Events:
+        self._events = await self._subscribe()
+        return self._events
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._events is not None
+        await self._events.aclose()
+
+    async def _subscribe(self) -> Events:
+        client = self._client
+        subscription, data = client._conn.subscribe(self._names)
+        events = Events(client, subscription)
+        try:
+            await client._send(data)
+            await client._read_until(lambda: subscription.started or subscription.ended)
+        except BaseException:
+            await events.aclose()
+            raise
+        if subscription.error is not None:
+            raise subscription.error
+        return events
+
+
+class Events:
+    """A subscription to lease events (`Client.events`): an async iterator of `LeaseEvent`s."""
+
+    __slots__ = ("_client", "_subscription")
+
+    def __init__(self, client: Client, subscription: Subscription) -> None:
+        self._client = client
+        self._subscription = subscription
+
+    def __aiter__(self) -> Events:
+        return self
+
+    async def __anext__(self) -> protocol.LeaseEvent:
+        """The next event, waiting for it. Once the subscription has ended, the events that
+        came before its end, then StopAsyncIteration if `aclose` ended it, else its error.
+        Cancellation: nothing is lost; the event stays for the next call."""
+        subscription = self._subscription
+        if subscription.events or subscription.ended:
+            await trio.lowlevel.checkpoint()  # a fast stream of events must not starve others
+        else:
+            await self._client._read_until(lambda: bool(subscription.events) or subscription.ended)
+        if subscription.events:
+            return subscription.events.popleft()
+        await self.aclose()  # ended here for lagging: lockd is yet to hear it
+        if subscription.error is not None:
+            raise subscription.error
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        """End the subscription, without waiting for lockd. Idempotent; shielded from
+        cancellation."""
+        await self._client._send_shielded(self._client._conn.unsubscribe(self._subscription))
+
+    def __repr__(self) -> str:
+        return f"<lockd trio Events {', '.join(self._subscription.names) or 'every lock'}>"
 
 
 class Lease(LeaseView):

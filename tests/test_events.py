@@ -1,0 +1,209 @@
+"""Live lease events against a real daemon: the blocking and trio clients' subscriptions, and
+a watcher that stops reading, which the daemon drops without slowing anyone else."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import lockd_client
+import pytest
+import trio
+from lockd_client import protocol, trio_client
+
+from lockd.service import MAX_SUBSCRIPTIONS
+
+from .conftest import Daemon
+from .rawclient import RawClient
+
+WAIT = 10.0
+
+
+@pytest.fixture
+def client(lockd: Daemon):
+    with lockd_client.connect(lockd.socket, label="watcher") as c:
+        yield c
+
+
+def kinds(events: list[protocol.LeaseEvent]) -> list[tuple[str, str]]:
+    return [(event.event, event.name) for event in events]
+
+
+# --- the blocking client ----------------------------------------------------------------------
+
+
+def test_events_come_in_order_with_what_happened(lockd: Daemon, client, name: str) -> None:
+    with client.events(name) as events, lockd_client.connect(lockd.socket) as other:
+        lease = other.acquire(name, label="nightly")
+        with pytest.raises(lockd_client.LockBusy):
+            other.acquire(name, wait=False, shared=True)
+        lease.release()
+        with RawClient(lockd.socket) as raw:  # the exit status lockctl reports on release
+            granted = raw.acquire(name)
+            assert isinstance(granted, protocol.Granted)
+            raw.send(protocol.Release(raw.next_id - 1, exit_status=3))
+            raw.request(protocol.Status(raw.next_id, [name]))  # a round trip: it is applied
+        seen = [next(events) for _ in range(5)]
+    assert kinds(seen) == [
+        ("granted", name), ("refused", name), ("released", name), ("granted", name), ("released", name),
+    ]
+    start, refusal, end, raw_start, raw_end = seen
+    for event in seen:
+        assert (event.pid, event.uid, event.user) == (os.getpid(), os.getuid(), None)  # the uid alone
+        assert event.slots is None and event.time <= time.time()
+    assert (start.mode, start.label, start.token, start.held, start.reason) == (
+        "exclusive", "nightly", lease.token, None, None,
+    )
+    assert start.waited is not None and start.waited >= 0
+    assert (refusal.mode, refusal.token, refusal.reason) == ("shared", None, "busy")
+    assert (end.token, end.label, end.exit_status, end.waited) == (lease.token, "nightly", None, None)
+    assert end.held is not None and end.held >= 0 and start.time <= end.time
+    assert (raw_start.token, raw_end.token) == (granted.tokens[0],) * 2
+    assert raw_end.exit_status == 3
+
+
+def test_only_the_names_asked_for_come(lockd: Daemon, client, name: str) -> None:
+    with client.events(f"{name}.a", f"{name}.c") as events, lockd_client.connect(lockd.socket) as other:
+        other.acquire(f"{name}.b").release()
+        other.acquire(f"{name}.b", f"{name}.c").release()
+        other.acquire(f"{name}.a").release()
+        assert kinds([next(events) for _ in range(4)]) == [
+            ("granted", f"{name}.c"), ("released", f"{name}.c"), ("granted", f"{name}.a"), ("released", f"{name}.a"),
+        ]
+
+
+def test_leaving_the_block_ends_the_subscription_at_the_daemon(lockd: Daemon, client, name: str) -> None:
+    # The daemon takes MAX_SUBSCRIPTIONS at once per connection: had one of these outlived its
+    # block, the last would be refused.
+    for _ in range(MAX_SUBSCRIPTIONS + 2):
+        with client.events(name):
+            pass
+    held = [client.events(name) for _ in range(MAX_SUBSCRIPTIONS)]
+    with pytest.raises(lockd_client.LimitExceeded, match=f"{MAX_SUBSCRIPTIONS} subscriptions already"):
+        client.events(name)
+    held.pop().close()
+    with client.events(name) as events:
+        lease = client.acquire(name)  # the connection's other replies are read as ever
+        lease.release()
+        assert kinds([next(events), next(events)]) == [("granted", name), ("released", name)]
+    with pytest.raises(StopIteration):
+        next(events)
+
+
+def test_a_bad_name_is_refused_before_anything_is_sent(client) -> None:
+    with pytest.raises(lockd_client.InvalidName):
+        client.events("ok", "../etc")
+    client.status()  # the connection is as it was
+
+
+def test_the_daemon_going_away_ends_the_iteration(daemon: Daemon) -> None:
+    with lockd_client.connect(daemon.socket) as c, c.events() as events:
+        daemon.kill()
+        with pytest.raises(lockd_client.DaemonUnavailable, match="is lockd still running"):
+            next(events)
+
+
+# --- the trio client --------------------------------------------------------------------------
+
+
+async def test_trio_events_come_while_other_tasks_use_the_connection(lockd: Daemon, name: str) -> None:
+    with trio.fail_after(WAIT):
+        async with trio_client.connect(lockd.socket) as c, c.events(name) as events:
+            seen: list[protocol.LeaseEvent] = []
+
+            async def watch() -> None:
+                async for event in events:
+                    seen.append(event)
+                    if len(seen) == 4:
+                        return
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch)
+                for _ in range(2):  # the same connection: its replies and the events interleave
+                    async with c.lock(name) as lease:
+                        assert not lease.lost
+            assert kinds(seen) == [("granted", name), ("released", name)] * 2
+            assert seen[0].token == seen[1].token < seen[2].token
+
+
+async def test_trio_cancelling_a_wait_loses_no_event(lockd: Daemon, name: str) -> None:
+    with trio.fail_after(WAIT):
+        async with trio_client.connect(lockd.socket) as c, c.events(name) as events:
+            with trio.move_on_after(0.05) as waited:
+                await events.__anext__()
+            assert waited.cancelled_caught
+            async with trio_client.connect(lockd.socket) as other:
+                await (await other.acquire(name)).release()
+            assert [(await events.__anext__()).event, (await events.__anext__()).event] == ["granted", "released"]
+
+
+async def test_trio_cancelling_the_consumer_ends_the_subscription(lockd: Daemon, name: str) -> None:
+    with trio.fail_after(WAIT):
+        async with trio_client.connect(lockd.socket) as c:
+            for _ in range(MAX_SUBSCRIPTIONS + 2):  # each ended despite the cancellation
+                with trio.move_on_after(0.01) as scope:
+                    async with c.events(name) as events:
+                        async for _event in events:
+                            pass
+                assert scope.cancelled_caught
+            events = await c.events(name)  # awaited, not entered: ended by aclose
+            async with trio_client.connect(lockd.socket) as other:
+                await (await other.acquire(name)).release()
+                await other.status()  # the release applied, so its event sent before this:
+            await c.status()  # and read
+            await events.aclose()
+            await events.aclose()
+            # What came before the end is still read, then the iteration ends.
+            assert kinds([event async for event in events]) == [("granted", name), ("released", name)]
+
+
+async def test_trio_the_daemon_going_away_ends_the_iteration(daemon: Daemon) -> None:
+    with trio.fail_after(WAIT):
+        async with trio_client.connect(daemon.socket) as c, c.events() as events:
+            daemon.kill()
+            with pytest.raises(lockd_client.DaemonUnavailable):
+                async for _event in events:
+                    pass
+
+
+# --- a watcher that stops reading -------------------------------------------------------------
+
+CYCLES = 3000
+
+
+def cycle(socket: str, name: str) -> float:
+    """Acquire and release `name` CYCLES times on one connection; the rate per second."""
+    with lockd_client.connect(socket) as c:
+        started = time.perf_counter()
+        for _ in range(CYCLES):
+            c.acquire(name).release()
+        c.status(name)  # the last release applied
+        return CYCLES / (time.perf_counter() - started)
+
+
+def test_a_stalled_watcher_is_dropped_and_keeps_its_connection_and_lease(daemon: Daemon, name: str) -> None:
+    alone = cycle(daemon.socket, name)
+    with RawClient(daemon.socket) as stalled:
+        kept = stalled.acquire(f"{name}.kept")
+        assert isinstance(kept, protocol.Granted)
+        subscription = stalled.next_id
+        stalled.next_id += 1
+        stalled.send(protocol.Subscribe(subscription, []))  # every name; then it reads nothing
+        beside = cycle(daemon.socket, name)  # dropped partway through
+        print(f"\n{CYCLES} acquire/release cycles: {alone:.0f}/s alone, {beside:.0f}/s beside a stalled watcher")
+        assert f"subscription {subscription} dropped" in daemon.log()
+        messages = []
+        while not isinstance(message := stalled.recv(), protocol.Error):
+            messages.append(message)
+        # Events came until the unread ones filled the daemon's allowance, then the notice.
+        assert isinstance(messages[0], protocol.Done) and len(messages) > 1
+        assert all(isinstance(m, protocol.Event) and m.id == subscription for m in messages[1:])
+        assert (message.id, message.code) == (subscription, protocol.ErrorCode.LIMIT)
+        assert "subscribe again" in message.message
+        # The notice was the last word about it, and the connection and its lease go on.
+        with lockd_client.connect(daemon.socket) as c:
+            c.acquire(name).release()
+            c.status()
+        reply = stalled.request(protocol.Status(stalled.next_id, [f"{name}.kept"]))
+        assert isinstance(reply, protocol.StatusReply)
+        assert [h.token for lock in reply.locks for h in lock.holders] == kept.tokens
