@@ -195,8 +195,22 @@ class LockFiles:
             return True
         fds: list[int] = []
         files: list[tuple[procinfo.FileKey, Mode]] = []
+        slot_fds: list[int] = []
+        slot_files: list[tuple[procinfo.FileKey, Mode]] = []
         slots: list[tuple[str, int]] = []
         try:
+            # Slots first: while every slot is held, a waiting claim touches no file at all,
+            # so a look at the host's locks never sees a flock of the daemon's come and go
+            # on the lock file and takes it for one handed on.
+            for name, count in claim.slots.items():
+                slot = self._take_slot(name, count)
+                if slot is None:
+                    _close_all(slot_fds)
+                    return False
+                fd, key, number = slot
+                slot_fds.append(fd)
+                slot_files.append((key, "exclusive"))
+                slots.append((name, number))
             for name in claim.names:
                 fd, key = self._open(name + SUFFIX)
                 fds.append(fd)
@@ -205,21 +219,14 @@ class LockFiles:
                 # waits for every slot to be free, and holds every slot off while it runs.
                 operation = (fcntl.LOCK_SH if mode == "shared" else fcntl.LOCK_EX) | fcntl.LOCK_NB
                 if not self._flock(fd, operation, name + SUFFIX):
-                    _close_all(fds)
+                    _close_all(fds + slot_fds)
                     return False
                 files.append((key, mode))
-            for name, count in claim.slots.items():
-                slot = self._take_slot(name, count)
-                if slot is None:
-                    _close_all(fds)
-                    return False
-                fd, key, number = slot
-                fds.append(fd)
-                files.append((key, "exclusive"))
-                slots.append((name, number))
         except BaseException:
-            _close_all(fds)
+            _close_all(fds + slot_fds)
             raise
+        fds += slot_fds
+        files += slot_files
         self._held[claim] = fds
         self._files_of[claim] = files
         for file in files:

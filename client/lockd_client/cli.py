@@ -426,6 +426,13 @@ def _add_release(release: argparse.ArgumentParser) -> None:
     release.add_argument("names", nargs="+", metavar="NAME")
 
 
+def _interval(text: str) -> float:
+    value = _seconds(text)
+    if value < MIN_WATCH_INTERVAL:
+        raise argparse.ArgumentTypeError(f"{text!r}: the interval must be at least {MIN_WATCH_INTERVAL:g} seconds")
+    return value
+
+
 def _add_status(status: argparse.ArgumentParser) -> None:
     status.epilog = STATUS_EPILOG
     status.description = "Show holders and waiters of every lock in use, or of NAMEs."
@@ -446,11 +453,6 @@ def _add_metrics(metrics: argparse.ArgumentParser) -> None:
     metrics.epilog = METRICS_EPILOG
     metrics.description = "Print the daemon's metrics in the Prometheus text exposition format."
     metrics.set_defaults(names=[])
-def _interval(text: str) -> float:
-    value = _seconds(text)
-    if value < MIN_WATCH_INTERVAL:
-        raise argparse.ArgumentTypeError(f"{text!r}: the interval must be at least {MIN_WATCH_INTERVAL:g} seconds")
-    return value
 
 
 def _add_watch(watch: argparse.ArgumentParser) -> None:
@@ -1257,6 +1259,8 @@ def _slots_used(lock: protocol.LockInfo) -> int:
 def _mode_text(lock: protocol.LockInfo, party: protocol.Holder) -> str:
     """`party`'s mode on `lock` for people: `slot` for a semaphore's, which has no mode."""
     return "slot" if lock.slots is not None and not party.outside else party.mode
+
+
 # --- watch ---------------------------------------------------------------------------------
 
 
