@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # imported where used: `lockd --version` and --help must star
     from .backend import Backend
     from .config import Config
     from .flock.tokens import TokenStore
+    from .history import HistoryStore
     from .lockfiles import LockFiles
     from .policy import Policy
     from .server import Server
@@ -168,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .fdlimit import raise_nofile_limit
     from .flock.tokens import TokenStore
+    from .history import HistoryStore
     from .listen import bind_unix_listener, somaxconn
     from .lockfiles import LockFiles, prepare_lock_dir
     from .policy import Policy
@@ -207,12 +209,18 @@ def main(argv: list[str] | None = None) -> int:
             tokens.close()
         return 1
 
+    # Its writer thread lives from before the first event to after the last one.
+    history = HistoryStore(state_dir, conf.history) if conf.history.enabled else None
     try:
         import trio
 
+        if history is not None:
+            history.start()
         where = str(conf.socket) if bound is not None else f"{len(sockets)} socket(s) from systemd"
-        trio.run(_serve, args, conf, backend, policy, sockets, where)
+        trio.run(_serve, args, conf, backend, policy, sockets, where, history)
     finally:
+        if history is not None:
+            history.stop()
         if bound is not None:
             try:
                 if os.stat(sock_path).st_ino == bound.st_ino:
@@ -264,16 +272,21 @@ def _backend(conf: Config, files: LockFiles, tokens: TokenStore | None) -> Backe
 
 async def _serve(
     args: argparse.Namespace, conf: Config, backend: Backend, policy: Policy, sockets: list[socket.socket],
-    where: str,
+    where: str, history: HistoryStore | None,
 ) -> None:
     import trio
 
+    from .journal import EventLog
     from .server import Server
     from .systemd import Notifier, watchdog_interval, watchdog_loop
     from .table import LockTable
 
-    server = Server(LockTable(ordered_by_backend=backend.orders_requests), backend, conf.limits, policy)
-    with Notifier.from_environment() as notifier, trio.open_signal_receiver(*SIGNALS) as signals:
+    events = EventLog.from_environment()
+    observers = [events.record] if history is None else [history.record, events.record]
+    server = Server(
+        LockTable(ordered_by_backend=backend.orders_requests), backend, conf.limits, policy, observers, history,
+    )
+    with events, Notifier.from_environment() as notifier, trio.open_signal_receiver(*SIGNALS) as signals:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve, sockets)

@@ -15,6 +15,7 @@ from lockd.config import (
     Config,
     ConfigError,
     Etcd,
+    HistorySection,
     Limits,
     PolicySection,
     Rule,
@@ -113,6 +114,7 @@ def _options() -> dict[str, object]:
         "etcd": ("etcd.", Etcd),
         "policy": ("policy.", PolicySection),
         "policy.rules": ("policy.rules[].", Rule),
+        "history": ("history.", HistorySection),
     }
     found: dict[str, object] = {}
 

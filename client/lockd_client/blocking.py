@@ -132,6 +132,19 @@ class Client:
         """Holders and waiters of `names`, or of every lock in use if none are given."""
         return self._run(*self._conn.status(names))
 
+    def history(
+        self, *names: str, since: float | None = None, until: float | None = None, limit: int = 1000,
+    ) -> list[protocol.LeaseEvent]:
+        """The lease events the daemon recorded on `names` (every lock when none are given)
+        from `since` until before `until` (Unix times; None: no bound): the latest `limit` of
+        them (at most 100000), oldest first. The daemon's policy decides whose events a user
+        sees: by default their own, and root everyone's.
+
+        Raises ProtocolError if the daemon keeps no history (an older lockd, or one whose
+        config turns it off), DaemonUnavailable if it cannot read it now.
+        """
+        return self._run(*self._conn.history(names, since, until, limit))
+
     def release_pid(self, pid: int, *names: str) -> int:
         """End the leases process `pid` holds on `names` (acquired with `pid=`).
 
@@ -271,15 +284,17 @@ class Lease(LeaseView):
         self._client.process_events()
         return self._record.state is LeaseState.LOST
 
-    def release(self) -> None:
+    def release(self, exit_status: int | None = None) -> None:
         """Release the lease without waiting for the daemon, unlocking its lock files.
         Idempotent.
 
         The daemon applies it before any later request on this connection. A lost lease is
         let go of too (the daemon may be waiting for that to give the lock to the next).
+        `exit_status`: that of the work the lease protected (128+N for a death by signal N),
+        kept in the daemon's history with the release.
         """
         try:
-            self._client._send_quietly(self._client._conn.release(self._record))
+            self._client._send_quietly(self._client._conn.release(self._record, exit_status))
         finally:
             conn = self._client._conn
             _lockfds.let_go(conn.let_go(self._record), unlock=self._record.detached)

@@ -784,7 +784,7 @@ def _run_under(args: Args, cmd: list[str], client: Client, lease: Lease, kill_af
     except _supervise.ExecError as e:
         _say(f"cannot run {cmd[0]!r}: {e.strerror}")
         return EXIT_NOT_FOUND if e.errno == errno.ENOENT else EXIT_CANNOT_EXECUTE
-    lease.release()
+    lease.release(exit_status=ended.status)
     if args.verbose:
         _say(f"CMD exited with status {ended.status}; released {names}")
     if ended.signal in (signal.SIGINT, signal.SIGQUIT):
