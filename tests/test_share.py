@@ -61,7 +61,7 @@ def complete(script: Path, *words: str) -> list[str]:
 
 def test_bash_completes_lockctl() -> None:
     lockctl = BASH["lockctl"]
-    assert complete(lockctl, "lockctl", "") == ["--help", "--version", "-h", "acquire", "release", "status"]
+    assert complete(lockctl, "lockctl", "") == ["--help", "--version", "-h", "acquire", "history", "release", "status"]
     assert complete(lockctl, "lockctl", "acquire", "--no") == ["--no-wait", "--nonblock"]
     assert complete(lockctl, "lockctl", "status", "--") == ["--help", "--json", "--socket"]
     assert complete(lockctl, "lockctl", "release", "x", "--fo") == ["--force"]
