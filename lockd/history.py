@@ -286,17 +286,14 @@ class HistoryStore:
         deleted = self._delete(conn, "WHERE time < ? ORDER BY time", time.time() - self._max_age)
         size = self._size(conn)
         # Deleting rows frees fewer pages than their share of the rows (index pages are
-        # shared), so the size is measured again after each round.
-        for _ in range(8):
-            if size <= self._max_size:
-                break
-            rows = conn.execute("SELECT count(*) FROM events").fetchone()[0]
-            excess = math.ceil(rows * (1 - SIZE_TARGET * self._max_size / size))
-            if not excess:
-                break
-            while excess > 0:
-                deleted += self._delete(conn, "ORDER BY id", limit=min(excess, PRUNE_CHUNK))
-                excess -= PRUNE_CHUNK
+        # shared), so the size is measured again after each round; each deletes one row at
+        # least, so the rounds end.
+        rows = conn.execute("SELECT count(*) FROM events").fetchone()[0] if size > self._max_size else 0
+        while size > self._max_size and rows:
+            excess = max(1, math.ceil(rows * (1 - SIZE_TARGET * self._max_size / size)))
+            gone = self._delete(conn, "ORDER BY id", limit=excess)
+            deleted += gone
+            rows -= gone
             conn.execute("PRAGMA incremental_vacuum").fetchall()
             size = self._size(conn)
         if deleted:

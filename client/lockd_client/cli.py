@@ -1107,8 +1107,9 @@ _HISTORY_COLUMNS: Final = ("TIME", "EVENT", "NAME", "MODE", "TOKEN", "PID", "USE
 
 
 def history_table(events: list[protocol.LeaseEvent], width: int | None) -> str:
-    """One row per event, in the order given; the last column (the reason where there is
-    one, else the command and label) cut at `width` characters (None: not cut)."""
+    """One row per event, in the order given. Within `width` characters (None: no bound),
+    a row whose last column (the reason where there is one, the command and label) does
+    not fit has it on a line of its own, indented, and every line is cut at the width."""
     rows = []
     for event in events:
         detail = event.command + (f" [{event.label}]" if event.label else "")
@@ -1130,9 +1131,12 @@ def history_table(events: list[protocol.LeaseEvent], width: int | None) -> str:
     widths = [max(len(row[i]) for row in [_HISTORY_COLUMNS, *rows]) for i in range(len(_HISTORY_COLUMNS) - 1)]
     lines = []
     for row in [_HISTORY_COLUMNS, *rows]:
-        line = "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[-1]
-        lines.append(line[:width].rstrip() if width else line.rstrip())
-    return "".join(line + "\n" for line in lines)
+        head = "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False))
+        if width is None or len(head) + 2 + len(row[-1]) <= width:
+            lines.append(f"{head}  {row[-1]}")
+        else:
+            lines += [head[:width], f"    {row[-1]}"[:width]]
+    return "".join(line.rstrip() + "\n" for line in lines)
 
 
 def _say(message: str) -> None:
