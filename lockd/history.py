@@ -146,10 +146,16 @@ class HistoryStore:
     # --- lifetime -------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the writer thread (it opens the database there: a problem is logged, and
-        tried again, never raised)."""
+        """Open the database and start the writer thread. Before serving, so that the
+        daemon's files are in place when the first client comes; a problem is logged, and
+        the writer tries again, never raised."""
         assert self._thread is None, "started twice"
-        self._thread = threading.Thread(target=self._run, name="lockd-history", daemon=True)
+        conn = None
+        try:
+            conn = self._open()
+        except (sqlite3.Error, OSError, _Unusable) as exc:
+            self._failed(exc)
+        self._thread = threading.Thread(target=self._run, args=(conn,), name="lockd-history", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = STOP_WAIT) -> None:
@@ -166,8 +172,7 @@ class HistoryStore:
 
     # --- the writer thread ----------------------------------------------------------------------
 
-    def _run(self) -> None:
-        conn: sqlite3.Connection | None = None
+    def _run(self, conn: sqlite3.Connection | None) -> None:
         pending: list[protocol.LeaseEvent] = []
         retry_at = prune_at = time.monotonic()
         stopping = False
@@ -225,7 +230,8 @@ class HistoryStore:
         # Other users' commands are no one else's business: SQLite gives the -wal and -shm
         # files the mode of the database file.
         os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
-        conn = sqlite3.connect(self.path, timeout=BUSY_WAIT, isolation_level=None)
+        # Opened by `start`, then used by the writer thread alone.
+        conn = sqlite3.connect(self.path, timeout=BUSY_WAIT, isolation_level=None, check_same_thread=False)
         try:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
@@ -294,10 +300,10 @@ class HistoryStore:
             gone = self._delete(conn, "ORDER BY id", limit=excess)
             deleted += gone
             rows -= gone
-            conn.execute("PRAGMA incremental_vacuum").fetchall()
+            _vacuum(conn)
             size = self._size(conn)
         if deleted:
-            conn.execute("PRAGMA incremental_vacuum").fetchall()
+            _vacuum(conn)
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
             log.debug("history: retention deleted %d events", deleted)
 
@@ -342,6 +348,7 @@ class HistoryStore:
         log.warning("history: %s was unusable (%s); moved it to %s and starting a new one", self.path, problem, aside)
         return True
 
+
     # --- queries, in a worker thread ----------------------------------------------------------------
 
     def read(
@@ -381,3 +388,9 @@ class HistoryStore:
                 f"lockd cannot read its history ({self.path}): {exc}; its log says more"
             ) from None
         return [protocol.LeaseEvent(*row) for row in reversed(rows)]
+
+
+def _vacuum(conn: sqlite3.Connection) -> None:
+    """Hand the free pages back to the file system. Each step of the pragma frees one page,
+    and `execute` would take only the first step: `executescript` takes them all."""
+    conn.executescript("PRAGMA incremental_vacuum;")

@@ -254,7 +254,7 @@ def test_the_oldest_events_go_when_the_file_is_too_large(short_tmp: Path, name: 
             with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
                 return db.execute("PRAGMA page_count").fetchone()[0] * db.execute("PRAGMA page_size").fetchone()[0]
 
-        assert size() <= limit
+        assert size() <= limit, d.log()[-3000:]
         wait_until(lambda: path.stat().st_size <= limit, "the file shrunk", show=lambda: path.stat().st_size)
     finally:
         d.stop()
