@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     raise_nofile_limit()
     sock_path, lock_dir, state_dir = conf.socket, conf.lock_dir, conf.state_dir
     assert sock_path and lock_dir and state_dir, "load() fills in the default paths"
-    tokens = files = None
+    tokens = files = history = None
     sockets: list[socket.socket] = []
     bound: os.stat_result | None = None
     try:
@@ -189,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
         files = LockFiles(lock_dir, conf.lock_file_mode)
         if conf.backend == "flock":
             tokens = TokenStore.open(state_dir)
+        if conf.history.enabled:
+            # Its files are open, and its writer runs, before the first client can come.
+            history = HistoryStore(state_dir, conf.history)
+            history.start()
         backend = _backend(conf, files, tokens)
         sockets = listen_fds()
         if not sockets:
@@ -207,15 +211,13 @@ def main(argv: list[str] | None = None) -> int:
             files.close()
         if tokens is not None:
             tokens.close()
+        if history is not None:
+            history.stop()
         return 1
 
-    # Its writer thread lives from before the first event to after the last one.
-    history = HistoryStore(state_dir, conf.history) if conf.history.enabled else None
     try:
         import trio
 
-        if history is not None:
-            history.start()
         where = str(conf.socket) if bound is not None else f"{len(sockets)} socket(s) from systemd"
         trio.run(_serve, args, conf, backend, policy, sockets, where, history)
     finally:
