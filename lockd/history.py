@@ -7,11 +7,12 @@ Invariants:
   a warning at most once a minute. Everything else happens in the one writer thread, which
   `start` starts and `stop` ends (after writing what was recorded before it), or in the
   thread that runs a query (`read`).
-- The writer writes the events in the order recorded, in batches of whatever has queued up,
-  one transaction each. A write that fails (a full or read-only disk, a database locked by
-  someone else) is logged at most once a minute and retried every RETRY seconds with what
-  came meanwhile; a file that is not a database of this schema, or a corrupt one, is moved
-  aside (logged) and a new one started. Nothing about the database reaches the leases.
+- The writer writes the events in the order recorded, in batches of whatever has queued up
+  within BATCH_DELAY of the first, one transaction each. A write that fails (a full or
+  read-only disk, a database locked by someone else) is logged at most once a minute and
+  retried every RETRY seconds with what came meanwhile; a file that is not a database of
+  this schema, or a corrupt one, is moved aside (logged) and a new one started. Nothing
+  about the database reaches the leases.
 - Retention: the writer deletes the events older than `max_age`, within a quarter of it
   (at most a minute) of their expiry, and the oldest events while the database is larger
   than `max_size`, and hands the freed pages back to the file system (incremental vacuum).
@@ -73,6 +74,10 @@ _FIELDS: Final = protocol.LeaseEvent.__struct_fields__
 _COLUMNS: Final = ", ".join(_FIELDS)
 _INSERT: Final = f"INSERT INTO events ({_COLUMNS}) VALUES ({', '.join('?' for _ in _FIELDS)})"
 
+#: Once an event comes, the writer waits this long for more before it writes them all: the
+#: event loop then only appends to a queue nobody waits on (a writer woken for every event
+#: would cost each a wakeup, and take the interpreter's lock from the loop as often).
+BATCH_DELAY: Final = 0.25
 #: Seconds between tries to write after a write failed.
 RETRY: Final = 5.0
 #: How long a query waits for the writer to have written what was recorded before it.
@@ -124,6 +129,8 @@ class HistoryStore:
         self._failing = False
         self._users: dict[int, str | None] = {}
         self._thread: threading.Thread | None = None
+        #: Set to have the writer write what is queued without waiting out BATCH_DELAY.
+        self._hurry = threading.Event()
 
     # --- on the event loop ----------------------------------------------------------------------
 
@@ -164,6 +171,7 @@ class HistoryStore:
         if self._thread is None:
             return
         self._queue.put(_STOP)
+        self._hurry.set()
         self._thread.join(timeout)
         if self._thread.is_alive():
             log.warning(
@@ -183,6 +191,9 @@ class HistoryStore:
                 item = self._queue.get(timeout=max(0.0, due - time.monotonic()))
             except queue.Empty:
                 item = None
+            if item is not None:
+                self._hurry.wait(BATCH_DELAY)
+                self._hurry.clear()
             while item is not None:
                 if isinstance(item, _Stop):
                     stopping = True
@@ -359,6 +370,7 @@ class HistoryStore:
         it in a worker thread. Raises DaemonUnavailable if the database cannot be read."""
         written = threading.Event()
         self._queue.put(written)
+        self._hurry.set()
         written.wait(FLUSH_WAIT)
         where: list[str] = []
         params: list[object] = []
