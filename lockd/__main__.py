@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # imported where used: `lockd --version` and --help must star
     from .backend import Backend
     from .config import Config
     from .flock.tokens import TokenStore
+    from .history import HistoryStore
     from .lockfiles import LockFiles
     from .policy import Policy
     from .server import Server
@@ -168,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .fdlimit import raise_nofile_limit
     from .flock.tokens import TokenStore
+    from .history import HistoryStore
     from .listen import bind_unix_listener, somaxconn
     from .lockfiles import LockFiles, prepare_lock_dir
     from .policy import Policy
@@ -176,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     raise_nofile_limit()
     sock_path, lock_dir, state_dir = conf.socket, conf.lock_dir, conf.state_dir
     assert sock_path and lock_dir and state_dir, "load() fills in the default paths"
-    tokens = files = None
+    tokens = files = history = None
     sockets: list[socket.socket] = []
     bound: os.stat_result | None = None
     metrics_sock: socket.socket | None = None
@@ -190,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
         files = LockFiles(lock_dir, conf.lock_file_mode)
         if conf.backend == "flock":
             tokens = TokenStore.open(state_dir)
+        if conf.history.enabled:
+            # Its files are open, and its writer runs, before the first client can come.
+            history = HistoryStore(state_dir, conf.history)
+            history.start()
         backend = _backend(conf, files, tokens)
         # Before lockd's own socket: once that accepts, the metrics listener is there too.
         if conf.metrics.listen is not None:
@@ -219,14 +225,18 @@ def main(argv: list[str] | None = None) -> int:
             files.close()
         if tokens is not None:
             tokens.close()
+        if history is not None:
+            history.stop()
         return 1
 
     try:
         import trio
 
         where = str(conf.socket) if bound is not None else f"{len(sockets)} socket(s) from systemd"
-        trio.run(_serve, args, conf, backend, policy, sockets, where, metrics_sock)
+        trio.run(_serve, args, conf, backend, policy, sockets, where, metrics_sock, history)
     finally:
+        if history is not None:
+            history.stop()
         if bound is not None:
             _unlink_if_ours(sock_path, bound)
         if metrics_bound is not None:
@@ -286,10 +296,11 @@ def _backend(conf: Config, files: LockFiles, tokens: TokenStore | None) -> Backe
 
 async def _serve(
     args: argparse.Namespace, conf: Config, backend: Backend, policy: Policy, sockets: list[socket.socket],
-    where: str, metrics_sock: socket.socket | None,
+    where: str, metrics_sock: socket.socket | None, history: HistoryStore | None,
 ) -> None:
     import trio
 
+    from .journal import EventLog
     from .metrics import Metrics
     from .server import Server
     from .systemd import Notifier, watchdog_interval, watchdog_loop
@@ -301,11 +312,14 @@ async def _serve(
 
         assert isinstance(backend, EtcdBackend)
         etcd = backend
-    metrics = Metrics(conf.metrics.names, etcd=etcd)
+    metrics = Metrics(conf.metrics.names, etcd=etcd, history=history)
+    events = EventLog.from_environment()
+    observers = [events.record] if history is None else [history.record, events.record]
     server = Server(
-        LockTable(ordered_by_backend=backend.orders_requests), backend, conf.limits, policy, metrics=metrics,
+        LockTable(ordered_by_backend=backend.orders_requests), backend, conf.limits, policy, observers,
+        metrics=metrics, history=history,
     )
-    with Notifier.from_environment() as notifier, trio.open_signal_receiver(*SIGNALS) as signals:
+    with events, Notifier.from_environment() as notifier, trio.open_signal_receiver(*SIGNALS) as signals:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve, sockets)

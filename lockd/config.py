@@ -161,6 +161,18 @@ class MetricsSection(_Section, frozen=True):
             listen_address(self.listen)
 
 
+class HistorySection(_Section, frozen=True):
+    """The `[history]` section: the lease events kept in the state directory (lockd.history)."""
+
+    enabled: bool = True
+    #: Seconds an event is kept: 90 days. At most a century, so a cutoff stays a real time.
+    max_age: Annotated[float, msgspec.Meta(gt=0, le=100 * 365 * 86400)] = 90 * 86400.0
+    #: Bytes the database may take; a few pages at least, for the schema and some events.
+    max_size: Annotated[int, msgspec.Meta(ge=64 * 1024)] = 256 * 1024 * 1024
+    #: Events recorded but not yet written, beyond which new ones are dropped.
+    max_backlog: Positive = 100_000
+
+
 class Config(_Section, frozen=True):
     #: None until `load_config` fills in the default for the daemon's uid (lockd_client.paths).
     socket: Path | None = None
@@ -176,6 +188,7 @@ class Config(_Section, frozen=True):
     etcd: Etcd = msgspec.field(default_factory=Etcd)
     policy: PolicySection = msgspec.field(default_factory=PolicySection)
     metrics: MetricsSection = msgspec.field(default_factory=MetricsSection)
+    history: HistorySection = msgspec.field(default_factory=HistorySection)
 
 
 _GLOB = re.compile(r"[A-Za-z0-9._@+\-*?\[\]!]+", re.ASCII)

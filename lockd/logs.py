@@ -9,8 +9,10 @@ entry's level. `contained` logs a bug and lets the daemon carry on.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -43,8 +45,12 @@ def under_systemd() -> bool:
     JOURNAL_STREAM names the device and inode of the journal stream systemd connected; it is
     only believed when stderr really is that stream (not redirected since).
     """
-    if os.environ.get("INVOCATION_ID"):
-        return True
+    return bool(os.environ.get("INVOCATION_ID")) or stderr_is_journal()
+
+
+def stderr_is_journal() -> bool:
+    """True when stderr is the journal stream systemd connected (JOURNAL_STREAM names its
+    device and inode, and stderr has not been redirected since)."""
     stream = os.environ.get("JOURNAL_STREAM", "")
     try:
         st = os.fstat(sys.stderr.fileno())
@@ -81,3 +87,28 @@ def contained(doing: str) -> Iterator[None]:
         yield
     except Exception:
         logging.getLogger("lockd").exception("internal error %s; carrying on", doing)
+
+
+class Occasional:
+    """A warning about a lasting condition (a full disk, a journal that does not keep up),
+    logged at most once every `interval` seconds however often it recurs; the lines between
+    are counted and the next line says how many. Thread-safe enough for a counter: a line
+    more or less under a race, never an exception."""
+
+    __slots__ = ("_interval", "_next", "_skipped")
+
+    def __init__(self, interval: float) -> None:
+        self._interval = interval
+        self._next = -math.inf
+        self._skipped = 0
+
+    def warn(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._skipped += 1
+            return
+        self._next = now + self._interval
+        skipped, self._skipped = self._skipped, 0
+        if skipped:
+            message += f" (and {skipped} more times in the last {self._interval:g} s)"
+        logging.getLogger("lockd").warning(message, *args)

@@ -23,10 +23,10 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import trio
-from lockd_client import protocol
+from lockd_client import errors, protocol
 
 from . import listen, pidfds, procinfo
 from .backend import Backend, Blocked, Claim, holders_in_order
@@ -51,14 +51,19 @@ from .orders import (
 )
 from .policy import Policy
 from .processes import Processes, ProcessOwner
-from .service import LockService, StatusLook
+from .service import HistoryLook, LockService, StatusLook
 from .session import Session
 from .table import LockTable
+
+if TYPE_CHECKING:
+    from .history import HistoryStore
 
 log = logging.getLogger("lockd")
 
 #: How long a graceful shutdown waits for clients to take their `Lost` events and hang up.
 SHUTDOWN_GRACE: Final = 1.0
+#: History queries read at once, each in a worker thread; more wait their turn.
+HISTORY_READERS: Final = 4
 #: accept() errors that mean "not now" (out of descriptors or memory, a client that gave up):
 #: new clients wait in the backlog while the connected ones are served. Any other is a bug.
 _ACCEPT_RETRIED: Final = frozenset({
@@ -71,17 +76,21 @@ class Server:
 
     def __init__(
         self, table: LockTable, backend: Backend, limits: Limits, policy: Policy,
-        observers: Sequence[Callable[[protocol.LeaseEvent], None]] = (), metrics: Metrics | None = None,
+        observers: Sequence[Callable[[protocol.LeaseEvent], None]] = (), *, metrics: Metrics | None = None,
+        history: HistoryStore | None = None,
     ) -> None:
         """`observers` are told every lease event (`Record`), in order; each must return at
         once and never raise (the history's writer queues). `metrics` (default: with no
-        per-name series and no other sources) counts them too, and answers `Metrics`."""
+        per-name series and no other sources) counts them too, and answers `Metrics`.
+        `history` answers `History` requests; None: the history is off."""
         self.backend = backend
         self.metrics = Metrics() if metrics is None else metrics
         self._observers = (self.metrics.observe, *observers)
+        self._history = history
+        self._history_readers = trio.CapacityLimiter(HISTORY_READERS)
         self.service = LockService(
             table, Processes(pidfds.open_process), limits, policy, backend,
-            clock=trio.current_time, wall_offset=time.time() - trio.current_time(),
+            clock=trio.current_time, wall_offset=time.time() - trio.current_time(), history=history is not None,
         )
         self._session_ids = itertools.count(1)
         #: The backend's takes running in tasks of their own, each with the scope that stops it.
@@ -181,13 +190,32 @@ class Server:
             self._carry_out()
 
     def _dispatch(self, session: Session, message: object) -> Awaitable[None] | None:
-        """Handle one request (a `session.Handler`): the awaitable returned for a status must
-        be awaited, or it is never answered."""
+        """Handle one request (a `session.Handler`): the awaitable returned for a status or a
+        history must be awaited, or it is never answered."""
         try:
             look = self.service.request(session, message)
         finally:
             self._carry_out()
-        return None if look is None else self._status(session, look)
+        if look is None:
+            return None
+        if isinstance(look, HistoryLook):
+            return self._read_history(session, look)
+        return self._status(session, look)
+
+    async def _read_history(self, session: Session, look: HistoryLook) -> None:
+        """Read the history in a worker thread, then have the service answer. Cancellation
+        waits for the read (a bounded query) and sends nothing."""
+        assert self._history is not None, "the service asks for no history when it is off"
+        read = partial(self._history.read, look.names, look.since, look.until, look.limit, look.uid)
+        events: list[protocol.LeaseEvent] | errors.LockdError
+        try:
+            events = await trio.to_thread.run_sync(read, limiter=self._history_readers)
+        except errors.LockdError as exc:
+            events = exc
+        try:
+            self.service.history_reply(session, look, events)
+        finally:
+            self._carry_out()
 
     async def _status(self, session: Session, look: StatusLook) -> None:
         """Look at the host's locks as `look` says, then have the service answer with the

@@ -198,6 +198,19 @@ def party(ticket: Ticket) -> Party:
 
 
 @dataclass(slots=True)
+class HistoryLook:
+    """A `History` request the service allowed, for the shell to read the history for, as
+    `uid` may see it (None: every user's events); `history_reply` answers it."""
+
+    request_id: int
+    names: list[str]
+    since: float | None
+    until: float | None
+    limit: int
+    uid: int | None
+
+
+@dataclass(slots=True)
 class StatusLook:
     """What a status must look for outside lockd before `status_reply`: `names` asked for
     (or all those lockd knows of), `look_for` those of them to look up."""
@@ -217,11 +230,12 @@ class LockService:
 
     def __init__(
         self, table: LockTable, processes: Processes, limits: Limits, policy: Policy, backend: BackendView, *,
-        clock: Callable[[], float], wall_offset: float,
+        clock: Callable[[], float], wall_offset: float, history: bool = False,
     ) -> None:
         """`table` must order requests itself exactly when `backend` does not. `clock` tells
         the time on the table's scale (monotonic seconds), and `wall_offset` is Unix time
-        minus `clock()`, for the times clients are shown."""
+        minus `clock()`, for the times clients are shown. `history`: whether the shell keeps
+        the events and answers `History` requests (`HistoryLook`)."""
         assert table.ordered_by_backend == backend.orders_requests
         self.table = table
         self.processes = processes
@@ -231,6 +245,8 @@ class LockService:
         self._backend = backend
         self._clock = clock
         self._wall_offset = wall_offset
+        self.history = history
+        self._features = [*_FEATURES, protocol.Feature.HISTORY] if history else list(_FEATURES)
         self.clients: dict[Peer, Client] = {}
         #: uid → how many of its connections are served, for the per-uid limit.
         self._uid_clients: dict[int, int] = {}
@@ -278,7 +294,7 @@ class LockService:
             protocol.PROTOCOL_VERSION, f"lockd {__version__}", self._backend.name, self.limits.max_frame,
             leases_outlive_daemon=self._backend.leases_outlive_daemon,
             stop_within=client.break_grace if notice is None else min(notice, client.break_grace),
-            features=list(_FEATURES),
+            features=self._features,
         )
 
     def unreadable_peer(self, problem: str) -> None:
@@ -308,9 +324,10 @@ class LockService:
 
     # --- requests -----------------------------------------------------------------------------
 
-    def request(self, peer: Peer, message: object) -> StatusLook | None:
+    def request(self, peer: Peer, message: object) -> StatusLook | HistoryLook | None:
         """Handle one request of a connected client. For a status, what to look for outside
-        lockd before `status_reply` answers it; else None: it is answered (in `orders`)."""
+        lockd before `status_reply` answers it; for a history, what to read before
+        `history_reply` does; else None: it is answered (in `orders`)."""
         client = self.clients.get(peer)
         if client is None:
             return None  # refused or ended: nothing it asks is served
@@ -320,6 +337,8 @@ class LockService:
             self._release(client, message.id, message.exit_status)
         elif isinstance(message, protocol.Status):
             return self._status_look(client, message)
+        elif isinstance(message, protocol.History):
+            return self._history_look(client, message)
         elif isinstance(message, protocol.ReleasePid):
             self._release_pid(client, message)
         elif isinstance(message, protocol.ForceRelease):
@@ -561,6 +580,38 @@ class LockService:
                 slots = self.table.slots_of(name) or self._backend.outside_slots(name)
                 locks.append(protocol.LockInfo(name, mode, holders, waiters, slots))
         self._send(peer, protocol.StatusReply(look.request_id, locks))
+
+    def _history_look(self, client: Client, request: protocol.History) -> HistoryLook | None:
+        """What to read to answer `request` (None: refused, answered)."""
+        try:
+            if not self.history:
+                raise errors.DaemonUnavailable(
+                    "history is off in the daemon's config ([history] enabled); turn it on and restart lockd"
+                )
+            names = checked_names(request.names) if request.names else []
+            for bound, value in (("since", request.since), ("until", request.until)):
+                if value is not None and not math.isfinite(value):
+                    raise errors.ProtocolError(f"{bound} must be a finite Unix time, not {value}")
+            if request.since is not None and request.until is not None and request.since > request.until:
+                raise errors.ProtocolError(f"since ({request.since}) is after until ({request.until})")
+        except errors.LockdError as exc:
+            self._send_error(client, request.id, exc)
+            return None
+        visible = self.policy.events_visible_to(client.uid)
+        return HistoryLook(request.id, names, request.since, request.until, request.limit, visible)
+
+    def history_reply(
+        self, peer: Peer, look: HistoryLook, events: list[protocol.LeaseEvent] | errors.LockdError,
+    ) -> None:
+        """Answer a history with the `events` read (or why they could not be), unless the
+        client has gone meanwhile."""
+        client = self.clients.get(peer)
+        if client is None:
+            return
+        if isinstance(events, errors.LockdError):
+            self._send_error(client, look.request_id, events)
+        else:
+            self._send(peer, protocol.HistoryReply(look.request_id, events))
 
     def _held(self, name: str) -> bool:
         return any(t.state in _SHOWN_HELD for t in self.table.holders(name))

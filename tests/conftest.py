@@ -25,8 +25,10 @@ STARTUP_TIMEOUT = 10.0
 class Daemon:
     """A real `python -m lockd` process on a private socket, lock dir and state dir."""
 
-    def __init__(self, root: Path, *extra_args: str) -> None:
+    def __init__(self, root: Path, *extra_args: str, daemon_env: dict[str, str] | None = None) -> None:
         self.root = root
+        #: Set in the daemon's environment, beside the test's own.
+        self.daemon_env = daemon_env or {}
         self.socket = str(root / "lockd.sock")
         self.lock_dir = root / "locks"
         self.state_dir = root / "state"
@@ -52,7 +54,9 @@ class Daemon:
     def start(self) -> None:
         self.lock_dir.mkdir(mode=0o700, exist_ok=True)
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            self.argv(), stdout=log, stderr=log, stdin=subprocess.DEVNULL, env={**os.environ, **self.daemon_env},
+        )
         log.close()
         wait_until(self.listening, f"lockd listening on {self.socket}", STARTUP_TIMEOUT, show=self.log)
 

@@ -15,6 +15,7 @@ from lockd.config import (
     Config,
     ConfigError,
     Etcd,
+    HistorySection,
     Limits,
     MetricsSection,
     PolicySection,
@@ -115,6 +116,7 @@ def _options() -> dict[str, object]:
         "policy": ("policy.", PolicySection),
         "policy.rules": ("policy.rules[].", Rule),
         "metrics": ("metrics.", MetricsSection),
+        "history": ("history.", HistorySection),
     }
     found: dict[str, object] = {}
 

@@ -62,7 +62,8 @@ def test_a_flood_of_bad_connections_adds_a_bounded_number_of_log_lines(short_tmp
     finally:
         if daemon.proc is not None and daemon.proc.poll() is None:
             daemon.kill()
-    added = daemon.log().splitlines()[before:]
+    # The well-behaved client's lease events are logged one by one, as they should be.
+    added = [line for line in daemon.log().splitlines()[before:] if not re.search(r" x (granted|released) ", line)]
     one_by_one = [line for line in added if " cut off: " in line]
     summaries = [re.search(r"cut off ([\d,]+) more connections", line) for line in added]
     counted = [int(m[1].replace(",", "")) for m in summaries if m]

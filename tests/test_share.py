@@ -62,7 +62,7 @@ def complete(script: Path, *words: str) -> list[str]:
 def test_bash_completes_lockctl() -> None:
     lockctl = BASH["lockctl"]
     assert complete(lockctl, "lockctl", "") == [
-        "--help", "--version", "-h", "acquire", "metrics", "release", "status", "watch",
+        "--help", "--version", "-h", "acquire", "history", "metrics", "release", "status", "watch",
     ]
     assert complete(lockctl, "lockctl", "acquire", "--no") == ["--no-wait", "--nonblock"]
     assert complete(lockctl, "lockctl", "status", "--") == ["--help", "--json", "--socket", "--watch"]

@@ -27,6 +27,7 @@ method returns, and unlock or close the descriptors of the leases that end
 from __future__ import annotations
 
 import enum
+import math
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final, Generic, TypeAlias, TypeVar, overload
@@ -40,6 +41,7 @@ T = TypeVar("T")
 #: The requests that carry an id and get a reply: each is a Call.
 NumberedRequest: TypeAlias = (
     "protocol.Acquire | protocol.Status | protocol.ReleasePid | protocol.ForceRelease | protocol.Metrics"
+    " | protocol.History"
 )
 
 #: Called with the holders each time the daemon says an acquire waits for them.
@@ -366,6 +368,30 @@ class Connection:
         if self.server is not None and protocol.Feature.METRICS not in self.server.features:
             raise errors.ProtocolError(f"this lockd ({self.server.server}) does not serve metrics; upgrade it")
         return self._send_request(protocol.Metrics(self._next_id))
+    def history(
+        self, names: Iterable[str], since: float | None, until: float | None, limit: int,
+    ) -> tuple[Call[list[protocol.LeaseEvent]], bytes]:
+        """Ask for the latest `limit` recorded events on `names` (every name when empty) from
+        `since` to `until` (Unix times; None: no bound); resolves with them, oldest first."""
+        checked = list(names)
+        if checked:
+            _checked_names(checked)
+        for bound, value in (("since", since), ("until", until)):
+            if value is not None and not math.isfinite(value):
+                raise errors.InvalidArgument(f"{bound} must be a finite Unix time, not {value}")
+        if since is not None and until is not None and since > until:
+            raise errors.InvalidArgument(f"since ({since}) is after until ({until}): nothing could match")
+        if type(limit) is not int or not 1 <= limit <= protocol.MAX_HISTORY_LIMIT:
+            raise errors.InvalidArgument(
+                f"limit must be a whole number from 1 to {protocol.MAX_HISTORY_LIMIT}, not {limit!r}"
+            )
+        self._check_open()
+        if self.server is not None and protocol.Feature.HISTORY not in self.server.features:
+            raise errors.ProtocolError(
+                f"this lockd ({self.server.server}) keeps no history: it is older than this client, or its "
+                "config turns the history off ([history] enabled)"
+            )
+        return self._send_request(protocol.History(self._next_id, checked, since, until, limit))
 
     def release_pid(self, pid: int, names: Iterable[str]) -> tuple[Call[int], bytes]:
         """End the leases tied to process `pid` on `names`; resolves with how many ended."""
@@ -409,9 +435,10 @@ class Connection:
         del self._subscriptions[subscription.id]
         return self._encode(protocol.Release(subscription.id))
 
-    def release(self, lease: LeaseRecord) -> bytes:
+    def release(self, lease: LeaseRecord, exit_status: int | None = None) -> bytes:
         """End `lease`; the caller then lets go of its descriptors (`lease.fds`). Returns the
-        Release to send, or b"" when there is nothing to tell the daemon.
+        Release to send, or b"" when there is nothing to tell the daemon. `exit_status`: that
+        of the work the lease protected, for the daemon's history.
 
         A lost lease is acknowledged the same way, once: the daemon holds a lease broken by
         force until its holder says it let go, which then frees the lock at once.
@@ -425,7 +452,7 @@ class Connection:
             return b""
         if self._leases.get(lease.id) is not lease:
             raise errors.LocalProtocolError(f"{lease!r} belongs to another connection")
-        data = b"" if lease.detached else self._encode(protocol.Release(lease.id))
+        data = b"" if lease.detached else self._encode(protocol.Release(lease.id, exit_status))
         del self._leases[lease.id]
         lease.state = LeaseState.RELEASED
         return data
@@ -583,6 +610,8 @@ class Connection:
     def _send_request(self, request: protocol.ReleasePid | protocol.ForceRelease) -> tuple[Call[int], bytes]: ...
     @overload
     def _send_request(self, request: protocol.Metrics) -> tuple[Call[str], bytes]: ...
+    @overload
+    def _send_request(self, request: protocol.History) -> tuple[Call[list[protocol.LeaseEvent]], bytes]: ...
 
     def _send_request(self, request: NumberedRequest) -> tuple[Call[Any], bytes]:
         """Encode `request` (numbered `_next_id` by the caller) and await its reply."""
@@ -643,6 +672,9 @@ class Connection:
         elif type(message) is protocol.MetricsReply and type(request) is protocol.Metrics:
             del self._calls[id]
             call._resolve(message.text)
+        elif type(message) is protocol.HistoryReply and type(request) is protocol.History:
+            del self._calls[id]
+            call._resolve(message.events)
         else:
             raise _Violation(f"{_tag(message)} in reply to {_tag(request)} request {id}")
 

@@ -145,6 +145,18 @@ class Client:
         """The daemon's metrics, in the Prometheus text format (docs/metrics.md). Raises
         ProtocolError, sending nothing, if the daemon is too old to serve them."""
         return self._run(*self._conn.metrics())
+    def history(
+        self, *names: str, since: float | None = None, until: float | None = None, limit: int = 1000,
+    ) -> list[protocol.LeaseEvent]:
+        """The lease events the daemon recorded on `names` (every lock when none are given)
+        from `since` until before `until` (Unix times; None: no bound): the latest `limit` of
+        them (at most 100000), oldest first. The daemon's policy decides whose events a user
+        sees: by default their own, and root everyone's.
+
+        Raises ProtocolError if the daemon keeps no history (an older lockd, or one whose
+        config turns it off), DaemonUnavailable if it cannot read it now.
+        """
+        return self._run(*self._conn.history(names, since, until, limit))
 
     def release_pid(self, pid: int, *names: str) -> int:
         """End the leases process `pid` holds on `names` (acquired with `pid=`).
@@ -355,17 +367,19 @@ class Lease(LeaseView):
         self._client.process_events()
         return self._record.state is LeaseState.LOST
 
-    def release(self) -> None:
+    def release(self, exit_status: int | None = None) -> None:
         """Release the lease without waiting for the daemon, unlocking its lock files.
         Idempotent.
 
         The daemon applies it before any later request on this connection. A lost lease is
         let go of too (the daemon may be waiting for that to give the lock to the next).
+        `exit_status`: that of the work the lease protected (128+N for a death by signal N),
+        kept in the daemon's history with the release.
         """
         client, record = self._client, self._record
         conn = client._conn
         try:
-            data = conn.release(record)
+            data = conn.release(record, exit_status)
             if data:
                 client._send_quietly(data)
         finally:

@@ -265,11 +265,31 @@ limit reached; 76 lockd version mismatch (a lockd too old to serve metrics).
 """
 
 
+HISTORY_EPILOG: Final = """\
+examples:
+  lockctl history site.com            what happened to site.com lately
+  lockctl history --since 2h          every lock's events of the last two hours
+  lockctl history backup --since 2026-12-06T03:00 --until 2026-12-06T04:00
+  lockctl history --json backup | jq '.events[] | select(.event == "released") | .exit_status'
+
+WHEN is a Unix time (1765000000), an ISO 8601 date or time (2026-12-06, 2026-12-06T03:10,
+2026-12-06 03:10:00+01:00; local time without a zone), or a time ago: a number and s, m, h,
+d or w (90s, 30m, 2h, 7d, 1w). Events are shown oldest first: the latest N of the range.
+Each user sees their own events; root (and the users the daemon's policy.read_events names)
+everyone's.
+
+exit status: 0 (also when no event matched); 64 usage; 69 lockd unreachable, or it cannot
+read its history now; 75 lockd busy for a minute; 76 lockd keeps no history (older than
+lockctl, or history is off in its config).
+"""
+
+
 #: What each command is for, as `lockctl --help` lists it.
 COMMANDS: Final = {
     "acquire": "take locks, for CMD or for the calling shell",
     "release": "end process-tied leases, or break a lease with --force",
     "status": "who holds and who waits for locks",
+    "history": "what happened to locks: grants, releases, losses, refusals",
     "watch": "print lease events as they happen",
     "metrics": "the daemon's metrics, in the Prometheus text format",
 }
@@ -464,10 +484,61 @@ def _add_watch(watch: argparse.ArgumentParser) -> None:
     watch.add_argument("names", nargs="*", metavar="NAME")
 
 
+def _add_history(history: argparse.ArgumentParser) -> None:
+    history.epilog = HISTORY_EPILOG
+    history.description = (
+        "Show the lease events lockd recorded on NAMEs (every lock when none are given):\n"
+        "granted, released (with CMD's exit status), lost, broken, refused."
+    )
+    history.add_argument("--since", type=_when, metavar="WHEN", help="only events at or after WHEN")
+    history.add_argument("--until", type=_when, metavar="WHEN", help="only events before WHEN")
+    most = protocol.MAX_HISTORY_LIMIT
+    history.add_argument(
+        "--limit", type=_integer(1, most, f"a number of events (1 to {most})"), default=1000, metavar="N",
+        help="at most the latest N events (default 1000)",
+    )
+    history.add_argument("--json", action="store_true", help="print JSON (schema in docs/cli.md)")
+    history.add_argument("names", nargs="*", metavar="NAME")
+
+
+#: A time ago (`2h`): seconds per unit.
+_UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _when(text: str) -> float:
+    """WHEN (see HISTORY_EPILOG) as a Unix time."""
+    word = text.strip()
+    try:
+        value = float(word)
+    except ValueError:
+        pass
+    else:
+        if math.isfinite(value) and value >= 0:
+            return value
+        raise argparse.ArgumentTypeError(f"{text!r} is not a Unix time")
+    if word[-1:] in _UNITS:
+        try:
+            ago = float(word[:-1]) * _UNITS[word[-1]]
+        except ValueError:
+            ago = math.nan
+        if math.isfinite(ago) and ago >= 0:
+            return time.time() - ago
+    from datetime import datetime
+
+    try:
+        # Without a zone, a datetime is taken as local time, as a user reading a clock means it.
+        return datetime.fromisoformat(word).timestamp()
+    except (ValueError, OverflowError, OSError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a time: give a Unix time, an ISO 8601 date or time (2026-12-06T03:10), "
+            "or a time ago (30m, 2h, 7d)"
+        ) from None
+
+
 #: What adds each command's arguments to its parser: only the command given is built.
 _COMMAND_PARSERS: Final = {
-    "acquire": _add_acquire, "release": _add_release, "status": _add_status, "watch": _add_watch,
-    "metrics": _add_metrics,
+    "acquire": _add_acquire, "release": _add_release, "status": _add_status, "history": _add_history,
+    "watch": _add_watch, "metrics": _add_metrics,
 }
 
 
@@ -499,10 +570,14 @@ class Args(argparse.Namespace):
     pid: int | None
     # release
     force: bool
-    # status and watch
+    # status, watch and history
     json: bool
     # status
     watch: float | None
+    # history
+    since: float | None
+    until: float | None
+    limit: int
 
 
 def parse_args(argv: list[str]) -> Args:
@@ -537,6 +612,8 @@ def parse_args(argv: list[str]) -> Args:
         raise UsageError(
             "--watch redraws a table for people; a script runs `lockctl status --json` as often as it needs"
         )
+    if args.command == "history" and args.since is not None and args.until is not None and args.since > args.until:
+        raise UsageError("--since is after --until: no event could match")
     return args
 
 
@@ -632,6 +709,8 @@ def main(argv: list[str] | None = None) -> int:
             return _metrics(socket_path)
         if args.command == "watch":
             return _watch(args, socket_path)
+        if args.command == "history":
+            return _history(args, socket_path)
         if args.watch is not None:
             return _status_watch(args, socket_path)
         return _status(args, socket_path)
@@ -963,7 +1042,7 @@ def _run_under(args: Args, cmd: list[str], client: Client, lease: Lease, kill_af
     except _supervise.ExecError as e:
         _say(f"cannot run {cmd[0]!r}: {e.strerror}")
         return EXIT_NOT_FOUND if e.errno == errno.ENOENT else EXIT_CANNOT_EXECUTE
-    lease.release()
+    lease.release(exit_status=ended.status)
     if args.verbose:
         _say(f"CMD exited with status {ended.status}; released {names}")
     if ended.signal in (signal.SIGINT, signal.SIGQUIT):
@@ -1304,6 +1383,62 @@ def _watch(args: Args, socket_path: str) -> int:
                 "start it again, and read its output as it comes (`lockctl history` has the events missed)"
             )
             return EXIT_BUSY
+
+
+# --- history -------------------------------------------------------------------------------
+
+
+def _history(args: Args, socket_path: str) -> int:
+    with _connect(socket_path, BUSY_WAIT) as client:
+        events = client.history(*args.names, since=args.since, until=args.until, limit=args.limit)
+    if args.json:
+        import msgspec
+
+        sys.stdout.write(msgspec.json.encode({"events": events}).decode() + "\n")
+    elif events:
+        width = _terminal_width(sys.stdout) if sys.stdout.isatty() else None
+        sys.stdout.write(history_table(events, width))
+    else:
+        print("no event recorded" + (f" on {', '.join(args.names)}" if args.names else "") + " in that time")
+    return 0
+
+
+#: The header of `history_table`, one per column of its rows.
+_HISTORY_COLUMNS: Final = ("TIME", "EVENT", "NAME", "MODE", "TOKEN", "PID", "USER", "WAITED", "HELD", "EXIT",
+                           "COMMAND [LABEL] / REASON")
+
+
+def history_table(events: list[protocol.LeaseEvent], width: int | None) -> str:
+    """One row per event, in the order given. Within `width` characters (None: no bound),
+    a row whose last column (the reason where there is one, the command and label) does
+    not fit has it on a line of its own, indented, and every line is cut at the width."""
+    rows = []
+    for event in events:
+        detail = event.command + (f" [{event.label}]" if event.label else "")
+        if event.reason:
+            detail = f"{event.reason}: {detail}" if detail else event.reason
+        rows.append((
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event.time)),
+            event.event,
+            event.name,
+            event.mode if event.slots is None else f"slot/{event.slots}",
+            "" if event.token is None else str(event.token),
+            "" if event.pid is None else str(event.pid),
+            event.user or ("" if event.uid is None else str(event.uid)),
+            "" if event.waited is None else describe.duration(event.waited),
+            "" if event.held is None else describe.duration(event.held),
+            "" if event.exit_status is None else str(event.exit_status),
+            describe.sanitize(detail),
+        ))
+    widths = [max(len(row[i]) for row in [_HISTORY_COLUMNS, *rows]) for i in range(len(_HISTORY_COLUMNS) - 1)]
+    lines = []
+    for row in [_HISTORY_COLUMNS, *rows]:
+        head = "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False))
+        if width is None or len(head) + 2 + len(row[-1]) <= width:
+            lines.append(f"{head}  {row[-1]}")
+        else:
+            lines += [head[:width], f"    {row[-1]}"[:width]]
+    return "".join(line.rstrip() + "\n" for line in lines)
 
 
 def _say(message: str) -> None:

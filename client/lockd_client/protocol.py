@@ -196,6 +196,10 @@ class Status(msgspec.Struct, tag="status"):
     names: list[str] = []
 
 
+#: The most events one `History` request may ask for.
+MAX_HISTORY_LIMIT: Final = 100_000
+
+
 @final
 class History(msgspec.Struct, tag="history"):
     """The recorded lease events on `names` (every name when empty) from `since` to `until`
@@ -206,7 +210,7 @@ class History(msgspec.Struct, tag="history"):
     names: list[str] = []
     since: float | None = None
     until: float | None = None
-    limit: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 1000
+    limit: Annotated[int, msgspec.Meta(ge=1, le=MAX_HISTORY_LIMIT)] = 1000
 
 
 @final

@@ -215,6 +215,16 @@ class Client:
         Cancellation: the reply, when it comes, is ignored.
         """
         return await self._run(*self._conn.metrics())
+    async def history(
+        self, *names: str, since: float | None = None, until: float | None = None, limit: int = 1000,
+    ) -> list[protocol.LeaseEvent]:
+        """The recorded lease events on `names`, as the blocking `Client.history` returns them:
+        the latest `limit` from `since` until before `until`, oldest first, those the daemon's
+        policy lets this user read.
+
+        Cancellation: the reply, when it comes, is ignored.
+        """
+        return await self._run(*self._conn.history(names, since, until, limit))
 
     async def release_pid(self, pid: int, *names: str) -> int:
         """End the leases process `pid` holds on `names` (acquired with `pid=`).
@@ -501,16 +511,17 @@ class Lease(LeaseView):
         self._client._read_pending()
         return self._record.state is LeaseState.LOST
 
-    async def release(self) -> None:
+    async def release(self, exit_status: int | None = None) -> None:
         """Release the lease without waiting for the daemon, unlocking its lock files.
         Idempotent.
 
         The daemon applies it before any later request on this connection. Shielded from
         cancellation. A lost lease is let go of too (the daemon may be waiting for that to
-        give the lock to the next).
+        give the lock to the next). `exit_status`: that of the work the lease protected,
+        kept in the daemon's history with the release.
         """
         try:
-            await self._client._send_shielded(self._client._conn.release(self._record))
+            await self._client._send_shielded(self._client._conn.release(self._record, exit_status))
         finally:
             conn = self._client._conn
             _lockfds.let_go(conn.let_go(self._record), unlock=self._record.detached)

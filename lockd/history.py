@@ -1,0 +1,408 @@
+"""The history of lease events: every event the service records, kept in SQLite in the
+state directory and read back by `lockctl history`.
+
+Invariants:
+- The event loop never waits for the database: `record` only appends to a queue, or, when
+  the writer is `max_backlog` events behind, drops the event and counts it (`dropped`), with
+  a warning at most once a minute. Everything else happens in the one writer thread, which
+  `start` starts and `stop` ends (after writing what was recorded before it), or in the
+  thread that runs a query (`read`).
+- The writer writes the events in the order recorded, in batches of whatever has queued up
+  within BATCH_DELAY of the first, one transaction each. A write that fails (a full or
+  read-only disk, a database locked by someone else) is logged at most once a minute and
+  retried every RETRY seconds with what came meanwhile; a file that is not a database of
+  this schema, or a corrupt one, is moved aside (logged) and a new one started. Nothing
+  about the database reaches the leases.
+- Retention: the writer deletes the events older than `max_age`, within a quarter of it
+  (at most a minute) of their expiry, and the oldest events while the database is larger
+  than `max_size`, and hands the freed pages back to the file system (incremental vacuum).
+- A query answers with every event recorded before it was asked, once written (it waits up
+  to FLUSH_WAIT for the writer to get to them), and only with those of the uid it is given
+  (None: every user's).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import pwd
+import queue
+import sqlite3
+import threading
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Final
+
+from lockd_client import errors, protocol
+
+from .config import HistorySection
+from .logs import Occasional
+
+log = logging.getLogger("lockd")
+
+FILE_NAME: Final = "history.sqlite3"
+#: The schema's version, kept in PRAGMA user_version (0: a new, empty database).
+SCHEMA_VERSION: Final = 1
+_SCHEMA: Final = """
+CREATE TABLE events (
+    id INTEGER PRIMARY KEY,
+    time REAL NOT NULL,
+    event TEXT NOT NULL,
+    name TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    slots INTEGER,
+    token INTEGER,
+    pid INTEGER,
+    uid INTEGER,
+    user TEXT,
+    command TEXT NOT NULL,
+    label TEXT,
+    waited REAL,
+    held REAL,
+    reason TEXT,
+    exit_status INTEGER
+);
+CREATE INDEX events_by_time ON events (time);
+CREATE INDEX events_by_name ON events (name, time);
+CREATE INDEX events_by_uid ON events (uid, time);
+"""
+#: The columns of an event, in the order of LeaseEvent's fields.
+_FIELDS: Final = protocol.LeaseEvent.__struct_fields__
+_COLUMNS: Final = ", ".join(_FIELDS)
+_INSERT: Final = f"INSERT INTO events ({_COLUMNS}) VALUES ({', '.join('?' for _ in _FIELDS)})"
+
+#: Once an event comes, the writer waits this long for more before it writes them all: the
+#: event loop then only appends to a queue nobody waits on (a writer woken for every event
+#: would cost each a wakeup, and take the interpreter's lock from the loop as often).
+BATCH_DELAY: Final = 0.25
+#: Seconds between tries to write after a write failed.
+RETRY: Final = 5.0
+#: How long a query waits for the writer to have written what was recorded before it.
+FLUSH_WAIT: Final = 2.0
+#: How long `stop` waits for the writer to write what is left.
+STOP_WAIT: Final = 5.0
+#: How long a statement waits for a database locked by another process (sqlite3's timeout).
+BUSY_WAIT: Final = 1.0
+#: Retention deletes at most this many events per transaction, so writes go on between them.
+PRUNE_CHUNK: Final = 10_000
+#: Over `max_size`, the oldest events are deleted until the database is this share of it.
+SIZE_TARGET: Final = 0.9
+#: The write-ahead log is cut back to this size after each checkpoint.
+WAL_SIZE_LIMIT: Final = 4 * 1024 * 1024
+#: Lasting trouble is logged at most once in this many seconds.
+WARN_INTERVAL: Final = 60.0
+_CORRUPT: Final = frozenset({"SQLITE_CORRUPT", "SQLITE_NOTADB"})
+
+
+class _Stop:
+    """What `stop` queues: the writer writes what came before it, then ends."""
+
+
+_STOP: Final = _Stop()
+
+
+class _Unusable(Exception):
+    """The file is a database, but not one of this schema: it is moved aside."""
+
+
+class HistoryStore:
+    """The history database of one daemon: `record` (the server's observer), `read` (in a
+    worker thread), and the writer thread between `start` and `stop`."""
+
+    def __init__(self, state_dir: Path, section: HistorySection) -> None:
+        self.path = state_dir / FILE_NAME
+        self._max_age = section.max_age
+        self._max_size = section.max_size
+        self._max_backlog = section.max_backlog
+        #: How often expired events are looked for: soon enough after their expiry.
+        self._prune_interval = min(60.0, section.max_age / 4)
+        self._queue: queue.SimpleQueue[protocol.LeaseEvent | threading.Event | _Stop] = queue.SimpleQueue()
+        #: Events the writer has taken from the queue and not yet written (the writer's count).
+        self._unwritten = 0
+        #: Events dropped because the writer was `max_backlog` behind.
+        self.dropped = 0
+        self._drop_warning = Occasional(WARN_INTERVAL)
+        self._trouble = Occasional(WARN_INTERVAL)
+        self._failing = False
+        self._users: dict[int, str | None] = {}
+        self._thread: threading.Thread | None = None
+        #: Set to have the writer write what is queued without waiting out BATCH_DELAY.
+        self._hurry = threading.Event()
+
+    # --- on the event loop ----------------------------------------------------------------------
+
+    def record(self, event: protocol.LeaseEvent) -> None:
+        """Queue `event` for the writer; never blocks or raises (a server observer)."""
+        if self._queue.qsize() + self._unwritten >= self._max_backlog:
+            self.dropped += 1
+            self._drop_warning.warn(
+                "history: the writer is %d events behind; dropping events (%d so far) until it catches up",
+                self._max_backlog, self.dropped,
+            )
+            return
+        self._queue.put(event)
+
+    @property
+    def backlog(self) -> int:
+        """Events recorded and not yet written."""
+        return self._queue.qsize() + self._unwritten
+
+    # --- lifetime -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Open the database and start the writer thread. Before serving, so that the
+        daemon's files are in place when the first client comes; a problem is logged, and
+        the writer tries again, never raised."""
+        assert self._thread is None, "started twice"
+        conn = None
+        try:
+            conn = self._open()
+        except (sqlite3.Error, OSError, _Unusable) as exc:
+            self._failed(exc)
+        self._thread = threading.Thread(target=self._run, args=(conn,), name="lockd-history", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = STOP_WAIT) -> None:
+        """Have the writer write what was recorded so far and end; wait up to `timeout` for
+        it. A writer still at work then is left to die with the process (logged)."""
+        if self._thread is None:
+            return
+        self._queue.put(_STOP)
+        self._hurry.set()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning(
+                "history: the writer did not finish within %g s; %d events may not be written", timeout, self.backlog
+            )
+
+    # --- the writer thread ----------------------------------------------------------------------
+
+    def _run(self, conn: sqlite3.Connection | None) -> None:
+        pending: list[protocol.LeaseEvent] = []
+        retry_at = prune_at = time.monotonic()
+        stopping = False
+        while not stopping:
+            due = min(prune_at, retry_at) if pending else prune_at
+            markers: list[threading.Event] = []
+            try:
+                item = self._queue.get(timeout=max(0.0, due - time.monotonic()))
+            except queue.Empty:
+                item = None
+            if item is not None:
+                self._hurry.wait(BATCH_DELAY)
+                self._hurry.clear()
+            while item is not None:
+                if isinstance(item, _Stop):
+                    stopping = True
+                elif isinstance(item, threading.Event):
+                    markers.append(item)
+                else:
+                    pending.append(item)
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    item = None
+            self._unwritten = len(pending)
+            now = time.monotonic()
+            try:
+                if conn is None and (now >= retry_at or stopping):
+                    conn = self._open()
+                if conn is not None and pending:
+                    self._write(conn, pending)
+                    pending.clear()
+                if conn is not None and (now >= prune_at or self._size(conn) > self._max_size):
+                    self._prune(conn)
+                    prune_at = now + self._prune_interval
+                if self._failing:
+                    self._failing = False
+                    log.info("history: writing to %s again", self.path)
+            except (sqlite3.Error, OSError, _Unusable) as exc:
+                if conn is not None:
+                    conn.close()
+                    conn = None
+                retry_at = now if self._failed(exc) else now + RETRY
+            except Exception:  # a bug: logged, and the writer carries on
+                log.exception("internal error in the history writer; retrying in %g s", RETRY)
+                retry_at = now + RETRY
+            finally:
+                self._unwritten = len(pending)
+                for marker in markers:
+                    marker.set()  # whether written or not: a query waits for no retry
+        if pending:
+            log.warning("history: %d events could not be written to %s before lockd stopped", len(pending), self.path)
+        if conn is not None:
+            conn.close()
+
+    def _open(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Other users' commands are no one else's business: SQLite gives the -wal and -shm
+        # files the mode of the database file.
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
+        # Opened by `start`, then used by the writer thread alone.
+        conn = sqlite3.connect(self.path, timeout=BUSY_WAIT, isolation_level=None, check_same_thread=False)
+        try:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                # auto_vacuum must be chosen before the first table, WAL outside a transaction.
+                conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.executescript(f"BEGIN; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+            elif version != SCHEMA_VERSION:
+                raise _Unusable(f"its schema is version {version}, and this lockd writes version {SCHEMA_VERSION}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _write(self, conn: sqlite3.Connection, events: list[protocol.LeaseEvent]) -> None:
+        user = self._user
+        rows = [
+            (e.time, e.event, e.name, e.mode, e.slots, e.token, e.pid, e.uid, e.user or user(e.uid), e.command,
+             e.label, e.waited, e.held, e.reason, e.exit_status)
+            for e in events
+        ]
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany(_INSERT, rows)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    def _user(self, uid: int | None) -> str | None:
+        if uid is None:
+            return None
+        try:
+            return self._users[uid]
+        except KeyError:
+            pass
+        try:
+            name: str | None = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            name = None
+        self._users[uid] = name
+        return name
+
+    @staticmethod
+    def _size(conn: sqlite3.Connection) -> int:
+        """The database's size in bytes, without the pages retention freed and not yet
+        handed back."""
+        pages = conn.execute("PRAGMA page_count").fetchone()[0] - conn.execute("PRAGMA freelist_count").fetchone()[0]
+        return int(pages * conn.execute("PRAGMA page_size").fetchone()[0])
+
+    def _prune(self, conn: sqlite3.Connection) -> None:
+        """Delete the expired events, then the oldest ones while the database is over its
+        size; hand the freed pages back to the file system."""
+        deleted = self._delete(conn, "WHERE time < ? ORDER BY time", time.time() - self._max_age)
+        size = self._size(conn)
+        # Deleting rows frees fewer pages than their share of the rows (index pages are
+        # shared), so the size is measured again after each round; each deletes one row at
+        # least, so the rounds end.
+        rows = conn.execute("SELECT count(*) FROM events").fetchone()[0] if size > self._max_size else 0
+        while size > self._max_size and rows:
+            excess = max(1, math.ceil(rows * (1 - SIZE_TARGET * self._max_size / size)))
+            gone = self._delete(conn, "ORDER BY id", limit=excess)
+            deleted += gone
+            rows -= gone
+            _vacuum(conn)
+            size = self._size(conn)
+        if deleted:
+            _vacuum(conn)
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            log.debug("history: retention deleted %d events", deleted)
+
+    @staticmethod
+    def _delete(conn: sqlite3.Connection, order: str, *args: object, limit: int | None = None) -> int:
+        """Delete the first events in `order` (an SQL tail: WHERE ... ORDER BY ...), PRUNE_CHUNK
+        per transaction (at most `limit` in all); returns how many."""
+        deleted = 0
+        while limit is None or deleted < limit:
+            chunk = PRUNE_CHUNK if limit is None else min(PRUNE_CHUNK, limit - deleted)
+            oldest = f"SELECT id FROM events {order} LIMIT ?"
+            cursor = conn.execute(f"DELETE FROM events WHERE id IN ({oldest})", (*args, chunk))
+            deleted += cursor.rowcount
+            if cursor.rowcount < chunk:
+                break
+        return deleted
+
+    def _failed(self, exc: Exception) -> bool:
+        """Log what went wrong with the database (closed by now); move an unusable one aside.
+        Returns whether to try again at once: with a new database."""
+        if isinstance(exc, _Unusable) or getattr(exc, "sqlite_errorname", None) in _CORRUPT:
+            return self._move_aside(exc)
+        self._failing = True
+        self._trouble.warn(
+            "history: cannot write to %s: %s; trying again every %g s (leases are not affected; events are "
+            "kept in memory until %d wait, then dropped)", self.path, exc, RETRY, self._max_backlog,
+        )
+        return False
+
+    def _move_aside(self, problem: Exception) -> bool:
+        """Move the unusable database aside, for a new one; returns whether it was."""
+        aside = self.path.with_name(f"{FILE_NAME}.unusable-{time.strftime('%Y%m%dT%H%M%S')}")
+        try:
+            for suffix in ("", "-wal", "-shm"):
+                source = Path(f"{self.path}{suffix}")
+                if source.exists():
+                    source.rename(Path(f"{aside}{suffix}"))
+        except OSError as exc:
+            self._failing = True
+            self._trouble.warn("history: %s is unusable (%s) and cannot be moved aside: %s", self.path, problem, exc)
+            return False
+        log.warning("history: %s was unusable (%s); moved it to %s and starting a new one", self.path, problem, aside)
+        return True
+
+
+    # --- queries, in a worker thread ----------------------------------------------------------------
+
+    def read(
+        self, names: list[str], since: float | None, until: float | None, limit: int, uid: int | None,
+    ) -> list[protocol.LeaseEvent]:
+        """The latest `limit` events on `names` (every name when empty) from `since` (at or
+        after) to `until` (before), of `uid` (None: every user's), oldest first. Blocks: run
+        it in a worker thread. Raises DaemonUnavailable if the database cannot be read."""
+        written = threading.Event()
+        self._queue.put(written)
+        self._hurry.set()
+        written.wait(FLUSH_WAIT)
+        where: list[str] = []
+        params: list[object] = []
+        if names:
+            where.append("name IN (SELECT value FROM json_each(?))")
+            params.append(json.dumps(names))
+        if uid is not None:
+            where.append("uid = ?")
+            params.append(uid)
+        if since is not None:
+            where.append("time >= ?")
+            params.append(since)
+        if until is not None:
+            where.append("time < ?")
+            params.append(until)
+        condition = f"WHERE {' AND '.join(where)}" if where else ""
+        query = f"SELECT {_COLUMNS} FROM events {condition} ORDER BY time DESC, id DESC LIMIT ?"
+        try:
+            uri = f"file:{urllib.parse.quote(str(self.path))}?mode=ro"
+            conn = sqlite3.connect(uri, uri=True, timeout=BUSY_WAIT, isolation_level=None)
+            try:
+                rows = conn.execute(query, (*params, limit)).fetchall()
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            raise errors.DaemonUnavailable(
+                f"lockd cannot read its history ({self.path}): {exc}; its log says more"
+            ) from None
+        return [protocol.LeaseEvent(*row) for row in reversed(rows)]
+
+
+def _vacuum(conn: sqlite3.Connection) -> None:
+    """Hand the free pages back to the file system. Each step of the pragma frees one page,
+    and `execute` would take only the first step: `executescript` takes them all."""
+    conn.executescript("PRAGMA incremental_vacuum;")
