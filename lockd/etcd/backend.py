@@ -41,7 +41,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 import msgspec
 import trio
@@ -239,7 +239,7 @@ class EtcdBackend:
         before etcd can let another host have the lock (see docs/etcd.md)."""
         return self._ttl / 3
 
-    def descriptors(self, claim: Claim) -> list[int]:
+    def descriptors(self, claim: Claim) -> Sequence[int]:
         return self._files.descriptors(claim)
 
     def drop(self, claim: Claim, *, unlock: bool) -> None:
