@@ -94,6 +94,9 @@ log = logging.getLogger("lockd")
 SHUTDOWN_MESSAGE: Final = "lockd is shutting down; reconnect when it is back"
 #: The states `status` shows as holding: a broken lease holds until its owner has let go.
 _SHOWN_HELD: Final = (HELD, BREAKING)
+#: The slots of every claim that takes no semaphore: one empty dict for them all, rather than
+#: one per lease (msgspec makes a new one for each default). Never changed.
+_NO_SLOTS: Final[dict[str, int]] = {}
 #: What this daemon offers beyond the first version of the protocol (Welcome.features).
 _FEATURES: Final = (protocol.Feature.SEMAPHORES,)
 #: What clients do wrong, logged within bounds (see loglimit).
@@ -343,12 +346,14 @@ class LockService:
         who = process or client
         claim = Claim(
             names=tuple(names), shared=request.mode == "shared", wait=timeout != 0, pid=who.pid, uid=who.uid,
-            gid=None if process is not None else client.gid, command=who.command, label=label, slots=slots,
+            gid=None if process is not None else client.gid, command=who.command, label=label,
+            slots=slots or _NO_SLOTS,
         )
         now = self._clock()
         deadline = now + timeout if timeout else None
+        # The claim's names: the ticket keeps the same tuple.
         ticket, effects = self.table.acquire(
-            client, names, shared=claim.shared, wait=claim.wait, deadline=deadline, now=now,
+            client, claim.names, shared=claim.shared, wait=claim.wait, deadline=deadline, now=now,
             info=Party(client, request.id, claim, process, now), slots=slots,
         )
         client.tickets[request.id] = ticket
@@ -925,6 +930,7 @@ class LockService:
         9. The table's own invariants (`LockTable.check`).
         """
         assert not self._effects and not self._applying, self._effects
+        assert not _NO_SLOTS, "the shared empty slots were changed"
         uid_clients: dict[int, int] = {}
         for peer, client in self.clients.items():
             assert client.peer is peer, (peer, client)
