@@ -104,6 +104,9 @@ LOST_OVERDUE: Final = "broken, and not let go within limits.break_grace"
 LOST_SHUTDOWN: Final = "the daemon is shutting down"
 #: The states `status` shows as holding: a broken lease holds until its owner has let go.
 _SHOWN_HELD: Final = (HELD, BREAKING)
+#: The slots of every claim that takes no semaphore: one empty dict for them all, rather than
+#: one per lease (msgspec makes a new one for each default). Never changed.
+_NO_SLOTS: Final[dict[str, int]] = {}
 #: What this daemon offers beyond the first version of the protocol (Welcome.features).
 _FEATURES: Final = (protocol.Feature.SEMAPHORES, protocol.Feature.EVENTS, protocol.Feature.METRICS)
 #: Subscriptions one connection may hold: one can name any number of locks, so more than a
@@ -403,12 +406,14 @@ class LockService:
         who = process or client
         claim = Claim(
             names=tuple(names), shared=request.mode == "shared", wait=timeout != 0, pid=who.pid, uid=who.uid,
-            gid=None if process is not None else client.gid, command=who.command, label=label, slots=slots,
+            gid=None if process is not None else client.gid, command=who.command, label=label,
+            slots=slots or _NO_SLOTS,
         )
         now = self._clock()
         deadline = now + timeout if timeout else None
+        # The claim's names: the ticket keeps the same tuple.
         ticket, effects = self.table.acquire(
-            client, names, shared=claim.shared, wait=claim.wait, deadline=deadline, now=now,
+            client, claim.names, shared=claim.shared, wait=claim.wait, deadline=deadline, now=now,
             info=Party(client, request.id, claim, process, now), slots=slots,
         )
         client.tickets[request.id] = ticket
@@ -1070,6 +1075,7 @@ class LockService:
         10. The table's own invariants (`LockTable.check`).
         """
         assert not self._effects and not self._applying, self._effects
+        assert not _NO_SLOTS, "the shared empty slots were changed"
         uid_clients: dict[int, int] = {}
         for peer, client in self.clients.items():
             assert client.peer is peer, (peer, client)

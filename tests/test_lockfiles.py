@@ -249,7 +249,7 @@ def test_a_copy_of_the_descriptor_keeps_the_lock_until_unlock(files: LockFiles, 
     try:
         files.abandon(kept)  # the daemon lets go of its own; the holder's copy keeps the lock
         files.unlock(released)  # the holder let go: released for every copy
-        assert files.descriptors(kept) == files.descriptors(released) == []
+        assert files.descriptors(kept) == files.descriptors(released) == ()
         assert not can_flock(lock_dir / "a.lock")
         assert can_flock(lock_dir / "b.lock")
         files.close()
