@@ -146,8 +146,9 @@ class Backend(BackendView, Protocol):
         """
 
     def descriptors(self, claim: Claim) -> Sequence[int]:
-        """The lock-file descriptors held for `claim`, one per name, to hand to its holder
-        (none if none). They stay the backend's: the edge sends copies and never closes them."""
+        """The lock-file descriptors held for `claim`, one per name, then one per semaphore
+        slot, to hand to its holder (none if none). They stay the backend's: the edge sends
+        copies and never closes them."""
 
     def drop(self, claim: Claim, *, unlock: bool) -> None:
         """Give up what is held or being taken for `claim`. With `unlock` (its holder let go,

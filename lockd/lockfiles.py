@@ -49,6 +49,8 @@ SLOT_MARK: Final = "#"
 # than flock(2) and read an empty file. O_NONBLOCK: opening a FIFO or device someone planted
 # at the path must not hang the daemon.
 _OPEN_FLAGS: Final = os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+#: To look at a slot file that may not exist: never create one for a look.
+_PROBE_FLAGS: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 _KINDS = {
     stat.S_IFDIR: "a directory",
@@ -241,21 +243,70 @@ class LockFiles:
     def _take_slot(self, name: str, count: int) -> tuple[int, int, int] | None:
         """Flock one of `name`'s `count` slot files that no claim holds, exclusive: its
         descriptor, file (as `_open` gives it) and number; None if each is held (by work a
-        lease left behind)."""
+        lease left behind), or if work left behind by a semaphore of more slots still holds
+        slot files numbered `count` and up, so that `count` are held already."""
         taken = self._slots_taken.get(name, ())
         for number in range(count):
             if number in taken:
                 continue
-            filename = f"{name}{SLOT_MARK}{number}{SUFFIX}"
+            filename = self._slot_file(name, number)
             fd, file = self._open(filename)
             try:
                 if self._flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, filename):
+                    beyond = self._slots_held_from(name, count)
+                    if beyond and self._held_below(name, count, number) + beyond >= count:
+                        os.close(fd)
+                        return None
                     return fd, file, number
             except BaseException:
                 os.close(fd)
                 raise
             os.close(fd)
         return None
+
+    def _held_below(self, name: str, count: int, mine: int) -> int:
+        """How many of `name`'s slot files numbered below `count` are held, but for `mine`:
+        by claims, or by work that leases left behind."""
+        taken = self._slots_taken.get(name, ())
+        held = len(taken)
+        for number in range(count):
+            if number != mine and number not in taken and self._slot_held(name, number):
+                held += 1
+        return held
+
+    def _slots_held_from(self, name: str, first: int) -> int:
+        """How many of `name`'s slot files numbered `first` and up are held (they were made
+        for a semaphore of more slots, and its work may run on); stops at the first missing."""
+        held = 0
+        for number in range(first, MAX_SLOTS):
+            state = self._slot_held(name, number)
+            if state is None:
+                break
+            held += state
+        return held
+
+    def _slot_held(self, name: str, number: int) -> bool | None:
+        """Whether slot file `number` of `name` is held; None if it does not exist (never made
+        here) or is no regular file. Looks without creating it or keeping any lock."""
+        try:
+            fd = os.open(self._slot_file(name, number), _PROBE_FLAGS, dir_fd=self._dir_fd)
+        except OSError:
+            return None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        return False
+
+    @staticmethod
+    def _slot_file(name: str, number: int) -> str:
+        return f"{name}{SLOT_MARK}{number}{SUFFIX}"
 
     def descriptors(self, claim: Claim) -> tuple[int, ...]:
         """The descriptors holding `claim`'s flocks, one per name in `claim.names` order, then
@@ -390,7 +441,7 @@ class LockFiles:
         """`name`'s lock file, then its slot files in order (the caller stops at a missing one)."""
         yield name + SUFFIX
         for number in range(MAX_SLOTS):
-            yield f"{name}{SLOT_MARK}{number}{SUFFIX}"
+            yield LockFiles._slot_file(name, number)
 
     def _names_of(self, inodes: set[int]) -> Iterator[tuple[str, int, bool]]:
         """The lock names whose files (lock files or slot files) have these inode numbers,
