@@ -312,7 +312,7 @@ async def _serve(
 
         assert isinstance(backend, EtcdBackend)
         etcd = backend
-    metrics = Metrics(conf.metrics.names, etcd=etcd, history=history)
+    metrics = Metrics(conf.metrics.names, backend=backend.name, etcd=etcd, history=history)
     events = EventLog.from_environment()
     observers = [events.record] if history is None else [history.record, events.record]
     server = Server(

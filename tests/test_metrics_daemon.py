@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from lockd import metrics_http
 
 from .conftest import Daemon
+from .flock_tools import outside_flock
 from .test_cli import LOCKCTL, lockctl
 from .waiting import wait_until
 
@@ -129,8 +130,8 @@ def test_counters_and_gauges_match_what_clients_did(tcp_daemon: tuple[Daemon, st
     assert got["lockd_grants_total", (("mode", "exclusive"),)] == 4
     assert got["lockd_grants_total", (("mode", "shared"),)] == 2
     assert got["lockd_releases_total", (("reason", "requested"),)] == 6
-    assert got["lockd_refusals_total", (("reason", "busy"),)] == 1
-    assert got["lockd_refusals_total", (("reason", "timeout"),)] == 1
+    assert got["lockd_refusals_total", (("code", "busy"),)] == 1
+    assert got["lockd_refusals_total", (("code", "timeout"),)] == 1
     assert got["lockd_wait_seconds_count", ()] == 6
     assert got["lockd_hold_seconds_count", ()] == 6
     assert got["lockd_leases_held", (("mode", "exclusive"),)] == 0
@@ -138,7 +139,26 @@ def test_counters_and_gauges_match_what_clients_did(tcp_daemon: tuple[Daemon, st
     # Only db1, which matches the configured glob db*, has series of its own.
     assert {dict(labels).get("name") for _, labels in got} - {None} == {"db1"}
     assert got["lockd_name_grants_total", (("mode", "exclusive"), ("name", "db1"))] == 4
-    assert got["lockd_name_refusals_total", (("name", "db1"), ("reason", "timeout"))] == 1
+    assert got["lockd_name_refusals_total", (("code", "timeout"), ("name", "db1"))] == 1
+
+
+def test_a_request_blocked_by_a_flock_outside_lockd_is_a_waiter_not_a_holder(
+    tcp_daemon: tuple[Daemon, str]
+) -> None:
+    daemon, listen = tcp_daemon
+    with outside_flock(daemon.lock_dir / "db-outside.lock"):
+        waiter = subprocess.Popen([*LOCKCTL, "acquire", "db-outside", "--", "true"], env=daemon.env)
+        try:
+            got = wait_until(
+                lambda: (m := scrape(listen))[("lockd_waiters", (("mode", "exclusive"),))] == 1 and m,
+                "the blocked request counted as waiting", show=daemon.log,
+            )
+            assert got["lockd_leases_held", (("mode", "exclusive"),)] == 0
+            assert got["lockd_lease_oldest_held_seconds", ()] == 0
+            assert got["lockd_name_waiters", (("mode", "exclusive"), ("name", "db-outside"))] == 1
+        finally:
+            waiter.kill()
+            waiter.wait(TIMEOUT)
 
 
 def test_a_listener_that_cannot_bind_stops_the_start_saying_why(short_tmp: Path) -> None:
@@ -201,7 +221,11 @@ def exposed(listen: str, daemon: Daemon) -> set[str]:
     """The sample names a daemon exposes, with a lease held on a name that has series of
     its own (so that they all have samples)."""
     with connect(daemon.socket) as client, client.acquire("db-dashboard"):
-        return {sample_name for sample_name, _ in scrape(listen)}
+        # A scrape less than a second after another is served the same text: wait for one
+        # rendered since the lease.
+        held = ("lockd_name_leases_held", (("mode", "exclusive"), ("name", "db-dashboard")))
+        got = wait_until(lambda: (m := scrape(listen)).get(held) and m, "a scrape showing the lease", show=daemon.log)
+        return {sample_name for sample_name, _ in got}
 
 
 def test_the_dashboard_is_a_grafana_dashboard_of_metrics_the_daemon_exposes(
