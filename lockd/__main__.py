@@ -221,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
             sock.close()
         if metrics_sock is not None:
             metrics_sock.close()
+        if metrics_bound is not None:
+            _unlink_if_ours(*metrics_bound)
         if files is not None:
             files.close()
         if tokens is not None:

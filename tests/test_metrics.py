@@ -287,20 +287,39 @@ async def test_a_client_that_sends_nothing_is_told_408_then_cut_off(
     listener = metrics_http.bind(ListenAddress(path))
     async with trio.open_nursery() as nursery:
         nursery.start_soon(metrics_http.serve, listener, lambda: b"lockd_up 1\n")
-        idle = [await trio.open_unix_socket(str(path)) for _ in range(metrics_http.MAX_CLIENTS + 2)]
+        silent = await trio.open_unix_socket(str(path))
         started = trio.current_time()
-        answer = await idle[0].receive_some()
-        assert answer.startswith(b"HTTP/1.1 408 ")
+        assert (await silent.receive_some()).startswith(b"HTTP/1.1 408 ")
         assert trio.current_time() - started == pytest.approx(metrics_http.REQUEST_TIMEOUT)
-        assert await idle[0].receive_some() == b""
-        # The two beyond MAX_CLIENTS waited in the backlog, and are served once others go.
-        await idle[-1].send_all(b"GET /metrics HTTP/1.1\r\n\r\n")
-        answer = await idle[-1].receive_some()
-        assert answer.startswith(b"HTTP/1.1 200 ")
-        for stream in idle:
-            await stream.aclose()
+        assert await silent.receive_some() == b""
+        await silent.aclose()
         nursery.cancel_scope.cancel()
     assert listener.fileno() == -1
+
+
+async def test_idle_connections_holding_every_slot_are_evicted_oldest_first_for_a_scrape(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    path = tmp_path / "m.sock"
+    listener = metrics_http.bind(ListenAddress(path))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(metrics_http.serve, listener, lambda: b"lockd_up 1\n")
+        idle = []
+        for _ in range(metrics_http.MAX_CLIENTS):
+            idle.append(await trio.open_unix_socket(str(path)))
+            await trio.testing.wait_all_tasks_blocked()
+        started = trio.current_time()
+        scraper = await trio.open_unix_socket(str(path))
+        await scraper.send_all(b"GET /metrics HTTP/1.1\r\n\r\n")
+        assert (await scraper.receive_some()).startswith(b"HTTP/1.1 200 ")
+        assert trio.current_time() == started  # served at once, not after the idle ones timed out
+        assert await idle[0].receive_some() == b""  # evicted, unanswered
+        # The others still have their slots: the next oldest is evicted for the next one.
+        await idle[1].send_all(b"GET /metrics HTTP/1.1\r\n\r\n")
+        assert (await idle[1].receive_some()).startswith(b"HTTP/1.1 200 ")
+        for stream in [*idle, scraper]:
+            await stream.aclose()
+        nursery.cancel_scope.cancel()
 
 
 def test_binding_where_something_else_listens_says_which_option_to_change(tmp_path: Path) -> None:

@@ -175,6 +175,18 @@ def test_a_listener_that_cannot_bind_stops_the_start_saying_why(short_tmp: Path)
     assert not Path(daemon.socket).exists()
 
 
+def test_a_start_that_fails_after_the_listener_is_bound_leaves_no_socket_behind(short_tmp: Path) -> None:
+    listen = short_tmp / "metrics.sock"
+    (short_tmp / "lockd.toml").write_text(f'[metrics]\nlisten = "unix:{listen}"\n')
+    daemon = Daemon(short_tmp, "--config", str(short_tmp / "lockd.toml"))
+    daemon.lock_dir.mkdir()
+    Path(daemon.socket).write_text("")  # lockd's own socket cannot be bound: the start fails
+    done = subprocess.run(daemon.argv(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode == 1
+    assert "exists and is not a socket" in done.stderr
+    assert not listen.exists()
+
+
 def test_bad_requests_get_an_error_or_are_cut_off_and_the_lock_service_goes_on(
     unix_daemon: tuple[Daemon, str], name: str
 ) -> None:
