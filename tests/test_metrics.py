@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -280,36 +282,41 @@ def test_a_failing_render_is_a_500_not_a_dead_listener() -> None:
     assert metrics_http._respond(b"GET /metrics HTTP/1.1\r\n\r\n", broken).startswith(b"HTTP/1.1 500 ")
 
 
-async def test_a_client_that_sends_nothing_is_told_408_then_cut_off(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
-) -> None:
+@asynccontextmanager
+async def listening(tmp_path: Path) -> AsyncIterator[str]:
+    """A metrics listener on a Unix socket in `tmp_path`, serving until the block ends; its
+    path."""
     path = tmp_path / "m.sock"
     listener = metrics_http.bind(ListenAddress(path))
     async with trio.open_nursery() as nursery:
         nursery.start_soon(metrics_http.serve, listener, lambda: b"lockd_up 1\n")
-        silent = await trio.open_unix_socket(str(path))
+        yield str(path)
+        nursery.cancel_scope.cancel()
+    assert listener.fileno() == -1
+
+
+async def test_a_client_that_sends_nothing_is_told_408_then_cut_off(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with listening(tmp_path) as path:
+        silent = await trio.open_unix_socket(path)
         started = trio.current_time()
         assert (await silent.receive_some()).startswith(b"HTTP/1.1 408 ")
         assert trio.current_time() - started == pytest.approx(metrics_http.REQUEST_TIMEOUT)
         assert await silent.receive_some() == b""
         await silent.aclose()
-        nursery.cancel_scope.cancel()
-    assert listener.fileno() == -1
 
 
 async def test_idle_connections_holding_every_slot_are_evicted_oldest_first_for_a_scrape(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    path = tmp_path / "m.sock"
-    listener = metrics_http.bind(ListenAddress(path))
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(metrics_http.serve, listener, lambda: b"lockd_up 1\n")
+    async with listening(tmp_path) as path:
         idle = []
         for _ in range(metrics_http.MAX_CLIENTS):
-            idle.append(await trio.open_unix_socket(str(path)))
+            idle.append(await trio.open_unix_socket(path))
             await trio.testing.wait_all_tasks_blocked()
         started = trio.current_time()
-        scraper = await trio.open_unix_socket(str(path))
+        scraper = await trio.open_unix_socket(path)
         await scraper.send_all(b"GET /metrics HTTP/1.1\r\n\r\n")
         assert (await scraper.receive_some()).startswith(b"HTTP/1.1 200 ")
         assert trio.current_time() == started  # served at once, not after the idle ones timed out
@@ -319,7 +326,6 @@ async def test_idle_connections_holding_every_slot_are_evicted_oldest_first_for_
         assert (await idle[1].receive_some()).startswith(b"HTTP/1.1 200 ")
         for stream in [*idle, scraper]:
             await stream.aclose()
-        nursery.cancel_scope.cancel()
 
 
 def test_binding_where_something_else_listens_says_which_option_to_change(tmp_path: Path) -> None:
