@@ -202,17 +202,19 @@ def test_bad_requests_get_an_error_or_are_cut_off_and_the_lock_service_goes_on(
         except (BrokenPipeError, ConnectionResetError):
             pass  # cut off before all of it was sent
         assert huge.recv(100).startswith(b"HTTP/1.1 431 ")
-    # Slow clients, as many as are served at once and more, holding their connections silent.
+    # Slow clients, as many as are served at once and more, holding their connections silent:
+    # the oldest make way for the newest, and a scrape still gets in.
     silent = [open_to(listen) for _ in range(metrics_http.MAX_CLIENTS + 2)]
     try:
-        silent[0].sendall(b"GET /met")
+        silent[-1].sendall(b"GET /met")
         with connect(daemon.socket) as client:
             client.acquire(name).release()
         assert lockctl(daemon, "acquire", name, "--", "true").returncode == 0
+        assert scrape(listen)
+        assert silent[0].recv(100) == b""  # evicted, unanswered
     finally:
         for sock in silent:
             sock.close()
-    assert wait_until(lambda: scrape(listen), "a scrape once the slow clients went", show=daemon.log)
 
 
 def test_lockctl_metrics_prints_the_same_families_as_the_listener(unix_daemon: tuple[Daemon, str]) -> None:
