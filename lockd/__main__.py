@@ -222,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
             sock.close()
         if metrics_sock is not None:
             metrics_sock.close()
+        if metrics_bound is not None:
+            _unlink_if_ours(*metrics_bound)
         if files is not None:
             files.close()
         if tokens is not None:
@@ -313,7 +315,7 @@ async def _serve(
 
         assert isinstance(backend, EtcdBackend)
         etcd = backend
-    metrics = Metrics(conf.metrics.names, etcd=etcd, history=history)
+    metrics = Metrics(conf.metrics.names, backend=backend.name, etcd=etcd, history=history)
     events = EventLog.from_environment()
     observers = [events.record] if history is None else [history.record, events.record]
     server = Server(

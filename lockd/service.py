@@ -54,6 +54,7 @@ from lockd_client.describe import holder_text, sanitize
 
 from . import __version__, admission
 from .backend import BackendView, Claim
+from .census import Census, Tally, name_census
 from .config import Limits
 from .loglimit import Kind, LogLimiter
 from .logs import contained
@@ -234,11 +235,14 @@ class LockService:
     def __init__(
         self, table: LockTable, processes: Processes, limits: Limits, policy: Policy, backend: BackendView, *,
         clock: Callable[[], float], wall_offset: float, history: bool = False,
+        arrivals: Callable[[tuple[str, ...]], None] | None = None,
     ) -> None:
         """`table` must order requests itself exactly when `backend` does not. `clock` tells
         the time on the table's scale (monotonic seconds), and `wall_offset` is Unix time
         minus `clock()`, for the times clients are shown. `history`: whether the shell keeps
-        the events and answers `History` requests (`HistoryLook`)."""
+        the events and answers `History` requests (`HistoryLook`). `arrivals`, if given, is
+        told the names of every request the table takes in (it must return at once and
+        never raise: the metrics note the names they follow)."""
         assert table.ordered_by_backend == backend.orders_requests
         self.table = table
         self.processes = processes
@@ -267,6 +271,10 @@ class LockService:
         self._noise = LogLimiter()
         #: The clients with a subscription to lease events.
         self._subscribers: dict[Client, None] = {}
+        self._subscriptions_dropped = 0
+        #: Who holds and who waits, kept as tickets arrive, are granted and end.
+        self._tally = Tally()
+        self._arrivals = arrivals
 
     # --- connections --------------------------------------------------------------------------
 
@@ -416,6 +424,9 @@ class LockService:
             client, claim.names, shared=claim.shared, wait=claim.wait, deadline=deadline, now=now,
             info=Party(client, request.id, claim, process, now), slots=slots,
         )
+        self._tally.arrived(ticket)
+        if self._arrivals is not None:
+            self._arrivals(ticket.names)
         client.tickets[request.id] = ticket
         client.names += len(ticket.names)
         self._uid_names[client.uid] = self._uid_names.get(client.uid, 0) + len(ticket.names)
@@ -469,6 +480,7 @@ class LockService:
             return
         if not client.subscriptions:
             del self._subscribers[client]
+        self._subscriptions_dropped += 1
         log.info("%r: subscription %d dropped: it did not read its events in time", client, subscription_id)
         self._send(peer, protocol.Error(
             subscription_id, protocol.ErrorCode.LIMIT,
@@ -754,10 +766,27 @@ class LockService:
         self.limits = limits
         self.policy = policy
 
+    def census(self) -> Census:
+        """Who holds and who waits now, as `status` shows them: held once granted (also
+        while broken), waiting until then, the backend's takes included (see lockd.census).
+        O(1), amortized."""
+        return self._tally.census()
+
+    def name_census(self, name: str) -> Census:
+        """The same for the tickets on `name` alone. Costs a visit of each of them."""
+        return name_census(self.table, name)
+
     def counts(self) -> tuple[int, int, int]:
-        """How many leases are held, requests wait, and clients are connected."""
-        waiting = self.table.waiting_count()
-        return len(self.table) - waiting, waiting, len(self.clients)
+        """How many leases are held, requests wait (as `census` counts them), and clients
+        are connected."""
+        census = self._tally.census()
+        return census.leases, census.requests, len(self.clients)
+
+    @property
+    def subscriptions_dropped(self) -> int:
+        """Subscriptions ended because their client did not read its events in time, since
+        the start."""
+        return self._subscriptions_dropped
 
     def stop(self) -> None:
         """Grant and release nothing more; report held leases lost where the backend's leases
@@ -806,10 +835,12 @@ class LockService:
                 who.client.taking += 1
                 self.orders.append(StartTake(who.claim))
         elif isinstance(effect, Granted):
+            self._tally.granted(ticket)
             self._granted(ticket, who)
         elif isinstance(effect, Drop):
             self._drop(ticket, who, effect.ending)
         elif isinstance(effect, Ended):
+            self._tally.ended(ticket)
             self._ended(ticket, who)
         elif isinstance(effect, Queued):
             self._send(who.client.peer, protocol.Queued(who.request_id, self._in_way(ticket, effect.blockers)))
@@ -1072,7 +1103,8 @@ class LockService:
            tickets' ids, and a client gone has no refusal to send.
         9. `_subscribers` is the connected clients with a subscription, whose ids are none of
            their tickets' or refusals' ids.
-        10. The table's own invariants (`LockTable.check`).
+        10. `census()` is what a count of every live ticket's (ticket, name) pairs gives.
+        11. The table's own invariants (`LockTable.check`).
         """
         assert not self._effects and not self._applying, self._effects
         assert not _NO_SLOTS, "the shared empty slots were changed"
@@ -1125,6 +1157,19 @@ class LockService:
             assert self.processes.find(owner.pid) is owner and not owner.closed, owner
             assert owner.tickets and owner.tickets == tied.get(owner, set()), (owner, owner.tickets)
         assert set(tied) <= set(owners), set(tied).difference(owners)
+
+        counted = Census()
+        for name in self.table.names():
+            of_name = name_census(self.table, name)
+            for mode in counted.held:
+                counted.held[mode] += of_name.held[mode]
+                counted.waiting[mode] += of_name.waiting[mode]
+            for since, field in ((of_name.held_since, "held_since"), (of_name.waiting_since, "waiting_since")):
+                if since is not None and (getattr(counted, field) is None or since < getattr(counted, field)):
+                    setattr(counted, field, since)
+        counted.leases = sum(t.state is HELD or t.state is BREAKING for t in live)
+        counted.requests = len(live) - counted.leases
+        assert self._tally.census() == counted, (self._tally.census(), counted)
 
         self.table.check()
 
