@@ -10,9 +10,11 @@ Invariants:
 - The writer writes the events in the order recorded, in batches of whatever has queued up
   within BATCH_DELAY of the first, one transaction each. A write that fails (a full or
   read-only disk, a database locked by someone else) is logged at most once a minute and
-  retried every RETRY seconds with what came meanwhile; a file that is not a database of
-  this schema, or a corrupt one, is moved aside (logged) and a new one started. Nothing
-  about the database reaches the leases.
+  retried, with what came meanwhile, no sooner than RETRY seconds later; a file that is not
+  a database of this schema, or a corrupt one, is moved aside (logged) and a new one
+  started. An event SQLite cannot store is dropped and counted (`dropped`), never retried.
+  Nothing about the database reaches the leases, and no trouble, however lasting, is
+  logged more than once a minute.
 - Retention: the writer deletes the events older than `max_age`, within a quarter of it
   (at most a minute) of their expiry, and the oldest events while the database is larger
   than `max_size`, and hands the freed pages back to the file system (incremental vacuum).
@@ -33,6 +35,8 @@ import sqlite3
 import threading
 import time
 import urllib.parse
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Final
 
@@ -95,6 +99,12 @@ WAL_SIZE_LIMIT: Final = 4 * 1024 * 1024
 #: Lasting trouble is logged at most once in this many seconds.
 WARN_INTERVAL: Final = 60.0
 _CORRUPT: Final = frozenset({"SQLITE_CORRUPT", "SQLITE_NOTADB"})
+#: What an INSERT raises for a row SQLite cannot store, rather than for the database: an
+#: integer beyond 64 bits, a value of a type it has no column type for, a string too long.
+_BAD_ROW: Final = (
+    OverflowError, TypeError, ValueError, sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.DataError,
+    sqlite3.ProgrammingError,
+)
 
 
 class _Stop:
@@ -122,10 +132,14 @@ class HistoryStore:
         self._queue: queue.SimpleQueue[protocol.LeaseEvent | threading.Event | _Stop] = queue.SimpleQueue()
         #: Events the writer has taken from the queue and not yet written (the writer's count).
         self._unwritten = 0
-        #: Events dropped because the writer was `max_backlog` behind.
-        self.dropped = 0
+        #: Events dropped because the writer was `max_backlog` behind (on the event loop).
+        self._overflowed = 0
+        #: Events dropped because SQLite could not store them (in the writer).
+        self._rejected = 0
         self._drop_warning = Occasional(WARN_INTERVAL)
         self._trouble = Occasional(WARN_INTERVAL)
+        self._bad_rows = Occasional(WARN_INTERVAL)
+        self._bug = Occasional(WARN_INTERVAL)
         self._failing = False
         self._users: dict[int, str | None] = {}
         self._thread: threading.Thread | None = None
@@ -137,10 +151,10 @@ class HistoryStore:
     def record(self, event: protocol.LeaseEvent) -> None:
         """Queue `event` for the writer; never blocks or raises (a server observer)."""
         if self._queue.qsize() + self._unwritten >= self._max_backlog:
-            self.dropped += 1
+            self._overflowed += 1
             self._drop_warning.warn(
                 "history: the writer is %d events behind; dropping events (%d so far) until it catches up",
-                self._max_backlog, self.dropped,
+                self._max_backlog, self._overflowed,
             )
             return
         self._queue.put(event)
@@ -149,6 +163,12 @@ class HistoryStore:
     def backlog(self) -> int:
         """Events recorded and not yet written."""
         return self._queue.qsize() + self._unwritten
+
+    @property
+    def dropped(self) -> int:
+        """Events recorded and never to be written: the writer was `max_backlog` behind, or
+        SQLite could not store them."""
+        return self._overflowed + self._rejected
 
     # --- lifetime -------------------------------------------------------------------------------
 
@@ -185,7 +205,8 @@ class HistoryStore:
         retry_at = prune_at = time.monotonic()
         stopping = False
         while not stopping:
-            due = min(prune_at, retry_at) if pending else prune_at
+            # After a failure nothing is tried before retry_at, whatever comes meanwhile.
+            due = retry_at if pending else max(retry_at, prune_at)
             markers: list[threading.Event] = []
             try:
                 item = self._queue.get(timeout=max(0.0, due - time.monotonic()))
@@ -207,30 +228,30 @@ class HistoryStore:
                     item = None
             self._unwritten = len(pending)
             now = time.monotonic()
-            try:
-                if conn is None and (now >= retry_at or stopping):
-                    conn = self._open()
-                if conn is not None and pending:
-                    self._write(conn, pending)
-                    pending.clear()
-                if conn is not None and (now >= prune_at or self._size(conn) > self._max_size):
-                    self._prune(conn)
-                    prune_at = now + self._prune_interval
-                if self._failing:
-                    self._failing = False
-                    log.info("history: writing to %s again", self.path)
-            except (sqlite3.Error, OSError, _Unusable) as exc:
-                if conn is not None:
-                    conn.close()
-                    conn = None
-                retry_at = now if self._failed(exc) else now + RETRY
-            except Exception:  # a bug: logged, and the writer carries on
-                log.exception("internal error in the history writer; retrying in %g s", RETRY)
-                retry_at = now + RETRY
-            finally:
-                self._unwritten = len(pending)
-                for marker in markers:
-                    marker.set()  # whether written or not: a query waits for no retry
+            if now >= retry_at or stopping:
+                try:
+                    if conn is None:
+                        conn = self._open()
+                    if pending:
+                        self._write(conn, pending)
+                        pending.clear()
+                        if self._failing:
+                            self._failing = False
+                            log.info("history: writing to %s again", self.path)
+                    if now >= prune_at or self._size(conn) > self._max_size:
+                        self._prune(conn)
+                        prune_at = now + self._prune_interval
+                except (sqlite3.Error, OSError, _Unusable) as exc:
+                    if conn is not None:
+                        conn.close()
+                        conn = None
+                    retry_at = now if self._failed(exc) else now + RETRY
+                except Exception:  # a bug: logged, and the writer carries on
+                    self._bug.warn("history: internal error in the writer; retrying in %g s", RETRY, exc_info=True)
+                    retry_at = now + RETRY
+            self._unwritten = len(pending)
+            for marker in markers:
+                marker.set()  # whether written or not: a query waits for no retry
         if pending:
             log.warning("history: %d events could not be written to %s before lockd stopped", len(pending), self.path)
         if conn is not None:
@@ -261,20 +282,32 @@ class HistoryStore:
         return conn
 
     def _write(self, conn: sqlite3.Connection, events: list[protocol.LeaseEvent]) -> None:
+        """Write `events` in one transaction. Those SQLite cannot store (a number beyond 64
+        bits, say) are dropped and counted, so that they cannot hold up the others forever."""
         user = self._user
         rows = [
             (e.time, e.event, e.name, e.mode, e.slots, e.token, e.pid, e.uid, e.user or user(e.uid), e.command,
              e.label, e.waited, e.held, e.reason, e.exit_status)
             for e in events
         ]
-        conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.executemany(_INSERT, rows)
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+            with _transaction(conn):
+                conn.executemany(_INSERT, rows)
+            return
+        except _BAD_ROW:
+            pass
+        bad: list[BaseException] = []
+        with _transaction(conn):
+            for row in rows:
+                try:
+                    conn.execute(_INSERT, row)
+                except _BAD_ROW as exc:
+                    bad.append(exc)
+        if bad:
+            self._rejected += len(bad)
+            self._bad_rows.warn(
+                "history: dropped %d events that cannot be stored (%s); %d so far", len(bad), bad[0], self._rejected,
+            )
 
     def _user(self, uid: int | None) -> str | None:
         if uid is None:
@@ -400,6 +433,19 @@ class HistoryStore:
                 f"lockd cannot read its history ({self.path}): {exc}; its log says more"
             ) from None
         return [protocol.LeaseEvent(*row) for row in reversed(rows)]
+
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction: committed if the block ends normally, else rolled back."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
 def _vacuum(conn: sqlite3.Connection) -> None:

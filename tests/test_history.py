@@ -5,6 +5,8 @@ be written, and the same events in the journal."""
 from __future__ import annotations
 
 import json
+import logging
+import queue
 import socket
 import sqlite3
 import subprocess
@@ -18,6 +20,9 @@ from lockd_client import blocking, errors, protocol, trio_client
 from lockd_client.cli import history_table
 from lockd_client.protocol import Acquire, History, HistoryReply, LeaseEvent
 
+from lockd import history as history_module
+from lockd.config import HistorySection
+from lockd.history import HistoryStore
 from lockd.journal import journal_entry
 
 from .conftest import Daemon
@@ -91,6 +96,32 @@ def test_death_by_signal_is_128_plus_n(daemon: Daemon, name: str) -> None:
     done = lockctl(daemon, "acquire", name, "--", "sh", "-c", "kill -TERM $$")
     assert done.returncode == 128 + 15
     assert history(daemon, name)[-1]["exit_status"] == 128 + 15
+
+
+def test_an_exit_status_beyond_a_byte_is_refused_before_it_is_sent(daemon: Daemon, name: str) -> None:
+    with blocking.connect(daemon.socket) as client:
+        lease = client.acquire(name)
+        for bad in (256, -1, 2**63, True):
+            with pytest.raises(errors.InvalidArgument, match="0 to 255"):
+                lease.release(exit_status=bad)
+        assert not lease.lost and client.status(name)[0].holders  # still held
+        lease.release(exit_status=255)
+
+    async def main() -> None:
+        async with trio_client.connect(daemon.socket) as client:
+            lease = await client.acquire(name)
+            with pytest.raises(errors.InvalidArgument, match="0 to 255"):
+                await lease.release(exit_status=2**63)
+            await lease.release(exit_status=0)
+
+    trio.run(main)
+    with RawClient(daemon.socket) as raw:  # what no client library sends: the daemon refuses it
+        assert isinstance(raw.acquire(name), protocol.Granted)
+        raw.send(protocol.Release(1, exit_status=2**63))
+        reply = raw.recv()
+        assert isinstance(reply, protocol.Error) and reply.code == "protocol" and reply.id is None, reply
+    events = wait_until(lambda: len(e := history(daemon, name)) == 6 and e, "the third lease's end")
+    assert [e["exit_status"] for e in events if e["event"] == "released"] == [255, 0, None]
 
 
 def test_refusals_say_why(daemon: Daemon, name: str) -> None:
@@ -284,6 +315,7 @@ def test_an_unwritable_history_costs_no_lease_and_is_written_later(short_tmp: Pa
         wait_until(lambda: "history: cannot write to" in d.log(), "a warning", show=d.log)
         done = lockctl(d, "history", name)
         assert done.returncode == 69 and "cannot read its history" in done.stderr
+        assert "history: writing to" not in d.log()  # the writer has been through the query's marker
         blocker.rmdir()
 
         def written() -> list[dict] | None:
@@ -292,7 +324,7 @@ def test_an_unwritable_history_costs_no_lease_and_is_written_later(short_tmp: Pa
 
         events = wait_until(written, "the events kept in memory written", timeout=15)
         assert kinds(events) == ["granted", "released"]
-        assert "history: writing to" in d.log()
+        assert d.log().count("history: writing to") == 1
     finally:
         d.stop()
 
@@ -310,6 +342,80 @@ def test_a_corrupt_file_is_moved_aside(short_tmp: Path, name: str) -> None:
         assert f"moved it to {aside}" in d.log()
     finally:
         d.stop()
+
+
+# --- the writer, in this process ---------------------------------------------------------------
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[HistoryStore]:
+    store = HistoryStore(tmp_path / "state", HistorySection())
+    yield store
+    store.stop()
+
+
+def event(name: str, **fields: object) -> LeaseEvent:
+    return LeaseEvent(time.time(), "released", name, "exclusive", token=1, pid=42, uid=0, **fields)  # type: ignore[arg-type]
+
+
+def test_an_event_sqlite_cannot_store_costs_only_itself(store: HistoryStore, caplog: pytest.LogCaptureFixture) -> None:
+    store.start()
+    store.record(event("before"))
+    store.record(event("bad", exit_status=2**63))  # as a daemon without Release's range check took it
+    store.record(event("after", exit_status=0))
+    assert [e.name for e in store.read([], None, None, 100, None)] == ["before", "after"]
+    assert store.dropped == 1
+    store.record(event("bad", exit_status=-(2**64)))
+    store.record(event("later"))
+    assert [e.name for e in store.read([], None, None, 100, None)] == ["before", "after", "later"]
+    assert store.dropped == 2
+    lines = [r.getMessage() for r in caplog.records if "cannot be stored" in r.getMessage()]
+    assert len(lines) == 1 and "dropped 1 events" in lines[0], lines  # the second within the minute: counted
+    assert not any(r.exc_info for r in caplog.records)
+
+
+def test_a_bug_in_the_writer_is_logged_once_a_minute(
+    store: HistoryStore, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def bug(uid: int | None) -> str:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(store, "_user", bug)
+    monkeypatch.setattr(history_module, "RETRY", 0.0)
+    store.start()
+    for _ in range(3):
+        store.record(event("kept"))
+        assert store.read([], None, None, 100, None) == []  # once the writer has tried again
+    bugs = [r for r in caplog.records if "internal error" in r.getMessage()]
+    assert len(bugs) == 1 and bugs[0].exc_info is not None, bugs
+
+
+class _CountedQueue(queue.SimpleQueue):  # type: ignore[type-arg]
+    """Counts the writer's waits for work."""
+
+    gets = 0
+
+    def get(self, block: bool = True, timeout: float | None = None) -> object:
+        self.gets += 1
+        return super().get(block, timeout)
+
+
+def test_a_failing_writer_waits_for_its_retry_and_says_nothing_about_recovering(
+    store: HistoryStore, caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, "lockd")
+    store.path.mkdir(parents=True)  # where the file should be: no open can succeed
+    counted = store._queue = _CountedQueue()
+    store.start()
+    store.record(event("kept"))
+    with pytest.raises(errors.DaemonUnavailable, match="cannot read its history"):
+        store.read([], None, None, 100, None)  # once the writer has been through its queue
+    assert store.backlog == 1
+    time.sleep(0.5)  # a writer that spun instead of waiting for its retry would wake thousands of times
+    assert counted.gets < 10
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("cannot write to" in m for m in messages), messages
+    assert not any("history: writing to" in m for m in messages), messages  # nothing was written
 
 
 # --- other users ----------------------------------------------------------------------------------

@@ -781,6 +781,15 @@ def _tag(message: msgspec.Struct) -> str:
     return str(message.__struct_config__.tag)
 
 
+def check_exit_status(exit_status: int | None) -> None:
+    """Raise InvalidArgument unless `exit_status` is one `Release` can carry: None, or 0 to 255."""
+    if exit_status is not None and (type(exit_status) is not int or not 0 <= exit_status <= 255):
+        raise errors.InvalidArgument(
+            f"exit_status must be a process's exit status, 0 to 255 (128+N for a death by signal N), or None, "
+            f"not {exit_status!r}"
+        )
+
+
 def _check_label(label: str | None) -> None:
     problem = protocol.label_problem(label)
     if problem is not None:

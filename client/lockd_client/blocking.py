@@ -27,6 +27,7 @@ from ._connection import (
     LeaseView,
     QueuedCallback,
     Subscription,
+    check_exit_status,
     went_away,
 )
 from ._dial import BusyCallback, Patience, pauses
@@ -374,8 +375,10 @@ class Lease(LeaseView):
         The daemon applies it before any later request on this connection. A lost lease is
         let go of too (the daemon may be waiting for that to give the lock to the next).
         `exit_status`: that of the work the lease protected (128+N for a death by signal N),
-        kept in the daemon's history with the release.
+        kept in the daemon's history with the release. Raises InvalidArgument, releasing
+        nothing, for an `exit_status` outside 0 to 255.
         """
+        check_exit_status(exit_status)
         client, record = self._client, self._record
         conn = client._conn
         try:

@@ -161,6 +161,10 @@ class Acquire(msgspec.Struct, tag="acquire"):
     slots: dict[str, Slots] = {}
 
 
+#: A process's exit status, as a shell reports it: 0 to 255.
+ExitStatus = Annotated[int, msgspec.Meta(ge=0, le=255)]
+
+
 @final
 class Release(msgspec.Struct, tag="release"):
     """End the lease (or withdraw the waiting request, or end the subscription) made by
@@ -169,7 +173,7 @@ class Release(msgspec.Struct, tag="release"):
     id: int
     #: The exit status of the work the lease protected (lockctl's CMD), for the history:
     #: 128+N for a death by signal N; None when there was no such work or it is unknown.
-    exit_status: int | None = None
+    exit_status: ExitStatus | None = None
 
 
 @final

@@ -32,6 +32,7 @@ from ._connection import (
     LeaseView,
     QueuedCallback,
     Subscription,
+    check_exit_status,
     went_away,
 )
 
@@ -518,8 +519,10 @@ class Lease(LeaseView):
         The daemon applies it before any later request on this connection. Shielded from
         cancellation. A lost lease is let go of too (the daemon may be waiting for that to
         give the lock to the next). `exit_status`: that of the work the lease protected,
-        kept in the daemon's history with the release.
+        kept in the daemon's history with the release. Raises InvalidArgument, releasing
+        nothing, for an `exit_status` outside 0 to 255.
         """
+        check_exit_status(exit_status)
         try:
             await self._client._send_shielded(self._client._conn.release(self._record, exit_status))
         finally:
