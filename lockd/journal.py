@@ -1,11 +1,14 @@
 """Lease events in the log: under systemd, with stderr on the journal, each event is one
-structured journal entry (`journalctl -u lockd LOCKD_NAME=site.com`); otherwise one plain
-line on stderr through lockd's logging.
+structured journal entry (`journalctl -u lockd LOCKD_NAME=site.com`); otherwise a plain line
+on stderr through lockd's logging, at debug.
 
 Invariants: `record` never blocks and never raises: an entry is sent with one non-blocking
 datagram, and one the journal cannot take at once is dropped and counted (`dropped`), with a
-warning at most once a minute. Events are logged only at the log level that shows them:
-`lost` and `broken` at warning, the others at info.
+warning at most once a minute. Journal entries are sent only at the log level that shows
+them: `lost` and `broken` at warning, the others at info. Plain lines are a trace, at debug
+only: a line per event on stderr would double the daemon's work per lease at the default
+level, and `refused` events, which any client can cause at will, are never a plain line (the
+service logs refusals within the log limiter's bounds), so no client can flood the log.
 
 The journal's native protocol (systemd.journal-fields(7), "Native Journal Protocol" in
 systemd's documentation): a datagram of `FIELD=value` lines to /run/systemd/journal/socket;
@@ -30,7 +33,7 @@ log = logging.getLogger("lockd")
 JOURNAL_SOCKET: Final = "/run/systemd/journal/socket"
 #: Names another socket than JOURNAL_SOCKET, for tests (the journal's own, otherwise).
 SOCKET_ENV: Final = "LOCKD_JOURNAL_SOCKET"
-#: The syslog priorities of the journal entries, as the log levels of the plain lines.
+#: The syslog priorities of the journal entries, by the log level that shows them.
 _PRIORITY: Final = {logging.INFO: "6", logging.WARNING: "4"}
 _LENGTH: Final = struct.Struct("<Q")
 
@@ -54,11 +57,12 @@ class EventLog:
         return cls(os.environ.get(SOCKET_ENV, JOURNAL_SOCKET) if stderr_is_journal() else None)
 
     def record(self, event: protocol.LeaseEvent) -> None:
+        if self._sock is None:
+            if event.event != "refused" and log.isEnabledFor(logging.DEBUG):
+                log.debug("%s", event_text(event))
+            return
         level = logging.WARNING if event.event in ("lost", "broken") else logging.INFO
         if not log.isEnabledFor(level):
-            return
-        if self._sock is None:
-            log.log(level, "%s", event_text(event))
             return
         try:
             self._sock.sendto(journal_entry(event, _PRIORITY[level]), self._journal)  # type: ignore[arg-type]
@@ -100,34 +104,34 @@ def event_text(event: protocol.LeaseEvent) -> str:
 
 
 def journal_entry(event: protocol.LeaseEvent, priority: str) -> bytes:
-    """The native journal protocol's datagram for `event`."""
-    fields = {
-        "MESSAGE": event_text(event),
-        "PRIORITY": priority,
-        "SYSLOG_IDENTIFIER": "lockd",
-        "LOCKD_EVENT": event.event,
-        "LOCKD_NAME": event.name,
-        "LOCKD_MODE": event.mode,
-        "LOCKD_SLOTS": event.slots,
-        "LOCKD_TOKEN": event.token,
-        "LOCKD_PID": event.pid,
-        "LOCKD_UID": event.uid,
-        "LOCKD_COMMAND": event.command or None,
-        "LOCKD_LABEL": event.label,
-        "LOCKD_WAITED": None if event.waited is None else f"{event.waited:.6f}",
-        "LOCKD_HELD": None if event.held is None else f"{event.held:.6f}",
-        "LOCKD_REASON": event.reason,
-        "LOCKD_EXIT_STATUS": event.exit_status,
-    }
-    out = bytearray()
-    for key, value in fields.items():
-        if value is None:
+    """The native journal protocol's datagram for `event`. Built on the event loop for every
+    event: the fields that cannot hold a newline (names are ASCII without one, the rest are
+    numbers or fixed words) are written as they are, and only the free text is looked at."""
+    head = [
+        f"PRIORITY={priority}\nSYSLOG_IDENTIFIER=lockd\nLOCKD_EVENT={event.event}\nLOCKD_NAME={event.name}\n"
+        f"LOCKD_MODE={event.mode}\n"
+    ]
+    for key, number in (
+        ("LOCKD_SLOTS", event.slots), ("LOCKD_TOKEN", event.token), ("LOCKD_PID", event.pid),
+        ("LOCKD_UID", event.uid), ("LOCKD_EXIT_STATUS", event.exit_status),
+    ):
+        if number is not None:
+            head.append(f"{key}={number}\n")
+    for key, seconds in (("LOCKD_WAITED", event.waited), ("LOCKD_HELD", event.held)):
+        if seconds is not None:
+            head.append(f"{key}={seconds:.6f}\n")
+    out = bytearray("".join(head).encode())
+    for field, text in (
+        (b"MESSAGE", event_text(event)), (b"LOCKD_COMMAND", event.command or None), (b"LOCKD_LABEL", event.label),
+        (b"LOCKD_REASON", event.reason),
+    ):
+        if text is None:
             continue
-        data = str(value).encode("utf-8", "backslashreplace")
+        data = text.encode("utf-8", "backslashreplace")
         if b"\n" in data:
-            out += key.encode() + b"\n" + _LENGTH.pack(len(data)) + data + b"\n"
+            out += field + b"\n" + _LENGTH.pack(len(data)) + data + b"\n"
         else:
-            out += key.encode() + b"=" + data + b"\n"
+            out += field + b"=" + data + b"\n"
     return bytes(out)
 
 

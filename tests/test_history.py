@@ -473,6 +473,35 @@ def test_events_go_to_the_journal_with_their_fields(short_tmp: Path, name: str) 
     assert f"{name} granted" not in d.log() and "<6>lockd" in d.log()
 
 
+def test_plain_event_lines_are_a_debug_trace_without_refusals(short_tmp: Path, name: str) -> None:
+    (short_tmp / "lockd.toml").write_text(CONFIG)
+    d = Daemon(short_tmp, "--config", str(short_tmp / "lockd.toml"), "--log-level", "info")
+    d.start()
+    try:
+        with blocking.connect(d.socket) as client, client.lock(name):
+            for _ in range(20):  # refusals any client can cause at will
+                with pytest.raises(errors.LockBusy):
+                    client.acquire(name, timeout=0)
+        with blocking.connect(d.socket) as client:
+            with pytest.raises(errors.PermissionDenied):
+                client.acquire(f"forbidden-{name}")
+            assert len(client.history(name)) == 22  # recorded all the same
+    finally:
+        d.stop()
+    assert name not in d.log().replace(f"forbidden-{name}", "")  # not a line per event at info
+    d.extra_args.remove("info")
+    d.extra_args.remove("--log-level")  # the fixtures' debug
+    d.start()
+    try:
+        with blocking.connect(d.socket) as client, client.lock(name):
+            with pytest.raises(errors.LockBusy):
+                client.acquire(name, timeout=0)
+    finally:
+        d.stop()
+    assert f"{name} granted exclusive" in d.log() and f"{name} released exclusive" in d.log()
+    assert f"{name} refused" not in d.log()
+
+
 def test_a_value_with_a_newline_is_sent_with_its_length() -> None:
     event = LeaseEvent(1.0, "lost", "a", "exclusive", token=7, reason="two\nlines")
     fields = _fields(journal_entry(event, "4"))
