@@ -20,7 +20,8 @@ Invariants:
   than `max_size`, and hands the freed pages back to the file system (incremental vacuum).
 - A query answers with every event recorded before it was asked, once written (it waits up
   to FLUSH_WAIT for the writer to get to them), and only with those of the uid it is given
-  (None: every user's).
+  (None: every user's): the latest of them, as many as fit in REPLY_BYTES, with a cursor
+  that the next page starts from (then without waiting for the writer).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Final
 
+import msgspec
 from lockd_client import errors, protocol
 
 from .config import HistorySection
@@ -86,6 +88,10 @@ BATCH_DELAY: Final = 0.25
 RETRY: Final = 5.0
 #: How long a query waits for the writer to have written what was recorded before it.
 FLUSH_WAIT: Final = 2.0
+#: The most bytes of events one reply holds (encoded): a reply is built and sent on the
+#: event loop, and must stay far below what a client may leave unread (session.MAX_OUTBOX).
+#: The rest of a larger answer is read page by page (`History.before`).
+REPLY_BYTES: Final = 1024 * 1024
 #: How long `stop` waits for the writer to write what is left.
 STOP_WAIT: Final = 5.0
 #: How long a statement waits for a database locked by another process (sqlite3's timeout).
@@ -397,14 +403,18 @@ class HistoryStore:
 
     def read(
         self, names: list[str], since: float | None, until: float | None, limit: int, uid: int | None,
-    ) -> list[protocol.LeaseEvent]:
+        before: protocol.HistoryCursor | None = None,
+    ) -> tuple[list[protocol.LeaseEvent], protocol.HistoryCursor | None]:
         """The latest `limit` events on `names` (every name when empty) from `since` (at or
-        after) to `until` (before), of `uid` (None: every user's), oldest first. Blocks: run
-        it in a worker thread. Raises DaemonUnavailable if the database cannot be read."""
-        written = threading.Event()
-        self._queue.put(written)
-        self._hurry.set()
-        written.wait(FLUSH_WAIT)
+        after) to `until` (before), and before the cursor `before`, of `uid` (None: every
+        user's), oldest first, as many as fit in REPLY_BYTES; and the cursor of the earlier
+        ones that match too (None: none do). Blocks: run it in a worker thread. Raises
+        DaemonUnavailable if the database cannot be read."""
+        if before is None:  # a first page: with what was recorded before it
+            written = threading.Event()
+            self._queue.put(written)
+            self._hurry.set()
+            written.wait(FLUSH_WAIT)
         where: list[str] = []
         params: list[object] = []
         if names:
@@ -419,20 +429,35 @@ class HistoryStore:
         if until is not None:
             where.append("time < ?")
             params.append(until)
+        if before is not None:
+            where.append("(time, id) < (?, ?)")
+            params += before
         condition = f"WHERE {' AND '.join(where)}" if where else ""
-        query = f"SELECT {_COLUMNS} FROM events {condition} ORDER BY time DESC, id DESC LIMIT ?"
+        query = f"SELECT id, {_COLUMNS} FROM events {condition} ORDER BY time DESC, id DESC LIMIT ?"
+        events: list[protocol.LeaseEvent] = []
+        more = oldest = None
+        size = 0
+        encode = msgspec.msgpack.Encoder().encode
         try:
             uri = f"file:{urllib.parse.quote(str(self.path))}?mode=ro"
             conn = sqlite3.connect(uri, uri=True, timeout=BUSY_WAIT, isolation_level=None)
             try:
-                rows = conn.execute(query, (*params, limit)).fetchall()
+                for row_id, *fields in conn.execute(query, (*params, limit + 1)):
+                    event = protocol.LeaseEvent(*fields)
+                    size += len(encode(event))
+                    if events and (len(events) == limit or size > REPLY_BYTES):
+                        more = oldest
+                        break
+                    events.append(event)
+                    oldest = (event.time, row_id)
             finally:
                 conn.close()
         except sqlite3.Error as exc:
             raise errors.DaemonUnavailable(
                 f"lockd cannot read its history ({self.path}): {exc}; its log says more"
             ) from None
-        return [protocol.LeaseEvent(*row) for row in reversed(rows)]
+        events.reverse()
+        return events, more
 
 
 @contextmanager

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 import trio
 from lockd_client import blocking, errors, protocol, trio_client
@@ -291,14 +292,34 @@ def test_the_oldest_events_go_when_the_file_is_too_large(short_tmp: Path, name: 
         d.stop()
 
 
-def test_a_burst_is_written_without_a_drop(short_tmp: Path, name: str) -> None:
+def test_a_burst_is_written_without_a_drop_and_read_a_page_at_a_time(short_tmp: Path, name: str) -> None:
     d = start(short_tmp)
     try:
         with blocking.connect(d.socket) as client:
             for _ in range(5000):
-                client.acquire(name).release()
-            assert len(client.history(name, limit=100_000)) == 10_000
+                client.acquire(name, label="x" * 200).release()
+            events = client.history(name, limit=100_000)
+            assert len(events) == 10_000 and [e.event for e in events] == ["granted", "released"] * 5000
         assert "dropping events" not in d.log()
+        with RawClient(d.socket) as raw:
+            pages: list[list[LeaseEvent]] = []
+            before = None
+            while True:
+                raw.send(History(len(pages) + 1, [name], limit=100_000, before=before))
+                reply = raw.recv()
+                assert isinstance(reply, HistoryReply), reply
+                assert len(msgspec.msgpack.encode(reply)) <= history_module.REPLY_BYTES + 1024
+                pages.insert(0, reply.events)
+                if reply.more is None:
+                    break
+                before = reply.more
+        assert len(pages) >= 3 and [e for page in pages for e in page] == events
+        shown = lockctl(d, "history", "--json", "--limit", "9999", name)
+        assert json.loads(shown.stdout) == {"events": [msgspec.to_builtins(e) for e in events[1:]], "more": True}
+        assert "showing the latest 9999 events; earlier ones match too" in shown.stderr
+        shown = lockctl(d, "history", "--json", "--limit", "10000", name)
+        assert json.loads(shown.stdout)["more"] is False and len(json.loads(shown.stdout)["events"]) == 10_000
+        assert shown.stderr == ""
     finally:
         d.stop()
 
@@ -363,15 +384,42 @@ def test_an_event_sqlite_cannot_store_costs_only_itself(store: HistoryStore, cap
     store.record(event("before"))
     store.record(event("bad", exit_status=2**63))  # as a daemon without Release's range check took it
     store.record(event("after", exit_status=0))
-    assert [e.name for e in store.read([], None, None, 100, None)] == ["before", "after"]
+    assert [e.name for e in store.read([], None, None, 100, None)[0]] == ["before", "after"]
     assert store.dropped == 1
     store.record(event("bad", exit_status=-(2**64)))
     store.record(event("later"))
-    assert [e.name for e in store.read([], None, None, 100, None)] == ["before", "after", "later"]
+    assert [e.name for e in store.read([], None, None, 100, None)[0]] == ["before", "after", "later"]
     assert store.dropped == 2
     lines = [r.getMessage() for r in caplog.records if "cannot be stored" in r.getMessage()]
     assert len(lines) == 1 and "dropped 1 events" in lines[0], lines  # the second within the minute: counted
     assert not any(r.exc_info for r in caplog.records)
+
+
+def test_pages_part_at_events_of_the_same_time_without_a_gap_or_a_repeat(store: HistoryStore) -> None:
+    store.start()
+    # Many events of one instant (a release granting many shared waiters at once), more
+    # than one page holds.
+    same = time.time()
+    recorded = [
+        LeaseEvent(same, "granted", f"n{i}", "shared", token=i, uid=0, user="root", label="x" * 256)
+        for i in range(2 * history_module.REPLY_BYTES // 300)
+    ]
+    for e in recorded:
+        store.record(e)
+    pages, before = [], None
+    while True:
+        events, more = store.read([], None, None, 100_000, None, before)
+        assert 0 < len(msgspec.msgpack.encode(events)) <= history_module.REPLY_BYTES
+        pages.insert(0, events)
+        if more is None:
+            break
+        before = more
+    assert len(pages) >= 2 and [e for page in pages for e in page] == recorded
+    # The limit counts across pages, and the reply says when it left some out.
+    events, more = store.read([], None, None, 10, None)
+    assert events == recorded[-10:] and more is not None
+    assert store.read([], None, None, 10, None, more)[0] == recorded[-20:-10]
+    assert store.read(["n0", "n1"], None, None, 2, None) == (recorded[:2], None)
 
 
 def test_a_bug_in_the_writer_is_logged_once_a_minute(
@@ -385,7 +433,7 @@ def test_a_bug_in_the_writer_is_logged_once_a_minute(
     store.start()
     for _ in range(3):
         store.record(event("kept"))
-        assert store.read([], None, None, 100, None) == []  # once the writer has tried again
+        assert store.read([], None, None, 100, None) == ([], None)  # once the writer has tried again
     bugs = [r for r in caplog.records if "internal error" in r.getMessage()]
     assert len(bugs) == 1 and bugs[0].exc_info is not None, bugs
 

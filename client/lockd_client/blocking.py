@@ -146,18 +146,23 @@ class Client:
         """The daemon's metrics, in the Prometheus text format (docs/metrics.md). Raises
         ProtocolError, sending nothing, if the daemon is too old to serve them."""
         return self._run(*self._conn.metrics())
+
     def history(
         self, *names: str, since: float | None = None, until: float | None = None, limit: int = 1000,
     ) -> list[protocol.LeaseEvent]:
         """The lease events the daemon recorded on `names` (every lock when none are given)
         from `since` until before `until` (Unix times; None: no bound): the latest `limit` of
-        them (at most 100000), oldest first. The daemon's policy decides whose events a user
-        sees: by default their own, and root everyone's.
+        them, oldest first, read a page (about a MiB) at a time. The daemon's policy decides
+        whose events a user sees: by default their own, and those in its
+        `policy.read_events` (by default root) everyone's.
 
         Raises ProtocolError if the daemon keeps no history (an older lockd, or one whose
         config turns it off), DaemonUnavailable if it cannot read it now.
         """
-        return self._run(*self._conn.history(names, since, until, limit))
+        query = self._conn.history(names, since, until, limit)
+        while (page := query.next_page()) is not None:
+            query.add(self._run(*page))
+        return query.events
 
     def release_pid(self, pid: int, *names: str) -> int:
         """End the leases process `pid` holds on `names` (acquired with `pid=`).

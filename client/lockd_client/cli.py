@@ -274,9 +274,9 @@ examples:
 
 WHEN is a Unix time (1765000000), an ISO 8601 date or time (2026-12-06, 2026-12-06T03:10,
 2026-12-06 03:10:00+01:00; local time without a zone), or a time ago: a number and s, m, h,
-d or w (90s, 30m, 2h, 7d, 1w). Events are shown oldest first: the latest N of the range.
-Each user sees their own events; root (and the users the daemon's policy.read_events names)
-everyone's.
+d or w (90s, 30m, 2h, 7d, 1w). Events are shown oldest first: the latest N of the range
+(lockctl says when earlier ones match too). Each user sees their own events; the users in
+the daemon's policy.read_events (by default root) see everyone's.
 
 exit status: 0 (also when no event matched); 64 usage; 69 lockd unreachable, or it cannot
 read its history now; 75 lockd busy for a minute; 76 lockd keeps no history (older than
@@ -1390,11 +1390,19 @@ def _watch(args: Args, socket_path: str) -> int:
 
 def _history(args: Args, socket_path: str) -> int:
     with _connect(socket_path, BUSY_WAIT) as client:
-        events = client.history(*args.names, since=args.since, until=args.until, limit=args.limit)
+        # One more than shown: whether the limit left out earlier events.
+        events = client.history(*args.names, since=args.since, until=args.until, limit=args.limit + 1)
+    more = len(events) > args.limit
+    if more:
+        del events[0]
+        _say(
+            f"showing the latest {args.limit} events; earlier ones match too: narrow --since, or raise --limit "
+            f"(at most {protocol.MAX_HISTORY_LIMIT})"
+        )
     if args.json:
         import msgspec
 
-        sys.stdout.write(msgspec.json.encode({"events": events}).decode() + "\n")
+        sys.stdout.write(msgspec.json.encode({"events": events, "more": more}).decode() + "\n")
     elif events:
         width = _terminal_width(sys.stdout) if sys.stdout.isatty() else None
         sys.stdout.write(history_table(events, width))

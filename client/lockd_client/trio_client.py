@@ -216,16 +216,20 @@ class Client:
         Cancellation: the reply, when it comes, is ignored.
         """
         return await self._run(*self._conn.metrics())
+
     async def history(
         self, *names: str, since: float | None = None, until: float | None = None, limit: int = 1000,
     ) -> list[protocol.LeaseEvent]:
         """The recorded lease events on `names`, as the blocking `Client.history` returns them:
         the latest `limit` from `since` until before `until`, oldest first, those the daemon's
-        policy lets this user read.
+        policy lets this user read, read a page at a time.
 
-        Cancellation: the reply, when it comes, is ignored.
+        Cancellation: the reply to the page asked for, when it comes, is ignored.
         """
-        return await self._run(*self._conn.history(names, since, until, limit))
+        query = self._conn.history(names, since, until, limit)
+        while (page := query.next_page()) is not None:
+            query.add(await self._run(*page))
+        return query.events
 
     async def release_pid(self, pid: int, *names: str) -> int:
         """End the leases process `pid` holds on `names` (acquired with `pid=`).
