@@ -4,7 +4,9 @@ on stderr through lockd's logging, at debug.
 
 Invariants: `record` never blocks and never raises: an entry is sent with one non-blocking
 datagram, and one the journal cannot take at once is dropped and counted (`dropped`), with a
-warning at most once a minute. Journal entries are sent only at the log level that shows
+warning at most once a minute. When nobody is at the journal's socket (no such file, or
+nobody reading it), the event is a plain line on stderr at its level instead (warned about
+once a minute), and the socket is tried again for the next. Journal entries are sent only at the log level that shows
 them: `lost` and `broken` at warning, the others at info. Plain lines are a trace, at debug
 only: a line per event on stderr would double the daemon's work per lease at the default
 level, and `refused` events, which any client can cause at will, are never a plain line (the
@@ -18,6 +20,8 @@ a value with a newline is sent as the field name, a newline, its length as a lit
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import socket
@@ -36,6 +40,12 @@ SOCKET_ENV: Final = "LOCKD_JOURNAL_SOCKET"
 #: The syslog priorities of the journal entries, by the log level that shows them.
 _PRIORITY: Final = {logging.INFO: "6", logging.WARNING: "4"}
 _LENGTH: Final = struct.Struct("<Q")
+#: Lasting trouble with the journal is logged at most once in this many seconds.
+WARN_INTERVAL: Final = 60.0
+#: What a send gets when nobody is at the journal's socket (then lines go to stderr).
+_NO_JOURNAL: Final = frozenset({errno.ENOENT, errno.ECONNREFUSED})
+#: What a send on the socket gets when it must be connected (again) first.
+_RECONNECT: Final = frozenset({errno.ENOTCONN, errno.ECONNREFUSED, errno.EDESTADDRREQ})
 
 
 class EventLog:
@@ -43,13 +53,18 @@ class EventLog:
     or as plain lines when it is None. Close it when done."""
 
     def __init__(self, journal: str | None) -> None:
+        #: Journal entries lost: the journal did not take them at once (the metrics read it).
         self.dropped = 0
         self._journal = journal
         self._sock: socket.socket | None = None
-        self._trouble = Occasional(60.0)
+        self._slow = Occasional(WARN_INTERVAL)
+        self._trouble = Occasional(WARN_INTERVAL)
         if journal is not None:
             self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
             self._sock.setblocking(False)
+            # Connected, a send costs no lookup of the path; `_send` connects when this fails.
+            with contextlib.suppress(OSError):
+                self._sock.connect(journal)
 
     @classmethod
     def from_environment(cls) -> EventLog:
@@ -65,11 +80,36 @@ class EventLog:
         if not log.isEnabledFor(level):
             return
         try:
-            self._sock.sendto(journal_entry(event, _PRIORITY[level]), self._journal)  # type: ignore[arg-type]
-        except OSError as exc:
+            self._send(self._sock, journal_entry(event, _PRIORITY[level]))
+        except BlockingIOError:
             self.dropped += 1
-            if not isinstance(exc, BlockingIOError):
+            self._slow.warn(
+                "the journal does not keep up with lease events: %d dropped so far rather than wait for it "
+                "(lockctl history has them)", self.dropped,
+            )
+        except OSError as exc:
+            if exc.errno in _NO_JOURNAL:
+                # Nobody at the socket: the event is a line on stderr instead, as without
+                # systemd, but at its level (refusals stay out of the log, as ever).
+                if event.event != "refused":
+                    log.log(level, "%s", event_text(event))
+                self._trouble.warn(
+                    "cannot send lease events to the journal at %s: %s; logging them as plain lines until it is back",
+                    self._journal, exc.strerror,
+                )
+            else:
+                self.dropped += 1
                 self._trouble.warn("cannot send lease events to the journal at %s: %s", self._journal, exc)
+
+    def _send(self, sock: socket.socket, entry: bytes) -> None:
+        try:
+            sock.send(entry)
+        except OSError as exc:
+            if exc.errno not in _RECONNECT:
+                raise
+            # Not connected yet, or the journal made a new socket since (it restarted).
+            sock.connect(self._journal)  # type: ignore[arg-type]
+            sock.send(entry)
 
     def close(self) -> None:
         if self._sock is not None:

@@ -24,7 +24,7 @@ from lockd_client.protocol import Acquire, History, HistoryReply, LeaseEvent
 from lockd import history as history_module
 from lockd.config import HistorySection
 from lockd.history import HistoryStore
-from lockd.journal import journal_entry
+from lockd.journal import EventLog, journal_entry
 
 from .conftest import Daemon
 from .rawclient import RawClient
@@ -554,6 +554,51 @@ def test_a_value_with_a_newline_is_sent_with_its_length() -> None:
     event = LeaseEvent(1.0, "lost", "a", "exclusive", token=7, reason="two\nlines")
     fields = _fields(journal_entry(event, "4"))
     assert fields["LOCKD_REASON"] == "two\nlines" and fields["PRIORITY"] == "4" and fields["LOCKD_TOKEN"] == "7"
+
+
+@pytest.fixture
+def journal_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.INFO, "lockd")  # where lockd sends its events to the journal
+    return caplog
+
+
+def test_a_journal_that_does_not_keep_up_loses_entries_counted_and_said(
+    tmp_path: Path, journal_log: pytest.LogCaptureFixture,
+) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as journal:
+        journal.bind(str(tmp_path / "journal.sock"))  # and never read
+        with EventLog(str(tmp_path / "journal.sock")) as events:
+            for i in range(5000):
+                events.record(event(f"n{i}"))
+            assert events.dropped > 0
+    warnings = [r.getMessage() for r in journal_log.records]
+    assert len(warnings) == 1 and "the journal does not keep up with lease events: 1 dropped" in warnings[0]
+
+
+def test_without_a_journal_to_take_them_events_are_plain_lines(
+    tmp_path: Path, journal_log: pytest.LogCaptureFixture,
+) -> None:
+    path = tmp_path / "journal.sock"
+    with EventLog(str(path)) as events:
+        events.record(event("first"))
+        events.record(LeaseEvent(1.0, "refused", "denied", "exclusive", reason="busy"))
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as journal:
+            journal.bind(str(path))
+            journal.settimeout(10)
+            events.record(event("second"))  # the journal is there now
+            assert _fields(journal.recv(65536))["LOCKD_NAME"] == "second"
+        events.record(event("third"))  # gone again: a socket nobody reads
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as journal:
+            path.unlink()
+            journal.bind(str(path))  # the journal restarted, with a new socket
+            journal.settimeout(10)
+            events.record(event("fourth"))
+            assert _fields(journal.recv(65536))["LOCKD_NAME"] == "fourth"
+        assert events.dropped == 0
+    lines = [r.getMessage() for r in journal_log.records]
+    assert "first released exclusive pid 42 uid 0 token 1" in lines and not any("denied" in line for line in lines)
+    assert "third released exclusive pid 42 uid 0 token 1" in lines
+    assert sum("logging them as plain lines" in line for line in lines) == 1, lines
 
 
 def _fields(datagram: bytes) -> dict[str, str]:
