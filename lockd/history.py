@@ -26,6 +26,8 @@ Invariants:
 
 from __future__ import annotations
 
+import fcntl
+import itertools
 import json
 import logging
 import math
@@ -50,6 +52,8 @@ from .logs import Occasional
 log = logging.getLogger("lockd")
 
 FILE_NAME: Final = "history.sqlite3"
+#: Beside the database: the daemon that holds an flock on it owns the database's files.
+LOCK_NAME: Final = f"{FILE_NAME}.lock"
 #: The schema's version, kept in PRAGMA user_version (0: a new, empty database).
 SCHEMA_VERSION: Final = 1
 _SCHEMA: Final = """
@@ -105,6 +109,8 @@ WAL_SIZE_LIMIT: Final = 4 * 1024 * 1024
 #: Lasting trouble is logged at most once in this many seconds.
 WARN_INTERVAL: Final = 60.0
 _CORRUPT: Final = frozenset({"SQLITE_CORRUPT", "SQLITE_NOTADB"})
+#: The database's files: itself, its write-ahead log, and the log's index.
+_SUFFIXES: Final = ("", "-wal", "-shm")
 #: What an INSERT raises for a row SQLite cannot store, rather than for the database: an
 #: integer beyond 64 bits, a value of a type it has no column type for, a string too long.
 _BAD_ROW: Final = (
@@ -124,12 +130,19 @@ class _Unusable(Exception):
     """The file is a database, but not one of this schema: it is moved aside."""
 
 
+class HistoryInUse(errors.LockdError):
+    """Another process holds the history's lock: another lockd with the same state directory."""
+
+
 class HistoryStore:
     """The history database of one daemon: `record` (the server's observer), `read` (in a
     worker thread), and the writer thread between `start` and `stop`."""
 
     def __init__(self, state_dir: Path, section: HistorySection) -> None:
         self.path = state_dir / FILE_NAME
+        self.lock_path = state_dir / LOCK_NAME
+        #: The lock file, flocked, from the first open of the database until `stop`.
+        self._lock_fd: int | None = None
         self._max_age = section.max_age
         self._max_size = section.max_size
         self._max_backlog = section.max_backlog
@@ -180,12 +193,17 @@ class HistoryStore:
 
     def start(self) -> None:
         """Open the database and start the writer thread. Before serving, so that the
-        daemon's files are in place when the first client comes; a problem is logged, and
+        daemon's files are in place when the first client comes. Raises HistoryInUse if
+        another process holds the database's lock (lockd must not start: two daemons would
+        write, prune and move aside each other's database); another problem is logged, and
         the writer tries again, never raised."""
         assert self._thread is None, "started twice"
         conn = None
         try:
             conn = self._open()
+        except HistoryInUse:
+            self._unlock()
+            raise
         except (sqlite3.Error, OSError, _Unusable) as exc:
             self._failed(exc)
         self._thread = threading.Thread(target=self._run, args=(conn,), name="lockd-history", daemon=True)
@@ -203,6 +221,8 @@ class HistoryStore:
             log.warning(
                 "history: the writer did not finish within %g s; %d events may not be written", timeout, self.backlog
             )
+        else:
+            self._unlock()
 
     # --- the writer thread ----------------------------------------------------------------------
 
@@ -247,7 +267,7 @@ class HistoryStore:
                     if now >= prune_at or self._size(conn) > self._max_size:
                         self._prune(conn)
                         prune_at = now + self._prune_interval
-                except (sqlite3.Error, OSError, _Unusable) as exc:
+                except (sqlite3.Error, OSError, _Unusable, HistoryInUse) as exc:
                     if conn is not None:
                         conn.close()
                         conn = None
@@ -263,8 +283,33 @@ class HistoryStore:
         if conn is not None:
             conn.close()
 
+    def _lock(self) -> None:
+        """Take the lock beside the database, for as long as this store lives: only its
+        holder opens, writes, prunes or moves aside the database's files. Raises
+        HistoryInUse if another process holds it."""
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise HistoryInUse(
+                f"the history in {self.path.parent} is in use by another process ({self.lock_path} is locked): "
+                "another lockd with this state_dir? Give each daemon its own state_dir"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
     def _open(self) -> sqlite3.Connection:
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self._lock_fd is None:
+            self._lock()
         # Other users' commands are no one else's business: SQLite gives the -wal and -shm
         # files the mode of the database file.
         os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
@@ -272,6 +317,8 @@ class HistoryStore:
         conn = sqlite3.connect(self.path, timeout=BUSY_WAIT, isolation_level=None, check_same_thread=False)
         try:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0 and conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+                raise _Unusable("it holds tables, but not of a lockd history")
             if version == 0:
                 # auto_vacuum must be chosen before the first table, WAL outside a transaction.
                 conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
@@ -384,10 +431,16 @@ class HistoryStore:
         return False
 
     def _move_aside(self, problem: Exception) -> bool:
-        """Move the unusable database aside, for a new one; returns whether it was."""
-        aside = self.path.with_name(f"{FILE_NAME}.unusable-{time.strftime('%Y%m%dT%H%M%S')}")
+        """Move the unusable database aside, for a new one (never over an earlier one: the
+        name gets a number if need be); returns whether it was. Only with the lock held."""
+        assert self._lock_fd is not None, "only the lock's holder moves the database"
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        for n in itertools.count(1):
+            aside = self.path.with_name(f"{FILE_NAME}.unusable-{stamp}" + (f"-{n}" if n > 1 else ""))
+            if not any(os.path.lexists(f"{aside}{suffix}") for suffix in _SUFFIXES):
+                break
         try:
-            for suffix in ("", "-wal", "-shm"):
+            for suffix in _SUFFIXES:
                 source = Path(f"{self.path}{suffix}")
                 if source.exists():
                     source.rename(Path(f"{aside}{suffix}"))

@@ -4,6 +4,7 @@ be written, and the same events in the journal."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import queue
@@ -23,7 +24,7 @@ from lockd_client.protocol import Acquire, History, HistoryReply, LeaseEvent
 
 from lockd import history as history_module
 from lockd.config import HistorySection
-from lockd.history import HistoryStore
+from lockd.history import HistoryInUse, HistoryStore
 from lockd.journal import EventLog, journal_entry
 
 from .conftest import Daemon
@@ -464,6 +465,79 @@ def test_a_failing_writer_waits_for_its_retry_and_says_nothing_about_recovering(
     messages = [r.getMessage() for r in caplog.records]
     assert any("cannot write to" in m for m in messages), messages
     assert not any("history: writing to" in m for m in messages), messages  # nothing was written
+
+
+def test_a_second_store_leaves_a_history_in_use_alone(store: HistoryStore, tmp_path: Path) -> None:
+    store.start()
+    store.record(event("kept"))
+    assert len(store.read([], None, None, 10, None)[0]) == 1
+    with pytest.raises(HistoryInUse, match="in use by another process .*its own state_dir"):
+        HistoryStore(tmp_path / "state", HistorySection()).start()
+    store.stop()
+    again = HistoryStore(tmp_path / "state", HistorySection())  # once the first let go
+    again.start()
+    try:
+        assert [e.name for e in again.read([], None, None, 10, None)[0]] == ["kept"]
+    finally:
+        again.stop()
+
+
+def test_lockd_does_not_start_on_a_history_another_process_holds(short_tmp: Path) -> None:
+    state = short_tmp / "state"
+    state.mkdir()
+    (state / "history.sqlite3").write_bytes(b"not a database" * 1000)  # but someone else's business
+    with open(state / "history.sqlite3.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        d = Daemon(short_tmp, "--config", "/dev/null")
+        with pytest.raises(RuntimeError, match="lockd exited with 1"):
+            d.start()
+    assert "is in use by another process" in d.log()
+    assert (state / "history.sqlite3").read_bytes().startswith(b"not a database")
+    assert list(state.glob("*unusable*")) == []
+
+
+@pytest.mark.parametrize("make", [
+    "CREATE TABLE events (x); CREATE TABLE other (y);",  # another program's, at user_version 0
+    f"CREATE TABLE events (x); PRAGMA user_version = {history_module.SCHEMA_VERSION + 1};",
+])
+def test_a_database_of_another_schema_is_moved_aside_under_a_name_of_its_own(
+    tmp_path: Path, make: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(history_module.time, "strftime", lambda *args: "20261206T031000")  # one second
+    state = tmp_path / "state"
+    for i in range(3):
+        with sqlite3.connect(state / "history.sqlite3" if state.exists() else _made(state)) as db:
+            db.executescript(make)
+        db.close()
+        store = HistoryStore(state, HistorySection())
+        store.start()
+        store.record(event(f"new{i}"))
+        assert [e.name for e in store.read([], None, None, 10, None)[0]] == [f"new{i}"]
+        store.stop()
+        (state / "history.sqlite3").unlink()
+    asides = sorted(path.name for path in state.glob("history.sqlite3.unusable-*") if not path.name.endswith("-wal"))
+    assert asides == [f"history.sqlite3.unusable-20261206T031000{n}" for n in ("", "-2", "-3")]
+
+
+def _made(state: Path) -> Path:
+    state.mkdir()
+    return state / "history.sqlite3"
+
+
+def test_events_beyond_the_backlog_are_dropped_counted_and_warned_about_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = HistoryStore(tmp_path / "state", HistorySection(max_backlog=10))
+    store.path.mkdir(parents=True)  # no write can succeed: events wait in memory
+    try:
+        for i in range(25):  # before the writer takes any
+            store.record(event(f"n{i}"))
+        assert store.dropped == 15 and store.backlog == 10
+        store.start()
+        drops = [r.getMessage() for r in caplog.records if "dropping events" in r.getMessage()]
+        assert drops == ["history: the writer is 10 events behind; dropping events (1 so far) until it catches up"]
+    finally:
+        store.stop(0)
 
 
 # --- other users ----------------------------------------------------------------------------------
