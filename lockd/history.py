@@ -15,6 +15,8 @@ Invariants:
   started. An event SQLite cannot store is dropped and counted (`dropped`), never retried.
   Nothing about the database reaches the leases, and no trouble, however lasting, is
   logged more than once a minute.
+- What is recorded is in the file at most BATCH_DELAY later while the disk keeps up: a
+  killed daemon (SIGKILL, a crash) loses those events and the backlog; `stop` writes them.
 - Retention: the writer deletes the events older than `max_age`, within a quarter of it
   (at most a minute) of their expiry, and the oldest events while the database is larger
   than `max_size`, and hands the freed pages back to the file system (incremental vacuum).
@@ -102,7 +104,8 @@ STOP_WAIT: Final = 5.0
 BUSY_WAIT: Final = 1.0
 #: Retention deletes at most this many events per transaction, so writes go on between them.
 PRUNE_CHUNK: Final = 10_000
-#: Over `max_size`, the oldest events are deleted until the database is this share of it.
+#: Over `max_size`, the oldest events are deleted in rounds, each aiming at this share of it
+#: (so that the next writes do not start it again at once), until it is within `max_size`.
 SIZE_TARGET: Final = 0.9
 #: The write-ahead log is cut back to this size after each checkpoint.
 WAL_SIZE_LIMIT: Final = 4 * 1024 * 1024
@@ -450,7 +453,6 @@ class HistoryStore:
             return False
         log.warning("history: %s was unusable (%s); moved it to %s and starting a new one", self.path, problem, aside)
         return True
-
 
     # --- queries, in a worker thread ----------------------------------------------------------------
 

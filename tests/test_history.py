@@ -4,6 +4,7 @@ be written, and the same events in the journal."""
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import json
 import logging
@@ -19,7 +20,7 @@ import msgspec
 import pytest
 import trio
 from lockd_client import blocking, errors, protocol, trio_client
-from lockd_client.cli import history_table
+from lockd_client.cli import _when, history_table
 from lockd_client.protocol import Acquire, History, HistoryReply, LeaseEvent
 
 from lockd import history as history_module
@@ -229,6 +230,36 @@ def test_history_off_is_said_clearly(short_tmp: Path, name: str) -> None:
         assert not (d.state_dir / "history.sqlite3").exists()
     finally:
         d.stop()
+
+
+@pytest.fixture
+def berlin(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("TZ", "Europe/Berlin")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+@pytest.mark.usefixtures("berlin")
+def test_when_reads_dates_and_times() -> None:
+    from datetime import datetime, timezone
+
+    def utc(*fields: int) -> float:
+        return datetime(*fields, tzinfo=timezone.utc).timestamp()
+
+    assert _when("1765000000") == 1765000000.0 and _when("0") == 0.0 and _when("12345678.5") == 12345678.5
+    # Eight digits are a date in ISO 8601's basic form, not a Unix time in 1970.
+    assert _when("20261206") == _when("2026-12-06") == utc(2026, 12, 5, 23)
+    assert _when("20261206T0310") == utc(2026, 12, 6, 2, 10)
+    with pytest.raises(argparse.ArgumentTypeError, match="8 digits are read as YYYYMMDD"):
+        _when("20261306")
+    # Local time across DST changes: a repeated time is the first, a skipped one the clock before.
+    assert _when("2026-10-25T02:30") == utc(2026, 10, 25, 0, 30)
+    assert _when("2026-03-29T02:30") == utc(2026, 3, 29, 1, 30)
+    assert _when("2026-03-29T02:30+00:00") == utc(2026, 3, 29, 2, 30)
+    with pytest.raises(argparse.ArgumentTypeError, match="is not a time"):
+        _when("yesterday")
 
 
 def test_table_fits_a_terminal() -> None:

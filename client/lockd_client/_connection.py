@@ -409,6 +409,7 @@ class Connection:
         if self.server is not None and protocol.Feature.METRICS not in self.server.features:
             raise errors.ProtocolError(f"this lockd ({self.server.server}) does not serve metrics; upgrade it")
         return self._send_request(protocol.Metrics(self._next_id))
+
     def history(self, names: Iterable[str], since: float | None, until: float | None, limit: int) -> HistoryQuery:
         """A query for the latest `limit` recorded events on `names` (every name when empty)
         from `since` to `until` (Unix times; None: no bound), to read page by page."""
