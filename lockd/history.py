@@ -10,19 +10,26 @@ Invariants:
 - The writer writes the events in the order recorded, in batches of whatever has queued up
   within BATCH_DELAY of the first, one transaction each. A write that fails (a full or
   read-only disk, a database locked by someone else) is logged at most once a minute and
-  retried every RETRY seconds with what came meanwhile; a file that is not a database of
-  this schema, or a corrupt one, is moved aside (logged) and a new one started. Nothing
-  about the database reaches the leases.
+  retried, with what came meanwhile, no sooner than RETRY seconds later; a file that is not
+  a database of this schema, or a corrupt one, is moved aside (logged) and a new one
+  started. An event SQLite cannot store is dropped and counted (`dropped`), never retried.
+  Nothing about the database reaches the leases, and no trouble, however lasting, is
+  logged more than once a minute.
+- What is recorded is in the file at most BATCH_DELAY later while the disk keeps up: a
+  killed daemon (SIGKILL, a crash) loses those events and the backlog; `stop` writes them.
 - Retention: the writer deletes the events older than `max_age`, within a quarter of it
   (at most a minute) of their expiry, and the oldest events while the database is larger
   than `max_size`, and hands the freed pages back to the file system (incremental vacuum).
 - A query answers with every event recorded before it was asked, once written (it waits up
   to FLUSH_WAIT for the writer to get to them), and only with those of the uid it is given
-  (None: every user's).
+  (None: every user's): the latest of them, as many as fit in REPLY_BYTES, with a cursor
+  that the next page starts from (then without waiting for the writer).
 """
 
 from __future__ import annotations
 
+import fcntl
+import itertools
 import json
 import logging
 import math
@@ -33,9 +40,12 @@ import sqlite3
 import threading
 import time
 import urllib.parse
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Final
 
+import msgspec
 from lockd_client import errors, protocol
 
 from .config import HistorySection
@@ -44,6 +54,8 @@ from .logs import Occasional
 log = logging.getLogger("lockd")
 
 FILE_NAME: Final = "history.sqlite3"
+#: Beside the database: the daemon that holds an flock on it owns the database's files.
+LOCK_NAME: Final = f"{FILE_NAME}.lock"
 #: The schema's version, kept in PRAGMA user_version (0: a new, empty database).
 SCHEMA_VERSION: Final = 1
 _SCHEMA: Final = """
@@ -74,9 +86,9 @@ _FIELDS: Final = protocol.LeaseEvent.__struct_fields__
 _COLUMNS: Final = ", ".join(_FIELDS)
 #: Rows one INSERT statement writes: SQLite gives the interpreter's lock back to the event
 #: loop around each statement it runs, so a batch written a row per statement took it back
-#: as many times, each a handoff between the threads. 64 rows stay within the 999 parameters
-#: every SQLite takes.
-ROWS_PER_INSERT: Final = 64
+#: as many times, each a handoff between the threads. As many rows as stay within the 999
+#: parameters every SQLite takes.
+ROWS_PER_INSERT: Final = 999 // len(_FIELDS)
 
 
 def _insert(rows: int) -> str:
@@ -85,6 +97,7 @@ def _insert(rows: int) -> str:
 
 
 _INSERT_FULL: Final = _insert(ROWS_PER_INSERT)
+_INSERT_ONE: Final = _insert(1)
 
 #: Once an event comes, the writer waits this long for more before it writes them all: the
 #: event loop then only appends to a queue nobody waits on (a writer woken for every event
@@ -94,19 +107,32 @@ BATCH_DELAY: Final = 0.25
 RETRY: Final = 5.0
 #: How long a query waits for the writer to have written what was recorded before it.
 FLUSH_WAIT: Final = 2.0
+#: The most bytes of events one reply holds (encoded): a reply is built and sent on the
+#: event loop, and must stay far below what a client may leave unread (session.MAX_OUTBOX).
+#: The rest of a larger answer is read page by page (`History.before`).
+REPLY_BYTES: Final = 1024 * 1024
 #: How long `stop` waits for the writer to write what is left.
 STOP_WAIT: Final = 5.0
 #: How long a statement waits for a database locked by another process (sqlite3's timeout).
 BUSY_WAIT: Final = 1.0
 #: Retention deletes at most this many events per transaction, so writes go on between them.
 PRUNE_CHUNK: Final = 10_000
-#: Over `max_size`, the oldest events are deleted until the database is this share of it.
+#: Over `max_size`, the oldest events are deleted in rounds, each aiming at this share of it
+#: (so that the next writes do not start it again at once), until it is within `max_size`.
 SIZE_TARGET: Final = 0.9
 #: The write-ahead log is cut back to this size after each checkpoint.
 WAL_SIZE_LIMIT: Final = 4 * 1024 * 1024
 #: Lasting trouble is logged at most once in this many seconds.
 WARN_INTERVAL: Final = 60.0
 _CORRUPT: Final = frozenset({"SQLITE_CORRUPT", "SQLITE_NOTADB"})
+#: The database's files: itself, its write-ahead log, and the log's index.
+_SUFFIXES: Final = ("", "-wal", "-shm")
+#: What an INSERT raises for a row SQLite cannot store, rather than for the database: an
+#: integer beyond 64 bits, a value of a type it has no column type for, a string too long.
+_BAD_ROW: Final = (
+    OverflowError, TypeError, ValueError, sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.DataError,
+    sqlite3.ProgrammingError,
+)
 
 
 class _Stop:
@@ -120,12 +146,19 @@ class _Unusable(Exception):
     """The file is a database, but not one of this schema: it is moved aside."""
 
 
+class HistoryInUse(errors.LockdError):
+    """Another process holds the history's lock: another lockd with the same state directory."""
+
+
 class HistoryStore:
     """The history database of one daemon: `record` (the server's observer), `read` (in a
     worker thread), and the writer thread between `start` and `stop`."""
 
     def __init__(self, state_dir: Path, section: HistorySection) -> None:
         self.path = state_dir / FILE_NAME
+        self.lock_path = state_dir / LOCK_NAME
+        #: The lock file, flocked, from the first open of the database until `stop`.
+        self._lock_fd: int | None = None
         self._max_age = section.max_age
         self._max_size = section.max_size
         self._max_backlog = section.max_backlog
@@ -134,10 +167,14 @@ class HistoryStore:
         self._queue: queue.SimpleQueue[protocol.LeaseEvent | threading.Event | _Stop] = queue.SimpleQueue()
         #: Events the writer has taken from the queue and not yet written (the writer's count).
         self._unwritten = 0
-        #: Events dropped because the writer was `max_backlog` behind.
-        self.dropped = 0
+        #: Events dropped because the writer was `max_backlog` behind (on the event loop).
+        self._overflowed = 0
+        #: Events dropped because SQLite could not store them (in the writer).
+        self._rejected = 0
         self._drop_warning = Occasional(WARN_INTERVAL)
         self._trouble = Occasional(WARN_INTERVAL)
+        self._bad_rows = Occasional(WARN_INTERVAL)
+        self._bug = Occasional(WARN_INTERVAL)
         self._failing = False
         self._users: dict[int, str | None] = {}
         self._thread: threading.Thread | None = None
@@ -149,10 +186,10 @@ class HistoryStore:
     def record(self, event: protocol.LeaseEvent) -> None:
         """Queue `event` for the writer; never blocks or raises (a server observer)."""
         if self._queue.qsize() + self._unwritten >= self._max_backlog:
-            self.dropped += 1
+            self._overflowed += 1
             self._drop_warning.warn(
                 "history: the writer is %d events behind; dropping events (%d so far) until it catches up",
-                self._max_backlog, self.dropped,
+                self._max_backlog, self._overflowed,
             )
             return
         self._queue.put(event)
@@ -162,16 +199,27 @@ class HistoryStore:
         """Events recorded and not yet written."""
         return self._queue.qsize() + self._unwritten
 
+    @property
+    def dropped(self) -> int:
+        """Events recorded and never to be written: the writer was `max_backlog` behind, or
+        SQLite could not store them."""
+        return self._overflowed + self._rejected
+
     # --- lifetime -------------------------------------------------------------------------------
 
     def start(self) -> None:
         """Open the database and start the writer thread. Before serving, so that the
-        daemon's files are in place when the first client comes; a problem is logged, and
+        daemon's files are in place when the first client comes. Raises HistoryInUse if
+        another process holds the database's lock (lockd must not start: two daemons would
+        write, prune and move aside each other's database); another problem is logged, and
         the writer tries again, never raised."""
         assert self._thread is None, "started twice"
         conn = None
         try:
             conn = self._open()
+        except HistoryInUse:
+            self._unlock()
+            raise
         except (sqlite3.Error, OSError, _Unusable) as exc:
             self._failed(exc)
         self._thread = threading.Thread(target=self._run, args=(conn,), name="lockd-history", daemon=True)
@@ -189,6 +237,8 @@ class HistoryStore:
             log.warning(
                 "history: the writer did not finish within %g s; %d events may not be written", timeout, self.backlog
             )
+        else:
+            self._unlock()
 
     # --- the writer thread ----------------------------------------------------------------------
 
@@ -197,7 +247,8 @@ class HistoryStore:
         retry_at = prune_at = time.monotonic()
         stopping = False
         while not stopping:
-            due = min(prune_at, retry_at) if pending else prune_at
+            # After a failure nothing is tried before retry_at, whatever comes meanwhile.
+            due = retry_at if pending else max(retry_at, prune_at)
             markers: list[threading.Event] = []
             try:
                 item = self._queue.get(timeout=max(0.0, due - time.monotonic()))
@@ -219,37 +270,62 @@ class HistoryStore:
                     item = None
             self._unwritten = len(pending)
             now = time.monotonic()
-            try:
-                if conn is None and (now >= retry_at or stopping):
-                    conn = self._open()
-                if conn is not None and pending:
-                    self._write(conn, pending)
-                    pending.clear()
-                if conn is not None and (now >= prune_at or self._size(conn) > self._max_size):
-                    self._prune(conn)
-                    prune_at = now + self._prune_interval
-                if self._failing:
-                    self._failing = False
-                    log.info("history: writing to %s again", self.path)
-            except (sqlite3.Error, OSError, _Unusable) as exc:
-                if conn is not None:
-                    conn.close()
-                    conn = None
-                retry_at = now if self._failed(exc) else now + RETRY
-            except Exception:  # a bug: logged, and the writer carries on
-                log.exception("internal error in the history writer; retrying in %g s", RETRY)
-                retry_at = now + RETRY
-            finally:
-                self._unwritten = len(pending)
-                for marker in markers:
-                    marker.set()  # whether written or not: a query waits for no retry
+            if now >= retry_at or stopping:
+                try:
+                    if conn is None:
+                        conn = self._open()
+                    if pending:
+                        self._write(conn, pending)
+                        pending.clear()
+                        if self._failing:
+                            self._failing = False
+                            log.info("history: writing to %s again", self.path)
+                    if now >= prune_at or self._size(conn) > self._max_size:
+                        self._prune(conn)
+                        prune_at = now + self._prune_interval
+                except (sqlite3.Error, OSError, _Unusable, HistoryInUse) as exc:
+                    if conn is not None:
+                        conn.close()
+                        conn = None
+                    retry_at = now if self._failed(exc) else now + RETRY
+                except Exception:  # a bug: logged, and the writer carries on
+                    self._bug.warn("history: internal error in the writer; retrying in %g s", RETRY, exc_info=True)
+                    retry_at = now + RETRY
+            self._unwritten = len(pending)
+            for marker in markers:
+                marker.set()  # whether written or not: a query waits for no retry
         if pending:
             log.warning("history: %d events could not be written to %s before lockd stopped", len(pending), self.path)
         if conn is not None:
             conn.close()
 
+    def _lock(self) -> None:
+        """Take the lock beside the database, for as long as this store lives: only its
+        holder opens, writes, prunes or moves aside the database's files. Raises
+        HistoryInUse if another process holds it."""
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise HistoryInUse(
+                f"the history in {self.path.parent} is in use by another process ({self.lock_path} is locked): "
+                "another lockd with this state_dir? Give each daemon its own state_dir"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
     def _open(self) -> sqlite3.Connection:
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self._lock_fd is None:
+            self._lock()
         # Other users' commands are no one else's business: SQLite gives the -wal and -shm
         # files the mode of the database file.
         os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
@@ -257,6 +333,8 @@ class HistoryStore:
         conn = sqlite3.connect(self.path, timeout=BUSY_WAIT, isolation_level=None, check_same_thread=False)
         try:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0 and conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+                raise _Unusable("it holds tables, but not of a lockd history")
             if version == 0:
                 # auto_vacuum must be chosen before the first table, WAL outside a transaction.
                 conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
@@ -273,27 +351,37 @@ class HistoryStore:
         return conn
 
     def _write(self, conn: sqlite3.Connection, events: list[protocol.LeaseEvent]) -> None:
+        """Write `events` in one transaction. Those SQLite cannot store (a number beyond 64
+        bits, say) are dropped and counted, so that they cannot hold up the others forever."""
         user = self._user
-        values = [
-            value
-            for e in events
-            for value in (
+        rows = [
+            (
                 e.time, e.event, e.name, e.mode, e.slots, e.token, e.pid, e.uid, e.user or user(e.uid), e.command,
                 e.label, e.waited, e.held, e.reason, e.exit_status,
             )
+            for e in events
         ]
-        per_statement = ROWS_PER_INSERT * len(_FIELDS)
-        conn.execute("BEGIN IMMEDIATE")
         try:
-            for start in range(0, len(values), per_statement):
-                chunk = values[start:start + per_statement]
-                rows = len(chunk) // len(_FIELDS)
-                conn.execute(_INSERT_FULL if rows == ROWS_PER_INSERT else _insert(rows), chunk)
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+            with _transaction(conn):
+                for start in range(0, len(rows), ROWS_PER_INSERT):
+                    chunk = rows[start:start + ROWS_PER_INSERT]
+                    statement = _INSERT_FULL if len(chunk) == ROWS_PER_INSERT else _insert(len(chunk))
+                    conn.execute(statement, [value for row in chunk for value in row])
+            return
+        except _BAD_ROW:
+            pass
+        bad: list[BaseException] = []
+        with _transaction(conn):
+            for row in rows:
+                try:
+                    conn.execute(_INSERT_ONE, row)
+                except _BAD_ROW as exc:
+                    bad.append(exc)
+        if bad:
+            self._rejected += len(bad)
+            self._bad_rows.warn(
+                "history: dropped %d events that cannot be stored (%s); %d so far", len(bad), bad[0], self._rejected,
+            )
 
     def _user(self, uid: int | None) -> str | None:
         if uid is None:
@@ -364,10 +452,16 @@ class HistoryStore:
         return False
 
     def _move_aside(self, problem: Exception) -> bool:
-        """Move the unusable database aside, for a new one; returns whether it was."""
-        aside = self.path.with_name(f"{FILE_NAME}.unusable-{time.strftime('%Y%m%dT%H%M%S')}")
+        """Move the unusable database aside, for a new one (never over an earlier one: the
+        name gets a number if need be); returns whether it was. Only with the lock held."""
+        assert self._lock_fd is not None, "only the lock's holder moves the database"
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        for n in itertools.count(1):
+            aside = self.path.with_name(f"{FILE_NAME}.unusable-{stamp}" + (f"-{n}" if n > 1 else ""))
+            if not any(os.path.lexists(f"{aside}{suffix}") for suffix in _SUFFIXES):
+                break
         try:
-            for suffix in ("", "-wal", "-shm"):
+            for suffix in _SUFFIXES:
                 source = Path(f"{self.path}{suffix}")
                 if source.exists():
                     source.rename(Path(f"{aside}{suffix}"))
@@ -378,19 +472,22 @@ class HistoryStore:
         log.warning("history: %s was unusable (%s); moved it to %s and starting a new one", self.path, problem, aside)
         return True
 
-
     # --- queries, in a worker thread ----------------------------------------------------------------
 
     def read(
         self, names: list[str], since: float | None, until: float | None, limit: int, uid: int | None,
-    ) -> list[protocol.LeaseEvent]:
+        before: protocol.HistoryCursor | None = None,
+    ) -> tuple[list[protocol.LeaseEvent], protocol.HistoryCursor | None]:
         """The latest `limit` events on `names` (every name when empty) from `since` (at or
-        after) to `until` (before), of `uid` (None: every user's), oldest first. Blocks: run
-        it in a worker thread. Raises DaemonUnavailable if the database cannot be read."""
-        written = threading.Event()
-        self._queue.put(written)
-        self._hurry.set()
-        written.wait(FLUSH_WAIT)
+        after) to `until` (before), and before the cursor `before`, of `uid` (None: every
+        user's), oldest first, as many as fit in REPLY_BYTES; and the cursor of the earlier
+        ones that match too (None: none do). Blocks: run it in a worker thread. Raises
+        DaemonUnavailable if the database cannot be read."""
+        if before is None:  # a first page: with what was recorded before it
+            written = threading.Event()
+            self._queue.put(written)
+            self._hurry.set()
+            written.wait(FLUSH_WAIT)
         where: list[str] = []
         params: list[object] = []
         if names:
@@ -405,20 +502,48 @@ class HistoryStore:
         if until is not None:
             where.append("time < ?")
             params.append(until)
+        if before is not None:
+            where.append("(time, id) < (?, ?)")
+            params += before
         condition = f"WHERE {' AND '.join(where)}" if where else ""
-        query = f"SELECT {_COLUMNS} FROM events {condition} ORDER BY time DESC, id DESC LIMIT ?"
+        query = f"SELECT id, {_COLUMNS} FROM events {condition} ORDER BY time DESC, id DESC LIMIT ?"
+        events: list[protocol.LeaseEvent] = []
+        more = oldest = None
+        size = 0
+        encode = msgspec.msgpack.Encoder().encode
         try:
             uri = f"file:{urllib.parse.quote(str(self.path))}?mode=ro"
             conn = sqlite3.connect(uri, uri=True, timeout=BUSY_WAIT, isolation_level=None)
             try:
-                rows = conn.execute(query, (*params, limit)).fetchall()
+                for row_id, *fields in conn.execute(query, (*params, limit + 1)):
+                    event = protocol.LeaseEvent(*fields)
+                    size += len(encode(event))
+                    if events and (len(events) == limit or size > REPLY_BYTES):
+                        more = oldest
+                        break
+                    events.append(event)
+                    oldest = (event.time, row_id)
             finally:
                 conn.close()
         except sqlite3.Error as exc:
             raise errors.DaemonUnavailable(
                 f"lockd cannot read its history ({self.path}): {exc}; its log says more"
             ) from None
-        return [protocol.LeaseEvent(*row) for row in reversed(rows)]
+        events.reverse()
+        return events, more
+
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction: committed if the block ends normally, else rolled back."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
 def _vacuum(conn: sqlite3.Connection) -> None:

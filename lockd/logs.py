@@ -102,7 +102,9 @@ class Occasional:
         self._next = -math.inf
         self._skipped = 0
 
-    def warn(self, message: str, *args: object) -> None:
+    def warn(self, message: str, *args: object, exc_info: bool = False) -> None:
+        """Log `message` % `args` at warning, unless one was logged less than the interval
+        ago; `exc_info`: with the traceback of the exception being handled."""
         now = time.monotonic()
         if now < self._next:
             self._skipped += 1
@@ -111,4 +113,4 @@ class Occasional:
         skipped, self._skipped = self._skipped, 0
         if skipped:
             message += f" (and {skipped} more times in the last {self._interval:g} s)"
-        logging.getLogger("lockd").warning(message, *args)
+        logging.getLogger("lockd").warning(message, *args, exc_info=exc_info)

@@ -207,14 +207,14 @@ class Server:
         """Read the history in a worker thread, then have the service answer. Cancellation
         waits for the read (a bounded query) and sends nothing."""
         assert self._history is not None, "the service asks for no history when it is off"
-        read = partial(self._history.read, look.names, look.since, look.until, look.limit, look.uid)
-        events: list[protocol.LeaseEvent] | errors.LockdError
+        read = partial(self._history.read, look.names, look.since, look.until, look.limit, look.uid, look.before)
+        page: tuple[list[protocol.LeaseEvent], protocol.HistoryCursor | None] | errors.LockdError
         try:
-            events = await trio.to_thread.run_sync(read, limiter=self._history_readers)
+            page = await trio.to_thread.run_sync(read, limiter=self._history_readers)
         except errors.LockdError as exc:
-            events = exc
+            page = exc
         try:
-            self.service.history_reply(session, look, events)
+            self.service.history_reply(session, look, page)
         finally:
             self._carry_out()
 

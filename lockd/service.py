@@ -212,6 +212,7 @@ class HistoryLook:
     until: float | None
     limit: int
     uid: int | None
+    before: protocol.HistoryCursor | None
 
 
 @dataclass(slots=True)
@@ -606,7 +607,8 @@ class LockService:
                     "history is off in the daemon's config ([history] enabled); turn it on and restart lockd"
                 )
             names = checked_names(request.names) if request.names else []
-            for bound, value in (("since", request.since), ("until", request.until)):
+            before = None if request.before is None else request.before[0]
+            for bound, value in (("since", request.since), ("until", request.until), ("before", before)):
                 if value is not None and not math.isfinite(value):
                     raise errors.ProtocolError(f"{bound} must be a finite Unix time, not {value}")
             if request.since is not None and request.until is not None and request.since > request.until:
@@ -615,20 +617,21 @@ class LockService:
             self._send_error(client, request.id, exc)
             return None
         visible = self.policy.events_visible_to(client.uid)
-        return HistoryLook(request.id, names, request.since, request.until, request.limit, visible)
+        return HistoryLook(request.id, names, request.since, request.until, request.limit, visible, request.before)
 
     def history_reply(
-        self, peer: Peer, look: HistoryLook, events: list[protocol.LeaseEvent] | errors.LockdError,
+        self, peer: Peer, look: HistoryLook,
+        page: tuple[list[protocol.LeaseEvent], protocol.HistoryCursor | None] | errors.LockdError,
     ) -> None:
-        """Answer a history with the `events` read (or why they could not be), unless the
-        client has gone meanwhile."""
+        """Answer a history with the page read (its events, and the cursor of the earlier
+        ones that match), or why it could not be, unless the client has gone meanwhile."""
         client = self.clients.get(peer)
         if client is None:
             return
-        if isinstance(events, errors.LockdError):
-            self._send_error(client, look.request_id, events)
+        if isinstance(page, errors.LockdError):
+            self._send_error(client, look.request_id, page)
         else:
-            self._send(peer, protocol.HistoryReply(look.request_id, events))
+            self._send(peer, protocol.HistoryReply(look.request_id, *page))
 
     def _held(self, name: str) -> bool:
         return any(t.state in _SHOWN_HELD for t in self.table.holders(name))

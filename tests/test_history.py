@@ -4,7 +4,11 @@ be written, and the same events in the journal."""
 
 from __future__ import annotations
 
+import argparse
+import fcntl
 import json
+import logging
+import queue
 import socket
 import sqlite3
 import subprocess
@@ -12,13 +16,17 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 import trio
 from lockd_client import blocking, errors, protocol, trio_client
-from lockd_client.cli import history_table
+from lockd_client.cli import _when, history_table
 from lockd_client.protocol import Acquire, History, HistoryReply, LeaseEvent
 
-from lockd.journal import journal_entry
+from lockd import history as history_module
+from lockd.config import HistorySection
+from lockd.history import HistoryInUse, HistoryStore
+from lockd.journal import EventLog, journal_entry
 
 from .conftest import Daemon
 from .rawclient import RawClient
@@ -91,6 +99,32 @@ def test_death_by_signal_is_128_plus_n(daemon: Daemon, name: str) -> None:
     done = lockctl(daemon, "acquire", name, "--", "sh", "-c", "kill -TERM $$")
     assert done.returncode == 128 + 15
     assert history(daemon, name)[-1]["exit_status"] == 128 + 15
+
+
+def test_an_exit_status_beyond_a_byte_is_refused_before_it_is_sent(daemon: Daemon, name: str) -> None:
+    with blocking.connect(daemon.socket) as client:
+        lease = client.acquire(name)
+        for bad in (256, -1, 2**63, True):
+            with pytest.raises(errors.InvalidArgument, match="0 to 255"):
+                lease.release(exit_status=bad)
+        assert not lease.lost and client.status(name)[0].holders  # still held
+        lease.release(exit_status=255)
+
+    async def main() -> None:
+        async with trio_client.connect(daemon.socket) as client:
+            lease = await client.acquire(name)
+            with pytest.raises(errors.InvalidArgument, match="0 to 255"):
+                await lease.release(exit_status=2**63)
+            await lease.release(exit_status=0)
+
+    trio.run(main)
+    with RawClient(daemon.socket) as raw:  # what no client library sends: the daemon refuses it
+        assert isinstance(raw.acquire(name), protocol.Granted)
+        raw.send(protocol.Release(1, exit_status=2**63))
+        reply = raw.recv()
+        assert isinstance(reply, protocol.Error) and reply.code == "protocol" and reply.id is None, reply
+    events = wait_until(lambda: len(e := history(daemon, name)) == 6 and e, "the third lease's end")
+    assert [e["exit_status"] for e in events if e["event"] == "released"] == [255, 0, None]
 
 
 def test_refusals_say_why(daemon: Daemon, name: str) -> None:
@@ -198,6 +232,36 @@ def test_history_off_is_said_clearly(short_tmp: Path, name: str) -> None:
         d.stop()
 
 
+@pytest.fixture
+def berlin(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("TZ", "Europe/Berlin")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+@pytest.mark.usefixtures("berlin")
+def test_when_reads_dates_and_times() -> None:
+    from datetime import datetime, timezone
+
+    def utc(*fields: int) -> float:
+        return datetime(*fields, tzinfo=timezone.utc).timestamp()
+
+    assert _when("1765000000") == 1765000000.0 and _when("0") == 0.0 and _when("12345678.5") == 12345678.5
+    # Eight digits are a date in ISO 8601's basic form, not a Unix time in 1970.
+    assert _when("20261206") == _when("2026-12-06") == utc(2026, 12, 5, 23)
+    assert _when("20261206T0310") == utc(2026, 12, 6, 2, 10)
+    with pytest.raises(argparse.ArgumentTypeError, match="8 digits are read as YYYYMMDD"):
+        _when("20261306")
+    # Local time across DST changes: a repeated time is the first, a skipped one the clock before.
+    assert _when("2026-10-25T02:30") == utc(2026, 10, 25, 0, 30)
+    assert _when("2026-03-29T02:30") == utc(2026, 3, 29, 1, 30)
+    assert _when("2026-03-29T02:30+00:00") == utc(2026, 3, 29, 2, 30)
+    with pytest.raises(argparse.ArgumentTypeError, match="is not a time"):
+        _when("yesterday")
+
+
 def test_table_fits_a_terminal() -> None:
     event = LeaseEvent(1765000000.0, "refused", "site.com", "exclusive", pid=42, uid=0, user="root",
                        command="lockctl acquire -w 2 site.com -- ./restore.sh", waited=2.0, reason="timeout")
@@ -260,14 +324,34 @@ def test_the_oldest_events_go_when_the_file_is_too_large(short_tmp: Path, name: 
         d.stop()
 
 
-def test_a_burst_is_written_without_a_drop(short_tmp: Path, name: str) -> None:
+def test_a_burst_is_written_without_a_drop_and_read_a_page_at_a_time(short_tmp: Path, name: str) -> None:
     d = start(short_tmp)
     try:
         with blocking.connect(d.socket) as client:
             for _ in range(5000):
-                client.acquire(name).release()
-            assert len(client.history(name, limit=100_000)) == 10_000
+                client.acquire(name, label="x" * 200).release()
+            events = client.history(name, limit=100_000)
+            assert len(events) == 10_000 and [e.event for e in events] == ["granted", "released"] * 5000
         assert "dropping events" not in d.log()
+        with RawClient(d.socket) as raw:
+            pages: list[list[LeaseEvent]] = []
+            before = None
+            while True:
+                raw.send(History(len(pages) + 1, [name], limit=100_000, before=before))
+                reply = raw.recv()
+                assert isinstance(reply, HistoryReply), reply
+                assert len(msgspec.msgpack.encode(reply)) <= history_module.REPLY_BYTES + 1024
+                pages.insert(0, reply.events)
+                if reply.more is None:
+                    break
+                before = reply.more
+        assert len(pages) >= 3 and [e for page in pages for e in page] == events
+        shown = lockctl(d, "history", "--json", "--limit", "9999", name)
+        assert json.loads(shown.stdout) == {"events": [msgspec.to_builtins(e) for e in events[1:]], "more": True}
+        assert "showing the latest 9999 events; earlier ones match too" in shown.stderr
+        shown = lockctl(d, "history", "--json", "--limit", "10000", name)
+        assert json.loads(shown.stdout)["more"] is False and len(json.loads(shown.stdout)["events"]) == 10_000
+        assert shown.stderr == ""
     finally:
         d.stop()
 
@@ -284,6 +368,7 @@ def test_an_unwritable_history_costs_no_lease_and_is_written_later(short_tmp: Pa
         wait_until(lambda: "history: cannot write to" in d.log(), "a warning", show=d.log)
         done = lockctl(d, "history", name)
         assert done.returncode == 69 and "cannot read its history" in done.stderr
+        assert "history: writing to" not in d.log()  # the writer has been through the query's marker
         blocker.rmdir()
 
         def written() -> list[dict] | None:
@@ -292,7 +377,7 @@ def test_an_unwritable_history_costs_no_lease_and_is_written_later(short_tmp: Pa
 
         events = wait_until(written, "the events kept in memory written", timeout=15)
         assert kinds(events) == ["granted", "released"]
-        assert "history: writing to" in d.log()
+        assert d.log().count("history: writing to") == 1
     finally:
         d.stop()
 
@@ -310,6 +395,180 @@ def test_a_corrupt_file_is_moved_aside(short_tmp: Path, name: str) -> None:
         assert f"moved it to {aside}" in d.log()
     finally:
         d.stop()
+
+
+# --- the writer, in this process ---------------------------------------------------------------
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[HistoryStore]:
+    store = HistoryStore(tmp_path / "state", HistorySection())
+    yield store
+    store.stop()
+
+
+def event(name: str, **fields: object) -> LeaseEvent:
+    return LeaseEvent(time.time(), "released", name, "exclusive", token=1, pid=42, uid=0, **fields)  # type: ignore[arg-type]
+
+
+def test_an_event_sqlite_cannot_store_costs_only_itself(store: HistoryStore, caplog: pytest.LogCaptureFixture) -> None:
+    store.start()
+    store.record(event("before"))
+    store.record(event("bad", exit_status=2**63))  # as a daemon without Release's range check took it
+    store.record(event("after", exit_status=0))
+    assert [e.name for e in store.read([], None, None, 100, None)[0]] == ["before", "after"]
+    assert store.dropped == 1
+    store.record(event("bad", exit_status=-(2**64)))
+    store.record(event("later"))
+    assert [e.name for e in store.read([], None, None, 100, None)[0]] == ["before", "after", "later"]
+    assert store.dropped == 2
+    lines = [r.getMessage() for r in caplog.records if "cannot be stored" in r.getMessage()]
+    assert len(lines) == 1 and "dropped 1 events" in lines[0], lines  # the second within the minute: counted
+    assert not any(r.exc_info for r in caplog.records)
+
+
+def test_pages_part_at_events_of_the_same_time_without_a_gap_or_a_repeat(store: HistoryStore) -> None:
+    store.start()
+    # Many events of one instant (a release granting many shared waiters at once), more
+    # than one page holds.
+    same = time.time()
+    recorded = [
+        LeaseEvent(same, "granted", f"n{i}", "shared", token=i, uid=0, user="root", label="x" * 256)
+        for i in range(2 * history_module.REPLY_BYTES // 300)
+    ]
+    for e in recorded:
+        store.record(e)
+    pages, before = [], None
+    while True:
+        events, more = store.read([], None, None, 100_000, None, before)
+        assert 0 < len(msgspec.msgpack.encode(events)) <= history_module.REPLY_BYTES
+        pages.insert(0, events)
+        if more is None:
+            break
+        before = more
+    assert len(pages) >= 2 and [e for page in pages for e in page] == recorded
+    # The limit counts across pages, and the reply says when it left some out.
+    events, more = store.read([], None, None, 10, None)
+    assert events == recorded[-10:] and more is not None
+    assert store.read([], None, None, 10, None, more)[0] == recorded[-20:-10]
+    assert store.read(["n0", "n1"], None, None, 2, None) == (recorded[:2], None)
+
+
+def test_a_bug_in_the_writer_is_logged_once_a_minute(
+    store: HistoryStore, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def bug(uid: int | None) -> str:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(store, "_user", bug)
+    monkeypatch.setattr(history_module, "RETRY", 0.0)
+    store.start()
+    for _ in range(3):
+        store.record(event("kept"))
+        assert store.read([], None, None, 100, None) == ([], None)  # once the writer has tried again
+    bugs = [r for r in caplog.records if "internal error" in r.getMessage()]
+    assert len(bugs) == 1 and bugs[0].exc_info is not None, bugs
+
+
+class _CountedQueue(queue.SimpleQueue):  # type: ignore[type-arg]
+    """Counts the writer's waits for work."""
+
+    gets = 0
+
+    def get(self, block: bool = True, timeout: float | None = None) -> object:
+        self.gets += 1
+        return super().get(block, timeout)
+
+
+def test_a_failing_writer_waits_for_its_retry_and_says_nothing_about_recovering(
+    store: HistoryStore, caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, "lockd")
+    store.path.mkdir(parents=True)  # where the file should be: no open can succeed
+    counted = store._queue = _CountedQueue()
+    store.start()
+    store.record(event("kept"))
+    with pytest.raises(errors.DaemonUnavailable, match="cannot read its history"):
+        store.read([], None, None, 100, None)  # once the writer has been through its queue
+    assert store.backlog == 1
+    time.sleep(0.5)  # a writer that spun instead of waiting for its retry would wake thousands of times
+    assert counted.gets < 10
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("cannot write to" in m for m in messages), messages
+    assert not any("history: writing to" in m for m in messages), messages  # nothing was written
+
+
+def test_a_second_store_leaves_a_history_in_use_alone(store: HistoryStore, tmp_path: Path) -> None:
+    store.start()
+    store.record(event("kept"))
+    assert len(store.read([], None, None, 10, None)[0]) == 1
+    with pytest.raises(HistoryInUse, match="in use by another process .*its own state_dir"):
+        HistoryStore(tmp_path / "state", HistorySection()).start()
+    store.stop()
+    again = HistoryStore(tmp_path / "state", HistorySection())  # once the first let go
+    again.start()
+    try:
+        assert [e.name for e in again.read([], None, None, 10, None)[0]] == ["kept"]
+    finally:
+        again.stop()
+
+
+def test_lockd_does_not_start_on_a_history_another_process_holds(short_tmp: Path) -> None:
+    state = short_tmp / "state"
+    state.mkdir()
+    (state / "history.sqlite3").write_bytes(b"not a database" * 1000)  # but someone else's business
+    with open(state / "history.sqlite3.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        d = Daemon(short_tmp, "--config", "/dev/null")
+        with pytest.raises(RuntimeError, match="lockd exited with 1"):
+            d.start()
+    assert "is in use by another process" in d.log()
+    assert (state / "history.sqlite3").read_bytes().startswith(b"not a database")
+    assert list(state.glob("*unusable*")) == []
+
+
+@pytest.mark.parametrize("make", [
+    "CREATE TABLE events (x); CREATE TABLE other (y);",  # another program's, at user_version 0
+    f"CREATE TABLE events (x); PRAGMA user_version = {history_module.SCHEMA_VERSION + 1};",
+])
+def test_a_database_of_another_schema_is_moved_aside_under_a_name_of_its_own(
+    tmp_path: Path, make: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(history_module.time, "strftime", lambda *args: "20261206T031000")  # one second
+    state = tmp_path / "state"
+    for i in range(3):
+        with sqlite3.connect(state / "history.sqlite3" if state.exists() else _made(state)) as db:
+            db.executescript(make)
+        db.close()
+        store = HistoryStore(state, HistorySection())
+        store.start()
+        store.record(event(f"new{i}"))
+        assert [e.name for e in store.read([], None, None, 10, None)[0]] == [f"new{i}"]
+        store.stop()
+        (state / "history.sqlite3").unlink()
+    asides = sorted(path.name for path in state.glob("history.sqlite3.unusable-*") if not path.name.endswith("-wal"))
+    assert asides == [f"history.sqlite3.unusable-20261206T031000{n}" for n in ("", "-2", "-3")]
+
+
+def _made(state: Path) -> Path:
+    state.mkdir()
+    return state / "history.sqlite3"
+
+
+def test_events_beyond_the_backlog_are_dropped_counted_and_warned_about_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = HistoryStore(tmp_path / "state", HistorySection(max_backlog=10))
+    store.path.mkdir(parents=True)  # no write can succeed: events wait in memory
+    try:
+        for i in range(25):  # before the writer takes any
+            store.record(event(f"n{i}"))
+        assert store.dropped == 15 and store.backlog == 10
+        store.start()
+        drops = [r.getMessage() for r in caplog.records if "dropping events" in r.getMessage()]
+        assert drops == ["history: the writer is 10 events behind; dropping events (1 so far) until it catches up"]
+    finally:
+        store.stop(0)
 
 
 # --- other users ----------------------------------------------------------------------------------
@@ -367,10 +626,84 @@ def test_events_go_to_the_journal_with_their_fields(short_tmp: Path, name: str) 
     assert f"{name} granted" not in d.log() and "<6>lockd" in d.log()
 
 
+def test_plain_event_lines_are_a_debug_trace_without_refusals(short_tmp: Path, name: str) -> None:
+    (short_tmp / "lockd.toml").write_text(CONFIG)
+    d = Daemon(short_tmp, "--config", str(short_tmp / "lockd.toml"), "--log-level", "info")
+    d.start()
+    try:
+        with blocking.connect(d.socket) as client, client.lock(name):
+            for _ in range(20):  # refusals any client can cause at will
+                with pytest.raises(errors.LockBusy):
+                    client.acquire(name, timeout=0)
+        with blocking.connect(d.socket) as client:
+            with pytest.raises(errors.PermissionDenied):
+                client.acquire(f"forbidden-{name}")
+            assert len(client.history(name)) == 22  # recorded all the same
+    finally:
+        d.stop()
+    assert name not in d.log().replace(f"forbidden-{name}", "")  # not a line per event at info
+    d.extra_args.remove("info")
+    d.extra_args.remove("--log-level")  # the fixtures' debug
+    d.start()
+    try:
+        with blocking.connect(d.socket) as client, client.lock(name):
+            with pytest.raises(errors.LockBusy):
+                client.acquire(name, timeout=0)
+    finally:
+        d.stop()
+    assert f"{name} granted exclusive" in d.log() and f"{name} released exclusive" in d.log()
+    assert f"{name} refused" not in d.log()
+
+
 def test_a_value_with_a_newline_is_sent_with_its_length() -> None:
     event = LeaseEvent(1.0, "lost", "a", "exclusive", token=7, reason="two\nlines")
     fields = _fields(journal_entry(event, "4"))
     assert fields["LOCKD_REASON"] == "two\nlines" and fields["PRIORITY"] == "4" and fields["LOCKD_TOKEN"] == "7"
+
+
+@pytest.fixture
+def journal_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.INFO, "lockd")  # where lockd sends its events to the journal
+    return caplog
+
+
+def test_a_journal_that_does_not_keep_up_loses_entries_counted_and_said(
+    tmp_path: Path, journal_log: pytest.LogCaptureFixture,
+) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as journal:
+        journal.bind(str(tmp_path / "journal.sock"))  # and never read
+        with EventLog(str(tmp_path / "journal.sock")) as events:
+            for i in range(5000):
+                events.record(event(f"n{i}"))
+            assert events.dropped > 0
+    warnings = [r.getMessage() for r in journal_log.records]
+    assert len(warnings) == 1 and "the journal does not keep up with lease events: 1 dropped" in warnings[0]
+
+
+def test_without_a_journal_to_take_them_events_are_plain_lines(
+    tmp_path: Path, journal_log: pytest.LogCaptureFixture,
+) -> None:
+    path = tmp_path / "journal.sock"
+    with EventLog(str(path)) as events:
+        events.record(event("first"))
+        events.record(LeaseEvent(1.0, "refused", "denied", "exclusive", reason="busy"))
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as journal:
+            journal.bind(str(path))
+            journal.settimeout(10)
+            events.record(event("second"))  # the journal is there now
+            assert _fields(journal.recv(65536))["LOCKD_NAME"] == "second"
+        events.record(event("third"))  # gone again: a socket nobody reads
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as journal:
+            path.unlink()
+            journal.bind(str(path))  # the journal restarted, with a new socket
+            journal.settimeout(10)
+            events.record(event("fourth"))
+            assert _fields(journal.recv(65536))["LOCKD_NAME"] == "fourth"
+        assert events.dropped == 0
+    lines = [r.getMessage() for r in journal_log.records]
+    assert "first released exclusive pid 42 uid 0 token 1" in lines and not any("denied" in line for line in lines)
+    assert "third released exclusive pid 42 uid 0 token 1" in lines
+    assert sum("logging them as plain lines" in line for line in lines) == 1, lines
 
 
 def _fields(datagram: bytes) -> dict[str, str]:

@@ -237,6 +237,47 @@ class Subscription:
         return f"<Subscription {self.id} {', '.join(self.names) or 'every lock'} {state}>"
 
 
+class HistoryQuery:
+    """A history query (`Connection.history`), read page by page: the daemon answers one
+    `History` request with at most about a MiB of events, the latest first, and says where
+    the earlier ones start. While `next_page` returns a request, send it and hand its reply
+    to `add`; then `events` holds them all, oldest first."""
+
+    __slots__ = ("_conn", "_request", "_left", "_pages", "_done")
+
+    def __init__(self, conn: Connection, request: protocol.History, limit: int) -> None:
+        self._conn = conn
+        #: The first page's request; each later page's is a copy with a new id and cursor.
+        self._request = request
+        self._left = limit
+        self._pages: list[list[protocol.LeaseEvent]] = []
+        self._done = False
+
+    def next_page(self) -> tuple[Call[protocol.HistoryReply], bytes] | None:
+        """The request for the next page, or None once there is no more to ask for."""
+        if self._done:
+            return None
+        conn = self._conn
+        conn._check_open()
+        self._request = msgspec.structs.replace(
+            self._request, id=conn._next_id, limit=min(self._left, protocol.MAX_HISTORY_LIMIT),
+        )
+        return conn._send_request(self._request)
+
+    def add(self, reply: protocol.HistoryReply) -> None:
+        """Take the reply to the last `next_page`."""
+        self._pages.append(reply.events)
+        self._left -= len(reply.events)
+        # A page without events ends it too, so that no daemon can keep a client asking.
+        self._done = reply.more is None or not reply.events or self._left <= 0
+        self._request = msgspec.structs.replace(self._request, before=reply.more)
+
+    @property
+    def events(self) -> list[protocol.LeaseEvent]:
+        """The events of the pages so far, oldest first."""
+        return [event for page in reversed(self._pages) for event in page]
+
+
 #: Why the connection is closed when the daemon ended it after the handshake (the leases lost
 #: with it say so too).
 EOF_REASON: Final = "the daemon closed the connection"
@@ -368,11 +409,10 @@ class Connection:
         if self.server is not None and protocol.Feature.METRICS not in self.server.features:
             raise errors.ProtocolError(f"this lockd ({self.server.server}) does not serve metrics; upgrade it")
         return self._send_request(protocol.Metrics(self._next_id))
-    def history(
-        self, names: Iterable[str], since: float | None, until: float | None, limit: int,
-    ) -> tuple[Call[list[protocol.LeaseEvent]], bytes]:
-        """Ask for the latest `limit` recorded events on `names` (every name when empty) from
-        `since` to `until` (Unix times; None: no bound); resolves with them, oldest first."""
+
+    def history(self, names: Iterable[str], since: float | None, until: float | None, limit: int) -> HistoryQuery:
+        """A query for the latest `limit` recorded events on `names` (every name when empty)
+        from `since` to `until` (Unix times; None: no bound), to read page by page."""
         checked = list(names)
         if checked:
             _checked_names(checked)
@@ -381,17 +421,15 @@ class Connection:
                 raise errors.InvalidArgument(f"{bound} must be a finite Unix time, not {value}")
         if since is not None and until is not None and since > until:
             raise errors.InvalidArgument(f"since ({since}) is after until ({until}): nothing could match")
-        if type(limit) is not int or not 1 <= limit <= protocol.MAX_HISTORY_LIMIT:
-            raise errors.InvalidArgument(
-                f"limit must be a whole number from 1 to {protocol.MAX_HISTORY_LIMIT}, not {limit!r}"
-            )
+        if type(limit) is not int or limit < 1:
+            raise errors.InvalidArgument(f"limit must be a whole number of events, 1 or more, not {limit!r}")
         self._check_open()
         if self.server is not None and protocol.Feature.HISTORY not in self.server.features:
             raise errors.ProtocolError(
                 f"this lockd ({self.server.server}) keeps no history: it is older than this client, or its "
                 "config turns the history off ([history] enabled)"
             )
-        return self._send_request(protocol.History(self._next_id, checked, since, until, limit))
+        return HistoryQuery(self, protocol.History(0, checked, since, until), limit)  # numbered when sent
 
     def release_pid(self, pid: int, names: Iterable[str]) -> tuple[Call[int], bytes]:
         """End the leases tied to process `pid` on `names`; resolves with how many ended."""
@@ -611,7 +649,7 @@ class Connection:
     @overload
     def _send_request(self, request: protocol.Metrics) -> tuple[Call[str], bytes]: ...
     @overload
-    def _send_request(self, request: protocol.History) -> tuple[Call[list[protocol.LeaseEvent]], bytes]: ...
+    def _send_request(self, request: protocol.History) -> tuple[Call[protocol.HistoryReply], bytes]: ...
 
     def _send_request(self, request: NumberedRequest) -> tuple[Call[Any], bytes]:
         """Encode `request` (numbered `_next_id` by the caller) and await its reply."""
@@ -674,7 +712,7 @@ class Connection:
             call._resolve(message.text)
         elif type(message) is protocol.HistoryReply and type(request) is protocol.History:
             del self._calls[id]
-            call._resolve(message.events)
+            call._resolve(message)
         else:
             raise _Violation(f"{_tag(message)} in reply to {_tag(request)} request {id}")
 
@@ -779,6 +817,15 @@ class _Violation(Exception):
 
 def _tag(message: msgspec.Struct) -> str:
     return str(message.__struct_config__.tag)
+
+
+def check_exit_status(exit_status: int | None) -> None:
+    """Raise InvalidArgument unless `exit_status` is one `Release` can carry: None, or 0 to 255."""
+    if exit_status is not None and (type(exit_status) is not int or not 0 <= exit_status <= 255):
+        raise errors.InvalidArgument(
+            f"exit_status must be a process's exit status, 0 to 255 (128+N for a death by signal N), or None, "
+            f"not {exit_status!r}"
+        )
 
 
 def _check_label(label: str | None) -> None:

@@ -27,6 +27,7 @@ from ._connection import (
     LeaseView,
     QueuedCallback,
     Subscription,
+    check_exit_status,
     went_away,
 )
 from ._dial import BusyCallback, Patience, pauses
@@ -145,18 +146,23 @@ class Client:
         """The daemon's metrics, in the Prometheus text format (docs/metrics.md). Raises
         ProtocolError, sending nothing, if the daemon is too old to serve them."""
         return self._run(*self._conn.metrics())
+
     def history(
         self, *names: str, since: float | None = None, until: float | None = None, limit: int = 1000,
     ) -> list[protocol.LeaseEvent]:
         """The lease events the daemon recorded on `names` (every lock when none are given)
         from `since` until before `until` (Unix times; None: no bound): the latest `limit` of
-        them (at most 100000), oldest first. The daemon's policy decides whose events a user
-        sees: by default their own, and root everyone's.
+        them, oldest first, read a page (about a MiB) at a time. The daemon's policy decides
+        whose events a user sees: by default their own, and those in its
+        `policy.read_events` (by default root) everyone's.
 
         Raises ProtocolError if the daemon keeps no history (an older lockd, or one whose
         config turns it off), DaemonUnavailable if it cannot read it now.
         """
-        return self._run(*self._conn.history(names, since, until, limit))
+        query = self._conn.history(names, since, until, limit)
+        while (page := query.next_page()) is not None:
+            query.add(self._run(*page))
+        return query.events
 
     def release_pid(self, pid: int, *names: str) -> int:
         """End the leases process `pid` holds on `names` (acquired with `pid=`).
@@ -374,8 +380,10 @@ class Lease(LeaseView):
         The daemon applies it before any later request on this connection. A lost lease is
         let go of too (the daemon may be waiting for that to give the lock to the next).
         `exit_status`: that of the work the lease protected (128+N for a death by signal N),
-        kept in the daemon's history with the release.
+        kept in the daemon's history with the release. Raises InvalidArgument, releasing
+        nothing, for an `exit_status` outside 0 to 255.
         """
+        check_exit_status(exit_status)
         client, record = self._client, self._record
         conn = client._conn
         try:

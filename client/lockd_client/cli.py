@@ -272,11 +272,15 @@ examples:
   lockctl history backup --since 2026-12-06T03:00 --until 2026-12-06T04:00
   lockctl history --json backup | jq '.events[] | select(.event == "released") | .exit_status'
 
-WHEN is a Unix time (1765000000), an ISO 8601 date or time (2026-12-06, 2026-12-06T03:10,
-2026-12-06 03:10:00+01:00; local time without a zone), or a time ago: a number and s, m, h,
-d or w (90s, 30m, 2h, 7d, 1w). Events are shown oldest first: the latest N of the range.
-Each user sees their own events; root (and the users the daemon's policy.read_events names)
-everyone's.
+WHEN is a Unix time (1765000000), an ISO 8601 date or time (2026-12-06, 20261206,
+2026-12-06T03:10, 2026-12-06 03:10:00+01:00), or a time ago: a number and s, m, h, d or w
+(90s, 30m, 2h, 7d, 1w). Without a zone it is local time: a time that the clocks going back
+repeats is the first of the two, and one that they skip going forward is read on the clock
+before the change (02:30 is 03:30 summer time); give a zone to be exact.
+
+Events are shown oldest first: the latest N of the range (lockctl says when earlier ones
+match too). Each user sees their own events; the users in the daemon's policy.read_events
+(by default root) see everyone's.
 
 exit status: 0 (also when no event matched); 64 usage; 69 lockd unreachable, or it cannot
 read its history now; 75 lockd busy for a minute; 76 lockd keeps no history (older than
@@ -508,6 +512,9 @@ _UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 def _when(text: str) -> float:
     """WHEN (see HISTORY_EPILOG) as a Unix time."""
     word = text.strip()
+    if len(word) == 8 and word.isascii() and word.isdigit():
+        # A date in ISO 8601's basic form (20261206), not a Unix time in 1970.
+        return _local_time(word, f"{text!r} is not a date: 8 digits are read as YYYYMMDD")
     try:
         value = float(word)
     except ValueError:
@@ -523,16 +530,23 @@ def _when(text: str) -> float:
             ago = math.nan
         if math.isfinite(ago) and ago >= 0:
             return time.time() - ago
+    return _local_time(
+        word,
+        f"{text!r} is not a time: give a Unix time, an ISO 8601 date or time (2026-12-06T03:10), "
+        "or a time ago (30m, 2h, 7d)",
+    )
+
+
+def _local_time(word: str, problem: str) -> float:
+    """An ISO 8601 date or time as a Unix time; without a zone, in local time, as a user
+    reading a clock means it (see HISTORY_EPILOG for the hours a DST change skips or
+    repeats). Raises ArgumentTypeError(`problem`) if it is none."""
     from datetime import datetime
 
     try:
-        # Without a zone, a datetime is taken as local time, as a user reading a clock means it.
         return datetime.fromisoformat(word).timestamp()
     except (ValueError, OverflowError, OSError):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a time: give a Unix time, an ISO 8601 date or time (2026-12-06T03:10), "
-            "or a time ago (30m, 2h, 7d)"
-        ) from None
+        raise argparse.ArgumentTypeError(problem) from None
 
 
 #: What adds each command's arguments to its parser: only the command given is built.
@@ -1390,11 +1404,19 @@ def _watch(args: Args, socket_path: str) -> int:
 
 def _history(args: Args, socket_path: str) -> int:
     with _connect(socket_path, BUSY_WAIT) as client:
-        events = client.history(*args.names, since=args.since, until=args.until, limit=args.limit)
+        # One more than shown: whether the limit left out earlier events.
+        events = client.history(*args.names, since=args.since, until=args.until, limit=args.limit + 1)
+    more = len(events) > args.limit
+    if more:
+        del events[0]
+        _say(
+            f"showing the latest {args.limit} events; earlier ones match too: narrow --since, or raise --limit "
+            f"(at most {protocol.MAX_HISTORY_LIMIT})"
+        )
     if args.json:
         import msgspec
 
-        sys.stdout.write(msgspec.json.encode({"events": events}).decode() + "\n")
+        sys.stdout.write(msgspec.json.encode({"events": events, "more": more}).decode() + "\n")
     elif events:
         width = _terminal_width(sys.stdout) if sys.stdout.isatty() else None
         sys.stdout.write(history_table(events, width))

@@ -161,6 +161,10 @@ class Acquire(msgspec.Struct, tag="acquire"):
     slots: dict[str, Slots] = {}
 
 
+#: A process's exit status, as a shell reports it: 0 to 255.
+ExitStatus = Annotated[int, msgspec.Meta(ge=0, le=255)]
+
+
 @final
 class Release(msgspec.Struct, tag="release"):
     """End the lease (or withdraw the waiting request, or end the subscription) made by
@@ -169,7 +173,7 @@ class Release(msgspec.Struct, tag="release"):
     id: int
     #: The exit status of the work the lease protected (lockctl's CMD), for the history:
     #: 128+N for a death by signal N; None when there was no such work or it is unknown.
-    exit_status: int | None = None
+    exit_status: ExitStatus | None = None
 
 
 @final
@@ -199,18 +203,26 @@ class Status(msgspec.Struct, tag="status"):
 #: The most events one `History` request may ask for.
 MAX_HISTORY_LIMIT: Final = 100_000
 
+#: Where a history reply stopped: the time and the daemon's number of the oldest event it
+#: holds. Only ever passed back (`History.before`), never made up.
+HistoryCursor = tuple[float, Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]]
+
 
 @final
 class History(msgspec.Struct, tag="history"):
     """The recorded lease events on `names` (every name when empty) from `since` to `until`
     (Unix times; None: no bound), at most the latest `limit`, oldest first. Each user
-    sees the events the daemon's policy lets them read. Answered by `HistoryReply`."""
+    sees the events the daemon's policy lets them read. Answered by `HistoryReply`, which
+    may hold fewer (it is cut at about 1 MiB): its `more` is then the `before` of the
+    request for the next, earlier page."""
 
     id: int
     names: list[str] = []
     since: float | None = None
     until: float | None = None
     limit: Annotated[int, msgspec.Meta(ge=1, le=MAX_HISTORY_LIMIT)] = 1000
+    #: Only the events before this cursor (a `HistoryReply.more`): the next page.
+    before: HistoryCursor | None = None
 
 
 @final
@@ -394,6 +406,9 @@ class HistoryReply(msgspec.Struct, tag="history_reply"):
     id: int
     #: Oldest first.
     events: list[LeaseEvent]
+    #: None: no earlier event matches the request. Else earlier ones do (the reply was cut
+    #: at `limit` or at its size): ask again with this as `before` for them.
+    more: HistoryCursor | None = None
 
 
 @final

@@ -32,6 +32,7 @@ from ._connection import (
     LeaseView,
     QueuedCallback,
     Subscription,
+    check_exit_status,
     went_away,
 )
 
@@ -215,16 +216,20 @@ class Client:
         Cancellation: the reply, when it comes, is ignored.
         """
         return await self._run(*self._conn.metrics())
+
     async def history(
         self, *names: str, since: float | None = None, until: float | None = None, limit: int = 1000,
     ) -> list[protocol.LeaseEvent]:
         """The recorded lease events on `names`, as the blocking `Client.history` returns them:
         the latest `limit` from `since` until before `until`, oldest first, those the daemon's
-        policy lets this user read.
+        policy lets this user read, read a page at a time.
 
-        Cancellation: the reply, when it comes, is ignored.
+        Cancellation: the reply to the page asked for, when it comes, is ignored.
         """
-        return await self._run(*self._conn.history(names, since, until, limit))
+        query = self._conn.history(names, since, until, limit)
+        while (page := query.next_page()) is not None:
+            query.add(await self._run(*page))
+        return query.events
 
     async def release_pid(self, pid: int, *names: str) -> int:
         """End the leases process `pid` holds on `names` (acquired with `pid=`).
@@ -518,8 +523,10 @@ class Lease(LeaseView):
         The daemon applies it before any later request on this connection. Shielded from
         cancellation. A lost lease is let go of too (the daemon may be waiting for that to
         give the lock to the next). `exit_status`: that of the work the lease protected,
-        kept in the daemon's history with the release.
+        kept in the daemon's history with the release. Raises InvalidArgument, releasing
+        nothing, for an `exit_status` outside 0 to 255.
         """
+        check_exit_status(exit_status)
         try:
             await self._client._send_shielded(self._client._conn.release(self._record, exit_status))
         finally:
