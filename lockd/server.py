@@ -35,6 +35,7 @@ from .logs import contained
 from .metrics import Metrics
 from .orders import (
     Close,
+    EndEvents,
     Grant,
     LookForHolders,
     Order,
@@ -280,9 +281,11 @@ class Server:
             self._send_metrics(order)
         elif isinstance(order, Publish):
             if self.service.subscribed(order.peer, order.subscription_id) and not order.peer.offer(
-                protocol.Event(order.subscription_id, order.event)
+                order.subscription_id, protocol.Event(order.subscription_id, order.event)
             ):
                 self.service.subscriber_lagging(order.peer, order.subscription_id)
+        elif isinstance(order, EndEvents):
+            order.peer.end_events(order.subscription_id, order.notice)
         elif isinstance(order, WakeAt):
             if self._timer is not None and order.deadline < self._timer.deadline:
                 self._timer.deadline = order.deadline

@@ -59,6 +59,7 @@ from .loglimit import Kind, LogLimiter
 from .logs import contained
 from .orders import (
     Close,
+    EndEvents,
     Grant,
     LookForHolders,
     Order,
@@ -429,6 +430,7 @@ class LockService:
         elif client.subscriptions.pop(request_id, None) is not None:
             if not client.subscriptions:
                 del self._subscribers[client]
+            self.orders.append(EndEvents(client.peer, request_id, None))
         else:
             client.refusing.pop(request_id, None)  # withdrawn: its refusal is not sent
 
@@ -465,11 +467,11 @@ class LockService:
         if not client.subscriptions:
             del self._subscribers[client]
         log.info("%r: subscription %d dropped: it did not read its events in time", client, subscription_id)
-        self._send(peer, protocol.Error(
+        self.orders.append(EndEvents(peer, subscription_id, protocol.Error(
             subscription_id, protocol.ErrorCode.LIMIT,
             "dropped: events came faster than this connection read them; subscribe again, and read "
             "them as they come (the history has the ones missed)",
-        ))
+        )))
 
     def _release_pid(self, client: Client, request: protocol.ReleasePid) -> None:
         """Release the leases a process holds on some names (lockctl release)."""

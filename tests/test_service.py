@@ -17,6 +17,7 @@ from lockd.backend import Claim
 from lockd.config import Limits
 from lockd.orders import (
     Close,
+    EndEvents,
     Grant,
     LookForHolders,
     Order,
@@ -52,7 +53,10 @@ class FakePeer:
     def close(self, reason: str) -> None:
         raise AssertionError("the service never closes itself")
 
-    def offer(self, message: object) -> bool:
+    def offer(self, subscription_id: int, message: object) -> bool:
+        raise AssertionError("the service never sends itself")
+
+    def end_events(self, subscription_id: int, notice: object | None) -> None:
         raise AssertionError("the service never sends itself")
 
     def __repr__(self) -> str:
@@ -635,7 +639,8 @@ def test_a_user_sees_only_their_own_events_unless_the_policy_lets_them_read_all(
 def test_release_and_disconnect_end_a_subscription(h: Harness) -> None:
     watcher, a = h.connect("watcher"), h.connect("a")
     h.request(watcher, protocol.Subscribe(1))
-    assert h.request(watcher, protocol.Release(1)) == []  # no reply, as for a lease
+    # No reply, as for a lease; what waits to be sent for it is thrown away.
+    assert h.request(watcher, protocol.Release(1)) == [EndEvents(watcher.peer, 1, None)]
     assert not h.service.subscribed(watcher.peer, 1)
     assert published(h.acquire(a, 1, "x"), watcher.peer) == []
     h.request(watcher, protocol.Subscribe(2))
@@ -649,7 +654,9 @@ def test_a_lagging_subscriber_is_dropped_with_a_notice_and_keeps_its_lease(h: Ha
     h.request(watcher, protocol.Subscribe(2))
     h.acquire(a, 1, "x")
     h.service.subscriber_lagging(watcher.peer, 2)
-    (notice,) = sent(h.orders(), watcher.peer)
+    (end,) = h.orders()  # its unsent events thrown away, the notice its last word
+    assert isinstance(end, EndEvents) and (end.peer, end.subscription_id) == (watcher.peer, 2)
+    notice = end.notice
     assert isinstance(notice, protocol.Error) and (notice.id, notice.code) == (2, protocol.ErrorCode.LIMIT)
     assert "subscribe again" in notice.message
     assert not h.service.subscribed(watcher.peer, 2) and watcher.tickets[1].state is State.HELD
