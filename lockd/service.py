@@ -35,9 +35,10 @@ Invariants:
   `released` or `lost`, given where its ticket ends (`Ended`). A request withdrawn before
   its grant yields none.
 - Every event goes to each subscription that asked for its name and whose user may read it
-  (`Policy.events_visible_to`), in order, until the subscription ends: its client releases
-  it or goes away, or lags (it cannot take an event): then an `Error` of code `limit` is
-  the last message about it.
+  (`Policy.events_visible_to`, as the policy says now), in order, until the subscription
+  ends: its client releases it or goes away, or lags (it cannot take an event): then an
+  `Error` of code `limit` is the last message about it. The books of the subscriptions are
+  lockd.events'.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from lockd_client.describe import holder_text, sanitize
 from . import __version__, admission
 from .backend import BackendView, Claim
 from .config import Limits
+from .events import Subscribers, Subscription, lease_events, refusal_events
 from .loglimit import Kind, LogLimiter
 from .logs import contained
 from .orders import (
@@ -64,7 +66,6 @@ from .orders import (
     LookForHolders,
     Order,
     Peer,
-    Publish,
     Record,
     Release,
     Send,
@@ -108,7 +109,7 @@ _SHOWN_HELD: Final = (HELD, BREAKING)
 #: What this daemon offers beyond the first version of the protocol (Welcome.features).
 _FEATURES: Final = (protocol.Feature.SEMAPHORES, protocol.Feature.EVENTS, protocol.Feature.METRICS)
 #: Subscriptions one connection may hold: one can name any number of locks, so more than a
-#: few is a client bug, and each costs every event a look.
+#: few is a client bug.
 MAX_SUBSCRIPTIONS: Final = 16
 #: What clients do wrong, logged within bounds (see loglimit).
 CUT_OFF: Final = Kind(logging.INFO, "cut off {count} more connections")
@@ -148,7 +149,7 @@ class Client:
         #: Ids of ended requests whose refusal is still to be sent → the look it waits for (a
         #: withdrawn request's id may be used again while its look still runs).
         self.refusing: dict[int, LookForHolders] = {}
-        #: Request id → a subscription of this connection to lease events.
+        #: Request id → a subscription of this connection to lease events (lockd.events).
         self.subscriptions: dict[int, Subscription] = {}
 
     def __repr__(self) -> str:
@@ -157,19 +158,6 @@ class Client:
     def uses(self, request_id: int) -> bool:
         """Whether `request_id` names something of this connection's that has not ended."""
         return request_id in self.tickets or request_id in self.refusing or request_id in self.subscriptions
-
-
-@dataclass(frozen=True, slots=True)
-class Subscription:
-    """What lease events a subscription receives."""
-
-    #: None: every name's.
-    names: frozenset[str] | None
-    #: Whose events (`Policy.events_visible_to`): None, everyone's.
-    uid: int | None
-
-    def wants(self, event: protocol.LeaseEvent) -> bool:
-        return (self.names is None or event.name in self.names) and (self.uid is None or self.uid == event.uid)
 
 
 @dataclass(slots=True)
@@ -263,8 +251,7 @@ class LockService:
         self._applying = False
         self.stopping = False
         self._noise = LogLimiter()
-        #: The clients with a subscription to lease events.
-        self._subscribers: dict[Client, None] = {}
+        self._subscribers = Subscribers()
 
     # --- connections --------------------------------------------------------------------------
 
@@ -318,8 +305,7 @@ class LockService:
         if not self.stopping and not reason.startswith("the client"):
             self._log_noise(CUT_OFF, client.uid, reason, "%r cut off: %s", peer, reason)
         client.refusing.clear()
-        client.subscriptions.clear()
-        self._subscribers.pop(client, None)
+        self._subscribers.client_gone(client)
         with contained(f"ending the tickets of {client!r}"):
             self._apply(self.table.drop_owner(client))
 
@@ -427,9 +413,7 @@ class LockService:
         if ticket is not None:
             party(ticket).exit_status = exit_status
             self._apply(self.table.release(ticket))
-        elif client.subscriptions.pop(request_id, None) is not None:
-            if not client.subscriptions:
-                del self._subscribers[client]
+        elif self._subscribers.unsubscribe(client, request_id):
             self.orders.append(EndEvents(client.peer, request_id, None))
         else:
             client.refusing.pop(request_id, None)  # withdrawn: its refusal is not sent
@@ -446,11 +430,16 @@ class LockService:
                     f"this connection has {MAX_SUBSCRIPTIONS} subscriptions already; one subscription can "
                     "name many locks, or none for all of them"
                 )
+            per_uid = self.limits.max_subscriptions_per_uid
+            if self._subscribers.count(client.uid) >= per_uid:
+                raise errors.LimitExceeded(
+                    f"uid {client.uid} has {per_uid} subscriptions already over its connections "
+                    "(limits.max_subscriptions_per_uid); end some, or have one subscription name many locks"
+                )
         except errors.LockdError as exc:
             self._send_error(client, request.id, exc)
             return
-        client.subscriptions[request.id] = Subscription(names, self.policy.events_visible_to(client.uid))
-        self._subscribers[client] = None
+        self._subscribers.subscribe(client, request.id, names, self.policy.events_visible_to(client.uid))
         self._send(client.peer, protocol.Done(request.id))
 
     def subscribed(self, peer: Peer, subscription_id: int) -> bool:
@@ -462,10 +451,8 @@ class LockService:
         """`peer` cannot take the next event of its subscription: end the subscription, so
         that a slow reader costs the daemon nothing more, and tell it so."""
         client = self.clients.get(peer)
-        if client is None or client.subscriptions.pop(subscription_id, None) is None:
+        if client is None or not self._subscribers.unsubscribe(client, subscription_id):
             return
-        if not client.subscriptions:
-            del self._subscribers[client]
         log.info("%r: subscription %d dropped: it did not read its events in time", client, subscription_id)
         self.orders.append(EndEvents(peer, subscription_id, protocol.Error(
             subscription_id, protocol.ErrorCode.LIMIT,
@@ -888,32 +875,25 @@ class LockService:
         granted = ticket.tokens is not None
         waited = (ticket.since if granted else now) - who.requested if kind in ("granted", "refused") else None
         held = now - ticket.since if granted and kind != "granted" else None
-        for index, name in enumerate(ticket.names):
-            self._happened(protocol.LeaseEvent(
-                now + self._wall_offset, kind, name, claim.mode_on(name), claim.slots.get(name),
-                ticket.tokens[index] if ticket.tokens else None, claim.pid, claim.uid, None, claim.command,
-                claim.label, waited, held, reason, exit_status,
-            ))
+        self._happened(lease_events(
+            now + self._wall_offset, kind, ticket.names, ticket.tokens, claim,
+            waited=waited, held=held, reason=reason, exit_status=exit_status,
+        ))
 
     def _record_refusal(self, client: Client, request: protocol.Acquire, exc: errors.LockdError) -> None:
         """Record the refusal of `request` before it became a ticket (limits, policy...)."""
-        reason = _code(exc)
-        now = self._clock() + self._wall_offset
         label = client.peer.label if request.label is None else sanitize(request.label)
-        for name in dict.fromkeys(request.names):
-            mode = "shared" if name in request.slots else request.mode
-            self._happened(protocol.LeaseEvent(
-                now, "refused", name, mode, request.slots.get(name), None, client.pid, client.uid, None,
-                client.command, label, 0.0, None, reason,
-            ))
+        self._happened(refusal_events(
+            self._clock() + self._wall_offset, request, pid=client.pid, uid=client.uid, command=client.command,
+            label=label, reason=_code(exc),
+        ))
 
-    def _happened(self, event: protocol.LeaseEvent) -> None:
-        """Record `event`, and publish it to every subscription that wants it."""
-        self.orders.append(Record(event))
-        for client in self._subscribers:
-            for subscription_id, subscription in client.subscriptions.items():
-                if subscription.wants(event):
-                    self.orders.append(Publish(client.peer, subscription_id, event))
+    def _happened(self, events: list[protocol.LeaseEvent]) -> None:
+        """Record `events`, and publish each to every subscription that wants it."""
+        orders = self.orders
+        for event in events:
+            orders.append(Record(event))
+            self._subscribers.publish(event, orders)
 
     def _refused(self, ticket: Ticket, who: Party, effect: Refused) -> None:
         holders = self._in_way(ticket, effect.blockers)
@@ -1067,8 +1047,8 @@ class LockService:
            live tickets that name it, at least one.
         8. A request id whose refusal is still to be sent is none of its client's live
            tickets' ids, and a client gone has no refusal to send.
-        9. `_subscribers` is the connected clients with a subscription, whose ids are none of
-           their tickets' or refusals' ids.
+        9. The subscriptions are those of connected clients (`Subscribers.check`), and their
+           ids none of their clients' tickets' or refusals' ids.
         10. The table's own invariants (`LockTable.check`).
         """
         assert not self._effects and not self._applying, self._effects
@@ -1104,8 +1084,7 @@ class LockService:
             if self.clients.get(client.peer) is not client:
                 assert not client.refusing, f"{client} is gone, refusing {client.refusing}"
                 assert not client.subscriptions, f"{client} is gone, subscribed {client.subscriptions}"
-        subscribers = {client for client in self.clients.values() if client.subscriptions}
-        assert set(self._subscribers) == subscribers, subscribers.symmetric_difference(self._subscribers)
+        self._subscribers.check(self.clients.values())
 
         for claim, ticket in self._claimed.items():
             assert ticket in live and ticket.holding, ticket

@@ -682,3 +682,29 @@ def test_subscriptions_per_connection_are_bounded(h: Harness) -> None:
         h.request(watcher, protocol.Subscribe(request_id))
     (error,) = sent(h.request(watcher, protocol.Subscribe(MAX_SUBSCRIPTIONS)))
     assert isinstance(error, protocol.Error) and error.code == protocol.ErrorCode.LIMIT
+
+
+def test_subscriptions_per_uid_are_bounded_over_connections() -> None:
+    h = Harness(limits=Limits(max_subscriptions_per_uid=3))
+    first, second, other = h.connect("first"), h.connect("second"), h.connect("other", uid=2000)
+    for request_id in (1, 2):
+        h.request(first, protocol.Subscribe(request_id, ["x"]))
+    h.request(second, protocol.Subscribe(1))
+    (error,) = sent(h.request(second, protocol.Subscribe(2)))
+    assert isinstance(error, protocol.Error) and error.code == protocol.ErrorCode.LIMIT
+    assert "max_subscriptions_per_uid" in error.message
+    assert sent(h.request(other, protocol.Subscribe(1))) == [protocol.Done(1)]  # another user's own
+    h.request(first, protocol.Release(1))
+    h.service.disconnected(first.peer, "the client hung up")
+    assert sent(h.request(second, protocol.Subscribe(2))) == [protocol.Done(2)]  # counted down on each end
+
+
+def test_an_event_is_looked_at_only_by_the_subscriptions_that_want_its_name(h: Harness) -> None:
+    watcher, a = h.connect("watcher"), h.connect("a")
+    for request_id in range(1, MAX_SUBSCRIPTIONS):
+        h.request(watcher, protocol.Subscribe(request_id, [f"other{request_id}"]))
+    h.request(watcher, protocol.Subscribe(MAX_SUBSCRIPTIONS, ["x", "other1"]))
+    assert published(h.acquire(a, 1, "x"), watcher.peer) == [(MAX_SUBSCRIPTIONS, "granted", "x")]
+    assert published(h.acquire(a, 2, "other1"), watcher.peer) == [
+        (1, "granted", "other1"), (MAX_SUBSCRIPTIONS, "granted", "other1"),
+    ]
