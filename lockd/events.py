@@ -10,14 +10,15 @@ Invariants:
 - A subscription is in its subscriber's `subscriptions`, in the index and in its uid's
   count from `subscribe` to `unsubscribe` (its client releases it, goes away, or lags), and
   nowhere after; no empty entry lingers (`Subscribers.check`).
-- `publish` gives each subscription that wants an event and may read it (`visible`) one
-  `Publish` order, in the order the events come.
+- `publish` gives each subscription that wants an event and may read it (`visible`, as
+  the policy says now: `revisit` applies a reloaded one) one `Publish` order, in the order
+  the events come.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -98,6 +99,13 @@ class Subscribers:
         else:
             del self._per_uid[subscription.uid]
         return True
+
+    def revisit(self, visible_to: Callable[[int], int | None]) -> None:
+        """Apply a new policy: from now on each subscription carries what its reader may read
+        as `visible_to` (`Policy.events_visible_to`) says."""
+        for wanting in (self._every, *self._by_name.values()):
+            for subscription in wanting:
+                subscription.visible = visible_to(subscription.uid)
 
     def client_gone(self, subscriber: Subscriber) -> None:
         """End every subscription of `subscriber`, which has gone away."""

@@ -734,9 +734,11 @@ class LockService:
                 log.log(summary.kind.level, "%s", summary.text())
 
     def reconfigure(self, limits: Limits, policy: Policy) -> None:
-        """Apply a reloaded configuration; what connected clients were promised stays."""
+        """Apply a reloaded configuration; what connected clients were promised stays, but
+        not a right to read others' events that the policy takes away."""
         self.limits = limits
         self.policy = policy
+        self._subscribers.revisit(policy.events_visible_to)
 
     def counts(self) -> tuple[int, int, int]:
         """How many leases are held, requests wait, and clients are connected."""

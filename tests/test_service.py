@@ -708,3 +708,14 @@ def test_an_event_is_looked_at_only_by_the_subscriptions_that_want_its_name(h: H
     assert published(h.acquire(a, 2, "other1"), watcher.peer) == [
         (1, "granted", "other1"), (MAX_SUBSCRIPTIONS, "granted", "other1"),
     ]
+
+
+def test_a_reload_that_takes_away_reading_everyones_events_applies_to_live_subscriptions(h: Harness) -> None:
+    reader, mine, other = h.connect("reader", uid=3000), h.connect("mine", uid=1000), h.connect("other", uid=2000)
+    h.service.reconfigure(Limits(), Policy((), {0: "root"}, event_reader_uids=[0, 3000]))
+    h.request(reader, protocol.Subscribe(1))
+    assert published(h.acquire(mine, 1, "x"), reader.peer) == [(1, "granted", "x")]
+    h.service.reconfigure(Limits(), Policy((), {0: "root"}))  # 3000 reads only its own now
+    assert published(h.acquire(other, 1, "y") + h.acquire(reader, 2, "z"), reader.peer) == [(1, "granted", "z")]
+    h.service.reconfigure(Limits(), Policy((), {0: "root"}, event_reader_uids=[0, 3000]))  # and back
+    assert published(h.request(mine, protocol.Release(1)), reader.peer) == [(1, "released", "x")]
