@@ -818,8 +818,9 @@ class LockService:
             self.table.reassign(ticket, who.process)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("granted %s to pid %s, token %s", ", ".join(ticket.names), who.claim.pid, ticket.tokens)
-        self.orders.append(Grant(who.client.peer, who.request_id, ticket.tokens, who.claim))
+        # Recorded first: should ordering the grant fail, the lease's end has its beginning.
         self._record(ticket, "granted")
+        self.orders.append(Grant(who.client.peer, who.request_id, ticket.tokens, who.claim))
 
     def _drop(self, ticket: Ticket, who: Party, ending: Ending) -> None:
         who.ending = ending
@@ -840,7 +841,10 @@ class LockService:
             self.orders.append(Release(who.claim, unlock=ending is not Ending.ABANDONED))
 
     def _ended(self, ticket: Ticket, who: Party) -> None:
-        """The one place a ticket's records end: its request id, its counts, its process tie."""
+        """The one place a ticket's records end: its request id, its counts, its process tie;
+        and its lease's story, first, so that no bug here leaves it without an end."""
+        if ticket.tokens is not None:
+            self._record_end(ticket, who)
         client = who.client
         if client.tickets.get(who.request_id) is ticket:
             del client.tickets[who.request_id]
@@ -852,8 +856,6 @@ class LockService:
             del self._uid_names[client.uid]
         if who.process is not None and self.processes.detach(who.process, ticket):
             self.orders.append(Unwatch(who.process))
-        if ticket.tokens is not None:
-            self._record_end(ticket, who)
 
     def _record_end(self, ticket: Ticket, who: Party) -> None:
         """Record how the lease of `ticket`, which has ended, ended."""

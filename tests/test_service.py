@@ -719,3 +719,39 @@ def test_a_reload_that_takes_away_reading_everyones_events_applies_to_live_subsc
     assert published(h.acquire(other, 1, "y") + h.acquire(reader, 2, "z"), reader.peer) == [(1, "granted", "z")]
     h.service.reconfigure(Limits(), Policy((), {0: "root"}, event_reader_uids=[0, 3000]))  # and back
     assert published(h.request(mine, protocol.Release(1)), reader.peer) == [(1, "released", "x")]
+
+
+# --- each lease's story, whatever fails ---------------------------------------------------------
+
+
+def story(h: Harness) -> list[tuple[str, str | None]]:
+    """(event, reason) of the events recorded and not yet collected, leaving the other orders."""
+    return [(o.event.event, o.event.reason) for o in h.service.orders if isinstance(o, Record)]
+
+
+def test_a_grant_that_fails_as_it_is_ordered_is_recorded_before_its_end(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken_grant(*args: object) -> Grant:
+        raise RuntimeError("a bug ordering the grant")
+
+    a = h.connect("a")
+    monkeypatch.setattr("lockd.service.Grant", broken_grant)
+    h.service.request(a.peer, protocol.Acquire(1, ["x"]))
+    h.orders()
+    kinds = [event.event for event in h.events]
+    assert kinds[0] == "granted" and kinds[1:] in (["lost"], ["released"]), kinds
+
+
+def test_an_end_is_recorded_even_if_letting_go_of_its_records_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    h = Harness()  # not checked: the bug leaves the records as they were
+    a = h.connect("a")
+    h.acquire(a, 1, "x", pid=PID)
+    h.events.clear()
+
+    def broken_detach(*args: object) -> bool:
+        raise RuntimeError("a bug letting go of the process")
+
+    monkeypatch.setattr(h.service.processes, "detach", broken_detach)
+    h.service.request(a.peer, protocol.Release(1))
+    assert [kind for kind, _ in story(h)] == ["released"]
