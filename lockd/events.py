@@ -1,6 +1,6 @@
-"""Lease events: how the service builds them (`lease_events`, `refusal_events`), and who
-receives them live (`Subscribers`). What to record and who may read what are the service's
-decisions (lockd.service); this keeps the books.
+"""Lease events: how the service builds them (`lease_events`, `refusal_events`, `ending`),
+and who receives them live (`Subscribers`). What to record, why (`protocol.Cause`), and who
+may read what are the service's decisions (lockd.service); this keeps the books.
 
 Invariants:
 - Every live subscription is indexed exactly once: under each name it asks for, or among
@@ -20,12 +20,34 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Protocol
 
 from lockd_client import protocol
+from lockd_client.protocol import Cause
 
 from .backend import Claim
 from .orders import Order, Peer, Publish
+
+#: How a lease's end reads for the causes that come without a reason of their own: the event,
+#: and its reason for people.
+_ENDINGS: Final[dict[str, tuple[protocol.EventKind, str | None]]] = {
+    Cause.REQUESTED: ("released", None),
+    Cause.RELEASED_BY_OTHER: ("released", None),
+    Cause.CLIENT_GONE: ("released", "its client went away without releasing it"),
+    Cause.PROCESS_EXITED: ("released", "its process exited without releasing it"),
+    Cause.OVERDUE: ("lost", "broken, and not let go within limits.break_grace"),
+    Cause.DAEMON_STOPPED: (
+        "released", "lockd stopped; the holder's lock-file descriptors keep the lock until it lets go",
+    ),
+}
+
+
+def ending(cause: str, lost: str | None) -> tuple[protocol.EventKind, str | None]:
+    """The event that ends a lease for `cause`, and its reason: `lost` with `lost` when the
+    lease was lost for that reason, else as `cause` reads without one."""
+    if lost is not None:
+        return "lost", lost
+    return _ENDINGS[cause]
 
 
 class Subscriber(Protocol):
@@ -149,13 +171,13 @@ class Subscribers:
 
 def lease_events(
     time: float, kind: protocol.EventKind, names: tuple[str, ...], tokens: list[int] | None, claim: Claim, *,
-    waited: float | None, held: float | None, reason: str | None, exit_status: int | None,
+    waited: float | None, held: float | None, reason: str | None, cause: str | None, exit_status: int | None,
 ) -> list[protocol.LeaseEvent]:
     """The events of `kind` of a lease (or request) on `names`, one per name, for `claim`."""
     return [
         protocol.LeaseEvent(
             time, kind, name, claim.mode_on(name), claim.slots.get(name), tokens[index] if tokens else None,
-            claim.pid, claim.uid, None, claim.command, claim.label, waited, held, reason, exit_status,
+            claim.pid, claim.uid, None, claim.command, claim.label, waited, held, reason, exit_status, cause,
         )
         for index, name in enumerate(names)
     ]
@@ -164,11 +186,12 @@ def lease_events(
 def refusal_events(
     time: float, request: protocol.Acquire, *, pid: int, uid: int, command: str, label: str | None, reason: str,
 ) -> list[protocol.LeaseEvent]:
-    """The `refused` events of `request`, refused before it became a ticket, one per name."""
+    """The `refused` events of `request`, refused before it became a ticket for `reason` (an
+    error code, its cause too), one per name."""
     return [
         protocol.LeaseEvent(
             time, "refused", name, "shared" if name in request.slots else request.mode, request.slots.get(name),
-            None, pid, uid, None, command, label, 0.0, None, reason,
+            None, pid, uid, None, command, label, 0.0, None, reason, None, reason,
         )
         for name in dict.fromkeys(request.names)
     ]

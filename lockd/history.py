@@ -10,9 +10,10 @@ Invariants:
 - The writer writes the events in the order recorded, in batches of whatever has queued up
   within BATCH_DELAY of the first, one transaction each. A write that fails (a full or
   read-only disk, a database locked by someone else) is logged at most once a minute and
-  retried every RETRY seconds with what came meanwhile; a file that is not a database of
-  this schema, or a corrupt one, is moved aside (logged) and a new one started. Nothing
-  about the database reaches the leases.
+  retried every RETRY seconds with what came meanwhile; a database of an older schema is
+  migrated in place (`_MIGRATIONS`, one transaction each); a file that is not a database of
+  this schema or an older one, or a corrupt one, is moved aside (logged) and a new one
+  started. Nothing about the database reaches the leases.
 - Retention: the writer deletes the events older than `max_age`, within a quarter of it
   (at most a minute) of their expiry, and the oldest events while the database is larger
   than `max_size`, and hands the freed pages back to the file system (incremental vacuum).
@@ -45,7 +46,7 @@ log = logging.getLogger("lockd")
 
 FILE_NAME: Final = "history.sqlite3"
 #: The schema's version, kept in PRAGMA user_version (0: a new, empty database).
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 _SCHEMA: Final = """
 CREATE TABLE events (
     id INTEGER PRIMARY KEY,
@@ -63,12 +64,16 @@ CREATE TABLE events (
     waited REAL,
     held REAL,
     reason TEXT,
-    exit_status INTEGER
+    exit_status INTEGER,
+    cause TEXT
 );
 CREATE INDEX events_by_time ON events (time);
 CREATE INDEX events_by_name ON events (name, time);
 CREATE INDEX events_by_uid ON events (uid, time);
 """
+#: What brings a database of each older version to the next: version 2 added `cause` (the
+#: events before it have none).
+_MIGRATIONS: Final = {1: "ALTER TABLE events ADD COLUMN cause TEXT;"}
 #: The columns of an event, in the order of LeaseEvent's fields.
 _FIELDS: Final = protocol.LeaseEvent.__struct_fields__
 _COLUMNS: Final = ", ".join(_FIELDS)
@@ -250,6 +255,11 @@ class HistoryStore:
                 conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
                 conn.execute("PRAGMA journal_mode = WAL")
                 conn.executescript(f"BEGIN; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+            elif version in _MIGRATIONS:
+                while version != SCHEMA_VERSION:
+                    conn.executescript(f"BEGIN; {_MIGRATIONS[version]} PRAGMA user_version = {version + 1}; COMMIT;")
+                    version += 1
+                log.info("history: %s migrated to schema version %d", self.path, version)
             elif version != SCHEMA_VERSION:
                 raise _Unusable(f"its schema is version {version}, and this lockd writes version {SCHEMA_VERSION}")
             conn.execute("PRAGMA journal_mode = WAL")
@@ -264,7 +274,7 @@ class HistoryStore:
         user = self._user
         rows = [
             (e.time, e.event, e.name, e.mode, e.slots, e.token, e.pid, e.uid, e.user or user(e.uid), e.command,
-             e.label, e.waited, e.held, e.reason, e.exit_status)
+             e.label, e.waited, e.held, e.reason, e.exit_status, e.cause)
             for e in events
         ]
         conn.execute("BEGIN IMMEDIATE")

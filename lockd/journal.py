@@ -118,6 +118,7 @@ def journal_entry(event: protocol.LeaseEvent, priority: str) -> bytes:
         "LOCKD_HELD": None if event.held is None else f"{event.held:.6f}",
         "LOCKD_REASON": event.reason,
         "LOCKD_EXIT_STATUS": event.exit_status,
+        "LOCKD_CAUSE": event.cause,
     }
     out = bytearray()
     for key, value in fields.items():

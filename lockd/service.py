@@ -32,8 +32,11 @@ Invariants:
   logged within the budget of `loglimit`; lines about work done are not limited.
 - Every lease and every refused request yields its events (`Record`), one per name: a
   refused request `refused`; a lease `granted`, maybe `broken`, and exactly one end,
-  `released` or `lost`, given where its ticket ends (`Ended`). A request withdrawn before
-  its grant yields none.
+  `released` or `lost`, given where its ticket ends (`Ended`), `granted` before anything
+  else about it. A request withdrawn before its grant yields none. Each event but `granted`
+  carries its cause (`protocol.Cause`), decided where the decision is made (`Party.cause`):
+  what ends a lease says why before the table ends it. A daemon that stops ends every
+  lease's story (`daemon_stopped`).
 - Every event goes to each subscription that asked for its name and whose user may read it
   (`Policy.events_visible_to`, as the policy says now), in order, until the subscription
   ends: its client releases it or goes away, or lags (it cannot take an event): then an
@@ -52,11 +55,12 @@ from typing import Final
 
 from lockd_client import errors, protocol
 from lockd_client.describe import holder_text, sanitize
+from lockd_client.protocol import Cause
 
 from . import __version__, admission
 from .backend import BackendView, Claim
 from .config import Limits
-from .events import Subscribers, Subscription, lease_events, refusal_events
+from .events import Subscribers, Subscription, ending, lease_events, refusal_events
 from .loglimit import Kind, LogLimiter
 from .logs import contained
 from .orders import (
@@ -100,10 +104,8 @@ from .table import (
 log = logging.getLogger("lockd")
 
 SHUTDOWN_MESSAGE: Final = "lockd is shutting down; reconnect when it is back"
-#: The reasons the service gives for a lost lease (the metrics count them apart from the
-#: backend's own).
-LOST_OVERDUE: Final = "broken, and not let go within limits.break_grace"
 LOST_SHUTDOWN: Final = "the daemon is shutting down"
+INTERNAL_PROBLEM: Final = "internal error in lockd (it is logged); retry"
 #: The states `status` shows as holding: a broken lease holds until its owner has let go.
 _SHOWN_HELD: Final = (HELD, BREAKING)
 #: What this daemon offers beyond the first version of the protocol (Welcome.features).
@@ -172,7 +174,10 @@ class Party:
     process: ProcessOwner | None = None
     #: When it was asked for, on the service's clock.
     requested: float = 0.0
-    #: How its lease ended, where that is not what its Drop says: lost, and why.
+    #: Why its lease ends or its request fails (`protocol.Cause`), set where that is decided,
+    #: before the table ends it; None: as its Drop says (see `_record_end`).
+    cause: str | None = None
+    #: Its lease was lost, for this reason.
     lost: str | None = None
     #: How the table let go of it (`Drop`), once it has.
     ending: Ending | None = None
@@ -475,10 +480,12 @@ class LockService:
             missing = wanted.difference(*(t.names for t in released))
             for ticket in released:
                 holder = party(ticket)
-                if holder.client is not client and ticket.state is HELD:
-                    self._send(holder.client.peer, protocol.Lost(
-                        holder.request_id, f"released by uid {client.uid} (pid {client.pid}: {client.command})",
-                    ))
+                if holder.client is not client:
+                    holder.cause = Cause.RELEASED_BY_OTHER
+                    if ticket.state is HELD:
+                        self._send(holder.client.peer, protocol.Lost(
+                            holder.request_id, f"released by uid {client.uid} (pid {client.pid}: {client.command})",
+                        ))
                 self._apply(self.table.release(ticket))
             if missing:
                 raise errors.NotHeld(
@@ -509,6 +516,10 @@ class LockService:
             self._send_error(client, request.id, exc)
             return
         reason = f"forcibly released by uid {client.uid} (pid {client.pid}: {client.command})"
+        for ticket in holders:
+            if ticket.state is BREAKING:  # broken before: it ends now
+                who = party(ticket)
+                who.cause, who.lost = Cause.FORCED, f"{reason}, a second time"
         grace = max([self.limits.break_grace, *(party(t).client.break_grace for t in holders)])
         grace_until = self._clock() + grace
         count, effects = self.table.force_release(name, reason, grace_until=grace_until)
@@ -641,7 +652,10 @@ class LockService:
             return
         if not isinstance(exc, errors.LockdError):
             log.error("internal error taking %s", ticket, exc_info=exc)
-            exc = errors.DaemonUnavailable("internal error in lockd while taking the lock (it is logged); retry")
+            self._fail(ticket, errors.DaemonUnavailable(
+                "internal error in lockd while taking the lock (it is logged); retry"
+            ), Cause.INTERNAL)
+            return
         self._fail(ticket, exc)
 
     def lost(self, claim: Claim, reason: str) -> None:
@@ -650,20 +664,24 @@ class LockService:
         if ticket is None:
             return  # dropped meanwhile
         with contained(f"ending the lost lease {ticket}"):
+            who = party(ticket)
             if ticket.state is HELD:
+                who.cause = Cause.BACKEND
                 self._apply(self.table.lose(ticket, reason))
             elif ticket.state is BREAKING:
                 # Its holder was told it is lost when it was broken, and may still be at
                 # work: the lease ends, but what the holder has keeps the lock.
+                who.cause, who.lost = Cause.BACKEND, reason
                 self._apply(self.table.end([ticket]))
             elif ticket.state is not ENDED:
-                self._fail(ticket, errors.DaemonUnavailable(reason))
+                self._fail(ticket, errors.DaemonUnavailable(reason), Cause.BACKEND)
 
-    def _fail(self, ticket: Ticket, exc: errors.LockdError) -> None:
+    def _fail(self, ticket: Ticket, exc: errors.LockdError, cause: str | None = None) -> None:
+        """Refuse `ticket`, not granted yet, for `exc` (`cause`: its code, unless given)."""
         who = party(ticket)
         log.warning("cannot take %s for pid %s: %s", ", ".join(ticket.names), who.claim.pid, exc)
         self._send_error(who.client, who.request_id, exc)
-        self._record(ticket, "refused", reason=_code(exc))
+        self._record(ticket, "refused", reason=_code(exc), cause=cause or _code(exc))
         self._apply(self.table.release(ticket))
 
     # --- other reports from the shell -----------------------------------------------------------
@@ -681,8 +699,9 @@ class LockService:
         on: a lease tied to a process would otherwise outlive the connection that asked for
         it, held for nobody."""
         ticket = self._claimed.get(claim)
-        if ticket is not None:
-            self._end_in_error(ticket)
+        if ticket is not None and ticket.state is not ENDED:
+            party(ticket).cause = Cause.CLIENT_GONE
+            self._apply(self.table.end([ticket]))
 
     def order_failed(self, order: Order) -> None:
         """Carrying out `order` hit a bug: a lease it was for is lost, a request fails."""
@@ -700,6 +719,7 @@ class LockService:
             log.info("process %d exited: ending its %d lease(s)", owner.pid, len(held))
         for ticket in tickets:
             who = party(ticket)
+            who.cause = Cause.PROCESS_EXITED
             if ticket.state is HELD:
                 self._send(who.client.peer, protocol.Lost(who.request_id, f"process {owner.pid} exited"))
             elif ticket.state is not BREAKING:  # a broken one was told already
@@ -747,15 +767,26 @@ class LockService:
 
     def stop(self) -> None:
         """Grant and release nothing more; report held leases lost where the backend's leases
-        do not outlive the daemon; tell every client the daemon is going, and close it."""
+        do not outlive the daemon; end every ticket (`daemon_stopped`: where leases outlive
+        the daemon, their holders keep the locks through their descriptors); tell every
+        client the daemon is going, and close it."""
         self.stopping = True
         reason = LOST_SHUTDOWN
-        if not self._backend.leases_outlive_daemon:
-            for owner in [*self.clients.values(), *self.processes.owners()]:
-                for ticket in self.table.tickets_of(owner):
-                    if ticket.state is HELD:
-                        with contained(f"reporting {ticket} lost at shutdown"):
-                            self._apply(self.table.lose(ticket, reason))
+        outlive = self._backend.leases_outlive_daemon
+        tickets = [
+            ticket for owner in [*self.clients.values(), *self.processes.owners()]
+            for ticket in self.table.tickets_of(owner)
+        ]
+        for ticket in tickets:
+            who = party(ticket)
+            who.cause = Cause.DAEMON_STOPPED
+            if ticket.state is BREAKING and not outlive:
+                who.lost = reason
+            elif ticket.state is HELD and not outlive:
+                with contained(f"reporting {ticket} lost at shutdown"):
+                    self._apply(self.table.lose(ticket, reason))
+        with contained("ending the tickets at shutdown"):
+            self._apply(self.table.end(tickets))
         goodbye = protocol.Error(None, protocol.ErrorCode.SHUTDOWN, SHUTDOWN_MESSAGE)
         for client in list(self.clients.values()):
             self._send(client.peer, goodbye)
@@ -806,7 +837,7 @@ class LockService:
             log.warning("lease on %s of pid %s lost: %s", ", ".join(ticket.names), who.claim.pid, effect.reason)
             self._send(who.client.peer, protocol.Lost(who.request_id, effect.reason))
             if ticket.state is BREAKING:
-                self._record(ticket, "broken", reason=effect.reason)
+                self._record(ticket, "broken", reason=effect.reason, cause=Cause.FORCED)
             else:
                 who.lost = effect.reason
 
@@ -844,7 +875,8 @@ class LockService:
         """The one place a ticket's records end: its request id, its counts, its process tie;
         and its lease's story, first, so that no bug here leaves it without an end."""
         if ticket.tokens is not None:
-            self._record_end(ticket, who)
+            with contained(f"recording the end of {ticket}"):
+                self._record_end(ticket, who)
         client = who.client
         if client.tickets.get(who.request_id) is ticket:
             del client.tickets[who.request_id]
@@ -858,19 +890,23 @@ class LockService:
             self.orders.append(Unwatch(who.process))
 
     def _record_end(self, ticket: Ticket, who: Party) -> None:
-        """Record how the lease of `ticket`, which has ended, ended."""
-        if who.lost is not None:
-            self._record(ticket, "lost", reason=who.lost)
-        elif who.ending is Ending.OVERDUE:
-            self._record(ticket, "lost", reason=LOST_OVERDUE)
-        elif who.ending is Ending.ABANDONED:
-            gone = "its process exited" if who.process is not None else "its client went away"
-            self._record(ticket, "released", reason=f"{gone} without releasing it")
-        else:
-            self._record(ticket, "released", exit_status=who.exit_status)
+        """Record how the lease of `ticket`, which has ended, ended: as decided (`who.cause`),
+        else as the table let go of it (its Drop)."""
+        cause = who.cause
+        if cause is None:
+            if who.lost is not None:
+                cause = Cause.BACKEND
+            elif who.ending is Ending.OVERDUE:
+                cause = Cause.OVERDUE
+            else:
+                cause = Cause.CLIENT_GONE if who.ending is Ending.ABANDONED else Cause.REQUESTED
+        kind, reason = ending(cause, who.lost)
+        exit_status = who.exit_status if kind == "released" else None
+        self._record(ticket, kind, reason=reason, cause=cause, exit_status=exit_status)
 
     def _record(
-        self, ticket: Ticket, kind: protocol.EventKind, *, reason: str | None = None, exit_status: int | None = None
+        self, ticket: Ticket, kind: protocol.EventKind, *, reason: str | None = None, cause: str | None = None,
+        exit_status: int | None = None,
     ) -> None:
         """Record `kind` for each name of `ticket` (see the module docstring)."""
         who = party(ticket)
@@ -881,7 +917,7 @@ class LockService:
         held = now - ticket.since if granted and kind != "granted" else None
         self._happened(lease_events(
             now + self._wall_offset, kind, ticket.names, ticket.tokens, claim,
-            waited=waited, held=held, reason=reason, exit_status=exit_status,
+            waited=waited, held=held, reason=reason, cause=cause, exit_status=exit_status,
         ))
 
     def _record_refusal(self, client: Client, request: protocol.Acquire, exc: errors.LockdError) -> None:
@@ -902,7 +938,8 @@ class LockService:
     def _refused(self, ticket: Ticket, who: Party, effect: Refused) -> None:
         holders = self._in_way(ticket, effect.blockers)
         refusal = self._mismatch(ticket, effect, holders) if effect.reason is Reason.MISMATCH else None
-        self._record(ticket, "refused", reason=refusal.code if refusal is not None else effect.reason.value)
+        code = refusal.code if refusal is not None else effect.reason.value
+        self._record(ticket, "refused", reason=code, cause=code)
         if refusal is not None:
             self._send_error(who.client, who.request_id, refusal)
         elif holders and not self._backend.orders_requests:
@@ -934,11 +971,15 @@ class LockService:
         if ticket.state is ENDED:
             return
         who = party(ticket)
-        problem = "internal error in lockd (it is logged); retry"
+        who.cause = Cause.INTERNAL
+        if ticket.state is HELD or ticket.state is BREAKING:
+            who.lost = INTERNAL_PROBLEM
         if ticket.state is HELD:
-            self._send(who.client.peer, protocol.Lost(who.request_id, problem))
+            self._send(who.client.peer, protocol.Lost(who.request_id, INTERNAL_PROBLEM))
         elif ticket.state is not BREAKING:
-            self._send(who.client.peer, protocol.Error(who.request_id, protocol.ErrorCode.UNAVAILABLE, problem))
+            self._send(who.client.peer, protocol.Error(
+                who.request_id, protocol.ErrorCode.UNAVAILABLE, INTERNAL_PROBLEM,
+            ))
         # Not released: the holder may still be at work, and keeps the lock till it stops.
         self._apply(self.table.end([ticket]))
 

@@ -32,7 +32,7 @@ from lockd.orders import (
 )
 from lockd.policy import Policy
 from lockd.processes import Processes, ProcessOwner
-from lockd.service import MAX_SUBSCRIPTIONS, Client, LockService
+from lockd.service import MAX_SUBSCRIPTIONS, Client, LockService, Party
 from lockd.table import LockTable, Reason, State
 
 WALL_OFFSET = 1_000_000.0
@@ -503,11 +503,13 @@ def test_a_process_tied_grant_that_reached_nobody_ends(h: Harness) -> None:
     h.service.request(a.peer, protocol.Acquire(1, ["x"], pid=PID))
     grant = h.orders()[-1]
     assert isinstance(grant, Grant)
+    h.events.clear()
     h.service.grant_undelivered(grant.claim)
     orders = h.orders()
-    assert kinds(orders) == ["Lost", "Release", "Unwatch"]
-    assert isinstance(orders[1], Release) and not orders[1].unlock
+    assert kinds(orders) == ["Release", "Unwatch"]  # nobody to tell: its connection is gone
+    assert isinstance(orders[0], Release) and not orders[0].unlock
     assert a.tickets == {} and h.service.processes.find(PID) is None
+    assert ends(h) == [("released", "client_gone", "its client went away without releasing it")]
 
 
 def test_the_per_uid_lease_limit_counts_only_live_leases(h: Harness) -> None:
@@ -724,6 +726,90 @@ def test_a_reload_that_takes_away_reading_everyones_events_applies_to_live_subsc
 # --- each lease's story, whatever fails ---------------------------------------------------------
 
 
+def ends(h: Harness) -> list[tuple[str, str | None, str | None]]:
+    """(event, cause, reason) of the events recorded but `granted`, taking them."""
+    taken = [(e.event, e.cause, e.reason) for e in h.events if e.event != "granted"]
+    h.events.clear()
+    return taken
+
+
+def test_each_end_says_its_cause(h: Harness) -> None:
+    a, b = h.connect("a", uid=PROCESS_UID[PID]), h.connect("b")
+    h.acquire(a, 1, "x")
+    h.request(a, protocol.Release(1, exit_status=2))
+    assert ends(h) == [("released", "requested", None)]
+    h.acquire(a, 2, "x", pid=PID)
+    h.request(b, protocol.ReleasePid(1, PID, ["x"]))
+    assert ends(h) == [("released", "released_by_other", None)]
+    h.acquire(a, 3, "x", pid=PID)
+    owner = h.service.processes.find(PID)
+    assert owner is not None
+    h.service.process_exited(owner)
+    h.orders()
+    assert ends(h) == [("released", "process_exited", "its process exited without releasing it")]
+    h.acquire(b, 2, "y")
+    h.service.disconnected(b.peer, "the client hung up")
+    h.orders()
+    assert ends(h) == [("released", "client_gone", "its client went away without releasing it")]
+
+
+def test_a_broken_lease_ends_lost_when_forced_again_overdue_or_lost_by_the_backend(h: Harness) -> None:
+    a, root = h.connect("a"), h.connect("root", uid=0)
+    h.acquire(a, 1, "x")
+    h.request(root, protocol.ForceRelease(1, "x"))
+    ((kind, cause, reason),) = ends(h)
+    assert (kind, cause) == ("broken", "forced") and reason is not None and "uid 0" in reason
+    h.request(root, protocol.ForceRelease(2, "x"))  # again: it ends at once
+    ((kind, cause, reason),) = ends(h)
+    assert (kind, cause) == ("lost", "forced") and reason is not None and "a second time" in reason
+
+    h.acquire(a, 2, "y")
+    h.request(root, protocol.ForceRelease(3, "y"))
+    ends(h)
+    h.clock.now += Limits().break_grace + 1
+    h.service.wake()
+    h.orders()
+    assert ends(h) == [("lost", "overdue", "broken, and not let go within limits.break_grace")]
+
+    h.acquire(a, 3, "z")
+    claim = party_claim(h, a, 3)
+    h.request(root, protocol.ForceRelease(4, "z"))
+    ends(h)
+    h.service.lost(claim, "the etcd lease expired")
+    h.orders()
+    assert ends(h) == [("lost", "backend", "the etcd lease expired")]
+
+
+def test_a_lease_ended_by_a_bug_is_lost_internally(h: Harness) -> None:
+    a = h.connect("a")
+    h.acquire(a, 1, "x")
+    grant = Grant(a.peer, 1, [1], party_claim(h, a, 1))
+    h.service.order_failed(grant)
+    (lost,) = sent(h.orders(), a.peer)
+    assert isinstance(lost, protocol.Lost)
+    assert ends(h) == [("lost", "internal", lost.reason)]
+
+
+@pytest.mark.parametrize("outlive", [True, False])
+def test_a_daemon_that_stops_ends_every_lease_s_story(outlive: bool) -> None:
+    h = Harness(leases_outlive_daemon=outlive)
+    a = h.connect("a", uid=PROCESS_UID[PID])
+    h.acquire(a, 1, "x")
+    h.acquire(a, 2, "y", pid=PID)
+    h.events.clear()
+    h.service.stop()
+    h.orders()
+    expected = ("released", "daemon_stopped") if outlive else ("lost", "daemon_stopped")
+    assert [(kind, cause) for kind, cause, _ in ends(h)] == [expected, expected]
+    assert len(h.service.table) == 0
+
+
+def party_claim(h: Harness, client: Client, request_id: int) -> Claim:
+    info = client.tickets[request_id].info
+    assert isinstance(info, Party)
+    return info.claim
+
+
 def story(h: Harness) -> list[tuple[str, str | None]]:
     """(event, reason) of the events recorded and not yet collected, leaving the other orders."""
     return [(o.event.event, o.event.reason) for o in h.service.orders if isinstance(o, Record)]
@@ -739,8 +825,7 @@ def test_a_grant_that_fails_as_it_is_ordered_is_recorded_before_its_end(
     monkeypatch.setattr("lockd.service.Grant", broken_grant)
     h.service.request(a.peer, protocol.Acquire(1, ["x"]))
     h.orders()
-    kinds = [event.event for event in h.events]
-    assert kinds[0] == "granted" and kinds[1:] in (["lost"], ["released"]), kinds
+    assert [(event.event, event.cause) for event in h.events] == [("granted", None), ("lost", "internal")]
 
 
 def test_an_end_is_recorded_even_if_letting_go_of_its_records_fails(monkeypatch: pytest.MonkeyPatch) -> None:
