@@ -120,6 +120,9 @@ UNREADABLE_PEER: Final = Kind(
     logging.WARNING, "dropped {count} more connections whose peer credentials were unreadable"
 )
 REFUSED_REQUEST: Final = Kind(logging.WARNING, "refused {count} more requests by policy")
+DROPPED_SUBSCRIPTION: Final = Kind(
+    logging.INFO, "dropped {count} more subscriptions that did not read their events in time"
+)
 
 
 class Client:
@@ -458,7 +461,10 @@ class LockService:
         client = self.clients.get(peer)
         if client is None or not self._subscribers.unsubscribe(client, subscription_id):
             return
-        log.info("%r: subscription %d dropped: it did not read its events in time", client, subscription_id)
+        self._log_noise(
+            DROPPED_SUBSCRIPTION, client.uid, "lagging",
+            "%r: subscription %d dropped: it did not read its events in time", client, subscription_id,
+        )
         self.orders.append(EndEvents(peer, subscription_id, protocol.Error(
             subscription_id, protocol.ErrorCode.LIMIT,
             "dropped: events came faster than this connection read them; subscribe again, and read "
@@ -727,6 +733,7 @@ class LockService:
                     who.request_id, protocol.ErrorCode.NOT_HELD,
                     f"process {owner.pid} exited before the lock was granted",
                 ))
+                self._record(ticket, "refused", reason=protocol.ErrorCode.NOT_HELD, cause=Cause.PROCESS_EXITED)
         # All at once: one of them waiting behind another must not be granted on its way out.
         self._apply(self.table.end(tickets))
 
@@ -980,6 +987,7 @@ class LockService:
             self._send(who.client.peer, protocol.Error(
                 who.request_id, protocol.ErrorCode.UNAVAILABLE, INTERNAL_PROBLEM,
             ))
+            self._record(ticket, "refused", reason=protocol.ErrorCode.UNAVAILABLE, cause=Cause.INTERNAL)
         # Not released: the holder may still be at work, and keeps the lock till it stops.
         self._apply(self.table.end([ticket]))
 

@@ -840,3 +840,36 @@ def test_an_end_is_recorded_even_if_letting_go_of_its_records_fails(monkeypatch:
     monkeypatch.setattr(h.service.processes, "detach", broken_detach)
     h.service.request(a.peer, protocol.Release(1))
     assert [kind for kind, _ in story(h)] == ["released"]
+
+
+def test_a_request_that_fails_before_its_grant_is_recorded_refused(h: Harness) -> None:
+    a, b = h.connect("a", uid=PROCESS_UID[PID]), h.connect("b")
+    h.acquire(b, 1, "x")
+    h.acquire(a, 1, "x", pid=PID)  # waits behind b
+    owner = h.service.processes.find(PID)
+    assert owner is not None
+    h.events.clear()
+    h.service.process_exited(owner)
+    h.orders()
+    assert ends(h) == [("refused", "process_exited", protocol.ErrorCode.NOT_HELD)]
+    h.acquire(a, 2, "x")
+    h.service.order_failed(StartTake(party_claim(h, a, 2)))  # not handed over yet: nothing to end
+    h.grant = False
+    h.request(b, protocol.Release(1))
+    (taking,) = h.taking
+    h.events.clear()
+    h.service.order_failed(taking)
+    h.orders()
+    assert ends(h) == [("refused", "internal", protocol.ErrorCode.UNAVAILABLE)]
+
+
+def test_a_dropped_subscription_is_logged_within_bounds(h: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    watcher = h.connect("watcher")
+    for request_id in range(1, MAX_SUBSCRIPTIONS + 1):
+        h.request(watcher, protocol.Subscribe(request_id))
+    with caplog.at_level("INFO", logger="lockd"):
+        for request_id in range(1, MAX_SUBSCRIPTIONS + 1):
+            h.service.subscriber_lagging(watcher.peer, request_id)
+        h.orders()
+    dropped = [r for r in caplog.records if "dropped" in r.getMessage()]
+    assert 0 < len(dropped) < MAX_SUBSCRIPTIONS
