@@ -134,7 +134,8 @@ class WakeAt:
 
 @dataclass(slots=True)
 class Record:
-    """`event` happened: keep it in the history, tell subscribers, count it."""
+    """`event` happened: tell every observer (the metrics, the history, the journal); one
+    that fails is logged and the others are told still. (`Publish` tells subscribers.)"""
 
     event: LeaseEvent
 

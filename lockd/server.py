@@ -276,7 +276,8 @@ class Server:
             pidfds.close(order.owner)
         elif isinstance(order, Record):
             for observe in self._observers:
-                observe(order.event)
+                with contained(f"telling {observe!r} of {order.event!r}"):
+                    observe(order.event)
         elif isinstance(order, SendMetrics):
             self._send_metrics(order)
         elif isinstance(order, Publish):
