@@ -91,7 +91,7 @@ class Server:
         self._history_readers = trio.CapacityLimiter(HISTORY_READERS)
         self.service = LockService(
             table, Processes(pidfds.open_process), limits, policy, backend,
-            clock=trio.current_time, wall_offset=time.time() - trio.current_time(), history=history is not None,
+            clock=trio.current_time, wall_clock=time.time, history=history is not None,
         )
         self._session_ids = itertools.count(1)
         #: The backend's takes running in tasks of their own, each with the scope that stops it.

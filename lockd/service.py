@@ -15,7 +15,8 @@ Invariants:
 - The service does no I/O and reads no clock of its own: everything it sends and every other
   I/O it needs is an order, and orders are carried out in the order given, so a reply never
   overtakes the I/O it reports (a release's Done follows its unlock). Opening a process's
-  pidfd (`Processes`) and the clock are given to it.
+  pidfd (`Processes`) and the clocks (monotonic, and the wall clock the times shown to
+  people are read from when they are shown or recorded) are given to it.
 - The backend sees a request only as its `Claim`, and so does the shell: every report about a
   take names the claim, and a report about a claim that has ended changes nothing.
 - No exception while carrying out one effect stops the others: a bug costs at most the ticket
@@ -227,12 +228,14 @@ class LockService:
 
     def __init__(
         self, table: LockTable, processes: Processes, limits: Limits, policy: Policy, backend: BackendView, *,
-        clock: Callable[[], float], wall_offset: float, history: bool = False,
+        clock: Callable[[], float], wall_clock: Callable[[], float], history: bool = False,
     ) -> None:
         """`table` must order requests itself exactly when `backend` does not. `clock` tells
-        the time on the table's scale (monotonic seconds), and `wall_offset` is Unix time
-        minus `clock()`, for the times clients are shown. `history`: whether the shell keeps
-        the events and answers `History` requests (`HistoryLook`)."""
+        the time on the table's scale (monotonic seconds), and `wall_clock` Unix time, read
+        each time an event is recorded or a time shown: a clock set or stepped after the
+        start (time sync after an early boot) moves what follows, never what was recorded.
+        `history`: whether the shell keeps the events and answers `History` requests
+        (`HistoryLook`)."""
         assert table.ordered_by_backend == backend.orders_requests
         self.table = table
         self.processes = processes
@@ -241,7 +244,7 @@ class LockService:
         self.policy = policy
         self._backend = backend
         self._clock = clock
-        self._wall_offset = wall_offset
+        self._wall_clock = wall_clock
         self.history = history
         self._features = [*_FEATURES, protocol.Feature.HISTORY] if history else list(_FEATURES)
         self.clients: dict[Peer, Client] = {}
@@ -923,7 +926,7 @@ class LockService:
         waited = (ticket.since if granted else now) - who.requested if kind in ("granted", "refused") else None
         held = now - ticket.since if granted and kind != "granted" else None
         self._happened(lease_events(
-            now + self._wall_offset, kind, ticket.names, ticket.tokens, claim,
+            self._wall_clock(), kind, ticket.names, ticket.tokens, claim,
             waited=waited, held=held, reason=reason, cause=cause, exit_status=exit_status,
         ))
 
@@ -931,7 +934,7 @@ class LockService:
         """Record the refusal of `request` before it became a ticket (limits, policy...)."""
         label = client.peer.label if request.label is None else sanitize(request.label)
         self._happened(refusal_events(
-            self._clock() + self._wall_offset, request, pid=client.pid, uid=client.uid, command=client.command,
+            self._wall_clock(), request, pid=client.pid, uid=client.uid, command=client.command,
             label=label, reason=_code(exc),
         ))
 
@@ -1036,7 +1039,7 @@ class LockService:
         token = ticket.tokens[ticket.names.index(name)] if ticket.tokens else self._backend.place_of(who)
         return protocol.Holder(
             pid=who.pid, uid=who.uid, gid=who.gid, command=who.command, label=who.label,
-            since=ticket.since + self._wall_offset, mode=who.mode_on(name), token=token,
+            since=self._wall_clock() - (self._clock() - ticket.since), mode=who.mode_on(name), token=token,
         )
 
     def _in_way(self, ticket: Ticket, blockers: Iterable[Ticket]) -> list[protocol.Holder]:
@@ -1064,7 +1067,7 @@ class LockService:
         """The end of a refusal's message naming `holders` ("; held by ..."), or "" for none."""
         if not holders:
             return ""
-        now = self._clock() + self._wall_offset
+        now = self._wall_clock()
         return "; held by " + ", ".join(holder_text(holder, now) for holder in holders)
 
     def _log_noise(self, kind: Kind, uid: int | None, reason: str, message: str, *args: object) -> None:

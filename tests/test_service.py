@@ -98,10 +98,12 @@ class Harness:
 
     def __init__(self, *, leases_outlive_daemon: bool = True, limits: Limits | None = None, grant: bool = True) -> None:
         self.clock = Clock()
+        #: How far the wall clock was stepped (set, synced) since the start.
+        self.wall_step = 0.0
         self.backend = FakeBackend(leases_outlive_daemon)
         self.service = LockService(
             LockTable(), Processes(self.open_process), limits or Limits(), Policy((), {0: "root"}), self.backend,
-            clock=self.clock, wall_offset=WALL_OFFSET,
+            clock=self.clock, wall_clock=lambda: self.clock.now + WALL_OFFSET + self.wall_step,
         )
         #: Whether a StartTake is answered `taken` at once, as the flock backend does when the
         #: file is free; otherwise it is left to the test (a take waiting outside lockd).
@@ -873,3 +875,14 @@ def test_a_dropped_subscription_is_logged_within_bounds(h: Harness, caplog: pyte
         h.orders()
     dropped = [r for r in caplog.records if "dropped" in r.getMessage()]
     assert 0 < len(dropped) < MAX_SUBSCRIPTIONS
+
+
+def test_event_times_follow_the_wall_clock_as_it_is_stepped(h: Harness) -> None:
+    a = h.connect("a")
+    h.acquire(a, 1, "x")
+    h.wall_step = 3600.0  # time sync after an early start: an hour forward
+    h.clock.now += 2.0
+    h.request(a, protocol.Release(1))
+    granted, released = h.events
+    assert granted.time == 100.0 + WALL_OFFSET
+    assert released.time == 102.0 + WALL_OFFSET + 3600.0 and released.held == 2.0
