@@ -253,3 +253,46 @@ def test_a_watcher_that_never_reads_keeps_its_connection_and_lease_past_the_send
             assert isinstance(reply, protocol.StatusReply) and reply.locks[0].holders[0].token == kept.tokens[0]
     finally:
         d.kill()
+
+
+def test_closing_the_client_ends_the_iteration_cleanly(lockd: Daemon, name: str) -> None:
+    c = lockd_client.connect(lockd.socket)
+    events = c.events(name)
+    c.close()
+    assert list(events) == []
+
+
+def test_a_subscription_this_client_drops_is_released_with_its_next_request(
+    lockd: Daemon, name: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("lockd_client._connection.MAX_UNREAD_EVENTS", 2)
+    with lockd_client.connect(lockd.socket) as c, lockd_client.connect(lockd.socket) as other:
+        events = c.events(name)
+        for _ in range(2):
+            other.acquire(name).release()
+        other.status()
+        c.status()  # reads the events: the third drops the subscription here
+        with pytest.raises(lockd_client.SubscriptionDropped):
+            list(events)
+        c.status()  # carries the Release: the daemon sends no more for it
+        other.acquire(name).release()
+        other.status()
+        assert c._conn.has_unsent is False and c.status(name) == []
+
+
+async def test_trio_events_are_an_async_context_manager(lockd: Daemon, name: str) -> None:
+    with trio.fail_after(WAIT):
+        async with trio_client.connect(lockd.socket) as c:
+            async with await c.events(name) as events:
+                async with trio_client.connect(lockd.socket) as other:
+                    await (await other.acquire(name)).release()
+                assert [(await events.__anext__()).event for _ in range(2)] == ["granted", "released"]
+            assert [event async for event in events] == []  # ended by leaving the block
+
+
+async def test_trio_closing_the_client_ends_the_iteration_cleanly(lockd: Daemon, name: str) -> None:
+    with trio.fail_after(WAIT):
+        c = await trio_client.connect(lockd.socket)
+        async with c:
+            events = await c.events(name)
+        assert [event async for event in events] == []
