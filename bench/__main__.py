@@ -24,7 +24,7 @@ from . import report, services, workloads
 from .lockers import make_locker
 from .machine import REPO, EtcdProbe, OthersMeter, loadavg, machine_info
 
-WORKLOADS = ("w1", "w2", "w3", "w3s", "w4", "w5", "w7", "flood", "cli")
+WORKLOADS = ("w1", "w2", "w3", "w3s", "w4", "w5", "w7", "flood", "cli", "obs")
 #: Sections run only when asked for (`--etcd`, or named in `--only`).
 EXTRA = ("etcd",)
 DEFAULT_OUT = REPO / "bench" / "results" / "latest.json"
@@ -215,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
                     with services.lockd(root, f"w4-{leases}-pipelined", nofile=nofile) as d:
                         pipelined = workloads.w4_pipelined(d.socket, leases, d.probe) | limit
                         results.setdefault("w4_pipelined", {})[str(leases)] = pipelined
+        if "obs" in only:
+            results["obs"] = _observability(cfg, root, client)
         if "etcd" in only:
             results["etcd"] = _etcd_section(cfg, root, client, args.cli_python)
     finally:
@@ -258,6 +260,26 @@ def _w7(system: str, cfg: Config, root: Path, files: str, client: str) -> dict[s
         config = f"listen_backlog = {cfg.w7_backlog}\n" + config
     with services.lockd(root, f"w7-{next(_w7_daemons)}", config=config) as d:
         return workloads.w7_burst({"kind": client, "socket": d.socket}, cfg.w7_clients, cfg.w7_processes, d.probe)
+
+
+def _observability(cfg: Config, root: Path, client: str) -> dict[str, Any]:
+    """W1 and W3 against a daemon keeping its history and serving its metrics to a scraper
+    that reads them every second, and against one doing neither, interleaved."""
+    listen = root / "obs-metrics.sock"
+    on = f'[history]\nenabled = true\n[metrics]\nlisten = "unix:{listen}"\n'
+    off = "[history]\nenabled = false\n"
+    with services.lockd(root, "obs-on", config=on) as with_obs, services.lockd(root, "obs-off", config=off) as bare, \
+            services.MetricsScraper(str(listen)) as scraper:
+        daemons = {report.OBS_OFF: bare, report.OBS_ON: with_obs}
+        specs = {system: {"kind": client, "socket": daemon.socket} for system, daemon in daemons.items()}
+        out = {
+            "w1": _repeat(cfg.reps, list(daemons), "history + metrics W1", lambda s: _w1(
+                specs[s], cfg.w1_cycles, daemons[s].probe)),
+            "w3": _repeat(cfg.reps, list(daemons), "history + metrics W3", lambda s: workloads.w3_fairness(
+                specs[s], cfg.w3_clients, cfg.w3_seconds, daemons[s].probe)),
+        }
+        out["scrapes"], out["scrape_failures"] = scraper.scrapes, scraper.failures
+    return out
 
 
 def _etcd_section(cfg: Config, root: Path, client: str, cli_python: str) -> dict[str, Any]:

@@ -32,12 +32,18 @@ LABELS = {
     "etcd-kv": "etcd put + delete (no lock)",
     "etcd-lock": "etcd lock API",
     "lockd-etcd": "lockd on etcd",
+    "lockd-obs-off": "lockd, no history, no metrics listener",
+    "lockd-obs-on": "lockd, history + metrics scraped every 1 s",
 }
 #: W3 on a semaphore: a system's key with this suffix is that system taking slots of a
 #: semaphore; without it, the same system on a lock under the same load, its reference.
 SLOTS_SUFFIX = "-slots"
 #: The column of the share of the CPUs that work outside the run took while a row was measured.
 OTHERS = "other work"
+#: The daemons of the observability section: with the history and a scraped metrics
+#: listener, and with neither.
+OBS_ON = "lockd-obs-on"
+OBS_OFF = "lockd-obs-off"
 #: What lockd on etcd is compared with: etcd's lock API driven directly, in the same run.
 ETCD_FLOOR = "etcd-lock"
 
@@ -203,9 +209,29 @@ def tables(results: dict[str, Any]) -> str:
            f"(loglimit's bound for that time: {f['log_line_bound']:,})"]))
     if "cli" in results:
         out.append(_cli_table("CLI", cfg["cli_runs"], results["cli"]))
+    if "obs" in results:
+        out.append(_obs_table(results["obs"], cfg))
     if "etcd" in results:
         out.append(_etcd_tables(results["etcd"], cfg))
     return "\n\n".join(out)
+
+
+def _obs_table(obs: dict[str, Any], cfg: dict[str, Any]) -> str:
+    w1, w3 = obs["w1"]["median"], obs["w3"]["median"]
+    rows = [
+        [LABELS[s], _dig(w1, s, "p50_us"), _dig(w1, s, "p99_us"), _dig(w1, s, "server_cpu_us_per_cycle"),
+         _dig(w3, s, "grants_per_s"), _dig(w3, s, "handoff", "p50_us")]
+        for s in (OBS_OFF, OBS_ON)
+    ]
+    rows.append([
+        "on / off", _ratio(rows[1][1], rows[0][1]), _ratio(rows[1][2], rows[0][2]), _ratio(rows[1][3], rows[0][3]),
+        _ratio(rows[1][4], rows[0][4]), _ratio(rows[1][5], rows[0][5]),
+    ])
+    return "\n".join([_table(
+        f"history + metrics on vs off: W1 {cfg['w1_cycles']:,} cycles, W3 {cfg['w3_clients']} clients "
+        f"{cfg['w3_seconds']:g} s, median of {cfg['reps']} runs, interleaved",
+        ["daemon", "W1 p50 µs", "W1 p99 µs", "W1 server CPU µs/cycle", "W3 grants/s", "W3 handoff p50 µs"], rows,
+    ), f"  scrapes answered: {obs['scrapes']}, failed: {obs['scrape_failures']}"])
 
 
 def _w3s_table(w3s: dict[str, Any], cfg: dict[str, Any]) -> str:
@@ -353,7 +379,20 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         # The wire is msgspec's (one definition of the protocol), so msgspec's import is the floor.
         _target("CLI lockctl / import msgspec",
                 _ratio(_dig(cli, "lockctl acquire", "p50_us"), _dig(cli, "import msgspec", "p50_us")), 1.4, True),
-    ] + (_etcd_targets(results["etcd"]) if "etcd" in results else [])
+    ] + (_obs_targets(results["obs"]) if "obs" in results else []) + (
+        _etcd_targets(results["etcd"]) if "etcd" in results else []
+    )
+
+
+def _obs_targets(obs: dict[str, Any]) -> list[dict[str, Any]]:
+    """History + metrics cost the hot path nothing measurable: within 5% of a daemon without."""
+    w1, w3 = obs["w1"]["median"], obs["w3"]["median"]
+    return [
+        _target("W1 p50, history + metrics on / off",
+                _ratio(_dig(w1, OBS_ON, "p50_us"), _dig(w1, OBS_OFF, "p50_us")), 1.05, True),
+        _target("W3 grants/s, history + metrics on / off",
+                _ratio(_dig(w3, OBS_ON, "grants_per_s"), _dig(w3, OBS_OFF, "grants_per_s")), 0.95, False),
+    ]
 
 
 def _etcd_targets(etcd: dict[str, Any]) -> list[dict[str, Any]]:

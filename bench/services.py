@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -116,6 +117,43 @@ def lockd(
     if etcd is not None:
         argv += ["--backend", "etcd", "--etcd-endpoints", etcd, "--etcd-prefix", f"/lockd-bench/{tag}/"]
     return Service(argv, sock, base / "lockd.log", nofile)
+
+
+class MetricsScraper:
+    """Reads `GET /metrics` from a daemon's Unix-socket listener every `interval` seconds,
+    as Prometheus would, in a thread of its own from entry until exit."""
+
+    def __init__(self, path: str, interval: float = 1.0) -> None:
+        self.path = path
+        self.interval = interval
+        self.scrapes = 0
+        self.failures = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="metrics-scraper", daemon=True)
+
+    def __enter__(self) -> MetricsScraper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                with socket.socket(socket.AF_UNIX) as sock:
+                    sock.settimeout(5)
+                    sock.connect(self.path)
+                    sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: lockd\r\n\r\n")
+                    answer = b""
+                    while chunk := sock.recv(65536):
+                        answer += chunk
+                ok = answer.startswith(b"HTTP/1.1 200 ")
+            except OSError:
+                ok = False
+            self.scrapes += ok
+            self.failures += not ok
 
 
 def echo(root: Path, kind: str) -> Service:

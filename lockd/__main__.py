@@ -10,6 +10,7 @@ the flags and exits the same way, with one line saying OK in place of serving.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -221,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
             sock.close()
         if metrics_sock is not None:
             metrics_sock.close()
+        if metrics_bound is not None:
+            _unlink_if_ours(*metrics_bound)
         if files is not None:
             files.close()
         if tokens is not None:
@@ -312,7 +315,7 @@ async def _serve(
 
         assert isinstance(backend, EtcdBackend)
         etcd = backend
-    metrics = Metrics(conf.metrics.names, etcd=etcd, history=history)
+    metrics = Metrics(conf.metrics.names, backend=backend.name, etcd=etcd, history=history)
     events = EventLog.from_environment()
     observers = [events.record] if history is None else [history.record, events.record]
     server = Server(
@@ -323,6 +326,9 @@ async def _serve(
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve, sockets)
+            # What start-up made (modules, configuration) lives as long as the daemon: frozen,
+            # the collector's full passes, which come as leases pile up, no longer walk it.
+            gc.freeze()
             log.info(
                 "lockd %s serving on %s (backend %s, locks in %s)", __version__, where, backend.name, conf.lock_dir
             )

@@ -30,7 +30,7 @@ Implementations: `flock.backend.FlockBackend` (one host, files in the lock direc
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 import msgspec
@@ -145,9 +145,10 @@ class Backend(BackendView, Protocol):
         that orders requests has withdrawn it from its queue, or is about to).
         """
 
-    def descriptors(self, claim: Claim) -> list[int]:
-        """The lock-file descriptors held for `claim`, one per name, to hand to its holder
-        ([] if none). They stay the backend's: the edge sends copies and never closes them."""
+    def descriptors(self, claim: Claim) -> Sequence[int]:
+        """The lock-file descriptors held for `claim`, one per name, then one per semaphore
+        slot, to hand to its holder (none if none). They stay the backend's: the edge sends
+        copies and never closes them."""
 
     def drop(self, claim: Claim, *, unlock: bool) -> None:
         """Give up what is held or being taken for `claim`. With `unlock` (its holder let go,

@@ -77,7 +77,19 @@ _MIGRATIONS: Final = {1: "ALTER TABLE events ADD COLUMN cause TEXT;"}
 #: The columns of an event, in the order of LeaseEvent's fields.
 _FIELDS: Final = protocol.LeaseEvent.__struct_fields__
 _COLUMNS: Final = ", ".join(_FIELDS)
-_INSERT: Final = f"INSERT INTO events ({_COLUMNS}) VALUES ({', '.join('?' for _ in _FIELDS)})"
+#: Rows one INSERT statement writes: SQLite gives the interpreter's lock back to the event
+#: loop around each statement it runs, so a batch written a row per statement took it back
+#: as many times, each a handoff between the threads. 64 rows stay within the 999 parameters
+#: every SQLite takes.
+ROWS_PER_INSERT: Final = 64
+
+
+def _insert(rows: int) -> str:
+    row = f"({', '.join('?' for _ in _FIELDS)})"
+    return f"INSERT INTO events ({_COLUMNS}) VALUES {', '.join([row] * rows)}"
+
+
+_INSERT_FULL: Final = _insert(ROWS_PER_INSERT)
 
 #: Once an event comes, the writer waits this long for more before it writes them all: the
 #: event loop then only appends to a queue nobody waits on (a writer woken for every event
@@ -272,14 +284,21 @@ class HistoryStore:
 
     def _write(self, conn: sqlite3.Connection, events: list[protocol.LeaseEvent]) -> None:
         user = self._user
-        rows = [
-            (e.time, e.event, e.name, e.mode, e.slots, e.token, e.pid, e.uid, e.user or user(e.uid), e.command,
-             e.label, e.waited, e.held, e.reason, e.exit_status, e.cause)
+        values = [
+            value
             for e in events
+            for value in (
+                e.time, e.event, e.name, e.mode, e.slots, e.token, e.pid, e.uid, e.user or user(e.uid), e.command,
+                e.label, e.waited, e.held, e.reason, e.exit_status, e.cause,
+            )
         ]
+        per_statement = ROWS_PER_INSERT * len(_FIELDS)
         conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.executemany(_INSERT, rows)
+            for start in range(0, len(values), per_statement):
+                chunk = values[start:start + per_statement]
+                rows = len(chunk) // len(_FIELDS)
+                conn.execute(_INSERT_FULL if rows == ROWS_PER_INSERT else _insert(rows), chunk)
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:

@@ -49,6 +49,8 @@ SLOT_MARK: Final = "#"
 # than flock(2) and read an empty file. O_NONBLOCK: opening a FIFO or device someone planted
 # at the path must not hang the daemon.
 _OPEN_FLAGS: Final = os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+#: To look at a slot file that may not exist: never create one for a look.
+_PROBE_FLAGS: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 _KINDS = {
     stat.S_IFDIR: "a directory",
@@ -157,16 +159,17 @@ class LockFiles:
         self.file_mode = file_mode
         self._dir_fd = _open_lock_dir(lock_dir)
         #: Held claim → one descriptor per name, in `claim.names` order, then one per slot it
-        #: holds, in the same order.
-        self._held: dict[Claim, list[int]] = {}
+        #: holds, in the same order. Tuples, as `_files_of`'s: these are kept per lease, and a
+        #: tuple of one costs half of a list of one.
+        self._held: dict[Claim, tuple[int, ...]] = {}
         #: Name → the numbers of its slot files held for claims, and each held claim's slots.
         self._slots_taken: dict[str, set[int]] = {}
         self._slots_of: dict[Claim, list[tuple[str, int]]] = {}
-        #: Held claim → the file and mode of each of those descriptors, and how many held
-        #: claims hold each file in each mode: what the daemon itself holds, as the host's
-        #: list of locks names it. Changed only here, on the event loop; read by copying.
-        self._files_of: dict[Claim, list[tuple[procinfo.FileKey, Mode]]] = {}
-        self._files: dict[tuple[procinfo.FileKey, Mode], int] = {}
+        #: Held claim → the flock of each of those descriptors (`_flock_id`: its file and mode),
+        #: and how many held claims hold each of them: what the daemon itself holds, as the
+        #: host's list of locks names it. Changed only here, on the event loop; read by copying.
+        self._files_of: dict[Claim, tuple[int, ...]] = {}
+        self._files: dict[int, int] = {}
 
     def close(self) -> None:
         """Close every descriptor, leaving each lock to the copies handed out (see the module
@@ -194,9 +197,9 @@ class LockFiles:
         if claim in self._held:
             return True
         fds: list[int] = []
-        files: list[tuple[procinfo.FileKey, Mode]] = []
+        files: list[int] = []
         slot_fds: list[int] = []
-        slot_files: list[tuple[procinfo.FileKey, Mode]] = []
+        slot_files: list[int] = []
         slots: list[tuple[str, int]] = []
         try:
             # Slots first: while every slot is held, a waiting claim touches no file at all,
@@ -207,28 +210,28 @@ class LockFiles:
                 if slot is None:
                     _close_all(slot_fds)
                     return False
-                fd, key, number = slot
+                fd, file, number = slot
                 slot_fds.append(fd)
-                slot_files.append((key, "exclusive"))
+                slot_files.append(file | True)
                 slots.append((name, number))
             for name in claim.names:
-                fd, key = self._open(name + SUFFIX)
+                fd, file = self._open(name + SUFFIX)
                 fds.append(fd)
-                mode = claim.mode_on(name)
                 # A slot of a semaphore is a shared flock here: an outside exclusive `flock`
                 # waits for every slot to be free, and holds every slot off while it runs.
-                operation = (fcntl.LOCK_SH if mode == "shared" else fcntl.LOCK_EX) | fcntl.LOCK_NB
+                exclusive = not claim.shared_on(name)
+                operation = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
                 if not self._flock(fd, operation, name + SUFFIX):
                     _close_all(fds + slot_fds)
                     return False
-                files.append((key, mode))
+                files.append(file | exclusive)
         except BaseException:
             _close_all(fds + slot_fds)
             raise
         fds += slot_fds
         files += slot_files
-        self._held[claim] = fds
-        self._files_of[claim] = files
+        self._held[claim] = tuple(fds)
+        self._files_of[claim] = tuple(files)
         for file in files:
             self._files[file] = self._files.get(file, 0) + 1
         if slots:
@@ -237,29 +240,79 @@ class LockFiles:
                 self._slots_taken.setdefault(name, set()).add(number)
         return True
 
-    def _take_slot(self, name: str, count: int) -> tuple[int, procinfo.FileKey, int] | None:
+    def _take_slot(self, name: str, count: int) -> tuple[int, int, int] | None:
         """Flock one of `name`'s `count` slot files that no claim holds, exclusive: its
-        descriptor, file and number; None if each is held (by work a lease left behind)."""
+        descriptor, file (as `_open` gives it) and number; None if each is held (by work a
+        lease left behind), or if work left behind by a semaphore of more slots still holds
+        slot files numbered `count` and up, so that `count` are held already."""
         taken = self._slots_taken.get(name, ())
         for number in range(count):
             if number in taken:
                 continue
-            filename = f"{name}{SLOT_MARK}{number}{SUFFIX}"
-            fd, key = self._open(filename)
+            filename = self._slot_file(name, number)
+            fd, file = self._open(filename)
             try:
                 if self._flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, filename):
-                    return fd, key, number
+                    beyond = self._slots_held_from(name, count)
+                    if beyond and self._held_below(name, count, number) + beyond >= count:
+                        os.close(fd)
+                        return None
+                    return fd, file, number
             except BaseException:
                 os.close(fd)
                 raise
             os.close(fd)
         return None
 
-    def descriptors(self, claim: Claim) -> list[int]:
+    def _held_below(self, name: str, count: int, mine: int) -> int:
+        """How many of `name`'s slot files numbered below `count` are held, but for `mine`:
+        by claims, or by work that leases left behind."""
+        taken = self._slots_taken.get(name, ())
+        held = len(taken)
+        for number in range(count):
+            if number != mine and number not in taken and self._slot_held(name, number):
+                held += 1
+        return held
+
+    def _slots_held_from(self, name: str, first: int) -> int:
+        """How many of `name`'s slot files numbered `first` and up are held (they were made
+        for a semaphore of more slots, and its work may run on); stops at the first missing."""
+        held = 0
+        for number in range(first, MAX_SLOTS):
+            state = self._slot_held(name, number)
+            if state is None:
+                break
+            held += state
+        return held
+
+    def _slot_held(self, name: str, number: int) -> bool | None:
+        """Whether slot file `number` of `name` is held; None if it does not exist (never made
+        here) or is no regular file. Looks without creating it or keeping any lock."""
+        try:
+            fd = os.open(self._slot_file(name, number), _PROBE_FLAGS, dir_fd=self._dir_fd)
+        except OSError:
+            return None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        return False
+
+    @staticmethod
+    def _slot_file(name: str, number: int) -> str:
+        return f"{name}{SLOT_MARK}{number}{SUFFIX}"
+
+    def descriptors(self, claim: Claim) -> tuple[int, ...]:
         """The descriptors holding `claim`'s flocks, one per name in `claim.names` order, then
-        one per slot in `claim.slots` order, to hand to its holder; [] if it holds none. They
+        one per slot in `claim.slots` order, to hand to its holder; () if it holds none. They
         stay the daemon's: never close them."""
-        return self._held.get(claim, [])
+        return self._held.get(claim, ())
 
     def unlock(self, claim: Claim) -> None:
         """Release `claim`'s flocks, for every copy of their descriptors, and close the
@@ -277,7 +330,7 @@ class LockFiles:
         if fds is not None:
             _close_all(fds)
 
-    def _let_go(self, claim: Claim) -> list[int] | None:
+    def _let_go(self, claim: Claim) -> tuple[int, ...] | None:
         """Forget `claim`'s descriptors (the caller closes them); None if it holds none."""
         fds = self._held.pop(claim, None)
         if fds is not None:
@@ -294,7 +347,7 @@ class LockFiles:
                     del self._slots_taken[name]
         return fds
 
-    def _held_files(self) -> dict[tuple[procinfo.FileKey, Mode], int]:
+    def _held_files(self) -> dict[int, int]:
         """A copy of `_files`, taken without letting the event loop's thread run meanwhile
         (a dict's copy holds the GIL): safe from the thread that reads the host's locks."""
         return self._files.copy()
@@ -353,8 +406,9 @@ class LockFiles:
             if key not in by_key and not (every_file and key[:2] == here):
                 continue
             mode: Mode = "exclusive" if exclusive else "shared"
-            if number == me and mine.get((key, mode), 0) > 0:
-                mine[(key, mode)] -= 1
+            flock = _flock_id(os.makedev(key[0], key[1]), key[2], exclusive)
+            if number == me and mine.get(flock, 0) > 0:
+                mine[flock] -= 1
                 continue  # lockd's own lease: the table knows it
             # 0: the holder lives in a pid namespace this one cannot see into.
             taken.append((key, number if number > 0 else None, mode))
@@ -387,7 +441,7 @@ class LockFiles:
         """`name`'s lock file, then its slot files in order (the caller stops at a missing one)."""
         yield name + SUFFIX
         for number in range(MAX_SLOTS):
-            yield f"{name}{SLOT_MARK}{number}{SUFFIX}"
+            yield LockFiles._slot_file(name, number)
 
     def _names_of(self, inodes: set[int]) -> Iterator[tuple[str, int, bool]]:
         """The lock names whose files (lock files or slot files) have these inode numbers,
@@ -404,9 +458,9 @@ class LockFiles:
 
     # --- internals ----------------------------------------------------------------------------
 
-    def _open(self, filename: str) -> tuple[int, procinfo.FileKey]:
+    def _open(self, filename: str) -> tuple[int, int]:
         """Open `filename`, a lock or slot file, creating it; only a regular file is
-        returned, with the file as the kernel's lock lists name it."""
+        returned, with the file as `_flock_id` of it shared."""
         try:
             fd = os.open(filename, _OPEN_FLAGS, self.file_mode, dir_fd=self._dir_fd)
         except OSError as err:
@@ -423,7 +477,7 @@ class LockFiles:
                 f"{self.lock_dir / filename} is {kind}; lockd only locks regular files in its "
                 "lock directory: remove it"
             )
-        return fd, (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+        return fd, _flock_id(st.st_dev, st.st_ino, False)
 
     def _flock(self, fd: int, operation: int, filename: str) -> bool:
         """Apply `operation` to `fd`, open on `filename`: True if taken, False if busy."""
@@ -464,6 +518,13 @@ class LockFiles:
         )
 
 
-def _close_all(fds: list[int]) -> None:
+def _flock_id(device: int, inode: int, exclusive: bool) -> int:
+    """An flock on the file `inode` of `device` (as `st_dev` gives it), in a mode: one int
+    rather than a tuple, as it is kept for every lease. `_flock_id(d, i, False) | True` is the
+    exclusive one."""
+    return (device << 65) | (inode << 1) | exclusive
+
+
+def _close_all(fds: Iterable[int]) -> None:
     for fd in fds:
         os.close(fd)

@@ -7,20 +7,27 @@ Invariants:
   operations and a bisect per histogram an event feeds (one; two for a name with series of
   its own), and nothing on the hot path knows of the exposition format. Every gauge (leases
   held, waiters, the oldest lease and waiter, connections, the history writer, the etcd
-  session) is read from its owner at render time.
+  session, the process's descriptors) is read from its owner at render time.
+- A render costs the same however many leases are live, but for the names with series of
+  their own: the service keeps its census as tickets change (lockd.census), and only the
+  lines of those names are visited. A name is matched against the globs once, when first
+  seen (`note`, `observe`), never per render. Renders less than CACHE_SECONDS apart share
+  one text, so scrapes however many and however fast cost one render a second at most.
 - A lock name is a label value only where it matches one of the configured globs
   (`[metrics] names`); with none configured no series names a lock, so the number of series
   stays the same whatever names clients use. Per-name counts are kept for matching names
   only.
-- Rendering reads what it shows and changes nothing.
+- Rendering changes nothing but the cache.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import math
+import os
 import re
+import resource
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Final, Protocol
 
 from lockd_client import protocol
@@ -28,8 +35,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
+from . import __version__
+from .census import MODES, Census
 from .histogram import Histogram
-from .table import TAKING, WAITING, LockTable
 
 #: Upper bounds (seconds) of the wait- and hold-time buckets: a lock is waited for or held for
 #: anything from a millisecond (a cron job's guard) to a day (a long backup).
@@ -39,8 +47,10 @@ SECONDS_BUCKETS: Final = (
 )
 #: How many names `Metrics` remembers not to match its globs.
 _UNMATCHED_KEPT: Final = 4096
-#: The modes a lease holds a name in; a semaphore's slot is its own mode here.
-MODES: Final = ("exclusive", "shared", "semaphore")
+#: Seconds a rendered text is served again rather than rendered anew.
+CACHE_SECONDS: Final = 1.0
+#: The families only the etcd backend has (the flock daemon never shows them).
+ETCD_FAMILIES: Final = ("lockd_etcd_lease_alive", "lockd_etcd_keepalive_age_seconds", "lockd_etcd_request_seconds")
 #: How a lease ended when it was `released`: as its holder asked, or with its holder gone.
 RELEASE_REASONS: Final = ("requested", "abandoned")
 #: Why a lease was `lost` (see `loss_reason`).
@@ -63,6 +73,20 @@ class HistoryStats(Protocol):
     @property
     def dropped(self) -> int:
         """Events never written (the queue was full, or the disk failed), since the start."""
+
+
+class ServiceStats(Protocol):
+    """What the metrics read of the lock service (lockd.service)."""
+
+    def census(self) -> Census:
+        """Who holds and who waits now, in all."""
+
+    def name_census(self, name: str) -> Census:
+        """Who holds and who waits on `name` now."""
+
+    @property
+    def subscriptions_dropped(self) -> int:
+        """Subscriptions dropped for not reading their events in time, since the start."""
 
 
 class EtcdStats(Protocol):
@@ -114,34 +138,33 @@ class _Counts:
             if event.held is not None:
                 self.hold.observe(event.held)
         elif kind == "refused":
-            reason = event.reason or "unknown"
-            self.refusals[reason] = self.refusals.get(reason, 0) + 1
+            code = event.reason or "unknown"
+            self.refusals[code] = self.refusals.get(code, 0) + 1
         else:
             self.breaks += 1
-
-
-@dataclass(slots=True)
-class _Census:
-    """Who holds and awaits some names now: (lease, name) pairs by mode, and since when the
-    longest held and longest waiting of them have been so (the table's clock)."""
-
-    held: dict[str, int] = field(default_factory=lambda: dict.fromkeys(MODES, 0))
-    waiting: dict[str, int] = field(default_factory=lambda: dict.fromkeys(MODES, 0))
-    held_since: float | None = None
-    waiting_since: float | None = None
 
 
 class Metrics:
     """The daemon's metrics: `observe` is a `Server` observer; `render` writes them out."""
 
     def __init__(
-        self, names: Sequence[str] = (), *, history: HistoryStats | None = None, etcd: EtcdStats | None = None,
+        self, names: Sequence[str] = (), *, backend: str = "flock", history: HistoryStats | None = None,
+        etcd: EtcdStats | None = None,
     ) -> None:
         """`names`: globs (fnmatch, case-sensitive) of the names that get series of their
-        own. `history` and `etcd`, where the daemon has them, are read at render time."""
+        own. `backend`: the backend's name, for `lockd_build_info`. `history` and `etcd`,
+        where the daemon has them, are read at render time."""
         self._matches = _matcher(names)
+        self._backend = backend
         self._history = history
         self._etcd = etcd
+        #: When the text in `_text` was rendered (on the callers' clock).
+        self._rendered_at = -math.inf
+        self._text = b""
+        #: What the render under way reads (the registry's collectors take no arguments).
+        self._reading: tuple[ServiceStats, int, float] | None = None
+        self._registry = CollectorRegistry(auto_describe=False)
+        self._registry.register(_Collector(self))
         self._all = _Counts()
         #: name → its counts, for the names that match `names` and had an event.
         self._named: dict[str, _Counts] = {}
@@ -152,38 +175,69 @@ class Metrics:
     def observe(self, event: protocol.LeaseEvent) -> None:
         """Count `event`. Returns at once and never raises (a `Server` observer)."""
         self._all.count(event)
-        if self._matches is None:
-            return
-        name = event.name
+        if self._matches is not None:
+            named = self._counts_of(event.name)
+            if named is not None:
+                named.count(event)
+
+    def note(self, names: tuple[str, ...]) -> None:
+        """A request for `names` arrived: those that match the globs get series from now on,
+        even if none of them is ever granted. Returns at once and never raises."""
+        if self._matches is not None:
+            for name in names:
+                self._counts_of(name)
+
+    def _counts_of(self, name: str) -> _Counts | None:
+        """The counts of `name` if it matches the globs (made on its first sight), else None."""
         named = self._named.get(name)
         if named is None:
             if name in self._unmatched:
-                return
+                return None
+            assert self._matches is not None
             if not self._matches(name):
                 if len(self._unmatched) >= _UNMATCHED_KEPT:
                     self._unmatched.clear()
                 self._unmatched[name] = None
-                return
+                return None
             named = self._named[name] = _Counts()
-        named.count(event)
+        return named
 
-    def render(self, table: LockTable, connections: int, now: float) -> bytes:
+    def render(self, service: ServiceStats, connections: int, now: float) -> bytes:
         """The metrics in the Prometheus text format (version 0.0.4), with the gauges read
-        from `table` (at `now`, on its clock), `connections` and the sources given."""
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(_Collector(self, table, connections, now))
-        return generate_latest(registry)
+        from `service` (at `now`, on its clock), `connections` and the sources given; the
+        text rendered less than CACHE_SECONDS before `now`, if there is one."""
+        if 0 <= now - self._rendered_at < CACHE_SECONDS:
+            return self._text
+        self._reading = service, connections, now
+        try:
+            self._text = generate_latest(self._registry)
+        finally:
+            self._reading = None
+        self._rendered_at = now
+        return self._text
 
-    def collect(self, table: LockTable, connections: int, now: float) -> Iterator[Metric]:
-        everyone, named = self._census(table)
-        yield from _counters("lockd", [], [([], self._all)])
-        yield from _gauges("lockd", [], [([], everyone)], now)
+    def collect(self) -> Iterator[Metric]:
+        assert self._reading is not None, "collected outside render()"
+        service, connections, now = self._reading
+        yield from _counters("lockd", [], [([], self._all)], "")
+        yield from _gauges("lockd", [], [([], service.census())], now, "")
         yield _gauge("lockd_connections", "Client connections served now.", connections)
-        names = sorted(self._named.keys() | named.keys())
+        yield CounterMetricFamily(
+            "lockd_subscriptions_dropped", "Event subscriptions dropped because their client did not read "
+            "its events in time.", service.subscriptions_dropped,
+        )
+        build = GaugeMetricFamily(
+            "lockd_build_info", "Always 1: the daemon's version and backend, as labels.", labels=["version", "backend"],
+        )
+        build.add_metric([__version__, self._backend], 1)
+        yield build
+        yield from _descriptors()
+        names = sorted(self._named)
         if names:
-            counts = [([name], self._named.get(name) or _Counts()) for name in names]
-            yield from _counters("lockd_name", ["name"], counts)
-            yield from _gauges("lockd_name", ["name"], [([name], named.get(name) or _Census()) for name in names], now)
+            counts = [([name], self._named[name]) for name in names]
+            yield from _counters("lockd_name", ["name"], counts, _PER_NAME)
+            censuses = [([name], service.name_census(name)) for name in names]
+            yield from _gauges("lockd_name", ["name"], censuses, now, _PER_NAME)
         if self._history is not None:
             yield _gauge(
                 "lockd_history_backlog", "Lease events waiting to be written to the history.",
@@ -196,44 +250,15 @@ class Metrics:
         if self._etcd is not None:
             yield from _etcd_metrics(self._etcd)
 
-    def _census(self, table: LockTable) -> tuple[_Census, dict[str, _Census]]:
-        """Who holds and awaits every name now, and each name that gets series of its own.
-        Costs a visit of every (lease, name) pair in the table."""
-        everyone = _Census()
-        named: dict[str, _Census] = {}
-        # Where the backend orders requests, a ticket it is still taking waits in its queue.
-        queued = TAKING if table.ordered_by_backend else WAITING
-        for name in table.names():
-            censuses = [everyone]
-            if self._matches is not None and self._matches(name):
-                censuses.append(named.setdefault(name, _Census()))
-            semaphore = table.slots_of(name) is not None
-            for ticket in table.queue(name):
-                mode = "semaphore" if semaphore else "shared" if ticket.shared else "exclusive"
-                since = ticket.since
-                for census in censuses:
-                    if ticket.state is queued:
-                        census.waiting[mode] += 1
-                        if census.waiting_since is None or since < census.waiting_since:
-                            census.waiting_since = since
-                    else:
-                        census.held[mode] += 1
-                        if census.held_since is None or since < census.held_since:
-                            census.held_since = since
-        return everyone, named
-
 
 class _Collector:
-    """One render's view of the metrics, for `prometheus_client` (a `Collector`)."""
+    """The metrics, for `prometheus_client`'s registry (a `Collector`)."""
 
-    def __init__(self, metrics: Metrics, table: LockTable, connections: int, now: float) -> None:
+    def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
-        self._table = table
-        self._connections = connections
-        self._now = now
 
     def collect(self) -> Iterable[Metric]:
-        return self._metrics.collect(self._table, self._connections, self._now)
+        return self._metrics.collect()
 
 
 def _matcher(patterns: Sequence[str]) -> Callable[[str], bool] | None:
@@ -248,6 +273,8 @@ def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, documentation, value)
 
 
+#: What the help of a per-name family adds.
+_PER_NAME: Final = " For the names in lockd's [metrics] names."
 #: The counters of a `_Counts`: (name suffix, help, label, the counts it reads).
 _COUNTERS: Final[list[tuple[str, str, str | None, Callable[[_Counts], Mapping[str, int] | int]]]] = [
     ("grants", "Leases granted, per name they hold, by mode.", "mode", lambda c: c.grants),
@@ -255,8 +282,8 @@ _COUNTERS: Final[list[tuple[str, str, str | None, Callable[[_Counts], Mapping[st
      "(abandoned), per name.", "reason", lambda c: c.releases),
     ("losses", "Leases lost, per name: broken and not let go in time (overdue), the daemon "
      "stopping (shutdown), or the backend (backend).", "reason", lambda c: c.losses),
-    ("refusals", "Requests refused, per name, by the error code (busy, timeout, permission_denied, "
-     "limit, ...).", "reason", lambda c: c.refusals),
+    ("refusals", "Requests refused, per name, by the error code the client got (busy, timeout, "
+     "permission_denied, limit, ...).", "code", lambda c: c.refusals),
     ("breaks", "Leases broken by a forced release, per name.", None, lambda c: c.breaks),
 ]
 #: The histograms of a `_Counts`.
@@ -266,11 +293,14 @@ _HISTOGRAMS: Final[list[tuple[str, str, Callable[[_Counts], Histogram]]]] = [
 ]
 
 
-def _counters(prefix: str, labels: list[str], rows: list[tuple[list[str], _Counts]]) -> Iterator[Metric]:
-    """The counters and histograms of each row's counts, its label values first."""
+def _counters(
+    prefix: str, labels: list[str], rows: list[tuple[list[str], _Counts]], scope: str,
+) -> Iterator[Metric]:
+    """The counters and histograms of each row's counts, its label values first; `scope`
+    ends each help text."""
     for suffix, documentation, label, read in _COUNTERS:
         family = CounterMetricFamily(
-            f"{prefix}_{suffix}", documentation, labels=labels if label is None else [*labels, label],
+            f"{prefix}_{suffix}", documentation + scope, labels=labels if label is None else [*labels, label],
         )
         for values, counts in rows:
             value = read(counts)
@@ -281,28 +311,32 @@ def _counters(prefix: str, labels: list[str], rows: list[tuple[list[str], _Count
                     family.add_metric([*values, key], count)
         yield family
     for suffix, documentation, histogram in _HISTOGRAMS:
-        histograms = HistogramMetricFamily(f"{prefix}_{suffix}", documentation, labels=labels)
+        histograms = HistogramMetricFamily(f"{prefix}_{suffix}", documentation + scope, labels=labels)
         for values, counts in rows:
             seen = histogram(counts)
             histograms.add_metric(values, seen.cumulative(), seen.total)
         yield histograms
 
 
-def _gauges(prefix: str, labels: list[str], rows: list[tuple[list[str], _Census]], now: float) -> Iterator[Metric]:
-    """The gauges of each row's census, its label values first."""
+def _gauges(
+    prefix: str, labels: list[str], rows: list[tuple[list[str], Census]], now: float, scope: str,
+) -> Iterator[Metric]:
+    """The gauges of each row's census, its label values first; `scope` ends each help text."""
     held = GaugeMetricFamily(
-        f"{prefix}_leases_held", "Leases held now, per name they hold, by mode.", labels=[*labels, "mode"],
+        f"{prefix}_leases_held", "Leases held now (granted, or broken and not let go yet), per name they "
+        "hold, by mode." + scope, labels=[*labels, "mode"],
     )
     waiting = GaugeMetricFamily(
-        f"{prefix}_waiters", "Requests waiting now, per name they wait for, by mode.", labels=[*labels, "mode"],
+        f"{prefix}_waiters", "Requests waiting now (queued, or being taken behind a holder outside lockd), "
+        "per name they wait for, by mode." + scope, labels=[*labels, "mode"],
     )
     oldest_held = GaugeMetricFamily(
-        f"{prefix}_lease_oldest_held_seconds", "Seconds the longest-held lease has been held (0: none is).",
-        labels=labels,
+        f"{prefix}_lease_oldest_held_seconds", "Seconds the longest-held lease has been held (0: none is)."
+        + scope, labels=labels,
     )
     oldest_waiting = GaugeMetricFamily(
         f"{prefix}_waiter_oldest_waiting_seconds",
-        "Seconds the longest-waiting request has been waiting (0: none is).", labels=labels,
+        "Seconds the longest-waiting request has been waiting (0: none is)." + scope, labels=labels,
     )
     for values, census in rows:
         for mode in MODES:
@@ -313,20 +347,35 @@ def _gauges(prefix: str, labels: list[str], rows: list[tuple[list[str], _Census]
     yield from (held, waiting, oldest_held, oldest_waiting)
 
 
+def _descriptors() -> Iterator[Metric]:
+    """The process's open descriptors and their limit, under the names prometheus_client's
+    ProcessCollector gives them: lockd holds some per lease, and running out refuses leases.
+    Not that collector itself: it lists /proc/self/fd, 15 ms per 20,000 descriptors here, on
+    the event loop; Linux 6.2 and later give the count as the directory's size, in O(1)."""
+    try:
+        count = os.stat("/proc/self/fd").st_size or len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return  # not Linux: no /proc
+    yield _gauge("process_open_fds", "Number of open file descriptors.", count)
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    yield _gauge("process_max_fds", "Maximum number of open file descriptors.", limit)
+
+
 def _age(since: float | None, now: float) -> float:
     return 0.0 if since is None else max(0.0, now - since)
 
 
 def _etcd_metrics(etcd: EtcdStats) -> Iterator[Metric]:
     alive, age = etcd.lease_state()
-    yield _gauge("lockd_etcd_lease_alive", "1 while the daemon holds an etcd lease it vouches for, else 0.", alive)
+    lease_alive, keepalive_age, request_seconds = ETCD_FAMILIES
+    yield _gauge(lease_alive, "1 while the daemon holds an etcd lease it vouches for, else 0.", alive)
     if age is not None:
         yield _gauge(
-            "lockd_etcd_keepalive_age_seconds",
+            keepalive_age,
             "Seconds since the keep-alive that last confirmed the etcd lease was sent.", age,
         )
     family = HistogramMetricFamily(
-        "lockd_etcd_request_seconds", "Seconds each etcd request took, answered or not, by API call.",
+        request_seconds, "Seconds each etcd request took, answered or not, by API call.",
         labels=["call"],
     )
     for call, seen in sorted(etcd.request_seconds.items()):

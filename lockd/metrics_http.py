@@ -1,13 +1,18 @@
 """The metrics listener (`[metrics] listen`): `GET /metrics` over HTTP/1.1, on a TCP address
 or a Unix socket, for Prometheus to scrape.
 
-Invariant: it can cost the lock service no more than rendering the metrics. At most
-MAX_CLIENTS connections are served at once (more wait in the kernel's backlog, holding none
-of lockd's descriptors); each may send a request head of at most MAX_HEAD bytes within
-REQUEST_TIMEOUT, gets one answer within SEND_TIMEOUT, and is closed (`Connection: close`).
-Anything but `GET` or `HEAD` of `/metrics` is answered with an error status. No failure of
-the listener or of a connection reaches the rest of the daemon: it is logged, and at worst
-the metrics are no longer served.
+Invariants:
+- It can cost the lock service no more than rendering the metrics. At most MAX_CLIENTS
+  connections are served at once, one more while it waits for a slot (others wait in the
+  kernel's backlog, holding none of lockd's descriptors); each may send a request head of at
+  most MAX_HEAD bytes within REQUEST_TIMEOUT, gets one answer within SEND_TIMEOUT, and is
+  closed (`Connection: close`). Anything but `GET` or `HEAD` of `/metrics` is answered with
+  an error status.
+- Idle connections cannot keep a scraper out: a connection that arrives when every slot is
+  taken evicts the oldest of those still waiting for their request head (closed at once,
+  unanswered), and takes its slot.
+- No failure of the listener or of a connection reaches the rest of the daemon: it is
+  logged, and at worst the metrics are no longer served.
 
 A responder of our own rather than a library: the one request it serves needs a few dozen
 lines, and the HTTP servers that run on trio bring a framework and more dependencies than
@@ -33,8 +38,9 @@ log = logging.getLogger("lockd")
 MAX_CLIENTS: Final = 8
 #: The longest request head (request line and headers) read; a longer one gets 431.
 MAX_HEAD: Final = 8192
-#: Seconds a client has to send its request head, and to take the answer.
-REQUEST_TIMEOUT: Final = 10.0
+#: Seconds a client has to send its request head (a scraper sends it at once), and to take
+#: the answer.
+REQUEST_TIMEOUT: Final = 2.0
 SEND_TIMEOUT: Final = 10.0
 #: How long to wait before accepting again when accept() fails for want of resources.
 ACCEPT_RETRY: Final = 0.1
@@ -79,28 +85,43 @@ async def serve(sock: socket.socket, render: Callable[[], bytes]) -> None:
     A failure of the listener itself is logged and ends only this."""
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
     free = trio.Semaphore(MAX_CLIENTS)
+    #: The scopes of the connections still reading their request head, oldest first.
+    idle: dict[trio.CancelScope, None] = {}
     try:
         async with listener, trio.open_nursery() as nursery:
             while True:
-                await free.acquire()
                 try:
                     stream = await listener.accept()
                 except OSError as exc:
                     # Out of descriptors or memory: the lock service needs them more.
-                    free.release()
                     log.warning("metrics listener: cannot accept a connection: %s; retrying", exc.strerror)
                     await trio.sleep(ACCEPT_RETRY)
                     continue
-                nursery.start_soon(_answer, stream, render, free)
+                if free.value == 0 and idle:
+                    next(iter(idle)).cancel()  # its task gives its slot back as it ends
+                await free.acquire()
+                nursery.start_soon(_answer, stream, render, free, idle)
     except Exception:
         log.exception("the metrics listener failed; lockd serves on without it")
 
 
-async def _answer(stream: trio.SocketStream, render: Callable[[], bytes], free: trio.Semaphore) -> None:
-    """Read one request from `stream`, answer it, close it. Cancellation closes it at once."""
+async def _answer(
+    stream: trio.SocketStream, render: Callable[[], bytes], free: trio.Semaphore,
+    idle: dict[trio.CancelScope, None],
+) -> None:
+    """Read one request from `stream`, answer it, close it; while reading, its scope is in
+    `idle`, where cancelling it (an eviction) closes the connection unanswered.
+    Cancellation closes it at once."""
     try:
-        with trio.move_on_after(REQUEST_TIMEOUT) as reading:
-            head = await _read_head(stream)
+        with trio.CancelScope() as evicted:
+            idle[evicted] = None
+            try:
+                with trio.move_on_after(REQUEST_TIMEOUT) as reading:
+                    head = await _read_head(stream)
+            finally:
+                del idle[evicted]
+        if evicted.cancelled_caught:
+            return
         if reading.cancelled_caught:
             response = _response(408, f"send the request within {REQUEST_TIMEOUT:g} seconds\n")
         elif head is None:

@@ -85,13 +85,14 @@ class Server:
         per-name series and no other sources) counts them too, and answers `Metrics`.
         `history` answers `History` requests; None: the history is off."""
         self.backend = backend
-        self.metrics = Metrics() if metrics is None else metrics
+        self.metrics = Metrics(backend=backend.name) if metrics is None else metrics
         self._observers = (self.metrics.observe, *observers)
         self._history = history
         self._history_readers = trio.CapacityLimiter(HISTORY_READERS)
         self.service = LockService(
             table, Processes(pidfds.open_process), limits, policy, backend,
             clock=trio.current_time, wall_clock=time.time, history=history is not None,
+            arrivals=self.metrics.note,
         )
         self._session_ids = itertools.count(1)
         #: The backend's takes running in tasks of their own, each with the scope that stops it.
@@ -293,7 +294,7 @@ class Server:
 
     def render_metrics(self) -> bytes:
         """The daemon's metrics, in the Prometheus text format (see lockd.metrics)."""
-        return self.metrics.render(self.service.table, len(self.service.clients), trio.current_time())
+        return self.metrics.render(self.service, len(self.service.clients), trio.current_time())
 
     def _send_metrics(self, order: SendMetrics) -> None:
         try:

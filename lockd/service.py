@@ -60,6 +60,7 @@ from lockd_client.protocol import Cause
 
 from . import __version__, admission
 from .backend import BackendView, Claim
+from .census import Census, Tally, name_census
 from .config import Limits
 from .events import Subscribers, Subscription, ending, lease_events, refusal_events
 from .loglimit import Kind, LogLimiter
@@ -109,6 +110,9 @@ LOST_SHUTDOWN: Final = "the daemon is shutting down"
 INTERNAL_PROBLEM: Final = "internal error in lockd (it is logged); retry"
 #: The states `status` shows as holding: a broken lease holds until its owner has let go.
 _SHOWN_HELD: Final = (HELD, BREAKING)
+#: The slots of every claim that takes no semaphore: one empty dict for them all, rather than
+#: one per lease (msgspec makes a new one for each default). Never changed.
+_NO_SLOTS: Final[dict[str, int]] = {}
 #: What this daemon offers beyond the first version of the protocol (Welcome.features).
 _FEATURES: Final = (protocol.Feature.SEMAPHORES, protocol.Feature.EVENTS, protocol.Feature.METRICS)
 #: Subscriptions one connection may hold: one can name any number of locks, so more than a
@@ -229,13 +233,16 @@ class LockService:
     def __init__(
         self, table: LockTable, processes: Processes, limits: Limits, policy: Policy, backend: BackendView, *,
         clock: Callable[[], float], wall_clock: Callable[[], float], history: bool = False,
+        arrivals: Callable[[tuple[str, ...]], None] | None = None,
     ) -> None:
         """`table` must order requests itself exactly when `backend` does not. `clock` tells
         the time on the table's scale (monotonic seconds), and `wall_clock` Unix time, read
         each time an event is recorded or a time shown: a clock set or stepped after the
         start (time sync after an early boot) moves what follows, never what was recorded.
         `history`: whether the shell keeps the events and answers `History` requests
-        (`HistoryLook`)."""
+        (`HistoryLook`). `arrivals`, if given, is told the names of every request the table
+        takes in (it must return at once and never raise: the metrics note the names they
+        follow)."""
         assert table.ordered_by_backend == backend.orders_requests
         self.table = table
         self.processes = processes
@@ -263,6 +270,10 @@ class LockService:
         self.stopping = False
         self._noise = LogLimiter()
         self._subscribers = Subscribers()
+        self._subscriptions_dropped = 0
+        #: Who holds and who waits, kept as tickets arrive, are granted and end.
+        self._tally = Tally()
+        self._arrivals = arrivals
 
     # --- connections --------------------------------------------------------------------------
 
@@ -401,14 +412,19 @@ class LockService:
         who = process or client
         claim = Claim(
             names=tuple(names), shared=request.mode == "shared", wait=timeout != 0, pid=who.pid, uid=who.uid,
-            gid=None if process is not None else client.gid, command=who.command, label=label, slots=slots,
+            gid=None if process is not None else client.gid, command=who.command, label=label,
+            slots=slots or _NO_SLOTS,
         )
         now = self._clock()
         deadline = now + timeout if timeout else None
+        # The claim's names: the ticket keeps the same tuple.
         ticket, effects = self.table.acquire(
-            client, names, shared=claim.shared, wait=claim.wait, deadline=deadline, now=now,
+            client, claim.names, shared=claim.shared, wait=claim.wait, deadline=deadline, now=now,
             info=Party(client, request.id, claim, process, now), slots=slots,
         )
+        self._tally.arrived(ticket)
+        if self._arrivals is not None:
+            self._arrivals(ticket.names)
         client.tickets[request.id] = ticket
         client.names += len(ticket.names)
         self._uid_names[client.uid] = self._uid_names.get(client.uid, 0) + len(ticket.names)
@@ -464,6 +480,7 @@ class LockService:
         client = self.clients.get(peer)
         if client is None or not self._subscribers.unsubscribe(client, subscription_id):
             return
+        self._subscriptions_dropped += 1
         self._log_noise(
             DROPPED_SUBSCRIPTION, client.uid, "lagging",
             "%r: subscription %d dropped: it did not read its events in time", client, subscription_id,
@@ -770,10 +787,27 @@ class LockService:
         self.policy = policy
         self._subscribers.revisit(policy.events_visible_to)
 
+    def census(self) -> Census:
+        """Who holds and who waits now, as `status` shows them: held once granted (also
+        while broken), waiting until then, the backend's takes included (see lockd.census).
+        O(1), amortized."""
+        return self._tally.census()
+
+    def name_census(self, name: str) -> Census:
+        """The same for the tickets on `name` alone. Costs a visit of each of them."""
+        return name_census(self.table, name)
+
     def counts(self) -> tuple[int, int, int]:
-        """How many leases are held, requests wait, and clients are connected."""
-        waiting = self.table.waiting_count()
-        return len(self.table) - waiting, waiting, len(self.clients)
+        """How many leases are held, requests wait (as `census` counts them), and clients
+        are connected."""
+        census = self._tally.census()
+        return census.leases, census.requests, len(self.clients)
+
+    @property
+    def subscriptions_dropped(self) -> int:
+        """Subscriptions ended because their client did not read its events in time, since
+        the start."""
+        return self._subscriptions_dropped
 
     def stop(self) -> None:
         """Grant and release nothing more; report held leases lost where the backend's leases
@@ -833,10 +867,12 @@ class LockService:
                 who.client.taking += 1
                 self.orders.append(StartTake(who.claim))
         elif isinstance(effect, Granted):
+            self._tally.granted(ticket)
             self._granted(ticket, who)
         elif isinstance(effect, Drop):
             self._drop(ticket, who, effect.ending)
         elif isinstance(effect, Ended):
+            self._tally.ended(ticket)
             self._ended(ticket, who)
         elif isinstance(effect, Queued):
             self._send(who.client.peer, protocol.Queued(who.request_id, self._in_way(ticket, effect.blockers)))
@@ -1105,9 +1141,11 @@ class LockService:
            tickets' ids, and a client gone has no refusal to send.
         9. The subscriptions are those of connected clients (`Subscribers.check`), and their
            ids none of their clients' tickets' or refusals' ids.
-        10. The table's own invariants (`LockTable.check`).
+        10. `census()` is what a count of every live ticket's (ticket, name) pairs gives.
+        11. The table's own invariants (`LockTable.check`).
         """
         assert not self._effects and not self._applying, self._effects
+        assert not _NO_SLOTS, "the shared empty slots were changed"
         uid_clients: dict[int, int] = {}
         for peer, client in self.clients.items():
             assert client.peer is peer, (peer, client)
@@ -1156,6 +1194,19 @@ class LockService:
             assert self.processes.find(owner.pid) is owner and not owner.closed, owner
             assert owner.tickets and owner.tickets == tied.get(owner, set()), (owner, owner.tickets)
         assert set(tied) <= set(owners), set(tied).difference(owners)
+
+        counted = Census()
+        for name in self.table.names():
+            of_name = name_census(self.table, name)
+            for mode in counted.held:
+                counted.held[mode] += of_name.held[mode]
+                counted.waiting[mode] += of_name.waiting[mode]
+            for since, field in ((of_name.held_since, "held_since"), (of_name.waiting_since, "waiting_since")):
+                if since is not None and (getattr(counted, field) is None or since < getattr(counted, field)):
+                    setattr(counted, field, since)
+        counted.leases = sum(t.state is HELD or t.state is BREAKING for t in live)
+        counted.requests = len(live) - counted.leases
+        assert self._tally.census() == counted, (self._tally.census(), counted)
 
         self.table.check()
 

@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import socket
+import struct
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Final
@@ -60,6 +61,8 @@ FAIR_TURNS: Final = 16
 #: connection and destroy the goodbye before the client reads it.
 LINGER: Final = 1.0
 _RECV_SIZE: Final = 65536
+#: One descriptor as SCM_RIGHTS carries it: a C int, as `array("i")` packs it.
+_ONE_FD: Final = struct.Struct("i")
 #: How much of what a client sent a protocol error quotes, in its reply and in the log.
 _MAX_QUOTED: Final = 120
 
@@ -470,6 +473,8 @@ def shown_label(text: str | None) -> str | None:
 
 
 def _rights(fds: Sequence[int]) -> tuple[int, int, bytes]:
+    if len(fds) == 1:  # a grant of one name: no array for it
+        return (socket.SOL_SOCKET, socket.SCM_RIGHTS, _ONE_FD.pack(fds[0]))
     return (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())
 
 

@@ -249,7 +249,7 @@ def test_a_copy_of_the_descriptor_keeps_the_lock_until_unlock(files: LockFiles, 
     try:
         files.abandon(kept)  # the daemon lets go of its own; the holder's copy keeps the lock
         files.unlock(released)  # the holder let go: released for every copy
-        assert files.descriptors(kept) == files.descriptors(released) == []
+        assert files.descriptors(kept) == files.descriptors(released) == ()
         assert not can_flock(lock_dir / "a.lock")
         assert can_flock(lock_dir / "b.lock")
         files.close()
@@ -296,6 +296,25 @@ def test_a_slot_whose_work_outlives_its_lease_stays_taken(files: LockFiles, lock
         work.kill()
         work.wait()
     assert files.try_lock(claim("s", slots={"s": 1}))
+
+
+def test_fewer_slots_count_the_slot_files_work_of_more_slots_still_holds(files: LockFiles, lock_dir: Path) -> None:
+    first, second = claim("s", slots={"s": 2}), claim("s", slots={"s": 2})
+    assert files.try_lock(first) and files.try_lock(second)  # s#0 and s#1
+    work = subprocess.Popen(["sleep", "30"], pass_fds=files.descriptors(second), start_new_session=True)
+    try:
+        files.unlock(first)
+        files.abandon(second)  # its work holds s#1 on
+        # Nobody holds or awaits s in lockd now, so a request may make it a semaphore of one
+        # slot: s#0 is free, but one slot is taken already.
+        assert not files.try_lock(claim("s", slots={"s": 1}))
+        assert files.try_lock(two := claim("s", slots={"s": 2}))
+        files.unlock(two)
+    finally:
+        work.kill()
+        work.wait()
+    assert files.try_lock(claim("s", slots={"s": 1}))
+    assert sorted(os.listdir(lock_dir)) == ["s#0.lock", "s#1.lock", "s.lock"]  # looks create nothing
 
 
 def test_every_file_names_the_semaphore_of_a_held_slot_file(files: LockFiles, lock_dir: Path) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -11,11 +13,13 @@ import trio.testing
 from lockd_client import protocol
 from prometheus_client.parser import text_string_to_metric_families
 
-from lockd import metrics_http
+from lockd import __version__, metrics_http
+from lockd.census import Census
 from lockd.config import ListenAddress, listen_address
 from lockd.histogram import Histogram
-from lockd.metrics import Metrics
-from lockd.table import LockTable
+from lockd.metrics import CACHE_SECONDS, Metrics, ServiceStats
+
+from .test_service import Harness
 
 
 def event(
@@ -24,9 +28,21 @@ def event(
     return protocol.LeaseEvent(1.0, kind, name, mode, **fields)  # type: ignore[arg-type]
 
 
-def samples(metrics: Metrics, table: LockTable | None = None, now: float = 0.0) -> dict[tuple, float]:
+class Idle:
+    """A lock service with nothing held or awaited."""
+
+    subscriptions_dropped = 0
+
+    def census(self) -> Census:
+        return Census()
+
+    def name_census(self, name: str) -> Census:
+        return Census()
+
+
+def samples(metrics: Metrics, service: ServiceStats | None = None, now: float = 0.0) -> dict[tuple, float]:
     """(sample name, sorted labels) → value, as a scraper reads the rendered text."""
-    text = metrics.render(table or LockTable(), 3, now).decode()
+    text = metrics.render(service or Idle(), 3, now).decode()
     return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
         for family in text_string_to_metric_families(text)
@@ -72,8 +88,8 @@ def test_counters_add_up_the_events_by_mode_and_reason() -> None:
     assert got["lockd_releases_total", (("reason", "abandoned"),)] == 1
     assert [got["lockd_losses_total", (("reason", r),)] for r in ("overdue", "shutdown", "backend")] == [1, 1, 1]
     assert got["lockd_breaks_total", ()] == 1
-    assert [got["lockd_refusals_total", (("reason", r),)] for r in ("busy", "timeout", "slots_mismatch")] == [1, 1, 1]
-    assert got["lockd_refusals_total", (("reason", "permission_denied"),)] == 0
+    assert [got["lockd_refusals_total", (("code", c),)] for c in ("busy", "timeout", "slots_mismatch")] == [1, 1, 1]
+    assert got["lockd_refusals_total", (("code", "permission_denied"),)] == 0
     # Waits of grants only; holds of the ends only (a break is not an end).
     assert (got["lockd_wait_seconds_count", ()], got["lockd_wait_seconds_sum", ()]) == (3, pytest.approx(0.203))
     assert got["lockd_wait_seconds_bucket", (("le", "0.005"),)] == 2
@@ -83,13 +99,13 @@ def test_counters_add_up_the_events_by_mode_and_reason() -> None:
 
 def test_no_series_names_a_lock_unless_its_name_matches_a_configured_glob() -> None:
     unnamed, named = Metrics(), Metrics(["site-*", "db"])
-    table = LockTable()
-    table.acquire("owner", ["site-a"], shared=False, wait=True, deadline=None, now=0.0, info=None)
+    h = Harness(arrivals=named.note)
+    h.acquire(h.connect("a"), 1, "site-a")
     for name in ("site-a", "db", "dbx", "other"):
         for metrics in (unnamed, named):
             metrics.observe(event("granted", name, waited=0.0))
-    assert not any(dict(labels).get("name") for _, labels in samples(unnamed, table))
-    got = samples(named, table)
+    assert not any(dict(labels).get("name") for _, labels in samples(unnamed, h.service))
+    got = samples(named, h.service)
     assert {dict(labels)["name"] for _, labels in got if "name" in dict(labels)} == {"site-a", "db"}
     assert got["lockd_name_grants_total", (("mode", "exclusive"), ("name", "db"))] == 1
     assert got["lockd_name_leases_held", (("mode", "exclusive"), ("name", "site-a"))] == 1
@@ -98,25 +114,32 @@ def test_no_series_names_a_lock_unless_its_name_matches_a_configured_glob() -> N
 
 
 def test_a_name_held_or_awaited_but_never_granted_since_the_start_still_has_its_series() -> None:
-    table = LockTable()
-    table.acquire("first", ["db"], shared=False, wait=True, deadline=None, now=5.0, info=None)
-    table.acquire("second", ["db"], shared=True, wait=True, deadline=None, now=7.0, info=None)
-    got = samples(Metrics(["db"]), table, now=10.0)
+    metrics = Metrics(["db"])
+    h = Harness(arrivals=metrics.note, grant=False)
+    h.clock.now = 5.0
+    h.acquire(h.connect("first"), 1, "db")
+    h.clock.now = 7.0
+    h.acquire(h.connect("second"), 1, "db", mode="shared")
+    got = samples(metrics, h.service, now=10.0)
+    assert got["lockd_name_waiters", (("mode", "exclusive"), ("name", "db"))] == 1
     assert got["lockd_name_waiters", (("mode", "shared"), ("name", "db"))] == 1
-    assert got["lockd_name_lease_oldest_held_seconds", (("name", "db"),)] == 5.0
-    assert got["lockd_name_waiter_oldest_waiting_seconds", (("name", "db"),)] == 3.0
+    assert got["lockd_name_waiter_oldest_waiting_seconds", (("name", "db"),)] == 5.0
     assert got["lockd_name_grants_total", (("mode", "exclusive"), ("name", "db"))] == 0
 
 
 def test_gauges_count_holders_and_waiters_per_name_by_mode_with_the_oldest_ages() -> None:
-    table = LockTable()
-    acquire = table.acquire
-    acquire("w", ["x", "y"], shared=False, wait=True, deadline=None, now=1.0, info=None)  # holds two names
-    acquire("r1", ["z"], shared=True, wait=True, deadline=None, now=2.0, info=None)
-    acquire("r2", ["x"], shared=True, wait=True, deadline=None, now=3.0, info=None)  # waits behind w
-    acquire("s1", ["pool"], shared=False, wait=True, deadline=None, now=4.0, info=None, slots={"pool": 1})
-    acquire("s2", ["pool"], shared=False, wait=True, deadline=None, now=6.0, info=None, slots={"pool": 1})
-    got = samples(Metrics(), table, now=10.0)
+    h = Harness()
+    h.clock.now = 1.0
+    h.acquire(h.connect("w"), 1, "x", "y")  # holds two names
+    h.clock.now = 2.0
+    h.acquire(h.connect("r1"), 1, "z", mode="shared")
+    h.clock.now = 3.0
+    h.acquire(h.connect("r2"), 1, "x", mode="shared")  # waits behind w
+    h.clock.now = 4.0
+    h.acquire(h.connect("s1"), 1, "pool", slots={"pool": 1})
+    h.clock.now = 6.0
+    h.acquire(h.connect("s2"), 1, "pool", slots={"pool": 1})
+    got = samples(Metrics(), h.service, now=10.0)
     held = {mode: got["lockd_leases_held", (("mode", mode),)] for mode in ("exclusive", "shared", "semaphore")}
     waiting = {mode: got["lockd_waiters", (("mode", mode),)] for mode in ("exclusive", "shared", "semaphore")}
     assert held == {"exclusive": 2, "shared": 1, "semaphore": 1}
@@ -125,15 +148,45 @@ def test_gauges_count_holders_and_waiters_per_name_by_mode_with_the_oldest_ages(
     assert got["lockd_waiter_oldest_waiting_seconds", ()] == 7.0
 
 
+def test_a_request_the_flock_backend_still_takes_behind_an_outside_holder_is_a_waiter() -> None:
+    h = Harness(grant=False)
+    h.clock.now = 1.0
+    h.acquire(h.connect("a"), 1, "x")
+    got = samples(Metrics(["x"]), h.service, now=10.0)
+    assert got["lockd_leases_held", (("mode", "exclusive"),)] == 0
+    assert got["lockd_waiters", (("mode", "exclusive"),)] == 1
+    assert (got["lockd_lease_oldest_held_seconds", ()], got["lockd_waiter_oldest_waiting_seconds", ()]) == (0, 9.0)
+
+
 def test_where_the_backend_orders_requests_a_ticket_it_still_takes_is_a_waiter() -> None:
-    table = LockTable(ordered_by_backend=True)
-    ticket, _ = table.acquire("a", ["x"], shared=False, wait=True, deadline=None, now=1.0, info=None)
-    table.acquire("b", ["x"], shared=False, wait=True, deadline=None, now=2.0, info=None)
-    table.taken(ticket, [7], now=3.0)
-    got = samples(Metrics(), table, now=10.0)
+    h = Harness(ordered=True)
+    h.clock.now = 1.0
+    h.acquire(h.connect("a"), 1, "x")
+    h.grant = False
+    h.clock.now = 2.0
+    h.acquire(h.connect("b"), 1, "x")
+    got = samples(Metrics(), h.service, now=10.0)
     assert got["lockd_leases_held", (("mode", "exclusive"),)] == 1
     assert got["lockd_waiters", (("mode", "exclusive"),)] == 1
-    assert (got["lockd_lease_oldest_held_seconds", ()], got["lockd_waiter_oldest_waiting_seconds", ()]) == (7.0, 8.0)
+    assert (got["lockd_lease_oldest_held_seconds", ()], got["lockd_waiter_oldest_waiting_seconds", ()]) == (9.0, 8.0)
+
+
+def test_renders_less_than_a_second_apart_share_one_text() -> None:
+    metrics = Metrics()
+    first = metrics.render(Idle(), 1, 100.0)
+    metrics.observe(event("granted", waited=0.0))
+    assert metrics.render(Idle(), 2, 100.0 + CACHE_SECONDS / 2) is first
+    assert samples(metrics, now=100.0 + CACHE_SECONDS)["lockd_grants_total", (("mode", "exclusive"),)] == 1
+
+
+def test_the_build_the_descriptors_and_dropped_subscriptions_are_shown() -> None:
+    class Dropping(Idle):
+        subscriptions_dropped = 2
+
+    got = samples(Metrics(backend="etcd"), Dropping())
+    assert got["lockd_build_info", (("backend", "etcd"), ("version", __version__))] == 1
+    assert got["lockd_subscriptions_dropped_total", ()] == 2
+    assert 0 < got["process_open_fds", ()] < got["process_max_fds", ()]
 
 
 def test_many_names_that_do_not_match_are_forgotten_not_kept() -> None:
@@ -232,27 +285,50 @@ def test_a_failing_render_is_a_500_not_a_dead_listener() -> None:
     assert metrics_http._respond(b"GET /metrics HTTP/1.1\r\n\r\n", broken).startswith(b"HTTP/1.1 500 ")
 
 
-async def test_a_client_that_sends_nothing_is_told_408_then_cut_off(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
-) -> None:
+@asynccontextmanager
+async def listening(tmp_path: Path) -> AsyncIterator[str]:
+    """A metrics listener on a Unix socket in `tmp_path`, serving until the block ends; its
+    path."""
     path = tmp_path / "m.sock"
     listener = metrics_http.bind(ListenAddress(path))
     async with trio.open_nursery() as nursery:
         nursery.start_soon(metrics_http.serve, listener, lambda: b"lockd_up 1\n")
-        idle = [await trio.open_unix_socket(str(path)) for _ in range(metrics_http.MAX_CLIENTS + 2)]
-        started = trio.current_time()
-        answer = await idle[0].receive_some()
-        assert answer.startswith(b"HTTP/1.1 408 ")
-        assert trio.current_time() - started == pytest.approx(metrics_http.REQUEST_TIMEOUT)
-        assert await idle[0].receive_some() == b""
-        # The two beyond MAX_CLIENTS waited in the backlog, and are served once others go.
-        await idle[-1].send_all(b"GET /metrics HTTP/1.1\r\n\r\n")
-        answer = await idle[-1].receive_some()
-        assert answer.startswith(b"HTTP/1.1 200 ")
-        for stream in idle:
-            await stream.aclose()
+        yield str(path)
         nursery.cancel_scope.cancel()
     assert listener.fileno() == -1
+
+
+async def test_a_client_that_sends_nothing_is_told_408_then_cut_off(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with listening(tmp_path) as path:
+        silent = await trio.open_unix_socket(path)
+        started = trio.current_time()
+        assert (await silent.receive_some()).startswith(b"HTTP/1.1 408 ")
+        assert trio.current_time() - started == pytest.approx(metrics_http.REQUEST_TIMEOUT)
+        assert await silent.receive_some() == b""
+        await silent.aclose()
+
+
+async def test_idle_connections_holding_every_slot_are_evicted_oldest_first_for_a_scrape(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with listening(tmp_path) as path:
+        idle = []
+        for _ in range(metrics_http.MAX_CLIENTS):
+            idle.append(await trio.open_unix_socket(path))
+            await trio.testing.wait_all_tasks_blocked()
+        started = trio.current_time()
+        scraper = await trio.open_unix_socket(path)
+        await scraper.send_all(b"GET /metrics HTTP/1.1\r\n\r\n")
+        assert (await scraper.receive_some()).startswith(b"HTTP/1.1 200 ")
+        assert trio.current_time() == started  # served at once, not after the idle ones timed out
+        assert await idle[0].receive_some() == b""  # evicted, unanswered
+        # The others still have their slots: the next oldest is evicted for the next one.
+        await idle[1].send_all(b"GET /metrics HTTP/1.1\r\n\r\n")
+        assert (await idle[1].receive_some()).startswith(b"HTTP/1.1 200 ")
+        for stream in [*idle, scraper]:
+            await stream.aclose()
 
 
 def test_binding_where_something_else_listens_says_which_option_to_change(tmp_path: Path) -> None:

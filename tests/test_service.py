@@ -8,7 +8,7 @@ orders, and when the test ends, it checks the service's invariants (`LockService
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from lockd_client import errors, protocol
@@ -96,14 +96,20 @@ class Clock:
 class Harness:
     """A LockService with a clock the test moves, and the shell's side played by the test."""
 
-    def __init__(self, *, leases_outlive_daemon: bool = True, limits: Limits | None = None, grant: bool = True) -> None:
+    def __init__(
+        self, *, leases_outlive_daemon: bool = True, limits: Limits | None = None, grant: bool = True,
+        ordered: bool = False, arrivals: Callable[[tuple[str, ...]], None] | None = None,
+    ) -> None:
+        """`ordered`: the backend orders requests, as etcd's does."""
         self.clock = Clock()
         #: How far the wall clock was stepped (set, synced) since the start.
         self.wall_step = 0.0
         self.backend = FakeBackend(leases_outlive_daemon)
+        self.backend.orders_requests = ordered
         self.service = LockService(
-            LockTable(), Processes(self.open_process), limits or Limits(), Policy((), {0: "root"}), self.backend,
-            clock=self.clock, wall_clock=lambda: self.clock.now + WALL_OFFSET + self.wall_step,
+            LockTable(ordered_by_backend=ordered), Processes(self.open_process), limits or Limits(),
+            Policy((), {0: "root"}), self.backend, clock=self.clock,
+            wall_clock=lambda: self.clock.now + WALL_OFFSET + self.wall_step, arrivals=arrivals,
         )
         #: Whether a StartTake is answered `taken` at once, as the flock backend does when the
         #: file is free; otherwise it is left to the test (a take waiting outside lockd).
@@ -886,3 +892,39 @@ def test_event_times_follow_the_wall_clock_as_it_is_stepped(h: Harness) -> None:
     granted, released = h.events
     assert granted.time == 100.0 + WALL_OFFSET
     assert released.time == 102.0 + WALL_OFFSET + 3600.0 and released.held == 2.0
+
+
+def test_a_take_blocked_outside_lockd_counts_as_waiting_until_granted(h: Harness) -> None:
+    # The table let it through (TAKING) but flock() waits for a process outside lockd: status
+    # lists it as a waiter, and so must the census the metrics and the systemd status read.
+    h.grant = False
+    a = h.connect("a")
+    h.acquire(a, 1, "x", "y")
+    h.clock.now = 130.0
+    census = h.service.census()
+    assert (census.leases, census.requests, census.held_since, census.waiting_since) == (0, 1, None, 100.0)
+    assert (census.held["exclusive"], census.waiting["exclusive"]) == (0, 2)
+    assert h.service.counts() == (0, 1, 1)
+    (take,) = h.taking
+    h.service.taken(take.claim, [5, 6])
+    h.orders()
+    census = h.service.census()
+    assert (census.leases, census.requests, census.held_since, census.waiting_since) == (1, 0, 130.0, None)
+    assert h.service.counts() == (1, 0, 1)
+    assert h.service.name_census("x").held["exclusive"] == 1
+
+
+def test_the_oldest_holder_and_waiter_follow_grants_and_ends_in_order(h: Harness) -> None:
+    a, b, c = h.connect("a"), h.connect("b"), h.connect("c")
+    h.acquire(a, 1, "x")
+    h.clock.now = 110.0
+    h.acquire(b, 1, "y")
+    h.acquire(c, 1, "x")
+    h.clock.now = 120.0
+    h.acquire(c, 2, "y", mode="shared")
+    assert (h.service.census().held_since, h.service.census().waiting_since) == (100.0, 110.0)
+    h.request(a, protocol.Release(1))  # c's first request is granted, at 120
+    assert (h.service.census().held_since, h.service.census().waiting_since) == (110.0, 120.0)
+    h.request(b, protocol.Release(1))
+    census = h.service.census()
+    assert (census.held_since, census.waiting_since, census.leases, census.requests) == (120.0, None, 2, 0)

@@ -46,7 +46,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 
 import msgspec
 import trio
@@ -277,7 +277,7 @@ class EtcdBackend:
         before etcd can let another host have the lock (see docs/etcd.md)."""
         return self._ttl / 3
 
-    def descriptors(self, claim: Claim) -> list[int]:
+    def descriptors(self, claim: Claim) -> Sequence[int]:
         return self._files.descriptors(claim)
 
     def drop(self, claim: Claim, *, unlock: bool) -> None:

@@ -11,6 +11,8 @@ follows lockd.filewaits, whose `run` is this backend's.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import trio
 from lockd_client.protocol import Holder
 
@@ -58,7 +60,7 @@ class FlockBackend:
         await self._file_waits.wait(claim, blocked)
         return self._fresh_tokens(claim)
 
-    def descriptors(self, claim: Claim) -> list[int]:
+    def descriptors(self, claim: Claim) -> Sequence[int]:
         return self._files.descriptors(claim)
 
     def drop(self, claim: Claim, *, unlock: bool) -> None:
