@@ -59,6 +59,7 @@ class Limits(_Section, frozen=True):
     max_frame: Annotated[int, msgspec.Meta(ge=1024)] = protocol.MAX_REQUEST_FRAME
     handshake_timeout: Seconds = 5.0
     send_timeout: Seconds = 10.0
+    max_subscriptions_per_uid: Positive = 64
     #: A forcibly released holder has this long to stop its work and let go before the lock
     #: is released under it: longer than lockctl's default --kill-after, with room to spare.
     break_grace: Seconds = 30.0

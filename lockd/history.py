@@ -10,11 +10,12 @@ Invariants:
 - The writer writes the events in the order recorded, in batches of whatever has queued up
   within BATCH_DELAY of the first, one transaction each. A write that fails (a full or
   read-only disk, a database locked by someone else) is logged at most once a minute and
-  retried, with what came meanwhile, no sooner than RETRY seconds later; a file that is not
-  a database of this schema, or a corrupt one, is moved aside (logged) and a new one
-  started. An event SQLite cannot store is dropped and counted (`dropped`), never retried.
-  Nothing about the database reaches the leases, and no trouble, however lasting, is
-  logged more than once a minute.
+  retried, with what came meanwhile, no sooner than RETRY seconds later; a database of an
+  older schema is migrated in place (`_MIGRATIONS`, one transaction each); a file that is not
+  a database of this schema or an older one, or a corrupt one, is moved aside (logged) and a
+  new one started. An event SQLite cannot store is dropped and counted (`dropped`), never
+  retried. Nothing about the database reaches the leases, and no trouble, however lasting,
+  is logged more than once a minute.
 - What is recorded is in the file at most BATCH_DELAY later while the disk keeps up: a
   killed daemon (SIGKILL, a crash) loses those events and the backlog; `stop` writes them.
 - Retention: the writer deletes the events older than `max_age`, within a quarter of it
@@ -57,7 +58,7 @@ FILE_NAME: Final = "history.sqlite3"
 #: Beside the database: the daemon that holds an flock on it owns the database's files.
 LOCK_NAME: Final = f"{FILE_NAME}.lock"
 #: The schema's version, kept in PRAGMA user_version (0: a new, empty database).
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 _SCHEMA: Final = """
 CREATE TABLE events (
     id INTEGER PRIMARY KEY,
@@ -75,12 +76,16 @@ CREATE TABLE events (
     waited REAL,
     held REAL,
     reason TEXT,
-    exit_status INTEGER
+    exit_status INTEGER,
+    cause TEXT
 );
 CREATE INDEX events_by_time ON events (time);
 CREATE INDEX events_by_name ON events (name, time);
 CREATE INDEX events_by_uid ON events (uid, time);
 """
+#: What brings a database of each older version to the next: version 2 added `cause` (the
+#: events before it have none).
+_MIGRATIONS: Final = {1: "ALTER TABLE events ADD COLUMN cause TEXT;"}
 #: The columns of an event, in the order of LeaseEvent's fields.
 _FIELDS: Final = protocol.LeaseEvent.__struct_fields__
 _COLUMNS: Final = ", ".join(_FIELDS)
@@ -340,6 +345,11 @@ class HistoryStore:
                 conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
                 conn.execute("PRAGMA journal_mode = WAL")
                 conn.executescript(f"BEGIN; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+            elif version in _MIGRATIONS:
+                while version != SCHEMA_VERSION:
+                    conn.executescript(f"BEGIN; {_MIGRATIONS[version]} PRAGMA user_version = {version + 1}; COMMIT;")
+                    version += 1
+                log.info("history: %s migrated to schema version %d", self.path, version)
             elif version != SCHEMA_VERSION:
                 raise _Unusable(f"its schema is version {version}, and this lockd writes version {SCHEMA_VERSION}")
             conn.execute("PRAGMA journal_mode = WAL")
@@ -357,7 +367,7 @@ class HistoryStore:
         rows = [
             (
                 e.time, e.event, e.name, e.mode, e.slots, e.token, e.pid, e.uid, e.user or user(e.uid), e.command,
-                e.label, e.waited, e.held, e.reason, e.exit_status,
+                e.label, e.waited, e.held, e.reason, e.exit_status, e.cause,
             )
             for e in events
         ]

@@ -151,6 +151,8 @@ def journal_entry(event: protocol.LeaseEvent, priority: str) -> bytes:
         f"PRIORITY={priority}\nSYSLOG_IDENTIFIER=lockd\nLOCKD_EVENT={event.event}\nLOCKD_NAME={event.name}\n"
         f"LOCKD_MODE={event.mode}\n"
     ]
+    if event.cause is not None:
+        head.append(f"LOCKD_CAUSE={event.cause}\n")
     for key, number in (
         ("LOCKD_SLOTS", event.slots), ("LOCKD_TOKEN", event.token), ("LOCKD_PID", event.pid),
         ("LOCKD_UID", event.uid), ("LOCKD_EXIT_STATUS", event.exit_status),

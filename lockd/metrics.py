@@ -38,7 +38,6 @@ from prometheus_client.registry import CollectorRegistry
 from . import __version__
 from .census import MODES, Census
 from .histogram import Histogram
-from .service import LOST_OVERDUE, LOST_SHUTDOWN
 
 #: Upper bounds (seconds) of the wait- and hold-time buckets: a lock is waited for or held for
 #: anything from a millisecond (a cron job's guard) to a day (a long backup).
@@ -102,11 +101,11 @@ class EtcdStats(Protocol):
         """The time each kind of etcd request took, answered or not, by its API path."""
 
 
-def loss_reason(reason: str | None) -> str:
-    """A `lost` event's reason as a label value: one of LOSS_REASONS."""
-    if reason == LOST_OVERDUE:
+def loss_reason(event: protocol.LeaseEvent) -> str:
+    """A `lost` event's cause as a label value: one of LOSS_REASONS."""
+    if event.cause == protocol.Cause.OVERDUE:
         return "overdue"
-    if reason == LOST_SHUTDOWN:
+    if event.cause == protocol.Cause.DAEMON_STOPPED:
         return "shutdown"
     return "backend"
 
@@ -135,7 +134,7 @@ class _Counts:
             if kind == "released":
                 self.releases["requested" if event.reason is None else "abandoned"] += 1
             else:
-                self.losses[loss_reason(event.reason)] += 1
+                self.losses[loss_reason(event)] += 1
             if event.held is not None:
                 self.hold.observe(event.held)
         elif kind == "refused":

@@ -37,9 +37,14 @@ class Peer(Hashable, Protocol):
         """Stop serving this peer once what is queued is sent; the service hears
         `disconnected`."""
 
-    def offer(self, message: object) -> bool:
-        """Send `message` unless the peer has left so much unread that it would be better
-        dropped (a lagging subscriber): then send nothing and return False. Never blocks."""
+    def offer(self, subscription_id: int, message: object) -> bool:
+        """Send `message`, an event of subscription `subscription_id`, unless so many events
+        wait unsent that it would be better dropped (a lagging subscriber): then send nothing
+        and return False. Never blocks, and never cuts the peer off."""
+
+    def end_events(self, subscription_id: int, notice: object | None) -> None:
+        """Throw away the events of subscription `subscription_id` not yet sent, then send
+        `notice` (if any) after the events already on their way."""
 
 
 @dataclass(slots=True)
@@ -129,7 +134,8 @@ class WakeAt:
 
 @dataclass(slots=True)
 class Record:
-    """`event` happened: keep it in the history, tell subscribers, count it."""
+    """`event` happened: tell every observer (the metrics, the history, the journal); one
+    that fails is logged and the others are told still. (`Publish` tells subscribers.)"""
 
     event: LeaseEvent
 
@@ -152,7 +158,17 @@ class Publish:
     event: LeaseEvent
 
 
+@dataclass(slots=True)
+class EndEvents:
+    """`peer`'s subscription `subscription_id` has ended: throw away its events not sent yet,
+    and send `notice` (if any) as its last word."""
+
+    peer: Peer
+    subscription_id: int
+    notice: object | None
+
+
 Order = (
     Send | Close | StartTake | StopTake | Release | Grant | LookForHolders | Watch | Unwatch | WakeAt | Record
-    | SendMetrics | Publish
+    | SendMetrics | Publish | EndEvents
 )

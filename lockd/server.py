@@ -35,6 +35,7 @@ from .logs import contained
 from .metrics import Metrics
 from .orders import (
     Close,
+    EndEvents,
     Grant,
     LookForHolders,
     Order,
@@ -90,7 +91,7 @@ class Server:
         self._history_readers = trio.CapacityLimiter(HISTORY_READERS)
         self.service = LockService(
             table, Processes(pidfds.open_process), limits, policy, backend,
-            clock=trio.current_time, wall_offset=time.time() - trio.current_time(), history=history is not None,
+            clock=trio.current_time, wall_clock=time.time, history=history is not None,
             arrivals=self.metrics.note,
         )
         self._session_ids = itertools.count(1)
@@ -276,14 +277,17 @@ class Server:
             pidfds.close(order.owner)
         elif isinstance(order, Record):
             for observe in self._observers:
-                observe(order.event)
+                with contained(f"telling {observe!r} of {order.event!r}"):
+                    observe(order.event)
         elif isinstance(order, SendMetrics):
             self._send_metrics(order)
         elif isinstance(order, Publish):
             if self.service.subscribed(order.peer, order.subscription_id) and not order.peer.offer(
-                protocol.Event(order.subscription_id, order.event)
+                order.subscription_id, protocol.Event(order.subscription_id, order.event)
             ):
                 self.service.subscriber_lagging(order.peer, order.subscription_id)
+        elif isinstance(order, EndEvents):
+            order.peer.end_events(order.subscription_id, order.notice)
         elif isinstance(order, WakeAt):
             if self._timer is not None and order.deadline < self._timer.deadline:
                 self._timer.deadline = order.deadline

@@ -15,7 +15,8 @@ Invariants:
 - The service does no I/O and reads no clock of its own: everything it sends and every other
   I/O it needs is an order, and orders are carried out in the order given, so a reply never
   overtakes the I/O it reports (a release's Done follows its unlock). Opening a process's
-  pidfd (`Processes`) and the clock are given to it.
+  pidfd (`Processes`) and the clocks (monotonic, and the wall clock the times shown to
+  people are read from when they are shown or recorded) are given to it.
 - The backend sees a request only as its `Claim`, and so does the shell: every report about a
   take names the claim, and a report about a claim that has ended changes nothing.
 - No exception while carrying out one effect stops the others: a bug costs at most the ticket
@@ -32,12 +33,16 @@ Invariants:
   logged within the budget of `loglimit`; lines about work done are not limited.
 - Every lease and every refused request yields its events (`Record`), one per name: a
   refused request `refused`; a lease `granted`, maybe `broken`, and exactly one end,
-  `released` or `lost`, given where its ticket ends (`Ended`). A request withdrawn before
-  its grant yields none.
+  `released` or `lost`, given where its ticket ends (`Ended`), `granted` before anything
+  else about it. A request withdrawn before its grant yields none. Each event but `granted`
+  carries its cause (`protocol.Cause`), decided where the decision is made (`Party.cause`):
+  what ends a lease says why before the table ends it. A daemon that stops ends every
+  lease's story (`daemon_stopped`).
 - Every event goes to each subscription that asked for its name and whose user may read it
-  (`Policy.events_visible_to`), in order, until the subscription ends: its client releases
-  it or goes away, or lags (it cannot take an event): then an `Error` of code `limit` is
-  the last message about it.
+  (`Policy.events_visible_to`, as the policy says now), in order, until the subscription
+  ends: its client releases it or goes away, or lags (it cannot take an event): then an
+  `Error` of code `limit` is the last message about it. The books of the subscriptions are
+  lockd.events'.
 """
 
 from __future__ import annotations
@@ -51,20 +56,22 @@ from typing import Final
 
 from lockd_client import errors, protocol
 from lockd_client.describe import holder_text, sanitize
+from lockd_client.protocol import Cause
 
 from . import __version__, admission
 from .backend import BackendView, Claim
 from .census import Census, Tally, name_census
 from .config import Limits
+from .events import Subscribers, Subscription, ending, lease_events, refusal_events
 from .loglimit import Kind, LogLimiter
 from .logs import contained
 from .orders import (
     Close,
+    EndEvents,
     Grant,
     LookForHolders,
     Order,
     Peer,
-    Publish,
     Record,
     Release,
     Send,
@@ -99,10 +106,8 @@ from .table import (
 log = logging.getLogger("lockd")
 
 SHUTDOWN_MESSAGE: Final = "lockd is shutting down; reconnect when it is back"
-#: The reasons the service gives for a lost lease (the metrics count them apart from the
-#: backend's own).
-LOST_OVERDUE: Final = "broken, and not let go within limits.break_grace"
 LOST_SHUTDOWN: Final = "the daemon is shutting down"
+INTERNAL_PROBLEM: Final = "internal error in lockd (it is logged); retry"
 #: The states `status` shows as holding: a broken lease holds until its owner has let go.
 _SHOWN_HELD: Final = (HELD, BREAKING)
 #: The slots of every claim that takes no semaphore: one empty dict for them all, rather than
@@ -111,7 +116,7 @@ _NO_SLOTS: Final[dict[str, int]] = {}
 #: What this daemon offers beyond the first version of the protocol (Welcome.features).
 _FEATURES: Final = (protocol.Feature.SEMAPHORES, protocol.Feature.EVENTS, protocol.Feature.METRICS)
 #: Subscriptions one connection may hold: one can name any number of locks, so more than a
-#: few is a client bug, and each costs every event a look.
+#: few is a client bug.
 MAX_SUBSCRIPTIONS: Final = 16
 #: What clients do wrong, logged within bounds (see loglimit).
 CUT_OFF: Final = Kind(logging.INFO, "cut off {count} more connections")
@@ -120,6 +125,9 @@ UNREADABLE_PEER: Final = Kind(
     logging.WARNING, "dropped {count} more connections whose peer credentials were unreadable"
 )
 REFUSED_REQUEST: Final = Kind(logging.WARNING, "refused {count} more requests by policy")
+DROPPED_SUBSCRIPTION: Final = Kind(
+    logging.INFO, "dropped {count} more subscriptions that did not read their events in time"
+)
 
 
 class Client:
@@ -151,7 +159,7 @@ class Client:
         #: Ids of ended requests whose refusal is still to be sent → the look it waits for (a
         #: withdrawn request's id may be used again while its look still runs).
         self.refusing: dict[int, LookForHolders] = {}
-        #: Request id → a subscription of this connection to lease events.
+        #: Request id → a subscription of this connection to lease events (lockd.events).
         self.subscriptions: dict[int, Subscription] = {}
 
     def __repr__(self) -> str:
@@ -160,19 +168,6 @@ class Client:
     def uses(self, request_id: int) -> bool:
         """Whether `request_id` names something of this connection's that has not ended."""
         return request_id in self.tickets or request_id in self.refusing or request_id in self.subscriptions
-
-
-@dataclass(frozen=True, slots=True)
-class Subscription:
-    """What lease events a subscription receives."""
-
-    #: None: every name's.
-    names: frozenset[str] | None
-    #: Whose events (`Policy.events_visible_to`): None, everyone's.
-    uid: int | None
-
-    def wants(self, event: protocol.LeaseEvent) -> bool:
-        return (self.names is None or event.name in self.names) and (self.uid is None or self.uid == event.uid)
 
 
 @dataclass(slots=True)
@@ -187,7 +182,10 @@ class Party:
     process: ProcessOwner | None = None
     #: When it was asked for, on the service's clock.
     requested: float = 0.0
-    #: How its lease ended, where that is not what its Drop says: lost, and why.
+    #: Why its lease ends or its request fails (`protocol.Cause`), set where that is decided,
+    #: before the table ends it; None: as its Drop says (see `_record_end`).
+    cause: str | None = None
+    #: Its lease was lost, for this reason.
     lost: str | None = None
     #: How the table let go of it (`Drop`), once it has.
     ending: Ending | None = None
@@ -235,15 +233,17 @@ class LockService:
 
     def __init__(
         self, table: LockTable, processes: Processes, limits: Limits, policy: Policy, backend: BackendView, *,
-        clock: Callable[[], float], wall_offset: float, history: bool = False,
+        clock: Callable[[], float], wall_clock: Callable[[], float], history: bool = False,
         arrivals: Callable[[tuple[str, ...]], None] | None = None,
     ) -> None:
         """`table` must order requests itself exactly when `backend` does not. `clock` tells
-        the time on the table's scale (monotonic seconds), and `wall_offset` is Unix time
-        minus `clock()`, for the times clients are shown. `history`: whether the shell keeps
-        the events and answers `History` requests (`HistoryLook`). `arrivals`, if given, is
-        told the names of every request the table takes in (it must return at once and
-        never raise: the metrics note the names they follow)."""
+        the time on the table's scale (monotonic seconds), and `wall_clock` Unix time, read
+        each time an event is recorded or a time shown: a clock set or stepped after the
+        start (time sync after an early boot) moves what follows, never what was recorded.
+        `history`: whether the shell keeps the events and answers `History` requests
+        (`HistoryLook`). `arrivals`, if given, is told the names of every request the table
+        takes in (it must return at once and never raise: the metrics note the names they
+        follow)."""
         assert table.ordered_by_backend == backend.orders_requests
         self.table = table
         self.processes = processes
@@ -252,7 +252,7 @@ class LockService:
         self.policy = policy
         self._backend = backend
         self._clock = clock
-        self._wall_offset = wall_offset
+        self._wall_clock = wall_clock
         self.history = history
         self._features = [*_FEATURES, protocol.Feature.HISTORY] if history else list(_FEATURES)
         self.clients: dict[Peer, Client] = {}
@@ -270,8 +270,7 @@ class LockService:
         self._applying = False
         self.stopping = False
         self._noise = LogLimiter()
-        #: The clients with a subscription to lease events.
-        self._subscribers: dict[Client, None] = {}
+        self._subscribers = Subscribers()
         self._subscriptions_dropped = 0
         #: Who holds and who waits, kept as tickets arrive, are granted and end.
         self._tally = Tally()
@@ -329,8 +328,7 @@ class LockService:
         if not self.stopping and not reason.startswith("the client"):
             self._log_noise(CUT_OFF, client.uid, reason, "%r cut off: %s", peer, reason)
         client.refusing.clear()
-        client.subscriptions.clear()
-        self._subscribers.pop(client, None)
+        self._subscribers.client_gone(client)
         with contained(f"ending the tickets of {client!r}"):
             self._apply(self.table.drop_owner(client))
 
@@ -443,9 +441,8 @@ class LockService:
         if ticket is not None:
             party(ticket).exit_status = exit_status
             self._apply(self.table.release(ticket))
-        elif client.subscriptions.pop(request_id, None) is not None:
-            if not client.subscriptions:
-                del self._subscribers[client]
+        elif self._subscribers.unsubscribe(client, request_id):
+            self.orders.append(EndEvents(client.peer, request_id, None))
         else:
             client.refusing.pop(request_id, None)  # withdrawn: its refusal is not sent
 
@@ -461,11 +458,16 @@ class LockService:
                     f"this connection has {MAX_SUBSCRIPTIONS} subscriptions already; one subscription can "
                     "name many locks, or none for all of them"
                 )
+            per_uid = self.limits.max_subscriptions_per_uid
+            if self._subscribers.count(client.uid) >= per_uid:
+                raise errors.LimitExceeded(
+                    f"uid {client.uid} has {per_uid} subscriptions already over its connections "
+                    "(limits.max_subscriptions_per_uid); end some, or have one subscription name many locks"
+                )
         except errors.LockdError as exc:
             self._send_error(client, request.id, exc)
             return
-        client.subscriptions[request.id] = Subscription(names, self.policy.events_visible_to(client.uid))
-        self._subscribers[client] = None
+        self._subscribers.subscribe(client, request.id, names, self.policy.events_visible_to(client.uid))
         self._send(client.peer, protocol.Done(request.id))
 
     def subscribed(self, peer: Peer, subscription_id: int) -> bool:
@@ -477,17 +479,18 @@ class LockService:
         """`peer` cannot take the next event of its subscription: end the subscription, so
         that a slow reader costs the daemon nothing more, and tell it so."""
         client = self.clients.get(peer)
-        if client is None or client.subscriptions.pop(subscription_id, None) is None:
+        if client is None or not self._subscribers.unsubscribe(client, subscription_id):
             return
-        if not client.subscriptions:
-            del self._subscribers[client]
         self._subscriptions_dropped += 1
-        log.info("%r: subscription %d dropped: it did not read its events in time", client, subscription_id)
-        self._send(peer, protocol.Error(
+        self._log_noise(
+            DROPPED_SUBSCRIPTION, client.uid, "lagging",
+            "%r: subscription %d dropped: it did not read its events in time", client, subscription_id,
+        )
+        self.orders.append(EndEvents(peer, subscription_id, protocol.Error(
             subscription_id, protocol.ErrorCode.LIMIT,
             "dropped: events came faster than this connection read them; subscribe again, and read "
             "them as they come (the history has the ones missed)",
-        ))
+        )))
 
     def _release_pid(self, client: Client, request: protocol.ReleasePid) -> None:
         """Release the leases a process holds on some names (lockctl release)."""
@@ -504,10 +507,12 @@ class LockService:
             missing = wanted.difference(*(t.names for t in released))
             for ticket in released:
                 holder = party(ticket)
-                if holder.client is not client and ticket.state is HELD:
-                    self._send(holder.client.peer, protocol.Lost(
-                        holder.request_id, f"released by uid {client.uid} (pid {client.pid}: {client.command})",
-                    ))
+                if holder.client is not client:
+                    holder.cause = Cause.RELEASED_BY_OTHER
+                    if ticket.state is HELD:
+                        self._send(holder.client.peer, protocol.Lost(
+                            holder.request_id, f"released by uid {client.uid} (pid {client.pid}: {client.command})",
+                        ))
                 self._apply(self.table.release(ticket))
             if missing:
                 raise errors.NotHeld(
@@ -538,6 +543,10 @@ class LockService:
             self._send_error(client, request.id, exc)
             return
         reason = f"forcibly released by uid {client.uid} (pid {client.pid}: {client.command})"
+        for ticket in holders:
+            if ticket.state is BREAKING:  # broken before: it ends now
+                who = party(ticket)
+                who.cause, who.lost = Cause.FORCED, f"{reason}, a second time"
         grace = max([self.limits.break_grace, *(party(t).client.break_grace for t in holders)])
         grace_until = self._clock() + grace
         count, effects = self.table.force_release(name, reason, grace_until=grace_until)
@@ -672,7 +681,10 @@ class LockService:
             return
         if not isinstance(exc, errors.LockdError):
             log.error("internal error taking %s", ticket, exc_info=exc)
-            exc = errors.DaemonUnavailable("internal error in lockd while taking the lock (it is logged); retry")
+            self._fail(ticket, errors.DaemonUnavailable(
+                "internal error in lockd while taking the lock (it is logged); retry"
+            ), Cause.INTERNAL)
+            return
         self._fail(ticket, exc)
 
     def lost(self, claim: Claim, reason: str) -> None:
@@ -681,20 +693,24 @@ class LockService:
         if ticket is None:
             return  # dropped meanwhile
         with contained(f"ending the lost lease {ticket}"):
+            who = party(ticket)
             if ticket.state is HELD:
+                who.cause = Cause.BACKEND
                 self._apply(self.table.lose(ticket, reason))
             elif ticket.state is BREAKING:
                 # Its holder was told it is lost when it was broken, and may still be at
                 # work: the lease ends, but what the holder has keeps the lock.
+                who.cause, who.lost = Cause.BACKEND, reason
                 self._apply(self.table.end([ticket]))
             elif ticket.state is not ENDED:
-                self._fail(ticket, errors.DaemonUnavailable(reason))
+                self._fail(ticket, errors.DaemonUnavailable(reason), Cause.BACKEND)
 
-    def _fail(self, ticket: Ticket, exc: errors.LockdError) -> None:
+    def _fail(self, ticket: Ticket, exc: errors.LockdError, cause: str | None = None) -> None:
+        """Refuse `ticket`, not granted yet, for `exc` (`cause`: its code, unless given)."""
         who = party(ticket)
         log.warning("cannot take %s for pid %s: %s", ", ".join(ticket.names), who.claim.pid, exc)
         self._send_error(who.client, who.request_id, exc)
-        self._record(ticket, "refused", reason=_code(exc))
+        self._record(ticket, "refused", reason=_code(exc), cause=cause or _code(exc))
         self._apply(self.table.release(ticket))
 
     # --- other reports from the shell -----------------------------------------------------------
@@ -712,8 +728,9 @@ class LockService:
         on: a lease tied to a process would otherwise outlive the connection that asked for
         it, held for nobody."""
         ticket = self._claimed.get(claim)
-        if ticket is not None:
-            self._end_in_error(ticket)
+        if ticket is not None and ticket.state is not ENDED:
+            party(ticket).cause = Cause.CLIENT_GONE
+            self._apply(self.table.end([ticket]))
 
     def order_failed(self, order: Order) -> None:
         """Carrying out `order` hit a bug: a lease it was for is lost, a request fails."""
@@ -731,6 +748,7 @@ class LockService:
             log.info("process %d exited: ending its %d lease(s)", owner.pid, len(held))
         for ticket in tickets:
             who = party(ticket)
+            who.cause = Cause.PROCESS_EXITED
             if ticket.state is HELD:
                 self._send(who.client.peer, protocol.Lost(who.request_id, f"process {owner.pid} exited"))
             elif ticket.state is not BREAKING:  # a broken one was told already
@@ -738,6 +756,7 @@ class LockService:
                     who.request_id, protocol.ErrorCode.NOT_HELD,
                     f"process {owner.pid} exited before the lock was granted",
                 ))
+                self._record(ticket, "refused", reason=protocol.ErrorCode.NOT_HELD, cause=Cause.PROCESS_EXITED)
         # All at once: one of them waiting behind another must not be granted on its way out.
         self._apply(self.table.end(tickets))
 
@@ -765,9 +784,11 @@ class LockService:
                 log.log(summary.kind.level, "%s", summary.text())
 
     def reconfigure(self, limits: Limits, policy: Policy) -> None:
-        """Apply a reloaded configuration; what connected clients were promised stays."""
+        """Apply a reloaded configuration; what connected clients were promised stays, but
+        not a right to read others' events that the policy takes away."""
         self.limits = limits
         self.policy = policy
+        self._subscribers.revisit(policy.events_visible_to)
 
     def census(self) -> Census:
         """Who holds and who waits now, as `status` shows them: held once granted (also
@@ -793,15 +814,26 @@ class LockService:
 
     def stop(self) -> None:
         """Grant and release nothing more; report held leases lost where the backend's leases
-        do not outlive the daemon; tell every client the daemon is going, and close it."""
+        do not outlive the daemon; end every ticket (`daemon_stopped`: where leases outlive
+        the daemon, their holders keep the locks through their descriptors); tell every
+        client the daemon is going, and close it."""
         self.stopping = True
         reason = LOST_SHUTDOWN
-        if not self._backend.leases_outlive_daemon:
-            for owner in [*self.clients.values(), *self.processes.owners()]:
-                for ticket in self.table.tickets_of(owner):
-                    if ticket.state is HELD:
-                        with contained(f"reporting {ticket} lost at shutdown"):
-                            self._apply(self.table.lose(ticket, reason))
+        outlive = self._backend.leases_outlive_daemon
+        tickets = [
+            ticket for owner in [*self.clients.values(), *self.processes.owners()]
+            for ticket in self.table.tickets_of(owner)
+        ]
+        for ticket in tickets:
+            who = party(ticket)
+            who.cause = Cause.DAEMON_STOPPED
+            if ticket.state is BREAKING and not outlive:
+                who.lost = reason
+            elif ticket.state is HELD and not outlive:
+                with contained(f"reporting {ticket} lost at shutdown"):
+                    self._apply(self.table.lose(ticket, reason))
+        with contained("ending the tickets at shutdown"):
+            self._apply(self.table.end(tickets))
         goodbye = protocol.Error(None, protocol.ErrorCode.SHUTDOWN, SHUTDOWN_MESSAGE)
         for client in list(self.clients.values()):
             self._send(client.peer, goodbye)
@@ -854,7 +886,7 @@ class LockService:
             log.warning("lease on %s of pid %s lost: %s", ", ".join(ticket.names), who.claim.pid, effect.reason)
             self._send(who.client.peer, protocol.Lost(who.request_id, effect.reason))
             if ticket.state is BREAKING:
-                self._record(ticket, "broken", reason=effect.reason)
+                self._record(ticket, "broken", reason=effect.reason, cause=Cause.FORCED)
             else:
                 who.lost = effect.reason
 
@@ -866,8 +898,9 @@ class LockService:
             self.table.reassign(ticket, who.process)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("granted %s to pid %s, token %s", ", ".join(ticket.names), who.claim.pid, ticket.tokens)
-        self.orders.append(Grant(who.client.peer, who.request_id, ticket.tokens, who.claim))
+        # Recorded first: should ordering the grant fail, the lease's end has its beginning.
         self._record(ticket, "granted")
+        self.orders.append(Grant(who.client.peer, who.request_id, ticket.tokens, who.claim))
 
     def _drop(self, ticket: Ticket, who: Party, ending: Ending) -> None:
         who.ending = ending
@@ -888,7 +921,11 @@ class LockService:
             self.orders.append(Release(who.claim, unlock=ending is not Ending.ABANDONED))
 
     def _ended(self, ticket: Ticket, who: Party) -> None:
-        """The one place a ticket's records end: its request id, its counts, its process tie."""
+        """The one place a ticket's records end: its request id, its counts, its process tie;
+        and its lease's story, first, so that no bug here leaves it without an end."""
+        if ticket.tokens is not None:
+            with contained(f"recording the end of {ticket}"):
+                self._record_end(ticket, who)
         client = who.client
         if client.tickets.get(who.request_id) is ticket:
             del client.tickets[who.request_id]
@@ -900,23 +937,25 @@ class LockService:
             del self._uid_names[client.uid]
         if who.process is not None and self.processes.detach(who.process, ticket):
             self.orders.append(Unwatch(who.process))
-        if ticket.tokens is not None:
-            self._record_end(ticket, who)
 
     def _record_end(self, ticket: Ticket, who: Party) -> None:
-        """Record how the lease of `ticket`, which has ended, ended."""
-        if who.lost is not None:
-            self._record(ticket, "lost", reason=who.lost)
-        elif who.ending is Ending.OVERDUE:
-            self._record(ticket, "lost", reason=LOST_OVERDUE)
-        elif who.ending is Ending.ABANDONED:
-            gone = "its process exited" if who.process is not None else "its client went away"
-            self._record(ticket, "released", reason=f"{gone} without releasing it")
-        else:
-            self._record(ticket, "released", exit_status=who.exit_status)
+        """Record how the lease of `ticket`, which has ended, ended: as decided (`who.cause`),
+        else as the table let go of it (its Drop)."""
+        cause = who.cause
+        if cause is None:
+            if who.lost is not None:
+                cause = Cause.BACKEND
+            elif who.ending is Ending.OVERDUE:
+                cause = Cause.OVERDUE
+            else:
+                cause = Cause.CLIENT_GONE if who.ending is Ending.ABANDONED else Cause.REQUESTED
+        kind, reason = ending(cause, who.lost)
+        exit_status = who.exit_status if kind == "released" else None
+        self._record(ticket, kind, reason=reason, cause=cause, exit_status=exit_status)
 
     def _record(
-        self, ticket: Ticket, kind: protocol.EventKind, *, reason: str | None = None, exit_status: int | None = None
+        self, ticket: Ticket, kind: protocol.EventKind, *, reason: str | None = None, cause: str | None = None,
+        exit_status: int | None = None,
     ) -> None:
         """Record `kind` for each name of `ticket` (see the module docstring)."""
         who = party(ticket)
@@ -925,37 +964,31 @@ class LockService:
         granted = ticket.tokens is not None
         waited = (ticket.since if granted else now) - who.requested if kind in ("granted", "refused") else None
         held = now - ticket.since if granted and kind != "granted" else None
-        for index, name in enumerate(ticket.names):
-            self._happened(protocol.LeaseEvent(
-                now + self._wall_offset, kind, name, claim.mode_on(name), claim.slots.get(name),
-                ticket.tokens[index] if ticket.tokens else None, claim.pid, claim.uid, None, claim.command,
-                claim.label, waited, held, reason, exit_status,
-            ))
+        self._happened(lease_events(
+            self._wall_clock(), kind, ticket.names, ticket.tokens, claim,
+            waited=waited, held=held, reason=reason, cause=cause, exit_status=exit_status,
+        ))
 
     def _record_refusal(self, client: Client, request: protocol.Acquire, exc: errors.LockdError) -> None:
         """Record the refusal of `request` before it became a ticket (limits, policy...)."""
-        reason = _code(exc)
-        now = self._clock() + self._wall_offset
         label = client.peer.label if request.label is None else sanitize(request.label)
-        for name in dict.fromkeys(request.names):
-            mode = "shared" if name in request.slots else request.mode
-            self._happened(protocol.LeaseEvent(
-                now, "refused", name, mode, request.slots.get(name), None, client.pid, client.uid, None,
-                client.command, label, 0.0, None, reason,
-            ))
+        self._happened(refusal_events(
+            self._wall_clock(), request, pid=client.pid, uid=client.uid, command=client.command,
+            label=label, reason=_code(exc),
+        ))
 
-    def _happened(self, event: protocol.LeaseEvent) -> None:
-        """Record `event`, and publish it to every subscription that wants it."""
-        self.orders.append(Record(event))
-        for client in self._subscribers:
-            for subscription_id, subscription in client.subscriptions.items():
-                if subscription.wants(event):
-                    self.orders.append(Publish(client.peer, subscription_id, event))
+    def _happened(self, events: list[protocol.LeaseEvent]) -> None:
+        """Record `events`, and publish each to every subscription that wants it."""
+        orders = self.orders
+        for event in events:
+            orders.append(Record(event))
+            self._subscribers.publish(event, orders)
 
     def _refused(self, ticket: Ticket, who: Party, effect: Refused) -> None:
         holders = self._in_way(ticket, effect.blockers)
         refusal = self._mismatch(ticket, effect, holders) if effect.reason is Reason.MISMATCH else None
-        self._record(ticket, "refused", reason=refusal.code if refusal is not None else effect.reason.value)
+        code = refusal.code if refusal is not None else effect.reason.value
+        self._record(ticket, "refused", reason=code, cause=code)
         if refusal is not None:
             self._send_error(who.client, who.request_id, refusal)
         elif holders and not self._backend.orders_requests:
@@ -987,11 +1020,16 @@ class LockService:
         if ticket.state is ENDED:
             return
         who = party(ticket)
-        problem = "internal error in lockd (it is logged); retry"
+        who.cause = Cause.INTERNAL
+        if ticket.state is HELD or ticket.state is BREAKING:
+            who.lost = INTERNAL_PROBLEM
         if ticket.state is HELD:
-            self._send(who.client.peer, protocol.Lost(who.request_id, problem))
+            self._send(who.client.peer, protocol.Lost(who.request_id, INTERNAL_PROBLEM))
         elif ticket.state is not BREAKING:
-            self._send(who.client.peer, protocol.Error(who.request_id, protocol.ErrorCode.UNAVAILABLE, problem))
+            self._send(who.client.peer, protocol.Error(
+                who.request_id, protocol.ErrorCode.UNAVAILABLE, INTERNAL_PROBLEM,
+            ))
+            self._record(ticket, "refused", reason=protocol.ErrorCode.UNAVAILABLE, cause=Cause.INTERNAL)
         # Not released: the holder may still be at work, and keeps the lock till it stops.
         self._apply(self.table.end([ticket]))
 
@@ -1040,7 +1078,7 @@ class LockService:
         token = ticket.tokens[ticket.names.index(name)] if ticket.tokens else self._backend.place_of(who)
         return protocol.Holder(
             pid=who.pid, uid=who.uid, gid=who.gid, command=who.command, label=who.label,
-            since=ticket.since + self._wall_offset, mode=who.mode_on(name), token=token,
+            since=self._wall_clock() - (self._clock() - ticket.since), mode=who.mode_on(name), token=token,
         )
 
     def _in_way(self, ticket: Ticket, blockers: Iterable[Ticket]) -> list[protocol.Holder]:
@@ -1068,7 +1106,7 @@ class LockService:
         """The end of a refusal's message naming `holders` ("; held by ..."), or "" for none."""
         if not holders:
             return ""
-        now = self._clock() + self._wall_offset
+        now = self._wall_clock()
         return "; held by " + ", ".join(holder_text(holder, now) for holder in holders)
 
     def _log_noise(self, kind: Kind, uid: int | None, reason: str, message: str, *args: object) -> None:
@@ -1104,8 +1142,8 @@ class LockService:
            live tickets that name it, at least one.
         8. A request id whose refusal is still to be sent is none of its client's live
            tickets' ids, and a client gone has no refusal to send.
-        9. `_subscribers` is the connected clients with a subscription, whose ids are none of
-           their tickets' or refusals' ids.
+        9. The subscriptions are those of connected clients (`Subscribers.check`), and their
+           ids none of their clients' tickets' or refusals' ids.
         10. `census()` is what a count of every live ticket's (ticket, name) pairs gives.
         11. The table's own invariants (`LockTable.check`).
         """
@@ -1143,8 +1181,7 @@ class LockService:
             if self.clients.get(client.peer) is not client:
                 assert not client.refusing, f"{client} is gone, refusing {client.refusing}"
                 assert not client.subscriptions, f"{client} is gone, subscribed {client.subscriptions}"
-        subscribers = {client for client in self.clients.values() if client.subscriptions}
-        assert set(self._subscribers) == subscribers, subscribers.symmetric_difference(self._subscribers)
+        self._subscribers.check(self.clients.values())
 
         for claim, ticket in self._claimed.items():
             assert ticket in live and ticket.holding, ticket

@@ -2,11 +2,18 @@
 writing replies. Who the client is and what it asked for are the service's (lockd.service).
 
 Invariants:
-- Everything the daemon sends to a client goes through `Session.send`, which never awaits: it
-  writes at once what the socket takes and leaves the rest, in order, to the session's writer
-  task, the only other place that writes to the socket. A client that lets more than
-  `max_outbox` bytes pile up is cut off. So no client, however slow, can block the daemon or
-  another client.
+- Everything the daemon sends to a client goes through `Session.send` (replies) or
+  `Session.offer` (lease events), which never await: they write at once what the socket
+  takes and leave the rest, in order, to the session's writer task, the only other place
+  that writes to the socket. A client that lets more than MAX_OUTBOX bytes of replies pile
+  up, or leaves replies unread for `send_timeout`, is cut off. So no client, however slow,
+  can block the daemon or another client.
+- Lease events have a lane of their own: they wait in a bounded queue (MAX_QUEUED_EVENTS
+  bytes) that the writer takes from only while no reply waits, and the send timeout runs
+  only while replies wait. A subscriber that does not read loses its subscription (the
+  service drops it when `offer` refuses an event; its unsent events are thrown away and its
+  notice goes last in the lane), never its connection and the leases on it. An event never
+  overtakes a reply sent before it; a reply may overtake events that wait.
 - Descriptors sent with a message (SCM_RIGHTS) go with its first byte. Those left waiting in
   the outbox are the session's own duplicates, closed once sent or when the session ends, so
   they always refer to the files they were sent for.
@@ -43,10 +50,10 @@ log = logging.getLogger("lockd")
 #: Replies a client may leave unread before it is cut off. Generous: a `status` of a busy host
 #: is one large frame, and it is still appended whole.
 MAX_OUTBOX: Final = 4 * 1024 * 1024
-#: Unread bytes past which a lease event is not sent but its subscription dropped: far below
-#: MAX_OUTBOX, so a subscriber that cannot keep up loses its subscription, never its
+#: Lease events waiting to be sent (bytes) past which the next one is refused and its
+#: subscription dropped: a subscriber that cannot keep up loses its subscription, never its
 #: connection and the leases on it.
-MAX_OFFERED: Final = 256 * 1024
+MAX_QUEUED_EVENTS: Final = 256 * 1024
 #: Reads and requests the reader handles before it lets other tasks run.
 FAIR_TURNS: Final = 16
 #: After its goodbye is written, how long a cut-off client has to hang up before the daemon
@@ -76,7 +83,7 @@ class Session:
 
     __slots__ = (
         "sock", "ident", "label", "closed", "close_reason", "_on_close", "_encoder", "_outbox", "_attached",
-        "_wake", "_eof",
+        "_wake", "_eof", "_events", "_event_bytes", "_event_head", "_timer", "_send_timeout",
     )
 
     def __init__(self, sock: socket.socket, ident: int, on_close: Callable[[Session], None]) -> None:
@@ -94,18 +101,64 @@ class Session:
         self._attached: deque[tuple[int, list[int]]] = deque()
         self._wake = trio.Event()
         self._eof = False
+        #: Lease events not yet in the outbox, in order: (subscription id, or None for a
+        #: subscription's last word, frame).
+        self._events: deque[tuple[int | None, bytes]] = deque()
+        self._event_bytes = 0
+        #: How many bytes at the head of the outbox are events (the writer moves events there
+        #: only when it is empty): the rest are replies, which the send timeout is for.
+        self._event_head = 0
+        #: The writer's send timeout, while it runs: armed only while replies wait.
+        self._timer: trio.CancelScope | None = None
+        self._send_timeout = math.inf
 
     def __repr__(self) -> str:
         return f"<Session #{self.ident}>"
 
     # --- sending ------------------------------------------------------------------------------
 
-    def offer(self, message: object) -> bool:
-        """Send `message` unless more than MAX_OFFERED bytes wait unread (then False)."""
-        if len(self._outbox) > MAX_OFFERED:
+    def offer(self, subscription_id: int, message: object) -> bool:
+        """Send the lease event `message` of subscription `subscription_id` in the events'
+        lane (see the module docstring), unless MAX_QUEUED_EVENTS bytes of events wait
+        already: then False, and nothing is sent."""
+        if self._event_bytes >= MAX_QUEUED_EVENTS:
             return False
-        self.send(message)
+        self._send_event(subscription_id, protocol.frame(self._encoder, message))
         return True
+
+    def end_events(self, subscription_id: int, notice: object | None) -> None:
+        """Throw away the events of subscription `subscription_id` not yet sent, then send
+        `notice` (if any) in the events' lane, after the events already on their way: a
+        reader that does not read is not cut off for not reading it either."""
+        if self._events:
+            kept = deque(item for item in self._events if item[0] != subscription_id)
+            self._event_bytes = sum(len(item[1]) for item in kept)
+            self._events = kept
+        if notice is not None:
+            self._send_event(None, protocol.frame(self._encoder, notice))
+
+    def _send_event(self, key: int | None, frame: bytes) -> None:
+        if self.closed:
+            return
+        if self._outbox or self._events:
+            if not self._events:
+                self._wake.set()  # the writer may be idle, waiting for replies
+            self._events.append((key, frame))
+            self._event_bytes += len(frame)
+            return
+        outbox = self._outbox
+        outbox += frame
+        try:
+            del outbox[: self.sock.send(outbox)]
+        except BlockingIOError:
+            pass
+        except OSError:
+            self._clear()
+            self.close("the connection broke")
+            return
+        if outbox:
+            self._event_head = len(outbox)
+            self._wake.set()
 
     def send(self, message: object, fds: Sequence[int] = ()) -> None:
         """Send `message` to this client, with copies of the descriptors `fds`, or queue it
@@ -125,6 +178,7 @@ class Session:
             if fds and not self._attach(len(outbox), fds):
                 return
             protocol.encode_frame(self._encoder, message, outbox)
+            self._arm()  # events alone may have been waiting: now a reply does
             return
         if len(fds) > protocol.MAX_FDS_PER_MESSAGE:
             if not self._attach(0, fds):
@@ -185,9 +239,18 @@ class Session:
                 for i, (offset, fds) in enumerate(attached):
                     attached[i] = (offset - sent, fds)
 
+    def _arm(self) -> None:
+        """Start the send timeout unless it runs already."""
+        timer = self._timer
+        if timer is not None and timer.deadline == math.inf:
+            timer.deadline = trio.current_time() + self._send_timeout
+
     def _clear(self) -> None:
         """Drop what was left to send."""
         self._outbox.clear()
+        self._event_head = 0
+        self._events.clear()
+        self._event_bytes = 0
         while self._attached:
             _close_all(self._attached.popleft()[1])
 
@@ -203,7 +266,11 @@ class Session:
             return
         self.closed = True
         self.close_reason = reason
+        # The goodbye matters, the events no longer: and what is left goes within the timeout.
+        self._events.clear()
+        self._event_bytes = 0
         self._wake.set()
+        self._arm()
         self._on_close(self)
 
     # --- serving ------------------------------------------------------------------------------
@@ -315,24 +382,33 @@ class Session:
         scope.cancel()
 
     async def _write(self, send_timeout: float) -> None:
-        """Write what `send` left in the outbox until the session closes and it is flushed.
+        """Write what `send` left in the outbox, and the events `offer` queued while no reply
+        waits, until the session closes and the outbox is flushed.
 
-        A client that takes nothing of a pending write for `send_timeout` seconds is cut off.
+        A client that takes nothing of a pending write for `send_timeout` seconds while
+        replies wait (or once the session is closed) is cut off.
         """
         sock = self.sock
         outbox = self._outbox
+        self._send_timeout = send_timeout
         try:
             with trio.CancelScope() as timer:
+                self._timer = timer
                 while True:
                     if not outbox:
-                        if self.closed:
+                        if self._events:
+                            self._take_events()
+                        elif self.closed:
                             return
-                        await self._wake.wait()
-                        self._wake = trio.Event()
-                        continue
-                    timer.deadline = trio.current_time() + send_timeout
+                        else:
+                            await self._wake.wait()
+                            self._wake = trio.Event()
+                            continue
+                    if self.closed or len(outbox) > self._event_head:
+                        self._arm()
                     await trio.lowlevel.wait_writable(sock)
                     timer.deadline = math.inf
+                    before = len(outbox)
                     try:
                         self._flush()
                     except BlockingIOError:
@@ -341,10 +417,22 @@ class Session:
                         self._clear()
                         self.close("the connection broke")
                         return
+                    finally:
+                        self._event_head = max(0, self._event_head - (before - len(outbox)))
             self._clear()
             self.close(f"it did not read its replies for {send_timeout:g} s")
         finally:
+            self._timer = None
             self._clear()
+
+    def _take_events(self) -> None:
+        """Move queued events into the empty outbox, up to a socket buffer's worth."""
+        outbox, events = self._outbox, self._events
+        while events and len(outbox) < _RECV_SIZE:
+            frame = events.popleft()[1]
+            outbox += frame
+            self._event_bytes -= len(frame)
+        self._event_head = len(outbox)
 
     async def _linger(self) -> None:
         """Half-close, then drop what the client still sends until it hangs up or LINGER

@@ -720,7 +720,7 @@ def test_invalid_names_are_refused_before_anything_is_sent():
 
 
 @pytest.mark.parametrize(
-    ("code", "cls"), [("limit", errors.LimitExceeded), ("invalid_name", errors.InvalidName)]
+    ("code", "cls"), [("limit", errors.SubscriptionDropped), ("invalid_name", errors.InvalidName)]
 )
 def test_an_error_ends_the_subscription_after_its_events(code, cls):
     conn = opened()
@@ -744,17 +744,35 @@ def test_the_end_of_the_connection_ends_every_subscription():
     assert conn.unsubscribe(first) == b""
 
 
+def test_a_subscription_refused_for_a_limit_is_no_drop():
+    conn = opened()
+    subscription, _ = conn.subscribe([])
+    conn.receive_data(frames(protocol.Error(subscription.id, "limit", "too many subscriptions")))
+    assert type(subscription.error) is errors.LimitExceeded
+
+
+def test_closing_the_connection_ends_every_subscription_cleanly():
+    conn = opened()
+    subscription = subscribed(conn, "a")
+    conn.receive_data(frames(protocol.Event(subscription.id, lease_event("a"))))
+    conn.close()
+    assert subscription.ended and subscription.error is None and len(subscription.events) == 1
+
+
 def test_events_nobody_reads_end_the_subscription_here_as_the_daemon_would():
     conn = opened()
     subscription = subscribed(conn)
     flood = [protocol.Event(subscription.id, lease_event(f"n{i}")) for i in range(MAX_UNREAD_EVENTS + 5)]
     conn.receive_data(frames(*flood))
-    assert isinstance(subscription.error, errors.LimitExceeded)
+    assert isinstance(subscription.error, errors.SubscriptionDropped)
     assert len(subscription.events) == MAX_UNREAD_EVENTS
     assert subscription.events[-1].name == f"n{MAX_UNREAD_EVENTS - 1}"
-    # The daemon is told, and what it sent meanwhile is dropped.
-    assert decoded(conn.unsubscribe(subscription)) == [protocol.Release(subscription.id)]
-    assert not conn.closed
+    # The daemon is told with the next write, whoever makes it; what it sent meanwhile is dropped.
+    assert conn.unsubscribe(subscription) == b""
+    assert conn.has_unsent and decoded(conn.take_unsent()) == [protocol.Release(subscription.id)]
+    assert not conn.has_unsent and conn.take_unsent() == b""
+    conn.receive_data(frames(protocol.Event(subscription.id, lease_event("late"))))
+    assert not conn.closed and subscription.events[-1].name == f"n{MAX_UNREAD_EVENTS - 1}"
 
 
 @pytest.mark.parametrize(

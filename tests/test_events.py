@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import lockd_client
 import pytest
@@ -15,6 +16,7 @@ from lockd.service import MAX_SUBSCRIPTIONS
 
 from .conftest import Daemon
 from .rawclient import RawClient
+from .waiting import wait_until
 
 WAIT = 10.0
 
@@ -207,3 +209,90 @@ def test_a_stalled_watcher_is_dropped_and_keeps_its_connection_and_lease(daemon:
         reply = stalled.request(protocol.Status(stalled.next_id, [f"{name}.kept"]))
         assert isinstance(reply, protocol.StatusReply)
         assert [h.token for lock in reply.locks for h in lock.holders] == kept.tokens
+
+
+SEND_TIMEOUT = 0.5
+
+
+def test_a_watcher_that_never_reads_keeps_its_connection_and_lease_past_the_send_timeout(
+    short_tmp: Path, name: str,
+) -> None:
+    # Events waiting for a reader that does not read are not replies: the send timeout, which
+    # cuts a client off with its leases, runs only while replies wait.
+    config = short_tmp / "lockd.toml"
+    config.write_text(f"[limits]\nsend_timeout = {SEND_TIMEOUT}\n")
+    d = Daemon(short_tmp, "--config", str(config))
+    d.start()
+    try:
+        with RawClient(d.socket) as stalled, lockd_client.connect(d.socket) as other:
+            kept = stalled.acquire(f"{name}.kept")
+            assert isinstance(kept, protocol.Granted)
+            subscription = stalled.next_id
+            stalled.next_id += 1
+            stalled.send(protocol.Subscribe(subscription, []))  # then it reads nothing
+
+            def dropped() -> bool:
+                for _ in range(100):
+                    other.acquire(name).release()
+                return f"subscription {subscription} dropped" in d.log()
+
+            wait_until(dropped, "the stalled subscription dropped", WAIT, show=d.log)
+            until = time.monotonic() + 4 * SEND_TIMEOUT
+            while time.monotonic() < until:  # events keep coming, well past the send timeout
+                other.acquire(name).release()
+            (lock,) = other.status(f"{name}.kept")
+            assert [holder.token for holder in lock.holders] == kept.tokens
+            assert "did not read its replies" not in d.log()
+            messages = []
+            while not isinstance(message := stalled.recv(), protocol.Error):
+                messages.append(message)
+            assert isinstance(messages[0], protocol.Done)
+            assert all(isinstance(m, protocol.Event) and m.id == subscription for m in messages[1:])
+            assert (message.id, message.code) == (subscription, protocol.ErrorCode.LIMIT)
+            reply = stalled.request(protocol.Status(stalled.next_id, [f"{name}.kept"]))
+            assert isinstance(reply, protocol.StatusReply) and reply.locks[0].holders[0].token == kept.tokens[0]
+    finally:
+        d.kill()
+
+
+def test_closing_the_client_ends_the_iteration_cleanly(lockd: Daemon, name: str) -> None:
+    c = lockd_client.connect(lockd.socket)
+    events = c.events(name)
+    c.close()
+    assert list(events) == []
+
+
+def test_a_subscription_this_client_drops_is_released_with_its_next_request(
+    lockd: Daemon, name: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("lockd_client._connection.MAX_UNREAD_EVENTS", 2)
+    with lockd_client.connect(lockd.socket) as c, lockd_client.connect(lockd.socket) as other:
+        events = c.events(name)
+        for _ in range(2):
+            other.acquire(name).release()
+        other.status()
+        c.status()  # reads the events: the third drops the subscription here
+        with pytest.raises(lockd_client.SubscriptionDropped):
+            list(events)
+        c.status()  # carries the Release: the daemon sends no more for it
+        other.acquire(name).release()
+        other.status()
+        assert c._conn.has_unsent is False and c.status(name) == []
+
+
+async def test_trio_events_are_an_async_context_manager(lockd: Daemon, name: str) -> None:
+    with trio.fail_after(WAIT):
+        async with trio_client.connect(lockd.socket) as c:
+            async with await c.events(name) as events:
+                async with trio_client.connect(lockd.socket) as other:
+                    await (await other.acquire(name)).release()
+                assert [(await events.__anext__()).event for _ in range(2)] == ["granted", "released"]
+            assert [event async for event in events] == []  # ended by leaving the block
+
+
+async def test_trio_closing_the_client_ends_the_iteration_cleanly(lockd: Daemon, name: str) -> None:
+    with trio.fail_after(WAIT):
+        c = await trio_client.connect(lockd.socket)
+        async with c:
+            events = await c.events(name)
+        assert [event async for event in events] == []

@@ -90,6 +90,7 @@ def test_cmds_exit_status_is_kept_with_its_release(daemon: Daemon, name: str) ->
     assert granted["waited"] >= 0 and granted["held"] is None and granted["exit_status"] is None
     assert released["held"] >= 0 and released["waited"] is None
     assert (released["exit_status"], released["reason"]) == (3, None)
+    assert (granted["cause"], released["cause"]) == (None, "requested")
     # The plain log line of each, without systemd.
     assert f"{name} released exclusive pid {released['pid']} uid 0" in daemon.log()
     assert "exit status 3" in daemon.log()
@@ -137,6 +138,7 @@ def test_refusals_say_why(daemon: Daemon, name: str) -> None:
     assert busy["token"] is None and timeout["waited"] > 0
     (denied,) = history(daemon, f"forbidden-{name}")
     assert (denied["event"], denied["reason"], denied["token"]) == ("refused", "permission_denied", None)
+    assert [busy["cause"], timeout["cause"], denied["cause"]] == ["busy", "timeout", "permission_denied"]
 
 
 def test_a_broken_lease_that_is_not_let_go_is_lost(daemon: Daemon, name: str) -> None:
@@ -148,6 +150,7 @@ def test_a_broken_lease_that_is_not_let_go_is_lost(daemon: Daemon, name: str) ->
     assert kinds(events) == ["granted", "broken", "lost"]
     assert events[1]["reason"].startswith("forcibly released by uid 0")
     assert "break_grace" in events[2]["reason"] and events[2]["held"] >= 0.5
+    assert [event["cause"] for event in events] == [None, "forced", "overdue"]
     holder.close()
 
 
@@ -164,6 +167,28 @@ def test_a_broken_lease_let_go_is_released_and_a_vanished_holder_too(daemon: Dae
     assert kinds(events) == ["granted", "broken", "released", "granted", "released"]
     assert events[2]["reason"] is None
     assert events[4]["reason"] == "its client went away without releasing it"
+    assert [event["cause"] for event in events] == [None, "forced", "requested", None, "client_gone"]
+
+
+def test_a_stop_ends_every_lease_s_story(daemon: Daemon, name: str) -> None:
+    # A lease of a connection and one tied to a process: on flock both outlive the daemon,
+    # through their holders' descriptors, and their stories end with the daemon's.
+    holder = RawClient(daemon.socket)
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        assert isinstance(holder.acquire(f"{name}.conn"), protocol.Granted)
+        assert isinstance(holder.acquire(f"{name}.proc", pid=sleeper.pid), protocol.Granted)
+        assert daemon.stop() == 0
+        daemon.start()
+        ends = {
+            (event["name"], event["event"], event["cause"])
+            for event in history(daemon, f"{name}.conn", f"{name}.proc") if event["event"] != "granted"
+        }
+        assert ends == {(f"{name}.conn", "released", "daemon_stopped"), (f"{name}.proc", "released", "daemon_stopped")}
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        holder.close()
 
 
 def test_several_names_and_slots(daemon: Daemon, name: str) -> None:
@@ -378,6 +403,39 @@ def test_an_unwritable_history_costs_no_lease_and_is_written_later(short_tmp: Pa
         events = wait_until(written, "the events kept in memory written", timeout=15)
         assert kinds(events) == ["granted", "released"]
         assert d.log().count("history: writing to") == 1
+    finally:
+        d.stop()
+
+
+#: The first schema's table, without `cause`.
+SCHEMA_1 = """
+CREATE TABLE events (
+    id INTEGER PRIMARY KEY, time REAL NOT NULL, event TEXT NOT NULL, name TEXT NOT NULL, mode TEXT NOT NULL,
+    slots INTEGER, token INTEGER, pid INTEGER, uid INTEGER, user TEXT, command TEXT NOT NULL, label TEXT,
+    waited REAL, held REAL, reason TEXT, exit_status INTEGER
+);
+PRAGMA user_version = 1;
+"""
+
+
+def test_a_history_of_the_first_schema_is_migrated(short_tmp: Path, name: str) -> None:
+    state = short_tmp / "state"
+    state.mkdir()
+    with sqlite3.connect(state / "history.sqlite3") as db:
+        db.executescript(SCHEMA_1)
+        db.execute(
+            "INSERT INTO events (time, event, name, mode, token, command) VALUES (?, 'granted', ?, 'exclusive', 1, '')",
+            (time.time() - 10, name),
+        )
+    db.close()
+    d = start(short_tmp)
+    try:
+        assert lockctl(d, "acquire", name, "--", "true").returncode == 0
+        events = history(d, name)
+        assert [(event["event"], event["cause"]) for event in events] == [
+            ("granted", None), ("granted", None), ("released", "requested"),
+        ]
+        assert not list(state.glob("history.sqlite3.unusable-*")) and "migrated to schema version 2" in d.log()
     finally:
         d.stop()
 

@@ -18,7 +18,6 @@ from lockd.census import Census
 from lockd.config import ListenAddress, listen_address
 from lockd.histogram import Histogram
 from lockd.metrics import CACHE_SECONDS, Metrics, ServiceStats
-from lockd.service import LOST_OVERDUE, LOST_SHUTDOWN
 
 from .test_service import Harness
 
@@ -68,9 +67,13 @@ def test_counters_add_up_the_events_by_mode_and_reason() -> None:
         event("granted", slots=3, mode="shared", waited=0.0),
         event("released", held=1.0),
         event("released", held=2.0, reason="its client went away without releasing it"),
-        event("lost", held=40.0, reason=LOST_OVERDUE),
-        event("lost", held=1.0, reason=LOST_SHUTDOWN),
-        event("lost", held=1.0, reason="etcd lease could not be kept alive (no renewal was answered in time)"),
+        # Counted by cause, whatever the reason says.
+        event("lost", held=40.0, reason="not let go", cause=protocol.Cause.OVERDUE),
+        event("lost", held=1.0, reason="shutting down", cause=protocol.Cause.DAEMON_STOPPED),
+        event(
+            "lost", held=1.0, reason="etcd lease could not be kept alive (no renewal was answered in time)",
+            cause=protocol.Cause.BACKEND,
+        ),
         event("broken", held=10.0, reason="forcibly released by uid 0"),
         event("refused", reason="busy", waited=0.0),
         event("refused", reason="timeout", waited=5.0),

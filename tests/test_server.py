@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -92,9 +92,11 @@ class Client:
 
 
 @asynccontextmanager
-async def serving(backend: BuggyBackend, short_tmp: Path) -> AsyncIterator[Client]:
+async def serving(
+    backend: BuggyBackend, short_tmp: Path, observers: Sequence[Callable[[protocol.LeaseEvent], None]] = (),
+) -> AsyncIterator[Client]:
     path = str(short_tmp / "s")
-    server = Server(LockTable(), backend, Limits(), Policy((), {0: "root"}))
+    server = Server(LockTable(), backend, Limits(), Policy((), {0: "root"}), observers)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve, [bind_unix_listener(path, 0o600)])
         client = Client(await trio.open_unix_socket(path))
@@ -118,6 +120,22 @@ async def test_a_bug_taking_a_lock_fails_that_request_only(
             status = await client.final(protocol.Status(3))
             assert isinstance(status, protocol.StatusReply) and [i.name for i in status.locks] == ["fine"]
     assert "internal error" in caplog.text and "a bug in take" in caplog.text
+
+
+async def test_an_observer_that_fails_costs_the_others_nothing(
+    backend: BuggyBackend, short_tmp: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    def failing(event: protocol.LeaseEvent) -> None:
+        raise RuntimeError("a bug in an observer")
+
+    seen: list[str] = []
+    with trio.fail_after(TIMEOUT):
+        async with serving(backend, short_tmp, [failing, lambda event: seen.append(event.event)]) as client:
+            assert isinstance(await client.final(protocol.Acquire(1, ["x"])), protocol.Granted)
+            await client.send(protocol.Release(1))
+            assert isinstance(await client.final(protocol.Status(2)), protocol.StatusReply)
+    assert seen == ["granted", "released"]
+    assert "a bug in an observer" in caplog.text
 
 
 REAL_LOOK = LockFiles.outside_holders_of

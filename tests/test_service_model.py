@@ -49,6 +49,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 from hypothesis import Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -220,7 +221,7 @@ class ServiceMachine(RuleBasedStateMachine):
         backend: BackendView = FakeBackend(orders_requests=ordered, leases_outlive_daemon=outlive)
         self.service = LockService(
             LockTable(ordered_by_backend=ordered), Processes(self.open_process), limits(self.grace), self.policy,
-            backend, clock=self.clock, wall_offset=WALL_OFFSET,
+            backend, clock=self.clock, wall_clock=lambda: self.clock() + WALL_OFFSET,
         )
         #: Whether the backend answers a StartTake as it is carried out where it can (a free
         #: flock; a claim first in etcd's queue, or one that does not wait); otherwise it is
@@ -434,7 +435,7 @@ class ServiceMachine(RuleBasedStateMachine):
             for holder in own:
                 claim, since = self.tokens_granted[holder.token]
                 assert claim not in self.released and lock.name in claim.names, (lock, claim)
-                assert holder.since == since + WALL_OFFSET and holder.pid == claim.pid, (holder, since)
+                assert holder.since == pytest.approx(since + WALL_OFFSET) and holder.pid == claim.pid, (holder, since)
                 assert claim.slots.get(lock.name) == lock.slots, (lock, claim)
 
     # --- helpers ------------------------------------------------------------------------------

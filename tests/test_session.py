@@ -211,3 +211,39 @@ async def test_queued_descriptors_are_closed_when_the_client_is_cut_off(
         await session.serve(WELCOME, lambda session, message: None, Limits(send_timeout=0.2))
     os.close(fd)
     assert len(os.listdir("/proc/self/fd")) == before - 2  # fd, and the socket serve closed
+
+
+def event(subscription_id: int, name: str) -> protocol.Event:
+    return protocol.Event(subscription_id, protocol.LeaseEvent(1.0, "granted", name, "exclusive", token=1))
+
+
+async def test_events_wait_in_their_own_lane_and_a_dropped_subscription_s_are_thrown_away(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    ours, theirs = pair
+    session = make_session(ours)
+    theirs.sendall(frames(protocol.Hello(protocol.PROTOCOL_VERSION)))
+    seen: list[object] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.serve, WELCOME, lambda session, message: None, Limits(send_timeout=0.2))
+        await trio.sleep(0.1)  # welcomed
+        count = 0
+        while session.offer(1, event(1, f"n{count}")):  # the socket fills, then the lane
+            count += 1
+        assert session.offer(2, event(2, "other")) is False  # the lane is full for everyone
+        await trio.sleep(1.0)  # unread long past the send timeout: events are not replies
+        assert not session.closed
+        session.end_events(1, protocol.Error(1, protocol.ErrorCode.LIMIT, "dropped"))
+        session.send(protocol.Done(9))  # a reply overtakes the events that wait
+        theirs.settimeout(10)
+        buffer, decoder = protocol.FrameBuffer(protocol.MAX_REPLY_FRAME), protocol.reply_decoder()
+        while not (seen and isinstance(seen[-1], protocol.Error)):
+            buffer.feed(await trio.to_thread.run_sync(theirs.recv, 65536))
+            while (body := buffer.next_frame()) is not None:
+                seen.append(decoder.decode(body))
+        session.close("done")
+    welcome, *rest = seen
+    assert isinstance(welcome, protocol.Welcome)
+    assert protocol.Done(9) in rest and rest[-1] == protocol.Error(1, protocol.ErrorCode.LIMIT, "dropped")
+    names = [m.event.name for m in rest if isinstance(m, protocol.Event)]
+    assert names == [f"n{i}" for i in range(len(names))] and len(names) < count  # in order, the rest thrown away

@@ -29,6 +29,7 @@ from .errors import (
     PermissionDenied,
     ProtocolError,
     RemoteProtocolError,
+    SubscriptionDropped,
     WouldDeadlock,
 )
 
@@ -52,6 +53,7 @@ __all__ = [
     "PermissionDenied",
     "ProtocolError",
     "RemoteProtocolError",
+    "SubscriptionDropped",
     "WouldDeadlock",
     "connect",
     "protocol",

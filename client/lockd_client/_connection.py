@@ -14,7 +14,10 @@ Invariants:
   none is ever forgotten.
 - A subscription receives the events the daemon sends for it, in order, from its Done until
   it ends, exactly once: its client releases it, the daemon ends it with an Error (one that
-  lags is dropped), or the connection closes. Its unread events stay readable after the end.
+  lags is dropped: SubscriptionDropped), this client drops it with MAX_UNREAD_EVENTS unread
+  (its Release waits in `take_unsent` for the next write), or the connection closes (by this
+  client: a clean end, as a release; otherwise DaemonUnavailable). Its unread events stay
+  readable after the end.
 - A method that refuses a move (bad name, wrong phase, oversized request) raises before
   changing any state.
 
@@ -47,7 +50,7 @@ NumberedRequest: TypeAlias = (
 #: Called with the holders each time the daemon says an acquire waits for them.
 QueuedCallback = Callable[[list[protocol.Holder]], object]
 
-#: Events a subscription may hold unread before it ends with LimitExceeded, as the daemon
+#: Events a subscription may hold unread before it ends with SubscriptionDropped, as the daemon
 #: drops a subscriber whose socket is not read (about 256 KiB of them): a client whose other
 #: requests keep the socket read must not pile up events for a reader that never comes.
 MAX_UNREAD_EVENTS: Final = 2048
@@ -211,8 +214,8 @@ class Subscription:
 
     `started` turns true with the daemon's Done; `events` queues what arrives until the
     reader takes it; `ended` turns true exactly once, with `error` None when the client ended
-    it and the exception otherwise (LimitExceeded when it lagged, DaemonUnavailable when the
-    connection ended).
+    it (or closed the connection) and the exception otherwise (SubscriptionDropped when it
+    lagged, DaemonUnavailable when the connection ended otherwise).
     """
 
     __slots__ = ("id", "names", "events", "started", "ended", "error", "_subscribed")
@@ -330,6 +333,9 @@ class Connection:
         self._leases: dict[int, LeaseRecord] = {}
         #: Request id → a subscription the daemon may still send events for.
         self._subscriptions: dict[int, Subscription] = {}
+        #: Requests to go out with the next write (`take_unsent`): Releases of subscriptions
+        #: this client dropped while reading.
+        self._unsent = bytearray()
         self._next_id = 1
         #: Descriptors received and not yet claimed by their Granted.
         self._unclaimed_fds: deque[int] = deque()
@@ -387,10 +393,8 @@ class Connection:
             timeout = 0  # not waiting wins over any timeout, as -n over -w in flock(1)
         if self.phase is not Phase.OPEN:
             self._check_open()
-        if semaphores and self.server is not None and protocol.Feature.SEMAPHORES not in self.server.features:
-            raise errors.ProtocolError(
-                f"this lockd ({self.server.server}) does not serve semaphores (slots); upgrade it"
-            )
+        if semaphores:
+            self._require(protocol.Feature.SEMAPHORES, "does not serve semaphores (slots); upgrade it")
         mode: protocol.Mode = "shared" if shared else "exclusive"
         request = protocol.Acquire(self._next_id, unique, mode, timeout, label, pid, semaphores)
         return self._send_request(request)
@@ -406,8 +410,7 @@ class Connection:
     def metrics(self) -> tuple[Call[str], bytes]:
         """Ask for the daemon's metrics; resolves with them in the Prometheus text format."""
         self._check_open()
-        if self.server is not None and protocol.Feature.METRICS not in self.server.features:
-            raise errors.ProtocolError(f"this lockd ({self.server.server}) does not serve metrics; upgrade it")
+        self._require(protocol.Feature.METRICS, "does not serve metrics; upgrade it")
         return self._send_request(protocol.Metrics(self._next_id))
 
     def history(self, names: Iterable[str], since: float | None, until: float | None, limit: int) -> HistoryQuery:
@@ -424,11 +427,10 @@ class Connection:
         if type(limit) is not int or limit < 1:
             raise errors.InvalidArgument(f"limit must be a whole number of events, 1 or more, not {limit!r}")
         self._check_open()
-        if self.server is not None and protocol.Feature.HISTORY not in self.server.features:
-            raise errors.ProtocolError(
-                f"this lockd ({self.server.server}) keeps no history: it is older than this client, or its "
-                "config turns the history off ([history] enabled)"
-            )
+        self._require(
+            protocol.Feature.HISTORY,
+            "keeps no history: it is older than this client, or its config turns the history off ([history] enabled)",
+        )
         return HistoryQuery(self, protocol.History(0, checked, since, until), limit)  # numbered when sent
 
     def release_pid(self, pid: int, names: Iterable[str]) -> tuple[Call[int], bytes]:
@@ -451,10 +453,7 @@ class Connection:
         if unique:
             _checked_names(unique)
         self._check_open()
-        if self.server is not None and protocol.Feature.EVENTS not in self.server.features:
-            raise errors.ProtocolError(
-                f"this lockd ({self.server.server}) does not send lease events; upgrade it"
-            )
+        self._require(protocol.Feature.EVENTS, "does not send lease events; upgrade it")
         data = self._encode(protocol.Subscribe(self._next_id, unique))
         subscription = Subscription(self._next_id, tuple(unique))
         self._subscriptions[subscription.id] = subscription
@@ -559,11 +558,15 @@ class Connection:
 
     def close(self) -> list[LeaseRecord]:
         """The client closes the connection: its leases (detached ones too) end as released,
-        not lost. Returns every lease that still has descriptors, lost ones included: the
-        caller lets go of them."""
+        not lost, and its subscriptions as if released. Returns every lease that still has
+        descriptors, lost ones included: the caller lets go of them."""
         for lease in self._leases.values():
             lease.state = LeaseState.RELEASED
         self._leases.clear()
+        for subscription in self._subscriptions.values():
+            subscription._subscribed = False
+            subscription._end(None)
+        self._subscriptions.clear()
         ended = list(self._holding.values())
         if not self.closed:
             reason = "the connection was closed by this client"
@@ -618,7 +621,27 @@ class Connection:
                 ),
             )
 
+    @property
+    def has_unsent(self) -> bool:
+        """Whether `take_unsent` has something to write."""
+        return bool(self._unsent)
+
+    def take_unsent(self) -> bytes:
+        """What this connection decided to send on its own while reading (the Release of a
+        subscription it dropped): the clients write it before their next request's bytes,
+        whose order it keeps. b"" once closed."""
+        if not self._unsent:
+            return b""
+        data = b"" if self.closed else bytes(self._unsent)
+        self._unsent.clear()
+        return data
+
     # --- internals ----------------------------------------------------------------------------
+
+    def _require(self, feature: str, missing: str) -> None:
+        """Raise ProtocolError unless the daemon serves `feature` ("this lockd ... `missing`")."""
+        if self.server is not None and feature not in self.server.features:
+            raise errors.ProtocolError(f"this lockd ({self.server.server}) {missing}")
 
     def _encode(self, message: protocol.Request) -> bytes:
         data = protocol.frame(self._encoder, message)
@@ -735,13 +758,15 @@ class Connection:
 
     def _handle_subscription(self, subscription: Subscription, message: protocol.Reply) -> None:
         if type(message) is protocol.Event and subscription.started:
-            if subscription.ended:
-                return  # ended here for lagging: the daemon has not heard so yet
             if len(subscription.events) >= MAX_UNREAD_EVENTS:
-                subscription._end(errors.LimitExceeded(
+                subscription._end(errors.SubscriptionDropped(
                     f"{MAX_UNREAD_EVENTS} lease events came that were not read: the subscription "
                     "ended; subscribe again, and read the events as they come"
                 ))
+                # The daemon is told with the next write, whoever makes it.
+                subscription._subscribed = False
+                del self._subscriptions[subscription.id]
+                self._unsent += self._encode(protocol.Release(subscription.id))
                 return
             subscription.events.append(message.event)
         elif type(message) is protocol.Done and not subscription.started:
@@ -750,7 +775,10 @@ class Connection:
             # The daemon refused it or dropped it: it sends nothing more for it.
             subscription._subscribed = False
             del self._subscriptions[subscription.id]
-            subscription._end(errors.from_reply(message))
+            if subscription.started and message.code == protocol.ErrorCode.LIMIT:
+                subscription._end(errors.SubscriptionDropped(message.message))
+            else:
+                subscription._end(errors.from_reply(message))
         else:
             state = "started" if subscription.started else "not yet started"
             raise _Violation(f"{_tag(message)} for subscription {subscription.id}, {state}")

@@ -188,9 +188,10 @@ class Client:
 
         Waiting for the next event reads the connection, so replies and notices for this
         client's other requests and leases are applied meanwhile. The iteration ends with an
-        exception when the subscription does: LimitExceeded if lockd dropped it because its
+        exception when the subscription does: SubscriptionDropped (a LimitExceeded) if its
         events were not read as fast as they came (subscribe again; `history` has the ones
-        missed), DaemonUnavailable if the connection ended. `event.user` is None: lockd sends
+        missed), DaemonUnavailable if the connection ended; it ends cleanly (StopIteration)
+        once `close()` ends the subscription or the client. `event.user` is None: lockd sends
         `uid`. Raises ProtocolError if this lockd does not send events, InvalidName for a bad
         name, and LimitExceeded when this connection has too many subscriptions.
         """
@@ -287,6 +288,8 @@ class Client:
         return True
 
     def _send(self, data: bytes) -> None:
+        if self._conn.has_unsent:
+            data = self._conn.take_unsent() + data
         if not data:
             return
         try:

@@ -1391,7 +1391,7 @@ def _watch(args: Args, socket_path: str) -> int:
                 sys.stdout.flush()  # for a pipe, as each event happens
         except BrokenPipeError:
             raise _Interrupted(signal.SIGPIPE, group=False) from None
-        except errors.LimitExceeded:
+        except errors.SubscriptionDropped:
             _say(
                 "lockd stopped sending events to this watch: they came faster than its output was read; "
                 "start it again, and read its output as it comes (`lockctl history` has the events missed)"

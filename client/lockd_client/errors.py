@@ -193,7 +193,16 @@ class SlotsMismatch(LockdError):
 class LimitExceeded(LockdError):
     """A daemon limit (connections, leases, waiters) was reached; retry later or raise it."""
 
-    code = ErrorCode.LIMIT
+    code: ClassVar[str | None] = ErrorCode.LIMIT  # None in SubscriptionDropped
+
+
+class SubscriptionDropped(LimitExceeded):
+    """A subscription to lease events ended because its events were not read as fast as they
+    came: lockd dropped it (its `limit` error on the subscription), or this client did, with
+    MAX_UNREAD_EVENTS unread. Subscribe again, and backfill what was missed from the
+    history. Only a client raises it: for a `limit` error on a subscription it holds."""
+
+    code = None
 
 
 #: What each `Error.code` becomes in a client, one class per code and each class for one code,

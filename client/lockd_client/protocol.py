@@ -366,6 +366,38 @@ class Error(msgspec.Struct, tag="error"):
 EventKind = Literal["granted", "released", "lost", "broken", "refused"]
 
 
+class Cause:
+    """Values of `LeaseEvent.cause`: why a lease ended or broke, for programs (`reason` is for
+    people). A `refused` event's cause is its error's code (ErrorCode), or `process_exited`
+    or `internal`; a `granted` event has none.
+
+    They are wire values: never changed, only added to; a client treats one it does not know
+    as it would the event without a cause.
+    """
+
+    #: `released`: by its holder, on its connection.
+    REQUESTED: Final = "requested"
+    #: `released`: on behalf of its process, from another connection (`lockctl release`).
+    RELEASED_BY_OTHER: Final = "released_by_other"
+    #: `released`: its client went away without releasing it (the work it handed a lock-file
+    #: descriptor may hold the lock on).
+    CLIENT_GONE: Final = "client_gone"
+    #: `released`: the process it was tied to exited; `refused`: exited before the grant.
+    PROCESS_EXITED: Final = "process_exited"
+    #: `broken`: a forced release (`reason` says by whom); `lost`: forced again while broken.
+    FORCED: Final = "forced"
+    #: `lost`: broken, and not let go within the grace.
+    OVERDUE: Final = "overdue"
+    #: `lost`: the backend could no longer vouch for it (an etcd session expired...);
+    #: `refused`: the backend failed while taking it.
+    BACKEND: Final = "backend"
+    #: `lost` or `refused`: an internal error in lockd (logged).
+    INTERNAL: Final = "internal"
+    #: `lost` where the backend's leases do not outlive the daemon; else `released`: lockd
+    #: stopped, and the holder's lock-file descriptors keep the lock until it lets go.
+    DAEMON_STOPPED: Final = "daemon_stopped"
+
+
 @final
 class LeaseEvent(msgspec.Struct):
     """Something that happened to a lease or a request, on one of its names.
@@ -374,7 +406,8 @@ class LeaseEvent(msgspec.Struct):
     away without asking (`reason` says so; the work it handed a lock-file descriptor may hold
     the lock on). `lost`: it ended against its holder's wish (`reason`). `broken`: a forced
     release broke it (`reason` says by whom); its end follows as `released` or `lost`.
-    `refused`: a request failed (`reason`: busy, timeout, policy, limits, slots).
+    `refused`: a request failed (`reason`: busy, timeout, policy, limits, slots). `cause`
+    says why, for programs (`Cause`).
     """
 
     #: Unix time.
@@ -399,6 +432,8 @@ class LeaseEvent(msgspec.Struct):
     reason: str | None = None
     #: On `released`: the exit status the client reported for the work (lockctl's CMD).
     exit_status: int | None = None
+    #: Why it ended, broke or was refused (`Cause`); None on `granted`.
+    cause: str | None = None
 
 
 @final

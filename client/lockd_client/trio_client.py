@@ -253,9 +253,10 @@ class Client:
         Entering the block (or awaiting, `events = await client.events(...)`, then
         `await events.aclose()`) returns once lockd has confirmed: every event from then on
         comes, in order. Waiting for the next event reads the connection for every task using
-        it. The iteration ends with LimitExceeded if lockd dropped the subscription because its
-        events were not read as fast as they came (subscribe again; `history` has the ones
-        missed), DaemonUnavailable if the connection ended.
+        it. The iteration ends with SubscriptionDropped (a LimitExceeded) if its events were not
+        read as fast as they came (subscribe again; `history` has the ones missed),
+        DaemonUnavailable if the connection ended; it ends cleanly once `aclose()` ends the
+        subscription or the client.
 
         Cancellation: cancelling a task waiting for the next event loses no event; leaving the
         block by cancellation (or any exception) ends the subscription with a Release written
@@ -370,7 +371,7 @@ class Client:
         _lockfds.close_all(self._conn.stray_fds())
 
     async def _send(self, data: bytes) -> None:
-        if not data:
+        if not data and not self._conn.has_unsent:
             return
         lock = self._send_lock
         # Cancelled here, nothing is written; past the lock a cancel may tear the frame.
@@ -385,6 +386,8 @@ class Client:
         else:
             lock.acquire_nowait()
         try:
+            if self._conn.has_unsent:
+                data = self._conn.take_unsent() + data
             # What the socket takes at once goes without a trip through the scheduler: a
             # request is a few dozen bytes, and the socket nearly always has room.
             try:
@@ -463,7 +466,8 @@ class Subscribing:
 
 
 class Events:
-    """A subscription to lease events (`Client.events`): an async iterator of `LeaseEvent`s."""
+    """A subscription to lease events (`Client.events`): an async iterator of `LeaseEvent`s,
+    and an async context manager that ends the subscription on leaving its block."""
 
     __slots__ = ("_client", "_subscription")
 
@@ -494,6 +498,13 @@ class Events:
         """End the subscription, without waiting for lockd. Idempotent; shielded from
         cancellation."""
         await self._client._send_shielded(self._client._conn.unsubscribe(self._subscription))
+
+    async def __aenter__(self) -> Events:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        """End the subscription (`aclose`), shielded from cancellation."""
+        await self.aclose()
 
     def __repr__(self) -> str:
         return f"<lockd trio Events {', '.join(self._subscription.names) or 'every lock'}>"
