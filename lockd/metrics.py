@@ -52,9 +52,9 @@ CACHE_SECONDS: Final = 1.0
 #: The families only the etcd backend has (the flock daemon never shows them).
 ETCD_FAMILIES: Final = ("lockd_etcd_lease_alive", "lockd_etcd_keepalive_age_seconds", "lockd_etcd_request_seconds")
 #: How a lease ended when it was `released`: as its holder asked, or with its holder gone.
-RELEASE_REASONS: Final = ("requested", "abandoned")
+RELEASE_REASONS: Final = ("requested", "by_other", "abandoned", "shutdown")
 #: Why a lease was `lost` (see `loss_reason`).
-LOSS_REASONS: Final = ("overdue", "shutdown", "backend")
+LOSS_REASONS: Final = ("forced", "overdue", "shutdown", "backend", "internal")
 #: The refusals counted from the start (others, such as `unavailable`, appear once they
 #: happen): an alert on a rate needs its series before the first refusal.
 REFUSAL_REASONS: Final = (
@@ -103,11 +103,22 @@ class EtcdStats(Protocol):
 
 def loss_reason(event: protocol.LeaseEvent) -> str:
     """A `lost` event's cause as a label value: one of LOSS_REASONS."""
-    if event.cause == protocol.Cause.OVERDUE:
-        return "overdue"
-    if event.cause == protocol.Cause.DAEMON_STOPPED:
-        return "shutdown"
-    return "backend"
+    return _LOSS_REASON.get(event.cause or "", "backend")
+
+
+def release_reason(event: protocol.LeaseEvent) -> str:
+    """A `released` event's cause as a label value: one of RELEASE_REASONS."""
+    return _RELEASE_REASON.get(event.cause or "", "requested")
+
+
+_LOSS_REASON: Final = {
+    protocol.Cause.FORCED: "forced", protocol.Cause.OVERDUE: "overdue",
+    protocol.Cause.DAEMON_STOPPED: "shutdown", protocol.Cause.INTERNAL: "internal",
+}
+_RELEASE_REASON: Final = {
+    protocol.Cause.RELEASED_BY_OTHER: "by_other", protocol.Cause.CLIENT_GONE: "abandoned",
+    protocol.Cause.PROCESS_EXITED: "abandoned", protocol.Cause.DAEMON_STOPPED: "shutdown",
+}
 
 
 class _Counts:
@@ -132,7 +143,7 @@ class _Counts:
                 self.wait.observe(event.waited)
         elif kind == "released" or kind == "lost":
             if kind == "released":
-                self.releases["requested" if event.reason is None else "abandoned"] += 1
+                self.releases[release_reason(event)] += 1
             else:
                 self.losses[loss_reason(event)] += 1
             if event.held is not None:
@@ -278,8 +289,9 @@ _PER_NAME: Final = " For the names in lockd's [metrics] names."
 #: The counters of a `_Counts`: (name suffix, help, label, the counts it reads).
 _COUNTERS: Final[list[tuple[str, str, str | None, Callable[[_Counts], Mapping[str, int] | int]]]] = [
     ("grants", "Leases granted, per name they hold, by mode.", "mode", lambda c: c.grants),
-    ("releases", "Leases ended as their holder asked (requested) or with their holder gone "
-     "(abandoned), per name.", "reason", lambda c: c.releases),
+    ("releases", "Leases ended as their holder asked (requested), from another connection (lockctl release) "
+     "(by_other), with their holder gone (abandoned) or lockd stopping (shutdown), per name.",
+     "reason", lambda c: c.releases),
     ("losses", "Leases lost, per name: broken and not let go in time (overdue), the daemon "
      "stopping (shutdown), or the backend (backend).", "reason", lambda c: c.losses),
     ("refusals", "Requests refused, per name, by the error code the client got (busy, timeout, "

@@ -178,7 +178,8 @@ class Session:
             if fds and not self._attach(len(outbox), fds):
                 return
             protocol.encode_frame(self._encoder, message, outbox)
-            self._arm()  # events alone may have been waiting: now a reply does
+            if not self._event_head:
+                self._arm()  # events alone may have been waiting: now a reply does
             return
         if len(fds) > protocol.MAX_FDS_PER_MESSAGE:
             if not self._attach(0, fds):
@@ -404,7 +405,9 @@ class Session:
                             await self._wake.wait()
                             self._wake = trio.Event()
                             continue
-                    if self.closed or len(outbox) > self._event_head:
+                    # A reply's time to be read starts once the events ahead of it are taken:
+                    # a subscriber that lags loses its subscription, not its connection.
+                    if self.closed or not self._event_head:
                         self._arm()
                     await trio.lowlevel.wait_writable(sock)
                     timer.deadline = math.inf

@@ -65,8 +65,12 @@ def test_counters_add_up_the_events_by_mode_and_reason() -> None:
         event("granted", waited=0.003),
         event("granted", mode="shared", waited=0.2),
         event("granted", slots=3, mode="shared", waited=0.0),
-        event("released", held=1.0),
-        event("released", held=2.0, reason="its client went away without releasing it"),
+        event("released", held=1.0, cause=protocol.Cause.REQUESTED),
+        event("released", held=2.0, reason="its client went away", cause=protocol.Cause.CLIENT_GONE),
+        event("released", held=2.0, cause=protocol.Cause.RELEASED_BY_OTHER),
+        event("released", held=2.0, reason="lockd stopped", cause=protocol.Cause.DAEMON_STOPPED),
+        event("lost", held=1.0, reason="forcibly released again", cause=protocol.Cause.FORCED),
+        event("lost", held=1.0, reason="internal error", cause=protocol.Cause.INTERNAL),
         # Counted by cause, whatever the reason says.
         event("lost", held=40.0, reason="not let go", cause=protocol.Cause.OVERDUE),
         event("lost", held=1.0, reason="shutting down", cause=protocol.Cause.DAEMON_STOPPED),
@@ -84,16 +88,17 @@ def test_counters_add_up_the_events_by_mode_and_reason() -> None:
     assert {mode: got["lockd_grants_total", (("mode", mode),)] for mode in ("exclusive", "shared", "semaphore")} == {
         "exclusive": 1, "shared": 1, "semaphore": 1,
     }
-    assert got["lockd_releases_total", (("reason", "requested"),)] == 1
-    assert got["lockd_releases_total", (("reason", "abandoned"),)] == 1
-    assert [got["lockd_losses_total", (("reason", r),)] for r in ("overdue", "shutdown", "backend")] == [1, 1, 1]
+    releases = ("requested", "by_other", "abandoned", "shutdown")
+    assert [got["lockd_releases_total", (("reason", r),)] for r in releases] == [1, 1, 1, 1]
+    losses = ("forced", "overdue", "shutdown", "backend", "internal")
+    assert [got["lockd_losses_total", (("reason", r),)] for r in losses] == [1, 1, 1, 1, 1]
     assert got["lockd_breaks_total", ()] == 1
     assert [got["lockd_refusals_total", (("code", c),)] for c in ("busy", "timeout", "slots_mismatch")] == [1, 1, 1]
     assert got["lockd_refusals_total", (("code", "permission_denied"),)] == 0
     # Waits of grants only; holds of the ends only (a break is not an end).
     assert (got["lockd_wait_seconds_count", ()], got["lockd_wait_seconds_sum", ()]) == (3, pytest.approx(0.203))
     assert got["lockd_wait_seconds_bucket", (("le", "0.005"),)] == 2
-    assert (got["lockd_hold_seconds_count", ()], got["lockd_hold_seconds_sum", ()]) == (5, 45.0)
+    assert (got["lockd_hold_seconds_count", ()], got["lockd_hold_seconds_sum", ()]) == (9, 51.0)
     assert got["lockd_connections", ()] == 3
 
 

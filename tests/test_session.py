@@ -247,3 +247,24 @@ async def test_events_wait_in_their_own_lane_and_a_dropped_subscription_s_are_th
     assert protocol.Done(9) in rest and rest[-1] == protocol.Error(1, protocol.ErrorCode.LIMIT, "dropped")
     names = [m.event.name for m in rest if isinstance(m, protocol.Event)]
     assert names == [f"n{i}" for i in range(len(names))] and len(names) < count  # in order, the rest thrown away
+
+
+async def test_a_reply_behind_unread_events_does_not_cut_the_subscriber_off(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """A lagging subscriber loses its subscription; a reply that then waits behind its unread
+    events (a `Lost` nobody asked for) starts no send timeout until those events are read."""
+    ours, theirs = pair
+    session = make_session(ours)
+    theirs.sendall(frames(protocol.Hello(protocol.PROTOCOL_VERSION)))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.serve, WELCOME, lambda session, message: None, Limits(send_timeout=0.2))
+        await trio.sleep(0.1)  # welcomed
+        count = 0
+        while session.offer(1, event(1, f"n{count}")):
+            count += 1
+        session.end_events(1, protocol.Error(1, protocol.ErrorCode.LIMIT, "dropped"))
+        session.send(protocol.Lost(7, "forcibly released by uid 0"))
+        await trio.sleep(1.0)  # five send timeouts, the events ahead still unread
+        assert not session.closed, session.close_reason
+        session.close("done")
