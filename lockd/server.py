@@ -276,10 +276,13 @@ class Server:
         self.backend.drop(order.claim, unlock=order.unlock)
 
     def _record(self, order: Record) -> None:
+        # As `contained` does, inline: two events per lease pass here, to every observer.
         event = order.event
         for observe in self._observers:
-            with contained("telling %r of %r", observe, event):
+            try:
                 observe(event)
+            except Exception:
+                log.exception("internal error telling %r of %r; carrying on", observe, event)
 
     def _stop_take(self, order: StopTake) -> None:
         scope = self._takes.pop(order.claim, None)

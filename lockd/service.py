@@ -972,13 +972,18 @@ class LockService:
     ) -> None:
         """Record `kind` for each name of `ticket` (see the module docstring)."""
         who = party(ticket)
-        claim = who.claim
-        now = self._clock()
         granted = ticket.tokens is not None
-        waited = (ticket.since if granted else now) - who.requested if kind in ("granted", "refused") else None
-        held = now - ticket.since if granted and kind != "granted" else None
+        # The clock is read only where a span ends now: a grant's wait ended at its grant.
+        waited: float | None
+        held: float | None
+        if kind == "granted":
+            waited, held = ticket.since - who.requested, None
+        elif granted:
+            waited, held = (ticket.since - who.requested if kind == "refused" else None), self._clock() - ticket.since
+        else:
+            waited, held = (self._clock() - who.requested if kind == "refused" else None), None
         self._happened(lease_events(
-            self._wall_clock(), kind, ticket.names, ticket.tokens, claim,
+            self._wall_clock(), kind, ticket.names, ticket.tokens, who.claim,
             waited=waited, held=held, reason=reason, cause=cause, exit_status=exit_status,
         ))
 
