@@ -100,8 +100,9 @@ class contained:
     ) -> bool:
         if exc is None or not isinstance(exc, Exception):
             return False
-        doing = self._doing % self._args if self._args else self._doing
-        logging.getLogger("lockd").exception("internal error %s; carrying on", doing, exc_info=exc)
+        # Logging formats the message (only when there are args), and reports rather than
+        # raises a repr that fails there: whatever went wrong stays contained.
+        logging.getLogger("lockd").exception(f"internal error {self._doing}; carrying on", *self._args, exc_info=exc)
         return True
 
 

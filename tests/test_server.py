@@ -4,9 +4,12 @@ wait (a slow look at the host's locks) holds up only the client that asked."""
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 import socket
 import threading
+import typing
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -24,9 +27,11 @@ from lockd.flock.backend import FlockBackend
 from lockd.flock.tokens import TokenStore
 from lockd.listen import bind_unix_listener
 from lockd.lockfiles import LockFiles
+from lockd.logs import contained
+from lockd.orders import Order
 from lockd.policy import Policy
 from lockd.server import Server
-from lockd.table import LockTable
+from lockd.table import Effect, LockTable
 
 from .flock_tools import kill, make_lock_dir, outside_flock
 
@@ -321,3 +326,35 @@ async def test_stop_between_two_accepts_is_a_clean_shutdown(
             await trio.testing.wait_all_tasks_blocked()
             server.stop()
         await stream.aclose()
+
+
+async def test_every_order_and_every_effect_has_a_way_to_be_carried_out(backend: BuggyBackend) -> None:
+    """Dispatch is by exact type: an order or effect type added without a handler would only
+    show as an internal error once it is given."""
+    server = Server(LockTable(), backend, Limits(), Policy((), {0: "root"}))
+    assert set(server._order_handler_table()) == set(typing.get_args(Order))
+    assert set(server.service._effect_handler_table()) == set(Effect.__subclasses__())
+
+
+def test_a_description_that_fails_to_format_leaves_the_error_contained(capsys: pytest.CaptureFixture[str]) -> None:
+    """Logging formats the description, and a repr that fails there is reported as logging
+    reports its own errors: the bug stays contained. (A plain handler, as the daemon's: the
+    test run's own handlers raise on such errors.)"""
+    class Unprintable:
+        def __repr__(self) -> str:
+            raise RuntimeError("no repr")
+
+    log, lines = logging.getLogger("lockd"), io.StringIO()
+    handler = logging.StreamHandler(lines)
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        with contained("ending %r", Unprintable()):
+            raise ValueError("the bug")
+        with contained("100% sure"):
+            raise ValueError("another")
+    finally:
+        log.removeHandler(handler)
+        log.propagate = True
+    assert "internal error 100% sure; carrying on" in lines.getvalue()
+    assert "RuntimeError: no repr" in capsys.readouterr().err  # logging's own report of it
