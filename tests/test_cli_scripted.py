@@ -184,31 +184,27 @@ def test_a_lease_is_not_tied_to_whoever_inherits_lockctl_from_its_dead_parent(sc
     assert "is gone" in err and "--pid" in err
 
 
-def test_slots_are_never_sent_to_a_daemon_that_would_grant_a_lock_instead(scripted, tmp_path: Path) -> None:
-    """A daemon older than semaphores ignores `slots` and would grant a plain lock."""
-    proc = start(scripted, "acquire", "--slots", "3", "x", "--", "touch", str(tmp_path / "ran"))
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        # A daemon older than semaphores ignores `slots` and would grant a plain lock.
+        (["acquire", "--slots", "3", "x", "--", "touch", "{ran}"], "does not serve semaphores (slots); upgrade it"),
+        (["watch", "x"], "this lockd (scripted) does not send lease events; upgrade it"),
+    ],
+    ids=["slots", "watch"],
+)
+def test_a_feature_a_daemon_does_not_serve_is_never_asked_for(
+    scripted, tmp_path: Path, argv: list[str], said: str
+) -> None:
+    proc = start(scripted, *(arg.format(ran=tmp_path / "ran") for arg in argv))
     try:
         peer = scripted.accept()
-        peer.greet()  # a Welcome without `semaphores`
+        peer.greet()  # a Welcome that lists no features
         assert peer.wait_for_close() == []
         _, err = proc.communicate(timeout=TIMEOUT)
     finally:
         proc.kill()
         proc.wait(TIMEOUT)
     assert proc.returncode == cli.EXIT_PROTOCOL, err
-    assert "does not serve semaphores" in err and "upgrade it" in err
+    assert said in err
     assert not (tmp_path / "ran").exists()
-
-
-def test_watch_on_a_daemon_too_old_for_events_says_so_and_sends_nothing(scripted) -> None:
-    proc = start(scripted, "watch", "x")
-    try:
-        peer = scripted.accept()
-        peer.greet()  # a Welcome without the events feature
-        assert peer.wait_for_close() == []
-        _, err = proc.communicate(timeout=TIMEOUT)
-    finally:
-        proc.kill()
-        proc.wait(TIMEOUT)
-    assert proc.returncode == cli.EXIT_PROTOCOL, err
-    assert "this lockd (scripted) does not send lease events; upgrade it" in err
