@@ -17,18 +17,21 @@ import signal
 import socket
 import stat
 import sys
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, get_args
+from typing import TYPE_CHECKING, Final, NamedTuple, get_args
 
 from . import __version__
 
 if TYPE_CHECKING:  # imported where used: `lockd --version` and --help must start fast
+    from . import handover
     from .backend import Backend
     from .config import Config
     from .flock.tokens import TokenStore
     from .history import HistoryStore
     from .lockfiles import LockFiles
     from .policy import Policy
+    from .processes import ProcessOwner
     from .server import Server
     from .systemd import Notifier
 
@@ -48,7 +51,8 @@ defaults (root / others):
   state dir  /var/lib/lockd          / $XDG_STATE_HOME/lockd
   (without XDG_RUNTIME_DIR: /tmp/lockd-UID, created with mode 0700)
 Flags override the config file. Every option is in docs/configuration.md.
-Signals: SIGTERM/SIGINT end every lease and exit 0; SIGHUP reloads the config file.
+Signals: SIGTERM/SIGINT end every lease and exit 0; SIGHUP reloads the config file;
+SIGUSR2 re-executes lockd in place (an upgrade), keeping every lease and connection.
 """
 
 #: How often the systemd status line is refreshed (only when something changed).
@@ -56,7 +60,7 @@ STATUS_INTERVAL: Final = 1.0
 #: The signals lockd acts on. They are held back from the start until the event loop listens
 #: for them: the socket accepts before that, and a SIGHUP sent as soon as it does (a reload
 #: right after start) must reload, not kill the daemon with every lease.
-SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
 
 
 def _comma_list(text: str) -> list[str]:
@@ -95,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     etcd.add_argument("--etcd-endpoints", type=_comma_list, metavar="URL[,URL...]", help="etcd client URLs")
     etcd.add_argument("--etcd-ttl", type=float, metavar="SECONDS", help="etcd lease TTL (default: 5)")
     etcd.add_argument("--etcd-prefix", metavar="PREFIX", help="key prefix in etcd (default: /lockd/)")
+    # Run by a daemon about to re-execute into this program (lockd.reexec): not for people.
+    parser.add_argument("--check-handover", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version=f"lockd {__version__}")
     return parser
 
@@ -152,11 +158,20 @@ def _own_runtime_dir(path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    if args.check_handover:
+        return _check_handover()
+    from . import handover, reexec
     from .config import ConfigError
     from .logs import configure_logging, under_systemd
 
     try:
-        conf = load(args)
+        adopted = reexec.received()
+    except handover.Unreadable as exc:
+        # The daemon it came from is gone: its leases live on in their holders' descriptors.
+        print(f"lockd: re-executed, but {exc}; every lease stays with its holder, start lockd anew", file=sys.stderr)
+        return 1
+    try:
+        conf = adopted.config if adopted is not None else load(args)
         if args.check_config:
             return _check(args, conf)
     except ConfigError as exc:
@@ -196,10 +211,12 @@ def main(argv: list[str] | None = None) -> int:
         if conf.history.enabled:
             # Its files are open, and its writer runs, before the first client can come.
             history = HistoryStore(state_dir, conf.history)
-            history.start()
+            history.start(backlog=adopted.history if adopted is not None else ())
         backend = _backend(conf, files, tokens)
+        if adopted is not None:
+            sockets, bound, metrics_sock, metrics_bound = _adopted_listeners(adopted)
         # Before lockd's own socket: once that accepts, the metrics listener is there too.
-        if conf.metrics.listen is not None:
+        elif conf.metrics.listen is not None:
             from .config import listen_address
             from .metrics_http import bind
 
@@ -207,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics_sock = bind(address)
             if address.path is not None:
                 metrics_bound = address.path, os.stat(address.path)
-        sockets = listen_fds()
+        sockets = sockets or listen_fds()
         if not sockets:
             sockets = [bind_unix_listener(str(sock_path), conf.socket_mode, conf.listen_backlog)]
             bound = os.stat(sock_path)
@@ -236,7 +253,10 @@ def main(argv: list[str] | None = None) -> int:
         import trio
 
         where = str(conf.socket) if bound is not None else f"{len(sockets)} socket(s) from systemd"
-        trio.run(_serve, args, conf, backend, policy, sockets, where, metrics_sock, history)
+        if adopted is not None:
+            where = "the sockets handed over"
+        listening = _Listening(sockets, bound and (sock_path, bound), metrics_sock, metrics_bound)
+        trio.run(_serve, args, conf, backend, policy, listening, where, history, adopted)
     finally:
         if history is not None:
             history.stop()
@@ -247,6 +267,82 @@ def main(argv: list[str] | None = None) -> int:
         files.close()
         if tokens is not None:
             tokens.close()
+    return 0
+
+
+class _Listening(NamedTuple):
+    """The daemon's listening sockets, and the paths it bound them at (to remove at exit)."""
+
+    sockets: list[socket.socket]
+    bound: tuple[Path, os.stat_result] | None
+    metrics: socket.socket | None
+    metrics_bound: tuple[Path, os.stat_result] | None
+
+    def hand_over(self) -> tuple[list[handover.ListenerState], handover.ListenerState | None]:
+        """The listeners as a re-executed daemon adopts them (`_adopted_listeners`)."""
+        from . import handover
+
+        def state(sock: socket.socket, bound: tuple[Path, os.stat_result] | None) -> handover.ListenerState:
+            return handover.ListenerState(
+                fd=sock.fileno(), path=None if bound is None else str(bound[0]),
+                inode=None if bound is None else bound[1].st_ino,
+            )
+
+        # The bound path is the first socket's: the others came from systemd.
+        listeners = [state(sock, self.bound if i == 0 else None) for i, sock in enumerate(self.sockets)]
+        return listeners, None if self.metrics is None else state(self.metrics, self.metrics_bound)
+
+
+def _adopted_listeners(state: handover.State) -> tuple[
+    list[socket.socket], os.stat_result | None, socket.socket | None, tuple[Path, os.stat_result] | None,
+]:
+    """The listening sockets handed over by the daemon this one re-executed from, and the
+    paths it had bound (as `os.stat` results carrying only what `_unlink_if_ours` reads)."""
+
+    def adopt(listener: handover.ListenerState) -> tuple[socket.socket, tuple[Path, os.stat_result] | None]:
+        sock = socket.socket(fileno=listener.fd)
+        sock.set_inheritable(False)
+        sock.setblocking(False)
+        if listener.path is None or listener.inode is None:
+            return sock, None
+        return sock, (Path(listener.path), os.stat_result((0, listener.inode, 0, 0, 0, 0, 0, 0, 0, 0)))
+
+    sockets = []
+    bound = None
+    for i, listener in enumerate(state.listeners):
+        sock, was_bound = adopt(listener)
+        sockets.append(sock)
+        if i == 0 and was_bound is not None:
+            bound = was_bound[1]
+    metrics = adopt(state.metrics_listener) if state.metrics_listener is not None else (None, None)
+    return sockets, bound, metrics[0], metrics[1]
+
+
+def _check_handover() -> int:
+    """Check mode (lockd.reexec): can this program take over the state on stdin?"""
+    from . import reexec
+    from .policy import Policy
+    from .processes import Processes, ProcessOwner
+    from .service import LockService
+    from .table import LockTable
+
+    def adopt(state: handover.State) -> None:
+        ordered = _orders_requests(state.backend)
+        service = LockService(
+            LockTable(ordered_by_backend=ordered), Processes(_no_process), state.config.limits,
+            Policy.from_config(state.config.policy), _CheckedBackend(state.backend, ordered),
+            clock=time.monotonic, wall_clock=time.time,
+        )
+        owners = [ProcessOwner(p.pid, p.uid, p.command, p.pidfd) for p in state.processes]
+        service.adopt(state.connections, state.tickets, owners, {}, state.next_arrival)
+        service.check()
+
+
+    problem = reexec.check(sys.stdin.buffer.read(), adopt)
+    if problem is not None:
+        print(f"lockd: {problem}", file=sys.stderr)
+        return 1
+    print(f"lockd {__version__}: can take over")
     return 0
 
 
@@ -297,14 +393,50 @@ def _backend(conf: Config, files: LockFiles, tokens: TokenStore | None) -> Backe
     return EtcdBackend.from_config(files, conf.etcd, socket.gethostname())
 
 
+def _orders_requests(backend: str) -> bool:
+    """Whether the backend named `backend` orders requests (lockd.backend)."""
+    if backend == "flock":
+        from .flock.backend import FlockBackend
+
+        return FlockBackend.orders_requests
+    from .etcd.backend import EtcdBackend
+
+    return EtcdBackend.orders_requests
+
+
+class _CheckedBackend:
+    """What the service reads of a backend, for check mode: nothing is taken or looked at."""
+
+    leases_outlive_daemon = False
+    loss_notice = None
+
+    def __init__(self, name: str, orders_requests: bool) -> None:
+        self.name = name
+        self.orders_requests = orders_requests
+
+    def place_of(self, claim: object) -> None:
+        return None
+
+    def outside_names(self) -> list[str]:
+        return []
+
+    def outside_slots(self, name: str) -> None:
+        return None
+
+
+def _no_process(pid: int) -> ProcessOwner:
+    raise AssertionError("check mode opens no process")
+
+
 async def _serve(
-    args: argparse.Namespace, conf: Config, backend: Backend, policy: Policy, sockets: list[socket.socket],
-    where: str, metrics_sock: socket.socket | None, history: HistoryStore | None,
+    args: argparse.Namespace, conf: Config, backend: Backend, policy: Policy, listening: _Listening,
+    where: str, history: HistoryStore | None, adopted: handover.State | None,
 ) -> None:
     import trio
 
     from .journal import EventLog
     from .metrics import Metrics
+    from .reexec import Reexecutor
     from .server import Server
     from .systemd import Notifier, watchdog_interval, watchdog_loop
     from .table import LockTable
@@ -322,16 +454,28 @@ async def _serve(
         LockTable(ordered_by_backend=backend.orders_requests), backend, conf.limits, policy, observers,
         metrics=metrics, history=history,
     )
+    if adopted is not None:
+        paused = max(0.0, time.time() - adopted.paused_at)
+        server.adopt(adopted, paused)
+    metrics_sock = listening.metrics
     with events, Notifier.from_environment() as notifier, trio.open_signal_receiver(*SIGNALS) as signals:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+        reexecutor = server.reexecutor = Reexecutor(server, conf, *listening.hand_over(), history, notifier, SIGNALS)
         async with trio.open_nursery() as nursery:
-            await nursery.start(server.serve, sockets)
+            await nursery.start(server.serve, listening.sockets)
             # What start-up made (modules, configuration) lives as long as the daemon: frozen,
             # the collector's full passes, which come as leases pile up, no longer walk it.
             gc.freeze()
-            log.info(
-                "lockd %s serving on %s (backend %s, locks in %s)", __version__, where, backend.name, conf.lock_dir
-            )
+            if adopted is not None:
+                log.info(
+                    "lockd %s re-executed from %s in %.0f ms: %d leases and requests, %d connections kept",
+                    __version__, adopted.server, paused * 1000, len(adopted.tickets), len(adopted.connections),
+                )
+            else:
+                log.info(
+                    "lockd %s serving on %s (backend %s, locks in %s)", __version__, where, backend.name,
+                    conf.lock_dir,
+                )
             notifier.ready(_summary(server))
             async with trio.open_nursery() as duties:
                 interval = watchdog_interval()
@@ -347,8 +491,11 @@ async def _serve(
                 async for signum in signals:
                     if signum == signal.SIGHUP:
                         notifier.reloading()
-                        conf = _reload(args, conf, server)
+                        conf = reexecutor.config = _reload(args, conf, server)
                         notifier.ready(_summary(server))
+                        continue
+                    if signum == signal.SIGUSR2:
+                        server.reexec()
                         continue
                     log.info("%s: ending every lease and shutting down", signal.Signals(signum).name)
                     notifier.stopping()

@@ -176,6 +176,19 @@ class Backend(BackendView, Protocol):
         Runs in the server's nursery; cancelled at shutdown.
         """
 
+    def hand_over(self, claims: Sequence[Claim]) -> tuple[bytes, list[int]]:
+        """What a re-executed daemon needs to go on with `claims` (every claim not dropped:
+        held, or being taken), as this backend's own encoded state, referring to claims by
+        their index in `claims`, and the descriptors it names, which the caller keeps open
+        across the exec. Changes nothing: if the exec fails, the backend goes on as before.
+        Called on the event loop with no await between it and the exec."""
+
+    def adopt(self, state: bytes, claims: Sequence[Claim]) -> None:
+        """In the re-executed daemon, before `run`: take over what `hand_over` described, for
+        `claims` (the same claims, anew, in the same order). Held ones are held; one being
+        taken is taken again through `take_now`/`take`, keeping its place in a backend's
+        queue. Raises ValueError for a state this backend cannot adopt."""
+
 
 def holders_in_order(found: dict[str, list[Holder]], names: Iterable[str]) -> list[Holder]:
     """The holders in `found` (as `outside_holders_of` returns them) as one list, by `names`."""

@@ -31,10 +31,11 @@ import errno
 import fcntl
 import os
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Final
 
+import msgspec
 from lockd_client.errors import BadLockFile, DaemonUnavailable, LimitExceeded, LockdError
 from lockd_client.protocol import MAX_SLOTS, Holder, Mode, name_problem
 
@@ -347,6 +348,39 @@ class LockFiles:
                     del self._slots_taken[name]
         return fds
 
+    def hand_over(self, claims: Sequence[Claim]) -> tuple[bytes, list[int]]:
+        """What `adopt` needs to hold `claims`' flocks on: the descriptors of each held one
+        (by its index in `claims`) and what they lock, and every such descriptor. Changes
+        nothing."""
+        held = [
+            _HeldState(index, list(self._held[claim]), list(self._files_of[claim]), self._slots_of.get(claim, []))
+            for index, claim in enumerate(claims) if claim in self._held
+        ]
+        assert len(held) == len(self._held), "every claim held is handed over"
+        return _HANDOVER.encode(held), [fd for entry in held for fd in entry.fds]
+
+    def adopt(self, state: bytes, claims: Sequence[Claim]) -> None:
+        """Hold the flocks `hand_over` described, on its descriptors, for `claims`. Raises
+        ValueError for a state that is not such a description."""
+        try:
+            held = msgspec.msgpack.decode(state, type=list[_HeldState])
+        except msgspec.MsgspecError as exc:
+            raise ValueError(f"not a handover of lock files: {exc}") from None
+        for entry in held:
+            if not 0 <= entry.claim < len(claims):
+                raise ValueError(f"the handover of lock files names claim {entry.claim} of {len(claims)}")
+            claim = claims[entry.claim]
+            if claim in self._held or not len(entry.fds) == len(entry.files) == len(claim.names) + len(claim.slots):
+                raise ValueError(f"the handover of the lock files of {', '.join(claim.names)} is inconsistent")
+            self._held[claim] = tuple(entry.fds)
+            self._files_of[claim] = tuple(entry.files)
+            for file in entry.files:
+                self._files[file] = self._files.get(file, 0) + 1
+            if entry.slots:
+                self._slots_of[claim] = [(name, number) for name, number in entry.slots]
+                for name, number in entry.slots:
+                    self._slots_taken.setdefault(name, set()).add(number)
+
     def _held_files(self) -> dict[int, int]:
         """A copy of `_files`, taken without letting the event loop's thread run meanwhile
         (a dict's copy holds the GIL): safe from the thread that reads the host's locks."""
@@ -516,6 +550,18 @@ class LockFiles:
             f"cannot open {path} ({err.strerror}): give the daemon's user read access "
             "to it, or remove it"
         )
+
+
+class _HeldState(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
+    """A held claim's flocks, as `LockFiles.hand_over` describes them."""
+
+    claim: int
+    fds: list[int]
+    files: list[int]
+    slots: list[tuple[str, int]]
+
+
+_HANDOVER: Final = msgspec.msgpack.Encoder()
 
 
 def _flock_id(device: int, inode: int, exclusive: bool) -> int:

@@ -17,6 +17,7 @@ from typing import Protocol
 from lockd_client.protocol import Holder, LeaseEvent
 
 from .backend import Claim
+from .handover import SessionState
 from .processes import ProcessOwner
 from .table import Reason
 
@@ -28,6 +29,10 @@ class Peer(Hashable, Protocol):
     label: str | None
     #: Once closed, nothing sent reaches the client.
     closed: bool
+    #: Unique among the daemon's peers, kept across a re-exec.
+    ident: int
+    #: Whether its hello was answered.
+    greeted: bool
 
     def send(self, message: object, fds: Sequence[int] = ()) -> None:
         """Send `message` (with copies of `fds`) or queue it; never blocks. A peer that
@@ -45,6 +50,9 @@ class Peer(Hashable, Protocol):
     def end_events(self, subscription_id: int, notice: object | None) -> None:
         """Throw away the events of subscription `subscription_id` not yet sent, then send
         `notice` (if any) after the events already on their way."""
+
+    def hand_over(self) -> SessionState:
+        """What a re-executed daemon needs to serve this peer on (lockd.handover)."""
 
 
 @dataclass(slots=True)
@@ -168,7 +176,16 @@ class EndEvents:
     notice: object | None
 
 
+@dataclass(slots=True)
+class StartReexec:
+    """Re-execute the daemon in place (lockd.reexec), as `peer` asked in request
+    `request_id` (None: a signal asked); answer `reexec_refused` if it does not happen."""
+
+    peer: Peer | None
+    request_id: int | None
+
+
 Order = (
     Send | Close | StartTake | StopTake | Release | Grant | LookForHolders | Watch | Unwatch | WakeAt | Record
-    | SendMetrics | Publish | EndEvents
+    | SendMetrics | Publish | EndEvents | StartReexec
 )

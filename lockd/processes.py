@@ -95,6 +95,11 @@ class Processes:
         if self._owners.get(owner.pid) is owner:
             del self._owners[owner.pid]
 
+    def adopt(self, owner: ProcessOwner) -> None:
+        """Keep `owner`, handed over by a daemon that re-executed, with its tickets attached."""
+        assert owner.tickets and self._owners.get(owner.pid) is None, owner
+        self._owners[owner.pid] = owner
+
     def find(self, pid: int) -> ProcessOwner | None:
         """The open owner of `pid`'s leases, if any."""
         return self._owners.get(pid)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import itertools
 import logging
+import os
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Final
 import trio
 from lockd_client import errors, protocol
 
-from . import listen, pidfds, procinfo
+from . import handover, listen, pidfds, procinfo
 from .backend import Backend, Blocked, Claim, holders_in_order
 from .config import Limits
 from .logs import contained
@@ -38,11 +39,13 @@ from .orders import (
     EndEvents,
     Grant,
     LookForHolders,
+    Peer,
     Publish,
     Record,
     Release,
     Send,
     SendMetrics,
+    StartReexec,
     StartTake,
     StopTake,
     Unwatch,
@@ -51,8 +54,8 @@ from .orders import (
 )
 from .policy import Policy
 from .processes import Processes, ProcessOwner
-from .service import HistoryLook, LockService, StatusLook
-from .session import Session
+from .service import SERVER, HistoryLook, LockService, StatusLook
+from .session import Gate, Session
 from .table import LockTable
 
 if TYPE_CHECKING:
@@ -91,7 +94,7 @@ class Server:
         self.service = LockService(
             table, Processes(pidfds.open_process), limits, policy, backend,
             clock=trio.current_time, wall_clock=time.time, history=history is not None,
-            arrivals=self.metrics.note,
+            arrivals=self.metrics.note, daemon_uid=os.geteuid(),
         )
         self._session_ids = itertools.count(1)
         #: The backend's takes running in tasks of their own, each with the scope that stops it.
@@ -103,6 +106,18 @@ class Server:
         self._stop = trio.Event()
         self._all_gone = trio.Event()
         self._sessions = 0
+        #: Shut while a re-exec waits for a quiet moment: no session handles a request.
+        self.gate = Gate()
+        #: Requests whose handling awaits (a status, a history, a refusal's look): none may
+        #: be under way when the state is handed over.
+        self._in_flight = 0
+        self._settled = trio.Event()
+        #: Sessions handed over by the daemon this one re-executed from, to serve first,
+        #: each with its welcome if it is still to be greeted; the Reexec request to answer.
+        self._adopted: list[tuple[Session, protocol.Welcome | None]] = []
+        self._answer: tuple[Peer, protocol.Reexecuted] | None = None
+        #: Re-executes the daemon (lockd.reexec); None: this one cannot.
+        self.reexecutor: Callable[[Peer | None, int | None], Awaitable[None]] | None = None
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -122,6 +137,13 @@ class Server:
                 self._nursery = nursery
                 nursery.start_soon(self._run_timer)
                 nursery.start_soon(self.backend.run, self._backend_lost)
+                for session, welcome in self._adopted:
+                    nursery.start_soon(self._run_session, session, welcome)
+                self._adopted = []
+                self._carry_out()  # the adopted takes, watches and deadlines
+                if self._answer is not None:
+                    self._answer[0].send(self._answer[1])
+                    self._answer = None
                 for listener in listeners:
                     nursery.start_soon(self._accept_loop, listener)
                 task_status.started()
@@ -177,9 +199,13 @@ class Server:
             session, pid, uid, gid, procinfo.peer_groups(sock, pid, gid), procinfo.command_line(pid),
         )
         self._carry_out()
+        await self._run_session(session, welcome)
+
+    async def _run_session(self, session: Session, welcome: protocol.Welcome | None) -> None:
+        service = self.service
         self._sessions += 1
         try:
-            await session.serve(welcome, self._dispatch, service.limits)
+            await session.serve(welcome, self._dispatch, service.limits, self.gate)
         finally:
             self._sessions -= 1
             if service.stopping and not self._sessions:
@@ -201,8 +227,28 @@ class Server:
         if look is None:
             return None
         if isinstance(look, HistoryLook):
-            return self._read_history(session, look)
-        return self._status(session, look)
+            return self._settling(self._read_history(session, look))
+        return self._settling(self._status(session, look))
+
+    async def _settling(self, handling: Awaitable[None]) -> None:
+        """Await `handling`, counted as a request under way (see `settled`)."""
+        self._in_flight += 1
+        try:
+            await handling
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._settled.set()
+
+    async def settled(self) -> None:
+        """Return once no request is being handled and no refusal waits for its look. With
+        the gate shut, nothing starts any more: the state can then be handed over."""
+        while self._in_flight or not self.service.quiet:
+            self._settled = trio.Event()
+            if self._in_flight:
+                await self._settled.wait()
+            else:
+                await trio.sleep(0.001)  # a look's task is on its way
 
     async def _read_history(self, session: Session, look: HistoryLook) -> None:
         """Read the history in a worker thread, then have the service answer. Cancellation
@@ -256,7 +302,7 @@ class Server:
             Record: self._record, StopTake: self._stop_take, Close: self._close,
             LookForHolders: self._look, Watch: self._watch_order, Unwatch: self._unwatch,
             SendMetrics: self._send_metrics, Publish: self._publish, EndEvents: self._end_events,
-            WakeAt: self._wake_at,
+            WakeAt: self._wake_at, StartReexec: self._start_reexec,
         }
 
     @staticmethod
@@ -297,7 +343,7 @@ class Server:
         # A look takes milliseconds, so these tasks are no more than the requests refused
         # within that time.
         assert self._nursery is not None
-        self._nursery.start_soon(self._look_for_holders, order)
+        self._nursery.start_soon(self._settling, self._look_for_holders(order))
 
     def _watch_order(self, order: Watch) -> None:
         assert self._nursery is not None
@@ -320,6 +366,71 @@ class Server:
     def _wake_at(self, order: WakeAt) -> None:
         if self._timer is not None and order.deadline < self._timer.deadline:
             self._timer.deadline = order.deadline
+
+    def _start_reexec(self, order: StartReexec) -> None:
+        if self.reexecutor is None:
+            self.service.reexec_refused(order.peer, order.request_id, "this daemon was not started to re-execute")
+            return
+        assert self._nursery is not None
+        self._nursery.start_soon(self.reexecutor, order.peer, order.request_id)
+
+    def reexec(self) -> None:
+        """Re-execute the daemon in place (SIGUSR2), as a `Reexec` request would."""
+        self._start_reexec(StartReexec(None, None))
+
+    def reexec_refused(self, peer: Peer | None, request_id: int | None, reason: str) -> None:
+        try:
+            self.service.reexec_refused(peer, request_id, reason)
+        finally:
+            self._carry_out()
+
+    # --- re-exec ------------------------------------------------------------------------------
+
+    def hand_over(self) -> tuple[list[handover.ConnectionState], list[handover.TicketState], bytes, list[int]]:
+        """The connections, tickets and the backend's state and descriptors, as the
+        re-executed program adopts them (`adopt`). Changes nothing; call once `settled` with
+        the gate shut, and exec before the next await."""
+        connections, tickets, claims = self.service.hand_over()
+        backend_state, backend_fds = self.backend.hand_over(claims)
+        return connections, tickets, backend_state, backend_fds
+
+    def adopt(self, state: handover.State, paused: float) -> None:
+        """Take over what the daemon this one re-executed from handed over, before `serve`:
+        its sessions are served first, its takes start again, its Reexec is answered.
+        Raises ValueError for a state that breaks an invariant (then nothing is served)."""
+        sessions: dict[int, Peer] = {}
+        for connection in state.connections:
+            if connection.session is None:
+                continue
+            sock = socket.socket(fileno=connection.session.fd)
+            sock.set_inheritable(False)
+            sock.setblocking(False)
+            session = Session(sock, connection.client.ident, self._disconnected)
+            session.adopt(connection.session, connection.client.label)
+            sessions[session.ident] = session
+        owners = []
+        for process in state.processes:
+            os.set_inheritable(process.pidfd, False)
+            owners.append(ProcessOwner(process.pid, process.uid, process.command, process.pidfd))
+        claims, welcomes = self.service.adopt(
+            state.connections, state.tickets, owners, sessions, state.next_arrival,
+        )
+        for fd in state.backend_descriptors:
+            os.set_inheritable(fd, False)
+        self.backend.adopt(state.backend_state, claims)
+        self._session_ids = itertools.count(state.next_connection)
+        for peer in sessions.values():
+            assert isinstance(peer, Session)
+            self._adopted.append((peer, welcomes.get(peer)))
+        if state.reply_to is not None and (asker := sessions.get(state.reply_to.connection)) is not None:
+            self._answer = asker, protocol.Reexecuted(
+                state.reply_to.request_id, state.server, SERVER, paused,
+            )
+
+    @property
+    def next_connection(self) -> int:
+        """The ident the next connection will get (consumed: call once, to hand over)."""
+        return next(self._session_ids)
 
     def render_metrics(self) -> bytes:
         """The daemon's metrics, in the Prometheus text format (see lockd.metrics)."""

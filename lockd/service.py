@@ -50,7 +50,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -58,7 +58,7 @@ from lockd_client import errors, protocol
 from lockd_client.describe import holder_text, sanitize
 from lockd_client.protocol import Cause
 
-from . import __version__, admission
+from . import __version__, admission, handover
 from .backend import BackendView, Claim
 from .census import Census, Tally, name_census
 from .config import Limits
@@ -76,6 +76,7 @@ from .orders import (
     Release,
     Send,
     SendMetrics,
+    StartReexec,
     StartTake,
     StopTake,
     Unwatch,
@@ -99,12 +100,15 @@ from .table import (
     Queued,
     Reason,
     Refused,
+    State,
     Take,
     Ticket,
 )
 
 log = logging.getLogger("lockd")
 
+#: Who this daemon is, as `Welcome.server` tells clients.
+SERVER: Final = f"lockd {__version__}"
 SHUTDOWN_MESSAGE: Final = "lockd is shutting down; reconnect when it is back"
 LOST_SHUTDOWN: Final = "the daemon is shutting down"
 INTERNAL_PROBLEM: Final = "internal error in lockd (it is logged); retry"
@@ -234,7 +238,7 @@ class LockService:
     def __init__(
         self, table: LockTable, processes: Processes, limits: Limits, policy: Policy, backend: BackendView, *,
         clock: Callable[[], float], wall_clock: Callable[[], float], history: bool = False,
-        arrivals: Callable[[tuple[str, ...]], None] | None = None,
+        arrivals: Callable[[tuple[str, ...]], None] | None = None, daemon_uid: int = 0,
     ) -> None:
         """`table` must order requests itself exactly when `backend` does not. `clock` tells
         the time on the table's scale (monotonic seconds), and `wall_clock` Unix time, read
@@ -243,7 +247,7 @@ class LockService:
         `history`: whether the shell keeps the events and answers `History` requests
         (`HistoryLook`). `arrivals`, if given, is told the names of every request the table
         takes in (it must return at once and never raise: the metrics note the names they
-        follow)."""
+        follow). `daemon_uid`: the daemon's user, who may re-execute it (as root may)."""
         assert table.ordered_by_backend == backend.orders_requests
         self.table = table
         self.processes = processes
@@ -275,6 +279,7 @@ class LockService:
         #: Who holds and who waits, kept as tickets arrive, are granted and end.
         self._tally = Tally()
         self._arrivals = arrivals
+        self._daemon_uid = daemon_uid
         self._effect_handlers = self._effect_handler_table()
 
     # --- connections --------------------------------------------------------------------------
@@ -300,10 +305,13 @@ class LockService:
         client = self.clients[peer] = Client(peer, pid, uid, gid, gids, command, self.limits.break_grace)
         self._uid_clients[uid] = self._uid_clients.get(uid, 0) + 1
         log.debug("%r connected: %s", peer, command)
+        return self._welcome(client)
+
+    def _welcome(self, client: Client) -> protocol.Welcome:
         # What this client is promised holds for it even if a reload shortens the grace.
         notice = self._backend.loss_notice
         return protocol.Welcome(
-            protocol.PROTOCOL_VERSION, f"lockd {__version__}", self._backend.name, self.limits.max_frame,
+            protocol.PROTOCOL_VERSION, SERVER, self._backend.name, self.limits.max_frame,
             leases_outlive_daemon=self._backend.leases_outlive_daemon,
             stop_within=client.break_grace if notice is None else min(notice, client.break_grace),
             features=self._features,
@@ -359,6 +367,8 @@ class LockService:
             self.orders.append(SendMetrics(peer, message.id))
         elif isinstance(message, protocol.Subscribe):
             self._subscribe(client, message)
+        elif isinstance(message, protocol.Reexec):
+            self._reexec(client, message.id)
         else:
             problem = f"unexpected {type(message).__name__} message"
             self._send(peer, protocol.Error(None, protocol.ErrorCode.PROTOCOL, problem))
@@ -557,6 +567,26 @@ class LockService:
             log.warning("%s: lease of pid %s (uid %s) broken, %s", name, holder.pid, holder.uid, reason)
         self._apply(effects)
         self._send(client.peer, protocol.Done(request.id, count))
+
+    def _reexec(self, client: Client, request_id: int) -> None:
+        """Re-execute the daemon in place, for root or the daemon's own user."""
+        if client.uid not in (0, self._daemon_uid):
+            self._send_error(client, request_id, errors.PermissionDenied(
+                f"only root or uid {self._daemon_uid} (lockd's user) may re-execute lockd; you are uid {client.uid}"
+            ))
+        elif client.uses(request_id):
+            self._send_error(client, request_id, errors.ProtocolError(
+                f"request id {request_id} is already in use on this connection"
+            ))
+        else:
+            self.orders.append(StartReexec(client.peer, request_id))
+
+    def reexec_refused(self, peer: Peer | None, request_id: int | None, reason: str) -> None:
+        """The re-exec asked for by `peer`'s `request_id` did not happen, for `reason`: the
+        daemon serves on as it was."""
+        log.error("not re-executed, serving on as before: %s", reason)
+        if peer is not None and peer in self.clients:
+            self._send(peer, protocol.Error(request_id, protocol.ErrorCode.UNAVAILABLE, f"not re-executed: {reason}"))
 
     def _status_look(self, client: Client, request: protocol.Status) -> StatusLook | None:
         """What to look for outside lockd to answer `request` (None: refused, answered).
@@ -839,6 +869,131 @@ class LockService:
         for client in list(self.clients.values()):
             self._send(client.peer, goodbye)
             self._close(client.peer, reason)
+
+    # --- re-exec ------------------------------------------------------------------------------
+
+    def hand_over(self) -> tuple[list[handover.ConnectionState], list[handover.TicketState], list[Claim]]:
+        """The clients (with their peers' state) and the live tickets, in arrival order, as the
+        re-executed program needs them (lockd.handover), and each ticket's claim, in the same
+        order, for the backend's part. Changes nothing. Valid only while no request is being
+        handled and no refusal waits for its look (`quiet`)."""
+        now = self._clock()
+        tickets = self.table.tickets()
+        clients = {id(c): c for c in self.clients.values()}
+        clients.update((id(party(t).client), party(t).client) for t in tickets)
+        connections = []
+        for client in clients.values():
+            peer = client.peer
+            connections.append(handover.ConnectionState(
+                client=handover.ClientState(
+                    ident=peer.ident, pid=client.pid, uid=client.uid, gid=client.gid, gids=sorted(client.gids),
+                    command=client.command, break_grace=client.break_grace, label=peer.label,
+                ),
+                session=peer.hand_over() if self.clients.get(peer) is client else None,
+                subscriptions=[
+                    handover.SubscriptionState(id=sub.id, names=None if sub.names is None else sorted(sub.names))
+                    for sub in client.subscriptions.values()
+                ],
+            ))
+        states = []
+        for ticket in tickets:
+            who = party(ticket)
+            claim = who.claim
+            states.append(handover.TicketState(
+                seq=ticket.seq, connection=who.client.peer.ident, request_id=who.request_id,
+                names=list(ticket.names), shared=ticket.shared, slots=dict(claim.slots), wait=ticket.wait,
+                phase=ticket.state.value, deadline=None if ticket.deadline is None else ticket.deadline - now,
+                requested=who.requested - now, since=ticket.since - now, tokens=ticket.tokens,
+                claim=handover.ClaimState(
+                    pid=claim.pid, uid=claim.uid, gid=claim.gid, command=claim.command, label=claim.label,
+                ),
+                process=None if who.process is None else who.process.pid,
+                owned_by_process=who.process is not None and ticket.owner is who.process,
+                cause=who.cause, lost=who.lost, exit_status=who.exit_status,
+            ))
+        return connections, states, [party(t).claim for t in tickets]
+
+    @property
+    def quiet(self) -> bool:
+        """Whether no refusal waits for a look at the host (a state to hand over has none)."""
+        return not any(client.refusing for client in self.clients.values())
+
+    def adopt(
+        self, connections: list[handover.ConnectionState], tickets: list[handover.TicketState],
+        processes: list[ProcessOwner], peers: dict[int, Peer], next_arrival: int,
+    ) -> tuple[list[Claim], dict[Peer, protocol.Welcome]]:
+        """Take over what a daemon handed over (`hand_over`), on a new table: `peers` are the
+        sessions of its connections by ident, `processes` its process owners (their pidfds
+        open). Returns the claims of the tickets in order (the backend adopts what it holds
+        for them; those being taken are ordered taken again, after it has) and the welcome of
+        each client still to be greeted. Raises ValueError (nothing served yet) for a state
+        that breaks an invariant of the table."""
+        now = self._clock()
+        clients: dict[int, Client] = {}
+        for connection in connections:
+            known = connection.client
+            peer = peers.get(known.ident) or Departed(known.ident, known.label)
+            client = clients[known.ident] = Client(
+                peer, known.pid, known.uid, known.gid, frozenset(known.gids), known.command, known.break_grace,
+            )
+            if connection.session is not None:
+                self.clients[peer] = client
+                self._uid_clients[client.uid] = self._uid_clients.get(client.uid, 0) + 1
+            visible = self.policy.events_visible_to(client.uid)
+            for sub in connection.subscriptions:
+                names = None if sub.names is None else frozenset(sub.names)
+                self._subscribers.subscribe(client, sub.id, names, visible)
+        owners = {owner.pid: owner for owner in processes}
+        restored = []
+        for state in tickets:
+            client = clients[state.connection]
+            process = None if state.process is None else owners[state.process]
+            known_claim = state.claim
+            claim = Claim(
+                names=tuple(state.names), shared=state.shared, wait=state.wait, pid=known_claim.pid,
+                uid=known_claim.uid, gid=known_claim.gid, command=known_claim.command, label=known_claim.label,
+                slots=state.slots or _NO_SLOTS,
+            )
+            who = Party(
+                client, state.request_id, claim, process, now + state.requested, cause=state.cause,
+                lost=state.lost, exit_status=state.exit_status,
+            )
+            owner = process if state.owned_by_process and process is not None else client
+            deadline = None if state.deadline is None else now + state.deadline
+            ticket = Ticket(owner, claim.names, state.shared, state.wait, deadline, who, now + state.since,
+                            state.slots or None)
+            ticket.state, ticket.tokens, ticket.seq = State(state.phase), state.tokens, state.seq
+            restored.append(ticket)
+        self.table = LockTable.restored(
+            restored, ordered_by_backend=self.table.ordered_by_backend, next_arrival=next_arrival,
+        )
+        for ticket in restored:
+            who = party(ticket)
+            client = who.client
+            client.tickets[who.request_id] = ticket
+            client.names += len(ticket.names)
+            self._uid_names[client.uid] = self._uid_names.get(client.uid, 0) + len(ticket.names)
+            self._tally.arrived(ticket)
+            if who.process is not None:
+                self.processes.attach(who.process, ticket)
+            if ticket.holding:
+                self._claimed[who.claim] = ticket
+            if ticket.deadline is not None:
+                self.orders.append(WakeAt(ticket.deadline))
+        for ticket in sorted((t for t in restored if t.state is HELD or t.state is BREAKING), key=_since):
+            self._tally.granted(ticket)
+        for owner in processes:
+            self.processes.adopt(owner)
+            self.orders.append(Watch(owner))
+        for ticket in restored:
+            if ticket.state is TAKING:
+                self._taking.add(ticket)
+                party(ticket).client.taking += 1
+                self.orders.append(StartTake(party(ticket).claim))
+        welcomes = {
+            client.peer: self._welcome(client) for client in self.clients.values() if not client.peer.greeted
+        }
+        return [party(t).claim for t in restored], welcomes
 
     # --- effects ------------------------------------------------------------------------------
 
@@ -1230,6 +1385,37 @@ class LockService:
         assert self._tally.census() == counted, (self._tally.census(), counted)
 
         self.table.check()
+
+
+class Departed:
+    """The peer of a client whose connection is gone while leases it tied to a process live
+    on, in a re-executed daemon: nothing reaches it, as nothing reached the old one's."""
+
+    closed = True
+    greeted = True
+
+    def __init__(self, ident: int, label: str | None) -> None:
+        self.ident = ident
+        self.label = label
+
+    def send(self, message: object, fds: Sequence[int] = ()) -> None:
+        pass
+
+    def close(self, reason: str) -> None:
+        pass
+
+    def offer(self, subscription_id: int, message: object) -> bool:
+        return False
+
+    def end_events(self, subscription_id: int, notice: object | None) -> None:
+        pass
+
+    def hand_over(self) -> handover.SessionState:
+        raise AssertionError("a departed client has no session to hand over")
+
+
+def _since(ticket: Ticket) -> float:
+    return ticket.since
 
 
 def _code(exc: errors.LockdError) -> str:

@@ -43,6 +43,7 @@ import trio
 from lockd_client import protocol
 from lockd_client.describe import sanitize
 
+from . import handover
 from .config import Limits
 
 log = logging.getLogger("lockd")
@@ -83,7 +84,8 @@ class Session:
 
     __slots__ = (
         "sock", "ident", "label", "closed", "close_reason", "_on_close", "_encoder", "_outbox", "_attached",
-        "_wake", "_eof", "_events", "_event_bytes", "_event_head", "_timer", "_send_timeout",
+        "_wake", "_eof", "_events", "_event_bytes", "_event_head", "_timer", "_send_timeout", "_frames",
+        "greeted", "_gate",
     )
 
     def __init__(self, sock: socket.socket, ident: int, on_close: Callable[[Session], None]) -> None:
@@ -111,6 +113,11 @@ class Session:
         #: The writer's send timeout, while it runs: armed only while replies wait.
         self._timer: trio.CancelScope | None = None
         self._send_timeout = math.inf
+        #: What was received and not yet handled, once serving.
+        self._frames: protocol.FrameBuffer | None = None
+        self.greeted = False
+        #: Requests are handled only while it is open (see `Gate`).
+        self._gate: Gate | None = None
 
     def __repr__(self) -> str:
         return f"<Session #{self.ident}>"
@@ -274,19 +281,51 @@ class Session:
         self._arm()
         self._on_close(self)
 
+    # --- re-exec ------------------------------------------------------------------------------
+
+    def hand_over(self) -> handover.SessionState:
+        """What the re-executed program needs to serve this connection on: the socket, what
+        the client sent that was not handled yet, what it was not sent yet. Changes nothing;
+        valid while no request is being handled (the gate is shut and none is in flight)."""
+        frames = self._frames
+        return handover.SessionState(
+            fd=self.sock.fileno(), greeted=self.greeted, unread=b"" if frames is None else frames.unread(),
+            outbox=bytes(self._outbox), attached=[(offset, list(fds)) for offset, fds in self._attached],
+            event_head=self._event_head, events=list(self._events),
+        )
+
+    def adopt(self, state: handover.SessionState, label: str | None) -> None:
+        """Go on where the session `state` describes left off, before `serve`: its unsent
+        replies, events and descriptors (now this session's own) are sent first, its unread
+        requests handled first."""
+        self.label = label
+        self.greeted = state.greeted
+        self._outbox += state.outbox
+        self._attached.extend((offset, fds) for offset, fds in state.attached)
+        self._event_head = state.event_head
+        self._events.extend(state.events)
+        self._event_bytes = sum(len(frame) for _, frame in state.events)
+        self._frames = protocol.FrameBuffer(protocol.MAX_REQUEST_FRAME)
+        self._frames.feed(state.unread)
+        if self._outbox or self._events:
+            self._wake.set()
+
     # --- serving ------------------------------------------------------------------------------
 
-    async def serve(self, welcome: protocol.Welcome | None, handle: Handler, limits: Limits) -> None:
+    async def serve(
+        self, welcome: protocol.Welcome | None, handle: Handler, limits: Limits, gate: Gate | None = None,
+    ) -> None:
         """Serve the connection until either side ends it, then close the socket.
 
         The client must say Hello by `limits.handshake_timeout`; it is answered `welcome`
         (None only for a session closed already, refused as it connected). Then
         each request is decoded and given to `handle`, in order: a request whose handling has
         to wait holds back this client's later requests, nobody else's. A session closed
-        before `serve` (a refused connection) only flushes its goodbye. The session is closed
-        when this returns, however it returns. Cancellation: stops at once and closes the
-        socket without flushing.
+        before `serve` (a refused connection) only flushes its goodbye. While `gate` is shut,
+        no request is handled. The session is closed when this returns, however it returns.
+        Cancellation: stops at once and closes the socket without flushing.
         """
+        self._gate = gate
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._write_then_cancel, limits.send_timeout, nursery.cancel_scope)
@@ -303,26 +342,34 @@ class Session:
     async def _converse(
         self, welcome: protocol.Welcome, handle: Handler, limits: Limits
     ) -> None:
-        frames = protocol.FrameBuffer(limits.max_frame)
+        frames = self._frames = self._frames or protocol.FrameBuffer(limits.max_frame)
+        frames.limit = limits.max_frame
         decoder = protocol.request_decoder()
         sock = self.sock
+        gate = self._gate
         try:
-            # One deadline for the whole handshake, however the hello trickles in.
-            with trio.move_on_after(limits.handshake_timeout):
-                while (hello := _next_message(frames, decoder)) is None:
-                    data = self._recv_now()
-                    if data is None:
-                        await trio.lowlevel.wait_readable(sock)
-                    elif data:
-                        frames.feed(data)
-                    else:
-                        return
-            if hello is None:
-                self.fail(f"no handshake within {limits.handshake_timeout:g} s")
-                return
-            self._greet(hello, welcome)
+            if not self.greeted:
+                # One deadline for the whole handshake, however the hello trickles in.
+                with trio.move_on_after(limits.handshake_timeout):
+                    while (hello := _next_message(frames, decoder)) is None:
+                        data = self._recv_now()
+                        if data is None:
+                            await trio.lowlevel.wait_readable(sock)
+                        elif data:
+                            frames.feed(data)
+                        else:
+                            return
+                if hello is None:
+                    self.fail(f"no handshake within {limits.handshake_timeout:g} s")
+                    return
+                if gate is not None and gate.shut:
+                    await gate.opened()
+                self._greet(hello, welcome)
             turns = 0
             while not self.closed:
+                if gate is not None and gate.shut:
+                    await gate.opened()
+                    continue
                 message = _next_message(frames, decoder)
                 if message is not None:
                     unfinished = handle(self, message)
@@ -363,6 +410,7 @@ class Session:
             self.close("unsupported protocol version")
         else:
             self.label = shown_label(message.label)
+            self.greeted = True
             self.send(welcome)
 
     def _recv_now(self) -> bytes | None:
@@ -449,6 +497,30 @@ class Session:
             while (data := self._recv_now()) != b"":
                 if data is None:
                     await trio.lowlevel.wait_readable(sock)
+
+
+class Gate:
+    """Shut, it holds back every session's next request (the handshake's answer too) until
+    it is opened again: a re-exec shuts it, so that nothing is being handled when the state
+    is handed over. A request being handled when it shuts is handled to the end."""
+
+    __slots__ = ("shut", "_opened")
+
+    def __init__(self) -> None:
+        self.shut = False
+        self._opened = trio.Event()
+
+    def close(self) -> None:
+        if not self.shut:
+            self.shut = True
+            self._opened = trio.Event()
+
+    def open(self) -> None:
+        self.shut = False
+        self._opened.set()
+
+    async def opened(self) -> None:
+        await self._opened.wait()
 
 
 def _next_message(

@@ -61,6 +61,8 @@ class Feature:
     EVENTS: Final = "events"
     #: `Metrics`: the daemon's metrics in the Prometheus text format.
     METRICS: Final = "metrics"
+    #: `Reexec`: the daemon re-executes itself in place, keeping every lease and connection.
+    REEXEC: Final = "reexec"
 
 
 # Name N is stored as the file `N.lock`, which must fit a 255-byte file name; the leading
@@ -243,7 +245,17 @@ class Metrics(msgspec.Struct, tag="metrics"):
     id: int
 
 
-Request = Union[Hello, Acquire, Release, ReleasePid, ForceRelease, Status, History, Subscribe, Metrics]
+@final
+class Reexec(msgspec.Struct, tag="reexec"):
+    """Have the daemon re-execute its own command line in place (an upgrade): same pid, every
+    lease, queue and connection kept. Answered by `Reexecuted` from the new program, or an
+    `Error` from the old one saying why it did not (it then serves on as before). Only for
+    root and the daemon's own user."""
+
+    id: int
+
+
+Request = Union[Hello, Acquire, Release, ReleasePid, ForceRelease, Status, History, Subscribe, Metrics, Reexec]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -461,7 +473,21 @@ class MetricsReply(msgspec.Struct, tag="metrics_reply"):
     text: str
 
 
-Reply = Union[Welcome, Granted, Queued, Lost, Done, StatusReply, Error, HistoryReply, Event, MetricsReply]
+@final
+class Reexecuted(msgspec.Struct, tag="reexecuted"):
+    """The daemon re-executed itself for `Reexec(id)`: sent by the new program."""
+
+    id: int
+    #: The server strings (`Welcome.server`) of the program before and after.
+    previous: str
+    server: str
+    #: Seconds between the old program's last request served and the new one's first.
+    paused: float
+
+
+Reply = Union[
+    Welcome, Granted, Queued, Lost, Done, StatusReply, Error, HistoryReply, Event, MetricsReply, Reexecuted,
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -476,13 +502,13 @@ class FrameBuffer:
     copy it. A length prefix over `limit` raises FrameTooLarge as soon as the prefix is seen.
     """
 
-    __slots__ = ("_buf", "_start", "_limit")
+    __slots__ = ("_buf", "_start", "limit")
 
     def __init__(self, limit: int) -> None:
         self._buf = bytearray()
         #: Where the bytes not yet returned as a frame begin.
         self._start = 0
-        self._limit = limit
+        self.limit = limit
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         # Returned bodies are dropped here, once per feed rather than once per frame. A body
@@ -499,8 +525,8 @@ class FrameBuffer:
         if len(buf) < start:
             return None
         (size,) = _PREFIX.unpack_from(buf, self._start)
-        if size > self._limit:
-            raise FrameTooLarge(size, self._limit)
+        if size > self.limit:
+            raise FrameTooLarge(size, self.limit)
         end = start + size
         if len(buf) < end:
             return None
@@ -511,6 +537,10 @@ class FrameBuffer:
     def pending(self) -> int:
         """Bytes received but not yet returned as a frame."""
         return len(self._buf) - self._start
+
+    def unread(self) -> bytes:
+        """A copy of the bytes received but not yet returned as a frame."""
+        return bytes(self._buf[self._start :])
 
 
 def frame(encoder: msgspec.msgpack.Encoder, message: object) -> bytes:

@@ -1,0 +1,204 @@
+"""Re-executing the daemon in place: same pid, every lease, queue and connection kept.
+
+Invariants:
+- Nothing is lost if the re-exec does not happen: the program to become is first run in its
+  check mode on a state taken now (`--check-handover`), and only if it reads that state is
+  anything paused; the state handed over is taken without changing the daemon's, so if the
+  exec itself fails, the daemon serves on as it was (`Reexecutor.__call__` says why, to the
+  log and to whoever asked).
+- The state is taken at a quiet moment, with no await between taking it and the exec: the
+  sessions' gate is shut (no request is handled) and no request is under way, and the
+  history's writer has stopped between two batches. So the state is the whole truth.
+- No lock is ever let go across the exec: every descriptor the state names is inherited
+  (O_CLOEXEC cleared just before the exec), and the flocks live on their open file
+  descriptions.
+- At most one re-exec is under way; a daemon that is stopping does not re-execute.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final
+
+import trio
+from lockd_client import protocol
+
+from . import handover
+from .service import SERVER
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .history import HistoryStore
+    from .orders import Peer
+    from .server import Server
+    from .systemd import Notifier
+
+log = logging.getLogger("lockd")
+
+#: The flag that runs the program in check mode: read a state from stdin, say whether it can
+#: adopt it, exit.
+CHECK_FLAG: Final = "--check-handover"
+#: How long the program to become may take to check a state.
+CHECK_TIMEOUT: Final = 30.0
+#: How long requests under way (a status looking at the host, a history read) may take to
+#: finish once the gate is shut, before the re-exec is given up.
+SETTLE_TIMEOUT: Final = 5.0
+
+
+class Refused(Exception):
+    """The re-exec does not happen, for the reason given; the daemon serves on."""
+
+
+class Reexecutor:
+    """Re-executes the daemon (a `Server.reexecutor`). See the module docstring."""
+
+    def __init__(
+        self, server: Server, config: Config, listeners: list[handover.ListenerState],
+        metrics_listener: handover.ListenerState | None, history: HistoryStore | None, notifier: Notifier,
+        signals: tuple[signal.Signals, ...], argv: list[str] | None = None,
+    ) -> None:
+        """`argv`: the command line to become (default: this program's own, as it was
+        started); `signals`: those held back until the new program listens for them."""
+        self._server = server
+        self.config = config
+        self._listeners = listeners
+        self._metrics_listener = metrics_listener
+        self._history = history
+        self._notifier = notifier
+        self._signals = signals
+        self._argv = list(sys.orig_argv) if argv is None else argv
+        self._running = False
+
+    async def __call__(self, peer: Peer | None, request_id: int | None) -> None:
+        """Re-execute for `peer`'s request `request_id` (None: a signal); if it does not
+        happen, say why. Returns only then: a re-exec that happens does not return."""
+        try:
+            if self._running:
+                raise Refused("a re-exec is under way already")
+            self._running = True
+            try:
+                await self._reexec(peer, request_id)
+            finally:
+                self._running = False
+        except Refused as exc:
+            self._server.reexec_refused(peer, request_id, str(exc))
+
+    async def _reexec(self, peer: Peer | None, request_id: int | None) -> None:
+        server = self._server
+        if server.service.stopping:
+            raise Refused("the daemon is stopping")
+        log.info("re-executing %s", " ".join(self._argv))
+        await self._check(handover.encode(self._state(peer, request_id, [])))
+        self._notifier.reloading()
+        server.gate.close()
+        try:
+            with trio.move_on_after(SETTLE_TIMEOUT) as waited:
+                await server.settled()
+            if waited.cancelled_caught:
+                raise Refused(f"requests under way did not finish within {SETTLE_TIMEOUT:g} s")
+            if server.service.stopping:
+                raise Refused("the daemon is stopping")
+            backlog = self._history.hand_over() if self._history is not None else []
+            try:
+                self._exec(self._state(peer, request_id, backlog))
+            finally:
+                if self._history is not None:
+                    self._history.resume()
+        finally:
+            server.gate.open()
+            self._notifier.ready(f"not re-executed; {server.service.counts()[0]} leases held")
+
+    def _state(
+        self, peer: Peer | None, request_id: int | None, backlog: list[protocol.LeaseEvent],
+    ) -> handover.State:
+        server = self._server
+        connections, tickets, backend_state, backend_fds = server.hand_over()
+        return handover.State(
+            version=handover.VERSION, server=SERVER, paused_at=time.time(), config=self.config,
+            listeners=self._listeners, metrics_listener=self._metrics_listener, connections=connections,
+            tickets=tickets, processes=[
+                handover.ProcessState(pid=owner.pid, uid=owner.uid, command=owner.command, pidfd=owner.pidfd)
+                for owner in server.service.processes.owners()
+            ],
+            next_arrival=server.service.table.next_arrival, next_connection=server.next_connection,
+            backend=server.backend.name, backend_state=backend_state, backend_descriptors=backend_fds,
+            history=backlog,
+            reply_to=None if peer is None or request_id is None else handover.ReplyTo(
+                connection=peer.ident, request_id=request_id,
+            ),
+        )
+
+    async def _check(self, data: bytes) -> None:
+        """Run the program to become in check mode on `data`; raise Refused unless it says
+        it can adopt it."""
+        command = [*self._argv, CHECK_FLAG]
+        try:
+            with trio.fail_after(CHECK_TIMEOUT):
+                done = await trio.run_process(
+                    [sys.executable, *command[1:]], stdin=data, capture_stdout=True, capture_stderr=True,
+                    check=False,
+                )
+        except trio.TooSlowError:
+            raise Refused(f"the new program did not check the state within {CHECK_TIMEOUT:g} s") from None
+        except OSError as exc:
+            raise Refused(f"cannot run {sys.executable}: {exc.strerror}") from None
+        if done.returncode != 0:
+            said = (done.stderr or done.stdout).decode(errors="replace").strip().splitlines()
+            raise Refused(
+                f"the new program cannot take over (exit status {done.returncode}): "
+                f"{said[-1] if said else 'it said nothing'}"
+            )
+
+    def _exec(self, state: handover.State) -> None:
+        """Exec the program with `state`; raise Refused, with everything as it was, if the
+        exec fails."""
+        fds = handover.descriptors(state)
+        inheritable = {fd: os.get_inheritable(fd) for fd in fds}
+        memfd = handover.to_memfd(handover.encode(state))
+        try:
+            for fd in fds:
+                os.set_inheritable(fd, True)
+            os.environ[handover.ENV] = str(memfd)
+            # Until the new program listens for them: a SIGHUP meanwhile must not kill it.
+            signal.pthread_sigmask(signal.SIG_BLOCK, self._signals)
+            log.info("handing over %d leases and requests, %d connections", len(state.tickets), len(state.connections))
+            os.execv(sys.executable, self._argv)
+        except OSError as exc:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, self._signals)
+            raise Refused(f"exec of {sys.executable} failed: {exc.strerror}") from None
+        finally:
+            # Reached only if the exec failed.
+            os.environ.pop(handover.ENV, None)
+            os.close(memfd)
+            for fd, was in inheritable.items():
+                os.set_inheritable(fd, was)
+
+
+def check(data: bytes, adopt: Callable[[handover.State], None]) -> str | None:
+    """Check mode: whether this program can take over the state in `data` (by `adopt`, which
+    rebuilds it without touching any descriptor); None if it can, else why not."""
+    try:
+        state = handover.decode(data)
+        adopt(state)
+    except handover.Unreadable as exc:
+        return str(exc)
+    except ValueError as exc:
+        return f"the handed-over state is inconsistent: {exc}"
+    return None
+
+
+def received() -> handover.State | None:
+    """The state handed over to this program by the daemon it re-executes, if any (the
+    variable naming it is taken out of the environment). Raises handover.Unreadable."""
+    fd = os.environ.pop(handover.ENV, None)
+    if fd is None:
+        return None
+    try:
+        return handover.decode(handover.read_fd(int(fd)))
+    except (OSError, ValueError) as exc:
+        raise handover.Unreadable(f"cannot read the handed-over state: {exc}") from None
