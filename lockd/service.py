@@ -118,7 +118,9 @@ _SHOWN_HELD: Final = (HELD, BREAKING)
 #: one per lease (msgspec makes a new one for each default). Never changed.
 _NO_SLOTS: Final[dict[str, int]] = {}
 #: What this daemon offers beyond the first version of the protocol (Welcome.features).
-_FEATURES: Final = (protocol.Feature.SEMAPHORES, protocol.Feature.EVENTS, protocol.Feature.METRICS)
+_FEATURES: Final = (
+    protocol.Feature.SEMAPHORES, protocol.Feature.EVENTS, protocol.Feature.METRICS, protocol.Feature.REEXEC,
+)
 #: Subscriptions one connection may hold: one can name any number of locks, so more than a
 #: few is a client bug.
 MAX_SUBSCRIPTIONS: Final = 16

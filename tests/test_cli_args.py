@@ -173,6 +173,10 @@ def test_slots_usage_errors_say_what_to_do(argv: list[str], message: str) -> Non
         ["status", "--watch", "-1"],
         ["status", "--watch=soon"],
         ["watch", "--pid", "42"],
+        ["daemon"],
+        ["daemon", "frobnicate"],
+        ["daemon", "reexec", "x"],
+        ["daemon", "--socket", "/s", "reexec"],
         ["frobnicate", "x"],
         [],
     ],
@@ -200,6 +204,23 @@ def test_invalid_names_state_the_rule(argv: list[str], bad: str) -> None:
 def test_socket_option_on_every_command() -> None:
     for argv in (["acquire", "x", "--", "true"], ["release", "x"], ["status"], ["watch"]):
         assert cli.parse_args([argv[0], "--socket", "/s", *argv[1:]]).socket == "/s"
+    # A group's subcommand takes it after its name.
+    assert cli.parse_args(["daemon", "reexec", "--socket", "/s"]).socket == "/s"
+
+
+def test_daemon_reexec() -> None:
+    args = parse("daemon", "reexec")
+    assert (args.command, args.daemon_command, args.json, args.socket, args.names) == (
+        "daemon", "reexec", False, None, [],
+    )
+    assert parse("daemon", "reexec", "--json").json
+
+
+def test_daemon_help_lists_its_subcommands(capsys) -> None:
+    assert cli.main(["daemon", "--help"]) == 0
+    out = capsys.readouterr().out
+    for command, summary in cli.DAEMON_COMMANDS.items():
+        assert re.search(rf"^ +{command} +{re.escape(summary[:40])}", out, re.M), out
 
 
 @pytest.mark.parametrize("argv", [["acquire", "x", "--", "true"], ["release", "x"], ["status"], ["watch"]])
@@ -240,9 +261,9 @@ def test_main_reports_usage_errors_with_64_before_contacting_the_daemon(capsys, 
     assert "/nonexistent" not in err
 
 
-@pytest.mark.parametrize("command", ["acquire", "release", "status", "watch"])
+@pytest.mark.parametrize("command", ["acquire", "release", "status", "watch", "daemon reexec"])
 def test_help_has_examples(capsys, command: str) -> None:
-    assert cli.main([command, "--help"]) == 0
+    assert cli.main([*command.split(), "--help"]) == 0
     out = capsys.readouterr().out
     assert "examples:" in out
     assert f"lockctl {command} " in out
@@ -255,6 +276,7 @@ def test_help_has_examples(capsys, command: str) -> None:
         (cli.RELEASE_EPILOG, {0, 1, 64, 69, 75, 76, 77}),
         (cli.STATUS_EPILOG, {0, 1, 64, 69, 75, 76}),
         (cli.WATCH_EPILOG, {64, 69, 75, 76}),
+        (cli.DAEMON_REEXEC_EPILOG, {0, 64, 69, 75, 76, 77}),
     ],
 )
 def test_help_lists_every_exit_status_of_its_command(epilog: str, statuses: set[int]) -> None:
@@ -275,6 +297,13 @@ def test_lockctl_never_imports_trio() -> None:
         timeout=TIMEOUT,
     )
     assert proc.returncode == cli.EXIT_UNAVAILABLE, proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"), [(0.0, "0 ms"), (0.0424, "42 ms"), (0.9994, "999 ms"), (0.9996, "1.0s"), (75.0, "1m15s")],
+)
+def test_a_pause_reads_in_milliseconds_below_a_second(seconds: float, text: str) -> None:
+    assert cli.pause_text(seconds) == text
 
 
 def holder(**fields) -> protocol.Holder:

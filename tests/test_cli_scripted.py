@@ -48,9 +48,9 @@ class Peer:
             self.frames.feed(data)
         return self.decoder.decode(body)
 
-    def greet(self) -> None:
+    def greet(self, *features: str) -> None:
         assert isinstance(self.recv(), protocol.Hello)
-        self.send(protocol.Welcome(protocol.PROTOCOL_VERSION, "scripted", "none"))
+        self.send(protocol.Welcome(protocol.PROTOCOL_VERSION, "scripted", "none", features=list(features)))
 
     def wait_for_close(self) -> list[object]:
         """Requests received until lockctl's side of the connection is closed everywhere."""
@@ -190,8 +190,10 @@ def test_a_lease_is_not_tied_to_whoever_inherits_lockctl_from_its_dead_parent(sc
         # A daemon older than semaphores ignores `slots` and would grant a plain lock.
         (["acquire", "--slots", "3", "x", "--", "touch", "{ran}"], "does not serve semaphores (slots); upgrade it"),
         (["watch", "x"], "this lockd (scripted) does not send lease events; upgrade it"),
+        (["daemon", "reexec"], "this lockd (scripted) cannot re-execute itself in place: it is older than this client; "
+         "restart it instead"),
     ],
-    ids=["slots", "watch"],
+    ids=["slots", "watch", "reexec"],
 )
 def test_a_feature_a_daemon_does_not_serve_is_never_asked_for(
     scripted, tmp_path: Path, argv: list[str], said: str
@@ -208,3 +210,72 @@ def test_a_feature_a_daemon_does_not_serve_is_never_asked_for(
     assert proc.returncode == cli.EXIT_PROTOCOL, err
     assert said in err
     assert not (tmp_path / "ran").exists()
+
+
+def reexec(scripted, *argv: str, answer) -> tuple[int, str, str]:
+    """Run `lockctl daemon reexec ARGV` against a daemon that answers its Reexec with
+    `answer(request)` (None: it hangs up instead); its status, stdout and stderr."""
+    proc = start(scripted, "daemon", "reexec", *argv)
+    try:
+        peer = scripted.accept()
+        peer.greet(protocol.Feature.REEXEC)
+        request = peer.recv()
+        assert isinstance(request, protocol.Reexec)
+        reply = answer(request)
+        if reply is None:
+            peer.conn.close()
+        else:
+            peer.send(reply)
+            assert peer.wait_for_close() == []
+        out, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        proc.kill()
+        proc.wait(TIMEOUT)
+    return proc.returncode, out, err
+
+
+def test_daemon_reexec_says_what_ran_before_and_after_and_how_long_lockd_paused(scripted) -> None:
+    status, out, err = reexec(
+        scripted, answer=lambda request: protocol.Reexecuted(request.id, "lockd 0.1.0", "lockd 0.2.0", 0.0424),
+    )
+    assert (status, out, err) == (0, "lockd re-executed: lockd 0.1.0 -> lockd 0.2.0, paused 42 ms\n", "")
+
+
+def test_daemon_reexec_json(scripted) -> None:
+    status, out, _ = reexec(
+        scripted, "--json", answer=lambda request: protocol.Reexecuted(request.id, "lockd 0.1.0", "lockd 0.2.0", 0.5),
+    )
+    assert status == 0
+    assert msgspec.json.decode(out) == {"previous": "lockd 0.1.0", "server": "lockd 0.2.0", "paused": 0.5}
+
+
+@pytest.mark.parametrize(
+    ("code", "message", "exit_status", "said"),
+    [
+        (
+            protocol.ErrorCode.UNAVAILABLE, "not re-executed: the daemon is stopping", cli.EXIT_UNAVAILABLE,
+            "lockctl: not re-executed: the daemon is stopping; lockd serves on as before, with everything it held: "
+            "its log says more (lockd socket: ",
+        ),
+        (
+            protocol.ErrorCode.PERMISSION_DENIED,
+            "only root or uid 0 (lockd's user) may re-execute lockd; you are uid 7", cli.EXIT_DENIED,
+            "lockctl: refused: only root or uid 0 (lockd's user) may re-execute lockd; you are uid 7; run it as root "
+            "(sudo lockctl daemon reexec)",
+        ),
+    ],
+    ids=["unavailable", "permission_denied"],
+)
+def test_a_refused_reexec_says_why_and_what_to_do(
+    scripted, code: str, message: str, exit_status: int, said: str,
+) -> None:
+    status, out, err = reexec(scripted, answer=lambda request: protocol.Error(request.id, code, message))
+    assert (status, out) == (exit_status, "")
+    assert err.startswith(said), err
+
+
+def test_a_daemon_gone_during_the_reexec_is_unavailable(scripted) -> None:
+    status, out, err = reexec(scripted, answer=lambda request: None)
+    assert (status, out) == (cli.EXIT_UNAVAILABLE, "")
+    assert "no answer to the re-exec: the daemon closed the connection" in err
+    assert "its new program could not take over: start lockd again" in err

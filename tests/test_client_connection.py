@@ -654,6 +654,86 @@ def test_a_metrics_reply_to_another_request_breaks_the_protocol() -> None:
     call, _ = conn.status()
     conn.receive_data(frames(protocol.MetricsReply(call.id, "")))
     assert_broken(conn, because="metrics_reply in reply to status")
+# --- reexec -------------------------------------------------------------------------------------
+
+
+def reexecuting() -> Connection:
+    return opened(features=[protocol.Feature.REEXEC])
+
+
+def test_reexec_resolves_with_the_new_programs_answer_and_keeps_everything_else() -> None:
+    conn = reexecuting()
+    lease = granted(conn, "a")
+    call, data = conn.reexec()
+    assert decoded(data) == [protocol.Reexec(call.id)]
+    status, _ = conn.status()
+    # Requests sent after it may be answered first: by the old program, or the new one.
+    conn.receive_data(frames(protocol.StatusReply(status.id, [])))
+    assert status.result() == [] and not call.done
+    done = protocol.Reexecuted(call.id, previous="lockd 0.1.0", server="lockd 0.2.0", paused=0.042)
+    conn.receive_data(frames(done))
+    assert call.result() == done
+    assert lease.state is LeaseState.HELD and not conn.closed
+    assert conn.server is not None and conn.server.server == "lockd 0.1.0", "the welcome stays the old one's"
+
+
+def test_reexec_of_a_daemon_that_cannot_fails_before_anything_is_sent() -> None:
+    conn = opened()  # its welcome lists no reexec, as an older daemon's
+    with pytest.raises(errors.ProtocolError, match=r"this lockd \(lockd 0.1.0\) cannot re-execute itself in place"):
+        conn.reexec()
+    call, _ = conn.status()
+    assert call.id == 1, "no request id was used"
+
+
+@pytest.mark.parametrize(
+    ("code", "cls"),
+    [("unavailable", errors.BackendUnavailable), ("permission_denied", errors.PermissionDenied)],
+)
+def test_a_refused_reexec_raises_its_error_and_the_connection_goes_on(code: str, cls: type[Exception]) -> None:
+    conn = reexecuting()
+    lease = granted(conn, "a")
+    call, _ = conn.reexec()
+    conn.receive_data(frames(protocol.Error(call.id, code, "not re-executed: the daemon is stopping")))
+    with pytest.raises(cls, match="not re-executed: the daemon is stopping") as raised:
+        call.result()
+    assert type(raised.value) is cls
+    assert lease.state is LeaseState.HELD and not conn.closed
+
+
+def test_a_daemon_gone_during_the_reexec_fails_it_and_detaches_what_outlives_it() -> None:
+    conn = Connection()
+    conn.hello()
+    conn.receive_data(frames(msgspec.structs.replace(
+        welcome(), features=[protocol.Feature.REEXEC], leases_outlive_daemon=True,
+    )))
+    call, _ = conn.acquire(["a"])
+    conn.receive_data(frames(protocol.Granted(call.id, [1], 1)), [101])
+    lease = call.result()
+    reexec, _ = conn.reexec()
+    conn.receive_data(b"")
+    with pytest.raises(errors.DaemonUnavailable, match=EOF_REASON):
+        reexec.result()
+    assert lease.state is LeaseState.HELD and lease.detached
+
+
+@pytest.mark.parametrize(
+    ("reply", "because"),
+    [
+        (lambda r, s: protocol.Reexecuted(s, "lockd 0.1.0", "lockd 0.2.0", 0.1), "reexecuted in reply to status"),
+        (lambda r, s: protocol.Done(r), "done in reply to reexec"),
+        (lambda r, s: protocol.Queued(r, []), "queued for reexec"),
+    ],
+)
+def test_replies_a_reexec_cannot_get_break_the_connection(reply, because: str) -> None:
+    conn = reexecuting()
+    call, _ = conn.reexec()
+    status, _ = conn.status()
+    conn.receive_data(frames(reply(call.id, status.id)))
+    assert_broken(conn, because=because)
+    with pytest.raises(errors.RemoteProtocolError):
+        call.result()
+
+
 # --- subscriptions ----------------------------------------------------------------------------
 
 

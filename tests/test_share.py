@@ -41,7 +41,7 @@ def test_man_shows_every_command_and_option() -> None:
     page = next(p for p in MAN_PAGES if p.name == "lockctl.1")
     text = subprocess.run(["man", "-l", str(page)], capture_output=True, text=True, timeout=TIMEOUT,
                           env={"MANWIDTH": "100", "PATH": "/usr/bin:/bin", "MAN_KEEP_FORMATTING": ""}).stdout
-    for command in ("acquire", "release", "status"):
+    for command in ("acquire", "release", "status", "daemon reexec"):
         assert f"lockctl {command}" in text
     for option in ("--conflict-exit-code N", "--kill-after SEC", "--slots N|NAME=N", "--json", "--force", "--version"):
         assert option in text
@@ -62,7 +62,7 @@ def complete(script: Path, *words: str) -> list[str]:
 def test_bash_completes_lockctl() -> None:
     lockctl = BASH["lockctl"]
     assert complete(lockctl, "lockctl", "") == [
-        "--help", "--version", "-h", "acquire", "history", "metrics", "release", "status", "watch",
+        "--help", "--version", "-h", "acquire", "daemon", "history", "metrics", "release", "status", "watch",
     ]
     assert complete(lockctl, "lockctl", "acquire", "--no") == ["--no-wait", "--nonblock"]
     assert complete(lockctl, "lockctl", "status", "--") == ["--help", "--json", "--socket", "--watch"]
@@ -70,6 +70,9 @@ def test_bash_completes_lockctl() -> None:
     assert complete(lockctl, "lockctl", "release", "x", "--fo") == ["--force"]
     assert complete(lockctl, "lockctl", "acquire", "--label", "") == []  # free text
     assert complete(lockctl, "lockctl", "acquire", "--slots", "") == []  # a count, or NAME=N
+    # A group's subcommand, then that one's options.
+    assert complete(lockctl, "lockctl", "daemon", "") == ["reexec"]
+    assert complete(lockctl, "lockctl", "daemon", "reexec", "--") == ["--help", "--json", "--socket"]
     # After --, a command line of its own: its first word is a command.
     assert "true" in complete(lockctl, "lockctl", "acquire", "x", "--", "tru")
 

@@ -44,7 +44,7 @@ T = TypeVar("T")
 #: The requests that carry an id and get a reply: each is a Call.
 NumberedRequest: TypeAlias = (
     "protocol.Acquire | protocol.Status | protocol.ReleasePid | protocol.ForceRelease | protocol.Metrics"
-    " | protocol.History"
+    " | protocol.History | protocol.Reexec"
 )
 
 #: Called with the holders each time the daemon says an acquire waits for them.
@@ -413,6 +413,16 @@ class Connection:
         self._require(protocol.Feature.METRICS, "does not serve metrics; upgrade it")
         return self._send_request(protocol.Metrics(self._next_id))
 
+    def reexec(self) -> tuple[Call[protocol.Reexecuted], bytes]:
+        """Ask the daemon to re-execute itself in place; resolves with the `Reexecuted` its new
+        program sends, on this same connection, once it has taken over."""
+        self._check_open()
+        self._require(
+            protocol.Feature.REEXEC,
+            "cannot re-execute itself in place: it is older than this client; restart it instead",
+        )
+        return self._send_request(protocol.Reexec(self._next_id))
+
     def history(self, names: Iterable[str], since: float | None, until: float | None, limit: int) -> HistoryQuery:
         """A query for the latest `limit` recorded events on `names` (every name when empty)
         from `since` to `until` (Unix times; None: no bound), to read page by page."""
@@ -673,6 +683,8 @@ class Connection:
     def _send_request(self, request: protocol.Metrics) -> tuple[Call[str], bytes]: ...
     @overload
     def _send_request(self, request: protocol.History) -> tuple[Call[protocol.HistoryReply], bytes]: ...
+    @overload
+    def _send_request(self, request: protocol.Reexec) -> tuple[Call[protocol.Reexecuted], bytes]: ...
 
     def _send_request(self, request: NumberedRequest) -> tuple[Call[Any], bytes]:
         """Encode `request` (numbered `_next_id` by the caller) and await its reply."""
@@ -734,6 +746,9 @@ class Connection:
             del self._calls[id]
             call._resolve(message.text)
         elif type(message) is protocol.HistoryReply and type(request) is protocol.History:
+            del self._calls[id]
+            call._resolve(message)
+        elif type(message) is protocol.Reexecuted and type(request) is protocol.Reexec:
             del self._calls[id]
             call._resolve(message)
         else:

@@ -147,6 +147,20 @@ class Client:
         ProtocolError, sending nothing, if the daemon is too old to serve them."""
         return self._run(*self._conn.metrics())
 
+    def reexec(self) -> protocol.Reexecuted:
+        """Have lockd re-execute its own command line in place, as SIGUSR2 does, to run the
+        version installed now: the new program takes over under the same pid, with every
+        lease, waiting request and connection (this one too). Returns once it has, which may
+        take a few seconds: its `Reexecuted` says the server before and after, and how long
+        lockd paused (`paused`, seconds).
+
+        Only root and lockd's own user may: else PermissionDenied. Raises BackendUnavailable
+        if lockd did not re-execute (the message says why; it serves on as before),
+        ProtocolError, sending nothing, if it is too old to, and DaemonUnavailable if the
+        connection ended before the answer (lockd's log says why).
+        """
+        return self._run(*self._conn.reexec())
+
     def history(
         self, *names: str, since: float | None = None, until: float | None = None, limit: int = 1000,
     ) -> list[protocol.LeaseEvent]:

@@ -287,6 +287,24 @@ read its history now; 75 lockd busy for a minute; 76 lockd keeps no history (old
 lockctl, or history is off in its config).
 """
 
+DAEMON_REEXEC_EPILOG: Final = """\
+examples:
+  sudo lockctl daemon reexec          after installing a new version of lockd: run it,
+                                      keeping every lease, waiting request and connection
+  lockctl daemon reexec --json        {"previous": "lockd 0.1.0", "server": "lockd 0.2.0",
+                                       "paused": 0.042} (paused: seconds)
+
+The same as sending lockd SIGUSR2, but it waits for the new program and says how it went.
+Only root and lockd's own user may. If lockd does not re-execute (the new program cannot
+take over its state, lockd is stopping...), it says why and serves on as before, with
+everything it holds.
+
+exit status: 0 re-executed; 64 usage; 69 lockd unreachable, it did not re-execute (it
+serves on; its log says why), or it went away meanwhile; 75 lockd busy for a minute, or a
+lockd limit reached; 76 lockd version mismatch (a lockd too old to re-execute in place);
+77 refused (neither root nor lockd's user).
+"""
+
 
 #: What each command is for, as `lockctl --help` lists it.
 COMMANDS: Final = {
@@ -296,6 +314,12 @@ COMMANDS: Final = {
     "history": "what happened to locks: grants, releases, losses, refusals",
     "watch": "print lease events as they happen",
     "metrics": "the daemon's metrics, in the Prometheus text format",
+    "daemon": "act on the running daemon itself: re-execute it in place",
+}
+
+#: The subcommands of `lockctl daemon`, and what each is for.
+DAEMON_COMMANDS: Final = {
+    "reexec": "re-execute the running lockd in place (after an upgrade), keeping every lease and connection",
 }
 
 
@@ -323,16 +347,21 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             sub = commands.add_parser(
                 name, help=COMMANDS[name], formatter_class=_Formatter, allow_abbrev=False
             )
-            sub.add_argument(
-                "--socket",
-                type=_socket_path,
-                metavar="PATH",
-                help=f"lockd's socket, an absolute path (default: ${paths.SOCKET_ENV}, else the "
-                "user's own daemon's socket if it exists, else the system daemon's, "
-                f"{paths.SYSTEM_SOCKET})",
-            )
+            if add is not _add_daemon:  # a group's subcommands take it, after their name
+                _add_socket(sub)
             add(sub)
     return parser
+
+
+def _add_socket(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--socket",
+        type=_socket_path,
+        metavar="PATH",
+        help=f"lockd's socket, an absolute path (default: ${paths.SOCKET_ENV}, else the "
+        "user's own daemon's socket if it exists, else the system daemon's, "
+        f"{paths.SYSTEM_SOCKET})",
+    )
 
 
 def _socket_path(text: str) -> str:
@@ -505,6 +534,26 @@ def _add_history(history: argparse.ArgumentParser) -> None:
     history.add_argument("names", nargs="*", metavar="NAME")
 
 
+def _add_daemon(daemon: argparse.ArgumentParser) -> None:
+    daemon.description = "Act on the running lockd itself."
+    commands = daemon.add_subparsers(
+        dest="daemon_command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
+    reexec = commands.add_parser(
+        "reexec", help=DAEMON_COMMANDS["reexec"], formatter_class=_Formatter, allow_abbrev=False
+    )
+    _add_socket(reexec)
+    reexec.epilog = DAEMON_REEXEC_EPILOG
+    reexec.description = (
+        "Re-execute the running lockd in place: the lockd installed now takes over under the\n"
+        "same pid, with every lease, waiting request (in its place in the queue), connection\n"
+        "and lock file, so its clients notice at most a pause. Run it after installing a new\n"
+        "version of lockd: unlike a restart, it ends no connection and no wait."
+    )
+    reexec.add_argument("--json", action="store_true", help="print JSON (schema in docs/cli.md)")
+    reexec.set_defaults(names=[])
+
+
 #: A time ago (`2h`): seconds per unit.
 _UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -552,7 +601,7 @@ def _local_time(word: str, problem: str) -> float:
 #: What adds each command's arguments to its parser: only the command given is built.
 _COMMAND_PARSERS: Final = {
     "acquire": _add_acquire, "release": _add_release, "status": _add_status, "history": _add_history,
-    "watch": _add_watch, "metrics": _add_metrics,
+    "watch": _add_watch, "metrics": _add_metrics, "daemon": _add_daemon,
 }
 
 
@@ -584,7 +633,7 @@ class Args(argparse.Namespace):
     pid: int | None
     # release
     force: bool
-    # status, watch and history
+    # status, watch, history and daemon reexec
     json: bool
     # status
     watch: float | None
@@ -592,6 +641,8 @@ class Args(argparse.Namespace):
     since: float | None
     until: float | None
     limit: int
+    # daemon
+    daemon_command: str
 
 
 def parse_args(argv: list[str]) -> Args:
@@ -725,6 +776,8 @@ def main(argv: list[str] | None = None) -> int:
             return _watch(args, socket_path)
         if args.command == "history":
             return _history(args, socket_path)
+        if args.command == "daemon":
+            return _daemon_reexec(args, socket_path)
         if args.watch is not None:
             return _status_watch(args, socket_path)
         return _status(args, socket_path)
@@ -1200,6 +1253,41 @@ def _metrics(socket_path: str) -> int:
         text = client.metrics()
     sys.stdout.write(text)
     return 0
+
+
+# --- daemon --------------------------------------------------------------------------------
+
+
+def _daemon_reexec(args: Args, socket_path: str) -> int:
+    with _connect(socket_path, BUSY_WAIT) as client:
+        try:
+            done = client.reexec()
+        except errors.PermissionDenied as e:
+            raise errors.PermissionDenied(f"{e}; run it as root (sudo lockctl daemon reexec)") from None
+        except errors.BackendUnavailable as e:
+            raise errors.BackendUnavailable(
+                f"{e}; lockd serves on as before, with everything it held: its log says more"
+            ) from None
+        except errors.DaemonUnavailable as e:
+            raise errors.DaemonUnavailable(
+                f"no answer to the re-exec: {e}; if lockd is gone, its new program could not take over: "
+                "start lockd again"
+            ) from None
+    if args.json:
+        import msgspec
+
+        document = {"previous": done.previous, "server": done.server, "paused": done.paused}
+        sys.stdout.write(msgspec.json.encode(document).decode() + "\n")
+    else:
+        print(f"lockd re-executed: {done.previous} -> {done.server}, paused {pause_text(done.paused)}")
+    return 0
+
+
+def pause_text(seconds: float) -> str:
+    """How long lockd paused: `42 ms` below a second, as pauses are; else `1.3s`."""
+    if seconds < 0.9995:  # what rounds to 1000 ms reads better as 1.0s
+        return f"{max(seconds, 0.0) * 1000:.0f} ms"
+    return describe.duration(seconds)
 
 
 # --- status --------------------------------------------------------------------------------

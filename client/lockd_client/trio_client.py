@@ -217,6 +217,14 @@ class Client:
         """
         return await self._run(*self._conn.metrics())
 
+    async def reexec(self) -> protocol.Reexecuted:
+        """Have lockd re-execute itself in place, as the blocking `Client.reexec` does, and
+        return the new program's `Reexecuted`; raises as that one does.
+
+        Cancellation: the answer, when it comes, is ignored; a re-exec under way goes on.
+        """
+        return await self._run(*self._conn.reexec())
+
     async def history(
         self, *names: str, since: float | None = None, until: float | None = None, limit: int = 1000,
     ) -> list[protocol.LeaseEvent]:
