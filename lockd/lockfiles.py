@@ -31,7 +31,7 @@ import errno
 import fcntl
 import os
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -313,6 +313,65 @@ class LockFiles:
         one per slot in `claim.slots` order, to hand to its holder; () if it holds none. They
         stay the daemon's: never close them."""
         return self._held.get(claim, ())
+
+    def slots_of(self, claim: Claim) -> list[tuple[str, int]]:
+        """The slot files `claim` holds, as (name, number) in `claim.slots` order: with
+        `descriptors`, what the next program of the daemon needs to `adopt` its flocks."""
+        return list(self._slots_of.get(claim, ()))
+
+    def adopt(self, held: Sequence[tuple[Claim, Sequence[int], Sequence[tuple[str, int]]]]) -> None:
+        """Hold, for each claim in `held`, the descriptors that the previous program of this
+        daemon held for it (its `descriptors`, kept open across exec) and its slot files (its
+        `slots_of`), as if they had been taken here: `descriptors`, `unlock` and `abandon` then
+        work on them. Never blocks.
+
+        Raises ValueError, adopting none, if a claim is held here already, or a descriptor is
+        not open on the file it stands for in this lock directory (the name's lock file, or the
+        slot file named), or slots do not match the claim's.
+        """
+        checked: list[tuple[Claim, tuple[int, ...], tuple[int, ...], list[tuple[str, int]]]] = []
+        seen: set[int] = set()
+        for claim, fds, slots in held:
+            if claim in self._held:
+                raise ValueError(f"{'+'.join(claim.names)} is held here already")
+            slots = list(slots)
+            if [name for name, _ in slots] != list(claim.slots) or any(
+                not 0 <= number < claim.slots[name] for name, number in slots
+            ):
+                raise ValueError(f"slot files {slots} are not one of each of the semaphores {claim.slots}")
+            filenames = [name + SUFFIX for name in claim.names] + [self._slot_file(*slot) for slot in slots]
+            exclusive = [not claim.shared_on(name) for name in claim.names] + [True] * len(slots)
+            if len(fds) != len(filenames):
+                raise ValueError(f"descriptors {list(fds)} are not one for each of {filenames}")
+            if seen.intersection(fds) or len(set(fds)) < len(fds):
+                raise ValueError(f"descriptors {list(fds)} include one given before")
+            seen.update(fds)
+            files = tuple(
+                self._file_behind(fd, filename) | mode
+                for fd, filename, mode in zip(fds, filenames, exclusive, strict=True)
+            )
+            checked.append((claim, tuple(fds), files, slots))
+        for claim, fds, files, slots in checked:
+            self._held[claim] = fds
+            self._files_of[claim] = files
+            for file in files:
+                self._files[file] = self._files.get(file, 0) + 1
+            if slots:
+                self._slots_of[claim] = slots
+                for name, number in slots:
+                    self._slots_taken.setdefault(name, set()).add(number)
+
+    def _file_behind(self, fd: int, filename: str) -> int:
+        """The file (as `_open` gives it) that `fd` is open on, if it is `filename` in the lock
+        directory; else ValueError."""
+        try:
+            st = os.fstat(fd)
+            there = os.stat(filename, dir_fd=self._dir_fd, follow_symlinks=False)
+        except OSError as err:
+            raise ValueError(f"descriptor {fd} is not open on {self.lock_dir / filename} ({err.strerror})") from None
+        if (st.st_dev, st.st_ino) != (there.st_dev, there.st_ino) or not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"descriptor {fd} is not open on {self.lock_dir / filename}")
+        return _flock_id(st.st_dev, st.st_ino, False)
 
     def unlock(self, claim: Claim) -> None:
         """Release `claim`'s flocks, for every copy of their descriptors, and close the

@@ -92,6 +92,12 @@ class FlockBackend:
         """
         await self._file_waits.run()
 
+    def hand_over(self, claims: Sequence[Claim]) -> tuple[bytes, list[int]]:
+        raise NotImplementedError
+
+    def adopt(self, state: bytes, claims: Sequence[Claim]) -> None:
+        raise NotImplementedError
+
     def _fresh_tokens(self, claim: Claim) -> list[int]:
         """Tokens for `claim`, whose files are held: taken after the flocks, so each is
         greater than that of every earlier holder. On an error the files are let go."""
