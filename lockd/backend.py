@@ -24,6 +24,10 @@ deadlines and forced releases; whoever sees every competing request orders them 
 Either way, the wait for a lock file that a process holds outside lockd follows one policy
 (lockd.filewaits).
 
+Across a re-exec of the daemon (SIGUSR2), `hand_over` describes what the backend holds for
+the claims the table has not ended, and the new program's backend `adopt`s it before `run`:
+nothing held is let go in between, and a claim being taken keeps its place.
+
 Implementations: `flock.backend.FlockBackend` (one host, files in the lock directory) and
 `etcd.backend.EtcdBackend` (many hosts).
 """
@@ -177,17 +181,21 @@ class Backend(BackendView, Protocol):
         """
 
     def hand_over(self, claims: Sequence[Claim]) -> tuple[bytes, list[int]]:
-        """What a re-executed daemon needs to go on with `claims` (every claim not dropped:
-        held, or being taken), as this backend's own encoded state, referring to claims by
-        their index in `claims`, and the descriptors it names, which the caller keeps open
-        across the exec. Changes nothing: if the exec fails, the backend goes on as before.
-        Called on the event loop with no await between it and the exec."""
+        """What a re-executed daemon needs to go on with `claims` (every claim the table has not
+        ended: held, or being taken), as this backend's own encoded state (msgpack via msgspec,
+        referring to claims by their index in `claims`), and the descriptors that state names,
+        which the caller keeps open across exec (it clears their O_CLOEXEC). Changes nothing:
+        if the exec fails, the backend goes on as before. Called on the event loop, with no
+        await between it and the exec."""
 
     def adopt(self, state: bytes, claims: Sequence[Claim]) -> None:
-        """In the re-executed daemon, before `run`: take over what `hand_over` described, for
-        `claims` (the same claims, anew, in the same order). Held ones are held; one being
-        taken is taken again through `take_now`/`take`, keeping its place in a backend's
-        queue. Raises ValueError for a state this backend cannot adopt."""
+        """In the new program, before `run`: take over what `hand_over` described for `claims`
+        (new Claim objects with the same fields, same order). Held claims are held
+        (`descriptors`, `drop` work on them); a claim that was being taken is taken again by
+        the caller through `take_now`/`take`, which resume with its existing place in the
+        queue. Need not be called on the event loop. Raises ValueError (or a LockdError) if
+        the state is not one this backend can adopt (wrong backend, other endpoints or prefix,
+        malformed); nothing is adopted then."""
 
 
 def holders_in_order(found: dict[str, list[Holder]], names: Iterable[str]) -> list[Holder]:

@@ -35,7 +35,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Final
 
-import msgspec
 from lockd_client.errors import BadLockFile, DaemonUnavailable, LimitExceeded, LockdError
 from lockd_client.protocol import MAX_SLOTS, Holder, Mode, name_problem
 
@@ -315,6 +314,65 @@ class LockFiles:
         stay the daemon's: never close them."""
         return self._held.get(claim, ())
 
+    def slots_of(self, claim: Claim) -> list[tuple[str, int]]:
+        """The slot files `claim` holds, as (name, number) in `claim.slots` order: with
+        `descriptors`, what the next program of the daemon needs to `adopt` its flocks."""
+        return list(self._slots_of.get(claim, ()))
+
+    def adopt(self, held: Sequence[tuple[Claim, Sequence[int], Sequence[tuple[str, int]]]]) -> None:
+        """Hold, for each claim in `held`, the descriptors that the previous program of this
+        daemon held for it (its `descriptors`, kept open across exec) and its slot files (its
+        `slots_of`), as if they had been taken here: `descriptors`, `unlock` and `abandon` then
+        work on them. Never blocks.
+
+        Raises ValueError, adopting none, if a claim is held here already, or a descriptor is
+        not open on the file it stands for in this lock directory (the name's lock file, or the
+        slot file named), or slots do not match the claim's.
+        """
+        checked: list[tuple[Claim, tuple[int, ...], tuple[int, ...], list[tuple[str, int]]]] = []
+        seen: set[int] = set()
+        for claim, fds, slots in held:
+            if claim in self._held:
+                raise ValueError(f"{'+'.join(claim.names)} is held here already")
+            slots = list(slots)
+            if [name for name, _ in slots] != list(claim.slots) or any(
+                not 0 <= number < claim.slots[name] for name, number in slots
+            ):
+                raise ValueError(f"slot files {slots} are not one of each of the semaphores {claim.slots}")
+            filenames = [name + SUFFIX for name in claim.names] + [self._slot_file(*slot) for slot in slots]
+            exclusive = [not claim.shared_on(name) for name in claim.names] + [True] * len(slots)
+            if len(fds) != len(filenames):
+                raise ValueError(f"descriptors {list(fds)} are not one for each of {filenames}")
+            if seen.intersection(fds) or len(set(fds)) < len(fds):
+                raise ValueError(f"descriptors {list(fds)} include one given before")
+            seen.update(fds)
+            files = tuple(
+                self._file_behind(fd, filename) | mode
+                for fd, filename, mode in zip(fds, filenames, exclusive, strict=True)
+            )
+            checked.append((claim, tuple(fds), files, slots))
+        for claim, fds, files, slots in checked:
+            self._held[claim] = fds
+            self._files_of[claim] = files
+            for file in files:
+                self._files[file] = self._files.get(file, 0) + 1
+            if slots:
+                self._slots_of[claim] = slots
+                for name, number in slots:
+                    self._slots_taken.setdefault(name, set()).add(number)
+
+    def _file_behind(self, fd: int, filename: str) -> int:
+        """The file (as `_open` gives it) that `fd` is open on, if it is `filename` in the lock
+        directory; else ValueError."""
+        try:
+            st = os.fstat(fd)
+            there = os.stat(filename, dir_fd=self._dir_fd, follow_symlinks=False)
+        except OSError as err:
+            raise ValueError(f"descriptor {fd} is not open on {self.lock_dir / filename} ({err.strerror})") from None
+        if (st.st_dev, st.st_ino) != (there.st_dev, there.st_ino) or not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"descriptor {fd} is not open on {self.lock_dir / filename}")
+        return _flock_id(st.st_dev, st.st_ino, False)
+
     def unlock(self, claim: Claim) -> None:
         """Release `claim`'s flocks, for every copy of their descriptors, and close the
         daemon's. Idempotent; never blocks."""
@@ -347,39 +405,6 @@ class LockFiles:
                 if not taken:
                     del self._slots_taken[name]
         return fds
-
-    def hand_over(self, claims: Sequence[Claim]) -> tuple[bytes, list[int]]:
-        """What `adopt` needs to hold `claims`' flocks on: the descriptors of each held one
-        (by its index in `claims`) and what they lock, and every such descriptor. Changes
-        nothing."""
-        held = [
-            _HeldState(index, list(self._held[claim]), list(self._files_of[claim]), self._slots_of.get(claim, []))
-            for index, claim in enumerate(claims) if claim in self._held
-        ]
-        assert len(held) == len(self._held), "every claim held is handed over"
-        return _HANDOVER.encode(held), [fd for entry in held for fd in entry.fds]
-
-    def adopt(self, state: bytes, claims: Sequence[Claim]) -> None:
-        """Hold the flocks `hand_over` described, on its descriptors, for `claims`. Raises
-        ValueError for a state that is not such a description."""
-        try:
-            held = msgspec.msgpack.decode(state, type=list[_HeldState])
-        except msgspec.MsgspecError as exc:
-            raise ValueError(f"not a handover of lock files: {exc}") from None
-        for entry in held:
-            if not 0 <= entry.claim < len(claims):
-                raise ValueError(f"the handover of lock files names claim {entry.claim} of {len(claims)}")
-            claim = claims[entry.claim]
-            if claim in self._held or not len(entry.fds) == len(entry.files) == len(claim.names) + len(claim.slots):
-                raise ValueError(f"the handover of the lock files of {', '.join(claim.names)} is inconsistent")
-            self._held[claim] = tuple(entry.fds)
-            self._files_of[claim] = tuple(entry.files)
-            for file in entry.files:
-                self._files[file] = self._files.get(file, 0) + 1
-            if entry.slots:
-                self._slots_of[claim] = [(name, number) for name, number in entry.slots]
-                for name, number in entry.slots:
-                    self._slots_taken.setdefault(name, set()).add(number)
 
     def _held_files(self) -> dict[int, int]:
         """A copy of `_files`, taken without letting the event loop's thread run meanwhile
@@ -550,18 +575,6 @@ class LockFiles:
             f"cannot open {path} ({err.strerror}): give the daemon's user read access "
             "to it, or remove it"
         )
-
-
-class _HeldState(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
-    """A held claim's flocks, as `LockFiles.hand_over` describes them."""
-
-    claim: int
-    fds: list[int]
-    files: list[int]
-    slots: list[tuple[str, int]]
-
-
-_HANDOVER: Final = msgspec.msgpack.Encoder()
 
 
 def _flock_id(device: int, inode: int, exclusive: bool) -> int:

@@ -18,6 +18,8 @@ differs. Call names are the client's method names ("grant", "keep_alive", "revok
   more, their streams staying open; `break_watches(error)` ends them with `error`.
   `delivered(predicate)` waits until a watch has handed the daemon a matching event (with
   `dropped=True`, one it left out).
+- `sever()`: what an exec does to the daemon's connections: nothing reaches etcd from now on
+  (every call raises EtcdUnreachable at once, and is not recorded), and the watches end.
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ class FaultyEtcd:
         self._streams: set[_Stream] = set()
         self._delivered: list[Event] = []
         self._news = trio.Event()
+        self._severed = False
 
     # --- faults -------------------------------------------------------------------------------
 
@@ -112,6 +115,10 @@ class FaultyEtcd:
             stream.error = error
             stream.scope.cancel()
 
+    def sever(self) -> None:
+        self._severed = True
+        self.break_watches(EtcdUnreachable("etcd is unreachable: the connections are severed"))
+
     async def delivered(self, predicate: Callable[[Event], bool], *, dropped: bool = False) -> Event:
         """The first event a watch handed on (or left out) that matches, once there is one."""
         while True:
@@ -133,6 +140,10 @@ class FaultyEtcd:
     @property
     def endpoint(self) -> str:
         return self.real.endpoint
+
+    @property
+    def endpoints(self) -> Sequence[str]:
+        return self.real.endpoints
 
     @property
     def request_seconds(self) -> Mapping[str, Histogram]:
@@ -193,6 +204,8 @@ class FaultyEtcd:
         return self._call(Call("watch", {"prefix": prefix, "start_revision": start_revision}), watch)
 
     async def _call(self, call: Call, send: Callable[[], Awaitable[Any]]) -> Any:
+        if self._severed:
+            raise EtcdUnreachable(f"etcd at {self.endpoint} is unreachable: the connections are severed")
         self.calls.append((trio.current_time(), call))
         if (hook := self._before.get(call.name)) is not None:
             await hook(call)

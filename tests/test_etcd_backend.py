@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import msgspec
 import pytest
 import trio
 from lockd_client.errors import DaemonUnavailable, LimitExceeded, LockdError
@@ -24,7 +25,7 @@ from lockd.lockfiles import LockFiles
 
 from .etcd_cluster import EtcdCluster, entries_under, keys_under, relay_to, requires_etcd, wait_no_keys
 from .etcd_faults import Call, FaultyEtcd
-from .flock_tools import outside_flock
+from .flock_tools import can_flock, outside_flock
 from .waiting import wait_until_async
 
 pytestmark = requires_etcd
@@ -43,7 +44,7 @@ class Host:
     def __init__(self, name: str, root: Path, endpoints: list[str], prefix: str) -> None:
         self.name = name
         lock_dir = root / name
-        lock_dir.mkdir()
+        lock_dir.mkdir(exist_ok=True)  # a host's again after a re-exec (`re_exec`)
         self.lock_dir = lock_dir
         self.files = LockFiles(lock_dir)
         self.etcd = FaultyEtcd(endpoints)
@@ -900,3 +901,175 @@ async def test_a_put_with_deletions_is_sent_alone_again_only_if_etcd_refused_it(
     assert failed
     after = [call for _, call in a.etcd.calls if call.name == "txn" and call.puts][-1]
     assert (after is not failed[0]) == refused
+
+
+# --- re-exec ------------------------------------------------------------------------------------
+
+
+def same_claims(claims: list[Claim]) -> list[Claim]:
+    """`claims` as the next program has them: new objects with the same fields."""
+    return [msgspec.convert(msgspec.to_builtins(claim), Claim) for claim in claims]
+
+
+def re_exec(old: Host, endpoints: list[str], prefix: str) -> Host:
+    """The daemon of `old` after an exec: the same configuration, and nothing of the old
+    program but the descriptors handed over. The caller first `sever`s the old client and
+    cancels the old backend's tasks: what ran in the old program then does nothing more to etcd,
+    as after a real exec. The old LockFiles is forgotten, never closed (that would close the
+    descriptors handed over); only its directory's descriptor stays open with it."""
+    new = Host(old.name, old.lock_dir.parent, endpoints, prefix)
+    old.files = new.files  # the fixture closes this one (twice, which LockFiles allows)
+    return new
+
+
+async def keys_of(endpoints: list[str], prefix: str, *names: str) -> list[tuple[str, int, int]]:
+    """The keys on `names` in etcd, oldest first, with their create revisions and leases."""
+    return [
+        (kv.text, kv.create_revision, kv.lease) for kv in await entries_under(endpoints, prefix)
+        if kv.text[len(prefix):].partition("/")[0] in names
+    ]
+
+
+async def lease_ttl(etcd: EtcdCluster, lease: int) -> int:
+    """The seconds etcd gives `lease` before it expires; -1 if it has."""
+    answer = await trio.to_thread.run_sync(etcd.members[0].post, "/v3/lease/timetolive", {"ID": lease})
+    return int(answer["TTL"])
+
+
+async def test_a_re_executed_backend_goes_on_with_its_lease_keys_flocks_and_queue_places(
+    shared_etcd: EtcdCluster, prefix: str, hosts: Hosts
+) -> None:
+    """Across the exec: the same lease, renewed in time; the held claim's keys and flock
+    descriptors; the waiting claim's key and place, ahead of a later host's; and nothing put."""
+    old, other, later = hosts(shared_etcd.endpoints, "host0", "host1", "host2")
+    endpoints = shared_etcd.endpoints
+    with trio.fail_after(WAIT + 2 * TTL):
+        async with serving(other, later) as nursery:
+            async with trio.open_nursery() as program:
+                program.start_soon(old.backend.run, old.lose)
+                await old.ready()
+                held = ticket("x")
+                (token,) = await old.take(held)
+                in_the_way = ticket("y")
+                await other.take(in_the_way)
+                waiting = start(program, old, ticket("y", label="waiting"))
+                assert await still_waiting(waiting)
+                behind = start(nursery, later, ticket("y"))
+                assert await still_waiting(behind)
+                keys = await keys_of(endpoints, prefix, "x", "y")
+                state, fds = old.backend.hand_over([held, waiting.ticket])
+                # The exec: the old program's tasks stop, its connections close.
+                old.etcd.sever()
+                program.cancel_scope.cancel()
+            # Held x; then on y: the holder on another host, this one's waiting claim, the later one.
+            (_, x_revision, lease), (_, _, _), (_, waiting_revision, waiting_lease), _ = keys
+            assert x_revision == token and waiting_lease == lease and len(fds) == 1
+            # As long as a renewal period passes in the exec: the new program renews at once.
+            await trio.sleep(TTL / 4)
+            new = re_exec(old, endpoints, prefix)
+            new_held, new_waiting = claims = same_claims([held, waiting.ticket])
+            (elsewhere,) = hosts(endpoints, "elsewhere")
+            with pytest.raises(ValueError, match="is not open on .*/elsewhere/x.lock"):
+                elsewhere.backend.adopt(state, claims)
+            assert elsewhere.backend.descriptors(new_held) == ()
+            new.backend.adopt(state, claims)
+            assert list(new.backend.descriptors(new_held)) == fds
+            started = trio.current_time()
+            nursery.start_soon(new.backend.run, new.lose)
+            resumed = start(nursery, new, new_waiting)
+            await trio.sleep(1.5 * TTL)
+            renewals = [at for at, call in new.etcd.calls if call.name == "keep_alive"]
+            assert renewals and renewals[0] - started < TTL / 8
+            assert await lease_ttl(shared_etcd, lease) > 0 and new.backend.lease_state()[0]
+            assert await keys_of(endpoints, prefix, "x", "y") == keys
+            assert not [key for _, call in new.etcd.calls if call.name == "txn" for key in call.puts
+                        if b"/.heartbeat/" not in key]
+            assert new.lost == []
+            # Held: by etcd for the other hosts, by the flock on this one.
+            with pytest.raises(Blocked):
+                await other.take(ticket("x", wait=False))
+            assert not can_flock(new.lock_dir / "x.lock", shared=True)
+            assert not resumed.done.is_set() and new.backend.place_of(new_waiting) == waiting_revision
+            other.backend.drop(in_the_way, unlock=True)
+            await resumed.done.wait()
+            assert resumed.error is None and resumed.tokens == [waiting_revision]
+            assert await still_waiting(behind)
+            new.backend.drop(new_waiting, unlock=True)
+            await behind.done.wait()
+            assert behind.tokens is not None and behind.tokens[0] > waiting_revision
+            new.backend.drop(new_held, unlock=True)
+            assert can_flock(new.lock_dir / "x.lock")
+            (again,) = await other.take(ticket("x"))
+            assert again > token
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_handover_whose_exec_fails_changes_nothing(shared_etcd: EtcdCluster, prefix: str, hosts: Hosts) -> None:
+    (a,) = hosts(shared_etcd.endpoints, "host0")
+    with trio.fail_after(WAIT):
+        async with serving(a):
+            held = ticket("x")
+            await a.take(held)
+            state, fds = a.backend.hand_over([held])
+            assert fds == list(a.backend.descriptors(held))
+            later = ticket("y")
+            await a.take(later)
+            (x_key, _, _), (y_key, _, _) = await keys_of(shared_etcd.endpoints, prefix, "x", "y")
+            # No key number went to the handover: none is ever put twice.
+            assert int(y_key.rpartition("/")[2]) == int(x_key.rpartition("/")[2]) + 1
+            a.backend.drop(held, unlock=True)
+            a.backend.drop(later, unlock=True)
+            assert can_flock(a.lock_dir / "x.lock")
+            await wait_no_keys(shared_etcd.endpoints, prefix + "x/")
+
+
+async def test_a_re_exec_too_slow_to_vouch_for_the_lease_loses_its_holders_at_once(
+    shared_etcd: EtcdCluster, prefix: str, hosts: Hosts
+) -> None:
+    """Past TTL - TTL/3 from the last renewal, the lease is not vouched for: the holders are
+    told at once, and the lease is left to expire rather than revoked (what is left of their
+    TTL/3 is theirs to stop in: a re-exec must be quick)."""
+    old, other = hosts(shared_etcd.endpoints, "host0", "host1")
+    with trio.fail_after(WAIT + 2 * TTL):
+        async with serving(other) as nursery:
+            async with trio.open_nursery() as program:
+                program.start_soon(old.backend.run, old.lose)
+                await old.ready()
+                held = ticket("x")
+                await old.take(held)
+                state, _ = old.backend.hand_over([held])
+                old.etcd.sever()
+                program.cancel_scope.cancel()
+            waiting = start(nursery, other, ticket("x"))
+            await trio.sleep(TTL * 2 / 3)
+            new = re_exec(old, shared_etcd.endpoints, prefix)
+            (new_held,) = claims = same_claims([held])
+            new.backend.adopt(state, claims)
+            started = trio.current_time()
+            nursery.start_soon(new.backend.run, new.lose)
+            await new.first_loss.wait()
+            ((lost, reason, lost_at),) = new.lost
+            assert lost is new_held and "could not be kept alive" in reason and lost_at - started < TTL / 8
+            await waiting.done.wait()
+            assert waiting.error is None and waiting.at > lost_at
+            assert "revoke" not in [call.name for _, call in new.etcd.calls]
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_state_of_another_prefix_cluster_or_backend_or_no_state_is_refused(prefix: str, hosts: Hosts) -> None:
+    endpoints = ["http://127.0.0.1:9"]
+    (a,) = hosts(endpoints, "host0")
+    state, fds = a.backend.hand_over([])
+    assert fds == []
+
+    def backend(endpoints: list[str], prefix: str) -> EtcdBackend:
+        return EtcdBackend(a.files, FaultyEtcd(endpoints), host="host0", ttl=TTL, prefix=prefix)
+
+    backend(endpoints[::-1], prefix).adopt(state, [])
+    with pytest.raises(ValueError, match="for prefix '/lockd-test/.*', and this daemon's is '/elsewhere/'"):
+        backend(endpoints, "/elsewhere/").adopt(state, [])
+    with pytest.raises(ValueError, match=r"for endpoints http://127.0.0.1:9, and this daemon's are http://10.0.0.1:2379"):
+        backend(["http://10.0.0.1:2379"], prefix).adopt(state, [])
+    for garbage in [b"", b"\x00garbage", msgspec.msgpack.encode({"backend": "flock", "next_token": 7})]:
+        with pytest.raises(ValueError, match="not a handover state of the etcd backend"):
+            backend(endpoints, prefix).adopt(garbage, [])

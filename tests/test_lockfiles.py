@@ -419,6 +419,57 @@ def test_missing_lock_dir_is_a_start_up_error(tmp_path: Path) -> None:
         LockFiles(tmp_path / "nope")
 
 
+def test_flocks_handed_over_across_exec_are_adopted_with_their_slots(files: LockFiles, lock_dir: Path) -> None:
+    """The previous program's descriptors stand for the ones an exec keeps open: copies
+    (the same open file descriptions), its own closed as an exec would close them."""
+    previous = LockFiles(lock_dir)
+    pair, gone, slot = claim("a", "b"), claim("s", slots={"s": 2}), claim("s", slots={"s": 2})
+    assert previous.try_lock(pair) and previous.try_lock(gone) and previous.try_lock(slot)
+    previous.unlock(gone)  # slot file 0 free, 1 held
+    handed = [(c, [os.dup(fd) for fd in previous.descriptors(c)], previous.slots_of(c)) for c in (pair, slot)]
+    assert handed[1][2] == [("s", 1)]
+    previous.close()
+    files.adopt(handed)
+    assert [list(files.descriptors(c)) for c in (pair, slot)] == [fds for _, fds, _ in handed]
+    assert not can_flock(lock_dir / "a.lock", shared=True) and not can_flock(lock_dir / "s#1.lock")
+    assert files.outside_holders_of(["a", "b", "s"]) == {}  # the daemon's own
+    assert files.try_lock(claim("s", slots={"s": 2}))  # slot file 0
+    assert not files.try_lock(claim("s", slots={"s": 2}))
+    files.unlock(pair)
+    assert can_flock(lock_dir / "a.lock") and can_flock(lock_dir / "b.lock")
+
+
+def test_descriptors_not_of_the_claims_files_are_refused_and_nothing_is_adopted(
+    files: LockFiles, lock_dir: Path
+) -> None:
+    previous = LockFiles(lock_dir)
+    try:
+        a, s = claim("a"), claim("s", slots={"s": 2})
+        assert previous.try_lock(a) and previous.try_lock(s)
+        (a_fd,) = previous.descriptors(a)
+        s_fds, s_slots = list(previous.descriptors(s)), previous.slots_of(s)
+        copy = os.dup(a_fd)  # as the next program's, closed by `files`
+        good = (a, [copy], [])
+        for bad, problem in [
+            ((claim("b"), s_fds[:1], []), "is not open on .*/b.lock"),
+            ((claim("b"), [copy], []), "include one given before"),
+            ((claim("b"), [999], []), r"descriptor 999 is not open on .*/b.lock \(Bad file descriptor\)"),
+            ((claim("a", "b"), [a_fd], []), "not one for each of"),
+            ((claim("s", slots={"s": 2}), s_fds, [("s", 2)]), "not one of each of the semaphores"),
+            ((claim("s", slots={"s": 2}), s_fds[:1], s_slots), "not one for each of"),
+            ((claim("s", slots={"s": 2}), s_fds[::-1], s_slots), "is not open on .*/s.lock"),
+        ]:
+            with pytest.raises(ValueError, match=problem):
+                files.adopt([good, bad])
+            assert files.descriptors(a) == ()
+        files.adopt([good])
+        with pytest.raises(ValueError, match="a is held here already"):
+            files.adopt([good])
+        previous.unlock(s)
+    finally:
+        previous.close()
+
+
 # --- the lock directory -------------------------------------------------------------------------
 
 

@@ -23,6 +23,10 @@ Invariants:
   one fails.
 - The mirror is trusted for a take only once it shows the take's own put: a watch that does
   not within the request timeout is started over from a fresh read, and the take fails.
+- Across a re-exec (`hand_over`, `adopt`) the lease, every key and every flock stay as they
+  are: the new program keeps the lease alive from the last confirmed keep-alive on, a held
+  claim stays held with its keys and flocks, and a claim whose keys are in etcd waits on them
+  again; its key numbers go on from the old program's, so no key is ever put twice.
 
 Order is ZooKeeper's recipe on etcd's global revision: a claim waits for the deletion of the
 nearest conflicting key below R (any key for an exclusive claim, an exclusive key for a
@@ -42,7 +46,6 @@ lockd.filewaits does for every backend.
 from __future__ import annotations
 
 import functools
-import itertools
 import logging
 import math
 import time
@@ -128,6 +131,9 @@ class _Session:
         #: Why the watch or the janitor died, if one did (set once, with `broken`).
         self.failure = ""
         self.broken = trio.Event()
+        #: Key → create revision, for the keys of a lease adopted from the previous program
+        #: (`EtcdBackend.adopt`) until the mirror's first read: one it lacks went unseen.
+        self.adopted: dict[str, int] = {}
 
     def confirmed(self, sent: float, ttl: int) -> None:
         """etcd granted or renewed the lease, for `ttl` seconds, on a request sent at `sent`."""
@@ -145,13 +151,14 @@ class _Session:
 class _Attempt:
     """One claim's keys, from `take` until `drop`."""
 
-    __slots__ = ("claim", "session", "keys", "revision", "held", "ended", "scope", "vanished")
+    __slots__ = ("claim", "session", "seq", "keys", "revision", "held", "ended", "scope", "vanished")
 
-    def __init__(self, claim: Claim, session: _Session, keys: dict[str, str]) -> None:
+    def __init__(self, claim: Claim, session: _Session, seq: int, prefix: str) -> None:
         self.claim = claim
         self.session = session
-        #: name → key
-        self.keys = keys
+        #: The SEQ of its keys, and name → key.
+        self.seq = seq
+        self.keys = {name: f"{prefix}{name}/{session.lease:x}/{seq}" for name in claim.names}
         #: The keys' create revision, once etcd has answered their put.
         self.revision: int | None = None
         self.held = False
@@ -160,6 +167,48 @@ class _Attempt:
         #: (`vanished`) or the session ends.
         self.scope = trio.CancelScope()
         self.vanished = False
+
+
+class _ClaimState(msgspec.Struct, frozen=True, array_like=True):
+    """A claim whose keys are in etcd, as `hand_over` leaves it to the next program."""
+
+    #: Its place in the claims handed over.
+    index: int
+    #: The SEQ of its keys (`PREFIX/NAME/LEASE/SEQ`), and their create revision.
+    seq: int
+    revision: int
+    held: bool
+    #: The descriptors of its flocks, as `LockFiles.descriptors` and `slots_of` give them: a
+    #: held claim's, or a waiting one's that has taken its files already.
+    fds: list[int]
+    slots: list[tuple[str, int]]
+
+
+class _LeaseState(msgspec.Struct, frozen=True, array_like=True):
+    """The lease being served, as `hand_over` leaves it to the next program."""
+
+    lease: int
+    #: The TTL etcd gave at the last confirmation, and when (CLOCK_MONOTONIC, which is the
+    #: whole host's and goes on across exec) the keep-alive it answered was sent.
+    ttl: int
+    sent: float
+    claims: list[_ClaimState]
+
+
+class _State(msgspec.Struct, frozen=True, tag="etcd", tag_field="backend"):
+    """Everything `hand_over` leaves to the next program: whose it is (the cluster, by its
+    endpoints, and the prefix), the SEQ of the next claim's keys, the leases given up but not
+    revoked yet, and the lease being served, if any."""
+
+    endpoints: list[str]
+    prefix: str
+    sequence: int
+    stale: list[int]
+    lease: _LeaseState | None
+
+
+_encode_state = msgspec.msgpack.Encoder().encode
+_decode_state = msgspec.msgpack.Decoder(_State).decode
 
 
 class EtcdBackend:
@@ -195,7 +244,11 @@ class EtcdBackend:
         self._attempts: dict[Claim, _Attempt] = {}
         #: key → claim, for every key of a live claim.
         self._owners: dict[str, Claim] = {}
-        self._sequence = itertools.count(1)
+        #: The SEQ of the next claim's keys.
+        self._sequence = 1
+        #: The lease adopted from the previous program, not served yet, with the CLOCK_MONOTONIC
+        #: time the keep-alive that last confirmed it was sent.
+        self._adopted: tuple[_Session, float] | None = None
         #: Leases given up with no claim held under them, maybe not yet expired in etcd: revoked
         #: when etcd answers again.
         self._stale: set[int] = set()
@@ -236,29 +289,25 @@ class EtcdBackend:
     async def take(self, claim: Claim, blocked: BlockedCallback) -> list[int]:
         """Put the claim's keys, outwait conflicting older keys, flock; return R per name.
 
-        The older keys are every host's, this daemon's included. Raises `Blocked` (no-wait
-        claim behind an older conflicting key, or a file held outside lockd),
+        The older keys are every host's, this daemon's included. A claim adopted while it was
+        being taken (`adopt`) puts nothing: it waits on its keys where they are. Raises
+        `Blocked` (no-wait claim behind an older conflicting key, or a file held outside lockd),
         `DaemonUnavailable` (no etcd lease, an etcd request failed, the watch did not show
         the claim's keys in time, someone deleted them, or the lease was lost meanwhile),
         `LimitExceeded` (more names than one etcd txn takes), or what `LockFiles.try_lock`
         raises. On any exception, cancellation included (the edge cancels a take at its
         request's deadline), the keys go to the janitor and the flocks are released.
         """
-        if len(claim.names) > _MAX_TXN_OPS:
-            raise LimitExceeded(
-                f"the etcd backend takes at most {_MAX_TXN_OPS} names in one request (etcd's "
-                "--max-txn-ops): split the request, or use a name that stands for the group"
-            )
-        session = self._session
-        if session is None or not session.alive:
-            raise self._unavailable()
-        seq = next(self._sequence)
-        keys = {name: f"{self._prefix}{name}/{session.lease:x}/{seq}" for name in claim.names}
-        attempt = _Attempt(claim, session, keys)
-        self._attempts[claim] = attempt
-        self._owners.update(dict.fromkeys(keys.values(), claim))
+        attempt = self._attempts.get(claim)
+        if attempt is None:
+            attempt = self._attempt(claim)
+        # Otherwise adopted (`adopt`): its keys are in etcd already, and the take goes on
+        # waiting on them, under the lease it adopted.
+        session = attempt.session
         session.takes.add(attempt.scope)
         try:
+            if not session.alive:
+                raise self._unavailable()
             with attempt.scope:
                 return await self._obtain(attempt, blocked)
             # The session ended under the take, or its keys were deleted; unless the caller
@@ -270,6 +319,22 @@ class EtcdBackend:
             raise
         finally:
             session.takes.discard(attempt.scope)
+
+    def _attempt(self, claim: Claim) -> _Attempt:
+        """A new attempt at `claim`, under the current lease, its keys not put yet."""
+        if len(claim.names) > _MAX_TXN_OPS:
+            raise LimitExceeded(
+                f"the etcd backend takes at most {_MAX_TXN_OPS} names in one request (etcd's "
+                "--max-txn-ops): split the request, or use a name that stands for the group"
+            )
+        session = self._session
+        if session is None or not session.alive:
+            raise self._unavailable()
+        attempt = _Attempt(claim, session, self._sequence, self._prefix)
+        self._sequence += 1
+        self._attempts[claim] = attempt
+        self._owners.update(dict.fromkeys(attempt.keys.values(), claim))
+        return attempt
 
     @property
     def loss_notice(self) -> float:
@@ -341,12 +406,15 @@ class EtcdBackend:
         hosts get this daemon's locks at once, except those whose holders were just told
         their leases are lost, which are left to expire with the lease (`ttl`), by which time
         the holders have stopped their work. It closes the connections to etcd.
+
+        After `adopt`, the first lease served is the one adopted. A re-exec runs none of this
+        method's ending: the lease and keys go on in the next program.
         """
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._file_waits.run)
                 while True:
-                    session = await self._open_session()
+                    session = self._taken_over() or await self._open_session()
                     reason = await self._serve(session, lose)
                     log.warning(
                         "%s; lockd reconnects to etcd and serves again once it has a new lease", reason
@@ -374,20 +442,114 @@ class EtcdBackend:
                             )
                 await self._client.aclose()
 
+    # --- re-exec ------------------------------------------------------------------------------
+
+    def hand_over(self, claims: Sequence[Claim]) -> tuple[bytes, list[int]]:
+        """The lease being served, and each of `claims` whose keys it holds in etcd (see
+        `Backend.hand_over`), with the descriptors of their flocks.
+
+        A claim left out is taken afresh by the next program: its take had not heard from etcd
+        yet (whatever its put did, the keys are this lease's with no claim, which the next
+        program's watch hands to the janitor), or ran under a lease that is no longer served
+        (it is failing; a held one was reported lost).
+        """
+        session = self._session
+        lease = None
+        fds: list[int] = []
+        if session is not None and session.alive:
+            handed = []
+            for index, claim in enumerate(claims):
+                attempt = self._attempts.get(claim)
+                if attempt is None or attempt.session is not session or attempt.revision is None:
+                    continue
+                own = list(self._files.descriptors(claim))
+                fds += own
+                handed.append(_ClaimState(
+                    index, attempt.seq, attempt.revision, attempt.held, own, self._files.slots_of(claim),
+                ))
+            sent = time.monotonic() - (trio.current_time() - session.sent)
+            lease = _LeaseState(session.lease, session.ttl, sent, handed)
+        state = _State(
+            list(self._client.endpoints), self._prefix, self._sequence, sorted(self._stale), lease,
+        )
+        return _encode_state(state), fds
+
+    def adopt(self, state: bytes, claims: Sequence[Claim]) -> None:
+        """Serve the lease `state` names from `run` on, from its last confirmation on (renewed at
+        once if that was TTL/4 ago or more; lost at once if the re-exec took so long that it can
+        no longer be vouched for), hold its held claims, and put its waiting claims back in
+        line for `take` (see `Backend.adopt`). Raises ValueError; nothing is adopted then."""
+        try:
+            found = _decode_state(state)
+        except msgspec.DecodeError as exc:
+            raise ValueError(f"not a handover state of the etcd backend: {exc}") from None
+        if found.prefix != self._prefix:
+            raise ValueError(
+                f"the handed-over etcd state is for prefix {found.prefix!r}, and this daemon's is "
+                f"{self._prefix!r}"
+            )
+        if set(found.endpoints) != set(self._client.endpoints):
+            raise ValueError(
+                f"the handed-over etcd state is for endpoints {', '.join(found.endpoints)}, and this "
+                f"daemon's are {', '.join(self._client.endpoints)}"
+            )
+        lease = found.lease
+        attempts: list[_Attempt] = []
+        if lease is not None:
+            # Its times are set from `sent` when `run` serves it.
+            session = _Session(lease.lease, lease.ttl, -math.inf, self._prefix)
+            for handed in lease.claims:
+                if not 0 <= handed.index < len(claims) or handed.seq >= found.sequence:
+                    raise ValueError(f"the handed-over etcd state names a claim it cannot have had: {handed}")
+                attempt = _Attempt(claims[handed.index], session, handed.seq, self._prefix)
+                attempt.revision = handed.revision
+                attempt.held = handed.held
+                attempts.append(attempt)
+                session.adopted.update(dict.fromkeys(attempt.keys.values(), handed.revision))
+            if len({attempt.claim for attempt in attempts}) < len(attempts):
+                raise ValueError("the handed-over etcd state names a claim twice")
+            # A held claim holds its flocks (LockFiles refuses one without descriptors).
+            self._files.adopt([
+                (attempt.claim, handed.fds, handed.slots)
+                for attempt, handed in zip(attempts, lease.claims, strict=True) if handed.held or handed.fds
+            ])
+            self._adopted = session, lease.sent
+        self._stale.update(found.stale)
+        self._sequence = found.sequence
+        for attempt in attempts:
+            self._attempts[attempt.claim] = attempt
+            self._owners.update(dict.fromkeys(attempt.keys.values(), attempt.claim))
+        if lease is not None:
+            log.info(
+                "etcd lease %x taken over, with %d held and %d waiting request(s)", lease.lease,
+                sum(a.held for a in attempts), sum(not a.held for a in attempts),
+            )
+
+    def _taken_over(self) -> _Session | None:
+        """The lease adopted, if not served yet, its times now on the trio clock."""
+        if self._adopted is None:
+            return None
+        session, sent = self._adopted
+        self._adopted = None
+        session.confirmed(trio.current_time() - (time.monotonic() - sent), session.ttl)
+        return session
+
     # --- takes --------------------------------------------------------------------------------
 
     async def _obtain(self, attempt: _Attempt, blocked: BlockedCallback) -> list[int]:
         claim, session = attempt.claim, attempt.session
-        since = time.time()
-        values = {
-            key: msgspec.json.encode(Record(
-                host=self._host, mode=claim.mode_on(name), since=since, pid=claim.pid, uid=claim.uid,
-                gid=claim.gid, command=claim.command, label=claim.label, slots=claim.slots.get(name),
-            ))
-            for name, key in attempt.keys.items()
-        }
-        revision = await self._put(attempt, values)
-        attempt.revision = revision
+        revision = attempt.revision
+        if revision is None:
+            since = time.time()
+            values = {
+                key: msgspec.json.encode(Record(
+                    host=self._host, mode=claim.mode_on(name), since=since, pid=claim.pid,
+                    uid=claim.uid, gid=claim.gid, command=claim.command, label=claim.label,
+                    slots=claim.slots.get(name),
+                ))
+                for name, key in attempt.keys.items()
+            }
+            revision = attempt.revision = await self._put(attempt, values)
         await self._caught_up(session, revision)
         mirror = session.mirror
         # At or past the put's revision the mirror holds exactly what etcd held then: a key
@@ -714,7 +876,13 @@ class EtcdBackend:
                     revision, kvs = await self._client.range_prefix(
                         self._prefix, timeout=self._timeout
                     )
-                    self._follow(session, session.mirror.reset(revision, kvs), lose)
+                    change = session.mirror.reset(revision, kvs)
+                    change.removed.extend(
+                        key for key, created in session.adopted.items()
+                        if not session.mirror.holds(key, created)
+                    )
+                    session.adopted = {}
+                    self._follow(session, change, lose)
                     watching = trio.current_time()
                     await self._client.watch(
                         self._prefix, revision + 1, functools.partial(self._watched, session, lose),

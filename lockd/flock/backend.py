@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import msgspec
 import trio
 from lockd_client.protocol import Holder
 
@@ -21,6 +22,18 @@ from ..filewaits import FileWaits
 from ..hostlocks import HostLocks
 from ..lockfiles import LockFiles
 from .tokens import TokenStore
+
+
+class _Held(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
+    """A held claim's flocks as a re-executed daemon adopts them: by its index among the
+    claims handed over, its descriptors (`LockFiles.descriptors`) and slot files."""
+
+    claim: int
+    fds: list[int]
+    slots: list[tuple[str, int]]
+
+
+_ENCODER = msgspec.msgpack.Encoder()
 
 
 class FlockBackend:
@@ -93,11 +106,22 @@ class FlockBackend:
         await self._file_waits.run()
 
     def hand_over(self, claims: Sequence[Claim]) -> tuple[bytes, list[int]]:
-        """The descriptors held for `claims` (those being taken hold none: taken anew)."""
-        return self._files.hand_over(claims)
+        """The descriptors and slot files held for `claims` (those being taken hold none:
+        they are taken anew)."""
+        held = [
+            _Held(index, list(fds), self._files.slots_of(claim))
+            for index, claim in enumerate(claims) if (fds := self._files.descriptors(claim))
+        ]
+        return _ENCODER.encode(held), [fd for entry in held for fd in entry.fds]
 
     def adopt(self, state: bytes, claims: Sequence[Claim]) -> None:
-        self._files.adopt(state, claims)
+        try:
+            held = msgspec.msgpack.decode(state, type=list[_Held])
+        except msgspec.MsgspecError as exc:
+            raise ValueError(f"not a handover of the flock backend: {exc}") from None
+        if any(not 0 <= entry.claim < len(claims) for entry in held):
+            raise ValueError(f"the handover of the flock backend names claims beyond the {len(claims)} given")
+        self._files.adopt([(claims[entry.claim], entry.fds, entry.slots) for entry in held])
 
     def _fresh_tokens(self, claim: Claim) -> list[int]:
         """Tokens for `claim`, whose files are held: taken after the flocks, so each is
