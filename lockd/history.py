@@ -18,6 +18,12 @@ Invariants:
   is logged more than once a minute.
 - What is recorded is in the file at most BATCH_DELAY later while the disk keeps up: a
   killed daemon (SIGKILL, a crash) loses those events and the backlog; `stop` writes them.
+- Across a re-exec every event is written once, by one program or the other: `hand_over`
+  parks the writer between two transactions (one under way is committed first) and returns
+  what was recorded and not written, in order; the store writes nothing more until `resume`
+  (the exec failed), which writes them first. The new program gives them to `start`, which
+  queues them before anything it records. The exec closes the database's descriptors and
+  the lock file's (all O_CLOEXEC), and the writer thread is gone with the old program.
 - Retention: the writer deletes the events older than `max_age`, within a quarter of it
   (at most a minute) of their expiry, and the oldest events while the database is larger
   than `max_size`, and hands the freed pages back to the file system (incremental vacuum).
@@ -41,7 +47,7 @@ import sqlite3
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Final
@@ -118,6 +124,9 @@ FLUSH_WAIT: Final = 2.0
 REPLY_BYTES: Final = 1024 * 1024
 #: How long `stop` waits for the writer to write what is left.
 STOP_WAIT: Final = 5.0
+#: How long `hand_over` waits for the writer to finish the transaction under way: longer
+#: than one takes while the disk keeps up (BUSY_WAIT, then a full backlog's rows).
+HAND_OVER_WAIT: Final = 3.0
 #: How long a statement waits for a database locked by another process (sqlite3's timeout).
 BUSY_WAIT: Final = 1.0
 #: Retention deletes at most this many events per transaction, so writes go on between them.
@@ -147,6 +156,18 @@ class _Stop:
 _STOP: Final = _Stop()
 
 
+class _HandOver(_Stop):
+    """What `hand_over` queues: the writer takes nothing after it and parks, with what it
+    has not written, until `resume`. A kind of _Stop so that an event costs the writer no
+    test more than it did."""
+
+    def __init__(self) -> None:
+        #: Set by the writer once parked, with `unwritten` filled in.
+        self.parked = threading.Event()
+        self.unwritten: list[protocol.LeaseEvent] = []
+        self.resumed = threading.Event()
+
+
 class _Unusable(Exception):
     """The file is a database, but not one of this schema: it is moved aside."""
 
@@ -170,6 +191,11 @@ class HistoryStore:
         #: How often expired events are looked for: soon enough after their expiry.
         self._prune_interval = min(60.0, section.max_age / 4)
         self._queue: queue.SimpleQueue[protocol.LeaseEvent | threading.Event | _Stop] = queue.SimpleQueue()
+        #: The hand-over under way, from `hand_over` until `resume`: the writer parks at it,
+        #: and retention stops between two transactions for it.
+        self._handing_over: _HandOver | None = None
+        #: Held by the writer while it parks, and by `hand_over` while it gives up: never both.
+        self._hand_over_lock = threading.Lock()
         #: Events the writer has taken from the queue and not yet written (the writer's count).
         self._unwritten = 0
         #: Events dropped because the writer was `max_backlog` behind (on the event loop).
@@ -212,13 +238,16 @@ class HistoryStore:
 
     # --- lifetime -------------------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Open the database and start the writer thread. Before serving, so that the
-        daemon's files are in place when the first client comes. Raises HistoryInUse if
-        another process holds the database's lock (lockd must not start: two daemons would
-        write, prune and move aside each other's database); another problem is logged, and
-        the writer tries again, never raised."""
+    def start(self, backlog: Iterable[protocol.LeaseEvent] = ()) -> None:
+        """Open the database and start the writer thread, with `backlog` (what the program
+        before this one after a re-exec handed over, `hand_over`) first in its queue. Before
+        serving, so that the daemon's files are in place when the first client comes. Raises
+        HistoryInUse if another process holds the database's lock (lockd must not start: two
+        daemons would write, prune and move aside each other's database); another problem is
+        logged, and the writer tries again, never raised."""
         assert self._thread is None, "started twice"
+        for event in backlog:
+            self._queue.put(event)
         conn = None
         try:
             conn = self._open()
@@ -232,9 +261,12 @@ class HistoryStore:
 
     def stop(self, timeout: float = STOP_WAIT) -> None:
         """Have the writer write what was recorded so far and end; wait up to `timeout` for
-        it. A writer still at work then is left to die with the process (logged)."""
+        it. A writer still at work then is left to die with the process (logged). One parked
+        by `hand_over` goes on first: the exec it was for did not happen."""
         if self._thread is None:
             return
+        if self._handing_over is not None:
+            self.resume()
         self._queue.put(_STOP)
         self._hurry.set()
         self._thread.join(timeout)
@@ -244,6 +276,34 @@ class HistoryStore:
             )
         else:
             self._unlock()
+
+    def hand_over(self) -> list[protocol.LeaseEvent]:
+        """Park the writer between two transactions and return the events recorded and not
+        written, in order; the store then writes nothing until `resume`. For a re-exec, just
+        before it: the new program gives them to `start`. Blocks until the writer gets there,
+        at most one transaction's write (retention stops between two). Raises TimeoutError if
+        it has not within HAND_OVER_WAIT (a disk that hangs): the store then goes on as if
+        nothing happened, and the exec must not."""
+        assert self._thread is not None and self._handing_over is None, "a writer to hand over, once"
+        hand_over = self._handing_over = _HandOver()
+        self._queue.put(hand_over)
+        self._hurry.set()
+        if not hand_over.parked.wait(HAND_OVER_WAIT):
+            with self._hand_over_lock:
+                if not hand_over.parked.is_set():
+                    self._handing_over = None  # the writer passes its marker by
+                    raise TimeoutError(
+                        f"the history's writer did not get to a pause within {HAND_OVER_WAIT:g} s (a slow disk?)"
+                    )
+        return hand_over.unwritten
+
+    def resume(self) -> None:
+        """After `hand_over`, when the exec failed: the writer goes on, and writes what it
+        returned first."""
+        hand_over = self._handing_over
+        assert hand_over is not None and hand_over.parked.is_set(), "resume() only after hand_over()"
+        self._handing_over = None
+        hand_over.resumed.set()
 
     # --- the writer thread ----------------------------------------------------------------------
 
@@ -264,7 +324,10 @@ class HistoryStore:
                 self._hurry.clear()
             while item is not None:
                 if isinstance(item, _Stop):
-                    stopping = True
+                    if isinstance(item, _HandOver):
+                        self._park(item, pending)
+                    else:
+                        stopping = True
                 elif isinstance(item, threading.Event):
                     markers.append(item)
                 else:
@@ -285,8 +348,7 @@ class HistoryStore:
                         if self._failing:
                             self._failing = False
                             log.info("history: writing to %s again", self.path)
-                    if now >= prune_at or self._size(conn) > self._max_size:
-                        self._prune(conn)
+                    if (now >= prune_at or self._size(conn) > self._max_size) and self._prune(conn):
                         prune_at = now + self._prune_interval
                 except (sqlite3.Error, OSError, _Unusable, HistoryInUse) as exc:
                     if conn is not None:
@@ -303,6 +365,17 @@ class HistoryStore:
             log.warning("history: %d events could not be written to %s before lockd stopped", len(pending), self.path)
         if conn is not None:
             conn.close()
+
+    def _park(self, hand_over: _HandOver, pending: list[protocol.LeaseEvent]) -> None:
+        """At `hand_over`'s marker: hand `pending` over and wait for `resume`, unless
+        `hand_over` gave up waiting (then the marker means nothing)."""
+        with self._hand_over_lock:
+            if hand_over is not self._handing_over:
+                return
+            self._unwritten = len(pending)
+            hand_over.unwritten = list(pending)
+            hand_over.parked.set()
+        hand_over.resumed.wait()
 
     def _lock(self) -> None:
         """Take the lock beside the database, for as long as this store lives: only its
@@ -414,16 +487,17 @@ class HistoryStore:
         pages = conn.execute("PRAGMA page_count").fetchone()[0] - conn.execute("PRAGMA freelist_count").fetchone()[0]
         return int(pages * conn.execute("PRAGMA page_size").fetchone()[0])
 
-    def _prune(self, conn: sqlite3.Connection) -> None:
+    def _prune(self, conn: sqlite3.Connection) -> bool:
         """Delete the expired events, then the oldest ones while the database is over its
-        size; hand the freed pages back to the file system."""
+        size; hand the freed pages back to the file system. Returns whether it got through:
+        a hand-over stops it between two transactions."""
         deleted = self._delete(conn, "WHERE time < ? ORDER BY time", time.time() - self._max_age)
         size = self._size(conn)
         # Deleting rows frees fewer pages than their share of the rows (index pages are
         # shared), so the size is measured again after each round; each deletes one row at
         # least, so the rounds end.
         rows = conn.execute("SELECT count(*) FROM events").fetchone()[0] if size > self._max_size else 0
-        while size > self._max_size and rows:
+        while size > self._max_size and rows and self._handing_over is None:
             excess = max(1, math.ceil(rows * (1 - SIZE_TARGET * self._max_size / size)))
             gone = self._delete(conn, "ORDER BY id", limit=excess)
             deleted += gone
@@ -434,13 +508,13 @@ class HistoryStore:
             _vacuum(conn)
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
             log.debug("history: retention deleted %d events", deleted)
+        return self._handing_over is None
 
-    @staticmethod
-    def _delete(conn: sqlite3.Connection, order: str, *args: object, limit: int | None = None) -> int:
+    def _delete(self, conn: sqlite3.Connection, order: str, *args: object, limit: int | None = None) -> int:
         """Delete the first events in `order` (an SQL tail: WHERE ... ORDER BY ...), PRUNE_CHUNK
-        per transaction (at most `limit` in all); returns how many."""
+        per transaction (at most `limit` in all), until a hand-over; returns how many."""
         deleted = 0
-        while limit is None or deleted < limit:
+        while (limit is None or deleted < limit) and self._handing_over is None:
             chunk = PRUNE_CHUNK if limit is None else min(PRUNE_CHUNK, limit - deleted)
             oldest = f"SELECT id FROM events {order} LIMIT ?"
             cursor = conn.execute(f"DELETE FROM events WHERE id IN ({oldest})", (*args, chunk))
