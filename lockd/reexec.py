@@ -103,7 +103,10 @@ class Reexecutor:
                 raise Refused(f"requests under way did not finish within {SETTLE_TIMEOUT:g} s")
             if server.service.stopping:
                 raise Refused("the daemon is stopping")
-            backlog = self._history.hand_over() if self._history is not None else []
+            try:
+                backlog = self._history.hand_over() if self._history is not None else []
+            except TimeoutError:
+                raise Refused("the history's writer did not pause (is its disk hanging?)") from None
             try:
                 self._exec(self._state(peer, request_id, backlog))
             finally:
