@@ -58,6 +58,11 @@ still cleans up, and nobody waits for it for ever.
 The table owns no clock and does no I/O: callers pass `now` and deadlines as plain numbers
 (any monotonic scale) and carry out the returned effects in order. Every method runs to
 completion without yielding, so under trio it is atomic with no lock of its own.
+
+A table can be handed over (a daemon that re-executes itself): what it decides and reports
+depends only on its live tickets, the order each name's holders were let through, and its
+arrival counter, which `tickets()` and `next_arrival` give out and `LockTable.restored` takes
+back, checking the invariants as it rebuilds. Only the order of `names()` is not kept.
 """
 
 from __future__ import annotations
@@ -87,7 +92,12 @@ WAITING, TAKING, HELD, BREAKING, ENDED = State.WAITING, State.TAKING, State.HELD
 
 
 class Ticket:
-    """One acquire request: queued, then held, then ended. Identity is the object itself."""
+    """One acquire request: queued, then held, then ended. Identity is the object itself.
+
+    The table sets `state`, `seq` and `tokens` as the ticket goes (and `deadline`, `since`).
+    A ticket rebuilt for `LockTable.restored` is made with the constructor and has those set
+    by whoever rebuilds it, as the table it came from had them.
+    """
 
     __slots__ = (
         "owner", "names", "shared", "slots", "wait", "deadline", "info", "since", "state", "tokens", "seq",
@@ -119,7 +129,7 @@ class Ticket:
         self.state = WAITING
         #: One per name, from the backend, once HELD.
         self.tokens: list[int] | None = None
-        #: Arrival order, set by the table.
+        #: Arrival order, set by the table from 1 on when it takes the ticket in (0 until then).
         self.seq = 0
 
     @property
@@ -440,6 +450,42 @@ def _due(entry: tuple[float, int, Ticket]) -> bool:
 _MIN_SWEEP = 64
 
 
+def _check_handed_over(name: str, line: _Line | _SlotLine) -> None:
+    """Raise ValueError unless `line`, rebuilt where the table orders requests, keeps
+    invariants 1 and 2: its holders can hold at once, and none was let through ahead of an
+    earlier ticket it is in the way of. O(tickets on `line`)."""
+    holders = list(line.holders)
+    if isinstance(line, _SlotLine):
+        if len(holders) > line.slots:
+            raise ValueError(f"{holders} hold {name!r}, a semaphore of {line.slots} slots")
+        last = max(holders, key=_arrival, default=None)
+        for place, ticket in enumerate(line.waiting):
+            if last is None or ticket.seq > last.seq:
+                break
+            if len(holders) + place >= line.slots:
+                raise ValueError(f"{last} holds a slot of {name!r} that {ticket}, which arrived earlier, waits for")
+        return
+    if line.exclusive_holders and len(holders) > 1:
+        raise ValueError(f"{holders} hold {name!r} at once, not all shared")
+    first = next(iter(line.waiting), None)
+    first_exclusive = next((t for t in line.waiting if not t.shared), None)
+    for holder in holders:
+        earlier = first_exclusive if holder.shared else first
+        if earlier is not None and earlier.seq < holder.seq:
+            raise ValueError(f"{holder} holds {name!r} ahead of {earlier}, which arrived earlier")
+
+
+def _check_none_grantable(lines: Mapping[str, _Line | _SlotLine]) -> None:
+    """Raise ValueError if a waiting ticket in `lines` could be granted (invariant 4).
+    O(tickets the lines admit)."""
+    admitted: dict[Ticket, int] = {}
+    for line in lines.values():
+        for ticket in line.admitted():
+            admitted[ticket] = count = admitted.get(ticket, 0) + 1
+            if count == len(ticket.names):
+                raise ValueError(f"{ticket} waits though it could be granted")
+
+
 class LockTable:
     """Holders and FIFO waiters of named locks, exclusive or shared. See the module docstring."""
 
@@ -450,14 +496,14 @@ class LockTable:
         #: The state of a ticket that waits for its turn, and is counted as waiting.
         self._queued = TAKING if ordered_by_backend else WAITING
         self._lines: dict[str, _Line | _SlotLine] = {}
-        self._arrivals = itertools.count(1)
+        self._next_arrival = 1
         self._owners: dict[Hashable, dict[Ticket, None]] = {}
         # Counts of waiting tickets (`_queued`), kept as they change so limits cost O(1) to check.
         self._waiting_by_owner: dict[Hashable, int] = {}
         self._waiting_by_name: dict[str, int] = {}
         # Entries of tickets no longer WAITING or TAKING stay until they reach the top or a sweep.
+        # Tickets due at once are served in arrival order: the entry's second field is the seq.
         self._deadlines: list[tuple[float, int, Ticket]] = []
-        self._deadline_seq = itertools.count()
         self._sweep_at = _MIN_SWEEP
 
     # --- requests -----------------------------------------------------------------------------
@@ -503,7 +549,8 @@ class LockTable:
         if not wait and not grantable:
             ticket.state = ENDED
             return ticket, [Refused(ticket, Reason.BUSY, self._blockers(ticket)), Ended(ticket)]
-        ticket.seq = next(self._arrivals)
+        ticket.seq = self._next_arrival
+        self._next_arrival += 1
         self._owners.setdefault(owner, {})[ticket] = None
         # Even a ticket granted at once needs its deadline: it stays TAKING for as long as the
         # backend cannot take the lock (held outside lockd, or by another host).
@@ -588,7 +635,7 @@ class LockTable:
 
     def drop_owner(self, owner: Hashable) -> list[Effect]:
         """The owner is gone (connection closed, process exited): end all its tickets."""
-        return self.end(list(self._owners.get(owner, ())))
+        return self.end(self.tickets_of(owner))
 
     def end(self, tickets: list[Ticket]) -> list[Effect]:
         """End every ticket in `tickets` at once, silently, as abandoned by their owner (a
@@ -619,7 +666,8 @@ class LockTable:
 
     def expire(self, now: float) -> list[Effect]:
         """Fail every waiting or taking ticket whose deadline is at or before `now`, and end
-        every broken one whose grace has passed."""
+        every broken one whose grace has passed: in deadline order, those due at once in
+        arrival order."""
         effects: list[Effect] = []
         heap = self._deadlines
         while heap and heap[0][0] <= now:
@@ -671,7 +719,9 @@ class LockTable:
         return list(self._lines)
 
     def tickets_of(self, owner: Hashable) -> list[Ticket]:
-        return list(self._owners.get(owner, ()))
+        """`owner`'s live tickets, in arrival order (not the order they came to it: that
+        depends on when each was reassigned, which a handover does not carry)."""
+        return sorted(self._owners.get(owner, ()), key=_arrival)
 
     def waiting_of(self, owner: Hashable) -> int:
         """How many of `owner`'s tickets wait for their turn: not yet let through by the
@@ -699,6 +749,120 @@ class LockTable:
     def __len__(self) -> int:
         """How many tickets are live."""
         return sum(len(tickets) for tickets in self._owners.values())
+
+    # --- handover -----------------------------------------------------------------------------
+
+    def tickets(self) -> list[Ticket]:
+        """Every live ticket, as `restored` takes them: the holders (TAKING, HELD, BREAKING) in
+        an order that keeps the order each name's holders were let through (where that
+        leaves a choice, arrival order), then the waiting ones in arrival order. Changes
+        nothing. O(n log n)."""
+        # The holders of each name are in the order they were let through, and a ticket is
+        # let through on all its names at once: one order of all the holders keeps every
+        # name's, and ordering the names' chains together finds one.
+        later: dict[Ticket, list[Ticket]] = {}
+        before: dict[Ticket, int] = {}
+        for line in self._lines.values():
+            previous = None
+            for ticket in line.holders:
+                if previous is None:
+                    before.setdefault(ticket, 0)
+                else:
+                    later.setdefault(previous, []).append(ticket)
+                    before[ticket] = before.get(ticket, 0) + 1
+                previous = ticket
+        ready = [(ticket.seq, ticket) for ticket, count in before.items() if not count]
+        heapq.heapify(ready)
+        tickets: list[Ticket] = []
+        while ready:
+            ticket = heapq.heappop(ready)[1]
+            tickets.append(ticket)
+            for after in later.get(ticket, ()):
+                before[after] -= 1
+                if not before[after]:
+                    heapq.heappush(ready, (after.seq, after))
+        waiting = (t for owned in self._owners.values() for t in owned if t.state is WAITING)
+        return tickets + sorted(waiting, key=_arrival)
+
+    @property
+    def next_arrival(self) -> int:
+        """The `seq` the next ticket the table takes in will have."""
+        return self._next_arrival
+
+    @classmethod
+    def restored(
+        cls, tickets: Iterable[Ticket], *, ordered_by_backend: bool, next_arrival: int | None = None
+    ) -> LockTable:
+        """A table that holds `tickets`, as a table of this mode gave them out (`tickets()`,
+        then rebuilt: see `Ticket`), and from now on decides and reports as that one would
+        have: each name's holders in the order they come in `tickets`, its waiting tickets in
+        arrival (`seq`) order, and the next ticket taken in numbered `next_arrival`, the old
+        table's (tickets that ended since may have moved it past every live one; by default,
+        one past the largest `seq`). The tickets become the new table's, which changes them
+        from now on. O(n log n).
+
+        Raises ValueError, saying what is wrong, if the tickets could not all be live together
+        in a table of this mode: one ENDED (or WAITING, where the backend orders requests), a
+        `seq` below 1 or given twice or not below `next_arrival`, no names or a name twice, a
+        broken lease with no grace, tickets that disagree on what a name is, holders that
+        exclude each other, a holder let through ahead of an earlier ticket it is in the way
+        of (where the backend orders requests: out of arrival order), or a waiting ticket that
+        could be granted. A broken handover is refused, never served.
+        """
+        table = cls(ordered_by_backend=ordered_by_backend)
+        tickets = list(tickets)
+        arrived: dict[int, Ticket] = {}
+        for ticket in tickets:
+            if not (ticket.holding or ticket.state is WAITING and not ordered_by_backend):
+                raise ValueError(f"{ticket} cannot be live in this table")
+            if ticket.seq < 1:
+                raise ValueError(f"{ticket} has no place in the arrival order (seq {ticket.seq})")
+            other = arrived.setdefault(ticket.seq, ticket)
+            if other is not ticket:
+                raise ValueError(f"{ticket} and {other} have the same seq {ticket.seq}")
+            owned = table._owners.setdefault(ticket.owner, {})
+            if ticket in owned:
+                raise ValueError(f"{ticket} is given twice")
+            owned[ticket] = None
+            if not ticket.names or len(set(ticket.names)) != len(ticket.names):
+                raise ValueError(f"{ticket} must name each of its names once (names {ticket.names!r})")
+            if ticket.state is BREAKING and ticket.deadline is None:
+                raise ValueError(f"{ticket} is broken with no grace to end it")
+        lines = table._lines
+        waiting = sorted((t for t in tickets if t.state is WAITING), key=_arrival)
+        for ticket in [*(t for t in tickets if t.holding), *waiting]:
+            for name in ticket.names:
+                line = lines.get(name)
+                if line is None:
+                    line = lines[name] = table._new_line(ticket, name)
+                elif line.slots != ticket.slots_on(name):
+                    raise ValueError(
+                        f"{ticket} disagrees with {next(iter(line.holders or line.waiting))} on what {name!r} is"
+                    )
+                if not ticket.holding:
+                    line.add_waiting(ticket)
+                    continue
+                last = next(reversed(line.holders), None)
+                if ordered_by_backend and last is not None and last.seq > ticket.seq:
+                    raise ValueError(f"{ticket} holds {name!r} after {last}, which arrived later")
+                line.add_holder(ticket)
+            if ticket.state is table._queued:
+                table._count_waiting(ticket, 1)
+            if ticket.deadline is not None and ticket.state in _TIMED:
+                table._deadlines.append((ticket.deadline, ticket.seq, ticket))
+        heapq.heapify(table._deadlines)
+        table._sweep_at = max(_MIN_SWEEP, 2 * len(table._deadlines))
+        if not ordered_by_backend:
+            for name, line in lines.items():
+                _check_handed_over(name, line)
+            _check_none_grantable(lines)
+        last_seq = max(arrived, default=0)
+        if next_arrival is None:
+            next_arrival = last_seq + 1
+        elif next_arrival <= last_seq:
+            raise ValueError(f"the next arrival ({next_arrival}) would not come after {arrived[last_seq]}")
+        table._next_arrival = next_arrival
+        return table
 
     # --- internals ----------------------------------------------------------------------------
 
@@ -763,7 +927,7 @@ class LockTable:
             heap[:] = [entry for entry in heap if _due(entry)]
             heapq.heapify(heap)
             self._sweep_at = max(_MIN_SWEEP, 2 * len(heap))
-        heapq.heappush(heap, (deadline, next(self._deadline_seq), ticket))
+        heapq.heappush(heap, (deadline, ticket.seq, ticket))
 
     def _start_taking(self, ticket: Ticket) -> Take:
         self._count_waiting(ticket, -1)

@@ -443,6 +443,17 @@ def test_expire_fails_tickets_in_deadline_order_then_arrival_order(table: Checke
     assert table.names() == ["x"]
 
 
+def test_what_is_due_at_once_goes_in_arrival_order_whenever_its_deadline_was_set(table: CheckedTable) -> None:
+    """A lease broken after a later request arrived, its grace ending at that request's
+    deadline, still goes first: the order depends on the tickets alone, so a handed-over
+    table keeps it."""
+    h = table.hold("a", ["x"])
+    o = table.hold("b", ["y"])
+    w = table.wait("c", ["y"], deadline=5.0)
+    table.force_release("x", grace_until=5.0)
+    assert table.expire(5.0) == [Drop(h, Ending.OVERDUE), Refused(w, Reason.TIMEOUT, [o])]
+
+
 def test_expiry_of_a_waiting_exclusive_lets_the_shared_behind_it_in(table: CheckedTable) -> None:
     s1 = table.hold("a", ["x"], shared=True)
     e = table.wait("b", ["x"], deadline=5.0)

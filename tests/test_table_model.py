@@ -47,7 +47,7 @@ NAMES = ("a", "b", "c")
 OWNERS = (1, 2, 3, 4)
 HOLDING = (State.TAKING, State.HELD, State.BREAKING)
 #: How long a broken lease's owner has to let go, in the machine's time steps.
-GRACE = 2.5  # never equal to a request's deadline (whole steps): the order of two at once is not pinned
+GRACE = 2  # may equal a request's deadline: what is due at once is served in arrival order
 #: What a name is: a lock (None) or a semaphore of that many slots.
 KINDS = st.none() | st.integers(1, 3)
 #: (owner, names, shared, wait, timeout, odd): repeated names allowed, as clients may send
