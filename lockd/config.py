@@ -214,7 +214,15 @@ def _check_known(principals: list[Principal], lookup: Callable[[str], object], k
                 raise ValueError(f"no {kind} named {principal!r} on this host") from None
 
 
-def _decode_hook(type_: type, value: object) -> object:
+def encode_hook(value: object) -> object:
+    """Encodes a `Config`'s paths (for a handover: lockd.handover)."""
+    if isinstance(value, Path):
+        return str(value)
+    raise NotImplementedError(f"cannot encode {type(value).__name__}")
+
+
+def decode_hook(type_: type, value: object) -> object:
+    """Decodes a `Config`'s paths, which must be absolute."""
     if type_ is Path:
         if isinstance(value, (str, Path)) and Path(value).is_absolute() and "\0" not in str(value):
             return Path(value)
@@ -255,7 +263,7 @@ def load_config(path: Path | None, explicit: bool, socket: Path | None = None) -
 def parse_config(text: str, source: str) -> Config:
     """Decode TOML `text` into a Config; `source` names it in errors. Raises ConfigError."""
     try:
-        return msgspec.toml.decode(text, type=Config, dec_hook=_decode_hook)
+        return msgspec.toml.decode(text, type=Config, dec_hook=decode_hook)
     except msgspec.ValidationError as exc:
         problem, keys = _split_validation_error(str(exc))
         problem = _plain_problem(keys, problem)
@@ -331,7 +339,7 @@ def with_overrides(config: Config, flags: Namespace | Mapping[str, Any]) -> Conf
 
 def _flag_value(name: str, value: object, type_: object) -> Any:
     try:
-        return msgspec.convert(value, type_, dec_hook=_decode_hook)
+        return msgspec.convert(value, type_, dec_hook=decode_hook)
     except msgspec.ValidationError as exc:
         problem, _ = _split_validation_error(str(exc))
         flag = "--" + name.replace("_", "-")

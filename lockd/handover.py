@@ -22,7 +22,7 @@ from typing import Final, Literal
 import msgspec
 from lockd_client import protocol
 
-from .config import Config
+from .config import Config, decode_hook, encode_hook
 
 #: The state format's version. A program reads only its own.
 VERSION: Final = 1
@@ -181,7 +181,7 @@ class Unreadable(Exception):
     """A state this program cannot take over; the message says why."""
 
 
-_encoder = msgspec.msgpack.Encoder()
+_encoder = msgspec.msgpack.Encoder(enc_hook=encode_hook)
 
 
 def encode(state: State) -> bytes:
@@ -197,7 +197,7 @@ def decode(data: bytes) -> State:
     if version != VERSION:
         raise Unreadable(f"handover state version {version}; this lockd reads version {VERSION} only")
     try:
-        return msgspec.msgpack.decode(data, type=State)
+        return msgspec.msgpack.decode(data, type=State, dec_hook=decode_hook)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise Unreadable(f"malformed handover state: {exc}") from None
 

@@ -87,6 +87,10 @@ class Reexecutor:
                 self._running = False
         except Refused as exc:
             self._server.reexec_refused(peer, request_id, str(exc))
+        except Exception:
+            # A bug must cost the re-exec, never the daemon and everyone's leases.
+            log.exception("internal error re-executing")
+            self._server.reexec_refused(peer, request_id, "internal error in lockd (it is logged)")
 
     async def _reexec(self, peer: Peer | None, request_id: int | None) -> None:
         server = self._server

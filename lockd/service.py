@@ -90,6 +90,7 @@ from .table import (
     ENDED,
     HELD,
     TAKING,
+    WAITING,
     Drop,
     Effect,
     Ended,
@@ -904,7 +905,7 @@ class LockService:
             states.append(handover.TicketState(
                 seq=ticket.seq, connection=who.client.peer.ident, request_id=who.request_id,
                 names=list(ticket.names), shared=ticket.shared, slots=dict(claim.slots), wait=ticket.wait,
-                phase=ticket.state.value, deadline=None if ticket.deadline is None else ticket.deadline - now,
+                phase=_PHASES[ticket.state], deadline=None if ticket.deadline is None else ticket.deadline - now,
                 requested=who.requested - now, since=ticket.since - now, tokens=ticket.tokens,
                 claim=handover.ClaimState(
                     pid=claim.pid, uid=claim.uid, gid=claim.gid, command=claim.command, label=claim.label,
@@ -1414,6 +1415,12 @@ class Departed:
 
     def hand_over(self) -> handover.SessionState:
         raise AssertionError("a departed client has no session to hand over")
+
+
+#: How the handover names the states a live ticket can be in.
+_PHASES: Final[dict[State, handover.TicketPhase]] = {
+    WAITING: "waiting", TAKING: "taking", HELD: "held", BREAKING: "breaking",
+}
 
 
 def _since(ticket: Ticket) -> float:

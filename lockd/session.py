@@ -329,7 +329,7 @@ class Session:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._write_then_cancel, limits.send_timeout, nursery.cancel_scope)
-                if welcome is not None and not self.closed:
+                if (welcome is not None or self.greeted) and not self.closed:
                     await self._converse(welcome, handle, limits)
                 self.close(self.close_reason or "the client closed the connection")
             if not self._eof:
@@ -339,9 +339,7 @@ class Session:
             trio.lowlevel.notify_closing(self.sock)
             self.sock.close()
 
-    async def _converse(
-        self, welcome: protocol.Welcome, handle: Handler, limits: Limits
-    ) -> None:
+    async def _converse(self, welcome: protocol.Welcome | None, handle: Handler, limits: Limits) -> None:
         frames = self._frames = self._frames or protocol.FrameBuffer(limits.max_frame)
         frames.limit = limits.max_frame
         decoder = protocol.request_decoder()
@@ -364,6 +362,7 @@ class Session:
                     return
                 if gate is not None and gate.shut:
                     await gate.opened()
+                assert welcome is not None, "a session not greeted yet has its welcome"
                 self._greet(hello, welcome)
             turns = 0
             while not self.closed:

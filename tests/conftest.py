@@ -25,8 +25,12 @@ STARTUP_TIMEOUT = 10.0
 class Daemon:
     """A real `python -m lockd` process on a private socket, lock dir and state dir."""
 
-    def __init__(self, root: Path, *extra_args: str, daemon_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, root: Path, *extra_args: str, daemon_env: dict[str, str] | None = None, cwd: Path | None = None,
+    ) -> None:
         self.root = root
+        #: Where the daemon runs (`python -m lockd` finds the package there first).
+        self.cwd = cwd
         #: Set in the daemon's environment, beside the test's own.
         self.daemon_env = daemon_env or {}
         self.socket = str(root / "lockd.sock")
@@ -56,6 +60,7 @@ class Daemon:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             self.argv(), stdout=log, stderr=log, stdin=subprocess.DEVNULL, env={**os.environ, **self.daemon_env},
+            cwd=self.cwd,
         )
         log.close()
         wait_until(self.listening, f"lockd listening on {self.socket}", STARTUP_TIMEOUT, show=self.log)

@@ -116,7 +116,8 @@ def test_reexec_request_is_answered_by_the_new_program(daemon: Daemon, held_lock
         reply = admin.request(protocol.Reexec(7))
         assert isinstance(reply, protocol.Reexecuted), reply
         assert reply.id == 7 and reply.server.startswith("lockd ") and 0 <= reply.paused < TIMEOUT
-    status = RawClient(daemon.socket).request(protocol.Status(1, ["site.com"]))
+    with RawClient(daemon.socket) as looker:
+        status = looker.request(protocol.Status(1, ["site.com"]))
     assert isinstance(status, protocol.StatusReply)
     (lock,) = status.locks
     assert [h.outside for h in lock.holders] == [False], lock
@@ -130,7 +131,7 @@ def test_library_connection_goes_on(daemon: Daemon) -> None:
     sigusr2(daemon)
     lease.release()
     again = client.acquire("db", timeout=5)
-    assert again.tokens[0] > lease.tokens[0]
+    assert again.tokens["db"] > lease.tokens["db"]
     again.release()
     client.close()
 
@@ -168,16 +169,20 @@ def test_process_tied_lease_kept(daemon: Daemon, tmp_path: Path) -> None:
 def test_unreadable_state_refused_and_daemon_serves_on(short_tmp: Path) -> None:
     """A new program that cannot take the state over (here: it fails its check) is never
     exec'd: the daemon says why and serves on with its leases."""
-    daemon = Daemon(short_tmp, daemon_env={"PYTHONPATH": str(short_tmp / "broken")})
-    broken = short_tmp / "broken" / "lockd"
-    broken.mkdir(parents=True)
+    # The daemon runs from a directory where `python -m lockd` finds this lockd, then a
+    # broken one: an upgrade gone wrong.
+    program = short_tmp / "program"
+    program.mkdir()
+    (program / "lockd").symlink_to(Path(__file__).parents[1] / "lockd")
+    daemon = Daemon(short_tmp, cwd=program)
     daemon.start()
     try:
         with RawClient(daemon.socket) as holder:
             granted(holder.acquire("site.com"))
             # From now on the program to become is one that cannot even start.
-            (broken / "__init__.py").write_text("raise SystemExit('this lockd is broken')\n")
-            (broken / "__main__.py").write_text("")
+            (program / "lockd").unlink()
+            (program / "lockd").mkdir()
+            (program / "lockd" / "__init__.py").write_text("raise SystemExit('this lockd is broken')\n")
             with RawClient(daemon.socket) as admin:
                 reply = admin.request(protocol.Reexec(1))
             assert isinstance(reply, protocol.Error) and reply.code == "unavailable", reply
