@@ -31,7 +31,6 @@ if TYPE_CHECKING:  # imported where used: `lockd --version` and --help must star
     from .history import HistoryStore
     from .lockfiles import LockFiles
     from .policy import Policy
-    from .processes import ProcessOwner
     from .server import Server
     from .systemd import Notifier
 
@@ -321,24 +320,8 @@ def _adopted_listeners(state: handover.State) -> tuple[
 def _check_handover() -> int:
     """Check mode (lockd.reexec): can this program take over the state on stdin?"""
     from . import reexec
-    from .policy import Policy
-    from .processes import Processes, ProcessOwner
-    from .service import LockService
-    from .table import LockTable
 
-    def adopt(state: handover.State) -> None:
-        ordered = _orders_requests(state.backend)
-        service = LockService(
-            LockTable(ordered_by_backend=ordered), Processes(_no_process), state.config.limits,
-            Policy.from_config(state.config.policy), _CheckedBackend(state.backend, ordered),
-            clock=time.monotonic, wall_clock=time.time,
-        )
-        owners = [ProcessOwner(p.pid, p.uid, p.command, p.pidfd) for p in state.processes]
-        service.adopt(state.connections, state.tickets, owners, {}, state.next_arrival)
-        service.check()
-
-
-    problem = reexec.check(sys.stdin.buffer.read(), adopt)
+    problem = reexec.check(sys.stdin.buffer.read(), _orders_requests)
     if problem is not None:
         print(f"lockd: {problem}", file=sys.stderr)
         return 1
@@ -402,30 +385,6 @@ def _orders_requests(backend: str) -> bool:
     from .etcd.backend import EtcdBackend
 
     return EtcdBackend.orders_requests
-
-
-class _CheckedBackend:
-    """What the service reads of a backend, for check mode: nothing is taken or looked at."""
-
-    leases_outlive_daemon = False
-    loss_notice = None
-
-    def __init__(self, name: str, orders_requests: bool) -> None:
-        self.name = name
-        self.orders_requests = orders_requests
-
-    def place_of(self, claim: object) -> None:
-        return None
-
-    def outside_names(self) -> list[str]:
-        return []
-
-    def outside_slots(self, name: str) -> None:
-        return None
-
-
-def _no_process(pid: int) -> ProcessOwner:
-    raise AssertionError("check mode opens no process")
 
 
 async def _serve(

@@ -22,7 +22,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Final
 
 import trio
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from .config import Config
     from .history import HistoryStore
     from .orders import Peer
+    from .processes import ProcessOwner
     from .server import Server
     from .systemd import Notifier
 
@@ -186,17 +187,84 @@ class Reexecutor:
                 os.set_inheritable(fd, was)
 
 
-def check(data: bytes, adopt: Callable[[handover.State], None]) -> str | None:
-    """Check mode: whether this program can take over the state in `data` (by `adopt`, which
-    rebuilds it without touching any descriptor); None if it can, else why not."""
+def check(data: bytes, orders_requests: Callable[[str], bool]) -> str | None:
+    """Check mode: whether this program can take over the state in `data`; None if it can,
+    else why not. The state is rebuilt as the daemon would adopt it, short of touching any
+    descriptor or the backend (`orders_requests` says whether the backend of a name orders
+    requests), and the result checked."""
+    from .policy import Policy
+    from .processes import Processes, ProcessOwner
+    from .service import LockService
+    from .table import LockTable
+
     try:
         state = handover.decode(data)
-        adopt(state)
+        ordered = orders_requests(state.backend)
+        service = LockService(
+            LockTable(ordered_by_backend=ordered), Processes(_no_process), state.config.limits,
+            Policy.from_config(state.config.policy), _Backend(state.backend, ordered),
+            clock=time.monotonic, wall_clock=time.time,
+        )
+        peers: dict[int, Peer] = {
+            c.client.ident: _Peer(c.client.ident, c.client.label, c.session.greeted)
+            for c in state.connections if c.session is not None
+        }
+        owners = [ProcessOwner(p.pid, p.uid, p.command, p.pidfd) for p in state.processes]
+        service.adopt(state.connections, state.tickets, owners, peers, state.next_arrival)
+        service.check()
     except handover.Unreadable as exc:
         return str(exc)
-    except ValueError as exc:
+    except (ValueError, AssertionError, KeyError) as exc:
         return f"the handed-over state is inconsistent: {exc}"
     return None
+
+
+class _Peer:
+    """A connection as check mode adopts it: nothing is sent anywhere."""
+
+    closed = False
+
+    def __init__(self, ident: int, label: str | None, greeted: bool) -> None:
+        self.ident, self.label, self.greeted = ident, label, greeted
+
+    def send(self, message: object, fds: Sequence[int] = ()) -> None:
+        pass
+
+    def close(self, reason: str) -> None:
+        pass
+
+    def offer(self, subscription_id: int, message: object) -> bool:
+        return True
+
+    def end_events(self, subscription_id: int, notice: object | None) -> None:
+        pass
+
+    def hand_over(self) -> handover.SessionState:
+        raise AssertionError("check mode hands nothing over")
+
+
+class _Backend:
+    """What the service reads of a backend, for check mode: nothing is taken or looked at."""
+
+    leases_outlive_daemon = False
+    loss_notice = None
+
+    def __init__(self, name: str, orders_requests: bool) -> None:
+        self.name = name
+        self.orders_requests = orders_requests
+
+    def place_of(self, claim: object) -> None:
+        return None
+
+    def outside_names(self) -> list[str]:
+        return []
+
+    def outside_slots(self, name: str) -> None:
+        return None
+
+
+def _no_process(pid: int) -> ProcessOwner:
+    raise AssertionError("check mode opens no process")
 
 
 def received() -> handover.State | None:

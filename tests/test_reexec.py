@@ -193,3 +193,15 @@ def test_unreadable_state_refused_and_daemon_serves_on(short_tmp: Path) -> None:
     finally:
         daemon.stop()
     assert os.path.exists(daemon.lock_dir / "site.com.lock")
+
+
+def test_subscription_goes_on(daemon: Daemon, held_lock: RawClient) -> None:
+    """A subscriber keeps its subscription: the events of a lease granted after the re-exec
+    reach it on the same connection."""
+    with RawClient(daemon.socket) as watcher:
+        assert isinstance(watcher.request(protocol.Subscribe(5, ["site.com"])), protocol.Done)
+        sigusr2(daemon)
+        held_lock.send(protocol.Release(1))
+        event = watcher.recv()
+        assert isinstance(event, protocol.Event) and event.id == 5, event
+        assert (event.event.name, event.event.event) == ("site.com", "released"), event
