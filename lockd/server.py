@@ -230,9 +230,11 @@ class Server:
             return self._settling(self._read_history(session, look))
         return self._settling(self._status(session, look))
 
-    async def _settling(self, handling: Awaitable[None]) -> None:
-        """Await `handling`, counted as a request under way (see `settled`)."""
-        self._in_flight += 1
+    async def _settling(self, handling: Awaitable[None], *, counted: bool = False) -> None:
+        """Await `handling`, counted as a request under way (see `settled`) from now on, or
+        from when it was ordered (`counted`)."""
+        if not counted:
+            self._in_flight += 1
         try:
             await handling
         finally:
@@ -243,12 +245,9 @@ class Server:
     async def settled(self) -> None:
         """Return once no request is being handled and no refusal waits for its look. With
         the gate shut, nothing starts any more: the state can then be handed over."""
-        while self._in_flight or not self.service.quiet:
+        while self._in_flight:
             self._settled = trio.Event()
-            if self._in_flight:
-                await self._settled.wait()
-            else:
-                await trio.sleep(0.001)  # a look's task is on its way
+            await self._settled.wait()
 
     async def _read_history(self, session: Session, look: HistoryLook) -> None:
         """Read the history in a worker thread, then have the service answer. Cancellation
@@ -343,7 +342,9 @@ class Server:
         # A look takes milliseconds, so these tasks are no more than the requests refused
         # within that time.
         assert self._nursery is not None
-        self._nursery.start_soon(self._settling, self._look_for_holders(order))
+        # Counted from the order on, as its refusal is: a task begins even if cancelled.
+        self._in_flight += 1
+        self._nursery.start_soon(partial(self._settling, self._look_for_holders(order), counted=True))
 
     def _watch_order(self, order: Watch) -> None:
         assert self._nursery is not None

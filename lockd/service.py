@@ -879,7 +879,7 @@ class LockService:
         """The clients (with their peers' state) and the live tickets, in arrival order, as the
         re-executed program needs them (lockd.handover), and each ticket's claim, in the same
         order, for the backend's part. Changes nothing. Valid only while no request is being
-        handled and no refusal waits for its look (`quiet`)."""
+        handled and no refusal waits for its look."""
         now = self._clock()
         tickets = self.table.tickets()
         clients = {id(c): c for c in self.clients.values()}
@@ -915,11 +915,6 @@ class LockService:
                 cause=who.cause, lost=who.lost, exit_status=who.exit_status,
             ))
         return connections, states, [party(t).claim for t in tickets]
-
-    @property
-    def quiet(self) -> bool:
-        """Whether no refusal waits for a look at the host (a state to hand over has none)."""
-        return not any(client.refusing for client in self.clients.values())
 
     def adopt(
         self, connections: list[handover.ConnectionState], tickets: list[handover.TicketState],
