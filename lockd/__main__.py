@@ -25,7 +25,7 @@ from . import __version__
 
 if TYPE_CHECKING:  # imported where used: `lockd --version` and --help must start fast
     from . import handover
-    from .backend import Backend
+    from .backend import Backend, BackendKind
     from .config import Config
     from .flock.tokens import TokenStore
     from .history import HistoryStore
@@ -321,7 +321,7 @@ def _check_handover() -> int:
     """Check mode (lockd.reexec): can this program take over the state on stdin?"""
     from . import reexec
 
-    problem = reexec.check(sys.stdin.buffer.read(), _orders_requests)
+    problem = reexec.check(sys.stdin.buffer.read(), _backend_kind)
     if problem is not None:
         print(f"lockd: {problem}", file=sys.stderr)
         return 1
@@ -376,15 +376,17 @@ def _backend(conf: Config, files: LockFiles, tokens: TokenStore | None) -> Backe
     return EtcdBackend.from_config(files, conf.etcd, socket.gethostname())
 
 
-def _orders_requests(backend: str) -> bool:
-    """Whether the backend named `backend` orders requests (lockd.backend)."""
-    if backend == "flock":
+def _backend_kind(name: str) -> BackendKind:
+    """The class of the backend `name`."""
+    if name == "flock":
         from .flock.backend import FlockBackend
 
-        return FlockBackend.orders_requests
-    from .etcd.backend import EtcdBackend
+        return FlockBackend
+    if name == "etcd":
+        from .etcd.backend import EtcdBackend
 
-    return EtcdBackend.orders_requests
+        return EtcdBackend
+    raise ValueError(f"no backend is called {name!r}")
 
 
 async def _serve(
@@ -414,8 +416,20 @@ async def _serve(
         metrics=metrics, history=history,
     )
     if adopted is not None:
-        paused = max(0.0, time.time() - adopted.paused_at)
-        server.adopt(adopted, paused)
+        paused = time.monotonic() - adopted.paused_at
+        try:
+            server.adopt(adopted, paused)
+        except Exception:
+            log.exception(
+                "re-executed, but could not take over what lockd %s handed over; serving afresh on the same "
+                "sockets: every granted lease stays with its holder (held outside lockd now), waiting requests "
+                "and connections are dropped", adopted.server,
+            )
+            adopted = None
+            server = Server(
+                LockTable(ordered_by_backend=backend.orders_requests), backend, conf.limits, policy, observers,
+                metrics=metrics, history=history,
+            )
     metrics_sock = listening.metrics
     with events, Notifier.from_environment() as notifier, trio.open_signal_receiver(*SIGNALS) as signals:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)

@@ -198,6 +198,18 @@ class Backend(BackendView, Protocol):
         malformed); nothing is adopted then."""
 
 
+class BackendKind(Protocol):
+    """What is known of a kind of backend (its class) without making one: for the check mode
+    of a re-exec (lockd.reexec)."""
+
+    orders_requests: bool
+
+    @staticmethod
+    def check_handover(state: bytes, claims: Sequence[Claim]) -> object:
+        """Raise ValueError unless `state` is what `hand_over` gives for `claims`, as far as
+        can be told without the backend's descriptors and connections."""
+
+
 def holders_in_order(found: dict[str, list[Holder]], names: Iterable[str]) -> list[Holder]:
     """The holders in `found` (as `outside_holders_of` returns them) as one list, by `names`."""
     return [holder for name in names for holder in found.get(name, ())]

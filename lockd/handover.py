@@ -151,7 +151,8 @@ class State(Struct):
     version: int
     #: The old program's `Welcome.server`.
     server: str
-    #: The wall clock when the old program stopped serving (for `Reexecuted.paused`).
+    #: When the old program stopped handling requests, on CLOCK_MONOTONIC (which the exec
+    #: keeps): for `Reexecuted.paused`.
     paused_at: float
     config: Config
     listeners: list[ListenerState]

@@ -297,6 +297,14 @@ class HistoryStore:
                     )
         return hand_over.unwritten
 
+    def flush(self) -> None:
+        """Wait until what was recorded before the call is written (at most FLUSH_WAIT).
+        Blocks: run it in a worker thread."""
+        written = threading.Event()
+        self._queue.put(written)
+        self._hurry.set()
+        written.wait(FLUSH_WAIT)
+
     def resume(self) -> None:
         """After `hand_over`, when the exec failed: the writer goes on, and writes what it
         returned first."""
@@ -568,10 +576,7 @@ class HistoryStore:
         ones that match too (None: none do). Blocks: run it in a worker thread. Raises
         DaemonUnavailable if the database cannot be read."""
         if before is None:  # a first page: with what was recorded before it
-            written = threading.Event()
-            self._queue.put(written)
-            self._hurry.set()
-            written.wait(FLUSH_WAIT)
+            self.flush()
         where: list[str] = []
         params: list[object] = []
         if names:

@@ -32,6 +32,7 @@ from . import handover
 from .service import SERVER
 
 if TYPE_CHECKING:
+    from .backend import BackendKind
     from .config import Config
     from .history import HistoryStore
     from .orders import Peer
@@ -98,12 +99,16 @@ class Reexecutor:
         if server.service.stopping:
             raise Refused("the daemon is stopping")
         log.info("re-executing %s", " ".join(self._argv))
-        await self._check(handover.encode(self._state(peer, request_id, [])))
+        await self._check(handover.encode(self._state(peer, request_id, [], time.monotonic())))
         self._notifier.reloading()
         server.gate.close()
+        paused_at = time.monotonic()
         try:
             with trio.move_on_after(SETTLE_TIMEOUT) as waited:
                 await server.settled()
+                if self._history is not None:
+                    # So that handing it over below blocks the loop for next to nothing.
+                    await trio.to_thread.run_sync(self._history.flush)
             if waited.cancelled_caught:
                 raise Refused(f"requests under way did not finish within {SETTLE_TIMEOUT:g} s")
             if server.service.stopping:
@@ -113,7 +118,7 @@ class Reexecutor:
             except TimeoutError:
                 raise Refused("the history's writer did not pause (is its disk hanging?)") from None
             try:
-                self._exec(self._state(peer, request_id, backlog))
+                self._exec(self._state(peer, request_id, backlog, paused_at))
             finally:
                 if self._history is not None:
                     self._history.resume()
@@ -122,12 +127,12 @@ class Reexecutor:
             self._notifier.ready(f"not re-executed; {server.service.counts()[0]} leases held")
 
     def _state(
-        self, peer: Peer | None, request_id: int | None, backlog: list[protocol.LeaseEvent],
+        self, peer: Peer | None, request_id: int | None, backlog: list[protocol.LeaseEvent], paused_at: float,
     ) -> handover.State:
         server = self._server
         connections, tickets, backend_state, backend_fds = server.hand_over()
         return handover.State(
-            version=handover.VERSION, server=SERVER, paused_at=time.time(), config=self.config,
+            version=handover.VERSION, server=SERVER, paused_at=paused_at, config=self.config,
             listeners=self._listeners, metrics_listener=self._metrics_listener, connections=connections,
             tickets=tickets, processes=[
                 handover.ProcessState(pid=owner.pid, uid=owner.uid, command=owner.command, pidfd=owner.pidfd)
@@ -187,11 +192,11 @@ class Reexecutor:
                 os.set_inheritable(fd, was)
 
 
-def check(data: bytes, orders_requests: Callable[[str], bool]) -> str | None:
+def check(data: bytes, backend_kind: Callable[[str], BackendKind]) -> str | None:
     """Check mode: whether this program can take over the state in `data`; None if it can,
     else why not. The state is rebuilt as the daemon would adopt it, short of touching any
-    descriptor or the backend (`orders_requests` says whether the backend of a name orders
-    requests), and the result checked."""
+    descriptor or connection, and the result checked; the backend's part is checked by its
+    kind (`backend_kind` gives it for a backend's name)."""
     from .policy import Policy
     from .processes import Processes, ProcessOwner
     from .service import LockService
@@ -199,7 +204,8 @@ def check(data: bytes, orders_requests: Callable[[str], bool]) -> str | None:
 
     try:
         state = handover.decode(data)
-        ordered = orders_requests(state.backend)
+        kind = backend_kind(state.backend)
+        ordered = kind.orders_requests
         service = LockService(
             LockTable(ordered_by_backend=ordered), Processes(_no_process), state.config.limits,
             Policy.from_config(state.config.policy), _Backend(state.backend, ordered),
@@ -210,8 +216,9 @@ def check(data: bytes, orders_requests: Callable[[str], bool]) -> str | None:
             for c in state.connections if c.session is not None
         }
         owners = [ProcessOwner(p.pid, p.uid, p.command, p.pidfd) for p in state.processes]
-        service.adopt(state.connections, state.tickets, owners, peers, state.next_arrival)
+        claims, _ = service.adopt(state.connections, state.tickets, owners, peers, state.next_arrival)
         service.check()
+        kind.check_handover(state.backend_state, claims)
     except handover.Unreadable as exc:
         return str(exc)
     except (ValueError, AssertionError, KeyError) as exc:

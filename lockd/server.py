@@ -17,7 +17,6 @@ Invariants:
 from __future__ import annotations
 
 import errno
-import itertools
 import logging
 import os
 import socket
@@ -96,7 +95,8 @@ class Server:
             clock=trio.current_time, wall_clock=time.time, history=history is not None,
             arrivals=self.metrics.note, daemon_uid=os.geteuid(),
         )
-        self._session_ids = itertools.count(1)
+        #: The ident the next connection gets.
+        self.next_connection = 1
         #: The backend's takes running in tasks of their own, each with the scope that stops it.
         self._takes: dict[Claim, trio.CancelScope] = {}
         self._carrying_out = False
@@ -194,7 +194,8 @@ class Server:
             self._carry_out()
             sock.close()
             return
-        session = Session(sock, next(self._session_ids), self._disconnected)
+        session = Session(sock, self.next_connection, self._disconnected)
+        self.next_connection += 1
         welcome = service.connect(
             session, pid, uid, gid, procinfo.peer_groups(sock, pid, gid), procinfo.command_line(pid),
         )
@@ -398,40 +399,38 @@ class Server:
     def adopt(self, state: handover.State, paused: float) -> None:
         """Take over what the daemon this one re-executed from handed over, before `serve`:
         its sessions are served first, its takes start again, its Reexec is answered.
-        Raises ValueError for a state that breaks an invariant (then nothing is served)."""
-        sessions: dict[int, Peer] = {}
-        for connection in state.connections:
-            if connection.session is None:
-                continue
-            sock = socket.socket(fileno=connection.session.fd)
-            sock.set_inheritable(False)
-            sock.setblocking(False)
-            session = Session(sock, connection.client.ident, self._disconnected)
-            session.adopt(connection.session, connection.client.label)
-            sessions[session.ident] = session
-        owners = []
-        for process in state.processes:
-            os.set_inheritable(process.pidfd, False)
-            owners.append(ProcessOwner(process.pid, process.uid, process.command, process.pidfd))
-        claims, welcomes = self.service.adopt(
-            state.connections, state.tickets, owners, sessions, state.next_arrival,
-        )
-        for fd in state.backend_descriptors:
-            os.set_inheritable(fd, False)
-        self.backend.adopt(state.backend_state, claims)
-        self._session_ids = itertools.count(state.next_connection)
-        for peer in sessions.values():
-            assert isinstance(peer, Session)
-            self._adopted.append((peer, welcomes.get(peer)))
-        if state.reply_to is not None and (asker := sessions.get(state.reply_to.connection)) is not None:
-            self._answer = asker, protocol.Reexecuted(
-                state.reply_to.request_id, state.server, SERVER, paused,
-            )
 
-    @property
-    def next_connection(self) -> int:
-        """The ident the next connection will get (consumed: call once, to hand over)."""
-        return next(self._session_ids)
+        Raises what a state this program cannot take over raises (ValueError for one that
+        breaks an invariant): then every descriptor the state names but its listeners' is
+        closed, and this server must not serve (make another).
+        """
+        sessions: dict[int, Session] = {}
+        try:
+            for connection in state.connections:
+                if connection.session is not None:
+                    session = Session(socket.socket(fileno=connection.session.fd), connection.client.ident,
+                                      self._disconnected)
+                    sessions[session.ident] = session
+                    session.adopt(connection.session, connection.client.label)
+            owners = [ProcessOwner(p.pid, p.uid, p.command, p.pidfd) for p in state.processes]
+            claims, welcomes = self.service.adopt(
+                state.connections, state.tickets, owners, dict(sessions), state.next_arrival,
+            )
+            self.backend.adopt(state.backend_state, claims)
+        except BaseException:
+            for session in sessions.values():
+                session.discard()
+            for fd in [p.pidfd for p in state.processes] + state.backend_descriptors:
+                os.close(fd)
+            raise
+        for fd in handover.descriptors(state):
+            os.set_inheritable(fd, False)
+        for session in sessions.values():
+            session.sock.setblocking(False)
+        self.next_connection = state.next_connection
+        self._adopted = [(session, welcomes.get(session)) for session in sessions.values()]
+        if state.reply_to is not None and (asker := sessions.get(state.reply_to.connection)) is not None:
+            self._answer = asker, protocol.Reexecuted(state.reply_to.request_id, state.server, SERVER, paused)
 
     def render_metrics(self) -> bytes:
         """The daemon's metrics, in the Prometheus text format (see lockd.metrics)."""

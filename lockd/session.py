@@ -310,6 +310,13 @@ class Session:
         if self._outbox or self._events:
             self._wake.set()
 
+    def discard(self) -> None:
+        """Close the socket of a session never served (an adoption that failed), with no
+        goodbye and no word to the daemon; its queued descriptors are closed."""
+        self.closed = True
+        self._clear()
+        self.sock.close()
+
     # --- serving ------------------------------------------------------------------------------
 
     async def serve(

@@ -169,7 +169,7 @@ class _Attempt:
         self.vanished = False
 
 
-class _ClaimState(msgspec.Struct, frozen=True, array_like=True):
+class _ClaimState(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
     """A claim whose keys are in etcd, as `hand_over` leaves it to the next program."""
 
     #: Its place in the claims handed over.
@@ -184,7 +184,7 @@ class _ClaimState(msgspec.Struct, frozen=True, array_like=True):
     slots: list[tuple[str, int]]
 
 
-class _LeaseState(msgspec.Struct, frozen=True, array_like=True):
+class _LeaseState(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
     """The lease being served, as `hand_over` leaves it to the next program."""
 
     lease: int
@@ -195,7 +195,7 @@ class _LeaseState(msgspec.Struct, frozen=True, array_like=True):
     claims: list[_ClaimState]
 
 
-class _State(msgspec.Struct, frozen=True, tag="etcd", tag_field="backend"):
+class _State(msgspec.Struct, frozen=True, tag="etcd", tag_field="backend", forbid_unknown_fields=True):
     """Everything `hand_over` leaves to the next program: whose it is (the cluster, by its
     endpoints, and the prefix), the SEQ of the next claim's keys, the leases given up but not
     revoked yet, and the lease being served, if any."""
@@ -479,10 +479,7 @@ class EtcdBackend:
         once if that was TTL/4 ago or more; lost at once if the re-exec took so long that it can
         no longer be vouched for), hold its held claims, and put its waiting claims back in
         line for `take` (see `Backend.adopt`). Raises ValueError; nothing is adopted then."""
-        try:
-            found = _decode_state(state)
-        except msgspec.DecodeError as exc:
-            raise ValueError(f"not a handover state of the etcd backend: {exc}") from None
+        found = self.check_handover(state, claims)
         if found.prefix != self._prefix:
             raise ValueError(
                 f"the handed-over etcd state is for prefix {found.prefix!r}, and this daemon's is "
@@ -499,15 +496,11 @@ class EtcdBackend:
             # Its times are set from `sent` when `run` serves it.
             session = _Session(lease.lease, lease.ttl, -math.inf, self._prefix)
             for handed in lease.claims:
-                if not 0 <= handed.index < len(claims) or handed.seq >= found.sequence:
-                    raise ValueError(f"the handed-over etcd state names a claim it cannot have had: {handed}")
                 attempt = _Attempt(claims[handed.index], session, handed.seq, self._prefix)
                 attempt.revision = handed.revision
                 attempt.held = handed.held
                 attempts.append(attempt)
                 session.adopted.update(dict.fromkeys(attempt.keys.values(), handed.revision))
-            if len({attempt.claim for attempt in attempts}) < len(attempts):
-                raise ValueError("the handed-over etcd state names a claim twice")
             # A held claim holds its flocks (LockFiles refuses one without descriptors).
             self._files.adopt([
                 (attempt.claim, handed.fds, handed.slots)
@@ -524,6 +517,22 @@ class EtcdBackend:
                 "etcd lease %x taken over, with %d held and %d waiting request(s)", lease.lease,
                 sum(a.held for a in attempts), sum(not a.held for a in attempts),
             )
+
+    @staticmethod
+    def check_handover(state: bytes, claims: Sequence[Claim]) -> _State:
+        """The state `hand_over` gave, decoded and checked against `claims`, short of this
+        daemon's endpoints, prefix and descriptors (which `adopt` checks). Raises ValueError."""
+        try:
+            found = _decode_state(state)
+        except msgspec.DecodeError as exc:
+            raise ValueError(f"not a handover state of the etcd backend: {exc}") from None
+        if found.lease is not None:
+            for handed in found.lease.claims:
+                if not 0 <= handed.index < len(claims) or handed.seq >= found.sequence:
+                    raise ValueError(f"the handed-over etcd state names a claim it cannot have had: {handed}")
+            if len({handed.index for handed in found.lease.claims}) < len(found.lease.claims):
+                raise ValueError("the handed-over etcd state names a claim twice")
+        return found
 
     def _taken_over(self) -> _Session | None:
         """The lease adopted, if not served yet, its times now on the trio clock."""

@@ -115,13 +115,24 @@ class FlockBackend:
         return _ENCODER.encode(held), [fd for entry in held for fd in entry.fds]
 
     def adopt(self, state: bytes, claims: Sequence[Claim]) -> None:
+        held = self.check_handover(state, claims)
+        self._files.adopt([(claims[entry.claim], entry.fds, entry.slots) for entry in held])
+
+    @staticmethod
+    def check_handover(state: bytes, claims: Sequence[Claim]) -> list[_Held]:
+        """The state `hand_over` gave, decoded and checked against `claims`, short of its
+        descriptors (which `adopt` checks). Raises ValueError."""
         try:
             held = msgspec.msgpack.decode(state, type=list[_Held])
         except msgspec.MsgspecError as exc:
             raise ValueError(f"not a handover of the flock backend: {exc}") from None
-        if any(not 0 <= entry.claim < len(claims) for entry in held):
-            raise ValueError(f"the handover of the flock backend names claims beyond the {len(claims)} given")
-        self._files.adopt([(claims[entry.claim], entry.fds, entry.slots) for entry in held])
+        for entry in held:
+            if not 0 <= entry.claim < len(claims):
+                raise ValueError(f"the flock backend's handover names claim {entry.claim} of {len(claims)}")
+            claim = claims[entry.claim]
+            if len(entry.fds) != len(claim.names) + len(claim.slots) or [n for n, _ in entry.slots] != [*claim.slots]:
+                raise ValueError(f"the flock backend's handover does not fit the claim on {', '.join(claim.names)}")
+        return held
 
     def _fresh_tokens(self, claim: Claim) -> list[int]:
         """Tokens for `claim`, whose files are held: taken after the flocks, so each is
