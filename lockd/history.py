@@ -297,13 +297,13 @@ class HistoryStore:
                     )
         return hand_over.unwritten
 
-    def flush(self) -> None:
-        """Wait until what was recorded before the call is written (at most FLUSH_WAIT).
-        Blocks: run it in a worker thread."""
+    def flush(self) -> bool:
+        """Wait until what was recorded before the call is written, at most FLUSH_WAIT;
+        whether it was. Blocks: run it in a worker thread."""
         written = threading.Event()
         self._queue.put(written)
         self._hurry.set()
-        written.wait(FLUSH_WAIT)
+        return written.wait(FLUSH_WAIT)
 
     def resume(self) -> None:
         """After `hand_over`, when the exec failed: the writer goes on, and writes what it

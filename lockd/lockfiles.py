@@ -362,15 +362,16 @@ class LockFiles:
                     self._slots_taken.setdefault(name, set()).add(number)
 
     def _file_behind(self, fd: int, filename: str) -> int:
-        """The file (as `_open` gives it) that `fd` is open on, if it is `filename` in the lock
-        directory; else ValueError."""
+        """The file (as `_open` gives it) that `fd`, handed over for `filename`, is open on;
+        ValueError unless it is an open regular file. Whatever is at `filename` now does not
+        matter: the flock is on the file the descriptor was opened on, as it was before the
+        re-exec, even if someone has removed or replaced the path since."""
         try:
             st = os.fstat(fd)
-            there = os.stat(filename, dir_fd=self._dir_fd, follow_symlinks=False)
         except OSError as err:
-            raise ValueError(f"descriptor {fd} is not open on {self.lock_dir / filename} ({err.strerror})") from None
-        if (st.st_dev, st.st_ino) != (there.st_dev, there.st_ino) or not stat.S_ISREG(st.st_mode):
-            raise ValueError(f"descriptor {fd} is not open on {self.lock_dir / filename}")
+            raise ValueError(f"descriptor {fd} for {self.lock_dir / filename} is not open ({err.strerror})") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"descriptor {fd} for {self.lock_dir / filename} is not open on a regular file")
         return _flock_id(st.st_dev, st.st_ino, False)
 
     def unlock(self, claim: Claim) -> None:

@@ -105,13 +105,11 @@ class Reexecutor:
         paused_at = time.monotonic()
         try:
             with trio.move_on_after(SETTLE_TIMEOUT) as waited:
-                await server.settled()
-                if self._history is not None:
-                    # So that handing it over below blocks the loop for next to nothing.
-                    await trio.to_thread.run_sync(self._history.flush)
+                await self._settle()
             if waited.cancelled_caught:
                 raise Refused(f"requests under way did not finish within {SETTLE_TIMEOUT:g} s")
-            if server.service.stopping:
+            # From here to the exec, nothing awaits: the state taken is the whole truth.
+            if server.stopping or server.service.stopping:
                 raise Refused("the daemon is stopping")
             try:
                 backlog = self._history.hand_over() if self._history is not None else []
@@ -124,7 +122,19 @@ class Reexecutor:
                     self._history.resume()
         finally:
             server.gate.open()
-            self._notifier.ready(f"not re-executed; {server.service.counts()[0]} leases held")
+            if not (server.stopping or server.service.stopping):
+                self._notifier.ready(f"not re-executed; {server.service.counts()[0]} leases held")
+
+    async def _settle(self) -> None:
+        """Return once nothing is under way (`Server.idle`) and the history has written what
+        was recorded, so that handing it over blocks for next to nothing."""
+        server = self._server
+        while True:
+            await server.settled()
+            if self._history is not None and not await trio.to_thread.run_sync(self._history.flush):
+                raise Refused("the history's writer did not catch up (is its disk hanging?)")
+            if server.idle:
+                return  # nothing started during the flush
 
     def _state(
         self, peer: Peer | None, request_id: int | None, backlog: list[protocol.LeaseEvent], paused_at: float,

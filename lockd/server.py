@@ -169,6 +169,9 @@ class Server:
     async def _accept_loop(self, listener: socket.socket) -> None:
         assert self._nursery is not None
         while True:
+            if self.gate.shut:
+                # New clients wait in the listen queue, which a re-exec hands over whole.
+                await self.gate.opened()
             try:
                 sock = await listen.accept(listener)
             except trio.ClosedResourceError:
@@ -181,25 +184,32 @@ class Server:
                 log.warning("cannot accept a connection: %s; retrying in 100 ms", exc.strerror)
                 await trio.sleep(0.1)
                 continue
+            # Under way until the service knows it: a re-exec must not hand over the
+            # listener while an accepted socket is known to no one.
+            self._in_flight += 1
             self._nursery.start_soon(self._serve_connection, sock)
 
     # --- sessions -----------------------------------------------------------------------------
 
     async def _serve_connection(self, sock: socket.socket) -> None:
+        """Serve a connection just accepted (counted under way until the service knows it)."""
         service = self.service
         try:
-            pid, uid, gid = procinfo.peer_credentials(sock)
-        except OSError as exc:
-            service.unreadable_peer(str(exc))
+            try:
+                pid, uid, gid = procinfo.peer_credentials(sock)
+            except OSError as exc:
+                service.unreadable_peer(str(exc))
+                self._carry_out()
+                sock.close()
+                return
+            session = Session(sock, self.next_connection, self._disconnected)
+            self.next_connection += 1
+            welcome = service.connect(
+                session, pid, uid, gid, procinfo.peer_groups(sock, pid, gid), procinfo.command_line(pid),
+            )
             self._carry_out()
-            sock.close()
-            return
-        session = Session(sock, self.next_connection, self._disconnected)
-        self.next_connection += 1
-        welcome = service.connect(
-            session, pid, uid, gid, procinfo.peer_groups(sock, pid, gid), procinfo.command_line(pid),
-        )
-        self._carry_out()
+        finally:
+            self._done()
         await self._run_session(session, welcome)
 
     async def _run_session(self, session: Session, welcome: protocol.Welcome | None) -> None:
@@ -239,16 +249,32 @@ class Server:
         try:
             await handling
         finally:
-            self._in_flight -= 1
-            if not self._in_flight:
-                self._settled.set()
+            self._done()
+
+    def _done(self) -> None:
+        """Something counted under way is done."""
+        self._in_flight -= 1
+        if not self._in_flight:
+            self._settled.set()
 
     async def settled(self) -> None:
-        """Return once no request is being handled and no refusal waits for its look. With
-        the gate shut, nothing starts any more: the state can then be handed over."""
+        """Return once nothing is under way: no request is being handled, no refusal waits
+        for its look, no connection accepted waits to be known (see `idle`)."""
         while self._in_flight:
             self._settled = trio.Event()
             await self._settled.wait()
+
+    @property
+    def idle(self) -> bool:
+        """Whether nothing is under way. With the gate shut, only the timer, the backend and
+        process exits can start something (a refusal's look): the state can be handed over
+        while this holds, with no await in between."""
+        return not self._in_flight
+
+    @property
+    def stopping(self) -> bool:
+        """Whether `stop()` was called."""
+        return self._stop.is_set()
 
     async def _read_history(self, session: Session, look: HistoryLook) -> None:
         """Read the history in a worker thread, then have the service answer. Cancellation

@@ -589,7 +589,8 @@ class LockService:
         daemon serves on as it was."""
         log.error("not re-executed, serving on as before: %s", reason)
         if peer is not None and peer in self.clients:
-            self._send(peer, protocol.Error(request_id, protocol.ErrorCode.UNAVAILABLE, f"not re-executed: {reason}"))
+            message = f"not re-executed: {reason}"
+            self._send(peer, protocol.Error(request_id, protocol.ErrorCode.NOT_REEXECUTED, message))
 
     def _status_look(self, client: Client, request: protocol.Status) -> StatusLook | None:
         """What to look for outside lockd to answer `request` (None: refused, answered).

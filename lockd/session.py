@@ -354,9 +354,16 @@ class Session:
         gate = self._gate
         try:
             if not self.greeted:
+                hello = None
                 # One deadline for the whole handshake, however the hello trickles in.
                 with trio.move_on_after(limits.handshake_timeout):
-                    while (hello := _next_message(frames, decoder)) is None:
+                    while True:
+                        # At the gate before the hello is taken out of what was received: a
+                        # re-exec hands it over unread, for the new program to answer.
+                        if gate is not None and gate.shut:
+                            await gate.opened()
+                        if (hello := _next_message(frames, decoder)) is not None:
+                            break
                         data = self._recv_now()
                         if data is None:
                             await trio.lowlevel.wait_readable(sock)
@@ -367,8 +374,6 @@ class Session:
                 if hello is None:
                     self.fail(f"no handshake within {limits.handshake_timeout:g} s")
                     return
-                if gate is not None and gate.shut:
-                    await gate.opened()
                 assert welcome is not None, "a session not greeted yet has its welcome"
                 self._greet(hello, welcome)
             turns = 0

@@ -276,7 +276,7 @@ def test_help_has_examples(capsys, command: str) -> None:
         (cli.RELEASE_EPILOG, {0, 1, 64, 69, 75, 76, 77}),
         (cli.STATUS_EPILOG, {0, 1, 64, 69, 75, 76}),
         (cli.WATCH_EPILOG, {64, 69, 75, 76}),
-        (cli.DAEMON_REEXEC_EPILOG, {0, 64, 69, 75, 76, 77}),
+        (cli.DAEMON_REEXEC_EPILOG, {0, 64, 69, 75, 76, 77, 82}),
     ],
 )
 def test_help_lists_every_exit_status_of_its_command(epilog: str, statuses: set[int]) -> None:

@@ -253,9 +253,9 @@ def test_daemon_reexec_json(scripted) -> None:
     ("code", "message", "exit_status", "said"),
     [
         (
-            protocol.ErrorCode.UNAVAILABLE, "not re-executed: the daemon is stopping", cli.EXIT_UNAVAILABLE,
+            protocol.ErrorCode.NOT_REEXECUTED, "not re-executed: the daemon is stopping", cli.EXIT_NOT_REEXECUTED,
             "lockctl: not re-executed: the daemon is stopping; lockd serves on as before, with everything it held: "
-            "its log says more (lockd socket: ",
+            "fix what it says, then run lockctl daemon reexec again (lockd socket: ",
         ),
         (
             protocol.ErrorCode.PERMISSION_DENIED,
@@ -264,7 +264,7 @@ def test_daemon_reexec_json(scripted) -> None:
             "(sudo lockctl daemon reexec)",
         ),
     ],
-    ids=["unavailable", "permission_denied"],
+    ids=["not_reexecuted", "permission_denied"],
 )
 def test_a_refused_reexec_says_why_and_what_to_do(
     scripted, code: str, message: str, exit_status: int, said: str,

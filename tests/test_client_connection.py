@@ -687,7 +687,7 @@ def test_reexec_of_a_daemon_that_cannot_fails_before_anything_is_sent() -> None:
 
 @pytest.mark.parametrize(
     ("code", "cls"),
-    [("unavailable", errors.BackendUnavailable), ("permission_denied", errors.PermissionDenied)],
+    [("not_reexecuted", errors.NotReexecuted), ("permission_denied", errors.PermissionDenied)],
 )
 def test_a_refused_reexec_raises_its_error_and_the_connection_goes_on(code: str, cls: type[Exception]) -> None:
     conn = reexecuting()

@@ -450,22 +450,39 @@ def test_descriptors_not_of_the_claims_files_are_refused_and_nothing_is_adopted(
         s_fds, s_slots = list(previous.descriptors(s)), previous.slots_of(s)
         copy = os.dup(a_fd)  # as the next program's, closed by `files`
         good = (a, [copy], [])
+        directory = os.open(lock_dir, os.O_RDONLY)
         for bad, problem in [
-            ((claim("b"), s_fds[:1], []), "is not open on .*/b.lock"),
+            ((claim("b"), [directory], []), "is not open on a regular file"),
             ((claim("b"), [copy], []), "include one given before"),
-            ((claim("b"), [999], []), r"descriptor 999 is not open on .*/b.lock \(Bad file descriptor\)"),
+            ((claim("b"), [999], []), r"descriptor 999 for .*/b.lock is not open \(Bad file descriptor\)"),
             ((claim("a", "b"), [a_fd], []), "not one for each of"),
             ((claim("s", slots={"s": 2}), s_fds, [("s", 2)]), "not one of each of the semaphores"),
             ((claim("s", slots={"s": 2}), s_fds[:1], s_slots), "not one for each of"),
-            ((claim("s", slots={"s": 2}), s_fds[::-1], s_slots), "is not open on .*/s.lock"),
         ]:
             with pytest.raises(ValueError, match=problem):
                 files.adopt([good, bad])
             assert files.descriptors(a) == ()
+        os.close(directory)
         files.adopt([good])
         with pytest.raises(ValueError, match="a is held here already"):
             files.adopt([good])
         previous.unlock(s)
+    finally:
+        previous.close()
+
+
+def test_a_lock_file_removed_since_is_adopted_on_the_file_it_was(files: LockFiles, lock_dir: Path) -> None:
+    """The flock is on the file the descriptor was opened on: a path removed (or replaced)
+    since changes nothing of that, before or after a re-exec."""
+    previous = LockFiles(lock_dir)
+    try:
+        a = claim("a")
+        assert previous.try_lock(a)
+        copy = os.dup(previous.descriptors(a)[0])
+        (lock_dir / "a.lock").unlink()
+        files.adopt([(a, [copy], [])])
+        assert files.descriptors(a) == (copy,)
+        files.unlock(a)
     finally:
         previous.close()
 

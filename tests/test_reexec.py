@@ -185,7 +185,7 @@ def test_unreadable_state_refused_and_daemon_serves_on(short_tmp: Path) -> None:
             (program / "lockd" / "__init__.py").write_text("raise SystemExit('this lockd is broken')\n")
             with RawClient(daemon.socket) as admin:
                 reply = admin.request(protocol.Reexec(1))
-            assert isinstance(reply, protocol.Error) and reply.code == "unavailable", reply
+            assert isinstance(reply, protocol.Error) and reply.code == "not_reexecuted", reply
             assert "not re-executed" in reply.message and "broken" in reply.message, reply.message
             assert isinstance(holder.acquire("other"), protocol.Granted)
             with RawClient(daemon.socket) as other:

@@ -10,10 +10,11 @@ from collections.abc import Iterator
 import msgspec
 import pytest
 import trio
+import trio.testing
 from lockd_client import protocol
 
 from lockd.config import Limits
-from lockd.session import FAIR_TURNS, MAX_OUTBOX, Session
+from lockd.session import FAIR_TURNS, MAX_OUTBOX, Gate, Session
 
 WELCOME = protocol.Welcome(protocol.PROTOCOL_VERSION, "lockd test", "flock")
 
@@ -268,3 +269,37 @@ async def test_a_reply_behind_unread_events_does_not_cut_the_subscriber_off(
         await trio.sleep(1.0)  # five send timeouts, the events ahead still unread
         assert not session.closed, session.close_reason
         session.close("done")
+
+
+async def test_a_shut_gate_holds_back_requests_and_the_hello_and_hands_them_over_unread(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """While the gate is shut nothing is handled, the hello included: what arrived stays in
+    the socket or in what the session hands over as unread, and the session adopting it (on
+    the same socket, as after an exec) answers it all, in order."""
+    ours, theirs = pair
+    handled: list[object] = []
+    session = make_session(ours)
+    gate = Gate()
+    sent = frames(protocol.Hello(protocol.PROTOCOL_VERSION), protocol.Status(1), protocol.Status(2))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.serve, WELCOME, lambda _, message: handled.append(message), Limits(), gate)
+        await trio.testing.wait_all_tasks_blocked()
+        gate.close()  # the session waits for its hello already
+        theirs.sendall(sent)
+        await trio.testing.wait_all_tasks_blocked()
+        state = session.hand_over()
+        assert (state.greeted, handled) == (False, [])
+        kept = ours.dup()  # what the exec keeps
+        nursery.cancel_scope.cancel()
+
+    kept.setblocking(False)
+    adopted = make_session(kept)
+    adopted.adopt(state, None)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(adopted.serve, WELCOME, lambda _, message: handled.append(message), Limits(), Gate())
+        await trio.testing.wait_all_tasks_blocked()
+        assert handled == [protocol.Status(1), protocol.Status(2)]
+        theirs.settimeout(10)
+        assert replies(theirs.recv(65536)) == [WELCOME]
+        nursery.cancel_scope.cancel()

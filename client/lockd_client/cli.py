@@ -82,6 +82,9 @@ EXIT_DEADLOCK: Final = 80
 #: A NAME is in use as a semaphore of another count, or as a lock where this asks for a slot
 #: (or the other way round): every user of a name must agree on what it is. Next to 80.
 EXIT_MISMATCH: Final = 81
+#: `lockctl daemon reexec`: lockd did not re-execute, and serves on as it was (69 would say
+#: it is gone: an upgrade script must tell the two apart).
+EXIT_NOT_REEXECUTED: Final = 82
 EXIT_NOT_FOUND: Final = 127  # CMD not found, as shells report it
 EXIT_CANNOT_EXECUTE: Final = 126  # CMD found but not executable
 
@@ -299,10 +302,10 @@ Only root and lockd's own user may. If lockd does not re-execute (the new progra
 take over its state, lockd is stopping...), it says why and serves on as before, with
 everything it holds.
 
-exit status: 0 re-executed; 64 usage; 69 lockd unreachable, it did not re-execute (it
-serves on; its log says why), or it went away meanwhile; 75 lockd busy for a minute, or a
-lockd limit reached; 76 lockd version mismatch (a lockd too old to re-execute in place);
-77 refused (neither root nor lockd's user).
+exit status: 0 re-executed; 64 usage; 69 lockd unreachable, or it went away meanwhile
+(start it again); 75 lockd busy for a minute, or a lockd limit reached; 76 lockd version
+mismatch (a lockd too old to re-execute in place: restart it instead); 77 refused (neither
+root nor lockd's user); 82 lockd did not re-execute: it serves on as before, and says why.
 """
 
 
@@ -806,6 +809,7 @@ _EXIT_STATUS: Final[tuple[tuple[type[errors.LockdError], int], ...]] = (
     (errors.LeaseLost, EXIT_LOST),
     (errors.WouldDeadlock, EXIT_DEADLOCK),
     (errors.SlotsMismatch, EXIT_MISMATCH),
+    (errors.NotReexecuted, EXIT_NOT_REEXECUTED),
 )
 
 
@@ -1264,9 +1268,10 @@ def _daemon_reexec(args: Args, socket_path: str) -> int:
             done = client.reexec()
         except errors.PermissionDenied as e:
             raise errors.PermissionDenied(f"{e}; run it as root (sudo lockctl daemon reexec)") from None
-        except errors.BackendUnavailable as e:
-            raise errors.BackendUnavailable(
-                f"{e}; lockd serves on as before, with everything it held: its log says more"
+        except errors.NotReexecuted as e:
+            raise errors.NotReexecuted(
+                f"{e}; lockd serves on as before, with everything it held: fix what it says, then run "
+                "lockctl daemon reexec again"
             ) from None
         except errors.DaemonUnavailable as e:
             raise errors.DaemonUnavailable(

@@ -48,6 +48,7 @@ class ErrorCode:
     SHUTDOWN: Final = "shutdown"
     WOULD_DEADLOCK: Final = "would_deadlock"
     SLOTS_MISMATCH: Final = "slots_mismatch"
+    NOT_REEXECUTED: Final = "not_reexecuted"
 
 
 class LockdError(Exception):
@@ -190,6 +191,14 @@ class SlotsMismatch(LockdError):
         self.holders = holders or []
 
 
+class NotReexecuted(LockdError):
+    """The daemon did not re-execute itself (`Reexec`): the message says why (the new program
+    cannot take over its state, another re-exec is under way...). It serves on as it was,
+    with everything it held."""
+
+    code = ErrorCode.NOT_REEXECUTED
+
+
 class LimitExceeded(LockdError):
     """A daemon limit (connections, leases, waiters) was reached; retry later or raise it."""
 
@@ -224,6 +233,7 @@ _ERROR_BY_CODE: Final[Mapping[str, type[LockdError]]] = {
     ErrorCode.SHUTDOWN: DaemonUnavailable,
     ErrorCode.WOULD_DEADLOCK: WouldDeadlock,
     ErrorCode.SLOTS_MISMATCH: SlotsMismatch,
+    ErrorCode.NOT_REEXECUTED: NotReexecuted,
 }
 
 
