@@ -442,7 +442,8 @@ async def _serve(
             if adopted is not None:
                 log.info(
                     "lockd %s re-executed from %s in %.0f ms: %d leases and requests, %d connections kept",
-                    __version__, adopted.server, paused * 1000, len(adopted.tickets), len(adopted.connections),
+                    __version__, adopted.server, paused * 1000, len(adopted.tickets),
+                    sum(connection.session is not None for connection in adopted.connections),
                 )
             else:
                 log.info(

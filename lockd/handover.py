@@ -9,9 +9,16 @@ Invariants:
   design (metrics counters, log summaries).
 - Times are seconds relative to the moment of the handover, so neither program's clock
   offset matters; descriptors are numbers that stay open across the exec, each named once.
-- `VERSION` changes whenever a program could misread a state of another: a state of an
-  unknown version is refused before anything of it is used (`decode`), and the old daemon
-  serves on.
+- A program never half-reads a state: one of a version it does not read, or with a field it
+  does not know (every part forbids unknown fields), is refused before anything of it is
+  used (`decode`), and the old daemon serves on.
+
+How the format may change (tests/data/handover-schema.json pins it, with the backends' parts):
+a new field gets a default, so a newer program reads an older state as it is; an older
+program refuses a newer state (a downgrade), which is what its check mode is for. `VERSION`
+changes only when a field's meaning does, and a program then reads the versions before its
+own as long as they are in use, by a decoder per version. The configuration handed over is
+the daemon's `Config`, which follows the same rule as the config file's keys.
 """
 
 from __future__ import annotations

@@ -29,7 +29,6 @@ import trio
 from lockd_client import protocol
 
 from . import handover
-from .service import SERVER
 
 if TYPE_CHECKING:
     from .backend import BackendKind
@@ -139,19 +138,9 @@ class Reexecutor:
     def _state(
         self, peer: Peer | None, request_id: int | None, backlog: list[protocol.LeaseEvent], paused_at: float,
     ) -> handover.State:
-        server = self._server
-        connections, tickets, backend_state, backend_fds = server.hand_over()
-        return handover.State(
-            version=handover.VERSION, server=SERVER, paused_at=paused_at, config=self.config,
-            listeners=self._listeners, metrics_listener=self._metrics_listener, connections=connections,
-            tickets=tickets, processes=[
-                handover.ProcessState(pid=owner.pid, uid=owner.uid, command=owner.command, pidfd=owner.pidfd)
-                for owner in server.service.processes.owners()
-            ],
-            next_arrival=server.service.table.next_arrival, next_connection=server.next_connection,
-            backend=server.backend.name, backend_state=backend_state, backend_descriptors=backend_fds,
-            history=backlog,
-            reply_to=None if peer is None or request_id is None else handover.ReplyTo(
+        return self._server.hand_over(
+            config=self.config, listeners=self._listeners, metrics_listener=self._metrics_listener, history=backlog,
+            paused_at=paused_at, reply_to=None if peer is None or request_id is None else handover.ReplyTo(
                 connection=peer.ident, request_id=request_id,
             ),
         )
@@ -172,6 +161,11 @@ class Reexecutor:
             raise Refused(f"cannot run {sys.executable}: {exc.strerror}") from None
         if done.returncode != 0:
             said = (done.stderr or done.stdout).decode(errors="replace").strip().splitlines()
+            if said and CHECK_FLAG in said[-1] and "unrecognized arguments" in said[-1]:
+                raise Refused(
+                    "the lockd now installed predates re-exec in place and cannot take over; restart lockd "
+                    "to run it (every granted lease stays with its holder)"
+                )
             raise Refused(
                 f"the new program cannot take over (exit status {done.returncode}): "
                 f"{said[-1] if said else 'it said nothing'}"
@@ -208,7 +202,7 @@ def check(data: bytes, backend_kind: Callable[[str], BackendKind]) -> str | None
     descriptor or connection, and the result checked; the backend's part is checked by its
     kind (`backend_kind` gives it for a backend's name)."""
     from .policy import Policy
-    from .processes import Processes, ProcessOwner
+    from .processes import Processes
     from .service import LockService
     from .table import LockTable
 
@@ -225,8 +219,7 @@ def check(data: bytes, backend_kind: Callable[[str], BackendKind]) -> str | None
             c.client.ident: _Peer(c.client.ident, c.client.label, c.session.greeted)
             for c in state.connections if c.session is not None
         }
-        owners = [ProcessOwner(p.pid, p.uid, p.command, p.pidfd) for p in state.processes]
-        claims, _ = service.adopt(state.connections, state.tickets, owners, peers, state.next_arrival)
+        claims, _ = service.adopt(state, peers)
         service.check()
         kind.check_handover(state.backend_state, claims)
     except handover.Unreadable as exc:

@@ -58,6 +58,7 @@ from .session import Gate, Session
 from .table import LockTable
 
 if TYPE_CHECKING:
+    from .config import Config
     from .history import HistoryStore
 
 log = logging.getLogger("lockd")
@@ -414,13 +415,23 @@ class Server:
 
     # --- re-exec ------------------------------------------------------------------------------
 
-    def hand_over(self) -> tuple[list[handover.ConnectionState], list[handover.TicketState], bytes, list[int]]:
-        """The connections, tickets and the backend's state and descriptors, as the
-        re-executed program adopts them (`adopt`). Changes nothing; call once `settled` with
-        the gate shut, and exec before the next await."""
-        connections, tickets, claims = self.service.hand_over()
-        backend_state, backend_fds = self.backend.hand_over(claims)
-        return connections, tickets, backend_state, backend_fds
+    def hand_over(
+        self, *, config: Config, listeners: list[handover.ListenerState],
+        metrics_listener: handover.ListenerState | None, history: list[protocol.LeaseEvent], paused_at: float,
+        reply_to: handover.ReplyTo | None,
+    ) -> handover.State:
+        """The state the re-executed program adopts (`adopt`): the service's and the
+        backend's parts, with what the caller adds (see lockd.handover.State). Changes
+        nothing; call it once `idle` with the gate shut, and exec before the next await."""
+        part = self.service.hand_over()
+        backend_state, backend_fds = self.backend.hand_over(part.claims)
+        return handover.State(
+            version=handover.VERSION, server=SERVER, paused_at=paused_at, config=config, listeners=listeners,
+            metrics_listener=metrics_listener, connections=part.connections, tickets=part.tickets,
+            processes=part.processes, next_arrival=part.next_arrival, next_connection=self.next_connection,
+            backend=self.backend.name, backend_state=backend_state, backend_descriptors=backend_fds,
+            history=history, reply_to=reply_to,
+        )
 
     def adopt(self, state: handover.State, paused: float) -> None:
         """Take over what the daemon this one re-executed from handed over, before `serve`:
@@ -437,11 +448,8 @@ class Server:
                     session = Session(socket.socket(fileno=connection.session.fd), connection.client.ident,
                                       self._disconnected)
                     sessions[session.ident] = session
-                    session.adopt(connection.session, connection.client.label)
-            owners = [ProcessOwner(p.pid, p.uid, p.command, p.pidfd) for p in state.processes]
-            claims, welcomes = self.service.adopt(
-                state.connections, state.tickets, owners, dict(sessions), state.next_arrival,
-            )
+                    session.adopt(connection.session, connection.client.label, self.service.limits.max_frame)
+            claims, welcomes = self.service.adopt(state, dict(sessions))
             self.backend.adopt(state.backend_state, claims)
         except BaseException:
             for session in sessions.values():

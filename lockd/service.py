@@ -207,6 +207,18 @@ def party(ticket: Ticket) -> Party:
 
 
 @dataclass(slots=True)
+class HandedOver:
+    """The service's part of a re-exec's state (lockd.handover.State), and the claims of its
+    tickets, in the same order, for the backend's part."""
+
+    connections: list[handover.ConnectionState]
+    tickets: list[handover.TicketState]
+    processes: list[handover.ProcessState]
+    next_arrival: int
+    claims: list[Claim]
+
+
+@dataclass(slots=True)
 class HistoryLook:
     """A `History` request the service allowed, for the shell to read the history for, as
     `uid` may see it (None: every user's events); `history_reply` answers it."""
@@ -437,17 +449,25 @@ class LockService:
             client, claim.names, shared=claim.shared, wait=claim.wait, deadline=deadline, now=now,
             info=Party(client, request.id, claim, process, now), slots=slots,
         )
-        self._tally.arrived(ticket)
         if self._arrivals is not None:
             self._arrivals(ticket.names)
-        client.tickets[request.id] = ticket
-        client.names += len(ticket.names)
-        self._uid_names[client.uid] = self._uid_names.get(client.uid, 0) + len(ticket.names)
-        if process is not None and self.processes.attach(process, ticket):
+        if self._keep(ticket) and process is not None:
             self.orders.append(Watch(process))
         if deadline is not None:
             self.orders.append(WakeAt(deadline))
         self._apply(effects)
+
+    def _keep(self, ticket: Ticket) -> bool:
+        """Keep the records of `ticket`, just made (their end is `_ended`'s): its request id,
+        the counts the limits read, the census, its tie to a process. True if it is the first
+        tie to that process: the process must be watched."""
+        who = party(ticket)
+        client = who.client
+        client.tickets[who.request_id] = ticket
+        client.names += len(ticket.names)
+        self._uid_names[client.uid] = self._uid_names.get(client.uid, 0) + len(ticket.names)
+        self._tally.arrived(ticket)
+        return who.process is not None and self.processes.attach(who.process, ticket)
 
     def _release(self, client: Client, request_id: int, exit_status: int | None) -> None:
         """End a lease or withdraw a request, at its client's wish."""
@@ -876,10 +896,9 @@ class LockService:
 
     # --- re-exec ------------------------------------------------------------------------------
 
-    def hand_over(self) -> tuple[list[handover.ConnectionState], list[handover.TicketState], list[Claim]]:
-        """The clients (with their peers' state) and the live tickets, in arrival order, as the
-        re-executed program needs them (lockd.handover), and each ticket's claim, in the same
-        order, for the backend's part. Changes nothing. Valid only while no request is being
+    def hand_over(self) -> HandedOver:
+        """The service's part of the state a re-executed program adopts (lockd.handover), and
+        the claims for the backend's. Changes nothing. Valid only while no request is being
         handled and no refusal waits for its look."""
         now = self._clock()
         tickets = self.table.tickets()
@@ -915,19 +934,24 @@ class LockService:
                 owned_by_process=who.process is not None and ticket.owner is who.process,
                 cause=who.cause, lost=who.lost, exit_status=who.exit_status,
             ))
-        return connections, states, [party(t).claim for t in tickets]
+        processes = [
+            handover.ProcessState(pid=owner.pid, uid=owner.uid, command=owner.command, pidfd=owner.pidfd)
+            for owner in self.processes.owners()
+        ]
+        return HandedOver(connections, states, processes, self.table.next_arrival, [party(t).claim for t in tickets])
 
     def adopt(
-        self, connections: list[handover.ConnectionState], tickets: list[handover.TicketState],
-        processes: list[ProcessOwner], peers: dict[int, Peer], next_arrival: int,
+        self, handed: handover.State, peers: dict[int, Peer],
     ) -> tuple[list[Claim], dict[Peer, protocol.Welcome]]:
-        """Take over what a daemon handed over (`hand_over`), on a new table: `peers` are the
-        sessions of its connections by ident, `processes` its process owners (their pidfds
-        open). Returns the claims of the tickets in order (the backend adopts what it holds
-        for them; those being taken are ordered taken again, after it has) and the welcome of
-        each client still to be greeted. Raises ValueError (nothing served yet) for a state
-        that breaks an invariant of the table."""
+        """Take over what a daemon handed over (the service's part, `hand_over`), on a new
+        table: `peers` are the sessions of its connections by ident; its process owners'
+        pidfds are open. Returns the claims of the tickets in order (the backend adopts what
+        it holds for them; those being taken are ordered taken again, after it has) and the
+        welcome of each client still to be greeted. Raises ValueError (nothing served yet)
+        for a state that breaks an invariant of the table."""
         now = self._clock()
+        connections, tickets, next_arrival = handed.connections, handed.tickets, handed.next_arrival
+        processes = [ProcessOwner(p.pid, p.uid, p.command, p.pidfd) for p in handed.processes]
         clients: dict[int, Client] = {}
         for connection in connections:
             known = connection.client
@@ -967,14 +991,8 @@ class LockService:
             restored, ordered_by_backend=self.table.ordered_by_backend, next_arrival=next_arrival,
         )
         for ticket in restored:
+            self._keep(ticket)
             who = party(ticket)
-            client = who.client
-            client.tickets[who.request_id] = ticket
-            client.names += len(ticket.names)
-            self._uid_names[client.uid] = self._uid_names.get(client.uid, 0) + len(ticket.names)
-            self._tally.arrived(ticket)
-            if who.process is not None:
-                self.processes.attach(who.process, ticket)
             if ticket.holding:
                 self._claimed[who.claim] = ticket
             if ticket.deadline is not None:

@@ -294,7 +294,7 @@ class Session:
             event_head=self._event_head, events=list(self._events),
         )
 
-    def adopt(self, state: handover.SessionState, label: str | None) -> None:
+    def adopt(self, state: handover.SessionState, label: str | None, max_frame: int) -> None:
         """Go on where the session `state` describes left off, before `serve`: its unsent
         replies, events and descriptors (now this session's own) are sent first, its unread
         requests handled first."""
@@ -305,7 +305,7 @@ class Session:
         self._event_head = state.event_head
         self._events.extend(state.events)
         self._event_bytes = sum(len(frame) for _, frame in state.events)
-        self._frames = protocol.FrameBuffer(protocol.MAX_REQUEST_FRAME)
+        self._frames = protocol.FrameBuffer(max_frame)
         self._frames.feed(state.unread)
         if self._outbox or self._events:
             self._wake.set()
@@ -348,7 +348,6 @@ class Session:
 
     async def _converse(self, welcome: protocol.Welcome | None, handle: Handler, limits: Limits) -> None:
         frames = self._frames = self._frames or protocol.FrameBuffer(limits.max_frame)
-        frames.limit = limits.max_frame
         decoder = protocol.request_decoder()
         sock = self.sock
         gate = self._gate

@@ -295,7 +295,7 @@ async def test_a_shut_gate_holds_back_requests_and_the_hello_and_hands_them_over
 
     kept.setblocking(False)
     adopted = make_session(kept)
-    adopted.adopt(state, None)
+    adopted.adopt(state, None, Limits().max_frame)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(adopted.serve, WELCOME, lambda _, message: handled.append(message), Limits(), Gate())
         await trio.testing.wait_all_tasks_blocked()

@@ -502,13 +502,13 @@ class FrameBuffer:
     copy it. A length prefix over `limit` raises FrameTooLarge as soon as the prefix is seen.
     """
 
-    __slots__ = ("_buf", "_start", "limit")
+    __slots__ = ("_buf", "_start", "_limit")
 
     def __init__(self, limit: int) -> None:
         self._buf = bytearray()
         #: Where the bytes not yet returned as a frame begin.
         self._start = 0
-        self.limit = limit
+        self._limit = limit
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         # Returned bodies are dropped here, once per feed rather than once per frame. A body
@@ -525,8 +525,8 @@ class FrameBuffer:
         if len(buf) < start:
             return None
         (size,) = _PREFIX.unpack_from(buf, self._start)
-        if size > self.limit:
-            raise FrameTooLarge(size, self.limit)
+        if size > self._limit:
+            raise FrameTooLarge(size, self._limit)
         end = start + size
         if len(buf) < end:
             return None
