@@ -19,7 +19,7 @@ import stat
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, NamedTuple, get_args
+from typing import TYPE_CHECKING, Final, get_args
 
 from . import __version__
 
@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # imported where used: `lockd --version` and --help must star
     from .config import Config
     from .flock.tokens import TokenStore
     from .history import HistoryStore
+    from .listen import Listener
     from .lockfiles import LockFiles
     from .policy import Policy
     from .server import Server
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     from .fdlimit import raise_nofile_limit
     from .flock.tokens import TokenStore
     from .history import HistoryStore
-    from .listen import bind_unix_listener, somaxconn
+    from .listen import Listener, bind_unix_listener, somaxconn
     from .lockfiles import LockFiles, prepare_lock_dir
     from .policy import Policy
     from .systemd import listen_fds
@@ -194,11 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     sock_path, lock_dir, state_dir = conf.socket, conf.lock_dir, conf.state_dir
     assert sock_path and lock_dir and state_dir, "load() fills in the default paths"
     tokens = files = history = None
-    sockets: list[socket.socket] = []
-    bound: os.stat_result | None = None
-    metrics_sock: socket.socket | None = None
-    #: The metrics listener's Unix socket, and what was bound there.
-    metrics_bound: tuple[Path, os.stat_result] | None = None
+    listeners: list[Listener] = []
+    metrics: Listener | None = None
     try:
         policy = Policy.from_config(conf.policy)
         if not os.environ.get(paths.SOCKET_ENV) and conf.socket == paths.default_socket():
@@ -213,20 +211,21 @@ def main(argv: list[str] | None = None) -> int:
             history.start(backlog=adopted.history if adopted is not None else ())
         backend = _backend(conf, files, tokens)
         if adopted is not None:
-            sockets, bound, metrics_sock, metrics_bound = _adopted_listeners(adopted)
+            listeners = [Listener.adopted(listener) for listener in adopted.listeners]
+            if adopted.metrics_listener is not None:
+                metrics = Listener.adopted(adopted.metrics_listener)
         # Before lockd's own socket: once that accepts, the metrics listener is there too.
         elif conf.metrics.listen is not None:
             from .config import listen_address
             from .metrics_http import bind
 
             address = listen_address(conf.metrics.listen)
-            metrics_sock = bind(address)
-            if address.path is not None:
-                metrics_bound = address.path, os.stat(address.path)
-        sockets = sockets or listen_fds()
-        if not sockets:
-            sockets = [bind_unix_listener(str(sock_path), conf.socket_mode, conf.listen_backlog)]
-            bound = os.stat(sock_path)
+            sock = bind(address)
+            metrics = Listener(sock) if address.path is None else Listener.bound(sock, address.path)
+        listeners = listeners or [Listener(sock) for sock in listen_fds()]
+        if not listeners:
+            sock = bind_unix_listener(str(sock_path), conf.socket_mode, conf.listen_backlog)
+            listeners = [Listener.bound(sock, sock_path)]
             if conf.listen_backlog is not None and conf.listen_backlog > (cap := somaxconn()):
                 log.warning(
                     "listen_backlog = %d, but the kernel queues at most net.core.somaxconn = %d "
@@ -234,12 +233,11 @@ def main(argv: list[str] | None = None) -> int:
                 )
     except (LockdError, OSError) as exc:
         log.error("%s", exc)
-        for sock in sockets:
-            sock.close()
-        if metrics_sock is not None:
-            metrics_sock.close()
-        if metrics_bound is not None:
-            _unlink_if_ours(*metrics_bound)
+        for listener in listeners:
+            listener.sock.close()
+        if metrics is not None:
+            metrics.sock.close()
+            metrics.unlink()
         if files is not None:
             files.close()
         if tokens is not None:
@@ -251,70 +249,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import trio
 
-        where = str(conf.socket) if bound is not None else f"{len(sockets)} socket(s) from systemd"
         if adopted is not None:
             where = "the sockets handed over"
-        listening = _Listening(sockets, bound and (sock_path, bound), metrics_sock, metrics_bound)
-        trio.run(_serve, args, conf, backend, policy, listening, where, history, adopted)
+        elif listeners[0].path is not None:
+            where = str(listeners[0].path)
+        else:
+            where = f"{len(listeners)} socket(s) from systemd"
+        trio.run(_serve, args, conf, backend, policy, listeners, metrics, where, history, adopted)
     finally:
         if history is not None:
             history.stop()
-        if bound is not None:
-            _unlink_if_ours(sock_path, bound)
-        if metrics_bound is not None:
-            _unlink_if_ours(*metrics_bound)
+        for listener in listeners:
+            listener.unlink()
+        if metrics is not None:
+            metrics.unlink()
         files.close()
         if tokens is not None:
             tokens.close()
     return 0
-
-
-class _Listening(NamedTuple):
-    """The daemon's listening sockets, and the paths it bound them at (to remove at exit)."""
-
-    sockets: list[socket.socket]
-    bound: tuple[Path, os.stat_result] | None
-    metrics: socket.socket | None
-    metrics_bound: tuple[Path, os.stat_result] | None
-
-    def hand_over(self) -> tuple[list[handover.ListenerState], handover.ListenerState | None]:
-        """The listeners as a re-executed daemon adopts them (`_adopted_listeners`)."""
-        from . import handover
-
-        def state(sock: socket.socket, bound: tuple[Path, os.stat_result] | None) -> handover.ListenerState:
-            return handover.ListenerState(
-                fd=sock.fileno(), path=None if bound is None else str(bound[0]),
-                inode=None if bound is None else bound[1].st_ino,
-            )
-
-        # The bound path is the first socket's: the others came from systemd.
-        listeners = [state(sock, self.bound if i == 0 else None) for i, sock in enumerate(self.sockets)]
-        return listeners, None if self.metrics is None else state(self.metrics, self.metrics_bound)
-
-
-def _adopted_listeners(state: handover.State) -> tuple[
-    list[socket.socket], os.stat_result | None, socket.socket | None, tuple[Path, os.stat_result] | None,
-]:
-    """The listening sockets handed over by the daemon this one re-executed from, and the
-    paths it had bound (as `os.stat` results carrying only what `_unlink_if_ours` reads)."""
-
-    def adopt(listener: handover.ListenerState) -> tuple[socket.socket, tuple[Path, os.stat_result] | None]:
-        sock = socket.socket(fileno=listener.fd)
-        sock.set_inheritable(False)
-        sock.setblocking(False)
-        if listener.path is None or listener.inode is None:
-            return sock, None
-        return sock, (Path(listener.path), os.stat_result((0, listener.inode, 0, 0, 0, 0, 0, 0, 0, 0)))
-
-    sockets = []
-    bound = None
-    for i, listener in enumerate(state.listeners):
-        sock, was_bound = adopt(listener)
-        sockets.append(sock)
-        if i == 0 and was_bound is not None:
-            bound = was_bound[1]
-    metrics = adopt(state.metrics_listener) if state.metrics_listener is not None else (None, None)
-    return sockets, bound, metrics[0], metrics[1]
 
 
 def _check_handover() -> int:
@@ -327,16 +279,6 @@ def _check_handover() -> int:
         return 1
     print(f"lockd {__version__}: can take over")
     return 0
-
-
-def _unlink_if_ours(path: Path, bound: os.stat_result) -> None:
-    """Remove the socket this daemon bound at `path` (`bound`); one another daemon bound
-    there since stays."""
-    try:
-        if os.stat(path).st_ino == bound.st_ino:
-            os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _check(args: argparse.Namespace, conf: Config) -> int:
@@ -390,8 +332,8 @@ def _backend_kind(name: str) -> BackendKind:
 
 
 async def _serve(
-    args: argparse.Namespace, conf: Config, backend: Backend, policy: Policy, listening: _Listening,
-    where: str, history: HistoryStore | None, adopted: handover.State | None,
+    args: argparse.Namespace, conf: Config, backend: Backend, policy: Policy, listeners: list[Listener],
+    metrics_listener: Listener | None, where: str, history: HistoryStore | None, adopted: handover.State | None,
 ) -> None:
     import trio
 
@@ -430,12 +372,14 @@ async def _serve(
                 LockTable(ordered_by_backend=backend.orders_requests), backend, conf.limits, policy, observers,
                 metrics=metrics, history=history,
             )
-    metrics_sock = listening.metrics
     with events, Notifier.from_environment() as notifier, trio.open_signal_receiver(*SIGNALS) as signals:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
-        reexecutor = server.reexecutor = Reexecutor(server, conf, *listening.hand_over(), history, notifier, SIGNALS)
+        reexecutor = server.reexecutor = Reexecutor(
+            server, conf, [listener.hand_over() for listener in listeners],
+            None if metrics_listener is None else metrics_listener.hand_over(), history, notifier, SIGNALS,
+        )
         async with trio.open_nursery() as nursery:
-            await nursery.start(server.serve, listening.sockets)
+            await nursery.start(server.serve, [listener.sock for listener in listeners])
             # What start-up made (modules, configuration) lives as long as the daemon: frozen,
             # the collector's full passes, which come as leases pile up, no longer walk it.
             gc.freeze()
@@ -457,10 +401,10 @@ async def _serve(
                     duties.start_soon(watchdog_loop, notifier, interval)
                 if notifier.enabled:
                     duties.start_soon(_report_status, notifier, server)
-                if metrics_sock is not None:
+                if metrics_listener is not None:
                     from .metrics_http import serve as serve_metrics
 
-                    duties.start_soon(serve_metrics, metrics_sock, server.render_metrics)
+                    duties.start_soon(serve_metrics, metrics_listener.sock, server.render_metrics)
                     log.info("serving metrics on %s", conf.metrics.listen)
                 async for signum in signals:
                     if signum == signal.SIGHUP:

@@ -11,13 +11,56 @@ import errno
 import os
 import socket
 import stat
-from typing import Final
+from pathlib import Path
+from typing import Final, NamedTuple
 
 import trio
+
+from . import handover
 
 #: The host's cap on every listen backlog (net.core.somaxconn): listen(2) cuts a larger one
 #: down to it without a word, so this is the longest queue lockd can ask for.
 SOMAXCONN: Final = "/proc/sys/net/core/somaxconn"
+
+
+class Listener(NamedTuple):
+    """A listening socket, and the socket file this daemon bound it at, if it did (a path and
+    the inode bound there): that file is this daemon's to remove when it stops, systemd's
+    sockets' are not."""
+
+    sock: socket.socket
+    path: Path | None = None
+    inode: int | None = None
+
+    @classmethod
+    def bound(cls, sock: socket.socket, path: Path) -> Listener:
+        """`sock`, which this daemon has just bound at `path`."""
+        return cls(sock, path, os.stat(path).st_ino)
+
+    def unlink(self) -> None:
+        """Remove the socket file this daemon bound, unless another daemon has bound that path
+        since (it is then that one's)."""
+        if self.path is None:
+            return
+        try:
+            if os.stat(self.path).st_ino == self.inode:
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def hand_over(self) -> handover.ListenerState:
+        """The listener as a re-executed daemon adopts it (`adopted`)."""
+        return handover.ListenerState(
+            fd=self.sock.fileno(), path=None if self.path is None else str(self.path), inode=self.inode,
+        )
+
+    @classmethod
+    def adopted(cls, state: handover.ListenerState) -> Listener:
+        """The listener a daemon this one re-executed from handed over."""
+        sock = socket.socket(fileno=state.fd)
+        sock.set_inheritable(False)
+        sock.setblocking(False)
+        return cls(sock, None if state.path is None else Path(state.path), state.inode)
 
 
 def somaxconn() -> int:
