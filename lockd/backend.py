@@ -180,6 +180,10 @@ class Backend(BackendView, Protocol):
         Runs in the server's nursery; cancelled at shutdown.
         """
 
+    def unattended(self) -> float | None:
+        """For how many more seconds what it holds stays safe if the daemon stops serving
+        now (a re-exec's pause): until its etcd lease must be renewed; None: no bound."""
+
     def hand_over(self, claims: Sequence[Claim]) -> tuple[bytes, list[int]]:
         """What a re-executed daemon needs to go on with `claims` (every claim the table has not
         ended: held, or being taken), as this backend's own encoded state (msgpack via msgspec,

@@ -49,6 +49,11 @@ CHECK_TIMEOUT: Final = 30.0
 #: How long requests under way (a status looking at the host, a history read) may take to
 #: finish once the gate is shut, before the re-exec is given up.
 SETTLE_TIMEOUT: Final = 5.0
+#: What the backend must still stand without the daemon serving (`Backend.unattended`) when
+#: the state is taken: a pause of a few hundred milliseconds, a few times over. The re-exec
+#: first waits, serving, for the lease's next renewal, at most WAIT_FOR_RENEWAL.
+PAUSE_ALLOWANCE: Final = 1.0
+WAIT_FOR_RENEWAL: Final = 10.0
 
 
 class Refused(Exception):
@@ -99,6 +104,7 @@ class Reexecutor:
             raise Refused("the daemon is stopping")
         log.info("re-executing %s", " ".join(self._argv))
         await self._check(handover.encode(self._state(peer, request_id, [], time.monotonic())))
+        await self._allowance()
         self._notifier.reloading()
         server.gate.close()
         paused_at = time.monotonic()
@@ -110,6 +116,9 @@ class Reexecutor:
             # From here to the exec, nothing awaits: the state taken is the whole truth.
             if server.stopping or server.service.stopping:
                 raise Refused("the daemon is stopping")
+            left = server.backend.unattended()
+            if left is not None and left < PAUSE_ALLOWANCE:
+                raise Refused(f"the backend's lease is vouched for {left:.1f} s more only, too little for the pause")
             try:
                 backlog = self._history.hand_over() if self._history is not None else []
             except TimeoutError:
@@ -123,6 +132,22 @@ class Reexecutor:
             server.gate.open()
             if not (server.stopping or server.service.stopping):
                 self._notifier.ready(f"not re-executed; {server.service.counts()[0]} leases held")
+
+    async def _allowance(self) -> None:
+        """Wait, serving, for the backend's next renewal of its lease (with etcd), so that the
+        pause starts with as much of the lease's time as it gets. Raise Refused if none comes
+        within WAIT_FOR_RENEWAL."""
+        backend = self._server.backend
+        before = backend.unattended()
+        if before is None:
+            return
+        with trio.move_on_after(WAIT_FOR_RENEWAL):
+            # No event says the lease was renewed: poll, for one keep-alive interval at most.
+            while (left := backend.unattended()) is not None and left <= before:  # noqa: ASYNC110
+                before = left
+                await trio.sleep(0.02)
+            return
+        raise Refused(f"the backend's lease was not renewed within {WAIT_FOR_RENEWAL:g} s; is etcd reachable?")
 
     async def _settle(self) -> None:
         """Return once nothing is under way (`Server.idle`) and the history has written what

@@ -444,6 +444,11 @@ class EtcdBackend:
 
     # --- re-exec ------------------------------------------------------------------------------
 
+    def unattended(self) -> float | None:
+        """Until the lease being served is no longer vouched for without a renewal."""
+        session = self._session
+        return None if session is None else max(0.0, session.deadline - trio.current_time())
+
     def hand_over(self, claims: Sequence[Claim]) -> tuple[bytes, list[int]]:
         """The lease being served, and each of `claims` whose keys it holds in etcd (see
         `Backend.hand_over`), with the descriptors of their flocks.

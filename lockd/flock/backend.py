@@ -105,6 +105,9 @@ class FlockBackend:
         """
         await self._file_waits.run()
 
+    def unattended(self) -> None:
+        return None  # a flock lasts as long as its descriptor
+
     def hand_over(self, claims: Sequence[Claim]) -> tuple[bytes, list[int]]:
         """The descriptors and slot files held for `claims` (those being taken hold none:
         they are taken anew)."""
