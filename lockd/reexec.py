@@ -105,6 +105,9 @@ class Reexecutor:
         log.info("re-executing %s", " ".join(self._argv))
         await self._check(handover.encode(self._state(peer, request_id, [], time.monotonic())))
         await self._allowance()
+        if self._history is not None:
+            # While serving: the flush once paused then has next to nothing left to write.
+            await trio.to_thread.run_sync(self._history.flush)
         self._notifier.reloading()
         server.gate.close()
         paused_at = time.monotonic()
