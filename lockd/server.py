@@ -12,6 +12,10 @@ Invariants:
   report) or of one order stops the others: a bug costs at most the request it concerns.
 - Once `stop()` is called nothing more is granted and no connection is served: every client
   is told `shutdown`, and every connection closes (see `LockService.stop`).
+- While the gate is shut (a re-exec, lockd.reexec) no request is handled and no connection
+  accepted; what is under way (a request whose handling awaits, a refusal's look, a
+  connection accepted but not yet known to the service) is counted from its start, so that
+  `idle` says when the state can be handed over whole.
 """
 
 from __future__ import annotations

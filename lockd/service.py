@@ -43,6 +43,10 @@ Invariants:
   ends: its client releases it or goes away, or lags (it cannot take an event): then an
   `Error` of code `limit` is the last message about it. The books of the subscriptions are
   lockd.events'.
+- A re-exec loses nothing of what the service holds: `hand_over` gives out every client,
+  live ticket (in the table's order, with its deadline and why it may end), process owner and
+  subscription, and a new service that `adopt`s it keeps its invariants (`check`) and
+  decides from then on as the old one would have, tokens and queue order included.
 """
 
 from __future__ import annotations
