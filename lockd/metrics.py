@@ -8,6 +8,8 @@ Invariants:
   its own), and nothing on the hot path knows of the exposition format. Every gauge (leases
   held, waiters, the oldest lease and waiter, connections, the history writer, the etcd
   session, the process's descriptors) is read from its owner at render time.
+- Neither does start-up: this module imports no Prometheus library. The text is written by
+  lockd.metrics_text, imported at the first render (see there why).
 - A render costs the same however many leases are live, but for the names with series of
   their own: the service keeps its census as tickets change (lockd.census), and only the
   lines of those names are visited. A name is matched against the globs once, when first
@@ -17,27 +19,24 @@ Invariants:
   (`[metrics] names`); with none configured no series names a lock, so the number of series
   stays the same whatever names clients use. Per-name counts are kept for matching names
   only.
-- Rendering changes nothing but the cache.
+- Rendering changes nothing but the cache (and, at the first render, makes its writer).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import math
-import os
 import re
-import resource
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Final, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Final, Protocol
 
 from lockd_client import protocol
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.exposition import generate_latest
-from prometheus_client.registry import CollectorRegistry
 
-from . import __version__
 from .census import MODES, Census
 from .histogram import Histogram
+
+if TYPE_CHECKING:
+    from .metrics_text import Exposition
 
 #: Upper bounds (seconds) of the wait- and hold-time buckets: a lock is waited for or held for
 #: anything from a millisecond (a cron job's guard) to a day (a long backup).
@@ -49,8 +48,6 @@ SECONDS_BUCKETS: Final = (
 _UNMATCHED_KEPT: Final = 4096
 #: Seconds a rendered text is served again rather than rendered anew.
 CACHE_SECONDS: Final = 1.0
-#: The families only the etcd backend has (the flock daemon never shows them).
-ETCD_FAMILIES: Final = ("lockd_etcd_lease_alive", "lockd_etcd_keepalive_age_seconds", "lockd_etcd_request_seconds")
 #: How a lease ended when it was `released`: as its holder asked, or with its holder gone.
 RELEASE_REASONS: Final = ("requested", "by_other", "abandoned", "shutdown")
 #: Why a lease was `lost` (see `loss_reason`).
@@ -121,8 +118,9 @@ _RELEASE_REASON: Final = {
 }
 
 
-class _Counts:
-    """What the events of some leases add up to: all of them, or those on one name."""
+class Counts:
+    """What the events of some leases add up to: all of them, or those on one name. Written
+    by `Metrics` alone; lockd.metrics_text reads them."""
 
     __slots__ = ("grants", "releases", "losses", "refusals", "breaks", "wait", "hold")
 
@@ -172,13 +170,11 @@ class Metrics:
         #: When the text in `_text` was rendered (on the callers' clock).
         self._rendered_at = -math.inf
         self._text = b""
-        #: What the render under way reads (the registry's collectors take no arguments).
-        self._reading: tuple[ServiceStats, int, float] | None = None
-        self._registry = CollectorRegistry(auto_describe=False)
-        self._registry.register(_Collector(self))
-        self._all = _Counts()
+        #: Writes the text; made at the first render (it imports prometheus_client).
+        self._exposition: Exposition | None = None
+        self._all = Counts()
         #: name → its counts, for the names that match `names` and had an event.
-        self._named: dict[str, _Counts] = {}
+        self._named: dict[str, Counts] = {}
         #: Names found not to match lately: a dict lookup costs a fifth of a glob's match.
         #: Emptied when full, so that names made up per job cannot grow it without bound.
         self._unmatched: dict[str, None] = {}
@@ -198,7 +194,7 @@ class Metrics:
             for name in names:
                 self._counts_of(name)
 
-    def _counts_of(self, name: str) -> _Counts | None:
+    def _counts_of(self, name: str) -> Counts | None:
         """The counts of `name` if it matches the globs (made on its first sight), else None."""
         named = self._named.get(name)
         if named is None:
@@ -210,66 +206,26 @@ class Metrics:
                     self._unmatched.clear()
                 self._unmatched[name] = None
                 return None
-            named = self._named[name] = _Counts()
+            named = self._named[name] = Counts()
         return named
 
     def render(self, service: ServiceStats, connections: int, now: float) -> bytes:
         """The metrics in the Prometheus text format (version 0.0.4), with the gauges read
         from `service` (at `now`, on its clock), `connections` and the sources given; the
-        text rendered less than CACHE_SECONDS before `now`, if there is one."""
+        text rendered less than CACHE_SECONDS before `now`, if there is one. The first render
+        imports lockd.metrics_text. On error (raised as is) the cached text stays, and the
+        next render tries again."""
         if 0 <= now - self._rendered_at < CACHE_SECONDS:
             return self._text
-        self._reading = service, connections, now
-        try:
-            self._text = generate_latest(self._registry)
-        finally:
-            self._reading = None
+        if self._exposition is None:
+            from .metrics_text import Exposition
+
+            self._exposition = Exposition(
+                self._all, self._named, backend=self._backend, history=self._history, etcd=self._etcd,
+            )
+        self._text = self._exposition.render(service, connections, now)
         self._rendered_at = now
         return self._text
-
-    def collect(self) -> Iterator[Metric]:
-        assert self._reading is not None, "collected outside render()"
-        service, connections, now = self._reading
-        yield from _counters("lockd", [], [([], self._all)], "")
-        yield from _gauges("lockd", [], [([], service.census())], now, "")
-        yield _gauge("lockd_connections", "Client connections served now.", connections)
-        yield CounterMetricFamily(
-            "lockd_subscriptions_dropped", "Event subscriptions dropped because their client did not read "
-            "its events in time.", service.subscriptions_dropped,
-        )
-        build = GaugeMetricFamily(
-            "lockd_build_info", "Always 1: the daemon's version and backend, as labels.", labels=["version", "backend"],
-        )
-        build.add_metric([__version__, self._backend], 1)
-        yield build
-        yield from _descriptors()
-        names = sorted(self._named)
-        if names:
-            counts = [([name], self._named[name]) for name in names]
-            yield from _counters("lockd_name", ["name"], counts, _PER_NAME)
-            censuses = [([name], service.name_census(name)) for name in names]
-            yield from _gauges("lockd_name", ["name"], censuses, now, _PER_NAME)
-        if self._history is not None:
-            yield _gauge(
-                "lockd_history_backlog", "Lease events waiting to be written to the history.",
-                self._history.backlog,
-            )
-            yield CounterMetricFamily(
-                "lockd_history_dropped", "Lease events the history never recorded (queue full, disk failing).",
-                self._history.dropped,
-            )
-        if self._etcd is not None:
-            yield from _etcd_metrics(self._etcd)
-
-
-class _Collector:
-    """The metrics, for `prometheus_client`'s registry (a `Collector`)."""
-
-    def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
-
-    def collect(self) -> Iterable[Metric]:
-        return self._metrics.collect()
 
 
 def _matcher(patterns: Sequence[str]) -> Callable[[str], bool] | None:
@@ -278,118 +234,3 @@ def _matcher(patterns: Sequence[str]) -> Callable[[str], bool] | None:
         return None
     pattern = re.compile("|".join(fnmatch.translate(glob) for glob in patterns))
     return lambda name: pattern.match(name) is not None
-
-
-def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
-    return GaugeMetricFamily(name, documentation, value)
-
-
-#: What the help of a per-name family adds.
-_PER_NAME: Final = " For the names in lockd's [metrics] names."
-#: The counters of a `_Counts`: (name suffix, help, label, the counts it reads).
-_COUNTERS: Final[list[tuple[str, str, str | None, Callable[[_Counts], Mapping[str, int] | int]]]] = [
-    ("grants", "Leases granted, per name they hold, by mode.", "mode", lambda c: c.grants),
-    ("releases", "Leases ended as their holder asked (requested), from another connection (lockctl release) "
-     "(by_other), with their holder gone (abandoned) or lockd stopping (shutdown), per name.",
-     "reason", lambda c: c.releases),
-    ("losses", "Leases lost, per name: broken and not let go in time (overdue), the daemon "
-     "stopping (shutdown), or the backend (backend).", "reason", lambda c: c.losses),
-    ("refusals", "Requests refused, per name, by the error code the client got (busy, timeout, "
-     "permission_denied, limit, ...).", "code", lambda c: c.refusals),
-    ("breaks", "Leases broken by a forced release, per name.", None, lambda c: c.breaks),
-]
-#: The histograms of a `_Counts`.
-_HISTOGRAMS: Final[list[tuple[str, str, Callable[[_Counts], Histogram]]]] = [
-    ("wait_seconds", "Seconds from request to grant, per name granted.", lambda c: c.wait),
-    ("hold_seconds", "Seconds from grant to end, per name of the leases that ended.", lambda c: c.hold),
-]
-
-
-def _counters(
-    prefix: str, labels: list[str], rows: list[tuple[list[str], _Counts]], scope: str,
-) -> Iterator[Metric]:
-    """The counters and histograms of each row's counts, its label values first; `scope`
-    ends each help text."""
-    for suffix, documentation, label, read in _COUNTERS:
-        family = CounterMetricFamily(
-            f"{prefix}_{suffix}", documentation + scope, labels=labels if label is None else [*labels, label],
-        )
-        for values, counts in rows:
-            value = read(counts)
-            if isinstance(value, int):
-                family.add_metric(values, value)
-            else:
-                for key, count in value.items():
-                    family.add_metric([*values, key], count)
-        yield family
-    for suffix, documentation, histogram in _HISTOGRAMS:
-        histograms = HistogramMetricFamily(f"{prefix}_{suffix}", documentation + scope, labels=labels)
-        for values, counts in rows:
-            seen = histogram(counts)
-            histograms.add_metric(values, seen.cumulative(), seen.total)
-        yield histograms
-
-
-def _gauges(
-    prefix: str, labels: list[str], rows: list[tuple[list[str], Census]], now: float, scope: str,
-) -> Iterator[Metric]:
-    """The gauges of each row's census, its label values first; `scope` ends each help text."""
-    held = GaugeMetricFamily(
-        f"{prefix}_leases_held", "Leases held now (granted, or broken and not let go yet), per name they "
-        "hold, by mode." + scope, labels=[*labels, "mode"],
-    )
-    waiting = GaugeMetricFamily(
-        f"{prefix}_waiters", "Requests waiting now (queued, or being taken behind a holder outside lockd), "
-        "per name they wait for, by mode." + scope, labels=[*labels, "mode"],
-    )
-    oldest_held = GaugeMetricFamily(
-        f"{prefix}_lease_oldest_held_seconds", "Seconds the longest-held lease has been held (0: none is)."
-        + scope, labels=labels,
-    )
-    oldest_waiting = GaugeMetricFamily(
-        f"{prefix}_waiter_oldest_waiting_seconds",
-        "Seconds the longest-waiting request has been waiting (0: none is)." + scope, labels=labels,
-    )
-    for values, census in rows:
-        for mode in MODES:
-            held.add_metric([*values, mode], census.held[mode])
-            waiting.add_metric([*values, mode], census.waiting[mode])
-        oldest_held.add_metric(values, _age(census.held_since, now))
-        oldest_waiting.add_metric(values, _age(census.waiting_since, now))
-    yield from (held, waiting, oldest_held, oldest_waiting)
-
-
-def _descriptors() -> Iterator[Metric]:
-    """The process's open descriptors and their limit, under the names prometheus_client's
-    ProcessCollector gives them: lockd holds some per lease, and running out refuses leases.
-    Not that collector itself: it lists /proc/self/fd, 15 ms per 20,000 descriptors here, on
-    the event loop; Linux 6.2 and later give the count as the directory's size, in O(1)."""
-    try:
-        count = os.stat("/proc/self/fd").st_size or len(os.listdir("/proc/self/fd"))
-    except OSError:
-        return  # not Linux: no /proc
-    yield _gauge("process_open_fds", "Number of open file descriptors.", count)
-    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    yield _gauge("process_max_fds", "Maximum number of open file descriptors.", limit)
-
-
-def _age(since: float | None, now: float) -> float:
-    return 0.0 if since is None else max(0.0, now - since)
-
-
-def _etcd_metrics(etcd: EtcdStats) -> Iterator[Metric]:
-    alive, age = etcd.lease_state()
-    lease_alive, keepalive_age, request_seconds = ETCD_FAMILIES
-    yield _gauge(lease_alive, "1 while the daemon holds an etcd lease it vouches for, else 0.", alive)
-    if age is not None:
-        yield _gauge(
-            keepalive_age,
-            "Seconds since the keep-alive that last confirmed the etcd lease was sent.", age,
-        )
-    family = HistogramMetricFamily(
-        request_seconds, "Seconds each etcd request took, answered or not, by API call.",
-        labels=["call"],
-    )
-    for call, seen in sorted(etcd.request_seconds.items()):
-        family.add_metric([call], seen.cumulative(), seen.total)
-    yield family

@@ -19,13 +19,14 @@ from lockd_client import errors
 from lockd_client.blocking import connect
 from prometheus_client.parser import text_string_to_metric_families
 
-from lockd import metrics, metrics_http
+from lockd import metrics_http, metrics_text
 from lockd.metrics import LOSS_REASONS, Metrics
 
 from .conftest import Daemon
 from .flock_tools import outside_flock
 from .test_cli import LOCKCTL, lockctl
 from .test_metrics import FakeEtcd, samples
+from .test_reexec import sigusr2
 from .waiting import wait_until
 
 DOCS = Path(__file__).parent.parent / "docs"
@@ -227,6 +228,36 @@ def test_lockctl_metrics_prints_the_same_families_as_the_listener(unix_daemon: t
     assert {"lockd_grants", "lockd_wait_seconds", "lockd_leases_held", "lockd_connections"} <= printed
 
 
+#: The line Python writes (PYTHONPROFILEIMPORTTIME) when the daemon imports prometheus_client.
+PROMETHEUS_IMPORTED = re.compile(r"^import time:.*\| +prometheus_client$", re.MULTILINE)
+
+
+def test_the_daemon_imports_prometheus_client_only_once_its_metrics_are_read(short_tmp: Path) -> None:
+    """The import takes tens of milliseconds, which a start, and the pause of a re-exec in
+    place (a new program that imports all it serves with), must not spend on metrics nobody
+    may read. Python logs every import the daemon makes, in the order made."""
+    listen = f"unix:{short_tmp}/metrics.sock"
+    config = short_tmp / "lockd.toml"
+    config.write_text(f"[metrics]\nlisten = {json.dumps(listen)}\n")
+    daemon = Daemon(short_tmp, "--config", str(config), daemon_env={"PYTHONPROFILEIMPORTTIME": "1"})
+    daemon.start()
+    try:
+        # Its socket accepts before the daemon has imported all it serves with; a handshake
+        # answered, after.
+        with connect(daemon.socket, timeout=TIMEOUT):
+            pass
+        assert not PROMETHEUS_IMPORTED.search(daemon.log())
+        scrape(listen)
+        assert PROMETHEUS_IMPORTED.search(daemon.log())
+        before = len(daemon.log())
+        sigusr2(daemon)
+        assert not PROMETHEUS_IMPORTED.search(daemon.log()[before:])
+        assert lockctl(daemon, "metrics").returncode == 0
+        assert PROMETHEUS_IMPORTED.search(daemon.log()[before:])
+    finally:
+        daemon.kill()
+
+
 # --- the dashboard and the alert rules --------------------------------------------------------
 
 #: A metric's name in a PromQL expression: lockd's own, and the process's it exposes.
@@ -248,7 +279,7 @@ def exposed(listen: str, daemon: Daemon) -> set[str]:
 
 
 def test_the_etcd_only_names_are_what_lockd_renders_for_the_etcd_backend() -> None:
-    assert {name.removesuffix("_bucket") for name in ETCD_ONLY} == set(metrics.ETCD_FAMILIES)
+    assert {name.removesuffix("_bucket") for name in ETCD_ONLY} == set(metrics_text.ETCD_FAMILIES)
     rendered = samples(Metrics(backend="etcd", etcd=FakeEtcd()))
     assert ETCD_ONLY <= {sample_name for sample_name, _ in rendered}
 
