@@ -68,7 +68,7 @@ def build(leases: int, metrics: Metrics) -> LockService:
     now = [0.0]
     service = LockService(
         LockTable(), Processes(_no_process), Limits(max_pending_per_uid=leases, max_waiters_per_name=leases),
-        Policy((), {0: "root"}), _Backend(), clock=lambda: now[0], wall_offset=0.0,
+        Policy((), {0: "root"}), _Backend(), clock=lambda: now[0], wall_clock=lambda: 0.0,
         arrivals=metrics.note,
     )
     uid = 0
