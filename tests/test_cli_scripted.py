@@ -255,7 +255,7 @@ def test_daemon_reexec_json(scripted) -> None:
         (
             protocol.ErrorCode.NOT_REEXECUTED, "not re-executed: the daemon is stopping", cli.EXIT_NOT_REEXECUTED,
             "lockctl: not re-executed: the daemon is stopping; lockd serves on as before, with everything it held: "
-            "fix what it says, then run lockctl daemon reexec again (lockd socket: ",
+            "fix what it says, then run lockctl daemon reexec again",
         ),
         (
             protocol.ErrorCode.PERMISSION_DENIED,
