@@ -116,14 +116,14 @@ class LeaseRecord(msgspec.Struct, eq=False):
         return f"<LeaseRecord {self.id} {', '.join(self.names)} {self.state.value}>"
 
 
-class LeaseView:
-    """What both clients' Lease classes show of a lease record."""
+class LeaseView(msgspec.Struct, eq=False):
+    """What both clients' Lease classes show of a lease record.
 
-    __slots__ = ("_client", "_record")
+    A Struct, never encoded, for the same reason as LeaseRecord; compared by identity.
+    """
 
-    def __init__(self, client: object, record: LeaseRecord) -> None:
-        self._client = client
-        self._record = record
+    _client: object
+    _record: LeaseRecord
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -162,23 +162,21 @@ class LeaseView:
         return f"<lockd {type(self).__name__} {', '.join(self.names)} {self._record.state.value}>"
 
 
-class Call(Generic[T]):
+class Call(msgspec.Struct, Generic[T], eq=False):
     """A request waiting for its one reply.
 
     `done` turns true exactly once; then `result()` returns the value or raises the error.
     For an acquire, `queued` collects the holder lists of the daemon's Queued notices until
-    the waiter takes them with `take_queued`.
+    the waiter takes them with `take_queued`. A Struct, never encoded, for the same reason as
+    LeaseRecord.
     """
 
-    __slots__ = ("id", "request", "queued", "done", "_value", "_error")
-
-    def __init__(self, id: int | None, request: protocol.Hello | NumberedRequest) -> None:
-        self.id = id
-        self.request = request
-        self.queued: list[list[protocol.Holder]] = []
-        self.done = False
-        self._value: T | None = None
-        self._error: errors.LockdError | None = None
+    id: int | None
+    request: protocol.Hello | NumberedRequest
+    queued: list[list[protocol.Holder]] = msgspec.field(default_factory=list)
+    done: bool = False
+    _value: T | None = None
+    _error: errors.LockdError | None = None
 
     def result(self) -> T:
         if not self.done:

@@ -525,7 +525,6 @@ class Lease(LeaseView):
     raises LeaseLost, unless another exception is already propagating.
     """
 
-    __slots__ = ()
     _client: Client
 
     @property
