@@ -151,6 +151,34 @@ async def test_cancelling_the_reading_task_hands_reading_to_another(daemon):
             assert await is_free(daemon, "y")
 
 
+async def test_the_reading_passes_on_past_waiters_cancelled_with_the_reader(daemon):
+    """The reader hands the reading to one waiting task, not to all of them: when that one is
+    cancelled too, it hands it on in turn."""
+    with trio.fail_after(WAIT):
+        async with trio_client.connect(daemon.socket) as holder, trio_client.connect(daemon.socket) as c:
+            held = {name: await holder.acquire(name) for name in "xyz"}
+            got = []
+
+            async def start_acquire(nursery, name):
+                queued = trio.Event()
+
+                async def acquire():
+                    got.append(await c.acquire(name, on_queued=lambda h: queued.set()))
+
+                nursery.start_soon(acquire)
+                await queued.wait()
+
+            async with trio.open_nursery() as nursery:
+                async with trio.open_nursery() as doomed:
+                    await start_acquire(doomed, "x")  # the reader: started first
+                    await start_acquire(doomed, "y")  # first in line to read next
+                    await start_acquire(nursery, "z")
+                    doomed.cancel_scope.cancel()
+                await held["z"].release()
+            assert [lease.names for lease in got] == [("z",)]
+            assert [lock.waiters for lock in await c.status("x", "y")] == [[], []]
+
+
 async def test_cancelling_the_block_still_releases_the_lease(daemon):
     with trio.fail_after(WAIT):
         async with trio_client.connect(daemon.socket) as c:

@@ -94,6 +94,37 @@ def test_frames_come_out_whole_however_the_stream_is_cut() -> None:
         assert got == messages and frames.pending == 0
 
 
+def test_frames_takes_whole_frames_however_the_stream_is_cut_and_mixed_with_feed() -> None:
+    stream = bytearray()
+    messages = [protocol.Status(i, ["a"] * i) for i in range(1, 6)]
+    for message in messages:
+        protocol.encode_frame(msgspec.msgpack.Encoder(), message, stream)
+    decoder = protocol.request_decoder()
+    for cut in range(1, len(stream) + 1):
+        frames = protocol.FrameBuffer(protocol.MAX_REQUEST_FRAME)
+        got = []
+        for at in range(0, len(stream), cut):
+            piece = memoryview(bytes(stream[at : at + cut]))
+            if at // cut % 3 == 2:  # now and then the other way, which must agree with it
+                frames.feed(piece)
+                bodies = []
+                while (body := frames.next_frame()) is not None:
+                    bodies.append(body)
+            else:
+                bodies = frames.frames(piece)
+            got += [decoder.decode(body) for body in bodies]
+            del bodies, piece
+        assert got == messages and frames.pending == 0
+
+
+def test_frames_refuses_an_oversized_prefix_even_after_whole_frames() -> None:
+    frames = protocol.FrameBuffer(limit=1024)
+    with pytest.raises(protocol.FrameTooLarge):
+        frames.frames(b"\0\0\0\2hi" + (1025).to_bytes(4, "big"))
+    with pytest.raises(protocol.FrameTooLarge):
+        protocol.FrameBuffer(limit=1024).frames(b"\0\0" + b"\4\1")
+
+
 def test_a_body_kept_past_the_next_feed_is_refused_loudly() -> None:
     frames = protocol.FrameBuffer(1024)
     frames.feed(b"\0\0\0\2hi\0\0")

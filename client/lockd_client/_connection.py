@@ -73,34 +73,30 @@ class LeaseState(enum.Enum):
     RELEASED = "released"  # ended by the client: release, withdraw, or closing the connection
 
 
-class LeaseRecord:
-    """The client's view of one granted lease, keyed by the id of the Acquire that made it."""
+class LeaseRecord(msgspec.Struct, eq=False):
+    """The client's view of one granted lease, keyed by the id of the Acquire that made it.
 
-    __slots__ = (
-        "id", "names", "_tokens", "state", "lost_reason", "fds", "pid", "detached", "acknowledged", "__weakref__",
-    )
+    A Struct, never encoded: one is made per grant, and a Struct is made in C.
+    """
 
-    def __init__(
-        self, id: int, names: tuple[str, ...], tokens: list[int], fds: list[int], pid: int | None
-    ) -> None:
-        self.id = id
-        self.names = names
-        #: One per name, in `names` order (the grant was checked to carry exactly that many).
-        #: Kept as they came: most leases never ask for them by name.
-        self._tokens = tokens
-        self.state = LeaseState.HELD
-        self.lost_reason: str | None = None
-        #: The lock-file descriptors that came with the grant, one per name, then one per
-        #: semaphore slot; open until the client lets go of the lease (whatever its state),
-        #: then [].
-        self.fds = fds
-        #: The process the lease is tied to, if it was acquired with `pid=`.
-        self.pid = pid
-        #: The connection ended, but the daemon said its leases outlive it: the descriptors
-        #: still hold the locks, and the lease is HELD until released.
-        self.detached = False
-        #: Whether the daemon was told this lost lease was let go of (see `Connection.release`).
-        self.acknowledged = False
+    id: int
+    names: tuple[str, ...]
+    #: One per name, in `names` order (the grant was checked to carry exactly that many).
+    #: Kept as they came: most leases never ask for them by name.
+    _tokens: list[int]
+    #: The lock-file descriptors that came with the grant, one per name, then one per
+    #: semaphore slot; open until the client lets go of the lease (whatever its state),
+    #: then [].
+    fds: list[int]
+    #: The process the lease is tied to, if it was acquired with `pid=`.
+    pid: int | None
+    state: LeaseState = LeaseState.HELD
+    lost_reason: str | None = None
+    #: The connection ended, but the daemon said its leases outlive it: the descriptors
+    #: still hold the locks, and the lease is HELD until released.
+    detached: bool = False
+    #: Whether the daemon was told this lost lease was let go of (see `Connection.release`).
+    acknowledged: bool = False
 
     @property
     def tokens(self) -> dict[str, int]:
@@ -120,14 +116,14 @@ class LeaseRecord:
         return f"<LeaseRecord {self.id} {', '.join(self.names)} {self.state.value}>"
 
 
-class LeaseView:
-    """What both clients' Lease classes show of a lease record."""
+class LeaseView(msgspec.Struct, eq=False):
+    """What both clients' Lease classes show of a lease record.
 
-    __slots__ = ("_client", "_record")
+    A Struct, never encoded, for the same reason as LeaseRecord; compared by identity.
+    """
 
-    def __init__(self, client: object, record: LeaseRecord) -> None:
-        self._client = client
-        self._record = record
+    _client: object
+    _record: LeaseRecord
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -166,23 +162,21 @@ class LeaseView:
         return f"<lockd {type(self).__name__} {', '.join(self.names)} {self._record.state.value}>"
 
 
-class Call(Generic[T]):
+class Call(msgspec.Struct, Generic[T], eq=False):
     """A request waiting for its one reply.
 
     `done` turns true exactly once; then `result()` returns the value or raises the error.
     For an acquire, `queued` collects the holder lists of the daemon's Queued notices until
-    the waiter takes them with `take_queued`.
+    the waiter takes them with `take_queued`. A Struct, never encoded, for the same reason as
+    LeaseRecord.
     """
 
-    __slots__ = ("id", "request", "queued", "done", "_value", "_error")
-
-    def __init__(self, id: int | None, request: protocol.Hello | NumberedRequest) -> None:
-        self.id = id
-        self.request = request
-        self.queued: list[list[protocol.Holder]] = []
-        self.done = False
-        self._value: T | None = None
-        self._error: errors.LockdError | None = None
+    id: int | None
+    request: protocol.Hello | NumberedRequest
+    queued: list[list[protocol.Holder]] = msgspec.field(default_factory=list)
+    done: bool = False
+    _value: T | None = None
+    _error: errors.LockdError | None = None
 
     def result(self) -> T:
         if not self.done:
@@ -336,6 +330,8 @@ class Connection:
         #: Requests to go out with the next write (`take_unsent`): Releases of subscriptions
         #: this client dropped while reading.
         self._unsent = bytearray()
+        #: Whether `take_unsent` has something to write.
+        self.has_unsent = False
         self._next_id = 1
         #: Descriptors received and not yet claimed by their Granted.
         self._unclaimed_fds: deque[int] = deque()
@@ -385,7 +381,9 @@ class Connection:
         `slots` makes every name (an int) or the names it maps (to their counts) counting
         semaphores, of which the lease takes one slot each. Duplicate names count once.
         """
-        unique = _checked_names(dict.fromkeys(names))
+        unique = list(dict.fromkeys(names))
+        if (problem := protocol.names_problem(unique)) is not None:
+            raise errors.InvalidName(problem)
         if label is not None:
             _check_label(label)
         semaphores = _checked_slots(slots, unique, shared) if slots is not None else {}
@@ -396,8 +394,14 @@ class Connection:
         if semaphores:
             self._require(protocol.Feature.SEMAPHORES, "does not serve semaphores (slots); upgrade it")
         mode: protocol.Mode = "shared" if shared else "exclusive"
-        request = protocol.Acquire(self._next_id, unique, mode, timeout, label, pid, semaphores)
-        return self._send_request(request)
+        id = self._next_id
+        request = protocol.Acquire(id, unique, mode, timeout, label, pid, semaphores)
+        # `_send_request`, without the stop: this runs for every lease.
+        data = self._encode(request)
+        call: Call[LeaseRecord] = Call(id, request)
+        self._calls[id] = call
+        self._next_id = id + 1
+        return call, data
 
     def status(self, names: Iterable[str] = ()) -> tuple[Call[list[protocol.LockInfo]], bytes]:
         """Ask who holds and awaits `names` (every lock in use when empty)."""
@@ -490,19 +494,18 @@ class Connection:
         A lost lease is acknowledged the same way, once: the daemon holds a lease broken by
         force until its holder says it let go, which then frees the lock at once.
         """
-        if lease.state is LeaseState.LOST:
-            if lease.acknowledged or self.phase is not Phase.OPEN:
-                return b""
+        state, id = lease.state, lease.id
+        if state is LeaseState.HELD:
+            if self._leases.get(id) is not lease:
+                raise errors.LocalProtocolError(f"{lease!r} belongs to another connection")
+            data = b"" if lease.detached else self._encode(protocol.Release(id, exit_status))
+            del self._leases[id]
+            lease.state = LeaseState.RELEASED
+            return data
+        if state is LeaseState.LOST and not lease.acknowledged and self.phase is Phase.OPEN:
             lease.acknowledged = True
-            return self._encode(protocol.Release(lease.id))
-        if lease.state is not LeaseState.HELD:
-            return b""
-        if self._leases.get(lease.id) is not lease:
-            raise errors.LocalProtocolError(f"{lease!r} belongs to another connection")
-        data = b"" if lease.detached else self._encode(protocol.Release(lease.id, exit_status))
-        del self._leases[lease.id]
-        lease.state = LeaseState.RELEASED
-        return data
+            return self._encode(protocol.Release(id))
+        return b""
 
     def let_go(self, lease: LeaseRecord) -> list[int]:
         """Take `lease`'s descriptors, for the caller to close (and unlock, when the lease is
@@ -510,6 +513,11 @@ class Connection:
         fds, lease.fds = lease.fds, []
         self._holding.pop(lease.id, None)
         return fds
+
+    @property
+    def has_stray(self) -> bool:
+        """Whether `stray_fds` has descriptors to hand back while the connection is open."""
+        return bool(self._stray)
 
     def stray_fds(self) -> list[int]:
         """Take the descriptors received that no lease claims (a grant that came after its
@@ -614,11 +622,18 @@ class Connection:
                 reason = EOF_REASON
             self._lose_all(reason, lambda: went_away(reason))
             return
-        buffer, decode = self._buffer, self._decoder.decode
-        buffer.feed(data)
+        decode, calls = self._decoder.decode, self._calls
         try:
-            while (body := buffer.next_frame()) is not None:
-                self._handle(decode(body))
+            for body in self._buffer.frames(data):
+                message = decode(body)
+                # A grant, the reply that matters most, without a stop in `_handle`. A call
+                # exists only for a request sent once the connection was open.
+                if type(message) is protocol.Granted:
+                    call = calls.get(message.id)
+                    if call is not None and type(call.request) is protocol.Acquire:
+                        self._grant(call, call.request, message)
+                        continue
+                self._handle(message)
                 if self.closed:
                     break
         except (protocol.FrameTooLarge, msgspec.DecodeError, _Violation) as exc:
@@ -631,11 +646,6 @@ class Connection:
                 ),
             )
 
-    @property
-    def has_unsent(self) -> bool:
-        """Whether `take_unsent` has something to write."""
-        return bool(self._unsent)
-
     def take_unsent(self) -> bytes:
         """What this connection decided to send on its own while reading (the Release of a
         subscription it dropped): the clients write it before their next request's bytes,
@@ -644,6 +654,7 @@ class Connection:
             return b""
         data = b"" if self.closed else bytes(self._unsent)
         self._unsent.clear()
+        self.has_unsent = False
         return data
 
     # --- internals ----------------------------------------------------------------------------
@@ -654,14 +665,14 @@ class Connection:
             raise errors.ProtocolError(f"this lockd ({self.server.server}) {missing}")
 
     def _encode(self, message: protocol.Request) -> bytes:
-        data = protocol.frame(self._encoder, message)
-        size = len(data) - protocol.PREFIX_SIZE
+        body = self._encoder.encode(message)
+        size = len(body)
         if size > self._max_frame:
             raise errors.LimitExceeded(
                 f"a request of {size} bytes exceeds this lockd's limit of {self._max_frame} "
                 "bytes; name fewer locks in one request"
             )
-        return data
+        return protocol.pack_prefix(size) + body
 
     def _check_open(self) -> None:
         if self.phase is not Phase.OPEN:
@@ -695,8 +706,9 @@ class Connection:
         return call, data
 
     def _handle(self, message: protocol.Reply) -> None:
-        # This runs for every reply: the common cases are tested first, and by exact type,
-        # because isinstance on msgspec Structs costs several times as much.
+        # This runs for every reply but grants (see `receive_data`): the common cases are
+        # tested first, and by exact type, because isinstance on msgspec Structs costs
+        # several times as much.
         if self.phase is not Phase.OPEN:
             self._handle_greeting(message)
             return
@@ -760,16 +772,20 @@ class Connection:
         # One per name, then one per slot of a semaphore (its slot file).
         if len(message.tokens) != len(names) or (count and count != len(names) + len(request.slots)):
             raise _Violation(f"{len(message.tokens)} tokens and {count} descriptors for {len(names)} names")
-        fds = self._claim_fds(count)  # before the call is gone: it may fail
-        del self._calls[request.id]
+        unclaimed = self._unclaimed_fds
+        # Before the call is gone: claiming may fail.
+        fds = [unclaimed.popleft()] if count == 1 and unclaimed else self._claim_fds(count)
+        id = request.id
+        del self._calls[id]
         if request.pid is not None and not self.keep_tied_descriptors:
             self._stray += fds
             fds = []
-        lease = LeaseRecord(request.id, tuple(names), message.tokens, fds, request.pid)
+        lease = LeaseRecord(id, tuple(names), message.tokens, fds, request.pid)
         if fds:
-            self._holding[request.id] = lease
-        self._leases[request.id] = lease
-        call._resolve(lease)
+            self._holding[id] = lease
+        self._leases[id] = lease
+        call._value = lease
+        call.done = True
 
     def _handle_subscription(self, subscription: Subscription, message: protocol.Reply) -> None:
         if type(message) is protocol.Event and subscription.started:
@@ -782,6 +798,7 @@ class Connection:
                 subscription._subscribed = False
                 del self._subscriptions[subscription.id]
                 self._unsent += self._encode(protocol.Release(subscription.id))
+                self.has_unsent = True
                 return
             subscription.events.append(message.event)
         elif type(message) is protocol.Done and not subscription.started:

@@ -44,8 +44,15 @@ def recv_into(sock: socket.socket, buffer: bytearray, flags: int = 0) -> tuple[i
     and the descriptors that came with the bytes (close-on-exec). Raises DescriptorsLost,
     having closed the ones that did come, if the kernel dropped some."""
     size, ancdata, msg_flags, _ = sock.recvmsg_into((buffer,), _ANCILLARY_SIZE, flags | socket.MSG_CMSG_CLOEXEC)
-    # Truncated with nothing to show for it: the kernel could install none of them.
-    return size, (_received(ancdata, msg_flags) if ancdata or msg_flags & socket.MSG_CTRUNC else [])
+    if not msg_flags & socket.MSG_CTRUNC:
+        if not ancdata:
+            return size, []
+        if len(ancdata) == 1:  # a grant's, nearly always
+            level, kind, data = ancdata[0]
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS and not len(data) % _FD_SIZE:
+                return size, array.array("i", data).tolist()
+    # Truncated even with nothing to show for it: the kernel could install none of them.
+    return size, _received(ancdata, msg_flags)
 
 
 def _received(ancdata: list[tuple[int, int, bytes]], msg_flags: int) -> list[int]:
@@ -70,7 +77,8 @@ def let_go(fds: list[int], *, unlock: bool) -> None:
 
         for fd in fds:
             fcntl.flock(fd, fcntl.LOCK_UN)
-    close_all(fds)
+    for fd in fds:
+        os.close(fd)
 
 
 def close_all(fds: Iterable[int]) -> None:

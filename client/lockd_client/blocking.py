@@ -25,6 +25,7 @@ from ._connection import (
     Connection,
     LeaseState,
     LeaseView,
+    Phase,
     QueuedCallback,
     Subscription,
     check_exit_status,
@@ -281,6 +282,7 @@ class Client:
 
     def _read(self, flags: int = 0) -> bool:
         """Read once and apply it. False when MSG_DONTWAIT found nothing to read."""
+        conn = self._conn
         try:
             if not flags:
                 # Wait in poll(), not in recv(): a reader blocked in recv() on a Unix socket
@@ -292,13 +294,14 @@ class Client:
         except BlockingIOError:
             return False
         except OSError as exc:
-            self._conn.abort(f"reading from lockd at {self.socket_path} failed: {exc}")
+            conn.abort(f"reading from lockd at {self.socket_path} failed: {exc}")
         else:
-            self._conn.receive_data(self._inbox_view[:size], fds)
-        if self._conn.closed:
+            conn.receive_data(self._inbox_view[:size], fds)
+        if conn.phase is Phase.CLOSED:
             self._hang_up()
-        if stray := self._conn.stray_fds():
-            _lockfds.close_all(stray)
+            _lockfds.close_all(conn.stray_fds())
+        elif conn.has_stray:
+            _lockfds.close_all(conn.stray_fds())
         return True
 
     def _send(self, data: bytes) -> None:
@@ -381,7 +384,6 @@ class Lease(LeaseView):
     raises LeaseLost, unless another exception is already propagating.
     """
 
-    __slots__ = ()
     _client: Client
 
     @property
@@ -400,13 +402,16 @@ class Lease(LeaseView):
         kept in the daemon's history with the release. Raises InvalidArgument, releasing
         nothing, for an `exit_status` outside 0 to 255.
         """
-        check_exit_status(exit_status)
+        if exit_status is not None:
+            check_exit_status(exit_status)
         client, record = self._client, self._record
         conn = client._conn
         try:
             data = conn.release(record, exit_status)
             if data:
-                client._send_quietly(data)
+                client._send(data)
+        except errors.DaemonUnavailable:
+            pass  # the connection is broken: the daemon already ended the lease
         finally:
             if record.fds:
                 _lockfds.let_go(conn.let_go(record), unlock=record.detached)

@@ -46,6 +46,8 @@ MAX_REPLY_FRAME: Final = 256 * 1024 * 1024
 #: A frame's length prefix: 4 bytes, unsigned, big-endian (docs/protocol.md).
 _PREFIX: Final = struct.Struct(">I")
 PREFIX_SIZE: Final = _PREFIX.size
+#: The prefix of a body of N bytes: `pack_prefix(N)`.
+pack_prefix: Final = _PREFIX.pack
 
 Mode = Literal["exclusive", "shared"]
 
@@ -517,6 +519,39 @@ class FrameBuffer:
             del self._buf[: self._start]
             self._start = 0
         self._buf += data
+
+    def frames(self, data: bytes | bytearray | memoryview) -> list[memoryview]:
+        """`feed(data)`, then return every complete frame body, in order.
+
+        When no partial frame is pending, as after nearly every read, `data` is not copied:
+        the bodies are views into it (valid while it is unchanged), and only a partial frame
+        at its end is kept. A prefix over `limit` raises FrameTooLarge, even after complete
+        frames in the same `data`.
+        """
+        if self._start < len(self._buf):
+            self.feed(data)
+            bodies = []
+            while (body := self.next_frame()) is not None:
+                bodies.append(body)
+            return bodies
+        view = memoryview(data)
+        total, start, limit = len(view), 0, self.limit
+        bodies = []
+        while total - start >= PREFIX_SIZE:
+            (size,) = _PREFIX.unpack_from(view, start)
+            if size > limit:
+                raise FrameTooLarge(size, limit)
+            end = start + PREFIX_SIZE + size
+            if end > total:
+                break
+            bodies.append(view[start + PREFIX_SIZE : end])
+            start = end
+        if self._start:
+            del self._buf[:]
+            self._start = 0
+        if start < total:
+            self._buf += view[start:]
+        return bodies
 
     def next_frame(self) -> memoryview | None:
         """Return the next complete frame body, or None if none is complete."""

@@ -2,7 +2,9 @@
 
 Invariants:
 - At most one task reads the socket at a time. It applies what it read to the connection's
-  state and wakes every other waiting task, which then looks at its own request or lease.
+  state and wakes the waiting tasks whose wait that ended (every one once the connection
+  closes); whoever waits can count on a reader: a task that leaves while others wait and
+  none reads wakes one of them to read in its place.
   Reading happens only in tasks that wait for something, and, without waiting, when no
   task is reading and a lease's block ends or its `lost` is asked: there is no background
   task.
@@ -135,10 +137,10 @@ class Client:
         self._inbox = bytearray(READ_SIZE)
         self._inbox_view = memoryview(self._inbox)
         self._reading = False
-        # Set (then replaced) each time the reading task has applied what it read, if any
-        # task waits for it (`_watching` counts them).
-        self._progress = trio.Event()
-        self._watching = 0
+        #: The tasks waiting while another reads: each one's event, and what it waits for.
+        #: Only those whose wait is over are woken, not all of them at every read: with many
+        #: requests in flight that would cost a trip through the scheduler per task per read.
+        self._waiters: dict[trio.Event, Callable[[], bool]] = {}
         _lockfds.register(self, self._conn)
 
     async def acquire(
@@ -326,27 +328,32 @@ class Client:
         If another task is reading, wait for it to apply what it read instead. Cancelling
         the reading task loses nothing: trio consumes no data from a cancelled receive.
         """
-        while not done() and not self._conn.closed:
-            if self._reading:
-                self._watching += 1
-                try:
-                    await self._progress.wait()
-                finally:
-                    self._watching -= 1
-                continue
-            self._reading = True
-            try:
-                try:
-                    await trio.lowlevel.wait_readable(self._raw)
-                    read = _lockfds.recv_into(self._raw, self._inbox, socket.MSG_DONTWAIT)
-                except BlockingIOError:
+        try:
+            while not done() and not self._conn.closed:
+                if self._reading:
+                    woken = trio.Event()
+                    self._waiters[woken] = done
+                    try:
+                        await woken.wait()
+                    finally:
+                        self._waiters.pop(woken, None)
                     continue
-                except (trio.ClosedResourceError, OSError) as exc:
-                    self._apply_read(exc)
-                else:
-                    self._apply_read(read)
-            finally:
-                self._reading = False
+                self._reading = True
+                try:
+                    try:
+                        await trio.lowlevel.wait_readable(self._raw)
+                        read = _lockfds.recv_into(self._raw, self._inbox, socket.MSG_DONTWAIT)
+                    except BlockingIOError:
+                        continue
+                    except (trio.ClosedResourceError, OSError) as exc:
+                        self._apply_read(exc)
+                    else:
+                        self._apply_read(read)
+                finally:
+                    self._reading = False
+                    self._wake(hand_over=False)  # this task reads on, or leaves below
+        finally:
+            if not self._reading:
                 self._wake()
 
     def _read_pending(self) -> None:
@@ -430,10 +437,22 @@ class Client:
         self._wake()
         return reason
 
-    def _wake(self) -> None:
-        if self._watching:
-            self._progress.set()
-            self._progress = trio.Event()
+    def _wake(self, hand_over: bool = True) -> None:
+        """Wake the waiting tasks whose wait is over (all of them once the connection is
+        closed); with `hand_over`, the first of the others too, to read in place of a task
+        that stopped reading or waiting."""
+        waiters = self._waiters
+        if not waiters:
+            return
+        closed = self._conn.closed
+        for woken, done in list(waiters.items()):
+            if closed or done():
+                woken.set()
+                del waiters[woken]
+        if hand_over and waiters:
+            woken = next(iter(waiters))
+            woken.set()
+            del waiters[woken]
 
 
 class Subscribing:
@@ -525,7 +544,6 @@ class Lease(LeaseView):
     raises LeaseLost, unless another exception is already propagating.
     """
 
-    __slots__ = ()
     _client: Client
 
     @property
