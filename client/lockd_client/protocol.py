@@ -535,7 +535,7 @@ class FrameBuffer:
                 bodies.append(body)
             return bodies
         view = memoryview(data)
-        total, start, limit = len(view), 0, self.limit
+        total, start, limit = len(view), 0, self._limit
         bodies = []
         while total - start >= PREFIX_SIZE:
             (size,) = _PREFIX.unpack_from(view, start)
