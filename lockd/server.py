@@ -181,11 +181,16 @@ class Server:
                 log.warning("cannot accept a connection: %s; retrying in 100 ms", exc.strerror)
                 await trio.sleep(0.1)
                 continue
-            self._nursery.start_soon(self._serve_connection, sock)
+            # Before the next checkpoint: a re-exec's state then has every connection accepted.
+            connected = self._connect(sock)
+            if connected is not None:
+                self._nursery.start_soon(self._run_session, *connected)
 
     # --- sessions -----------------------------------------------------------------------------
 
-    async def _serve_connection(self, sock: socket.socket) -> None:
+    def _connect(self, sock: socket.socket) -> tuple[Session, protocol.Welcome | None] | None:
+        """The session of a connection just accepted, known to the service, and its welcome;
+        None if the peer cannot be told (the socket is closed)."""
         service = self.service
         try:
             pid, uid, gid = procinfo.peer_credentials(sock)
@@ -193,13 +198,13 @@ class Server:
             service.unreadable_peer(str(exc))
             self._carry_out()
             sock.close()
-            return
+            return None
         session = Session(sock, next(self._session_ids), self._disconnected)
         welcome = service.connect(
             session, pid, uid, gid, procinfo.peer_groups(sock, pid, gid), procinfo.command_line(pid),
         )
         self._carry_out()
-        await self._run_session(session, welcome)
+        return session, welcome
 
     async def _run_session(self, session: Session, welcome: protocol.Welcome | None) -> None:
         service = self.service

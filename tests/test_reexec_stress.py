@@ -359,3 +359,37 @@ def test_socket_activated_daemon_reexecs_and_tells_systemd(
     assert sock_path.exists()
 
 
+
+# --- connections coming in --------------------------------------------------------------------
+
+
+def test_connections_arriving_during_reexecs_are_kept(daemon: Daemon) -> None:
+    """Clients connecting in a tight loop while the daemon re-executes again and again: every
+    connection is greeted and served, whether it came before, during or after a re-exec
+    (one accepted just before the state is taken is handed over too)."""
+    stop = threading.Event()
+    served = [0] * 4
+    failures: list[str] = []
+
+    def connect_again_and_again(me: int) -> None:
+        while not stop.is_set():
+            try:
+                with RawClient(daemon.socket, timeout=TIMEOUT) as client:
+                    granted(client.acquire(f"n{me}"))
+                served[me] += 1
+            except (OSError, EOFError, AssertionError) as exc:
+                failures.append(f"client {me}, connection {served[me] + 1}: {exc!r}")
+                return
+
+    threads = [threading.Thread(target=connect_again_and_again, args=(me,)) for me in range(len(served))]
+    for thread in threads:
+        thread.start()
+    try:
+        for _ in range(5):
+            reexec(daemon)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(TIMEOUT)
+    assert failures == [], failures
+    assert min(served) > 0, served
