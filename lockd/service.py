@@ -970,13 +970,16 @@ class LockService:
         self.table = LockTable.restored(
             restored, ordered_by_backend=self.table.ordered_by_backend, next_arrival=next_arrival,
         )
+        # The tally finds the oldest waiting ticket first in the order they arrived: not the
+        # order `restored` has them in, where those the backend is taking come first.
+        for ticket in sorted(restored, key=_arrival):
+            self._tally.arrived(ticket)
         for ticket in restored:
             who = party(ticket)
             client = who.client
             client.tickets[who.request_id] = ticket
             client.names += len(ticket.names)
             self._uid_names[client.uid] = self._uid_names.get(client.uid, 0) + len(ticket.names)
-            self._tally.arrived(ticket)
             if who.process is not None:
                 self.processes.attach(who.process, ticket)
             if ticket.holding:
@@ -1425,6 +1428,10 @@ _PHASES: Final[dict[State, handover.TicketPhase]] = {
 
 def _since(ticket: Ticket) -> float:
     return ticket.since
+
+
+def _arrival(ticket: Ticket) -> int:
+    return ticket.seq
 
 
 def _code(exc: errors.LockdError) -> str:

@@ -23,6 +23,7 @@ from lockd_client import protocol
 
 from .conftest import Daemon
 from .etcd_cluster import EtcdCluster, requires_etcd
+from .flock_tools import outside_flock
 from .rawclient import RawClient
 from .test_cli import LOCKCTL, kill_quietly, lockctl, start_lockctl
 from .test_cli_watch import Watcher
@@ -393,3 +394,27 @@ def test_connections_arriving_during_reexecs_are_kept(daemon: Daemon) -> None:
             thread.join(TIMEOUT)
     assert failures == [], failures
     assert min(served) > 0, served
+
+
+# --- a take waiting outside lockd ---------------------------------------------------------------
+
+
+def test_a_take_blocked_outside_lockd_behind_an_older_waiter(daemon: Daemon) -> None:
+    """A request waiting in line on one name, and a later one let through on another whose
+    lock file flock(1) holds (the daemon's take waits for it): the new program takes this
+    over (the oldest request waiting is still the older one), and both are granted after."""
+    with RawClient(daemon.socket, timeout=TIMEOUT) as holder, \
+            RawClient(daemon.socket, timeout=TIMEOUT) as waiter, \
+            RawClient(daemon.socket, timeout=TIMEOUT) as taker:
+        held = granted(holder.acquire("x"))
+        waiter.send(protocol.Acquire(1, ["x"]))
+        assert isinstance(waiter.recv(), protocol.Queued)
+        with outside_flock(daemon.lock_dir / "y.lock"):
+            taker.send(protocol.Acquire(1, ["y"]))
+            assert isinstance(taker.recv(), protocol.Queued)
+            with RawClient(daemon.socket, timeout=TIMEOUT) as admin:
+                reply = admin.request(protocol.Reexec(1))
+            assert isinstance(reply, protocol.Reexecuted), reply
+        granted(next_reply(taker))
+        holder.send(protocol.Release(held.id))
+        granted(next_reply(waiter))
