@@ -118,6 +118,7 @@ def test_contending_clients_across_three_reexecs(daemon: Daemon, slots: int | No
     pid = daemon.proc.pid
     name = "contended"
     ledger = daemon.root / "ledger"
+    ledger.touch()
     hold = HOLD * (slots or 1)
     how = ["--slots", str(slots)] if slots else []
     clients: list[subprocess.Popen[bytes]] = []
