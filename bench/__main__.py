@@ -24,7 +24,7 @@ from . import report, services, workloads
 from .lockers import make_locker
 from .machine import REPO, EtcdProbe, OthersMeter, loadavg, machine_info
 
-WORKLOADS = ("w1", "w2", "w3", "w3s", "w4", "w5", "w7", "flood", "cli", "obs")
+WORKLOADS = ("w1", "w2", "w3", "w3s", "w4", "w5", "w6", "w7", "flood", "cli", "obs")
 #: Sections run only when asked for (`--etcd`, or named in `--only`).
 EXTRA = ("etcd",)
 DEFAULT_OUT = REPO / "bench" / "results" / "latest.json"
@@ -46,6 +46,10 @@ class Config:
     w3s_slots: int
     w4_leases: tuple[int, ...]
     w5_tries: int
+    #: W6: leases held over this many connections while a client cycles through re-execs.
+    w6_leases: int
+    w6_connections: int
+    w6_reexecs: int
     cli_runs: int
     #: W7: clients bursting at once, from this many processes, against a daemon queueing
     #: this many connections (and one queueing as many as the host allows).
@@ -66,13 +70,14 @@ class Config:
 
 FULL = dict(reps=3, w1_cycles=20_000, w2_clients=32, w2_seconds=5.0, w3_clients=8, w3_seconds=5.0,
             w3s_clients=16, w3s_slots=4,
-            w4_leases=(10_000, 100_000), w5_tries=10, cli_runs=20,
+            w4_leases=(10_000, 100_000), w5_tries=10, w6_leases=10_000, w6_connections=1_000, w6_reexecs=5,
+            cli_runs=20,
             w7_clients=2_000, w7_processes=16, w7_backlog=128,
             flood_connections=100_000, flood_processes=2, flood_idle_cycles=5_000,
             etcd_w1_cycles=2_000, etcd_w5_tries=3, etcd_cli_runs=10)
 QUICK = dict(reps=1, w1_cycles=2_000, w2_clients=8, w2_seconds=0.5, w3_clients=8, w3_seconds=0.5,
              w3s_clients=16, w3s_slots=4,
-             w4_leases=(1_000,), w5_tries=2, cli_runs=3,
+             w4_leases=(1_000,), w5_tries=2, w6_leases=1_000, w6_connections=100, w6_reexecs=2, cli_runs=3,
              w7_clients=200, w7_processes=4, w7_backlog=16,
              flood_connections=5_000, flood_processes=1, flood_idle_cycles=1_000,
              etcd_w1_cycles=200, etcd_w5_tries=1, etcd_cli_runs=2)
@@ -189,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
             if "cli" in only:
                 _progress("CLI")
-                _compile_client()
+                _compile("lockd_client")
                 results["cli"] = workloads.cli_startup(
                     _cli_commands(args.cli_python, files), cfg.cli_runs, {**os.environ, "LOCKD_SOCKET": daemon.socket})
                 results["cli_python"] = args.cli_python
@@ -215,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
                     with services.lockd(root, f"w4-{leases}-pipelined", nofile=nofile) as d:
                         pipelined = workloads.w4_pipelined(d.socket, leases, d.probe) | limit
                         results.setdefault("w4_pipelined", {})[str(leases)] = pipelined
+        if "w6" in only:
+            _progress(f"W6 {cfg.w6_leases:,} leases, {cfg.w6_connections:,} connections")
+            results["w6"] = _w6(cfg, root, client)
         if "obs" in only:
             results["obs"] = _observability(cfg, root, client)
         if "etcd" in only:
@@ -244,6 +252,26 @@ def _w1(spec: dict[str, Any], cycles: int, server, etcd=None) -> dict[str, Any]:
         return workloads.w1_cycles(locker, "w1", cycles, server, etcd)
     finally:
         locker.close()
+
+
+def _w6(cfg: Config, root: Path, client: str) -> dict[str, Any]:
+    """W6 against a fresh daemon, started (and so re-executed) from compiled bytecode, as an
+    installed lockd is: else each re-exec would compile every module changed since its last
+    .pyc again."""
+    _compile("lockd")
+    # The daemon needs a descriptor per lease and per connection, this process one per
+    # connection (a grant's lock-file descriptors it closes at once).
+    nofile, refused = _raisable_nofile(cfg.w6_leases + cfg.w6_connections + 1024)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < cfg.w6_connections + 1024:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    with services.lockd(root, "w6", nofile=nofile) as d:
+        locker = make_locker({"kind": client, "socket": d.socket})
+        try:
+            result = workloads.w6_reexec(locker, d.socket, cfg.w6_leases, cfg.w6_connections, cfg.w6_reexecs, d.probe)
+        finally:
+            locker.close()
+    return result | {"client": client, "nofile_refused": refused}
 
 
 _w7_daemons = itertools.count(1)
@@ -307,7 +335,7 @@ def _etcd_section(cfg: Config, root: Path, client: str, cli_python: str) -> dict
             "lockd-etcd": workloads.w5_crash(lockd_spec, cfg.w5_tries, workloads.lockd_waiting(daemon.socket)),
         }
         _progress("etcd CLI")
-        _compile_client()
+        _compile("lockd_client")
         lockctl = shutil.which("lockctl", path=os.path.dirname(cli_python))
         commands = {
             "python -c pass": [cli_python, "-c", "pass"],
@@ -340,15 +368,14 @@ def _repeat(reps: int, systems: list[str], title: str, measure) -> dict[str, Any
     return {"runs": runs, "median": {s: report.median_of(r) for s, r in runs.items()}}
 
 
-def _compile_client() -> None:
-    """Write lockd_client's bytecode, as installing a wheel does: a checkout run with
+def _compile(package: str) -> None:
+    """Write `package`'s bytecode, as installing a wheel does: a checkout run with
     PYTHONDONTWRITEBYTECODE (as this machine's environment sets) would otherwise compile every
-    module changed since its last .pyc on each lockctl start, about 5 ms here."""
+    module changed since its last .pyc on each start (of lockctl, about 5 ms here)."""
     import compileall
+    import importlib
 
-    import lockd_client
-
-    compileall.compile_dir(os.path.dirname(lockd_client.__file__), quiet=1)
+    compileall.compile_dir(os.path.dirname(importlib.import_module(package).__file__ or ""), quiet=1)
 
 
 def _cli_commands(python: str, files: str) -> dict[str, list[str]]:

@@ -237,6 +237,17 @@ class RawLockdLocker:
             if isinstance(reply, protocol.Error) and reply.id == rid:
                 raise errors.from_reply(reply)
 
+    def reexec(self) -> float:
+        """Have the daemon re-execute itself; the pause it reports (`Reexecuted.paused`, s)."""
+        rid = next(self._ids)
+        self._send(protocol.Reexec(rid))
+        while True:
+            reply = self._recv()
+            if isinstance(reply, protocol.Reexecuted) and reply.id == rid:
+                return reply.paused
+            if isinstance(reply, protocol.Error) and reply.id == rid:
+                raise errors.from_reply(reply)
+
     def token(self, grant: tuple[protocol.Granted, list[int]]) -> int:
         return grant[0].tokens[0]
 

@@ -174,6 +174,8 @@ def tables(results: dict[str, Any]) -> str:
     if "w5" in results:
         rows = [[LABELS[s], r["p50_ms"], r["max_ms"], r["tries"]] for s, r in results["w5"].items()]
         out.append(_w5_table("W5", rows))
+    if "w6" in results:
+        out.append(_w6_table(results["w6"]))
     if "w7" in results:
         w7 = results["w7"]["median"]
         backlog = results.get("w7_backlog")
@@ -254,6 +256,23 @@ def _w3s_table(w3s: dict[str, Any], cfg: dict[str, Any]) -> str:
         ["system", "grants/s", "handoff p50 µs", "handoff p99 µs", "waited", "FIFO inversions", "most holders",
          "grants/s / lock", "handoff p50 / lock", "server CPU µs/grant", OTHERS], rows,
     )
+
+
+def _w6_table(w6: dict[str, Any]) -> str:
+    rows = [[
+        f"{w6['leases']:,}", f"{w6['connections']:,}", w6["reexecs"], w6["stall"]["p50_us"] / 1000,
+        w6["stall"]["max_us"] / 1000, w6["paused"]["p50_us"] / 1000, w6["paused"]["max_us"] / 1000,
+        w6["baseline"]["p50_us"], w6["rss_mib"], w6["fds"],
+    ]]
+    notes = [f"  stalls ms, in order: {', '.join(f'{ms:.0f}' for ms in w6['stalls_ms'])}"]
+    if w6.get("nofile_refused"):
+        notes.append(f"  {w6['nofile_refused']}")
+    return "\n".join([_table(
+        f"W6  re-exec under load: a client cycling ({w6['client']}) while the daemon re-executes, "
+        "its longest cycle around each re-exec",
+        ["leases", "connections", "re-execs", "stall p50 ms", "stall max ms", "daemon paused p50 ms",
+         "daemon paused max ms", "cycle p50 µs before", "daemon RSS MiB", "daemon fds"], rows,
+    ), *notes])
 
 
 def _w5_table(section: str, rows: list[list[Any]]) -> str:
@@ -368,6 +387,10 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 _per_lease(_dig(results, "w4", "100000")), 0.5, True),
         _target("W4 100k leases held (count)", _dig(results, "w4", "100000", "held"), 100_000, False),
         _target("W5 kill → waiter holds, p50 ms", _dig(results, "w5", client, "p50_ms"), 10, True),
+        _target("W6 stall during a re-exec, 10k leases over 1k connections, p50 ms", _w6_stall(results, "p50_us"),
+                100, True),
+        _target("W6 stall during a re-exec, 10k leases over 1k connections, max ms", _w6_stall(results, "max_us"),
+                100, True),
         _target("W7 clients that held, every run, small queue",
                 _least(_dig(results, "w7", "runs", "lockd-small-queue"), "held"),
                 results["config"]["w7_clients"], False),
@@ -406,6 +429,14 @@ def _etcd_targets(etcd: dict[str, Any]) -> list[dict[str, Any]]:
                 _total(_dig(etcd, "w3", "runs", "lockd-etcd"), "fifo_inversions"), 0, True),
         _target("etcd: W5 kill → waiter holds, p50 ms", _dig(etcd, "w5", "lockd-etcd", "p50_ms"), 10, True),
     ]
+
+
+def _w6_stall(results: dict[str, Any], key: str) -> Any:
+    """W6's stall figure `key` in ms, if W6 ran at the scale its target is set for."""
+    w6 = results.get("w6")
+    if not w6 or w6["leases"] < 10_000 or w6["connections"] < 1_000:
+        return None
+    return w6["stall"][key] / 1000
 
 
 def _per_lease(w4: Any) -> Any:

@@ -99,19 +99,20 @@ class Service:
 
 def lockd(
     root: Path, tag: str, nofile: int | None = None, etcd: str | None = None, config: str = "",
-    log_level: str = "warning",
+    log_level: str = "warning", program: list[str] | None = None,
 ) -> Service:
     """A daemon with its own socket, lock dir and state dir under `root`, reading `config`
     (TOML) as its config file; logs warnings only, as a production daemon would, unless
     `log_level` says otherwise. With `etcd` (a client URL), on the etcd backend, with the
-    default TTL and keys under a prefix of its own."""
+    default TTL and keys under a prefix of its own. `program`: what the interpreter runs
+    instead of `-m lockd` (taking lockd's arguments)."""
     base = root / tag
     base.mkdir()
     (base / "locks").mkdir(mode=0o700)
     (base / "lockd.toml").write_text(config)
     sock = str(base / "lockd.sock")
     argv = [
-        sys.executable, "-m", "lockd", "--config", str(base / "lockd.toml"), "--socket", sock,
+        sys.executable, *(program or ["-m", "lockd"]), "--config", str(base / "lockd.toml"), "--socket", sock,
         "--lock-dir", str(base / "locks"), "--state-dir", str(base / "state"), "--log-level", log_level,
     ]
     if etcd is not None:

@@ -1,5 +1,5 @@
-"""The workloads W1–W5 (W3 also on a counting semaphore), W7, the flood and the CLI
-start-up measure, each runnable against lockd and its floors.
+"""The workloads W1–W7 (W3 also on a counting semaphore; W6 against lockd alone), the flood
+and the CLI start-up measure, each runnable against lockd and its floors.
 
 Invariant: a workload function measures one system once and returns plain numbers (JSON
 types); it starts and ends every process it creates, and bounds every wait, so a stuck
@@ -590,3 +590,89 @@ def _time_command(argv: list[str], env: dict[str, str], timeout: float = 30.0) -
     if proc.wait() != 0:
         raise subprocess.CalledProcessError(proc.returncode, argv)
     return elapsed
+
+
+# --- W6: a re-exec under load ------------------------------------------------------------------
+
+
+#: W6: the cycles before the first re-exec, which show what a cycle costs without one.
+W6_BASELINE_CYCLES = 2_000
+#: W6: how long the cycling goes on after each re-exec before the next, so every stall stands
+#: apart and the daemon is back to its steady pace when the next comes.
+W6_SETTLE = 1.0
+
+
+def w6_reexec(
+    locker: Locker, socket_path: str, leases: int, connections: int, reexecs: int, server: ProcessProbe,
+) -> dict[str, Any]:
+    """The stall a cycling client sees while the daemon re-executes: `leases` leases held over
+    `connections` connections (as evenly as they divide), then one client cycles
+    acquire+release on a name of its own, timing each cycle, while this process asks for
+    `reexecs` re-execs one after the other on a connection of its own.
+
+    A re-exec's stall is the longest cycle that overlaps it (from the request sent to the
+    `Reexecuted` reply): what the cycling client waited beyond its usual pace. `paused` is
+    the daemon's own figure (`Reexecuted.paused`): from the old program's last request
+    served to the new one's first; the cycle also pays for the pause's edges (shutting the
+    sessions' gate, taking the state, adopting it).
+    """
+    holders = [RawLockdLocker(socket_path, label=f"w6-holder-{i}") for i in range(connections)]
+    admin = RawLockdLocker(socket_path, label="w6-admin")
+    try:
+        for i in range(leases):
+            grant, fds = holders[i % connections].acquire(f"w6-{i}")
+            for fd in fds:
+                os.close(fd)  # the daemon keeps its own: the lease lasts as long as the connection
+        rss, fds_held = server.rss_kib(), server.fds()
+        cycles: list[tuple[int, int]] = []
+        stop = threading.Event()
+        failure: list[BaseException] = []
+
+        def cycle() -> None:
+            acquire, release, clock = locker.acquire, locker.release, time.perf_counter_ns
+            try:
+                while not stop.is_set():
+                    t = clock()
+                    release(acquire("w6-cycling"))
+                    cycles.append((t, clock()))
+            except BaseException as exc:  # noqa: BLE001 - reported by the run
+                failure.append(exc)
+
+        cycler = threading.Thread(target=cycle, name="w6-cycler", daemon=True)
+        cycler.start()
+        windows: list[tuple[int, int]] = []
+        paused: list[float] = []
+        try:
+            while len(cycles) < W6_BASELINE_CYCLES and cycler.is_alive():
+                time.sleep(0.05)
+            for _ in range(reexecs):
+                asked = time.perf_counter_ns()
+                paused.append(admin.reexec())
+                windows.append((asked, time.perf_counter_ns()))
+                time.sleep(W6_SETTLE)
+        finally:
+            stop.set()
+            cycler.join(WORKER_TIMEOUT)
+        if failure:
+            raise RuntimeError(f"W6 cycling client failed: {failure[0]!r}") from failure[0]
+        before = [end - start for start, end in cycles if start < windows[0][0]] if windows else []
+        stalls = [
+            max((end - start for start, end in cycles if start < w_end and end > w_start), default=0)
+            for w_start, w_end in windows
+        ]
+    finally:
+        admin.close()
+        for holder in holders:
+            holder.close()
+    return {
+        "leases": leases,
+        "connections": connections,
+        "reexecs": reexecs,
+        "rss_mib": rss / 1024,
+        "fds": fds_held,
+        "baseline": latency_summary(before),
+        "stall": latency_summary(stalls),
+        "stalls_ms": [s / 1e6 for s in stalls],
+        "paused": latency_summary([int(p * 1e9) for p in paused]),
+        "paused_ms": [p * 1000 for p in paused],
+    }

@@ -124,12 +124,16 @@ def bind_unix_listener(path: str, mode: int, backlog: int | None = None, option:
 
 
 async def accept(listener: socket.socket) -> socket.socket:
-    """The next connection on `listener`, as a non-blocking socket.
+    """The next connection on `listener`, as a non-blocking socket, returned with no
+    checkpoint since accept(2): the caller takes charge of it before any other task runs (a
+    re-exec hands over the connections it knows of; one in between would be closed by the exec).
 
     Raises what accept(2) raises (EMFILE when out of descriptors...), and ClosedResourceError
     once `close` was called on the listener. Cancellation: nothing is accepted.
     """
     listener.setblocking(False)
+    # A burst of connections must not keep the accepting task from yielding.
+    await trio.lowlevel.cancel_shielded_checkpoint()
     while True:
         try:
             conn, _ = listener.accept()
@@ -137,8 +141,6 @@ async def accept(listener: socket.socket) -> socket.socket:
             await trio.lowlevel.wait_readable(listener)
             continue
         conn.setblocking(False)
-        # A burst of connections must not keep the accepting task from yielding.
-        await trio.lowlevel.cancel_shielded_checkpoint()
         return conn
 
 

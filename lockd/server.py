@@ -189,33 +189,31 @@ class Server:
                 log.warning("cannot accept a connection: %s; retrying in 100 ms", exc.strerror)
                 await trio.sleep(0.1)
                 continue
-            # Under way until the service knows it: a re-exec must not hand over the
-            # listener while an accepted socket is known to no one.
-            self._in_flight += 1
-            self._nursery.start_soon(self._serve_connection, sock)
+            # Before the next checkpoint: a re-exec's state then has every connection accepted.
+            connected = self._connect(sock)
+            if connected is not None:
+                self._nursery.start_soon(self._run_session, *connected)
 
     # --- sessions -----------------------------------------------------------------------------
 
-    async def _serve_connection(self, sock: socket.socket) -> None:
-        """Serve a connection just accepted (counted under way until the service knows it)."""
+    def _connect(self, sock: socket.socket) -> tuple[Session, protocol.Welcome | None] | None:
+        """The session of a connection just accepted, known to the service, and its welcome;
+        None if the peer cannot be told (the socket is closed)."""
         service = self.service
         try:
-            try:
-                pid, uid, gid = procinfo.peer_credentials(sock)
-            except OSError as exc:
-                service.unreadable_peer(str(exc))
-                self._carry_out()
-                sock.close()
-                return
-            session = Session(sock, self.next_connection, self._disconnected)
-            self.next_connection += 1
-            welcome = service.connect(
-                session, pid, uid, gid, procinfo.peer_groups(sock, pid, gid), procinfo.command_line(pid),
-            )
+            pid, uid, gid = procinfo.peer_credentials(sock)
+        except OSError as exc:
+            service.unreadable_peer(str(exc))
             self._carry_out()
-        finally:
-            self._done()
-        await self._run_session(session, welcome)
+            sock.close()
+            return None
+        session = Session(sock, self.next_connection, self._disconnected)
+        self.next_connection += 1
+        welcome = service.connect(
+            session, pid, uid, gid, procinfo.peer_groups(sock, pid, gid), procinfo.command_line(pid),
+        )
+        self._carry_out()
+        return session, welcome
 
     async def _run_session(self, session: Session, welcome: protocol.Welcome | None) -> None:
         service = self.service

@@ -994,8 +994,11 @@ class LockService:
         self.table = LockTable.restored(
             restored, ordered_by_backend=self.table.ordered_by_backend, next_arrival=next_arrival,
         )
-        for ticket in restored:
+        # The tally finds the oldest waiting ticket first in the order they arrived: not the
+        # order `restored` has them in, where those the backend is taking come first.
+        for ticket in sorted(restored, key=_arrival):
             self._keep(ticket)
+        for ticket in restored:
             who = party(ticket)
             if ticket.holding:
                 self._claimed[who.claim] = ticket
@@ -1443,6 +1446,10 @@ _PHASES: Final[dict[State, handover.TicketPhase]] = {
 
 def _since(ticket: Ticket) -> float:
     return ticket.since
+
+
+def _arrival(ticket: Ticket) -> int:
+    return ticket.seq
 
 
 def _code(exc: errors.LockdError) -> str:

@@ -353,26 +353,29 @@ class Session:
         gate = self._gate
         try:
             if not self.greeted:
-                hello = None
                 # One deadline for the whole handshake, however the hello trickles in.
-                with trio.move_on_after(limits.handshake_timeout):
-                    while True:
-                        # At the gate before the hello is taken out of what was received: a
-                        # re-exec hands it over unread, for the new program to answer.
-                        if gate is not None and gate.shut:
-                            await gate.opened()
-                        if (hello := _next_message(frames, decoder)) is not None:
-                            break
-                        data = self._recv_now()
-                        if data is None:
+                deadline = trio.current_time() + limits.handshake_timeout
+                while True:
+                    if gate is not None and gate.shut:
+                        # No hello is taken out of the frames while the gate is shut: one
+                        # taken and not answered would be in no handed-over state. The
+                        # wait is not the client's: its deadline moves on by it.
+                        shut_at = trio.current_time()
+                        await gate.opened()
+                        deadline += trio.current_time() - shut_at
+                    if (hello := _next_message(frames, decoder)) is not None:
+                        break
+                    data = self._recv_now()
+                    if data is None:
+                        with trio.move_on_at(deadline) as waiting:
                             await trio.lowlevel.wait_readable(sock)
-                        elif data:
-                            frames.feed(data)
-                        else:
+                        if waiting.cancelled_caught:
+                            self.fail(f"no handshake within {limits.handshake_timeout:g} s")
                             return
-                if hello is None:
-                    self.fail(f"no handshake within {limits.handshake_timeout:g} s")
-                    return
+                    elif data:
+                        frames.feed(data)
+                    else:
+                        return
                 assert welcome is not None, "a session not greeted yet has its welcome"
                 self._greet(hello, welcome)
             turns = 0

@@ -12,16 +12,20 @@ from lockd_client import protocol
 class RawClient:
     def __init__(self, path: str, *, hello: bool = True, timeout: float = 10.0) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(path)
         self.encoder = msgspec.msgpack.Encoder()
         self.decoder = protocol.reply_decoder()
         self.frames = protocol.FrameBuffer(protocol.MAX_REPLY_FRAME)
         self.next_id = 1
-        if hello:
-            self.send(protocol.Hello(protocol.PROTOCOL_VERSION, label="test"))
-            welcome = self.recv()
-            assert isinstance(welcome, protocol.Welcome), welcome
+        try:
+            self.sock.settimeout(timeout)
+            self.sock.connect(path)
+            if hello:
+                self.send(protocol.Hello(protocol.PROTOCOL_VERSION, label="test"))
+                welcome = self.recv()
+                assert isinstance(welcome, protocol.Welcome), welcome
+        except BaseException:
+            self.sock.close()
+            raise
 
     def send(self, message: object) -> None:
         out = bytearray()

@@ -1,13 +1,16 @@
 """Chaos: client processes acquire, hold briefly and are SIGKILLed at random; lockctl runs
 commands under leases; outside flock(1) users take the same lock files; the daemon itself is
-SIGKILLed or SIGTERMed, and restarted, mid-run. Some names are locks, others counting
-semaphores, each always asked for with the same number of slots.
+SIGKILLed or SIGTERMed, and restarted, mid-run, and re-executes in place (SIGUSR2) at random
+moments, sometimes while the previous re-exec is still under way. Some names are locks,
+others counting semaphores, each always asked for with the same number of slots.
 
 An independent checker reads an append-only log that every holder writes while it holds a
 lock or a slot (lockd clients after their grant, flock(1) probes while they hold the file),
 and verifies mutual exclusion, at most N holders of a semaphore of N slots, and fencing-token
-order from it alone. The run lasts LOCKD_CHAOS_SECONDS
-(default 12) and must end with zero violations and zero leases held.
+order from it alone; and that a re-exec costs nobody anything: no client whose daemon lives
+loses its connection or a lease, no CMD is told to stop, and lockctl finds lockd gone only
+while it was. The run lasts LOCKD_CHAOS_SECONDS (default 12) and must end with zero
+violations and zero leases held.
 
 Log lines, each written with one write() to a file opened O_APPEND, so they never tear:
   ENTER WHO NAME TOKEN X|S|N DAEMON  WHO holds NAME exclusive, shared, or one slot of its N
@@ -17,8 +20,14 @@ Log lines, each written with one write() to a file opened O_APPEND, so they neve
   DAEMON-KILLED PID                  daemon PID is about to die (stopped, then SIGKILLed; or
                                      about to be SIGTERMed): every lease it granted to a raw
                                      client counts as ended from here
+  DAEMON-STARTED PID                 daemon PID serves (it started before this line)
+  REEXEC PID                         daemon PID is sent SIGUSR2 (nothing of it ends by it)
+  DROPPED WHO DAEMON                 WHO's connection to DAEMON ended under it (only a
+                                     daemon's death may do that)
   TERM WHO                           lockctl's CMD WHO was told to stop (never should be)
-  LOCKCTL STATUS                     a lockctl run ended with STATUS
+  LOCKCTL WHO STATUS                 a lockctl run of runner WHO ended with STATUS (69, lockd
+                                     unreachable or gone, only if a daemon died or none
+                                     served since WHO's previous run ended)
 WHO is stopped (SIGSTOP) before its KILL line is written, so nothing of it follows that line.
 A raw lockd client names in DAEMON the daemon it was granted by (SO_PEERCRED of its socket):
 an ENTER from a daemon already dead is stale, written by a client that had not yet noticed.
@@ -59,8 +68,9 @@ WORKERS = 8
 LOCKCTL_WORKERS = 3
 TIMEOUT = 10.0
 #: A lockctl run ends with CMD's status (0), 75 (timed out waiting), or 69 (lockd went away
-#: while it waited or connected); 79 would mean CMD was stopped for a lost lease.
+#: while it waited or connected: `LOCKCTL_GONE`); 79 would mean CMD was stopped for a lost lease.
 LOCKCTL_OK = {"0", "69", "75"}
+LOCKCTL_GONE = "69"
 
 
 # --- the checker --------------------------------------------------------------------------------
@@ -105,6 +115,11 @@ def check(lines: list[str]) -> Verdict:
     verdict = Verdict()
     names: dict[str, _Name] = {}
     dead: set[str] = set()
+    #: Whether no daemon serves now; and for each lockctl runner, as its previous run ended,
+    #: how many daemons had died and whether none served (a runner not seen yet: as at the
+    #: start, when one served).
+    down = False
+    runner_ended: dict[str, tuple[int, bool]] = {}
     for number, line in enumerate(lines, 1):
         kind, *fields = line.split()
         if kind == "ENTER":
@@ -140,17 +155,36 @@ def check(lines: list[str]) -> Verdict:
         elif kind == "DAEMON-KILLED":
             verdict.counts["daemon kills"] += 1
             dead.add(fields[0])
+            down = True
             for entry in names.values():
                 entry.inside = {w: m for w, m in entry.inside.items() if w.startswith(("flock", "cmd"))}
                 entry.floor_restart = entry.floor_exclusive
                 running_on = sum(w.startswith("cmd") for w in entry.inside)
                 verdict.counts["commands running on through a daemon's death"] += running_on
+        elif kind == "DAEMON-STARTED":
+            down = False
+        elif kind == "REEXEC":
+            verdict.counts["re-execs asked"] += 1
+            running = sum(w.startswith("cmd") for entry in names.values() for w in entry.inside)
+            verdict.counts["commands running as a re-exec was asked"] += running
+        elif kind == "DROPPED":
+            who, daemon = fields
+            if daemon in dead:
+                verdict.counts["connections ended by a daemon's death"] += 1
+            else:
+                verdict.violations.append(f"line {number}: {who} lost its connection to daemon {daemon}, alive")
         elif kind == "TERM":
             verdict.violations.append(f"line {number}: {fields[0]} was told to stop its work")
         elif kind == "LOCKCTL":
+            who, status = fields
             verdict.counts["lockctl runs"] += 1
-            if fields[0] not in LOCKCTL_OK:
-                verdict.violations.append(f"line {number}: lockctl exited {fields[0]}")
+            if status not in LOCKCTL_OK:
+                verdict.violations.append(f"line {number}: lockctl exited {status}")
+            elif status == LOCKCTL_GONE:
+                deaths, was_down = runner_ended.get(who, (0, False))
+                if not was_down and deaths == verdict.counts["daemon kills"]:
+                    verdict.violations.append(f"line {number}: lockctl {who} exited {status} while lockd served")
+            runner_ended[who] = verdict.counts["daemon kills"], down
         else:
             verdict.violations.append(f"line {number}: unexpected {line!r}")
     return verdict
@@ -182,18 +216,27 @@ def test_checker_accepts_correct_histories() -> None:
         "ENTER w4 b 1 X 100",
         "ENTER flock8 c - S -",
         "ENTER cmd9 d 1 X kernel",
+        "REEXEC 100",
         "DAEMON-KILLED 100",
         "ENTER w4 a 4 X 100",  # stale: granted by the dead daemon, not yet noticed
+        "DROPPED w4 100",
+        "LOCKCTL r1 69",  # lockctl found no daemon
+        "DAEMON-STARTED 200",
         "ENTER w5 b 2 X 200",
         "EXIT w4 b",
         "ENTER w6 c 1 S 200",
-        "EXIT cmd9 d", "LOCKCTL 0",
+        "EXIT cmd9 d", "LOCKCTL r2 0",
+        "LOCKCTL r1 69",  # its run began while no daemon served
         "ENTER w7 d 2 X 200",
+        "DAEMON-KILLED 200",
+        "LOCKCTL r2 69",  # the daemon died during its run
     ])
     assert verdict.violations == []
     assert verdict.counts == Counter({"lockd grants": 8, "flock holds": 2, "stale grants": 1,
-                                      "clients killed": 1, "daemon kills": 1, "lockctl runs": 1,
-                                      "commands running on through a daemon's death": 1})
+                                      "clients killed": 1, "daemon kills": 2, "lockctl runs": 4,
+                                      "commands running on through a daemon's death": 1, "re-execs asked": 1,
+                                      "commands running as a re-exec was asked": 1,
+                                      "connections ended by a daemon's death": 1})
 
 
 def test_checker_accepts_shared_grants_logged_after_their_daemon_died() -> None:
@@ -203,7 +246,7 @@ def test_checker_accepts_shared_grants_logged_after_their_daemon_died() -> None:
         "DAEMON-KILLED 100",
         "ENTER cmd3 a 1 S kernel",  # its lockctl had a (shared) before w1 did
         "ENTER w4 b 2 S 100",  # stale: granted b (shared) before w2 was
-        "ENTER w5 a 5 S 200", "EXIT cmd3 a", "LOCKCTL 0", "EXIT w5 a",
+        "ENTER w5 a 5 S 200", "EXIT cmd3 a", "LOCKCTL r1 0", "EXIT w5 a",
         "ENTER w6 a 6 X 200",
     ])
     assert verdict.violations == []
@@ -215,7 +258,8 @@ def test_checker_catches_overlaps() -> None:
         "ENTER w3 b 1 S 100", "ENTER flock9 b - X -",
         "ENTER flock8 c - X -", "DAEMON-KILLED 100", "ENTER w4 c 1 S 200",
         "ENTER cmd5 d 1 X kernel", "DAEMON-KILLED 200", "ENTER w6 d 2 X 300",
-        "TERM cmd5", "LOCKCTL 79",
+        "TERM cmd5", "LOCKCTL r1 79",
+        "DAEMON-STARTED 300", "REEXEC 300", "DROPPED w7 300", "LOCKCTL r1 0", "LOCKCTL r1 69",
     ])
     assert verdict.violations == [
         "line 2: w2 took a (X) while w1 held it",
@@ -224,6 +268,8 @@ def test_checker_catches_overlaps() -> None:
         "line 10: w6 took d (X) while cmd5 held it",
         "line 11: cmd5 was told to stop its work",
         "line 12: lockctl exited 79",
+        "line 15: w7 lost its connection to daemon 300, alive",
+        "line 17: lockctl r1 exited 69 while lockd served",
     ]
 
 
@@ -302,6 +348,7 @@ def _worker(socket_path: str, log_fd: int, seed: int) -> None:  # pragma: no cov
                 _append(log_fd, "".join(f"EXIT {me} {n}\n" for n in names))
                 client.send(Release(reply.id))
         except (OSError, EOFError):
+            _append(log_fd, f"DROPPED {me} {daemon}\n")
             client.close()  # the daemon died under us
 
 
@@ -323,6 +370,7 @@ def _lockctl_worker(socket_path: str, log_path: Path, seed: int) -> None:  # pra
     """Run commands under leases with lockctl, each noting its holding, until SIGTERM. A CMD
     that is told to stop notes it, and takes a while to clean up, as real work does."""
     rng = random.Random(seed)
+    me = f"r{os.getpid()}"
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
     env = {**os.environ, "LOCKD_SOCKET": socket_path}
@@ -342,11 +390,38 @@ def _lockctl_worker(socket_path: str, log_path: Path, seed: int) -> None:  # pra
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=TIMEOUT,
         )
         with open(log_path, "a") as f:
-            f.write(f"LOCKCTL {run.returncode}\n")
+            f.write(f"LOCKCTL {me} {run.returncode}\n")
 
 
 def _stop_and_kill(pid: int, log_fd: int) -> None:
     stop_and_kill(pid, lambda line: _append(log_fd, f"{line}\n"), f"w{pid}")
+
+
+#: What the daemon logs when a re-exec is done, and when it is refused (then also why).
+REEXECUTED = "re-executed from"
+NOT_REEXECUTED = "not re-executed, serving on as before: "
+#: Why a re-exec may be refused here: SIGUSR2 came while one was under way, or while the
+#: daemon was stopping.
+EXPECTED_REFUSALS = ("a re-exec is under way already", "the daemon is stopping")
+
+
+def _reexec(daemon: Daemon, log_fd: int, wait: bool) -> None:
+    """Note the re-exec and send SIGUSR2; with `wait`, return once the daemon has logged a
+    re-exec done or refused since."""
+    assert daemon.proc is not None
+    with open(daemon.log_path, "rb") as log:
+        log.seek(0, os.SEEK_END)
+        _append(log_fd, f"REEXEC {daemon.proc.pid}\n")
+        daemon.proc.send_signal(signal.SIGUSR2)
+        if wait:
+            said = b""
+
+            def done() -> bool:
+                nonlocal said
+                said += log.read()
+                return REEXECUTED.encode() in said or NOT_REEXECUTED.encode() in said
+
+            wait_until(done, "the re-exec", TIMEOUT, show=lambda: said.decode(errors="replace")[-3000:])
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -360,6 +435,8 @@ def test_chaos(daemon: Daemon) -> None:
     prober = fork(_prober, daemon.lock_dir, log_path, rng.randrange(2**32))
     runners = [fork(_lockctl_worker, daemon.socket, log_path, rng.randrange(2**32)) for _ in range(LOCKCTL_WORKERS)]
     daemon_kills_at = [SECONDS * f for f in (0.3, 0.55, 0.8)] if SECONDS < 30 else list(range(10, int(SECONDS), 15))
+    reexec_at = rng.uniform(0.5, 2.5)
+    reexecs_asked = 0
     started = time.monotonic()
     try:
         while (elapsed := time.monotonic() - started) < SECONDS:
@@ -367,6 +444,12 @@ def test_chaos(daemon: Daemon) -> None:
             victim = rng.randrange(WORKERS)
             _stop_and_kill(workers[victim], log_fd)
             workers[victim] = fork(_worker, daemon.socket, log_fd, rng.randrange(2**32))
+            if elapsed >= reexec_at:
+                # Waited for or not: one not waited for may meet the next under way, or a
+                # kill. The first two are waited for, so that two surely happen.
+                _reexec(daemon, log_fd, wait=reexecs_asked < 2 or rng.random() < 0.5)
+                reexecs_asked += 1
+                reexec_at = elapsed + rng.uniform(0.5, 3.0)
             if daemon_kills_at and elapsed >= daemon_kills_at[0]:
                 daemon_kills_at.pop(0)
                 assert daemon.proc is not None and daemon.proc.poll() is None, daemon.log()[-3000:]
@@ -383,6 +466,7 @@ def test_chaos(daemon: Daemon) -> None:
                     _append(log_fd, f"DAEMON-KILLED {daemon.proc.pid}\n")
                     assert daemon.stop() == 0
                 daemon.start()
+                _append(log_fd, f"DAEMON-STARTED {daemon.proc.pid}\n")
     finally:
         for pid in workers:
             _stop_and_kill(pid, log_fd)
@@ -394,11 +478,18 @@ def test_chaos(daemon: Daemon) -> None:
 
     verdict = check(log_path.read_text().splitlines())
     counts = verdict.counts
+    said = daemon.log().splitlines()
+    counts["re-execs done"] = sum(REEXECUTED in line for line in said)
+    refusals = [line.partition(NOT_REEXECUTED)[2] for line in said if NOT_REEXECUTED in line]
+    counts["re-execs refused"] = len(refusals)
+    verdict.violations += [f"re-exec refused: {why}" for why in refusals if why not in EXPECTED_REFUSALS]
     print(f"chaos: {SECONDS:g} s, {dict(counts)}, violations: {len(verdict.violations)}")
     assert verdict.violations == [], "\n".join(verdict.violations[:20])
     assert counts["daemon kills"] >= 1 and counts["clients killed"] >= 10
     assert counts["lockd grants"] >= 50 and counts["flock holds"] >= 10 and counts["lockctl runs"] >= 10
     assert counts["commands running on through a daemon's death"] >= (1 if SECONDS >= 60 else 0)
+    assert counts["re-execs done"] >= 2
+    assert counts["commands running as a re-exec was asked"] >= (1 if SECONDS >= 60 else 0)
     for name, slots in SEMAPHORES.items():  # the semaphores were shared, not taken in turn
         assert counts[f"most holders of {name} ({slots} slots)"] >= 2, counts
 
