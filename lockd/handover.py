@@ -40,9 +40,11 @@ ENV: Final = "LOCKD_HANDOVER_FD"
 TicketPhase = Literal["waiting", "taking", "held", "breaking"]
 
 
-class Struct(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """A part of the state: every field named, none unknown (a state the reading program
-    does not fully understand is refused, not half-read)."""
+class Struct(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, array_like=True):
+    """A part of the state: none of its fields unknown (a state the reading program does not
+    fully understand is refused, not half-read). Encoded as arrays, not maps: a state holds a
+    part per lease, and the pause of a re-exec grows with what each costs to write and read;
+    a field is only ever added at the end, with a default."""
 
 
 class ClaimState(Struct):
@@ -179,8 +181,8 @@ class State(Struct):
     reply_to: ReplyTo | None
 
 
-class _Version(msgspec.Struct):
-    """What any version of the state starts with."""
+class _Version(msgspec.Struct, array_like=True):
+    """What any version of the state starts with: its first field, whatever follows."""
 
     version: int
 
