@@ -801,7 +801,10 @@ class LockService:
     def process_exited(self, owner: ProcessOwner) -> None:
         """End every ticket tied to the process: a lease is lost, a request fails."""
         self.processes.exited(owner)
-        tickets = list(owner.tickets)
+        # In arrival order, not the set's: what follows (who is told first, which waiter is
+        # granted first) must not depend on where the tickets are in memory, which a re-exec
+        # changes.
+        tickets = sorted(owner.tickets, key=_arrival)
         held = [t for t in tickets if t.state is HELD]
         if held:
             log.info("process %d exited: ending its %d lease(s)", owner.pid, len(held))
@@ -952,7 +955,8 @@ class LockService:
         pidfds are open. Returns the claims of the tickets in order (the backend adopts what
         it holds for them; those being taken are ordered taken again, after it has) and the
         welcome of each client still to be greeted. Raises ValueError (nothing served yet)
-        for a state that breaks an invariant of the table."""
+        for a state that breaks an invariant of the table, or whose tickets name a connection
+        or process it does not hand over."""
         now = self._clock()
         connections, tickets, next_arrival = handed.connections, handed.tickets, handed.next_arrival
         processes = [ProcessOwner(p.pid, p.uid, p.command, p.pidfd) for p in handed.processes]
@@ -973,6 +977,10 @@ class LockService:
         owners = {owner.pid: owner for owner in processes}
         restored = []
         for state in tickets:
+            if state.connection not in clients:
+                raise ValueError(f"ticket {state.seq} is for connection {state.connection}, which is not handed over")
+            if state.process is not None and state.process not in owners:
+                raise ValueError(f"ticket {state.seq} is tied to process {state.process}, which is not handed over")
             client = clients[state.connection]
             process = None if state.process is None else owners[state.process]
             known_claim = state.claim
@@ -1004,6 +1012,7 @@ class LockService:
                 self._claimed[who.claim] = ticket
             if ticket.deadline is not None:
                 self.orders.append(WakeAt(ticket.deadline))
+        # And grants in the order of their times.
         for ticket in sorted((t for t in restored if t.state is HELD or t.state is BREAKING), key=_since):
             self._tally.granted(ticket)
         for owner in processes:

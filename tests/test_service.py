@@ -504,6 +504,25 @@ def test_a_broken_lease_the_backend_loses_ends_without_unlocking_under_its_holde
     assert a.tickets == {}
 
 
+def test_a_process_that_exits_ends_its_tickets_in_arrival_order(h: Harness) -> None:
+    """Whatever order its tickets are kept in: what follows (who is told first, which waiter
+    is granted first and so gets the lower tokens) must not depend on where in memory they
+    are, or a re-executed daemon would decide otherwise than the one it took over from."""
+    a = h.connect("a", uid=PROCESS_UID[PID])
+    b = h.connect("b")
+    names = [f"n{i}" for i in range(12)]
+    for request_id, name in enumerate(names, 1):
+        h.acquire(a, request_id, name, pid=PID)
+        h.acquire(b, request_id, name)
+    owner = h.service.processes.find(PID)
+    assert owner is not None
+    h.service.process_exited(owner)
+    orders = h.orders()
+    assert [m.id for m in sent(orders, a.peer)] == list(range(1, len(names) + 1))
+    grants = [(o.request_id, o.tokens) for o in orders if isinstance(o, Grant)]
+    assert grants == [(i, [len(names) + i]) for i in range(1, len(names) + 1)]
+
+
 def test_a_process_tied_grant_that_reached_nobody_ends(h: Harness) -> None:
     """The shell reports a Grant whose connection closed as it went out: the lease, tied to a
     process that never got its descriptors, must not live on until that process exits."""
