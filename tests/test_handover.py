@@ -10,6 +10,7 @@ import io
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,9 @@ from lockd_client import protocol
 
 from lockd import __main__ as main
 from lockd import handover, reexec
-from lockd.backend import Claim
+from lockd.backend import BackendKind, Claim
 from lockd.config import Config
+from lockd.flock.backend import FlockBackend
 from lockd.orders import StartTake
 from lockd.policy import Policy
 from lockd.processes import Processes, ProcessOwner
@@ -37,6 +39,11 @@ PROCESS = 4321
 def a_state(**changes: Any) -> handover.State:
     """What a daemon hands over with a lease held on x by one client, a request of another
     waiting for it with a deadline, a lease on y tied to a process, and a subscription."""
+    return msgspec.structs.replace(handed_over()[0], **changes)
+
+
+def handed_over() -> tuple[handover.State, list[Claim]]:
+    """`a_state()`, and the claims of its tickets in order (`HandedOver.claims`)."""
     now = 1000.0
     service = LockService(
         LockTable(), Processes(lambda pid: ProcessOwner(pid, 1000, "worker", 99)), Config().limits,
@@ -56,16 +63,19 @@ def a_state(**changes: Any) -> handover.State:
     service.taken(taken_next(service), [8])
     service.request(b, protocol.Subscribe(2, ["x"]))
     service.check()
-    connections, tickets, _ = service.hand_over()
+    handed = service.hand_over()
+    # The flock backend's part, as `FlockBackend.hand_over` gives it: each held claim (by
+    # its index) with a descriptor for its one name and no slot files.
+    held = [[index, [50 + index], []] for index, ticket in enumerate(handed.tickets) if ticket.phase == "held"]
     state = handover.State(
         version=handover.VERSION, server="lockd test", paused_at=now, config=Config(),
         listeners=[handover.ListenerState(fd=3, path="/run/lockd/lockd.sock", inode=12)],
-        metrics_listener=None, connections=connections, tickets=tickets,
-        processes=[handover.ProcessState(pid=PROCESS, uid=1000, command="worker", pidfd=99)],
-        next_arrival=service.table.next_arrival, next_connection=3, backend="flock", backend_state=b"",
-        backend_descriptors=[], history=[], reply_to=handover.ReplyTo(connection=1, request_id=9),
+        metrics_listener=None, connections=handed.connections, tickets=handed.tickets, processes=handed.processes,
+        next_arrival=handed.next_arrival, next_connection=3, backend="flock",
+        backend_state=msgspec.msgpack.encode(held), backend_descriptors=[fd for _, fds, _ in held for fd in fds],
+        history=[], reply_to=handover.ReplyTo(connection=1, request_id=9),
     )
-    return msgspec.structs.replace(state, **changes)
+    return state, handed.claims
 
 
 def taken_next(service: LockService) -> Claim:
@@ -75,11 +85,24 @@ def taken_next(service: LockService) -> Claim:
     return take.claim
 
 
-def as_dict(state: handover.State) -> dict[str, Any]:
-    """`state` as plain msgpack data, to be spoilt."""
+def as_array(state: handover.State) -> list[Any]:
+    """`state` as plain msgpack data (each part an array of its fields), to be spoilt."""
     decoded = msgspec.msgpack.decode(handover.encode(state))
-    assert isinstance(decoded, dict)
+    assert isinstance(decoded, list)
     return decoded
+
+
+def at(part: type[handover.Struct], field: str) -> int:
+    """Where `field` is in the array a `part` is encoded as."""
+    return part.__struct_fields__.index(field)
+
+
+def width(part: type[handover.Struct]) -> int:
+    """How many fields a `part` has: the length of its array."""
+    return len(part.__struct_fields__)
+
+
+TICKETS = at(handover.State, "tickets")
 
 
 # --- the format ---------------------------------------------------------------------------------
@@ -88,6 +111,7 @@ def as_dict(state: handover.State) -> dict[str, Any]:
 def test_a_state_round_trips_exactly() -> None:
     state = a_state()
     assert [t.phase for t in state.tickets] == ["held", "held", "waiting"]
+    assert state.processes == [handover.ProcessState(pid=PROCESS, uid=1000, command="worker", pidfd=99)]
     assert handover.decode(handover.encode(state)) == state
 
 
@@ -102,12 +126,16 @@ def test_a_state_of_another_version_is_refused_naming_both() -> None:
 
 def test_another_version_is_refused_before_the_rest_is_read() -> None:
     """A later version may have changed anything else: only its version is looked at."""
-    data = msgspec.msgpack.encode({"version": handover.VERSION + 1, "tickets": "something new"})
+    data = msgspec.msgpack.encode([handover.VERSION + 1, "something new"])
     with pytest.raises(handover.Unreadable, match="version 2; this lockd reads version 1 only"):
         handover.decode(data)
 
 
-@pytest.mark.parametrize("data", [b"", b"\xc1", b"garbage that is no msgpack", msgspec.msgpack.encode([1, 2])])
+@pytest.mark.parametrize("data", [
+    b"", b"\xc1", b"garbage that is no msgpack", msgspec.msgpack.encode([]), msgspec.msgpack.encode(["1", 2]),
+    # The state as a map: what it was before its parts were encoded as arrays.
+    msgspec.msgpack.encode({"version": 1, "tickets": []}),
+])
 def test_garbage_is_refused(data: bytes) -> None:
     with pytest.raises(handover.Unreadable, match="^not a lockd handover state"):
         handover.decode(data)
@@ -121,31 +149,55 @@ def test_a_truncated_state_is_refused() -> None:
 
 
 def test_an_unknown_field_is_refused_rather_than_half_read() -> None:
-    spoilt = as_dict(a_state())
-    spoilt["leases_by_magic"] = []
-    with pytest.raises(handover.Unreadable, match="leases_by_magic"):
+    """A field this program does not know comes after those it knows (a field is only ever
+    added at the end): the array is longer than the part has fields."""
+    spoilt = as_array(a_state())
+    spoilt.append([])
+    state_width = width(handover.State)
+    with pytest.raises(
+        handover.Unreadable,
+        match=rf"^malformed handover state: Expected `array` of at most length {state_width}, got {state_width + 1}$",
+    ):
         handover.decode(msgspec.msgpack.encode(spoilt))
-    spoilt = as_dict(a_state())
-    spoilt["tickets"][0]["priority"] = 1
-    with pytest.raises(handover.Unreadable, match=r"malformed handover state: .*priority.*tickets\[0\]"):
+    spoilt = as_array(a_state())
+    spoilt[TICKETS][0].append(1)
+    ticket_width = width(handover.TicketState)
+    with pytest.raises(
+        handover.Unreadable,
+        match=rf"^malformed handover state: Expected `array` of at most length {ticket_width}, got {ticket_width + 1}"
+        rf" - at `\$\[{TICKETS}\]\[0\]`$",
+    ):
         handover.decode(msgspec.msgpack.encode(spoilt))
 
 
 def test_a_missing_field_is_refused() -> None:
-    spoilt = as_dict(a_state())
-    del spoilt["tickets"][1]["deadline"]
-    with pytest.raises(handover.Unreadable, match=r"missing required field `deadline`.*tickets\[1\]"):
+    spoilt = as_array(a_state())
+    deadline = at(handover.TicketState, "deadline")
+    del spoilt[TICKETS][1][deadline:]
+    with pytest.raises(
+        handover.Unreadable,
+        match=rf"^malformed handover state: Expected `array` of at least length {width(handover.TicketState)},"
+        rf" got {deadline} - at `\$\[{TICKETS}\]\[1\]`$",
+    ):
         handover.decode(msgspec.msgpack.encode(spoilt))
-    spoilt = as_dict(a_state())
-    del spoilt["processes"]
-    with pytest.raises(handover.Unreadable, match="missing required field `processes`"):
+    spoilt = as_array(a_state())
+    processes = at(handover.State, "processes")
+    del spoilt[processes:]
+    with pytest.raises(
+        handover.Unreadable,
+        match=rf"^malformed handover state: Expected `array` of at least length {width(handover.State)},"
+        rf" got {processes}$",
+    ):
         handover.decode(msgspec.msgpack.encode(spoilt))
 
 
 def test_a_field_of_the_wrong_type_is_refused() -> None:
-    spoilt = as_dict(a_state())
-    spoilt["tickets"][0]["phase"] = "granted"
-    with pytest.raises(handover.Unreadable, match=r"malformed handover state: .*tickets\[0\]\.phase"):
+    spoilt = as_array(a_state())
+    phase = at(handover.TicketState, "phase")
+    spoilt[TICKETS][0][phase] = "granted"
+    with pytest.raises(
+        handover.Unreadable, match=rf"^malformed handover state: .*'granted'.* - at `\$\[{TICKETS}\]\[0\]\[{phase}\]`$",
+    ):
         handover.decode(msgspec.msgpack.encode(spoilt))
 
 
@@ -201,9 +253,29 @@ def two_holders() -> handover.State:
 
 
 def test_check_passes_a_good_state(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    adopted: list[handover.State] = []
-    assert reexec.check(handover.encode(a_state()), adopted.append) is None
-    assert adopted == [a_state()]
+    """The backend's part is checked by its kind, against the claims of the tickets as
+    adopted: those the daemon handed over, in order."""
+    state, claims = handed_over()
+    asked: list[str] = []
+    checked: list[tuple[bytes, list[Claim]]] = []
+
+    class Flock:
+        orders_requests = FlockBackend.orders_requests
+
+        @staticmethod
+        def check_handover(backend_state: bytes, claims: Sequence[Claim]) -> object:
+            checked.append((backend_state, list(claims)))
+            return FlockBackend.check_handover(backend_state, claims)
+
+    def kind(name: str) -> BackendKind:
+        asked.append(name)
+        return Flock
+
+    assert reexec.check(handover.encode(state), kind) is None
+    assert asked == ["flock"]
+    ((backend_state, adopted),) = checked
+    assert backend_state == state.backend_state
+    assert [msgspec.structs.asdict(c) for c in adopted] == [msgspec.structs.asdict(c) for c in claims]
     status, out, err = check_mode(handover.encode(a_state()), monkeypatch, capsys)
     assert (status, err) == (0, "") and out.endswith("can take over\n")
 
@@ -236,11 +308,11 @@ def test_check_says_why_it_cannot_adopt_inconsistent_tickets(
 def test_check_says_why_it_cannot_read_a_state(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
 ) -> None:
-    def adopt(state: handover.State) -> None:
+    def kind(name: str) -> BackendKind:
         raise AssertionError("nothing of an unreadable state is used")
 
-    assert (reexec.check(b"nonsense", adopt) or "").startswith("not a lockd handover state (")
-    assert reexec.check(handover.encode(a_state(version=7)), adopt) == (
+    assert (reexec.check(b"nonsense", kind) or "").startswith("not a lockd handover state (")
+    assert reexec.check(handover.encode(a_state(version=7)), kind) == (
         f"handover state version 7; this lockd reads version {handover.VERSION} only"
     )
     status, out, err = check_mode(handover.encode(a_state(version=7)), monkeypatch, capsys)

@@ -301,19 +301,16 @@ class Side:
     def state(self, history: list[protocol.LeaseEvent]) -> handover.State:
         """What this daemon hands over (as `Reexecutor._state` builds it)."""
         service = self.service
-        connections, tickets, claims = service.hand_over()
-        index = {claim: i for i, claim in enumerate(claims)}
+        handed = service.hand_over()
+        index = {claim: i for i, claim in enumerate(handed.claims)}
         backend = BackendState(
             started=[index[c] for c in self.started if c not in self.released],
             takes=[index[c] for c in self.takes], next_token=self.next_token,
         )
         return handover.State(
             version=handover.VERSION, server="lockd test", paused_at=12.5, config=self.config, listeners=[],
-            metrics_listener=None, connections=connections, tickets=tickets, processes=[
-                handover.ProcessState(pid=owner.pid, uid=owner.uid, command=owner.command, pidfd=owner.pidfd)
-                for owner in service.processes.owners()
-            ],
-            next_arrival=service.table.next_arrival, next_connection=0, backend=self.backend.name,
+            metrics_listener=None, connections=handed.connections, tickets=handed.tickets,
+            processes=handed.processes, next_arrival=handed.next_arrival, next_connection=0, backend=self.backend.name,
             backend_state=msgspec.msgpack.encode(backend), backend_descriptors=[], history=history, reply_to=None,
         )
 
@@ -334,8 +331,7 @@ class Side:
                 )
                 peer.deaf, peer.welcome = before.deaf, before.welcome
                 sessions[peer.ident] = side.known[peer.ident] = side.peers[peer.slot] = peer
-        owners = [ProcessOwner(p.pid, p.uid, p.command, p.pidfd) for p in state.processes]
-        claims, welcomes = side.service.adopt(state.connections, state.tickets, owners, sessions, state.next_arrival)
+        claims, welcomes = side.service.adopt(state, sessions)
         orders = list(side.service.orders)
         backend = msgspec.msgpack.decode(state.backend_state, type=BackendState)
         side.started = dict.fromkeys(claims[i] for i in backend.started)
@@ -812,7 +808,7 @@ class HandoverMachine(RuleBasedStateMachine):
                 peer.greeted = True
 
         self.pairing = Pairing()
-        old_claims = old.service.hand_over()[2]
+        old_claims = old.service.hand_over().claims
         for a, b in zip(old_claims, claims, strict=True):
             self.pairing.same(a, b)
         for owner in old.service.processes.owners():
@@ -839,7 +835,7 @@ class HandoverMachine(RuleBasedStateMachine):
         would hand over is adopted exactly (by a daemon thrown away: runs in lockstep start
         only where the rules above hand over)."""
         side = self.twin or self.primary
-        if not side.stopped and side.service.quiet:
+        if not side.stopped and quiet(side.service):
             adopted_exactly(side, 777.0, 1, self.clock)
 
     @invariant()
@@ -853,13 +849,19 @@ class HandoverMachine(RuleBasedStateMachine):
             assert view(self.twin) == view(self.primary)
 
 
+def quiet(service: LockService) -> bool:
+    """Whether no refusal waits for a look at the host: what the server's `idle` comes to
+    for the service, with the gate shut (it counts a refusal's look as under way)."""
+    return not any(client.refusing for client in service.clients.values())
+
+
 def adopted_exactly(
     old: Side, offset: float, history: int, now: Callable[[], float],
 ) -> tuple[Side, handover.State, list[Claim]]:
     """A new daemon, on a clock `offset` from `old`'s, that adopted what `old` hands over now
     (with the last `history` events as the history's backlog), checked to show and order
     exactly what it must; the state, and the claims of its tickets in order."""
-    assert old.service.quiet
+    assert quiet(old.service)
     before = view(old)
     backlog = old.recorded[len(old.recorded) - history:] if history else []
     data = handover.encode(old.state(backlog))
