@@ -228,17 +228,19 @@ class LockFiles:
         except BaseException:
             _close_all(fds + slot_fds)
             raise
-        fds += slot_fds
-        files += slot_files
-        self._held[claim] = tuple(fds)
-        self._files_of[claim] = tuple(files)
+        self._hold(claim, tuple(fds + slot_fds), tuple(files + slot_files), slots)
+        return True
+
+    def _hold(self, claim: Claim, fds: tuple[int, ...], files: tuple[int, ...], slots: list[tuple[str, int]]) -> None:
+        """Keep `claim`'s descriptors, what they lock (`files`) and its slot files."""
+        self._held[claim] = fds
+        self._files_of[claim] = files
         for file in files:
             self._files[file] = self._files.get(file, 0) + 1
         if slots:
             self._slots_of[claim] = slots
             for name, number in slots:
                 self._slots_taken.setdefault(name, set()).add(number)
-        return True
 
     def _take_slot(self, name: str, count: int) -> tuple[int, int, int] | None:
         """Flock one of `name`'s `count` slot files that no claim holds, exclusive: its
@@ -352,14 +354,7 @@ class LockFiles:
             )
             checked.append((claim, tuple(fds), files, slots))
         for claim, fds, files, slots in checked:
-            self._held[claim] = fds
-            self._files_of[claim] = files
-            for file in files:
-                self._files[file] = self._files.get(file, 0) + 1
-            if slots:
-                self._slots_of[claim] = slots
-                for name, number in slots:
-                    self._slots_taken.setdefault(name, set()).add(number)
+            self._hold(claim, fds, files, slots)
 
     def _file_behind(self, fd: int, filename: str) -> int:
         """The file (as `_open` gives it) that `fd`, handed over for `filename`, is open on;
