@@ -485,6 +485,20 @@ def test_an_event_sqlite_cannot_store_costs_only_itself(store: HistoryStore, cap
     assert not any(r.exc_info for r in caplog.records)
 
 
+def test_a_row_refused_midway_through_a_batch_costs_only_itself(store: HistoryStore) -> None:
+    # SQLite refuses this one as it writes it (NOT NULL), in the batch's second statement: what
+    # the first wrote is undone with it, and each of the others written once, in order.
+    recorded = [event(f"n{i}", user="someone") for i in range(history_module.ROWS_PER_INSERT + 10)]
+    bad = history_module.ROWS_PER_INSERT + 5
+    recorded[bad] = event("bad", command=None)
+    store.start()
+    for e in recorded:
+        store.record(e)
+    written, more = store.read([], None, None, len(recorded), None)
+    assert more is None and written == recorded[:bad] + recorded[bad + 1:]
+    assert store.dropped == 1
+
+
 def test_pages_part_at_events_of_the_same_time_without_a_gap_or_a_repeat(store: HistoryStore) -> None:
     store.start()
     # Many events of one instant (a release granting many shared waiters at once), more
