@@ -82,7 +82,11 @@ class Reexecutor:
 
     async def __call__(self, peer: Peer | None, request_id: int | None) -> None:
         """Re-execute for `peer`'s request `request_id` (None: a signal); if it does not
-        happen, say why. Returns only then: a re-exec that happens does not return."""
+        happen, say why. Returns only then: a re-exec that happens does not return.
+
+        Cancellation (the daemon stopping): nothing was handed over; the gate is opened again
+        and the history's writer resumed, so whatever stops the daemon finds it as it was.
+        """
         try:
             if self._running:
                 raise Refused("a re-exec is under way already")
