@@ -191,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     from .policy import Policy
     from .systemd import listen_fds
 
+    if (missing := _missing_library()) is not None:
+        log.error("%s", missing)
+        return 1
     raise_nofile_limit()
     sock_path, lock_dir, state_dir = conf.socket, conf.lock_dir, conf.state_dir
     assert sock_path and lock_dir and state_dir, "load() fills in the default paths"
@@ -273,12 +276,26 @@ def _check_handover() -> int:
     """Check mode (lockd.reexec): can this program take over the state on stdin?"""
     from . import reexec
 
-    problem = reexec.check(sys.stdin.buffer.read(), _backend_kind)
+    problem = _missing_library() or reexec.check(sys.stdin.buffer.read(), _backend_kind)
     if problem is not None:
         print(f"lockd: {problem}", file=sys.stderr)
         return 1
     print(f"lockd {__version__}: can take over")
     return 0
+
+
+def _missing_library() -> str | None:
+    """Why this program could not write its metrics, or None if it can.
+
+    prometheus_client is imported at the first render only (lockd.metrics_text says why), so
+    without this a daemon installed without it would start, and fail every scrape instead.
+    Only looked up, not imported: that is the cost the late import avoids.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("prometheus_client") is None:
+        return f"cannot find prometheus_client, which lockd writes its metrics with; install it for {sys.executable}"
+    return None
 
 
 def _check(args: argparse.Namespace, conf: Config) -> int:

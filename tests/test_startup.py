@@ -60,6 +60,23 @@ def test_an_unreadable_tls_file_stops_start_up(short_tmp: Path) -> None:
     assert not (short_tmp / "lockd.sock").exists()
 
 
+#: Runs lockd's main with prometheus_client not to be found, as on a host installed without it.
+WITHOUT_PROMETHEUS = (
+    "import sys; sys.modules['prometheus_client'] = None; "
+    "from lockd.__main__ import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
+def test_a_missing_prometheus_client_stops_start_up_and_a_re_exec(short_tmp: Path) -> None:
+    argv = [sys.executable, "-c", WITHOUT_PROMETHEUS, *Daemon(short_tmp).argv()[3:]]
+    refused(subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT), "cannot find prometheus_client")
+    assert not (short_tmp / "lockd.sock").exists()
+    # The program to re-execute into is asked first (lockd.reexec): the daemon serves on.
+    argv = [sys.executable, "-c", WITHOUT_PROMETHEUS, "--check-handover"]
+    proc = subprocess.run(argv, input="", capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 1 and "cannot find prometheus_client" in proc.stderr, proc
+
+
 NOBODY = 65534
 
 
