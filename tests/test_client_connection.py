@@ -523,6 +523,15 @@ def test_an_oversized_reply_is_refused_from_its_prefix_alone():
     assert lease.state is LeaseState.LOST
 
 
+def test_the_frames_before_an_oversized_prefix_are_applied_first():
+    conn = opened()
+    call, _ = conn.acquire(["a"])
+    conn.receive_data(frames(protocol.Granted(call.id, [1])) + (protocol.MAX_REPLY_FRAME + 1).to_bytes(4, "big"))
+    assert_broken(conn, because="exceeds the limit")
+    lease = call.result()  # granted, then lost with the connection
+    assert lease.state is LeaseState.LOST and "exceeds the limit" in (lease.lost_reason or "")
+
+
 @pytest.mark.parametrize(
     "body",
     [
@@ -559,6 +568,28 @@ def test_each_grant_claims_its_descriptors_in_the_order_they_came():
     conn.receive_data(data[5:], [103])
     assert a.result().fds == [101, 102] and c.result().fds == [103]
     assert conn.stray_fds() == []
+
+
+def test_an_interruption_between_frames_leaves_the_rest_applied_by_the_next_read(monkeypatch):
+    conn = outliving()
+    b, _ = conn.acquire(["b"])
+    c, _ = conn.acquire(["c"])
+    handle = conn._handle
+
+    def interrupted_once(message: protocol.Reply) -> None:
+        handle(message)
+        monkeypatch.setattr(conn, "_handle", handle)
+        raise KeyboardInterrupt  # as a signal may, right after the Queued is applied
+
+    monkeypatch.setattr(conn, "_handle", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        conn.receive_data(frames(protocol.Queued(b.id, [HOLDER]), protocol.Granted(b.id, [1], 1)), [101])
+    assert b.take_queued() == [[HOLDER]] and not b.done
+    # What the blocking client does on its way out; b's grant, when applied, is then stray.
+    assert decoded(conn.withdraw(b)) == [protocol.Release(b.id)]
+    conn.receive_data(frames(protocol.Granted(c.id, [2], 1)), [102])
+    assert c.result().fds == [102]
+    assert conn.stray_fds() == [101]
 
 
 def test_a_grant_whose_descriptors_did_not_come_breaks_the_connection_and_fails_the_call():

@@ -111,18 +111,38 @@ def test_frames_takes_whole_frames_however_the_stream_is_cut_and_mixed_with_feed
                 while (body := frames.next_frame()) is not None:
                     bodies.append(body)
             else:
-                bodies = frames.frames(piece)
+                bodies, too_large = frames.frames(piece)
+                assert too_large is None
             got += [decoder.decode(body) for body in bodies]
             del bodies, piece
         assert got == messages and frames.pending == 0
 
 
-def test_frames_refuses_an_oversized_prefix_even_after_whole_frames() -> None:
+def test_frames_returns_the_whole_frames_before_an_oversized_prefix_and_then_refuses_it() -> None:
     frames = protocol.FrameBuffer(limit=1024)
+    bodies, too_large = frames.frames(b"\0\0\0\2hi" + (1025).to_bytes(4, "big") + b"\0\0\0\2no")
+    assert [bytes(body) for body in bodies] == [b"hi"]
+    assert isinstance(too_large, protocol.FrameTooLarge)
+    del bodies
+    bodies, too_large = frames.frames(b"")  # the prefix stays pending: reported again
+    assert bodies == [] and isinstance(too_large, protocol.FrameTooLarge)
     with pytest.raises(protocol.FrameTooLarge):
-        frames.frames(b"\0\0\0\2hi" + (1025).to_bytes(4, "big"))
-    with pytest.raises(protocol.FrameTooLarge):
-        protocol.FrameBuffer(limit=1024).frames(b"\0\0" + b"\4\1")
+        frames.next_frame()
+    bodies, too_large = protocol.FrameBuffer(limit=1024).frames(b"\0\0" + b"\4\1")
+    assert bodies == [] and isinstance(too_large, protocol.FrameTooLarge)
+
+
+def test_frames_put_back_come_first_at_the_next_call() -> None:
+    stream = b"\0\0\0\1a\0\0\0\1b\0\0\0\1c\0\0"
+    for split in (0, 2):  # bodies pointing into the read, or (a frame split) into the buffer
+        frames = protocol.FrameBuffer(limit=1024)
+        assert frames.frames(stream[:split]) == ([], None)
+        bodies, _ = frames.frames(stream[split:])
+        assert [bytes(body) for body in bodies] == [b"a", b"b", b"c"]
+        frames.put_back(bodies[1:])
+        del bodies
+        bodies, _ = frames.frames(b"\0\1d")
+        assert [bytes(body) for body in bodies] == [b"b", b"c", b"d"] and frames.pending == 0
 
 
 def test_a_body_kept_past_the_next_feed_is_refused_loudly() -> None:

@@ -116,14 +116,19 @@ class LeaseRecord(msgspec.Struct, eq=False):
         return f"<LeaseRecord {self.id} {', '.join(self.names)} {self.state.value}>"
 
 
-class LeaseView(msgspec.Struct, eq=False):
+class LeaseView:
     """What both clients' Lease classes show of a lease record.
 
-    A Struct, never encoded, for the same reason as LeaseRecord; compared by identity.
+    A plain class, unlike the private records: the public Lease classes derive from it, and
+    a Struct would show its fields in their signatures, their conversions and their rules
+    for subclasses.
     """
 
-    _client: object
-    _record: LeaseRecord
+    __slots__ = ("_client", "_record")
+
+    def __init__(self, client: object, record: LeaseRecord) -> None:
+        self._client = client
+        self._record = record
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -330,7 +335,9 @@ class Connection:
         #: Requests to go out with the next write (`take_unsent`): Releases of subscriptions
         #: this client dropped while reading.
         self._unsent = bytearray()
-        #: Whether `take_unsent` has something to write.
+        #: Whether `take_unsent` has something to write. An attribute kept with `_unsent`,
+        #: not a property as `has_stray` is: the clients ask before every request they write,
+        #: and only two places change `_unsent`, where many change `_stray`.
         self.has_unsent = False
         self._next_id = 1
         #: Descriptors received and not yet claimed by their Granted.
@@ -394,14 +401,7 @@ class Connection:
         if semaphores:
             self._require(protocol.Feature.SEMAPHORES, "does not serve semaphores (slots); upgrade it")
         mode: protocol.Mode = "shared" if shared else "exclusive"
-        id = self._next_id
-        request = protocol.Acquire(id, unique, mode, timeout, label, pid, semaphores)
-        # `_send_request`, without the stop: this runs for every lease.
-        data = self._encode(request)
-        call: Call[LeaseRecord] = Call(id, request)
-        self._calls[id] = call
-        self._next_id = id + 1
-        return call, data
+        return self._send_request(protocol.Acquire(self._next_id, unique, mode, timeout, label, pid, semaphores))
 
     def status(self, names: Iterable[str] = ()) -> tuple[Call[list[protocol.LockInfo]], bytes]:
         """Ask who holds and awaits `names` (every lock in use when empty)."""
@@ -622,9 +622,11 @@ class Connection:
                 reason = EOF_REASON
             self._lose_all(reason, lambda: went_away(reason))
             return
-        decode, calls = self._decoder.decode, self._calls
+        decode, calls, buffer = self._decoder.decode, self._calls, self._buffer
+        bodies, too_large = buffer.frames(data)
+        unapplied = iter(bodies)
         try:
-            for body in self._buffer.frames(data):
+            for body in unapplied:
                 message = decode(body)
                 # A grant, the reply that matters most, without a stop in `_handle`. A call
                 # exists only for a request sent once the connection was open.
@@ -635,7 +637,9 @@ class Connection:
                         continue
                 self._handle(message)
                 if self.closed:
-                    break
+                    return
+            if too_large is not None:
+                raise too_large
         except (protocol.FrameTooLarge, msgspec.DecodeError, _Violation) as exc:
             reason = f"lockd broke the protocol ({exc})"
             self._lose_all(
@@ -645,6 +649,12 @@ class Connection:
                     "the same version (lockd's log may say more)"
                 ),
             )
+        except BaseException:
+            # Interrupted between frames (KeyboardInterrupt in the blocking client): the frames
+            # after this one are applied by the next call, in order. Lost, a grant's descriptors
+            # would be taken by the grants after it.
+            buffer.put_back(list(unapplied))
+            raise
 
     def take_unsent(self) -> bytes:
         """What this connection decided to send on its own while reading (the Release of a
@@ -706,9 +716,9 @@ class Connection:
         return call, data
 
     def _handle(self, message: protocol.Reply) -> None:
-        # This runs for every reply but grants (see `receive_data`): the common cases are
-        # tested first, and by exact type, because isinstance on msgspec Structs costs
-        # several times as much.
+        # This runs for every reply but the grant of a pending acquire (`receive_data`
+        # hands those to `_grant`): the common cases are tested first, and by exact type,
+        # because isinstance on msgspec Structs costs several times as much.
         if self.phase is not Phase.OPEN:
             self._handle_greeting(message)
             return
@@ -735,9 +745,6 @@ class Connection:
                 self._stray += self._claim_fds(message.descriptors)
             return  # in flight when the client withdrew or released it: stale, not wrong
         request = call.request
-        if type(message) is protocol.Granted and type(request) is protocol.Acquire:
-            self._grant(call, request, message)
-            return
         if type(message) is protocol.Queued:
             if type(request) is not protocol.Acquire:
                 raise _Violation(f"queued for {_tag(request)} request {id}")
@@ -784,8 +791,7 @@ class Connection:
         if fds:
             self._holding[id] = lease
         self._leases[id] = lease
-        call._value = lease
-        call.done = True
+        call._resolve(lease)
 
     def _handle_subscription(self, subscription: Subscription, message: protocol.Reply) -> None:
         if type(message) is protocol.Event and subscription.started:

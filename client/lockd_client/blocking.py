@@ -384,6 +384,7 @@ class Lease(LeaseView):
     raises LeaseLost, unless another exception is already propagating.
     """
 
+    __slots__ = ()
     _client: Client
 
     @property
@@ -402,16 +403,11 @@ class Lease(LeaseView):
         kept in the daemon's history with the release. Raises InvalidArgument, releasing
         nothing, for an `exit_status` outside 0 to 255.
         """
-        if exit_status is not None:
-            check_exit_status(exit_status)
+        check_exit_status(exit_status)
         client, record = self._client, self._record
         conn = client._conn
         try:
-            data = conn.release(record, exit_status)
-            if data:
-                client._send(data)
-        except errors.DaemonUnavailable:
-            pass  # the connection is broken: the daemon already ended the lease
+            client._send_quietly(conn.release(record, exit_status))
         finally:
             if record.fds:
                 _lockfds.let_go(conn.let_go(record), unlock=record.detached)

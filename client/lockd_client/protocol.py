@@ -499,9 +499,16 @@ Reply = Union[
 class FrameBuffer:
     """Reassembles frames from a byte stream. Pure: bytes in, frame bodies out.
 
-    `feed` may be given any slicing of the stream; `next_frame` returns each complete body
-    once, as a view into the buffer that is valid until the next `feed`: decode it at once, or
-    copy it. A length prefix over `limit` raises FrameTooLarge as soon as the prefix is seen.
+    Two ways to use it, which agree (one parser serves both) and may be mixed:
+    - `feed` any slicing of the stream, then `next_frame` returns each complete body once,
+      as a view into the buffer that is valid until the next `feed`: decode it at once, or
+      copy it. A length prefix over `limit` raises FrameTooLarge as soon as it is seen.
+    - `frames(data)` takes one read and returns every complete body in it at once. When no
+      partial frame was pending, as after nearly every read, `data` is not copied: the
+      bodies are views into it, valid while the caller leaves it unchanged; otherwise they
+      are views into the buffer, valid until the next `frames`. A caller that stops before
+      applying them all gives the rest back with `put_back`, so the next call returns them
+      first.
     """
 
     __slots__ = ("_buf", "_start", "_limit")
@@ -520,53 +527,67 @@ class FrameBuffer:
             self._start = 0
         self._buf += data
 
-    def frames(self, data: bytes | bytearray | memoryview) -> list[memoryview]:
-        """`feed(data)`, then return every complete frame body, in order.
+    def next_frame(self) -> memoryview | None:
+        """Return the next complete frame body, or None if none is complete."""
+        bodies: list[memoryview] = []
+        self._start, too_large = self._cut(memoryview(self._buf), self._start, bodies, 1)
+        if too_large is not None:
+            raise too_large
+        return bodies[0] if bodies else None
 
-        When no partial frame is pending, as after nearly every read, `data` is not copied:
-        the bodies are views into it (valid while it is unchanged), and only a partial frame
-        at its end is kept. A prefix over `limit` raises FrameTooLarge, even after complete
-        frames in the same `data`.
-        """
+    def frames(self, data: bytes | bytearray | memoryview) -> tuple[list[memoryview], FrameTooLarge | None]:
+        """`data` fed, every complete frame body, in order, and the error to raise once they
+        are applied: FrameTooLarge if a prefix over `limit` follows them (it stays pending,
+        so every later call reports it again), else None. See the class docstring for how
+        long the bodies are valid."""
+        bodies: list[memoryview] = []
         if self._start < len(self._buf):
             self.feed(data)
-            bodies = []
-            while (body := self.next_frame()) is not None:
-                bodies.append(body)
-            return bodies
+            self._start, too_large = self._cut(memoryview(self._buf), self._start, bodies, -1)
+            return bodies, too_large
         view = memoryview(data)
-        total, start, limit = len(view), 0, self._limit
-        bodies = []
-        while total - start >= PREFIX_SIZE:
-            (size,) = _PREFIX.unpack_from(view, start)
-            if size > limit:
-                raise FrameTooLarge(size, limit)
-            end = start + PREFIX_SIZE + size
-            if end > total:
-                break
-            bodies.append(view[start + PREFIX_SIZE : end])
-            start = end
+        end, too_large = self._cut(view, 0, bodies, -1)
+        # Nothing pending: the bodies returned before are dropped, and only the rest kept.
         if self._start:
             del self._buf[:]
             self._start = 0
-        if start < total:
-            self._buf += view[start:]
-        return bodies
+        if end < len(view):
+            self._buf += view[end:]
+        return bodies, too_large
 
-    def next_frame(self) -> memoryview | None:
-        """Return the next complete frame body, or None if none is complete."""
-        buf = self._buf
-        start = self._start + PREFIX_SIZE
-        if len(buf) < start:
-            return None
-        (size,) = _PREFIX.unpack_from(buf, self._start)
-        if size > self._limit:
-            raise FrameTooLarge(size, self._limit)
-        end = start + size
-        if len(buf) < end:
-            return None
-        self._start = end
-        return memoryview(buf)[start:end]
+    def put_back(self, bodies: list[memoryview]) -> None:
+        """Keep `bodies`, the last of those `frames` returned, pending again in front of what
+        is, for the next `frames` to return first: a caller interrupted while applying a
+        read loses none of its frames."""
+        if not bodies:
+            return
+        # A new buffer: the old one may be what `bodies` point into.
+        restored = bytearray()
+        for body in bodies:
+            restored += _PREFIX.pack(len(body))
+            restored += body
+        restored += memoryview(self._buf)[self._start :]
+        self._buf = restored
+        self._start = 0
+
+    def _cut(
+        self, data: memoryview, start: int, bodies: list[memoryview], most: int
+    ) -> tuple[int, FrameTooLarge | None]:
+        """Append to `bodies` the complete frame bodies of `data` from `start`, at most `most`
+        of them (-1: all), as views into it. Returns where the first frame not cut begins, and
+        FrameTooLarge if cutting stopped at a prefix over `limit`."""
+        total, limit = len(data), self._limit
+        while most and total - start >= PREFIX_SIZE:
+            (size,) = _PREFIX.unpack_from(data, start)
+            if size > limit:
+                return start, FrameTooLarge(size, limit)
+            end = start + PREFIX_SIZE + size
+            if end > total:
+                break
+            bodies.append(data[start + PREFIX_SIZE : end])
+            start = end
+            most -= 1
+        return start, None
 
     @property
     def pending(self) -> int:

@@ -325,8 +325,16 @@ class Client:
     async def _read_until(self, done: Callable[[], bool]) -> None:
         """Read until `done()` holds or the connection closes.
 
-        If another task is reading, wait for it to apply what it read instead. Cancelling
-        the reading task loses nothing: trio consumes no data from a cancelled receive.
+        If another task is reading, wait for it to apply what it read instead: register
+        `done` in `_waiters` and sleep. `done` must be cheap and change nothing, as the
+        reading task evaluates it for every waiter after every read. The wake-up rules:
+        - after a read, the reader wakes only the waiters whose `done()` now holds;
+        - once the connection is closed, every waiter is woken (no wait can end otherwise);
+        - a task that stops reading (its own wait over, cancelled, or failed) while others
+          wait wakes one of them to read in its place, so waiters always have a reader.
+
+        Cancelling the reading task loses nothing: trio consumes no data from a cancelled
+        receive, and the reading is handed on as above.
         """
         try:
             while not done() and not self._conn.closed:
@@ -351,7 +359,10 @@ class Client:
                         self._apply_read(read)
                 finally:
                     self._reading = False
-                    self._wake(hand_over=False)  # this task reads on, or leaves below
+                    # No hand-over yet: this task reads again if its own wait is not over,
+                    # and if it is, it hands the reading on as it leaves, below. Handing it
+                    # on now would wake a task only to find this one reading again.
+                    self._wake(hand_over=False)
         finally:
             if not self._reading:
                 self._wake()
@@ -544,6 +555,7 @@ class Lease(LeaseView):
     raises LeaseLost, unless another exception is already propagating.
     """
 
+    __slots__ = ()
     _client: Client
 
     @property
