@@ -156,6 +156,10 @@ def _own_runtime_dir(path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Start-up (and a re-exec's adoption, all of it inside the pause) makes objects that live
+    # as long as the daemon: the collector would only walk them, again and again, until they
+    # are frozen once serving begins (`_serve`).
+    gc.disable()
     args = parse_args(argv)
     signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
     if args.check_handover:
@@ -374,6 +378,10 @@ async def _serve(
         LockTable(ordered_by_backend=backend.orders_requests), backend, conf.limits, policy, observers,
         metrics=metrics, history=history,
     )
+    # What start-up made (modules, configuration) lives as long as the daemon: frozen, the
+    # collector's full passes, which come as leases pile up, no longer walk it. Before a
+    # re-exec's adoption: its leases end as any others do, and must stay collectable.
+    gc.freeze()
     if adopted is not None:
         paused = time.monotonic() - adopted.paused_at
         try:
@@ -397,9 +405,7 @@ async def _serve(
         )
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve, [listener.sock for listener in listeners])
-            # What start-up made (modules, configuration) lives as long as the daemon: frozen,
-            # the collector's full passes, which come as leases pile up, no longer walk it.
-            gc.freeze()
+            gc.enable()
             if adopted is not None:
                 log.info(
                     "lockd %s re-executed from %s in %.0f ms: %d leases and requests, %d connections kept",

@@ -17,6 +17,7 @@ Invariants:
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -130,9 +131,13 @@ class Reexecutor:
                 backlog = self._history.hand_over() if self._history is not None else []
             except TimeoutError:
                 raise Refused("the history's writer did not pause (is its disk hanging?)") from None
+            # Taking the state makes an object or more per lease, all short-lived: no collector
+            # pass should walk the daemon's every object meanwhile (a third of the time, measured).
+            gc.disable()
             try:
                 self._exec(self._state(peer, request_id, backlog, paused_at))
             finally:
+                gc.enable()
                 if self._history is not None:
                     self._history.resume()
         finally:
