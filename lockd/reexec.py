@@ -23,13 +23,14 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 import trio
 from lockd_client import protocol
 
 from . import handover
+from .service import Departed
 
 if TYPE_CHECKING:
     from .backend import BackendKind
@@ -266,28 +267,15 @@ def check(data: bytes, backend_kind: Callable[[str], BackendKind]) -> str | None
     return None
 
 
-class _Peer:
-    """A connection as check mode adopts it: nothing is sent anywhere."""
+class _Peer(Departed):
+    """A connection as check mode adopts it: served, as far as the service can tell, but
+    nothing reaches it."""
 
     closed = False
 
     def __init__(self, ident: int, label: str | None, greeted: bool) -> None:
-        self.ident, self.label, self.greeted = ident, label, greeted
-
-    def send(self, message: object, fds: Sequence[int] = ()) -> None:
-        pass
-
-    def close(self, reason: str) -> None:
-        pass
-
-    def offer(self, subscription_id: int, message: object) -> bool:
-        return True
-
-    def end_events(self, subscription_id: int, notice: object | None) -> None:
-        pass
-
-    def hand_over(self) -> handover.SessionState:
-        raise AssertionError("check mode hands nothing over")
+        super().__init__(ident, label)
+        self.greeted = greeted
 
 
 class _Backend:
