@@ -35,6 +35,9 @@ every step):
 5. The per-name queues and the per-owner index hold exactly the live tickets; no empty entry
    lingers, so memory follows the live tickets and nothing else. The deadline heap also keeps
    entries of tickets granted or ended since, but sweeps them before they outnumber the rest.
+   A name that one ticket was let through on, and that no other ticket has come to since, has
+   no queue: that ticket stands for it (most names, most of the time, and a queue with its one
+   holder costs more than the ticket). A queue, once made, lasts until it is empty.
 6. Where the backend orders requests: no ticket is ever WAITING; every live ticket stands
    among the holders of each of its lines, in arrival order, from arrival to end.
 
@@ -72,7 +75,7 @@ import itertools
 from collections import Counter, OrderedDict
 from collections.abc import Hashable, Iterable, Mapping
 from enum import Enum
-from typing import TypeVar
+from typing import TypeVar, cast
 
 _K = TypeVar("_K", bound=Hashable)
 
@@ -486,6 +489,23 @@ def _check_none_grantable(lines: Mapping[str, _Line | _SlotLine]) -> None:
                 raise ValueError(f"{ticket} waits though it could be granted")
 
 
+#: What the table keeps for a name: its line, or the ticket that holds it alone (invariant 5).
+_Entry = Ticket | _Line | _SlotLine
+
+
+def _holders(entry: _Entry) -> Iterable[Ticket]:
+    """The tickets holding a name, as `LockTable.holders` gives them, from its entry."""
+    return (entry,) if isinstance(entry, Ticket) else entry.holders
+
+
+def _line_with(holder: Ticket, name: str) -> _Line | _SlotLine:
+    """A line for `name` with `holder`, which holds it alone, in it."""
+    slots = holder.slots_on(name)
+    line = _Line() if slots is None else _SlotLine(slots)
+    line.add_holder(holder)
+    return line
+
+
 class LockTable:
     """Holders and FIFO waiters of named locks, exclusive or shared. See the module docstring."""
 
@@ -495,7 +515,7 @@ class LockTable:
         self.ordered_by_backend = ordered_by_backend
         #: The state of a ticket that waits for its turn, and is counted as waiting.
         self._queued = TAKING if ordered_by_backend else WAITING
-        self._lines: dict[str, _Line | _SlotLine] = {}
+        self._lines: dict[str, _Entry] = {}
         self._next_arrival = 1
         self._owners: dict[Hashable, dict[Ticket, None]] = {}
         # Counts of waiting tickets (`_queued`), kept as they change so limits cost O(1) to check.
@@ -541,6 +561,8 @@ class LockTable:
         for name in unique:
             line = lines.get(name)
             if line is not None:
+                if isinstance(line, Ticket):
+                    line = self._line_for(name, ticket)  # a second ticket comes: the name gets a line
                 if line.slots != ticket.slots_on(name):
                     ticket.state = ENDED
                     return ticket, [Refused(ticket, Reason.MISMATCH, list(line.holders), name), Ended(ticket)]
@@ -558,19 +580,15 @@ class LockTable:
             self._push_deadline(ticket, deadline)
         if grantable:
             for name in unique:
-                line = lines.get(name)
-                if line is None:
-                    line = lines[name] = self._new_line(ticket, name)
-                line.add_holder(ticket)
+                line = lines.setdefault(name, ticket)
+                if not isinstance(line, Ticket):  # else this ticket, alone on the name
+                    line.add_holder(ticket)
             ticket.state = TAKING
             if self.ordered_by_backend:
                 self._count_waiting(ticket, 1)  # in the backend's queue until `taken`
             return ticket, [Take(ticket)]
         for name in unique:
-            line = lines.get(name)
-            if line is None:
-                line = lines[name] = self._new_line(ticket, name)
-            line.add_waiting(ticket)
+            self._line_for(name, ticket).add_waiting(ticket)
         self._count_waiting(ticket, 1)
         return ticket, [Queued(ticket, self._blockers(ticket))]
 
@@ -619,8 +637,8 @@ class LockTable:
         `grace_until` to stop its work and let go (see the module docstring). A lease already
         broken is ended at once: asked twice, the caller will not wait. Returns how many
         leases were broken, and the effects."""
-        line = self._lines.get(name)
-        held = (t for t in line.holders if t.state is HELD or t.state is BREAKING) if line else ()
+        entry = self._lines.get(name)
+        held = (t for t in _holders(entry) if t.state is HELD or t.state is BREAKING) if entry else ()
         broken = sorted(held, key=_arrival)
         effects: list[Effect] = []
         for ticket in broken:
@@ -694,24 +712,28 @@ class LockTable:
     def queue(self, name: str) -> list[Ticket]:
         """Everyone on `name`: `holders(name)` then `waiters(name)`."""
         line = self._lines.get(name)
-        return [*line.holders, *line.waiting] if line else []
+        if line is None or isinstance(line, Ticket):
+            return self.holders(name)
+        return [*line.holders, *line.waiting]
 
     def holders(self, name: str) -> list[Ticket]:
         """Tickets holding `name` (TAKING, HELD or BREAKING), in the order they were let
         through; where the backend orders requests, every ticket on `name` in arrival order,
         the TAKING ones still waiting in the backend's queue."""
-        line = self._lines.get(name)
-        return list(line.holders) if line else []
+        entry = self._lines.get(name)
+        return list(_holders(entry)) if entry else []
 
     def waiters(self, name: str) -> list[Ticket]:
         """Tickets waiting in the table for `name`, in arrival (= queue) order; none where the
         backend orders requests."""
         line = self._lines.get(name)
-        return list(line.waiting) if line else []
+        return [] if line is None or isinstance(line, Ticket) else list(line.waiting)
 
     def slots_of(self, name: str) -> int | None:
         """The slots of `name` if it is a semaphore someone holds or awaits; else None."""
         line = self._lines.get(name)
+        if isinstance(line, Ticket):
+            return line.slots_on(name)
         return line.slots if line is not None else None
 
     def names(self) -> list[str]:
@@ -762,9 +784,9 @@ class LockTable:
         # name's, and ordering the names' chains together finds one.
         later: dict[Ticket, list[Ticket]] = {}
         before: dict[Ticket, int] = {}
-        for line in self._lines.values():
+        for entry in self._lines.values():
             previous = None
-            for ticket in line.holders:
+            for ticket in _holders(entry):
                 if previous is None:
                     before.setdefault(ticket, 0)
                 else:
@@ -832,10 +854,11 @@ class LockTable:
         waiting = sorted((t for t in tickets if t.state is WAITING), key=_arrival)
         for ticket in [*(t for t in tickets if t.holding), *waiting]:
             for name in ticket.names:
-                line = lines.get(name)
-                if line is None:
-                    line = lines[name] = table._new_line(ticket, name)
-                elif line.slots != ticket.slots_on(name):
+                if ticket.holding and lines.setdefault(name, ticket) is ticket:
+                    continue  # alone on the name, so far
+                known = name in lines
+                line = table._line_for(name, ticket)
+                if known and line.slots != ticket.slots_on(name):
                     raise ValueError(
                         f"{ticket} disagrees with {next(iter(line.holders or line.waiting))} on what {name!r} is"
                     )
@@ -853,9 +876,10 @@ class LockTable:
         heapq.heapify(table._deadlines)
         table._sweep_at = max(_MIN_SWEEP, 2 * len(table._deadlines))
         if not ordered_by_backend:
-            for name, line in lines.items():
+            queues = {name: line for name, line in lines.items() if not isinstance(line, Ticket)}
+            for name, line in queues.items():
                 _check_handed_over(name, line)
-            _check_none_grantable(lines)
+            _check_none_grantable(queues)
         last_seq = max(arrived, default=0)
         if next_arrival is None:
             next_arrival = last_seq + 1
@@ -873,6 +897,8 @@ class LockTable:
         for name in ticket.names:
             line = self._lines.get(name)
             if line is not None:
+                if isinstance(line, Ticket):
+                    line = _line_with(line, name)  # to read, not kept
                 # Behind a waiting exclusive ticket, a shared one waits for every holder too:
                 # they all go before that ticket, and it goes before this one. On a semaphore,
                 # every holder is in the way of a ticket that has no slot there yet (any of
@@ -910,13 +936,21 @@ class LockTable:
 
     def _admitted_elsewhere(self, ticket: Ticket, name: str) -> bool:
         """Do all of `ticket`'s lines other than `name` admit it?"""
-        lines = self._lines
+        # A waiting ticket's names all have lines (invariant 5).
+        lines = cast(dict[str, _Line | _SlotLine], self._lines)
         return all(lines[n].admits(ticket) for n in ticket.names if n != name)
 
-    @staticmethod
-    def _new_line(ticket: Ticket, name: str) -> _Line | _SlotLine:
-        slots = ticket.slots_on(name)
-        return _Line() if slots is None else _SlotLine(slots)
+    def _line_for(self, name: str, ticket: Ticket) -> _Line | _SlotLine:
+        """`name`'s line, for `ticket` to join: made for it if nobody is on the name, or
+        with the ticket that holds it alone in it (and kept until the line is empty)."""
+        lines = self._lines
+        line = lines.get(name)
+        if line is None:
+            slots = ticket.slots_on(name)
+            line = lines[name] = _Line() if slots is None else _SlotLine(slots)
+        elif isinstance(line, Ticket):
+            line = lines[name] = _line_with(line, name)
+        return line
 
     def _push_deadline(self, ticket: Ticket, deadline: float) -> None:
         heap = self._deadlines
@@ -931,8 +965,10 @@ class LockTable:
 
     def _start_taking(self, ticket: Ticket) -> Take:
         self._count_waiting(ticket, -1)
+        # A waiting ticket's names all have lines (invariant 5).
+        lines = cast(dict[str, _Line | _SlotLine], self._lines)
         for name in ticket.names:
-            self._lines[name].promote(ticket)
+            lines[name].promote(ticket)
         ticket.state = TAKING
         return Take(ticket)
 
@@ -956,6 +992,9 @@ class LockTable:
         lines = self._lines
         for name in ticket.names:
             line = lines[name]
+            if isinstance(line, Ticket):  # this ticket, alone on the name
+                del lines[name]
+                continue
             line.remove(ticket)
             if not line:
                 del lines[name]
@@ -983,7 +1022,7 @@ class LockTable:
         lines = self._lines
         for name, gone in left.items():
             line = lines.get(name)
-            if line is not None:
+            if line is not None and not isinstance(line, Ticket):
                 admitted = line.admitted()
                 if line.slots is not None:
                     admitted = admitted[-gone:]
@@ -999,6 +1038,9 @@ class LockTable:
         assert not _NOBODY, "the shared empty waiting line was changed"
         live: set[Ticket] = set()
         for name, line in self._lines.items():
+            if isinstance(line, Ticket):
+                assert line.holding and name in line.names, f"{line} stands for {name!r}"
+                line = _line_with(line, name)  # and keeps what a line of it would
             assert line, f"empty line for {name!r}"
             holders, waiting = list(line.holders), list(line.waiting)
             assert all(t.holding for t in holders) and all(t.state is WAITING for t in waiting)
@@ -1042,13 +1084,18 @@ class LockTable:
         assert by_owner == self._waiting_by_owner, (by_owner, self._waiting_by_owner)
         assert by_name == self._waiting_by_name, (by_name, self._waiting_by_name)
         timed = {entry[2] for entry in self._deadlines if entry[0] == entry[2].deadline}
+        # A waiting ticket's names all have lines (invariant 5).
+        lines = cast(dict[str, _Line | _SlotLine], self._lines)
         for ticket in live:
-            lines = [self._lines[n] for n in ticket.names]
-            assert all(ticket in (line.holders if ticket.holding else line.waiting) for line in lines), ticket
+            for entry in (self._lines[n] for n in ticket.names):
+                if isinstance(entry, Ticket):
+                    assert entry is ticket, f"{entry} stands for a name of {ticket}"
+                else:
+                    assert ticket in (entry.holders if ticket.holding else entry.waiting), ticket
             if ticket.deadline is not None and ticket.state is not HELD:
                 assert ticket in timed, f"{ticket} has a deadline that is never enforced"
             if ticket.state is WAITING:
-                assert not all(self._lines[n].admits(ticket) for n in ticket.names), f"{ticket} is grantable at rest"
+                assert not all(lines[n].admits(ticket) for n in ticket.names), f"{ticket} is grantable at rest"
 
     def _check_slot_line(self, name: str, line: _SlotLine, holders: list[Ticket], waiting: list[Ticket]) -> None:
         if self.ordered_by_backend:
