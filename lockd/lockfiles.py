@@ -159,29 +159,25 @@ class LockFiles:
         self.file_mode = file_mode
         self._dir_fd = _open_lock_dir(lock_dir)
         #: Held claim → one descriptor per name, in `claim.names` order, then one per slot it
-        #: holds, in the same order. Tuples, as `_files_of`'s: these are kept per lease, and a
-        #: tuple of one costs half of a list of one.
-        self._held: dict[Claim, tuple[int, ...]] = {}
+        #: holds, in the same order: the descriptor alone where that is one (most claims: this
+        #: is kept per lease, and a tuple of one would cost more than the descriptor; read as
+        #: `(fds,) if isinstance(fds, int) else fds`, not through a function, on every grant and
+        #: release). Changed only on the event loop, and a claim's entry before its descriptors
+        #: close.
+        self._held: dict[Claim, int | tuple[int, ...]] = {}
         #: Name → the numbers of its slot files held for claims, and each held claim's slots.
         self._slots_taken: dict[str, set[int]] = {}
         self._slots_of: dict[Claim, list[tuple[str, int]]] = {}
-        #: Held claim → the flock of each of those descriptors (`_flock_id`: its file and mode),
-        #: and how many held claims hold each of them: what the daemon itself holds, as the
-        #: host's list of locks names it. Changed only here, on the event loop; read by copying.
-        self._files_of: dict[Claim, tuple[int, ...]] = {}
-        self._files: dict[int, int] = {}
 
     def close(self) -> None:
         """Close every descriptor, leaving each lock to the copies handed out (see the module
         docstring), and the directory. Idempotent."""
         held = list(self._held.values())
         self._held.clear()
-        self._files_of.clear()
-        self._files.clear()
         self._slots_taken.clear()
         self._slots_of.clear()
         for fds in held:
-            _close_all(fds)
+            _close_all((fds,) if isinstance(fds, int) else fds)
         if self._dir_fd >= 0:
             os.close(self._dir_fd)
             self._dir_fd = -1
@@ -197,9 +193,7 @@ class LockFiles:
         if claim in self._held:
             return True
         fds: list[int] = []
-        files: list[int] = []
         slot_fds: list[int] = []
-        slot_files: list[int] = []
         slots: list[tuple[str, int]] = []
         try:
             # Slots first: while every slot is held, a waiting claim touches no file at all,
@@ -210,12 +204,11 @@ class LockFiles:
                 if slot is None:
                     _close_all(slot_fds)
                     return False
-                fd, file, number = slot
+                fd, number = slot
                 slot_fds.append(fd)
-                slot_files.append(file | True)
                 slots.append((name, number))
             for name in claim.names:
-                fd, file = self._open(name + SUFFIX)
+                fd = self._open(name + SUFFIX)
                 fds.append(fd)
                 # A slot of a semaphore is a shared flock here: an outside exclusive `flock`
                 # waits for every slot to be free, and holds every slot off while it runs.
@@ -224,42 +217,38 @@ class LockFiles:
                 if not self._flock(fd, operation, name + SUFFIX):
                     _close_all(fds + slot_fds)
                     return False
-                files.append(file | exclusive)
         except BaseException:
             _close_all(fds + slot_fds)
             raise
-        self._hold(claim, tuple(fds + slot_fds), tuple(files + slot_files), slots)
+        self._hold(claim, fds + slot_fds, slots)
         return True
 
-    def _hold(self, claim: Claim, fds: tuple[int, ...], files: tuple[int, ...], slots: list[tuple[str, int]]) -> None:
-        """Keep `claim`'s descriptors, what they lock (`files`) and its slot files."""
-        self._held[claim] = fds
-        self._files_of[claim] = files
-        for file in files:
-            self._files[file] = self._files.get(file, 0) + 1
+    def _hold(self, claim: Claim, fds: Sequence[int], slots: list[tuple[str, int]]) -> None:
+        """Keep `claim`'s descriptors and its slot files."""
+        self._held[claim] = fds[0] if len(fds) == 1 else tuple(fds)
         if slots:
             self._slots_of[claim] = slots
             for name, number in slots:
                 self._slots_taken.setdefault(name, set()).add(number)
 
-    def _take_slot(self, name: str, count: int) -> tuple[int, int, int] | None:
+    def _take_slot(self, name: str, count: int) -> tuple[int, int] | None:
         """Flock one of `name`'s `count` slot files that no claim holds, exclusive: its
-        descriptor, file (as `_open` gives it) and number; None if each is held (by work a
-        lease left behind), or if work left behind by a semaphore of more slots still holds
-        slot files numbered `count` and up, so that `count` are held already."""
+        descriptor and number; None if each is held (by work a lease left behind), or if work
+        left behind by a semaphore of more slots still holds slot files numbered `count` and
+        up, so that `count` are held already."""
         taken = self._slots_taken.get(name, ())
         for number in range(count):
             if number in taken:
                 continue
             filename = self._slot_file(name, number)
-            fd, file = self._open(filename)
+            fd = self._open(filename)
             try:
                 if self._flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, filename):
                     beyond = self._slots_held_from(name, count)
                     if beyond and self._held_below(name, count, number) + beyond >= count:
                         os.close(fd)
                         return None
-                    return fd, file, number
+                    return fd, number
             except BaseException:
                 os.close(fd)
                 raise
@@ -314,7 +303,8 @@ class LockFiles:
         """The descriptors holding `claim`'s flocks, one per name in `claim.names` order, then
         one per slot in `claim.slots` order, to hand to its holder; () if it holds none. They
         stay the daemon's: never close them."""
-        return self._held.get(claim, ())
+        fds = self._held.get(claim, ())
+        return (fds,) if isinstance(fds, int) else fds
 
     def slots_of(self, claim: Claim) -> list[tuple[str, int]]:
         """The slot files `claim` holds, as (name, number) in `claim.slots` order: with
@@ -331,7 +321,7 @@ class LockFiles:
         not open on the file it stands for in this lock directory (the name's lock file, or the
         slot file named), or slots do not match the claim's.
         """
-        checked: list[tuple[Claim, tuple[int, ...], tuple[int, ...], list[tuple[str, int]]]] = []
+        checked: list[tuple[Claim, Sequence[int], list[tuple[str, int]]]] = []
         seen: set[int] = set()
         for claim, fds, slots in held:
             if claim in self._held:
@@ -342,32 +332,28 @@ class LockFiles:
             ):
                 raise ValueError(f"slot files {slots} are not one of each of the semaphores {claim.slots}")
             filenames = [name + SUFFIX for name in claim.names] + [self._slot_file(*slot) for slot in slots]
-            exclusive = [not claim.shared_on(name) for name in claim.names] + [True] * len(slots)
             if len(fds) != len(filenames):
                 raise ValueError(f"descriptors {list(fds)} are not one for each of {filenames}")
             if seen.intersection(fds) or len(set(fds)) < len(fds):
                 raise ValueError(f"descriptors {list(fds)} include one given before")
             seen.update(fds)
-            files = tuple(
-                self._file_behind(fd, filename) | mode
-                for fd, filename, mode in zip(fds, filenames, exclusive, strict=True)
-            )
-            checked.append((claim, tuple(fds), files, slots))
-        for claim, fds, files, slots in checked:
-            self._hold(claim, fds, files, slots)
+            for fd, filename in zip(fds, filenames, strict=True):
+                self._check_handed(fd, filename)
+            checked.append((claim, fds, slots))
+        for claim, fds, slots in checked:
+            self._hold(claim, fds, slots)
 
-    def _file_behind(self, fd: int, filename: str) -> int:
-        """The file (as `_open` gives it) that `fd`, handed over for `filename`, is open on;
-        ValueError unless it is an open regular file. Whatever is at `filename` now does not
-        matter: the flock is on the file the descriptor was opened on, as it was before the
-        re-exec, even if someone has removed or replaced the path since."""
+    def _check_handed(self, fd: int, filename: str) -> None:
+        """Raise ValueError unless `fd`, handed over for `filename`, is open on a regular
+        file. Whatever is at `filename` now does not matter: the flock is on the file the
+        descriptor was opened on, as it was before the re-exec, even if someone has removed
+        or replaced the path since."""
         try:
             st = os.fstat(fd)
         except OSError as err:
             raise ValueError(f"descriptor {fd} for {self.lock_dir / filename} is not open ({err.strerror})") from None
         if not stat.S_ISREG(st.st_mode):
             raise ValueError(f"descriptor {fd} for {self.lock_dir / filename} is not open on a regular file")
-        return _flock_id(st.st_dev, st.st_ino, False)
 
     def unlock(self, claim: Claim) -> None:
         """Release `claim`'s flocks, for every copy of their descriptors, and close the
@@ -388,24 +374,29 @@ class LockFiles:
     def _let_go(self, claim: Claim) -> tuple[int, ...] | None:
         """Forget `claim`'s descriptors (the caller closes them); None if it holds none."""
         fds = self._held.pop(claim, None)
-        if fds is not None:
-            for file in self._files_of.pop(claim):
-                left = self._files[file] - 1
-                if left:
-                    self._files[file] = left
-                else:
-                    del self._files[file]
-            for name, number in self._slots_of.pop(claim, ()):
-                taken = self._slots_taken[name]
-                taken.discard(number)
-                if not taken:
-                    del self._slots_taken[name]
-        return fds
+        if fds is None:
+            return None
+        for name, number in self._slots_of.pop(claim, ()):
+            taken = self._slots_taken[name]
+            taken.discard(number)
+            if not taken:
+                del self._slots_taken[name]
+        return (fds,) if isinstance(fds, int) else fds
 
-    def _held_files(self) -> dict[int, int]:
-        """A copy of `_files`, taken without letting the event loop's thread run meanwhile
-        (a dict's copy holds the GIL): safe from the thread that reads the host's locks."""
-        return self._files.copy()
+    def _own_files(self) -> dict[str | tuple[str, int], int]:
+        """The lock files the daemon holds flocks on for claims, as `_files_named` names them,
+        with how many claims hold each. Read from copies of `_held` and `_slots_of`, each taken
+        without letting the event loop's thread run meanwhile (a dict's copy holds the GIL),
+        so safe from the thread that reads the host's locks. O(claims held): kept per file
+        instead, it would cost every lease an entry more."""
+        own: dict[str | tuple[str, int], int] = {}
+        for claim in self._held.copy():
+            for name in claim.names:
+                own[name] = own.get(name, 0) + 1
+        for slots in self._slots_of.copy().values():
+            for slot in slots:
+                own[slot] = 1
+        return own
 
     def outside_holders(self, name: str) -> list[Holder]:
         """`outside_holders_of([name])` for one name: [] when nobody outside holds it."""
@@ -420,62 +411,60 @@ class LockFiles:
         on every read, at a cost that grows with every flock on the host, and first waits for
         an RCU grace period (milliseconds, unless it was read moments before), so a caller
         with an event loop runs this in a worker thread. `every_file` adds one scan of the
-        directory, only when the read shows flocks on its filesystem that `names` do not
-        account for; the directory entries' inode numbers tell which files they are, without
-        a stat each. A file that does not exist is left out (it is never created here). A
-        holder in another pid namespace shows with pid and uid None.
+        directory, only when the read shows flocks on its filesystem that neither `names` nor
+        the daemon's own claims account for; the directory entries' inode numbers tell which
+        files they are, without a stat each. A file that does not exist is left out (it is
+        never created here). A holder in another pid namespace shows with pid and uid None.
         """
-        by_key: dict[tuple[int, int, int], list[str]] = {}
-        #: The slot files among them: whoever holds one holds a slot, shown as shared.
-        slot_keys: set[tuple[int, int, int]] = set()
+        #: The lock files asked about, by the key /proc/locks names them with.
+        files: dict[procinfo.FileKey, list[str | tuple[str, int]]] = {}
         for name in dict.fromkeys(names):
-            for filename in self._files_named(name):
+            for file in self._files_named(name):
                 try:
-                    st = os.stat(filename, dir_fd=self._dir_fd, follow_symlinks=False)
+                    st = os.stat(_filename(file), dir_fd=self._dir_fd, follow_symlinks=False)
                 except OSError:
                     break  # slot files are made in order: the first missing ends them
                 # /proc/locks names the file as MAJOR:MINOR:INODE, the device numbers in hex.
-                key = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
-                by_key.setdefault(key, []).append(name)
-                if not filename.startswith(name + SUFFIX):
-                    slot_keys.add(key)
-        if not by_key and not every_file:
+                files.setdefault((os.major(st.st_dev), os.minor(st.st_dev), st.st_ino), []).append(file)
+        if not files and not every_file:
             return {}
         try:
             with open("/proc/locks", "rb") as f:
                 table = f.read()
         except OSError:
             return {}
-        me = os.getpid()
-        # Each flock the daemon took is one line of /proc/locks; as many of its lines on a
-        # file as its claims hold there are theirs, and any more were handed on.
-        mine = self._held_files()
         device = os.fstat(self._dir_fd).st_dev
         here = (os.major(device), os.minor(device))
-        taken: list[tuple[procinfo.FileKey, int | None, Mode]] = []
+        held: list[tuple[procinfo.FileKey, int, Mode]] = []
         for line in table.splitlines():
             entry = procinfo.held_flock(line)
-            if entry is None:
-                continue
-            key, number, exclusive = entry
-            if key not in by_key and not (every_file and key[:2] == here):
-                continue
-            mode: Mode = "exclusive" if exclusive else "shared"
-            flock = _flock_id(os.makedev(key[0], key[1]), key[2], exclusive)
-            if number == me and mine.get(flock, 0) > 0:
-                mine[flock] -= 1
+            if entry is not None and (entry[0] in files or every_file and entry[0][:2] == here):
+                key, number, exclusive = entry
+                held.append((key, number, "exclusive" if exclusive else "shared"))
+        # Each flock the daemon took is one line of /proc/locks; as many of its lines on a
+        # file as its claims hold there are theirs, and any more were handed on.
+        me = os.getpid()
+        own = self._own_files()
+        if every_file:
+            # On files no name asked for, they are all its claims' if there are as many as its
+            # claims hold on such files (nothing was handed on: the usual case), and need no
+            # looking up.
+            theirs = sum(own.values()) - sum(own.get(file, 0) for named in files.values() for file in named)
+            if theirs == sum(number == me for key, number, _ in held if key not in files):
+                held = [entry for entry in held if entry[0] in files or entry[1] != me]
+        # Flocks on the directory's filesystem that no name asked for accounts for: which lock
+        # files they are, by the inode numbers of the directory's entries.
+        unnamed = {key[2] for key, _, _ in held if key not in files}
+        if unnamed:
+            for file, inode in self._files_at(unnamed):
+                files.setdefault((*here, inode), []).append(file)
+            held = [entry for entry in held if entry[0] in files]
+        taken: list[tuple[procinfo.FileKey, int | None, Mode]] = []
+        for key, number, mode in held:
+            if number == me and _count_off(own, files[key]):
                 continue  # lockd's own lease: the table knows it
             # 0: the holder lives in a pid namespace this one cannot see into.
             taken.append((key, number if number > 0 else None, mode))
-        # Flocks on the directory's filesystem that no name asked for accounts for: which lock
-        # files they are, by the inode numbers of the directory's entries.
-        unnamed = {key[2] for key, _, _ in taken if key not in by_key}
-        if unnamed:
-            for name, inode, slot in self._names_of(unnamed):
-                by_key.setdefault((*here, inode), []).append(name)
-                if slot:
-                    slot_keys.add((*here, inode))
-            taken = [entry for entry in taken if entry[0] in by_key]
         # A lock whose taker is gone, or is this daemon that no longer holds it, was handed on
         # with its descriptor (a lease granted before lockd restarted, or whose client lockd
         # cut off): its holders are whoever has that descriptor now, None if none is found.
@@ -487,35 +476,41 @@ class LockFiles:
         for key, taker, mode in taken:
             for pid in heirs.get(key, [None]) if key in handed_on else [taker]:
                 if pid != me:
-                    for name in by_key.get(key, ()):
-                        _add_holder(found, name, pid, "shared" if key in slot_keys else mode)
+                    for file in files[key]:
+                        # Whoever holds a slot file holds a slot, shown as shared.
+                        if isinstance(file, str):
+                            _add_holder(found, file, pid, mode)
+                        else:
+                            _add_holder(found, file[0], pid, "shared")
         return {name: list(holders.values()) for name, holders in found.items()}
 
     @staticmethod
-    def _files_named(name: str) -> Iterator[str]:
-        """`name`'s lock file, then its slot files in order (the caller stops at a missing one)."""
-        yield name + SUFFIX
+    def _files_named(name: str) -> Iterator[str | tuple[str, int]]:
+        """`name`'s lock file, as the name, then its slot files in order, as (name, number)
+        (the caller stops at a missing one)."""
+        yield name
         for number in range(MAX_SLOTS):
-            yield LockFiles._slot_file(name, number)
+            yield name, number
 
-    def _names_of(self, inodes: set[int]) -> Iterator[tuple[str, int, bool]]:
-        """The lock names whose files (lock files or slot files) have these inode numbers,
-        with their inode numbers and whether it is a slot file."""
+    def _files_at(self, inodes: set[int]) -> Iterator[tuple[str | tuple[str, int], int]]:
+        """The lock files (as `_files_named` names them) that have these inode numbers, with
+        their inode numbers."""
         with os.scandir(self._dir_fd) as entries:
             for entry in entries:
                 stem = entry.name.removesuffix(SUFFIX)
+                if entry.inode() not in inodes or stem == entry.name:
+                    continue
                 name, mark, number = stem.rpartition(SLOT_MARK)
-                slot = bool(mark) and number.isdecimal()
-                if not slot:
-                    name = stem
-                if entry.inode() in inodes and stem != entry.name and name_problem(name) is None:
-                    yield name, entry.inode(), slot
+                if mark and number.isdecimal() and name_problem(name) is None:
+                    yield (name, int(number)), entry.inode()
+                elif name_problem(stem) is None:
+                    yield stem, entry.inode()
 
     # --- internals ----------------------------------------------------------------------------
 
-    def _open(self, filename: str) -> tuple[int, int]:
-        """Open `filename`, a lock or slot file, creating it; only a regular file is
-        returned, with the file as `_flock_id` of it shared."""
+    def _open(self, filename: str) -> int:
+        """Open `filename`, a lock or slot file, creating it; only a regular file's
+        descriptor is returned."""
         try:
             fd = os.open(filename, _OPEN_FLAGS, self.file_mode, dir_fd=self._dir_fd)
         except OSError as err:
@@ -532,7 +527,7 @@ class LockFiles:
                 f"{self.lock_dir / filename} is {kind}; lockd only locks regular files in its "
                 "lock directory: remove it"
             )
-        return fd, _flock_id(st.st_dev, st.st_ino, False)
+        return fd
 
     def _flock(self, fd: int, operation: int, filename: str) -> bool:
         """Apply `operation` to `fd`, open on `filename`: True if taken, False if busy."""
@@ -573,11 +568,19 @@ class LockFiles:
         )
 
 
-def _flock_id(device: int, inode: int, exclusive: bool) -> int:
-    """An flock on the file `inode` of `device` (as `st_dev` gives it), in a mode: one int
-    rather than a tuple, as it is kept for every lease. `_flock_id(d, i, False) | True` is the
-    exclusive one."""
-    return (device << 65) | (inode << 1) | exclusive
+def _filename(file: str | tuple[str, int]) -> str:
+    """The file name of a lock file, as `LockFiles._files_named` names it."""
+    return file + SUFFIX if isinstance(file, str) else LockFiles._slot_file(*file)
+
+
+def _count_off(own: dict[str | tuple[str, int], int], files: list[str | tuple[str, int]]) -> bool:
+    """Count one flock off `own` (as `LockFiles._own_files` gives it) on one of `files`, all
+    the same file; False if no claim holds one there."""
+    for file in files:
+        if own.get(file, 0) > 0:
+            own[file] -= 1
+            return True
+    return False
 
 
 def _close_all(fds: Iterable[int]) -> None:

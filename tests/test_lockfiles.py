@@ -135,6 +135,24 @@ def test_every_file_finds_the_held_lock_files_no_name_was_asked_for(
     assert len(scans) == 2
 
 
+def test_every_file_names_a_flock_handed_on_but_not_the_ones_lockd_holds(files: LockFiles) -> None:
+    mine, given = claim("mine"), claim("given", shared=True)
+    assert files.try_lock(mine) and files.try_lock(given)
+    assert files.outside_holders_of([], every_file=True) == {}
+    [fd] = files.descriptors(given)
+    holder = subprocess.Popen(["sleep", "30"], pass_fds=[fd])
+    try:
+        files.abandon(given)  # as for a client cut off: its copy keeps the lock
+        found = files.outside_holders_of([], every_file=True)
+        assert {name: [(h.pid, h.mode) for h in holders] for name, holders in found.items()} == {
+            "given": [(holder.pid, "shared")],
+        }
+        assert files.outside_holders_of(["mine", "given"]).keys() == {"given"}
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_outside_holders_leaves_out_this_process(files: LockFiles) -> None:
     assert files.try_lock(claim("db"))
     assert files.outside_holders("db") == []
