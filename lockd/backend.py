@@ -42,9 +42,14 @@ from lockd_client.errors import LockBusy
 from lockd_client.protocol import Holder, Mode
 
 
-class Claim(msgspec.Struct, frozen=True, eq=False, kw_only=True):
+class Claim(msgspec.Struct, frozen=True, eq=False, kw_only=True, gc=False):
     """One request as a backend sees it: the names, the mode, whether it waits, who asks.
-    Immutable, and equal only to itself: a backend keys what it holds for it by it."""
+    Immutable, and equal only to itself: a backend keys what it holds for it by it.
+
+    Out of the cyclic collector's sight (`gc=False`: 16 bytes less per lease, and one object
+    less for its passes to visit): a claim holds strings, numbers and a dict of them, and so
+    can never be part of a reference cycle.
+    """
 
     names: tuple[str, ...]
     shared: bool
