@@ -194,12 +194,11 @@ class Party:
     #: When it was asked for, on the service's clock.
     requested: float = 0.0
     #: Why its lease ends or its request fails (`protocol.Cause`), set where that is decided,
-    #: before the table ends it; None: as its Drop says (see `_record_end`).
+    #: before the table ends it; for a lease, at the latest as the table lets go of it (as its
+    #: Drop says: see `_drop`).
     cause: str | None = None
     #: Its lease was lost, for this reason.
     lost: str | None = None
-    #: How the table let go of it (`Drop`), once it has.
-    ending: Ending | None = None
     #: The exit status of its work, as its client reported on release.
     exit_status: int | None = None
 
@@ -1104,7 +1103,13 @@ class LockService:
         self.orders.append(Grant(who.client.peer, who.request_id, ticket.tokens, who.claim))
 
     def _drop(self, ticket: Ticket, who: Party, ending: Ending) -> None:
-        who.ending = ending
+        if who.cause is None:  # nothing decided it before: as the table let go of it
+            if who.lost is not None:
+                who.cause = Cause.BACKEND
+            elif ending is Ending.OVERDUE:
+                who.cause = Cause.OVERDUE
+            else:
+                who.cause = Cause.CLIENT_GONE if ending is Ending.ABANDONED else Cause.REQUESTED
         if self._claimed.pop(who.claim, None) is None:
             return  # never handed to the backend
         if ticket in self._taking:
@@ -1140,16 +1145,10 @@ class LockService:
             self.orders.append(Unwatch(who.process))
 
     def _record_end(self, ticket: Ticket, who: Party) -> None:
-        """Record how the lease of `ticket`, which has ended, ended: as decided (`who.cause`),
-        else as the table let go of it (its Drop)."""
+        """Record how the lease of `ticket`, which has ended, ended (`who.cause`: a granted
+        ticket's Drop came before its end)."""
         cause = who.cause
-        if cause is None:
-            if who.lost is not None:
-                cause = Cause.BACKEND
-            elif who.ending is Ending.OVERDUE:
-                cause = Cause.OVERDUE
-            else:
-                cause = Cause.CLIENT_GONE if who.ending is Ending.ABANDONED else Cause.REQUESTED
+        assert cause is not None, ticket
         kind, reason = ending(cause, who.lost)
         exit_status = who.exit_status if kind == "released" else None
         self._record(ticket, kind, reason=reason, cause=cause, exit_status=exit_status)

@@ -441,7 +441,7 @@ def view(side: Side) -> dict[str, Any]:
             ticket.seq, ticket.names, ticket.shared, ticket.slots, ticket.wait, ticket.state.value, ticket.tokens,
             relative(ticket.deadline), relative(ticket.since), owner(ticket), who.client.peer.ident, who.request_id,
             msgspec.structs.asdict(who.claim), None if who.process is None else who.process.pid,
-            relative(who.requested), who.cause, who.lost, who.exit_status, who.ending,
+            relative(who.requested), who.cause, who.lost, who.exit_status,
         ))
     clients = []
     for client in {id(c): c for c in [*service.clients.values(), *(party(t).client for t in table.tickets())]}.values():
