@@ -141,7 +141,9 @@ class FlockBackend:
         """Tokens for `claim`, whose files are held: taken after the flocks, so each is
         greater than that of every earlier holder. On an error the files are let go."""
         try:
-            return [self._tokens.next() for _ in claim.names]
+            # A copy made to size ([:]): the ticket keeps it for as long as the lease, and the
+            # list a comprehension builds has room for four.
+            return [self._tokens.next() for _ in claim.names][:]
         except BaseException:
             self._files.unlock(claim)
             raise
