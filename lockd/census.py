@@ -14,7 +14,9 @@ Invariants:
   order and so do arrivals, so the first live entry of a queue of tickets in grant (arrival)
   order is the oldest. Tickets that left a state stay in its queue until they reach its front
   or a sweep, which runs once the queue holds a quarter more entries than live tickets (plus
-  a few): a pointer per live ticket and state, amortized O(1) per transition.
+  a few), as tickets come or end: a pointer per live ticket and state, amortized O(1) per
+  transition, and ended tickets kept alive by their entries are never more than a quarter of
+  the live ones (plus a few).
 """
 
 from __future__ import annotations
@@ -77,9 +79,18 @@ class _Oldest:
         if not self.still(ticket):
             return  # refused at once: never in the state
         if len(self.entries) >= self.live + (self.live >> 2) + _MIN_SWEEP:
-            # A dead entry keeps its ticket (and what that refers to) alive: sweep them.
-            self.entries = deque(filter(self.still, self.entries))
+            self._sweep()
         self.entries.append(ticket)
+
+    def ended(self) -> None:
+        """A ticket in the state has ended."""
+        self.live -= 1
+        if len(self.entries) >= self.live + (self.live >> 2) + _MIN_SWEEP:
+            self._sweep()
+
+    def _sweep(self) -> None:
+        # A dead entry keeps its ticket (and what that refers to) alive: sweep them.
+        self.entries = deque(filter(self.still, self.entries))
 
     def oldest(self) -> Ticket | None:
         entries = self.entries
@@ -107,7 +118,7 @@ class Tally:
 
     def granted(self, ticket: Ticket) -> None:
         self._add(self._waiting, ticket, -1)
-        self._by_waiting.live -= 1
+        self._by_waiting.live -= 1  # a holder now: its entry here keeps nothing alive
         self._add(self._held, ticket, 1)
         self._by_held.entered(ticket)
 
@@ -115,10 +126,10 @@ class Tally:
         """`ticket` ended: it was held if it had been granted (it has tokens), else waiting."""
         if ticket.tokens is not None:
             self._add(self._held, ticket, -1)
-            self._by_held.live -= 1
+            self._by_held.ended()
         else:
             self._add(self._waiting, ticket, -1)
-            self._by_waiting.live -= 1
+            self._by_waiting.ended()
 
     def census(self) -> Census:
         """Every live ticket's census. O(1), amortized."""

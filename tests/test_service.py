@@ -8,6 +8,7 @@ orders, and when the test ends, it checks the service's invariants (`LockService
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -33,7 +34,7 @@ from lockd.orders import (
 from lockd.policy import Policy
 from lockd.processes import Processes, ProcessOwner
 from lockd.service import MAX_SUBSCRIPTIONS, Client, LockService, Party
-from lockd.table import LockTable, Reason, State
+from lockd.table import LockTable, Reason, State, Ticket
 
 WALL_OFFSET = 1_000_000.0
 #: The processes that exist, with their uids.
@@ -931,6 +932,17 @@ def test_a_take_blocked_outside_lockd_counts_as_waiting_until_granted(h: Harness
     assert (census.leases, census.requests, census.held_since, census.waiting_since) == (1, 0, 130.0, None)
     assert h.service.counts() == (1, 0, 1)
     assert h.service.name_census("x").held["exclusive"] == 1
+
+
+def test_the_census_keeps_no_ended_lease_alive_for_long(h: Harness) -> None:
+    a = h.connect("a")
+    for request_id in range(1, 301):
+        h.acquire(a, request_id, f"n{request_id}")
+    for request_id in range(2, 301):  # the oldest lease stays at the front of the census
+        h.request(a, protocol.Release(request_id))
+    gc.collect()
+    # Those ended since the last sweep, which runs as they end: a few dozen at most.
+    assert sum(type(o) is Ticket and o.owner is a for o in gc.get_objects()) < 100
 
 
 def test_the_oldest_holder_and_waiter_follow_grants_and_ends_in_order(h: Harness) -> None:
