@@ -347,7 +347,9 @@ class LockFiles:
         """Raise ValueError unless `fd`, handed over for `filename`, is open on a regular
         file. Whatever is at `filename` now does not matter: the flock is on the file the
         descriptor was opened on, as it was before the re-exec, even if someone has removed
-        or replaced the path since."""
+        or replaced the path since. Such a claim still counts as holding its name's file when
+        `outside_holders_of` tells the daemon's flocks from those handed on (see `_own_files`),
+        as one taken here before its file was removed does."""
         try:
             st = os.fstat(fd)
         except OSError as err:
@@ -388,7 +390,15 @@ class LockFiles:
         with how many claims hold each. Read from copies of `_held` and `_slots_of`, each taken
         without letting the event loop's thread run meanwhile (a dict's copy holds the GIL),
         so safe from the thread that reads the host's locks. O(claims held): kept per file
-        instead, it would cost every lease an entry more."""
+        instead, it would cost every lease an entry more.
+
+        Counted by name, not by the file a claim's descriptor is open on: a claim whose lock or
+        slot file was removed or replaced since it was taken (unlinked or renamed in the lock
+        directory by someone else; lockd never does) still counts toward its name. Its own
+        flock is on a file no directory entry names any more, and on the file now at the path
+        one of the daemon's flocks more is taken for a claim's: a flock handed on there (to
+        the work of a lease whose client was cut off) goes unnamed, one per such claim, for as
+        long as that claim is held."""
         own: dict[str | tuple[str, int], int] = {}
         for claim in self._held.copy():
             for name in claim.names:
@@ -411,10 +421,10 @@ class LockFiles:
         on every read, at a cost that grows with every flock on the host, and first waits for
         an RCU grace period (milliseconds, unless it was read moments before), so a caller
         with an event loop runs this in a worker thread. `every_file` adds one scan of the
-        directory, only when the read shows flocks on its filesystem that neither `names` nor
-        the daemon's own claims account for; the directory entries' inode numbers tell which
-        files they are, without a stat each. A file that does not exist is left out (it is
-        never created here). A holder in another pid namespace shows with pid and uid None.
+        directory, whenever the read shows flocks on its filesystem that `names` do not
+        account for (the daemon's own included); the directory entries' inode numbers tell
+        which files they are, without a stat each. A file that does not exist is left out (it
+        is never created here). A holder in another pid namespace shows with pid and uid None.
         """
         #: The lock files asked about, by the key /proc/locks names them with.
         files: dict[procinfo.FileKey, list[str | tuple[str, int]]] = {}
@@ -441,24 +451,20 @@ class LockFiles:
             if entry is not None and (entry[0] in files or every_file and entry[0][:2] == here):
                 key, number, exclusive = entry
                 held.append((key, number, "exclusive" if exclusive else "shared"))
-        # Each flock the daemon took is one line of /proc/locks; as many of its lines on a
-        # file as its claims hold there are theirs, and any more were handed on.
-        me = os.getpid()
-        own = self._own_files()
-        if every_file:
-            # On files no name asked for, they are all its claims' if there are as many as its
-            # claims hold on such files (nothing was handed on: the usual case), and need no
-            # looking up.
-            theirs = sum(own.values()) - sum(own.get(file, 0) for named in files.values() for file in named)
-            if theirs == sum(number == me for key, number, _ in held if key not in files):
-                held = [entry for entry in held if entry[0] in files or entry[1] != me]
-        # Flocks on the directory's filesystem that no name asked for accounts for: which lock
-        # files they are, by the inode numbers of the directory's entries.
+        # Flocks on the directory's filesystem that no name asked for: which lock files they
+        # are, by the inode numbers of the directory's entries. Whatever the daemon's own lines
+        # there, each file is looked up: only a count per file tells its claims' flocks from
+        # one handed on (a holder may let go of its copy early, and claims are granted while
+        # this runs, so totals over many files would let one file's change hide another's).
         unnamed = {key[2] for key, _, _ in held if key not in files}
         if unnamed:
             for file, inode in self._files_at(unnamed):
                 files.setdefault((*here, inode), []).append(file)
             held = [entry for entry in held if entry[0] in files]
+        # Each flock the daemon took is one line of /proc/locks; as many of its lines on a
+        # file as its claims hold there are theirs, and any more were handed on.
+        me = os.getpid()
+        own = self._own_files() if any(number == me for _, number, _ in held) else {}
         taken: list[tuple[procinfo.FileKey, int | None, Mode]] = []
         for key, number, mode in held:
             if number == me and _count_off(own, files[key]):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import resource
 import signal
@@ -148,6 +149,37 @@ def test_every_file_names_a_flock_handed_on_but_not_the_ones_lockd_holds(files: 
             "given": [(holder.pid, "shared")],
         }
         assert files.outside_holders_of(["mine", "given"]).keys() == {"given"}
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_every_file_names_a_flock_handed_on_whatever_lockd_holds_elsewhere(
+    files: LockFiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon's flocks are told from one handed on file by file: a flock of a claim let
+    go early on another file (a holder may LOCK_UN its copy), or a claim granted while the
+    host's locks are read, must not hide the one handed on."""
+    early, given = claim("early"), claim("given")
+    assert files.try_lock(early) and files.try_lock(given)
+    [fd] = files.descriptors(given)
+    holder = subprocess.Popen(["sleep", "30"], pass_fds=[fd])
+    try:
+        files.abandon(given)  # as for a client cut off: its copy keeps the lock
+        fcntl.flock(files.descriptors(early)[0], fcntl.LOCK_UN)  # its holder let go of its copy
+        expected = {"given": [(holder.pid, "exclusive")]}
+        found = files.outside_holders_of([], every_file=True)
+        assert {name: [(h.pid, h.mode) for h in holders] for name, holders in found.items()} == expected
+        files.unlock(early)
+        own_files = LockFiles._own_files
+
+        def granted_meanwhile(self: LockFiles) -> dict[str | tuple[str, int], int]:
+            assert self.try_lock(claim("late"))  # the event loop grants while the thread reads
+            return own_files(self)
+
+        monkeypatch.setattr(LockFiles, "_own_files", granted_meanwhile)
+        found = files.outside_holders_of([], every_file=True)
+        assert {name: [(h.pid, h.mode) for h in holders] for name, holders in found.items()} == expected
     finally:
         holder.kill()
         holder.wait()
