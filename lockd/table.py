@@ -32,12 +32,11 @@ every step):
    step. Queue order is therefore one global arrival order, and the oldest waiting ticket is
    only ever blocked by holders: no deadlock, whatever order clients name their locks in.
 4. At rest (after every public call returns), no waiting ticket is grantable.
-5. The per-name queues and the per-owner index hold exactly the live tickets; no empty entry
-   lingers, so memory follows the live tickets and nothing else. The deadline heap also keeps
-   entries of tickets granted or ended since, but sweeps them before they outnumber the rest.
-   A name that one ticket was let through on, and that no other ticket has come to since, has
-   no queue: that ticket stands for it (most names, most of the time, and a queue with its one
-   holder costs more than the ticket). A queue, once made, lasts until it is empty.
+5. The per-name entries and the per-owner index hold exactly the live tickets; no empty entry
+   lingers, so memory follows the live tickets and nothing else. A name's entry is its queue,
+   or, where one ticket holds the name and none waits for it, possibly that ticket itself. The
+   deadline heap also keeps entries of tickets granted or ended since, but sweeps them before
+   they outnumber the rest.
 6. Where the backend orders requests: no ticket is ever WAITING; every live ticket stands
    among the holders of each of its lines, in arrival order, from arrival to end.
 
@@ -489,8 +488,10 @@ def _check_none_grantable(lines: Mapping[str, _Line | _SlotLine]) -> None:
                 raise ValueError(f"{ticket} waits though it could be granted")
 
 
-#: What the table keeps for a name: its line, or the ticket that holds it alone (invariant 5).
+#: What the table keeps for a name: its queue, or the ticket that holds it alone (invariant 5).
 _Entry = Ticket | _Line | _SlotLine
+#: `LockTable._lines` where only queues can be met: on the names of a waiting ticket.
+_Queues = dict[str, _Line | _SlotLine]
 
 
 def _holders(entry: _Entry) -> Iterable[Ticket]:
@@ -498,8 +499,18 @@ def _holders(entry: _Entry) -> Iterable[Ticket]:
     return (entry,) if isinstance(entry, Ticket) else entry.holders
 
 
-def _line_with(holder: Ticket, name: str) -> _Line | _SlotLine:
-    """A line for `name` with `holder`, which holds it alone, in it."""
+def _waiting(entry: _Entry) -> Iterable[Ticket]:
+    """The tickets waiting for a name, as `LockTable.waiters` gives them, from its entry."""
+    return () if isinstance(entry, Ticket) else entry.waiting
+
+
+def _slots(entry: _Entry, name: str) -> int | None:
+    """The slots of `name`, from its entry: None unless it is a semaphore."""
+    return entry.slots_on(name) if isinstance(entry, Ticket) else entry.slots
+
+
+def _line_with(name: str, holder: Ticket) -> _Line | _SlotLine:
+    """A queue for `name` with `holder`, which holds it alone, in it."""
     slots = holder.slots_on(name)
     line = _Line() if slots is None else _SlotLine(slots)
     line.add_holder(holder)
@@ -515,6 +526,8 @@ class LockTable:
         self.ordered_by_backend = ordered_by_backend
         #: The state of a ticket that waits for its turn, and is counted as waiting.
         self._queued = TAKING if ordered_by_backend else WAITING
+        #: Name → its entry (invariant 5). A waiting ticket stands in the queue of each of its
+        #: names, so every name of a waiting ticket has a queue, not a ticket, as its entry.
         self._lines: dict[str, _Entry] = {}
         self._next_arrival = 1
         self._owners: dict[Hashable, dict[Ticket, None]] = {}
@@ -559,10 +572,10 @@ class LockTable:
         grantable = True
         ordered = self.ordered_by_backend
         for name in unique:
-            line = lines.get(name)
-            if line is not None:
-                if isinstance(line, Ticket):
-                    line = self._line_for(name, ticket)  # a second ticket comes: the name gets a line
+            entry = lines.get(name)
+            if entry is not None:
+                # Read through a queue of the one holder, not kept: a refusal changes nothing.
+                line = _line_with(name, entry) if isinstance(entry, Ticket) else entry
                 if line.slots != ticket.slots_on(name):
                     ticket.state = ENDED
                     return ticket, [Refused(ticket, Reason.MISMATCH, list(line.holders), name), Ended(ticket)]
@@ -580,9 +593,8 @@ class LockTable:
             self._push_deadline(ticket, deadline)
         if grantable:
             for name in unique:
-                line = lines.setdefault(name, ticket)
-                if not isinstance(line, Ticket):  # else this ticket, alone on the name
-                    line.add_holder(ticket)
+                if lines.setdefault(name, ticket) is not ticket:  # else alone on the name
+                    self._line_for(name, ticket).add_holder(ticket)
             ticket.state = TAKING
             if self.ordered_by_backend:
                 self._count_waiting(ticket, 1)  # in the backend's queue until `taken`
@@ -638,7 +650,7 @@ class LockTable:
         broken is ended at once: asked twice, the caller will not wait. Returns how many
         leases were broken, and the effects."""
         entry = self._lines.get(name)
-        held = (t for t in _holders(entry) if t.state is HELD or t.state is BREAKING) if entry else ()
+        held = (t for t in _holders(entry) if t.state is HELD or t.state is BREAKING) if entry is not None else ()
         broken = sorted(held, key=_arrival)
         effects: list[Effect] = []
         for ticket in broken:
@@ -711,30 +723,26 @@ class LockTable:
 
     def queue(self, name: str) -> list[Ticket]:
         """Everyone on `name`: `holders(name)` then `waiters(name)`."""
-        line = self._lines.get(name)
-        if line is None or isinstance(line, Ticket):
-            return self.holders(name)
-        return [*line.holders, *line.waiting]
+        entry = self._lines.get(name)
+        return [*_holders(entry), *_waiting(entry)] if entry is not None else []
 
     def holders(self, name: str) -> list[Ticket]:
         """Tickets holding `name` (TAKING, HELD or BREAKING), in the order they were let
         through; where the backend orders requests, every ticket on `name` in arrival order,
         the TAKING ones still waiting in the backend's queue."""
         entry = self._lines.get(name)
-        return list(_holders(entry)) if entry else []
+        return list(_holders(entry)) if entry is not None else []
 
     def waiters(self, name: str) -> list[Ticket]:
         """Tickets waiting in the table for `name`, in arrival (= queue) order; none where the
         backend orders requests."""
-        line = self._lines.get(name)
-        return [] if line is None or isinstance(line, Ticket) else list(line.waiting)
+        entry = self._lines.get(name)
+        return list(_waiting(entry)) if entry is not None else []
 
     def slots_of(self, name: str) -> int | None:
         """The slots of `name` if it is a semaphore someone holds or awaits; else None."""
-        line = self._lines.get(name)
-        if isinstance(line, Ticket):
-            return line.slots_on(name)
-        return line.slots if line is not None else None
+        entry = self._lines.get(name)
+        return _slots(entry, name) if entry is not None else None
 
     def names(self) -> list[str]:
         """Every name that is held or waited on."""
@@ -854,14 +862,14 @@ class LockTable:
         waiting = sorted((t for t in tickets if t.state is WAITING), key=_arrival)
         for ticket in [*(t for t in tickets if t.holding), *waiting]:
             for name in ticket.names:
-                if ticket.holding and lines.setdefault(name, ticket) is ticket:
-                    continue  # alone on the name, so far
-                known = name in lines
+                entry = lines.get(name)
+                if entry is None and ticket.holding:
+                    lines[name] = ticket  # alone on the name, so far
+                    continue
+                if entry is not None and _slots(entry, name) != ticket.slots_on(name):
+                    first = next(iter(_holders(entry) or _waiting(entry)))
+                    raise ValueError(f"{ticket} disagrees with {first} on what {name!r} is")
                 line = table._line_for(name, ticket)
-                if known and line.slots != ticket.slots_on(name):
-                    raise ValueError(
-                        f"{ticket} disagrees with {next(iter(line.holders or line.waiting))} on what {name!r} is"
-                    )
                 if not ticket.holding:
                     line.add_waiting(ticket)
                     continue
@@ -876,7 +884,11 @@ class LockTable:
         heapq.heapify(table._deadlines)
         table._sweep_at = max(_MIN_SWEEP, 2 * len(table._deadlines))
         if not ordered_by_backend:
-            queues = {name: line for name, line in lines.items() if not isinstance(line, Ticket)}
+            # A ticket alone on its name is checked as the queue it stands for: a semaphore of
+            # no slots is refused even with one holder.
+            queues = {
+                name: _line_with(name, entry) if isinstance(entry, Ticket) else entry for name, entry in lines.items()
+            }
             for name, line in queues.items():
                 _check_handed_over(name, line)
             _check_none_grantable(queues)
@@ -895,10 +907,9 @@ class LockTable:
         # Where the backend orders requests, a TAKING ticket is one more request in its queue.
         waits = self._queued
         for name in ticket.names:
-            line = self._lines.get(name)
-            if line is not None:
-                if isinstance(line, Ticket):
-                    line = _line_with(line, name)  # to read, not kept
+            entry = self._lines.get(name)
+            if entry is not None:
+                line = _line_with(name, entry) if isinstance(entry, Ticket) else entry  # to read, not kept
                 # Behind a waiting exclusive ticket, a shared one waits for every holder too:
                 # they all go before that ticket, and it goes before this one. On a semaphore,
                 # every holder is in the way of a ticket that has no slot there yet (any of
@@ -936,20 +947,27 @@ class LockTable:
 
     def _admitted_elsewhere(self, ticket: Ticket, name: str) -> bool:
         """Do all of `ticket`'s lines other than `name` admit it?"""
-        # A waiting ticket's names all have lines (invariant 5).
-        lines = cast(dict[str, _Line | _SlotLine], self._lines)
+        lines = cast(_Queues, self._lines)  # a waiting ticket's names (see `_lines`)
         return all(lines[n].admits(ticket) for n in ticket.names if n != name)
 
     def _line_for(self, name: str, ticket: Ticket) -> _Line | _SlotLine:
-        """`name`'s line, for `ticket` to join: made for it if nobody is on the name, or
-        with the ticket that holds it alone in it (and kept until the line is empty)."""
+        """`name`'s queue, for `ticket` to join (as a holder or a waiter): made for it if
+        nobody is on the name, or with the ticket that holds the name alone in it.
+
+        A name that one ticket is let through on, with nobody else on it, keeps that ticket as
+        its entry instead of a queue (most names, most of the time, and a queue with its one
+        holder costs more than the ticket); the queue is made here, when a second ticket
+        joins. Once made, it lasts until it is empty, not turned back into a ticket when all
+        but one leave: that would cost a check on every release."""
         lines = self._lines
-        line = lines.get(name)
-        if line is None:
+        entry = lines.get(name)
+        if entry is None:
             slots = ticket.slots_on(name)
             line = lines[name] = _Line() if slots is None else _SlotLine(slots)
-        elif isinstance(line, Ticket):
-            line = lines[name] = _line_with(line, name)
+        elif isinstance(entry, Ticket):
+            line = lines[name] = _line_with(name, entry)
+        else:
+            line = entry
         return line
 
     def _push_deadline(self, ticket: Ticket, deadline: float) -> None:
@@ -965,8 +983,7 @@ class LockTable:
 
     def _start_taking(self, ticket: Ticket) -> Take:
         self._count_waiting(ticket, -1)
-        # A waiting ticket's names all have lines (invariant 5).
-        lines = cast(dict[str, _Line | _SlotLine], self._lines)
+        lines = cast(_Queues, self._lines)  # a waiting ticket's names (see `_lines`)
         for name in ticket.names:
             lines[name].promote(ticket)
         ticket.state = TAKING
@@ -991,12 +1008,12 @@ class LockTable:
         ticket.state = ENDED
         lines = self._lines
         for name in ticket.names:
-            line = lines[name]
-            if isinstance(line, Ticket):  # this ticket, alone on the name
+            entry = lines[name]
+            if isinstance(entry, Ticket):  # this ticket, alone on the name
                 del lines[name]
                 continue
-            line.remove(ticket)
-            if not line:
+            entry.remove(ticket)
+            if not entry:
                 del lines[name]
         self._unindex_owner(ticket)
 
@@ -1022,7 +1039,10 @@ class LockTable:
         lines = self._lines
         for name, gone in left.items():
             line = lines.get(name)
-            if line is not None and not isinstance(line, Ticket):
+            if line is not None:
+                # A ticket alone on a name leaves no entry: one that lost a ticket and is left
+                # is a queue.
+                assert not isinstance(line, Ticket), f"{line} alone on {name!r} after one left it"
                 admitted = line.admitted()
                 if line.slots is not None:
                     admitted = admitted[-gone:]
@@ -1037,10 +1057,11 @@ class LockTable:
         ordered = self.ordered_by_backend
         assert not _NOBODY, "the shared empty waiting line was changed"
         live: set[Ticket] = set()
-        for name, line in self._lines.items():
-            if isinstance(line, Ticket):
-                assert line.holding and name in line.names, f"{line} stands for {name!r}"
-                line = _line_with(line, name)  # and keeps what a line of it would
+        for name, entry in self._lines.items():
+            if isinstance(entry, Ticket):
+                assert entry.holding and name in entry.names, f"{entry} stands for {name!r}"
+            # A ticket alone on its name is checked as the queue it stands for.
+            line = _line_with(name, entry) if isinstance(entry, Ticket) else entry
             assert line, f"empty line for {name!r}"
             holders, waiting = list(line.holders), list(line.waiting)
             assert all(t.holding for t in holders) and all(t.state is WAITING for t in waiting)
@@ -1084,8 +1105,7 @@ class LockTable:
         assert by_owner == self._waiting_by_owner, (by_owner, self._waiting_by_owner)
         assert by_name == self._waiting_by_name, (by_name, self._waiting_by_name)
         timed = {entry[2] for entry in self._deadlines if entry[0] == entry[2].deadline}
-        # A waiting ticket's names all have lines (invariant 5).
-        lines = cast(dict[str, _Line | _SlotLine], self._lines)
+        lines = cast(_Queues, self._lines)  # a waiting ticket's names (see `_lines`)
         for ticket in live:
             for entry in (self._lines[n] for n in ticket.names):
                 if isinstance(entry, Ticket):

@@ -278,6 +278,7 @@ CORRUPTIONS: dict[str, tuple[Corruption, str]] = {
         _swap_arrivals("d", "e"), r"owner='d'> holds a slot of 's' that <Ticket .*owner='e'>, which arrived earlier",
     ),
     "too many on a semaphore": (_set("e", state=State.TAKING), r"hold 's', a semaphore of 2 slots"),
+    "a semaphore of no slots held alone": (_set("f", slots={"z": 0}), r"owner='f'>\] hold 'z', a semaphore of 0 slots"),
     "no seq": (_set("a", seq=0), r"owner='a'> has no place in the arrival order \(seq 0\)"),
     "a name twice": (_set("a", names=("x", "x")), r"owner='a'> must name each of its names once"),
     "no names": (_set("a", names=()), r"owner='a'> must name each of its names once"),
