@@ -85,7 +85,7 @@ class Session:
     __slots__ = (
         "sock", "ident", "label", "closed", "close_reason", "_on_close", "_encoder", "_outbox", "_attached",
         "_wake", "_eof", "_events", "_event_bytes", "_event_head", "_timer", "_send_timeout", "_frames",
-        "greeted", "_gate",
+        "_unhandled", "_handled", "greeted", "_gate",
     )
 
     def __init__(self, sock: socket.socket, ident: int, on_close: Callable[[Session], None]) -> None:
@@ -113,8 +113,12 @@ class Session:
         #: The writer's send timeout, while it runs: armed only while replies wait.
         self._timer: trio.CancelScope | None = None
         self._send_timeout = math.inf
-        #: What was received and not yet handled, once serving.
+        #: What was received and not yet handled, once serving: the frames cut from the
+        #: last read, of which `_handled` were handled as of the reader's last await (views
+        #: into that read or into `_frames`), then what `_frames` holds past them.
         self._frames: protocol.FrameBuffer | None = None
+        self._unhandled: Sequence[memoryview] = ()
+        self._handled = 0
         self.greeted = False
         #: Requests are handled only while it is open (see `Gate`).
         self._gate: Gate | None = None
@@ -288,8 +292,9 @@ class Session:
         the client sent that was not handled yet, what it was not sent yet. Changes nothing;
         valid while no request is being handled (the gate is shut and none is in flight)."""
         frames = self._frames
+        unread = b"".join(protocol.pack_prefix(len(body)) + body for body in self._unhandled[self._handled :])
         return handover.SessionState(
-            fd=self.sock.fileno(), greeted=self.greeted, unread=b"" if frames is None else frames.unread(),
+            fd=self.sock.fileno(), greeted=self.greeted, unread=unread + (b"" if frames is None else frames.unread()),
             outbox=bytes(self._outbox), attached=[(offset, list(fds)) for offset, fds in self._attached],
             event_head=self._event_head, events=list(self._events),
         )
@@ -378,29 +383,7 @@ class Session:
                         return
                 assert welcome is not None, "a session not greeted yet has its welcome"
                 self._greet(hello, welcome)
-            turns = 0
-            while not self.closed:
-                if gate is not None and gate.shut:
-                    await gate.opened()
-                    continue
-                message = _next_message(frames, decoder)
-                if message is not None:
-                    unfinished = handle(self, message)
-                    if unfinished is not None:
-                        await unfinished
-                else:
-                    data = self._recv_now()
-                    if data is None:
-                        turns = 0
-                        await trio.lowlevel.wait_readable(sock)
-                        continue
-                    if not data:
-                        return
-                    frames.feed(data)
-                turns += 1
-                if turns >= FAIR_TURNS:
-                    turns = 0
-                    await trio.lowlevel.checkpoint()
+            await self._handle_requests(frames, decoder, handle)
         except _Malformed as exc:
             self.fail(f"{exc}; the connection is closed")
         except Exception:
@@ -410,6 +393,58 @@ class Session:
                 None, protocol.ErrorCode.UNAVAILABLE, "internal error in lockd (it is logged); reconnect",
             ))
             self.close("internal error")
+
+    async def _handle_requests(
+        self, frames: protocol.FrameBuffer, decoder: msgspec.msgpack.Decoder[protocol.Request], handle: Handler,
+    ) -> None:
+        """Hand each request to `handle`, in order, until the session closes or the client
+        hangs up. Every read is cut into its frames at once, and they are handled one after
+        the other with no await in between (but a handler's own, and every FAIR_TURNS): one
+        wakeup for whatever a client sent together. Raises _Malformed."""
+        sock, gate = self.sock, self._gate
+        # What came with the hello, or what an adopted session was handed, comes first.
+        bodies: Sequence[memoryview]
+        bodies, too_large = frames.frames(b"")
+        self._unhandled, handled = bodies, 0
+        turns = 0
+        while not self.closed:
+            if gate is not None and gate.shut:
+                self._handled = handled
+                await gate.opened()
+                continue
+            if handled < len(bodies):
+                handled += 1
+                try:
+                    message = decoder.decode(bodies[handled - 1])
+                except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+                    raise _Malformed(_undecodable(exc)) from None
+                unfinished = handle(self, message)
+                if unfinished is not None:
+                    self._handled = handled
+                    await unfinished
+            elif too_large is not None:
+                raise _Malformed(str(too_large))
+            else:
+                # No view into the buffer may outlive what is cut from it: it changes now.
+                bodies = self._unhandled = ()
+                # Read before waiting, even after a read that emptied the socket: a client
+                # that waits for its reply has often sent its next request by the time it is
+                # written (it ran as the reply woke it), and then no wait is needed at all.
+                data = self._recv_now()
+                if data is None:
+                    turns = 0
+                    self._handled = 0
+                    await trio.lowlevel.wait_readable(sock)
+                    continue
+                if not data:
+                    return
+                bodies, too_large = frames.frames(data)
+                self._unhandled, handled = bodies, 0
+            turns += 1
+            if turns >= FAIR_TURNS:
+                turns = 0
+                self._handled = handled
+                await trio.lowlevel.checkpoint()
 
     def _greet(self, message: object, welcome: protocol.Welcome) -> None:
         if not isinstance(message, protocol.Hello):
@@ -546,12 +581,17 @@ def _next_message(
     except protocol.FrameTooLarge as exc:
         raise _Malformed(str(exc)) from None
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
-        # RecursionError: nesting deeper than the decoder's stack, in a field it skips. The
-        # error quotes what the client sent: it goes into a log line, so inert and short.
-        quoted = sanitize(str(exc))
-        if len(quoted) > _MAX_QUOTED:
-            quoted = quoted[:_MAX_QUOTED] + "…"
-        raise _Malformed(f"malformed message ({type(exc).__name__}: {quoted})") from None
+        raise _Malformed(_undecodable(exc)) from None
+
+
+def _undecodable(exc: Exception) -> str:
+    """What to tell a client whose message did not decode (`exc`): RecursionError is nesting
+    deeper than the decoder's stack, in a field it skips. It quotes what the client sent, and
+    goes into a log line: inert and short."""
+    quoted = sanitize(str(exc))
+    if len(quoted) > _MAX_QUOTED:
+        quoted = quoted[:_MAX_QUOTED] + "…"
+    return f"malformed message ({type(exc).__name__}: {quoted})"
 
 
 def shown_label(text: str | None) -> str | None:
