@@ -14,9 +14,16 @@ Invariants:
   service drops it when `offer` refuses an event; its unsent events are thrown away and its
   notice goes last in the lane), never its connection and the leases on it. An event never
   overtakes a reply sent before it; a reply may overtake events that wait.
-- Descriptors sent with a message (SCM_RIGHTS) go with its first byte. Those left waiting in
-  the outbox are the session's own duplicates, closed once sent or when the session ends, so
-  they always refer to the files they were sent for.
+- Descriptors sent with a message (SCM_RIGHTS) go with its first byte, or with the first byte
+  of an earlier message written in the same system call (MAX_FDS_PER_MESSAGE to a byte), so
+  a client that queues the descriptors it receives in order has each message's by the time
+  the message is complete. Those left waiting in the outbox are the session's own duplicates,
+  closed once sent or when the session ends, so they always refer to the files they were
+  sent for.
+- The replies to the requests of one read are written together, by one system call when the
+  socket takes them: while a request that has others after it in the same read is handled,
+  the session is corked (`send` queues), and the last one's reply, or the end of the read's
+  requests, writes them all. Nothing stays corked across an await.
 - `close` calls `on_close` synchronously, exactly once: the daemon ends the session's leases
   there, before anything else happens, so a cut-off client never holds a lease while its
   goodbye is still being written. A closed session hands no more requests to the daemon.
@@ -85,7 +92,7 @@ class Session:
     __slots__ = (
         "sock", "ident", "label", "closed", "close_reason", "_on_close", "_encoder", "_outbox", "_attached",
         "_wake", "_eof", "_events", "_event_bytes", "_event_head", "_timer", "_send_timeout", "_frames",
-        "_unhandled", "_handled", "greeted", "_gate",
+        "_unhandled", "_handled", "_corked", "_held", "greeted", "_gate",
     )
 
     def __init__(self, sock: socket.socket, ident: int, on_close: Callable[[Session], None]) -> None:
@@ -119,6 +126,10 @@ class Session:
         self._frames: protocol.FrameBuffer | None = None
         self._unhandled: Sequence[memoryview] = ()
         self._handled = 0
+        #: While set, `send` queues replies without writing them (see the module docstring);
+        #: `_held` says that it did, and that the writer does not know of them yet.
+        self._corked = False
+        self._held = False
         self.greeted = False
         #: Requests are handled only while it is open (see `Gate`).
         self._gate: Gate | None = None
@@ -181,15 +192,20 @@ class Session:
         if self.closed:
             return
         outbox = self._outbox
-        if outbox:
-            # The writer is waiting for the client to read: queue behind what it holds.
+        if outbox or self._corked:
+            # Queued behind what the client has not read yet, or what answers the requests
+            # handled before this one in the same read (corked): written together.
             if len(outbox) > MAX_OUTBOX:
                 self.close(f"it left more than {MAX_OUTBOX} bytes of replies unread")
                 return
             if fds and not self._attach(len(outbox), fds):
                 return
             protocol.encode_frame(self._encoder, message, outbox)
-            if not self._event_head:
+            if self._corked:
+                self._held = True
+            elif self._held:
+                self._write_held()
+            elif not self._event_head:
                 self._arm()  # events alone may have been waiting: now a reply does
             return
         if len(fds) > protocol.MAX_FDS_PER_MESSAGE:
@@ -213,6 +229,26 @@ class Session:
             return
         if outbox:
             self._wake.set()
+
+    def _write_held(self) -> None:
+        """Write what was queued while corked, as much as the socket takes now; leave the rest
+        to the writer."""
+        self._held = False
+        outbox = self._outbox
+        before = len(outbox)
+        try:
+            self._flush()
+        except BlockingIOError:
+            pass
+        except OSError:
+            self._clear()
+            self.close("the connection broke")
+            return
+        self._event_head = max(0, self._event_head - (before - len(outbox)))
+        if outbox:
+            self._wake.set()
+            if not self._event_head:
+                self._arm()
 
     def _attach(self, offset: int, fds: Sequence[int]) -> bool:
         """Queue duplicates of `fds` to go with the outbox's byte at `offset` and those after
@@ -238,11 +274,15 @@ class Session:
         outbox, attached = self._outbox, self._attached
         while outbox:
             if attached and attached[0][0] == 0:
-                fds = attached[0][1]
-                end = attached[1][0] if len(attached) > 1 else len(outbox)
+                # With the descriptors of the messages after it, as many as one write takes.
+                fds, taken = attached[0][1], 1
+                while taken < len(attached) and len(fds) + len(attached[taken][1]) <= protocol.MAX_FDS_PER_MESSAGE:
+                    fds = fds + attached[taken][1]
+                    taken += 1
+                end = attached[taken][0] if taken < len(attached) else len(outbox)
                 sent = self.sock.sendmsg([outbox[:end] if end < len(outbox) else outbox], [_rights(fds)])
-                attached.popleft()
-                _close_all(fds)
+                for _ in range(taken):
+                    _close_all(attached.popleft()[1])
             else:
                 end = attached[0][0] if attached else len(outbox)
                 sent = self.sock.send(outbox[:end] if end < len(outbox) else outbox)
@@ -409,6 +449,7 @@ class Session:
         turns = 0
         while not self.closed:
             if gate is not None and gate.shut:
+                self._uncork()
                 self._handled = handled
                 await gate.opened()
                 continue
@@ -418,10 +459,14 @@ class Session:
                     message = decoder.decode(bodies[handled - 1])
                 except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
                     raise _Malformed(_undecodable(exc)) from None
+                corked = self._corked = handled < len(bodies)
                 unfinished = handle(self, message)
                 if unfinished is not None:
+                    self._uncork()
                     self._handled = handled
                     await unfinished
+                elif not corked and self._held:
+                    self._write_held()  # the last request of the read had no reply of its own
             elif too_large is not None:
                 raise _Malformed(str(too_large))
             else:
@@ -443,8 +488,15 @@ class Session:
             turns += 1
             if turns >= FAIR_TURNS:
                 turns = 0
+                self._uncork()
                 self._handled = handled
                 await trio.lowlevel.checkpoint()
+
+    def _uncork(self) -> None:
+        """Write what was queued while corked, before an await."""
+        self._corked = False
+        if self._held:
+            self._write_held()
 
     def _greet(self, message: object, welcome: protocol.Welcome) -> None:
         if not isinstance(message, protocol.Hello):
