@@ -85,6 +85,10 @@ class Subscribers:
         self._every: dict[Subscription, None] = {}
         self._per_uid: dict[int, int] = {}
 
+    def __bool__(self) -> bool:
+        """Whether any subscription is live: events need not be offered to anyone if not."""
+        return bool(self._per_uid)
+
     def count(self, uid: int) -> int:
         """How many live subscriptions the connections of `uid` hold."""
         return self._per_uid.get(uid, 0)
@@ -134,16 +138,19 @@ class Subscribers:
         for subscription_id in list(subscriber.subscriptions):
             self.unsubscribe(subscriber, subscription_id)
 
-    def publish(self, event: protocol.LeaseEvent, orders: deque[Order]) -> None:
-        """Order `event` offered to every subscription that wants it and may read it."""
-        named = self._by_name.get(event.name)
-        if named is None and not self._every:
-            return
-        uid = event.uid
-        for wanting in (named, self._every) if named else (self._every,):
-            for subscription in wanting:
-                if subscription.visible is None or subscription.visible == uid:
-                    orders.append(Publish(subscription.peer, subscription.id, event))
+    def publish(self, events: Iterable[protocol.LeaseEvent], orders: deque[Order]) -> None:
+        """Order each of `events`, in turn, offered to every subscription that wants it and
+        may read it."""
+        by_name, every = self._by_name, self._every
+        for event in events:
+            named = by_name.get(event.name)
+            if named is None and not every:
+                continue
+            uid = event.uid
+            for wanting in (named, every) if named else (every,):
+                for subscription in wanting:
+                    if subscription.visible is None or subscription.visible == uid:
+                        orders.append(Publish(subscription.peer, subscription.id, event))
 
     def check(self, subscribers: Iterable[Subscriber]) -> None:
         """Assert the invariants, given every connected subscriber. For tests."""
@@ -174,13 +181,17 @@ def lease_events(
     waited: float | None, held: float | None, reason: str | None, cause: str | None, exit_status: int | None,
 ) -> list[protocol.LeaseEvent]:
     """The events of `kind` of a lease (or request) on `names`, one per name, for `claim`."""
-    return [
-        protocol.LeaseEvent(
-            time, kind, name, claim.mode_on(name), claim.slots.get(name), tokens[index] if tokens else None,
-            claim.pid, claim.uid, None, claim.command, claim.label, waited, held, reason, exit_status, cause,
-        )
-        for index, name in enumerate(names)
-    ]
+    events = []
+    # Two per lease, each name's: `Claim.mode_on` and a comprehension, inline.
+    slots = claim.slots
+    mode: protocol.Mode = "shared" if claim.shared else "exclusive"
+    for index, name in enumerate(names):
+        events.append(protocol.LeaseEvent(
+            time, kind, name, "shared" if name in slots else mode, slots.get(name) if slots else None,
+            tokens[index] if tokens else None, claim.pid, claim.uid, None, claim.command, claim.label, waited, held,
+            reason, exit_status, cause,
+        ))
+    return events
 
 
 def refusal_events(

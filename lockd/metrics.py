@@ -187,6 +187,11 @@ class Metrics:
             if named is not None:
                 named.count(event)
 
+    @property
+    def follows_names(self) -> bool:
+        """Whether any name gets series of its own: else `note` does nothing."""
+        return self._matches is not None
+
     def note(self, names: tuple[str, ...]) -> None:
         """A request for `names` arrived: those that match the globs get series from now on,
         even if none of them is ever granted. Returns at once and never raises."""
