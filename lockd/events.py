@@ -84,10 +84,8 @@ class Subscribers:
         self._by_name: dict[str, dict[Subscription, None]] = {}
         self._every: dict[Subscription, None] = {}
         self._per_uid: dict[int, int] = {}
-
-    def __bool__(self) -> bool:
-        """Whether any subscription is live: events need not be offered to anyone if not."""
-        return bool(self._per_uid)
+        #: How many subscriptions are live: with none, no event need be offered to anyone.
+        self.live = 0
 
     def count(self, uid: int) -> int:
         """How many live subscriptions the connections of `uid` hold."""
@@ -105,6 +103,7 @@ class Subscribers:
             for name in names:
                 self._by_name.setdefault(name, {})[subscription] = None
         self._per_uid[subscription.uid] = self._per_uid.get(subscription.uid, 0) + 1
+        self.live += 1
 
     def unsubscribe(self, subscriber: Subscriber, subscription_id: int) -> bool:
         """End a subscription of `subscriber`; False if it has none of that id (ended already)."""
@@ -124,6 +123,7 @@ class Subscribers:
             self._per_uid[subscription.uid] = left
         else:
             del self._per_uid[subscription.uid]
+        self.live -= 1
         return True
 
     def revisit(self, visible_to: Callable[[int], int | None]) -> None:
@@ -174,6 +174,7 @@ class Subscribers:
             indexed.update(wanting)
         assert indexed == live, indexed.symmetric_difference(live)
         assert self._per_uid == per_uid, (self._per_uid, per_uid)
+        assert self.live == len(live), (self.live, len(live))
 
 
 def lease_events(

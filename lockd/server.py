@@ -93,7 +93,7 @@ class Server:
         `trio.run`, whose clock the service keeps time by."""
         self.backend = backend
         self.metrics = Metrics(backend=backend.name) if metrics is None else metrics
-        self._observers = (self.metrics.observe, *observers)
+        self._observers = (self.metrics.observer, *observers)
         self._history = history
         self._history_readers = trio.CapacityLimiter(HISTORY_READERS)
         self.service = LockService(

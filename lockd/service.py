@@ -406,8 +406,7 @@ class LockService:
             if timeout is not None and not (timeout >= 0 and math.isfinite(timeout)):
                 raise errors.ProtocolError(f"timeout must be a finite number >= 0, not {timeout}")
             slots = request.slots
-            problem = protocol.slots_problem(names, slots)
-            if problem is not None:
+            if slots and (problem := protocol.slots_problem(names, slots)) is not None:
                 raise errors.ProtocolError(problem)
             refusal = admission.acquire_refusal(
                 self.limits, names, waits=timeout != 0, requests=client.names,
@@ -1074,8 +1073,7 @@ class LockService:
             # From now on the process's exit ends the lease, not the connection's; while the
             # connection lasts, its Release still ends it too.
             self.table.reassign(ticket, who.process)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("granted %s to pid %s, token %s", ", ".join(ticket.names), who.claim.pid, ticket.tokens)
+        # (At debug level the event log has a line for it: lockd.journal.)
         # Recorded first: should ordering the grant fail, the lease's end has its beginning.
         self._record(ticket, who, "granted")
         self.orders.append(Grant(who.client.peer, who.request_id, ticket.tokens, who.claim))
@@ -1181,7 +1179,7 @@ class LockService:
         orders = self.orders
         for event in events:
             orders.append(Record(event))
-        if self._subscribers:
+        if self._subscribers.live:
             self._subscribers.publish(events, orders)
 
     def _refused(self, effect: Refused, ticket: Ticket, who: Party) -> None:

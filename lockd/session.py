@@ -209,25 +209,27 @@ class Session:
                 self._arm()  # events alone may have been waiting: now a reply does
             return
         if len(fds) > protocol.MAX_FDS_PER_MESSAGE:
+            # Over several bytes, as duplicates (see `_attach`).
             if not self._attach(0, fds):
                 return
-            fds = ()
-        protocol.encode_frame(self._encoder, message, outbox)
+            protocol.encode_frame(self._encoder, message, outbox)
+            self._write_held()
+            return
+        # The common case, without duplicates: the descriptors go now or not at all.
+        body = self._encoder.encode(message)
+        frame = protocol.pack_prefix(len(body)) + body
         try:
-            if self._attached:
-                self._flush()
-            else:
-                # The common case, without duplicates: the descriptors go now or not at all.
-                sent = self.sock.sendmsg([outbox], [_rights(fds)]) if fds else self.sock.send(outbox)
-                del outbox[:sent]
+            sent = self.sock.sendmsg([frame], [_rights(fds)]) if fds else self.sock.send(frame)
         except BlockingIOError:
             if fds and not self._attach(0, fds):
                 return
+            sent = 0
         except OSError:
             self._clear()
             self.close("the connection broke")
             return
-        if outbox:
+        if sent < len(frame):
+            outbox += memoryview(frame)[sent:]
             self._wake.set()
 
     def _write_held(self) -> None:
