@@ -277,9 +277,9 @@ class Session:
         while outbox:
             if attached and attached[0][0] == 0:
                 # With the descriptors of the messages after it, as many as one write takes.
-                fds, taken = attached[0][1], 1
+                fds, taken = list(attached[0][1]), 1
                 while taken < len(attached) and len(fds) + len(attached[taken][1]) <= protocol.MAX_FDS_PER_MESSAGE:
-                    fds = fds + attached[taken][1]
+                    fds += attached[taken][1]
                     taken += 1
                 end = attached[taken][0] if taken < len(attached) else len(outbox)
                 sent = self.sock.sendmsg([outbox[:end] if end < len(outbox) else outbox], [_rights(fds)])
