@@ -75,9 +75,8 @@ class _Oldest:
         self.still = still
 
     def entered(self, ticket: Ticket) -> None:
+        """`ticket` entered the state (and is in it: the caller tested `still`)."""
         self.live += 1
-        if not self.still(ticket):
-            return  # refused at once: never in the state
         if len(self.entries) >= self.live + (self.live >> 2) + _MIN_SWEEP:
             self._sweep()
         self.entries.append(ticket)
@@ -110,17 +109,25 @@ class Tally:
         self._by_held = _Oldest(is_held)
         self._by_waiting = _Oldest(is_waiting)
 
+    # `is_held` and `is_waiting` are spelled out inline below: these run on every lease.
+
     def arrived(self, ticket: Ticket) -> None:
         """`ticket` was just made by `LockTable.acquire` (whatever its state: even one
         refused at once ends through `ended`)."""
         self._add(self._waiting, ticket, 1)
-        self._by_waiting.entered(ticket)
+        if ticket.state is WAITING or ticket.state is TAKING:
+            self._by_waiting.entered(ticket)
+        else:
+            self._by_waiting.live += 1  # refused at once: never in the state
 
     def granted(self, ticket: Ticket) -> None:
         self._add(self._waiting, ticket, -1)
         self._by_waiting.live -= 1  # a holder now: its entry here keeps nothing alive
         self._add(self._held, ticket, 1)
-        self._by_held.entered(ticket)
+        if ticket.state is HELD or ticket.state is BREAKING:
+            self._by_held.entered(ticket)
+        else:
+            self._by_held.live += 1  # ended since (its Ended effect follows)
 
     def ended(self, ticket: Ticket) -> None:
         """`ticket` ended: it was held if it had been granted (it has tokens), else waiting."""
@@ -141,8 +148,11 @@ class Tally:
 
     @staticmethod
     def _add(counts: dict[str, int], ticket: Ticket, delta: int) -> None:
-        for name in ticket.names:
-            counts[mode_of(ticket, name)] += delta
+        if ticket.slots is None:  # one mode for all its names (`mode_of`)
+            counts["shared" if ticket.shared else "exclusive"] += delta * len(ticket.names)
+        else:
+            for name in ticket.names:
+                counts[mode_of(ticket, name)] += delta
 
 
 def name_census(table: LockTable, name: str) -> Census:

@@ -84,6 +84,8 @@ class Subscribers:
         self._by_name: dict[str, dict[Subscription, None]] = {}
         self._every: dict[Subscription, None] = {}
         self._per_uid: dict[int, int] = {}
+        #: How many subscriptions are live: with none, no event need be offered to anyone.
+        self.live = 0
 
     def count(self, uid: int) -> int:
         """How many live subscriptions the connections of `uid` hold."""
@@ -101,6 +103,7 @@ class Subscribers:
             for name in names:
                 self._by_name.setdefault(name, {})[subscription] = None
         self._per_uid[subscription.uid] = self._per_uid.get(subscription.uid, 0) + 1
+        self.live += 1
 
     def unsubscribe(self, subscriber: Subscriber, subscription_id: int) -> bool:
         """End a subscription of `subscriber`; False if it has none of that id (ended already)."""
@@ -120,6 +123,7 @@ class Subscribers:
             self._per_uid[subscription.uid] = left
         else:
             del self._per_uid[subscription.uid]
+        self.live -= 1
         return True
 
     def revisit(self, visible_to: Callable[[int], int | None]) -> None:
@@ -134,16 +138,19 @@ class Subscribers:
         for subscription_id in list(subscriber.subscriptions):
             self.unsubscribe(subscriber, subscription_id)
 
-    def publish(self, event: protocol.LeaseEvent, orders: deque[Order]) -> None:
-        """Order `event` offered to every subscription that wants it and may read it."""
-        named = self._by_name.get(event.name)
-        if named is None and not self._every:
-            return
-        uid = event.uid
-        for wanting in (named, self._every) if named else (self._every,):
-            for subscription in wanting:
-                if subscription.visible is None or subscription.visible == uid:
-                    orders.append(Publish(subscription.peer, subscription.id, event))
+    def publish(self, events: Iterable[protocol.LeaseEvent], orders: deque[Order]) -> None:
+        """Order each of `events`, in turn, offered to every subscription that wants it and
+        may read it."""
+        by_name, every = self._by_name, self._every
+        for event in events:
+            named = by_name.get(event.name)
+            if named is None and not every:
+                continue
+            uid = event.uid
+            for wanting in (named, every) if named else (every,):
+                for subscription in wanting:
+                    if subscription.visible is None or subscription.visible == uid:
+                        orders.append(Publish(subscription.peer, subscription.id, event))
 
     def check(self, subscribers: Iterable[Subscriber]) -> None:
         """Assert the invariants, given every connected subscriber. For tests."""
@@ -167,6 +174,7 @@ class Subscribers:
             indexed.update(wanting)
         assert indexed == live, indexed.symmetric_difference(live)
         assert self._per_uid == per_uid, (self._per_uid, per_uid)
+        assert self.live == len(live), (self.live, len(live))
 
 
 def lease_events(
@@ -174,13 +182,17 @@ def lease_events(
     waited: float | None, held: float | None, reason: str | None, cause: str | None, exit_status: int | None,
 ) -> list[protocol.LeaseEvent]:
     """The events of `kind` of a lease (or request) on `names`, one per name, for `claim`."""
-    return [
-        protocol.LeaseEvent(
-            time, kind, name, claim.mode_on(name), claim.slots.get(name), tokens[index] if tokens else None,
-            claim.pid, claim.uid, None, claim.command, claim.label, waited, held, reason, exit_status, cause,
-        )
-        for index, name in enumerate(names)
-    ]
+    events = []
+    # Two per lease, each name's: `Claim.mode_on` and a comprehension, inline.
+    slots = claim.slots
+    mode: protocol.Mode = "shared" if claim.shared else "exclusive"
+    for index, name in enumerate(names):
+        events.append(protocol.LeaseEvent(
+            time, kind, name, "shared" if name in slots else mode, slots.get(name) if slots else None,
+            tokens[index] if tokens else None, claim.pid, claim.uid, None, claim.command, claim.label, waited, held,
+            reason, exit_status, cause,
+        ))
+    return events
 
 
 def refusal_events(

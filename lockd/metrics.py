@@ -179,6 +179,11 @@ class Metrics:
         #: Emptied when full, so that names made up per job cannot grow it without bound.
         self._unmatched: dict[str, None] = {}
 
+    @property
+    def observer(self) -> Callable[[protocol.LeaseEvent], None]:
+        """`observe`, or what it comes down to with no per-name series: the count of all."""
+        return self.observe if self._matches is not None else self._all.count
+
     def observe(self, event: protocol.LeaseEvent) -> None:
         """Count `event`. Returns at once and never raises (a `Server` observer)."""
         self._all.count(event)
@@ -186,6 +191,11 @@ class Metrics:
             named = self._counts_of(event.name)
             if named is not None:
                 named.count(event)
+
+    @property
+    def follows_names(self) -> bool:
+        """Whether any name gets series of its own: else `note` does nothing."""
+        return self._matches is not None
 
     def note(self, names: tuple[str, ...]) -> None:
         """A request for `names` arrived: those that match the globs get series from now on,

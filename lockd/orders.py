@@ -6,14 +6,18 @@ Invariant: an order is plain data about I/O, and every decision was made before 
 given. The shell may find an order obsolete (a take whose request ended meanwhile: the
 service says so) and skip it, but decides nothing else. Orders name a request by its `Claim`,
 as the backend does: never by the table's ticket.
+
+Orders are structs, made in C: a lease gives five, and a dataclass's __init__ is a call of
+Python each. Those never kept but in the queue cannot be part of a reference cycle, and the
+collector does not track them; a `LookForHolders` is kept by its client until answered.
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
+import msgspec
 from lockd_client.protocol import Holder, LeaseEvent
 
 from .backend import Claim
@@ -55,48 +59,42 @@ class Peer(Hashable, Protocol):
         """What a re-executed daemon needs to serve this peer on (lockd.handover)."""
 
 
-@dataclass(slots=True)
-class Send:
+class Send(msgspec.Struct, gc=False):
     """Send `message` to `peer`."""
 
     peer: Peer
     message: object
 
 
-@dataclass(slots=True)
-class Close:
+class Close(msgspec.Struct, gc=False):
     """Stop serving `peer` once what is queued for it is sent."""
 
     peer: Peer
     reason: str
 
 
-@dataclass(slots=True)
-class StartTake:
+class StartTake(msgspec.Struct, gc=False):
     """Have the backend take `claim`, unless the service no longer is (`taking`); answer
     `taken`, `take_blocked`, `take_waits` while it waits outside lockd, or `take_failed`."""
 
     claim: Claim
 
 
-@dataclass(slots=True)
-class StopTake:
+class StopTake(msgspec.Struct, gc=False):
     """Cancel the backend's take of `claim` if it runs in a task of its own: it must not
     answer any more."""
 
     claim: Claim
 
 
-@dataclass(slots=True)
-class Release:
+class Release(msgspec.Struct, gc=False):
     """Have the backend drop `claim` (see `Backend.drop` for `unlock`)."""
 
     claim: Claim
     unlock: bool
 
 
-@dataclass(slots=True)
-class Grant:
+class Grant(msgspec.Struct, gc=False):
     """Tell `peer` its request `request_id` is granted with `tokens`, and send it the
     backend's lock-file descriptors of `claim`; answer `grant_undelivered` if the peer
     closed as it went out."""
@@ -107,8 +105,7 @@ class Grant:
     claim: Claim
 
 
-@dataclass(slots=True)
-class LookForHolders:
+class LookForHolders(msgspec.Struct):
     """Look up who outside lockd holds `names`, for the refusal of `peer`'s request
     `request_id` (`reason`), which names `known` first; answer `holders_found`."""
 
@@ -119,45 +116,39 @@ class LookForHolders:
     known: list[Holder]
 
 
-@dataclass(slots=True)
-class Watch:
+class Watch(msgspec.Struct, gc=False):
     """Watch `owner`'s process; answer `process_exited` when it exits."""
 
     owner: ProcessOwner
 
 
-@dataclass(slots=True)
-class Unwatch:
+class Unwatch(msgspec.Struct, gc=False):
     """Stop watching `owner`'s process, and close its pidfd."""
 
     owner: ProcessOwner
 
 
-@dataclass(slots=True)
-class WakeAt:
+class WakeAt(msgspec.Struct, gc=False):
     """Call `wake` by `deadline` (a time of the service's clock) at the latest."""
 
     deadline: float
 
 
-@dataclass(slots=True)
-class Record:
+class Record(msgspec.Struct, gc=False):
     """`event` happened: tell every observer (the metrics, the history, the journal); one
     that fails is logged and the others are told still. (`Publish` tells subscribers.)"""
 
     event: LeaseEvent
 
 
-@dataclass(slots=True)
-class SendMetrics:
+class SendMetrics(msgspec.Struct, gc=False):
     """Send `peer` the daemon's metrics, in answer to its request `request_id`."""
 
     peer: Peer
     request_id: int
 
 
-@dataclass(slots=True)
-class Publish:
+class Publish(msgspec.Struct, gc=False):
     """Offer `event` to `peer`'s subscription `subscription_id` unless it has ended since
     (`LockService.subscribed`); answer `subscriber_lagging` if the peer cannot take it."""
 
@@ -166,8 +157,7 @@ class Publish:
     event: LeaseEvent
 
 
-@dataclass(slots=True)
-class EndEvents:
+class EndEvents(msgspec.Struct, gc=False):
     """`peer`'s subscription `subscription_id` has ended: throw away its events not sent yet,
     and send `notice` (if any) as its last word."""
 
@@ -176,8 +166,7 @@ class EndEvents:
     notice: object | None
 
 
-@dataclass(slots=True)
-class StartReexec:
+class StartReexec(msgspec.Struct, gc=False):
     """Re-execute the daemon in place (lockd.reexec), as `peer` asked in request
     `request_id` (None: a signal asked); answer `reexec_refused` if it does not happen."""
 

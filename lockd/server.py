@@ -89,16 +89,19 @@ class Server:
         """`observers` are told every lease event (`Record`), in order; each must return at
         once and never raise (the history's writer queues). `metrics` (default: with no
         per-name series and no other sources) counts them too, and answers `Metrics`.
-        `history` answers `History` requests; None: the history is off."""
+        `history` answers `History` requests; None: the history is off. Made within
+        `trio.run`, whose clock the service keeps time by."""
         self.backend = backend
         self.metrics = Metrics(backend=backend.name) if metrics is None else metrics
-        self._observers = (self.metrics.observe, *observers)
+        self._observers = (self.metrics.observer, *observers)
         self._history = history
         self._history_readers = trio.CapacityLimiter(HISTORY_READERS)
         self.service = LockService(
             table, Processes(pidfds.open_process), limits, policy, backend,
-            clock=trio.current_time, wall_clock=time.time, history=history is not None,
-            arrivals=self.metrics.note, daemon_uid=os.geteuid(),
+            # The run's clock itself: `trio.current_time` finds it anew, three calls deep,
+            # each time, and a lease reads it three times.
+            clock=trio.lowlevel.current_clock().current_time, wall_clock=time.time, history=history is not None,
+            arrivals=self.metrics.note if self.metrics.follows_names else None, daemon_uid=os.geteuid(),
         )
         #: The ident the next connection gets.
         self.next_connection = 1
@@ -327,7 +330,7 @@ class Server:
         """How each kind of order is carried out: a lookup by its type, where a chain of
         isinstance tests cost up to a dozen calls per order on every request's path."""
         return {
-            Send: self._send, StartTake: self._start_take, Grant: self._grant, Release: self._release,
+            Send: self._send, StartTake: self._take, Grant: self._grant, Release: self._release,
             Record: self._record, StopTake: self._stop_take, Close: self._close,
             LookForHolders: self._look, Watch: self._watch_order, Unwatch: self._unwatch,
             SendMetrics: self._send_metrics, Publish: self._publish, EndEvents: self._end_events,
@@ -337,9 +340,6 @@ class Server:
     @staticmethod
     def _send(order: Send) -> None:
         order.peer.send(order.message)
-
-    def _start_take(self, order: StartTake) -> None:
-        self._take(order.claim)
 
     def _grant(self, order: Grant) -> None:
         fds = self.backend.descriptors(order.claim)
@@ -483,7 +483,8 @@ class Server:
             return
         order.peer.send(protocol.MetricsReply(order.request_id, text))
 
-    def _take(self, claim: Claim) -> None:
+    def _take(self, order: StartTake) -> None:
+        claim = order.claim
         if not self.service.taking(claim):
             return  # ended while the order waited: its StopTake and Release follow
         try:

@@ -195,7 +195,7 @@ class Party:
     requested: float = 0.0
     #: Why its lease ends or its request fails (`protocol.Cause`), set where that is decided,
     #: before the table ends it; for a lease, at the latest as the table lets go of it (as its
-    #: Drop says: see `_drop`).
+    #: Drop says: see `_on_drop`).
     cause: str | None = None
     #: Its lease was lost, for this reason.
     lost: str | None = None
@@ -405,8 +405,7 @@ class LockService:
             if timeout is not None and not (timeout >= 0 and math.isfinite(timeout)):
                 raise errors.ProtocolError(f"timeout must be a finite number >= 0, not {timeout}")
             slots = request.slots
-            problem = protocol.slots_problem(names, slots)
-            if problem is not None:
+            if slots and (problem := protocol.slots_problem(names, slots)) is not None:
                 raise errors.ProtocolError(problem)
             refusal = admission.acquire_refusal(
                 self.limits, names, waits=timeout != 0, requests=client.names,
@@ -768,7 +767,7 @@ class LockService:
         who = party(ticket)
         log.warning("cannot take %s for pid %s: %s", ", ".join(ticket.names), who.claim.pid, exc)
         self._send_error(who.client, who.request_id, exc)
-        self._record(ticket, "refused", reason=_code(exc), cause=cause or _code(exc))
+        self._record(ticket, who, "refused", reason=_code(exc), cause=cause or _code(exc))
         self._apply(self.table.release(ticket))
 
     # --- other reports from the shell -----------------------------------------------------------
@@ -817,7 +816,7 @@ class LockService:
                     who.request_id, protocol.ErrorCode.NOT_HELD,
                     f"process {owner.pid} exited before the lock was granted",
                 ))
-                self._record(ticket, "refused", reason=protocol.ErrorCode.NOT_HELD, cause=Cause.PROCESS_EXITED)
+                self._record(ticket, who, "refused", reason=protocol.ErrorCode.NOT_HELD, cause=Cause.PROCESS_EXITED)
         # All at once: one of them waiting behind another must not be granted on its way out.
         self._apply(self.table.end(tickets))
 
@@ -1036,25 +1035,24 @@ class LockService:
         if self._applying:
             return  # an outer call is carrying out the queue
         self._applying = True
+        handlers = self._effect_handlers
         try:
             while queue:
                 effect = queue.popleft()
+                ticket = effect.ticket
                 try:
-                    self._carry_out(effect)
+                    handlers[type(effect)](effect, ticket, ticket.info)
                 except Exception:
                     log.exception("internal error carrying out %r; ending that request", effect)
-                    with contained("ending %s after an internal error", effect.ticket):
-                        self._end_in_error(effect.ticket)
+                    with contained("ending %s after an internal error", ticket):
+                        self._end_in_error(ticket)
         finally:
             self._applying = False
 
-    def _carry_out(self, effect: Effect) -> None:
-        ticket = effect.ticket
-        self._effect_handlers[type(effect)](effect, ticket, party(ticket))
-
-    def _effect_handler_table(self) -> dict[type, Callable[[Any, Ticket, Party], None]]:
-        """How each kind of effect is carried out: a lookup by its type, where a chain of
-        isinstance tests cost up to seven calls per effect on every request's path."""
+    def _effect_handler_table(self) -> dict[type, Callable[[Any, Ticket, Any], None]]:
+        """How each kind of effect is carried out, given the effect, its ticket and its
+        `Party`: a lookup by its type, where a chain of isinstance tests cost up to seven
+        calls per effect on every request's path."""
         return {
             Take: self._on_take, Granted: self._on_granted, Drop: self._on_drop, Ended: self._on_ended,
             Queued: self._on_queued, Refused: self._refused, Lost: self._on_lost,
@@ -1068,41 +1066,19 @@ class LockService:
             self.orders.append(StartTake(who.claim))
 
     def _on_granted(self, effect: Granted, ticket: Ticket, who: Party) -> None:
-        self._tally.granted(ticket)
-        self._granted(ticket, who)
-
-    def _on_drop(self, effect: Drop, ticket: Ticket, who: Party) -> None:
-        self._drop(ticket, who, effect.ending)
-
-    def _on_ended(self, effect: Ended, ticket: Ticket, who: Party) -> None:
-        self._tally.ended(ticket)
-        self._ended(ticket, who)
-
-    def _on_queued(self, effect: Queued, ticket: Ticket, who: Party) -> None:
-        self._send(who.client.peer, protocol.Queued(who.request_id, self._in_way(ticket, effect.blockers)))
-
-    def _on_lost(self, effect: Lost, ticket: Ticket, who: Party) -> None:
-        # Its Drop ends it: a broken lease is still the client's until it lets go.
-        log.warning("lease on %s of pid %s lost: %s", ", ".join(ticket.names), who.claim.pid, effect.reason)
-        self._send(who.client.peer, protocol.Lost(who.request_id, effect.reason))
-        if ticket.state is BREAKING:
-            self._record(ticket, "broken", reason=effect.reason, cause=Cause.FORCED)
-        else:
-            who.lost = effect.reason
-
-    def _granted(self, ticket: Ticket, who: Party) -> None:
         assert ticket.tokens is not None
+        self._tally.granted(ticket)
         if who.process is not None:
             # From now on the process's exit ends the lease, not the connection's; while the
             # connection lasts, its Release still ends it too.
             self.table.reassign(ticket, who.process)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("granted %s to pid %s, token %s", ", ".join(ticket.names), who.claim.pid, ticket.tokens)
+        # (At debug level the event log has a line for it: lockd.journal.)
         # Recorded first: should ordering the grant fail, the lease's end has its beginning.
-        self._record(ticket, "granted")
+        self._record(ticket, who, "granted")
         self.orders.append(Grant(who.client.peer, who.request_id, ticket.tokens, who.claim))
 
-    def _drop(self, ticket: Ticket, who: Party, ending: Ending) -> None:
+    def _on_drop(self, effect: Drop, ticket: Ticket, who: Party) -> None:
+        ending = effect.ending
         if who.cause is None:  # nothing decided it before: as the table let go of it
             if who.lost is not None:
                 who.cause = Cause.BACKEND
@@ -1126,12 +1102,16 @@ class LockService:
         if not self.stopping:
             self.orders.append(Release(who.claim, unlock=ending is not Ending.ABANDONED))
 
-    def _ended(self, ticket: Ticket, who: Party) -> None:
+    def _on_ended(self, effect: Ended, ticket: Ticket, who: Party) -> None:
         """The one place a ticket's records end: its request id, its counts, its process tie;
         and its lease's story, first, so that no bug here leaves it without an end."""
+        self._tally.ended(ticket)
         if ticket.tokens is not None:
-            with contained("recording the end of %s", ticket):
+            # As `contained` does, inline: every lease ends here.
+            try:
                 self._record_end(ticket, who)
+            except Exception:
+                log.exception("internal error recording the end of %s; carrying on", ticket)
         client = who.client
         if client.tickets.get(who.request_id) is ticket:
             del client.tickets[who.request_id]
@@ -1144,6 +1124,18 @@ class LockService:
         if who.process is not None and self.processes.detach(who.process, ticket):
             self.orders.append(Unwatch(who.process))
 
+    def _on_queued(self, effect: Queued, ticket: Ticket, who: Party) -> None:
+        self._send(who.client.peer, protocol.Queued(who.request_id, self._in_way(ticket, effect.blockers)))
+
+    def _on_lost(self, effect: Lost, ticket: Ticket, who: Party) -> None:
+        # Its Drop ends it: a broken lease is still the client's until it lets go.
+        log.warning("lease on %s of pid %s lost: %s", ", ".join(ticket.names), who.claim.pid, effect.reason)
+        self._send(who.client.peer, protocol.Lost(who.request_id, effect.reason))
+        if ticket.state is BREAKING:
+            self._record(ticket, who, "broken", reason=effect.reason, cause=Cause.FORCED)
+        else:
+            who.lost = effect.reason
+
     def _record_end(self, ticket: Ticket, who: Party) -> None:
         """Record how the lease of `ticket`, which has ended, ended (`who.cause`: a granted
         ticket's Drop came before its end)."""
@@ -1151,14 +1143,14 @@ class LockService:
         assert cause is not None, ticket
         kind, reason = ending(cause, who.lost)
         exit_status = who.exit_status if kind == "released" else None
-        self._record(ticket, kind, reason=reason, cause=cause, exit_status=exit_status)
+        self._record(ticket, who, kind, reason=reason, cause=cause, exit_status=exit_status)
 
     def _record(
-        self, ticket: Ticket, kind: protocol.EventKind, *, reason: str | None = None, cause: str | None = None,
-        exit_status: int | None = None,
+        self, ticket: Ticket, who: Party, kind: protocol.EventKind, *, reason: str | None = None,
+        cause: str | None = None, exit_status: int | None = None,
     ) -> None:
-        """Record `kind` for each name of `ticket` (see the module docstring)."""
-        who = party(ticket)
+        """Record `kind` for each name of `ticket`, whose party is `who` (see the module
+        docstring)."""
         granted = ticket.tokens is not None
         # The clock is read only where a span ends now: a grant's wait ended at its grant.
         waited: float | None
@@ -1187,13 +1179,14 @@ class LockService:
         orders = self.orders
         for event in events:
             orders.append(Record(event))
-            self._subscribers.publish(event, orders)
+        if self._subscribers.live:
+            self._subscribers.publish(events, orders)
 
     def _refused(self, effect: Refused, ticket: Ticket, who: Party) -> None:
         holders = self._in_way(ticket, effect.blockers)
         refusal = self._mismatch(ticket, effect, holders) if effect.reason is Reason.MISMATCH else None
         code = refusal.code if refusal is not None else effect.reason.value
-        self._record(ticket, "refused", reason=code, cause=code)
+        self._record(ticket, who, "refused", reason=code, cause=code)
         if refusal is not None:
             self._send_error(who.client, who.request_id, refusal)
         elif holders and not self._backend.orders_requests:
@@ -1234,7 +1227,7 @@ class LockService:
             self._send(who.client.peer, protocol.Error(
                 who.request_id, protocol.ErrorCode.UNAVAILABLE, INTERNAL_PROBLEM,
             ))
-            self._record(ticket, "refused", reason=protocol.ErrorCode.UNAVAILABLE, cause=Cause.INTERNAL)
+            self._record(ticket, who, "refused", reason=protocol.ErrorCode.UNAVAILABLE, cause=Cause.INTERNAL)
         # Not released: the holder may still be at work, and keeps the lock till it stops.
         self._apply(self.table.end([ticket]))
 

@@ -14,9 +14,16 @@ Invariants:
   service drops it when `offer` refuses an event; its unsent events are thrown away and its
   notice goes last in the lane), never its connection and the leases on it. An event never
   overtakes a reply sent before it; a reply may overtake events that wait.
-- Descriptors sent with a message (SCM_RIGHTS) go with its first byte. Those left waiting in
-  the outbox are the session's own duplicates, closed once sent or when the session ends, so
-  they always refer to the files they were sent for.
+- Descriptors sent with a message (SCM_RIGHTS) go with its first byte, or with the first byte
+  of an earlier message written in the same system call (MAX_FDS_PER_MESSAGE to a byte), so
+  a client that queues the descriptors it receives in order has each message's by the time
+  the message is complete. Those left waiting in the outbox are the session's own duplicates,
+  closed once sent or when the session ends, so they always refer to the files they were
+  sent for.
+- The replies to the requests of one read are written together, by one system call when the
+  socket takes them: while a request that has others after it in the same read is handled,
+  the session is corked (`send` queues), and the last one's reply, or the end of the read's
+  requests, writes them all. Nothing stays corked across an await.
 - `close` calls `on_close` synchronously, exactly once: the daemon ends the session's leases
   there, before anything else happens, so a cut-off client never holds a lease while its
   goodbye is still being written. A closed session hands no more requests to the daemon.
@@ -85,7 +92,7 @@ class Session:
     __slots__ = (
         "sock", "ident", "label", "closed", "close_reason", "_on_close", "_encoder", "_outbox", "_attached",
         "_wake", "_eof", "_events", "_event_bytes", "_event_head", "_timer", "_send_timeout", "_frames",
-        "greeted", "_gate",
+        "_unhandled", "_handled", "_corked", "_held", "greeted", "_gate",
     )
 
     def __init__(self, sock: socket.socket, ident: int, on_close: Callable[[Session], None]) -> None:
@@ -113,8 +120,16 @@ class Session:
         #: The writer's send timeout, while it runs: armed only while replies wait.
         self._timer: trio.CancelScope | None = None
         self._send_timeout = math.inf
-        #: What was received and not yet handled, once serving.
+        #: What was received and not yet handled, once serving: the frames cut from the
+        #: last read, of which `_handled` were handled as of the reader's last await (views
+        #: into that read or into `_frames`), then what `_frames` holds past them.
         self._frames: protocol.FrameBuffer | None = None
+        self._unhandled: Sequence[memoryview] = ()
+        self._handled = 0
+        #: While set, `send` queues replies without writing them (see the module docstring);
+        #: `_held` says that it did, and that the writer does not know of them yet.
+        self._corked = False
+        self._held = False
         self.greeted = False
         #: Requests are handled only while it is open (see `Gate`).
         self._gate: Gate | None = None
@@ -177,38 +192,65 @@ class Session:
         if self.closed:
             return
         outbox = self._outbox
-        if outbox:
-            # The writer is waiting for the client to read: queue behind what it holds.
+        if outbox or self._corked:
+            # Queued behind what the client has not read yet, or what answers the requests
+            # handled before this one in the same read (corked): written together.
             if len(outbox) > MAX_OUTBOX:
                 self.close(f"it left more than {MAX_OUTBOX} bytes of replies unread")
                 return
             if fds and not self._attach(len(outbox), fds):
                 return
             protocol.encode_frame(self._encoder, message, outbox)
-            if not self._event_head:
+            if self._corked:
+                self._held = True
+            elif self._held:
+                self._write_held()
+            elif not self._event_head:
                 self._arm()  # events alone may have been waiting: now a reply does
             return
         if len(fds) > protocol.MAX_FDS_PER_MESSAGE:
+            # Over several bytes, as duplicates (see `_attach`).
             if not self._attach(0, fds):
                 return
-            fds = ()
-        protocol.encode_frame(self._encoder, message, outbox)
+            protocol.encode_frame(self._encoder, message, outbox)
+            self._write_held()
+            return
+        # The common case, without duplicates: the descriptors go now or not at all.
+        body = self._encoder.encode(message)
+        frame = protocol.pack_prefix(len(body)) + body
         try:
-            if self._attached:
-                self._flush()
-            else:
-                # The common case, without duplicates: the descriptors go now or not at all.
-                sent = self.sock.sendmsg([outbox], [_rights(fds)]) if fds else self.sock.send(outbox)
-                del outbox[:sent]
+            sent = self.sock.sendmsg([frame], [_rights(fds)]) if fds else self.sock.send(frame)
         except BlockingIOError:
             if fds and not self._attach(0, fds):
                 return
+            sent = 0
         except OSError:
             self._clear()
             self.close("the connection broke")
             return
+        if sent < len(frame):
+            outbox += memoryview(frame)[sent:]
+            self._wake.set()
+
+    def _write_held(self) -> None:
+        """Write what was queued while corked, as much as the socket takes now; leave the rest
+        to the writer."""
+        self._held = False
+        outbox = self._outbox
+        before = len(outbox)
+        try:
+            self._flush()
+        except BlockingIOError:
+            pass
+        except OSError:
+            self._clear()
+            self.close("the connection broke")
+            return
+        self._event_head = max(0, self._event_head - (before - len(outbox)))
         if outbox:
             self._wake.set()
+            if not self._event_head:
+                self._arm()
 
     def _attach(self, offset: int, fds: Sequence[int]) -> bool:
         """Queue duplicates of `fds` to go with the outbox's byte at `offset` and those after
@@ -234,11 +276,15 @@ class Session:
         outbox, attached = self._outbox, self._attached
         while outbox:
             if attached and attached[0][0] == 0:
-                fds = attached[0][1]
-                end = attached[1][0] if len(attached) > 1 else len(outbox)
+                # With the descriptors of the messages after it, as many as one write takes.
+                fds, taken = list(attached[0][1]), 1
+                while taken < len(attached) and len(fds) + len(attached[taken][1]) <= protocol.MAX_FDS_PER_MESSAGE:
+                    fds += attached[taken][1]
+                    taken += 1
+                end = attached[taken][0] if taken < len(attached) else len(outbox)
                 sent = self.sock.sendmsg([outbox[:end] if end < len(outbox) else outbox], [_rights(fds)])
-                attached.popleft()
-                _close_all(fds)
+                for _ in range(taken):
+                    _close_all(attached.popleft()[1])
             else:
                 end = attached[0][0] if attached else len(outbox)
                 sent = self.sock.send(outbox[:end] if end < len(outbox) else outbox)
@@ -288,8 +334,9 @@ class Session:
         the client sent that was not handled yet, what it was not sent yet. Changes nothing;
         valid while no request is being handled (the gate is shut and none is in flight)."""
         frames = self._frames
+        unread = b"".join(protocol.pack_prefix(len(body)) + body for body in self._unhandled[self._handled :])
         return handover.SessionState(
-            fd=self.sock.fileno(), greeted=self.greeted, unread=b"" if frames is None else frames.unread(),
+            fd=self.sock.fileno(), greeted=self.greeted, unread=unread + (b"" if frames is None else frames.unread()),
             outbox=bytes(self._outbox), attached=[(offset, list(fds)) for offset, fds in self._attached],
             event_head=self._event_head, events=list(self._events),
         )
@@ -378,29 +425,7 @@ class Session:
                         return
                 assert welcome is not None, "a session not greeted yet has its welcome"
                 self._greet(hello, welcome)
-            turns = 0
-            while not self.closed:
-                if gate is not None and gate.shut:
-                    await gate.opened()
-                    continue
-                message = _next_message(frames, decoder)
-                if message is not None:
-                    unfinished = handle(self, message)
-                    if unfinished is not None:
-                        await unfinished
-                else:
-                    data = self._recv_now()
-                    if data is None:
-                        turns = 0
-                        await trio.lowlevel.wait_readable(sock)
-                        continue
-                    if not data:
-                        return
-                    frames.feed(data)
-                turns += 1
-                if turns >= FAIR_TURNS:
-                    turns = 0
-                    await trio.lowlevel.checkpoint()
+            await self._handle_requests(frames, decoder, handle)
         except _Malformed as exc:
             self.fail(f"{exc}; the connection is closed")
         except Exception:
@@ -410,6 +435,70 @@ class Session:
                 None, protocol.ErrorCode.UNAVAILABLE, "internal error in lockd (it is logged); reconnect",
             ))
             self.close("internal error")
+
+    async def _handle_requests(
+        self, frames: protocol.FrameBuffer, decoder: msgspec.msgpack.Decoder[protocol.Request], handle: Handler,
+    ) -> None:
+        """Hand each request to `handle`, in order, until the session closes or the client
+        hangs up. Every read is cut into its frames at once, and they are handled one after
+        the other with no await in between (but a handler's own, and every FAIR_TURNS): one
+        wakeup for whatever a client sent together. Raises _Malformed."""
+        sock, gate = self.sock, self._gate
+        # What came with the hello, or what an adopted session was handed, comes first.
+        bodies: Sequence[memoryview]
+        bodies, too_large = frames.frames(b"")
+        self._unhandled, handled = bodies, 0
+        turns = 0
+        while not self.closed:
+            if gate is not None and gate.shut:
+                self._uncork()
+                self._handled = handled
+                await gate.opened()
+                continue
+            if handled < len(bodies):
+                handled += 1
+                try:
+                    message = decoder.decode(bodies[handled - 1])
+                except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+                    raise _Malformed(_undecodable(exc)) from None
+                corked = self._corked = handled < len(bodies)
+                unfinished = handle(self, message)
+                if unfinished is not None:
+                    self._uncork()
+                    self._handled = handled
+                    await unfinished
+                elif not corked and self._held:
+                    self._write_held()  # the last request of the read had no reply of its own
+            elif too_large is not None:
+                raise _Malformed(str(too_large))
+            else:
+                # No view into the buffer may outlive what is cut from it: it changes now.
+                bodies = self._unhandled = ()
+                # Read before waiting, even after a read that emptied the socket: a client
+                # that waits for its reply has often sent its next request by the time it is
+                # written (it ran as the reply woke it), and then no wait is needed at all.
+                data = self._recv_now()
+                if data is None:
+                    turns = 0
+                    self._handled = 0
+                    await trio.lowlevel.wait_readable(sock)
+                    continue
+                if not data:
+                    return
+                bodies, too_large = frames.frames(data)
+                self._unhandled, handled = bodies, 0
+            turns += 1
+            if turns >= FAIR_TURNS:
+                turns = 0
+                self._uncork()
+                self._handled = handled
+                await trio.lowlevel.checkpoint()
+
+    def _uncork(self) -> None:
+        """Write what was queued while corked, before an await."""
+        self._corked = False
+        if self._held:
+            self._write_held()
 
     def _greet(self, message: object, welcome: protocol.Welcome) -> None:
         if not isinstance(message, protocol.Hello):
@@ -546,12 +635,17 @@ def _next_message(
     except protocol.FrameTooLarge as exc:
         raise _Malformed(str(exc)) from None
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
-        # RecursionError: nesting deeper than the decoder's stack, in a field it skips. The
-        # error quotes what the client sent: it goes into a log line, so inert and short.
-        quoted = sanitize(str(exc))
-        if len(quoted) > _MAX_QUOTED:
-            quoted = quoted[:_MAX_QUOTED] + "…"
-        raise _Malformed(f"malformed message ({type(exc).__name__}: {quoted})") from None
+        raise _Malformed(_undecodable(exc)) from None
+
+
+def _undecodable(exc: Exception) -> str:
+    """What to tell a client whose message did not decode (`exc`): RecursionError is nesting
+    deeper than the decoder's stack, in a field it skips. It quotes what the client sent, and
+    goes into a log line: inert and short."""
+    quoted = sanitize(str(exc))
+    if len(quoted) > _MAX_QUOTED:
+        quoted = quoted[:_MAX_QUOTED] + "…"
+    return f"malformed message ({type(exc).__name__}: {quoted})"
 
 
 def shown_label(text: str | None) -> str | None:

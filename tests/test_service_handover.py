@@ -377,6 +377,10 @@ class Pairing:
             assert type(old) is type(new), (old, new)
             for f in dataclasses.fields(old):
                 self.same(getattr(old, f.name), getattr(new, f.name))
+        elif isinstance(old, msgspec.Struct):  # an order, or a message it carries
+            assert type(old) is type(new), (old, new)
+            for name in old.__struct_fields__:
+                self.same(getattr(old, name), getattr(new, name))
         elif isinstance(old, (list, tuple)):
             assert isinstance(new, type(old)) and len(old) == len(new), (old, new)
             for a, b in zip(old, new, strict=True):

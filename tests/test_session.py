@@ -303,3 +303,73 @@ async def test_a_shut_gate_holds_back_requests_and_the_hello_and_hands_them_over
         theirs.settimeout(10)
         assert replies(theirs.recv(65536)) == [WELCOME]
         nursery.cancel_scope.cancel()
+
+
+async def test_the_replies_to_one_read_s_requests_are_written_together_with_every_descriptor(
+    pair: tuple[socket.socket, socket.socket], tmp_path,
+) -> None:
+    """Requests that came in one read are answered by one write, whose first byte carries the
+    descriptors of every grant in it, in order: the client has each grant's by the time it
+    is complete. A request with no reply of its own, last, still has the others written."""
+    from lockd_client import _lockfds
+
+    ours, theirs = pair
+    files = {i: os.open(tmp_path / f"f{i}", os.O_RDONLY | os.O_CREAT) for i in range(1, 4)}
+    session = make_session(ours)
+
+    def handle(session: Session, message: object) -> None:
+        if isinstance(message, protocol.Acquire):
+            session.send(protocol.Granted(message.id, [message.id], 1), [files[message.id]])
+            os.close(files.pop(message.id))  # the caller's to close at once, as a release would
+
+    theirs.sendall(frames(protocol.Hello(protocol.PROTOCOL_VERSION)))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.serve, WELCOME, handle, Limits())
+        await trio.testing.wait_all_tasks_blocked()
+        theirs.settimeout(10)
+        assert replies(theirs.recv(65536)) == [WELCOME]
+        theirs.sendall(frames(*[protocol.Acquire(i, [f"n{i}"]) for i in range(1, 4)], protocol.Release(9)))
+        buffer = bytearray(65536)
+        size, fds = await trio.to_thread.run_sync(_lockfds.recv_into, theirs, buffer)
+        assert [m.id for m in replies(bytes(buffer[:size]))] == [1, 2, 3]  # type: ignore[attr-defined]
+        assert [os.readlink(f"/proc/self/fd/{fd}") for fd in fds] == [str(tmp_path / f"f{i}") for i in range(1, 4)]
+        _lockfds.close_all(fds)
+        session.close("done")
+
+
+async def test_a_gate_shut_between_two_requests_of_one_read_hands_the_rest_over_unread(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """Frames cut from a read and not yet handled when the gate shuts are part of what the
+    session hands over, in order, and the reply of one handled before it is sent."""
+    ours, theirs = pair
+    handled: list[object] = []
+    gate = Gate()
+
+    def handle(session: Session, message: object) -> None:
+        handled.append(message)
+        session.send(protocol.Done(len(handled)))
+        gate.close()  # as a re-exec would, between two requests
+
+    session = make_session(ours)
+    theirs.sendall(frames(protocol.Hello(protocol.PROTOCOL_VERSION)))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.serve, WELCOME, handle, Limits(), gate)
+        await trio.testing.wait_all_tasks_blocked()
+        theirs.sendall(frames(protocol.Status(1), protocol.Status(2), protocol.Status(3)))
+        await trio.testing.wait_all_tasks_blocked()
+        assert handled == [protocol.Status(1)]
+        state = session.hand_over()
+        kept = ours.dup()
+        nursery.cancel_scope.cancel()
+    theirs.settimeout(10)
+    assert replies(theirs.recv(65536)) == [WELCOME, protocol.Done(1)]
+
+    kept.setblocking(False)
+    adopted = make_session(kept)
+    adopted.adopt(state, None, Limits().max_frame)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(adopted.serve, WELCOME, lambda _, message: handled.append(message), Limits(), Gate())
+        await trio.testing.wait_all_tasks_blocked()
+        assert handled == [protocol.Status(1), protocol.Status(2), protocol.Status(3)]
+        nursery.cancel_scope.cancel()
