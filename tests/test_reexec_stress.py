@@ -160,7 +160,14 @@ def test_contending_clients_across_three_reexecs(daemon: Daemon, slots: int | No
     assert reexecs(daemon) == 3 and daemon.proc.poll() is None and daemon.proc.pid == pid
     tokens = check_ledger(ledger.read_text().splitlines(), slots or 1)
     in_order = [tokens[i] for i in range(CLIENTS)]
-    assert in_order == sorted(set(in_order)), f"grants out of request order, or tokens repeated: {in_order}"
+    assert len(set(in_order)) == CLIENTS, f"tokens repeated: {in_order}"
+    # A token is issued when the backend's take ends. Takes of a semaphore's free slots run
+    # side by side, and when they all wait for the probe's brief flock to go, the kernel wakes
+    # them in any order: so a client may only be sure to come before those `slots` places
+    # behind it, which had to wait for a slot to be let go.
+    width = slots or 1
+    out_of_order = [(i, j) for i in range(CLIENTS) for j in range(i + width, CLIENTS) if in_order[j] < in_order[i]]
+    assert not out_of_order, f"grants out of request order: {out_of_order} in {in_order}"
     assert "ERROR" not in daemon.log()
 
 
