@@ -14,7 +14,7 @@ collector does not track them; a `LookForHolders` is kept by its client until an
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Protocol
 
 import msgspec
@@ -38,9 +38,12 @@ class Peer(Hashable, Protocol):
     #: Whether its hello was answered.
     greeted: bool
 
-    def send(self, message: object, fds: Sequence[int] = ()) -> None:
+    def send(
+        self, message: object, fds: Sequence[int] = (), undelivered: Callable[[], None] | None = None,
+    ) -> None:
         """Send `message` (with copies of `fds`) or queue it; never blocks. A peer that
-        cannot take it may close on the spot: then the service hears `disconnected`."""
+        cannot take it may close on the spot: then the service hears `disconnected`. If the
+        message never reaches the peer's socket, `undelivered` is called, at once or later."""
 
     def close(self, reason: str) -> None:
         """Stop serving this peer once what is queued is sent; the service hears
@@ -96,8 +99,8 @@ class Release(msgspec.Struct, gc=False):
 
 class Grant(msgspec.Struct, gc=False):
     """Tell `peer` its request `request_id` is granted with `tokens`, and send it the
-    backend's lock-file descriptors of `claim`; answer `grant_undelivered` if the peer
-    closed as it went out."""
+    backend's lock-file descriptors of `claim`; answer `grant_undelivered` if it never
+    reaches the peer's socket (the peer closed before it was written)."""
 
     peer: Peer
     request_id: int

@@ -23,7 +23,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Final
 
 import trio
@@ -276,6 +276,11 @@ class _Peer(Departed):
     def __init__(self, ident: int, label: str | None, greeted: bool) -> None:
         super().__init__(ident, label)
         self.greeted = greeted
+
+    def send(
+        self, message: object, fds: Sequence[int] = (), undelivered: Callable[[], None] | None = None,
+    ) -> None:
+        pass
 
 
 class _Backend:

@@ -343,9 +343,17 @@ class Server:
 
     def _grant(self, order: Grant) -> None:
         fds = self.backend.descriptors(order.claim)
-        order.peer.send(protocol.Granted(order.request_id, order.tokens, len(fds)), fds)
-        if order.peer.closed:
-            self.service.grant_undelivered(order.claim)
+        order.peer.send(
+            protocol.Granted(order.request_id, order.tokens, len(fds)), fds, partial(self._undelivered, order.claim),
+        )
+
+    def _undelivered(self, claim: Claim) -> None:
+        """A grant of `claim` never reached its client (`Session.send`'s `undelivered`): at
+        once, or later, when the replies held back with it were dropped."""
+        try:
+            self.service.grant_undelivered(claim)
+        finally:
+            self._carry_out()
 
     def _release(self, order: Release) -> None:
         self.backend.drop(order.claim, unlock=order.unlock)

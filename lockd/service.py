@@ -781,7 +781,7 @@ class LockService:
             self._send_refusal(client, look.request_id, look.names, look.reason, look.known + holders)
 
     def grant_undelivered(self, claim: Claim) -> None:
-        """The connection of a Grant closed as it went out. Never heard of, so never handed
+        """The connection of a Grant closed before it was written. Never heard of, so never handed
         on: a lease tied to a process would otherwise outlive the connection that asked for
         it, held for nobody."""
         ticket = self._claimed.get(claim)
@@ -1423,8 +1423,11 @@ class Departed:
         self.ident = ident
         self.label = label
 
-    def send(self, message: object, fds: Sequence[int] = ()) -> None:
-        pass
+    def send(
+        self, message: object, fds: Sequence[int] = (), undelivered: Callable[[], None] | None = None,
+    ) -> None:
+        if undelivered is not None:
+            undelivered()
 
     def close(self, reason: str) -> None:
         pass

@@ -92,7 +92,7 @@ class Session:
     __slots__ = (
         "sock", "ident", "label", "closed", "close_reason", "_on_close", "_encoder", "_outbox", "_attached",
         "_wake", "_eof", "_events", "_event_bytes", "_event_head", "_timer", "_send_timeout", "_frames",
-        "_unhandled", "_handled", "_corked", "_held", "greeted", "_gate",
+        "_unhandled", "_handled", "_corked", "_held", "_unsent", "greeted", "_gate",
     )
 
     def __init__(self, sock: socket.socket, ident: int, on_close: Callable[[Session], None]) -> None:
@@ -130,6 +130,9 @@ class Session:
         #: `_held` says that it did, and that the writer does not know of them yet.
         self._corked = False
         self._held = False
+        #: The `undelivered` callbacks of the replies held while corked, until they are
+        #: written (to be called if they never are).
+        self._unsent: list[Callable[[], None]] = []
         self.greeted = False
         #: Requests are handled only while it is open (see `Gate`).
         self._gate: Gate | None = None
@@ -175,21 +178,29 @@ class Session:
         except BlockingIOError:
             pass
         except OSError:
-            self._clear()
-            self.close("the connection broke")
+            self._break("the connection broke")
             return
         if outbox:
             self._event_head = len(outbox)
             self._wake.set()
 
-    def send(self, message: object, fds: Sequence[int] = ()) -> None:
-        """Send `message` to this client, with copies of the descriptors `fds`, or queue it
-        behind what the socket has not taken yet. Never blocks; does nothing once the session
-        is closed. The caller keeps `fds`: they may be closed as soon as this returns.
+    def send(
+        self, message: object, fds: Sequence[int] = (), undelivered: Callable[[], None] | None = None,
+    ) -> None:
+        """Send `message` to this client, with copies of the descriptors `fds`: write what the
+        socket takes now and queue the rest behind what it has not taken yet; or, while corked
+        (see the module docstring), queue it all, to be written with the replies to the rest
+        of the read. Never blocks; does nothing once the session is closed. The caller keeps
+        `fds`: they may be closed as soon as this returns.
 
-        A client that has left more than MAX_OUTBOX bytes unread is cut off.
+        `undelivered` is called, once, if the message never reaches the socket: the session
+        was closed already, or closes before it is written (the connection broke, the client
+        left more than MAX_OUTBOX bytes unread, no descriptors were left to queue `fds`). A
+        message that was written in part, or queued behind one that was, counts as sent.
         """
         if self.closed:
+            if undelivered is not None:
+                undelivered()
             return
         outbox = self._outbox
         if outbox or self._corked:
@@ -197,45 +208,48 @@ class Session:
             # handled before this one in the same read (corked): written together.
             if len(outbox) > MAX_OUTBOX:
                 self.close(f"it left more than {MAX_OUTBOX} bytes of replies unread")
+            elif not fds or self._attach(len(outbox), fds):
+                protocol.encode_frame(self._encoder, message, outbox)
+                if self._corked:
+                    self._held = True
+                    if undelivered is not None:
+                        self._unsent.append(undelivered)
+                elif self._held:
+                    self._held = False
+                    self._write_queued()
+                elif not self._event_head:
+                    self._arm()  # events alone may have been waiting: now a reply does
                 return
-            if fds and not self._attach(len(outbox), fds):
-                return
-            protocol.encode_frame(self._encoder, message, outbox)
-            if self._corked:
-                self._held = True
-            elif self._held:
-                self._write_held()
-            elif not self._event_head:
-                self._arm()  # events alone may have been waiting: now a reply does
-            return
-        if len(fds) > protocol.MAX_FDS_PER_MESSAGE:
+        elif len(fds) > protocol.MAX_FDS_PER_MESSAGE:
             # Over several bytes, as duplicates (see `_attach`).
-            if not self._attach(0, fds):
+            if self._attach(0, fds):
+                protocol.encode_frame(self._encoder, message, outbox)
+                self._write_queued()
                 return
-            protocol.encode_frame(self._encoder, message, outbox)
-            self._write_held()
-            return
-        # The common case, without duplicates: the descriptors go now or not at all.
-        body = self._encoder.encode(message)
-        frame = protocol.pack_prefix(len(body)) + body
-        try:
-            sent = self.sock.sendmsg([frame], [_rights(fds)]) if fds else self.sock.send(frame)
-        except BlockingIOError:
-            if fds and not self._attach(0, fds):
+        else:
+            # The common case, without duplicates: the descriptors go now or not at all.
+            frame = protocol.frame(self._encoder, message)
+            try:
+                sent = self.sock.sendmsg([frame], [_rights(fds)]) if fds else self.sock.send(frame)
+            except BlockingIOError:
+                sent = 0
+                if fds and not self._attach(0, fds):
+                    frame = b""
+            except OSError:
+                self._break("the connection broke")
+                frame = b""
+            if frame:
+                if sent < len(frame):
+                    outbox += memoryview(frame)[sent:]
+                    self._wake.set()
                 return
-            sent = 0
-        except OSError:
-            self._clear()
-            self.close("the connection broke")
-            return
-        if sent < len(frame):
-            outbox += memoryview(frame)[sent:]
-            self._wake.set()
+        if undelivered is not None:
+            undelivered()
 
-    def _write_held(self) -> None:
-        """Write what was queued while corked, as much as the socket takes now; leave the rest
-        to the writer."""
-        self._held = False
+    def _write_queued(self) -> None:
+        """Write what the outbox holds, as much as the socket takes now; leave the rest to the
+        writer. The replies held while corked, if any, are written (in part at least) or,
+        the connection broken, never will be."""
         outbox = self._outbox
         before = len(outbox)
         try:
@@ -243,9 +257,10 @@ class Session:
         except BlockingIOError:
             pass
         except OSError:
-            self._clear()
-            self.close("the connection broke")
+            self._break("the connection broke")
             return
+        if self._unsent:
+            self._unsent.clear()
         self._event_head = max(0, self._event_head - (before - len(outbox)))
         if outbox:
             self._wake.set()
@@ -262,8 +277,7 @@ class Session:
                 dups.append(os.dup(fd))
         except OSError as exc:
             _close_all(dups)
-            self._clear()
-            self.close(f"its lock-file descriptors could not be queued: {exc.strerror}")
+            self._break(f"its lock-file descriptors could not be queued: {exc.strerror}")
             return False
         step = protocol.MAX_FDS_PER_MESSAGE
         for i in range(0, len(dups), step):
@@ -298,6 +312,15 @@ class Session:
         timer = self._timer
         if timer is not None and timer.deadline == math.inf:
             timer.deadline = trio.current_time() + self._send_timeout
+
+    def _break(self, reason: str) -> None:
+        """Drop what was left to send and cut the client off for `reason`; then call the
+        `undelivered` callbacks of the replies held while corked, which now never go out."""
+        self._clear()
+        self.close(reason)
+        unsent, self._unsent = self._unsent, []
+        for undelivered in unsent:
+            undelivered()
 
     def _clear(self) -> None:
         """Drop what was left to send."""
@@ -385,6 +408,8 @@ class Session:
                 nursery.start_soon(self._write_then_cancel, limits.send_timeout, nursery.cancel_scope)
                 if (welcome is not None or self.greeted) and not self.closed:
                     await self._converse(welcome, handle, limits)
+                    # Closed amid a read's requests, it may still hold their replies.
+                    self._uncork()
                 self.close(self.close_reason or "the client closed the connection")
             if not self._eof:
                 await self._linger()
@@ -468,7 +493,7 @@ class Session:
                     self._handled = handled
                     await unfinished
                 elif not corked and self._held:
-                    self._write_held()  # the last request of the read had no reply of its own
+                    self._uncork()  # the last request of the read had no reply of its own
             elif too_large is not None:
                 raise _Malformed(str(too_large))
             else:
@@ -498,7 +523,8 @@ class Session:
         """Write what was queued while corked, before an await."""
         self._corked = False
         if self._held:
-            self._write_held()
+            self._held = False
+            self._write_queued()
 
     def _greet(self, message: object, welcome: protocol.Welcome) -> None:
         if not isinstance(message, protocol.Hello):
@@ -567,13 +593,11 @@ class Session:
                     except BlockingIOError:
                         continue
                     except OSError:
-                        self._clear()
-                        self.close("the connection broke")
+                        self._break("the connection broke")
                         return
                     finally:
                         self._event_head = max(0, self._event_head - (before - len(outbox)))
-            self._clear()
-            self.close(f"it did not read its replies for {send_timeout:g} s")
+            self._break(f"it did not read its replies for {send_timeout:g} s")
         finally:
             self._timer = None
             self._clear()

@@ -295,6 +295,38 @@ def test_process_tied_lease_outlives_connection_and_ends_with_process(daemon: Da
         sleeper.wait(10)
 
 
+def test_a_process_tied_grant_held_back_with_a_later_reply_to_a_client_gone_ends(daemon: Daemon) -> None:
+    """The daemon reads both requests at once (it is stopped while they are sent), so the first
+    grant waits for the second's reply, and neither can be written: the client hung up. The
+    lease tied to a process was never heard of, so nobody could hand it on: it ends."""
+    sleeper = subprocess.Popen(["sleep", "60"])
+    encoder = msgspec.msgpack.Encoder()
+    both = bytearray()
+    protocol.encode_frame(encoder, Acquire(1, ["tied"], pid=sleeper.pid), both)
+    protocol.encode_frame(encoder, Acquire(2, ["plain"]), both)
+    assert daemon.proc is not None
+    try:
+        c = RawClient(daemon.socket)
+        os.kill(daemon.proc.pid, signal.SIGSTOP)
+        try:
+            c.sock.sendall(both)
+            c.close()
+        finally:
+            os.kill(daemon.proc.pid, signal.SIGCONT)
+
+        def plain_ended() -> bool:
+            with RawClient(daemon.socket) as h:
+                reply = h.request(protocol.History(1, ["plain"]))
+            assert isinstance(reply, protocol.HistoryReply), reply
+            return [e.event for e in reply.events] == ["granted", "released"]
+
+        wait_until(plain_ended, "the connection's own lease ended")
+        assert status(daemon, "tied") == []
+    finally:
+        sleeper.kill()
+        sleeper.wait(10)
+
+
 def test_release_pid_and_force_release(daemon: Daemon) -> None:
     sleeper = subprocess.Popen(["sleep", "60"])
     try:
