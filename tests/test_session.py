@@ -373,3 +373,105 @@ async def test_a_gate_shut_between_two_requests_of_one_read_hands_the_rest_over_
         await trio.testing.wait_all_tasks_blocked()
         assert handled == [protocol.Status(1), protocol.Status(2), protocol.Status(3)]
         nursery.cancel_scope.cancel()
+
+
+def readable_replies(sock: socket.socket) -> list[object]:
+    """The replies the client can read now, without waiting."""
+    try:
+        return replies(sock.recv(65536, socket.MSG_DONTWAIT))
+    except BlockingIOError:
+        return []
+
+
+async def test_a_reply_goes_out_before_a_later_request_of_the_same_read_waits(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """One read holds a request answered at once and one whose handling awaits: the first's
+    reply is not held back for as long as the second takes."""
+    ours, theirs = pair
+    release = trio.Event()
+
+    def handle(session: Session, message: object) -> trio.Event | None:
+        assert isinstance(message, protocol.Status)
+        if message.id == 1:
+            session.send(protocol.Done(1))
+            return None
+
+        async def slow() -> None:
+            await release.wait()
+            session.send(protocol.Done(2))
+
+        return slow()  # type: ignore[return-value]
+
+    theirs.sendall(frames(protocol.Hello(protocol.PROTOCOL_VERSION)))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(make_session(ours).serve, WELCOME, handle, Limits())
+        await trio.testing.wait_all_tasks_blocked()
+        assert readable_replies(theirs) == [WELCOME]
+        theirs.sendall(frames(protocol.Status(1), protocol.Status(2)))
+        await trio.testing.wait_all_tasks_blocked()
+        assert readable_replies(theirs) == [protocol.Done(1)]
+        release.set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert readable_replies(theirs) == [protocol.Done(2)]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_long_read_s_replies_are_not_held_across_the_reader_s_turn(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    """More than FAIR_TURNS requests in one read: the reader lets other tasks run before it has
+    handled them all, and what it answered by then is written first, not held to the end."""
+    ours, theirs = pair
+    count = 3 * FAIR_TURNS
+    readable_at: list[int] = []
+
+    def handle(session: Session, message: object) -> None:
+        assert isinstance(message, protocol.Status)
+        readable_at.append(len(readable_replies(theirs)))
+        session.send(protocol.Done(message.id))
+
+    theirs.sendall(frames(protocol.Hello(protocol.PROTOCOL_VERSION)))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(make_session(ours).serve, WELCOME, handle, Limits())
+        await trio.testing.wait_all_tasks_blocked()
+        assert readable_replies(theirs) == [WELCOME]
+        theirs.sendall(frames(*[protocol.Status(i) for i in range(count)]))
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    assert len(readable_at) == count
+    # Every turn's replies but the last's were readable while later requests were handled.
+    assert sum(readable_at) >= count - FAIR_TURNS, readable_at
+
+
+async def test_grants_held_back_with_a_read_s_replies_and_dropped_are_reported_undelivered(
+    pair: tuple[socket.socket, socket.socket], tmp_path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Out of descriptors for the second grant of a read, the client is cut off, and the first,
+    held back to go with it, never goes out either: both are reported."""
+    ours, theirs = pair
+    fd = os.open(tmp_path / "f", os.O_RDONLY | os.O_CREAT)
+    undelivered: list[int] = []
+    closed: list[str] = []
+    real_dup = os.dup
+
+    def handle(session: Session, message: object) -> None:
+        assert isinstance(message, protocol.Acquire)
+        if message.id == 2:
+            def out_of_descriptors(fd: int) -> int:
+                raise OSError(24, "Too many open files")
+            monkeypatch.setattr(os, "dup", out_of_descriptors)
+        session.send(protocol.Granted(message.id, [1], 1), [fd], lambda: undelivered.append(message.id))
+        monkeypatch.setattr(os, "dup", real_dup)
+
+    theirs.sendall(frames(protocol.Hello(protocol.PROTOCOL_VERSION)))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(make_session(ours, closed).serve, WELCOME, handle, Limits())
+        await trio.testing.wait_all_tasks_blocked()
+        assert readable_replies(theirs) == [WELCOME]
+        theirs.sendall(frames(protocol.Acquire(1, ["a"]), protocol.Acquire(2, ["b"])))
+        await trio.testing.wait_all_tasks_blocked()
+        assert closed == ["its lock-file descriptors could not be queued: Too many open files"]
+        assert undelivered == [1, 2]
+        nursery.cancel_scope.cancel()
+    os.close(fd)
