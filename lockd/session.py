@@ -3,11 +3,12 @@ writing replies. Who the client is and what it asked for are the service's (lock
 
 Invariants:
 - Everything the daemon sends to a client goes through `Session.send` (replies) or
-  `Session.offer` (lease events), which never await: they write at once what the socket
-  takes and leave the rest, in order, to the session's writer task, the only other place
-  that writes to the socket. A client that lets more than MAX_OUTBOX bytes of replies pile
-  up, or leaves replies unread for `send_timeout`, is cut off. So no client, however slow,
-  can block the daemon or another client.
+  `Session.offer` (lease events), which never await: they write what the socket takes (at
+  once, or, corked, once the read's last request is handled) and leave the rest, in order,
+  to the session's writer task, the only other place that writes to the socket. A client
+  that lets more than MAX_OUTBOX bytes of replies pile up, or leaves replies unread for
+  `send_timeout`, is cut off. So no client, however slow, can block the daemon or another
+  client.
 - Lease events have a lane of their own: they wait in a bounded queue (MAX_QUEUED_EVENTS
   bytes) that the writer takes from only while no reply waits, and the send timeout runs
   only while replies wait. A subscriber that does not read loses its subscription (the
@@ -23,7 +24,16 @@ Invariants:
 - The replies to the requests of one read are written together, by one system call when the
   socket takes them: while a request that has others after it in the same read is handled,
   the session is corked (`send` queues), and the last one's reply, or the end of the read's
-  requests, writes them all. Nothing stays corked across an await.
+  requests, writes them all. So a reply waits at most for the synchronous handling of the
+  requests after it in the same read, never more than FAIR_TURNS of them and never across
+  an await: the batch is cut at FAIR_TURNS, at a handler that awaits, at a shut gate, and
+  where a write's descriptors would pass MAX_FDS_PER_MESSAGE. A reply held back and then
+  dropped (the connection broke, descriptors ran out) is reported as undelivered, as one
+  that never went out at once is (see `send`).
+- Every descriptor queued to go with a reply is a duplicate (`os.dup`), so each grant held
+  back with a batch costs one, where a grant written at once costs none: out of descriptors,
+  a client that sends several requests at once is cut off (its connection's leases end,
+  with no goodbye) where one that waits for each reply is not. Known, and left so for now.
 - `close` calls `on_close` synchronously, exactly once: the daemon ends the session's leases
   there, before anything else happens, so a cut-off client never holds a lease while its
   goodbye is still being written. A closed session hands no more requests to the daemon.
@@ -357,6 +367,9 @@ class Session:
         the client sent that was not handled yet, what it was not sent yet. Changes nothing;
         valid while no request is being handled (the gate is shut and none is in flight)."""
         frames = self._frames
+        # The frames cut from the last read and not handled go back in front of what the
+        # buffer holds, as `FrameBuffer.put_back` would do; rebuilt here, as this must not
+        # change the session.
         unread = b"".join(protocol.pack_prefix(len(body)) + body for body in self._unhandled[self._handled :])
         return handover.SessionState(
             fd=self.sock.fileno(), greeted=self.greeted, unread=unread + (b"" if frames is None else frames.unread()),

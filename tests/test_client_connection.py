@@ -562,7 +562,8 @@ def test_each_grant_claims_its_descriptors_in_the_order_they_came():
     conn = outliving()
     a, _ = conn.acquire(["a", "b"])
     c, _ = conn.acquire(["c"])
-    # Descriptors come with the first byte of their grant, so possibly before its last byte.
+    # Descriptors come no later than the first byte of their grant (possibly with an earlier
+    # reply's), so possibly before its last byte.
     data = frames(protocol.Granted(a.id, [1, 2], 2), protocol.Granted(c.id, [3], 1))
     conn.receive_data(data[:5], [101, 102])
     conn.receive_data(data[5:], [103])

@@ -331,10 +331,10 @@ class Granted(msgspec.Struct, tag="granted"):
     tokens: list[int]
     #: How many lock-file descriptors (SCM_RIGHTS) come with this message, one per name in
     #: the same order, then one per name taken as a semaphore (its slot file, in the order
-    #: of `Acquire.slots`), each a read-only descriptor whose flock is the lease's. They are
-    #: attached to the message's first byte (over 253 names: 253 to each of its first bytes),
-    #: so a client that queues the descriptors it receives, in order, has them all by the
-    #: time the message is complete.
+    #: of `Acquire.slots`), each a read-only descriptor whose flock is the lease's. They come
+    #: no later than the message's first byte, in the order of the grants, possibly with an
+    #: earlier message of any kind (253 to a byte at most), so a client that queues the
+    #: descriptors it receives, in order, has them all by the time the message is complete.
     descriptors: int = 0
 
 
