@@ -72,7 +72,8 @@ class Claim(msgspec.Struct, frozen=True, eq=False, kw_only=True, gc=False):
         return self.shared or name in self.slots
 
     def mode_on(self, name: str) -> Mode:
-        return "shared" if self.shared_on(name) else "exclusive"
+        # The test of `shared_on`, inline: every lease event asks it of each name.
+        return "shared" if self.shared or name in self.slots else "exclusive"
 
 
 #: Called by a backend when it can no longer vouch for a held claim (e.g. its etcd lease

@@ -41,12 +41,17 @@ def mode_of(ticket: Ticket, name: str) -> str:
     return "shared" if ticket.shared else "exclusive"
 
 
+#: The states of a ticket that holds its lease, and of one that waits for it.
+_HELD_STATES: Final = (HELD, BREAKING)
+_WAITING_STATES: Final = (WAITING, TAKING)
+
+
 def is_held(ticket: Ticket) -> bool:
-    return ticket.state is HELD or ticket.state is BREAKING
+    return ticket.state in _HELD_STATES
 
 
 def is_waiting(ticket: Ticket) -> bool:
-    return ticket.state is WAITING or ticket.state is TAKING
+    return ticket.state in _WAITING_STATES
 
 
 @dataclass(slots=True)
@@ -109,13 +114,13 @@ class Tally:
         self._by_held = _Oldest(is_held)
         self._by_waiting = _Oldest(is_waiting)
 
-    # `is_held` and `is_waiting` are spelled out inline below: these run on every lease.
+    # `is_held` and `is_waiting`'s tests are made inline below: these run on every lease.
 
     def arrived(self, ticket: Ticket) -> None:
         """`ticket` was just made by `LockTable.acquire` (whatever its state: even one
         refused at once ends through `ended`)."""
         self._add(self._waiting, ticket, 1)
-        if ticket.state is WAITING or ticket.state is TAKING:
+        if ticket.state in _WAITING_STATES:
             self._by_waiting.entered(ticket)
         else:
             self._by_waiting.live += 1  # refused at once: never in the state
@@ -124,7 +129,7 @@ class Tally:
         self._add(self._waiting, ticket, -1)
         self._by_waiting.live -= 1  # a holder now: its entry here keeps nothing alive
         self._add(self._held, ticket, 1)
-        if ticket.state is HELD or ticket.state is BREAKING:
+        if ticket.state in _HELD_STATES:
             self._by_held.entered(ticket)
         else:
             self._by_held.live += 1  # ended since (its Ended effect follows)

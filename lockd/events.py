@@ -183,12 +183,11 @@ def lease_events(
 ) -> list[protocol.LeaseEvent]:
     """The events of `kind` of a lease (or request) on `names`, one per name, for `claim`."""
     events = []
-    # Two per lease, each name's: `Claim.mode_on` and a comprehension, inline.
+    # Two per lease, each name's: a loop, not a comprehension.
     slots = claim.slots
-    mode: protocol.Mode = "shared" if claim.shared else "exclusive"
     for index, name in enumerate(names):
         events.append(protocol.LeaseEvent(
-            time, kind, name, "shared" if name in slots else mode, slots.get(name) if slots else None,
+            time, kind, name, claim.mode_on(name), slots.get(name) if slots else None,
             tokens[index] if tokens else None, claim.pid, claim.uid, None, claim.command, claim.label, waited, held,
             reason, exit_status, cause,
         ))

@@ -1107,11 +1107,8 @@ class LockService:
         and its lease's story, first, so that no bug here leaves it without an end."""
         self._tally.ended(ticket)
         if ticket.tokens is not None:
-            # As `contained` does, inline: every lease ends here.
-            try:
+            with contained("recording the end of %s", ticket):
                 self._record_end(ticket, who)
-            except Exception:
-                log.exception("internal error recording the end of %s; carrying on", ticket)
         client = who.client
         if client.tickets.get(who.request_id) is ticket:
             del client.tickets[who.request_id]
