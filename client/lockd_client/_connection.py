@@ -320,6 +320,8 @@ class Connection:
         #: The largest request the daemon takes; its Welcome says, and older daemons take this.
         self._max_frame = protocol.MAX_REQUEST_FRAME
         self.phase = Phase.NEW
+        #: Whether `phase` is CLOSED: an attribute, as the clients ask after every read.
+        self.closed = False
         #: The daemon's Welcome, once received.
         self.server: protocol.Welcome | None = None
         #: Why the connection is CLOSED, once it is.
@@ -335,15 +337,16 @@ class Connection:
         #: Requests to go out with the next write (`take_unsent`): Releases of subscriptions
         #: this client dropped while reading.
         self._unsent = bytearray()
-        #: Whether `take_unsent` has something to write. An attribute kept with `_unsent`,
-        #: not a property as `has_stray` is: the clients ask before every request they write,
-        #: and only two places change `_unsent`, where many change `_stray`.
+        #: Whether `take_unsent` has something to write. An attribute kept with `_unsent`, not
+        #: a property: the clients ask before every request they write, and a property costs
+        #: a call each time.
         self.has_unsent = False
         self._next_id = 1
         #: Descriptors received and not yet claimed by their Granted.
         self._unclaimed_fds: deque[int] = deque()
-        #: Descriptors nobody will use, for the caller to close.
-        self._stray: list[int] = []
+        #: Descriptors nobody will use, for the caller to close: `stray_fds` hands them over.
+        #: Clients test it after every read, which is why it is not private behind a property.
+        self.stray: list[int] = []
         #: Lease id → every lease record made here that still has descriptors (lost and
         #: released ones too, until the caller lets go of them).
         self._holding: dict[int, LeaseRecord] = {}
@@ -352,10 +355,10 @@ class Connection:
         #: hold the lock after it; the daemon's copy and its watch on the process keep the
         #: lease. lockctl's keeper, which lives exactly as long as that process, keeps them.
         self.keep_tied_descriptors = False
+        #: The names the last acquire was given, when a tuple, and the list it checked from
+        #: them: a client taking the same locks over and over checks their names once.
+        self._checked_names: tuple[tuple[str, ...] | None, list[str]] = (None, [])
 
-    @property
-    def closed(self) -> bool:
-        return self.phase is Phase.CLOSED
 
     # --- client moves -------------------------------------------------------------------------
 
@@ -388,9 +391,13 @@ class Connection:
         `slots` makes every name (an int) or the names it maps (to their counts) counting
         semaphores, of which the lease takes one slot each. Duplicate names count once.
         """
-        unique = list(dict.fromkeys(names))
-        if (problem := protocol.names_problem(unique)) is not None:
-            raise errors.InvalidName(problem)
+        given, unique = self._checked_names
+        if names != given:
+            unique = list(dict.fromkeys(names))
+            if (problem := protocol.names_problem(unique)) is not None:
+                raise errors.InvalidName(problem)
+            if type(names) is tuple:  # immutable: the same names next time it compares equal
+                self._checked_names = (names, unique)
         if label is not None:
             _check_label(label)
         semaphores = _checked_slots(slots, unique, shared) if slots is not None else {}
@@ -514,20 +521,15 @@ class Connection:
         self._holding.pop(lease.id, None)
         return fds
 
-    @property
-    def has_stray(self) -> bool:
-        """Whether `stray_fds` has descriptors to hand back while the connection is open."""
-        return bool(self._stray)
-
     def stray_fds(self) -> list[int]:
         """Take the descriptors received that no lease claims (a grant that came after its
         request was withdrawn, or left over when the connection closed): close them."""
         if self.closed and self._unclaimed_fds:
-            self._stray += self._unclaimed_fds
+            self.stray += self._unclaimed_fds
             self._unclaimed_fds.clear()
-        if not self._stray:
+        if not self.stray:
             return []
-        stray, self._stray = self._stray, []
+        stray, self.stray = self.stray, []
         return stray
 
     def withdraw(self, call: Call[T]) -> bytes:
@@ -541,7 +543,7 @@ class Connection:
                 # Released: the daemon unlocks on reading it; this client's copies only close.
                 lease = call._value
                 data = self.release(lease)
-                self._stray += self.let_go(lease)
+                self.stray += self.let_go(lease)
                 return data
             return b""
         if call is self._greeting:
@@ -610,8 +612,8 @@ class Connection:
         fail with RemoteProtocolError; the caller should then hang up, so the daemon ends the
         leases too. Data arriving after the connection closed is discarded.
         """
-        if self.phase is Phase.CLOSED:
-            self._stray.extend(fds)
+        if self.closed:
+            self.stray.extend(fds)
             return
         if fds:
             self._unclaimed_fds.extend(fds)
@@ -622,16 +624,15 @@ class Connection:
                 reason = EOF_REASON
             self._lose_all(reason, lambda: went_away(reason))
             return
-        decode, calls, buffer = self._decoder.decode, self._calls, self._buffer
-        bodies, too_large = buffer.frames(data)
+        bodies, too_large = self._buffer.frames(data)
         unapplied = iter(bodies)
         try:
             for body in unapplied:
-                message = decode(body)
+                message = self._decoder.decode(body)
                 # A grant, the reply that matters most, without a stop in `_handle`. A call
                 # exists only for a request sent once the connection was open.
                 if type(message) is protocol.Granted:
-                    call = calls.get(message.id)
+                    call = self._calls.get(message.id)
                     if call is not None and type(call.request) is protocol.Acquire:
                         self._grant(call, call.request, message)
                         continue
@@ -653,7 +654,7 @@ class Connection:
             # Interrupted between frames (KeyboardInterrupt in the blocking client): the frames
             # after this one are applied by the next call, in order. Lost, a grant's descriptors
             # would be taken by the grants after it.
-            buffer.put_back(list(unapplied))
+            self._buffer.put_back(list(unapplied))
             raise
 
     def take_unsent(self) -> bytes:
@@ -742,7 +743,7 @@ class Connection:
             if id in self._leases:
                 raise _Violation(f"{_tag(message)} for request {id}, already granted")
             if type(message) is protocol.Granted:
-                self._stray += self._claim_fds(message.descriptors)
+                self.stray += self._claim_fds(message.descriptors)
             return  # in flight when the client withdrew or released it: stale, not wrong
         request = call.request
         if type(message) is protocol.Queued:
@@ -785,7 +786,7 @@ class Connection:
         id = request.id
         del self._calls[id]
         if request.pid is not None and not self.keep_tied_descriptors:
-            self._stray += fds
+            self.stray += fds
             fds = []
         lease = LeaseRecord(id, tuple(names), message.tokens, fds, request.pid)
         if fds:
@@ -865,6 +866,7 @@ class Connection:
         # Each waiter raises its own instance: one exception raised in several places would
         # pile their tracebacks onto each other.
         self.phase = Phase.CLOSED
+        self.closed = True
         self.close_reason = reason
         pending = [*self._calls.values(), *([self._greeting] if self._greeting else [])]
         self._calls.clear()

@@ -77,7 +77,8 @@ def let_go(fds: list[int], *, unlock: bool) -> None:
 
         for fd in fds:
             fcntl.flock(fd, fcntl.LOCK_UN)
-    close_all(fds)
+    for fd in fds:  # not close_all: a call fewer on every release
+        os.close(fd)
 
 
 def close_all(fds: Iterable[int]) -> None:

@@ -25,7 +25,6 @@ from ._connection import (
     Connection,
     LeaseState,
     LeaseView,
-    Phase,
     QueuedCallback,
     Subscription,
     check_exit_status,
@@ -297,10 +296,10 @@ class Client:
             conn.abort(f"reading from lockd at {self.socket_path} failed: {exc}")
         else:
             conn.receive_data(self._inbox_view[:size], fds)
-        if conn.phase is Phase.CLOSED:
+        if conn.closed:
             self._hang_up()
             _lockfds.close_all(conn.stray_fds())
-        elif conn.has_stray:
+        elif conn.stray:
             _lockfds.close_all(conn.stray_fds())
         return True
 
@@ -403,7 +402,8 @@ class Lease(LeaseView):
         kept in the daemon's history with the release. Raises InvalidArgument, releasing
         nothing, for an `exit_status` outside 0 to 255.
         """
-        check_exit_status(exit_status)
+        if exit_status is not None:
+            check_exit_status(exit_status)
         client, record = self._client, self._record
         conn = client._conn
         try:
