@@ -3,7 +3,8 @@
 Invariant: every locker does, per `acquire` + `release` cycle, exactly what a real user of
 that mechanism does per cycle — no batching across cycles, no deferred writes — so cycle
 times compare like for like. A locker is used by one thread and is built from a plain-dict
-spec (`make_locker`), so a worker process can be told what to use on its command line.
+spec (`make_locker`; the async ones, in a trio run, `make_async_locker`), so a worker process
+can be told what to use on its command line.
 
 Specs:
   {"kind": "flock", "dir": D}        fcntl.flock on D/NAME.lock, file opened once per name
@@ -12,7 +13,10 @@ Specs:
                                      R request/response round trips per cycle to an echo server
   {"kind": "lockd-raw", "socket": S} the wire protocol by hand: what the protocol allows
   {"kind": "lockd", "socket": S}     lockd_client, the library users get
-      either with "slots": N         a slot of each name, a counting semaphore of N slots
+  {"kind": "lockd-trio", "socket": S}
+                                     lockd_client's trio client, one task on its connection
+                                     (async: `make_async_locker`, in a trio run)
+      any lockd one with "slots": N  a slot of each name, a counting semaphore of N slots
   {"kind": "etcd-lock", "url": U, "ttl": T}
                                      etcd's own lock API (v3lock, through its JSON gateway)
                                      under an etcd lease of T seconds, kept alive
@@ -284,6 +288,37 @@ class LibLockdLocker:
         self._client.close()
 
 
+class TrioLockdLocker:
+    """lockd through `lockd_client.trio_client`, as a program of one task uses it: what
+    LibLockdLocker does, awaited. Made (`open`) and used in a trio run."""
+
+    reports_queue = True
+
+    def __init__(self, client: Any, slots: int | None) -> None:
+        self._client = client
+        self._slots = slots
+
+    @classmethod
+    async def open(cls, path: str, label: str = "bench", slots: int | None = None) -> TrioLockdLocker:
+        from lockd_client import trio_client
+
+        return cls(await trio_client.connect(path, label=label), slots)
+
+    async def acquire(self, name: str, on_queued: OnQueued | None = None) -> Any:
+        if on_queued is None:
+            return await self._client.acquire(name, slots=self._slots)
+        return await self._client.acquire(name, slots=self._slots, on_queued=lambda holders: on_queued())
+
+    async def release(self, lease: Any) -> None:
+        await lease.release()
+
+    def token(self, lease: Any) -> int:
+        return lease.token
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
 class EtcdGateway:
     """One persistent HTTP/1.1 connection to etcd's v3 JSON gateway, as a client would keep."""
 
@@ -372,6 +407,16 @@ class EtcdKvLocker(_EtcdLocker):
 
     def release(self, key: str) -> None:
         self._gateway.call("/v3/kv/deleterange", {"key": key})
+
+
+#: The kinds `make_async_locker` makes: their acquire and release are awaited, in a trio run.
+ASYNC_KINDS = frozenset({"lockd-trio"})
+
+
+async def make_async_locker(spec: dict[str, Any]) -> TrioLockdLocker:
+    if spec["kind"] == "lockd-trio":
+        return await TrioLockdLocker.open(spec["socket"], slots=spec.get("slots"))
+    raise ValueError(f"unknown async locker kind {spec['kind']!r}")
 
 
 def make_locker(spec: dict[str, Any]) -> Locker:
