@@ -313,9 +313,10 @@ class Client:
             await self._send(data)
             while not call.done:
                 await self._read_until(lambda: call.done or bool(call.queued))
-                for holders in call.take_queued():
-                    if on_queued is not None:
-                        on_queued(holders)
+                if call.queued:
+                    for holders in call.take_queued():
+                        if on_queued is not None:
+                            on_queued(holders)
             return call.result()
         except BaseException:
             await self._send_shielded(self._conn.withdraw(call))
@@ -394,15 +395,18 @@ class Client:
             self._conn.receive_data(self._inbox_view[:size], fds)
         if self._conn.closed:
             self._close_socket()
-        _lockfds.close_all(self._conn.stray_fds())
+        elif self._conn.stray:
+            _lockfds.close_all(self._conn.stray_fds())
 
     async def _send(self, data: bytes) -> None:
+        """Write `data`, after what the connection has unsent, whole and in order with every
+        other task's writes; nothing at all if this task is already cancelled."""
         if not data and not self._conn.has_unsent:
             return
         lock = self._send_lock
-        # Cancelled here, nothing is written; past the lock a cancel may tear the frame.
+        # Cancelled here, nothing is written; past this point a cancel may tear the frame.
         await trio.lowlevel.checkpoint_if_cancelled()
-        if lock.locked():
+        if lock.locked():  # another task is writing: this one's turn comes after it
             await lock.acquire()
             try:
                 await trio.lowlevel.checkpoint_if_cancelled()  # cancelled while waiting for it
@@ -410,16 +414,49 @@ class Client:
                 lock.release()
                 raise
         else:
+            data = self._write_now(data)
+            if not data:
+                return
             lock.acquire_nowait()
-        try:
-            if self._conn.has_unsent:
-                data = self._conn.take_unsent() + data
-            # What the socket takes at once goes without a trip through the scheduler: a
-            # request is a few dozen bytes, and the socket nearly always has room.
+        await self._write(data)
+
+    async def _send_shielded(self, data: bytes) -> None:
+        """Write a release or withdrawal whatever the cancellation; if the connection is
+        broken, the daemon has ended the lease already."""
+        if not data and not self._conn.has_unsent:
+            return
+        lock = self._send_lock
+        wait_turn = lock.locked()
+        if not wait_turn:
+            data = self._write_now(data)
+            if not data:
+                return  # written at once, as nearly always: nothing waited, so nothing to shield
+            lock.acquire_nowait()
+        with trio.CancelScope(shield=True):
+            if wait_turn:
+                await lock.acquire()
             try:
-                data = data[self._raw.send(data):]
-            except OSError:
-                pass  # full (EAGAIN), or broken: the stream's write below waits, or says so
+                await self._write(data)
+            except errors.DaemonUnavailable:
+                pass
+
+    def _write_now(self, data: bytes) -> bytes:
+        """Write what the socket takes at once of `data`, after what the connection has unsent;
+        return the rest. Only while no other task is writing, and before this one yields:
+        then nothing can come between. A request is a few dozen bytes, and the socket nearly
+        always has room for it: it goes without a trip through the scheduler or the lock."""
+        if self._conn.has_unsent:
+            data = self._conn.take_unsent() + data
+        try:
+            return data[self._raw.send(data):]
+        except OSError:
+            return data  # full (EAGAIN), or broken: the stream's write waits, or says so
+
+    async def _write(self, data: bytes) -> None:
+        """Write `data` (after what the connection has unsent) whole, holding the send lock,
+        then release it. Interrupted midway, the frame may be torn: the connection closes."""
+        try:
+            data = self._write_now(data)
             if data:
                 await self._stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -429,16 +466,7 @@ class Client:
             self._abort("the connection was closed after an interrupted write")
             raise
         finally:
-            lock.release()
-
-    async def _send_shielded(self, data: bytes) -> None:
-        """Write a release or withdrawal whatever the cancellation; if the connection is
-        broken, the daemon has ended the lease already."""
-        with trio.CancelScope(shield=True):
-            try:
-                await self._send(data)
-            except errors.DaemonUnavailable:
-                pass
+            self._send_lock.release()
 
     def _abort(self, reason: str) -> str:
         """`Connection.abort`, then close the socket and wake every waiting task; returns
@@ -575,12 +603,14 @@ class Lease(LeaseView):
         kept in the daemon's history with the release. Raises InvalidArgument, releasing
         nothing, for an `exit_status` outside 0 to 255.
         """
-        check_exit_status(exit_status)
+        if exit_status is not None:
+            check_exit_status(exit_status)
+        client, record = self._client, self._record
         try:
-            await self._client._send_shielded(self._client._conn.release(self._record, exit_status))
+            await client._send_shielded(client._conn.release(record, exit_status))
         finally:
-            conn = self._client._conn
-            _lockfds.let_go(conn.let_go(self._record), unlock=self._record.detached)
+            if record.fds:
+                _lockfds.let_go(client._conn.let_go(record), unlock=record.detached)
 
     async def wait_lost(self) -> str:
         """Read the connection until this lease is lost; return the reason.
