@@ -359,7 +359,6 @@ class Connection:
         #: them: a client taking the same locks over and over checks their names once.
         self._checked_names: tuple[tuple[str, ...] | None, list[str]] = (None, [])
 
-
     # --- client moves -------------------------------------------------------------------------
 
     def hello(self, label: str | None = None) -> tuple[Call[protocol.Welcome], bytes]:

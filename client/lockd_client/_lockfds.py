@@ -77,8 +77,7 @@ def let_go(fds: list[int], *, unlock: bool) -> None:
 
         for fd in fds:
             fcntl.flock(fd, fcntl.LOCK_UN)
-    for fd in fds:  # not close_all: a call fewer on every release
-        os.close(fd)
+    close_all(fds)
 
 
 def close_all(fds: Iterable[int]) -> None:
