@@ -73,6 +73,13 @@ class LeaseState(enum.Enum):
     RELEASED = "released"  # ended by the client: release, withdraw, or closing the connection
 
 
+# The members as module globals, which the clients' code compares with: in Python 3.11 the Enum
+# metaclass's `__getattr__` hook makes every read of a member off its class (`Phase.OPEN`)
+# cost about as much as a function call, three of them in each acquire and release.
+NEW, GREETING, OPEN, CLOSED = Phase.NEW, Phase.GREETING, Phase.OPEN, Phase.CLOSED
+HELD, LOST, RELEASED = LeaseState.HELD, LeaseState.LOST, LeaseState.RELEASED
+
+
 class LeaseRecord(msgspec.Struct, eq=False):
     """The client's view of one granted lease, keyed by the id of the Acquire that made it.
 
@@ -90,7 +97,7 @@ class LeaseRecord(msgspec.Struct, eq=False):
     fds: list[int]
     #: The process the lease is tied to, if it was acquired with `pid=`.
     pid: int | None
-    state: LeaseState = LeaseState.HELD
+    state: LeaseState = HELD
     lost_reason: str | None = None
     #: The connection ended, but the daemon said its leases outlive it: the descriptors
     #: still hold the locks, and the lease is HELD until released.
@@ -160,7 +167,7 @@ class LeaseView:
     def _raise_if_lost(self, exc_type: type[BaseException] | None) -> None:
         """At the end of the lease's block: raise LeaseLost if it was lost, unless another
         exception is already leaving the block (that one says more)."""
-        if exc_type is None and self._record.state is LeaseState.LOST:
+        if exc_type is None and self._record.state is LOST:
             raise self._record.lost_error()
 
     def __repr__(self) -> str:
@@ -319,7 +326,7 @@ class Connection:
         self._buffer = protocol.FrameBuffer(protocol.MAX_REPLY_FRAME)
         #: The largest request the daemon takes; its Welcome says, and older daemons take this.
         self._max_frame = protocol.MAX_REQUEST_FRAME
-        self.phase = Phase.NEW
+        self.phase = NEW
         #: Whether `phase` is CLOSED: an attribute, as the clients ask after every read.
         self.closed = False
         #: The daemon's Welcome, once received.
@@ -363,12 +370,12 @@ class Connection:
 
     def hello(self, label: str | None = None) -> tuple[Call[protocol.Welcome], bytes]:
         """Start the handshake; the Call resolves with the daemon's Welcome."""
-        if self.phase is not Phase.NEW:
+        if self.phase is not NEW:
             raise errors.LocalProtocolError("the handshake was already started on this connection")
         _check_label(label)
         hello = protocol.Hello(protocol.PROTOCOL_VERSION, label)
         data = self._encode(hello)
-        self.phase = Phase.GREETING
+        self.phase = GREETING
         self._greeting = Call(None, hello)
         return self._greeting, data
 
@@ -402,7 +409,7 @@ class Connection:
         semaphores = _checked_slots(slots, unique, shared) if slots is not None else {}
         if not wait:
             timeout = 0  # not waiting wins over any timeout, as -n over -w in flock(1)
-        if self.phase is not Phase.OPEN:
+        if self.phase is not OPEN:
             self._check_open()
         if semaphores:
             self._require(protocol.Feature.SEMAPHORES, "does not serve semaphores (slots); upgrade it")
@@ -501,14 +508,14 @@ class Connection:
         force until its holder says it let go, which then frees the lock at once.
         """
         state, id = lease.state, lease.id
-        if state is LeaseState.HELD:
+        if state is HELD:
             if self._leases.get(id) is not lease:
                 raise errors.LocalProtocolError(f"{lease!r} belongs to another connection")
             data = b"" if lease.detached else self._encode(protocol.Release(id, exit_status))
             del self._leases[id]
-            lease.state = LeaseState.RELEASED
+            lease.state = RELEASED
             return data
-        if state is LeaseState.LOST and not lease.acknowledged and self.phase is Phase.OPEN:
+        if state is LOST and not lease.acknowledged and self.phase is OPEN:
             lease.acknowledged = True
             return self._encode(protocol.Release(id))
         return b""
@@ -567,8 +574,8 @@ class Connection:
         fds = self.stray_fds()
         for record in list(self._holding.values()):
             fds += self.let_go(record)
-            if record.state is LeaseState.HELD:
-                record.state = LeaseState.LOST
+            if record.state is HELD:
+                record.state = LOST
                 record.lost_reason = reason
         self._leases.clear()
         if not self.closed:
@@ -580,7 +587,7 @@ class Connection:
         not lost, and its subscriptions as if released. Returns every lease that still has
         descriptors, lost ones included: the caller lets go of them."""
         for lease in self._leases.values():
-            lease.state = LeaseState.RELEASED
+            lease.state = RELEASED
         self._leases.clear()
         for subscription in self._subscriptions.values():
             subscription._subscribed = False
@@ -617,7 +624,7 @@ class Connection:
         if fds:
             self._unclaimed_fds.extend(fds)
         if not data:
-            if self.phase is Phase.GREETING:
+            if self.phase is GREETING:
                 reason = "lockd closed the connection during the handshake"
             else:
                 reason = EOF_REASON
@@ -685,7 +692,7 @@ class Connection:
         return protocol.pack_prefix(size) + body
 
     def _check_open(self) -> None:
-        if self.phase is not Phase.OPEN:
+        if self.phase is not OPEN:
             if self.closed:
                 raise errors.DaemonUnavailable(
                     f"this connection to lockd is closed ({self.close_reason}); "
@@ -719,7 +726,7 @@ class Connection:
         # This runs for every reply but the grant of a pending acquire (`receive_data`
         # hands those to `_grant`): the common cases are tested first, and by exact type,
         # because isinstance on msgspec Structs costs several times as much.
-        if self.phase is not Phase.OPEN:
+        if self.phase is not OPEN:
             self._handle_greeting(message)
             return
         if type(message) is protocol.Welcome:
@@ -825,7 +832,7 @@ class Connection:
         if self._greeting is None:
             raise _Violation(f"{_tag(message)} before Hello")
         if isinstance(message, protocol.Welcome):
-            self.phase = Phase.OPEN
+            self.phase = OPEN
             self.server = message
             self._max_frame = message.max_frame
             self._greeting._resolve(message)
@@ -839,7 +846,7 @@ class Connection:
             raise _Violation(f"lost for request {message.id}, which was never granted")
         lease = self._leases.pop(message.id, None)
         if lease is not None:  # else released before the notice arrived
-            lease.state = LeaseState.LOST
+            lease.state = LOST
             lease.lost_reason = message.reason
 
     def _claim_fds(self, count: int) -> list[int]:
@@ -856,7 +863,7 @@ class Connection:
             if outlive and lease.fds:
                 lease.detached = True
             else:
-                lease.state = LeaseState.LOST
+                lease.state = LOST
                 lease.lost_reason = reason
                 del self._leases[id]
         self._shut(reason, error)
@@ -864,7 +871,7 @@ class Connection:
     def _shut(self, reason: str, error: Callable[[], errors.LockdError]) -> None:
         # Each waiter raises its own instance: one exception raised in several places would
         # pile their tracebacks onto each other.
-        self.phase = Phase.CLOSED
+        self.phase = CLOSED
         self.closed = True
         self.close_reason = reason
         pending = [*self._calls.values(), *([self._greeting] if self._greeting else [])]

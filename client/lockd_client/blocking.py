@@ -20,10 +20,10 @@ from typing import TypeVar
 
 from . import _lockfds, errors, paths, protocol
 from ._connection import (
+    LOST,
     READ_SIZE,
     Call,
     Connection,
-    LeaseState,
     LeaseView,
     QueuedCallback,
     Subscription,
@@ -390,7 +390,7 @@ class Lease(LeaseView):
     def lost(self) -> bool:
         """Whether the lease ended without being released. Reads pending events first."""
         self._client.process_events()
-        return self._record.state is LeaseState.LOST
+        return self._record.state is LOST
 
     def release(self, exit_status: int | None = None) -> None:
         """Release the lease without waiting for the daemon, unlocking its lock files.

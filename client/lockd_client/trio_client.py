@@ -27,10 +27,11 @@ import trio
 
 from . import _dial, _lockfds, errors, paths, protocol
 from ._connection import (
+    HELD,
+    LOST,
     READ_SIZE,
     Call,
     Connection,
-    LeaseState,
     LeaseView,
     QueuedCallback,
     Subscription,
@@ -591,7 +592,7 @@ class Lease(LeaseView):
         """Whether the lease ended without being released. Reads pending events first, unless
         another task is reading the connection (then: as of that task's last read)."""
         self._client._read_pending()
-        return self._record.state is LeaseState.LOST
+        return self._record.state is LOST
 
     async def release(self, exit_status: int | None = None) -> None:
         """Release the lease without waiting for the daemon, unlocking its lock files.
@@ -619,8 +620,8 @@ class Lease(LeaseView):
         lease is released instead, or held on detached from a daemon that went away (see
         `detached`), it is never lost: this then sleeps until cancelled.
         """
-        await self._client._read_until(lambda: self._record.state is not LeaseState.HELD)
-        if self._record.state is LeaseState.LOST:
+        await self._client._read_until(lambda: self._record.state is not HELD)
+        if self._record.state is LOST:
             assert self._record.lost_reason is not None
             return self._record.lost_reason
         await trio.sleep_forever()
