@@ -21,7 +21,7 @@ import socket
 from collections.abc import AsyncIterator, Callable, Generator, Mapping
 from contextlib import asynccontextmanager
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import trio
 
@@ -40,6 +40,10 @@ from ._connection import (
 )
 
 T = TypeVar("T")
+
+#: MSG_DONTWAIT as a plain int: the `socket` module's flags are IntFlag members, and or-ing
+#: one with another flag (as every read does) runs the Enum machinery's Python code.
+_DONTWAIT: Final = int(socket.MSG_DONTWAIT)
 
 
 def connect(
@@ -352,7 +356,7 @@ class Client:
                 try:
                     try:
                         await trio.lowlevel.wait_readable(self._raw)
-                        read = _lockfds.recv_into(self._raw, self._inbox, socket.MSG_DONTWAIT)
+                        read = _lockfds.recv_into(self._raw, self._inbox, _DONTWAIT)
                     except BlockingIOError:
                         continue
                     except (trio.ClosedResourceError, OSError) as exc:
@@ -377,7 +381,7 @@ class Client:
         """
         while not self._reading and not self._conn.closed:
             try:
-                read = _lockfds.recv_into(self._raw, self._inbox, socket.MSG_DONTWAIT)
+                read = _lockfds.recv_into(self._raw, self._inbox, _DONTWAIT)
             except BlockingIOError:
                 return
             except OSError as exc:
