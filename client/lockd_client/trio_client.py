@@ -17,6 +17,7 @@ Invariants:
 from __future__ import annotations
 
 import os
+import select
 import socket
 from collections.abc import AsyncIterator, Callable, Generator, Mapping
 from contextlib import asynccontextmanager
@@ -141,6 +142,9 @@ class Client:
         # Reads land in one buffer for the connection's lifetime: no allocation per read.
         self._inbox = bytearray(READ_SIZE)
         self._inbox_view = memoryview(self._inbox)
+        #: Asked, without waiting, whether there is anything to read (`_read_pending`).
+        self._readable = select.poll()
+        self._readable.register(raw, select.POLLIN)
         self._reading = False
         #: The tasks waiting while another reads: each one's event, and what it waits for.
         #: Only those whose wait is over are woken, not all of them at every read: with many
@@ -379,7 +383,9 @@ class Client:
         Does nothing while a task is reading: that task applies it, and a second reader
         could take half of what it expects.
         """
-        while not self._reading and not self._conn.closed:
+        # Asked first, without reading: a read that finds nothing raises BlockingIOError,
+        # which costs several times a poll(), and most calls (every block's end) find nothing.
+        while not self._reading and not self._conn.closed and self._readable.poll(0):
             try:
                 read = _lockfds.recv_into(self._raw, self._inbox, _DONTWAIT)
             except BlockingIOError:
