@@ -16,11 +16,11 @@ Invariants:
 
 from __future__ import annotations
 
+import functools
 import os
 import select
 import socket
-from collections.abc import AsyncIterator, Callable, Generator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Generator, Mapping
 from types import TracebackType
 from typing import Any, Final, TypeVar
 
@@ -185,8 +185,7 @@ class Client:
         )
         return Lease(self, await self._run(call, data, on_queued))
 
-    @asynccontextmanager
-    async def lock(
+    def lock(
         self,
         *names: str,
         shared: bool = False,
@@ -196,22 +195,23 @@ class Client:
         pid: int | None = None,
         slots: int | Mapping[str, int] | None = None,
         on_queued: QueuedCallback | None = None,
-    ) -> AsyncIterator[Lease]:
+    ) -> Locking:
         """`acquire` for an `async with` block, which releases the lease on leaving it:
         `async with client.lock("site.com") as lease: ...`. Cancellation: as `acquire`, and
         the release on leaving is shielded, so a cancelled block still releases the lease."""
-        lease = await self.acquire(
-            *names,
-            shared=shared,
-            wait=wait,
-            timeout=timeout,
-            label=label,
-            pid=pid,
-            slots=slots,
-            on_queued=on_queued,
+        return Locking(
+            functools.partial(
+                self.acquire,
+                *names,
+                shared=shared,
+                wait=wait,
+                timeout=timeout,
+                label=label,
+                pid=pid,
+                slots=slots,
+                on_queued=on_queued,
+            )
         )
-        async with lease:
-            yield lease
 
     async def status(self, *names: str) -> list[protocol.LockInfo]:
         """Holders and waiters of `names`, or of every lock in use if none are given.
@@ -503,6 +503,34 @@ class Client:
             woken = next(iter(waiters))
             woken.set()
             del waiters[woken]
+
+
+class Locking:
+    """What `Client.lock` returns: enter it to acquire, and to release on leaving the block.
+
+    A class, not an async generator made a context manager: that costs a generator, trio's
+    hooks for it and contextlib's steps through it on every block.
+    """
+
+    __slots__ = ("_acquire", "_lease")
+
+    def __init__(self, acquire: Callable[[], Awaitable[Lease]]) -> None:
+        self._acquire = acquire
+        self._lease: Lease | None = None
+
+    async def __aenter__(self) -> Lease:
+        self._lease = await self._acquire()
+        return self._lease
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Release the lease, shielded from cancellation, as `Lease.__aexit__` does."""
+        assert self._lease is not None
+        await self._lease.__aexit__(exc_type, exc, tb)
 
 
 class Subscribing:
