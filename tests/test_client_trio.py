@@ -323,6 +323,23 @@ async def test_a_cancelled_handshake_closes_the_socket(short_tmp):
             assert received
 
 
+async def test_a_lock_block_entered_a_second_time_raises_and_loses_no_lease(daemon):
+    """The second entry comes while the first is still inside: without the refusal, both
+    exits would release the second lease and the first would stay held."""
+    with trio.fail_after(WAIT):
+        async with trio_client.connect(daemon.socket) as c:
+            guard = c.lock("reused", shared=True)
+            async with guard as lease:
+                with pytest.raises(RuntimeError, match="entered once"):
+                    async with guard:
+                        pass
+            assert not lease.lost
+            with pytest.raises(RuntimeError, match="entered once"):  # nor after leaving
+                async with guard:
+                    pass
+            assert await c.status("reused") == []
+
+
 def test_lock_takes_what_acquire_takes_in_both_clients():
     for client in (lockd_client.Client, trio_client.Client):
         lock, acquire = inspect.signature(client.lock), inspect.signature(client.acquire)

@@ -509,16 +509,23 @@ class Locking:
     """What `Client.lock` returns: enter it to acquire, and to release on leaving the block.
 
     A class, not an async generator made a context manager: that costs a generator, trio's
-    hooks for it and contextlib's steps through it on every block.
+    hooks for it and contextlib's steps through it on every block. It is entered once, as
+    that context manager was: a second entry raises RuntimeError, since its one slot would
+    lose the first lease, left held until the connection closes.
     """
 
-    __slots__ = ("_acquire", "_lease")
+    __slots__ = ("_acquire", "_entered", "_lease")
 
     def __init__(self, acquire: Callable[[], Awaitable[Lease]]) -> None:
         self._acquire = acquire
+        self._entered = False
         self._lease: Lease | None = None
 
     async def __aenter__(self) -> Lease:
+        # Marked before the wait: a second task entering meanwhile must not acquire too.
+        if self._entered:
+            raise RuntimeError("a lock() block is entered once: call lock() for each block")
+        self._entered = True
         self._lease = await self._acquire()
         return self._lease
 
@@ -529,31 +536,39 @@ class Locking:
         tb: TracebackType | None,
     ) -> None:
         """Release the lease, shielded from cancellation, as `Lease.__aexit__` does."""
-        assert self._lease is not None
-        await self._lease.__aexit__(exc_type, exc, tb)
+        lease, self._lease = self._lease, None
+        assert lease is not None
+        await lease.__aexit__(exc_type, exc, tb)
 
 
 class Subscribing:
     """What `Client.events` returns: await it for an `Events`, or enter it to have the
-    subscription ended on leaving the block."""
+    subscription ended on leaving the block. The block is entered once: a second entry
+    raises RuntimeError, since the one slot would lose the first subscription."""
 
-    __slots__ = ("_client", "_names", "_events")
+    __slots__ = ("_client", "_names", "_entered", "_events")
 
     def __init__(self, client: Client, names: tuple[str, ...]) -> None:
         self._client = client
         self._names = names
+        self._entered = False
         self._events: Events | None = None
 
     def __await__(self) -> Generator[Any, None, Events]:
         return self._subscribe().__await__()
 
     async def __aenter__(self) -> Events:
+        # Marked before the wait: a second task entering meanwhile must not subscribe too.
+        if self._entered:
+            raise RuntimeError("an events() block is entered once: call events() for each block")
+        self._entered = True
         self._events = await self._subscribe()
         return self._events
 
     async def __aexit__(self, *exc_info: object) -> None:
-        assert self._events is not None
-        await self._events.aclose()
+        events, self._events = self._events, None
+        assert events is not None
+        await events.aclose()
 
     async def _subscribe(self) -> Events:
         client = self._client
