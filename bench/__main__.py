@@ -119,8 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     client = args.client or ("lockd" if _library_ready() else "lockd-raw")
     cfg = Config(**(QUICK if args.quick else FULL) | ({"reps": args.reps} if args.reps else {}), lockd_client=client)
     lockd_systems = ["lockd-raw"] + (["lockd"] if client == "lockd" else [])
-    # The trio client's rows, where the targets on the library are judged for it too: W1-W3.
-    trio_systems = ["lockd-trio"] if client == "lockd" else []
+    # The trio client's rows, where the targets on the library are judged for it too (W1-W3),
+    # against the raw protocol client waiting in trio as the blocking one is against it blocking.
+    trio_systems = ["lockd-raw-trio", "lockd-trio"] if client == "lockd" else []
 
     results: dict[str, Any] = {
         "command": " ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])]),
@@ -147,10 +148,12 @@ def main(argv: list[str] | None = None) -> int:
                 "lockd-raw": {"kind": "lockd-raw", "socket": daemon.socket},
                 "lockd": {"kind": "lockd", "socket": daemon.socket},
                 "lockd-trio": {"kind": "lockd-trio", "socket": daemon.socket},
+                "lockd-raw-trio": {"kind": "lockd-raw-trio", "socket": daemon.socket},
             }
             servers = {
                 "echo-blocking-1rt": echo_blocking, "echo-blocking-2rt": echo_blocking,
                 "echo-trio-2rt": echo_trio, "lockd-raw": daemon, "lockd": daemon, "lockd-trio": daemon,
+                "lockd-raw-trio": daemon,
             }
 
             def probe(system: str):

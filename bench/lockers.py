@@ -15,7 +15,10 @@ Specs:
   {"kind": "lockd", "socket": S}     lockd_client, the library users get
   {"kind": "lockd-trio", "socket": S}
                                      lockd_client's trio client, one task on its connection
-                                     (async: `make_async_locker`, in a trio run)
+  {"kind": "lockd-raw-trio", "socket": S}
+                                     the raw protocol client waiting in trio: the trio
+                                     client's floor
+      (those two async: `make_async_locker`, in a trio run)
       any lockd one with "slots": N  a slot of each name, a counting semaphore of N slots
   {"kind": "etcd-lock", "url": U, "ttl": T}
                                      etcd's own lock API (v3lock, through its JSON gateway)
@@ -200,29 +203,45 @@ class RawLockdLocker:
     def _recv(self) -> object:
         frames = self._frames
         while (body := frames.next_frame()) is None:
-            data, ancdata, _, _ = self._sock.recvmsg(65536, _ANCILLARY, socket.MSG_CMSG_CLOEXEC)
-            if not data:
-                raise errors.DaemonUnavailable("the daemon closed the connection")
-            for _, _, fds in ancdata:
-                self._fds += array.array("i", fds)
-            frames.feed(data)
+            self._read()
         return self._decoder.decode(body)
 
-    def acquire(self, name: str, on_queued: OnQueued | None = None) -> tuple[protocol.Granted, list[int]]:
+    def _read(self) -> None:
+        """One recvmsg into the frame buffer, keeping the descriptors that came with it."""
+        data, ancdata, _, _ = self._sock.recvmsg(65536, _ANCILLARY, socket.MSG_CMSG_CLOEXEC)
+        if not data:
+            raise errors.DaemonUnavailable("the daemon closed the connection")
+        for _, _, fds in ancdata:
+            self._fds += array.array("i", fds)
+        self._frames.feed(data)
+
+    def _request_acquire(self, name: str) -> int:
+        """Send an Acquire of `name`; its request id."""
         rid = next(self._ids)
         self._send(protocol.Acquire(rid, [name], slots={name: self._slots} if self._slots else {}))
-        while True:
-            reply = self._recv()
-            if isinstance(reply, protocol.Granted) and reply.id == rid:
-                fds = self._fds[: reply.descriptors]
-                del self._fds[: reply.descriptors]
-                return reply, fds
-            if isinstance(reply, protocol.Error):
-                raise errors.from_reply(reply)
-            if isinstance(reply, protocol.Lost):
-                raise errors.LeaseLost(reply.reason)
-            if isinstance(reply, protocol.Queued) and on_queued is not None:
-                on_queued()
+        return rid
+
+    def _granted(
+        self, reply: object, rid: int, on_queued: OnQueued | None
+    ) -> tuple[protocol.Granted, list[int]] | None:
+        """The grant if `reply` is request `rid`'s Granted; None for a reply to read past."""
+        if isinstance(reply, protocol.Granted) and reply.id == rid:
+            fds = self._fds[: reply.descriptors]
+            del self._fds[: reply.descriptors]
+            return reply, fds
+        if isinstance(reply, protocol.Error):
+            raise errors.from_reply(reply)
+        if isinstance(reply, protocol.Lost):
+            raise errors.LeaseLost(reply.reason)
+        if isinstance(reply, protocol.Queued) and on_queued is not None:
+            on_queued()
+        return None
+
+    def acquire(self, name: str, on_queued: OnQueued | None = None) -> tuple[protocol.Granted, list[int]]:
+        rid = self._request_acquire(name)
+        while (grant := self._granted(self._recv(), rid, on_queued)) is None:
+            pass
+        return grant
 
     def release(self, grant: tuple[protocol.Granted, list[int]]) -> None:
         granted, fds = grant
@@ -319,6 +338,41 @@ class TrioLockdLocker:
         await self._client.aclose()
 
 
+class TrioRawLockdLocker:
+    """RawLockdLocker waiting for its grant in trio (wait_readable, then recvmsg): the floor
+    of a trio program's cycle, which pays trio's wait where a blocking recvmsg sleeps in the
+    kernel, and so what the trio client is judged against. Connects and writes as
+    RawLockdLocker does, blocking: a frame this small goes at once."""
+
+    reports_queue = True
+
+    def __init__(self, raw: RawLockdLocker) -> None:
+        import trio  # here, as the trio client's: the blocking lockers' workers do without
+
+        self._raw = raw
+        self._wait_readable = trio.lowlevel.wait_readable
+
+    async def acquire(self, name: str, on_queued: OnQueued | None = None) -> tuple[protocol.Granted, list[int]]:
+        raw = self._raw
+        rid = raw._request_acquire(name)
+        while True:
+            # The reply is never there yet right after the request: wait first, then read.
+            while (body := raw._frames.next_frame()) is None:
+                await self._wait_readable(raw._sock)
+                raw._read()
+            if (grant := raw._granted(raw._decoder.decode(body), rid, on_queued)) is not None:
+                return grant
+
+    async def release(self, grant: tuple[protocol.Granted, list[int]]) -> None:
+        self._raw.release(grant)
+
+    def token(self, grant: tuple[protocol.Granted, list[int]]) -> int:
+        return self._raw.token(grant)
+
+    async def aclose(self) -> None:
+        self._raw.close()
+
+
 class EtcdGateway:
     """One persistent HTTP/1.1 connection to etcd's v3 JSON gateway, as a client would keep."""
 
@@ -410,12 +464,14 @@ class EtcdKvLocker(_EtcdLocker):
 
 
 #: The kinds `make_async_locker` makes: their acquire and release are awaited, in a trio run.
-ASYNC_KINDS = frozenset({"lockd-trio"})
+ASYNC_KINDS = frozenset({"lockd-trio", "lockd-raw-trio"})
 
 
-async def make_async_locker(spec: dict[str, Any]) -> TrioLockdLocker:
+async def make_async_locker(spec: dict[str, Any]) -> TrioLockdLocker | TrioRawLockdLocker:
     if spec["kind"] == "lockd-trio":
         return await TrioLockdLocker.open(spec["socket"], slots=spec.get("slots"))
+    if spec["kind"] == "lockd-raw-trio":
+        return TrioRawLockdLocker(RawLockdLocker(spec["socket"], slots=spec.get("slots")))
     raise ValueError(f"unknown async locker kind {spec['kind']!r}")
 
 
