@@ -322,9 +322,8 @@ class Connection:
         self._buffer = protocol.FrameBuffer(protocol.MAX_REPLY_FRAME)
         #: The largest request the daemon takes; its Welcome says, and older daemons take this.
         self._max_frame = protocol.MAX_REQUEST_FRAME
+        #: The clients ask `phase is CLOSED` after every read, not `closed`: a call fewer.
         self.phase = NEW
-        #: Whether `phase` is CLOSED: an attribute, as the clients ask after every read.
-        self.closed = False
         #: The daemon's Welcome, once received.
         self.server: protocol.Welcome | None = None
         #: Why the connection is CLOSED, once it is.
@@ -348,7 +347,7 @@ class Connection:
         #: Descriptors received and not yet claimed by their Granted.
         self._unclaimed_fds: deque[int] = deque()
         #: Descriptors nobody will use, for the caller to close: `stray_fds` hands them over.
-        #: Clients test it after every read, which is why it is not private behind a property.
+        #: Read-only outside Connection: the clients test it, and `stray_fds` takes them.
         self.stray: list[int] = []
         #: Lease id → every lease record made here that still has descriptors (lost and
         #: released ones too, until the caller lets go of them).
@@ -358,9 +357,10 @@ class Connection:
         #: hold the lock after it; the daemon's copy and its watch on the process keep the
         #: lease. lockctl's keeper, which lives exactly as long as that process, keeps them.
         self.keep_tied_descriptors = False
-        #: The names the last acquire was given, when a tuple, and the list it checked from
-        #: them: a client taking the same locks over and over checks their names once.
-        self._checked_names: tuple[tuple[str, ...] | None, list[str]] = (None, [])
+
+    @property
+    def closed(self) -> bool:
+        return self.phase is CLOSED
 
     # --- client moves -------------------------------------------------------------------------
 
@@ -393,13 +393,9 @@ class Connection:
         `slots` makes every name (an int) or the names it maps (to their counts) counting
         semaphores, of which the lease takes one slot each. Duplicate names count once.
         """
-        given, unique = self._checked_names
-        if names != given:
-            unique = list(dict.fromkeys(names))
-            if (problem := protocol.names_problem(unique)) is not None:
-                raise errors.InvalidName(problem)
-            if type(names) is tuple:  # immutable: the same names next time it compares equal
-                self._checked_names = (names, unique)
+        unique = list(dict.fromkeys(names))
+        if (problem := protocol.names_problem(unique)) is not None:
+            raise errors.InvalidName(problem)
         if label is not None:
             _check_label(label)
         semaphores = _checked_slots(slots, unique, shared) if slots is not None else {}
@@ -614,7 +610,7 @@ class Connection:
         fail with RemoteProtocolError; the caller should then hang up, so the daemon ends the
         leases too. Data arriving after the connection closed is discarded.
         """
-        if self.closed:
+        if self.phase is CLOSED:
             self.stray.extend(fds)
             return
         if fds:
@@ -639,7 +635,7 @@ class Connection:
                         self._grant(call, call.request, message)
                         continue
                 self._handle(message)
-                if self.closed:
+                if self.phase is CLOSED:
                     return
             if too_large is not None:
                 raise too_large
@@ -868,7 +864,6 @@ class Connection:
         # Each waiter raises its own instance: one exception raised in several places would
         # pile their tracebacks onto each other.
         self.phase = CLOSED
-        self.closed = True
         self.close_reason = reason
         pending = [*self._calls.values(), *([self._greeting] if self._greeting else [])]
         self._calls.clear()

@@ -20,6 +20,7 @@ from typing import TypeVar
 
 from . import _lockfds, errors, paths, protocol
 from ._connection import (
+    CLOSED,
     LOST,
     READ_SIZE,
     Call,
@@ -240,7 +241,7 @@ class Client:
         # Asked first, without reading: a read that finds nothing raises BlockingIOError,
         # which costs several times a poll(), and most calls (every `with` block's end) find
         # nothing.
-        while not self._conn.closed and self._readable.poll(0) and self._read(socket.MSG_DONTWAIT):
+        while self._conn.phase is not CLOSED and self._readable.poll(0) and self._read(socket.MSG_DONTWAIT):
             pass
 
     def close(self) -> None:
@@ -299,7 +300,7 @@ class Client:
             conn.abort(f"reading from lockd at {self.socket_path} failed: {exc}")
         else:
             conn.receive_data(self._inbox_view[:size], fds)
-        if conn.closed:
+        if conn.phase is CLOSED:
             self._hang_up()
             _lockfds.close_all(conn.stray_fds())
         elif conn.stray:
@@ -405,8 +406,7 @@ class Lease(LeaseView):
         kept in the daemon's history with the release. Raises InvalidArgument, releasing
         nothing, for an `exit_status` outside 0 to 255.
         """
-        if exit_status is not None:
-            check_exit_status(exit_status)
+        check_exit_status(exit_status)
         client, record = self._client, self._record
         conn = client._conn
         try:

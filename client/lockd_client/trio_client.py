@@ -16,18 +16,22 @@ Invariants:
 
 from __future__ import annotations
 
+# The reads' flag from `_socket`, a plain int: the `socket` module's flags are IntFlag members,
+# and or-ing one with another (as every read does) runs the Enum machinery's Python code.
+import _socket
 import functools
 import os
 import select
 import socket
 from collections.abc import Awaitable, Callable, Generator, Mapping
 from types import TracebackType
-from typing import Any, Final, TypeVar
+from typing import Any, TypeVar
 
 import trio
 
 from . import _dial, _lockfds, errors, paths, protocol
 from ._connection import (
+    CLOSED,
     HELD,
     LOST,
     READ_SIZE,
@@ -41,10 +45,6 @@ from ._connection import (
 )
 
 T = TypeVar("T")
-
-#: MSG_DONTWAIT as a plain int: the `socket` module's flags are IntFlag members, and or-ing
-#: one with another flag (as every read does) runs the Enum machinery's Python code.
-_DONTWAIT: Final = int(socket.MSG_DONTWAIT)
 
 
 def connect(
@@ -347,7 +347,7 @@ class Client:
         receive, and the reading is handed on as above.
         """
         try:
-            while not done() and not self._conn.closed:
+            while not done() and self._conn.phase is not CLOSED:
                 if self._reading:
                     woken = trio.Event()
                     self._waiters[woken] = done
@@ -360,7 +360,7 @@ class Client:
                 try:
                     try:
                         await trio.lowlevel.wait_readable(self._raw)
-                        read = _lockfds.recv_into(self._raw, self._inbox, _DONTWAIT)
+                        read = _lockfds.recv_into(self._raw, self._inbox, _socket.MSG_DONTWAIT)
                     except BlockingIOError:
                         continue
                     except (trio.ClosedResourceError, OSError) as exc:
@@ -385,9 +385,9 @@ class Client:
         """
         # Asked first, without reading: a read that finds nothing raises BlockingIOError,
         # which costs several times a poll(), and most calls (every block's end) find nothing.
-        while not self._reading and not self._conn.closed and self._readable.poll(0):
+        while not self._reading and self._conn.phase is not CLOSED and self._readable.poll(0):
             try:
-                read = _lockfds.recv_into(self._raw, self._inbox, _DONTWAIT)
+                read = _lockfds.recv_into(self._raw, self._inbox, _socket.MSG_DONTWAIT)
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -404,7 +404,7 @@ class Client:
         else:
             size, fds = result
             self._conn.receive_data(self._inbox_view[:size], fds)
-        if self._conn.closed:
+        if self._conn.phase is CLOSED:
             self._close_socket()
         elif self._conn.stray:
             _lockfds.close_all(self._conn.stray_fds())
@@ -657,8 +657,7 @@ class Lease(LeaseView):
         kept in the daemon's history with the release. Raises InvalidArgument, releasing
         nothing, for an `exit_status` outside 0 to 255.
         """
-        if exit_status is not None:
-            check_exit_status(exit_status)
+        check_exit_status(exit_status)
         client, record = self._client, self._record
         try:
             await client._send_shielded(client._conn.release(record, exit_status))
