@@ -348,7 +348,8 @@ def test_lock_takes_what_acquire_takes_in_both_clients():
 
 async def test_a_write_the_socket_cannot_take_at_once_goes_whole_before_the_next():
     """A request larger than the socket's room waits for it holding the connection's turn to
-    write; a release made meanwhile, cancelled or not, goes after it, whole."""
+    write; a request and a release made meanwhile, cancelled or not, go after it, whole and in
+    the order they were made."""
     ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     ours.setblocking(False)
     ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
@@ -373,9 +374,11 @@ async def test_a_write_the_socket_cannot_take_at_once_goes_whole_before_the_next
         async with trio.open_nursery() as nursery:
             nursery.start_soon(client.status, *names)
             await wait_until_async(client._send_lock.locked, "the status request part way out")
+            nursery.start_soon(client.status, "y")
+            await trio.testing.wait_all_tasks_blocked()
             nursery.start_soon(release_cancelled)
             await trio.testing.wait_all_tasks_blocked()
-            while len(sent) < 2:
+            while len(sent) < 3:
                 await trio.lowlevel.wait_readable(peer)
                 frames.feed(peer.recv(65536))
                 while (body := frames.next_frame()) is not None:
@@ -383,4 +386,5 @@ async def test_a_write_the_socket_cannot_take_at_once_goes_whole_before_the_next
             nursery.cancel_scope.cancel()
         await client.aclose()
     peer.close()
-    assert sent == [protocol.Status(2, names), protocol.Release(1)] and frames.pending == 0
+    assert sent == [protocol.Status(2, names), protocol.Status(3, ["y"]), protocol.Release(1)]
+    assert frames.pending == 0

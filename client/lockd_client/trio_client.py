@@ -8,7 +8,9 @@ Invariants:
   Reading happens only in tasks that wait for something, and, without waiting, when no
   task is reading and a lease's block ends or its `lost` is asked: there is no background
   task.
-- A frame is never torn. Requests are written only if not already cancelled; one interrupted
+- A frame is never torn. Writes go one at a time, in turn by the send lock; a write the socket
+  takes at once skips the lock, since nothing can run between the check that no task is
+  writing and the send. Requests are written only if not already cancelled; one interrupted
   mid-write closes the connection (the daemon then ends every lease on it). Releases and
   withdrawals are written shielded from cancellation, so a lease is released even when its
   block is left by cancellation, and a cancelled acquire leaves nothing queued or granted.
@@ -467,6 +469,8 @@ class Client:
         """Write `data` (after what the connection has unsent) whole, holding the send lock,
         then release it. Interrupted midway, the frame may be torn: the connection closes."""
         try:
+            # After `_send` wrote part of it at once, this tries again: safe because no await
+            # came between (the lock was taken without one), so no other write went first.
             data = self._write_now(data)
             if data:
                 await self._stream.send_all(data)
