@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import report, services, workloads
-from .lockers import make_locker
+from .lockers import ASYNC_KINDS, make_locker
 from .machine import REPO, EtcdProbe, OthersMeter, loadavg, machine_info
 
 WORKLOADS = ("w1", "w2", "w3", "w3s", "w4", "w5", "w6", "w7", "flood", "cli", "obs")
@@ -119,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     client = args.client or ("lockd" if _library_ready() else "lockd-raw")
     cfg = Config(**(QUICK if args.quick else FULL) | ({"reps": args.reps} if args.reps else {}), lockd_client=client)
     lockd_systems = ["lockd-raw"] + (["lockd"] if client == "lockd" else [])
+    # The trio client's rows, where the targets on the library are judged for it too (W1-W3),
+    # against the raw protocol client waiting in trio as the blocking one is against it blocking.
+    trio_systems = ["lockd-raw-trio", "lockd-trio"] if client == "lockd" else []
 
     results: dict[str, Any] = {
         "command": " ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])]),
@@ -144,10 +147,13 @@ def main(argv: list[str] | None = None) -> int:
                 "echo-trio-2rt": {"kind": "echo", "socket": echo_trio.socket, "round_trips": 2},
                 "lockd-raw": {"kind": "lockd-raw", "socket": daemon.socket},
                 "lockd": {"kind": "lockd", "socket": daemon.socket},
+                "lockd-trio": {"kind": "lockd-trio", "socket": daemon.socket},
+                "lockd-raw-trio": {"kind": "lockd-raw-trio", "socket": daemon.socket},
             }
             servers = {
                 "echo-blocking-1rt": echo_blocking, "echo-blocking-2rt": echo_blocking,
-                "echo-trio-2rt": echo_trio, "lockd-raw": daemon, "lockd": daemon,
+                "echo-trio-2rt": echo_trio, "lockd-raw": daemon, "lockd": daemon, "lockd-trio": daemon,
+                "lockd-raw-trio": daemon,
             }
 
             def probe(system: str):
@@ -155,15 +161,16 @@ def main(argv: list[str] | None = None) -> int:
 
             if "w1" in only:
                 systems = [
-                    "flock", "filelock", "echo-blocking-1rt", "echo-blocking-2rt", "echo-trio-2rt", *lockd_systems
+                    "flock", "filelock", "echo-blocking-1rt", "echo-blocking-2rt", "echo-trio-2rt", *lockd_systems,
+                    *trio_systems,
                 ]
                 results["w1"] = _repeat(cfg.reps, systems, "W1", lambda s: _w1(specs[s], cfg.w1_cycles, probe(s)))
             if "w2" in only:
-                systems = ["flock", "filelock", "echo-blocking-2rt", "echo-trio-2rt", *lockd_systems]
+                systems = ["flock", "filelock", "echo-blocking-2rt", "echo-trio-2rt", *lockd_systems, *trio_systems]
                 results["w2"] = _repeat(cfg.reps, systems, "W2", lambda s: workloads.w2_throughput(
                     specs[s], cfg.w2_clients, cfg.w2_seconds, probe(s)))
             if "w3" in only:
-                systems = ["flock", "filelock", *lockd_systems]
+                systems = ["flock", "filelock", *lockd_systems, *trio_systems]
                 results["w3"] = _repeat(cfg.reps, systems, "W3", lambda s: workloads.w3_fairness(
                     specs[s], cfg.w3_clients, cfg.w3_seconds, probe(s)))
             if "w3s" in only:
@@ -247,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _w1(spec: dict[str, Any], cycles: int, server, etcd=None) -> dict[str, Any]:
+    if spec["kind"] in ASYNC_KINDS:
+        return workloads.w1_cycles_async(spec, "w1", cycles, server)
     locker = make_locker(spec)
     try:
         return workloads.w1_cycles(locker, "w1", cycles, server, etcd)

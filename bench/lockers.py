@@ -3,7 +3,8 @@
 Invariant: every locker does, per `acquire` + `release` cycle, exactly what a real user of
 that mechanism does per cycle — no batching across cycles, no deferred writes — so cycle
 times compare like for like. A locker is used by one thread and is built from a plain-dict
-spec (`make_locker`), so a worker process can be told what to use on its command line.
+spec (`make_locker`; the async ones, in a trio run, `make_async_locker`), so a worker process
+can be told what to use on its command line.
 
 Specs:
   {"kind": "flock", "dir": D}        fcntl.flock on D/NAME.lock, file opened once per name
@@ -12,7 +13,13 @@ Specs:
                                      R request/response round trips per cycle to an echo server
   {"kind": "lockd-raw", "socket": S} the wire protocol by hand: what the protocol allows
   {"kind": "lockd", "socket": S}     lockd_client, the library users get
-      either with "slots": N         a slot of each name, a counting semaphore of N slots
+  {"kind": "lockd-trio", "socket": S}
+                                     lockd_client's trio client, one task on its connection
+  {"kind": "lockd-raw-trio", "socket": S}
+                                     the raw protocol client waiting in trio: the trio
+                                     client's floor
+      (those two async: `make_async_locker`, in a trio run)
+      any lockd one with "slots": N  a slot of each name, a counting semaphore of N slots
   {"kind": "etcd-lock", "url": U, "ttl": T}
                                      etcd's own lock API (v3lock, through its JSON gateway)
                                      under an etcd lease of T seconds, kept alive
@@ -284,6 +291,90 @@ class LibLockdLocker:
         self._client.close()
 
 
+class TrioLockdLocker:
+    """lockd through `lockd_client.trio_client`, as a program of one task uses it: what
+    LibLockdLocker does, awaited. Made (`open`) and used in a trio run."""
+
+    reports_queue = True
+
+    def __init__(self, client: Any, slots: int | None) -> None:
+        self._client = client
+        self._slots = slots
+
+    @classmethod
+    async def open(cls, path: str, label: str = "bench", slots: int | None = None) -> TrioLockdLocker:
+        from lockd_client import trio_client
+
+        return cls(await trio_client.connect(path, label=label), slots)
+
+    async def acquire(self, name: str, on_queued: OnQueued | None = None) -> Any:
+        if on_queued is None:
+            return await self._client.acquire(name, slots=self._slots)
+        return await self._client.acquire(name, slots=self._slots, on_queued=lambda holders: on_queued())
+
+    async def release(self, lease: Any) -> None:
+        await lease.release()
+
+    def token(self, lease: Any) -> int:
+        return lease.token
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+class TrioRawLockdLocker:
+    """RawLockdLocker waiting for its grant in trio (wait_readable, then recvmsg): the floor
+    of a trio program's cycle, which pays trio's wait where a blocking recvmsg sleeps in the
+    kernel, and so what the trio client is judged against. Connects, writes and releases as
+    RawLockdLocker does, blocking: a frame this small goes at once."""
+
+    reports_queue = True
+
+    def __init__(self, raw: RawLockdLocker) -> None:
+        import trio  # here, as the trio client's: the blocking lockers' workers do without
+
+        self._raw = raw
+        self._wait_readable = trio.lowlevel.wait_readable
+
+    async def acquire(self, name: str, on_queued: OnQueued | None = None) -> tuple[protocol.Granted, list[int]]:
+        # RawLockdLocker.acquire with its wait in trio, written out as it is: a call fewer
+        # here or there would make the floors differ in more than how they wait.
+        raw = self._raw
+        rid = next(raw._ids)
+        raw._send(protocol.Acquire(rid, [name], slots={name: raw._slots} if raw._slots else {}))
+        frames, sock = raw._frames, raw._sock
+        while True:
+            while (body := frames.next_frame()) is None:
+                # The reply is never there yet right after the request: wait first, then read.
+                await self._wait_readable(sock)
+                data, ancdata, _, _ = sock.recvmsg(65536, _ANCILLARY, socket.MSG_CMSG_CLOEXEC)
+                if not data:
+                    raise errors.DaemonUnavailable("the daemon closed the connection")
+                for _, _, fds in ancdata:
+                    raw._fds += array.array("i", fds)
+                frames.feed(data)
+            reply = raw._decoder.decode(body)
+            if isinstance(reply, protocol.Granted) and reply.id == rid:
+                fds = raw._fds[: reply.descriptors]
+                del raw._fds[: reply.descriptors]
+                return reply, fds
+            if isinstance(reply, protocol.Error):
+                raise errors.from_reply(reply)
+            if isinstance(reply, protocol.Lost):
+                raise errors.LeaseLost(reply.reason)
+            if isinstance(reply, protocol.Queued) and on_queued is not None:
+                on_queued()
+
+    async def release(self, grant: tuple[protocol.Granted, list[int]]) -> None:
+        self._raw.release(grant)
+
+    def token(self, grant: tuple[protocol.Granted, list[int]]) -> int:
+        return self._raw.token(grant)
+
+    async def aclose(self) -> None:
+        self._raw.close()
+
+
 class EtcdGateway:
     """One persistent HTTP/1.1 connection to etcd's v3 JSON gateway, as a client would keep."""
 
@@ -372,6 +463,18 @@ class EtcdKvLocker(_EtcdLocker):
 
     def release(self, key: str) -> None:
         self._gateway.call("/v3/kv/deleterange", {"key": key})
+
+
+#: The kinds `make_async_locker` makes: their acquire and release are awaited, in a trio run.
+ASYNC_KINDS = frozenset({"lockd-trio", "lockd-raw-trio"})
+
+
+async def make_async_locker(spec: dict[str, Any]) -> TrioLockdLocker | TrioRawLockdLocker:
+    if spec["kind"] == "lockd-trio":
+        return await TrioLockdLocker.open(spec["socket"], slots=spec.get("slots"))
+    if spec["kind"] == "lockd-raw-trio":
+        return TrioRawLockdLocker(RawLockdLocker(spec["socket"], slots=spec.get("slots")))
+    raise ValueError(f"unknown async locker kind {spec['kind']!r}")
 
 
 def make_locker(spec: dict[str, Any]) -> Locker:

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.split("\n")[0].split(": ", 1)[1])
     p.add_argument("--workload", choices=["w1", "w2", "w3"], default="w1",
                    help="w1: one client cycling on one name; w2: 32 clients, a name each; w3: 8 clients on one name")
-    p.add_argument("--client", choices=["lockd", "lockd-raw"], default="lockd")
+    p.add_argument("--client", choices=["lockd", "lockd-trio", "lockd-raw"], default="lockd")
     p.add_argument("--etcd", action="store_true", help="the daemon on the etcd backend, on a fresh one-member etcd")
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--rate", type=int, default=1000, help="samples per second (default %(default)s)")

@@ -10,7 +10,8 @@ Protocol with the parent, one line each way:
   worker → `ready` once its locker is connected (for `hold`: `held` once the lock is held);
   parent → `go START_NS END_NS`;
   worker → one JSON line of results, then exit.
-Workloads:
+Workloads (an async locker, `lockers.ASYNC_KINDS`, runs `cycle` and `grants` only, in a trio
+run, the same way):
   `cycle`  acquire+release `name` back to back; result {"cycles": n}.
   `grants` the same, recording for every grant the instants of the request, of the daemon's
            `Queued` notice if one came (None otherwise), of the grant and of the release call,
@@ -34,7 +35,7 @@ import sys
 import threading
 import time
 
-from .lockers import make_locker
+from .lockers import ASYNC_KINDS, make_async_locker, make_locker
 
 
 def _wait_until(instant_ns: int) -> None:
@@ -92,6 +93,57 @@ def run_grants(locker, name: str, start: int, end: int) -> dict[str, list[int | 
     }
 
 
+async def run_cycles_async(locker, name: str, start: int, end: int) -> dict[str, int]:
+    """`run_cycles`, awaited."""
+    acquire, release, now = locker.acquire, locker.release, time.monotonic_ns
+    cycles = 0
+    _wait_until(start)  # blocking: nothing else runs in this trio run
+    while now() < end:
+        await release(await acquire(name))
+        cycles += 1
+    return {"cycles": cycles}
+
+
+async def run_grants_async(locker, name: str, start: int, end: int) -> dict[str, list[int | None]]:
+    """`run_grants`, awaited."""
+    acquire, release, token, now = locker.acquire, locker.release, locker.token, time.monotonic_ns
+    t_req: list[int] = []
+    t_queued: list[int | None] = []
+    t_acq: list[int] = []
+    t_rel: list[int] = []
+    tokens: list[int | None] = []
+    queued = _FirstCall()
+    _wait_until(start)  # blocking: nothing else runs in this trio run
+    while (requested := now()) < end:
+        handle = await acquire(name, queued)
+        acquired = now()
+        tokens.append(token(handle))
+        t_queued.append(queued.at)
+        released = now()
+        await release(handle)
+        t_req.append(requested)
+        t_acq.append(acquired)
+        t_rel.append(released)
+        queued.at = None
+    return {
+        "t_req": t_req, "t_queued": t_queued, "t_acq": t_acq, "t_rel": t_rel, "token": tokens,
+        "reports_queue": locker.reports_queue,
+    }
+
+
+async def main_async(spec: dict) -> None:
+    """`main` for an async locker: connected, `ready`, measured between the instants given."""
+    locker = await make_async_locker(spec["locker"])
+    print("ready", flush=True)
+    _, start, end = sys.stdin.readline().split()  # blocking, as above
+    run = {"cycle": run_cycles_async, "grants": run_grants_async}[spec["workload"]]
+    cpu = time.process_time_ns()
+    result = await run(locker, spec["name"], int(start), int(end))
+    result["cpu_ns"] = time.process_time_ns() - cpu
+    await locker.aclose()
+    print(json.dumps(result), flush=True)
+
+
 def run_burst(spec: dict) -> dict[str, list]:
     """Start the `burst` clients, say `ready`, and once told to go, let them loose."""
     count = spec["clients"]
@@ -146,6 +198,11 @@ def run_flood(path: str, count: int, start: int) -> dict[str, float]:
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
+    if spec.get("locker", {}).get("kind") in ASYNC_KINDS:
+        import trio
+
+        trio.run(main_async, spec)
+        return
     if spec["workload"] == "burst":
         cpu = time.process_time_ns()
         result = run_burst(spec)

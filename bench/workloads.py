@@ -27,7 +27,7 @@ from lockd_client.errors import LockdError
 
 from lockd import loglimit
 
-from .lockers import EtcdGateway, EtcdLockLocker, Locker, RawLockdLocker, b64, make_locker
+from .lockers import EtcdGateway, EtcdLockLocker, Locker, RawLockdLocker, b64, make_async_locker, make_locker
 from .machine import REPO, EtcdProbe, ProcessProbe
 from .services import Service
 from .stats import latency_summary
@@ -62,9 +62,7 @@ def w1_cycles(
         release(acquire(name))
         samples[i] = clock() - t
     elapsed = clock() - started
-    result = latency_summary(samples) | {"cycles_per_s": cycles / (elapsed / 1e9)}
-    if server:
-        result["server_cpu_us_per_cycle"] = (server.cpu_ns() - cpu_before) / cycles / 1000
+    result = _w1_figures(samples, elapsed, server, cpu_before)
     if etcd:
         result["etcd_cpu_us_per_cycle"] = (etcd.process.cpu_ns() - etcd_cpu_before) / cycles / 1000
         done = etcd.counters()
@@ -72,6 +70,40 @@ def w1_cycles(
         result["etcd_writes_per_cycle"] = done.pop("proposals") / cycles
         result["etcd_requests_per_cycle"] = {m: n / cycles for m, n in sorted(done.items()) if n}
         result["etcd_requests_total_per_cycle"] = sum(done.values()) / cycles
+    return result
+
+
+def w1_cycles_async(spec: dict[str, Any], name: str, cycles: int, server: ProcessProbe | None) -> dict[str, Any]:
+    """`w1_cycles` through an async locker (`lockers.ASYNC_KINDS`), in a trio run of its own."""
+    import trio
+
+    async def run() -> dict[str, Any]:
+        locker = await make_async_locker(spec)
+        try:
+            acquire, release, clock = locker.acquire, locker.release, time.perf_counter_ns
+            for _ in range(WARMUP_CYCLES):
+                await release(await acquire(name))
+            samples = [0] * cycles
+            cpu_before = server.cpu_ns() if server else 0
+            started = clock()
+            for i in range(cycles):
+                t = clock()
+                await release(await acquire(name))
+                samples[i] = clock() - t
+            return _w1_figures(samples, clock() - started, server, cpu_before)
+        finally:
+            await locker.aclose()
+
+    return trio.run(run)
+
+
+def _w1_figures(samples: list[int], elapsed: int, server: ProcessProbe | None, cpu_before: int) -> dict[str, Any]:
+    """W1's latencies and rate from the cycles' `samples` (ns) over `elapsed` (ns); with `server`,
+    its CPU per cycle since `cpu_before`."""
+    cycles = len(samples)
+    result = latency_summary(samples) | {"cycles_per_s": cycles / (elapsed / 1e9)}
+    if server:
+        result["server_cpu_us_per_cycle"] = (server.cpu_ns() - cpu_before) / cycles / 1000
     return result
 
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import inspect
 import os
+import socket
 
 import lockd_client
+import msgspec
 import pytest
 import trio
 import trio.testing
-from lockd_client import trio_client
+from lockd_client import protocol, trio_client
 
 from .conftest import Daemon
 from .flock_tools import can_flock, descriptors_of
@@ -321,7 +323,68 @@ async def test_a_cancelled_handshake_closes_the_socket(short_tmp):
             assert received
 
 
+async def test_a_lock_block_entered_a_second_time_raises_and_loses_no_lease(daemon):
+    """The second entry comes while the first is still inside: without the refusal, both
+    exits would release the second lease and the first would stay held."""
+    with trio.fail_after(WAIT):
+        async with trio_client.connect(daemon.socket) as c:
+            guard = c.lock("reused", shared=True)
+            async with guard as lease:
+                with pytest.raises(RuntimeError, match="entered once"):
+                    async with guard:
+                        pass
+            assert not lease.lost
+            with pytest.raises(RuntimeError, match="entered once"):  # nor after leaving
+                async with guard:
+                    pass
+            assert await c.status("reused") == []
+
+
 def test_lock_takes_what_acquire_takes_in_both_clients():
     for client in (lockd_client.Client, trio_client.Client):
         lock, acquire = inspect.signature(client.lock), inspect.signature(client.acquire)
         assert lock.parameters == acquire.parameters
+
+
+async def test_a_write_the_socket_cannot_take_at_once_goes_whole_before_the_next():
+    """A request larger than the socket's room waits for it holding the connection's turn to
+    write; a request and a release made meanwhile, cancelled or not, go after it, whole and in
+    the order they were made."""
+    ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    ours.setblocking(False)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    client = trio_client.Client(trio.SocketStream(trio.socket.from_stdlib_socket(ours)), ours, "a socket pair")
+    encoder = msgspec.msgpack.Encoder()
+    client._conn.hello()
+    client._conn.receive_data(protocol.frame(encoder, protocol.Welcome(protocol.PROTOCOL_VERSION, "peer", "flock")))
+    call, _ = client._conn.acquire(["a"])
+    client._conn.receive_data(protocol.frame(encoder, protocol.Granted(call.id, [1])))
+    lease = trio_client.Lease(client, call.result())
+    names = [f"n{i}-" + "x" * 200 for i in range(250)]
+    frames = protocol.FrameBuffer(protocol.MAX_REQUEST_FRAME)
+    decoder = protocol.request_decoder()
+    sent: list[protocol.Request] = []
+
+    async def release_cancelled() -> None:
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await lease.release()
+
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.status, *names)
+            await wait_until_async(client._send_lock.locked, "the status request part way out")
+            nursery.start_soon(client.status, "y")
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(release_cancelled)
+            await trio.testing.wait_all_tasks_blocked()
+            while len(sent) < 3:
+                await trio.lowlevel.wait_readable(peer)
+                frames.feed(peer.recv(65536))
+                while (body := frames.next_frame()) is not None:
+                    sent.append(decoder.decode(body))
+            nursery.cancel_scope.cancel()
+        await client.aclose()
+    peer.close()
+    assert sent == [protocol.Status(2, names), protocol.Status(3, ["y"]), protocol.Release(1)]
+    assert frames.pending == 0

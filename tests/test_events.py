@@ -159,6 +159,19 @@ async def test_trio_cancelling_the_consumer_ends_the_subscription(lockd: Daemon,
             assert kinds([event async for event in events]) == [("granted", name), ("released", name)]
 
 
+async def test_trio_an_events_block_entered_a_second_time_raises(lockd: Daemon, name: str) -> None:
+    with trio.fail_after(WAIT):
+        async with trio_client.connect(lockd.socket) as c:
+            subscribing = c.events(name)
+            async with subscribing as events:
+                with pytest.raises(RuntimeError, match="entered once"):
+                    async with subscribing:
+                        pass
+                async with trio_client.connect(lockd.socket) as other:
+                    await (await other.acquire(name)).release()
+                assert [(await events.__anext__()).event, (await events.__anext__()).event] == ["granted", "released"]
+
+
 async def test_trio_the_daemon_going_away_ends_the_iteration(daemon: Daemon) -> None:
     with trio.fail_after(WAIT):
         async with trio_client.connect(daemon.socket) as c, c.events() as events:

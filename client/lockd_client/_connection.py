@@ -73,6 +73,13 @@ class LeaseState(enum.Enum):
     RELEASED = "released"  # ended by the client: release, withdraw, or closing the connection
 
 
+# The members as module globals, which the clients' code compares with: in Python 3.11 the Enum
+# metaclass's `__getattr__` hook makes every read of a member off its class (`Phase.OPEN`)
+# cost about as much as a function call, three of them in each acquire and release.
+NEW, GREETING, OPEN, CLOSED = Phase.NEW, Phase.GREETING, Phase.OPEN, Phase.CLOSED
+HELD, LOST, RELEASED = LeaseState.HELD, LeaseState.LOST, LeaseState.RELEASED
+
+
 class LeaseRecord(msgspec.Struct, eq=False):
     """The client's view of one granted lease, keyed by the id of the Acquire that made it.
 
@@ -90,7 +97,7 @@ class LeaseRecord(msgspec.Struct, eq=False):
     fds: list[int]
     #: The process the lease is tied to, if it was acquired with `pid=`.
     pid: int | None
-    state: LeaseState = LeaseState.HELD
+    state: LeaseState = HELD
     lost_reason: str | None = None
     #: The connection ended, but the daemon said its leases outlive it: the descriptors
     #: still hold the locks, and the lease is HELD until released.
@@ -101,10 +108,6 @@ class LeaseRecord(msgspec.Struct, eq=False):
     @property
     def tokens(self) -> dict[str, int]:
         return dict(zip(self.names, self._tokens, strict=True))
-
-    @property
-    def token(self) -> int:
-        return self._tokens[0]
 
     def lost_error(self) -> errors.LeaseLost:
         return errors.LeaseLost(
@@ -142,7 +145,7 @@ class LeaseView:
     @property
     def token(self) -> int:
         """The fencing token of the first name."""
-        return self._record.token
+        return self._record._tokens[0]  # not through a property of the record: a call fewer
 
     @property
     def lost_reason(self) -> str | None:
@@ -160,7 +163,7 @@ class LeaseView:
     def _raise_if_lost(self, exc_type: type[BaseException] | None) -> None:
         """At the end of the lease's block: raise LeaseLost if it was lost, unless another
         exception is already leaving the block (that one says more)."""
-        if exc_type is None and self._record.state is LeaseState.LOST:
+        if exc_type is None and self._record.state is LOST:
             raise self._record.lost_error()
 
     def __repr__(self) -> str:
@@ -319,7 +322,8 @@ class Connection:
         self._buffer = protocol.FrameBuffer(protocol.MAX_REPLY_FRAME)
         #: The largest request the daemon takes; its Welcome says, and older daemons take this.
         self._max_frame = protocol.MAX_REQUEST_FRAME
-        self.phase = Phase.NEW
+        #: The clients ask `phase is CLOSED` after every read, not `closed`: a call fewer.
+        self.phase = NEW
         #: The daemon's Welcome, once received.
         self.server: protocol.Welcome | None = None
         #: Why the connection is CLOSED, once it is.
@@ -335,15 +339,16 @@ class Connection:
         #: Requests to go out with the next write (`take_unsent`): Releases of subscriptions
         #: this client dropped while reading.
         self._unsent = bytearray()
-        #: Whether `take_unsent` has something to write. An attribute kept with `_unsent`,
-        #: not a property as `has_stray` is: the clients ask before every request they write,
-        #: and only two places change `_unsent`, where many change `_stray`.
+        #: Whether `take_unsent` has something to write. An attribute kept with `_unsent`, not
+        #: a property: the clients ask before every request they write, and a property costs
+        #: a call each time.
         self.has_unsent = False
         self._next_id = 1
         #: Descriptors received and not yet claimed by their Granted.
         self._unclaimed_fds: deque[int] = deque()
-        #: Descriptors nobody will use, for the caller to close.
-        self._stray: list[int] = []
+        #: Descriptors nobody will use, for the caller to close: `stray_fds` hands them over.
+        #: Read-only outside Connection: the clients test it, and `stray_fds` takes them.
+        self.stray: list[int] = []
         #: Lease id → every lease record made here that still has descriptors (lost and
         #: released ones too, until the caller lets go of them).
         self._holding: dict[int, LeaseRecord] = {}
@@ -355,18 +360,18 @@ class Connection:
 
     @property
     def closed(self) -> bool:
-        return self.phase is Phase.CLOSED
+        return self.phase is CLOSED
 
     # --- client moves -------------------------------------------------------------------------
 
     def hello(self, label: str | None = None) -> tuple[Call[protocol.Welcome], bytes]:
         """Start the handshake; the Call resolves with the daemon's Welcome."""
-        if self.phase is not Phase.NEW:
+        if self.phase is not NEW:
             raise errors.LocalProtocolError("the handshake was already started on this connection")
         _check_label(label)
         hello = protocol.Hello(protocol.PROTOCOL_VERSION, label)
         data = self._encode(hello)
-        self.phase = Phase.GREETING
+        self.phase = GREETING
         self._greeting = Call(None, hello)
         return self._greeting, data
 
@@ -396,7 +401,7 @@ class Connection:
         semaphores = _checked_slots(slots, unique, shared) if slots is not None else {}
         if not wait:
             timeout = 0  # not waiting wins over any timeout, as -n over -w in flock(1)
-        if self.phase is not Phase.OPEN:
+        if self.phase is not OPEN:
             self._check_open()
         if semaphores:
             self._require(protocol.Feature.SEMAPHORES, "does not serve semaphores (slots); upgrade it")
@@ -495,14 +500,14 @@ class Connection:
         force until its holder says it let go, which then frees the lock at once.
         """
         state, id = lease.state, lease.id
-        if state is LeaseState.HELD:
+        if state is HELD:
             if self._leases.get(id) is not lease:
                 raise errors.LocalProtocolError(f"{lease!r} belongs to another connection")
             data = b"" if lease.detached else self._encode(protocol.Release(id, exit_status))
             del self._leases[id]
-            lease.state = LeaseState.RELEASED
+            lease.state = RELEASED
             return data
-        if state is LeaseState.LOST and not lease.acknowledged and self.phase is Phase.OPEN:
+        if state is LOST and not lease.acknowledged and self.phase is OPEN:
             lease.acknowledged = True
             return self._encode(protocol.Release(id))
         return b""
@@ -514,20 +519,15 @@ class Connection:
         self._holding.pop(lease.id, None)
         return fds
 
-    @property
-    def has_stray(self) -> bool:
-        """Whether `stray_fds` has descriptors to hand back while the connection is open."""
-        return bool(self._stray)
-
     def stray_fds(self) -> list[int]:
         """Take the descriptors received that no lease claims (a grant that came after its
         request was withdrawn, or left over when the connection closed): close them."""
         if self.closed and self._unclaimed_fds:
-            self._stray += self._unclaimed_fds
+            self.stray += self._unclaimed_fds
             self._unclaimed_fds.clear()
-        if not self._stray:
+        if not self.stray:
             return []
-        stray, self._stray = self._stray, []
+        stray, self.stray = self.stray, []
         return stray
 
     def withdraw(self, call: Call[T]) -> bytes:
@@ -541,7 +541,7 @@ class Connection:
                 # Released: the daemon unlocks on reading it; this client's copies only close.
                 lease = call._value
                 data = self.release(lease)
-                self._stray += self.let_go(lease)
+                self.stray += self.let_go(lease)
                 return data
             return b""
         if call is self._greeting:
@@ -566,8 +566,8 @@ class Connection:
         fds = self.stray_fds()
         for record in list(self._holding.values()):
             fds += self.let_go(record)
-            if record.state is LeaseState.HELD:
-                record.state = LeaseState.LOST
+            if record.state is HELD:
+                record.state = LOST
                 record.lost_reason = reason
         self._leases.clear()
         if not self.closed:
@@ -579,7 +579,7 @@ class Connection:
         not lost, and its subscriptions as if released. Returns every lease that still has
         descriptors, lost ones included: the caller lets go of them."""
         for lease in self._leases.values():
-            lease.state = LeaseState.RELEASED
+            lease.state = RELEASED
         self._leases.clear()
         for subscription in self._subscriptions.values():
             subscription._subscribed = False
@@ -610,33 +610,32 @@ class Connection:
         fail with RemoteProtocolError; the caller should then hang up, so the daemon ends the
         leases too. Data arriving after the connection closed is discarded.
         """
-        if self.phase is Phase.CLOSED:
-            self._stray.extend(fds)
+        if self.phase is CLOSED:
+            self.stray.extend(fds)
             return
         if fds:
             self._unclaimed_fds.extend(fds)
         if not data:
-            if self.phase is Phase.GREETING:
+            if self.phase is GREETING:
                 reason = "lockd closed the connection during the handshake"
             else:
                 reason = EOF_REASON
             self._lose_all(reason, lambda: went_away(reason))
             return
-        decode, calls, buffer = self._decoder.decode, self._calls, self._buffer
-        bodies, too_large = buffer.frames(data)
+        bodies, too_large = self._buffer.frames(data)
         unapplied = iter(bodies)
         try:
             for body in unapplied:
-                message = decode(body)
+                message = self._decoder.decode(body)
                 # A grant, the reply that matters most, without a stop in `_handle`. A call
                 # exists only for a request sent once the connection was open.
                 if type(message) is protocol.Granted:
-                    call = calls.get(message.id)
+                    call = self._calls.get(message.id)
                     if call is not None and type(call.request) is protocol.Acquire:
                         self._grant(call, call.request, message)
                         continue
                 self._handle(message)
-                if self.closed:
+                if self.phase is CLOSED:
                     return
             if too_large is not None:
                 raise too_large
@@ -653,7 +652,7 @@ class Connection:
             # Interrupted between frames (KeyboardInterrupt in the blocking client): the frames
             # after this one are applied by the next call, in order. Lost, a grant's descriptors
             # would be taken by the grants after it.
-            buffer.put_back(list(unapplied))
+            self._buffer.put_back(list(unapplied))
             raise
 
     def take_unsent(self) -> bytes:
@@ -685,7 +684,7 @@ class Connection:
         return protocol.pack_prefix(size) + body
 
     def _check_open(self) -> None:
-        if self.phase is not Phase.OPEN:
+        if self.phase is not OPEN:
             if self.closed:
                 raise errors.DaemonUnavailable(
                     f"this connection to lockd is closed ({self.close_reason}); "
@@ -719,7 +718,7 @@ class Connection:
         # This runs for every reply but the grant of a pending acquire (`receive_data`
         # hands those to `_grant`): the common cases are tested first, and by exact type,
         # because isinstance on msgspec Structs costs several times as much.
-        if self.phase is not Phase.OPEN:
+        if self.phase is not OPEN:
             self._handle_greeting(message)
             return
         if type(message) is protocol.Welcome:
@@ -742,7 +741,7 @@ class Connection:
             if id in self._leases:
                 raise _Violation(f"{_tag(message)} for request {id}, already granted")
             if type(message) is protocol.Granted:
-                self._stray += self._claim_fds(message.descriptors)
+                self.stray += self._claim_fds(message.descriptors)
             return  # in flight when the client withdrew or released it: stale, not wrong
         request = call.request
         if type(message) is protocol.Queued:
@@ -785,7 +784,7 @@ class Connection:
         id = request.id
         del self._calls[id]
         if request.pid is not None and not self.keep_tied_descriptors:
-            self._stray += fds
+            self.stray += fds
             fds = []
         lease = LeaseRecord(id, tuple(names), message.tokens, fds, request.pid)
         if fds:
@@ -825,7 +824,7 @@ class Connection:
         if self._greeting is None:
             raise _Violation(f"{_tag(message)} before Hello")
         if isinstance(message, protocol.Welcome):
-            self.phase = Phase.OPEN
+            self.phase = OPEN
             self.server = message
             self._max_frame = message.max_frame
             self._greeting._resolve(message)
@@ -839,7 +838,7 @@ class Connection:
             raise _Violation(f"lost for request {message.id}, which was never granted")
         lease = self._leases.pop(message.id, None)
         if lease is not None:  # else released before the notice arrived
-            lease.state = LeaseState.LOST
+            lease.state = LOST
             lease.lost_reason = message.reason
 
     def _claim_fds(self, count: int) -> list[int]:
@@ -856,7 +855,7 @@ class Connection:
             if outlive and lease.fds:
                 lease.detached = True
             else:
-                lease.state = LeaseState.LOST
+                lease.state = LOST
                 lease.lost_reason = reason
                 del self._leases[id]
         self._shut(reason, error)
@@ -864,7 +863,7 @@ class Connection:
     def _shut(self, reason: str, error: Callable[[], errors.LockdError]) -> None:
         # Each waiter raises its own instance: one exception raised in several places would
         # pile their tracebacks onto each other.
-        self.phase = Phase.CLOSED
+        self.phase = CLOSED
         self.close_reason = reason
         pending = [*self._calls.values(), *([self._greeting] if self._greeting else [])]
         self._calls.clear()

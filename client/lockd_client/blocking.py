@@ -20,12 +20,12 @@ from typing import TypeVar
 
 from . import _lockfds, errors, paths, protocol
 from ._connection import (
+    CLOSED,
+    LOST,
     READ_SIZE,
     Call,
     Connection,
-    LeaseState,
     LeaseView,
-    Phase,
     QueuedCallback,
     Subscription,
     check_exit_status,
@@ -238,7 +238,10 @@ class Client:
         descriptors this process holds stays held, `detached`, where the daemon said its
         leases outlive it; every other lease is marked lost.
         """
-        while not self._conn.closed and self._read(socket.MSG_DONTWAIT):
+        # Asked first, without reading: a read that finds nothing raises BlockingIOError,
+        # which costs several times a poll(), and most calls (every `with` block's end) find
+        # nothing.
+        while self._conn.phase is not CLOSED and self._readable.poll(0) and self._read(socket.MSG_DONTWAIT):
             pass
 
     def close(self) -> None:
@@ -297,10 +300,10 @@ class Client:
             conn.abort(f"reading from lockd at {self.socket_path} failed: {exc}")
         else:
             conn.receive_data(self._inbox_view[:size], fds)
-        if conn.phase is Phase.CLOSED:
+        if conn.phase is CLOSED:
             self._hang_up()
             _lockfds.close_all(conn.stray_fds())
-        elif conn.has_stray:
+        elif conn.stray:
             _lockfds.close_all(conn.stray_fds())
         return True
 
@@ -391,7 +394,7 @@ class Lease(LeaseView):
     def lost(self) -> bool:
         """Whether the lease ended without being released. Reads pending events first."""
         self._client.process_events()
-        return self._record.state is LeaseState.LOST
+        return self._record.state is LOST
 
     def release(self, exit_status: int | None = None) -> None:
         """Release the lease without waiting for the daemon, unlocking its lock files.

@@ -8,7 +8,9 @@ Invariants:
   Reading happens only in tasks that wait for something, and, without waiting, when no
   task is reading and a lease's block ends or its `lost` is asked: there is no background
   task.
-- A frame is never torn. Requests are written only if not already cancelled; one interrupted
+- A frame is never torn. Writes go one at a time, in turn by the send lock; a write the socket
+  takes at once skips the lock, since nothing can run between the check that no task is
+  writing and the send. Requests are written only if not already cancelled; one interrupted
   mid-write closes the connection (the daemon then ends every lease on it). Releases and
   withdrawals are written shielded from cancellation, so a lease is released even when its
   block is left by cancellation, and a cancelled acquire leaves nothing queued or granted.
@@ -16,10 +18,14 @@ Invariants:
 
 from __future__ import annotations
 
+# The reads' flag from `_socket`, a plain int: the `socket` module's flags are IntFlag members,
+# and or-ing one with another (as every read does) runs the Enum machinery's Python code.
+import _socket
+import functools
 import os
+import select
 import socket
-from collections.abc import AsyncIterator, Callable, Generator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Generator, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -27,10 +33,12 @@ import trio
 
 from . import _dial, _lockfds, errors, paths, protocol
 from ._connection import (
+    CLOSED,
+    HELD,
+    LOST,
     READ_SIZE,
     Call,
     Connection,
-    LeaseState,
     LeaseView,
     QueuedCallback,
     Subscription,
@@ -136,6 +144,9 @@ class Client:
         # Reads land in one buffer for the connection's lifetime: no allocation per read.
         self._inbox = bytearray(READ_SIZE)
         self._inbox_view = memoryview(self._inbox)
+        #: Asked, without waiting, whether there is anything to read (`_read_pending`).
+        self._readable = select.poll()
+        self._readable.register(raw, select.POLLIN)
         self._reading = False
         #: The tasks waiting while another reads: each one's event, and what it waits for.
         #: Only those whose wait is over are woken, not all of them at every read: with many
@@ -176,8 +187,7 @@ class Client:
         )
         return Lease(self, await self._run(call, data, on_queued))
 
-    @asynccontextmanager
-    async def lock(
+    def lock(
         self,
         *names: str,
         shared: bool = False,
@@ -187,22 +197,23 @@ class Client:
         pid: int | None = None,
         slots: int | Mapping[str, int] | None = None,
         on_queued: QueuedCallback | None = None,
-    ) -> AsyncIterator[Lease]:
+    ) -> Locking:
         """`acquire` for an `async with` block, which releases the lease on leaving it:
         `async with client.lock("site.com") as lease: ...`. Cancellation: as `acquire`, and
         the release on leaving is shielded, so a cancelled block still releases the lease."""
-        lease = await self.acquire(
-            *names,
-            shared=shared,
-            wait=wait,
-            timeout=timeout,
-            label=label,
-            pid=pid,
-            slots=slots,
-            on_queued=on_queued,
+        return Locking(
+            functools.partial(
+                self.acquire,
+                *names,
+                shared=shared,
+                wait=wait,
+                timeout=timeout,
+                label=label,
+                pid=pid,
+                slots=slots,
+                on_queued=on_queued,
+            )
         )
-        async with lease:
-            yield lease
 
     async def status(self, *names: str) -> list[protocol.LockInfo]:
         """Holders and waiters of `names`, or of every lock in use if none are given.
@@ -313,9 +324,10 @@ class Client:
             await self._send(data)
             while not call.done:
                 await self._read_until(lambda: call.done or bool(call.queued))
-                for holders in call.take_queued():
-                    if on_queued is not None:
-                        on_queued(holders)
+                if call.queued:
+                    for holders in call.take_queued():
+                        if on_queued is not None:
+                            on_queued(holders)
             return call.result()
         except BaseException:
             await self._send_shielded(self._conn.withdraw(call))
@@ -337,7 +349,7 @@ class Client:
         receive, and the reading is handed on as above.
         """
         try:
-            while not done() and not self._conn.closed:
+            while not done() and self._conn.phase is not CLOSED:
                 if self._reading:
                     woken = trio.Event()
                     self._waiters[woken] = done
@@ -350,7 +362,7 @@ class Client:
                 try:
                     try:
                         await trio.lowlevel.wait_readable(self._raw)
-                        read = _lockfds.recv_into(self._raw, self._inbox, socket.MSG_DONTWAIT)
+                        read = _lockfds.recv_into(self._raw, self._inbox, _socket.MSG_DONTWAIT)
                     except BlockingIOError:
                         continue
                     except (trio.ClosedResourceError, OSError) as exc:
@@ -373,9 +385,11 @@ class Client:
         Does nothing while a task is reading: that task applies it, and a second reader
         could take half of what it expects.
         """
-        while not self._reading and not self._conn.closed:
+        # Asked first, without reading: a read that finds nothing raises BlockingIOError,
+        # which costs several times a poll(), and most calls (every block's end) find nothing.
+        while not self._reading and self._conn.phase is not CLOSED and self._readable.poll(0):
             try:
-                read = _lockfds.recv_into(self._raw, self._inbox, socket.MSG_DONTWAIT)
+                read = _lockfds.recv_into(self._raw, self._inbox, _socket.MSG_DONTWAIT)
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -392,17 +406,20 @@ class Client:
         else:
             size, fds = result
             self._conn.receive_data(self._inbox_view[:size], fds)
-        if self._conn.closed:
+        if self._conn.phase is CLOSED:
             self._close_socket()
-        _lockfds.close_all(self._conn.stray_fds())
+        elif self._conn.stray:
+            _lockfds.close_all(self._conn.stray_fds())
 
     async def _send(self, data: bytes) -> None:
+        """Write `data`, after what the connection has unsent, whole and in order with every
+        other task's writes; nothing at all if this task is already cancelled."""
         if not data and not self._conn.has_unsent:
             return
         lock = self._send_lock
-        # Cancelled here, nothing is written; past the lock a cancel may tear the frame.
+        # Cancelled here, nothing is written; past this point a cancel may tear the frame.
         await trio.lowlevel.checkpoint_if_cancelled()
-        if lock.locked():
+        if lock.locked():  # another task is writing: this one's turn comes after it
             await lock.acquire()
             try:
                 await trio.lowlevel.checkpoint_if_cancelled()  # cancelled while waiting for it
@@ -410,16 +427,51 @@ class Client:
                 lock.release()
                 raise
         else:
+            data = self._write_now(data)
+            if not data:
+                return
             lock.acquire_nowait()
-        try:
-            if self._conn.has_unsent:
-                data = self._conn.take_unsent() + data
-            # What the socket takes at once goes without a trip through the scheduler: a
-            # request is a few dozen bytes, and the socket nearly always has room.
+        await self._write(data)
+
+    async def _send_shielded(self, data: bytes) -> None:
+        """Write a release or withdrawal whatever the cancellation; if the connection is
+        broken, the daemon has ended the lease already."""
+        if not data and not self._conn.has_unsent:
+            return
+        lock = self._send_lock
+        wait_turn = lock.locked()
+        if not wait_turn:
+            data = self._write_now(data)
+            if not data:
+                return  # written at once, as nearly always: nothing waited, so nothing to shield
+            lock.acquire_nowait()
+        with trio.CancelScope(shield=True):
+            if wait_turn:
+                await lock.acquire()
             try:
-                data = data[self._raw.send(data):]
-            except OSError:
-                pass  # full (EAGAIN), or broken: the stream's write below waits, or says so
+                await self._write(data)
+            except errors.DaemonUnavailable:
+                pass
+
+    def _write_now(self, data: bytes) -> bytes:
+        """Write what the socket takes at once of `data`, after what the connection has unsent;
+        return the rest. Only while no other task is writing, and before this one yields:
+        then nothing can come between. A request is a few dozen bytes, and the socket nearly
+        always has room for it: it goes without a trip through the scheduler or the lock."""
+        if self._conn.has_unsent:
+            data = self._conn.take_unsent() + data
+        try:
+            return data[self._raw.send(data):]
+        except OSError:
+            return data  # full (EAGAIN), or broken: the stream's write waits, or says so
+
+    async def _write(self, data: bytes) -> None:
+        """Write `data` (after what the connection has unsent) whole, holding the send lock,
+        then release it. Interrupted midway, the frame may be torn: the connection closes."""
+        try:
+            # After `_send` wrote part of it at once, this tries again: safe because no await
+            # came between (the lock was taken without one), so no other write went first.
+            data = self._write_now(data)
             if data:
                 await self._stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -429,16 +481,7 @@ class Client:
             self._abort("the connection was closed after an interrupted write")
             raise
         finally:
-            lock.release()
-
-    async def _send_shielded(self, data: bytes) -> None:
-        """Write a release or withdrawal whatever the cancellation; if the connection is
-        broken, the daemon has ended the lease already."""
-        with trio.CancelScope(shield=True):
-            try:
-                await self._send(data)
-            except errors.DaemonUnavailable:
-                pass
+            self._send_lock.release()
 
     def _abort(self, reason: str) -> str:
         """`Connection.abort`, then close the socket and wake every waiting task; returns
@@ -466,27 +509,70 @@ class Client:
             del waiters[woken]
 
 
+class Locking:
+    """What `Client.lock` returns: enter it to acquire, and to release on leaving the block.
+
+    A class, not an async generator made a context manager: that costs a generator, trio's
+    hooks for it and contextlib's steps through it on every block. It is entered once, as
+    that context manager was: a second entry raises RuntimeError, since its one slot would
+    lose the first lease, left held until the connection closes.
+    """
+
+    __slots__ = ("_acquire", "_entered", "_lease")
+
+    def __init__(self, acquire: Callable[[], Awaitable[Lease]]) -> None:
+        self._acquire = acquire
+        self._entered = False
+        self._lease: Lease | None = None
+
+    async def __aenter__(self) -> Lease:
+        # Marked before the wait: a second task entering meanwhile must not acquire too.
+        if self._entered:
+            raise RuntimeError("a lock() block is entered once: call lock() for each block")
+        self._entered = True
+        self._lease = await self._acquire()
+        return self._lease
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Release the lease, shielded from cancellation, as `Lease.__aexit__` does."""
+        lease, self._lease = self._lease, None
+        assert lease is not None
+        await lease.__aexit__(exc_type, exc, tb)
+
+
 class Subscribing:
     """What `Client.events` returns: await it for an `Events`, or enter it to have the
-    subscription ended on leaving the block."""
+    subscription ended on leaving the block. The block is entered once: a second entry
+    raises RuntimeError, since the one slot would lose the first subscription."""
 
-    __slots__ = ("_client", "_names", "_events")
+    __slots__ = ("_client", "_names", "_entered", "_events")
 
     def __init__(self, client: Client, names: tuple[str, ...]) -> None:
         self._client = client
         self._names = names
+        self._entered = False
         self._events: Events | None = None
 
     def __await__(self) -> Generator[Any, None, Events]:
         return self._subscribe().__await__()
 
     async def __aenter__(self) -> Events:
+        # Marked before the wait: a second task entering meanwhile must not subscribe too.
+        if self._entered:
+            raise RuntimeError("an events() block is entered once: call events() for each block")
+        self._entered = True
         self._events = await self._subscribe()
         return self._events
 
     async def __aexit__(self, *exc_info: object) -> None:
-        assert self._events is not None
-        await self._events.aclose()
+        events, self._events = self._events, None
+        assert events is not None
+        await events.aclose()
 
     async def _subscribe(self) -> Events:
         client = self._client
@@ -563,7 +649,7 @@ class Lease(LeaseView):
         """Whether the lease ended without being released. Reads pending events first, unless
         another task is reading the connection (then: as of that task's last read)."""
         self._client._read_pending()
-        return self._record.state is LeaseState.LOST
+        return self._record.state is LOST
 
     async def release(self, exit_status: int | None = None) -> None:
         """Release the lease without waiting for the daemon, unlocking its lock files.
@@ -576,11 +662,12 @@ class Lease(LeaseView):
         nothing, for an `exit_status` outside 0 to 255.
         """
         check_exit_status(exit_status)
+        client, record = self._client, self._record
         try:
-            await self._client._send_shielded(self._client._conn.release(self._record, exit_status))
+            await client._send_shielded(client._conn.release(record, exit_status))
         finally:
-            conn = self._client._conn
-            _lockfds.let_go(conn.let_go(self._record), unlock=self._record.detached)
+            if record.fds:
+                _lockfds.let_go(client._conn.let_go(record), unlock=record.detached)
 
     async def wait_lost(self) -> str:
         """Read the connection until this lease is lost; return the reason.
@@ -589,8 +676,8 @@ class Lease(LeaseView):
         lease is released instead, or held on detached from a daemon that went away (see
         `detached`), it is never lost: this then sleeps until cancelled.
         """
-        await self._client._read_until(lambda: self._record.state is not LeaseState.HELD)
-        if self._record.state is LeaseState.LOST:
+        await self._client._read_until(lambda: self._record.state is not HELD)
+        if self._record.state is LOST:
             assert self._record.lost_reason is not None
             return self._record.lost_reason
         await trio.sleep_forever()
