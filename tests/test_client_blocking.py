@@ -234,6 +234,7 @@ def test_a_forced_release_is_seen_as_lost_with_its_reason(daemon, client):
                 assert admin.force_release("job") == 1
             wait_until(lambda: lease.lost, "the lease reported lost")
             assert "forcibly released" in lease.lost_reason
+    client.status()  # the release went out unanswered: is_free needs a round trip after it
     assert is_free(daemon, "job")
 
 
