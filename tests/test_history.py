@@ -499,6 +499,17 @@ def test_a_row_refused_midway_through_a_batch_costs_only_itself(store: HistorySt
     assert store.dropped == 1
 
 
+def test_a_batch_of_any_size_is_written_by_a_few_statements_of_a_fixed_set() -> None:
+    # Every count of events is written in order by INSERTs of the prepared few, each size
+    # below the full one at most once: the connection keeps no statement per count.
+    for events in range(3 * history_module.ROWS_PER_INSERT):
+        rows = list(history_module._statement_rows(events))
+        assert sum(rows) == events and set(rows) <= history_module._INSERTS.keys(), (events, rows)
+        rest = [r for r in rows if r != history_module.ROWS_PER_INSERT]
+        assert rows == sorted(rows, reverse=True) and len(rest) == len(set(rest)), (events, rows)
+    assert len(history_module._INSERTS) == history_module.ROWS_PER_INSERT.bit_length() + 1
+
+
 def test_pages_part_at_events_of_the_same_time_without_a_gap_or_a_repeat(store: HistoryStore) -> None:
     store.start()
     # Many events of one instant (a release granting many shared waiters at once), more
