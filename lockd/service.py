@@ -162,7 +162,8 @@ class Client:
         #: by force is given at least that long, whatever a reload says since.
         self.break_grace = break_grace
         #: Who asks, for every claim it asks for itself under its connection's label: made
-        #: at its first such request (the hello that gives the label comes after `connect`).
+        #: at its first such request (the hello that gives the label comes after `connect`,
+        #: and before any request; it is the label for as long as the connection lasts).
         self.requester: Requester | None = None
         #: Request id → the ticket of an Acquire that is waiting or held on this connection.
         self.tickets: dict[int, Ticket] = {}
@@ -442,7 +443,7 @@ class LockService:
             return
         if process is None and request.label is None:
             requester = client.requester
-            if requester is None or requester.label is not client.peer.label:
+            if requester is None:
                 requester = client.requester = Requester(
                     client.pid, client.uid, client.gid, client.command, client.peer.label,
                 )
