@@ -985,7 +985,9 @@ class LockService:
                 names = None if sub.names is None else frozenset(sub.names)
                 self._subscribers.subscribe(client, sub.id, names, visible)
         owners = {owner.pid: owner for owner in processes}
-        # Claims share their requester again, as they did before the re-exec.
+        # Equal requesters are one record again: a client's claims share theirs, as they did
+        # before the re-exec, and so now do claims of different clients or processes that
+        # asked as the same (each had its own; a requester is immutable, so sharing is safe).
         requesters: dict[Requester, Requester] = {}
         restored = []
         for state in tickets:
@@ -998,6 +1000,11 @@ class LockService:
             asked = state.claim
             requester = Requester(asked.pid, asked.uid, asked.gid, asked.command, asked.label)
             requester = requesters.setdefault(requester, requester)
+            # The client's own, as its next request would make it (`acquire`), if this is it.
+            if process is None and client.requester is None and requester == Requester(
+                client.pid, client.uid, client.gid, client.command, client.peer.label,
+            ):
+                client.requester = requester
             claim = Claim(
                 names=tuple(state.names), shared=state.shared, wait=state.wait, requester=requester,
                 slots=state.slots or _NO_SLOTS,

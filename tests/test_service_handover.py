@@ -951,3 +951,8 @@ def test_an_adopted_clients_claims_share_one_requester_again() -> None:
     x, y, z = (party(t).claim.requester for t in new.service.table.tickets())
     assert x is y and x.label is None and z.label == "mine", (x, y, z)
     assert view(new) == view(old)
+    # And the client's next claim shares theirs too, as it would have before the re-exec.
+    new.service.request(new.peers[a.slot], protocol.Acquire(4, ["w"]))
+    new.run()
+    (w,) = [party(t).claim.requester for t in new.service.table.tickets() if t.names == ("w",)]
+    assert w is x
