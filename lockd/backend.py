@@ -43,9 +43,10 @@ from lockd_client.protocol import Holder, Mode
 
 
 class Requester(msgspec.Struct, frozen=True, gc=False):
-    """Who asks for a claim, as other hosts and the history are shown its holder: one record
-    for every claim of a client that asks for itself (most claims), rather than these five
-    fields on each (32 bytes a lease). Out of the collector's sight, as a claim is."""
+    """Who asks for a claim: the identity its holder is shown as, to clients and other hosts,
+    in its lease events, and in the handover. One record is shared by a client's claims
+    without a process or label of their own; a claim with either has one of its own. Out of
+    the collector's sight, as a claim is."""
 
     pid: int
     uid: int
