@@ -42,26 +42,35 @@ from lockd_client.errors import LockBusy
 from lockd_client.protocol import Holder, Mode
 
 
-class Claim(msgspec.Struct, frozen=True, eq=False, kw_only=True, gc=False):
-    """One request as a backend sees it: the names, the mode, whether it waits, who asks.
-    Immutable, and equal only to itself: a backend keys what it holds for it by it.
+class Requester(msgspec.Struct, frozen=True, gc=False):
+    """Who asks for a claim: the identity its holder is shown as, to clients and other hosts,
+    in its lease events, and in the handover. One record is shared by a client's claims
+    without a process or label of their own; a claim with either has one of its own. Out of
+    the collector's sight, as a claim is."""
 
-    Out of the cyclic collector's sight (`gc=False`: 16 bytes less per lease, and one object
-    less for its passes to visit): a claim holds strings, numbers and a dict of them, and so
-    can never be part of a reference cycle.
-    """
-
-    names: tuple[str, ...]
-    shared: bool
-    #: Whether a take waits for holders outside lockd's table; if not, it raises `Blocked`.
-    wait: bool
-    #: Who asks, as other hosts are shown the holder (etcd).
     pid: int
     uid: int
     #: None for a process-tied claim: what the process's group is was never asked.
     gid: int | None
     command: str
     label: str | None
+
+
+class Claim(msgspec.Struct, frozen=True, eq=False, kw_only=True, gc=False):
+    """One request as a backend sees it: the names, the mode, whether it waits, who asks.
+    Immutable, and equal only to itself: a backend keys what it holds for it by it.
+
+    Out of the cyclic collector's sight (`gc=False`: 16 bytes less per lease, and one object
+    less for its passes to visit): a claim holds strings, numbers, a dict of them and its
+    requester, and so can never be part of a reference cycle.
+    """
+
+    names: tuple[str, ...]
+    shared: bool
+    #: Whether a take waits for holders outside lockd's table; if not, it raises `Blocked`.
+    wait: bool
+    #: Who asks, as other hosts are shown the holder (etcd); often shared with other claims.
+    requester: Requester
     #: The names that are counting semaphores, with their slots (every user of a name agrees
     #: on them); `shared` is for the others. The claim takes one slot of each.
     slots: dict[str, int] = {}

@@ -184,11 +184,11 @@ def lease_events(
     """The events of `kind` of a lease (or request) on `names`, one per name, for `claim`."""
     events = []
     # Two per lease, each name's: a loop, not a comprehension.
-    slots = claim.slots
+    slots, who = claim.slots, claim.requester
     for index, name in enumerate(names):
         events.append(protocol.LeaseEvent(
             time, kind, name, claim.mode_on(name), slots.get(name) if slots else None,
-            tokens[index] if tokens else None, claim.pid, claim.uid, None, claim.command, claim.label, waited, held,
+            tokens[index] if tokens else None, who.pid, who.uid, None, who.command, who.label, waited, held,
             reason, exit_status, cause,
         ))
     return events

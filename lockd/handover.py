@@ -48,7 +48,7 @@ class Struct(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, array_lik
 
 
 class ClaimState(Struct):
-    """Who a ticket's claim is for, as backends and other hosts see it (lockd.backend.Claim)."""
+    """Who a ticket's claim is for, as backends and other hosts see it (lockd.backend.Requester)."""
 
     pid: int
     uid: int

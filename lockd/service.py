@@ -63,7 +63,7 @@ from lockd_client.describe import holder_text, sanitize
 from lockd_client.protocol import Cause
 
 from . import __version__, admission, handover
-from .backend import BackendView, Claim
+from .backend import BackendView, Claim, Requester
 from .census import Census, Tally, name_census
 from .config import Limits
 from .events import Subscribers, Subscription, ending, lease_events, refusal_events
@@ -145,8 +145,8 @@ class Client:
     """A connection's identity (from the kernel, never from what it says) and what it has
     asked for: its live tickets by request id, and the counts the limits read."""
 
-    __slots__ = ("peer", "pid", "uid", "gid", "gids", "command", "break_grace", "tickets", "names", "taking",
-                 "refusing", "subscriptions")
+    __slots__ = ("peer", "pid", "uid", "gid", "gids", "command", "break_grace", "requester", "tickets", "names",
+                 "taking", "refusing", "subscriptions")
 
     def __init__(
         self, peer: Peer, pid: int, uid: int, gid: int, gids: frozenset[int], command: str, break_grace: float
@@ -161,6 +161,10 @@ class Client:
         #: The `limits.break_grace` this client was told at connect time: a lease of its broken
         #: by force is given at least that long, whatever a reload says since.
         self.break_grace = break_grace
+        #: Who asks, for every claim it asks for itself under its connection's label: made
+        #: at its first such request (the hello that gives the label comes after `connect`,
+        #: and before any request; it is the label for as long as the connection lasts).
+        self.requester: Requester | None = None
         #: Request id → the ticket of an Acquire that is waiting or held on this connection.
         self.tickets: dict[int, Ticket] = {}
         #: How many names those tickets cover: what the lease limits count.
@@ -437,11 +441,18 @@ class LockService:
             if not isinstance(exc, (errors.ProtocolError, errors.InvalidName)):
                 self._record_refusal(client, request, exc)
             return
-        label = client.peer.label if request.label is None else sanitize(request.label)
-        who = process or client
+        if process is None and request.label is None:
+            requester = client.requester
+            if requester is None:
+                requester = client.requester = Requester(
+                    client.pid, client.uid, client.gid, client.command, client.peer.label,
+                )
+        else:
+            label = client.peer.label if request.label is None else sanitize(request.label)
+            who = process or client
+            requester = Requester(who.pid, who.uid, None if process is not None else client.gid, who.command, label)
         claim = Claim(
-            names=tuple(names), shared=request.mode == "shared", wait=timeout != 0, pid=who.pid, uid=who.uid,
-            gid=None if process is not None else client.gid, command=who.command, label=label,
+            names=tuple(names), shared=request.mode == "shared", wait=timeout != 0, requester=requester,
             slots=slots or _NO_SLOTS,
         )
         now = self._clock()
@@ -567,7 +578,7 @@ class LockService:
         try:
             (name,) = checked_names([request.name])
             holders = [t for t in self.table.holders(name) if t.state in _SHOWN_HELD]
-            decision = self.policy.check_force(client.uid, name, [party(t).claim.uid for t in holders])
+            decision = self.policy.check_force(client.uid, name, [party(t).claim.requester.uid for t in holders])
             if not decision.allowed:
                 self._log_noise(
                     REFUSED_REQUEST, client.uid, decision.reason,
@@ -588,7 +599,7 @@ class LockService:
         count, effects = self.table.force_release(name, reason, grace_until=grace_until)
         self.orders.append(WakeAt(grace_until))
         for ticket in holders:
-            holder = party(ticket).claim
+            holder = party(ticket).claim.requester
             log.warning("%s: lease of pid %s (uid %s) broken, %s", name, holder.pid, holder.uid, reason)
         self._apply(effects)
         self._send(client.peer, protocol.Done(request.id, count))
@@ -765,7 +776,7 @@ class LockService:
     def _fail(self, ticket: Ticket, exc: errors.LockdError, cause: str | None = None) -> None:
         """Refuse `ticket`, not granted yet, for `exc` (`cause`: its code, unless given)."""
         who = party(ticket)
-        log.warning("cannot take %s for pid %s: %s", ", ".join(ticket.names), who.claim.pid, exc)
+        log.warning("cannot take %s for pid %s: %s", ", ".join(ticket.names), who.claim.requester.pid, exc)
         self._send_error(who.client, who.request_id, exc)
         self._record(ticket, who, "refused", reason=_code(exc), cause=cause or _code(exc))
         self._apply(self.table.release(ticket))
@@ -926,14 +937,15 @@ class LockService:
         states = []
         for ticket in tickets:
             who = party(ticket)
-            claim = who.claim
+            claim, requester = who.claim, who.claim.requester
             states.append(handover.TicketState(
                 seq=ticket.seq, connection=who.client.peer.ident, request_id=who.request_id,
                 names=list(ticket.names), shared=ticket.shared, slots=dict(claim.slots), wait=ticket.wait,
                 phase=_PHASES[ticket.state], deadline=None if ticket.deadline is None else ticket.deadline - now,
                 requested=who.requested - now, since=ticket.since - now, tokens=ticket.tokens,
                 claim=handover.ClaimState(
-                    pid=claim.pid, uid=claim.uid, gid=claim.gid, command=claim.command, label=claim.label,
+                    pid=requester.pid, uid=requester.uid, gid=requester.gid, command=requester.command,
+                    label=requester.label,
                 ),
                 process=None if who.process is None else who.process.pid,
                 owned_by_process=who.process is not None and ticket.owner is who.process,
@@ -973,6 +985,10 @@ class LockService:
                 names = None if sub.names is None else frozenset(sub.names)
                 self._subscribers.subscribe(client, sub.id, names, visible)
         owners = {owner.pid: owner for owner in processes}
+        # Equal requesters are one record again: a client's claims share theirs, as they did
+        # before the re-exec, and so now do claims of different clients or processes that
+        # asked as the same (each had its own; a requester is immutable, so sharing is safe).
+        requesters: dict[Requester, Requester] = {}
         restored = []
         for state in tickets:
             if state.connection not in clients:
@@ -981,10 +997,16 @@ class LockService:
                 raise ValueError(f"ticket {state.seq} is tied to process {state.process}, which is not handed over")
             client = clients[state.connection]
             process = None if state.process is None else owners[state.process]
-            known_claim = state.claim
+            asked = state.claim
+            requester = Requester(asked.pid, asked.uid, asked.gid, asked.command, asked.label)
+            requester = requesters.setdefault(requester, requester)
+            # The client's own, as its next request would make it (`acquire`), if this is it.
+            if process is None and client.requester is None and requester == Requester(
+                client.pid, client.uid, client.gid, client.command, client.peer.label,
+            ):
+                client.requester = requester
             claim = Claim(
-                names=tuple(state.names), shared=state.shared, wait=state.wait, pid=known_claim.pid,
-                uid=known_claim.uid, gid=known_claim.gid, command=known_claim.command, label=known_claim.label,
+                names=tuple(state.names), shared=state.shared, wait=state.wait, requester=requester,
                 slots=state.slots or _NO_SLOTS,
             )
             who = Party(
@@ -1094,7 +1116,7 @@ class LockService:
         if ending is Ending.OVERDUE:
             log.warning(
                 "%s: the broken lease of pid %s was not let go within limits.break_grace; "
-                "releasing its locks under it", ", ".join(ticket.names), who.claim.pid,
+                "releasing its locks under it", ", ".join(ticket.names), who.claim.requester.pid,
             )
         # Once the daemon stops, what the backend holds is left to the backend's own shutdown:
         # holders told their leases are lost must have stopped their work before the locks
@@ -1126,7 +1148,7 @@ class LockService:
 
     def _on_lost(self, effect: Lost, ticket: Ticket, who: Party) -> None:
         # Its Drop ends it: a broken lease is still the client's until it lets go.
-        log.warning("lease on %s of pid %s lost: %s", ", ".join(ticket.names), who.claim.pid, effect.reason)
+        log.warning("lease on %s of pid %s lost: %s", ", ".join(ticket.names), who.claim.requester.pid, effect.reason)
         self._send(who.client.peer, protocol.Lost(who.request_id, effect.reason))
         if ticket.state is BREAKING:
             self._record(ticket, who, "broken", reason=effect.reason, cause=Cause.FORCED)
@@ -1268,12 +1290,13 @@ class LockService:
         self._send(client.peer, protocol.Error(request_id, code, str(exc), holders))
 
     def _holder(self, ticket: Ticket, name: str) -> protocol.Holder:
-        who = party(ticket).claim
+        claim = party(ticket).claim
+        who = claim.requester
         # Not granted yet: its place in a backend's queue, shown as other hosts' waiters are.
-        token = ticket.tokens[ticket.names.index(name)] if ticket.tokens else self._backend.place_of(who)
+        token = ticket.tokens[ticket.names.index(name)] if ticket.tokens else self._backend.place_of(claim)
         return protocol.Holder(
             pid=who.pid, uid=who.uid, gid=who.gid, command=who.command, label=who.label,
-            since=self._wall_clock() - (self._clock() - ticket.since), mode=who.mode_on(name), token=token,
+            since=self._wall_clock() - (self._clock() - ticket.since), mode=claim.mode_on(name), token=token,
         )
 
     def _in_way(self, ticket: Ticket, blockers: Iterable[Ticket]) -> list[protocol.Holder]:

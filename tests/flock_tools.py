@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from lockd.backend import Claim
+from lockd.backend import Claim, Requester
 
 from .waiting import wait_until
 
@@ -18,8 +18,8 @@ WAIT = 10.0
 
 def claim(*names: str, shared: bool = False, wait: bool = True, slots: dict[str, int] | None = None) -> Claim:
     return Claim(
-        names=names, shared=shared, wait=wait, pid=os.getpid(), uid=os.getuid(), gid=os.getgid(), command="test",
-        label=None, slots=slots or {},
+        names=names, shared=shared, wait=wait,
+        requester=Requester(os.getpid(), os.getuid(), os.getgid(), "test", None), slots=slots or {},
     )
 
 

@@ -17,7 +17,7 @@ import pytest
 import trio
 from lockd_client.errors import DaemonUnavailable, LimitExceeded, LockdError
 
-from lockd.backend import Blocked, Claim
+from lockd.backend import Blocked, Claim, Requester
 from lockd.etcd import client as etcd_client
 from lockd.etcd.backend import EtcdBackend
 from lockd.etcd.client import EtcdClient
@@ -80,8 +80,8 @@ def ticket(
     slots: dict[str, int] | None = None,
 ) -> Claim:
     return Claim(
-        names=names, shared=shared, wait=wait, pid=os.getpid(), uid=os.getuid(), gid=os.getgid(),
-        command="backup site.com", label=label, slots=slots or {},
+        names=names, shared=shared, wait=wait,
+        requester=Requester(os.getpid(), os.getuid(), os.getgid(), "backup site.com", label), slots=slots or {},
     )
 
 

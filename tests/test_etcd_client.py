@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from lockd.backend import Claim
+from lockd.backend import Claim, Requester
 from lockd.config import Etcd
 from lockd.etcd import client as etcd_client
 from lockd.etcd.backend import EtcdBackend
@@ -109,7 +109,7 @@ async def test_backend_from_config_takes_locks_over_tls_with_auth(
                 while True:
                     try:
                         ticket = Claim(
-                            names=("x",), shared=False, wait=True, pid=1, uid=0, gid=0, command="cmd", label=None
+                            names=("x",), shared=False, wait=True, requester=Requester(1, 0, 0, "cmd", None)
                         )
                         (token,) = await backend.take(ticket, ignore_blocked)
                         break

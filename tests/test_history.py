@@ -13,7 +13,7 @@ import socket
 import sqlite3
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import msgspec
@@ -497,6 +497,76 @@ def test_a_row_refused_midway_through_a_batch_costs_only_itself(store: HistorySt
     written, more = store.read([], None, None, len(recorded), None)
     assert more is None and written == recorded[:bad] + recorded[bad + 1:]
     assert store.dropped == 1
+
+
+def test_a_batch_of_any_size_is_written_by_a_few_statements_of_a_fixed_set() -> None:
+    # Every count of events is written in order by INSERTs of the prepared few, each size
+    # below the full one at most once: the connection keeps no statement per count.
+    for events in range(3 * history_module.ROWS_PER_INSERT):
+        rows = list(history_module._statement_rows(events))
+        assert sum(rows) == events and set(rows) <= history_module._INSERTS.keys(), (events, rows)
+        rest = [r for r in rows if r != history_module.ROWS_PER_INSERT]
+        assert rows == sorted(rows, reverse=True) and len(rest) == len(set(rest)), (events, rows)
+
+
+@pytest.fixture
+def writers_connection(store: HistoryStore) -> Iterator[sqlite3.Connection]:
+    """The connection the writer thread would write with (`start` opens it so)."""
+    conn = store._open()
+    yield conn
+    conn.close()
+    store._unlock()
+
+
+class Statements:
+    """A connection that notes each statement run on it as written, with its count of values
+    (SQLite's trace callback shows a statement with its values in)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.run: list[tuple[str, int]] = []
+
+    def execute(self, sql: str, parameters: Sequence[object] = ()) -> sqlite3.Cursor:
+        self.run.append((sql, len(parameters)))
+        return self.conn.execute(sql, parameters)
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.conn.in_transaction
+
+
+def test_a_batch_of_any_size_is_one_transaction_of_a_few_prepared_inserts(
+    store: HistoryStore, writers_connection: sqlite3.Connection
+) -> None:
+    # An INSERT out of step with the values it is given fails, and the batch is then written
+    # again a row per statement (as after a row SQLite refuses): every event still stored,
+    # nothing logged, only slower. And a statement per count of rows left over would keep as
+    # many prepared: 3 MB of the daemon's memory.
+    full = history_module.ROWS_PER_INSERT
+    width = len(LeaseEvent.__struct_fields__)
+    statements = Statements(writers_connection)
+    written: list[LeaseEvent] = []
+    texts: set[str] = set()
+    for size in [*range(1, 2 * full + 1), 1000, 4321, 10_000]:
+        batch = [event(f"n{len(written) + i}") for i in range(size)]
+        statements.run.clear()
+        store._write(statements, batch)  # type: ignore[arg-type]
+        written += batch
+        begin, *inserts, commit = statements.run
+        assert begin == ("BEGIN IMMEDIATE", 0) and commit == ("COMMIT", 0), (size, statements.run)
+        assert sum(values for _, values in inserts) == size * width, (size, statements.run)
+        assert len(inserts) <= size // full + full.bit_length(), (size, statements.run)
+        texts.update(sql for sql, _ in inserts)
+    assert texts <= set(history_module._INSERTS.values()) and len(texts) <= full.bit_length() + 1, len(texts)
+    names = [name for name, in writers_connection.execute("SELECT name FROM events ORDER BY id")]
+    assert names == [e.name for e in written]
+    assert store.dropped == 0
+
+
+def test_the_writers_page_cache_is_capped(writers_connection: sqlite3.Connection) -> None:
+    # SQLite's default (about 2 MB) would be the daemon's memory for as long as it runs.
+    size = writers_connection.execute("PRAGMA cache_size").fetchone()[0]
+    assert size == -history_module.PAGE_CACHE_KIB
 
 
 def test_pages_part_at_events_of_the_same_time_without_a_gap_or_a_repeat(store: HistoryStore) -> None:

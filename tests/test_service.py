@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from lockd_client import errors, protocol
 
-from lockd.backend import Claim
+from lockd.backend import Claim, Requester
 from lockd.config import Limits
 from lockd.orders import (
     Close,
@@ -182,8 +182,18 @@ def test_a_free_lock_is_taken_then_granted_with_its_tokens(h: Harness) -> None:
     assert kinds(orders) == ["StartTake", "Grant"]
     grant = orders[1]
     assert isinstance(grant, Grant) and (grant.peer, grant.request_id, grant.tokens) == (a.peer, 1, [1, 2])
-    assert grant.claim.names == ("x", "y") and grant.claim.pid == a.pid and not grant.claim.shared
+    assert grant.claim.names == ("x", "y") and grant.claim.requester.pid == a.pid and not grant.claim.shared
     assert a.names == 2
+
+
+def test_a_clients_claims_share_who_asks_but_for_those_with_a_label_of_their_own(h: Harness) -> None:
+    a = h.connect("a")
+    a.peer.label = "nightly"  # type: ignore[misc]  # as its hello says, after the connect
+    claims = [o.claim for i, name in enumerate("xyz", 1) for o in h.acquire(a, i, name) if isinstance(o, Grant)]
+    (labelled,) = [o.claim for o in h.acquire(a, 4, "w", label="mine") if isinstance(o, Grant)]
+    assert claims[0].requester is claims[1].requester is claims[2].requester
+    assert claims[0].requester == Requester(a.pid, a.uid, a.gid, a.command, "nightly")
+    assert labelled.requester == Requester(a.pid, a.uid, a.gid, a.command, "mine")
 
 
 def test_a_release_unlocks_for_every_copy_and_hands_the_lock_to_the_next_in_line(h: Harness) -> None:

@@ -932,3 +932,27 @@ def test_the_oldest_request_is_counted_as_oldest_behind_a_later_one_being_taken(
     new.run(adopting=True)
     assert new.service.census().waiting_since == 5110.0
     assert view(new) == view(old)
+
+
+def test_an_adopted_clients_claims_share_one_requester_again() -> None:
+    now = [100.0]
+    old = Side(False, True, Config(), 0.0, lambda: now[0])
+    session = handover.SessionState(fd=0, greeted=True, unread=b"", outbox=b"", attached=[], event_head=0, events=[])
+    a = FakePeer("a", 1000, 1, None, session)
+    assert old.service.connect(a, 4000 + a.ident, a.uid, a.uid, frozenset({a.uid}), a.slot)
+    old.peers[a.slot] = old.known[a.ident] = a
+    for request_id, name in enumerate(["x", "y", "z"], 1):
+        old.service.request(a, protocol.Acquire(request_id, [name], label="mine" if name == "z" else None))
+        old.run()
+
+    state = handover.decode(handover.encode(old.state([])))
+    new = Side.adopted(state, old, 5000.0, lambda: now[0])[0]
+    new.run(adopting=True)
+    x, y, z = (party(t).claim.requester for t in new.service.table.tickets())
+    assert x is y and x.label is None and z.label == "mine", (x, y, z)
+    assert view(new) == view(old)
+    # And the client's next claim shares theirs too, as it would have before the re-exec.
+    new.service.request(new.peers[a.slot], protocol.Acquire(4, ["w"]))
+    new.run()
+    (w,) = [party(t).claim.requester for t in new.service.table.tickets() if t.names == ("w",)]
+    assert w is x

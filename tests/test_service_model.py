@@ -435,7 +435,8 @@ class ServiceMachine(RuleBasedStateMachine):
             for holder in own:
                 claim, since = self.tokens_granted[holder.token]
                 assert claim not in self.released and lock.name in claim.names, (lock, claim)
-                assert holder.since == pytest.approx(since + WALL_OFFSET) and holder.pid == claim.pid, (holder, since)
+                assert holder.since == pytest.approx(since + WALL_OFFSET), (holder, since)
+                assert holder.pid == claim.requester.pid, (holder, claim)
                 assert claim.slots.get(lock.name) == lock.slots, (lock, claim)
 
     # --- helpers ------------------------------------------------------------------------------
@@ -527,7 +528,7 @@ class ServiceMachine(RuleBasedStateMachine):
         # A process may not wait without a bound for a lease on a name it holds: it would
         # wait for itself.
         deadlock = pid in PROCESSES and timeout is None and peer.uid in (0, PROCESSES[pid]) and any(
-            claim.pid == pid and not set(claim.names).isdisjoint(names)
+            claim.requester.pid == pid and not set(claim.names).isdisjoint(names)
             for claim in self.started if claim not in self.released
         )
         # What a name is while anyone holds or awaits it, by the table, whose check() holds
@@ -609,7 +610,7 @@ class ServiceMachine(RuleBasedStateMachine):
         owner = self.service.processes.find(pid)
         allowed = owner is None or peer.uid in (0, owner.uid)
         wanted = set(names)
-        released = [c for c in self.holding() if c.pid == pid and not wanted.isdisjoint(c.names)]
+        released = [c for c in self.holding() if c.requester.pid == pid and not wanted.isdisjoint(c.names)]
         client = self.service.clients[peer]
         own = list(client.tickets)
         assert self.service.request(peer, protocol.ReleasePid(request_id, pid, names)) is None
@@ -644,7 +645,7 @@ class ServiceMachine(RuleBasedStateMachine):
         request_id = next(peer.ids)
         peer.requests[request_id] = Request("force_release", ASKED)
         holders = [c for c in self.holding() if name in c.names]
-        allowed = peer.uid == 0 or all(c.uid == peer.uid for c in holders)
+        allowed = peer.uid == 0 or all(c.requester.uid == peer.uid for c in holders)
         grace_until = self.clock.now + max([self.grace, *(self.granted[c].grace for c in holders)])
         assert self.service.request(peer, protocol.ForceRelease(request_id, name)) is None
         orders = self.run()

@@ -554,11 +554,11 @@ class EtcdBackend:
         claim, session = attempt.claim, attempt.session
         revision = attempt.revision
         if revision is None:
-            since = time.time()
+            since, who = time.time(), claim.requester
             values = {
                 key: msgspec.json.encode(Record(
-                    host=self._host, mode=claim.mode_on(name), since=since, pid=claim.pid,
-                    uid=claim.uid, gid=claim.gid, command=claim.command, label=claim.label,
+                    host=self._host, mode=claim.mode_on(name), since=since, pid=who.pid,
+                    uid=who.uid, gid=who.gid, command=who.command, label=who.label,
                     slots=claim.slots.get(name),
                 ))
                 for name, key in attempt.keys.items()
