@@ -76,6 +76,8 @@ from collections.abc import Hashable, Iterable, Mapping
 from enum import Enum
 from typing import TypeVar, cast
 
+import msgspec
+
 _K = TypeVar("_K", bound=Hashable)
 
 
@@ -150,32 +152,22 @@ class Ticket:
 
 
 # --- effects: what the edge must do, in order -------------------------------------------------
+#
+# Effects are structs, made in C: a lease gives four, and an __init__ of Python is a call of
+# Python each. They compare by kind and fields (tickets by identity). Only the service's
+# queue keeps them, and nothing they refer to refers back to them, so they cannot be part of
+# a reference cycle: the collector does not track them.
 
 
-class Effect:
-    __slots__ = ("ticket",)
-
-    def __init__(self, ticket: Ticket) -> None:
-        self.ticket = ticket
-
-    def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and _fields(other) == _fields(self)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in _fields(self).items())})"
+class Effect(msgspec.Struct, gc=False):
+    ticket: Ticket
 
 
-def _fields(effect: Effect) -> dict[str, object]:
-    return {slot: getattr(effect, slot) for cls in type(effect).__mro__ for slot in getattr(cls, "__slots__", ())}
-
-
-class Take(Effect):
+class Take(Effect, gc=False):
     """Obtain the backend lock on every name of `ticket`, in its mode, then call `taken`.
 
     If it cannot be had at once and `ticket.wait` is false, call `take_blocked` instead.
     """
-
-    __slots__ = ()
 
 
 class Ending(Enum):
@@ -191,62 +183,42 @@ class Ending(Enum):
     OVERDUE = "overdue"
 
 
-class Drop(Effect):
+class Drop(Effect, gc=False):
     """Give up whatever the backend holds or is still trying to obtain for `ticket`, as
     `ending` allows."""
 
-    __slots__ = ("ending",)
-
-    def __init__(self, ticket: Ticket, ending: Ending) -> None:
-        super().__init__(ticket)
-        self.ending = ending
+    ending: Ending
 
 
-class Ended(Effect):
+class Ended(Effect, gc=False):
     """`ticket` has ended (it is ENDED): forget whatever is kept for it outside the table."""
 
-    __slots__ = ()
 
-
-class Granted(Effect):
+class Granted(Effect, gc=False):
     """Tell the ticket's owner it holds the lease, with `ticket.tokens`."""
 
-    __slots__ = ()
 
-
-class Queued(Effect):
+class Queued(Effect, gc=False):
     """Tell the ticket's owner it waits, and for whom (`blockers`: the holders in its way, as
     `LockTable.blockers` gives them)."""
 
-    __slots__ = ("blockers",)
-
-    def __init__(self, ticket: Ticket, blockers: list[Ticket]) -> None:
-        super().__init__(ticket)
-        self.blockers = blockers
+    blockers: list[Ticket]
 
 
-class Refused(Effect):
+class Refused(Effect, gc=False):
     """Tell the owner its request failed (`reason`); `blockers` are the holders in its way.
     For `Reason.MISMATCH`, `name` is the first of its names it disagrees on, and
     `LockTable.slots_of(name)` what that name is."""
 
-    __slots__ = ("reason", "blockers", "name")
-
-    def __init__(self, ticket: Ticket, reason: Reason, blockers: list[Ticket], name: str | None = None) -> None:
-        super().__init__(ticket)
-        self.reason = reason
-        self.blockers = blockers
-        self.name = name
+    reason: Reason
+    blockers: list[Ticket]
+    name: str | None = None
 
 
-class Lost(Effect):
+class Lost(Effect, gc=False):
     """Tell the owner its held lease ended without it asking: `reason` says why."""
 
-    __slots__ = ("reason",)
-
-    def __init__(self, ticket: Ticket, reason: str) -> None:
-        super().__init__(ticket)
-        self.reason = reason
+    reason: str
 
 
 class Reason(Enum):
