@@ -154,16 +154,15 @@ class Ticket:
 # --- effects: what the edge must do, in order -------------------------------------------------
 #
 # Effects are structs, made in C: a lease gives four, and an __init__ of Python is a call of
-# Python each. They compare by kind and fields (tickets by identity). Only the service's
-# queue keeps them, and nothing they refer to refers back to them, so they cannot be part of
-# a reference cycle: the collector does not track them.
+# Python each. They compare by kind and fields (tickets by identity). The collector tracks
+# them: through its ticket's owner an effect can lead back to the service's queue holding it.
 
 
-class Effect(msgspec.Struct, gc=False):
+class Effect(msgspec.Struct):
     ticket: Ticket
 
 
-class Take(Effect, gc=False):
+class Take(Effect):
     """Obtain the backend lock on every name of `ticket`, in its mode, then call `taken`.
 
     If it cannot be had at once and `ticket.wait` is false, call `take_blocked` instead.
@@ -183,29 +182,29 @@ class Ending(Enum):
     OVERDUE = "overdue"
 
 
-class Drop(Effect, gc=False):
+class Drop(Effect):
     """Give up whatever the backend holds or is still trying to obtain for `ticket`, as
     `ending` allows."""
 
     ending: Ending
 
 
-class Ended(Effect, gc=False):
+class Ended(Effect):
     """`ticket` has ended (it is ENDED): forget whatever is kept for it outside the table."""
 
 
-class Granted(Effect, gc=False):
+class Granted(Effect):
     """Tell the ticket's owner it holds the lease, with `ticket.tokens`."""
 
 
-class Queued(Effect, gc=False):
+class Queued(Effect):
     """Tell the ticket's owner it waits, and for whom (`blockers`: the holders in its way, as
     `LockTable.blockers` gives them)."""
 
     blockers: list[Ticket]
 
 
-class Refused(Effect, gc=False):
+class Refused(Effect):
     """Tell the owner its request failed (`reason`); `blockers` are the holders in its way.
     For `Reason.MISMATCH`, `name` is the first of its names it disagrees on, and
     `LockTable.slots_of(name)` what that name is."""
@@ -215,7 +214,7 @@ class Refused(Effect, gc=False):
     name: str | None = None
 
 
-class Lost(Effect, gc=False):
+class Lost(Effect):
     """Tell the owner its held lease ended without it asking: `reason` says why."""
 
     reason: str
