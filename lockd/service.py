@@ -184,7 +184,8 @@ class Client:
 
 class Party(msgspec.Struct):
     """Who a ticket is for: what the service puts in `Ticket.info`. A struct, made in C: one
-    per request, where a dataclass's __init__ is a call of Python."""
+    per request, where a dataclass's __init__ is a call of Python. Tracked by the collector,
+    unlike the orders: its client's tickets refer back to it."""
 
     client: Client
     request_id: int
