@@ -82,7 +82,9 @@ class _Oldest:
     def entered(self, ticket: Ticket) -> None:
         """`ticket` entered the state (and is in it: the caller tested `still`)."""
         if len(self.entries) >= self.live + (self.live >> 2) + _MIN_SWEEP:
-            self._sweep()  # before counting `ticket`, which is not among the entries yet
+            # Before counting `ticket`, which is not among the entries yet: so a state left
+            # empty reaches the sweep with live == 0, and no entry is looked at.
+            self._sweep()
         self.live += 1
         self.entries.append(ticket)
 
@@ -94,8 +96,8 @@ class _Oldest:
 
     def _sweep(self) -> None:
         # A dead entry keeps its ticket (and what that refers to) alive: sweep them. With no
-        # ticket in the state every entry is dead (one client cycling sweeps each time so),
-        # and none is looked at.
+        # ticket in the state every entry is dead, and none is looked at: a lone client
+        # acquiring and releasing in a loop leaves only dead entries, at every sweep.
         self.entries = deque(filter(self.still, self.entries)) if self.live else deque()
 
     def oldest(self) -> Ticket | None:
