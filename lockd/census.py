@@ -81,9 +81,11 @@ class _Oldest:
 
     def entered(self, ticket: Ticket) -> None:
         """`ticket` entered the state (and is in it: the caller tested `still`)."""
-        self.live += 1
         if len(self.entries) >= self.live + (self.live >> 2) + _MIN_SWEEP:
+            # Before counting `ticket`, which is not among the entries yet: so a state left
+            # empty reaches the sweep with live == 0, and no entry is looked at.
             self._sweep()
+        self.live += 1
         self.entries.append(ticket)
 
     def ended(self) -> None:
@@ -93,8 +95,10 @@ class _Oldest:
             self._sweep()
 
     def _sweep(self) -> None:
-        # A dead entry keeps its ticket (and what that refers to) alive: sweep them.
-        self.entries = deque(filter(self.still, self.entries))
+        # A dead entry keeps its ticket (and what that refers to) alive: sweep them. With no
+        # ticket in the state every entry is dead, and none is looked at: a lone client
+        # acquiring and releasing in a loop leaves only dead entries, at every sweep.
+        self.entries = deque(filter(self.still, self.entries)) if self.live else deque()
 
     def oldest(self) -> Ticket | None:
         entries = self.entries

@@ -76,6 +76,8 @@ from collections.abc import Hashable, Iterable, Mapping
 from enum import Enum
 from typing import TypeVar, cast
 
+import msgspec
+
 _K = TypeVar("_K", bound=Hashable)
 
 
@@ -150,23 +152,14 @@ class Ticket:
 
 
 # --- effects: what the edge must do, in order -------------------------------------------------
+#
+# Effects are structs, made in C: a lease gives four, and an __init__ of Python is a call of
+# Python each. They compare by kind and fields (tickets by identity). The collector tracks
+# them: through its ticket's owner an effect can lead back to the service's queue holding it.
 
 
-class Effect:
-    __slots__ = ("ticket",)
-
-    def __init__(self, ticket: Ticket) -> None:
-        self.ticket = ticket
-
-    def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and _fields(other) == _fields(self)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in _fields(self).items())})"
-
-
-def _fields(effect: Effect) -> dict[str, object]:
-    return {slot: getattr(effect, slot) for cls in type(effect).__mro__ for slot in getattr(cls, "__slots__", ())}
+class Effect(msgspec.Struct):
+    ticket: Ticket
 
 
 class Take(Effect):
@@ -174,8 +167,6 @@ class Take(Effect):
 
     If it cannot be had at once and `ticket.wait` is false, call `take_blocked` instead.
     """
-
-    __slots__ = ()
 
 
 class Ending(Enum):
@@ -195,34 +186,22 @@ class Drop(Effect):
     """Give up whatever the backend holds or is still trying to obtain for `ticket`, as
     `ending` allows."""
 
-    __slots__ = ("ending",)
-
-    def __init__(self, ticket: Ticket, ending: Ending) -> None:
-        super().__init__(ticket)
-        self.ending = ending
+    ending: Ending
 
 
 class Ended(Effect):
     """`ticket` has ended (it is ENDED): forget whatever is kept for it outside the table."""
 
-    __slots__ = ()
-
 
 class Granted(Effect):
     """Tell the ticket's owner it holds the lease, with `ticket.tokens`."""
-
-    __slots__ = ()
 
 
 class Queued(Effect):
     """Tell the ticket's owner it waits, and for whom (`blockers`: the holders in its way, as
     `LockTable.blockers` gives them)."""
 
-    __slots__ = ("blockers",)
-
-    def __init__(self, ticket: Ticket, blockers: list[Ticket]) -> None:
-        super().__init__(ticket)
-        self.blockers = blockers
+    blockers: list[Ticket]
 
 
 class Refused(Effect):
@@ -230,23 +209,15 @@ class Refused(Effect):
     For `Reason.MISMATCH`, `name` is the first of its names it disagrees on, and
     `LockTable.slots_of(name)` what that name is."""
 
-    __slots__ = ("reason", "blockers", "name")
-
-    def __init__(self, ticket: Ticket, reason: Reason, blockers: list[Ticket], name: str | None = None) -> None:
-        super().__init__(ticket)
-        self.reason = reason
-        self.blockers = blockers
-        self.name = name
+    reason: Reason
+    blockers: list[Ticket]
+    name: str | None = None
 
 
 class Lost(Effect):
     """Tell the owner its held lease ended without it asking: `reason` says why."""
 
-    __slots__ = ("reason",)
-
-    def __init__(self, ticket: Ticket, reason: str) -> None:
-        super().__init__(ticket)
-        self.reason = reason
+    reason: str
 
 
 class Reason(Enum):
