@@ -8,8 +8,10 @@ service says so) and skip it, but decides nothing else. Orders name a request by
 as the backend does: never by the table's ticket.
 
 Orders are structs, made in C: a lease gives five, and a dataclass's __init__ is a call of
-Python each. Those never kept but in the queue cannot be part of a reference cycle, and the
-collector does not track them; a `LookForHolders` is kept by its client until answered.
+Python each, and the collector does not track them. An order naming a peer leads back to
+its own queue (peer, shell, service), a cycle the collector cannot see; it is harmless only
+because the shell empties the queue as it carries orders out, and the daemon keeps its one
+service for its life. A `LookForHolders` is kept by its client until answered.
 """
 
 from __future__ import annotations
