@@ -185,6 +185,11 @@ class Client:
         """Whether `request_id` names something of this connection's that has not ended."""
         return request_id in self.tickets or request_id in self.refusing or request_id in self.subscriptions
 
+    def asking_as_itself(self) -> Requester:
+        """Who asks for a claim this client makes for itself, under its connection's label:
+        what `requester` keeps once made."""
+        return Requester(self.pid, self.uid, self.gid, self.command, self.peer.label)
+
 
 class Party(msgspec.Struct):
     """Who a ticket is for: what the service puts in `Ticket.info`. A struct, made in C: one
@@ -446,9 +451,7 @@ class LockService:
         if process is None and request.label is None:
             requester = client.requester
             if requester is None:
-                requester = client.requester = Requester(
-                    client.pid, client.uid, client.gid, client.command, client.peer.label,
-                )
+                requester = client.requester = client.asking_as_itself()
         else:
             label = client.peer.label if request.label is None else sanitize(request.label)
             who = process or client
@@ -1003,9 +1006,7 @@ class LockService:
             requester = Requester(asked.pid, asked.uid, asked.gid, asked.command, asked.label)
             requester = requesters.setdefault(requester, requester)
             # The client's own, as its next request would make it (`acquire`), if this is it.
-            if process is None and client.requester is None and requester == Requester(
-                client.pid, client.uid, client.gid, client.command, client.peer.label,
-            ):
+            if process is None and client.requester is None and requester == client.asking_as_itself():
                 client.requester = requester
             claim = Claim(
                 names=tuple(state.names), shared=state.shared, wait=state.wait, requester=requester,
