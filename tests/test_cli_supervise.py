@@ -37,6 +37,8 @@ fd, kill_after, argv = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3:]
 conn = socket.socket(fileno=fd)
 lost = []
 def process_events():
+    if os.environ.get("DIE_AT_GATE"):  # first called just before the gate opens
+        os.kill(os.getpid(), signal.SIGKILL)
     try:
         lost.append(conn.recv(100, socket.MSG_DONTWAIT).decode() or "eof")
     except BlockingIOError:
@@ -215,6 +217,20 @@ def test_sigkilled_supervisor_terminates_cmd_tree_before_the_connection_closes(t
     assert not alive(grandchild)
     _, err = run.wait()
     assert "ended without releasing its lease" in err
+
+
+def test_a_supervisor_killed_while_cmd_waits_at_the_gate_frees_the_lease_and_cmd_never_runs(
+    tmp_path: Path,
+) -> None:
+    """CMD, forked and held at the gate, must keep no copy of lockctl's pipes to the guardian
+    or the gate: either would leave both waiting for ever, the lease held by the guardian."""
+    ran = tmp_path / "ran"
+    run = Supervised(["touch", str(ran)], env={**os.environ, "DIE_AT_GATE": "1"})
+    run.wait_for_close()
+    status, err = run.wait()
+    assert status == -signal.SIGKILL
+    assert "ended without releasing its lease" in err
+    assert not ran.exists()
 
 
 def test_sigkill_of_the_supervisors_whole_process_group_spares_the_guardian(tmp_path: Path) -> None:

@@ -97,7 +97,7 @@ def run(
             _report(reports, FORK_FAILED, e.errno)
             raise
         if cmd == 0:
-            _exec_child(argv, env, gate_r, err_w, ignored, (conn_fd, orders, reports, *lease_fds))
+            _exec_child(argv, env, gate_r, err_w, ignored)
         try:
             os.setpgid(cmd, cmd)  # the child does it too: whichever runs first
         except OSError:
@@ -177,15 +177,14 @@ def _exec_child(
     gate_r: int,
     err_w: int,
     ignored: set[int],
-    guardians: tuple[int, ...],
 ) -> NoReturn:
     """In the forked child: join a new process group, wait for the gate, exec CMD."""
     try:
         os.setpgid(0, 0)
-        # Close-on-exec, all of them; but while CMD waits at the gate, a copy here would hide
-        # the guardian's death from lockctl. (Descriptors lockctl's caller passed on stay.)
-        for fd in guardians:
-            os.close(fd)
+        # exec would close them, but CMD may wait at the gate for ever if a copy here hides a
+        # death: lockctl's from the guardian (which then never terminates the tree, and holds
+        # the lease with nothing running), or lockctl's from the gate itself.
+        close_on_exec_now(gate_r, err_w)
         for sig in TOUCHED:
             signal.signal(sig, signal.SIG_IGN if sig in ignored else signal.SIG_DFL)
         for sig in _PYTHON_IGNORES:
@@ -205,6 +204,20 @@ def close_all_but(*keep: int) -> None:
         os.closerange(low, fd)
         low = fd + 1
     os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+
+
+def close_on_exec_now(*keep: int) -> None:
+    """Close every close-on-exec descriptor but `keep`, as exec would: those the caller
+    passed on to CMD stay."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd in keep:
+            continue
+        try:
+            if not os.get_inheritable(fd):
+                os.close(fd)
+        except OSError:
+            pass  # the listing's own descriptor, closed once it was read
 
 
 def prctl(option: int, value: int | bytes) -> None:
