@@ -27,7 +27,9 @@ TIMEOUT = 10.0
 
 # Runs _supervise.run in its own process, as lockctl does: argv is FD KILL_AFTER CMD...
 # Exit status: CMD's, or 79 with "LOST <message>" on stderr, or 127 with "OSERROR <errno>"
-# (CMD could not be executed); any other error is a traceback and status 1.
+# (CMD could not be executed); any other error is a traceback and status 1. In the
+# environment, IGNORE_HUP ignores SIGHUP first, as nohup does; DIE_AT_GATE has the supervisor
+# SIGKILL itself just before it opens the gate, and DIE_AT_GATE=all its guardian first.
 HARNESS = """
 import os, signal, socket, sys
 from lockd_client import _supervise, errors
@@ -37,7 +39,13 @@ fd, kill_after, argv = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3:]
 conn = socket.socket(fileno=fd)
 lost = []
 def process_events():
-    if os.environ.get("DIE_AT_GATE"):  # first called just before the gate opens
+    # With the stand-in silent, nothing calls this before the lease check at the gate.
+    if os.environ.get("DIE_AT_GATE") == "all":
+        for task in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{task}/children") as children:
+                for child in children.read().split():
+                    os.kill(int(child), signal.SIGKILL)
+    if os.environ.get("DIE_AT_GATE"):
         os.kill(os.getpid(), signal.SIGKILL)
     try:
         lost.append(conn.recv(100, socket.MSG_DONTWAIT).decode() or "eof")
@@ -219,17 +227,26 @@ def test_sigkilled_supervisor_terminates_cmd_tree_before_the_connection_closes(t
     assert "ended without releasing its lease" in err
 
 
-def test_a_supervisor_killed_while_cmd_waits_at_the_gate_frees_the_lease_and_cmd_never_runs(
-    tmp_path: Path,
-) -> None:
-    """CMD, forked and held at the gate, must keep no copy of lockctl's pipes to the guardian
-    or the gate: either would leave both waiting for ever, the lease held by the guardian."""
+def test_sigkilled_supervisor_at_the_gate_lets_the_lease_go_and_cmd_never_runs(tmp_path: Path) -> None:
+    """A lockctl SIGKILLed after the grant, while CMD's child waits at the gate: the guardian
+    must still see lockctl's EOF (the child keeps no copy of lockctl's end of the orders
+    pipe), terminate the tree and let the lease go; CMD never runs."""
     ran = tmp_path / "ran"
     run = Supervised(["touch", str(ran)], env={**os.environ, "DIE_AT_GATE": "1"})
     run.wait_for_close()
     status, err = run.wait()
     assert status == -signal.SIGKILL
     assert "ended without releasing its lease" in err
+    assert not ran.exists()
+
+
+def test_sigkilled_supervisor_and_guardian_at_the_gate_leave_cmd_nothing_to_wait_for(tmp_path: Path) -> None:
+    """Both killed while CMD's child waits at the gate: it sees the gate close (it keeps no
+    copy of the gate's write end) and exits without running CMD."""
+    ran = tmp_path / "ran"
+    run = Supervised(["touch", str(ran)], env={**os.environ, "DIE_AT_GATE": "all"})
+    run.wait_for_close()
+    assert run.wait()[0] == -signal.SIGKILL  # once the child, which has its stderr, is gone
     assert not ran.exists()
 
 

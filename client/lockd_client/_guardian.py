@@ -4,7 +4,10 @@ Invariant: once forked, the guardian never lets go of the daemon connection, nor
 lease's lock-file descriptors (whose flocks outlive the daemon), while anything of CMD's tree
 runs, unless lockctl said DONE: on TERMINATE, or on EOF from lockctl (it died),
 it terminates the tree and only then exits. CMD itself never runs before lockctl writes
-GATE_OPEN to its gate. Both sides speak only through the constants below.
+GATE_OPEN to its gate. lockctl's death reaches the guardian as that EOF, and reaches CMD at
+the gate as EOF too: CMD's child, which may wait there for ever, keeps no copy of lockctl's
+ends (it closes every close-on-exec descriptor at once). Both sides speak only through the
+constants below.
 """
 
 from __future__ import annotations
@@ -102,8 +105,8 @@ def run(
             os.setpgid(cmd, cmd)  # the child does it too: whichever runs first
         except OSError:
             pass  # it did already and may have exec'd, or died
+        rename(NAME)  # before lockctl may open the gate: CMD's parent goes by it from the start
         _report(reports, CMD_PID, cmd)
-        rename(NAME)
         # Keep stderr for the messages; any other inherited descriptor (lockctl's stdout may
         # be a pipe someone reads to EOF) must not be held open by the guardian.
         null = os.open(os.devnull, os.O_RDWR)
@@ -137,7 +140,7 @@ def _guard(lockctl: int, cmd: int, orders: int, reports: int, kill_after: float)
     if not order:
         _proctree.warn(
             f"lockctl: lockctl (pid {lockctl}) ended without releasing its lease; "
-            "terminating CMD and every process it started before the lease goes"
+            "terminating CMD (if it had started) and every process it started, before the lease goes"
         )
     _proctree.terminate_tree(cmd, kill_after)
     if order == TERMINATE:
@@ -181,10 +184,13 @@ def _exec_child(
     """In the forked child: join a new process group, wait for the gate, exec CMD."""
     try:
         os.setpgid(0, 0)
-        # exec would close them, but CMD may wait at the gate for ever if a copy here hides a
-        # death: lockctl's from the guardian (which then never terminates the tree, and holds
-        # the lease with nothing running), or lockctl's from the gate itself.
-        close_on_exec_now(gate_r, err_w)
+        # Close now what exec will: this child may wait at the gate for ever, and a copy here
+        # would hide a death. A copy of lockctl's end of the orders pipe would hide lockctl's
+        # death from the guardian, which would then hold the lease with nothing running; one
+        # of the guardian's ends, its death from lockctl; one of the gate's write end would
+        # keep this child waiting should both die. (The guardian cannot close them before the
+        # fork: it would close with them the inheritable ones CMD must get.)
+        _close_as_exec_would(gate_r, err_w)
         for sig in TOUCHED:
             signal.signal(sig, signal.SIG_IGN if sig in ignored else signal.SIG_DFL)
         for sig in _PYTHON_IGNORES:
@@ -206,9 +212,9 @@ def close_all_but(*keep: int) -> None:
     os.closerange(low, os.sysconf("SC_OPEN_MAX"))
 
 
-def close_on_exec_now(*keep: int) -> None:
-    """Close every close-on-exec descriptor but `keep`, as exec would: those the caller
-    passed on to CMD stay."""
+def _close_as_exec_would(*keep: int) -> None:
+    """Close now every close-on-exec descriptor but `keep`, as exec will, for a child that may
+    wait long before it execs. Inheritable ones stay, for the program it execs."""
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
         if fd in keep:

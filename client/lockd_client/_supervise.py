@@ -23,7 +23,10 @@ Why the pieces are shaped this way:
 - lockctl and the guardian talk over two pipes. lockctl says "done" (CMD exited and the lease
   is released: leave the rest alone) or "terminate"; EOF without either means lockctl died
   (SIGKILL, OOM), and the guardian terminates the tree. The guardian reports CMD's pid, its
-  stops and its exit, and "gone" once a tree it was told to terminate is empty.
+  stops and its exit, and "gone" once a tree it was told to terminate is empty. Only lockctl
+  holds its ends of the pipes for long: the guardian drops its copies once it has forked CMD,
+  and CMD's child drops them at once, as exec would, so each side sees the other's death as
+  EOF.
 - lockctl is a child subreaper too: if the guardian dies, the tree falls to lockctl, which
   terminates it before giving up the lease.
 - CMD waits at a gate (a pipe it reads before exec) until lockctl has checked that the lease
@@ -44,7 +47,8 @@ Why the pieces are shaped this way:
   terminal in the background is given it and continued once lockctl's job is in the
   foreground. A SIGTSTP sent to lockctl is passed on to CMD first; a SIGCONT is passed on too.
 - Every descriptor is close-on-exec, so CMD and whatever it starts never hold the connection
-  or the pipes.
+  or the pipes. CMD's child closes them itself right after the fork, since it may wait at the
+  gate for ever.
 - lockctl waits with `select.poll` on the connection, the guardian's reports, the exec-error
   pipe and a signal wakeup pipe; nothing runs in the background.
 """
