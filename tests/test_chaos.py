@@ -1,5 +1,6 @@
 """Chaos: client processes acquire, hold briefly and are SIGKILLed at random; lockctl runs
-commands under leases; outside flock(1) users take the same lock files; the daemon itself is
+commands under leases, and is itself SIGKILLed at random moments of some runs (its guardian
+then terminates CMD before the lease goes); outside flock(1) users take the same lock files; the daemon itself is
 SIGKILLed or SIGTERMed, and restarted, mid-run, and re-executes in place (SIGUSR2) at random
 moments, sometimes while the previous re-exec is still under way. Some names are locks,
 others counting semaphores, each always asked for with the same number of slots.
@@ -27,7 +28,8 @@ Log lines, each written with one write() to a file opened O_APPEND, so they neve
   TERM WHO                           lockctl's CMD WHO was told to stop (never should be)
   LOCKCTL WHO STATUS                 a lockctl run of runner WHO ended with STATUS (69, lockd
                                      unreachable or gone, only if a daemon died or none
-                                     served since WHO's previous run ended)
+                                     served since WHO's previous run ended; -9, SIGKILLed
+                                     by WHO on purpose)
 WHO is stopped (SIGSTOP) before its KILL line is written, so nothing of it follows that line.
 A raw lockd client names in DAEMON the daemon it was granted by (SO_PEERCRED of its socket):
 an ENTER from a daemon already dead is stale, written by a client that had not yet noticed.
@@ -71,6 +73,9 @@ TIMEOUT = 10.0
 #: while it waited or connected: `LOCKCTL_GONE`); 79 would mean CMD was stopped for a lost lease.
 LOCKCTL_OK = {"0", "69", "75"}
 LOCKCTL_GONE = "69"
+#: A lockctl run its runner SIGKILLed on purpose: its CMD, terminated by lockctl's guardian,
+#: logs its EXIT as it goes, and holds the lock until then.
+LOCKCTL_KILLED = "-9"
 
 
 # --- the checker --------------------------------------------------------------------------------
@@ -178,7 +183,9 @@ def check(lines: list[str]) -> Verdict:
         elif kind == "LOCKCTL":
             who, status = fields
             verdict.counts["lockctl runs"] += 1
-            if status not in LOCKCTL_OK:
+            if status == LOCKCTL_KILLED:
+                verdict.counts["lockctl runs killed"] += 1
+            elif status not in LOCKCTL_OK:
                 verdict.violations.append(f"line {number}: lockctl exited {status}")
             elif status == LOCKCTL_GONE:
                 deaths, was_down = runner_ended.get(who, (0, False))
@@ -230,10 +237,12 @@ def test_checker_accepts_correct_histories() -> None:
         "ENTER w7 d 2 X 200",
         "DAEMON-KILLED 200",
         "LOCKCTL r2 69",  # the daemon died during its run
+        "LOCKCTL r1 -9",  # killed before its grant
     ])
     assert verdict.violations == []
     assert verdict.counts == Counter({"lockd grants": 8, "flock holds": 2, "stale grants": 1,
-                                      "clients killed": 1, "daemon kills": 2, "lockctl runs": 4,
+                                      "clients killed": 1, "daemon kills": 2, "lockctl runs": 5,
+                                      "lockctl runs killed": 1,
                                       "commands running on through a daemon's death": 1, "re-execs asked": 1,
                                       "commands running as a re-exec was asked": 1,
                                       "connections ended by a daemon's death": 1})
@@ -368,7 +377,9 @@ def _prober(lock_dir: Path, log_path: Path, seed: int) -> None:  # pragma: no co
 
 def _lockctl_worker(socket_path: str, log_path: Path, seed: int) -> None:  # pragma: no cover - a child
     """Run commands under leases with lockctl, each noting its holding, until SIGTERM. A CMD
-    that is told to stop notes it, and takes a while to clean up, as real work does."""
+    that is told to stop notes it, and takes a while to clean up, as real work does; but in
+    a run that SIGKILLs lockctl at a random moment (waiting, granted, CMD at the gate or
+    running), being told to stop is expected, and CMD notes only its end."""
     rng = random.Random(seed)
     me = f"r{os.getpid()}"
     stop = []
@@ -380,17 +391,26 @@ def _lockctl_worker(socket_path: str, log_path: Path, seed: int) -> None:  # pra
         shared = slots is None and rng.random() < 0.25
         how = ["--slots", str(slots)] if slots else ["-s"] if shared else []
         log = str(log_path)
+        kill_after = rng.uniform(0, 0.3) if rng.random() < 0.25 else None
+        told = "" if kill_after is not None else f'echo "TERM cmd$$" >> {log}; '
         script = (
             f'echo "ENTER cmd$$ {name} $LOCKD_TOKEN {slots or ("S" if shared else "X")} kernel" >> {log}; '
-            f"trap 'echo \"TERM cmd$$\" >> {log}; sleep 0.3; echo \"EXIT cmd$$ {name}\" >> {log}; exit 0' TERM; "
+            f"trap '{told}sleep 0.3; echo \"EXIT cmd$$ {name}\" >> {log}; exit 0' TERM; "
             f'sleep {rng.uniform(0, 0.3):.3f}; echo "EXIT cmd$$ {name}" >> {log}'
         )
-        run = subprocess.run(
+        run = subprocess.Popen(
             [*LOCKCTL, "acquire", *how, "-w", "2", name, "-c", script],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=TIMEOUT,
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
+        try:
+            status = run.wait(TIMEOUT if kill_after is None else kill_after)
+        except subprocess.TimeoutExpired:
+            if kill_after is None:
+                raise
+            run.kill()
+            status = run.wait(TIMEOUT)
         with open(log_path, "a") as f:
-            f.write(f"LOCKCTL {me} {run.returncode}\n")
+            f.write(f"LOCKCTL {me} {status}\n")
 
 
 def _stop_and_kill(pid: int, log_fd: int) -> None:
@@ -487,6 +507,7 @@ def test_chaos(daemon: Daemon) -> None:
     assert verdict.violations == [], "\n".join(verdict.violations[:20])
     assert counts["daemon kills"] >= 1 and counts["clients killed"] >= 10
     assert counts["lockd grants"] >= 50 and counts["flock holds"] >= 10 and counts["lockctl runs"] >= 10
+    assert counts["lockctl runs killed"] >= 1
     assert counts["commands running on through a daemon's death"] >= (1 if SECONDS >= 60 else 0)
     assert counts["re-execs done"] >= 2
     assert counts["commands running as a re-exec was asked"] >= (1 if SECONDS >= 60 else 0)
