@@ -29,22 +29,35 @@ TIMEOUT = 10.0
 # Exit status: CMD's, or 79 with "LOST <message>" on stderr, or 127 with "OSERROR <errno>"
 # (CMD could not be executed); any other error is a traceback and status 1. In the
 # environment, IGNORE_HUP ignores SIGHUP first, as nohup does; DIE_AT_GATE has the supervisor
-# SIGKILL itself just before it opens the gate, and DIE_AT_GATE=all its guardian first.
+# SIGKILL itself just before it opens the gate, and DIE_AT_GATE=all its guardian first;
+# KILL_CMD_AT_GATE has it SIGKILL CMD's child there instead, and go on.
 HARNESS = """
-import os, signal, socket, sys
+import os, signal, socket, sys, time
 from lockd_client import _supervise, errors
 if os.environ.get("IGNORE_HUP"):  # as under nohup
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
 fd, kill_after, argv = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3:]
 conn = socket.socket(fileno=fd)
-lost = []
+lost, killed = [], []
+def children(pid):
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            found += [int(child) for child in f.read().split()]
+    return found
 def process_events():
     # With the stand-in silent, nothing calls this before the lease check at the gate.
+    if os.environ.get("KILL_CMD_AT_GATE") and not killed:
+        killed.append(True)
+        for guardian in children("self"):
+            for cmd in children(guardian):
+                os.kill(cmd, signal.SIGKILL)
+                while os.path.exists(f"/proc/{cmd}"):  # till reaped: the guardian has the gate closed
+                    time.sleep(0.001)
+        return
     if os.environ.get("DIE_AT_GATE") == "all":
-        for task in os.listdir("/proc/self/task"):
-            with open(f"/proc/self/task/{task}/children") as children:
-                for child in children.read().split():
-                    os.kill(int(child), signal.SIGKILL)
+        for child in children("self"):
+            os.kill(child, signal.SIGKILL)
     if os.environ.get("DIE_AT_GATE"):
         os.kill(os.getpid(), signal.SIGKILL)
     try:
@@ -237,6 +250,15 @@ def test_sigkilled_supervisor_at_the_gate_lets_the_lease_go_and_cmd_never_runs(t
     status, err = run.wait()
     assert status == -signal.SIGKILL
     assert "ended without releasing its lease" in err
+    assert not ran.exists()
+
+
+def test_cmd_killed_at_the_gate_is_reported_as_killed(tmp_path: Path) -> None:
+    """Its child gone before the gate opens, lockctl finds no reader on the gate (once the
+    guardian has closed its copy), and must report CMD's death, not fail on the pipe."""
+    ran = tmp_path / "ran"
+    status, err = Supervised(["touch", str(ran)], env={**os.environ, "KILL_CMD_AT_GATE": "1"}).wait()
+    assert (status, err) == (128 + signal.SIGKILL, "")
     assert not ran.exists()
 
 

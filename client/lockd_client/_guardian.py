@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import select
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Final, NoReturn
 
 from . import _proctree
@@ -215,15 +215,19 @@ def close_all_but(*keep: int) -> None:
 def _close_as_exec_would(*keep: int) -> None:
     """Close now every close-on-exec descriptor but `keep`, as exec will, for a child that may
     wait long before it execs. Inheritable ones stay, for the program it execs."""
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
+    fds: Iterable[int]
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:  # no descriptor left to list them with: look at every number instead
+        fds = range(3, os.sysconf("SC_OPEN_MAX"))
+    for fd in fds:
         if fd in keep:
             continue
         try:
             if not os.get_inheritable(fd):
                 os.close(fd)
         except OSError:
-            pass  # the listing's own descriptor, closed once it was read
+            pass  # not open: the listing's own descriptor, closed once it was read
 
 
 def prctl(option: int, value: int | bytes) -> None:

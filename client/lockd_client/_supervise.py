@@ -28,7 +28,8 @@ Why the pieces are shaped this way:
   and CMD's child drops them at once, as exec would, so each side sees the other's death as
   EOF.
 - lockctl is a child subreaper too: if the guardian dies, the tree falls to lockctl, which
-  terminates it before giving up the lease.
+  terminates it before giving up the lease. Only one of the two may die: if both are killed
+  while CMD runs, CMD runs on with the lock free (CMD's child at the gate then never runs).
 - CMD waits at a gate (a pipe it reads before exec) until lockctl has checked that the lease
   still holds and handed it the terminal; if lockctl dies first, CMD sees EOF and never runs.
   An exec failure comes back on a close-on-exec pipe that lockctl polls, so a CMD stopped
@@ -273,7 +274,10 @@ class _Supervisor:
             self._terminate(reason)
         if self.may_hand_over and _terminal.foreground(self.tty) == os.getpgrp():
             self._hand_over()
-        os.write(self.gate_w, _guardian.GATE_OPEN)
+        try:
+            os.write(self.gate_w, _guardian.GATE_OPEN)
+        except BrokenPipeError:
+            pass  # CMD's child died at the gate: the guardian reports its exit next
         os.close(self.gate_w)
         self.gate_w = -1
         self.started = True
