@@ -225,7 +225,10 @@ class Session:
                     if undelivered is not None:
                         self._unsent.append(undelivered)
                 elif self._held:
+                    # The last of the batch: written with it, or dropped with it.
                     self._held = False
+                    if undelivered is not None:
+                        self._unsent.append(undelivered)
                     self._write_queued()
                 elif not self._event_head:
                     self._arm()  # events alone may have been waiting: now a reply does

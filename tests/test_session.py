@@ -475,3 +475,32 @@ async def test_grants_held_back_with_a_read_s_replies_and_dropped_are_reported_u
         assert undelivered == [1, 2]
         nursery.cancel_scope.cancel()
     os.close(fd)
+
+
+async def test_a_client_that_hangs_up_while_its_replies_are_held_back_has_every_grant_reported(
+    pair: tuple[socket.socket, socket.socket], tmp_path,
+) -> None:
+    """The client hangs up while the replies to its read are held back: the grants among
+    them never go out, the last one's too (the one whose send writes them all), and each is
+    reported."""
+    ours, theirs = pair
+    fd = os.open(tmp_path / "f", os.O_RDONLY | os.O_CREAT)
+    undelivered: list[int] = []
+    closed: list[str] = []
+
+    def handle(session: Session, message: object) -> None:
+        assert isinstance(message, protocol.Acquire)
+        if message.id == 2:
+            theirs.close()
+        session.send(protocol.Granted(message.id, [1], 1), [fd], lambda: undelivered.append(message.id))
+
+    theirs.sendall(frames(protocol.Hello(protocol.PROTOCOL_VERSION)))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(make_session(ours, closed).serve, WELCOME, handle, Limits())
+        await trio.testing.wait_all_tasks_blocked()
+        assert readable_replies(theirs) == [WELCOME]
+        theirs.sendall(frames(protocol.Acquire(1, ["a"]), protocol.Acquire(2, ["b"])))
+        await trio.testing.wait_all_tasks_blocked()
+        assert (len(closed), undelivered) == (1, [1, 2])
+        nursery.cancel_scope.cancel()
+    os.close(fd)
