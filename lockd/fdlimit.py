@@ -11,6 +11,8 @@ import resource
 from pathlib import Path
 from typing import Final
 
+from lockd_client.errors import LimitExceeded
+
 _NR_OPEN: Final = Path("/proc/sys/fs/nr_open")
 
 
@@ -29,3 +31,13 @@ def raise_nofile_limit() -> int:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         soft = target
     return soft
+
+
+def out_of_descriptors(err: OSError, doing: str = "") -> LimitExceeded:
+    """The error a request gets when the daemon has no descriptor left for it (EMFILE, ENFILE):
+    what it was `doing` ("cannot ..."), and what an operator can do about it."""
+    what = f"{doing}: " if doing else ""
+    return LimitExceeded(
+        f"{what}the daemon is out of file descriptors ({err.strerror}): raise its open-file limit "
+        "(LimitNOFILE=) or end some leases"
+    )

@@ -805,6 +805,18 @@ class LockService:
             party(ticket).cause = Cause.CLIENT_GONE
             self._apply(self.table.end([ticket]))
 
+    def grant_unsendable(self, claim: Claim, exc: errors.LockdError) -> None:
+        """A Grant could not be sent for `exc` (no descriptor left to queue the lease's with)
+        while its client serves on and waits for the answer: the request fails, and the lease,
+        never heard of, ends as lost for that reason."""
+        ticket = self._claimed.get(claim)
+        if ticket is not None and ticket.state is not ENDED:
+            who = party(ticket)
+            log.warning("cannot grant %s to pid %s: %s", ", ".join(ticket.names), who.claim.requester.pid, exc)
+            who.cause, who.lost = _code(exc), str(exc)
+            self._send_error(who.client, who.request_id, exc)
+            self._apply(self.table.end([ticket]))
+
     def order_failed(self, order: Order) -> None:
         """Carrying out `order` hit a bug: a lease it was for is lost, a request fails."""
         claim = order.claim if isinstance(order, (StartTake, Grant)) else None

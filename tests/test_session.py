@@ -3,6 +3,7 @@ blocks, with the daemon's side played by plain functions."""
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ import pytest
 import trio
 import trio.testing
 from lockd_client import protocol
+from lockd_client.errors import LimitExceeded
 
 from lockd.config import Limits
 from lockd.session import FAIR_TURNS, MAX_OUTBOX, Gate, Session
@@ -444,24 +446,30 @@ async def test_a_long_read_s_replies_are_not_held_across_the_reader_s_turn(
     assert sum(readable_at) >= count - FAIR_TURNS, readable_at
 
 
-async def test_grants_held_back_with_a_read_s_replies_and_dropped_are_reported_undelivered(
+async def test_a_grant_out_of_descriptors_is_refused_and_the_session_serves_on(
     pair: tuple[socket.socket, socket.socket], tmp_path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Out of descriptors for the second grant of a read, the client is cut off, and the first,
-    held back to go with it, never goes out either: both are reported."""
+    """Out of descriptors to queue the second grant of a read with, sending it raises and
+    queues nothing; the first, held back, goes out with its descriptor, and so do the error
+    sent instead and what follows."""
     ours, theirs = pair
     fd = os.open(tmp_path / "f", os.O_RDONLY | os.O_CREAT)
     undelivered: list[int] = []
     closed: list[str] = []
+    refused: list[str] = []
     real_dup = os.dup
 
     def handle(session: Session, message: object) -> None:
         assert isinstance(message, protocol.Acquire)
         if message.id == 2:
             def out_of_descriptors(fd: int) -> int:
-                raise OSError(24, "Too many open files")
+                raise OSError(errno.EMFILE, "Too many open files")
             monkeypatch.setattr(os, "dup", out_of_descriptors)
-        session.send(protocol.Granted(message.id, [1], 1), [fd], lambda: undelivered.append(message.id))
+        try:
+            session.send(protocol.Granted(message.id, [1], 1), [fd], lambda: undelivered.append(message.id))
+        except LimitExceeded as exc:
+            refused.append(str(exc))
+            session.send(protocol.Error(message.id, exc.code, str(exc)))
         monkeypatch.setattr(os, "dup", real_dup)
 
     theirs.sendall(frames(protocol.Hello(protocol.PROTOCOL_VERSION)))
@@ -469,10 +477,18 @@ async def test_grants_held_back_with_a_read_s_replies_and_dropped_are_reported_u
         nursery.start_soon(make_session(ours, closed).serve, WELCOME, handle, Limits())
         await trio.testing.wait_all_tasks_blocked()
         assert readable_replies(theirs) == [WELCOME]
-        theirs.sendall(frames(protocol.Acquire(1, ["a"]), protocol.Acquire(2, ["b"])))
+        theirs.sendall(frames(*(protocol.Acquire(i, [str(i)]) for i in (1, 2, 3))))
         await trio.testing.wait_all_tasks_blocked()
-        assert closed == ["its lock-file descriptors could not be queued: Too many open files"]
-        assert undelivered == [1, 2]
+        data, fds, _, _ = socket.recv_fds(theirs, 65536, 4, socket.MSG_DONTWAIT)
+        try:
+            assert [type(m).__name__ for m in replies(data)] == ["Granted", "Error", "Granted"]
+            assert replies(data)[1] == protocol.Error(2, protocol.ErrorCode.LIMIT, refused[0])
+            assert len(fds) == 2 and all(os.path.samestat(os.fstat(f), os.fstat(fd)) for f in fds)
+        finally:
+            for f in fds:
+                os.close(f)
+        assert "cannot send the lock-file descriptors: the daemon is out of file descriptors" in refused[0]
+        assert (closed, undelivered) == ([], [])
         nursery.cancel_scope.cancel()
     os.close(fd)
 

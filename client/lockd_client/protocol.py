@@ -383,7 +383,9 @@ EventKind = Literal["granted", "released", "lost", "broken", "refused"]
 class Cause:
     """Values of `LeaseEvent.cause`: why a lease ended or broke, for programs (`reason` is for
     people). A `refused` event's cause is its error's code (ErrorCode), or `process_exited`
-    or `internal`; a `granted` event has none.
+    or `internal`; a `granted` event has none. A `lost` event's is `limit` (ErrorCode.LIMIT)
+    when the daemon had no descriptor left to send the lease's with: its request got that
+    error instead, and its client never held the lock.
 
     They are wire values: never changed, only added to; a client treats one it does not know
     as it would the event without a cause.
