@@ -2,7 +2,8 @@
 
 Invariant: `raise_nofile_limit` only ever raises the soft limit, up to the hard limit (and to
 the kernel's per-process ceiling when the hard limit is unlimited); it never lowers it and
-never needs privilege.
+never needs privilege. `out_of_descriptors` is the one wording of the error a request gets
+when they run out.
 """
 
 from __future__ import annotations
@@ -33,11 +34,11 @@ def raise_nofile_limit() -> int:
     return soft
 
 
-def out_of_descriptors(err: OSError, doing: str = "") -> LimitExceeded:
+def out_of_descriptors(err: OSError, outcome: str = "") -> LimitExceeded:
     """The error a request gets when the daemon has no descriptor left for it (EMFILE, ENFILE):
-    what it was `doing` ("cannot ..."), and what an operator can do about it."""
-    what = f"{doing}: " if doing else ""
+    what came of the request (`outcome`), why, and what to do about it."""
+    what = f"{outcome}: " if outcome else ""
     return LimitExceeded(
-        f"{what}the daemon is out of file descriptors ({err.strerror}): raise its open-file limit "
-        "(LimitNOFILE=) or end some leases"
+        f"{what}the daemon is out of file descriptors ({err.strerror}); retry later, and raise its "
+        "open-file limit (LimitNOFILE=) or end some leases"
     )

@@ -111,7 +111,7 @@ def release_reason(event: protocol.LeaseEvent) -> str:
 _LOSS_REASON: Final = {
     protocol.Cause.FORCED: "forced", protocol.Cause.OVERDUE: "overdue",
     protocol.Cause.DAEMON_STOPPED: "shutdown", protocol.Cause.INTERNAL: "internal",
-    protocol.ErrorCode.LIMIT: "limit",
+    protocol.Cause.LIMIT: "limit",
 }
 _RELEASE_REASON: Final = {
     protocol.Cause.RELEASED_BY_OTHER: "by_other", protocol.Cause.CLIENT_GONE: "abandoned",

@@ -30,11 +30,12 @@ Invariants:
   where a write's descriptors would pass MAX_FDS_PER_MESSAGE. A reply held back and then
   dropped (the connection broke) is reported as undelivered, as one that never went out at
   once is (see `send`).
-- Every descriptor queued to go with a reply is a duplicate (`os.dup`), so each grant held
-  back with a batch costs one, where a grant written at once costs none. Out of descriptors,
-  such a grant is refused (`send` raises LimitExceeded and queues nothing) and the session
-  serves on: running out costs the request that needed one more, never the connection and
-  its other leases.
+- Every descriptor queued to go with a reply is a duplicate (`os.dup`): a grant not written
+  at once (queued behind unread replies, held back with a batch, or carrying more than
+  MAX_FDS_PER_MESSAGE) costs one per lock file until it is sent. Out of descriptors, a batch
+  is written at once instead, and the grant with it if the socket takes it all; if not,
+  `send` raises LimitExceeded having queued nothing, and the session serves on: running out
+  costs that request, never the connection or its other leases.
 - `close` calls `on_close` synchronously, exactly once: the daemon ends the session's leases
   there, before anything else happens, so a cut-off client never holds a lease while its
   goodbye is still being written. A closed session hands no more requests to the daemon.
@@ -59,7 +60,7 @@ from typing import Final
 
 import msgspec
 import trio
-from lockd_client import protocol
+from lockd_client import errors, protocol
 from lockd_client.describe import sanitize
 
 from . import handover
@@ -211,8 +212,9 @@ class Session:
         left more than MAX_OUTBOX bytes unread). A message that was written in part, or queued
         behind one that was, counts as sent.
 
-        Raises LimitExceeded, having sent and queued nothing and called nothing, if `fds` had
-        to be duplicated to be queued and the daemon is out of descriptors.
+        Raises LimitExceeded, having queued nothing of it and called nothing, if `fds` had to
+        be duplicated to be queued and the daemon is out of descriptors (the replies held back
+        before it may have been written meanwhile).
         """
         if self.closed:
             if undelivered is not None:
@@ -226,7 +228,13 @@ class Session:
                 self.close(f"it left more than {MAX_OUTBOX} bytes of replies unread")
             else:
                 if fds:
-                    self._attach(len(outbox), fds)
+                    try:
+                        self._attach(len(outbox), fds)
+                    except errors.LimitExceeded:
+                        if not self._corked:
+                            raise
+                        self._send_uncorked(message, fds, undelivered)
+                        return
                 protocol.encode_frame(self._encoder, message, outbox)
                 if self._corked:
                     self._held = True
@@ -267,6 +275,22 @@ class Session:
         if undelivered is not None:
             undelivered()
 
+    def _send_uncorked(
+        self, message: object, fds: Sequence[int], undelivered: Callable[[], None] | None,
+    ) -> None:
+        """`send`, for a message that could not be held back with the rest of its read for
+        want of descriptors: corking only saves system calls, so write what is held now, and
+        then this message, with `fds` themselves if the socket takes everything at once.
+        Raises LimitExceeded if it does not (the client is not reading)."""
+        self._corked = False
+        try:
+            if self._held:
+                self._held = False
+                self._write_queued()
+            self.send(message, fds, undelivered)
+        finally:
+            self._corked = True
+
     def _write_queued(self) -> None:
         """Write what the outbox holds, as much as the socket takes now; leave the rest to the
         writer. The replies held while corked, if any, are written (in part at least) or,
@@ -299,7 +323,7 @@ class Session:
         except OSError as exc:
             _close_all(dups)
             if exc.errno in (errno.EMFILE, errno.ENFILE):
-                raise out_of_descriptors(exc, "cannot send the lock-file descriptors") from exc
+                raise out_of_descriptors(exc, "the lock could not be handed over (it is not held)") from exc
             raise
         step = protocol.MAX_FDS_PER_MESSAGE
         for i in range(0, len(dups), step):

@@ -550,7 +550,7 @@ def test_a_process_tied_grant_that_reached_nobody_ends(h: Harness) -> None:
     assert ends(h) == [("released", "client_gone", "its client went away without releasing it")]
 
 
-def test_a_grant_that_could_not_be_sent_is_refused_and_the_next_waiter_granted(h: Harness) -> None:
+def test_a_grant_that_could_not_be_sent_fails_its_request_and_goes_to_the_next_waiter(h: Harness) -> None:
     """The shell had no descriptor left to send a Grant with, and its client serves on: it
     hears the error in the grant's place, and the lease, never held, goes to the next."""
     a, b = h.connect("a"), h.connect("b")

@@ -3,6 +3,7 @@ blocks, with the daemon's side played by plain functions."""
 
 from __future__ import annotations
 
+import array
 import errno
 import os
 import socket
@@ -446,30 +447,48 @@ async def test_a_long_read_s_replies_are_not_held_across_the_reader_s_turn(
     assert sum(readable_at) >= count - FAIR_TURNS, readable_at
 
 
-async def test_a_grant_out_of_descriptors_is_refused_and_the_session_serves_on(
+def dup_at_limit(fd: int) -> int:
+    raise OSError(errno.EMFILE, "Too many open files")
+
+
+async def read_replies(sock: socket.socket, count: int) -> tuple[list[object], list[int]]:
+    """The next `count` replies and the descriptors that came with them, letting the session's
+    writer run between reads."""
+    data, fds = b"", []
+    for _ in range(2000):
+        if len(found := replies(data)) >= count:
+            break
+        await trio.testing.wait_all_tasks_blocked()
+        try:
+            # Not socket.recv_fds: it drops the flags (before Python 3.12) and would block.
+            more, ancillary, _, _ = sock.recvmsg(1 << 20, socket.CMSG_SPACE(16 * 4), socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            continue
+        data += more
+        for level, kind, payload in ancillary:
+            if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS):
+                fds += array.array("i", payload[: len(payload) - len(payload) % 4])
+    else:
+        raise AssertionError(f"{count} replies expected, got {replies(data)}")
+    return found, fds
+
+
+async def test_out_of_descriptors_a_read_s_grants_go_out_at_once_instead_of_held_back(
     pair: tuple[socket.socket, socket.socket], tmp_path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Out of descriptors to queue the second grant of a read with, sending it raises and
-    queues nothing; the first, held back, goes out with its descriptor, and so do the error
-    sent instead and what follows."""
+    """No descriptor left to copy the second grant's to hold it back with the first: the
+    batch is written at once, and the grant with it, with its own descriptor."""
     ours, theirs = pair
     fd = os.open(tmp_path / "f", os.O_RDONLY | os.O_CREAT)
     undelivered: list[int] = []
     closed: list[str] = []
-    refused: list[str] = []
     real_dup = os.dup
 
     def handle(session: Session, message: object) -> None:
         assert isinstance(message, protocol.Acquire)
         if message.id == 2:
-            def out_of_descriptors(fd: int) -> int:
-                raise OSError(errno.EMFILE, "Too many open files")
-            monkeypatch.setattr(os, "dup", out_of_descriptors)
-        try:
-            session.send(protocol.Granted(message.id, [1], 1), [fd], lambda: undelivered.append(message.id))
-        except LimitExceeded as exc:
-            refused.append(str(exc))
-            session.send(protocol.Error(message.id, exc.code, str(exc)))
+            monkeypatch.setattr(os, "dup", dup_at_limit)
+        session.send(protocol.Granted(message.id, [1], 1), [fd], lambda: undelivered.append(message.id))
         monkeypatch.setattr(os, "dup", real_dup)
 
     theirs.sendall(frames(protocol.Hello(protocol.PROTOCOL_VERSION)))
@@ -478,16 +497,64 @@ async def test_a_grant_out_of_descriptors_is_refused_and_the_session_serves_on(
         await trio.testing.wait_all_tasks_blocked()
         assert readable_replies(theirs) == [WELCOME]
         theirs.sendall(frames(*(protocol.Acquire(i, [str(i)]) for i in (1, 2, 3))))
-        await trio.testing.wait_all_tasks_blocked()
-        data, fds, _, _ = socket.recv_fds(theirs, 65536, 4, socket.MSG_DONTWAIT)
+        got, fds = await read_replies(theirs, 3)
         try:
-            assert [type(m).__name__ for m in replies(data)] == ["Granted", "Error", "Granted"]
-            assert replies(data)[1] == protocol.Error(2, protocol.ErrorCode.LIMIT, refused[0])
-            assert len(fds) == 2 and all(os.path.samestat(os.fstat(f), os.fstat(fd)) for f in fds)
+            assert [(type(m).__name__, m.id) for m in got] == [("Granted", 1), ("Granted", 2), ("Granted", 3)]
+            assert len(fds) == 3 and all(os.path.samestat(os.fstat(f), os.fstat(fd)) for f in fds)
         finally:
             for f in fds:
                 os.close(f)
-        assert "cannot send the lock-file descriptors: the daemon is out of file descriptors" in refused[0]
+        assert (closed, undelivered) == ([], [])
+        nursery.cancel_scope.cancel()
+    os.close(fd)
+
+
+async def test_a_grant_behind_unread_replies_out_of_descriptors_fails_and_the_session_serves_on(
+    pair: tuple[socket.socket, socket.socket], tmp_path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Queued behind a reply the client has not read, a grant needs copies of its
+    descriptors; with none left, sending it raises and queues nothing, and the error sent in
+    its place and what follows go out as usual."""
+    ours, theirs = pair
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    fd = os.open(tmp_path / "f", os.O_RDONLY | os.O_CREAT)
+    undelivered: list[int] = []
+    closed: list[str] = []
+    failed: list[str] = []
+    real_dup = os.dup
+    unread = protocol.Error(1, "x", "y" * 300_000)
+
+    def handle(session: Session, message: object) -> None:
+        assert isinstance(message, protocol.Acquire)
+        if message.id == 1:
+            session.send(unread)
+            return
+        if message.id == 2:
+            monkeypatch.setattr(os, "dup", dup_at_limit)
+        try:
+            session.send(protocol.Granted(message.id, [1], 1), [fd], lambda: undelivered.append(message.id))
+        except LimitExceeded as exc:
+            failed.append(str(exc))
+            session.send(protocol.Error(message.id, exc.code, str(exc)))
+        monkeypatch.setattr(os, "dup", real_dup)
+
+    theirs.sendall(frames(protocol.Hello(protocol.PROTOCOL_VERSION)))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(make_session(ours, closed).serve, WELCOME, handle, Limits())
+        await trio.testing.wait_all_tasks_blocked()
+        assert readable_replies(theirs) == [WELCOME]
+        theirs.sendall(frames(protocol.Acquire(1, ["1"])))
+        await trio.testing.wait_all_tasks_blocked()
+        theirs.sendall(frames(protocol.Acquire(2, ["2"]), protocol.Acquire(3, ["3"])))
+        await trio.testing.wait_all_tasks_blocked()
+        got, fds = await read_replies(theirs, 3)
+        try:
+            assert got[:2] == [unread, protocol.Error(2, protocol.ErrorCode.LIMIT, failed[0])]
+            assert (type(got[2]), got[2].id, len(fds)) == (protocol.Granted, 3, 1)
+        finally:
+            for f in fds:
+                os.close(f)
+        assert failed[0].startswith("the lock could not be handed over (it is not held): the daemon is out of")
         assert (closed, undelivered) == ([], [])
         nursery.cancel_scope.cancel()
     os.close(fd)
