@@ -2,7 +2,8 @@
 
 Invariant: `raise_nofile_limit` only ever raises the soft limit, up to the hard limit (and to
 the kernel's per-process ceiling when the hard limit is unlimited); it never lowers it and
-never needs privilege.
+never needs privilege. `out_of_descriptors` is the one wording of the error a request gets
+when they run out.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import resource
 from pathlib import Path
 from typing import Final
+
+from lockd_client.errors import LimitExceeded
 
 _NR_OPEN: Final = Path("/proc/sys/fs/nr_open")
 
@@ -29,3 +32,13 @@ def raise_nofile_limit() -> int:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         soft = target
     return soft
+
+
+def out_of_descriptors(err: OSError, outcome: str = "") -> LimitExceeded:
+    """The error a request gets when the daemon has no descriptor left for it (EMFILE, ENFILE):
+    what came of the request (`outcome`), why, and what to do about it."""
+    what = f"{outcome}: " if outcome else ""
+    return LimitExceeded(
+        f"{what}the daemon is out of file descriptors ({err.strerror}); retry later, and raise its "
+        "open-file limit (LimitNOFILE=) or end some leases"
+    )

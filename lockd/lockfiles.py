@@ -40,6 +40,7 @@ from lockd_client.protocol import MAX_SLOTS, Holder, Mode, name_problem
 
 from . import procinfo
 from .backend import Claim
+from .fdlimit import out_of_descriptors
 
 SUFFIX: Final = ".lock"
 #: Between a semaphore's name and the number of one of its slot files: `NAME#K.lock`.
@@ -549,10 +550,7 @@ class LockFiles:
         path = self.lock_dir / filename
         code = err.errno
         if code in (errno.EMFILE, errno.ENFILE):
-            return LimitExceeded(
-                f"the daemon is out of file descriptors ({err.strerror}): raise its open-file "
-                "limit (LimitNOFILE=) or end some leases"
-            )
+            return out_of_descriptors(err)
         if code == errno.ENOLCK:
             return LimitExceeded("the kernel has no lock records left: end some leases and retry")
         if code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO):

@@ -51,7 +51,7 @@ CACHE_SECONDS: Final = 1.0
 #: How a lease ended when it was `released`: as its holder asked, or with its holder gone.
 RELEASE_REASONS: Final = ("requested", "by_other", "abandoned", "shutdown")
 #: Why a lease was `lost` (see `loss_reason`).
-LOSS_REASONS: Final = ("forced", "overdue", "shutdown", "backend", "internal")
+LOSS_REASONS: Final = ("forced", "overdue", "shutdown", "backend", "internal", "limit")
 #: The refusals counted from the start (others, such as `unavailable`, appear once they
 #: happen): an alert on a rate needs its series before the first refusal.
 REFUSAL_REASONS: Final = (
@@ -111,6 +111,7 @@ def release_reason(event: protocol.LeaseEvent) -> str:
 _LOSS_REASON: Final = {
     protocol.Cause.FORCED: "forced", protocol.Cause.OVERDUE: "overdue",
     protocol.Cause.DAEMON_STOPPED: "shutdown", protocol.Cause.INTERNAL: "internal",
+    protocol.Cause.LIMIT: "limit",
 }
 _RELEASE_REASON: Final = {
     protocol.Cause.RELEASED_BY_OTHER: "by_other", protocol.Cause.CLIENT_GONE: "abandoned",

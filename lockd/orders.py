@@ -45,7 +45,9 @@ class Peer(Hashable, Protocol):
     ) -> None:
         """Send `message` (with copies of `fds`) or queue it; never blocks. A peer that
         cannot take it may close on the spot: then the service hears `disconnected`. If the
-        message never reaches the peer's socket, `undelivered` is called, at once or later."""
+        message never reaches the peer's socket, `undelivered` is called, at once or later.
+        Raises LimitExceeded, having sent, queued and called nothing, if copies of `fds` were
+        needed and the daemon has no descriptor left to make them (so never without `fds`)."""
 
     def close(self, reason: str) -> None:
         """Stop serving this peer once what is queued is sent; the service hears
@@ -102,7 +104,8 @@ class Release(msgspec.Struct, gc=False):
 class Grant(msgspec.Struct, gc=False):
     """Tell `peer` its request `request_id` is granted with `tokens`, and send it the
     backend's lock-file descriptors of `claim`; answer `grant_undelivered` if it never
-    reaches the peer's socket (the peer closed before it was written)."""
+    reaches the peer's socket (the peer closed before it was written), or `grant_unsendable`
+    if it could not be sent for want of descriptors (the peer serves on)."""
 
     peer: Peer
     request_id: int

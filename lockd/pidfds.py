@@ -16,6 +16,7 @@ import trio
 from lockd_client import errors
 
 from . import procinfo
+from .fdlimit import out_of_descriptors
 from .processes import ProcessOwner
 
 
@@ -64,8 +65,5 @@ def _open_error(pid: int, exc: OSError) -> errors.LockdError:
             f"{pid} is a thread, not a process; tie the lease to its process (the thread group leader)"
         )
     if exc.errno in (errno.EMFILE, errno.ENFILE):
-        return errors.LimitExceeded(
-            f"cannot watch process {pid}: the daemon is out of file descriptors ({exc.strerror}); "
-            "raise its open-file limit (LimitNOFILE=) or end some leases"
-        )
+        return out_of_descriptors(exc, f"cannot watch process {pid}")
     return errors.DaemonUnavailable(f"cannot watch process {pid}: {exc.strerror}; retry later")

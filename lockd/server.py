@@ -343,9 +343,13 @@ class Server:
 
     def _grant(self, order: Grant) -> None:
         fds = self.backend.descriptors(order.claim)
-        order.peer.send(
-            protocol.Granted(order.request_id, order.tokens, len(fds)), fds, partial(self._undelivered, order.claim),
-        )
+        try:
+            order.peer.send(
+                protocol.Granted(order.request_id, order.tokens, len(fds)), fds,
+                partial(self._undelivered, order.claim),
+            )
+        except errors.LimitExceeded as exc:
+            self.service.grant_unsendable(order.claim, exc)
 
     def _undelivered(self, claim: Claim) -> None:
         """A grant of `claim` never reached its client (`Session.send`'s `undelivered`): at

@@ -805,6 +805,19 @@ class LockService:
             party(ticket).cause = Cause.CLIENT_GONE
             self._apply(self.table.end([ticket]))
 
+    def grant_unsendable(self, claim: Claim, exc: errors.LimitExceeded) -> None:
+        """The shell could not send the Grant of `claim` (`Peer.send` raised `exc`: no
+        descriptor left to copy its lock files with), and its client, still connected, waits
+        for an answer: it gets `exc` instead, and the lease, which it never heard of, ends as
+        lost with cause `limit`, so the next waiter can have it."""
+        ticket = self._claimed.get(claim)
+        if ticket is not None and ticket.state is not ENDED:
+            who = party(ticket)
+            log.warning("cannot grant %s to pid %s: %s", ", ".join(ticket.names), who.claim.requester.pid, exc)
+            who.cause, who.lost = Cause.LIMIT, str(exc)
+            self._send_error(who.client, who.request_id, exc)
+            self._apply(self.table.end([ticket]))
+
     def order_failed(self, order: Order) -> None:
         """Carrying out `order` hit a bug: a lease it was for is lost, a request fails."""
         claim = order.claim if isinstance(order, (StartTake, Grant)) else None

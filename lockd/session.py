@@ -28,12 +28,14 @@ Invariants:
   requests after it in the same read, never more than FAIR_TURNS of them and never across
   an await: the batch is cut at FAIR_TURNS, at a handler that awaits, at a shut gate, and
   where a write's descriptors would pass MAX_FDS_PER_MESSAGE. A reply held back and then
-  dropped (the connection broke, descriptors ran out) is reported as undelivered, as one
-  that never went out at once is (see `send`).
-- Every descriptor queued to go with a reply is a duplicate (`os.dup`), so each grant held
-  back with a batch costs one, where a grant written at once costs none: out of descriptors,
-  a client that sends several requests at once is cut off (its connection's leases end,
-  with no goodbye) where one that waits for each reply is not. Known, and left so for now.
+  dropped (the connection broke) is reported as undelivered, as one that never went out at
+  once is (see `send`).
+- Every descriptor queued to go with a reply is a duplicate (`os.dup`): a grant not written
+  at once (queued behind unread replies, held back with a batch, or carrying more than
+  MAX_FDS_PER_MESSAGE) costs one per lock file until it is sent. Out of descriptors, a batch
+  is written at once instead, and the grant with it if the socket takes it all; if not,
+  `send` raises LimitExceeded having queued nothing, and the session serves on: running out
+  costs that request, never the connection or its other leases.
 - `close` calls `on_close` synchronously, exactly once: the daemon ends the session's leases
   there, before anything else happens, so a cut-off client never holds a lease while its
   goodbye is still being written. A closed session hands no more requests to the daemon.
@@ -46,6 +48,7 @@ Invariants:
 from __future__ import annotations
 
 import array
+import errno
 import logging
 import math
 import os
@@ -57,11 +60,12 @@ from typing import Final
 
 import msgspec
 import trio
-from lockd_client import protocol
+from lockd_client import errors, protocol
 from lockd_client.describe import sanitize
 
 from . import handover
 from .config import Limits
+from .fdlimit import out_of_descriptors
 
 log = logging.getLogger("lockd")
 
@@ -205,8 +209,12 @@ class Session:
 
         `undelivered` is called, once, if the message never reaches the socket: the session
         was closed already, or closes before it is written (the connection broke, the client
-        left more than MAX_OUTBOX bytes unread, no descriptors were left to queue `fds`). A
-        message that was written in part, or queued behind one that was, counts as sent.
+        left more than MAX_OUTBOX bytes unread). A message that was written in part, or queued
+        behind one that was, counts as sent.
+
+        Raises LimitExceeded, having queued nothing of it and called nothing, if `fds` had to
+        be duplicated to be queued and the daemon is out of descriptors (the replies held back
+        before it may have been written meanwhile).
         """
         if self.closed:
             if undelivered is not None:
@@ -218,24 +226,35 @@ class Session:
             # handled before this one in the same read (corked): written together.
             if len(outbox) > MAX_OUTBOX:
                 self.close(f"it left more than {MAX_OUTBOX} bytes of replies unread")
-            elif not fds or self._attach(len(outbox), fds):
+            else:
+                if fds:
+                    try:
+                        self._attach(len(outbox), fds)
+                    except errors.LimitExceeded:
+                        if not self._corked:
+                            raise
+                        self._send_uncorked(message, fds, undelivered)
+                        return
                 protocol.encode_frame(self._encoder, message, outbox)
                 if self._corked:
                     self._held = True
                     if undelivered is not None:
                         self._unsent.append(undelivered)
                 elif self._held:
+                    # The last of the batch: written with it, or dropped with it.
                     self._held = False
+                    if undelivered is not None:
+                        self._unsent.append(undelivered)
                     self._write_queued()
                 elif not self._event_head:
                     self._arm()  # events alone may have been waiting: now a reply does
                 return
         elif len(fds) > protocol.MAX_FDS_PER_MESSAGE:
             # Over several bytes, as duplicates (see `_attach`).
-            if self._attach(0, fds):
-                protocol.encode_frame(self._encoder, message, outbox)
-                self._write_queued()
-                return
+            self._attach(0, fds)
+            protocol.encode_frame(self._encoder, message, outbox)
+            self._write_queued()
+            return
         else:
             # The common case, without duplicates: the descriptors go now or not at all.
             frame = protocol.frame(self._encoder, message)
@@ -243,8 +262,8 @@ class Session:
                 sent = self.sock.sendmsg([frame], [_rights(fds)]) if fds else self.sock.send(frame)
             except BlockingIOError:
                 sent = 0
-                if fds and not self._attach(0, fds):
-                    frame = b""
+                if fds:
+                    self._attach(0, fds)
             except OSError:
                 self._break("the connection broke")
                 frame = b""
@@ -255,6 +274,22 @@ class Session:
                 return
         if undelivered is not None:
             undelivered()
+
+    def _send_uncorked(
+        self, message: object, fds: Sequence[int], undelivered: Callable[[], None] | None,
+    ) -> None:
+        """`send`, for a message that could not be held back with the rest of its read for
+        want of descriptors: corking only saves system calls, so write what is held now, and
+        then this message, with `fds` themselves if the socket takes everything at once.
+        Raises LimitExceeded if it does not (the client is not reading)."""
+        self._corked = False
+        try:
+            if self._held:
+                self._held = False
+                self._write_queued()
+            self.send(message, fds, undelivered)
+        finally:
+            self._corked = True
 
     def _write_queued(self) -> None:
         """Write what the outbox holds, as much as the socket takes now; leave the rest to the
@@ -277,22 +312,22 @@ class Session:
             if not self._event_head:
                 self._arm()
 
-    def _attach(self, offset: int, fds: Sequence[int]) -> bool:
+    def _attach(self, offset: int, fds: Sequence[int]) -> None:
         """Queue duplicates of `fds` to go with the outbox's byte at `offset` and those after
-        it, MAX_FDS_PER_MESSAGE to a byte. Out of descriptors, cut the client off (a grant
-        without its descriptors would be a broken promise): False."""
+        it, MAX_FDS_PER_MESSAGE to a byte. Raises LimitExceeded, queueing none, if the daemon
+        is out of descriptors (a message without its descriptors would be a broken promise)."""
         dups: list[int] = []
         try:
             for fd in fds:
                 dups.append(os.dup(fd))
         except OSError as exc:
             _close_all(dups)
-            self._break(f"its lock-file descriptors could not be queued: {exc.strerror}")
-            return False
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                raise out_of_descriptors(exc, "the lock could not be handed over (it is not held)") from exc
+            raise
         step = protocol.MAX_FDS_PER_MESSAGE
         for i in range(0, len(dups), step):
             self._attached.append((offset + i // step, dups[i : i + step]))
-        return True
 
     def _flush(self) -> None:
         """Write what the socket takes now, each queued descriptor with its byte. Raises

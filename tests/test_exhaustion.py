@@ -296,6 +296,47 @@ def test_running_out_of_descriptors_gives_clear_errors_and_recovers(short_tmp: P
     assert internal_errors(d) == []
 
 
+def test_a_client_that_pipelines_at_the_descriptor_limit_keeps_its_connection_and_leases(
+    short_tmp: Path, stopper,
+) -> None:
+    """A grant held back with the replies after it in the same read goes with copies of its
+    descriptors; with none left to make, it goes out at once instead, and a request that cannot
+    be served fails alone: the client keeps its connection and its leases."""
+    d = LimitedDaemon(short_tmp, 48)
+    d.start()
+    stopper.append(d)
+    with RawClient(d.socket) as client:
+
+        def pipelined(ids: range) -> dict[int, object]:
+            out = bytearray()
+            for i in ids:
+                protocol.encode_frame(client.encoder, Acquire(i, [f"n{i}"]), out)
+            client.sock.sendall(out)
+            answers: dict[int, object] = {}
+            while len(answers) < len(ids):
+                reply = client.recv()
+                assert isinstance(reply, (Granted, Error)), reply
+                answers[reply.id] = reply
+            for reply in answers.values():
+                assert isinstance(reply, Granted) or reply.code == "limit", reply
+            return answers
+
+        answers = pipelined(range(1, 60))
+        granted = [i for i, reply in answers.items() if isinstance(reply, Granted)]
+        assert granted and len(granted) < len(answers), "the daemon never ran out of descriptors"
+        for first in range(100, 110, 2):
+            # One descriptor freed: the next request's lock file takes it, and its grant, held
+            # back with the next request's reply, has none left to copy it with.
+            client.send(Release(granted.pop()))
+            answers = pipelined(range(first, first + 2))
+            granted += [i for i, reply in answers.items() if isinstance(reply, Granted)]
+        reply = client.request(Status(99))
+        assert isinstance(reply, protocol.StatusReply)
+        assert sorted(info.name for info in reply.locks) == sorted(f"n{i}" for i in granted)
+    assert d.proc is not None and d.proc.poll() is None
+    assert internal_errors(d) == []
+
+
 # --- configured limits --------------------------------------------------------------------------
 
 

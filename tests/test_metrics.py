@@ -78,6 +78,7 @@ def test_counters_add_up_the_events_by_mode_and_reason() -> None:
             "lost", held=1.0, reason="etcd lease could not be kept alive (no renewal was answered in time)",
             cause=protocol.Cause.BACKEND,
         ),
+        event("lost", held=0.0, reason="out of file descriptors", cause=protocol.ErrorCode.LIMIT),
         event("broken", held=10.0, reason="forcibly released by uid 0"),
         event("refused", reason="busy", waited=0.0),
         event("refused", reason="timeout", waited=5.0),
@@ -90,15 +91,15 @@ def test_counters_add_up_the_events_by_mode_and_reason() -> None:
     }
     releases = ("requested", "by_other", "abandoned", "shutdown")
     assert [got["lockd_releases_total", (("reason", r),)] for r in releases] == [1, 1, 1, 1]
-    losses = ("forced", "overdue", "shutdown", "backend", "internal")
-    assert [got["lockd_losses_total", (("reason", r),)] for r in losses] == [1, 1, 1, 1, 1]
+    losses = ("forced", "overdue", "shutdown", "backend", "internal", "limit")
+    assert [got["lockd_losses_total", (("reason", r),)] for r in losses] == [1, 1, 1, 1, 1, 1]
     assert got["lockd_breaks_total", ()] == 1
     assert [got["lockd_refusals_total", (("code", c),)] for c in ("busy", "timeout", "slots_mismatch")] == [1, 1, 1]
     assert got["lockd_refusals_total", (("code", "permission_denied"),)] == 0
     # Waits of grants only; holds of the ends only (a break is not an end).
     assert (got["lockd_wait_seconds_count", ()], got["lockd_wait_seconds_sum", ()]) == (3, pytest.approx(0.203))
     assert got["lockd_wait_seconds_bucket", (("le", "0.005"),)] == 2
-    assert (got["lockd_hold_seconds_count", ()], got["lockd_hold_seconds_sum", ()]) == (9, 51.0)
+    assert (got["lockd_hold_seconds_count", ()], got["lockd_hold_seconds_sum", ()]) == (10, 51.0)
     assert got["lockd_connections", ()] == 3
 
 

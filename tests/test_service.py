@@ -550,6 +550,24 @@ def test_a_process_tied_grant_that_reached_nobody_ends(h: Harness) -> None:
     assert ends(h) == [("released", "client_gone", "its client went away without releasing it")]
 
 
+def test_a_grant_that_could_not_be_sent_fails_its_request_and_goes_to_the_next_waiter(h: Harness) -> None:
+    """The shell had no descriptor left to send a Grant with, and its client serves on: it
+    hears the error in the grant's place, and the lease, never held, goes to the next."""
+    a, b = h.connect("a"), h.connect("b")
+    grant = h.acquire(a, 1, "x")[-1]
+    assert isinstance(grant, Grant)
+    h.acquire(b, 1, "x")
+    h.events.clear()
+    h.service.grant_unsendable(grant.claim, errors.LimitExceeded("the daemon is out of file descriptors"))
+    orders = h.orders()
+    assert sent(orders, a.peer) == [protocol.Error(1, "limit", "the daemon is out of file descriptors")]
+    assert [o.peer for o in orders if isinstance(o, Grant)] == [b.peer]
+    assert a.tickets == {}
+    assert ends(h) == [("lost", "limit", "the daemon is out of file descriptors")]
+    h.service.grant_unsendable(grant.claim, errors.LimitExceeded("again"))  # ended: nothing more
+    assert h.orders() == []
+
+
 def test_the_per_uid_lease_limit_counts_only_live_leases(h: Harness) -> None:
     """Names a uid's connections asked for stop counting once those requests end."""
     h.service.limits = Limits(max_leases_per_uid=2)

@@ -3,6 +3,8 @@ blocks, with the daemon's side played by plain functions."""
 
 from __future__ import annotations
 
+import array
+import errno
 import os
 import socket
 from collections.abc import Iterator
@@ -12,6 +14,7 @@ import pytest
 import trio
 import trio.testing
 from lockd_client import protocol
+from lockd_client.errors import LimitExceeded
 
 from lockd.config import Limits
 from lockd.session import FAIR_TURNS, MAX_OUTBOX, Gate, Session
@@ -444,11 +447,37 @@ async def test_a_long_read_s_replies_are_not_held_across_the_reader_s_turn(
     assert sum(readable_at) >= count - FAIR_TURNS, readable_at
 
 
-async def test_grants_held_back_with_a_read_s_replies_and_dropped_are_reported_undelivered(
+def dup_at_limit(fd: int) -> int:
+    raise OSError(errno.EMFILE, "Too many open files")
+
+
+async def read_replies(sock: socket.socket, count: int) -> tuple[list[object], list[int]]:
+    """The next `count` replies and the descriptors that came with them, letting the session's
+    writer run between reads."""
+    data, fds = b"", []
+    for _ in range(2000):
+        if len(found := replies(data)) >= count:
+            break
+        await trio.testing.wait_all_tasks_blocked()
+        try:
+            # Not socket.recv_fds: it drops the flags (before Python 3.12) and would block.
+            more, ancillary, _, _ = sock.recvmsg(1 << 20, socket.CMSG_SPACE(16 * 4), socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            continue
+        data += more
+        for level, kind, payload in ancillary:
+            if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS):
+                fds += array.array("i", payload[: len(payload) - len(payload) % 4])
+    else:
+        raise AssertionError(f"{count} replies expected, got {replies(data)}")
+    return found, fds
+
+
+async def test_out_of_descriptors_a_read_s_grants_go_out_at_once_instead_of_held_back(
     pair: tuple[socket.socket, socket.socket], tmp_path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Out of descriptors for the second grant of a read, the client is cut off, and the first,
-    held back to go with it, never goes out either: both are reported."""
+    """No descriptor left to copy the second grant's to hold it back with the first: the
+    batch is written at once, and the grant with it, with its own descriptor."""
     ours, theirs = pair
     fd = os.open(tmp_path / "f", os.O_RDONLY | os.O_CREAT)
     undelivered: list[int] = []
@@ -458,9 +487,7 @@ async def test_grants_held_back_with_a_read_s_replies_and_dropped_are_reported_u
     def handle(session: Session, message: object) -> None:
         assert isinstance(message, protocol.Acquire)
         if message.id == 2:
-            def out_of_descriptors(fd: int) -> int:
-                raise OSError(24, "Too many open files")
-            monkeypatch.setattr(os, "dup", out_of_descriptors)
+            monkeypatch.setattr(os, "dup", dup_at_limit)
         session.send(protocol.Granted(message.id, [1], 1), [fd], lambda: undelivered.append(message.id))
         monkeypatch.setattr(os, "dup", real_dup)
 
@@ -469,9 +496,94 @@ async def test_grants_held_back_with_a_read_s_replies_and_dropped_are_reported_u
         nursery.start_soon(make_session(ours, closed).serve, WELCOME, handle, Limits())
         await trio.testing.wait_all_tasks_blocked()
         assert readable_replies(theirs) == [WELCOME]
+        theirs.sendall(frames(*(protocol.Acquire(i, [str(i)]) for i in (1, 2, 3))))
+        got, fds = await read_replies(theirs, 3)
+        try:
+            assert [(type(m).__name__, m.id) for m in got] == [("Granted", 1), ("Granted", 2), ("Granted", 3)]
+            assert len(fds) == 3 and all(os.path.samestat(os.fstat(f), os.fstat(fd)) for f in fds)
+        finally:
+            for f in fds:
+                os.close(f)
+        assert (closed, undelivered) == ([], [])
+        nursery.cancel_scope.cancel()
+    os.close(fd)
+
+
+async def test_a_grant_behind_unread_replies_out_of_descriptors_fails_and_the_session_serves_on(
+    pair: tuple[socket.socket, socket.socket], tmp_path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Queued behind a reply the client has not read, a grant needs copies of its
+    descriptors; with none left, sending it raises and queues nothing, and the error sent in
+    its place and what follows go out as usual."""
+    ours, theirs = pair
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    fd = os.open(tmp_path / "f", os.O_RDONLY | os.O_CREAT)
+    undelivered: list[int] = []
+    closed: list[str] = []
+    failed: list[str] = []
+    real_dup = os.dup
+    unread = protocol.Error(1, "x", "y" * 300_000)
+
+    def handle(session: Session, message: object) -> None:
+        assert isinstance(message, protocol.Acquire)
+        if message.id == 1:
+            session.send(unread)
+            return
+        if message.id == 2:
+            monkeypatch.setattr(os, "dup", dup_at_limit)
+        try:
+            session.send(protocol.Granted(message.id, [1], 1), [fd], lambda: undelivered.append(message.id))
+        except LimitExceeded as exc:
+            failed.append(str(exc))
+            session.send(protocol.Error(message.id, exc.code, str(exc)))
+        monkeypatch.setattr(os, "dup", real_dup)
+
+    theirs.sendall(frames(protocol.Hello(protocol.PROTOCOL_VERSION)))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(make_session(ours, closed).serve, WELCOME, handle, Limits())
+        await trio.testing.wait_all_tasks_blocked()
+        assert readable_replies(theirs) == [WELCOME]
+        theirs.sendall(frames(protocol.Acquire(1, ["1"])))
+        await trio.testing.wait_all_tasks_blocked()
+        theirs.sendall(frames(protocol.Acquire(2, ["2"]), protocol.Acquire(3, ["3"])))
+        await trio.testing.wait_all_tasks_blocked()
+        got, fds = await read_replies(theirs, 3)
+        try:
+            assert got[:2] == [unread, protocol.Error(2, protocol.ErrorCode.LIMIT, failed[0])]
+            assert (type(got[2]), got[2].id, len(fds)) == (protocol.Granted, 3, 1)
+        finally:
+            for f in fds:
+                os.close(f)
+        assert failed[0].startswith("the lock could not be handed over (it is not held): the daemon is out of")
+        assert (closed, undelivered) == ([], [])
+        nursery.cancel_scope.cancel()
+    os.close(fd)
+
+
+async def test_a_client_that_hangs_up_while_its_replies_are_held_back_has_every_grant_reported(
+    pair: tuple[socket.socket, socket.socket], tmp_path,
+) -> None:
+    """The client hangs up while the replies to its read are held back: the grants among
+    them never go out, the last one's too (the one whose send writes them all), and each is
+    reported."""
+    ours, theirs = pair
+    fd = os.open(tmp_path / "f", os.O_RDONLY | os.O_CREAT)
+    undelivered: list[int] = []
+    closed: list[str] = []
+
+    def handle(session: Session, message: object) -> None:
+        assert isinstance(message, protocol.Acquire)
+        if message.id == 2:
+            theirs.close()
+        session.send(protocol.Granted(message.id, [1], 1), [fd], lambda: undelivered.append(message.id))
+
+    theirs.sendall(frames(protocol.Hello(protocol.PROTOCOL_VERSION)))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(make_session(ours, closed).serve, WELCOME, handle, Limits())
+        await trio.testing.wait_all_tasks_blocked()
+        assert readable_replies(theirs) == [WELCOME]
         theirs.sendall(frames(protocol.Acquire(1, ["a"]), protocol.Acquire(2, ["b"])))
         await trio.testing.wait_all_tasks_blocked()
-        assert closed == ["its lock-file descriptors could not be queued: Too many open files"]
-        assert undelivered == [1, 2]
+        assert (len(closed), undelivered) == (1, [1, 2])
         nursery.cancel_scope.cancel()
     os.close(fd)

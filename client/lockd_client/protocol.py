@@ -410,6 +410,9 @@ class Cause:
     #: `lost` where the backend's leases do not outlive the daemon; else `released`: lockd
     #: stopped, and the holder's lock-file descriptors keep the lock until it lets go.
     DAEMON_STOPPED: Final = "daemon_stopped"
+    #: `lost`: granted, but lockd had no descriptor left to send its lock-file descriptors
+    #: with; its request got the `limit` error instead, and the lock was never held.
+    LIMIT: Final = "limit"
 
 
 @final
@@ -418,10 +421,11 @@ class LeaseEvent(msgspec.Struct):
 
     `granted`: the lease began. `released`: it ended as its holder asked, or its client went
     away without asking (`reason` says so; the work it handed a lock-file descriptor may hold
-    the lock on). `lost`: it ended against its holder's wish (`reason`). `broken`: a forced
-    release broke it (`reason` says by whom); its end follows as `released` or `lost`.
-    `refused`: a request failed (`reason`: busy, timeout, policy, limits, slots). `cause`
-    says why, for programs (`Cause`).
+    the lock on). `lost`: it ended against its holder's wish (`reason`), or was granted but
+    could not be handed over (cause `limit`). `broken`: a forced release broke it (`reason`
+    says by whom); its end follows as `released` or `lost`. `refused`: a request failed
+    (`reason`: busy, timeout, policy, limits, slots). `cause` says why, for programs
+    (`Cause`).
     """
 
     #: Unix time.
