@@ -279,12 +279,12 @@ class Session:
         self, message: object, fds: Sequence[int], undelivered: Callable[[], None] | None,
     ) -> None:
         """`send`, for a message that could not be held back with the rest of its read for
-        want of descriptors: corking only saves system calls, so write what is held now, and
+        want of descriptors: corking only saves system calls, so write what waits now, and
         then this message, with `fds` themselves if the socket takes everything at once.
         Raises LimitExceeded if it does not (the client is not reading)."""
         self._corked = False
         try:
-            if self._held:
+            if self._held or self._outbox:  # replies left unread may have room by now too
                 self._held = False
                 self._write_queued()
             self.send(message, fds, undelivered)
